@@ -1,0 +1,238 @@
+"""Small building blocks every kernel emitter uses, so kernels read like C.
+
+- ``for_range(b, start, stop, step)`` emits a counted loop (a context manager
+  yielding the induction variable), after numba's ``cgutils.for_range``.
+- Constants, typed pointer arithmetic on float buffers, vector load/store,
+  broadcast, horizontal sum, ``llvm.fma``.
+- Activations and their derivatives, written once for scalars and vectors. A
+  polynomial ``exp`` is used because ``llvm.exp`` on vectors becomes scalar
+  ``expf`` calls.
+
+Kernels take opaque pointers (``ptr``) and ``i64`` arguments only. Every tensor
+is float32; per-image strides and all loop bounds are Python ints baked into
+the code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import llvmlite.ir as ir
+
+F32 = ir.FloatType()
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+I1 = ir.IntType(1)
+PTR = ir.PointerType()
+VOID = ir.VoidType()
+
+ACTIVATIONS = ("none", "relu", "sigmoid", "tanh", "leaky_relu")
+
+
+def i64(v: int) -> ir.Constant:
+    return ir.Constant(I64, int(v))
+
+
+def f32(v: float) -> ir.Constant:
+    return ir.Constant(F32, float(v))
+
+
+def vec_type(width: int) -> ir.VectorType:
+    return ir.VectorType(F32, width)
+
+
+def splat(b: ir.IRBuilder, value: ir.Value | float, width: int) -> ir.Value:
+    """A vector with `value` in every lane (constant-folded for Python floats)."""
+    if width == 1:
+        return f32(value) if isinstance(value, (int, float)) else value
+    if isinstance(value, (int, float)):
+        return ir.Constant(vec_type(width), [float(value)] * width)
+    v = b.insert_element(ir.Constant(vec_type(width), ir.Undefined), value, ir.Constant(I32, 0))
+    return b.shuffle_vector(v, ir.Constant(vec_type(width), ir.Undefined), ir.Constant(ir.VectorType(I32, width), [0] * width))
+
+
+def _arg_type(name: str) -> ir.Type:
+    if name in ("n0", "n1") or name.endswith("_i64"):
+        return I64
+    if name.endswith("_f32"):
+        return F32
+    return PTR
+
+
+def kernel(
+    module: ir.Module, name: str, args: list[str], noalias: bool = False
+) -> tuple[ir.Function, ir.IRBuilder, dict[str, ir.Argument]]:
+    """Declare ``void name(...)``: ``n0``, ``n1`` and ``*_i64`` arguments are i64, ``*_f32`` float, the rest pointers.
+
+    `noalias` promises that no two pointer arguments overlap (only for kernels
+    the runtime never calls in place). Returns the function, a builder at its
+    entry, and the arguments by name.
+    """
+    types = [_arg_type(a) for a in args]
+    fn = ir.Function(module, ir.FunctionType(VOID, types), name=name)
+    for arg, a in zip(fn.args, args):
+        arg.name = a
+        if noalias and arg.type == PTR:
+            arg.add_attribute("noalias")
+    fn.attributes.add("nounwind")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    return fn, b, {a: arg for arg, a in zip(fn.args, args)}
+
+
+@contextmanager
+def for_range(b: ir.IRBuilder, start: ir.Value | int, stop: ir.Value | int, step: int = 1, name: str = "i") -> Iterator[ir.Value]:
+    """Emit ``for (i = start; i < stop; i += step) { body }``; the body is the with-block."""
+    start = i64(start) if isinstance(start, int) else start
+    stop = i64(stop) if isinstance(stop, int) else stop
+    pre = b.block
+    head = b.append_basic_block(f"{name}.head")
+    body = b.append_basic_block(f"{name}.body")
+    done = b.append_basic_block(f"{name}.end")
+    b.branch(head)
+    b.position_at_end(head)
+    idx = b.phi(I64, name=name)
+    idx.add_incoming(start, pre)
+    b.cbranch(b.icmp_signed("<", idx, stop), body, done)
+    b.position_at_end(body)
+    yield idx
+    nxt = b.add(idx, i64(step), name=f"{name}.next")
+    idx.add_incoming(nxt, b.block)
+    b.branch(head)
+    b.position_at_end(done)
+
+
+def gep(b: ir.IRBuilder, base: ir.Value, offset: ir.Value | int, name: str = "") -> ir.Value:
+    """Address of float element `offset` of `base`."""
+    off = i64(offset) if isinstance(offset, int) else offset
+    return b.gep(base, [off], source_etype=F32, inbounds=True, name=name)
+
+
+def load(b: ir.IRBuilder, base: ir.Value, offset: ir.Value | int, width: int = 1) -> ir.Value:
+    """Load one float (width 1) or `width` consecutive floats as a vector (unaligned)."""
+    p = gep(b, base, offset)
+    if width == 1:
+        return b.load(p, typ=F32, align=4)
+    return b.load(p, typ=vec_type(width), align=4)
+
+
+def store(b: ir.IRBuilder, value: ir.Value, base: ir.Value, offset: ir.Value | int) -> None:
+    b.store(value, gep(b, base, offset), align=4)
+
+
+def intrinsic(b: ir.IRBuilder, name: str, ty: ir.Type, args: list[ir.Value], nargs: int | None = None) -> ir.Value:
+    """Call an overloaded LLVM intrinsic such as ``llvm.fma`` on scalar or vector `ty`."""
+    module = b.module
+    suffix = f"v{ty.count}f32" if isinstance(ty, ir.VectorType) else "f32"
+    full = f"{name}.{suffix}"
+    fn = module.globals.get(full)
+    if fn is None:
+        fn = ir.Function(module, ir.FunctionType(ty, [ty] * (nargs or len(args))), name=full)
+    return b.call(fn, args)
+
+
+def fma(b: ir.IRBuilder, x: ir.Value, y: ir.Value, acc: ir.Value) -> ir.Value:
+    """x * y + acc in one rounding (``llvm.fma``)."""
+    return intrinsic(b, "llvm.fma", x.type, [x, y, acc])
+
+
+def fmax(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
+    return intrinsic(b, "llvm.maxnum", x.type, [x, y])
+
+
+def fmin(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
+    return intrinsic(b, "llvm.minnum", x.type, [x, y])
+
+
+def hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """Sum of a vector's lanes (a scalar passes through)."""
+    if not isinstance(v.type, ir.VectorType):
+        return v
+    total = b.extract_element(v, ir.Constant(I32, 0))
+    for lane in range(1, v.type.count):
+        total = b.fadd(total, b.extract_element(v, ir.Constant(I32, lane)))
+    return total
+
+
+def _like(b: ir.IRBuilder, v: ir.Value, c: float) -> ir.Value:
+    return splat(b, c, v.type.count) if isinstance(v.type, ir.VectorType) else f32(c)
+
+
+def _int_like(v: ir.Value) -> ir.Type:
+    return ir.VectorType(I32, v.type.count) if isinstance(v.type, ir.VectorType) else I32
+
+
+def exp(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """e**x for float32 scalars or vectors, relative error about 2e-7 (Cephes expf).
+
+    x = n ln2 + r with |r| <= ln2/2; e**r by a degree-6 polynomial; 2**n built
+    in the exponent bits. Inputs are clamped to [-87.3, 88.7] (no inf, no denormals).
+    """
+    c = lambda v: _like(b, x, v)  # noqa: E731
+    x = fmin(b, fmax(b, x, c(-87.33654)), c(88.72283))
+    n = intrinsic(b, "llvm.rint", x.type, [b.fmul(x, c(1.44269504088896341))])
+    r = b.fsub(x, b.fmul(n, c(0.693359375)))
+    r = b.fsub(r, b.fmul(n, c(-2.12194440e-4)))
+    p = c(1.9875691500e-4)
+    for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = fma(b, p, r, c(coef))
+    r2 = b.fmul(r, r)
+    p = fma(b, p, r2, b.fadd(r, c(1.0)))
+    ity = _int_like(x)
+    ni = b.fptosi(n, ity)
+    bias = ir.Constant(ity, [127] * ity.count) if isinstance(ity, ir.VectorType) else ir.Constant(I32, 127)
+    shift = ir.Constant(ity, [23] * ity.count) if isinstance(ity, ir.VectorType) else ir.Constant(I32, 23)
+    scale = b.bitcast(b.shl(b.add(ni, bias), shift), x.type)
+    return b.fmul(p, scale)
+
+
+def tanh(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """tanh for scalars or vectors: an odd Taylor polynomial near 0, (1-e)/(1+e), e = exp(-2|x|), elsewhere."""
+    c = lambda v: _like(b, x, v)  # noqa: E731
+    ax = intrinsic(b, "llvm.fabs", x.type, [x])
+    e = exp(b, b.fmul(ax, c(-2.0)))
+    far = b.fdiv(b.fsub(c(1.0), e), b.fadd(c(1.0), e))
+    far = intrinsic(b, "llvm.copysign", x.type, [far, x])
+    x2 = b.fmul(x, x)
+    p = c(62.0 / 2835.0)
+    for coef in (-17.0 / 315.0, 2.0 / 15.0, -1.0 / 3.0, 1.0):
+        p = fma(b, p, x2, c(coef))
+    near = b.fmul(p, x)
+    return b.select(b.fcmp_ordered("<", ax, c(0.25)), near, far)
+
+
+def sigmoid(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """1 / (1 + e**-x)."""
+    one = _like(b, x, 1.0)
+    return b.fdiv(one, b.fadd(one, exp(b, b.fsub(_like(b, x, 0.0), x))))
+
+
+def activation(b: ir.IRBuilder, x: ir.Value, kind: str, alpha: float = 0.01) -> ir.Value:
+    """Apply activation `kind` (one of ACTIVATIONS) to a scalar or vector."""
+    if kind == "none":
+        return x
+    if kind == "relu":
+        return fmax(b, x, _like(b, x, 0.0))
+    if kind == "leaky_relu":
+        return b.select(b.fcmp_ordered(">", x, _like(b, x, 0.0)), x, b.fmul(x, _like(b, x, alpha)))
+    if kind == "sigmoid":
+        return sigmoid(b, x)
+    if kind == "tanh":
+        return tanh(b, x)
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+def activation_grad(b: ir.IRBuilder, y: ir.Value, dy: ir.Value, kind: str, alpha: float = 0.01) -> ir.Value:
+    """dL/dx from the activation's saved output y and dL/dy: the derivative is written in terms of y."""
+    c = lambda v: _like(b, y, v)  # noqa: E731
+    if kind == "none":
+        return dy
+    if kind == "relu":
+        return b.select(b.fcmp_ordered(">", y, c(0.0)), dy, c(0.0))
+    if kind == "leaky_relu":
+        return b.select(b.fcmp_ordered(">", y, c(0.0)), dy, b.fmul(dy, c(alpha)))
+    if kind == "sigmoid":
+        return b.fmul(dy, b.fmul(y, b.fsub(c(1.0), y)))
+    if kind == "tanh":
+        return b.fmul(dy, b.fsub(c(1.0), b.fmul(y, y)))
+    raise ValueError(f"unknown activation {kind!r}")

@@ -1,0 +1,150 @@
+"""What each kernel is specialised to: static shapes, per-image strides, options.
+
+These records are the contract between the module builder (which derives
+them from the checked graph) and the kernel emitters (which turn one into an
+LLVM function). All tensors are float32, batch-major: element ``i`` of image
+``n`` of a tensor lives at ``base + n * stride + i``, where the stride (in
+floats) is the ``*_stride`` field, so a tensor may sit inside a larger
+per-image arena slot. Within one image a feature map is C x H x W, row-major.
+
+Kernel calling convention (see ``emit.kernel``): pointer arguments first,
+then scalars, then ``n0, n1``; the kernel processes images ``n0 <= n < n1``.
+Weight-gradient kernels always accumulate (``+=``) into their gradient
+buffers, which the runtime zeroes once per step; data-gradient kernels
+overwrite, or accumulate when ``accumulate`` is set (a tensor that fans out
+receives the sum of its consumers' gradients).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """2-D convolution (cross-correlation, as PyTorch and Caffe), optionally grouped or table-connected.
+
+    Weight ``(o, c // groups, kh, kw)``; bias ``(o,)``. Padding is zero;
+    ``pt``/``pl`` are top/left, the bottom/right padding follows from
+    ``oh``/``ow`` (``same`` with an even kernel pads one more at the bottom/right).
+    ``connect[i]`` lists the input channels output channel ``i`` reads (groups
+    must be 1); weights outside it are zero and their gradients are never written.
+    """
+
+    c: int
+    h: int
+    w: int
+    o: int
+    oh: int
+    ow: int
+    kh: int
+    kw: int
+    sh: int = 1
+    sw: int = 1
+    pt: int = 0
+    pl: int = 0
+    groups: int = 1
+    connect: tuple[tuple[int, ...], ...] | None = None
+    bias: bool = True
+    act: str = "none"
+    alpha: float = 0.01
+    x_stride: int = 0
+    y_stride: int = 0
+    accumulate: bool = False
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """y = act(x W^T + b): weight ``(o, f)``, bias ``(o,)``."""
+
+    f: int
+    o: int
+    bias: bool = True
+    act: str = "none"
+    alpha: float = 0.01
+    x_stride: int = 0
+    y_stride: int = 0
+    accumulate: bool = False
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Max or average pooling over kh x kw windows; global average pooling is kh=h, kw=w.
+
+    Max pooling treats padding as -inf; average pooling counts padded zeros in
+    the divisor ``kh * kw`` (PyTorch's ``count_include_pad=True``). Backward of
+    max routes the gradient to the first maximum of each window in row-major order.
+    """
+
+    kind: str
+    c: int
+    h: int
+    w: int
+    oh: int
+    ow: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    pt: int = 0
+    pl: int = 0
+    x_stride: int = 0
+    y_stride: int = 0
+    accumulate: bool = False
+
+
+@dataclass(frozen=True)
+class ElementwiseSpec:
+    """An activation over ``size`` floats per image (forward y = f(x); backward from saved y)."""
+
+    size: int
+    act: str
+    alpha: float = 0.01
+    x_stride: int = 0
+    y_stride: int = 0
+    accumulate: bool = False
+
+
+@dataclass(frozen=True)
+class SoftmaxSpec:
+    """Softmax over channels at each of ``hw`` positions (a vector input has hw=1)."""
+
+    c: int
+    hw: int = 1
+    x_stride: int = 0
+    y_stride: int = 0
+    accumulate: bool = False
+
+
+@dataclass(frozen=True)
+class DropoutSpec:
+    """Inverted dropout: keep with probability 1-p and scale kept values by 1/(1-p)."""
+
+    size: int
+    p: float
+    x_stride: int = 0
+    y_stride: int = 0
+    mask_stride: int = 0
+    accumulate: bool = False
+
+
+@dataclass(frozen=True)
+class CopySpec:
+    """dst[n, dst_offset + i] (+)= src[n, src_offset + i] for i < count: add, concat and their gradients."""
+
+    count: int
+    src_stride: int
+    dst_stride: int
+    src_offset: int = 0
+    dst_offset: int = 0
+    accumulate: bool = False
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss over ``k`` outputs per image: ``cross_entropy`` (integer labels) or ``mse`` (float targets)."""
+
+    kind: str
+    k: int
+    x_stride: int = 0
+    dx_stride: int = 0

@@ -1,0 +1,1 @@
+"""cnnc's runtime: loads compiled networks and trains them, with numpy and llvmlite only."""

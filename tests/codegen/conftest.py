@@ -1,0 +1,46 @@
+"""A tiny JIT for kernel tests: build one module, call its kernels on numpy arrays."""
+
+from __future__ import annotations
+
+import ctypes
+
+import llvmlite.ir as ir
+import numpy as np
+import pytest
+from cnnc_runtime.native import NativeLibrary
+
+from cnnc.codegen.target import Target, emit_object, generic_target, host_target
+
+
+class Jit:
+    """Collects kernels into one module, compiles on first call, calls with numpy arrays or ints."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.vw = target.vector_width
+        self.module = ir.Module(name="test")
+        self._lib: NativeLibrary | None = None
+
+    def __call__(self, name: str, *args) -> None:
+        if self._lib is None:
+            self._lib = NativeLibrary(emit_object(self.module, self.target), self.target.triple,
+                                      self.target.cpu, self.target.features)
+        types, values = [], []
+        for a in args:
+            if isinstance(a, np.ndarray):
+                assert a.flags.c_contiguous
+                types.append(ctypes.c_void_p)
+                values.append(a.ctypes.data)
+            elif a is None:
+                types.append(ctypes.c_void_p)
+                values.append(None)
+            else:
+                types.append(ctypes.c_int64)
+                values.append(int(a))
+        self._lib.function(name, types)(*values)
+
+
+@pytest.fixture(params=["host", "generic"])
+def jit(request) -> Jit:
+    """A fresh JIT for the host CPU and for baseline x86-64 (no AVX-512): kernels must agree on both."""
+    return Jit(host_target() if request.param == "host" else generic_target())
