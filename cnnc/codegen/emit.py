@@ -49,7 +49,8 @@ def splat(b: ir.IRBuilder, value: ir.Value | float, width: int) -> ir.Value:
     if isinstance(value, (int, float)):
         return ir.Constant(vec_type(width), [float(value)] * width)
     v = b.insert_element(ir.Constant(vec_type(width), ir.Undefined), value, ir.Constant(I32, 0))
-    return b.shuffle_vector(v, ir.Constant(vec_type(width), ir.Undefined), ir.Constant(ir.VectorType(I32, width), [0] * width))
+    zeros = ir.Constant(ir.VectorType(I32, width), [0] * width)
+    return b.shuffle_vector(v, ir.Constant(vec_type(width), ir.Undefined), zeros)
 
 
 def _arg_type(name: str) -> ir.Type:
@@ -81,7 +82,9 @@ def kernel(
 
 
 @contextmanager
-def for_range(b: ir.IRBuilder, start: ir.Value | int, stop: ir.Value | int, step: int = 1, name: str = "i") -> Iterator[ir.Value]:
+def for_range(
+    b: ir.IRBuilder, start: ir.Value | int, stop: ir.Value | int, step: int = 1, name: str = "i"
+) -> Iterator[ir.Value]:
     """Emit ``for (i = start; i < stop; i += step) { body }``; the body is the with-block."""
     start = i64(start) if isinstance(start, int) else start
     stop = i64(stop) if isinstance(stop, int) else stop
