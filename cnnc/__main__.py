@@ -1,0 +1,5 @@
+import sys
+
+from cnnc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""The ``train { ... }`` section -> a plain dict the runtime understands (it travels in the artifact's manifest).
+
+Every entry can be overridden from the command line (``cnnc train --lr ...``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cnnc.errors import CnnError, did_you_mean
+from cnnc.frontend import ast
+from cnnc.frontend.values import describe, evaluate
+
+OPTIMIZERS = {
+    "sgd": ("lr",),
+    "momentum": ("lr", "beta"),
+    "rmsprop": ("lr", "beta", "eps"),
+    "adam": ("lr", "beta1", "beta2", "eps"),
+}
+LOSSES = ("cross_entropy", "mse")
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _nonneg(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+
+def _fraction(v: Any) -> bool:
+    return _nonneg(v) and v < 1
+
+
+# key -> (check, what it must be)
+SCALARS = {
+    "batch": (_count, "a positive integer"),
+    "epochs": (_count, "a positive integer"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+    "weight_decay": (_nonneg, "a non-negative number"),
+    "jitter": (_nonneg, "a non-negative number (the noise's sigma)"),
+    "validation": (_fraction, "a fraction in [0, 1)"),
+    "restarts": (_count, "a positive integer"),
+    "max_steps": (_count, "a positive integer"),
+    "min_improvement": (_nonneg, "a non-negative number"),
+}
+KEYS = ("loss", "optimizer", "data", "early_stop", *SCALARS)
+
+
+def _call_args(call: ast.Call, names: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for i, a in enumerate(call.args):
+        key = a.name if a.name is not None else (names[i] if i < len(names) else None)
+        if key is None:
+            raise CnnError(f"{call.name} takes at most {len(names)} arguments ({', '.join(names)})", a.loc)
+        if key not in names:
+            raise CnnError(f"{call.name} has no argument '{key}'{did_you_mean(key, names)}; "
+                           f"it takes {', '.join(names)}", a.loc)
+        if key in out:
+            raise CnnError(f"argument '{key}' is given twice", a.loc)
+        value = evaluate(a.value, {})
+        if not _nonneg(value) or (key != "patience" and value == 0 and key != "min_delta"):
+            raise CnnError(f"{call.name} argument '{key}' must be a positive number, got {describe(value)}", a.loc)
+        out[key] = value
+    return out
+
+
+def lower_train(section: ast.Train) -> dict[str, Any]:
+    """Check each setting of a train section and return them as a dict."""
+    out: dict[str, Any] = {}
+    for s in section.settings:
+        if s.key not in KEYS:
+            raise CnnError(f"unknown training setting '{s.key}'{did_you_mean(s.key, KEYS)}", s.loc)
+        if s.key in out:
+            raise CnnError(f"training setting '{s.key}' is given twice", s.loc)
+        value = s.value
+        if s.key == "optimizer":
+            call = value if isinstance(value, ast.Call) else None
+            name = call.name if call else (value.value if value.kind == "word" else None)
+            if name not in OPTIMIZERS:
+                hint = did_you_mean(str(name), OPTIMIZERS) or f"; choose {', '.join(OPTIMIZERS)}"
+                raise CnnError(f"unknown optimizer {describe(name)}{hint}", (call or value).loc)
+            out["optimizer"] = {"name": name, **(_call_args(call, OPTIMIZERS[name]) if call else {})}
+        elif s.key == "early_stop":
+            call = value if isinstance(value, ast.Call) else None
+            args = _call_args(call, ("patience", "min_delta")) if call else {}
+            if call is None:
+                v = evaluate(value, {})
+                if not _count(v):
+                    raise CnnError(f"early_stop needs a patience in epochs, got {describe(v)}", value.loc)
+                args = {"patience": v}
+            patience = args.get("patience", 5)
+            if not _count(patience):
+                raise CnnError(f"early_stop patience must be a positive integer, got {describe(patience)}", s.loc)
+            out["early_stop"] = {"patience": patience, "min_delta": float(args.get("min_delta", 0.0))}
+        elif isinstance(value, ast.Call) or value is None:
+            raise CnnError(f"'{s.key}' takes a value, like '{s.key} 10'", s.loc)
+        elif s.key == "loss":
+            v = evaluate(value, {})
+            if v not in LOSSES:
+                hint = did_you_mean(str(v), LOSSES) or f"; choose {' or '.join(LOSSES)}"
+                raise CnnError(f"unknown loss {describe(v)}{hint}", value.loc)
+            out["loss"] = v
+        elif s.key == "data":
+            if value.kind != "string":
+                raise CnnError('data takes a quoted path, like data "data/mnist"', value.loc)
+            out["data"] = value.value
+        else:
+            v = evaluate(value, {})
+            check, need = SCALARS[s.key]
+            if not check(v):
+                raise CnnError(f"'{s.key}' must be {need}, got {describe(v)}", value.loc)
+            out[s.key] = v
+    return out

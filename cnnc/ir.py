@@ -1,0 +1,104 @@
+"""The intermediate representation: a networkx graph of operations, and the op table.
+
+Graph (``networkx.DiGraph``), one node per operation, keyed by its unique name.
+Node attributes:
+
+========== ==================================================================
+op         name of an entry of ``OPS`` (``"conv"``, ``"relu"``, ``"input"`` ...)
+name       the layer's name (same as the node key); parameters are ``name.weight``, ``name.bias``
+inputs     node names of the inputs, in argument order (edges repeat this for networkx)
+args       the layer's arguments after defaults and checks (sizes are ``(h, w)`` tuples)
+loc        ``Loc`` of the layer in the source, for error messages
+binding    the ``NAME =`` binding the layer belongs to (for the summary)
+shape      output shape without the batch, e.g. ``(6, 28, 28)`` or ``(10,)`` (shape inference)
+geometry   op-specific derived sizes, e.g. resolved padding (shape inference)
+params     ``{"weight": shape, "bias": shape}`` (shape inference; empty for ops without)
+fixed      ``{"weight": ndarray}`` for weights written in the file; such layers are frozen
+macs       multiply-accumulates for one image (counting pass)
+act        activation fused into a conv/dense node (fusion pass), default ``"none"``
+fused      names of the activation nodes folded into this one (fusion pass)
+========== ==================================================================
+
+Edges ``u -> v`` carry ``ports``: the argument positions of ``u`` among ``v``'s inputs.
+The graph's own attributes hold ``network`` (its name), ``output`` (the output
+node), ``input`` (the input node), ``source`` (file name), ``train`` (the train
+section as a plain dict) and ``tables``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+REQUIRED = object()
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument of a layer: its name, value kind (see ``cnnc.frontend.values``) and default."""
+
+    name: str
+    kind: str
+    default: Any = REQUIRED
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """Everything cnnc knows about one operation, found from its name.
+
+    ``check(args, loc)`` rejects argument combinations when the layer is read;
+    ``shape(node, input_shapes) -> shape`` checks the inputs and may record
+    derived sizes in ``node["geometry"]``; ``params(node, input_shapes)`` gives
+    parameter shapes; ``macs(node, input_shapes)`` counts multiply-accumulates
+    for one image; ``count_params(node)`` overrides the product of the
+    parameter shapes (a ``connect`` table). ``kernel`` and ``grad`` connect the op to code generation
+    and autodiff (``cnnc.codegen.lowering``).
+    """
+
+    name: str
+    args: tuple[Arg, ...]
+    shape: Callable[[dict, list[Shape]], Shape]
+    params: Callable[[dict, list[Shape]], dict[str, Shape]] = lambda node, ins: {}
+    macs: Callable[[dict, list[Shape]], int] = lambda node, ins: 0
+    check: Callable[[dict, Any], None] = lambda args, loc: None
+    count_params: Callable[[dict], int] | None = None
+    has_params: bool = False
+    multi_input: bool = False
+    activation: bool = False
+    doc: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def arg(self, name: str) -> Arg | None:
+        return next((a for a in self.args if a.name == name), None)
+
+
+def new_graph(network: str, source: str) -> nx.DiGraph:
+    g = nx.DiGraph()
+    g.graph.update(network=network, source=source, output=None, input=None, train={}, tables={})
+    return g
+
+
+def add_node(g: nx.DiGraph, name: str, op: str, inputs: list[str], **attrs: Any) -> None:
+    """Add an operation node and its input edges (an input used twice gets two ports)."""
+    g.add_node(name, name=name, op=op, inputs=list(inputs), **attrs)
+    for port, src in enumerate(inputs):
+        if g.has_edge(src, name):
+            g.edges[src, name]["ports"].append(port)
+        else:
+            g.add_edge(src, name, ports=[port])
+
+
+def execution_order(g: nx.DiGraph) -> list[str]:
+    """Nodes in a topological order that keeps source order where it is free (stable, deterministic)."""
+    index = {n: i for i, n in enumerate(g.nodes)}
+    return list(nx.lexicographical_topological_sort(g, key=lambda n: index[n]))
+
+
+def input_shapes(g: nx.DiGraph, name: str) -> list[Shape]:
+    return [g.nodes[i]["shape"] for i in g.nodes[name]["inputs"]]

@@ -1,0 +1,41 @@
+"""Counting: parameters (trainable and frozen), multiply-accumulates, and memory, per layer and in total."""
+
+from __future__ import annotations
+
+import math
+
+import networkx as nx
+
+from cnnc.ir import input_shapes
+from cnnc.ops import OPS
+
+FLOAT_BYTES = 4
+
+
+def count(g: nx.DiGraph) -> nx.DiGraph:
+    """Fill ``param_count``, ``trainable`` and ``macs`` on nodes and the totals on the graph.
+
+    MACs follow the common convention: the multiply-accumulates of conv and
+    dense layers for one image (bias additions and activations are not counted).
+    A ``connect`` table counts only its connections; written weights are frozen.
+    """
+    totals = {"total_params": 0, "trainable_params": 0, "total_macs": 0, "activation_floats": 0}
+    for name in g.nodes:
+        node = g.nodes[name]
+        op = OPS[node["op"]]
+        ins = input_shapes(g, name)
+        if op.count_params is not None:
+            node["param_count"] = op.count_params(node)
+        else:
+            node["param_count"] = sum(math.prod(s) for s in node["params"].values())
+        node["trainable"] = "fixed" not in node
+        node["macs"] = op.macs(node, ins)
+        totals["total_params"] += node["param_count"]
+        totals["trainable_params"] += node["param_count"] if node["trainable"] else 0
+        totals["total_macs"] += node["macs"]
+        totals["activation_floats"] += math.prod(node["shape"])
+    totals["non_trainable_params"] = totals["total_params"] - totals["trainable_params"]
+    totals["param_bytes"] = totals["total_params"] * FLOAT_BYTES
+    totals["activation_bytes"] = totals["activation_floats"] * FLOAT_BYTES
+    g.graph["totals"] = totals
+    return g

@@ -1,0 +1,273 @@
+"""Training data: IDX and .npz readers, image preparation, splits and mini-batches.
+
+Images are kept as float32 (N, C, H, W) in [0, 1] (or (N, F) for flat inputs)
+and labels as int64 class indices (or float32 regression targets).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# IDX type codes -> big-endian numpy dtypes (http://yann.lecun.com/exdb/mnist/).
+IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+# The standard MNIST-style file names: split -> (images, labels), each also accepted with ".gz".
+IDX_FILES: dict[str, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file (gzipped or not, told apart by content) into a native-endian array.
+
+    Layout: bytes 0-1 zero, byte 2 the type code, byte 3 the number of dimensions,
+    then one big-endian int32 per dimension, then the raw big-endian data.
+    """
+    name = os.fspath(path)
+    with open(name, "rb") as f:
+        raw = f.read()
+    if raw[:2] == _GZIP_MAGIC:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(f"{name}: corrupt or truncated gzip data ({e})") from e
+    return decode_idx(raw, name)
+
+
+def decode_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode uncompressed IDX bytes; `name` is used in error messages."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise ValueError(f"{name}: not an IDX file (bad magic {raw[:4].hex(' ') or 'empty'})")
+    dtype, ndim = IDX_DTYPES[raw[2]], raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{name}: truncated IDX header ({len(raw)} bytes, need {header} for {ndim} dimensions)")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = math.prod(shape) * dtype.itemsize
+    got = len(raw) - header
+    if got < expected:
+        raise ValueError(f"{name}: truncated IDX data: shape {shape} needs {expected} bytes, file has {got}")
+    if got > expected:
+        raise ValueError(f"{name}: wrong IDX sizes: shape {shape} needs {expected} bytes, file has {got}")
+    data = np.frombuffer(raw, dtype=dtype, count=math.prod(shape), offset=header).reshape(shape)
+    return data.astype(dtype.newbyteorder("="))
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """The IDX bytes (uncompressed) of `array`; the inverse of decode_idx."""
+    a = np.asarray(array)
+    codes = {dt.newbyteorder("="): code for code, dt in IDX_DTYPES.items()}
+    code = codes.get(a.dtype.newbyteorder("="))
+    if code is None:
+        raise ValueError(f"IDX cannot store dtype {a.dtype}; supported: uint8, int8, int16, int32, float32, float64")
+    if a.ndim > 255:
+        raise ValueError(f"IDX stores at most 255 dimensions, got {a.ndim}")
+    header = bytes([0, 0, code, a.ndim]) + np.asarray(a.shape, dtype=">u4").tobytes()
+    return header + a.astype(IDX_DTYPES[code], copy=False).tobytes()
+
+
+@dataclass
+class Dataset:
+    """One split: x float32 (N, C, H, W) or (N, F); y int64 class labels or float32 targets, length N."""
+
+    x: np.ndarray
+    y: np.ndarray
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise ValueError(f"dataset {self.name or ''}: {len(self.x)} inputs but {len(self.y)} targets".strip())
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def _as_inputs(x: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 / 255; (N, H, W) -> (N, 1, H, W); other dtypes -> float32 unscaled."""
+    if x.ndim == 3:
+        x = x[:, None, :, :]
+    if x.dtype == np.uint8:
+        out = x.astype(np.float32)
+        out /= 255
+        return out
+    return x.astype(np.float32, copy=False)
+
+
+def _as_targets(y: np.ndarray) -> np.ndarray:
+    return y.astype(np.int64 if np.issubdtype(y.dtype, np.integer) else np.float32, copy=False)
+
+
+def _find(directory: str, stem: str) -> str | None:
+    for candidate in (stem, stem + ".gz"):
+        path = os.path.join(directory, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _load_idx_dir(directory: str) -> dict[str, Dataset]:
+    found = {split: tuple(_find(directory, stem) for stem in stems) for split, stems in IDX_FILES.items()}
+    images, labels = found["train"]
+    if images is None or labels is None:
+        missing = [s for s, p in zip(IDX_FILES["train"], found["train"]) if p is None]
+        raise FileNotFoundError(
+            f"{directory}: missing {', '.join(m + '[.gz]' for m in missing)} "
+            "(a dataset directory holds train-images-idx3-ubyte and train-labels-idx1-ubyte, optionally "
+            "t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte, each optionally gzipped)"
+        )
+    test_images, test_labels = found["test"]
+    if (test_images is None) != (test_labels is None):
+        have = os.path.basename(test_images or test_labels or "")
+        want = IDX_FILES["test"][1 if test_images else 0]
+        raise FileNotFoundError(f"{directory}: found {have} but not {want}[.gz]")
+    base = os.path.basename(os.path.normpath(directory))
+    out = {}
+    for split, (images, labels) in found.items():
+        if images is None:
+            continue
+        x, y = read_idx(images), read_idx(labels)
+        if len(x) != len(y):
+            raise ValueError(f"{images} has {len(x)} images but {labels} has {len(y)} labels")
+        out[split] = Dataset(_as_inputs(x), _as_targets(y), f"{base}/{split}")
+    return out
+
+
+def _load_npz(path: str) -> dict[str, Dataset]:
+    with np.load(path, allow_pickle=False) as z:
+        keys = set(z.files)
+        if not {"x", "y"} <= keys:
+            raise ValueError(
+                f"{path}: a dataset .npz needs arrays 'x' and 'y' (and optionally 'x_test', 'y_test'); "
+                f"it has {sorted(keys)}"
+            )
+        if ("x_test" in keys) != ("y_test" in keys):
+            raise ValueError(f"{path}: 'x_test' and 'y_test' must come together; it has {sorted(keys)}")
+        base = os.path.splitext(os.path.basename(path))[0]
+        splits = {"train": ("x", "y"), "test": ("x_test", "y_test")}
+        out = {}
+        for split, (kx, ky) in splits.items():
+            if kx not in keys:
+                continue
+            x, y = z[kx], z[ky]
+            if x.ndim not in (2, 3, 4) or y.ndim < 1 or len(x) != len(y):
+                raise ValueError(
+                    f"{path}: '{kx}' {x.shape} and '{ky}' {y.shape} are not N inputs "
+                    "(N, F), (N, H, W) or (N, C, H, W) with N targets"
+                )
+            out[split] = Dataset(_as_inputs(x), _as_targets(y), f"{base}/{split}")
+    return out
+
+
+def load_dataset(path: str | os.PathLike[str]) -> dict[str, Dataset]:
+    """Splits "train" and, when present, "test" from a directory of IDX files or a .npz archive.
+
+    Inputs come back float32 (uint8 scaled to [0, 1], (N, H, W) given a channel axis);
+    call prepare_images to fit them to a network's input shape.
+    """
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        return _load_idx_dir(name)
+    if not os.path.exists(name):
+        raise FileNotFoundError(f"no dataset at {name}: expected a directory of IDX files or a .npz file")
+    with open(name, "rb") as f:
+        magic = f.read(4)
+    if magic != _ZIP_MAGIC:
+        raise ValueError(f"{name} is not a .npz archive; a dataset is a directory of IDX files or a .npz file")
+    return _load_npz(name)
+
+
+def prepare_images(x: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
+    """Fit images to a network input of per-sample shape (C, H, W) or (F,), as float32.
+
+    uint8 is scaled by 1/255; (N, H, W) gains a channel axis; smaller images are
+    zero-padded, centred (28x28 MNIST into 32x32 LeNet-5: 2 pixels each side).
+    For a flat (F,) input the images are flattened to (N, C*H*W), which must equal F.
+    """
+    shape = tuple(int(d) for d in input_shape)
+    x = np.asarray(x)
+    scale = x.dtype == np.uint8
+    if x.ndim == 3:
+        x = x[:, None, :, :]
+    if len(shape) == 1:
+        flat = x.reshape(len(x), -1)
+        if flat.shape[1] != shape[0]:
+            raise ValueError(
+                f"images of shape {x.shape[1:]} have {flat.shape[1]} values; the network expects "
+                f"flat inputs of shape {shape}"
+            )
+        return _as_inputs(flat) if scale else flat.astype(np.float32, copy=False)
+    if len(shape) != 3:
+        raise ValueError(f"network input shape {shape} is neither (C, H, W) nor (F,)")
+    c, h, w = shape
+    if x.ndim == 2:
+        if x.shape[1] != c * h * w:
+            raise ValueError(f"flat inputs of {x.shape[1]} values do not fit the network input shape {shape}")
+        x = x.reshape(len(x), c, h, w)
+    if x.ndim != 4:
+        raise ValueError(f"expected images (N, H, W) or (N, C, H, W) for network input {shape}, got {x.shape}")
+    n, xc, xh, xw = x.shape
+    if xc != c:
+        raise ValueError(f"images have {xc} channel(s); the network expects input shape {shape}")
+    if xh > h or xw > w:
+        raise ValueError(f"images of {xh}x{xw} are larger than the network input shape {shape}")
+    if (xh, xw) == (h, w):
+        return _as_inputs(x) if scale else x.astype(np.float32, copy=False)
+    top, left = (h - xh) // 2, (w - xw) // 2
+    out = np.zeros((n, c, h, w), dtype=np.float32)
+    inner = out[:, :, top : top + xh, left : left + xw]
+    inner[...] = x
+    if scale:
+        inner /= 255
+    return out
+
+
+def _rng(rng: np.random.Generator | int | None) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def train_validation_split(
+    n: int, fraction: float, rng: np.random.Generator | int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random disjoint (train_idx, val_idx) covering range(n), with round(n * fraction) held out.
+
+    Both come back sorted: the order within a split is the batcher's business.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    n_val = int(round(n * fraction))
+    order = _rng(rng).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    """How many batches `batches` yields: ceil(n / batch_size)."""
+    return -(-n // batch_size)
+
+
+def batches(
+    n: int, batch_size: int, rng: np.random.Generator | int | None = None, shuffle: bool = True
+) -> Iterator[np.ndarray]:
+    """Index arrays of `batch_size` (the last may be smaller) covering range(n) once, shuffled by `rng`."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if n < 0:
+        raise ValueError(f"number of samples must be non-negative, got {n}")
+    order = _rng(rng).permutation(n) if shuffle else np.arange(n)
+    return (order[i : i + batch_size] for i in range(0, n, batch_size))

@@ -1,0 +1,223 @@
+"""First-order optimizers over one flat parameter buffer.
+
+The model keeps every parameter in one flat float32 buffer `params` and the
+gradients in `grads` with the same layout, so an update is a handful of
+vectorised numpy expressions over the whole model. State buffers and one
+scratch buffer are allocated on the first step (or by load_state_dict) and
+every later step works in place with out= arguments: a step allocates nothing.
+
+L2 weight decay is part of the loss, not of the optimizer: see add_weight_decay.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+State = dict[str, np.ndarray | float | int]
+
+
+class Optimizer:
+    """Base class: `lr` may be changed between steps (schedules); `t` counts steps taken."""
+
+    hyperparameters: tuple[str, ...] = ("lr",)
+    buffers: tuple[str, ...] = ()
+
+    def __init__(self, lr: float) -> None:
+        if not lr > 0:
+            raise ValueError(f"learning rate must be positive, got {lr}")
+        self.lr = float(lr)
+        self.t = 0
+        self._state: dict[str, np.ndarray] = {}
+        self._tmp: np.ndarray | None = None
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{h}={getattr(self, h)!r}" for h in self.hyperparameters)
+        return f"{type(self).__name__}({args})"
+
+    def _prepare(self, params: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        """Check the buffers, allocate state on first use; returns the scratch buffer."""
+        if params.shape != grads.shape:
+            raise ValueError(f"params {params.shape} and grads {grads.shape} differ in shape")
+        tmp = self._tmp
+        if tmp is None:
+            self._state = {b: np.zeros_like(params) for b in self.buffers}
+            tmp = self._tmp = np.empty_like(params)
+        elif tmp.shape != params.shape:
+            raise ValueError(f"optimizer state is for {tmp.size} parameters, got {params.size}; call reset() first")
+        return tmp
+
+    def step(self, params: np.ndarray, grads: np.ndarray) -> None:
+        """Update `params` in place from `grads`."""
+        tmp = self._prepare(params, grads)
+        self.t += 1
+        self._update(params, grads, tmp)
+
+    def _update(self, params: np.ndarray, grads: np.ndarray, tmp: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget all state (moments, step count); hyperparameters stay."""
+        self.t = 0
+        self._state = {}
+        self._tmp = None
+
+    def state_dict(self) -> State:
+        """Hyperparameters, step count and copies of the state buffers (once allocated), for checkpoints."""
+        d: State = {h: getattr(self, h) for h in self.hyperparameters}
+        d["t"] = self.t
+        d.update({b: v.copy() for b, v in self._state.items()})
+        return d
+
+    def load_state_dict(self, d: Mapping[str, np.ndarray | float | int]) -> None:
+        """Restore what state_dict returned (0-d arrays, as from np.load, are fine); resumes identically."""
+        allowed = set(self.hyperparameters) | set(self.buffers) | {"t"}
+        unknown = set(d) - allowed
+        if unknown:
+            raise ValueError(f"{type(self).__name__} state has no {sorted(unknown)}; expected keys {sorted(allowed)}")
+        present = [b for b in self.buffers if b in d]
+        if present and len(present) != len(self.buffers):
+            raise ValueError(f"{type(self).__name__} state needs all of {list(self.buffers)}, got {present}")
+        arrays = {b: np.array(d[b], copy=True) for b in present}
+        if len({a.shape for a in arrays.values()}) > 1 or any(a.ndim != 1 for a in arrays.values()):
+            shapes = {b: a.shape for b, a in arrays.items()}
+            raise ValueError(f"state buffers must be flat and of one size, got {shapes}")
+        for h in self.hyperparameters:
+            if h in d:
+                setattr(self, h, float(d[h]))
+        self.t = int(d.get("t", 0))
+        self._state = arrays
+        self._tmp = np.empty_like(next(iter(arrays.values()))) if arrays else None
+
+
+class SGD(Optimizer):
+    """Plain gradient descent: w <- w - lr g."""
+
+    def _update(self, params: np.ndarray, grads: np.ndarray, tmp: np.ndarray) -> None:
+        np.multiply(grads, self.lr, out=tmp)
+        params -= tmp
+
+
+class Momentum(Optimizer):
+    """Heavy-ball momentum, the form torch.optim.SGD(momentum=beta) uses:
+
+        v <- beta v + g;    w <- w - lr v        (v = 0 before the first step)
+
+    The lecture-style update v' <- beta v' - lr g; w <- w + v' is the same
+    trajectory while lr is constant (v' = -lr v). They differ when lr changes:
+    here a new lr scales the whole accumulated velocity at once, there only
+    the gradients that arrive after the change.
+    """
+
+    hyperparameters = ("lr", "beta")
+    buffers = ("v",)
+
+    def __init__(self, lr: float, beta: float = 0.9) -> None:
+        super().__init__(lr)
+        if not 0 <= beta < 1:
+            raise ValueError(f"momentum beta must be in [0, 1), got {beta}")
+        self.beta = float(beta)
+
+    def _update(self, params: np.ndarray, grads: np.ndarray, tmp: np.ndarray) -> None:
+        v = self._state["v"]
+        v *= self.beta
+        v += grads
+        np.multiply(v, self.lr, out=tmp)
+        params -= tmp
+
+
+class RMSProp(Optimizer):
+    """RMSProp: a per-weight step scaled by a running RMS of the gradient.
+
+        s <- beta s + (1 - beta) g^2;    w <- w - lr g / (sqrt(s) + eps)      (s = 0 at first)
+
+    Same as torch.optim.RMSprop(alpha=beta, eps=eps).
+    """
+
+    hyperparameters = ("lr", "beta", "eps")
+    buffers = ("s",)
+
+    def __init__(self, lr: float, beta: float = 0.9, eps: float = 1e-8) -> None:
+        super().__init__(lr)
+        if not 0 <= beta < 1:
+            raise ValueError(f"RMSProp beta must be in [0, 1), got {beta}")
+        self.beta, self.eps = float(beta), float(eps)
+
+    def _update(self, params: np.ndarray, grads: np.ndarray, tmp: np.ndarray) -> None:
+        s = self._state["s"]
+        s *= self.beta
+        np.multiply(grads, grads, out=tmp)
+        tmp *= 1 - self.beta
+        s += tmp
+        np.sqrt(s, out=tmp)
+        tmp += self.eps
+        np.divide(grads, tmp, out=tmp)
+        tmp *= self.lr
+        params -= tmp
+
+
+class Adam(Optimizer):
+    """Adam (Kingma and Ba), with bias correction; t counts steps from 1:
+
+        m <- beta1 m + (1 - beta1) g;        v <- beta2 v + (1 - beta2) g^2
+        m^ = m / (1 - beta1^t);              v^ = v / (1 - beta2^t)
+        w <- w - lr m^ / (sqrt(v^) + eps)
+
+    Computed as torch.optim.Adam does: w -= (lr / (1 - beta1^t)) m / (sqrt(v) / sqrt(1 - beta2^t) + eps).
+    """
+
+    hyperparameters = ("lr", "beta1", "beta2", "eps")
+    buffers = ("m", "v")
+
+    def __init__(self, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+        super().__init__(lr)
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ValueError(f"Adam betas must be in [0, 1), got {beta1}, {beta2}")
+        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+
+    def _update(self, params: np.ndarray, grads: np.ndarray, tmp: np.ndarray) -> None:
+        m, v = self._state["m"], self._state["v"]
+        m *= self.beta1
+        np.multiply(grads, 1 - self.beta1, out=tmp)
+        m += tmp
+        v *= self.beta2
+        np.multiply(grads, grads, out=tmp)
+        tmp *= 1 - self.beta2
+        v += tmp
+        step_size = self.lr / (1 - self.beta1**self.t)
+        np.sqrt(v, out=tmp)
+        tmp /= math.sqrt(1 - self.beta2**self.t)
+        tmp += self.eps
+        np.divide(m, tmp, out=tmp)
+        tmp *= step_size
+        params -= tmp
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "momentum": Momentum, "rmsprop": RMSProp, "adam": Adam}
+
+
+def make_optimizer(name: str, **kwargs: float) -> Optimizer:
+    """An optimizer by (case-insensitive) name, e.g. make_optimizer("adam", lr=1e-3)."""
+    cls = OPTIMIZERS.get(name.lower())
+    if cls is None:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return cls(**kwargs)
+
+
+def add_weight_decay(
+    params: np.ndarray, grads: np.ndarray, decay_mask: np.ndarray, lam: float, out: np.ndarray | None = None
+) -> float:
+    """L2 penalty lam * sum((w * mask)^2) for the loss; adds its gradient 2 lam w * mask to `grads` in place.
+
+    `decay_mask` is a float buffer shaped like `params`: 1 for weights, 0 for biases.
+    Pass a scratch buffer `out` (like `params`) to avoid allocating one per call.
+    """
+    if lam == 0:
+        return 0.0
+    tmp = np.multiply(params, decay_mask, out=out)
+    penalty = lam * float(np.vdot(tmp, tmp))
+    tmp *= 2 * lam
+    grads += tmp
+    return penalty

@@ -1,0 +1,242 @@
+"""IDX and .npz reading, image preparation, splits and batches."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cnnc_runtime.data import (
+    Dataset,
+    batches,
+    decode_idx,
+    encode_idx,
+    load_dataset,
+    num_batches,
+    prepare_images,
+    read_idx,
+    train_validation_split,
+)
+
+MNIST = Path(__file__).resolve().parents[2] / "examples" / "data" / "mnist"
+
+DTYPES = [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64]
+
+
+def _sample(dtype) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        a = rng.integers(info.min, info.max, size=(3, 4, 5), endpoint=True).astype(dtype)
+        a.flat[:2] = info.min, info.max
+        return a
+    return (rng.standard_normal((3, 4, 5)) * 1e3).astype(dtype)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_idx_round_trip(tmp_path, dtype, gz):
+    a = _sample(dtype)
+    raw = encode_idx(a)
+    # Compression is told by content: the name says nothing either way.
+    path = tmp_path / "data.idx"
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    b = read_idx(path)
+    assert b.dtype == np.dtype(dtype) and b.dtype.isnative and b.shape == a.shape
+    np.testing.assert_array_equal(b, a)
+    b[0] = 0  # writable, not a view of the file bytes
+
+
+def test_idx_layout_by_hand(tmp_path):
+    # int16, 2 dimensions (2, 3), big-endian values 1, -2, 3, 256, 0, -32768
+    raw = bytes([0, 0, 0x0B, 2, 0, 0, 0, 2, 0, 0, 0, 3]) + bytes.fromhex("0001 fffe 0003 0100 0000 8000")
+    np.testing.assert_array_equal(decode_idx(raw), [[1, -2, 3], [256, 0, -32768]])
+    assert encode_idx(np.array([[1, -2, 3], [256, 0, -32768]], np.int16)) == raw
+    labels = bytes([0, 0, 8, 1, 0, 0, 0, 4, 5, 0, 4, 1])
+    (tmp_path / "labels.gz").write_bytes(gzip.compress(labels))
+    np.testing.assert_array_equal(read_idx(tmp_path / "labels.gz"), [5, 0, 4, 1])
+
+
+def test_idx_errors_name_the_file(tmp_path):
+    raw = encode_idx(np.arange(100, dtype=np.int32).reshape(10, 10))
+    cases = {
+        "truncated.idx": (raw[:-7], "truncated IDX data"),
+        "header.idx": (raw[:9], "truncated IDX header"),
+        "extra.idx": (raw + b"\0", "wrong IDX sizes"),
+        "magic.idx": (b"\x01\x00" + raw[2:], "bad magic"),
+        "dtype.idx": (b"\x00\x00\x07" + raw[3:], "bad magic"),
+        "empty.idx": (b"", "bad magic"),
+        "truncated.gz": (gzip.compress(raw)[:-20], "gzip"),
+        "short.gz": (gzip.compress(raw[:-4]), "truncated IDX data"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=message) as e:
+            read_idx(tmp_path / name)
+        assert name in str(e.value)
+    with pytest.raises(FileNotFoundError):
+        read_idx(tmp_path / "absent")
+    with pytest.raises(ValueError, match="cannot store"):
+        encode_idx(np.zeros(3, np.int64))
+
+
+@pytest.fixture(scope="module")
+def mnist() -> dict[str, Dataset]:
+    return load_dataset(MNIST)
+
+
+def test_real_mnist(mnist):
+    train, test = mnist["train"], mnist["test"]
+    assert train.x.shape == (60000, 1, 28, 28) and test.x.shape == (10000, 1, 28, 28)
+    assert train.x.dtype == np.float32 and train.y.dtype == np.int64
+    assert train.x.min() == 0.0 and train.x.max() == 1.0
+    assert train.y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    counts = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(train.y, minlength=10).tolist() == counts
+    assert len(test) == 10000 and set(np.unique(test.y)) == set(range(10))
+    assert train.name == "mnist/train"
+
+
+def test_real_mnist_raw_idx():
+    labels = read_idx(MNIST / "t10k-labels-idx1-ubyte.gz")
+    assert labels.shape == (10000,) and labels.dtype == np.uint8
+    assert labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+
+
+def test_real_mnist_into_lenet_input(mnist):
+    x = prepare_images(mnist["test"].x[:100], (1, 32, 32))
+    assert x.shape == (100, 1, 32, 32) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[:, :, 2:30, 2:30], mnist["test"].x[:100])
+    assert not x[:, :, :2].any() and not x[:, :, 30:].any() and not x[:, :, :, :2].any() and not x[:, :, :, 30:].any()
+
+
+def _write_idx_dir(directory: Path, n_train=6, n_test=4, gz=True, test=True) -> None:
+    rng = np.random.default_rng(1)
+    directory.mkdir(exist_ok=True)
+    splits = [("train", n_train)] + ([("t10k", n_test)] if test else [])
+    for prefix, n in splits:
+        images = encode_idx(rng.integers(0, 256, (n, 5, 5), dtype=np.uint8))
+        labels = encode_idx(rng.integers(0, 10, n, dtype=np.uint8))
+        suffix = ".gz" if gz else ""
+        (directory / f"{prefix}-images-idx3-ubyte{suffix}").write_bytes(gzip.compress(images) if gz else images)
+        (directory / f"{prefix}-labels-idx1-ubyte").write_bytes(labels)
+
+
+def test_load_idx_directory(tmp_path):
+    _write_idx_dir(tmp_path / "d")
+    d = load_dataset(tmp_path / "d")
+    assert set(d) == {"train", "test"}
+    assert d["train"].x.shape == (6, 1, 5, 5) and d["test"].y.shape == (4,)
+    assert d["train"].y.dtype == np.int64 and 0 <= d["train"].x.min() <= d["train"].x.max() <= 1
+
+    _write_idx_dir(tmp_path / "no_test", gz=False, test=False)
+    assert set(load_dataset(tmp_path / "no_test")) == {"train"}
+
+
+def test_load_idx_directory_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        load_dataset(tmp_path / "empty")
+    _write_idx_dir(tmp_path / "half")
+    (tmp_path / "half" / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
+        load_dataset(tmp_path / "half")
+    _write_idx_dir(tmp_path / "mismatch", n_train=6)
+    (tmp_path / "mismatch" / "train-labels-idx1-ubyte").write_bytes(encode_idx(np.zeros(5, np.uint8)))
+    with pytest.raises(ValueError, match="6 images but .* 5 labels"):
+        load_dataset(tmp_path / "mismatch")
+    with pytest.raises(FileNotFoundError, match="no dataset"):
+        load_dataset(tmp_path / "nowhere")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="not a .npz"):
+        load_dataset(tmp_path / "notes.txt")
+
+
+def test_load_npz(tmp_path):
+    x = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4)
+    np.savez(tmp_path / "a.npz", x=x, y=np.array([3, 1], np.uint8), x_test=x[:1], y_test=np.array([2]))
+    d = load_dataset(tmp_path / "a.npz")
+    assert set(d) == {"train", "test"} and d["train"].name == "a/train"
+    assert d["train"].x.shape == (2, 1, 4, 4) and d["train"].x.dtype == np.float32
+    np.testing.assert_array_equal(d["train"].x[:, 0], x / np.float32(255))
+    assert d["train"].y.dtype == np.int64 and d["test"].y.tolist() == [2]
+
+    feats = np.random.default_rng(0).standard_normal((5, 3))
+    np.savez(tmp_path / "b.npz", x=feats, y=np.linspace(0, 1, 5))
+    d = load_dataset(tmp_path / "b.npz")
+    assert set(d) == {"train"} and d["train"].y.dtype == np.float32
+    np.testing.assert_allclose(d["train"].x, feats.astype(np.float32))
+
+
+def test_load_npz_errors(tmp_path):
+    np.savez(tmp_path / "noy.npz", x=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="'y'"):
+        load_dataset(tmp_path / "noy.npz")
+    np.savez(tmp_path / "len.npz", x=np.zeros((2, 3)), y=np.zeros(3))
+    with pytest.raises(ValueError, match="len.npz"):
+        load_dataset(tmp_path / "len.npz")
+    np.savez(tmp_path / "half.npz", x=np.zeros((2, 3)), y=np.zeros(2), x_test=np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="x_test"):
+        load_dataset(tmp_path / "half.npz")
+    with pytest.raises(ValueError, match="3 inputs but 2 targets"):
+        Dataset(np.zeros((3, 2), np.float32), np.zeros(2, np.int64))
+
+
+def test_prepare_images_scales_and_pads():
+    x = np.full((2, 28, 28), 255, np.uint8)
+    x[1, 0, 0] = 51
+    out = prepare_images(x, (1, 32, 32))
+    assert out.shape == (2, 1, 32, 32) and out.dtype == np.float32
+    assert out[0, 0, 2:30, 2:30].min() == 1.0 and out.sum() == pytest.approx(2 * 28 * 28 - 1 + 0.2, rel=1e-6)
+    assert out[1, 0, 2, 2] == np.float32(51) / np.float32(255)
+    # odd margins: 3 rows -> 1 above, 2 below
+    y = prepare_images(np.ones((1, 3, 2, 2), np.float32), (3, 5, 4))
+    assert y[0, :, 1:3, 1:3].min() == 1.0 and y.sum() == 12
+    # already the right size: float data passes unscaled
+    z = np.random.default_rng(0).random((4, 1, 8, 8)).astype(np.float64)
+    np.testing.assert_array_equal(prepare_images(z, (1, 8, 8)), z.astype(np.float32))
+
+
+def test_prepare_images_flat():
+    x = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    out = prepare_images(x, (9,))
+    assert out.shape == (2, 9) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, x.reshape(2, 9) / np.float32(255))
+    np.testing.assert_array_equal(prepare_images(out, (1, 3, 3))[:, 0], x / np.float32(255))
+
+
+def test_prepare_images_errors():
+    x = np.zeros((2, 28, 28), np.uint8)
+    with pytest.raises(ValueError, match=r"larger .*\(1, 24, 24\)"):
+        prepare_images(x, (1, 24, 24))
+    with pytest.raises(ValueError, match=r"1 channel.*\(3, 32, 32\)"):
+        prepare_images(x, (3, 32, 32))
+    with pytest.raises(ValueError, match=r"784 values.*\(1024,\)"):
+        prepare_images(x, (1024,))
+    with pytest.raises(ValueError, match="neither"):
+        prepare_images(x, (28, 28))
+
+
+def test_train_validation_split():
+    train, val = train_validation_split(1000, 0.1, np.random.default_rng(3))
+    assert len(train) == 900 and len(val) == 100
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(1000))
+    again = train_validation_split(1000, 0.1, 3)
+    assert not np.array_equal(val, np.arange(900, 1000))
+    assert np.array_equal(train_validation_split(1000, 0.1, 3)[1], again[1])
+    assert len(train_validation_split(10, 0.0, 0)[1]) == 0
+    with pytest.raises(ValueError):
+        train_validation_split(10, 1.0, 0)
+
+
+def test_batches():
+    rng = np.random.default_rng(0)
+    parts = list(batches(10, 4, rng))
+    assert [len(p) for p in parts] == [4, 4, 2] == [4] * (num_batches(10, 4) - 1) + [2]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(10))
+    assert np.concatenate(parts).tolist() != list(range(10))
+    assert [p.tolist() for p in batches(5, 2, shuffle=False)] == [[0, 1], [2, 3], [4]]
+    assert list(batches(0, 3, rng)) == []
+    with pytest.raises(ValueError):
+        batches(10, 0, rng)

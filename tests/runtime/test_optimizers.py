@@ -1,0 +1,200 @@
+"""Optimizers on flat buffers: hand-computed steps, torch.optim agreement, checkpoints, no allocation."""
+
+from __future__ import annotations
+
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+from cnnc_runtime.optimizers import (
+    SGD,
+    Adam,
+    Momentum,
+    Optimizer,
+    RMSProp,
+    add_weight_decay,
+    make_optimizer,
+)
+
+
+def _run(opt: Optimizer, w0, grads) -> list[list[float]]:
+    w = np.array(w0, np.float32)
+    trajectory = []
+    for g in grads:
+        opt.step(w, np.array(g, np.float32))
+        trajectory.append(w.tolist())
+    return trajectory
+
+
+def test_sgd_by_hand():
+    # w -= 0.1 g with g = (0.5, -1): each step moves (-0.05, +0.1)
+    got = _run(SGD(0.1), [1.0, -2.0], [[0.5, -1.0]] * 3)
+    np.testing.assert_allclose(got, [[0.95, -1.9], [0.9, -1.8], [0.85, -1.7]], rtol=1e-6)
+
+
+def test_momentum_by_hand():
+    # constant g: v = g, 1.9 g, 2.71 g; w = w0 - 0.1 * (1, 2.9, 5.61) g
+    g = [1.0, -2.0]
+    got = _run(Momentum(0.1, beta=0.9), [0.0, 0.0], [g] * 3)
+    np.testing.assert_allclose(got, [[-0.1, 0.2], [-0.29, 0.58], [-0.561, 1.122]], rtol=1e-6)
+
+
+def test_momentum_matches_the_lecture_form_at_constant_lr():
+    rng = np.random.default_rng(0)
+    grads = rng.standard_normal((6, 4)).astype(np.float32)
+    heavy = _run(Momentum(0.05, 0.8), np.zeros(4), grads)
+    w, v = np.zeros(4), np.zeros(4)
+    lecture = []
+    for g in grads:
+        v = 0.8 * v - 0.05 * g
+        w = w + v
+        lecture.append(w.tolist())
+    np.testing.assert_allclose(heavy, lecture, rtol=1e-5, atol=1e-7)
+
+
+def test_rmsprop_by_hand():
+    # constant g: s = (0.1, 0.19, 0.271) g^2, so each step is lr sign(g) / sqrt(0.1), / sqrt(0.19), / sqrt(0.271)
+    steps = [0.01 / math.sqrt(0.1), 0.01 / math.sqrt(0.19), 0.01 / math.sqrt(0.271)]  # 0.0316, 0.0229, 0.0192
+    got = _run(RMSProp(0.01, beta=0.9, eps=0.0), [1.0, 1.0], [[3.0, -0.5]] * 3)
+    expected = [[1 - sum(steps[: k + 1]), 1 + sum(steps[: k + 1])] for k in range(3)]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # eps enters as sqrt(s) + eps: with g = 1, s = 0.1, step = lr / (sqrt(0.1) + eps)
+    np.testing.assert_allclose(_run(RMSProp(1.0, 0.9, eps=0.5), [0.0], [[1.0]]), [[-1 / (math.sqrt(0.1) + 0.5)]])
+
+
+def test_adam_by_hand():
+    # bias correction makes m^ = g and v^ = g^2 under a constant gradient: each step is lr sign(g)
+    got = _run(Adam(0.01, eps=0.0), [1.0, 1.0], [[4.0, -0.25]] * 3)
+    np.testing.assert_allclose(got, [[0.99, 1.01], [0.98, 1.02], [0.97, 1.03]], rtol=1e-6)
+    # g = 1 then -1: m2 = 0.09 - 0.1 = -0.01, m^2 = -0.01 / 0.19; v2 = 0.001999 = 1 - 0.999^2, so v^2 = 1
+    got = _run(Adam(0.1, eps=0.0), [0.0], [[1.0], [-1.0]])
+    np.testing.assert_allclose(got, [[-0.1], [-0.1 + 0.1 * 0.01 / 0.19]], rtol=1e-6)
+
+
+def test_steps_keep_float32_and_update_in_place():
+    for name in ("sgd", "momentum", "rmsprop", "adam"):
+        opt = make_optimizer(name, lr=0.1)
+        w = np.ones(5, np.float32)
+        before = w.ctypes.data
+        opt.step(w, np.full(5, 0.5, np.float32))
+        assert w.dtype == np.float32 and w.ctypes.data == before and (w < 1).all()
+        assert all(v.dtype == np.float32 for v in opt.state_dict().values() if isinstance(v, np.ndarray))
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "rmsprop", "adam"])
+def test_a_step_allocates_nothing(name):
+    n = 1 << 20
+    w = np.zeros(n, np.float32)
+    g = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    opt = make_optimizer(name, lr=1e-3)
+    opt.step(w, g)  # allocates the state
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(3):
+            opt.step(w, g)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - base < n  # a single temporary would be 4n bytes
+
+
+def _torch_equivalents(torch):
+    return [
+        (lambda: SGD(0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
+        (lambda: Momentum(0.05, beta=0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
+        (lambda: RMSProp(0.01, beta=0.95, eps=1e-6), lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.95, eps=1e-6)),
+        (lambda: Adam(0.01, 0.8, 0.99, 1e-7), lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.99), eps=1e-7)),
+    ]
+
+
+@pytest.mark.parametrize("which", ["sgd", "momentum", "rmsprop", "adam"])
+def test_matches_torch_optim(which):
+    torch = pytest.importorskip("torch")
+    ours_factory, torch_factory = _torch_equivalents(torch)[["sgd", "momentum", "rmsprop", "adam"].index(which)]
+    rng = np.random.default_rng(42)
+    w0 = rng.standard_normal(64).astype(np.float32)
+    grads = rng.standard_normal((5, 64)).astype(np.float32)
+    ours, w = ours_factory(), w0.copy()
+    p = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    theirs = torch_factory([p])
+    for g in grads:
+        ours.step(w, g)
+        p.grad = torch.from_numpy(g.copy())
+        theirs.step()
+        np.testing.assert_allclose(w, p.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "rmsprop", "adam"])
+def test_state_dict_round_trip_continues_identically(name, tmp_path):
+    from cnnc_runtime.fileio import atomic_save_npz
+
+    rng = np.random.default_rng(7)
+    grads = rng.standard_normal((6, 32)).astype(np.float32)
+    a = make_optimizer(name, lr=0.02)
+    w = rng.standard_normal(32).astype(np.float32)
+    for g in grads[:3]:
+        a.step(w, g)
+    atomic_save_npz(tmp_path / "opt", {k: np.asarray(v) for k, v in a.state_dict().items()})
+    with np.load(tmp_path / "opt") as z:
+        saved = dict(z)
+    b = make_optimizer(name, lr=0.5)  # hyperparameters come from the checkpoint
+    b.load_state_dict(saved)
+    assert b.t == 3 and b.lr == 0.02
+    w_b = w.copy()
+    for g in grads[3:]:
+        a.step(w, g)
+        b.step(w_b, g)
+    np.testing.assert_array_equal(w, w_b)
+
+
+def test_state_dict_is_a_copy_and_reset_forgets():
+    opt = Adam(0.1)
+    w = np.zeros(3, np.float32)
+    opt.step(w, np.ones(3, np.float32))
+    d = opt.state_dict()
+    assert set(d) == {"lr", "beta1", "beta2", "eps", "t", "m", "v"}
+    d["m"][:] = 99
+    assert opt.state_dict()["m"][0] != 99
+    opt.reset()
+    assert opt.t == 0 and set(opt.state_dict()) == {"lr", "beta1", "beta2", "eps", "t"}
+    opt.step(np.zeros(5, np.float32), np.ones(5, np.float32))  # a new size is fine after reset
+
+
+def test_load_state_dict_errors():
+    with pytest.raises(ValueError, match="SGD state has no"):
+        SGD(0.1).load_state_dict(Adam(0.1).state_dict() | {"m": np.zeros(2), "v": np.zeros(2)})
+    with pytest.raises(ValueError, match="all of"):
+        Adam(0.1).load_state_dict({"m": np.zeros(2, np.float32)})
+    with pytest.raises(ValueError, match="one size"):
+        Adam(0.1).load_state_dict({"m": np.zeros(2, np.float32), "v": np.zeros(3, np.float32)})
+    opt = Momentum(0.1)
+    opt.step(np.zeros(4, np.float32), np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="4 parameters"):
+        opt.step(np.zeros(5, np.float32), np.ones(5, np.float32))
+    with pytest.raises(ValueError, match="differ"):
+        SGD(0.1).step(np.zeros(4, np.float32), np.ones(3, np.float32))
+
+
+def test_make_optimizer():
+    assert isinstance(make_optimizer("Adam", lr=1e-3, beta2=0.98), Adam)
+    assert make_optimizer("momentum", lr=0.1, beta=0.5).beta == 0.5
+    with pytest.raises(ValueError, match="sgd, momentum, rmsprop, adam"):
+        make_optimizer("adagrad", lr=0.1)
+    with pytest.raises(ValueError, match="positive"):
+        make_optimizer("sgd", lr=0)
+
+
+def test_add_weight_decay():
+    params = np.array([1.0, -2.0, 3.0, 0.5], np.float32)
+    mask = np.array([1, 1, 0, 1], np.float32)  # third entry is a bias
+    grads = np.full(4, 0.25, np.float32)
+    penalty = add_weight_decay(params, grads, mask, 0.1)
+    assert penalty == pytest.approx(0.1 * (1 + 4 + 0.25))
+    np.testing.assert_allclose(grads, [0.25 + 0.2, 0.25 - 0.4, 0.25, 0.25 + 0.1], rtol=1e-6)
+    scratch = np.empty_like(params)
+    assert add_weight_decay(params, grads, mask, 0.0, out=scratch) == 0.0
+    before = grads.copy()
+    add_weight_decay(params, grads, mask, 0.1, out=scratch)
+    np.testing.assert_allclose(grads - before, [0.2, -0.4, 0.0, 0.1], rtol=1e-6)
