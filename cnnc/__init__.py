@@ -1,3 +1,64 @@
-"""cnnc: a compiler for convolutional neural networks."""
+"""cnnc: a compiler for convolutional neural networks.
 
-__version__ = "0.1.0"
+    model = cnnc.compile("examples/lenet5.cnn")
+    y = model(x)                       # x: (N, 1, 32, 32) float32
+    loss, grads = model.value_and_grad(x, labels)
+
+Heavy modules (the front end, LLVM) load on first use, so ``import cnnc`` is quick.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from cnnc.errors import CnnError
+from cnnc_runtime import __version__
+
+if TYPE_CHECKING:
+    from cnnc_runtime.model import Model
+
+__all__ = ["compile", "compile_string", "load", "CnnError", "__version__"]
+
+
+def compile_string(text: str, name: str = "<string>", **options: Any) -> Model:
+    """Compile .cnn source text to a ``Model`` for this CPU. Mistakes raise ``CnnError``.
+
+    Options: ``cache`` (default True: reuse a compiled object from the on-disk
+    cache), ``seed`` (weight initialisation, default 0), ``generic`` (True:
+    target baseline x86-64 instead of this CPU).
+    """
+    from cnnc.compiler import compile_graph
+    from cnnc.driver import check_source
+
+    return _model(compile_graph(check_source(text, name), _target(options), options.get("cache", True)), options)
+
+
+def compile(path: str | os.PathLike[str], **options: Any) -> Model:  # noqa: A001 - the API's name
+    """Compile a .cnn file to a ``Model`` (see ``compile_string`` for the options)."""
+    from cnnc.compiler import compile_graph
+    from cnnc.driver import check_file
+
+    return _model(compile_graph(check_file(path), _target(options), options.get("cache", True)), options)
+
+
+def load(path: str | os.PathLike[str]) -> Model:
+    """Load an artifact written by ``cnnc compile -o`` (no compiler needed)."""
+    from cnnc_runtime.model import load as load_artifact
+
+    return load_artifact(path)
+
+
+def _target(options: dict):
+    from cnnc.codegen.target import generic_target, host_target
+
+    unknown = set(options) - {"cache", "seed", "generic"}
+    if unknown:
+        raise TypeError(f"unknown compile option(s): {', '.join(sorted(unknown))}")
+    return generic_target() if options.get("generic") else host_target()
+
+
+def _model(compiled, options: dict) -> Model:
+    from cnnc_runtime.model import Model
+
+    return Model(compiled.manifest, compiled.obj, seed=options.get("seed", 0))

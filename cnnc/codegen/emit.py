@@ -3,7 +3,7 @@
 - ``for_range(b, start, stop, step)`` emits a counted loop (a context manager
   yielding the induction variable), after numba's ``cgutils.for_range``.
 - Constants, typed pointer arithmetic on float buffers, vector load/store,
-  broadcast, horizontal sum, ``llvm.fma``.
+  broadcast, horizontal sum, fused multiply-add.
 - Activations and their derivatives, written once for scalars and vectors. A
   polynomial ``exp`` is used because ``llvm.exp`` on vectors becomes scalar
   ``expf`` calls.
@@ -135,8 +135,12 @@ def intrinsic(b: ir.IRBuilder, name: str, ty: ir.Type, args: list[ir.Value], nar
 
 
 def fma(b: ir.IRBuilder, x: ir.Value, y: ir.Value, acc: ir.Value) -> ir.Value:
-    """x * y + acc in one rounding (``llvm.fma``)."""
-    return intrinsic(b, "llvm.fma", x.type, [x, y, acc])
+    """x * y + acc: one fused instruction where the CPU has FMA, a multiply and an add where it has not.
+
+    ``llvm.fmuladd`` rather than ``llvm.fma``: the latter must round once even
+    on SSE2-only CPUs, where it becomes a call to ``fmaf`` per lane.
+    """
+    return intrinsic(b, "llvm.fmuladd", x.type, [x, y, acc])
 
 
 def fmax(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:

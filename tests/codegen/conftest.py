@@ -34,6 +34,9 @@ class Jit:
             elif a is None:
                 types.append(ctypes.c_void_p)
                 values.append(None)
+            elif isinstance(a, (float, np.floating)):
+                types.append(ctypes.c_float)
+                values.append(float(a))
             else:
                 types.append(ctypes.c_int64)
                 values.append(int(a))

@@ -1,0 +1,376 @@
+"""2-D convolution kernels: forward, gradient wrt the input, gradient wrt the weights.
+
+Design: per image, im2col into the workspace and a register-blocked GEMM
+(``cnnc.codegen.gemm``). With ``K = c/groups * kh * kw`` and ``P = oh * ow``, the
+column matrix ``col`` is ``(c * kh * kw) x P``: row ``(ci, ky, kx)`` holds, for
+every output position, the input pixel that kernel tap reads (zero in the
+padding). Group ``g`` uses rows ``g*K .. (g+1)*K`` of it and rows
+``g*og .. (g+1)*og`` of the weight ``(o, K)``.
+
+- forward: ``y_g = W_g @ col_g`` (``gemm_nn``, vectorised over output
+  positions), bias and activation applied in registers before the store.
+- backward data: ``dcol_g = W_g^T @ dy_g`` (``gemm_nn``) into the workspace,
+  then col2im adds every column entry back onto the input pixel it came from.
+- backward weights: ``dW_g += dy_g @ col_g^T`` (``gemm_nt``, dot products over
+  output positions); ``db += row sums of dy``.
+
+A 1x1 convolution with unit stride and no padding needs no im2col: the image
+itself is the column matrix (and dx is dcol).
+
+Connect tables are handled through the workspace so the GEMM stays dense:
+forward and backward data first copy the weights with every (o, c) pair outside
+the table replaced by zeros (those weights are never read); backward weights
+computes the full gradient into the workspace and adds only table entries to
+``dw``. The table is a constant ``o x c`` byte mask in the module.
+
+Workspace (floats): ``[col or dcol: c*kh*kw*P unless 1x1] [connect only: o*K]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import llvmlite.ir as ir
+
+from cnnc.codegen import emit
+from cnnc.codegen.emit import for_range, i64, kernel
+from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, vector_loop
+from cnnc.codegen.specs import ConvSpec
+
+I8 = ir.IntType(8)
+
+
+@dataclass(frozen=True)
+class _Geom:
+    """Sizes derived from a ConvSpec."""
+
+    spec: ConvSpec
+
+    @property
+    def cg(self) -> int:
+        return self.spec.c // self.spec.groups
+
+    @property
+    def og(self) -> int:
+        return self.spec.o // self.spec.groups
+
+    @property
+    def taps(self) -> int:
+        return self.spec.kh * self.spec.kw
+
+    @property
+    def k(self) -> int:
+        """Reduction length of one output: input channels per group times kernel taps."""
+        return self.cg * self.taps
+
+    @property
+    def p(self) -> int:
+        return self.spec.oh * self.spec.ow
+
+    @property
+    def x_stride(self) -> int:
+        return self.spec.x_stride or self.spec.c * self.spec.h * self.spec.w
+
+    @property
+    def y_stride(self) -> int:
+        return self.spec.y_stride or self.spec.o * self.p
+
+    @property
+    def direct(self) -> bool:
+        """A 1x1, stride-1, unpadded convolution: the image is its own column matrix."""
+        s = self.spec
+        return (s.kh, s.kw, s.sh, s.sw, s.pt, s.pl) == (1, 1, 1, 1, 0, 0) and (s.oh, s.ow) == (s.h, s.w)
+
+    @property
+    def col_floats(self) -> int:
+        return 0 if self.direct else self.spec.c * self.taps * self.p
+
+    @property
+    def table_floats(self) -> int:
+        return self.spec.o * self.k if self.spec.connect is not None else 0
+
+
+def _check(spec: ConvSpec) -> _Geom:
+    if spec.c % spec.groups or spec.o % spec.groups:
+        raise ValueError(f"channels {spec.c}->{spec.o} not divisible by groups={spec.groups}")
+    if spec.connect is not None:
+        if spec.groups != 1:
+            raise ValueError("a connect table needs groups=1")
+        if len(spec.connect) != spec.o or any(not 0 <= ci < spec.c for row in spec.connect for ci in row):
+            raise ValueError("connect table does not match the channel counts")
+    return _Geom(spec)
+
+
+def conv_workspace_floats(spec: ConvSpec) -> int:
+    """Scratch floats one call of any of the three kernels needs (the maximum over them)."""
+    g = _check(spec)
+    return g.col_floats + g.table_floats
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _smax(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
+    return b.select(b.icmp_signed(">", x, y), x, y)
+
+
+def _smin(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
+    return b.select(b.icmp_signed("<", x, y), x, y)
+
+
+def _valid_range(
+    b: ir.IRBuilder, tap: ir.Value, stride: int, pad: int, size: int, out: int
+) -> tuple[ir.Value, ir.Value]:
+    """``[lo, hi)``: the outputs ``o`` whose input ``o * stride - pad + tap`` lies in ``[0, size)``."""
+    first = b.sub(i64(pad + stride - 1), tap)  # floor(first / stride) = ceil((pad - tap) / stride) when first >= 0
+    lo = _smin(b, b.sdiv(_smax(b, first, i64(0)), i64(stride)), i64(out))
+    last = b.sub(i64(size - 1 + pad), tap)  # the largest o satisfies o * stride <= last
+    hi = b.select(b.icmp_signed("<", last, i64(0)), i64(0), b.add(b.sdiv(last, i64(stride)), i64(1)))
+    hi = _smax(b, _smin(b, hi, i64(out)), lo)
+    return lo, hi
+
+
+def _fill_zero(b: ir.IRBuilder, base: ir.Value, lo: ir.Value | int, hi: ir.Value | int, vw: int) -> None:
+    def body(b: ir.IRBuilder, t: ir.Value, width: int) -> None:
+        emit.store(b, emit.splat(b, 0.0, width), base, t)
+
+    vector_loop(b, lo, hi, vw, body, name="z")
+
+
+def _mask_table(module: ir.Module, name: str, spec: ConvSpec) -> ir.GlobalVariable:
+    """A constant ``o x c`` byte array: 1 where output channel o reads input channel c."""
+    ty = ir.ArrayType(I8, spec.o * spec.c)
+    rows = [set(r) for r in spec.connect]
+    mask = ir.GlobalVariable(module, ty, name=f"{name}.connect")
+    mask.global_constant = True
+    mask.linkage = "internal"
+    mask.initializer = ir.Constant(ty, [1 if ci in rows[oi] else 0 for oi in range(spec.o) for ci in range(spec.c)])
+    return mask
+
+
+def _each_connected(b: ir.IRBuilder, module: ir.Module, name: str, spec: ConvSpec, body, otherwise=None) -> None:
+    """Call ``body(b, offset)`` for each (o, c) pair in the table, else ``otherwise``; offset is of w[o, c, 0, 0]."""
+    mask = _mask_table(module, name, spec)
+    taps = spec.kh * spec.kw
+    with for_range(b, 0, spec.o, name="co") as oi:
+        with for_range(b, 0, spec.c, name="cc") as ci:
+            flag = b.load(b.gep(mask, [index(b, (oi, spec.c), ci)], source_etype=I8, inbounds=True), typ=I8)
+            offset = index(b, (oi, spec.c * taps), (ci, taps))
+            connected = b.icmp_unsigned("!=", flag, ir.Constant(I8, 0), name="connected")
+            if otherwise is None:
+                with b.if_then(connected):
+                    body(b, offset)
+            else:
+                with b.if_else(connected) as (then, other):
+                    with then:
+                        body(b, offset)
+                    with other:
+                        otherwise(b, offset)
+
+
+def _masked_weights(b: ir.IRBuilder, module: ir.Module, name: str, spec: ConvSpec, w: ir.Value,
+                    out: ir.Value, vw: int) -> None:
+    """out = w with the (o, c) blocks outside the connect table zeroed (those weights are not read)."""
+    taps = spec.kh * spec.kw
+
+    def copy(b: ir.IRBuilder, offset: ir.Value) -> None:
+        def step(b: ir.IRBuilder, t: ir.Value, width: int) -> None:
+            at = index(b, offset, t)
+            emit.store(b, emit.load(b, w, at, width), out, at)
+
+        vector_loop(b, 0, taps, vw, step, name="r")
+
+    def zero(b: ir.IRBuilder, offset: ir.Value) -> None:
+        _fill_zero(b, out, offset, b.add(offset, i64(taps)), vw)
+
+    _each_connected(b, module, name, spec, copy, zero)
+
+
+def _im2col(b: ir.IRBuilder, g: _Geom, x: ir.Value, col: ir.Value, vw: int) -> None:
+    """col[(ci, ky, kx), (oy, ox)] = x[ci, oy*sh - pt + ky, ox*sw - pl + kx], zero outside the image."""
+    s = g.spec
+    with for_range(b, 0, s.c, name="ci") as ci:
+        with for_range(b, 0, s.kh, name="ky") as ky:
+            oy_lo, oy_hi = _valid_range(b, ky, s.sh, s.pt, s.h, s.oh)
+            with for_range(b, 0, s.kw, name="kx") as kx:
+                ox_lo, ox_hi = _valid_range(b, kx, s.sw, s.pl, s.w, s.ow)
+                row = index(b, (ci, g.taps * g.p), (ky, s.kw * g.p), (kx, g.p))
+                _fill_zero(b, col, row, b.add(row, b.mul(oy_lo, i64(s.ow))), vw)
+                with for_range(b, oy_lo, oy_hi, name="oy") as oy:
+                    dst = index(b, row, (oy, s.ow))
+                    # input offset of output column ox is src + ox * sw
+                    src = index(b, (ci, s.h * s.w), (oy, s.sh * s.w), (ky, s.w), kx, -s.pt * s.w - s.pl)
+
+                    def copy(b: ir.IRBuilder, ox: ir.Value, width: int, dst=dst, src=src) -> None:
+                        emit.store(b, emit.load(b, x, index(b, src, ox), width), col, index(b, dst, ox))
+
+                    def gather(b: ir.IRBuilder, ox: ir.Value, width: int, dst=dst, src=src) -> None:
+                        emit.store(b, emit.load(b, x, index(b, src, (ox, s.sw))), col, index(b, dst, ox))
+
+                    _fill_zero(b, col, dst, b.add(dst, ox_lo), vw)
+                    if s.sw == 1:
+                        vector_loop(b, ox_lo, ox_hi, vw, copy, name="ox")
+                    else:
+                        vector_loop(b, ox_lo, ox_hi, 1, gather, name="ox")
+                    _fill_zero(b, col, b.add(dst, ox_hi), index(b, dst, s.ow), vw)
+                _fill_zero(b, col, index(b, row, (oy_hi, s.ow)), index(b, row, g.p), vw)
+
+
+def _col2im(b: ir.IRBuilder, g: _Geom, col: ir.Value, dx: ir.Value, vw: int) -> None:
+    """dx[ci, oy*sh - pt + ky, ox*sw - pl + kx] += col[(ci, ky, kx), (oy, ox)] for every in-image tap."""
+    s = g.spec
+    with for_range(b, 0, s.c, name="ci") as ci:
+        with for_range(b, 0, s.kh, name="ky") as ky:
+            oy_lo, oy_hi = _valid_range(b, ky, s.sh, s.pt, s.h, s.oh)
+            with for_range(b, 0, s.kw, name="kx") as kx:
+                ox_lo, ox_hi = _valid_range(b, kx, s.sw, s.pl, s.w, s.ow)
+                row = index(b, (ci, g.taps * g.p), (ky, s.kw * g.p), (kx, g.p))
+                with for_range(b, oy_lo, oy_hi, name="oy") as oy:
+                    src = index(b, row, (oy, s.ow))
+                    dst = index(b, (ci, s.h * s.w), (oy, s.sh * s.w), (ky, s.w), kx, -s.pt * s.w - s.pl)
+
+                    def add(b: ir.IRBuilder, ox: ir.Value, width: int, dst=dst, src=src) -> None:
+                        at = index(b, dst, (ox, s.sw))
+                        value = b.fadd(emit.load(b, dx, at, width), emit.load(b, col, index(b, src, ox), width))
+                        emit.store(b, value, dx, at)
+
+                    vector_loop(b, ox_lo, ox_hi, vw if s.sw == 1 else 1, add, name="ox")
+
+
+def _row_sum(b: ir.IRBuilder, base: ir.Value, start: ir.Value, length: int, vw: int) -> ir.Value:
+    """sum(base[start : start + length]) as a scalar: vector partial sums, reduced across lanes once per piece."""
+    total = emit.f32(0.0)
+    for lo, hi, _, width in column_pieces(length, vw, 1):
+        acc = local(b, emit.vec_type(width) if width > 1 else emit.F32, emit.splat(b, 0.0, width), name="rsum")
+        with for_range(b, lo, hi, width, name="p") as t:
+            b.store(b.fadd(b.load(acc), emit.load(b, base, index(b, start, t), width)), acc)
+        total = b.fadd(total, emit.hsum(b, b.load(acc)))
+    return total
+
+
+# --- kernels -----------------------------------------------------------------------------------------
+
+
+def emit_conv_forward(module: ir.Module, name: str, spec: ConvSpec, vw: int) -> ir.Function:
+    """``(x, w, b, y, ws, n0, n1)``: y[n] = act(conv(x[n], w) + b) for n0 <= n < n1."""
+    g = _check(spec)
+    fn, b, args = kernel(module, name, ["x", "w", "b", "y", "ws", "n0", "n1"])
+    ws = args["ws"]
+    weights = args["w"]
+    if spec.connect is not None:
+        weights = emit.gep(b, ws, g.col_floats, name="w.masked")
+        _masked_weights(b, module, name, spec, args["w"], weights, vw)
+    bias = args["b"] if spec.bias else None
+
+    with for_range(b, args["n0"], args["n1"], name="n") as n:
+        x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
+        y_img = emit.gep(b, args["y"], index(b, (n, g.y_stride)), name="y.img")
+        if g.direct:
+            col = x_img
+        else:
+            col = ws
+            _im2col(b, g, x_img, col, vw)
+        with for_range(b, 0, spec.groups, name="g") as gi:
+            first_out = index(b, (gi, g.og))
+            w_g = Mat(emit.gep(b, weights, index(b, (first_out, g.k))), rs=g.k)
+            col_g = Mat(emit.gep(b, col, index(b, (gi, g.k * g.p))), rs=g.p)
+            y_g = emit.gep(b, y_img, index(b, (first_out, g.p)), name="y.g")
+
+            def store(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int,
+                      first_out=first_out, y_g=y_g) -> None:
+                if bias is not None:
+                    value = b.fadd(value, emit.splat(b, emit.load(b, bias, b.add(first_out, r)), width))
+                value = emit.activation(b, value, spec.act, spec.alpha)
+                emit.store(b, value, y_g, index(b, (r, g.p), j))
+
+            gemm_nn(b, g.og, g.p, g.k, w_g, col_g, store, vw)
+    b.ret_void()
+    return fn
+
+
+def emit_conv_backward_data(module: ir.Module, name: str, spec: ConvSpec, vw: int) -> ir.Function:
+    """``(dy, w, dx, ws, n0, n1)``: dx[n] (+)= conv^T(dy[n], w), dy taken before the activation."""
+    g = _check(spec)
+    fn, b, args = kernel(module, name, ["dy", "w", "dx", "ws", "n0", "n1"])
+    ws = args["ws"]
+    weights = args["w"]
+    if spec.connect is not None:
+        weights = emit.gep(b, ws, g.col_floats, name="w.masked")
+        _masked_weights(b, module, name, spec, args["w"], weights, vw)
+    # the direct (1x1) form writes dx itself, so it follows `accumulate`; dcol is always overwritten
+    accumulate = spec.accumulate and g.direct
+
+    with for_range(b, args["n0"], args["n1"], name="n") as n:
+        dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
+        dx_img = emit.gep(b, args["dx"], index(b, (n, g.x_stride)), name="dx.img")
+        dcol = dx_img if g.direct else ws
+        with for_range(b, 0, spec.groups, name="g") as gi:
+            first_out = index(b, (gi, g.og))
+            w_t = Mat(emit.gep(b, weights, index(b, (first_out, g.k))), rs=1, cs=g.k)
+            dy_g = Mat(emit.gep(b, dy_img, index(b, (first_out, g.p))), rs=g.p)
+            dcol_g = emit.gep(b, dcol, index(b, (gi, g.k * g.p)), name="dcol.g")
+
+            def store(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int, dcol_g=dcol_g) -> None:
+                at = index(b, (r, g.p), j)
+                if accumulate:
+                    value = b.fadd(emit.load(b, dcol_g, at, width), value)
+                emit.store(b, value, dcol_g, at)
+
+            gemm_nn(b, g.k, g.p, g.og, w_t, dy_g, store, vw)
+        if not g.direct:
+            if not spec.accumulate:
+                _fill_zero(b, dx_img, 0, spec.c * spec.h * spec.w, vw)
+            _col2im(b, g, dcol, dx_img, vw)
+    b.ret_void()
+    return fn
+
+
+def emit_conv_backward_weights(module: ir.Module, name: str, spec: ConvSpec, vw: int) -> ir.Function:
+    """``(x, dy, dw, db, ws, n0, n1)``: dw += sum_n dy[n] (x) x[n]; db += sum of dy (dy before the activation)."""
+    g = _check(spec)
+    fn, b, args = kernel(module, name, ["x", "dy", "dw", "db", "ws", "n0", "n1"])
+    ws = args["ws"]
+    grad = args["dw"]
+    if spec.connect is not None:
+        grad = emit.gep(b, ws, g.col_floats, name="dw.full")
+        _fill_zero(b, grad, 0, g.table_floats, vw)
+
+    with for_range(b, args["n0"], args["n1"], name="n") as n:
+        x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
+        dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
+        if g.direct:
+            col = x_img
+        else:
+            col = ws
+            _im2col(b, g, x_img, col, vw)
+        with for_range(b, 0, spec.groups, name="g") as gi:
+            first_out = index(b, (gi, g.og))
+            dy_g = Mat(emit.gep(b, dy_img, index(b, (first_out, g.p))), rs=g.p)
+            col_g = Mat(emit.gep(b, col, index(b, (gi, g.k * g.p))), rs=g.p)
+            dw_g = emit.gep(b, grad, index(b, (first_out, g.k)), name="dw.g")
+
+            def add(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int, dw_g=dw_g) -> None:
+                at = index(b, (r, g.k), j)
+                emit.store(b, b.fadd(emit.load(b, dw_g, at, width), value), dw_g, at)
+
+            gemm_nt(b, g.og, g.k, g.p, dy_g, col_g, add, vw)
+        if spec.bias:
+            db = args["db"]
+            with for_range(b, 0, spec.o, name="o") as oi:
+                total = _row_sum(b, dy_img, index(b, (oi, g.p)), g.p, vw)
+                emit.store(b, b.fadd(emit.load(b, db, oi), total), db, oi)
+
+    if spec.connect is not None:
+        taps = g.taps
+        dw = args["dw"]
+
+        def add_block(b: ir.IRBuilder, offset: ir.Value) -> None:
+            def step(b: ir.IRBuilder, t: ir.Value, width: int) -> None:
+                at = index(b, offset, t)
+                emit.store(b, b.fadd(emit.load(b, dw, at, width), emit.load(b, grad, at, width)), dw, at)
+
+            vector_loop(b, 0, taps, vw, step, name="r")
+
+        _each_connected(b, module, name, spec, add_block)
+    b.ret_void()
+    return fn

@@ -1,0 +1,103 @@
+"""Loss kernels: per-image loss value and the scaled gradient with respect to the network output.
+
+``(x, target, dx, loss, scale_f32, n0, n1)``: loss[n] is one float per image,
+dx[n * dx_stride + j] = scale * dLoss_n / dx_j. The runtime passes scale
+(1/N for cross entropy, 1/(N*k) for mse) and averages loss[] itself.
+
+- cross_entropy: target holds one int32 label per image (validated by the
+  runtime). loss = logsumexp(x) - x[label] with the maximum subtracted first;
+  dx = scale * (softmax(x) - onehot(label)). exp(x - max) is stored into dx on
+  the way and rescaled afterwards, so exp runs once per element.
+- mse: target is float32, k contiguous floats per image. loss = sum (x - t)^2,
+  dx = 2 * scale * (x - t).
+
+x[label] is read before dx is written, so the kernel is also correct when the
+runtime reuses the logits buffer for dx (pointers are not marked noalias).
+"""
+
+from __future__ import annotations
+
+import llvmlite.ir as ir
+
+from cnnc.codegen import emit
+from cnnc.codegen.elementwise import fadd_of, fmax_of, image_base, reduce_run, stride_or, strips
+from cnnc.codegen.emit import F32, I32, for_range
+from cnnc.codegen.specs import LossSpec
+
+_LN2_HI = 0.693359375
+_LN2_LO = -2.12194440e-4
+# log(1 + f) ~ f - f^2/2 + f^3 * P(f) on f in [sqrt(1/2) - 1, sqrt(2) - 1] (Cephes logf coefficients).
+_LOG_POLY = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+             -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
+
+
+def log(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """Natural log of a positive, normal float32 scalar (relative error about 1e-7), without libm.
+
+    x = 2**e * m with m in [sqrt(1/2), sqrt(2)); log x = e ln2 + log(1 + f), f = m - 1.
+    """
+    bits = b.bitcast(x, I32)
+    e = b.sub(b.ashr(bits, ir.Constant(I32, 23)), ir.Constant(I32, 126))  # x = 2**e * m0, m0 in [0.5, 1)
+    m0 = b.bitcast(b.or_(b.and_(bits, ir.Constant(I32, 0x807FFFFF)), ir.Constant(I32, 0x3F000000)), F32)
+    small = b.fcmp_ordered("<", m0, emit.f32(0.7071067811865476), name="small")
+    e = b.select(small, b.sub(e, ir.Constant(I32, 1)), e)
+    f = b.fsub(b.select(small, b.fadd(m0, m0), m0), emit.f32(1.0), name="f")
+    ef = b.sitofp(e, F32)
+    f2 = b.fmul(f, f)
+    p = emit.f32(_LOG_POLY[0])
+    for coef in _LOG_POLY[1:]:
+        p = emit.fma(b, p, f, emit.f32(coef))
+    r = b.fmul(b.fmul(p, f), f2)
+    r = emit.fma(b, ef, emit.f32(_LN2_LO), r)
+    r = emit.fma(b, f2, emit.f32(-0.5), r)
+    return emit.fma(b, ef, emit.f32(_LN2_HI), b.fadd(f, r))
+
+
+def emit_loss(module: ir.Module, name: str, spec: LossSpec, vw: int) -> ir.Function:
+    """``(x, target, dx, loss, scale_f32, n0, n1)``: loss[n] and dx = scale * dLoss_n/dx."""
+    if spec.kind not in ("cross_entropy", "mse") or spec.k < 1:
+        raise ValueError(f"unsupported loss {spec}")
+    fn, b, a = emit.kernel(module, name, ["x", "target", "dx", "loss", "scale_f32", "n0", "n1"])
+    x_stride, dx_stride = stride_or(spec.x_stride, spec.k), stride_or(spec.dx_stride, spec.k)
+    with for_range(b, a["n0"], a["n1"], name="n") as n:
+        xb = image_base(b, a["x"], n, x_stride, "xb")
+        dxb = image_base(b, a["dx"], n, dx_stride, "dxb")
+        if spec.kind == "cross_entropy":
+            value = _cross_entropy(b, spec.k, vw, xb, dxb, a["target"], a["scale_f32"], n)
+        else:
+            tb = image_base(b, a["target"], n, spec.k, "tb")
+            value = _mse(b, spec.k, vw, xb, tb, dxb, a["scale_f32"])
+        emit.store(b, value, a["loss"], n)
+    b.ret_void()
+    return fn
+
+
+def _cross_entropy(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, dxb: ir.Value, labels: ir.Value,
+                   scale: ir.Value, n: ir.Value) -> ir.Value:
+    label_ptr = b.gep(labels, [n], source_etype=I32, inbounds=True)
+    label = b.sext(b.load(label_ptr, typ=I32, align=4), emit.I64, name="label")
+    x_label = emit.load(b, xb, label)
+    top = reduce_run(b, k, vw, lambda i, w: emit.load(b, xb, i, w), fmax_of(b), float("-inf"), "max")
+
+    def exp_term(i: ir.Value, width: int) -> ir.Value:
+        e = emit.exp(b, b.fsub(emit.load(b, xb, i, width), emit.splat(b, top, width)))
+        emit.store(b, e, dxb, i)
+        return e
+
+    total = reduce_run(b, k, vw, exp_term, fadd_of(b), 0.0, "sum")  # >= 1: the max term is exp(0)
+    ratio = b.fdiv(scale, total, name="ratio")
+    strips(b, k, vw, lambda i, w: emit.store(b, b.fmul(emit.load(b, dxb, i, w), emit.splat(b, ratio, w)), dxb, i))
+    emit.store(b, b.fsub(emit.load(b, dxb, label), scale), dxb, label)
+    return b.fadd(b.fsub(top, x_label), log(b, total), name="ce")
+
+
+def _mse(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, tb: ir.Value, dxb: ir.Value, scale: ir.Value) -> ir.Value:
+    two_scale = b.fmul(scale, emit.f32(2.0), name="two_scale")
+
+    def term(i: ir.Value, width: int) -> ir.Value:
+        d = b.fsub(emit.load(b, xb, i, width), emit.load(b, tb, i, width), name="d")
+        emit.store(b, b.fmul(d, emit.splat(b, two_scale, width)), dxb, i)
+        return b.fmul(d, d)
+
+    return reduce_run(b, k, vw, term, fadd_of(b), 0.0, "sq")
+

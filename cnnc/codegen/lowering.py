@@ -1,0 +1,256 @@
+"""Each op's forward and backward as calls to specialised kernels: the codegen half of the op table.
+
+``FORWARD[op](ctx, name)`` emits the calls that compute node ``name``'s
+output; ``BACKWARD[op](ctx, name)`` the calls that turn the gradient of its
+output into gradients of its parameters and of its inputs (the op's gradient
+rule). ``ctx`` is an ``Entry`` of ``cnnc.codegen.module``: it knows where
+every tensor lives and dedupes kernels with identical specs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from cnnc.codegen.conv import emit_conv_backward_data, emit_conv_backward_weights, emit_conv_forward
+from cnnc.codegen.dense import emit_dense_backward_data, emit_dense_backward_weights, emit_dense_forward
+from cnnc.codegen.elementwise import (
+    emit_activation_backward,
+    emit_activation_forward,
+    emit_copy,
+    emit_dropout_backward,
+    emit_dropout_forward,
+    emit_softmax_backward,
+    emit_softmax_forward,
+)
+from cnnc.codegen.pool import emit_pool_backward, emit_pool_forward
+from cnnc.codegen.specs import ConvSpec, CopySpec, DenseSpec, DropoutSpec, ElementwiseSpec, PoolSpec, SoftmaxSpec
+
+# ---- specs from nodes --------------------------------------------------------
+
+
+def conv_spec(ctx, name: str, accumulate: bool = False) -> ConvSpec:
+    node = ctx.node(name)
+    c, h, w = ctx.node(node["inputs"][0])["shape"]
+    geo, a = node["geometry"], node["args"]
+    pt, _, pl, _ = geo["pads"]
+    return ConvSpec(
+        c=c, h=h, w=w, o=geo["out"], oh=geo["oh"], ow=geo["ow"], kh=geo["k"][0], kw=geo["k"][1],
+        sh=a["stride"][0], sw=a["stride"][1], pt=pt, pl=pl, groups=a["groups"], connect=a["connect"],
+        bias=a["bias"], act=node.get("act", "none"), alpha=node.get("alpha", 0.01),
+        x_stride=ctx.value(node["inputs"][0]).stride, y_stride=ctx.value(name).stride, accumulate=accumulate,
+    )
+
+
+def dense_spec(ctx, name: str, accumulate: bool = False) -> DenseSpec:
+    node = ctx.node(name)
+    return DenseSpec(
+        f=ctx.node(node["inputs"][0])["shape"][0], o=node["args"]["out"], bias=node["args"]["bias"],
+        act=node.get("act", "none"), alpha=node.get("alpha", 0.01),
+        x_stride=ctx.value(node["inputs"][0]).stride, y_stride=ctx.value(name).stride, accumulate=accumulate,
+    )
+
+
+def pool_spec(ctx, name: str, accumulate: bool = False) -> PoolSpec:
+    node = ctx.node(name)
+    c, h, w = ctx.node(node["inputs"][0])["shape"]
+    geo = node["geometry"]
+    pt, _, pl, _ = geo["pads"]
+    kind = "max" if node["op"] == "maxpool" else "avg"
+    return PoolSpec(
+        kind=kind, c=c, h=h, w=w, oh=geo["oh"], ow=geo["ow"], kh=geo["k"][0], kw=geo["k"][1],
+        sh=geo["stride"][0], sw=geo["stride"][1], pt=pt, pl=pl,
+        x_stride=ctx.value(node["inputs"][0]).stride, y_stride=ctx.value(name).stride, accumulate=accumulate,
+    )
+
+
+def _size(ctx, name: str) -> int:
+    return math.prod(ctx.node(name)["shape"])
+
+
+# ---- forward -----------------------------------------------------------------
+
+
+def forward_conv(ctx, name: str) -> None:
+    node = ctx.node(name)
+    fn = ctx.kernel(emit_conv_forward, conv_spec(ctx, name))
+    ctx.call(fn, ctx.value(node["inputs"][0]), ctx.param(name, "weight"), ctx.param(name, "bias"),
+             ctx.value(name), ctx.ws)
+
+
+def forward_dense(ctx, name: str) -> None:
+    node = ctx.node(name)
+    fn = ctx.kernel(emit_dense_forward, dense_spec(ctx, name))
+    ctx.call(fn, ctx.value(node["inputs"][0]), ctx.param(name, "weight"), ctx.param(name, "bias"), ctx.value(name))
+
+
+def forward_pool(ctx, name: str) -> None:
+    fn = ctx.kernel(emit_pool_forward, pool_spec(ctx, name))
+    ctx.call(fn, ctx.value(ctx.node(name)["inputs"][0]), ctx.value(name))
+
+
+def forward_activation(ctx, name: str) -> None:
+    node = ctx.node(name)
+    x, y = ctx.value(node["inputs"][0]), ctx.value(name)
+    spec = ElementwiseSpec(size=_size(ctx, name), act=node["op"], alpha=node["args"].get("alpha", 0.01),
+                           x_stride=x.stride, y_stride=y.stride)
+    ctx.call(ctx.kernel(emit_activation_forward, spec), x, y)
+
+
+def forward_softmax(ctx, name: str) -> None:
+    shape = ctx.node(name)["shape"]
+    x, y = ctx.value(ctx.node(name)["inputs"][0]), ctx.value(name)
+    spec = SoftmaxSpec(c=shape[0], hw=math.prod(shape[1:]), x_stride=x.stride, y_stride=y.stride)
+    ctx.call(ctx.kernel(emit_softmax_forward, spec), x, y)
+
+
+def dropout_spec(ctx, name: str, accumulate: bool = False) -> DropoutSpec:
+    x, y = ctx.value(ctx.node(name)["inputs"][0]), ctx.value(name)
+    return DropoutSpec(size=_size(ctx, name), p=ctx.node(name)["args"]["p"], x_stride=x.stride, y_stride=y.stride,
+                       mask_stride=ctx.plan.mask[name].stride, accumulate=accumulate)
+
+
+def forward_dropout(ctx, name: str) -> None:
+    if not ctx.plan.training:
+        return  # a view of its input
+    fn = ctx.kernel(emit_dropout_forward, dropout_spec(ctx, name))
+    ctx.call(fn, ctx.value(ctx.node(name)["inputs"][0]), ctx.value(name), ctx.plan.mask[name], ctx.seed_for(name))
+
+
+def _copy(ctx, src, dst, count: int, src_offset: int = 0, dst_offset: int = 0, accumulate: bool = False) -> None:
+    spec = CopySpec(count=count, src_stride=src.stride, dst_stride=dst.stride, src_offset=src_offset,
+                    dst_offset=dst_offset, accumulate=accumulate)
+    ctx.call(ctx.kernel(emit_copy, spec), src, dst)
+
+
+def forward_add(ctx, name: str) -> None:
+    y = ctx.value(name)
+    for port, src in enumerate(ctx.node(name)["inputs"]):
+        _copy(ctx, ctx.value(src), y, y.size, accumulate=port > 0)
+
+
+def _channel_offsets(ctx, name: str) -> list[int]:
+    """Where each concat input starts in the output, in floats of one image."""
+    offsets, at = [], 0
+    for src in ctx.node(name)["inputs"]:
+        offsets.append(at)
+        at += _size(ctx, src)
+    return offsets
+
+
+def forward_concat(ctx, name: str) -> None:
+    y = ctx.value(name)
+    for src, at in zip(ctx.node(name)["inputs"], _channel_offsets(ctx, name)):
+        _copy(ctx, ctx.value(src), y, _size(ctx, src), dst_offset=at)
+
+
+def nothing(ctx, name: str) -> None:
+    """Views (flatten) and the input need no code."""
+
+
+# ---- backward ----------------------------------------------------------------
+
+
+def _fused_activation_grad(ctx, name: str) -> None:
+    """dz = dy * act'(y), in place over dy, for a conv/dense with a fused activation."""
+    node = ctx.node(name)
+    if node.get("act", "none") == "none":
+        return
+    y, dy = ctx.value(name), ctx.grad(name)
+    spec = ElementwiseSpec(size=_size(ctx, name), act=node["act"], alpha=node.get("alpha", 0.01),
+                           x_stride=dy.stride, y_stride=y.stride)
+    ctx.call(ctx.kernel(emit_activation_backward, spec), y, dy, dy)
+
+
+def backward_conv(ctx, name: str) -> None:
+    node = ctx.node(name)
+    src = node["inputs"][0]
+    _fused_activation_grad(ctx, name)
+    if ctx.trainable(name):
+        fn = ctx.kernel(emit_conv_backward_weights, conv_spec(ctx, name))
+        ctx.call(fn, ctx.value(src), ctx.grad(name), ctx.param(name, "weight", grad=True),
+                 ctx.param(name, "bias", grad=True), ctx.ws)
+    if ctx.wants_grad(src):
+        fn = ctx.kernel(emit_conv_backward_data, conv_spec(ctx, name, ctx.accumulate(src)))
+        ctx.call(fn, ctx.grad(name), ctx.param(name, "weight"), ctx.grad(src), ctx.ws)
+
+
+def backward_dense(ctx, name: str) -> None:
+    src = ctx.node(name)["inputs"][0]
+    _fused_activation_grad(ctx, name)
+    if ctx.trainable(name):
+        fn = ctx.kernel(emit_dense_backward_weights, dense_spec(ctx, name))
+        ctx.call(fn, ctx.value(src), ctx.grad(name), ctx.param(name, "weight", grad=True),
+                 ctx.param(name, "bias", grad=True))
+    if ctx.wants_grad(src):
+        fn = ctx.kernel(emit_dense_backward_data, dense_spec(ctx, name, ctx.accumulate(src)))
+        ctx.call(fn, ctx.grad(name), ctx.param(name, "weight"), ctx.grad(src))
+
+
+def backward_pool(ctx, name: str) -> None:
+    src = ctx.node(name)["inputs"][0]
+    if ctx.wants_grad(src):
+        fn = ctx.kernel(emit_pool_backward, pool_spec(ctx, name, ctx.accumulate(src)))
+        ctx.call(fn, ctx.value(src), ctx.value(name), ctx.grad(name), ctx.grad(src))
+
+
+def backward_activation(ctx, name: str) -> None:
+    node = ctx.node(name)
+    src = node["inputs"][0]
+    if ctx.wants_grad(src):
+        y, dx = ctx.value(name), ctx.grad(src)
+        spec = ElementwiseSpec(size=_size(ctx, name), act=node["op"], alpha=node["args"].get("alpha", 0.01),
+                               x_stride=dx.stride, y_stride=y.stride, accumulate=ctx.accumulate(src))
+        ctx.call(ctx.kernel(emit_activation_backward, spec), y, ctx.grad(name), dx)
+
+
+def backward_softmax(ctx, name: str) -> None:
+    src = ctx.node(name)["inputs"][0]
+    if ctx.wants_grad(src):
+        shape = ctx.node(name)["shape"]
+        y, dx = ctx.value(name), ctx.grad(src)
+        spec = SoftmaxSpec(c=shape[0], hw=math.prod(shape[1:]), x_stride=dx.stride, y_stride=y.stride,
+                           accumulate=ctx.accumulate(src))
+        ctx.call(ctx.kernel(emit_softmax_backward, spec), y, ctx.grad(name), dx)
+
+
+def backward_dropout(ctx, name: str) -> None:
+    src = ctx.node(name)["inputs"][0]
+    if ctx.wants_grad(src):
+        fn = ctx.kernel(emit_dropout_backward, dropout_spec(ctx, name, ctx.accumulate(src)))
+        ctx.call(fn, ctx.plan.mask[name], ctx.grad(name), ctx.grad(src))
+
+
+def backward_add(ctx, name: str) -> None:
+    dy = ctx.grad(name)
+    for src in ctx.node(name)["inputs"]:
+        if ctx.wants_grad(src):
+            _copy(ctx, dy, ctx.grad(src), dy.size, accumulate=ctx.accumulate(src))
+
+
+def backward_concat(ctx, name: str) -> None:
+    dy = ctx.grad(name)
+    for src, at in zip(ctx.node(name)["inputs"], _channel_offsets(ctx, name)):
+        if ctx.wants_grad(src):
+            _copy(ctx, dy, ctx.grad(src), _size(ctx, src), src_offset=at, accumulate=ctx.accumulate(src))
+
+
+def backward_view(ctx, name: str) -> None:
+    """A view shares its input's gradient slot: the consumers already wrote there."""
+
+
+Rule = Callable[[object, str], None]
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "leaky_relu")
+
+FORWARD: dict[str, Rule] = {
+    "input": nothing, "conv": forward_conv, "dense": forward_dense, "maxpool": forward_pool,
+    "avgpool": forward_pool, "global_avgpool": forward_pool, "flatten": nothing, "softmax": forward_softmax,
+    "dropout": forward_dropout, "add": forward_add, "concat": forward_concat,
+    **{a: forward_activation for a in ACTIVATIONS},
+}
+BACKWARD: dict[str, Rule] = {
+    "input": nothing, "conv": backward_conv, "dense": backward_dense, "maxpool": backward_pool,
+    "avgpool": backward_pool, "global_avgpool": backward_pool, "flatten": backward_view,
+    "softmax": backward_softmax, "dropout": backward_dropout, "add": backward_add, "concat": backward_concat,
+    **{a: backward_activation for a in ACTIVATIONS},
+}

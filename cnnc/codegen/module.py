@@ -1,0 +1,205 @@
+"""The module builder: one LLVM module per network, with its entry points.
+
+Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
+
+``infer(params, arena, x, y, ws, n0, n1)``
+    the inference forward pass: ``y = net(x)`` (dropout is the identity).
+``step_cross_entropy`` / ``step_mse`` ``(params, grads, arena, x, y, target, losses, ws, seed_i64, scale_f32, n0, n1)``
+    one training step's native work: the forward pass in training mode (dropout
+    masks drawn from ``seed``), ``y`` = the output, ``losses[n]`` = each image's
+    loss, and ``grads += scale * d(sum of losses)/d(params)``. With
+    cross-entropy a final softmax is skipped: the loss has its own.
+
+``params``/``grads`` are the flat parameter and gradient buffers (layout in the
+manifest), ``arena`` the per-image activation slots, ``ws`` one thread's
+scratch space for the conv kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import llvmlite.ir as ir
+import networkx as nx
+
+from cnnc.codegen import emit
+from cnnc.codegen.conv import conv_workspace_floats
+from cnnc.codegen.elementwise import emit_copy
+from cnnc.codegen.emit import I64, PTR
+from cnnc.codegen.loss import emit_loss
+from cnnc.codegen.lowering import BACKWARD, FORWARD
+from cnnc.codegen.plan import ALIGN, Plan, Tensor, plan_memory
+from cnnc.codegen.specs import ConvSpec, CopySpec, LossSpec
+from cnnc.ir import execution_order
+
+LOSSES = ("cross_entropy", "mse")
+STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "seed_i64", "scale_f32", "n0", "n1"]
+INFER_ARGS = ["params", "arena", "x", "y", "ws", "n0", "n1"]
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    name: str  # "c1.weight"
+    layer: str
+    kind: str  # "weight" or "bias"
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+
+
+def param_layout(g: nx.DiGraph) -> tuple[list[ParamSlot], int]:
+    """Every parameter's place in the flat buffer, 64-byte aligned, in execution order."""
+    slots, at = [], 0
+    for n in execution_order(g):
+        for kind, shape in g.nodes[n].get("params", {}).items():
+            size = 1
+            for d in shape:
+                size *= d
+            slots.append(ParamSlot(f"{n}.{kind}", n, kind, tuple(shape), at, size))
+            at += -(-size // ALIGN) * ALIGN
+    return slots, max(at, ALIGN)
+
+
+class Builder:
+    """Holds the module and the kernels emitted so far (one function per distinct spec)."""
+
+    def __init__(self, g: nx.DiGraph, vector_width: int) -> None:
+        self.g = g
+        self.vw = vector_width
+        self.module = ir.Module(name=g.graph["network"])
+        self._kernels: dict[tuple, ir.Function] = {}
+        self.ws_floats = 0  # scratch one thread needs: the largest conv kernel's workspace
+        self.slots, self.param_floats = param_layout(g)
+        self.slot = {(s.layer, s.kind): s for s in self.slots}
+
+    def kernel(self, emitter, spec) -> ir.Function:
+        key = (emitter.__name__, spec)
+        if key not in self._kernels:
+            name = f"{emitter.__name__.removeprefix('emit_')}_{len(self._kernels)}"
+            fn = emitter(self.module, name, spec, self.vw)
+            fn.linkage = "internal"
+            self._kernels[key] = fn
+            if isinstance(spec, ConvSpec):
+                self.ws_floats = max(self.ws_floats, -(-conv_workspace_floats(spec) // ALIGN) * ALIGN)
+        return self._kernels[key]
+
+
+class Entry:
+    """One entry-point function being emitted: resolves tensors and parameters to pointers."""
+
+    def __init__(self, builder: Builder, plan: Plan, name: str, args: list[str]) -> None:
+        self.builder = builder
+        self.g = builder.g
+        self.plan = plan
+        self.fn, self.b, self.args = emit.kernel(builder.module, name, args)
+        self.ws = self.args["ws"]
+        self._written: set[str] = set()
+
+    def node(self, name: str) -> dict:
+        return self.g.nodes[name]
+
+    def value(self, name: str) -> Tensor:
+        return self.plan.value[self.plan.root[name]]
+
+    def grad(self, name: str) -> Tensor:
+        return self.plan.grad[self.plan.root[name]]
+
+    def wants_grad(self, name: str) -> bool:
+        return self.plan.root[name] in self.plan.grad
+
+    def trainable(self, name: str) -> bool:
+        return "fixed" not in self.node(name)
+
+    def accumulate(self, name: str) -> bool:
+        """Whether the next gradient written into `name`'s slot must add to what is there."""
+        root = self.plan.root[name]
+        if root in self._written:
+            return True
+        self._written.add(root)
+        return False
+
+    def param(self, layer: str, kind: str, grad: bool = False) -> ir.Value:
+        slot = self.builder.slot.get((layer, kind))
+        if slot is None:
+            return ir.Constant(PTR, None)
+        return emit.gep(self.b, self.args["grads" if grad else "params"], slot.offset, name=slot.name)
+
+    def seed_for(self, name: str) -> ir.Value:
+        """A distinct 64-bit seed per dropout layer, derived from the step's seed."""
+        index = list(self.g.nodes).index(name) + 1
+        return self.b.xor(self.args["seed_i64"], ir.Constant(I64, (index * 0x9E3779B97F4A7C15) % (1 << 63)))
+
+    def kernel(self, emitter, spec) -> ir.Function:
+        return self.builder.kernel(emitter, spec)
+
+    def pointer(self, t: Tensor) -> ir.Value:
+        return emit.gep(self.b, self.args[t.base], t.offset) if t.offset else self.args[t.base]
+
+    def call(self, fn: ir.Function, *args) -> None:
+        values = [self.pointer(a) if isinstance(a, Tensor) else a for a in args]
+        self.b.call(fn, [*values, self.args["n0"], self.args["n1"]])
+
+
+def loss_input(g: nx.DiGraph, loss: str) -> str:
+    """The tensor a loss reads: cross-entropy skips a final softmax (it applies its own)."""
+    out = g.graph["output"]
+    if loss == "cross_entropy" and g.nodes[out]["op"] == "softmax":
+        return g.nodes[out]["inputs"][0]
+    return out
+
+
+def build_module(g: nx.DiGraph, vector_width: int) -> tuple[ir.Module, dict]:
+    """Emit the whole module; returns it with the layout facts the manifest records."""
+    builder = Builder(g, vector_width)
+    order = execution_order(g)
+    infer_plan = plan_memory(g, training=False)
+    train_plan = plan_memory(g, training=True)
+
+    entry = Entry(builder, infer_plan, "infer", INFER_ARGS)
+    for n in order:
+        FORWARD[g.nodes[n]["op"]](entry, n)
+    out_value = entry.value(g.graph["output"])
+    if out_value.base != "y":  # the output is a view of the input: copy it out
+        y = Tensor("y", 0, out_value.size, out_value.size)
+        entry.call(builder.kernel(emit_copy, _copy_spec(out_value, y)), out_value, y)
+    entry.b.ret_void()
+
+    for loss in LOSSES:
+        _emit_step(builder, train_plan, order, loss)
+
+    facts = {
+        "param_floats": builder.param_floats,
+        "params": builder.slots,
+        "arena_infer": infer_plan.arena_floats,
+        "arena_train": train_plan.arena_floats,
+        "ws_floats": builder.ws_floats,
+    }
+    return builder.module, facts
+
+
+def _copy_spec(src: Tensor, dst: Tensor) -> CopySpec:
+    return CopySpec(count=src.size, src_stride=src.stride, dst_stride=dst.stride)
+
+
+def _emit_step(builder: Builder, plan: Plan, order: list[str], loss: str) -> None:
+    """step_LOSS: forward in training mode, copy the loss's input to y, the loss, then backward in reverse order."""
+    g = builder.g
+    entry = Entry(builder, plan, f"step_{loss}", STEP_ARGS)
+    start = loss_input(g, loss)
+    forward = order if start == g.graph["output"] else [n for n in order if n != g.graph["output"]]
+    for n in forward:
+        FORWARD[g.nodes[n]["op"]](entry, n)
+    out, dx = entry.value(start), entry.grad(start)
+    y = Tensor("y", 0, out.size, out.size)
+    entry.call(builder.kernel(emit_copy, _copy_spec(out, y)), out, y)
+    entry.accumulate(start)
+    spec = LossSpec(kind=loss, k=out.size, x_stride=out.stride, dx_stride=dx.stride)
+    entry.call(builder.kernel(emit_loss, spec), out, entry.args["target"], dx, entry.args["losses"],
+               entry.args["scale_f32"])
+    for n in reversed(forward):
+        if entry.wants_grad(n):
+            BACKWARD[g.nodes[n]["op"]](entry, n)
+    entry.b.ret_void()
+
+
+__all__ = ["build_module", "loss_input", "param_layout"]

@@ -1,0 +1,133 @@
+"""Memory planning: where every tensor of one image lives.
+
+Each image owns one slot of the activation arena (``arena_floats`` floats,
+64-byte aligned); image ``n``'s copy of a tensor is at
+``arena + n * arena_floats + offset``. The network input and, for inference,
+the output live in the caller's arrays instead.
+
+- Inference reuses the slot of a tensor once its last reader has run
+  (first fit over offsets, in execution order).
+- Training keeps every forward tensor for the backward pass, plus a gradient
+  slot for each tensor a gradient must flow through, and the dropout masks.
+
+``flatten`` is a view (its output is its input's slot), and so is ``dropout``
+outside training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from cnnc.ir import execution_order
+
+ALIGN = 16  # floats: 64 bytes
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A tensor's place: which buffer (``x``, ``y`` or ``arena``), offset and per-image stride, in floats."""
+
+    base: str
+    offset: int
+    stride: int
+    size: int
+
+
+@dataclass
+class Plan:
+    training: bool
+    arena_floats: int = 0
+    root: dict[str, str] = field(default_factory=dict)  # node -> node whose slot holds its output
+    value: dict[str, Tensor] = field(default_factory=dict)  # root node -> forward tensor
+    grad: dict[str, Tensor] = field(default_factory=dict)  # root node -> gradient tensor
+    mask: dict[str, Tensor] = field(default_factory=dict)  # dropout node -> its mask
+
+
+def is_view(g: nx.DiGraph, name: str, training: bool) -> bool:
+    op = g.nodes[name]["op"]
+    return op == "flatten" or (op == "dropout" and not training)
+
+
+def roots(g: nx.DiGraph, order: list[str], training: bool) -> dict[str, str]:
+    root: dict[str, str] = {}
+    for n in order:
+        root[n] = root[g.nodes[n]["inputs"][0]] if is_view(g, n, training) else n
+    return root
+
+
+def needs_grad(g: nx.DiGraph, order: list[str], root: dict[str, str]) -> set[str]:
+    """Roots whose gradient is needed: those downstream of (or at) a layer with trainable parameters."""
+    flows: set[str] = set()
+    for n in order:
+        node = g.nodes[n]
+        trainable = bool(node.get("params")) and "fixed" not in node
+        if trainable or any(root[i] in flows for i in node["inputs"]):
+            flows.add(root[n])
+    return flows
+
+
+def plan_memory(g: nx.DiGraph, training: bool) -> Plan:
+    order = execution_order(g)
+    plan = Plan(training=training)
+    plan.root = roots(g, order, training)
+    inp, out = g.graph["input"], g.graph["output"]
+    size = {n: math.prod(g.nodes[n]["shape"]) for n in order}
+    plan.value[inp] = Tensor("x", 0, size[inp], size[inp])
+    out_root = plan.root[out]
+    if training:
+        offset = 0
+
+        def take(n_floats: int) -> int:
+            nonlocal offset
+            at, offset = offset, offset + _aligned(n_floats)
+            return at
+
+        for n in order:
+            if plan.root[n] == n and n != inp:
+                plan.value[n] = Tensor("arena", take(size[n]), 0, size[n])
+            if g.nodes[n]["op"] == "dropout":
+                plan.mask[n] = Tensor("arena", take(size[n]), 0, size[n])
+        # the losses write the gradient of the output (and of a final softmax's input) even when nothing trains
+        seeds = {out_root} | ({plan.root[g.nodes[out]["inputs"][0]]} if g.nodes[out]["op"] == "softmax" else set())
+        for r in sorted(needs_grad(g, order, plan.root) | seeds, key=order.index):
+            if r != inp:
+                plan.grad[r] = Tensor("arena", take(size[r]), 0, size[r])
+        plan.arena_floats = max(_aligned(offset), ALIGN)
+    else:
+        last_use: dict[str, int] = {}
+        for i, n in enumerate(order):
+            for src in g.nodes[n]["inputs"]:
+                last_use[plan.root[src]] = i
+        live: dict[str, tuple[int, int]] = {}  # root -> (offset, floats)
+        high = 0
+        for i, n in enumerate(order):
+            if plan.root[n] != n or n == inp:
+                continue
+            if n == out_root:
+                plan.value[n] = Tensor("y", 0, size[n], size[n])
+            else:
+                need = _aligned(size[n])
+                at = 0
+                for o, s in sorted(live.values()):
+                    if at + need <= o:
+                        break
+                    at = max(at, o + s)
+                live[n] = (at, need)
+                high = max(high, at + need)
+                plan.value[n] = Tensor("arena", at, 0, size[n])
+            for r in [r for r in live if last_use.get(r, -1) <= i and r != n]:
+                del live[r]
+        plan.arena_floats = max(_aligned(high), ALIGN)
+    stride = plan.arena_floats
+    for table in (plan.value, plan.grad, plan.mask):
+        for k, t in table.items():
+            if t.base == "arena":
+                table[k] = Tensor("arena", t.offset, stride, t.size)
+    return plan

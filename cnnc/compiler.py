@@ -1,0 +1,147 @@
+"""The whole compiler: a checked graph -> fused graph -> LLVM module -> object code + manifest.
+
+Compiled objects are cached on disk, keyed by the optimised IR, the target
+CPU and its features, and the cnnc and llvmlite versions, so compiling the
+same network again costs a parse and a file read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+
+from cnnc import summary
+from cnnc.codegen.module import build_module, loss_input
+from cnnc.codegen.target import Target, emit_object, host_target
+from cnnc.driver import optimize
+from cnnc.ir import execution_order
+from cnnc_runtime import __version__, artifact
+
+ACTIVATIONS_WANTING_HE = ("relu", "leaky_relu")
+
+
+@dataclass
+class Compiled:
+    """What a compile produces: the manifest, the object code, and the LLVM module when it was built (not cached)."""
+
+    manifest: dict[str, Any]
+    obj: bytes
+    module: Any = None
+    fused: nx.DiGraph | None = None
+
+
+def cache_dir() -> Path:
+    """``$CNNC_CACHE_DIR``, else ``$XDG_CACHE_HOME/cnnc``, else ``~/.cache/cnnc``."""
+    if os.environ.get("CNNC_CACHE_DIR"):
+        return Path(os.environ["CNNC_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cnnc"
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return {"array": v.tolist(), "shape": list(v.shape)}
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in sorted(v.items())}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return repr(v)
+
+
+def ir_key(fused: nx.DiGraph, target: Target) -> str:
+    """A hash of everything the object code depends on."""
+    skip = {"loc", "binding", "connect_locs"}
+    nodes = [
+        {k: _jsonable(v) for k, v in sorted(fused.nodes[n].items()) if k not in skip}
+        | {"args": {k: _jsonable(v) for k, v in fused.nodes[n].get("args", {}).items() if k not in skip}}
+        for n in execution_order(fused)
+    ]
+    blob = json.dumps({"nodes": nodes, "output": fused.graph["output"], "input": fused.graph["input"],
+                       "target": target.key, "cnnc": __version__}, sort_keys=True, default=repr)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _init_scheme(fused: nx.DiGraph, layer: str) -> str:
+    """He for layers feeding a ReLU, LeCun otherwise (both fan-in scaled normals)."""
+    node = fused.nodes[layer]
+    act = node.get("act", "none")
+    if act == "none":
+        succ = list(fused.successors(layer))
+        act = fused.nodes[succ[0]]["op"] if len(succ) == 1 else "none"
+    return "he" if act in ACTIVATIONS_WANTING_HE else "lecun"
+
+
+def manifest_for(checked: nx.DiGraph, fused: nx.DiGraph, facts: dict, target: Target) -> dict[str, Any]:
+    params = []
+    for s in facts["params"]:
+        node = fused.nodes[s.layer]
+        args = node.get("args", {})
+        fixed = node.get("fixed", {}).get(s.kind)
+        entry = {
+            "name": s.name, "layer": s.layer, "kind": s.kind, "shape": list(s.shape), "offset": s.offset,
+            "size": s.size, "trainable": "fixed" not in node, "decay": s.kind == "weight",
+            "init": {"scheme": _init_scheme(fused, s.layer),
+                     "fan_in": int(np.prod(s.shape[1:])) if s.kind == "weight" else 0},
+            "connect": [list(r) for r in args["connect"]] if args.get("connect") and s.kind == "weight" else None,
+            "fixed": fixed.reshape(s.shape).tolist() if fixed is not None else None,
+        }
+        params.append(entry)
+    out = fused.graph["output"]
+    inp = fused.graph["input"]
+    return {
+        "format": artifact.FORMAT_VERSION,
+        "cnnc_version": __version__,
+        "network": fused.graph["network"],
+        "source": fused.graph["source"],
+        "input": {"name": inp, "shape": list(fused.nodes[inp]["shape"])},
+        "output": {"name": out, "op": fused.nodes[out]["op"], "shape": list(fused.nodes[out]["shape"])},
+        "loss_inputs": {loss: int(np.prod(fused.nodes[loss_input(fused, loss)]["shape"]))
+                        for loss in ("cross_entropy", "mse")},
+        "params": params,
+        "param_floats": facts["param_floats"],
+        "arena_infer": facts["arena_infer"],
+        "arena_train": facts["arena_train"],
+        "ws_floats": facts["ws_floats"],
+        "has_dropout": any(fused.nodes[n]["op"] == "dropout" for n in fused.nodes),
+        "target": {"triple": target.triple, "cpu": target.cpu, "features": target.features},
+        "train": fused.graph.get("train", {}),
+        "summary": summary.as_text(checked, summary.fused_groups(fused)),
+        "summary_json": summary.as_json(checked),
+    }
+
+
+def compile_graph(checked: nx.DiGraph, target: Target | None = None, use_cache: bool = True,
+                  keep_module: bool = False) -> Compiled:
+    """Compile a checked graph (``cnnc.driver.check_*``) to object code and its manifest."""
+    target = target or host_target()
+    fused = optimize(checked)
+    key = ir_key(fused, target)
+    path = cache_dir() / f"{key}.cnnc"
+    if use_cache and not keep_module and path.is_file():
+        try:
+            manifest, obj, _ = artifact.read(path)
+            if manifest.get("cache_key") == key:
+                manifest["source"] = fused.graph["source"]
+                return Compiled(manifest, obj, fused=fused)
+        except (OSError, ValueError):
+            pass  # a corrupt entry is rebuilt below
+    module, facts = build_module(fused, target.vector_width)
+    obj = emit_object(module, target)
+    manifest = manifest_for(checked, fused, facts, target)
+    manifest["cache_key"] = key
+    if use_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            artifact.write(path, manifest, obj)
+        except OSError:
+            pass  # an unwritable cache only costs time
+    return Compiled(manifest, obj, module if keep_module else None, fused)

@@ -1,0 +1,54 @@
+"""The artifact file: native code plus a JSON manifest (and optionally weights), in one file.
+
+Layout: ``CNNCART1`` magic, then three length-prefixed sections (little-endian
+u64 length, then the bytes): the manifest (UTF-8 JSON), the object code, and
+the weights (an .npz, possibly empty).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from cnnc_runtime.fileio import atomic_write_bytes
+
+MAGIC = b"CNNCART1"
+FORMAT_VERSION = 1
+
+
+def pack(manifest: dict[str, Any], obj: bytes, weights: bytes = b"") -> bytes:
+    parts = [MAGIC]
+    for section in (json.dumps(manifest, sort_keys=True).encode(), obj, weights):
+        parts += [struct.pack("<Q", len(section)), section]
+    return b"".join(parts)
+
+
+def unpack(data: bytes, source: str = "artifact") -> tuple[dict[str, Any], bytes, bytes]:
+    """(manifest, object code, weights); a file that is not an artifact raises ``ValueError``."""
+    if not data.startswith(MAGIC):
+        raise ValueError(f"{source}: not a cnnc artifact (bad magic bytes)")
+    at, sections = len(MAGIC), []
+    for _ in range(3):
+        if at + 8 > len(data):
+            raise ValueError(f"{source}: truncated cnnc artifact")
+        (n,) = struct.unpack_from("<Q", data, at)
+        at += 8
+        if at + n > len(data):
+            raise ValueError(f"{source}: truncated cnnc artifact")
+        sections.append(data[at:at + n])
+        at += n
+    try:
+        manifest = json.loads(sections[0].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{source}: corrupt manifest ({e})") from None
+    return manifest, sections[1], sections[2]
+
+
+def write(path: str | Path, manifest: dict[str, Any], obj: bytes, weights: bytes = b"") -> None:
+    atomic_write_bytes(path, pack(manifest, obj, weights))
+
+
+def read(path: str | Path) -> tuple[dict[str, Any], bytes, bytes]:
+    return unpack(Path(path).read_bytes(), str(path))

@@ -1,0 +1,311 @@
+"""Convolution kernels against straightforward numpy references (float64), on host and generic x86-64.
+
+Every tensor lives in a per-image arena slot: image n of a tensor starts at
+n * stride and the slot may be longer than the image. Inputs carry NaN in the
+gaps between images, in images outside the batch range, in weights outside a
+connect table and in the workspace, so reading any of them shows up in the
+result; outputs carry a sentinel there that must survive.
+
+Tolerance: rtol=1e-5, atol=1e-5 * max(1, max|reference|).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from cnnc.codegen.conv import (
+    conv_workspace_floats,
+    emit_conv_backward_data,
+    emit_conv_backward_weights,
+    emit_conv_forward,
+)
+from cnnc.codegen.emit import ACTIVATIONS
+from cnnc.codegen.specs import ConvSpec
+
+SENTINEL = np.float32(1234.5)
+N_IMAGES, N0, N1 = 4, 1, 3
+WS_GUARD = 37
+
+
+def make_spec(c, h, w, o, kh, kw, stride=(1, 1), pad=(0, 0, 0, 0), gap=0, **options) -> ConvSpec:
+    """A ConvSpec from (top, left, bottom, right) padding; `gap` floats of garbage after each image."""
+    sh, sw = stride
+    pt, pl, pb, pr = pad
+    oh = (h + pt + pb - kh) // sh + 1
+    ow = (w + pl + pr - kw) // sw + 1
+    spec = ConvSpec(c=c, h=h, w=w, o=o, oh=oh, ow=ow, kh=kh, kw=kw, sh=sh, sw=sw, pt=pt, pl=pl, **options)
+    return dataclasses.replace(spec, x_stride=c * h * w + gap, y_stride=o * oh * ow + gap)
+
+
+CASES = {
+    "3x3_same": make_spec(3, 8, 8, 5, 3, 3, pad=(1, 1, 1, 1)),
+    "3x5_stride2_odd": make_spec(2, 7, 9, 4, 3, 5, stride=(2, 2), pad=(1, 2, 1, 2), gap=5, accumulate=True),
+    "stride3_floor": make_spec(3, 11, 10, 3, 3, 3, stride=(3, 3)),
+    "groups2": make_spec(4, 6, 7, 6, 3, 3, pad=(1, 1, 1, 1), groups=2, gap=3, accumulate=True),
+    "groups3_even_same": make_spec(6, 5, 5, 3, 2, 2, pad=(0, 0, 1, 1), groups=3),
+    "1x1": make_spec(5, 6, 7, 4, 1, 1, gap=11, accumulate=True),
+    "1x1_groups2": make_spec(4, 5, 3, 6, 1, 1, groups=2, gap=2),
+    "1x1_stride2": make_spec(3, 7, 7, 2, 1, 1, stride=(2, 2)),
+    "connect": make_spec(4, 6, 6, 5, 3, 3, pad=(1, 1, 1, 1), gap=4, accumulate=True,
+                         connect=((0,), (0, 1), (1, 2, 3), (), (0, 1, 2, 3))),
+    "connect_1x1": make_spec(4, 5, 5, 3, 1, 1, connect=((0, 2), (1,), (0, 1, 2, 3)), bias=False),
+    "nobias_pad2": make_spec(3, 5, 5, 4, 3, 3, pad=(2, 2, 2, 2), bias=False),
+    "big_20x20": make_spec(3, 20, 20, 9, 3, 3, pad=(1, 1, 1, 1), gap=7),
+    "4x2_mixed_stride": make_spec(2, 9, 8, 3, 4, 2, stride=(2, 1), pad=(2, 0, 1, 0)),
+    "kernel_over_image": make_spec(2, 3, 3, 3, 5, 5, pad=(2, 2, 2, 2), gap=1),
+}
+
+
+# --- numpy references (float64, images as (N, C, H, W)) ---------------------------------------------
+
+
+def act_ref(v: np.ndarray, act: str, alpha: float) -> np.ndarray:
+    if act == "relu":
+        return np.maximum(v, 0.0)
+    if act == "leaky_relu":
+        return np.where(v > 0, v, alpha * v)
+    if act == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-v))
+    if act == "tanh":
+        return np.tanh(v)
+    return v
+
+
+def connect_mask(s: ConvSpec) -> np.ndarray:
+    """(o, c // groups) booleans: which weight blocks exist."""
+    mask = np.ones((s.o, s.c // s.groups), dtype=bool)
+    if s.connect is not None:
+        mask[:] = False
+        for oi, row in enumerate(s.connect):
+            mask[oi, list(row)] = True
+    return mask
+
+
+def _padded_shape(s: ConvSpec) -> tuple[int, int]:
+    return max(s.h + s.pt, (s.oh - 1) * s.sh + s.kh), max(s.w + s.pl, (s.ow - 1) * s.sw + s.kw)
+
+
+def _taps(s: ConvSpec):
+    """(group slice of inputs, group slice of outputs, ky, kx, padded-input window of that tap)."""
+    cg, og = s.c // s.groups, s.o // s.groups
+    for g in range(s.groups):
+        for ky in range(s.kh):
+            for kx in range(s.kw):
+                window = (slice(ky, ky + (s.oh - 1) * s.sh + 1, s.sh), slice(kx, kx + (s.ow - 1) * s.sw + 1, s.sw))
+                yield slice(g * cg, (g + 1) * cg), slice(g * og, (g + 1) * og), ky, kx, window
+
+
+def conv_ref(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, s: ConvSpec) -> np.ndarray:
+    """Pre-activation output: cross-correlation with zero padding, groups, weights masked by the table."""
+    w = w * connect_mask(s)[:, :, None, None]
+    xp = np.zeros((x.shape[0], s.c, *_padded_shape(s)))
+    xp[:, :, s.pt:s.pt + s.h, s.pl:s.pl + s.w] = x
+    y = np.zeros((x.shape[0], s.o, s.oh, s.ow))
+    for cs, os, ky, kx, (wy, wx) in _taps(s):
+        y[:, os] += np.einsum("nchw,oc->nohw", xp[:, cs, wy, wx], w[os, :, ky, kx])
+    if b is not None:
+        y += b[None, :, None, None]
+    return y
+
+
+def conv_data_ref(dy: np.ndarray, w: np.ndarray, s: ConvSpec) -> np.ndarray:
+    w = w * connect_mask(s)[:, :, None, None]
+    dxp = np.zeros((dy.shape[0], s.c, *_padded_shape(s)))
+    for cs, os, ky, kx, (wy, wx) in _taps(s):
+        dxp[:, cs, wy, wx] += np.einsum("nohw,oc->nchw", dy[:, os], w[os, :, ky, kx])
+    return dxp[:, :, s.pt:s.pt + s.h, s.pl:s.pl + s.w]
+
+
+def conv_weights_ref(x: np.ndarray, dy: np.ndarray, s: ConvSpec) -> tuple[np.ndarray, np.ndarray]:
+    xp = np.zeros((x.shape[0], s.c, *_padded_shape(s)))
+    xp[:, :, s.pt:s.pt + s.h, s.pl:s.pl + s.w] = x
+    dw = np.zeros((s.o, s.c // s.groups, s.kh, s.kw))
+    for cs, os, ky, kx, (wy, wx) in _taps(s):
+        dw[os, :, ky, kx] = np.einsum("nohw,nchw->oc", dy[:, os], xp[:, cs, wy, wx])
+    return dw * connect_mask(s)[:, :, None, None], dy.sum(axis=(0, 2, 3))
+
+
+# --- arena helpers --------------------------------------------------------------------------------
+
+
+def arena(images: np.ndarray, stride: int, gap_value: float) -> np.ndarray:
+    """float32 (N, stride): each image flattened at the start of its slot, `gap_value` after it."""
+    n = images.shape[0]
+    size = images[0].size
+    buf = np.full((n, stride), gap_value, dtype=np.float32)
+    buf[:, :size] = images.reshape(n, size)
+    return buf
+
+
+def check_arena(out: np.ndarray, before: np.ndarray, expected: np.ndarray, size: int) -> None:
+    """Images N0..N1 match `expected` (N1-N0, size); everything else is bit-for-bit unchanged."""
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(out[N0:N1, :size], expected.reshape(N1 - N0, size), rtol=1e-5, atol=1e-5 * scale)
+    untouched = np.ones(out.shape, dtype=bool)
+    untouched[N0:N1, :size] = False
+    np.testing.assert_array_equal(out[untouched], before[untouched])
+
+
+def workspace(spec: ConvSpec) -> np.ndarray:
+    """NaN scratch (the kernel must write before it reads) followed by a sentinel guard."""
+    size = conv_workspace_floats(spec)
+    ws = np.full(size + WS_GUARD, np.nan, dtype=np.float32)
+    ws[size:] = SENTINEL
+    return ws
+
+
+def check_guard(ws: np.ndarray, spec: ConvSpec) -> None:
+    assert np.all(ws[conv_workspace_floats(spec):] == SENTINEL), "kernel wrote past its workspace"
+
+
+def random_weights(rng: np.random.Generator, s: ConvSpec) -> np.ndarray:
+    """float64 values that are exact in float32."""
+    return rng.uniform(-1, 1, (s.o, s.c // s.groups, s.kh, s.kw)).astype(np.float32).astype(np.float64)
+
+
+def with_nan_outside_table(w: np.ndarray, s: ConvSpec) -> np.ndarray:
+    w = w.astype(np.float32)
+    w[~connect_mask(s)] = np.nan
+    return w
+
+
+# --- tests ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", CASES.values(), ids=CASES.keys())
+def test_conv_kernels(jit, spec: ConvSpec) -> None:
+    rng = np.random.default_rng(7)
+    s = spec
+    x_size, y_size = s.c * s.h * s.w, s.o * s.oh * s.ow
+    emit_conv_forward(jit.module, "fwd", s, jit.vw)
+    emit_conv_backward_data(jit.module, "bwd_data", s, jit.vw)
+    emit_conv_backward_weights(jit.module, "bwd_weights", s, jit.vw)
+
+    x = rng.uniform(-1, 1, (N_IMAGES, s.c, s.h, s.w))
+    x[:N0] = np.nan
+    x[N1:] = np.nan
+    dy = rng.uniform(-1, 1, (N_IMAGES, s.o, s.oh, s.ow))
+    dy[:N0] = np.nan
+    dy[N1:] = np.nan
+    w = random_weights(rng, s)
+    w32 = with_nan_outside_table(w, s)
+    bias = rng.uniform(-1, 1, s.o).astype(np.float32) if s.bias else None
+    x_buf = arena(x, s.x_stride, np.nan)
+    dy_buf = arena(dy, s.y_stride, np.nan)
+    xr = x_buf[N0:N1, :x_size].reshape(-1, s.c, s.h, s.w).astype(np.float64)
+    dyr = dy_buf[N0:N1, :y_size].reshape(-1, s.o, s.oh, s.ow).astype(np.float64)
+
+    # forward; an empty batch range first must write nothing
+    y = np.full((N_IMAGES, s.y_stride), SENTINEL, dtype=np.float32)
+    ws = workspace(s)
+    jit("fwd", x_buf, w32, bias, y, ws, 2, 2)
+    assert np.all(y == SENTINEL)
+    jit("fwd", x_buf, w32, bias, y, ws, N0, N1)
+    check_guard(ws, s)
+    expected = conv_ref(xr, w, None if bias is None else bias.astype(np.float64), s)
+    check_arena(y, np.full_like(y, SENTINEL), expected, y_size)
+
+    # backward data: overwrite, or add to what is there
+    dx0 = arena(rng.uniform(-1, 1, (N_IMAGES, x_size)), s.x_stride, SENTINEL)
+    dx = dx0.copy()
+    ws = workspace(s)
+    jit("bwd_data", dy_buf, w32, dx, ws, N0, N1)
+    check_guard(ws, s)
+    expected = conv_data_ref(dyr, w, s).reshape(N1 - N0, x_size)
+    if s.accumulate:
+        expected = expected + dx0[N0:N1, :x_size]
+    check_arena(dx, dx0, expected, x_size)
+
+    # backward weights: always accumulates; weights outside a table are never written
+    dw0 = random_weights(rng, s).astype(np.float32)
+    dw0[~connect_mask(s)] = SENTINEL
+    dw = dw0.copy()
+    db0 = rng.uniform(-1, 1, s.o).astype(np.float32) if s.bias else None
+    db = None if db0 is None else db0.copy()
+    ws = workspace(s)
+    jit("bwd_weights", x_buf, dy_buf, dw, db, ws, N0, N1)
+    check_guard(ws, s)
+    dw_ref, db_ref = conv_weights_ref(xr, dyr, s)
+    mask = np.broadcast_to(connect_mask(s)[:, :, None, None], dw.shape)
+    scale = max(1.0, float(np.abs(dw_ref).max()))
+    np.testing.assert_allclose(dw[mask], (dw0 + dw_ref)[mask], rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_array_equal(dw[~mask], dw0[~mask])
+    if db is not None:
+        scale = max(1.0, float(np.abs(db_ref).max()))
+        np.testing.assert_allclose(db, db0 + db_ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+# 27 output positions: every vector width down to scalars goes through the activation
+ACT_SPEC = make_spec(2, 7, 9, 4, 3, 3, stride=(2, 1), pad=(1, 1, 0, 1), gap=5)
+
+
+def test_conv_forward_activations(jit) -> None:
+    rng = np.random.default_rng(3)
+    base = ACT_SPEC
+    specs = {act: dataclasses.replace(base, act=act, alpha=0.1 if act == "leaky_relu" else 0.01) for act in ACTIVATIONS}
+    for act, s in specs.items():
+        emit_conv_forward(jit.module, f"fwd_{act}", s, jit.vw)
+    s = base
+    # inputs scaled up so sigmoid and tanh see their far range too
+    x = rng.uniform(-3, 3, (N_IMAGES, s.c, s.h, s.w))
+    w = random_weights(rng, s)
+    bias = rng.uniform(-1, 1, s.o)
+    x_buf = arena(x, s.x_stride, np.nan)
+    xr = x_buf[N0:N1, :s.c * s.h * s.w].reshape(-1, s.c, s.h, s.w).astype(np.float64)
+    pre = conv_ref(xr, w.astype(np.float32).astype(np.float64), bias.astype(np.float32).astype(np.float64), s)
+    for act, spec in specs.items():
+        y = np.full((N_IMAGES, s.y_stride), SENTINEL, dtype=np.float32)
+        jit(f"fwd_{act}", x_buf, w.astype(np.float32), bias.astype(np.float32), y, workspace(s), N0, N1)
+        check_arena(y, np.full_like(y, SENTINEL), act_ref(pre, act, spec.alpha), s.o * s.oh * s.ow)
+
+
+def test_workspace_sizes() -> None:
+    assert conv_workspace_floats(CASES["1x1"]) == 0
+    s = CASES["3x3_same"]
+    assert conv_workspace_floats(s) == s.c * s.kh * s.kw * s.oh * s.ow
+    s = CASES["connect_1x1"]
+    assert conv_workspace_floats(s) == s.o * s.c
+    with pytest.raises(ValueError):
+        conv_workspace_floats(dataclasses.replace(s, groups=2, o=4))
+
+
+# --- the references are the gradients of the forward reference (finite differences, float64) ---------
+
+
+FD_SPECS = {
+    "groups_stride_pad": make_spec(4, 4, 5, 2, 2, 3, stride=(2, 1), pad=(1, 1, 0, 1), groups=2),
+    "connect": make_spec(3, 4, 4, 2, 3, 2, pad=(1, 0, 1, 1), connect=((0, 2), (1,))),
+}
+
+
+@pytest.mark.parametrize("spec", FD_SPECS.values(), ids=FD_SPECS.keys())
+def test_reference_gradients_finite_difference(spec: ConvSpec) -> None:
+    rng = np.random.default_rng(11)
+    s = spec
+    x = rng.normal(size=(2, s.c, s.h, s.w))
+    w = random_weights(rng, s)
+    b = rng.normal(size=s.o)
+    g = rng.normal(size=(2, s.o, s.oh, s.ow))  # dL/dy for L = sum(conv(x) * g)
+    loss = lambda x, w, b: float(np.sum(conv_ref(x, w, b, s) * g))
+
+    def numeric(f, v: np.ndarray) -> np.ndarray:
+        grad = np.zeros_like(v)
+        eps = 1e-6
+        for i in np.ndindex(v.shape):
+            old = v[i]
+            v[i] = old + eps
+            up = f()
+            v[i] = old - eps
+            down = f()
+            v[i] = old
+            grad[i] = (up - down) / (2 * eps)
+        return grad
+
+    dw_ref, db_ref = conv_weights_ref(x, g, s)
+    np.testing.assert_allclose(conv_data_ref(g, w, s), numeric(lambda: loss(x, w, b), x), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dw_ref, numeric(lambda: loss(x, w, b), w) * connect_mask(s)[:, :, None, None],
+                               rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(db_ref, numeric(lambda: loss(x, w, b), b), rtol=1e-6, atol=1e-8)
