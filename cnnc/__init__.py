@@ -26,20 +26,19 @@ def compile_string(text: str, name: str = "<string>", **options: Any) -> Model:
 
     Options: ``cache`` (default True: reuse a compiled object from the on-disk
     cache), ``seed`` (weight initialisation, default 0), ``generic`` (True:
-    target baseline x86-64 instead of this CPU).
+    target baseline x86-64 instead of this CPU), ``fuse`` (default True:
+    fold activations into conv/dense kernels).
     """
-    from cnnc.compiler import compile_graph
     from cnnc.driver import check_source
 
-    return _model(compile_graph(check_source(text, name), _target(options), options.get("cache", True)), options)
+    return _build(check_source(text, name), options)
 
 
 def compile(path: str | os.PathLike[str], **options: Any) -> Model:  # noqa: A001 - the API's name
     """Compile a .cnn file to a ``Model`` (see ``compile_string`` for the options)."""
-    from cnnc.compiler import compile_graph
     from cnnc.driver import check_file
 
-    return _model(compile_graph(check_file(path), _target(options), options.get("cache", True)), options)
+    return _build(check_file(path), options)
 
 
 def load(path: str | os.PathLike[str]) -> Model:
@@ -49,16 +48,14 @@ def load(path: str | os.PathLike[str]) -> Model:
     return load_artifact(path)
 
 
-def _target(options: dict):
+def _build(checked, options: dict) -> Model:
     from cnnc.codegen.target import generic_target, host_target
-
-    unknown = set(options) - {"cache", "seed", "generic"}
-    if unknown:
-        raise TypeError(f"unknown compile option(s): {', '.join(sorted(unknown))}")
-    return generic_target() if options.get("generic") else host_target()
-
-
-def _model(compiled, options: dict) -> Model:
+    from cnnc.compiler import compile_graph
     from cnnc_runtime.model import Model
 
+    unknown = set(options) - {"cache", "seed", "generic", "fuse"}
+    if unknown:
+        raise TypeError(f"unknown compile option(s): {', '.join(sorted(unknown))}")
+    target = generic_target() if options.get("generic") else host_target()
+    compiled = compile_graph(checked, target, options.get("cache", True), fuse=options.get("fuse", True))
     return Model(compiled.manifest, compiled.obj, seed=options.get("seed", 0))

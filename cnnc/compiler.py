@@ -120,10 +120,10 @@ def manifest_for(checked: nx.DiGraph, fused: nx.DiGraph, facts: dict, target: Ta
 
 
 def compile_graph(checked: nx.DiGraph, target: Target | None = None, use_cache: bool = True,
-                  keep_module: bool = False) -> Compiled:
+                  keep_module: bool = False, fuse: bool = True) -> Compiled:
     """Compile a checked graph (``cnnc.driver.check_*``) to object code and its manifest."""
     target = target or host_target()
-    fused = optimize(checked)
+    fused = optimize(checked, skip=() if fuse else ("fuse",))
     key = ir_key(fused, target)
     path = cache_dir() / f"{key}.cnnc"
     if use_cache and not keep_module and path.is_file():

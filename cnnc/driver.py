@@ -22,6 +22,10 @@ def check_file(path: str | Path, diag: Diagnostics | None = None) -> nx.DiGraph:
     return check_source(read_source(path), str(path), diag)
 
 
-def optimize(checked: nx.DiGraph, after: Callable[[str, nx.DiGraph], None] | None = None) -> nx.DiGraph:
-    """The passes after checking (fusion, ...), on a copy so the checked graph stays as written."""
-    return run_passes(copy.deepcopy(checked), OPTIMIZE, after)
+def optimize(checked: nx.DiGraph, after: Callable[[str, nx.DiGraph], None] | None = None,
+             skip: tuple[str, ...] = ()) -> nx.DiGraph:
+    """The passes after checking (fusion, ...), on a copy so the checked graph stays as written.
+
+    `skip` names passes to leave out (``("fuse",)`` gives the unfused code, for comparison).
+    """
+    return run_passes(copy.deepcopy(checked), [(n, p) for n, p in OPTIMIZE if n not in skip], after)
