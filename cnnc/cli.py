@@ -67,6 +67,102 @@ def cmd_graph(args, diag: Diagnostics) -> int:
     return 0
 
 
+def _load_model(path: str, args, diag: Diagnostics, **options):
+    """A Model from a .cnn file (compiled here) or an artifact (``cnnc compile -o``)."""
+    import cnnc
+    from cnnc_runtime import artifact
+
+    p = _existing(path)
+    with open(p, "rb") as f:
+        is_artifact = f.read(len(artifact.MAGIC)) == artifact.MAGIC
+    if is_artifact:
+        model = cnnc.load(p)
+    else:
+        from cnnc.codegen.target import generic_target, host_target
+        from cnnc.compiler import compile_graph
+        from cnnc_runtime.model import Model
+
+        target = generic_target() if getattr(args, "generic", False) else host_target()
+        compiled = compile_graph(_checked(path, diag), target, use_cache=not getattr(args, "no_cache", False))
+        model = Model(compiled.manifest, compiled.obj, **options)
+    weights = getattr(args, "weights", None)
+    if weights:
+        model.load(_existing(weights))
+    return model
+
+
+def cmd_compile(args, diag: Diagnostics) -> int:
+    from cnnc.codegen.target import emit_assembly, generic_target, host_target
+    from cnnc.compiler import compile_graph
+    from cnnc.driver import optimize
+    from cnnc.passes import PASS_NAMES
+
+    g = _checked(args.file, diag)
+    if args.dump_after:
+        if args.dump_after not in PASS_NAMES:
+            raise UsageError(f"cnnc compile: unknown pass '{args.dump_after}'; passes: {', '.join(PASS_NAMES)}")
+        from cnnc.passes import CHECK, run_passes
+        from cnnc.summary import as_listing
+
+        def show(name, graph):
+            if name == args.dump_after:
+                print(f"; graph after pass '{name}'")
+                print(as_listing(graph))
+
+        from cnnc.frontend import load_graph, read_source
+
+        checked = run_passes(load_graph(read_source(args.file), args.file, Diagnostics()), CHECK, show)
+        optimize(checked, show)
+        return 0
+    if args.emit == "dot":
+        from cnnc import summary
+
+        sys.stdout.write(summary.as_dot(optimize(g)))
+        return 0
+    target = generic_target() if args.generic else host_target()
+    compiled = compile_graph(g, target, use_cache=not args.no_cache, keep_module=args.emit is not None)
+    if args.emit == "llvm":
+        sys.stdout.write(str(compiled.module))
+        return 0
+    if args.emit == "asm":
+        sys.stdout.write(emit_assembly(compiled.module, target))
+        return 0
+    from cnnc_runtime import artifact
+    from cnnc_runtime.model import Model
+
+    out = args.output or str(Path(args.file).with_suffix(".cnnc"))
+    model = Model(compiled.manifest, compiled.obj)
+    if args.weights:
+        model.load(_existing(args.weights))
+    model.save_artifact(out, with_weights=bool(args.weights))
+    del artifact
+    print(f"wrote {out} ({Path(out).stat().st_size:,} bytes, {target.cpu}, network {model.name})")
+    return 0
+
+
+def cmd_run(args, diag: Diagnostics) -> int:
+    import numpy as np
+
+    model = _load_model(args.file, args, diag)
+    try:
+        x = np.load(_existing(args.input), allow_pickle=False)
+    except ValueError as e:
+        raise UsageError(f"cnnc run: {args.input}: not a .npy array ({e})") from None
+    try:
+        y = model(x)
+    except ValueError as e:
+        raise UsageError(f"cnnc run: {args.input}: {e}") from None
+    if args.output:
+        from cnnc_runtime.fileio import atomic_write
+
+        atomic_write(args.output, lambda f: np.save(f, y))
+        print(f"wrote {args.output}: {y.shape[0]} outputs of shape {y.shape[1:]}")
+    else:
+        np.set_printoptions(precision=5, suppress=True, linewidth=120, threshold=2000)
+        print(y)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cnnc", description="A compiler for convolutional neural networks written in .cnn files.")
     p.add_argument("--version", action="version", version=f"cnnc {__version__}")
@@ -86,6 +182,33 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("-o", "--output", metavar="FILE.dot", help="write to a file instead of standard output")
     gr.add_argument("--fused", action="store_true", help="show the graph after fusion")
     gr.set_defaults(run=cmd_graph)
+
+    co = sub.add_parser("compile", help="compile to a native artifact, or print the LLVM IR, assembly or graph",
+                        description="Compile a .cnn file for this CPU into one artifact file (native code, manifest "
+                                    "and optionally weights) that `cnnc run` and cnnc.load() run without the "
+                                    "compiler front end.")
+    co.add_argument("file", help="the .cnn file")
+    co.add_argument("-o", "--output", metavar="OUT", help="artifact path (default: FILE with suffix .cnnc)")
+    co.add_argument("--weights", metavar="W.npz", help="store these weights in the artifact")
+    co.add_argument("--emit", choices=["llvm", "asm", "dot"], help="print the LLVM IR, the assembly or the graph")
+    co.add_argument("--dump-after", metavar="PASS", help="print the graph after a pass (prune, shapes, counts, fuse)")
+    co.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
+    co.add_argument("--generic", action="store_true", help="target baseline x86-64 instead of this CPU")
+    co.set_defaults(run=cmd_compile)
+
+    ru = sub.add_parser("run", help="run a network on an array saved with numpy.save",
+                        description="Run a network (a .cnn file or a compiled artifact) on a .npy array of "
+                                    "shape (N, C, H, W) or (N, F) and print or save the outputs.")
+    ru.add_argument("file", help="the .cnn file or artifact")
+    ru.add_argument("--input", required=True, metavar="X.npy", help="the input batch")
+    ru.add_argument("--weights", metavar="W.npz", help="weights saved by `cnnc train -o` or model.save()")
+    ru.add_argument("-o", "--output", metavar="Y.npy", help="save the outputs instead of printing them")
+    ru.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
+    ru.set_defaults(run=cmd_run)
+
+    from cnnc.train_cli import add_commands
+
+    add_commands(sub)
     return p
 
 

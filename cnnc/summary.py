@@ -114,3 +114,17 @@ def as_dot(g: nx.DiGraph) -> str:
         out.append(f"  {ids[u]} -> {ids[v]};")
     out.append("}")
     return "\n".join(out) + "\n"
+
+
+def as_listing(g: nx.DiGraph) -> str:
+    """One line per node (``--dump-after``): name, op, inputs, shape and the attributes passes add."""
+    lines = [f"network {g.graph['network']}  input {g.graph['input']}  output {g.graph['output']}"]
+    for n in execution_order(g):
+        node = g.nodes[n]
+        shape = "x".join(map(str, node.get("shape", ()))) or "?"
+        extra = ""
+        if node.get("fused"):
+            extra = f"  act={node['act']} fused={','.join(node['fused'])}"
+        inputs = ", ".join(node["inputs"])
+        lines.append(f"  {n:<24} {node['op']:<15} ({inputs}) -> {shape}{extra}")
+    return "\n".join(lines)

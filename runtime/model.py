@@ -282,6 +282,19 @@ class Model:
         grads = {p["name"]: self._view(self.flat_grads, p).copy() for p in self._layout}
         return value, grads
 
+    def fit(self, x: Any, y: Any, **kwargs: Any):
+        """Train on (x, y); see ``cnnc_runtime.train.fit`` for the settings. Returns a ``History``."""
+        from cnnc_runtime.train import fit
+
+        return fit(self, x, y, **kwargs)
+
+    def evaluate(self, x: Any, y: Any, loss: str | None = None) -> tuple[float, float | None]:
+        """(mean loss, accuracy) on a whole set, dropout off."""
+        from cnnc_runtime.train import evaluate
+
+        value, acc, _ = evaluate(self, x, y, loss)
+        return value, acc
+
     def save_artifact(self, path: str | os.PathLike[str], with_weights: bool = True) -> None:
         """Write this model (code, manifest and, by default, the current weights) as one artifact file."""
         weights = b""
@@ -296,3 +309,4 @@ def load(path: str | os.PathLike[str]) -> Model:
     """Load an artifact written by ``cnnc compile -o``: needs only numpy and llvmlite."""
     manifest, obj, weights = artifact.read(Path(path))
     return Model(manifest, obj, weights)
+

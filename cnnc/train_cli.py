@@ -1,0 +1,209 @@
+"""`cnnc train`, `cnnc eval` and `cnnc gradcheck`: the commands that need data."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from cnnc.errors import Diagnostics
+
+
+def _usage(message: str):
+    from cnnc.cli import UsageError
+
+    return UsageError(message)
+
+
+def _data_path(args, model) -> Path:
+    """--data, else the train section's `data`, relative to the .cnn file."""
+    if args.data:
+        return Path(args.data)
+    rel = model.manifest.get("train", {}).get("data")
+    if rel is None:
+        raise _usage(f"cnnc {args.command}: no data; give --data DIR|FILE.npz or write "
+                     f'data "PATH" in the train section of {args.file}')
+    return Path(args.file).parent / rel
+
+
+def _dataset(args, model):
+    from cnnc_runtime.data import load_dataset, prepare_images
+
+    path = _data_path(args, model)
+    try:
+        splits = load_dataset(path)
+        return {name: (prepare_images(d.x, model.input_shape), d.y) for name, d in splits.items()}, path
+    except (OSError, ValueError) as e:
+        raise _usage(f"cnnc {args.command}: {e}") from None
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _epoch_line(e, epochs: int) -> str:
+    parts = [f"epoch {e.epoch:>{len(str(epochs))}}/{epochs}", f"loss {e.loss:.4f}", f"acc {_pct(e.accuracy)}"]
+    if e.val_loss is not None:
+        parts += [f"val_loss {e.val_loss:.4f}", f"val_acc {_pct(e.val_accuracy)}"]
+    parts += [f"{e.seconds:.1f} s", f"{e.images_per_second:,.0f} img/s"]
+    return "  ".join(parts)
+
+
+def _plot(history, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cnnc_runtime.fileio import atomic_write
+
+    epochs = [e.epoch for e in history.epochs]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [e.loss for e in history.epochs], label="train")
+    if any(e.val_loss is not None for e in history.epochs):
+        ax1.plot(epochs, [e.val_loss for e in history.epochs], label="validation")
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax1.legend()
+    if any(e.accuracy is not None for e in history.epochs):
+        ax2.plot(epochs, [e.accuracy for e in history.epochs], label="train")
+        if any(e.val_accuracy is not None for e in history.epochs):
+            ax2.plot(epochs, [e.val_accuracy for e in history.epochs], label="validation")
+        ax2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+        ax2.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def cmd_train(args, diag: Diagnostics) -> int:
+    from cnnc.cli import _load_model
+    from cnnc_runtime.train import TrainingStopped, evaluate
+
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise _usage("cnnc train: --plot needs matplotlib: pip install 'cnnc[plot]'") from None
+    model = _load_model(args.file, args, diag, seed=args.seed or 0)
+    data, path = _dataset(args, model)
+    x, y = data["train"]
+    if args.subset:
+        x, y = x[:args.subset], y[:args.subset]
+    train = model.manifest.get("train", {})
+    optimizer, optimizer_args = args.optimizer, None
+    if args.momentum is not None:
+        optimizer = "momentum" if (optimizer or train.get("optimizer", {}).get("name")) in (None, "sgd", "momentum") \
+            else optimizer
+        optimizer_args = {"beta": args.momentum} if optimizer == "momentum" else None
+    name = model.name
+    out = args.output or f"{name}.weights.npz"
+    ckpt = args.checkpoint or f"{name}.ckpt.npz"
+    settings = dict(epochs=args.epochs, batch_size=args.batch, optimizer=optimizer, lr=args.lr,
+                    weight_decay=args.weight_decay, jitter=args.jitter, validation_split=args.validation,
+                    patience=args.patience, restarts=args.restarts, seed=args.seed, max_steps=args.max_steps)
+    if optimizer_args:
+        settings["optimizer_args"] = optimizer_args
+    epochs = args.epochs or train.get("epochs", 10)
+    print(f"training {name} on {path} ({len(x):,} images), {model.manifest['target']['cpu']}", flush=True)
+    try:
+        history = model.fit(x, y, checkpoint=ckpt, resume=args.resume, log=args.log,
+                            on_epoch=lambda e: print(_epoch_line(e, epochs), flush=True), **settings)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the checkpoint of the last finished epoch is in {ckpt}; "
+              f"continue with --resume {ckpt}", file=sys.stderr)
+        return 130
+    except TrainingStopped as e:
+        model.save(out)
+        print(f"{e}; wrote {out}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        raise _usage(f"cnnc train: {e}") from None
+    model.save(out)
+    if len(history.restarts) > 1:
+        for r in history.restarts:
+            print(f"restart {r['restart'] + 1}: seed {r['seed']}, training loss {r['loss']:.4f}, "
+                  f"{r['epochs']} epochs")
+    total = sum(e.seconds for e in history.epochs)
+    print(f"stopped: {history.stopped}; {len(history.epochs)} epochs in {total:.1f} s; wrote {out}")
+    if "test" in data:
+        xt, yt = data["test"]
+        loss, acc, _ = evaluate(model, xt, yt)
+        print(f"test: loss {loss:.4f}, accuracy {_pct(acc)} (error {_pct(None if acc is None else 1 - acc)}) "
+              f"on {len(xt):,} images")
+    if args.plot:
+        _plot(history, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_eval(args, diag: Diagnostics) -> int:
+    from cnnc.cli import _load_model
+    from cnnc_runtime.train import confusion_matrix, evaluate
+
+    model = _load_model(args.file, args, diag)
+    data, path = _dataset(args, model)
+    split = "test" if "test" in data else "train"
+    x, y = data[split]
+    try:
+        loss, acc, pred = evaluate(model, x, y)
+    except ValueError as e:
+        raise _usage(f"cnnc eval: {e}") from None
+    k = int(np.prod(model.output_shape))
+    conf = confusion_matrix(y, pred, k) if acc is not None else None
+    if args.json:
+        print(json.dumps({"loss": loss, "accuracy": acc, "n": len(x),
+                          "confusion": conf.tolist() if conf is not None else None, "split": split}))
+        return 0
+    print(f"{model.name} on the {split} split of {path}: {len(x):,} images")
+    print(f"loss {loss:.4f}  accuracy {_pct(acc)}  error {_pct(None if acc is None else 1 - acc)}")
+    if conf is not None:
+        width = max(5, len(str(conf.max())) + 1)
+        print("confusion (rows: true class, columns: predicted)")
+        print("     " + "".join(f"{j:>{width}}" for j in range(k)))
+        for i, row in enumerate(conf):
+            print(f"{i:>4} " + "".join(f"{v:>{width}}" for v in row))
+    return 0
+
+
+def add_commands(sub) -> None:
+    tr = sub.add_parser("train", help="train a network on a dataset",
+                        description="Train a network with the settings of its train section; every setting can "
+                                    "be overridden here. Writes the weights (-o), a checkpoint after every epoch "
+                                    "(resume with --resume), and reports the test accuracy when the data has a "
+                                    "test split.")
+    tr.add_argument("file", help="the .cnn file")
+    tr.add_argument("--data", metavar="DIR|FILE.npz",
+                    help="a directory of IDX files (train-images-idx3-ubyte.gz ...) or an .npz with x, y "
+                         "(and x_test, y_test); default: the train section's data, relative to FILE")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--batch", type=int, help="mini-batch size")
+    tr.add_argument("--optimizer", choices=["sgd", "momentum", "rmsprop", "adam"])
+    tr.add_argument("--lr", type=float, help="learning rate")
+    tr.add_argument("--momentum", type=float, metavar="BETA", help="momentum beta (switches sgd to momentum)")
+    tr.add_argument("--weight-decay", type=float, metavar="LAMBDA", help="L2: adds lambda * sum(w^2) to the loss")
+    tr.add_argument("--jitter", type=float, metavar="SIGMA", help="Gaussian noise added to every training input")
+    tr.add_argument("--validation", type=float, metavar="FRACTION", help="fraction of training data held out")
+    tr.add_argument("--patience", type=int, help="early stop after this many epochs without improvement")
+    tr.add_argument("--restarts", type=int, help="train K times from different initialisations, keep the best")
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    tr.add_argument("--subset", type=int, metavar="N", help="train on the first N training images only")
+    tr.add_argument("-o", "--output", metavar="W.npz", help="where to write the weights (default NETWORK.weights.npz)")
+    tr.add_argument("--checkpoint", metavar="CKPT", help="checkpoint path (default NETWORK.ckpt.npz)")
+    tr.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint")
+    tr.add_argument("--log", metavar="METRICS.jsonl", help="append one JSON line per epoch")
+    tr.add_argument("--plot", metavar="CURVES.png", help="plot the loss and accuracy curves (needs matplotlib)")
+    tr.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
+    tr.set_defaults(run=cmd_train)
+
+    ev = sub.add_parser("eval", help="loss, accuracy and confusion matrix on the test split",
+                        description="Evaluate trained weights on the test split of the data (the train split "
+                                    "when there is no test split).")
+    ev.add_argument("file", help="the .cnn file or artifact")
+    ev.add_argument("--weights", required=True, metavar="W.npz")
+    ev.add_argument("--data", metavar="DIR|FILE.npz")
+    ev.add_argument("--json", action="store_true", help='print {"loss", "accuracy", "n", "confusion"}')
+    ev.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
+    ev.set_defaults(run=cmd_eval)

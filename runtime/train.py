@@ -1,0 +1,354 @@
+"""The training loop: shuffled mini-batches, validation, early stopping, restarts, checkpoints.
+
+One step is one native call (forward in training mode, the loss and the
+backward pass, all in ``step_LOSS``) and a handful of numpy expressions over
+the flat buffers (weight decay, the optimizer). Everything random (weight
+initialisation, shuffling, jitter, dropout masks) comes from the seed, so a
+run is reproducible, and a run resumed from a checkpoint continues exactly as
+if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cnnc_runtime.fileio import atomic_save_npz
+from cnnc_runtime.optimizers import Optimizer, add_weight_decay, make_optimizer
+from cnnc_runtime.progress import ProgressBar
+
+EVAL_BATCH = 256
+
+
+class TrainingStopped(Exception):
+    """Training cannot go on (a NaN or infinite loss); the model keeps the last good weights."""
+
+
+@dataclass
+class Epoch:
+    """What one epoch measured."""
+
+    epoch: int
+    loss: float
+    accuracy: float | None
+    val_loss: float | None
+    val_accuracy: float | None
+    seconds: float
+    images_per_second: float
+    steps: int
+    restart: int = 0
+
+
+@dataclass
+class History:
+    """Per-epoch records of the kept run, each restart's outcome, and why training stopped."""
+
+    epochs: list[Epoch] = field(default_factory=list)
+    restarts: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str = ""
+    best_epoch: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"epochs": [asdict(e) for e in self.epochs], "restarts": self.restarts, "stopped": self.stopped,
+                "best_epoch": self.best_epoch}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> History:
+        return History([Epoch(**e) for e in d["epochs"]], d["restarts"], d["stopped"], d["best_epoch"])
+
+
+def _labels_like(model, y: np.ndarray, loss: str) -> bool:
+    return loss == "cross_entropy" or np.asarray(y).dtype.kind in "iub"
+
+
+def evaluate(model, x: np.ndarray, y: np.ndarray, loss: str | None = None) -> tuple[float, float | None, np.ndarray]:
+    """(mean loss, accuracy or None, predictions) of the inference network (dropout off) on a whole set."""
+    loss = model.loss_name(loss)
+    x = model.check_input(x)
+    targets = model.check_targets(y, len(x), loss)
+    out = model.forward(x).reshape(len(x), -1).astype(np.float64)
+    if loss == "cross_entropy":
+        if model.manifest["output"]["op"] == "softmax":
+            logp = np.log(np.maximum(out, 1e-30))
+        else:
+            shifted = out - out.max(axis=1, keepdims=True)
+            logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        value = float(-logp[np.arange(len(x)), targets].mean())
+    else:
+        value = float(((out - targets) ** 2).mean())
+    pred = out.argmax(axis=1)
+    acc = float((pred == np.asarray(y)).mean()) if _labels_like(model, y, loss) else None
+    return value, acc, pred
+
+
+def confusion_matrix(labels: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """k x k counts: row = true class, column = predicted class."""
+    m = np.zeros((k, k), dtype=np.int64)
+    np.add.at(m, (np.asarray(labels, dtype=np.int64), pred), 1)
+    return m
+
+
+@dataclass
+class Settings:
+    """Everything `fit` was asked to do (the train section, overridden by arguments)."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    loss: str | None = None
+    optimizer: str | Optimizer = "adam"
+    lr: float | None = None
+    optimizer_args: dict[str, float] = field(default_factory=dict)
+    validation_split: float = 0.0
+    patience: int | None = None
+    min_delta: float = 0.0
+    jitter: float = 0.0
+    weight_decay: float = 0.0
+    restarts: int = 1
+    seed: int = 0
+    max_steps: int | None = None
+    min_improvement: float | None = None
+
+
+def settings_from(train: dict[str, Any], **overrides: Any) -> Settings:
+    """Settings from a .cnn train section, with explicit (non-None) overrides winning."""
+    s = Settings()
+    opt = dict(train.get("optimizer", {}))
+    if opt:
+        s.optimizer = opt.pop("name")
+        s.lr = opt.pop("lr", None)
+        s.optimizer_args = opt
+    s.epochs = train.get("epochs", s.epochs)
+    s.batch_size = train.get("batch", s.batch_size)
+    s.loss = train.get("loss")
+    s.seed = train.get("seed", s.seed)
+    s.weight_decay = train.get("weight_decay", s.weight_decay)
+    s.jitter = train.get("jitter", s.jitter)
+    s.validation_split = train.get("validation", s.validation_split)
+    s.restarts = train.get("restarts", s.restarts)
+    s.max_steps = train.get("max_steps")
+    s.min_improvement = train.get("min_improvement")
+    if "early_stop" in train:
+        s.patience = train["early_stop"]["patience"]
+        s.min_delta = train["early_stop"]["min_delta"]
+    for k, v in overrides.items():
+        if v is not None:
+            if not hasattr(s, k):
+                raise TypeError(f"unknown training setting {k!r}")
+            setattr(s, k, v)
+    return s
+
+
+def _optimizer(s: Settings) -> Optimizer:
+    if isinstance(s.optimizer, Optimizer):
+        return s.optimizer
+    kwargs = dict(s.optimizer_args)
+    if s.lr is not None:
+        kwargs["lr"] = s.lr
+    kwargs.setdefault("lr", 0.001 if s.optimizer in ("adam", "rmsprop") else 0.01)
+    return make_optimizer(s.optimizer, **kwargs)
+
+
+class _Run:
+    """The state of one training run, everything a checkpoint must hold to continue exactly."""
+
+    def __init__(self, model, s: Settings, restart: int) -> None:
+        self.restart = restart
+        self.optimizer = _optimizer(s)
+        self.optimizer.reset()
+        self.rng = np.random.default_rng([s.seed, restart, 1])
+        self.epoch = 0
+        self.step = 0
+        self.history: list[Epoch] = []
+        self.best_loss = math.inf
+        self.best_epoch: int | None = None
+        self.best_params = model.flat_params.copy()
+        self.bad_epochs = 0
+        self.stopped = ""
+
+
+def _checkpoint_arrays(model, run: _Run, s: Settings) -> dict[str, np.ndarray]:
+    arrays = {f"param/{k}": v for k, v in model.params.items()}
+    arrays["best_params"] = run.best_params
+    for k, v in run.optimizer.state_dict().items():
+        arrays[f"opt/{k}"] = np.asarray(v)
+    meta = {"epoch": run.epoch, "step": run.step, "restart": run.restart, "best_loss": run.best_loss,
+            "best_epoch": run.best_epoch, "bad_epochs": run.bad_epochs, "rng": run.rng.bit_generator.state,
+            "history": [asdict(e) for e in run.history], "optimizer": type(run.optimizer).__name__,
+            "network": model.name, "seed": s.seed}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    return arrays
+
+
+def save_checkpoint(path: str | os.PathLike[str], model, run: _Run, s: Settings) -> None:
+    """Atomically write weights, optimizer state, RNG state and history at an epoch boundary."""
+    atomic_save_npz(path, _checkpoint_arrays(model, run, s))
+
+
+def _restore(path: str | os.PathLike[str], model, run: _Run) -> None:
+    with np.load(path) as data:
+        meta = json.loads(bytes(data["meta"]).decode())
+        if meta["network"] != model.name:
+            raise ValueError(f"{path} is a checkpoint of network {meta['network']}, not {model.name}")
+        if meta["optimizer"] != type(run.optimizer).__name__:
+            raise ValueError(f"{path} was written by the {meta['optimizer']} optimizer, "
+                             f"not {type(run.optimizer).__name__}")
+        model._load_arrays({k[6:]: data[k] for k in data.files if k.startswith("param/")}, str(path))
+        run.optimizer.load_state_dict({k[4:]: data[k] for k in data.files if k.startswith("opt/")})
+        run.best_params = data["best_params"].copy()
+    run.epoch, run.step, run.restart = meta["epoch"], meta["step"], meta["restart"]
+    run.best_loss, run.best_epoch, run.bad_epochs = meta["best_loss"], meta["best_epoch"], meta["bad_epochs"]
+    run.rng.bit_generator.state = meta["rng"]
+    run.history = [Epoch(**e) for e in meta["history"]]
+
+
+def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarray, np.ndarray] | None = None,
+        checkpoint: str | os.PathLike[str] | None = None, resume: str | os.PathLike[str] | None = None,
+        log: str | os.PathLike[str] | None = None, progress: bool | None = None,
+        on_epoch: Callable[[Epoch], None] | None = None, **settings: Any) -> History:
+    """Train `model` in place on (x, y); returns the History of the kept run.
+
+    Settings (defaults from the .cnn file's train section): epochs, batch_size,
+    loss, optimizer (a name or an ``Optimizer``), lr, validation_split, patience
+    and min_delta (early stopping on the validation loss, or on the training
+    loss without validation; the best weights are restored), jitter (sigma of
+    Gaussian noise added to every training input at every step), weight_decay
+    (lambda of lambda * sum(w^2) over weights, not biases), restarts (train K
+    times from different initialisations, keep the lowest training loss),
+    seed, max_steps, min_improvement (stop once an epoch improves the training
+    loss by less). A NaN or infinite loss raises ``TrainingStopped`` after
+    restoring the last good weights.
+    """
+    s = settings_from(model.manifest.get("train", {}), **settings)
+    loss = model.loss_name(s.loss)
+    x = model.check_input(x)
+    targets = model.check_targets(y, len(x), loss)
+    labels = np.asarray(y) if _labels_like(model, y, loss) else None
+    if validation_data is None and s.validation_split > 0:
+        order = np.random.default_rng([s.seed, 7]).permutation(len(x))
+        n_val = int(round(len(x) * s.validation_split))
+        if n_val < 1 or n_val >= len(x):
+            raise ValueError(f"validation_split {s.validation_split} leaves no images on one side of {len(x)}")
+        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+        validation_data = (x[val_idx], np.asarray(y)[val_idx])
+        x, targets = x[train_idx], targets[train_idx]
+        labels = labels[train_idx] if labels is not None else None
+    if validation_data is not None:
+        validation_data = (model.check_input(validation_data[0]), np.asarray(validation_data[1]))
+        model.check_targets(validation_data[1], len(validation_data[0]), loss)
+    if s.batch_size < 1 or s.epochs < 1 or s.restarts < 1:
+        raise ValueError("epochs, batch_size and restarts must be at least 1")
+
+    history = History()
+    kept: tuple[float, np.ndarray, _Run] | None = None
+    log_file = open(log, "a", encoding="utf-8") if log else None  # noqa: SIM115 - closed in finally
+    try:
+        start_restart = 0
+        resumed: _Run | None = None
+        if resume is not None:
+            resumed = _Run(model, s, 0)
+            _restore(resume, model, resumed)
+            start_restart = resumed.restart
+        for restart in range(start_restart, s.restarts):
+            if resumed is not None and restart == resumed.restart:
+                run = resumed
+            else:
+                model.initialize(s.seed + restart)
+                run = _Run(model, s, restart)
+            _train_run(model, run, s, loss, x, targets, labels, validation_data, checkpoint, log_file, progress,
+                       on_epoch)
+            final = run.history[run.best_epoch - 1] if run.best_epoch else run.history[-1]
+            history.restarts.append({"restart": restart, "seed": s.seed + restart, "loss": final.loss,
+                                     "epochs": len(run.history), "stopped": run.stopped})
+            if kept is None or final.loss < kept[0]:
+                kept = (final.loss, model.flat_params.copy(), run)
+    finally:
+        if log_file:
+            log_file.close()
+    loss_value, params, run = kept
+    model.flat_params[...] = params
+    history.epochs, history.stopped, history.best_epoch = run.history, run.stopped, run.best_epoch
+    return history
+
+
+def _train_run(model, run: _Run, s: Settings, loss: str, x: np.ndarray, targets: np.ndarray,
+               labels: np.ndarray | None, validation_data, checkpoint, log_file, progress, on_epoch) -> None:
+    n = len(x)
+    k = model.manifest["loss_inputs"][loss]
+    out = np.empty((s.batch_size, k), dtype=np.float32)
+    losses = np.empty(s.batch_size, dtype=np.float32)
+    optimizer = run.optimizer
+    good = model.flat_params.copy()
+    prev_loss = math.inf
+    while run.epoch < s.epochs and not run.stopped:
+        t0 = time.perf_counter()
+        order = run.rng.permutation(n)
+        total, correct, seen = 0.0, 0, 0
+        bar = ProgressBar(-(-n // s.batch_size), enabled=progress)
+        for b, start in enumerate(range(0, n, s.batch_size)):
+            idx = order[start:start + s.batch_size]
+            xb, tb = x[idx], targets[idx]
+            m = len(idx)
+            if s.jitter > 0:
+                xb += run.rng.standard_normal(xb.shape, dtype=np.float32) * np.float32(s.jitter)
+            scale = 1.0 / m if loss == "cross_entropy" else 1.0 / (m * k)
+            model.flat_grads[...] = 0.0
+            seed = int(run.rng.integers(0, 2**63 - 1)) if model.manifest["has_dropout"] else 0
+            model._accumulate_gradients(xb, tb, loss, seed, scale, out[:m], losses[:m])
+            value = float(losses[:m].sum(dtype=np.float64) * scale)
+            if s.weight_decay > 0:
+                value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay)
+            if not math.isfinite(value):
+                model.flat_params[...] = good
+                run.stopped = f"the loss became {value} at epoch {run.epoch + 1}, step {b + 1}"
+                bar.close()
+                raise TrainingStopped(f"training stopped: {run.stopped}; kept the weights from before that step")
+            good[...] = model.flat_params
+            optimizer.step(model.flat_params, model.flat_grads)
+            run.step += 1
+            total += value * m
+            seen += m
+            if labels is not None:
+                correct += int((out[:m].argmax(axis=1) == labels[idx]).sum())
+            elapsed = time.perf_counter() - t0
+            bar.update(b + 1, total / seen, correct / seen if labels is not None else None, seen / max(elapsed, 1e-9))
+            if s.max_steps is not None and run.step >= s.max_steps:
+                run.stopped = f"reached the step limit of {s.max_steps}"
+                break
+        bar.close()
+        seconds = time.perf_counter() - t0
+        val_loss = val_acc = None
+        if validation_data is not None:
+            val_loss, val_acc, _ = evaluate(model, validation_data[0], validation_data[1], loss)
+        run.epoch += 1
+        record = Epoch(run.epoch, total / seen, correct / seen if labels is not None else None, val_loss, val_acc,
+                       seconds, seen / seconds, run.step, run.restart)
+        run.history.append(record)
+        monitored = val_loss if val_loss is not None else record.loss
+        if monitored < run.best_loss - s.min_delta:
+            run.best_loss, run.best_epoch, run.bad_epochs = monitored, run.epoch, 0
+            run.best_params[...] = model.flat_params
+        else:
+            run.bad_epochs += 1
+            if s.patience is not None and run.bad_epochs >= s.patience:
+                run.stopped = f"early stop: no improvement for {s.patience} epochs (best epoch {run.best_epoch})"
+        if s.min_improvement is not None and prev_loss - record.loss < s.min_improvement and not run.stopped:
+            run.stopped = f"the training loss improved by less than {s.min_improvement}"
+        prev_loss = record.loss
+        if log_file:
+            log_file.write(json.dumps(asdict(record)) + "\n")
+            log_file.flush()
+        if on_epoch:
+            on_epoch(record)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, run, s)
+    if not run.stopped:
+        run.stopped = f"completed {run.epoch} epochs"
+    if s.patience is not None and run.best_epoch is not None:
+        model.flat_params[...] = run.best_params
