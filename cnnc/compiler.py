@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,17 @@ def _jsonable(v: Any) -> Any:
     return repr(v)
 
 
+@lru_cache(maxsize=1)
+def compiler_fingerprint() -> str:
+    """A hash of the code generator's own source, so a changed compiler never reuses stale objects."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in sorted([*root.glob("codegen/*.py"), *root.glob("ops/*.py"), *root.glob("passes/*.py"),
+                        root / "compiler.py"]):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def ir_key(fused: nx.DiGraph, target: Target) -> str:
     """A hash of everything the object code depends on."""
     skip = {"loc", "binding", "connect_locs"}
@@ -66,7 +78,8 @@ def ir_key(fused: nx.DiGraph, target: Target) -> str:
         for n in execution_order(fused)
     ]
     blob = json.dumps({"nodes": nodes, "output": fused.graph["output"], "input": fused.graph["input"],
-                       "target": target.key, "cnnc": __version__}, sort_keys=True, default=repr)
+                       "target": target.key, "cnnc": __version__, "compiler": compiler_fingerprint()},
+                      sort_keys=True, default=repr)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import io
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ import numpy as np
 from cnnc_runtime import artifact
 from cnnc_runtime.fileio import atomic_save_npz
 from cnnc_runtime.native import NativeLibrary, host_cpu, missing_features
+from cnnc_runtime.parallel import Pool, default_threads, split
 
 CHUNK = 256  # images per native call when a large array is run: bounds the arena's size
+MIN_IMAGES_PER_THREAD = 4
 ALIGN_BYTES = 64
 P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 LOSSES = ("cross_entropy", "mse")
@@ -51,7 +54,8 @@ def compatible_version(built: str, running: str) -> bool:
 class Model:
     """A compiled network: call it on a batch, train it, save and load its weights."""
 
-    def __init__(self, manifest: dict[str, Any], obj: bytes, weights: bytes = b"", seed: int = 0) -> None:
+    def __init__(self, manifest: dict[str, Any], obj: bytes, weights: bytes = b"", seed: int = 0,
+                 threads: int | None = None) -> None:
         from cnnc_runtime import __version__
 
         if manifest.get("format") != artifact.FORMAT_VERSION:
@@ -86,7 +90,12 @@ class Model:
             span = slice(p["offset"], p["offset"] + p["size"])
             self.trainable_mask[span] = 1.0 if p["trainable"] else 0.0
             self.decay_mask[span] = 1.0 if (p["trainable"] and p["decay"]) else 0.0
-        self._ws = aligned_zeros(max(manifest["ws_floats"], 16))
+        self.threads = threads or default_threads()
+        self._pool: Pool | None = None
+        # per thread: conv scratch space and a gradient buffer (thread 0 uses flat_grads)
+        self._ws = [aligned_zeros(max(manifest["ws_floats"], 16)) for _ in range(self.threads)]
+        self._thread_grads = [self.flat_grads] + [aligned_zeros(manifest["param_floats"])
+                                                  for _ in range(self.threads - 1)]
         self._arenas: dict[str, np.ndarray] = {}
         self.initialize(seed)
         if weights:
@@ -149,7 +158,7 @@ class Model:
         try:
             with np.load(path) as data:
                 self._load_arrays(data, str(path))
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"{path}: cannot read weights ({e})") from None
 
     def _load_arrays(self, data: Mapping[str, np.ndarray], source: str) -> None:
@@ -226,13 +235,29 @@ class Model:
         x = self.check_input(x)
         n = x.shape[0]
         y = np.empty((n, *self.output_shape), dtype=np.float32)
-        arena = self._arena("infer", min(n, CHUNK))
+        arena = self._arena("infer", min(n, CHUNK)).ctypes.data
+        params, xp, yp = self.flat_params.ctypes.data, x.ctypes.data, y.ctypes.data
         in_bytes, out_bytes = x[0].nbytes, y[0].nbytes
         for start in range(0, n, CHUNK):
             stop = min(n, start + CHUNK)
-            self._infer(self.flat_params.ctypes.data, arena.ctypes.data, x.ctypes.data + start * in_bytes,
-                        y.ctypes.data + start * out_bytes, self._ws.ctypes.data, 0, stop - start)
+            xs, ys = xp + start * in_bytes, yp + start * out_bytes
+
+            def task(t: int, a: int, b: int, xs=xs, ys=ys) -> None:
+                self._infer(params, arena, xs, ys, self._ws[t].ctypes.data, a, b)
+
+            self._parallel(stop - start, task)
         return y
+
+    def _parallel(self, n: int, task) -> list[tuple[int, int]]:
+        """Run ``task(thread, n0, n1)`` over [0, n) split across the pool's threads."""
+        ranges = split(n, self.threads, MIN_IMAGES_PER_THREAD) if self.threads > 1 else [(0, n)]
+        if len(ranges) == 1:
+            task(0, 0, n)
+            return ranges
+        if self._pool is None:
+            self._pool = Pool(self.threads)
+        self._pool.run([lambda t=t, a=a, b=b: task(t, a, b) for t, (a, b) in enumerate(ranges)])
+        return ranges
 
     __call__ = forward
 
@@ -250,15 +275,25 @@ class Model:
                               scale: float, out: np.ndarray, losses: np.ndarray) -> None:
         """Add scale * d(sum of losses)/d(params) into ``flat_grads``; fill ``out`` and ``losses``. Inputs checked."""
         n = x.shape[0]
-        arena = self._arena("train", min(n, CHUNK))
+        arena = self._arena("train", min(n, CHUNK)).ctypes.data
         step = self._steps[loss]
+        params = self.flat_params.ctypes.data
         in_bytes, t_bytes, o_bytes = x[0].nbytes, targets[0].nbytes, out[0].nbytes
+        used = 1
         for start in range(0, n, CHUNK):
             stop = min(n, start + CHUNK)
-            step(self.flat_params.ctypes.data, self.flat_grads.ctypes.data, arena.ctypes.data,
-                 x.ctypes.data + start * in_bytes, out.ctypes.data + start * o_bytes,
-                 targets.ctypes.data + start * t_bytes, losses.ctypes.data + start * 4,
-                 self._ws.ctypes.data, seed, scale, 0, stop - start)
+            xs, os_, ts, ls = (x.ctypes.data + start * in_bytes, out.ctypes.data + start * o_bytes,
+                               targets.ctypes.data + start * t_bytes, losses.ctypes.data + start * 4)
+
+            def task(t: int, a: int, b: int, xs=xs, os_=os_, ts=ts, ls=ls, start=start) -> None:
+                # the dropout hash counts images from `seed`: offset it so chunks draw different masks
+                step(params, self._thread_grads[t].ctypes.data, arena, xs, os_, ts, ls, self._ws[t].ctypes.data,
+                     (seed + start) % (1 << 63), scale, a, b)
+
+            used = max(used, len(self._parallel(stop - start, task)))
+        for g in self._thread_grads[1:used]:
+            self.flat_grads += g
+            g[...] = 0.0
 
     def value_and_grad(self, x: Any, y: Any, loss: str | None = None, seed: int = 0) -> tuple[float, dict]:
         """The mean loss over the batch and its gradient for every parameter (same keys as ``params``).

@@ -114,6 +114,7 @@ class Settings:
     seed: int = 0
     max_steps: int | None = None
     min_improvement: float | None = None
+    lr_decay: float = 1.0
 
 
 def settings_from(train: dict[str, Any], **overrides: Any) -> Settings:
@@ -134,6 +135,7 @@ def settings_from(train: dict[str, Any], **overrides: Any) -> Settings:
     s.restarts = train.get("restarts", s.restarts)
     s.max_steps = train.get("max_steps")
     s.min_improvement = train.get("min_improvement")
+    s.lr_decay = train.get("lr_decay", s.lr_decay)
     if "early_stop" in train:
         s.patience = train["early_stop"]["patience"]
         s.min_delta = train["early_stop"]["min_delta"]
@@ -162,6 +164,7 @@ class _Run:
         self.restart = restart
         self.optimizer = _optimizer(s)
         self.optimizer.reset()
+        self.base_lr = self.optimizer.lr  # from the settings; a checkpoint's decayed lr must not compound
         self.rng = np.random.default_rng([s.seed, restart, 1])
         self.epoch = 0
         self.step = 0
@@ -222,8 +225,9 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
     (lambda of lambda * sum(w^2) over weights, not biases), restarts (train K
     times from different initialisations, keep the lowest training loss),
     seed, max_steps, min_improvement (stop once an epoch improves the training
-    loss by less). A NaN or infinite loss raises ``TrainingStopped`` after
-    restoring the last good weights.
+    loss by less), lr_decay (the learning rate of epoch e is lr * lr_decay**e).
+    A NaN or infinite loss raises ``TrainingStopped`` after restoring the last
+    good weights.
     """
     s = settings_from(model.manifest.get("train", {}), **settings)
     loss = model.loss_name(s.loss)
@@ -287,6 +291,7 @@ def _train_run(model, run: _Run, s: Settings, loss: str, x: np.ndarray, targets:
     good = model.flat_params.copy()
     prev_loss = math.inf
     while run.epoch < s.epochs and not run.stopped:
+        optimizer.lr = run.base_lr * s.lr_decay ** run.epoch
         t0 = time.perf_counter()
         order = run.rng.permutation(n)
         total, correct, seen = 0.0, 0, 0

@@ -97,7 +97,7 @@ def plan_memory(g: nx.DiGraph, training: bool) -> Plan:
         # the losses write the gradient of the output (and of a final softmax's input) even when nothing trains
         seeds = {out_root} | ({plan.root[g.nodes[out]["inputs"][0]]} if g.nodes[out]["op"] == "softmax" else set())
         for r in sorted(needs_grad(g, order, plan.root) | seeds, key=order.index):
-            if r != inp:
+            if r != inp or r in seeds:  # the input's gradient only where a loss writes it
                 plan.grad[r] = Tensor("arena", take(size[r]), 0, size[r])
         plan.arena_floats = max(_aligned(offset), ALIGN)
     else:

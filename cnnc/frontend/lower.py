@@ -23,6 +23,8 @@ from cnnc.frontend.values import convert, describe, evaluate
 from cnnc.ir import REQUIRED, add_node, new_graph
 from cnnc.ops import LAYERS, OPS
 
+MAX_CHAIN = 100_000  # layers one binding may unroll into: repetition must not exhaust memory
+
 
 @dataclass
 class Scope:
@@ -173,10 +175,14 @@ class Lowering:
     # ---- bindings and chains ----------------------------------------
 
     def expand(self, elements: list[ast.Element]) -> list[Item]:
+        """Repetition and groups unrolled into one item per layer (at most MAX_CHAIN of them)."""
         items: list[Item] = []
         for el in elements:
             if el.repeat > 1 and el.label is not None:
                 raise CnnError(f"a repeated layer cannot carry the single label '{el.label}'", el.label_loc)
+            once = 1 if el.call is not None else len(self.expand(el.group))
+            if len(items) + once * el.repeat > MAX_CHAIN:
+                raise CnnError(f"this chain would unroll into more than {MAX_CHAIN:,} layers", el.loc)
             for _ in range(el.repeat):
                 items += [Item(el.call, el.label, el.label_loc)] if el.call is not None else self.expand(el.group)
         return items
@@ -193,34 +199,26 @@ class Lowering:
     def binding(self, st: ast.Binding, scope: Scope) -> str:
         items = self.expand(st.chain)
         binding = scope.prefix + st.name
-        with_params = [it for it in items if self.has_params(it.call)]
+        param_index = {id(it): k for k, it in enumerate((it for it in items if self.has_params(it.call)), 1)}
         n_items = len(items) + (0 if isinstance(st.source, tuple) else 1)
-        taken: set[str] = set()
+        copies: dict[str, int] = {}  # op -> how many unlabelled layers of it the binding has so far
 
         def name_for(item: Item | None, op: str) -> str:
             if item is not None and item.label is not None:
                 return scope.prefix + item.label
-            if item is not None and item in with_params:
-                if len(with_params) == 1:
-                    return binding
-                return f"{binding}.{with_params.index(item) + 1}"
-            if n_items == 1 and not with_params:
+            if item is not None and id(item) in param_index:
+                return binding if len(param_index) == 1 else f"{binding}.{param_index[id(item)]}"
+            if n_items == 1 and not param_index:
                 return binding
-            base = f"{binding}.{op}"
-            name, k = base, 2
-            while name in taken or name in self.g:
-                name, k = f"{base}{k}", k + 1
-            return name
+            copies[op] = copies.get(op, 0) + 1
+            return f"{binding}.{op}" + (str(copies[op]) if copies[op] > 1 else "")
 
         if isinstance(st.source, tuple):
             current = self.lookup(st.source[0], st.source[1], scope)
         else:
             current = self.multi_input(st.source, name_for(None, st.source.name), binding, scope)
-            taken.add(current)
         for item in items:
-            name = name_for(item, item.call.name)
-            taken.add(name)
-            current = self.element(item, name, binding, current, scope)
+            current = self.element(item, name_for(item, item.call.name), binding, current, scope)
         return current
 
     def multi_input(self, call: ast.Call, name: str, binding: str, scope: Scope) -> str:
@@ -240,10 +238,11 @@ class Lowering:
         self.new_node(name, call.name, inputs, call.loc, binding, args={})
         return name
 
-    def new_node(self, name: str, op: str, inputs: list[str], loc: Loc, binding: str, **attrs: Any) -> None:
+    def new_node(self, name: str, op: str, inputs: list[str], loc: Loc, binding: str, name_loc: Loc | None = None,
+                 **attrs: Any) -> None:
         if name in self.g:
             first = self.g.nodes[name]["loc"]
-            raise CnnError(f"the layer name '{name}' is already used (at line {first.line})", loc)
+            raise CnnError(f"the layer name '{name}' is already used (at line {first.line})", name_loc or loc)
         add_node(self.g, name, op, inputs, loc=loc, binding=binding, **attrs)
 
     def element(self, item: Item, name: str, binding: str, current: str, scope: Scope) -> str:
@@ -264,7 +263,7 @@ class Lowering:
             self.connect_table(args, call)
         if args.get("weights") is not None:
             attrs["fixed"] = {"weight": args["weights"]}
-        self.new_node(name, op.name, [current], call.loc, binding, args=args, **attrs)
+        self.new_node(name, op.name, [current], call.loc, binding, item.label_loc, args=args, **attrs)
         return name
 
     def arguments(self, what: str, spec: list[tuple], call: ast.Call, scope: Scope) -> dict[str, Any]:
@@ -348,7 +347,11 @@ class Lowering:
 
 def lower(file: ast.File, diag: Diagnostics | None = None) -> nx.DiGraph:
     """Build the IR graph of the file's network; user mistakes raise ``CnnError``."""
-    return Lowering(file, diag or Diagnostics()).run()
+    try:
+        return Lowering(file, diag or Diagnostics()).run()
+    except RecursionError:
+        raise CnnError("the file nests blocks, groups or expressions too deeply",
+                       Loc(file.path, 1, 1, 1, file.source)) from None
 
 
 __all__ = ["lower", "describe"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
@@ -31,8 +32,8 @@ MISTAKES = {
         "network n { input x: 4 y = x -> relu tanh -> relu }",
     ],
     "an input needs a shape, like 'input image: 1x28x28' or 'input v: 784'": [
-        "network n { input x }",
-        "network n { input x y = x }",
+        "network n { input x: }",
+        "network n { input x: y = x }",
     ],
     "a binding needs a value after '=', like 'y = x -> relu'": [
         "network n { input x: 4 y = }",
@@ -41,10 +42,12 @@ MISTAKES = {
     "'->' must be followed by a layer": [
         "network n { input x: 4 y = x -> }",
         "network n { input x: 4 y = x -> -> relu }",
+        "network n { input x: 4 y = x -> relu -> }",
     ],
     "unclosed '(' in the arguments": [
         "network n { input x: 4 y = x -> dense(4 }",
         "network n { input x: 4 y = x -> dense(4 -> relu }",
+        "network n { input x: 4 y = x -> dense(4",
     ],
     "arguments are separated by ','": [
         "network n { input x: 4 y = x -> dense(4 bias=false) }",
@@ -57,10 +60,17 @@ MISTAKES = {
 }
 
 
+def grammar_text() -> str:
+    """grammar/cnn.lark: package data when installed, the checkout's file when run from the source tree."""
+    try:
+        return resources.files("cnnc.grammar").joinpath("cnn.lark").read_text()
+    except (ModuleNotFoundError, FileNotFoundError):
+        return (Path(__file__).resolve().parents[2] / "grammar" / "cnn.lark").read_text()
+
+
 @lru_cache(maxsize=1)
 def parser() -> Lark:
-    grammar = resources.files("cnnc.grammar").joinpath("cnn.lark").read_text()
-    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 
 class _ToAst(Transformer):
@@ -227,11 +237,26 @@ def _got(token: Token) -> str:
     return f"'{token.value}'"
 
 
+def _match(e: UnexpectedInput) -> str | None:
+    """The MISTAKES label whose examples fail in the same parser state as `e`, if any."""
+    try:
+        return e.match_examples(parser().parse, MISTAKES, use_accepts=True)
+    except Exception:  # a failing example must not hide the user's error
+        return None
+
+
 def _syntax_error(e: UnexpectedInput, path: str, source: str) -> CnnError:
     line, column = max(getattr(e, "line", 1) or 1, 1), max(getattr(e, "column", 1) or 1, 1)
     width = 1
     if isinstance(e, UnexpectedCharacters):
-        message = f"unexpected character '{source[e.pos_in_stream]}'; expected {_describe(e.allowed)}"
+        char = source[e.pos_in_stream]
+        message = f"unexpected character '{char}'; expected {_describe(e.allowed)}"
+        if char == ">" and e.pos_in_stream > 0 and source[e.pos_in_stream - 1] == "-":
+            column, width = column - 1, 2  # '->' where it cannot stand: point at the arrow
+            message = f"unexpected '->'; expected {_describe(e.allowed - {'MINUS'})}"
+        label = _match(e)
+        if label:
+            message = f"{label} (got '{'->' if width == 2 else char}')"
     else:
         token = e.token if isinstance(e, UnexpectedToken) else Token("$END", "")
         if token.type == "$END" or isinstance(e, UnexpectedEOF):
@@ -240,10 +265,7 @@ def _syntax_error(e: UnexpectedInput, path: str, source: str) -> CnnError:
         else:
             width = len(token)
         message = f"expected {_describe(set(e.expected))}, got {_got(token)}"
-        try:
-            label = e.match_examples(parser().parse, MISTAKES, use_accepts=True)
-        except Exception:  # a failing example must not hide the user's error
-            label = None
+        label = _match(e)
         if label:
             message = f"{label} (got {_got(token)})"
     return CnnError(message, Loc(path, line, column, width, source))
@@ -260,4 +282,8 @@ def parse(source: str, path: str = "<string>") -> ast.File:
     except VisitError as e:
         if isinstance(e.orig_exc, CnnError):
             raise e.orig_exc from None
+        if isinstance(e.orig_exc, RecursionError):
+            raise CnnError("the file nests groups or expressions too deeply", Loc(path, 1, 1, 1, source)) from None
         raise
+    except RecursionError:
+        raise CnnError("the file nests groups or expressions too deeply", Loc(path, 1, 1, 1, source)) from None

@@ -43,6 +43,7 @@ SCALARS = {
     "restarts": (_count, "a positive integer"),
     "max_steps": (_count, "a positive integer"),
     "min_improvement": (_nonneg, "a non-negative number"),
+    "lr_decay": (lambda v: _nonneg(v) and 0 < v <= 1, "a factor in (0, 1]"),
 }
 KEYS = ("loss", "optimizer", "data", "early_stop", *SCALARS)
 
@@ -76,7 +77,7 @@ def lower_train(section: ast.Train) -> dict[str, Any]:
         value = s.value
         if s.key == "optimizer":
             call = value if isinstance(value, ast.Call) else None
-            name = call.name if call else (value.value if value.kind == "word" else None)
+            name = call.name if call else evaluate(value, {})
             if name not in OPTIMIZERS:
                 hint = did_you_mean(str(name), OPTIMIZERS) or f"; choose {', '.join(OPTIMIZERS)}"
                 raise CnnError(f"unknown optimizer {describe(name)}{hint}", (call or value).loc)

@@ -62,7 +62,8 @@ def _number(v: Any) -> bool:
 
 def convert(value: Any, kind: str, what: str, loc: Loc) -> Any:
     """Check `value` against `kind` and normalise it (sizes become (h, w) tuples)."""
-    bad = lambda need: CnnError(f"{what} must be {need}, got {describe(value)}", loc)
+    given = value
+    bad = lambda need: CnnError(f"{what} must be {need}, got {describe(given)}", loc)
     if value is None or kind == "any":
         return value
     if kind == "count":
@@ -108,12 +109,14 @@ def convert(value: Any, kind: str, what: str, loc: Loc) -> Any:
 
 def weights_array(value: Any, what: str, loc: Loc) -> np.ndarray:
     """A nested list of numbers as a float32 array; ragged or non-numeric lists are errors."""
-    def depth_shape(v: Any) -> tuple[int, ...]:
+    def depth_shape(v: Any, depth: int = 0) -> tuple[int, ...]:
         if _number(v):
             return ()
+        if depth >= 4:
+            raise CnnError(f"{what}: a list of weights has at most 4 dimensions (out x in x kh x kw)", loc)
         if not isinstance(v, list) or not v:
             raise CnnError(f"{what} must be a nested list of numbers, like [[0, 1, 0], [1, -4, 1], [0, 1, 0]]", loc)
-        shapes = {depth_shape(x) for x in v}
+        shapes = {depth_shape(x, depth + 1) for x in v}
         if len(shapes) != 1:
             raise CnnError(f"{what}: the rows of the list have different lengths", loc)
         return (len(v), *shapes.pop())

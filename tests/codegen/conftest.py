@@ -7,9 +7,9 @@ import ctypes
 import llvmlite.ir as ir
 import numpy as np
 import pytest
-from cnnc_runtime.native import NativeLibrary
 
 from cnnc.codegen.target import Target, emit_object, generic_target, host_target
+from cnnc_runtime.native import NativeLibrary
 
 
 class Jit:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cnnc_runtime.data import (
     Dataset,
     batches,

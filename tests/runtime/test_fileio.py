@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+
 from cnnc_runtime import fileio
 from cnnc_runtime.fileio import atomic_open, atomic_save_npz, atomic_write, atomic_write_bytes
 

@@ -7,6 +7,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+
 from cnnc_runtime.optimizers import (
     SGD,
     Adam,

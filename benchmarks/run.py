@@ -1,0 +1,904 @@
+"""cnnc vs PyTorch, measured in one run on the same threads: ``python benchmarks/run.py``.
+
+Options: ``--quick`` (fewer repeats and steps), ``--only NAME[,NAME]`` (see ``--list``),
+``--threads N`` (default 2), ``--json PATH`` (default benchmarks/results.json; ``--json -`` to skip).
+
+Every number is a sample of ``repeats`` measurements taken after warm-up, cnnc and
+PyTorch alternating sample by sample (so a burst of background load hits both
+sides alike); the table shows the median and [min-max]. The last column is
+cnnc/PyTorch oriented so that > 1 always means cnnc is better (faster, or less
+time or memory). benchmarks/README.md says what each row measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+LENET = REPO / "examples" / "lenet5.cnn"
+CIFAR = REPO / "examples" / "cifar_small.cnn"
+MNIST = REPO / "examples" / "data" / "mnist"
+MNIST_EPOCH = 60000
+SETTLE = 0.02  # seconds of pause between a cnnc and a PyTorch sample (lets spinning OpenMP threads go to sleep)
+
+CONV_N, CONV_C, CONV_HW = 32, 64, 32
+CONV_MACS = CONV_N * CONV_C * CONV_C * 9 * CONV_HW * CONV_HW  # 64->64, 3x3, pad 1, 32x32, batch 32
+CONV_ONE = f"""network conv_one {{
+    input x: {CONV_C}x{CONV_HW}x{CONV_HW}
+    y = x -> conv({CONV_C}, 3x3, pad=1)
+}}"""
+# The same conv behind a per-channel scale (a depthwise 1x1 conv: 64 MACs per pixel), so that the conv's
+# input is no longer the network input and the training step must compute the conv's input gradient too.
+CONV_TWO = f"""network conv_two {{
+    input x: {CONV_C}x{CONV_HW}x{CONV_HW}
+    h = x -> conv({CONV_C}, 1x1, groups={CONV_C})
+    y = h -> conv({CONV_C}, 3x3, pad=1)
+}}"""
+
+ROW_NAMES = ("lenet_train", "lenet_infer1", "lenet_infer256", "cifar_train", "conv", "fma", "compile", "import",
+             "first_step", "rss")
+
+
+# ---- results ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    unit: str
+    better: str  # "higher" or "lower": what is better for this metric
+    cnnc: list[float] | None = None
+    torch: list[float] | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+    others: float | None = None  # share of the machine's CPU other processes used while the row ran
+
+    def ratio(self) -> float | None:
+        """cnnc/PyTorch, oriented so that > 1 means cnnc is better."""
+        if not self.cnnc or not self.torch:
+            return None
+        c, t = median(self.cnnc), median(self.torch)
+        if c <= 0 or t <= 0:
+            return None
+        return c / t if self.better == "higher" else t / c
+
+    def as_dict(self) -> dict:
+        def stats(s):
+            return None if not s else {"median": median(s), "min": min(s), "max": max(s), "samples": s}
+
+        return {"key": self.key, "label": self.label, "unit": self.unit, "better": self.better,
+                "cnnc": stats(self.cnnc), "torch": stats(self.torch), "ratio_cnnc_better_if_gt_1": self.ratio(),
+                "note": self.note, "extra": self.extra, "others_cpu_share": self.others}
+
+
+def median(s: list[float]) -> float:
+    return float(np.median(s))
+
+
+def fmt(v: float) -> str:
+    if v == 0 or not math.isfinite(v):
+        return f"{v:g}"
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3g}"
+
+
+def cell(s: list[float] | None) -> str:
+    if not s:
+        return "-"
+    if len(s) == 1:
+        return fmt(s[0])
+    return f"{fmt(median(s))} [{fmt(min(s))}-{fmt(max(s))}]"
+
+
+def print_table(rows: list[Row], meta: dict) -> None:
+    print()
+    print(f"cnnc {meta['cnnc_version']} vs PyTorch {meta['torch_version'] or '(not installed)'}, "
+          f"{meta['threads']} thread(s) each, {meta['cpu']}{' (--quick)' if meta['quick'] else ''}")
+    print("values: median [min-max] over repeats.  RATIO = cnnc/PyTorch, oriented so that > 1 means cnnc is better "
+          "(higher throughput, or lower time / memory).\nothers: share of the machine's CPU used by other processes "
+          "while the row ran (should be ~0%)")
+    head = ("#", "benchmark", "unit", "better", "cnnc", "PyTorch", "ratio", "others")
+    body = [(str(i + 1), r.label, r.unit, r.better, cell(r.cnnc), cell(r.torch),
+             "-" if r.ratio() is None else f"{r.ratio():.2f}x", "?" if r.others is None else f"{100 * r.others:.0f}%")
+            for i, r in enumerate(rows)]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    line = "  ".join("-" * w for w in widths)
+    print(line)
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print(line)
+    for b in body:
+        print("  ".join(x.rjust(w) if i >= 4 else x.ljust(w) for i, (x, w) in enumerate(zip(b, widths))))
+    print(line)
+    notes = [(i + 1, r.note) for i, r in enumerate(rows) if r.note]
+    if notes:
+        print("notes:")
+        for i, n in notes:
+            print(f"  {i:>2}. {n}")
+
+
+# ---- measurement helpers -----------------------------------------------------------------------------------
+
+
+class Ctx:
+    """What every row needs: options, the torch module (or None), data, compiled models."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.quick = args.quick
+        self.threads = args.threads
+        self.torch = None
+        self.torch_error = ""
+        try:
+            import torch
+
+            torch.set_num_threads(self.threads)
+            self.torch = torch
+        except Exception as e:  # noqa: BLE001 - any failure means "no torch column"
+            self.torch_error = f"{type(e).__name__}: {e}"
+        self.cache_dir = tempfile.mkdtemp(prefix="cnnc-bench-cache-")
+        self._mnist = None
+        self._models: dict[str, object] = {}
+        self.fma: dict | None = None
+
+    def rep(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+    def mnist(self) -> tuple[np.ndarray, np.ndarray]:
+        """MNIST train images prepared for LeNet-5 (N, 1, 32, 32) float32 and int64 labels."""
+        if self._mnist is None:
+            from cnnc_runtime.data import load_dataset, prepare_images
+
+            train = load_dataset(MNIST)["train"]
+            self._mnist = (prepare_images(train.x, (1, 32, 32)), np.asarray(train.y))
+        return self._mnist
+
+    def model(self, key: str, source: Path | str):
+        if key not in self._models:
+            import cnnc
+
+            m = cnnc.compile(source) if isinstance(source, Path) else cnnc.compile_string(source, name=key)
+            if m.threads != self.threads:
+                raise RuntimeError(f"cnnc model runs on {m.threads} threads, expected {self.threads}")
+            self._models[key] = m
+        return self._models[key]
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["CNNC_THREADS"] = str(self.threads)
+        env["CNNC_CACHE_DIR"] = self.cache_dir
+        env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        return env
+
+
+def alternate(ctx: Ctx, row: Row, repeats: int, cnnc_sample: Callable[[], float],
+              torch_sample: Callable[[], float] | None, warmup: int = 1) -> None:
+    """Warm both sides up, then take `repeats` samples of each, alternating; a failing torch side is noted."""
+    if ctx.torch is None:
+        torch_sample = None
+        row.note = (row.note + "; " if row.note else "") + f"PyTorch unavailable ({ctx.torch_error})"
+    for _ in range(warmup):
+        cnnc_sample()
+        if torch_sample is not None:
+            try:
+                time.sleep(SETTLE)
+                torch_sample()
+                time.sleep(SETTLE)
+            except Exception as e:  # noqa: BLE001
+                row.note = (row.note + "; " if row.note else "") + f"PyTorch side failed: {type(e).__name__}: {e}"
+                torch_sample = None
+    row.cnnc = []
+    row.torch = [] if torch_sample is not None else None
+    for _ in range(repeats):
+        row.cnnc.append(cnnc_sample())
+        if torch_sample is not None:
+            time.sleep(SETTLE)
+            row.torch.append(torch_sample())
+            time.sleep(SETTLE)
+
+
+def block_median(fn: Callable[[], object], calls: int, budget: float = 2.0) -> float:
+    """Median seconds of `calls` timed calls of fn (fewer, at least 5, if they take more than `budget` s)."""
+    ts = []
+    end = time.perf_counter() + budget
+    for i in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        ts.append(t1 - t0)
+        if t1 > end and i >= 4:
+            break
+    return float(np.median(ts))
+
+
+def run_child(ctx: Ctx, code: str, params: dict, timeout: float = 600) -> dict:
+    """Run `code` in a fresh interpreter (argv[1] = JSON params); it prints one JSON object as its last line."""
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(params)], capture_output=True, text=True,
+                          env=ctx.env(), cwd=str(REPO), timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- PyTorch equivalents -------------------------------------------------------------------------------------
+
+
+def torch_lenet(torch, c3_mask: np.ndarray):
+    """LeNet-5 as in examples/lenet5.cnn: tanh, average pooling, C3 by a masked 6->16 conv weight."""
+    nn, F = torch.nn, torch.nn.functional
+
+    class LeNet5(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 6, 5)
+            self.c3 = nn.Conv2d(6, 16, 5)
+            self.c5 = nn.Conv2d(16, 120, 5)
+            self.f6 = nn.Linear(120, 84)
+            self.logits = nn.Linear(84, 10)
+            self.register_buffer("c3_mask", torch.from_numpy(c3_mask)[:, :, None, None].clone())
+
+        def forward(self, x):
+            x = F.avg_pool2d(torch.tanh(self.c1(x)), 2)
+            x = F.avg_pool2d(torch.tanh(F.conv2d(x, self.c3.weight * self.c3_mask, self.c3.bias)), 2)
+            x = torch.tanh(self.c5(x)).flatten(1)
+            return self.logits(torch.tanh(self.f6(x)))
+
+    return LeNet5()
+
+
+def torch_cifar(torch):
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def copy_weights_to_torch(torch, model, net) -> None:
+    """cnnc's parameters, in layout order (layer by layer, weight then bias), into the torch module's, in order."""
+    ours = [model.params[p["name"]] for p in model.manifest["params"]]
+    theirs = list(net.parameters())
+    if [a.shape for a in ours] != [tuple(t.shape) for t in theirs]:
+        raise RuntimeError(f"parameter shapes differ: {[a.shape for a in ours]} vs {[tuple(t.shape) for t in theirs]}")
+    with torch.no_grad():
+        for a, t in zip(ours, theirs):
+            t.copy_(torch.from_numpy(a.copy()))
+
+
+def c3_mask_of(model) -> np.ndarray:
+    p = next(p for p in model.manifest["params"] if p["connect"] is not None)
+    return model.connect_mask(p)
+
+
+def torch_fit_epoch(torch, net, opt, x, y, batch: int, seed: int) -> None:
+    """What cnnc's fit does per epoch: shuffle, then per batch forward, loss, backward, Adam; loss and accuracy."""
+    F = torch.nn.functional
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    total, correct = 0.0, 0
+    for start in range(0, len(x), batch):
+        idx = order[start:start + batch]
+        xb, yb = x[idx], y[idx]
+        opt.zero_grad(set_to_none=True)
+        out = net(xb)
+        loss = F.cross_entropy(out, yb)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+        correct += int((out.argmax(1) == yb).sum())
+
+
+def train_row(ctx: Ctx, row: Row, model, x: np.ndarray, y: np.ndarray, make_torch_net) -> None:
+    """images/s of one epoch of `fit` over the first n images of (x, y) at batch 64, vs the same loop in PyTorch.
+
+    The warm-up epoch is 5 steps; from its speed each side picks n (whole batches, at least 5, at most
+    len(x)) so that one sample takes about 1.5 s (0.6 s with --quick): slow sides do not blow the time budget.
+    """
+    target = ctx.rep(1.5, 0.6)
+    seeds = iter(range(10**6))
+    sizes: dict[str, int] = {}
+
+    def sized(side: str, epoch: Callable[[int], None]) -> float:
+        n = sizes.get(side, 5 * 64)
+        t0 = time.perf_counter()
+        epoch(n)
+        dt = time.perf_counter() - t0
+        if side not in sizes:
+            sizes[side] = int(min(max(round(target * n / dt / 64), 5), len(x) // 64)) * 64
+        return n / dt
+
+    def cnnc_epoch(n: int) -> None:
+        model.fit(x[:n], y[:n], epochs=1, batch_size=64, optimizer="adam", lr=1e-3, progress=False, jitter=0.0,
+                  validation_split=0.0, weight_decay=0.0, restarts=1, seed=next(seeds))
+
+    torch_sample = None
+    if ctx.torch is not None:
+        torch = ctx.torch
+        net = make_torch_net()
+        copy_weights_to_torch(torch, model, net)
+        tx, ty = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+        with torch.no_grad():
+            ref = float(torch.nn.functional.cross_entropy(net(tx[:64]), ty[:64]))
+        mine, _ = model.value_and_grad(x[:64], y[:64], loss="cross_entropy")
+        row.extra["same_weights_loss_cnnc_vs_torch"] = [mine, ref]
+        if abs(mine - ref) > 1e-3 * max(1.0, abs(ref)):
+            row.note = f"WARNING: the PyTorch model disagrees with cnnc (loss {ref:.5f} vs {mine:.5f})"
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+        def torch_epoch(n: int) -> None:
+            torch_fit_epoch(torch, net, opt, tx[:n], ty[:n], 64, next(seeds))
+
+        torch_sample = lambda: sized("torch", torch_epoch)  # noqa: E731
+
+    alternate(ctx, row, ctx.rep(5, 3), lambda: sized("cnnc", cnnc_epoch), torch_sample)
+    model.initialize(0)
+    row.extra.update(images_per_sample=sizes, cnnc_step_breakdown=step_breakdown(model, x, y))
+
+
+def step_breakdown(model, x: np.ndarray, y: np.ndarray, steps: int = 30) -> dict:
+    """Milliseconds per batch-64 step: the native step_cross_entropy call alone, and the Adam update alone."""
+    from cnnc_runtime.optimizers import Adam
+
+    xb, tb = x[:64], y[:64].astype(np.int32)
+    k = model.manifest["loss_inputs"]["cross_entropy"]
+    out, losses = np.empty((64, k), np.float32), np.empty(64, np.float32)
+    opt = Adam(lr=1e-3)
+
+    def native() -> None:
+        model.flat_grads[...] = 0.0
+        model._accumulate_gradients(xb, tb, "cross_entropy", 0, 1 / 64, out, losses)
+
+    native()
+    grads = model.flat_grads.copy() * 0  # a zero gradient: Adam does full work but the weights stay put
+    opt.step(model.flat_params, grads)
+    native_ms = block_median(native, steps) * 1e3
+    adam_ms = block_median(lambda: opt.step(model.flat_params, grads), steps) * 1e3
+    return {"native_step_ms": native_ms, "adam_ms": adam_ms}
+
+
+# ---- rows ------------------------------------------------------------------------------------------------
+
+
+def row_lenet_train(ctx: Ctx) -> list[Row]:
+    model = ctx.model("lenet5", LENET)
+    x, y = ctx.mnist()
+    row = Row("lenet_train", "LeNet-5 training, batch 64 (fit + Adam)", "images/s", "higher")
+    mask = c3_mask_of(model)
+    train_row(ctx, row, model, x, y, lambda: torch_lenet(ctx.torch, mask))
+    b = row.extra["cnnc_step_breakdown"]
+    per_step = 64 / median(row.cnnc) * 1e3
+    row.note = (row.note + "; " if row.note else "") + (
+        f"cnnc step {per_step:.2f} ms = native fwd+bwd {b['native_step_ms']:.2f} + Adam {b['adam_ms']:.2f} "
+        f"+ rest {per_step - b['native_step_ms'] - b['adam_ms']:.2f} (batching, loop)")
+    epoch = Row("lenet_epoch", "  one MNIST epoch (60000/throughput)", "s", "lower",
+                [MNIST_EPOCH / v for v in row.cnnc], [MNIST_EPOCH / v for v in row.torch] if row.torch else None)
+    return [row, epoch]
+
+
+def infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
+    model = ctx.model("lenet5", LENET)
+    x, _ = ctx.mnist()
+    xb = np.ascontiguousarray(x[:batch])
+    single = batch == 1
+    row = Row(key, label, "us" if single else "images/s", "lower" if single else "higher")
+    calls = ctx.rep(400, 200) if single else ctx.rep(10, 5)
+
+    def sample(fn) -> float:
+        if single:
+            return block_median(fn, calls) * 1e6
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return batch * calls / (time.perf_counter() - t0)
+
+    torch_sample = None
+    if ctx.torch is not None:
+        torch = ctx.torch
+        net = torch_lenet(torch, c3_mask_of(model)).eval()
+        copy_weights_to_torch(torch, model, net)
+        tx = torch.from_numpy(xb)
+
+        def torch_call():
+            with torch.inference_mode():
+                return net(tx)
+
+        torch_sample = lambda: sample(torch_call)  # noqa: E731
+    alternate(ctx, row, ctx.rep(7, 4), lambda: sample(lambda: model(xb)), torch_sample)
+    row.extra["calls_per_sample"] = calls
+    return row
+
+
+def row_lenet_infer1(ctx: Ctx) -> list[Row]:
+    return [infer_row(ctx, "lenet_infer1", "LeNet-5 inference, batch 1 (latency)", 1)]
+
+
+def row_lenet_infer256(ctx: Ctx) -> list[Row]:
+    return [infer_row(ctx, "lenet_infer256", "LeNet-5 inference, batch 256", 256)]
+
+
+def row_cifar_train(ctx: Ctx) -> list[Row]:
+    model = ctx.model("cifar_small", CIFAR)
+    rng = np.random.default_rng(0)
+    n = 64 * 40  # synthetic 3x32x32 images; a sample uses the first 5-40 batches (see train_row)
+    x = rng.random((n, 3, 32, 32), dtype=np.float32)
+    y = rng.integers(0, 10, n)
+    row = Row("cifar_train", "CIFAR-style net training, batch 64 (fit + Adam)", "images/s", "higher")
+    train_row(ctx, row, model, x, y, lambda: torch_cifar(ctx.torch))
+    b = row.extra["cnnc_step_breakdown"]
+    row.note = (row.note + "; " if row.note else "") + (
+        f"cnnc step {64 / median(row.cnnc) * 1e3:.0f} ms, of which native fwd+bwd {b['native_step_ms']:.0f} ms, "
+        f"Adam {b['adam_ms']:.1f} ms")
+    return [row]
+
+
+def fma_peak(ctx: Ctx) -> dict:
+    if ctx.fma is None:
+        from fma_peak import FmaKernel, measure
+
+        k = FmaKernel()
+        reps = ctx.rep(5, 3)
+        sec = ctx.rep(0.25, 0.15)
+        ctx.fma = {"width": k.width, "chains": k.chains, "1": measure(1, sec, reps, k),
+                   str(ctx.threads): measure(ctx.threads, sec, reps, k)}
+    return ctx.fma
+
+
+def row_fma(ctx: Ctx) -> list[Row]:
+    f = fma_peak(ctx)
+    note = f"<{f['width']} x float> x {f['chains']} independent llvm.fma chains (benchmarks/fma_peak.py)"
+    rows = [Row("fma_1", "FMA peak, 1 thread (machine)", "GFLOP/s", "higher", f["1"], note=note)]
+    if ctx.threads != 1:
+        rows.append(Row(f"fma_{ctx.threads}", f"FMA peak, {ctx.threads} threads (machine)", "GFLOP/s", "higher",
+                        f[str(ctx.threads)]))
+    return rows
+
+
+def row_conv(ctx: Ctx) -> list[Row]:
+    """A conv 64->64 3x3 pad 1 on 32x32, batch 32: forward and backward (input + weight gradients) GFLOP/s."""
+    one = ctx.model("conv_one", CONV_ONE)
+    two = ctx.model("conv_two", CONV_TWO)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((CONV_N, CONV_C, CONV_HW, CONV_HW), dtype=np.float32)
+    k = CONV_C * CONV_HW * CONV_HW
+    target = np.zeros((CONV_N, k), np.float32)
+    out, losses = np.empty((CONV_N, k), np.float32), np.empty(CONV_N, np.float32)
+    two.params["h.weight"][...] = 1.0  # the per-channel scale is the identity
+
+    def step(m) -> float:
+        m.flat_grads[...] = 0.0
+        t0 = time.perf_counter()
+        m._accumulate_gradients(x, target, "mse", 0, 1.0 / (CONV_N * k), out, losses)
+        return time.perf_counter() - t0
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    fwd_flop, bwd_flop = 2 * CONV_MACS, 4 * CONV_MACS
+    parts: dict[str, list[float]] = {"fwd": []}
+
+    def cnnc_fwd() -> float:
+        t = block_median(lambda: one.forward(x), 3)
+        parts["fwd"].append(t)
+        return fwd_flop / t / 1e9
+
+    def cnnc_bwd() -> float:
+        # conv_two's training step minus its forward: input + weight gradients of the 3x3 conv (plus the
+        # mse loss and the negligible per-channel scale); conv_one's step minus forward: weight gradient only.
+        # Each is the median of 3 alternating timings, so one preempted call does not make a difference absurd.
+        got: dict[str, list[float]] = {"step_two": [], "fwd_two": [], "step_one": [], "fwd_one": []}
+        for _ in range(3):
+            got["step_two"].append(step(two))
+            got["fwd_two"].append(timed(lambda: two.forward(x)))
+            got["step_one"].append(step(one))
+            got["fwd_one"].append(timed(lambda: one.forward(x)))
+        for key, v in got.items():
+            parts.setdefault(key, []).append(median(v))
+        return bwd_flop / max(median(got["step_two"]) - median(got["fwd_two"]), 1e-9) / 1e9
+
+    fwd = Row("conv_fwd", "conv 64->64 3x3 32x32 b32: forward", "GFLOP/s", "higher")
+    bwd = Row("conv_bwd", "conv 64->64 3x3 32x32 b32: backward (dX+dW)", "GFLOP/s", "higher")
+    t_fwd = t_bwd = None
+    if ctx.torch is not None:
+        torch = ctx.torch
+        F = torch.nn.functional
+        tx = torch.from_numpy(x.copy())
+        w = torch.from_numpy(one.params["y.weight"].copy())
+        b = torch.from_numpy(one.params["y.bias"].copy())
+
+        def t_fwd() -> float:
+            with torch.inference_mode():
+                t = block_median(lambda: F.conv2d(tx, w, b, padding=1), 3)
+            return fwd_flop / t / 1e9
+
+        xg, wg = tx.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        yg = F.conv2d(xg, wg, b, padding=1)
+        g = torch.randn_like(yg)
+
+        def t_bwd() -> float:
+            # the gradient of (y * g).sum() with respect to x and w, on a kept graph: backward only
+            t = block_median(lambda: torch.autograd.grad(yg, (xg, wg), grad_outputs=g, retain_graph=True), 3)
+            return bwd_flop / t / 1e9
+
+    reps = ctx.rep(7, 4)
+    alternate(ctx, fwd, reps, cnnc_fwd, t_fwd)
+    alternate(ctx, bwd, reps, cnnc_bwd, t_bwd)
+    # drop the warm-up samples of the parts
+    for key in parts:
+        parts[key] = parts[key][-reps:]
+    med = {key: median(v) * 1e3 for key, v in parts.items()}
+    dw = 2 * CONV_MACS / max(med["step_one"] - med["fwd_one"], 1e-9) / 1e6
+    dx = 2 * CONV_MACS / max(med["step_two"] - med["fwd_two"] - (med["step_one"] - med["fwd_one"]), 1e-9) / 1e6
+    bwd.extra.update(cnnc_ms=med, cnnc_dW_gflops=dw, cnnc_dX_gflops=dx)
+    bwd.note = (f"cnnc: step(mse) - forward = {med['step_two'] - med['fwd_two']:.1f} ms; "
+                f"split: dW ~{dw:.0f} GFLOP/s, dX ~{dx:.0f} GFLOP/s")
+    rows = [fwd, bwd]
+    f = fma_peak(ctx)
+    peak = median(f[str(ctx.threads)])
+    for r in (fwd, bwd):
+        rows.append(Row(r.key + "_peak", f"  {r.label.split(': ')[1]} as % of {ctx.threads}-thread FMA peak", "%",
+                        "higher", [100 * v / peak for v in r.cnnc], [100 * v / peak for v in r.torch]
+                        if r.torch else None))
+    rows[2].note = f"peak = median of the FMA row, {peak:.0f} GFLOP/s"
+    return rows
+
+
+COMPILE_CHILD = r"""
+import json, sys, time
+p = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+import cnnc
+t1 = time.perf_counter()
+m = cnnc.compile(p["path"], cache=p["cache"])
+t2 = time.perf_counter()
+print(json.dumps({"import": t1 - t0, "compile": t2 - t1}))
+"""
+
+
+def row_compile(ctx: Ctx) -> list[Row]:
+    cold = Row("compile_cold", "compile LeNet-5, cold (cache=False)", "s", "lower")
+    warm = Row("compile_warm", "compile LeNet-5, warm (from the cache)", "s", "lower")
+    run_child(ctx, COMPILE_CHILD, {"path": str(LENET), "cache": True})  # fills this run's cache dir
+    cold.cnnc = [run_child(ctx, COMPILE_CHILD, {"path": str(LENET), "cache": False})["compile"]
+                 for _ in range(ctx.rep(2, 1))]
+    warm.cnnc = [run_child(ctx, COMPILE_CHILD, {"path": str(LENET), "cache": True})["compile"]
+                 for _ in range(ctx.rep(5, 3))]
+    cold.note = "whole cnnc.compile (parse, passes, LLVM O3, object code, load) in a fresh process; " \
+                "eager PyTorch has no compile step"
+    return [cold, warm]
+
+
+IMPORT_CHILD = r"""
+import json, sys, time
+p = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+__import__(p["module"])
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+"""
+
+
+def row_import(ctx: Ctx) -> list[Row]:
+    row = Row("import", "import time (fresh process)", "s", "lower")
+    cnnc_sample = lambda: run_child(ctx, IMPORT_CHILD, {"module": "cnnc"})["seconds"]  # noqa: E731
+    torch_sample = lambda: run_child(ctx, IMPORT_CHILD, {"module": "torch"})["seconds"]  # noqa: E731
+    alternate(ctx, row, ctx.rep(5, 3), cnnc_sample, torch_sample)
+    return [row]
+
+
+FIRST_STEP_CNNC = r"""
+import json, sys, time
+p = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+import cnnc
+from cnnc_runtime.data import load_dataset, prepare_images
+t1 = time.perf_counter()
+model = cnnc.compile(p["lenet"])
+t2 = time.perf_counter()
+train = load_dataset(p["mnist"])["train"]
+x, y = prepare_images(train.x, model.input_shape), train.y
+t3 = time.perf_counter()
+model.fit(x, y, epochs=1, batch_size=64, max_steps=1, progress=False)
+t4 = time.perf_counter()
+print(json.dumps({"end": time.time(), "import": t1 - t0, "build": t2 - t1, "data": t3 - t2, "step": t4 - t3}))
+"""
+
+FIRST_STEP_TORCH = r"""
+import json, sys, time
+p = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+import torch
+from cnnc_runtime.data import load_dataset, prepare_images
+from run import torch_lenet
+t1 = time.perf_counter()
+torch.set_num_threads(p["threads"])
+mask = torch.tensor(p["mask"]).numpy()
+net = torch_lenet(torch, mask)
+opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+t2 = time.perf_counter()
+train = load_dataset(p["mnist"])["train"]
+x, y = torch.from_numpy(prepare_images(train.x, (1, 32, 32))), torch.from_numpy(train.y)
+t3 = time.perf_counter()
+idx = torch.randperm(len(x))[:64]
+opt.zero_grad()
+loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+loss.backward()
+opt.step()
+loss.item()
+t4 = time.perf_counter()
+print(json.dumps({"end": time.time(), "import": t1 - t0, "build": t2 - t1, "data": t3 - t2, "step": t4 - t3}))
+"""
+
+
+def row_first_step(ctx: Ctx) -> list[Row]:
+    row = Row("first_step", "time to first training step (process start)", "s", "lower")
+    run_child(ctx, COMPILE_CHILD, {"path": str(LENET), "cache": True})  # warm the cache
+    parts: dict[str, list[dict]] = {"cnnc": [], "torch": []}
+    params = {"lenet": str(LENET), "mnist": str(MNIST), "threads": ctx.threads,
+              "mask": c3_mask_of(ctx.model("lenet5", LENET)).tolist()}
+
+    def sample(side: str, code: str) -> float:
+        start = time.time()
+        r = run_child(ctx, code, params)
+        parts[side].append(r)
+        return r["end"] - start
+
+    alternate(ctx, row, ctx.rep(3, 1), lambda: sample("cnnc", FIRST_STEP_CNNC),
+              lambda: sample("torch", FIRST_STEP_TORCH), warmup=0)
+    desc = []
+    for side, rs in parts.items():
+        if rs:
+            med = {k: median([r[k] for r in rs]) for k in ("import", "build", "data", "step")}
+            row.extra[side] = med
+            desc.append(f"{side}: import {med['import']:.2f} + build {med['build']:.2f} + data {med['data']:.2f} "
+                        f"+ step {med['step']:.3f} s")
+    row.note = "; ".join(desc) + " (build = compile from warm cache / nn.Module; same MNIST loader both sides)"
+    return [row]
+
+
+RSS_HELPERS = r"""
+import json, resource, sys
+p = json.loads(sys.argv[1])
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return None
+
+def reset_peak():
+    # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM, and so ru_maxrss) to the current RSS
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+def peak():
+    # VmHWM, not ru_maxrss: after a vfork/exec, ru_maxrss starts at the *parent's* peak (Linux keeps it in the
+    # process's signal struct across exec), which would report the benchmark driver's memory
+    hwm = status("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
+
+RSS_CNNC = RSS_HELPERS + r"""
+import cnnc
+from cnnc_runtime.data import load_dataset, prepare_images
+model = cnnc.compile(p["lenet"])
+train = load_dataset(p["mnist"])["train"]
+x, y = prepare_images(train.x, model.input_shape), train.y
+del train
+load_peak, before = peak(), status("VmRSS")
+reset = reset_peak()
+model.fit(x, y, epochs=1, batch_size=64, max_steps=p["steps"], progress=False)
+train_peak = peak()
+print(json.dumps({"load_peak": load_peak, "before": before, "train_peak": train_peak if reset else None,
+                  "peak": max(load_peak, train_peak)}))
+"""
+
+RSS_TORCH = RSS_HELPERS + r"""
+import numpy as np
+import torch
+from cnnc_runtime.data import load_dataset, prepare_images
+from run import torch_lenet
+torch.set_num_threads(p["threads"])
+net = torch_lenet(torch, np.asarray(p["mask"], np.float32))
+opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+train = load_dataset(p["mnist"])["train"]
+x, y = torch.from_numpy(prepare_images(train.x, (1, 32, 32))), torch.from_numpy(train.y)
+del train
+load_peak, before = peak(), status("VmRSS")
+reset = reset_peak()
+order = torch.randperm(len(x))
+for s in range(p["steps"]):
+    idx = order[s * 64:(s + 1) * 64]
+    opt.zero_grad(set_to_none=True)
+    out = net(x[idx])
+    loss = torch.nn.functional.cross_entropy(out, y[idx])
+    loss.backward()
+    opt.step()
+    loss.item()
+    int((out.argmax(1) == y[idx]).sum())
+train_peak = peak()
+print(json.dumps({"load_peak": load_peak, "before": before, "train_peak": train_peak if reset else None,
+                  "peak": max(load_peak, train_peak)}))
+"""
+
+
+def row_rss(ctx: Ctx) -> list[Row]:
+    steps = ctx.rep(300, 100)
+    total = Row("rss", f"peak RSS, LeNet-5 {steps} training steps on MNIST", "MiB", "lower")
+    during = Row("rss_train", "  peak RSS while training (data loaded)", "MiB", "lower")
+    growth = Row("rss_growth", "  RSS growth in training (peak - before)", "MiB", "lower")
+    model = ctx.model("lenet5", LENET)
+    params = {"lenet": str(LENET), "mnist": str(MNIST), "steps": steps, "threads": ctx.threads,
+              "mask": c3_mask_of(model).tolist()}
+    run_child(ctx, COMPILE_CHILD, {"path": str(LENET), "cache": True})  # warm the cache
+    results: dict[str, dict] = {}
+
+    def sample(side: str, code: str) -> float:
+        results[side] = run_child(ctx, code, params)
+        return results[side]["peak"]
+
+    alternate(ctx, total, 1, lambda: sample("cnnc", RSS_CNNC), lambda: sample("torch", RSS_TORCH), warmup=0)
+    total.extra.update(results)
+    for side in ("cnnc", "torch"):
+        r = results.get(side)
+        if r and r["train_peak"] is not None:
+            setattr(during, side, [r["train_peak"]])
+            setattr(growth, side, [r["train_peak"] - r["before"]])
+    total.note = ("whole process: imports, loading all 60000 MNIST images (float32 32x32 = 235 MiB, plus load-time "
+                  "copies) and training; peak while loading: " +
+                  ", ".join(f"{k} {v['load_peak']:.0f} MiB" for k, v in results.items()))
+    if during.cnnc is None:
+        during.note = "cannot reset the peak RSS here (/proc/self/clear_refs not writable)"
+    else:
+        during.note = "peak reset (/proc/self/clear_refs) after loading the data; growth = that peak - RSS before"
+    return [total, during, growth]
+
+
+ROWS: dict[str, Callable[[Ctx], list[Row]]] = {
+    "lenet_train": row_lenet_train, "lenet_infer1": row_lenet_infer1, "lenet_infer256": row_lenet_infer256,
+    "cifar_train": row_cifar_train, "fma": row_fma, "conv": row_conv, "compile": row_compile,
+    "import": row_import, "first_step": row_first_step, "rss": row_rss,
+}
+
+
+# ---- main ------------------------------------------------------------------------------------------------
+
+
+class CpuMeter:
+    """How much of the machine other processes used between start() and stop(): (busy CPU time of all cores,
+    from /proc/stat, incl. steal) minus (this process's and its waited-for children's CPU time), as a fraction
+    of the machine. 0.5 on 2 cores = one core's worth of someone else's work. None where /proc/stat is missing."""
+
+    def __init__(self) -> None:
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start = self._read()
+
+    def _read(self):
+        import resource
+
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+        busy = (user + nice + system + irq + softirq + steal) / self.hz
+        total = busy + (idle + iowait) / self.hz
+        ours = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                   for f in ("ru_utime", "ru_stime"))
+        return busy, total, ours
+
+    def others(self) -> float | None:
+        end = self._read()
+        if self._start is None or end is None or end[1] <= self._start[1]:
+            return None
+        busy, total, ours = (e - s for e, s in zip(end, self._start))
+        return min(1.0, max(0.0, (busy - ours) / total))
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and steps (about a minute)")
+    ap.add_argument("--only", default="", help="comma-separated rows to run: " + ", ".join(ROW_NAMES))
+    ap.add_argument("--threads", type=int, default=2, help="threads for both cnnc and PyTorch (default 2)")
+    ap.add_argument("--json", default=str(HERE / "results.json"), help="where to write the results ('-': nowhere)")
+    ap.add_argument("--list", action="store_true", help="list the row names and exit")
+    args = ap.parse_args(argv)
+    if args.list:
+        print("\n".join(ROW_NAMES))
+        return 0
+    only = [s.strip() for s in args.only.split(",") if s.strip()] or list(ROW_NAMES)
+    unknown = [s for s in only if s not in ROWS]
+    if unknown:
+        ap.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROW_NAMES)}")
+    # before anything builds a Model: cnnc's thread count comes from CNNC_THREADS
+    os.environ["CNNC_THREADS"] = str(args.threads)
+    sys.path.insert(0, str(HERE))
+    started = time.perf_counter()
+    run_meter = CpuMeter()
+    ctx = Ctx(args)
+    os.environ["CNNC_CACHE_DIR"] = ctx.cache_dir  # in-process compiles use (and warm) this run's cache too
+    import cnnc
+
+    meta = {"cnnc_version": cnnc.__version__, "torch_version": ctx.torch.__version__ if ctx.torch else None,
+            "threads": args.threads, "cpu": cpu_name(), "cores": os.cpu_count(), "quick": args.quick,
+            "python": platform.python_version(), "numpy": np.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_at_start": os.getloadavg()}
+    rows: list[Row] = []
+    for name in ROW_NAMES:
+        if name not in only:
+            continue
+        t0 = time.perf_counter()
+        print(f"[{time.perf_counter() - started:6.1f}s] {name} ...", file=sys.stderr, flush=True)
+        meter = CpuMeter()
+        try:
+            new = ROWS[name](ctx)
+        except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
+            traceback.print_exc()
+            new = [Row(name, name, "-", "-", note=f"FAILED: {type(e).__name__}: {e}")]
+        others = meter.others()
+        for r in new:
+            r.others = others
+        rows.extend(new)
+        print(f"          {name} took {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    meta["seconds"] = time.perf_counter() - started
+    meta["load_average_at_end"] = os.getloadavg()
+    meta["others_cpu_share"] = run_meter.others()
+    if ctx.fma:
+        meta["fma_peak_gflops"] = {k: median(v) for k, v in ctx.fma.items() if isinstance(v, list)}
+    sys.stderr.flush()
+    print_table(rows, meta)
+    share = meta["others_cpu_share"]
+    print(f"total {meta['seconds']:.0f} s; other processes used "
+          f"{'?' if share is None else f'{100 * share:.0f}%'} of the machine's CPU time during the run "
+          f"(column 'others': during each row); load average {meta['load_average_at_start'][0]:.2f} at the start, "
+          f"{meta['load_average_at_end'][0]:.2f} at the end")
+    if share is not None and share > 0.1:
+        print("WARNING: the machine was not idle; PyTorch's OpenMP threads suffer more than cnnc's from contention, "
+              "so ratios from this run are not representative")
+    if args.json != "-":
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

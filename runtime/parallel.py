@@ -1,0 +1,94 @@
+"""A persistent pool of worker threads, each pinned to its own core, for splitting a batch.
+
+Native entry points take a batch range ``[n0, n1)`` and ctypes releases the
+GIL while they run, so threads give real parallelism. Threads the OS may move
+were seen sharing one core; pinning each worker with ``os.sched_setaffinity``
+keeps them apart. The calling thread does the first share itself and is left
+unpinned (it is the user's thread); worker ``i`` is pinned to the ``i``-th core.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+
+def available_cores() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def default_threads() -> int:
+    """``CNNC_THREADS`` if set, else every core this process may run on."""
+    env = os.environ.get("CNNC_THREADS")
+    if env:
+        return max(1, int(env))
+    return len(available_cores())
+
+
+def split(n: int, parts: int, grain: int = 1) -> list[tuple[int, int]]:
+    """[0, n) cut into at most `parts` contiguous ranges of whole `grain`s, as even as possible."""
+    parts = max(1, min(parts, -(-n // grain)))
+    bounds = [round(i * n / parts / grain) * grain for i in range(parts)] + [n]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i] < bounds[i + 1]]
+
+
+class Pool:
+    """``run(tasks)`` calls each task (a no-argument callable) on its own thread and waits for all."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.size = threads or default_threads()
+        cores = available_cores()
+        self._pin = len(cores) >= self.size > 1
+        self._cores = cores
+        self._tasks: list[Callable[[], None] | None] = [None] * self.size
+        self._errors: list[BaseException | None] = [None] * self.size
+        self._start = [threading.Event() for _ in range(self.size)]
+        self._done = [threading.Event() for _ in range(self.size)]
+        self._closed = False
+        self._threads = []
+        for i in range(1, self.size):
+            t = threading.Thread(target=self._worker, args=(i,), daemon=True, name=f"cnnc-worker-{i}")
+            t.start()
+            self._threads.append(t)
+
+    def _worker(self, i: int) -> None:
+        if self._pin:
+            try:
+                os.sched_setaffinity(0, {self._cores[i]})
+            except OSError:
+                pass
+        while True:
+            self._start[i].wait()
+            self._start[i].clear()
+            if self._closed:
+                return
+            try:
+                self._tasks[i]()
+            except BaseException as e:  # re-raised on the calling thread
+                self._errors[i] = e
+            self._done[i].set()
+
+    def run(self, tasks: list[Callable[[], None]]) -> None:
+        if len(tasks) > self.size:
+            raise ValueError(f"{len(tasks)} tasks for a pool of {self.size} threads")
+        for i, task in enumerate(tasks[1:], start=1):
+            self._tasks[i] = task
+            self._errors[i] = None
+            self._done[i].clear()
+            self._start[i].set()
+        if tasks:
+            tasks[0]()
+        for i in range(1, len(tasks)):
+            self._done[i].wait()
+        for i in range(1, len(tasks)):
+            if self._errors[i] is not None:
+                raise self._errors[i]
+
+    def close(self) -> None:
+        self._closed = True
+        for e in self._start[1:]:
+            e.set()

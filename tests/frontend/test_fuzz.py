@@ -1,0 +1,201 @@
+"""Fuzzing the front end: whatever the text, checking it raises nothing but ``CnnError``.
+
+Random text and bytes, and random edits of the example files (characters and
+tokens deleted, inserted, replaced or duplicated). Any other exception is a
+crash the user would see as a traceback.
+
+Huge repeat counts and very deep nesting are kept out of the generated
+inputs so that this file stays fast; each has its own test in
+test_errors.py and below (they are errors, not hangs or RecursionErrors).
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from cnnc.driver import check_file, check_source, optimize
+from cnnc.errors import CnnError, Diagnostics
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+SOURCES = [p.read_text() for p in sorted(EXAMPLES.glob("*.cnn"))]
+TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+(?:x[0-9]+)+|-?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|->|\"[^\"]*\"|\S")
+TOKENS = sorted({t for s in SOURCES for t in TOKEN.findall(s)} | {
+    "network", "block", "table", "train", "input", "output", "as", "*", "->", "(", ")", "[", "]", "{", "}", ":",
+    "=", ",", "+", "-", "/", "0", "1", "-1", "0x0", "2x2", "1e-3", ".5", "same", "valid", "true", "false",
+    '"x"', "#", "\n", "add", "concat", "connect", "weights", "groups",
+})
+
+FUZZ = settings(max_examples=200, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+def known_bug(text: str) -> bool:
+    """Inputs that hit the two known bugs (see the module docstring)."""
+    huge_repeat = re.search(r"\*\s*\d{4,}", text) is not None
+    deep = max(text.count("("), text.count("["), text.count("+") + text.count("-") + text.count("*")) > 150
+    return huge_repeat or deep
+
+
+def survives(text: str) -> None:
+    """Check `text` (and fuse it, when it checks): only CnnError may come out."""
+    try:
+        g = check_source(text, "fuzz.cnn", Diagnostics())
+    except CnnError as e:
+        rendered = str(e)
+        assert rendered.startswith(("fuzz.cnn:", "error: "))
+        assert e.loc is None or (e.loc.line >= 1 and e.loc.column >= 1)
+        return
+    optimize(g)
+
+
+# ---- random text and bytes ----------------------------------------------------
+
+@FUZZ
+@given(st.text(max_size=300))
+def test_random_text(text):
+    assume(not known_bug(text))
+    survives(text)
+
+
+@FUZZ
+@given(st.text(alphabet=st.sampled_from(sorted(set("".join(SOURCES)))), max_size=300))
+def test_random_text_from_the_alphabet_of_the_examples(text):
+    assume(not known_bug(text))
+    survives(text)
+
+
+@FUZZ
+@given(st.lists(st.sampled_from(TOKENS), max_size=60))
+def test_random_token_soup(tokens):
+    text = " ".join(tokens)
+    assume(not known_bug(text))
+    survives(text)
+
+
+_TMP = Path(tempfile.mkdtemp(prefix="cnnc-fuzz-"))
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_random_bytes_from_a_file(data):
+    path = _TMP / "fuzz.cnn"
+    path.write_bytes(data)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        with pytest.raises(CnnError, match="not a UTF-8 text file"):
+            check_file(path, Diagnostics())
+        return
+    assume(not known_bug(text))
+    try:
+        check_file(path, Diagnostics())
+    except CnnError:
+        pass
+
+
+# ---- random edits of the examples ----------------------------------------------
+
+@st.composite
+def char_edits(draw):
+    text = draw(st.sampled_from(SOURCES))
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["delete", "insert", "replace", "duplicate"]))
+        i = draw(st.integers(0, len(text)))
+        j = min(len(text), i + draw(st.integers(1, 8)))
+        if kind == "delete":
+            text = text[:i] + text[j:]
+        elif kind == "insert":
+            text = text[:i] + draw(st.characters(codec="utf-8")) + text[i:]
+        elif kind == "replace":
+            text = text[:i] + draw(st.sampled_from("0123456789x-.,()[]{}:=*#\" \nabz_")) + text[j:]
+        else:
+            text = text[:j] + text[i:j] + text[j:]
+    return text
+
+
+@st.composite
+def token_edits(draw):
+    tokens = [m.group() for m in re.finditer(r"\s+|" + TOKEN.pattern, draw(st.sampled_from(SOURCES)))]
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["delete", "insert", "replace", "duplicate", "swap"]))
+        i = draw(st.integers(0, len(tokens) - 1))
+        if kind == "delete":
+            del tokens[i]
+        elif kind == "insert":
+            tokens.insert(i, " " + draw(st.sampled_from(TOKENS)) + " ")
+        elif kind == "replace":
+            tokens[i] = draw(st.sampled_from(TOKENS))
+        elif kind == "duplicate":
+            j = min(len(tokens), i + draw(st.integers(1, 12)))
+            tokens[i:i] = tokens[i:j]
+        else:
+            j = draw(st.integers(0, len(tokens) - 1))
+            tokens[i], tokens[j] = tokens[j], tokens[i]
+    return "".join(tokens)
+
+
+@FUZZ
+@given(char_edits())
+def test_character_mutations_of_the_examples(text):
+    assume(not known_bug(text))
+    survives(text)
+
+
+@FUZZ
+@given(token_edits())
+def test_token_mutations_of_the_examples(text):
+    assume(not known_bug(text))
+    survives(text)
+
+
+def test_unmutated_examples_check():
+    for text in SOURCES:
+        survives(text)
+
+
+# ---- the known bugs, kept out above -----------------------------------------------
+
+def _run_child(code: str, timeout: float) -> str:
+    """Run `code` in a fresh interpreter with 1 GiB of address space; its standard output."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                       preexec_fn=limit)
+    return r.stdout
+
+
+CHILD = """
+import time
+from cnnc.driver import check_source
+from cnnc.errors import CnnError
+check_source("network n {{ input x: 4 y = x -> relu }}", "warm.cnn")  # builds the parser
+for n in {counts}:
+    start = time.perf_counter()
+    try:
+        check_source(f"network n {{{{ input x: 4 y = x -> relu * {{n}} }}}}", "t.cnn")
+        print("checked", end=" ")
+    except CnnError:
+        print("CnnError", end=" ")
+    print(round(time.perf_counter() - start, 4), end=" ")
+"""
+
+
+def test_long_repetition_takes_linear_time():
+    small, t_small, large, t_large = _run_child(CHILD.format(counts=(200, 2000)), timeout=60).split()
+    assert small == large == "checked"
+    assert float(t_large) < 20 * float(t_small) + 0.05  # 10 times the layers: 10 times the time, not 100
+
+
+def test_absurd_repetition_is_an_error():
+    outcome, seconds = _run_child(CHILD.format(counts=(10**9,)), timeout=2).split()
+    assert outcome == "CnnError"

@@ -1,0 +1,557 @@
+"""A plain numpy (float64) reference for whole cnnc networks: forward, backward and the two losses.
+
+The network is described by the checked graph of ``cnnc.driver.check_source``
+(before fusion): nodes in ``cnnc.ir.execution_order(g)``, each with ``op``,
+``inputs``, ``args``, ``geometry`` and ``shape``. Parameters are a mapping
+``"NAME.weight" -> array`` (``model.params`` works as is).
+
+- ``reference_forward(g, params, x)``: the inference output, float64.
+- ``reference_value_and_grad(g, params, x, y, loss)``: what
+  ``Model.value_and_grad`` computes (mean loss and parameter gradients;
+  cross-entropy skips a final softmax; mse takes integer labels as one-hot).
+- ``torch_forward(g, params, x)``: the same network written with
+  ``torch.nn.functional`` (an independent oracle, used only when torch imports).
+- ``build(text, ...)``: compile a network once per process (memoised, no
+  on-disk cache, so a stale cache entry can never hide a code generation change)
+  and return a fresh ``Model`` each call.
+
+Conventions (LANGUAGE.md): conv weights ``(out, in/groups, kh, kw)`` applied as a
+cross-correlation; ``pads`` are (top, bottom, left, right); max pooling pads with
+-inf, average pooling pads with zeros that count (divisor kh*kw); a ``connect``
+table masks the conv weight; dropout is the identity unless a mask is given.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from cnnc.ir import execution_order
+
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "leaky_relu")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# ---- the networks the runtime tests share (same text -> compiled once per process by ``build``) ----
+
+
+RESNET = """
+# stem, a residual block repeated twice, a strided 'same' conv (a second block), global pooling
+block residual(c) {
+    input x
+    y   = x -> conv(c, 3x3, pad=same) -> relu -> conv(c, 3x3, pad=same)
+    out = add(x, y) -> relu
+}
+block down(c, k = 3) {
+    input x
+    y = x -> conv(c, k, stride=2, pad=same) -> relu
+}
+network resnet {
+    input image: 3x8x8
+    stem   = image -> conv(4, 3x3, pad=same) -> relu
+    stage1 = stem -> residual(4) * 2
+    stage2 = stage1 -> down(8)
+    logits = stage2 -> global_avgpool -> dense(5)
+}
+"""
+
+
+LENET_MODERN = """
+network lenet_modern {
+    input image: 1x28x28
+    c1     = image -> conv(6, 5x5, pad=same) -> relu      # 6@28x28
+    s2     = c1 -> maxpool(2x2)                           # 6@14x14
+    c3     = s2 -> conv(16, 5x5) -> relu                  # 16@10x10
+    s4     = c3 -> maxpool(2x2)                           # 16@5x5
+    f5     = s4 -> flatten -> dense(120) -> relu
+    f6     = f5 -> dense(84) -> relu
+    logits = f6 -> dense(10)
+}
+"""
+
+MLP = """
+network mlp {
+    input pixels: 64
+    h1     = pixels -> dense(32) -> relu -> dropout(0.2)
+    h2     = h1 -> dense(16, bias=false) -> relu -> dropout(0.5)
+    logits = h2 -> dense(10)
+}
+"""
+
+# The MLP without its dropout layers: same parameter names and shapes.
+MLP_NO_DROPOUT = """
+network mlp {
+    input pixels: 64
+    h1     = pixels -> dense(32) -> relu
+    h2     = h1 -> dense(16, bias=false) -> relu
+    logits = h2 -> dense(10)
+}
+"""
+
+VGG = """
+block vgg(c) {
+    input x
+    y = x -> conv(c, 3x3, pad=same) -> relu -> conv(c, 3x3, pad=same) -> relu -> maxpool(2x2)
+}
+network vgg_small {
+    input image: 3x16x16
+    features = image -> vgg(4) -> vgg(8)                  # 8@4x4
+    probs    = features -> flatten -> dense(10) -> softmax
+}
+"""
+
+# concat of three branches, grouped convs, strided 'same' convs with even (4x4) and odd (5x5) kernels,
+# an even 2x2 'same' conv (asymmetric padding), max and avg pooling with padding, leaky_relu, sigmoid,
+# and a softmax over the channels of a feature map.
+BRANCHES = """
+network branches {
+    input x: 4x9x9
+    a  = x -> conv(6, 3x3, pad=same, groups=2) -> leaky_relu(alpha=0.1)   # 6@9x9
+    b  = x -> conv(2, 4x4, stride=2, pad=same) -> sigmoid                  # 2@5x5, pads (1, 2)
+    e  = x -> conv(2, 5x5, stride=2, pad=same) -> leaky_relu               # 2@5x5, pads (2, 2)
+    a2 = a -> maxpool(3x3, stride=2, pad=1)                                # 6@5x5
+    c  = concat(a2, b, e)                                                  # 10@5x5
+    d  = c -> conv(4, 2x2, pad=same, groups=2) -> avgpool(3x3, stride=2, pad=1) -> softmax   # 4@3x3
+}
+"""
+
+# No parameters at all: pooling with padding, concat.
+POOLS = """
+network pools {
+    input x: 3x7x7
+    a = x -> maxpool(3x3, stride=2, pad=1)      # 3@4x4
+    b = x -> avgpool(2x2, pad=1)                # 3@4x4, padding counts (divisor 4)
+    c = concat(a, b) -> avgpool(3, stride=1, pad=1)
+}
+"""
+
+LAPLACIAN = "[[0, 1, 0], [1, -4, 1], [0, 1, 0]]"
+SOBEL_X = "[[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]"
+FILTERS = f"""
+network filters {{
+    input image: 1x8x8
+    edges = image -> conv(1, 3x3, pad=1, bias=false, weights={LAPLACIAN})
+    grad  = image -> conv(1, 3x3, pad=1, bias=false, weights={SOBEL_X})
+    out   = concat(edges, grad) -> conv(3, 3x3) -> tanh -> flatten -> dense(4)
+}}
+"""
+
+NETWORKS = {
+    "lenet5": (EXAMPLES / "lenet5.cnn").read_text(),
+    "lenet_modern": LENET_MODERN,
+    "mlp": MLP,
+    "vgg": VGG,
+    "resnet": RESNET,
+    "branches": BRANCHES,
+    "pools": POOLS,
+    "filters": FILTERS,
+}
+
+
+
+# ---- compiling (memoised per process) -------------------------------------------------
+
+
+def _compile_job(text: str, generic: bool, fuse: bool) -> tuple[dict, bytes]:
+    from cnnc.codegen.target import generic_target, host_target
+    from cnnc.compiler import compile_graph
+    from cnnc.driver import check_source
+
+    target = generic_target() if generic else host_target()
+    c = compile_graph(check_source(text), target, use_cache=False, fuse=fuse)
+    return c.manifest, c.obj
+
+
+_COMPILED: dict[tuple[str, bool, bool], tuple[dict, bytes]] = {}
+
+
+def _compiled(text: str, generic: bool, fuse: bool) -> tuple[dict, bytes]:
+    key = (text, generic, fuse)
+    if key not in _COMPILED:
+        _COMPILED[key] = _compile_job(text, generic, fuse)
+    return _COMPILED[key]
+
+
+def build(text: str, *, seed: int = 0, generic: bool = False, fuse: bool = True):
+    """A fresh ``Model`` for `text` (the object code is compiled once per process and options)."""
+    from cnnc_runtime.model import Model
+
+    manifest, obj = _compiled(text, generic, fuse)
+    return Model(copy.deepcopy(manifest), obj, seed=seed)
+
+
+@functools.cache
+def graph(text: str):
+    """The checked graph of a network's source text."""
+    from cnnc.driver import check_source
+
+    return check_source(text)
+
+
+def random_params(g, rng: np.random.Generator, scale: float = 0.5) -> dict[str, np.ndarray]:
+    """Random weights and biases for every parameter (zero outside a connect table; written weights kept)."""
+    out = {}
+    for n in execution_order(g):
+        node = g.nodes[n]
+        for kind, shape in node.get("params", {}).items():
+            fixed = node.get("fixed", {}).get(kind)
+            if fixed is not None:
+                out[f"{n}.{kind}"] = np.asarray(fixed, dtype=np.float64).reshape(shape)
+                continue
+            fan_in = int(np.prod(shape[1:])) if kind == "weight" else 1
+            w = rng.standard_normal(shape) * (scale / np.sqrt(fan_in) if kind == "weight" else 0.3)
+            if kind == "weight" and node["args"].get("connect") is not None:
+                w = w * connect_mask(node["args"]["connect"], shape)[:, :, None, None]
+            out[f"{n}.{kind}"] = w
+    return out
+
+
+def connect_mask(connect, shape) -> np.ndarray:
+    mask = np.zeros(tuple(shape[:2]))
+    for o, row in enumerate(connect):
+        mask[o, list(row)] = 1.0
+    return mask
+
+
+# ---- the ops, forward and backward --------------------------------------------------
+
+
+def _windows(xp: np.ndarray, k, stride, oh: int, ow: int) -> np.ndarray:
+    """(N, C, kh, kw, oh, ow) patches of a padded (N, C, H, W) array."""
+    n, c = xp.shape[:2]
+    kh, kw = k
+    sh, sw = stride
+    cols = np.empty((n, c, kh, kw, oh, ow), dtype=xp.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = xp[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+    return cols
+
+
+def _unwindows(dcols: np.ndarray, padded_shape, k, stride, pads, h: int, w: int) -> np.ndarray:
+    """The adjoint of ``_windows`` followed by cropping the padding."""
+    kh, kw = k
+    sh, sw = stride
+    oh, ow = dcols.shape[-2:]
+    dxp = np.zeros(padded_shape)
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += dcols[:, :, i, j]
+    pt, _, pl, _ = pads
+    return dxp[:, :, pt:pt + h, pl:pl + w]
+
+
+def _pad(x: np.ndarray, pads, value: float = 0.0) -> np.ndarray:
+    pt, pb, pl, pr = pads
+    return np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=value)
+
+
+def _conv_weight(node, w: np.ndarray) -> np.ndarray:
+    connect = node["args"].get("connect")
+    return w * connect_mask(connect, w.shape)[:, :, None, None] if connect is not None else w
+
+
+def conv_forward(node, x, w, b):
+    geo, a = node["geometry"], node["args"]
+    w = _conv_weight(node, w)
+    g = a["groups"]
+    n, c = x.shape[:2]
+    o, cg, kh, kw = w.shape
+    cols = _windows(_pad(x, geo["pads"]), (kh, kw), a["stride"], geo["oh"], geo["ow"])
+    colsg = cols.reshape(n, g, cg, kh, kw, geo["oh"], geo["ow"])
+    y = np.einsum("ngcijhw,gocij->ngohw", colsg, w.reshape(g, o // g, cg, kh, kw)).reshape(n, o, geo["oh"], geo["ow"])
+    if b is not None:
+        y = y + b.reshape(1, -1, 1, 1)
+    return y
+
+
+def conv_backward(node, x, w, dy):
+    geo, a = node["geometry"], node["args"]
+    w = _conv_weight(node, w)
+    g = a["groups"]
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    xp = _pad(x, geo["pads"])
+    cols = _windows(xp, (kh, kw), a["stride"], geo["oh"], geo["ow"])
+    colsg = cols.reshape(n, g, cg, kh, kw, geo["oh"], geo["ow"])
+    dyg = dy.reshape(n, g, o // g, geo["oh"], geo["ow"])
+    dw = np.einsum("ngohw,ngcijhw->gocij", dyg, colsg).reshape(w.shape)
+    dw = _conv_weight(node, dw)
+    db = dy.sum(axis=(0, 2, 3))
+    dcols = np.einsum("ngohw,gocij->ngcijhw", dyg, w.reshape(g, o // g, cg, kh, kw))
+    dcols = dcols.reshape(n, c, kh, kw, geo["oh"], geo["ow"])
+    dx = _unwindows(dcols, xp.shape, (kh, kw), a["stride"], geo["pads"], h, wd)
+    return dx, dw, db
+
+
+def pool_forward(node, x):
+    geo = node["geometry"]
+    if node["op"] == "global_avgpool":
+        return x.mean(axis=(2, 3))
+    kh, kw = geo["k"]
+    if node["op"] == "maxpool":
+        cols = _windows(_pad(x, geo["pads"], -np.inf), geo["k"], geo["stride"], geo["oh"], geo["ow"])
+        return cols.max(axis=(2, 3))
+    cols = _windows(_pad(x, geo["pads"]), geo["k"], geo["stride"], geo["oh"], geo["ow"])
+    return cols.sum(axis=(2, 3)) / (kh * kw)
+
+
+def pool_backward(node, x, dy):
+    geo = node["geometry"]
+    n, c, h, w = x.shape
+    if node["op"] == "global_avgpool":
+        return np.broadcast_to(dy[:, :, None, None] / (h * w), x.shape).copy()
+    kh, kw = geo["k"]
+    oh, ow = geo["oh"], geo["ow"]
+    if node["op"] == "maxpool":
+        xp = _pad(x, geo["pads"], -np.inf)
+        cols = _windows(xp, geo["k"], geo["stride"], oh, ow).reshape(n, c, kh * kw, oh, ow)
+        first = cols.argmax(axis=2)  # ties go to the first element of the window
+        onehot = (np.arange(kh * kw)[None, None, :, None, None] == first[:, :, None]).astype(np.float64)
+        dcols = (onehot * dy[:, :, None]).reshape(n, c, kh, kw, oh, ow)
+    else:
+        xp = _pad(x, geo["pads"])
+        dcols = np.broadcast_to(dy[:, :, None, None] / (kh * kw), (n, c, kh, kw, oh, ow))
+    return _unwindows(dcols, xp.shape, geo["k"], geo["stride"], geo["pads"], h, w)
+
+
+def activation_forward(op: str, x, alpha: float = 0.01):
+    if op == "relu":
+        return np.maximum(x, 0.0)
+    if op == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-x))
+    if op == "tanh":
+        return np.tanh(x)
+    if op == "leaky_relu":
+        return np.where(x > 0, x, alpha * x)
+    raise ValueError(op)
+
+
+def activation_backward(op: str, x, y, dy, alpha: float = 0.01):
+    if op == "relu":
+        return dy * (x > 0)
+    if op == "sigmoid":
+        return dy * y * (1.0 - y)
+    if op == "tanh":
+        return dy * (1.0 - y * y)
+    if op == "leaky_relu":
+        return dy * np.where(x > 0, 1.0, alpha)
+    raise ValueError(op)
+
+
+def softmax(x, axis: int = 1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+# ---- whole networks ----------------------------------------------------------------------
+
+
+def _param(params: Mapping[str, np.ndarray], name: str):
+    return np.asarray(params[name], dtype=np.float64) if name in params else None
+
+
+def forward_values(g, params: Mapping[str, np.ndarray], x, masks: Mapping[str, np.ndarray] | None = None,
+                   stop: str | None = None) -> dict[str, np.ndarray]:
+    """Every node's value (N, *shape), float64. ``masks[dropout node]`` turns dropout on (y = x * mask)."""
+    x = np.asarray(x, dtype=np.float64)
+    inp = g.graph["input"]
+    vals: dict[str, np.ndarray] = {inp: x.reshape(x.shape[0], *g.nodes[inp]["shape"])}
+    for n in execution_order(g):
+        node = g.nodes[n]
+        op = node["op"]
+        ins = [vals[i] for i in node["inputs"]]
+        if op == "input":
+            continue
+        if op == "conv":
+            y = conv_forward(node, ins[0], _param(params, f"{n}.weight"), _param(params, f"{n}.bias"))
+        elif op == "dense":
+            y = ins[0] @ _param(params, f"{n}.weight").T
+            b = _param(params, f"{n}.bias")
+            if b is not None:
+                y = y + b
+        elif op in ("maxpool", "avgpool", "global_avgpool"):
+            y = pool_forward(node, ins[0])
+        elif op == "flatten":
+            y = ins[0].reshape(ins[0].shape[0], -1)
+        elif op in ACTIVATIONS:
+            y = activation_forward(op, ins[0], node["args"].get("alpha", 0.01))
+        elif op == "softmax":
+            y = softmax(ins[0], axis=1)
+        elif op == "dropout":
+            y = ins[0] * masks[n] if masks and n in masks else ins[0]
+        elif op == "add":
+            y = sum(ins[1:], ins[0])
+        elif op == "concat":
+            y = np.concatenate(ins, axis=1)
+        else:
+            raise NotImplementedError(op)
+        assert y.shape[1:] == tuple(node["shape"]), (n, y.shape, node["shape"])
+        vals[n] = y
+        if n == stop:
+            break
+    return vals
+
+
+def reference_forward(g, params: Mapping[str, np.ndarray], x, masks=None) -> np.ndarray:
+    """The network's output for a batch, float64 (dropout is the identity unless `masks` are given)."""
+    return forward_values(g, params, x, masks)[g.graph["output"]]
+
+
+def reference_backward(g, params, vals: dict, start: str, dstart: np.ndarray, masks=None):
+    """Gradients of all parameters (zeros for frozen ones) and of the input, given d(loss)/d(`start`)."""
+    order = execution_order(g)
+    order = order[:order.index(start) + 1]
+    grads = {f"{n}.{k}": np.zeros(s) for n in g.nodes for k, s in g.nodes[n].get("params", {}).items()}
+    d: dict[str, np.ndarray] = {start: dstart}
+
+    def give(name: str, value: np.ndarray) -> None:
+        d[name] = d[name] + value if name in d else value
+
+    for n in reversed(order):
+        node = g.nodes[n]
+        op = node["op"]
+        if n not in d or op == "input":
+            continue
+        dy = d[n]
+        ins = node["inputs"]
+        xs = [vals[i] for i in ins]
+        if op == "conv":
+            dx, dw, db = conv_backward(node, xs[0], _param(params, f"{n}.weight"), dy)
+            if "fixed" not in node:
+                grads[f"{n}.weight"] = dw
+                if f"{n}.bias" in grads:
+                    grads[f"{n}.bias"] = db
+            give(ins[0], dx)
+        elif op == "dense":
+            w = _param(params, f"{n}.weight")
+            if "fixed" not in node:
+                grads[f"{n}.weight"] = dy.T @ xs[0]
+                if f"{n}.bias" in grads:
+                    grads[f"{n}.bias"] = dy.sum(axis=0)
+            give(ins[0], dy @ w)
+        elif op in ("maxpool", "avgpool", "global_avgpool"):
+            give(ins[0], pool_backward(node, xs[0], dy))
+        elif op == "flatten":
+            give(ins[0], dy.reshape(xs[0].shape))
+        elif op in ACTIVATIONS:
+            give(ins[0], activation_backward(op, xs[0], vals[n], dy, node["args"].get("alpha", 0.01)))
+        elif op == "softmax":
+            y = vals[n]
+            give(ins[0], y * (dy - (dy * y).sum(axis=1, keepdims=True)))
+        elif op == "dropout":
+            give(ins[0], dy * masks[n] if masks and n in masks else dy)
+        elif op == "add":
+            for i in ins:
+                give(i, dy)
+        elif op == "concat":
+            at = 0
+            for i, xi in zip(ins, xs):
+                give(i, dy[:, at:at + xi.shape[1]])
+                at += xi.shape[1]
+        else:
+            raise NotImplementedError(op)
+    return grads, d.get(g.graph["input"])
+
+
+def loss_node(g, loss: str) -> str:
+    out = g.graph["output"]
+    if loss == "cross_entropy" and g.nodes[out]["op"] == "softmax":
+        return g.nodes[out]["inputs"][0]
+    return out
+
+
+def reference_value_and_grad(g, params, x, y, loss: str = "cross_entropy", masks=None):
+    """(mean loss, {param name: gradient}) as ``Model.value_and_grad`` defines them, in float64."""
+    start = loss_node(g, loss)
+    vals = forward_values(g, params, x, masks)
+    z = vals[start]
+    n = z.shape[0]
+    zf = z.reshape(n, -1)
+    k = zf.shape[1]
+    y = np.asarray(y)
+    if loss == "cross_entropy":
+        m = zf.max(axis=1, keepdims=True)
+        lse = (m + np.log(np.exp(zf - m).sum(axis=1, keepdims=True)))[:, 0]
+        value = float(np.mean(lse - zf[np.arange(n), y]))
+        dz = softmax(zf, axis=1)
+        dz[np.arange(n), y] -= 1.0
+        dz /= n
+    else:
+        if y.dtype.kind in "iub":
+            t = np.zeros((n, k))
+            t[np.arange(n), y] = 1.0
+        else:
+            t = np.asarray(y, dtype=np.float64).reshape(n, k)
+        value = float(np.mean((zf - t) ** 2))
+        dz = 2.0 * (zf - t) / (n * k)
+    grads, _ = reference_backward(g, params, vals, start, dz.reshape(z.shape), masks)
+    return value, grads
+
+
+# ---- the same networks in torch (an independent oracle) ------------------------------------
+
+
+def torch_forward(g, params: Mapping, x, loss: str | None = None):
+    """The network with torch.nn.functional; ``params`` values are torch tensors (may require grad).
+
+    With ``loss`` given, returns the value of the loss's input (cross-entropy skips a final softmax).
+    """
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    inp = g.graph["input"]
+    vals = {inp: x.reshape(x.shape[0], *g.nodes[inp]["shape"])}
+    stop = loss_node(g, loss) if loss else g.graph["output"]
+    for n in execution_order(g):
+        node = g.nodes[n]
+        op, a, geo = node["op"], node["args"], node.get("geometry", {})
+        ins = [vals[i] for i in node["inputs"]]
+        if op == "input":
+            continue
+        if op == "conv":
+            w = params[f"{n}.weight"]
+            if a.get("connect") is not None:
+                w = w * torch.as_tensor(connect_mask(a["connect"], tuple(w.shape)), dtype=w.dtype)[:, :, None, None]
+            pt, pb, pl, pr = geo["pads"]
+            xi = F.pad(ins[0], (pl, pr, pt, pb))
+            y = F.conv2d(xi, w, params.get(f"{n}.bias"), stride=a["stride"], groups=a["groups"])
+        elif op == "dense":
+            y = F.linear(ins[0], params[f"{n}.weight"], params.get(f"{n}.bias"))
+        elif op == "maxpool":
+            pt, pb, pl, pr = geo["pads"]
+            y = F.max_pool2d(F.pad(ins[0], (pl, pr, pt, pb), value=float("-inf")), geo["k"], geo["stride"])
+        elif op == "avgpool":
+            pt, pb, pl, pr = geo["pads"]
+            y = F.avg_pool2d(F.pad(ins[0], (pl, pr, pt, pb)), geo["k"], geo["stride"])
+        elif op == "global_avgpool":
+            y = F.adaptive_avg_pool2d(ins[0], 1).flatten(1)
+        elif op == "flatten":
+            y = torch.flatten(ins[0], 1)
+        elif op == "relu":
+            y = F.relu(ins[0])
+        elif op == "sigmoid":
+            y = torch.sigmoid(ins[0])
+        elif op == "tanh":
+            y = torch.tanh(ins[0])
+        elif op == "leaky_relu":
+            y = F.leaky_relu(ins[0], a.get("alpha", 0.01))
+        elif op == "softmax":
+            y = F.softmax(ins[0], dim=1)
+        elif op == "dropout":
+            y = ins[0]
+        elif op == "add":
+            y = ins[0]
+            for other in ins[1:]:
+                y = y + other
+        elif op == "concat":
+            y = torch.cat(ins, dim=1)
+        else:
+            raise NotImplementedError(op)
+        vals[n] = y
+        if n == stop:
+            return y
+    raise AssertionError("output not reached")

@@ -1,0 +1,225 @@
+"""Artifacts (native code + manifest + weights in one file) and the on-disk compile cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cnnc
+from cnnc_runtime import artifact
+from tests.reference import NETWORKS, build
+
+LENET5 = NETWORKS["lenet5"]
+ROOT = Path(__file__).resolve().parents[2]
+
+SMALL = """
+network small {
+    input x: 2x6x6
+    a = x -> conv(3, 3x3, pad=1) -> relu -> maxpool(2x2)
+    b = a -> flatten -> dense(4)
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """LeNet-5 with non-default weights, saved as an artifact; (model, path, batch)."""
+    model = build(LENET5, seed=3)
+    model.params["logits.bias"][...] = np.linspace(-1, 1, 10)
+    path = tmp_path_factory.mktemp("artifact") / "lenet5.cnnc"
+    model.save_artifact(path)
+    x = np.random.default_rng(0).standard_normal((4, 1, 32, 32)).astype(np.float32)
+    return model, path, x
+
+
+def test_round_trip_gives_identical_outputs(saved) -> None:
+    model, path, x = saved
+    loaded = cnnc.load(path)
+    np.testing.assert_array_equal(loaded(x), model(x))
+    assert loaded.name == "lenet5"
+    assert loaded.input_shape == (1, 32, 32) and loaded.output_shape == (10,)
+    for k, v in model.params.items():
+        np.testing.assert_array_equal(loaded.params[k], v)
+    v1, g1 = model.value_and_grad(x, np.array([0, 1, 2, 3]))
+    v2, g2 = loaded.value_and_grad(x, np.array([0, 1, 2, 3]))
+    assert v1 == v2
+    for k in g1:
+        np.testing.assert_array_equal(g1[k], g2[k])
+    assert loaded.summary() == model.summary()
+
+
+def test_artifact_without_weights_gets_seeded_weights(tmp_path) -> None:
+    model = build(LENET5, seed=0)
+    model.params["c1.bias"][...] = 5.0
+    model.save_artifact(tmp_path / "bare.cnnc", with_weights=False)
+    loaded = cnnc.load(tmp_path / "bare.cnnc")
+    fresh = build(LENET5, seed=0)
+    for k in fresh.params:
+        np.testing.assert_array_equal(loaded.params[k], fresh.params[k])
+
+
+def test_loads_without_the_compiler(saved, tmp_path) -> None:
+    """Only numpy and llvmlite: lark and networkx (the front end's) cannot be imported in this process."""
+    model, path, x = saved
+    np.save(tmp_path / "x.npy", x)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["lark"] = None          # any 'import lark' now raises ImportError
+        sys.modules["networkx"] = None
+        import numpy as np
+        import cnnc_runtime.model
+        m = cnnc_runtime.model.load({str(path)!r})
+        np.save({str(tmp_path / "y.npy")!r}, m(np.load({str(tmp_path / "x.npy")!r})))
+        real = [name for name in ("lark", "networkx") if sys.modules.get(name) is not None]
+        assert not real, real
+        assert not any(k == "cnnc" or k.startswith("cnnc.") for k in sys.modules), "the compiler was imported"
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), model(x))
+
+
+# ---- tampered artifacts ---------------------------------------------------------------------------
+
+
+def _tampered(saved, tmp_path, change) -> Path:
+    _, path, _ = saved
+    manifest, obj, weights = artifact.unpack(path.read_bytes())
+    manifest, obj, weights = change(manifest, obj, weights)
+    out = tmp_path / "tampered.cnnc"
+    out.write_bytes(artifact.pack(manifest, obj, weights))
+    return out
+
+
+def test_bad_magic(saved, tmp_path) -> None:
+    _, path, _ = saved
+    bad = tmp_path / "bad.cnnc"
+    bad.write_bytes(b"NOTCNNC!" + path.read_bytes()[8:])
+    with pytest.raises(ValueError, match="not a cnnc artifact"):
+        cnnc.load(bad)
+    bad.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a cnnc artifact"):
+        cnnc.load(bad)
+
+
+@pytest.mark.parametrize("keep", [8, 12, 100, 0.5, -1])
+def test_truncated(saved, tmp_path, keep) -> None:
+    _, path, _ = saved
+    data = path.read_bytes()
+    n = int(len(data) * keep) if isinstance(keep, float) else (len(data) + keep if keep < 0 else keep)
+    bad = tmp_path / "short.cnnc"
+    bad.write_bytes(data[:n])
+    with pytest.raises(ValueError, match="truncated cnnc artifact"):
+        cnnc.load(bad)
+
+
+def test_corrupt_manifest(saved, tmp_path) -> None:
+    _, path, _ = saved
+    data = bytearray(path.read_bytes())
+    data[16] = 0xFF  # the manifest's first byte: no longer JSON (nor UTF-8)
+    bad = tmp_path / "garbled.cnnc"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt manifest"):
+        cnnc.load(bad)
+
+
+def test_future_format_is_refused(saved, tmp_path) -> None:
+    bad = _tampered(saved, tmp_path, lambda m, o, w: ({**m, "format": 999}, o, w))
+    with pytest.raises(ValueError, match="artifact format 999 is not supported"):
+        cnnc.load(bad)
+
+
+def test_other_cnnc_version_is_refused(saved, tmp_path) -> None:
+    bad = _tampered(saved, tmp_path, lambda m, o, w: ({**m, "cnnc_version": "9.9.0"}, o, w))
+    with pytest.raises(ValueError, match="built by cnnc 9.9.0"):
+        cnnc.load(bad)
+
+
+def test_missing_cpu_feature_is_refused(saved, tmp_path) -> None:
+    def change(m, o, w):
+        t = dict(m["target"])
+        t["features"] = ",".join(f for f in [t["features"], "+amx-tile"] if f)
+        return {**m, "target": t}, o, w
+
+    bad = _tampered(saved, tmp_path, change)
+    from cnnc_runtime.native import host_cpu
+
+    if "+amx-tile" in host_cpu()[2].split(","):
+        pytest.skip("this CPU has AMX")
+    with pytest.raises(ValueError, match="this CPU lacks amx-tile"):
+        cnnc.load(bad)
+
+
+def test_other_architecture_is_refused(saved, tmp_path) -> None:
+    def change(m, o, w):
+        return {**m, "target": {**m["target"], "triple": "aarch64-unknown-linux-gnu"}}, o, w
+
+    with pytest.raises(ValueError, match="built for aarch64"):
+        cnnc.load(_tampered(saved, tmp_path, change))
+
+
+def test_weights_that_do_not_fit_are_refused(saved, tmp_path) -> None:
+    import io
+
+    def change(m, o, w):
+        buf = io.BytesIO()
+        np.savez(buf, **{"c1.weight": np.zeros((6, 1, 5, 5), np.float32)})
+        return m, o, buf.getvalue()
+
+    with pytest.raises(ValueError, match="missing"):
+        cnnc.load(_tampered(saved, tmp_path, change))
+
+
+# ---- the compile cache ---------------------------------------------------------------------------
+
+
+def test_cache_second_compile_is_faster_and_identical(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path / "cache"))
+    t0 = time.perf_counter()
+    first = cnnc.compile_string(SMALL)
+    t1 = time.perf_counter()
+    second = cnnc.compile_string(SMALL)
+    t2 = time.perf_counter()
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1 and entries[0].suffix == ".cnnc"
+    assert t2 - t1 < 0.5 * (t1 - t0), (t1 - t0, t2 - t1)
+    assert json.dumps(first.manifest, sort_keys=True) == json.dumps(second.manifest, sort_keys=True)
+    x = np.random.default_rng(0).standard_normal((3, 2, 6, 6)).astype(np.float32)
+    np.testing.assert_array_equal(first(x), second(x))
+    # cache=False neither reads nor writes the cache
+    monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path / "other"))
+    cnnc.compile_string(SMALL, cache=False)
+    assert not (tmp_path / "other").exists()
+
+
+def test_corrupt_cache_entry_is_rebuilt(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path))
+    good = cnnc.compile_string(SMALL)
+    (entry,) = tmp_path.iterdir()
+    x = np.random.default_rng(1).standard_normal((2, 2, 6, 6)).astype(np.float32)
+    entry.write_bytes(b"garbage" * 100)
+    again = cnnc.compile_string(SMALL)
+    np.testing.assert_array_equal(again(x), good(x))
+    assert again.manifest == good.manifest
+    manifest, _, _ = artifact.read(entry)  # the entry was rewritten whole
+    assert manifest["cache_key"] == good.manifest["cache_key"]
+
+
+def test_unwritable_cache_only_costs_time(tmp_path, monkeypatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("CNNC_CACHE_DIR", str(blocker / "cache"))
+    model = cnnc.compile_string(SMALL)
+    assert model(np.zeros((1, 2, 6, 6), np.float32)).shape == (1, 4)
