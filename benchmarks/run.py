@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -163,6 +164,7 @@ class Ctx:
         self._mnist = None
         self._models: dict[str, object] = {}
         self.fma: dict | None = None
+        self.fma_others: float | None = None
 
     def rep(self, full: int, quick: int) -> int:
         return quick if self.quick else full
@@ -200,23 +202,22 @@ def alternate(ctx: Ctx, row: Row, repeats: int, cnnc_sample: Callable[[], float]
     if ctx.torch is None:
         torch_sample = None
         row.note = (row.note + "; " if row.note else "") + f"PyTorch unavailable ({ctx.torch_error})"
-    for _ in range(warmup):
-        cnnc_sample()
-        if torch_sample is not None:
-            try:
-                time.sleep(SETTLE)
-                torch_sample()
-                time.sleep(SETTLE)
-            except Exception as e:  # noqa: BLE001
-                row.note = (row.note + "; " if row.note else "") + f"PyTorch side failed: {type(e).__name__}: {e}"
-                torch_sample = None
     row.cnnc = []
     row.torch = [] if torch_sample is not None else None
-    for _ in range(repeats):
-        row.cnnc.append(cnnc_sample())
+    for i in range(warmup + repeats):
+        value = cnnc_sample()
+        if i >= warmup:
+            row.cnnc.append(value)
         if torch_sample is not None:
             time.sleep(SETTLE)
-            row.torch.append(torch_sample())
+            try:
+                value = torch_sample()
+            except Exception as e:  # noqa: BLE001 - keep the cnnc column
+                row.note = (row.note + "; " if row.note else "") + f"PyTorch side failed: {type(e).__name__}: {e}"
+                torch_sample, row.torch = None, None
+                continue
+            if i >= warmup:
+                row.torch.append(value)
             time.sleep(SETTLE)
 
 
@@ -353,29 +354,44 @@ def train_row(ctx: Ctx, row: Row, model, x: np.ndarray, y: np.ndarray, make_torc
         torch_sample = lambda: sized("torch", torch_epoch)  # noqa: E731
 
     alternate(ctx, row, ctx.rep(5, 3), lambda: sized("cnnc", cnnc_epoch), torch_sample)
-    model.initialize(0)
     row.extra.update(images_per_sample=sizes, cnnc_step_breakdown=step_breakdown(model, x, y))
 
 
-def step_breakdown(model, x: np.ndarray, y: np.ndarray, steps: int = 30) -> dict:
-    """Milliseconds per batch-64 step: the native step_cross_entropy call alone, and the Adam update alone."""
+def step_breakdown(model, x: np.ndarray, y: np.ndarray, rounds: int = 3) -> dict:
+    """Milliseconds per batch-64 step of fit, of the native step_cross_entropy call alone and of the Adam update
+    alone, timed in alternating short blocks (so that all three see the same background load)."""
     from cnnc_runtime.optimizers import Adam
 
     xb, tb = x[:64], y[:64].astype(np.int32)
     k = model.manifest["loss_inputs"]["cross_entropy"]
     out, losses = np.empty((64, k), np.float32), np.empty(64, np.float32)
     opt = Adam(lr=1e-3)
+    steps = 10
 
     def native() -> None:
         model.flat_grads[...] = 0.0
         model._accumulate_gradients(xb, tb, "cross_entropy", 0, 1 / 64, out, losses)
 
+    def fit_step() -> None:
+        model.fit(x[:64 * steps], y[:64 * steps], epochs=1, batch_size=64, optimizer="adam", lr=1e-3,
+                  progress=False, jitter=0.0, validation_split=0.0, weight_decay=0.0, restarts=1)
+
     native()
-    grads = model.flat_grads.copy() * 0  # a zero gradient: Adam does full work but the weights stay put
+    grads = np.zeros_like(model.flat_grads)  # a zero gradient: Adam does all its work but the weights stay put
     opt.step(model.flat_params, grads)
-    native_ms = block_median(native, steps) * 1e3
-    adam_ms = block_median(lambda: opt.step(model.flat_params, grads), steps) * 1e3
-    return {"native_step_ms": native_ms, "adam_ms": adam_ms}
+    got: dict[str, list[float]] = {"fit_step_ms": [], "native_step_ms": [], "adam_ms": []}
+    for _ in range(rounds):
+        got["fit_step_ms"].append(block_median(fit_step, 1) * 1e3 / steps)
+        got["native_step_ms"].append(block_median(native, steps) * 1e3)
+        got["adam_ms"].append(block_median(lambda: opt.step(model.flat_params, grads), steps) * 1e3)
+    model.initialize(0)
+    return {key: median(v) for key, v in got.items()}
+
+
+def breakdown_note(b: dict) -> str:
+    rest = b["fit_step_ms"] - b["native_step_ms"] - b["adam_ms"]
+    return (f"cnnc fit step {b['fit_step_ms']:.3g} ms = native fwd+bwd {b['native_step_ms']:.3g} + Adam "
+            f"{b['adam_ms']:.2g} + rest {rest:.2g} (batch gather, loop; timed apart from the samples)")
 
 
 # ---- rows ------------------------------------------------------------------------------------------------
@@ -387,11 +403,7 @@ def row_lenet_train(ctx: Ctx) -> list[Row]:
     row = Row("lenet_train", "LeNet-5 training, batch 64 (fit + Adam)", "images/s", "higher")
     mask = c3_mask_of(model)
     train_row(ctx, row, model, x, y, lambda: torch_lenet(ctx.torch, mask))
-    b = row.extra["cnnc_step_breakdown"]
-    per_step = 64 / median(row.cnnc) * 1e3
-    row.note = (row.note + "; " if row.note else "") + (
-        f"cnnc step {per_step:.2f} ms = native fwd+bwd {b['native_step_ms']:.2f} + Adam {b['adam_ms']:.2f} "
-        f"+ rest {per_step - b['native_step_ms'] - b['adam_ms']:.2f} (batching, loop)")
+    row.note = (row.note + "; " if row.note else "") + breakdown_note(row.extra["cnnc_step_breakdown"])
     epoch = Row("lenet_epoch", "  one MNIST epoch (60000/throughput)", "s", "lower",
                 [MNIST_EPOCH / v for v in row.cnnc], [MNIST_EPOCH / v for v in row.torch] if row.torch else None)
     return [row, epoch]
@@ -446,10 +458,7 @@ def row_cifar_train(ctx: Ctx) -> list[Row]:
     y = rng.integers(0, 10, n)
     row = Row("cifar_train", "CIFAR-style net training, batch 64 (fit + Adam)", "images/s", "higher")
     train_row(ctx, row, model, x, y, lambda: torch_cifar(ctx.torch))
-    b = row.extra["cnnc_step_breakdown"]
-    row.note = (row.note + "; " if row.note else "") + (
-        f"cnnc step {64 / median(row.cnnc) * 1e3:.0f} ms, of which native fwd+bwd {b['native_step_ms']:.0f} ms, "
-        f"Adam {b['adam_ms']:.1f} ms")
+    row.note = (row.note + "; " if row.note else "") + breakdown_note(row.extra["cnnc_step_breakdown"])
     return [row]
 
 
@@ -457,11 +466,13 @@ def fma_peak(ctx: Ctx) -> dict:
     if ctx.fma is None:
         from fma_peak import FmaKernel, measure
 
+        meter = CpuMeter()
         k = FmaKernel()
         reps = ctx.rep(5, 3)
         sec = ctx.rep(0.25, 0.15)
         ctx.fma = {"width": k.width, "chains": k.chains, "1": measure(1, sec, reps, k),
                    str(ctx.threads): measure(ctx.threads, sec, reps, k)}
+        ctx.fma_others = meter.others()
     return ctx.fma
 
 
@@ -472,6 +483,8 @@ def row_fma(ctx: Ctx) -> list[Row]:
     if ctx.threads != 1:
         rows.append(Row(f"fma_{ctx.threads}", f"FMA peak, {ctx.threads} threads (machine)", "GFLOP/s", "higher",
                         f[str(ctx.threads)]))
+    for r in rows:
+        r.others = ctx.fma_others
     return rows
 
 
@@ -679,7 +692,7 @@ def row_first_step(ctx: Ctx) -> list[Row]:
 
 
 RSS_HELPERS = r"""
-import json, resource, sys
+import json, resource, sys, time
 p = json.loads(sys.argv[1])
 
 def status(key):
@@ -714,10 +727,12 @@ x, y = prepare_images(train.x, model.input_shape), train.y
 del train
 load_peak, before = peak(), status("VmRSS")
 reset = reset_peak()
-model.fit(x, y, epochs=1, batch_size=64, max_steps=p["steps"], progress=False)
+t0 = time.perf_counter()
+h = model.fit(x, y, epochs=1, batch_size=64, max_steps=p["steps"], progress=False)
 train_peak = peak()
 print(json.dumps({"load_peak": load_peak, "before": before, "train_peak": train_peak if reset else None,
-                  "peak": max(load_peak, train_peak)}))
+                  "peak": max(load_peak, train_peak), "steps": h.epochs[-1].steps,
+                  "seconds": time.perf_counter() - t0}))
 """
 
 RSS_TORCH = RSS_HELPERS + r"""
@@ -734,7 +749,11 @@ del train
 load_peak, before = peak(), status("VmRSS")
 reset = reset_peak()
 order = torch.randperm(len(x))
+t0, done = time.perf_counter(), 0
 for s in range(p["steps"]):
+    if time.perf_counter() - t0 > p["max_seconds"]:
+        break
+    done += 1
     idx = order[s * 64:(s + 1) * 64]
     opt.zero_grad(set_to_none=True)
     out = net(x[idx])
@@ -745,7 +764,7 @@ for s in range(p["steps"]):
     int((out.argmax(1) == y[idx]).sum())
 train_peak = peak()
 print(json.dumps({"load_peak": load_peak, "before": before, "train_peak": train_peak if reset else None,
-                  "peak": max(load_peak, train_peak)}))
+                  "peak": max(load_peak, train_peak), "steps": done, "seconds": time.perf_counter() - t0}))
 """
 
 
@@ -756,7 +775,7 @@ def row_rss(ctx: Ctx) -> list[Row]:
     growth = Row("rss_growth", "  RSS growth in training (peak - before)", "MiB", "lower")
     model = ctx.model("lenet5", LENET)
     params = {"lenet": str(LENET), "mnist": str(MNIST), "steps": steps, "threads": ctx.threads,
-              "mask": c3_mask_of(model).tolist()}
+              "mask": c3_mask_of(model).tolist(), "max_seconds": ctx.rep(40, 15)}
     run_child(ctx, COMPILE_CHILD, {"path": str(LENET), "cache": True})  # warm the cache
     results: dict[str, dict] = {}
 
@@ -773,7 +792,9 @@ def row_rss(ctx: Ctx) -> list[Row]:
             setattr(growth, side, [r["train_peak"] - r["before"]])
     total.note = ("whole process: imports, loading all 60000 MNIST images (float32 32x32 = 235 MiB, plus load-time "
                   "copies) and training; peak while loading: " +
-                  ", ".join(f"{k} {v['load_peak']:.0f} MiB" for k, v in results.items()))
+                  ", ".join(f"{k} {v['load_peak']:.0f} MiB" for k, v in results.items()) + "; steps done: " +
+                  ", ".join(f"{k} {v['steps']} in {v['seconds']:.1f} s" for k, v in results.items()) +
+                  " (the PyTorch loop stops early after max_seconds)")
     if during.cnnc is None:
         during.note = "cannot reset the peak RSS here (/proc/self/clear_refs not writable)"
     else:
@@ -855,6 +876,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     run_meter = CpuMeter()
     ctx = Ctx(args)
+    try:
+        return run_rows(ctx, only, started, run_meter)
+    finally:
+        shutil.rmtree(ctx.cache_dir, ignore_errors=True)
+
+
+def run_rows(ctx: Ctx, only: list[str], started: float, run_meter: CpuMeter) -> int:
+    args = ctx.args
     os.environ["CNNC_CACHE_DIR"] = ctx.cache_dir  # in-process compiles use (and warm) this run's cache too
     import cnnc
 
@@ -876,7 +905,8 @@ def main(argv: list[str] | None = None) -> int:
             new = [Row(name, name, "-", "-", note=f"FAILED: {type(e).__name__}: {e}")]
         others = meter.others()
         for r in new:
-            r.others = others
+            if r.others is None:
+                r.others = others
         rows.extend(new)
         print(f"          {name} took {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     meta["seconds"] = time.perf_counter() - started

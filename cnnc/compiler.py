@@ -114,7 +114,6 @@ def manifest_for(checked: nx.DiGraph, fused: nx.DiGraph, facts: dict, target: Ta
         "format": artifact.FORMAT_VERSION,
         "cnnc_version": __version__,
         "network": fused.graph["network"],
-        "source": fused.graph["source"],
         "input": {"name": inp, "shape": list(fused.nodes[inp]["shape"])},
         "output": {"name": out, "op": fused.nodes[out]["op"], "shape": list(fused.nodes[out]["shape"])},
         "loss_inputs": {loss: int(np.prod(fused.nodes[loss_input(fused, loss)]["shape"]))
@@ -126,6 +125,14 @@ def manifest_for(checked: nx.DiGraph, fused: nx.DiGraph, facts: dict, target: Ta
         "ws_floats": facts["ws_floats"],
         "has_dropout": any(fused.nodes[n]["op"] == "dropout" for n in fused.nodes),
         "target": {"triple": target.triple, "cpu": target.cpu, "features": target.features},
+        **_descriptive(checked, fused),
+    }
+
+
+def _descriptive(checked: nx.DiGraph, fused: nx.DiGraph) -> dict[str, Any]:
+    """The manifest entries that do not depend on the code: refreshed even when the object comes from the cache."""
+    return {
+        "source": fused.graph["source"],
         "train": fused.graph.get("train", {}),
         "summary": summary.as_text(checked, summary.fused_groups(fused)),
         "summary_json": summary.as_json(checked),
@@ -143,7 +150,7 @@ def compile_graph(checked: nx.DiGraph, target: Target | None = None, use_cache: 
         try:
             manifest, obj, _ = artifact.read(path)
             if manifest.get("cache_key") == key:
-                manifest["source"] = fused.graph["source"]
+                manifest.update(_descriptive(checked, fused))  # comments and the train section are not code
                 return Compiled(manifest, obj, fused=fused)
         except (OSError, ValueError):
             pass  # a corrupt entry is rebuilt below

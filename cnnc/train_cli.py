@@ -32,9 +32,16 @@ def _dataset(args, model):
     from cnnc_runtime.data import load_dataset, prepare_images
 
     path = _data_path(args, model)
+    norm = model.manifest.get("train", {}).get("normalize")
     try:
         splits = load_dataset(path)
-        return {name: (prepare_images(d.x, model.input_shape), d.y) for name, d in splits.items()}, path
+        data = {}
+        for name, d in splits.items():
+            x = prepare_images(d.x, model.input_shape)
+            if norm:
+                x = (x - np.float32(norm["mean"])) / np.float32(norm["std"])
+            data[name] = (x, d.y)
+        return data, path
     except (OSError, ValueError) as e:
         raise _usage(f"cnnc {args.command}: {e}") from None
 
@@ -167,6 +174,30 @@ def cmd_eval(args, diag: Diagnostics) -> int:
     return 0
 
 
+def cmd_gradcheck(args, diag: Diagnostics) -> int:
+    from cnnc.cli import _checked
+    from cnnc.gradcheck import gradcheck
+
+    native, ref, rows = gradcheck(_checked(args.file, diag), batch=args.batch, seed=args.seed, loss=args.loss,
+                                  samples=args.samples)
+    print(f"loss: native (float32) {native:.8f}, reference (float64) {ref:.8f}, "
+          f"relative difference {abs(native - ref) / max(abs(ref), 1e-12):.2e}")
+    width = max(len(r.name) for r in rows) if rows else 9
+    print(f"{'parameter':<{width}}  checked  max abs error  max rel error")
+    for r in rows:
+        print(f"{r.name:<{width}}  {r.checked:>7}  {r.max_abs:>13.2e}  {r.max_rel:>13.2e}")
+    if not rows:
+        print("no trainable parameters")
+        return 0
+    worst = max(rows, key=lambda r: r.max_rel)
+    print(f"largest relative error: {worst.max_rel:.2e} ({worst.name}); float32 gradients against float64 "
+          f"central differences")
+    if worst.max_rel > args.tolerance:
+        print(f"gradcheck failed: {worst.max_rel:.2e} > {args.tolerance:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def add_commands(sub) -> None:
     tr = sub.add_parser("train", help="train a network on a dataset",
                         description="Train a network with the settings of its train section; every setting can "
@@ -207,3 +238,15 @@ def add_commands(sub) -> None:
     ev.add_argument("--json", action="store_true", help='print {"loss", "accuracy", "n", "confusion"}')
     ev.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
     ev.set_defaults(run=cmd_eval)
+
+    gc = sub.add_parser("gradcheck", help="native gradients against float64 central differences",
+                        description="Compare the native (float32) gradients with central finite differences of "
+                                    "an independent float64 numpy evaluation of the same network, on a small "
+                                    "random batch, per parameter. Dropout is switched off for the check.")
+    gc.add_argument("file", help="the .cnn file")
+    gc.add_argument("--batch", type=int, default=4, help="images in the random batch (default 4)")
+    gc.add_argument("--samples", type=int, default=12, help="entries checked per parameter (default 12)")
+    gc.add_argument("--loss", choices=["cross_entropy", "mse"], help="default: the train section's loss")
+    gc.add_argument("--seed", type=int, default=0)
+    gc.add_argument("--tolerance", type=float, default=1e-2, help="exit 1 above this relative error (1e-2)")
+    gc.set_defaults(run=cmd_gradcheck)

@@ -31,8 +31,19 @@ from pathlib import Path
 import numpy as np
 
 from cnnc.ir import execution_order
+from cnnc.reference import (  # the forward half of the oracle lives in the package (cnnc gradcheck uses it)
+    ACTIVATIONS,
+    connect_mask,
+    forward_values,
+    loss_node,
+    softmax,
+    targets_for,
+)
+from cnnc.reference import conv_weight as _conv_weight
+from cnnc.reference import pad as _pad
+from cnnc.reference import param as _param
+from cnnc.reference import windows as _windows
 
-ACTIVATIONS = ("relu", "sigmoid", "tanh", "leaky_relu")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 # ---- the networks the runtime tests share (same text -> compiled once per process by ``build``) ----
@@ -209,26 +220,11 @@ def random_params(g, rng: np.random.Generator, scale: float = 0.5) -> dict[str, 
     return out
 
 
-def connect_mask(connect, shape) -> np.ndarray:
-    mask = np.zeros(tuple(shape[:2]))
-    for o, row in enumerate(connect):
-        mask[o, list(row)] = 1.0
-    return mask
 
 
 # ---- the ops, forward and backward --------------------------------------------------
 
 
-def _windows(xp: np.ndarray, k, stride, oh: int, ow: int) -> np.ndarray:
-    """(N, C, kh, kw, oh, ow) patches of a padded (N, C, H, W) array."""
-    n, c = xp.shape[:2]
-    kh, kw = k
-    sh, sw = stride
-    cols = np.empty((n, c, kh, kw, oh, ow), dtype=xp.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, :, i, j] = xp[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
-    return cols
 
 
 def _unwindows(dcols: np.ndarray, padded_shape, k, stride, pads, h: int, w: int) -> np.ndarray:
@@ -244,28 +240,10 @@ def _unwindows(dcols: np.ndarray, padded_shape, k, stride, pads, h: int, w: int)
     return dxp[:, :, pt:pt + h, pl:pl + w]
 
 
-def _pad(x: np.ndarray, pads, value: float = 0.0) -> np.ndarray:
-    pt, pb, pl, pr = pads
-    return np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=value)
 
 
-def _conv_weight(node, w: np.ndarray) -> np.ndarray:
-    connect = node["args"].get("connect")
-    return w * connect_mask(connect, w.shape)[:, :, None, None] if connect is not None else w
 
 
-def conv_forward(node, x, w, b):
-    geo, a = node["geometry"], node["args"]
-    w = _conv_weight(node, w)
-    g = a["groups"]
-    n, c = x.shape[:2]
-    o, cg, kh, kw = w.shape
-    cols = _windows(_pad(x, geo["pads"]), (kh, kw), a["stride"], geo["oh"], geo["ow"])
-    colsg = cols.reshape(n, g, cg, kh, kw, geo["oh"], geo["ow"])
-    y = np.einsum("ngcijhw,gocij->ngohw", colsg, w.reshape(g, o // g, cg, kh, kw)).reshape(n, o, geo["oh"], geo["ow"])
-    if b is not None:
-        y = y + b.reshape(1, -1, 1, 1)
-    return y
 
 
 def conv_backward(node, x, w, dy):
@@ -287,16 +265,6 @@ def conv_backward(node, x, w, dy):
     return dx, dw, db
 
 
-def pool_forward(node, x):
-    geo = node["geometry"]
-    if node["op"] == "global_avgpool":
-        return x.mean(axis=(2, 3))
-    kh, kw = geo["k"]
-    if node["op"] == "maxpool":
-        cols = _windows(_pad(x, geo["pads"], -np.inf), geo["k"], geo["stride"], geo["oh"], geo["ow"])
-        return cols.max(axis=(2, 3))
-    cols = _windows(_pad(x, geo["pads"]), geo["k"], geo["stride"], geo["oh"], geo["ow"])
-    return cols.sum(axis=(2, 3)) / (kh * kw)
 
 
 def pool_backward(node, x, dy):
@@ -318,16 +286,6 @@ def pool_backward(node, x, dy):
     return _unwindows(dcols, xp.shape, geo["k"], geo["stride"], geo["pads"], h, w)
 
 
-def activation_forward(op: str, x, alpha: float = 0.01):
-    if op == "relu":
-        return np.maximum(x, 0.0)
-    if op == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-x))
-    if op == "tanh":
-        return np.tanh(x)
-    if op == "leaky_relu":
-        return np.where(x > 0, x, alpha * x)
-    raise ValueError(op)
 
 
 def activation_backward(op: str, x, y, dy, alpha: float = 0.01):
@@ -342,63 +300,15 @@ def activation_backward(op: str, x, y, dy, alpha: float = 0.01):
     raise ValueError(op)
 
 
-def softmax(x, axis: int = 1):
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 # ---- whole networks ----------------------------------------------------------------------
 
 
-def _param(params: Mapping[str, np.ndarray], name: str):
-    return np.asarray(params[name], dtype=np.float64) if name in params else None
 
 
-def forward_values(g, params: Mapping[str, np.ndarray], x, masks: Mapping[str, np.ndarray] | None = None,
-                   stop: str | None = None) -> dict[str, np.ndarray]:
-    """Every node's value (N, *shape), float64. ``masks[dropout node]`` turns dropout on (y = x * mask)."""
-    x = np.asarray(x, dtype=np.float64)
-    inp = g.graph["input"]
-    vals: dict[str, np.ndarray] = {inp: x.reshape(x.shape[0], *g.nodes[inp]["shape"])}
-    for n in execution_order(g):
-        node = g.nodes[n]
-        op = node["op"]
-        ins = [vals[i] for i in node["inputs"]]
-        if op == "input":
-            continue
-        if op == "conv":
-            y = conv_forward(node, ins[0], _param(params, f"{n}.weight"), _param(params, f"{n}.bias"))
-        elif op == "dense":
-            y = ins[0] @ _param(params, f"{n}.weight").T
-            b = _param(params, f"{n}.bias")
-            if b is not None:
-                y = y + b
-        elif op in ("maxpool", "avgpool", "global_avgpool"):
-            y = pool_forward(node, ins[0])
-        elif op == "flatten":
-            y = ins[0].reshape(ins[0].shape[0], -1)
-        elif op in ACTIVATIONS:
-            y = activation_forward(op, ins[0], node["args"].get("alpha", 0.01))
-        elif op == "softmax":
-            y = softmax(ins[0], axis=1)
-        elif op == "dropout":
-            y = ins[0] * masks[n] if masks and n in masks else ins[0]
-        elif op == "add":
-            y = sum(ins[1:], ins[0])
-        elif op == "concat":
-            y = np.concatenate(ins, axis=1)
-        else:
-            raise NotImplementedError(op)
-        assert y.shape[1:] == tuple(node["shape"]), (n, y.shape, node["shape"])
-        vals[n] = y
-        if n == stop:
-            break
-    return vals
 
 
-def reference_forward(g, params: Mapping[str, np.ndarray], x, masks=None) -> np.ndarray:
-    """The network's output for a batch, float64 (dropout is the identity unless `masks` are given)."""
-    return forward_values(g, params, x, masks)[g.graph["output"]]
 
 
 def reference_backward(g, params, vals: dict, start: str, dstart: np.ndarray, masks=None):
@@ -457,11 +367,6 @@ def reference_backward(g, params, vals: dict, start: str, dstart: np.ndarray, ma
     return grads, d.get(g.graph["input"])
 
 
-def loss_node(g, loss: str) -> str:
-    out = g.graph["output"]
-    if loss == "cross_entropy" and g.nodes[out]["op"] == "softmax":
-        return g.nodes[out]["inputs"][0]
-    return out
 
 
 def reference_value_and_grad(g, params, x, y, loss: str = "cross_entropy", masks=None):
@@ -481,11 +386,7 @@ def reference_value_and_grad(g, params, x, y, loss: str = "cross_entropy", masks
         dz[np.arange(n), y] -= 1.0
         dz /= n
     else:
-        if y.dtype.kind in "iub":
-            t = np.zeros((n, k))
-            t[np.arange(n), y] = 1.0
-        else:
-            t = np.asarray(y, dtype=np.float64).reshape(n, k)
+        t = targets_for(y, n, k)
         value = float(np.mean((zf - t) ** 2))
         dz = 2.0 * (zf - t) / (n * k)
     grads, _ = reference_backward(g, params, vals, start, dz.reshape(z.shape), masks)

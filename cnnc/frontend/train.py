@@ -45,7 +45,7 @@ SCALARS = {
     "min_improvement": (_nonneg, "a non-negative number"),
     "lr_decay": (lambda v: _nonneg(v) and 0 < v <= 1, "a factor in (0, 1]"),
 }
-KEYS = ("loss", "optimizer", "data", "early_stop", *SCALARS)
+KEYS = ("loss", "optimizer", "data", "early_stop", "normalize", *SCALARS)
 
 
 def _call_args(call: ast.Call, names: tuple[str, ...]) -> dict[str, Any]:
@@ -63,6 +63,26 @@ def _call_args(call: ast.Call, names: tuple[str, ...]) -> dict[str, Any]:
         if not _nonneg(value) or (key != "patience" and value == 0 and key != "min_delta"):
             raise CnnError(f"{call.name} argument '{key}' must be a positive number, got {describe(value)}", a.loc)
         out[key] = value
+    return out
+
+
+def _normalize(value: Any, s: ast.Setting) -> dict[str, float]:
+    """normalize(mean=M, std=S): inputs become (x - M) / S after scaling to [0, 1] and padding."""
+    if not isinstance(value, ast.Call):
+        raise CnnError("normalize takes a mean and a standard deviation, like normalize(mean=0.1307, std=0.3081)",
+                       s.loc)
+    out: dict[str, float] = {}
+    for i, a in enumerate(value.args):
+        key = a.name or ("mean", "std")[min(i, 1)]
+        v = evaluate(a.value, {})
+        if key not in ("mean", "std") or key in out or i > 1:
+            raise CnnError("normalize takes mean and std, once each", a.loc)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (key == "std" and v <= 0):
+            need = "a positive number" if key == "std" else "a number"
+            raise CnnError(f"normalize {key} must be {need}, got {describe(v)}", a.value.loc)
+        out[key] = float(v)
+    if set(out) != {"mean", "std"}:
+        raise CnnError("normalize needs both mean and std", s.loc)
     return out
 
 
@@ -94,6 +114,8 @@ def lower_train(section: ast.Train) -> dict[str, Any]:
             if not _count(patience):
                 raise CnnError(f"early_stop patience must be a positive integer, got {describe(patience)}", s.loc)
             out["early_stop"] = {"patience": patience, "min_delta": float(args.get("min_delta", 0.0))}
+        elif s.key == "normalize":
+            out["normalize"] = _normalize(value, s)
         elif isinstance(value, ast.Call) or value is None:
             raise CnnError(f"'{s.key}' takes a value, like '{s.key} 10'", s.loc)
         elif s.key == "loss":

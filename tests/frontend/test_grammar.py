@@ -74,8 +74,9 @@ def test_whole_file_of_the_reference_parses():
         "f6.weight", "f6.bias", "logits.weight", "logits.bias",
     ]
     assert g.nodes["c3"]["params"] == {"weight": (16, 6, 5, 5), "bias": (16,)}
-    assert g.graph["train"] == {"data": "data/mnist", "loss": "cross_entropy",
-                                "optimizer": {"name": "adam", "lr": 0.001}, "batch": 64, "epochs": 20}
+    assert g.graph["train"] == {"data": "data/mnist", "normalize": {"mean": 0.1307, "std": 0.3081},
+                                "loss": "cross_entropy", "optimizer": {"name": "adam", "lr": 0.001},
+                                "lr_decay": 0.85, "jitter": 0.1, "batch": 64, "epochs": 20}
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.cnn")), ids=lambda p: p.name)
