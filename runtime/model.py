@@ -97,6 +97,10 @@ class Model:
         self._thread_grads = [self.flat_grads] + [aligned_zeros(manifest["param_floats"])
                                                   for _ in range(self.threads - 1)]
         self._arenas: dict[str, np.ndarray] = {}
+        # these buffers never move (updates write into them), so their addresses are read once
+        self._params_ptr = self.flat_params.ctypes.data
+        self._ws_ptrs = [w.ctypes.data for w in self._ws]
+        self._grad_ptrs = [g.ctypes.data for g in self._thread_grads]
         self.initialize(seed)
         if weights:
             self._load_arrays(np.load(io.BytesIO(weights)), "the artifact's weights")
@@ -187,6 +191,9 @@ class Model:
 
     def check_input(self, x: Any) -> np.ndarray:
         """``x`` as contiguous float32 ``(N, *input_shape)``, or ``ValueError`` naming the expected shape."""
+        if (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.shape[1:] == self.input_shape
+                and x.ndim == len(self.input_shape) + 1 and x.shape[0] >= 1 and x.flags.c_contiguous):
+            return x  # the common case, checked without building any message
         expected = "(N, " + ", ".join(str(d) for d in self.input_shape) + ")"
         if not isinstance(x, np.ndarray):
             try:
@@ -236,14 +243,17 @@ class Model:
         n = x.shape[0]
         y = np.empty((n, *self.output_shape), dtype=np.float32)
         arena = self._arena("infer", min(n, CHUNK)).ctypes.data
-        params, xp, yp = self.flat_params.ctypes.data, x.ctypes.data, y.ctypes.data
+        params, ws, xp, yp = self._params_ptr, self._ws_ptrs, x.ctypes.data, y.ctypes.data
+        if n < 2 * MIN_IMAGES_PER_THREAD:  # small batches: one call, no thread hand-off
+            self._infer(params, arena, xp, yp, ws[0], 0, n)
+            return y
         in_bytes, out_bytes = x[0].nbytes, y[0].nbytes
         for start in range(0, n, CHUNK):
             stop = min(n, start + CHUNK)
             xs, ys = xp + start * in_bytes, yp + start * out_bytes
 
             def task(t: int, a: int, b: int, xs=xs, ys=ys) -> None:
-                self._infer(params, arena, xs, ys, self._ws[t].ctypes.data, a, b)
+                self._infer(params, arena, xs, ys, ws[t], a, b)
 
             self._parallel(stop - start, task)
         return y
@@ -277,7 +287,7 @@ class Model:
         n = x.shape[0]
         arena = self._arena("train", min(n, CHUNK)).ctypes.data
         step = self._steps[loss]
-        params = self.flat_params.ctypes.data
+        params, ws, grads = self._params_ptr, self._ws_ptrs, self._grad_ptrs
         in_bytes, t_bytes, o_bytes = x[0].nbytes, targets[0].nbytes, out[0].nbytes
         used = 1
         for start in range(0, n, CHUNK):
@@ -287,8 +297,7 @@ class Model:
 
             def task(t: int, a: int, b: int, xs=xs, os_=os_, ts=ts, ls=ls, start=start) -> None:
                 # the dropout hash counts images from `seed`: offset it so chunks draw different masks
-                step(params, self._thread_grads[t].ctypes.data, arena, xs, os_, ts, ls, self._ws[t].ctypes.data,
-                     (seed + start) % (1 << 63), scale, a, b)
+                step(params, grads[t], arena, xs, os_, ts, ls, ws[t], (seed + start) % (1 << 63), scale, a, b)
 
             used = max(used, len(self._parallel(stop - start, task)))
         for g in self._thread_grads[1:used]:

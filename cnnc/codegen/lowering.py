@@ -42,10 +42,22 @@ def conv_spec(ctx, name: str, accumulate: bool = False) -> ConvSpec:
     )
 
 
+def covers_input(ctx, name: str) -> bool:
+    """A conv whose kernel covers its whole unpadded input (LeNet's C5) is a dense layer on the flattened input.
+
+    The weight (out, c, h, w) flattened row by row is the dense weight (out, c*h*w),
+    and the batched dense kernels beat a per-image convolution with one output pixel.
+    """
+    node = ctx.node(name)
+    c, h, w = ctx.node(node["inputs"][0])["shape"]
+    geo, a = node["geometry"], node["args"]
+    return (geo["k"] == (h, w) and geo["pads"] == (0, 0, 0, 0) and a["groups"] == 1 and a["connect"] is None)
+
+
 def dense_spec(ctx, name: str, accumulate: bool = False) -> DenseSpec:
     node = ctx.node(name)
     return DenseSpec(
-        f=ctx.node(node["inputs"][0])["shape"][0], o=node["args"]["out"], bias=node["args"]["bias"],
+        f=_size(ctx, node["inputs"][0]), o=math.prod(node["shape"]), bias=node["args"]["bias"],
         act=node.get("act", "none"), alpha=node.get("alpha", 0.01),
         x_stride=ctx.value(node["inputs"][0]).stride, y_stride=ctx.value(name).stride, accumulate=accumulate,
     )
@@ -72,6 +84,8 @@ def _size(ctx, name: str) -> int:
 
 
 def forward_conv(ctx, name: str) -> None:
+    if covers_input(ctx, name):
+        return forward_dense(ctx, name)
     node = ctx.node(name)
     fn = ctx.kernel(emit_conv_forward, conv_spec(ctx, name))
     ctx.call(fn, ctx.value(node["inputs"][0]), ctx.param(name, "weight"), ctx.param(name, "bias"),
@@ -163,6 +177,8 @@ def _fused_activation_grad(ctx, name: str) -> None:
 
 
 def backward_conv(ctx, name: str) -> None:
+    if covers_input(ctx, name):
+        return backward_dense(ctx, name)
     node = ctx.node(name)
     src = node["inputs"][0]
     _fused_activation_grad(ctx, name)
