@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from cnnc.ir import execution_order
+from cnnc.reference import reference_forward
 from tests.reference import (
     FILTERS,
     LAPLACIAN,
@@ -28,7 +29,6 @@ from tests.reference import (
     build,
     graph,
     random_params,
-    reference_forward,
 )
 
 RTOL = 1e-5
