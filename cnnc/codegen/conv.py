@@ -89,6 +89,18 @@ class _Geom:
     def table_floats(self) -> int:
         return self.spec.o * self.k if self.spec.connect is not None else 0
 
+    def transposed_dw(self, vw: int) -> bool:
+        """Whether backward weights vectorises over output channels (dW^T = col @ dy^T) instead of positions.
+
+        With at least a vector of output channels per group this keeps a whole
+        tile of accumulators busy with no reduction across lanes; it needs dy of
+        one group transposed (p x og) in the workspace.
+        """
+        return self.og >= vw
+
+    def dyt_floats(self) -> int:
+        return self.p * self.og
+
 
 def _check(spec: ConvSpec) -> _Geom:
     if spec.c % spec.groups or spec.o % spec.groups:
@@ -102,9 +114,12 @@ def _check(spec: ConvSpec) -> _Geom:
 
 
 def conv_workspace_floats(spec: ConvSpec) -> int:
-    """Scratch floats one call of any of the three kernels needs (the maximum over them)."""
+    """Scratch floats one call of any of the three kernels needs (the maximum over them).
+
+    Layout: [col or dcol] [connect: full weight or its gradient] [backward weights: dy^T of one group].
+    """
     g = _check(spec)
-    return g.col_floats + g.table_floats
+    return g.col_floats + g.table_floats + g.dyt_floats()
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -237,6 +252,13 @@ def _col2im(b: ir.IRBuilder, g: _Geom, col: ir.Value, dx: ir.Value, vw: int) -> 
                     vector_loop(b, ox_lo, ox_hi, vw if s.sw == 1 else 1, add, name="ox")
 
 
+def _transpose(b: ir.IRBuilder, src: ir.Value, rows: int, cols: int, dst: ir.Value) -> None:
+    """dst[c, r] = src[r, c] for a rows x cols matrix (dst is cols x rows)."""
+    with for_range(b, 0, cols, name="tc") as c:
+        with for_range(b, 0, rows, name="tr") as r:
+            emit.store(b, emit.load(b, src, index(b, (r, cols), c)), dst, index(b, (c, rows), r))
+
+
 def _row_sum(b: ir.IRBuilder, base: ir.Value, start: ir.Value, length: int, vw: int) -> ir.Value:
     """sum(base[start : start + length]) as a scalar: vector partial sums, reduced across lanes once per piece."""
     total = emit.f32(0.0)
@@ -348,12 +370,24 @@ def emit_conv_backward_weights(module: ir.Module, name: str, spec: ConvSpec, vw:
             dy_g = Mat(emit.gep(b, dy_img, index(b, (first_out, g.p))), rs=g.p)
             col_g = Mat(emit.gep(b, col, index(b, (gi, g.k * g.p))), rs=g.p)
             dw_g = emit.gep(b, grad, index(b, (first_out, g.k)), name="dw.g")
+            if g.transposed_dw(vw):
+                dyt = emit.gep(b, ws, g.col_floats + g.table_floats, name="dyt")
+                _transpose(b, dy_g.base, g.og, g.p, dyt)
 
-            def add(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int, dw_g=dw_g) -> None:
-                at = index(b, (r, g.k), j)
-                emit.store(b, b.fadd(emit.load(b, dw_g, at, width), value), dw_g, at)
+                def add_t(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int,
+                          dw_g=dw_g) -> None:
+                    for lane in range(width):  # dW^T[r, j + lane] lives at dW[j + lane, r]
+                        at = index(b, (j, g.k), lane * g.k, r)
+                        v = value if width == 1 else b.extract_element(value, ir.Constant(ir.IntType(32), lane))
+                        emit.store(b, b.fadd(emit.load(b, dw_g, at), v), dw_g, at)
 
-            gemm_nt(b, g.og, g.k, g.p, dy_g, col_g, add, vw)
+                gemm_nn(b, g.k, g.og, g.p, col_g, Mat(dyt, rs=g.og), add_t, vw, mr=4, nrv=max(1, min(3, g.og // vw)))
+            else:
+                def add(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int, dw_g=dw_g) -> None:
+                    at = index(b, (r, g.k), j)
+                    emit.store(b, b.fadd(emit.load(b, dw_g, at, width), value), dw_g, at)
+
+                gemm_nt(b, g.og, g.k, g.p, dy_g, col_g, add, vw)
         if spec.bias:
             db = args["db"]
             with for_range(b, 0, spec.o, name="o") as oi:

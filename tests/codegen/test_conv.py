@@ -56,6 +56,10 @@ CASES = {
     "big_20x20": make_spec(3, 20, 20, 9, 3, 3, pad=(1, 1, 1, 1), gap=7),
     "4x2_mixed_stride": make_spec(2, 9, 8, 3, 4, 2, stride=(2, 1), pad=(2, 0, 1, 0)),
     "kernel_over_image": make_spec(2, 3, 3, 3, 5, 5, pad=(2, 2, 2, 2), gap=1),
+    # a vector or more of output channels per group: backward weights runs as col @ dy^T
+    "wide_out_19": make_spec(3, 6, 5, 19, 3, 3, pad=(1, 1, 1, 1), gap=2),
+    "wide_groups2_36": make_spec(4, 5, 5, 36, 3, 3, stride=(2, 1), groups=2, accumulate=True),
+    "wide_connect_17": make_spec(3, 5, 6, 17, 2, 3, connect=tuple((i % 3, (i + 1) % 3) for i in range(17))),
 }
 
 
@@ -263,11 +267,13 @@ def test_conv_forward_activations(jit) -> None:
 
 
 def test_workspace_sizes() -> None:
-    assert conv_workspace_floats(CASES["1x1"]) == 0
+    dyt = lambda s: s.oh * s.ow * (s.o // s.groups)  # dy of one group, transposed, for backward weights
+    s = CASES["1x1"]
+    assert conv_workspace_floats(s) == dyt(s)
     s = CASES["3x3_same"]
-    assert conv_workspace_floats(s) == s.c * s.kh * s.kw * s.oh * s.ow
+    assert conv_workspace_floats(s) == s.c * s.kh * s.kw * s.oh * s.ow + dyt(s)
     s = CASES["connect_1x1"]
-    assert conv_workspace_floats(s) == s.o * s.c
+    assert conv_workspace_floats(s) == s.o * s.c + dyt(s)
     with pytest.raises(ValueError):
         conv_workspace_floats(dataclasses.replace(s, groups=2, o=4))
 
