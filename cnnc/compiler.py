@@ -19,7 +19,7 @@ import networkx as nx
 import numpy as np
 
 from cnnc import summary
-from cnnc.codegen.module import build_module, loss_input
+from cnnc.codegen.module import build_module
 from cnnc.codegen.target import Target, emit_object, host_target
 from cnnc.driver import optimize
 from cnnc.ir import execution_order
@@ -116,8 +116,8 @@ def manifest_for(checked: nx.DiGraph, fused: nx.DiGraph, facts: dict, target: Ta
         "network": fused.graph["network"],
         "input": {"name": inp, "shape": list(fused.nodes[inp]["shape"])},
         "output": {"name": out, "op": fused.nodes[out]["op"], "shape": list(fused.nodes[out]["shape"])},
-        "loss_inputs": {loss: int(np.prod(fused.nodes[loss_input(fused, loss)]["shape"]))
-                        for loss in ("cross_entropy", "mse")},
+        "loss_inputs": {loss: int(np.prod(fused.nodes[start]["shape"]))
+                        for loss, start in fused.graph["loss_input"].items()},
         "params": params,
         "param_floats": facts["param_floats"],
         "arena_infer": facts["arena_infer"],

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from cnnc.ir import execution_order
+from cnnc.passes.autodiff import loss_input
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "leaky_relu")
 
@@ -145,10 +146,7 @@ def reference_forward(g, params: Mapping[str, np.ndarray], x, masks=None) -> np.
 
 def loss_node(g, loss: str) -> str:
     """The tensor a loss reads: cross-entropy skips a final softmax."""
-    out = g.graph["output"]
-    if loss == "cross_entropy" and g.nodes[out]["op"] == "softmax":
-        return g.nodes[out]["inputs"][0]
-    return out
+    return loss_input(g, loss)
 
 
 def targets_for(y, n: int, k: int) -> np.ndarray:

@@ -127,4 +127,10 @@ def as_listing(g: nx.DiGraph) -> str:
             extra = f"  act={node['act']} fused={','.join(node['fused'])}"
         inputs = ", ".join(node["inputs"])
         lines.append(f"  {n:<24} {node['op']:<15} ({inputs}) -> {shape}{extra}")
+    for loss, steps in g.graph.get("backward", {}).items():
+        lines.append(f"backward for {loss} (from d loss / d {g.graph['loss_input'][loss]}):")
+        for st in steps:
+            into = ", ".join(f"d {i}" for i in st.inputs) or "-"
+            params = "d params, " if st.params else ""
+            lines.append(f"  {st.node:<24} {g.nodes[st.node]['op']:<15} -> {params}{into}")
     return "\n".join(lines)

@@ -94,6 +94,7 @@ class Entry:
         self.fn, self.b, self.args = emit.kernel(builder.module, name, args)
         self.ws = self.args["ws"]
         self._written: set[str] = set()
+        self.step = None  # the autodiff Step being emitted
 
     def node(self, name: str) -> dict:
         return self.g.nodes[name]
@@ -105,10 +106,11 @@ class Entry:
         return self.plan.grad[self.plan.root[name]]
 
     def wants_grad(self, name: str) -> bool:
-        return self.plan.root[name] in self.plan.grad
+        """Whether the step being emitted sends a gradient into input `name` (decided by autodiff)."""
+        return name in self.step.inputs
 
     def trainable(self, name: str) -> bool:
-        return "fixed" not in self.node(name)
+        return self.step.params
 
     def accumulate(self, name: str) -> bool:
         """Whether the next gradient written into `name`'s slot must add to what is there."""
@@ -138,14 +140,6 @@ class Entry:
     def call(self, fn: ir.Function, *args) -> None:
         values = [self.pointer(a) if isinstance(a, Tensor) else a for a in args]
         self.b.call(fn, [*values, self.args["n0"], self.args["n1"]])
-
-
-def loss_input(g: nx.DiGraph, loss: str) -> str:
-    """The tensor a loss reads: cross-entropy skips a final softmax (it applies its own)."""
-    out = g.graph["output"]
-    if loss == "cross_entropy" and g.nodes[out]["op"] == "softmax":
-        return g.nodes[out]["inputs"][0]
-    return out
 
 
 def build_module(g: nx.DiGraph, vector_width: int) -> tuple[ir.Module, dict]:
@@ -182,10 +176,10 @@ def _copy_spec(src: Tensor, dst: Tensor) -> CopySpec:
 
 
 def _emit_step(builder: Builder, plan: Plan, order: list[str], loss: str) -> None:
-    """step_LOSS: forward in training mode, copy the loss's input to y, the loss, then backward in reverse order."""
+    """step_LOSS: forward in training mode, copy the loss's input to y, the loss, then the autodiff steps."""
     g = builder.g
     entry = Entry(builder, plan, f"step_{loss}", STEP_ARGS)
-    start = loss_input(g, loss)
+    start = g.graph["loss_input"][loss]
     forward = order if start == g.graph["output"] else [n for n in order if n != g.graph["output"]]
     for n in forward:
         FORWARD[g.nodes[n]["op"]](entry, n)
@@ -196,10 +190,10 @@ def _emit_step(builder: Builder, plan: Plan, order: list[str], loss: str) -> Non
     spec = LossSpec(kind=loss, k=out.size, x_stride=out.stride, dx_stride=dx.stride)
     entry.call(builder.kernel(emit_loss, spec), out, entry.args["target"], dx, entry.args["losses"],
                entry.args["scale_f32"])
-    for n in reversed(forward):
-        if entry.wants_grad(n):
-            BACKWARD[g.nodes[n]["op"]](entry, n)
+    for step in g.graph["backward"][loss]:
+        entry.step = step
+        BACKWARD[g.nodes[step.node]["op"]](entry, step.node)
     entry.b.ret_void()
 
 
-__all__ = ["build_module", "loss_input", "param_layout"]
+__all__ = ["build_module", "param_layout"]

@@ -62,15 +62,15 @@ def roots(g: nx.DiGraph, order: list[str], training: bool) -> dict[str, str]:
     return root
 
 
-def needs_grad(g: nx.DiGraph, order: list[str], root: dict[str, str]) -> set[str]:
-    """Roots whose gradient is needed: those downstream of (or at) a layer with trainable parameters."""
-    flows: set[str] = set()
-    for n in order:
-        node = g.nodes[n]
-        trainable = bool(node.get("params")) and "fixed" not in node
-        if trainable or any(root[i] in flows for i in node["inputs"]):
-            flows.add(root[n])
-    return flows
+def gradient_tensors(g: nx.DiGraph) -> set[str]:
+    """Tensors that receive a gradient in some loss's backward graph (the autodiff pass)."""
+    out: set[str] = set()
+    for loss, steps in g.graph["backward"].items():
+        out.add(g.graph["loss_input"][loss])
+        for step in steps:
+            out.add(step.node)
+            out.update(step.inputs)
+    return out
 
 
 def plan_memory(g: nx.DiGraph, training: bool) -> Plan:
@@ -94,11 +94,9 @@ def plan_memory(g: nx.DiGraph, training: bool) -> Plan:
                 plan.value[n] = Tensor("arena", take(size[n]), 0, size[n])
             if g.nodes[n]["op"] == "dropout":
                 plan.mask[n] = Tensor("arena", take(size[n]), 0, size[n])
-        # the losses write the gradient of the output (and of a final softmax's input) even when nothing trains
-        seeds = {out_root} | ({plan.root[g.nodes[out]["inputs"][0]]} if g.nodes[out]["op"] == "softmax" else set())
-        for r in sorted(needs_grad(g, order, plan.root) | seeds, key=order.index):
-            if r != inp or r in seeds:  # the input's gradient only where a loss writes it
-                plan.grad[r] = Tensor("arena", take(size[r]), 0, size[r])
+        # every loss writes the gradient of the tensor it reads, even when nothing trains
+        for r in sorted({plan.root[t] for t in gradient_tensors(g)}, key=order.index):
+            plan.grad[r] = Tensor("arena", take(size[r]), 0, size[r])
         plan.arena_floats = max(_aligned(offset), ALIGN)
     else:
         last_use: dict[str, int] = {}
