@@ -92,7 +92,7 @@ def _load_model(path: str, args, diag: Diagnostics, **options):
 
 
 def cmd_compile(args, diag: Diagnostics) -> int:
-    from cnnc.codegen.target import emit_assembly, generic_target, host_target
+    from cnnc.codegen.target import emit_assembly_all, generic_target, host_target
     from cnnc.compiler import compile_graph
     from cnnc.driver import optimize
     from cnnc.passes import PASS_NAMES
@@ -122,10 +122,10 @@ def cmd_compile(args, diag: Diagnostics) -> int:
     target = generic_target() if args.generic else host_target()
     compiled = compile_graph(g, target, use_cache=not args.no_cache, keep_module=args.emit is not None)
     if args.emit == "llvm":
-        sys.stdout.write(str(compiled.module))
+        sys.stdout.write("\n".join(str(m) for m in compiled.modules))
         return 0
     if args.emit == "asm":
-        sys.stdout.write(emit_assembly(compiled.module, target))
+        sys.stdout.write(emit_assembly_all(compiled.modules, target))
         return 0
     from cnnc_runtime import artifact
     from cnnc_runtime.model import Model

@@ -20,21 +20,22 @@ import numpy as np
 
 from cnnc import summary
 from cnnc.codegen.module import build_module
-from cnnc.codegen.target import Target, emit_object, host_target
+from cnnc.codegen.target import Target, emit_objects, host_target
 from cnnc.driver import optimize
 from cnnc.ir import execution_order
 from cnnc_runtime import __version__, artifact
+from cnnc_runtime.native import bundle
 
 ACTIVATIONS_WANTING_HE = ("relu", "leaky_relu")
 
 
 @dataclass
 class Compiled:
-    """What a compile produces: the manifest, the object code, and the LLVM module when it was built (not cached)."""
+    """What a compile produces: the manifest, the object code, and the LLVM modules when asked to keep them."""
 
     manifest: dict[str, Any]
     obj: bytes
-    module: Any = None
+    modules: Any = None
     fused: nx.DiGraph | None = None
 
 
@@ -154,8 +155,8 @@ def compile_graph(checked: nx.DiGraph, target: Target | None = None, use_cache: 
                 return Compiled(manifest, obj, fused=fused)
         except (OSError, ValueError):
             pass  # a corrupt entry is rebuilt below
-    module, facts = build_module(fused, target.vector_width)
-    obj = emit_object(module, target)
+    modules, facts = build_module(fused, target.vector_width)
+    obj = bundle(emit_objects(modules, target))
     manifest = manifest_for(checked, fused, facts, target)
     manifest["cache_key"] = key
     if use_cache:
@@ -164,4 +165,4 @@ def compile_graph(checked: nx.DiGraph, target: Target | None = None, use_cache: 
             artifact.write(path, manifest, obj)
         except OSError:
             pass  # an unwritable cache only costs time
-    return Compiled(manifest, obj, module if keep_module else None, fused)
+    return Compiled(manifest, obj, modules if keep_module else None, fused)

@@ -1,4 +1,4 @@
-"""The module builder: one LLVM module per network, with its entry points.
+"""The module builder: the LLVM code of one network, with its entry points.
 
 Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
 
@@ -61,12 +61,17 @@ def param_layout(g: nx.DiGraph) -> tuple[list[ParamSlot], int]:
 
 
 class Builder:
-    """Holds the module and the kernels emitted so far (one function per distinct spec)."""
+    """Holds the entry-point module and the kernels emitted so far (one function per distinct spec).
+
+    Each kernel gets a module of its own, declared in the entry module, so
+    that LLVM can optimise and compile the modules on several threads.
+    """
 
     def __init__(self, g: nx.DiGraph, vector_width: int) -> None:
         self.g = g
         self.vw = vector_width
         self.module = ir.Module(name=g.graph["network"])
+        self.kernel_modules: list[ir.Module] = []
         self._kernels: dict[tuple, ir.Function] = {}
         self.ws_floats = 0  # scratch one thread needs: the largest conv kernel's workspace
         self.slots, self.param_floats = param_layout(g)
@@ -75,10 +80,11 @@ class Builder:
     def kernel(self, emitter, spec) -> ir.Function:
         key = (emitter.__name__, spec)
         if key not in self._kernels:
-            name = f"{emitter.__name__.removeprefix('emit_')}_{len(self._kernels)}"
-            fn = emitter(self.module, name, spec, self.vw)
-            fn.linkage = "internal"
-            self._kernels[key] = fn
+            name = f"{self.g.graph['network']}.{emitter.__name__.removeprefix('emit_')}_{len(self._kernels)}"
+            own = ir.Module(name=name)
+            fn = emitter(own, name, spec, self.vw)
+            self.kernel_modules.append(own)
+            self._kernels[key] = ir.Function(self.module, fn.ftype, name=name)
             if isinstance(spec, ConvSpec):
                 self.ws_floats = max(self.ws_floats, -(-conv_workspace_floats(spec) // ALIGN) * ALIGN)
         return self._kernels[key]
@@ -142,8 +148,8 @@ class Entry:
         self.b.call(fn, [*values, self.args["n0"], self.args["n1"]])
 
 
-def build_module(g: nx.DiGraph, vector_width: int) -> tuple[ir.Module, dict]:
-    """Emit the whole module; returns it with the layout facts the manifest records."""
+def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dict]:
+    """Emit the network's code: the entry-point module first, then one module per kernel, and the layout facts."""
     builder = Builder(g, vector_width)
     order = execution_order(g)
     infer_plan = plan_memory(g, training=False)
@@ -168,7 +174,7 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[ir.Module, dict]:
         "arena_train": train_plan.arena_floats,
         "ws_floats": builder.ws_floats,
     }
-    return builder.module, facts
+    return [builder.module, *builder.kernel_modules], facts
 
 
 def _copy_spec(src: Tensor, dst: Tensor) -> CopySpec:

@@ -92,3 +92,69 @@ def emit_object(module: ir.Module, target: Target) -> bytes:
 def emit_assembly(module: ir.Module, target: Target) -> str:
     ref = optimize(module, target)
     return target.machine().emit_assembly(ref)
+
+
+def _link(texts: list[str], target: Target) -> llvm.ModuleRef:
+    """Parse the modules' IR and link them into one, optimised for `target`."""
+    _init_llvm()
+    first = None
+    for text in texts:
+        ref = llvm.parse_assembly(text)
+        ref.verify()
+        if first is None:
+            first = ref
+        else:
+            first.link_in(ref)
+    tm = target.machine()
+    first.triple = target.triple
+    first.data_layout = str(tm.target_data)
+    pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
+    pb.getModulePassManager().run(first, pb)
+    return first
+
+
+def _groups(modules: list[ir.Module], parts: int) -> list[list[str]]:
+    """The modules' IR texts dealt into `parts` groups of similar size (largest first)."""
+    texts = sorted((str(m) for m in modules), key=len, reverse=True)
+    groups: list[list[str]] = [[] for _ in range(max(1, min(parts, len(texts))))]
+    sizes = [0] * len(groups)
+    for text in texts:
+        i = sizes.index(min(sizes))
+        groups[i].append(text)
+        sizes[i] += len(text)
+    return groups
+
+
+def _compile_group(job: tuple[list[str], Target]) -> bytes:
+    texts, target = job
+    return target.machine().emit_object(_link(texts, target))
+
+
+PARALLEL_MIN_CHARS = 200_000  # below this much IR, starting processes costs more than it saves
+
+
+def emit_objects(modules: list[ir.Module], target: Target, processes: int | None = None) -> list[bytes]:
+    """Compile modules to object files, one per group, the groups in parallel processes.
+
+    llvmlite serialises every LLVM call behind one lock, so threads cannot
+    overlap; forked processes can, and two cores then take about half the
+    time. Where forking is not possible the groups compile one after another.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if processes is None:
+        processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    groups = _groups(modules, processes)
+    jobs = [(texts, target) for texts in groups]
+    if len(groups) > 1 and sum(len(t) for g in groups for t in g) >= PARALLEL_MIN_CHARS:
+        try:
+            with ProcessPoolExecutor(len(groups), mp_context=multiprocessing.get_context("fork")) as pool:
+                return list(pool.map(_compile_group, jobs))
+        except (OSError, ValueError, RuntimeError):  # no fork here (or it failed): compile serially
+            pass
+    return [_compile_group(job) for job in jobs]
+
+
+def emit_assembly_all(modules: list[ir.Module], target: Target) -> str:
+    return "".join(target.machine().emit_assembly(_link([str(m)], target)) for m in modules)
