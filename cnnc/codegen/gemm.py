@@ -134,10 +134,11 @@ def gemm_nn(
     """
     assert bmat.cs == 1
     nrv = nrv or (3 if vw > 4 else 2)
-    for ilo, ihi, rows in row_pieces(b, m, mr):
-        with for_range(b, ilo, ihi, rows, name="i") as i:
-            for jlo, jhi, nvec, width in column_pieces(n, vw, nrv):
-                with for_range(b, jlo, jhi, nvec * width, name="j") as j:
+    # columns outside, rows inside: one k x (nvec*width) panel of B stays in cache while every row tile uses it
+    for jlo, jhi, nvec, width in column_pieces(n, vw, nrv):
+        with for_range(b, jlo, jhi, nvec * width, name="j") as j:
+            for ilo, ihi, rows in row_pieces(b, m, mr):
+                with for_range(b, ilo, ihi, rows, name="i") as i:
                     _nn_tile(b, i, j, rows, nvec, width, k, a, bmat, epilogue)
 
 
