@@ -87,8 +87,15 @@ def _load_model(path: str, args, diag: Diagnostics, **options):
         model = Model(compiled.manifest, compiled.obj, **options)
     weights = getattr(args, "weights", None)
     if weights:
-        model.load(_existing(weights))
+        _load_weights(model, weights, args.command)
     return model
+
+
+def _load_weights(model, path: str, command: str) -> None:
+    try:
+        model.load(_existing(path))
+    except ValueError as e:
+        raise UsageError(f"cnnc {command}: {e}") from None
 
 
 def cmd_compile(args, diag: Diagnostics) -> int:
@@ -133,7 +140,7 @@ def cmd_compile(args, diag: Diagnostics) -> int:
     out = args.output or str(Path(args.file).with_suffix(".cnnc"))
     model = Model(compiled.manifest, compiled.obj)
     if args.weights:
-        model.load(_existing(args.weights))
+        _load_weights(model, args.weights, "compile")
     model.save_artifact(out, with_weights=bool(args.weights))
     del artifact
     print(f"wrote {out} ({Path(out).stat().st_size:,} bytes, {target.cpu}, network {model.name})")
@@ -233,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cnnc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cnnc ... | head`: the reader left; say nothing more
+        sys.stderr.close()
+        return 0
     for w in diag.render():
         print(w, file=sys.stderr)
     return status

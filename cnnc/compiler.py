@@ -78,7 +78,8 @@ def ir_key(fused: nx.DiGraph, target: Target) -> str:
         | {"args": {k: _jsonable(v) for k, v in fused.nodes[n].get("args", {}).items() if k not in skip}}
         for n in execution_order(fused)
     ]
-    blob = json.dumps({"nodes": nodes, "output": fused.graph["output"], "input": fused.graph["input"],
+    blob = json.dumps({"network": fused.graph["network"], "nodes": nodes, "output": fused.graph["output"],
+                       "input": fused.graph["input"],
                        "target": target.key, "cnnc": __version__, "compiler": compiler_fingerprint()},
                       sort_keys=True, default=repr)
     return hashlib.sha256(blob.encode()).hexdigest()

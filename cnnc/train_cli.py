@@ -94,6 +94,10 @@ def cmd_train(args, diag: Diagnostics) -> int:
         except ImportError:
             raise _usage("cnnc train: --plot needs matplotlib: pip install 'cnnc[plot]'") from None
     model = _load_model(args.file, args, diag, seed=args.seed or 0)
+    if args.resume:
+        from cnnc.cli import _existing
+
+        _existing(args.resume)
     data, path = _dataset(args, model)
     x, y = data["train"]
     if args.subset:
@@ -118,8 +122,11 @@ def cmd_train(args, diag: Diagnostics) -> int:
         history = model.fit(x, y, checkpoint=ckpt, resume=args.resume, log=args.log,
                             on_epoch=lambda e: print(_epoch_line(e, epochs), flush=True), **settings)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the checkpoint of the last finished epoch is in {ckpt}; "
-              f"continue with --resume {ckpt}", file=sys.stderr)
+        if Path(ckpt).is_file():
+            print(f"\ninterrupted: the checkpoint of the last finished epoch is in {ckpt}; "
+                  f"continue with --resume {ckpt}", file=sys.stderr)
+        else:
+            print("\ninterrupted before the first epoch finished: no checkpoint was written", file=sys.stderr)
         return 130
     except TrainingStopped as e:
         model.save(out)

@@ -164,6 +164,10 @@ class Model:
                 self._load_arrays(data, str(path))
         except (OSError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"{path}: cannot read weights ({e})") from None
+        except ValueError as e:
+            if str(e).startswith(str(path)):
+                raise
+            raise ValueError(f"{path}: not a weights file written by save() (.npz): {e}") from None
 
     def _load_arrays(self, data: Mapping[str, np.ndarray], source: str) -> None:
         names = set(data.keys())

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -160,11 +161,15 @@ def _optimizer(s: Settings) -> Optimizer:
 class _Run:
     """The state of one training run, everything a checkpoint must hold to continue exactly."""
 
-    def __init__(self, model, s: Settings, restart: int) -> None:
+    def __init__(self, model, s: Settings, restart: int, base_lr: float, finished: list | None = None,
+                 kept: tuple | None = None) -> None:
         self.restart = restart
         self.optimizer = _optimizer(s)
         self.optimizer.reset()
-        self.base_lr = self.optimizer.lr  # from the settings; a checkpoint's decayed lr must not compound
+        self.base_lr = base_lr  # from the settings: neither a checkpoint's nor an earlier restart's decayed lr
+        # earlier restarts: their outcomes, and (loss, params, history, stopped, best epoch) of the best one
+        self.finished: list[dict[str, Any]] = finished if finished is not None else []
+        self.kept = kept
         self.rng = np.random.default_rng([s.seed, restart, 1])
         self.epoch = 0
         self.step = 0
@@ -185,6 +190,12 @@ def _checkpoint_arrays(model, run: _Run, s: Settings) -> dict[str, np.ndarray]:
             "best_epoch": run.best_epoch, "bad_epochs": run.bad_epochs, "rng": run.rng.bit_generator.state,
             "history": [asdict(e) for e in run.history], "optimizer": type(run.optimizer).__name__,
             "network": model.name, "seed": s.seed}
+    meta["finished"] = run.finished
+    if run.kept is not None:
+        loss, params, history, stopped, best_epoch = run.kept
+        arrays["kept_params"] = params
+        meta["kept"] = {"loss": loss, "history": [asdict(e) for e in history], "stopped": stopped,
+                        "best_epoch": best_epoch}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     return arrays
 
@@ -195,8 +206,12 @@ def save_checkpoint(path: str | os.PathLike[str], model, run: _Run, s: Settings)
 
 
 def _restore(path: str | os.PathLike[str], model, run: _Run) -> None:
-    with np.load(path) as data:
+    try:
+        data = np.load(path)
         meta = json.loads(bytes(data["meta"]).decode())
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a cnnc checkpoint ({e})") from None
+    with data:
         if meta["network"] != model.name:
             raise ValueError(f"{path} is a checkpoint of network {meta['network']}, not {model.name}")
         if meta["optimizer"] != type(run.optimizer).__name__:
@@ -205,10 +220,15 @@ def _restore(path: str | os.PathLike[str], model, run: _Run) -> None:
         model._load_arrays({k[6:]: data[k] for k in data.files if k.startswith("param/")}, str(path))
         run.optimizer.load_state_dict({k[4:]: data[k] for k in data.files if k.startswith("opt/")})
         run.best_params = data["best_params"].copy()
+        if meta.get("kept") is not None:
+            k = meta["kept"]
+            run.kept = (k["loss"], data["kept_params"].copy(), [Epoch(**e) for e in k["history"]], k["stopped"],
+                        k["best_epoch"])
     run.epoch, run.step, run.restart = meta["epoch"], meta["step"], meta["restart"]
     run.best_loss, run.best_epoch, run.bad_epochs = meta["best_loss"], meta["best_epoch"], meta["bad_epochs"]
     run.rng.bit_generator.state = meta["rng"]
     run.history = [Epoch(**e) for e in meta["history"]]
+    run.finished = meta.get("finished", [])
 
 
 def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarray, np.ndarray] | None = None,
@@ -249,36 +269,36 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
     if s.batch_size < 1 or s.epochs < 1 or s.restarts < 1:
         raise ValueError("epochs, batch_size and restarts must be at least 1")
 
-    history = History()
-    kept: tuple[float, np.ndarray, _Run] | None = None
+    base_lr = _optimizer(s).lr  # before any restart decays it
+    finished: list[dict[str, Any]] = []
+    kept: tuple | None = None  # (loss, params, history, stopped, best epoch) of the best restart so far
     log_file = open(log, "a", encoding="utf-8") if log else None  # noqa: SIM115 - closed in finally
     try:
         start_restart = 0
         resumed: _Run | None = None
         if resume is not None:
-            resumed = _Run(model, s, 0)
+            resumed = _Run(model, s, 0, base_lr)
             _restore(resume, model, resumed)
-            start_restart = resumed.restart
+            start_restart, finished, kept = resumed.restart, resumed.finished, resumed.kept
         for restart in range(start_restart, s.restarts):
             if resumed is not None and restart == resumed.restart:
                 run = resumed
             else:
                 model.initialize(s.seed + restart)
-                run = _Run(model, s, restart)
+                run = _Run(model, s, restart, base_lr, finished, kept)
             _train_run(model, run, s, loss, x, targets, labels, validation_data, checkpoint, log_file, progress,
                        on_epoch)
             final = run.history[run.best_epoch - 1] if run.best_epoch else run.history[-1]
-            history.restarts.append({"restart": restart, "seed": s.seed + restart, "loss": final.loss,
-                                     "epochs": len(run.history), "stopped": run.stopped})
+            finished.append({"restart": restart, "seed": s.seed + restart, "loss": final.loss,
+                             "epochs": len(run.history), "stopped": run.stopped})
             if kept is None or final.loss < kept[0]:
-                kept = (final.loss, model.flat_params.copy(), run)
+                kept = (final.loss, model.flat_params.copy(), list(run.history), run.stopped, run.best_epoch)
     finally:
         if log_file:
             log_file.close()
-    loss_value, params, run = kept
+    _, params, epochs, stopped, best_epoch = kept
     model.flat_params[...] = params
-    history.epochs, history.stopped, history.best_epoch = run.history, run.stopped, run.best_epoch
-    return history
+    return History(epochs, finished, stopped, best_epoch)
 
 
 def _train_run(model, run: _Run, s: Settings, loss: str, x: np.ndarray, targets: np.ndarray,
@@ -289,7 +309,7 @@ def _train_run(model, run: _Run, s: Settings, loss: str, x: np.ndarray, targets:
     losses = np.empty(s.batch_size, dtype=np.float32)
     optimizer = run.optimizer
     good = model.flat_params.copy()
-    prev_loss = math.inf
+    prev_loss = run.history[-1].loss if run.history else math.inf
     while run.epoch < s.epochs and not run.stopped:
         optimizer.lr = run.base_lr * s.lr_decay ** run.epoch
         t0 = time.perf_counter()
@@ -346,13 +366,13 @@ def _train_run(model, run: _Run, s: Settings, loss: str, x: np.ndarray, targets:
         if s.min_improvement is not None and prev_loss - record.loss < s.min_improvement and not run.stopped:
             run.stopped = f"the training loss improved by less than {s.min_improvement}"
         prev_loss = record.loss
+        if checkpoint is not None:  # before the epoch is reported: what was announced can be resumed
+            save_checkpoint(checkpoint, model, run, s)
         if log_file:
             log_file.write(json.dumps(asdict(record)) + "\n")
             log_file.flush()
         if on_epoch:
             on_epoch(record)
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, model, run, s)
     if not run.stopped:
         run.stopped = f"completed {run.epoch} epochs"
     if s.patience is not None and run.best_epoch is not None:

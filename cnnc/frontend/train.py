@@ -49,19 +49,26 @@ KEYS = ("loss", "optimizer", "data", "early_stop", "normalize", *SCALARS)
 
 
 def _call_args(call: ast.Call, names: tuple[str, ...]) -> dict[str, Any]:
+    """Arguments of an optimizer or early_stop call: positional in `names` order, then key=value."""
     out: dict[str, Any] = {}
     for i, a in enumerate(call.args):
         key = a.name if a.name is not None else (names[i] if i < len(names) else None)
         if key is None:
             raise CnnError(f"{call.name} takes at most {len(names)} arguments ({', '.join(names)})", a.loc)
         if key not in names:
-            raise CnnError(f"{call.name} has no argument '{key}'{did_you_mean(key, names)}; "
-                           f"it takes {', '.join(names)}", a.loc)
+            hint = did_you_mean(key, names) or f"; it takes {', '.join(names)}"
+            raise CnnError(f"{call.name} has no argument '{key}'{hint}", a.loc)
         if key in out:
             raise CnnError(f"argument '{key}' is given twice", a.loc)
         value = evaluate(a.value, {})
-        if not _nonneg(value) or (key != "patience" and value == 0 and key != "min_delta"):
-            raise CnnError(f"{call.name} argument '{key}' must be a positive number, got {describe(value)}", a.loc)
+        if key == "patience":
+            ok, need = _count(value), "a positive integer"
+        elif key == "min_delta":
+            ok, need = _nonneg(value), "a non-negative number"
+        else:
+            ok, need = _nonneg(value) and value > 0, "a positive number"
+        if not ok:
+            raise CnnError(f"{call.name} argument '{key}' must be {need}, got {describe(value)}", a.loc)
         out[key] = value
     return out
 
@@ -110,10 +117,7 @@ def lower_train(section: ast.Train) -> dict[str, Any]:
                 if not _count(v):
                     raise CnnError(f"early_stop needs a patience in epochs, got {describe(v)}", value.loc)
                 args = {"patience": v}
-            patience = args.get("patience", 5)
-            if not _count(patience):
-                raise CnnError(f"early_stop patience must be a positive integer, got {describe(patience)}", s.loc)
-            out["early_stop"] = {"patience": patience, "min_delta": float(args.get("min_delta", 0.0))}
+            out["early_stop"] = {"patience": args.get("patience", 5), "min_delta": float(args.get("min_delta", 0.0))}
         elif s.key == "normalize":
             out["normalize"] = _normalize(value, s)
         elif isinstance(value, ast.Call) or value is None:
