@@ -29,16 +29,14 @@ def compile_string(text: str, name: str = "<string>", **options: Any) -> Model:
     target baseline x86-64 instead of this CPU), ``fuse`` (default True:
     fold activations into conv/dense kernels).
     """
-    from cnnc.driver import check_source
-
-    return _build(check_source(text, name), options)
+    return _build(text, name, options)
 
 
 def compile(path: str | os.PathLike[str], **options: Any) -> Model:  # noqa: A001 - the API's name
     """Compile a .cnn file to a ``Model`` (see ``compile_string`` for the options)."""
-    from cnnc.driver import check_file
+    from cnnc.sources import read_source
 
-    return _build(check_file(path), options)
+    return _build(read_source(path), str(path), options)
 
 
 def load(path: str | os.PathLike[str]) -> Model:
@@ -48,14 +46,13 @@ def load(path: str | os.PathLike[str]) -> Model:
     return load_artifact(path)
 
 
-def _build(checked, options: dict) -> Model:
-    from cnnc.codegen.target import generic_target, host_target
-    from cnnc.compiler import compile_graph
+def _build(source: str, name: str, options: dict) -> Model:
+    from cnnc.cache import compile_source
     from cnnc_runtime.model import Model
 
     unknown = set(options) - {"cache", "seed", "generic", "fuse"}
     if unknown:
         raise TypeError(f"unknown compile option(s): {', '.join(sorted(unknown))}")
-    target = generic_target() if options.get("generic") else host_target()
-    compiled = compile_graph(checked, target, options.get("cache", True), fuse=options.get("fuse", True))
-    return Model(compiled.manifest, compiled.obj, seed=options.get("seed", 0))
+    manifest, obj = compile_source(source, name, generic=options.get("generic", False),
+                                   use_cache=options.get("cache", True), fuse=options.get("fuse", True))
+    return Model(manifest, obj, seed=options.get("seed", 0))

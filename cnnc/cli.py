@@ -78,13 +78,13 @@ def _load_model(path: str, args, diag: Diagnostics, **options):
     if is_artifact:
         model = cnnc.load(p)
     else:
-        from cnnc.codegen.target import generic_target, host_target
-        from cnnc.compiler import compile_graph
+        from cnnc.cache import compile_source
+        from cnnc.sources import read_source
         from cnnc_runtime.model import Model
 
-        target = generic_target() if getattr(args, "generic", False) else host_target()
-        compiled = compile_graph(_checked(path, diag), target, use_cache=not getattr(args, "no_cache", False))
-        model = Model(compiled.manifest, compiled.obj, **options)
+        manifest, obj = compile_source(read_source(p), str(path), generic=getattr(args, "generic", False),
+                                       use_cache=not getattr(args, "no_cache", False), diag=diag)
+        model = Model(manifest, obj, **options)
     weights = getattr(args, "weights", None)
     if weights:
         _load_weights(model, weights, args.command)
@@ -134,7 +134,6 @@ def cmd_compile(args, diag: Diagnostics) -> int:
     if args.emit == "asm":
         sys.stdout.write(emit_assembly_all(compiled.modules, target))
         return 0
-    from cnnc_runtime import artifact
     from cnnc_runtime.model import Model
 
     out = args.output or str(Path(args.file).with_suffix(".cnnc"))
@@ -142,7 +141,6 @@ def cmd_compile(args, diag: Diagnostics) -> int:
     if args.weights:
         _load_weights(model, args.weights, "compile")
     model.save_artifact(out, with_weights=bool(args.weights))
-    del artifact
     print(f"wrote {out} ({Path(out).stat().st_size:,} bytes, {target.cpu}, network {model.name})")
     return 0
 

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import networkx as nx
 import numpy as np
 
-from cnnc import summary
+from cnnc import cache, summary
+from cnnc.cache import cache_dir, compiler_fingerprint
 from cnnc.codegen.module import build_module
 from cnnc.codegen.target import Target, emit_objects, host_target
 from cnnc.driver import optimize
@@ -39,14 +37,6 @@ class Compiled:
     fused: nx.DiGraph | None = None
 
 
-def cache_dir() -> Path:
-    """``$CNNC_CACHE_DIR``, else ``$XDG_CACHE_HOME/cnnc``, else ``~/.cache/cnnc``."""
-    if os.environ.get("CNNC_CACHE_DIR"):
-        return Path(os.environ["CNNC_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cnnc"
-
-
 def _jsonable(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return {"array": v.tolist(), "shape": list(v.shape)}
@@ -57,17 +47,6 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, (str, int, float, bool)) or v is None:
         return v
     return repr(v)
-
-
-@lru_cache(maxsize=1)
-def compiler_fingerprint() -> str:
-    """A hash of the code generator's own source, so a changed compiler never reuses stale objects."""
-    root = Path(__file__).parent
-    h = hashlib.sha256()
-    for path in sorted([*root.glob("codegen/*.py"), *root.glob("ops/*.py"), *root.glob("passes/*.py"),
-                        root / "compiler.py"]):
-        h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def ir_key(fused: nx.DiGraph, target: Target) -> str:
@@ -148,22 +127,15 @@ def compile_graph(checked: nx.DiGraph, target: Target | None = None, use_cache: 
     fused = optimize(checked, skip=() if fuse else ("fuse",))
     key = ir_key(fused, target)
     path = cache_dir() / f"{key}.cnnc"
-    if use_cache and not keep_module and path.is_file():
-        try:
-            manifest, obj, _ = artifact.read(path)
-            if manifest.get("cache_key") == key:
-                manifest.update(_descriptive(checked, fused))  # comments and the train section are not code
-                return Compiled(manifest, obj, fused=fused)
-        except (OSError, ValueError):
-            pass  # a corrupt entry is rebuilt below
+    hit = cache.read(path, key) if use_cache and not keep_module else None
+    if hit is not None:  # (a corrupt entry reads as a miss and is rebuilt below)
+        manifest, obj = hit
+        manifest.update(_descriptive(checked, fused))  # comments and the train section are not code
+        return Compiled(manifest, obj, fused=fused)
     modules, facts = build_module(fused, target.vector_width)
     obj = bundle(emit_objects(modules, target))
     manifest = manifest_for(checked, fused, facts, target)
     manifest["cache_key"] = key
     if use_cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            artifact.write(path, manifest, obj)
-        except OSError:
-            pass  # an unwritable cache only costs time
+        cache.write(path, manifest, obj)
     return Compiled(manifest, obj, modules if keep_module else None, fused)

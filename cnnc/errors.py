@@ -69,9 +69,10 @@ class Diagnostics:
 
     def __init__(self) -> None:
         self.warnings: list[tuple[Loc | None, str]] = []
+        self.replayed: list[str] = []  # warnings already rendered, from the compile cache
 
     def warn(self, message: str, loc: Loc | None = None) -> None:
         self.warnings.append((loc, message))
 
     def render(self) -> list[str]:
-        return [render(loc, "warning", msg) for loc, msg in self.warnings]
+        return self.replayed + [render(loc, "warning", msg) for loc, msg in self.warnings]

@@ -14,7 +14,7 @@ Columns (``gemm_nn``) and the reduction (``gemm_nt``) are static; the tail that
 is not a multiple of the vector width is covered by narrower vectors (``vw/2``,
 ``vw/4`` ... down to scalars). Rows and, for ``gemm_nn``, the reduction length may
 be runtime values (the batch range). Accumulators live in entry-block allocas,
-which LLVM's SROA turns into registers; the multiply-adds are ``llvm.fmuladd``.
+which LLVM's SROA turns into registers; the multiply-adds are ``emit.fma`` (``llvm.fmuladd``).
 
 Neither routine stores anything itself: ``epilogue(b, i, j, value, width)`` is
 called for each finished ``width``-lane piece (width 1: a scalar) of row ``i``
@@ -110,15 +110,6 @@ def row_pieces(b: ir.IRBuilder, m: Index, mr: int) -> list[tuple[Index, Index, i
     return [(0, full, mr), (full, m, 1)]
 
 
-def madd(b: ir.IRBuilder, x: ir.Value, y: ir.Value, acc: ir.Value) -> ir.Value:
-    """x * y + acc: ``llvm.fmuladd``, one FMA where the target has it and a multiply and an add elsewhere.
-
-    ``emit.fma`` (``llvm.fma``) must round once, so without FMA hardware (baseline
-    x86-64) it becomes a call to ``fmaf`` per lane.
-    """
-    return emit.intrinsic(b, "llvm.fmuladd", x.type, [x, y, acc])
-
-
 def _splat_load(b: ir.IRBuilder, base: ir.Value, off: ir.Value, width: int) -> ir.Value:
     return emit.splat(b, emit.load(b, base, off), width)
 
@@ -155,7 +146,7 @@ def _nn_tile(
         for r in range(rows):
             av = _splat_load(b, a.base, index(b, (i, a.rs), r * a.rs, (kk, a.cs)), width)
             for v in range(nvec):
-                b.store(madd(b, av, bv[v], b.load(accs[r][v])), accs[r][v])
+                b.store(emit.fma(b, av, bv[v], b.load(accs[r][v])), accs[r][v])
     for r in range(rows):
         row = index(b, i, r)
         for v in range(nvec):
@@ -193,7 +184,7 @@ def _nt_tile(
             bv = [emit.load(b, bmat.base, index(b, (j, bmat.rs), c * bmat.rs, kk), width) for c in range(cols)]
             for r in range(rows):
                 for c in range(cols):
-                    b.store(madd(b, av[r], bv[c], b.load(accs[r][c])), accs[r][c])
+                    b.store(emit.fma(b, av[r], bv[c], b.load(accs[r][c])), accs[r][c])
         for r in range(rows):
             for c in range(cols):
                 part = emit.hsum(b, b.load(accs[r][c]))

@@ -19,7 +19,7 @@ import networkx as nx
 from cnnc.errors import CnnError, Diagnostics, Loc, did_you_mean
 from cnnc.frontend import ast
 from cnnc.frontend.train import lower_train
-from cnnc.frontend.values import convert, describe, evaluate
+from cnnc.frontend.values import convert, evaluate
 from cnnc.ir import REQUIRED, add_node, new_graph
 from cnnc.ops import LAYERS, OPS
 
@@ -353,5 +353,3 @@ def lower(file: ast.File, diag: Diagnostics | None = None) -> nx.DiGraph:
         raise CnnError("the file nests blocks, groups or expressions too deeply",
                        Loc(file.path, 1, 1, 1, file.source)) from None
 
-
-__all__ = ["lower", "describe"]

@@ -1,0 +1,94 @@
+"""The on-disk compile cache, and compiling through it.
+
+Two kinds of entries, both artifact files in ``cache_dir()``:
+
+- ``<IR key>.cnnc``: keyed by the optimised graph, the target CPU and its
+  features, and the cnnc, llvmlite and compiler-source versions
+  (``cnnc.compiler.compile_graph``); two files that differ only in comments
+  share it.
+- ``src-<source key>.cnnc``: keyed by the exact source text and name, the
+  target and the same versions. A repeated compile of the same file reads it
+  without parsing anything (lark and networkx are not even imported), so it
+  takes milliseconds; the warnings of the first compile are replayed.
+
+This module imports no part of the compiler until a compile is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from cnnc.errors import Diagnostics
+from cnnc_runtime import __version__, artifact
+
+
+def cache_dir() -> Path:
+    """``$CNNC_CACHE_DIR``, else ``$XDG_CACHE_HOME/cnnc``, else ``~/.cache/cnnc``."""
+    if os.environ.get("CNNC_CACHE_DIR"):
+        return Path(os.environ["CNNC_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cnnc"
+
+
+@lru_cache(maxsize=1)
+def compiler_fingerprint() -> str:
+    """A hash of the compiler's own source and grammar, so a changed compiler never reuses stale entries."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    files = [*root.glob("*.py"), *root.glob("*/*.py"), *root.parent.glob("grammar/*.lark"), *root.glob("grammar/*")]
+    for path in sorted(p for p in files if p.is_file()):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def read(path: Path, key: str) -> tuple[dict[str, Any], bytes] | None:
+    """(manifest, object code) of an entry, or None when it is missing, corrupt or for another key."""
+    try:
+        manifest, obj, _ = artifact.read(path)
+    except (OSError, ValueError):
+        return None
+    return (manifest, obj) if manifest.get("cache_key") == key else None
+
+
+def write(path: Path, manifest: dict[str, Any], obj: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        artifact.write(path, manifest, obj)
+    except OSError:
+        pass  # an unwritable cache only costs time
+
+
+def source_key(source: str, name: str, target_key: str, options: dict[str, Any]) -> str:
+    blob = json.dumps({"source": source, "name": name, "target": target_key, "options": options,
+                       "cnnc": __version__, "compiler": compiler_fingerprint()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def compile_source(source: str, name: str, *, generic: bool = False, use_cache: bool = True, fuse: bool = True,
+                   diag: Diagnostics | None = None) -> tuple[dict[str, Any], bytes]:
+    """(manifest, object code) for .cnn source text, from the source-keyed cache when possible."""
+    from cnnc.codegen.target import generic_target, host_target
+
+    target = generic_target() if generic else host_target()
+    diag = diag if diag is not None else Diagnostics()
+    key = source_key(source, name, target.key, {"fuse": fuse})
+    path = cache_dir() / f"src-{key}.cnnc"
+    if use_cache:
+        hit = read(path, key)
+        if hit is not None:
+            diag.replayed.extend(hit[0].get("warnings", []))
+            return hit
+    from cnnc.compiler import compile_graph
+    from cnnc.driver import check_source
+
+    compiled = compile_graph(check_source(source, name, diag), target, use_cache, fuse=fuse)
+    manifest = {**compiled.manifest, "cache_key": key, "warnings": diag.render()}
+    if use_cache:
+        write(path, manifest, compiled.obj)
+    return manifest, compiled.obj
