@@ -7,20 +7,13 @@ entry can never hide a change in code generation.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import cnnc
-from cnnc import cli
+from tests.clitools import cache_dir, cnnc_cmd, cnnc_process, one_line_error
 
 NET = """
 network tiny {
@@ -37,41 +30,14 @@ def work(tmp_path_factory):
     (d / "tiny.cnn").write_text(NET)
     rng = np.random.default_rng(0)
     np.save(d / "x.npy", rng.standard_normal((5, 1, 6, 6)).astype(np.float32))
-    (d / "cache").mkdir()
-    old = os.environ.get("CNNC_CACHE_DIR")
-    os.environ["CNNC_CACHE_DIR"] = str(d / "cache")
-    yield d
-    if old is None:
-        del os.environ["CNNC_CACHE_DIR"]
-    else:
-        os.environ["CNNC_CACHE_DIR"] = old
+    with cache_dir(d / "cache"):
+        yield d
 
 
-def cnnc_cmd(work: Path, *args: str):
-    """`cnnc ARGS` in `work`, in this process: returncode, stdout, stderr (an exception escapes as a failure)."""
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    os.chdir(work)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            status = cli.main(list(args))
-    finally:
-        os.chdir(old)
-    return SimpleNamespace(returncode=status, stdout=out.getvalue(), stderr=err.getvalue())
 
 
-def cnnc_process(work: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`cnnc ARGS` in `work` as a separate process."""
-    return subprocess.run([sys.executable, "-m", "cnnc", *args], capture_output=True, text=True, cwd=work,
-                          timeout=timeout)
 
 
-def one_line_error(r: subprocess.CompletedProcess, status: int = 2) -> str:
-    assert r.returncode == status, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ a subprocess. The compile cache lives in a fresh directory for this module.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -16,13 +14,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from cnnc import cli
+from tests.clitools import cache_dir, cnnc_cmd, cnnc_process, one_line_error
 from tests.reference import build
 
 NET = """
@@ -69,40 +65,14 @@ def work(tmp_path_factory):
     x, y = blobs(300, 0)
     xt, yt = blobs(100, 1)
     np.savez(d / "d.npz", x=x, y=y, x_test=xt, y_test=yt)
-    (d / "cache").mkdir()
-    old = os.environ.get("CNNC_CACHE_DIR")
-    os.environ["CNNC_CACHE_DIR"] = str(d / "cache")
-    yield d
-    if old is None:
-        del os.environ["CNNC_CACHE_DIR"]
-    else:
-        os.environ["CNNC_CACHE_DIR"] = old
+    with cache_dir(d / "cache"):
+        yield d
 
 
-def cnnc_cmd(work: Path, *args: str):
-    """`cnnc ARGS` in `work`, in this process: returncode, stdout, stderr (an exception escapes as a failure)."""
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    os.chdir(work)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            status = cli.main(list(args))
-    finally:
-        os.chdir(old)
-    return SimpleNamespace(returncode=status, stdout=out.getvalue(), stderr=err.getvalue())
 
 
-def cnnc_process(work: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cnnc", *args], capture_output=True, text=True, cwd=work,
-                          timeout=timeout)
 
 
-def one_line_error(r, status: int = 2) -> str:
-    assert r.returncode == status, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    return lines[0]
 
 
 def epoch_lines(stdout: str) -> list[re.Match]:
