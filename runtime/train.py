@@ -234,13 +234,17 @@ def _restore(path: str | os.PathLike[str], model, run: _Run) -> None:
 def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarray, np.ndarray] | None = None,
         checkpoint: str | os.PathLike[str] | None = None, resume: str | os.PathLike[str] | None = None,
         log: str | os.PathLike[str] | None = None, progress: bool | None = None,
-        on_epoch: Callable[[Epoch], None] | None = None, **settings: Any) -> History:
+        on_epoch: Callable[[Epoch], None] | None = None, early_stopping: int | dict | bool | None = None,
+        **settings: Any) -> History:
     """Train `model` in place on (x, y); returns the History of the kept run.
 
     Settings (defaults from the .cnn file's train section): epochs, batch_size,
-    loss, optimizer (a name or an ``Optimizer``), lr, validation_split, patience
-    and min_delta (early stopping on the validation loss, or on the training
-    loss without validation; the best weights are restored), jitter (sigma of
+    loss, optimizer (a name or an ``Optimizer``), lr, validation_split,
+    early_stopping (a patience in epochs, ``{"patience": P, "min_delta": D}``,
+    or False to switch off the train section's; the same as passing patience
+    and min_delta): stop when the validation loss (the training loss without
+    validation) has not improved by min_delta for patience epochs, and restore
+    the best weights; jitter (sigma of
     Gaussian noise added to every training input at every step), weight_decay
     (lambda of lambda * sum(w^2) over weights, not biases), restarts (train K
     times from different initialisations, keep the lowest training loss),
@@ -250,6 +254,15 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
     good weights.
     """
     s = settings_from(model.manifest.get("train", {}), **settings)
+    if early_stopping is False:
+        s.patience = None
+    elif isinstance(early_stopping, dict):
+        s.patience = early_stopping.get("patience", 5)
+        s.min_delta = early_stopping.get("min_delta", 0.0)
+    elif early_stopping is not None and early_stopping is not True:
+        s.patience = int(early_stopping)
+    elif early_stopping is True:
+        s.patience = s.patience or 5
     loss = model.loss_name(s.loss)
     x = model.check_input(x)
     targets = model.check_targets(y, len(x), loss)
