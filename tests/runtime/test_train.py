@@ -293,6 +293,18 @@ def test_early_stopping_min_delta():
     assert "early stop" in h.stopped
 
 
+def test_early_stopping_argument_forms_match_patience_and_min_delta():
+    x, y = blobs(200, seed=2)
+    as_dict = build(MLP).fit(x, y, epochs=30, batch_size=20, optimizer="adam", lr=0.01,
+                             early_stopping={"patience": 1, "min_delta": 10.0}, progress=False)
+    assert len(as_dict.epochs) == 2 and as_dict.best_epoch == 1
+    as_int = build(MLP).fit(x, y, epochs=4, batch_size=20, optimizer="adam", lr=0.01, early_stopping=2,
+                            progress=False)
+    by_name = build(MLP).fit(x, y, epochs=4, batch_size=20, optimizer="adam", lr=0.01, patience=2, progress=False)
+    assert [e.loss for e in as_int.epochs] == [e.loss for e in by_name.epochs]
+    assert as_int.best_epoch == by_name.best_epoch
+
+
 def test_early_stopping_on_training_loss_without_validation(data):
     x, y = data
     h = build(MLP).fit(x, y, epochs=5, batch_size=32, optimizer="adam", lr=0.01, patience=2, progress=False)
