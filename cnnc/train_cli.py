@@ -123,10 +123,9 @@ def cmd_train(args, diag: Diagnostics) -> int:
                             on_epoch=lambda e: print(_epoch_line(e, epochs), flush=True), **settings)
     except KeyboardInterrupt:
         if Path(ckpt).is_file():
-            print(f"\ninterrupted: the checkpoint of the last finished epoch is in {ckpt}; "
-                  f"continue with --resume {ckpt}", file=sys.stderr)
+            print(f"\ninterrupted: training state saved in {ckpt}; continue with --resume {ckpt}", file=sys.stderr)
         else:
-            print("\ninterrupted before the first epoch finished: no checkpoint was written", file=sys.stderr)
+            print("\ninterrupted: no checkpoint was written", file=sys.stderr)
         return 130
     except TrainingStopped as e:
         model.save(out)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 import zipfile
 from collections.abc import Callable
@@ -179,6 +181,8 @@ class _Run:
         self.best_params = model.flat_params.copy()
         self.bad_epochs = 0
         self.stopped = ""
+        # an epoch interrupted by Ctrl-C: its permutation, the next batch, the sums so far, its seconds
+        self.partial: dict[str, Any] | None = None
 
 
 def _checkpoint_arrays(model, run: _Run, s: Settings) -> dict[str, np.ndarray]:
@@ -191,6 +195,9 @@ def _checkpoint_arrays(model, run: _Run, s: Settings) -> dict[str, np.ndarray]:
             "history": [asdict(e) for e in run.history], "optimizer": type(run.optimizer).__name__,
             "network": model.name, "seed": s.seed}
     meta["finished"] = run.finished
+    if run.partial is not None:
+        arrays["partial_order"] = run.partial["order"]
+        meta["partial"] = {k: v for k, v in run.partial.items() if k != "order"}
     if run.kept is not None:
         loss, params, history, stopped, best_epoch = run.kept
         arrays["kept_params"] = params
@@ -229,6 +236,9 @@ def _restore(path: str | os.PathLike[str], model, run: _Run) -> None:
     run.rng.bit_generator.state = meta["rng"]
     run.history = [Epoch(**e) for e in meta["history"]]
     run.finished = meta.get("finished", [])
+    if meta.get("partial") is not None:
+        with np.load(path) as data:
+            run.partial = {**meta["partial"], "order": data["partial_order"].copy()}
 
 
 def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarray, np.ndarray] | None = None,
@@ -283,6 +293,7 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
         raise ValueError("epochs, batch_size and restarts must be at least 1")
 
     base_lr = _optimizer(s).lr  # before any restart decays it
+    interrupted = _deferred_interrupt()
     finished: list[dict[str, Any]] = []
     kept: tuple | None = None  # (loss, params, history, stopped, best epoch) of the best restart so far
     log_file = open(log, "a", encoding="utf-8") if log else None  # noqa: SIM115 - closed in finally
@@ -300,13 +311,14 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
                 model.initialize(s.seed + restart)
                 run = _Run(model, s, restart, base_lr, finished, kept)
             _train_run(model, run, s, loss, x, targets, labels, validation_data, checkpoint, log_file, progress,
-                       on_epoch)
+                       on_epoch, interrupted)
             final = run.history[run.best_epoch - 1] if run.best_epoch else run.history[-1]
             finished.append({"restart": restart, "seed": s.seed + restart, "loss": final.loss,
                              "epochs": len(run.history), "stopped": run.stopped})
             if kept is None or final.loss < kept[0]:
                 kept = (final.loss, model.flat_params.copy(), list(run.history), run.stopped, run.best_epoch)
     finally:
+        interrupted.restore()
         if log_file:
             log_file.close()
     _, params, epochs, stopped, best_epoch = kept
@@ -314,8 +326,36 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
     return History(epochs, finished, stopped, best_epoch)
 
 
+class _deferred_interrupt:  # noqa: N801 - used like a function
+    """Ctrl-C during training is noted and acted on between two steps, so the state saved is consistent.
+
+    A second Ctrl-C interrupts at once. Only the main thread receives signals;
+    elsewhere nothing is installed and Ctrl-C behaves as usual.
+    """
+
+    def __init__(self) -> None:
+        self.flag = threading.Event()
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.flag.set()
+        self.restore()
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+    def is_set(self) -> bool:
+        return self.flag.is_set()
+
+
 def _train_run(model, run: _Run, s: Settings, loss: str, x: np.ndarray, targets: np.ndarray,
-               labels: np.ndarray | None, validation_data, checkpoint, log_file, progress, on_epoch) -> None:
+               labels: np.ndarray | None, validation_data, checkpoint, log_file, progress, on_epoch,
+               interrupted: _deferred_interrupt) -> None:
     n = len(x)
     k = model.manifest["loss_inputs"][loss]
     out = np.empty((s.batch_size, k), dtype=np.float32)
@@ -326,10 +366,14 @@ def _train_run(model, run: _Run, s: Settings, loss: str, x: np.ndarray, targets:
     while run.epoch < s.epochs and not run.stopped:
         optimizer.lr = run.base_lr * s.lr_decay ** run.epoch
         t0 = time.perf_counter()
-        order = run.rng.permutation(n)
-        total, correct, seen = 0.0, 0, 0
+        if run.partial is not None:  # resuming inside an epoch
+            p = run.partial
+            order, first, total, correct, seen = p["order"], p["next"], p["total"], p["correct"], p["seen"]
+            t0 -= p["seconds"]
+        else:
+            order, first, total, correct, seen = run.rng.permutation(n), 0, 0.0, 0, 0
         bar = ProgressBar(-(-n // s.batch_size), enabled=progress)
-        for b, start in enumerate(range(0, n, s.batch_size)):
+        for b, start in enumerate(range(first, n, s.batch_size), start=first // s.batch_size):
             idx = order[start:start + s.batch_size]
             xb, tb = x[idx], targets[idx]
             m = len(idx)
@@ -356,10 +400,18 @@ def _train_run(model, run: _Run, s: Settings, loss: str, x: np.ndarray, targets:
                 correct += int((out[:m].argmax(axis=1) == labels[idx]).sum())
             elapsed = time.perf_counter() - t0
             bar.update(b + 1, total / seen, correct / seen if labels is not None else None, seen / max(elapsed, 1e-9))
+            if interrupted.is_set():
+                bar.close()
+                run.partial = {"order": order, "next": start + m, "total": total, "correct": correct, "seen": seen,
+                               "seconds": time.perf_counter() - t0}
+                if checkpoint is not None:
+                    save_checkpoint(checkpoint, model, run, s)
+                raise KeyboardInterrupt
             if s.max_steps is not None and run.step >= s.max_steps:
                 run.stopped = f"reached the step limit of {s.max_steps}"
                 break
         bar.close()
+        run.partial = None
         seconds = time.perf_counter() - t0
         val_loss = val_acc = None
         if validation_data is not None:

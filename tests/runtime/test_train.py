@@ -791,3 +791,30 @@ def test_log_writes_one_json_line_per_epoch(tmp_path, data):
     build(MLP).fit(x, y, epochs=3, batch_size=100, log=log, progress=False)
     lines = log.read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(data, tmp_path, monkeypatch):
+    """Ctrl-C is acted on between two steps: the checkpoint then holds the half-done epoch."""
+    from cnnc_runtime import train as train_mod
+
+    x, y = data
+    settings = dict(epochs=3, batch_size=16, optimizer="adam", lr=0.01, jitter=0.05, seed=4, progress=False)
+    unbroken = build(MLP)
+    unbroken.fit(x, y, **settings)
+
+    steps = {"n": 0}
+
+    def fake_is_set(self) -> bool:  # a Ctrl-C arrives during the 7th step of the second epoch
+        steps["n"] += 1
+        return steps["n"] == -(-len(x) // 16) + 7
+
+    monkeypatch.setattr(train_mod._deferred_interrupt, "is_set", fake_is_set)
+    stopped = build(MLP)
+    ckpt = tmp_path / "c.npz"
+    with pytest.raises(KeyboardInterrupt):
+        stopped.fit(x, y, checkpoint=ckpt, **settings)
+    monkeypatch.undo()
+    resumed = build(MLP)
+    resumed.fit(x, y, resume=ckpt, checkpoint=ckpt, **settings)
+    for name in unbroken.params:
+        np.testing.assert_array_equal(resumed.params[name], unbroken.params[name])
