@@ -26,7 +26,7 @@ import numpy as np
 from cnnc_runtime import artifact
 from cnnc_runtime.fileio import atomic_save_npz
 from cnnc_runtime.native import NativeLibrary, host_cpu, missing_features
-from cnnc_runtime.parallel import Pool, default_threads, split
+from cnnc_runtime.parallel import Pool, default_threads, shared_pool, split
 
 CHUNK = 256  # images per native call when a large array is run: bounds the arena's size
 MIN_IMAGES_PER_THREAD = 4
@@ -269,7 +269,7 @@ class Model:
             task(0, 0, n)
             return ranges
         if self._pool is None:
-            self._pool = Pool(self.threads)
+            self._pool = shared_pool(self.threads)
         self._pool.run([lambda t=t, a=a, b=b: task(t, a, b) for t, (a, b) in enumerate(ranges)])
         return ranges
 

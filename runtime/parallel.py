@@ -49,6 +49,7 @@ class Pool:
         self._start = [threading.Event() for _ in range(self.size)]
         self._done = [threading.Event() for _ in range(self.size)]
         self._closed = False
+        self._lock = threading.Lock()  # one batch at a time: callers on several threads take turns
         self._threads = []
         for i in range(1, self.size):
             t = threading.Thread(target=self._worker, args=(i,), daemon=True, name=f"cnnc-worker-{i}")
@@ -75,6 +76,10 @@ class Pool:
     def run(self, tasks: list[Callable[[], None]]) -> None:
         if len(tasks) > self.size:
             raise ValueError(f"{len(tasks)} tasks for a pool of {self.size} threads")
+        with self._lock:
+            self._run(tasks)
+
+    def _run(self, tasks: list[Callable[[], None]]) -> None:
         for i, task in enumerate(tasks[1:], start=1):
             self._tasks[i] = task
             self._errors[i] = None
@@ -92,3 +97,15 @@ class Pool:
         self._closed = True
         for e in self._start[1:]:
             e.set()
+
+
+_shared: dict[int, Pool] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_pool(threads: int) -> Pool:
+    """The process's pool of `threads` threads: every model uses it, so threads are not made per model."""
+    with _shared_lock:
+        if threads not in _shared:
+            _shared[threads] = Pool(threads)
+        return _shared[threads]

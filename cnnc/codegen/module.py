@@ -64,7 +64,7 @@ class Builder:
     """Holds the entry-point module and the kernels emitted so far (one function per distinct spec).
 
     Each kernel gets a module of its own, declared in the entry module, so
-    that LLVM can optimise and compile the modules on several threads.
+    that LLVM can optimise and compile groups of them in parallel processes.
     """
 
     def __init__(self, g: nx.DiGraph, vector_width: int) -> None:
