@@ -12,6 +12,7 @@ L2 weight decay is part of the loss, not of the optimizer: see add_weight_decay.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,7 +20,7 @@ import numpy as np
 State = dict[str, np.ndarray | float | int]
 
 
-class Optimizer:
+class Optimizer(ABC):
     """Base class: `lr` may be changed between steps (schedules); `t` counts steps taken."""
 
     hyperparameters: tuple[str, ...] = ("lr",)
@@ -55,8 +56,9 @@ class Optimizer:
         self.t += 1
         self._update(params, grads, tmp)
 
+    @abstractmethod
     def _update(self, params: np.ndarray, grads: np.ndarray, tmp: np.ndarray) -> None:
-        raise NotImplementedError
+        """The optimizer's rule: change `params` in place (`tmp` is scratch of the same size)."""
 
     def reset(self) -> None:
         """Forget all state (moments, step count); hyperparameters stay."""
