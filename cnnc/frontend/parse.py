@@ -52,6 +52,9 @@ MISTAKES = {
     "arguments are separated by ','": [
         "network n { input x: 4 y = x -> dense(4 bias=false) }",
         "network n { input x: 1x8x8 y = x -> conv(4 3x3) }",
+        "network n { input x: 1x8x8 y = x -> conv(4, 3x3 bias=false) }",
+        "network n { input x: 1x8x8 y = x -> conv(4, 3x3, pad=same stride=2) }",
+        "network n { input x: 1x8x8 y = x -> conv(4, 3x3, pad=0.5 stride=2) }",
     ],
     "a table row is 'OUT: IN IN ...', like '0: 0 1 2'": [
         "table t { 0 1 2 }",
@@ -240,7 +243,7 @@ def _got(token: Token) -> str:
 def _match(e: UnexpectedInput) -> str | None:
     """The MISTAKES label whose examples fail in the same parser state as `e`, if any."""
     try:
-        return e.match_examples(parser().parse, MISTAKES, use_accepts=True)
+        return e.match_examples(parser().parse, MISTAKES, use_accepts=True, token_type_match_fallback=True)
     except Exception:  # a failing example must not hide the user's error
         return None
 
