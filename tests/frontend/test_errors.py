@@ -70,7 +70,7 @@ SYNTAX = [
      "arguments are separated by ',' (got '5x5')"),
     ("network n {\n    input x: 1x8x8\n    y = x -> conv(6, 5x5 bias=false)\n}\n", "3:26",
      "arguments are separated by ',' (got 'bias')"),
-    ("network n {\n    input x: 1x8x8\n    y = x -> conv(6, 5x5, pad=same stride=2)\n}\n", "3:35",
+    ("network n {\n    input x: 1x8x8\n    y = x -> conv(6, 5x5, pad=same stride=2)\n}\n", "3:36",
      "arguments are separated by ',' (got 'stride')"),
     ("table t {\n    0 1 2\n}\n", "2:5",
      "a table row is 'OUT: IN IN ...', like '0: 0 1 2' (got '0')"),
