@@ -71,16 +71,7 @@ def generic_target() -> Target:
 
 def optimize(module: ir.Module, target: Target) -> llvm.ModuleRef:
     """Parse, verify and run LLVM's O3 pipeline (the new pass manager) for `target`."""
-    _init_llvm()
-    module.triple = target.triple
-    ref = llvm.parse_assembly(str(module))
-    ref.verify()
-    tm = target.machine()
-    ref.triple = target.triple
-    ref.data_layout = str(tm.target_data)
-    pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
-    pb.getModulePassManager().run(ref, pb)
-    return ref
+    return _link([str(module)], target)
 
 
 def emit_object(module: ir.Module, target: Target) -> bytes:
@@ -157,4 +148,4 @@ def emit_objects(modules: list[ir.Module], target: Target, processes: int | None
 
 
 def emit_assembly_all(modules: list[ir.Module], target: Target) -> str:
-    return "".join(target.machine().emit_assembly(_link([str(m)], target)) for m in modules)
+    return "".join(emit_assembly(m, target) for m in modules)
