@@ -190,6 +190,8 @@ def emit_pool_backward(module: ir.Module, name: str, spec: PoolSpec, vw: int) ->
                 g = b.fmul(emit.load(b, dyb, ch), emit.f32(inv_area), name="g")
                 plane = emit.gep(b, dxb, b.mul(ch, i64(plane_size)), name="plane")
                 strips(b, plane_size, vw, lambda i, w: put(b, emit.splat(b, g, w), plane, i, spec.accumulate))  # noqa: B023
+        elif spec.kind == "avg" and _tiles_exactly(spec) and not spec.accumulate:
+            _avg_spread(b, spec, dyb, dxb, inv_area)
         else:
             if not spec.accumulate:
                 _zero(b, dxb, spec.c * plane_size, vw)
@@ -199,6 +201,25 @@ def emit_pool_backward(module: ir.Module, name: str, spec: PoolSpec, vw: int) ->
                 _over_outputs(b, spec, _max_scatter(b, spec, xb, dyb, dxb))
     b.ret_void()
     return fn
+
+
+def _tiles_exactly(spec: PoolSpec) -> bool:
+    """Windows that do not overlap, need no padding and cover the whole input (LeNet's 2x2 / 2 pooling)."""
+    return ((spec.kh, spec.kw) == (spec.sh, spec.sw) and (spec.pt, spec.pl) == (0, 0)
+            and (spec.h, spec.w) == (spec.oh * spec.kh, spec.ow * spec.kw))
+
+
+def _avg_spread(b: ir.IRBuilder, spec: PoolSpec, dyb: ir.Value, dxb: ir.Value, inv_area: float) -> None:
+    """Each input element belongs to exactly one window: dx = dy / (kh*kw), stored once, no zeroing, no adds."""
+    with for_range(b, 0, spec.c * spec.oh, name="row") as row:  # (channel, output row) pairs
+        out_row = b.mul(row, i64(spec.ow))
+        in_row = b.mul(row, i64(spec.kh * spec.w))
+        with for_range(b, 0, spec.ow, name="ox") as ox:
+            g = b.fmul(emit.load(b, dyb, b.add(out_row, ox)), emit.f32(inv_area), name="g")
+            first = b.add(in_row, b.mul(ox, i64(spec.kw)))
+            for i in range(spec.kh):
+                for j in range(spec.kw):
+                    emit.store(b, g, dxb, b.add(first, i64(i * spec.w + j)))
 
 
 def _avg_scatter(b: ir.IRBuilder, spec: PoolSpec, dyb: ir.Value, dxb: ir.Value, inv_area: float):
