@@ -76,7 +76,10 @@ def _load_model(path: str, args, diag: Diagnostics, **options):
     with open(p, "rb") as f:
         is_artifact = f.read(len(artifact.MAGIC)) == artifact.MAGIC
     if is_artifact:
-        model = cnnc.load(p)
+        try:
+            model = cnnc.load(p)
+        except ValueError as e:  # damaged, or built for another CPU or cnnc
+            raise UsageError(f"cnnc {args.command}: {e}") from None
     else:
         from cnnc.cache import compile_source
         from cnnc.sources import read_source

@@ -1,12 +1,15 @@
 """The artifact file: native code plus a JSON manifest (and optionally weights), in one file.
 
-Layout: ``CNNCART1`` magic, then three length-prefixed sections (little-endian
-u64 length, then the bytes): the manifest (UTF-8 JSON), the object code, and
-the weights (an .npz, possibly empty).
+Layout: ``CNNCART1`` magic, then four length-prefixed sections (little-endian
+u64 length, then the bytes): the manifest (UTF-8 JSON), the object code, the
+weights (an .npz, possibly empty), and the SHA-256 of the object code and of
+the weights. Native code is only handed to LLVM after its checksum matches: a
+damaged file is a ``ValueError``, never a crash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -18,9 +21,13 @@ MAGIC = b"CNNCART1"
 FORMAT_VERSION = 1
 
 
+def _digest(obj: bytes, weights: bytes) -> bytes:
+    return hashlib.sha256(obj).digest() + hashlib.sha256(weights).digest()
+
+
 def pack(manifest: dict[str, Any], obj: bytes, weights: bytes = b"") -> bytes:
     parts = [MAGIC]
-    for section in (json.dumps(manifest, sort_keys=True).encode(), obj, weights):
+    for section in (json.dumps(manifest, sort_keys=True).encode(), obj, weights, _digest(obj, weights)):
         parts += [struct.pack("<Q", len(section)), section]
     return b"".join(parts)
 
@@ -30,7 +37,7 @@ def unpack(data: bytes, source: str = "artifact") -> tuple[dict[str, Any], bytes
     if not data.startswith(MAGIC):
         raise ValueError(f"{source}: not a cnnc artifact (bad magic bytes)")
     at, sections = len(MAGIC), []
-    for _ in range(3):
+    for _ in range(4):
         if at + 8 > len(data):
             raise ValueError(f"{source}: truncated cnnc artifact")
         (n,) = struct.unpack_from("<Q", data, at)
@@ -39,6 +46,8 @@ def unpack(data: bytes, source: str = "artifact") -> tuple[dict[str, Any], bytes
             raise ValueError(f"{source}: truncated cnnc artifact")
         sections.append(data[at:at + n])
         at += n
+    if sections[3] != _digest(sections[1], sections[2]):
+        raise ValueError(f"{source}: corrupt cnnc artifact (the checksum of its code or weights does not match)")
     try:
         manifest = json.loads(sections[0].decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -227,3 +227,18 @@ def test_unwritable_cache_only_costs_time(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CNNC_CACHE_DIR", str(blocker / "cache"))
     model = cnnc.compile_string(SMALL)
     assert model(np.zeros((1, 2, 6, 6), np.float32)).shape == (1, 4)
+
+
+def test_damaged_code_is_refused_before_it_reaches_llvm(tmp_path) -> None:
+    """Flipped bits in the object code: a ValueError from the checksum, not a crash inside LLVM."""
+    model = build(SMALL)
+    path = tmp_path / "a.cnnc"
+    model.save_artifact(path)
+    data = bytearray(path.read_bytes())
+    manifest, obj, _ = artifact.read(path)
+    start = bytes(data).index(obj)
+    for i in range(start + 64, start + len(obj) - 64, 97):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        cnnc.load(path)
