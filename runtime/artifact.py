@@ -2,9 +2,9 @@
 
 Layout: ``CNNCART1`` magic, then four length-prefixed sections (little-endian
 u64 length, then the bytes): the manifest (UTF-8 JSON), the object code, the
-weights (an .npz, possibly empty), and the SHA-256 of the object code and of
-the weights. Native code is only handed to LLVM after its checksum matches: a
-damaged file is a ``ValueError``, never a crash.
+weights (an .npz, possibly empty), and the SHA-256 of each of the three. The
+code is only handed to LLVM, and the manifest's sizes only trusted, after the
+checksums match: a damaged file is a ``ValueError``, never a crash.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ MAGIC = b"CNNCART1"
 FORMAT_VERSION = 1
 
 
-def _digest(obj: bytes, weights: bytes) -> bytes:
-    return hashlib.sha256(obj).digest() + hashlib.sha256(weights).digest()
+def _digest(*sections: bytes) -> bytes:
+    return b"".join(hashlib.sha256(s).digest() for s in sections)
 
 
 def pack(manifest: dict[str, Any], obj: bytes, weights: bytes = b"") -> bytes:
     parts = [MAGIC]
-    for section in (json.dumps(manifest, sort_keys=True).encode(), obj, weights, _digest(obj, weights)):
+    text = json.dumps(manifest, sort_keys=True).encode()
+    for section in (text, obj, weights, _digest(text, obj, weights)):
         parts += [struct.pack("<Q", len(section)), section]
     return b"".join(parts)
 
@@ -46,8 +47,8 @@ def unpack(data: bytes, source: str = "artifact") -> tuple[dict[str, Any], bytes
             raise ValueError(f"{source}: truncated cnnc artifact")
         sections.append(data[at:at + n])
         at += n
-    if sections[3] != _digest(sections[1], sections[2]):
-        raise ValueError(f"{source}: corrupt cnnc artifact (the checksum of its code or weights does not match)")
+    if sections[3] != _digest(*sections[:3]):
+        raise ValueError(f"{source}: corrupt cnnc artifact (a checksum of its manifest, code or weights differs)")
     try:
         manifest = json.loads(sections[0].decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
