@@ -196,7 +196,8 @@ def load_dataset(path: str | os.PathLike[str]) -> dict[str, Dataset]:
 def prepare_images(x: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
     """Fit images to a network input of per-sample shape (C, H, W) or (F,), as float32.
 
-    uint8 is scaled by 1/255; (N, H, W) gains a channel axis; smaller images are
+    uint8 is scaled by 1/255; (N, H, W) gains a channel axis; channels-last
+    (N, H, W, C) arrays are transposed to (N, C, H, W); smaller images are
     zero-padded, centred (28x28 MNIST into 32x32 LeNet-5: 2 pixels each side).
     For a flat (F,) input the images are flattened to (N, C*H*W), which must equal F.
     """
@@ -222,6 +223,8 @@ def prepare_images(x: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
         x = x.reshape(len(x), c, h, w)
     if x.ndim != 4:
         raise ValueError(f"expected images (N, H, W) or (N, C, H, W) for network input {shape}, got {x.shape}")
+    if x.shape[1] != c and x.shape[3] == c:  # channels last (N, H, W, C), as Keras and image files store them
+        x = x.transpose(0, 3, 1, 2)
     n, xc, xh, xw = x.shape
     if xc != c:
         raise ValueError(f"images have {xc} channel(s); the network expects input shape {shape}")

@@ -241,3 +241,10 @@ def test_batches():
     assert list(batches(0, 3, rng)) == []
     with pytest.raises(ValueError):
         batches(10, 0, rng)
+
+
+def test_prepare_images_accepts_channels_last():
+    x = np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)  # (N, H, W, C), as Keras stores images
+    out = prepare_images(x, (3, 4, 5))
+    assert out.shape == (2, 3, 4, 5)
+    np.testing.assert_array_equal(out, x.transpose(0, 3, 1, 2).astype(np.float32) / 255)
