@@ -152,15 +152,16 @@ def _load_idx_dir(directory: str) -> dict[str, Dataset]:
 def _load_npz(path: str) -> dict[str, Dataset]:
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.files)
-        if not {"x", "y"} <= keys:
+        train = ("x", "y") if {"x", "y"} <= keys else ("x_train", "y_train")  # the second: Keras' naming
+        if not set(train) <= keys:
             raise ValueError(
-                f"{path}: a dataset .npz needs arrays 'x' and 'y' (and optionally 'x_test', 'y_test'); "
-                f"it has {sorted(keys)}"
+                f"{path}: a dataset .npz needs arrays 'x' and 'y' (or 'x_train' and 'y_train'), and optionally "
+                f"'x_test', 'y_test'; it has {sorted(keys)}"
             )
         if ("x_test" in keys) != ("y_test" in keys):
             raise ValueError(f"{path}: 'x_test' and 'y_test' must come together; it has {sorted(keys)}")
         base = os.path.splitext(os.path.basename(path))[0]
-        splits = {"train": ("x", "y"), "test": ("x_test", "y_test")}
+        splits = {"train": train, "test": ("x_test", "y_test")}
         out = {}
         for split, (kx, ky) in splits.items():
             if kx not in keys:

@@ -248,3 +248,11 @@ def test_prepare_images_accepts_channels_last():
     out = prepare_images(x, (3, 4, 5))
     assert out.shape == (2, 3, 4, 5)
     np.testing.assert_array_equal(out, x.transpose(0, 3, 1, 2).astype(np.float32) / 255)
+
+
+def test_npz_with_keras_names(tmp_path):
+    path = tmp_path / "k.npz"
+    np.savez(path, x_train=np.zeros((4, 3, 3), np.uint8), y_train=np.arange(4), x_test=np.zeros((2, 3, 3), np.uint8),
+             y_test=np.arange(2))
+    splits = load_dataset(path)
+    assert splits["train"].x.shape == (4, 1, 3, 3) and len(splits["test"]) == 2
