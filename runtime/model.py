@@ -80,6 +80,7 @@ class Model:
         self._obj = obj
         self._infer = self._lib.function("infer", [P, P, P, P, P, I64, I64])
         self._steps = {loss: self._lib.function(f"step_{loss}", [P] * 8 + [I64, F32, I64, I64]) for loss in LOSSES}
+        self._jitter = self._lib.function("jitter", [P, I64, F32, P, I64, I64])
         self.flat_params = aligned_zeros(manifest["param_floats"])
         self.flat_grads = aligned_zeros(manifest["param_floats"])
         self._layout = manifest["params"]
@@ -307,6 +308,17 @@ class Model:
         for g in self._thread_grads[1:used]:
             self.flat_grads += g
             g[...] = 0.0
+
+    def add_noise(self, x: np.ndarray, sigma: float, seed: int) -> None:
+        """x += N(0, sigma^2) noise, in place, drawn natively from `seed` (training's input jitter).
+
+        `x` must be a contiguous float32 ``(N, *input_shape)`` array: it is written to.
+        """
+        if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous
+                and x.flags.writeable and x.shape[1:] == self.input_shape and x.ndim == len(self.input_shape) + 1):
+            raise ValueError(f"add_noise needs a writable contiguous float32 array of shape "
+                             f"(N, {', '.join(map(str, self.input_shape))})")
+        self._jitter(x.ctypes.data, seed % (1 << 63), sigma, self._ws_ptrs[0], 0, x.shape[0])
 
     def value_and_grad(self, x: Any, y: Any, loss: str | None = None, seed: int = 0) -> tuple[float, dict]:
         """The mean loss over the batch and its gradient for every parameter (same keys as ``params``).

@@ -377,8 +377,8 @@ def _train_run(model, run: _Run, s: Settings, loss: str, x: np.ndarray, targets:
             idx = order[start:start + s.batch_size]
             xb, tb = x[idx], targets[idx]
             m = len(idx)
-            if s.jitter > 0:
-                xb += run.rng.standard_normal(xb.shape, dtype=np.float32) * np.float32(s.jitter)
+            if s.jitter > 0:  # native Gaussian noise: a seed from the run's generator, so resume stays exact
+                model.add_noise(xb, s.jitter, int(run.rng.integers(0, 2**63 - 1)))
             scale = 1.0 / m if loss == "cross_entropy" else 1.0 / (m * k)
             model.flat_grads[...] = 0.0
             seed = int(run.rng.integers(0, 2**63 - 1)) if model.manifest["has_dropout"] else 0

@@ -19,7 +19,7 @@ import llvmlite.ir as ir
 
 from cnnc.codegen import emit
 from cnnc.codegen.emit import I64, for_range, i64
-from cnnc.codegen.specs import CopySpec, DropoutSpec, ElementwiseSpec, SoftmaxSpec
+from cnnc.codegen.specs import CopySpec, DropoutSpec, ElementwiseSpec, NoiseSpec, SoftmaxSpec
 
 # ---------------------------------------------------------------------------
 # Shared loop shapes
@@ -346,6 +346,43 @@ def emit_dropout_backward(module: ir.Module, name: str, spec: DropoutSpec, vw: i
 
         def body(i: ir.Value, width: int) -> None:
             put(b, b.fmul(emit.load(b, dyb, i, width), emit.load(b, mb, i, width)), dxb, i, spec.accumulate)
+
+        strips(b, size, vw, body)
+    b.ret_void()
+    return fn
+
+
+def emit_gaussian_noise(module: ir.Module, name: str, spec: NoiseSpec, vw: int) -> ir.Function:
+    """``(x, seed_i64, sigma_f32, n0, n1)``: x += sigma * z with z ~ N(0, 1), in place.
+
+    Box-Muller on two 24-bit uniforms from one splitmix64 hash of the element
+    counter ``n * size + i`` (like dropout, so the noise does not depend on how
+    the batch is split): z = sqrt(-2 ln u1) cos(2 pi u2), u1 in (0, 1).
+    """
+    fn, b, a = emit.kernel(module, name, ["x", "seed_i64", "sigma_f32", "n0", "n1"])
+    size = spec.size
+    x_stride = stride_or(spec.x_stride, size)
+    key = mix64(b, a["seed_i64"])
+    scale = 1.0 / (1 << _U_BITS)
+    with for_range(b, a["n0"], a["n1"], name="n") as n:
+        xb = image_base(b, a["x"], n, x_stride, "xb")
+        first = b.mul(n, i64(size), name="first")
+
+        def body(i: ir.Value, width: int) -> None:
+            counter = b.add(first, i)
+            if width > 1:
+                lanes = ir.VectorType(I64, width)
+                counter = b.add(_splat_int(b, counter, width), ir.Constant(lanes, list(range(width))))
+            h = mix64(b, b.add(b.mul(counter, _int_const(counter.type, _GOLDEN)), _splat_int(b, key, width)))
+            top = b.lshr(h, _int_const(h.type, 64 - _U_BITS))
+            low = b.and_(b.lshr(h, _int_const(h.type, 16)), _int_const(h.type, (1 << _U_BITS) - 1))
+            fty = emit.vec_type(width) if width > 1 else emit.F32
+            u1 = b.fmul(b.fadd(b.uitofp(top, fty), emit.splat(b, 0.5, width)), emit.splat(b, scale, width))
+            u2 = b.fmul(b.uitofp(low, fty), emit.splat(b, scale, width))
+            radius = emit.intrinsic(b, "llvm.sqrt", fty, [b.fmul(emit.log(b, u1), emit.splat(b, -2.0, width))])
+            z = b.fmul(radius, emit.cos_2pi(b, u2))
+            sigma = emit.splat(b, a["sigma_f32"], width)
+            emit.store(b, emit.fma(b, z, sigma, emit.load(b, xb, i, width)), xb, i)
 
         strips(b, size, vw, body)
     b.ret_void()

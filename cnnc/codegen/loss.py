@@ -21,36 +21,8 @@ import llvmlite.ir as ir
 
 from cnnc.codegen import emit
 from cnnc.codegen.elementwise import fadd_of, fmax_of, image_base, reduce_run, stride_or, strips
-from cnnc.codegen.emit import F32, I32, for_range
+from cnnc.codegen.emit import I32, for_range
 from cnnc.codegen.specs import LossSpec
-
-_LN2_HI = 0.693359375
-_LN2_LO = -2.12194440e-4
-# log(1 + f) ~ f - f^2/2 + f^3 * P(f) on f in [sqrt(1/2) - 1, sqrt(2) - 1] (Cephes logf coefficients).
-_LOG_POLY = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
-             -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
-
-
-def log(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
-    """Natural log of a positive, normal float32 scalar (relative error about 1e-7), without libm.
-
-    x = 2**e * m with m in [sqrt(1/2), sqrt(2)); log x = e ln2 + log(1 + f), f = m - 1.
-    """
-    bits = b.bitcast(x, I32)
-    e = b.sub(b.ashr(bits, ir.Constant(I32, 23)), ir.Constant(I32, 126))  # x = 2**e * m0, m0 in [0.5, 1)
-    m0 = b.bitcast(b.or_(b.and_(bits, ir.Constant(I32, 0x807FFFFF)), ir.Constant(I32, 0x3F000000)), F32)
-    small = b.fcmp_ordered("<", m0, emit.f32(0.7071067811865476), name="small")
-    e = b.select(small, b.sub(e, ir.Constant(I32, 1)), e)
-    f = b.fsub(b.select(small, b.fadd(m0, m0), m0), emit.f32(1.0), name="f")
-    ef = b.sitofp(e, F32)
-    f2 = b.fmul(f, f)
-    p = emit.f32(_LOG_POLY[0])
-    for coef in _LOG_POLY[1:]:
-        p = emit.fma(b, p, f, emit.f32(coef))
-    r = b.fmul(b.fmul(p, f), f2)
-    r = emit.fma(b, ef, emit.f32(_LN2_LO), r)
-    r = emit.fma(b, f2, emit.f32(-0.5), r)
-    return emit.fma(b, ef, emit.f32(_LN2_HI), b.fadd(f, r))
 
 
 def emit_loss(module: ir.Module, name: str, spec: LossSpec, vw: int) -> ir.Function:
@@ -88,7 +60,7 @@ def _cross_entropy(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, dxb: ir.Value
     ratio = b.fdiv(scale, total, name="ratio")
     strips(b, k, vw, lambda i, w: emit.store(b, b.fmul(emit.load(b, dxb, i, w), emit.splat(b, ratio, w)), dxb, i))
     emit.store(b, b.fsub(emit.load(b, dxb, label), scale), dxb, label)
-    return b.fadd(b.fsub(top, x_label), log(b, total), name="ce")
+    return b.fadd(b.fsub(top, x_label), emit.log(b, total), name="ce")
 
 
 def _mse(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, tb: ir.Value, dxb: ir.Value, scale: ir.Value) -> ir.Value:

@@ -10,6 +10,9 @@ Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
     loss, and ``grads += scale * d(sum of losses)/d(params)``. With
     cross-entropy a final softmax is skipped: the loss has its own.
 
+``jitter(x, seed_i64, sigma_f32, ws, n0, n1)``
+    adds N(0, sigma^2) noise to a batch of inputs in place (training's input jitter).
+
 ``params``/``grads`` are the flat parameter and gradient buffers (layout in the
 manifest), ``arena`` the per-image activation slots, ``ws`` one thread's
 scratch space for the conv kernels.
@@ -24,12 +27,12 @@ import networkx as nx
 
 from cnnc.codegen import emit
 from cnnc.codegen.conv import conv_workspace_floats
-from cnnc.codegen.elementwise import emit_copy
+from cnnc.codegen.elementwise import emit_copy, emit_gaussian_noise
 from cnnc.codegen.emit import I64, PTR
 from cnnc.codegen.loss import emit_loss
 from cnnc.codegen.lowering import BACKWARD, FORWARD
 from cnnc.codegen.plan import ALIGN, Plan, Tensor, plan_memory
-from cnnc.codegen.specs import ConvSpec, CopySpec, LossSpec
+from cnnc.codegen.specs import ConvSpec, CopySpec, LossSpec, NoiseSpec
 from cnnc.ir import execution_order
 
 LOSSES = ("cross_entropy", "mse")
@@ -166,6 +169,12 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
 
     for loss in LOSSES:
         _emit_step(builder, train_plan, order, loss)
+
+    size = infer_plan.value[g.graph["input"]].size  # jitter: Gaussian noise on a batch of inputs, in place
+    jitter = Entry(builder, infer_plan, "jitter", ["x", "seed_i64", "sigma_f32", "ws", "n0", "n1"])
+    jitter.call(builder.kernel(emit_gaussian_noise, NoiseSpec(size=size, x_stride=size)), jitter.args["x"],
+                jitter.args["seed_i64"], jitter.args["sigma_f32"])
+    jitter.b.ret_void()
 
     facts = {
         "param_floats": builder.param_floats,

@@ -129,6 +129,14 @@ class DropoutSpec:
 
 
 @dataclass(frozen=True)
+class NoiseSpec:
+    """Input jitter: x += sigma * z, z standard normal, drawn from a counter-based hash of (seed, image, index)."""
+
+    size: int
+    x_stride: int = 0
+
+
+@dataclass(frozen=True)
 class CopySpec:
     """dst[n, dst_offset + i] (+)= src[n, src_offset + i] for i < count: add, concat and their gradients."""
 
