@@ -7,34 +7,19 @@ import pytest
 
 from cnnc.codegen.loss import emit_loss
 from cnnc.codegen.specs import LossSpec
+from tests.codegen.buffers import GARBAGE, N0, N1, N, arena, assert_untouched, garbage, slots, written
 
 RTOL, ATOL = 1e-5, 1e-6
-N, N0, N1 = 5, 1, 4  # images 0 and 4 lie outside [n0, n1) and must stay untouched
-GARBAGE = np.float32(-7777.0)
 
 
-def slots(buf: np.ndarray, stride: int, size: int) -> np.ndarray:
-    return buf[: N * stride].reshape(N, stride)[:, :size]
 
 
-def arena(rng: np.random.Generator, stride: int, size: int, scale: float = 1.0) -> np.ndarray:
-    buf = np.full(N * stride + 5, GARBAGE, np.float32)
-    slots(buf, stride, size)[:] = rng.standard_normal((N, size)) * scale
-    return buf
 
 
-def garbage(length: int) -> np.ndarray:
-    return np.full(length, GARBAGE, np.float32)
 
 
-def written(buf: np.ndarray, stride: int, size: int) -> np.ndarray:
-    mask = np.zeros(buf.shape, bool)
-    slots(mask, stride, size)[N0:N1] = True
-    return mask
 
 
-def assert_untouched(after: np.ndarray, before: np.ndarray, mask: np.ndarray) -> None:
-    assert np.array_equal(after.view(np.uint32)[~mask], before.view(np.uint32)[~mask]), "wrote outside its images"
 
 
 # --- references (float64) -----------------------------------------------------------------------
@@ -94,12 +79,12 @@ def _run(jit, kind: str, k: int, x_stride: int, dx_stride: int, seed: int):
     else:
         target = rng.standard_normal((N, k)).astype(np.float32)
         scale = 1.0 / (N * k)
-    dx, loss = garbage(N * dxs + 5), garbage(N + 2)
+    dx, loss = garbage(dxs), np.full(N + 2, GARBAGE, np.float32)
     x_before = x.copy()
     jit("loss", x, target, dx, loss, scale, N0, N1)
     assert_untouched(x, x_before, np.zeros(x.shape, bool))
-    assert_untouched(dx, garbage(dx.size), written(dx, dxs, k))
-    assert_untouched(loss, garbage(loss.size), np.isin(np.arange(loss.size), np.arange(N0, N1)))
+    assert_untouched(dx, garbage(dxs), written(dx, dxs, k))
+    assert_untouched(loss, np.full(loss.size, GARBAGE, np.float32), np.isin(np.arange(loss.size), np.arange(N0, N1)))
     xv = slots(x, xs, k)[N0:N1]
     want_loss, want_grad = cross_entropy_ref(xv, target[N0:N1]) if kind == "cross_entropy" else \
         mse_ref(xv, target[N0:N1])
@@ -124,7 +109,7 @@ def test_cross_entropy_gradient_in_place_of_logits(jit):
     x = arena(rng, k, k, scale=3.0)
     logits = slots(x, k, k).copy()
     labels = rng.integers(0, k, N).astype(np.int32)
-    loss = garbage(N)
+    loss = np.full(N, GARBAGE, np.float32)
     jit("loss", x, labels, x, loss, 0.5, 0, N)
     want_loss, want_grad = cross_entropy_ref(logits, labels)
     np.testing.assert_allclose(loss, want_loss, rtol=RTOL, atol=ATOL)

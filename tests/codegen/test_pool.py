@@ -7,37 +7,21 @@ import pytest
 
 from cnnc.codegen.pool import emit_pool_backward, emit_pool_forward
 from cnnc.codegen.specs import PoolSpec
+from tests.codegen.buffers import N0, N1, N, arena, assert_untouched, garbage, slots, written
 
 RTOL, ATOL = 1e-5, 1e-6
-N, N0, N1 = 4, 1, 3  # images 0 and 3 lie outside [n0, n1) and must stay untouched
-GARBAGE = np.float32(-7777.0)
 
 
-# --- batch buffers with garbage between images --------------------------------------------------
 
 
-def slots(buf: np.ndarray, stride: int, size: int) -> np.ndarray:
-    return buf[: N * stride].reshape(N, stride)[:, :size]
 
 
-def arena(rng: np.random.Generator, stride: int, size: int) -> np.ndarray:
-    buf = np.full(N * stride + 5, GARBAGE, np.float32)
-    slots(buf, stride, size)[:] = rng.standard_normal((N, size))
-    return buf
 
 
-def garbage(stride: int) -> np.ndarray:
-    return np.full(N * stride + 5, GARBAGE, np.float32)
 
 
-def written(buf: np.ndarray, stride: int, size: int) -> np.ndarray:
-    mask = np.zeros(buf.shape, bool)
-    slots(mask, stride, size)[N0:N1] = True
-    return mask
 
 
-def assert_untouched(after: np.ndarray, before: np.ndarray, mask: np.ndarray) -> None:
-    assert np.array_equal(after.view(np.uint32)[~mask], before.view(np.uint32)[~mask]), "wrote outside its images"
 
 
 # --- references (float64, PyTorch semantics: max pads -inf, avg counts padded zeros) ------------

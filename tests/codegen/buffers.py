@@ -1,0 +1,41 @@
+"""Batch buffers for kernel tests: N image slots with garbage between them, to catch writes out of bounds.
+
+Kernels run on images [N0, N1); images 0 and N-1 lie outside and must stay untouched, as must the
+floats between images (a slot's stride is larger than the image) and the tail after the last slot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+N, N0, N1 = 5, 1, 4
+GARBAGE = np.float32(-7777.0)
+
+
+def slots(buf: np.ndarray, stride: int, size: int) -> np.ndarray:
+    """The (N, size) image view of a flat arena of N slots of `stride` floats."""
+    return buf[: N * stride].reshape(N, stride)[:, :size]
+
+
+def arena(rng: np.random.Generator, stride: int, size: int, scale: float = 1.0) -> np.ndarray:
+    """N slots of `stride` floats (plus a tail): random images, garbage in between."""
+    buf = np.full(N * stride + 5, GARBAGE, np.float32)
+    slots(buf, stride, size)[:] = rng.standard_normal((N, size)) * scale
+    return buf
+
+
+def garbage(stride: int) -> np.ndarray:
+    """N slots of `stride` floats (plus a tail), all garbage."""
+    return np.full(N * stride + 5, GARBAGE, np.float32)
+
+
+def written(buf: np.ndarray, stride: int, size: int, offset: int = 0, n0: int = N0, n1: int = N1) -> np.ndarray:
+    """Mask of the floats a kernel may write: images [n0, n1), `size` floats from `offset`."""
+    mask = np.zeros(buf.shape, bool)
+    slots(mask, stride, offset + size)[n0:n1, offset:] = True
+    return mask
+
+
+def assert_untouched(after: np.ndarray, before: np.ndarray, mask: np.ndarray) -> None:
+    """Bit-for-bit equality outside `mask` (NaN-safe)."""
+    assert np.array_equal(after.view(np.uint32)[~mask], before.view(np.uint32)[~mask]), "wrote outside its images"
