@@ -210,8 +210,10 @@ def emit_pool_backward(module: ir.Module, name: str, spec: PoolSpec, vw: int) ->
                 g = b.fmul(emit.load(b, dyb, ch), emit.f32(inv_area), name="g")
                 plane = emit.gep(b, dxb, b.mul(ch, i64(plane_size)), name="plane")
                 strips(b, plane_size, vw, lambda i, w: put(b, emit.splat(b, g, w), plane, i, spec.accumulate))  # noqa: B023
-        elif spec.kind == "avg" and _tiles_exactly(spec) and not spec.accumulate:
+        elif _tiles_exactly(spec) and not spec.accumulate and spec.kind == "avg":
             _avg_spread(b, spec, dyb, dxb, inv_area)
+        elif _tiles_exactly(spec) and not spec.accumulate:
+            _max_route(b, spec, xb, dyb, dxb)
         else:
             if not spec.accumulate:
                 _zero(b, dxb, spec.c * plane_size, vw)
@@ -240,6 +242,26 @@ def _avg_spread(b: ir.IRBuilder, spec: PoolSpec, dyb: ir.Value, dxb: ir.Value, i
             for i in range(spec.kh):
                 for j in range(spec.kw):
                     emit.store(b, g, dxb, b.add(first, i64(i * spec.w + j)))
+
+
+def _max_route(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, dyb: ir.Value, dxb: ir.Value) -> None:
+    """Non-overlapping windows: each tap is stored once, dy at the window's first maximum and 0 elsewhere."""
+    with for_range(b, 0, spec.c * spec.oh, name="row") as row:  # (channel, output row) pairs
+        out_row = b.mul(row, i64(spec.ow))
+        in_row = b.mul(row, i64(spec.kh * spec.w))
+        with for_range(b, 0, spec.ow, name="ox") as ox:
+            first = b.add(in_row, b.mul(ox, i64(spec.kw)))
+            offsets = [b.add(first, i64(i * spec.w + j)) for i in range(spec.kh) for j in range(spec.kw)]
+            values = [emit.load(b, xb, at) for at in offsets]
+            best, where = values[0], ir.Constant(I64, 0)
+            for k, v in enumerate(values[1:], start=1):  # strict >: ties stay with the earlier tap
+                greater = b.fcmp_ordered(">", v, best)
+                best = b.select(greater, v, best)
+                where = b.select(greater, ir.Constant(I64, k), where)
+            g = emit.load(b, dyb, b.add(out_row, ox))
+            for k, at in enumerate(offsets):
+                is_max = b.icmp_unsigned("==", where, ir.Constant(I64, k))
+                emit.store(b, b.select(is_max, g, emit.f32(0.0)), dxb, at)
 
 
 def _avg_scatter(b: ir.IRBuilder, spec: PoolSpec, dyb: ir.Value, dxb: ir.Value, inv_area: float):

@@ -146,7 +146,7 @@ def test_pool(jit, case, accumulate):
 
 
 @pytest.mark.parametrize("case", ["max3x3s2p1_overlap_odd", "max2x3_asym_pad", "max2x2s1_same_bottom_right_pad",
-                                  "max_global_6x5"])
+                                  "max_global_6x5", "max2x2s2"])
 def test_max_pool_ties_go_to_first_maximum(jit, case):
     spec, xs, ys = make_spec(case)
     emit_pool_forward(jit.module, "fwd", spec, jit.vw)
