@@ -85,10 +85,12 @@ class Pool:
             self._errors[i] = None
             self._done[i].clear()
             self._start[i].set()
-        if tasks:
-            tasks[0]()
-        for i in range(1, len(tasks)):
-            self._done[i].wait()
+        try:
+            if tasks:
+                tasks[0]()
+        finally:  # even when the caller's share raised: never leave a worker running on shared buffers
+            for i in range(1, len(tasks)):
+                self._done[i].wait()
         for i in range(1, len(tasks)):
             if self._errors[i] is not None:
                 raise self._errors[i]
