@@ -1,4 +1,5 @@
-"""Batch buffers for kernel tests: N image slots with garbage between them, to catch writes out of bounds.
+"""Kernel-test helpers: batch buffers with garbage between images (to catch writes out of bounds), and
+finite differences.
 
 Kernels run on images [N0, N1); images 0 and N-1 lie outside and must stay untouched, as must the
 floats between images (a slot's stride is larger than the image) and the tail after the last slot.
@@ -39,3 +40,13 @@ def written(buf: np.ndarray, stride: int, size: int, offset: int = 0, n0: int = 
 def assert_untouched(after: np.ndarray, before: np.ndarray, mask: np.ndarray) -> None:
     """Bit-for-bit equality outside `mask` (NaN-safe)."""
     assert np.array_equal(after.view(np.uint32)[~mask], before.view(np.uint32)[~mask]), "wrote outside its images"
+
+
+def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Central differences of scalar f at float64 x (checks the numpy references themselves)."""
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        d = np.zeros_like(x)
+        d[i] = eps
+        g[i] = (f(x + d) - f(x - d)) / (2 * eps)
+    return g

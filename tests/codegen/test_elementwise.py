@@ -15,7 +15,7 @@ from cnnc.codegen.elementwise import (
     emit_softmax_forward,
 )
 from cnnc.codegen.specs import CopySpec, DropoutSpec, ElementwiseSpec, SoftmaxSpec
-from tests.codegen.buffers import N0, N1, N, arena, assert_untouched, garbage, slots, written
+from tests.codegen.buffers import N0, N1, N, arena, assert_untouched, garbage, numeric_grad, slots, written
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -87,14 +87,6 @@ def dropout_mask_ref(seed: int, size: int, p: float) -> np.ndarray:
     return np.where(u >= p, np.float32(1.0 / (1.0 - p)), np.float32(0.0)).astype(np.float32)
 
 
-def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Central differences of scalar f at float64 x."""
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        d = np.zeros_like(x)
-        d[i] = eps
-        g[i] = (f(x + d) - f(x - d)) / (2 * eps)
-    return g
 
 
 # --- the references' gradients are right (float64 finite differences) ---------------------------

@@ -7,7 +7,7 @@ import pytest
 
 from cnnc.codegen.loss import emit_loss
 from cnnc.codegen.specs import LossSpec
-from tests.codegen.buffers import GARBAGE, N0, N1, N, arena, assert_untouched, garbage, slots, written
+from tests.codegen.buffers import GARBAGE, N0, N1, N, arena, assert_untouched, garbage, numeric_grad, slots, written
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -42,13 +42,6 @@ def mse_ref(x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (d * d).sum(axis=1), 2.0 * d
 
 
-def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        d = np.zeros_like(x)
-        d[i] = eps
-        g[i] = (f(x + d) - f(x - d)) / (2 * eps)
-    return g
 
 
 def test_loss_grad_references_match_finite_differences():

@@ -7,7 +7,7 @@ import pytest
 
 from cnnc.codegen.pool import emit_pool_backward, emit_pool_forward
 from cnnc.codegen.specs import PoolSpec
-from tests.codegen.buffers import N0, N1, N, arena, assert_untouched, garbage, slots, written
+from tests.codegen.buffers import N0, N1, N, arena, assert_untouched, garbage, numeric_grad, slots, written
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -69,13 +69,6 @@ def pool_grad_ref(x: np.ndarray, dy: np.ndarray, s: PoolSpec) -> np.ndarray:
     return dxp[:, :, s.pt: s.pt + s.h, s.pl: s.pl + s.w]
 
 
-def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        d = np.zeros_like(x)
-        d[i] = eps
-        g[i] = (f(x + d) - f(x - d)) / (2 * eps)
-    return g
 
 
 def spec_of(kind, c, h, w, kh, kw, sh, sw, pt=0, pl=0, oh=None, ow=None, **kw_) -> PoolSpec:
