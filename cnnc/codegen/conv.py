@@ -15,7 +15,10 @@ padding). Group ``g`` uses rows ``g*K .. (g+1)*K`` of it and rows
   output positions); ``db += row sums of dy``.
 
 A 1x1 convolution with unit stride and no padding needs no im2col: the image
-itself is the column matrix (and dx is dcol).
+itself is the column matrix (and dx is dcol). Any other stride-1 convolution
+with one group runs forward and backward data without im2col too, on a
+zero-padded copy of the image (``cnnc.codegen.conv_direct``); only its
+backward weights uses the column matrix.
 
 Connect tables are handled through the workspace so the GEMM stays dense:
 forward and backward data first copy the weights with every (o, c) pair outside
@@ -32,7 +35,8 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from cnnc.codegen import emit
+from cnnc.codegen import conv_direct, emit
+from cnnc.codegen.conv_direct import Plane
 from cnnc.codegen.emit import for_range, i64, kernel
 from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, vector_loop
 from cnnc.codegen.specs import ConvSpec
@@ -101,6 +105,34 @@ class _Geom:
     def dyt_floats(self) -> int:
         return self.p * self.og
 
+    @property
+    def pads(self) -> tuple[int, int, int, int]:
+        """Zero padding (top, left, bottom, right); bottom and right follow from the output size."""
+        s = self.spec
+        return s.pt, s.pl, (s.oh - 1) * s.sh + s.kh - s.h - s.pt, (s.ow - 1) * s.sw + s.kw - s.w - s.pl
+
+    @property
+    def padded(self) -> bool:
+        """Whether forward and backward data run on a padded copy of the image (conv_direct), not im2col.
+
+        That needs stride 1 and one group; a padding as large as the kernel would
+        need negative padding of dy for the input gradient.
+        """
+        s = self.spec
+        top, left, bottom, right = self.pads
+        return ((s.sh, s.sw, s.groups) == (1, 1, 1) and not self.direct
+                and 0 <= min(self.pads) and max(top, bottom) < s.kh and max(left, right) < s.kw)
+
+    def forward_plane(self, vw: int) -> Plane:
+        s = self.spec
+        top, left, bottom, right = self.pads
+        return Plane(s.c, s.h + top + bottom, s.w + left + right, s.kh, s.kw, s.o, vw)
+
+    def backward_plane(self, vw: int) -> Plane:
+        """dx as a convolution of dy padded to (h + kh - 1) x (w + kw - 1)."""
+        s = self.spec
+        return Plane(s.o, s.h + s.kh - 1, s.w + s.kw - 1, s.kh, s.kw, s.c, vw)
+
 
 def _check(spec: ConvSpec) -> _Geom:
     if spec.c % spec.groups or spec.o % spec.groups:
@@ -113,13 +145,17 @@ def _check(spec: ConvSpec) -> _Geom:
     return _Geom(spec)
 
 
-def conv_workspace_floats(spec: ConvSpec) -> int:
+def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     """Scratch floats one call of any of the three kernels needs (the maximum over them).
 
-    Layout: [col or dcol] [connect: full weight or its gradient] [backward weights: dy^T of one group].
+    Layout for im2col: [col or dcol] [connect: full weight or its gradient]
+    [backward weights: dy^T of one group]; conv_direct has its own.
     """
     g = _check(spec)
-    return g.col_floats + g.table_floats + g.dyt_floats()
+    im2col = g.col_floats + g.table_floats + g.dyt_floats()
+    if not g.padded:
+        return im2col
+    return max(im2col, g.forward_plane(vw).floats, g.backward_plane(vw).floats)
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -270,6 +306,58 @@ def _row_sum(b: ir.IRBuilder, base: ir.Value, start: ir.Value, length: int, vw: 
     return total
 
 
+def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args: dict, vw: int) -> None:
+    spec = g.spec
+    p = g.forward_plane(vw)
+    pad, out, wt, _ = conv_direct.sections(b, p, args["ws"])
+    conv_direct.zero(b, pad, 0, p.pad_floats, vw)  # the border; each image then fills the interior
+    weights = args["w"]
+    if spec.connect is not None:
+        weights = wt
+        _masked_weights(b, module, name, spec, args["w"], weights, vw)
+    bias = args["b"] if spec.bias else None
+    top, left, _, _ = g.pads
+    with for_range(b, args["n0"], args["n1"], name="n") as n:
+        x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
+        y_img = emit.gep(b, args["y"], index(b, (n, g.y_stride)), name="y.img")
+        conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad)
+        conv_direct.product(b, p, pad, weights, out)
+
+        def finish(b: ir.IRBuilder, r: ir.Value, at: ir.Value, value: ir.Value, width: int, y_img=y_img) -> None:
+            if bias is not None:
+                value = b.fadd(value, emit.splat(b, emit.load(b, bias, r), width))
+            emit.store(b, emit.activation(b, value, spec.act, spec.alpha), y_img, at)
+
+        conv_direct.each_output(b, p, out, finish)
+    b.ret_void()
+
+
+def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args: dict, vw: int) -> None:
+    spec = g.spec
+    p = g.backward_plane(vw)
+    pad, out, wt, wt2 = conv_direct.sections(b, p, args["ws"])
+    conv_direct.zero(b, pad, 0, p.pad_floats, vw)
+    weights = args["w"]
+    if spec.connect is not None:
+        weights = wt2
+        _masked_weights(b, module, name, spec, args["w"], weights, vw)
+    conv_direct.flipped(b, spec.o, spec.c, spec.kh, spec.kw, weights, wt)
+    top, left, _, _ = g.pads
+    with for_range(b, args["n0"], args["n1"], name="n") as n:
+        dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
+        dx_img = emit.gep(b, args["dx"], index(b, (n, g.x_stride)), name="dx.img")
+        conv_direct.fill(b, p, dy_img, spec.oh, spec.ow, spec.kh - 1 - top, spec.kw - 1 - left, pad)
+        conv_direct.product(b, p, pad, wt, out)
+
+        def finish(b: ir.IRBuilder, r: ir.Value, at: ir.Value, value: ir.Value, width: int, dx_img=dx_img) -> None:
+            if spec.accumulate:
+                value = b.fadd(emit.load(b, dx_img, at, width), value)
+            emit.store(b, value, dx_img, at)
+
+        conv_direct.each_output(b, p, out, finish)
+    b.ret_void()
+
+
 # --- kernels -----------------------------------------------------------------------------------------
 
 
@@ -277,6 +365,9 @@ def emit_conv_forward(module: ir.Module, name: str, spec: ConvSpec, vw: int) -> 
     """``(x, w, b, y, ws, n0, n1)``: y[n] = act(conv(x[n], w) + b) for n0 <= n < n1."""
     g = _check(spec)
     fn, b, args = kernel(module, name, ["x", "w", "b", "y", "ws", "n0", "n1"])
+    if g.padded:
+        _direct_forward(b, module, name, g, args, vw)
+        return fn
     ws = args["ws"]
     weights = args["w"]
     if spec.connect is not None:
@@ -314,6 +405,9 @@ def emit_conv_backward_data(module: ir.Module, name: str, spec: ConvSpec, vw: in
     """``(dy, w, dx, ws, n0, n1)``: dx[n] (+)= conv^T(dy[n], w), dy taken before the activation."""
     g = _check(spec)
     fn, b, args = kernel(module, name, ["dy", "w", "dx", "ws", "n0", "n1"])
+    if g.padded:
+        _direct_backward_data(b, module, name, g, args, vw)
+        return fn
     ws = args["ws"]
     weights = args["w"]
     if spec.connect is not None:

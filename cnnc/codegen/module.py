@@ -89,7 +89,7 @@ class Builder:
             self.kernel_modules.append(own)
             self._kernels[key] = ir.Function(self.module, fn.ftype, name=name)
             if isinstance(spec, ConvSpec):
-                self.ws_floats = max(self.ws_floats, -(-conv_workspace_floats(spec) // ALIGN) * ALIGN)
+                self.ws_floats = max(self.ws_floats, -(-conv_workspace_floats(spec, self.vw) // ALIGN) * ALIGN)
         return self._kernels[key]
 
 

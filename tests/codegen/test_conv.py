@@ -153,16 +153,16 @@ def check_arena(out: np.ndarray, before: np.ndarray, expected: np.ndarray, size:
     np.testing.assert_array_equal(out[untouched], before[untouched])
 
 
-def workspace(spec: ConvSpec) -> np.ndarray:
+def workspace(spec: ConvSpec, vw: int) -> np.ndarray:
     """NaN scratch (the kernel must write before it reads) followed by a sentinel guard."""
-    size = conv_workspace_floats(spec)
+    size = conv_workspace_floats(spec, vw)
     ws = np.full(size + WS_GUARD, np.nan, dtype=np.float32)
     ws[size:] = SENTINEL
     return ws
 
 
-def check_guard(ws: np.ndarray, spec: ConvSpec) -> None:
-    assert np.all(ws[conv_workspace_floats(spec):] == SENTINEL), "kernel wrote past its workspace"
+def check_guard(ws: np.ndarray, spec: ConvSpec, vw: int) -> None:
+    assert np.all(ws[conv_workspace_floats(spec, vw):] == SENTINEL), "kernel wrote past its workspace"
 
 
 def random_weights(rng: np.random.Generator, s: ConvSpec) -> np.ndarray:
@@ -204,20 +204,20 @@ def test_conv_kernels(jit, spec: ConvSpec) -> None:
 
     # forward; an empty batch range first must write nothing
     y = np.full((N_IMAGES, s.y_stride), SENTINEL, dtype=np.float32)
-    ws = workspace(s)
+    ws = workspace(s, jit.vw)
     jit("fwd", x_buf, w32, bias, y, ws, 2, 2)
     assert np.all(y == SENTINEL)
     jit("fwd", x_buf, w32, bias, y, ws, N0, N1)
-    check_guard(ws, s)
+    check_guard(ws, s, jit.vw)
     expected = conv_ref(xr, w, None if bias is None else bias.astype(np.float64), s)
     check_arena(y, np.full_like(y, SENTINEL), expected, y_size)
 
     # backward data: overwrite, or add to what is there
     dx0 = arena(rng.uniform(-1, 1, (N_IMAGES, x_size)), s.x_stride, SENTINEL)
     dx = dx0.copy()
-    ws = workspace(s)
+    ws = workspace(s, jit.vw)
     jit("bwd_data", dy_buf, w32, dx, ws, N0, N1)
-    check_guard(ws, s)
+    check_guard(ws, s, jit.vw)
     expected = conv_data_ref(dyr, w, s).reshape(N1 - N0, x_size)
     if s.accumulate:
         expected = expected + dx0[N0:N1, :x_size]
@@ -229,9 +229,9 @@ def test_conv_kernels(jit, spec: ConvSpec) -> None:
     dw = dw0.copy()
     db0 = rng.uniform(-1, 1, s.o).astype(np.float32) if s.bias else None
     db = None if db0 is None else db0.copy()
-    ws = workspace(s)
+    ws = workspace(s, jit.vw)
     jit("bwd_weights", x_buf, dy_buf, dw, db, ws, N0, N1)
-    check_guard(ws, s)
+    check_guard(ws, s, jit.vw)
     dw_ref, db_ref = conv_weights_ref(xr, dyr, s)
     mask = np.broadcast_to(connect_mask(s)[:, :, None, None], dw.shape)
     scale = max(1.0, float(np.abs(dw_ref).max()))
@@ -262,20 +262,26 @@ def test_conv_forward_activations(jit) -> None:
     pre = conv_ref(xr, w.astype(np.float32).astype(np.float64), bias.astype(np.float32).astype(np.float64), s)
     for act, spec in specs.items():
         y = np.full((N_IMAGES, s.y_stride), SENTINEL, dtype=np.float32)
-        jit(f"fwd_{act}", x_buf, w.astype(np.float32), bias.astype(np.float32), y, workspace(s), N0, N1)
+        jit(f"fwd_{act}", x_buf, w.astype(np.float32), bias.astype(np.float32), y, workspace(s, jit.vw), N0, N1)
         check_arena(y, np.full_like(y, SENTINEL), act_ref(pre, act, spec.alpha), s.o * s.oh * s.ow)
 
 
 def test_workspace_sizes() -> None:
     dyt = lambda s: s.oh * s.ow * (s.o // s.groups)  # dy of one group, transposed, for backward weights
     s = CASES["1x1"]
-    assert conv_workspace_floats(s) == dyt(s)
-    s = CASES["3x3_same"]
-    assert conv_workspace_floats(s) == s.c * s.kh * s.kw * s.oh * s.ow + dyt(s)
+    assert conv_workspace_floats(s, 16) == dyt(s)
+    s = CASES["3x5_stride2_odd"]
+    assert conv_workspace_floats(s, 16) == s.c * s.kh * s.kw * s.oh * s.ow + dyt(s)
     s = CASES["connect_1x1"]
-    assert conv_workspace_floats(s) == s.o * s.c + dyt(s)
+    assert conv_workspace_floats(s, 16) == s.o * s.c + dyt(s)
+    # stride 1, many channels on a small map: the padded planes need more than im2col
+    s = make_spec(64, 4, 4, 64, 3, 3, pad=(1, 1, 1, 1))
+    padded = 64 * 6 * 6 + 2 + (32 - 24)  # 64 planes of 6 x 6, then what the last taps read past them: 2320
+    out = 64 * 32  # 4 rows of 6 columns rounded up to two vectors, for each output channel
+    weights = 2 * 64 * 64 * 9  # masked and flipped copies
+    assert conv_workspace_floats(s, 16) == 2320 + out + weights == -(-padded // 16) * 16 + out + weights
     with pytest.raises(ValueError):
-        conv_workspace_floats(dataclasses.replace(s, groups=2, o=4))
+        conv_workspace_floats(dataclasses.replace(CASES["connect_1x1"], groups=2, o=4), 16)
 
 
 # --- the references are the gradients of the forward reference (finite differences, float64) ---------

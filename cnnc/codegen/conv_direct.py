@@ -1,0 +1,209 @@
+"""Stride-1 convolution straight from a zero-padded copy of the image, with no im2col.
+
+With the input copied into a ``c x hp x wp`` plane padded by zeros (``hp = oh +
+kh - 1``, ``wp = ow + kw - 1``), output position ``(oy, ox)`` of tap ``(ky, kx)``
+reads element ``(oy + ky) * wp + (ox + kx)`` of its channel's plane. Number the
+outputs ``j = oy * wp + ox`` (rows as wide as the padded plane; the ``kw - 1``
+columns past ``ow`` are computed and thrown away): then tap ``(ci, ky, kx)``
+reads ``pad[ci * hp * wp + ky * wp + kx + j]`` for every ``j``, a contiguous run.
+So ``out = W @ B`` with ``B[(ci, ky, kx), j] = pad[offset(ci, ky, kx) + j]`` is
+a GEMM whose B panel is read straight from the padded image: each reduction
+step loads a few unaligned vectors of it and broadcasts one weight per output
+row (``tile``). Compared with im2col (``kh * kw`` copies of the image written
+and read back through the cache) this costs a copy of the image and of the
+output, and the wasted columns (``(kw - 1) / wp`` of the work).
+
+The same routine gives the gradient wrt the input: ``dx`` is the stride-1
+convolution of ``dy`` padded by ``kh - 1 - pt`` (top) and ``kw - 1 - pl``
+(left) with the weights flipped in both spatial axes and their channel axes
+swapped.
+
+Workspace (floats): ``[pad][out: m x n][weights: o * c * kh * kw]``, each
+section rounded to a cache line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import llvmlite.ir as ir
+
+from cnnc.codegen import emit
+from cnnc.codegen.emit import for_range
+from cnnc.codegen.gemm import index, local, vector_loop
+
+LINE = 16  # floats in a 64-byte cache line
+
+
+def _round(n: int, to: int = LINE) -> int:
+    return -(-n // to) * to
+
+
+@dataclass(frozen=True)
+class Plane:
+    """A valid ``kh x kw`` convolution over ``c`` padded planes of ``hp x wp``, ``m`` output rows, vectors of ``vw``."""
+
+    c: int
+    hp: int
+    wp: int
+    kh: int
+    kw: int
+    m: int
+    vw: int
+
+    @property
+    def oh(self) -> int:
+        return self.hp - self.kh + 1
+
+    @property
+    def ow(self) -> int:
+        return self.wp - self.kw + 1
+
+    @property
+    def taps(self) -> int:
+        return self.kh * self.kw
+
+    @property
+    def n(self) -> int:
+        """Output columns computed: whole padded rows, rounded up to a vector."""
+        return _round(self.oh * self.wp, self.vw)
+
+    @property
+    def pad_floats(self) -> int:
+        # the last tap of the last column reads (kw - 1) + (n - oh * wp) floats past the planes
+        return _round(self.c * self.hp * self.wp + self.kw - 1 + self.n - self.oh * self.wp)
+
+    @property
+    def out_floats(self) -> int:
+        return _round(self.m * self.n)
+
+    @property
+    def weight_floats(self) -> int:
+        """Room for two weight copies: masked by a connect table, then flipped."""
+        return 2 * _round(self.m * self.c * self.taps)
+
+    @property
+    def floats(self) -> int:
+        return self.pad_floats + self.out_floats + self.weight_floats
+
+
+def tile_rows(m: int, vw: int) -> int:
+    """Output rows per register tile: the largest that divides `m` among those that fit the registers."""
+    choices = (6, 4, 3, 2) if vw >= 16 else (4, 3, 2) if vw > 4 else (2,)
+    for mr in choices:
+        if m % mr == 0:
+            return mr
+    return choices[0] if m >= choices[0] else 1
+
+
+def tile_vectors(mr: int, vw: int) -> int:
+    """Vectors of output columns per tile, so that ``mr * nv`` accumulators plus loads fit the vector registers."""
+    regs = 32 if vw >= 16 else 16
+    return max(1, min(4, (regs - 4) // (mr + 1)))
+
+
+def zero(b: ir.IRBuilder, base: ir.Value, lo: int, hi: int, vw: int) -> None:
+    def body(b: ir.IRBuilder, t: ir.Value, width: int) -> None:
+        emit.store(b, emit.splat(b, 0.0, width), base, t)
+
+    vector_loop(b, lo, hi, vw, body, name="z")
+
+
+def fill(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, left: int, pad: ir.Value) -> None:
+    """Copy ``c`` planes of ``h x w`` from `src` into the padded planes at (top, left); the border stays zero."""
+    with for_range(b, 0, p.c, name="pc") as ci:
+        with for_range(b, 0, h, name="py") as y:
+            s = index(b, (ci, h * w), (y, w))
+            d = index(b, (ci, p.hp * p.wp), (y, p.wp), top * p.wp + left)
+
+            def copy(b: ir.IRBuilder, t: ir.Value, width: int, s=s, d=d) -> None:
+                emit.store(b, emit.load(b, src, index(b, s, t), width), pad, index(b, d, t))
+
+            vector_loop(b, 0, w, p.vw, copy, name="px")
+
+
+def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, out: ir.Value) -> None:
+    """``out[r, j] = sum over (ci, ky, kx) of weights[r, ci, ky, kx] * pad[ci, ky * wp + kx + j]`` for r < m, j < n."""
+    vw = p.vw
+    mr = tile_rows(p.m, vw)
+    nv = tile_vectors(mr, vw)
+    k = p.c * p.taps
+    full = p.n - p.n % (nv * vw)
+    for jlo, jhi, vecs in ((0, full, nv), (full, p.n, 1)):
+        if jhi <= jlo:
+            continue
+        with for_range(b, jlo, jhi, vecs * vw, name="j") as j:
+            for rlo, rhi, rows in ((0, p.m - p.m % mr, mr), (p.m - p.m % mr, p.m, 1)):
+                if rhi <= rlo:
+                    continue
+                with for_range(b, rlo, rhi, rows, name="r") as r:
+                    _tile(b, p, pad, weights, out, r, j, rows, vecs, k)
+
+
+def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, out: ir.Value, r: ir.Value, j: ir.Value,
+          rows: int, vecs: int, k: int) -> None:
+    vw = p.vw
+    zero_v = emit.splat(b, 0.0, vw)
+    accs = [[local(b, emit.vec_type(vw), zero_v) for _ in range(vecs)] for _ in range(rows)]
+    # unroll whole kernels up to 16 taps, else one kernel row per iteration (more steps spill registers)
+    inner = [(ky, kx) for ky in range(p.kh) for kx in range(p.kw)] if p.taps <= 16 else [(0, kx) for kx in range(p.kw)]
+    with for_range(b, 0, p.c, name="ci") as ci:
+        rows_loop = p.taps > 16
+
+        def steps(b: ir.IRBuilder, ky0: ir.Value | int) -> None:
+            x0 = index(b, (ci, p.hp * p.wp), (ky0, p.wp), j)
+            w0 = index(b, (r, k), (ci, p.taps), (ky0, p.kw))
+            for ky, kx in inner:
+                xs = [emit.load(b, pad, index(b, x0, ky * p.wp + kx + v * vw), vw) for v in range(vecs)]
+                for row in range(rows):
+                    a = emit.splat(b, emit.load(b, weights, index(b, w0, row * k + ky * p.kw + kx)), vw)
+                    for v in range(vecs):
+                        b.store(emit.fma(b, a, xs[v], b.load(accs[row][v])), accs[row][v])
+
+        if rows_loop:
+            with for_range(b, 0, p.kh, name="ky") as ky:
+                steps(b, ky)
+        else:
+            steps(b, 0)
+    for row in range(rows):
+        for v in range(vecs):
+            emit.store(b, b.load(accs[row][v]), out, index(b, (r, p.n), row * p.n, j, v * vw))
+
+
+Finish = Callable[[ir.IRBuilder, ir.Value, ir.Value, ir.Value, int], None]
+
+
+def each_output(b: ir.IRBuilder, p: Plane, out: ir.Value, finish: Finish) -> None:
+    """Call ``finish(b, r, at, value, width)`` for each run of valid outputs of ``out``.
+
+    `at` is the dense offset ``(r * oh + oy) * ow + ox`` of the run's first
+    output and `value` its `width` lanes (the thrown-away columns are skipped).
+    """
+    with for_range(b, 0, p.m, name="fr") as r:
+        with for_range(b, 0, p.oh, name="fy") as oy:
+            src = index(b, (r, p.n), (oy, p.wp))
+            dst = index(b, (r, p.oh * p.ow), (oy, p.ow))
+
+            def body(b: ir.IRBuilder, ox: ir.Value, width: int, r=r, src=src, dst=dst) -> None:
+                finish(b, r, index(b, dst, ox), emit.load(b, out, index(b, src, ox), width), width)
+
+            vector_loop(b, 0, p.ow, p.vw, body, name="fx")
+
+
+def flipped(b: ir.IRBuilder, o: int, c: int, kh: int, kw: int, w: ir.Value, out: ir.Value) -> None:
+    """out[ci, oi, ky, kx] = w[oi, ci, kh - 1 - ky, kw - 1 - kx]: the weights of the input-gradient convolution."""
+    taps = kh * kw
+    with for_range(b, 0, o, name="fo") as oi:
+        with for_range(b, 0, c, name="fc") as ci:
+            s = index(b, (oi, c * taps), (ci, taps))
+            d = index(b, (ci, o * taps), (oi, taps))
+            for t in range(taps):
+                emit.store(b, emit.load(b, w, index(b, s, taps - 1 - t)), out, index(b, d, t))
+
+
+def sections(b: ir.IRBuilder, p: Plane, ws: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
+    """The workspace's pad, out and two weight sections."""
+    first = p.pad_floats + p.out_floats
+    return (ws, emit.gep(b, ws, p.pad_floats, name="out"), emit.gep(b, ws, first, name="wt"),
+            emit.gep(b, ws, first + p.weight_floats // 2, name="wt2"))
