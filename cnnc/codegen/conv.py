@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 
 from cnnc.codegen import conv_direct, emit
-from cnnc.codegen.conv_direct import Plane
+from cnnc.codegen.conv_direct import Plane, WeightGrad
 from cnnc.codegen.emit import for_range, i64, kernel
 from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, vector_loop
 from cnnc.codegen.specs import ConvSpec
@@ -123,6 +123,11 @@ class _Geom:
         return ((s.sh, s.sw, s.groups) == (1, 1, 1) and not self.direct
                 and 0 <= min(self.pads) and max(top, bottom) < s.kh and max(left, right) < s.kw)
 
+    def padded_weights(self, vw: int) -> bool:
+        """Whether backward weights runs on the padded image too: it is vectorised over output channels,
+        so it needs half a vector of them (LeNet's C1, with 6, is faster through im2col)."""
+        return self.padded and 2 * self.spec.o >= vw
+
     def forward_plane(self, vw: int) -> Plane:
         s = self.spec
         top, left, bottom, right = self.pads
@@ -155,7 +160,8 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     im2col = g.col_floats + g.table_floats + g.dyt_floats()
     if not g.padded:
         return im2col
-    return max(im2col, g.forward_plane(vw).floats, g.backward_plane(vw).floats)
+    weights = WeightGrad(g.forward_plane(vw)).floats if g.padded_weights(vw) else im2col
+    return max(g.forward_plane(vw).floats, g.backward_plane(vw).floats, weights)
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -200,7 +206,7 @@ def _mask_table(module: ir.Module, name: str, spec: ConvSpec) -> ir.GlobalVariab
 
 
 def _each_connected(b: ir.IRBuilder, module: ir.Module, name: str, spec: ConvSpec, body, otherwise=None) -> None:
-    """Call ``body(b, offset)`` for each (o, c) pair in the table, else ``otherwise``; offset is of w[o, c, 0, 0]."""
+    """Call ``body(b, offset, o, c)`` for each (o, c) pair in the table, else ``otherwise``; offset: w[o, c, 0, 0]."""
     mask = _mask_table(module, name, spec)
     taps = spec.kh * spec.kw
     with for_range(b, 0, spec.o, name="co") as oi:
@@ -210,13 +216,13 @@ def _each_connected(b: ir.IRBuilder, module: ir.Module, name: str, spec: ConvSpe
             connected = b.icmp_unsigned("!=", flag, ir.Constant(I8, 0), name="connected")
             if otherwise is None:
                 with b.if_then(connected):
-                    body(b, offset)
+                    body(b, offset, oi, ci)
             else:
                 with b.if_else(connected) as (then, other):
                     with then:
-                        body(b, offset)
+                        body(b, offset, oi, ci)
                     with other:
-                        otherwise(b, offset)
+                        otherwise(b, offset, oi, ci)
 
 
 def _masked_weights(b: ir.IRBuilder, module: ir.Module, name: str, spec: ConvSpec, w: ir.Value,
@@ -224,14 +230,14 @@ def _masked_weights(b: ir.IRBuilder, module: ir.Module, name: str, spec: ConvSpe
     """out = w with the (o, c) blocks outside the connect table zeroed (those weights are not read)."""
     taps = spec.kh * spec.kw
 
-    def copy(b: ir.IRBuilder, offset: ir.Value) -> None:
+    def copy(b: ir.IRBuilder, offset: ir.Value, *_: ir.Value) -> None:
         def step(b: ir.IRBuilder, t: ir.Value, width: int) -> None:
             at = index(b, offset, t)
             emit.store(b, emit.load(b, w, at, width), out, at)
 
         vector_loop(b, 0, taps, vw, step, name="r")
 
-    def zero(b: ir.IRBuilder, offset: ir.Value) -> None:
+    def zero(b: ir.IRBuilder, offset: ir.Value, *_: ir.Value) -> None:
         _fill_zero(b, out, offset, b.add(offset, i64(taps)), vw)
 
     _each_connected(b, module, name, spec, copy, zero)
@@ -358,6 +364,43 @@ def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geo
     b.ret_void()
 
 
+def _direct_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args: dict, vw: int) -> None:
+    spec = g.spec
+    p = g.forward_plane(vw)
+    wg = WeightGrad(p)
+    pad, dyt, dwt = wg.sections(b, args["ws"])
+    # zero pad borders, the rows of dy^T past each output row, and the dW^T sums, once per call
+    conv_direct.zero(b, args["ws"], 0, wg.floats, vw)
+    top, left, _, _ = g.pads
+    with for_range(b, args["n0"], args["n1"], name="n") as n:
+        x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
+        dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
+        conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad)
+        conv_direct.transpose_dy(b, p, dy_img, dyt)
+        conv_direct.weight_product(b, p, pad, dyt, dwt)
+        if spec.bias:
+            db = args["db"]
+            with for_range(b, 0, spec.o, name="o") as oi:
+                total = _row_sum(b, dy_img, index(b, (oi, g.p)), g.p, vw)
+                emit.store(b, b.fadd(emit.load(b, db, oi), total), db, oi)
+
+    dw = args["dw"]
+
+    def add_block(b: ir.IRBuilder, offset: ir.Value, oi: ir.Value, ci: ir.Value) -> None:
+        for t in range(g.taps):  # dW[oi, ci, t] += dW^T[ci * taps + t, oi]
+            at = index(b, offset, t)
+            total = emit.load(b, dwt, index(b, (ci, g.taps * spec.o), t * spec.o, oi))
+            emit.store(b, b.fadd(emit.load(b, dw, at), total), dw, at)
+
+    if spec.connect is not None:
+        _each_connected(b, module, name, spec, add_block)
+    else:
+        with for_range(b, 0, spec.o, name="ao") as oi:
+            with for_range(b, 0, spec.c, name="ac") as ci:
+                add_block(b, index(b, (oi, spec.c * g.taps), (ci, g.taps)), oi, ci)
+    b.ret_void()
+
+
 # --- kernels -----------------------------------------------------------------------------------------
 
 
@@ -445,6 +488,9 @@ def emit_conv_backward_weights(module: ir.Module, name: str, spec: ConvSpec, vw:
     """``(x, dy, dw, db, ws, n0, n1)``: dw += sum_n dy[n] (x) x[n]; db += sum of dy (dy before the activation)."""
     g = _check(spec)
     fn, b, args = kernel(module, name, ["x", "dy", "dw", "db", "ws", "n0", "n1"])
+    if g.padded_weights(vw):
+        _direct_backward_weights(b, module, name, g, args, vw)
+        return fn
     ws = args["ws"]
     grad = args["dw"]
     if spec.connect is not None:
@@ -492,7 +538,7 @@ def emit_conv_backward_weights(module: ir.Module, name: str, spec: ConvSpec, vw:
         taps = g.taps
         dw = args["dw"]
 
-        def add_block(b: ir.IRBuilder, offset: ir.Value) -> None:
+        def add_block(b: ir.IRBuilder, offset: ir.Value, *_: ir.Value) -> None:
             def step(b: ir.IRBuilder, t: ir.Value, width: int) -> None:
                 at = index(b, offset, t)
                 emit.store(b, b.fadd(emit.load(b, dw, at, width), emit.load(b, grad, at, width)), dw, at)

@@ -31,7 +31,7 @@ import llvmlite.ir as ir
 
 from cnnc.codegen import emit
 from cnnc.codegen.emit import for_range
-from cnnc.codegen.gemm import index, local, vector_loop
+from cnnc.codegen.gemm import column_pieces, index, local, vector_loop
 
 LINE = 16  # floats in a 64-byte cache line
 
@@ -207,3 +207,87 @@ def sections(b: ir.IRBuilder, p: Plane, ws: ir.Value) -> tuple[ir.Value, ir.Valu
     first = p.pad_floats + p.out_floats
     return (ws, emit.gep(b, ws, p.pad_floats, name="out"), emit.gep(b, ws, first, name="wt"),
             emit.gep(b, ws, first + p.weight_floats // 2, name="wt2"))
+
+
+# --- gradient wrt the weights ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightGrad:
+    """Workspace of the weight gradient on the padded plane `p` (``p.m`` output channels).
+
+    ``[pad][dy^T: n x m, rows past each output row zero][dW^T: (c * taps) x m]``.
+    """
+
+    p: Plane
+
+    @property
+    def dyt_floats(self) -> int:
+        return _round(self.p.n * self.p.m)
+
+    @property
+    def dwt_floats(self) -> int:
+        return _round(self.p.c * self.p.taps * self.p.m)
+
+    @property
+    def floats(self) -> int:
+        return self.p.pad_floats + self.dyt_floats + self.dwt_floats
+
+    def sections(self, b: ir.IRBuilder, ws: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+        return (ws, emit.gep(b, ws, self.p.pad_floats, name="dyt"),
+                emit.gep(b, ws, self.p.pad_floats + self.dyt_floats, name="dwt"))
+
+
+def transpose_dy(b: ir.IRBuilder, p: Plane, dy: ir.Value, dyt: ir.Value) -> None:
+    """dyt[oy * wp + ox, r] = dy[r, oy, ox] for the valid outputs (the other rows of dyt stay as they are: zero).
+
+    Sixteen channels at a time: their planes' current cache lines stay in L1
+    (all of them at once conflict when a plane is a multiple of 1 KiB).
+    """
+    for r0 in range(0, p.m, LINE):
+        with for_range(b, 0, p.oh, name="ty") as oy:
+            with for_range(b, 0, p.ow, name="tx") as ox:
+                src = index(b, (oy, p.ow), ox)
+                dst = index(b, (oy, p.wp * p.m), (ox, p.m))
+                for r in range(r0, min(p.m, r0 + LINE)):
+                    emit.store(b, emit.load(b, dy, index(b, src, r * p.oh * p.ow)), dyt, index(b, dst, r))
+
+
+def weight_product(b: ir.IRBuilder, p: Plane, pad: ir.Value, dyt: ir.Value, dwt: ir.Value) -> None:
+    """``dwt[(ci, ky, kx), r] += sum over j of pad[ci, ky * wp + kx + j] * dyt[j, r]``.
+
+    Vectorised over output channels r: a tile is a channel's taps (a kernel row
+    of them when a channel has more than 12) by up to two vectors of r, and the
+    reduction runs over the plane's columns j.
+    """
+    taps_per_tile = p.taps if p.taps <= 12 else p.kw
+    regs = 32 if p.vw >= 16 else 16
+    nv = max(1, min(2, (regs - 2) // taps_per_tile - 1))
+    rows = [(ky, kx) for ky in range(p.kh) for kx in range(p.kw)]
+    groups = [rows[i:i + taps_per_tile] for i in range(0, p.taps, taps_per_tile)]
+    with for_range(b, 0, p.c, name="wc") as ci:
+        for jlo, jhi, vecs, width in column_pieces(p.m, p.vw, nv):
+            with for_range(b, jlo, jhi, vecs * width, name="wr") as r0:
+                for group in groups:
+                    _weight_tile(b, p, pad, dyt, dwt, ci, r0, group, vecs, width)
+
+
+def _weight_tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, dyt: ir.Value, dwt: ir.Value, ci: ir.Value,
+                 r0: ir.Value, taps: list[tuple[int, int]], vecs: int, width: int) -> None:
+    ty = emit.vec_type(width) if width > 1 else emit.F32
+    zero_v = emit.splat(b, 0.0, width)
+    accs = [[local(b, ty, zero_v) for _ in range(vecs)] for _ in taps]
+    plane = index(b, (ci, p.hp * p.wp))
+    with for_range(b, 0, p.n, name="wj") as j:
+        row = index(b, (j, p.m), r0)
+        dys = [emit.load(b, dyt, index(b, row, v * width), width) for v in range(vecs)]
+        at = index(b, plane, j)
+        for t, (ky, kx) in enumerate(taps):
+            a = emit.splat(b, emit.load(b, pad, index(b, at, ky * p.wp + kx)), width)
+            for v in range(vecs):
+                b.store(emit.fma(b, a, dys[v], b.load(accs[t][v])), accs[t][v])
+    for t, (ky, kx) in enumerate(taps):
+        k = index(b, (ci, p.taps), ky * p.kw + kx)
+        for v in range(vecs):
+            at = index(b, (k, p.m), r0, v * width)
+            emit.store(b, b.fadd(emit.load(b, dwt, at, width), b.load(accs[t][v])), dwt, at)
