@@ -270,6 +270,10 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
         **settings: Any) -> History:
     """Train `model` in place on (x, y); returns the History of the kept run.
 
+    x is float32 input of the network's shape, or uint8 images as stored
+    (see ``Model.inputs``), which stay uint8: each mini-batch is prepared into
+    one reused buffer, with the same result bit for bit.
+
     Settings (defaults from the .cnn file's train section): epochs, batch_size,
     loss, optimizer (a name or an ``Optimizer``), lr, validation_split,
     early_stopping (a patience in epochs, ``{"patience": P, "min_delta": D}``,
