@@ -6,6 +6,7 @@ and labels as int64 class indices (or float32 regression targets).
 
 from __future__ import annotations
 
+import copy
 import gzip
 import math
 import os
@@ -338,8 +339,7 @@ class Inputs:
     def subset(self, rows: np.ndarray) -> Inputs:
         """The inputs at positions `rows` of this set, sharing its storage (no copy of the images)."""
         rows = np.asarray(rows, dtype=np.intp)
-        sub = Inputs.__new__(Inputs)
-        sub.__dict__.update(self.__dict__)
+        sub = copy.copy(self)
         sub._rows = rows if self._rows is None else self._rows[rows]
         return sub
 
