@@ -29,21 +29,28 @@ def _data_path(args, model) -> Path:
 
 
 def _dataset(args, model):
-    from cnnc_runtime.data import load_dataset, prepare_images
+    """{split: (inputs, targets)}: uint8 images as stored (fit and evaluate prepare each batch), others prepared."""
+    from cnnc_runtime.data import load_dataset
 
     path = _data_path(args, model)
-    norm = model.manifest.get("train", {}).get("normalize")
     try:
-        splits = load_dataset(path)
-        data = {}
-        for name, d in splits.items():
-            x = prepare_images(d.x, model.input_shape)
-            if norm:
-                x = (x - np.float32(norm["mean"])) / np.float32(norm["std"])
-            data[name] = (x, d.y)
-        return data, path
+        splits = load_dataset(path, raw=True)
+        return {name: (_inputs(model, d.x), d.y) for name, d in splits.items()}, path
     except (OSError, ValueError) as e:
         raise _usage(f"cnnc {args.command}: {e}") from None
+
+
+def _inputs(model, x: np.ndarray) -> np.ndarray:
+    if x.dtype == np.uint8:
+        model.inputs(x)  # checks the shape now, before any training
+        return x
+    from cnnc_runtime.data import prepare_images
+
+    x = prepare_images(x, model.input_shape)
+    norm = model.manifest.get("train", {}).get("normalize")
+    if norm:
+        x = (x - np.float32(norm["mean"])) / np.float32(norm["std"])
+    return x
 
 
 def _pct(v: float | None) -> str:

@@ -6,12 +6,14 @@ and labels as int64 class indices (or float32 regression targets).
 
 from __future__ import annotations
 
+import copy
 import gzip
 import math
 import os
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
@@ -26,6 +28,7 @@ IDX_DTYPES: dict[int, np.dtype] = {
 }
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZIP_MAGIC = b"PK\x03\x04"
+_READ_CHUNK = 1 << 20
 
 # The standard MNIST-style file names: split -> (images, labels), each also accepted with ".gz".
 IDX_FILES: dict[str, tuple[str, str]] = {
@@ -39,16 +42,54 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
     Layout: bytes 0-1 zero, byte 2 the type code, byte 3 the number of dimensions,
     then one big-endian int32 per dimension, then the raw big-endian data.
+    The data is streamed into its array, so reading costs the array's size and no copies.
     """
     name = os.fspath(path)
     with open(name, "rb") as f:
-        raw = f.read()
-    if raw[:2] == _GZIP_MAGIC:
+        if f.read(2) != _GZIP_MAGIC:
+            f.seek(0)
+            return _read_idx_stream(f, name)
+        f.seek(0)
         try:
-            raw = gzip.decompress(raw)
+            with gzip.GzipFile(fileobj=f) as g:
+                return _read_idx_stream(g, name)
         except (OSError, EOFError, zlib.error) as e:
             raise ValueError(f"{name}: corrupt or truncated gzip data ({e})") from e
-    return decode_idx(raw, name)
+
+
+def _read_into(f: BinaryIO, buf: memoryview) -> int:
+    """Fill `buf` from `f` a chunk at a time (a large read would make a temporary bytes object); bytes read."""
+    got = 0
+    while got < len(buf):
+        n = f.readinto(buf[got:got + _READ_CHUNK])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _read_idx_stream(f: BinaryIO, name: str) -> np.ndarray:
+    head = f.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in IDX_DTYPES:
+        raise ValueError(f"{name}: not an IDX file (bad magic {head.hex(' ') or 'empty'})")
+    dtype, ndim = IDX_DTYPES[head[2]], head[3]
+    dims = f.read(4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise ValueError(f"{name}: truncated IDX header ({4 + len(dims)} bytes, need {4 + 4 * ndim} "
+                         f"for {ndim} dimensions)")
+    shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
+    out = np.empty(shape, dtype=dtype.newbyteorder("="))
+    expected = out.nbytes
+    got = _read_into(f, memoryview(out.reshape(-1).view(np.uint8)))
+    if got < expected:
+        raise ValueError(f"{name}: truncated IDX data: shape {shape} needs {expected} bytes, file has {got}")
+    extra = len(f.read(_READ_CHUNK))
+    if extra:
+        raise ValueError(f"{name}: wrong IDX sizes: shape {shape} needs {expected} bytes, file has "
+                         f"{expected + extra}{'+' if extra == _READ_CHUNK else ''}")
+    if dtype.itemsize > 1 and not dtype.isnative:
+        out.byteswap(inplace=True)  # the bytes were big-endian
+    return out
 
 
 def decode_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
@@ -85,7 +126,11 @@ def encode_idx(array: np.ndarray) -> bytes:
 
 @dataclass
 class Dataset:
-    """One split: x float32 (N, C, H, W) or (N, F); y int64 class labels or float32 targets, length N."""
+    """One split: inputs x and targets y (int64 class labels or float32 targets), both of length N.
+
+    x is float32 (N, C, H, W) or (N, F) in [0, 1], or, from ``load_dataset(path, raw=True)``,
+    the images as stored (MNIST: uint8 (N, 28, 28)), which ``Model.fit`` and ``evaluate`` prepare a batch at a time.
+    """
 
     x: np.ndarray
     y: np.ndarray
@@ -122,7 +167,7 @@ def _find(directory: str, stem: str) -> str | None:
     return None
 
 
-def _load_idx_dir(directory: str) -> dict[str, Dataset]:
+def _load_idx_dir(directory: str, raw: bool) -> dict[str, Dataset]:
     found = {split: tuple(_find(directory, stem) for stem in stems) for split, stems in IDX_FILES.items()}
     images, labels = found["train"]
     if images is None or labels is None:
@@ -145,11 +190,11 @@ def _load_idx_dir(directory: str) -> dict[str, Dataset]:
         x, y = read_idx(images), read_idx(labels)
         if len(x) != len(y):
             raise ValueError(f"{images} has {len(x)} images but {labels} has {len(y)} labels")
-        out[split] = Dataset(_as_inputs(x), _as_targets(y), f"{base}/{split}")
+        out[split] = Dataset(x if raw else _as_inputs(x), _as_targets(y), f"{base}/{split}")
     return out
 
 
-def _load_npz(path: str) -> dict[str, Dataset]:
+def _load_npz(path: str, raw: bool) -> dict[str, Dataset]:
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.files)
         train = ("x", "y") if {"x", "y"} <= keys else ("x_train", "y_train")  # the second: Keras' naming
@@ -172,26 +217,29 @@ def _load_npz(path: str) -> dict[str, Dataset]:
                     f"{path}: '{kx}' {x.shape} and '{ky}' {y.shape} are not N inputs "
                     "(N, F), (N, H, W) or (N, C, H, W) with N targets"
                 )
-            out[split] = Dataset(_as_inputs(x), _as_targets(y), f"{base}/{split}")
+            out[split] = Dataset(x if raw else _as_inputs(x), _as_targets(y), f"{base}/{split}")
     return out
 
 
-def load_dataset(path: str | os.PathLike[str]) -> dict[str, Dataset]:
+def load_dataset(path: str | os.PathLike[str], *, raw: bool = False) -> dict[str, Dataset]:
     """Splits "train" and, when present, "test" from a directory of IDX files or a .npz archive.
 
     Inputs come back float32 (uint8 scaled to [0, 1], (N, H, W) given a channel axis);
-    call prepare_images to fit them to a network's input shape.
+    call prepare_images to fit them to a network's input shape. With ``raw=True``
+    they come back as stored (as ``keras.datasets`` and torchvision keep them):
+    MNIST stays uint8 (N, 28, 28), 47 MiB instead of 235 MiB as float32 32x32, and
+    ``Model.fit`` / ``evaluate`` scale, pad and normalize each mini-batch.
     """
     name = os.fspath(path)
     if os.path.isdir(name):
-        return _load_idx_dir(name)
+        return _load_idx_dir(name, raw)
     if not os.path.exists(name):
         raise FileNotFoundError(f"no dataset at {name}: expected a directory of IDX files or a .npz file")
     with open(name, "rb") as f:
         magic = f.read(4)
     if magic != _ZIP_MAGIC:
         raise ValueError(f"{name} is not a .npz archive; a dataset is a directory of IDX files or a .npz file")
-    return _load_npz(name)
+    return _load_npz(name, raw)
 
 
 def prepare_images(x: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
@@ -202,9 +250,22 @@ def prepare_images(x: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
     zero-padded, centred (28x28 MNIST into 32x32 LeNet-5: 2 pixels each side).
     For a flat (F,) input the images are flattened to (N, C*H*W), which must equal F.
     """
+    view, pad = image_view(x, input_shape)
+    scale = view.dtype == np.uint8
+    if pad is None:
+        return _as_inputs(view) if scale else view.astype(np.float32, copy=False)
+    out = np.zeros((len(view), *(int(d) for d in input_shape)), dtype=np.float32)
+    _fill(out, view, pad, scale)
+    return out
+
+
+def image_view(x: np.ndarray, input_shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """(x as (N, C, h, w) or (N, F) without copying where numpy can, (top, left) padding or None).
+
+    Shapes that cannot fit the network input raise ValueError naming it.
+    """
     shape = tuple(int(d) for d in input_shape)
     x = np.asarray(x)
-    scale = x.dtype == np.uint8
     if x.ndim == 3:
         x = x[:, None, :, :]
     if len(shape) == 1:
@@ -214,7 +275,7 @@ def prepare_images(x: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
                 f"images of shape {x.shape[1:]} have {flat.shape[1]} values; the network expects "
                 f"flat inputs of shape {shape}"
             )
-        return _as_inputs(flat) if scale else flat.astype(np.float32, copy=False)
+        return flat, None
     if len(shape) != 3:
         raise ValueError(f"network input shape {shape} is neither (C, H, W) nor (F,)")
     c, h, w = shape
@@ -226,20 +287,86 @@ def prepare_images(x: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
         raise ValueError(f"expected images (N, H, W) or (N, C, H, W) for network input {shape}, got {x.shape}")
     if x.shape[1] != c and x.shape[3] == c:  # channels last (N, H, W, C), as Keras and image files store them
         x = x.transpose(0, 3, 1, 2)
-    n, xc, xh, xw = x.shape
+    _, xc, xh, xw = x.shape
     if xc != c:
         raise ValueError(f"images have {xc} channel(s); the network expects input shape {shape}")
     if xh > h or xw > w:
         raise ValueError(f"images of {xh}x{xw} are larger than the network input shape {shape}")
     if (xh, xw) == (h, w):
-        return _as_inputs(x) if scale else x.astype(np.float32, copy=False)
-    top, left = (h - xh) // 2, (w - xw) // 2
-    out = np.zeros((n, c, h, w), dtype=np.float32)
-    inner = out[:, :, top : top + xh, left : left + xw]
-    inner[...] = x
+        return x, None
+    return x, ((h - xh) // 2, (w - xw) // 2)
+
+
+def _fill(out: np.ndarray, images: np.ndarray, pad: tuple[int, int] | None, scale: bool) -> None:
+    """Write `images` into the float32 `out` (same length): zero border, then optionally /255, in place."""
+    if pad is None:
+        inner = out
+    else:
+        out.fill(0)
+        top, left = pad
+        inner = out[:, :, top:top + images.shape[2], left:left + images.shape[3]]
+    inner[...] = images
     if scale:
         inner /= 255
-    return out
+
+
+class Inputs:
+    """A set of network inputs handed out a mini-batch at a time into a float32 buffer the caller reuses.
+
+    Float inputs must already have the network's input shape; a batch is a
+    gather of their rows. Stored images (uint8, (N, H, W), (N, C, H, W) or
+    (N, H, W, C), smaller than the input or not) stay uint8, a quarter or less
+    of their float32 size, and each batch is scaled by 1/255, zero-padded and
+    normalized on its way into the buffer: bit for bit what ``prepare_images``
+    followed by ``(x - mean) / std`` in float32 gives for the whole set.
+    """
+
+    def __init__(self, x: np.ndarray, input_shape: Sequence[int],
+                 normalize: dict[str, float] | None = None, rows: np.ndarray | None = None) -> None:
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.stored = x.dtype == np.uint8
+        if self.stored:
+            self._x, self._pad = image_view(x, self.input_shape)
+        else:
+            self._x, self._pad = x, None
+        self._norm = (None if not self.stored or not normalize
+                      else (np.float32(normalize["mean"]), np.float32(normalize["std"])))
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._x) if self._rows is None else len(self._rows)
+
+    def subset(self, rows: np.ndarray) -> Inputs:
+        """The inputs at positions `rows` of this set, sharing its storage (no copy of the images)."""
+        rows = np.asarray(rows, dtype=np.intp)
+        sub = copy.copy(self)
+        sub._rows = rows if self._rows is None else self._rows[rows]
+        return sub
+
+    def batch(self, idx: np.ndarray | slice, out: np.ndarray) -> np.ndarray:
+        """The prepared inputs at positions `idx`, written to the front of `out`; returns that part of `out`."""
+        m = len(range(len(self))[idx]) if isinstance(idx, slice) else len(idx)
+        rows = idx if self._rows is None else self._rows[idx]
+        dst = out[:m]
+        if not self.stored:
+            if isinstance(rows, slice):
+                dst[...] = self._x[rows]
+            else:
+                np.take(self._x, rows, axis=0, out=dst)
+            return dst
+        _fill(dst, self._x[rows], self._pad, scale=True)
+        if self._norm is not None:
+            dst -= self._norm[0]
+            dst /= self._norm[1]
+        return dst
+
+    def chunks(self, size: int, out: np.ndarray) -> Iterator[np.ndarray]:
+        """The whole set in order, `size` inputs at a time, in `out` (overwritten by the next) or a view."""
+        for start in range(0, len(self), size):
+            if self.stored or self._rows is not None:
+                yield self.batch(slice(start, start + size), out)
+            else:  # already float32 and in order: a view does, no copy
+                yield self._x[start:start + size]
 
 
 def _rng(rng: np.random.Generator | int | None) -> np.random.Generator:

@@ -6,9 +6,13 @@ changes the model. Gradients use a second buffer of the same layout.
 
 Inputs are checked before any native code sees them: ``x`` must be
 ``(N, C, H, W)`` (or ``(N, F)`` for a vector input) with ``N >= 1``. Other
-real or integer dtypes (float64, uint8 ...) and non-contiguous arrays are
+real or integer dtypes (float64, int64 ...) and non-contiguous arrays are
 converted to contiguous float32; anything else raises ``ValueError`` naming
-the expected shape.
+the expected shape. uint8 arrays are images as stored (MNIST's (N, 28, 28)):
+they are prepared as ``cnnc train`` prepares a dataset (scaled to [0, 1],
+given a channel axis, zero-padded to the input size, normalized with the
+train section's mean and std), and ``fit`` / ``evaluate`` do that a batch at
+a time, so a dataset stays in memory at its stored size.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from cnnc_runtime import artifact
+from cnnc_runtime.data import Inputs
 from cnnc_runtime.fileio import atomic_save_npz
 from cnnc_runtime.native import NativeLibrary, host_cpu, missing_features
 from cnnc_runtime.parallel import Pool, default_threads, shared_pool, split
@@ -207,11 +212,33 @@ class Model:
                 raise ValueError(f"expected input of shape {expected} as a numeric array: {e}") from None
         if x.dtype.kind not in "fiub":
             raise ValueError(f"expected input of shape {expected} with a numeric dtype, got dtype {x.dtype}")
+        if x.dtype == np.uint8:
+            images = self.inputs(x)
+            return images.batch(slice(None), self.batch_buffer(len(images)))
         if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"expected input of shape {expected}, got {_fmt(x.shape)}")
         if x.shape[0] < 1:
             raise ValueError(f"expected input of shape {expected} with N >= 1, got an empty batch")
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    def inputs(self, x: Any) -> Inputs:
+        """``x`` as an ``Inputs`` set to take batches from: uint8 images kept as stored, anything else checked."""
+        if isinstance(x, Inputs):
+            return x
+        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8):
+            return Inputs(self.check_input(x), self.input_shape)
+        expected = "(N, " + ", ".join(str(d) for d in self.input_shape) + ")"
+        if len(x) < 1:
+            raise ValueError(f"expected input of shape {expected} with N >= 1, got an empty batch")
+        try:
+            return Inputs(x, self.input_shape, self.manifest["train"].get("normalize"))
+        except ValueError as e:
+            raise ValueError(f"expected input of shape {expected}, or uint8 images (N, H, W), (N, C, H, W) "
+                             f"or (N, H, W, C) no larger than that, got {_fmt(x.shape)}: {e}") from None
+
+    def batch_buffer(self, n: int) -> np.ndarray:
+        """A 64-byte-aligned float32 ``(n, *input_shape)`` buffer for prepared inputs."""
+        return aligned_zeros(n * int(np.prod(self.input_shape))).reshape(n, *self.input_shape)
 
     def check_targets(self, y: Any, n: int, loss: str) -> np.ndarray:
         """Labels (int32, one per image, in range) for cross-entropy; float32 targets for mse."""
@@ -247,11 +274,17 @@ class Model:
         x = self.check_input(x)
         n = x.shape[0]
         y = np.empty((n, *self.output_shape), dtype=np.float32)
+        self._infer_into(x, y, single=n < 2 * MIN_IMAGES_PER_THREAD)
+        return y
+
+    def _infer_into(self, x: np.ndarray, y: np.ndarray, single: bool) -> None:
+        """y = the network on the checked x; `single`: one call, no thread hand-off (small batches)."""
+        n = x.shape[0]
         arena = self._arena("infer", min(n, CHUNK)).ctypes.data
         params, ws, xp, yp = self._params_ptr, self._ws_ptrs, x.ctypes.data, y.ctypes.data
-        if n < 2 * MIN_IMAGES_PER_THREAD:  # small batches: one call, no thread hand-off
+        if single:
             self._infer(params, arena, xp, yp, ws[0], 0, n)
-            return y
+            return
         in_bytes, out_bytes = x[0].nbytes, y[0].nbytes
         for start in range(0, n, CHUNK):
             stop = min(n, start + CHUNK)
@@ -261,7 +294,6 @@ class Model:
                 self._infer(params, arena, xs, ys, ws[t], a, b)
 
             self._parallel(stop - start, task)
-        return y
 
     def _parallel(self, n: int, task) -> list[tuple[int, int]]:
         """Run ``task(thread, n0, n1)`` over [0, n) split across the pool's threads."""

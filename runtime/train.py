@@ -23,11 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from cnnc_runtime.data import Inputs
 from cnnc_runtime.fileio import atomic_save_npz
+from cnnc_runtime.model import CHUNK, MIN_IMAGES_PER_THREAD
 from cnnc_runtime.optimizers import Optimizer, add_weight_decay, make_optimizer
 from cnnc_runtime.progress import ProgressBar
 
-EVAL_BATCH = 256
+EVAL_BATCH = CHUNK
 
 
 class TrainingStopped(Exception):
@@ -71,24 +73,44 @@ def _labels_like(model, y: np.ndarray, loss: str) -> bool:
     return loss == "cross_entropy" or np.asarray(y).dtype.kind in "iub"
 
 
-def evaluate(model, x: np.ndarray, y: np.ndarray, loss: str | None = None) -> tuple[float, float | None, np.ndarray]:
-    """(mean loss, accuracy or None, predictions) of the inference network (dropout off) on a whole set."""
+def evaluate(model, x: np.ndarray | Inputs, y: np.ndarray,
+             loss: str | None = None) -> tuple[float, float | None, np.ndarray]:
+    """(mean loss, accuracy or None, predictions) of the inference network (dropout off) on a whole set.
+
+    uint8 images are prepared EVAL_BATCH at a time (see ``Model.inputs``), never all at once.
+    """
     loss = model.loss_name(loss)
-    x = model.check_input(x)
-    targets = model.check_targets(y, len(x), loss)
-    out = model.forward(x).reshape(len(x), -1).astype(np.float64)
+    inputs = model.inputs(x)
+    n = len(inputs)
+    targets = model.check_targets(y, n, loss)
+    out = _infer_all(model, inputs).reshape(n, -1).astype(np.float64)
     if loss == "cross_entropy":
         if model.manifest["output"]["op"] == "softmax":
             logp = np.log(np.maximum(out, 1e-30))
         else:
             shifted = out - out.max(axis=1, keepdims=True)
             logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        value = float(-logp[np.arange(len(x)), targets].mean())
+        value = float(-logp[np.arange(n), targets].mean())
     else:
         value = float(((out - targets) ** 2).mean())
     pred = out.argmax(axis=1)
     acc = float((pred == np.asarray(y)).mean()) if _labels_like(model, y, loss) else None
     return value, acc, pred
+
+
+def _infer_all(model, inputs: Inputs) -> np.ndarray:
+    """The network's outputs for a whole set, EVAL_BATCH inputs at a time through one buffer.
+
+    EVAL_BATCH is the model's native chunk, so every output is computed exactly
+    as ``model.forward`` on the whole set would compute it.
+    """
+    n = len(inputs)
+    out = np.empty((n, *model.output_shape), dtype=np.float32)
+    buf = model.batch_buffer(min(n, EVAL_BATCH))
+    single = n < 2 * MIN_IMAGES_PER_THREAD
+    for start, xb in zip(range(0, n, EVAL_BATCH), inputs.chunks(EVAL_BATCH, buf)):
+        model._infer_into(xb, out[start:start + len(xb)], single)
+    return out
 
 
 def confusion_matrix(labels: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
@@ -248,6 +270,10 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
         **settings: Any) -> History:
     """Train `model` in place on (x, y); returns the History of the kept run.
 
+    x is float32 input of the network's shape, or uint8 images as stored
+    (see ``Model.inputs``), which stay uint8: each mini-batch is prepared into
+    one reused buffer, with the same result bit for bit.
+
     Settings (defaults from the .cnn file's train section): epochs, batch_size,
     loss, optimizer (a name or an ``Optimizer``), lr, validation_split,
     early_stopping (a patience in epochs, ``{"patience": P, "min_delta": D}``,
@@ -274,20 +300,21 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
     elif early_stopping is True:
         s.patience = s.patience or 5
     loss = model.loss_name(s.loss)
-    x = model.check_input(x)
-    targets = model.check_targets(y, len(x), loss)
+    inputs = model.inputs(x)
+    n = len(inputs)
+    targets = model.check_targets(y, n, loss)
     labels = np.asarray(y) if _labels_like(model, y, loss) else None
     if validation_data is None and s.validation_split > 0:
-        order = np.random.default_rng([s.seed, 7]).permutation(len(x))
-        n_val = int(round(len(x) * s.validation_split))
-        if n_val < 1 or n_val >= len(x):
-            raise ValueError(f"validation_split {s.validation_split} leaves no images on one side of {len(x)}")
+        order = np.random.default_rng([s.seed, 7]).permutation(n)
+        n_val = int(round(n * s.validation_split))
+        if n_val < 1 or n_val >= n:
+            raise ValueError(f"validation_split {s.validation_split} leaves no images on one side of {n}")
         val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
-        validation_data = (x[val_idx], np.asarray(y)[val_idx])
-        x, targets = x[train_idx], targets[train_idx]
+        validation_data = (inputs.subset(val_idx), np.asarray(y)[val_idx])  # index views: no copy of the images
+        inputs, targets = inputs.subset(train_idx), targets[train_idx]
         labels = labels[train_idx] if labels is not None else None
     if validation_data is not None:
-        validation_data = (model.check_input(validation_data[0]), np.asarray(validation_data[1]))
+        validation_data = (model.inputs(validation_data[0]), np.asarray(validation_data[1]))
         model.check_targets(validation_data[1], len(validation_data[0]), loss)
     if s.batch_size < 1 or s.epochs < 1 or s.restarts < 1:
         raise ValueError("epochs, batch_size and restarts must be at least 1")
@@ -310,8 +337,8 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
             else:
                 model.initialize(s.seed + restart)
                 run = _Run(model, s, restart, base_lr, finished, kept)
-            _train_run(model, run, s, loss, x, targets, labels, validation_data, checkpoint, log_file, progress,
-                       on_epoch, interrupted)
+            _train_run(model, run, s, loss, inputs, targets, labels, validation_data, checkpoint, log_file,
+                       progress, on_epoch, interrupted)
             final = run.history[run.best_epoch - 1] if run.best_epoch else run.history[-1]
             finished.append({"restart": restart, "seed": s.seed + restart, "loss": final.loss,
                              "epochs": len(run.history), "stopped": run.stopped})
@@ -353,10 +380,11 @@ class _deferred_interrupt:  # noqa: N801 - used like a function
         return self.flag.is_set()
 
 
-def _train_run(model, run: _Run, s: Settings, loss: str, x: np.ndarray, targets: np.ndarray,
+def _train_run(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targets: np.ndarray,
                labels: np.ndarray | None, validation_data, checkpoint, log_file, progress, on_epoch,
                interrupted: _deferred_interrupt) -> None:
-    n = len(x)
+    n = len(inputs)
+    batch = model.batch_buffer(min(s.batch_size, n))  # every step's inputs are prepared into this one buffer
     k = model.manifest["loss_inputs"][loss]
     out = np.empty((s.batch_size, k), dtype=np.float32)
     losses = np.empty(s.batch_size, dtype=np.float32)
@@ -375,7 +403,7 @@ def _train_run(model, run: _Run, s: Settings, loss: str, x: np.ndarray, targets:
         bar = ProgressBar(-(-n // s.batch_size), enabled=progress)
         for b, start in enumerate(range(first, n, s.batch_size), start=first // s.batch_size):
             idx = order[start:start + s.batch_size]
-            xb, tb = x[idx], targets[idx]
+            xb, tb = inputs.batch(idx, batch), targets[idx]
             m = len(idx)
             if s.jitter > 0:  # native Gaussian noise: a seed from the run's generator, so resume stays exact
                 model.add_noise(xb, s.jitter, int(run.rng.integers(0, 2**63 - 1)))

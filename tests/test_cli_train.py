@@ -396,3 +396,43 @@ def test_a_renamed_copy_of_a_cached_network_keeps_its_own_name(work, trained):
     with np.load(work / "rn.ckpt") as z:
         assert json.loads(bytes(z["meta"]).decode())["network"] == "renamed"
     assert r.stdout.startswith("training renamed on d.npz")
+
+
+IMAGES_NET = """
+network digits {
+    input image: 1x8x8
+    c = image -> conv(2, 3x3) -> tanh -> avgpool(2x2)
+    y = c -> flatten -> dense(3)
+}
+train {
+    normalize(mean=0.2, std=0.7)
+    optimizer adam(lr=0.01)
+    batch 16
+    epochs 2
+    seed 0
+}
+"""
+
+
+def test_train_and_eval_on_uint8_images_equal_the_float32_path(work):
+    """A uint8 dataset stays uint8; each batch is padded 6x6 -> 8x8 and normalized: the same weights bit for bit."""
+    from cnnc_runtime.data import prepare_images
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 80)
+    x = rng.integers(0, 256, (80, 6, 6)).astype(np.uint8)
+    (work / "digits.cnn").write_text(IMAGES_NET)
+    np.savez(work / "u8.npz", x=x, y=y, x_test=x[:30], y_test=y[:30])
+    r = cnnc_cmd(work, "train", "digits.cnn", "--data", "u8.npz", "--validation", "0.25", "-o", "u8.weights.npz",
+                 "--checkpoint", "u8.ckpt")
+    assert r.returncode == 0, r.stderr
+    model = build(IMAGES_NET)
+    xf = (prepare_images(x, (1, 8, 8)) - np.float32(0.2)) / np.float32(0.7)
+    model.fit(xf, y, validation_split=0.25, progress=False)
+    with np.load(work / "u8.weights.npz") as w:
+        for k, v in model.params.items():
+            np.testing.assert_array_equal(w[k], v, err_msg=k)
+    r = cnnc_cmd(work, "eval", "digits.cnn", "--data", "u8.npz", "--weights", "u8.weights.npz", "--json")
+    assert r.returncode == 0, r.stderr
+    loss, acc = model.evaluate(xf[:30], y[:30])
+    assert json.loads(r.stdout)["loss"] == loss and json.loads(r.stdout)["accuracy"] == acc

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cnnc_runtime import data as data_mod
 from cnnc_runtime.data import (
     Dataset,
+    Inputs,
     batches,
     decode_idx,
     encode_idx,
@@ -256,3 +258,85 @@ def test_npz_with_keras_names(tmp_path):
              y_test=np.arange(2))
     splits = load_dataset(path)
     assert splits["train"].x.shape == (4, 1, 3, 3) and len(splits["test"]) == 2
+
+
+# ---- stored (uint8) images, prepared a batch at a time ------------------------------------------------------
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def _prepared(x: np.ndarray, shape, norm) -> np.ndarray:
+    """The whole-set path that `cnnc train` took before: prepare_images, then (x - mean) / std in float32."""
+    out = prepare_images(x, shape)
+    return (out - np.float32(norm["mean"])) / np.float32(norm["std"]) if norm else out
+
+
+@pytest.mark.parametrize(("stored", "shape"), [
+    ((7, 5, 6), (1, 9, 8)),  # (N, H, W), padded (asymmetric margins)
+    ((7, 1, 5, 6), (1, 5, 6)),  # (N, C, H, W), no padding
+    ((7, 5, 6, 3), (3, 7, 6)),  # channels last, padded
+    ((7, 4, 4), (16,)),  # flat network input
+], ids=["hw-pad", "chw", "hwc-pad", "flat"])
+@pytest.mark.parametrize("norm", [None, {"mean": 0.1307, "std": 0.3081}], ids=["plain", "normalize"])
+def test_inputs_batches_equal_the_whole_set_prepared(stored, shape, norm):
+    x = np.random.default_rng(0).integers(0, 256, stored, dtype=np.uint8)
+    want = _prepared(x, shape, norm)
+    inputs = Inputs(x, shape, norm)
+    buf = np.full((4, *shape), np.nan, np.float32)  # stale values must not leak into a batch
+    for idx in (np.array([3, 0, 6]), np.array([5]), slice(2, 6)):
+        got = inputs.batch(idx, buf)
+        assert got.shape == want[idx].shape and np.shares_memory(got, buf)
+        np.testing.assert_array_equal(_bits(got), _bits(want[idx]))
+    chunks = np.concatenate([c.copy() for c in inputs.chunks(3, buf)])
+    np.testing.assert_array_equal(_bits(chunks), _bits(want))
+
+
+def test_inputs_subsets_are_index_views():
+    x = np.random.default_rng(1).integers(0, 256, (10, 3, 3), dtype=np.uint8)
+    want = prepare_images(x, (1, 3, 3))
+    rows = np.array([9, 2, 4, 7])
+    sub = Inputs(x, (1, 3, 3)).subset(rows)
+    assert len(sub) == 4
+    buf = np.empty((4, 1, 3, 3), np.float32)
+    np.testing.assert_array_equal(sub.batch(np.array([1, 3]), buf), want[[2, 7]])
+    np.testing.assert_array_equal(sub.subset(np.array([0, 2])).batch(slice(None), buf), want[[9, 4]])
+    f = Inputs(want, (1, 3, 3)).subset(rows)  # float inputs: gathered as they are
+    np.testing.assert_array_equal(f.batch(slice(0, 4), buf), want[rows])
+    np.testing.assert_array_equal(np.concatenate(list(Inputs(want, (1, 3, 3)).chunks(3, buf))), want)
+
+
+def test_inputs_reject_images_that_do_not_fit():
+    x = np.zeros((2, 28, 28), np.uint8)
+    with pytest.raises(ValueError, match=r"larger than the network input shape \(1, 24, 24\)"):
+        Inputs(x, (1, 24, 24))
+    with pytest.raises(ValueError, match=r"channel\(s\); the network expects input shape \(3, 32, 32\)"):
+        Inputs(x, (3, 32, 32))
+    with pytest.raises(ValueError, match=r"flat inputs of shape \(100,\)"):
+        Inputs(x, (100,))
+
+
+def test_load_dataset_raw_keeps_images_as_stored(tmp_path):
+    _write_idx_dir(tmp_path / "d")
+    raw, scaled = load_dataset(tmp_path / "d", raw=True), load_dataset(tmp_path / "d")
+    for split in ("train", "test"):
+        assert raw[split].x.dtype == np.uint8 and raw[split].x.shape == scaled[split].x.shape[:1] + (5, 5)
+        np.testing.assert_array_equal(prepare_images(raw[split].x, (1, 5, 5)), scaled[split].x)
+        np.testing.assert_array_equal(raw[split].y, scaled[split].y)
+    x = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    np.savez(tmp_path / "a.npz", x=x, y=np.array([1, 0]))
+    np.testing.assert_array_equal(load_dataset(tmp_path / "a.npz", raw=True)["train"].x, x)
+
+
+def test_read_idx_streams_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, "_READ_CHUNK", 7)  # many partial reads, and a chunk boundary mid-value
+    for dtype in (np.uint8, np.int32, np.float64):
+        a = _sample(dtype)
+        for gz in (False, True):
+            raw = encode_idx(a)
+            (tmp_path / "a.idx").write_bytes(gzip.compress(raw) if gz else raw)
+            np.testing.assert_array_equal(read_idx(tmp_path / "a.idx"), a)
+            (tmp_path / "b.idx").write_bytes(raw + bytes(30))
+            with pytest.raises(ValueError, match="wrong IDX sizes"):
+                read_idx(tmp_path / "b.idx")

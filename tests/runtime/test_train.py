@@ -818,3 +818,94 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(data, tmp_path
     resumed.fit(x, y, resume=ckpt, checkpoint=ckpt, **settings)
     for name in unbroken.params:
         np.testing.assert_array_equal(resumed.params[name], unbroken.params[name])
+
+
+# ---- uint8 images as stored: prepared a batch at a time, the same training bit for bit ------------------------
+
+PADDED = """
+network padnet {
+    input image: 1x8x8
+    c = image -> conv(2, 3x3) -> tanh -> avgpool(2x2)
+    y = c -> flatten -> dense(3)
+}
+train {
+    normalize(mean=0.2, std=0.7)
+}
+"""
+
+
+def stored_digits(n: int = 150, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (n, 6, 6) images, as a dataset stores them: class k has its ink in column band k."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 60, (n, 6, 6))
+    for k in range(3):
+        x[y == k, :, 2 * k:2 * k + 2] += 190
+    return x.astype(np.uint8), y.astype(np.int64)
+
+
+def prepared(model, x: np.ndarray) -> np.ndarray:
+    """What `cnnc train` used to hand fit: the whole set as float32, padded and normalized."""
+    from cnnc_runtime.data import prepare_images
+
+    norm = model.manifest["train"]["normalize"]
+    return (prepare_images(x, model.input_shape) - np.float32(norm["mean"])) / np.float32(norm["std"])
+
+
+@pytest.mark.parametrize("settings", [
+    dict(),
+    dict(validation_split=0.2, jitter=0.05, optimizer="momentum"),
+], ids=["plain", "validation-jitter"])
+def test_uint8_training_equals_float32_training(settings):
+    x, y = stored_digits()
+    results = []
+    for make in (lambda m: prepared(m, x), lambda m: x):
+        model = build(PADDED, seed=1)
+        h = model.fit(make(model), y, epochs=2, batch_size=32, seed=4, progress=False, **settings)
+        results.append((model.flat_params.copy(), [(e.loss, e.accuracy, e.val_loss, e.val_accuracy) for e in h.epochs],
+                        evaluate(model, make(model), y)))
+    (p_float, h_float, e_float), (p_u8, h_u8, e_u8) = results
+    np.testing.assert_array_equal(p_u8.view(np.uint32), p_float.view(np.uint32))
+    assert h_u8 == h_float
+    assert e_u8[:2] == e_float[:2]
+    np.testing.assert_array_equal(e_u8[2], e_float[2])
+
+
+def test_uint8_validation_data_and_forward_match_float32():
+    x, y = stored_digits()
+    xv, yv = stored_digits(40, seed=5)
+    model = build(PADDED, seed=2)
+    model.fit(x, y, validation_data=(xv, yv), epochs=1, batch_size=50, progress=False)
+    np.testing.assert_array_equal(model(xv), model(prepared(model, xv)))
+    assert model.evaluate(xv, yv) == model.evaluate(prepared(model, xv), yv)
+    np.testing.assert_array_equal(model.predict(xv[:3, None]), model.predict(prepared(model, xv[:3])))
+
+
+def test_uint8_batches_reach_the_native_step_prepared():
+    x, y = stored_digits(20)
+    model = build(PADDED)
+    calls = spy_steps(model)
+    model.fit(x, y, epochs=1, batch_size=8, progress=False, seed=3)
+    seen = np.concatenate([c["x"] for c in calls])
+    assert seen.dtype == np.float32 and seen.shape == (20, 1, 8, 8)
+    want = prepared(model, x)
+    assert sorted(r.tobytes() for r in seen) == sorted(r.tobytes() for r in want)
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    (np.zeros((4, 9, 9), np.uint8), r"expected input of shape \(N, 1, 8, 8\).*larger than"),
+    (np.zeros((4, 2, 6, 6), np.uint8), r"expected input of shape \(N, 1, 8, 8\).*channel"),
+    (np.zeros((4, 36), np.uint8), r"expected input of shape \(N, 1, 8, 8\).*flat inputs of 36"),
+    (np.zeros((4, 6, 6), np.float32), r"expected input of shape \(N, 1, 8, 8\), got \(4, 6, 6\)"),
+    (np.zeros((0, 6, 6), np.uint8), r"expected input of shape \(N, 1, 8, 8\) with N >= 1"),
+    (np.zeros((4, 6, 6), np.complex64), r"expected input of shape \(N, 1, 8, 8\) with a numeric dtype"),
+], ids=["too-large", "channels", "flat", "float-unpadded", "empty", "complex"])
+def test_images_that_do_not_fit_are_refused_naming_the_shape(bad, message):
+    model = build(PADDED)
+    y = np.zeros(len(bad), np.int64)
+    with pytest.raises(ValueError, match=message):
+        model.fit(bad, y, epochs=1, progress=False)
+    with pytest.raises(ValueError, match=message):
+        model.evaluate(bad, y)
+    with pytest.raises(ValueError, match=message):
+        model.fit(stored_digits(8)[0], np.zeros(8, np.int64), validation_data=(bad, y), epochs=1, progress=False)
