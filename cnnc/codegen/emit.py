@@ -247,19 +247,28 @@ def cos_2pi(b: ir.IRBuilder, u: ir.Value) -> ir.Value:
     return p
 
 
+# tanh(x) ~ x P(x^2) / Q(x^2) on [-8, 8], fitted for this project (a least-squares fit reweighted towards
+# minimax); relative error below 1.6e-6 in float32, and |tanh(x)| > 1 - 2.3e-7 beyond 8, where it is clamped.
+_TANH_P = (1.0, 0.12763893604278564, 0.002748541533946991, 7.547754648840055e-06, -6.819717679462656e-09)
+_TANH_Q = (1.0, 0.4609718918800354, 0.023073269054293633, 0.0002033949422184378)
+
+
 def tanh(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
-    """tanh for scalars or vectors: an odd Taylor polynomial near 0, (1-e)/(1+e), e = exp(-2|x|), elsewhere."""
+    """tanh for scalars or vectors: a rational function, about a third of the work of one through exp.
+
+    The clamp is written with compares so that NaN propagates (maxnum/minnum would turn it into -1).
+    """
     c = lambda v: _like(b, x, v)  # noqa: E731
-    ax = intrinsic(b, "llvm.fabs", x.type, [x])
-    e = exp(b, b.fmul(ax, c(-2.0)))
-    far = b.fdiv(b.fsub(c(1.0), e), b.fadd(c(1.0), e))
-    far = intrinsic(b, "llvm.copysign", x.type, [far, x])
-    x2 = b.fmul(x, x)
-    p = c(62.0 / 2835.0)
-    for coef in (-17.0 / 315.0, 2.0 / 15.0, -1.0 / 3.0, 1.0):
-        p = fma(b, p, x2, c(coef))
-    near = b.fmul(p, x)
-    return b.select(b.fcmp_ordered("<", ax, c(0.25)), near, far)
+    x = b.select(b.fcmp_ordered(">", x, c(8.0)), c(8.0), x)
+    x = b.select(b.fcmp_ordered("<", x, c(-8.0)), c(-8.0), x)
+    z = b.fmul(x, x)
+    p = c(_TANH_P[-1])
+    for coef in reversed(_TANH_P[:-1]):
+        p = fma(b, p, z, c(coef))
+    q = c(_TANH_Q[-1])
+    for coef in reversed(_TANH_Q[:-1]):
+        q = fma(b, q, z, c(coef))
+    return b.fdiv(b.fmul(x, p), q)
 
 
 def sigmoid(b: ir.IRBuilder, x: ir.Value) -> ir.Value:

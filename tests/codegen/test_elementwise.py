@@ -312,3 +312,21 @@ def test_copy(jit, count, src_stride, dst_stride, src_offset, dst_offset, accumu
     if accumulate:
         want = want + slots(before, dst_stride, dst_offset + count)[N0:N1, dst_offset:]
     np.testing.assert_array_equal(slots(dst, dst_stride, dst_offset + count)[N0:N1, dst_offset:], want)
+
+
+@pytest.mark.parametrize("act", ["tanh", "sigmoid"])
+def test_squashing_activations_over_their_whole_range(jit, act):
+    """A dense sweep: relative error under 2e-6 everywhere, saturation beyond the fitted range, NaN kept."""
+    size = 4001
+    spec = ElementwiseSpec(size=size, act=act, alpha=ALPHA, x_stride=size, y_stride=size, accumulate=False)
+    emit_activation_forward(jit.module, "fwd", spec, jit.vw)
+    x = np.zeros((N, size), np.float32)
+    x[N0:N1] = np.concatenate([np.linspace(-12, 12, size - 6), [0.0, 1e-30, -1e-30, 1e4, -1e4, np.nan]])
+    y = np.zeros_like(x)
+    jit("fwd", x, y, N0, N1)
+    with np.errstate(over="ignore"):  # the reference's exp(1e4): 1 / (1 + inf) is the right 0
+        got, want = y[N0:N1, :-1].astype(np.float64), act_ref(x[N0:N1, :-1], act)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-37)
+    if act == "tanh":
+        assert np.all(np.abs(got) <= 1.0), "|tanh| above 1 would flip the sign of its gradient 1 - y^2"
+        assert np.all(np.isnan(y[N0:N1, -1])), "NaN must propagate (the loss check relies on it)"
