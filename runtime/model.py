@@ -86,6 +86,7 @@ class Model:
         self._infer = self._lib.function("infer", [P, P, P, P, P, I64, I64])
         self._steps = {loss: self._lib.function(f"step_{loss}", [P] * 8 + [I64, F32, I64, I64]) for loss in LOSSES}
         self._jitter = self._lib.function("jitter", [P, I64, F32, P, I64, I64])
+        self._updates: dict[str, Any] = {}
         self.flat_params = aligned_zeros(manifest["param_floats"])
         self.flat_grads = aligned_zeros(manifest["param_floats"])
         self._layout = manifest["params"]
@@ -340,6 +341,17 @@ class Model:
         for g in self._thread_grads[1:used]:
             self.flat_grads += g
             g[...] = 0.0
+
+    def native_update(self, kind: str):
+        """The compiled ``update_KIND`` optimizer loop (see Optimizer.use_native), or None if this code has none."""
+        if not kind:
+            return None
+        if kind not in self._updates:
+            try:
+                self._updates[kind] = self._lib.function(f"update_{kind}", [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2)
+            except KeyError:
+                self._updates[kind] = None
+        return self._updates[kind]
 
     def add_noise(self, x: np.ndarray, sigma: float, seed: int) -> None:
         """x += N(0, sigma^2) noise, in place, drawn natively from `seed` (training's input jitter).

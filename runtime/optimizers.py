@@ -6,6 +6,11 @@ vectorised numpy expressions over the whole model. State buffers and one
 scratch buffer are allocated on the first step (or by load_state_dict) and
 every later step works in place with out= arguments: a step allocates nothing.
 
+A compiled model also carries each rule as one native loop (``update_KIND``,
+see ``cnnc.codegen.optim``): ``Model.fit`` binds it with ``use_native``. It
+performs the numpy rule's float32 operations in the same order, so both give
+the same bits; the numpy form stays the definition and the fallback.
+
 L2 weight decay is part of the loss, not of the optimizer: see add_weight_decay.
 """
 
@@ -25,6 +30,7 @@ class Optimizer(ABC):
 
     hyperparameters: tuple[str, ...] = ("lr",)
     buffers: tuple[str, ...] = ()
+    kind = ""  # the name of its native update (``update_KIND``); empty: numpy only
 
     def __init__(self, lr: float) -> None:
         if not lr > 0:
@@ -33,6 +39,16 @@ class Optimizer(ABC):
         self.t = 0
         self._state: dict[str, np.ndarray] = {}
         self._tmp: np.ndarray | None = None
+        self._native = None
+        self._hyper = np.zeros(8, dtype=np.float32)
+
+    def use_native(self, update) -> None:
+        """Run steps through `update`, a model's ``update_KIND`` function (None: back to numpy)."""
+        self._native = update
+
+    def constants(self) -> tuple[float, ...]:
+        """The native update's float32 constants for the step being taken (``t`` already counts it)."""
+        return (self.lr,)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{h}={getattr(self, h)!r}" for h in self.hyperparameters)
@@ -54,7 +70,14 @@ class Optimizer(ABC):
         """Update `params` in place from `grads`."""
         tmp = self._prepare(params, grads)
         self.t += 1
-        self._update(params, grads, tmp)
+        if self._native is not None and _flat_f32(params, grads, *self._state.values()):
+            constants = self.constants()
+            self._hyper[:len(constants)] = constants  # each rounded to float32, as numpy rounds a Python float
+            state = [self._state[b].ctypes.data for b in self.buffers] + [0, 0]
+            self._native(params.ctypes.data, grads.ctypes.data, state[0], state[1], self._hyper.ctypes.data,
+                         0, params.size)
+        else:
+            self._update(params, grads, tmp)
 
     @abstractmethod
     def _update(self, params: np.ndarray, grads: np.ndarray, tmp: np.ndarray) -> None:
@@ -94,8 +117,17 @@ class Optimizer(ABC):
         self._tmp = np.empty_like(next(iter(arrays.values()))) if arrays else None
 
 
+def _flat_f32(*arrays: np.ndarray) -> bool:
+    """Whether every array is a contiguous float32 vector of the first one's size (native code may run on them)."""
+    size = arrays[0].size
+    return all(a.dtype == np.float32 and a.ndim == 1 and a.size == size and a.flags.c_contiguous
+               and a.flags.writeable for a in arrays)
+
+
 class SGD(Optimizer):
     """Plain gradient descent: w <- w - lr g."""
+
+    kind = "sgd"
 
     def _update(self, params: np.ndarray, grads: np.ndarray, tmp: np.ndarray) -> None:
         np.multiply(grads, self.lr, out=tmp)
@@ -115,6 +147,10 @@ class Momentum(Optimizer):
 
     hyperparameters = ("lr", "beta")
     buffers = ("v",)
+    kind = "momentum"
+
+    def constants(self) -> tuple[float, ...]:
+        return (self.lr, self.beta)
 
     def __init__(self, lr: float, beta: float = 0.9) -> None:
         super().__init__(lr)
@@ -140,6 +176,10 @@ class RMSProp(Optimizer):
 
     hyperparameters = ("lr", "beta", "eps")
     buffers = ("s",)
+    kind = "rmsprop"
+
+    def constants(self) -> tuple[float, ...]:
+        return (self.lr, self.beta, 1 - self.beta, self.eps)
 
     def __init__(self, lr: float, beta: float = 0.9, eps: float = 1e-8) -> None:
         super().__init__(lr)
@@ -172,6 +212,11 @@ class Adam(Optimizer):
 
     hyperparameters = ("lr", "beta1", "beta2", "eps")
     buffers = ("m", "v")
+    kind = "adam"
+
+    def constants(self) -> tuple[float, ...]:
+        return (self.beta1, 1 - self.beta1, self.beta2, 1 - self.beta2, math.sqrt(1 - self.beta2**self.t), self.eps,
+                self.lr / (1 - self.beta1**self.t))
 
     def __init__(self, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
         super().__init__(lr)

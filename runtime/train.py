@@ -380,9 +380,18 @@ class _deferred_interrupt:  # noqa: N801 - used like a function
         return self.flag.is_set()
 
 
-def _train_run(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targets: np.ndarray,
-               labels: np.ndarray | None, validation_data, checkpoint, log_file, progress, on_epoch,
-               interrupted: _deferred_interrupt) -> None:
+def _train_run(model, run: _Run, *args: Any) -> None:
+    """Train one run with the optimizer's native update bound for its duration (it lives in the model's code)."""
+    run.optimizer.use_native(model.native_update(run.optimizer.kind))
+    try:
+        _train_epochs(model, run, *args)
+    finally:
+        run.optimizer.use_native(None)
+
+
+def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targets: np.ndarray,
+                  labels: np.ndarray | None, validation_data, checkpoint, log_file, progress, on_epoch,
+                  interrupted: _deferred_interrupt) -> None:
     n = len(inputs)
     batch = model.batch_buffer(min(s.batch_size, n))  # every step's inputs are prepared into this one buffer
     k = model.manifest["loss_inputs"][loss]

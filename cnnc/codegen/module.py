@@ -12,6 +12,8 @@ Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
 
 ``jitter(x, seed_i64, sigma_f32, ws, n0, n1)``
     adds N(0, sigma^2) noise to a batch of inputs in place (training's input jitter).
+``update_sgd`` / ``update_momentum`` / ``update_rmsprop`` / ``update_adam`` ``(params, grads, s1, s2, hyper, n0, n1)``
+    one optimizer step over parameters ``[n0, n1)`` (``cnnc.codegen.optim``).
 
 ``params``/``grads`` are the flat parameter and gradient buffers (layout in the
 manifest), ``arena`` the per-image activation slots, ``ws`` one thread's
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 import networkx as nx
 
-from cnnc.codegen import emit
+from cnnc.codegen import emit, optim
 from cnnc.codegen.conv import conv_workspace_floats
 from cnnc.codegen.elementwise import emit_copy, emit_gaussian_noise
 from cnnc.codegen.emit import I64, PTR
@@ -175,6 +177,11 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
     jitter.call(builder.kernel(emit_gaussian_noise, NoiseSpec(size=size, x_stride=size)), jitter.args["x"],
                 jitter.args["seed_i64"], jitter.args["sigma_f32"])
     jitter.b.ret_void()
+
+    for kind in optim.RULES:
+        fn, b, _ = emit.kernel(builder.module, f"update_{kind}", optim.ARGS)
+        b.call(builder.kernel(optim.emit_update, kind), list(fn.args))
+        b.ret_void()
 
     facts = {
         "param_floats": builder.param_floats,

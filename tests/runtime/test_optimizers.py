@@ -199,3 +199,43 @@ def test_add_weight_decay():
     before = grads.copy()
     add_weight_decay(params, grads, mask, 0.1, out=scratch)
     np.testing.assert_allclose(grads - before, [0.2, -0.4, 0.0, 0.1], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    import cnnc
+
+    return cnnc.compile_string("network tiny { input x: 3\n y = x -> dense(2) }", cache=False)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "rmsprop", "adam"])
+def test_native_update_gives_the_same_bits_as_numpy(compiled, name):
+    """The model's update_KIND loop against the numpy rule: same float32 operations, same order, same bits."""
+    from cnnc.codegen.optim import HYPER
+
+    rng = np.random.default_rng(3)
+    size = 1003  # not a multiple of any vector width: the loop's tail runs too
+    start = rng.standard_normal(size).astype(np.float32)
+    native, plain = make_optimizer(name, lr=0.01), make_optimizer(name, lr=0.01)
+    native.use_native(compiled.native_update(native.kind))
+    p_native, p_plain = start.copy(), start.copy()
+    for step in range(5):
+        grads = (rng.standard_normal(size) * 10.0 ** rng.integers(-6, 2, size)).astype(np.float32)
+        native.lr = plain.lr = 0.01 * 0.5**step  # a schedule: constants change between steps
+        native.step(p_native, grads)
+        plain.step(p_plain, grads)
+        np.testing.assert_array_equal(p_native, p_plain)
+    assert len(native.constants()) == len(HYPER[name])  # the runtime and the compiler agree on the constants
+    for key, value in plain.state_dict().items():
+        np.testing.assert_array_equal(native.state_dict()[key], value)
+
+
+def test_native_update_falls_back_to_numpy_for_buffers_it_cannot_take(compiled):
+    opt = make_optimizer("adam", lr=0.1)
+    opt.use_native(compiled.native_update("adam"))
+    params = np.ones(10, dtype=np.float32)
+    opt.step(params[::2].copy(), np.ones(5, dtype=np.float32))  # fine: contiguous copies
+    strided = np.ones(20, dtype=np.float32)[::2]  # not contiguous: numpy rule, never the native loop
+    opt.reset()
+    opt.step(strided, np.ones(10, dtype=np.float32))
+    np.testing.assert_allclose(strided, 0.9, rtol=1e-6)
