@@ -32,6 +32,7 @@ from cnnc.codegen.elementwise import (
     strips,
 )
 from cnnc.codegen.emit import F32, I64, for_range, i64
+from cnnc.codegen.gemm import vector_loop
 from cnnc.codegen.specs import PoolSpec
 
 NEG_INF = float("-inf")
@@ -131,29 +132,51 @@ def emit_pool_forward(module: ir.Module, name: str, spec: PoolSpec, vw: int) -> 
         if _is_global(spec):
             _global_forward(b, spec, xb, yb, vw)
         elif _tiles_exactly(spec):
-            _tiled_forward(b, spec, xb, yb)
+            _tiled_forward(b, spec, xb, yb, vw)
         else:
             _over_outputs(b, spec, _window_forward(b, spec, xb, yb))
     b.ret_void()
     return fn
 
 
-def _tiled_forward(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, yb: ir.Value) -> None:
-    """Non-overlapping windows with no padding: every tap is in the image, so no bounds checks at all."""
+def _tiled_forward(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, yb: ir.Value, vw: int) -> None:
+    """Non-overlapping windows with no padding: every tap is in the image, so no bounds checks at all.
+
+    Windows two columns wide (the usual 2x2 / 2) take a vector of outputs at a
+    time: two vector loads per window row, split into even and odd columns.
+    """
     is_max = spec.kind == "max"
     with for_range(b, 0, spec.c * spec.oh, name="row") as row:  # (channel, output row) pairs
         out_row = b.mul(row, i64(spec.ow))
         in_row = b.mul(row, i64(spec.kh * spec.w))
-        with for_range(b, 0, spec.ow, name="ox") as ox:
+
+        def window(b: ir.IRBuilder, ox: ir.Value, width: int) -> None:
             first = b.add(in_row, b.mul(ox, i64(spec.kw)))
-            taps = [emit.load(b, xb, b.add(first, i64(i * spec.w + j))) for i in range(spec.kh)
-                    for j in range(spec.kw)]
+            taps = [_columns(b, xb, b.add(first, i64(i * spec.w)), width)[j] if width > 1
+                    else emit.load(b, xb, b.add(first, i64(i * spec.w + j)))
+                    for i in range(spec.kh) for j in range(spec.kw)]
             result = taps[0]
             for t in taps[1:]:  # in row-major order, as the general path folds them
                 result = emit.fmax(b, result, t) if is_max else b.fadd(result, t)
             if not is_max:
-                result = b.fmul(result, emit.f32(1.0 / (spec.kh * spec.kw)), name="mean")
+                result = b.fmul(result, emit.splat(b, 1.0 / (spec.kh * spec.kw), width), name="mean")
             emit.store(b, result, yb, b.add(out_row, ox))
+
+        vector_loop(b, 0, spec.ow, vw if spec.kw == 2 else 1, window, name="ox")
+
+
+def _columns(b: ir.IRBuilder, base: ir.Value, at: ir.Value, width: int) -> tuple[ir.Value, ir.Value]:
+    """The even and odd columns of the 2 * width floats at `at`, as two vectors of `width`."""
+    lo, hi = emit.load(b, base, at, width), emit.load(b, base, b.add(at, i64(width)), width)
+    pick = lambda first: ir.Constant(ir.VectorType(emit.I32, width), list(range(first, 2 * width, 2)))  # noqa: E731
+    return b.shuffle_vector(lo, hi, pick(0)), b.shuffle_vector(lo, hi, pick(1))
+
+
+def _interleaved(b: ir.IRBuilder, v: ir.Value, width: int) -> tuple[ir.Value, ir.Value]:
+    """Each lane of `v` twice in a row, as two vectors of `width`: (v0 v0 v1 v1 ...), (... v_{w-1} v_{w-1})."""
+    twice = [i // 2 for i in range(2 * width)]
+    pick = lambda lanes: ir.Constant(ir.VectorType(emit.I32, width), lanes)  # noqa: E731
+    return b.shuffle_vector(v, v, pick(twice[:width])), b.shuffle_vector(v, v, pick(twice[width:]))
 
 
 def _global_forward(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, yb: ir.Value, vw: int) -> None:
@@ -211,7 +234,7 @@ def emit_pool_backward(module: ir.Module, name: str, spec: PoolSpec, vw: int) ->
                 plane = emit.gep(b, dxb, b.mul(ch, i64(plane_size)), name="plane")
                 strips(b, plane_size, vw, lambda i, w: put(b, emit.splat(b, g, w), plane, i, spec.accumulate))  # noqa: B023
         elif _tiles_exactly(spec) and not spec.accumulate and spec.kind == "avg":
-            _avg_spread(b, spec, dyb, dxb, inv_area)
+            _avg_spread(b, spec, dyb, dxb, inv_area, vw)
         elif _tiles_exactly(spec) and not spec.accumulate:
             _max_route(b, spec, xb, dyb, dxb)
         else:
@@ -231,17 +254,29 @@ def _tiles_exactly(spec: PoolSpec) -> bool:
             and (spec.h, spec.w) == (spec.oh * spec.kh, spec.ow * spec.kw))
 
 
-def _avg_spread(b: ir.IRBuilder, spec: PoolSpec, dyb: ir.Value, dxb: ir.Value, inv_area: float) -> None:
-    """Each input element belongs to exactly one window: dx = dy / (kh*kw), stored once, no zeroing, no adds."""
+def _avg_spread(b: ir.IRBuilder, spec: PoolSpec, dyb: ir.Value, dxb: ir.Value, inv_area: float, vw: int) -> None:
+    """Each input element belongs to exactly one window: dx = dy / (kh*kw), stored once, no zeroing, no adds.
+
+    Windows two columns wide take a vector of dy at a time, each lane stored twice per window row.
+    """
     with for_range(b, 0, spec.c * spec.oh, name="row") as row:  # (channel, output row) pairs
         out_row = b.mul(row, i64(spec.ow))
         in_row = b.mul(row, i64(spec.kh * spec.w))
-        with for_range(b, 0, spec.ow, name="ox") as ox:
-            g = b.fmul(emit.load(b, dyb, b.add(out_row, ox)), emit.f32(inv_area), name="g")
+
+        def window(b: ir.IRBuilder, ox: ir.Value, width: int) -> None:
+            g = b.fmul(emit.load(b, dyb, b.add(out_row, ox), width), emit.splat(b, inv_area, width), name="g")
             first = b.add(in_row, b.mul(ox, i64(spec.kw)))
             for i in range(spec.kh):
-                for j in range(spec.kw):
-                    emit.store(b, g, dxb, b.add(first, i64(i * spec.w + j)))
+                at = b.add(first, i64(i * spec.w))
+                if width > 1:
+                    lo, hi = _interleaved(b, g, width)
+                    emit.store(b, lo, dxb, at)
+                    emit.store(b, hi, dxb, b.add(at, i64(width)))
+                else:
+                    for j in range(spec.kw):
+                        emit.store(b, g, dxb, b.add(at, i64(j)))
+
+        vector_loop(b, 0, spec.ow, vw if spec.kw == 2 else 1, window, name="ox")
 
 
 def _max_route(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, dyb: ir.Value, dxb: ir.Value) -> None:

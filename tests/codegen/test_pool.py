@@ -82,6 +82,9 @@ CASES = {
     "max2x2s2": ("max", 3, 8, 8, 2, 2, 2, 2),
     "avg2x2s2_tiles_exactly": ("avg", 6, 14, 10, 2, 2, 2, 2),  # LeNet's subsampling: gradient spread, no adds
     "avg3x2s3x2_tiles_exactly": ("avg", 2, 9, 8, 3, 2, 3, 2),
+    # wide rows: vectors of outputs, then every narrower piece (23 = 16 + 4 + 2 + 1 columns)
+    "max2x2s2_tiles_exactly_wide": ("max", 3, 6, 46, 2, 2, 2, 2),
+    "avg3x2s3x2_tiles_exactly_wide": ("avg", 2, 9, 62, 3, 2, 3, 2),
     "max3x3s2p1_overlap_odd": ("max", 2, 7, 9, 3, 3, 2, 2, 1, 1),
     "avg3x3s2p1_overlap_odd": ("avg", 2, 7, 9, 3, 3, 2, 2, 1, 1),
     "max2x3_asym_pad": ("max", 3, 5, 8, 2, 3, 1, 2, 1, 1),
