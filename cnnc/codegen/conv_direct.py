@@ -256,13 +256,13 @@ def transpose_dy(b: ir.IRBuilder, p: Plane, dy: ir.Value, dyt: ir.Value) -> None
 def weight_product(b: ir.IRBuilder, p: Plane, pad: ir.Value, dyt: ir.Value, dwt: ir.Value) -> None:
     """``dwt[(ci, ky, kx), r] += sum over j of pad[ci, ky * wp + kx + j] * dyt[j, r]``.
 
-    Vectorised over output channels r: a tile is a channel's taps (a kernel row
-    of them when a channel has more than 12) by up to two vectors of r, and the
-    reduction runs over the plane's columns j.
+    Vectorised over output channels r: a tile is up to two vectors of r by a
+    channel's taps (as many kernel rows of them as the registers hold), and the
+    reduction runs over the valid outputs j (not the thrown-away columns).
     """
-    taps_per_tile = p.taps if p.taps <= 12 else p.kw
-    regs = 32 if p.vw >= 16 else 16
-    nv = max(1, min(2, (regs - 2) // taps_per_tile - 1))
+    regs = (32 if p.vw >= 16 else 16) - 4  # accumulators; the rest hold loads
+    nv = min(2, -(-p.m // p.vw))
+    taps_per_tile = p.taps if p.taps * nv <= regs else max(1, regs // (nv * p.kw)) * p.kw
     rows = [(ky, kx) for ky in range(p.kh) for kx in range(p.kw)]
     groups = [rows[i:i + taps_per_tile] for i in range(0, p.taps, taps_per_tile)]
     with for_range(b, 0, p.c, name="wc") as ci:
@@ -278,14 +278,16 @@ def _weight_tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, dyt: ir.Value, dwt: i
     zero_v = emit.splat(b, 0.0, width)
     accs = [[local(b, ty, zero_v) for _ in range(vecs)] for _ in taps]
     plane = index(b, (ci, p.hp * p.wp))
-    with for_range(b, 0, p.n, name="wj") as j:
-        row = index(b, (j, p.m), r0)
-        dys = [emit.load(b, dyt, index(b, row, v * width), width) for v in range(vecs)]
-        at = index(b, plane, j)
-        for t, (ky, kx) in enumerate(taps):
-            a = emit.splat(b, emit.load(b, pad, index(b, at, ky * p.wp + kx)), width)
-            for v in range(vecs):
-                b.store(emit.fma(b, a, dys[v], b.load(accs[t][v])), accs[t][v])
+    with for_range(b, 0, p.oh, name="wy") as oy:
+        with for_range(b, 0, p.ow, name="wx") as ox:
+            j = index(b, (oy, p.wp), ox)
+            row = index(b, (j, p.m), r0)
+            dys = [emit.load(b, dyt, index(b, row, v * width), width) for v in range(vecs)]
+            at = index(b, plane, j)
+            for t, (ky, kx) in enumerate(taps):
+                a = emit.splat(b, emit.load(b, pad, index(b, at, ky * p.wp + kx)), width)
+                for v in range(vecs):
+                    b.store(emit.fma(b, a, dys[v], b.load(accs[t][v])), accs[t][v])
     for t, (ky, kx) in enumerate(taps):
         k = index(b, (ci, p.taps), ky * p.kw + kx)
         for v in range(vecs):
