@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 
 from cnnc.codegen import conv_direct, emit
-from cnnc.codegen.conv_direct import Plane, WeightGrad
+from cnnc.codegen.conv_direct import DotGrad, Plane, WeightGrad
 from cnnc.codegen.emit import for_range, i64, kernel
 from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, vector_loop
 from cnnc.codegen.specs import ConvSpec
@@ -124,8 +124,8 @@ class _Geom:
                 and 0 <= min(self.pads) and max(top, bottom) < s.kh and max(left, right) < s.kw)
 
     def padded_weights(self, vw: int) -> bool:
-        """Whether backward weights runs on the padded image too: it is vectorised over output channels,
-        so it needs half a vector of them (LeNet's C1, with 6, is faster through im2col)."""
+        """Whether backward weights, on the padded image too, is vectorised over output channels (it needs
+        half a vector of them); else over output positions (LeNet's C1, with 6 output channels)."""
         return self.padded and 2 * self.spec.o >= vw
 
     def forward_plane(self, vw: int) -> Plane:
@@ -160,8 +160,9 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     im2col = g.col_floats + g.table_floats + g.dyt_floats()
     if not g.padded:
         return im2col
-    weights = WeightGrad(g.forward_plane(vw)).floats if g.padded_weights(vw) else im2col
-    return max(g.forward_plane(vw).floats, g.backward_plane(vw).floats, weights)
+    plane = g.forward_plane(vw)
+    weights = WeightGrad(plane).floats if g.padded_weights(vw) else DotGrad(plane).floats
+    return max(plane.floats, g.backward_plane(vw).floats, weights)
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -401,6 +402,41 @@ def _direct_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _
     b.ret_void()
 
 
+def _dot_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args: dict, vw: int) -> None:
+    spec = g.spec
+    p = g.forward_plane(vw)
+    dg = DotGrad(p)
+    pad, dyp, sums = dg.sections(b, args["ws"])
+    conv_direct.zero(b, args["ws"], 0, dg.floats, vw)  # pad borders, dy's extra columns, the partial sums
+    top, left, _, _ = g.pads
+    with for_range(b, args["n0"], args["n1"], name="n") as n:
+        x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
+        dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
+        conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad)
+        conv_direct.spread_dy(b, p, dy_img, dyp)
+        conv_direct.dot_weight_product(b, p, pad, dyp, sums)
+        if spec.bias:
+            db = args["db"]
+            with for_range(b, 0, spec.o, name="o") as oi:
+                total = _row_sum(b, dy_img, index(b, (oi, g.p)), g.p, vw)
+                emit.store(b, b.fadd(emit.load(b, db, oi), total), db, oi)
+
+    dw = args["dw"]
+
+    def add_block(b: ir.IRBuilder, offset: ir.Value, *_: ir.Value) -> None:
+        for t in range(g.taps):  # dW[oi, ci, t] += lanes of sums[oi, ci, t]: offset counts (oi, ci, t) too
+            at = index(b, offset, t)
+            total = emit.hsum(b, emit.load(b, sums, index(b, (at, vw)), vw))
+            emit.store(b, b.fadd(emit.load(b, dw, at), total), dw, at)
+
+    if spec.connect is not None:
+        _each_connected(b, module, name, spec, add_block)
+    else:
+        with for_range(b, 0, spec.o * spec.c, name="ab") as block:
+            add_block(b, index(b, (block, g.taps)))
+    b.ret_void()
+
+
 # --- kernels -----------------------------------------------------------------------------------------
 
 
@@ -490,6 +526,9 @@ def emit_conv_backward_weights(module: ir.Module, name: str, spec: ConvSpec, vw:
     fn, b, args = kernel(module, name, ["x", "dy", "dw", "db", "ws", "n0", "n1"])
     if g.padded_weights(vw):
         _direct_backward_weights(b, module, name, g, args, vw)
+        return fn
+    if g.padded:
+        _dot_backward_weights(b, module, name, g, args, vw)
         return fn
     ws = args["ws"]
     grad = args["dw"]

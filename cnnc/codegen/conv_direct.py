@@ -293,3 +293,78 @@ def _weight_tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, dyt: ir.Value, dwt: i
         for v in range(vecs):
             at = index(b, (k, p.m), r0, v * width)
             emit.store(b, b.fadd(emit.load(b, dwt, at, width), b.load(accs[t][v])), dwt, at)
+
+
+# --- gradient wrt the weights, for few output channels -------------------------------------------
+
+
+@dataclass(frozen=True)
+class DotGrad:
+    """Workspace of the weight gradient as dot products over output positions (for under half a vector of r).
+
+    ``[pad][dy: m rows of n, zero past each output row][partial sums: m x (c * taps) vectors]``: the sums stay
+    vectors across the batch and are reduced across lanes once per call.
+    """
+
+    p: Plane
+
+    @property
+    def dy_floats(self) -> int:
+        return _round(self.p.m * self.p.n)
+
+    @property
+    def sum_floats(self) -> int:
+        return self.p.m * self.p.c * self.p.taps * self.p.vw
+
+    @property
+    def floats(self) -> int:
+        return self.p.pad_floats + self.dy_floats + self.sum_floats
+
+    def sections(self, b: ir.IRBuilder, ws: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+        return (ws, emit.gep(b, ws, self.p.pad_floats, name="dyp"),
+                emit.gep(b, ws, self.p.pad_floats + self.dy_floats, name="sums"))
+
+
+def spread_dy(b: ir.IRBuilder, p: Plane, dy: ir.Value, dyp: ir.Value) -> None:
+    """dyp[r, oy * wp + ox] = dy[r, oy, ox]: dy on the padded plane's columns (the others stay zero)."""
+    with for_range(b, 0, p.m, name="sr") as r:
+        with for_range(b, 0, p.oh, name="sy") as oy:
+            s = index(b, (r, p.oh * p.ow), (oy, p.ow))
+            d = index(b, (r, p.n), (oy, p.wp))
+
+            def copy(b: ir.IRBuilder, t: ir.Value, width: int, s=s, d=d) -> None:
+                emit.store(b, emit.load(b, dy, index(b, s, t), width), dyp, index(b, d, t))
+
+            vector_loop(b, 0, p.ow, p.vw, copy, name="sx")
+
+
+def dot_weight_product(b: ir.IRBuilder, p: Plane, pad: ir.Value, dyp: ir.Value, sums: ir.Value) -> None:
+    """``sums[r, (ci, ky, kx)] += lanes of sum over j of dyp[r, j] * pad[ci, ky * wp + kx + j]`` (vectors of j).
+
+    A tile is every output channel (at most half a vector of them) by a few taps.
+    """
+    regs = (32 if p.vw >= 16 else 16) - 4
+    per_tile = max(1, min(p.taps, regs // p.m - 1))
+    taps = [(ky, kx) for ky in range(p.kh) for kx in range(p.kw)]
+    with for_range(b, 0, p.c, name="dc") as ci:
+        for first in range(0, p.taps, per_tile):
+            _dot_tile(b, p, pad, dyp, sums, ci, taps[first:first + per_tile], first)
+
+
+def _dot_tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, dyp: ir.Value, sums: ir.Value, ci: ir.Value,
+              taps: list[tuple[int, int]], first: int) -> None:
+    vw = p.vw
+    zero_v = emit.splat(b, 0.0, vw)
+    accs = [[local(b, emit.vec_type(vw), zero_v) for _ in taps] for _ in range(p.m)]
+    plane = index(b, (ci, p.hp * p.wp))
+    with for_range(b, 0, p.n, vw, name="dj") as j:
+        dys = [emit.load(b, dyp, index(b, j, r * p.n), vw) for r in range(p.m)]
+        at = index(b, plane, j)
+        for t, (ky, kx) in enumerate(taps):
+            xs = emit.load(b, pad, index(b, at, ky * p.wp + kx), vw)
+            for r in range(p.m):
+                b.store(emit.fma(b, dys[r], xs, b.load(accs[r][t])), accs[r][t])
+    for r in range(p.m):
+        for t in range(len(taps)):
+            at = index(b, (ci, p.taps * vw), r * p.c * p.taps * vw, (first + t) * vw)
+            emit.store(b, b.fadd(emit.load(b, sums, at, vw), b.load(accs[r][t])), sums, at)
