@@ -16,9 +16,9 @@ padding). Group ``g`` uses rows ``g*K .. (g+1)*K`` of it and rows
 
 A 1x1 convolution with unit stride and no padding needs no im2col: the image
 itself is the column matrix (and dx is dcol). Any other stride-1 convolution
-with one group runs forward and backward data without im2col too, on a
-zero-padded copy of the image (``cnnc.codegen.conv_direct``); only its
-backward weights uses the column matrix.
+with one group runs all three kernels without im2col, on a zero-padded copy
+of the image (``cnnc.codegen.conv_direct``); im2col remains for strided and
+grouped convolutions.
 
 Connect tables are handled through the workspace so the GEMM stays dense:
 forward and backward data first copy the weights with every (o, c) pair outside
