@@ -123,6 +123,11 @@ class _Geom:
         return ((s.sh, s.sw, s.groups) == (1, 1, 1) and not self.direct
                 and 0 <= min(self.pads) and max(top, bottom) < s.kh and max(left, right) < s.kw)
 
+    def table_pairs(self) -> frozenset[tuple[int, int]] | None:
+        """The (output, input) channel pairs of a connect table; None without one."""
+        connect = self.spec.connect
+        return None if connect is None else frozenset((o, c) for o, row in enumerate(connect) for c in row)
+
     def padded_weights(self, vw: int) -> bool:
         """Whether backward weights, on the padded image too, is vectorised over output channels (it needs
         half a vector of them); else over output positions (LeNet's C1, with 6 output channels)."""
@@ -328,7 +333,7 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
         y_img = emit.gep(b, args["y"], index(b, (n, g.y_stride)), name="y.img")
         conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad)
-        conv_direct.product(b, p, pad, weights, out)
+        conv_direct.product(b, p, pad, weights, out, g.table_pairs())
 
         def finish(b: ir.IRBuilder, r: ir.Value, at: ir.Value, value: ir.Value, width: int, y_img=y_img) -> None:
             if bias is not None:
@@ -354,7 +359,8 @@ def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geo
         dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
         dx_img = emit.gep(b, args["dx"], index(b, (n, g.x_stride)), name="dx.img")
         conv_direct.fill(b, p, dy_img, spec.oh, spec.ow, spec.kh - 1 - top, spec.kw - 1 - left, pad)
-        conv_direct.product(b, p, pad, wt, out)
+        table = g.table_pairs()
+        conv_direct.product(b, p, pad, wt, out, None if table is None else frozenset((c, o) for o, c in table))
 
         def finish(b: ir.IRBuilder, r: ir.Value, at: ir.Value, value: ir.Value, width: int, dx_img=dx_img) -> None:
             if spec.accumulate:

@@ -123,49 +123,69 @@ def fill(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, lef
             vector_loop(b, 0, w, p.vw, copy, name="px")
 
 
-def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, out: ir.Value) -> None:
-    """``out[r, j] = sum over (ci, ky, kx) of weights[r, ci, ky, kx] * pad[ci, ky * wp + kx + j]`` for r < m, j < n."""
+def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, out: ir.Value,
+            connected: frozenset[tuple[int, int]] | None = None) -> None:
+    """``out[r, j] = sum over (ci, ky, kx) of weights[r, ci, ky, kx] * pad[ci, ky * wp + kx + j]`` for r < m, j < n.
+
+    With `connected` (the (r, ci) pairs whose weights may be nonzero: a connect
+    table) the row tiles and channels are unrolled, and the multiply-adds of
+    the other pairs are left out; LeNet's C3 table spares 37.5% of them.
+    """
     vw = p.vw
     mr = tile_rows(p.m, vw)
     nv = tile_vectors(mr, vw)
-    k = p.c * p.taps
     full = p.n - p.n % (nv * vw)
+    row_pieces = [(lo, min(lo + mr, p.m)) for lo in range(0, p.m - p.m % mr, mr)]
+    row_pieces += [(lo, lo + 1) for lo in range(p.m - p.m % mr, p.m)]
     for jlo, jhi, vecs in ((0, full, nv), (full, p.n, 1)):
         if jhi <= jlo:
             continue
         with for_range(b, jlo, jhi, vecs * vw, name="j") as j:
+            if connected is not None:
+                for lo, hi in row_pieces:
+                    live = [(ci, [r - lo for r in range(lo, hi) if (r, ci) in connected]) for ci in range(p.c)]
+                    _tile(b, p, pad, weights, out, lo, j, hi - lo, vecs, [(ci, rows) for ci, rows in live if rows])
+                continue
             for rlo, rhi, rows in ((0, p.m - p.m % mr, mr), (p.m - p.m % mr, p.m, 1)):
                 if rhi <= rlo:
                     continue
                 with for_range(b, rlo, rhi, rows, name="r") as r:
-                    _tile(b, p, pad, weights, out, r, j, rows, vecs, k)
+                    _tile(b, p, pad, weights, out, r, j, rows, vecs, None)
 
 
-def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, out: ir.Value, r: ir.Value, j: ir.Value,
-          rows: int, vecs: int, k: int) -> None:
+def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, out: ir.Value, r: ir.Value | int,
+          j: ir.Value, rows: int, vecs: int, live: list[tuple[int, list[int]]] | None) -> None:
+    """One tile of `rows` x `vecs` vectors; `live`: the channels to reduce over and each one's nonzero rows."""
     vw = p.vw
+    k = p.c * p.taps
     zero_v = emit.splat(b, 0.0, vw)
     accs = [[local(b, emit.vec_type(vw), zero_v) for _ in range(vecs)] for _ in range(rows)]
     # unroll whole kernels up to 16 taps, else one kernel row per iteration (more steps spill registers)
     inner = [(ky, kx) for ky in range(p.kh) for kx in range(p.kw)] if p.taps <= 16 else [(0, kx) for kx in range(p.kw)]
-    with for_range(b, 0, p.c, name="ci") as ci:
-        rows_loop = p.taps > 16
 
-        def steps(b: ir.IRBuilder, ky0: ir.Value | int) -> None:
-            x0 = index(b, (ci, p.hp * p.wp), (ky0, p.wp), j)
-            w0 = index(b, (r, k), (ci, p.taps), (ky0, p.kw))
-            for ky, kx in inner:
-                xs = [emit.load(b, pad, index(b, x0, ky * p.wp + kx + v * vw), vw) for v in range(vecs)]
-                for row in range(rows):
-                    a = emit.splat(b, emit.load(b, weights, index(b, w0, row * k + ky * p.kw + kx)), vw)
-                    for v in range(vecs):
-                        b.store(emit.fma(b, a, xs[v], b.load(accs[row][v])), accs[row][v])
+    def steps(b: ir.IRBuilder, ci: ir.Value | int, ky0: ir.Value | int, tile_rows: list[int]) -> None:
+        x0 = index(b, (ci, p.hp * p.wp), (ky0, p.wp), j)
+        w0 = index(b, (r, k), (ci, p.taps), (ky0, p.kw))
+        for ky, kx in inner:
+            xs = [emit.load(b, pad, index(b, x0, ky * p.wp + kx + v * vw), vw) for v in range(vecs)]
+            for row in tile_rows:
+                a = emit.splat(b, emit.load(b, weights, index(b, w0, row * k + ky * p.kw + kx)), vw)
+                for v in range(vecs):
+                    b.store(emit.fma(b, a, xs[v], b.load(accs[row][v])), accs[row][v])
 
-        if rows_loop:
+    def over_taps(ci: ir.Value | int, tile_rows: list[int]) -> None:
+        if p.taps > 16:
             with for_range(b, 0, p.kh, name="ky") as ky:
-                steps(b, ky)
+                steps(b, ci, ky, tile_rows)
         else:
-            steps(b, 0)
+            steps(b, ci, 0, tile_rows)
+
+    if live is None:
+        with for_range(b, 0, p.c, name="ci") as ci:
+            over_taps(ci, list(range(rows)))
+    else:
+        for ci, tile_rows in live:
+            over_taps(ci, tile_rows)
     for row in range(rows):
         for v in range(vecs):
             emit.store(b, b.load(accs[row][v]), out, index(b, (r, p.n), row * p.n, j, v * vw))
