@@ -333,14 +333,17 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
         y_img = emit.gep(b, args["y"], index(b, (n, g.y_stride)), name="y.img")
         conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad)
-        conv_direct.product(b, p, pad, weights, out, g.table_pairs())
 
         def finish(b: ir.IRBuilder, r: ir.Value, at: ir.Value, value: ir.Value, width: int, y_img=y_img) -> None:
             if bias is not None:
                 value = b.fadd(value, emit.splat(b, emit.load(b, bias, r), width))
             emit.store(b, emit.activation(b, value, spec.act, spec.alpha), y_img, at)
 
-        conv_direct.each_output(b, p, out, finish)
+        if conv_direct.rows_fit(p):
+            conv_direct.product_rows(b, p, pad, weights, finish, g.table_pairs())
+        else:
+            conv_direct.product(b, p, pad, weights, out, g.table_pairs())
+            conv_direct.each_output(b, p, out, finish)
     b.ret_void()
 
 
@@ -360,14 +363,18 @@ def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geo
         dx_img = emit.gep(b, args["dx"], index(b, (n, g.x_stride)), name="dx.img")
         conv_direct.fill(b, p, dy_img, spec.oh, spec.ow, spec.kh - 1 - top, spec.kw - 1 - left, pad)
         table = g.table_pairs()
-        conv_direct.product(b, p, pad, wt, out, None if table is None else frozenset((c, o) for o, c in table))
+        table = None if table is None else frozenset((c, o) for o, c in table)
 
         def finish(b: ir.IRBuilder, r: ir.Value, at: ir.Value, value: ir.Value, width: int, dx_img=dx_img) -> None:
             if spec.accumulate:
                 value = b.fadd(emit.load(b, dx_img, at, width), value)
             emit.store(b, value, dx_img, at)
 
-        conv_direct.each_output(b, p, out, finish)
+        if conv_direct.rows_fit(p):
+            conv_direct.product_rows(b, p, pad, wt, finish, table)
+        else:
+            conv_direct.product(b, p, pad, wt, out, table)
+            conv_direct.each_output(b, p, out, finish)
     b.ret_void()
 
 

@@ -123,6 +123,30 @@ def fill(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, lef
             vector_loop(b, 0, w, p.vw, copy, name="px")
 
 
+def _row_pieces(m: int, mr: int) -> list[tuple[int, int]]:
+    full = m - m % mr
+    return [(lo, lo + mr) for lo in range(0, full, mr)] + [(lo, lo + 1) for lo in range(full, m)]
+
+
+def _live(connected: frozenset[tuple[int, int]], c: int, lo: int, hi: int) -> list[tuple[int, list[int]]]:
+    """For the rows [lo, hi) of a tile: each channel with a nonzero weight in it, and those rows (from 0)."""
+    live = [(ci, [r - lo for r in range(lo, hi) if (r, ci) in connected]) for ci in range(c)]
+    return [(ci, rows) for ci, rows in live if rows]
+
+
+def _each_row_tile(b: ir.IRBuilder, p: Plane, mr: int, connected, body) -> None:
+    """Call ``body(r, rows, live)`` for every tile of output rows: a runtime loop, or unrolled with a table."""
+    if connected is not None:
+        for lo, hi in _row_pieces(p.m, mr):
+            body(lo, hi - lo, _live(connected, p.c, lo, hi))
+        return
+    full = p.m - p.m % mr
+    for rlo, rhi, rows in ((0, full, mr), (full, p.m, 1)):
+        if rhi > rlo:
+            with for_range(b, rlo, rhi, rows, name="r") as r:
+                body(r, rows, None)
+
+
 def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, out: ir.Value,
             connected: frozenset[tuple[int, int]] | None = None) -> None:
     """``out[r, j] = sum over (ci, ky, kx) of weights[r, ci, ky, kx] * pad[ci, ky * wp + kx + j]`` for r < m, j < n.
@@ -135,31 +159,69 @@ def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, out: ir
     mr = tile_rows(p.m, vw)
     nv = tile_vectors(mr, vw)
     full = p.n - p.n % (nv * vw)
-    row_pieces = [(lo, min(lo + mr, p.m)) for lo in range(0, p.m - p.m % mr, mr)]
-    row_pieces += [(lo, lo + 1) for lo in range(p.m - p.m % mr, p.m)]
     for jlo, jhi, vecs in ((0, full, nv), (full, p.n, 1)):
         if jhi <= jlo:
             continue
         with for_range(b, jlo, jhi, vecs * vw, name="j") as j:
-            if connected is not None:
-                for lo, hi in row_pieces:
-                    live = [(ci, [r - lo for r in range(lo, hi) if (r, ci) in connected]) for ci in range(p.c)]
-                    _tile(b, p, pad, weights, out, lo, j, hi - lo, vecs, [(ci, rows) for ci, rows in live if rows])
-                continue
-            for rlo, rhi, rows in ((0, p.m - p.m % mr, mr), (p.m - p.m % mr, p.m, 1)):
-                if rhi <= rlo:
-                    continue
-                with for_range(b, rlo, rhi, rows, name="r") as r:
-                    _tile(b, p, pad, weights, out, r, j, rows, vecs, None)
+            def tile(r, rows, live, j=j, vecs=vecs) -> None:
+                offsets = [v * vw for v in range(vecs)]
+                accs = _tile(b, p, pad, weights, r, j, rows, offsets, live)
+                for row in range(rows):
+                    for v, off in enumerate(offsets):
+                        emit.store(b, accs[row][v], out, index(b, (r, p.n), row * p.n, j, off))
+
+            _each_row_tile(b, p, mr, connected, tile)
 
 
-def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, out: ir.Value, r: ir.Value | int,
-          j: ir.Value, rows: int, vecs: int, live: list[tuple[int, list[int]]] | None) -> None:
-    """One tile of `rows` x `vecs` vectors; `live`: the channels to reduce over and each one's nonzero rows."""
+Finish = Callable[[ir.IRBuilder, ir.Value, ir.Value, ir.Value, int], None]
+
+
+def rows_fit(p: Plane) -> bool:
+    """Whether output rows are whole vectors, so that tiles can skip the thrown-away columns (product_rows)."""
+    return p.ow % p.vw == 0
+
+
+def product_rows(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, finish: Finish,
+                 connected: frozenset[tuple[int, int]] | None = None) -> None:
+    """The same sums as ``product`` for the valid outputs only, handed to ``finish(b, r, at, value, width)``.
+
+    Needs ``rows_fit``: a tile is a few output rows by vectors of whole rows
+    (CIFAR's 32 and 16 wide maps), so no column is computed to be thrown away
+    and no copy of the output is needed.
+    """
+    vw = p.vw
+    mr = tile_rows(p.m, vw)
+    want = tile_vectors(mr, vw)
+    per_row = p.ow // vw
+    across = next(v for v in (4, 3, 2, 1) if v <= want and per_row % v == 0)  # vectors along a row
+    down = max(1, want // across) if across == per_row else 1  # output rows per tile
+    full = p.oh - p.oh % down
+    for ylo, yhi, ys in ((0, full, down), (full, p.oh, 1)):
+        if yhi <= ylo:
+            continue
+        with for_range(b, ylo, yhi, ys, name="oy") as oy:
+            with for_range(b, 0, p.ow, across * vw, name="ox") as ox:
+                def tile(r, rows, live, oy=oy, ox=ox, ys=ys) -> None:
+                    offsets = [dy * p.wp + v * vw for dy in range(ys) for v in range(across)]
+                    accs = _tile(b, p, pad, weights, r, index(b, (oy, p.wp), ox), rows, offsets, live)
+                    for row in range(rows):
+                        for i, (dy, v) in enumerate((dy, v) for dy in range(ys) for v in range(across)):
+                            at = index(b, (r, p.oh * p.ow), row * p.oh * p.ow, (oy, p.ow), dy * p.ow, ox, v * vw)
+                            finish(b, index(b, r, row), at, accs[row][i], vw)
+
+                _each_row_tile(b, p, mr, connected, tile)
+
+
+def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, r: ir.Value | int, j: ir.Value, rows: int,
+          offsets: list[int], live: list[tuple[int, list[int]]] | None) -> list[list[ir.Value]]:
+    """The sums of one tile: `rows` output rows by vectors at ``j + offsets`` of the plane.
+
+    `live`: the channels to reduce over and each one's nonzero rows (None: all of them, in a runtime loop).
+    """
     vw = p.vw
     k = p.c * p.taps
     zero_v = emit.splat(b, 0.0, vw)
-    accs = [[local(b, emit.vec_type(vw), zero_v) for _ in range(vecs)] for _ in range(rows)]
+    accs = [[local(b, emit.vec_type(vw), zero_v) for _ in offsets] for _ in range(rows)]
     # unroll whole kernels up to 16 taps, else one kernel row per iteration (more steps spill registers)
     inner = [(ky, kx) for ky in range(p.kh) for kx in range(p.kw)] if p.taps <= 16 else [(0, kx) for kx in range(p.kw)]
 
@@ -167,10 +229,10 @@ def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, out: ir.V
         x0 = index(b, (ci, p.hp * p.wp), (ky0, p.wp), j)
         w0 = index(b, (r, k), (ci, p.taps), (ky0, p.kw))
         for ky, kx in inner:
-            xs = [emit.load(b, pad, index(b, x0, ky * p.wp + kx + v * vw), vw) for v in range(vecs)]
+            xs = [emit.load(b, pad, index(b, x0, ky * p.wp + kx + off), vw) for off in offsets]
             for row in tile_rows:
                 a = emit.splat(b, emit.load(b, weights, index(b, w0, row * k + ky * p.kw + kx)), vw)
-                for v in range(vecs):
+                for v in range(len(offsets)):
                     b.store(emit.fma(b, a, xs[v], b.load(accs[row][v])), accs[row][v])
 
     def over_taps(ci: ir.Value | int, tile_rows: list[int]) -> None:
@@ -186,12 +248,7 @@ def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, out: ir.V
     else:
         for ci, tile_rows in live:
             over_taps(ci, tile_rows)
-    for row in range(rows):
-        for v in range(vecs):
-            emit.store(b, b.load(accs[row][v]), out, index(b, (r, p.n), row * p.n, j, v * vw))
-
-
-Finish = Callable[[ir.IRBuilder, ir.Value, ir.Value, ir.Value, int], None]
+    return [[b.load(acc) for acc in row] for row in accs]
 
 
 def each_output(b: ir.IRBuilder, p: Plane, out: ir.Value, finish: Finish) -> None:

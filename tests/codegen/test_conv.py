@@ -56,6 +56,10 @@ CASES = {
     "big_20x20": make_spec(3, 20, 20, 9, 3, 3, pad=(1, 1, 1, 1), gap=7),
     "4x2_mixed_stride": make_spec(2, 9, 8, 3, 4, 2, stride=(2, 1), pad=(2, 0, 1, 0)),
     "kernel_over_image": make_spec(2, 3, 3, 3, 5, 5, pad=(2, 2, 2, 2), gap=1),
+    # output rows of whole vectors on every target: tiles of several rows, no columns thrown away
+    "rows_32_wide_odd_height": make_spec(4, 7, 32, 5, 3, 3, pad=(1, 1, 1, 1), gap=2, accumulate=True),
+    "rows_16_wide_connect": make_spec(3, 6, 16, 4, 3, 3, pad=(1, 1, 1, 1),
+                                      connect=((0,), (1, 2), (0, 2), (0, 1, 2))),
     # one output channel: on every target, backward weights runs as dot products over positions
     "one_output": make_spec(3, 9, 11, 1, 3, 3, pad=(1, 1, 1, 1), gap=3),
     # a vector or more of output channels per group: backward weights runs as col @ dy^T
