@@ -9,17 +9,22 @@ reads ``pad[ci * hp * wp + ky * wp + kx + j]`` for every ``j``, a contiguous run
 So ``out = W @ B`` with ``B[(ci, ky, kx), j] = pad[offset(ci, ky, kx) + j]`` is
 a GEMM whose B panel is read straight from the padded image: each reduction
 step loads a few unaligned vectors of it and broadcasts one weight per output
-row (``tile``). Compared with im2col (``kh * kw`` copies of the image written
-and read back through the cache) this costs a copy of the image and of the
-output, and the wasted columns (``(kw - 1) / wp`` of the work).
+row (``product``). Compared with im2col (``kh * kw`` copies of the image
+written and read back through the cache) this costs a copy of the image and of
+the output, and the wasted columns (``(kw - 1) / wp`` of the work). When output
+rows are whole vectors (CIFAR's 32 and 16 wide maps), tiles of whole rows skip
+the wasted columns and store straight to the output (``product_rows``).
 
 The same routine gives the gradient wrt the input: ``dx`` is the stride-1
 convolution of ``dy`` padded by ``kh - 1 - pt`` (top) and ``kw - 1 - pl``
 (left) with the weights flipped in both spatial axes and their channel axes
-swapped.
+swapped. The gradient wrt the weights is a product over the outputs instead:
+``weight_product`` vectorised over output channels, ``dot_weight_product``
+over output positions when there are few output channels.
 
-Workspace (floats): ``[pad][out: m x n][weights: o * c * kh * kw]``, each
-section rounded to a cache line.
+Workspace (floats), each section rounded to a cache line: forward and input
+gradient ``[pad][out: m x n][weights: 2 x o * c * kh * kw]`` (``Plane``);
+weight gradient ``WeightGrad`` or ``DotGrad``.
 """
 
 from __future__ import annotations
