@@ -43,7 +43,20 @@ class Jit:
         self._lib.function(name, types)(*values)
 
 
-@pytest.fixture(params=["host", "generic"])
+def avx2_target() -> Target:
+    """x86-64-v3 (AVX2 and FMA, 8 floats a vector): the width between the host's AVX-512 and SSE2."""
+    return Target(generic_target().triple, "x86-64-v3", "+avx,+avx2,+fma")
+
+
+def _host_has_avx2() -> bool:
+    return "+avx2" in host_target().features.split(",")
+
+
+@pytest.fixture(params=["host", "avx2", "generic"])
 def jit(request) -> Jit:
-    """A fresh JIT for the host CPU and for baseline x86-64 (no AVX-512): kernels must agree on both."""
+    """A fresh JIT for the host CPU, AVX2 and baseline x86-64: kernels must agree on every vector width."""
+    if request.param == "avx2":
+        if not _host_has_avx2():
+            pytest.skip("this CPU cannot run AVX2 code")
+        return Jit(avx2_target())
     return Jit(host_target() if request.param == "host" else generic_target())

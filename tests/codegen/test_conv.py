@@ -1,4 +1,4 @@
-"""Convolution kernels against straightforward numpy references (float64), on host and generic x86-64.
+"""Convolution kernels against straightforward numpy references (float64), on the host, AVX2 and generic x86-64.
 
 Every tensor lives in a per-image arena slot: image n of a tensor starts at
 n * stride and the slot may be longer than the image. Inputs carry NaN in the

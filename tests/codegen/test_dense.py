@@ -1,4 +1,4 @@
-"""Dense kernels against numpy references (float64), on host and generic x86-64.
+"""Dense kernels against numpy references (float64), on the host, AVX2 and generic x86-64.
 
 Batch tensors live in per-image arena slots (stride >= size) with NaN (inputs)
 or a sentinel (outputs) in the gaps and in images outside the batch range.

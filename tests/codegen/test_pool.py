@@ -1,4 +1,4 @@
-"""Max and average pooling kernels against numpy references, on host and generic x86-64."""
+"""Max and average pooling kernels against numpy references, on the host, AVX2 and generic x86-64."""
 
 from __future__ import annotations
 
