@@ -124,15 +124,16 @@ def _tuning() -> llvm.PipelineTuningOptions:
 def kernel_cost(module: ir.Module) -> float:
     """A rough estimate of LLVM's milliseconds on `module` (O3 and codegen), to balance the processes.
 
-    Fitted on LeNet-5's kernels: the time follows the blocks (loops) more than
-    the IR's length, and even a tiny module costs about 10 ms.
+    Fitted on LeNet-5's kernels (least squares over the pipeline of
+    ``_tuning``): the time follows the instructions more than the IR's length,
+    and even a tiny module costs about 10 ms.
     """
     blocks = instructions = 0
     for fn in module.functions:
         for block in fn.blocks:
             blocks += 1
             instructions += len(block.instructions)
-    return 10 + 1.5 * blocks + 0.04 * instructions
+    return 12 + 0.25 * blocks + 0.06 * instructions
 
 
 def _groups(modules: list[ir.Module], parts: int) -> list[list[ir.Module]]:
