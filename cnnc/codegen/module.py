@@ -38,6 +38,7 @@ from cnnc.ir import execution_order
 LOSSES = ("cross_entropy", "mse")
 STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "seed_i64", "scale_f32", "n0", "n1"]
 INFER_ARGS = ["params", "arena", "x", "y", "ws", "n0", "n1"]
+SMALL_OUTPUT = 4096  # floats per image: an inference output this small is copied out (see _like_training)
 
 
 @dataclass(frozen=True)
@@ -156,13 +157,13 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
     builder = Builder(g, vector_width)
     order = execution_order(g)
     train_plan = plan_memory(g, training=True)
-    infer_plan = _with_stride(plan_memory(g, training=False), train_plan.arena_floats)
+    infer_plan = _like_training(plan_memory(g, training=False), train_plan, g.graph["output"])
 
     entry = Entry(builder, infer_plan, "infer", INFER_ARGS)
     for n in order:
         FORWARD[g.nodes[n]["op"]](entry, n)
     out_value = entry.value(g.graph["output"])
-    if out_value.base != "y":  # the output is a view of the input: copy it out
+    if out_value.base != "y":  # the output is a view of the input, or small (_like_training): copy it out
         y = Tensor("y", 0, out_value.size, out_value.size)
         entry.call(builder.kernel(emit_copy, _copy_spec(out_value, y)), out_value, y)
     entry.b.ret_void()
@@ -186,15 +187,22 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
     return [builder.module, *builder.kernel_modules], facts
 
 
-def _with_stride(plan: Plan, stride: int) -> Plan:
-    """`plan` with a per-image arena slot of at least `stride` floats (the offsets unchanged).
+def _like_training(plan: Plan, train: Plan, output: str) -> Plan:
+    """The inference `plan` laid out so that inference calls the training pass's forward kernels.
 
-    Kernels bake in per-image strides, so an inference arena as wide as the
-    training one lets the inference pass call the training pass's forward
-    kernels instead of compiling its own copies: about a quarter less LLVM work
-    (LeNet-5). The slot only widens: each image touches no more memory than before.
+    Kernels bake in per-image strides, so the inference arena gets the
+    training one's per-image stride (the offsets unchanged: each image touches
+    no more memory than before), and a small output is written to a free slot
+    of it and copied out, as the training step copies it, instead of straight
+    into ``y``. Inference then compiles no kernels of its own: about a quarter
+    less LLVM work (LeNet-5), for one copy of at most SMALL_OUTPUT floats per image.
     """
-    stride = max(stride, plan.arena_floats)
+    stride = max(train.arena_floats, plan.arena_floats)
+    root = plan.root[output]
+    out = plan.value[root]
+    if out.base == "y" and out.size <= SMALL_OUTPUT:
+        plan.value[root] = Tensor("arena", plan.arena_floats, 0, out.size)
+        stride = max(stride, plan.arena_floats + -(-out.size // ALIGN) * ALIGN)
     for table in (plan.value, plan.grad, plan.mask):
         for k, t in table.items():
             if t.base == "arena":
