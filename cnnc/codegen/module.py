@@ -39,6 +39,7 @@ LOSSES = ("cross_entropy", "mse")
 STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "seed_i64", "scale_f32", "n0", "n1"]
 INFER_ARGS = ["params", "arena", "x", "y", "ws", "n0", "n1"]
 SMALL_OUTPUT = 4096  # floats per image: an inference output this small is copied out (see _like_training)
+SHARE_MAX_FLOATS = 16384  # per image (64 KiB: 16 MiB per 256-image chunk) that sharing kernels may add
 
 
 @dataclass(frozen=True)
@@ -188,21 +189,25 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
 
 
 def _like_training(plan: Plan, train: Plan, output: str) -> Plan:
-    """The inference `plan` laid out so that inference calls the training pass's forward kernels.
+    """The inference `plan` laid out so that inference calls the training pass's forward kernels, when that is cheap.
 
     Kernels bake in per-image strides, so the inference arena gets the
-    training one's per-image stride (the offsets unchanged: each image touches
-    no more memory than before), and a small output is written to a free slot
-    of it and copied out, as the training step copies it, instead of straight
-    into ``y``. Inference then compiles no kernels of its own: about a quarter
-    less LLVM work (LeNet-5), for one copy of at most SMALL_OUTPUT floats per image.
+    training one's per-image stride (the offsets unchanged), and a small
+    output is written to a free slot of it and copied out, as the training
+    step copies it, instead of straight into ``y``. Inference then compiles no
+    kernels of its own: about a quarter less LLVM work (LeNet-5). The wider
+    slots cost memory (numpy backs large arrays with huge pages, so the gaps
+    become resident), hence only when they add at most SHARE_MAX_FLOATS per image.
     """
     stride = max(train.arena_floats, plan.arena_floats)
     root = plan.root[output]
     out = plan.value[root]
     if out.base == "y" and out.size <= SMALL_OUTPUT:
-        plan.value[root] = Tensor("arena", plan.arena_floats, 0, out.size)
         stride = max(stride, plan.arena_floats + -(-out.size // ALIGN) * ALIGN)
+    if stride - plan.arena_floats > SHARE_MAX_FLOATS:
+        return plan
+    if out.base == "y" and out.size <= SMALL_OUTPUT:
+        plan.value[root] = Tensor("arena", plan.arena_floats, 0, out.size)
     for table in (plan.value, plan.grad, plan.mask):
         for k, t in table.items():
             if t.base == "arena":
