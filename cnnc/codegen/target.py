@@ -176,7 +176,8 @@ def emit_objects(modules: list[ir.Module], target: Target, processes: int | None
         for child in children:
             _abandon(child)
         raise
-    return [first, *(_finish(child, group, target) for child, group in zip(children, groups[1:]))]
+    done = [_collect(child) for child in children]  # every child reaped before any group is compiled again here
+    return [first, *(obj if obj is not None else _compile_group(group, target) for obj, group in zip(done, groups[1:]))]
 
 
 def _start(group: list[ir.Module], target: Target) -> tuple[int, int] | None:
@@ -205,15 +206,15 @@ def _start(group: list[ir.Module], target: Target) -> tuple[int, int] | None:
     return pid, r
 
 
-def _finish(child: tuple[int, int] | None, group: list[ir.Module], target: Target) -> bytes:
-    """The child's object code; compiled here instead when there was no child or it failed."""
+def _collect(child: tuple[int, int] | None) -> bytes | None:
+    """The object code a child wrote, after reaping it; None when there was no child or it failed."""
     if child is None:
-        return _compile_group(group, target)
+        return None
     pid, r = child
     with os.fdopen(r, "rb") as pipe:
         data = pipe.read()
     _, status = os.waitpid(pid, 0)
-    return data if os.waitstatus_to_exitcode(status) == 0 else _compile_group(group, target)
+    return data if os.waitstatus_to_exitcode(status) == 0 else None
 
 
 def _abandon(child: tuple[int, int] | None) -> None:

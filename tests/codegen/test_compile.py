@@ -82,15 +82,15 @@ def test_parallel_compile_gives_every_function(monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
-@pytest.mark.parametrize("bad_group", [0, 1])
+@pytest.mark.parametrize("bad_group", [0, 1, 2])
 def test_parallel_compile_errors_surface_here(monkeypatch, bad_group):
     """Whether the bad module is in this process's group or a child's, the error is raised here, no child left."""
     monkeypatch.setattr(target, "PARALLEL_MIN_COST", 0)
-    groups = [[adder(0), adder(1)], [adder(2), adder(3)]]
+    groups = [[adder(0), adder(1)], [adder(2)], [adder(3)]]
     groups[bad_group].append(broken())
     monkeypatch.setattr(target, "_groups", lambda modules, parts: groups)
     with pytest.raises(RuntimeError, match="parsing error"):
-        emit_objects([m for g in groups for m in g], host_target(), processes=2)
+        emit_objects([m for g in groups for m in g], host_target(), processes=3)
     assert no_children_left()
 
 
