@@ -8,6 +8,7 @@ check that nothing depends on AVX-512.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from dataclasses import dataclass
@@ -169,13 +170,20 @@ def emit_objects(modules: list[ir.Module], target: Target, processes: int | None
     groups = _groups(modules, processes)
     if len(groups) == 1 or not hasattr(os, "fork") or sum(map(kernel_cost, modules)) < PARALLEL_MIN_COST:
         return [_compile_group(group, target) for group in groups]
-    children = [_start(group, target) for group in groups[1:]]
+    freeze = gc.get_freeze_count() == 0  # (a caller's own frozen objects are left as they are)
+    if freeze:
+        gc.freeze()  # neither process's collector walks (and so copies) the heap they share
     try:
-        first = _compile_group(groups[0], target)
-    except BaseException:
-        for child in children:
-            _abandon(child)
-        raise
+        children = [_start(group, target) for group in groups[1:]]
+        try:
+            first = _compile_group(groups[0], target)
+        except BaseException:
+            for child in children:
+                _abandon(child)
+            raise
+    finally:
+        if freeze:
+            gc.unfreeze()
     done = [_collect(child) for child in children]  # every child reaped before any group is compiled again here
     return [first, *(obj if obj is not None else _compile_group(group, target) for obj, group in zip(done, groups[1:]))]
 
@@ -194,6 +202,7 @@ def _start(group: list[ir.Module], target: Target) -> tuple[int, int] | None:
         return None
     if pid == 0:  # the child: never returns into the caller's code
         code = 1
+        gc.disable()  # a collection would touch, and so copy, every page of the parent's heap
         try:
             os.close(r)
             data = _compile_group(group, target)
