@@ -15,8 +15,6 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from cnnc_runtime.fileio import atomic_write_bytes
-
 MAGIC = b"CNNCART1"
 FORMAT_VERSION = 1
 
@@ -57,6 +55,8 @@ def unpack(data: bytes, source: str = "artifact") -> tuple[dict[str, Any], bytes
 
 
 def write(path: str | Path, manifest: dict[str, Any], obj: bytes, weights: bytes = b"") -> None:
+    from cnnc_runtime.fileio import atomic_write_bytes  # not needed to read: a cached compile skips it
+
     atomic_write_bytes(path, pack(manifest, obj, weights))
 
 

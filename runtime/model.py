@@ -23,15 +23,16 @@ import os
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cnnc_runtime import artifact
-from cnnc_runtime.data import Inputs
-from cnnc_runtime.fileio import atomic_save_npz
 from cnnc_runtime.native import NativeLibrary, host_cpu, missing_features
 from cnnc_runtime.parallel import Pool, default_threads, shared_pool, split
+
+if TYPE_CHECKING:  # loaded where used: a model loaded from the cache runs without them
+    from cnnc_runtime.data import Inputs
 
 CHUNK = 256  # images per native call when a large array is run: bounds the arena's size
 MIN_IMAGES_PER_THREAD = 4
@@ -162,6 +163,8 @@ class Model:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the weights as .npz keyed by parameter name, atomically (temp file, fsync, rename)."""
+        from cnnc_runtime.fileio import atomic_save_npz
+
         atomic_save_npz(path, self.params)
 
     def load(self, path: str | os.PathLike[str]) -> None:
@@ -224,6 +227,8 @@ class Model:
 
     def inputs(self, x: Any) -> Inputs:
         """``x`` as an ``Inputs`` set to take batches from: uint8 images kept as stored, anything else checked."""
+        from cnnc_runtime.data import Inputs
+
         if isinstance(x, Inputs):
             return x
         if not (isinstance(x, np.ndarray) and x.dtype == np.uint8):

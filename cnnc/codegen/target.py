@@ -8,7 +8,9 @@ check that nothing depends on AVX-512.
 
 from __future__ import annotations
 
+import gc
 import os
+import signal
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -99,29 +101,59 @@ def _link(texts: list[str], target: Target) -> llvm.ModuleRef:
     tm = target.machine()
     first.triple = target.triple
     first.data_layout = str(tm.target_data)
-    pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
+    pb = llvm.create_pass_builder(tm, _tuning())
     pb.getModulePassManager().run(first, pb)
     return first
 
 
-def _groups(modules: list[ir.Module], parts: int) -> list[list[str]]:
-    """The modules' IR texts dealt into `parts` groups of similar size (largest first)."""
-    texts = sorted((str(m) for m in modules), key=len, reverse=True)
-    groups: list[list[str]] = [[] for _ in range(max(1, min(parts, len(texts))))]
-    sizes = [0] * len(groups)
-    for text in texts:
-        i = sizes.index(min(sizes))
-        groups[i].append(text)
-        sizes[i] += len(text)
+def _tuning() -> llvm.PipelineTuningOptions:
+    """O3 without LLVM's loop unroller and loop vectorizer.
+
+    The kernels vectorize and unroll their hot loops themselves (register
+    tiles, vector lanes); LLVM doing it again took half of the optimiser's and
+    code generator's time and measured no faster at run time (LeNet-5, CIFAR,
+    a 64-channel conv: equal, or up to ~10% faster without). The two go
+    together: with the unroller alone off, the vectorizer met loops it had
+    not seen before and hit an assertion (a max pool with overlapping windows).
+    """
+    options = llvm.create_pipeline_tuning_options(speed_level=3)
+    options.loop_unrolling = False
+    options.loop_vectorization = False
+    return options
+
+
+def kernel_cost(module: ir.Module) -> float:
+    """A rough estimate of LLVM's milliseconds on `module` (O3 and codegen), to balance the processes.
+
+    Fitted on LeNet-5's kernels (least squares over the pipeline of
+    ``_tuning``): the time follows the instructions more than the IR's length,
+    and even a tiny module costs about 10 ms.
+    """
+    blocks = instructions = 0
+    for fn in module.functions:
+        for block in fn.blocks:
+            blocks += 1
+            instructions += len(block.instructions)
+    return 12 + 0.25 * blocks + 0.06 * instructions
+
+
+def _groups(modules: list[ir.Module], parts: int) -> list[list[ir.Module]]:
+    """The modules dealt into `parts` groups of similar estimated cost (costliest first)."""
+    costed = sorted(((kernel_cost(m), i) for i, m in enumerate(modules)), reverse=True)
+    groups: list[list[ir.Module]] = [[] for _ in range(max(1, min(parts, len(modules))))]
+    loads = [0.0] * len(groups)
+    for cost, i in costed:
+        k = loads.index(min(loads))
+        groups[k].append(modules[i])
+        loads[k] += cost
     return groups
 
 
-def _compile_group(job: tuple[list[str], Target]) -> bytes:
-    texts, target = job
-    return target.machine().emit_object(_link(texts, target))
+def _compile_group(modules: list[ir.Module], target: Target) -> bytes:
+    return target.machine().emit_object(_link([str(m) for m in modules], target))
 
 
-PARALLEL_MIN_CHARS = 200_000  # below this much IR, starting processes costs more than it saves
+PARALLEL_MIN_COST = 200  # estimated ms of LLVM work below which a second process does not pay
 
 
 def emit_objects(modules: list[ir.Module], target: Target, processes: int | None = None) -> list[bytes]:
@@ -129,22 +161,82 @@ def emit_objects(modules: list[ir.Module], target: Target, processes: int | None
 
     llvmlite serialises every LLVM call behind one lock, so threads cannot
     overlap; forked processes can, and two cores then take about half the
-    time. Where forking is not possible the groups compile one after another.
+    time. This process compiles the first group itself while forked children
+    compile (and print to IR text) the others; a group whose child cannot be
+    started or fails is compiled here, so errors surface in this process.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     if processes is None:
         processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     groups = _groups(modules, processes)
-    jobs = [(texts, target) for texts in groups]
-    if len(groups) > 1 and sum(len(t) for g in groups for t in g) >= PARALLEL_MIN_CHARS:
+    if len(groups) == 1 or not hasattr(os, "fork") or sum(map(kernel_cost, modules)) < PARALLEL_MIN_COST:
+        return [_compile_group(group, target) for group in groups]
+    freeze = gc.get_freeze_count() == 0  # (a caller's own frozen objects are left as they are)
+    if freeze:
+        gc.freeze()  # neither process's collector walks (and so copies) the heap they share
+    try:
+        children = [_start(group, target) for group in groups[1:]]
         try:
-            with ProcessPoolExecutor(len(groups), mp_context=multiprocessing.get_context("fork")) as pool:
-                return list(pool.map(_compile_group, jobs))
-        except (OSError, ValueError, RuntimeError):  # no fork here (or it failed): compile serially
-            pass
-    return [_compile_group(job) for job in jobs]
+            first = _compile_group(groups[0], target)
+        except BaseException:
+            for child in children:
+                _abandon(child)
+            raise
+    finally:
+        if freeze:
+            gc.unfreeze()
+    done = [_collect(child) for child in children]  # every child reaped before any group is compiled again here
+    return [first, *(obj if obj is not None else _compile_group(group, target) for obj, group in zip(done, groups[1:]))]
+
+
+def _start(group: list[ir.Module], target: Target) -> tuple[int, int] | None:
+    """Fork a process that compiles `group` and writes the object code to a pipe: (pid, read end), or None."""
+    try:
+        r, w = os.pipe()
+    except OSError:
+        return None
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        return None
+    if pid == 0:  # the child: never returns into the caller's code
+        code = 1
+        gc.disable()  # a collection would touch, and so copy, every page of the parent's heap
+        try:
+            os.close(r)
+            data = _compile_group(group, target)
+            with os.fdopen(w, "wb") as out:
+                out.write(data)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    return pid, r
+
+
+def _collect(child: tuple[int, int] | None) -> bytes | None:
+    """The object code a child wrote, after reaping it; None when there was no child or it failed."""
+    if child is None:
+        return None
+    pid, r = child
+    with os.fdopen(r, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    return data if os.waitstatus_to_exitcode(status) == 0 else None
+
+
+def _abandon(child: tuple[int, int] | None) -> None:
+    """Stop a child whose result is no longer wanted, and reap it."""
+    if child is None:
+        return
+    pid, r = child
+    os.close(r)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    os.waitpid(pid, 0)
 
 
 def emit_assembly_all(modules: list[ir.Module], target: Target) -> str:

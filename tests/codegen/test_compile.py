@@ -1,0 +1,102 @@
+"""Turning a network's modules into object code: kernel sharing, the parallel compile and its failures."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from pathlib import Path
+
+import llvmlite.ir as ir
+import numpy as np
+import pytest
+
+from cnnc.codegen import target
+from cnnc.codegen.module import build_module
+from cnnc.codegen.target import emit_objects, host_target
+from cnnc.driver import check_source, optimize
+from cnnc.errors import Diagnostics
+from cnnc_runtime.native import NativeLibrary, bundle
+
+LENET = Path(__file__).resolve().parents[2] / "examples" / "lenet5.cnn"
+
+
+def lenet_modules() -> list[ir.Module]:
+    fused = optimize(check_source(LENET.read_text(), str(LENET), Diagnostics()))
+    modules, _ = build_module(fused, host_target().vector_width)
+    return modules
+
+
+def calls(entry_ir: str, function: str) -> set[str]:
+    body = entry_ir.split(f'define void @"{function}"', 1)[1].split("\n}", 1)[0]
+    return set(re.findall(r'call void @"([^"]+)"', body))
+
+
+def test_inference_calls_only_kernels_the_training_step_calls():
+    entry = str(lenet_modules()[0])
+    infer, step = calls(entry, "infer"), calls(entry, "step_cross_entropy")
+    assert infer and infer <= step
+
+
+def test_kernel_specs_are_all_distinct():
+    names = [m.name for m in lenet_modules()[1:]]
+    assert len(names) == len(set(names))
+
+
+def adder(i: int) -> ir.Module:
+    """A module with one function: out[0] = i."""
+    m = ir.Module(name=f"m{i}")
+    fn = ir.Function(m, ir.FunctionType(ir.VoidType(), [ir.PointerType()]), name=f"set{i}")
+    b = ir.IRBuilder(fn.append_basic_block())
+    b.store(ir.Constant(ir.FloatType(), float(i)), fn.args[0])
+    b.ret_void()
+    return m
+
+
+def broken() -> ir.Module:
+    """A module LLVM rejects: a block without a terminator."""
+    m = ir.Module(name="broken")
+    ir.Function(m, ir.FunctionType(ir.VoidType(), []), name="broken").append_basic_block()
+    return m
+
+
+def no_children_left() -> bool:
+    try:
+        return os.waitpid(-1, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_parallel_compile_gives_every_function(monkeypatch):
+    monkeypatch.setattr(target, "PARALLEL_MIN_COST", 0)
+    t = host_target()
+    objects = emit_objects([adder(i) for i in range(7)], t, processes=3)
+    assert len(objects) == 3
+    lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
+    out = np.zeros(1, dtype=np.float32)
+    for i in range(7):
+        lib.function(f"set{i}", [ctypes.c_void_p])(out.ctypes.data)
+        assert out[0] == i
+    assert no_children_left()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+@pytest.mark.parametrize("bad_group", [0, 1, 2])
+def test_parallel_compile_errors_surface_here(monkeypatch, bad_group):
+    """Whether the bad module is in this process's group or a child's, the error is raised here, no child left."""
+    monkeypatch.setattr(target, "PARALLEL_MIN_COST", 0)
+    groups = [[adder(0), adder(1)], [adder(2)], [adder(3)]]
+    groups[bad_group].append(broken())
+    monkeypatch.setattr(target, "_groups", lambda modules, parts: groups)
+    with pytest.raises(RuntimeError, match="parsing error"):
+        emit_objects([m for g in groups for m in g], host_target(), processes=3)
+    assert no_children_left()
+
+
+def test_groups_balance_by_estimated_cost():
+    modules = lenet_modules()
+    groups = target._groups(modules, 2)
+    assert sorted(m.name for g in groups for m in g) == sorted(m.name for m in modules)
+    loads = [sum(map(target.kernel_cost, g)) for g in groups]
+    assert max(loads) - min(loads) <= max(map(target.kernel_cost, modules))
