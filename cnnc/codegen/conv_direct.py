@@ -162,7 +162,9 @@ def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, out: ir
     """
     vw = p.vw
     mr = tile_rows(p.m, vw)
-    nv = tile_vectors(mr, vw)
+    most = tile_vectors(mr, vw)
+    # a tile width that divides the columns, if one is not much narrower: one variant of the tile to compile
+    nv = next((v for v in range(most, max(1, most - 1) - 1, -1) if (p.n // vw) % v == 0), most)
     full = p.n - p.n % (nv * vw)
     for jlo, jhi, vecs in ((0, full, nv), (full, p.n, 1)):
         if jhi <= jlo:
@@ -231,14 +233,19 @@ def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, r: ir.Val
     inner = [(ky, kx) for ky in range(p.kh) for kx in range(p.kw)] if p.taps <= 16 else [(0, kx) for kx in range(p.kw)]
 
     def steps(b: ir.IRBuilder, ci: ir.Value | int, ky0: ir.Value | int, tile_rows: list[int]) -> None:
-        x0 = index(b, (ci, p.hp * p.wp), (ky0, p.wp), j)
-        w0 = index(b, (r, k), (ci, p.taps), (ky0, p.kw))
+        # base pointers, then constant offsets: no address arithmetic per load (less for LLVM to clean up)
+        x0 = emit.gep(b, pad, index(b, (ci, p.hp * p.wp), (ky0, p.wp), j))
+        w0 = emit.gep(b, weights, index(b, (r, k), (ci, p.taps), (ky0, p.kw)))
+        # the sums stay SSA values through the unrolled steps: one load and one store each per loop body
+        sums = {row: [b.load(acc) for acc in accs[row]] for row in tile_rows}
         for ky, kx in inner:
-            xs = [emit.load(b, pad, index(b, x0, ky * p.wp + kx + off), vw) for off in offsets]
+            xs = [emit.load(b, x0, ky * p.wp + kx + off, vw) for off in offsets]
             for row in tile_rows:
-                a = emit.splat(b, emit.load(b, weights, index(b, w0, row * k + ky * p.kw + kx)), vw)
-                for v in range(len(offsets)):
-                    b.store(emit.fma(b, a, xs[v], b.load(accs[row][v])), accs[row][v])
+                a = emit.broadcast(b, w0, row * k + ky * p.kw + kx, vw)
+                sums[row] = [emit.fma(b, a, x, acc) for x, acc in zip(xs, sums[row])]
+        for row in tile_rows:
+            for acc, value in zip(accs[row], sums[row]):
+                b.store(value, acc)
 
     def over_taps(ci: ir.Value | int, tile_rows: list[int]) -> None:
         if p.taps > 16:
@@ -368,8 +375,9 @@ def _weight_tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, dyt: ir.Value, dwt: i
             at = index(b, plane, j)
             for t, (ky, kx) in enumerate(taps):
                 a = emit.splat(b, emit.load(b, pad, index(b, at, ky * p.wp + kx)), width)
-                for v in range(vecs):
-                    b.store(emit.fma(b, a, dys[v], b.load(accs[t][v])), accs[t][v])
+                sums = [emit.fma(b, a, dy, b.load(acc)) for dy, acc in zip(dys, accs[t])]
+                for acc, value in zip(accs[t], sums):
+                    b.store(value, acc)
     for t, (ky, kx) in enumerate(taps):
         k = index(b, (ci, p.taps), ky * p.kw + kx)
         for v in range(vecs):

@@ -47,10 +47,19 @@ def splat(b: ir.IRBuilder, value: ir.Value | float, width: int) -> ir.Value:
     if width == 1:
         return f32(value) if isinstance(value, (int, float)) else value
     if isinstance(value, (int, float)):
-        return ir.Constant(vec_type(width), [float(value)] * width)
+        # zeroinitializer: the IR text stays short (LLVM parses less)
+        return ir.Constant(vec_type(width), None if value == 0 else [float(value)] * width)
     v = b.insert_element(ir.Constant(vec_type(width), ir.Undefined), value, ir.Constant(I32, 0))
-    zeros = ir.Constant(ir.VectorType(I32, width), [0] * width)
-    return b.shuffle_vector(v, ir.Constant(vec_type(width), ir.Undefined), zeros)
+    return b.shuffle_vector(v, ir.Constant(vec_type(width), ir.Undefined), ir.Constant(ir.VectorType(I32, width), None))
+
+
+def broadcast(b: ir.IRBuilder, base: ir.Value, offset: ir.Value | int, width: int) -> ir.Value:
+    """The float at `offset` in every lane: a one-lane load and a shuffle, fewer instructions than splat(load)."""
+    if width == 1:
+        return load(b, base, offset)
+    one = b.load(gep(b, base, offset), typ=ir.VectorType(F32, 1), align=4)
+    return b.shuffle_vector(one, ir.Constant(ir.VectorType(F32, 1), ir.Undefined),
+                            ir.Constant(ir.VectorType(I32, width), None))
 
 
 def _arg_type(name: str) -> ir.Type:
