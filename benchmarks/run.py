@@ -613,7 +613,7 @@ def row_compile(ctx: Ctx) -> list[Row]:
                  for _ in range(ctx.rep(2, 1))]
     warm.cnnc = [run_child(ctx, COMPILE_CHILD, {"path": str(LENET), "cache": True})["compile"]
                  for _ in range(ctx.rep(5, 3))]
-    cold.note = "whole cnnc.compile (parse, passes, LLVM O3, object code, load) in a fresh process; " \
+    cold.note = "whole cnnc.compile (parse, passes, LLVM O2, object code, load) in a fresh process; " \
                 "eager PyTorch has no compile step"
     return [cold, warm]
 

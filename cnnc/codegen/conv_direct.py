@@ -370,11 +370,11 @@ def _weight_tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, dyt: ir.Value, dwt: i
     with for_range(b, 0, p.oh, name="wy") as oy:
         with for_range(b, 0, p.ow, name="wx") as ox:
             j = index(b, (oy, p.wp), ox)
-            row = index(b, (j, p.m), r0)
-            dys = [emit.load(b, dyt, index(b, row, v * width), width) for v in range(vecs)]
-            at = index(b, plane, j)
+            dy0 = emit.gep(b, dyt, index(b, (j, p.m), r0))
+            dys = [emit.load(b, dy0, v * width, width) for v in range(vecs)]
+            x0 = emit.gep(b, pad, index(b, plane, j))
             for t, (ky, kx) in enumerate(taps):
-                a = emit.splat(b, emit.load(b, pad, index(b, at, ky * p.wp + kx)), width)
+                a = emit.broadcast(b, x0, ky * p.wp + kx, width)
                 sums = [emit.fma(b, a, dy, b.load(acc)) for dy, acc in zip(dys, accs[t])]
                 for acc, value in zip(accs[t], sums):
                     b.store(value, acc)
@@ -448,10 +448,10 @@ def _dot_tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, dyp: ir.Value, sums: ir.
     accs = [[local(b, emit.vec_type(vw), zero_v) for _ in taps] for _ in range(p.m)]
     plane = index(b, (ci, p.hp * p.wp))
     with for_range(b, 0, p.n, vw, name="dj") as j:
-        dys = [emit.load(b, dyp, index(b, j, r * p.n), vw) for r in range(p.m)]
-        at = index(b, plane, j)
+        dy0, x0 = emit.gep(b, dyp, j), emit.gep(b, pad, index(b, plane, j))
+        dys = [emit.load(b, dy0, r * p.n, vw) for r in range(p.m)]
         for t, (ky, kx) in enumerate(taps):
-            xs = emit.load(b, pad, index(b, at, ky * p.wp + kx), vw)
+            xs = emit.load(b, x0, ky * p.wp + kx, vw)
             for r in range(p.m):
                 b.store(emit.fma(b, dys[r], xs, b.load(accs[r][t])), accs[r][t])
     for r in range(p.m):
