@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 
 from cnnc.codegen import conv_direct, emit
-from cnnc.codegen.conv_direct import DotGrad, Plane, WeightGrad
+from cnnc.codegen.conv_direct import GradSpace, Plane
 from cnnc.codegen.emit import for_range, i64, kernel
 from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, vector_loop
 from cnnc.codegen.specs import ConvSpec
@@ -166,7 +166,7 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     if not g.padded:
         return im2col
     plane = g.forward_plane(vw)
-    weights = WeightGrad(plane).floats if g.padded_weights(vw) else DotGrad(plane).floats
+    weights = GradSpace(plane, g.padded_weights(vw)).floats
     return max(plane.floats, g.backward_plane(vw).floats, weights)
 
 
@@ -378,32 +378,37 @@ def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geo
     b.ret_void()
 
 
-def _direct_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args: dict, vw: int) -> None:
+def _padded_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args: dict, vw: int) -> None:
+    """dW from the padded image: vectorised over output channels, or over positions when there are few."""
     spec = g.spec
     p = g.forward_plane(vw)
-    wg = WeightGrad(p)
-    pad, dyt, dwt = wg.sections(b, args["ws"])
-    # zero pad borders, the rows of dy^T past each output row, and the dW^T sums, once per call
-    conv_direct.zero(b, args["ws"], 0, wg.floats, vw)
+    over_channels = g.padded_weights(vw)
+    form = GradSpace(p, over_channels)
+    pad, dy_ws, sums = form.sections(b, args["ws"])
+    # pad borders, the unused rows or columns of the dy copy, and the sums: zeroed once per call
+    conv_direct.zero(b, args["ws"], 0, form.floats, vw)
     top, left, _, _ = g.pads
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
         dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
         conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad)
-        conv_direct.transpose_dy(b, p, dy_img, dyt)
-        conv_direct.weight_product(b, p, pad, dyt, dwt)
-        if spec.bias:
-            db = args["db"]
-            with for_range(b, 0, spec.o, name="o") as oi:
-                total = _row_sum(b, dy_img, index(b, (oi, g.p)), g.p, vw)
-                emit.store(b, b.fadd(emit.load(b, db, oi), total), db, oi)
+        if over_channels:
+            conv_direct.transpose_dy(b, p, dy_img, dy_ws)
+            conv_direct.weight_product(b, p, pad, dy_ws, sums)
+        else:
+            conv_direct.spread_dy(b, p, dy_img, dy_ws)
+            conv_direct.dot_weight_product(b, p, pad, dy_ws, sums)
+        _bias_grad(b, g, dy_img, args["db"], vw)
 
     dw = args["dw"]
 
     def add_block(b: ir.IRBuilder, offset: ir.Value, oi: ir.Value, ci: ir.Value) -> None:
-        for t in range(g.taps):  # dW[oi, ci, t] += dW^T[ci * taps + t, oi]
+        for t in range(g.taps):
             at = index(b, offset, t)
-            total = emit.load(b, dwt, index(b, (ci, g.taps * spec.o), t * spec.o, oi))
+            if over_channels:  # dW[oi, ci, t] += dW^T[ci * taps + t, oi]
+                total = emit.load(b, sums, index(b, (ci, g.taps * spec.o), t * spec.o, oi))
+            else:  # the lanes of a vector of partial sums per weight, laid out like dW
+                total = emit.hsum(b, emit.load(b, sums, index(b, (at, vw)), vw))
             emit.store(b, b.fadd(emit.load(b, dw, at), total), dw, at)
 
     if spec.connect is not None:
@@ -415,39 +420,13 @@ def _direct_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _
     b.ret_void()
 
 
-def _dot_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args: dict, vw: int) -> None:
-    spec = g.spec
-    p = g.forward_plane(vw)
-    dg = DotGrad(p)
-    pad, dyp, sums = dg.sections(b, args["ws"])
-    conv_direct.zero(b, args["ws"], 0, dg.floats, vw)  # pad borders, dy's extra columns, the partial sums
-    top, left, _, _ = g.pads
-    with for_range(b, args["n0"], args["n1"], name="n") as n:
-        x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
-        dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
-        conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad)
-        conv_direct.spread_dy(b, p, dy_img, dyp)
-        conv_direct.dot_weight_product(b, p, pad, dyp, sums)
-        if spec.bias:
-            db = args["db"]
-            with for_range(b, 0, spec.o, name="o") as oi:
-                total = _row_sum(b, dy_img, index(b, (oi, g.p)), g.p, vw)
-                emit.store(b, b.fadd(emit.load(b, db, oi), total), db, oi)
-
-    dw = args["dw"]
-
-    def add_block(b: ir.IRBuilder, offset: ir.Value, *_: ir.Value) -> None:
-        for t in range(g.taps):  # dW[oi, ci, t] += lanes of sums[oi, ci, t]: offset counts (oi, ci, t) too
-            at = index(b, offset, t)
-            total = emit.hsum(b, emit.load(b, sums, index(b, (at, vw)), vw))
-            emit.store(b, b.fadd(emit.load(b, dw, at), total), dw, at)
-
-    if spec.connect is not None:
-        _each_connected(b, module, name, spec, add_block)
-    else:
-        with for_range(b, 0, spec.o * spec.c, name="ab") as block:
-            add_block(b, index(b, (block, g.taps)))
-    b.ret_void()
+def _bias_grad(b: ir.IRBuilder, g: _Geom, dy_img: ir.Value, db: ir.Value, vw: int) -> None:
+    """db += each output channel's sum of dy over one image (nothing without a bias)."""
+    if not g.spec.bias:
+        return
+    with for_range(b, 0, g.spec.o, name="o") as oi:
+        total = _row_sum(b, dy_img, index(b, (oi, g.p)), g.p, vw)
+        emit.store(b, b.fadd(emit.load(b, db, oi), total), db, oi)
 
 
 # --- kernels -----------------------------------------------------------------------------------------
@@ -537,11 +516,8 @@ def emit_conv_backward_weights(module: ir.Module, name: str, spec: ConvSpec, vw:
     """``(x, dy, dw, db, ws, n0, n1)``: dw += sum_n dy[n] (x) x[n]; db += sum of dy (dy before the activation)."""
     g = _check(spec)
     fn, b, args = kernel(module, name, ["x", "dy", "dw", "db", "ws", "n0", "n1"])
-    if g.padded_weights(vw):
-        _direct_backward_weights(b, module, name, g, args, vw)
-        return fn
     if g.padded:
-        _dot_backward_weights(b, module, name, g, args, vw)
+        _padded_backward_weights(b, module, name, g, args, vw)
         return fn
     ws = args["ws"]
     grad = args["dw"]
@@ -580,11 +556,7 @@ def emit_conv_backward_weights(module: ir.Module, name: str, spec: ConvSpec, vw:
                     emit.store(b, b.fadd(emit.load(b, dw_g, at, width), value), dw_g, at)
 
                 gemm_nt(b, g.og, g.k, g.p, dy_g, col_g, add, vw)
-        if spec.bias:
-            db = args["db"]
-            with for_range(b, 0, spec.o, name="o") as oi:
-                total = _row_sum(b, dy_img, index(b, (oi, g.p)), g.p, vw)
-                emit.store(b, b.fadd(emit.load(b, db, oi), total), db, oi)
+        _bias_grad(b, g, dy_img, args["db"], vw)
 
     if spec.connect is not None:
         taps = g.taps

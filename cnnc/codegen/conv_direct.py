@@ -24,7 +24,7 @@ over output positions when there are few output channels.
 
 Workspace (floats), each section rounded to a cache line: forward and input
 gradient ``[pad][out: m x n][weights: 2 x o * c * kh * kw]`` (``Plane``);
-weight gradient ``WeightGrad`` or ``DotGrad``.
+weight gradient ``GradSpace``.
 """
 
 from __future__ import annotations
@@ -302,29 +302,34 @@ def sections(b: ir.IRBuilder, p: Plane, ws: ir.Value) -> tuple[ir.Value, ir.Valu
 
 
 @dataclass(frozen=True)
-class WeightGrad:
-    """Workspace of the weight gradient on the padded plane `p` (``p.m`` output channels).
+class GradSpace:
+    """Workspace of the weight gradient on the padded plane `p` (``p.m`` output channels): ``[pad][dy][sums]``.
 
-    ``[pad][dy^T: n x m, rows past each output row zero][dW^T: (c * taps) x m]``.
+    Vectorised over output channels (``weight_product``): dy^T, ``n x m`` with
+    the rows past each output row zero, and dW^T, ``(c * taps) x m``. Over
+    positions (``dot_weight_product``): dy on the plane's columns, ``m`` rows
+    of ``n``, and a vector of partial sums per weight, laid out like dW; they
+    stay vectors across the batch and are reduced across lanes once per call.
     """
 
     p: Plane
+    over_channels: bool
 
     @property
-    def dyt_floats(self) -> int:
+    def dy_floats(self) -> int:
         return _round(self.p.n * self.p.m)
 
     @property
-    def dwt_floats(self) -> int:
-        return _round(self.p.c * self.p.taps * self.p.m)
+    def sum_floats(self) -> int:
+        return _round(self.p.c * self.p.taps * self.p.m) * (1 if self.over_channels else self.p.vw)
 
     @property
     def floats(self) -> int:
-        return self.p.pad_floats + self.dyt_floats + self.dwt_floats
+        return self.p.pad_floats + self.dy_floats + self.sum_floats
 
     def sections(self, b: ir.IRBuilder, ws: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
-        return (ws, emit.gep(b, ws, self.p.pad_floats, name="dyt"),
-                emit.gep(b, ws, self.p.pad_floats + self.dyt_floats, name="dwt"))
+        return (ws, emit.gep(b, ws, self.p.pad_floats, name="dy.ws"),
+                emit.gep(b, ws, self.p.pad_floats + self.dy_floats, name="sums"))
 
 
 def transpose_dy(b: ir.IRBuilder, p: Plane, dy: ir.Value, dyt: ir.Value) -> None:
@@ -386,33 +391,6 @@ def _weight_tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, dyt: ir.Value, dwt: i
 
 
 # --- gradient wrt the weights, for few output channels -------------------------------------------
-
-
-@dataclass(frozen=True)
-class DotGrad:
-    """Workspace of the weight gradient as dot products over output positions (for under half a vector of r).
-
-    ``[pad][dy: m rows of n, zero past each output row][partial sums: m x (c * taps) vectors]``: the sums stay
-    vectors across the batch and are reduced across lanes once per call.
-    """
-
-    p: Plane
-
-    @property
-    def dy_floats(self) -> int:
-        return _round(self.p.m * self.p.n)
-
-    @property
-    def sum_floats(self) -> int:
-        return self.p.m * self.p.c * self.p.taps * self.p.vw
-
-    @property
-    def floats(self) -> int:
-        return self.p.pad_floats + self.dy_floats + self.sum_floats
-
-    def sections(self, b: ir.IRBuilder, ws: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
-        return (ws, emit.gep(b, ws, self.p.pad_floats, name="dyp"),
-                emit.gep(b, ws, self.p.pad_floats + self.dy_floats, name="sums"))
 
 
 def spread_dy(b: ir.IRBuilder, p: Plane, dy: ir.Value, dyp: ir.Value) -> None:
