@@ -369,7 +369,7 @@ def step_breakdown(model, x: np.ndarray, y: np.ndarray, rounds: int = 3) -> dict
     k = model.manifest["loss_inputs"]["cross_entropy"]
     out, losses = np.empty((64, k), np.float32), np.empty(64, np.float32)
     opt = Adam(lr=1e-3)
-    opt.use_native(model.native_update(opt.kind))  # as fit binds it
+    opt.use_native(model.native_update(opt))  # as fit binds it
     steps = 10
 
     def native() -> None:

@@ -104,6 +104,7 @@ def manifest_for(checked: nx.DiGraph, fused: nx.DiGraph, facts: dict, target: Ta
         "arena_infer": facts["arena_infer"],
         "arena_train": facts["arena_train"],
         "ws_floats": facts["ws_floats"],
+        "updates": facts["updates"],
         "has_dropout": any(fused.nodes[n]["op"] == "dropout" for n in fused.nodes),
         "target": {"triple": target.triple, "cpu": target.cpu, "features": target.features},
         **_descriptive(checked, fused),

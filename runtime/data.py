@@ -336,6 +336,13 @@ class Inputs:
     def __len__(self) -> int:
         return len(self._x) if self._rows is None else len(self._rows)
 
+    @property
+    def prepared_float32(self) -> bool:
+        """Whether these are float32 inputs already of the input shape and contiguous (what native code takes)."""
+        x = self._x
+        return (not self.stored and x.dtype == np.float32 and x.flags.c_contiguous
+                and tuple(x.shape[1:]) == self.input_shape)
+
     def subset(self, rows: np.ndarray) -> Inputs:
         """The inputs at positions `rows` of this set, sharing its storage (no copy of the images)."""
         rows = np.asarray(rows, dtype=np.intp)

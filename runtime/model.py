@@ -52,6 +52,17 @@ def _fmt(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
+class NativeUpdate:
+    """An optimizer loop in a model's code; holds that code, so an optimizer may outlive the model."""
+
+    def __init__(self, fn, lib: NativeLibrary) -> None:
+        self._fn = fn
+        self._lib = lib
+
+    def __call__(self, *args: int) -> None:
+        self._fn(*args)
+
+
 def compatible_version(built: str, running: str) -> bool:
     """Artifacts are compatible within a major.minor release of cnnc."""
     return built.split(".")[:2] == running.split(".")[:2]
@@ -230,6 +241,9 @@ class Model:
         from cnnc_runtime.data import Inputs
 
         if isinstance(x, Inputs):
+            if x.input_shape != self.input_shape or not (x.stored or x.prepared_float32):
+                raise ValueError(f"these Inputs are for {_fmt(x.input_shape)} images as float32 or uint8; this "
+                                 f"network takes {_fmt(self.input_shape)}")
             return x
         if not (isinstance(x, np.ndarray) and x.dtype == np.uint8):
             return Inputs(self.check_input(x), self.input_shape)
@@ -347,15 +361,19 @@ class Model:
             self.flat_grads += g
             g[...] = 0.0
 
-    def native_update(self, kind: str):
-        """The compiled ``update_KIND`` optimizer loop (see Optimizer.use_native), or None if this code has none."""
-        if not kind:
+    def native_update(self, optimizer) -> NativeUpdate | None:
+        """This model's compiled loop for `optimizer`'s rule, for ``optimizer.use_native``; None if there is none.
+
+        None too for a subclass of a built-in optimizer (its rule may differ),
+        and when the code lists the rule's constants in another order.
+        """
+        kind = optimizer.native_kind
+        listed = self.manifest.get("updates", {}).get(kind)
+        if not kind or listed != list(optimizer.constant_names):
             return None
         if kind not in self._updates:
-            try:
-                self._updates[kind] = self._lib.function(f"update_{kind}", [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2)
-            except KeyError:
-                self._updates[kind] = None
+            fn = self._lib.function(f"update_{kind}", [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2)
+            self._updates[kind] = NativeUpdate(fn, self._lib)
         return self._updates[kind]
 
     def add_noise(self, x: np.ndarray, sigma: float, seed: int) -> None:

@@ -31,6 +31,7 @@ class Optimizer(ABC):
     hyperparameters: tuple[str, ...] = ("lr",)
     buffers: tuple[str, ...] = ()
     kind = ""  # the name of its native update (``update_KIND``); empty: numpy only
+    constant_names: tuple[str, ...] = ("lr",)
 
     def __init__(self, lr: float) -> None:
         if not lr > 0:
@@ -40,14 +41,24 @@ class Optimizer(ABC):
         self._state: dict[str, np.ndarray] = {}
         self._tmp: np.ndarray | None = None
         self._native = None
+        self._pointers: tuple | None = None  # (params, grads, their and the state's addresses) of the last native step
         self._hyper = np.zeros(8, dtype=np.float32)
 
+    @property
+    def native_kind(self) -> str:
+        """The native update that computes exactly this rule: "" for a subclass (its rule may differ)."""
+        return self.kind if OPTIMIZERS.get(self.kind) is type(self) else ""
+
     def use_native(self, update) -> None:
-        """Run steps through `update`, a model's ``update_KIND`` function (None: back to numpy)."""
+        """Run steps through `update` (``Model.native_update(optimizer)``); None: back to numpy."""
         self._native = update
+        self._pointers = None
 
     def constants(self) -> tuple[float, ...]:
-        """The native update's float32 constants for the step being taken (``t`` already counts it)."""
+        """The native update's float32 constants for the step being taken (``t`` already counts it).
+
+        In the order of ``constant_names``, which the model's code must list the same way.
+        """
         return (self.lr,)
 
     def __repr__(self) -> str:
@@ -61,6 +72,7 @@ class Optimizer(ABC):
         tmp = self._tmp
         if tmp is None:
             self._state = {b: np.zeros_like(params) for b in self.buffers}
+            self._pointers = None
             tmp = self._tmp = np.empty_like(params)
         elif tmp.shape != params.shape:
             raise ValueError(f"optimizer state is for {tmp.size} parameters, got {params.size}; call reset() first")
@@ -70,14 +82,26 @@ class Optimizer(ABC):
         """Update `params` in place from `grads`."""
         tmp = self._prepare(params, grads)
         self.t += 1
-        if self._native is not None and _flat_f32(params, grads, *self._state.values()):
-            constants = self.constants()
-            self._hyper[:len(constants)] = constants  # each rounded to float32, as numpy rounds a Python float
-            state = [self._state[b].ctypes.data for b in self.buffers] + [0, 0]
-            self._native(params.ctypes.data, grads.ctypes.data, state[0], state[1], self._hyper.ctypes.data,
-                         0, params.size)
-        else:
+        pointers = self._native_pointers(params, grads) if self._native is not None else None
+        if pointers is None:
             self._update(params, grads, tmp)
+            return
+        constants = self.constants()
+        self._hyper[:len(constants)] = constants  # each rounded to float32, as numpy rounds a Python float
+        self._native(*pointers, 0, params.size)
+
+    def _native_pointers(self, params: np.ndarray, grads: np.ndarray) -> tuple[int, ...] | None:
+        """The native update's five pointers, checked once per pair of buffers; None if native code cannot take them."""
+        cached = self._pointers
+        if cached is not None and cached[0] is params and cached[1] is grads:
+            return cached[2]
+        state = [self._state[b] for b in self.buffers]
+        if not _flat_f32(params, grads, *state):
+            return None
+        addresses = [a.ctypes.data for a in (params, grads, *state)] + [0, 0]
+        pointers = (*addresses[:4], self._hyper.ctypes.data)
+        self._pointers = (params, grads, pointers)
+        return pointers
 
     @abstractmethod
     def _update(self, params: np.ndarray, grads: np.ndarray, tmp: np.ndarray) -> None:
@@ -88,6 +112,7 @@ class Optimizer(ABC):
         self.t = 0
         self._state = {}
         self._tmp = None
+        self._pointers = None
 
     def state_dict(self) -> State:
         """Hyperparameters, step count and copies of the state buffers (once allocated), for checkpoints."""
@@ -114,6 +139,7 @@ class Optimizer(ABC):
                 setattr(self, h, float(d[h]))
         self.t = int(d.get("t", 0))
         self._state = arrays
+        self._pointers = None
         self._tmp = np.empty_like(next(iter(arrays.values()))) if arrays else None
 
 
@@ -148,6 +174,7 @@ class Momentum(Optimizer):
     hyperparameters = ("lr", "beta")
     buffers = ("v",)
     kind = "momentum"
+    constant_names = ("lr", "beta")
 
     def constants(self) -> tuple[float, ...]:
         return (self.lr, self.beta)
@@ -177,6 +204,7 @@ class RMSProp(Optimizer):
     hyperparameters = ("lr", "beta", "eps")
     buffers = ("s",)
     kind = "rmsprop"
+    constant_names = ("lr", "beta", "one_minus_beta", "eps")
 
     def constants(self) -> tuple[float, ...]:
         return (self.lr, self.beta, 1 - self.beta, self.eps)
@@ -213,6 +241,7 @@ class Adam(Optimizer):
     hyperparameters = ("lr", "beta1", "beta2", "eps")
     buffers = ("m", "v")
     kind = "adam"
+    constant_names = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "sqrt_bias2", "eps", "step_size")
 
     def constants(self) -> tuple[float, ...]:
         return (self.beta1, 1 - self.beta1, self.beta2, 1 - self.beta2, math.sqrt(1 - self.beta2**self.t), self.eps,

@@ -382,7 +382,7 @@ class _deferred_interrupt:  # noqa: N801 - used like a function
 
 def _train_run(model, run: _Run, *args: Any) -> None:
     """Train one run with the optimizer's native update bound for its duration (it lives in the model's code)."""
-    run.optimizer.use_native(model.native_update(run.optimizer.kind))
+    run.optimizer.use_native(model.native_update(run.optimizer))
     try:
         _train_epochs(model, run, *args)
     finally:

@@ -191,6 +191,7 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
         "arena_infer": infer_plan.arena_floats,
         "arena_train": train_plan.arena_floats,
         "ws_floats": builder.ws_floats,
+        "updates": {kind: list(optim.HYPER[kind]) for kind in optim.RULES},  # each loop's constants, in order
     }
     return [builder.module, *builder.kernel_modules], facts
 

@@ -87,6 +87,20 @@ def test_value_and_grad_checks_the_input_too(modern) -> None:
         modern.value_and_grad(np.zeros((0, 1, 28, 28), np.float32), np.zeros(0, np.int64))
 
 
+def test_inputs_for_another_network_are_refused(modern) -> None:
+    """An Inputs set goes to native code as it is: it must be for this input shape, float32 or stored uint8."""
+    from cnnc_runtime.data import Inputs
+
+    y = np.zeros(4, dtype=np.int64)
+    assert modern.input_shape == (1, 28, 28)
+    for other in (Inputs(np.zeros((4, 1, 32, 32), np.float32), (1, 32, 32)),
+                  Inputs(np.zeros((4, 1, 28, 28), np.float64), (1, 28, 28))):
+        with pytest.raises(ValueError, match=r"this network takes \(1, 28, 28\)"):
+            modern.evaluate(other, y)
+    ok = Inputs(np.zeros((4, 1, 28, 28), np.float32), (1, 28, 28))
+    assert modern.inputs(ok) is ok
+
+
 def test_list_of_lists_is_accepted(modern, mlp) -> None:
     x = images(2)
     np.testing.assert_array_equal(modern(x.tolist()), modern(x))

@@ -217,7 +217,9 @@ def test_native_update_gives_the_same_bits_as_numpy(compiled, name):
     size = 1003  # not a multiple of any vector width: the loop's tail runs too
     start = rng.standard_normal(size).astype(np.float32)
     native, plain = make_optimizer(name, lr=0.01), make_optimizer(name, lr=0.01)
-    native.use_native(compiled.native_update(native.kind))
+    assert HYPER[name] == native.constant_names  # the compiler and the runtime list the constants alike
+    native.use_native(compiled.native_update(native))
+    assert native._native is not None
     p_native, p_plain = start.copy(), start.copy()
     for step in range(5):
         grads = (rng.standard_normal(size) * 10.0 ** rng.integers(-6, 2, size)).astype(np.float32)
@@ -225,17 +227,73 @@ def test_native_update_gives_the_same_bits_as_numpy(compiled, name):
         native.step(p_native, grads)
         plain.step(p_plain, grads)
         np.testing.assert_array_equal(p_native, p_plain)
-    assert len(native.constants()) == len(HYPER[name])  # the runtime and the compiler agree on the constants
+    assert len(native.constants()) == len(HYPER[name])
     for key, value in plain.state_dict().items():
         np.testing.assert_array_equal(native.state_dict()[key], value)
+    # state restored from a checkpoint: new buffers, and the native loop must use them
+    restored = make_optimizer(name, lr=plain.lr)
+    restored.use_native(compiled.native_update(restored))
+    restored.load_state_dict(plain.state_dict())
+    grads = rng.standard_normal(size).astype(np.float32)
+    restored.step(p_native, grads)
+    plain.step(p_plain, grads)
+    np.testing.assert_array_equal(p_native, p_plain)
 
 
 def test_native_update_falls_back_to_numpy_for_buffers_it_cannot_take(compiled):
     opt = make_optimizer("adam", lr=0.1)
-    opt.use_native(compiled.native_update("adam"))
-    params = np.ones(10, dtype=np.float32)
-    opt.step(params[::2].copy(), np.ones(5, dtype=np.float32))  # fine: contiguous copies
-    strided = np.ones(20, dtype=np.float32)[::2]  # not contiguous: numpy rule, never the native loop
-    opt.reset()
+    opt.use_native(compiled.native_update(opt))
+    strided = np.ones(20, dtype=np.float32)[::2]  # not contiguous: the numpy rule, never the native loop
     opt.step(strided, np.ones(10, dtype=np.float32))
     np.testing.assert_allclose(strided, 0.9, rtol=1e-6)
+
+
+def test_a_subclass_keeps_its_own_rule(compiled):
+    class Frozen(SGD):
+        def _update(self, params, grads, tmp):
+            pass
+
+    opt = Frozen(lr=0.5)
+    assert opt.native_kind == "" and compiled.native_update(opt) is None
+    params = np.ones(4, dtype=np.float32)
+    opt.use_native(compiled.native_update(opt))
+    opt.step(params, np.ones(4, dtype=np.float32))
+    np.testing.assert_array_equal(params, 1.0)
+
+
+def test_a_native_update_keeps_its_code_alive():
+    """An optimizer may outlive the model whose loop it runs: the loop holds the code."""
+    import gc
+
+    import cnnc
+
+    model = cnnc.compile_string("network tiny2 { input x: 3\n y = x -> dense(2) }", cache=False)
+    opt = make_optimizer("momentum", lr=0.1)
+    opt.use_native(model.native_update(opt))
+    del model
+    gc.collect()
+    params = np.ones(37, dtype=np.float32)
+    opt.step(params, np.ones(37, dtype=np.float32))
+    np.testing.assert_allclose(params, 0.9, rtol=1e-6)
+
+
+def test_fit_runs_the_native_update_and_unbinds_it(compiled):
+    seen = []
+    opt = make_optimizer("adam", lr=0.01)
+    x = np.random.default_rng(0).standard_normal((32, 3)).astype(np.float32)
+    compiled.fit(x, np.arange(32) % 2, epochs=1, batch_size=8, optimizer=opt, progress=False, validation_split=0.0,
+                 on_epoch=lambda e: seen.append(opt._native))
+    assert seen and seen[0] is compiled.native_update(opt)
+    assert opt._native is None
+
+
+def test_code_without_the_loop_or_with_other_constants_gets_none(compiled):
+    opt = make_optimizer("adam", lr=0.01)
+    updates = compiled.manifest["updates"]
+    try:
+        compiled.manifest["updates"] = {**updates, "adam": list(reversed(updates["adam"]))}
+        assert compiled.native_update(opt) is None
+        compiled.manifest["updates"] = {}
+        assert compiled.native_update(opt) is None
+    finally:
+        compiled.manifest["updates"] = updates
