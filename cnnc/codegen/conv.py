@@ -20,11 +20,12 @@ with one group runs all three kernels without im2col, on a zero-padded copy
 of the image (``cnnc.codegen.conv_direct``); im2col remains for strided and
 grouped convolutions.
 
-Connect tables are handled through the workspace so the GEMM stays dense:
-forward and backward data first copy the weights with every (o, c) pair outside
-the table replaced by zeros (those weights are never read); backward weights
-computes the full gradient into the workspace and adds only table entries to
-``dw``. The table is a constant ``o x c`` byte mask in the module.
+Connect tables: on the padded path, forward and backward data leave out the
+multiply-adds of (o, c) pairs outside the table (the tiles are unrolled per
+table entry); on the im2col path the GEMM stays dense, with the weights copied
+into the workspace and every pair outside the table replaced by zeros. Either
+way the weights outside the table are never read, and backward weights adds
+only table entries to ``dw`` (its table is a constant ``o x c`` byte mask).
 
 Workspace (floats): ``[col or dcol: c*kh*kw*P unless 1x1] [connect only: o*K]``.
 """
@@ -128,10 +129,6 @@ class _Geom:
         connect = self.spec.connect
         return None if connect is None else frozenset((o, c) for o, row in enumerate(connect) for c in row)
 
-    def padded_weights(self, vw: int) -> bool:
-        """Whether backward weights, on the padded image too, is vectorised over output channels (it needs
-        half a vector of them); else over output positions (LeNet's C1, with 6 output channels)."""
-        return self.padded and 2 * self.spec.o >= vw
 
     def forward_plane(self, vw: int) -> Plane:
         s = self.spec
@@ -166,7 +163,7 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     if not g.padded:
         return im2col
     plane = g.forward_plane(vw)
-    weights = GradSpace(plane, g.padded_weights(vw)).floats
+    weights = GradSpace(plane).floats
     return max(plane.floats, g.backward_plane(vw).floats, weights)
 
 
@@ -191,13 +188,6 @@ def _valid_range(
     hi = b.select(b.icmp_signed("<", last, i64(0)), i64(0), b.add(b.sdiv(last, i64(stride)), i64(1)))
     hi = _smax(b, _smin(b, hi, i64(out)), lo)
     return lo, hi
-
-
-def _fill_zero(b: ir.IRBuilder, base: ir.Value, lo: ir.Value | int, hi: ir.Value | int, vw: int) -> None:
-    def body(b: ir.IRBuilder, t: ir.Value, width: int) -> None:
-        emit.store(b, emit.splat(b, 0.0, width), base, t)
-
-    vector_loop(b, lo, hi, vw, body, name="z")
 
 
 def _mask_table(module: ir.Module, name: str, spec: ConvSpec) -> ir.GlobalVariable:
@@ -244,7 +234,7 @@ def _masked_weights(b: ir.IRBuilder, module: ir.Module, name: str, spec: ConvSpe
         vector_loop(b, 0, taps, vw, step, name="r")
 
     def zero(b: ir.IRBuilder, offset: ir.Value, *_: ir.Value) -> None:
-        _fill_zero(b, out, offset, b.add(offset, i64(taps)), vw)
+        conv_direct.zero(b, out, offset, b.add(offset, i64(taps)), vw)
 
     _each_connected(b, module, name, spec, copy, zero)
 
@@ -258,7 +248,7 @@ def _im2col(b: ir.IRBuilder, g: _Geom, x: ir.Value, col: ir.Value, vw: int) -> N
             with for_range(b, 0, s.kw, name="kx") as kx:
                 ox_lo, ox_hi = _valid_range(b, kx, s.sw, s.pl, s.w, s.ow)
                 row = index(b, (ci, g.taps * g.p), (ky, s.kw * g.p), (kx, g.p))
-                _fill_zero(b, col, row, b.add(row, b.mul(oy_lo, i64(s.ow))), vw)
+                conv_direct.zero(b, col, row, b.add(row, b.mul(oy_lo, i64(s.ow))), vw)
                 with for_range(b, oy_lo, oy_hi, name="oy") as oy:
                     dst = index(b, row, (oy, s.ow))
                     # input offset of output column ox is src + ox * sw
@@ -270,13 +260,13 @@ def _im2col(b: ir.IRBuilder, g: _Geom, x: ir.Value, col: ir.Value, vw: int) -> N
                     def gather(b: ir.IRBuilder, ox: ir.Value, width: int, dst=dst, src=src) -> None:
                         emit.store(b, emit.load(b, x, index(b, src, (ox, s.sw))), col, index(b, dst, ox))
 
-                    _fill_zero(b, col, dst, b.add(dst, ox_lo), vw)
+                    conv_direct.zero(b, col, dst, b.add(dst, ox_lo), vw)
                     if s.sw == 1:
                         vector_loop(b, ox_lo, ox_hi, vw, copy, name="ox")
                     else:
                         vector_loop(b, ox_lo, ox_hi, 1, gather, name="ox")
-                    _fill_zero(b, col, b.add(dst, ox_hi), index(b, dst, s.ow), vw)
-                _fill_zero(b, col, index(b, row, (oy_hi, s.ow)), index(b, row, g.p), vw)
+                    conv_direct.zero(b, col, b.add(dst, ox_hi), index(b, dst, s.ow), vw)
+                conv_direct.zero(b, col, index(b, row, (oy_hi, s.ow)), index(b, row, g.p), vw)
 
 
 def _col2im(b: ir.IRBuilder, g: _Geom, col: ir.Value, dx: ir.Value, vw: int) -> None:
@@ -321,12 +311,9 @@ def _row_sum(b: ir.IRBuilder, base: ir.Value, start: ir.Value, length: int, vw: 
 def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args: dict, vw: int) -> None:
     spec = g.spec
     p = g.forward_plane(vw)
-    pad, out, wt, _ = conv_direct.sections(b, p, args["ws"])
+    pad, out, _ = conv_direct.sections(b, p, args["ws"])
     conv_direct.zero(b, pad, 0, p.pad_floats, vw)  # the border; each image then fills the interior
-    weights = args["w"]
-    if spec.connect is not None:
-        weights = wt
-        _masked_weights(b, module, name, spec, args["w"], weights, vw)
+    weights = args["w"]  # a connect table's tiles never read the weights outside it
     bias = args["b"] if spec.bias else None
     top, left, _, _ = g.pads
     with for_range(b, args["n0"], args["n1"], name="n") as n:
@@ -350,13 +337,10 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
 def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args: dict, vw: int) -> None:
     spec = g.spec
     p = g.backward_plane(vw)
-    pad, out, wt, wt2 = conv_direct.sections(b, p, args["ws"])
+    pad, out, wt = conv_direct.sections(b, p, args["ws"])
     conv_direct.zero(b, pad, 0, p.pad_floats, vw)
-    weights = args["w"]
-    if spec.connect is not None:
-        weights = wt2
-        _masked_weights(b, module, name, spec, args["w"], weights, vw)
-    conv_direct.flipped(b, spec.o, spec.c, spec.kh, spec.kw, weights, wt)
+    # flipped as they are: a connect table's tiles never read the weights outside it
+    conv_direct.flipped(b, spec.o, spec.c, spec.kh, spec.kw, args["w"], wt)
     top, left, _, _ = g.pads
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
@@ -382,8 +366,8 @@ def _padded_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _
     """dW from the padded image: vectorised over output channels, or over positions when there are few."""
     spec = g.spec
     p = g.forward_plane(vw)
-    over_channels = g.padded_weights(vw)
-    form = GradSpace(p, over_channels)
+    form = GradSpace(p)
+    over_channels = form.over_channels  # else over positions (LeNet's C1, with 6 output channels)
     pad, dy_ws, sums = form.sections(b, args["ws"])
     # pad borders, the unused rows or columns of the dy copy, and the sums: zeroed once per call
     conv_direct.zero(b, args["ws"], 0, form.floats, vw)
@@ -506,7 +490,7 @@ def emit_conv_backward_data(module: ir.Module, name: str, spec: ConvSpec, vw: in
             gemm_nn(b, g.k, g.p, g.og, w_t, dy_g, store, vw)
         if not g.direct:
             if not spec.accumulate:
-                _fill_zero(b, dx_img, 0, spec.c * spec.h * spec.w, vw)
+                conv_direct.zero(b, dx_img, 0, spec.c * spec.h * spec.w, vw)
             _col2im(b, g, dcol, dx_img, vw)
     b.ret_void()
     return fn
@@ -523,7 +507,7 @@ def emit_conv_backward_weights(module: ir.Module, name: str, spec: ConvSpec, vw:
     grad = args["dw"]
     if spec.connect is not None:
         grad = emit.gep(b, ws, g.col_floats, name="dw.full")
-        _fill_zero(b, grad, 0, g.table_floats, vw)
+        conv_direct.zero(b, grad, 0, g.table_floats, vw)
 
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")

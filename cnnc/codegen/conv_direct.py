@@ -23,7 +23,7 @@ swapped. The gradient wrt the weights is a product over the outputs instead:
 over output positions when there are few output channels.
 
 Workspace (floats), each section rounded to a cache line: forward and input
-gradient ``[pad][out: m x n][weights: 2 x o * c * kh * kw]`` (``Plane``);
+gradient ``[pad][out: m x n][flipped weights: o * c * kh * kw]`` (``Plane``);
 weight gradient ``GradSpace``.
 """
 
@@ -36,7 +36,7 @@ import llvmlite.ir as ir
 
 from cnnc.codegen import emit
 from cnnc.codegen.emit import for_range
-from cnnc.codegen.gemm import column_pieces, index, local, vector_loop
+from cnnc.codegen.gemm import Index, column_pieces, index, local, vector_loop
 
 LINE = 16  # floats in a 64-byte cache line
 
@@ -85,8 +85,8 @@ class Plane:
 
     @property
     def weight_floats(self) -> int:
-        """Room for two weight copies: masked by a connect table, then flipped."""
-        return 2 * _round(self.m * self.c * self.taps)
+        """The flipped weights of the input-gradient convolution (the forward reads the weights in place)."""
+        return _round(self.m * self.c * self.taps)
 
     @property
     def floats(self) -> int:
@@ -108,7 +108,8 @@ def tile_vectors(mr: int, vw: int) -> int:
     return max(1, min(4, (regs - 4) // (mr + 1)))
 
 
-def zero(b: ir.IRBuilder, base: ir.Value, lo: int, hi: int, vw: int) -> None:
+def zero(b: ir.IRBuilder, base: ir.Value, lo: Index, hi: Index, vw: int) -> None:
+    """base[lo:hi] = 0 (bounds may be run-time values)."""
     def body(b: ir.IRBuilder, t: ir.Value, width: int) -> None:
         emit.store(b, emit.splat(b, 0.0, width), base, t)
 
@@ -291,11 +292,9 @@ def flipped(b: ir.IRBuilder, o: int, c: int, kh: int, kw: int, w: ir.Value, out:
                 emit.store(b, emit.load(b, w, index(b, s, taps - 1 - t)), out, index(b, d, t))
 
 
-def sections(b: ir.IRBuilder, p: Plane, ws: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
-    """The workspace's pad, out and two weight sections."""
-    first = p.pad_floats + p.out_floats
-    return (ws, emit.gep(b, ws, p.pad_floats, name="out"), emit.gep(b, ws, first, name="wt"),
-            emit.gep(b, ws, first + p.weight_floats // 2, name="wt2"))
+def sections(b: ir.IRBuilder, p: Plane, ws: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """The workspace's pad, out and weight sections."""
+    return (ws, emit.gep(b, ws, p.pad_floats, name="out"), emit.gep(b, ws, p.pad_floats + p.out_floats, name="wt"))
 
 
 # --- gradient wrt the weights ------------------------------------------------------------------------
@@ -305,15 +304,20 @@ def sections(b: ir.IRBuilder, p: Plane, ws: ir.Value) -> tuple[ir.Value, ir.Valu
 class GradSpace:
     """Workspace of the weight gradient on the padded plane `p` (``p.m`` output channels): ``[pad][dy][sums]``.
 
-    Vectorised over output channels (``weight_product``): dy^T, ``n x m`` with
-    the rows past each output row zero, and dW^T, ``(c * taps) x m``. Over
-    positions (``dot_weight_product``): dy on the plane's columns, ``m`` rows
-    of ``n``, and a vector of partial sums per weight, laid out like dW; they
-    stay vectors across the batch and are reduced across lanes once per call.
+    Vectorised over output channels (``weight_product``), when there are at
+    least half a vector of them: dy^T, ``n x m`` (the rows of thrown-away
+    columns unused), and dW^T, ``(c * taps) x m``. Over positions
+    (``dot_weight_product``): dy on the plane's columns, ``m`` rows of ``n``
+    (zero past each output row), and a vector of partial sums per weight, laid
+    out like dW; they stay vectors across the batch and are reduced across
+    lanes once per call.
     """
 
     p: Plane
-    over_channels: bool
+
+    @property
+    def over_channels(self) -> bool:
+        return 2 * self.p.m >= self.p.vw
 
     @property
     def dy_floats(self) -> int:
@@ -333,7 +337,7 @@ class GradSpace:
 
 
 def transpose_dy(b: ir.IRBuilder, p: Plane, dy: ir.Value, dyt: ir.Value) -> None:
-    """dyt[oy * wp + ox, r] = dy[r, oy, ox] for the valid outputs (the other rows of dyt stay as they are: zero).
+    """dyt[oy * wp + ox, r] = dy[r, oy, ox] for the valid outputs (weight_product reads no other rows).
 
     Sixteen channels at a time: their planes' current cache lines stay in L1
     (all of them at once conflict when a plane is a multiple of 1 KiB).

@@ -152,9 +152,12 @@ def _tiled_forward(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, yb: ir.Value, 
 
         def window(b: ir.IRBuilder, ox: ir.Value, width: int) -> None:
             first = b.add(in_row, b.mul(ox, i64(spec.kw)))
-            taps = [_columns(b, xb, b.add(first, i64(i * spec.w)), width)[j] if width > 1
-                    else emit.load(b, xb, b.add(first, i64(i * spec.w + j)))
-                    for i in range(spec.kh) for j in range(spec.kw)]
+            taps = []
+            for i in range(spec.kh):  # in row-major order
+                if width > 1:
+                    taps.extend(_columns(b, xb, b.add(first, i64(i * spec.w)), width))
+                else:
+                    taps.extend(emit.load(b, xb, b.add(first, i64(i * spec.w + j))) for j in range(spec.kw))
             result = taps[0]
             for t in taps[1:]:  # in row-major order, as the general path folds them
                 result = emit.fmax(b, result, t) if is_max else b.fadd(result, t)

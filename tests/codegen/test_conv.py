@@ -40,6 +40,10 @@ def make_spec(c, h, w, o, kh, kw, stride=(1, 1), pad=(0, 0, 0, 0), gap=0, **opti
     return dataclasses.replace(spec, x_stride=c * h * w + gap, y_stride=o * oh * ow + gap)
 
 
+LENET_C3 = ((0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4, 5), (0, 4, 5), (0, 1, 5), (0, 1, 2, 3), (1, 2, 3, 4),
+            (2, 3, 4, 5), (0, 3, 4, 5), (0, 1, 4, 5), (0, 1, 2, 5), (0, 1, 3, 4), (1, 2, 4, 5), (0, 2, 3, 5),
+            (0, 1, 2, 3, 4, 5))
+
 CASES = {
     "3x3_same": make_spec(3, 8, 8, 5, 3, 3, pad=(1, 1, 1, 1)),
     "3x5_stride2_odd": make_spec(2, 7, 9, 4, 3, 5, stride=(2, 2), pad=(1, 2, 1, 2), gap=5, accumulate=True),
@@ -60,6 +64,17 @@ CASES = {
     "rows_32_wide_odd_height": make_spec(4, 7, 32, 5, 3, 3, pad=(1, 1, 1, 1), gap=2, accumulate=True),
     "rows_16_wide_connect": make_spec(3, 6, 16, 4, 3, 3, pad=(1, 1, 1, 1),
                                       connect=((0,), (1, 2), (0, 2), (0, 1, 2))),
+    # uneven padding on the padded path: bottom/right follow from the output size, dy is padded by kh-1-top
+    "2x2_same_stride1": make_spec(3, 7, 9, 4, 2, 2, pad=(0, 0, 1, 1)),
+    "3x3_pad_bottom_right": make_spec(2, 6, 7, 5, 3, 3, pad=(0, 0, 2, 2)),
+    "3x3_pad_top_left": make_spec(2, 6, 7, 5, 3, 3, pad=(2, 2, 0, 0), accumulate=True),
+    # more than 16 taps (a loop over kernel rows): LeNet's C3 with its table, and rows of whole vectors
+    "lenet_c3": make_spec(6, 14, 14, 16, 5, 5, connect=LENET_C3),
+    "5x5_rows_32_wide": make_spec(2, 6, 32, 3, 5, 5, pad=(2, 2, 2, 2), gap=1),
+    # few output channels with a table and no bias: the weight gradient as dot products over positions
+    "connect_few_outputs": make_spec(4, 6, 7, 3, 3, 3, pad=(1, 1, 1, 1), connect=((0, 1), (2,), (1, 3)), bias=False),
+    # padding as large as the kernel: stride 1, but through im2col
+    "3x3_pad_3": make_spec(2, 4, 5, 3, 3, 3, pad=(3, 3, 3, 3)),
     # one output channel: on every target, backward weights runs as dot products over positions
     "one_output": make_spec(3, 9, 11, 1, 3, 3, pad=(1, 1, 1, 1), gap=3),
     # a vector or more of output channels per group: backward weights runs as col @ dy^T
@@ -272,6 +287,15 @@ def test_conv_forward_activations(jit) -> None:
         check_arena(y, np.full_like(y, SENTINEL), act_ref(pre, act, spec.alpha), s.o * s.oh * s.ow)
 
 
+def test_which_convolutions_run_on_the_padded_image() -> None:
+    from cnnc.codegen.conv import _Geom
+
+    padded = {name: _Geom(spec).padded for name, spec in CASES.items()}
+    assert padded["3x3_same"] and padded["lenet_c3"] and padded["3x3_pad_top_left"] and padded["nobias_pad2"]
+    # strides, groups, 1x1 (the image is its own column matrix) and padding as large as the kernel: im2col
+    assert not any(padded[n] for n in ("3x5_stride2_odd", "groups2", "1x1", "3x3_pad_3", "4x2_mixed_stride"))
+
+
 def test_workspace_sizes() -> None:
     dyt = lambda s: s.oh * s.ow * (s.o // s.groups)  # dy of one group, transposed, for backward weights
     s = CASES["1x1"]
@@ -284,7 +308,7 @@ def test_workspace_sizes() -> None:
     s = make_spec(64, 4, 4, 64, 3, 3, pad=(1, 1, 1, 1))
     padded = 64 * 6 * 6 + 2 + (32 - 24)  # 64 planes of 6 x 6, then what the last taps read past them: 2320
     out = 64 * 32  # 4 rows of 6 columns rounded up to two vectors, for each output channel
-    weights = 2 * 64 * 64 * 9  # masked and flipped copies
+    weights = 64 * 64 * 9  # the flipped copy for the input gradient (as large as the weight gradient's sums)
     assert conv_workspace_floats(s, 16) == 2320 + out + weights == -(-padded // 16) * 16 + out + weights
     with pytest.raises(ValueError):
         conv_workspace_floats(dataclasses.replace(CASES["connect_1x1"], groups=2, o=4), 16)
