@@ -40,10 +40,11 @@ def _dataset(args, model):
         raise _usage(f"cnnc {args.command}: {e}") from None
 
 
-def _inputs(model, x: np.ndarray) -> np.ndarray:
+def _inputs(model, x: np.ndarray):
+    """uint8 images stay as stored (an ``Inputs`` set, its shape checked now, before any training); others are
+    prepared and normalized here once."""
     if x.dtype == np.uint8:
-        model.inputs(x)  # checks the shape now, before any training
-        return x
+        return model.inputs(x)
     from cnnc_runtime.data import prepare_images
 
     x = prepare_images(x, model.input_shape)
