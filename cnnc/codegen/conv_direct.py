@@ -37,12 +37,7 @@ import llvmlite.ir as ir
 from cnnc.codegen import emit
 from cnnc.codegen.emit import for_range
 from cnnc.codegen.gemm import Index, column_pieces, index, local, vector_loop
-
-LINE = 16  # floats in a 64-byte cache line
-
-
-def _round(n: int, to: int = LINE) -> int:
-    return -(-n // to) * to
+from cnnc.codegen.plan import ALIGN, aligned
 
 
 @dataclass(frozen=True)
@@ -72,21 +67,21 @@ class Plane:
     @property
     def n(self) -> int:
         """Output columns computed: whole padded rows, rounded up to a vector."""
-        return _round(self.oh * self.wp, self.vw)
+        return -(-self.oh * self.wp // self.vw) * self.vw
 
     @property
     def pad_floats(self) -> int:
         # the last tap of the last column reads (kw - 1) + (n - oh * wp) floats past the planes
-        return _round(self.c * self.hp * self.wp + self.kw - 1 + self.n - self.oh * self.wp)
+        return aligned(self.c * self.hp * self.wp + self.kw - 1 + self.n - self.oh * self.wp)
 
     @property
     def out_floats(self) -> int:
-        return _round(self.m * self.n)
+        return aligned(self.m * self.n)
 
     @property
     def weight_floats(self) -> int:
         """The flipped weights of the input-gradient convolution (the forward reads the weights in place)."""
-        return _round(self.m * self.c * self.taps)
+        return aligned(self.m * self.c * self.taps)
 
     @property
     def floats(self) -> int:
@@ -321,11 +316,11 @@ class GradSpace:
 
     @property
     def dy_floats(self) -> int:
-        return _round(self.p.n * self.p.m)
+        return aligned(self.p.n * self.p.m)
 
     @property
     def sum_floats(self) -> int:
-        return _round(self.p.c * self.p.taps * self.p.m) * (1 if self.over_channels else self.p.vw)
+        return aligned(self.p.c * self.p.taps * self.p.m) * (1 if self.over_channels else self.p.vw)
 
     @property
     def floats(self) -> int:
@@ -342,12 +337,12 @@ def transpose_dy(b: ir.IRBuilder, p: Plane, dy: ir.Value, dyt: ir.Value) -> None
     Sixteen channels at a time: their planes' current cache lines stay in L1
     (all of them at once conflict when a plane is a multiple of 1 KiB).
     """
-    for r0 in range(0, p.m, LINE):
+    for r0 in range(0, p.m, ALIGN):
         with for_range(b, 0, p.oh, name="ty") as oy:
             with for_range(b, 0, p.ow, name="tx") as ox:
                 src = index(b, (oy, p.ow), ox)
                 dst = index(b, (oy, p.wp * p.m), (ox, p.m))
-                for r in range(r0, min(p.m, r0 + LINE)):
+                for r in range(r0, min(p.m, r0 + ALIGN)):
                     emit.store(b, emit.load(b, dy, index(b, src, r * p.oh * p.ow)), dyt, index(b, dst, r))
 
 

@@ -33,7 +33,7 @@ from cnnc.codegen.elementwise import emit_copy, emit_gaussian_noise
 from cnnc.codegen.emit import I64, PTR
 from cnnc.codegen.loss import emit_loss
 from cnnc.codegen.lowering import BACKWARD, FORWARD
-from cnnc.codegen.plan import ALIGN, Plan, Tensor, plan_memory
+from cnnc.codegen.plan import ALIGN, Plan, Tensor, aligned, plan_memory
 from cnnc.codegen.specs import ConvSpec, CopySpec, LossSpec, NoiseSpec
 from cnnc.ir import execution_order
 
@@ -63,7 +63,7 @@ def param_layout(g: nx.DiGraph) -> tuple[list[ParamSlot], int]:
             for d in shape:
                 size *= d
             slots.append(ParamSlot(f"{n}.{kind}", n, kind, tuple(shape), at, size))
-            at += -(-size // ALIGN) * ALIGN
+            at += aligned(size)
     return slots, max(at, ALIGN)
 
 
@@ -93,7 +93,7 @@ class Builder:
             self.kernel_modules.append(own)
             self._kernels[key] = ir.Function(self.module, fn.ftype, name=name)
             if isinstance(spec, ConvSpec):
-                self.ws_floats = max(self.ws_floats, -(-conv_workspace_floats(spec, self.vw) // ALIGN) * ALIGN)
+                self.ws_floats = max(self.ws_floats, aligned(conv_workspace_floats(spec, self.vw)))
         return self._kernels[key]
 
 
@@ -211,7 +211,7 @@ def _like_training(plan: Plan, train: Plan, output: str) -> Plan:
     root = plan.root[output]
     out = plan.value[root]
     if out.base == "y" and out.size <= SMALL_OUTPUT:
-        stride = max(stride, plan.arena_floats + -(-out.size // ALIGN) * ALIGN)
+        stride = max(stride, plan.arena_floats + aligned(out.size))
     if stride - plan.arena_floats > SHARE_MAX_FLOATS:
         return plan
     if out.base == "y" and out.size <= SMALL_OUTPUT:

@@ -26,7 +26,8 @@ from cnnc.ir import execution_order
 ALIGN = 16  # floats: 64 bytes
 
 
-def _aligned(n: int) -> int:
+def aligned(n: int) -> int:
+    """`n` floats rounded up to whole 64-byte lines."""
     return -(-n // ALIGN) * ALIGN
 
 
@@ -86,7 +87,7 @@ def plan_memory(g: nx.DiGraph, training: bool) -> Plan:
 
         def take(n_floats: int) -> int:
             nonlocal offset
-            at, offset = offset, offset + _aligned(n_floats)
+            at, offset = offset, offset + aligned(n_floats)
             return at
 
         for n in order:
@@ -97,7 +98,7 @@ def plan_memory(g: nx.DiGraph, training: bool) -> Plan:
         # every loss writes the gradient of the tensor it reads, even when nothing trains
         for r in sorted({plan.root[t] for t in gradient_tensors(g)}, key=order.index):
             plan.grad[r] = Tensor("arena", take(size[r]), 0, size[r])
-        plan.arena_floats = max(_aligned(offset), ALIGN)
+        plan.arena_floats = max(aligned(offset), ALIGN)
     else:
         last_use: dict[str, int] = {}
         for i, n in enumerate(order):
@@ -111,7 +112,7 @@ def plan_memory(g: nx.DiGraph, training: bool) -> Plan:
             if n == out_root:
                 plan.value[n] = Tensor("y", 0, size[n], size[n])
             else:
-                need = _aligned(size[n])
+                need = aligned(size[n])
                 at = 0
                 for o, s in sorted(live.values()):
                     if at + need <= o:
@@ -122,7 +123,7 @@ def plan_memory(g: nx.DiGraph, training: bool) -> Plan:
                 plan.value[n] = Tensor("arena", at, 0, size[n])
             for r in [r for r in live if last_use.get(r, -1) <= i and r != n]:
                 del live[r]
-        plan.arena_floats = max(_aligned(high), ALIGN)
+        plan.arena_floats = max(aligned(high), ALIGN)
     stride = plan.arena_floats
     for table in (plan.value, plan.grad, plan.mask):
         for k, t in table.items():
