@@ -193,6 +193,9 @@ class Ctx:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
+        # Python's default: modules load from cached bytecode, as after `pip install` (which compiles it); a
+        # PYTHONDONTWRITEBYTECODE in the environment would compile every module from source in each child
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["CNNC_THREADS"] = str(self.threads)
         env["CNNC_CACHE_DIR"] = self.cache_dir
         env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
