@@ -387,10 +387,10 @@ def _padded_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _
     dw = args["dw"]
 
     def add_block(b: ir.IRBuilder, offset: ir.Value, oi: ir.Value, ci: ir.Value) -> None:
-        for t in range(g.taps):
+        with for_range(b, 0, g.taps, name="t") as t:  # a loop: the reduction across lanes is a dozen instructions
             at = index(b, offset, t)
             if over_channels:  # dW[oi, ci, t] += dW^T[ci * taps + t, oi]
-                total = emit.load(b, sums, index(b, (ci, g.taps * spec.o), t * spec.o, oi))
+                total = emit.load(b, sums, index(b, (ci, g.taps * spec.o), (t, spec.o), oi))
             else:  # the lanes of a vector of partial sums per weight, laid out like dW
                 total = emit.hsum(b, emit.load(b, sums, index(b, (at, vw)), vw))
             emit.store(b, b.fadd(emit.load(b, dw, at), total), dw, at)

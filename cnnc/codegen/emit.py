@@ -161,13 +161,17 @@ def fmin(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
 
 
 def hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
-    """Sum of a vector's lanes (a scalar passes through)."""
+    """Sum of a vector's lanes (a scalar passes through): halves added pairwise, log2(width) vector adds."""
     if not isinstance(v.type, ir.VectorType):
         return v
-    total = b.extract_element(v, ir.Constant(I32, 0))
-    for lane in range(1, v.type.count):
-        total = b.fadd(total, b.extract_element(v, ir.Constant(I32, lane)))
-    return total
+    width = v.type.count
+    while width > 1:
+        half = width // 2
+        undef = ir.Constant(v.type, ir.Undefined)
+        lanes = [ir.Constant(ir.VectorType(I32, half), list(range(start, start + half))) for start in (0, half)]
+        v = b.fadd(b.shuffle_vector(v, undef, lanes[0]), b.shuffle_vector(v, undef, lanes[1]))
+        width = half
+    return b.extract_element(v, ir.Constant(I32, 0))
 
 
 def _like(b: ir.IRBuilder, v: ir.Value, c: float) -> ir.Value:
