@@ -269,6 +269,14 @@ def _im2col(b: ir.IRBuilder, g: _Geom, x: ir.Value, col: ir.Value, vw: int) -> N
                 conv_direct.zero(b, col, index(b, row, (oy_hi, s.ow)), index(b, row, g.p), vw)
 
 
+def _column_matrix(b: ir.IRBuilder, g: _Geom, x_img: ir.Value, ws: ir.Value, vw: int) -> ir.Value:
+    """The image's column matrix: the image itself for a 1x1 convolution, else im2col into the workspace."""
+    if g.direct:
+        return x_img
+    _im2col(b, g, x_img, ws, vw)
+    return ws
+
+
 def _col2im(b: ir.IRBuilder, g: _Geom, col: ir.Value, dx: ir.Value, vw: int) -> None:
     """dx[ci, oy*sh - pt + ky, ox*sw - pl + kx] += col[(ci, ky, kx), (oy, ox)] for every in-image tap."""
     s = g.spec
@@ -433,11 +441,7 @@ def emit_conv_forward(module: ir.Module, name: str, spec: ConvSpec, vw: int) -> 
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
         y_img = emit.gep(b, args["y"], index(b, (n, g.y_stride)), name="y.img")
-        if g.direct:
-            col = x_img
-        else:
-            col = ws
-            _im2col(b, g, x_img, col, vw)
+        col = _column_matrix(b, g, x_img, ws, vw)
         with for_range(b, 0, spec.groups, name="g") as gi:
             first_out = index(b, (gi, g.og))
             w_g = Mat(emit.gep(b, weights, index(b, (first_out, g.k))), rs=g.k)
@@ -512,11 +516,7 @@ def emit_conv_backward_weights(module: ir.Module, name: str, spec: ConvSpec, vw:
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
         dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
-        if g.direct:
-            col = x_img
-        else:
-            col = ws
-            _im2col(b, g, x_img, col, vw)
+        col = _column_matrix(b, g, x_img, ws, vw)
         with for_range(b, 0, spec.groups, name="g") as gi:
             first_out = index(b, (gi, g.og))
             dy_g = Mat(emit.gep(b, dy_img, index(b, (first_out, g.p))), rs=g.p)
