@@ -221,10 +221,14 @@ def _each_connected(b: ir.IRBuilder, module: ir.Module, name: str, spec: ConvSpe
                         otherwise(b, offset, oi, ci)
 
 
-def _masked_weights(b: ir.IRBuilder, module: ir.Module, name: str, spec: ConvSpec, w: ir.Value,
-                    out: ir.Value, vw: int) -> None:
-    """out = w with the (o, c) blocks outside the connect table zeroed (those weights are not read)."""
-    taps = spec.kh * spec.kw
+def _dense_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args: dict, vw: int) -> ir.Value:
+    """The weights for the im2col GEMM: `w` itself, or with a connect table a workspace copy in which the
+    (o, c) blocks outside the table are zero (the weights there are never read)."""
+    spec, w = g.spec, args["w"]
+    if spec.connect is None:
+        return w
+    out = emit.gep(b, args["ws"], g.col_floats, name="w.masked")
+    taps = g.taps
 
     def copy(b: ir.IRBuilder, offset: ir.Value, *_: ir.Value) -> None:
         def step(b: ir.IRBuilder, t: ir.Value, width: int) -> None:
@@ -237,6 +241,7 @@ def _masked_weights(b: ir.IRBuilder, module: ir.Module, name: str, spec: ConvSpe
         conv_direct.zero(b, out, offset, b.add(offset, i64(taps)), vw)
 
     _each_connected(b, module, name, spec, copy, zero)
+    return out
 
 
 def _im2col(b: ir.IRBuilder, g: _Geom, x: ir.Value, col: ir.Value, vw: int) -> None:
@@ -432,10 +437,7 @@ def emit_conv_forward(module: ir.Module, name: str, spec: ConvSpec, vw: int) -> 
         _direct_forward(b, module, name, g, args, vw)
         return fn
     ws = args["ws"]
-    weights = args["w"]
-    if spec.connect is not None:
-        weights = emit.gep(b, ws, g.col_floats, name="w.masked")
-        _masked_weights(b, module, name, spec, args["w"], weights, vw)
+    weights = _dense_weights(b, module, name, g, args, vw)
     bias = args["b"] if spec.bias else None
 
     with for_range(b, args["n0"], args["n1"], name="n") as n:
@@ -468,10 +470,7 @@ def emit_conv_backward_data(module: ir.Module, name: str, spec: ConvSpec, vw: in
         _direct_backward_data(b, module, name, g, args, vw)
         return fn
     ws = args["ws"]
-    weights = args["w"]
-    if spec.connect is not None:
-        weights = emit.gep(b, ws, g.col_floats, name="w.masked")
-        _masked_weights(b, module, name, spec, args["w"], weights, vw)
+    weights = _dense_weights(b, module, name, g, args, vw)
     # the direct (1x1) form writes dx itself, so it follows `accumulate`; dcol is always overwritten
     accumulate = spec.accumulate and g.direct
 
