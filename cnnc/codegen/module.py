@@ -34,7 +34,8 @@ from cnnc.codegen.emit import I64, PTR
 from cnnc.codegen.loss import emit_loss
 from cnnc.codegen.lowering import BACKWARD, FORWARD
 from cnnc.codegen.plan import ALIGN, Plan, Tensor, aligned, plan_memory
-from cnnc.codegen.specs import ConvSpec, CopySpec, LossSpec, NoiseSpec
+from cnnc.codegen.specs import ConvSpec, CopySpec, DenseSpec, LossSpec, NoiseSpec
+from cnnc.codegen.target import TILED
 from cnnc.ir import execution_order
 
 LOSSES = ("cross_entropy", "mse")
@@ -90,6 +91,8 @@ class Builder:
             name = f"{self.g.graph['network']}.{emitter.__name__.removeprefix('emit_')}_{len(self._kernels)}"
             own = ir.Module(name=name)
             fn = emitter(own, name, spec, self.vw)
+            if isinstance(spec, (ConvSpec, DenseSpec)):
+                own.add_named_metadata(TILED)
             self.kernel_modules.append(own)
             self._kernels[key] = ir.Function(self.module, fn.ftype, name=name)
             if isinstance(spec, ConvSpec):

@@ -100,3 +100,10 @@ def test_groups_balance_by_estimated_cost():
     assert sorted(m.name for g in groups for m in g) == sorted(m.name for m in modules)
     loads = [sum(map(target.kernel_cost, g)) for g in groups]
     assert max(loads) - min(loads) <= max(map(target.kernel_cost, modules))
+
+
+def test_only_conv_and_dense_kernels_take_the_short_pipeline():
+    """They block and vectorise themselves; pooling's and the elementwise kernels' scalar loops still need O2."""
+    tiled = {m.name.split(".")[1].rsplit("_", 1)[0] for m in lenet_modules() if target.TILED in m.namedmetadata}
+    assert tiled == {"conv_forward", "conv_backward_data", "conv_backward_weights",
+                     "dense_forward", "dense_backward_data", "dense_backward_weights"}
