@@ -18,21 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from cnnc.errors import Diagnostics
 from cnnc_runtime import __version__, artifact
+from cnnc_runtime.cachedir import cache_dir
 
-
-def cache_dir() -> Path:
-    """``$CNNC_CACHE_DIR``, else ``$XDG_CACHE_HOME/cnnc``, else ``~/.cache/cnnc``."""
-    if os.environ.get("CNNC_CACHE_DIR"):
-        return Path(os.environ["CNNC_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cnnc"
+__all__ = ["cache_dir", "compile_source", "compiler_fingerprint", "read", "source_key", "write"]
 
 
 @lru_cache(maxsize=1)

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cnnc_runtime import artifact
-from cnnc_runtime.native import NativeLibrary, host_cpu, missing_features
+from cnnc_runtime.host import host_cpu, missing_features
+from cnnc_runtime.native import NativeLibrary
 from cnnc_runtime.parallel import Pool, default_threads, shared_pool, split
 
 if TYPE_CHECKING:  # loaded where used: a model loaded from the cache runs without them

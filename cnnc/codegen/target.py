@@ -13,16 +13,25 @@ import os
 import signal
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import llvmlite
-import llvmlite.binding as llvm
-import llvmlite.ir as ir
+
+from cnnc_runtime.host import host_cpu
+
+if TYPE_CHECKING:
+    import llvmlite.binding as llvm
+    import llvmlite.ir as ir
 
 
 @lru_cache(maxsize=1)
-def _init_llvm() -> None:
+def _llvm():
+    """``llvmlite.binding``, initialised for this machine; loaded on first use (a cached compile never needs it)."""
+    import llvmlite.binding as llvm
+
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
+    return llvm
 
 
 @dataclass(frozen=True)
@@ -49,8 +58,7 @@ class Target:
         return f"{self.triple}|{self.cpu}|{self.features}|llvmlite {llvmlite.__version__}"
 
     def machine(self) -> llvm.TargetMachine:
-        _init_llvm()
-        target = llvm.Target.from_triple(self.triple)
+        target = _llvm().Target.from_triple(self.triple)
         return target.create_target_machine(
             cpu=self.cpu, features=self.features, opt=3, reloc="pic", codemodel="default"
         )
@@ -58,17 +66,14 @@ class Target:
 
 def host_target() -> Target:
     """The machine we run on, unless ``CNNC_TARGET=generic`` asks for baseline x86-64."""
-    _init_llvm()
-    triple = llvm.get_process_triple()
     if os.environ.get("CNNC_TARGET", "host") == "generic":
         return generic_target()
-    return Target(triple, llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten())
+    return Target(*host_cpu())
 
 
 def generic_target() -> Target:
     """Baseline x86-64: SSE2 only, runs on any 64-bit x86 CPU."""
-    _init_llvm()
-    return Target(llvm.get_process_triple(), "x86-64", "")
+    return Target(host_cpu()[0], "x86-64", "")
 
 
 def optimize(module: ir.Module, target: Target) -> llvm.ModuleRef:
@@ -89,7 +94,7 @@ def emit_assembly(module: ir.Module, target: Target) -> str:
 
 def _link(texts: list[str], target: Target) -> llvm.ModuleRef:
     """Parse the modules' IR, optimise each for `target` (see `passes`) and link them into one."""
-    _init_llvm()
+    llvm = _llvm()
     tm = target.machine()
     first = None
     for text in texts:
@@ -120,6 +125,7 @@ def passes(ref: llvm.ModuleRef, tm: llvm.TargetMachine, tiled: bool) -> None:
     kernels still gain from O2's loop-invariant code motion and value
     numbering (a 3x3 max pool: 1.5x), and are cheap to optimise.
     """
+    llvm = _llvm()
     pb = llvm.create_pass_builder(tm, _tuning())
     if not tiled:
         pb.getModulePassManager().run(ref, pb)
@@ -143,7 +149,7 @@ def _tuning() -> llvm.PipelineTuningOptions:
     O2 rather than O3: the same kernel speed (LeNet-5, CIFAR, the 64-channel
     conv, single-thread, within noise) for about a tenth less compile time.
     """
-    options = llvm.create_pipeline_tuning_options(speed_level=2)
+    options = _llvm().create_pipeline_tuning_options(speed_level=2)
     options.loop_unrolling = False
     options.loop_vectorization = False
     return options

@@ -154,7 +154,7 @@ def test_missing_cpu_feature_is_refused(saved, tmp_path) -> None:
         return {**m, "target": t}, o, w
 
     bad = _tampered(saved, tmp_path, change)
-    from cnnc_runtime.native import host_cpu
+    from cnnc_runtime.host import host_cpu
 
     if "+amx-tile" in host_cpu()[2].split(","):
         pytest.skip("this CPU has AMX")

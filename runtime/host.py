@@ -1,0 +1,81 @@
+"""This CPU as LLVM names it: (triple, CPU name, feature string).
+
+Asking LLVM means importing ``llvmlite.binding`` (25-35 ms here, more than all
+the rest of loading a cached network), so the answer is remembered in the cache
+directory under a fingerprint of what the operating system reports about the
+CPU (``/proc/cpuinfo``'s first processor, without its clock lines) and of the
+llvmlite version. A different CPU, a kernel that hides a feature (AVX-512 turned
+off, say) or another LLVM asks again. Where there is no ``/proc/cpuinfo``,
+LLVM is asked every time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+
+from cnnc_runtime.cachedir import cache_dir
+
+VOLATILE = ("cpu MHz", "bogomips", "BogoMIPS")  # lines of /proc/cpuinfo that change while the CPU does not
+
+
+@lru_cache(maxsize=1)
+def host_cpu() -> tuple[str, str, str]:
+    """(triple, cpu name, feature string) of this machine, as ``llvmlite.binding`` reports them."""
+    key = fingerprint(_cpuinfo())
+    path = cache_dir() / "host" / f"{key}.json" if key else None
+    if path is not None:
+        try:
+            known = json.loads(path.read_text())
+            answer = (known["triple"], known["cpu"], known["features"])
+            if all(isinstance(s, str) for s in answer) and answer[0]:
+                return answer
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not there yet, or unreadable: ask LLVM and write it again
+    answer = ask_llvm()
+    if path is not None:
+        try:
+            from cnnc_runtime.fileio import atomic_write_bytes
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            triple, cpu, features = answer
+            atomic_write_bytes(path, json.dumps({"triple": triple, "cpu": cpu, "features": features}).encode())
+        except OSError:
+            pass  # an unwritable cache only costs time
+    return answer
+
+
+def ask_llvm() -> tuple[str, str, str]:
+    """What LLVM says about this CPU (loads LLVM)."""
+    import llvmlite.binding as llvm
+
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    return llvm.get_process_triple(), llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+
+
+def _cpuinfo() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def fingerprint(cpuinfo: str | None) -> str | None:
+    """A hash of the first processor's entry in `cpuinfo` and of the llvmlite version; None without an entry."""
+    lines = [line for line in (cpuinfo or "").split("\n\n", 1)[0].splitlines() if not line.startswith(VOLATILE)]
+    if not lines:
+        return None
+    import llvmlite  # the package only (its version); LLVM itself is not loaded
+
+    blob = "\n".join([f"llvmlite {llvmlite.__version__}", *lines])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def missing_features(features: str) -> list[str]:
+    """The `+feature`s of a feature string that this CPU does not have."""
+    _, _, host = host_cpu()
+    have = {f[1:] for f in host.split(",") if f.startswith("+")}
+    return sorted(f[1:] for f in features.split(",") if f.startswith("+") and f[1:] not in have)
