@@ -153,12 +153,6 @@ def _align(n: int, a: int) -> int:
     return (n + a - 1) & -a
 
 
-def _fits32(value: int, what: str) -> int:
-    if not -(1 << 31) <= value < 1 << 31:
-        raise UnsupportedObject(f"{what} does not fit in 32 bits")
-    return value
-
-
 class Image:
     """Where every loaded section, PLT stub and GOT slot of a set of objects goes, relative to the mapping's start.
 
@@ -168,7 +162,6 @@ class Image:
 
     def __init__(self, objs: list[ElfObject]) -> None:
         self.objs = objs
-        self.relocs = [o.relocations() for o in objs]
         sizes, regions = [0, 0, 0], []
         for o in objs:
             placed = {}
@@ -183,20 +176,25 @@ class Image:
         self.externals: set[str] = set()
         stubs: dict[str, None] = {}  # (dicts keep the first-seen order: the layout does not depend on hashing)
         got: dict[Ref, None] = {}
-        for k, rels in enumerate(self.relocs):
-            for target, rows in rels:
-                for off, rtype, j, _ in rows:
+        self.fixups: list[tuple[int, int, list[tuple[int, int, Ref, int]]]] = []  # (object, section, relocations)
+        for k, o in enumerate(objs):
+            for target, rows in o.relocations():
+                fixes = []
+                for off, rtype, j, addend in rows:
                     self._check(k, target, off, rtype)
-                    t = self.symbol(k, j)
+                    if rtype == R_NONE:
+                        continue
+                    ref = self.symbol(k, j)
+                    fixes.append((off, rtype, ref, addend))
                     if rtype in GOT_RELOCS:
-                        got[t] = None
-                    if isinstance(t, str):
-                        self.externals.add(t)
+                        got[ref] = None
+                    if isinstance(ref, str):
+                        self.externals.add(ref)
                         if rtype in (R_PC32, R_PLT32):
-                            stubs[t] = None
+                            stubs[ref] = None
+                self.fixups.append((k, target, fixes))
         self.stubs = {name: sizes[0] + n * STUB_SIZE for n, name in enumerate(stubs)}
-        self.text_end = sizes[0] + STUB_SIZE * len(stubs)
-        self.rodata = _align(self.text_end, mmap.PAGESIZE)
+        self.rodata = _align(sizes[0] + STUB_SIZE * len(stubs), mmap.PAGESIZE)
         got_at = _align(self.rodata + sizes[1], 8)
         self.got = {key: got_at + 8 * n for n, key in enumerate(got)}
         self.data = _align(got_at + 8 * len(got), mmap.PAGESIZE)
@@ -254,6 +252,12 @@ class Image:
         k, i, value = ref
         return self.where[k][i] + value
 
+    def describe(self, ref: Ref) -> str:
+        if isinstance(ref, str):
+            return ref
+        k, i, value = ref
+        return f"{self.objs[k].sections[i].name}+{value:#x} (object {k})"
+
     def link(self, base: int, resolved: dict[str, int]) -> bytearray:
         """The mapping's contents once it is at `base`, with `resolved` addresses for the process's symbols."""
         image = bytearray(self.size)
@@ -268,38 +272,39 @@ class Image:
         for key, at in self.got.items():
             struct.pack_into("<Q", image, at, address(key))
         mask = (1 << 64) - 1
-        for k, rels in enumerate(self.relocs):
-            for target, rows in rels:
-                start = self.where[k][target]
-                for off, rtype, j, addend in rows:
-                    if rtype == R_NONE:
-                        continue
-                    t = self.symbol(k, j)
-                    at = start + off
-                    place = base + at
-                    value = address(t) + addend
-                    if rtype == R_64:
-                        struct.pack_into("<Q", image, at, value & mask)
-                    elif rtype == R_PC64:
-                        struct.pack_into("<Q", image, at, (value - place) & mask)
-                    elif rtype == R_32:
-                        if not 0 <= value < 1 << 32:
-                            raise UnsupportedObject("an absolute 32-bit relocation does not fit")
-                        struct.pack_into("<I", image, at, value)
-                    elif rtype == R_32S:
-                        struct.pack_into("<i", image, at, _fits32(value, "an absolute 32-bit relocation"))
-                    elif rtype in GOT_RELOCS:
-                        struct.pack_into("<i", image, at, _fits32(base + self.got[t] + addend - place, "a GOT offset"))
-                    else:
-                        if isinstance(t, str) and (rtype == R_PLT32 or self._far_call(image, at, value - place)):
-                            value = base + self.stubs[t] + addend
-                        struct.pack_into("<i", image, at, _fits32(value - place, f"a pc-relative reference to {t}"))
+        for k, target, fixes in self.fixups:
+            start = self.where[k][target]
+            for off, rtype, ref, addend in fixes:
+                at = start + off
+                place = base + at
+                value = address(ref) + addend
+                if rtype == R_64:
+                    struct.pack_into("<Q", image, at, value & mask)
+                elif rtype == R_PC64:
+                    struct.pack_into("<Q", image, at, (value - place) & mask)
+                elif rtype == R_32:
+                    if not 0 <= value < 1 << 32:
+                        raise UnsupportedObject(f"an absolute 32-bit reference to {self.describe(ref)} does not fit")
+                    struct.pack_into("<I", image, at, value)
+                elif rtype in GOT_RELOCS:
+                    struct.pack_into("<i", image, at, self._fits32(base + self.got[ref] + addend - place, ref))
+                elif rtype == R_32S:
+                    struct.pack_into("<i", image, at, self._fits32(value, ref))
+                else:
+                    if isinstance(ref, str) and (rtype == R_PLT32 or self._far_call(image, off, at, value - place)):
+                        value = base + self.stubs[ref] + addend
+                    struct.pack_into("<i", image, at, self._fits32(value - place, ref))
         return image
 
+    def _fits32(self, value: int, ref: Ref) -> int:
+        if not -(1 << 31) <= value < 1 << 31:
+            raise UnsupportedObject(f"a 32-bit reference to {self.describe(ref)} does not fit")
+        return value
+
     @staticmethod
-    def _far_call(image: bytearray, at: int, distance: int) -> bool:
+    def _far_call(image: bytearray, off: int, at: int, distance: int) -> bool:
         """Whether a PC32 reference out of reach is the operand of a call or jmp (so it may go through a stub)."""
-        return not -(1 << 31) <= distance < 1 << 31 and at > 0 and image[at - 1] in CALL_OPCODES
+        return not -(1 << 31) <= distance < 1 << 31 and off > 0 and image[at - 1] in CALL_OPCODES
 
 
 @lru_cache(maxsize=1)
@@ -322,6 +327,8 @@ def _libm() -> ctypes.CDLL | None:
 
 def process_symbol(name: str) -> int:
     """The address of a function or variable of this process (libc, libm) that the objects refer to."""
+    if not name.isascii():
+        raise UnsupportedObject(f"undefined symbol {name!r}")
     for lib in (_libc(), _libm()):
         if lib is None:
             continue
@@ -350,16 +357,16 @@ class LoadedCode:
             raise UnsupportedObject("this loader maps memory the 64-bit Linux way")
         image = Image([ElfObject(data) for data in objects])
         resolved = {name: process_symbol(name) for name in sorted(image.externals)}
-        libc = _libc()
-        base = libc.mmap(None, image.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        exports = {name: image.offset(image.symbol(*where)) for name, where in image.defined.items()}
+        base = _libc().mmap(None, image.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
         if base is None or base == ctypes.c_void_p(-1).value:
             raise OSError(ctypes.get_errno(), "mmap failed")
-        exports = {name: image.offset(image.symbol(*where)) for name, where in image.defined.items()}
         self._symbols: dict[str, int] = {}
         self._finalizer = weakref.finalize(self, _unmap, base, image.size)
         self._finalizer.atexit = False  # at exit another thread may still be running this code
         try:
-            ctypes.memmove(base, bytes(image.link(base, resolved)), image.size)
+            contents = image.link(base, resolved)
+            ctypes.memmove(base, (ctypes.c_char * image.size).from_buffer(contents), image.size)
             self._protect(base, 0, image.rodata, PROT_READ | PROT_EXEC)
             self._protect(base, image.rodata, image.data, PROT_READ)
             self._protect(base, image.data, image.size, PROT_READ | PROT_WRITE)
