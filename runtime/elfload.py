@@ -8,8 +8,10 @@ pools, calls between its objects and a few calls into libc (``memset``,
 lays those out in one mapping, links them and applies the relocations; for
 anything else it raises ``UnsupportedObject`` and the caller falls back to MCJIT.
 
-Every offset and size read from a file is checked before use, so a corrupt
-object raises rather than writing outside the mapping.
+The mapping holds the code and stubs (then read and execute), read-only data
+and the GOT (then read only) and writable data, each region on pages of its
+own. Every offset and size read from a file is checked before use, so a
+corrupt object raises rather than writing outside the mapping.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ RELA = struct.Struct("<QQq")
 SHT_PROGBITS, SHT_SYMTAB, SHT_STRTAB, SHT_RELA, SHT_NOTE, SHT_NOBITS, SHT_REL = 1, 2, 3, 4, 7, 8, 9
 SHT_X86_64_UNWIND = 0x70000001
 SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR, SHF_TLS = 0x1, 0x2, 0x4, 0x400
-SHN_UNDEF, SHN_LORESERVE, SHN_ABS, SHN_COMMON = 0, 0xFF00, 0xFFF1, 0xFFF2
+SHN_UNDEF, SHN_LORESERVE = 0, 0xFF00  # (ABS, COMMON and the other reserved indices are not supported)
 STB_LOCAL, STB_GLOBAL, STB_WEAK = 0, 1, 2
 STT_TLS, STT_GNU_IFUNC = 6, 10
 
@@ -42,7 +44,7 @@ KNOWN_RELOCS = {R_NONE, R_64, R_PC32, R_PLT32, R_32, R_32S, R_PC64, *GOT_RELOCS}
 STUB = b"\xff\x25\x00\x00\x00\x00"  # jmp *0(%rip): the 8-byte address follows
 STUB_SIZE = 16
 CALL_OPCODES = (0xE8, 0xE9)  # call rel32, jmp rel32
-MAX_BSS = 1 << 30
+MAX_BSS = 1 << 28  # a larger zero-filled section is more likely a corrupt header than cnnc's
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
 
