@@ -1,7 +1,9 @@
 """Loading compiled object code into this process and calling into it.
 
-Only llvmlite's MCJIT object loader is used: no compiler front end, no
-networkx, no lark, so an artifact runs wherever numpy and llvmlite import.
+Objects are linked and mapped by ``cnnc_runtime.elfload``, which needs only
+ctypes: importing ``llvmlite.binding`` alone would cost more than the rest of
+loading a cached network. llvmlite's MCJIT loads what that loader does not
+support, and answers the questions about this CPU.
 """
 
 from __future__ import annotations
@@ -9,18 +11,26 @@ from __future__ import annotations
 import ctypes
 import struct
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import llvmlite.binding as llvm
+from cnnc_runtime.elfload import LoadedCode, UnsupportedObject
+
+if TYPE_CHECKING:  # imported where needed: loading an object file does not need LLVM
+    import llvmlite.binding as llvm
 
 
 @lru_cache(maxsize=1)
 def _init_llvm() -> None:
+    import llvmlite.binding as llvm
+
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
 
 
 def host_cpu() -> tuple[str, str, str]:
     """(triple, cpu name, feature string) of this machine."""
+    import llvmlite.binding as llvm
+
     _init_llvm()
     return llvm.get_process_triple(), llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
 
@@ -63,23 +73,42 @@ def unbundle(blob: bytes) -> list[bytes]:
 class NativeLibrary:
     """Object files linked into this process; functions are looked up by name.
 
-    The engine owns the machine code, so keep this object alive as long as any
+    This object owns the machine code, so keep it alive as long as any
     function taken from it may be called.
     """
 
     def __init__(self, obj: bytes, triple: str, cpu: str, features: str) -> None:
-        _init_llvm()
-        target = llvm.Target.from_triple(triple)
-        tm = target.create_target_machine(cpu=cpu, features=features, opt=0, reloc="pic", codemodel="default")
-        self._engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
-        for part in unbundle(obj):
-            self._engine.add_object_file(llvm.ObjectFileRef.from_data(part))
-        self._engine.finalize_object()
+        parts = unbundle(obj)
+        try:
+            self._code: LoadedCode | None = LoadedCode(parts)
+            self._engine = None
+        except UnsupportedObject:
+            self._code = None
+            self._engine = _mcjit(parts, triple, cpu, features)
         self._obj = obj
+
+    @property
+    def loader(self) -> str:
+        """Which loader holds the code: "elf" (``cnnc_runtime.elfload``) or "mcjit" (llvmlite's)."""
+        return "elf" if self._code is not None else "mcjit"
 
     def function(self, name: str, argtypes: list) -> ctypes._CFuncPtr:
         """A callable for symbol `name`; ctypes releases the GIL while it runs."""
-        addr = self._engine.get_function_address(name)
+        addr = self._code.address(name) if self._code is not None else self._engine.get_function_address(name)
         if not addr:
             raise KeyError(f"no native function {name!r} in this artifact")
         return ctypes.CFUNCTYPE(None, *argtypes)(addr)
+
+
+def _mcjit(parts: list[bytes], triple: str, cpu: str, features: str) -> llvm.ExecutionEngine:
+    """An MCJIT engine holding `parts`, for objects the ELF loader does not support."""
+    import llvmlite.binding as llvm
+
+    _init_llvm()
+    target = llvm.Target.from_triple(triple)
+    tm = target.create_target_machine(cpu=cpu, features=features, opt=0, reloc="pic", codemodel="default")
+    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
+    for part in parts:
+        engine.add_object_file(llvm.ObjectFileRef.from_data(part))
+    engine.finalize_object()
+    return engine
