@@ -3,7 +3,7 @@
 Objects are linked and mapped by ``cnnc_runtime.elfload``, which needs only
 ctypes: importing ``llvmlite.binding`` alone would cost more than the rest of
 loading a cached network. llvmlite's MCJIT loads what that loader does not
-support, and answers the questions about this CPU.
+support, or where it cannot map executable memory.
 """
 
 from __future__ import annotations
@@ -25,21 +25,6 @@ def _init_llvm() -> None:
 
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
-
-
-def host_cpu() -> tuple[str, str, str]:
-    """(triple, cpu name, feature string) of this machine."""
-    import llvmlite.binding as llvm
-
-    _init_llvm()
-    return llvm.get_process_triple(), llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
-
-
-def missing_features(features: str) -> list[str]:
-    """The `+feature`s of a feature string that this CPU does not have."""
-    _, _, host = host_cpu()
-    have = {f[1:] for f in host.split(",") if f.startswith("+")}
-    return sorted(f[1:] for f in features.split(",") if f.startswith("+") and f[1:] not in have)
 
 
 BUNDLE = b"CNNCOBJ1"
@@ -82,7 +67,7 @@ class NativeLibrary:
         try:
             self._code: LoadedCode | None = LoadedCode(parts)
             self._engine = None
-        except UnsupportedObject:
+        except (UnsupportedObject, OSError):  # (OSError: mmap or mprotect refused, as under some hardening)
             self._code = None
             self._engine = _mcjit(parts, triple, cpu, features)
         self._obj = obj

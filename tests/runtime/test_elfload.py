@@ -9,9 +9,11 @@ corrupt objects must raise, never crash.
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import llvmlite.binding as llvm
 import llvmlite.ir as ir
@@ -59,32 +61,28 @@ def test_network_runs_as_under_mcjit(name, generic, monkeypatch) -> None:
             np.testing.assert_array_equal(grads[k], want[k], err_msg=k)
 
 
-def test_model_loading_does_not_import_llvm(tmp_path) -> None:
-    """An artifact loads without llvmlite.binding (checked in a fresh process: this one has imported it)."""
-    path = tmp_path / "lenet5.cnnc"
-    build(NETS["lenet5"]).save_artifact(path)
-    script = textwrap.dedent(f"""
-        import sys
-        from pathlib import Path
-        import numpy as np
-        from cnnc_runtime import artifact, model
-        from cnnc_runtime.native import NativeLibrary
-
-        manifest, obj, weights = artifact.read(Path({str(path)!r}))
-        t = manifest["target"]
-        lib = NativeLibrary(obj, t["triple"], t["cpu"], t["features"])
-        lib.function("infer", [])
-        assert lib.loader == "elf", lib.loader
-        # Model asks host_cpu() about this CPU, which still uses LLVM: answer from the manifest instead
-        model.host_cpu = lambda: (t["triple"], t["cpu"], t["features"])
-        model.missing_features = lambda features: []
-        m = model.load({str(path)!r})
-        m(np.zeros((1, *m.input_shape), np.float32))
-        print("llvmlite.binding" in sys.modules)
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+def in_fresh_process(code: str, cache: Path) -> str:
+    env = {**os.environ, "CNNC_CACHE_DIR": str(cache)}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          cwd=cache, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    return done.stdout.strip()
+
+
+def test_a_cached_compile_and_an_artifact_load_without_llvm(tmp_path) -> None:
+    """Once a network is in the cache (and LLVM has been asked about this CPU), no process loads LLVM to run it."""
+    (tmp_path / "lenet5.cnn").write_text(NETS["lenet5"])
+    in_fresh_process("import cnnc; cnnc.compile('lenet5.cnn').save_artifact('lenet5.cnnc')", tmp_path)
+    run = """
+        import sys
+        import numpy as np
+        import cnnc
+        m = {}
+        m(np.zeros((2, *m.input_shape), np.float32))
+        print(m._lib.loader, "llvmlite.binding" in sys.modules)
+    """
+    assert in_fresh_process(run.format("cnnc.compile('lenet5.cnn')"), tmp_path) == "elf False"
+    assert in_fresh_process(run.format("cnnc.load('lenet5.cnnc')"), tmp_path) == "elf False"
 
 
 # ---- one feature at a time ---------------------------------------------------------------------
