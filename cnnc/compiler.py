@@ -16,7 +16,7 @@ import networkx as nx
 import numpy as np
 
 from cnnc import cache, summary
-from cnnc.cache import cache_dir, compiler_fingerprint
+from cnnc.cache import cache_dir, collector_paused, compiler_fingerprint
 from cnnc.codegen.module import build_module
 from cnnc.codegen.target import Target, emit_objects, host_target
 from cnnc.driver import optimize
@@ -124,7 +124,11 @@ def _descriptive(checked: nx.DiGraph, fused: nx.DiGraph) -> dict[str, Any]:
 def compile_graph(checked: nx.DiGraph, target: Target | None = None, use_cache: bool = True,
                   keep_module: bool = False, fuse: bool = True) -> Compiled:
     """Compile a checked graph (``cnnc.driver.check_*``) to object code and its manifest."""
-    target = target or host_target()
+    with collector_paused():
+        return _compile_graph(checked, target or host_target(), use_cache, keep_module, fuse)
+
+
+def _compile_graph(checked: nx.DiGraph, target: Target, use_cache: bool, keep_module: bool, fuse: bool) -> Compiled:
     fused = optimize(checked, skip=() if fuse else ("fuse",))
     key = ir_key(fused, target)
     path = cache_dir() / f"{key}.cnnc"
