@@ -68,11 +68,12 @@ def collector_paused() -> Iterator[None]:
     Importing the compiler's libraries and building the LLVM IR create
     objects by the hundred thousand, few of them garbage, and the collector
     kept walking them all: about 80 ms of LeNet-5's cold compile. What cycles a
-    compile leaves are collected after it.
+    compile leaves are collected after it. The switch is the process's: two
+    threads compiling at once may see it back on before both are done.
     """
     enabled = gc.isenabled()
-    gc.disable()
     try:
+        gc.disable()
         yield
     finally:
         if enabled:

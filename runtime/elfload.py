@@ -33,17 +33,16 @@ SHT_PROGBITS, SHT_SYMTAB, SHT_STRTAB, SHT_RELA, SHT_NOTE, SHT_NOBITS, SHT_REL = 
 SHT_X86_64_UNWIND = 0x70000001
 SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR, SHF_TLS = 0x1, 0x2, 0x4, 0x400
 SHN_UNDEF, SHN_LORESERVE = 0, 0xFF00  # (ABS, COMMON and the other reserved indices are not supported)
-STB_LOCAL, STB_GLOBAL, STB_WEAK = 0, 1, 2
+STB_LOCAL, STB_GLOBAL = 0, 1
 STT_TLS, STT_GNU_IFUNC = 6, 10
 
-R_NONE, R_64, R_PC32, R_PLT32, R_GOTPCREL, R_32, R_32S, R_PC64 = 0, 1, 2, 4, 9, 10, 11, 24
+R_NONE, R_64, R_PC32, R_PLT32, R_GOTPCREL = 0, 1, 2, 4, 9
 R_GOTPCRELX, R_REX_GOTPCRELX = 41, 42
 GOT_RELOCS = (R_GOTPCREL, R_GOTPCRELX, R_REX_GOTPCRELX)
-KNOWN_RELOCS = {R_NONE, R_64, R_PC32, R_PLT32, R_32, R_32S, R_PC64, *GOT_RELOCS}
+KNOWN_RELOCS = {R_NONE, R_64, R_PC32, R_PLT32, *GOT_RELOCS}  # all cnnc's objects use (PC32 and PLT32), and tested
 
 STUB = b"\xff\x25\x00\x00\x00\x00"  # jmp *0(%rip): the 8-byte address follows
 STUB_SIZE = 16
-CALL_OPCODES = (0xE8, 0xE9)  # call rel32, jmp rel32
 MAX_BSS = 1 << 28  # a larger zero-filled section is more likely a corrupt header than cnnc's
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
@@ -192,7 +191,7 @@ class Image:
                         got[ref] = None
                     if isinstance(ref, str):
                         self.externals.add(ref)
-                        if rtype in (R_PC32, R_PLT32):
+                        if rtype == R_PLT32:
                             stubs[ref] = None
                 self.fixups.append((k, target, fixes))
         self.stubs = {name: sizes[0] + n * STUB_SIZE for n, name in enumerate(stubs)}
@@ -207,28 +206,24 @@ class Image:
         self.where = [{i: starts[r] + off for i, (r, off) in placed.items()} for placed in regions]
 
     def _globals(self) -> dict[str, tuple[int, int]]:
-        """name -> (object, symbol index) of each global definition; a strong one beats a weak one."""
+        """name -> (object, symbol index) of each global definition (weak ones are left to a real linker)."""
         defined: dict[str, tuple[int, int]] = {}
-        weak: set[str] = set()
         for k, o in enumerate(self.objs):
             for j, sym in enumerate(o.symbols):
                 if sym.bind == STB_LOCAL or sym.shndx == SHN_UNDEF:
                     continue
-                if sym.bind not in (STB_GLOBAL, STB_WEAK) or sym.type in (STT_TLS, STT_GNU_IFUNC) \
+                if sym.bind != STB_GLOBAL or sym.type in (STT_TLS, STT_GNU_IFUNC) \
                         or sym.shndx >= SHN_LORESERVE or sym.shndx not in self.places[k]:
                     raise UnsupportedObject(f"symbol {sym.name!r} needs a real linker")
-                if sym.name in defined and sym.name not in weak:
-                    if sym.bind == STB_WEAK:
-                        continue
+                if sym.name in defined:
                     raise UnsupportedObject(f"symbol {sym.name!r} is defined twice")
                 defined[sym.name] = (k, j)
-                (weak.add if sym.bind == STB_WEAK else weak.discard)(sym.name)
         return defined
 
     def _check(self, k: int, target: int, off: int, rtype: int) -> None:
         if rtype not in KNOWN_RELOCS:
             raise UnsupportedObject(f"relocation type {rtype}")
-        width = 8 if rtype in (R_64, R_PC64) else 0 if rtype == R_NONE else 4
+        width = 8 if rtype == R_64 else 0 if rtype == R_NONE else 4
         s = self.objs[k].sections[target]
         if s.type != SHT_PROGBITS or off + width > s.size:
             raise UnsupportedObject(f"a relocation outside section {s.name!r}")
@@ -245,7 +240,8 @@ class Image:
                 o, sym = self.objs[k], self.objs[k].symbols[j]
             elif sym.shndx == SHN_UNDEF and sym.name:
                 return sym.name
-        if sym.shndx not in self.places[k] or sym.type == STT_TLS or sym.value > o.sections[sym.shndx].size:
+        if sym.shndx not in self.places[k] or sym.type in (STT_TLS, STT_GNU_IFUNC) \
+                or sym.value > o.sections[sym.shndx].size:
             raise UnsupportedObject(f"symbol {sym.name or j!r} is not in a loaded section")
         return k, sym.shndx, sym.value
 
@@ -282,18 +278,10 @@ class Image:
                 value = address(ref) + addend
                 if rtype == R_64:
                     struct.pack_into("<Q", image, at, value & mask)
-                elif rtype == R_PC64:
-                    struct.pack_into("<Q", image, at, (value - place) & mask)
-                elif rtype == R_32:
-                    if not 0 <= value < 1 << 32:
-                        raise UnsupportedObject(f"an absolute 32-bit reference to {self.describe(ref)} does not fit")
-                    struct.pack_into("<I", image, at, value)
                 elif rtype in GOT_RELOCS:
                     struct.pack_into("<i", image, at, self._fits32(base + self.got[ref] + addend - place, ref))
-                elif rtype == R_32S:
-                    struct.pack_into("<i", image, at, self._fits32(value, ref))
-                else:
-                    if isinstance(ref, str) and (rtype == R_PLT32 or self._far_call(image, off, at, value - place)):
+                else:  # PC32, PLT32: a call into the process goes through its stub, which may lie farther than 2 GiB
+                    if isinstance(ref, str) and rtype == R_PLT32:
                         value = base + self.stubs[ref] + addend
                     struct.pack_into("<i", image, at, self._fits32(value - place, ref))
         return image
@@ -302,11 +290,6 @@ class Image:
         if not -(1 << 31) <= value < 1 << 31:
             raise UnsupportedObject(f"a 32-bit reference to {self.describe(ref)} does not fit")
         return value
-
-    @staticmethod
-    def _far_call(image: bytearray, off: int, at: int, distance: int) -> bool:
-        """Whether a PC32 reference out of reach is the operand of a call or jmp (so it may go through a stub)."""
-        return not -(1 << 31) <= distance < 1 << 31 and off > 0 and image[at - 1] in CALL_OPCODES
 
 
 @lru_cache(maxsize=1)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 from functools import lru_cache
 
 from cnnc_runtime.cachedir import cache_dir
 
 VOLATILE = ("cpu MHz", "bogomips", "BogoMIPS")  # lines of /proc/cpuinfo that change while the CPU does not
+RECORD = 1  # the version of what a record holds: a change makes every old record a miss
 
 
 @lru_cache(maxsize=1)
@@ -46,31 +48,44 @@ def host_cpu() -> tuple[str, str, str]:
     return answer
 
 
+@lru_cache(maxsize=1)
+def llvm():  # -> the llvmlite.binding module
+    """``llvmlite.binding``, initialised for this machine: imported on first use, as only compiling needs it."""
+    import llvmlite.binding as binding
+
+    binding.initialize_native_target()
+    binding.initialize_native_asmprinter()
+    return binding
+
+
 def ask_llvm() -> tuple[str, str, str]:
     """What LLVM says about this CPU (loads LLVM)."""
-    import llvmlite.binding as llvm
-
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
-    return llvm.get_process_triple(), llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+    ll = llvm()
+    return ll.get_process_triple(), ll.get_host_cpu_name(), ll.get_host_cpu_features().flatten()
 
 
 def _cpuinfo() -> str | None:
+    """The first processor's entry of /proc/cpuinfo (on a large machine the whole file is long to generate)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return f.read()
+            lines = []
+            for line in f:
+                if not line.strip():
+                    break
+                lines.append(line)
+            return "".join(lines)
     except OSError:
         return None
 
 
 def fingerprint(cpuinfo: str | None) -> str | None:
-    """A hash of the first processor's entry in `cpuinfo` and of the llvmlite version; None without an entry."""
+    """A hash of the first processor's entry in `cpuinfo`, the machine and the llvmlite version; None without one."""
     lines = [line for line in (cpuinfo or "").split("\n\n", 1)[0].splitlines() if not line.startswith(VOLATILE)]
     if not lines:
         return None
     import llvmlite  # the package only (its version); LLVM itself is not loaded
 
-    blob = "\n".join([f"llvmlite {llvmlite.__version__}", *lines])
+    blob = "\n".join([f"record {RECORD}", f"machine {platform.machine()}", f"llvmlite {llvmlite.__version__}", *lines])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

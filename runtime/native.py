@@ -10,21 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from cnnc_runtime import host
 from cnnc_runtime.elfload import LoadedCode, UnsupportedObject
 
 if TYPE_CHECKING:  # imported where needed: loading an object file does not need LLVM
     import llvmlite.binding as llvm
-
-
-@lru_cache(maxsize=1)
-def _init_llvm() -> None:
-    import llvmlite.binding as llvm
-
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
 
 
 BUNDLE = b"CNNCOBJ1"
@@ -87,9 +79,7 @@ class NativeLibrary:
 
 def _mcjit(parts: list[bytes], triple: str, cpu: str, features: str) -> llvm.ExecutionEngine:
     """An MCJIT engine holding `parts`, for objects the ELF loader does not support."""
-    import llvmlite.binding as llvm
-
-    _init_llvm()
+    llvm = host.llvm()
     target = llvm.Target.from_triple(triple)
     tm = target.create_target_machine(cpu=cpu, features=features, opt=0, reloc="pic", codemodel="default")
     engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)

@@ -12,26 +12,16 @@ import gc
 import os
 import signal
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import llvmlite
 
 from cnnc_runtime.host import host_cpu
+from cnnc_runtime.host import llvm as _llvm
 
 if TYPE_CHECKING:
     import llvmlite.binding as llvm
     import llvmlite.ir as ir
-
-
-@lru_cache(maxsize=1)
-def _llvm():
-    """``llvmlite.binding``, initialised for this machine; loaded on first use (a cached compile never needs it)."""
-    import llvmlite.binding as llvm
-
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
-    return llvm
 
 
 @dataclass(frozen=True)

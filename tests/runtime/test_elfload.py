@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -22,7 +23,7 @@ import pytest
 
 from cnnc.codegen.target import Target, emit_object, generic_target, host_target
 from cnnc_runtime import native
-from cnnc_runtime.elfload import R_PLT32, R_REX_GOTPCRELX, ElfObject, LoadedCode, UnsupportedObject
+from cnnc_runtime.elfload import R_64, R_PLT32, R_REX_GOTPCRELX, ElfObject, LoadedCode, UnsupportedObject
 from cnnc_runtime.native import NativeLibrary, bundle, unbundle
 from tests.reference import EXAMPLES, NETWORKS, build
 
@@ -204,6 +205,53 @@ def test_writable_data_and_pointer_tables() -> None:
     assert not any("w" in p and "x" in p for p in perms.values())
 
 
+def test_absolute_pointers_keep_their_addend() -> None:
+    """A constant pointer into the middle of a table: an absolute 64-bit relocation with a non-zero addend."""
+    module = ir.Module("addend")
+    table = ir.GlobalVariable(module, ir.ArrayType(I64, 4), "table")
+    table.initializer = ir.Constant(table.value_type, [10, 20, 30, 40])
+    table.global_constant = True
+    third = ir.GlobalVariable(module, PTR, "third")
+    third.initializer = table.gep([I64(0), I64(2)])  # (writable, so the load is not folded to 30)
+    _, b = function(module, "read_third", I64)
+    b.ret(b.load(b.load(third, typ=PTR), typ=I64))
+    obj = emit_object(module, host_target())
+    o = ElfObject(obj)
+    assert any(rtype == R_64 and addend == 16 for _, rows in o.relocations() for _, rtype, _, addend in rows)
+    assert call(LoadedCode([obj]), "read_third", ctypes.c_int64) == 30
+
+
+def test_weak_and_ifunc_symbols_are_left_to_mcjit() -> None:
+    weak = ir.Module("weak")
+    fn, b = function(weak, "answer", I64)
+    fn.linkage = "weak"
+    b.ret(I64(42))
+    t = host_target()
+    obj = emit_object(weak, t)
+    with pytest.raises(UnsupportedObject, match="needs a real linker"):
+        LoadedCode([obj])
+    lib = NativeLibrary(bundle([obj]), t.triple, t.cpu, t.features)
+    answer = lib.function("answer", [])
+    answer.restype = ctypes.c_int64
+    assert lib.loader == "mcjit" and answer() == 42
+    ifunc = textwrap.dedent("""
+        define internal i64 @impl() {
+          ret i64 42
+        }
+        define internal ptr @resolve() {
+          ret ptr @impl
+        }
+        @f = internal ifunc i64 (), ptr @resolve
+        define i64 @call_f() {
+          %r = call i64 @f()
+          ret i64 %r
+        }
+    """)
+    obj = t.machine().emit_object(llvm.parse_assembly(ifunc))
+    with pytest.raises(UnsupportedObject, match="not in a loaded section|needs a real linker"):
+        LoadedCode([obj])
+
+
 def permissions(address: int) -> str:
     """The protection of the page holding `address`, as /proc/self/maps shows it ("r-xp")."""
     with open("/proc/self/maps") as maps:
@@ -304,6 +352,16 @@ def test_large_code_model_falls_back_to_mcjit() -> None:
     assert pick(2) == 3.5
     with pytest.raises(KeyError):
         lib.function("nothing", [])
+
+
+def test_a_symbol_past_its_section(small_obj: bytes) -> None:
+    o = ElfObject(small_obj)
+    table = o.sections[o.symtab]
+    (j,) = [j for j, sym in enumerate(o.symbols) if sym.name == "clear"]
+    bad = bytearray(small_obj)
+    struct.pack_into("<Q", bad, table.offset + j * 24 + 8, 1 << 20)  # st_value
+    with pytest.raises(UnsupportedObject, match="not in a loaded section"):
+        LoadedCode([bytes(bad)])
 
 
 def test_a_symbol_defined_twice(small_obj: bytes) -> None:
