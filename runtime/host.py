@@ -6,7 +6,8 @@ directory under a fingerprint of what the operating system reports about the
 CPU (``/proc/cpuinfo``'s first processor, without its clock lines) and of the
 llvmlite version. A different CPU, a kernel that hides a feature (AVX-512 turned
 off, say) or another LLVM asks again. Where there is no ``/proc/cpuinfo``,
-LLVM is asked every time.
+LLVM is asked every time. (Under a CPU emulator that reports other features
+than the kernel does, e.g. valgrind, set ``CNNC_TARGET=generic``.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import platform
 from functools import lru_cache
+from types import ModuleType
 
 from cnnc_runtime.cachedir import cache_dir
 
@@ -49,7 +51,7 @@ def host_cpu() -> tuple[str, str, str]:
 
 
 @lru_cache(maxsize=1)
-def llvm():  # -> the llvmlite.binding module
+def llvm() -> ModuleType:
     """``llvmlite.binding``, initialised for this machine: imported on first use, as only compiling needs it."""
     import llvmlite.binding as binding
 
