@@ -21,7 +21,7 @@ import ctypes
 import io
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -340,8 +340,13 @@ class Model:
         return loss
 
     def _accumulate_gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, seed: int,
-                              scale: float, out: np.ndarray, losses: np.ndarray) -> None:
-        """Add scale * d(sum of losses)/d(params) into ``flat_grads``; fill ``out`` and ``losses``. Inputs checked."""
+                              scale: float, out: np.ndarray, losses: np.ndarray,
+                              prepare: Callable[[int, int, int], None] | None = None) -> None:
+        """Add scale * d(sum of losses)/d(params) into ``flat_grads``; fill ``out`` and ``losses``. Inputs checked.
+
+        ``prepare(thread, a, b)``, when given, first fills images [a, b) of `x`, on the thread that then
+        runs them: the batch is gathered and converted on every core, and stays in that core's cache.
+        """
         n = x.shape[0]
         arena = self._arena("train", min(n, CHUNK)).ctypes.data
         step = self._steps[loss]
@@ -354,6 +359,8 @@ class Model:
                                targets.ctypes.data + start * t_bytes, losses.ctypes.data + start * 4)
 
             def task(t: int, a: int, b: int, xs=xs, os_=os_, ts=ts, ls=ls, start=start) -> None:
+                if prepare is not None:
+                    prepare(t, start + a, start + b)
                 # the dropout hash counts images from `seed`: offset it so chunks draw different masks
                 step(params, grads[t], arena, xs, os_, ts, ls, ws[t], (seed + start) % (1 << 63), scale, a, b)
 
@@ -386,7 +393,11 @@ class Model:
                 and x.flags.writeable and x.shape[1:] == self.input_shape and x.ndim == len(self.input_shape) + 1):
             raise ValueError(f"add_noise needs a writable contiguous float32 array of shape "
                              f"(N, {', '.join(map(str, self.input_shape))})")
-        self._jitter(x.ctypes.data, seed % (1 << 63), sigma, self._ws_ptrs[0], 0, x.shape[0])
+        self._noise_rows(x.ctypes.data, sigma, seed, 0, 0, x.shape[0])
+
+    def _noise_rows(self, x: int, sigma: float, seed: int, thread: int, a: int, b: int) -> None:
+        """Images [a, b) of the checked batch at address `x` get the noise `add_noise` would give them."""
+        self._jitter(x, seed % (1 << 63), sigma, self._ws_ptrs[thread], a, b)
 
     def value_and_grad(self, x: Any, y: Any, loss: str | None = None, seed: int = 0) -> tuple[float, dict]:
         """The mean loss over the batch and its gradient for every parameter (same keys as ``params``).

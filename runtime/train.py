@@ -394,6 +394,7 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
                   interrupted: _deferred_interrupt) -> None:
     n = len(inputs)
     batch = model.batch_buffer(min(s.batch_size, n))  # every step's inputs are prepared into this one buffer
+    batch_ptr = batch.ctypes.data
     k = model.manifest["loss_inputs"][loss]
     out = np.empty((s.batch_size, k), dtype=np.float32)
     losses = np.empty(s.batch_size, dtype=np.float32)
@@ -412,14 +413,20 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
         bar = ProgressBar(-(-n // s.batch_size), enabled=progress)
         for b, start in enumerate(range(first, n, s.batch_size), start=first // s.batch_size):
             idx = order[start:start + s.batch_size]
-            xb, tb = inputs.batch(idx, batch), targets[idx]
             m = len(idx)
-            if s.jitter > 0:  # native Gaussian noise: a seed from the run's generator, so resume stays exact
-                model.add_noise(xb, s.jitter, int(run.rng.integers(0, 2**63 - 1)))
+            xb, tb = batch[:m], targets[idx]
+            # native Gaussian noise: a seed from the run's generator, so resume stays exact
+            noise = int(run.rng.integers(0, 2**63 - 1)) if s.jitter > 0 else None
             scale = 1.0 / m if loss == "cross_entropy" else 1.0 / (m * k)
             model.flat_grads[...] = 0.0
             seed = int(run.rng.integers(0, 2**63 - 1)) if model.manifest["has_dropout"] else 0
-            model._accumulate_gradients(xb, tb, loss, seed, scale, out[:m], losses[:m])
+
+            def prepare(t: int, a: int, b: int, idx=idx, noise=noise) -> None:
+                inputs.batch(idx[a:b], batch[a:b])
+                if noise is not None:
+                    model._noise_rows(batch_ptr, s.jitter, noise, t, a, b)
+
+            model._accumulate_gradients(xb, tb, loss, seed, scale, out[:m], losses[:m], prepare)
             value = float(losses[:m].sum(dtype=np.float64) * scale)
             if s.weight_decay > 0:
                 value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay)

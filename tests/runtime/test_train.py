@@ -21,6 +21,7 @@ import pytest
 
 from cnnc_runtime import optimizers
 from cnnc_runtime import train as train_mod
+from cnnc_runtime.model import Model
 from cnnc_runtime.train import Epoch, History, TrainingStopped, evaluate
 from tests.reference import build
 
@@ -80,15 +81,23 @@ def spy_steps(model, call_native: bool = True) -> list[dict]:
     calls: list[dict] = []
     original = model._accumulate_gradients
 
-    def spy(x, targets, loss, seed, scale, out, losses):
+    def spy(x, targets, loss, seed, scale, out, losses, prepare=None):
         params = model.flat_params.copy()
+        threads: set[int] = set()
+
+        def prepared(t: int, a: int, b: int) -> None:  # (fit has the batch filled where the native step runs)
+            threads.add(t)
+            prepare(t, a, b)
+
         if call_native:
-            original(x, targets, loss, seed, scale, out, losses)
+            original(x, targets, loss, seed, scale, out, losses, prepared if prepare else None)
         else:
+            if prepare is not None:
+                prepared(0, 0, len(x))
             out[...] = 0.0
             losses[...] = 0.0
         calls.append({"x": x.copy(), "targets": targets.copy(), "seed": seed, "scale": scale, "out": out.copy(),
-                      "losses": losses.copy(), "params": params})
+                      "losses": losses.copy(), "params": params, "threads": threads})
 
     model._accumulate_gradients = spy
     return calls
@@ -386,6 +395,22 @@ def test_jitter_adds_gaussian_noise_of_sigma(sigma):
     first = first[np.argsort(first.mean(axis=1))]
     second = second[np.argsort(second.mean(axis=1))]
     assert not np.allclose(first, second)
+
+
+def test_each_thread_prepares_its_share_of_the_batch_as_one_thread_would(data):
+    """fit gathers and jitters each thread's images on that thread: the batches are those of a 1-thread model."""
+    x, y = data
+    split = build(MLP)
+    if split.threads < 2:
+        pytest.skip("one core: nothing is split")
+    whole = Model(split.manifest, split._obj, threads=1)
+    seen = {name: spy_steps(m) for name, m in (("split", split), ("whole", whole))}
+    for m in (split, whole):
+        m.fit(x, y, epochs=2, batch_size=32, jitter=0.1, seed=5, progress=False)
+    assert len(seen["split"]) == len(seen["whole"]) > 4
+    for a, b in zip(seen["split"], seen["whole"]):
+        np.testing.assert_array_equal(a["x"], b["x"])
+        assert a["threads"] == set(range(split.threads)) and b["threads"] == {0}
 
 
 def test_no_jitter_means_the_exact_images(data):
