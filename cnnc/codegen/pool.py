@@ -239,7 +239,7 @@ def emit_pool_backward(module: ir.Module, name: str, spec: PoolSpec, vw: int) ->
         elif _tiles_exactly(spec) and not spec.accumulate and spec.kind == "avg":
             _avg_spread(b, spec, dyb, dxb, inv_area, vw)
         elif _tiles_exactly(spec) and not spec.accumulate:
-            _max_route(b, spec, xb, dyb, dxb)
+            _max_route(b, spec, xb, dyb, dxb, vw)
         else:
             if not spec.accumulate:
                 _zero(b, dxb, spec.c * plane_size, vw)
@@ -282,24 +282,50 @@ def _avg_spread(b: ir.IRBuilder, spec: PoolSpec, dyb: ir.Value, dxb: ir.Value, i
         vector_loop(b, 0, spec.ow, vw if spec.kw == 2 else 1, window, name="ox")
 
 
-def _max_route(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, dyb: ir.Value, dxb: ir.Value) -> None:
-    """Non-overlapping windows: each tap is stored once, dy at the window's first maximum and 0 elsewhere."""
+def _max_route(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, dyb: ir.Value, dxb: ir.Value, vw: int) -> None:
+    """Non-overlapping windows: each tap is stored once, dy at the window's first maximum and 0 elsewhere.
+
+    Windows two columns wide take a vector of windows at a time, their taps
+    split into even and odd columns as in the forward pass, and the routed
+    gradients interleaved back.
+    """
     with for_range(b, 0, spec.c * spec.oh, name="row") as row:  # (channel, output row) pairs
         out_row = b.mul(row, i64(spec.ow))
         in_row = b.mul(row, i64(spec.kh * spec.w))
-        with for_range(b, 0, spec.ow, name="ox") as ox:
+
+        def window(b: ir.IRBuilder, ox: ir.Value, width: int) -> None:
             first = b.add(in_row, b.mul(ox, i64(spec.kw)))
-            offsets = [b.add(first, i64(i * spec.w + j)) for i in range(spec.kh) for j in range(spec.kw)]
-            values = [emit.load(b, xb, at) for at in offsets]
-            best, where = values[0], ir.Constant(I64, 0)
+            rows = [b.add(first, i64(i * spec.w)) for i in range(spec.kh)]
+            if width > 1:
+                values = [v for at in rows for v in _columns(b, xb, at, width)]
+            else:
+                values = [emit.load(b, xb, b.add(at, i64(j))) for at in rows for j in range(spec.kw)]
+            index = (lambda k: ir.Constant(ir.VectorType(I64, width), [k] * width)) if width > 1 else i64
+            best, where = values[0], index(0)
             for k, v in enumerate(values[1:], start=1):  # strict >: ties stay with the earlier tap
                 greater = b.fcmp_ordered(">", v, best)
                 best = b.select(greater, v, best)
-                where = b.select(greater, ir.Constant(I64, k), where)
-            g = emit.load(b, dyb, b.add(out_row, ox))
-            for k, at in enumerate(offsets):
-                is_max = b.icmp_unsigned("==", where, ir.Constant(I64, k))
-                emit.store(b, b.select(is_max, g, emit.f32(0.0)), dxb, at)
+                where = b.select(greater, index(k), where)
+            g = emit.load(b, dyb, b.add(out_row, ox), width)
+            zero = emit.splat(b, 0.0, width)
+            routed = [b.select(b.icmp_unsigned("==", where, index(k)), g, zero) for k in range(len(values))]
+            for i, at in enumerate(rows):
+                if width > 1:
+                    lo, hi = _zip(b, routed[2 * i], routed[2 * i + 1], width)
+                    emit.store(b, lo, dxb, at)
+                    emit.store(b, hi, dxb, b.add(at, i64(width)))
+                else:
+                    for j in range(spec.kw):
+                        emit.store(b, routed[i * spec.kw + j], dxb, b.add(at, i64(j)))
+
+        vector_loop(b, 0, spec.ow, vw if spec.kw == 2 else 1, window, name="ox")
+
+
+def _zip(b: ir.IRBuilder, even: ir.Value, odd: ir.Value, width: int) -> tuple[ir.Value, ir.Value]:
+    """`even` and `odd` interleaved (e0 o0 e1 o1 ...), as two vectors of `width`: what `_columns` split."""
+    lanes = [i // 2 + (width if i % 2 else 0) for i in range(2 * width)]
+    pick = lambda part: ir.Constant(ir.VectorType(emit.I32, width), part)  # noqa: E731
+    return b.shuffle_vector(even, odd, pick(lanes[:width])), b.shuffle_vector(even, odd, pick(lanes[width:]))
 
 
 def _avg_scatter(b: ir.IRBuilder, spec: PoolSpec, dyb: ir.Value, dxb: ir.Value, inv_area: float):
