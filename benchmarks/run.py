@@ -181,11 +181,12 @@ class Ctx:
             self._mnist = (prepare_images(train.x, (1, 32, 32)), np.asarray(train.y))
         return self._mnist
 
-    def model(self, key: str, source: Path | str):
+    def model(self, key: str, source: Path | str, **options):
         if key not in self._models:
             import cnnc
 
-            m = cnnc.compile(source) if isinstance(source, Path) else cnnc.compile_string(source, name=key)
+            m = (cnnc.compile(source, **options) if isinstance(source, Path)
+                 else cnnc.compile_string(source, name=key, **options))
             if m.threads != self.threads:
                 raise RuntimeError(f"cnnc model runs on {m.threads} threads, expected {self.threads}")
             self._models[key] = m
@@ -508,12 +509,18 @@ def row_conv(ctx: Ctx) -> list[Row]:
     """A conv 64->64 3x3 pad 1 on 32x32, batch 32: forward and backward (input + weight gradients) GFLOP/s."""
     one = ctx.model("conv_one", CONV_ONE)
     two = ctx.model("conv_two", CONV_TWO)
+    direct = ctx.model("conv_one_direct", CONV_ONE, winograd=False), ctx.model("conv_two_direct", CONV_TWO,
+                                                                               winograd=False)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((CONV_N, CONV_C, CONV_HW, CONV_HW), dtype=np.float32)
     k = CONV_C * CONV_HW * CONV_HW
     target = np.zeros((CONV_N, k), np.float32)
     out, losses = np.empty((CONV_N, k), np.float32), np.empty(CONV_N, np.float32)
-    two.params["h.weight"][...] = 1.0  # the per-channel scale is the identity
+
+    for m in (two, direct[1]):
+        m.params["h.weight"][...] = 1.0  # the per-channel scale is the identity
+    for m in direct:  # the same weights as the default models
+        m.flat_params[...] = (one if m is direct[0] else two).flat_params
 
     def step(m) -> float:
         m.flat_grads[...] = 0.0
@@ -529,12 +536,12 @@ def row_conv(ctx: Ctx) -> list[Row]:
     fwd_flop, bwd_flop = 2 * CONV_MACS, 4 * CONV_MACS
     parts: dict[str, list[float]] = {"fwd": []}
 
-    def cnnc_fwd() -> float:
+    def cnnc_fwd(one=one, parts=parts) -> float:
         t = block_median(lambda: one.forward(x), 3)
         parts["fwd"].append(t)
         return fwd_flop / t / 1e9
 
-    def cnnc_bwd() -> float:
+    def cnnc_bwd(one=one, two=two, parts=parts) -> float:
         # conv_two's training step minus its forward: input + weight gradients of the 3x3 conv (plus the
         # mse loss and the negligible per-channel scale); conv_one's step minus forward: weight gradient only.
         # Each is the median of 3 alternating timings, so one preempted call does not make a difference absurd.
@@ -584,10 +591,20 @@ def row_conv(ctx: Ctx) -> list[Row]:
     bwd.extra.update(cnnc_ms=med, cnnc_dW_gflops=dw, cnnc_dX_gflops=dx)
     bwd.note = (f"cnnc: step(mse) - forward = {med['step_two'] - med['fwd_two']:.1f} ms; "
                 f"split: dW ~{dw:.0f} GFLOP/s, dX ~{dx:.0f} GFLOP/s")
+    # the same layer with every convolution direct (cnnc.compile(..., winograd=False)): the kernels' efficiency
+    direct_fwd = Row("conv_fwd_direct", "forward, direct kernel (winograd=False)", "GFLOP/s", "higher")
+    direct_bwd = Row("conv_bwd_direct", "backward (dX+dW), direct kernels", "GFLOP/s", "higher")
+    direct_parts: dict[str, list[float]] = {"fwd": []}
+    alternate(ctx, direct_fwd, reps, lambda: cnnc_fwd(direct[0], direct_parts), None)
+    alternate(ctx, direct_bwd, reps, lambda: cnnc_bwd(*direct, direct_parts), None)
+    fwd.note = ("GFLOP/s = 2 x the direct convolution's multiply-adds / time on both sides; cnnc runs this layer's "
+                "forward and input gradient by Winograd F(2x2, 3x3), 2.25x fewer multiply-adds, so its figure can "
+                "pass the FMA peak; the direct-kernel rows below measure cnnc.compile(..., winograd=False)")
     rows = [fwd, bwd]
     peak = peak_reference(ctx)
-    for r in (fwd, bwd):
-        rows.append(Row(r.key + "_peak", f"  {r.label.split(': ')[1]} as % of {ctx.threads}-thread FMA peak", "%",
+    for r in (fwd, bwd, direct_fwd, direct_bwd):
+        label = r.label.split(": ")[-1]
+        rows.append(Row(r.key + "_peak", f"  {label} as % of {ctx.threads}-thread FMA peak", "%",
                         "higher", [100 * v / peak for v in r.cnnc], [100 * v / peak for v in r.torch]
                         if r.torch else None))
     rows[2].note = (f"peak = {peak:.0f} GFLOP/s: the best FMA sample on {ctx.threads} threads, or {ctx.threads} x the "

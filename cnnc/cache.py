@@ -87,13 +87,13 @@ def source_key(source: str, name: str, target_key: str, options: dict[str, Any])
 
 
 def compile_source(source: str, name: str, *, generic: bool = False, use_cache: bool = True, fuse: bool = True,
-                   diag: Diagnostics | None = None) -> tuple[dict[str, Any], bytes]:
+                   winograd: bool = True, diag: Diagnostics | None = None) -> tuple[dict[str, Any], bytes]:
     """(manifest, object code) for .cnn source text, from the source-keyed cache when possible."""
     from cnnc.codegen.target import generic_target, host_target
 
     target = generic_target() if generic else host_target()
     diag = diag if diag is not None else Diagnostics()
-    key = source_key(source, name, target.key, {"fuse": fuse})
+    key = source_key(source, name, target.key, {"fuse": fuse, "winograd": winograd})
     path = cache_dir() / f"src-{key}.cnnc"
     if use_cache:
         hit = read(path, key)
@@ -104,7 +104,7 @@ def compile_source(source: str, name: str, *, generic: bool = False, use_cache: 
         from cnnc.compiler import compile_graph
         from cnnc.driver import check_source
 
-        compiled = compile_graph(check_source(source, name, diag), target, use_cache, fuse=fuse)
+        compiled = compile_graph(check_source(source, name, diag), target, use_cache, fuse=fuse, winograd=winograd)
     manifest = {**compiled.manifest, "cache_key": key, "warnings": diag.render()}
     if use_cache:
         write(path, manifest, compiled.obj)

@@ -58,7 +58,7 @@ def ir_key(fused: nx.DiGraph, target: Target) -> str:
         for n in execution_order(fused)
     ]
     blob = json.dumps({"network": fused.graph["network"], "nodes": nodes, "output": fused.graph["output"],
-                       "input": fused.graph["input"],
+                       "input": fused.graph["input"], "winograd": fused.graph.get("winograd", True),
                        "target": target.key, "cnnc": __version__, "compiler": compiler_fingerprint()},
                       sort_keys=True, default=repr)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -122,14 +122,19 @@ def _descriptive(checked: nx.DiGraph, fused: nx.DiGraph) -> dict[str, Any]:
 
 
 def compile_graph(checked: nx.DiGraph, target: Target | None = None, use_cache: bool = True,
-                  keep_module: bool = False, fuse: bool = True) -> Compiled:
-    """Compile a checked graph (``cnnc.driver.check_*``) to object code and its manifest."""
+                  keep_module: bool = False, fuse: bool = True, winograd: bool = True) -> Compiled:
+    """Compile a checked graph (``cnnc.driver.check_*``) to object code and its manifest.
+
+    ``winograd=False`` keeps every convolution direct (Winograd's transforms round a little differently).
+    """
     with collector_paused():
-        return _compile_graph(checked, target or host_target(), use_cache, keep_module, fuse)
+        return _compile_graph(checked, target or host_target(), use_cache, keep_module, fuse, winograd)
 
 
-def _compile_graph(checked: nx.DiGraph, target: Target, use_cache: bool, keep_module: bool, fuse: bool) -> Compiled:
+def _compile_graph(checked: nx.DiGraph, target: Target, use_cache: bool, keep_module: bool, fuse: bool,
+                   winograd: bool) -> Compiled:
     fused = optimize(checked, skip=() if fuse else ("fuse",))
+    fused.graph["winograd"] = winograd
     key = ir_key(fused, target)
     path = cache_dir() / f"{key}.cnnc"
     hit = cache.read(path, key) if use_cache and not keep_module else None

@@ -114,6 +114,15 @@ network vgg_small {
 }
 """
 
+# a 3x3 conv with 16 channels in and out on a 16x16 map: Winograd F(2x2, 3x3), forward and input gradient
+VGG_WIDE = """
+network vgg_wide {
+    input image: 3x16x16
+    a     = image -> conv(16, 3x3, pad=same) -> relu -> conv(16, 3x3, pad=same) -> relu -> maxpool(2x2)
+    probs = a -> flatten -> dense(10) -> softmax
+}
+"""
+
 # concat of three branches, grouped convs, strided 'same' convs with even (4x4) and odd (5x5) kernels,
 # an even 2x2 'same' conv (asymmetric padding), max and avg pooling with padding, leaky_relu, sigmoid,
 # and a softmax over the channels of a feature map.
@@ -155,6 +164,7 @@ NETWORKS = {
     "lenet_modern": LENET_MODERN,
     "mlp": MLP,
     "vgg": VGG,
+    "vgg_wide": VGG_WIDE,
     "resnet": RESNET,
     "branches": BRANCHES,
     "pools": POOLS,

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from cnnc.codegen import conv_direct, emit
+from cnnc.codegen import conv_direct, conv_winograd, emit
 from cnnc.codegen.conv_direct import GradSpace, Plane
 from cnnc.codegen.emit import for_range, i64, kernel
 from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, vector_loop
@@ -162,12 +162,18 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     im2col = g.col_floats + g.table_floats + g.dyt_floats()
     if not g.padded:
         return im2col
-    plane = g.forward_plane(vw)
+    plane, back = g.forward_plane(vw), g.backward_plane(vw)
     weights = GradSpace(plane).floats
-    return max(plane.floats, g.backward_plane(vw).floats, weights)
+    wino = [conv_winograd.workspace_floats(q) for q in (plane, back) if _winograd(spec, q)]
+    return max(plane.floats, back.floats, weights, *wino)
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+
+def _winograd(spec: ConvSpec, p: Plane) -> bool:
+    """Whether the convolution on the padded plane `p` (forward or input gradient) runs by Winograd."""
+    return spec.winograd and conv_winograd.applies(p, spec.connect)
 
 
 def _smax(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
@@ -329,6 +335,11 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
     weights = args["w"]  # a connect table's tiles never read the weights outside it
     bias = args["b"] if spec.bias else None
     top, left, _, _ = g.pads
+    winograd = _winograd(spec, p)
+    if winograd:  # the weights transformed once per call, after the padded plane
+        u = emit.gep(b, args["ws"], p.floats, name="wino.u")
+        wino_ws = emit.gep(b, u, conv_winograd.Blocks(p).u_floats, name="wino.vm")
+        conv_winograd.transform_weights(b, p, weights, u)
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
         y_img = emit.gep(b, args["y"], index(b, (n, g.y_stride)), name="y.img")
@@ -339,7 +350,9 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
                 value = b.fadd(value, emit.splat(b, emit.load(b, bias, r), width))
             emit.store(b, emit.activation(b, value, spec.act, spec.alpha), y_img, at)
 
-        if conv_direct.rows_fit(p):
+        if winograd:
+            conv_winograd.product(b, p, pad, u, wino_ws, finish)
+        elif conv_direct.rows_fit(p):
             conv_direct.product_rows(b, p, pad, weights, finish, g.table_pairs())
         else:
             conv_direct.product(b, p, pad, weights, out, g.table_pairs())
@@ -355,6 +368,11 @@ def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geo
     # flipped as they are: a connect table's tiles never read the weights outside it
     conv_direct.flipped(b, spec.o, spec.c, spec.kh, spec.kw, args["w"], wt)
     top, left, _, _ = g.pads
+    winograd = _winograd(spec, p)
+    if winograd:  # the flipped weights transformed once per call
+        u = emit.gep(b, args["ws"], p.floats, name="wino.u")
+        wino_ws = emit.gep(b, u, conv_winograd.Blocks(p).u_floats, name="wino.vm")
+        conv_winograd.transform_weights(b, p, wt, u)
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
         dx_img = emit.gep(b, args["dx"], index(b, (n, g.x_stride)), name="dx.img")
@@ -367,7 +385,9 @@ def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geo
                 value = b.fadd(emit.load(b, dx_img, at, width), value)
             emit.store(b, value, dx_img, at)
 
-        if conv_direct.rows_fit(p):
+        if winograd:
+            conv_winograd.product(b, p, pad, u, wino_ws, finish)
+        elif conv_direct.rows_fit(p):
             conv_direct.product_rows(b, p, pad, wt, finish, table)
         else:
             conv_direct.product(b, p, pad, wt, out, table)

@@ -39,6 +39,7 @@ def conv_spec(ctx, name: str, accumulate: bool = False) -> ConvSpec:
         sh=a["stride"][0], sw=a["stride"][1], pt=pt, pl=pl, groups=a["groups"], connect=a["connect"],
         bias=a["bias"], act=node.get("act", "none"), alpha=node.get("alpha", 0.01),
         x_stride=ctx.value(node["inputs"][0]).stride, y_stride=ctx.value(name).stride, accumulate=accumulate,
+        winograd=ctx.g.graph.get("winograd", True),
     )
 
 

@@ -51,6 +51,7 @@ class ConvSpec:
     x_stride: int = 0
     y_stride: int = 0
     accumulate: bool = False
+    winograd: bool = True  # 3x3 stride-1 convolutions may use Winograd F(2x2, 3x3) (conv_winograd.applies)
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,10 @@ CASES = {
     "wide_out_19": make_spec(3, 6, 5, 19, 3, 3, pad=(1, 1, 1, 1), gap=2),
     "wide_groups2_36": make_spec(4, 5, 5, 36, 3, 3, stride=(2, 1), groups=2, accumulate=True),
     "wide_connect_17": make_spec(3, 5, 6, 17, 2, 3, connect=tuple((i % 3, (i + 1) % 3) for i in range(17))),
+    # 3x3 with enough channels and even output sizes: Winograd F(2x2, 3x3), forward and input gradient
+    "winograd_same": make_spec(16, 16, 16, 20, 3, 3, pad=(1, 1, 1, 1), gap=3),
+    "winograd_valid_accumulate": make_spec(17, 18, 18, 16, 3, 3, accumulate=True),
+    "winograd_blocks": make_spec(16, 10, 34, 16, 3, 3, pad=(1, 1, 1, 1), bias=False)  # 5 x 17 tiles,
 }
 
 
@@ -267,9 +271,9 @@ def test_conv_kernels(jit, spec: ConvSpec) -> None:
 ACT_SPEC = make_spec(2, 7, 9, 4, 3, 3, stride=(2, 1), pad=(1, 1, 0, 1), gap=5)
 
 
-def test_conv_forward_activations(jit) -> None:
+@pytest.mark.parametrize("base", [ACT_SPEC, CASES["winograd_same"]], ids=["strided", "winograd"])
+def test_conv_forward_activations(jit, base: ConvSpec) -> None:
     rng = np.random.default_rng(3)
-    base = ACT_SPEC
     specs = {act: dataclasses.replace(base, act=act, alpha=0.1 if act == "leaky_relu" else 0.01) for act in ACTIVATIONS}
     for act, s in specs.items():
         emit_conv_forward(jit.module, f"fwd_{act}", s, jit.vw)
@@ -285,6 +289,23 @@ def test_conv_forward_activations(jit) -> None:
         y = np.full((N_IMAGES, s.y_stride), SENTINEL, dtype=np.float32)
         jit(f"fwd_{act}", x_buf, w.astype(np.float32), bias.astype(np.float32), y, workspace(s, jit.vw), N0, N1)
         check_arena(y, np.full_like(y, SENTINEL), act_ref(pre, act, spec.alpha), s.o * s.oh * s.ow)
+
+
+def test_which_convolutions_run_by_winograd() -> None:
+    from cnnc.codegen import conv_winograd
+    from cnnc.codegen.conv import _Geom
+
+    def runs(spec: ConvSpec) -> tuple[bool, bool]:
+        g = _Geom(spec)
+        return tuple(g.padded and conv_winograd.applies(p, spec.connect)
+                     for p in (g.forward_plane(16), g.backward_plane(16)))
+
+    assert runs(CASES["winograd_same"]) == runs(CASES["winograd_valid_accumulate"]) == (True, True)
+    # CIFAR's first layer (3 input channels), LeNet's 5x5 and tabled convolutions, odd or small outputs: direct
+    assert runs(make_spec(3, 32, 32, 32, 3, 3, pad=(1, 1, 1, 1))) == (False, False)
+    assert not any(any(runs(CASES[n])) for n in ("lenet_c3", "3x3_same", "rows_32_wide_odd_height", "wide_out_19"))
+    assert runs(make_spec(32, 7, 32, 32, 3, 3, pad=(1, 1, 1, 1))) == (False, False)  # 7 output rows
+    assert runs(make_spec(64, 8, 8, 64, 3, 3, pad=(1, 1, 1, 1))) == (False, False)  # 16 tiles, a vector's worth
 
 
 def test_which_convolutions_run_on_the_padded_image() -> None:

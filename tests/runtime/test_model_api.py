@@ -360,6 +360,21 @@ def test_unknown_compile_option_is_a_type_error() -> None:
         cnnc.compile_string(TINY, optimise=True)
 
 
+def test_winograd_can_be_turned_off(tmp_path, monkeypatch) -> None:
+    """The same network with direct convolutions only: another artifact, the same function within rounding."""
+    monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path))
+    fast = cnnc.compile_string(NETWORKS["vgg_wide"])
+    direct = cnnc.compile_string(NETWORKS["vgg_wide"], winograd=False)
+    assert fast.manifest["cache_key"] != direct.manifest["cache_key"]
+    assert fast.manifest["ws_floats"] > direct.manifest["ws_floats"]  # Winograd's transforms need room
+    x = np.random.default_rng(0).standard_normal((3, *fast.input_shape)).astype(np.float32)
+    np.testing.assert_allclose(fast(x), direct(x), rtol=1e-5, atol=1e-6)
+    (lf, gf), (ld, gd) = fast.value_and_grad(x, [1, 2, 3]), direct.value_and_grad(x, [1, 2, 3])
+    assert lf == pytest.approx(ld, rel=1e-5)
+    for k in gf:
+        np.testing.assert_allclose(gf[k], gd[k], rtol=1e-4, atol=1e-5 * np.abs(gd[k]).max(), err_msg=k)
+
+
 def test_seeds(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path))  # compiled once; the other seeds hit the cache
     a = cnnc.compile_string(TINY, seed=5)

@@ -1,0 +1,201 @@
+"""3x3 stride-1 convolutions by Winograd's minimal filtering F(2x2, 3x3) on the zero-padded plane.
+
+Each 2x2 block of outputs ("tile") comes from the 4x4 patch of the padded
+input around it: with ``V = B^T d B`` for the patch and ``U = G g G^T`` for
+the 3x3 kernel, the block is ``A^T (sum over input channels of U . V) A``
+(Lavin and Gray, "Fast algorithms for convolutional neural networks", 2015).
+The sum over channels, for each of the 16 elements of the 4x4 transforms, is
+a matrix product ``M_xi (o x tiles) = U_xi (o x c) @ V_xi (c x tiles)``: 16
+products of ``o * c * tiles`` multiply-adds where the direct convolution does
+``9 * o * c * 4 * tiles``, 2.25 times fewer. The transforms are adds and a few
+halvings, vectorised over a row of tiles (their columns split into even and
+odd like the pooling kernels').
+
+Tiles are taken a block of tile rows at a time so that V and M stay in the
+cache between the transforms and the products. The same routine gives the
+input gradient (the flipped, channel-swapped weights on dy padded by 2), as
+``conv_direct.product`` does.
+
+Workspace (floats, after all of ``Plane.floats``): ``[U: 16 x o x c][V: 16 x
+c x block][M: 16 x o x block]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import llvmlite.ir as ir
+
+from cnnc.codegen import emit
+from cnnc.codegen.conv_direct import Finish, Plane
+from cnnc.codegen.emit import for_range, i64
+from cnnc.codegen.gemm import Mat, gemm_nn, index, vector_loop
+from cnnc.codegen.plan import aligned
+
+MIN_CHANNELS = 16  # below this the products are too small to beat the direct convolution (CIFAR's first layer)
+BLOCK_TILES = 64  # tiles per block: V and M of a 64-channel layer are 256 KiB each (32 and 128: slower)
+
+
+def applies(p: Plane, table: object) -> bool:
+    """Whether `p` (a valid convolution on the padded plane) runs here: 3x3, even output sizes, enough channels
+    and tiles (the products' columns: fewer than four vectors of them and the direct convolution is as fast)."""
+    return ((p.kh, p.kw) == (3, 3) and p.oh % 2 == 0 and p.ow % 2 == 0 and table is None
+            and min(p.c, p.m) >= MIN_CHANNELS and (p.oh // 2) * (p.ow // 2) >= 4 * p.vw)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """How the tiles of one image are cut into blocks of whole tile rows."""
+
+    p: Plane
+
+    @property
+    def tw(self) -> int:
+        return self.p.ow // 2
+
+    @property
+    def th(self) -> int:
+        return self.p.oh // 2
+
+    @property
+    def rows(self) -> int:
+        """Tile rows per block."""
+        return max(1, min(self.th, BLOCK_TILES // self.tw))
+
+    @property
+    def tiles(self) -> int:
+        return self.rows * self.tw
+
+    @property
+    def u_floats(self) -> int:
+        return aligned(16 * self.p.m * self.p.c)
+
+    @property
+    def v_floats(self) -> int:
+        return aligned(16 * self.p.c * self.tiles)
+
+    @property
+    def m_floats(self) -> int:
+        return aligned(16 * self.p.m * self.tiles)
+
+    @property
+    def floats(self) -> int:
+        """Workspace after the padded plane."""
+        return self.u_floats + self.v_floats + self.m_floats
+
+
+def workspace_floats(p: Plane) -> int:
+    """All of conv_direct's workspace for `p` (the padded plane and the flipped weights in it), then this one's."""
+    return p.floats + Blocks(p).floats
+
+
+def transform_weights(b: ir.IRBuilder, p: Plane, w: ir.Value, u: ir.Value) -> None:
+    """u[xi, oi, ci] = (G g G^T)[xi] for the 3x3 kernel g = w[oi, ci] (row-major (m, c, 3, 3))."""
+    half = emit.f32(0.5)
+    with for_range(b, 0, p.m, name="uo") as oi:
+        with for_range(b, 0, p.c, name="uc") as ci:
+            at = index(b, (oi, p.c * 9), (ci, 9))
+            g = [[emit.load(b, w, index(b, at, 3 * r + s)) for s in range(3)] for r in range(3)]
+            # G g: 4 rows of 3
+            gg = [g[0],
+                  [b.fmul(b.fadd(b.fadd(g[0][s], g[1][s]), g[2][s]), half) for s in range(3)],
+                  [b.fmul(b.fadd(b.fsub(g[0][s], g[1][s]), g[2][s]), half) for s in range(3)],
+                  g[2]]
+            for r in range(4):
+                row = gg[r]
+                out = [row[0],
+                       b.fmul(b.fadd(b.fadd(row[0], row[1]), row[2]), half),
+                       b.fmul(b.fadd(b.fsub(row[0], row[1]), row[2]), half),
+                       row[2]]
+                for s in range(4):
+                    emit.store(b, out[s], u, index(b, ((4 * r + s) * p.m * p.c, 1), (oi, p.c), ci))
+
+
+def _bt(b: ir.IRBuilder, d: list[ir.Value]) -> list[ir.Value]:
+    """B^T applied to four values: (d0 - d2, d1 + d2, d2 - d1, d1 - d3)."""
+    return [b.fsub(d[0], d[2]), b.fadd(d[1], d[2]), b.fsub(d[2], d[1]), b.fsub(d[1], d[3])]
+
+
+def _at(b: ir.IRBuilder, m: list[ir.Value]) -> list[ir.Value]:
+    """A^T applied to four values: (m0 + m1 + m2, m1 - m2 - m3)."""
+    return [b.fadd(b.fadd(m[0], m[1]), m[2]), b.fsub(b.fsub(m[1], m[2]), m[3])]
+
+
+def _even_odd(b: ir.IRBuilder, base: ir.Value, at: ir.Value, width: int) -> tuple[ir.Value, ir.Value]:
+    """Columns at, at + 2, ... and at + 1, at + 3, ...: `width` of each (a scalar pair for width 1)."""
+    if width == 1:
+        return emit.load(b, base, at), emit.load(b, base, b.add(at, i64(1)))
+    lo, hi = emit.load(b, base, at, width), emit.load(b, base, b.add(at, i64(width)), width)
+    pick = lambda first: ir.Constant(ir.VectorType(emit.I32, width), list(range(first, 2 * width, 2)))  # noqa: E731
+    return b.shuffle_vector(lo, hi, pick(0)), b.shuffle_vector(lo, hi, pick(1))
+
+
+def _interleave(b: ir.IRBuilder, even: ir.Value, odd: ir.Value, width: int) -> tuple[ir.Value, ir.Value]:
+    lanes = [i // 2 + (width if i % 2 else 0) for i in range(2 * width)]
+    pick = lambda part: ir.Constant(ir.VectorType(emit.I32, width), part)  # noqa: E731
+    return b.shuffle_vector(even, odd, pick(lanes[:width])), b.shuffle_vector(even, odd, pick(lanes[width:]))
+
+
+def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, u: ir.Value, ws: ir.Value, finish: Finish) -> None:
+    """Every output of the convolution of the padded plane `pad` with the transformed weights `u`, to `finish`.
+
+    ``finish(b, r, at, value, width)`` gets output channel r's values at the
+    dense offsets ``at .. at + width - 1`` (``(r * oh + oy) * ow + ox``), as from
+    ``conv_direct.each_output``.
+    """
+    blk = Blocks(p)
+    v = ws
+    m = emit.gep(b, ws, blk.v_floats, name="wino.m")
+    tw, t = blk.tw, blk.tiles
+    for ty0 in range(0, blk.th, blk.rows):
+        rows = min(blk.rows, blk.th - ty0)
+        tiles = rows * tw
+        # input transform: V[xi, ci, tile]
+        with for_range(b, 0, p.c, name="vc") as ci:
+            plane = index(b, (ci, p.hp * p.wp))
+            for ty in range(ty0, ty0 + rows):
+                def patch(b: ir.IRBuilder, tx: ir.Value, width: int, ty=ty, ty0=ty0, plane=plane) -> None:
+                    d = []
+                    for i in range(4):
+                        at = index(b, plane, (2 * ty + i) * p.wp, (tx, 2))
+                        c0, c1 = _even_odd(b, pad, at, width)
+                        c2, c3 = _even_odd(b, pad, b.add(at, i64(2)), width)
+                        d.append(_bt(b, [c0, c1, c2, c3]))
+                    for j in range(4):
+                        col = _bt(b, [d[0][j], d[1][j], d[2][j], d[3][j]])
+                        for i in range(4):
+                            emit.store(b, col[i], v, index(b, ((4 * i + j) * p.c * t, 1), (ci, t),
+                                                               (ty - ty0) * tw, tx))
+
+                vector_loop(b, 0, tw, p.vw, patch, name="vx")
+        # the 16 products M_xi = U_xi @ V_xi
+        with for_range(b, 0, 16, name="xi") as xi:
+            u_xi = Mat(emit.gep(b, u, index(b, (xi, p.m * p.c))), rs=p.c)
+            v_xi = Mat(emit.gep(b, v, index(b, (xi, p.c * t))), rs=t)
+            m_xi = emit.gep(b, m, index(b, (xi, p.m * t)), name="m.xi")
+
+            def keep(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int, m_xi=m_xi) -> None:
+                emit.store(b, value, m_xi, index(b, (r, t), j))
+
+            gemm_nn(b, p.m, tiles, p.c, u_xi, v_xi, keep, p.vw, mr=4, nrv=4 if p.vw >= 16 else 2)
+        # output transform: each 2x2 block of outputs
+        with for_range(b, 0, p.m, name="yo") as oi:
+            for ty in range(ty0, ty0 + rows):
+                def block(b: ir.IRBuilder, tx: ir.Value, width: int, ty=ty, ty0=ty0, oi=oi) -> None:
+                    at = index(b, (oi, t), (ty - ty0) * tw, tx)
+                    s = []
+                    for i in range(4):
+                        s.append(_at(b, [emit.load(b, m, index(b, ((4 * i + j) * p.m * t, 1), at), width)
+                                         for j in range(4)]))
+                    cols = [_at(b, [s[0][c], s[1][c], s[2][c], s[3][c]]) for c in range(2)]  # cols[c][row]
+                    for r in range(2):
+                        out = index(b, (oi, p.oh * p.ow), (2 * ty + r) * p.ow, (tx, 2))
+                        if width == 1:
+                            finish(b, oi, out, cols[0][r], 1)
+                            finish(b, oi, b.add(out, i64(1)), cols[1][r], 1)
+                        else:
+                            lo, hi = _interleave(b, cols[0][r], cols[1][r], width)
+                            finish(b, oi, out, lo, width)
+                            finish(b, oi, b.add(out, i64(width)), hi, width)
+
+                vector_loop(b, 0, tw, p.vw, block, name="yx")
