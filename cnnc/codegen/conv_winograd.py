@@ -121,21 +121,6 @@ def _at(b: ir.IRBuilder, m: list[ir.Value]) -> list[ir.Value]:
     return [b.fadd(b.fadd(m[0], m[1]), m[2]), b.fsub(b.fsub(m[1], m[2]), m[3])]
 
 
-def _even_odd(b: ir.IRBuilder, base: ir.Value, at: ir.Value, width: int) -> tuple[ir.Value, ir.Value]:
-    """Columns at, at + 2, ... and at + 1, at + 3, ...: `width` of each (a scalar pair for width 1)."""
-    if width == 1:
-        return emit.load(b, base, at), emit.load(b, base, b.add(at, i64(1)))
-    lo, hi = emit.load(b, base, at, width), emit.load(b, base, b.add(at, i64(width)), width)
-    pick = lambda first: ir.Constant(ir.VectorType(emit.I32, width), list(range(first, 2 * width, 2)))  # noqa: E731
-    return b.shuffle_vector(lo, hi, pick(0)), b.shuffle_vector(lo, hi, pick(1))
-
-
-def _interleave(b: ir.IRBuilder, even: ir.Value, odd: ir.Value, width: int) -> tuple[ir.Value, ir.Value]:
-    lanes = [i // 2 + (width if i % 2 else 0) for i in range(2 * width)]
-    pick = lambda part: ir.Constant(ir.VectorType(emit.I32, width), part)  # noqa: E731
-    return b.shuffle_vector(even, odd, pick(lanes[:width])), b.shuffle_vector(even, odd, pick(lanes[width:]))
-
-
 def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, u: ir.Value, ws: ir.Value, finish: Finish) -> None:
     """Every output of the convolution of the padded plane `pad` with the transformed weights `u`, to `finish`.
 
@@ -158,8 +143,8 @@ def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, u: ir.Value, ws: ir.Value,
                     d = []
                     for i in range(4):
                         at = index(b, plane, (2 * ty + i) * p.wp, (tx, 2))
-                        c0, c1 = _even_odd(b, pad, at, width)
-                        c2, c3 = _even_odd(b, pad, b.add(at, i64(2)), width)
+                        c0, c1 = emit.even_odd(b, pad, at, width)
+                        c2, c3 = emit.even_odd(b, pad, b.add(at, i64(2)), width)
                         d.append(_bt(b, [c0, c1, c2, c3]))
                     for j in range(4):
                         col = _bt(b, [d[0][j], d[1][j], d[2][j], d[3][j]])
@@ -194,7 +179,7 @@ def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, u: ir.Value, ws: ir.Value,
                             finish(b, oi, out, cols[0][r], 1)
                             finish(b, oi, b.add(out, i64(1)), cols[1][r], 1)
                         else:
-                            lo, hi = _interleave(b, cols[0][r], cols[1][r], width)
+                            lo, hi = emit.interleave(b, cols[0][r], cols[1][r], width)
                             finish(b, oi, out, lo, width)
                             finish(b, oi, b.add(out, i64(width)), hi, width)
 

@@ -62,6 +62,25 @@ def broadcast(b: ir.IRBuilder, base: ir.Value, offset: ir.Value | int, width: in
                             ir.Constant(ir.VectorType(I32, width), None))
 
 
+def even_odd(b: ir.IRBuilder, base: ir.Value, at: ir.Value, width: int) -> tuple[ir.Value, ir.Value]:
+    """The floats at at, at + 2, ... and at at + 1, at + 3, ...: `width` of each (two scalars for width 1).
+
+    Two vector loads split by shuffles: how 2-wide windows (pooling, Winograd tiles) take a vector of windows.
+    """
+    if width == 1:
+        return load(b, base, at), load(b, base, b.add(at, i64(1)))
+    lo, hi = load(b, base, at, width), load(b, base, b.add(at, i64(width)), width)
+    pick = lambda first: ir.Constant(ir.VectorType(I32, width), list(range(first, 2 * width, 2)))  # noqa: E731
+    return b.shuffle_vector(lo, hi, pick(0)), b.shuffle_vector(lo, hi, pick(1))
+
+
+def interleave(b: ir.IRBuilder, even: ir.Value, odd: ir.Value, width: int) -> tuple[ir.Value, ir.Value]:
+    """(e0 o0 e1 o1 ...) as two vectors of `width`: what ``even_odd`` split, put back together."""
+    lanes = [i // 2 + (width if i % 2 else 0) for i in range(2 * width)]
+    pick = lambda part: ir.Constant(ir.VectorType(I32, width), part)  # noqa: E731
+    return b.shuffle_vector(even, odd, pick(lanes[:width])), b.shuffle_vector(even, odd, pick(lanes[width:]))
+
+
 def _arg_type(name: str) -> ir.Type:
     if name in ("n0", "n1") or name.endswith("_i64"):
         return I64

@@ -155,7 +155,7 @@ def _tiled_forward(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, yb: ir.Value, 
             taps = []
             for i in range(spec.kh):  # in row-major order
                 if width > 1:
-                    taps.extend(_columns(b, xb, b.add(first, i64(i * spec.w)), width))
+                    taps.extend(emit.even_odd(b, xb, b.add(first, i64(i * spec.w)), width))
                 else:
                     taps.extend(emit.load(b, xb, b.add(first, i64(i * spec.w + j))) for j in range(spec.kw))
             result = taps[0]
@@ -166,20 +166,6 @@ def _tiled_forward(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, yb: ir.Value, 
             emit.store(b, result, yb, b.add(out_row, ox))
 
         vector_loop(b, 0, spec.ow, vw if spec.kw == 2 else 1, window, name="ox")
-
-
-def _columns(b: ir.IRBuilder, base: ir.Value, at: ir.Value, width: int) -> tuple[ir.Value, ir.Value]:
-    """The even and odd columns of the 2 * width floats at `at`, as two vectors of `width`."""
-    lo, hi = emit.load(b, base, at, width), emit.load(b, base, b.add(at, i64(width)), width)
-    pick = lambda first: ir.Constant(ir.VectorType(emit.I32, width), list(range(first, 2 * width, 2)))  # noqa: E731
-    return b.shuffle_vector(lo, hi, pick(0)), b.shuffle_vector(lo, hi, pick(1))
-
-
-def _interleaved(b: ir.IRBuilder, v: ir.Value, width: int) -> tuple[ir.Value, ir.Value]:
-    """Each lane of `v` twice in a row, as two vectors of `width`: (v0 v0 v1 v1 ...), (... v_{w-1} v_{w-1})."""
-    twice = [i // 2 for i in range(2 * width)]
-    pick = lambda lanes: ir.Constant(ir.VectorType(emit.I32, width), lanes)  # noqa: E731
-    return b.shuffle_vector(v, v, pick(twice[:width])), b.shuffle_vector(v, v, pick(twice[width:]))
 
 
 def _global_forward(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, yb: ir.Value, vw: int) -> None:
@@ -272,7 +258,7 @@ def _avg_spread(b: ir.IRBuilder, spec: PoolSpec, dyb: ir.Value, dxb: ir.Value, i
             for i in range(spec.kh):
                 at = b.add(first, i64(i * spec.w))
                 if width > 1:
-                    lo, hi = _interleaved(b, g, width)
+                    lo, hi = emit.interleave(b, g, g, width)
                     emit.store(b, lo, dxb, at)
                     emit.store(b, hi, dxb, b.add(at, i64(width)))
                 else:
@@ -297,7 +283,7 @@ def _max_route(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, dyb: ir.Value, dxb
             first = b.add(in_row, b.mul(ox, i64(spec.kw)))
             rows = [b.add(first, i64(i * spec.w)) for i in range(spec.kh)]
             if width > 1:
-                values = [v for at in rows for v in _columns(b, xb, at, width)]
+                values = [v for at in rows for v in emit.even_odd(b, xb, at, width)]
             else:
                 values = [emit.load(b, xb, b.add(at, i64(j))) for at in rows for j in range(spec.kw)]
             index = (lambda k: ir.Constant(ir.VectorType(I64, width), [k] * width)) if width > 1 else i64
@@ -311,7 +297,7 @@ def _max_route(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, dyb: ir.Value, dxb
             routed = [b.select(b.icmp_unsigned("==", where, index(k)), g, zero) for k in range(len(values))]
             for i, at in enumerate(rows):
                 if width > 1:
-                    lo, hi = _zip(b, routed[2 * i], routed[2 * i + 1], width)
+                    lo, hi = emit.interleave(b, routed[2 * i], routed[2 * i + 1], width)
                     emit.store(b, lo, dxb, at)
                     emit.store(b, hi, dxb, b.add(at, i64(width)))
                 else:
@@ -319,13 +305,6 @@ def _max_route(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, dyb: ir.Value, dxb
                         emit.store(b, routed[i * spec.kw + j], dxb, b.add(at, i64(j)))
 
         vector_loop(b, 0, spec.ow, vw if spec.kw == 2 else 1, window, name="ox")
-
-
-def _zip(b: ir.IRBuilder, even: ir.Value, odd: ir.Value, width: int) -> tuple[ir.Value, ir.Value]:
-    """`even` and `odd` interleaved (e0 o0 e1 o1 ...), as two vectors of `width`: what `_columns` split."""
-    lanes = [i // 2 + (width if i % 2 else 0) for i in range(2 * width)]
-    pick = lambda part: ir.Constant(ir.VectorType(emit.I32, width), part)  # noqa: E731
-    return b.shuffle_vector(even, odd, pick(lanes[:width])), b.shuffle_vector(even, odd, pick(lanes[width:]))
 
 
 def _avg_scatter(b: ir.IRBuilder, spec: PoolSpec, dyb: ir.Value, dxb: ir.Value, inv_area: float):
