@@ -353,18 +353,23 @@ class Model:
         params, ws, grads = self._params_ptr, self._ws_ptrs, self._grad_ptrs
         in_bytes, t_bytes, o_bytes = x[0].nbytes, targets[0].nbytes, out[0].nbytes
         used = 1
-        for start in range(0, n, CHUNK):
-            stop = min(n, start + CHUNK)
-            xs, os_, ts, ls = (x.ctypes.data + start * in_bytes, out.ctypes.data + start * o_bytes,
-                               targets.ctypes.data + start * t_bytes, losses.ctypes.data + start * 4)
+        try:
+            for start in range(0, n, CHUNK):
+                stop = min(n, start + CHUNK)
+                xs, os_, ts, ls = (x.ctypes.data + start * in_bytes, out.ctypes.data + start * o_bytes,
+                                   targets.ctypes.data + start * t_bytes, losses.ctypes.data + start * 4)
 
-            def task(t: int, a: int, b: int, xs=xs, os_=os_, ts=ts, ls=ls, start=start) -> None:
-                if prepare is not None:
-                    prepare(t, start + a, start + b)
-                # the dropout hash counts images from `seed`: offset it so chunks draw different masks
-                step(params, grads[t], arena, xs, os_, ts, ls, ws[t], (seed + start) % (1 << 63), scale, a, b)
+                def task(t: int, a: int, b: int, xs=xs, os_=os_, ts=ts, ls=ls, start=start) -> None:
+                    if prepare is not None:
+                        prepare(t, start + a, start + b)
+                    # the dropout hash counts images from `seed`: offset it so chunks draw different masks
+                    step(params, grads[t], arena, xs, os_, ts, ls, ws[t], (seed + start) % (1 << 63), scale, a, b)
 
-            used = max(used, len(self._parallel(stop - start, task)))
+                used = max(used, len(self._parallel(stop - start, task)))
+        except BaseException:  # (Ctrl-C, or a failed prepare) the other threads' partial sums must not linger
+            for g in self._thread_grads[1:]:
+                g[...] = 0.0
+            raise
         for g in self._thread_grads[1:used]:
             self.flat_grads += g
             g[...] = 0.0

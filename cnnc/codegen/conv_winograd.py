@@ -38,9 +38,10 @@ BLOCK_TILES = 64  # tiles per block: V and M of a 64-channel layer are 256 KiB e
 
 def applies(p: Plane, table: object) -> bool:
     """Whether `p` (a valid convolution on the padded plane) runs here: 3x3, even output sizes, enough channels
-    and tiles (the products' columns: fewer than four vectors of them and the direct convolution is as fast)."""
+    and tiles (the products' columns: fewer than four vectors of them and the direct convolution is as fast),
+    and rows of at least four tiles (the transforms' vectors)."""
     return ((p.kh, p.kw) == (3, 3) and p.oh % 2 == 0 and p.ow % 2 == 0 and table is None
-            and min(p.c, p.m) >= MIN_CHANNELS and (p.oh // 2) * (p.ow // 2) >= 4 * p.vw)
+            and min(p.c, p.m) >= MIN_CHANNELS and (p.oh // 2) * (p.ow // 2) >= 4 * p.vw and p.ow >= 8)
 
 
 @dataclass(frozen=True)
@@ -126,61 +127,73 @@ def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, u: ir.Value, ws: ir.Value,
 
     ``finish(b, r, at, value, width)`` gets output channel r's values at the
     dense offsets ``at .. at + width - 1`` (``(r * oh + oy) * ow + ox``), as from
-    ``conv_direct.each_output``.
+    ``conv_direct.each_output``. Blocks and tile rows are run-time loops, so the
+    code does not grow with the map.
     """
     blk = Blocks(p)
+    full, rest = divmod(blk.th, blk.rows)
+    if full:
+        with for_range(b, 0, full, name="wb") as block:
+            _block(b, p, blk, pad, u, ws, index(b, (block, blk.rows)), blk.rows, finish)
+    if rest:
+        _block(b, p, blk, pad, u, ws, i64(full * blk.rows), rest, finish)
+
+
+def _block(b: ir.IRBuilder, p: Plane, blk: Blocks, pad: ir.Value, u: ir.Value, ws: ir.Value, ty0: ir.Value,
+           rows: int, finish: Finish) -> None:
+    """The `rows` tile rows from `ty0`: input transform, the 16 products, output transform."""
     v = ws
     m = emit.gep(b, ws, blk.v_floats, name="wino.m")
     tw, t = blk.tw, blk.tiles
-    for ty0 in range(0, blk.th, blk.rows):
-        rows = min(blk.rows, blk.th - ty0)
-        tiles = rows * tw
-        # input transform: V[xi, ci, tile]
-        with for_range(b, 0, p.c, name="vc") as ci:
-            plane = index(b, (ci, p.hp * p.wp))
-            for ty in range(ty0, ty0 + rows):
-                def patch(b: ir.IRBuilder, tx: ir.Value, width: int, ty=ty, ty0=ty0, plane=plane) -> None:
-                    d = []
+    # input transform: V[xi, ci, tile]
+    with for_range(b, 0, p.c, name="vc") as ci:
+        with for_range(b, 0, rows, name="vr") as r:
+            top = index(b, (ci, p.hp * p.wp), (b.add(ty0, r), 2 * p.wp))  # the patch's first row in the plane
+            first = index(b, (ci, t), (r, tw))
+
+            def patch(b: ir.IRBuilder, tx: ir.Value, width: int, top=top, first=first) -> None:
+                d = []
+                for i in range(4):
+                    at = index(b, top, i * p.wp, (tx, 2))
+                    c0, c1 = emit.even_odd(b, pad, at, width)
+                    c2, c3 = emit.even_odd(b, pad, b.add(at, i64(2)), width)
+                    d.append(_bt(b, [c0, c1, c2, c3]))
+                for j in range(4):
+                    col = _bt(b, [d[0][j], d[1][j], d[2][j], d[3][j]])
                     for i in range(4):
-                        at = index(b, plane, (2 * ty + i) * p.wp, (tx, 2))
-                        c0, c1 = emit.even_odd(b, pad, at, width)
-                        c2, c3 = emit.even_odd(b, pad, b.add(at, i64(2)), width)
-                        d.append(_bt(b, [c0, c1, c2, c3]))
-                    for j in range(4):
-                        col = _bt(b, [d[0][j], d[1][j], d[2][j], d[3][j]])
-                        for i in range(4):
-                            emit.store(b, col[i], v, index(b, ((4 * i + j) * p.c * t, 1), (ci, t),
-                                                               (ty - ty0) * tw, tx))
+                        emit.store(b, col[i], v, index(b, (4 * i + j) * p.c * t, first, tx))
 
-                vector_loop(b, 0, tw, p.vw, patch, name="vx")
-        # the 16 products M_xi = U_xi @ V_xi
-        with for_range(b, 0, 16, name="xi") as xi:
-            u_xi = Mat(emit.gep(b, u, index(b, (xi, p.m * p.c))), rs=p.c)
-            v_xi = Mat(emit.gep(b, v, index(b, (xi, p.c * t))), rs=t)
-            m_xi = emit.gep(b, m, index(b, (xi, p.m * t)), name="m.xi")
+            vector_loop(b, 0, tw, p.vw, patch, name="vx")
+    # the 16 products M_xi = U_xi @ V_xi
+    with for_range(b, 0, 16, name="xi") as xi:
+        u_xi = Mat(emit.gep(b, u, index(b, (xi, p.m * p.c))), rs=p.c)
+        v_xi = Mat(emit.gep(b, v, index(b, (xi, p.c * t))), rs=t)
+        m_xi = emit.gep(b, m, index(b, (xi, p.m * t)), name="m.xi")
 
-            def keep(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int, m_xi=m_xi) -> None:
-                emit.store(b, value, m_xi, index(b, (r, t), j))
+        def keep(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int, m_xi=m_xi) -> None:
+            emit.store(b, value, m_xi, index(b, (r, t), j))
 
-            gemm_nn(b, p.m, tiles, p.c, u_xi, v_xi, keep, p.vw, mr=4, nrv=4 if p.vw >= 16 else 2)
-        # output transform: each 2x2 block of outputs
-        with for_range(b, 0, p.m, name="yo") as oi:
-            for ty in range(ty0, ty0 + rows):
-                def block(b: ir.IRBuilder, tx: ir.Value, width: int, ty=ty, ty0=ty0, oi=oi) -> None:
-                    at = index(b, (oi, t), (ty - ty0) * tw, tx)
-                    s = []
-                    for i in range(4):
-                        s.append(_at(b, [emit.load(b, m, index(b, ((4 * i + j) * p.m * t, 1), at), width)
-                                         for j in range(4)]))
-                    cols = [_at(b, [s[0][c], s[1][c], s[2][c], s[3][c]]) for c in range(2)]  # cols[c][row]
-                    for r in range(2):
-                        out = index(b, (oi, p.oh * p.ow), (2 * ty + r) * p.ow, (tx, 2))
-                        if width == 1:
-                            finish(b, oi, out, cols[0][r], 1)
-                            finish(b, oi, b.add(out, i64(1)), cols[1][r], 1)
-                        else:
-                            lo, hi = emit.interleave(b, cols[0][r], cols[1][r], width)
-                            finish(b, oi, out, lo, width)
-                            finish(b, oi, b.add(out, i64(width)), hi, width)
+        gemm_nn(b, p.m, rows * tw, p.c, u_xi, v_xi, keep, p.vw, mr=4, nrv=4 if p.vw >= 16 else 2)
+    # output transform: each 2x2 block of outputs
+    with for_range(b, 0, p.m, name="yo") as oi:
+        with for_range(b, 0, rows, name="yr") as r:
+            first = index(b, (oi, t), (r, tw))
+            out_row = index(b, (oi, p.oh * p.ow), (b.add(ty0, r), 2 * p.ow))  # the block's first output row
 
-                vector_loop(b, 0, tw, p.vw, block, name="yx")
+            def block(b: ir.IRBuilder, tx: ir.Value, width: int, oi=oi, first=first, out_row=out_row) -> None:
+                at = index(b, first, tx)
+                s = []
+                for i in range(4):
+                    s.append(_at(b, [emit.load(b, m, index(b, (4 * i + j) * p.m * t, at), width) for j in range(4)]))
+                cols = [_at(b, [s[0][c], s[1][c], s[2][c], s[3][c]]) for c in range(2)]  # cols[c][row]
+                for y in range(2):
+                    out = index(b, out_row, y * p.ow, (tx, 2))
+                    if width == 1:
+                        finish(b, oi, out, cols[0][y], 1)
+                        finish(b, oi, b.add(out, i64(1)), cols[1][y], 1)
+                    else:
+                        lo, hi = emit.interleave(b, cols[0][y], cols[1][y], width)
+                        finish(b, oi, out, lo, width)
+                        finish(b, oi, b.add(out, i64(width)), hi, width)
+
+            vector_loop(b, 0, tw, p.vw, block, name="yx")

@@ -286,7 +286,8 @@ def _max_route(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, dyb: ir.Value, dxb
                 values = [v for at in rows for v in emit.even_odd(b, xb, at, width)]
             else:
                 values = [emit.load(b, xb, b.add(at, i64(j))) for at in rows for j in range(spec.kw)]
-            index = (lambda k: ir.Constant(ir.VectorType(I64, width), [k] * width)) if width > 1 else i64
+            i32 = emit.I32
+            index = (lambda k: ir.Constant(ir.VectorType(i32, width), [k] * width)) if width > 1 else i32
             best, where = values[0], index(0)
             for k, v in enumerate(values[1:], start=1):  # strict >: ties stay with the earlier tap
                 greater = b.fcmp_ordered(">", v, best)

@@ -84,7 +84,8 @@ CASES = {
     # 3x3 with enough channels and even output sizes: Winograd F(2x2, 3x3), forward and input gradient
     "winograd_same": make_spec(16, 16, 16, 20, 3, 3, pad=(1, 1, 1, 1), gap=3),
     "winograd_valid_accumulate": make_spec(17, 18, 18, 16, 3, 3, accumulate=True),
-    "winograd_blocks": make_spec(16, 10, 34, 16, 3, 3, pad=(1, 1, 1, 1), bias=False)  # 5 x 17 tiles,
+    "winograd_blocks": make_spec(16, 10, 34, 16, 3, 3, pad=(1, 1, 1, 1), bias=False),  # 5 rows of 17 tiles
+    "winograd_wide_rows": make_spec(16, 4, 160, 18, 3, 3, pad=(1, 1, 1, 1), gap=2, accumulate=True),  # 80 a row
 }
 
 

@@ -85,6 +85,8 @@ CASES = {
     # wide rows: vectors of outputs, then every narrower piece (23 = 16 + 4 + 2 + 1 columns)
     "max2x2s2_tiles_exactly_wide": ("max", 3, 6, 46, 2, 2, 2, 2),
     "avg3x2s3x2_tiles_exactly_wide": ("avg", 2, 9, 62, 3, 2, 3, 2),
+    "max3x2s3x2_tiles_exactly_wide": ("max", 2, 9, 62, 3, 2, 3, 2),
+    "max1x2s1x2_tiles_exactly_wide": ("max", 2, 5, 70, 1, 2, 1, 2),
     "max3x3s2p1_overlap_odd": ("max", 2, 7, 9, 3, 3, 2, 2, 1, 1),
     "avg3x3s2p1_overlap_odd": ("avg", 2, 7, 9, 3, 3, 2, 2, 1, 1),
     "max2x3_asym_pad": ("max", 3, 5, 8, 2, 3, 1, 2, 1, 1),
@@ -142,7 +144,8 @@ def test_pool(jit, case, accumulate):
 
 
 @pytest.mark.parametrize("case", ["max3x3s2p1_overlap_odd", "max2x3_asym_pad", "max2x2s1_same_bottom_right_pad",
-                                  "max_global_6x5", "max2x2s2"])
+                                  "max_global_6x5", "max2x2s2", "max2x2s2_tiles_exactly_wide",
+                                  "max3x2s3x2_tiles_exactly_wide", "max1x2s1x2_tiles_exactly_wide"])
 def test_max_pool_ties_go_to_first_maximum(jit, case):
     spec, xs, ys = make_spec(case)
     emit_pool_forward(jit.module, "fwd", spec, jit.vw)

@@ -413,6 +413,29 @@ def test_each_thread_prepares_its_share_of_the_batch_as_one_thread_would(data):
         assert a["threads"] == set(range(split.threads)) and b["threads"] == {0}
 
 
+def test_a_batch_that_fails_leaves_no_partial_gradient_behind(data):
+    """The main thread's share fails after a worker has summed its own: the next gradient is still exact."""
+    x, y = data
+    model = build(MLP)
+    if model.threads < 2:
+        pytest.skip("one core: nothing runs beside the main thread")
+    loss = model.loss_name(None)
+    xb, targets = model.check_input(x[:32]), model.check_targets(y[:32], 32, loss)
+    k = model.manifest["loss_inputs"][loss]
+
+    def prepare(t: int, a: int, b: int) -> None:
+        if t == 0:
+            raise OSError("the data went away")
+
+    with pytest.raises(OSError, match="went away"):
+        model._accumulate_gradients(xb, targets, loss, 0, 1 / 32, np.empty((32, k), np.float32),
+                                    np.empty(32, np.float32), prepare)
+    _, grads = model.value_and_grad(x[:32], y[:32])
+    _, want = build(MLP).value_and_grad(x[:32], y[:32])
+    for name in want:
+        np.testing.assert_array_equal(grads[name], want[name])
+
+
 def test_no_jitter_means_the_exact_images(data):
     x, y = data
     model = build(MLP)
