@@ -176,6 +176,13 @@ def _winograd(spec: ConvSpec, p: Plane) -> bool:
     return spec.winograd and conv_winograd.applies(p, spec.connect)
 
 
+def _winograd_weights(b: ir.IRBuilder, p: Plane, ws: ir.Value, weights: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """`weights` transformed once per call into the workspace after conv_direct's part: (U, the rest for V and M)."""
+    u = emit.gep(b, ws, p.floats, name="wino.u")
+    conv_winograd.transform_weights(b, p, weights, u)
+    return u, emit.gep(b, u, conv_winograd.Blocks(p).u_floats, name="wino.vm")
+
+
 def _smax(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
     return b.select(b.icmp_signed(">", x, y), x, y)
 
@@ -336,10 +343,8 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
     bias = args["b"] if spec.bias else None
     top, left, _, _ = g.pads
     winograd = _winograd(spec, p)
-    if winograd:  # the weights transformed once per call, after the padded plane
-        u = emit.gep(b, args["ws"], p.floats, name="wino.u")
-        wino_ws = emit.gep(b, u, conv_winograd.Blocks(p).u_floats, name="wino.vm")
-        conv_winograd.transform_weights(b, p, weights, u)
+    if winograd:
+        u, wino_ws = _winograd_weights(b, p, args["ws"], weights)
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
         y_img = emit.gep(b, args["y"], index(b, (n, g.y_stride)), name="y.img")
@@ -369,10 +374,8 @@ def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geo
     conv_direct.flipped(b, spec.o, spec.c, spec.kh, spec.kw, args["w"], wt)
     top, left, _, _ = g.pads
     winograd = _winograd(spec, p)
-    if winograd:  # the flipped weights transformed once per call
-        u = emit.gep(b, args["ws"], p.floats, name="wino.u")
-        wino_ws = emit.gep(b, u, conv_winograd.Blocks(p).u_floats, name="wino.vm")
-        conv_winograd.transform_weights(b, p, wt, u)
+    if winograd:
+        u, wino_ws = _winograd_weights(b, p, args["ws"], wt)
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
         dx_img = emit.gep(b, args["dx"], index(b, (n, g.x_stride)), name="dx.img")
