@@ -6,13 +6,15 @@ network. cnnc's code generator emits little: ``.text``, ``.rodata*`` constant
 pools, calls between its objects and a few calls into libc (``memset``,
 ``rintf``), all position-independent with the default code model. This loader
 lays those out in one mapping, links them and applies the relocations; for
-anything else it raises ``UnsupportedObject`` and the caller falls back to MCJIT.
+anything else it raises ``BadObject``.
 
-A damaged object must never reach MCJIT, which trusts its input (an empty
-object or a relocation past its section crashes LLVM): ``ElfObject`` checks
-every header, name, symbol and relocation when it parses a file and raises
-``BadObject``, which the caller does not catch. Only a sound object that
-needs a real linker is ``UnsupportedObject``.
+MCJIT trusts its input: an empty object, a relocation past its section or
+one whose target lies too far away crashes LLVM (its assertions are on). So
+an object this loader refuses is refused (``BadObject``, which the caller
+does not catch), never handed to MCJIT: cnnc's own code never needs more than
+this loader does. MCJIT loads code only where this loader cannot run at all
+(``UnsupportedObject``: another OS or CPU) or cannot map memory (``OSError``),
+and then only objects that ``parse`` accepted.
 
 The mapping holds the code and stubs (then read and execute), read-only data
 and the GOT (then read only) and writable data, each region on pages of its
@@ -47,9 +49,6 @@ R_NONE, R_64, R_PC32, R_PLT32, R_GOTPCREL = 0, 1, 2, 4, 9
 R_GOTPCRELX, R_REX_GOTPCRELX = 41, 42
 GOT_RELOCS = (R_GOTPCREL, R_GOTPCRELX, R_REX_GOTPCRELX)
 KNOWN_RELOCS = {R_NONE, R_64, R_PC32, R_PLT32, *GOT_RELOCS}  # all cnnc's objects use (PC32 and PLT32), and tested
-# 32, 32S, PC64, GOTOFF64, GOTPC32, GOT64, GOTPCREL64, GOTPC64: MCJIT links them (the large code model's), this does not
-MCJIT_RELOCS = {10: 4, 11: 4, 24: 8, 25: 8, 26: 4, 27: 8, 28: 8, 29: 8}  # type -> bytes patched
-MAX_ALIGN = 1 << 20  # larger is taken for a corrupt header (MCJIT would reserve it)
 EM_X86_64 = 62
 LINKER_SYMBOLS = {"", "_GLOBAL_OFFSET_TABLE_"}  # undefined names a linker (MCJIT too) provides itself
 
@@ -61,11 +60,11 @@ MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
 
 
 class UnsupportedObject(ValueError):
-    """An object file, or something in one, that this loader does not handle (load it with MCJIT instead)."""
+    """Code this loader cannot load where it runs (another OS or CPU): load it with MCJIT instead."""
 
 
 class BadObject(ValueError):
-    """A damaged object file, or one no loader here can link: refused, never handed to MCJIT."""
+    """A damaged object file, or one that needs more than this loader links: refused, never handed to MCJIT."""
 
 
 class Section(NamedTuple):
@@ -121,14 +120,18 @@ class ElfObject:
         self._rela = [self._relocation_table(s) for s in self.sections]
 
     def _header(self, at: int) -> tuple[int, ...]:
-        name, stype, flags, _, offset, size, link, info, align, _ = SHDR.unpack_from(self.data, at)
+        name, stype, flags, _, offset, size, link, info, align, entsize = SHDR.unpack_from(self.data, at)
+        if stype in (SHT_SYMTAB, SHT_RELA) and entsize != {SHT_SYMTAB: SYM.size, SHT_RELA: RELA.size}[stype]:
+            raise BadObject(f"a symbol or relocation table with entries of {entsize} bytes")
         if stype != SHT_NOBITS and offset + size > len(self.data):
             raise BadObject("a section extends past the end of the file")
         if stype == SHT_NOBITS and size > MAX_BSS:
             raise BadObject("a zero-filled section is too large")
         align = max(align, 1)
-        if align & (align - 1) or align > MAX_ALIGN:
+        if align & (align - 1) or align > mmap.PAGESIZE:
             raise BadObject(f"a section asks for alignment {align}")
+        if stype != SHT_NOBITS and offset % align:
+            raise BadObject(f"a section's contents are not {align}-byte aligned in the file")
         return name, stype, flags, offset, size, link, info, align
 
     def _string(self, table: tuple | Section, at: int) -> str:
@@ -166,10 +169,11 @@ class ElfObject:
         rows = [(off, info & 0xFFFFFFFF, info >> 32, addend)
                 for off, info, addend in RELA.iter_unpack(self.data[s.offset:s.offset + s.size])]
         for off, rtype, j, _ in rows:
-            width = 8 if rtype == R_64 else 0 if rtype == R_NONE else 4 if rtype in KNOWN_RELOCS \
-                else MCJIT_RELOCS.get(rtype)
-            if width is None:
-                raise BadObject(f"relocation type {rtype}")
+            width = 0  # (another CPU's relocations: their place must still lie inside the section)
+            if self.machine == EM_X86_64:
+                if rtype not in KNOWN_RELOCS:
+                    raise BadObject(f"relocation type {rtype} (not one cnnc's code uses)")
+                width = 8 if rtype == R_64 else 0 if rtype == R_NONE else 4
             if off + width > target.size or (width and target.type == SHT_NOBITS):
                 raise BadObject(f"a relocation outside section {target.name!r}")
             if j >= len(self.symbols):
@@ -194,7 +198,7 @@ class ElfObject:
         if not s.flags & SHF_ALLOC or s.name == ".eh_frame" or s.type in (SHT_X86_64_UNWIND, SHT_NOTE):
             return False
         if s.flags & SHF_TLS or s.type not in (SHT_PROGBITS, SHT_NOBITS):
-            raise UnsupportedObject(f"section {s.name!r} (type {s.type:#x}) needs a real linker")
+            raise BadObject(f"section {s.name!r} (type {s.type:#x}) needs a real linker")
         return True
 
     def relocations(self) -> list[tuple[int, list[tuple[int, int, int, int]]]]:
@@ -235,7 +239,6 @@ class Image:
             for target, rows in o.relocations():
                 fixes = []
                 for off, rtype, j, addend in rows:
-                    self._check(rtype)
                     if rtype == R_NONE:
                         continue
                     ref = self.symbol(k, j)
@@ -267,14 +270,9 @@ class Image:
                     continue
                 if sym.bind != STB_GLOBAL or sym.type in (STT_TLS, STT_GNU_IFUNC) \
                         or sym.shndx >= SHN_LORESERVE or sym.shndx not in self.places[k]:
-                    raise UnsupportedObject(f"symbol {sym.name!r} needs a real linker")
+                    raise BadObject(f"symbol {sym.name!r} needs a real linker")
                 defined[sym.name] = (k, j)
         return defined
-
-    @staticmethod
-    def _check(rtype: int) -> None:
-        if rtype not in KNOWN_RELOCS:  # (ElfObject has refused any type MCJIT would not link either)
-            raise UnsupportedObject(f"relocation type {rtype}")
 
     def symbol(self, k: int, j: int) -> Ref:
         """Symbol `j` of object `k`: (object, section, offset) if loaded here, else its name (found in the process)."""
@@ -287,7 +285,7 @@ class Image:
             elif sym.shndx == SHN_UNDEF and sym.name:
                 return sym.name
         if sym.shndx not in self.places[k] or sym.type in (STT_TLS, STT_GNU_IFUNC):
-            raise UnsupportedObject(f"symbol {sym.name or j!r} is not in a loaded section")
+            raise BadObject(f"symbol {sym.name or j!r} is not in a loaded section")
         return k, sym.shndx, sym.value
 
     def offset(self, ref: tuple[int, int, int]) -> int:
@@ -333,7 +331,7 @@ class Image:
 
     def _fits32(self, value: int, ref: Ref) -> int:
         if not -(1 << 31) <= value < 1 << 31:
-            raise UnsupportedObject(f"a 32-bit reference to {self.describe(ref)} does not fit")
+            raise BadObject(f"a 32-bit reference to {self.describe(ref)} does not fit")
         return value
 
 
