@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cnnc
 from cnnc_runtime import artifact
@@ -376,3 +378,98 @@ def test_trailing_bytes_are_refused(saved, tmp_path) -> None:
     bad.write_bytes(path.read_bytes() + b"\x00" * 7)
     with pytest.raises(ValueError, match="unexpected bytes after its sections"):
         cnnc.load(bad)
+
+
+# ---- fuzzing the reader: flipped bits, cut-off files, hand-edited manifests ---------------------------
+
+READER_FUZZ = """
+    import json, math, sys
+    import numpy as np
+    import cnnc
+    from cnnc_runtime import artifact
+
+    good = open("good.cnnc", "rb").read()
+    manifest, obj, weights = artifact.unpack(good)
+    x = np.random.default_rng(0).standard_normal((9, 2, 6, 6)).astype(np.float32)
+    VALUES = [None, True, False, 0, -1, 1, 3, 2**62, -2**70, 0.5, 1e308, math.nan, math.inf, "", "x", [], {},
+              [1, 2], [[0]], {"a": 1}, [[[[[]]]]], "weight"]
+
+    def mutate(node, rng):
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        key = keys[int(rng.integers(len(keys)))]
+        child = node[key]
+        if isinstance(child, (dict, list)) and child and rng.random() < 0.6:
+            return mutate(child, rng)
+        roll = rng.random()
+        if isinstance(node, dict) and roll < 0.15:
+            del node[key]
+        elif isinstance(child, int) and not isinstance(child, bool) and roll < 0.5:
+            node[key] = child + int(rng.choice([-64, -1, 1, 16, child + 1]))
+        else:
+            node[key] = VALUES[int(rng.integers(len(VALUES)))]
+
+    def variant(seed):
+        rng = np.random.default_rng(seed)
+        kind = seed % 4
+        if kind == 0:  # bits flipped anywhere
+            data = bytearray(good)
+            for at in rng.integers(0, len(data), size=rng.integers(1, 4)):
+                data[at] ^= 1 << int(rng.integers(8))
+            return bytes(data)
+        if kind == 1:  # cut off
+            return good[:int(rng.integers(0, len(good)))]
+        m = json.loads(json.dumps(manifest))
+        for _ in range(int(rng.integers(1, 3))):
+            mutate(m, rng)
+        if kind == 3 and rng.random() < 0.1:
+            m = [m]
+        return artifact.pack(m, obj, weights)  # hand-edited: the checksums recomputed
+
+    outcomes = {}
+    for seed in range(int(sys.argv[1])):
+        open("bad.cnnc", "wb").write(variant(seed))
+        try:
+            model = cnnc.load("bad.cnnc")
+            model(x)
+            model.value_and_grad(x, np.arange(9) % 4)
+            outcome = "loaded"
+        except ValueError:
+            outcome = "ValueError"
+        except Exception as e:  # anything else is a bug: reported with its seed
+            outcome = f"{type(e).__name__} (seed {seed}): {str(e)[:200]}"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    print(json.dumps(outcomes))
+"""
+
+
+def test_fuzzed_artifacts_load_or_raise_value_error(tmp_path) -> None:
+    """Flipped bits, cut-off files and randomly hand-edited manifests (checksums recomputed): each artifact loads
+    and runs, or is a ValueError; never another exception, never a crash (the loop runs in a fresh process).
+    """
+    build(SMALL, seed=1).save_artifact(tmp_path / "good.cnnc")
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(READER_FUZZ), "400"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcomes = json.loads(done.stdout)
+    assert set(outcomes) <= {"loaded", "ValueError"}, outcomes
+    assert outcomes["ValueError"] > 200, outcomes
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(["format", "target", "input", "output", "loss_inputs", "param_floats", "arena_infer",
+                              "params", "updates", "has_dropout", "train", "summary", "warnings"]),
+       value=JSON)
+def test_validate_any_json_in_any_field(saved, field, value) -> None:
+    """Whatever JSON a field holds, ``validate`` passes or raises ValueError; what passes has a contract."""
+    manifest = {**saved[0].manifest, field: value}
+    try:
+        artifact.validate(manifest)
+    except ValueError:
+        return
+    artifact.contract(manifest)
+    artifact.entry_points(manifest)
