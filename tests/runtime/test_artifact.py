@@ -473,3 +473,14 @@ def test_validate_any_json_in_any_field(saved, field, value) -> None:
         return
     artifact.contract(manifest)
     artifact.entry_points(manifest)
+
+
+def test_cli_hand_edited_manifest_is_one_line(saved, tmp_path) -> None:
+    from tests.clitools import cnnc_cmd, one_line_error
+
+    _, _, x = saved
+    np.save(tmp_path / "x.npy", x)
+    for change, named in ((_edit("target", DELETE), "target"), (_edit("arena_infer", 1), "arena_infer")):
+        bad = _tampered(saved, tmp_path, change)
+        line = one_line_error(cnnc_cmd(tmp_path, "run", bad.name, "--input", "x.npy"))
+        assert line.startswith(f"cnnc run: {bad.name}: manifest field '{named}'"), line
