@@ -36,7 +36,8 @@ import numpy as np
 
 TEMP_NAME = re.compile(r"(?:(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]{1,10})\.)?[0-9a-f]{12}")  # (no host: older cnnc's)
 STALE_SECONDS = 24 * 3600  # a temporary file this old is no live writer's, whatever its pid says
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}  # a write's own failures
+EDQUOT = getattr(errno, "EDQUOT", errno.ENOSPC)  # (not on Windows)
+WRITE_ERRNOS = {errno.ENOSPC, EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}  # a write's own failures
 
 
 class WriteError(OSError):
@@ -51,14 +52,15 @@ def _write_error(target: str, e: OSError) -> WriteError:
     if isinstance(e, WriteError):
         return e
     directory = os.path.dirname(os.path.abspath(target))
+    missing = not os.path.isdir(directory)
     why = {
-        errno.ENOENT: f"the directory {directory} does not exist",
+        errno.ENOENT: f"the directory {directory} does not exist" if missing else "its temporary file vanished",
         errno.ENOTDIR: f"{directory} is not a directory",
         errno.EISDIR: "it is a directory",
         errno.EACCES: f"permission denied (in {directory})",
         errno.EPERM: f"permission denied (in {directory})",
         errno.ENOSPC: "no space left on the device",
-        errno.EDQUOT: "the disk quota is exceeded",
+        EDQUOT: "the disk quota is exceeded",
         errno.EROFS: "the file system is read-only",
     }.get(e.errno, e.strerror or str(e))
     err = WriteError(e.errno, f"cannot write {target}: {why}")
