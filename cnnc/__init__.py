@@ -42,11 +42,16 @@ def compile(path: str | os.PathLike[str], **options: Any) -> Model:  # noqa: A00
     return _build(read_source(path), str(path), options)
 
 
-def load(path: str | os.PathLike[str]) -> Model:
-    """Load an artifact written by ``cnnc compile -o`` (no compiler needed)."""
+def load(path: str | os.PathLike[str], key: bytes | str | os.PathLike[str] | None = None) -> Model:
+    """Load an artifact written by ``cnnc compile -o`` (no compiler needed).
+
+    An artifact is native code, as trusted as a shared library: load only
+    ones you built or whose signature you check with `key` (the bytes, or the
+    path of the key file given to ``cnnc compile --sign``).
+    """
     from cnnc_runtime.model import load as load_artifact
 
-    return load_artifact(path)
+    return load_artifact(path, key)
 
 
 def _build(source: str, name: str, options: dict) -> Model:

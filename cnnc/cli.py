@@ -75,10 +75,13 @@ def _load_model(path: str, args, diag: Diagnostics, **options):
     p = _existing(path)
     with open(p, "rb") as f:
         is_artifact = f.read(len(artifact.MAGIC)) == artifact.MAGIC
+    key = getattr(args, "key", None)
+    if key and not is_artifact:
+        raise UsageError(f"cnnc {args.command}: --key checks an artifact's signature, but {path} is not an artifact")
     if is_artifact:
         try:
-            model = cnnc.load(p)
-        except ValueError as e:  # damaged, or built for another CPU or cnnc
+            model = cnnc.load(p, key=key)
+        except ValueError as e:  # damaged, unsigned or tampered with, or built for another CPU or cnnc
             raise UsageError(f"cnnc {args.command}: {e}") from None
     else:
         from cnnc.cache import compile_source
@@ -129,6 +132,7 @@ def cmd_compile(args, diag: Diagnostics) -> int:
 
         sys.stdout.write(summary.as_dot(optimize(g)))
         return 0
+    key = _signing_key(args.sign) if args.sign else None
     target = generic_target() if args.generic else host_target()
     compiled = compile_graph(g, target, use_cache=not args.no_cache, keep_module=args.emit is not None)
     if args.emit == "llvm":
@@ -143,9 +147,23 @@ def cmd_compile(args, diag: Diagnostics) -> int:
     model = Model(compiled.manifest, compiled.obj)
     if args.weights:
         _load_weights(model, args.weights, "compile")
-    model.save_artifact(out, with_weights=bool(args.weights))
-    print(f"wrote {out} ({Path(out).stat().st_size:,} bytes, {target.cpu}, network {model.name})")
+    model.save_artifact(out, with_weights=bool(args.weights), key=key)
+    signed = ", signed" if key else ""
+    print(f"wrote {out} ({Path(out).stat().st_size:,} bytes, {target.cpu}, network {model.name}{signed})")
     return 0
+
+
+def _signing_key(path: str) -> bytes:
+    from cnnc_runtime.signing import read_key
+
+    try:
+        return read_key(path)
+    except ValueError as e:
+        raise UsageError(f"cnnc compile: --sign: {e}") from None
+
+
+TRUST = ("An artifact is native code: loading it runs it with your rights, as a shared library would. Run only "
+         "artifacts you built or whose signature you checked with --key.")
 
 
 def cmd_run(args, diag: Diagnostics) -> int:
@@ -194,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     co = sub.add_parser("compile", help="compile to a native artifact, or print the LLVM IR, assembly or graph",
                         description="Compile a .cnn file for this CPU into one artifact file (native code, manifest "
                                     "and optionally weights) that `cnnc run` and cnnc.load() run without the "
-                                    "compiler front end.")
+                                    "compiler front end. " + TRUST + " --sign KEYFILE adds an HMAC-SHA256 "
+                                    "of the whole artifact made with the key in KEYFILE (at least 16 bytes, e.g. "
+                                    "`head -c 32 /dev/urandom > KEYFILE`; keep it secret).")
     co.add_argument("file", help="the .cnn file")
     co.add_argument("-o", "--output", metavar="OUT", help="artifact path (default: FILE with suffix .cnnc)")
     co.add_argument("--weights", metavar="W.npz", help="store these weights in the artifact")
@@ -202,16 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--dump-after", metavar="PASS", help="print the graph after a pass (prune, shapes, counts, fuse)")
     co.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
     co.add_argument("--generic", action="store_true", help="target baseline x86-64 instead of this CPU")
+    co.add_argument("--sign", metavar="KEYFILE", help="sign the artifact with the secret key in KEYFILE "
+                                                       "(checked by `cnnc run --key` and cnnc.load(..., key=))")
     co.set_defaults(run=cmd_compile)
 
     ru = sub.add_parser("run", help="run a network on an array saved with numpy.save",
                         description="Run a network (a .cnn file or a compiled artifact) on a .npy array of "
-                                    "shape (N, C, H, W) or (N, F) and print or save the outputs.")
+                                    "shape (N, C, H, W) or (N, F) and print or save the outputs. " + TRUST)
     ru.add_argument("file", help="the .cnn file or artifact")
     ru.add_argument("--input", required=True, metavar="X.npy", help="the input batch")
     ru.add_argument("--weights", metavar="W.npz", help="weights saved by `cnnc train -o` or model.save()")
     ru.add_argument("-o", "--output", metavar="Y.npy", help="save the outputs instead of printing them")
     ru.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
+    ru.add_argument("--key", metavar="KEYFILE", help="refuse the artifact unless it was signed with the key in "
+                                                     "KEYFILE (`cnnc compile --sign KEYFILE`)")
     ru.set_defaults(run=cmd_run)
 
     from cnnc.train_cli import add_commands

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import llvmlite.ir as ir
 import networkx as nx
 import numpy as np
 
@@ -121,6 +122,14 @@ def _descriptive(checked: nx.DiGraph, fused: nx.DiGraph) -> dict[str, Any]:
     }
 
 
+def _record_contract(module: ir.Module, manifest: dict[str, Any]) -> None:
+    """Store in the code the manifest fields it was compiled for, so a manifest that lies about them is refused."""
+    data = artifact.contract_bytes(manifest)
+    record = ir.GlobalVariable(module, ir.ArrayType(ir.IntType(8), len(data)), artifact.CONTRACT_SYMBOL)
+    record.initializer = ir.Constant(record.value_type, bytearray(data))
+    record.global_constant = True
+
+
 def compile_graph(checked: nx.DiGraph, target: Target | None = None, use_cache: bool = True,
                   keep_module: bool = False, fuse: bool = True, winograd: bool = True) -> Compiled:
     """Compile a checked graph (``cnnc.driver.check_*``) to object code and its manifest.
@@ -143,8 +152,9 @@ def _compile_graph(checked: nx.DiGraph, target: Target, use_cache: bool, keep_mo
         manifest.update(_descriptive(checked, fused))  # comments and the train section are not code
         return Compiled(manifest, obj, fused=fused)
     modules, facts = build_module(fused, target.vector_width)
-    obj = bundle(emit_objects(modules, target))
     manifest = manifest_for(checked, fused, facts, target)
+    _record_contract(modules[0], manifest)
+    obj = bundle(emit_objects(modules, target))
     manifest["cache_key"] = key
     if use_cache:
         cache.write(path, manifest, obj)

@@ -2,63 +2,393 @@
 
 Layout: ``CNNCART1`` magic, then four length-prefixed sections (little-endian
 u64 length, then the bytes): the manifest (UTF-8 JSON), the object code, the
-weights (an .npz, possibly empty), and the SHA-256 of each of the three. The
-code is only handed to LLVM, and the manifest's sizes only trusted, after the
-checksums match: a damaged file is a ``ValueError``, never a crash.
+weights (an .npz, possibly empty), and the SHA-256 of each of the three; a
+signed artifact has a fifth, the HMAC-SHA256 of all that precedes it
+(``cnnc_runtime.signing``).
+
+An artifact is native code, as trusted as a shared library: the checksums
+catch damage, only a signature checked with a key catches tampering. What the
+runtime can check, it checks before any code is mapped: the signature (when a
+key is given), the checksums, every manifest field it uses (types, ranges,
+consistency: ``validate``), and that the manifest's layout is the one the code
+was compiled for (the compiler records it in the code: ``verify_code``). A
+damaged or hand-edited file is a ``ValueError``, never a crash.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import struct
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
+from cnnc_runtime import signing
+
 MAGIC = b"CNNCART1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the code records the layout it was compiled for (CONTRACT_SYMBOL)
+CONTRACT_SYMBOL = "cnnc_contract"
+ENTRY_POINTS = ("infer", "step_cross_entropy", "step_mse", "jitter")
+LOSSES = ("cross_entropy", "mse")
+MAX_FLOATS = 1 << 40  # a buffer size past this is a damaged manifest, not a network
+MAX_RANK = 8
 
 
 def _digest(*sections: bytes) -> bytes:
     return b"".join(hashlib.sha256(s).digest() for s in sections)
 
 
-def pack(manifest: dict[str, Any], obj: bytes, weights: bytes = b"") -> bytes:
-    parts = [MAGIC]
+def _section(data: bytes) -> bytes:
+    return struct.pack("<Q", len(data)) + data
+
+
+def pack(manifest: dict[str, Any], obj: bytes, weights: bytes = b"", key: signing.Key | None = None) -> bytes:
+    """The artifact's bytes; signed with `key` (bytes, or a key file's path) when one is given."""
     text = json.dumps(manifest, sort_keys=True).encode()
-    for section in (text, obj, weights, _digest(text, obj, weights)):
-        parts += [struct.pack("<Q", len(section)), section]
-    return b"".join(parts)
+    body = MAGIC + b"".join(_section(s) for s in (text, obj, weights, _digest(text, obj, weights)))
+    if key is None:
+        return body
+    return body + _section(signing.tag(signing.read_key(key), body))
 
 
-def unpack(data: bytes, source: str = "artifact") -> tuple[dict[str, Any], bytes, bytes]:
-    """(manifest, object code, weights); a file that is not an artifact raises ``ValueError``."""
-    if not data.startswith(MAGIC):
-        raise ValueError(f"{source}: not a cnnc artifact (bad magic bytes)")
+def _split(data: bytes, source: str) -> tuple[list[bytes], int]:
+    """The four sections and where the last one ends."""
     at, sections = len(MAGIC), []
     for _ in range(4):
         if at + 8 > len(data):
             raise ValueError(f"{source}: truncated cnnc artifact")
         (n,) = struct.unpack_from("<Q", data, at)
         at += 8
-        if at + n > len(data):
+        if n > len(data) - at:
             raise ValueError(f"{source}: truncated cnnc artifact")
         sections.append(data[at:at + n])
         at += n
+    return sections, at
+
+
+def _signature(data: bytes, at: int, source: str) -> bytes | None:
+    """The signature section after byte `at` (None when the file ends there)."""
+    if at == len(data):
+        return None
+    if len(data) - at != 8 + signing.TAG_BYTES or struct.unpack_from("<Q", data, at)[0] != signing.TAG_BYTES:
+        raise ValueError(f"{source}: corrupt cnnc artifact (unexpected bytes after its sections)")
+    return data[at + 8:]
+
+
+def unpack(data: bytes, source: str = "artifact",
+           key: signing.Key | None = None) -> tuple[dict[str, Any], bytes, bytes]:
+    """(manifest, object code, weights); a file that is not a sound artifact raises ``ValueError``.
+
+    With a `key`, the signature is checked first: an unsigned artifact or one whose signature differs is refused.
+    """
+    if not data.startswith(MAGIC):
+        raise ValueError(f"{source}: not a cnnc artifact (bad magic bytes)")
+    secret = signing.read_key(key) if key is not None else None
+    sections, at = _split(data, source)
+    signature = _signature(data, at, source)
+    if secret is not None:
+        signing.verify(secret, data[:at], signature, source)
     if sections[3] != _digest(*sections[:3]):
         raise ValueError(f"{source}: corrupt cnnc artifact (a checksum of its manifest, code or weights differs)")
     try:
         manifest = json.loads(sections[0].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{source}: corrupt manifest ({e})") from None
+    validate(manifest, source)
+    _check_weights(sections[2], source)
     return manifest, sections[1], sections[2]
 
 
-def write(path: str | Path, manifest: dict[str, Any], obj: bytes, weights: bytes = b"") -> None:
+def write(path: str | Path, manifest: dict[str, Any], obj: bytes, weights: bytes = b"",
+          key: signing.Key | None = None) -> None:
+    """Write an artifact atomically; signed with `key` when one is given."""
     from cnnc_runtime.fileio import atomic_write_bytes  # not needed to read: a cached compile skips it
 
-    atomic_write_bytes(path, pack(manifest, obj, weights))
+    atomic_write_bytes(path, pack(manifest, obj, weights, key))
 
 
-def read(path: str | Path) -> tuple[dict[str, Any], bytes, bytes]:
-    return unpack(Path(path).read_bytes(), str(path))
+def read(path: str | Path, key: signing.Key | None = None) -> tuple[dict[str, Any], bytes, bytes]:
+    """(manifest, object code, weights) of an artifact file, checked (see ``unpack``)."""
+    return unpack(Path(path).read_bytes(), str(path), key)
+
+
+# ---- the manifest --------------------------------------------------------------------------------
+
+
+class _Fields:
+    """Checks the fields of one manifest, each failure a ValueError naming the field."""
+
+    def __init__(self, source: str | None) -> None:
+        self.prefix = f"{source}: " if source else ""
+
+    def fail(self, field: str, problem: str) -> ValueError:
+        return ValueError(f"{self.prefix}manifest field {field!r} {problem}")
+
+    def get(self, obj: dict, key: str, field: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+        if key not in obj:
+            if optional:
+                return None
+            raise self.fail(field, "is missing")
+        value = obj[key]
+        if optional and value is None:
+            return None
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _tuple(kind)):
+            raise self.fail(field, f"must be {_kind_name(kind)}, got {_describe(value)}")
+        return value
+
+    def count(self, obj: dict, key: str, field: str, least: int = 0, optional: bool = False) -> int | None:
+        value = self.get(obj, key, field, int, optional)
+        if value is not None and not least <= value <= MAX_FLOATS:
+            raise self.fail(field, f"must be an integer in [{least}, {MAX_FLOATS}], got {value}")
+        return value
+
+    def number(self, obj: dict, key: str, field: str, optional: bool = True) -> float | None:
+        value = self.get(obj, key, field, (int, float), optional)
+        if value is not None and not math.isfinite(value):
+            raise self.fail(field, f"must be a finite number, got {value}")
+        return value
+
+    def shape(self, obj: dict, key: str, field: str, ranks: tuple[int, ...] = tuple(range(1, MAX_RANK + 1))) -> list:
+        dims = self.get(obj, key, field, list)
+        if len(dims) not in ranks or not all(type(d) is int and 1 <= d <= MAX_FLOATS for d in dims):
+            raise self.fail(field, f"must be a list of {' or '.join(map(str, ranks))} positive integers, got {dims}")
+        if math.prod(dims) > MAX_FLOATS:
+            raise self.fail(field, f"{dims} is too large")
+        return dims
+
+
+def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+             bool: "true or false"}
+    return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in _tuple(kind)))
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {_short(value)}"
+
+
+def validate(manifest: Any, source: str | None = None) -> None:
+    """Check every manifest field the runtime uses: types, ranges and consistency. ``ValueError`` names the field.
+
+    Unknown fields are ignored. Whether the sizes are the ones the code needs is ``verify_code``'s question.
+    """
+    prefix = f"{source}: " if source else ""
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{prefix}corrupt manifest (a JSON {type(manifest).__name__}, expected an object)")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{prefix}artifact format {_short(manifest.get('format'))} is not supported by this "
+                         f"cnnc (expects {FORMAT_VERSION}); recompile the network")
+    f = _Fields(source)
+    f.get(manifest, "cnnc_version", "cnnc_version", str)
+    f.get(manifest, "network", "network", str)
+    target = f.get(manifest, "target", "target", dict)
+    for k in ("triple", "cpu", "features"):
+        f.get(target, k, f"target.{k}", str)
+    f.shape(f.get(manifest, "input", "input", dict), "shape", "input.shape", (1, 3))
+    output = f.get(manifest, "output", "output", dict)
+    f.shape(output, "shape", "output.shape")
+    f.get(output, "op", "output.op", str)
+    losses = f.get(manifest, "loss_inputs", "loss_inputs", dict)
+    for loss in LOSSES:
+        f.count(losses, loss, f"loss_inputs.{loss}", least=1)
+    for k in ("arena_infer", "arena_train", "ws_floats"):
+        f.count(manifest, k, k)
+    total = f.count(manifest, "param_floats", "param_floats", least=1)
+    _check_params(f, f.get(manifest, "params", "params", list), total)
+    updates = f.get(manifest, "updates", "updates", dict)
+    for kind, names in updates.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise f.fail(f"updates.{kind}", f"must be a list of strings, got {_describe(names)}")
+    f.get(manifest, "has_dropout", "has_dropout", bool)
+    f.get(manifest, "summary", "summary", str)
+    warnings = f.get(manifest, "warnings", "warnings", list, optional=True)
+    if warnings is not None and not all(isinstance(w, str) for w in warnings):
+        raise f.fail("warnings", "must be a list of strings")
+    _check_train(f, f.get(manifest, "train", "train", dict))
+
+
+def _check_params(f: _Fields, params: list, total: int) -> None:
+    """Each parameter: a unique name, a shape whose product is its size, inside param_floats, overlapping no other."""
+    names: set[str] = set()
+    spans = []
+    for i, p in enumerate(params):
+        where = f"params[{i}]"
+        if not isinstance(p, dict):
+            raise f.fail(where, f"must be an object, got {_describe(p)}")
+        name = f.get(p, "name", f"{where}.name", str)
+        if name in names:
+            raise f.fail(f"{where}.name", f"repeats parameter name {name!r}")
+        names.add(name)
+        f.get(p, "layer", f"{where}.layer", str)
+        if f.get(p, "kind", f"{where}.kind", str) not in ("weight", "bias"):
+            raise f.fail(f"{where}.kind", f"must be \"weight\" or \"bias\", got {p['kind']!r}")
+        shape = f.shape(p, "shape", f"{where}.shape")
+        size = f.count(p, "size", f"{where}.size", least=1)
+        if math.prod(shape) != size:
+            raise f.fail(f"{where}.size", f"is {size}, but shape {shape} holds {math.prod(shape)}")
+        offset = f.count(p, "offset", f"{where}.offset")
+        if offset + size > total:
+            raise f.fail(f"{where}.offset", f"puts {name} at [{offset}, {offset + size}), past param_floats ({total})")
+        spans.append((offset, offset + size, name))
+        for k in ("trainable", "decay"):
+            f.get(p, k, f"{where}.{k}", bool)
+        init = f.get(p, "init", f"{where}.init", dict)
+        if f.get(init, "scheme", f"{where}.init.scheme", str) not in ("he", "lecun"):
+            raise f.fail(f"{where}.init.scheme", f"must be \"he\" or \"lecun\", got {init['scheme']!r}")
+        f.count(init, "fan_in", f"{where}.init.fan_in")
+        _check_connect(f, f.get(p, "connect", f"{where}.connect", list, optional=True), shape, where)
+        _check_fixed(f, p.get("fixed"), shape, where)
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise f.fail("params", f"lays {a} and {b} over each other")
+
+
+def _check_connect(f: _Fields, connect: list | None, shape: list, where: str) -> None:
+    if connect is None:
+        return
+    if len(shape) < 2 or len(connect) != shape[0] or not all(
+            isinstance(row, list) and all(type(c) is int and 0 <= c < shape[1] for c in row) for row in connect):
+        raise f.fail(f"{where}.connect", f"must list, for each of the {shape[0]} outputs, input channels in "
+                                         f"[0, {shape[1] if len(shape) > 1 else 0})")
+
+
+def _check_fixed(f: _Fields, fixed: Any, shape: list, where: str) -> None:
+    if fixed is None:
+        return
+    import numpy as np
+
+    try:
+        arr = np.asarray(fixed, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        arr = None
+    if arr is None or list(arr.shape) != shape or not np.isfinite(arr).all():
+        raise f.fail(f"{where}.fixed", f"must be finite numbers of shape {shape}")
+
+
+TRAIN_COUNTS = ("batch", "epochs", "seed", "restarts", "max_steps")
+TRAIN_NUMBERS = ("weight_decay", "jitter", "validation", "min_improvement", "lr_decay")
+
+
+def _check_train(f: _Fields, train: dict) -> None:
+    """The train section's types (its ranges are the training settings' to check, as for ``fit``'s arguments)."""
+    for k in TRAIN_COUNTS:
+        f.get(train, k, f"train.{k}", int, optional=True)
+    for k in TRAIN_NUMBERS:
+        f.number(train, k, f"train.{k}")
+    loss = f.get(train, "loss", "train.loss", str, optional=True)
+    if loss is not None and loss not in LOSSES:
+        raise f.fail("train.loss", f"must be {' or '.join(LOSSES)}, got {loss!r}")
+    f.get(train, "data", "train.data", str, optional=True)
+    optimizer = f.get(train, "optimizer", "train.optimizer", dict, optional=True)
+    if optimizer is not None:
+        f.get(optimizer, "name", "train.optimizer.name", str)
+        for k in optimizer.keys() - {"name"}:
+            f.number(optimizer, k, f"train.optimizer.{k}", optional=False)
+    stop = f.get(train, "early_stop", "train.early_stop", dict, optional=True)
+    if stop is not None:
+        f.get(stop, "patience", "train.early_stop.patience", int)
+        f.number(stop, "min_delta", "train.early_stop.min_delta", optional=False)
+    norm = f.get(train, "normalize", "train.normalize", dict, optional=True)
+    if norm is not None:
+        f.number(norm, "mean", "train.normalize.mean", optional=False)
+        if f.number(norm, "std", "train.normalize.std", optional=False) <= 0:
+            raise f.fail("train.normalize.std", f"must be positive, got {norm['std']}")
+
+
+def _check_weights(weights: bytes, source: str) -> None:
+    """The weights section: empty, or an .npz of real-valued arrays (names and shapes are the model's to check)."""
+    if not weights:
+        return
+    import numpy as np
+
+    try:
+        with np.load(io.BytesIO(weights), allow_pickle=False) as data:
+            for name in data.files:
+                dtype = data[name].dtype
+                if dtype.kind not in "fiu":
+                    raise ValueError(f"{name} has dtype {dtype}")
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{source}: the artifact's weights cannot be read ({e})") from None
+
+
+# ---- the manifest against the code ---------------------------------------------------------------
+
+
+def contract(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest fields whose values the code was compiled for (buffer sizes and strides, the parameter layout)."""
+    return {
+        "param_floats": manifest["param_floats"],
+        "arena_infer": manifest["arena_infer"],
+        "arena_train": manifest["arena_train"],
+        "ws_floats": manifest["ws_floats"],
+        "input.shape": manifest["input"]["shape"],
+        "output.shape": manifest["output"]["shape"],
+        "output.op": manifest["output"]["op"],
+        "loss_inputs": manifest["loss_inputs"],
+        "params": [[p["name"], p["offset"], p["size"], p["shape"]] for p in manifest["params"]],
+        "updates": manifest["updates"],
+        "has_dropout": manifest["has_dropout"],
+    }
+
+
+def contract_bytes(manifest: dict[str, Any]) -> bytes:
+    """``contract(manifest)`` as the compiler stores it in the code, under ``CONTRACT_SYMBOL``."""
+    return json.dumps(contract(manifest), sort_keys=True).encode()
+
+
+def entry_points(manifest: dict[str, Any]) -> list[str]:
+    """The functions the runtime calls: the passes, and an update loop for each rule the manifest lists."""
+    return [*ENTRY_POINTS, *(f"update_{kind}" for kind in manifest["updates"])]
+
+
+def verify_code(manifest: dict[str, Any], obj: bytes, source: str | None = None) -> None:
+    """Check a validated manifest against its object code, without mapping or running any of it.
+
+    Every object must be sound (``elfload.parse``: what fails is never handed
+    to a loader), define the entry points, and record the layout it was
+    compiled for, equal to the manifest's: a manifest that promises a smaller
+    arena than the code writes would let the code write past its buffers.
+    """
+    from cnnc_runtime import elfload
+    from cnnc_runtime.native import unbundle
+
+    prefix = f"{source}: " if source else ""
+    if sys.platform != "linux":  # (objects there are not ELF: only the manifest's own checks apply)
+        return
+    try:
+        objs = elfload.parse(unbundle(obj))
+    except ValueError as e:
+        raise ValueError(f"{prefix}damaged object code ({e})") from None
+    exports = {name: (o, sym) for o in objs for name, sym in o.exported().items()}
+    missing = [name for name in entry_points(manifest) if name not in exports]
+    if missing:
+        raise ValueError(f"{prefix}the object code has no function {', '.join(missing)}")
+    if CONTRACT_SYMBOL not in exports:
+        raise ValueError(f"{prefix}the object code does not record its layout; recompile the network")
+    try:
+        recorded = json.loads(exports[CONTRACT_SYMBOL][0].contents(exports[CONTRACT_SYMBOL][1]))
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{prefix}the object code's layout record is damaged ({e})") from None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{prefix}the object code's layout record is damaged")
+    for field, value in contract(manifest).items():
+        code = recorded.get(field)
+        if code != value and field == "params" and isinstance(code, list) and len(code) == len(value):
+            field, value, code = next((f"params[{i}]", v, c) for i, (v, c) in enumerate(zip(value, code)) if v != c)
+        if code != value:
+            raise ValueError(f"{prefix}manifest field {field!r} is {_short(value)}, but the code was compiled "
+                             f"for {_short(code)}")

@@ -6,7 +6,15 @@ network. cnnc's code generator emits little: ``.text``, ``.rodata*`` constant
 pools, calls between its objects and a few calls into libc (``memset``,
 ``rintf``), all position-independent with the default code model. This loader
 lays those out in one mapping, links them and applies the relocations; for
-anything else it raises ``UnsupportedObject`` and the caller falls back to MCJIT.
+anything else it raises ``BadObject``.
+
+MCJIT trusts its input: an empty object, a relocation past its section or
+one whose target lies too far away crashes LLVM (its assertions are on). So
+an object this loader refuses is refused (``BadObject``, which the caller
+does not catch), never handed to MCJIT: cnnc's own code never needs more than
+this loader does. MCJIT loads code only where this loader cannot run at all
+(``UnsupportedObject``: another OS or CPU) or cannot map memory (``OSError``),
+and then only objects that ``parse`` accepted.
 
 The mapping holds the code and stubs (then read and execute), read-only data
 and the GOT (then read only) and writable data, each region on pages of its
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import platform
 import struct
 import sys
 import weakref
@@ -40,6 +49,8 @@ R_NONE, R_64, R_PC32, R_PLT32, R_GOTPCREL = 0, 1, 2, 4, 9
 R_GOTPCRELX, R_REX_GOTPCRELX = 41, 42
 GOT_RELOCS = (R_GOTPCREL, R_GOTPCRELX, R_REX_GOTPCRELX)
 KNOWN_RELOCS = {R_NONE, R_64, R_PC32, R_PLT32, *GOT_RELOCS}  # all cnnc's objects use (PC32 and PLT32), and tested
+EM_X86_64 = 62
+LINKER_SYMBOLS = {"", "_GLOBAL_OFFSET_TABLE_"}  # undefined names a linker (MCJIT too) provides itself
 
 STUB = b"\xff\x25\x00\x00\x00\x00"  # jmp *0(%rip): the 8-byte address follows
 STUB_SIZE = 16
@@ -49,7 +60,11 @@ MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
 
 
 class UnsupportedObject(ValueError):
-    """An object file, or something in one, that this loader does not handle (load it with MCJIT instead)."""
+    """Code this loader cannot load where it runs (another OS or CPU): load it with MCJIT instead."""
+
+
+class BadObject(ValueError):
+    """A damaged object file, or one that needs more than this loader links: refused, never handed to MCJIT."""
 
 
 class Section(NamedTuple):
@@ -69,61 +84,113 @@ class Symbol(NamedTuple):
     type: int
     shndx: int
     value: int
+    size: int
 
 
 Ref = str | tuple[int, int, int]  # a symbol: a process symbol's name, or (object, section, offset) of one loaded here
 
 
 class ElfObject:
-    """One parsed relocatable object: its sections, symbols and relocation tables (nothing loaded yet)."""
+    """One parsed relocatable object: its sections, symbols and relocation tables (nothing loaded yet).
+
+    Every offset, size, index and name is checked here (``BadObject``), so an
+    object that parses is safe to hand to MCJIT.
+    """
 
     def __init__(self, data: bytes) -> None:
         if len(data) < EHDR.size or data[:4] != b"\x7fELF":
-            raise UnsupportedObject("not an ELF object file")
+            raise BadObject("not an ELF object file")
         ident, etype, machine, _, _, _, shoff, _, _, _, _, shentsize, shnum, shstrndx = EHDR.unpack_from(data)
         if ident[4] != 2 or ident[5] != 1:
-            raise UnsupportedObject("not a 64-bit little-endian ELF file")
-        if etype != 1 or machine != 62:
-            raise UnsupportedObject("not a relocatable x86-64 object")
+            raise BadObject("not a 64-bit little-endian ELF file")
+        if etype != 1:
+            raise BadObject("not a relocatable object")
         if shentsize != SHDR.size or shnum == 0 or not 0 < shstrndx < shnum or shoff + shnum * SHDR.size > len(data):
-            raise UnsupportedObject("malformed section header table")
+            raise BadObject("malformed section header table")
         self.data = data
+        self.machine = machine
         headers = [self._header(shoff + i * SHDR.size) for i in range(shnum)]
         names = headers[shstrndx]
         self.sections = [Section(self._string(names, h[0]), *h[1:]) for h in headers]
         tables = [i for i, s in enumerate(self.sections) if s.type == SHT_SYMTAB]
         if len(tables) != 1:
-            raise UnsupportedObject(f"{len(tables)} symbol tables (expected one)")
+            raise BadObject(f"{len(tables)} symbol tables (expected one)")
         self.symtab = tables[0]
         self.symbols = self._symbols(self.sections[self.symtab])
+        self._rela = [self._relocation_table(s) for s in self.sections]
 
     def _header(self, at: int) -> tuple[int, ...]:
-        name, stype, flags, _, offset, size, link, info, align, _ = SHDR.unpack_from(self.data, at)
+        name, stype, flags, _, offset, size, link, info, align, entsize = SHDR.unpack_from(self.data, at)
+        if stype in (SHT_SYMTAB, SHT_RELA) and entsize != {SHT_SYMTAB: SYM.size, SHT_RELA: RELA.size}[stype]:
+            raise BadObject(f"a symbol or relocation table with entries of {entsize} bytes")
         if stype != SHT_NOBITS and offset + size > len(self.data):
-            raise UnsupportedObject("a section extends past the end of the file")
+            raise BadObject("a section extends past the end of the file")
         if stype == SHT_NOBITS and size > MAX_BSS:
-            raise UnsupportedObject("a zero-filled section is too large")
+            raise BadObject("a zero-filled section is too large")
         align = max(align, 1)
         if align & (align - 1) or align > mmap.PAGESIZE:
-            raise UnsupportedObject(f"a section asks for alignment {align}")
+            raise BadObject(f"a section asks for alignment {align}")
+        if stype != SHT_NOBITS and offset % align:
+            raise BadObject(f"a section's contents are not {align}-byte aligned in the file")
         return name, stype, flags, offset, size, link, info, align
 
     def _string(self, table: tuple | Section, at: int) -> str:
         _, stype, _, offset, size = table[:5]
         if stype != SHT_STRTAB or at >= size:
-            raise UnsupportedObject("a name outside its string table")
+            raise BadObject("a name outside its string table")
         end = self.data.find(b"\0", offset + at, offset + size)
         if end < 0:
-            raise UnsupportedObject("an unterminated name")
+            raise BadObject("an unterminated name")
         return self.data[offset + at:end].decode("utf-8", "surrogateescape")
 
     def _symbols(self, table: Section) -> list[Symbol]:
         if table.size % SYM.size or not 0 < table.link < len(self.sections):
-            raise UnsupportedObject("malformed symbol table")
+            raise BadObject("malformed symbol table")
         strings = self.sections[table.link]
         rows = SYM.iter_unpack(self.data[table.offset:table.offset + table.size])
-        return [Symbol(self._string(strings, name) if name else "", info >> 4, info & 0xF, shndx, value)
-                for name, info, _, shndx, value, _ in rows]
+        symbols = [Symbol(self._string(strings, name) if name else "", info >> 4, info & 0xF, shndx, value, size)
+                   for name, info, _, shndx, value, size in rows]
+        for sym in symbols:
+            if sym.shndx == SHN_UNDEF or sym.shndx >= SHN_LORESERVE:
+                continue
+            if sym.shndx >= len(self.sections) or sym.value + sym.size > self.sections[sym.shndx].size:
+                raise BadObject(f"symbol {sym.name!r} lies outside its section")
+        return symbols
+
+    def _relocation_table(self, s: Section) -> list[tuple[int, int, int, int]] | None:
+        """The rows (offset, type, symbol index, addend) of a RELA section, each checked; None for other sections."""
+        if s.type == SHT_REL:
+            raise BadObject("REL relocations (x86-64 objects use RELA)")
+        if s.type != SHT_RELA:
+            return None
+        if s.link != self.symtab or s.size % RELA.size or not 0 < s.info < len(self.sections):
+            raise BadObject(f"malformed relocation section {s.name!r}")
+        target = self.sections[s.info]
+        rows = [(off, info & 0xFFFFFFFF, info >> 32, addend)
+                for off, info, addend in RELA.iter_unpack(self.data[s.offset:s.offset + s.size])]
+        for off, rtype, j, _ in rows:
+            width = 0  # (another CPU's relocations: their place must still lie inside the section)
+            if self.machine == EM_X86_64:
+                if rtype not in KNOWN_RELOCS:
+                    raise BadObject(f"relocation type {rtype} (not one cnnc's code uses)")
+                width = 8 if rtype == R_64 else 0 if rtype == R_NONE else 4
+            if off + width > target.size or (width and target.type == SHT_NOBITS):
+                raise BadObject(f"a relocation outside section {target.name!r}")
+            if j >= len(self.symbols):
+                raise BadObject("a relocation names a symbol that does not exist")
+        return rows
+
+    def exported(self) -> dict[str, Symbol]:
+        """The global symbols this object defines, by name."""
+        return {sym.name: sym for sym in self.symbols
+                if sym.bind != STB_LOCAL and sym.shndx != SHN_UNDEF and sym.name}
+
+    def contents(self, sym: Symbol) -> bytes:
+        """The bytes a data symbol holds in the file (before any relocation); BadObject if it has none."""
+        if not 0 < sym.shndx < len(self.sections) or self.sections[sym.shndx].type != SHT_PROGBITS:
+            raise BadObject(f"symbol {sym.name!r} holds no data")
+        start = self.sections[sym.shndx].offset + sym.value
+        return self.data[start:start + sym.size]
 
     def loaded(self, i: int) -> bool:
         """Whether section `i` belongs in memory (allocated; unwind tables and notes are left out)."""
@@ -131,23 +198,13 @@ class ElfObject:
         if not s.flags & SHF_ALLOC or s.name == ".eh_frame" or s.type in (SHT_X86_64_UNWIND, SHT_NOTE):
             return False
         if s.flags & SHF_TLS or s.type not in (SHT_PROGBITS, SHT_NOBITS):
-            raise UnsupportedObject(f"section {s.name!r} (type {s.type:#x}) needs a real linker")
+            raise BadObject(f"section {s.name!r} (type {s.type:#x}) needs a real linker")
         return True
 
     def relocations(self) -> list[tuple[int, list[tuple[int, int, int, int]]]]:
         """(target section, [(offset, type, symbol index, addend)]) for each loaded section's relocations."""
-        out = []
-        for s in self.sections:
-            if s.type == SHT_REL:
-                raise UnsupportedObject("REL relocations (x86-64 objects use RELA)")
-            if s.type != SHT_RELA or not 0 < s.info < len(self.sections) or not self.loaded(s.info):
-                continue
-            if s.link != self.symtab or s.size % RELA.size:
-                raise UnsupportedObject(f"malformed relocation section {s.name!r}")
-            rows = [(off, info & 0xFFFFFFFF, info >> 32, addend)
-                    for off, info, addend in RELA.iter_unpack(self.data[s.offset:s.offset + s.size])]
-            out.append((s.info, rows))
-        return out
+        return [(s.info, rows) for s, rows in zip(self.sections, self._rela)
+                if rows is not None and self.loaded(s.info)]
 
 
 def _align(n: int, a: int) -> int:
@@ -182,7 +239,6 @@ class Image:
             for target, rows in o.relocations():
                 fixes = []
                 for off, rtype, j, addend in rows:
-                    self._check(k, target, off, rtype)
                     if rtype == R_NONE:
                         continue
                     ref = self.symbol(k, j)
@@ -201,7 +257,7 @@ class Image:
         self.data = _align(got_at + 8 * len(got), mmap.PAGESIZE)
         self.size = max(_align(self.data + sizes[2], mmap.PAGESIZE), mmap.PAGESIZE)
         if self.size >= 1 << 31:
-            raise UnsupportedObject("the code does not fit in 2 GiB")
+            raise BadObject("the code does not fit in 2 GiB")
         starts = (0, self.rodata, self.data)
         self.where = [{i: starts[r] + off for i, (r, off) in placed.items()} for placed in regions]
 
@@ -214,25 +270,13 @@ class Image:
                     continue
                 if sym.bind != STB_GLOBAL or sym.type in (STT_TLS, STT_GNU_IFUNC) \
                         or sym.shndx >= SHN_LORESERVE or sym.shndx not in self.places[k]:
-                    raise UnsupportedObject(f"symbol {sym.name!r} needs a real linker")
-                if sym.name in defined:
-                    raise UnsupportedObject(f"symbol {sym.name!r} is defined twice")
+                    raise BadObject(f"symbol {sym.name!r} needs a real linker")
                 defined[sym.name] = (k, j)
         return defined
-
-    def _check(self, k: int, target: int, off: int, rtype: int) -> None:
-        if rtype not in KNOWN_RELOCS:
-            raise UnsupportedObject(f"relocation type {rtype}")
-        width = 8 if rtype == R_64 else 0 if rtype == R_NONE else 4
-        s = self.objs[k].sections[target]
-        if s.type != SHT_PROGBITS or off + width > s.size:
-            raise UnsupportedObject(f"a relocation outside section {s.name!r}")
 
     def symbol(self, k: int, j: int) -> Ref:
         """Symbol `j` of object `k`: (object, section, offset) if loaded here, else its name (found in the process)."""
         o = self.objs[k]
-        if j >= len(o.symbols):
-            raise UnsupportedObject("a relocation names a symbol that does not exist")
         sym = o.symbols[j]
         if sym.bind != STB_LOCAL:
             if sym.name in self.defined:
@@ -240,9 +284,8 @@ class Image:
                 o, sym = self.objs[k], self.objs[k].symbols[j]
             elif sym.shndx == SHN_UNDEF and sym.name:
                 return sym.name
-        if sym.shndx not in self.places[k] or sym.type in (STT_TLS, STT_GNU_IFUNC) \
-                or sym.value > o.sections[sym.shndx].size:
-            raise UnsupportedObject(f"symbol {sym.name or j!r} is not in a loaded section")
+        if sym.shndx not in self.places[k] or sym.type in (STT_TLS, STT_GNU_IFUNC):
+            raise BadObject(f"symbol {sym.name or j!r} is not in a loaded section")
         return k, sym.shndx, sym.value
 
     def offset(self, ref: tuple[int, int, int]) -> int:
@@ -288,7 +331,7 @@ class Image:
 
     def _fits32(self, value: int, ref: Ref) -> int:
         if not -(1 << 31) <= value < 1 << 31:
-            raise UnsupportedObject(f"a 32-bit reference to {self.describe(ref)} does not fit")
+            raise BadObject(f"a 32-bit reference to {self.describe(ref)} does not fit")
         return value
 
 
@@ -311,9 +354,12 @@ def _libm() -> ctypes.CDLL | None:
 
 
 def process_symbol(name: str) -> int:
-    """The address of a function or variable of this process (libc, libm) that the objects refer to."""
+    """The address of a function or variable of this process (libc, libm) that the objects refer to.
+
+    One that is not there is ``BadObject``: MCJIT, which looks in the same places, would abort the process.
+    """
     if not name.isascii():
-        raise UnsupportedObject(f"undefined symbol {name!r}")
+        raise BadObject(f"undefined symbol {name!r}")
     for lib in (_libc(), _libm()):
         if lib is None:
             continue
@@ -323,7 +369,35 @@ def process_symbol(name: str) -> int:
             continue
         if addr:
             return addr
-    raise UnsupportedObject(f"undefined symbol {name!r}")
+    raise BadObject(f"undefined symbol {name!r}")
+
+
+@lru_cache(maxsize=1)
+def host_machine() -> int | None:
+    """The ELF machine number of this process's CPU (None where this module does not know it)."""
+    return {"x86_64": EM_X86_64, "amd64": EM_X86_64, "aarch64": 183, "arm64": 183}.get(platform.machine().lower())
+
+
+def parse(objects: list[bytes]) -> list[ElfObject]:
+    """The objects of one program, each parsed and checked, for this CPU, and linkable together.
+
+    Whatever passes may be handed to MCJIT: ``BadObject`` otherwise.
+    """
+    objs = [ElfObject(data) for data in objects]
+    machine = host_machine()
+    defined: set[str] = set()
+    for o in objs:
+        if machine is not None and o.machine != machine:
+            raise BadObject(f"code for ELF machine {o.machine}; this CPU is machine {machine}")
+        for name, sym in o.exported().items():
+            if name in defined and sym.bind == STB_GLOBAL:
+                raise BadObject(f"symbol {name!r} is defined twice")
+            defined.add(name)
+    for o in objs:
+        for sym in o.symbols:
+            if sym.shndx == SHN_UNDEF and sym.bind != STB_LOCAL and sym.name not in defined | LINKER_SYMBOLS:
+                process_symbol(sym.name)
+    return objs
 
 
 def _unmap(addr: int, size: int) -> None:
@@ -340,7 +414,10 @@ class LoadedCode:
     def __init__(self, objects: list[bytes]) -> None:
         if sys.platform != "linux" or ctypes.sizeof(ctypes.c_void_p) != 8:
             raise UnsupportedObject("this loader maps memory the 64-bit Linux way")
-        image = Image([ElfObject(data) for data in objects])
+        objs = parse(objects)
+        if any(o.machine != EM_X86_64 for o in objs):
+            raise UnsupportedObject("not x86-64 code")
+        image = Image(objs)
         resolved = {name: process_symbol(name) for name in sorted(image.externals)}
         exports = {name: image.offset(image.symbol(*where)) for name, where in image.defined.items()}
         base = _libc().mmap(None, image.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)

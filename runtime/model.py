@@ -76,6 +76,8 @@ class Model:
                  threads: int | None = None) -> None:
         from cnnc_runtime import __version__
 
+        artifact.validate(manifest)
+        artifact.verify_code(manifest, obj)
         if manifest.get("format") != artifact.FORMAT_VERSION:
             raise ValueError(f"artifact format {manifest.get('format')} is not supported by this cnnc "
                              f"(expects {artifact.FORMAT_VERSION}); recompile the network")
@@ -439,18 +441,30 @@ class Model:
         value, acc, _ = evaluate(self, x, y, loss)
         return value, acc
 
-    def save_artifact(self, path: str | os.PathLike[str], with_weights: bool = True) -> None:
-        """Write this model (code, manifest and, by default, the current weights) as one artifact file."""
+    def save_artifact(self, path: str | os.PathLike[str], with_weights: bool = True,
+                      key: bytes | str | os.PathLike[str] | None = None) -> None:
+        """Write this model (code, manifest and, by default, the current weights) as one artifact file.
+
+        With a `key` (bytes, or a key file's path) the artifact is signed: ``load(path, key=...)`` checks it.
+        """
         weights = b""
         if with_weights:
             buf = io.BytesIO()
             np.savez(buf, **self.params)
             weights = buf.getvalue()
-        artifact.write(path, self.manifest, self._obj, weights)
+        artifact.write(path, self.manifest, self._obj, weights, key)
 
 
-def load(path: str | os.PathLike[str]) -> Model:
-    """Load an artifact written by ``cnnc compile -o``: needs only numpy and llvmlite."""
-    manifest, obj, weights = artifact.read(Path(path))
-    return Model(manifest, obj, weights)
+def load(path: str | os.PathLike[str], key: bytes | str | os.PathLike[str] | None = None) -> Model:
+    """Load an artifact written by ``cnnc compile -o``: needs only numpy and llvmlite.
+
+    An artifact is native code, as trusted as a shared library. With a `key`
+    (bytes, or a key file's path) one that is unsigned or not signed with it
+    is refused before any of its code is mapped.
+    """
+    manifest, obj, weights = artifact.read(Path(path), key)
+    try:
+        return Model(manifest, obj, weights)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cnnc
 from cnnc_runtime import artifact
@@ -242,3 +245,242 @@ def test_damaged_code_is_refused_before_it_reaches_llvm(tmp_path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="checksum"):
         cnnc.load(path)
+
+
+# ---- hand-edited manifests -------------------------------------------------------------------------
+
+
+def _edit(path: str, value):
+    """A change to the manifest: set the field at dotted `path` (list indices as numbers) to `value`, or delete it."""
+    def change(m, o, w):
+        m = json.loads(json.dumps(m))
+        *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+        node = m
+        for k in parents:
+            node = node[k]
+        if value is DELETE:
+            del node[last]
+        else:
+            node[last] = value
+        return m, o, w
+    return change
+
+
+DELETE = object()
+BAD_FIELDS = [  # (change, the field the error names)
+    ("target", DELETE, "target"),
+    ("target.cpu", 7, "target.cpu"),
+    ("network", None, "network"),
+    ("input.shape", [1, 32], "input.shape"),
+    ("input.shape", [1, 0, 32], "input.shape"),
+    ("input.shape", [1, 32, 32.0], "input.shape"),
+    ("output.shape", "10", "output.shape"),
+    ("loss_inputs.mse", -1, "loss_inputs.mse"),
+    ("arena_infer", "1", "arena_infer"),
+    ("arena_train", True, "arena_train"),
+    ("ws_floats", -5, "ws_floats"),
+    ("param_floats", 2**50, "param_floats"),
+    ("params", {}, "params"),
+    ("params.0", [], "params[0]"),
+    ("params.0.size", 151, "params[0].size"),
+    ("params.0.shape", [6, 1, 5, -5], "params[0].shape"),
+    ("params.1.offset", 0, "params"),  # on top of params[0]
+    ("params.3.offset", 61750, "params[3].offset"),  # past the end
+    ("params.2.name", "c1.weight", "params[2].name"),
+    ("params.0.kind", "gamma", "params[0].kind"),
+    ("params.0.trainable", "yes", "params[0].trainable"),
+    ("params.0.init.scheme", "xavier", "params[0].init.scheme"),
+    ("params.0.connect", [[0]], "params[0].connect"),
+    ("params.0.fixed", [[1.0]], "params[0].fixed"),
+    ("updates.sgd", "lr", "updates.sgd"),
+    ("has_dropout", 0, "has_dropout"),
+    ("train", [], "train"),
+    ("train.epochs", "ten", "train.epochs"),
+    ("train.loss", "hinge", "train.loss"),
+    ("train.normalize", {"mean": 0.1, "std": 0}, "train.normalize.std"),
+    ("train.optimizer", {"lr": 0.1}, "train.optimizer.name"),
+    ("summary", DELETE, "summary"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "named"), BAD_FIELDS, ids=[f"{f}={v!r}"[:40] for f, v, _ in BAD_FIELDS])
+def test_a_hand_edited_manifest_names_the_bad_field(saved, tmp_path, field, value, named) -> None:
+    bad = _tampered(saved, tmp_path, _edit(field, value))
+    with pytest.raises(ValueError, match="^" + re.escape(f"{bad}: manifest field '{named}'")):
+        cnnc.load(bad)
+
+
+def test_a_manifest_that_is_not_an_object_is_refused(saved, tmp_path) -> None:
+    _, path, _ = saved
+    _, obj, weights = artifact.read(path)
+    for manifest in ([1, 2], "lenet5", None, 3):
+        bad = tmp_path / "list.cnnc"
+        bad.write_bytes(artifact.pack(manifest, obj, weights))
+        with pytest.raises(ValueError, match="corrupt manifest .*expected an object"):
+            cnnc.load(bad)
+
+
+LIES = [  # consistent manifests that describe other code than theirs: (change, the field named)
+    ("arena_infer", 1, "arena_infer"), ("arena_train", 64, "arena_train"), ("ws_floats", 0, "ws_floats"),
+    ("param_floats", 2 * 61760, "param_floats"), ("input.shape", [1, 28, 28], "input.shape"),
+    ("output.shape", [100], "output.shape"), ("loss_inputs.cross_entropy", 2, "loss_inputs"),
+    ("has_dropout", True, "has_dropout"), ("params.1.offset", 168, "params[1]"),
+]
+
+
+def test_a_manifest_must_describe_the_layout_its_code_was_compiled_for(saved, tmp_path) -> None:
+    """Sizes the code does not have (arena_infer=1 used to segfault) are refused before any of the code is mapped.
+
+    Run in a fresh process: before this check, running such a model crashed the interpreter.
+    """
+    model, path, x = saved
+    np.save(tmp_path / "x.npy", x)
+    files = []
+    for i, (field, value, _) in enumerate(LIES):
+        files.append(str(_tampered(saved, tmp_path, _edit(field, value)).rename(tmp_path / f"lie{i}.cnnc")))
+    script = textwrap.dedent(f"""
+        import numpy as np
+        import cnnc
+        x = np.load("x.npy")
+        for path in {files!r}:
+            try:
+                m = cnnc.load(path)
+                m(np.concatenate([x] * 8))
+                m.value_and_grad(x, np.arange(4))
+                print("loaded and ran", path)
+            except ValueError as e:
+                print(e)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == len(LIES), done.stdout
+    for (_, _, named), line in zip(LIES, lines):
+        assert f"manifest field '{named}'" in line and "the code was compiled for" in line, line
+
+
+def test_code_without_an_entry_point_is_refused(saved, tmp_path) -> None:
+    bad = _tampered(saved, tmp_path, _edit("updates.lion", ["lr"]))
+    with pytest.raises(ValueError, match="no function update_lion"):
+        cnnc.load(bad)
+
+
+def test_unreadable_weights_are_a_value_error(saved, tmp_path) -> None:
+    for weights in (b"PK\x03\x04 not a zip", b"\x00" * 100):
+        bad = _tampered(saved, tmp_path, lambda m, o, w, weights=weights: (m, o, weights))
+        with pytest.raises(ValueError, match="weights cannot be read"):
+            cnnc.load(bad)
+
+
+def test_trailing_bytes_are_refused(saved, tmp_path) -> None:
+    _, path, _ = saved
+    bad = tmp_path / "long.cnnc"
+    bad.write_bytes(path.read_bytes() + b"\x00" * 7)
+    with pytest.raises(ValueError, match="unexpected bytes after its sections"):
+        cnnc.load(bad)
+
+
+# ---- fuzzing the reader: flipped bits, cut-off files, hand-edited manifests ---------------------------
+
+READER_FUZZ = """
+    import json, math, sys
+    import numpy as np
+    import cnnc
+    from cnnc_runtime import artifact
+
+    good = open("good.cnnc", "rb").read()
+    manifest, obj, weights = artifact.unpack(good)
+    x = np.random.default_rng(0).standard_normal((9, 2, 6, 6)).astype(np.float32)
+    VALUES = [None, True, False, 0, -1, 1, 3, 2**62, -2**70, 0.5, 1e308, math.nan, math.inf, "", "x", [], {},
+              [1, 2], [[0]], {"a": 1}, [[[[[]]]]], "weight"]
+
+    def mutate(node, rng):
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        key = keys[int(rng.integers(len(keys)))]
+        child = node[key]
+        if isinstance(child, (dict, list)) and child and rng.random() < 0.6:
+            return mutate(child, rng)
+        roll = rng.random()
+        if isinstance(node, dict) and roll < 0.15:
+            del node[key]
+        elif isinstance(child, int) and not isinstance(child, bool) and roll < 0.5:
+            node[key] = child + int(rng.choice([-64, -1, 1, 16, child + 1]))
+        else:
+            node[key] = VALUES[int(rng.integers(len(VALUES)))]
+
+    def variant(seed):
+        rng = np.random.default_rng(seed)
+        kind = seed % 4
+        if kind == 0:  # bits flipped anywhere
+            data = bytearray(good)
+            for at in rng.integers(0, len(data), size=rng.integers(1, 4)):
+                data[at] ^= 1 << int(rng.integers(8))
+            return bytes(data)
+        if kind == 1:  # cut off
+            return good[:int(rng.integers(0, len(good)))]
+        m = json.loads(json.dumps(manifest))
+        for _ in range(int(rng.integers(1, 3))):
+            mutate(m, rng)
+        if kind == 3 and rng.random() < 0.1:
+            m = [m]
+        return artifact.pack(m, obj, weights)  # hand-edited: the checksums recomputed
+
+    outcomes = {}
+    for seed in range(int(sys.argv[1])):
+        open("bad.cnnc", "wb").write(variant(seed))
+        try:
+            model = cnnc.load("bad.cnnc")
+            model(x)
+            model.value_and_grad(x, np.arange(9) % 4)
+            outcome = "loaded"
+        except ValueError:
+            outcome = "ValueError"
+        except Exception as e:  # anything else is a bug: reported with its seed
+            outcome = f"{type(e).__name__} (seed {seed}): {str(e)[:200]}"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    print(json.dumps(outcomes))
+"""
+
+
+def test_fuzzed_artifacts_load_or_raise_value_error(tmp_path) -> None:
+    """Flipped bits, cut-off files and randomly hand-edited manifests (checksums recomputed): each artifact loads
+    and runs, or is a ValueError; never another exception, never a crash (the loop runs in a fresh process).
+    """
+    build(SMALL, seed=1).save_artifact(tmp_path / "good.cnnc")
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(READER_FUZZ), "400"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcomes = json.loads(done.stdout)
+    assert set(outcomes) <= {"loaded", "ValueError"}, outcomes
+    assert outcomes["ValueError"] > 200, outcomes
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(["format", "target", "input", "output", "loss_inputs", "param_floats", "arena_infer",
+                              "params", "updates", "has_dropout", "train", "summary", "warnings"]),
+       value=JSON)
+def test_validate_any_json_in_any_field(saved, field, value) -> None:
+    """Whatever JSON a field holds, ``validate`` passes or raises ValueError; what passes has a contract."""
+    manifest = {**saved[0].manifest, field: value}
+    try:
+        artifact.validate(manifest)
+    except ValueError:
+        return
+    artifact.contract(manifest)
+    artifact.entry_points(manifest)
+
+
+def test_cli_hand_edited_manifest_is_one_line(saved, tmp_path) -> None:
+    from tests.clitools import cnnc_cmd, one_line_error
+
+    _, _, x = saved
+    np.save(tmp_path / "x.npy", x)
+    for change, named in ((_edit("target", DELETE), "target"), (_edit("arena_infer", 1), "arena_infer")):
+        bad = _tampered(saved, tmp_path, change)
+        line = one_line_error(cnnc_cmd(tmp_path, "run", bad.name, "--input", "x.npy"))
+        assert line.startswith(f"cnnc run: {bad.name}: manifest field '{named}'"), line
