@@ -327,14 +327,14 @@ def cmd_run(args, diag: Diagnostics) -> int:
     check_outputs("run", {"FILE": args.file, "--input": args.input, "--weights": args.weights}, {"-o": args.output})
     model = _load_model(args.file, args, diag)
     x_path = _existing(args.input)
+    with reading("run", x_path), open(x_path, "rb") as f:
+        if f.read(2) == b"PK":
+            raise UsageError(f"cnnc run: {args.input}: an .npz archive; --input takes one array saved by numpy.save")
     try:
-        with reading("run", x_path):
-            x = np.load(x_path, allow_pickle=False)
+        with reading("run", x_path):  # mapped, not read: a header claiming more data than the file has is refused
+            x = np.array(np.load(x_path, mmap_mode="r", allow_pickle=False))
     except (ValueError, EOFError) as e:
         raise UsageError(f"cnnc run: {args.input}: not a .npy array ({e})") from None
-    if not isinstance(x, np.ndarray):  # an .npz archive
-        x.close()
-        raise UsageError(f"cnnc run: {args.input}: an .npz archive; --input takes one array saved by numpy.save")
     try:
         y = model(x)
     except ValueError as e:

@@ -59,6 +59,8 @@ def _dataset(args, model, subset: int = 0):
         return {name: (_inputs(model, d.x), d.y) for name, d in splits.items()}, path
     except (OSError, ValueError) as e:
         raise _usage(f"cnnc {args.command}: {e}") from None
+    except MemoryError:  # sizes in a file's headers are the file's word, not cnnc's
+        raise _usage(f"cnnc {args.command}: {path}: too large to load into memory") from None
 
 
 def _inputs(model, x: np.ndarray):
@@ -135,16 +137,17 @@ def _optimizer_settings(args, train: dict) -> dict:
     return {"optimizer": name, "optimizer_args": optimizer_args}
 
 
-def _written(e: OSError, *paths: str | None) -> str:
-    """Which of `paths` the failed write was for (atomic writes go through a temporary ``.NAME.*.tmp``)."""
+def _written(e: OSError, outputs: dict[str, str | None]) -> str:
+    """Which output the failed write was for (atomic writes go through a temporary ``.NAME.*.tmp``)."""
+    given = {label: p for label, p in outputs.items() if p}
     if e.filename:
         failed = Path(os.path.abspath(e.filename))
-        for p in filter(None, paths):
+        for p in given.values():
             target = Path(os.path.abspath(p))
             if failed == target or (failed.parent == target.parent and failed.name.startswith(f".{target.name}.")):
                 return p
         return str(e.filename)
-    return " or ".join(filter(None, paths))
+    return " or ".join(f"{p} ({label})" for label, p in given.items())  # a write(2) error names no file
 
 
 def cmd_train(args, diag: Diagnostics) -> int:
@@ -197,7 +200,8 @@ def cmd_train(args, diag: Diagnostics) -> int:
     except ValueError as e:
         raise _usage(f"cnnc train: {e}") from None
     except OSError as e:  # the checkpoint or the log, mid-training: a full disk, a removed directory
-        raise _usage(f"cnnc train: cannot write {_written(e, ckpt, args.log)}: {e.strerror or e}") from None
+        written = _written(e, {"--checkpoint": ckpt, "--log": args.log})
+        raise _usage(f"cnnc train: cannot write {written}: {e.strerror or e}") from None
     with writing("train", out):
         model.save(out)
     if len(history.restarts) > 1:
