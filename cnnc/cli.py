@@ -274,6 +274,11 @@ def cmd_compile(args, diag: Diagnostics) -> int:
     from cnnc.passes import PASS_NAMES
 
     writes = not args.dump_after and args.emit is None
+    printed = [flag for flag, v in (("--emit", args.emit), ("--dump-after", args.dump_after)) if v]
+    ignored = [flag for flag, v in (("-o", args.output), ("--weights", args.weights)) if v]
+    if len(printed) > 1 or (printed and ignored):
+        raise UsageError(f"cnnc compile: {' and '.join(printed + ignored)} do not go together: --emit and "
+                         f"--dump-after print to standard output instead of writing an artifact")
     out = args.output or str(Path(args.file).with_suffix(".cnnc"))
     if writes:
         check_outputs("compile", {"FILE": args.file, "--weights": args.weights},

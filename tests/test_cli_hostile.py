@@ -197,6 +197,11 @@ REFUSED = [
     *[case(f"gradcheck{flag}={value}", ("gradcheck", "net.cnn", flag, value), f"argument {flag}: expected")
       for flag, values in {"--batch": ["0", "-3", "1000000000000"], "--samples": ["0", "-1"],
                            "--tolerance": ["nan", "-1"], "--seed": ["-1"]}.items() for value in values],
+    case("compile-emit-with-o", ("compile", "net.cnn", "--emit", "llvm", "-o", "f.ll"), "--emit and -o do not go"),
+    case("compile-dump-with-weights", ("compile", "net.cnn", "--dump-after", "fuse", "--weights", "w.npz"),
+         "--dump-after and --weights do not go together"),
+    case("compile-emit-and-dump", ("compile", "net.cnn", "--emit", "asm", "--dump-after", "fuse"),
+         "--emit and --dump-after do not go together"),
     case("momentum-with-adam-flag", (*TRAIN, *OUTS, "--optimizer", "adam", "--momentum", "0.5"),
          "--momentum sets the momentum optimizer's beta, but the optimizer is adam (from --optimizer)"),
     case("momentum-with-adam-file", ("train", "adam.cnn", "--data", "d.npz", *OUTS, "--momentum", "0.5"),
