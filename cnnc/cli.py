@@ -23,6 +23,7 @@ from cnnc import __version__
 from cnnc.errors import CnnError, Diagnostics
 
 BUG_STATUS = 70
+FLOAT32_MAX = 3.4028234663852886e38
 MAX_MESSAGE = 1000  # characters of an error line; a hostile file's text must not flood the terminal
 
 
@@ -58,14 +59,15 @@ def integer(minimum: int, maximum: int | None = None, what: str | None = None) -
 
 def real(low: float, high: float | None = None, *, above: bool = False, below: bool = False,
          what: str = "a number") -> Callable[[str], float]:
-    """An argparse type: a finite number in [low, high], the ends open when `above` / `below`."""
+    """An argparse type: a number in [low, high], the ends open when `above` / `below`, finite in float32 (the
+    precision the native code computes in)."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        ok = math.isfinite(value) and (value > low if above else value >= low)
+        ok = abs(value) <= FLOAT32_MAX and (value > low if above else value >= low)
         if high is not None:
             ok = ok and (value < high if below else value <= high)
         if not ok:
@@ -73,6 +75,13 @@ def real(low: float, high: float | None = None, *, above: bool = False, below: b
         return value
 
     return parse
+
+
+def path(text: str) -> str:
+    """An argparse type: a file name, which an empty string is not (it would mean the current directory)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file name, got ''")
+    return text
 
 
 # ---- input files -----------------------------------------------------------------------------------
@@ -364,15 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="check a .cnn file and print its layers, shapes, parameters and MACs",
                        description="Check a .cnn file: every shape, parameter count and MAC count, like Keras' "
                                    "model.summary(). Layers that will run as one fused kernel are bracketed.")
-    c.add_argument("file", help="the .cnn file")
+    c.add_argument("file", type=path, help="the .cnn file")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.set_defaults(run=cmd_check)
 
     gr = sub.add_parser("graph", help="write the network's graph as Graphviz DOT",
                         description="Write the network's graph as Graphviz DOT, each node labelled with its op "
                                     "and output shape.")
-    gr.add_argument("file", help="the .cnn file")
-    gr.add_argument("-o", "--output", metavar="FILE.dot", help="write to a file instead of standard output")
+    gr.add_argument("file", type=path, help="the .cnn file")
+    gr.add_argument("-o", "--output", type=path, metavar="FILE.dot", help="write to a file instead of standard output")
     gr.add_argument("--fused", action="store_true", help="show the graph after fusion")
     gr.set_defaults(run=cmd_graph)
 
@@ -380,9 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Compile a .cnn file for this CPU into one artifact file (native code, manifest "
                                     "and optionally weights) that `cnnc run` and cnnc.load() run without the "
                                     "compiler front end. No command writes over one of its input files.")
-    co.add_argument("file", help="the .cnn file")
-    co.add_argument("-o", "--output", metavar="OUT", help="artifact path (default: FILE with suffix .cnnc)")
-    co.add_argument("--weights", metavar="W.npz", help="store these weights in the artifact")
+    co.add_argument("file", type=path, help="the .cnn file")
+    co.add_argument("-o", "--output", type=path, metavar="OUT", help="artifact path (default: FILE with suffix .cnnc)")
+    co.add_argument("--weights", type=path, metavar="W.npz", help="store these weights in the artifact")
     co.add_argument("--emit", choices=["llvm", "asm", "dot"], help="print the LLVM IR, the assembly or the graph")
     co.add_argument("--dump-after", metavar="PASS", help="print the graph after a pass (prune, shapes, counts, fuse)")
     co.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
@@ -392,11 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     ru = sub.add_parser("run", help="run a network on an array saved with numpy.save",
                         description="Run a network (a .cnn file or a compiled artifact) on a .npy array of "
                                     "shape (N, C, H, W) or (N, F) and print or save the outputs.")
-    ru.add_argument("file", help="the .cnn file or artifact")
-    ru.add_argument("--input", required=True, metavar="X.npy", help="the input batch")
-    ru.add_argument("--weights", metavar="W.npz",
+    ru.add_argument("file", type=path, help="the .cnn file or artifact")
+    ru.add_argument("--input", type=path, required=True, metavar="X.npy", help="the input batch")
+    ru.add_argument("--weights", type=path, metavar="W.npz",
                     help="weights saved by `cnnc train -o` or model.save() (default: the artifact's, if it has them)")
-    ru.add_argument("-o", "--output", metavar="Y.npy", help="save the outputs instead of printing them")
+    ru.add_argument("-o", "--output", type=path, metavar="Y.npy", help="save the outputs instead of printing them")
     ru.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
     ru.set_defaults(run=cmd_run)
 

@@ -311,7 +311,7 @@ def cmd_gradcheck(args, diag: Diagnostics) -> int:
 
 
 def add_commands(sub) -> None:
-    from cnnc.cli import integer, real
+    from cnnc.cli import integer, path, real
 
     count, nonneg = integer(1), real(0, what="a non-negative number")
     fraction = real(0, 1, below=True, what="a fraction in [0, 1)")
@@ -321,8 +321,8 @@ def add_commands(sub) -> None:
                                     "(resume with --resume), and reports the test accuracy when the data has a "
                                     "test split. No output may be one of the inputs (the checkpoint resumed "
                                     "from may be written again).")
-    tr.add_argument("file", help="the .cnn file")
-    tr.add_argument("--data", metavar="DIR|FILE.npz",
+    tr.add_argument("file", type=path, help="the .cnn file")
+    tr.add_argument("--data", type=path, metavar="DIR|FILE.npz",
                     help="a directory of IDX files (train-images-idx3-ubyte.gz ...) or an .npz with x, y "
                          "(and x_test, y_test); default: the train section's data, relative to FILE")
     tr.add_argument("--epochs", type=count, help="number of epochs (a positive integer)")
@@ -344,21 +344,23 @@ def add_commands(sub) -> None:
     tr.add_argument("--max-steps", type=count, help="stop after this many optimizer steps")
     tr.add_argument("--subset", type=integer(0), default=0, metavar="N",
                     help="train on the first N training images only (0, the default: all)")
-    tr.add_argument("-o", "--output", metavar="W.npz", help="where to write the weights (default NETWORK.weights.npz)")
-    tr.add_argument("--checkpoint", metavar="CKPT", help="checkpoint path (default NETWORK.ckpt.npz)")
-    tr.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint")
-    tr.add_argument("--log", metavar="METRICS.jsonl", help="append one JSON line per epoch")
-    tr.add_argument("--plot", metavar="CURVES.png", help="plot the loss and accuracy curves (needs matplotlib)")
+    tr.add_argument("-o", "--output", type=path, metavar="W.npz",
+                    help="where to write the weights (default NETWORK.weights.npz)")
+    tr.add_argument("--checkpoint", type=path, metavar="CKPT", help="checkpoint path (default NETWORK.ckpt.npz)")
+    tr.add_argument("--resume", type=path, metavar="CKPT", help="continue from a checkpoint")
+    tr.add_argument("--log", type=path, metavar="METRICS.jsonl", help="append one JSON line per epoch")
+    tr.add_argument("--plot", type=path, metavar="CURVES.png",
+                    help="plot the loss and accuracy curves (needs matplotlib)")
     tr.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
     tr.set_defaults(run=cmd_train)
 
     ev = sub.add_parser("eval", help="loss, accuracy and confusion matrix on the test split",
                         description="Evaluate trained weights on the test split of the data (the train split "
                                     "when there is no test split).")
-    ev.add_argument("file", help="the .cnn file or artifact")
-    ev.add_argument("--weights", metavar="W.npz",
+    ev.add_argument("file", type=path, help="the .cnn file or artifact")
+    ev.add_argument("--weights", type=path, metavar="W.npz",
                     help="the trained weights (required for a .cnn file; default for an artifact: its own)")
-    ev.add_argument("--data", metavar="DIR|FILE.npz")
+    ev.add_argument("--data", type=path, metavar="DIR|FILE.npz")
     ev.add_argument("--json", action="store_true", help='print {"loss", "accuracy", "n", "confusion"}')
     ev.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
     ev.set_defaults(run=cmd_eval)
@@ -367,7 +369,7 @@ def add_commands(sub) -> None:
                         description="Compare the native (float32) gradients with central finite differences of "
                                     "an independent float64 numpy evaluation of the same network, on a small "
                                     "random batch, per parameter. Dropout is switched off for the check.")
-    gc.add_argument("file", help="the .cnn file")
+    gc.add_argument("file", type=path, help="the .cnn file")
     gc.add_argument("--batch", type=integer(1, MAX_GRADCHECK_BATCH), default=4,
                     help=f"images in the random batch, 1 to {MAX_GRADCHECK_BATCH} (default 4)")
     gc.add_argument("--samples", type=count, default=12, help="entries checked per parameter (default 12)")

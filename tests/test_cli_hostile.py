@@ -202,6 +202,11 @@ REFUSED = [
          "--dump-after and --weights do not go together"),
     case("compile-emit-and-dump", ("compile", "net.cnn", "--emit", "asm", "--dump-after", "fuse"),
          "--emit and --dump-after do not go together"),
+    *[case(f"empty-{'-'.join(args)}", args, "expected a file name, got ''")
+      for args in [("check", ""), ("compile", "net.cnn", "-o", ""), ("run", "net.cnn", "--input", ""),
+                   (*TRAIN, *OUTS, "--log", ""), ("train", "net.cnn", "--data", "", *OUTS),
+                   ("eval", "art.cnnc", "--data", "d.npz", "--weights", "")]],
+    case("train-lr-overflows-float32", (*TRAIN, *OUTS, "--lr", "1e300"), "argument --lr: expected"),
     case("momentum-with-adam-flag", (*TRAIN, *OUTS, "--optimizer", "adam", "--momentum", "0.5"),
          "--momentum sets the momentum optimizer's beta, but the optimizer is adam (from --optimizer)"),
     case("momentum-with-adam-file", ("train", "adam.cnn", "--data", "d.npz", *OUTS, "--momentum", "0.5"),
