@@ -123,8 +123,12 @@ def _checked(path: str, diag: Diagnostics, command: str = "check"):
 def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     try:
         return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
+    except (OSError, ValueError):  # one of them does not exist (yet)
+        pass
+    try:
         return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _write_problem(path: str, replaced: bool) -> str | None:

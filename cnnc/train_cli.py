@@ -32,15 +32,15 @@ def _data_path(args, model) -> Path:
     return Path(args.file).parent / rel
 
 
-def _data_inputs(path: str | Path | None) -> dict[str, str | None]:
+def _data_inputs(path: str | Path | None, label: str = "--data") -> dict[str, str | None]:
     """The files a dataset path stands for (a directory: its IDX files), labelled for `check_outputs`."""
     from cnnc_runtime.data import IDX_FILES
 
-    files: dict[str, str | None] = {"--data": None if path is None else str(path)}
+    files: dict[str, str | None] = {label: None if path is None else str(path)}
     if path is not None and Path(path).is_dir():
         for stem in (s for pair in IDX_FILES.values() for s in pair):
             for name in (stem, stem + ".gz"):
-                files[f"--data file {name}"] = str(Path(path) / name)
+                files[f"{label} file {name}"] = str(Path(path) / name)
     return files
 
 
@@ -161,7 +161,8 @@ def cmd_train(args, diag: Diagnostics) -> int:
             raise _usage("cnnc train: --plot needs matplotlib: pip install 'cnnc[plot]'") from None
     outputs = {"-o": args.output, "--checkpoint": args.checkpoint, "--log": args.log, "--plot": args.plot}
     inputs = {"FILE": args.file, **_data_inputs(args.data), "--resume": args.resume}
-    rules = dict(appended=("--log",), may_replace=(("--checkpoint", "--resume"),))
+    resumed = (("--checkpoint", "--resume"), ("the default --checkpoint", "--resume"))  # a run continued
+    rules = dict(appended=("--log",), may_replace=resumed)
     check_outputs("train", inputs, outputs, **rules)
     if args.resume:
         _check_checkpoint(args.resume)
@@ -171,13 +172,17 @@ def cmd_train(args, diag: Diagnostics) -> int:
     ckpt = args.checkpoint or f"{name}.ckpt.npz"
     outputs.update({"-o" if args.output else "the default -o": out,
                     "--checkpoint" if args.checkpoint else "the default --checkpoint": ckpt})
-    check_outputs("train", {**inputs, **_data_inputs(_data_path(args, model))}, outputs, **rules)
+    if not args.data:
+        inputs.update(_data_inputs(_data_path(args, model), "the train section's data"))
+    check_outputs("train", inputs, outputs, **rules)
     train = model.manifest.get("train", {})
     optimizer = _optimizer_settings(args, train)
     data, path = _dataset(args, model, args.subset)
     x, y = data["train"]
-    batch = args.batch or train.get("batch", 64)
-    settings = dict(epochs=args.epochs, batch_size=min(batch, max(len(x), 1)), lr=args.lr,
+    batch = args.batch or train.get("batch")
+    if batch is not None and batch > len(x) > 0:  # as in Keras: the whole set, and no buffer sized beyond it
+        batch = len(x)
+    settings = dict(epochs=args.epochs, batch_size=batch, lr=args.lr,
                     weight_decay=args.weight_decay, jitter=args.jitter, validation_split=args.validation,
                     patience=args.patience, restarts=args.restarts, seed=args.seed, max_steps=args.max_steps,
                     **optimizer)

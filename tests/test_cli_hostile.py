@@ -147,7 +147,7 @@ REFUSED = [
     case("train-o-idx-file", ("train", "net.cnn", "--data", "idx", "-o", "idx/train-images-idx3-ubyte"),
          "the input --data file train-images-idx3-ubyte"),
     case("train-o-train-section-data", ("train", "datanet.cnn", "-o", "d.npz", "--checkpoint", "f.ckpt"),
-         "the input --data d.npz"),
+         "would overwrite the input the train section's data"),
     case("train-default-o-is-the-data", ("train", "net.cnn", "--data", "blobs.weights.npz", "--checkpoint", "f.ckpt"),
          "the default -o blobs.weights.npz would overwrite the input --data"),
     case("train-two-outputs-one-file", (*TRAIN, "-o", "same.npz", "--checkpoint", "same.npz"),
@@ -392,8 +392,14 @@ def test_eval_an_artifact_uses_its_own_weights(work):
     assert json.loads(own.stdout) == json.loads(given.stdout)
 
 
-def test_checkpoint_resumed_and_written_again(work):
-    """--checkpoint C --resume C is how a run continues: the one output that may be an input."""
-    r = cnnc_cmd(work, *TRAIN, "--epochs", "2", "-o", "again.npz", "--checkpoint", "t.ckpt", "--resume", "t.ckpt")
+@pytest.mark.parametrize("checkpoint", [("--checkpoint", "again.ckpt"), ()], ids=["given", "default"])
+def test_checkpoint_resumed_and_written_again(work, checkpoint):
+    """--resume C with the checkpoint C (given, or the default) is how a run continues: the one output that may be
+    an input."""
+    ckpt = checkpoint[1] if checkpoint else "blobs.ckpt.npz"
+    (work / ckpt).write_bytes((work / "t.ckpt").read_bytes())
+    r = cnnc_cmd(work, *TRAIN, "--epochs", "2", "-o", "again.npz", *checkpoint, "--resume", ckpt)
     assert r.returncode == 0, r.stderr
     assert "epoch 2/2" in r.stdout
+    with np.load(work / ckpt) as z:
+        assert json.loads(bytes(z["meta"]).decode())["epoch"] == 2
