@@ -334,10 +334,11 @@ def add_commands(sub) -> None:
     tr.add_argument("--batch", type=count,
                     help="mini-batch size; one larger than the training set means the whole set")
     tr.add_argument("--optimizer", choices=["sgd", "momentum", "rmsprop", "adam"],
-                    help="another optimizer than the train section's; only its lr carries over")
+                    help="replaces the train section's optimizer; of its arguments only lr carries over")
     tr.add_argument("--lr", type=real(0, above=True, what="a positive number"), help="learning rate")
     tr.add_argument("--momentum", type=fraction, metavar="BETA",
-                    help="momentum beta in [0, 1) (turns sgd into momentum; refused with adam and rmsprop)")
+                    help="momentum beta in [0, 1): trains with momentum (sgd becomes momentum); refused when the "
+                         "optimizer is adam or rmsprop")
     tr.add_argument("--weight-decay", type=nonneg, metavar="LAMBDA",
                     help="L2: adds lambda * sum(w^2) to the loss")
     tr.add_argument("--jitter", type=nonneg, metavar="SIGMA", help="Gaussian noise added to every training input")
@@ -345,7 +346,7 @@ def add_commands(sub) -> None:
                     help="fraction of training data held out, in [0, 1)")
     tr.add_argument("--patience", type=count, help="early stop after this many epochs without improvement")
     tr.add_argument("--restarts", type=count, help="train K times from different initialisations, keep the best")
-    tr.add_argument("--seed", type=integer(0))
+    tr.add_argument("--seed", type=integer(0), help="a non-negative integer")
     tr.add_argument("--max-steps", type=count, help="stop after this many optimizer steps")
     tr.add_argument("--subset", type=integer(0), default=0, metavar="N",
                     help="train on the first N training images only (0, the default: all)")
