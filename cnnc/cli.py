@@ -110,11 +110,13 @@ def reading(command: str, path: str | os.PathLike[str]) -> Iterator[None]:
 
 
 def _checked(path: str, diag: Diagnostics, command: str = "check"):
-    from cnnc.driver import check_file
+    from cnnc.driver import check_source
+    from cnnc.sources import read_source
 
     p = _existing(path)
     with reading(command, p):
-        return check_file(p, diag)
+        source = read_source(p)
+    return check_source(source, str(p), diag)
 
 
 # ---- output files ----------------------------------------------------------------------------------
