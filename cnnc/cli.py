@@ -114,6 +114,8 @@ def _checked(path: str, diag: Diagnostics, command: str = "check"):
     from cnnc.sources import read_source
 
     p = _existing(path)
+    if is_artifact(p, command):
+        raise UsageError(f"cnnc {command}: {path} is a compiled artifact; this command needs the .cnn source")
     with reading(command, p):
         source = read_source(p)
     return check_source(source, str(p), diag)

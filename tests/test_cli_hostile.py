@@ -172,6 +172,8 @@ REFUSED = [
     case("check-directory", ("check", "adir"), "adir: is a directory"),
     case("check-fifo", ("check", "fifo"), "fifo: not a regular file"),
     case("check-proc-mem", ("check", "/proc/self/mem"), "cannot read /proc/self/mem", linux=True),
+    *[case(f"{command}-an-artifact", (command, "art.cnnc", *more), "art.cnnc is a compiled artifact")
+      for command, more in [("check", ()), ("graph", ()), ("compile", ("-o", "o.cnnc")), ("gradcheck", ())]],
     case("run-npy-as-weights", (*RUN, "--weights", "w.npy"), "w.npy: not a weights file"),
     case("eval-garbage-as-weights", ("eval", "net.cnn", "--data", "d.npz", "--weights", "garbage.bin"),
          "garbage.bin: not a weights file"),
