@@ -1,23 +1,34 @@
 """The `cnnc` command: check, graph, compile, run, train, eval, gradcheck.
 
 User mistakes in a .cnn file exit with status 1 and a located message; a
-missing file or a bad flag exits with status 2 and one line; never a traceback.
+missing or unreadable file, an output that cannot be written and a bad flag
+exit with status 2 and one line. A traceback means a bug in cnnc: it is shown,
+with a line saying so, and the status is 70 (EX_SOFTWARE).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import sys
-from collections.abc import Callable
+import tempfile
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cnnc import __version__
 from cnnc.errors import CnnError, Diagnostics
 
+BUG_STATUS = 70
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_MESSAGE = 1000  # characters of an error line; a hostile file's text must not flood the terminal
+
 
 class UsageError(Exception):
-    """A bad flag or a missing file: exit status 2."""
+    """A bad flag, a missing or unreadable file, an unwritable output: exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,17 +36,161 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
+# ---- flag values -----------------------------------------------------------------------------------
+
+
+def integer(minimum: int, maximum: int | None = None, what: str | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in [minimum, maximum]."""
+    what = what or ("a positive integer" if minimum == 1 and maximum is None
+                    else "a non-negative integer" if minimum == 0 and maximum is None
+                    else f"an integer from {minimum} to {maximum}")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got '{_clip(text, 40)}'")
+        return value
+
+    return parse
+
+
+def real(low: float, high: float | None = None, *, above: bool = False, below: bool = False,
+         what: str = "a number") -> Callable[[str], float]:
+    """An argparse type: a number in [low, high], the ends open when `above` / `below`, finite in float32 (the
+    precision the native code computes in)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = abs(value) <= FLOAT32_MAX and (value > low if above else value >= low)
+        if high is not None:
+            ok = ok and (value < high if below else value <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {what}, got '{_clip(text, 40)}'")
+        return value
+
+    return parse
+
+
+def path(text: str) -> str:
+    """An argparse type: a file name, which an empty string is not (it would mean the current directory)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file name, got ''")
+    return text
+
+
+# ---- input files -----------------------------------------------------------------------------------
+
+
 def _existing(path: str) -> Path:
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise UsageError(f"cnnc: {path}: is a directory, not a file")
+    if not p.exists():
         raise UsageError(f"cnnc: {path}: no such file")
+    if not p.is_file():
+        raise UsageError(f"cnnc: {path}: not a regular file")
     return p
 
 
-def _checked(path: str, diag: Diagnostics):
-    from cnnc.driver import check_file
+@contextlib.contextmanager
+def reading(command: str, path: str | os.PathLike[str]) -> Iterator[None]:
+    """OSError and undecodable text while reading `path` become one line."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise UsageError(f"cnnc {command}: cannot read {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UsageError(f"cnnc {command}: cannot read {path}: {e.strerror or e}") from None
 
-    return check_file(_existing(path), diag)
+
+def _checked(path: str, diag: Diagnostics, command: str = "check"):
+    from cnnc.driver import check_source
+    from cnnc.sources import read_source
+
+    p = _existing(path)
+    if is_artifact(p, command):
+        raise UsageError(f"cnnc {command}: {path} is a compiled artifact; this command needs the .cnn source")
+    with reading(command, p):
+        source = read_source(p)
+    return check_source(source, str(p), diag)
+
+
+# ---- output files ----------------------------------------------------------------------------------
+
+
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # one of them does not exist (yet)
+        pass
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _write_problem(path: str, replaced: bool) -> str | None:
+    """Why `path` cannot be written, or None. `replaced`: written by a temporary file renamed over it (atomic
+    writes), else opened for appending."""
+    p = Path(os.path.abspath(path))
+    if p.is_dir():
+        return "is a directory"
+    if replaced and p.exists() and not p.is_file():
+        return "not a regular file (an output replaces the file at this path)"
+    if not p.parent.is_dir():
+        return f"no such directory {p.parent}" if not p.parent.exists() else f"{p.parent} is not a directory"
+    if p.exists() and not replaced:
+        return None if os.access(p, os.W_OK) else "permission denied"
+    try:  # the one sure test: can a file be created there? (os.access says yes to root on a read-only mount)
+        with tempfile.TemporaryFile(dir=p.parent):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def check_outputs(command: str, inputs: dict[str, str | None], outputs: dict[str, str | None],
+                  appended: tuple[str, ...] = (), may_replace: tuple[tuple[str, str], ...] = ()) -> None:
+    """Refuse, before any work, an output that is one of the inputs, another output, or cannot be written.
+
+    `inputs` and `outputs` map a label (the flag, or "FILE") to a path (None: not given); `appended` are the
+    labels of outputs opened for appending; `may_replace` lists (output, input) pairs that are meant to be the
+    same file (a checkpoint resumed and written again).
+    """
+    given = {label: p for label, p in outputs.items() if p is not None}
+    for label, path in given.items():
+        for in_label, in_path in inputs.items():
+            if in_path is not None and (label, in_label) not in may_replace and _same_file(path, in_path):
+                raise UsageError(f"cnnc {command}: {label} {path} would overwrite the input {in_label} {in_path}; "
+                                 f"write the output somewhere else")
+    labels = list(given)
+    for i, label in enumerate(labels):
+        for other in labels[i + 1:]:
+            if _same_file(given[label], given[other]):
+                raise UsageError(f"cnnc {command}: {label} and {other} are the same file {given[label]}; "
+                                 f"give them different paths")
+    for label, path in given.items():
+        problem = _write_problem(path, replaced=label not in appended)
+        if problem:
+            raise UsageError(f"cnnc {command}: cannot write {path} ({label}): {problem}")
+
+
+@contextlib.contextmanager
+def writing(command: str, path: str | os.PathLike[str]) -> Iterator[None]:
+    """An OSError while writing `path` (a full disk, a vanished directory) becomes one line."""
+    try:
+        yield
+    except OSError as e:
+        raise UsageError(f"cnnc {command}: cannot write {path}: {e.strerror or e}") from None
+
+
+# ---- commands --------------------------------------------------------------------------------------
 
 
 def cmd_check(args, diag: Diagnostics) -> int:
@@ -54,41 +209,63 @@ def cmd_graph(args, diag: Diagnostics) -> int:
     from cnnc import summary
     from cnnc.driver import optimize
 
-    g = _checked(args.file, diag)
+    check_outputs("graph", {"FILE": args.file}, {"-o": args.output})
+    g = _checked(args.file, diag, "graph")
     if args.fused:
         g = optimize(g)
     dot = summary.as_dot(g)
     if args.output:
         from cnnc_runtime.fileio import atomic_write_bytes
 
-        atomic_write_bytes(args.output, dot.encode())
+        with writing("graph", args.output):
+            atomic_write_bytes(args.output, dot.encode())
     else:
         sys.stdout.write(dot)
     return 0
 
 
-def _load_model(path: str, args, diag: Diagnostics, **options):
-    """A Model from a .cnn file (compiled here) or an artifact (``cnnc compile -o``)."""
-    import cnnc
+def is_artifact(path: Path, command: str) -> bool:
     from cnnc_runtime import artifact
 
+    with reading(command, path), open(path, "rb") as f:
+        return f.read(len(artifact.MAGIC)) == artifact.MAGIC
+
+
+def _load_artifact(path: Path, command: str, key: str | None = None):
+    import cnnc
+
+    try:
+        with reading(command, path):
+            return cnnc.load(path, key=key)
+    except ValueError as e:  # damaged, unsigned or tampered with, or built for another CPU or cnnc
+        raise UsageError(f"cnnc {command}: {e}") from None
+    except (KeyError, TypeError, IndexError, AttributeError) as e:  # intact checksums, a manifest edited by hand
+        raise UsageError(f"cnnc {command}: {path}: invalid artifact manifest ({type(e).__name__}: {e})") from None
+
+
+def artifact_has_weights(path: Path) -> bool:
+    from cnnc_runtime import artifact
+
+    return bool(artifact.read(path)[2])
+
+
+def _load_model(path: str, args, diag: Diagnostics, **options):
+    """A Model from a .cnn file (compiled here) or an artifact (``cnnc compile -o``)."""
     p = _existing(path)
-    with open(p, "rb") as f:
-        is_artifact = f.read(len(artifact.MAGIC)) == artifact.MAGIC
     key = getattr(args, "key", None)
-    if key and not is_artifact:
+    compiled_already = is_artifact(p, args.command)
+    if key and not compiled_already:
         raise UsageError(f"cnnc {args.command}: --key checks an artifact's signature, but {path} is not an artifact")
-    if is_artifact:
-        try:
-            model = cnnc.load(p, key=key)
-        except ValueError as e:  # damaged, unsigned or tampered with, or built for another CPU or cnnc
-            raise UsageError(f"cnnc {args.command}: {e}") from None
+    if compiled_already:
+        model = _load_artifact(p, args.command, key)
     else:
         from cnnc.cache import compile_source
         from cnnc.sources import read_source
         from cnnc_runtime.model import Model
 
-        manifest, obj = compile_source(read_source(p), str(path), generic=getattr(args, "generic", False),
+        with reading(args.command, p):
+            source = read_source(p)
+        manifest, obj = compile_source(source, str(path), generic=getattr(args, "generic", False),
                                        use_cache=not getattr(args, "no_cache", False), diag=diag)
         model = Model(manifest, obj, **options)
     weights = getattr(args, "weights", None)
@@ -98,10 +275,17 @@ def _load_model(path: str, args, diag: Diagnostics, **options):
 
 
 def _load_weights(model, path: str, command: str) -> None:
-    try:
-        model.load(_existing(path))
-    except ValueError as e:
-        raise UsageError(f"cnnc {command}: {e}") from None
+    import zipfile
+
+    p = _existing(path)
+    with reading(command, p):
+        if not zipfile.is_zipfile(p):  # a .npy or any other file: model.load wants the .npz that save() writes
+            raise UsageError(f"cnnc {command}: {path}: not a weights file (an .npz written by `cnnc train -o` "
+                             f"or model.save())")
+        try:
+            model.load(p)
+        except ValueError as e:
+            raise UsageError(f"cnnc {command}: {e}") from None
 
 
 def cmd_compile(args, diag: Diagnostics) -> int:
@@ -110,7 +294,17 @@ def cmd_compile(args, diag: Diagnostics) -> int:
     from cnnc.driver import optimize
     from cnnc.passes import PASS_NAMES
 
-    g = _checked(args.file, diag)
+    writes = not args.dump_after and args.emit is None
+    printed = [flag for flag, v in (("--emit", args.emit), ("--dump-after", args.dump_after)) if v]
+    ignored = [flag for flag, v in (("-o", args.output), ("--weights", args.weights)) if v]
+    if len(printed) > 1 or (printed and ignored):
+        raise UsageError(f"cnnc compile: {' and '.join(printed + ignored)} do not go together: --emit and "
+                         f"--dump-after print to standard output instead of writing an artifact")
+    out = args.output or str(Path(args.file).with_suffix(".cnnc"))
+    if writes:
+        check_outputs("compile", {"FILE": args.file, "--weights": args.weights},
+                      {"-o" if args.output else "the default output (FILE.cnnc)": out})
+    g = _checked(args.file, diag, "compile")
     if args.dump_after:
         if args.dump_after not in PASS_NAMES:
             raise UsageError(f"cnnc compile: unknown pass '{args.dump_after}'; passes: {', '.join(PASS_NAMES)}")
@@ -124,7 +318,9 @@ def cmd_compile(args, diag: Diagnostics) -> int:
 
         from cnnc.frontend import load_graph, read_source
 
-        checked = run_passes(load_graph(read_source(args.file), args.file, Diagnostics()), CHECK, show)
+        with reading("compile", args.file):
+            source = read_source(args.file)
+        checked = run_passes(load_graph(source, args.file, Diagnostics()), CHECK, show)
         optimize(checked, show)
         return 0
     if args.emit == "dot":
@@ -143,11 +339,11 @@ def cmd_compile(args, diag: Diagnostics) -> int:
         return 0
     from cnnc_runtime.model import Model
 
-    out = args.output or str(Path(args.file).with_suffix(".cnnc"))
     model = Model(compiled.manifest, compiled.obj)
     if args.weights:
         _load_weights(model, args.weights, "compile")
-    model.save_artifact(out, with_weights=bool(args.weights), key=key)
+    with writing("compile", out):
+        model.save_artifact(out, with_weights=bool(args.weights), key=key)
     signed = ", signed" if key else ""
     print(f"wrote {out} ({Path(out).stat().st_size:,} bytes, {target.cpu}, network {model.name}{signed})")
     return 0
@@ -169,10 +365,16 @@ TRUST = ("An artifact is native code: loading it runs it with your rights, as a 
 def cmd_run(args, diag: Diagnostics) -> int:
     import numpy as np
 
+    check_outputs("run", {"FILE": args.file, "--input": args.input, "--weights": args.weights}, {"-o": args.output})
     model = _load_model(args.file, args, diag)
+    x_path = _existing(args.input)
+    with reading("run", x_path), open(x_path, "rb") as f:
+        if f.read(2) == b"PK":
+            raise UsageError(f"cnnc run: {args.input}: an .npz archive; --input takes one array saved by numpy.save")
     try:
-        x = np.load(_existing(args.input), allow_pickle=False)
-    except ValueError as e:
+        with reading("run", x_path):  # mapped, not read: a header claiming more data than the file has is refused
+            x = np.array(np.load(x_path, mmap_mode="r", allow_pickle=False))
+    except (ValueError, EOFError) as e:
         raise UsageError(f"cnnc run: {args.input}: not a .npy array ({e})") from None
     try:
         y = model(x)
@@ -181,7 +383,8 @@ def cmd_run(args, diag: Diagnostics) -> int:
     if args.output:
         from cnnc_runtime.fileio import atomic_write
 
-        atomic_write(args.output, lambda f: np.save(f, y))
+        with writing("run", args.output):
+            atomic_write(args.output, lambda f: np.save(f, y))
         print(f"wrote {args.output}: {y.shape[0]} outputs of shape {y.shape[1:]}")
     else:
         np.set_printoptions(precision=5, suppress=True, linewidth=120, threshold=2000)
@@ -197,27 +400,28 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="check a .cnn file and print its layers, shapes, parameters and MACs",
                        description="Check a .cnn file: every shape, parameter count and MAC count, like Keras' "
                                    "model.summary(). Layers that will run as one fused kernel are bracketed.")
-    c.add_argument("file", help="the .cnn file")
+    c.add_argument("file", type=path, help="the .cnn file")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.set_defaults(run=cmd_check)
 
     gr = sub.add_parser("graph", help="write the network's graph as Graphviz DOT",
                         description="Write the network's graph as Graphviz DOT, each node labelled with its op "
                                     "and output shape.")
-    gr.add_argument("file", help="the .cnn file")
-    gr.add_argument("-o", "--output", metavar="FILE.dot", help="write to a file instead of standard output")
+    gr.add_argument("file", type=path, help="the .cnn file")
+    gr.add_argument("-o", "--output", type=path, metavar="FILE.dot", help="write to a file instead of standard output")
     gr.add_argument("--fused", action="store_true", help="show the graph after fusion")
     gr.set_defaults(run=cmd_graph)
 
     co = sub.add_parser("compile", help="compile to a native artifact, or print the LLVM IR, assembly or graph",
                         description="Compile a .cnn file for this CPU into one artifact file (native code, manifest "
                                     "and optionally weights) that `cnnc run` and cnnc.load() run without the "
-                                    "compiler front end. " + TRUST + " --sign KEYFILE adds an HMAC-SHA256 "
-                                    "of the whole artifact made with the key in KEYFILE (at least 16 bytes, e.g. "
-                                    "`head -c 32 /dev/urandom > KEYFILE`; keep it secret).")
-    co.add_argument("file", help="the .cnn file")
-    co.add_argument("-o", "--output", metavar="OUT", help="artifact path (default: FILE with suffix .cnnc)")
-    co.add_argument("--weights", metavar="W.npz", help="store these weights in the artifact")
+                                    "compiler front end. No command writes over one of its input files. " + TRUST
+                                    + " --sign KEYFILE adds an HMAC-SHA256 of the whole artifact made with the key in "
+                                    "KEYFILE (at least 16 bytes, e.g. `head -c 32 /dev/urandom > KEYFILE`; keep it "
+                                    "secret).")
+    co.add_argument("file", type=path, help="the .cnn file")
+    co.add_argument("-o", "--output", type=path, metavar="OUT", help="artifact path (default: FILE with suffix .cnnc)")
+    co.add_argument("--weights", type=path, metavar="W.npz", help="store these weights in the artifact")
     co.add_argument("--emit", choices=["llvm", "asm", "dot"], help="print the LLVM IR, the assembly or the graph")
     co.add_argument("--dump-after", metavar="PASS", help="print the graph after a pass (prune, shapes, counts, fuse)")
     co.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
@@ -229,10 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     ru = sub.add_parser("run", help="run a network on an array saved with numpy.save",
                         description="Run a network (a .cnn file or a compiled artifact) on a .npy array of "
                                     "shape (N, C, H, W) or (N, F) and print or save the outputs. " + TRUST)
-    ru.add_argument("file", help="the .cnn file or artifact")
-    ru.add_argument("--input", required=True, metavar="X.npy", help="the input batch")
-    ru.add_argument("--weights", metavar="W.npz", help="weights saved by `cnnc train -o` or model.save()")
-    ru.add_argument("-o", "--output", metavar="Y.npy", help="save the outputs instead of printing them")
+    ru.add_argument("file", type=path, help="the .cnn file or artifact")
+    ru.add_argument("--input", type=path, required=True, metavar="X.npy", help="the input batch")
+    ru.add_argument("--weights", type=path, metavar="W.npz",
+                    help="weights saved by `cnnc train -o` or model.save() (default: the artifact's, if it has them)")
+    ru.add_argument("-o", "--output", type=path, metavar="Y.npy", help="save the outputs instead of printing them")
     ru.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
     ru.add_argument("--key", metavar="KEYFILE", help="refuse the artifact unless it was signed with the key in "
                                                      "KEYFILE (`cnnc compile --sign KEYFILE`)")
@@ -244,18 +449,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_THREADS = 1024
+
+
+def _check_environment() -> None:
+    """CNNC_THREADS, read by the runtime when a model is built: a bad value is a usage error here, up front."""
+    text = os.environ.get("CNNC_THREADS")
+    if text:
+        try:
+            integer(1, MAX_THREADS)(text.strip())
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"cnnc: CNNC_THREADS: {e}") from None
+
+
+def _clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """One line of at most `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status: 0, 1 (an error in the .cnn file), 2 (a usage error), 70 (a bug)."""
     diag = Diagnostics()
-    run: Callable | None = None
+    prefix = "cnnc"
     try:
         args = build_parser().parse_args(argv)
         run = getattr(args, "run", None)
         if run is None:
             build_parser().print_help()
             return 2
+        prefix = f"cnnc {args.command}"
+        _check_environment()
         status = run(args, diag)
     except UsageError as e:
-        print(e, file=sys.stderr)
+        print(_clip(str(e)), file=sys.stderr)
         return 2
     except CnnError as e:
         for w in diag.render():
@@ -268,6 +501,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `cnnc ... | head`: the reader left; say nothing more
         sys.stderr.close()
         return 0
+    except (ValueError, OSError) as e:  # bad input found by a layer below (a file, a value): the user's to fix
+        print(_clip(f"{prefix}: {_describe(e)}"), file=sys.stderr)
+        return 2
+    except Exception:  # anything else is a bug: keep the traceback for the report, and say whose fault it is
+        traceback.print_exc()
+        print(f"{prefix}: internal error: this is a bug in cnnc; please report it with the command line and the "
+              f"traceback above", file=sys.stderr)
+        return BUG_STATUS
     for w in diag.render():
         print(w, file=sys.stderr)
     return status

@@ -46,6 +46,8 @@ def gradcheck(checked: nx.DiGraph, *, batch: int = 4, seed: int = 0, loss: str |
     from cnnc.compiler import compile_graph
     from cnnc_runtime.model import Model
 
+    if batch < 1 or samples < 1:
+        raise ValueError(f"gradcheck needs batch >= 1 and samples >= 1, got batch={batch}, samples={samples}")
     g = _without_dropout(checked)
     compiled = compile_graph(g)
     model = Model(compiled.manifest, compiled.obj, seed=seed)

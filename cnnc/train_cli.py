@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from cnnc.errors import Diagnostics
+
+MAX_GRADCHECK_BATCH = 1024  # a random batch to check gradients on; its float64 reference runs per sample
 
 
 def _usage(message: str):
@@ -28,16 +32,35 @@ def _data_path(args, model) -> Path:
     return Path(args.file).parent / rel
 
 
-def _dataset(args, model):
-    """{split: (inputs, targets)}: uint8 images as stored (fit and evaluate prepare each batch), others prepared."""
+def _data_inputs(path: str | Path | None, label: str = "--data") -> dict[str, str | None]:
+    """The files a dataset path stands for (a directory: its IDX files), labelled for `check_outputs`."""
+    from cnnc_runtime.data import IDX_FILES
+
+    files: dict[str, str | None] = {label: None if path is None else str(path)}
+    if path is not None and Path(path).is_dir():
+        for stem in (s for pair in IDX_FILES.values() for s in pair):
+            for name in (stem, stem + ".gz"):
+                files[f"{label} file {name}"] = str(Path(path) / name)
+    return files
+
+
+def _dataset(args, model, subset: int = 0):
+    """{split: (inputs, targets)}: uint8 images as stored (fit and evaluate prepare each batch), others prepared.
+
+    `subset` > 0 keeps the first `subset` training images (a view, before anything is prepared)."""
     from cnnc_runtime.data import load_dataset
 
     path = _data_path(args, model)
     try:
         splits = load_dataset(path, raw=True)
+        if subset:
+            train = splits["train"]
+            splits["train"] = dataclasses.replace(train, x=train.x[:subset], y=train.y[:subset])
         return {name: (_inputs(model, d.x), d.y) for name, d in splits.items()}, path
     except (OSError, ValueError) as e:
         raise _usage(f"cnnc {args.command}: {e}") from None
+    except MemoryError:  # sizes in a file's headers are the file's word, not cnnc's
+        raise _usage(f"cnnc {args.command}: {path}: too large to load into memory") from None
 
 
 def _inputs(model, x: np.ndarray):
@@ -92,8 +115,43 @@ def _plot(history, path: str) -> None:
     plt.close(fig)
 
 
+def _optimizer_settings(args, train: dict) -> dict:
+    """The optimizer and its arguments for fit, from --optimizer and --momentum over the train section's.
+
+    Another optimizer's arguments mean other things (momentum's beta is not RMSProp's, Adam has none), so
+    when the optimizer changes only lr (kept by fit from the train section) carries over.
+    """
+    in_file = dict(train.get("optimizer", {}))
+    file_name = in_file.pop("name", None)
+    in_file.pop("lr", None)
+    name = args.optimizer or file_name
+    if args.momentum is not None:
+        if name in ("adam", "rmsprop"):
+            where = "--optimizer" if args.optimizer else f"the train section of {args.file}"
+            raise _usage(f"cnnc train: --momentum sets the momentum optimizer's beta, but the optimizer is {name} "
+                         f"(from {where}); drop --momentum or give --optimizer momentum")
+        name = "momentum"
+    optimizer_args = in_file if name == file_name else {}
+    if args.momentum is not None:
+        optimizer_args["beta"] = args.momentum
+    return {"optimizer": name, "optimizer_args": optimizer_args}
+
+
+def _written(e: OSError, outputs: dict[str, str | None]) -> str:
+    """Which output the failed write was for (atomic writes go through a temporary ``.NAME.*.tmp``)."""
+    given = {label: p for label, p in outputs.items() if p}
+    if e.filename:
+        failed = Path(os.path.abspath(e.filename))
+        for p in given.values():
+            target = Path(os.path.abspath(p))
+            if failed == target or (failed.parent == target.parent and failed.name.startswith(f".{target.name}.")):
+                return p
+        return str(e.filename)
+    return " or ".join(f"{p} ({label})" for label, p in given.items())  # a write(2) error names no file
+
+
 def cmd_train(args, diag: Diagnostics) -> int:
-    from cnnc.cli import _load_model
+    from cnnc.cli import _load_model, check_outputs, writing
     from cnnc_runtime.train import TrainingStopped, evaluate
 
     if args.plot:
@@ -101,29 +159,33 @@ def cmd_train(args, diag: Diagnostics) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise _usage("cnnc train: --plot needs matplotlib: pip install 'cnnc[plot]'") from None
-    model = _load_model(args.file, args, diag, seed=args.seed or 0)
+    outputs = {"-o": args.output, "--checkpoint": args.checkpoint, "--log": args.log, "--plot": args.plot}
+    inputs = {"FILE": args.file, **_data_inputs(args.data), "--resume": args.resume}
+    resumed = (("--checkpoint", "--resume"), ("the default --checkpoint", "--resume"))  # a run continued
+    rules = dict(appended=("--log",), may_replace=resumed)
+    check_outputs("train", inputs, outputs, **rules)
     if args.resume:
-        from cnnc.cli import _existing
-
-        _existing(args.resume)
-    data, path = _dataset(args, model)
-    x, y = data["train"]
-    if args.subset:
-        x, y = x[:args.subset], y[:args.subset]
-    train = model.manifest.get("train", {})
-    optimizer, optimizer_args = args.optimizer, None
-    if args.momentum is not None:
-        optimizer = "momentum" if (optimizer or train.get("optimizer", {}).get("name")) in (None, "sgd", "momentum") \
-            else optimizer
-        optimizer_args = {"beta": args.momentum} if optimizer == "momentum" else None
+        _check_checkpoint(args.resume)
+    model = _load_model(args.file, args, diag, seed=args.seed or 0)
     name = model.name
     out = args.output or f"{name}.weights.npz"
     ckpt = args.checkpoint or f"{name}.ckpt.npz"
-    settings = dict(epochs=args.epochs, batch_size=args.batch, optimizer=optimizer, lr=args.lr,
+    outputs.update({"-o" if args.output else "the default -o": out,
+                    "--checkpoint" if args.checkpoint else "the default --checkpoint": ckpt})
+    if not args.data:
+        inputs.update(_data_inputs(_data_path(args, model), "the train section's data"))
+    check_outputs("train", inputs, outputs, **rules)
+    train = model.manifest.get("train", {})
+    optimizer = _optimizer_settings(args, train)
+    data, path = _dataset(args, model, args.subset)
+    x, y = data["train"]
+    batch = args.batch or train.get("batch")
+    if batch is not None and batch > len(x) > 0:  # as in Keras: the whole set, and no buffer sized beyond it
+        batch = len(x)
+    settings = dict(epochs=args.epochs, batch_size=batch, lr=args.lr,
                     weight_decay=args.weight_decay, jitter=args.jitter, validation_split=args.validation,
-                    patience=args.patience, restarts=args.restarts, seed=args.seed, max_steps=args.max_steps)
-    if optimizer_args:
-        settings["optimizer_args"] = optimizer_args
+                    patience=args.patience, restarts=args.restarts, seed=args.seed, max_steps=args.max_steps,
+                    **optimizer)
     epochs = args.epochs or train.get("epochs", 10)
     print(f"training {name} on {path} ({len(x):,} images), {model.manifest['target']['cpu']}", flush=True)
     try:
@@ -136,12 +198,17 @@ def cmd_train(args, diag: Diagnostics) -> int:
             print("\ninterrupted: no checkpoint was written", file=sys.stderr)
         return 130
     except TrainingStopped as e:
-        model.save(out)
+        with writing("train", out):
+            model.save(out)
         print(f"{e}; wrote {out}", file=sys.stderr)
         return 1
     except ValueError as e:
         raise _usage(f"cnnc train: {e}") from None
-    model.save(out)
+    except OSError as e:  # the checkpoint or the log, mid-training: a full disk, a removed directory
+        written = _written(e, {"--checkpoint": ckpt, "--log": args.log})
+        raise _usage(f"cnnc train: cannot write {written}: {e.strerror or e}") from None
+    with writing("train", out):
+        model.save(out)
     if len(history.restarts) > 1:
         for r in history.restarts:
             print(f"restart {r['restart'] + 1}: seed {r['seed']}, training loss {r['loss']:.4f}, "
@@ -154,16 +221,52 @@ def cmd_train(args, diag: Diagnostics) -> int:
         print(f"test: loss {loss:.4f}, accuracy {_pct(acc)} (error {_pct(None if acc is None else 1 - acc)}) "
               f"on {len(xt):,} images")
     if args.plot:
-        _plot(history, args.plot)
+        with writing("train", args.plot):
+            _plot(history, args.plot)
         print(f"wrote {args.plot}")
     return 0
 
 
+def _check_checkpoint(path: str) -> None:
+    """--resume must be an intact .npz with a JSON object as its metadata: every member is read now (a flipped
+    bit fails its CRC here, not in the middle of restoring); fit checks what the metadata says."""
+    import zipfile
+
+    from cnnc.cli import _existing, reading
+
+    p = _existing(path)
+    problem = None
+    with reading("train", p):
+        if not zipfile.is_zipfile(p):
+            problem = "not an .npz archive"
+        else:
+            try:
+                with zipfile.ZipFile(p) as zf:
+                    damaged = zf.testzip()  # reads every member in chunks: nothing allocated at a claimed size
+                if damaged:
+                    problem = f"damaged member {damaged}"
+                else:
+                    with np.load(p, allow_pickle=False) as z:
+                        meta = json.loads(bytes(z["meta"]).decode()) if "meta" in z.files else None
+                    if not isinstance(meta, dict):
+                        problem = "no metadata" if meta is None else "its metadata is not a JSON object"
+            except (ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+                problem = f"damaged: {e}"
+    if problem:
+        raise _usage(f"cnnc train: {path}: not a cnnc checkpoint ({problem})")
+
+
 def cmd_eval(args, diag: Diagnostics) -> int:
-    from cnnc.cli import _load_model
+    from cnnc.cli import _existing, _load_model, artifact_has_weights, is_artifact
     from cnnc_runtime.train import confusion_matrix, evaluate
 
+    artifact = is_artifact(_existing(args.file), "eval")
+    if not args.weights and not artifact:
+        raise _usage(f"cnnc eval: {args.file} is a .cnn file: give its trained weights with --weights W.npz")
     model = _load_model(args.file, args, diag)
+    if not args.weights and not artifact_has_weights(Path(args.file)):
+        raise _usage(f"cnnc eval: the artifact {args.file} has no weights (compiled without --weights): "
+                     f"give them with --weights W.npz")
     data, path = _dataset(args, model)
     split = "test" if "test" in data else "train"
     x, y = data[split]
@@ -192,8 +295,8 @@ def cmd_gradcheck(args, diag: Diagnostics) -> int:
     from cnnc.cli import _checked
     from cnnc.gradcheck import gradcheck
 
-    native, ref, rows = gradcheck(_checked(args.file, diag), batch=args.batch, seed=args.seed, loss=args.loss,
-                                  samples=args.samples)
+    native, ref, rows = gradcheck(_checked(args.file, diag, "gradcheck"), batch=args.batch, seed=args.seed,
+                                  loss=args.loss, samples=args.samples)
     print(f"loss: native (float32) {native:.8f}, reference (float64) {ref:.8f}, "
           f"relative difference {abs(native - ref) / max(abs(ref), 1e-12):.2e}")
     width = max(len(r.name) for r in rows) if rows else 9
@@ -213,42 +316,57 @@ def cmd_gradcheck(args, diag: Diagnostics) -> int:
 
 
 def add_commands(sub) -> None:
+    from cnnc.cli import integer, path, real
+
+    count, nonneg = integer(1), real(0, what="a non-negative number")
+    fraction = real(0, 1, below=True, what="a fraction in [0, 1)")
     tr = sub.add_parser("train", help="train a network on a dataset",
                         description="Train a network with the settings of its train section; every setting can "
                                     "be overridden here. Writes the weights (-o), a checkpoint after every epoch "
                                     "(resume with --resume), and reports the test accuracy when the data has a "
-                                    "test split.")
-    tr.add_argument("file", help="the .cnn file")
-    tr.add_argument("--data", metavar="DIR|FILE.npz",
+                                    "test split. No output may be one of the inputs (the checkpoint resumed "
+                                    "from may be written again).")
+    tr.add_argument("file", type=path, help="the .cnn file")
+    tr.add_argument("--data", type=path, metavar="DIR|FILE.npz",
                     help="a directory of IDX files (train-images-idx3-ubyte.gz ...) or an .npz with x, y "
                          "(and x_test, y_test); default: the train section's data, relative to FILE")
-    tr.add_argument("--epochs", type=int)
-    tr.add_argument("--batch", type=int, help="mini-batch size")
-    tr.add_argument("--optimizer", choices=["sgd", "momentum", "rmsprop", "adam"])
-    tr.add_argument("--lr", type=float, help="learning rate")
-    tr.add_argument("--momentum", type=float, metavar="BETA", help="momentum beta (switches sgd to momentum)")
-    tr.add_argument("--weight-decay", type=float, metavar="LAMBDA", help="L2: adds lambda * sum(w^2) to the loss")
-    tr.add_argument("--jitter", type=float, metavar="SIGMA", help="Gaussian noise added to every training input")
-    tr.add_argument("--validation", type=float, metavar="FRACTION", help="fraction of training data held out")
-    tr.add_argument("--patience", type=int, help="early stop after this many epochs without improvement")
-    tr.add_argument("--restarts", type=int, help="train K times from different initialisations, keep the best")
-    tr.add_argument("--seed", type=int)
-    tr.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    tr.add_argument("--subset", type=int, metavar="N", help="train on the first N training images only")
-    tr.add_argument("-o", "--output", metavar="W.npz", help="where to write the weights (default NETWORK.weights.npz)")
-    tr.add_argument("--checkpoint", metavar="CKPT", help="checkpoint path (default NETWORK.ckpt.npz)")
-    tr.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint")
-    tr.add_argument("--log", metavar="METRICS.jsonl", help="append one JSON line per epoch")
-    tr.add_argument("--plot", metavar="CURVES.png", help="plot the loss and accuracy curves (needs matplotlib)")
+    tr.add_argument("--epochs", type=count, help="number of epochs (a positive integer)")
+    tr.add_argument("--batch", type=count,
+                    help="mini-batch size; one larger than the training set means the whole set")
+    tr.add_argument("--optimizer", choices=["sgd", "momentum", "rmsprop", "adam"],
+                    help="replaces the train section's optimizer; of its arguments only lr carries over")
+    tr.add_argument("--lr", type=real(0, above=True, what="a positive number"), help="learning rate")
+    tr.add_argument("--momentum", type=fraction, metavar="BETA",
+                    help="momentum beta in [0, 1): trains with momentum (sgd becomes momentum); refused when the "
+                         "optimizer is adam or rmsprop")
+    tr.add_argument("--weight-decay", type=nonneg, metavar="LAMBDA",
+                    help="L2: adds lambda * sum(w^2) to the loss")
+    tr.add_argument("--jitter", type=nonneg, metavar="SIGMA", help="Gaussian noise added to every training input")
+    tr.add_argument("--validation", type=fraction, metavar="FRACTION",
+                    help="fraction of training data held out, in [0, 1)")
+    tr.add_argument("--patience", type=count, help="early stop after this many epochs without improvement")
+    tr.add_argument("--restarts", type=count, help="train K times from different initialisations, keep the best")
+    tr.add_argument("--seed", type=integer(0), help="a non-negative integer")
+    tr.add_argument("--max-steps", type=count, help="stop after this many optimizer steps")
+    tr.add_argument("--subset", type=integer(0), default=0, metavar="N",
+                    help="train on the first N training images only (0, the default: all)")
+    tr.add_argument("-o", "--output", type=path, metavar="W.npz",
+                    help="where to write the weights (default NETWORK.weights.npz)")
+    tr.add_argument("--checkpoint", type=path, metavar="CKPT", help="checkpoint path (default NETWORK.ckpt.npz)")
+    tr.add_argument("--resume", type=path, metavar="CKPT", help="continue from a checkpoint")
+    tr.add_argument("--log", type=path, metavar="METRICS.jsonl", help="append one JSON line per epoch")
+    tr.add_argument("--plot", type=path, metavar="CURVES.png",
+                    help="plot the loss and accuracy curves (needs matplotlib)")
     tr.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
     tr.set_defaults(run=cmd_train)
 
     ev = sub.add_parser("eval", help="loss, accuracy and confusion matrix on the test split",
                         description="Evaluate trained weights on the test split of the data (the train split "
                                     "when there is no test split).")
-    ev.add_argument("file", help="the .cnn file or artifact")
-    ev.add_argument("--weights", required=True, metavar="W.npz")
-    ev.add_argument("--data", metavar="DIR|FILE.npz")
+    ev.add_argument("file", type=path, help="the .cnn file or artifact")
+    ev.add_argument("--weights", type=path, metavar="W.npz",
+                    help="the trained weights (required for a .cnn file; default for an artifact: its own)")
+    ev.add_argument("--data", type=path, metavar="DIR|FILE.npz")
     ev.add_argument("--json", action="store_true", help='print {"loss", "accuracy", "n", "confusion"}')
     ev.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
     ev.set_defaults(run=cmd_eval)
@@ -257,10 +375,11 @@ def add_commands(sub) -> None:
                         description="Compare the native (float32) gradients with central finite differences of "
                                     "an independent float64 numpy evaluation of the same network, on a small "
                                     "random batch, per parameter. Dropout is switched off for the check.")
-    gc.add_argument("file", help="the .cnn file")
-    gc.add_argument("--batch", type=int, default=4, help="images in the random batch (default 4)")
-    gc.add_argument("--samples", type=int, default=12, help="entries checked per parameter (default 12)")
+    gc.add_argument("file", type=path, help="the .cnn file")
+    gc.add_argument("--batch", type=integer(1, MAX_GRADCHECK_BATCH), default=4,
+                    help=f"images in the random batch, 1 to {MAX_GRADCHECK_BATCH} (default 4)")
+    gc.add_argument("--samples", type=count, default=12, help="entries checked per parameter (default 12)")
     gc.add_argument("--loss", choices=["cross_entropy", "mse"], help="default: the train section's loss")
-    gc.add_argument("--seed", type=int, default=0)
-    gc.add_argument("--tolerance", type=float, default=1e-2, help="exit 1 above this relative error (1e-2)")
+    gc.add_argument("--seed", type=integer(0), default=0)
+    gc.add_argument("--tolerance", type=nonneg, default=1e-2, help="exit 1 above this relative error (1e-2)")
     gc.set_defaults(run=cmd_gradcheck)

@@ -15,7 +15,7 @@ from cnnc import cli
 
 
 def cnnc_cmd(work: Path, *args: str):
-    """`cnnc ARGS` in `work`, in this process: returncode, stdout, stderr (an exception escapes as a failure)."""
+    """`cnnc ARGS` in `work`, in this process: returncode, stdout, stderr (a bug: status 70 and its traceback)."""
     out, err = io.StringIO(), io.StringIO()
     old = os.getcwd()
     os.chdir(work)
