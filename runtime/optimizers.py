@@ -22,6 +22,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from cnnc_runtime.rules import HYPERPARAMETERS, check
+
 State = dict[str, np.ndarray | float | int]
 
 
@@ -34,8 +36,7 @@ class Optimizer(ABC):
     constant_names: tuple[str, ...] = ("lr",)
 
     def __init__(self, lr: float) -> None:
-        if not lr > 0:
-            raise ValueError(f"learning rate must be positive, got {lr}")
+        _check(self, lr=lr)
         self.lr = float(lr)
         self.t = 0
         self._state: dict[str, np.ndarray] = {}
@@ -143,6 +144,12 @@ class Optimizer(ABC):
         self._tmp = np.empty_like(next(iter(arrays.values()))) if arrays else None
 
 
+def _check(optimizer: Optimizer, **values: float) -> None:
+    """ValueError naming the optimizer and the hyperparameter that breaks its rule (``cnnc_runtime.rules``)."""
+    for key, value in values.items():
+        check(HYPERPARAMETERS, key, value, f"{type(optimizer).__name__} {key}")
+
+
 def _flat_f32(*arrays: np.ndarray) -> bool:
     """Whether every array is a contiguous float32 vector of the first one's size (native code may run on them)."""
     size = arrays[0].size
@@ -181,8 +188,7 @@ class Momentum(Optimizer):
 
     def __init__(self, lr: float, beta: float = 0.9) -> None:
         super().__init__(lr)
-        if not 0 <= beta < 1:
-            raise ValueError(f"momentum beta must be in [0, 1), got {beta}")
+        _check(self, beta=beta)
         self.beta = float(beta)
 
     def _update(self, params: np.ndarray, grads: np.ndarray, tmp: np.ndarray) -> None:
@@ -211,8 +217,7 @@ class RMSProp(Optimizer):
 
     def __init__(self, lr: float, beta: float = 0.9, eps: float = 1e-8) -> None:
         super().__init__(lr)
-        if not 0 <= beta < 1:
-            raise ValueError(f"RMSProp beta must be in [0, 1), got {beta}")
+        _check(self, beta=beta, eps=eps)
         self.beta, self.eps = float(beta), float(eps)
 
     def _update(self, params: np.ndarray, grads: np.ndarray, tmp: np.ndarray) -> None:
@@ -249,8 +254,7 @@ class Adam(Optimizer):
 
     def __init__(self, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
         super().__init__(lr)
-        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-            raise ValueError(f"Adam betas must be in [0, 1), got {beta1}, {beta2}")
+        _check(self, beta1=beta1, beta2=beta2, eps=eps)
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
 
     def _update(self, params: np.ndarray, grads: np.ndarray, tmp: np.ndarray) -> None:
@@ -274,11 +278,24 @@ class Adam(Optimizer):
 OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "momentum": Momentum, "rmsprop": RMSProp, "adam": Adam}
 
 
-def make_optimizer(name: str, **kwargs: float) -> Optimizer:
-    """An optimizer by (case-insensitive) name, e.g. make_optimizer("adam", lr=1e-3)."""
-    cls = OPTIMIZERS.get(name.lower())
+def optimizer_class(name: str) -> type[Optimizer]:
+    """The optimizer class of a (case-insensitive) name; ValueError listing the names."""
+    cls = OPTIMIZERS.get(name.lower()) if isinstance(name, str) else None
     if cls is None:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return cls
+
+
+def make_optimizer(name: str, **kwargs: float) -> Optimizer:
+    """An optimizer by (case-insensitive) name, e.g. make_optimizer("adam", lr=1e-3).
+
+    An argument the optimizer does not take is a ValueError naming the ones it does.
+    """
+    cls = optimizer_class(name)
+    unknown = sorted(set(kwargs) - set(cls.hyperparameters))
+    if unknown:
+        raise ValueError(f"optimizer {name.lower()} takes {', '.join(cls.hyperparameters)}, "
+                         f"not {', '.join(unknown)}")
     return cls(**kwargs)
 
 

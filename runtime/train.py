@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from cnnc_runtime.data import Inputs
+from cnnc_runtime import rules
+from cnnc_runtime.data import Inputs, first_non_finite_row
 from cnnc_runtime.fileio import atomic_save_npz
 from cnnc_runtime.model import CHUNK, MIN_IMAGES_PER_THREAD
-from cnnc_runtime.optimizers import Optimizer, add_weight_decay, make_optimizer
+from cnnc_runtime.optimizers import OPTIMIZERS, Optimizer, add_weight_decay, make_optimizer, optimizer_class
 from cnnc_runtime.progress import ProgressBar
 
 EVAL_BATCH = CHUNK
@@ -83,6 +84,7 @@ def evaluate(model, x: np.ndarray | Inputs, y: np.ndarray,
     inputs = model.inputs(x)
     n = len(inputs)
     targets = model.check_targets(y, n, loss)
+    _refuse_non_finite(inputs, targets)
     out = _infer_all(model, inputs).reshape(n, -1).astype(np.float64)
     if loss == "cross_entropy":
         if model.manifest["output"]["op"] == "softmax":
@@ -96,6 +98,32 @@ def evaluate(model, x: np.ndarray | Inputs, y: np.ndarray,
     pred = out.argmax(axis=1)
     acc = float((pred == np.asarray(y)).mean()) if _labels_like(model, y, loss) else None
     return value, acc, pred
+
+
+def _refuse_non_finite(inputs: Inputs, targets: np.ndarray, what: str = "") -> None:
+    """ValueError naming the first input (or mse target) that holds a NaN or an infinity.
+
+    One input like that would turn the weights into NaN, so a set is checked once, before any step.
+    """
+    bad = inputs.first_non_finite()
+    if bad is not None:
+        raise ValueError(f"{what}input {bad} holds a NaN or an infinite value; every input must be finite")
+    if targets.dtype.kind == "f":
+        bad = first_non_finite_row(targets)
+        if bad is not None:
+            raise ValueError(f"{what}target {bad} holds a NaN or an infinite value; every mse target must be finite")
+
+
+def _finite(a: np.ndarray, b: np.ndarray | None = None) -> bool:
+    """Whether every value of the flat float32 `a` (and `b`) is finite.
+
+    One dot product, as fast as a copy: a NaN or an infinity in either makes it NaN or infinite (inf * 0 is
+    NaN). Only when it is not finite (an overflow of huge finite values, or a real NaN) is each value checked.
+    """
+    with np.errstate(all="ignore"):
+        if np.isfinite(np.dot(a, a if b is None else b)):
+            return True
+    return bool(np.isfinite(a).all()) and (b is None or bool(np.isfinite(b).all()))
 
 
 def _infer_all(model, inputs: Inputs) -> np.ndarray:
@@ -130,6 +158,7 @@ class Settings:
     optimizer: str | Optimizer = "adam"
     lr: float | None = None
     optimizer_args: dict[str, float] = field(default_factory=dict)
+    momentum: float | None = None
     validation_split: float = 0.0
     patience: int | None = None
     min_delta: float = 0.0
@@ -141,9 +170,31 @@ class Settings:
     min_improvement: float | None = None
     lr_decay: float = 1.0
 
+    def check(self) -> None:
+        """ValueError naming the first setting that breaks its rule (the train section's, ``cnnc_runtime.rules``)."""
+        for name, key in _RULE_KEYS.items():
+            value = getattr(self, name)
+            if value is not None or name not in _OPTIONAL:
+                rules.check(rules.SETTINGS, key, value, name)
+        if self.lr is not None:
+            rules.check(rules.HYPERPARAMETERS, "lr", self.lr, "lr")
+
+
+# Settings field -> its rule in cnnc_runtime.rules.SETTINGS (the train section's name)
+_RULE_KEYS = {"epochs": "epochs", "batch_size": "batch", "validation_split": "validation", "patience": "patience",
+              "min_delta": "min_delta", "jitter": "jitter", "weight_decay": "weight_decay", "restarts": "restarts",
+              "seed": "seed", "max_steps": "max_steps", "min_improvement": "min_improvement", "lr_decay": "lr_decay"}
+_OPTIONAL = {"patience", "max_steps", "min_improvement"}
+
 
 def settings_from(train: dict[str, Any], **overrides: Any) -> Settings:
-    """Settings from a .cnn train section, with explicit (non-None) overrides winning."""
+    """Settings from a .cnn train section, with explicit (non-None) overrides winning.
+
+    An optimizer kind that overrides the file's keeps only the file's lr and eps (if it takes eps): momentum's
+    beta does not go to adam, nor to rmsprop, whose beta means something else. ``optimizer_args`` the kind
+    does not take, or ``momentum`` with adam or rmsprop, are a ValueError; ``momentum`` with sgd switches to
+    momentum with that beta.
+    """
     s = Settings()
     opt = dict(train.get("optimizer", {}))
     if opt:
@@ -164,12 +215,44 @@ def settings_from(train: dict[str, Any], **overrides: Any) -> Settings:
     if "early_stop" in train:
         s.patience = train["early_stop"]["patience"]
         s.min_delta = train["early_stop"]["min_delta"]
+    file_kind, file_args = s.optimizer, s.optimizer_args
+    explicit_args = overrides.pop("optimizer_args", None) or {}
     for k, v in overrides.items():
         if v is not None:
             if not hasattr(s, k):
                 raise TypeError(f"unknown training setting {k!r}")
             setattr(s, k, v)
+    _choose_optimizer(s, file_kind, file_args, dict(explicit_args))
     return s
+
+
+# what a file's optimizer argument means in every optimizer that takes it (momentum's beta and rmsprop's do not agree)
+_CARRIED = ("lr", "eps")
+
+
+def _choose_optimizer(s: Settings, file_kind: str, file_args: dict[str, float], explicit: dict[str, float]) -> None:
+    """Settle s.optimizer and s.optimizer_args from the file's, the overrides and ``momentum``."""
+    if isinstance(s.optimizer, Optimizer):
+        if explicit or s.momentum is not None:
+            raise ValueError("optimizer_args and momentum apply to an optimizer given by name, not to an "
+                             f"Optimizer object ({s.optimizer!r}): set them on the object")
+        s.optimizer_args = {}
+        return
+    optimizer_class(s.optimizer)  # a known name
+    kind = s.optimizer.lower()
+    if s.momentum is not None:
+        if kind not in ("sgd", "momentum"):
+            raise ValueError(f"momentum={s.momentum} applies to sgd and momentum, not to {kind}")
+        kind = "momentum"
+        explicit.setdefault("beta", s.momentum)
+    takes = OPTIMIZERS[kind].hyperparameters
+    unknown = sorted(set(explicit) - set(takes))
+    if unknown:
+        raise ValueError(f"optimizer {kind} takes {', '.join(takes)}; optimizer_args has {', '.join(unknown)}")
+    carried = file_args if kind == file_kind else {k: v for k, v in file_args.items() if k in _CARRIED and k in takes}
+    s.optimizer, s.optimizer_args = kind, {**carried, **explicit}
+    for key, value in s.optimizer_args.items():
+        rules.check(rules.HYPERPARAMETERS, key, value, f"{kind} {key}")
 
 
 def _optimizer(s: Settings) -> Optimizer:
@@ -296,13 +379,15 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
         s.patience = early_stopping.get("patience", 5)
         s.min_delta = early_stopping.get("min_delta", 0.0)
     elif early_stopping is not None and early_stopping is not True:
-        s.patience = int(early_stopping)
+        s.patience = early_stopping
     elif early_stopping is True:
         s.patience = s.patience or 5
+    s.check()
     loss = model.loss_name(s.loss)
     inputs = model.inputs(x)
     n = len(inputs)
     targets = model.check_targets(y, n, loss)
+    _refuse_non_finite(inputs, targets)
     labels = np.asarray(y) if _labels_like(model, y, loss) else None
     if validation_data is None and s.validation_split > 0:
         order = np.random.default_rng([s.seed, 7]).permutation(n)
@@ -315,9 +400,8 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
         labels = labels[train_idx] if labels is not None else None
     if validation_data is not None:
         validation_data = (model.inputs(validation_data[0]), np.asarray(validation_data[1]))
-        model.check_targets(validation_data[1], len(validation_data[0]), loss)
-    if s.batch_size < 1 or s.epochs < 1 or s.restarts < 1:
-        raise ValueError("epochs, batch_size and restarts must be at least 1")
+        val_targets = model.check_targets(validation_data[1], len(validation_data[0]), loss)
+        _refuse_non_finite(validation_data[0], val_targets, "validation ")
 
     base_lr = _optimizer(s).lr  # before any restart decays it
     interrupted = _deferred_interrupt()
@@ -335,7 +419,8 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
             if resumed is not None and restart == resumed.restart:
                 run = resumed
             else:
-                model.initialize(s.seed + restart)
+                if restart > 0:  # restart 0 trains the weights the model has
+                    model.initialize(s.seed + restart)
                 run = _Run(model, s, restart, base_lr, finished, kept)
             _train_run(model, run, s, loss, inputs, targets, labels, validation_data, checkpoint, log_file,
                        progress, on_epoch, interrupted)
@@ -378,6 +463,24 @@ class _deferred_interrupt:  # noqa: N801 - used like a function
 
     def is_set(self) -> bool:
         return self.flag.is_set()
+
+
+def _stop(run: _Run, bar: ProgressBar, why: str, kept: str) -> None:
+    run.stopped = why
+    bar.close()
+    raise TrainingStopped(f"training stopped: {why}; {kept}")
+
+
+def _check_update(model, good: np.ndarray, run: _Run, bar: ProgressBar) -> None:
+    """Stop with the weights from before the last update (`good`) if it made any weight NaN or infinite.
+
+    Every step checks the weights it starts from; this also runs where no step follows (the epoch's end, an
+    interrupt). The optimizer's state keeps that update's moments.
+    """
+    if not _finite(model.flat_params):
+        model.flat_params[...] = good
+        _stop(run, bar, f"an update made a weight NaN or infinite in epoch {run.epoch + 1}",
+              "kept the weights from before that update")
 
 
 def _train_run(model, run: _Run, *args: Any) -> None:
@@ -430,11 +533,13 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
             value = float(losses[:m].sum(dtype=np.float64) * scale)
             if s.weight_decay > 0:
                 value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay)
+            where = f"at epoch {run.epoch + 1}, step {b + 1}"
             if not math.isfinite(value):
                 model.flat_params[...] = good
-                run.stopped = f"the loss became {value} at epoch {run.epoch + 1}, step {b + 1}"
-                bar.close()
-                raise TrainingStopped(f"training stopped: {run.stopped}; kept the weights from before that step")
+                _stop(run, bar, f"the loss became {value} {where}", "kept the weights from before that step")
+            if not _finite(model.flat_grads, model.flat_params):  # one check of both, before anything changes
+                _check_update(model, good, run, bar)
+                _stop(run, bar, f"a gradient became NaN or infinite {where}", "kept the weights of that step")
             good[...] = model.flat_params
             optimizer.step(model.flat_params, model.flat_grads)
             run.step += 1
@@ -445,6 +550,7 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
             elapsed = time.perf_counter() - t0
             bar.update(b + 1, total / seen, correct / seen if labels is not None else None, seen / max(elapsed, 1e-9))
             if interrupted.is_set():
+                _check_update(model, good, run, bar)
                 bar.close()
                 run.partial = {"order": order, "next": start + m, "total": total, "correct": correct, "seen": seen,
                                "seconds": time.perf_counter() - t0}
@@ -454,6 +560,7 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
             if s.max_steps is not None and run.step >= s.max_steps:
                 run.stopped = f"reached the step limit of {s.max_steps}"
                 break
+        _check_update(model, good, run, bar)  # the epoch's last update, which no later step checks
         bar.close()
         run.partial = None
         seconds = time.perf_counter() - t0

@@ -181,6 +181,56 @@ def test_an_optimizer_object_is_used_as_given(data):
     assert opt.beta == 0.5
 
 
+MLP_MOMENTUM = MLP + """
+train {
+    optimizer momentum(lr=0.02, beta=0.8)
+}
+"""
+
+
+def optimizer_used(model, **settings) -> optimizers.Optimizer:
+    """The optimizer `fit` builds from the train section and `settings` (caught as it binds its native update)."""
+    seen = []
+    original = model.native_update
+    model.native_update = lambda opt: (seen.append(opt), original(opt))[1]
+    x, y = blobs(40)
+    model.fit(x, y, epochs=1, batch_size=40, progress=False, **settings)
+    return seen[0]
+
+
+@pytest.mark.parametrize("settings, kind, hyper", [
+    ({}, optimizers.Momentum, {"lr": 0.02, "beta": 0.8}),
+    ({"optimizer": "adam"}, optimizers.Adam, {"lr": 0.02, "beta1": 0.9}),  # lr carries over, beta does not
+    ({"optimizer": "rmsprop"}, optimizers.RMSProp, {"lr": 0.02, "beta": 0.9}),  # rmsprop's own default beta
+    ({"optimizer": "adam", "lr": 0.001}, optimizers.Adam, {"lr": 0.001}),
+    ({"optimizer": "adam", "optimizer_args": {"beta1": 0.5}}, optimizers.Adam, {"beta1": 0.5}),
+    ({"momentum": 0.5}, optimizers.Momentum, {"lr": 0.02, "beta": 0.5}),
+    ({"optimizer": "sgd", "momentum": 0.7}, optimizers.Momentum, {"lr": 0.02, "beta": 0.7}),
+    ({"optimizer": "sgd"}, optimizers.SGD, {"lr": 0.02}),
+])
+def test_an_overridden_optimizer_keeps_only_the_arguments_it_takes(settings, kind, hyper):
+    opt = optimizer_used(build(MLP_MOMENTUM), **settings)
+    assert type(opt) is kind
+    assert {k: getattr(opt, k) for k in hyper} == pytest.approx(hyper)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"optimizer": "adam", "optimizer_args": {"beta": 0.9}},
+     "optimizer adam takes lr, beta1, beta2, eps; optimizer_args has beta"),
+    ({"optimizer": "sgd", "optimizer_args": {"eps": 1e-8}}, "optimizer sgd takes lr; optimizer_args has eps"),
+    ({"optimizer": "adam", "momentum": 0.9}, "momentum=0.9 applies to sgd and momentum, not to adam"),
+    ({"optimizer": "rmsprop", "momentum": 0.9}, "momentum=0.9 applies to sgd and momentum, not to rmsprop"),
+    ({"optimizer": "momentum", "momentum": 1.5}, r"momentum beta must be in \[0, 1\), got 1.5"),
+    ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
+    ({"optimizer": optimizers.SGD(0.1), "momentum": 0.9}, "apply to an optimizer given by name"),
+])
+def test_optimizer_arguments_it_does_not_take_are_refused(settings, message):
+    model = build(MLP_MOMENTUM)
+    x, y = blobs(40)
+    with pytest.raises(ValueError, match=message):
+        model.fit(x, y, epochs=1, progress=False, **settings)
+
+
 # ---- weight decay --------------------------------------------------------------------------------
 
 
@@ -350,9 +400,10 @@ def test_restarts_keep_the_lowest_training_loss(data):
         assert r["loss"] == min(mine)
 
 
-def test_restarts_start_from_different_initialisations(data):
+def test_restarts_start_from_the_models_weights_then_from_derived_seeds(data):
     x, y = data
     model = build(MLP)
+    own = model.flat_params.copy()
     starts = []
     original = model.initialize
 
@@ -361,10 +412,31 @@ def test_restarts_start_from_different_initialisations(data):
         starts.append((seed, model.flat_params.copy()))
 
     model.initialize = initialize
+    calls = spy_steps(model)
     model.fit(x, y, epochs=1, batch_size=100, restarts=3, seed=4, progress=False)
-    assert [s for s, _ in starts] == [4, 5, 6]
+    assert [s for s, _ in starts] == [5, 6]  # restart k > 0 re-draws the weights from seed + k
+    np.testing.assert_array_equal(calls[0]["params"], own)  # restart 0: the weights the model had
     assert not np.array_equal(starts[0][1], starts[1][1])
-    assert not np.array_equal(starts[1][1], starts[2][1])
+    assert not np.array_equal(own, starts[0][1])
+
+
+def test_fit_trains_the_weights_the_model_has(data):
+    x, y = data
+    model = build(MLP)
+    model.flat_params[...] = 7.0
+    model.fit(x, y, epochs=1, batch_size=100, optimizer="sgd", lr=1e-9, progress=False)
+    np.testing.assert_allclose(model.flat_params, 7.0, rtol=1e-6)
+
+
+def test_fitting_twice_continues_from_the_first_fit(data):
+    x, y = data
+    once, twice = build(MLP), build(MLP)
+    once.fit(x, y, epochs=2, batch_size=50, optimizer="sgd", lr=0.05, progress=False)
+    twice.fit(x, y, epochs=1, batch_size=50, optimizer="sgd", lr=0.05, progress=False)
+    after_one = twice.flat_params.copy()
+    twice.fit(x, y, epochs=1, batch_size=50, optimizer="sgd", lr=0.05, progress=False)
+    assert not np.array_equal(twice.flat_params, after_one)
+    assert twice.evaluate(x, y)[0] < build(MLP).evaluate(x, y)[0]
 
 
 # ---- jitter and dropout --------------------------------------------------------------------------
@@ -506,20 +578,97 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_weights(data):
     assert np.isfinite(model.flat_params).all()
 
 
-def test_an_infinite_input_stops_training():
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_input_is_refused_before_any_step(bad):
     x, y = blobs(64, seed=1)
-    x[40, 3] = np.inf
+    x[40, 3] = bad
+    model = build(MLP)
+    before = model.flat_params.copy()
+    calls = spy_steps(model)
+    with pytest.raises(ValueError, match="input 40 holds a NaN or an infinite value"):
+        model.fit(x, y, epochs=2, batch_size=16, optimizer="sgd", lr=0.01, progress=False)
+    assert calls == []
+    np.testing.assert_array_equal(model.flat_params, before)
+    with pytest.raises(ValueError, match="input 40 holds"):
+        model.evaluate(x, y)
+
+
+def test_non_finite_validation_inputs_and_mse_targets_are_refused(data):
+    x, y = data
+    xv = x[:20].copy()
+    xv[7, 0] = np.nan
+    with pytest.raises(ValueError, match="validation input 7 holds"):
+        build(MLP).fit(x, y, validation_data=(xv, y[:20]), epochs=1, progress=False)
+    targets = np.zeros((len(x), 3), dtype=np.float32)
+    targets[11, 2] = np.inf
+    with pytest.raises(ValueError, match="target 11 holds a NaN or an infinite value"):
+        build(MLP).fit(x, targets, loss="mse", epochs=1, progress=False)
+
+
+def test_a_bad_row_is_found_behind_a_validation_split():
+    x, y = blobs(100, seed=2)
+    x[63, 0] = np.nan
+    with pytest.raises(ValueError, match="input 63 holds"):  # the caller's index, before the split
+        build(MLP).fit(x, y, validation_split=0.2, epochs=1, progress=False)
+
+
+def test_a_non_finite_gradient_stops_with_the_weights_and_optimizer_state_of_that_step(data, monkeypatch):
+    x, y = data
+    model = build(MLP)
+    opt = optimizers.Adam(lr=0.01)
+    original = model._accumulate_gradients
+    steps = []
+
+    def accumulate(*args, **kwargs):
+        original(*args, **kwargs)
+        steps.append((model.flat_params.copy(), opt.state_dict()))
+        if len(steps) == 4:
+            model.flat_grads[5] = np.nan  # what a NaN the forward hid (maxnum) did to the backward
+
+    model._accumulate_gradients = accumulate
+    with pytest.raises(TrainingStopped, match=r"a gradient became NaN or infinite at epoch 1, step 4; kept the "
+                                              r"weights of that step"):
+        model.fit(x, y, epochs=2, batch_size=32, optimizer=opt, progress=False)
+    params, state = steps[-1]
+    np.testing.assert_array_equal(model.flat_params, params)
+    assert opt.t == state["t"] == 3
+    for k in ("m", "v"):
+        np.testing.assert_array_equal(opt.state_dict()[k], state[k])
+    assert np.isfinite(model.flat_params).all()
+
+
+@pytest.mark.parametrize("bad_step, message", [
+    (3, "the loss became nan at epoch 1, step 4|an update made"),  # the next step sees it
+    (10, "an update made a weight NaN or infinite in epoch 1"),  # the last step of the epoch: no next step
+])
+def test_an_update_that_makes_a_weight_non_finite_is_undone(data, bad_step, message):
+    x, y = data
     model = build(MLP)
     calls = spy_steps(model)
-    with pytest.raises(TrainingStopped, match="training stopped: the loss became"):
-        model.fit(x, y, epochs=2, batch_size=16, optimizer="sgd", lr=0.01, progress=False)
-    assert np.isinf(calls[-1]["x"]).any()
-    assert not any(np.isinf(c["x"]).any() for c in calls[:-1])
-    assert len(calls) <= 4  # within the first epoch
-    if len(calls) >= 2:
-        np.testing.assert_array_equal(model.flat_params, calls[-2]["params"])
-    else:  # the very first batch: nothing good but the initial weights
-        np.testing.assert_array_equal(model.flat_params, calls[-1]["params"])
+
+    class Overflowing(optimizers.SGD):
+        def _update(self, params, grads, tmp):
+            super()._update(params, grads, tmp)
+            if self.t == bad_step:
+                params[2] = np.inf
+
+    with pytest.raises(TrainingStopped, match=message):
+        model.fit(x, y, epochs=1, batch_size=30, optimizer=Overflowing(lr=0.01), progress=False)
+    np.testing.assert_array_equal(model.flat_params, calls[bad_step - 1]["params"])
+
+
+def test_a_huge_but_finite_gradient_is_not_a_stop(data):
+    model = build(MLP)
+    x, y = data
+    original = model._accumulate_gradients
+
+    def accumulate(*args, **kwargs):
+        original(*args, **kwargs)
+        model.flat_grads[0] = 3e30  # its square overflows float32 (the quick check); the exact check passes it
+
+    model._accumulate_gradients = accumulate
+    h = model.fit(x, y, epochs=1, batch_size=100, optimizer="sgd", lr=1e-31, progress=False)
+    assert h.stopped == "completed 1 epochs"
     assert np.isfinite(model.flat_params).all()
 
 
@@ -775,7 +924,7 @@ def test_the_same_seed_gives_identical_training(data):
     x, y = data
     settings = dict(epochs=3, batch_size=32, jitter=0.05, validation_split=0.1, optimizer="adam", lr=0.01,
                     progress=False)
-    a, b, c = build(MLP_DROPOUT, seed=1), build(MLP_DROPOUT, seed=2), build(MLP_DROPOUT)
+    a, b, c = build(MLP_DROPOUT, seed=1), build(MLP_DROPOUT, seed=1), build(MLP_DROPOUT, seed=1)
     ha = a.fit(x, y, seed=5, **settings)
     hb = b.fit(x, y, seed=5, **settings)
     hc = c.fit(x, y, seed=6, **settings)
@@ -824,11 +973,44 @@ def test_validation_data_is_used_as_given(data):
     assert h.epochs[-1].images_per_second * h.epochs[-1].seconds == pytest.approx(len(x))
 
 
-def test_bad_settings_are_refused(data):
+@pytest.mark.parametrize("bad, message", [
+    (dict(epochs=0), "epochs must be a positive integer, got 0"),
+    (dict(epochs=1.5), "epochs must be a positive integer, got 1.5"),
+    (dict(epochs=True), "epochs must be a positive integer, got True"),
+    (dict(batch_size=0), "batch_size must be a positive integer"),
+    (dict(restarts=0), "restarts must be a positive integer"),
+    (dict(max_steps=0), "max_steps must be a positive integer, got 0"),
+    (dict(validation_split=-0.1), r"validation_split must be a fraction in \[0, 1\), got -0.1"),
+    (dict(validation_split=1.0), r"validation_split must be a fraction in \[0, 1\)"),
+    (dict(jitter=-1.0), "jitter must be a non-negative number"),
+    (dict(jitter=float("nan")), "jitter must be a non-negative number"),
+    (dict(weight_decay=-1e-4), "weight_decay must be a non-negative number"),
+    (dict(lr_decay=0.0), r"lr_decay must be a factor in \(0, 1\]"),
+    (dict(lr_decay=-0.5), r"lr_decay must be a factor in \(0, 1\]"),
+    (dict(lr_decay=1.5), r"lr_decay must be a factor in \(0, 1\]"),
+    (dict(seed=-1), "seed must be a non-negative integer"),
+    (dict(min_improvement=-1.0), "min_improvement must be a non-negative number"),
+    (dict(patience=0), "patience must be a positive integer"),
+    (dict(early_stopping=2.5), "patience must be a positive integer, got 2.5"),
+    (dict(early_stopping={"patience": 2, "min_delta": -1}), "min_delta must be a non-negative number"),
+    (dict(lr=0.0), "lr must be a positive number"),
+    (dict(lr=-1e-3), "lr must be a positive number"),
+    (dict(optimizer="adam", optimizer_args={"beta1": 1.5}), r"adam beta1 must be in \[0, 1\), got 1.5"),
+    (dict(optimizer="adam", optimizer_args={"eps": 0.0}), "adam eps must be a positive number"),
+    (dict(optimizer="momentum", optimizer_args={"beta": 1.0}), r"momentum beta must be in \[0, 1\)"),
+    (dict(optimizer="rmsprop", optimizer_args={"beta": -0.1}), r"rmsprop beta must be in \[0, 1\)"),
+])
+def test_bad_settings_are_refused_as_the_train_section_refuses_them(data, bad, message):
     x, y = data
-    for bad in (dict(epochs=0), dict(batch_size=0), dict(restarts=0)):
-        with pytest.raises(ValueError, match="at least 1"):
-            build(MLP).fit(x, y, progress=False, **bad)
+    model = build(MLP)
+    calls = spy_steps(model)
+    with pytest.raises(ValueError, match=message):
+        model.fit(x, y, progress=False, **bad)
+    assert calls == []
+
+
+def test_unknown_settings_are_refused(data):
+    x, y = data
     with pytest.raises(TypeError, match="unknown training setting 'epoch'"):
         build(MLP).fit(x, y, epoch=3, progress=False)
 
