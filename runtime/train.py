@@ -496,11 +496,12 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
                   labels: np.ndarray | None, validation_data, checkpoint, log_file, progress, on_epoch,
                   interrupted: _deferred_interrupt) -> None:
     n = len(inputs)
-    batch = model.batch_buffer(min(s.batch_size, n))  # every step's inputs are prepared into this one buffer
+    size = min(s.batch_size, n)  # a batch larger than the set is the whole set
+    batch = model.batch_buffer(size)  # every step's inputs are prepared into this one buffer
     batch_ptr = batch.ctypes.data
     k = model.manifest["loss_inputs"][loss]
-    out = np.empty((s.batch_size, k), dtype=np.float32)
-    losses = np.empty(s.batch_size, dtype=np.float32)
+    out = np.empty((size, k), dtype=np.float32)
+    losses = np.empty(size, dtype=np.float32)
     optimizer = run.optimizer
     good = model.flat_params.copy()
     prev_loss = run.history[-1].loss if run.history else math.inf

@@ -1009,6 +1009,15 @@ def test_bad_settings_are_refused_as_the_train_section_refuses_them(data, bad, m
     assert calls == []
 
 
+def test_a_batch_larger_than_the_set_is_the_whole_set(data):
+    x, y = data
+    model = build(MLP)
+    calls = spy_steps(model)
+    h = model.fit(x, y, epochs=2, batch_size=10**12, progress=False)  # buffers sized by min(batch, N)
+    assert [len(c["x"]) for c in calls] == [len(x), len(x)]
+    assert h.epochs[-1].steps == 2
+
+
 def test_unknown_settings_are_refused(data):
     x, y = data
     with pytest.raises(TypeError, match="unknown training setting 'epoch'"):
