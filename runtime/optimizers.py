@@ -131,17 +131,29 @@ class Optimizer(ABC):
         present = [b for b in self.buffers if b in d]
         if present and len(present) != len(self.buffers):
             raise ValueError(f"{type(self).__name__} state needs all of {list(self.buffers)}, got {present}")
+        hyper = {h: _scalar(d[h], h) for h in self.hyperparameters if h in d}
+        _check(self, **hyper)
+        t = _scalar(d.get("t", 0), "t")
+        if not (math.isfinite(t) and t >= 0 and t == int(t)):
+            raise ValueError(f"{type(self).__name__} step count t must be a non-negative integer, got {t}")
         arrays = {b: np.array(d[b], copy=True) for b in present}
         if len({a.shape for a in arrays.values()}) > 1 or any(a.ndim != 1 for a in arrays.values()):
             shapes = {b: a.shape for b, a in arrays.items()}
             raise ValueError(f"state buffers must be flat and of one size, got {shapes}")
-        for h in self.hyperparameters:
-            if h in d:
-                setattr(self, h, float(d[h]))
-        self.t = int(d.get("t", 0))
+        for h, v in hyper.items():
+            setattr(self, h, v)
+        self.t = int(t)
         self._state = arrays
         self._pointers = None
         self._tmp = np.empty_like(next(iter(arrays.values()))) if arrays else None
+
+
+def _scalar(v: np.ndarray | float | int, name: str) -> float:
+    """A state entry as a Python float; ValueError for an array of another size or a non-number."""
+    a = np.asarray(v)
+    if a.size != 1 or a.dtype.kind not in "iuf":
+        raise ValueError(f"optimizer state {name} must be one number, got {a.dtype} {a.shape}")
+    return float(a.reshape(()))
 
 
 def _check(optimizer: Optimizer, **values: float) -> None:

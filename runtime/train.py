@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -317,33 +318,154 @@ def save_checkpoint(path: str | os.PathLike[str], model, run: _Run, s: Settings)
     atomic_save_npz(path, _checkpoint_arrays(model, run, s))
 
 
-def _restore(path: str | os.PathLike[str], model, run: _Run) -> None:
+def _read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(meta, every array) of a checkpoint, read whole: any damage to the archive is one ValueError here."""
     try:
-        data = np.load(path)
-        meta = json.loads(bytes(data["meta"]).decode())
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: not a cnnc checkpoint ({e})") from None
-    with data:
-        if meta["network"] != model.name:
-            raise ValueError(f"{path} is a checkpoint of network {meta['network']}, not {model.name}")
-        if meta["optimizer"] != type(run.optimizer).__name__:
-            raise ValueError(f"{path} was written by the {meta['optimizer']} optimizer, "
-                             f"not {type(run.optimizer).__name__}")
-        model._load_arrays({k[6:]: data[k] for k in data.files if k.startswith("param/")}, str(path))
-        run.optimizer.load_state_dict({k[4:]: data[k] for k in data.files if k.startswith("opt/")})
-        run.best_params = data["best_params"].copy()
-        if meta.get("kept") is not None:
-            k = meta["kept"]
-            run.kept = (k["loss"], data["kept_params"].copy(), [Epoch(**e) for e in k["history"]], k["stopped"],
-                        k["best_epoch"])
-    run.epoch, run.step, run.restart = meta["epoch"], meta["step"], meta["restart"]
-    run.best_loss, run.best_epoch, run.bad_epochs = meta["best_loss"], meta["best_epoch"], meta["bad_epochs"]
-    run.rng.bit_generator.state = meta["rng"]
-    run.history = [Epoch(**e) for e in meta["history"]]
-    run.finished = meta.get("finished", [])
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        meta = json.loads(bytes(arrays.pop("meta")).decode())
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile,
+            zlib.error) as e:
+        raise ValueError(f"{path}: not a readable cnnc checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a cnnc checkpoint (its metadata is not a JSON object)")
+    return meta, arrays
+
+
+class _Meta:
+    """Typed reads of a checkpoint's metadata: a field that is missing, of the wrong type or out of range is a
+    ValueError naming it (a checkpoint edited by hand, or damaged)."""
+
+    def __init__(self, d: Any, path: str, prefix: str = "") -> None:
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: damaged checkpoint: '{prefix.rstrip('.') or 'meta'}' is not an object")
+        self.d, self.path, self.prefix = d, path, prefix
+
+    def _bad(self, key: str, need: str) -> ValueError:
+        got = repr(self.d[key]) if key in self.d else "nothing"
+        return ValueError(f"{self.path}: damaged checkpoint: '{self.prefix}{key}' must be {need}, got {got[:80]}")
+
+    def int(self, key: str, lo: int = 0, hi: float = math.inf, optional: bool = False) -> int | None:
+        v = self.d.get(key)
+        if v is None and optional and key in self.d:
+            return None
+        if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+            raise self._bad(key, f"an integer in [{lo}, {hi}]" + (" or null" if optional else ""))
+        return v
+
+    def number(self, key: str, optional: bool = False, infinite: bool = False) -> float | None:
+        v = self.d.get(key)
+        if v is None and optional and key in self.d:
+            return None
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and (infinite or math.isfinite(v))):
+            raise self._bad(key, "a number" + (" or null" if optional else ""))
+        return float(v)
+
+    def str(self, key: str) -> str:
+        v = self.d.get(key)
+        if not isinstance(v, str):
+            raise self._bad(key, "a string")
+        return v
+
+    def list(self, key: str) -> list:
+        v = self.d.get(key)
+        if not isinstance(v, list):
+            raise self._bad(key, "a list")
+        return v
+
+    def sub(self, key: str) -> _Meta:
+        return _Meta(self.d.get(key), self.path, f"{self.prefix}{key}.")
+
+
+def _epochs_of(items: list, path: str, what: str) -> list[Epoch]:
+    out = []
+    for i, e in enumerate(items):
+        m = _Meta(e, path, f"{what}[{i}].")
+        if set(e) != set(Epoch.__dataclass_fields__):
+            raise ValueError(f"{path}: damaged checkpoint: '{what}[{i}]' has fields {sorted(e)}")
+        out.append(Epoch(m.int("epoch", 1), m.number("loss", infinite=True), m.number("accuracy", optional=True),
+                         m.number("val_loss", optional=True, infinite=True), m.number("val_accuracy", optional=True),
+                         m.number("seconds"), m.number("images_per_second", infinite=True), m.int("steps"),
+                         m.int("restart")))
+    return out
+
+
+def _flat(arrays: dict[str, np.ndarray], key: str, size: int, path: str) -> np.ndarray:
+    a = arrays.get(key)
+    if a is None or a.dtype.kind != "f" or a.shape != (size,) or not np.isfinite(a).all():
+        got = "nothing" if a is None else f"{a.dtype} {a.shape}"
+        raise ValueError(f"{path}: damaged checkpoint: '{key}' must be {size} finite floats, got {got}")
+    return a.astype(np.float32)
+
+
+def _restore(path: str | os.PathLike[str], model, run: _Run, s: Settings, n: int) -> None:
+    """Load a checkpoint into `model` and `run`, every field checked first: nothing changes unless all is sound."""
+    meta, arrays = _read_checkpoint(path)
+    path = str(path)
+    m = _Meta(meta, path)
+    if m.str("network") != model.name:
+        raise ValueError(f"{path} is a checkpoint of network {meta['network']}, not {model.name}")
+    if m.str("optimizer") != type(run.optimizer).__name__:
+        raise ValueError(f"{path} was written by the {meta['optimizer']} optimizer, "
+                         f"not {type(run.optimizer).__name__}")
+    size = model.flat_params.size
+    m.int("seed")
+    epoch, restart = m.int("epoch"), m.int("restart")
+    if restart >= s.restarts:
+        raise ValueError(f"{path} was written in restart {restart + 1}; resume it with restarts >= {restart + 1}")
+    step, bad_epochs = m.int("step"), m.int("bad_epochs")
+    best_loss, best_epoch = m.number("best_loss", infinite=True), m.int("best_epoch", 1, epoch, optional=True)
+    history = _epochs_of(m.list("history"), path, "history")
+    if len(history) != epoch:
+        raise ValueError(f"{path}: damaged checkpoint: {len(history)} epochs of history for epoch {epoch}")
+    finished = m.list("finished")
+    for i, f in enumerate(finished):
+        fm = _Meta(f, path, f"finished[{i}].")
+        fm.int("restart"), fm.int("seed"), fm.number("loss", infinite=True), fm.int("epochs"), fm.str("stopped")
+    rng = np.random.default_rng()
+    try:
+        rng.bit_generator.state = meta.get("rng")
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        raise ValueError(f"{path}: damaged checkpoint: 'rng' is not a generator state ({e})") from None
+    params = {k[6:]: v for k, v in arrays.items() if k.startswith("param/")}
+    for name, v in params.items():
+        if v.dtype.kind != "f" or not np.isfinite(v).all():
+            raise ValueError(f"{path}: damaged checkpoint: parameter {name} must be finite floats, got {v.dtype}")
+    best_params = _flat(arrays, "best_params", size, path)
+    kept = None
+    if meta.get("kept") is not None:
+        k = m.sub("kept")
+        kept = (k.number("loss", infinite=True), _flat(arrays, "kept_params", size, path),
+                _epochs_of(k.list("history"), path, "kept.history"), k.str("stopped"),
+                k.int("best_epoch", 1, optional=True))
+    partial = None
     if meta.get("partial") is not None:
-        with np.load(path) as data:
-            run.partial = {**meta["partial"], "order": data["partial_order"].copy()}
+        p = m.sub("partial")
+        order = arrays.get("partial_order")
+        if order is None or order.shape != (n,) or order.dtype.kind not in "iu" \
+                or not np.array_equal(np.sort(order), np.arange(n)):
+            got = "nothing" if order is None else f"{order.dtype} {order.shape}"
+            raise ValueError(f"{path}: its interrupted epoch is over another set of images than these {n} "
+                             f"(its order: {got}); resume on the same data")
+        nxt = p.int("next", 1, n)
+        partial = {"order": order.astype(np.int64), "next": nxt, "total": p.number("total", infinite=True),
+                   "correct": p.int("correct", 0, nxt), "seen": p.int("seen", nxt, nxt), "seconds": p.number("seconds")}
+    opt_state = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
+    for b in run.optimizer.buffers:
+        if b in opt_state:
+            _flat(opt_state, b, size, path)
+    if set(params) != set(model.params) or any(params[k].shape != v.shape for k, v in model.params.items()):
+        model._load_arrays(params, path)  # raises, naming what does not match
+    try:
+        run.optimizer.load_state_dict(opt_state)
+    except ValueError as e:
+        raise ValueError(f"{path}: damaged checkpoint: optimizer state: {e}") from None
+    model._load_arrays(params, path)
+    run.best_params, run.kept, run.partial = best_params, kept, partial
+    run.epoch, run.step, run.restart = epoch, step, restart
+    run.best_loss, run.best_epoch, run.bad_epochs = best_loss, best_epoch, bad_epochs
+    run.rng.bit_generator.state = rng.bit_generator.state
+    run.history, run.finished = history, finished
 
 
 def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarray, np.ndarray] | None = None,
@@ -413,7 +535,7 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
         resumed: _Run | None = None
         if resume is not None:
             resumed = _Run(model, s, 0, base_lr)
-            _restore(resume, model, resumed)
+            _restore(resume, model, resumed, s, n)
             start_restart, finished, kept = resumed.restart, resumed.finished, resumed.kept
         for restart in range(start_restart, s.restarts):
             if resumed is not None and restart == resumed.restart:

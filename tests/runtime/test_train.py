@@ -866,6 +866,137 @@ def test_resume_refuses_another_network_or_optimizer(tmp_path, data):
         build(MLP).fit(x, y, epochs=2, batch_size=100, optimizer="sgd", resume=tmp_path / "c", progress=False)
 
 
+# ---- damaged checkpoints: one clear ValueError, whatever the damage ----------------------------------------
+
+
+DAMAGE_SETTINGS = dict(epochs=2, batch_size=32, optimizer="adam", lr=0.01, restarts=2, seed=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def interrupted_checkpoint(tmp_path_factory, data):
+    """A checkpoint written by Ctrl-C in the middle of restart 2's first epoch: it has every field there is
+    (partial epoch, kept run, finished restarts)."""
+    x, y = data
+    path = tmp_path_factory.mktemp("damage") / "c.npz"
+    steps = {"n": 0}
+    original = train_mod._deferred_interrupt.is_set
+
+    def ctrl_c_at_step_25(self) -> bool:
+        steps["n"] += 1
+        return steps["n"] == 25  # restart 1 takes 2 * 10 steps
+
+    train_mod._deferred_interrupt.is_set = ctrl_c_at_step_25
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build(MLP).fit(x, y, checkpoint=path, **DAMAGE_SETTINGS)
+    finally:
+        train_mod._deferred_interrupt.is_set = original
+    with np.load(path) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+    assert meta["partial"] and meta["kept"] and meta["finished"]
+    return path
+
+
+def resume_from(path, data, **settings):
+    x, y = data
+    return build(MLP).fit(x, y, resume=path, **{**DAMAGE_SETTINGS, **settings})
+
+
+def test_the_interrupted_checkpoint_resumes(interrupted_checkpoint, data):
+    assert len(resume_from(interrupted_checkpoint, data).restarts) == 2
+
+
+def test_random_bit_flips_resume_or_give_one_value_error(interrupted_checkpoint, data, tmp_path):
+    raw = interrupted_checkpoint.read_bytes()
+    rng = np.random.default_rng(16)
+    outcomes = {"resumed": 0, "refused": 0}
+    for bit in rng.choice(len(raw) * 8, size=60, replace=False):
+        damaged = bytearray(raw)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        path = tmp_path / "flipped.npz"
+        path.write_bytes(bytes(damaged))
+        try:
+            h = resume_from(path, data)
+        except ValueError as e:
+            assert str(path) in str(e) and "\n" not in str(e)
+            outcomes["refused"] += 1
+        else:
+            assert len(h.restarts) == 2 and np.isfinite([e.loss for e in h.epochs]).all()
+            outcomes["resumed"] += 1
+    assert outcomes["refused"] > 30  # the CRC catches flips in the data; a flip in a timestamp is harmless
+
+
+MISSING = object()
+
+
+def edited(src, dst, path: tuple, value) -> None:
+    """A copy of checkpoint `src` with the metadata field at `path` set to `value` (or removed: MISSING)."""
+    with np.load(src) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    node = meta
+    for key in path[:-1]:
+        node = node[key]
+    if value is MISSING:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(dst, **arrays)
+
+
+@pytest.mark.parametrize("path, value", [
+    (("epoch",), "2"), (("epoch",), -1), (("epoch",), 5), (("epoch",), MISSING), (("epoch",), 1.5),
+    (("step",), None), (("step",), -3), (("step",), MISSING),
+    (("restart",), 7), (("restart",), -1), (("restart",), "1"), (("restart",), MISSING),
+    (("best_loss",), "low"), (("best_loss",), MISSING), (("best_loss",), [1]),
+    (("best_epoch",), 0), (("best_epoch",), 99), (("best_epoch",), "1"),
+    (("bad_epochs",), -1), (("bad_epochs",), True), (("bad_epochs",), MISSING),
+    (("rng",), {}), (("rng",), "PCG64"), (("rng",), MISSING), (("rng", "state"), {"state": "x", "inc": 1}),
+    (("rng", "bit_generator"), "MT19937"),
+    (("history",), {}), (("history",), [{"epoch": 1}]), (("history",), MISSING),
+    (("optimizer",), 3), (("optimizer",), MISSING), (("network",), None), (("network",), MISSING),
+    (("seed",), -1), (("seed",), "3"), (("seed",), MISSING),
+    (("finished",), None), (("finished",), [{"restart": 0}]), (("finished",), [7]), (("finished",), MISSING),
+    (("partial",), []), (("partial", "next"), 0), (("partial", "next"), 10**6), (("partial", "next"), MISSING),
+    (("partial", "seen"), 0), (("partial", "seen"), "7"), (("partial", "total"), None),
+    (("partial", "correct"), -1), (("partial", "correct"), 10**6), (("partial", "seconds"), MISSING),
+    (("kept",), 3), (("kept", "loss"), None), (("kept", "history"), 1), (("kept", "stopped"), 0),
+    (("kept", "best_epoch"), -2), (("kept", "history"), [{"epoch": "x"}]),
+])
+def test_edited_metadata_is_one_value_error(interrupted_checkpoint, data, tmp_path, path, value):
+    damaged = tmp_path / "edited.npz"
+    edited(interrupted_checkpoint, damaged, path, value)
+    with pytest.raises(ValueError, match=f"{damaged}"):
+        resume_from(damaged, data)
+
+
+@pytest.mark.parametrize("array, value", [
+    ("best_params", np.zeros(3, np.float32)), ("kept_params", np.array(["a"])), ("partial_order", np.zeros(5)),
+    ("opt/m", np.zeros((2, 2), np.float32)), ("opt/lr", np.zeros(3)), ("opt/t", np.array(-1)),
+    ("opt/beta1", np.array(1.5)), ("param/h.weight", np.full((16, 8), np.nan, np.float32)),
+])
+def test_edited_arrays_are_one_value_error(interrupted_checkpoint, data, tmp_path, array, value):
+    with np.load(interrupted_checkpoint) as z:
+        arrays = {k: z[k] for k in z.files}
+    assert array in arrays or array.startswith("param/")
+    arrays[array] = value
+    np.savez(tmp_path / "edited.npz", **arrays)
+    with pytest.raises(ValueError, match="edited.npz"):
+        resume_from(tmp_path / "edited.npz", data)
+
+
+def test_a_mid_epoch_checkpoint_on_a_smaller_dataset_is_refused(interrupted_checkpoint, data):
+    x, y = data
+    with pytest.raises(ValueError, match=r"its interrupted epoch is over another set of images than these 200"):
+        build(MLP).fit(x[:200], y[:200], resume=interrupted_checkpoint, **DAMAGE_SETTINGS)
+
+
+def test_a_checkpoint_of_a_later_restart_needs_as_many_restarts(interrupted_checkpoint, data):
+    with pytest.raises(ValueError, match="was written in restart 2; resume it with restarts >= 2"):
+        resume_from(interrupted_checkpoint, data, restarts=1)
+
+
 _CHECKPOINT_WRITER = """
 import sys, types
 import numpy as np
