@@ -210,15 +210,26 @@ def _load_idx_dir(directory: str, raw: bool) -> dict[str, Dataset]:
         if images is None:
             continue
         x, y = read_idx(images), read_idx(labels)
-        if len(x) != len(y):
-            raise ValueError(f"{images} has {len(x)} images but {labels} has {len(y)} labels")
+        _check_pair(x, y, f"{images} and {labels}")
         out[split] = Dataset(x if raw else _as_inputs(x), _as_targets(y), f"{base}/{split}")
     return out
 
 
+def _check_pair(x: np.ndarray, y: np.ndarray, where: str) -> None:
+    """ValueError unless x holds N inputs and y N targets, both numbers."""
+    if x.ndim not in (2, 3, 4) or y.ndim < 1:
+        raise ValueError(f"{where}: {x.shape} and {y.shape} are not N inputs (N, F), (N, H, W) or (N, C, H, W) "
+                         "with N targets")
+    if len(x) != len(y):
+        raise ValueError(f"{where}: {len(x)} inputs but {len(y)} targets")
+    for a in (x, y):
+        if a.dtype.kind not in "uif":
+            raise ValueError(f"{where}: dtype {a.dtype}; datasets hold integer or real numbers")
+
+
 def _load_npz(path: str, raw: bool) -> dict[str, Dataset]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
+    try:  # the file is opened here: np.load leaks its own when the archive is damaged
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             return _npz_splits(z, path, raw)
     except (OSError, EOFError, KeyError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
         raise ValueError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from None
@@ -241,14 +252,7 @@ def _npz_splits(z, path: str, raw: bool) -> dict[str, Dataset]:
         if kx not in keys:
             continue
         x, y = _npz_member(z, kx, path), _npz_member(z, ky, path)
-        if x.ndim not in (2, 3, 4) or y.ndim < 1 or len(x) != len(y):
-            raise ValueError(
-                f"{path}: '{kx}' {x.shape} and '{ky}' {y.shape} are not N inputs "
-                "(N, F), (N, H, W) or (N, C, H, W) with N targets"
-            )
-        for key, a in ((kx, x), (ky, y)):
-            if a.dtype.kind not in "uif":
-                raise ValueError(f"{path}: '{key}' has dtype {a.dtype}; datasets hold integer or real numbers")
+        _check_pair(x, y, f"{path}: '{kx}' and '{ky}'")
         out[split] = Dataset(x if raw else _as_inputs(x), _as_targets(y), f"{base}/{split}")
     return out
 
