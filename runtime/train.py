@@ -35,7 +35,7 @@ EVAL_BATCH = CHUNK
 
 
 class TrainingStopped(Exception):
-    """Training cannot go on (a NaN or infinite loss); the model keeps the last good weights."""
+    """Training cannot go on (a NaN or infinite loss, gradient or weight); the model keeps the last good weights."""
 
 
 @dataclass
@@ -79,7 +79,8 @@ def evaluate(model, x: np.ndarray | Inputs, y: np.ndarray,
              loss: str | None = None) -> tuple[float, float | None, np.ndarray]:
     """(mean loss, accuracy or None, predictions) of the inference network (dropout off) on a whole set.
 
-    uint8 images are prepared EVAL_BATCH at a time (see ``Model.inputs``), never all at once.
+    uint8 images are prepared EVAL_BATCH at a time (see ``Model.inputs``), never all at once. Inputs or mse
+    targets holding NaN or infinity are refused (ValueError naming the first), as in ``fit``.
     """
     loss = model.loss_name(loss)
     inputs = model.inputs(x)
@@ -473,14 +474,17 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
         log: str | os.PathLike[str] | None = None, progress: bool | None = None,
         on_epoch: Callable[[Epoch], None] | None = None, early_stopping: int | dict | bool | None = None,
         **settings: Any) -> History:
-    """Train `model` in place on (x, y); returns the History of the kept run.
+    """Train `model` in place on (x, y), starting from the weights it has; returns the History of the kept run.
 
     x is float32 input of the network's shape, or uint8 images as stored
     (see ``Model.inputs``), which stay uint8: each mini-batch is prepared into
     one reused buffer, with the same result bit for bit.
 
     Settings (defaults from the .cnn file's train section): epochs, batch_size,
-    loss, optimizer (a name or an ``Optimizer``), lr, validation_split,
+    loss, optimizer (a name or an ``Optimizer``), lr, optimizer_args (the
+    optimizer's other hyperparameters, e.g. ``{"beta1": 0.8}``), momentum
+    (the beta of sgd with momentum; sgd becomes momentum, adam and rmsprop
+    refuse it), validation_split,
     early_stopping (a patience in epochs, ``{"patience": P, "min_delta": D}``,
     or False to switch off the train section's; the same as passing patience
     and min_delta): stop when the validation loss (the training loss without
@@ -488,11 +492,23 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
     the best weights; jitter (sigma of
     Gaussian noise added to every training input at every step), weight_decay
     (lambda of lambda * sum(w^2) over weights, not biases), restarts (train K
-    times from different initialisations, keep the lowest training loss),
-    seed, max_steps, min_improvement (stop once an epoch improves the training
-    loss by less), lr_decay (the learning rate of epoch e is lr * lr_decay**e).
-    A NaN or infinite loss raises ``TrainingStopped`` after restoring the last
-    good weights.
+    runs and keep the one with the lowest training loss: run 0 starts from the
+    model's current weights, run k > 0 from weights re-drawn by
+    ``model.initialize(seed + k)``), seed (shuffling, jitter, dropout, and the
+    restarts' weights), max_steps, min_improvement (stop once an epoch
+    improves the training loss by less), lr_decay (the learning rate of epoch
+    e is lr * lr_decay**e). Every setting obeys the train section's rules
+    (``cnnc_runtime.rules``); one that does not is a ValueError naming it.
+    An optimizer named here that differs from the file's takes only the
+    file's lr and eps (see ``settings_from``).
+
+    Non-finite values cannot train: inputs (and mse targets) holding NaN or
+    infinity are refused with a ValueError naming the first such image,
+    before any step. A step whose loss or gradient is NaN or infinite, or
+    whose update makes a weight so, raises ``TrainingStopped``: the model
+    keeps the last good weights (for a bad loss or update, those from before
+    it; for a bad gradient, those of that step, the optimizer's state
+    untouched by it).
     """
     s = settings_from(model.manifest.get("train", {}), **settings)
     if early_stopping is False:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -591,6 +592,23 @@ def test_a_non_finite_input_is_refused_before_any_step(bad):
     np.testing.assert_array_equal(model.flat_params, before)
     with pytest.raises(ValueError, match="input 40 holds"):
         model.evaluate(x, y)
+
+
+def test_a_nan_pixel_in_lenet_modern_is_refused_naming_the_image():
+    """The reported case: one NaN pixel used to train every weight of the first conv into NaN, silently."""
+    import cnnc
+
+    model = cnnc.compile(str(Path(__file__).resolve().parents[2] / "examples" / "lenet_modern.cnn"))
+    rng = np.random.default_rng(0)
+    x = rng.random((64, *model.input_shape), dtype=np.float32)
+    y = rng.integers(0, 10, 64)
+    x[17, 0, 5, 9] = np.nan
+    with pytest.raises(ValueError, match="input 17 holds a NaN"):
+        model.fit(x, y, epochs=1, progress=False)
+    out = model(x[16:18])  # inference is not refused: the NaN reaches the output (ReLU and max pooling keep it)
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
+    loss, grads = model.value_and_grad(x[16:18], y[16:18])
+    assert math.isnan(loss)
 
 
 def test_non_finite_validation_inputs_and_mse_targets_are_refused(data):
