@@ -121,11 +121,10 @@ def _finite(a: np.ndarray, b: np.ndarray | None = None) -> bool:
 
     One dot product, as fast as a copy: a NaN or an infinity in either makes it NaN or infinite (inf * 0 is
     NaN). Only when it is not finite (an overflow of huge finite values, or a real NaN) is each value checked.
+    Callers silence numpy's overflow warnings (``np.errstate``) once, around many calls.
     """
-    with np.errstate(all="ignore"):
-        if np.isfinite(np.dot(a, a if b is None else b)):
-            return True
-    return bool(np.isfinite(a).all()) and (b is None or bool(np.isfinite(b).all()))
+    return bool(np.isfinite(np.dot(a, a if b is None else b))) or (
+        bool(np.isfinite(a).all()) and (b is None or bool(np.isfinite(b).all())))
 
 
 def _infer_all(model, inputs: Inputs) -> np.ndarray:
@@ -609,13 +608,25 @@ def _stop(run: _Run, bar: ProgressBar, why: str, kept: str) -> None:
     raise TrainingStopped(f"training stopped: {why}; {kept}")
 
 
+def _stop_step(model, good: np.ndarray, run: _Run, bar: ProgressBar, value: float, b: int) -> None:
+    """Stop at a step whose loss or gradient is not finite, or that starts from weights that are not."""
+    where = f"at epoch {run.epoch + 1}, step {b + 1}"
+    if not math.isfinite(value):
+        model.flat_params[...] = good
+        _stop(run, bar, f"the loss became {value} {where}", "kept the weights from before that step")
+    _check_update(model, good, run, bar)
+    _stop(run, bar, f"a gradient became NaN or infinite {where}", "kept the weights of that step")
+
+
 def _check_update(model, good: np.ndarray, run: _Run, bar: ProgressBar) -> None:
     """Stop with the weights from before the last update (`good`) if it made any weight NaN or infinite.
 
     Every step checks the weights it starts from; this also runs where no step follows (the epoch's end, an
     interrupt). The optimizer's state keeps that update's moments.
     """
-    if not _finite(model.flat_params):
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = _finite(model.flat_params)
+    if not finite:
         model.flat_params[...] = good
         _stop(run, bar, f"an update made a weight NaN or infinite in epoch {run.epoch + 1}",
               "kept the weights from before that update")
@@ -653,52 +664,49 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
         else:
             order, first, total, correct, seen = run.rng.permutation(n), 0, 0.0, 0, 0
         bar = ProgressBar(-(-n // s.batch_size), enabled=progress)
-        for b, start in enumerate(range(first, n, s.batch_size), start=first // s.batch_size):
-            idx = order[start:start + s.batch_size]
-            m = len(idx)
-            xb, tb = batch[:m], targets[idx]
-            # native Gaussian noise: a seed from the run's generator, so resume stays exact
-            noise = int(run.rng.integers(0, 2**63 - 1)) if s.jitter > 0 else None
-            scale = 1.0 / m if loss == "cross_entropy" else 1.0 / (m * k)
-            model.flat_grads[...] = 0.0
-            seed = int(run.rng.integers(0, 2**63 - 1)) if model.manifest["has_dropout"] else 0
+        with np.errstate(over="ignore", invalid="ignore"):  # a NaN or an overflow is found and reported below
+            for b, start in enumerate(range(first, n, s.batch_size), start=first // s.batch_size):
+                idx = order[start:start + s.batch_size]
+                m = len(idx)
+                xb, tb = batch[:m], targets[idx]
+                # native Gaussian noise: a seed from the run's generator, so resume stays exact
+                noise = int(run.rng.integers(0, 2**63 - 1)) if s.jitter > 0 else None
+                scale = 1.0 / m if loss == "cross_entropy" else 1.0 / (m * k)
+                model.flat_grads[...] = 0.0
+                seed = int(run.rng.integers(0, 2**63 - 1)) if model.manifest["has_dropout"] else 0
 
-            def prepare(t: int, a: int, b: int, idx=idx, noise=noise) -> None:
-                inputs.batch(idx[a:b], batch[a:b])
-                if noise is not None:
-                    model._noise_rows(batch_ptr, s.jitter, noise, t, a, b)
+                def prepare(t: int, a: int, b: int, idx=idx, noise=noise) -> None:
+                    inputs.batch(idx[a:b], batch[a:b])
+                    if noise is not None:
+                        model._noise_rows(batch_ptr, s.jitter, noise, t, a, b)
 
-            model._accumulate_gradients(xb, tb, loss, seed, scale, out[:m], losses[:m], prepare)
-            value = float(losses[:m].sum(dtype=np.float64) * scale)
-            if s.weight_decay > 0:
-                value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay)
-            where = f"at epoch {run.epoch + 1}, step {b + 1}"
-            if not math.isfinite(value):
-                model.flat_params[...] = good
-                _stop(run, bar, f"the loss became {value} {where}", "kept the weights from before that step")
-            if not _finite(model.flat_grads, model.flat_params):  # one check of both, before anything changes
-                _check_update(model, good, run, bar)
-                _stop(run, bar, f"a gradient became NaN or infinite {where}", "kept the weights of that step")
-            good[...] = model.flat_params
-            optimizer.step(model.flat_params, model.flat_grads)
-            run.step += 1
-            total += value * m
-            seen += m
-            if labels is not None:
-                correct += int((out[:m].argmax(axis=1) == labels[idx]).sum())
-            elapsed = time.perf_counter() - t0
-            bar.update(b + 1, total / seen, correct / seen if labels is not None else None, seen / max(elapsed, 1e-9))
-            if interrupted.is_set():
-                _check_update(model, good, run, bar)
-                bar.close()
-                run.partial = {"order": order, "next": start + m, "total": total, "correct": correct, "seen": seen,
-                               "seconds": time.perf_counter() - t0}
-                if checkpoint is not None:
-                    save_checkpoint(checkpoint, model, run, s)
-                raise KeyboardInterrupt
-            if s.max_steps is not None and run.step >= s.max_steps:
-                run.stopped = f"reached the step limit of {s.max_steps}"
-                break
+                model._accumulate_gradients(xb, tb, loss, seed, scale, out[:m], losses[:m], prepare)
+                value = float(losses[:m].sum(dtype=np.float64) * scale)
+                if s.weight_decay > 0:
+                    value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay)
+                if not (math.isfinite(value) and _finite(model.flat_grads, model.flat_params)):
+                    _stop_step(model, good, run, bar, value, b)
+                good[...] = model.flat_params
+                optimizer.step(model.flat_params, model.flat_grads)
+                run.step += 1
+                total += value * m
+                seen += m
+                if labels is not None:
+                    correct += int((out[:m].argmax(axis=1) == labels[idx]).sum())
+                elapsed = time.perf_counter() - t0
+                bar.update(b + 1, total / seen, correct / seen if labels is not None else None,
+                           seen / max(elapsed, 1e-9))
+                if interrupted.is_set():
+                    _check_update(model, good, run, bar)
+                    bar.close()
+                    run.partial = {"order": order, "next": start + m, "total": total, "correct": correct, "seen": seen,
+                                   "seconds": time.perf_counter() - t0}
+                    if checkpoint is not None:
+                        save_checkpoint(checkpoint, model, run, s)
+                    raise KeyboardInterrupt
+                if s.max_steps is not None and run.step >= s.max_steps:
+                    run.stopped = f"reached the step limit of {s.max_steps}"
+                    break
         _check_update(model, good, run, bar)  # the epoch's last update, which no later step checks
         bar.close()
         run.partial = None
