@@ -84,9 +84,15 @@ def evaluate(model, x: np.ndarray | Inputs, y: np.ndarray,
     """
     loss = model.loss_name(loss)
     inputs = model.inputs(x)
-    n = len(inputs)
-    targets = model.check_targets(y, n, loss)
+    targets = model.check_targets(y, len(inputs), loss)
     _refuse_non_finite(inputs, targets)
+    return _evaluate(model, inputs, y, targets, loss)
+
+
+def _evaluate(model, inputs: Inputs, y: np.ndarray, targets: np.ndarray,
+              loss: str) -> tuple[float, float | None, np.ndarray]:
+    """`evaluate` on a set already checked (fit's validation set, checked once before its first epoch)."""
+    n = len(inputs)
     out = _infer_all(model, inputs).reshape(n, -1).astype(np.float64)
     if loss == "cross_entropy":
         if model.manifest["output"]["op"] == "softmax":
@@ -536,9 +542,10 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
         inputs, targets = inputs.subset(train_idx), targets[train_idx]
         labels = labels[train_idx] if labels is not None else None
     if validation_data is not None:
-        validation_data = (model.inputs(validation_data[0]), np.asarray(validation_data[1]))
-        val_targets = model.check_targets(validation_data[1], len(validation_data[0]), loss)
-        _refuse_non_finite(validation_data[0], val_targets, "validation ")
+        val_inputs, val_y = model.inputs(validation_data[0]), np.asarray(validation_data[1])
+        val_targets = model.check_targets(val_y, len(val_inputs), loss)
+        _refuse_non_finite(val_inputs, val_targets, "validation ")
+        validation_data = (val_inputs, val_y, val_targets)
 
     base_lr = _optimizer(s).lr  # before any restart decays it
     interrupted = _deferred_interrupt()
@@ -713,7 +720,7 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
         seconds = time.perf_counter() - t0
         val_loss = val_acc = None
         if validation_data is not None:
-            val_loss, val_acc, _ = evaluate(model, validation_data[0], validation_data[1], loss)
+            val_loss, val_acc, _ = _evaluate(model, *validation_data, loss)
         run.epoch += 1
         record = Epoch(run.epoch, total / seen, correct / seen if labels is not None else None, val_loss, val_acc,
                        seconds, seen / seconds, run.step, run.restart)

@@ -1087,13 +1087,13 @@ def test_the_same_seed_gives_identical_training(data):
 def test_validation_split_holds_out_the_right_count(n, fraction, held_out, monkeypatch):
     x, y = blobs(n)
     sizes = []
-    original = train_mod.evaluate
+    original = train_mod._evaluate
 
-    def spy(model, xv, yv, loss=None):
+    def spy(model, xv, yv, targets, loss):
         sizes.append(len(xv))
-        return original(model, xv, yv, loss)
+        return original(model, xv, yv, targets, loss)
 
-    monkeypatch.setattr(train_mod, "evaluate", spy)
+    monkeypatch.setattr(train_mod, "_evaluate", spy)
     model = build(MLP)
     calls = spy_steps(model)
     model.fit(x, y, epochs=2, batch_size=16, validation_split=fraction, progress=False)
