@@ -396,6 +396,30 @@ def _epochs_of(items: list, path: str, what: str) -> list[Epoch]:
     return out
 
 
+def _finished_of(items: list, path: str) -> list[dict[str, Any]]:
+    """The earlier restarts' outcomes, each field checked."""
+    for i, f in enumerate(items):
+        m = _Meta(f, path, f"finished[{i}].")
+        m.int("restart")
+        m.int("seed")
+        m.number("loss", infinite=True)
+        m.int("epochs")
+        m.str("stopped")
+    return items
+
+
+def _partial_of(m: _Meta, order: np.ndarray | None, n: int) -> dict[str, Any]:
+    """The interrupted epoch's state; its order must be a permutation of the n training images at hand."""
+    if order is None or order.shape != (n,) or order.dtype.kind not in "iu" \
+            or not np.array_equal(np.sort(order), np.arange(n)):
+        got = "nothing" if order is None else f"{order.dtype} {order.shape}"
+        raise ValueError(f"{m.path}: its interrupted epoch is over another set of images than these {n} "
+                         f"(its order: {got}); resume on the same data")
+    nxt = m.int("next", 1, n)
+    return {"order": order.astype(np.int64), "next": nxt, "total": m.number("total", infinite=True),
+            "correct": m.int("correct", 0, nxt), "seen": m.int("seen", nxt, nxt), "seconds": m.number("seconds")}
+
+
 def _flat(arrays: dict[str, np.ndarray], key: str, size: int, path: str) -> np.ndarray:
     a = arrays.get(key)
     if a is None or a.dtype.kind != "f" or a.shape != (size,) or not np.isfinite(a).all():
@@ -424,10 +448,7 @@ def _restore(path: str | os.PathLike[str], model, run: _Run, s: Settings, n: int
     history = _epochs_of(m.list("history"), path, "history")
     if len(history) != epoch:
         raise ValueError(f"{path}: damaged checkpoint: {len(history)} epochs of history for epoch {epoch}")
-    finished = m.list("finished")
-    for i, f in enumerate(finished):
-        fm = _Meta(f, path, f"finished[{i}].")
-        fm.int("restart"), fm.int("seed"), fm.number("loss", infinite=True), fm.int("epochs"), fm.str("stopped")
+    finished = _finished_of(m.list("finished"), path)
     rng = np.random.default_rng()
     try:
         rng.bit_generator.state = meta.get("rng")
@@ -444,18 +465,7 @@ def _restore(path: str | os.PathLike[str], model, run: _Run, s: Settings, n: int
         kept = (k.number("loss", infinite=True), _flat(arrays, "kept_params", size, path),
                 _epochs_of(k.list("history"), path, "kept.history"), k.str("stopped"),
                 k.int("best_epoch", 1, optional=True))
-    partial = None
-    if meta.get("partial") is not None:
-        p = m.sub("partial")
-        order = arrays.get("partial_order")
-        if order is None or order.shape != (n,) or order.dtype.kind not in "iu" \
-                or not np.array_equal(np.sort(order), np.arange(n)):
-            got = "nothing" if order is None else f"{order.dtype} {order.shape}"
-            raise ValueError(f"{path}: its interrupted epoch is over another set of images than these {n} "
-                             f"(its order: {got}); resume on the same data")
-        nxt = p.int("next", 1, n)
-        partial = {"order": order.astype(np.int64), "next": nxt, "total": p.number("total", infinite=True),
-                   "correct": p.int("correct", 0, nxt), "seen": p.int("seen", nxt, nxt), "seconds": p.number("seconds")}
+    partial = None if meta.get("partial") is None else _partial_of(m.sub("partial"), arrays.get("partial_order"), n)
     opt_state = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
     for b in run.optimizer.buffers:
         if b in opt_state:
