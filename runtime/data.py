@@ -10,6 +10,7 @@ import copy
 import gzip
 import math
 import os
+import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,23 @@ IDX_FILES: dict[str, tuple[str, str]] = {
 }
 
 
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (a large constant where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def check_fits_in_memory(shape: tuple[int, ...], dtype: np.dtype, what: str) -> int:
+    """The bytes an array of `shape` and `dtype` needs; ValueError before allocating if that exceeds the memory."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if nbytes > memory_bytes():
+        raise ValueError(f"{what}: shape {shape} of {np.dtype(dtype)} needs {nbytes / 2**30:,.1f} GiB, more than "
+                         f"this machine's {memory_bytes() / 2**30:,.1f} GiB of memory")
+    return nbytes
+
+
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an IDX file (gzipped or not, told apart by content) into a native-endian array.
 
@@ -48,7 +66,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     with open(name, "rb") as f:
         if f.read(2) != _GZIP_MAGIC:
             f.seek(0)
-            return _read_idx_stream(f, name)
+            return _read_idx_stream(f, name, os.fstat(f.fileno()).st_size)
         f.seek(0)
         try:
             with gzip.GzipFile(fileobj=f) as g:
@@ -68,7 +86,8 @@ def _read_into(f: BinaryIO, buf: memoryview) -> int:
     return got
 
 
-def _read_idx_stream(f: BinaryIO, name: str) -> np.ndarray:
+def _read_idx_stream(f: BinaryIO, name: str, size: int | None = None) -> np.ndarray:
+    """The array of an IDX stream; `size`: the file's size when known (not gzipped), checked before allocating."""
     head = f.read(4)
     if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in IDX_DTYPES:
         raise ValueError(f"{name}: not an IDX file (bad magic {head.hex(' ') or 'empty'})")
@@ -78,8 +97,11 @@ def _read_idx_stream(f: BinaryIO, name: str) -> np.ndarray:
         raise ValueError(f"{name}: truncated IDX header ({4 + len(dims)} bytes, need {4 + 4 * ndim} "
                          f"for {ndim} dimensions)")
     shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
+    expected = check_fits_in_memory(shape, dtype, name)
+    if size is not None and size - 4 - 4 * ndim < expected:
+        raise ValueError(f"{name}: truncated IDX data: shape {shape} needs {expected} bytes, file has "
+                         f"{size - 4 - 4 * ndim}")
     out = np.empty(shape, dtype=dtype.newbyteorder("="))
-    expected = out.nbytes
     got = _read_into(f, memoryview(out.reshape(-1).view(np.uint8)))
     if got < expected:
         raise ValueError(f"{name}: truncated IDX data: shape {shape} needs {expected} bytes, file has {got}")
@@ -188,37 +210,73 @@ def _load_idx_dir(directory: str, raw: bool) -> dict[str, Dataset]:
         if images is None:
             continue
         x, y = read_idx(images), read_idx(labels)
-        if len(x) != len(y):
-            raise ValueError(f"{images} has {len(x)} images but {labels} has {len(y)} labels")
+        _check_pair(x, y, f"{images} and {labels}")
         out[split] = Dataset(x if raw else _as_inputs(x), _as_targets(y), f"{base}/{split}")
     return out
 
 
+def _check_pair(x: np.ndarray, y: np.ndarray, where: str) -> None:
+    """ValueError unless x holds N inputs and y N targets, both numbers."""
+    if x.ndim not in (2, 3, 4) or y.ndim < 1:
+        raise ValueError(f"{where}: {x.shape} and {y.shape} are not N inputs (N, F), (N, H, W) or (N, C, H, W) "
+                         "with N targets")
+    if len(x) != len(y):
+        raise ValueError(f"{where}: {len(x)} inputs but {len(y)} targets")
+    for a in (x, y):
+        if a.dtype.kind not in "uif":
+            raise ValueError(f"{where}: dtype {a.dtype}; datasets hold integer or real numbers")
+
+
 def _load_npz(path: str, raw: bool) -> dict[str, Dataset]:
-    with np.load(path, allow_pickle=False) as z:
-        keys = set(z.files)
-        train = ("x", "y") if {"x", "y"} <= keys else ("x_train", "y_train")  # the second: Keras' naming
-        if not set(train) <= keys:
-            raise ValueError(
-                f"{path}: a dataset .npz needs arrays 'x' and 'y' (or 'x_train' and 'y_train'), and optionally "
-                f"'x_test', 'y_test'; it has {sorted(keys)}"
-            )
-        if ("x_test" in keys) != ("y_test" in keys):
-            raise ValueError(f"{path}: 'x_test' and 'y_test' must come together; it has {sorted(keys)}")
-        base = os.path.splitext(os.path.basename(path))[0]
-        splits = {"train": train, "test": ("x_test", "y_test")}
-        out = {}
-        for split, (kx, ky) in splits.items():
-            if kx not in keys:
-                continue
-            x, y = z[kx], z[ky]
-            if x.ndim not in (2, 3, 4) or y.ndim < 1 or len(x) != len(y):
-                raise ValueError(
-                    f"{path}: '{kx}' {x.shape} and '{ky}' {y.shape} are not N inputs "
-                    "(N, F), (N, H, W) or (N, C, H, W) with N targets"
-                )
-            out[split] = Dataset(x if raw else _as_inputs(x), _as_targets(y), f"{base}/{split}")
+    try:  # the file is opened here: np.load leaks its own when the archive is damaged
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+            return _npz_splits(z, path, raw)
+    except (OSError, EOFError, KeyError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from None
+
+
+def _npz_splits(z, path: str, raw: bool) -> dict[str, Dataset]:
+    keys = set(z.files)
+    train = ("x", "y") if {"x", "y"} <= keys else ("x_train", "y_train")  # the second: Keras' naming
+    if not set(train) <= keys:
+        raise ValueError(
+            f"{path}: a dataset .npz needs arrays 'x' and 'y' (or 'x_train' and 'y_train'), and optionally "
+            f"'x_test', 'y_test'; it has {sorted(keys)}"
+        )
+    if ("x_test" in keys) != ("y_test" in keys):
+        raise ValueError(f"{path}: 'x_test' and 'y_test' must come together; it has {sorted(keys)}")
+    base = os.path.splitext(os.path.basename(path))[0]
+    splits = {"train": train, "test": ("x_test", "y_test")}
+    out = {}
+    for split, (kx, ky) in splits.items():
+        if kx not in keys:
+            continue
+        x, y = _npz_member(z, kx, path), _npz_member(z, ky, path)
+        _check_pair(x, y, f"{path}: '{kx}' and '{ky}'")
+        out[split] = Dataset(x if raw else _as_inputs(x), _as_targets(y), f"{base}/{split}")
     return out
+
+
+def _npz_member(z, key: str, path: str) -> np.ndarray:
+    """The array `key` of an open .npz, its header read first: a shape the member cannot hold, or that does not
+    fit in memory, is refused before anything is allocated."""
+    name = key + ".npy" if key + ".npy" in z.zip.namelist() else key
+    info = z.zip.getinfo(name)
+    with z.zip.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"{path}: '{key}' is in .npy format {version}; datasets use 1.0 or 2.0")
+        header = f.tell()
+    where = f"{path}: '{key}'"
+    nbytes = check_fits_in_memory(shape, dtype, where)
+    if nbytes > info.file_size - header:
+        raise ValueError(f"{where} claims shape {shape} of {dtype} ({nbytes} bytes) but holds "
+                         f"{info.file_size - header} bytes")
+    return z[key]
 
 
 def load_dataset(path: str | os.PathLike[str], *, raw: bool = False) -> dict[str, Dataset]:
@@ -266,6 +324,7 @@ def image_view(x: np.ndarray, input_shape: Sequence[int]) -> tuple[np.ndarray, t
     """
     shape = tuple(int(d) for d in input_shape)
     x = np.asarray(x)
+    given = x.shape
     if x.ndim == 3:
         x = x[:, None, :, :]
     if len(shape) == 1:
@@ -289,7 +348,12 @@ def image_view(x: np.ndarray, input_shape: Sequence[int]) -> tuple[np.ndarray, t
         x = x.transpose(0, 3, 1, 2)
     _, xc, xh, xw = x.shape
     if xc != c:
-        raise ValueError(f"images have {xc} channel(s); the network expects input shape {shape}")
+        if len(given) == 3:
+            got = "1 channel, as (N, H, W)"
+        else:
+            got = f"{xc} channel(s) read as (N, C, H, W), or {x.shape[3]} read as channels-last (N, H, W, C)"
+        raise ValueError(f"images of shape {given[1:]} have {got}; the network expects {c} channel(s): "
+                         f"input shape {shape}")
     if xh > h or xw > w:
         raise ValueError(f"images of {xh}x{xw} are larger than the network input shape {shape}")
     if (xh, xw) == (h, w):
@@ -343,6 +407,18 @@ class Inputs:
         return (not self.stored and x.dtype == np.float32 and x.flags.c_contiguous
                 and tuple(x.shape[1:]) == self.input_shape)
 
+    def first_non_finite(self) -> int | None:
+        """The position of the first input holding a NaN or an infinity, None if there is none (uint8: never).
+
+        One vectorised pass over the set, a block of rows at a time (no temporary the size of the set).
+        """
+        if self.stored:
+            return None
+        if self._rows is None:
+            return first_non_finite_row(self._x)
+        hits = np.flatnonzero(non_finite_rows(self._x)[self._rows])
+        return int(hits[0]) if len(hits) else None
+
     def subset(self, rows: np.ndarray) -> Inputs:
         """The inputs at positions `rows` of this set, sharing its storage (no copy of the images)."""
         rows = np.asarray(rows, dtype=np.intp)
@@ -374,6 +450,38 @@ class Inputs:
                 yield self.batch(slice(start, start + size), out)
             else:  # already float32 and in order: a view does, no copy
                 yield self._x[start:start + size]
+
+
+_FINITE_BLOCK = 1 << 20  # values checked at a time
+
+
+def non_finite_rows(x: np.ndarray) -> np.ndarray:
+    """A bool per row of `x` (its first axis): whether that row holds a NaN or an infinity."""
+    x = np.asarray(x)
+    out = np.zeros(len(x), dtype=bool)
+    if x.dtype.kind not in "fc" or len(x) == 0:
+        return out
+    rows = max(1, _FINITE_BLOCK // max(1, x[0].size))
+    for start in range(0, len(x), rows):
+        block = x[start:start + rows].reshape(min(rows, len(x) - start), -1)
+        out[start:start + len(block)] = ~np.isfinite(block).all(axis=1)
+    return out
+
+
+def first_non_finite_row(x: np.ndarray) -> int | None:
+    """The index of the first row of `x` that holds a NaN or an infinity; None if all are finite.
+
+    Stops at the first block that has one: a clean set costs one pass, a bad one less.
+    """
+    x = np.asarray(x)
+    if x.dtype.kind not in "fc" or len(x) == 0:
+        return None
+    rows = max(1, _FINITE_BLOCK // max(1, x[0].size))
+    for start in range(0, len(x), rows):
+        bad = non_finite_rows(x[start:start + rows])
+        if bad.any():
+            return start + int(np.argmax(bad))
+    return None
 
 
 def _rng(rng: np.random.Generator | int | None) -> np.random.Generator:

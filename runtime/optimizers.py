@@ -22,6 +22,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from cnnc_runtime.rules import HYPERPARAMETERS, check
+
 State = dict[str, np.ndarray | float | int]
 
 
@@ -34,8 +36,7 @@ class Optimizer(ABC):
     constant_names: tuple[str, ...] = ("lr",)
 
     def __init__(self, lr: float) -> None:
-        if not lr > 0:
-            raise ValueError(f"learning rate must be positive, got {lr}")
+        _check(self, lr=lr)
         self.lr = float(lr)
         self.t = 0
         self._state: dict[str, np.ndarray] = {}
@@ -130,17 +131,35 @@ class Optimizer(ABC):
         present = [b for b in self.buffers if b in d]
         if present and len(present) != len(self.buffers):
             raise ValueError(f"{type(self).__name__} state needs all of {list(self.buffers)}, got {present}")
+        hyper = {h: _scalar(d[h], h) for h in self.hyperparameters if h in d}
+        _check(self, **hyper)
+        t = _scalar(d.get("t", 0), "t")
+        if not (math.isfinite(t) and t >= 0 and t == int(t)):
+            raise ValueError(f"{type(self).__name__} step count t must be a non-negative integer, got {t}")
         arrays = {b: np.array(d[b], copy=True) for b in present}
         if len({a.shape for a in arrays.values()}) > 1 or any(a.ndim != 1 for a in arrays.values()):
             shapes = {b: a.shape for b, a in arrays.items()}
             raise ValueError(f"state buffers must be flat and of one size, got {shapes}")
-        for h in self.hyperparameters:
-            if h in d:
-                setattr(self, h, float(d[h]))
-        self.t = int(d.get("t", 0))
+        for h, v in hyper.items():
+            setattr(self, h, v)
+        self.t = int(t)
         self._state = arrays
         self._pointers = None
         self._tmp = np.empty_like(next(iter(arrays.values()))) if arrays else None
+
+
+def _scalar(v: np.ndarray | float | int, name: str) -> float:
+    """A state entry as a Python float; ValueError for an array of another size or a non-number."""
+    a = np.asarray(v)
+    if a.size != 1 or a.dtype.kind not in "iuf":
+        raise ValueError(f"optimizer state {name} must be one number, got {a.dtype} {a.shape}")
+    return float(a.reshape(()))
+
+
+def _check(optimizer: Optimizer, **values: float) -> None:
+    """ValueError naming the optimizer and the hyperparameter that breaks its rule (``cnnc_runtime.rules``)."""
+    for key, value in values.items():
+        check(HYPERPARAMETERS, key, value, f"{type(optimizer).__name__} {key}")
 
 
 def _flat_f32(*arrays: np.ndarray) -> bool:
@@ -181,8 +200,7 @@ class Momentum(Optimizer):
 
     def __init__(self, lr: float, beta: float = 0.9) -> None:
         super().__init__(lr)
-        if not 0 <= beta < 1:
-            raise ValueError(f"momentum beta must be in [0, 1), got {beta}")
+        _check(self, beta=beta)
         self.beta = float(beta)
 
     def _update(self, params: np.ndarray, grads: np.ndarray, tmp: np.ndarray) -> None:
@@ -211,8 +229,7 @@ class RMSProp(Optimizer):
 
     def __init__(self, lr: float, beta: float = 0.9, eps: float = 1e-8) -> None:
         super().__init__(lr)
-        if not 0 <= beta < 1:
-            raise ValueError(f"RMSProp beta must be in [0, 1), got {beta}")
+        _check(self, beta=beta, eps=eps)
         self.beta, self.eps = float(beta), float(eps)
 
     def _update(self, params: np.ndarray, grads: np.ndarray, tmp: np.ndarray) -> None:
@@ -249,8 +266,7 @@ class Adam(Optimizer):
 
     def __init__(self, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
         super().__init__(lr)
-        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-            raise ValueError(f"Adam betas must be in [0, 1), got {beta1}, {beta2}")
+        _check(self, beta1=beta1, beta2=beta2, eps=eps)
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
 
     def _update(self, params: np.ndarray, grads: np.ndarray, tmp: np.ndarray) -> None:
@@ -274,11 +290,24 @@ class Adam(Optimizer):
 OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "momentum": Momentum, "rmsprop": RMSProp, "adam": Adam}
 
 
-def make_optimizer(name: str, **kwargs: float) -> Optimizer:
-    """An optimizer by (case-insensitive) name, e.g. make_optimizer("adam", lr=1e-3)."""
-    cls = OPTIMIZERS.get(name.lower())
+def optimizer_class(name: str) -> type[Optimizer]:
+    """The optimizer class of a (case-insensitive) name; ValueError listing the names."""
+    cls = OPTIMIZERS.get(name.lower()) if isinstance(name, str) else None
     if cls is None:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return cls
+
+
+def make_optimizer(name: str, **kwargs: float) -> Optimizer:
+    """An optimizer by (case-insensitive) name, e.g. make_optimizer("adam", lr=1e-3).
+
+    An argument the optimizer does not take is a ValueError naming the ones it does.
+    """
+    cls = optimizer_class(name)
+    unknown = sorted(set(kwargs) - set(cls.hyperparameters))
+    if unknown:
+        raise ValueError(f"optimizer {name.lower()} takes {', '.join(cls.hyperparameters)}, "
+                         f"not {', '.join(unknown)}")
     return cls(**kwargs)
 
 

@@ -17,23 +17,25 @@ import signal
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from cnnc_runtime.data import Inputs
+from cnnc_runtime import rules
+from cnnc_runtime.data import Inputs, first_non_finite_row
 from cnnc_runtime.fileio import atomic_save_npz
 from cnnc_runtime.model import CHUNK, MIN_IMAGES_PER_THREAD
-from cnnc_runtime.optimizers import Optimizer, add_weight_decay, make_optimizer
+from cnnc_runtime.optimizers import OPTIMIZERS, Optimizer, add_weight_decay, make_optimizer, optimizer_class
 from cnnc_runtime.progress import ProgressBar
 
 EVAL_BATCH = CHUNK
 
 
 class TrainingStopped(Exception):
-    """Training cannot go on (a NaN or infinite loss); the model keeps the last good weights."""
+    """Training cannot go on (a NaN or infinite loss, gradient or weight); the model keeps the last good weights."""
 
 
 @dataclass
@@ -77,12 +79,20 @@ def evaluate(model, x: np.ndarray | Inputs, y: np.ndarray,
              loss: str | None = None) -> tuple[float, float | None, np.ndarray]:
     """(mean loss, accuracy or None, predictions) of the inference network (dropout off) on a whole set.
 
-    uint8 images are prepared EVAL_BATCH at a time (see ``Model.inputs``), never all at once.
+    uint8 images are prepared EVAL_BATCH at a time (see ``Model.inputs``), never all at once. Inputs or mse
+    targets holding NaN or infinity are refused (ValueError naming the first), as in ``fit``.
     """
     loss = model.loss_name(loss)
     inputs = model.inputs(x)
+    targets = model.check_targets(y, len(inputs), loss)
+    _refuse_non_finite(inputs, targets)
+    return _evaluate(model, inputs, y, targets, loss)
+
+
+def _evaluate(model, inputs: Inputs, y: np.ndarray, targets: np.ndarray,
+              loss: str) -> tuple[float, float | None, np.ndarray]:
+    """`evaluate` on a set already checked (fit's validation set, checked once before its first epoch)."""
     n = len(inputs)
-    targets = model.check_targets(y, n, loss)
     out = _infer_all(model, inputs).reshape(n, -1).astype(np.float64)
     if loss == "cross_entropy":
         if model.manifest["output"]["op"] == "softmax":
@@ -96,6 +106,31 @@ def evaluate(model, x: np.ndarray | Inputs, y: np.ndarray,
     pred = out.argmax(axis=1)
     acc = float((pred == np.asarray(y)).mean()) if _labels_like(model, y, loss) else None
     return value, acc, pred
+
+
+def _refuse_non_finite(inputs: Inputs, targets: np.ndarray, what: str = "") -> None:
+    """ValueError naming the first input (or mse target) that holds a NaN or an infinity.
+
+    One input like that would turn the weights into NaN, so a set is checked once, before any step.
+    """
+    bad = inputs.first_non_finite()
+    if bad is not None:
+        raise ValueError(f"{what}input {bad} holds a NaN or an infinite value; every input must be finite")
+    if targets.dtype.kind == "f":
+        bad = first_non_finite_row(targets)
+        if bad is not None:
+            raise ValueError(f"{what}target {bad} holds a NaN or an infinite value; every mse target must be finite")
+
+
+def _finite(a: np.ndarray, b: np.ndarray | None = None) -> bool:
+    """Whether every value of the flat float32 `a` (and `b`) is finite.
+
+    One dot product, as fast as a copy: a NaN or an infinity in either makes it NaN or infinite (inf * 0 is
+    NaN). Only when it is not finite (an overflow of huge finite values, or a real NaN) is each value checked.
+    Callers silence numpy's overflow warnings (``np.errstate``) once, around many calls.
+    """
+    return bool(np.isfinite(np.dot(a, a if b is None else b))) or (
+        bool(np.isfinite(a).all()) and (b is None or bool(np.isfinite(b).all())))
 
 
 def _infer_all(model, inputs: Inputs) -> np.ndarray:
@@ -130,6 +165,7 @@ class Settings:
     optimizer: str | Optimizer = "adam"
     lr: float | None = None
     optimizer_args: dict[str, float] = field(default_factory=dict)
+    momentum: float | None = None
     validation_split: float = 0.0
     patience: int | None = None
     min_delta: float = 0.0
@@ -141,9 +177,31 @@ class Settings:
     min_improvement: float | None = None
     lr_decay: float = 1.0
 
+    def check(self) -> None:
+        """ValueError naming the first setting that breaks its rule (the train section's, ``cnnc_runtime.rules``)."""
+        for name, key in _RULE_KEYS.items():
+            value = getattr(self, name)
+            if value is not None or name not in _OPTIONAL:
+                rules.check(rules.SETTINGS, key, value, name)
+        if self.lr is not None:
+            rules.check(rules.HYPERPARAMETERS, "lr", self.lr, "lr")
+
+
+# Settings field -> its rule in cnnc_runtime.rules.SETTINGS (the train section's name)
+_RULE_KEYS = {"epochs": "epochs", "batch_size": "batch", "validation_split": "validation", "patience": "patience",
+              "min_delta": "min_delta", "jitter": "jitter", "weight_decay": "weight_decay", "restarts": "restarts",
+              "seed": "seed", "max_steps": "max_steps", "min_improvement": "min_improvement", "lr_decay": "lr_decay"}
+_OPTIONAL = {"patience", "max_steps", "min_improvement"}
+
 
 def settings_from(train: dict[str, Any], **overrides: Any) -> Settings:
-    """Settings from a .cnn train section, with explicit (non-None) overrides winning."""
+    """Settings from a .cnn train section, with explicit (non-None) overrides winning.
+
+    An optimizer kind that overrides the file's keeps only the file's lr and eps (if it takes eps): momentum's
+    beta does not go to adam, nor to rmsprop, whose beta means something else. ``optimizer_args`` the kind
+    does not take, or ``momentum`` with adam or rmsprop, are a ValueError; ``momentum`` with sgd switches to
+    momentum with that beta.
+    """
     s = Settings()
     opt = dict(train.get("optimizer", {}))
     if opt:
@@ -164,12 +222,44 @@ def settings_from(train: dict[str, Any], **overrides: Any) -> Settings:
     if "early_stop" in train:
         s.patience = train["early_stop"]["patience"]
         s.min_delta = train["early_stop"]["min_delta"]
+    file_kind, file_args = s.optimizer, s.optimizer_args
+    explicit_args = overrides.pop("optimizer_args", None) or {}
     for k, v in overrides.items():
         if v is not None:
             if not hasattr(s, k):
                 raise TypeError(f"unknown training setting {k!r}")
             setattr(s, k, v)
+    _choose_optimizer(s, file_kind, file_args, dict(explicit_args))
     return s
+
+
+# what a file's optimizer argument means in every optimizer that takes it (momentum's beta and rmsprop's do not agree)
+_CARRIED = ("lr", "eps")
+
+
+def _choose_optimizer(s: Settings, file_kind: str, file_args: dict[str, float], explicit: dict[str, float]) -> None:
+    """Settle s.optimizer and s.optimizer_args from the file's, the overrides and ``momentum``."""
+    if isinstance(s.optimizer, Optimizer):
+        if explicit or s.momentum is not None:
+            raise ValueError("optimizer_args and momentum apply to an optimizer given by name, not to an "
+                             f"Optimizer object ({s.optimizer!r}): set them on the object")
+        s.optimizer_args = {}
+        return
+    optimizer_class(s.optimizer)  # a known name
+    kind = s.optimizer.lower()
+    if s.momentum is not None:
+        if kind not in ("sgd", "momentum"):
+            raise ValueError(f"momentum={s.momentum} applies to sgd and momentum, not to {kind}")
+        kind = "momentum"
+        explicit.setdefault("beta", s.momentum)
+    takes = OPTIMIZERS[kind].hyperparameters
+    unknown = sorted(set(explicit) - set(takes))
+    if unknown:
+        raise ValueError(f"optimizer {kind} takes {', '.join(takes)}; optimizer_args has {', '.join(unknown)}")
+    carried = file_args if kind == file_kind else {k: v for k, v in file_args.items() if k in _CARRIED and k in takes}
+    s.optimizer, s.optimizer_args = kind, {**carried, **explicit}
+    for key, value in s.optimizer_args.items():
+        rules.check(rules.HYPERPARAMETERS, key, value, f"{kind} {key}")
 
 
 def _optimizer(s: Settings) -> Optimizer:
@@ -234,33 +324,164 @@ def save_checkpoint(path: str | os.PathLike[str], model, run: _Run, s: Settings)
     atomic_save_npz(path, _checkpoint_arrays(model, run, s))
 
 
-def _restore(path: str | os.PathLike[str], model, run: _Run) -> None:
+def _read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(meta, every array) of a checkpoint, read whole: any damage to the archive is one ValueError here."""
     try:
-        data = np.load(path)
-        meta = json.loads(bytes(data["meta"]).decode())
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: not a cnnc checkpoint ({e})") from None
-    with data:
-        if meta["network"] != model.name:
-            raise ValueError(f"{path} is a checkpoint of network {meta['network']}, not {model.name}")
-        if meta["optimizer"] != type(run.optimizer).__name__:
-            raise ValueError(f"{path} was written by the {meta['optimizer']} optimizer, "
-                             f"not {type(run.optimizer).__name__}")
-        model._load_arrays({k[6:]: data[k] for k in data.files if k.startswith("param/")}, str(path))
-        run.optimizer.load_state_dict({k[4:]: data[k] for k in data.files if k.startswith("opt/")})
-        run.best_params = data["best_params"].copy()
-        if meta.get("kept") is not None:
-            k = meta["kept"]
-            run.kept = (k["loss"], data["kept_params"].copy(), [Epoch(**e) for e in k["history"]], k["stopped"],
-                        k["best_epoch"])
-    run.epoch, run.step, run.restart = meta["epoch"], meta["step"], meta["restart"]
-    run.best_loss, run.best_epoch, run.bad_epochs = meta["best_loss"], meta["best_epoch"], meta["bad_epochs"]
-    run.rng.bit_generator.state = meta["rng"]
-    run.history = [Epoch(**e) for e in meta["history"]]
-    run.finished = meta.get("finished", [])
-    if meta.get("partial") is not None:
-        with np.load(path) as data:
-            run.partial = {**meta["partial"], "order": data["partial_order"].copy()}
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        meta = json.loads(bytes(arrays.pop("meta")).decode())
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile,
+            zlib.error) as e:
+        raise ValueError(f"{path}: not a readable cnnc checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a cnnc checkpoint (its metadata is not a JSON object)")
+    return meta, arrays
+
+
+class _Meta:
+    """Typed reads of a checkpoint's metadata: a field that is missing, of the wrong type or out of range is a
+    ValueError naming it (a checkpoint edited by hand, or damaged)."""
+
+    def __init__(self, d: Any, path: str, prefix: str = "") -> None:
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: damaged checkpoint: '{prefix.rstrip('.') or 'meta'}' is not an object")
+        self.d, self.path, self.prefix = d, path, prefix
+
+    def _bad(self, key: str, need: str) -> ValueError:
+        got = repr(self.d[key]) if key in self.d else "nothing"
+        return ValueError(f"{self.path}: damaged checkpoint: '{self.prefix}{key}' must be {need}, got {got[:80]}")
+
+    def int(self, key: str, lo: int = 0, hi: float = math.inf, optional: bool = False) -> int | None:
+        v = self.d.get(key)
+        if v is None and optional and key in self.d:
+            return None
+        if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+            raise self._bad(key, f"an integer in [{lo}, {hi}]" + (" or null" if optional else ""))
+        return v
+
+    def number(self, key: str, optional: bool = False, infinite: bool = False) -> float | None:
+        v = self.d.get(key)
+        if v is None and optional and key in self.d:
+            return None
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and (infinite or math.isfinite(v))):
+            raise self._bad(key, "a number" + (" or null" if optional else ""))
+        return float(v)
+
+    def str(self, key: str) -> str:
+        v = self.d.get(key)
+        if not isinstance(v, str):
+            raise self._bad(key, "a string")
+        return v
+
+    def list(self, key: str) -> list:
+        v = self.d.get(key)
+        if not isinstance(v, list):
+            raise self._bad(key, "a list")
+        return v
+
+    def sub(self, key: str) -> _Meta:
+        return _Meta(self.d.get(key), self.path, f"{self.prefix}{key}.")
+
+
+def _epochs_of(items: list, path: str, what: str) -> list[Epoch]:
+    out = []
+    for i, e in enumerate(items):
+        m = _Meta(e, path, f"{what}[{i}].")
+        if set(e) != set(Epoch.__dataclass_fields__):
+            raise ValueError(f"{path}: damaged checkpoint: '{what}[{i}]' has fields {sorted(e)}")
+        out.append(Epoch(m.int("epoch", 1), m.number("loss", infinite=True), m.number("accuracy", optional=True),
+                         m.number("val_loss", optional=True, infinite=True), m.number("val_accuracy", optional=True),
+                         m.number("seconds"), m.number("images_per_second", infinite=True), m.int("steps"),
+                         m.int("restart")))
+    return out
+
+
+def _finished_of(items: list, path: str) -> list[dict[str, Any]]:
+    """The earlier restarts' outcomes, each field checked."""
+    for i, f in enumerate(items):
+        m = _Meta(f, path, f"finished[{i}].")
+        m.int("restart")
+        m.int("seed")
+        m.number("loss", infinite=True)
+        m.int("epochs")
+        m.str("stopped")
+    return items
+
+
+def _partial_of(m: _Meta, order: np.ndarray | None, n: int) -> dict[str, Any]:
+    """The interrupted epoch's state; its order must be a permutation of the n training images at hand."""
+    if order is None or order.shape != (n,) or order.dtype.kind not in "iu" \
+            or not np.array_equal(np.sort(order), np.arange(n)):
+        got = "nothing" if order is None else f"{order.dtype} {order.shape}"
+        raise ValueError(f"{m.path}: its interrupted epoch is over another set of images than these {n} "
+                         f"(its order: {got}); resume on the same data")
+    nxt = m.int("next", 1, n)
+    return {"order": order.astype(np.int64), "next": nxt, "total": m.number("total", infinite=True),
+            "correct": m.int("correct", 0, nxt), "seen": m.int("seen", nxt, nxt), "seconds": m.number("seconds")}
+
+
+def _flat(arrays: dict[str, np.ndarray], key: str, size: int, path: str) -> np.ndarray:
+    a = arrays.get(key)
+    if a is None or a.dtype.kind != "f" or a.shape != (size,) or not np.isfinite(a).all():
+        got = "nothing" if a is None else f"{a.dtype} {a.shape}"
+        raise ValueError(f"{path}: damaged checkpoint: '{key}' must be {size} finite floats, got {got}")
+    return a.astype(np.float32)
+
+
+def _restore(path: str | os.PathLike[str], model, run: _Run, s: Settings, n: int) -> None:
+    """Load a checkpoint into `model` and `run`, every field checked first: nothing changes unless all is sound."""
+    meta, arrays = _read_checkpoint(path)
+    path = str(path)
+    m = _Meta(meta, path)
+    if m.str("network") != model.name:
+        raise ValueError(f"{path} is a checkpoint of network {meta['network']}, not {model.name}")
+    if m.str("optimizer") != type(run.optimizer).__name__:
+        raise ValueError(f"{path} was written by the {meta['optimizer']} optimizer, "
+                         f"not {type(run.optimizer).__name__}")
+    size = model.flat_params.size
+    m.int("seed")
+    epoch, restart = m.int("epoch"), m.int("restart")
+    if restart >= s.restarts:
+        raise ValueError(f"{path} was written in restart {restart + 1}; resume it with restarts >= {restart + 1}")
+    step, bad_epochs = m.int("step"), m.int("bad_epochs")
+    best_loss, best_epoch = m.number("best_loss", infinite=True), m.int("best_epoch", 1, epoch, optional=True)
+    history = _epochs_of(m.list("history"), path, "history")
+    if len(history) != epoch:
+        raise ValueError(f"{path}: damaged checkpoint: {len(history)} epochs of history for epoch {epoch}")
+    finished = _finished_of(m.list("finished"), path)
+    rng = np.random.default_rng()
+    try:
+        rng.bit_generator.state = meta.get("rng")
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        raise ValueError(f"{path}: damaged checkpoint: 'rng' is not a generator state ({e})") from None
+    params = {k[6:]: v for k, v in arrays.items() if k.startswith("param/")}
+    for name, v in params.items():
+        if v.dtype.kind != "f" or not np.isfinite(v).all():
+            raise ValueError(f"{path}: damaged checkpoint: parameter {name} must be finite floats, got {v.dtype}")
+    best_params = _flat(arrays, "best_params", size, path)
+    kept = None
+    if meta.get("kept") is not None:
+        k = m.sub("kept")
+        kept = (k.number("loss", infinite=True), _flat(arrays, "kept_params", size, path),
+                _epochs_of(k.list("history"), path, "kept.history"), k.str("stopped"),
+                k.int("best_epoch", 1, optional=True))
+    partial = None if meta.get("partial") is None else _partial_of(m.sub("partial"), arrays.get("partial_order"), n)
+    opt_state = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
+    for b in run.optimizer.buffers:
+        if b in opt_state:
+            _flat(opt_state, b, size, path)
+    if set(params) != set(model.params) or any(params[k].shape != v.shape for k, v in model.params.items()):
+        model._load_arrays(params, path)  # raises, naming what does not match
+    try:
+        run.optimizer.load_state_dict(opt_state)
+    except ValueError as e:
+        raise ValueError(f"{path}: damaged checkpoint: optimizer state: {e}") from None
+    model._load_arrays(params, path)
+    run.best_params, run.kept, run.partial = best_params, kept, partial
+    run.epoch, run.step, run.restart = epoch, step, restart
+    run.best_loss, run.best_epoch, run.bad_epochs = best_loss, best_epoch, bad_epochs
+    run.rng.bit_generator.state = rng.bit_generator.state
+    run.history, run.finished = history, finished
 
 
 def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarray, np.ndarray] | None = None,
@@ -268,14 +489,17 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
         log: str | os.PathLike[str] | None = None, progress: bool | None = None,
         on_epoch: Callable[[Epoch], None] | None = None, early_stopping: int | dict | bool | None = None,
         **settings: Any) -> History:
-    """Train `model` in place on (x, y); returns the History of the kept run.
+    """Train `model` in place on (x, y), starting from the weights it has; returns the History of the kept run.
 
     x is float32 input of the network's shape, or uint8 images as stored
     (see ``Model.inputs``), which stay uint8: each mini-batch is prepared into
     one reused buffer, with the same result bit for bit.
 
     Settings (defaults from the .cnn file's train section): epochs, batch_size,
-    loss, optimizer (a name or an ``Optimizer``), lr, validation_split,
+    loss, optimizer (a name or an ``Optimizer``), lr, optimizer_args (the
+    optimizer's other hyperparameters, e.g. ``{"beta1": 0.8}``), momentum
+    (the beta of sgd with momentum; sgd becomes momentum, adam and rmsprop
+    refuse it), validation_split,
     early_stopping (a patience in epochs, ``{"patience": P, "min_delta": D}``,
     or False to switch off the train section's; the same as passing patience
     and min_delta): stop when the validation loss (the training loss without
@@ -283,11 +507,23 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
     the best weights; jitter (sigma of
     Gaussian noise added to every training input at every step), weight_decay
     (lambda of lambda * sum(w^2) over weights, not biases), restarts (train K
-    times from different initialisations, keep the lowest training loss),
-    seed, max_steps, min_improvement (stop once an epoch improves the training
-    loss by less), lr_decay (the learning rate of epoch e is lr * lr_decay**e).
-    A NaN or infinite loss raises ``TrainingStopped`` after restoring the last
-    good weights.
+    runs and keep the one with the lowest training loss: run 0 starts from the
+    model's current weights, run k > 0 from weights re-drawn by
+    ``model.initialize(seed + k)``), seed (shuffling, jitter, dropout, and the
+    restarts' weights), max_steps, min_improvement (stop once an epoch
+    improves the training loss by less), lr_decay (the learning rate of epoch
+    e is lr * lr_decay**e). Every setting obeys the train section's rules
+    (``cnnc_runtime.rules``); one that does not is a ValueError naming it.
+    An optimizer named here that differs from the file's takes only the
+    file's lr and eps (see ``settings_from``).
+
+    Non-finite values cannot train: inputs (and mse targets) holding NaN or
+    infinity are refused with a ValueError naming the first such image,
+    before any step. A step whose loss or gradient is NaN or infinite, or
+    whose update makes a weight so, raises ``TrainingStopped``: the model
+    keeps the last good weights (for a bad loss or update, those from before
+    it; for a bad gradient, those of that step, the optimizer's state
+    untouched by it).
     """
     s = settings_from(model.manifest.get("train", {}), **settings)
     if early_stopping is False:
@@ -296,13 +532,15 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
         s.patience = early_stopping.get("patience", 5)
         s.min_delta = early_stopping.get("min_delta", 0.0)
     elif early_stopping is not None and early_stopping is not True:
-        s.patience = int(early_stopping)
+        s.patience = early_stopping
     elif early_stopping is True:
         s.patience = s.patience or 5
+    s.check()
     loss = model.loss_name(s.loss)
     inputs = model.inputs(x)
     n = len(inputs)
     targets = model.check_targets(y, n, loss)
+    _refuse_non_finite(inputs, targets)
     labels = np.asarray(y) if _labels_like(model, y, loss) else None
     if validation_data is None and s.validation_split > 0:
         order = np.random.default_rng([s.seed, 7]).permutation(n)
@@ -314,10 +552,10 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
         inputs, targets = inputs.subset(train_idx), targets[train_idx]
         labels = labels[train_idx] if labels is not None else None
     if validation_data is not None:
-        validation_data = (model.inputs(validation_data[0]), np.asarray(validation_data[1]))
-        model.check_targets(validation_data[1], len(validation_data[0]), loss)
-    if s.batch_size < 1 or s.epochs < 1 or s.restarts < 1:
-        raise ValueError("epochs, batch_size and restarts must be at least 1")
+        val_inputs, val_y = model.inputs(validation_data[0]), np.asarray(validation_data[1])
+        val_targets = model.check_targets(val_y, len(val_inputs), loss)
+        _refuse_non_finite(val_inputs, val_targets, "validation ")
+        validation_data = (val_inputs, val_y, val_targets)
 
     base_lr = _optimizer(s).lr  # before any restart decays it
     interrupted = _deferred_interrupt()
@@ -329,13 +567,14 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
         resumed: _Run | None = None
         if resume is not None:
             resumed = _Run(model, s, 0, base_lr)
-            _restore(resume, model, resumed)
+            _restore(resume, model, resumed, s, n)
             start_restart, finished, kept = resumed.restart, resumed.finished, resumed.kept
         for restart in range(start_restart, s.restarts):
             if resumed is not None and restart == resumed.restart:
                 run = resumed
             else:
-                model.initialize(s.seed + restart)
+                if restart > 0:  # restart 0 trains the weights the model has
+                    model.initialize(s.seed + restart)
                 run = _Run(model, s, restart, base_lr, finished, kept)
             _train_run(model, run, s, loss, inputs, targets, labels, validation_data, checkpoint, log_file,
                        progress, on_epoch, interrupted)
@@ -380,6 +619,36 @@ class _deferred_interrupt:  # noqa: N801 - used like a function
         return self.flag.is_set()
 
 
+def _stop(run: _Run, bar: ProgressBar, why: str, kept: str) -> None:
+    run.stopped = why
+    bar.close()
+    raise TrainingStopped(f"training stopped: {why}; {kept}")
+
+
+def _stop_step(model, good: np.ndarray, run: _Run, bar: ProgressBar, value: float, b: int) -> None:
+    """Stop at a step whose loss or gradient is not finite, or that starts from weights that are not."""
+    where = f"at epoch {run.epoch + 1}, step {b + 1}"
+    if not math.isfinite(value):
+        model.flat_params[...] = good
+        _stop(run, bar, f"the loss became {value} {where}", "kept the weights from before that step")
+    _check_update(model, good, run, bar)
+    _stop(run, bar, f"a gradient became NaN or infinite {where}", "kept the weights of that step")
+
+
+def _check_update(model, good: np.ndarray, run: _Run, bar: ProgressBar) -> None:
+    """Stop with the weights from before the last update (`good`) if it made any weight NaN or infinite.
+
+    Every step checks the weights it starts from; this also runs where no step follows (the epoch's end, an
+    interrupt). The optimizer's state keeps that update's moments.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = _finite(model.flat_params)
+    if not finite:
+        model.flat_params[...] = good
+        _stop(run, bar, f"an update made a weight NaN or infinite in epoch {run.epoch + 1}",
+              "kept the weights from before that update")
+
+
 def _train_run(model, run: _Run, *args: Any) -> None:
     """Train one run with the optimizer's native update bound for its duration (it lives in the model's code)."""
     run.optimizer.use_native(model.native_update(run.optimizer))
@@ -393,11 +662,12 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
                   labels: np.ndarray | None, validation_data, checkpoint, log_file, progress, on_epoch,
                   interrupted: _deferred_interrupt) -> None:
     n = len(inputs)
-    batch = model.batch_buffer(min(s.batch_size, n))  # every step's inputs are prepared into this one buffer
+    size = min(s.batch_size, n)  # a batch larger than the set is the whole set
+    batch = model.batch_buffer(size)  # every step's inputs are prepared into this one buffer
     batch_ptr = batch.ctypes.data
     k = model.manifest["loss_inputs"][loss]
-    out = np.empty((s.batch_size, k), dtype=np.float32)
-    losses = np.empty(s.batch_size, dtype=np.float32)
+    out = np.empty((size, k), dtype=np.float32)
+    losses = np.empty(size, dtype=np.float32)
     optimizer = run.optimizer
     good = model.flat_params.copy()
     prev_loss = run.history[-1].loss if run.history else math.inf
@@ -411,55 +681,56 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
         else:
             order, first, total, correct, seen = run.rng.permutation(n), 0, 0.0, 0, 0
         bar = ProgressBar(-(-n // s.batch_size), enabled=progress)
-        for b, start in enumerate(range(first, n, s.batch_size), start=first // s.batch_size):
-            idx = order[start:start + s.batch_size]
-            m = len(idx)
-            xb, tb = batch[:m], targets[idx]
-            # native Gaussian noise: a seed from the run's generator, so resume stays exact
-            noise = int(run.rng.integers(0, 2**63 - 1)) if s.jitter > 0 else None
-            scale = 1.0 / m if loss == "cross_entropy" else 1.0 / (m * k)
-            model.flat_grads[...] = 0.0
-            seed = int(run.rng.integers(0, 2**63 - 1)) if model.manifest["has_dropout"] else 0
+        with np.errstate(over="ignore", invalid="ignore"):  # a NaN or an overflow is found and reported below
+            for b, start in enumerate(range(first, n, s.batch_size), start=first // s.batch_size):
+                idx = order[start:start + s.batch_size]
+                m = len(idx)
+                xb, tb = batch[:m], targets[idx]
+                # native Gaussian noise: a seed from the run's generator, so resume stays exact
+                noise = int(run.rng.integers(0, 2**63 - 1)) if s.jitter > 0 else None
+                scale = 1.0 / m if loss == "cross_entropy" else 1.0 / (m * k)
+                model.flat_grads[...] = 0.0
+                seed = int(run.rng.integers(0, 2**63 - 1)) if model.manifest["has_dropout"] else 0
 
-            def prepare(t: int, a: int, b: int, idx=idx, noise=noise) -> None:
-                inputs.batch(idx[a:b], batch[a:b])
-                if noise is not None:
-                    model._noise_rows(batch_ptr, s.jitter, noise, t, a, b)
+                def prepare(t: int, a: int, b: int, idx=idx, noise=noise) -> None:
+                    inputs.batch(idx[a:b], batch[a:b])
+                    if noise is not None:
+                        model._noise_rows(batch_ptr, s.jitter, noise, t, a, b)
 
-            model._accumulate_gradients(xb, tb, loss, seed, scale, out[:m], losses[:m], prepare)
-            value = float(losses[:m].sum(dtype=np.float64) * scale)
-            if s.weight_decay > 0:
-                value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay)
-            if not math.isfinite(value):
-                model.flat_params[...] = good
-                run.stopped = f"the loss became {value} at epoch {run.epoch + 1}, step {b + 1}"
-                bar.close()
-                raise TrainingStopped(f"training stopped: {run.stopped}; kept the weights from before that step")
-            good[...] = model.flat_params
-            optimizer.step(model.flat_params, model.flat_grads)
-            run.step += 1
-            total += value * m
-            seen += m
-            if labels is not None:
-                correct += int((out[:m].argmax(axis=1) == labels[idx]).sum())
-            elapsed = time.perf_counter() - t0
-            bar.update(b + 1, total / seen, correct / seen if labels is not None else None, seen / max(elapsed, 1e-9))
-            if interrupted.is_set():
-                bar.close()
-                run.partial = {"order": order, "next": start + m, "total": total, "correct": correct, "seen": seen,
-                               "seconds": time.perf_counter() - t0}
-                if checkpoint is not None:
-                    save_checkpoint(checkpoint, model, run, s)
-                raise KeyboardInterrupt
-            if s.max_steps is not None and run.step >= s.max_steps:
-                run.stopped = f"reached the step limit of {s.max_steps}"
-                break
+                model._accumulate_gradients(xb, tb, loss, seed, scale, out[:m], losses[:m], prepare)
+                value = float(losses[:m].sum(dtype=np.float64) * scale)
+                if s.weight_decay > 0:
+                    value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay)
+                if not (math.isfinite(value) and _finite(model.flat_grads, model.flat_params)):
+                    _stop_step(model, good, run, bar, value, b)
+                good[...] = model.flat_params
+                optimizer.step(model.flat_params, model.flat_grads)
+                run.step += 1
+                total += value * m
+                seen += m
+                if labels is not None:
+                    correct += int((out[:m].argmax(axis=1) == labels[idx]).sum())
+                elapsed = time.perf_counter() - t0
+                bar.update(b + 1, total / seen, correct / seen if labels is not None else None,
+                           seen / max(elapsed, 1e-9))
+                if interrupted.is_set():
+                    _check_update(model, good, run, bar)
+                    bar.close()
+                    run.partial = {"order": order, "next": start + m, "total": total, "correct": correct, "seen": seen,
+                                   "seconds": time.perf_counter() - t0}
+                    if checkpoint is not None:
+                        save_checkpoint(checkpoint, model, run, s)
+                    raise KeyboardInterrupt
+                if s.max_steps is not None and run.step >= s.max_steps:
+                    run.stopped = f"reached the step limit of {s.max_steps}"
+                    break
+        _check_update(model, good, run, bar)  # the epoch's last update, which no later step checks
         bar.close()
         run.partial = None
         seconds = time.perf_counter() - t0
         val_loss = val_acc = None
         if validation_data is not None:
-            val_loss, val_acc, _ = evaluate(model, validation_data[0], validation_data[1], loss)
+            val_loss, val_acc, _ = _evaluate(model, *validation_data, loss)
         run.epoch += 1
         record = Epoch(run.epoch, total / seen, correct / seen if labels is not None else None, val_loss, val_acc,
                        seconds, seen / seconds, run.step, run.restart)

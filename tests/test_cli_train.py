@@ -190,8 +190,9 @@ def test_every_override_is_accepted_and_used(work):
         meta = json.loads(bytes(z["meta"]).decode())
         assert meta["optimizer"] == "Momentum" and meta["seed"] == 3 and meta["restart"] == 1
         assert float(z["opt/beta"]) == 0.8 and float(z["opt/lr"]) == 0.05
-    # and they are exactly fit's settings: the same weights come out
-    model = build(NET)
+    # and they are exactly fit's settings: the same weights come out (fit trains the weights the model has:
+    # the CLI's model was initialised from --seed)
+    model = build(NET, seed=3)
     with np.load(work / "d.npz") as d:
         model.fit(d["x"], d["y"], epochs=2, batch_size=16, optimizer="momentum", lr=0.05,
                   optimizer_args={"beta": 0.8}, weight_decay=0.001, jitter=0.02, validation_split=0.2, patience=3,

@@ -15,6 +15,7 @@ the code.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -172,11 +173,37 @@ def fma(b: ir.IRBuilder, x: ir.Value, y: ir.Value, acc: ir.Value) -> ir.Value:
 
 
 def fmax(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
-    return intrinsic(b, "llvm.maxnum", x.type, [x, y])
+    """max(x, y), NaN when either is NaN, as PyTorch's max and max pooling (maxnum would return the other).
+
+    x86's max instruction (``x > y ? x : y``: y when either is NaN) and a select of x where x is NaN: the
+    three instructions x86 needs for ``llvm.maxnum`` too.
+    """
+    larger = b.select(b.fcmp_ordered(">", x, y), x, y)
+    return b.select(b.fcmp_unordered("uno", x, x), x, larger)
 
 
-def fmin(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
-    return intrinsic(b, "llvm.minnum", x.type, [x, y])
+def fmax_all(b: ir.IRBuilder, values: list[ir.Value]) -> ir.Value:
+    """The largest of `values` (folded in order), NaN when any is NaN: fewer instructions than a fmax chain.
+
+    x86 max instructions (each ``v > m ? v : m``) fold the values, the taps are compared for NaN in pairs
+    (one unordered compare covers two), and one select puts the NaN back.
+    """
+    if len(values) == 1:
+        return values[0]
+    m = values[0]
+    for v in values[1:]:
+        m = b.select(b.fcmp_ordered(">", m, v), m, v)
+    nan = None
+    for i in range(0, len(values), 2):
+        pair = b.fcmp_unordered("uno", values[i], values[min(i + 1, len(values) - 1)])
+        nan = pair if nan is None else b.or_(nan, pair)
+    return b.select(nan, _like(b, m, math.nan), m)
+
+
+def clamp(b: ir.IRBuilder, x: ir.Value, lo: float, hi: float) -> ir.Value:
+    """x limited to [lo, hi], NaN staying NaN: one x86 max and one min (maxnum/minnum would turn NaN into lo)."""
+    x = b.select(b.fcmp_ordered("<", x, _like(b, x, lo)), _like(b, x, lo), x)
+    return b.select(b.fcmp_ordered(">", x, _like(b, x, hi)), _like(b, x, hi), x)
 
 
 def hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
@@ -205,10 +232,10 @@ def exp(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     """e**x for float32 scalars or vectors, relative error about 2e-7 (Cephes expf).
 
     x = n ln2 + r with |r| <= ln2/2; e**r by a degree-6 polynomial; 2**n built
-    in the exponent bits. Inputs are clamped to [-87.3, 88.7] (no inf, no denormals).
+    in the exponent bits. Inputs are clamped to [-87.3, 88.7] (no inf, no denormals); NaN gives NaN.
     """
     c = lambda v: _like(b, x, v)  # noqa: E731
-    x = fmin(b, fmax(b, x, c(-87.33654)), c(88.72283))
+    x = clamp(b, x, -87.33654, 88.72283)
     n = intrinsic(b, "llvm.rint", x.type, [b.fmul(x, c(1.44269504088896341))])
     r = b.fsub(x, b.fmul(n, c(0.693359375)))
     r = b.fsub(r, b.fmul(n, c(-2.12194440e-4)))
@@ -218,10 +245,9 @@ def exp(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     r2 = b.fmul(r, r)
     p = fma(b, p, r2, b.fadd(r, c(1.0)))
     ity = _int_like(x)
-    ni = b.fptosi(n, ity)
-    bias = ir.Constant(ity, [127] * ity.count) if isinstance(ity, ir.VectorType) else ir.Constant(I32, 127)
-    shift = ir.Constant(ity, [23] * ity.count) if isinstance(ity, ir.VectorType) else ir.Constant(I32, 23)
-    scale = b.bitcast(b.shl(b.add(ni, bias), shift), x.type)
+    # n as an integer without fptosi (poison for NaN): n + 1.5 * 2**23 holds n in its low mantissa bits
+    ni = b.sub(b.bitcast(b.fadd(n, c(12582912.0)), ity), _iconst(ity, 0x4B400000))
+    scale = b.bitcast(b.shl(b.add(ni, _iconst(ity, 127)), _iconst(ity, 23)), x.type)
     return b.fmul(p, scale)
 
 
@@ -313,8 +339,8 @@ def activation(b: ir.IRBuilder, x: ir.Value, kind: str, alpha: float = 0.01) -> 
     """Apply activation `kind` (one of ACTIVATIONS) to a scalar or vector."""
     if kind == "none":
         return x
-    if kind == "relu":
-        return fmax(b, x, _like(b, x, 0.0))
+    if kind == "relu":  # x < 0 ? 0 : x, so relu(NaN) = NaN as in PyTorch (one x86 max, as maxnum(x, 0) costs)
+        return b.select(b.fcmp_ordered("<", x, _like(b, x, 0.0)), _like(b, x, 0.0), x)
     if kind == "leaky_relu":
         return b.select(b.fcmp_ordered(">", x, _like(b, x, 0.0)), x, b.fmul(x, _like(b, x, alpha)))
     if kind == "sigmoid":
@@ -329,8 +355,8 @@ def activation_grad(b: ir.IRBuilder, y: ir.Value, dy: ir.Value, kind: str, alpha
     c = lambda v: _like(b, y, v)  # noqa: E731
     if kind == "none":
         return dy
-    if kind == "relu":
-        return b.select(b.fcmp_ordered(">", y, c(0.0)), dy, c(0.0))
+    if kind == "relu":  # dy where y > 0 or y is NaN, as PyTorch's threshold_backward (y <= 0 ? 0 : dy)
+        return b.select(b.fcmp_unordered(">", y, c(0.0)), dy, c(0.0))
     if kind == "leaky_relu":
         return b.select(b.fcmp_ordered(">", y, c(0.0)), dy, b.fmul(dy, c(alpha)))
     if kind == "sigmoid":

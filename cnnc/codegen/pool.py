@@ -158,10 +158,12 @@ def _tiled_forward(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, yb: ir.Value, 
                     taps.extend(emit.even_odd(b, xb, b.add(first, i64(i * spec.w)), width))
                 else:
                     taps.extend(emit.load(b, xb, b.add(first, i64(i * spec.w + j))) for j in range(spec.kw))
-            result = taps[0]
-            for t in taps[1:]:  # in row-major order, as the general path folds them
-                result = emit.fmax(b, result, t) if is_max else b.fadd(result, t)
-            if not is_max:
+            if is_max:
+                result = emit.fmax_all(b, taps)
+            else:
+                result = taps[0]
+                for t in taps[1:]:  # in row-major order, as the general path folds them
+                    result = b.fadd(result, t)
                 result = b.fmul(result, emit.splat(b, 1.0 / (spec.kh * spec.kw), width), name="mean")
             emit.store(b, result, yb, b.add(out_row, ox))
 
@@ -290,7 +292,7 @@ def _max_route(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, dyb: ir.Value, dxb
             index = (lambda k: ir.Constant(ir.VectorType(i32, width), [k] * width)) if width > 1 else i32
             best, where = values[0], index(0)
             for k, v in enumerate(values[1:], start=1):  # strict >: ties stay with the earlier tap
-                greater = b.fcmp_ordered(">", v, best)
+                greater = _takes_over(b, v, best)
                 best = b.select(greater, v, best)
                 where = b.select(greater, index(k), where)
             g = emit.load(b, dyb, b.add(out_row, ox), width)
@@ -338,7 +340,7 @@ def _max_scatter(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, dyb: ir.Value, d
         def tap(offset: ir.Value, valid: ir.Value | None) -> None:
             v = _tap_value(b, xb, offset, valid, NEG_INF)
             old = b.load(best, typ=F32)
-            greater = b.fcmp_ordered(">", v, old, name="greater")
+            greater = _takes_over(b, v, old)
             b.store(b.select(greater, v, old), best)
             b.store(b.select(greater, offset, b.load(where, typ=I64)), where)
 
@@ -347,6 +349,12 @@ def _max_scatter(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, dyb: ir.Value, d
         emit.store(b, b.fadd(emit.load(b, dxb, at), emit.load(b, dyb, out)), dxb, at)
 
     return window
+
+
+def _takes_over(b: ir.IRBuilder, v: ir.Value, best: ir.Value) -> ir.Value:
+    """Whether tap v becomes the window's maximum: v > best, or v is NaN (PyTorch's rule: the forward is NaN then,
+    and the gradient goes to the window's last NaN)."""
+    return b.or_(b.fcmp_ordered(">", v, best), b.fcmp_unordered("uno", v, v), name="greater")
 
 
 def _clamp_low(b: ir.IRBuilder, i: ir.Value, may_be_negative: bool) -> ir.Value:

@@ -10,46 +10,18 @@ from typing import Any
 from cnnc.errors import CnnError, did_you_mean
 from cnnc.frontend import ast
 from cnnc.frontend.values import describe, evaluate
+from cnnc_runtime import optimizers, rules
 
-OPTIMIZERS = {
-    "sgd": ("lr",),
-    "momentum": ("lr", "beta"),
-    "rmsprop": ("lr", "beta", "eps"),
-    "adam": ("lr", "beta1", "beta2", "eps"),
-}
+OPTIMIZERS = {name: cls.hyperparameters for name, cls in optimizers.OPTIMIZERS.items()}
 LOSSES = ("cross_entropy", "mse")
-
-
-def _count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-def _nonneg(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-
-
-def _fraction(v: Any) -> bool:
-    return _nonneg(v) and v < 1
-
-
-# key -> (check, what it must be)
-SCALARS = {
-    "batch": (_count, "a positive integer"),
-    "epochs": (_count, "a positive integer"),
-    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
-    "weight_decay": (_nonneg, "a non-negative number"),
-    "jitter": (_nonneg, "a non-negative number (the noise's sigma)"),
-    "validation": (_fraction, "a fraction in [0, 1)"),
-    "restarts": (_count, "a positive integer"),
-    "max_steps": (_count, "a positive integer"),
-    "min_improvement": (_nonneg, "a non-negative number"),
-    "lr_decay": (lambda v: _nonneg(v) and 0 < v <= 1, "a factor in (0, 1]"),
-}
+SCALARS = ("batch", "epochs", "seed", "weight_decay", "jitter", "validation", "restarts", "max_steps",
+           "min_improvement", "lr_decay")
 KEYS = ("loss", "optimizer", "data", "early_stop", "normalize", *SCALARS)
 
 
-def _call_args(call: ast.Call, names: tuple[str, ...]) -> dict[str, Any]:
-    """Arguments of an optimizer or early_stop call: positional in `names` order, then key=value."""
+def _call_args(call: ast.Call, names: tuple[str, ...], table: dict[str, rules.Rule]) -> dict[str, Any]:
+    """Arguments of an optimizer or early_stop call: positional in `names` order, then key=value, each checked
+    by its rule in `table`."""
     out: dict[str, Any] = {}
     for i, a in enumerate(call.args):
         key = a.name if a.name is not None else (names[i] if i < len(names) else None)
@@ -61,13 +33,8 @@ def _call_args(call: ast.Call, names: tuple[str, ...]) -> dict[str, Any]:
         if key in out:
             raise CnnError(f"argument '{key}' is given twice", a.loc)
         value = evaluate(a.value, {})
-        if key == "patience":
-            ok, need = _count(value), "a positive integer"
-        elif key == "min_delta":
-            ok, need = _nonneg(value), "a non-negative number"
-        else:
-            ok, need = _nonneg(value) and value > 0, "a positive number"
-        if not ok:
+        need = rules.problem(table, key, value)
+        if need is not None:
             raise CnnError(f"{call.name} argument '{key}' must be {need}, got {describe(value)}", a.loc)
         out[key] = value
     return out
@@ -108,13 +75,14 @@ def lower_train(section: ast.Train) -> dict[str, Any]:
             if name not in OPTIMIZERS:
                 hint = did_you_mean(str(name), OPTIMIZERS) or f"; choose {', '.join(OPTIMIZERS)}"
                 raise CnnError(f"unknown optimizer {describe(name)}{hint}", (call or value).loc)
-            out["optimizer"] = {"name": name, **(_call_args(call, OPTIMIZERS[name]) if call else {})}
+            args = _call_args(call, OPTIMIZERS[name], rules.HYPERPARAMETERS) if call else {}
+            out["optimizer"] = {"name": name, **args}
         elif s.key == "early_stop":
             call = value if isinstance(value, ast.Call) else None
-            args = _call_args(call, ("patience", "min_delta")) if call else {}
+            args = _call_args(call, ("patience", "min_delta"), rules.SETTINGS) if call else {}
             if call is None:
                 v = evaluate(value, {})
-                if not _count(v):
+                if not rules.is_count(v):
                     raise CnnError(f"early_stop needs a patience in epochs, got {describe(v)}", value.loc)
                 args = {"patience": v}
             out["early_stop"] = {"patience": args.get("patience", 5), "min_delta": float(args.get("min_delta", 0.0))}
@@ -134,8 +102,8 @@ def lower_train(section: ast.Train) -> dict[str, Any]:
             out["data"] = value.value
         else:
             v = evaluate(value, {})
-            check, need = SCALARS[s.key]
-            if not check(v):
+            need = rules.problem(rules.SETTINGS, s.key, v)
+            if need is not None:
                 raise CnnError(f"'{s.key}' must be {need}, got {describe(v)}", value.loc)
             out[s.key] = v
     return out

@@ -52,7 +52,7 @@ def act_grad_ref(y: np.ndarray, dy: np.ndarray, act: str) -> np.ndarray:
     y, dy = y.astype(np.float64), dy.astype(np.float64)
     return {
         "none": lambda: dy,
-        "relu": lambda: np.where(y > 0, dy, 0.0),
+        "relu": lambda: np.where(y <= 0, 0.0, dy),  # PyTorch's threshold_backward: a NaN output passes dy
         "leaky_relu": lambda: np.where(y > 0, dy, ALPHA * dy),
         "sigmoid": lambda: dy * y * (1.0 - y),
         "tanh": lambda: dy * (1.0 - y * y),
@@ -168,6 +168,30 @@ def test_activations_in_place(jit, size):
                                    rtol=RTOL, atol=ATOL, err_msg=act)
 
 
+@pytest.mark.parametrize("size", [7, 67])  # a scalar tail, and vectors of every width
+def test_activations_propagate_nan_as_pytorch(jit, size):
+    """relu(NaN) = NaN (maxnum would give 0 and hide it from the loss); every activation keeps NaN."""
+    for act in ACTS:
+        spec = ElementwiseSpec(size=size, act=act, alpha=ALPHA, x_stride=size, y_stride=size)
+        emit_activation_forward(jit.module, f"fwd_{act}", spec, jit.vw)
+        emit_activation_backward(jit.module, f"bwd_{act}", spec, jit.vw)
+    rng = np.random.default_rng(size)
+    for act in ACTS:
+        x = arena(rng, size, size, scale=4.0)
+        images = slots(x, size, size)
+        images[rng.random(images.shape) < 0.2] = np.nan
+        images[N0, :3] = [np.nan, -np.inf, np.inf]
+        y = garbage(size)
+        jit(f"fwd_{act}", x, y, N0, N1)
+        want = act_ref(images[N0:N1], act)
+        assert np.isnan(want).any()
+        np.testing.assert_allclose(slots(y, size, size)[N0:N1], want, rtol=RTOL, atol=ATOL, err_msg=act)
+        dy, dx = arena(rng, size, size), garbage(size)
+        jit(f"bwd_{act}", y, dy, dx, N0, N1)
+        want = act_grad_ref(slots(y, size, size)[N0:N1], slots(dy, size, size)[N0:N1], act)
+        np.testing.assert_allclose(slots(dx, size, size)[N0:N1], want, rtol=RTOL, atol=ATOL, err_msg=act)
+
+
 # --- softmax ------------------------------------------------------------------------------------
 
 # (c, hw, x_stride, y_stride): vector inputs (hw=1) of odd and large c, spatial maps with hw
@@ -202,6 +226,21 @@ def test_softmax(jit, c, hw, x_stride, y_stride, accumulate):
     if accumulate:
         want = want + slots(dx_before, xs, size)[N0:N1]
     np.testing.assert_allclose(slots(dx, xs, size)[N0:N1], want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("c,hw", [(10, 1), (37, 1), (3, 17)])
+def test_softmax_of_a_nan_is_nan_across_its_channels(jit, c, hw):
+    """As in PyTorch: a NaN logit makes every probability of its position NaN, not a uniform 1 / c."""
+    size = c * hw
+    emit_softmax_forward(jit.module, "fwd", SoftmaxSpec(c=c, hw=hw), jit.vw)
+    rng = np.random.default_rng(c)
+    x = arena(rng, size, size, scale=5.0)
+    slots(x, size, size)[N0, (c // 2) * hw] = np.nan  # channel c // 2 at the first position
+    y = garbage(size)
+    jit("fwd", x, y, N0, N1)
+    want = softmax_ref(slots(x, size, size)[N0:N1], c, hw)
+    np.testing.assert_allclose(slots(y, size, size)[N0:N1], want, rtol=RTOL, atol=ATOL)
+    assert np.isnan(slots(y, size, size)[N0].reshape(c, hw)[:, 0]).all()
 
 
 def test_softmax_backward_in_place(jit):
@@ -327,6 +366,6 @@ def test_squashing_activations_over_their_whole_range(jit, act):
     with np.errstate(over="ignore"):  # the reference's exp(1e4): 1 / (1 + inf) is the right 0
         got, want = y[N0:N1, :-1].astype(np.float64), act_ref(x[N0:N1, :-1], act)
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-37)
+    assert np.all(np.isnan(y[N0:N1, -1])), "NaN must propagate (the loss check relies on it)"
     if act == "tanh":
         assert np.all(np.abs(got) <= 1.0), "|tanh| above 1 would flip the sign of its gradient 1 - y^2"
-        assert np.all(np.isnan(y[N0:N1, -1])), "NaN must propagate (the loss check relies on it)"

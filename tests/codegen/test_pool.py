@@ -166,6 +166,57 @@ def test_max_pool_ties_go_to_first_maximum(jit, case):
     np.testing.assert_array_equal(slots(dx, xs, xsize)[N0:N1], pool_grad_ref(x4, dy4, spec).reshape(N1 - N0, -1))
 
 
+def pool_grad_ref_nan(x: np.ndarray, dy: np.ndarray, s: PoolSpec) -> np.ndarray:
+    """Max pooling's gradient as PyTorch routes it: to the window's last NaN if it has one, else to its first
+    maximum; padding never receives anything (a window of -inf sends dy to its first real tap)."""
+    dx = np.zeros(x.shape)
+    for b, ch in np.ndindex(*x.shape[:2]):
+        for oy in range(s.oh):
+            for ox in range(s.ow):
+                taps = [(iy, ix) for iy in range(oy * s.sh - s.pt, oy * s.sh - s.pt + s.kh)
+                        for ix in range(ox * s.sw - s.pl, ox * s.sw - s.pl + s.kw) if 0 <= iy < s.h and 0 <= ix < s.w]
+                values = np.array([x[b, ch, iy, ix] for iy, ix in taps])
+                nans = np.flatnonzero(np.isnan(values))
+                k = nans[-1] if len(nans) else int(np.argmax(values == values.max()))
+                dx[b, ch][taps[k]] += dy[b, ch, oy, ox]
+    return dx
+
+
+@pytest.mark.parametrize("case", ["max2x2s2", "max2x2s2_tiles_exactly_wide", "max3x2s3x2_tiles_exactly_wide",
+                                  "max1x2s1x2_tiles_exactly_wide", "max3x3s2p1_overlap_odd", "max2x3_asym_pad",
+                                  "max_global_6x5"])
+def test_max_pool_propagates_nan_as_pytorch(jit, case):
+    """A NaN in a window makes its maximum NaN (maxnum would drop it) and takes the gradient (the last NaN)."""
+    spec, xs, ys = make_spec(case)
+    emit_pool_forward(jit.module, "fwd", spec, jit.vw)
+    emit_pool_backward(jit.module, "bwd", spec, jit.vw)
+    xsize, ysize = spec.c * spec.h * spec.w, spec.c * spec.oh * spec.ow
+    rng = np.random.default_rng(11)
+    x = arena(rng, xs, xsize)
+    images = slots(x, xs, xsize)
+    images[rng.random(images.shape) < 0.3 / (spec.kh * spec.kw)] = np.nan  # about a third of the windows
+    images[N0, :4] = [np.nan, np.nan, 5.0, -np.inf]  # two NaNs in one window, the first image's first window
+    y, dx = garbage(ys), garbage(xs)
+    dy = garbage(ys)
+    slots(dy, ys, ysize)[:] = rng.integers(1, 100, (N, ysize))  # integers: sums are exact
+    jit("fwd", x, y, N0, N1)
+    jit("bwd", x, y, dy, dx, N0, N1)
+    x4 = images[N0:N1].reshape(-1, spec.c, spec.h, spec.w)
+    dy4 = slots(dy, ys, ysize)[N0:N1].reshape(-1, spec.c, spec.oh, spec.ow)
+    want = pool_ref(x4, spec).reshape(N1 - N0, -1)
+    assert np.isnan(want).any() and not np.isnan(want).all()
+    np.testing.assert_array_equal(slots(y, ys, ysize)[N0:N1], want)
+    np.testing.assert_array_equal(slots(dx, xs, xsize)[N0:N1], pool_grad_ref_nan(x4, dy4, spec).reshape(N1 - N0, -1))
+
+
+def test_max_pool_nan_reference_agrees_with_the_tie_reference_without_nan():
+    s = spec_of(*CASES["max3x3s2p1_overlap_odd"])
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 3, (2, s.c, s.h, s.w)).astype(np.float64)  # ties
+    dy = rng.integers(1, 100, (2, s.c, s.oh, s.ow)).astype(np.float64)
+    np.testing.assert_array_equal(pool_grad_ref_nan(x, dy, s), pool_grad_ref(x, dy, s))
+
+
 def test_max_pool_tie_routing_example():
     """The reference itself: a 2x2 window of equal values sends everything to its top-left tap."""
     s = spec_of("max", 1, 2, 3, 2, 2, 1, 1)

@@ -195,6 +195,13 @@ def test_the_train_section_travels_in_the_manifest():
     ("    early_stop(3, 0.5, 1)\n", "6:24", "early_stop takes at most 2 arguments (patience, min_delta)"),
     ("    early_stop(pateince=3)\n", "6:16",
      "early_stop has no argument 'pateince'; did you mean 'patience'?"),
+    # optimizer hyperparameters: the rules fit and the optimizer classes apply too (cnnc_runtime.rules)
+    ("    optimizer adam(beta1=1.5)\n", "6:20", "adam argument 'beta1' must be in [0, 1), got 1.5"),
+    ("    optimizer adam(lr=0.1, beta2=1)\n", "6:28", "adam argument 'beta2' must be in [0, 1), got 1"),
+    ("    optimizer adam(eps=0)\n", "6:20", "adam argument 'eps' must be a positive number, got 0"),
+    ("    optimizer momentum(0.1, 1.0)\n", "6:29", "momentum argument 'beta' must be in [0, 1), got 1.0"),
+    ("    optimizer rmsprop(lr=0)\n", "6:23", "rmsprop argument 'lr' must be a positive number, got 0"),
+    ("    optimizer sgd(lr=-1)\n", "6:19", "sgd argument 'lr' must be a positive number, got -1"),
     # unknown settings, with a suggestion when one is close
     ("    lr_decy 0.5\n", "6:5", "unknown training setting 'lr_decy'; did you mean 'lr_decay'?"),
     ("    normalise(mean=0, std=1)\n", "6:5", "unknown training setting 'normalise'; did you mean 'normalize'?"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +148,7 @@ def test_load_idx_directory_errors(tmp_path):
         load_dataset(tmp_path / "half")
     _write_idx_dir(tmp_path / "mismatch", n_train=6)
     (tmp_path / "mismatch" / "train-labels-idx1-ubyte").write_bytes(encode_idx(np.zeros(5, np.uint8)))
-    with pytest.raises(ValueError, match="6 images but .* 5 labels"):
+    with pytest.raises(ValueError, match="6 inputs but 5 targets"):
         load_dataset(tmp_path / "mismatch")
     with pytest.raises(FileNotFoundError, match="no dataset"):
         load_dataset(tmp_path / "nowhere")
@@ -311,10 +312,22 @@ def test_inputs_reject_images_that_do_not_fit():
     x = np.zeros((2, 28, 28), np.uint8)
     with pytest.raises(ValueError, match=r"larger than the network input shape \(1, 24, 24\)"):
         Inputs(x, (1, 24, 24))
-    with pytest.raises(ValueError, match=r"channel\(s\); the network expects input shape \(3, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"have 1 channel, as \(N, H, W\); the network expects 3 channel\(s\): "
+                                         r"input shape \(3, 32, 32\)"):
         Inputs(x, (3, 32, 32))
     with pytest.raises(ValueError, match=r"flat inputs of shape \(100,\)"):
         Inputs(x, (100,))
+
+
+@pytest.mark.parametrize("shape, got", [
+    ((2, 28, 28, 3), r"images of shape \(28, 28, 3\) have 28 channel\(s\) read as \(N, C, H, W\), or 3 read as "
+                     r"channels-last \(N, H, W, C\); the network expects 1 channel\(s\): input shape \(1, 28, 28\)"),
+    ((2, 3, 28, 28), r"images of shape \(3, 28, 28\) have 3 channel\(s\) read as \(N, C, H, W\), or 28 read as "
+                     r"channels-last"),
+])
+def test_a_channel_mismatch_names_both_readings_of_the_shape(shape, got):
+    with pytest.raises(ValueError, match=got):
+        Inputs(np.zeros(shape, np.uint8), (1, 28, 28))
 
 
 def test_load_dataset_raw_keeps_images_as_stored(tmp_path):
@@ -340,3 +353,78 @@ def test_read_idx_streams_in_chunks(tmp_path, monkeypatch):
             (tmp_path / "b.idx").write_bytes(raw + bytes(30))
             with pytest.raises(ValueError, match="wrong IDX sizes"):
                 read_idx(tmp_path / "b.idx")
+
+
+# ---- sizes that cannot be: refused from the header, before anything is allocated --------------------
+
+
+def _idx_header(code: int, shape: tuple[int, ...]) -> bytes:
+    return bytes([0, 0, code, len(shape)]) + np.asarray(shape, dtype=">u4").tobytes()
+
+
+HUGE = (60000, 100000, 100)  # 600 GB of uint8
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
+def test_an_idx_header_claiming_more_than_memory_is_refused(tmp_path, gz, monkeypatch):
+    monkeypatch.setattr(data_mod, "memory_bytes", lambda: 8 << 30)
+    raw = _idx_header(0x08, HUGE) + bytes(100)
+    path = tmp_path / "huge.idx"
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    with pytest.raises(ValueError, match=r"huge.idx: shape \(60000, 100000, 100\) of uint8 needs 558.8 GiB, more "
+                                         r"than this machine's"):
+        read_idx(path)
+    with pytest.raises(ValueError, match="truncated IDX data: shape \\(60000, 100000, 100\\)"):
+        decode_idx(raw)
+
+
+def test_a_plain_idx_file_shorter_than_its_header_says_is_refused_before_reading(tmp_path, monkeypatch):
+    path = tmp_path / "short.idx"
+    path.write_bytes(_idx_header(0x0D, (1000, 1000)) + bytes(64))
+    monkeypatch.setattr(np, "empty", lambda *a, **k: pytest.fail("allocated"))
+    with pytest.raises(ValueError, match="needs 4000000 bytes, file has 64"):
+        read_idx(path)
+
+
+def _npz_with_member_header(path: Path, shape: tuple[int, ...], payload: int = 64) -> None:
+    """An .npz whose 'x' claims `shape` of float32 but holds `payload` bytes, and a valid 'y'."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    y = io.BytesIO()
+    np.save(y, np.zeros(shape[0] if shape else 1, np.int64))
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x.npy", header.getvalue() + bytes(payload))
+        z.writestr("y.npy", y.getvalue())
+
+
+def test_an_npz_member_claiming_more_than_memory_is_refused(tmp_path, monkeypatch):
+    _npz_with_member_header(tmp_path / "huge.npz", (100000, 1000000))  # 10^11 floats
+    monkeypatch.setattr(data_mod, "memory_bytes", lambda: 8 << 30)
+    with pytest.raises(ValueError, match=r"huge.npz: 'x': shape \(100000, 1000000\) of float32 needs 372.5 GiB, "
+                                         r"more than this machine's 8.0 GiB of memory"):
+        load_dataset(tmp_path / "huge.npz")
+
+
+def test_an_npz_member_claiming_more_than_it_holds_is_refused(tmp_path):
+    _npz_with_member_header(tmp_path / "short.npz", (1000, 1000))
+    with pytest.raises(ValueError, match=r"'x' claims shape \(1000, 1000\) of float32 \(4000000 bytes\) but holds 64"):
+        load_dataset(tmp_path / "short.npz")
+
+
+def test_a_damaged_npz_is_a_value_error(tmp_path):
+    np.savez_compressed(tmp_path / "a.npz", x=np.zeros((4, 3, 3)), y=np.zeros(4))
+    raw = bytearray((tmp_path / "a.npz").read_bytes())
+    raw[60] ^= 0xFF  # inside x.npy's compressed data
+    (tmp_path / "a.npz").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="a.npz"):
+        load_dataset(tmp_path / "a.npz")
+
+
+@pytest.mark.parametrize("dtype", ["U3", "c8", "M8[s]", "?"])
+def test_npz_arrays_that_are_not_numbers_are_refused(tmp_path, dtype):
+    np.savez(tmp_path / "a.npz", x=np.zeros((2, 3, 3)), y=np.zeros(2, dtype=dtype))
+    with pytest.raises(ValueError, match=re.escape(f"'x' and 'y': dtype {np.dtype(dtype)}")):
+        load_dataset(tmp_path / "a.npz")

@@ -57,7 +57,7 @@ def test_momentum_matches_the_lecture_form_at_constant_lr():
 def test_rmsprop_by_hand():
     # constant g: s = (0.1, 0.19, 0.271) g^2, so each step is lr sign(g) / sqrt(0.1), / sqrt(0.19), / sqrt(0.271)
     steps = [0.01 / math.sqrt(0.1), 0.01 / math.sqrt(0.19), 0.01 / math.sqrt(0.271)]  # 0.0316, 0.0229, 0.0192
-    got = _run(RMSProp(0.01, beta=0.9, eps=0.0), [1.0, 1.0], [[3.0, -0.5]] * 3)
+    got = _run(RMSProp(0.01, beta=0.9, eps=1e-30), [1.0, 1.0], [[3.0, -0.5]] * 3)
     expected = [[1 - sum(steps[: k + 1]), 1 + sum(steps[: k + 1])] for k in range(3)]
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     # eps enters as sqrt(s) + eps: with g = 1, s = 0.1, step = lr / (sqrt(0.1) + eps)
@@ -66,10 +66,10 @@ def test_rmsprop_by_hand():
 
 def test_adam_by_hand():
     # bias correction makes m^ = g and v^ = g^2 under a constant gradient: each step is lr sign(g)
-    got = _run(Adam(0.01, eps=0.0), [1.0, 1.0], [[4.0, -0.25]] * 3)
+    got = _run(Adam(0.01, eps=1e-30), [1.0, 1.0], [[4.0, -0.25]] * 3)
     np.testing.assert_allclose(got, [[0.99, 1.01], [0.98, 1.02], [0.97, 1.03]], rtol=1e-6)
     # g = 1 then -1: m2 = 0.09 - 0.1 = -0.01, m^2 = -0.01 / 0.19; v2 = 0.001999 = 1 - 0.999^2, so v^2 = 1
-    got = _run(Adam(0.1, eps=0.0), [0.0], [[1.0], [-1.0]])
+    got = _run(Adam(0.1, eps=1e-30), [0.0], [[1.0], [-1.0]])
     np.testing.assert_allclose(got, [[-0.1], [-0.1 + 0.1 * 0.01 / 0.19]], rtol=1e-6)
 
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,6 +180,56 @@ def test_an_optimizer_object_is_used_as_given(data):
     model.fit(x, y, epochs=2, batch_size=50, optimizer=opt, progress=False)
     assert opt.t == 2 * 6  # ceil(300 / 50) steps per epoch, taken by this very object
     assert opt.beta == 0.5
+
+
+MLP_MOMENTUM = MLP + """
+train {
+    optimizer momentum(lr=0.02, beta=0.8)
+}
+"""
+
+
+def optimizer_used(model, **settings) -> optimizers.Optimizer:
+    """The optimizer `fit` builds from the train section and `settings` (caught as it binds its native update)."""
+    seen = []
+    original = model.native_update
+    model.native_update = lambda opt: (seen.append(opt), original(opt))[1]
+    x, y = blobs(40)
+    model.fit(x, y, epochs=1, batch_size=40, progress=False, **settings)
+    return seen[0]
+
+
+@pytest.mark.parametrize("settings, kind, hyper", [
+    ({}, optimizers.Momentum, {"lr": 0.02, "beta": 0.8}),
+    ({"optimizer": "adam"}, optimizers.Adam, {"lr": 0.02, "beta1": 0.9}),  # lr carries over, beta does not
+    ({"optimizer": "rmsprop"}, optimizers.RMSProp, {"lr": 0.02, "beta": 0.9}),  # rmsprop's own default beta
+    ({"optimizer": "adam", "lr": 0.001}, optimizers.Adam, {"lr": 0.001}),
+    ({"optimizer": "adam", "optimizer_args": {"beta1": 0.5}}, optimizers.Adam, {"beta1": 0.5}),
+    ({"momentum": 0.5}, optimizers.Momentum, {"lr": 0.02, "beta": 0.5}),
+    ({"optimizer": "sgd", "momentum": 0.7}, optimizers.Momentum, {"lr": 0.02, "beta": 0.7}),
+    ({"optimizer": "sgd"}, optimizers.SGD, {"lr": 0.02}),
+])
+def test_an_overridden_optimizer_keeps_only_the_arguments_it_takes(settings, kind, hyper):
+    opt = optimizer_used(build(MLP_MOMENTUM), **settings)
+    assert type(opt) is kind
+    assert {k: getattr(opt, k) for k in hyper} == pytest.approx(hyper)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"optimizer": "adam", "optimizer_args": {"beta": 0.9}},
+     "optimizer adam takes lr, beta1, beta2, eps; optimizer_args has beta"),
+    ({"optimizer": "sgd", "optimizer_args": {"eps": 1e-8}}, "optimizer sgd takes lr; optimizer_args has eps"),
+    ({"optimizer": "adam", "momentum": 0.9}, "momentum=0.9 applies to sgd and momentum, not to adam"),
+    ({"optimizer": "rmsprop", "momentum": 0.9}, "momentum=0.9 applies to sgd and momentum, not to rmsprop"),
+    ({"optimizer": "momentum", "momentum": 1.5}, r"momentum beta must be in \[0, 1\), got 1.5"),
+    ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
+    ({"optimizer": optimizers.SGD(0.1), "momentum": 0.9}, "apply to an optimizer given by name"),
+])
+def test_optimizer_arguments_it_does_not_take_are_refused(settings, message):
+    model = build(MLP_MOMENTUM)
+    x, y = blobs(40)
+    with pytest.raises(ValueError, match=message):
+        model.fit(x, y, epochs=1, progress=False, **settings)
 
 
 # ---- weight decay --------------------------------------------------------------------------------
@@ -350,9 +401,10 @@ def test_restarts_keep_the_lowest_training_loss(data):
         assert r["loss"] == min(mine)
 
 
-def test_restarts_start_from_different_initialisations(data):
+def test_restarts_start_from_the_models_weights_then_from_derived_seeds(data):
     x, y = data
     model = build(MLP)
+    own = model.flat_params.copy()
     starts = []
     original = model.initialize
 
@@ -361,10 +413,31 @@ def test_restarts_start_from_different_initialisations(data):
         starts.append((seed, model.flat_params.copy()))
 
     model.initialize = initialize
+    calls = spy_steps(model)
     model.fit(x, y, epochs=1, batch_size=100, restarts=3, seed=4, progress=False)
-    assert [s for s, _ in starts] == [4, 5, 6]
+    assert [s for s, _ in starts] == [5, 6]  # restart k > 0 re-draws the weights from seed + k
+    np.testing.assert_array_equal(calls[0]["params"], own)  # restart 0: the weights the model had
     assert not np.array_equal(starts[0][1], starts[1][1])
-    assert not np.array_equal(starts[1][1], starts[2][1])
+    assert not np.array_equal(own, starts[0][1])
+
+
+def test_fit_trains_the_weights_the_model_has(data):
+    x, y = data
+    model = build(MLP)
+    model.flat_params[...] = 7.0
+    model.fit(x, y, epochs=1, batch_size=100, optimizer="sgd", lr=1e-9, progress=False)
+    np.testing.assert_allclose(model.flat_params, 7.0, rtol=1e-6)
+
+
+def test_fitting_twice_continues_from_the_first_fit(data):
+    x, y = data
+    once, twice = build(MLP), build(MLP)
+    once.fit(x, y, epochs=2, batch_size=50, optimizer="sgd", lr=0.05, progress=False)
+    twice.fit(x, y, epochs=1, batch_size=50, optimizer="sgd", lr=0.05, progress=False)
+    after_one = twice.flat_params.copy()
+    twice.fit(x, y, epochs=1, batch_size=50, optimizer="sgd", lr=0.05, progress=False)
+    assert not np.array_equal(twice.flat_params, after_one)
+    assert twice.evaluate(x, y)[0] < build(MLP).evaluate(x, y)[0]
 
 
 # ---- jitter and dropout --------------------------------------------------------------------------
@@ -506,20 +579,114 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_weights(data):
     assert np.isfinite(model.flat_params).all()
 
 
-def test_an_infinite_input_stops_training():
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_input_is_refused_before_any_step(bad):
     x, y = blobs(64, seed=1)
-    x[40, 3] = np.inf
+    x[40, 3] = bad
+    model = build(MLP)
+    before = model.flat_params.copy()
+    calls = spy_steps(model)
+    with pytest.raises(ValueError, match="input 40 holds a NaN or an infinite value"):
+        model.fit(x, y, epochs=2, batch_size=16, optimizer="sgd", lr=0.01, progress=False)
+    assert calls == []
+    np.testing.assert_array_equal(model.flat_params, before)
+    with pytest.raises(ValueError, match="input 40 holds"):
+        model.evaluate(x, y)
+
+
+def test_a_nan_pixel_in_lenet_modern_is_refused_naming_the_image():
+    """The reported case: one NaN pixel used to train every weight of the first conv into NaN, silently."""
+    import cnnc
+
+    model = cnnc.compile(str(Path(__file__).resolve().parents[2] / "examples" / "lenet_modern.cnn"))
+    rng = np.random.default_rng(0)
+    x = rng.random((64, *model.input_shape), dtype=np.float32)
+    y = rng.integers(0, 10, 64)
+    x[17, 0, 5, 9] = np.nan
+    with pytest.raises(ValueError, match="input 17 holds a NaN"):
+        model.fit(x, y, epochs=1, progress=False)
+    out = model(x[16:18])  # inference is not refused: the NaN reaches the output (ReLU and max pooling keep it)
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
+    loss, grads = model.value_and_grad(x[16:18], y[16:18])
+    assert math.isnan(loss)
+
+
+def test_non_finite_validation_inputs_and_mse_targets_are_refused(data):
+    x, y = data
+    xv = x[:20].copy()
+    xv[7, 0] = np.nan
+    with pytest.raises(ValueError, match="validation input 7 holds"):
+        build(MLP).fit(x, y, validation_data=(xv, y[:20]), epochs=1, progress=False)
+    targets = np.zeros((len(x), 3), dtype=np.float32)
+    targets[11, 2] = np.inf
+    with pytest.raises(ValueError, match="target 11 holds a NaN or an infinite value"):
+        build(MLP).fit(x, targets, loss="mse", epochs=1, progress=False)
+
+
+def test_a_bad_row_is_found_behind_a_validation_split():
+    x, y = blobs(100, seed=2)
+    x[63, 0] = np.nan
+    with pytest.raises(ValueError, match="input 63 holds"):  # the caller's index, before the split
+        build(MLP).fit(x, y, validation_split=0.2, epochs=1, progress=False)
+
+
+def test_a_non_finite_gradient_stops_with_the_weights_and_optimizer_state_of_that_step(data, monkeypatch):
+    x, y = data
+    model = build(MLP)
+    opt = optimizers.Adam(lr=0.01)
+    original = model._accumulate_gradients
+    steps = []
+
+    def accumulate(*args, **kwargs):
+        original(*args, **kwargs)
+        steps.append((model.flat_params.copy(), opt.state_dict()))
+        if len(steps) == 4:
+            model.flat_grads[5] = np.nan  # what a NaN the forward hid (maxnum) did to the backward
+
+    model._accumulate_gradients = accumulate
+    with pytest.raises(TrainingStopped, match=r"a gradient became NaN or infinite at epoch 1, step 4; kept the "
+                                              r"weights of that step"):
+        model.fit(x, y, epochs=2, batch_size=32, optimizer=opt, progress=False)
+    params, state = steps[-1]
+    np.testing.assert_array_equal(model.flat_params, params)
+    assert opt.t == state["t"] == 3
+    for k in ("m", "v"):
+        np.testing.assert_array_equal(opt.state_dict()[k], state[k])
+    assert np.isfinite(model.flat_params).all()
+
+
+@pytest.mark.parametrize("bad_step, message", [
+    (3, "the loss became nan at epoch 1, step 4|an update made"),  # the next step sees it
+    (10, "an update made a weight NaN or infinite in epoch 1"),  # the last step of the epoch: no next step
+])
+def test_an_update_that_makes_a_weight_non_finite_is_undone(data, bad_step, message):
+    x, y = data
     model = build(MLP)
     calls = spy_steps(model)
-    with pytest.raises(TrainingStopped, match="training stopped: the loss became"):
-        model.fit(x, y, epochs=2, batch_size=16, optimizer="sgd", lr=0.01, progress=False)
-    assert np.isinf(calls[-1]["x"]).any()
-    assert not any(np.isinf(c["x"]).any() for c in calls[:-1])
-    assert len(calls) <= 4  # within the first epoch
-    if len(calls) >= 2:
-        np.testing.assert_array_equal(model.flat_params, calls[-2]["params"])
-    else:  # the very first batch: nothing good but the initial weights
-        np.testing.assert_array_equal(model.flat_params, calls[-1]["params"])
+
+    class Overflowing(optimizers.SGD):
+        def _update(self, params, grads, tmp):
+            super()._update(params, grads, tmp)
+            if self.t == bad_step:
+                params[2] = np.inf
+
+    with pytest.raises(TrainingStopped, match=message):
+        model.fit(x, y, epochs=1, batch_size=30, optimizer=Overflowing(lr=0.01), progress=False)
+    np.testing.assert_array_equal(model.flat_params, calls[bad_step - 1]["params"])
+
+
+def test_a_huge_but_finite_gradient_is_not_a_stop(data):
+    model = build(MLP)
+    x, y = data
+    original = model._accumulate_gradients
+
+    def accumulate(*args, **kwargs):
+        original(*args, **kwargs)
+        model.flat_grads[0] = 3e30  # its square overflows float32 (the quick check); the exact check passes it
+
+    model._accumulate_gradients = accumulate
+    h = model.fit(x, y, epochs=1, batch_size=100, optimizer="sgd", lr=1e-31, progress=False)
+    assert h.stopped == "completed 1 epochs"
     assert np.isfinite(model.flat_params).all()
 
 
@@ -717,6 +884,137 @@ def test_resume_refuses_another_network_or_optimizer(tmp_path, data):
         build(MLP).fit(x, y, epochs=2, batch_size=100, optimizer="sgd", resume=tmp_path / "c", progress=False)
 
 
+# ---- damaged checkpoints: one clear ValueError, whatever the damage ----------------------------------------
+
+
+DAMAGE_SETTINGS = dict(epochs=2, batch_size=32, optimizer="adam", lr=0.01, restarts=2, seed=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def interrupted_checkpoint(tmp_path_factory, data):
+    """A checkpoint written by Ctrl-C in the middle of restart 2's first epoch: it has every field there is
+    (partial epoch, kept run, finished restarts)."""
+    x, y = data
+    path = tmp_path_factory.mktemp("damage") / "c.npz"
+    steps = {"n": 0}
+    original = train_mod._deferred_interrupt.is_set
+
+    def ctrl_c_at_step_25(self) -> bool:
+        steps["n"] += 1
+        return steps["n"] == 25  # restart 1 takes 2 * 10 steps
+
+    train_mod._deferred_interrupt.is_set = ctrl_c_at_step_25
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build(MLP).fit(x, y, checkpoint=path, **DAMAGE_SETTINGS)
+    finally:
+        train_mod._deferred_interrupt.is_set = original
+    with np.load(path) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+    assert meta["partial"] and meta["kept"] and meta["finished"]
+    return path
+
+
+def resume_from(path, data, **settings):
+    x, y = data
+    return build(MLP).fit(x, y, resume=path, **{**DAMAGE_SETTINGS, **settings})
+
+
+def test_the_interrupted_checkpoint_resumes(interrupted_checkpoint, data):
+    assert len(resume_from(interrupted_checkpoint, data).restarts) == 2
+
+
+def test_random_bit_flips_resume_or_give_one_value_error(interrupted_checkpoint, data, tmp_path):
+    raw = interrupted_checkpoint.read_bytes()
+    rng = np.random.default_rng(16)
+    outcomes = {"resumed": 0, "refused": 0}
+    for bit in rng.choice(len(raw) * 8, size=60, replace=False):
+        damaged = bytearray(raw)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        path = tmp_path / "flipped.npz"
+        path.write_bytes(bytes(damaged))
+        try:
+            h = resume_from(path, data)
+        except ValueError as e:
+            assert str(path) in str(e) and "\n" not in str(e)
+            outcomes["refused"] += 1
+        else:
+            assert len(h.restarts) == 2 and np.isfinite([e.loss for e in h.epochs]).all()
+            outcomes["resumed"] += 1
+    assert outcomes["refused"] > 30  # the CRC catches flips in the data; a flip in a timestamp is harmless
+
+
+MISSING = object()
+
+
+def edited(src, dst, path: tuple, value) -> None:
+    """A copy of checkpoint `src` with the metadata field at `path` set to `value` (or removed: MISSING)."""
+    with np.load(src) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    node = meta
+    for key in path[:-1]:
+        node = node[key]
+    if value is MISSING:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(dst, **arrays)
+
+
+@pytest.mark.parametrize("path, value", [
+    (("epoch",), "2"), (("epoch",), -1), (("epoch",), 5), (("epoch",), MISSING), (("epoch",), 1.5),
+    (("step",), None), (("step",), -3), (("step",), MISSING),
+    (("restart",), 7), (("restart",), -1), (("restart",), "1"), (("restart",), MISSING),
+    (("best_loss",), "low"), (("best_loss",), MISSING), (("best_loss",), [1]),
+    (("best_epoch",), 0), (("best_epoch",), 99), (("best_epoch",), "1"),
+    (("bad_epochs",), -1), (("bad_epochs",), True), (("bad_epochs",), MISSING),
+    (("rng",), {}), (("rng",), "PCG64"), (("rng",), MISSING), (("rng", "state"), {"state": "x", "inc": 1}),
+    (("rng", "bit_generator"), "MT19937"),
+    (("history",), {}), (("history",), [{"epoch": 1}]), (("history",), MISSING),
+    (("optimizer",), 3), (("optimizer",), MISSING), (("network",), None), (("network",), MISSING),
+    (("seed",), -1), (("seed",), "3"), (("seed",), MISSING),
+    (("finished",), None), (("finished",), [{"restart": 0}]), (("finished",), [7]), (("finished",), MISSING),
+    (("partial",), []), (("partial", "next"), 0), (("partial", "next"), 10**6), (("partial", "next"), MISSING),
+    (("partial", "seen"), 0), (("partial", "seen"), "7"), (("partial", "total"), None),
+    (("partial", "correct"), -1), (("partial", "correct"), 10**6), (("partial", "seconds"), MISSING),
+    (("kept",), 3), (("kept", "loss"), None), (("kept", "history"), 1), (("kept", "stopped"), 0),
+    (("kept", "best_epoch"), -2), (("kept", "history"), [{"epoch": "x"}]),
+])
+def test_edited_metadata_is_one_value_error(interrupted_checkpoint, data, tmp_path, path, value):
+    damaged = tmp_path / "edited.npz"
+    edited(interrupted_checkpoint, damaged, path, value)
+    with pytest.raises(ValueError, match=f"{damaged}"):
+        resume_from(damaged, data)
+
+
+@pytest.mark.parametrize("array, value", [
+    ("best_params", np.zeros(3, np.float32)), ("kept_params", np.array(["a"])), ("partial_order", np.zeros(5)),
+    ("opt/m", np.zeros((2, 2), np.float32)), ("opt/lr", np.zeros(3)), ("opt/t", np.array(-1)),
+    ("opt/beta1", np.array(1.5)), ("param/h.weight", np.full((16, 8), np.nan, np.float32)),
+])
+def test_edited_arrays_are_one_value_error(interrupted_checkpoint, data, tmp_path, array, value):
+    with np.load(interrupted_checkpoint) as z:
+        arrays = {k: z[k] for k in z.files}
+    assert array in arrays or array.startswith("param/")
+    arrays[array] = value
+    np.savez(tmp_path / "edited.npz", **arrays)
+    with pytest.raises(ValueError, match="edited.npz"):
+        resume_from(tmp_path / "edited.npz", data)
+
+
+def test_a_mid_epoch_checkpoint_on_a_smaller_dataset_is_refused(interrupted_checkpoint, data):
+    x, y = data
+    with pytest.raises(ValueError, match=r"its interrupted epoch is over another set of images than these 200"):
+        build(MLP).fit(x[:200], y[:200], resume=interrupted_checkpoint, **DAMAGE_SETTINGS)
+
+
+def test_a_checkpoint_of_a_later_restart_needs_as_many_restarts(interrupted_checkpoint, data):
+    with pytest.raises(ValueError, match="was written in restart 2; resume it with restarts >= 2"):
+        resume_from(interrupted_checkpoint, data, restarts=1)
+
+
 _CHECKPOINT_WRITER = """
 import sys, types
 import numpy as np
@@ -775,7 +1073,7 @@ def test_the_same_seed_gives_identical_training(data):
     x, y = data
     settings = dict(epochs=3, batch_size=32, jitter=0.05, validation_split=0.1, optimizer="adam", lr=0.01,
                     progress=False)
-    a, b, c = build(MLP_DROPOUT, seed=1), build(MLP_DROPOUT, seed=2), build(MLP_DROPOUT)
+    a, b, c = build(MLP_DROPOUT, seed=1), build(MLP_DROPOUT, seed=1), build(MLP_DROPOUT, seed=1)
     ha = a.fit(x, y, seed=5, **settings)
     hb = b.fit(x, y, seed=5, **settings)
     hc = c.fit(x, y, seed=6, **settings)
@@ -789,13 +1087,13 @@ def test_the_same_seed_gives_identical_training(data):
 def test_validation_split_holds_out_the_right_count(n, fraction, held_out, monkeypatch):
     x, y = blobs(n)
     sizes = []
-    original = train_mod.evaluate
+    original = train_mod._evaluate
 
-    def spy(model, xv, yv, loss=None):
+    def spy(model, xv, yv, targets, loss):
         sizes.append(len(xv))
-        return original(model, xv, yv, loss)
+        return original(model, xv, yv, targets, loss)
 
-    monkeypatch.setattr(train_mod, "evaluate", spy)
+    monkeypatch.setattr(train_mod, "_evaluate", spy)
     model = build(MLP)
     calls = spy_steps(model)
     model.fit(x, y, epochs=2, batch_size=16, validation_split=fraction, progress=False)
@@ -824,11 +1122,53 @@ def test_validation_data_is_used_as_given(data):
     assert h.epochs[-1].images_per_second * h.epochs[-1].seconds == pytest.approx(len(x))
 
 
-def test_bad_settings_are_refused(data):
+@pytest.mark.parametrize("bad, message", [
+    (dict(epochs=0), "epochs must be a positive integer, got 0"),
+    (dict(epochs=1.5), "epochs must be a positive integer, got 1.5"),
+    (dict(epochs=True), "epochs must be a positive integer, got True"),
+    (dict(batch_size=0), "batch_size must be a positive integer"),
+    (dict(restarts=0), "restarts must be a positive integer"),
+    (dict(max_steps=0), "max_steps must be a positive integer, got 0"),
+    (dict(validation_split=-0.1), r"validation_split must be a fraction in \[0, 1\), got -0.1"),
+    (dict(validation_split=1.0), r"validation_split must be a fraction in \[0, 1\)"),
+    (dict(jitter=-1.0), "jitter must be a non-negative number"),
+    (dict(jitter=float("nan")), "jitter must be a non-negative number"),
+    (dict(weight_decay=-1e-4), "weight_decay must be a non-negative number"),
+    (dict(lr_decay=0.0), r"lr_decay must be a factor in \(0, 1\]"),
+    (dict(lr_decay=-0.5), r"lr_decay must be a factor in \(0, 1\]"),
+    (dict(lr_decay=1.5), r"lr_decay must be a factor in \(0, 1\]"),
+    (dict(seed=-1), "seed must be a non-negative integer"),
+    (dict(min_improvement=-1.0), "min_improvement must be a non-negative number"),
+    (dict(patience=0), "patience must be a positive integer"),
+    (dict(early_stopping=2.5), "patience must be a positive integer, got 2.5"),
+    (dict(early_stopping={"patience": 2, "min_delta": -1}), "min_delta must be a non-negative number"),
+    (dict(lr=0.0), "lr must be a positive number"),
+    (dict(lr=-1e-3), "lr must be a positive number"),
+    (dict(optimizer="adam", optimizer_args={"beta1": 1.5}), r"adam beta1 must be in \[0, 1\), got 1.5"),
+    (dict(optimizer="adam", optimizer_args={"eps": 0.0}), "adam eps must be a positive number"),
+    (dict(optimizer="momentum", optimizer_args={"beta": 1.0}), r"momentum beta must be in \[0, 1\)"),
+    (dict(optimizer="rmsprop", optimizer_args={"beta": -0.1}), r"rmsprop beta must be in \[0, 1\)"),
+])
+def test_bad_settings_are_refused_as_the_train_section_refuses_them(data, bad, message):
     x, y = data
-    for bad in (dict(epochs=0), dict(batch_size=0), dict(restarts=0)):
-        with pytest.raises(ValueError, match="at least 1"):
-            build(MLP).fit(x, y, progress=False, **bad)
+    model = build(MLP)
+    calls = spy_steps(model)
+    with pytest.raises(ValueError, match=message):
+        model.fit(x, y, progress=False, **bad)
+    assert calls == []
+
+
+def test_a_batch_larger_than_the_set_is_the_whole_set(data):
+    x, y = data
+    model = build(MLP)
+    calls = spy_steps(model)
+    h = model.fit(x, y, epochs=2, batch_size=10**12, progress=False)  # buffers sized by min(batch, N)
+    assert [len(c["x"]) for c in calls] == [len(x), len(x)]
+    assert h.epochs[-1].steps == 2
+
+
+def test_unknown_settings_are_refused(data):
+    x, y = data
     with pytest.raises(TypeError, match="unknown training setting 'epoch'"):
         build(MLP).fit(x, y, epoch=3, progress=False)
 
