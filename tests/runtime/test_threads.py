@@ -7,6 +7,7 @@ large batches; gradients must not depend on how many threads summed them.
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 from collections.abc import Callable
 
@@ -104,3 +105,92 @@ def test_gradients_and_inference_on_several_threads_are_exact(compiled, threads)
     run_together([gradient_job(model, xa, ya, model.value_and_grad(xa, ya)),
                   gradient_job(model, xb, yb, model.value_and_grad(xb, yb)),
                   forward_job(model, small, model(small)), forward_job(model, large, model(large))])
+
+
+# ---- a fork after the pool started ------------------------------------------------------------------
+
+
+def _run_in_child(model: Model, x: np.ndarray, y: np.ndarray, results) -> None:
+    results.put((model(x), model.value_and_grad(x, y)))
+
+
+def results_of_a_fork(model: Model, x: np.ndarray, y: np.ndarray) -> tuple:
+    """What a forked child computes for (x, y): model(x) and value_and_grad; fails (not hangs) if it is stuck."""
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    child = ctx.Process(target=_run_in_child, args=(model, x, y, results))
+    child.start()
+    try:
+        return results.get(timeout=30)
+    finally:
+        child.join(timeout=5)
+        if child.is_alive():
+            child.kill()
+
+
+def assert_same_results(got: tuple, model: Model, x: np.ndarray, y: np.ndarray) -> None:
+    out, (value, grads) = got
+    want_value, want_grads = model.value_and_grad(x, y)
+    assert np.array_equal(out, model(x))
+    assert value == want_value
+    assert all(np.array_equal(grads[k], want_grads[k]) for k in grads)
+
+
+needs_fork = pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork here")
+
+
+@needs_fork
+def test_a_process_forked_after_the_pool_started_runs_large_batches(compiled):
+    model = model_with(compiled, 2)
+    x, y = images(37), labels(37)
+    model(x)  # the pool's threads are running now
+    assert_same_results(results_of_a_fork(model, x, y), model, x, y)
+
+
+@needs_fork
+def test_a_fork_while_another_thread_trains_leaves_the_child_a_usable_model(compiled):
+    """A model lock held by another thread at the fork would be held for ever in the child: it gets a new one."""
+    model = model_with(compiled, 2)
+    x, y = images(37), labels(37)
+    model(x)
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        with model._lock:  # as a training step on that thread would at the moment of the fork
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    assert held.wait(timeout=10)
+    try:
+        got = results_of_a_fork(model, x, y)
+    finally:
+        release.set()
+        holder.join()
+    assert_same_results(got, model, x, y)
+
+
+# ---- gradients do not depend on the number of threads ------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [5, 37, 64, 300])
+def test_gradients_are_the_same_bits_on_any_number_of_threads(compiled, n):
+    x, y = images(n, 7), labels(n, 7)
+    got = [model_with(compiled, k).value_and_grad(x, y) for k in (1, 2, 3)]
+    for value, grads in got[1:]:
+        assert value == got[0][0]
+        for name in grads:
+            np.testing.assert_array_equal(grads[name], got[0][1][name], err_msg=name)
+
+
+def test_training_is_the_same_bits_on_any_number_of_threads(compiled):
+    x, y = images(200, 8), labels(200, 8)
+    trained = []
+    for k in (1, 2, 3):
+        model = model_with(compiled, k)
+        history = model.fit(x, y, epochs=1, batch_size=64, max_steps=3, jitter=0.1, progress=False)
+        trained.append((history.epochs[-1].loss, model.flat_params.copy()))
+    for loss, params in trained[1:]:
+        assert loss == trained[0][0]
+        np.testing.assert_array_equal(params, trained[0][1])
