@@ -220,6 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_environment() -> None:
+    """A bad CNNC_THREADS is one line of error before any work, not a traceback when a model is made."""
+    from cnnc_runtime.parallel import default_threads
+
+    try:
+        default_threads()
+    except ValueError as e:
+        raise UsageError(f"cnnc: error: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     diag = Diagnostics()
     run: Callable | None = None
@@ -229,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         if run is None:
             build_parser().print_help()
             return 2
+        _check_environment()
         status = run(args, diag)
     except UsageError as e:
         print(e, file=sys.stderr)

@@ -31,11 +31,14 @@ def max_threads() -> int:
 
 
 def check_threads(value: object, source: str = "threads") -> int:
-    """`value` (an int, or the text of one) as a thread count from 1 to ``max_threads()``, else ``ValueError``."""
+    """`value` as a thread count (an int from 1 to ``max_threads()``), else ``ValueError``.
+
+    From `source` "CNNC_THREADS" it may be the text of such an int.
+    """
     top = max_threads()
     expected = f"{source} must be a whole number of threads from 1 to {top} ({THREADS_PER_CORE} per core)"
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or (isinstance(value, str) and source != "CNNC_THREADS"):
             raise TypeError
         n = int(value.strip()) if isinstance(value, str) else operator.index(value)
     except (TypeError, ValueError):
