@@ -18,6 +18,7 @@ a time, so a dataset stays in memory at its stored size.
 from __future__ import annotations
 
 import ctypes
+import functools
 import io
 import os
 import threading
@@ -60,6 +61,7 @@ def _fmt(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
+@functools.cache
 def physical_memory() -> int | None:
     """Bytes of RAM in this machine, or None where the OS does not say."""
     try:
@@ -191,6 +193,7 @@ class Model:
         self.name: str = manifest["network"]
         self.input_shape: tuple[int, ...] = tuple(manifest["input"]["shape"])
         self.output_shape: tuple[int, ...] = tuple(manifest["output"]["shape"])
+        self._output_floats = int(np.prod(self.output_shape))
         self.threads = default_threads() if threads is None else check_threads(threads)
         size, ws_floats = int(manifest["param_floats"]), max(int(manifest["ws_floats"]), 16)
         # flat_params, flat_grads, decay_mask (float32), trainable_mask (bool); the conv workspaces of the
@@ -374,6 +377,7 @@ class Model:
             raise ValueError(f"expected input of shape {expected}, got {_fmt(x.shape)}")
         if x.shape[0] < 1:
             raise ValueError(f"expected input of shape {expected} with N >= 1, got an empty batch")
+        check_fits(4 * x.size, f"an input of {x.shape[0]} images")  # (a broadcast view may claim any size)
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def inputs(self, x: Any) -> Inputs:
@@ -388,6 +392,9 @@ class Model:
         if not (isinstance(x, np.ndarray) and x.dtype == np.uint8):
             return Inputs(self.check_input(x), self.input_shape)
         expected = "(N, " + ", ".join(str(d) for d in self.input_shape) + ")"
+        if x.ndim < 1:
+            raise ValueError(f"expected input of shape {expected}, or uint8 images (N, H, W), (N, C, H, W) or "
+                             f"(N, H, W, C), got a uint8 scalar")
         if len(x) < 1:
             raise ValueError(f"expected input of shape {expected} with N >= 1, got an empty batch")
         try:
@@ -398,12 +405,16 @@ class Model:
 
     def batch_buffer(self, n: int) -> np.ndarray:
         """A 64-byte-aligned float32 ``(n, *input_shape)`` buffer for prepared inputs."""
+        check_fits(4 * n * int(np.prod(self.input_shape)), f"a buffer of {n} input images")
         return aligned_zeros(n * int(np.prod(self.input_shape))).reshape(n, *self.input_shape)
 
     def check_targets(self, y: Any, n: int, loss: str) -> np.ndarray:
         """Labels (int32, one per image, in range) for cross-entropy; float32 targets for mse."""
         k = self.manifest["loss_inputs"][loss]
-        y = np.asarray(y)
+        try:
+            y = np.asarray(y)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"expected {n} labels or targets as a numeric array: {e}") from None
         if loss == "cross_entropy" or y.dtype.kind in "iub":
             if y.dtype.kind not in "iub" or y.shape != (n,):
                 raise ValueError(f"expected {n} integer labels of shape ({n},), got {y.dtype} {_fmt(y.shape)}")
@@ -413,9 +424,9 @@ class Model:
             if loss == "cross_entropy":
                 return np.ascontiguousarray(y, dtype=np.int32)
             onehot = np.zeros((n, k), dtype=np.float32)
-            onehot[np.arange(n), y] = 1.0
+            onehot[np.arange(n), y.astype(np.intp)] = 1.0
             return onehot
-        if y.dtype.kind != "f" or y.size != n * k or y.shape[0] != n:
+        if y.dtype.kind != "f" or y.size != n * k or y.ndim < 1 or y.shape[0] != n:
             raise ValueError(f"expected mse targets of shape {_fmt((n, *self.output_shape))}, got {_fmt(y.shape)}")
         return np.ascontiguousarray(y.reshape(n, k), dtype=np.float32)
 
@@ -425,6 +436,7 @@ class Model:
         """The network's output for a batch: ``(N, *output_shape)``; dropout is off. Safe to call from any thread."""
         x = self.check_input(x)
         n = x.shape[0]
+        check_fits(4 * n * self._output_floats, f"the outputs of {n} images")
         y = np.empty((n, *self.output_shape), dtype=np.float32)
         self._infer_into(x, y, single=n < 2 * MIN_IMAGES_PER_THREAD)
         return y
