@@ -13,6 +13,16 @@ they are prepared as ``cnnc train`` prepares a dataset (scaled to [0, 1],
 given a channel axis, zero-padded to the input size, normalized with the
 train section's mean and std), and ``fit`` / ``evaluate`` do that a batch at
 a time, so a dataset stays in memory at its stored size.
+
+Threads: a ``Model`` may be called from several Python threads at once.
+Inference takes no lock: each call runs on a scratch set of its own
+(activation arena and conv workspaces), taken from a small free list and
+given back after the call, so small batches run concurrently; batches of 8
+or more go through the process's shared thread pool one at a time. Whatever
+writes model-wide state (gradients, ``initialize``, ``load``, assigning into
+``params``) takes turns under the model's lock. Reading the parameters while
+another thread trains gives a mix of old and new weights, never a crash.
+A process forked while the pool runs gets fresh pools and locks.
 """
 
 from __future__ import annotations
