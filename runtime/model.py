@@ -531,24 +531,37 @@ class Model:
         arena = scratch.arena("train", stop - start)
         step, params, ws = self._steps[loss], self._params_ptr, scratch.ws_ptrs
         parts = shards(stop - start)
-        grads, ptrs = self._shard_buffers(len(parts))
         xs = x.ctypes.data + start * x[0].nbytes
         os_ = out.ctypes.data + start * out[0].nbytes
         ts = targets.ctypes.data + start * targets[0].nbytes
         ls = losses.ctypes.data + start * 4
         salt = (seed + start) % (1 << 63)  # the dropout hash counts images from `seed`: chunks draw different masks
 
+        def run(t: int, i: int, grads: int) -> None:
+            a, b = parts[i]
+            if prepare is not None:
+                prepare(t, start + a, start + b)
+            step(params, grads, arena, xs, os_, ts, ls, ws[t], salt, scale, a, b)
+
+        if self.threads == 1 or len(parts) == 1:  # in order on this thread: one spare buffer, each shard added at once
+            bufs, ptrs = self._shard_buffers(min(len(parts), 2))
+            for i in range(len(parts)):
+                if i:
+                    bufs[1].fill(0.0)
+                run(0, i, ptrs[min(i, 1)])
+                if i:
+                    np.add(self.flat_grads, bufs[1], out=self.flat_grads)
+            return
+        bufs, ptrs = self._shard_buffers(len(parts))
+
         def task(t: int, first: int, last: int) -> None:
             for i in range(first, last):
-                a, b = parts[i]
                 if i:
-                    grads[i].fill(0.0)
-                if prepare is not None:
-                    prepare(t, start + a, start + b)
-                step(params, ptrs[i], arena, xs, os_, ts, ls, ws[t], salt, scale, a, b)
+                    bufs[i].fill(0.0)
+                run(t, i, ptrs[i])
 
         self._parallel(len(parts), task, grain=1)
-        for g in grads[1:len(parts)]:
+        for g in bufs[1:len(parts)]:  # in shard order, as above
             np.add(self.flat_grads, g, out=self.flat_grads)
 
     def _shard_buffers(self, count: int) -> tuple[list[np.ndarray], list[int]]:
