@@ -241,7 +241,7 @@ class Model:
         _MODELS.add(self)
         self.initialize(seed)
         if weights:
-            self._load_arrays(np.load(io.BytesIO(weights)), "the artifact's weights")
+            self._load_file(io.BytesIO(weights), "the artifact's weights")
 
     # ---- parameters ---------------------------------------------------------
 
@@ -306,19 +306,25 @@ class Model:
         match, values that are not finite real numbers, a file that is not an
         .npz, and values that differ from weights fixed in the network's source.
         """
+        self._load_file(path, str(path))
+
+    def _load_file(self, file: Any, source: str) -> None:
+        """Weights from an .npz file (a path or a binary file object); ``ValueError`` naming `source` if unusable."""
         try:
-            with np.load(path) as data:
-                if not isinstance(data, Mapping):
-                    raise ValueError("it holds a single array (.npy), not one array per parameter")
-                self._load_arrays(data, str(path))
+            data = np.load(file)
+            if not isinstance(data, Mapping):
+                raise ValueError(f"{source}: not a weights file written by save() (.npz): it holds one array "
+                                 f"(.npy), not one array per parameter")
+            with data:
+                self._load_arrays(data, source)
         except (OSError, EOFError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path}: cannot read weights ({e})") from None
+            raise ValueError(f"{source}: cannot read weights ({e})") from None
         except MemoryError:
-            raise ValueError(f"{path}: holds arrays too large for this machine's memory") from None
+            raise ValueError(f"{source}: holds arrays too large for this machine's memory") from None
         except (ValueError, TypeError) as e:
-            if str(e).startswith(str(path)):
+            if str(e).startswith(source):
                 raise
-            raise ValueError(f"{path}: not a weights file written by save() (.npz): {e}") from None
+            raise ValueError(f"{source}: not a weights file written by save() (.npz): {e}") from None
 
     def _load_arrays(self, data: Mapping[str, np.ndarray], source: str) -> None:
         names = set(data.keys())

@@ -92,7 +92,7 @@ def _npz(tmp_path, arrays: dict, name: str = "w.npz"):
 
 def test_load_refuses_an_npy_file(tiny, tmp_path):
     np.save(tmp_path / "w.npy", tiny.params["a.weight"])
-    with pytest.raises(ValueError, match=r"w\.npy: not a weights file written by save\(\) \(\.npz\)"):
+    with pytest.raises(ValueError, match=r"w\.npy: not a weights file written by save\(\) \(\.npz\): it holds one"):
         tiny.load(tmp_path / "w.npy")
 
 
