@@ -31,17 +31,14 @@ def max_threads() -> int:
 
 
 def check_threads(value: object, source: str = "threads") -> int:
-    """`value` as a thread count (an int from 1 to ``max_threads()``), else ``ValueError``.
-
-    From `source` "CNNC_THREADS" it may be the text of such an int.
-    """
+    """`value` as a thread count (an int from 1 to ``max_threads()``), else ``ValueError`` naming `source`."""
     top = max_threads()
     expected = f"{source} must be a whole number of threads from 1 to {top} ({THREADS_PER_CORE} per core)"
     try:
-        if isinstance(value, bool) or (isinstance(value, str) and source != "CNNC_THREADS"):
+        if isinstance(value, bool):
             raise TypeError
-        n = int(value.strip()) if isinstance(value, str) else operator.index(value)
-    except (TypeError, ValueError):
+        n = operator.index(value)
+    except TypeError:
         raise ValueError(f"{expected}, got {value!r}"[:300]) from None
     if not 1 <= n <= top:
         raise ValueError(f"{expected}, got {n}"[:300])
@@ -49,12 +46,16 @@ def check_threads(value: object, source: str = "threads") -> int:
 
 
 def default_threads() -> int:
-    """``CNNC_THREADS`` if set (checked: ``ValueError`` if it is not a count from 1 to ``max_threads()``),
-    else every core this process may run on."""
-    env = os.environ.get("CNNC_THREADS", "")
-    if env.strip():
-        return check_threads(env, "CNNC_THREADS")
-    return len(available_cores())
+    """``CNNC_THREADS`` if set (``ValueError`` unless it is a count from 1 to ``max_threads()``), else every core
+    this process may run on."""
+    env = os.environ.get("CNNC_THREADS", "").strip()
+    if not env:
+        return len(available_cores())
+    try:
+        value: object = int(env)
+    except ValueError:  # (also a number of more than 4300 digits)
+        value = env
+    return check_threads(value, "CNNC_THREADS")
 
 
 def split(n: int, parts: int, grain: int = 1) -> list[tuple[int, int]]:
