@@ -449,17 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-MAX_THREADS = 1024
-
-
 def _check_environment() -> None:
-    """CNNC_THREADS, read by the runtime when a model is built: a bad value is a usage error here, up front."""
-    text = os.environ.get("CNNC_THREADS")
-    if text:
-        try:
-            integer(1, MAX_THREADS)(text.strip())
-        except argparse.ArgumentTypeError as e:
-            raise UsageError(f"cnnc: CNNC_THREADS: {e}") from None
+    """A bad CNNC_THREADS is one line of error before any work, not a traceback when a model is made."""
+    from cnnc_runtime.parallel import default_threads
+
+    try:
+        default_threads()
+    except ValueError as e:
+        raise UsageError(f"cnnc: {e}") from None
 
 
 def _clip(text: str, limit: int = MAX_MESSAGE) -> str:

@@ -13,15 +13,28 @@ they are prepared as ``cnnc train`` prepares a dataset (scaled to [0, 1],
 given a channel axis, zero-padded to the input size, normalized with the
 train section's mean and std), and ``fit`` / ``evaluate`` do that a batch at
 a time, so a dataset stays in memory at its stored size.
+
+Threads: a ``Model`` may be called from several Python threads at once.
+Inference takes no lock: each call runs on a scratch set of its own
+(activation arena and conv workspaces), taken from a small free list and
+given back after the call, so small batches run concurrently; batches of 8
+or more go through the process's shared thread pool one at a time. Whatever
+writes model-wide state (gradients, ``initialize``, ``load``, assigning into
+``params``) takes turns under the model's lock. Reading the parameters while
+another thread trains gives a mix of old and new weights, never a crash.
+A process forked while the pool runs gets fresh pools and locks.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import io
 import os
+import threading
+import weakref
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,13 +43,18 @@ import numpy as np
 from cnnc_runtime import artifact
 from cnnc_runtime.host import host_cpu, missing_features
 from cnnc_runtime.native import NativeLibrary
-from cnnc_runtime.parallel import Pool, default_threads, shared_pool, split
+from cnnc_runtime.parallel import check_threads, default_threads, shared_pool, split
 
 if TYPE_CHECKING:  # loaded where used: a model loaded from the cache runs without them
     from cnnc_runtime.data import Inputs
 
 CHUNK = 256  # images per native call when a large array is run: bounds the arena's size
 MIN_IMAGES_PER_THREAD = 4
+# A training step cuts each chunk into shards by its size alone (about SHARD_IMAGES images, at most MAX_SHARDS),
+# sums each shard's gradient into its own buffer and adds those in order: the same bits on any number of threads.
+SHARD_IMAGES = 16
+MAX_SHARDS = 8
+SPARE_SCRATCH = 4  # idle per-call scratch sets a model keeps for later calls
 ALIGN_BYTES = 64
 P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 LOSSES = ("cross_entropy", "mse")
@@ -51,6 +69,97 @@ def aligned_zeros(n: int) -> np.ndarray:
 
 def _fmt(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+@functools.cache
+def physical_memory() -> int | None:
+    """Bytes of RAM in this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits(nbytes: int, what: str) -> None:
+    """``ValueError`` before allocating `nbytes` for `what` if that is more than this machine's RAM."""
+    ram = physical_memory()
+    if ram is not None and nbytes > ram:
+        raise ValueError(f"{what} needs {nbytes / 2**30:.3g} GiB, more than this machine's "
+                         f"{ram / 2**30:.3g} GiB of memory")
+
+
+def shards(n: int) -> list[tuple[int, int]]:
+    """A training chunk of `n` images cut into gradient shards: by `n` alone, never by the thread count."""
+    return split(n, min(MAX_SHARDS, -(-n // SHARD_IMAGES)), MIN_IMAGES_PER_THREAD)
+
+
+class Scratch:
+    """One call's private buffers: a conv workspace per pool thread and activation arenas (grown, never shrunk).
+
+    A call holds its set for its whole duration, so no other call writes, grows or frees them meanwhile.
+    """
+
+    def __init__(self, ws_floats: int, threads: int, arena_floats: dict[str, int]) -> None:
+        self.ws = [aligned_zeros(ws_floats) for _ in range(threads)]
+        self.ws_ptrs = [w.ctypes.data for w in self.ws]
+        self._per_image = arena_floats
+        self._arenas: dict[str, tuple[np.ndarray, int]] = {}
+
+    def arena(self, kind: str, images: int) -> int:
+        """The address of an arena of at least `images` slots for `kind` ("infer" or "train")."""
+        need = self._per_image[kind] * images
+        got = self._arenas.get(kind)
+        if got is None or got[0].size < need:
+            check_fits(4 * need, f"the activations of {images} images")
+            buf = aligned_zeros(need)
+            got = self._arenas[kind] = (buf, buf.ctypes.data)
+        return got[1]
+
+
+class Params(Mapping):
+    """A model's parameters by name, each a writable view into the model's flat buffer.
+
+    ``params[name] = array`` copies into that view (same shape, real or
+    integer values, converted to float32); names cannot be added or removed.
+    """
+
+    def __init__(self, model: Model, views: dict[str, np.ndarray]) -> None:
+        self._model = weakref.proxy(model)  # no cycle: a model's buffers go when the model does
+        self._views = views
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._views[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        if name not in self._views:
+            raise ValueError(f"network {self._model.name} has no parameter {name!r}; it has "
+                             f"{', '.join(self._views)}"[:500])
+        self._model._assign({name: value}, f"params[{name!r}]")
+
+    def __delitem__(self, name: str) -> None:
+        raise ValueError(f"parameters cannot be removed from network {self._model.name}")
+
+    def __repr__(self) -> str:
+        return "Params(" + ", ".join(f"{k}: {_fmt(v.shape)}" for k, v in self._views.items()) + ")"
+
+
+_MODELS: weakref.WeakSet[Model] = weakref.WeakSet()
+
+
+def _new_locks_after_fork() -> None:
+    """A lock held by another thread at a fork would stay held forever in the child: give every model a new one."""
+    for model in list(_MODELS):
+        model._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 class NativeUpdate:
@@ -96,36 +205,45 @@ class Model:
         self.name: str = manifest["network"]
         self.input_shape: tuple[int, ...] = tuple(manifest["input"]["shape"])
         self.output_shape: tuple[int, ...] = tuple(manifest["output"]["shape"])
+        self._output_floats = int(np.prod(self.output_shape))
+        self.threads = default_threads() if threads is None else check_threads(threads)
+        size, ws_floats = int(manifest["param_floats"]), max(int(manifest["ws_floats"]), 16)
+        # flat_params, flat_grads, decay_mask (float32), trainable_mask (bool); the conv workspaces of the
+        # training set and of one inference set; and the activations of one image, inferring and training
+        check_fits(13 * size + 8 * ws_floats * self.threads
+                   + 4 * (int(manifest["arena_infer"]) + int(manifest["arena_train"])), f"network {self.name}")
         self._lib = NativeLibrary(obj, t["triple"], t["cpu"], t["features"])
         self._obj = obj
         self._infer = self._lib.function("infer", [P, P, P, P, P, I64, I64])
         self._steps = {loss: self._lib.function(f"step_{loss}", [P] * 8 + [I64, F32, I64, I64]) for loss in LOSSES}
         self._jitter = self._lib.function("jitter", [P, I64, F32, P, I64, I64])
         self._updates: dict[str, Any] = {}
-        self.flat_params = aligned_zeros(manifest["param_floats"])
-        self.flat_grads = aligned_zeros(manifest["param_floats"])
+        self.flat_params = aligned_zeros(size)
+        self.flat_grads = aligned_zeros(size)
         self._layout = manifest["params"]
-        self.params: dict[str, np.ndarray] = {p["name"]: self._view(self.flat_params, p) for p in self._layout}
-        self.trainable_mask = np.zeros(manifest["param_floats"], dtype=np.float32)
-        self.decay_mask = np.zeros(manifest["param_floats"], dtype=np.float32)
+        self._by_name = {p["name"]: p for p in self._layout}
+        self.params = Params(self, {p["name"]: self._view(self.flat_params, p) for p in self._layout})
+        self.trainable_mask = np.zeros(size, dtype=bool)
+        self.decay_mask = np.zeros(size, dtype=np.float32)
         for p in self._layout:
             span = slice(p["offset"], p["offset"] + p["size"])
-            self.trainable_mask[span] = 1.0 if p["trainable"] else 0.0
+            self.trainable_mask[span] = p["trainable"]
             self.decay_mask[span] = 1.0 if (p["trainable"] and p["decay"]) else 0.0
-        self.threads = threads or default_threads()
-        self._pool: Pool | None = None
-        # per thread: conv scratch space and a gradient buffer (thread 0 uses flat_grads)
-        self._ws = [aligned_zeros(max(manifest["ws_floats"], 16)) for _ in range(self.threads)]
-        self._thread_grads = [self.flat_grads] + [aligned_zeros(manifest["param_floats"])
-                                                  for _ in range(self.threads - 1)]
-        self._arenas: dict[str, np.ndarray] = {}
+        # Model-wide writes (gradients, initialize, load, params[...] = ...) take turns under this lock;
+        # inference takes no lock: each call runs on a scratch set of its own from `_spare`.
+        self._lock = threading.RLock()
+        self._arena_floats = {"infer": int(manifest["arena_infer"]), "train": int(manifest["arena_train"])}
+        self._ws_floats = ws_floats
+        self._spare: list[Scratch] = []
+        self._train_scratch = Scratch(ws_floats, self.threads, self._arena_floats)  # used under the lock
+        self._shard_grads = [self.flat_grads]  # shard 0 sums into flat_grads; the others get their own buffers
         # these buffers never move (updates write into them), so their addresses are read once
         self._params_ptr = self.flat_params.ctypes.data
-        self._ws_ptrs = [w.ctypes.data for w in self._ws]
-        self._grad_ptrs = [g.ctypes.data for g in self._thread_grads]
+        self._shard_ptrs = [self.flat_grads.ctypes.data]
+        _MODELS.add(self)
         self.initialize(seed)
         if weights:
-            self._load_arrays(np.load(io.BytesIO(weights)), "the artifact's weights")
+            self._load_file(io.BytesIO(weights), "the artifact's weights")
 
     # ---- parameters ---------------------------------------------------------
 
@@ -144,24 +262,26 @@ class Model:
         weights written in the .cnn file are copied in.
         """
         rng = np.random.default_rng(seed)
-        for p in self._layout:
-            view = self.params[p["name"]]
-            if p["fixed"] is not None:
-                view[...] = np.asarray(p["fixed"], dtype=np.float32)
-            elif p["kind"] == "bias":
-                view[...] = 0.0
-            else:
-                gain = 2.0 if p["init"]["scheme"] == "he" else 1.0
-                shape = p["shape"]
-                w = rng.standard_normal(shape, dtype=np.float32)
-                if p["connect"] is not None:
-                    mask = self.connect_mask(p)
-                    fan_in = mask.sum(axis=1, keepdims=True) * int(np.prod(shape[2:]))
-                    w *= np.sqrt(gain / fan_in).reshape(-1, 1, 1, 1).astype(np.float32)
-                    w *= mask[:, :, None, None]
-                else:
-                    w *= np.float32(np.sqrt(gain / max(p["init"]["fan_in"], 1)))
-                view[...] = w
+        with self._lock:
+            for p in self._layout:
+                self.params[p["name"]][...] = self._initial(p, rng)
+
+    def _initial(self, p: dict, rng: np.random.Generator) -> np.ndarray | float:
+        if p["fixed"] is not None:
+            return np.asarray(p["fixed"], dtype=np.float32)
+        if p["kind"] == "bias":
+            return 0.0
+        gain = 2.0 if p["init"]["scheme"] == "he" else 1.0
+        shape = p["shape"]
+        w = rng.standard_normal(shape, dtype=np.float32)
+        if p["connect"] is not None:
+            mask = self.connect_mask(p)
+            fan_in = mask.sum(axis=1, keepdims=True) * int(np.prod(shape[2:]))
+            w *= np.sqrt(gain / fan_in).reshape(-1, 1, 1, 1).astype(np.float32)
+            w *= mask[:, :, None, None]
+        else:
+            w *= np.float32(np.sqrt(gain / max(p["init"]["fan_in"], 1)))
+        return w
 
     @staticmethod
     def connect_mask(p: dict) -> np.ndarray:
@@ -182,16 +302,31 @@ class Model:
         atomic_save_npz(path, self.params)
 
     def load(self, path: str | os.PathLike[str]) -> None:
-        """Read weights saved by ``save``; names or shapes that do not match raise ``ValueError``."""
+        """Read weights saved by ``save``: all or nothing.
+
+        ``ValueError`` (the model unchanged) for names or shapes that do not
+        match, values that are not finite real numbers, a file that is not an
+        .npz, and values that differ from weights fixed in the network's source.
+        """
+        self._load_file(path, str(path))
+
+    def _load_file(self, file: Any, source: str) -> None:
+        """Weights from an .npz file (a path or a binary file object); ``ValueError`` naming `source` if unusable."""
         try:
-            with np.load(path) as data:
-                self._load_arrays(data, str(path))
+            data = np.load(file)
+            if not isinstance(data, Mapping):
+                raise ValueError(f"{source}: not a weights file written by save() (.npz): it holds one array "
+                                 f"(.npy), not one array per parameter")
+            with data:
+                self._load_arrays(data, source)
         except (OSError, EOFError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path}: cannot read weights ({e})") from None
-        except ValueError as e:
-            if str(e).startswith(str(path)):
+            raise ValueError(f"{source}: cannot read weights ({e})") from None
+        except MemoryError:
+            raise ValueError(f"{source}: holds arrays too large for this machine's memory") from None
+        except (ValueError, TypeError) as e:
+            if str(e).startswith(source):
                 raise
-            raise ValueError(f"{path}: not a weights file written by save() (.npz): {e}") from None
+            raise ValueError(f"{source}: not a weights file written by save() (.npz): {e}") from None
 
     def _load_arrays(self, data: Mapping[str, np.ndarray], source: str) -> None:
         names = set(data.keys())
@@ -204,12 +339,35 @@ class Model:
             if extra:
                 parts.append(f"unexpected {', '.join(extra)}")
             raise ValueError(f"{source} does not match network {self.name}: {'; '.join(parts)}")
-        for name, view in self.params.items():
-            arr = np.asarray(data[name])
-            if arr.shape != view.shape:
-                raise ValueError(f"{source}: {name} has shape {_fmt(arr.shape)}, the network needs {_fmt(view.shape)}")
-        for name, view in self.params.items():
-            view[...] = data[name]
+        self._assign({name: data[name] for name in self.params}, source)
+
+    def _assign(self, values: Mapping[str, Any], source: str) -> None:
+        """Copy `values` into the named parameters, after checking them all: all or nothing."""
+        checked = {name: self._as_param(name, value, source) for name, value in values.items()}
+        with self._lock:
+            for name, arr in checked.items():
+                self.params[name][...] = arr
+
+    def _as_param(self, name: str, value: Any, source: str) -> np.ndarray:
+        """`value` as float32 for parameter `name`, or ``ValueError`` naming the parameter and what it needs."""
+        p = self._by_name[name]
+        try:
+            arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"{source}: {name} is not an array of numbers ({e})") from None
+        if arr.dtype.kind not in "fiu":
+            raise ValueError(f"{source}: {name} has dtype {arr.dtype}; parameters take real or integer values")
+        if arr.shape != tuple(p["shape"]):
+            raise ValueError(f"{source}: {name} has shape {_fmt(arr.shape)}, the network needs {_fmt(p['shape'])}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{source}: {name} holds values that are not finite in float32 (inf, NaN, or "
+                             f"beyond +-3.4e38)")
+        if p["fixed"] is not None and not np.array_equal(arr, np.asarray(p["fixed"], dtype=np.float32)):
+            raise ValueError(f"{source}: {name} differs from the weights fixed for it in network {self.name}'s "
+                             f"source (weights=[...]); they cannot be changed")
+        return arr
 
     def summary(self) -> str:
         """The `cnnc check` table of this network."""
@@ -237,6 +395,7 @@ class Model:
             raise ValueError(f"expected input of shape {expected}, got {_fmt(x.shape)}")
         if x.shape[0] < 1:
             raise ValueError(f"expected input of shape {expected} with N >= 1, got an empty batch")
+        check_fits(4 * x.size, f"an input of {x.shape[0]} images")  # (a broadcast view may claim any size)
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def inputs(self, x: Any) -> Inputs:
@@ -251,6 +410,9 @@ class Model:
         if not (isinstance(x, np.ndarray) and x.dtype == np.uint8):
             return Inputs(self.check_input(x), self.input_shape)
         expected = "(N, " + ", ".join(str(d) for d in self.input_shape) + ")"
+        if x.ndim < 1:
+            raise ValueError(f"expected input of shape {expected}, or uint8 images (N, H, W), (N, C, H, W) or "
+                             f"(N, H, W, C), got a uint8 scalar")
         if len(x) < 1:
             raise ValueError(f"expected input of shape {expected} with N >= 1, got an empty batch")
         try:
@@ -261,12 +423,16 @@ class Model:
 
     def batch_buffer(self, n: int) -> np.ndarray:
         """A 64-byte-aligned float32 ``(n, *input_shape)`` buffer for prepared inputs."""
+        check_fits(4 * n * int(np.prod(self.input_shape)), f"a buffer of {n} input images")
         return aligned_zeros(n * int(np.prod(self.input_shape))).reshape(n, *self.input_shape)
 
     def check_targets(self, y: Any, n: int, loss: str) -> np.ndarray:
         """Labels (int32, one per image, in range) for cross-entropy; float32 targets for mse."""
         k = self.manifest["loss_inputs"][loss]
-        y = np.asarray(y)
+        try:
+            y = np.asarray(y)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"expected {n} labels or targets as a numeric array: {e}") from None
         if loss == "cross_entropy" or y.dtype.kind in "iub":
             if y.dtype.kind not in "iub" or y.shape != (n,):
                 raise ValueError(f"expected {n} integer labels of shape ({n},), got {y.dtype} {_fmt(y.shape)}")
@@ -276,35 +442,46 @@ class Model:
             if loss == "cross_entropy":
                 return np.ascontiguousarray(y, dtype=np.int32)
             onehot = np.zeros((n, k), dtype=np.float32)
-            onehot[np.arange(n), y] = 1.0
+            onehot[np.arange(n), y.astype(np.intp)] = 1.0
             return onehot
-        if y.dtype.kind != "f" or y.size != n * k or y.shape[0] != n:
+        if y.dtype.kind != "f" or y.size != n * k or y.ndim < 1 or y.shape[0] != n:
             raise ValueError(f"expected mse targets of shape {_fmt((n, *self.output_shape))}, got {_fmt(y.shape)}")
         return np.ascontiguousarray(y.reshape(n, k), dtype=np.float32)
 
     # ---- running -------------------------------------------------------------
 
-    def _arena(self, kind: str, images: int) -> np.ndarray:
-        need = self.manifest[f"arena_{kind}"] * images
-        buf = self._arenas.get(kind)
-        if buf is None or buf.size < need:
-            buf = aligned_zeros(need)
-            self._arenas[kind] = buf
-        return buf
-
     def forward(self, x: Any) -> np.ndarray:
-        """The network's output for a batch: ``(N, *output_shape)``; dropout is off."""
+        """The network's output for a batch: ``(N, *output_shape)``; dropout is off. Safe to call from any thread."""
         x = self.check_input(x)
         n = x.shape[0]
+        check_fits(4 * n * self._output_floats, f"the outputs of {n} images")
         y = np.empty((n, *self.output_shape), dtype=np.float32)
         self._infer_into(x, y, single=n < 2 * MIN_IMAGES_PER_THREAD)
         return y
 
+    def _checkout(self) -> Scratch:
+        """A scratch set no other call is using: a spare one, or a new one when every spare is busy."""
+        try:
+            return self._spare.pop()  # (list.pop and append are atomic: no lock)
+        except IndexError:
+            return Scratch(self._ws_floats, self.threads, self._arena_floats)
+
+    def _checkin(self, scratch: Scratch) -> None:
+        if len(self._spare) < SPARE_SCRATCH:
+            self._spare.append(scratch)
+
     def _infer_into(self, x: np.ndarray, y: np.ndarray, single: bool) -> None:
         """y = the network on the checked x; `single`: one call, no thread hand-off (small batches)."""
+        scratch = self._checkout()
+        try:
+            self._infer_on(scratch, x, y, single)
+        finally:
+            self._checkin(scratch)
+
+    def _infer_on(self, scratch: Scratch, x: np.ndarray, y: np.ndarray, single: bool) -> None:
         n = x.shape[0]
-        arena = self._arena("infer", min(n, CHUNK)).ctypes.data
-        params, ws, xp, yp = self._params_ptr, self._ws_ptrs, x.ctypes.data, y.ctypes.data
+        arena = scratch.arena("infer", min(n, CHUNK))
+        params, ws, xp, yp = self._params_ptr, scratch.ws_ptrs, x.ctypes.data, y.ctypes.data
         if single:
             self._infer(params, arena, xp, yp, ws[0], 0, n)
             return
@@ -318,15 +495,13 @@ class Model:
 
             self._parallel(stop - start, task)
 
-    def _parallel(self, n: int, task) -> list[tuple[int, int]]:
-        """Run ``task(thread, n0, n1)`` over [0, n) split across the pool's threads."""
-        ranges = split(n, self.threads, MIN_IMAGES_PER_THREAD) if self.threads > 1 else [(0, n)]
+    def _parallel(self, n: int, task, grain: int = MIN_IMAGES_PER_THREAD) -> list[tuple[int, int]]:
+        """Run ``task(thread, n0, n1)`` over [0, n) split across the shared pool's threads (one batch at a time)."""
+        ranges = split(n, self.threads, grain) if self.threads > 1 else [(0, n)]
         if len(ranges) == 1:
             task(0, 0, n)
             return ranges
-        if self._pool is None:
-            self._pool = shared_pool(self.threads)
-        self._pool.run([lambda t=t, a=a, b=b: task(t, a, b) for t, (a, b) in enumerate(ranges)])
+        shared_pool(self.threads).run([lambda t=t, a=a, b=b: task(t, a, b) for t, (a, b) in enumerate(ranges)])
         return ranges
 
     __call__ = forward
@@ -348,33 +523,63 @@ class Model:
 
         ``prepare(thread, a, b)``, when given, first fills images [a, b) of `x`, on the thread that then
         runs them: the batch is gathered and converted on every core, and stays in that core's cache.
+        Each chunk's shards (see ``shards``) sum into buffers of their own, added to ``flat_grads`` in
+        order, so the result does not depend on the number of threads. Calls take turns (the model's lock).
         """
-        n = x.shape[0]
-        arena = self._arena("train", min(n, CHUNK)).ctypes.data
-        step = self._steps[loss]
-        params, ws, grads = self._params_ptr, self._ws_ptrs, self._grad_ptrs
-        in_bytes, t_bytes, o_bytes = x[0].nbytes, targets[0].nbytes, out[0].nbytes
-        used = 1
-        try:
+        with self._lock:
+            n = x.shape[0]
             for start in range(0, n, CHUNK):
-                stop = min(n, start + CHUNK)
-                xs, os_, ts, ls = (x.ctypes.data + start * in_bytes, out.ctypes.data + start * o_bytes,
-                                   targets.ctypes.data + start * t_bytes, losses.ctypes.data + start * 4)
+                self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, min(n, start + CHUNK))
 
-                def task(t: int, a: int, b: int, xs=xs, os_=os_, ts=ts, ls=ls, start=start) -> None:
-                    if prepare is not None:
-                        prepare(t, start + a, start + b)
-                    # the dropout hash counts images from `seed`: offset it so chunks draw different masks
-                    step(params, grads[t], arena, xs, os_, ts, ls, ws[t], (seed + start) % (1 << 63), scale, a, b)
+    def _chunk_gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, seed: int, scale: float,
+                         out: np.ndarray, losses: np.ndarray, prepare: Callable[[int, int, int], None] | None,
+                         start: int, stop: int) -> None:
+        """Images [start, stop) of one step's batch (at most a chunk): their shards on the pool, then the sum."""
+        scratch = self._train_scratch
+        arena = scratch.arena("train", stop - start)
+        step, params, ws = self._steps[loss], self._params_ptr, scratch.ws_ptrs
+        parts = shards(stop - start)
+        xs = x.ctypes.data + start * x[0].nbytes
+        os_ = out.ctypes.data + start * out[0].nbytes
+        ts = targets.ctypes.data + start * targets[0].nbytes
+        ls = losses.ctypes.data + start * 4
+        salt = (seed + start) % (1 << 63)  # the dropout hash counts images from `seed`: chunks draw different masks
 
-                used = max(used, len(self._parallel(stop - start, task)))
-        except BaseException:  # (Ctrl-C, or a failed prepare) the other threads' partial sums must not linger
-            for g in self._thread_grads[1:]:
-                g[...] = 0.0
-            raise
-        for g in self._thread_grads[1:used]:
-            self.flat_grads += g
-            g[...] = 0.0
+        def run(t: int, i: int, grads: int) -> None:
+            a, b = parts[i]
+            if prepare is not None:
+                prepare(t, start + a, start + b)
+            step(params, grads, arena, xs, os_, ts, ls, ws[t], salt, scale, a, b)
+
+        if self.threads == 1 or len(parts) == 1:  # in order on this thread: one spare buffer, each shard added at once
+            bufs, ptrs = self._shard_buffers(min(len(parts), 2))
+            for i in range(len(parts)):
+                if i:
+                    bufs[1].fill(0.0)
+                run(0, i, ptrs[min(i, 1)])
+                if i:
+                    np.add(self.flat_grads, bufs[1], out=self.flat_grads)
+            return
+        bufs, ptrs = self._shard_buffers(len(parts))
+
+        def task(t: int, first: int, last: int) -> None:
+            for i in range(first, last):
+                if i:
+                    bufs[i].fill(0.0)
+                run(t, i, ptrs[i])
+
+        self._parallel(len(parts), task, grain=1)
+        for g in bufs[1:len(parts)]:  # in shard order, as above
+            np.add(self.flat_grads, g, out=self.flat_grads)
+
+    def _shard_buffers(self, count: int) -> tuple[list[np.ndarray], list[int]]:
+        """Gradient buffers for `count` shards (the first is ``flat_grads``), made once and kept."""
+        while len(self._shard_grads) < count:
+            check_fits(4 * self.flat_grads.size, f"a gradient buffer of network {self.name}")
+            g = aligned_zeros(self.flat_grads.size)
+            self._shard_grads.append(g)
+            self._shard_ptrs.append(g.ctypes.data)
+        return self._shard_grads, self._shard_ptrs
 
     def native_update(self, optimizer) -> NativeUpdate | None:
         """This model's compiled loop for `optimizer`'s rule, for ``optimizer.use_native``; None if there is none.
@@ -400,11 +605,18 @@ class Model:
                 and x.flags.writeable and x.shape[1:] == self.input_shape and x.ndim == len(self.input_shape) + 1):
             raise ValueError(f"add_noise needs a writable contiguous float32 array of shape "
                              f"(N, {', '.join(map(str, self.input_shape))})")
-        self._noise_rows(x.ctypes.data, sigma, seed, 0, 0, x.shape[0])
+        scratch = self._checkout()
+        try:
+            self._jitter(x.ctypes.data, seed % (1 << 63), sigma, scratch.ws_ptrs[0], 0, x.shape[0])
+        finally:
+            self._checkin(scratch)
 
     def _noise_rows(self, x: int, sigma: float, seed: int, thread: int, a: int, b: int) -> None:
-        """Images [a, b) of the checked batch at address `x` get the noise `add_noise` would give them."""
-        self._jitter(x, seed % (1 << 63), sigma, self._ws_ptrs[thread], a, b)
+        """Images [a, b) of the checked batch at address `x` get the noise `add_noise` would give them.
+
+        For a training step's ``prepare``, on pool thread `thread`, while that step holds the model's lock.
+        """
+        self._jitter(x, seed % (1 << 63), sigma, self._train_scratch.ws_ptrs[thread], a, b)
 
     def value_and_grad(self, x: Any, y: Any, loss: str | None = None, seed: int = 0) -> tuple[float, dict]:
         """The mean loss over the batch and its gradient for every parameter (same keys as ``params``).
@@ -422,11 +634,11 @@ class Model:
         scale = 1.0 / n if loss == "cross_entropy" else 1.0 / (n * k)
         out = np.empty((n, k), dtype=np.float32)
         losses = np.empty(n, dtype=np.float32)
-        self.flat_grads[...] = 0.0
-        self._accumulate_gradients(x, targets, loss, seed, scale, out, losses)
-        value = float(losses.sum(dtype=np.float64) * scale)
-        grads = {p["name"]: self._view(self.flat_grads, p).copy() for p in self._layout}
-        return value, grads
+        with self._lock:
+            self.flat_grads[...] = 0.0
+            self._accumulate_gradients(x, targets, loss, seed, scale, out, losses)
+            grads = {p["name"]: self._view(self.flat_grads, p).copy() for p in self._layout}
+        return float(losses.sum(dtype=np.float64) * scale), grads
 
     def fit(self, x: Any, y: Any, **kwargs: Any):
         """Train on (x, y); see ``cnnc_runtime.train.fit`` for the settings. Returns a ``History``."""

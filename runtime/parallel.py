@@ -9,6 +9,7 @@ unpinned (it is the user's thread); worker ``i`` is pinned to the ``i``-th core.
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 from collections.abc import Callable
@@ -21,12 +22,40 @@ def available_cores() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
+THREADS_PER_CORE = 4  # the most threads a pool may have per core: more only adds switching
+
+
+def max_threads() -> int:
+    """The largest thread count accepted (``THREADS_PER_CORE`` per core this process may run on)."""
+    return THREADS_PER_CORE * len(available_cores())
+
+
+def check_threads(value: object, source: str = "threads") -> int:
+    """`value` as a thread count (an int from 1 to ``max_threads()``), else ``ValueError`` naming `source`."""
+    top = max_threads()
+    expected = f"{source} must be a whole number of threads from 1 to {top} ({THREADS_PER_CORE} per core)"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{expected}, got {value!r}"[:300]) from None
+    if not 1 <= n <= top:
+        raise ValueError(f"{expected}, got {n}"[:300])
+    return n
+
+
 def default_threads() -> int:
-    """``CNNC_THREADS`` if set, else every core this process may run on."""
-    env = os.environ.get("CNNC_THREADS")
-    if env:
-        return max(1, int(env))
-    return len(available_cores())
+    """``CNNC_THREADS`` if set (``ValueError`` unless it is a count from 1 to ``max_threads()``), else every core
+    this process may run on."""
+    env = os.environ.get("CNNC_THREADS", "").strip()
+    if not env:
+        return len(available_cores())
+    try:
+        value: object = int(env)
+    except ValueError:  # (also a number of more than 4300 digits)
+        value = env
+    return check_threads(value, "CNNC_THREADS")
 
 
 def split(n: int, parts: int, grain: int = 1) -> list[tuple[int, int]]:
@@ -40,7 +69,7 @@ class Pool:
     """``run(tasks)`` calls each task (a no-argument callable) on its own thread and waits for all."""
 
     def __init__(self, threads: int | None = None) -> None:
-        self.size = threads or default_threads()
+        self.size = default_threads() if threads is None else check_threads(threads)
         cores = available_cores()
         self._pin = len(cores) >= self.size > 1
         self._cores = cores
@@ -106,8 +135,24 @@ _shared_lock = threading.Lock()
 
 
 def shared_pool(threads: int) -> Pool:
-    """The process's pool of `threads` threads: every model uses it, so threads are not made per model."""
+    """The process's pool of `threads` threads: every model uses it, so threads are not made per model.
+
+    Look it up for each batch rather than keeping it: a forked child gets new pools.
+    """
     with _shared_lock:
-        if threads not in _shared:
-            _shared[threads] = Pool(threads)
-        return _shared[threads]
+        pool = _shared.get(threads)
+        if pool is None:
+            pool = _shared[threads] = Pool(threads)
+        return pool
+
+
+def _forget_pools() -> None:
+    """In a forked child: only the forking thread exists, so the parent's pools (and a lock held by another
+    thread at the fork) are useless there; pools are made again when first needed."""
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    _shared.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)

@@ -242,7 +242,7 @@ def test_refused_as_a_process(work, args, expected):
 def test_bad_cnnc_threads_is_one_line(work, monkeypatch, value):
     monkeypatch.setenv("CNNC_THREADS", value)
     line = one_line_error(cnnc_cmd(work, *RUN))
-    assert line.startswith("cnnc: CNNC_THREADS: expected an integer from 1 to ")
+    assert line.startswith("cnnc: CNNC_THREADS must be a whole number of threads from 1 to ")
 
 
 def test_bad_cnnc_threads_in_a_process(work, monkeypatch):

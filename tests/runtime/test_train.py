@@ -483,7 +483,9 @@ def test_each_thread_prepares_its_share_of_the_batch_as_one_thread_would(data):
     assert len(seen["split"]) == len(seen["whole"]) > 4
     for a, b in zip(seen["split"], seen["whole"]):
         np.testing.assert_array_equal(a["x"], b["x"])
-        assert a["threads"] == set(range(split.threads)) and b["threads"] == {0}
+        assert a["threads"] <= set(range(split.threads)) and b["threads"] == {0}
+    # a batch of 32 is two shards of 16 (a smaller last batch may be one): both threads took part
+    assert any(a["threads"] == set(range(split.threads)) for a in seen["split"])
 
 
 def test_a_batch_that_fails_leaves_no_partial_gradient_behind(data):
