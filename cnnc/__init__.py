@@ -25,7 +25,8 @@ def compile_string(text: str, name: str = "<string>", **options: Any) -> Model:
     """Compile .cnn source text to a ``Model`` for this CPU. Mistakes raise ``CnnError``.
 
     Options: ``cache`` (default True: reuse a compiled object from the on-disk
-    cache), ``seed`` (weight initialisation, default 0), ``generic`` (True:
+    cache), ``seed`` (weight initialisation, default: the train
+    section's ``seed``, else 0), ``generic`` (True:
     target baseline x86-64 instead of this CPU), ``fuse`` (default True:
     fold activations into conv/dense kernels), ``winograd`` (default True: 3x3
     stride-1 convolutions with enough channels and outputs use Winograd
@@ -64,4 +65,4 @@ def _build(source: str, name: str, options: dict) -> Model:
     manifest, obj = compile_source(source, name, generic=options.get("generic", False),
                                    use_cache=options.get("cache", True), fuse=options.get("fuse", True),
                                    winograd=options.get("winograd", True))
-    return Model(manifest, obj, seed=options.get("seed", 0))
+    return Model(manifest, obj, seed=options.get("seed"))

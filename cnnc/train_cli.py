@@ -166,7 +166,7 @@ def cmd_train(args, diag: Diagnostics) -> int:
     check_outputs("train", inputs, outputs, **rules)
     if args.resume:
         _check_checkpoint(args.resume)
-    model = _load_model(args.file, args, diag, seed=args.seed or 0)
+    model = _load_model(args.file, args, diag, seed=args.seed)
     name = model.name
     out = args.output or f"{name}.weights.npz"
     ckpt = args.checkpoint or f"{name}.ckpt.npz"

@@ -181,8 +181,9 @@ def compatible_version(built: str, running: str) -> bool:
 class Model:
     """A compiled network: call it on a batch, train it, save and load its weights."""
 
-    def __init__(self, manifest: dict[str, Any], obj: bytes, weights: bytes = b"", seed: int = 0,
+    def __init__(self, manifest: dict[str, Any], obj: bytes, weights: bytes = b"", seed: int | None = None,
                  threads: int | None = None) -> None:
+        """`seed` draws the first weights (default: the train section's ``seed``, else 0)."""
         from cnnc_runtime import __version__
 
         artifact.validate(manifest)
@@ -241,7 +242,7 @@ class Model:
         self._params_ptr = self.flat_params.ctypes.data
         self._shard_ptrs = [self.flat_grads.ctypes.data]
         _MODELS.add(self)
-        self.initialize(seed)
+        self.initialize(manifest["train"].get("seed", 0) if seed is None else seed)
         if weights:
             self._load_file(io.BytesIO(weights), "the artifact's weights")
 

@@ -689,7 +689,6 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
                 # native Gaussian noise: a seed from the run's generator, so resume stays exact
                 noise = int(run.rng.integers(0, 2**63 - 1)) if s.jitter > 0 else None
                 scale = 1.0 / m if loss == "cross_entropy" else 1.0 / (m * k)
-                model.flat_grads[...] = 0.0
                 seed = int(run.rng.integers(0, 2**63 - 1)) if model.manifest["has_dropout"] else 0
 
                 def prepare(t: int, a: int, b: int, idx=idx, noise=noise) -> None:
@@ -697,14 +696,16 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
                     if noise is not None:
                         model._noise_rows(batch_ptr, s.jitter, noise, t, a, b)
 
-                model._accumulate_gradients(xb, tb, loss, seed, scale, out[:m], losses[:m], prepare)
-                value = float(losses[:m].sum(dtype=np.float64) * scale)
-                if s.weight_decay > 0:
-                    value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay)
-                if not (math.isfinite(value) and _finite(model.flat_grads, model.flat_params)):
-                    _stop_step(model, good, run, bar, value, b)
-                good[...] = model.flat_params
-                optimizer.step(model.flat_params, model.flat_grads)
+                with model._lock:  # value_and_grad on another thread must not mix its gradients into this step's
+                    model.flat_grads[...] = 0.0
+                    model._accumulate_gradients(xb, tb, loss, seed, scale, out[:m], losses[:m], prepare)
+                    value = float(losses[:m].sum(dtype=np.float64) * scale)
+                    if s.weight_decay > 0:
+                        value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay)
+                    if not (math.isfinite(value) and _finite(model.flat_grads, model.flat_params)):
+                        _stop_step(model, good, run, bar, value, b)
+                    good[...] = model.flat_params
+                    optimizer.step(model.flat_params, model.flat_grads)
                 run.step += 1
                 total += value * m
                 seen += m

@@ -240,6 +240,16 @@ def test_writing_into_params_changes_the_output() -> None:
     np.testing.assert_allclose(flat[0], flat[1], rtol=0, atol=1e-6)  # c1's output is 0 for every image
 
 
+def test_first_weights_come_from_the_train_sections_seed_unless_given() -> None:
+    seeded = TINY.replace("}\n", "}\ntrain {\n    seed 3\n}\n", 1)
+    from_file = cnnc.compile_string(seeded)
+    assert from_file.manifest["train"]["seed"] == 3
+    np.testing.assert_array_equal(from_file.flat_params, cnnc.compile_string(TINY, seed=3).flat_params)
+    assert not np.array_equal(from_file.flat_params, cnnc.compile_string(TINY).flat_params)  # no seed: 0
+    np.testing.assert_array_equal(cnnc.compile_string(seeded, seed=0).flat_params,
+                                  cnnc.compile_string(TINY).flat_params)
+
+
 def test_state_returns_copies() -> None:
     model = build(TINY)
     state = model.state()
