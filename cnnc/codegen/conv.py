@@ -41,6 +41,7 @@ from cnnc.codegen.conv_direct import GradSpace, Plane
 from cnnc.codegen.emit import for_range, i64, kernel
 from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, vector_loop
 from cnnc.codegen.specs import ConvSpec
+from cnnc.ops import activations
 
 I8 = ir.IntType(8)
 
@@ -353,7 +354,7 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         def finish(b: ir.IRBuilder, r: ir.Value, at: ir.Value, value: ir.Value, width: int, y_img=y_img) -> None:
             if bias is not None:
                 value = b.fadd(value, emit.splat(b, emit.load(b, bias, r), width))
-            emit.store(b, emit.activation(b, value, spec.act, spec.alpha), y_img, at)
+            emit.store(b, activations.emit(b, value, spec.act, spec.act_args), y_img, at)
 
         if winograd:
             conv_winograd.product(b, p, pad, u, wino_ws, finish)
@@ -477,7 +478,7 @@ def emit_conv_forward(module: ir.Module, name: str, spec: ConvSpec, vw: int) -> 
                       first_out=first_out, y_g=y_g) -> None:
                 if bias is not None:
                     value = b.fadd(value, emit.splat(b, emit.load(b, bias, b.add(first_out, r)), width))
-                value = emit.activation(b, value, spec.act, spec.alpha)
+                value = activations.emit(b, value, spec.act, spec.act_args)
                 emit.store(b, value, y_g, index(b, (r, g.p), j))
 
             gemm_nn(b, g.og, g.p, g.k, w_g, col_g, store, vw)

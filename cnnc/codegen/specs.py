@@ -47,7 +47,7 @@ class ConvSpec:
     connect: tuple[tuple[int, ...], ...] | None = None
     bias: bool = True
     act: str = "none"
-    alpha: float = 0.01
+    act_args: tuple[tuple[str, float], ...] = ()  # the activation's arguments, e.g. (("alpha", 0.01),)
     x_stride: int = 0
     y_stride: int = 0
     accumulate: bool = False
@@ -62,7 +62,7 @@ class DenseSpec:
     o: int
     bias: bool = True
     act: str = "none"
-    alpha: float = 0.01
+    act_args: tuple[tuple[str, float], ...] = ()  # the activation's arguments, e.g. (("alpha", 0.01),)
     x_stride: int = 0
     y_stride: int = 0
     accumulate: bool = False
@@ -96,14 +96,19 @@ class PoolSpec:
 
 @dataclass(frozen=True)
 class ElementwiseSpec:
-    """An activation over ``size`` floats per image (forward y = f(x); backward from saved y)."""
+    """An activation over ``size`` floats per image (forward y = f(x); backward from the saved y, or x).
+
+    ``v_stride`` is the per-image stride of the saved tensor the backward kernel
+    reads (0: ``y_stride``); it differs when that tensor is the input.
+    """
 
     size: int
     act: str
-    alpha: float = 0.01
+    act_args: tuple[tuple[str, float], ...] = ()
     x_stride: int = 0
     y_stride: int = 0
     accumulate: bool = False
+    v_stride: int = 0
 
 
 @dataclass(frozen=True)

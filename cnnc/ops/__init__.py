@@ -1,13 +1,34 @@
-"""The op table: every operation the language knows, by name.
+"""The op table: every operation the language knows, by name. See ``cnnc.ir.OpDef`` for the fields.
 
-Adding an op means one ``OpDef`` in a module here (arguments, shape rule,
-parameters, MACs) plus its kernels and gradient in ``cnnc.codegen.lowering``.
+Everything about an op is found from its name here: its arguments and
+defaults, shape rule, parameter shapes, MAC count, float64 reference forward
+and gradient rule (``reference``, ``reference_grad``), and the kernel family
+that lowers it (``lowering``: an entry of ``cnnc.codegen.lowering.FAMILIES``).
+Passes, code generation, the reference interpreter and the summary look ops
+up in ``OPS`` and nowhere else.
+
+Adding an activation is one ``Activation`` entry in ``cnnc.ops.activations.TABLE``:
+its arguments and defaults, float64 reference and derivative, ``grad_from``
+(``"output"`` when the derivative can be written in terms of the output, else
+``"input"``), ``he_init`` for ReLU-like ones, and its two LLVM expressions,
+written in ``cnnc.codegen.activations`` (``f(b, x, args)`` and
+``g(b, v, dy, args)``). Fusion, the kernels, autodiff, the reference and the
+initialisation follow from the entry. Tests: add it to the element-wise kernel
+tests (``tests/codegen/test_elementwise.py``, all three vector widths), to a
+fused conv/dense test and to the whole-network gradient and PyTorch checks
+(``tests/runtime/test_gradients.py``, ``tests.reference.torch_forward``).
+
+Adding another op is an ``OpDef`` in a module here (arguments, shape rule,
+parameters, MACs, reference and its gradient) plus, when no existing kernel
+family lowers it, a family in ``cnnc.codegen.lowering`` (its forward and
+backward emitters). ``tests/ops/test_table.py`` checks that every op has every part.
 """
 
 from __future__ import annotations
 
 from cnnc.ir import OpDef
 from cnnc.ops import conv, dense, pool, simple
+from cnnc.ops.activations import TABLE as ACTIVATIONS
 
 OPS: dict[str, OpDef] = {
     op.name: op
@@ -19,10 +40,7 @@ OPS: dict[str, OpDef] = {
         pool.GLOBAL_AVGPOOL,
         dense.DENSE,
         simple.FLATTEN,
-        simple.RELU,
-        simple.SIGMOID,
-        simple.TANH,
-        simple.LEAKY_RELU,
+        *simple.ACTIVATIONS,
         simple.SOFTMAX,
         simple.DROPOUT,
         simple.ADD,
@@ -31,3 +49,5 @@ OPS: dict[str, OpDef] = {
 }
 
 LAYERS = sorted(name for name in OPS if name != "input")
+
+__all__ = ["ACTIVATIONS", "LAYERS", "OPS"]

@@ -8,7 +8,18 @@ import numpy as np
 
 from cnnc.errors import CnnError
 from cnnc.ir import Arg, OpDef
-from cnnc.ops.common import fail, fmt, layer, need_image, resolve_padding, window_output
+from cnnc.ops.common import (
+    connect_mask,
+    fail,
+    fmt,
+    layer,
+    need_image,
+    pad,
+    resolve_padding,
+    unwindows,
+    window_output,
+    windows,
+)
 
 
 def _check(args: dict, loc) -> None:
@@ -88,6 +99,44 @@ def macs(node: dict, ins: list) -> int:
     return g["out"] * (ins[0][0] // a["groups"]) * per_output
 
 
+def masked_weight(node: dict, w: np.ndarray) -> np.ndarray:
+    """The weight with the entries outside a connect table zeroed."""
+    connect = node["args"].get("connect")
+    return w * connect_mask(connect, w.shape)[:, :, None, None] if connect is not None else w
+
+
+def _columns(node: dict, x: np.ndarray, kh: int, kw: int) -> np.ndarray:
+    """(N, groups, C/groups, kh, kw, oh, ow): the input pixel each tap of each output reads."""
+    geo, a = node["geometry"], node["args"]
+    cols = windows(pad(x, geo["pads"]), (kh, kw), a["stride"], geo["oh"], geo["ow"], a.get("dilation", (1, 1)))
+    return cols.reshape(x.shape[0], a["groups"], x.shape[1] // a["groups"], kh, kw, geo["oh"], geo["ow"])
+
+
+def reference(node: dict, ins: list, layer: dict) -> np.ndarray:
+    """Cross-correlation of (N, C, H, W) with weight (out, in/groups, kh, kw), plus the bias."""
+    w, b, x = masked_weight(node, layer["weight"]), layer["bias"], ins[0]
+    g = node["args"]["groups"]
+    o, cg, kh, kw = w.shape
+    y = np.einsum("ngcijhw,gocij->ngohw", _columns(node, x, kh, kw), w.reshape(g, o // g, cg, kh, kw))
+    y = y.reshape(x.shape[0], o, *y.shape[-2:])
+    return y if b is None else y + b.reshape(1, -1, 1, 1)
+
+
+def reference_grad(node: dict, ins: list, y: np.ndarray, dy: np.ndarray, layer: dict) -> tuple[list, dict]:
+    geo, a = node["geometry"], node["args"]
+    w, x = masked_weight(node, layer["weight"]), ins[0]
+    g = a["groups"]
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    dyg = dy.reshape(n, g, o // g, geo["oh"], geo["ow"])
+    dw = np.einsum("ngohw,ngcijhw->gocij", dyg, _columns(node, x, kh, kw)).reshape(w.shape)
+    dcols = np.einsum("ngohw,gocij->ngcijhw", dyg, w.reshape(g, o // g, cg, kh, kw))
+    padded = pad(x, geo["pads"]).shape
+    dx = unwindows(dcols.reshape(n, c, kh, kw, geo["oh"], geo["ow"]), padded, a["stride"], geo["pads"], h, wd,
+                   a.get("dilation", (1, 1)))
+    return [dx], {"weight": masked_weight(node, dw), "bias": dy.sum(axis=(0, 2, 3))}
+
+
 CONV = OpDef(
     name="conv",
     args=(
@@ -106,5 +155,8 @@ CONV = OpDef(
     params=params,
     count_params=count_params,
     macs=macs,
+    lowering="conv",
+    reference=reference,
+    reference_grad=reference_grad,
     doc="2-D convolution, weight (out, in/groups, kh, kw)",
 )

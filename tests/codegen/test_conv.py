@@ -22,8 +22,8 @@ from cnnc.codegen.conv import (
     emit_conv_backward_weights,
     emit_conv_forward,
 )
-from cnnc.codegen.emit import ACTIVATIONS
 from cnnc.codegen.specs import ConvSpec
+from tests.codegen.buffers import ACTS, act_args_of, act_ref
 
 SENTINEL = np.float32(1234.5)
 N_IMAGES, N0, N1 = 4, 1, 3
@@ -92,16 +92,6 @@ CASES = {
 # --- numpy references (float64, images as (N, C, H, W)) ---------------------------------------------
 
 
-def act_ref(v: np.ndarray, act: str, alpha: float) -> np.ndarray:
-    if act == "relu":
-        return np.maximum(v, 0.0)
-    if act == "leaky_relu":
-        return np.where(v > 0, v, alpha * v)
-    if act == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-v))
-    if act == "tanh":
-        return np.tanh(v)
-    return v
 
 
 def connect_mask(s: ConvSpec) -> np.ndarray:
@@ -275,7 +265,7 @@ ACT_SPEC = make_spec(2, 7, 9, 4, 3, 3, stride=(2, 1), pad=(1, 1, 0, 1), gap=5)
 @pytest.mark.parametrize("base", [ACT_SPEC, CASES["winograd_same"]], ids=["strided", "winograd"])
 def test_conv_forward_activations(jit, base: ConvSpec) -> None:
     rng = np.random.default_rng(3)
-    specs = {act: dataclasses.replace(base, act=act, alpha=0.1 if act == "leaky_relu" else 0.01) for act in ACTIVATIONS}
+    specs = {act: dataclasses.replace(base, act=act, act_args=act_args_of(act)) for act in ACTS}
     for act, s in specs.items():
         emit_conv_forward(jit.module, f"fwd_{act}", s, jit.vw)
     s = base
@@ -286,10 +276,10 @@ def test_conv_forward_activations(jit, base: ConvSpec) -> None:
     x_buf = arena(x, s.x_stride, np.nan)
     xr = x_buf[N0:N1, :s.c * s.h * s.w].reshape(-1, s.c, s.h, s.w).astype(np.float64)
     pre = conv_ref(xr, w.astype(np.float32).astype(np.float64), bias.astype(np.float32).astype(np.float64), s)
-    for act, spec in specs.items():
+    for act in specs:
         y = np.full((N_IMAGES, s.y_stride), SENTINEL, dtype=np.float32)
         jit(f"fwd_{act}", x_buf, w.astype(np.float32), bias.astype(np.float32), y, workspace(s, jit.vw), N0, N1)
-        check_arena(y, np.full_like(y, SENTINEL), act_ref(pre, act, spec.alpha), s.o * s.oh * s.ow)
+        check_arena(y, np.full_like(y, SENTINEL), act_ref(pre, act), s.o * s.oh * s.ow)
 
 
 def test_which_convolutions_run_by_winograd() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from cnnc import cli
 from cnnc.driver import check_source, optimize
 from cnnc.errors import Diagnostics
+from cnnc.ops import ACTIVATIONS
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -42,12 +43,15 @@ def test_dense_tanh_fuses():
     assert f.nodes["h.2"].get("act", "none") == "none"
 
 
-def test_every_activation_fuses_and_leaky_relu_keeps_alpha():
-    for act in ("relu", "sigmoid", "tanh", "leaky_relu(alpha=0.2)"):
+def test_every_activation_fuses_and_carries_all_its_arguments():
+    for act in ACTIVATIONS:
         _, f = fused(net(f"    h = x -> dense(8) -> {act} -> dense(2)", "5"))
-        assert f.nodes["h.1"]["act"] == act.split("(")[0]
+        assert f.nodes["h.1"]["act"] == act
+        assert f.nodes["h.1"]["act_args"] == {a.name: a.default for a in ACTIVATIONS[act].args}
     _, f = fused(net("    h = x -> dense(8) -> leaky_relu(alpha=0.2) -> dense(2)", "5"))
-    assert f.nodes["h.1"]["alpha"] == 0.2
+    assert f.nodes["h.1"]["act_args"] == {"alpha": 0.2}
+    _, f = fused(net("    h = x -> dense(8) -> elu(alpha=0.5) -> dense(2)", "5"))
+    assert f.nodes["h.1"]["act_args"] == {"alpha": 0.5}
 
 
 def test_conv_whose_output_is_also_used_by_add_does_not_fuse():

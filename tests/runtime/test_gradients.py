@@ -284,7 +284,7 @@ def test_dropout_is_deterministic_per_seed_and_varies_across_seeds() -> None:
 # ---- torch autograd ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lenet5", "resnet"])
+@pytest.mark.parametrize("name", ["lenet5", "resnet", "smooth"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 def test_matches_torch_autograd(name: str, loss: str) -> None:
     torch = pytest.importorskip("torch")
