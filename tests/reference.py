@@ -169,6 +169,22 @@ network smooth {
 }
 """
 
+# dilated convolutions: 'same' padding, a stride, groups, a table, different dilations per axis
+DILATED = """
+table halves {
+    0: 0 1
+    1: 2 3
+    2: 0 3
+}
+network dilated {
+    input x: 2x11x11
+    a = x -> conv(4, 3x3, pad=same, dilation=2) -> relu                     # 4@11x11
+    b = a -> conv(4, 3x2, stride=2, pad=1, groups=2, dilation=2x3) -> tanh   # 4@5x5
+    c = b -> conv(3, 2x2, dilation=3, connect=halves) -> elu                 # 3@2x2
+    o = c -> flatten -> dense(5)
+}
+"""
+
 NETWORKS = {
     "lenet5": (EXAMPLES / "lenet5.cnn").read_text(),
     "lenet_modern": LENET_MODERN,
@@ -180,6 +196,7 @@ NETWORKS = {
     "pools": POOLS,
     "filters": FILTERS,
     "smooth": SMOOTH,
+    "dilated": DILATED,
 }
 
 
@@ -315,7 +332,8 @@ def torch_forward(g, params: Mapping, x, loss: str | None = None):
                 w = w * torch.as_tensor(connect_mask(a["connect"], tuple(w.shape)), dtype=w.dtype)[:, :, None, None]
             pt, pb, pl, pr = geo["pads"]
             xi = F.pad(ins[0], (pl, pr, pt, pb))
-            y = F.conv2d(xi, w, params.get(f"{n}.bias"), stride=a["stride"], groups=a["groups"])
+            y = F.conv2d(xi, w, params.get(f"{n}.bias"), stride=a["stride"], groups=a["groups"],
+                         dilation=a["dilation"])
         elif op == "dense":
             y = F.linear(ins[0], params[f"{n}.weight"], params.get(f"{n}.bias"))
         elif op == "maxpool":

@@ -41,6 +41,7 @@ def conv_spec(ctx, name: str, accumulate: bool = False, fused: bool = True) -> C
     return ConvSpec(
         c=c, h=h, w=w, o=geo["out"], oh=geo["oh"], ow=geo["ow"], kh=geo["k"][0], kw=geo["k"][1],
         sh=a["stride"][0], sw=a["stride"][1], pt=pt, pl=pl, groups=a["groups"], connect=a["connect"],
+        dh=a["dilation"][0], dw=a["dilation"][1],
         bias=a["bias"], act=node.get("act", "none") if fused else "none",
         act_args=act_args(node.get("act_args", {})) if fused else (),
         x_stride=ctx.value(node["inputs"][0]).stride, y_stride=ctx.value(name).stride, accumulate=accumulate,
@@ -57,7 +58,8 @@ def covers_input(ctx, name: str) -> bool:
     node = ctx.node(name)
     c, h, w = ctx.node(node["inputs"][0])["shape"]
     geo, a = node["geometry"], node["args"]
-    return (geo["k"] == (h, w) and geo["pads"] == (0, 0, 0, 0) and a["groups"] == 1 and a["connect"] is None)
+    return (geo["k"] == (h, w) and geo["pads"] == (0, 0, 0, 0) and a["groups"] == 1 and a["connect"] is None
+            and a["dilation"] == (1, 1))
 
 
 def dense_spec(ctx, name: str, accumulate: bool = False, fused: bool = True) -> DenseSpec:

@@ -27,6 +27,7 @@ class ConvSpec:
     Weight ``(o, c // groups, kh, kw)``; bias ``(o,)``. Padding is zero;
     ``pt``/``pl`` are top/left, the bottom/right padding follows from
     ``oh``/``ow`` (``same`` with an even kernel pads one more at the bottom/right).
+    A dilated convolution (``dh``/``dw`` > 1) runs on the im2col path.
     ``connect[i]`` lists the input channels output channel ``i`` reads (groups
     must be 1); weights outside it are zero and their gradients are never written.
     """
@@ -46,6 +47,8 @@ class ConvSpec:
     groups: int = 1
     connect: tuple[tuple[int, ...], ...] | None = None
     bias: bool = True
+    dh: int = 1  # dilation: tap (ky, kx) reads input row oy*sh - pt + ky*dh, column ox*sw - pl + kx*dw
+    dw: int = 1
     act: str = "none"
     act_args: tuple[tuple[str, float], ...] = ()  # the activation's arguments, e.g. (("alpha", 0.01),)
     x_stride: int = 0

@@ -1,4 +1,4 @@
-"""conv: 2-D convolution with stride, padding, groups, connection tables and written weights."""
+"""conv: 2-D convolution with stride, padding, groups, dilation, connection tables and written weights."""
 
 from __future__ import annotations
 
@@ -68,10 +68,17 @@ def shape(node: dict, ins: list) -> tuple:
         if got != expected:
             fail(node, f"{layer(node)}: written weights have shape {fmt(a['weights'].shape)}; "
                        f"expected {fmt(expected)} (out x in x kh x kw; leading 1s may be left out)")
-    pads = resolve_padding(node, a["pad"], (h, w), k, a["stride"])
-    oh, ow = window_output(node, (c, h, w), k, a["stride"], pads, "kernel")
+    span = dilated(k, a["dilation"])
+    pads = resolve_padding(node, a["pad"], (h, w), span, a["stride"])
+    what = "kernel" if span == tuple(k) else f"kernel ({fmt(k)} dilated by {fmt(a['dilation'])})"
+    oh, ow = window_output(node, (c, h, w), span, a["stride"], pads, what)
     node["geometry"] = {"out": out, "k": tuple(k), "pads": pads, "oh": oh, "ow": ow}
     return out, oh, ow
+
+
+def dilated(k: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:
+    """The rows and columns a dilated kernel spans: d (k - 1) + 1, so out = floor((in + 2p - d(k-1) - 1)/s) + 1."""
+    return tuple(d * (n - 1) + 1 for n, d in zip(k, dilation))
 
 
 def params(node: dict, ins: list) -> dict:
@@ -108,7 +115,7 @@ def masked_weight(node: dict, w: np.ndarray) -> np.ndarray:
 def _columns(node: dict, x: np.ndarray, kh: int, kw: int) -> np.ndarray:
     """(N, groups, C/groups, kh, kw, oh, ow): the input pixel each tap of each output reads."""
     geo, a = node["geometry"], node["args"]
-    cols = windows(pad(x, geo["pads"]), (kh, kw), a["stride"], geo["oh"], geo["ow"], a.get("dilation", (1, 1)))
+    cols = windows(pad(x, geo["pads"]), (kh, kw), a["stride"], geo["oh"], geo["ow"], a["dilation"])
     return cols.reshape(x.shape[0], a["groups"], x.shape[1] // a["groups"], kh, kw, geo["oh"], geo["ow"])
 
 
@@ -133,7 +140,7 @@ def reference_grad(node: dict, ins: list, y: np.ndarray, dy: np.ndarray, layer: 
     dcols = np.einsum("ngohw,gocij->ngcijhw", dyg, w.reshape(g, o // g, cg, kh, kw))
     padded = pad(x, geo["pads"]).shape
     dx = unwindows(dcols.reshape(n, c, kh, kw, geo["oh"], geo["ow"]), padded, a["stride"], geo["pads"], h, wd,
-                   a.get("dilation", (1, 1)))
+                   a["dilation"])
     return [dx], {"weight": masked_weight(node, dw), "bias": dy.sum(axis=(0, 2, 3))}
 
 
@@ -145,6 +152,7 @@ CONV = OpDef(
         Arg("stride", "size", 1),
         Arg("pad", "pad", 0, "an int, HxW, same or valid"),
         Arg("groups", "count", 1),
+        Arg("dilation", "size", 1, "spacing of the kernel taps, 2 or 2x2"),
         Arg("connect", "table", None, "a table of which input channels each output reads"),
         Arg("bias", "bool", True),
         Arg("weights", "weights", None, "fixed weights written in the file"),

@@ -34,8 +34,9 @@ def make_spec(c, h, w, o, kh, kw, stride=(1, 1), pad=(0, 0, 0, 0), gap=0, **opti
     """A ConvSpec from (top, left, bottom, right) padding; `gap` floats of garbage after each image."""
     sh, sw = stride
     pt, pl, pb, pr = pad
-    oh = (h + pt + pb - kh) // sh + 1
-    ow = (w + pl + pr - kw) // sw + 1
+    span_h, span_w = (kh - 1) * options.get("dh", 1) + 1, (kw - 1) * options.get("dw", 1) + 1
+    oh = (h + pt + pb - span_h) // sh + 1  # floor((in + 2p - d(k-1) - 1)/s) + 1
+    ow = (w + pl + pr - span_w) // sw + 1
     spec = ConvSpec(c=c, h=h, w=w, o=o, oh=oh, ow=ow, kh=kh, kw=kw, sh=sh, sw=sw, pt=pt, pl=pl, **options)
     return dataclasses.replace(spec, x_stride=c * h * w + gap, y_stride=o * oh * ow + gap)
 
@@ -81,6 +82,14 @@ CASES = {
     "wide_out_19": make_spec(3, 6, 5, 19, 3, 3, pad=(1, 1, 1, 1), gap=2),
     "wide_groups2_36": make_spec(4, 5, 5, 36, 3, 3, stride=(2, 1), groups=2, accumulate=True),
     "wide_connect_17": make_spec(3, 5, 6, 17, 2, 3, connect=tuple((i % 3, (i + 1) % 3) for i in range(17))),
+    # dilation (im2col): taps dh/dw apart, with padding, strides, groups and a table; a 1x1 kernel ignores it
+    "dilated_2_same": make_spec(3, 9, 9, 4, 3, 3, pad=(2, 2, 2, 2), dh=2, dw=2),
+    "dilated_3x2_stride": make_spec(2, 11, 10, 5, 3, 2, stride=(2, 1), pad=(1, 0, 2, 1), dh=3, dw=2, gap=3,
+                                    accumulate=True),
+    "dilated_groups2": make_spec(4, 8, 9, 6, 2, 3, pad=(1, 1, 1, 1), groups=2, dh=2, dw=3, gap=1),
+    "dilated_connect": make_spec(4, 7, 7, 3, 3, 3, connect=((0, 1), (2,), (1, 3)), dh=2, dw=1, bias=False),
+    "dilated_1x1": make_spec(3, 5, 6, 4, 1, 1, dh=2, dw=2),
+    "dilated_like_winograd": make_spec(16, 12, 12, 16, 3, 3, pad=(2, 2, 2, 2), dh=2, dw=2, gap=2),
     # 3x3 with enough channels and even output sizes: Winograd F(2x2, 3x3), forward and input gradient
     "winograd_same": make_spec(16, 16, 16, 20, 3, 3, pad=(1, 1, 1, 1), gap=3),
     "winograd_valid_accumulate": make_spec(17, 18, 18, 16, 3, 3, accumulate=True),
@@ -105,7 +114,8 @@ def connect_mask(s: ConvSpec) -> np.ndarray:
 
 
 def _padded_shape(s: ConvSpec) -> tuple[int, int]:
-    return max(s.h + s.pt, (s.oh - 1) * s.sh + s.kh), max(s.w + s.pl, (s.ow - 1) * s.sw + s.kw)
+    return (max(s.h + s.pt, (s.oh - 1) * s.sh + (s.kh - 1) * s.dh + 1),
+            max(s.w + s.pl, (s.ow - 1) * s.sw + (s.kw - 1) * s.dw + 1))
 
 
 def _taps(s: ConvSpec):
@@ -114,7 +124,8 @@ def _taps(s: ConvSpec):
     for g in range(s.groups):
         for ky in range(s.kh):
             for kx in range(s.kw):
-                window = (slice(ky, ky + (s.oh - 1) * s.sh + 1, s.sh), slice(kx, kx + (s.ow - 1) * s.sw + 1, s.sw))
+                y0, x0 = ky * s.dh, kx * s.dw
+                window = (slice(y0, y0 + (s.oh - 1) * s.sh + 1, s.sh), slice(x0, x0 + (s.ow - 1) * s.sw + 1, s.sw))
                 yield slice(g * cg, (g + 1) * cg), slice(g * og, (g + 1) * og), ky, kx, window
 
 
