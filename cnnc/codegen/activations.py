@@ -53,10 +53,20 @@ def tanh_grad(b: ir.IRBuilder, y: ir.Value, dy: ir.Value, args: dict) -> ir.Valu
     return b.fmul(dy, b.fsub(const(b, y, 1.0), b.fmul(y, y)))
 
 
+def expm1(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """e**x - 1 without the cancellation near 0: the Taylor series to x**9 for |x| < 1/2 (error below 3e-10)."""
+    c = lambda v: const(b, x, v)  # noqa: E731
+    p = c(1.0 / math.factorial(9))
+    for k in range(8, 0, -1):
+        p = emit.fma(b, p, x, c(1.0 / math.factorial(k)))
+    small = b.fcmp_ordered("<", emit.intrinsic(b, "llvm.fabs", x.type, [x]), c(0.5))
+    return b.select(small, b.fmul(p, x), b.fsub(emit.exp(b, x), c(1.0)))
+
+
 def elu(b: ir.IRBuilder, x: ir.Value, args: dict) -> ir.Value:
-    """x if x > 0 else alpha (e**x - 1)."""
-    neg = b.fmul(const(b, x, args["alpha"]), b.fsub(emit.exp(b, x), const(b, x, 1.0)))
-    return b.select(b.fcmp_ordered(">", x, const(b, x, 0.0)), x, neg)
+    """x if x > 0 else alpha (e**x - 1); NaN stays NaN (exp's clamp would turn it into -alpha)."""
+    neg = b.fmul(const(b, x, args["alpha"]), expm1(b, x))
+    return b.select(b.fcmp_unordered(">", x, const(b, x, 0.0)), x, neg)
 
 
 def elu_grad(b: ir.IRBuilder, y: ir.Value, dy: ir.Value, args: dict) -> ir.Value:
@@ -86,7 +96,10 @@ _ERF_Q = (-1.42647390514189e-02, -7.37332916720468e-03, -1.68282697438203e-03, -
 
 
 def erf(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
-    """erf for scalars or vectors, without libm; the clamp is written with compares so that NaN propagates."""
+    """erf for scalars or vectors, without libm; the clamps are written with compares so that NaN propagates.
+
+    The result is clamped to [-1, 1], so that 1 + erf(x) is never negative (gelu keeps its sign far out).
+    """
     c = lambda v: const(b, x, v)  # noqa: E731
     x = b.select(b.fcmp_ordered(">", x, c(4.0)), c(4.0), x)
     x = b.select(b.fcmp_ordered("<", x, c(-4.0)), c(-4.0), x)
@@ -97,11 +110,16 @@ def erf(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     q = c(_ERF_Q[-1])
     for coef in reversed(_ERF_Q[:-1]):
         q = emit.fma(b, q, z, c(coef))
-    return b.fdiv(b.fmul(x, p), q)
+    y = b.fdiv(b.fmul(x, p), q)
+    y = b.select(b.fcmp_ordered(">", y, c(1.0)), c(1.0), y)
+    return b.select(b.fcmp_ordered("<", y, c(-1.0)), c(-1.0), y)
 
 
 def gelu(b: ir.IRBuilder, x: ir.Value, args: dict) -> ir.Value:
-    """x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, the exact form."""
+    """x Phi(x) = x (1 + erf(x / sqrt 2)) / 2, the exact form, computed as PyTorch does in float32.
+
+    For x far below 0, 1 + erf cancels: the absolute error is about 1e-7 |x| there (the relative error grows).
+    """
     half_x = b.fmul(x, const(b, x, 0.5))
     return emit.fma(b, half_x, erf(b, b.fmul(x, const(b, x, math.sqrt(0.5)))), half_x)
 

@@ -31,7 +31,9 @@ def erf(x: np.ndarray) -> np.ndarray:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    """1 / (1 + e^-x), written so that no exp overflows."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def _gelu_derivative(x: np.ndarray, y: np.ndarray, a: dict) -> np.ndarray:

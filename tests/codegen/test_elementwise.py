@@ -324,3 +324,34 @@ def test_squashing_activations_over_their_whole_range(jit, act):
     if act == "tanh":
         assert np.all(np.abs(got) <= 1.0), "|tanh| above 1 would flip the sign of its gradient 1 - y^2"
         assert np.all(np.isnan(y[N0:N1, -1])), "NaN must propagate (the loss check relies on it)"
+
+
+@pytest.mark.parametrize("act", ["elu", "gelu", "silu"])
+def test_smooth_activations_over_their_whole_range(jit, act):
+    """A dense sweep against the float64 reference, far tails included; NaN propagates, forward and backward.
+
+    Error bound: 2e-6 relative plus 2e-7 |x| absolute (gelu's 1 + erf(x / sqrt 2) cancels for x << 0,
+    as in PyTorch's float32 gelu).
+    """
+    size = 4001
+    spec = ElementwiseSpec(size=size, act=act, act_args=act_args_of(act), x_stride=size, y_stride=size)
+    emit_activation_forward(jit.module, "fwd", spec, jit.vw)
+    emit_activation_backward(jit.module, "bwd", spec, jit.vw)
+    x = np.zeros((N, size), np.float32)
+    x[N0:N1] = np.concatenate([np.linspace(-12, 12, size - 6), [0.0, 1e-30, -1e-30, 1e4, -1e4, np.nan]])
+    y = np.zeros_like(x)
+    jit("fwd", x, y, N0, N1)
+    got, want = y[N0:N1, :-1].astype(np.float64), act_ref(x[N0:N1, :-1], act)
+    bound = 2e-6 * np.abs(want) + 2e-7 * np.abs(x[N0:N1, :-1]) + 1e-37
+    assert np.all(np.abs(got - want) <= bound), act
+    if act == "gelu":
+        assert np.all(got[x[N0:N1, :-1] < 0] <= 0), "gelu keeps the sign of x"
+    assert np.all(np.isnan(y[N0:N1, -1])), "NaN must propagate (the loss check relies on it)"
+
+    dy = np.ones_like(x)
+    dx = np.zeros_like(x)
+    jit("bwd", x if grad_reads_input(act) else y, dy, dx, N0, N1)
+    got = dx[N0:N1, :-1].astype(np.float64)
+    want = act_grad_ref(x[N0:N1, :-1], y[N0:N1, :-1], dy[N0:N1, :-1], act)
+    assert np.all(np.abs(got - want) <= 2e-6 * np.abs(want) + 4e-7 * np.maximum(1.0, np.abs(x[N0:N1, :-1]))), act
+    assert np.all(np.isnan(dx[N0:N1, -1])), "a NaN input gives a NaN gradient"
