@@ -124,3 +124,15 @@ def test_graph_fused_shows_the_activation(tmp_path):
     dot = out.read_text()
     assert "conv+tanh" in dot and "dense+tanh" in dot
     assert "c1.tanh" not in dot
+
+
+def test_input_reading_activations_fuse_and_keep_their_input_for_training():
+    """gelu and silu fuse into conv and dense like the others; training keeps their input (Plan.pre), elu not."""
+    from cnnc.codegen.plan import plan_memory
+    from tests.reference import SMOOTH
+
+    _, f = fused(SMOOTH)
+    acts = {n: f.nodes[n]["act"] for n in f.nodes if f.nodes[n].get("act", "none") != "none"}
+    assert acts == {"a": "gelu", "b": "silu", "g": "silu", "f.1": "gelu", "f.2": "elu"}
+    assert set(plan_memory(f, training=True).pre) == {"a", "b", "g", "f.1"}
+    assert plan_memory(f, training=False).pre == {}
