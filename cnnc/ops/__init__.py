@@ -13,10 +13,15 @@ its arguments and defaults, float64 reference and derivative, ``grad_from``
 ``"input"``), ``he_init`` for ReLU-like ones, and its two LLVM expressions,
 written in ``cnnc.codegen.activations`` (``f(b, x, args)`` and
 ``g(b, v, dy, args)``). Fusion, the kernels, autodiff, the reference and the
-initialisation follow from the entry. Tests: add it to the element-wise kernel
-tests (``tests/codegen/test_elementwise.py``, all three vector widths), to a
-fused conv/dense test and to the whole-network gradient and PyTorch checks
-(``tests/runtime/test_gradients.py``, ``tests.reference.torch_forward``).
+initialisation follow from the entry. Tests: the element-wise kernel tests
+(three vector widths) and the fused conv and dense kernel tests take every
+entry of the table by themselves (``tests/codegen/buffers.py``); give it a
+PyTorch twin in ``tests.reference._torch_activations`` and use it in one of
+the whole-network test networks (``tests.reference.NETWORKS``: native against
+the float64 reference, gradients, PyTorch), both of which
+``tests/ops/test_table.py`` insists on. Adding gelu took: its entry and
+derivative here, its two kernel expressions (and ``erf``) in
+``cnnc.codegen.activations``, one line of PyTorch twin and a test network.
 
 Adding another op is an ``OpDef`` in a module here (arguments, shape rule,
 parameters, MACs, reference and its gradient) plus, when no existing kernel
