@@ -22,10 +22,9 @@ from cnnc.codegen.module import build_module
 from cnnc.codegen.target import Target, emit_objects, host_target
 from cnnc.driver import optimize
 from cnnc.ir import execution_order
+from cnnc.ops.activations import he_init
 from cnnc_runtime import __version__, artifact
 from cnnc_runtime.native import bundle
-
-ACTIVATIONS_WANTING_HE = ("relu", "leaky_relu")
 
 
 @dataclass
@@ -66,13 +65,13 @@ def ir_key(fused: nx.DiGraph, target: Target) -> str:
 
 
 def _init_scheme(fused: nx.DiGraph, layer: str) -> str:
-    """He for layers feeding a ReLU, LeCun otherwise (both fan-in scaled normals)."""
+    """He for layers feeding a ReLU-like activation (its op table entry), LeCun otherwise (fan-in scaled normals)."""
     node = fused.nodes[layer]
     act = node.get("act", "none")
     if act == "none":
         succ = list(fused.successors(layer))
         act = fused.nodes[succ[0]]["op"] if len(succ) == 1 else "none"
-    return "he" if act in ACTIVATIONS_WANTING_HE else "lecun"
+    return "he" if he_init(act) else "lecun"
 
 
 def manifest_for(checked: nx.DiGraph, fused: nx.DiGraph, facts: dict, target: Target) -> dict[str, Any]:

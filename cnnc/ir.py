@@ -16,6 +16,7 @@ params     ``{"weight": shape, "bias": shape}`` (shape inference; empty for ops 
 fixed      ``{"weight": ndarray}`` for weights written in the file; such layers are frozen
 macs       multiply-accumulates for one image (counting pass)
 act        activation fused into a conv/dense node (fusion pass), default ``"none"``
+act_args   that activation's arguments after defaults, e.g. ``{"alpha": 0.01}`` (fusion pass)
 fused      names of the activation nodes folded into this one (fusion pass)
 ========== ==================================================================
 
@@ -28,7 +29,7 @@ section as a plain dict) and ``tables``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
@@ -50,15 +51,21 @@ class Arg:
 
 @dataclass(frozen=True)
 class OpDef:
-    """Everything cnnc knows about one operation, found from its name.
+    """Everything cnnc knows about one operation, found from its name (the op table is ``cnnc.ops.OPS``).
 
     ``check(args, loc)`` rejects argument combinations when the layer is read;
     ``shape(node, input_shapes) -> shape`` checks the inputs and may record
     derived sizes in ``node["geometry"]``; ``params(node, input_shapes)`` gives
     parameter shapes; ``macs(node, input_shapes)`` counts multiply-accumulates
     for one image; ``count_params(node)`` overrides the product of the
-    parameter shapes (a ``connect`` table). ``kernel`` and ``grad`` connect the op to code generation
-    and autodiff (``cnnc.codegen.lowering``).
+    parameter shapes (a ``connect`` table). ``reference(node, inputs, layer)``
+    is the float64 forward on batches (``layer``: the ``weight``, ``bias`` and
+    dropout ``mask`` arrays, None when absent) and ``reference_grad(node,
+    inputs, y, dy, layer) -> (input gradients, {"weight": ..., "bias": ...})``
+    its gradient rule. ``lowering`` names the kernel family that emits its
+    forward and backward code (``cnnc.codegen.lowering.FAMILIES``); ``act`` is
+    the ``cnnc.ops.activations.Activation`` of an activation (None for other
+    ops): its kernels, derivative, initialisation rule and fused arguments.
     """
 
     name: str
@@ -70,9 +77,16 @@ class OpDef:
     count_params: Callable[[dict], int] | None = None
     has_params: bool = False
     multi_input: bool = False
-    activation: bool = False
+    lowering: str = ""
+    reference: Callable[..., Any] | None = None
+    reference_grad: Callable[..., Any] | None = None
+    act: Any = None
     doc: str = ""
-    extra: dict = field(default_factory=dict)
+
+    @property
+    def activation(self) -> bool:
+        """An element-wise activation: fusion may fold it into the conv or dense layer before it."""
+        return self.act is not None
 
     def arg(self, name: str) -> Arg | None:
         return next((a for a in self.args if a.name == name), None)

@@ -31,18 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from cnnc.ir import execution_order
-from cnnc.reference import (  # the forward half of the oracle lives in the package (cnnc gradcheck uses it)
-    ACTIVATIONS,
+from cnnc.reference import (  # the oracle's op rules live in the op table (cnnc gradcheck uses them)
     connect_mask,
     forward_values,
     loss_node,
+    reference_backward,
     softmax,
     targets_for,
 )
-from cnnc.reference import conv_weight as _conv_weight
-from cnnc.reference import pad as _pad
-from cnnc.reference import param as _param
-from cnnc.reference import windows as _windows
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -159,6 +155,36 @@ network filters {{
 }}
 """
 
+# elu, gelu and silu fused into a padded 3x3 conv (Winograd), a strided (im2col) conv, a conv that covers its
+# input (run as dense) and dense layers, and unfused after pooling and add; gelu and silu keep their input.
+SMOOTH = """
+network smooth {
+    input x: 3x8x8
+    a = x -> conv(4, 3x3, pad=same) -> gelu                  # 4@8x8
+    b = x -> conv(4, 3x3, stride=2, pad=1) -> silu           # 4@4x4
+    c = a -> maxpool(2x2) -> elu(alpha=0.5)                  # 4@4x4
+    s = add(b, c) -> gelu -> silu                            # 4@4x4
+    g = s -> conv(6, 4x4) -> silu                            # 6@1x1
+    f = g -> flatten -> dense(10) -> gelu -> dense(6) -> elu -> dense(5)
+}
+"""
+
+# dilated convolutions: 'same' padding, a stride, groups, a table, different dilations per axis
+DILATED = """
+table halves {
+    0: 0 1
+    1: 2 3
+    2: 0 3
+}
+network dilated {
+    input x: 2x11x11
+    a = x -> conv(4, 3x3, pad=same, dilation=2) -> relu                     # 4@11x11
+    b = a -> conv(4, 3x2, stride=2, pad=1, groups=2, dilation=2x3) -> tanh   # 4@5x5
+    c = b -> conv(3, 2x2, dilation=3, connect=halves) -> elu                 # 3@2x2
+    o = c -> flatten -> dense(5)
+}
+"""
+
 NETWORKS = {
     "lenet5": (EXAMPLES / "lenet5.cnn").read_text(),
     "lenet_modern": LENET_MODERN,
@@ -169,6 +195,8 @@ NETWORKS = {
     "branches": BRANCHES,
     "pools": POOLS,
     "filters": FILTERS,
+    "smooth": SMOOTH,
+    "dilated": DILATED,
 }
 
 
@@ -237,148 +265,6 @@ def random_params(g, rng: np.random.Generator, scale: float = 0.5) -> dict[str, 
 
 
 
-def _unwindows(dcols: np.ndarray, padded_shape, k, stride, pads, h: int, w: int) -> np.ndarray:
-    """The adjoint of ``_windows`` followed by cropping the padding."""
-    kh, kw = k
-    sh, sw = stride
-    oh, ow = dcols.shape[-2:]
-    dxp = np.zeros(padded_shape)
-    for i in range(kh):
-        for j in range(kw):
-            dxp[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += dcols[:, :, i, j]
-    pt, _, pl, _ = pads
-    return dxp[:, :, pt:pt + h, pl:pl + w]
-
-
-
-
-
-
-
-
-def conv_backward(node, x, w, dy):
-    geo, a = node["geometry"], node["args"]
-    w = _conv_weight(node, w)
-    g = a["groups"]
-    n, c, h, wd = x.shape
-    o, cg, kh, kw = w.shape
-    xp = _pad(x, geo["pads"])
-    cols = _windows(xp, (kh, kw), a["stride"], geo["oh"], geo["ow"])
-    colsg = cols.reshape(n, g, cg, kh, kw, geo["oh"], geo["ow"])
-    dyg = dy.reshape(n, g, o // g, geo["oh"], geo["ow"])
-    dw = np.einsum("ngohw,ngcijhw->gocij", dyg, colsg).reshape(w.shape)
-    dw = _conv_weight(node, dw)
-    db = dy.sum(axis=(0, 2, 3))
-    dcols = np.einsum("ngohw,gocij->ngcijhw", dyg, w.reshape(g, o // g, cg, kh, kw))
-    dcols = dcols.reshape(n, c, kh, kw, geo["oh"], geo["ow"])
-    dx = _unwindows(dcols, xp.shape, (kh, kw), a["stride"], geo["pads"], h, wd)
-    return dx, dw, db
-
-
-
-
-def pool_backward(node, x, dy):
-    geo = node["geometry"]
-    n, c, h, w = x.shape
-    if node["op"] == "global_avgpool":
-        return np.broadcast_to(dy[:, :, None, None] / (h * w), x.shape).copy()
-    kh, kw = geo["k"]
-    oh, ow = geo["oh"], geo["ow"]
-    if node["op"] == "maxpool":
-        xp = _pad(x, geo["pads"], -np.inf)
-        cols = _windows(xp, geo["k"], geo["stride"], oh, ow).reshape(n, c, kh * kw, oh, ow)
-        first = cols.argmax(axis=2)  # ties go to the first element of the window
-        onehot = (np.arange(kh * kw)[None, None, :, None, None] == first[:, :, None]).astype(np.float64)
-        dcols = (onehot * dy[:, :, None]).reshape(n, c, kh, kw, oh, ow)
-    else:
-        xp = _pad(x, geo["pads"])
-        dcols = np.broadcast_to(dy[:, :, None, None] / (kh * kw), (n, c, kh, kw, oh, ow))
-    return _unwindows(dcols, xp.shape, geo["k"], geo["stride"], geo["pads"], h, w)
-
-
-
-
-def activation_backward(op: str, x, y, dy, alpha: float = 0.01):
-    if op == "relu":
-        return dy * (x > 0)
-    if op == "sigmoid":
-        return dy * y * (1.0 - y)
-    if op == "tanh":
-        return dy * (1.0 - y * y)
-    if op == "leaky_relu":
-        return dy * np.where(x > 0, 1.0, alpha)
-    raise ValueError(op)
-
-
-
-
-# ---- whole networks ----------------------------------------------------------------------
-
-
-
-
-
-
-
-
-def reference_backward(g, params, vals: dict, start: str, dstart: np.ndarray, masks=None):
-    """Gradients of all parameters (zeros for frozen ones) and of the input, given d(loss)/d(`start`)."""
-    order = execution_order(g)
-    order = order[:order.index(start) + 1]
-    grads = {f"{n}.{k}": np.zeros(s) for n in g.nodes for k, s in g.nodes[n].get("params", {}).items()}
-    d: dict[str, np.ndarray] = {start: dstart}
-
-    def give(name: str, value: np.ndarray) -> None:
-        d[name] = d[name] + value if name in d else value
-
-    for n in reversed(order):
-        node = g.nodes[n]
-        op = node["op"]
-        if n not in d or op == "input":
-            continue
-        dy = d[n]
-        ins = node["inputs"]
-        xs = [vals[i] for i in ins]
-        if op == "conv":
-            dx, dw, db = conv_backward(node, xs[0], _param(params, f"{n}.weight"), dy)
-            if "fixed" not in node:
-                grads[f"{n}.weight"] = dw
-                if f"{n}.bias" in grads:
-                    grads[f"{n}.bias"] = db
-            give(ins[0], dx)
-        elif op == "dense":
-            w = _param(params, f"{n}.weight")
-            if "fixed" not in node:
-                grads[f"{n}.weight"] = dy.T @ xs[0]
-                if f"{n}.bias" in grads:
-                    grads[f"{n}.bias"] = dy.sum(axis=0)
-            give(ins[0], dy @ w)
-        elif op in ("maxpool", "avgpool", "global_avgpool"):
-            give(ins[0], pool_backward(node, xs[0], dy))
-        elif op == "flatten":
-            give(ins[0], dy.reshape(xs[0].shape))
-        elif op in ACTIVATIONS:
-            give(ins[0], activation_backward(op, xs[0], vals[n], dy, node["args"].get("alpha", 0.01)))
-        elif op == "softmax":
-            y = vals[n]
-            give(ins[0], y * (dy - (dy * y).sum(axis=1, keepdims=True)))
-        elif op == "dropout":
-            give(ins[0], dy * masks[n] if masks and n in masks else dy)
-        elif op == "add":
-            for i in ins:
-                give(i, dy)
-        elif op == "concat":
-            at = 0
-            for i, xi in zip(ins, xs):
-                give(i, dy[:, at:at + xi.shape[1]])
-                at += xi.shape[1]
-        else:
-            raise NotImplementedError(op)
-    return grads, d.get(g.graph["input"])
-
-
-
-
 def reference_value_and_grad(g, params, x, y, loss: str = "cross_entropy", masks=None):
     """(mean loss, {param name: gradient}) as ``Model.value_and_grad`` defines them, in float64."""
     start = loss_node(g, loss)
@@ -406,6 +292,22 @@ def reference_value_and_grad(g, params, x, y, loss: str = "cross_entropy", masks
 # ---- the same networks in torch (an independent oracle) ------------------------------------
 
 
+def _torch_activations() -> dict:
+    """op -> f(tensor, args): each activation as PyTorch computes it."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    return {
+        "relu": lambda x, a: F.relu(x),
+        "sigmoid": lambda x, a: torch.sigmoid(x),
+        "tanh": lambda x, a: torch.tanh(x),
+        "leaky_relu": lambda x, a: F.leaky_relu(x, a["alpha"]),
+        "elu": lambda x, a: F.elu(x, a["alpha"]),
+        "gelu": lambda x, a: F.gelu(x),
+        "silu": lambda x, a: F.silu(x),
+    }
+
+
 def torch_forward(g, params: Mapping, x, loss: str | None = None):
     """The network with torch.nn.functional; ``params`` values are torch tensors (may require grad).
 
@@ -414,6 +316,7 @@ def torch_forward(g, params: Mapping, x, loss: str | None = None):
     import torch
     import torch.nn.functional as F  # noqa: N812
 
+    activations = _torch_activations()
     inp = g.graph["input"]
     vals = {inp: x.reshape(x.shape[0], *g.nodes[inp]["shape"])}
     stop = loss_node(g, loss) if loss else g.graph["output"]
@@ -429,7 +332,8 @@ def torch_forward(g, params: Mapping, x, loss: str | None = None):
                 w = w * torch.as_tensor(connect_mask(a["connect"], tuple(w.shape)), dtype=w.dtype)[:, :, None, None]
             pt, pb, pl, pr = geo["pads"]
             xi = F.pad(ins[0], (pl, pr, pt, pb))
-            y = F.conv2d(xi, w, params.get(f"{n}.bias"), stride=a["stride"], groups=a["groups"])
+            y = F.conv2d(xi, w, params.get(f"{n}.bias"), stride=a["stride"], groups=a["groups"],
+                         dilation=a["dilation"])
         elif op == "dense":
             y = F.linear(ins[0], params[f"{n}.weight"], params.get(f"{n}.bias"))
         elif op == "maxpool":
@@ -442,14 +346,8 @@ def torch_forward(g, params: Mapping, x, loss: str | None = None):
             y = F.adaptive_avg_pool2d(ins[0], 1).flatten(1)
         elif op == "flatten":
             y = torch.flatten(ins[0], 1)
-        elif op == "relu":
-            y = F.relu(ins[0])
-        elif op == "sigmoid":
-            y = torch.sigmoid(ins[0])
-        elif op == "tanh":
-            y = torch.tanh(ins[0])
-        elif op == "leaky_relu":
-            y = F.leaky_relu(ins[0], a.get("alpha", 0.01))
+        elif op in activations:
+            y = activations[op](ins[0], a)
         elif op == "softmax":
             y = F.softmax(ins[0], dim=1)
         elif op == "dropout":

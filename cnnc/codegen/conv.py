@@ -18,7 +18,8 @@ A 1x1 convolution with unit stride and no padding needs no im2col: the image
 itself is the column matrix (and dx is dcol). Any other stride-1 convolution
 with one group runs all three kernels without im2col, on a zero-padded copy
 of the image (``cnnc.codegen.conv_direct``); im2col remains for strided and
-grouped convolutions.
+grouped convolutions, and for dilated ones (tap ``(ky, kx)`` reads input row
+``oy*sh - pt + ky*dh``: im2col and col2im step the taps by the dilation).
 
 Connect tables: on the padded path, forward and backward data leave out the
 multiply-adds of (o, c) pairs outside the table (the tiles are unrolled per
@@ -41,6 +42,7 @@ from cnnc.codegen.conv_direct import GradSpace, Plane
 from cnnc.codegen.emit import for_range, i64, kernel
 from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, vector_loop
 from cnnc.codegen.specs import ConvSpec
+from cnnc.ops import activations
 
 I8 = ir.IntType(8)
 
@@ -110,18 +112,19 @@ class _Geom:
     def pads(self) -> tuple[int, int, int, int]:
         """Zero padding (top, left, bottom, right); bottom and right follow from the output size."""
         s = self.spec
-        return s.pt, s.pl, (s.oh - 1) * s.sh + s.kh - s.h - s.pt, (s.ow - 1) * s.sw + s.kw - s.w - s.pl
+        span_h, span_w = (s.kh - 1) * s.dh + 1, (s.kw - 1) * s.dw + 1
+        return s.pt, s.pl, (s.oh - 1) * s.sh + span_h - s.h - s.pt, (s.ow - 1) * s.sw + span_w - s.w - s.pl
 
     @property
     def padded(self) -> bool:
         """Whether forward and backward data run on a padded copy of the image (conv_direct), not im2col.
 
-        That needs stride 1 and one group; a padding as large as the kernel would
+        That needs stride 1, one group and no dilation; a padding as large as the kernel would
         need negative padding of dy for the input gradient.
         """
         s = self.spec
         top, left, bottom, right = self.pads
-        return ((s.sh, s.sw, s.groups) == (1, 1, 1) and not self.direct
+        return ((s.sh, s.sw, s.groups, s.dh, s.dw) == (1, 1, 1, 1, 1) and not self.direct
                 and 0 <= min(self.pads) and max(top, bottom) < s.kh and max(left, right) < s.kw)
 
     def table_pairs(self) -> frozenset[tuple[int, int]] | None:
@@ -257,20 +260,26 @@ def _dense_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args
     return out
 
 
+def _tap(b: ir.IRBuilder, k: ir.Value, dilation: int) -> ir.Value:
+    """The input offset of kernel tap `k` (in rows or columns): k * dilation."""
+    return k if dilation == 1 else b.mul(k, i64(dilation))
+
+
 def _im2col(b: ir.IRBuilder, g: _Geom, x: ir.Value, col: ir.Value, vw: int) -> None:
-    """col[(ci, ky, kx), (oy, ox)] = x[ci, oy*sh - pt + ky, ox*sw - pl + kx], zero outside the image."""
+    """col[(ci, ky, kx), (oy, ox)] = x[ci, oy*sh - pt + ky*dh, ox*sw - pl + kx*dw], zero outside the image."""
     s = g.spec
     with for_range(b, 0, s.c, name="ci") as ci:
         with for_range(b, 0, s.kh, name="ky") as ky:
-            oy_lo, oy_hi = _valid_range(b, ky, s.sh, s.pt, s.h, s.oh)
+            oy_lo, oy_hi = _valid_range(b, _tap(b, ky, s.dh), s.sh, s.pt, s.h, s.oh)
             with for_range(b, 0, s.kw, name="kx") as kx:
-                ox_lo, ox_hi = _valid_range(b, kx, s.sw, s.pl, s.w, s.ow)
+                ox_lo, ox_hi = _valid_range(b, _tap(b, kx, s.dw), s.sw, s.pl, s.w, s.ow)
                 row = index(b, (ci, g.taps * g.p), (ky, s.kw * g.p), (kx, g.p))
                 conv_direct.zero(b, col, row, b.add(row, b.mul(oy_lo, i64(s.ow))), vw)
                 with for_range(b, oy_lo, oy_hi, name="oy") as oy:
                     dst = index(b, row, (oy, s.ow))
                     # input offset of output column ox is src + ox * sw
-                    src = index(b, (ci, s.h * s.w), (oy, s.sh * s.w), (ky, s.w), kx, -s.pt * s.w - s.pl)
+                    src = index(b, (ci, s.h * s.w), (oy, s.sh * s.w), (ky, s.dh * s.w), (kx, s.dw),
+                                -s.pt * s.w - s.pl)
 
                     def copy(b: ir.IRBuilder, ox: ir.Value, width: int, dst=dst, src=src) -> None:
                         emit.store(b, emit.load(b, x, index(b, src, ox), width), col, index(b, dst, ox))
@@ -296,17 +305,18 @@ def _column_matrix(b: ir.IRBuilder, g: _Geom, x_img: ir.Value, ws: ir.Value, vw:
 
 
 def _col2im(b: ir.IRBuilder, g: _Geom, col: ir.Value, dx: ir.Value, vw: int) -> None:
-    """dx[ci, oy*sh - pt + ky, ox*sw - pl + kx] += col[(ci, ky, kx), (oy, ox)] for every in-image tap."""
+    """dx[ci, oy*sh - pt + ky*dh, ox*sw - pl + kx*dw] += col[(ci, ky, kx), (oy, ox)] for every in-image tap."""
     s = g.spec
     with for_range(b, 0, s.c, name="ci") as ci:
         with for_range(b, 0, s.kh, name="ky") as ky:
-            oy_lo, oy_hi = _valid_range(b, ky, s.sh, s.pt, s.h, s.oh)
+            oy_lo, oy_hi = _valid_range(b, _tap(b, ky, s.dh), s.sh, s.pt, s.h, s.oh)
             with for_range(b, 0, s.kw, name="kx") as kx:
-                ox_lo, ox_hi = _valid_range(b, kx, s.sw, s.pl, s.w, s.ow)
+                ox_lo, ox_hi = _valid_range(b, _tap(b, kx, s.dw), s.sw, s.pl, s.w, s.ow)
                 row = index(b, (ci, g.taps * g.p), (ky, s.kw * g.p), (kx, g.p))
                 with for_range(b, oy_lo, oy_hi, name="oy") as oy:
                     src = index(b, row, (oy, s.ow))
-                    dst = index(b, (ci, s.h * s.w), (oy, s.sh * s.w), (ky, s.w), kx, -s.pt * s.w - s.pl)
+                    dst = index(b, (ci, s.h * s.w), (oy, s.sh * s.w), (ky, s.dh * s.w), (kx, s.dw),
+                                -s.pt * s.w - s.pl)
 
                     def add(b: ir.IRBuilder, ox: ir.Value, width: int, dst=dst, src=src) -> None:
                         at = index(b, dst, (ox, s.sw))
@@ -353,7 +363,7 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         def finish(b: ir.IRBuilder, r: ir.Value, at: ir.Value, value: ir.Value, width: int, y_img=y_img) -> None:
             if bias is not None:
                 value = b.fadd(value, emit.splat(b, emit.load(b, bias, r), width))
-            emit.store(b, emit.activation(b, value, spec.act, spec.alpha), y_img, at)
+            emit.store(b, activations.emit(b, value, spec.act, spec.act_args), y_img, at)
 
         if winograd:
             conv_winograd.product(b, p, pad, u, wino_ws, finish)
@@ -477,7 +487,7 @@ def emit_conv_forward(module: ir.Module, name: str, spec: ConvSpec, vw: int) -> 
                       first_out=first_out, y_g=y_g) -> None:
                 if bias is not None:
                     value = b.fadd(value, emit.splat(b, emit.load(b, bias, b.add(first_out, r)), width))
-                value = emit.activation(b, value, spec.act, spec.alpha)
+                value = activations.emit(b, value, spec.act, spec.act_args)
                 emit.store(b, value, y_g, index(b, (r, g.p), j))
 
             gemm_nn(b, g.og, g.p, g.k, w_g, col_g, store, vw)

@@ -18,6 +18,7 @@ from cnnc.codegen import emit
 from cnnc.codegen.emit import for_range, kernel
 from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local
 from cnnc.codegen.specs import DenseSpec
+from cnnc.ops import activations
 
 
 def _strides(spec: DenseSpec) -> tuple[int, int]:
@@ -38,7 +39,7 @@ def emit_dense_forward(module: ir.Module, name: str, spec: DenseSpec, vw: int) -
     def store(b: ir.IRBuilder, i: ir.Value, j: ir.Value, value: ir.Value, width: int) -> None:
         if bias is not None:
             value = b.fadd(value, emit.load(b, bias, j, width))
-        emit.store(b, emit.activation(b, value, spec.act, spec.alpha), y, index(b, (i, ys), j))
+        emit.store(b, activations.emit(b, value, spec.act, spec.act_args), y, index(b, (i, ys), j))
 
     gemm_nt(b, images, spec.o, spec.f, x, weights, store, vw)
     b.ret_void()

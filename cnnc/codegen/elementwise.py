@@ -20,6 +20,7 @@ import llvmlite.ir as ir
 from cnnc.codegen import emit
 from cnnc.codegen.emit import I64, for_range, i64
 from cnnc.codegen.specs import CopySpec, DropoutSpec, ElementwiseSpec, NoiseSpec, SoftmaxSpec
+from cnnc.ops import activations
 
 # ---------------------------------------------------------------------------
 # Shared loop shapes
@@ -138,7 +139,7 @@ def emit_activation_forward(module: ir.Module, name: str, spec: ElementwiseSpec,
         yb = image_base(b, a["y"], n, y_stride, "yb")
 
         def body(i: ir.Value, width: int) -> None:
-            emit.store(b, emit.activation(b, emit.load(b, xb, i, width), spec.act, spec.alpha), yb, i)
+            emit.store(b, activations.emit(b, emit.load(b, xb, i, width), spec.act, spec.act_args), yb, i)
 
         strips(b, spec.size, vw, body)
     b.ret_void()
@@ -146,17 +147,21 @@ def emit_activation_forward(module: ir.Module, name: str, spec: ElementwiseSpec,
 
 
 def emit_activation_backward(module: ir.Module, name: str, spec: ElementwiseSpec, vw: int) -> ir.Function:
-    """``(y, dy, dx, n0, n1)``: dx (+)= dy * act'(y); y and dy use y_stride, dx x_stride; dx may equal dy."""
+    """``(y, dy, dx, n0, n1)``: dx (+)= dy * act'(y); y and dy use y_stride, dx x_stride; dx may equal dy.
+
+    For an activation whose gradient reads its input, ``y`` is the saved input x (at ``v_stride``).
+    """
     fn, b, a = emit.kernel(module, name, ["y", "dy", "dx", "n0", "n1"])
     x_stride, y_stride = stride_or(spec.x_stride, spec.size), stride_or(spec.y_stride, spec.size)
+    v_stride = stride_or(spec.v_stride, spec.size) if spec.v_stride else y_stride
     with for_range(b, a["n0"], a["n1"], name="n") as n:
-        yb = image_base(b, a["y"], n, y_stride, "yb")
+        yb = image_base(b, a["y"], n, v_stride, "yb")
         dyb = image_base(b, a["dy"], n, y_stride, "dyb")
         dxb = image_base(b, a["dx"], n, x_stride, "dxb")
 
         def body(i: ir.Value, width: int) -> None:
             y, dy = emit.load(b, yb, i, width), emit.load(b, dyb, i, width)
-            put(b, emit.activation_grad(b, y, dy, spec.act, spec.alpha), dxb, i, spec.accumulate)
+            put(b, activations.emit_grad(b, y, dy, spec.act, spec.act_args), dxb, i, spec.accumulate)
 
         strips(b, spec.size, vw, body)
     b.ret_void()

@@ -4,9 +4,9 @@
   yielding the induction variable), after numba's ``cgutils.for_range``.
 - Constants, typed pointer arithmetic on float buffers, vector load/store,
   broadcast, horizontal sum, fused multiply-add.
-- Activations and their derivatives, written once for scalars and vectors. A
-  polynomial ``exp`` is used because ``llvm.exp`` on vectors becomes scalar
-  ``expf`` calls.
+- The elementary functions the activations use (``cnnc.codegen.activations``),
+  for scalars and vectors alike. A polynomial ``exp`` is used because
+  ``llvm.exp`` on vectors becomes scalar ``expf`` calls.
 
 Kernels take opaque pointers (``ptr``) and ``i64`` arguments only. Every tensor
 is float32; per-image strides and all loop bounds are Python ints baked into
@@ -27,9 +27,6 @@ I64 = ir.IntType(64)
 I1 = ir.IntType(1)
 PTR = ir.PointerType()
 VOID = ir.VoidType()
-
-ACTIVATIONS = ("none", "relu", "sigmoid", "tanh", "leaky_relu")
-
 
 def i64(v: int) -> ir.Constant:
     return ir.Constant(I64, int(v))
@@ -333,34 +330,3 @@ def sigmoid(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     """1 / (1 + e**-x)."""
     one = _like(b, x, 1.0)
     return b.fdiv(one, b.fadd(one, exp(b, b.fsub(_like(b, x, 0.0), x))))
-
-
-def activation(b: ir.IRBuilder, x: ir.Value, kind: str, alpha: float = 0.01) -> ir.Value:
-    """Apply activation `kind` (one of ACTIVATIONS) to a scalar or vector."""
-    if kind == "none":
-        return x
-    if kind == "relu":  # x < 0 ? 0 : x, so relu(NaN) = NaN as in PyTorch (one x86 max, as maxnum(x, 0) costs)
-        return b.select(b.fcmp_ordered("<", x, _like(b, x, 0.0)), _like(b, x, 0.0), x)
-    if kind == "leaky_relu":
-        return b.select(b.fcmp_ordered(">", x, _like(b, x, 0.0)), x, b.fmul(x, _like(b, x, alpha)))
-    if kind == "sigmoid":
-        return sigmoid(b, x)
-    if kind == "tanh":
-        return tanh(b, x)
-    raise ValueError(f"unknown activation {kind!r}")
-
-
-def activation_grad(b: ir.IRBuilder, y: ir.Value, dy: ir.Value, kind: str, alpha: float = 0.01) -> ir.Value:
-    """dL/dx from the activation's saved output y and dL/dy: the derivative is written in terms of y."""
-    c = lambda v: _like(b, y, v)  # noqa: E731
-    if kind == "none":
-        return dy
-    if kind == "relu":  # dy where y > 0 or y is NaN, as PyTorch's threshold_backward (y <= 0 ? 0 : dy)
-        return b.select(b.fcmp_unordered(">", y, c(0.0)), dy, c(0.0))
-    if kind == "leaky_relu":
-        return b.select(b.fcmp_ordered(">", y, c(0.0)), dy, b.fmul(dy, c(alpha)))
-    if kind == "sigmoid":
-        return b.fmul(dy, b.fmul(y, b.fsub(c(1.0), y)))
-    if kind == "tanh":
-        return b.fmul(dy, b.fsub(c(1.0), b.fmul(y, y)))
-    raise ValueError(f"unknown activation {kind!r}")

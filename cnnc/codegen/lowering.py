@@ -1,6 +1,7 @@
 """Each op's forward and backward as calls to specialised kernels: the codegen half of the op table.
 
-``FORWARD[op](ctx, name)`` emits the calls that compute node ``name``'s
+An op names its kernel family (``OpDef.lowering``); ``FAMILIES`` maps each to
+its two rules. ``FORWARD[op](ctx, name)`` emits the calls that compute node ``name``'s
 output; ``BACKWARD[op](ctx, name)`` the calls that turn the gradient of its
 output into gradients of its parameters and of its inputs (the op's gradient
 rule). ``ctx`` is an ``Entry`` of ``cnnc.codegen.module``: it knows where
@@ -25,11 +26,14 @@ from cnnc.codegen.elementwise import (
 )
 from cnnc.codegen.pool import emit_pool_backward, emit_pool_forward
 from cnnc.codegen.specs import ConvSpec, CopySpec, DenseSpec, DropoutSpec, ElementwiseSpec, PoolSpec, SoftmaxSpec
+from cnnc.ops import OPS
+from cnnc.ops.activations import act_args
 
 # ---- specs from nodes --------------------------------------------------------
 
 
-def conv_spec(ctx, name: str, accumulate: bool = False) -> ConvSpec:
+def conv_spec(ctx, name: str, accumulate: bool = False, fused: bool = True) -> ConvSpec:
+    """The kernel spec of conv node `name`; ``fused=False`` leaves its fused activation out."""
     node = ctx.node(name)
     c, h, w = ctx.node(node["inputs"][0])["shape"]
     geo, a = node["geometry"], node["args"]
@@ -37,7 +41,9 @@ def conv_spec(ctx, name: str, accumulate: bool = False) -> ConvSpec:
     return ConvSpec(
         c=c, h=h, w=w, o=geo["out"], oh=geo["oh"], ow=geo["ow"], kh=geo["k"][0], kw=geo["k"][1],
         sh=a["stride"][0], sw=a["stride"][1], pt=pt, pl=pl, groups=a["groups"], connect=a["connect"],
-        bias=a["bias"], act=node.get("act", "none"), alpha=node.get("alpha", 0.01),
+        dh=a["dilation"][0], dw=a["dilation"][1],
+        bias=a["bias"], act=node.get("act", "none") if fused else "none",
+        act_args=act_args(node.get("act_args", {})) if fused else (),
         x_stride=ctx.value(node["inputs"][0]).stride, y_stride=ctx.value(name).stride, accumulate=accumulate,
         winograd=ctx.g.graph.get("winograd", True),
     )
@@ -52,14 +58,17 @@ def covers_input(ctx, name: str) -> bool:
     node = ctx.node(name)
     c, h, w = ctx.node(node["inputs"][0])["shape"]
     geo, a = node["geometry"], node["args"]
-    return (geo["k"] == (h, w) and geo["pads"] == (0, 0, 0, 0) and a["groups"] == 1 and a["connect"] is None)
+    return (geo["k"] == (h, w) and geo["pads"] == (0, 0, 0, 0) and a["groups"] == 1 and a["connect"] is None
+            and a["dilation"] == (1, 1))
 
 
-def dense_spec(ctx, name: str, accumulate: bool = False) -> DenseSpec:
+def dense_spec(ctx, name: str, accumulate: bool = False, fused: bool = True) -> DenseSpec:
+    """The kernel spec of dense (or whole-input conv) node `name`; ``fused=False`` leaves its activation out."""
     node = ctx.node(name)
     return DenseSpec(
         f=_size(ctx, node["inputs"][0]), o=math.prod(node["shape"]), bias=node["args"]["bias"],
-        act=node.get("act", "none"), alpha=node.get("alpha", 0.01),
+        act=node.get("act", "none") if fused else "none",
+        act_args=act_args(node.get("act_args", {})) if fused else (),
         x_stride=ctx.value(node["inputs"][0]).stride, y_stride=ctx.value(name).stride, accumulate=accumulate,
     )
 
@@ -88,15 +97,31 @@ def forward_conv(ctx, name: str) -> None:
     if covers_input(ctx, name):
         return forward_dense(ctx, name)
     node = ctx.node(name)
-    fn = ctx.kernel(emit_conv_forward, conv_spec(ctx, name))
+    pre = ctx.plan.pre.get(name)
+    fn = ctx.kernel(emit_conv_forward, conv_spec(ctx, name, fused=pre is None))
     ctx.call(fn, ctx.value(node["inputs"][0]), ctx.param(name, "weight"), ctx.param(name, "bias"),
-             ctx.value(name), ctx.ws)
+             pre or ctx.value(name), ctx.ws)
+    _activate(ctx, name, pre)
 
 
 def forward_dense(ctx, name: str) -> None:
     node = ctx.node(name)
-    fn = ctx.kernel(emit_dense_forward, dense_spec(ctx, name))
-    ctx.call(fn, ctx.value(node["inputs"][0]), ctx.param(name, "weight"), ctx.param(name, "bias"), ctx.value(name))
+    pre = ctx.plan.pre.get(name)
+    fn = ctx.kernel(emit_dense_forward, dense_spec(ctx, name, fused=pre is None))
+    ctx.call(fn, ctx.value(node["inputs"][0]), ctx.param(name, "weight"), ctx.param(name, "bias"),
+             pre or ctx.value(name))
+    _activate(ctx, name, pre)
+
+
+def _activate(ctx, name: str, pre) -> None:
+    """Training a layer whose fused activation's gradient reads the activation's input: that input was
+    written to its own slot (``Plan.pre``), the activation runs from there."""
+    if pre is None:
+        return
+    node, y = ctx.node(name), ctx.value(name)
+    spec = ElementwiseSpec(size=_size(ctx, name), act=node["act"], act_args=act_args(node["act_args"]),
+                           x_stride=pre.stride, y_stride=y.stride)
+    ctx.call(ctx.kernel(emit_activation_forward, spec), pre, y)
 
 
 def forward_pool(ctx, name: str) -> None:
@@ -107,7 +132,7 @@ def forward_pool(ctx, name: str) -> None:
 def forward_activation(ctx, name: str) -> None:
     node = ctx.node(name)
     x, y = ctx.value(node["inputs"][0]), ctx.value(name)
-    spec = ElementwiseSpec(size=_size(ctx, name), act=node["op"], alpha=node["args"].get("alpha", 0.01),
+    spec = ElementwiseSpec(size=_size(ctx, name), act=node["op"], act_args=act_args(node["args"]),
                            x_stride=x.stride, y_stride=y.stride)
     ctx.call(ctx.kernel(emit_activation_forward, spec), x, y)
 
@@ -167,14 +192,15 @@ def nothing(ctx, name: str) -> None:
 
 
 def _fused_activation_grad(ctx, name: str) -> None:
-    """dz = dy * act'(y), in place over dy, for a conv/dense with a fused activation."""
+    """dz = dy * act'(y), in place over dy, for a conv/dense with a fused activation (act'(z) from the
+    pre-activation z when the activation's gradient reads its input)."""
     node = ctx.node(name)
     if node.get("act", "none") == "none":
         return
-    y, dy = ctx.value(name), ctx.grad(name)
-    spec = ElementwiseSpec(size=_size(ctx, name), act=node["act"], alpha=node.get("alpha", 0.01),
-                           x_stride=dy.stride, y_stride=y.stride)
-    ctx.call(ctx.kernel(emit_activation_backward, spec), y, dy, dy)
+    saved, dy = ctx.plan.pre.get(name) or ctx.value(name), ctx.grad(name)
+    spec = ElementwiseSpec(size=_size(ctx, name), act=node["act"], act_args=act_args(node["act_args"]),
+                           x_stride=dy.stride, y_stride=saved.stride)
+    ctx.call(ctx.kernel(emit_activation_backward, spec), saved, dy, dy)
 
 
 def backward_conv(ctx, name: str) -> None:
@@ -215,10 +241,12 @@ def backward_activation(ctx, name: str) -> None:
     node = ctx.node(name)
     src = node["inputs"][0]
     if ctx.wants_grad(src):
-        y, dx = ctx.value(name), ctx.grad(src)
-        spec = ElementwiseSpec(size=_size(ctx, name), act=node["op"], alpha=node["args"].get("alpha", 0.01),
-                               x_stride=dx.stride, y_stride=y.stride, accumulate=ctx.accumulate(src))
-        ctx.call(ctx.kernel(emit_activation_backward, spec), y, ctx.grad(name), dx)
+        dy, dx = ctx.grad(name), ctx.grad(src)
+        saved = ctx.value(src if OPS[node["op"]].act.grad_from == "input" else name)
+        spec = ElementwiseSpec(size=_size(ctx, name), act=node["op"], act_args=act_args(node["args"]),
+                               x_stride=dx.stride, y_stride=dy.stride, accumulate=ctx.accumulate(src),
+                               v_stride=0 if saved.stride == dy.stride else saved.stride)
+        ctx.call(ctx.kernel(emit_activation_backward, spec), saved, dy, dx)
 
 
 def backward_softmax(ctx, name: str) -> None:
@@ -257,17 +285,19 @@ def backward_view(ctx, name: str) -> None:
 
 
 Rule = Callable[[object, str], None]
-ACTIVATIONS = ("relu", "sigmoid", "tanh", "leaky_relu")
 
-FORWARD: dict[str, Rule] = {
-    "input": nothing, "conv": forward_conv, "dense": forward_dense, "maxpool": forward_pool,
-    "avgpool": forward_pool, "global_avgpool": forward_pool, "flatten": nothing, "softmax": forward_softmax,
-    "dropout": forward_dropout, "add": forward_add, "concat": forward_concat,
-    **{a: forward_activation for a in ACTIVATIONS},
+# kernel family (``OpDef.lowering``) -> (forward rule, backward rule)
+FAMILIES: dict[str, tuple[Rule, Rule]] = {
+    "input": (nothing, nothing),
+    "conv": (forward_conv, backward_conv),
+    "dense": (forward_dense, backward_dense),
+    "pool": (forward_pool, backward_pool),
+    "view": (nothing, backward_view),
+    "activation": (forward_activation, backward_activation),
+    "softmax": (forward_softmax, backward_softmax),
+    "dropout": (forward_dropout, backward_dropout),
+    "add": (forward_add, backward_add),
+    "concat": (forward_concat, backward_concat),
 }
-BACKWARD: dict[str, Rule] = {
-    "input": nothing, "conv": backward_conv, "dense": backward_dense, "maxpool": backward_pool,
-    "avgpool": backward_pool, "global_avgpool": backward_pool, "flatten": backward_view,
-    "softmax": backward_softmax, "dropout": backward_dropout, "add": backward_add, "concat": backward_concat,
-    **{a: backward_activation for a in ACTIVATIONS},
-}
+FORWARD: dict[str, Rule] = {name: FAMILIES[op.lowering][0] for name, op in OPS.items()}
+BACKWARD: dict[str, Rule] = {name: FAMILIES[op.lowering][1] for name, op in OPS.items()}

@@ -8,7 +8,9 @@ the output live in the caller's arrays instead.
 - Inference reuses the slot of a tensor once its last reader has run
   (first fit over offsets, in execution order).
 - Training keeps every forward tensor for the backward pass, plus a gradient
-  slot for each tensor a gradient must flow through, and the dropout masks.
+  slot for each tensor a gradient must flow through, the dropout masks, and
+  the pre-activation of a fused layer whose activation's gradient reads its
+  input (gelu, silu: the output does not determine the input).
 
 ``flatten`` is a view (its output is its input's slot), and so is ``dropout``
 outside training.
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from cnnc.ir import execution_order
+from cnnc.ops.activations import saves_input
 
 ALIGN = 16  # floats: 64 bytes
 
@@ -49,6 +52,7 @@ class Plan:
     value: dict[str, Tensor] = field(default_factory=dict)  # root node -> forward tensor
     grad: dict[str, Tensor] = field(default_factory=dict)  # root node -> gradient tensor
     mask: dict[str, Tensor] = field(default_factory=dict)  # dropout node -> its mask
+    pre: dict[str, Tensor] = field(default_factory=dict)  # training: fused layer -> its activation's input
 
 
 def is_view(g: nx.DiGraph, name: str, training: bool) -> bool:
@@ -95,6 +99,8 @@ def plan_memory(g: nx.DiGraph, training: bool) -> Plan:
                 plan.value[n] = Tensor("arena", take(size[n]), 0, size[n])
             if g.nodes[n]["op"] == "dropout":
                 plan.mask[n] = Tensor("arena", take(size[n]), 0, size[n])
+            if saves_input(g.nodes[n].get("act", "none")):
+                plan.pre[n] = Tensor("arena", take(size[n]), 0, size[n])
         # every loss writes the gradient of the tensor it reads, even when nothing trains
         for r in sorted({plan.root[t] for t in gradient_tensors(g)}, key=order.index):
             plan.grad[r] = Tensor("arena", take(size[r]), 0, size[r])
@@ -125,7 +131,7 @@ def plan_memory(g: nx.DiGraph, training: bool) -> Plan:
                 del live[r]
         plan.arena_floats = max(aligned(high), ALIGN)
     stride = plan.arena_floats
-    for table in (plan.value, plan.grad, plan.mask):
+    for table in (plan.value, plan.grad, plan.mask, plan.pre):
         for k, t in table.items():
             if t.base == "arena":
                 table[k] = Tensor("arena", t.offset, stride, t.size)

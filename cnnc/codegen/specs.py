@@ -27,6 +27,7 @@ class ConvSpec:
     Weight ``(o, c // groups, kh, kw)``; bias ``(o,)``. Padding is zero;
     ``pt``/``pl`` are top/left, the bottom/right padding follows from
     ``oh``/``ow`` (``same`` with an even kernel pads one more at the bottom/right).
+    A dilated convolution (``dh``/``dw`` > 1) runs on the im2col path.
     ``connect[i]`` lists the input channels output channel ``i`` reads (groups
     must be 1); weights outside it are zero and their gradients are never written.
     """
@@ -46,8 +47,10 @@ class ConvSpec:
     groups: int = 1
     connect: tuple[tuple[int, ...], ...] | None = None
     bias: bool = True
+    dh: int = 1  # dilation: tap (ky, kx) reads input row oy*sh - pt + ky*dh, column ox*sw - pl + kx*dw
+    dw: int = 1
     act: str = "none"
-    alpha: float = 0.01
+    act_args: tuple[tuple[str, float], ...] = ()  # the activation's arguments, e.g. (("alpha", 0.01),)
     x_stride: int = 0
     y_stride: int = 0
     accumulate: bool = False
@@ -62,7 +65,7 @@ class DenseSpec:
     o: int
     bias: bool = True
     act: str = "none"
-    alpha: float = 0.01
+    act_args: tuple[tuple[str, float], ...] = ()  # the activation's arguments, e.g. (("alpha", 0.01),)
     x_stride: int = 0
     y_stride: int = 0
     accumulate: bool = False
@@ -96,14 +99,19 @@ class PoolSpec:
 
 @dataclass(frozen=True)
 class ElementwiseSpec:
-    """An activation over ``size`` floats per image (forward y = f(x); backward from saved y)."""
+    """An activation over ``size`` floats per image (forward y = f(x); backward from the saved y, or x).
+
+    ``v_stride`` is the per-image stride of the saved tensor the backward kernel
+    reads (0: ``y_stride``); it differs when that tensor is the input.
+    """
 
     size: int
     act: str
-    alpha: float = 0.01
+    act_args: tuple[tuple[str, float], ...] = ()
     x_stride: int = 0
     y_stride: int = 0
     accumulate: bool = False
+    v_stride: int = 0
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NoReturn
 
+import numpy as np
+
 from cnnc.errors import CnnError
 from cnnc.ir import Shape
 
@@ -56,3 +58,46 @@ def window_output(node: dict, shape: Shape, kernel, stride, pads, what: str) -> 
         padded = f" (padded to {h + pt + pb}x{w + pl + pr})" if pt or pb or pl or pr else ""
         fail(node, f"{layer(node)}: input {fmt(shape)}{padded} is smaller than the {fmt(kernel)} {what}")
     return (h + pt + pb - kernel[0]) // stride[0] + 1, (w + pl + pr - kernel[1]) // stride[1] + 1
+
+
+# ---- float64 reference helpers (numpy, on batches N x C x H x W) ----
+
+
+def connect_mask(connect, shape) -> np.ndarray:
+    """(out, in) of 0/1 from a table's rows."""
+    mask = np.zeros(tuple(shape[:2]))
+    for o, row in enumerate(connect):
+        mask[o, list(row)] = 1.0
+    return mask
+
+
+def pad(x: np.ndarray, pads, value: float = 0.0) -> np.ndarray:
+    pt, pb, pl, pr = pads
+    return np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=value)
+
+
+def windows(xp: np.ndarray, k, stride, oh: int, ow: int, dilation=(1, 1)) -> np.ndarray:
+    """(N, C, kh, kw, oh, ow) patches of a padded (N, C, H, W) array; tap (i, j) reads row i*dh, column j*dw."""
+    n, c = xp.shape[:2]
+    kh, kw = k
+    sh, sw = stride
+    dh, dw = dilation
+    cols = np.empty((n, c, kh, kw, oh, ow), dtype=xp.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = xp[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+    return cols
+
+
+def unwindows(dcols: np.ndarray, padded_shape, stride, pads, h: int, w: int, dilation=(1, 1)) -> np.ndarray:
+    """The adjoint of ``windows`` followed by cropping the padding."""
+    kh, kw = dcols.shape[2:4]
+    sh, sw = stride
+    dh, dw = dilation
+    oh, ow = dcols.shape[-2:]
+    dxp = np.zeros(padded_shape)
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw] += dcols[:, :, i, j]
+    pt, _, pl, _ = pads
+    return dxp[:, :, pt:pt + h, pl:pl + w]

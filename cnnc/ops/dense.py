@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from cnnc.ir import Arg, OpDef
 from cnnc.ops.common import fail, fmt, layer
 
@@ -20,6 +22,15 @@ def params(node: dict, ins: list) -> dict:
     return p
 
 
+def reference(node: dict, ins: list, layer: dict) -> np.ndarray:
+    y = ins[0] @ layer["weight"].T
+    return y if layer["bias"] is None else y + layer["bias"]
+
+
+def reference_grad(node: dict, ins: list, y: np.ndarray, dy: np.ndarray, layer: dict) -> tuple[list, dict]:
+    return [dy @ layer["weight"]], {"weight": dy.T @ ins[0], "bias": dy.sum(axis=0)}
+
+
 DENSE = OpDef(
     name="dense",
     args=(Arg("out", "count", doc="output features"), Arg("bias", "bool", True)),
@@ -27,5 +38,8 @@ DENSE = OpDef(
     has_params=True,
     params=params,
     macs=lambda node, ins: ins[0][0] * node["args"]["out"],
+    lowering="dense",
+    reference=reference,
+    reference_grad=reference_grad,
     doc="y = x W^T + b, weight (out, in)",
 )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from cnnc.ir import Arg, OpDef
-from cnnc.ops.common import fail, fmt, layer, need_image, resolve_padding, window_output
+from cnnc.ops.common import fail, fmt, layer, need_image, pad, resolve_padding, unwindows, window_output, windows
 
 
 def shape(node: dict, ins: list) -> tuple:
@@ -26,12 +28,56 @@ def global_shape(node: dict, ins: list) -> tuple:
     return (c,)
 
 
+def _windows(node: dict, x: np.ndarray, fill: float) -> np.ndarray:
+    geo = node["geometry"]
+    return windows(pad(x, geo["pads"], fill), geo["k"], geo["stride"], geo["oh"], geo["ow"])
+
+
+def max_reference(node: dict, ins: list, layer: dict) -> np.ndarray:
+    """Padding is -inf: it never wins."""
+    return _windows(node, ins[0], -np.inf).max(axis=(2, 3))
+
+
+def max_reference_grad(node: dict, ins: list, y: np.ndarray, dy: np.ndarray, layer: dict) -> tuple[list, dict]:
+    """Each window's gradient goes to its first maximum in row-major order."""
+    geo, x = node["geometry"], ins[0]
+    n, c, h, w = x.shape
+    (kh, kw), oh, ow = geo["k"], geo["oh"], geo["ow"]
+    first = _windows(node, x, -np.inf).reshape(n, c, kh * kw, oh, ow).argmax(axis=2)
+    onehot = (np.arange(kh * kw)[None, None, :, None, None] == first[:, :, None]).astype(np.float64)
+    dcols = (onehot * dy[:, :, None]).reshape(n, c, kh, kw, oh, ow)
+    return [unwindows(dcols, pad(x, geo["pads"]).shape, geo["stride"], geo["pads"], h, w)], {}
+
+
+def avg_reference(node: dict, ins: list, layer: dict) -> np.ndarray:
+    """Padded zeros count in the divisor kh * kw."""
+    kh, kw = node["geometry"]["k"]
+    return _windows(node, ins[0], 0.0).sum(axis=(2, 3)) / (kh * kw)
+
+
+def avg_reference_grad(node: dict, ins: list, y: np.ndarray, dy: np.ndarray, layer: dict) -> tuple[list, dict]:
+    geo, x = node["geometry"], ins[0]
+    n, c, h, w = x.shape
+    (kh, kw), oh, ow = geo["k"], geo["oh"], geo["ow"]
+    dcols = np.broadcast_to(dy[:, :, None, None] / (kh * kw), (n, c, kh, kw, oh, ow))
+    return [unwindows(dcols, pad(x, geo["pads"]).shape, geo["stride"], geo["pads"], h, w)], {}
+
+
+def global_reference_grad(node: dict, ins: list, y: np.ndarray, dy: np.ndarray, layer: dict) -> tuple[list, dict]:
+    x = ins[0]
+    return [np.broadcast_to(dy[:, :, None, None] / (x.shape[2] * x.shape[3]), x.shape).copy()], {}
+
+
 _POOL_ARGS = (
     Arg("k", "size", doc="window, 2 or 2x2"),
     Arg("stride", "size", None, "defaults to the window"),
     Arg("pad", "pad", 0),
 )
 
-MAXPOOL = OpDef(name="maxpool", args=_POOL_ARGS, shape=shape, doc="maximum over each window")
-AVGPOOL = OpDef(name="avgpool", args=_POOL_ARGS, shape=shape, doc="mean over each window (padding counts as 0)")
-GLOBAL_AVGPOOL = OpDef(name="global_avgpool", args=(), shape=global_shape, doc="mean of each channel: CxHxW -> C")
+MAXPOOL = OpDef(name="maxpool", args=_POOL_ARGS, shape=shape, lowering="pool", reference=max_reference,
+                reference_grad=max_reference_grad, doc="maximum over each window")
+AVGPOOL = OpDef(name="avgpool", args=_POOL_ARGS, shape=shape, lowering="pool", reference=avg_reference,
+                reference_grad=avg_reference_grad, doc="mean over each window (padding counts as 0)")
+GLOBAL_AVGPOOL = OpDef(name="global_avgpool", args=(), shape=global_shape, lowering="pool",
+                       reference=lambda node, ins, layer: ins[0].mean(axis=(2, 3)),
+                       reference_grad=global_reference_grad, doc="mean of each channel: CxHxW -> C")

@@ -30,7 +30,7 @@ def fuse(g: nx.DiGraph) -> nx.DiGraph:
             continue
         node = g.nodes[name]
         node["act"] = anode["op"]
-        node["alpha"] = anode.get("args", {}).get("alpha", 0.01)
+        node["act_args"] = dict(anode.get("args", {}))  # all of them: the kernel specs carry every one
         node["fused"] = [*node.get("fused", []), act]
         node["shape"] = anode["shape"]
         for succ in list(g.successors(act)):

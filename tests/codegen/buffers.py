@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from cnnc.ops import ACTIVATIONS
+from cnnc.ops.activations import act_args
+
 N, N0, N1 = 5, 1, 4
 GARBAGE = np.float32(-7777.0)
 
@@ -50,3 +53,31 @@ def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
         d[i] = eps
         g[i] = (f(x + d) - f(x - d)) / (2 * eps)
     return g
+
+
+# Arguments the kernel tests give the activations that take any: not the defaults, so that a kernel
+# ignoring its arguments fails.
+ACT_ARGS = {"leaky_relu": {"alpha": 0.1}, "elu": {"alpha": 0.7}}
+ACTS = ["none", *ACTIVATIONS]
+
+
+def act_args_of(act: str) -> tuple:
+    """What a kernel spec carries for `act` (``act_args`` field)."""
+    return act_args(ACT_ARGS.get(act, {}))
+
+
+def act_ref(x: np.ndarray, act: str) -> np.ndarray:
+    """The op table's float64 reference of `act` (``"none"``: the identity)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x if act == "none" else ACTIVATIONS[act].reference(x, ACT_ARGS.get(act, {}))
+
+
+def act_grad_ref(x: np.ndarray, y: np.ndarray, dy: np.ndarray, act: str) -> np.ndarray:
+    """dL/dx = dL/dy * f'(x), in float64, from the op table's derivative."""
+    x, y, dy = (np.asarray(v, dtype=np.float64) for v in (x, y, dy))
+    return dy if act == "none" else dy * ACTIVATIONS[act].derivative(x, y, ACT_ARGS.get(act, {}))
+
+
+def grad_reads_input(act: str) -> bool:
+    """Whether `act`'s backward kernel reads the saved input instead of the output."""
+    return act != "none" and ACTIVATIONS[act].grad_from == "input"

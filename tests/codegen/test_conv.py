@@ -22,8 +22,8 @@ from cnnc.codegen.conv import (
     emit_conv_backward_weights,
     emit_conv_forward,
 )
-from cnnc.codegen.emit import ACTIVATIONS
 from cnnc.codegen.specs import ConvSpec
+from tests.codegen.buffers import ACTS, act_args_of, act_ref
 
 SENTINEL = np.float32(1234.5)
 N_IMAGES, N0, N1 = 4, 1, 3
@@ -34,8 +34,9 @@ def make_spec(c, h, w, o, kh, kw, stride=(1, 1), pad=(0, 0, 0, 0), gap=0, **opti
     """A ConvSpec from (top, left, bottom, right) padding; `gap` floats of garbage after each image."""
     sh, sw = stride
     pt, pl, pb, pr = pad
-    oh = (h + pt + pb - kh) // sh + 1
-    ow = (w + pl + pr - kw) // sw + 1
+    span_h, span_w = (kh - 1) * options.get("dh", 1) + 1, (kw - 1) * options.get("dw", 1) + 1
+    oh = (h + pt + pb - span_h) // sh + 1  # floor((in + 2p - d(k-1) - 1)/s) + 1
+    ow = (w + pl + pr - span_w) // sw + 1
     spec = ConvSpec(c=c, h=h, w=w, o=o, oh=oh, ow=ow, kh=kh, kw=kw, sh=sh, sw=sw, pt=pt, pl=pl, **options)
     return dataclasses.replace(spec, x_stride=c * h * w + gap, y_stride=o * oh * ow + gap)
 
@@ -81,6 +82,14 @@ CASES = {
     "wide_out_19": make_spec(3, 6, 5, 19, 3, 3, pad=(1, 1, 1, 1), gap=2),
     "wide_groups2_36": make_spec(4, 5, 5, 36, 3, 3, stride=(2, 1), groups=2, accumulate=True),
     "wide_connect_17": make_spec(3, 5, 6, 17, 2, 3, connect=tuple((i % 3, (i + 1) % 3) for i in range(17))),
+    # dilation (im2col): taps dh/dw apart, with padding, strides, groups and a table; a 1x1 kernel ignores it
+    "dilated_2_same": make_spec(3, 9, 9, 4, 3, 3, pad=(2, 2, 2, 2), dh=2, dw=2),
+    "dilated_3x2_stride": make_spec(2, 11, 10, 5, 3, 2, stride=(2, 1), pad=(1, 0, 2, 1), dh=3, dw=2, gap=3,
+                                    accumulate=True),
+    "dilated_groups2": make_spec(4, 8, 9, 6, 2, 3, pad=(1, 1, 1, 1), groups=2, dh=2, dw=3, gap=1),
+    "dilated_connect": make_spec(4, 7, 7, 3, 3, 3, connect=((0, 1), (2,), (1, 3)), dh=2, dw=1, bias=False),
+    "dilated_1x1": make_spec(3, 5, 6, 4, 1, 1, dh=2, dw=2),
+    "dilated_like_winograd": make_spec(16, 12, 12, 16, 3, 3, pad=(2, 2, 2, 2), dh=2, dw=2, gap=2),
     # 3x3 with enough channels and even output sizes: Winograd F(2x2, 3x3), forward and input gradient
     "winograd_same": make_spec(16, 16, 16, 20, 3, 3, pad=(1, 1, 1, 1), gap=3),
     "winograd_valid_accumulate": make_spec(17, 18, 18, 16, 3, 3, accumulate=True),
@@ -92,16 +101,6 @@ CASES = {
 # --- numpy references (float64, images as (N, C, H, W)) ---------------------------------------------
 
 
-def act_ref(v: np.ndarray, act: str, alpha: float) -> np.ndarray:
-    if act == "relu":
-        return np.maximum(v, 0.0)
-    if act == "leaky_relu":
-        return np.where(v > 0, v, alpha * v)
-    if act == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-v))
-    if act == "tanh":
-        return np.tanh(v)
-    return v
 
 
 def connect_mask(s: ConvSpec) -> np.ndarray:
@@ -115,7 +114,8 @@ def connect_mask(s: ConvSpec) -> np.ndarray:
 
 
 def _padded_shape(s: ConvSpec) -> tuple[int, int]:
-    return max(s.h + s.pt, (s.oh - 1) * s.sh + s.kh), max(s.w + s.pl, (s.ow - 1) * s.sw + s.kw)
+    return (max(s.h + s.pt, (s.oh - 1) * s.sh + (s.kh - 1) * s.dh + 1),
+            max(s.w + s.pl, (s.ow - 1) * s.sw + (s.kw - 1) * s.dw + 1))
 
 
 def _taps(s: ConvSpec):
@@ -124,7 +124,8 @@ def _taps(s: ConvSpec):
     for g in range(s.groups):
         for ky in range(s.kh):
             for kx in range(s.kw):
-                window = (slice(ky, ky + (s.oh - 1) * s.sh + 1, s.sh), slice(kx, kx + (s.ow - 1) * s.sw + 1, s.sw))
+                y0, x0 = ky * s.dh, kx * s.dw
+                window = (slice(y0, y0 + (s.oh - 1) * s.sh + 1, s.sh), slice(x0, x0 + (s.ow - 1) * s.sw + 1, s.sw))
                 yield slice(g * cg, (g + 1) * cg), slice(g * og, (g + 1) * og), ky, kx, window
 
 
@@ -275,7 +276,7 @@ ACT_SPEC = make_spec(2, 7, 9, 4, 3, 3, stride=(2, 1), pad=(1, 1, 0, 1), gap=5)
 @pytest.mark.parametrize("base", [ACT_SPEC, CASES["winograd_same"]], ids=["strided", "winograd"])
 def test_conv_forward_activations(jit, base: ConvSpec) -> None:
     rng = np.random.default_rng(3)
-    specs = {act: dataclasses.replace(base, act=act, alpha=0.1 if act == "leaky_relu" else 0.01) for act in ACTIVATIONS}
+    specs = {act: dataclasses.replace(base, act=act, act_args=act_args_of(act)) for act in ACTS}
     for act, s in specs.items():
         emit_conv_forward(jit.module, f"fwd_{act}", s, jit.vw)
     s = base
@@ -286,10 +287,10 @@ def test_conv_forward_activations(jit, base: ConvSpec) -> None:
     x_buf = arena(x, s.x_stride, np.nan)
     xr = x_buf[N0:N1, :s.c * s.h * s.w].reshape(-1, s.c, s.h, s.w).astype(np.float64)
     pre = conv_ref(xr, w.astype(np.float32).astype(np.float64), bias.astype(np.float32).astype(np.float64), s)
-    for act, spec in specs.items():
+    for act in specs:
         y = np.full((N_IMAGES, s.y_stride), SENTINEL, dtype=np.float32)
         jit(f"fwd_{act}", x_buf, w.astype(np.float32), bias.astype(np.float32), y, workspace(s, jit.vw), N0, N1)
-        check_arena(y, np.full_like(y, SENTINEL), act_ref(pre, act, spec.alpha), s.o * s.oh * s.ow)
+        check_arena(y, np.full_like(y, SENTINEL), act_ref(pre, act), s.o * s.oh * s.ow)
 
 
 def test_which_convolutions_run_by_winograd() -> None:

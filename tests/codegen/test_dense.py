@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from cnnc.codegen.dense import emit_dense_backward_data, emit_dense_backward_weights, emit_dense_forward
-from cnnc.codegen.emit import ACTIVATIONS
 from cnnc.codegen.specs import DenseSpec
+from tests.codegen.buffers import ACTS, act_args_of, act_ref
 
 SENTINEL = np.float32(-777.25)
 N_IMAGES = 7
@@ -36,16 +36,6 @@ CASES = {
 }
 
 
-def act_ref(v: np.ndarray, act: str, alpha: float) -> np.ndarray:
-    if act == "relu":
-        return np.maximum(v, 0.0)
-    if act == "leaky_relu":
-        return np.where(v > 0, v, alpha * v)
-    if act == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-v))
-    if act == "tanh":
-        return np.tanh(v)
-    return v
 
 
 def arena(rows: np.ndarray, stride: int, gap_value: float, n0: int, n1: int, outside: float) -> np.ndarray:
@@ -119,7 +109,7 @@ def test_dense_forward_activations(jit) -> None:
     """Every activation, on outputs that are not a multiple of any vector width."""
     rng = np.random.default_rng(9)
     base = make_spec(19, 13, gap=3)
-    specs = {act: dataclasses.replace(base, act=act, alpha=0.2 if act == "leaky_relu" else 0.01) for act in ACTIVATIONS}
+    specs = {act: dataclasses.replace(base, act=act, act_args=act_args_of(act)) for act in ACTS}
     for act, s in specs.items():
         emit_dense_forward(jit.module, f"fwd_{act}", s, jit.vw)
     n0, n1 = 1, 6
@@ -127,10 +117,10 @@ def test_dense_forward_activations(jit) -> None:
     w = exact32(rng.uniform(-1, 1, (base.o, base.f)))
     bias = exact32(rng.uniform(-1, 1, base.o))
     pre = x_buf[n0:n1, :base.f].astype(np.float64) @ w.T + bias
-    for act, s in specs.items():
+    for act in specs:
         y = np.full((N_IMAGES, base.y_stride), SENTINEL, dtype=np.float32)
         jit(f"fwd_{act}", x_buf, w.astype(np.float32), bias.astype(np.float32), y, n0, n1)
-        check(y, np.full_like(y, SENTINEL), act_ref(pre, act, s.alpha), n0, n1)
+        check(y, np.full_like(y, SENTINEL), act_ref(pre, act), n0, n1)
 
 
 def test_reference_gradients_finite_difference() -> None:

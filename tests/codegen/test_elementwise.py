@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -15,49 +17,27 @@ from cnnc.codegen.elementwise import (
     emit_softmax_forward,
 )
 from cnnc.codegen.specs import CopySpec, DropoutSpec, ElementwiseSpec, SoftmaxSpec
-from tests.codegen.buffers import N0, N1, N, arena, assert_untouched, garbage, numeric_grad, slots, written
+from tests.codegen.buffers import (
+    ACTS,
+    N0,
+    N1,
+    N,
+    act_args_of,
+    act_grad_ref,
+    act_ref,
+    arena,
+    assert_untouched,
+    garbage,
+    grad_reads_input,
+    numeric_grad,
+    slots,
+    written,
+)
 
 RTOL, ATOL = 1e-5, 1e-6
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 # --- references ---------------------------------------------------------------------------------
-
-ALPHA = 0.1
-
-
-def act_ref(x: np.ndarray, act: str) -> np.ndarray:
-    x = x.astype(np.float64)
-    return {
-        "none": lambda: x,
-        "relu": lambda: np.maximum(x, 0.0),
-        "leaky_relu": lambda: np.where(x > 0, x, ALPHA * x),
-        "sigmoid": lambda: 1.0 / (1.0 + np.exp(-x)),
-        "tanh": lambda: np.tanh(x),
-    }[act]()
-
-
-def act_grad_ref(y: np.ndarray, dy: np.ndarray, act: str) -> np.ndarray:
-    y, dy = y.astype(np.float64), dy.astype(np.float64)
-    return {
-        "none": lambda: dy,
-        "relu": lambda: np.where(y <= 0, 0.0, dy),  # PyTorch's threshold_backward: a NaN output passes dy
-        "leaky_relu": lambda: np.where(y > 0, dy, ALPHA * dy),
-        "sigmoid": lambda: dy * y * (1.0 - y),
-        "tanh": lambda: dy * (1.0 - y * y),
-    }[act]()
-
 
 def softmax_ref(x: np.ndarray, c: int, hw: int) -> np.ndarray:
     z = x.astype(np.float64).reshape(-1, c, hw)
@@ -87,17 +67,15 @@ def dropout_mask_ref(seed: int, size: int, p: float) -> np.ndarray:
     return np.where(u >= p, np.float32(1.0 / (1.0 - p)), np.float32(0.0)).astype(np.float32)
 
 
-
-
 # --- the references' gradients are right (float64 finite differences) ---------------------------
 
 
-@pytest.mark.parametrize("act", ["none", "relu", "leaky_relu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("act", ACTS)
 def test_activation_grad_reference_matches_finite_differences(act):
     rng = np.random.default_rng(0)
     x = rng.uniform(0.1, 3.0, 12) * rng.choice([-1.0, 1.0], 12)  # away from the kink at 0
     dy = rng.standard_normal(12)
-    np.testing.assert_allclose(act_grad_ref(act_ref(x, act), dy, act),
+    np.testing.assert_allclose(act_grad_ref(x, act_ref(x, act), dy, act),
                                numeric_grad(lambda v: (act_ref(v, act) * dy).sum(), x), rtol=1e-6, atol=1e-8)
 
 
@@ -111,7 +89,6 @@ def test_softmax_grad_reference_matches_finite_differences(c, hw):
 
 # --- activations --------------------------------------------------------------------------------
 
-ACTS = ["none", "relu", "leaky_relu", "sigmoid", "tanh"]
 # (size, x_stride, y_stride): odd sizes, sizes below and above every vector width, strided slots
 ACT_SHAPES = [(1, 1, 3), (7, 9, 7), (37, 40, 37), (64, 64, 70), (100, 0, 0)]
 
@@ -120,10 +97,12 @@ ACT_SHAPES = [(1, 1, 3), (7, 9, 7), (37, 40, 37), (64, 64, 70), (100, 0, 0)]
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_activations(jit, size, x_stride, y_stride, accumulate):
     for act in ACTS:
-        spec = ElementwiseSpec(size=size, act=act, alpha=ALPHA, x_stride=x_stride, y_stride=y_stride,
+        spec = ElementwiseSpec(size=size, act=act, act_args=act_args_of(act), x_stride=x_stride, y_stride=y_stride,
                                accumulate=accumulate)
         emit_activation_forward(jit.module, f"fwd_{act}", spec, jit.vw)
-        emit_activation_backward(jit.module, f"bwd_{act}", spec, jit.vw)
+        # the backward kernel reads the saved output, or the saved input (at its own stride)
+        grad_spec = dataclasses.replace(spec, v_stride=x_stride if grad_reads_input(act) else 0)
+        emit_activation_backward(jit.module, f"bwd_{act}", grad_spec, jit.vw)
     xs, ys = x_stride or size, y_stride or size
     rng = np.random.default_rng(size)
     for act in ACTS:
@@ -138,9 +117,9 @@ def test_activations(jit, size, x_stride, y_stride, accumulate):
         dy = arena(rng, ys, size)
         dx = arena(rng, xs, size) if accumulate else garbage(xs)
         dx_before = dx.copy()
-        jit(f"bwd_{act}", y, dy, dx, N0, N1)
+        jit(f"bwd_{act}", x if grad_reads_input(act) else y, dy, dx, N0, N1)
         assert_untouched(dx, dx_before, written(dx, xs, size))
-        want = act_grad_ref(slots(y, ys, size)[N0:N1], slots(dy, ys, size)[N0:N1], act)
+        want = act_grad_ref(slots(x, xs, size)[N0:N1], slots(y, ys, size)[N0:N1], slots(dy, ys, size)[N0:N1], act)
         if accumulate:
             want = want + slots(dx_before, xs, size)[N0:N1]
         np.testing.assert_allclose(slots(dx, xs, size)[N0:N1], want, rtol=RTOL, atol=ATOL, err_msg=act)
@@ -149,12 +128,13 @@ def test_activations(jit, size, x_stride, y_stride, accumulate):
 @pytest.mark.parametrize("size", [5, 67])
 def test_activations_in_place(jit, size):
     for act in ACTS:
-        spec = ElementwiseSpec(size=size, act=act, alpha=ALPHA, x_stride=size + 2, y_stride=size + 2)
+        spec = ElementwiseSpec(size=size, act=act, act_args=act_args_of(act), x_stride=size + 2, y_stride=size + 2)
         emit_activation_forward(jit.module, f"fwd_{act}", spec, jit.vw)
         emit_activation_backward(jit.module, f"bwd_{act}", spec, jit.vw)
     rng = np.random.default_rng(7)
     for act in ACTS:
         buf = arena(rng, size + 2, size, scale=4.0)
+        x_buf = buf.copy()
         x = slots(buf, size + 2, size).copy()
         jit(f"fwd_{act}", buf, buf, N0, N1)
         y = slots(buf, size + 2, size)[N0:N1].copy()
@@ -163,8 +143,8 @@ def test_activations_in_place(jit, size):
 
         dbuf = arena(rng, size + 2, size)
         dy = slots(dbuf, size + 2, size)[N0:N1].copy()
-        jit(f"bwd_{act}", buf, dbuf, dbuf, N0, N1)
-        np.testing.assert_allclose(slots(dbuf, size + 2, size)[N0:N1], act_grad_ref(y, dy, act),
+        jit(f"bwd_{act}", x_buf if grad_reads_input(act) else buf, dbuf, dbuf, N0, N1)
+        np.testing.assert_allclose(slots(dbuf, size + 2, size)[N0:N1], act_grad_ref(x[N0:N1], y, dy, act),
                                    rtol=RTOL, atol=ATOL, err_msg=act)
 
 
@@ -172,7 +152,7 @@ def test_activations_in_place(jit, size):
 def test_activations_propagate_nan_as_pytorch(jit, size):
     """relu(NaN) = NaN (maxnum would give 0 and hide it from the loss); every activation keeps NaN."""
     for act in ACTS:
-        spec = ElementwiseSpec(size=size, act=act, alpha=ALPHA, x_stride=size, y_stride=size)
+        spec = ElementwiseSpec(size=size, act=act, act_args=act_args_of(act), x_stride=size, y_stride=size)
         emit_activation_forward(jit.module, f"fwd_{act}", spec, jit.vw)
         emit_activation_backward(jit.module, f"bwd_{act}", spec, jit.vw)
     rng = np.random.default_rng(size)
@@ -183,12 +163,14 @@ def test_activations_propagate_nan_as_pytorch(jit, size):
         images[N0, :3] = [np.nan, -np.inf, np.inf]
         y = garbage(size)
         jit(f"fwd_{act}", x, y, N0, N1)
-        want = act_ref(images[N0:N1], act)
+        with np.errstate(invalid="ignore", over="ignore"):
+            want = act_ref(images[N0:N1], act)
         assert np.isnan(want).any()
         np.testing.assert_allclose(slots(y, size, size)[N0:N1], want, rtol=RTOL, atol=ATOL, err_msg=act)
         dy, dx = arena(rng, size, size), garbage(size)
-        jit(f"bwd_{act}", y, dy, dx, N0, N1)
-        want = act_grad_ref(slots(y, size, size)[N0:N1], slots(dy, size, size)[N0:N1], act)
+        jit(f"bwd_{act}", x if grad_reads_input(act) else y, dy, dx, N0, N1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            want = act_grad_ref(images[N0:N1], slots(y, size, size)[N0:N1], slots(dy, size, size)[N0:N1], act)
         np.testing.assert_allclose(slots(dx, size, size)[N0:N1], want, rtol=RTOL, atol=ATOL, err_msg=act)
 
 
@@ -357,7 +339,7 @@ def test_copy(jit, count, src_stride, dst_stride, src_offset, dst_offset, accumu
 def test_squashing_activations_over_their_whole_range(jit, act):
     """A dense sweep: relative error under 2e-6 everywhere, saturation beyond the fitted range, NaN kept."""
     size = 4001
-    spec = ElementwiseSpec(size=size, act=act, alpha=ALPHA, x_stride=size, y_stride=size, accumulate=False)
+    spec = ElementwiseSpec(size=size, act=act, x_stride=size, y_stride=size, accumulate=False)
     emit_activation_forward(jit.module, "fwd", spec, jit.vw)
     x = np.zeros((N, size), np.float32)
     x[N0:N1] = np.concatenate([np.linspace(-12, 12, size - 6), [0.0, 1e-30, -1e-30, 1e4, -1e4, np.nan]])
@@ -369,3 +351,34 @@ def test_squashing_activations_over_their_whole_range(jit, act):
     assert np.all(np.isnan(y[N0:N1, -1])), "NaN must propagate (the loss check relies on it)"
     if act == "tanh":
         assert np.all(np.abs(got) <= 1.0), "|tanh| above 1 would flip the sign of its gradient 1 - y^2"
+
+
+@pytest.mark.parametrize("act", ["elu", "gelu", "silu"])
+def test_smooth_activations_over_their_whole_range(jit, act):
+    """A dense sweep against the float64 reference, far tails included; NaN propagates, forward and backward.
+
+    Error bound: 2e-6 relative plus 2e-7 |x| absolute (gelu's 1 + erf(x / sqrt 2) cancels for x << 0,
+    as in PyTorch's float32 gelu).
+    """
+    size = 4001
+    spec = ElementwiseSpec(size=size, act=act, act_args=act_args_of(act), x_stride=size, y_stride=size)
+    emit_activation_forward(jit.module, "fwd", spec, jit.vw)
+    emit_activation_backward(jit.module, "bwd", spec, jit.vw)
+    x = np.zeros((N, size), np.float32)
+    x[N0:N1] = np.concatenate([np.linspace(-12, 12, size - 6), [0.0, 1e-30, -1e-30, 1e4, -1e4, np.nan]])
+    y = np.zeros_like(x)
+    jit("fwd", x, y, N0, N1)
+    got, want = y[N0:N1, :-1].astype(np.float64), act_ref(x[N0:N1, :-1], act)
+    bound = 2e-6 * np.abs(want) + 2e-7 * np.abs(x[N0:N1, :-1]) + 1e-37
+    assert np.all(np.abs(got - want) <= bound), act
+    if act == "gelu":
+        assert np.all(got[x[N0:N1, :-1] < 0] <= 0), "gelu keeps the sign of x"
+    assert np.all(np.isnan(y[N0:N1, -1])), "NaN must propagate (the loss check relies on it)"
+
+    dy = np.ones_like(x)
+    dx = np.zeros_like(x)
+    jit("bwd", x if grad_reads_input(act) else y, dy, dx, N0, N1)
+    got = dx[N0:N1, :-1].astype(np.float64)
+    want = act_grad_ref(x[N0:N1, :-1], y[N0:N1, :-1], dy[N0:N1, :-1], act)
+    assert np.all(np.abs(got - want) <= 2e-6 * np.abs(want) + 4e-7 * np.maximum(1.0, np.abs(x[N0:N1, :-1]))), act
+    assert np.all(np.isnan(dx[N0:N1, -1])), "a NaN input gives a NaN gradient"

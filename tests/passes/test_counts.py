@@ -131,6 +131,8 @@ def test_dense_10000_to_10000():
     ("4x8x8", "conv(8, 3, groups=4)", 8 * 1 * 9 + 8, 8 * 6 * 6 * 1 * 9),                   # in/groups = 1
     ("4x8x8", "conv(8, 3, groups=2, bias=false)", 8 * 2 * 9, 8 * 6 * 6 * 2 * 9),
     ("3x10x12", "conv(5, 3x1, pad=1x0)", 5 * 3 * 3 + 5, 5 * 10 * 12 * 3 * 3),
+    ("3x10x10", "conv(4, 3, dilation=2)", 4 * 3 * 9 + 4, 4 * 6 * 6 * 3 * 9),               # same weights, 6x6 out
+    ("4x11x11", "conv(4, 3x2, groups=2, dilation=2x3, pad=1)", 4 * 2 * 6 + 4, 4 * 9 * 10 * 2 * 6),
     ("120", "dense(84)", 120 * 84 + 84, 120 * 84),                                           # 10,080
     ("784", "dense(10, bias=false)", 7_840, 7_840),
 ])
@@ -238,6 +240,9 @@ def torch_networks():
                               nn.Linear(4096, 256), nn.ReLU(), nn.Linear(256, 10))
         mlp = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Dropout(0.2), nn.Linear(512, 256), nn.ReLU(),
                             nn.Dropout(0.2), nn.Linear(256, 10))
+        dilated = nn.Sequential(nn.Conv2d(2, 4, 3, padding=2, dilation=2), nn.ELU(),
+                                nn.Conv2d(4, 6, (3, 2), stride=2, padding=1, dilation=(2, 3), groups=2), nn.GELU(),
+                                nn.Flatten(), nn.Linear(6 * 5 * 6, 3), nn.SiLU())
         grouped = nn.Sequential(nn.Conv2d(4, 8, (3, 5), stride=(2, 1), padding=(1, 2), groups=2), nn.ReLU(),
                                 nn.Conv2d(8, 8, 3, groups=8, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                 nn.Linear(8, 3))
@@ -249,6 +254,9 @@ def torch_networks():
         ("grouped", "network g {\n    input x: 4x9x11\n    y = x -> conv(8, 3x5, stride=2x1, pad=1x2, groups=2) "
                     "-> relu -> conv(8, 3, groups=8, bias=false) -> global_avgpool -> dense(3)\n}\n",
          grouped, (4, 9, 11)),
+        ("dilated", "network d {\n    input x: 2x11x12\n    y = x -> conv(4, 3, pad=2, dilation=2) -> elu "
+                    "-> conv(6, 3x2, stride=2, pad=1, dilation=2x3, groups=2) -> gelu -> flatten -> dense(3) "
+                    "-> silu\n}\n", dilated, (2, 11, 12)),
     ]
 
 

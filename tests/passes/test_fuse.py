@@ -7,6 +7,7 @@ from pathlib import Path
 from cnnc import cli
 from cnnc.driver import check_source, optimize
 from cnnc.errors import Diagnostics
+from cnnc.ops import ACTIVATIONS
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -42,12 +43,15 @@ def test_dense_tanh_fuses():
     assert f.nodes["h.2"].get("act", "none") == "none"
 
 
-def test_every_activation_fuses_and_leaky_relu_keeps_alpha():
-    for act in ("relu", "sigmoid", "tanh", "leaky_relu(alpha=0.2)"):
+def test_every_activation_fuses_and_carries_all_its_arguments():
+    for act in ACTIVATIONS:
         _, f = fused(net(f"    h = x -> dense(8) -> {act} -> dense(2)", "5"))
-        assert f.nodes["h.1"]["act"] == act.split("(")[0]
+        assert f.nodes["h.1"]["act"] == act
+        assert f.nodes["h.1"]["act_args"] == {a.name: a.default for a in ACTIVATIONS[act].args}
     _, f = fused(net("    h = x -> dense(8) -> leaky_relu(alpha=0.2) -> dense(2)", "5"))
-    assert f.nodes["h.1"]["alpha"] == 0.2
+    assert f.nodes["h.1"]["act_args"] == {"alpha": 0.2}
+    _, f = fused(net("    h = x -> dense(8) -> elu(alpha=0.5) -> dense(2)", "5"))
+    assert f.nodes["h.1"]["act_args"] == {"alpha": 0.5}
 
 
 def test_conv_whose_output_is_also_used_by_add_does_not_fuse():
@@ -120,3 +124,15 @@ def test_graph_fused_shows_the_activation(tmp_path):
     dot = out.read_text()
     assert "conv+tanh" in dot and "dense+tanh" in dot
     assert "c1.tanh" not in dot
+
+
+def test_input_reading_activations_fuse_and_keep_their_input_for_training():
+    """gelu and silu fuse into conv and dense like the others; training keeps their input (Plan.pre), elu not."""
+    from cnnc.codegen.plan import plan_memory
+    from tests.reference import SMOOTH
+
+    _, f = fused(SMOOTH)
+    acts = {n: f.nodes[n]["act"] for n in f.nodes if f.nodes[n].get("act", "none") != "none"}
+    assert acts == {"a": "gelu", "b": "silu", "g": "silu", "f.1": "gelu", "f.2": "elu"}
+    assert set(plan_memory(f, training=True).pre) == {"a", "b", "g", "f.1"}
+    assert plan_memory(f, training=False).pre == {}

@@ -1,6 +1,7 @@
 """Shape inference, table-driven, with every expected shape worked out by hand.
 
-Conv and pooling: ``floor((in + pad_before + pad_after - k) / stride) + 1``;
+Conv and pooling: ``floor((in + pad_before + pad_after - k) / stride) + 1``, with a dilated
+conv's span ``d (k - 1) + 1`` in place of k;
 ``pad=same`` gives ``ceil(in / stride)`` with the odd pixel of padding at the
 bottom/right; shapes leave out the batch.
 """
@@ -51,6 +52,13 @@ CASES = [
     ("1x28x28", "conv(4, 1x7)", (4, 28, 22)),
     ("1x28x28", "conv(4, 7x1, pad=3x0)", (4, 28, 28)),
     ("1x28x20", "conv(4, 5x3, stride=3x2)", (4, 8, 9)),             # (28-5)//3+1 = 8, (20-3)//2+1 = 9
+    # dilation: floor((in + 2p - d(k-1) - 1)/s) + 1
+    ("1x10x10", "conv(2, 3, dilation=2)", (2, 6, 6)),               # 10-2*2-1+1 = 6
+    ("1x10x10", "conv(2, 3, dilation=2, pad=2)", (2, 10, 10)),      # 10+4-4-1+1
+    ("1x11x12", "conv(2, 3x2, stride=2, pad=1, dilation=2x3)", (2, 5, 6)),  # (11+2-4-1)//2+1, (12+2-3-1)//2+1
+    ("1x9x9", "conv(2, 3, dilation=3, pad=same)", (2, 9, 9)),       # same pads d(k-1) = 6
+    ("1x7x7", "conv(2, 1, dilation=4)", (2, 7, 7)),                 # a 1x1 kernel spans 1 whatever the dilation
+    ("4x9x9", "conv(4, 3, groups=2, dilation=4)", (4, 1, 1)),       # 9-8-1+1
     # pooling, explicit strides and padding
     ("6x28x28", "maxpool(2x2)", (6, 14, 14)),
     ("6x28x28", "avgpool(2)", (6, 14, 14)),
@@ -77,6 +85,8 @@ CASES = [
     ("3x4x5", "sigmoid", (3, 4, 5)),
     ("3x4x5", "tanh", (3, 4, 5)),
     ("3x4x5", "leaky_relu(alpha=0.2)", (3, 4, 5)),
+    ("3x4x5", "elu", (3, 4, 5)),
+    ("3x4x5", "elu(alpha=0.5) -> gelu -> silu", (3, 4, 5)),
     ("3x4x5", "dropout(0.5)", (3, 4, 5)),
     ("3x4x5", "softmax", (3, 4, 5)),
     ("10", "relu -> sigmoid -> tanh -> leaky_relu -> dropout(0.1) -> softmax", (10,)),
@@ -101,6 +111,9 @@ def test_shape(input_shape, layers, expected):
     ("1x10x12", "conv(2, 3, pad=2x0)", (2, 2, 0, 0)),
     ("1x10x12", "conv(2, 3, pad=valid)", (0, 0, 0, 0)),
     ("1x7x7", "maxpool(2, pad=same)", (0, 1, 0, 1)),                # (4-1)*2+2-7 = 1
+    ("1x9x9", "conv(2, 3, dilation=3, pad=same)", (3, 3, 3, 3)),    # the dilated span 7: total 6
+    ("1x8x8", "conv(2, 2, dilation=3, pad=same)", (1, 2, 1, 2)),    # span 4: total 3, odd one bottom/right
+    ("1x9x9", "conv(2, 3, stride=2, dilation=2, pad=same)", (2, 2, 2, 2)),  # (5-1)*2+5-9 = 4
 ])
 def test_resolved_padding(input_shape, layers, pads):
     g = chain(input_shape, layers)
@@ -196,3 +209,10 @@ def test_shapes_agree_with_torch():
         y = module(x)
         expected = tuple(y.shape[1:] if y.dim() == 4 else y.shape)
         assert out_shape(chain(input_shape, layers)) == expected, layers
+
+
+def test_a_dilated_kernel_too_large_for_its_input_names_its_span():
+    from cnnc.errors import CnnError
+
+    with pytest.raises(CnnError, match=r"conv y: input 1x4x4 is smaller than the 5x5 kernel \(3x3 dilated by 2x2\)"):
+        check_source("network n {\n    input x: 1x4x4\n    y = x -> conv(2, 3, dilation=2)\n}\n")

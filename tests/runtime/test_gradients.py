@@ -88,30 +88,55 @@ def inputs(model, n: int, seed: int = 0) -> np.ndarray:
 # ---- (1) the reference itself, by float64 finite differences --------------------------------
 
 
-def _fd_setup():
-    g = graph(FD_NET)
+# The new ops by finite differences too: dilation (with stride, groups, a table), elu, gelu and silu.
+FD_NEW_OPS = """
+table two {
+    0: 0 1
+    1: 1
+}
+network fd_new {
+    input x: 2x7x7
+    a = x -> conv(2, 3x3, pad=same, dilation=2, connect=two) -> gelu      # 2@7x7
+    b = a -> conv(4, 2x3, stride=2, pad=1, groups=2, dilation=3x2) -> silu  # 4@3x3
+    o = b -> elu(alpha=0.7) -> flatten -> dense(4)
+}
+"""
+
+
+def _fd_setup(text: str):
+    g = graph(text)
     rng = np.random.default_rng(0)
     params = random_params(g, rng, scale=1.0)
-    x = rng.standard_normal((2, 3, 6, 6))
-    drop = next(n for n in execution_order(g) if g.nodes[n]["op"] == "dropout")
-    masks = {drop: rng.choice([0.0, 2.0], size=(2, 4))}
+    x = rng.standard_normal((2, *g.nodes[g.graph["input"]]["shape"]))
+    drops = [n for n in execution_order(g) if g.nodes[n]["op"] == "dropout"]
+    masks = {drop: rng.choice([0.0, 2.0], size=(2, *g.nodes[drop]["shape"])) for drop in drops}
     return g, params, x, masks
 
 
+def _outside_table(g, params: dict, name: str) -> np.ndarray:
+    """Per weight of parameter `name`: True where a connect table leaves it out."""
+    layer, kind = name.rsplit(".", 1)
+    connect = g.nodes[layer]["args"].get("connect")
+    if kind != "weight" or connect is None:
+        return np.zeros(params[name].size, bool)
+    mask = connect_mask(connect, params[name].shape)[:, :, None, None]
+    return np.broadcast_to(mask, params[name].shape).reshape(-1) == 0
+
+
+@pytest.mark.parametrize("text", [FD_NET, FD_NEW_OPS], ids=["every_op", "new_ops"])
 @pytest.mark.parametrize("loss, targets", [
     ("cross_entropy", np.array([1, 3])),
     ("mse", np.array([2, 0])),
     ("mse", np.array([[0.1, 0.5, 0.3, 0.1], [0.7, 0.1, 0.1, 0.1]])),
 ])
-def test_reference_backward_matches_finite_differences(loss: str, targets: np.ndarray) -> None:
-    g, params, x, masks = _fd_setup()
+def test_reference_backward_matches_finite_differences(text: str, loss: str, targets: np.ndarray) -> None:
+    g, params, x, masks = _fd_setup(text)
     _, grads = reference_value_and_grad(g, params, x, targets, loss, masks)
     eps = 1e-6
     rng = np.random.default_rng(1)
-    a_mask = np.broadcast_to(connect_mask(g.nodes["a"]["args"]["connect"], params["a.weight"].shape)[:, :, None, None],
-                             params["a.weight"].shape).reshape(-1)
     for name, p in params.items():
         flat = p.reshape(-1)
+        outside = _outside_table(g, params, name)
         picks = rng.choice(flat.size, size=min(flat.size, 25), replace=False)
         for i in picks:
             keep = flat[i]
@@ -121,7 +146,7 @@ def test_reference_backward_matches_finite_differences(loss: str, targets: np.nd
             down, _ = reference_value_and_grad(g, params, x, targets, loss, masks)
             flat[i] = keep
             numeric = (up - down) / (2 * eps)
-            if name == "a.weight" and a_mask[i] == 0:
+            if outside[i]:
                 assert grads[name].reshape(-1)[i] == 0.0  # outside the table: no gradient
                 continue
             assert abs(grads[name].reshape(-1)[i] - numeric) <= 1e-6 + 1e-5 * abs(numeric), (name, i)
@@ -284,7 +309,7 @@ def test_dropout_is_deterministic_per_seed_and_varies_across_seeds() -> None:
 # ---- torch autograd ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lenet5", "resnet"])
+@pytest.mark.parametrize("name", ["lenet5", "resnet", "smooth", "dilated"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 def test_matches_torch_autograd(name: str, loss: str) -> None:
     torch = pytest.importorskip("torch")
