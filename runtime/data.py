@@ -18,6 +18,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from cnnc_runtime.memory import check_fits
+
 # IDX type codes -> big-endian numpy dtypes (http://yann.lecun.com/exdb/mnist/).
 IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
@@ -38,20 +40,10 @@ IDX_FILES: dict[str, tuple[str, str]] = {
 }
 
 
-def memory_bytes() -> int:
-    """This machine's physical memory in bytes (a large constant where the OS does not say)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 40
-
-
 def check_fits_in_memory(shape: tuple[int, ...], dtype: np.dtype, what: str) -> int:
     """The bytes an array of `shape` and `dtype` needs; ValueError before allocating if that exceeds the memory."""
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    if nbytes > memory_bytes():
-        raise ValueError(f"{what}: shape {shape} of {np.dtype(dtype)} needs {nbytes / 2**30:,.1f} GiB, more than "
-                         f"this machine's {memory_bytes() / 2**30:,.1f} GiB of memory")
+    check_fits(nbytes, f"{what}: shape {shape} of {np.dtype(dtype)}")
     return nbytes
 
 

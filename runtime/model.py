@@ -28,7 +28,6 @@ A process forked while the pool runs gets fresh pools and locks.
 from __future__ import annotations
 
 import ctypes
-import functools
 import io
 import os
 import threading
@@ -42,6 +41,7 @@ import numpy as np
 
 from cnnc_runtime import artifact
 from cnnc_runtime.host import host_cpu, missing_features
+from cnnc_runtime.memory import check_fits
 from cnnc_runtime.native import NativeLibrary
 from cnnc_runtime.parallel import check_threads, default_threads, shared_pool, split
 
@@ -69,23 +69,6 @@ def aligned_zeros(n: int) -> np.ndarray:
 
 def _fmt(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
-
-
-@functools.cache
-def physical_memory() -> int | None:
-    """Bytes of RAM in this machine, or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def check_fits(nbytes: int, what: str) -> None:
-    """``ValueError`` before allocating `nbytes` for `what` if that is more than this machine's RAM."""
-    ram = physical_memory()
-    if ram is not None and nbytes > ram:
-        raise ValueError(f"{what} needs {nbytes / 2**30:.3g} GiB, more than this machine's "
-                         f"{ram / 2**30:.3g} GiB of memory")
 
 
 def shards(n: int) -> list[tuple[int, int]]:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cnnc_runtime import data as data_mod
+from cnnc_runtime import memory
 from cnnc_runtime.data import (
     Dataset,
     Inputs,
@@ -367,7 +368,7 @@ HUGE = (60000, 100000, 100)  # 600 GB of uint8
 
 @pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
 def test_an_idx_header_claiming_more_than_memory_is_refused(tmp_path, gz, monkeypatch):
-    monkeypatch.setattr(data_mod, "memory_bytes", lambda: 8 << 30)
+    monkeypatch.setattr(memory, "physical_memory", lambda: 8 << 30)
     raw = _idx_header(0x08, HUGE) + bytes(100)
     path = tmp_path / "huge.idx"
     path.write_bytes(gzip.compress(raw) if gz else raw)
@@ -402,7 +403,7 @@ def _npz_with_member_header(path: Path, shape: tuple[int, ...], payload: int = 6
 
 def test_an_npz_member_claiming_more_than_memory_is_refused(tmp_path, monkeypatch):
     _npz_with_member_header(tmp_path / "huge.npz", (100000, 1000000))  # 10^11 floats
-    monkeypatch.setattr(data_mod, "memory_bytes", lambda: 8 << 30)
+    monkeypatch.setattr(memory, "physical_memory", lambda: 8 << 30)
     with pytest.raises(ValueError, match=r"huge.npz: 'x': shape \(100000, 1000000\) of float32 needs 372.5 GiB, "
                                          r"more than this machine's 8.0 GiB of memory"):
         load_dataset(tmp_path / "huge.npz")
