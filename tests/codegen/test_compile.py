@@ -134,7 +134,8 @@ import cnnc
 from cnnc.codegen import target
 
 target.PARALLEL_MIN_COST = 0  # every compile forks, however small
-nets = [f"network n{i} {{ input x: 1x{8 + i}x{8 + i}  c = x -> conv({2 + i}, 3x3) -> relu -> flatten  y = c -> dense(3) }}"
+nets = [f"network n{i} {{ input x: 1x{8 + i}x{8 + i}  c = x"
+        f" -> conv({2 + i}, 3x3) -> relu -> flatten  y = c -> dense(3) }}"
         for i in range(3)]
 stop = threading.Event()
 
