@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+import lark
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark.grammar import Rule
+from lark.lexer import TerminalDef
 
 from cnnc.errors import CnnError, Loc
 from cnnc.frontend import ast
+from cnnc_runtime.cachedir import cache_dir, read_private, write_private
 
 # Terminals as a reader would name them, for "expected ..." messages.
 TERMINAL_WORDS = {
@@ -72,23 +78,73 @@ def grammar_text() -> str:
         return (Path(__file__).resolve().parents[2] / "grammar" / "cnn.lark").read_text()
 
 
+OPTIONS = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": True}
+
+
 @lru_cache(maxsize=1)
 def parser() -> Lark:
-    """The LALR parser; building its tables takes ~60 ms, loading them from the cache directory ~4 ms."""
+    """The LALR parser; building its tables takes ~50 ms, loading them from the cache directory a few.
+
+    The tables are kept as JSON, never as lark's own pickle: a file in the
+    cache directory is data to check, not code to run. Only an entry this user
+    wrote (``cachedir.read_private``) whose key and content hash match is
+    used; anything else is rebuilt and overwritten.
+    """
     grammar = grammar_text()
-    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True, cache=_tables_file(grammar))
+    key = hashlib.sha256(json.dumps([grammar, OPTIONS, lark.__version__, TABLES_FORMAT]).encode()).hexdigest()
+    path = cache_dir() / f"parser-{key[:32]}.json"
+    loaded = _load_tables(path, key)
+    if loaded is not None:
+        return loaded
+    built = Lark(grammar, **OPTIONS)
+    data, memo = built.memo_serialize([TerminalDef, Rule])
+    tables = _encode({"data": data, "memo": memo})
+    text = json.dumps(tables, separators=(",", ":"))
+    blob = {"key": key, "sha256": hashlib.sha256(text.encode()).hexdigest(), "tables": tables}
+    write_private(path, json.dumps(blob, separators=(",", ":")).encode())
+    return built
 
 
-def _tables_file(grammar: str) -> str | bool:
-    """Where lark keeps the parser tables (False: nowhere). Lark checks a hash of the grammar, its options
-    and its own version before it trusts the file, and rebuilds on any mismatch or damage."""
-    from cnnc.cache import cache_dir
+TABLES_FORMAT = 1  # the layout of the tables file: a change makes every old file a miss
 
+
+def _load_tables(path: Path, key: str) -> Lark | None:
+    """The parser from a trusted, intact tables file for `key`, else None."""
+    data = read_private(path)
     try:
-        cache_dir().mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return str(cache_dir() / f"lark-{hashlib.sha256(grammar.encode()).hexdigest()[:16]}.tables")
+        blob = json.loads(data) if data is not None else None
+        if blob["key"] != key:
+            return None
+        text = json.dumps(blob["tables"], separators=(",", ":"))
+        if hashlib.sha256(text.encode()).hexdigest() != blob["sha256"]:
+            return None
+        tables = _decode(blob["tables"])
+        return Lark._load_from_dict(tables["data"], tables["memo"])
+    except Exception:  # missing, damaged or from another lark: built again  # noqa: BLE001
+        return None
+
+
+def _encode(value: Any) -> Any:
+    """Lark's serialised tables (dicts with int keys, tuples) as JSON that `_decode` gives back exactly."""
+    if isinstance(value, dict):
+        return {"d": [[k, _encode(v)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"t": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"cannot keep a {type(value).__name__} in the parser tables")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if isinstance(value, dict):
+        if "d" in value:
+            return {k: _decode(v) for k, v in value["d"]}
+        return tuple(_decode(v) for v in value["t"])
+    return value
 
 
 class _ToAst(Transformer):
