@@ -199,3 +199,38 @@ def test_long_repetition_takes_linear_time():
 def test_absurd_repetition_is_an_error():
     outcome, seconds = _run_child(CHILD.format(counts=(10**9,)), timeout=2).split()
     assert outcome == "CnnError"
+
+
+def tower(depth: int, factor: int, layer: str = "dense(2)") -> str:
+    """Blocks that each use the one below `factor` times: a few hundred bytes, factor**depth layers."""
+    blocks = [f"block l0() {{ input x  y = x -> {layer} }}"]
+    blocks += [f"block l{i}() {{ input x  y = x -> l{i - 1}() * {factor} }}" for i in range(1, depth + 1)]
+    return "\n".join(blocks) + f"\nnetwork n {{ input x: 4  y = x -> l{depth}() }}\n"
+
+
+MULTIPLIED = """
+from cnnc.driver import check_source
+from cnnc.errors import CnnError
+try:
+    check_source({source!r}, "t.cnn")
+    print("checked")
+except CnnError as e:
+    print(str(e).splitlines()[0])
+"""
+
+
+@pytest.mark.parametrize("source, where", [
+    (tower(5, 100), "t.cnn:7:34"),  # 10**10 layers in 347 bytes: has_params alone used to take minutes
+    (tower(3, 100, "relu").replace("y = x -> l3() }", "y = x -> l3() * 9 }"), "t.cnn:5:34"),
+    ("block b() { input x  y = x -> relu * 999 }\nnetwork n { input x: 4\n"
+     + "".join(f"  y{i} = {'x' if i == 0 else f'y{i - 1}'} -> b() * 10\n" for i in range(11)) + "}\n", "t.cnn:13:15"),
+], ids=["tower", "tower-repeated", "bindings-add-up"])
+def test_blocks_that_multiply_are_refused_at_once(source, where):
+    out = _run_child(MULTIPLIED.format(source=source), timeout=30)
+    assert out.strip() == f"{where}: error: the network would unroll into more than 100,000 layers " \
+                          "(blocks and repetition expanded)"
+
+
+def test_a_block_multiplied_to_just_under_the_limit_checks():
+    g = check_source(tower(2, 100, "relu"), "t.cnn")
+    assert sum(1 for n in g if g.nodes[n]["op"] == "relu") == 10_000
