@@ -62,6 +62,7 @@ class Lowering:
         self.layers = 0  # the network's layers, blocks and repetition unrolled
         self._has_params: dict[str, bool] = {}
         self._sizes: dict[str, int] = {}
+        self.uses: list[tuple[str, Loc]] = []  # the block uses being lowered, outermost first
 
     def _unique(self, items: list, what: str) -> dict:
         seen: dict = {}
@@ -282,6 +283,8 @@ class Lowering:
         if name in self.g:
             first = self.g.nodes[name]["loc"]
             raise CnnError(f"the layer name '{name}' is already used (at line {first.line})", name_loc or loc)
+        if self.uses:
+            attrs["uses"] = tuple(self.uses)
         add_node(self.g, name, op, inputs, loc=loc, binding=binding, **attrs)
 
     def element(self, item: Item, name: str, binding: str, current: str, scope: Scope) -> str:
@@ -381,7 +384,13 @@ class Lowering:
             if isinstance(values[p.name], ast.Expr):
                 values[p.name] = evaluate(values[p.name], {})
         inner = Scope(prefix=name + ".", params=values, blocks=(*scope.blocks, call.name))
-        return self.body(block.body, inner, block_input=current, where=f"block '{block.name}'", loc=block.loc)
+        self.uses.append((block.name, call.loc))
+        try:
+            return self.body(block.body, inner, block_input=current, where=f"block '{block.name}'", loc=block.loc)
+        except CnnError as e:
+            raise e.note_block_uses(tuple(self.uses)) from None
+        finally:
+            self.uses.pop()
 
 
 def _calls(elements: list[ast.Element]) -> Iterator[ast.Call]:

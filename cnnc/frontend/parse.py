@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -147,6 +148,14 @@ def _decode(value: Any) -> Any:
     return value
 
 
+MAX_INT = 2**63 - 1  # integer literals beyond this fit no count, size or table index
+
+
+def _short(text: str) -> str:
+    """A literal as a message quotes it: a 5,000-digit number is not echoed whole."""
+    return text if len(text) <= 30 else f"{text[:12]}...{text[-12:]} ({len(text)} characters)"
+
+
 class _ToAst(Transformer):
     """One method per grammar rule, each returning a plain record of ``cnnc.frontend.ast``."""
 
@@ -163,6 +172,14 @@ class _ToAst(Transformer):
         w = width or (item.end_column - item.column if item.end_line == item.line else 1)
         return Loc(self.path, item.line, item.column, max(1, w), self.source)
 
+    def integer(self, token: Token, text: str | None = None) -> int:
+        """An integer literal; one too large for any count or size is a located error, not a traceback later."""
+        text = str(token) if text is None else text
+        digits = text.lstrip("+-").lstrip("0")
+        if len(digits) > len(str(MAX_INT)) or int(text) > MAX_INT:
+            raise CnnError(f"integer too large: {_short(text)} (at most {MAX_INT})", self.loc(token))
+        return int(text)
+
     def start(self, items):
         f = ast.File(self.path, self.source)
         kinds = {ast.Network: f.networks, ast.Table: f.tables, ast.Block: f.blocks, ast.Train: f.trains}
@@ -178,7 +195,7 @@ class _ToAst(Transformer):
         return ast.InputDecl(str(items[0]), items[1], self.loc(items[0]))
 
     def shape(self, items):
-        return tuple(int(d) for d in str(items[0]).split("x"))
+        return tuple(self.integer(items[0], d) for d in str(items[0]).split("x"))
 
     def output_decl(self, items):
         return ast.OutputDecl(str(items[0]), self.loc(items[0]))
@@ -213,7 +230,7 @@ class _ToAst(Transformer):
         return str(items[0]), self.loc(items[0])
 
     def repeat(self, items):
-        n = int(items[0])
+        n = self.integer(items[0])
         if n < 1:
             raise CnnError(f"a layer is repeated a positive number of times, not {n}", self.loc(items[0]))
         return n
@@ -239,13 +256,16 @@ class _ToAst(Transformer):
     div = _binop("/")
 
     def int(self, items):
-        return ast.Expr("int", int(items[0]), self.loc(items[0]))
+        return ast.Expr("int", self.integer(items[0]), self.loc(items[0]))
 
     def decimal(self, items):
-        return ast.Expr("decimal", float(items[0]), self.loc(items[0]))
+        value = float(items[0])
+        if not math.isfinite(value):
+            raise CnnError(f"number too large: {_short(str(items[0]))}", self.loc(items[0]))
+        return ast.Expr("decimal", value, self.loc(items[0]))
 
     def size(self, items):
-        return ast.Expr("size", tuple(int(d) for d in str(items[0]).split("x")), self.loc(items[0]))
+        return ast.Expr("size", tuple(self.integer(items[0], d) for d in str(items[0]).split("x")), self.loc(items[0]))
 
     def word(self, items):
         return ast.Expr("word", str(items[0]), self.loc(items[0]))
@@ -264,7 +284,8 @@ class _ToAst(Transformer):
 
     def row(self, items):
         index, *cols = items
-        return int(str(index).rstrip(" \t:")), [int(c) for c in cols], self.loc(index, len(str(index).rstrip(" \t:")))
+        text = str(index).rstrip(" \t:")
+        return self.integer(index, text), [self.integer(c) for c in cols], self.loc(index, len(text))
 
     def block(self, items):
         name, *rest = items
@@ -347,6 +368,7 @@ def _syntax_error(e: UnexpectedInput, path: str, source: str) -> CnnError:
 
 def parse(source: str, path: str = "<string>") -> ast.File:
     """Parse a whole .cnn file; syntax errors become ``CnnError`` with a location and words, not token names."""
+    source = source.removeprefix("\ufeff")  # a UTF-8 byte order mark, as some editors write
     try:
         tree = parser().parse(source)
     except UnexpectedInput as e:
