@@ -11,6 +11,10 @@ Two kinds of entries, both artifact files in ``cache_dir()``:
   without parsing anything (lark and networkx are not even imported), so it
   takes milliseconds; the warnings of the first compile are replayed.
 
+Entries are mapped as code, so only those this user wrote, in a directory
+nobody else can write, are used (``cnnc_runtime.cachedir``), and only after
+their checksums match; anything else is ignored and rebuilt.
+
 This module imports no part of the compiler until a compile is needed.
 """
 

@@ -47,12 +47,21 @@ def private_dir(*parts: str, create: bool = False) -> Path | None:
             with contextlib.suppress(FileExistsError, OSError):
                 path.mkdir(mode=0o700, parents=not part)
         try:
-            st = os.lstat(path)
+            st = _tightened(path, os.lstat(path))
         except OSError:
             return None
         if not stat.S_ISDIR(st.st_mode) or not _ours(st):
             return None
     return path
+
+
+def _tightened(path: Path, st: os.stat_result) -> os.stat_result:
+    """A directory of ours that others may write (made under umask 002, say) made 0700; its entries are still
+    checked one by one, and a file another user wrote there is never owned by this user."""
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == _uid() and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        os.chmod(path, 0o700, follow_symlinks=False)
+        return os.lstat(path)
+    return st
 
 
 def read_private(path: Path) -> bytes | None:
