@@ -99,34 +99,31 @@ def parser() -> Lark:
         return loaded
     built = Lark(grammar, **OPTIONS)
     data, memo = built.memo_serialize([TerminalDef, Rule])
-    tables = _encode({"data": data, "memo": memo})
-    text = json.dumps(tables, separators=(",", ":"))
-    blob = {"key": key, "sha256": hashlib.sha256(text.encode()).hexdigest(), "tables": tables}
-    write_private(path, json.dumps(blob, separators=(",", ":")).encode())
+    tables = json.dumps(_encode({"data": data, "memo": memo}), separators=(",", ":")).encode()
+    header = json.dumps({"key": key, "sha256": hashlib.sha256(tables).hexdigest()}).encode()
+    write_private(path, header + b"\n" + tables)
     return built
 
 
-TABLES_FORMAT = 1  # the layout of the tables file: a change makes every old file a miss
+TABLES_FORMAT = 2  # the layout of the tables file (a header line, then the tables): a change makes old files misses
 
 
 def _load_tables(path: Path, key: str) -> Lark | None:
-    """The parser from a trusted, intact tables file for `key`, else None."""
+    """The parser from a trusted, intact tables file for `key`, else None (the hash is checked before parsing)."""
     data = read_private(path)
     try:
-        blob = json.loads(data) if data is not None else None
-        if blob["key"] != key:
+        header, tables = data.split(b"\n", 1) if data is not None else (b"", b"")
+        expected = json.loads(header) if header else None
+        if expected is None or expected["key"] != key or hashlib.sha256(tables).hexdigest() != expected["sha256"]:
             return None
-        text = json.dumps(blob["tables"], separators=(",", ":"))
-        if hashlib.sha256(text.encode()).hexdigest() != blob["sha256"]:
-            return None
-        tables = _decode(blob["tables"])
-        return Lark._load_from_dict(tables["data"], tables["memo"])
-    except Exception:  # missing, damaged or from another lark: built again  # noqa: BLE001
+        decoded = json.loads(tables, object_hook=_decode_object)
+        return Lark._load_from_dict(decoded["data"], decoded["memo"])
+    except Exception:  # damaged, or from another lark: built again  # noqa: BLE001
         return None
 
 
 def _encode(value: Any) -> Any:
-    """Lark's serialised tables (dicts with int keys, tuples) as JSON that `_decode` gives back exactly."""
+    """Lark's serialised tables (dicts with int keys, tuples) as JSON that `_decode_object` gives back exactly."""
     if isinstance(value, dict):
         return {"d": [[k, _encode(v)] for k, v in value.items()]}
     if isinstance(value, tuple):
@@ -138,14 +135,11 @@ def _encode(value: Any) -> Any:
     raise TypeError(f"cannot keep a {type(value).__name__} in the parser tables")
 
 
-def _decode(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_decode(v) for v in value]
-    if isinstance(value, dict):
-        if "d" in value:
-            return {k: _decode(v) for k, v in value["d"]}
-        return tuple(_decode(v) for v in value["t"])
-    return value
+def _decode_object(value: dict) -> Any:
+    """The inverse of `_encode` for one JSON object (``json.loads``'s object_hook)."""
+    if "d" in value:
+        return dict(value["d"])
+    return tuple(value["t"])
 
 
 MAX_INT = 2**63 - 1  # integer literals beyond this fit no count, size or table index
