@@ -232,7 +232,14 @@ def _emit_parallel(groups: list[list[ir.Module]], target: Target) -> list[bytes]
     finally:
         if freeze:
             gc.unfreeze()
-    done = [_collect(child, deadline) for child in children]  # every child reaped before any group is redone here
+    done: list[bytes | None] = []  # every child reaped before any group is redone here
+    try:
+        for child in children:
+            done.append(_collect(child, deadline))
+    except BaseException:  # (an interrupt): no child left behind
+        for child in children[len(done) + 1:]:
+            _abandon(child)
+        raise
     return [first, *(obj if obj is not None else _compile_group(group, target) for obj, group in zip(done, groups[1:]))]
 
 
@@ -281,10 +288,12 @@ def _collect(child: tuple[int, int] | None, deadline: float) -> bytes | None:
         return None
     pid, r = child
     chunks = []
+    poll = select.poll()  # (not select.select: it fails on descriptors past 1024)
+    poll.register(r, select.POLLIN)
     try:
         while True:
-            ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:  # stuck (a lock another thread held at the fork?): killed, its group redone here
+            if not poll.poll(max(0, round((deadline - time.monotonic()) * 1000))):
+                # stuck (a lock another thread held at the fork?): killed, its group redone here
                 _abandon(child)
                 return None
             chunk = os.read(r, 1 << 20)
