@@ -11,6 +11,10 @@ Two kinds of entries, both artifact files in ``cache_dir()``:
   without parsing anything (lark and networkx are not even imported), so it
   takes milliseconds; the warnings of the first compile are replayed.
 
+Entries are mapped as code, so only those this user wrote, in a directory
+nobody else can write, are used (``cnnc_runtime.cachedir``), and only after
+their checksums match; anything else is ignored and rebuilt.
+
 This module imports no part of the compiler until a compile is needed.
 """
 
@@ -27,7 +31,7 @@ from typing import Any
 
 from cnnc.errors import Diagnostics
 from cnnc_runtime import __version__, artifact
-from cnnc_runtime.cachedir import cache_dir
+from cnnc_runtime.cachedir import cache_dir, read_private, write_private
 
 __all__ = ["cache_dir", "collector_paused", "compile_source", "compiler_fingerprint", "read", "source_key", "write"]
 
@@ -45,20 +49,24 @@ def compiler_fingerprint() -> str:
 
 
 def read(path: Path, key: str) -> tuple[dict[str, Any], bytes] | None:
-    """(manifest, object code) of an entry, or None when it is missing, corrupt or for another key."""
-    try:
-        manifest, obj, _ = artifact.read(path)
-    except (OSError, ValueError):
+    """(manifest, object code) of an entry, or None when it is missing, corrupt, for another key or untrusted.
+
+    The object code is mapped as code: only an entry this user wrote, in a
+    directory only this user can write (``cachedir.read_private``), whose
+    checksums match, is used.
+    """
+    data = read_private(path)
+    if data is None:
         return None
-    return (manifest, obj) if manifest.get("cache_key") == key else None
+    try:
+        manifest, obj, _ = artifact.unpack(data, str(path))
+    except ValueError:
+        return None
+    return (manifest, obj) if isinstance(manifest, dict) and manifest.get("cache_key") == key else None
 
 
 def write(path: Path, manifest: dict[str, Any], obj: bytes) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        artifact.write(path, manifest, obj)
-    except OSError:
-        pass  # an unwritable cache only costs time
+    write_private(path, artifact.pack(manifest, obj))
 
 
 @contextmanager

@@ -51,7 +51,7 @@ def _jsonable(v: Any) -> Any:
 
 def ir_key(fused: nx.DiGraph, target: Target) -> str:
     """A hash of everything the object code depends on."""
-    skip = {"loc", "binding", "connect_locs"}
+    skip = {"loc", "binding", "connect_locs", "uses"}
     nodes = [
         {k: _jsonable(v) for k, v in sorted(fused.nodes[n].items()) if k not in skip}
         | {"args": {k: _jsonable(v) for k, v in fused.nodes[n].get("args", {}).items() if k not in skip}}

@@ -31,6 +31,9 @@ class Loc:
         return f"{self.file}:{self.line}:{self.column}"
 
 
+CONTEXT = 100  # characters of a long source line shown on each side of the culprit
+
+
 def render(loc: Loc | None, kind: str, message: str) -> str:
     """`file:line:col: kind: message`, then the source line and a caret under the culprit."""
     if loc is None:
@@ -41,9 +44,18 @@ def render(loc: Loc | None, kind: str, message: str) -> str:
         if 1 <= loc.line <= len(lines):
             line = lines[loc.line - 1].expandtabs(1)
             width = max(1, min(loc.width, len(line) - loc.column + 1))
-            caret = " " * (loc.column - 1) + "^" + "~" * (width - 1)
+            line, column, width = _excerpt(line, loc.column, width)
+            caret = " " * (column - 1) + "^" + "~" * (width - 1)
             text += f"\n{line}\n{caret}"
     return text
+
+
+def _excerpt(line: str, column: int, width: int) -> tuple[str, int, int]:
+    """A long line cut to CONTEXT characters around the culprit, with '...' where it was cut; the caret follows."""
+    width = min(width, 2 * CONTEXT)
+    start, end = max(0, column - 1 - CONTEXT), min(len(line), column - 1 + width + CONTEXT)
+    head, tail = ("..." if start > 0 else ""), ("..." if end < len(line) else "")
+    return head + line[start:end] + tail, column - start + len(head), width
 
 
 class CnnError(Exception):
@@ -53,9 +65,18 @@ class CnnError(Exception):
         super().__init__(message)
         self.message = message
         self.loc = loc
+        self.notes: list[tuple[Loc, str]] = []  # where the culprit was reached from: block uses, innermost first
 
     def __str__(self) -> str:
-        return render(self.loc, "error", self.message)
+        return "\n".join([render(self.loc, "error", self.message), *(render(loc, "note", m) for loc, m in self.notes)])
+
+    def note_block_uses(self, uses: tuple[tuple[str, Loc], ...]) -> CnnError:
+        """Add "in block 'B' used here" for each block use (outermost first) that led to the error; returns self."""
+        for name, loc in reversed(uses):
+            note = (loc, f"in block '{name}' used here")
+            if note not in self.notes:
+                self.notes.append(note)
+        return self
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

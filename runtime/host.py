@@ -16,12 +16,13 @@ import hashlib
 import json
 import platform
 from functools import lru_cache
+from pathlib import Path
 from types import ModuleType
 
-from cnnc_runtime.cachedir import cache_dir
+from cnnc_runtime.cachedir import cache_dir, read_private, write_private
 
 VOLATILE = ("cpu MHz", "bogomips", "BogoMIPS")  # lines of /proc/cpuinfo that change while the CPU does not
-RECORD = 1  # the version of what a record holds: a change makes every old record a miss
+RECORD = 2  # the version of what a record holds: a change makes every old record a miss
 
 
 @lru_cache(maxsize=1)
@@ -29,25 +30,32 @@ def host_cpu() -> tuple[str, str, str]:
     """(triple, cpu name, feature string) of this machine, as ``llvmlite.binding`` reports them."""
     key = fingerprint(_cpuinfo())
     path = cache_dir() / "host" / f"{key}.json" if key else None
-    if path is not None:
-        try:
-            known = json.loads(path.read_text())
-            answer = (known["triple"], known["cpu"], known["features"])
-            if all(isinstance(s, str) for s in answer) and answer[0]:
-                return answer
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # not there yet, or unreadable: ask LLVM and write it again
+    known = _read_record(path) if path is not None else None
+    if known is not None:
+        return known
     answer = ask_llvm()
     if path is not None:
-        try:
-            from cnnc_runtime.fileio import atomic_write_bytes
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            triple, cpu, features = answer
-            atomic_write_bytes(path, json.dumps({"triple": triple, "cpu": cpu, "features": features}).encode())
-        except OSError:
-            pass  # an unwritable cache only costs time
+        triple, cpu, features = answer
+        record = {"triple": triple, "cpu": cpu, "features": features, "sha256": _digest(answer)}
+        write_private(path, json.dumps(record).encode())
     return answer
+
+
+def _read_record(path: Path) -> tuple[str, str, str] | None:
+    """A record this user wrote (``cachedir.read_private``) whose content hash matches, else None."""
+    data = read_private(path)
+    try:
+        known = json.loads(data) if data is not None else None
+        answer = (known["triple"], known["cpu"], known["features"])
+    except (ValueError, KeyError, TypeError):
+        return None  # not there yet, untrusted or damaged: ask LLVM and write it again
+    if all(isinstance(s, str) for s in answer) and answer[0] and known.get("sha256") == _digest(answer):
+        return answer
+    return None
+
+
+def _digest(answer: tuple[str, str, str]) -> str:
+    return hashlib.sha256("\0".join(answer).encode()).hexdigest()
 
 
 @lru_cache(maxsize=1)

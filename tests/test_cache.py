@@ -1,13 +1,22 @@
-"""cnnc.cache: compiling through the on-disk cache leaves the process as it found it."""
+"""cnnc.cache: compiling through the disk cache leaves the process as it was, and trusts no file it did not write."""
 
 from __future__ import annotations
 
 import gc
+import importlib
+import os
+import pickle
+import stat
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cnnc import compiler
 from cnnc.cache import compile_source
+from cnnc.driver import check_source
+from cnnc_runtime import artifact, host
+from cnnc_runtime.model import Model
 
 NET = "network tiny { input x: 4\n y = x -> dense(3) -> relu }"
 
@@ -30,3 +39,103 @@ def test_the_collector_comes_back_after_a_failed_compile():
     with pytest.raises(Exception, match="error"):
         compile_source("network broken {", "broken.cnn", use_cache=False)
     assert gc.isenabled()
+
+
+class Planted:
+    """A pickle that, if ever loaded, creates `marker`: what an attacker would leave in a shared cache."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def fill_cache(cache: Path) -> list[Path]:
+    """Every kind of cache entry: parser tables, host record, IR- and source-keyed compiled objects."""
+    parse = importlib.import_module("cnnc.frontend.parse")
+    parse.parser.cache_clear()
+    host.host_cpu.cache_clear()
+    compile_source(NET, "tiny.cnn")
+    return sorted(p for p in cache.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path / "cache"))
+    yield tmp_path / "cache"
+    importlib.import_module("cnnc.frontend.parse").parser.cache_clear()
+    host.host_cpu.cache_clear()
+
+
+def compiles_correctly() -> None:
+    importlib.import_module("cnnc.frontend.parse").parser.cache_clear()
+    host.host_cpu.cache_clear()
+    manifest, obj = compile_source(NET, "tiny.cnn")
+    assert manifest["network"] == "tiny"
+    model = Model(manifest, obj)
+    assert model(np.ones((2, 4), np.float32)).shape == (2, 3)
+
+
+def test_the_cache_directory_is_private(cache):
+    fill_cache(cache)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+
+
+def test_a_pickle_planted_under_any_cache_name_never_runs(cache, tmp_path):
+    marker = tmp_path / "pwned"
+    entries = fill_cache(cache)
+    assert len(entries) >= 4
+    payload = pickle.dumps(Planted(marker))
+    for path in [*entries, *(cache / f"lark-{i}.tables" for i in range(2))]:
+        path.write_bytes(b"0" * 64 + b"\n" + payload)  # (lark's own cache read a hash line, then unpickled)
+    compiles_correctly()
+    check_source(NET, "tiny.cnn")
+    assert not marker.exists()
+
+
+def forge(entries: list[Path]) -> list[Path]:
+    """Valid-looking compiled entries (right key, right checksums) for a network called 'planted'."""
+    forged = []
+    for path in entries:
+        if path.suffix == ".cnnc":
+            manifest, obj, _ = artifact.read(path)
+            forged.append(path.with_name(path.name + ".forged"))
+            forged[-1].write_bytes(artifact.pack({**manifest, "network": "planted"}, obj))
+    return forged
+
+
+@pytest.mark.parametrize("attack", ["symlink", "other-writable", "another-users-dir"])
+def test_entries_anyone_else_could_have_written_are_ignored(cache, attack):
+    entries = [p for p in fill_cache(cache) if p.suffix == ".cnnc"]
+    for path, fake in zip(entries, forge(entries)):
+        if attack == "symlink":
+            path.unlink()
+            path.symlink_to(fake)
+        else:
+            fake.replace(path)
+            path.chmod(0o646 if attack == "other-writable" else 0o600)
+    if attack == "another-users-dir":
+        if os.getuid() != 0:
+            pytest.skip("giving a directory to another user needs root")
+        os.chown(cache, 65534, -1)
+    compiles_correctly()
+
+
+def test_a_cache_directory_others_may_write_is_made_private(cache):
+    fill_cache(cache)
+    cache.chmod(0o777)
+    compiles_correctly()
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_entries_are_rebuilt(cache, damage):
+    entries = fill_cache(cache)
+    for path in entries:
+        data = path.read_bytes()
+        path.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
+    compiles_correctly()
+    rebuilt = fill_cache(cache)
+    assert all(p.stat().st_size > 0 for p in rebuilt)
+    assert artifact.read(next(p for p in rebuilt if p.name.startswith("src-")))[0]["network"] == "tiny"

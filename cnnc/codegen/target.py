@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import gc
 import os
+import select
 import signal
+import threading
+import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -179,6 +183,10 @@ def _compile_group(modules: list[ir.Module], target: Target) -> bytes:
 
 
 PARALLEL_MIN_COST = 200  # estimated ms of LLVM work below which a second process does not pay
+CHILD_WAIT_MIN = 20.0  # seconds a child may take beyond this process's own group before it counts as stuck
+CHILD_WAIT_FACTOR = 5.0  # ... or this many times what this process took for its group, whichever is longer
+
+_emitting = threading.Lock()  # one parallel compile at a time in a process
 
 
 def emit_objects(modules: list[ir.Module], target: Target, processes: int | None = None) -> list[bytes]:
@@ -188,20 +196,35 @@ def emit_objects(modules: list[ir.Module], target: Target, processes: int | None
     overlap; forked processes can, and two cores then take about half the
     time. This process compiles the first group itself while forked children
     compile (and print to IR text) the others; a group whose child cannot be
-    started or fails is compiled here, so errors surface in this process.
+    started, fails or makes no progress in time is compiled here, so errors
+    surface in this process and nothing waits forever.
+
+    A fork copies only the forking thread: a lock another thread held at that
+    moment stays held in the child for ever. The fork is made holding
+    llvmlite's lock (so no thread is inside LLVM, whose own mutexes are only
+    taken under it), and parallel compiles in one process take turns; for
+    whatever other lock a child might still meet, the parent's wait is
+    bounded (`_deadline`) and a stuck child is killed.
     """
     if processes is None:
         processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     groups = _groups(modules, processes)
     if len(groups) == 1 or not hasattr(os, "fork") or sum(map(kernel_cost, modules)) < PARALLEL_MIN_COST:
         return [_compile_group(group, target) for group in groups]
+    with _emitting:
+        return _emit_parallel(groups, target)
+
+
+def _emit_parallel(groups: list[list[ir.Module]], target: Target) -> list[bytes]:
     freeze = gc.get_freeze_count() == 0  # (a caller's own frozen objects are left as they are)
     if freeze:
         gc.freeze()  # neither process's collector walks (and so copies) the heap they share
     try:
         children = [_start(group, target) for group in groups[1:]]
         try:
+            began = time.monotonic()
             first = _compile_group(groups[0], target)
+            deadline = _deadline(time.monotonic() - began)
         except BaseException:
             for child in children:
                 _abandon(child)
@@ -209,8 +232,26 @@ def emit_objects(modules: list[ir.Module], target: Target, processes: int | None
     finally:
         if freeze:
             gc.unfreeze()
-    done = [_collect(child) for child in children]  # every child reaped before any group is compiled again here
+    done: list[bytes | None] = []  # every child reaped before any group is redone here
+    try:
+        for child in children:
+            done.append(_collect(child, deadline))
+    except BaseException:  # (an interrupt): no child left behind
+        for child in children[len(done) + 1:]:
+            _abandon(child)
+        raise
     return [first, *(obj if obj is not None else _compile_group(group, target) for obj, group in zip(done, groups[1:]))]
+
+
+def _deadline(own_seconds: float) -> float:
+    """When a child still running is taken to be stuck (a monotonic time)."""
+    return time.monotonic() + max(CHILD_WAIT_MIN, CHILD_WAIT_FACTOR * own_seconds)
+
+
+def _llvm_lock() -> AbstractContextManager:
+    """llvmlite's lock around every LLVM call (a private attribute: without it, the watchdog alone guards)."""
+    lock = getattr(getattr(_llvm().ffi, "lib", None), "_lock", None)
+    return lock if lock is not None and hasattr(lock, "__enter__") else nullcontext()
 
 
 def _start(group: list[ir.Module], target: Target) -> tuple[int, int] | None:
@@ -220,7 +261,8 @@ def _start(group: list[ir.Module], target: Target) -> tuple[int, int] | None:
     except OSError:
         return None
     try:
-        pid = os.fork()
+        with _llvm_lock():
+            pid = os.fork()
     except OSError:
         os.close(r)
         os.close(w)
@@ -240,15 +282,30 @@ def _start(group: list[ir.Module], target: Target) -> tuple[int, int] | None:
     return pid, r
 
 
-def _collect(child: tuple[int, int] | None) -> bytes | None:
-    """The object code a child wrote, after reaping it; None when there was no child or it failed."""
+def _collect(child: tuple[int, int] | None, deadline: float) -> bytes | None:
+    """The object code a child wrote, after reaping it; None when there was no child, it failed or it was stuck."""
     if child is None:
         return None
     pid, r = child
-    with os.fdopen(r, "rb") as pipe:
-        data = pipe.read()
+    chunks = []
+    poll = select.poll()  # (not select.select: it fails on descriptors past 1024)
+    poll.register(r, select.POLLIN)
+    try:
+        while True:
+            if not poll.poll(max(0, round((deadline - time.monotonic()) * 1000))):
+                # stuck (a lock another thread held at the fork?): killed, its group redone here
+                _abandon(child)
+                return None
+            chunk = os.read(r, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except BaseException:
+        _abandon(child)
+        raise
+    os.close(r)
     _, status = os.waitpid(pid, 0)
-    return data if os.waitstatus_to_exitcode(status) == 0 else None
+    return b"".join(chunks) if os.waitstatus_to_exitcode(status) == 0 else None
 
 
 def _abandon(child: tuple[int, int] | None) -> None:
@@ -256,7 +313,10 @@ def _abandon(child: tuple[int, int] | None) -> None:
     if child is None:
         return
     pid, r = child
-    os.close(r)
+    try:
+        os.close(r)
+    except OSError:
+        pass
     try:
         os.kill(pid, signal.SIGKILL)
     except OSError:

@@ -11,6 +11,7 @@ binding's only item, else ``BINDING.op`` (``c1.tanh``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from cnnc.ir import REQUIRED, add_node, new_graph
 from cnnc.ops import LAYERS, OPS
 
 MAX_CHAIN = 100_000  # layers one binding may unroll into: repetition must not exhaust memory
+MAX_LAYERS = 100_000  # layers a whole network may unroll into, blocks included
 
 
 @dataclass
@@ -57,6 +59,10 @@ class Lowering:
         self.used_tables: set[str] = set()
         self.used_blocks: set[str] = set()
         self.g: nx.DiGraph | None = None
+        self.layers = 0  # the network's layers, blocks and repetition unrolled
+        self._has_params: dict[str, bool] = {}
+        self._sizes: dict[str, int] = {}
+        self.uses: list[tuple[str, Loc]] = []  # the block uses being lowered, outermost first
 
     def _unique(self, items: list, what: str) -> dict:
         seen: dict = {}
@@ -80,6 +86,9 @@ class Lowering:
                            nets[1].loc)
         net = nets[0]
         self.g = new_graph(net.name, self.file.path)
+        for st in net.body:
+            if isinstance(st, ast.Binding):
+                self.count_layers(st)  # before anything is unrolled: a hostile file is refused at once
         scope = Scope(prefix="", params={})
         out = self.body(net.body, scope, block_input=None, where=f"network '{net.name}'", loc=net.loc)
         if out == self.g.graph["input"]:
@@ -180,21 +189,52 @@ class Lowering:
         for el in elements:
             if el.repeat > 1 and el.label is not None:
                 raise CnnError(f"a repeated layer cannot carry the single label '{el.label}'", el.label_loc)
-            once = 1 if el.call is not None else len(self.expand(el.group))
-            if len(items) + once * el.repeat > MAX_CHAIN:
+            once = [Item(el.call, el.label, el.label_loc)] if el.call is not None else self.expand(el.group)
+            if len(items) + len(once) * el.repeat > MAX_CHAIN:
                 raise CnnError(f"this chain would unroll into more than {MAX_CHAIN:,} layers", el.loc)
-            for _ in range(el.repeat):
-                items += [Item(el.call, el.label, el.label_loc)] if el.call is not None else self.expand(el.group)
+            items += once
+            items += [Item(it.call, it.label, it.label_loc) for _ in range(el.repeat - 1) for it in once]
         return items
 
-    def has_params(self, call: ast.Call, seen: tuple[str, ...] = ()) -> bool:
+    def has_params(self, call: ast.Call) -> bool:
+        """Whether a layer, or any layer a block expands into, has parameters (once per block: blocks nest)."""
         if call.name in OPS:
             return OPS[call.name].has_params
-        block = self.blocks.get(call.name)
-        if block is None or call.name in seen:
+        if call.name not in self.blocks:
             return False
-        calls = [it.call for st in block.body if isinstance(st, ast.Binding) for it in self.expand(st.chain)]
-        return any(self.has_params(c, (*seen, call.name)) for c in calls)
+        if call.name not in self._has_params:
+            self._has_params[call.name] = False  # (a block that uses itself is an error when it is lowered)
+            block = self.blocks[call.name]
+            self._has_params[call.name] = any(self.has_params(c) for st in block.body if isinstance(st, ast.Binding)
+                                              for c in _calls(st.chain))
+        return self._has_params[call.name]
+
+    def count_layers(self, st: ast.Binding) -> None:
+        """Add a network binding's layers, blocks and repetition unrolled, to the network's total (MAX_LAYERS)."""
+        self.layers += 0 if isinstance(st.source, tuple) else 1
+        for el in st.chain:
+            self.layers += self.layers_in([el])
+            if self.layers > MAX_LAYERS:
+                raise CnnError(f"the network would unroll into more than {MAX_LAYERS:,} layers "
+                               "(blocks and repetition expanded)", el.loc)
+
+    def layers_in(self, elements: list[ast.Element]) -> int:
+        """How many layers `elements` unroll into, counted without unrolling them."""
+        total = 0
+        for el in elements:
+            total += el.repeat * (self.block_layers(el.call.name) if el.call is not None else self.layers_in(el.group))
+        return total
+
+    def block_layers(self, name: str) -> int:
+        """Layers one use of `name` unrolls into (1 for a built-in layer), remembered per block."""
+        if name not in self.blocks:
+            return 1
+        if name not in self._sizes:
+            self._sizes[name] = 1  # (a block that uses itself is an error when it is lowered)
+            body = [st for st in self.blocks[name].body if isinstance(st, ast.Binding)]
+            self._sizes[name] = sum(self.layers_in(st.chain) + (0 if isinstance(st.source, tuple) else 1)
+                                    for st in body)
+        return self._sizes[name]
 
     def binding(self, st: ast.Binding, scope: Scope) -> str:
         items = self.expand(st.chain)
@@ -243,6 +283,8 @@ class Lowering:
         if name in self.g:
             first = self.g.nodes[name]["loc"]
             raise CnnError(f"the layer name '{name}' is already used (at line {first.line})", name_loc or loc)
+        if self.uses:
+            attrs["uses"] = tuple(self.uses)
         add_node(self.g, name, op, inputs, loc=loc, binding=binding, **attrs)
 
     def element(self, item: Item, name: str, binding: str, current: str, scope: Scope) -> str:
@@ -342,7 +384,22 @@ class Lowering:
             if isinstance(values[p.name], ast.Expr):
                 values[p.name] = evaluate(values[p.name], {})
         inner = Scope(prefix=name + ".", params=values, blocks=(*scope.blocks, call.name))
-        return self.body(block.body, inner, block_input=current, where=f"block '{block.name}'", loc=block.loc)
+        self.uses.append((block.name, call.loc))
+        try:
+            return self.body(block.body, inner, block_input=current, where=f"block '{block.name}'", loc=block.loc)
+        except CnnError as e:
+            raise e.note_block_uses(tuple(self.uses)) from None
+        finally:
+            self.uses.pop()
+
+
+def _calls(elements: list[ast.Element]) -> Iterator[ast.Call]:
+    """The calls of a chain, each once however often it is repeated."""
+    for el in elements:
+        if el.call is not None:
+            yield el.call
+        else:
+            yield from _calls(el.group)
 
 
 def lower(file: ast.File, diag: Diagnostics | None = None) -> nx.DiGraph:

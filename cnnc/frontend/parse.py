@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+import lark
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark.grammar import Rule
+from lark.lexer import TerminalDef
 
 from cnnc.errors import CnnError, Loc
 from cnnc.frontend import ast
+from cnnc_runtime.cachedir import cache_dir, read_private, write_private
 
 # Terminals as a reader would name them, for "expected ..." messages.
 TERMINAL_WORDS = {
@@ -72,23 +79,75 @@ def grammar_text() -> str:
         return (Path(__file__).resolve().parents[2] / "grammar" / "cnn.lark").read_text()
 
 
+OPTIONS = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": True}
+
+
 @lru_cache(maxsize=1)
 def parser() -> Lark:
-    """The LALR parser; building its tables takes ~60 ms, loading them from the cache directory ~4 ms."""
+    """The LALR parser; building its tables takes ~50 ms, loading them from the cache directory a few.
+
+    The tables are kept as JSON, never as lark's own pickle: a file in the
+    cache directory is data to check, not code to run. Only an entry this user
+    wrote (``cachedir.read_private``) whose key and content hash match is
+    used; anything else is rebuilt and overwritten.
+    """
     grammar = grammar_text()
-    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True, cache=_tables_file(grammar))
+    key = hashlib.sha256(json.dumps([grammar, OPTIONS, lark.__version__, TABLES_FORMAT]).encode()).hexdigest()
+    path = cache_dir() / f"parser-{key[:32]}.json"
+    loaded = _load_tables(path, key)
+    if loaded is not None:
+        return loaded
+    built = Lark(grammar, **OPTIONS)
+    data, memo = built.memo_serialize([TerminalDef, Rule])
+    tables = json.dumps(_encode({"data": data, "memo": memo}), separators=(",", ":")).encode()
+    header = json.dumps({"key": key, "sha256": hashlib.sha256(tables).hexdigest()}).encode()
+    write_private(path, header + b"\n" + tables)
+    return built
 
 
-def _tables_file(grammar: str) -> str | bool:
-    """Where lark keeps the parser tables (False: nowhere). Lark checks a hash of the grammar, its options
-    and its own version before it trusts the file, and rebuilds on any mismatch or damage."""
-    from cnnc.cache import cache_dir
+TABLES_FORMAT = 2  # the layout of the tables file (a header line, then the tables): a change makes old files misses
 
+
+def _load_tables(path: Path, key: str) -> Lark | None:
+    """The parser from a trusted, intact tables file for `key`, else None (the hash is checked before parsing)."""
+    data = read_private(path)
     try:
-        cache_dir().mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return str(cache_dir() / f"lark-{hashlib.sha256(grammar.encode()).hexdigest()[:16]}.tables")
+        header, tables = data.split(b"\n", 1) if data is not None else (b"", b"")
+        expected = json.loads(header) if header else None
+        if expected is None or expected["key"] != key or hashlib.sha256(tables).hexdigest() != expected["sha256"]:
+            return None
+        decoded = json.loads(tables, object_hook=_decode_object)
+        return Lark._load_from_dict(decoded["data"], decoded["memo"])
+    except Exception:  # damaged, or from another lark: built again  # noqa: BLE001
+        return None
+
+
+def _encode(value: Any) -> Any:
+    """Lark's serialised tables (dicts with int keys, tuples) as JSON that `_decode_object` gives back exactly."""
+    if isinstance(value, dict):
+        return {"d": [[k, _encode(v)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"t": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"cannot keep a {type(value).__name__} in the parser tables")
+
+
+def _decode_object(value: dict) -> Any:
+    """The inverse of `_encode` for one JSON object (``json.loads``'s object_hook)."""
+    if "d" in value:
+        return dict(value["d"])
+    return tuple(value["t"])
+
+
+MAX_INT = 2**63 - 1  # integer literals beyond this fit no count, size or table index
+
+
+def _short(text: str) -> str:
+    """A literal as a message quotes it: a 5,000-digit number is not echoed whole."""
+    return text if len(text) <= 30 else f"{text[:12]}...{text[-12:]} ({len(text)} characters)"
 
 
 class _ToAst(Transformer):
@@ -107,6 +166,14 @@ class _ToAst(Transformer):
         w = width or (item.end_column - item.column if item.end_line == item.line else 1)
         return Loc(self.path, item.line, item.column, max(1, w), self.source)
 
+    def integer(self, token: Token, text: str | None = None) -> int:
+        """An integer literal; one too large for any count or size is a located error, not a traceback later."""
+        text = str(token) if text is None else text
+        digits = text.lstrip("+-").lstrip("0")
+        if len(digits) > len(str(MAX_INT)) or int(text) > MAX_INT:
+            raise CnnError(f"integer too large: {_short(text)} (at most {MAX_INT})", self.loc(token))
+        return int(text)
+
     def start(self, items):
         f = ast.File(self.path, self.source)
         kinds = {ast.Network: f.networks, ast.Table: f.tables, ast.Block: f.blocks, ast.Train: f.trains}
@@ -122,7 +189,7 @@ class _ToAst(Transformer):
         return ast.InputDecl(str(items[0]), items[1], self.loc(items[0]))
 
     def shape(self, items):
-        return tuple(int(d) for d in str(items[0]).split("x"))
+        return tuple(self.integer(items[0], d) for d in str(items[0]).split("x"))
 
     def output_decl(self, items):
         return ast.OutputDecl(str(items[0]), self.loc(items[0]))
@@ -157,7 +224,7 @@ class _ToAst(Transformer):
         return str(items[0]), self.loc(items[0])
 
     def repeat(self, items):
-        n = int(items[0])
+        n = self.integer(items[0])
         if n < 1:
             raise CnnError(f"a layer is repeated a positive number of times, not {n}", self.loc(items[0]))
         return n
@@ -183,13 +250,16 @@ class _ToAst(Transformer):
     div = _binop("/")
 
     def int(self, items):
-        return ast.Expr("int", int(items[0]), self.loc(items[0]))
+        return ast.Expr("int", self.integer(items[0]), self.loc(items[0]))
 
     def decimal(self, items):
-        return ast.Expr("decimal", float(items[0]), self.loc(items[0]))
+        value = float(items[0])
+        if not math.isfinite(value):
+            raise CnnError(f"number too large: {_short(str(items[0]))}", self.loc(items[0]))
+        return ast.Expr("decimal", value, self.loc(items[0]))
 
     def size(self, items):
-        return ast.Expr("size", tuple(int(d) for d in str(items[0]).split("x")), self.loc(items[0]))
+        return ast.Expr("size", tuple(self.integer(items[0], d) for d in str(items[0]).split("x")), self.loc(items[0]))
 
     def word(self, items):
         return ast.Expr("word", str(items[0]), self.loc(items[0]))
@@ -208,7 +278,8 @@ class _ToAst(Transformer):
 
     def row(self, items):
         index, *cols = items
-        return int(str(index).rstrip(" \t:")), [int(c) for c in cols], self.loc(index, len(str(index).rstrip(" \t:")))
+        text = str(index).rstrip(" \t:")
+        return self.integer(index, text), [self.integer(c) for c in cols], self.loc(index, len(text))
 
     def block(self, items):
         name, *rest = items
@@ -291,6 +362,7 @@ def _syntax_error(e: UnexpectedInput, path: str, source: str) -> CnnError:
 
 def parse(source: str, path: str = "<string>") -> ast.File:
     """Parse a whole .cnn file; syntax errors become ``CnnError`` with a location and words, not token names."""
+    source = source.removeprefix("\ufeff")  # a UTF-8 byte order mark, as some editors write
     try:
         tree = parser().parse(source)
     except UnexpectedInput as e:

@@ -8,6 +8,7 @@ number; ``table`` a table's name; ``weights`` a nested list of numbers.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,17 @@ def describe(value: Any) -> str:
     return str(value)
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _finite32(v: int | float) -> bool:
+    """Whether a number survives the conversion to float32 (finite and in range)."""
+    try:
+        return math.isfinite(float(v)) and abs(float(v)) <= F32_MAX
+    except OverflowError:  # an int beyond any float
+        return False
+
+
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -95,7 +107,7 @@ def convert(value: Any, kind: str, what: str, loc: Loc) -> Any:
             raise bad("a probability in [0, 1)")
         return float(value)
     if kind == "float":
-        if not _number(value):
+        if not _number(value) or not _finite32(value):
             raise bad("a number")
         return float(value)
     if kind == "weights":
@@ -124,4 +136,8 @@ def weights_array(value: Any, what: str, loc: Loc) -> np.ndarray:
     shape = depth_shape(value)
     if not shape:
         raise CnnError(f"{what} must be a list, got {describe(value)}", loc)
+    flat = np.array(value, dtype=object).reshape(-1)
+    bad = next((v for v in flat if not _finite32(v)), None)
+    if bad is not None:
+        raise CnnError(f"{what}: {describe(bad)} is not a float32 number (at most {F32_MAX:.7g} in magnitude)", loc)
     return np.array(value, dtype=np.float32).reshape(shape)

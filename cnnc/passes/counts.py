@@ -6,8 +6,10 @@ import math
 
 import networkx as nx
 
+from cnnc.errors import CnnError
 from cnnc.ir import input_shapes
 from cnnc.ops import OPS
+from cnnc_runtime.memory import physical_memory
 
 FLOAT_BYTES = 4
 
@@ -34,8 +36,20 @@ def count(g: nx.DiGraph) -> nx.DiGraph:
         totals["trainable_params"] += node["param_count"] if node["trainable"] else 0
         totals["total_macs"] += node["macs"]
         totals["activation_floats"] += math.prod(node["shape"])
+        _check_memory(node, totals)
     totals["non_trainable_params"] = totals["total_params"] - totals["trainable_params"]
     totals["param_bytes"] = totals["total_params"] * FLOAT_BYTES
     totals["activation_bytes"] = totals["activation_floats"] * FLOAT_BYTES
     g.graph["totals"] = totals
     return g
+
+
+def _check_memory(node: dict, totals: dict) -> None:
+    """Refuse, at the layer that tips it over, a network whose parameters and one image's activations exceed RAM."""
+    need = (totals["total_params"] + totals["activation_floats"]) * FLOAT_BYTES
+    ram = physical_memory()
+    if ram is not None and need > ram:
+        error = CnnError(f"{node['op']} {node['name']}: the network's parameters and one image's activations "
+                         f"up to here take {need / 2**30:,.1f} GiB, more than this machine's "
+                         f"{ram / 2**30:,.1f} GiB of memory", node.get("loc"))
+        raise error.note_block_uses(node.get("uses", ()))

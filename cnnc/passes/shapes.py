@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import networkx as nx
 
+from cnnc.errors import CnnError
 from cnnc.ir import execution_order, input_shapes
 from cnnc.ops import OPS
 
@@ -19,6 +22,27 @@ def infer_shapes(g: nx.DiGraph) -> nx.DiGraph:
         op = OPS[node["op"]]
         ins = input_shapes(g, name)
         node.setdefault("geometry", {})
-        node["shape"] = tuple(op.shape(node, ins))
-        node["params"] = op.params(node, ins)
+        try:
+            node["shape"] = tuple(op.shape(node, ins))
+            node["params"] = op.params(node, ins)
+            check_sizes(node)
+        except CnnError as e:
+            raise e.note_block_uses(node.get("uses", ())) from None
     return g
+
+
+MAX_TENSOR = 2**31 - 1  # elements in one tensor (8 GiB of float32): the kernels index tensors with 32-bit ints
+
+
+def check_sizes(node: dict) -> None:
+    """Refuse a layer whose output (for one image) or a parameter has more than MAX_TENSOR elements.
+
+    Caught here, before anything is allocated or compiled, rather than as a
+    MemoryError (or the OOM killer) later.
+    """
+    tensors = [("output", node["shape"]), *((f"{kind} parameter", shape) for kind, shape in node["params"].items())]
+    for what, shape in tensors:
+        if math.prod(shape) > MAX_TENSOR:
+            dims = "x".join(map(str, shape))
+            raise CnnError(f"{node['op']} {node['name']}: its {what} would have {math.prod(shape):,} elements "
+                           f"({dims}); a tensor holds at most {MAX_TENSOR:,}", node.get("loc"))

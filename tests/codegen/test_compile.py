@@ -5,6 +5,9 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import llvmlite.ir as ir
@@ -121,3 +124,78 @@ def test_only_conv_and_dense_kernels_take_the_short_pipeline(monkeypatch):
         "conv_forward", "conv_backward_data", "conv_backward_weights",
         "dense_forward", "dense_backward_data", "dense_backward_weights"}
     assert {kind(name) for name, tiled in chosen.items() if not tiled} >= {"pool_forward", "step_cross_entropy"}
+
+
+THREADED_COMPILES = """
+import threading, sys
+import llvmlite.binding as llvm
+import numpy as np
+import cnnc
+from cnnc.codegen import target
+
+target.PARALLEL_MIN_COST = 0  # every compile forks, however small
+nets = [f"network n{i} {{ input x: 1x{8 + i}x{8 + i}  c = x"
+        f" -> conv({2 + i}, 3x3) -> relu -> flatten  y = c -> dense(3) }}"
+        for i in range(3)]
+stop = threading.Event()
+
+def busy_llvm():  # another user of llvmlite in this process, taking its lock all the time
+    llvm.initialize_native_target()
+    while not stop.is_set():
+        llvm.parse_assembly("define i32 @f() { ret i32 0 }").verify()
+        llvm.get_host_cpu_features()
+
+def compile_net(i, out):
+    model = cnnc.compile_string(nets[i], f"net{i}.cnn", cache=False)
+    out[i] = model(np.ones((2, *model.input_shape), np.float32)).shape
+
+MODEL_POOL
+busy = threading.Thread(target=busy_llvm, daemon=True)
+busy.start()
+out = {}
+threads = [threading.Thread(target=compile_net, args=(i, out)) for i in range(len(nets))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert out == {i: (2, 3) for i in range(len(nets))}, out
+stop.set()
+print("ok")
+"""
+
+POOL_THREADS = """
+pooled = cnnc.compile_string(nets[0], "pooled.cnn", cache=False)
+pooled(np.ones((64, *pooled.input_shape), np.float32))  # a batch large enough to start the model's thread pool
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+@pytest.mark.parametrize("pool", [False, True], ids=["threads", "threads-and-model-pool"])
+def test_compiles_on_several_threads_while_llvmlite_is_busy_never_hang(tmp_path, pool):
+    """Forking while another thread holds llvmlite's lock left children waiting for ever, and the parent on them."""
+    script = THREADED_COMPILES.replace("MODEL_POOL", POOL_THREADS if pool else "")
+    env = {**os.environ, "CNNC_CACHE_DIR": str(tmp_path), "CNNC_THREADS": "2"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_stuck_child_is_killed_and_its_group_compiled_here(monkeypatch):
+    monkeypatch.setattr(target, "PARALLEL_MIN_COST", 0)
+    monkeypatch.setattr(target, "CHILD_WAIT_MIN", 0.2)
+    parent, compile_group = os.getpid(), target._compile_group
+
+    def stuck_in_children(group, t):
+        while os.getpid() != parent:
+            time.sleep(1)
+        return compile_group(group, t)
+
+    monkeypatch.setattr(target, "_compile_group", stuck_in_children)
+    t = host_target()
+    objects = emit_objects([adder(i) for i in range(4)], t, processes=2)
+    lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
+    out = np.zeros(1, dtype=np.float32)
+    for i in range(4):
+        lib.function(f"set{i}", [ctypes.c_void_p])(out.ctypes.data)
+        assert out[0] == i
+    assert no_children_left()

@@ -17,6 +17,7 @@ import pytest
 
 from cnnc.driver import check_source
 from cnnc.errors import CnnError, Diagnostics
+from cnnc.sources import read_source
 
 MISTAKES = importlib.import_module("cnnc.frontend.parse").MISTAKES
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -705,3 +706,104 @@ def test_cli_help(command, words):
     assert r.stderr == ""
     for w in words:
         assert w in r.stdout
+
+
+# ---- hostile literals, encodings, long lines and unreadable files -------------------
+
+@pytest.mark.parametrize("literal, where", [
+    ("dense(" + "9" * 5000 + ")", "3:20"),
+    ("conv(4, " + "7" * 40 + "x3)", "3:22"),
+    ("relu * " + "1" * 300, "3:21"),
+], ids=["argument", "size", "repeat"])
+def test_an_integer_too_large_is_a_located_error(literal, where):
+    e = error_of(f"network n {{\n    input x: 1x8x8\n    y = x -> {literal}\n}}\n")
+    assert str(e.loc) == f"t.cnn:{where}"
+    assert e.message.startswith("integer too large: ") and len(e.message) < 120
+
+
+def test_an_input_shape_too_large_to_write_is_a_located_error():
+    e = error_of(f"network n {{\n    input x: 1x{'5' * 30}\n    y = x -> relu\n}}\n")
+    assert str(e.loc) == "t.cnn:2:14" and e.message.startswith("integer too large")
+
+
+@pytest.mark.parametrize("weights", ["[[1e39]]", "[[-3.5e38]]", "[[1e999]]",
+                                     "[[" + " * ".join(["99999999999999999"] * 5) + "]]"])
+def test_weights_beyond_float32_are_refused(weights, recwarn):
+    e = error_of(f"network n {{\n    input x: 1x3x3\n    y = x -> conv(1, 1x1, weights=[{weights}])\n}}\n")
+    assert str(e.loc).startswith("t.cnn:3:")
+    assert "not a float32 number" in e.message or "number too large" in e.message
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_a_leading_byte_order_mark_is_accepted():
+    g = check_source("\ufeffnetwork n {\n    input x: 4\n    y = x -> dense(2)\n}\n", "t.cnn")
+    assert g.nodes["y"]["shape"] == (2,)
+
+
+def test_a_long_line_is_cut_around_the_caret():
+    padding = "z = x -> relu  " * 70_000
+    e = error_of(f"network n {{ input x: 4  {padding} w = q -> relu }}\n")
+    line, marks = caret(e)
+    assert len(line) < 300 and line.startswith("network n {") and line.endswith("...")
+    assert line[marks.index("^"):].startswith("z = x")  # the second 'z': bound twice
+
+    far = error_of(f"network n {{ input x: 4  y = x -> relu {' ' * 100_000} w = q -> relu }}\n")
+    line, marks = caret(far)
+    assert line.startswith("...") and len(line) < 300
+    assert line[marks.index("^"):].startswith("q")
+
+
+def written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda d: d, "is a directory"),
+    (lambda d: written(d / "bad.cnn", b"network \xff\xfe {"), "not a UTF-8 text file"),
+    (lambda d: Path("/proc/self/mem"), "cannot read"),
+    (lambda d: d / "missing.cnn", "cannot read"),
+], ids=["directory", "invalid-utf8", "proc-self-mem", "missing"])
+def test_an_unreadable_source_is_one_line(tmp_path, make, says):
+    path = make(tmp_path)
+    if str(path).startswith("/proc") and not path.exists():
+        pytest.skip(f"no {path} here")
+    with pytest.raises(CnnError) as info:
+        read_source(path)
+    assert says in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
+RESIDUAL = """block residual(c) {
+    input x
+    y   = x -> conv(c, 3x3, pad=same) -> relu -> conv(c, 3x3, pad=same)
+    out = add(x, y) -> relu
+}
+block stage(c) {
+    input x
+    y = x -> residual(c)
+}
+network n {
+    input image: 3x8x8
+    s = image -> conv(16, 3x3, pad=same) -> stage(32)
+}
+"""
+
+
+def test_an_error_inside_a_block_names_each_use_that_led_there():
+    lines = str(error_of(RESIDUAL)).splitlines()
+    assert lines[0].startswith("t.cnn:4:11: error: add s.2.y.out.add: inputs must have the same shape")
+    assert lines[3:] == [
+        "t.cnn:8:14: note: in block 'residual' used here",
+        "    y = x -> residual(c)",
+        "             ^~~~~~~~",
+        "t.cnn:12:45: note: in block 'stage' used here",
+        "    s = image -> conv(16, 3x3, pad=same) -> stage(32)",
+        "                                            ^~~~~",
+    ]
+
+
+def test_a_lowering_error_inside_a_block_names_its_use():
+    e = error_of(RESIDUAL.replace("relu -> conv(c", "relu -> conv(q"))
+    assert e.message.startswith("conv argument 'out' must be")
+    assert [(str(loc), note) for loc, note in e.notes] == [("t.cnn:8:14", "in block 'residual' used here"),
+                                                           ("t.cnn:12:45", "in block 'stage' used here")]

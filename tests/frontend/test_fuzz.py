@@ -7,10 +7,14 @@ crash the user would see as a traceback.
 Huge repeat counts and very deep nesting are kept out of the generated
 inputs so that this file stays fast; each has its own test in
 test_errors.py and below (they are errors, not hangs or RecursionErrors).
+Hostile inputs have their own generators at the end: integer and float
+literals of any size in every place a number goes, byte order marks,
+blocks that multiply, and sizes no memory holds.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import resource
 import subprocess
@@ -199,3 +203,90 @@ def test_long_repetition_takes_linear_time():
 def test_absurd_repetition_is_an_error():
     outcome, seconds = _run_child(CHILD.format(counts=(10**9,)), timeout=2).split()
     assert outcome == "CnnError"
+
+
+def tower(depth: int, factor: int, layer: str = "dense(2)") -> str:
+    """Blocks that each use the one below `factor` times: a few hundred bytes, factor**depth layers."""
+    blocks = [f"block l0() {{ input x  y = x -> {layer} }}"]
+    blocks += [f"block l{i}() {{ input x  y = x -> l{i - 1}() * {factor} }}" for i in range(1, depth + 1)]
+    return "\n".join(blocks) + f"\nnetwork n {{ input x: 4  y = x -> l{depth}() }}\n"
+
+
+MULTIPLIED = """
+from cnnc.driver import check_source
+from cnnc.errors import CnnError
+try:
+    check_source({source!r}, "t.cnn")
+    print("checked")
+except CnnError as e:
+    print(str(e).splitlines()[0])
+"""
+
+
+@pytest.mark.parametrize("source, where", [
+    (tower(5, 100), "t.cnn:7:34"),  # 10**10 layers in 347 bytes: has_params alone used to take minutes
+    (tower(3, 100, "relu").replace("y = x -> l3() }", "y = x -> l3() * 9 }"), "t.cnn:5:34"),
+    ("block b() { input x  y = x -> relu * 999 }\nnetwork n { input x: 4\n"
+     + "".join(f"  y{i} = {'x' if i == 0 else f'y{i - 1}'} -> b() * 10\n" for i in range(11)) + "}\n", "t.cnn:13:15"),
+], ids=["tower", "tower-repeated", "bindings-add-up"])
+def test_blocks_that_multiply_are_refused_at_once(source, where):
+    out = _run_child(MULTIPLIED.format(source=source), timeout=30)
+    assert out.strip() == f"{where}: error: the network would unroll into more than 100,000 layers " \
+                          "(blocks and repetition expanded)"
+
+
+def test_a_block_multiplied_to_just_under_the_limit_checks():
+    g = check_source(tower(2, 100, "relu"), "t.cnn")
+    assert sum(1 for n in g if g.nodes[n]["op"] == "relu") == 10_000
+
+
+# ---- hostile classes: huge literals, byte order marks, multiplying blocks, huge sizes ----------
+
+HOLES = [  # a network with one place for a number
+    "network n {{ input x: 1x8x8  y = x -> conv({}, 3x3) -> flatten -> dense(2) }}",
+    "network n {{ input x: 1x8x8  y = x -> conv(2, {}x3) }}",
+    "network n {{ input x: 1x{}x8  y = x -> relu }}",
+    "network n {{ input x: 4  y = x -> dense({}) }}",
+    "network n {{ input x: 4  y = x -> relu * {} }}",
+    "table t {{ 0: {} }}\nnetwork n {{ input x: 2x8x8  y = x -> conv(1, 3x3, connect=t) }}",
+    "network n {{ input x: 1x3x3  y = x -> conv(1, 1x1, weights=[[[[{}]]]]) }}",
+    "network n {{ input x: 4  y = x -> leaky_relu({}) }}",
+]
+
+
+@FUZZ
+@given(st.sampled_from(HOLES), st.one_of(
+    st.builds(lambda first, n: first + "0" * n, st.sampled_from("123456789"), st.integers(0, 6000)),
+    st.builds(lambda m, e: f"{m}e{e}", st.integers(1, 9), st.integers(-400, 400)),
+))
+def test_huge_literals_anywhere(hole, number):
+    assume(not (hole.count("relu * ") and len(number) > 3))  # (repetition itself: test_absurd_repetition)
+    survives(hole.format(number))
+
+
+@FUZZ
+@given(st.sampled_from(SOURCES), st.sampled_from(["\ufeff", ""]))
+def test_a_byte_order_mark_changes_nothing(text, bom):
+    assert check_source(bom + text, "f.cnn").graph["totals"] == check_source(text, "f.cnn").graph["totals"]
+
+
+@FUZZ
+@given(st.integers(1, 8), st.integers(1, 999),
+       st.sampled_from([("relu", 1), ("dense(2)", 1), ("(relu -> tanh) * 3", 6)]), st.integers(1, 999))
+def test_multiplying_blocks_answer_at_once(depth, factor, layer, uses):
+    total = factor**depth * layer[1] * uses
+    assume(total > 100_000 or total < 500)  # (networks near the limit are legal, and slow to fuzz)
+    text = tower(depth, factor, layer[0]).replace(f"-> l{depth}() }}", f"-> l{depth}() * {uses} }}")
+    survives(text)
+
+
+@FUZZ
+@given(st.lists(st.integers(1, 10**12), min_size=3, max_size=3), st.integers(1, 10**12),
+       st.sampled_from(["conv({c}, {k}x{k}) -> flatten -> dense({c})", "dense({c})", "maxpool({k}) -> relu"]))
+def test_huge_sizes_are_checked_without_allocating(shape, size, layers):
+    dims = shape if "dense" != layers[:5] else shape[:1]
+    text = f"network n {{ input x: {'x'.join(map(str, dims))}  y = x -> {layers.format(c=size, k=min(size, 7))} }}"
+    survives(text)
+    if math.prod(dims) > 2**31 - 1:  # the input alone is more than a tensor may hold
+        with pytest.raises(CnnError, match="a tensor holds at most"):
+            check_source(text, "t.cnn")

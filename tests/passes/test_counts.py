@@ -14,6 +14,7 @@ import pytest
 
 from cnnc.driver import check_source
 from cnnc.errors import Diagnostics
+from cnnc.passes import counts, shapes
 from cnnc.summary import as_json
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -199,7 +200,14 @@ def test_written_weights_next_to_trained_layers():
 
 # ---- enormous sizes -------------------------------------------------------------
 
-def test_enormous_sizes_are_counted_exactly_and_quickly():
+@pytest.fixture
+def no_memory_limit(monkeypatch):
+    """Sizes no machine holds (refused by `check`: see test_shapes.py), to check that counts are exact ints."""
+    monkeypatch.setattr(shapes, "MAX_TENSOR", 10**30)
+    monkeypatch.setattr(counts, "physical_memory", lambda: None)
+
+
+def test_enormous_sizes_are_counted_exactly_and_quickly(no_memory_limit):
     start = time.perf_counter()
     g = check("network n {\n    input x: 1x100000x100000\n"
               "    y = x -> conv(8, 3, pad=1) -> maxpool(2) -> flatten -> dense(10)\n}\n")
@@ -212,7 +220,7 @@ def test_enormous_sizes_are_counted_exactly_and_quickly():
     assert t["activation_floats"] == 10**10 + 8 * 10**10 + 2 * 2 * 10**10 + 10
 
 
-def test_enormous_dense():
+def test_enormous_dense(no_memory_limit):
     g = check("network n {\n    input x: 1000000000\n    y = x -> dense(1000000000)\n}\n")
     assert g.nodes["y"]["param_count"] == 10**18 + 10**9
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from cnnc.driver import check_source
-from cnnc.errors import Diagnostics
+from cnnc.errors import CnnError, Diagnostics
+from cnnc.passes import counts, shapes
 
 
 def chain(input_shape: str, layers: str):
@@ -180,7 +181,9 @@ def test_every_node_has_a_shape():
     assert out_shape(g) == (3,)
 
 
-def test_enormous_sizes_are_exact():
+def test_enormous_sizes_are_exact(monkeypatch):
+    monkeypatch.setattr(shapes, "MAX_TENSOR", 10**30)  # (refused by default: see below)
+    monkeypatch.setattr(counts, "physical_memory", lambda: None)
     g = chain("1x100000x100000", "conv(8, 3, pad=1) -> maxpool(2) -> flatten")
     assert g.nodes["y"]["shape"] == (8, 100000, 100000)
     assert out_shape(g) == (8 * 50000 * 50000,)
@@ -216,3 +219,24 @@ def test_a_dilated_kernel_too_large_for_its_input_names_its_span():
 
     with pytest.raises(CnnError, match=r"conv y: input 1x4x4 is smaller than the 5x5 kernel \(3x3 dilated by 2x2\)"):
         check_source("network n {\n    input x: 1x4x4\n    y = x -> conv(2, 3, dilation=2)\n}\n")
+
+
+@pytest.mark.parametrize("input_shape, layers, where, what", [
+    ("1x28x28", "conv(1000000000, 3x3)", "3:14", "conv y: its output would have 676,000,000,000 elements"),
+    ("1x100000x100000", "relu", "2:11", "input x: its output would have 10,000,000,000 elements"),
+    ("784", "dense(1000000000)", "3:14", "dense y: its weight parameter would have 784,000,000,000 elements"),
+    ("3x300x300", "conv(50000, 200x200)", "3:14", "conv y: its weight parameter would have 6,000,000,000 elements"),
+], ids=["conv-output", "input", "dense-weight", "conv-weight"])
+def test_tensors_too_large_for_memory_are_refused_at_check_time(input_shape, layers, where, what):
+    with pytest.raises(CnnError) as info:
+        chain(input_shape, layers)
+    assert str(info.value.loc) == f"t.cnn:{where}"
+    assert info.value.message.startswith(what) and "at most 2,147,483,647" in info.value.message
+
+
+def test_a_network_larger_than_the_machine_memory_is_refused(monkeypatch):
+    monkeypatch.setattr(counts, "physical_memory", lambda: 1 << 19)  # a machine with 512 KiB
+    chain("784", "dense(100)")  # 317 KiB of weights and activations: fits
+    with pytest.raises(CnnError, match=r"dense y.2: the network's parameters .* more than this machine's") as info:
+        chain("784", "dense(100) -> dense(1000)")
+    assert str(info.value.loc) == "t.cnn:3:28"
