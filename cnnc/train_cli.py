@@ -115,28 +115,6 @@ def _plot(history, path: str) -> None:
     plt.close(fig)
 
 
-def _optimizer_settings(args, train: dict) -> dict:
-    """The optimizer and its arguments for fit, from --optimizer and --momentum over the train section's.
-
-    Another optimizer's arguments mean other things (momentum's beta is not RMSProp's, Adam has none), so
-    when the optimizer changes only lr (kept by fit from the train section) carries over.
-    """
-    in_file = dict(train.get("optimizer", {}))
-    file_name = in_file.pop("name", None)
-    in_file.pop("lr", None)
-    name = args.optimizer or file_name
-    if args.momentum is not None:
-        if name in ("adam", "rmsprop"):
-            where = "--optimizer" if args.optimizer else f"the train section of {args.file}"
-            raise _usage(f"cnnc train: --momentum sets the momentum optimizer's beta, but the optimizer is {name} "
-                         f"(from {where}); drop --momentum or give --optimizer momentum")
-        name = "momentum"
-    optimizer_args = in_file if name == file_name else {}
-    if args.momentum is not None:
-        optimizer_args["beta"] = args.momentum
-    return {"optimizer": name, "optimizer_args": optimizer_args}
-
-
 def _written(e: OSError, outputs: dict[str, str | None]) -> str:
     """Which output the failed write was for (atomic writes go through a temporary ``.NAME.*.tmp``)."""
     given = {label: p for label, p in outputs.items() if p}
@@ -152,7 +130,7 @@ def _written(e: OSError, outputs: dict[str, str | None]) -> str:
 
 def cmd_train(args, diag: Diagnostics) -> int:
     from cnnc.cli import _load_model, check_outputs, writing
-    from cnnc_runtime.train import TrainingStopped, evaluate
+    from cnnc_runtime.train import TrainingStopped, evaluate, settings_from
 
     if args.plot:
         try:
@@ -176,7 +154,10 @@ def cmd_train(args, diag: Diagnostics) -> int:
         inputs.update(_data_inputs(_data_path(args, model), "the train section's data"))
     check_outputs("train", inputs, outputs, **rules)
     train = model.manifest.get("train", {})
-    optimizer = _optimizer_settings(args, train)
+    try:  # the optimizer's rules are fit's (settings_from): checked here too, before the data is loaded
+        settings_from(train, optimizer=args.optimizer, momentum=args.momentum)
+    except ValueError as e:
+        raise _usage(f"cnnc train: {e}") from None
     data, path = _dataset(args, model, args.subset)
     x, y = data["train"]
     batch = args.batch or train.get("batch")
@@ -185,7 +166,7 @@ def cmd_train(args, diag: Diagnostics) -> int:
     settings = dict(epochs=args.epochs, batch_size=batch, lr=args.lr,
                     weight_decay=args.weight_decay, jitter=args.jitter, validation_split=args.validation,
                     patience=args.patience, restarts=args.restarts, seed=args.seed, max_steps=args.max_steps,
-                    **optimizer)
+                    optimizer=args.optimizer, momentum=args.momentum)
     epochs = args.epochs or train.get("epochs", 10)
     print(f"training {name} on {path} ({len(x):,} images), {model.manifest['target']['cpu']}", flush=True)
     try:
@@ -334,7 +315,7 @@ def add_commands(sub) -> None:
     tr.add_argument("--batch", type=count,
                     help="mini-batch size; one larger than the training set means the whole set")
     tr.add_argument("--optimizer", choices=["sgd", "momentum", "rmsprop", "adam"],
-                    help="replaces the train section's optimizer; of its arguments only lr carries over")
+                    help="replaces the train section's optimizer; of its arguments only lr (and eps) carry over")
     tr.add_argument("--lr", type=real(0, above=True, what="a positive number"), help="learning rate")
     tr.add_argument("--momentum", type=fraction, metavar="BETA",
                     help="momentum beta in [0, 1): trains with momentum (sgd becomes momentum); refused when the "

@@ -200,7 +200,7 @@ def settings_from(train: dict[str, Any], **overrides: Any) -> Settings:
     An optimizer kind that overrides the file's keeps only the file's lr and eps (if it takes eps): momentum's
     beta does not go to adam, nor to rmsprop, whose beta means something else. ``optimizer_args`` the kind
     does not take, or ``momentum`` with adam or rmsprop, are a ValueError; ``momentum`` with sgd switches to
-    momentum with that beta.
+    momentum with that beta, as it does when nothing names the optimizer.
     """
     s = Settings()
     opt = dict(train.get("optimizer", {}))
@@ -229,7 +229,8 @@ def settings_from(train: dict[str, Any], **overrides: Any) -> Settings:
             if not hasattr(s, k):
                 raise TypeError(f"unknown training setting {k!r}")
             setattr(s, k, v)
-    _choose_optimizer(s, file_kind, file_args, dict(explicit_args))
+    named = bool(train.get("optimizer")) or overrides.get("optimizer") is not None
+    _choose_optimizer(s, file_kind, file_args, dict(explicit_args), named)
     return s
 
 
@@ -237,8 +238,13 @@ def settings_from(train: dict[str, Any], **overrides: Any) -> Settings:
 _CARRIED = ("lr", "eps")
 
 
-def _choose_optimizer(s: Settings, file_kind: str, file_args: dict[str, float], explicit: dict[str, float]) -> None:
-    """Settle s.optimizer and s.optimizer_args from the file's, the overrides and ``momentum``."""
+def _choose_optimizer(s: Settings, file_kind: str, file_args: dict[str, float], explicit: dict[str, float],
+                      named: bool) -> None:
+    """Settle s.optimizer and s.optimizer_args from the file's, the overrides and ``momentum``.
+
+    `named`: the file or an override names the optimizer; when neither does, ``momentum`` chooses momentum
+    instead of the default.
+    """
     if isinstance(s.optimizer, Optimizer):
         if explicit or s.momentum is not None:
             raise ValueError("optimizer_args and momentum apply to an optimizer given by name, not to an "
@@ -248,8 +254,9 @@ def _choose_optimizer(s: Settings, file_kind: str, file_args: dict[str, float], 
     optimizer_class(s.optimizer)  # a known name
     kind = s.optimizer.lower()
     if s.momentum is not None:
-        if kind not in ("sgd", "momentum"):
-            raise ValueError(f"momentum={s.momentum} applies to sgd and momentum, not to {kind}")
+        if named and kind not in ("sgd", "momentum"):
+            raise ValueError(f"momentum {s.momentum} is the beta of sgd with momentum, but the optimizer is {kind}; "
+                             f"drop momentum or choose the momentum optimizer")
         kind = "momentum"
         explicit.setdefault("beta", s.momentum)
     takes = OPTIMIZERS[kind].hyperparameters
@@ -627,11 +634,11 @@ def _stop(run: _Run, bar: ProgressBar, why: str, kept: str) -> None:
 
 def _stop_step(model, good: np.ndarray, run: _Run, bar: ProgressBar, value: float, b: int) -> None:
     """Stop at a step whose loss or gradient is not finite, or that starts from weights that are not."""
+    _check_update(model, good, run, bar)  # weights the last update broke explain a bad loss: blame that update
     where = f"at epoch {run.epoch + 1}, step {b + 1}"
-    if not math.isfinite(value):
+    if not math.isfinite(value):  # these weights have no finite loss: back to the last ones that had
         model.flat_params[...] = good
-        _stop(run, bar, f"the loss became {value} {where}", "kept the weights from before that step")
-    _check_update(model, good, run, bar)
+        _stop(run, bar, f"the loss became {value} {where}", "kept the weights of the last step with a finite loss")
     _stop(run, bar, f"a gradient became NaN or infinite {where}", "kept the weights of that step")
 
 

@@ -215,12 +215,18 @@ def test_an_overridden_optimizer_keeps_only_the_arguments_it_takes(settings, kin
     assert {k: getattr(opt, k) for k in hyper} == pytest.approx(hyper)
 
 
+def test_momentum_chooses_momentum_when_nothing_names_the_optimizer():
+    """As `cnnc train --momentum 0.9` on a file without an optimizer: sgd with momentum, not an error about adam."""
+    opt = optimizer_used(build(MLP), momentum=0.9)
+    assert type(opt) is optimizers.Momentum and opt.beta == pytest.approx(0.9)
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"optimizer": "adam", "optimizer_args": {"beta": 0.9}},
      "optimizer adam takes lr, beta1, beta2, eps; optimizer_args has beta"),
     ({"optimizer": "sgd", "optimizer_args": {"eps": 1e-8}}, "optimizer sgd takes lr; optimizer_args has eps"),
-    ({"optimizer": "adam", "momentum": 0.9}, "momentum=0.9 applies to sgd and momentum, not to adam"),
-    ({"optimizer": "rmsprop", "momentum": 0.9}, "momentum=0.9 applies to sgd and momentum, not to rmsprop"),
+    ({"optimizer": "adam", "momentum": 0.9}, "momentum 0.9 is the beta of sgd with momentum, but the optimizer is adam"),
+    ({"optimizer": "rmsprop", "momentum": 0.9}, "momentum 0.9 is the beta of sgd with momentum, but the optimizer is rmsprop"),
     ({"optimizer": "momentum", "momentum": 1.5}, r"momentum beta must be in \[0, 1\), got 1.5"),
     ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
     ({"optimizer": optimizers.SGD(0.1), "momentum": 0.9}, "apply to an optimizer given by name"),
@@ -658,7 +664,7 @@ def test_a_non_finite_gradient_stops_with_the_weights_and_optimizer_state_of_tha
 
 
 @pytest.mark.parametrize("bad_step, message", [
-    (3, "the loss became nan at epoch 1, step 4|an update made"),  # the next step sees it
+    (3, "an update made a weight NaN or infinite in epoch 1"),  # the next step sees it (and a NaN loss)
     (10, "an update made a weight NaN or infinite in epoch 1"),  # the last step of the epoch: no next step
 ])
 def test_an_update_that_makes_a_weight_non_finite_is_undone(data, bad_step, message):
