@@ -466,6 +466,10 @@ def _clip(text: str, limit: int = MAX_MESSAGE) -> str:
 
 
 def _describe(e: BaseException) -> str:
+    from cnnc_runtime.fileio import WriteError  # (the runtime's file layer: loaded only on this error path)
+
+    if isinstance(e, WriteError):
+        return str(e)
     if isinstance(e, OSError) and e.strerror:
         return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
     return str(e) or type(e).__name__

@@ -41,10 +41,10 @@ WRITE_ERRNOS = {errno.ENOSPC, EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}  # a 
 
 
 class WriteError(OSError):
-    """A file that could not be written: the message names it and says why (the errno is kept)."""
+    """A file that could not be written: ``filename`` names it, ``strerror`` says why, the errno is kept."""
 
     def __str__(self) -> str:
-        return self.strerror or super().__str__()
+        return f"cannot write {self.filename}: {self.strerror}"
 
 
 def _write_error(target: str, e: OSError) -> WriteError:
@@ -63,9 +63,7 @@ def _write_error(target: str, e: OSError) -> WriteError:
         EDQUOT: "the disk quota is exceeded",
         errno.EROFS: "the file system is read-only",
     }.get(e.errno, e.strerror or str(e))
-    err = WriteError(e.errno, f"cannot write {target}: {why}")
-    err.filename = target
-    return err
+    return WriteError(e.errno, why, target)
 
 
 @lru_cache(maxsize=1)
