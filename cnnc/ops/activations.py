@@ -45,9 +45,13 @@ def _silu_derivative(x: np.ndarray, y: np.ndarray, a: dict) -> np.ndarray:
     return s * (1.0 + x * (1.0 - s))
 
 
-def _alpha_not_negative(args: dict, loc: Any) -> None:
-    if args["alpha"] < 0:
-        raise CnnError(f"elu: alpha must be >= 0, got {args['alpha']}", loc)
+def _alpha_not_negative(name: str) -> Callable[[dict, Any], None]:
+    """The check of an activation whose gradient is read off its output: that needs x < 0 to give y <= 0."""
+    def check(args: dict, loc: Any) -> None:
+        if args["alpha"] < 0:
+            raise CnnError(f"{name}: alpha must be >= 0 (its gradient is computed from its output), "
+                           f"got {args['alpha']}", loc)
+    return check
 
 
 @dataclass(frozen=True)
@@ -93,12 +97,13 @@ TABLE: dict[str, Activation] = {a.name: a for a in (
         "leaky_relu", "x if x > 0 else alpha x", args=(Arg("alpha", "float", 0.01),),
         reference=lambda x, a: np.where(x > 0, x, a["alpha"] * x),
         derivative=lambda x, y, a: np.where(x > 0, 1.0, a["alpha"]),
-        kernel=kernels.leaky_relu, kernel_grad=kernels.leaky_relu_grad, he_init=True),
+        kernel=kernels.leaky_relu, kernel_grad=kernels.leaky_relu_grad, he_init=True,
+        check=_alpha_not_negative("leaky_relu")),
     Activation(
         "elu", "x if x > 0 else alpha (e^x - 1), alpha >= 0", args=(Arg("alpha", "float", 1.0),),
         reference=lambda x, a: np.where(x > 0, x, a["alpha"] * np.expm1(np.minimum(x, 0.0))),
         derivative=lambda x, y, a: np.where(x > 0, 1.0, a["alpha"] * np.exp(np.minimum(x, 0.0))),
-        kernel=kernels.elu, kernel_grad=kernels.elu_grad, he_init=True, check=_alpha_not_negative),
+        kernel=kernels.elu, kernel_grad=kernels.elu_grad, he_init=True, check=_alpha_not_negative("elu")),
     Activation(
         "gelu", "x Phi(x) = x (1 + erf(x / sqrt 2)) / 2 (the exact form)",
         reference=lambda x, a: 0.5 * x * (1.0 + erf(x / math.sqrt(2.0))),

@@ -68,9 +68,11 @@ def test_reference_derivative_matches_central_differences(name):
     np.testing.assert_allclose(act.derivative(x, act.reference(x, args), args), numeric, rtol=1e-6, atol=1e-8)
 
 
-def test_an_activation_checks_its_arguments():
+@pytest.mark.parametrize("act", ["elu", "leaky_relu"])
+def test_an_activation_checks_its_arguments(act):
+    """A negative alpha would need the input for the gradient (it is computed from the output): refused."""
     from cnnc.driver import check_source
     from cnnc.errors import CnnError
 
-    with pytest.raises(CnnError, match="elu: alpha must be >= 0"):
-        check_source("network n {\n    input x: 4\n    y = x -> dense(3) -> elu(alpha=-1.0)\n}\n")
+    with pytest.raises(CnnError, match=f"error: {act}: alpha must be >= 0"):
+        check_source(f"network n {{\n    input x: 4\n    y = x -> dense(3) -> {act}(alpha=-1.0)\n}}\n")
