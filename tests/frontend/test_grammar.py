@@ -408,8 +408,8 @@ def test_data_string_with_escapes():
     ("-0.5", -0.5), ("3", 3.0), ("-2", -2.0), ("1e+2", 100.0),
 ])
 def test_decimals(text, value):
-    g = check(f"network n {{ input x: 4 y = x -> leaky_relu(alpha={text}) }}")
-    assert g.nodes["y"]["args"]["alpha"] == pytest.approx(value)
+    g = check(f"network n {{ input x: 1x2x2 y = x -> conv(1, 1x1, bias=false, weights=[{text}]) }}")
+    assert g.nodes["y"]["args"]["weights"][0] == pytest.approx(value)
 
 
 def test_decimals_in_dropout():
