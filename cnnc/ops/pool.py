@@ -39,12 +39,15 @@ def max_reference(node: dict, ins: list, layer: dict) -> np.ndarray:
 
 
 def max_reference_grad(node: dict, ins: list, y: np.ndarray, dy: np.ndarray, layer: dict) -> tuple[list, dict]:
-    """Each window's gradient goes to its first maximum in row-major order."""
+    """Each window's gradient goes to its first maximum in row-major order, or to its last NaN (as the kernels)."""
     geo, x = node["geometry"], ins[0]
     n, c, h, w = x.shape
     (kh, kw), oh, ow = geo["k"], geo["oh"], geo["ow"]
-    first = _windows(node, x, -np.inf).reshape(n, c, kh * kw, oh, ow).argmax(axis=2)
-    onehot = (np.arange(kh * kw)[None, None, :, None, None] == first[:, :, None]).astype(np.float64)
+    cols = _windows(node, x, -np.inf).reshape(n, c, kh * kw, oh, ow)
+    nan = np.isnan(cols)
+    last_nan = kh * kw - 1 - nan[:, :, ::-1].argmax(axis=2)
+    taken = np.where(nan.any(axis=2), last_nan, cols.argmax(axis=2))
+    onehot = (np.arange(kh * kw)[None, None, :, None, None] == taken[:, :, None]).astype(np.float64)
     dcols = (onehot * dy[:, :, None]).reshape(n, c, kh, kw, oh, ow)
     return [unwindows(dcols, pad(x, geo["pads"]).shape, geo["stride"], geo["pads"], h, w)], {}
 

@@ -76,3 +76,14 @@ def test_an_activation_checks_its_arguments(act):
 
     with pytest.raises(CnnError, match=f"error: {act}: alpha must be >= 0"):
         check_source(f"network n {{\n    input x: 4\n    y = x -> dense(3) -> {act}(alpha=-1.0)\n}}\n")
+
+
+def test_the_max_pool_reference_routes_a_nan_windows_gradient_to_its_last_nan():
+    """As the kernels and PyTorch do (np.argmax alone would pick the first NaN)."""
+    from cnnc.driver import check_source
+    from cnnc.ops.pool import max_reference_grad
+
+    node = check_source("network n { input x: 1x2x4 y = x -> maxpool(2x2) }", "t.cnn").nodes["y"]
+    x = np.array([[[[np.nan, 1.0, 2.0, 7.0], [3.0, np.nan, 7.0, 5.0]]]])
+    (dx,), _ = max_reference_grad(node, [x], None, np.array([[[[10.0, 20.0]]]]), {})
+    np.testing.assert_array_equal(dx, [[[[0, 0, 0, 20.0], [0, 10.0, 0, 0]]]])  # ties: the first maximum
