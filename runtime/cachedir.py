@@ -56,8 +56,14 @@ def private_dir(*parts: str, create: bool = False) -> Path | None:
 
 
 def _tightened(path: Path, st: os.stat_result) -> os.stat_result:
-    """A directory of ours that others may write (made under umask 002, say) made 0700; its entries are still
-    checked one by one, and a file another user wrote there is never owned by this user."""
+    """The default cache directory, ours but writable by others (made under umask 002, say), made 0700; its
+    entries are still checked one by one, and a file another user wrote there is never owned by this user.
+
+    A directory named by ``CNNC_CACHE_DIR`` is left as it is (it may be a team's shared directory): if others
+    may write it, it is simply not used.
+    """
+    if os.environ.get("CNNC_CACHE_DIR"):
+        return st
     if stat.S_ISDIR(st.st_mode) and st.st_uid == _uid() and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         os.chmod(path, 0o700, follow_symlinks=False)
         return os.lstat(path)

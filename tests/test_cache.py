@@ -122,11 +122,22 @@ def test_entries_anyone_else_could_have_written_are_ignored(cache, attack):
     compiles_correctly()
 
 
-def test_a_cache_directory_others_may_write_is_made_private(cache):
-    fill_cache(cache)
-    cache.chmod(0o777)
+def test_the_default_cache_directory_is_made_private_if_others_may_write_it(cache, monkeypatch):
+    monkeypatch.delenv("CNNC_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    fill_cache(cache / "cnnc")
+    (cache / "cnnc").chmod(0o777)  # as made under umask 002 by an older cnnc
     compiles_correctly()
-    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert stat.S_IMODE((cache / "cnnc").stat().st_mode) == 0o700
+
+
+def test_a_shared_cache_dir_named_by_the_user_is_left_alone_and_not_used(cache):
+    fill_cache(cache)
+    cache.chmod(0o777)  # a team's directory: not ours to lock
+    before = sorted(p.name for p in cache.iterdir())
+    compiles_correctly()
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o777
+    assert sorted(p.name for p in cache.iterdir()) == before  # nothing written into it either
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
