@@ -169,11 +169,8 @@ class Model:
         """`seed` draws the first weights (default: the train section's ``seed``, else 0)."""
         from cnnc_runtime import __version__
 
-        artifact.validate(manifest)
+        artifact.validate(manifest)  # (the format version too)
         artifact.verify_code(manifest, obj)
-        if manifest.get("format") != artifact.FORMAT_VERSION:
-            raise ValueError(f"artifact format {manifest.get('format')} is not supported by this cnnc "
-                             f"(expects {artifact.FORMAT_VERSION}); recompile the network")
         if not compatible_version(manifest.get("cnnc_version", "?"), __version__):
             raise ValueError(f"artifact built by cnnc {manifest.get('cnnc_version')} cannot be run by cnnc "
                              f"{__version__}; recompile the network")

@@ -677,6 +677,7 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
     losses = np.empty(size, dtype=np.float32)
     optimizer = run.optimizer
     good = model.flat_params.copy()
+    decay_scratch = np.empty_like(good) if s.weight_decay > 0 else None
     prev_loss = run.history[-1].loss if run.history else math.inf
     while run.epoch < s.epochs and not run.stopped:
         optimizer.lr = run.base_lr * s.lr_decay ** run.epoch
@@ -708,7 +709,8 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
                     model._accumulate_gradients(xb, tb, loss, seed, scale, out[:m], losses[:m], prepare)
                     value = float(losses[:m].sum(dtype=np.float64) * scale)
                     if s.weight_decay > 0:
-                        value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay)
+                        value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay,
+                                                  decay_scratch)
                     if not (math.isfinite(value) and _finite(model.flat_grads, model.flat_params)):
                         _stop_step(model, good, run, bar, value, b)
                     good[...] = model.flat_params
