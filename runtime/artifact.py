@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from cnnc_runtime import signing
+from cnnc_runtime import rules, signing
 
 MAGIC = b"CNNCART1"
 FORMAT_VERSION = 2  # 2: the code records the layout it was compiled for (CONTRACT_SYMBOL)
@@ -279,16 +279,17 @@ def _check_fixed(f: _Fields, fixed: Any, shape: list, where: str) -> None:
         raise f.fail(f"{where}.fixed", f"must be finite numbers of shape {shape}")
 
 
-TRAIN_COUNTS = ("batch", "epochs", "seed", "restarts", "max_steps")
-TRAIN_NUMBERS = ("weight_decay", "jitter", "validation", "min_improvement", "lr_decay")
+def _ruled(f: _Fields, table: dict[str, rules.Rule], key: str, value: Any, field: str) -> None:
+    need = rules.problem(table, key, value)
+    if need:
+        raise f.fail(field, f"must be {need}, got {value!r}")
 
 
 def _check_train(f: _Fields, train: dict) -> None:
-    """The train section's types (its ranges are the training settings' to check, as for ``fit``'s arguments)."""
-    for k in TRAIN_COUNTS:
-        f.get(train, k, f"train.{k}", int, optional=True)
-    for k in TRAIN_NUMBERS:
-        f.number(train, k, f"train.{k}")
+    """The train section, by the rules the .cnn parser and ``fit`` use (``cnnc_runtime.rules``)."""
+    for k in sorted(rules.SETTINGS.keys() - {"patience", "min_delta"}):
+        if k in train:
+            _ruled(f, rules.SETTINGS, k, train[k], f"train.{k}")
     loss = f.get(train, "loss", "train.loss", str, optional=True)
     if loss is not None and loss not in LOSSES:
         raise f.fail("train.loss", f"must be {' or '.join(LOSSES)}, got {loss!r}")
@@ -297,11 +298,13 @@ def _check_train(f: _Fields, train: dict) -> None:
     if optimizer is not None:
         f.get(optimizer, "name", "train.optimizer.name", str)
         for k in optimizer.keys() - {"name"}:
-            f.number(optimizer, k, f"train.optimizer.{k}", optional=False)
+            value = f.number(optimizer, k, f"train.optimizer.{k}", optional=False)
+            if k in rules.HYPERPARAMETERS:
+                _ruled(f, rules.HYPERPARAMETERS, k, value, f"train.optimizer.{k}")
     stop = f.get(train, "early_stop", "train.early_stop", dict, optional=True)
     if stop is not None:
-        f.get(stop, "patience", "train.early_stop.patience", int)
-        f.number(stop, "min_delta", "train.early_stop.min_delta", optional=False)
+        for k in ("patience", "min_delta"):
+            _ruled(f, rules.SETTINGS, k, f.get(stop, k, f"train.early_stop.{k}", (int, float)), f"train.early_stop.{k}")
     norm = f.get(train, "normalize", "train.normalize", dict, optional=True)
     if norm is not None:
         f.number(norm, "mean", "train.normalize.mean", optional=False)

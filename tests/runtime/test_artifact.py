@@ -296,6 +296,10 @@ BAD_FIELDS = [  # (change, the field the error names)
     ("has_dropout", 0, "has_dropout"),
     ("train", [], "train"),
     ("train.epochs", "ten", "train.epochs"),
+    ("train.seed", -1, "train.seed"),  # the rules .cnn files and fit obey (numpy would refuse it much later)
+    ("train.validation", 1.5, "train.validation"),
+    ("train.optimizer", {"name": "adam", "beta1": 1.5}, "train.optimizer.beta1"),
+    ("train.early_stop", {"patience": 0, "min_delta": 0.0}, "train.early_stop.patience"),
     ("train.loss", "hinge", "train.loss"),
     ("train.normalize", {"mean": 0.1, "std": 0}, "train.normalize.std"),
     ("train.optimizer", {"lr": 0.1}, "train.optimizer.name"),
