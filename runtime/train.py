@@ -337,8 +337,8 @@ def _read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         meta = json.loads(bytes(arrays.pop("meta")).decode())
-    except (OSError, ValueError, KeyError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile,
-            zlib.error) as e:
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError, NotImplementedError, MemoryError,
+            zipfile.BadZipFile, zlib.error) as e:  # (MemoryError: a member whose header claims a huge array)
         raise ValueError(f"{path}: not a readable cnnc checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: not a cnnc checkpoint (its metadata is not a JSON object)")

@@ -1013,6 +1013,20 @@ def test_edited_arrays_are_one_value_error(interrupted_checkpoint, data, tmp_pat
         resume_from(tmp_path / "edited.npz", data)
 
 
+def test_a_member_claiming_an_array_larger_than_memory_is_one_value_error(interrupted_checkpoint, data, tmp_path):
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})
+    bad = tmp_path / "huge.npz"
+    with zipfile.ZipFile(interrupted_checkpoint) as src, zipfile.ZipFile(bad, "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, header.getvalue() if name == "best_params.npy" else src.read(name))
+    with pytest.raises(ValueError, match="huge.npz: not a readable cnnc checkpoint"):
+        resume_from(bad, data)
+
+
 def test_a_mid_epoch_checkpoint_on_a_smaller_dataset_is_refused(interrupted_checkpoint, data):
     x, y = data
     with pytest.raises(ValueError, match=r"its interrupted epoch is over another set of images than these 200"):
