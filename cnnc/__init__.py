@@ -56,7 +56,7 @@ def load(path: str | os.PathLike[str], key: bytes | str | os.PathLike[str] | Non
 
 
 def _build(source: str, name: str, options: dict) -> Model:
-    from cnnc.cache import compile_source
+    from cnnc.pipeline import compile_source
     from cnnc_runtime.model import Model
 
     unknown = set(options) - {"cache", "seed", "generic", "fuse", "winograd"}

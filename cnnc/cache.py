@@ -1,4 +1,4 @@
-"""The on-disk compile cache, and compiling through it.
+"""The on-disk compile cache: a pure store (``cnnc.pipeline`` compiles through it).
 
 Two kinds of entries, both artifact files in ``cache_dir()``:
 
@@ -15,7 +15,7 @@ Entries are mapped as code, so only those this user wrote, in a directory
 nobody else can write, are used (``cnnc_runtime.cachedir``), and only after
 their checksums match; anything else is ignored and rebuilt.
 
-This module imports no part of the compiler until a compile is needed.
+This module imports no part of the compiler, so a cached compile loads none of it.
 """
 
 from __future__ import annotations
@@ -29,11 +29,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from cnnc.errors import Diagnostics
 from cnnc_runtime import __version__, artifact
 from cnnc_runtime.cachedir import cache_dir, read_private, write_private
 
-__all__ = ["cache_dir", "collector_paused", "compile_source", "compiler_fingerprint", "read", "source_key", "write"]
+__all__ = ["cache_dir", "collector_paused", "compiler_fingerprint", "read", "source_key", "write"]
 
 
 @lru_cache(maxsize=1)
@@ -92,28 +91,3 @@ def source_key(source: str, name: str, target_key: str, options: dict[str, Any])
     blob = json.dumps({"source": source, "name": name, "target": target_key, "options": options,
                        "cnnc": __version__, "compiler": compiler_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def compile_source(source: str, name: str, *, generic: bool = False, use_cache: bool = True, fuse: bool = True,
-                   winograd: bool = True, diag: Diagnostics | None = None) -> tuple[dict[str, Any], bytes]:
-    """(manifest, object code) for .cnn source text, from the source-keyed cache when possible."""
-    from cnnc.codegen.target import generic_target, host_target
-
-    target = generic_target() if generic else host_target()
-    diag = diag if diag is not None else Diagnostics()
-    key = source_key(source, name, target.key, {"fuse": fuse, "winograd": winograd})
-    path = cache_dir() / f"src-{key}.cnnc"
-    if use_cache:
-        hit = read(path, key)
-        if hit is not None:
-            diag.replayed.extend(hit[0].get("warnings", []))
-            return hit
-    with collector_paused():
-        from cnnc.compiler import compile_graph
-        from cnnc.driver import check_source
-
-        compiled = compile_graph(check_source(source, name, diag), target, use_cache, fuse=fuse, winograd=winograd)
-    manifest = {**compiled.manifest, "cache_key": key, "warnings": diag.render()}
-    if use_cache:
-        write(path, manifest, compiled.obj)
-    return manifest, compiled.obj

@@ -259,7 +259,7 @@ def _load_model(path: str, args, diag: Diagnostics, **options):
     if compiled_already:
         model = _load_artifact(p, args.command, key)
     else:
-        from cnnc.cache import compile_source
+        from cnnc.pipeline import compile_source
         from cnnc.sources import read_source
         from cnnc_runtime.model import Model
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from cnnc import compiler
-from cnnc.cache import compile_source
 from cnnc.driver import check_source
+from cnnc.pipeline import compile_source
 from cnnc_runtime import artifact, host
 from cnnc_runtime.model import Model
 
