@@ -237,16 +237,8 @@ def _load_artifact(path: Path, command: str, key: str | None = None):
     try:
         with reading(command, path):
             return cnnc.load(path, key=key)
-    except ValueError as e:  # damaged, unsigned or tampered with, or built for another CPU or cnnc
+    except ValueError as e:  # damaged, hand-edited, unsigned or tampered with, or built for another CPU or cnnc
         raise UsageError(f"cnnc {command}: {e}") from None
-    except (KeyError, TypeError, IndexError, AttributeError) as e:  # intact checksums, a manifest edited by hand
-        raise UsageError(f"cnnc {command}: {path}: invalid artifact manifest ({type(e).__name__}: {e})") from None
-
-
-def artifact_has_weights(path: Path) -> bool:
-    from cnnc_runtime import artifact
-
-    return bool(artifact.read(path)[2])
 
 
 def _load_model(path: str, args, diag: Diagnostics, **options):

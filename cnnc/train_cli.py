@@ -238,14 +238,14 @@ def _check_checkpoint(path: str) -> None:
 
 
 def cmd_eval(args, diag: Diagnostics) -> int:
-    from cnnc.cli import _existing, _load_model, artifact_has_weights, is_artifact
+    from cnnc.cli import _existing, _load_model, is_artifact
     from cnnc_runtime.train import confusion_matrix, evaluate
 
     artifact = is_artifact(_existing(args.file), "eval")
     if not args.weights and not artifact:
         raise _usage(f"cnnc eval: {args.file} is a .cnn file: give its trained weights with --weights W.npz")
     model = _load_model(args.file, args, diag)
-    if not args.weights and not artifact_has_weights(Path(args.file)):
+    if not args.weights and not model.carries_weights:
         raise _usage(f"cnnc eval: the artifact {args.file} has no weights (compiled without --weights): "
                      f"give them with --weights W.npz")
     data, path = _dataset(args, model)

@@ -226,6 +226,7 @@ class Model:
         self._shard_ptrs = [self.flat_grads.ctypes.data]
         _MODELS.add(self)
         self.initialize(manifest["train"].get("seed", 0) if seed is None else seed)
+        self.carries_weights = bool(weights)  # an artifact's own weights were loaded (cnnc eval needs no --weights)
         if weights:
             self._load_file(io.BytesIO(weights), "the artifact's weights")
 
