@@ -199,8 +199,8 @@ class Model:
         self._lib = NativeLibrary(obj, t["triple"], t["cpu"], t["features"])
         self._obj = obj
         self._infer = self._lib.function("infer", [P, P, P, P, P, I64, I64])
-        self._steps = {loss: self._lib.function(f"step_{loss}", [P] * 8 + [I64, F32, I64, I64]) for loss in LOSSES}
-        self._jitter = self._lib.function("jitter", [P, I64, F32, P, I64, I64])
+        self._steps = {loss: self._lib.function(f"step_{loss}", [P] * 8 + [I64, I64, F32, I64, I64]) for loss in LOSSES}
+        self._jitter = self._lib.function("jitter", [P, I64, I64, F32, P, I64, I64])
         self._updates: dict[str, Any] = {}
         self.flat_params = aligned_zeros(size)
         self.flat_grads = aligned_zeros(size)
@@ -503,22 +503,25 @@ class Model:
 
     def _accumulate_gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, seed: int,
                               scale: float, out: np.ndarray, losses: np.ndarray,
-                              prepare: Callable[[int, int, int], None] | None = None) -> None:
+                              prepare: Callable[[int, int, int], None] | None = None, image0: int = 0) -> None:
         """Add scale * d(sum of losses)/d(params) into ``flat_grads``; fill ``out`` and ``losses``. Inputs checked.
 
         ``prepare(thread, a, b)``, when given, first fills images [a, b) of `x`, on the thread that then
         runs them: the batch is gathered and converted on every core, and stays in that core's cache.
         Each chunk's shards (see ``shards``) sum into buffers of their own, added to ``flat_grads`` in
         order, so the result does not depend on the number of threads. Calls take turns (the model's lock).
+        ``image0`` is the index of ``x[0]`` in the whole batch (a process's share of a data-parallel step starts
+        past 0): dropout masks are drawn from each image's index in the whole batch.
         """
         with self._lock:
             n = x.shape[0]
             for start in range(0, n, CHUNK):
-                self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, min(n, start + CHUNK))
+                self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, min(n, start + CHUNK),
+                                      image0)
 
     def _chunk_gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, seed: int, scale: float,
                          out: np.ndarray, losses: np.ndarray, prepare: Callable[[int, int, int], None] | None,
-                         start: int, stop: int) -> None:
+                         start: int, stop: int, image0: int = 0) -> None:
         """Images [start, stop) of one step's batch (at most a chunk): their shards on the pool, then the sum."""
         scratch = self._train_scratch
         arena = scratch.arena("train", stop - start)
@@ -528,13 +531,13 @@ class Model:
         os_ = out.ctypes.data + start * out[0].nbytes
         ts = targets.ctypes.data + start * targets[0].nbytes
         ls = losses.ctypes.data + start * 4
-        salt = (seed + start) % (1 << 63)  # the dropout hash counts images from `seed`: chunks draw different masks
+        salt, first = seed % (1 << 63), image0 + start  # the dropout hash counts images of the whole batch
 
         def run(t: int, i: int, grads: int) -> None:
             a, b = parts[i]
             if prepare is not None:
                 prepare(t, start + a, start + b)
-            step(params, grads, arena, xs, os_, ts, ls, ws[t], salt, scale, a, b)
+            step(params, grads, arena, xs, os_, ts, ls, ws[t], salt, first, scale, a, b)
 
         if self.threads == 1 or len(parts) == 1:  # in order on this thread: one spare buffer, each shard added at once
             bufs, ptrs = self._shard_buffers(min(len(parts), 2))
@@ -592,16 +595,17 @@ class Model:
                              f"(N, {', '.join(map(str, self.input_shape))})")
         scratch = self._checkout()
         try:
-            self._jitter(x.ctypes.data, seed % (1 << 63), sigma, scratch.ws_ptrs[0], 0, x.shape[0])
+            self._jitter(x.ctypes.data, seed % (1 << 63), 0, sigma, scratch.ws_ptrs[0], 0, x.shape[0])
         finally:
             self._checkin(scratch)
 
-    def _noise_rows(self, x: int, sigma: float, seed: int, thread: int, a: int, b: int) -> None:
+    def _noise_rows(self, x: int, sigma: float, seed: int, thread: int, a: int, b: int, image0: int = 0) -> None:
         """Images [a, b) of the checked batch at address `x` get the noise `add_noise` would give them.
 
+        `image0`: the index of the batch's first image in the whole batch, as in ``_accumulate_gradients``.
         For a training step's ``prepare``, on pool thread `thread`, while that step holds the model's lock.
         """
-        self._jitter(x, seed % (1 << 63), sigma, self._train_scratch.ws_ptrs[thread], a, b)
+        self._jitter(x, seed % (1 << 63), image0, sigma, self._train_scratch.ws_ptrs[thread], a, b)
 
     def value_and_grad(self, x: Any, y: Any, loss: str | None = None, seed: int = 0) -> tuple[float, dict]:
         """The mean loss over the batch and its gradient for every parameter (same keys as ``params``).
