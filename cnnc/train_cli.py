@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnc.errors import Diagnostics
+from cnnc.errors import CnnError, Diagnostics
 
 MAX_GRADCHECK_BATCH = 1024  # a random batch to check gradients on; its float64 reference runs per sample
 
@@ -129,8 +129,30 @@ def _written(e: OSError, outputs: dict[str, str | None]) -> str:
 
 
 def cmd_train(args, diag: Diagnostics) -> int:
+    """`cnnc train`, also as every rank of an MPI job (``mpiexec -n N cnnc train ...``): rank 0 alone prints and
+    writes, the others wait for it at the end; a rank that fails ends the whole job."""
+    from cnnc_runtime.distributed import abort_on_failure, world
+
+    try:
+        comm = world()
+    except RuntimeError as e:  # an MPI launcher, but no mpi4py
+        raise _usage(f"cnnc train: {e}") from None
+    try:
+        status = _train(args, diag, comm)
+        comm.barrier()
+    except BaseException as e:
+        from cnnc.cli import UsageError
+
+        abort_on_failure(comm, e, (UsageError, CnnError))  # its peers would wait for this rank forever
+        raise
+    return status
+
+
+def _train(args, diag: Diagnostics, comm) -> int:
     from cnnc.cli import _load_model, check_outputs, writing
     from cnnc_runtime.train import TrainingStopped, evaluate, settings_from
+
+    say = print if comm.is_root else _silent
 
     if args.plot:
         try:
@@ -142,7 +164,7 @@ def cmd_train(args, diag: Diagnostics) -> int:
     resumed = (("--checkpoint", "--resume"), ("the default --checkpoint", "--resume"))  # a run continued
     rules = dict(appended=("--log",), may_replace=resumed)
     check_outputs("train", inputs, outputs, **rules)
-    if args.resume:
+    if args.resume and comm.is_root:  # (rank 0 reads it and sends it to the others)
         _check_checkpoint(args.resume)
     model = _load_model(args.file, args, diag, seed=args.seed)
     name = model.name
@@ -168,26 +190,30 @@ def cmd_train(args, diag: Diagnostics) -> int:
                     patience=args.patience, restarts=args.restarts, seed=args.seed, max_steps=args.max_steps,
                     optimizer=args.optimizer, momentum=args.momentum)
     epochs = args.epochs or train.get("epochs", 10)
-    print(f"training {name} on {path} ({len(x):,} images), {model.manifest['target']['cpu']}", flush=True)
+    ranks = f", {comm.size} MPI ranks" if comm.size > 1 else ""
+    say(f"training {name} on {path} ({len(x):,} images), {model.manifest['target']['cpu']}{ranks}", flush=True)
     try:
         history = model.fit(x, y, checkpoint=ckpt, resume=args.resume, log=args.log,
                             on_epoch=lambda e: print(_epoch_line(e, epochs), flush=True), **settings)
     except KeyboardInterrupt:
         if Path(ckpt).is_file():
-            print(f"\ninterrupted: training state saved in {ckpt}; continue with --resume {ckpt}", file=sys.stderr)
+            say(f"\ninterrupted: training state saved in {ckpt}; continue with --resume {ckpt}", file=sys.stderr)
         else:
-            print("\ninterrupted: no checkpoint was written", file=sys.stderr)
+            say("\ninterrupted: no checkpoint was written", file=sys.stderr)
         return 130
     except TrainingStopped as e:
-        with writing("train", out):
-            model.save(out)
-        print(f"{e}; wrote {out}", file=sys.stderr)
+        if comm.is_root:
+            with writing("train", out):
+                model.save(out)
+        say(f"{e}; wrote {out}", file=sys.stderr)
         return 1
     except ValueError as e:
         raise _usage(f"cnnc train: {e}") from None
     except OSError as e:  # the checkpoint or the log, mid-training: a full disk, a removed directory
         written = _written(e, {"--checkpoint": ckpt, "--log": args.log})
         raise _usage(f"cnnc train: cannot write {written}: {e.strerror or e}") from None
+    if not comm.is_root:
+        return 0
     with writing("train", out):
         model.save(out)
     if len(history.restarts) > 1:
@@ -206,6 +232,10 @@ def cmd_train(args, diag: Diagnostics) -> int:
             _plot(history, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _silent(*args, **kwargs) -> None:
+    """`print` on the ranks of an MPI job other than rank 0."""
 
 
 def _check_checkpoint(path: str) -> None:

@@ -144,15 +144,17 @@ def _connect(rank: int, size: int) -> Mpi:
     return Mpi(comm, MPI)
 
 
-def abort_on_failure(comm: Local, exc: BaseException) -> None:
-    """In an MPI job, end the whole job over `exc` (its traceback and message printed); else do nothing.
+def abort_on_failure(comm: Local, exc: BaseException, user_errors: tuple[type[BaseException], ...] = ()) -> None:
+    """In an MPI job, end the whole job over `exc`, its message printed; else do nothing.
 
     For exceptions that not every rank may share: one rank's bad file, a bug, a kill by Ctrl-C that reached
-    one rank only. Its peers would wait for it in their next collective forever.
+    one rank only. Its peers would wait for it in their next collective forever. A bug (anything but a
+    ValueError, OSError, KeyboardInterrupt or one of `user_errors`) gets its traceback printed too.
     """
     if isinstance(comm, Mpi):
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        if not isinstance(exc, (ValueError, OSError, KeyboardInterrupt)):  # a bug: its traceback helps
+        if isinstance(exc, (ValueError, OSError, KeyboardInterrupt, *user_errors)):
+            detail = f"{type(exc).__name__}: {exc}".rstrip()
+        else:
             detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip()
         comm.abort(f"failed, ending the job: {detail}")
 

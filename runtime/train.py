@@ -10,6 +10,7 @@ if it had never stopped.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import numpy as np
 
 from cnnc_runtime import rules
 from cnnc_runtime.data import Inputs, first_non_finite_row
+from cnnc_runtime.distributed import Local, abort_on_failure, check_same, fingerprint, share, world
 from cnnc_runtime.fileio import atomic_save_npz
 from cnnc_runtime.model import CHUNK, MIN_IMAGES_PER_THREAD
 from cnnc_runtime.optimizers import OPTIMIZERS, Optimizer, add_weight_decay, make_optimizer, optimizer_class
@@ -36,6 +38,10 @@ EVAL_BATCH = CHUNK
 
 class TrainingStopped(Exception):
     """Training cannot go on (a NaN or infinite loss, gradient or weight); the model keeps the last good weights."""
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C acted on between two steps, by every rank at the same step (the state saved is consistent)."""
 
 
 @dataclass
@@ -331,10 +337,14 @@ def save_checkpoint(path: str | os.PathLike[str], model, run: _Run, s: Settings)
     atomic_save_npz(path, _checkpoint_arrays(model, run, s))
 
 
-def _read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(meta, every array) of a checkpoint, read whole: any damage to the archive is one ValueError here."""
+def _read_checkpoint(path: str | os.PathLike[str],
+                     blob: bytes | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(meta, every array) of a checkpoint, read whole: any damage to the archive is one ValueError here.
+
+    `blob`: the file's bytes, already read (by rank 0 of an MPI job, sent to every rank).
+    """
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(path if blob is None else io.BytesIO(blob), allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         meta = json.loads(bytes(arrays.pop("meta")).decode())
     except (OSError, ValueError, KeyError, EOFError, RuntimeError, NotImplementedError, MemoryError,
@@ -435,9 +445,15 @@ def _flat(arrays: dict[str, np.ndarray], key: str, size: int, path: str) -> np.n
     return a.astype(np.float32)
 
 
-def _restore(path: str | os.PathLike[str], model, run: _Run, s: Settings, n: int) -> None:
-    """Load a checkpoint into `model` and `run`, every field checked first: nothing changes unless all is sound."""
-    meta, arrays = _read_checkpoint(path)
+def _restore(path: str | os.PathLike[str], model, run: _Run, s: Settings, n: int, comm: Local) -> None:
+    """Load a checkpoint into `model` and `run`, every field checked first: nothing changes unless all is sound.
+
+    In an MPI job rank 0 reads the file and sends its bytes to every rank, which restores from them.
+    """
+    blob = None
+    if comm.size > 1:
+        blob = comm.broadcast_object(_read_bytes(path) if comm.is_root else None)
+    meta, arrays = _read_checkpoint(path, blob)
     path = str(path)
     m = _Meta(meta, path)
     if m.str("network") != model.name:
@@ -491,6 +507,14 @@ def _restore(path: str | os.PathLike[str], model, run: _Run, s: Settings, n: int
     run.history, run.finished = history, finished
 
 
+def _read_bytes(path: str | os.PathLike[str]) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable cnnc checkpoint ({type(e).__name__}: {e})") from None
+
+
 def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarray, np.ndarray] | None = None,
         checkpoint: str | os.PathLike[str] | None = None, resume: str | os.PathLike[str] | None = None,
         log: str | os.PathLike[str] | None = None, progress: bool | None = None,
@@ -531,7 +555,27 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
     keeps the last good weights (for a bad loss or update, those from before
     it; for a bad gradient, those of that step, the optimizer's state
     untouched by it).
+
+    In every rank of an MPI job (``mpiexec -n N``; see ``cnnc_runtime.distributed``) `fit` trains one model
+    data-parallel: `batch_size` is the global batch, each rank computes its share of every batch and one
+    all-reduce of the gradient gives every rank the same step, with the result of one process (dropout and
+    jitter follow each image's index in the whole batch). Rank 0 alone shows progress, calls `on_epoch`,
+    writes the checkpoint and the log, evaluates the validation set and reads `resume`, whose contents it
+    sends to the others. A rank that fails ends the whole job (``MPI_Abort``) with its message.
     """
+    comm = world()
+    try:
+        return _fit(model, x, y, comm, validation_data, checkpoint, resume, log, progress, on_epoch, early_stopping,
+                    settings)
+    except (TrainingStopped, _Interrupted):
+        raise  # every rank raises it at the same step
+    except BaseException as e:
+        abort_on_failure(comm, e)  # in an MPI job: its peers would wait for this rank forever
+        raise
+
+
+def _fit(model, x, y, comm: Local, validation_data, checkpoint, resume, log, progress, on_epoch, early_stopping,
+         settings: dict[str, Any]) -> History:
     s = settings_from(model.manifest.get("train", {}), **settings)
     if early_stopping is False:
         s.patience = None
@@ -563,6 +607,10 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
         val_targets = model.check_targets(val_y, len(val_inputs), loss)
         _refuse_non_finite(val_inputs, val_targets, "validation ")
         validation_data = (val_inputs, val_y, val_targets)
+    if comm.size > 1:
+        _check_ranks_agree(comm, model, s, inputs, targets, validation_data)
+        if not comm.is_root:  # rank 0 alone reports and writes
+            progress, on_epoch, checkpoint, log = False, None, None, None
 
     base_lr = _optimizer(s).lr  # before any restart decays it
     interrupted = _deferred_interrupt()
@@ -574,7 +622,7 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
         resumed: _Run | None = None
         if resume is not None:
             resumed = _Run(model, s, 0, base_lr)
-            _restore(resume, model, resumed, s, n)
+            _restore(resume, model, resumed, s, n, comm)
             start_restart, finished, kept = resumed.restart, resumed.finished, resumed.kept
         for restart in range(start_restart, s.restarts):
             if resumed is not None and restart == resumed.restart:
@@ -583,8 +631,9 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
                 if restart > 0:  # restart 0 trains the weights the model has
                     model.initialize(s.seed + restart)
                 run = _Run(model, s, restart, base_lr, finished, kept)
+            comm.broadcast(model.flat_params)  # every replica starts from rank 0's weights
             _train_run(model, run, s, loss, inputs, targets, labels, validation_data, checkpoint, log_file,
-                       progress, on_epoch, interrupted)
+                       progress, on_epoch, interrupted, comm)
             final = run.history[run.best_epoch - 1] if run.best_epoch else run.history[-1]
             finished.append({"restart": restart, "seed": s.seed + restart, "loss": final.loss,
                              "epochs": len(run.history), "stopped": run.stopped})
@@ -597,6 +646,22 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
     _, params, epochs, stopped, best_epoch = kept
     model.flat_params[...] = params
     return History(epochs, finished, stopped, best_epoch)
+
+
+def _check_ranks_agree(comm: Local, model, s: Settings, inputs: Inputs, targets: np.ndarray, validation_data) -> None:
+    """ValueError on every rank when the ranks of an MPI job were given different networks, data or settings.
+
+    The data is compared by its labels and a sample of its images, prepared: enough to tell files apart.
+    """
+    def data(inputs: Inputs, targets: np.ndarray) -> str:
+        sample = np.unique(np.linspace(0, len(inputs) - 1, min(len(inputs), 64)).astype(np.int64))
+        return fingerprint(len(inputs), targets, inputs.batch(sample, model.batch_buffer(len(sample))))
+
+    settings = {k: repr(v) for k, v in asdict(s).items()}
+    check_same(comm, **{"compiled network (same .cnn, cnnc and CPU target on every rank)":
+                        fingerprint(model.manifest, model._obj),
+                        "settings": fingerprint(settings), "training data": data(inputs, targets),
+                        "validation data": data(*validation_data[::2]) if validation_data else ""})
 
 
 class _deferred_interrupt:  # noqa: N801 - used like a function
@@ -667,9 +732,10 @@ def _train_run(model, run: _Run, *args: Any) -> None:
 
 def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targets: np.ndarray,
                   labels: np.ndarray | None, validation_data, checkpoint, log_file, progress, on_epoch,
-                  interrupted: _deferred_interrupt) -> None:
+                  interrupted: _deferred_interrupt, comm: Local) -> None:
     n = len(inputs)
-    size = min(s.batch_size, n)  # a batch larger than the set is the whole set
+    lo, hi = share(min(s.batch_size, n), comm.rank, comm.size)  # a batch larger than the set is the whole set
+    size = max(hi - lo, 1)  # this rank's share of a full batch (the largest it gets)
     batch = model.batch_buffer(size)  # every step's inputs are prepared into this one buffer
     batch_ptr = batch.ctypes.data
     k = model.manifest["loss_inputs"][loss]
@@ -678,6 +744,7 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
     optimizer = run.optimizer
     good = model.flat_params.copy()
     decay_scratch = np.empty_like(good) if s.weight_decay > 0 else None
+    sums = np.zeros(3)  # what the ranks add up after each step: the loss (scaled), correct predictions, interrupts
     prev_loss = run.history[-1].loss if run.history else math.inf
     while run.epoch < s.epochs and not run.stopped:
         optimizer.lr = run.base_lr * s.lr_decay ** run.epoch
@@ -691,23 +758,31 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
         bar = ProgressBar(-(-n // s.batch_size), enabled=progress)
         with np.errstate(over="ignore", invalid="ignore"):  # a NaN or an overflow is found and reported below
             for b, start in enumerate(range(first, n, s.batch_size), start=first // s.batch_size):
-                idx = order[start:start + s.batch_size]
-                m = len(idx)
+                whole = order[start:start + s.batch_size]
+                lo, hi = share(len(whole), comm.rank, comm.size)  # this rank's images: [lo, hi) of the batch
+                idx, m = whole[lo:hi], hi - lo
                 xb, tb = batch[:m], targets[idx]
                 # native Gaussian noise: a seed from the run's generator, so resume stays exact
                 noise = int(run.rng.integers(0, 2**63 - 1)) if s.jitter > 0 else None
-                scale = 1.0 / m if loss == "cross_entropy" else 1.0 / (m * k)
+                scale = 1.0 / len(whole) if loss == "cross_entropy" else 1.0 / (len(whole) * k)
                 seed = int(run.rng.integers(0, 2**63 - 1)) if model.manifest["has_dropout"] else 0
 
-                def prepare(t: int, a: int, b: int, idx=idx, noise=noise) -> None:
+                def prepare(t: int, a: int, b: int, idx=idx, noise=noise, lo=lo) -> None:
                     inputs.batch(idx[a:b], batch[a:b])
                     if noise is not None:
-                        model._noise_rows(batch_ptr, s.jitter, noise, t, a, b)
+                        model._noise_rows(batch_ptr, s.jitter, noise, t, a, b, lo)
 
                 with model._lock:  # value_and_grad on another thread must not mix its gradients into this step's
                     model.flat_grads[...] = 0.0
-                    model._accumulate_gradients(xb, tb, loss, seed, scale, out[:m], losses[:m], prepare)
-                    value = float(losses[:m].sum(dtype=np.float64) * scale)
+                    if m:
+                        model._accumulate_gradients(xb, tb, loss, seed, scale, out[:m], losses[:m], prepare, lo)
+                    sums[0] = losses[:m].sum(dtype=np.float64) * scale
+                    sums[1] = int((out[:m].argmax(axis=1) == labels[idx]).sum()) if labels is not None else 0
+                    sums[2] = interrupted.is_set()
+                    if comm.size > 1:  # the gradient of the whole batch, on every rank
+                        comm.sum_in_place(model.flat_grads)
+                        comm.sum_in_place(sums)
+                    value, m = float(sums[0]), len(whole)
                     if s.weight_decay > 0:
                         value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay,
                                                   decay_scratch)
@@ -718,19 +793,18 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
                 run.step += 1
                 total += value * m
                 seen += m
-                if labels is not None:
-                    correct += int((out[:m].argmax(axis=1) == labels[idx]).sum())
+                correct += int(sums[1])
                 elapsed = time.perf_counter() - t0
                 bar.update(b + 1, total / seen, correct / seen if labels is not None else None,
                            seen / max(elapsed, 1e-9))
-                if interrupted.is_set():
+                if sums[2]:  # (every rank sees an interrupt on any rank at the same step)
                     _check_update(model, good, run, bar)
                     bar.close()
                     run.partial = {"order": order, "next": start + m, "total": total, "correct": correct, "seen": seen,
                                    "seconds": time.perf_counter() - t0}
                     if checkpoint is not None:
                         save_checkpoint(checkpoint, model, run, s)
-                    raise KeyboardInterrupt
+                    raise _Interrupted
                 if s.max_steps is not None and run.step >= s.max_steps:
                     run.stopped = f"reached the step limit of {s.max_steps}"
                     break
@@ -739,8 +813,10 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
         run.partial = None
         seconds = time.perf_counter() - t0
         val_loss = val_acc = None
-        if validation_data is not None:
-            val_loss, val_acc, _ = _evaluate(model, *validation_data, loss)
+        if validation_data is not None:  # by rank 0, while the others wait for its result
+            if comm.is_root:
+                val_loss, val_acc, _ = _evaluate(model, *validation_data, loss)
+            val_loss, val_acc = comm.broadcast_object((val_loss, val_acc))
         run.epoch += 1
         record = Epoch(run.epoch, total / seen, correct / seen if labels is not None else None, val_loss, val_acc,
                        seconds, seen / seconds, run.step, run.restart)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,6 @@ def run_job(work: Path, source: str, *args: str, ranks: int = 2, timeout: float 
 
 
 def run_command(work: Path, command: list[str], ranks: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`mpiexec -n RANKS COMMAND` in `work`."""
+    """`mpiexec -n RANKS COMMAND` in `work`, one thread per rank (CNNC_THREADS=1: 2 ranks fill 2 cores)."""
     return subprocess.run([mpiexec_path(), "-n", str(ranks), *command], capture_output=True, text=True, cwd=work,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, "CNNC_THREADS": "1"})
