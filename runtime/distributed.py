@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 import traceback
 from typing import Any
 
@@ -58,9 +57,6 @@ class Local:
     size = 1
     is_root = True
 
-    def __init__(self) -> None:
-        self.reduce_seconds = 0.0  # (the same counter an MPI communicator keeps)
-
     def broadcast(self, buf: np.ndarray) -> None:
         """Every rank's `buf` becomes rank 0's (in place)."""
 
@@ -83,7 +79,6 @@ class Mpi(Local):
     """One rank of an MPI job (mpi4py's COMM_WORLD)."""
 
     def __init__(self, comm: Any, mpi: Any) -> None:
-        super().__init__()
         self._comm, self._mpi = comm, mpi
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.is_root = self.rank == 0
@@ -95,9 +90,7 @@ class Mpi(Local):
         return self._comm.bcast(obj, root=0)
 
     def sum_in_place(self, buf: np.ndarray) -> None:
-        t0 = time.perf_counter()
         self._comm.Allreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM)
-        self.reduce_seconds += time.perf_counter() - t0
 
     def gather_object(self, obj: Any) -> list[Any]:
         return self._comm.allgather(obj)
