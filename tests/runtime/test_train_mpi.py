@@ -136,26 +136,51 @@ open(f"rank{world().rank}.written", "w").write("\\n".join(written))
     assert len(Path(work / "w.jsonl").read_text().splitlines()) == 2  # one line per epoch, not one per rank
 
 
-def test_a_failing_rank_ends_the_job_with_its_message(work):
-    """Rank 1's labels are out of range (a bad file there only): the job ends non-zero within seconds."""
+def failing_job(work: Path, body: str):
+    """A job one of whose ranks fails: it must end, all of it, non-zero and within 30 s."""
     t0 = time.monotonic()
-    r = run_job(work, PRELUDE + """
+    r = run_job(work, PRELUDE + body, timeout=60)
+    assert r.returncode != 0
+    assert time.monotonic() - t0 < 30
+    return r
+
+
+def test_a_rank_with_a_bad_file_ends_the_job_with_its_message(work):
+    """Rank 1's labels are out of range (its file only): it fails while rank 0 waits for it at the start."""
+    r = failing_job(work, """
 from cnnc_runtime.distributed import world
 m = model()
 x, y = data()
 if world().rank == 1:
     y = y + 10
 m.fit(x, y, epochs=50, **SETTINGS)
-""", timeout=60)
-    assert r.returncode != 0
+""")
     assert "rank 1 of 2: failed, ending the job: ValueError: label" in r.stderr
-    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_mid_training_ends_the_job(work):
+    r = failing_job(work, """
+from cnnc_runtime.distributed import world
+m = model()
+x, y = data()
+if world().rank == 1:
+    steps, plain = [], m._accumulate_gradients
+    def failing(*args):
+        steps.append(1)
+        if len(steps) == 15:
+            raise RuntimeError("something broke in step 15")
+        plain(*args)
+    m._accumulate_gradients = failing
+m.fit(x, y, epochs=50, **SETTINGS)
+""")
+    assert "rank 1 of 2: failed, ending the job: Traceback" in r.stderr
+    assert "RuntimeError: something broke in step 15" in r.stderr
 
 
 @pytest.mark.slow
 def test_a_rank_killed_mid_training_ends_the_job(work):
-    t0 = time.monotonic()
-    r = run_job(work, PRELUDE + """
+    failing_job(work, """
 import signal, threading
 from cnnc_runtime.distributed import world
 m = model()
@@ -163,22 +188,19 @@ x, y = data()
 if world().rank == 1:
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGKILL)).start()
 m.fit(x, y, epochs=1000, **SETTINGS)
-""", timeout=60)
-    assert r.returncode != 0
-    assert time.monotonic() - t0 < 30
+""")
 
 
 @pytest.mark.slow
 def test_ranks_given_different_data_are_stopped_at_the_start(work):
-    r = run_job(work, PRELUDE + """
+    r = failing_job(work, """
 from cnnc_runtime.distributed import world
 m = model()
 x, y = data()
 if world().rank == 1:
     x, y = x[::-1].copy(), y[::-1].copy()
 m.fit(x, y, epochs=1, **SETTINGS)
-""", timeout=60)
-    assert r.returncode != 0
+""")
     assert "the ranks of this MPI job differ in their training data: rank 1 disagrees with rank 0" in r.stderr
 
 
