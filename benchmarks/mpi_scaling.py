@@ -115,8 +115,9 @@ def sample(net: str, steps: int, ranks: int, threads: int, env: dict[str, str]) 
 
 
 def mpiexec() -> str:
-    beside = Path(sys.executable).parent / "mpiexec"
-    found = str(beside) if beside.is_file() else shutil.which("mpiexec")
+    from cnnc_runtime.distributed import mpiexec_path
+
+    found = mpiexec_path()
     if found is None:
         raise SystemExit("no mpiexec: pip install '.[mpi]' (mpi4py and an MPI wheel, into this Python's prefix)")
     return found

@@ -22,8 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
+import sysconfig
 import traceback
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +44,18 @@ def launched_rank_size(environ: dict[str, str] | None = None) -> tuple[int, int]
         if rank.isdigit() and size.isdigit() and int(size) > 1:
             return int(rank), int(size)
     return None
+
+
+def mpiexec_path() -> str | None:
+    """The ``mpiexec`` of this Python's MPI wheel (beside the interpreter, or in its scripts folders), else the
+    one on PATH, else None: the wheel's launcher goes with the libmpi mpi4py loads."""
+    folders = [Path(sys.executable).parent] + [Path(sysconfig.get_path("scripts", scheme))
+                                               for scheme in (sysconfig.get_default_scheme(), f"{os.name}_user")
+                                               if scheme in sysconfig.get_scheme_names()]
+    for folder in folders:
+        if (folder / "mpiexec").is_file():
+            return str(folder / "mpiexec")
+    return shutil.which("mpiexec")
 
 
 def share(n: int, rank: int, size: int) -> tuple[int, int]:

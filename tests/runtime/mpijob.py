@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,12 +11,7 @@ from pathlib import Path
 
 import pytest
 
-
-def mpiexec_path() -> str | None:
-    """The mpiexec next to this Python (an MPI wheel in the same venv), else the one on PATH."""
-    beside = Path(sys.executable).parent / "mpiexec"
-    return str(beside) if beside.is_file() else shutil.which("mpiexec")
-
+from cnnc_runtime.distributed import mpiexec_path
 
 needs_mpi = pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None or mpiexec_path() is None,
                                reason="needs mpi4py and mpiexec: pip install 'cnnc[mpi]'")

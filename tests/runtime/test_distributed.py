@@ -121,3 +121,10 @@ def test_a_failing_rank_ends_the_whole_job_with_its_message(tmp_path):
     assert r.returncode != 0
     assert "rank 1 of 2: failed, ending the job: ValueError: rank 1 cannot read its data" in r.stderr
     assert time.monotonic() - t0 < 30
+
+
+def test_the_launcher_of_this_pythons_mpi_wheel_comes_first(tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "mpiexec").write_text("")
+    monkeypatch.setattr(distributed.sys, "executable", str(tmp_path / "bin" / "python"))
+    assert distributed.mpiexec_path() == str(tmp_path / "bin" / "mpiexec")
