@@ -7,8 +7,8 @@ fresh process (or job) that compiles from a warm cache, takes a few untimed step
 
 Per set-up it reports the median [min-max] of: images/s (the epoch's wall clock, as ``fit`` measures it); an
 estimate for otherwise idle cores from CPU time (compute CPU per image shared by the workers, plus the fastest
-all-reduces; for a loaded machine, where wall clocks mislead); CPU seconds per 1000 images summed over every
-process; the gradient all-reduce's share of rank 0's epoch and the time of its fastest tenth of calls; and the
+all-reduce; for a loaded machine, where wall clocks mislead); CPU seconds per 1000 images summed over every
+process; the all-reduces' share of rank 0's epoch and the time of the gradient's fastest all-reduce; and the
 share of the machine other processes used meanwhile (``run.py``'s ``CpuMeter``).
 Options: ``--repeats N`` (default 5), ``--steps N`` (default: 300 LeNet-5, 30 CIFAR), ``--only lenet|cifar``,
 ``--json PATH``.
@@ -57,7 +57,7 @@ def worker(net: str, steps: int) -> None:
     grads = sorted(wall for wall, _, gradient in calls if gradient)
     ranks = comm.gather_object({"cpu": cpu, "reduce_wall": sum(c[0] for c in calls),
                                 "reduce_cpu": sum(c[1] for c in calls),
-                                "fastest": grads[len(grads) // 10] if grads else 0.0})
+                                "fastest": grads[0] if grads else 0.0})
     if comm.is_root:
         print(json.dumps({"images_per_second": epoch.images_per_second, "images": len(x), "steps": steps,
                           "cpu_seconds": sum(r["cpu"] for r in ranks),
@@ -70,7 +70,7 @@ def time_reductions(comm) -> list[tuple[float, float, bool]]:
     """(wall, this thread's CPU seconds, whether of the gradient) of every all-reduce from now on.
 
     A rank that arrives first spins until its peer comes, so under load the wall time is mostly waiting; the
-    fastest tenth of the gradient's calls is what the all-reduce itself costs.
+    fastest of the gradient's calls comes closest to what the all-reduce itself costs.
     """
     calls: list[tuple[float, float, bool]] = []
     plain = comm.sum_in_place
@@ -134,7 +134,8 @@ def median(values: list[float]) -> float:
 
 def idle_estimate(name: str, s: dict) -> float:
     """Images/s on otherwise idle cores, from CPU time: each worker (thread or rank) busy all the time on the
-    compute, plus (for ranks) the fastest all-reduces. An upper bound: it assumes the work splits evenly."""
+    compute, plus (for ranks) the fastest all-reduce at every step. An upper bound: it assumes the work splits
+    evenly and no rank waits for another."""
     ranks, threads = SETUPS[name]
     per_image = s["compute_cpu_seconds"] / s["images"] / (ranks * threads)
     return 1 / (per_image + s["reduce_fast_seconds"] * s["steps"] / s["images"])
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     print("| network | set-up | images/s | idle-cores estimate from CPU time, images/s | CPU s per 1000 images (all "
-          "processes) | all-reduces' share of rank 0's epoch; the gradient's fastest tenth | others' CPU share |")
+          "processes) | all-reduces' share of rank 0's epoch; the gradient's fastest call | others' CPU share |")
     print("|---|---|---|---|---|---|---|")
     for net, results in everything.items():
         print("\n".join(report(net, results)))
