@@ -337,19 +337,24 @@ def save_checkpoint(path: str | os.PathLike[str], model, run: _Run, s: Settings)
     atomic_save_npz(path, _checkpoint_arrays(model, run, s))
 
 
-def _read_checkpoint(path: str | os.PathLike[str],
-                     blob: bytes | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def read_checkpoint(path: str | os.PathLike[str],
+                    blob: bytes | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(meta, every array) of a checkpoint, read whole: any damage to the archive is one ValueError here.
 
     `blob`: the file's bytes, already read (by rank 0 of an MPI job, sent to every rank).
     """
+    source = path if blob is None else io.BytesIO(blob)
+    if not zipfile.is_zipfile(source):  # (np.load would give a .npy's array, not an archive)
+        raise ValueError(f"{path}: not a cnnc checkpoint (not an .npz archive)")
+    if blob is not None:
+        source.seek(0)
     try:
-        with np.load(path if blob is None else io.BytesIO(blob), allow_pickle=False) as data:
+        with np.load(source, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         meta = json.loads(bytes(arrays.pop("meta")).decode())
     except (OSError, ValueError, KeyError, EOFError, RuntimeError, NotImplementedError, MemoryError,
             zipfile.BadZipFile, zlib.error) as e:  # (MemoryError: a member whose header claims a huge array)
-        raise ValueError(f"{path}: not a readable cnnc checkpoint ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: not a cnnc checkpoint (unreadable: {type(e).__name__}: {e})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: not a cnnc checkpoint (its metadata is not a JSON object)")
     return meta, arrays
@@ -453,7 +458,7 @@ def _restore(path: str | os.PathLike[str], model, run: _Run, s: Settings, n: int
     blob = None
     if comm.size > 1:
         blob = comm.broadcast_object(_read_bytes(path) if comm.is_root else None)
-    meta, arrays = _read_checkpoint(path, blob)
+    meta, arrays = read_checkpoint(path, blob)
     path = str(path)
     m = _Meta(meta, path)
     if m.str("network") != model.name:
