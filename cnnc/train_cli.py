@@ -13,6 +13,9 @@ import numpy as np
 from cnnc.errors import Diagnostics
 
 MAX_GRADCHECK_BATCH = 1024  # a random batch to check gradients on; its float64 reference runs per sample
+# cnnc train's flags that set a training setting (``cnnc_runtime.settings.Settings``), each by that setting's name
+SETTING_FLAGS = ("epochs", "batch", "optimizer", "lr", "momentum", "weight_decay", "jitter", "validation", "patience",
+                 "restarts", "seed", "max_steps")
 
 
 def _usage(message: str):
@@ -130,7 +133,8 @@ def _written(e: OSError, outputs: dict[str, str | None]) -> str:
 
 def cmd_train(args, diag: Diagnostics) -> int:
     from cnnc.cli import _load_model, check_outputs, writing
-    from cnnc_runtime.train import TrainingStopped, evaluate, settings_from
+    from cnnc_runtime.settings import settings_from
+    from cnnc_runtime.train import TrainingStopped, evaluate
 
     if args.plot:
         try:
@@ -153,21 +157,14 @@ def cmd_train(args, diag: Diagnostics) -> int:
     if not args.data:
         inputs.update(_data_inputs(_data_path(args, model), "the train section's data"))
     check_outputs("train", inputs, outputs, **rules)
-    train = model.manifest.get("train", {})
-    try:  # the optimizer's rules are fit's (settings_from): checked here too, before the data is loaded
-        settings_from(train, optimizer=args.optimizer, momentum=args.momentum)
+    # each flag is the training setting of its name (fit's keyword, the train section's key); unset: the file's
+    settings = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name) is not None}
+    try:  # fit's rules (settings_from): checked here too, before the data is loaded
+        epochs = settings_from(model.manifest.get("train", {}), **settings).epochs
     except ValueError as e:
         raise _usage(f"cnnc train: {e}") from None
     data, path = _dataset(args, model, args.subset)
     x, y = data["train"]
-    batch = args.batch or train.get("batch")
-    if batch is not None and batch > len(x) > 0:  # as in Keras: the whole set, and no buffer sized beyond it
-        batch = len(x)
-    settings = dict(epochs=args.epochs, batch_size=batch, lr=args.lr,
-                    weight_decay=args.weight_decay, jitter=args.jitter, validation_split=args.validation,
-                    patience=args.patience, restarts=args.restarts, seed=args.seed, max_steps=args.max_steps,
-                    optimizer=args.optimizer, momentum=args.momentum)
-    epochs = args.epochs or train.get("epochs", 10)
     print(f"training {name} on {path} ({len(x):,} images), {model.manifest['target']['cpu']}", flush=True)
     try:
         history = model.fit(x, y, checkpoint=ckpt, resume=args.resume, log=args.log,
