@@ -43,9 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from cnnc_runtime import __version__, artifact
+from cnnc_runtime import __version__, artifact, fileio
 from cnnc_runtime.data import Inputs
-from cnnc_runtime.fileio import atomic_save_npz
 from cnnc_runtime.host import host_cpu, missing_features
 from cnnc_runtime.memory import check_fits
 from cnnc_runtime.native import NativeLibrary
@@ -288,7 +287,7 @@ class Engine:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the weights as .npz keyed by parameter name, atomically (temp file, fsync, rename)."""
-        atomic_save_npz(path, self.params)
+        fileio.atomic_save_npz(path, self.params)
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Read weights saved by ``save``: all or nothing.
