@@ -48,7 +48,7 @@ def worker(net: str, steps: int) -> None:
     comm = world()
     model = cnnc.compile(NETS[net])
     x, y = data(net, model, steps * BATCH)
-    settings = dict(epochs=1, batch_size=BATCH, progress=False, seed=0)
+    settings = dict(epochs=1, batch=BATCH, progress=False, seed=0)
     model.fit(x[:WARMUP_STEPS * BATCH], y[:WARMUP_STEPS * BATCH], **settings)
     calls = time_reductions(comm)
     cpu = time.process_time()

@@ -37,7 +37,7 @@ network small {
     logits = h -> dense(10)
 }
 """
-SETTINGS = dict(batch_size=64, optimizer="adam", lr=0.001, jitter=0.2, seed=3, progress=False)
+SETTINGS = dict(batch=64, optimizer="adam", lr=0.001, jitter=0.2, seed=3, progress=False)
 
 
 def data(path="data.npz"):
@@ -127,7 +127,7 @@ def audit(event, args):
 sys.addaudithook(audit)
 m = model()
 x, y = data()
-m.fit(x, y, epochs=2, checkpoint="w.ckpt", log="w.jsonl", validation_split=0.1, **SETTINGS)
+m.fit(x, y, epochs=2, checkpoint="w.ckpt", log="w.jsonl", validation=0.1, **SETTINGS)
 open(f"rank{world().rank}.written", "w").write("\\n".join(written))
 """)
     assert (work / "rank1.written").read_text() == ""
@@ -165,13 +165,13 @@ from cnnc_runtime.distributed import world
 m = model()
 x, y = data()
 if world().rank == 1:
-    steps, plain = [], m._accumulate_gradients
-    def failing(*args):
+    steps, plain = [], m.gradients
+    def failing(*args, **kwargs):
         steps.append(1)
         if len(steps) == 15:
             raise RuntimeError("something broke in step 15")
-        plain(*args)
-    m._accumulate_gradients = failing
+        return plain(*args, **kwargs)
+    m.gradients = failing
 m.fit(x, y, epochs=50, **SETTINGS)
 """)
     assert "rank 1 of 2: failed, ending the job: Traceback" in r.stderr
