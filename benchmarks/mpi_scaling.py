@@ -27,6 +27,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from run import CpuMeter  # (benchmarks/run.py: this script's folder is on sys.path)
+
+import cnnc
+from cnnc_runtime.data import load_dataset
+from cnnc_runtime.distributed import mpiexec_path, world
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -41,10 +46,7 @@ SETUPS = {"1 process x 1 thread": (1, 1), "1 process x 2 threads": (1, 2), "2 ra
 
 
 def worker(net: str, steps: int) -> None:
-    """Time `steps` steps of fit; rank 0 prints one JSON line (see ``measure``)."""
-    import cnnc
-    from cnnc_runtime.distributed import world
-
+    """Time `steps` steps of fit; rank 0 prints one JSON line."""
     comm = world()
     model = cnnc.compile(NETS[net])
     x, y = data(net, model, steps * BATCH)
@@ -87,8 +89,6 @@ def time_reductions(comm) -> list[tuple[float, float, bool]]:
 def data(net: str, model, n: int) -> tuple[np.ndarray, np.ndarray]:
     """LeNet-5: the first n MNIST training images, uint8 as stored; CIFAR: n random float32 images."""
     if net == "lenet":
-        from cnnc_runtime.data import load_dataset
-
         train = load_dataset(REPO / "examples" / "data" / "mnist", raw=True)["train"]
         return train.x[:n], train.y[:n]
     rng = np.random.default_rng(0)
@@ -100,8 +100,6 @@ def data(net: str, model, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def sample(net: str, steps: int, ranks: int, threads: int, env: dict[str, str]) -> dict:
     """One timed run of `net` as `ranks` processes of `threads` threads each, with the machine's load meanwhile."""
-    from run import CpuMeter
-
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", net, "--steps", str(steps)]
     if ranks > 1:
         command = [mpiexec(), "-n", str(ranks), *command]
@@ -115,8 +113,6 @@ def sample(net: str, steps: int, ranks: int, threads: int, env: dict[str, str]) 
 
 
 def mpiexec() -> str:
-    from cnnc_runtime.distributed import mpiexec_path
-
     found = mpiexec_path()
     if found is None:
         raise SystemExit("no mpiexec: pip install '.[mpi]' (mpi4py and an MPI wheel, into this Python's prefix)")
@@ -172,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args.worker, args.steps or STEPS[args.worker])
         return 0
-    sys.path.insert(0, str(HERE))  # (run.py's CpuMeter)
     cache = tempfile.mkdtemp(prefix="cnnc-mpi-bench-")
     env = {**os.environ, "CNNC_CACHE_DIR": cache}
     everything: dict[str, dict[str, list[dict]]] = {}
