@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnc.errors import Diagnostics
+from cnnc_runtime.optimizers import OPTIMIZERS
 
 MAX_GRADCHECK_BATCH = 1024  # a random batch to check gradients on; its float64 reference runs per sample
 
@@ -314,12 +315,12 @@ def add_commands(sub) -> None:
     tr.add_argument("--epochs", type=count, help="number of epochs (a positive integer)")
     tr.add_argument("--batch", type=count,
                     help="mini-batch size; one larger than the training set means the whole set")
-    tr.add_argument("--optimizer", choices=["sgd", "momentum", "rmsprop", "adam"],
+    tr.add_argument("--optimizer", choices=list(OPTIMIZERS),
                     help="replaces the train section's optimizer; of its arguments only lr (and eps) carry over")
     tr.add_argument("--lr", type=real(0, above=True, what="a positive number"), help="learning rate")
     tr.add_argument("--momentum", type=fraction, metavar="BETA",
-                    help="momentum beta in [0, 1): trains with momentum (sgd becomes momentum); refused when the "
-                         "optimizer is adam or rmsprop")
+                    help="momentum beta in [0, 1): trains with momentum (sgd becomes momentum; nesterov takes it as "
+                         "its beta); refused when the optimizer is adam, adamw or rmsprop")
     tr.add_argument("--weight-decay", type=nonneg, metavar="LAMBDA",
                     help="L2: adds lambda * sum(w^2) to the loss")
     tr.add_argument("--jitter", type=nonneg, metavar="SIGMA", help="Gaussian noise added to every training input")

@@ -30,7 +30,8 @@ from typing import Any
 from cnnc_runtime import rules, signing
 
 MAGIC = b"CNNCART1"
-FORMAT_VERSION = 2  # 2: the code records the layout it was compiled for (CONTRACT_SYMBOL)
+# 2: the code records the layout it was compiled for (CONTRACT_SYMBOL); 3: update loops take the decay mask
+FORMAT_VERSION = 3
 CONTRACT_SYMBOL = "cnnc_contract"
 ENTRY_POINTS = ("infer", "step_cross_entropy", "step_mse", "jitter")
 LOSSES = ("cross_entropy", "mse")

@@ -577,7 +577,7 @@ class Model:
         if not kind or listed != list(optimizer.constant_names):
             return None
         if kind not in self._updates:
-            fn = self._lib.function(f"update_{kind}", [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2)
+            fn = self._lib.function(f"update_{kind}", [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2)
             self._updates[kind] = NativeUpdate(fn, self._lib)
         return self._updates[kind]
 

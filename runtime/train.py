@@ -254,12 +254,12 @@ def _choose_optimizer(s: Settings, file_kind: str, file_args: dict[str, float], 
     optimizer_class(s.optimizer)  # a known name
     kind = s.optimizer.lower()
     if s.momentum is not None:
-        if named and kind not in ("sgd", "momentum"):
+        if named and kind not in ("sgd", "momentum", "nesterov"):
             raise ValueError(f"momentum {s.momentum} is the beta of sgd with momentum, but the optimizer is {kind}; "
-                             f"drop momentum or choose the momentum optimizer")
-        kind = "momentum"
+                             f"drop momentum or choose the momentum or nesterov optimizer")
+        kind = kind if kind == "nesterov" else "momentum"
         explicit.setdefault("beta", s.momentum)
-    takes = OPTIMIZERS[kind].hyperparameters
+    takes = OPTIMIZERS[kind].hyperparameter_names()
     unknown = sorted(set(explicit) - set(takes))
     if unknown:
         raise ValueError(f"optimizer {kind} takes {', '.join(takes)}; optimizer_args has {', '.join(unknown)}")
@@ -275,7 +275,6 @@ def _optimizer(s: Settings) -> Optimizer:
     kwargs = dict(s.optimizer_args)
     if s.lr is not None:
         kwargs["lr"] = s.lr
-    kwargs.setdefault("lr", 0.001 if s.optimizer in ("adam", "rmsprop") else 0.01)
     return make_optimizer(s.optimizer, **kwargs)
 
 
@@ -714,7 +713,7 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
                     if not (math.isfinite(value) and _finite(model.flat_grads, model.flat_params)):
                         _stop_step(model, good, run, bar, value, b)
                     good[...] = model.flat_params
-                    optimizer.step(model.flat_params, model.flat_grads)
+                    optimizer.step(model.flat_params, model.flat_grads, model.decay_mask)
                 run.step += 1
                 total += value * m
                 seen += m

@@ -12,7 +12,7 @@ Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
 
 ``jitter(x, seed_i64, sigma_f32, ws, n0, n1)``
     adds N(0, sigma^2) noise to a batch of inputs in place (training's input jitter).
-``update_sgd`` / ``update_momentum`` / ``update_rmsprop`` / ``update_adam`` ``(params, grads, s1, s2, hyper, n0, n1)``
+``update_KIND`` ``(params, grads, mask, s1, s2, hyper, n0, n1)``, one per optimizer of the table
     one optimizer step over parameters ``[n0, n1)`` (``cnnc.codegen.optim``).
 
 ``params``/``grads`` are the flat parameter and gradient buffers (layout in the
@@ -183,7 +183,7 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
                 jitter.args["seed_i64"], jitter.args["sigma_f32"])
     jitter.b.ret_void()
 
-    for kind in optim.RULES:
+    for kind in optim.constants():
         fn, b, _ = emit.kernel(builder.module, f"update_{kind}", optim.ARGS)
         b.call(builder.kernel(optim.emit_update, kind), list(fn.args))
         b.ret_void()
@@ -194,7 +194,7 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
         "arena_infer": infer_plan.arena_floats,
         "arena_train": train_plan.arena_floats,
         "ws_floats": builder.ws_floats,
-        "updates": {kind: list(optim.HYPER[kind]) for kind in optim.RULES},  # each loop's constants, in order
+        "updates": optim.constants(),  # each loop's constants, in order
     }
     return [builder.module, *builder.kernel_modules], facts
 

@@ -12,7 +12,7 @@ from cnnc.frontend import ast
 from cnnc.frontend.values import describe, evaluate
 from cnnc_runtime import optimizers, rules
 
-OPTIMIZERS = {name: cls.hyperparameters for name, cls in optimizers.OPTIMIZERS.items()}
+OPTIMIZERS = {name: cls.hyperparameter_names() for name, cls in optimizers.OPTIMIZERS.items()}
 LOSSES = ("cross_entropy", "mse")
 SCALARS = ("batch", "epochs", "seed", "weight_decay", "jitter", "validation", "restarts", "max_steps",
            "min_improvement", "lr_decay")

@@ -726,9 +726,9 @@ def test_lr_decay_multiplies_the_learning_rate_every_epoch(data, monkeypatch):
     seen: list[float] = []
     original = optimizers.SGD.step
 
-    def step(self, params, grads):
+    def step(self, params, grads, mask=None):
         seen.append(self.lr)
-        original(self, params, grads)
+        original(self, params, grads, mask)
 
     monkeypatch.setattr(optimizers.SGD, "step", step)
     build(MLP).fit(x, y, epochs=3, batch_size=100, optimizer="sgd", lr=0.2, lr_decay=0.5, progress=False)
@@ -745,9 +745,9 @@ def test_lr_decay_from_the_train_section(data, monkeypatch):
     seen: list[float] = []
     original = optimizers.SGD.step
 
-    def step(self, params, grads):
+    def step(self, params, grads, mask=None):
         seen.append(self.lr)
-        original(self, params, grads)
+        original(self, params, grads, mask)
 
     monkeypatch.setattr(optimizers.SGD, "step", step)
     build(text).fit(x, y, epochs=3, batch_size=300, progress=False)
@@ -759,9 +759,9 @@ def test_lr_decay_restarts_from_the_full_rate_with_an_optimizer_object(data, mon
     seen: list[float] = []
     original = optimizers.SGD.step
 
-    def step(self, params, grads):
+    def step(self, params, grads, mask=None):
         seen.append(self.lr)
-        original(self, params, grads)
+        original(self, params, grads, mask)
 
     monkeypatch.setattr(optimizers.SGD, "step", step)
     opt = optimizers.SGD(lr=0.2)
@@ -774,9 +774,9 @@ def test_lr_decay_restarts_from_the_full_rate_by_name(data, monkeypatch):
     seen: list[float] = []
     original = optimizers.SGD.step
 
-    def step(self, params, grads):
+    def step(self, params, grads, mask=None):
         seen.append(self.lr)
-        original(self, params, grads)
+        original(self, params, grads, mask)
 
     monkeypatch.setattr(optimizers.SGD, "step", step)
     build(MLP).fit(x, y, epochs=2, batch_size=300, optimizer="sgd", lr=0.2, lr_decay=0.5, restarts=2, progress=False)
