@@ -308,9 +308,13 @@ def _check_train(f: _Fields, train: dict) -> None:
             _ruled(f, rules.SETTINGS, k, f.get(stop, k, f"train.early_stop.{k}", (int, float)), f"train.early_stop.{k}")
     norm = f.get(train, "normalize", "train.normalize", dict, optional=True)
     if norm is not None:
-        f.number(norm, "mean", "train.normalize.mean", optional=False)
-        if f.number(norm, "std", "train.normalize.std", optional=False) <= 0:
-            raise f.fail("train.normalize.std", f"must be positive, got {norm['std']}")
+        for k in ("mean", "std"):
+            values = f.get(norm, k, f"train.normalize.{k}", (int, float, list))
+            values = values if isinstance(values, list) else [values]
+            if not values or not all(type(v) in (int, float) and math.isfinite(v) and (k == "mean" or v > 0)
+                                     for v in values):
+                need = "positive numbers" if k == "std" else "finite numbers"
+                raise f.fail(f"train.normalize.{k}", f"must be a number or a list of {need}, got {norm[k]!r}")
 
 
 def _check_weights(weights: bytes, source: str) -> None:

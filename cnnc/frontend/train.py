@@ -40,28 +40,41 @@ def _call_args(call: ast.Call, names: tuple[str, ...], table: dict[str, rules.Ru
     return out
 
 
-def _normalize(value: Any, s: ast.Setting) -> dict[str, float]:
-    """normalize(mean=M, std=S): inputs become (x - M) / S after scaling to [0, 1] and padding."""
+def _normalize(value: Any, s: ast.Setting, channels: int) -> dict[str, float | list[float]]:
+    """normalize(mean=M, std=S): inputs become (x - M) / S after scaling to [0, 1] and padding.
+
+    M and S are numbers, or lists with one number per input channel (``normalize(mean=[0.49, 0.48, 0.45], ...)``).
+    """
     if not isinstance(value, ast.Call):
         raise CnnError("normalize takes a mean and a standard deviation, like normalize(mean=0.1307, std=0.3081)",
                        s.loc)
-    out: dict[str, float] = {}
+    out: dict[str, float | list[float]] = {}
     for i, a in enumerate(value.args):
         key = a.name or ("mean", "std")[min(i, 1)]
         v = evaluate(a.value, {})
         if key not in ("mean", "std") or key in out or i > 1:
             raise CnnError("normalize takes mean and std, once each", a.loc)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (key == "std" and v <= 0):
+        items = v if isinstance(v, list) and v else [v]
+        if not all(_is_number(x) and (key == "mean" or x > 0) for x in items):
             need = "a positive number" if key == "std" else "a number"
+            if isinstance(v, list):
+                need = ("positive numbers" if key == "std" else "numbers") + ", one per channel"
             raise CnnError(f"normalize {key} must be {need}, got {describe(v)}", a.value.loc)
-        out[key] = float(v)
+        if isinstance(v, list) and len(v) not in (1, channels):
+            raise CnnError(f"normalize {key} has {len(v)} values, but the input has {channels} channel(s)",
+                           a.value.loc)
+        out[key] = [float(x) for x in v] if isinstance(v, list) else float(v)
     if set(out) != {"mean", "std"}:
         raise CnnError("normalize needs both mean and std", s.loc)
     return out
 
 
-def lower_train(section: ast.Train) -> dict[str, Any]:
-    """Check each setting of a train section and return them as a dict."""
+def _is_number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float))
+
+
+def lower_train(section: ast.Train, input_shape: tuple[int, ...] = (1,)) -> dict[str, Any]:
+    """Check each setting of a train section (for a network of `input_shape`) and return them as a dict."""
     out: dict[str, Any] = {}
     for s in section.settings:
         if s.key not in KEYS:
@@ -87,7 +100,7 @@ def lower_train(section: ast.Train) -> dict[str, Any]:
                 args = {"patience": v}
             out["early_stop"] = {"patience": args.get("patience", 5), "min_delta": float(args.get("min_delta", 0.0))}
         elif s.key == "normalize":
-            out["normalize"] = _normalize(value, s)
+            out["normalize"] = _normalize(value, s, input_shape[0] if len(input_shape) == 3 else 1)
         elif isinstance(value, ast.Call) or value is None:
             raise CnnError(f"'{s.key}' takes a value, like '{s.key} 10'", s.loc)
         elif s.key == "loss":
