@@ -33,7 +33,7 @@ MAGIC = b"CNNCART1"
 # 2: the code records the layout it was compiled for (CONTRACT_SYMBOL); 3: update loops take the decay mask
 FORMAT_VERSION = 3
 CONTRACT_SYMBOL = "cnnc_contract"
-ENTRY_POINTS = ("infer", "step_cross_entropy", "step_mse", "jitter")
+ENTRY_POINTS = ("infer", "step_cross_entropy", "step_mse", "jitter", "augment")
 LOSSES = ("cross_entropy", "mse")
 MAX_FLOATS = 1 << 40  # a buffer size past this is a damaged manifest, not a network
 MAX_RANK = 8

@@ -159,6 +159,17 @@ class NativeUpdate:
         self._fn(*args)
 
 
+MAX_CROP_PAD = 1 << 15  # the crop's draws take 16 bits
+
+
+def check_augment(pad: int, input_shape: tuple[int, ...], flip: bool = False) -> None:
+    """ValueError unless `pad` (the crop's padding) and `flip` suit inputs of `input_shape`."""
+    if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or not 0 <= pad < MAX_CROP_PAD:
+        raise ValueError(f"crop pad must be an integer in [0, {MAX_CROP_PAD}), got {pad!r}")
+    if (pad or flip) and len(input_shape) != 3:
+        raise ValueError(f"crop and flip need image inputs (C, H, W); this network takes vectors {input_shape}")
+
+
 def compatible_version(built: str, running: str) -> bool:
     """Artifacts are compatible within a major.minor release of cnnc."""
     return built.split(".")[:2] == running.split(".")[:2]
@@ -201,6 +212,7 @@ class Model:
         self._infer = self._lib.function("infer", [P, P, P, P, P, I64, I64])
         self._steps = {loss: self._lib.function(f"step_{loss}", [P] * 8 + [I64, F32, I64, I64]) for loss in LOSSES}
         self._jitter = self._lib.function("jitter", [P, I64, F32, P, I64, I64])
+        self._augment = self._lib.function("augment", [P, I64, I64, I64, P, P, I64, I64])
         self._updates: dict[str, Any] = {}
         self.flat_params = aligned_zeros(size)
         self.flat_grads = aligned_zeros(size)
@@ -602,6 +614,39 @@ class Model:
         For a training step's ``prepare``, on pool thread `thread`, while that step holds the model's lock.
         """
         self._jitter(x, seed % (1 << 63), sigma, self._train_scratch.ws_ptrs[thread], a, b)
+
+    def augment(self, x: np.ndarray, seed: int, pad: int = 0, flip: bool = False,
+                fill: np.ndarray | float = 0.0) -> None:
+        """Crop each image after zero padding by `pad` and mirror it at random, in place, drawn natively from `seed`.
+
+        Image n's draws depend on `seed` and n alone (see ``cnnc.codegen.augment``): training's crop and flip.
+        `fill` is what the padding holds, per channel or one value (a black pixel after normalization).
+        `x` must be a contiguous float32 ``(N, C, H, W)`` array of the input's shape: it is written to.
+        """
+        check_augment(pad, self.input_shape, bool(flip))
+        if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous
+                and x.flags.writeable and x.shape[1:] == self.input_shape):
+            raise ValueError(f"augment needs a writable contiguous float32 array of shape "
+                             f"(N, {', '.join(map(str, self.input_shape))})")
+        fill = self.augment_fill(fill)
+        scratch = self._checkout()
+        try:
+            self._augment(x.ctypes.data, seed % (1 << 63), pad, int(bool(flip)), fill.ctypes.data,
+                          scratch.ws_ptrs[0], 0, x.shape[0])
+        finally:
+            self._checkin(scratch)
+
+    def augment_fill(self, fill: np.ndarray | float) -> np.ndarray:
+        """`fill` as one float32 per input channel (what ``augment`` pads with)."""
+        channels = self.input_shape[0] if len(self.input_shape) == 3 else 1
+        out = np.broadcast_to(np.asarray(fill, dtype=np.float32).reshape(-1), (channels,))
+        return np.ascontiguousarray(out)
+
+    def _augment_rows(self, x: int, seed: int, pad: int, flip: bool, fill: np.ndarray, thread: int, a: int,
+                      b: int) -> None:
+        """Images [a, b) of the checked batch at address `x` get what ``augment`` would give them (see _noise_rows)."""
+        self._augment(x, seed % (1 << 63), pad, int(flip), fill.ctypes.data, self._train_scratch.ws_ptrs[thread],
+                      a, b)
 
     def value_and_grad(self, x: Any, y: Any, loss: str | None = None, seed: int = 0) -> tuple[float, dict]:
         """The mean loss over the batch and its gradient for every parameter (same keys as ``params``).

@@ -12,6 +12,8 @@ Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
 
 ``jitter(x, seed_i64, sigma_f32, ws, n0, n1)``
     adds N(0, sigma^2) noise to a batch of inputs in place (training's input jitter).
+``augment(x, seed_i64, pad_i64, flip_i64, fill, ws, n0, n1)``
+    crops (after zero padding) and flips a batch of inputs in place (``cnnc.codegen.augment``).
 ``update_KIND`` ``(params, grads, mask, s1, s2, hyper, n0, n1)``, one per optimizer of the table
     one optimizer step over parameters ``[n0, n1)`` (``cnnc.codegen.optim``).
 
@@ -28,6 +30,7 @@ import llvmlite.ir as ir
 import networkx as nx
 
 from cnnc.codegen import emit, optim
+from cnnc.codegen.augment import AugmentSpec, emit_augment
 from cnnc.codegen.conv import conv_workspace_floats
 from cnnc.codegen.elementwise import emit_copy, emit_gaussian_noise
 from cnnc.codegen.emit import I64, PTR
@@ -41,6 +44,7 @@ from cnnc.ir import execution_order
 LOSSES = ("cross_entropy", "mse")
 STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "seed_i64", "scale_f32", "n0", "n1"]
 INFER_ARGS = ["params", "arena", "x", "y", "ws", "n0", "n1"]
+AUGMENT_ARGS = ["x", "seed_i64", "pad_i64", "flip_i64", "fill", "ws", "n0", "n1"]
 SMALL_OUTPUT = 4096  # floats per image: an inference output this small is copied out (see _like_training)
 SHARE_MAX_FLOATS = 16384  # per image (64 KiB: 16 MiB per 256-image chunk) that sharing kernels may add
 
@@ -182,6 +186,14 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
     jitter.call(builder.kernel(emit_gaussian_noise, NoiseSpec(size=size, x_stride=size)), jitter.args["x"],
                 jitter.args["seed_i64"], jitter.args["sigma_f32"])
     jitter.b.ret_void()
+
+    shape = tuple(g.nodes[g.graph["input"]]["shape"])  # augment: crop and flip a batch of images in place
+    c, h, w = shape if len(shape) == 3 else (1, 1, shape[0])
+    augment = Entry(builder, infer_plan, "augment", AUGMENT_ARGS)
+    augment.call(builder.kernel(emit_augment, AugmentSpec(c, h, w, x_stride=size)),
+                 *(augment.args[k] for k in AUGMENT_ARGS[:-2]))
+    augment.b.ret_void()
+    builder.ws_floats = max(builder.ws_floats, aligned(size))  # (augment keeps one image there)
 
     for kind in optim.constants():
         fn, b, _ = emit.kernel(builder.module, f"update_{kind}", optim.ARGS)
