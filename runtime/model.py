@@ -170,6 +170,14 @@ def check_augment(pad: int, input_shape: tuple[int, ...], flip: bool = False) ->
         raise ValueError(f"crop and flip need image inputs (C, H, W); this network takes vectors {input_shape}")
 
 
+def check_smoothing(smoothing: float, loss: str) -> None:
+    """ValueError unless `smoothing` is a label smoothing in [0, 1) that `loss` can take (cross-entropy only)."""
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+        raise ValueError(f"label_smoothing must be a fraction in [0, 1), got {smoothing!r}")
+    if smoothing and loss != "cross_entropy":
+        raise ValueError(f"label_smoothing applies to cross_entropy, not to {loss}")
+
+
 def compatible_version(built: str, running: str) -> bool:
     """Artifacts are compatible within a major.minor release of cnnc."""
     return built.split(".")[:2] == running.split(".")[:2]
@@ -210,7 +218,8 @@ class Model:
         self._lib = NativeLibrary(obj, t["triple"], t["cpu"], t["features"])
         self._obj = obj
         self._infer = self._lib.function("infer", [P, P, P, P, P, I64, I64])
-        self._steps = {loss: self._lib.function(f"step_{loss}", [P] * 8 + [I64, F32, I64, I64]) for loss in LOSSES}
+        self._steps = {loss: self._lib.function(f"step_{loss}", [P] * 8 + [I64, F32, F32, I64, I64])
+                       for loss in LOSSES}
         self._jitter = self._lib.function("jitter", [P, I64, F32, P, I64, I64])
         self._augment = self._lib.function("augment", [P, I64, I64, I64, P, P, I64, I64])
         self._updates: dict[str, Any] = {}
@@ -515,7 +524,7 @@ class Model:
 
     def _accumulate_gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, seed: int,
                               scale: float, out: np.ndarray, losses: np.ndarray,
-                              prepare: Callable[[int, int, int], None] | None = None) -> None:
+                              prepare: Callable[[int, int, int], None] | None = None, smoothing: float = 0.0) -> None:
         """Add scale * d(sum of losses)/d(params) into ``flat_grads``; fill ``out`` and ``losses``. Inputs checked.
 
         ``prepare(thread, a, b)``, when given, first fills images [a, b) of `x`, on the thread that then
@@ -526,11 +535,12 @@ class Model:
         with self._lock:
             n = x.shape[0]
             for start in range(0, n, CHUNK):
-                self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, min(n, start + CHUNK))
+                self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, min(n, start + CHUNK),
+                                      smoothing)
 
     def _chunk_gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, seed: int, scale: float,
                          out: np.ndarray, losses: np.ndarray, prepare: Callable[[int, int, int], None] | None,
-                         start: int, stop: int) -> None:
+                         start: int, stop: int, smoothing: float = 0.0) -> None:
         """Images [start, stop) of one step's batch (at most a chunk): their shards on the pool, then the sum."""
         scratch = self._train_scratch
         arena = scratch.arena("train", stop - start)
@@ -546,7 +556,7 @@ class Model:
             a, b = parts[i]
             if prepare is not None:
                 prepare(t, start + a, start + b)
-            step(params, grads, arena, xs, os_, ts, ls, ws[t], salt, scale, a, b)
+            step(params, grads, arena, xs, os_, ts, ls, ws[t], salt, scale, smoothing, a, b)
 
         if self.threads == 1 or len(parts) == 1:  # in order on this thread: one spare buffer, each shard added at once
             bufs, ptrs = self._shard_buffers(min(len(parts), 2))
@@ -648,15 +658,18 @@ class Model:
         self._augment(x, seed % (1 << 63), pad, int(flip), fill.ctypes.data, self._train_scratch.ws_ptrs[thread],
                       a, b)
 
-    def value_and_grad(self, x: Any, y: Any, loss: str | None = None, seed: int = 0) -> tuple[float, dict]:
+    def value_and_grad(self, x: Any, y: Any, loss: str | None = None, seed: int = 0,
+                       label_smoothing: float = 0.0) -> tuple[float, dict]:
         """The mean loss over the batch and its gradient for every parameter (same keys as ``params``).
 
         Cross-entropy is softmax followed by the negative log-likelihood of the
-        integer labels; mse is the mean of (o - y)^2 over all outputs, with
-        integer labels taken as one-hot targets. Dropout is on, its masks drawn
-        from `seed`. Frozen parameters get zero gradients.
+        integer labels (with `label_smoothing` e, of the target (1 - e) onehot + e / k,
+        as PyTorch's ``cross_entropy(label_smoothing=e)``); mse is the mean of
+        (o - y)^2 over all outputs, with integer labels taken as one-hot targets.
+        Dropout is on, its masks drawn from `seed`. Frozen parameters get zero gradients.
         """
         loss = self.loss_name(loss)
+        check_smoothing(label_smoothing, loss)
         x = self.check_input(x)
         n = x.shape[0]
         targets = self.check_targets(y, n, loss)
@@ -666,7 +679,7 @@ class Model:
         losses = np.empty(n, dtype=np.float32)
         with self._lock:
             self.flat_grads[...] = 0.0
-            self._accumulate_gradients(x, targets, loss, seed, scale, out, losses)
+            self._accumulate_gradients(x, targets, loss, seed, scale, out, losses, smoothing=label_smoothing)
             grads = {p["name"]: self._view(self.flat_grads, p).copy() for p in self._layout}
         return float(losses.sum(dtype=np.float64) * scale), grads
 

@@ -4,7 +4,8 @@ Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
 
 ``infer(params, arena, x, y, ws, n0, n1)``
     the inference forward pass: ``y = net(x)`` (dropout is the identity).
-``step_cross_entropy`` / ``step_mse`` ``(params, grads, arena, x, y, target, losses, ws, seed_i64, scale_f32, n0, n1)``
+``step_cross_entropy`` / ``step_mse``
+``(params, grads, arena, x, y, target, losses, ws, seed_i64, scale_f32, smooth_f32, n0, n1)``
     one training step's native work: the forward pass in training mode (dropout
     masks drawn from ``seed``), ``y`` = the output, ``losses[n]`` = each image's
     loss, and ``grads += scale * d(sum of losses)/d(params)``. With
@@ -42,7 +43,8 @@ from cnnc.codegen.target import TILED
 from cnnc.ir import execution_order
 
 LOSSES = ("cross_entropy", "mse")
-STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "seed_i64", "scale_f32", "n0", "n1"]
+STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "seed_i64", "scale_f32", "smooth_f32",
+             "n0", "n1"]
 INFER_ARGS = ["params", "arena", "x", "y", "ws", "n0", "n1"]
 AUGMENT_ARGS = ["x", "seed_i64", "pad_i64", "flip_i64", "fill", "ws", "n0", "n1"]
 SMALL_OUTPUT = 4096  # floats per image: an inference output this small is copied out (see _like_training)
@@ -257,7 +259,7 @@ def _emit_step(builder: Builder, plan: Plan, order: list[str], loss: str) -> Non
     entry.accumulate(start)
     spec = LossSpec(kind=loss, k=out.size, x_stride=out.stride, dx_stride=dx.stride)
     entry.call(builder.kernel(emit_loss, spec), out, entry.args["target"], dx, entry.args["losses"],
-               entry.args["scale_f32"])
+               entry.args["scale_f32"], entry.args["smooth_f32"])
     for step in g.graph["backward"][loss]:
         entry.step = step
         BACKWARD[g.nodes[step.node]["op"]](entry, step.node)
