@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from cnnc_runtime import rules, signing
+from cnnc_runtime import rules, schedule, signing
 
 MAGIC = b"CNNCART1"
 # 2: the code records the layout it was compiled for (CONTRACT_SYMBOL); 3: update loops take the decay mask
@@ -306,6 +306,19 @@ def _check_train(f: _Fields, train: dict) -> None:
     if stop is not None:
         for k in ("patience", "min_delta"):
             _ruled(f, rules.SETTINGS, k, f.get(stop, k, f"train.early_stop.{k}", (int, float)), f"train.early_stop.{k}")
+    sched = f.get(train, "schedule", "train.schedule", dict, optional=True)
+    if sched is not None:
+        name = f.get(sched, "name", "train.schedule.name", str)
+        try:
+            schedule.checked(name, {k: v for k, v in sched.items() if k != "name"})
+        except ValueError as e:
+            raise f.fail("train.schedule", str(e)) from None
+    augment = f.get(train, "augment", "train.augment", dict, optional=True)
+    if augment is not None:
+        crop = f.get(augment, "crop", "train.augment.crop", int)
+        if isinstance(crop, bool) or not 0 <= crop < 1 << 15:
+            raise f.fail("train.augment.crop", f"must be a padding in [0, 32768), got {crop!r}")
+        f.get(augment, "flip", "train.augment.flip", bool)
     norm = f.get(train, "normalize", "train.normalize", dict, optional=True)
     if norm is not None:
         for k in ("mean", "std"):

@@ -512,3 +512,28 @@ def add_weight_decay(
     tmp *= 2 * lam
     grads += tmp
     return penalty
+
+
+def clip_grad_norm(grads: np.ndarray, max_norm: float) -> float:
+    """Scale `grads` in place so that their global L2 norm is at most `max_norm`; returns the norm before.
+
+    As torch.nn.utils.clip_grad_norm_: the factor is max_norm / (norm + 1e-6), applied only when below 1.
+    The squares are summed in float64, a block at a time (no temporary the size of the buffer).
+    """
+    norm = math.sqrt(_sum_squares(grads))
+    factor = max_norm / (norm + 1e-6)
+    if factor < 1:
+        grads *= np.float32(factor)
+    return norm
+
+
+_SQUARES_BLOCK = 1 << 16
+
+
+def _sum_squares(a: np.ndarray) -> float:
+    """sum(a^2) of a vector in float64, a block at a time (float32 accumulation loses digits)."""
+    total = 0.0
+    for start in range(0, a.size, _SQUARES_BLOCK):
+        block = a[start:start + _SQUARES_BLOCK].astype(np.float64)
+        total += float(np.dot(block, block))
+    return total

@@ -214,7 +214,7 @@ def test_the_train_section_travels_in_the_manifest():
     ("    min_improvment 0.1\n", "6:5",
      "unknown training setting 'min_improvment'; did you mean 'min_improvement'?"),
     ("    earlystop 3\n", "6:5", "unknown training setting 'earlystop'; did you mean 'early_stop'?"),
-    ("    batch 8\n    schedule 3\n", "7:5", "unknown training setting 'schedule'"),
+    ("    batch 8\n    scheduel 3\n", "7:5", "unknown training setting 'scheduel'; did you mean 'schedule'?"),
 ])
 def test_mistakes_are_located(settings, where, message):
     expect(settings, where, message)

@@ -18,6 +18,7 @@ from cnnc_runtime.optimizers import (
     Optimizer,
     RMSProp,
     add_weight_decay,
+    clip_grad_norm,
     make_optimizer,
 )
 
@@ -322,3 +323,21 @@ def test_code_without_the_loop_or_with_other_constants_gets_none(compiled):
         assert compiled.native_update(opt) is None
     finally:
         compiled.manifest["updates"] = updates
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 3.0, 1e6])
+def test_clip_grad_norm_matches_torch(max_norm):
+    """Against torch.nn.utils.clip_grad_norm_ over three tensors laid end to end (rel. 1e-6)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    parts = [rng.standard_normal(s).astype(np.float32) for s in (7, 30, 4)]
+    tensors = [torch.nn.Parameter(torch.zeros(len(p))) for p in parts]
+    for t, p in zip(tensors, parts):
+        t.grad = torch.from_numpy(p.copy())
+    want = torch.nn.utils.clip_grad_norm_(tensors, max_norm)
+    flat = np.concatenate(parts)
+    norm = clip_grad_norm(flat, max_norm)
+    assert norm == pytest.approx(float(want), rel=1e-6)
+    np.testing.assert_allclose(flat, np.concatenate([t.grad.numpy() for t in tensors]), rtol=1e-6)
+    if max_norm < norm:
+        assert np.linalg.norm(flat.astype(np.float64)) == pytest.approx(max_norm, rel=1e-5)
