@@ -313,12 +313,6 @@ def _check_train(f: _Fields, train: dict) -> None:
             schedule.checked(name, {k: v for k, v in sched.items() if k != "name"})
         except ValueError as e:
             raise f.fail("train.schedule", str(e)) from None
-    augment = f.get(train, "augment", "train.augment", dict, optional=True)
-    if augment is not None:
-        crop = f.get(augment, "crop", "train.augment.crop", int)
-        if isinstance(crop, bool) or not 0 <= crop < 1 << 15:
-            raise f.fail("train.augment.crop", f"must be a padding in [0, 32768), got {crop!r}")
-        f.get(augment, "flip", "train.augment.flip", bool)
     norm = f.get(train, "normalize", "train.normalize", dict, optional=True)
     if norm is not None:
         for k in ("mean", "std"):

@@ -57,6 +57,8 @@ SETTINGS: dict[str, Rule] = {
     "min_improvement": (is_nonneg, "a non-negative number"),
     "lr_decay": (lambda v: is_number(v) and 0 < v <= 1, "a factor in (0, 1]"),
     "warmup": (is_natural, "a non-negative integer (epochs)"),
+    "crop": (lambda v: is_natural(v) and v < 1 << 15, "a padding in pixels, a non-negative integer below 32768"),
+    "flip": (lambda v: isinstance(v, bool), "true or false"),
     "label_smoothing": (is_fraction, "a fraction in [0, 1)"),
     "clip_norm": (is_positive, "a positive number (the largest global gradient norm)"),
     "patience": (is_count, "a positive integer"),

@@ -94,8 +94,8 @@ def _schedule(value: Any, s: ast.Setting) -> dict[str, Any]:
 
 
 def _augment(value: Any, s: ast.Setting, input_shape: tuple[int, ...]) -> dict[str, Any]:
-    """augment crop(pad=4), flip: {"crop": pad (0: none), "flip": bool}; image inputs only."""
-    out: dict[str, Any] = {"crop": 0, "flip": False}
+    """augment crop(pad=4), flip: the settings {"crop": pad, "flip": true} of those given; image inputs only."""
+    out: dict[str, Any] = {}
     seen: set[str] = set()
     for item in value if isinstance(value, list) else [value]:
         call = item if isinstance(item, ast.Call) else None
@@ -127,14 +127,14 @@ def lower_train(section: ast.Train, input_shape: tuple[int, ...] = (1,)) -> dict
     for s in section.settings:
         if s.key not in KEYS:
             raise CnnError(f"unknown training setting '{s.key}'{did_you_mean(s.key, KEYS)}", s.loc)
-        if s.key in out:
+        if s.key in out or s.key in where:
             raise CnnError(f"training setting '{s.key}' is given twice", s.loc)
         where[s.key] = s
         value = s.value
         if isinstance(value, list) and s.key != "augment":
             raise CnnError(f"'{s.key}' takes one value, not a list", s.loc)
         if s.key == "augment":
-            out["augment"] = _augment(value, s, input_shape)
+            out.update(_augment(value, s, input_shape))
         elif s.key == "schedule":
             out["schedule"] = _schedule(value, s)
         elif s.key == "optimizer":
