@@ -584,6 +584,13 @@ class Inputs:
     def __len__(self) -> int:
         return len(self._x) if self._rows is None else len(self._rows)
 
+    def blank(self) -> np.ndarray:
+        """What a black (zero) pixel becomes once prepared, per channel: the crop's padding (``Model.augment``)."""
+        if self._norm is None:
+            return np.zeros(1, dtype=np.float32)
+        mean, std = self._norm
+        return ((np.float32(0) - mean) / std).astype(np.float32).reshape(-1)
+
     @property
     def prepared_float32(self) -> bool:
         """Whether these are float32 inputs already of the input shape and contiguous (what native code takes)."""

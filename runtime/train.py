@@ -27,9 +27,17 @@ import numpy as np
 from cnnc_runtime import rules
 from cnnc_runtime.data import Inputs, first_non_finite_row
 from cnnc_runtime.fileio import atomic_save_npz
-from cnnc_runtime.model import CHUNK, MIN_IMAGES_PER_THREAD
-from cnnc_runtime.optimizers import OPTIMIZERS, Optimizer, add_weight_decay, make_optimizer, optimizer_class
+from cnnc_runtime.model import CHUNK, MIN_IMAGES_PER_THREAD, check_augment, check_smoothing
+from cnnc_runtime.optimizers import (
+    OPTIMIZERS,
+    Optimizer,
+    add_weight_decay,
+    clip_grad_norm,
+    make_optimizer,
+    optimizer_class,
+)
 from cnnc_runtime.progress import ProgressBar
+from cnnc_runtime.schedule import make_schedule
 
 EVAL_BATCH = CHUNK
 
@@ -51,6 +59,7 @@ class Epoch:
     images_per_second: float
     steps: int
     restart: int = 0
+    lr: float | None = None  # the learning rate of the epoch's last step
 
 
 @dataclass
@@ -176,6 +185,12 @@ class Settings:
     max_steps: int | None = None
     min_improvement: float | None = None
     lr_decay: float = 1.0
+    schedule: str | dict[str, Any] | None = None  # "cosine", "step(every=30, gamma=0.1)"; None: constant
+    warmup: int = 0
+    crop: int = 0
+    flip: bool = False
+    label_smoothing: float = 0.0
+    clip_norm: float | None = None
 
     def check(self) -> None:
         """ValueError naming the first setting that breaks its rule (the train section's, ``cnnc_runtime.rules``)."""
@@ -185,13 +200,16 @@ class Settings:
                 rules.check(rules.SETTINGS, key, value, name)
         if self.lr is not None:
             rules.check(rules.HYPERPARAMETERS, "lr", self.lr, "lr")
+        make_schedule(self.schedule, self.warmup, self.lr_decay)
 
 
 # Settings field -> its rule in cnnc_runtime.rules.SETTINGS (the train section's name)
 _RULE_KEYS = {"epochs": "epochs", "batch_size": "batch", "validation_split": "validation", "patience": "patience",
               "min_delta": "min_delta", "jitter": "jitter", "weight_decay": "weight_decay", "restarts": "restarts",
-              "seed": "seed", "max_steps": "max_steps", "min_improvement": "min_improvement", "lr_decay": "lr_decay"}
-_OPTIONAL = {"patience", "max_steps", "min_improvement"}
+              "seed": "seed", "max_steps": "max_steps", "min_improvement": "min_improvement", "lr_decay": "lr_decay",
+              "warmup": "warmup", "crop": "crop", "flip": "flip", "label_smoothing": "label_smoothing",
+              "clip_norm": "clip_norm"}
+_OPTIONAL = {"patience", "max_steps", "min_improvement", "clip_norm"}
 
 
 def settings_from(train: dict[str, Any], **overrides: Any) -> Settings:
@@ -219,6 +237,9 @@ def settings_from(train: dict[str, Any], **overrides: Any) -> Settings:
     s.max_steps = train.get("max_steps")
     s.min_improvement = train.get("min_improvement")
     s.lr_decay = train.get("lr_decay", s.lr_decay)
+    for key in ("schedule", "warmup", "crop", "flip", "label_smoothing", "clip_norm"):
+        if key in train:
+            setattr(s, key, train[key])
     if "early_stop" in train:
         s.patience = train["early_stop"]["patience"]
         s.min_delta = train["early_stop"]["min_delta"]
@@ -395,12 +416,12 @@ def _epochs_of(items: list, path: str, what: str) -> list[Epoch]:
     out = []
     for i, e in enumerate(items):
         m = _Meta(e, path, f"{what}[{i}].")
-        if set(e) != set(Epoch.__dataclass_fields__):
+        if not set(Epoch.__dataclass_fields__) - {"lr"} <= set(e) <= set(Epoch.__dataclass_fields__):
             raise ValueError(f"{path}: damaged checkpoint: '{what}[{i}]' has fields {sorted(e)}")
         out.append(Epoch(m.int("epoch", 1), m.number("loss", infinite=True), m.number("accuracy", optional=True),
                          m.number("val_loss", optional=True, infinite=True), m.number("val_accuracy", optional=True),
                          m.number("seconds"), m.number("images_per_second", infinite=True), m.int("steps"),
-                         m.int("restart")))
+                         m.int("restart"), m.number("lr", optional=True) if "lr" in e else None))
     return out
 
 
@@ -520,7 +541,15 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
     ``model.initialize(seed + k)``), seed (shuffling, jitter, dropout, and the
     restarts' weights), max_steps, min_improvement (stop once an epoch
     improves the training loss by less), lr_decay (the learning rate of epoch
-    e is lr * lr_decay**e). Every setting obeys the train section's rules
+    e is lr * lr_decay**e), schedule (``"cosine"``, ``"step(every=30,
+    gamma=0.1)"`` or None: constant; see ``cnnc_runtime.schedule``), warmup
+    (epochs of linear warmup in front of the schedule), crop (pad every
+    training image by this many zero pixels and crop it back at a random
+    place, every step) and flip (mirror half of them at random), both drawn
+    per image from the seed, label_smoothing (cross-entropy against
+    (1 - e) onehot + e / k, as PyTorch's), clip_norm (scale the gradient of
+    the data loss to this global L2 norm when it is larger, before the
+    weight decay's term is added). Every setting obeys the train section's rules
     (``cnnc_runtime.rules``); one that does not is a ValueError naming it.
     An optimizer named here that differs from the file's takes only the
     file's lr and eps (see ``settings_from``).
@@ -545,6 +574,8 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
         s.patience = s.patience or 5
     s.check()
     loss = model.loss_name(s.loss)
+    check_smoothing(s.label_smoothing, loss)
+    check_augment(s.crop, model.input_shape, s.flip)
     inputs = model.inputs(x)
     n = len(inputs)
     targets = model.check_targets(y, n, loss)
@@ -680,8 +711,12 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
     good = model.flat_params.copy()
     decay_scratch = np.empty_like(good) if s.weight_decay > 0 else None
     prev_loss = run.history[-1].loss if run.history else math.inf
+    schedule = make_schedule(s.schedule, s.warmup, s.lr_decay)
+    steps_per_epoch = -(-n // s.batch_size)
+    total_steps = s.epochs * steps_per_epoch if s.max_steps is None else min(s.epochs * steps_per_epoch, s.max_steps)
+    augmenting = s.crop > 0 or s.flip
+    fill = model.augment_fill(inputs.blank()) if augmenting else None
     while run.epoch < s.epochs and not run.stopped:
-        optimizer.lr = run.base_lr * s.lr_decay ** run.epoch
         t0 = time.perf_counter()
         if run.partial is not None:  # resuming inside an epoch
             p = run.partial
@@ -699,16 +734,25 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
                 noise = int(run.rng.integers(0, 2**63 - 1)) if s.jitter > 0 else None
                 scale = 1.0 / m if loss == "cross_entropy" else 1.0 / (m * k)
                 seed = int(run.rng.integers(0, 2**63 - 1)) if model.manifest["has_dropout"] else 0
+                # crop and flip: drawn natively per image from this seed (drawn only when asked for: runs without
+                # augmentation keep the random stream they had)
+                shift = int(run.rng.integers(0, 2**63 - 1)) if augmenting else None
+                optimizer.lr = run.base_lr * schedule.factor(run.step, steps_per_epoch, total_steps)
 
-                def prepare(t: int, a: int, b: int, idx=idx, noise=noise) -> None:
+                def prepare(t: int, a: int, b: int, idx=idx, noise=noise, shift=shift) -> None:
                     inputs.batch(idx[a:b], batch[a:b])
+                    if shift is not None:
+                        model._augment_rows(batch_ptr, shift, s.crop, s.flip, fill, t, a, b)
                     if noise is not None:
                         model._noise_rows(batch_ptr, s.jitter, noise, t, a, b)
 
                 with model._lock:  # value_and_grad on another thread must not mix its gradients into this step's
                     model.flat_grads[...] = 0.0
-                    model._accumulate_gradients(xb, tb, loss, seed, scale, out[:m], losses[:m], prepare)
+                    model._accumulate_gradients(xb, tb, loss, seed, scale, out[:m], losses[:m], prepare,
+                                                s.label_smoothing)
                     value = float(losses[:m].sum(dtype=np.float64) * scale)
+                    if s.clip_norm is not None:  # the data loss's gradient, before the L2 term (as torch's decay)
+                        clip_grad_norm(model.flat_grads, s.clip_norm)
                     if s.weight_decay > 0:
                         value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay,
                                                   decay_scratch)
@@ -723,7 +767,7 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
                     correct += int((out[:m].argmax(axis=1) == labels[idx]).sum())
                 elapsed = time.perf_counter() - t0
                 bar.update(b + 1, total / seen, correct / seen if labels is not None else None,
-                           seen / max(elapsed, 1e-9))
+                           seen / max(elapsed, 1e-9), optimizer.lr)
                 if interrupted.is_set():
                     _check_update(model, good, run, bar)
                     bar.close()
@@ -744,7 +788,7 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
             val_loss, val_acc, _ = _evaluate(model, *validation_data, loss)
         run.epoch += 1
         record = Epoch(run.epoch, total / seen, correct / seen if labels is not None else None, val_loss, val_acc,
-                       seconds, seen / seconds, run.step, run.restart)
+                       seconds, seen / seconds, run.step, run.restart, optimizer.lr)
         run.history.append(record)
         monitored = val_loss if val_loss is not None else record.loss
         if monitored < run.best_loss - s.min_delta:

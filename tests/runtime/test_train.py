@@ -82,7 +82,7 @@ def spy_steps(model, call_native: bool = True) -> list[dict]:
     calls: list[dict] = []
     original = model._accumulate_gradients
 
-    def spy(x, targets, loss, seed, scale, out, losses, prepare=None):
+    def spy(x, targets, loss, seed, scale, out, losses, prepare=None, smoothing=0.0):
         params = model.flat_params.copy()
         threads: set[int] = set()
 
@@ -91,7 +91,7 @@ def spy_steps(model, call_native: bool = True) -> list[dict]:
             prepare(t, a, b)
 
         if call_native:
-            original(x, targets, loss, seed, scale, out, losses, prepared if prepare else None)
+            original(x, targets, loss, seed, scale, out, losses, prepared if prepare else None, smoothing)
         else:
             if prepare is not None:
                 prepared(0, 0, len(x))
