@@ -25,6 +25,7 @@ from cnnc.cli.common import (
 from cnnc.errors import Diagnostics
 from cnnc_runtime.fileio import atomic_write
 from cnnc_runtime.optimizers import OPTIMIZERS
+from cnnc_runtime.schedule import parse as parse_schedule
 from cnnc_runtime.train import Epoch, History, TrainingStopped, evaluate, read_checkpoint, settings_from
 
 
@@ -32,6 +33,8 @@ def _epoch_line(e: Epoch, epochs: int) -> str:
     parts = [f"epoch {e.epoch:>{len(str(epochs))}}/{epochs}", f"loss {e.loss:.4f}", f"acc {percent(e.accuracy)}"]
     if e.val_loss is not None:
         parts += [f"val_loss {e.val_loss:.4f}", f"val_acc {percent(e.val_accuracy)}"]
+    if e.lr is not None:
+        parts.append(f"lr {e.lr:.3g}")
     parts += [f"{e.seconds:.1f} s", f"{e.images_per_second:,.0f} img/s"]
     return "  ".join(parts)
 
@@ -96,8 +99,8 @@ def run(args: argparse.Namespace, diag: Diagnostics) -> int:
         inputs.update(data_inputs(data_path(args, model), "the train section's data"))
     check_outputs("train", inputs, outputs, **rules)
     train = model.manifest.get("train", {})
-    try:  # the optimizer's rules are fit's (settings_from): checked here too, before the data is loaded
-        settings_from(train, optimizer=args.optimizer, momentum=args.momentum)
+    try:  # the optimizer's and the schedule's rules are fit's: checked here too, before the data is loaded
+        settings_from(train, optimizer=args.optimizer, momentum=args.momentum, **_recipe(args)).check()
     except ValueError as e:
         raise UsageError(f"cnnc train: {e}") from None
     data, path = dataset(args, model, args.subset)
@@ -108,7 +111,7 @@ def run(args: argparse.Namespace, diag: Diagnostics) -> int:
     settings = dict(epochs=args.epochs, batch_size=batch, lr=args.lr,
                     weight_decay=args.weight_decay, jitter=args.jitter, validation_split=args.validation,
                     patience=args.patience, restarts=args.restarts, seed=args.seed, max_steps=args.max_steps,
-                    optimizer=args.optimizer, momentum=args.momentum)
+                    optimizer=args.optimizer, momentum=args.momentum, **_recipe(args))
     epochs = args.epochs or train.get("epochs", 10)
     print(f"training {name} on {path} ({len(x):,} images), {model.manifest['target']['cpu']}", flush=True)
     try:
@@ -149,6 +152,21 @@ def run(args: argparse.Namespace, diag: Diagnostics) -> int:
         print(f"wrote {args.plot}")
     return 0
 
+
+
+def _recipe(args: argparse.Namespace) -> dict:
+    """The recipe's flags as fit's settings of the same names (None: the train section's)."""
+    return dict(lr_decay=args.lr_decay, schedule=args.schedule, warmup=args.warmup, crop=args.crop, flip=args.flip,
+                label_smoothing=args.label_smoothing, clip_norm=args.clip_norm)
+
+
+def _schedule(text: str) -> str:
+    """An argparse type: a schedule as ``cnnc_runtime.schedule.parse`` reads it."""
+    try:
+        parse_schedule(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _check_checkpoint(path: str) -> None:
@@ -192,6 +210,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--restarts", type=count, help="train K times from different initialisations, keep the best")
     tr.add_argument("--seed", type=integer(0), help="a non-negative integer")
     tr.add_argument("--max-steps", type=count, help="stop after this many optimizer steps")
+    tr.add_argument("--lr-decay", type=real(0, 1, above=True, what="a factor in (0, 1]"), metavar="FACTOR",
+                    help="exponential schedule: the learning rate of epoch e is lr * FACTOR^e")
+    tr.add_argument("--schedule", type=_schedule, metavar="SCHEDULE",
+                    help="learning-rate schedule, updated every step: constant, cosine (to 0 over the run) or "
+                         "'step(every=EPOCHS, gamma=0.1)'")
+    tr.add_argument("--warmup", type=integer(0), metavar="EPOCHS",
+                    help="linear learning-rate warmup over this many epochs, in front of the schedule")
+    tr.add_argument("--crop", type=integer(0, (1 << 15) - 1), metavar="PAD",
+                    help="augmentation: pad each training image by PAD zero pixels and crop it back at a random "
+                         "place, every step (0: off)")
+    tr.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                    help="augmentation: mirror each training image left-right with probability 1/2, every step")
+    tr.add_argument("--label-smoothing", type=fraction, metavar="EPS",
+                    help="cross-entropy against (1 - EPS) one-hot + EPS / classes, as PyTorch's")
+    tr.add_argument("--clip-norm", type=real(0, above=True, what="a positive number"), metavar="NORM",
+                    help="scale each step's gradient to this global L2 norm when it is larger")
     tr.add_argument("--subset", type=integer(0), default=0, metavar="N",
                     help="train on the first N training images only (0, the default: all)")
     tr.add_argument("-o", "--output", type=path, metavar="W.npz",
