@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 
 from cnnc.codegen import emit
-from cnnc.codegen.elementwise import _GOLDEN, _int_const, image_base, mix64, strips
-from cnnc.codegen.emit import I64, for_range, i64
+from cnnc.codegen.elementwise import counter_hash, image_base, mix64, strips
+from cnnc.codegen.emit import for_range, i64
 
 ARGS = ["x", "seed_i64", "pad_i64", "flip_i64", "fill", "ws", "n0", "n1"]
 
@@ -58,7 +58,7 @@ def emit_augment(module: ir.Module, name: str, spec: AugmentSpec, vw: int) -> ir
     span = b.add(b.shl(pad, i64(1)), i64(1), name="span")
     with for_range(b, a["n0"], a["n1"], name="n") as n:
         xb = image_base(b, a["x"], n, stride, "xb")
-        h = mix64(b, b.add(b.mul(n, _int_const(I64, _GOLDEN)), key))
+        h = counter_hash(b, n, key)
         oy = b.sub(b.urem(b.lshr(h, i64(48)), span), pad, name="oy")
         ox = b.sub(b.urem(b.and_(b.lshr(h, i64(32)), i64(0xFFFF)), span), pad, name="ox")
         flip = b.icmp_signed("!=", b.and_(b.and_(b.lshr(h, i64(31)), i64(1)), a["flip_i64"]), i64(0), name="flip")
