@@ -713,7 +713,7 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
     prev_loss = run.history[-1].loss if run.history else math.inf
     schedule = make_schedule(s.schedule, s.warmup, s.lr_decay)
     steps_per_epoch = -(-n // s.batch_size)
-    total_steps = s.epochs * steps_per_epoch if s.max_steps is None else min(s.epochs * steps_per_epoch, s.max_steps)
+    total_steps = s.epochs * steps_per_epoch  # (max_steps is a stop, not the schedule's length: resume stays exact)
     augmenting = s.crop > 0 or s.flip
     fill = model.augment_fill(inputs.blank()) if augmenting else None
     while run.epoch < s.epochs and not run.stopped:

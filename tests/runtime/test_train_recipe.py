@@ -105,6 +105,30 @@ def test_crop_and_flip_train_to_the_same_bits_on_1_and_2_threads(jitter):
     np.testing.assert_array_equal(weights[0], weights[1])
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_a_run_resumed_mid_schedule_with_augmentation_equals_an_unbroken_one(tmp_path):
+    x, y = uint8_images(40, seed=7)
+    settings = dict(epochs=4, batch_size=16, optimizer="nesterov", lr=0.05, schedule="cosine", warmup=1, crop=1,
+                    flip=True, seed=2, progress=False)
+    whole = build(IMAGES)
+    whole.fit(x, y, **settings)
+
+    def stop_after_two(e):
+        if e.epoch == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):  # the checkpoint of epoch 2 is written before the epoch is reported
+        build(IMAGES).fit(x, y, checkpoint=tmp_path / "c", on_epoch=stop_after_two, **settings)
+    fresh = build(IMAGES, seed=9)
+    history = fresh.fit(x, y, resume=tmp_path / "c", **settings)
+    np.testing.assert_array_equal(fresh.flat_params, whole.flat_params)
+    assert [e.lr for e in history.epochs][2:] == pytest.approx([0.05 * (1 + math.cos(math.pi * t / 9)) / 2
+                                                                 for t in (5, 8)], rel=1e-12)
+
+
 def test_label_smoothing_steps_with_the_smoothed_gradient():
     """One sgd step of lr 1 on the whole set moves the weights by minus value_and_grad's smoothed gradient."""
     x, y = uint8_images(12, seed=2)
