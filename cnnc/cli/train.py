@@ -26,7 +26,13 @@ from cnnc.errors import Diagnostics
 from cnnc_runtime.fileio import atomic_write
 from cnnc_runtime.optimizers import OPTIMIZERS
 from cnnc_runtime.schedule import parse as parse_schedule
-from cnnc_runtime.train import Epoch, History, TrainingStopped, evaluate, read_checkpoint, settings_from
+from cnnc_runtime.settings import settings_from
+from cnnc_runtime.train import Epoch, History, TrainingStopped, evaluate, read_checkpoint
+
+# the flags that set a training setting (``cnnc_runtime.settings.Settings``), each by that setting's name
+SETTING_FLAGS = ("epochs", "batch", "optimizer", "lr", "momentum", "weight_decay", "jitter", "validation", "patience",
+                 "restarts", "seed", "max_steps", "lr_decay", "schedule", "warmup", "crop", "flip", "label_smoothing",
+                 "clip_norm")
 
 
 def _epoch_line(e: Epoch, epochs: int) -> str:
@@ -98,21 +104,16 @@ def run(args: argparse.Namespace, diag: Diagnostics) -> int:
     if not args.data:
         inputs.update(data_inputs(data_path(args, model), "the train section's data"))
     check_outputs("train", inputs, outputs, **rules)
-    train = model.manifest.get("train", {})
-    try:  # the optimizer's and the schedule's rules are fit's: checked here too, before the data is loaded
-        settings_from(train, optimizer=args.optimizer, momentum=args.momentum, **_recipe(args)).check()
+    # each flag is the training setting of its name (fit's keyword, the train section's key); unset: the file's
+    settings = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name) is not None}
+    try:  # fit's rules (settings_from, Settings.check): checked here too, before the data is loaded
+        chosen = settings_from(model.manifest.get("train", {}), **settings)
+        chosen.check()
+        epochs = chosen.epochs
     except ValueError as e:
         raise UsageError(f"cnnc train: {e}") from None
     data, path = dataset(args, model, args.subset)
     x, y = data["train"]
-    batch = args.batch or train.get("batch")
-    if batch is not None and batch > len(x) > 0:  # as in Keras: the whole set, and no buffer sized beyond it
-        batch = len(x)
-    settings = dict(epochs=args.epochs, batch_size=batch, lr=args.lr,
-                    weight_decay=args.weight_decay, jitter=args.jitter, validation_split=args.validation,
-                    patience=args.patience, restarts=args.restarts, seed=args.seed, max_steps=args.max_steps,
-                    optimizer=args.optimizer, momentum=args.momentum, **_recipe(args))
-    epochs = args.epochs or train.get("epochs", 10)
     print(f"training {name} on {path} ({len(x):,} images), {model.manifest['target']['cpu']}", flush=True)
     try:
         history = model.fit(x, y, checkpoint=ckpt, resume=args.resume, log=args.log,
@@ -151,13 +152,6 @@ def run(args: argparse.Namespace, diag: Diagnostics) -> int:
             _plot(history, args.plot)
         print(f"wrote {args.plot}")
     return 0
-
-
-
-def _recipe(args: argparse.Namespace) -> dict:
-    """The recipe's flags as fit's settings of the same names (None: the train section's)."""
-    return dict(lr_decay=args.lr_decay, schedule=args.schedule, warmup=args.warmup, crop=args.crop, flip=args.flip,
-                label_smoothing=args.label_smoothing, clip_norm=args.clip_norm)
 
 
 def _schedule(text: str) -> str:

@@ -10,14 +10,13 @@ from typing import Any
 from cnnc.errors import CnnError, did_you_mean
 from cnnc.frontend import ast
 from cnnc.frontend.values import describe, evaluate
-from cnnc_runtime import optimizers, rules, schedule
+from cnnc_runtime import optimizers, rules, schedule, settings
 
 OPTIMIZERS = {name: cls.hyperparameter_names() for name, cls in optimizers.OPTIMIZERS.items()}
 LOSSES = ("cross_entropy", "mse")
-SCALARS = ("batch", "epochs", "seed", "weight_decay", "jitter", "validation", "restarts", "max_steps",
-           "min_improvement", "lr_decay", "warmup", "label_smoothing", "clip_norm")
+SCALARS = settings.SECTION_SCALARS  # each the name of its setting in the runtime's Settings
 KEYS = ("loss", "optimizer", "data", "early_stop", "normalize", "schedule", "augment", *SCALARS)
-AUGMENTS = ("crop", "flip")
+AUGMENTS = ("crop", "flip")  # augment's items, each the name of its setting
 DEFAULT_CROP_PAD = 4
 
 
@@ -153,7 +152,8 @@ def lower_train(section: ast.Train, input_shape: tuple[int, ...] = (1,)) -> dict
                 if not rules.is_count(v):
                     raise CnnError(f"early_stop needs a patience in epochs, got {describe(v)}", value.loc)
                 args = {"patience": v}
-            out["early_stop"] = {"patience": args.get("patience", 5), "min_delta": float(args.get("min_delta", 0.0))}
+            out["early_stop"] = {"patience": args.get("patience", settings.DEFAULT_PATIENCE),
+                                 "min_delta": float(args.get("min_delta", settings.Settings.min_delta))}
         elif s.key == "normalize":
             out["normalize"] = _normalize(value, s, input_shape[0] if len(input_shape) == 3 else 1)
         elif isinstance(value, ast.Call) or value is None:

@@ -72,11 +72,10 @@ def test_a_batch_split_anywhere_gets_the_same_images(model):
     x = np.random.default_rng(2).standard_normal((12, 3, 6, 7)).astype(np.float32)
     whole = x.copy()
     model.augment(whole, seed=77, pad=2, flip=True)
-    fill = model.augment_fill(0.0)
     for cuts in ([0, 5, 12], [0, 1, 2, 7, 12], [0, 12]):
         parts = x.copy()
         for a, b in zip(cuts, cuts[1:]):
-            model._augment_rows(parts.ctypes.data, 77, 2, True, fill, 0, a, b)
+            model.augment(parts, seed=77, pad=2, flip=True, rows=(a, b), thread=0)
         np.testing.assert_array_equal(parts, whole)
 
 
@@ -86,6 +85,12 @@ def test_bad_arguments_are_value_errors(model):
         model.augment(x, seed=0, pad=-1)
     with pytest.raises(ValueError, match=r"shape \(N, 3, 6, 7\)"):
         model.augment(np.zeros((2, 3, 6, 6), np.float32), seed=0, pad=1)
+    with pytest.raises(ValueError, match="rows"):
+        model.augment(x, seed=0, pad=1, rows=(1, 3))
+    with pytest.raises(ValueError, match="thread"):
+        model.augment(x, seed=0, pad=1, thread=99)
+    with pytest.raises(ValueError, match="fill has 2 values"):
+        model.augment(x, seed=0, pad=1, fill=[0.0, 1.0])
     flat = cnnc.compile_string("network augflat { input x: 4\n y = x -> dense(2) }", cache=False)
     with pytest.raises(ValueError, match="image inputs"):
         flat.augment(np.zeros((2, 4), np.float32), seed=0, pad=1)

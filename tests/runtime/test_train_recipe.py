@@ -48,7 +48,7 @@ def rates_seen(monkeypatch) -> list[float]:
 def test_the_schedule_sets_the_rate_of_every_step_and_the_history_and_log_show_it(monkeypatch, tmp_path):
     x, y = uint8_images(40)
     seen = rates_seen(monkeypatch)
-    history = build(IMAGES).fit(x, y, epochs=3, batch_size=10, optimizer="sgd", lr=0.2, schedule="cosine",
+    history = build(IMAGES).fit(x, y, epochs=3, batch=10, optimizer="sgd", lr=0.2, schedule="cosine",
                                 warmup=1, progress=False, log=tmp_path / "m.jsonl")
     # 4 steps an epoch: warmup 0.05, 0.1, 0.15, 0.2; then a cosine over the 8 steps left
     want = [0.2 * (t + 1) / 4 for t in range(4)] + [0.1 * (1 + math.cos(math.pi * t / 8)) for t in range(8)]
@@ -62,7 +62,7 @@ def test_a_step_schedule_from_the_train_section(monkeypatch):
     x, y = uint8_images(20)
     seen = rates_seen(monkeypatch)
     text = IMAGES.replace("train {", "train {\n    optimizer sgd(lr=0.1)\n    schedule step(every=2, gamma=0.5)")
-    build(text).fit(x, y, epochs=5, batch_size=10, progress=False)
+    build(text).fit(x, y, epochs=5, batch=10, progress=False)
     assert seen == pytest.approx([0.1] * 4 + [0.05] * 4 + [0.025] * 2, rel=1e-12)
     factors = [make_schedule("step(every=2, gamma=0.5)").factor(t, 2, 10) for t in range(10)]
     assert seen == pytest.approx([0.1 * f for f in factors], rel=1e-12)
@@ -74,14 +74,15 @@ def test_each_step_sees_the_crop_and_flip_of_its_prepared_batch(monkeypatch):
     x, y = uint8_images(16, seed=3)
     model = build(IMAGES)
     seen = []
-    original = model._accumulate_gradients
+    original = model.gradients
 
     def spy(xb, *args, **kwargs):
-        original(xb, *args, **kwargs)
+        value = original(xb, *args, **kwargs)
         seen.append(xb.copy())
+        return value
 
-    model._accumulate_gradients = spy
-    model.fit(x, y, epochs=1, batch_size=16, optimizer="sgd", lr=0.01, crop=2, flip=True, seed=5, progress=False)
+    model.gradients = spy
+    model.fit(x, y, epochs=1, batch=16, optimizer="sgd", lr=0.01, crop=2, flip=True, seed=5, progress=False)
     rng = np.random.default_rng([5, 0, 1])  # fit's stream for run 0: the order, then the step's augmentation seed
     order = rng.permutation(16)
     shift = int(rng.integers(0, 2**63 - 1))
@@ -99,7 +100,7 @@ def test_crop_and_flip_train_to_the_same_bits_on_1_and_2_threads(jitter):
     weights = []
     for threads in (1, 2):
         model = Model(copy.deepcopy(compiled.manifest), compiled._obj, threads=threads)
-        model.fit(x, y, epochs=2, batch_size=48, optimizer="adam", lr=0.01, crop=1, flip=True, jitter=jitter,
+        model.fit(x, y, epochs=2, batch=48, optimizer="adam", lr=0.01, crop=1, flip=True, jitter=jitter,
                   progress=False)
         weights.append(model.flat_params.copy())
     np.testing.assert_array_equal(weights[0], weights[1])
@@ -111,7 +112,7 @@ class _Stop(Exception):
 
 def test_a_run_resumed_mid_schedule_with_augmentation_equals_an_unbroken_one(tmp_path):
     x, y = uint8_images(40, seed=7)
-    settings = dict(epochs=4, batch_size=16, optimizer="nesterov", lr=0.05, schedule="cosine", warmup=1, crop=1,
+    settings = dict(epochs=4, batch=16, optimizer="nesterov", lr=0.05, schedule="cosine", warmup=1, crop=1,
                     flip=True, seed=2, progress=False)
     whole = build(IMAGES)
     whole.fit(x, y, **settings)
@@ -136,7 +137,7 @@ def test_label_smoothing_steps_with_the_smoothed_gradient():
     start = model.flat_params.copy()
     _, grads = model.value_and_grad(model.inputs(x).batch(np.arange(12), model.batch_buffer(12)), y,
                                     label_smoothing=0.2)
-    history = model.fit(x, y, epochs=1, batch_size=12, optimizer="sgd", lr=1.0, label_smoothing=0.2, progress=False)
+    history = model.fit(x, y, epochs=1, batch=12, optimizer="sgd", lr=1.0, label_smoothing=0.2, progress=False)
     for p in model.manifest["params"]:
         span = slice(p["offset"], p["offset"] + p["size"])
         np.testing.assert_allclose(model.flat_params[span] - start[span], -grads[p["name"]].ravel(), rtol=1e-5,
@@ -172,7 +173,7 @@ def test_clip_norm_clips_the_step_to_the_norm():
         flat[p["offset"]:p["offset"] + p["size"]] = grads[p["name"]].ravel()
     norm = float(np.linalg.norm(flat.astype(np.float64)))
     assert norm > 0.01
-    model.fit(x, y, epochs=1, batch_size=12, optimizer="sgd", lr=1.0, clip_norm=0.01, progress=False)
+    model.fit(x, y, epochs=1, batch=12, optimizer="sgd", lr=1.0, clip_norm=0.01, progress=False)
     # atol: the float32 rounding of weights near 0.5 (ulp 6e-8) in w + step - w
     np.testing.assert_allclose(model.flat_params - start, -flat * (0.01 / (norm + 1e-6)), rtol=1e-4, atol=1e-7)
 
