@@ -184,8 +184,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "from may be written again).")
     tr.add_argument("file", type=path, help="the .cnn file")
     tr.add_argument("--data", type=path, metavar="DIR|FILE.npz",
-                    help="a directory of IDX files (train-images-idx3-ubyte.gz ...) or an .npz with x, y "
-                         "(and x_test, y_test); default: the train section's data, relative to FILE")
+                    help="a directory of IDX files (train-images-idx3-ubyte.gz ...), of CIFAR-10 binary batches "
+                         "(data_batch_1.bin ...) or of image folders per class (CLASS/*.png, needs Pillow), or an "
+                         ".npz with x, y (and x_test, y_test); default: the train section's data, relative to FILE")
     tr.add_argument("--epochs", type=count, help="number of epochs (a positive integer)")
     tr.add_argument("--batch", type=count,
                     help="mini-batch size; one larger than the training set means the whole set")

@@ -246,6 +246,32 @@ def test_the_recipe_flags_on_cifar_batches_equal_fit(work):
             np.testing.assert_array_equal(w[k], v, err_msg=k)
 
 
+GRAY_NET = """
+network grayfolders {
+    input image: 1x4x4
+    y = image -> flatten -> dense(2)
+}
+"""
+
+
+def test_a_folder_of_images_per_class_trains_and_without_pillow_the_error_names_the_extra(work, monkeypatch):
+    image = pytest.importorskip("PIL.Image")
+    for split, count in (("train", 6), ("test", 2)):
+        for label, cls in enumerate(("dark", "light")):
+            folder = work / "folders" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image.fromarray(np.full((4, 4), 40 + 150 * label + i, np.uint8), "L").save(folder / f"{i}.png")
+    (work / "gray.cnn").write_text(GRAY_NET)
+    out = ["-o", "g.npz", "--checkpoint", "g.ckpt"]
+    r = cnnc_cmd(work, "train", "gray.cnn", "--data", "folders", "--epochs", "2", "--flip", *out)
+    assert r.returncode == 0, r.stderr
+    assert "(12 images)" in r.stdout and re.search(r"^test: .* on 4 images$", r.stdout, re.MULTILINE)
+    monkeypatch.setitem(sys.modules, "PIL", None)  # as without Pillow
+    line = one_line_error(cnnc_cmd(work, "train", "gray.cnn", "--data", "folders", *out))
+    assert line == "cnnc train: reading PNG or JPEG images needs Pillow: pip install 'cnnc[images]'"
+
+
 def test_momentum_flag_turns_sgd_into_momentum(work):
     r = cnnc_cmd(work, "train", "net.cnn", "--data", "d.npz", "--epochs", "1", "--optimizer", "sgd", "--lr", "0.1",
                  "--momentum", "0.5", "-o", "s.npz", "--checkpoint", "s.ckpt")
