@@ -1,7 +1,8 @@
 """``fit`` in every rank of an MPI job trains one model: the same weights as one process at the same global batch.
 
 Each test runs a small job (``mpiexec -n 2``, one thread per rank) on the first images of the bundled MNIST,
-with dropout and input jitter on, so that every random draw must follow the image's global index.
+with dropout, input jitter, crop and flip on, so that every random draw must follow the image's global index,
+and the gradient's norm clipped, which must happen to the whole batch's gradient.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ network small {
     logits = h -> dense(10)
 }
 """
-SETTINGS = dict(batch=64, optimizer="adam", lr=0.001, jitter=0.2, seed=3, progress=False)
+SETTINGS = dict(batch=64, optimizer="adam", lr=0.001, jitter=0.2, crop=2, flip=True, clip_norm=0.5, seed=3,
+                progress=False)
 
 
 def data(path="data.npz"):
@@ -80,17 +82,18 @@ def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_two_ranks_train_the_weights_one_process_trains(work):
-    """20 Adam steps (2 epochs), dropout and jitter: the replicas stay identical and match one process."""
+    """20 Adam steps (2 epochs, a cosine schedule), dropout, jitter, crop and flip, the gradient's norm clipped:
+    the replicas stay identical and match one process."""
     job(work, """
 from cnnc_runtime.distributed import world
 m = model()
 x, y = data()
-m.fit(x, y, epochs=2, **SETTINGS)
+m.fit(x, y, epochs=2, schedule="cosine", **SETTINGS)
 np.save(f"weights{world().rank}.npy", m.flat_params)
 """)
     rank0, rank1 = np.load(work / "weights0.npy"), np.load(work / "weights1.npy")
     np.testing.assert_array_equal(rank0, rank1)
-    assert relative_difference(rank0, single_process(work, epochs=2)) < 1e-5
+    assert relative_difference(rank0, single_process(work, epochs=2, schedule="cosine")) < 1e-5
 
 
 @pytest.mark.slow
