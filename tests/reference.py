@@ -185,6 +185,18 @@ network dilated {
 }
 """
 
+# 6x6 images (a dataset's) are padded into its 8x8 input and normalized: the input rule's test network
+PADDED = """
+network padnet {
+    input image: 1x8x8
+    c = image -> conv(2, 3x3) -> tanh -> avgpool(2x2)
+    y = c -> flatten -> dense(3)
+}
+train {
+    normalize(mean=0.2, std=0.7)
+}
+"""
+
 NETWORKS = {
     "lenet5": (EXAMPLES / "lenet5.cnn").read_text(),
     "lenet_modern": LENET_MODERN,
