@@ -34,12 +34,6 @@ def work(tmp_path_factory):
         yield d
 
 
-
-
-
-
-
-
 @pytest.fixture(scope="module")
 def reference(work):
     """What the Python API computes for the same file (initial weights, seed 0)."""

@@ -69,12 +69,6 @@ def work(tmp_path_factory):
         yield d
 
 
-
-
-
-
-
-
 def epoch_lines(stdout: str) -> list[re.Match]:
     return [m for m in map(EPOCH_LINE.match, stdout.splitlines()) if m]
 

@@ -127,10 +127,6 @@ def test_prepare_images_accepts_channels_last():
     np.testing.assert_array_equal(out, x.transpose(0, 3, 1, 2).astype(np.float32) / 255)
 
 
-
-
-
-
 @pytest.mark.parametrize(("stored", "shape"), [
     ((7, 5, 6), (1, 9, 8)),  # (N, H, W), padded (asymmetric margins)
     ((7, 1, 5, 6), (1, 5, 6)),  # (N, C, H, W), no padding
