@@ -11,8 +11,9 @@ so a dataset stays in memory as stored), and ``cnnc train``, ``eval`` and
    are refused with a ValueError naming the input shape;
 2. scale: uint8 is divided by 255 (images as stored); other real, integer
    or bool dtypes are taken as they are (already in [0, 1], say);
-3. normalize: with the train section's ``normalize(mean, std)``, every
-   input becomes ``(x - mean) / std`` after 1 and 2 (the padding too).
+3. normalize: with the train section's ``normalize(mean, std)`` (one number
+   each, or one per channel), every input becomes ``(x - mean) / std`` after
+   1 and 2 (the padding too).
 
 The result is contiguous float32 ``(N, *input_shape)``: the network's input,
 what the engine's step API (``gradients``, ``infer_into``) takes as it is.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -102,6 +104,30 @@ def _fill(out: np.ndarray, images: np.ndarray, pad: tuple[int, int] | None, scal
         inner /= 255
 
 
+def normalization(normalize: dict[str, Any] | None,
+                  input_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, std) as float32 arrays that broadcast over one input: one number for all channels, or one per channel.
+
+    ``normalize`` is the train section's ``{"mean": M, "std": S}``, each a number or a list of C numbers (the
+    input's channels). ValueError when a list has another length or a std is not positive.
+    """
+    if not normalize:
+        return None
+    shape = tuple(int(d) for d in input_shape)
+    channels = shape[0] if len(shape) == 3 else 1
+    out = []
+    for key in ("mean", "std"):
+        v = np.asarray(normalize[key], dtype=np.float64).reshape(-1)
+        if v.size not in (1, channels):
+            raise ValueError(f"normalize {key} has {v.size} values; the input has {channels} channel(s): give one "
+                             f"number, or one per channel")
+        if not np.isfinite(v).all() or (key == "std" and (v <= 0).any()):
+            raise ValueError(f"normalize {key} must be {'positive' if key == 'std' else 'finite'}, got {v.tolist()}")
+        a = v.astype(np.float32)
+        out.append(a.reshape(-1, 1, 1) if len(shape) == 3 and v.size > 1 else a.reshape(()))
+    return out[0], out[1]
+
+
 class Inputs:
     """A set of inputs handed out a mini-batch at a time, prepared by the rule into a float32 buffer one reuses.
 
@@ -115,7 +141,7 @@ class Inputs:
     """
 
     def __init__(self, x: np.ndarray, input_shape: Sequence[int],
-                 normalize: dict[str, float] | None = None, rows: np.ndarray | None = None) -> None:
+                 normalize: dict[str, Any] | None = None, rows: np.ndarray | None = None) -> None:
         self.input_shape = tuple(int(d) for d in input_shape)
         view, self._pad = image_view(x, self.input_shape)
         self.stored = view.dtype == np.uint8
@@ -124,7 +150,7 @@ class Inputs:
             with np.errstate(over="ignore", invalid="ignore"):  # beyond float32's range: inf, refused by fit
                 view = np.ascontiguousarray(view, dtype=np.float32)
         self._x = view
-        self._norm = None if not normalize else (np.float32(normalize["mean"]), np.float32(normalize["std"]))
+        self._norm = normalization(normalize, self.input_shape)
         self._rows = rows
         # float32 network inputs already: a batch is a gather of rows, the whole set (in order) the array itself
         self.direct = not self.stored and self._pad is None and self._norm is None \
@@ -132,6 +158,13 @@ class Inputs:
 
     def __len__(self) -> int:
         return len(self._x) if self._rows is None else len(self._rows)
+
+    def blank(self) -> np.ndarray:
+        """What a black (zero) pixel becomes once prepared, per channel: the crop's padding (``Model.augment``)."""
+        if self._norm is None:
+            return np.zeros(1, dtype=np.float32)
+        mean, std = self._norm
+        return ((np.float32(0) - mean) / std).astype(np.float32).reshape(-1)
 
     def first_non_finite(self) -> int | None:
         """The position of the first input holding a NaN or an infinity, None if there is none (uint8: never).

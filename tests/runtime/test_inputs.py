@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cnnc_runtime.inputs import Inputs, prepare_images
+from cnnc_runtime.inputs import Inputs, normalization, prepare_images
 from tests.reference import PADDED, build
 
 
@@ -182,3 +182,24 @@ def test_a_channel_mismatch_names_both_readings_of_the_shape(shape, got):
     with pytest.raises(ValueError, match=got):
         Inputs(np.zeros(shape, np.uint8), (1, 28, 28))
 
+
+# ---- per-channel normalization ------------------------------------------------------------------
+
+
+def test_per_channel_normalize_matches_numpy():
+    x = np.random.default_rng(0).integers(0, 256, (5, 3, 6, 6), dtype=np.uint8)
+    norm = {"mean": [0.5, 0.25, 0.125], "std": [0.5, 2.0, 0.25]}
+    out = np.empty((5, 3, 8, 8), np.float32)
+    got = Inputs(x, (3, 8, 8), norm).batch(np.arange(5), out)
+    ref = np.zeros((5, 3, 8, 8), np.float32)
+    ref[:, :, 1:7, 1:7] = x.astype(np.float32) / 255
+    ref = (ref - np.float32(norm["mean"]).reshape(3, 1, 1)) / np.float32(norm["std"]).reshape(3, 1, 1)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_normalization_errors():
+    with pytest.raises(ValueError, match="has 2 values; the input has 3 channel"):
+        normalization({"mean": [0.1, 0.2], "std": 1.0}, (3, 4, 4))
+    with pytest.raises(ValueError, match="std must be positive"):
+        normalization({"mean": 0.0, "std": [1.0, 0.0, 1.0]}, (3, 4, 4))
+    assert normalization(None, (3, 4, 4)) is None
