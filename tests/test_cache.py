@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from cnnc import compiler
-from cnnc.driver import check_source
-from cnnc.pipeline import compile_source
+from cnnc.pipeline import check_source, compile_source
 from cnnc_runtime import artifact, host
 from cnnc_runtime.model import Model
 

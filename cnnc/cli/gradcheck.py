@@ -7,6 +7,7 @@ import sys
 
 from cnnc.cli.common import integer, path, real, source_of
 from cnnc.errors import Diagnostics
+from cnnc.pipeline import Build
 
 MAX_GRADCHECK_BATCH = 1024  # a random batch to check gradients on; its float64 reference runs per sample
 
@@ -28,11 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, diag: Diagnostics) -> int:
-    # (the front end, the passes and LLVM: loaded only by the commands that compile)
-    from cnnc.driver import check_source
-    from cnnc.gradcheck import gradcheck
+    from cnnc.gradcheck import gradcheck  # lazy: the float64 reference and networkx, for this command only
 
-    checked = check_source(source_of(args.file, "gradcheck"), args.file, diag)
+    checked = Build(source_of(args.file, "gradcheck"), args.file, diag).checked()
     native, ref, rows = gradcheck(checked, batch=args.batch, seed=args.seed, loss=args.loss, samples=args.samples)
     print(f"loss: native (float32) {native:.8f}, reference (float64) {ref:.8f}, "
           f"relative difference {abs(native - ref) / max(abs(ref), 1e-12):.2e}")
