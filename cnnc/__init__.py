@@ -40,9 +40,7 @@ def compile_string(text: str, name: str = "<string>", **options: Any) -> Model:
 
 def compile(path: str | os.PathLike[str], **options: Any) -> Model:  # noqa: A001 - the API's name
     """Compile a .cnn file to a ``Model`` (see ``compile_string`` for the options)."""
-    from cnnc import pipeline  # lazy, as every import here: see the module docstring
-
-    return _build(pipeline.read_source(path), str(path), options)
+    return _build(None, path, options)
 
 
 def load(path: str | os.PathLike[str], key: bytes | str | os.PathLike[str] | None = None) -> Model:
@@ -52,17 +50,19 @@ def load(path: str | os.PathLike[str], key: bytes | str | os.PathLike[str] | Non
     ones you built or whose signature you check with `key` (the bytes, or the
     path of the key file given to ``cnnc compile --sign``).
     """
-    from cnnc_runtime.model import load as load_artifact  # lazy: numpy and the runtime, on first use
+    from cnnc_runtime.model import load as load_artifact  # lazy: numpy and the runtime, not on `import cnnc`
 
     return load_artifact(path, key)
 
 
-def _build(source: str, name: str, options: dict) -> Model:
-    from cnnc import pipeline  # lazy: numpy, llvmlite and the runtime, on the first compile
+def _build(text: str | None, path: str | os.PathLike[str], options: dict) -> Model:
+    """`text` compiled, or the file at `path` when `text` is None."""
+    from cnnc import pipeline  # lazy: numpy, llvmlite and the runtime load on the first compile, not on `import cnnc`
 
     unknown = set(options) - {"cache", "seed", "generic", "fuse", "winograd"}
     if unknown:
         raise TypeError(f"unknown compile option(s): {', '.join(sorted(unknown))}")
-    return pipeline.compile_model(source, name, seed=options.get("seed"), generic=options.get("generic", False),
+    source = pipeline.read_source(path) if text is None else text
+    return pipeline.compile_model(source, str(path), seed=options.get("seed"), generic=options.get("generic", False),
                                   use_cache=options.get("cache", True), fuse=options.get("fuse", True),
                                   winograd=options.get("winograd", True))

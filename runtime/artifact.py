@@ -27,7 +27,11 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from cnnc_runtime import rules, signing
+import numpy as np
+
+from cnnc_runtime import elfload, rules, signing
+from cnnc_runtime.fileio import atomic_write_bytes
+from cnnc_runtime.native import unbundle
 
 MAGIC = b"CNNCART1"
 FORMAT_VERSION = 2  # 2: the code records the layout it was compiled for (CONTRACT_SYMBOL)
@@ -106,8 +110,6 @@ def unpack(data: bytes, source: str = "artifact",
 def write(path: str | Path, manifest: dict[str, Any], obj: bytes, weights: bytes = b"",
           key: signing.Key | None = None) -> None:
     """Write an artifact atomically; signed with `key` when one is given."""
-    from cnnc_runtime.fileio import atomic_write_bytes  # not needed to read: a cached compile skips it
-
     atomic_write_bytes(path, pack(manifest, obj, weights, key))
 
 
@@ -269,8 +271,6 @@ def _check_connect(f: _Fields, connect: list | None, shape: list, where: str) ->
 def _check_fixed(f: _Fields, fixed: Any, shape: list, where: str) -> None:
     if fixed is None:
         return
-    import numpy as np
-
     try:
         arr = np.asarray(fixed, dtype=np.float64)
     except (ValueError, TypeError, OverflowError, RecursionError):
@@ -316,8 +316,6 @@ def _check_weights(weights: bytes, source: str) -> None:
     """The weights section: empty, or an .npz of real-valued arrays (names and shapes are the model's to check)."""
     if not weights:
         return
-    import numpy as np
-
     try:
         with np.load(io.BytesIO(weights), allow_pickle=False) as data:
             for name in data.files:
@@ -366,9 +364,6 @@ def verify_code(manifest: dict[str, Any], obj: bytes, source: str | None = None)
     compiled for, equal to the manifest's: a manifest that promises a smaller
     arena than the code writes would let the code write past its buffers.
     """
-    from cnnc_runtime import elfload
-    from cnnc_runtime.native import unbundle
-
     prefix = f"{source}: " if source else ""
     if sys.platform != "linux":  # (objects there are not ELF: only the manifest's own checks apply)
         return

@@ -16,6 +16,8 @@ import os
 import stat
 from pathlib import Path
 
+from cnnc_runtime.fileio import atomic_write_bytes
+
 
 def cache_dir() -> Path:
     """``$CNNC_CACHE_DIR``, else ``$XDG_CACHE_HOME/cnnc``, else ``~/.cache/cnnc``."""
@@ -96,8 +98,6 @@ def write_private(path: Path, data: bytes) -> None:
     Nothing is written where the directory cannot be trusted; an unwritable
     cache only costs time.
     """
-    from cnnc_runtime.fileio import atomic_write_bytes  # not needed to read: a cached compile skips it
-
     if private_dir(*path.parent.relative_to(cache_dir()).parts, create=True) != path.parent:
         return
     with contextlib.suppress(OSError):

@@ -39,7 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cnnc_runtime import artifact
+from cnnc_runtime import __version__, artifact
+from cnnc_runtime.data import Inputs
+from cnnc_runtime.fileio import atomic_save_npz
 from cnnc_runtime.host import host_cpu, missing_features
 from cnnc_runtime.memory import check_fits
 from cnnc_runtime.native import NativeLibrary
@@ -170,8 +172,6 @@ class Model:
     def __init__(self, manifest: dict[str, Any], obj: bytes, weights: bytes = b"", seed: int | None = None,
                  threads: int | None = None) -> None:
         """`seed` draws the first weights (default: the train section's ``seed``, else 0)."""
-        from cnnc_runtime import __version__
-
         artifact.validate(manifest)  # (the format version too)
         artifact.verify_code(manifest, obj)
         if not compatible_version(manifest.get("cnnc_version", "?"), __version__):
@@ -282,8 +282,6 @@ class Model:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the weights as .npz keyed by parameter name, atomically (temp file, fsync, rename)."""
-        from cnnc_runtime.fileio import atomic_save_npz
-
         atomic_save_npz(path, self.params)
 
     def load(self, path: str | os.PathLike[str]) -> None:
@@ -385,8 +383,6 @@ class Model:
 
     def inputs(self, x: Any) -> Inputs:
         """``x`` as an ``Inputs`` set to take batches from: uint8 images kept as stored, anything else checked."""
-        from cnnc_runtime.data import Inputs
-
         if isinstance(x, Inputs):
             if x.input_shape != self.input_shape or not (x.stored or x.prepared_float32):
                 raise ValueError(f"these Inputs are for {_fmt(x.input_shape)} images as float32 or uint8; this "
@@ -627,13 +623,13 @@ class Model:
 
     def fit(self, x: Any, y: Any, **kwargs: Any):
         """Train on (x, y); see ``cnnc_runtime.train.fit`` for the settings. Returns a ``History``."""
-        from cnnc_runtime.train import fit
+        from cnnc_runtime.train import fit  # KNOWN CYCLE (train imports model): the runtime step API removes it
 
         return fit(self, x, y, **kwargs)
 
     def evaluate(self, x: Any, y: Any, loss: str | None = None) -> tuple[float, float | None]:
         """(mean loss, accuracy) on a whole set, dropout off."""
-        from cnnc_runtime.train import evaluate
+        from cnnc_runtime.train import evaluate  # KNOWN CYCLE, as fit's above
 
         value, acc, _ = evaluate(self, x, y, loss)
         return value, acc
