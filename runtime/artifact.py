@@ -31,13 +31,13 @@ import numpy as np
 
 from cnnc_runtime import elfload, rules, signing
 from cnnc_runtime.fileio import atomic_write_bytes
+from cnnc_runtime.losses import LOSSES, choices
 from cnnc_runtime.native import unbundle
 
 MAGIC = b"CNNCART1"
 FORMAT_VERSION = 2  # 2: the code records the layout it was compiled for (CONTRACT_SYMBOL)
 CONTRACT_SYMBOL = "cnnc_contract"
-ENTRY_POINTS = ("infer", "step_cross_entropy", "step_mse", "jitter")
-LOSSES = ("cross_entropy", "mse")
+ENTRY_POINTS = ("infer", *(f"step_{loss}" for loss in LOSSES), "jitter")
 MAX_FLOATS = 1 << 40  # a buffer size past this is a damaged manifest, not a network
 MAX_RANK = 8
 
@@ -259,6 +259,16 @@ def _check_params(f: _Fields, params: list, total: int) -> None:
             raise f.fail("params", f"lays {a} and {b} over each other")
 
 
+def connect_mask(connect: list | tuple, shape: list | tuple) -> np.ndarray:
+    """(out, in) of 0/1, float32: which input channels each output channel of a tabled conv reads (row o of
+    `connect` lists those of output o). The weights, their initialisation, the kernels and the reference all
+    read a connect table through this."""
+    mask = np.zeros(tuple(shape[:2]), dtype=np.float32)
+    for o, row in enumerate(connect):
+        mask[o, list(row)] = 1.0
+    return mask
+
+
 def _check_connect(f: _Fields, connect: list | None, shape: list, where: str) -> None:
     if connect is None:
         return
@@ -292,7 +302,7 @@ def _check_train(f: _Fields, train: dict) -> None:
             _ruled(f, rules.SETTINGS, k, train[k], f"train.{k}")
     loss = f.get(train, "loss", "train.loss", str, optional=True)
     if loss is not None and loss not in LOSSES:
-        raise f.fail("train.loss", f"must be {' or '.join(LOSSES)}, got {loss!r}")
+        raise f.fail("train.loss", f"must be {choices()}, got {loss!r}")
     f.get(train, "data", "train.data", str, optional=True)
     optimizer = f.get(train, "optimizer", "train.optimizer", dict, optional=True)
     if optimizer is not None:

@@ -43,6 +43,7 @@ from cnnc_runtime import __version__, artifact
 from cnnc_runtime.data import Inputs
 from cnnc_runtime.fileio import atomic_save_npz
 from cnnc_runtime.host import host_cpu, missing_features
+from cnnc_runtime.losses import DEFAULT_LOSS, LOSSES, choices
 from cnnc_runtime.memory import check_fits
 from cnnc_runtime.native import NativeLibrary
 from cnnc_runtime.parallel import check_threads, default_threads, shared_pool, split
@@ -62,7 +63,6 @@ MAX_SHARDS = 8
 SPARE_SCRATCH = 4  # idle per-call scratch sets a model keeps for later calls
 ALIGN_BYTES = 64
 P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-LOSSES = ("cross_entropy", "mse")
 
 
 def aligned_zeros(n: int) -> np.ndarray:
@@ -271,10 +271,7 @@ class Model:
     @staticmethod
     def connect_mask(p: dict) -> np.ndarray:
         """(out, in) of 0/1: which input channels each output channel of a tabled conv reads."""
-        mask = np.zeros(p["shape"][:2], dtype=np.float32)
-        for o, row in enumerate(p["connect"]):
-            mask[o, row] = 1.0
-        return mask
+        return artifact.connect_mask(p["connect"], p["shape"])
 
     def state(self) -> dict[str, np.ndarray]:
         """Copies of all parameters by name (what ``save`` writes)."""
@@ -414,13 +411,13 @@ class Model:
             y = np.asarray(y)
         except (TypeError, ValueError) as e:
             raise ValueError(f"expected {n} labels or targets as a numeric array: {e}") from None
-        if loss == "cross_entropy" or y.dtype.kind in "iub":
+        if LOSSES[loss].labels or y.dtype.kind in "iub":
             if y.dtype.kind not in "iub" or y.shape != (n,):
                 raise ValueError(f"expected {n} integer labels of shape ({n},), got {y.dtype} {_fmt(y.shape)}")
             if n and (y.min() < 0 or y.max() >= k):
                 bad = int(y.min()) if y.min() < 0 else int(y.max())
                 raise ValueError(f"label {bad} is out of range: the network has {k} outputs (labels 0..{k - 1})")
-            if loss == "cross_entropy":
+            if LOSSES[loss].labels:
                 return np.ascontiguousarray(y, dtype=np.int32)
             onehot = np.zeros((n, k), dtype=np.float32)
             onehot[np.arange(n), y.astype(np.intp)] = 1.0
@@ -492,9 +489,9 @@ class Model:
         return self.forward(x).reshape(len(x), -1).argmax(axis=1)
 
     def loss_name(self, loss: str | None) -> str:
-        loss = loss or self.manifest["train"].get("loss", "cross_entropy")
+        loss = loss or self.manifest["train"].get("loss", DEFAULT_LOSS)
         if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; choose {' or '.join(LOSSES)}")
+            raise ValueError(f"unknown loss {loss!r}; choose {choices()}")
         return loss
 
     def _accumulate_gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, seed: int,
@@ -612,7 +609,7 @@ class Model:
         n = x.shape[0]
         targets = self.check_targets(y, n, loss)
         k = self.manifest["loss_inputs"][loss]
-        scale = 1.0 / n if loss == "cross_entropy" else 1.0 / (n * k)
+        scale = LOSSES[loss].scale(n, k)
         out = np.empty((n, k), dtype=np.float32)
         losses = np.empty(n, dtype=np.float32)
         with self._lock:

@@ -27,6 +27,7 @@ import numpy as np
 from cnnc_runtime import rules
 from cnnc_runtime.data import Inputs, first_non_finite_row
 from cnnc_runtime.fileio import atomic_save_npz
+from cnnc_runtime.losses import LOSSES
 from cnnc_runtime.model import CHUNK, MIN_IMAGES_PER_THREAD
 from cnnc_runtime.optimizers import OPTIMIZERS, Optimizer, add_weight_decay, make_optimizer, optimizer_class
 from cnnc_runtime.progress import ProgressBar
@@ -72,7 +73,7 @@ class History:
 
 
 def _labels_like(model, y: np.ndarray, loss: str) -> bool:
-    return loss == "cross_entropy" or np.asarray(y).dtype.kind in "iub"
+    return LOSSES[loss].labels or np.asarray(y).dtype.kind in "iub"
 
 
 def evaluate(model, x: np.ndarray | Inputs, y: np.ndarray,
@@ -698,7 +699,7 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
                 xb, tb = batch[:m], targets[idx]
                 # native Gaussian noise: a seed from the run's generator, so resume stays exact
                 noise = int(run.rng.integers(0, 2**63 - 1)) if s.jitter > 0 else None
-                scale = 1.0 / m if loss == "cross_entropy" else 1.0 / (m * k)
+                scale = LOSSES[loss].scale(m, k)
                 seed = int(run.rng.integers(0, 2**63 - 1)) if model.manifest["has_dropout"] else 0
 
                 def prepare(t: int, a: int, b: int, idx=idx, noise=noise) -> None:

@@ -8,6 +8,7 @@ import sys
 from cnnc.cli.common import integer, path, real, source_of
 from cnnc.errors import Diagnostics
 from cnnc.pipeline import Build
+from cnnc_runtime.losses import LOSSES
 
 MAX_GRADCHECK_BATCH = 1024  # a random batch to check gradients on; its float64 reference runs per sample
 
@@ -21,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     gc.add_argument("--batch", type=integer(1, MAX_GRADCHECK_BATCH), default=4,
                     help=f"images in the random batch, 1 to {MAX_GRADCHECK_BATCH} (default 4)")
     gc.add_argument("--samples", type=integer(1), default=12, help="entries checked per parameter (default 12)")
-    gc.add_argument("--loss", choices=["cross_entropy", "mse"], help="default: the train section's loss")
+    gc.add_argument("--loss", choices=list(LOSSES), help="default: the train section's loss")
     gc.add_argument("--seed", type=integer(0), default=0)
     gc.add_argument("--tolerance", type=real(0, what="a non-negative number"), default=1e-2,
                     help="exit 1 above this relative error (1e-2)")

@@ -27,18 +27,14 @@ from cnnc.codegen.specs import LossSpec
 
 def emit_loss(module: ir.Module, name: str, spec: LossSpec, vw: int) -> ir.Function:
     """``(x, target, dx, loss, scale_f32, n0, n1)``: loss[n] and dx = scale * dLoss_n/dx."""
-    if spec.kind not in ("cross_entropy", "mse") or spec.k < 1:
+    if spec.kind not in KERNELS or spec.k < 1:
         raise ValueError(f"unsupported loss {spec}")
     fn, b, a = emit.kernel(module, name, ["x", "target", "dx", "loss", "scale_f32", "n0", "n1"])
     x_stride, dx_stride = stride_or(spec.x_stride, spec.k), stride_or(spec.dx_stride, spec.k)
     with for_range(b, a["n0"], a["n1"], name="n") as n:
         xb = image_base(b, a["x"], n, x_stride, "xb")
         dxb = image_base(b, a["dx"], n, dx_stride, "dxb")
-        if spec.kind == "cross_entropy":
-            value = _cross_entropy(b, spec.k, vw, xb, dxb, a["target"], a["scale_f32"], n)
-        else:
-            tb = image_base(b, a["target"], n, spec.k, "tb")
-            value = _mse(b, spec.k, vw, xb, tb, dxb, a["scale_f32"])
+        value = KERNELS[spec.kind](b, spec.k, vw, xb, dxb, a["target"], a["scale_f32"], n)
         emit.store(b, value, a["loss"], n)
     b.ret_void()
     return fn
@@ -63,7 +59,9 @@ def _cross_entropy(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, dxb: ir.Value
     return b.fadd(b.fsub(top, x_label), emit.log(b, total), name="ce")
 
 
-def _mse(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, tb: ir.Value, dxb: ir.Value, scale: ir.Value) -> ir.Value:
+def _mse(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, dxb: ir.Value, targets: ir.Value, scale: ir.Value,
+         n: ir.Value) -> ir.Value:
+    tb = image_base(b, targets, n, k, "tb")
     two_scale = b.fmul(scale, emit.f32(2.0), name="two_scale")
 
     def term(i: ir.Value, width: int) -> ir.Value:
@@ -73,3 +71,7 @@ def _mse(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, tb: ir.Value, dxb: ir.V
 
     return reduce_run(b, k, vw, term, fadd_of(b), 0.0, "sq")
 
+
+# One kernel body per loss of ``cnnc_runtime.losses.LOSSES``: (builder, k, vector width, x, dx, target, scale,
+# image index) -> that image's loss, dx written.
+KERNELS = {"cross_entropy": _cross_entropy, "mse": _mse}

@@ -11,9 +11,9 @@ from cnnc.errors import CnnError, did_you_mean
 from cnnc.frontend import ast
 from cnnc.frontend.values import describe, evaluate
 from cnnc_runtime import optimizers, rules
+from cnnc_runtime.losses import LOSSES, choices
 
 OPTIMIZERS = {name: cls.hyperparameters for name, cls in optimizers.OPTIMIZERS.items()}
-LOSSES = ("cross_entropy", "mse")
 SCALARS = ("batch", "epochs", "seed", "weight_decay", "jitter", "validation", "restarts", "max_steps",
            "min_improvement", "lr_decay")
 KEYS = ("loss", "optimizer", "data", "early_stop", "normalize", *SCALARS)
@@ -93,7 +93,7 @@ def lower_train(section: ast.Train) -> dict[str, Any]:
         elif s.key == "loss":
             v = evaluate(value, {})
             if v not in LOSSES:
-                hint = did_you_mean(str(v), LOSSES) or f"; choose {' or '.join(LOSSES)}"
+                hint = did_you_mean(str(v), list(LOSSES)) or f"; choose {choices()}"
                 raise CnnError(f"unknown loss {describe(v)}{hint}", value.loc)
             out["loss"] = v
         elif s.key == "data":
