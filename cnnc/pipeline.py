@@ -2,17 +2,18 @@
 -> model.
 
 ``cnnc.compile``, every command of the CLI and the tests compile through here.
-Each stage is a plain function of ``cnnc.compiler``; this module runs them in
-order, keeps each stage's graph for whoever asks (``cnnc check`` prints the
-checked graph with the fused groups of the optimized one; ``cnnc compile
---dump-after`` watches the passes of the compile itself), and puts the two
-caches of ``cnnc.cache`` (a pure store) around them:
+Each stage is a plain function (``cnnc.compiler``, ``cnnc.generate``); this
+module runs them in order, keeps each stage's graph for whoever asks (``cnnc
+check`` prints the checked graph with the fused groups of the optimized one;
+``cnnc compile --dump-after`` watches the passes of the compile itself), and
+puts the two caches of ``cnnc.cache`` (a pure store) around them:
 
 - by source text: compiling the same text again is one file read, without a
   parse; lark, networkx and llvmlite.binding are not even imported;
 - by optimized graph: two files that differ only in comments share the object.
 
-The data flows one way: ``cnnc.compiler`` and the cache never call back here.
+The data flows one way: the stages (``cnnc.compiler`` up to the optimized
+graph, ``cnnc.generate`` after it) and the cache never call back here.
 """
 
 from __future__ import annotations
@@ -56,11 +57,18 @@ def read_source(path: str | os.PathLike[str]) -> str:
 
 
 def _compiler() -> ModuleType:
-    """``cnnc.compiler``: the front end (lark), the passes (networkx) and the code generator (llvmlite), about
-    0.4 s to import, imported on the first compile that misses the cache or needs a graph."""
+    """``cnnc.compiler``: the front end (lark) and the passes (networkx), about 0.3 s to import, imported on the
+    first compile that misses the cache or needs a graph."""
     from cnnc import compiler  # lazy: a cached compile, `cnnc run` of an artifact and `import cnnc` never need it
 
     return compiler
+
+
+def _generator() -> ModuleType:
+    """``cnnc.generate``: the code generator (llvmlite.ir and the kernel emitters), imported to generate code."""
+    from cnnc import generate  # lazy: `cnnc check` and a cached compile never need it
+
+    return generate
 
 
 class Compiled:
@@ -127,7 +135,7 @@ class Build:
                 manifest, obj = hit
                 manifest.update(self.description())  # comments and the train section are not code
                 return Compiled(manifest, obj)
-            manifest, obj, modules = compiler.generate(self.checked(), self.optimized(), target)
+            manifest, obj, modules = _generator().generate(self.checked(), self.optimized(), target)
         manifest["cache_key"] = key
         if use_cache:
             write(path, manifest, obj)
