@@ -16,7 +16,7 @@ import os
 import stat
 from pathlib import Path
 
-from cnnc_runtime.fileio import atomic_write_bytes
+from cnnc_runtime import fileio
 
 
 def cache_dir() -> Path:
@@ -101,5 +101,5 @@ def write_private(path: Path, data: bytes) -> None:
     if private_dir(*path.parent.relative_to(cache_dir()).parts, create=True) != path.parent:
         return
     with contextlib.suppress(OSError):
-        atomic_write_bytes(path, data)
+        fileio.atomic_write_bytes(path, data)
         os.chmod(path, 0o600, follow_symlinks=False)

@@ -40,12 +40,6 @@ ALLOWED_IN_FUNCTIONS = {
     ("cnnc_runtime.host", "llvmlite.binding"),
 }
 
-# KNOWN CYCLE, on its way out: runtime/model.py imports train.py inside Model.fit and Model.evaluate, while
-# train.py drives the model. The runtime's public step API (issue 11, point 4) puts train.py on top of model.py;
-# when it lands, these two entries must go (the stale-entry test below fails until they do).
-KNOWN_RUNTIME_MODEL_TRAIN_CYCLE = {("cnnc_runtime.model", "cnnc_runtime.train")}
-ALLOWED_IN_FUNCTIONS |= KNOWN_RUNTIME_MODEL_TRAIN_CYCLE
-
 
 @dataclass(frozen=True)
 class Import:
@@ -121,16 +115,16 @@ def import_graph(include_functions: bool = True) -> nx.DiGraph:
 
 
 def test_the_packages_have_no_import_cycles():
-    g = import_graph()
-    g.remove_edges_from(KNOWN_RUNTIME_MODEL_TRAIN_CYCLE)
-    cycles = list(nx.simple_cycles(g))
+    cycles = list(nx.simple_cycles(import_graph()))
     assert not cycles, "import cycles: " + "; ".join(" -> ".join([*c, c[0]]) for c in cycles)
 
 
-def test_the_known_cycle_is_the_only_one_and_still_there():
-    """Delete KNOWN_RUNTIME_MODEL_TRAIN_CYCLE when this fails because the cycle is gone."""
-    cycles = [sorted(c) for c in nx.simple_cycles(import_graph())]
-    assert cycles == [["cnnc_runtime.model", "cnnc_runtime.train"]]
+def test_the_runtime_layers_point_down():
+    """``model`` (the user's class) -> ``train`` (fit, evaluate) -> ``engine`` (the compiled network)."""
+    g = import_graph()
+    assert g.has_edge("cnnc_runtime.model", "cnnc_runtime.train")
+    assert g.has_edge("cnnc_runtime.train", "cnnc_runtime.engine")
+    assert not nx.has_path(g, "cnnc_runtime.engine", "cnnc_runtime.train")
 
 
 def test_imports_inside_functions_are_only_the_allowed_ones_each_with_a_comment():
