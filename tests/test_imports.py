@@ -36,6 +36,8 @@ ALLOWED_IN_FUNCTIONS = {
     # matplotlib: an optional dependency (the plot extra), for `cnnc train --plot` only
     ("cnnc.cli.train", "matplotlib"),
     ("cnnc.cli.train", "matplotlib.pyplot"),
+    # Pillow: an optional dependency (the images extra), for image folders only
+    ("cnnc_runtime.data", "PIL"),
     # LLVM itself (20-30 ms): only compiling and asking LLVM about the CPU need it
     ("cnnc_runtime.host", "llvmlite.binding"),
 }
