@@ -185,6 +185,18 @@ network dilated {
 }
 """
 
+# 6x6 images (a dataset's) are padded into its 8x8 input and normalized: the input rule's test network
+PADDED = """
+network padnet {
+    input image: 1x8x8
+    c = image -> conv(2, 3x3) -> tanh -> avgpool(2x2)
+    y = c -> flatten -> dense(3)
+}
+train {
+    normalize(mean=0.2, std=0.7)
+}
+"""
+
 NETWORKS = {
     "lenet5": (EXAMPLES / "lenet5.cnn").read_text(),
     "lenet_modern": LENET_MODERN,
@@ -198,7 +210,6 @@ NETWORKS = {
     "smooth": SMOOTH,
     "dilated": DILATED,
 }
-
 
 
 # ---- compiling (memoised per process) -------------------------------------------------
@@ -257,11 +268,7 @@ def random_params(g, rng: np.random.Generator, scale: float = 0.5) -> dict[str, 
     return out
 
 
-
-
 # ---- the ops, forward and backward --------------------------------------------------
-
-
 
 
 def reference_value_and_grad(g, params, x, y, loss: str = "cross_entropy", masks=None):
