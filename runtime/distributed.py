@@ -140,8 +140,8 @@ def world() -> Local:
 
 
 def _connect(rank: int, size: int) -> Mpi:
-    try:  # an optional dependency, needed only in an MPI job
-        from mpi4py import MPI
+    try:
+        from mpi4py import MPI  # an optional dependency (the mpi extra), needed only in an MPI job
     except ImportError as e:
         raise RuntimeError(f"this process was started by an MPI launcher as rank {rank} of {size}, but mpi4py "
                            f"cannot be imported ({e}): pip install 'cnnc[mpi]'") from None
