@@ -34,8 +34,9 @@ from cnnc_runtime.losses import LOSSES, choices
 from cnnc_runtime.native import unbundle
 
 MAGIC = b"CNNCART1"
-# 2: the code records the layout it was compiled for (CONTRACT_SYMBOL); 3: update loops take the decay mask
-FORMAT_VERSION = 3
+# 2: the code records the layout it was compiled for (CONTRACT_SYMBOL); 3: update loops take the decay mask;
+# 4: step, jitter and augment take image0 (draws by each image's index in the whole batch)
+FORMAT_VERSION = 4
 CONTRACT_SYMBOL = "cnnc_contract"
 ENTRY_POINTS = ("infer", *(f"step_{loss}" for loss in LOSSES), "jitter", "augment")
 MAX_FLOATS = 1 << 40  # a buffer size past this is a damaged manifest, not a network

@@ -224,10 +224,10 @@ class Engine:
         self._lib = NativeLibrary(obj, t["triple"], t["cpu"], t["features"])
         self._obj = obj
         self._infer = self._lib.function("infer", [P, P, P, P, P, I64, I64])
-        self._steps = {loss: self._lib.function(f"step_{loss}", [P] * 8 + [I64, F32, F32, I64, I64])
+        self._steps = {loss: self._lib.function(f"step_{loss}", [P] * 8 + [I64, I64, F32, F32, I64, I64])
                        for loss in LOSSES}
-        self._jitter = self._lib.function("jitter", [P, I64, F32, P, I64, I64])
-        self._augment = self._lib.function("augment", [P, I64, I64, I64, P, P, I64, I64])
+        self._jitter = self._lib.function("jitter", [P, I64, I64, F32, P, I64, I64])
+        self._augment = self._lib.function("augment", [P, I64, I64, I64, I64, P, P, I64, I64])
         self._updates: dict[str, Any] = {}
         self.flat_params = aligned_zeros(size)
         self.flat_grads = aligned_zeros(size)
@@ -548,7 +548,8 @@ class Engine:
 
     def gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, *, seed: int = 0,
                   out: np.ndarray | None = None, losses: np.ndarray | None = None,
-                  prepare: Callable[[int, int, int], None] | None = None, label_smoothing: float = 0.0) -> float:
+                  prepare: Callable[[int, int, int], None] | None = None, label_smoothing: float = 0.0,
+                  image0: int = 0, whole: int | None = None) -> float:
         """One training step's gradient on a batch: ``flat_grads`` = d(mean loss)/d(params); returns the mean loss.
 
         The forward pass runs in training mode: dropout is on, its masks drawn
@@ -563,6 +564,13 @@ class Engine:
         in that core's cache. `label_smoothing` e: cross-entropy against
         (1 - e) onehot + e / K, as PyTorch's ``cross_entropy(label_smoothing=e)``.
 
+        A part of a larger batch (a process's share of a data-parallel step,
+        ``cnnc_runtime.distributed``): `image0` is the index of ``x[0]`` in the
+        whole batch, whose dropout masks follow each image's index there, and
+        `whole` the whole batch's image count, by which the sums are divided
+        instead of N, so that the parts' gradients and losses add up to the
+        whole batch's.
+
         The batch is cut into shards by its size alone (see ``shards``); each
         shard's gradient sums into a buffer of its own and the buffers are added
         in order, so the result is the same bits on any number of threads.
@@ -575,12 +583,16 @@ class Engine:
         check_smoothing(label_smoothing, loss)
         out = self._step_buffer(out, (n, k), "out")
         losses = self._step_buffer(losses, (n,), "losses")
-        scale = LOSSES[loss].scale(n, k)
+        whole = n if whole is None else whole
+        if not (isinstance(image0, int) and isinstance(whole, int) and image0 >= 0 and whole >= n):
+            raise ValueError(f"gradients on a part of a batch needs image0 >= 0 and whole >= N = {n}, "
+                             f"got image0 {image0!r}, whole {whole!r}")
+        scale = LOSSES[loss].scale(whole, k)  # the mean over the whole batch's images (mse: and outputs)
         with self.lock:
             self.flat_grads[...] = 0.0
             for start in range(0, n, CHUNK):
                 self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, min(n, start + CHUNK),
-                                      label_smoothing)
+                                      label_smoothing, image0)
         return float(losses.sum(dtype=np.float64) * scale)
 
     def _check_network_input(self, x: Any, what: str, writable: bool = False) -> None:
@@ -622,7 +634,7 @@ class Engine:
 
     def _chunk_gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, seed: int, scale: float,
                          out: np.ndarray, losses: np.ndarray, prepare: Callable[[int, int, int], None] | None,
-                         start: int, stop: int, smoothing: float) -> None:
+                         start: int, stop: int, smoothing: float, image0: int) -> None:
         """Images [start, stop) of one step's batch (at most a chunk): their shards on the pool, then the sum."""
         scratch = self._train_scratch
         arena = scratch.arena("train", stop - start)
@@ -632,13 +644,13 @@ class Engine:
         os_ = out.ctypes.data + start * out[0].nbytes
         ts = targets.ctypes.data + start * targets[0].nbytes
         ls = losses.ctypes.data + start * 4
-        salt = (seed + start) % (1 << 63)  # the dropout hash counts images from `seed`: chunks draw different masks
+        salt, first = seed % (1 << 63), image0 + start  # the dropout hash counts images of the whole batch
 
         def run(t: int, i: int, grads: int) -> None:
             a, b = parts[i]
             if prepare is not None:
                 prepare(t, start + a, start + b)
-            step(params, grads, arena, xs, os_, ts, ls, ws[t], salt, scale, smoothing, a, b)
+            step(params, grads, arena, xs, os_, ts, ls, ws[t], salt, first, scale, smoothing, a, b)
 
         if self.threads == 1 or len(parts) == 1:  # in order on this thread: one spare buffer, each shard added at once
             bufs, ptrs = self._shard_buffers(min(len(parts), 2))
@@ -686,7 +698,7 @@ class Engine:
         return self._updates[kind]
 
     def add_noise(self, x: np.ndarray, sigma: float, seed: int, *, rows: tuple[int, int] | None = None,
-                  thread: int | None = None) -> None:
+                  thread: int | None = None, image0: int = 0) -> None:
         """x += N(0, sigma^2) noise, in place, drawn natively from `seed` (training's input jitter).
 
         `x` must be a writable contiguous float32 ``(N, *input_shape)`` array.
@@ -694,6 +706,8 @@ class Engine:
         a time gives what adding it at once gives. `rows` (a, b): only images
         [a, b). `thread`: from a ``gradients`` ``prepare`` callback, the pool
         thread it runs on (the noise is then drawn in that step's workspace).
+        `image0`: ``x`` is part of a larger batch, starting at its image
+        `image0`; each image gets the noise of its index in that batch.
         """
         if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous
                 and x.flags.writeable and x.shape[1:] == self.input_shape and x.ndim == len(self.input_shape) + 1):
@@ -702,19 +716,21 @@ class Engine:
         a, b = (0, x.shape[0]) if rows is None else rows
         if not 0 <= a <= b <= x.shape[0]:
             raise ValueError(f"add_noise rows {rows} are not a range of the {x.shape[0]} images")
+        if not (isinstance(image0, int) and image0 >= 0):
+            raise ValueError(f"add_noise image0 must be a non-negative index, got {image0!r}")
         if thread is not None:
             if not 0 <= thread < self.threads:
                 raise ValueError(f"add_noise thread {thread} is not one of the model's {self.threads} pool threads")
-            self._jitter(x.ctypes.data, seed % (1 << 63), sigma, self._train_scratch.ws_ptrs[thread], a, b)
+            self._jitter(x.ctypes.data, seed % (1 << 63), image0, sigma, self._train_scratch.ws_ptrs[thread], a, b)
             return
         scratch = self._checkout()
         try:
-            self._jitter(x.ctypes.data, seed % (1 << 63), sigma, scratch.ws_ptrs[0], a, b)
+            self._jitter(x.ctypes.data, seed % (1 << 63), image0, sigma, scratch.ws_ptrs[0], a, b)
         finally:
             self._checkin(scratch)
 
     def augment(self, x: np.ndarray, seed: int, pad: int = 0, flip: bool = False, fill: np.ndarray | float = 0.0, *,
-                rows: tuple[int, int] | None = None, thread: int | None = None) -> None:
+                rows: tuple[int, int] | None = None, thread: int | None = None, image0: int = 0) -> None:
         """Crop each image after zero padding by `pad` and mirror it at random, in place, drawn natively from `seed`.
 
         Training's crop and flip. Image i's draws depend on `seed` and i alone
@@ -722,8 +738,8 @@ class Engine:
         what augmenting at once gives. `fill` is what the padding holds, one
         value or one per channel (training pads with a black pixel after
         normalization, ``Inputs.blank``). `x` must be a writable contiguous
-        float32 ``(N, C, H, W)`` array of the input's shape. `rows` and
-        `thread` as in ``add_noise``.
+        float32 ``(N, C, H, W)`` array of the input's shape. `rows`, `thread`
+        and `image0` as in ``add_noise``.
         """
         check_augment(pad, self.input_shape, bool(flip))
         if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous
@@ -733,8 +749,10 @@ class Engine:
         a, b = (0, x.shape[0]) if rows is None else rows
         if not 0 <= a <= b <= x.shape[0]:
             raise ValueError(f"augment rows {rows} are not a range of the {x.shape[0]} images")
+        if not (isinstance(image0, int) and image0 >= 0):
+            raise ValueError(f"augment image0 must be a non-negative index, got {image0!r}")
         fill = self.augment_fill(fill)
-        args = (x.ctypes.data, seed % (1 << 63), int(pad), int(bool(flip)), fill.ctypes.data)
+        args = (x.ctypes.data, seed % (1 << 63), image0, int(pad), int(bool(flip)), fill.ctypes.data)
         if thread is not None:
             if not 0 <= thread < self.threads:
                 raise ValueError(f"augment thread {thread} is not one of the model's {self.threads} pool threads")
@@ -781,6 +799,11 @@ class Engine:
             value = self.gradients(x, targets, loss, seed=seed, label_smoothing=label_smoothing)
             grads = {name: g.copy() for name, g in self.grads.items()}
         return value, grads
+
+    @property
+    def code(self) -> bytes:
+        """The network's native object code, as an artifact stores it (ranks of an MPI job compare it)."""
+        return self._obj
 
     def save_artifact(self, path: str | os.PathLike[str], with_weights: bool = True,
                       key: bytes | str | os.PathLike[str] | None = None) -> None:

@@ -154,7 +154,8 @@ def forward_dropout(ctx, name: str) -> None:
     if not ctx.plan.training:
         return  # a view of its input
     fn = ctx.kernel(emit_dropout_forward, dropout_spec(ctx, name))
-    ctx.call(fn, ctx.value(ctx.node(name)["inputs"][0]), ctx.value(name), ctx.plan.mask[name], ctx.seed_for(name))
+    ctx.call(fn, ctx.value(ctx.node(name)["inputs"][0]), ctx.value(name), ctx.plan.mask[name], ctx.seed_for(name),
+             ctx.args["image0_i64"])
 
 
 def _copy(ctx, src, dst, count: int, src_offset: int = 0, dst_offset: int = 0, accumulate: bool = False) -> None:

@@ -5,16 +5,19 @@ Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
 ``infer(params, arena, x, y, ws, n0, n1)``
     the inference forward pass: ``y = net(x)`` (dropout is the identity).
 ``step_cross_entropy`` / ``step_mse``
-``(params, grads, arena, x, y, target, losses, ws, seed_i64, scale_f32, smooth_f32, n0, n1)``
+``(params, grads, arena, x, y, target, losses, ws, seed_i64, image0_i64, scale_f32, smooth_f32, n0, n1)``
     one training step's native work: the forward pass in training mode (dropout
-    masks drawn from ``seed``), ``y`` = the output, ``losses[n]`` = each image's
+    masks drawn from ``seed`` and each image's index ``image0 + n`` in the whole
+    batch), ``y`` = the output, ``losses[n]`` = each image's
     loss, and ``grads += scale * d(sum of losses)/d(params)``. With
     cross-entropy a final softmax is skipped: the loss has its own.
 
-``jitter(x, seed_i64, sigma_f32, ws, n0, n1)``
-    adds N(0, sigma^2) noise to a batch of inputs in place (training's input jitter).
-``augment(x, seed_i64, pad_i64, flip_i64, fill, ws, n0, n1)``
-    crops (after zero padding) and flips a batch of inputs in place (``cnnc.codegen.augment``).
+``jitter(x, seed_i64, image0_i64, sigma_f32, ws, n0, n1)``
+    adds N(0, sigma^2) noise to a batch of inputs in place (training's input jitter), drawn
+    from ``seed`` and each image's index ``image0 + n`` in the whole batch.
+``augment(x, seed_i64, image0_i64, pad_i64, flip_i64, fill, ws, n0, n1)``
+    crops (after zero padding) and flips a batch of inputs in place (``cnnc.codegen.augment``), drawn
+    from ``seed`` and each image's index ``image0 + n`` in the whole batch.
 ``update_KIND`` ``(params, grads, mask, s1, s2, hyper, n0, n1)``, one per optimizer of the table
     one optimizer step over parameters ``[n0, n1)`` (``cnnc.codegen.optim``).
 
@@ -43,10 +46,10 @@ from cnnc.codegen.target import TILED
 from cnnc.ir import execution_order
 from cnnc_runtime.losses import LOSSES
 
-STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "seed_i64", "scale_f32", "smooth_f32",
-             "n0", "n1"]
+STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "seed_i64", "image0_i64", "scale_f32",
+             "smooth_f32", "n0", "n1"]
 INFER_ARGS = ["params", "arena", "x", "y", "ws", "n0", "n1"]
-AUGMENT_ARGS = ["x", "seed_i64", "pad_i64", "flip_i64", "fill", "ws", "n0", "n1"]
+AUGMENT_ARGS = ["x", "seed_i64", "image0_i64", "pad_i64", "flip_i64", "fill", "ws", "n0", "n1"]
 SMALL_OUTPUT = 4096  # floats per image: an inference output this small is copied out (see _like_training)
 SHARE_MAX_FLOATS = 16384  # per image (64 KiB: 16 MiB per 256-image chunk) that sharing kernels may add
 
@@ -184,9 +187,9 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
         _emit_step(builder, train_plan, order, loss)
 
     size = infer_plan.value[g.graph["input"]].size  # jitter: Gaussian noise on a batch of inputs, in place
-    jitter = Entry(builder, infer_plan, "jitter", ["x", "seed_i64", "sigma_f32", "ws", "n0", "n1"])
+    jitter = Entry(builder, infer_plan, "jitter", ["x", "seed_i64", "image0_i64", "sigma_f32", "ws", "n0", "n1"])
     jitter.call(builder.kernel(emit_gaussian_noise, NoiseSpec(size=size, x_stride=size)), jitter.args["x"],
-                jitter.args["seed_i64"], jitter.args["sigma_f32"])
+                jitter.args["seed_i64"], jitter.args["image0_i64"], jitter.args["sigma_f32"])
     jitter.b.ret_void()
 
     shape = tuple(g.nodes[g.graph["input"]]["shape"])  # augment: crop and flip a batch of images in place
