@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cnnc_runtime import artifact
+from cnnc_runtime.batchnorm import Statistics
 from cnnc_runtime.host import host_cpu, missing_features
 from cnnc_runtime.memory import check_fits
 from cnnc_runtime.native import NativeLibrary
@@ -85,9 +86,11 @@ class Scratch:
     A call holds its set for its whole duration, so no other call writes, grows or frees them meanwhile.
     """
 
-    def __init__(self, ws_floats: int, threads: int, arena_floats: dict[str, int]) -> None:
+    def __init__(self, ws_floats: int, threads: int, arena_floats: dict[str, int], folded_floats: int = 0) -> None:
         self.ws = [aligned_zeros(ws_floats) for _ in range(threads)]
         self.ws_ptrs = [w.ctypes.data for w in self.ws]
+        self.folded = aligned_zeros(folded_floats) if folded_floats else None  # batchnorm: inference parameters
+        self.folded_ptr = self.folded.ctypes.data if folded_floats else 0
         self._per_image = arena_floats
         self._arenas: dict[str, tuple[np.ndarray, int]] = {}
 
@@ -109,9 +112,10 @@ class Params(Mapping):
     integer values, converted to float32); names cannot be added or removed.
     """
 
-    def __init__(self, model: Model, views: dict[str, np.ndarray]) -> None:
+    def __init__(self, model: Model, views: dict[str, np.ndarray], what: str = "parameter") -> None:
         self._model = weakref.proxy(model)  # no cycle: a model's buffers go when the model does
         self._views = views
+        self._what = what
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._views[name]
@@ -124,15 +128,16 @@ class Params(Mapping):
 
     def __setitem__(self, name: str, value: Any) -> None:
         if name not in self._views:
-            raise ValueError(f"network {self._model.name} has no parameter {name!r}; it has "
-                             f"{', '.join(self._views)}"[:500])
-        self._model._assign({name: value}, f"params[{name!r}]")
+            raise ValueError(f"network {self._model.name} has no {self._what} {name!r}; it has "
+                             f"{', '.join(self._views) or 'none'}"[:500])
+        self._model._assign({name: value}, f"{'params' if self._what == 'parameter' else 'buffers'}[{name!r}]")
 
     def __delitem__(self, name: str) -> None:
-        raise ValueError(f"parameters cannot be removed from network {self._model.name}")
+        raise ValueError(f"{self._what}s cannot be removed from network {self._model.name}")
 
     def __repr__(self) -> str:
-        return "Params(" + ", ".join(f"{k}: {_fmt(v.shape)}" for k, v in self._views.items()) + ")"
+        kind = "Params(" if self._what == "parameter" else "Buffers("
+        return kind + ", ".join(f"{k}: {_fmt(v.shape)}" for k, v in self._views.items()) + ")"
 
 
 _MODELS: weakref.WeakSet[Model] = weakref.WeakSet()
@@ -199,7 +204,12 @@ class Model:
         self._lib = NativeLibrary(obj, t["triple"], t["cpu"], t["features"])
         self._obj = obj
         self._infer = self._lib.function("infer", [P, P, P, P, P, I64, I64])
-        self._steps = {loss: self._lib.function(f"step_{loss}", [P] * 8 + [I64, F32, I64, I64]) for loss in LOSSES}
+        bn = manifest.get("batchnorm")
+        step_args = [P] * 10 + [I64, F32, I64, I64]
+        syncs = bn["phases"] if bn else {loss: [] for loss in LOSSES}
+        # each loss's step: one native function, or one per phase with batchnorm (cnnc_runtime.batchnorm)
+        self._steps = {loss: [self._lib.function(f"step_{loss}" + (f"_{k}" if k else ""), step_args)
+                              for k in range(len(syncs[loss]) + 1)] for loss in LOSSES}
         self._jitter = self._lib.function("jitter", [P, I64, F32, P, I64, I64])
         self._updates: dict[str, Any] = {}
         self.flat_params = aligned_zeros(size)
@@ -207,6 +217,16 @@ class Model:
         self._layout = manifest["params"]
         self._by_name = {p["name"]: p for p in self._layout}
         self.params = Params(self, {p["name"]: self._view(self.flat_params, p) for p in self._layout})
+        # batchnorm's running statistics: state in a buffer of their own, which no optimizer sees
+        self._state_layout = bn["state"] if bn else []
+        self.flat_state = aligned_zeros(bn["state_floats"] if bn else 0)
+        self.buffers = Params(self, {p["name"]: self._view(self.flat_state, p) for p in self._state_layout},
+                              "buffer")
+        self._by_name.update({p["name"]: p | {"fixed": None} for p in self._state_layout})
+        self.batches_tracked = 0  # training steps taken (saved as PyTorch's num_batches_tracked)
+        self._stats = Statistics(bn, aligned_zeros) if bn else None
+        self._fold = self._lib.function("fold", [P, P, P, I64, I64]) if bn else None
+        self._folded_floats = int(bn["inference_floats"]) if bn else 0
         self.trainable_mask = np.zeros(size, dtype=bool)
         self.decay_mask = np.zeros(size, dtype=np.float32)
         for p in self._layout:
@@ -224,6 +244,7 @@ class Model:
         # these buffers never move (updates write into them), so their addresses are read once
         self._params_ptr = self.flat_params.ctypes.data
         self._shard_ptrs = [self.flat_grads.ctypes.data]
+        self._grad_views = {p["name"]: self._view(self.flat_grads, p) for p in self._layout}
         _MODELS.add(self)
         self.initialize(manifest["train"].get("seed", 0) if seed is None else seed)
         self.carries_weights = bool(weights)  # an artifact's own weights were loaded (cnnc eval needs no --weights)
@@ -250,12 +271,17 @@ class Model:
         with self._lock:
             for p in self._layout:
                 self.params[p["name"]][...] = self._initial(p, rng)
+            for p in self._state_layout:
+                self.buffers[p["name"]][...] = 1.0 if p["init"] == "ones" else 0.0
+            self.batches_tracked = 0
 
     def _initial(self, p: dict, rng: np.random.Generator) -> np.ndarray | float:
         if p["fixed"] is not None:
             return np.asarray(p["fixed"], dtype=np.float32)
-        if p["kind"] == "bias":
+        if p["kind"] == "bias" or p["init"]["scheme"] == "zeros":
             return 0.0
+        if p["init"]["scheme"] == "ones":
+            return 1.0
         gain = 2.0 if p["init"]["scheme"] == "he" else 1.0
         shape = p["shape"]
         w = rng.standard_normal(shape, dtype=np.float32)
@@ -277,14 +303,27 @@ class Model:
         return mask
 
     def state(self) -> dict[str, np.ndarray]:
-        """Copies of all parameters by name (what ``save`` writes)."""
-        return {k: v.copy() for k, v in self.params.items()}
+        """Copies of all parameters and buffers by name (what ``save`` writes).
+
+        With batchnorm the names are PyTorch's ``state_dict`` names for the
+        same layer names, ``NAME.num_batches_tracked`` (the training steps taken,
+        int64) included; cnnc's momentum is always a number, so that count
+        changes nothing here (PyTorch reads it only with ``momentum=None``).
+        """
+        out = {k: v.copy() for k, v in self.params.items()}
+        out.update({k: v.copy() for k, v in self.buffers.items()})
+        for name in self._tracked_names():
+            out[name] = np.array(self.batches_tracked, dtype=np.int64)
+        return out
+
+    def _tracked_names(self) -> list[str]:
+        return [f"{p['layer']}.num_batches_tracked" for p in self._state_layout if p["kind"] == "running_mean"]
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the weights as .npz keyed by parameter name, atomically (temp file, fsync, rename)."""
+        """Write the weights (and batchnorm's state) as .npz keyed by name, atomically (temp file, fsync, rename)."""
         from cnnc_runtime.fileio import atomic_save_npz
 
-        atomic_save_npz(path, self.params)
+        atomic_save_npz(path, self.state())
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Read weights saved by ``save``: all or nothing.
@@ -315,8 +354,10 @@ class Model:
 
     def _load_arrays(self, data: Mapping[str, np.ndarray], source: str) -> None:
         names = set(data.keys())
-        missing = sorted(set(self.params) - names)
-        extra = sorted(names - set(self.params))
+        tracked = set(self._tracked_names())  # optional: PyTorch's step count, or a file without it
+        wanted = set(self.params) | set(self.buffers)
+        missing = sorted(wanted - names)
+        extra = sorted(names - wanted - tracked)
         if missing or extra:
             parts = []
             if missing:
@@ -324,14 +365,21 @@ class Model:
             if extra:
                 parts.append(f"unexpected {', '.join(extra)}")
             raise ValueError(f"{source} does not match network {self.name}: {'; '.join(parts)}")
-        self._assign({name: data[name] for name in self.params}, source)
+        counts = [data[name] for name in sorted(tracked & names)]
+        for name, count in zip(sorted(tracked & names), counts):
+            if count.shape != () or count.dtype.kind not in "iu" or count < 0:
+                raise ValueError(f"{source}: {name} must be a non-negative integer scalar, got {count.dtype} "
+                                 f"{_fmt(count.shape)}")
+        self._assign({name: data[name] for name in sorted(wanted)}, source)
+        if counts:
+            self.batches_tracked = int(counts[0])
 
     def _assign(self, values: Mapping[str, Any], source: str) -> None:
         """Copy `values` into the named parameters, after checking them all: all or nothing."""
         checked = {name: self._as_param(name, value, source) for name, value in values.items()}
         with self._lock:
             for name, arr in checked.items():
-                self.params[name][...] = arr
+                (self.params if name in self.params else self.buffers)[name][...] = arr
 
     def _as_param(self, name: str, value: Any, source: str) -> np.ndarray:
         """`value` as float32 for parameter `name`, or ``ValueError`` naming the parameter and what it needs."""
@@ -349,6 +397,8 @@ class Model:
         if not np.isfinite(arr).all():
             raise ValueError(f"{source}: {name} holds values that are not finite in float32 (inf, NaN, or "
                              f"beyond +-3.4e38)")
+        if p["kind"] == "running_var" and (arr < 0).any():
+            raise ValueError(f"{source}: {name} holds negative variances")
         if p["fixed"] is not None and not np.array_equal(arr, np.asarray(p["fixed"], dtype=np.float32)):
             raise ValueError(f"{source}: {name} differs from the weights fixed for it in network {self.name}'s "
                              f"source (weights=[...]); they cannot be changed")
@@ -449,7 +499,7 @@ class Model:
         try:
             return self._spare.pop()  # (list.pop and append are atomic: no lock)
         except IndexError:
-            return Scratch(self._ws_floats, self.threads, self._arena_floats)
+            return Scratch(self._ws_floats, self.threads, self._arena_floats, self._folded_floats)
 
     def _checkin(self, scratch: Scratch) -> None:
         if len(self._spare) < SPARE_SCRATCH:
@@ -463,10 +513,18 @@ class Model:
         finally:
             self._checkin(scratch)
 
+    def _inference_params(self, scratch: Scratch) -> int:
+        """The address of the parameters inference reads: the trained ones, or with batchnorm, those folded
+        from them and the running statistics now (a pass over the weights, cheaper than a forward pass)."""
+        if self._fold is None:
+            return self._params_ptr
+        self._fold(self._params_ptr, self.flat_state.ctypes.data, scratch.folded_ptr, 0, 1)
+        return scratch.folded_ptr
+
     def _infer_on(self, scratch: Scratch, x: np.ndarray, y: np.ndarray, single: bool) -> None:
         n = x.shape[0]
         arena = scratch.arena("infer", min(n, CHUNK))
-        params, ws, xp, yp = self._params_ptr, scratch.ws_ptrs, x.ctypes.data, y.ctypes.data
+        params, ws, xp, yp = self._inference_params(scratch), scratch.ws_ptrs, x.ctypes.data, y.ctypes.data
         if single:
             self._infer(params, arena, xp, yp, ws[0], 0, n)
             return
@@ -513,8 +571,13 @@ class Model:
         """
         with self._lock:
             n = x.shape[0]
-            for start in range(0, n, CHUNK):
-                self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, min(n, start + CHUNK))
+            # batchnorm normalizes with the whole batch's statistics: one chunk, however large
+            chunk = CHUNK if self._stats is None else n
+            if self._stats is not None:
+                self._stats.check_batch(n)
+                self.batches_tracked += 1
+            for start in range(0, n, chunk):
+                self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, min(n, start + chunk))
 
     def _chunk_gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, seed: int, scale: float,
                          out: np.ndarray, losses: np.ndarray, prepare: Callable[[int, int, int], None] | None,
@@ -522,20 +585,26 @@ class Model:
         """Images [start, stop) of one step's batch (at most a chunk): their shards on the pool, then the sum."""
         scratch = self._train_scratch
         arena = scratch.arena("train", stop - start)
-        step, params, ws = self._steps[loss], self._params_ptr, scratch.ws_ptrs
+        phases, params, ws = self._steps[loss], self._params_ptr, scratch.ws_ptrs
         parts = shards(stop - start)
+        stats = self._stats
+        stat_ptrs = stats.shard_buffers(len(parts)) if stats is not None else [0] * len(parts)
+        coefs = stats.coefs_ptr if stats is not None else 0
         xs = x.ctypes.data + start * x[0].nbytes
         os_ = out.ctypes.data + start * out[0].nbytes
         ts = targets.ctypes.data + start * targets[0].nbytes
         ls = losses.ctypes.data + start * 4
         salt = (seed + start) % (1 << 63)  # the dropout hash counts images from `seed`: chunks draw different masks
 
-        def run(t: int, i: int, grads: int) -> None:
+        def run(t: int, i: int, grads: int, phase: int = 0) -> None:
             a, b = parts[i]
-            if prepare is not None:
+            if prepare is not None and phase == 0:
                 prepare(t, start + a, start + b)
-            step(params, grads, arena, xs, os_, ts, ls, ws[t], salt, scale, a, b)
+            phases[phase](params, grads, arena, xs, os_, ts, ls, ws[t], stat_ptrs[i], coefs, salt, scale, a, b)
 
+        if len(phases) > 1:
+            self._phased(loss, parts, run)
+            return
         if self.threads == 1 or len(parts) == 1:  # in order on this thread: one spare buffer, each shard added at once
             bufs, ptrs = self._shard_buffers(min(len(parts), 2))
             for i in range(len(parts)):
@@ -556,6 +625,34 @@ class Model:
         self._parallel(len(parts), task, grain=1)
         for g in bufs[1:len(parts)]:  # in shard order, as above
             np.add(self.flat_grads, g, out=self.flat_grads)
+
+    def _phased(self, loss: str, parts: list[tuple[int, int]], run: Callable[..., None]) -> None:
+        """A step with batchnorm: each phase on every shard (on the pool), then the reduction that ends it
+        (``cnnc_runtime.batchnorm``); every shard keeps its gradient buffer from the first phase to the last."""
+        bufs, ptrs = self._shard_buffers(len(parts))
+        for g in bufs[1:len(parts)]:
+            g.fill(0.0)
+        syncs = self._stats.phases[loss]
+        for k in range(len(syncs) + 1):
+            def task(t: int, first: int, last: int, k: int = k) -> None:
+                for i in range(first, last):
+                    run(t, i, ptrs[i], k)
+
+            if self.threads == 1:
+                task(0, 0, len(parts))
+            else:
+                self._parallel(len(parts), task, grain=1)
+            if k < len(syncs):
+                self._reduce(syncs[k], parts)
+        for g in bufs[1:len(parts)]:  # in shard order
+            np.add(self.flat_grads, g, out=self.flat_grads)
+
+    def _reduce(self, sync: dict, parts: list[tuple[int, int]]) -> None:
+        """The reduction at the end of a phase: a batchnorm's forward statistics or backward sums."""
+        if sync["kind"] == "forward":
+            self._stats.forward(sync["layer"], parts, self.params, self.buffers)
+        else:
+            self._stats.backward(sync["layer"], parts, self.params, self._grad_views)
 
     def _shard_buffers(self, count: int) -> tuple[list[np.ndarray], list[int]]:
         """Gradient buffers for `count` shards (the first is ``flat_grads``), made once and kept."""

@@ -268,7 +268,7 @@ def random_params(g, rng: np.random.Generator, scale: float = 0.5) -> dict[str, 
 def reference_value_and_grad(g, params, x, y, loss: str = "cross_entropy", masks=None):
     """(mean loss, {param name: gradient}) as ``Model.value_and_grad`` defines them, in float64."""
     start = loss_node(g, loss)
-    vals = forward_values(g, params, x, masks)
+    vals = forward_values(g, params, x, masks, training=True)
     z = vals[start]
     n = z.shape[0]
     zf = z.reshape(n, -1)
@@ -285,7 +285,7 @@ def reference_value_and_grad(g, params, x, y, loss: str = "cross_entropy", masks
         t = targets_for(y, n, k)
         value = float(np.mean((zf - t) ** 2))
         dz = 2.0 * (zf - t) / (n * k)
-    grads, _ = reference_backward(g, params, vals, start, dz.reshape(z.shape), masks)
+    grads, _ = reference_backward(g, params, vals, start, dz.reshape(z.shape), masks, training=True)
     return value, grads
 
 
