@@ -744,7 +744,7 @@ class Model:
         weights = b""
         if with_weights:
             buf = io.BytesIO()
-            np.savez(buf, **self.params)
+            np.savez(buf, **self.state())
             weights = buf.getvalue()
         artifact.write(path, self.manifest, self._obj, weights, key)
 

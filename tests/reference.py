@@ -308,10 +308,11 @@ def _torch_activations() -> dict:
     }
 
 
-def torch_forward(g, params: Mapping, x, loss: str | None = None):
+def torch_forward(g, params: Mapping, x, loss: str | None = None, training: bool = False):
     """The network with torch.nn.functional; ``params`` values are torch tensors (may require grad).
 
     With ``loss`` given, returns the value of the loss's input (cross-entropy skips a final softmax).
+    Batchnorm reads ``NAME.running_mean`` / ``NAME.running_var`` from ``params`` and, `training`, updates them.
     """
     import torch
     import torch.nn.functional as F  # noqa: N812
@@ -358,6 +359,9 @@ def torch_forward(g, params: Mapping, x, loss: str | None = None):
                 y = y + other
         elif op == "concat":
             y = torch.cat(ins, dim=1)
+        elif op == "batchnorm":
+            y = F.batch_norm(ins[0], params[f"{n}.running_mean"], params[f"{n}.running_var"], params[f"{n}.weight"],
+                             params[f"{n}.bias"], training=training, momentum=a["momentum"], eps=a["eps"])
         else:
             raise NotImplementedError(op)
         vals[n] = y

@@ -1,0 +1,59 @@
+"""Batchnorm on feature maps and on vectors against PyTorch's ``batch_norm`` (float64), on one and two threads.
+
+Tolerances (relative to each tensor's largest magnitude): losses and outputs 1e-4, gradients 1e-3, running
+statistics after several steps 1e-4.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.reference import graph, torch_forward
+from tests.runtime.test_batchnorm import MAPS, VECTORS, assert_close, batch, model, randomize
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+STEPS, LR = 4, 0.05
+
+
+def torch_state(m) -> dict:
+    """The model's parameters (leaf tensors that require grad) and buffers, as float64 torch tensors."""
+    out = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in m.params.items()}
+    out.update({k: torch.tensor(v, dtype=torch.float64) for k, v in m.buffers.items()})
+    return out
+
+
+def torch_step(g, state: dict, x: np.ndarray, y: np.ndarray, names) -> tuple[float, dict]:
+    z = torch_forward(g, state, torch.from_numpy(x.astype(np.float64)), loss="cross_entropy", training=True)
+    loss = F.cross_entropy(z.reshape(len(x), -1), torch.from_numpy(y))
+    for name in names:
+        state[name].grad = None
+    loss.backward()
+    return float(loss.detach()), {name: state[name].grad.numpy().copy() for name in names}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("text", [MAPS, VECTORS], ids=["maps", "vectors"])
+def test_training_steps_and_inference_match_pytorch(text, threads):
+    g = graph(text)
+    m = model(text, threads=threads)
+    randomize(m)
+    ts = torch_state(m)
+    for step in range(STEPS):
+        x, y = batch(m, 40, seed=step)
+        loss, grads = m.value_and_grad(x, y)
+        want_loss, want = torch_step(g, ts, x, y, m.params)
+        assert loss == pytest.approx(want_loss, rel=1e-4)
+        for name in m.params:
+            assert_close(grads[name], want[name], 1e-3)
+        for name, v in m.params.items():  # the same plain SGD step in both, from each side's own gradient
+            v -= LR * grads[name]
+            with torch.no_grad():
+                ts[name] -= LR * ts[name].grad
+    for name, v in m.buffers.items():
+        assert_close(v, ts[name].numpy(), 1e-4)
+    x, _ = batch(m, 16, seed=99)
+    with torch.no_grad():
+        want = torch_forward(g, ts, torch.from_numpy(x.astype(np.float64))).numpy()
+    assert_close(m(x), want, 1e-4)
