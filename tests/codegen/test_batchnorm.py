@@ -135,13 +135,13 @@ def test_shards_reduced_in_order_give_the_whole_batchs_forward_and_gradient(jit,
     rng = np.random.default_rng(6)
     x, dy = arena(rng, stride, c * hw, 2.0) + np.float32(1.5), arena(rng, stride, c * hw)
     y, dx = garbage(stride), garbage(stride)
-    params = {"bn.weight": rng.standard_normal(c).astype(np.float32), "bn.bias": rng.standard_normal(c).astype(np.float32)}
+    params = {f"bn.{k}": rng.standard_normal(c).astype(np.float32) for k in ("weight", "bias")}
     state = {"bn.running_mean": np.zeros(c, np.float32), "bn.running_var": np.ones(c, np.float32)}
     grads = {"bn.weight": np.zeros(c, np.float32), "bn.bias": np.zeros(c, np.float32)}
     manifest = {"layers": [_layer(c, hw)], "phases": {}, "stats_doubles": 2 * c, "bn_floats": 6 * 16 * (c // 16 + 1)}
     st = Statistics(manifest, lambda n: np.zeros(n, np.float32))
     shards = [(0, 2), (2, 3), (3, N)]
-    ptrs = st.shard_buffers(len(shards))
+    st.shard_buffers(len(shards))
     coef = {k: st._coef(st.layers["bn"], k) for k in COEFS}
     for (a, b), p in zip(shards, st.partials):
         jit("stats", x, p, a, b)
@@ -153,7 +153,6 @@ def test_shards_reduced_in_order_give_the_whole_batchs_forward_and_gradient(jit,
     st.backward("bn", shards, params, grads)
     for a, b in shards:
         jit("backward", dy, x, coef["k"], coef["cx"], coef["cc"], dx, a, b)
-    assert len(ptrs) == 3
 
     xs, dys = _images(x, c, hw, 0, N), _images(dy, c, hw, 0, N)
     layer = {"weight": params["bn.weight"].astype(np.float64), "bias": params["bn.bias"].astype(np.float64),
