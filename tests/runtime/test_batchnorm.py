@@ -183,3 +183,12 @@ def test_one_value_per_channel_cannot_train():
     x, y = batch(m, 1)
     with pytest.raises(ValueError, match="batchnorm bn0 needs more than one value per channel"):
         m.value_and_grad(x, y)
+
+
+def test_gradcheck_passes_on_a_network_with_batchnorm():
+    """Biases before a batchnorm have a zero gradient in theory: float32 noise of the network's gradient scale."""
+    from cnnc.gradcheck import gradcheck
+
+    native, ref, rows = gradcheck(graph(MAPS), batch=6, samples=4)
+    assert native == pytest.approx(ref, rel=1e-5)
+    assert max(r.max_rel for r in rows) < 1e-2
