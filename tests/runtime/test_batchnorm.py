@@ -36,8 +36,8 @@ network bnvec {
 STATE = ("running_mean", "running_var")
 
 
-def model(text: str, threads: int = 1, seed: int = 0) -> Model:
-    manifest, obj = _compiled(text, False, True)
+def model(text: str, threads: int = 1, seed: int = 0, fuse: bool = True) -> Model:
+    manifest, obj = _compiled(text, False, fuse)
     return Model(copy.deepcopy(manifest), obj, seed=seed, threads=threads)
 
 
@@ -65,9 +65,10 @@ def assert_close(got: np.ndarray, want: np.ndarray, rtol: float) -> None:
     assert np.abs(got - want).max() <= rtol * scale, (np.abs(got - want).max(), scale)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("text", [MAPS, VECTORS])
-def test_inference_uses_the_running_statistics_folded_or_not(text):
-    m = model(text)
+def test_inference_uses_the_running_statistics_folded_or_not(text, fuse):
+    m = model(text, fuse=fuse)
     randomize(m)
     x, _ = batch(m, 11)
     want = reference_forward(graph(text), everything(m), x)
@@ -76,9 +77,9 @@ def test_inference_uses_the_running_statistics_folded_or_not(text):
 
 
 @pytest.mark.parametrize("text", [MAPS, VECTORS])
-@pytest.mark.parametrize("n", [3, 9, 70])
-def test_training_gradients_go_through_the_batch_statistics(text, n):
-    m = model(text)
+@pytest.mark.parametrize("n,fuse", [(3, True), (9, True), (70, True), (9, False)])
+def test_training_gradients_go_through_the_batch_statistics(text, n, fuse):
+    m = model(text, fuse=fuse)
     randomize(m)
     x, y = batch(m, n)
     want_loss, want = reference_value_and_grad(graph(text), everything(m), x, y)

@@ -57,3 +57,29 @@ def test_training_steps_and_inference_match_pytorch(text, threads):
     with torch.no_grad():
         want = torch_forward(g, ts, torch.from_numpy(x.astype(np.float64))).numpy()
     assert_close(m(x), want, 1e-4)
+
+
+def test_a_saved_file_loads_into_pytorch_modules_of_the_same_names(tmp_path):
+    """The .npz keys are PyTorch's state_dict names: load_state_dict(strict=True) takes the file as it is."""
+    nn = torch.nn
+    m = model(MAPS)
+    randomize(m)
+    x, y = batch(m, 8)
+    m.value_and_grad(x, y)
+    m.save(tmp_path / "w.npz")
+    layers = nn.ModuleDict({
+        "conv1": nn.Conv2d(3, 4, 3, padding=1), "bn1": nn.BatchNorm2d(4),
+        "bn2": nn.BatchNorm2d(4, momentum=0.3, eps=0.001), "conv2": nn.Conv2d(4, 5, 1, bias=False),
+        "bn4": nn.BatchNorm2d(5), "fc1": nn.Linear(80, 6), "bn3": nn.BatchNorm1d(6), "fc2": nn.Linear(6, 3)})
+    with np.load(tmp_path / "w.npz") as f:
+        layers.load_state_dict({k: torch.from_numpy(f[k]) for k in f.files}, strict=True)
+    assert int(layers["bn1"].num_batches_tracked) == 1
+    layers.eval()
+    with torch.no_grad():
+        h = torch.relu(layers["bn1"](layers["conv1"](torch.from_numpy(x))))
+        p = layers["bn2"](F.max_pool2d(h, 2))
+        r = torch.relu(p + p)
+        c2 = torch.relu(layers["bn4"](layers["conv2"](r)))
+        f = torch.tanh(layers["bn3"](layers["fc1"](c2.flatten(1))))
+        want = layers["fc2"](f).numpy()
+    assert_close(m(x), want, 1e-4)
