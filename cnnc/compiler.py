@@ -18,7 +18,7 @@ import numpy as np
 
 from cnnc import cache, summary
 from cnnc.cache import cache_dir, collector_paused, compiler_fingerprint
-from cnnc.codegen.module import build_module
+from cnnc.codegen.module import BN_COEFS, build_module
 from cnnc.codegen.target import Target, emit_objects, host_target
 from cnnc.driver import optimize
 from cnnc.ir import execution_order
@@ -91,7 +91,8 @@ def _batchnorm_manifest(fused: nx.DiGraph, facts: dict) -> dict[str, Any] | None
         "bn_floats": facts["bn_floats"],
         "state": [_slot(s) | {"init": OPS["batchnorm"].init[s.kind]} for s in facts["state"]],
         "inference_params": [_slot(s) for s in facts["inference_params"]],
-        "layers": [{"layer": b.layer, "channels": b.channels, "count": b.count, "stats": b.stats, "coefs": b.coefs,
+        "layers": [{"layer": b.layer, "channels": b.channels, "count": b.count, "stats": b.stats,
+                    "coefs": {k: b.coef(k) for k in BN_COEFS},
                     "eps": float(fused.nodes[b.layer]["args"]["eps"]),
                     "momentum": float(fused.nodes[b.layer]["args"]["momentum"])} for b in facts["batchnorm"]],
         "phases": facts["phases"],

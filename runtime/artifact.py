@@ -270,6 +270,8 @@ def _check_params(f: _Fields, params: list, total: int) -> None:
 
 
 STATE_KINDS = ("running_mean", "running_var")
+# a batchnorm's per-channel coefficients between a training step's phases (cnnc_runtime.batchnorm)
+BN_COEFS = ("scale", "shift", "mean", "k", "cx", "cc")
 PHASE_KINDS = ("forward", "backward")
 
 
@@ -297,8 +299,10 @@ def _check_batchnorm(f: _Fields, bn: dict | None) -> None:
         f.count(layer, "count", f"{where}.count", least=1)
         if f.count(layer, "stats", f"{where}.stats") + 2 * c > totals["stats_doubles"]:
             raise f.fail(f"{where}.stats", "puts its partial sums past batchnorm.stats_doubles")
-        if f.count(layer, "coefs", f"{where}.coefs") + 6 * c > totals["bn_floats"]:
-            raise f.fail(f"{where}.coefs", "puts its coefficients past batchnorm.bn_floats")
+        coefs = f.get(layer, "coefs", f"{where}.coefs", dict)
+        for k in BN_COEFS:
+            if f.count(coefs, k, f"{where}.coefs.{k}") + c > totals["bn_floats"]:
+                raise f.fail(f"{where}.coefs.{k}", "puts its coefficients past batchnorm.bn_floats")
         if not f.number(layer, "eps", f"{where}.eps", optional=False) > 0:
             raise f.fail(f"{where}.eps", "must be > 0")
         if not 0 <= f.number(layer, "momentum", f"{where}.momentum", optional=False) <= 1:

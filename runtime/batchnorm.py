@@ -29,13 +29,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-COEFS = ("scale", "shift", "mean", "k", "cx", "cc")  # as cnnc.codegen.module.BN_COEFS
-ALIGN = 16
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
 
 def combine_moments(counts: Sequence[float], means: Sequence[np.ndarray],
                     m2s: Sequence[np.ndarray]) -> tuple[float, np.ndarray, np.ndarray]:
@@ -93,10 +86,11 @@ class Statistics:
                 raise ValueError(f"batchnorm {name} needs more than one value per channel to train; got a batch "
                                  f"of {n} image(s) with {layer['count']} value(s) per channel each")
 
-    def _coef(self, layer: dict, which: str) -> np.ndarray:
-        c = layer["channels"]
-        at = layer["coefs"] + COEFS.index(which) * _aligned(c)
-        return self.coefs[at:at + c]
+    def coef(self, name: str, which: str) -> np.ndarray:
+        """Batchnorm `name`'s per-channel coefficient `which` (one of ``cnnc_runtime.artifact.BN_COEFS``)."""
+        layer = self.layers[name]
+        at = layer["coefs"][which]
+        return self.coefs[at:at + layer["channels"]]
 
     def _parts(self, layer: dict, shards: Sequence[tuple[int, int]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         c, at = layer["channels"], layer["stats"]
@@ -115,9 +109,9 @@ class Statistics:
         istd = 1.0 / np.sqrt(var + layer["eps"])
         scale = params[f"{name}.weight"].astype(np.float64) * istd
         mean32 = mean.astype(np.float32)
-        self._coef(layer, "scale")[...] = scale
-        self._coef(layer, "shift")[...] = params[f"{name}.bias"] - mean32.astype(np.float64) * scale
-        self._coef(layer, "mean")[...] = mean32
+        self.coef(name, "scale")[...] = scale
+        self.coef(name, "shift")[...] = params[f"{name}.bias"] - mean32.astype(np.float64) * scale
+        self.coef(name, "mean")[...] = mean32
         self._saved[name] = (n, mean32.astype(np.float64), istd)
         m = layer["momentum"]
         rm, rv = state[f"{name}.running_mean"], state[f"{name}.running_var"]
@@ -136,6 +130,6 @@ class Statistics:
         gb += sdy.astype(np.float32)
         k = params[f"{name}.weight"].astype(np.float64) * istd
         cx = -k * istd * istd * sdyx / n
-        self._coef(layer, "k")[...] = k
-        self._coef(layer, "cx")[...] = cx
-        self._coef(layer, "cc")[...] = -k * sdy / n - cx * mean
+        self.coef(name, "k")[...] = k
+        self.coef(name, "cx")[...] = cx
+        self.coef(name, "cc")[...] = -k * sdy / n - cx * mean

@@ -51,12 +51,12 @@ from cnnc.codegen.plan import ALIGN, Plan, Tensor, aligned, plan_memory
 from cnnc.codegen.specs import ConvSpec, CopySpec, DenseSpec, FoldSpec, LossSpec, NoiseSpec
 from cnnc.codegen.target import TILED
 from cnnc.ir import execution_order
+from cnnc_runtime.artifact import BN_COEFS  # a batchnorm's per-channel float32 arrays in ``bn``: part of the format
 
 LOSSES = ("cross_entropy", "mse")
 STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "stats", "bn", "seed_i64", "scale_f32",
              "n0", "n1"]
 FOLD_ARGS = ["params", "state", "folded", "n0", "n1"]
-BN_COEFS = ("scale", "shift", "mean", "k", "cx", "cc")  # per-channel float32 arrays of each batchnorm in ``bn``
 INFER_ARGS = ["params", "arena", "x", "y", "ws", "n0", "n1"]
 SMALL_OUTPUT = 4096  # floats per image: an inference output this small is copied out (see _like_training)
 SHARE_MAX_FLOATS = 16384  # per image (64 KiB: 16 MiB per 256-image chunk) that sharing kernels may add
@@ -94,6 +94,10 @@ class BatchNormSlot:
     count: int  # values per channel of one image (its positions)
     stats: int  # offset in doubles: sum, then the second sum, `channels` each
     coefs: int  # offset in floats of BN_COEFS, `aligned(channels)` apart
+
+    def coef(self, which: str) -> int:
+        """Offset in ``bn`` of per-channel coefficient `which` (one of BN_COEFS)."""
+        return self.coefs + BN_COEFS.index(which) * aligned(self.channels)
 
 
 def bn_layout(g: nx.DiGraph) -> tuple[list[BatchNormSlot], int, int]:
@@ -176,8 +180,7 @@ class Entry:
 
     def bn_coef(self, layer: str, which: str) -> ir.Value:
         """Batchnorm `layer`'s reduced per-channel coefficient `which` (one of BN_COEFS)."""
-        slot = self.builder.bn[layer]
-        return emit.gep(self.b, self.args["bn"], slot.coefs + BN_COEFS.index(which) * aligned(slot.channels))
+        return emit.gep(self.b, self.args["bn"], self.builder.bn[layer].coef(which))
 
     def node(self, name: str) -> dict:
         return self.g.nodes[name]

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from cnnc.codegen.batchnorm import emit_bn_apply, emit_bn_backward, emit_bn_fold, emit_bn_grad_sums, emit_bn_stats
+from cnnc.codegen.module import BN_COEFS
 from cnnc.codegen.specs import BatchNormSpec, FoldSpec
 from cnnc.ops.batchnorm import reference, reference_grad, scale_shift
-from cnnc_runtime.batchnorm import COEFS, Statistics
+from cnnc_runtime.batchnorm import Statistics
 from tests.codegen.buffers import (
     N0,
     N1,
@@ -120,7 +121,8 @@ def test_fold_scales_the_weights_and_shifts_the_bias(jit, per_out, bias):
 
 
 def _layer(c: int, hw: int) -> dict:
-    return {"layer": "bn", "channels": c, "count": hw, "stats": 0, "coefs": 0, "eps": 1e-5, "momentum": 0.1}
+    return {"layer": "bn", "channels": c, "count": hw, "stats": 0, "eps": 1e-5, "momentum": 0.1,
+            "coefs": {k: i * c for i, k in enumerate(BN_COEFS)}}
 
 
 @pytest.mark.parametrize("c,hw", SHAPES)
@@ -138,11 +140,11 @@ def test_shards_reduced_in_order_give_the_whole_batchs_forward_and_gradient(jit,
     params = {f"bn.{k}": rng.standard_normal(c).astype(np.float32) for k in ("weight", "bias")}
     state = {"bn.running_mean": np.zeros(c, np.float32), "bn.running_var": np.ones(c, np.float32)}
     grads = {"bn.weight": np.zeros(c, np.float32), "bn.bias": np.zeros(c, np.float32)}
-    manifest = {"layers": [_layer(c, hw)], "phases": {}, "stats_doubles": 2 * c, "bn_floats": 6 * 16 * (c // 16 + 1)}
+    manifest = {"layers": [_layer(c, hw)], "phases": {}, "stats_doubles": 2 * c, "bn_floats": 6 * c}
     st = Statistics(manifest, lambda n: np.zeros(n, np.float32))
     shards = [(0, 2), (2, 3), (3, N)]
     st.shard_buffers(len(shards))
-    coef = {k: st._coef(st.layers["bn"], k) for k in COEFS}
+    coef = {k: st.coef("bn", k) for k in BN_COEFS}
     for (a, b), p in zip(shards, st.partials):
         jit("stats", x, p, a, b)
     st.forward("bn", shards, params, state)
