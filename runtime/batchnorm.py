@@ -19,7 +19,7 @@ receive the shards' partial results and return the whole batch's. A
 multi-process version reduces its own shards with the base class, then
 combines the per-rank results across ranks in rank order (an allgather of
 ``(count, mean, m2)`` followed by ``combine_moments``; an all-reduce of the
-backward sums), and sets ``Model.bn_reducer``. The weight and bias gradients
+backward sums), and sets ``model.statistics.reducer``. The weight and bias gradients
 written from the backward sums are then the global batch's on every rank.
 """
 
