@@ -10,7 +10,9 @@ import pytest
 
 from cnnc.reference import reference_forward
 from cnnc_runtime.model import Model, load
+from cnnc_runtime.optimizers import add_weight_decay
 from tests.reference import _compiled, graph, reference_value_and_grad
+from tests.runtime.test_train import blobs
 
 # bn1 folds into conv1 (and relu with it), bn2 follows a pool (unfolded), bn3 folds into a dense layer,
 # bn4 follows a conv without bias and is the network's output's input.
@@ -193,3 +195,55 @@ def test_gradcheck_passes_on_a_network_with_batchnorm():
     native, ref, rows = gradcheck(graph(MAPS), batch=6, samples=4)
     assert native == pytest.approx(ref, rel=1e-5)
     assert max(r.max_rel for r in rows) < 1e-2
+
+
+# ---- the training loop ---------------------------------------------------------------------------------------
+
+MLP_BN = """
+network mlpbn {
+    input x: 8
+    h = x -> dense(16) as fc1 -> batchnorm as bn1 -> relu
+    y = h -> dense(3) as fc2
+}
+"""
+FIT = dict(batch=24, optimizer="momentum", lr=0.05, validation=0.2, seed=7, progress=False)
+
+
+def test_fit_keeps_the_best_epochs_running_statistics_with_its_weights():
+    """Early stopping restores the best epoch's parameters and the running statistics of that same epoch."""
+    x, y = blobs(240, seed=4)
+    m = model(MLP_BN)
+    seen = []
+    h = m.fit(x, y, epochs=8, patience=2, lr=0.8, batch=24, validation=0.3, seed=3, progress=False,
+              on_epoch=lambda e: seen.append((m.flat_params.copy(), {k: v.copy() for k, v in m.buffers.items()})))
+    assert h.best_epoch < len(h.epochs)  # (else this test would show nothing)
+    params, buffers = seen[h.best_epoch - 1]
+    np.testing.assert_array_equal(m.flat_params, params)
+    for name, v in buffers.items():
+        np.testing.assert_array_equal(m.buffers[name], v)
+    assert not np.array_equal(seen[-1][1]["bn1.running_mean"], buffers["bn1.running_mean"])
+
+
+def test_resume_with_batchnorm_equals_an_unbroken_run(tmp_path):
+    x, y = blobs(200, seed=4)
+    whole = model(MLP_BN)
+    whole.fit(x, y, epochs=3, **FIT)
+    part = model(MLP_BN)
+    part.fit(x, y, epochs=1, checkpoint=tmp_path / "c", **FIT)
+    fresh = model(MLP_BN, seed=5)
+    fresh.fit(x, y, epochs=3, resume=tmp_path / "c", **FIT)
+    np.testing.assert_array_equal(fresh.flat_params, whole.flat_params)
+    np.testing.assert_array_equal(fresh.flat_state, whole.flat_state)
+    assert fresh.batches_tracked == whole.batches_tracked == 3 * 7  # 160 training images in batches of 24
+
+
+def test_weight_decay_never_touches_batchnorm():
+    """The penalty the training loop adds: 2 lambda w on conv and dense weights; none on biases or batchnorm."""
+    m = model(MLP_BN)
+    randomize(m)
+    grads = np.zeros_like(m.flat_params)
+    add_weight_decay(m.flat_params, grads, m.decay_mask, 0.5)
+    for p in m.manifest["params"]:
+        got = grads[p["offset"]:p["offset"] + p["size"]]
+        want = m.params[p["name"]].reshape(-1) if p["name"] in ("fc1.weight", "fc2.weight") else 0.0
+        np.testing.assert_array_equal(got, want, err_msg=p["name"])
