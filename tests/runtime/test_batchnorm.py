@@ -247,3 +247,34 @@ def test_weight_decay_never_touches_batchnorm():
         got = grads[p["offset"]:p["offset"] + p["size"]]
         want = m.params[p["name"]].reshape(-1) if p["name"] in ("fc1.weight", "fc2.weight") else 0.0
         np.testing.assert_array_equal(got, want, err_msg=p["name"])
+
+
+# conv variants that fold: grouped, dilated, a connection table, one covering its whole input (run as dense)
+CONVS = """
+table pairs {
+    0: 0 1
+    1: 2 3
+    2: 0 3
+    3: 1 2
+}
+network bnconvs {
+    input image: 4x9x9
+    g = image -> conv(6, 3x3, groups=2, pad=1) as grouped -> batchnorm as bn_g -> relu
+    d = g -> conv(4, 3x3, dilation=2, pad=2) as dilated -> batchnorm as bn_d -> elu
+    t = d -> conv(4, 3x3, connect=pairs, bias=false) as tabled -> batchnorm as bn_t -> relu
+    w = t -> conv(5, 7x7) as whole -> batchnorm as bn_w
+    logits = w -> flatten -> dense(3)
+}
+"""
+
+
+def test_folding_into_every_kind_of_conv():
+    m = model(CONVS)
+    randomize(m)
+    x, y = batch(m, 10)
+    assert_close(m(x), reference_forward(graph(CONVS), everything(m), x), 1e-5)
+    want_loss, want = reference_value_and_grad(graph(CONVS), everything(m), x, y)
+    loss, grads = m.value_and_grad(x, y)
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    for name in m.params:
+        assert_close(grads[name], want[name], 1e-4)
