@@ -8,6 +8,9 @@ into the user-facing ``Model``. Nothing here imports ``train`` or ``model``.
 All parameters live in one flat, 64-byte-aligned float32 buffer; ``params``
 maps each parameter name to a writable view of it, so writing into a view
 changes the model. Gradients use a second buffer of the same layout.
+Batchnorm's running statistics are state, not parameters: ``buffers`` maps
+``NAME.running_mean`` / ``NAME.running_var`` to views of a third buffer,
+``flat_state``, which no optimizer and no weight decay sees.
 
 Inputs are checked before any native code sees them: ``x`` must be
 ``(N, C, H, W)`` (or ``(N, F)`` for a vector input) with ``N >= 1``. Other
@@ -637,7 +640,10 @@ class Engine:
 
         The batch is cut into shards by its size alone (see ``shards``); each
         shard's gradient sums into a buffer of its own and the buffers are added
-        in order, so the result is the same bits on any number of threads.
+        in order, so the result is the same bits on any number of threads. With
+        batchnorm the step runs in phases, the batch statistics reduced across
+        the shards between them (``cnnc_runtime.batchnorm``), the running
+        statistics updated, and the batch is never cut into chunks.
         Calls take turns under ``lock``; hold ``lock`` around this call and the
         update that uses ``flat_grads`` (``update``), or another thread's step
         may overwrite the gradient in between.
