@@ -1,9 +1,11 @@
 """ResNet-20 (examples/resnet20.cnn) in cnnc and in PyTorch: training step at batch 128, inference at batch 1 and 256.
 
-``python benchmarks/resnet20.py [--threads 2] [--repeats 5]``. Samples alternate between cnnc and PyTorch;
-each row gives the median wall time and the median CPU time of the process (``time.process_time``, all
-threads), since on a shared machine the wall time also measures the neighbours. Also: the CPU time of the
-batchnorm reductions between a cnnc training step's phases.
+``python benchmarks/resnet20.py [--threads 2] [--torch-threads N] [--repeats 5]``.
+Samples alternate between cnnc and PyTorch; each row gives the median wall
+time and the median CPU time of the process (``time.process_time``, all
+threads), since on a shared machine the wall time also measures the
+neighbours. Also: the CPU time of the batchnorm reductions between a cnnc
+training step's phases.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def sample(fn, inner: int) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="PyTorch's intra-op threads (default: --threads); on a busy machine its OpenMP threads "
+                         "spin-wait for each other, and 1 can be the fairer comparison")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     os.environ["CNNC_THREADS"] = str(args.threads)
@@ -60,7 +65,7 @@ def main() -> None:
 
     import cnnc
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.torch_threads or args.threads)
     model = cnnc.compile(REPO / "examples" / "resnet20.cnn")
     net = torch_resnet20(torch)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
@@ -95,7 +100,8 @@ def main() -> None:
     rows = [("train b128 (images/s)", lambda: model.value_and_grad(x[:128], y[:128]), torch_train, 2, 128),
             ("infer b1 (ms)", lambda: model(x[:1]), torch_infer(1), 50, 1),
             ("infer b256 (images/s)", lambda: model(x), torch_infer(256), 2, 256)]
-    print(f"ResNet-20, {args.threads} threads, median of {args.repeats} alternating samples (wall | CPU)")
+    print(f"ResNet-20, cnnc {args.threads} threads, PyTorch {args.torch_threads or args.threads}, median of "
+          f"{args.repeats} alternating samples (wall | CPU)")
     for name, ours, theirs, inner, n in rows:
         ours(), theirs()  # warm-up
         got: dict[str, list] = {"cnnc": [], "torch": []}
