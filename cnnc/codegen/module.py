@@ -43,7 +43,7 @@ import llvmlite.ir as ir
 import networkx as nx
 
 from cnnc.codegen import emit, optim
-from cnnc.codegen.augment import AugmentSpec, emit_augment
+from cnnc.codegen.augment import emit_augment
 from cnnc.codegen.batchnorm import emit_bn_fold
 from cnnc.codegen.conv import conv_workspace_floats
 from cnnc.codegen.elementwise import emit_copy, emit_gaussian_noise
@@ -51,7 +51,7 @@ from cnnc.codegen.emit import I64, PTR
 from cnnc.codegen.loss import emit_loss
 from cnnc.codegen.lowering import BACKWARD, FORWARD
 from cnnc.codegen.plan import ALIGN, Plan, Tensor, aligned, plan_memory
-from cnnc.codegen.specs import ConvSpec, CopySpec, DenseSpec, FoldSpec, LossSpec, NoiseSpec
+from cnnc.codegen.specs import AugmentSpec, ConvSpec, CopySpec, DenseSpec, FoldSpec, LossSpec, NoiseSpec
 from cnnc.codegen.target import TILED
 from cnnc.ir import execution_order
 from cnnc_runtime.artifact import BN_COEFS  # a batchnorm's per-channel float32 arrays in ``bn``: part of the format
