@@ -4,6 +4,7 @@ and not), the running statistics, and the state in ``buffers``, saved files and 
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -278,3 +279,28 @@ def test_folding_into_every_kind_of_conv():
     assert loss == pytest.approx(want_loss, rel=1e-5)
     for name in m.params:
         assert_close(grads[name], want[name], 1e-4)
+
+
+BAD_BATCHNORM = [
+    ("batchnorm.state_floats", 0, "batchnorm.state_floats"),
+    ("batchnorm.state.0.kind", "running_max", "batchnorm.state[0].kind"),
+    ("batchnorm.state.0.offset", 10**6, "batchnorm.state[0].offset"),
+    ("batchnorm.state.0.init", "twos", "batchnorm.state[0].init"),
+    ("batchnorm.inference_params.0.size", 3, "batchnorm.inference_params[0].size"),
+    ("batchnorm.layers.0.stats", 10**6, "batchnorm.layers[0].stats"),
+    ("batchnorm.layers.0.coefs.cx", 10**6, "batchnorm.layers[0].coefs.cx"),
+    ("batchnorm.layers.0.eps", 0, "batchnorm.layers[0].eps"),
+    ("batchnorm.layers.0.momentum", 2, "batchnorm.layers[0].momentum"),
+    ("batchnorm.phases.mse.0", {"kind": "sideways", "layer": "bn1"}, "batchnorm.phases.mse[0]"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "named"), BAD_BATCHNORM, ids=[f for f, _, _ in BAD_BATCHNORM])
+def test_a_hand_edited_batchnorm_manifest_names_the_bad_field(tmp_path, field, value, named):
+    from tests.runtime.test_artifact import _edit, _tampered
+
+    m = model(MAPS)
+    m.save_artifact(tmp_path / "net.cnnc")
+    bad = _tampered((m, tmp_path / "net.cnnc", None), tmp_path, _edit(field, value))
+    with pytest.raises(ValueError, match="^" + re.escape(f"{bad}: manifest field '{named}'")):
+        load(bad)
