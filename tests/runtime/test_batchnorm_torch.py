@@ -24,13 +24,15 @@ def torch_state(m) -> dict:
     return out
 
 
-def torch_step(g, state: dict, x: np.ndarray, y: np.ndarray, names) -> tuple[float, dict]:
+def torch_step(g, state: dict, x: np.ndarray, y: np.ndarray, names) -> tuple[float, np.ndarray, dict]:
+    """(loss, the loss's input (training-mode logits), gradients) of one training-mode forward and backward."""
     z = torch_forward(g, state, torch.from_numpy(x.astype(np.float64)), loss="cross_entropy", training=True)
-    loss = F.cross_entropy(z.reshape(len(x), -1), torch.from_numpy(y))
+    z = z.reshape(len(x), -1)
+    loss = F.cross_entropy(z, torch.from_numpy(y))
     for name in names:
         state[name].grad = None
     loss.backward()
-    return float(loss.detach()), {name: state[name].grad.numpy().copy() for name in names}
+    return float(loss.detach()), z.detach().numpy(), {name: state[name].grad.numpy().copy() for name in names}
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -42,9 +44,12 @@ def test_training_steps_and_inference_match_pytorch(text, threads):
     ts = torch_state(m)
     for step in range(STEPS):
         x, y = batch(m, 40, seed=step)
-        loss, grads = m.value_and_grad(x, y)
-        want_loss, want = torch_step(g, ts, x, y, m.params)
+        logits = np.empty((40, m.output_shape[0]), dtype=np.float32)
+        loss = m.gradients(m.prepare(x), m.check_targets(y, 40, "cross_entropy"), "cross_entropy", out=logits)
+        grads = {name: g.copy() for name, g in m.grads.items()}
+        want_loss, want_logits, want = torch_step(g, ts, x, y, m.params)
         assert loss == pytest.approx(want_loss, rel=1e-4)
+        assert_close(logits, want_logits, 1e-4)  # the training-mode forward (batch statistics)
         for name in m.params:
             assert_close(grads[name], want[name], 1e-3)
         for name, v in m.params.items():  # the same plain SGD step in both, from each side's own gradient
