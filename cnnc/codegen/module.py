@@ -55,8 +55,8 @@ from cnnc.codegen.specs import AugmentSpec, ConvSpec, CopySpec, DenseSpec, FoldS
 from cnnc.codegen.target import TILED
 from cnnc.ir import execution_order
 from cnnc_runtime.artifact import BN_COEFS  # a batchnorm's per-channel float32 arrays in ``bn``: part of the format
+from cnnc_runtime.losses import LOSSES
 
-LOSSES = ("cross_entropy", "mse")
 STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "stats", "bn", "seed_i64", "scale_f32",
              "smooth_f32", "n0", "n1"]
 FOLD_ARGS = ["params", "state", "folded", "n0", "n1"]

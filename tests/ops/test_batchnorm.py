@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cnnc.driver import check_source, optimize
+from cnnc.compiler import optimize
 from cnnc.errors import CnnError
+from cnnc.pipeline import check_source
 from cnnc.summary import as_json, as_text
 
 NET = """network n {
