@@ -213,7 +213,7 @@ class _Run:
         self.history: list[Epoch] = []
         self.best_loss = math.inf
         self.best_epoch: int | None = None
-        self.best_params = model.flat_params.copy()
+        self.best_params = model.snapshot()  # with batchnorm's running statistics
         self.bad_epochs = 0
         self.stopped = ""
         # an epoch interrupted by Ctrl-C: its permutation, the next batch, the sums so far, its seconds
@@ -221,7 +221,7 @@ class _Run:
 
 
 def _checkpoint_arrays(model: Engine, run: _Run, s: Settings) -> dict[str, np.ndarray]:
-    arrays = {f"param/{k}": v for k, v in model.params.items()}
+    arrays = {f"param/{k}": v for k, v in model.state().items()}  # (and batchnorm's state)
     arrays["best_params"] = run.best_params
     for k, v in run.optimizer.state_dict().items():
         arrays[f"opt/{k}"] = np.asarray(v)
@@ -375,7 +375,7 @@ def _restore(path: str | os.PathLike[str], model: Engine, run: _Run, s: Settings
     if m.str("optimizer") != type(run.optimizer).__name__:
         raise ValueError(f"{path} was written by the {meta['optimizer']} optimizer, "
                          f"not {type(run.optimizer).__name__}")
-    size = model.flat_params.size
+    size, weights = model.flat_params.size, model.snapshot().size
     m.int("seed")
     epoch, restart = m.int("epoch"), m.int("restart")
     if restart >= s.restarts:
@@ -392,14 +392,17 @@ def _restore(path: str | os.PathLike[str], model: Engine, run: _Run, s: Settings
     except (TypeError, ValueError, KeyError, OverflowError) as e:
         raise ValueError(f"{path}: damaged checkpoint: 'rng' is not a generator state ({e})") from None
     params = {k[6:]: v for k, v in arrays.items() if k.startswith("param/")}
+    expected = model.state()
     for name, v in params.items():
+        if name in expected and expected[name].dtype.kind == "i":
+            continue  # batchnorm's num_batches_tracked: load_arrays checks it
         if v.dtype.kind != "f" or not np.isfinite(v).all():
             raise ValueError(f"{path}: damaged checkpoint: parameter {name} must be finite floats, got {v.dtype}")
-    best_params = _flat(arrays, "best_params", size, path)
+    best_params = _flat(arrays, "best_params", weights, path)
     kept = None
     if meta.get("kept") is not None:
         k = m.sub("kept")
-        kept = _Kept(k.number("loss", infinite=True), _flat(arrays, "kept_params", size, path),
+        kept = _Kept(k.number("loss", infinite=True), _flat(arrays, "kept_params", weights, path),
                      _epochs_of(k.list("history"), path, "kept.history"), k.str("stopped"),
                      k.int("best_epoch", 1, optional=True))
     partial = None if meta.get("partial") is None else _partial_of(m.sub("partial"), arrays.get("partial_order"), n)
@@ -407,7 +410,7 @@ def _restore(path: str | os.PathLike[str], model: Engine, run: _Run, s: Settings
     for b in run.optimizer.buffers:
         if b in opt_state:
             _flat(opt_state, b, size, path)
-    if set(params) != set(model.params) or any(params[k].shape != v.shape for k, v in model.params.items()):
+    if set(params) != set(expected) or any(params[k].shape != v.shape for k, v in expected.items()):
         model.load_arrays(params, path)  # raises, naming what does not match
     try:
         run.optimizer.load_state_dict(opt_state)
@@ -528,6 +531,9 @@ def _fit(model: Engine, x, y, comm: Local, validation_data, checkpoint, resume, 
         _refuse_non_finite(val_inputs, val_targets, "validation ")
         validation_data = (val_inputs, val_y, val_targets)
     if comm.size > 1:
+        if model.statistics is not None:  # each rank would normalize with its own share's statistics
+            raise ValueError("batchnorm is not synchronized across MPI ranks yet: train this network in one process "
+                             "(CNNC_THREADS sets its threads)")
         _check_ranks_agree(comm, model, s, inputs, targets, validation_data)
         if not comm.is_root:  # rank 0 alone reports and writes
             progress, on_epoch, checkpoint, log = False, None, None, None
@@ -560,12 +566,12 @@ def _fit(model: Engine, x, y, comm: Local, validation_data, checkpoint, resume, 
             finished.append({"restart": restart, "seed": s.seed + restart, "loss": final.loss,
                              "epochs": len(run.history), "stopped": run.stopped})
             if kept is None or final.loss < kept.loss:
-                kept = _Kept(final.loss, model.flat_params.copy(), list(run.history), run.stopped, run.best_epoch)
+                kept = _Kept(final.loss, model.snapshot(), list(run.history), run.stopped, run.best_epoch)
     finally:
         interrupted.restore()
         if log_file:
             log_file.close()
-    model.flat_params[...] = kept.params
+    model.restore(kept.params)
     return History(kept.history, finished, kept.stopped, kept.best_epoch)
 
 
@@ -624,7 +630,7 @@ def _stop_step(model: Engine, good: np.ndarray, run: _Run, bar: ProgressBar, val
     _check_update(model, good, run, bar)  # weights the last update broke explain a bad loss: blame that update
     where = f"at epoch {run.epoch + 1}, step {b + 1}"
     if not math.isfinite(value):  # these weights have no finite loss: back to the last ones that had
-        model.flat_params[...] = good
+        model.restore(good)
         _stop(run, bar, f"the loss became {value} {where}", "kept the weights of the last step with a finite loss")
     _stop(run, bar, f"a gradient became NaN or infinite {where}", "kept the weights of that step")
 
@@ -638,7 +644,7 @@ def _check_update(model: Engine, good: np.ndarray, run: _Run, bar: ProgressBar) 
     with np.errstate(over="ignore", invalid="ignore"):
         finite = _finite(model.flat_params)
     if not finite:
-        model.flat_params[...] = good
+        model.restore(good)
         _stop(run, bar, f"an update made a weight NaN or infinite in epoch {run.epoch + 1}",
               "kept the weights from before that update")
 
@@ -662,8 +668,8 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
     out = np.empty((size, k), dtype=np.float32)
     losses = np.empty(size, dtype=np.float32)
     optimizer = run.optimizer
-    good = model.flat_params.copy()
-    decay_scratch = np.empty_like(good) if s.weight_decay > 0 else None
+    good = model.snapshot()  # the weights (and running statistics) from before the last update
+    decay_scratch = np.empty_like(model.flat_params) if s.weight_decay > 0 else None
     sums = np.zeros(3)  # what the ranks add up after each step: the loss, the correct predictions, interrupts
     prev_loss = run.history[-1].loss if run.history else math.inf
     schedule = make_schedule(s.schedule, s.warmup, s.lr_decay)
@@ -720,7 +726,7 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
                                                   decay_scratch)
                     if not (math.isfinite(value) and _finite(model.flat_grads, model.flat_params)):
                         _stop_step(model, good, run, bar, value, b)
-                    good[...] = model.flat_params
+                    model.snapshot(out=good)
                     model.update(optimizer)
                 run.step += 1
                 total += value * m
@@ -756,7 +762,7 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
         monitored = val_loss if val_loss is not None else record.loss
         if monitored < run.best_loss - s.min_delta:
             run.best_loss, run.best_epoch, run.bad_epochs = monitored, run.epoch, 0
-            run.best_params[...] = model.flat_params
+            model.snapshot(out=run.best_params)
         else:
             run.bad_epochs += 1
             if s.patience is not None and run.bad_epochs >= s.patience:
@@ -774,4 +780,4 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
     if not run.stopped:
         run.stopped = f"completed {run.epoch} epochs"
     if s.patience is not None and run.best_epoch is not None:
-        model.flat_params[...] = run.best_params
+        model.restore(run.best_params)

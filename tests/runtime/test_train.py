@@ -1069,7 +1069,9 @@ from cnnc_runtime.train import _Run, save_checkpoint
 
 path, size = sys.argv[1], int(sys.argv[2])
 flat = np.zeros(size, np.float32)
-model = types.SimpleNamespace(name="big", flat_params=flat, params={"w": flat[: size // 2], "b": flat[size // 2:]})
+params = {"w": flat[: size // 2], "b": flat[size // 2:]}
+model = types.SimpleNamespace(name="big", flat_params=flat, params=params, state=lambda: params,
+                              snapshot=lambda out=None: flat.copy())
 s = Settings(optimizer="sgd", lr=0.1)
 run = _Run(model, s, 0, base_lr=0.01)
 k = 0
