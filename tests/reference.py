@@ -1,6 +1,6 @@
 """A plain numpy (float64) reference for whole cnnc networks: forward, backward and the two losses.
 
-The network is described by the checked graph of ``cnnc.driver.check_source``
+The network is described by the checked graph of ``cnnc.pipeline.check_source``
 (before fusion): nodes in ``cnnc.ir.execution_order(g)``, each with ``op``,
 ``inputs``, ``args``, ``geometry`` and ``shape``. Parameters are a mapping
 ``"NAME.weight" -> array`` (``model.params`` works as is).
@@ -217,11 +217,10 @@ NETWORKS = {
 
 def _compile_job(text: str, generic: bool, fuse: bool) -> tuple[dict, bytes]:
     from cnnc.codegen.target import generic_target, host_target
-    from cnnc.compiler import compile_graph
-    from cnnc.driver import check_source
+    from cnnc.pipeline import Build
 
     target = generic_target() if generic else host_target()
-    c = compile_graph(check_source(text), target, use_cache=False, fuse=fuse)
+    c = Build(text, fuse=fuse).compiled(target, use_cache=False)
     return c.manifest, c.obj
 
 
@@ -246,7 +245,7 @@ def build(text: str, *, seed: int = 0, generic: bool = False, fuse: bool = True)
 @functools.cache
 def graph(text: str):
     """The checked graph of a network's source text."""
-    from cnnc.driver import check_source
+    from cnnc.pipeline import check_source
 
     return check_source(text)
 
@@ -275,7 +274,7 @@ def random_params(g, rng: np.random.Generator, scale: float = 0.5) -> dict[str, 
 def reference_value_and_grad(g, params, x, y, loss: str = "cross_entropy", masks=None):
     """(mean loss, {param name: gradient}) as ``Model.value_and_grad`` defines them, in float64."""
     start = loss_input(g, loss)
-    vals = forward_values(g, params, x, masks)
+    vals = forward_values(g, params, x, masks, training=True)
     z = vals[start]
     n = z.shape[0]
     zf = z.reshape(n, -1)
@@ -292,7 +291,7 @@ def reference_value_and_grad(g, params, x, y, loss: str = "cross_entropy", masks
         t = targets_for(y, n, k)
         value = float(np.mean((zf - t) ** 2))
         dz = 2.0 * (zf - t) / (n * k)
-    grads, _ = reference_backward(g, params, vals, start, dz.reshape(z.shape), masks)
+    grads, _ = reference_backward(g, params, vals, start, dz.reshape(z.shape), masks, training=True)
     return value, grads
 
 
@@ -315,10 +314,11 @@ def _torch_activations() -> dict:
     }
 
 
-def torch_forward(g, params: Mapping, x, loss: str | None = None):
+def torch_forward(g, params: Mapping, x, loss: str | None = None, training: bool = False):
     """The network with torch.nn.functional; ``params`` values are torch tensors (may require grad).
 
     With ``loss`` given, returns the value of the loss's input (cross-entropy skips a final softmax).
+    Batchnorm reads ``NAME.running_mean`` / ``NAME.running_var`` from ``params`` and, `training`, updates them.
     """
     import torch
     import torch.nn.functional as F  # noqa: N812
@@ -365,6 +365,9 @@ def torch_forward(g, params: Mapping, x, loss: str | None = None):
                 y = y + other
         elif op == "concat":
             y = torch.cat(ins, dim=1)
+        elif op == "batchnorm":
+            y = F.batch_norm(ins[0], params[f"{n}.running_mean"], params[f"{n}.running_var"], params[f"{n}.weight"],
+                             params[f"{n}.bias"], training=training, momentum=a["momentum"], eps=a["eps"])
         else:
             raise NotImplementedError(op)
         vals[n] = y

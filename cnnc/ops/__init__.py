@@ -32,7 +32,7 @@ backward emitters). ``tests/ops/test_table.py`` checks that every op has every p
 from __future__ import annotations
 
 from cnnc.ir import OpDef
-from cnnc.ops import conv, dense, pool, simple
+from cnnc.ops import batchnorm, conv, dense, pool, simple
 from cnnc.ops.activations import TABLE as ACTIVATIONS
 
 OPS: dict[str, OpDef] = {
@@ -45,6 +45,7 @@ OPS: dict[str, OpDef] = {
         pool.GLOBAL_AVGPOOL,
         dense.DENSE,
         simple.FLATTEN,
+        batchnorm.BATCHNORM,
         *simple.ACTIVATIONS,
         simple.SOFTMAX,
         simple.DROPOUT,
