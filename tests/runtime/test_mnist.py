@@ -103,7 +103,7 @@ def test_the_readme_job_lenet5_reaches_one_percent_error(tmp_path):
 @pytest.mark.slow
 def test_the_modern_example_reaches_half_a_percent_error(tmp_path):
     """`cnnc train examples/mnist_modern.cnn`: 12 epochs of a small VGG-style net with batchnorm, AdamW, warmup and
-    a cosine schedule, 2-pixel random crops; test error <= 0.50% (measured: 0.42%). Needs batchnorm."""
+    a cosine schedule, 2-pixel random crops; test error <= 0.50% (measured: 0.41-0.42%). Needs batchnorm."""
     out, error = cnnc_train("mnist_modern", tmp_path)
     assert len([line for line in out.splitlines() if line.startswith("epoch ")]) == 12
     assert error <= 0.50, out
