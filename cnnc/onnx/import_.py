@@ -189,41 +189,62 @@ class Importer:
             if len({x.onnx_shape for x in xs}) > 1:
                 raise Refused(node, "adds tensors of different shapes; cnnc's add takes equal shapes")
             return self.layer(node, "add", xs, xs[0].shape, xs[0].onnx_shape) if len(xs) > 1 else xs[0]
-        leaves: dict[str, Tensor] = {}
-        self._leaves(node, leaves, top=True)
+        found = self._match(node, set())
+        for inner in ([] if found else self._inner(node)):  # a chain of two: silu(gelu(x)) is matched from the top
+            found = self._match(node, {inner})
+            if found:
+                break
+        if found is None:
+            raise Refused(node, "element-wise arithmetic that is no activation cnnc has: not supported by cnnc")
+        leaf, act = found
+        x = self.tensor(leaf, node)
+        if act == "identity":
+            self.values[node.output[0]] = x
+            return x
+        return self.layer(node, act, [x], x.shape, x.onnx_shape)
+
+    def _match(self, node: Any, stop: set[str]) -> tuple[str, str] | None:
+        """(the one tensor, the activation) that `node`'s arithmetic computes, reading values in `stop` as given."""
+        leaves: set[str] = set()
+        self._collect(node, leaves, stop)
         if len(leaves) != 1:
-            raise Refused(node, "element-wise arithmetic on several tensors that is not an addition: "
-                                "not supported by cnnc")
-        (leaf, x), = leaves.items()
+            return None
+        (leaf,) = leaves
         probe = np.concatenate([np.linspace(-8.0, 8.0, 1601), [-30.0, -1e-3, 0.0, 1e-3, 30.0]])
         with np.errstate(all="ignore"):
             y = self._evaluate(node.output[0], {leaf: probe})
-            for name, act in (("identity", None), *ACTIVATIONS.items()):
-                if act is not None and act.args:
-                    continue  # (activations with arguments come as their own ONNX nodes)
-                want = probe if act is None else act.reference(probe, {})
-                if np.allclose(y, want, rtol=1e-6, atol=1e-7):
-                    if act is None:
-                        self.values[node.output[0]] = x
-                        return x
-                    return self.layer(node, name, [x], x.shape, x.onnx_shape)
-        raise Refused(node, "element-wise arithmetic that is no activation cnnc has: not supported by cnnc")
+        for name, act in (("identity", None), *ACTIVATIONS.items()):
+            if act is not None and act.args:
+                continue  # (activations with arguments come as their own ONNX nodes)
+            want = probe if act is None else act.reference(probe, {})
+            if np.allclose(y, want, rtol=1e-6, atol=1e-7):
+                return leaf, name
+        return None
 
-    def _leaves(self, node: Any, leaves: dict[str, Tensor], top: bool = False) -> None:
+    def _collect(self, node: Any, leaves: set[str], stop: set[str]) -> None:
         for name in node.input:
-            if not name:
-                continue
-            v = self.values[name]
+            v = self.values[name] if name else None
             if isinstance(v, np.ndarray):
                 if v.size != 1:
                     raise Refused(node, f"element-wise arithmetic with a non-scalar constant '{name}' "
                                         f"{v.shape}: not supported by cnnc")
-            elif isinstance(v, Pending) and not _is_sum_of_tensors(v.node, self.values):
-                self._leaves(v.node, leaves)
+            elif isinstance(v, Pending) and name not in stop and not _is_sum_of_tensors(v.node, self.values):
+                self._collect(v.node, leaves, stop)
             elif isinstance(v, (Pending, Tensor)):
-                leaves[name] = self.tensor(name, node)
-            else:
+                leaves.add(name)
+            elif name:
                 raise Refused(node, f"input '{name}' must be a constant")
+
+    def _inner(self, node: Any) -> list[str]:
+        """The pending values `node`'s arithmetic reads, nearest first."""
+        order, todo = [], [node]
+        while todo:
+            for name in todo.pop(0).input:
+                v = self.values.get(name)
+                if isinstance(v, Pending) and name not in order:
+                    order.append(name)
+                    todo.append(v.node)
+        return order
 
     def _evaluate(self, name: str, known: dict[str, np.ndarray]) -> np.ndarray:
         if name in known:

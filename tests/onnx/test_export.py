@@ -16,6 +16,8 @@ onnx = pytest.importorskip("onnx")
 
 EXAMPLE_TEXTS = {path.stem: path.read_text() for path in sorted(EXAMPLES.glob("*.cnn"))}
 ALL = {**{f"example:{k}": v for k, v in EXAMPLE_TEXTS.items()}, **NETWORKS}
+# the examples run in the quick suite; the other reference networks (more ops and shapes) with -m slow
+CASES = [pytest.param(name, marks=() if name.startswith("example:") else pytest.mark.slow) for name in sorted(ALL)]
 
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -33,7 +35,7 @@ def test_every_op_has_an_onnx_spelling():
     assert set(EXPORT) == set(OPS)
 
 
-@pytest.mark.parametrize("name", sorted(ALL))
+@pytest.mark.parametrize("name", CASES)
 def test_export_passes_the_checker_and_onnxruntime_agrees(name, tmp_path):
     model, path, proto = exported(ALL[name], tmp_path)
     onnx.checker.check_model(proto, full_check=True)

@@ -13,6 +13,8 @@ from tests.onnx import torchnets
 pytest.importorskip("onnx")
 torch = torchnets.torch
 EXPORTERS = {"torchscript": False, "dynamo": True}
+# the dynamo exporter takes seconds per network: its runs are in the slow suite
+BOTH = [pytest.param("torchscript"), pytest.param("dynamo", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-@pytest.mark.parametrize("exporter", sorted(EXPORTERS))
+@pytest.mark.parametrize("exporter", BOTH)
 @pytest.mark.parametrize("name", ["patterns", "trainable", "global_mean"])
 def test_pytorch_export_compiles_and_computes_what_pytorch_does(exported, name, exporter):
     model = cnnc.compile(exported(name, exporter))
@@ -44,11 +46,16 @@ def test_patterns_become_the_layers_a_person_would_write(exported):
     assert "conv2 = conv1 -> conv(8, 3, pad=2, groups=2, dilation=2) -> silu" in text
     assert "-> gelu -> tanh" in text and "global_avgpool -> elu" in text
     assert "fc = " in text and "dense(10)" in text
-    dynamo = import_file(exported("patterns", "dynamo"))
-    assert set(dynamo.weights) >= {"conv1.weight", "conv2.weight", "fc.weight", "fc.bias"}
 
 
-@pytest.mark.parametrize("exporter", sorted(EXPORTERS))
+@pytest.mark.slow
+def test_dynamo_export_with_external_data_keeps_pytorchs_parameter_names(exported):
+    path = exported("patterns", "dynamo")
+    assert path.with_name(path.name + ".data").exists()
+    assert set(import_file(path).weights) >= {"conv1.weight", "conv2.weight", "fc.weight", "fc.bias"}
+
+
+@pytest.mark.parametrize("exporter", BOTH)
 def test_one_training_step_equals_pytorchs(exported, exporter):
     model = cnnc.compile(exported("trainable", exporter))
     rng = np.random.default_rng(2)
@@ -70,7 +77,7 @@ def test_one_training_step_equals_pytorchs(exported, exporter):
     assert relative_error(model.params["fc.weight"], after["fc.weight"]) < 1e-5
 
 
-@pytest.mark.parametrize("exporter", sorted(EXPORTERS))
+@pytest.mark.parametrize("exporter", BOTH)
 def test_an_op_cnnc_lacks_is_refused_naming_the_node(exported, exporter):
     with pytest.raises(CnnError, match=r"node '[^']+' \(Resize\): not supported by cnnc"):
         import_file(exported("upsample", exporter))
