@@ -121,6 +121,8 @@ class Importer:
             names = ", ".join(i.name for i in data)
             raise CnnError(f"the graph has {len(data)} inputs ({names}); a cnnc network has one")
         x = data[0]
+        if not x.type.HasField("tensor_type"):
+            raise CnnError(f"input '{x.name}' is not a tensor (a sequence or an optional); cnnc takes tensors")
         tt = x.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
         if tt.elem_type != self.onnx.TensorProto.FLOAT or len(dims) not in (2, 4) or None in dims[1:]:
