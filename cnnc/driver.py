@@ -13,9 +13,10 @@ from cnnc.frontend import load_graph, read_source
 from cnnc.passes import CHECK, OPTIMIZE, run_passes
 
 
-def check_source(source: str, path: str = "<string>", diag: Diagnostics | None = None) -> nx.DiGraph:
+def check_source(source: str, path: str = "<string>", diag: Diagnostics | None = None,
+                 after: Callable[[str, nx.DiGraph], None] | None = None) -> nx.DiGraph:
     """Parse, lower, prune, infer shapes and count: the graph `cnnc check` reports on."""
-    return run_passes(load_graph(source, path, diag), CHECK)
+    return run_passes(load_graph(source, path, diag), CHECK, after)
 
 
 def check_file(path: str | Path, diag: Diagnostics | None = None) -> nx.DiGraph:

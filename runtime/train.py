@@ -331,15 +331,17 @@ def save_checkpoint(path: str | os.PathLike[str], model, run: _Run, s: Settings)
     atomic_save_npz(path, _checkpoint_arrays(model, run, s))
 
 
-def _read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(meta, every array) of a checkpoint, read whole: any damage to the archive is one ValueError here."""
+    if not zipfile.is_zipfile(path):  # (np.load would give a .npy's array, not an archive)
+        raise ValueError(f"{path}: not a cnnc checkpoint (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         meta = json.loads(bytes(arrays.pop("meta")).decode())
     except (OSError, ValueError, KeyError, EOFError, RuntimeError, NotImplementedError, MemoryError,
             zipfile.BadZipFile, zlib.error) as e:  # (MemoryError: a member whose header claims a huge array)
-        raise ValueError(f"{path}: not a readable cnnc checkpoint ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: not a cnnc checkpoint (unreadable: {type(e).__name__}: {e})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: not a cnnc checkpoint (its metadata is not a JSON object)")
     return meta, arrays
@@ -437,7 +439,7 @@ def _flat(arrays: dict[str, np.ndarray], key: str, size: int, path: str) -> np.n
 
 def _restore(path: str | os.PathLike[str], model, run: _Run, s: Settings, n: int) -> None:
     """Load a checkpoint into `model` and `run`, every field checked first: nothing changes unless all is sound."""
-    meta, arrays = _read_checkpoint(path)
+    meta, arrays = read_checkpoint(path)
     path = str(path)
     m = _Meta(meta, path)
     if m.str("network") != model.name:

@@ -1023,8 +1023,14 @@ def test_a_member_claiming_an_array_larger_than_memory_is_one_value_error(interr
     with zipfile.ZipFile(interrupted_checkpoint) as src, zipfile.ZipFile(bad, "w") as dst:
         for name in src.namelist():
             dst.writestr(name, header.getvalue() if name == "best_params.npy" else src.read(name))
-    with pytest.raises(ValueError, match="huge.npz: not a readable cnnc checkpoint"):
+    with pytest.raises(ValueError, match="huge.npz: not a cnnc checkpoint"):
         resume_from(bad, data)
+
+
+def test_a_single_array_is_not_a_checkpoint(data, tmp_path):
+    np.save(tmp_path / "w.npy", np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="w.npy: not a cnnc checkpoint"):
+        resume_from(tmp_path / "w.npy", data)
 
 
 def test_a_mid_epoch_checkpoint_on_a_smaller_dataset_is_refused(interrupted_checkpoint, data):

@@ -12,7 +12,7 @@ import pytest
 
 from cnnc import cli
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FILES = sorted(EXAMPLES.glob("*.cnn"))
 
 

@@ -305,23 +305,24 @@ def test_log_on_a_full_device(work):
 
 
 def test_a_value_error_from_below_is_one_line(work, monkeypatch):
-    from cnnc import cli
+    from cnnc.cli import check
 
     def bad_value(args, diag):
         raise ValueError("a value the runtime refused\nover two lines")
 
-    monkeypatch.setattr(cli, "cmd_check", bad_value)
+    monkeypatch.setattr(check, "run", bad_value)
     line = one_line_error(cnnc_cmd(work, "check", "net.cnn"))
     assert line == "cnnc check: a value the runtime refused over two lines"
 
 
 def test_any_other_exception_is_shown_as_a_bug(work, monkeypatch):
     from cnnc import cli
+    from cnnc.cli import check
 
     def bug(args, diag):
         return {}["missing"]
 
-    monkeypatch.setattr(cli, "cmd_check", bug)
+    monkeypatch.setattr(check, "run", bug)
     r = cnnc_cmd(work, "check", "net.cnn")
     assert r.returncode == cli.BUG_STATUS == 70
     assert "Traceback" in r.stderr and "KeyError: 'missing'" in r.stderr

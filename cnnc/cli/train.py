@@ -1,0 +1,204 @@
+"""`cnnc train`: train a network with its train section's settings, every one of them overridable by a flag."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from cnnc.cli.common import (
+    UsageError,
+    check_outputs,
+    data_inputs,
+    data_path,
+    dataset,
+    existing,
+    integer,
+    load_model,
+    path,
+    percent,
+    reading,
+    real,
+    writing,
+)
+from cnnc.errors import Diagnostics
+from cnnc_runtime.fileio import atomic_write
+from cnnc_runtime.train import Epoch, History, TrainingStopped, evaluate, read_checkpoint, settings_from
+
+
+def _epoch_line(e: Epoch, epochs: int) -> str:
+    parts = [f"epoch {e.epoch:>{len(str(epochs))}}/{epochs}", f"loss {e.loss:.4f}", f"acc {percent(e.accuracy)}"]
+    if e.val_loss is not None:
+        parts += [f"val_loss {e.val_loss:.4f}", f"val_acc {percent(e.val_accuracy)}"]
+    parts += [f"{e.seconds:.1f} s", f"{e.images_per_second:,.0f} img/s"]
+    return "  ".join(parts)
+
+
+def _plot(history: History, path: str) -> None:
+    import matplotlib  # (an optional dependency, the plot extra: imported only when asked for a plot)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [e.epoch for e in history.epochs]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [e.loss for e in history.epochs], label="train")
+    if any(e.val_loss is not None for e in history.epochs):
+        ax1.plot(epochs, [e.val_loss for e in history.epochs], label="validation")
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax1.legend()
+    if any(e.accuracy is not None for e in history.epochs):
+        ax2.plot(epochs, [e.accuracy for e in history.epochs], label="train")
+        if any(e.val_accuracy is not None for e in history.epochs):
+            ax2.plot(epochs, [e.val_accuracy for e in history.epochs], label="validation")
+        ax2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+        ax2.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def _written(e: OSError, outputs: dict[str, str | None]) -> str:
+    """Which output the failed write was for (atomic writes go through a temporary ``.NAME.*.tmp``)."""
+    given = {label: p for label, p in outputs.items() if p}
+    if e.filename:
+        failed = Path(os.path.abspath(e.filename))
+        for p in given.values():
+            target = Path(os.path.abspath(p))
+            if failed == target or (failed.parent == target.parent and failed.name.startswith(f".{target.name}.")):
+                return p
+        return str(e.filename)
+    return " or ".join(f"{p} ({label})" for label, p in given.items())  # a write(2) error names no file
+
+
+def run(args: argparse.Namespace, diag: Diagnostics) -> int:
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("cnnc train: --plot needs matplotlib: pip install 'cnnc[plot]'") from None
+    outputs = {"-o": args.output, "--checkpoint": args.checkpoint, "--log": args.log, "--plot": args.plot}
+    inputs = {"FILE": args.file, **data_inputs(args.data), "--resume": args.resume}
+    resumed = (("--checkpoint", "--resume"), ("the default --checkpoint", "--resume"))  # a run continued
+    rules = dict(appended=("--log",), may_replace=resumed)
+    check_outputs("train", inputs, outputs, **rules)
+    if args.resume:
+        _check_checkpoint(args.resume)
+    model = load_model(args.file, args, diag, seed=args.seed)
+    name = model.name
+    out = args.output or f"{name}.weights.npz"
+    ckpt = args.checkpoint or f"{name}.ckpt.npz"
+    outputs.update({"-o" if args.output else "the default -o": out,
+                    "--checkpoint" if args.checkpoint else "the default --checkpoint": ckpt})
+    if not args.data:
+        inputs.update(data_inputs(data_path(args, model), "the train section's data"))
+    check_outputs("train", inputs, outputs, **rules)
+    train = model.manifest.get("train", {})
+    try:  # the optimizer's rules are fit's (settings_from): checked here too, before the data is loaded
+        settings_from(train, optimizer=args.optimizer, momentum=args.momentum)
+    except ValueError as e:
+        raise UsageError(f"cnnc train: {e}") from None
+    data, path = dataset(args, model, args.subset)
+    x, y = data["train"]
+    batch = args.batch or train.get("batch")
+    if batch is not None and batch > len(x) > 0:  # as in Keras: the whole set, and no buffer sized beyond it
+        batch = len(x)
+    settings = dict(epochs=args.epochs, batch_size=batch, lr=args.lr,
+                    weight_decay=args.weight_decay, jitter=args.jitter, validation_split=args.validation,
+                    patience=args.patience, restarts=args.restarts, seed=args.seed, max_steps=args.max_steps,
+                    optimizer=args.optimizer, momentum=args.momentum)
+    epochs = args.epochs or train.get("epochs", 10)
+    print(f"training {name} on {path} ({len(x):,} images), {model.manifest['target']['cpu']}", flush=True)
+    try:
+        history = model.fit(x, y, checkpoint=ckpt, resume=args.resume, log=args.log,
+                            on_epoch=lambda e: print(_epoch_line(e, epochs), flush=True), **settings)
+    except KeyboardInterrupt:
+        if Path(ckpt).is_file():
+            print(f"\ninterrupted: training state saved in {ckpt}; continue with --resume {ckpt}", file=sys.stderr)
+        else:
+            print("\ninterrupted: no checkpoint was written", file=sys.stderr)
+        return 130
+    except TrainingStopped as e:
+        with writing("train", out):
+            model.save(out)
+        print(f"{e}; wrote {out}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        raise UsageError(f"cnnc train: {e}") from None
+    except OSError as e:  # the checkpoint or the log, mid-training: a full disk, a removed directory
+        written = _written(e, {"--checkpoint": ckpt, "--log": args.log})
+        raise UsageError(f"cnnc train: cannot write {written}: {e.strerror or e}") from None
+    with writing("train", out):
+        model.save(out)
+    if len(history.restarts) > 1:
+        for r in history.restarts:
+            print(f"restart {r['restart'] + 1}: seed {r['seed']}, training loss {r['loss']:.4f}, "
+                  f"{r['epochs']} epochs")
+    total = sum(e.seconds for e in history.epochs)
+    print(f"stopped: {history.stopped}; {len(history.epochs)} epochs in {total:.1f} s; wrote {out}")
+    if "test" in data:
+        xt, yt = data["test"]
+        loss, acc, _ = evaluate(model, xt, yt)
+        print(f"test: loss {loss:.4f}, accuracy {percent(acc)} (error {percent(None if acc is None else 1 - acc)}) "
+              f"on {len(xt):,} images")
+    if args.plot:
+        with writing("train", args.plot):
+            _plot(history, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+
+def _check_checkpoint(path: str) -> None:
+    """--resume must be an intact checkpoint, found before the compile and the data load (fit reads it again to
+    check what its metadata says against the model)."""
+    with reading("train", existing(path)):
+        try:
+            read_checkpoint(path)
+        except ValueError as e:
+            raise UsageError(f"cnnc train: {e}") from None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    count, nonneg = integer(1), real(0, what="a non-negative number")
+    fraction = real(0, 1, below=True, what="a fraction in [0, 1)")
+    tr = sub.add_parser("train", help="train a network on a dataset",
+                        description="Train a network with the settings of its train section; every setting can "
+                                    "be overridden here. Writes the weights (-o), a checkpoint after every epoch "
+                                    "(resume with --resume), and reports the test accuracy when the data has a "
+                                    "test split. No output may be one of the inputs (the checkpoint resumed "
+                                    "from may be written again).")
+    tr.add_argument("file", type=path, help="the .cnn file")
+    tr.add_argument("--data", type=path, metavar="DIR|FILE.npz",
+                    help="a directory of IDX files (train-images-idx3-ubyte.gz ...) or an .npz with x, y "
+                         "(and x_test, y_test); default: the train section's data, relative to FILE")
+    tr.add_argument("--epochs", type=count, help="number of epochs (a positive integer)")
+    tr.add_argument("--batch", type=count,
+                    help="mini-batch size; one larger than the training set means the whole set")
+    tr.add_argument("--optimizer", choices=["sgd", "momentum", "rmsprop", "adam"],
+                    help="replaces the train section's optimizer; of its arguments only lr (and eps) carry over")
+    tr.add_argument("--lr", type=real(0, above=True, what="a positive number"), help="learning rate")
+    tr.add_argument("--momentum", type=fraction, metavar="BETA",
+                    help="momentum beta in [0, 1): trains with momentum (sgd becomes momentum); refused when the "
+                         "optimizer is adam or rmsprop")
+    tr.add_argument("--weight-decay", type=nonneg, metavar="LAMBDA",
+                    help="L2: adds lambda * sum(w^2) to the loss")
+    tr.add_argument("--jitter", type=nonneg, metavar="SIGMA", help="Gaussian noise added to every training input")
+    tr.add_argument("--validation", type=fraction, metavar="FRACTION",
+                    help="fraction of training data held out, in [0, 1)")
+    tr.add_argument("--patience", type=count, help="early stop after this many epochs without improvement")
+    tr.add_argument("--restarts", type=count, help="train K times from different initialisations, keep the best")
+    tr.add_argument("--seed", type=integer(0), help="a non-negative integer")
+    tr.add_argument("--max-steps", type=count, help="stop after this many optimizer steps")
+    tr.add_argument("--subset", type=integer(0), default=0, metavar="N",
+                    help="train on the first N training images only (0, the default: all)")
+    tr.add_argument("-o", "--output", type=path, metavar="W.npz",
+                    help="where to write the weights (default NETWORK.weights.npz)")
+    tr.add_argument("--checkpoint", type=path, metavar="CKPT", help="checkpoint path (default NETWORK.ckpt.npz)")
+    tr.add_argument("--resume", type=path, metavar="CKPT", help="continue from a checkpoint")
+    tr.add_argument("--log", type=path, metavar="METRICS.jsonl", help="append one JSON line per epoch")
+    tr.add_argument("--plot", type=path, metavar="CURVES.png",
+                    help="plot the loss and accuracy curves (needs matplotlib)")
+    tr.add_argument("--no-cache", action="store_true", help="do not use the compile cache")
+    tr.set_defaults(run=run)
