@@ -267,7 +267,11 @@ class Importer:
             handler = IMPORT.get(node.op_type)
             if handler is None:
                 raise Refused(node, "not supported by cnnc")
-            handler(self, node)
+            try:
+                handler(self, node)
+            except (KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
+                # (a node the checker let through whose inputs or attributes do not fit its op: the file's fault)
+                raise Refused(node, f"cannot be read ({type(e).__name__}: {e})") from None
         if len(self.graph.output) != 1:
             raise CnnError(f"the graph has {len(self.graph.output)} outputs; a cnnc network has one")
         out = self.graph.output[0]
