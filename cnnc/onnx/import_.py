@@ -526,7 +526,8 @@ def _batchnorm(im: Importer, node: Any) -> None:
     w = conv.params["weight"]
     bias = conv.params["bias"].value if "bias" in conv.params else np.zeros(w.value.shape[0], np.float32)
     conv.params["weight"] = Named(w.name, (w.value * s.reshape(-1, 1, 1, 1)).astype(np.float32))
-    conv.params["bias"] = Named(f"{node.name}.bias", ((bias - mean) * s + shift).astype(np.float32))
+    bias_name = w.name[:-len("weight")] + "bias" if w.name.endswith(".weight") else ""  # (names the binding)
+    conv.params["bias"] = Named(bias_name, ((bias - mean) * s + shift).astype(np.float32))
     conv.args.pop("bias", None)
     im.values[node.output[0]] = x
 
