@@ -6,6 +6,8 @@ import argparse
 
 from cnnc.cli.common import TRUST, check_outputs, load_model, path, writing
 from cnnc.errors import Diagnostics
+from cnnc.onnx import require_onnx
+from cnnc.onnx.export import export_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,10 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, diag: Diagnostics) -> int:
-    from cnnc.onnx import require_onnx
-    from cnnc.onnx.export import export_model  # (onnx: an optional extra, loaded only by this command)
-
-    require_onnx()
+    require_onnx()  # (before any work: onnx is an optional extra)
     check_outputs("export", {"FILE": args.file, "--weights": args.weights}, {"-o": args.output})
     model = load_model(args.file, args, diag)
     with writing("export", args.output):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cnnc.cli.common import check_outputs, existing, path, reading, writing
 from cnnc.errors import Diagnostics
+from cnnc.onnx import require_onnx
 from cnnc_runtime.fileio import atomic_save_npz, atomic_write_bytes
 
 
@@ -28,11 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, diag: Diagnostics) -> int:
-    from cnnc.driver import check_source
-    from cnnc.onnx import require_onnx
-    from cnnc.onnx.import_ import import_file  # (onnx: an optional extra, loaded only by this command)
+    from cnnc.driver import check_source  # (the front end and the op table: loaded only by the commands using them)
+    from cnnc.onnx.import_ import import_file
 
-    require_onnx()
+    require_onnx()  # (before any work: onnx is an optional extra)
     weights = weights_path(args.output)
     check_outputs("import", {"FILE": args.file}, {"-o": args.output, "weights": weights})
     with reading("import", existing(args.file)):
