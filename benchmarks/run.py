@@ -338,8 +338,8 @@ def train_row(ctx: Ctx, row: Row, model, x: np.ndarray, y: np.ndarray, make_torc
         return n / dt
 
     def cnnc_epoch(n: int) -> None:
-        model.fit(x[:n], y[:n], epochs=1, batch_size=64, optimizer="adam", lr=1e-3, progress=False, jitter=0.0,
-                  validation_split=0.0, weight_decay=0.0, restarts=1, seed=next(seeds))
+        model.fit(x[:n], y[:n], epochs=1, batch=64, optimizer="adam", lr=1e-3, progress=False, jitter=0.0,
+                  validation=0.0, weight_decay=0.0, restarts=1, seed=next(seeds))
 
     torch_sample = None
     if ctx.torch is not None:
@@ -377,12 +377,11 @@ def step_breakdown(model, x: np.ndarray, y: np.ndarray, rounds: int = 3) -> dict
     steps = 10
 
     def native() -> None:
-        model.flat_grads[...] = 0.0
-        model._accumulate_gradients(xb, tb, "cross_entropy", 0, 1 / 64, out, losses)
+        model.gradients(xb, tb, "cross_entropy", out=out, losses=losses)
 
     def fit_step() -> None:
-        model.fit(x[:64 * steps], y[:64 * steps], epochs=1, batch_size=64, optimizer="adam", lr=1e-3,
-                  progress=False, jitter=0.0, validation_split=0.0, weight_decay=0.0, restarts=1)
+        model.fit(x[:64 * steps], y[:64 * steps], epochs=1, batch=64, optimizer="adam", lr=1e-3,
+                  progress=False, jitter=0.0, validation=0.0, weight_decay=0.0, restarts=1)
 
     native()
     grads = np.zeros_like(model.flat_grads)  # a zero gradient: Adam does all its work but the weights stay put
@@ -523,9 +522,8 @@ def row_conv(ctx: Ctx) -> list[Row]:
         m.flat_params[...] = (one if m is direct[0] else two).flat_params
 
     def step(m) -> float:
-        m.flat_grads[...] = 0.0
         t0 = time.perf_counter()
-        m._accumulate_gradients(x, target, "mse", 0, 1.0 / (CONV_N * k), out, losses)
+        m.gradients(x, target, "mse", out=out, losses=losses)
         return time.perf_counter() - t0
 
     def timed(fn) -> float:
@@ -694,7 +692,7 @@ t2 = time.perf_counter()
 train = load_dataset(p["mnist"])["train"]
 x, y = prepare_images(train.x, model.input_shape), train.y
 t3 = time.perf_counter()
-model.fit(x, y, epochs=1, batch_size=64, max_steps=1, progress=False)
+model.fit(x, y, epochs=1, batch=64, max_steps=1, progress=False)
 t4 = time.perf_counter()
 print(json.dumps({"end": time.time(), "import": t1 - t0, "build": t2 - t1, "data": t3 - t2, "step": t4 - t3}))
 """
@@ -788,7 +786,7 @@ x, y = train.x, train.y  # fit scales, pads and normalizes each batch
 load_peak, before = peak(), status("VmRSS")
 reset = reset_peak()
 t0 = time.perf_counter()
-h = model.fit(x, y, epochs=1, batch_size=64, max_steps=p["steps"], progress=False)
+h = model.fit(x, y, epochs=1, batch=64, max_steps=p["steps"], progress=False)
 train_peak = peak()
 print(json.dumps({"load_peak": load_peak, "before": before, "train_peak": train_peak if reset else None,
                   "peak": max(load_peak, train_peak), "steps": h.epochs[-1].steps,

@@ -1,5 +1,8 @@
 """The training loop: shuffled mini-batches, validation, early stopping, restarts, checkpoints.
 
+It sits on the engine's public step API (``cnnc_runtime.engine``) and is
+imported by ``cnnc_runtime.model``, never the other way round.
+
 One step is one native call (forward in training mode, the loss and the
 backward pass, all in ``step_LOSS``) and a handful of numpy expressions over
 the flat buffers (weight decay, the optimizer). Everything random (weight
@@ -24,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from cnnc_runtime import rules
 from cnnc_runtime.data import Inputs, first_non_finite_row
+from cnnc_runtime.engine import CHUNK, Engine
 from cnnc_runtime.fileio import atomic_save_npz
-from cnnc_runtime.model import CHUNK, MIN_IMAGES_PER_THREAD
-from cnnc_runtime.optimizers import OPTIMIZERS, Optimizer, add_weight_decay, make_optimizer, optimizer_class
+from cnnc_runtime.optimizers import add_weight_decay
 from cnnc_runtime.progress import ProgressBar
+from cnnc_runtime.settings import OPTIONAL, Settings, new_optimizer, renamed, settings_from
 
 EVAL_BATCH = CHUNK
 
@@ -71,11 +74,11 @@ class History:
         return History([Epoch(**e) for e in d["epochs"]], d["restarts"], d["stopped"], d["best_epoch"])
 
 
-def _labels_like(model, y: np.ndarray, loss: str) -> bool:
+def _labels_like(model: Engine, y: np.ndarray, loss: str) -> bool:
     return loss == "cross_entropy" or np.asarray(y).dtype.kind in "iub"
 
 
-def evaluate(model, x: np.ndarray | Inputs, y: np.ndarray,
+def evaluate(model: Engine, x: np.ndarray | Inputs, y: np.ndarray,
              loss: str | None = None) -> tuple[float, float | None, np.ndarray]:
     """(mean loss, accuracy or None, predictions) of the inference network (dropout off) on a whole set.
 
@@ -89,7 +92,7 @@ def evaluate(model, x: np.ndarray | Inputs, y: np.ndarray,
     return _evaluate(model, inputs, y, targets, loss)
 
 
-def _evaluate(model, inputs: Inputs, y: np.ndarray, targets: np.ndarray,
+def _evaluate(model: Engine, inputs: Inputs, y: np.ndarray, targets: np.ndarray,
               loss: str) -> tuple[float, float | None, np.ndarray]:
     """`evaluate` on a set already checked (fit's validation set, checked once before its first epoch)."""
     n = len(inputs)
@@ -133,7 +136,7 @@ def _finite(a: np.ndarray, b: np.ndarray | None = None) -> bool:
         bool(np.isfinite(a).all()) and (b is None or bool(np.isfinite(b).all())))
 
 
-def _infer_all(model, inputs: Inputs) -> np.ndarray:
+def _infer_all(model: Engine, inputs: Inputs) -> np.ndarray:
     """The network's outputs for a whole set, EVAL_BATCH inputs at a time through one buffer.
 
     EVAL_BATCH is the model's native chunk, so every output is computed exactly
@@ -142,9 +145,8 @@ def _infer_all(model, inputs: Inputs) -> np.ndarray:
     n = len(inputs)
     out = np.empty((n, *model.output_shape), dtype=np.float32)
     buf = model.batch_buffer(min(n, EVAL_BATCH))
-    single = n < 2 * MIN_IMAGES_PER_THREAD
     for start, xb in zip(range(0, n, EVAL_BATCH), inputs.chunks(EVAL_BATCH, buf)):
-        model._infer_into(xb, out[start:start + len(xb)], single)
+        model.infer_into(xb, out[start:start + len(xb)])
     return out
 
 
@@ -156,139 +158,43 @@ def confusion_matrix(labels: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray
 
 
 @dataclass
-class Settings:
-    """Everything `fit` was asked to do (the train section, overridden by arguments)."""
+class _Kept:
+    """The best restart so far: what ``fit`` returns and leaves in the model when every restart is done."""
 
-    epochs: int = 10
-    batch_size: int = 64
-    loss: str | None = None
-    optimizer: str | Optimizer = "adam"
-    lr: float | None = None
-    optimizer_args: dict[str, float] = field(default_factory=dict)
-    momentum: float | None = None
-    validation_split: float = 0.0
-    patience: int | None = None
-    min_delta: float = 0.0
-    jitter: float = 0.0
-    weight_decay: float = 0.0
-    restarts: int = 1
-    seed: int = 0
-    max_steps: int | None = None
-    min_improvement: float | None = None
-    lr_decay: float = 1.0
-
-    def check(self) -> None:
-        """ValueError naming the first setting that breaks its rule (the train section's, ``cnnc_runtime.rules``)."""
-        for name, key in _RULE_KEYS.items():
-            value = getattr(self, name)
-            if value is not None or name not in _OPTIONAL:
-                rules.check(rules.SETTINGS, key, value, name)
-        if self.lr is not None:
-            rules.check(rules.HYPERPARAMETERS, "lr", self.lr, "lr")
+    loss: float  # its training loss (at its best epoch, with early stopping)
+    params: np.ndarray  # its flat parameters
+    history: list[Epoch]
+    stopped: str
+    best_epoch: int | None
 
 
-# Settings field -> its rule in cnnc_runtime.rules.SETTINGS (the train section's name)
-_RULE_KEYS = {"epochs": "epochs", "batch_size": "batch", "validation_split": "validation", "patience": "patience",
-              "min_delta": "min_delta", "jitter": "jitter", "weight_decay": "weight_decay", "restarts": "restarts",
-              "seed": "seed", "max_steps": "max_steps", "min_improvement": "min_improvement", "lr_decay": "lr_decay"}
-_OPTIONAL = {"patience", "max_steps", "min_improvement"}
+@dataclass
+class _Job:
+    """What every run of one ``fit`` call shares: the settings, the data (checked once) and where results go."""
 
-
-def settings_from(train: dict[str, Any], **overrides: Any) -> Settings:
-    """Settings from a .cnn train section, with explicit (non-None) overrides winning.
-
-    An optimizer kind that overrides the file's keeps only the file's lr and eps (if it takes eps): momentum's
-    beta does not go to adam, nor to rmsprop, whose beta means something else. ``optimizer_args`` the kind
-    does not take, or ``momentum`` with adam or rmsprop, are a ValueError; ``momentum`` with sgd switches to
-    momentum with that beta, as it does when nothing names the optimizer.
-    """
-    s = Settings()
-    opt = dict(train.get("optimizer", {}))
-    if opt:
-        s.optimizer = opt.pop("name")
-        s.lr = opt.pop("lr", None)
-        s.optimizer_args = opt
-    s.epochs = train.get("epochs", s.epochs)
-    s.batch_size = train.get("batch", s.batch_size)
-    s.loss = train.get("loss")
-    s.seed = train.get("seed", s.seed)
-    s.weight_decay = train.get("weight_decay", s.weight_decay)
-    s.jitter = train.get("jitter", s.jitter)
-    s.validation_split = train.get("validation", s.validation_split)
-    s.restarts = train.get("restarts", s.restarts)
-    s.max_steps = train.get("max_steps")
-    s.min_improvement = train.get("min_improvement")
-    s.lr_decay = train.get("lr_decay", s.lr_decay)
-    if "early_stop" in train:
-        s.patience = train["early_stop"]["patience"]
-        s.min_delta = train["early_stop"]["min_delta"]
-    file_kind, file_args = s.optimizer, s.optimizer_args
-    explicit_args = overrides.pop("optimizer_args", None) or {}
-    for k, v in overrides.items():
-        if v is not None:
-            if not hasattr(s, k):
-                raise TypeError(f"unknown training setting {k!r}")
-            setattr(s, k, v)
-    named = bool(train.get("optimizer")) or overrides.get("optimizer") is not None
-    _choose_optimizer(s, file_kind, file_args, dict(explicit_args), named)
-    return s
-
-
-# what a file's optimizer argument means in every optimizer that takes it (momentum's beta and rmsprop's do not agree)
-_CARRIED = ("lr", "eps")
-
-
-def _choose_optimizer(s: Settings, file_kind: str, file_args: dict[str, float], explicit: dict[str, float],
-                      named: bool) -> None:
-    """Settle s.optimizer and s.optimizer_args from the file's, the overrides and ``momentum``.
-
-    `named`: the file or an override names the optimizer; when neither does, ``momentum`` chooses momentum
-    instead of the default.
-    """
-    if isinstance(s.optimizer, Optimizer):
-        if explicit or s.momentum is not None:
-            raise ValueError("optimizer_args and momentum apply to an optimizer given by name, not to an "
-                             f"Optimizer object ({s.optimizer!r}): set them on the object")
-        s.optimizer_args = {}
-        return
-    optimizer_class(s.optimizer)  # a known name
-    kind = s.optimizer.lower()
-    if s.momentum is not None:
-        if named and kind not in ("sgd", "momentum"):
-            raise ValueError(f"momentum {s.momentum} is the beta of sgd with momentum, but the optimizer is {kind}; "
-                             f"drop momentum or choose the momentum optimizer")
-        kind = "momentum"
-        explicit.setdefault("beta", s.momentum)
-    takes = OPTIMIZERS[kind].hyperparameters
-    unknown = sorted(set(explicit) - set(takes))
-    if unknown:
-        raise ValueError(f"optimizer {kind} takes {', '.join(takes)}; optimizer_args has {', '.join(unknown)}")
-    carried = file_args if kind == file_kind else {k: v for k, v in file_args.items() if k in _CARRIED and k in takes}
-    s.optimizer, s.optimizer_args = kind, {**carried, **explicit}
-    for key, value in s.optimizer_args.items():
-        rules.check(rules.HYPERPARAMETERS, key, value, f"{kind} {key}")
-
-
-def _optimizer(s: Settings) -> Optimizer:
-    if isinstance(s.optimizer, Optimizer):
-        return s.optimizer
-    kwargs = dict(s.optimizer_args)
-    if s.lr is not None:
-        kwargs["lr"] = s.lr
-    kwargs.setdefault("lr", 0.001 if s.optimizer in ("adam", "rmsprop") else 0.01)
-    return make_optimizer(s.optimizer, **kwargs)
+    settings: Settings
+    loss: str
+    inputs: Inputs
+    targets: np.ndarray
+    labels: np.ndarray | None  # class labels, for the accuracy (None: mse targets that are not labels)
+    validation: tuple[Inputs, np.ndarray, np.ndarray] | None  # (inputs, y, checked targets)
+    checkpoint: str | os.PathLike[str] | None
+    log_file: Any
+    progress: bool | None
+    on_epoch: Callable[[Epoch], None] | None
+    interrupted: _deferred_interrupt
 
 
 class _Run:
     """The state of one training run, everything a checkpoint must hold to continue exactly."""
 
-    def __init__(self, model, s: Settings, restart: int, base_lr: float, finished: list | None = None,
-                 kept: tuple | None = None) -> None:
+    def __init__(self, model: Engine, s: Settings, restart: int, base_lr: float, finished: list | None = None,
+                 kept: _Kept | None = None) -> None:
         self.restart = restart
-        self.optimizer = _optimizer(s)
+        self.optimizer = new_optimizer(s)
         self.optimizer.reset()
         self.base_lr = base_lr  # from the settings: neither a checkpoint's nor an earlier restart's decayed lr
-        # earlier restarts: their outcomes, and (loss, params, history, stopped, best epoch) of the best one
+        # earlier restarts: their outcomes, and the best of them
         self.finished: list[dict[str, Any]] = finished if finished is not None else []
         self.kept = kept
         self.rng = np.random.default_rng([s.seed, restart, 1])
@@ -304,7 +210,7 @@ class _Run:
         self.partial: dict[str, Any] | None = None
 
 
-def _checkpoint_arrays(model, run: _Run, s: Settings) -> dict[str, np.ndarray]:
+def _checkpoint_arrays(model: Engine, run: _Run, s: Settings) -> dict[str, np.ndarray]:
     arrays = {f"param/{k}": v for k, v in model.params.items()}
     arrays["best_params"] = run.best_params
     for k, v in run.optimizer.state_dict().items():
@@ -318,15 +224,14 @@ def _checkpoint_arrays(model, run: _Run, s: Settings) -> dict[str, np.ndarray]:
         arrays["partial_order"] = run.partial["order"]
         meta["partial"] = {k: v for k, v in run.partial.items() if k != "order"}
     if run.kept is not None:
-        loss, params, history, stopped, best_epoch = run.kept
-        arrays["kept_params"] = params
-        meta["kept"] = {"loss": loss, "history": [asdict(e) for e in history], "stopped": stopped,
-                        "best_epoch": best_epoch}
+        arrays["kept_params"] = run.kept.params
+        meta["kept"] = {"loss": run.kept.loss, "history": [asdict(e) for e in run.kept.history],
+                        "stopped": run.kept.stopped, "best_epoch": run.kept.best_epoch}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     return arrays
 
 
-def save_checkpoint(path: str | os.PathLike[str], model, run: _Run, s: Settings) -> None:
+def save_checkpoint(path: str | os.PathLike[str], model: Engine, run: _Run, s: Settings) -> None:
     """Atomically write weights, optimizer state, RNG state and history at an epoch boundary."""
     atomic_save_npz(path, _checkpoint_arrays(model, run, s))
 
@@ -437,7 +342,7 @@ def _flat(arrays: dict[str, np.ndarray], key: str, size: int, path: str) -> np.n
     return a.astype(np.float32)
 
 
-def _restore(path: str | os.PathLike[str], model, run: _Run, s: Settings, n: int) -> None:
+def _restore(path: str | os.PathLike[str], model: Engine, run: _Run, s: Settings, n: int) -> None:
     """Load a checkpoint into `model` and `run`, every field checked first: nothing changes unless all is sound."""
     meta, arrays = read_checkpoint(path)
     path = str(path)
@@ -471,21 +376,21 @@ def _restore(path: str | os.PathLike[str], model, run: _Run, s: Settings, n: int
     kept = None
     if meta.get("kept") is not None:
         k = m.sub("kept")
-        kept = (k.number("loss", infinite=True), _flat(arrays, "kept_params", size, path),
-                _epochs_of(k.list("history"), path, "kept.history"), k.str("stopped"),
-                k.int("best_epoch", 1, optional=True))
+        kept = _Kept(k.number("loss", infinite=True), _flat(arrays, "kept_params", size, path),
+                     _epochs_of(k.list("history"), path, "kept.history"), k.str("stopped"),
+                     k.int("best_epoch", 1, optional=True))
     partial = None if meta.get("partial") is None else _partial_of(m.sub("partial"), arrays.get("partial_order"), n)
     opt_state = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
     for b in run.optimizer.buffers:
         if b in opt_state:
             _flat(opt_state, b, size, path)
     if set(params) != set(model.params) or any(params[k].shape != v.shape for k, v in model.params.items()):
-        model._load_arrays(params, path)  # raises, naming what does not match
+        model.load_arrays(params, path)  # raises, naming what does not match
     try:
         run.optimizer.load_state_dict(opt_state)
     except ValueError as e:
         raise ValueError(f"{path}: damaged checkpoint: optimizer state: {e}") from None
-    model._load_arrays(params, path)
+    model.load_arrays(params, path)
     run.best_params, run.kept, run.partial = best_params, kept, partial
     run.epoch, run.step, run.restart = epoch, step, restart
     run.best_loss, run.best_epoch, run.bad_epochs = best_loss, best_epoch, bad_epochs
@@ -493,25 +398,23 @@ def _restore(path: str | os.PathLike[str], model, run: _Run, s: Settings, n: int
     run.history, run.finished = history, finished
 
 
-def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarray, np.ndarray] | None = None,
+def fit(model: Engine, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarray, np.ndarray] | None = None,
         checkpoint: str | os.PathLike[str] | None = None, resume: str | os.PathLike[str] | None = None,
         log: str | os.PathLike[str] | None = None, progress: bool | None = None,
-        on_epoch: Callable[[Epoch], None] | None = None, early_stopping: int | dict | bool | None = None,
-        **settings: Any) -> History:
+        on_epoch: Callable[[Epoch], None] | None = None, **settings: Any) -> History:
     """Train `model` in place on (x, y), starting from the weights it has; returns the History of the kept run.
 
     x is float32 input of the network's shape, or uint8 images as stored
     (see ``Model.inputs``), which stay uint8: each mini-batch is prepared into
     one reused buffer, with the same result bit for bit.
 
-    Settings (defaults from the .cnn file's train section): epochs, batch_size,
-    loss, optimizer (a name or an ``Optimizer``), lr, optimizer_args (the
-    optimizer's other hyperparameters, e.g. ``{"beta1": 0.8}``), momentum
-    (the beta of sgd with momentum; sgd becomes momentum, adam and rmsprop
-    refuse it), validation_split,
-    early_stopping (a patience in epochs, ``{"patience": P, "min_delta": D}``,
-    or False to switch off the train section's; the same as passing patience
-    and min_delta): stop when the validation loss (the training loss without
+    Settings (``cnnc_runtime.settings.Settings``; each named as in the train
+    section, whose values are the defaults): epochs, batch, loss, optimizer
+    (a name or an ``Optimizer``), lr, optimizer_args (the optimizer's other
+    hyperparameters, e.g. ``{"beta1": 0.8}``), momentum (the beta of sgd with
+    momentum; sgd becomes momentum, adam and rmsprop refuse it), validation
+    (the fraction held out), patience and min_delta (the train section's
+    ``early_stop``): stop when the validation loss (the training loss without
     validation) has not improved by min_delta for patience epochs, and restore
     the best weights; jitter (sigma of
     Gaussian noise added to every training input at every step), weight_decay
@@ -523,8 +426,11 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
     improves the training loss by less), lr_decay (the learning rate of epoch
     e is lr * lr_decay**e). Every setting obeys the train section's rules
     (``cnnc_runtime.rules``); one that does not is a ValueError naming it.
-    An optimizer named here that differs from the file's takes only the
-    file's lr and eps (see ``settings_from``).
+    A setting given as None keeps the train section's value, except patience,
+    max_steps and min_improvement, which None switches off. An optimizer
+    named here that differs from the file's takes only the file's lr and eps
+    (see ``settings_from``). ``batch_size`` and ``validation_split`` are old
+    names of batch and validation (a DeprecationWarning).
 
     Non-finite values cannot train: inputs (and mse targets) holding NaN or
     infinity are refused with a ValueError naming the first such image,
@@ -534,16 +440,11 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
     it; for a bad gradient, those of that step, the optimizer's state
     untouched by it).
     """
+    settings = renamed(settings, stacklevel=4)  # (the caller of Model.fit)
     s = settings_from(model.manifest.get("train", {}), **settings)
-    if early_stopping is False:
-        s.patience = None
-    elif isinstance(early_stopping, dict):
-        s.patience = early_stopping.get("patience", 5)
-        s.min_delta = early_stopping.get("min_delta", 0.0)
-    elif early_stopping is not None and early_stopping is not True:
-        s.patience = early_stopping
-    elif early_stopping is True:
-        s.patience = s.patience or 5
+    for name in OPTIONAL:
+        if name in settings and settings[name] is None:
+            setattr(s, name, None)
     s.check()
     loss = model.loss_name(s.loss)
     inputs = model.inputs(x)
@@ -551,11 +452,11 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
     targets = model.check_targets(y, n, loss)
     _refuse_non_finite(inputs, targets)
     labels = np.asarray(y) if _labels_like(model, y, loss) else None
-    if validation_data is None and s.validation_split > 0:
+    if validation_data is None and s.validation > 0:
         order = np.random.default_rng([s.seed, 7]).permutation(n)
-        n_val = int(round(n * s.validation_split))
+        n_val = int(round(n * s.validation))
         if n_val < 1 or n_val >= n:
-            raise ValueError(f"validation_split {s.validation_split} leaves no images on one side of {n}")
+            raise ValueError(f"validation {s.validation} leaves no images on one side of {n}")
         val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
         validation_data = (inputs.subset(val_idx), np.asarray(y)[val_idx])  # index views: no copy of the images
         inputs, targets = inputs.subset(train_idx), targets[train_idx]
@@ -566,11 +467,13 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
         _refuse_non_finite(val_inputs, val_targets, "validation ")
         validation_data = (val_inputs, val_y, val_targets)
 
-    base_lr = _optimizer(s).lr  # before any restart decays it
+    base_lr = new_optimizer(s).lr  # before any restart decays it
     interrupted = _deferred_interrupt()
     finished: list[dict[str, Any]] = []
-    kept: tuple | None = None  # (loss, params, history, stopped, best epoch) of the best restart so far
+    kept: _Kept | None = None
     log_file = open(log, "a", encoding="utf-8") if log else None  # noqa: SIM115 - closed in finally
+    job = _Job(settings=s, loss=loss, inputs=inputs, targets=targets, labels=labels, validation=validation_data,
+               checkpoint=checkpoint, log_file=log_file, progress=progress, on_epoch=on_epoch, interrupted=interrupted)
     try:
         start_restart = 0
         resumed: _Run | None = None
@@ -585,20 +488,18 @@ def fit(model, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarra
                 if restart > 0:  # restart 0 trains the weights the model has
                     model.initialize(s.seed + restart)
                 run = _Run(model, s, restart, base_lr, finished, kept)
-            _train_run(model, run, s, loss, inputs, targets, labels, validation_data, checkpoint, log_file,
-                       progress, on_epoch, interrupted)
+            _train_run(model, run, job)
             final = run.history[run.best_epoch - 1] if run.best_epoch else run.history[-1]
             finished.append({"restart": restart, "seed": s.seed + restart, "loss": final.loss,
                              "epochs": len(run.history), "stopped": run.stopped})
-            if kept is None or final.loss < kept[0]:
-                kept = (final.loss, model.flat_params.copy(), list(run.history), run.stopped, run.best_epoch)
+            if kept is None or final.loss < kept.loss:
+                kept = _Kept(final.loss, model.flat_params.copy(), list(run.history), run.stopped, run.best_epoch)
     finally:
         interrupted.restore()
         if log_file:
             log_file.close()
-    _, params, epochs, stopped, best_epoch = kept
-    model.flat_params[...] = params
-    return History(epochs, finished, stopped, best_epoch)
+    model.flat_params[...] = kept.params
+    return History(kept.history, finished, kept.stopped, kept.best_epoch)
 
 
 class _deferred_interrupt:  # noqa: N801 - used like a function
@@ -634,7 +535,7 @@ def _stop(run: _Run, bar: ProgressBar, why: str, kept: str) -> None:
     raise TrainingStopped(f"training stopped: {why}; {kept}")
 
 
-def _stop_step(model, good: np.ndarray, run: _Run, bar: ProgressBar, value: float, b: int) -> None:
+def _stop_step(model: Engine, good: np.ndarray, run: _Run, bar: ProgressBar, value: float, b: int) -> None:
     """Stop at a step whose loss or gradient is not finite, or that starts from weights that are not."""
     _check_update(model, good, run, bar)  # weights the last update broke explain a bad loss: blame that update
     where = f"at epoch {run.epoch + 1}, step {b + 1}"
@@ -644,7 +545,7 @@ def _stop_step(model, good: np.ndarray, run: _Run, bar: ProgressBar, value: floa
     _stop(run, bar, f"a gradient became NaN or infinite {where}", "kept the weights of that step")
 
 
-def _check_update(model, good: np.ndarray, run: _Run, bar: ProgressBar) -> None:
+def _check_update(model: Engine, good: np.ndarray, run: _Run, bar: ProgressBar) -> None:
     """Stop with the weights from before the last update (`good`) if it made any weight NaN or infinite.
 
     Every step checks the weights it starts from; this also runs where no step follows (the epoch's end, an
@@ -658,22 +559,20 @@ def _check_update(model, good: np.ndarray, run: _Run, bar: ProgressBar) -> None:
               "kept the weights from before that update")
 
 
-def _train_run(model, run: _Run, *args: Any) -> None:
+def _train_run(model: Engine, run: _Run, job: _Job) -> None:
     """Train one run with the optimizer's native update bound for its duration (it lives in the model's code)."""
     run.optimizer.use_native(model.native_update(run.optimizer))
     try:
-        _train_epochs(model, run, *args)
+        _train_epochs(model, run, job)
     finally:
         run.optimizer.use_native(None)
 
 
-def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targets: np.ndarray,
-                  labels: np.ndarray | None, validation_data, checkpoint, log_file, progress, on_epoch,
-                  interrupted: _deferred_interrupt) -> None:
+def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
+    s, loss, inputs, targets, labels = job.settings, job.loss, job.inputs, job.targets, job.labels
     n = len(inputs)
-    size = min(s.batch_size, n)  # a batch larger than the set is the whole set
+    size = min(s.batch, n)  # a batch larger than the set is the whole set
     batch = model.batch_buffer(size)  # every step's inputs are prepared into this one buffer
-    batch_ptr = batch.ctypes.data
     k = model.manifest["loss_inputs"][loss]
     out = np.empty((size, k), dtype=np.float32)
     losses = np.empty(size, dtype=np.float32)
@@ -690,33 +589,30 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
             t0 -= p["seconds"]
         else:
             order, first, total, correct, seen = run.rng.permutation(n), 0, 0.0, 0, 0
-        bar = ProgressBar(-(-n // s.batch_size), enabled=progress)
+        bar = ProgressBar(-(-n // s.batch), enabled=job.progress)
         with np.errstate(over="ignore", invalid="ignore"):  # a NaN or an overflow is found and reported below
-            for b, start in enumerate(range(first, n, s.batch_size), start=first // s.batch_size):
-                idx = order[start:start + s.batch_size]
+            for b, start in enumerate(range(first, n, s.batch), start=first // s.batch):
+                idx = order[start:start + s.batch]
                 m = len(idx)
                 xb, tb = batch[:m], targets[idx]
                 # native Gaussian noise: a seed from the run's generator, so resume stays exact
                 noise = int(run.rng.integers(0, 2**63 - 1)) if s.jitter > 0 else None
-                scale = 1.0 / m if loss == "cross_entropy" else 1.0 / (m * k)
                 seed = int(run.rng.integers(0, 2**63 - 1)) if model.manifest["has_dropout"] else 0
 
                 def prepare(t: int, a: int, b: int, idx=idx, noise=noise) -> None:
                     inputs.batch(idx[a:b], batch[a:b])
                     if noise is not None:
-                        model._noise_rows(batch_ptr, s.jitter, noise, t, a, b)
+                        model.add_noise(batch, s.jitter, noise, rows=(a, b), thread=t)
 
-                with model._lock:  # value_and_grad on another thread must not mix its gradients into this step's
-                    model.flat_grads[...] = 0.0
-                    model._accumulate_gradients(xb, tb, loss, seed, scale, out[:m], losses[:m], prepare)
-                    value = float(losses[:m].sum(dtype=np.float64) * scale)
+                with model.lock:  # value_and_grad on another thread must not mix its gradients into this step's
+                    value = model.gradients(xb, tb, loss, seed=seed, out=out[:m], losses=losses[:m], prepare=prepare)
                     if s.weight_decay > 0:
                         value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay,
                                                   decay_scratch)
                     if not (math.isfinite(value) and _finite(model.flat_grads, model.flat_params)):
                         _stop_step(model, good, run, bar, value, b)
                     good[...] = model.flat_params
-                    optimizer.step(model.flat_params, model.flat_grads)
+                    model.update(optimizer)
                 run.step += 1
                 total += value * m
                 seen += m
@@ -725,13 +621,13 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
                 elapsed = time.perf_counter() - t0
                 bar.update(b + 1, total / seen, correct / seen if labels is not None else None,
                            seen / max(elapsed, 1e-9))
-                if interrupted.is_set():
+                if job.interrupted.is_set():
                     _check_update(model, good, run, bar)
                     bar.close()
                     run.partial = {"order": order, "next": start + m, "total": total, "correct": correct, "seen": seen,
                                    "seconds": time.perf_counter() - t0}
-                    if checkpoint is not None:
-                        save_checkpoint(checkpoint, model, run, s)
+                    if job.checkpoint is not None:
+                        save_checkpoint(job.checkpoint, model, run, s)
                     raise KeyboardInterrupt
                 if s.max_steps is not None and run.step >= s.max_steps:
                     run.stopped = f"reached the step limit of {s.max_steps}"
@@ -741,8 +637,8 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
         run.partial = None
         seconds = time.perf_counter() - t0
         val_loss = val_acc = None
-        if validation_data is not None:
-            val_loss, val_acc, _ = _evaluate(model, *validation_data, loss)
+        if job.validation is not None:
+            val_loss, val_acc, _ = _evaluate(model, *job.validation, loss)
         run.epoch += 1
         record = Epoch(run.epoch, total / seen, correct / seen if labels is not None else None, val_loss, val_acc,
                        seconds, seen / seconds, run.step, run.restart)
@@ -758,13 +654,13 @@ def _train_epochs(model, run: _Run, s: Settings, loss: str, inputs: Inputs, targ
         if s.min_improvement is not None and prev_loss - record.loss < s.min_improvement and not run.stopped:
             run.stopped = f"the training loss improved by less than {s.min_improvement}"
         prev_loss = record.loss
-        if checkpoint is not None:  # before the epoch is reported: what was announced can be resumed
-            save_checkpoint(checkpoint, model, run, s)
-        if log_file:
-            log_file.write(json.dumps(asdict(record)) + "\n")
-            log_file.flush()
-        if on_epoch:
-            on_epoch(record)
+        if job.checkpoint is not None:  # before the epoch is reported: what was announced can be resumed
+            save_checkpoint(job.checkpoint, model, run, s)
+        if job.log_file:
+            job.log_file.write(json.dumps(asdict(record)) + "\n")
+            job.log_file.flush()
+        if job.on_epoch:
+            job.on_epoch(record)
     if not run.stopped:
         run.stopped = f"completed {run.epoch} epochs"
     if s.patience is not None and run.best_epoch is not None:

@@ -24,7 +24,12 @@ from cnnc.cli.common import (
 )
 from cnnc.errors import Diagnostics
 from cnnc_runtime.fileio import atomic_write
-from cnnc_runtime.train import Epoch, History, TrainingStopped, evaluate, read_checkpoint, settings_from
+from cnnc_runtime.settings import settings_from
+from cnnc_runtime.train import Epoch, History, TrainingStopped, evaluate, read_checkpoint
+
+# the flags that set a training setting (``cnnc_runtime.settings.Settings``), each by that setting's name
+SETTING_FLAGS = ("epochs", "batch", "optimizer", "lr", "momentum", "weight_decay", "jitter", "validation", "patience",
+                 "restarts", "seed", "max_steps")
 
 
 def _epoch_line(e: Epoch, epochs: int) -> str:
@@ -94,21 +99,14 @@ def run(args: argparse.Namespace, diag: Diagnostics) -> int:
     if not args.data:
         inputs.update(data_inputs(data_path(args, model), "the train section's data"))
     check_outputs("train", inputs, outputs, **rules)
-    train = model.manifest.get("train", {})
-    try:  # the optimizer's rules are fit's (settings_from): checked here too, before the data is loaded
-        settings_from(train, optimizer=args.optimizer, momentum=args.momentum)
+    # each flag is the training setting of its name (fit's keyword, the train section's key); unset: the file's
+    settings = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name) is not None}
+    try:  # fit's rules (settings_from): checked here too, before the data is loaded
+        epochs = settings_from(model.manifest.get("train", {}), **settings).epochs
     except ValueError as e:
         raise UsageError(f"cnnc train: {e}") from None
     data, path = dataset(args, model, args.subset)
     x, y = data["train"]
-    batch = args.batch or train.get("batch")
-    if batch is not None and batch > len(x) > 0:  # as in Keras: the whole set, and no buffer sized beyond it
-        batch = len(x)
-    settings = dict(epochs=args.epochs, batch_size=batch, lr=args.lr,
-                    weight_decay=args.weight_decay, jitter=args.jitter, validation_split=args.validation,
-                    patience=args.patience, restarts=args.restarts, seed=args.seed, max_steps=args.max_steps,
-                    optimizer=args.optimizer, momentum=args.momentum)
-    epochs = args.epochs or train.get("epochs", 10)
     print(f"training {name} on {path} ({len(x):,} images), {model.manifest['target']['cpu']}", flush=True)
     try:
         history = model.fit(x, y, checkpoint=ckpt, resume=args.resume, log=args.log,
@@ -147,7 +145,6 @@ def run(args: argparse.Namespace, diag: Diagnostics) -> int:
             _plot(history, args.plot)
         print(f"wrote {args.plot}")
     return 0
-
 
 
 def _check_checkpoint(path: str) -> None:

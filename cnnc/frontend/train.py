@@ -10,12 +10,11 @@ from typing import Any
 from cnnc.errors import CnnError, did_you_mean
 from cnnc.frontend import ast
 from cnnc.frontend.values import describe, evaluate
-from cnnc_runtime import optimizers, rules
+from cnnc_runtime import optimizers, rules, settings
 
 OPTIMIZERS = {name: cls.hyperparameters for name, cls in optimizers.OPTIMIZERS.items()}
 LOSSES = ("cross_entropy", "mse")
-SCALARS = ("batch", "epochs", "seed", "weight_decay", "jitter", "validation", "restarts", "max_steps",
-           "min_improvement", "lr_decay")
+SCALARS = settings.SECTION_SCALARS  # each the name of its setting in the runtime's Settings
 KEYS = ("loss", "optimizer", "data", "early_stop", "normalize", *SCALARS)
 
 
@@ -85,7 +84,8 @@ def lower_train(section: ast.Train) -> dict[str, Any]:
                 if not rules.is_count(v):
                     raise CnnError(f"early_stop needs a patience in epochs, got {describe(v)}", value.loc)
                 args = {"patience": v}
-            out["early_stop"] = {"patience": args.get("patience", 5), "min_delta": float(args.get("min_delta", 0.0))}
+            out["early_stop"] = {"patience": args.get("patience", settings.DEFAULT_PATIENCE),
+                                 "min_delta": float(args.get("min_delta", settings.Settings.min_delta))}
         elif s.key == "normalize":
             out["normalize"] = _normalize(value, s)
         elif isinstance(value, ast.Call) or value is None:

@@ -194,8 +194,8 @@ def test_every_override_is_accepted_and_used(work):
     # the CLI's model was initialised from --seed)
     model = build(NET, seed=3)
     with np.load(work / "d.npz") as d:
-        model.fit(d["x"], d["y"], epochs=2, batch_size=16, optimizer="momentum", lr=0.05,
-                  optimizer_args={"beta": 0.8}, weight_decay=0.001, jitter=0.02, validation_split=0.2, patience=3,
+        model.fit(d["x"], d["y"], epochs=2, batch=16, optimizer="momentum", lr=0.05,
+                  optimizer_args={"beta": 0.8}, weight_decay=0.001, jitter=0.02, validation=0.2, patience=3,
                   restarts=2, seed=3, max_steps=1000, progress=False)
     with np.load(work / "o.npz") as w:
         for k, v in model.params.items():
@@ -429,7 +429,7 @@ def test_train_and_eval_on_uint8_images_equal_the_float32_path(work):
     assert r.returncode == 0, r.stderr
     model = build(IMAGES_NET)
     xf = (prepare_images(x, (1, 8, 8)) - np.float32(0.2)) / np.float32(0.7)
-    model.fit(xf, y, validation_split=0.25, progress=False)
+    model.fit(xf, y, validation=0.25, progress=False)
     with np.load(work / "u8.weights.npz") as w:
         for k, v in model.params.items():
             np.testing.assert_array_equal(w[k], v, err_msg=k)

@@ -8,7 +8,7 @@ import pytest
 
 from cnnc.driver import check_source
 from cnnc.errors import CnnError
-from cnnc_runtime.train import Settings, settings_from
+from cnnc_runtime.settings import Settings, settings_from
 
 
 def trained(settings: str) -> str:
@@ -73,8 +73,8 @@ def test_every_setting_lands_in_the_train_dict():
 
 def test_the_train_dict_becomes_the_runtime_settings():
     s = settings_from(train_of(FULL))
-    assert s == Settings(epochs=20, batch_size=64, loss="cross_entropy", optimizer="adam", lr=0.002,
-                         optimizer_args={"beta1": 0.8, "beta2": 0.99, "eps": 1e-7}, validation_split=0.1,
+    assert s == Settings(epochs=20, batch=64, loss="cross_entropy", optimizer="adam", lr=0.002,
+                         optimizer_args={"beta1": 0.8, "beta2": 0.99, "eps": 1e-7}, validation=0.1,
                          patience=3, min_delta=0.001, jitter=0.1, weight_decay=0.0001, restarts=3, seed=1,
                          max_steps=10000, min_improvement=0.0001, lr_decay=0.85)
     # explicit arguments win; None means "not given"

@@ -54,7 +54,7 @@ def test_lenet_modern_learns_mnist_quickly(mnist):
     # measured: 95.4-96.5% on the first 2,000 test images (seeds 0-3) after 2 epochs on 10,000 images
     model = build((EXAMPLES / "lenet_modern.cnn").read_text())
     x, y, xt, yt = split(mnist, model.input_shape)
-    h = model.fit(x, y, epochs=2, batch_size=32, optimizer="adam", lr=0.002, seed=0, progress=False)
+    h = model.fit(x, y, epochs=2, batch=32, optimizer="adam", lr=0.002, seed=0, progress=False)
     assert h.epochs[1].loss < h.epochs[0].loss
     assert h.epochs[1].accuracy > 0.93
     loss, acc = model.evaluate(xt, yt)
@@ -71,7 +71,7 @@ def test_lenet5_with_its_train_section_learns_mnist_quickly(mnist):
     assert train["normalize"] == {"mean": 0.1307, "std": 0.3081}
     x, y, xt, yt = split(mnist, model.input_shape, train["normalize"])
     assert x.shape[1:] == (1, 32, 32)
-    model.fit(x, y, epochs=2, batch_size=32, seed=0, progress=False)
+    model.fit(x, y, epochs=2, batch=32, seed=0, progress=False)
     loss, acc = model.evaluate(xt, yt)
     assert acc >= 0.92, acc
 

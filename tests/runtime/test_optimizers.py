@@ -281,7 +281,7 @@ def test_fit_runs_the_native_update_and_unbinds_it(compiled):
     seen = []
     opt = make_optimizer("adam", lr=0.01)
     x = np.random.default_rng(0).standard_normal((32, 3)).astype(np.float32)
-    compiled.fit(x, np.arange(32) % 2, epochs=1, batch_size=8, optimizer=opt, progress=False, validation_split=0.0,
+    compiled.fit(x, np.arange(32) % 2, epochs=1, batch=8, optimizer=opt, progress=False, validation=0.0,
                  on_epoch=lambda e: seen.append(opt._native))
     assert seen and seen[0] is compiled.native_update(opt)
     assert opt._native is None

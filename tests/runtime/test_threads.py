@@ -156,7 +156,7 @@ def test_a_fork_while_another_thread_trains_leaves_the_child_a_usable_model(comp
     held, release = threading.Event(), threading.Event()
 
     def hold_the_lock() -> None:
-        with model._lock:  # as a training step on that thread would at the moment of the fork
+        with model.lock:  # as a training step on that thread would at the moment of the fork
             held.set()
             release.wait()
 
@@ -189,7 +189,7 @@ def test_training_is_the_same_bits_on_any_number_of_threads(compiled):
     trained = []
     for k in (1, 2, 3):
         model = model_with(compiled, k)
-        history = model.fit(x, y, epochs=1, batch_size=64, max_steps=3, jitter=0.1, progress=False)
+        history = model.fit(x, y, epochs=1, batch=64, max_steps=3, jitter=0.1, progress=False)
         trained.append((history.epochs[-1].loss, model.flat_params.copy()))
     for loss, params in trained[1:]:
         assert loss == trained[0][0]

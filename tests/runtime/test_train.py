@@ -2,7 +2,7 @@
 restarts, jitter, dropout, NaN stops, step limits, lr decay, checkpoints and resuming, seeds, validation.
 
 Tiny networks on synthetic, separable data: every fit here takes milliseconds.
-The native training step is observed by wrapping ``model._accumulate_gradients``
+The native training step is observed by wrapping ``model.gradients``
 (it receives the batch exactly as the native code will see it).
 """
 
@@ -78,11 +78,11 @@ def stripes(n: int = 200, seed: int = 0):
 
 
 def spy_steps(model, call_native: bool = True) -> list[dict]:
-    """Record every training step's inputs (and outputs) by wrapping ``model._accumulate_gradients``."""
+    """Record every training step's inputs (and outputs) by wrapping ``model.gradients``."""
     calls: list[dict] = []
-    original = model._accumulate_gradients
+    original = model.gradients
 
-    def spy(x, targets, loss, seed, scale, out, losses, prepare=None):
+    def spy(x, targets, loss, *, seed=0, out=None, losses=None, prepare=None):
         params = model.flat_params.copy()
         threads: set[int] = set()
 
@@ -91,16 +91,19 @@ def spy_steps(model, call_native: bool = True) -> list[dict]:
             prepare(t, a, b)
 
         if call_native:
-            original(x, targets, loss, seed, scale, out, losses, prepared if prepare else None)
+            value = original(x, targets, loss, seed=seed, out=out, losses=losses,
+                             prepare=prepared if prepare else None)
         else:
             if prepare is not None:
                 prepared(0, 0, len(x))
             out[...] = 0.0
             losses[...] = 0.0
-        calls.append({"x": x.copy(), "targets": targets.copy(), "seed": seed, "scale": scale, "out": out.copy(),
+            value = 0.0
+        calls.append({"x": x.copy(), "targets": targets.copy(), "seed": seed, "out": out.copy(),
                       "losses": losses.copy(), "params": params, "threads": threads})
+        return value
 
-    model._accumulate_gradients = spy
+    model.gradients = spy
     return calls
 
 
@@ -115,7 +118,7 @@ def data():
 def test_fit_returns_a_history_of_every_epoch(data):
     x, y = data
     model = build(MLP)
-    h = model.fit(x, y, epochs=4, batch_size=32, optimizer="adam", lr=0.01, validation_split=0.2, progress=False)
+    h = model.fit(x, y, epochs=4, batch=32, optimizer="adam", lr=0.01, validation=0.2, progress=False)
     assert isinstance(h, History)
     assert [e.epoch for e in h.epochs] == [1, 2, 3, 4]
     assert all(isinstance(e, Epoch) for e in h.epochs)
@@ -137,7 +140,7 @@ def test_fit_returns_a_history_of_every_epoch(data):
 
 def test_without_validation_the_val_fields_are_none(data):
     x, y = data
-    h = build(MLP).fit(x, y, epochs=1, batch_size=64, progress=False)
+    h = build(MLP).fit(x, y, epochs=1, batch=64, progress=False)
     assert h.epochs[0].val_loss is None and h.epochs[0].val_accuracy is None
     assert h.epochs[0].accuracy is not None
 
@@ -145,7 +148,7 @@ def test_without_validation_the_val_fields_are_none(data):
 def test_loss_decreases_and_the_data_is_learnt(data):
     x, y = data
     model = build(MLP)
-    h = model.fit(x, y, epochs=8, batch_size=32, optimizer="adam", lr=0.01, progress=False)
+    h = model.fit(x, y, epochs=8, batch=32, optimizer="adam", lr=0.01, progress=False)
     losses = [e.loss for e in h.epochs]
     assert losses[-1] < 0.3 * losses[0], losses
     assert h.epochs[-1].accuracy >= 0.95
@@ -166,7 +169,7 @@ def test_every_optimizer_trains(name, lr, extra, net):
     else:
         model, (x, y) = build(CONV), stripes(200, seed=3)
     before, _ = model.evaluate(x, y)
-    h = model.fit(x, y, epochs=6, batch_size=20, optimizer=name, lr=lr, progress=False, **extra)
+    h = model.fit(x, y, epochs=6, batch=20, optimizer=name, lr=lr, progress=False, **extra)
     after, acc = model.evaluate(x, y)
     assert h.epochs[-1].loss < h.epochs[0].loss
     assert after < 0.5 * before, (before, after)
@@ -177,7 +180,7 @@ def test_an_optimizer_object_is_used_as_given(data):
     x, y = data
     opt = optimizers.Momentum(lr=0.05, beta=0.5)
     model = build(MLP)
-    model.fit(x, y, epochs=2, batch_size=50, optimizer=opt, progress=False)
+    model.fit(x, y, epochs=2, batch=50, optimizer=opt, progress=False)
     assert opt.t == 2 * 6  # ceil(300 / 50) steps per epoch, taken by this very object
     assert opt.beta == 0.5
 
@@ -195,7 +198,7 @@ def optimizer_used(model, **settings) -> optimizers.Optimizer:
     original = model.native_update
     model.native_update = lambda opt: (seen.append(opt), original(opt))[1]
     x, y = blobs(40)
-    model.fit(x, y, epochs=1, batch_size=40, progress=False, **settings)
+    model.fit(x, y, epochs=1, batch=40, progress=False, **settings)
     return seen[0]
 
 
@@ -254,7 +257,7 @@ def test_weight_decay_one_sgd_step_by_hand(data):
     loss0, grads = model.value_and_grad(x, y)
 
     model.initialize = lambda seed=0: None  # keep the biases above: fit would re-initialise
-    h = model.fit(x, y, epochs=1, batch_size=len(x), optimizer="sgd", lr=lr, weight_decay=lam, progress=False)
+    h = model.fit(x, y, epochs=1, batch=len(x), optimizer="sgd", lr=lr, weight_decay=lam, progress=False)
     penalty = sum(float((start[k].astype(np.float64) ** 2).sum()) for k in start if k.endswith(".weight"))
     assert h.epochs[0].loss == pytest.approx(loss0 + lam * penalty, rel=1e-5)
     for k, w in start.items():
@@ -274,7 +277,7 @@ def test_weight_decay_shrinks_the_weights(data):
 
     def weight_norm(lam):
         model = build(MLP)
-        model.fit(x, y, epochs=5, batch_size=32, optimizer="sgd", lr=0.05, weight_decay=lam, progress=False)
+        model.fit(x, y, epochs=5, batch=32, optimizer="sgd", lr=0.05, weight_decay=lam, progress=False)
         return sum(float((model.params[k] ** 2).sum()) for k in model.params if k.endswith(".weight"))
 
     none, some, lots = weight_norm(0.0), weight_norm(0.01), weight_norm(0.1)
@@ -304,7 +307,7 @@ def test_frozen_and_unconnected_weights_stay_put_under_decay():
     model = build(FROZEN)
     start = model.state()
     model.initialize = lambda seed=0: None
-    model.fit(x, targets, epochs=2, batch_size=10, optimizer="adam", lr=0.05, weight_decay=0.5,
+    model.fit(x, targets, epochs=2, batch=10, optimizer="adam", lr=0.05, weight_decay=0.5,
               progress=False)
     np.testing.assert_array_equal(model.params["f.weight"], start["f.weight"])
     w = model.params["t.weight"]
@@ -320,7 +323,7 @@ def test_weight_decay_does_not_touch_biases_without_gradient():
     model.params["h.weight"][...] = 0.0  # relu(0 + b) with b < 0 is 0: h.bias has no gradient
     model.params["h.bias"][...] = -1.0
     model.initialize = lambda seed=0: None
-    model.fit(x, y, epochs=2, batch_size=16, optimizer="sgd", lr=0.1, weight_decay=0.5, progress=False)
+    model.fit(x, y, epochs=2, batch=16, optimizer="sgd", lr=0.1, weight_decay=0.5, progress=False)
     np.testing.assert_array_equal(model.params["h.bias"], -1.0)
 
 
@@ -336,7 +339,7 @@ def test_early_stopping_restores_the_best_weights():
     yv = rng.integers(0, 3, 60)
     model = build(MLP)
     patience = 2
-    h = model.fit(x, y, validation_data=(xv, yv), epochs=60, batch_size=8, optimizer="adam", lr=0.03,
+    h = model.fit(x, y, validation_data=(xv, yv), epochs=60, batch=8, optimizer="adam", lr=0.03,
                   patience=patience, progress=False)
     assert h.stopped.startswith("early stop"), h.stopped
     assert len(h.epochs) < 60
@@ -353,28 +356,39 @@ def test_early_stopping_restores_the_best_weights():
 
 def test_early_stopping_min_delta():
     x, y = blobs(200, seed=2)
-    h = build(MLP).fit(x, y, epochs=30, batch_size=20, optimizer="adam", lr=0.01, patience=1, min_delta=10.0,
+    h = build(MLP).fit(x, y, epochs=30, batch=20, optimizer="adam", lr=0.01, patience=1, min_delta=10.0,
                        progress=False)
     # no epoch improves on the first by 10: stop after epoch 2, keep epoch 1
     assert len(h.epochs) == 2 and h.best_epoch == 1
     assert "early stop" in h.stopped
 
 
-def test_early_stopping_argument_forms_match_patience_and_min_delta():
+def test_patience_none_switches_off_the_train_sections_early_stop():
     x, y = blobs(200, seed=2)
-    as_dict = build(MLP).fit(x, y, epochs=30, batch_size=20, optimizer="adam", lr=0.01,
-                             early_stopping={"patience": 1, "min_delta": 10.0}, progress=False)
-    assert len(as_dict.epochs) == 2 and as_dict.best_epoch == 1
-    as_int = build(MLP).fit(x, y, epochs=4, batch_size=20, optimizer="adam", lr=0.01, early_stopping=2,
-                            progress=False)
-    by_name = build(MLP).fit(x, y, epochs=4, batch_size=20, optimizer="adam", lr=0.01, patience=2, progress=False)
-    assert [e.loss for e in as_int.epochs] == [e.loss for e in by_name.epochs]
-    assert as_int.best_epoch == by_name.best_epoch
+    text = MLP.replace("network tiny", "network tinystop") + "train {\n    early_stop(patience=1, min_delta=10.0)\n}\n"
+    stopped = build(text).fit(x, y, epochs=4, batch=20, optimizer="adam", lr=0.01, progress=False)
+    assert len(stopped.epochs) == 2 and stopped.best_epoch == 1  # the file's early stop
+    free = build(text).fit(x, y, epochs=4, batch=20, optimizer="adam", lr=0.01, patience=None, progress=False)
+    plain = build(MLP).fit(x, y, epochs=4, batch=20, optimizer="adam", lr=0.01, progress=False)
+    assert free.stopped == plain.stopped == "completed 4 epochs"
+    assert [e.loss for e in free.epochs] == [e.loss for e in plain.epochs]
+
+
+def test_old_setting_names_still_work_with_a_deprecation_warning():
+    x, y = blobs(200, seed=2)
+    with pytest.warns(DeprecationWarning, match="batch_size is now called batch"):
+        old = build(MLP).fit(x, y, epochs=2, batch_size=20, validation=0.1, progress=False)
+    with pytest.warns(DeprecationWarning, match="validation_split is now called validation"):
+        build(MLP).fit(x, y, epochs=1, batch=20, validation_split=0.1, progress=False)
+    new = build(MLP).fit(x, y, epochs=2, batch=20, validation=0.1, progress=False)
+    assert [e.loss for e in old.epochs] == [e.loss for e in new.epochs]
+    with pytest.raises(TypeError, match="batch_size and batch are the same setting"):
+        build(MLP).fit(x, y, batch=20, batch_size=20, progress=False)
 
 
 def test_early_stopping_on_training_loss_without_validation(data):
     x, y = data
-    h = build(MLP).fit(x, y, epochs=5, batch_size=32, optimizer="adam", lr=0.01, patience=2, progress=False)
+    h = build(MLP).fit(x, y, epochs=5, batch=32, optimizer="adam", lr=0.01, patience=2, progress=False)
     assert h.best_epoch == int(np.argmin([e.loss for e in h.epochs])) + 1
 
 
@@ -391,7 +405,7 @@ def test_restarts_keep_the_lowest_training_loss(data):
         records.append(e)
         snapshots[e.restart] = model.flat_params.copy()
 
-    h = model.fit(x, y, epochs=2, batch_size=64, optimizer="sgd", lr=0.02, restarts=3, seed=10,
+    h = model.fit(x, y, epochs=2, batch=64, optimizer="sgd", lr=0.02, restarts=3, seed=10,
                   on_epoch=on_epoch, progress=False)
     assert [r["restart"] for r in h.restarts] == [0, 1, 2]
     assert [r["seed"] for r in h.restarts] == [10, 11, 12]
@@ -421,7 +435,7 @@ def test_restarts_start_from_the_models_weights_then_from_derived_seeds(data):
 
     model.initialize = initialize
     calls = spy_steps(model)
-    model.fit(x, y, epochs=1, batch_size=100, restarts=3, seed=4, progress=False)
+    model.fit(x, y, epochs=1, batch=100, restarts=3, seed=4, progress=False)
     assert [s for s, _ in starts] == [5, 6]  # restart k > 0 re-draws the weights from seed + k
     np.testing.assert_array_equal(calls[0]["params"], own)  # restart 0: the weights the model had
     assert not np.array_equal(starts[0][1], starts[1][1])
@@ -432,17 +446,17 @@ def test_fit_trains_the_weights_the_model_has(data):
     x, y = data
     model = build(MLP)
     model.flat_params[...] = 7.0
-    model.fit(x, y, epochs=1, batch_size=100, optimizer="sgd", lr=1e-9, progress=False)
+    model.fit(x, y, epochs=1, batch=100, optimizer="sgd", lr=1e-9, progress=False)
     np.testing.assert_allclose(model.flat_params, 7.0, rtol=1e-6)
 
 
 def test_fitting_twice_continues_from_the_first_fit(data):
     x, y = data
     once, twice = build(MLP), build(MLP)
-    once.fit(x, y, epochs=2, batch_size=50, optimizer="sgd", lr=0.05, progress=False)
-    twice.fit(x, y, epochs=1, batch_size=50, optimizer="sgd", lr=0.05, progress=False)
+    once.fit(x, y, epochs=2, batch=50, optimizer="sgd", lr=0.05, progress=False)
+    twice.fit(x, y, epochs=1, batch=50, optimizer="sgd", lr=0.05, progress=False)
     after_one = twice.flat_params.copy()
-    twice.fit(x, y, epochs=1, batch_size=50, optimizer="sgd", lr=0.05, progress=False)
+    twice.fit(x, y, epochs=1, batch=50, optimizer="sgd", lr=0.05, progress=False)
     assert not np.array_equal(twice.flat_params, after_one)
     assert twice.evaluate(x, y)[0] < build(MLP).evaluate(x, y)[0]
 
@@ -458,7 +472,7 @@ def test_jitter_adds_gaussian_noise_of_sigma(sigma):
     model = build(MLP)
     calls = spy_steps(model, call_native=False)
     before = x.copy()
-    model.fit(x, y, epochs=2, batch_size=50, jitter=sigma, progress=False)
+    model.fit(x, y, epochs=2, batch=50, jitter=sigma, progress=False)
     np.testing.assert_array_equal(x, before)  # the caller's array is not touched
     noise = []
     for c in calls:
@@ -486,7 +500,7 @@ def test_each_thread_prepares_its_share_of_the_batch_as_one_thread_would(data):
     whole = Model(split.manifest, split._obj, threads=1)
     seen = {name: spy_steps(m) for name, m in (("split", split), ("whole", whole))}
     for m in (split, whole):
-        m.fit(x, y, epochs=2, batch_size=32, jitter=0.1, seed=5, progress=False)
+        m.fit(x, y, epochs=2, batch=32, jitter=0.1, seed=5, progress=False)
     assert len(seen["split"]) == len(seen["whole"]) > 4
     for a, b in zip(seen["split"], seen["whole"]):
         np.testing.assert_array_equal(a["x"], b["x"])
@@ -503,15 +517,13 @@ def test_a_batch_that_fails_leaves_no_partial_gradient_behind(data):
         pytest.skip("one core: nothing runs beside the main thread")
     loss = model.loss_name(None)
     xb, targets = model.check_input(x[:32]), model.check_targets(y[:32], 32, loss)
-    k = model.manifest["loss_inputs"][loss]
 
     def prepare(t: int, a: int, b: int) -> None:
         if t == 0:
             raise OSError("the data went away")
 
     with pytest.raises(OSError, match="went away"):
-        model._accumulate_gradients(xb, targets, loss, 0, 1 / 32, np.empty((32, k), np.float32),
-                                    np.empty(32, np.float32), prepare)
+        model.gradients(xb, targets, loss, prepare=prepare)
     _, grads = model.value_and_grad(x[:32], y[:32])
     _, want = build(MLP).value_and_grad(x[:32], y[:32])
     for name in want:
@@ -522,7 +534,7 @@ def test_no_jitter_means_the_exact_images(data):
     x, y = data
     model = build(MLP)
     calls = spy_steps(model, call_native=False)
-    model.fit(x, y, epochs=1, batch_size=64, progress=False)
+    model.fit(x, y, epochs=1, batch=64, progress=False)
     seen = np.concatenate([c["x"] for c in calls])
     assert len(seen) == len(x)
     # every image once per epoch, exactly, in a shuffled order
@@ -538,7 +550,7 @@ def test_dropout_drops_p_and_scales_the_rest_in_training_only():
     rng = np.random.default_rng(0)
     x = rng.uniform(1.0, 2.0, (64, 1000)).astype(np.float32)
     y = rng.integers(0, 1000, 64)
-    model.fit(x, y, epochs=2, batch_size=32, progress=False)
+    model.fit(x, y, epochs=2, batch=32, progress=False)
     assert len(calls) == 4
     masks = []
     for c in calls:
@@ -563,12 +575,12 @@ def test_dropout_mask_depends_on_the_step_seed_only():
     y = np.zeros(8, np.int64)
     m1, m2 = build(DROPOUT_ONLY), build(DROPOUT_ONLY)
     c1, c2 = spy_steps(m1), spy_steps(m2)
-    m1.fit(x, y, epochs=1, batch_size=8, seed=3, progress=False)
-    m2.fit(x, y, epochs=1, batch_size=8, seed=3, progress=False)
+    m1.fit(x, y, epochs=1, batch=8, seed=3, progress=False)
+    m2.fit(x, y, epochs=1, batch=8, seed=3, progress=False)
     np.testing.assert_array_equal(c1[0]["out"], c2[0]["out"])
     m3 = build(DROPOUT_ONLY)
     c3 = spy_steps(m3)
-    m3.fit(x, y, epochs=1, batch_size=8, seed=4, progress=False)
+    m3.fit(x, y, epochs=1, batch=8, seed=4, progress=False)
     assert not np.array_equal(c1[0]["out"], c3[0]["out"])
 
 
@@ -580,7 +592,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_weights(data):
     model = build(MLP)
     calls = spy_steps(model)
     with pytest.raises(TrainingStopped, match=r"the loss became (nan|inf|-inf) at epoch 1, step \d+"):
-        model.fit(x, y, epochs=3, batch_size=32, optimizer="sgd", lr=1e30, progress=False)
+        model.fit(x, y, epochs=3, batch=32, optimizer="sgd", lr=1e30, progress=False)
     finite = [np.isfinite(c["losses"].astype(np.float64).sum()) for c in calls]
     assert not finite[-1] and all(finite[:-1]) and len(calls) >= 2
     # the weights of the last step whose loss was finite
@@ -596,7 +608,7 @@ def test_a_non_finite_input_is_refused_before_any_step(bad):
     before = model.flat_params.copy()
     calls = spy_steps(model)
     with pytest.raises(ValueError, match="input 40 holds a NaN or an infinite value"):
-        model.fit(x, y, epochs=2, batch_size=16, optimizer="sgd", lr=0.01, progress=False)
+        model.fit(x, y, epochs=2, batch=16, optimizer="sgd", lr=0.01, progress=False)
     assert calls == []
     np.testing.assert_array_equal(model.flat_params, before)
     with pytest.raises(ValueError, match="input 40 holds"):
@@ -636,26 +648,27 @@ def test_a_bad_row_is_found_behind_a_validation_split():
     x, y = blobs(100, seed=2)
     x[63, 0] = np.nan
     with pytest.raises(ValueError, match="input 63 holds"):  # the caller's index, before the split
-        build(MLP).fit(x, y, validation_split=0.2, epochs=1, progress=False)
+        build(MLP).fit(x, y, validation=0.2, epochs=1, progress=False)
 
 
 def test_a_non_finite_gradient_stops_with_the_weights_and_optimizer_state_of_that_step(data, monkeypatch):
     x, y = data
     model = build(MLP)
     opt = optimizers.Adam(lr=0.01)
-    original = model._accumulate_gradients
+    original = model.gradients
     steps = []
 
-    def accumulate(*args, **kwargs):
-        original(*args, **kwargs)
+    def gradients(*args, **kwargs):
+        value = original(*args, **kwargs)
         steps.append((model.flat_params.copy(), opt.state_dict()))
         if len(steps) == 4:
             model.flat_grads[5] = np.nan  # what a NaN the forward hid (maxnum) did to the backward
+        return value
 
-    model._accumulate_gradients = accumulate
+    model.gradients = gradients
     with pytest.raises(TrainingStopped, match=r"a gradient became NaN or infinite at epoch 1, step 4; kept the "
                                               r"weights of that step"):
-        model.fit(x, y, epochs=2, batch_size=32, optimizer=opt, progress=False)
+        model.fit(x, y, epochs=2, batch=32, optimizer=opt, progress=False)
     params, state = steps[-1]
     np.testing.assert_array_equal(model.flat_params, params)
     assert opt.t == state["t"] == 3
@@ -680,21 +693,22 @@ def test_an_update_that_makes_a_weight_non_finite_is_undone(data, bad_step, mess
                 params[2] = np.inf
 
     with pytest.raises(TrainingStopped, match=message):
-        model.fit(x, y, epochs=1, batch_size=30, optimizer=Overflowing(lr=0.01), progress=False)
+        model.fit(x, y, epochs=1, batch=30, optimizer=Overflowing(lr=0.01), progress=False)
     np.testing.assert_array_equal(model.flat_params, calls[bad_step - 1]["params"])
 
 
 def test_a_huge_but_finite_gradient_is_not_a_stop(data):
     model = build(MLP)
     x, y = data
-    original = model._accumulate_gradients
+    original = model.gradients
 
-    def accumulate(*args, **kwargs):
-        original(*args, **kwargs)
+    def gradients(*args, **kwargs):
+        value = original(*args, **kwargs)
         model.flat_grads[0] = 3e30  # its square overflows float32 (the quick check); the exact check passes it
+        return value
 
-    model._accumulate_gradients = accumulate
-    h = model.fit(x, y, epochs=1, batch_size=100, optimizer="sgd", lr=1e-31, progress=False)
+    model.gradients = gradients
+    h = model.fit(x, y, epochs=1, batch=100, optimizer="sgd", lr=1e-31, progress=False)
     assert h.stopped == "completed 1 epochs"
     assert np.isfinite(model.flat_params).all()
 
@@ -704,7 +718,7 @@ def test_max_steps(data, max_steps, epochs, last_steps):
     x, y = data
     model = build(MLP)
     calls = spy_steps(model)
-    h = model.fit(x, y, epochs=3, batch_size=30, max_steps=max_steps, progress=False)  # 10 steps per epoch
+    h = model.fit(x, y, epochs=3, batch=30, max_steps=max_steps, progress=False)  # 10 steps per epoch
     assert len(h.epochs) == epochs
     assert h.epochs[-1].steps == last_steps == len(calls)
     if max_steps <= 30:
@@ -715,7 +729,7 @@ def test_max_steps(data, max_steps, epochs, last_steps):
 
 def test_min_improvement_stops_when_progress_stalls(data):
     x, y = data
-    h = build(MLP).fit(x, y, epochs=20, batch_size=30, optimizer="adam", lr=0.01, min_improvement=10.0,
+    h = build(MLP).fit(x, y, epochs=20, batch=30, optimizer="adam", lr=0.01, min_improvement=10.0,
                        progress=False)
     assert len(h.epochs) == 2  # epoch 1 always improves on nothing; epoch 2 cannot improve by 10
     assert h.stopped == "the training loss improved by less than 10.0"
@@ -731,10 +745,10 @@ def test_lr_decay_multiplies_the_learning_rate_every_epoch(data, monkeypatch):
         original(self, params, grads)
 
     monkeypatch.setattr(optimizers.SGD, "step", step)
-    build(MLP).fit(x, y, epochs=3, batch_size=100, optimizer="sgd", lr=0.2, lr_decay=0.5, progress=False)
+    build(MLP).fit(x, y, epochs=3, batch=100, optimizer="sgd", lr=0.2, lr_decay=0.5, progress=False)
     assert seen == pytest.approx([0.2] * 3 + [0.1] * 3 + [0.05] * 3, rel=1e-12)
     seen.clear()
-    build(MLP).fit(x, y, epochs=2, batch_size=150, optimizer="sgd", lr=0.2, progress=False)
+    build(MLP).fit(x, y, epochs=2, batch=150, optimizer="sgd", lr=0.2, progress=False)
     assert seen == [0.2] * 4
 
 
@@ -750,7 +764,7 @@ def test_lr_decay_from_the_train_section(data, monkeypatch):
         original(self, params, grads)
 
     monkeypatch.setattr(optimizers.SGD, "step", step)
-    build(text).fit(x, y, epochs=3, batch_size=300, progress=False)
+    build(text).fit(x, y, epochs=3, batch=300, progress=False)
     assert seen == pytest.approx([0.1, 0.09, 0.081], rel=1e-12)
 
 
@@ -765,7 +779,7 @@ def test_lr_decay_restarts_from_the_full_rate_with_an_optimizer_object(data, mon
 
     monkeypatch.setattr(optimizers.SGD, "step", step)
     opt = optimizers.SGD(lr=0.2)
-    build(MLP).fit(x, y, epochs=2, batch_size=300, optimizer=opt, lr_decay=0.5, restarts=2, progress=False)
+    build(MLP).fit(x, y, epochs=2, batch=300, optimizer=opt, lr_decay=0.5, restarts=2, progress=False)
     assert seen == pytest.approx([0.2, 0.1, 0.2, 0.1], rel=1e-12)
 
 
@@ -779,14 +793,14 @@ def test_lr_decay_restarts_from_the_full_rate_by_name(data, monkeypatch):
         original(self, params, grads)
 
     monkeypatch.setattr(optimizers.SGD, "step", step)
-    build(MLP).fit(x, y, epochs=2, batch_size=300, optimizer="sgd", lr=0.2, lr_decay=0.5, restarts=2, progress=False)
+    build(MLP).fit(x, y, epochs=2, batch=300, optimizer="sgd", lr=0.2, lr_decay=0.5, restarts=2, progress=False)
     assert seen == pytest.approx([0.2, 0.1, 0.2, 0.1], rel=1e-12)
 
 
 # ---- checkpoints and resuming ----------------------------------------------------------------------
 
 
-RESUME_SETTINGS = dict(batch_size=24, optimizer="adam", lr=0.01, jitter=0.1, validation_split=0.2, seed=7,
+RESUME_SETTINGS = dict(batch=24, optimizer="adam", lr=0.01, jitter=0.1, validation=0.2, seed=7,
                        lr_decay=0.9, progress=False)
 
 
@@ -816,7 +830,7 @@ def test_resume_equals_an_unbroken_run(tmp_path):
 
 def test_resume_with_momentum_and_patience(tmp_path):
     x, y = blobs(150, seed=6)
-    settings = dict(batch_size=16, optimizer="momentum", lr=0.05, patience=10, validation_split=0.2, seed=1,
+    settings = dict(batch=16, optimizer="momentum", lr=0.05, patience=10, validation=0.2, seed=1,
                     progress=False)
     whole = build(MLP)
     whole.fit(x, y, epochs=3, **settings)
@@ -829,7 +843,7 @@ def test_resume_with_momentum_and_patience(tmp_path):
 
 def test_resume_with_min_improvement_stops_like_an_unbroken_run(tmp_path):
     x, y = blobs(200, seed=4)
-    settings = dict(batch_size=20, optimizer="adam", lr=0.01, seed=0, progress=False)
+    settings = dict(batch=20, optimizer="adam", lr=0.01, seed=0, progress=False)
     probe = build(MLP).fit(x, y, epochs=4, **settings)
     gains = [a.loss - b.loss for a, b in zip(probe.epochs, probe.epochs[1:])]
     threshold = gains[1] + 1e-9  # epochs 1-2 improve enough... epoch 3 improves by gains[1] < threshold
@@ -843,7 +857,7 @@ def test_resume_with_min_improvement_stops_like_an_unbroken_run(tmp_path):
 
 def test_resume_with_restarts_equals_an_unbroken_run(tmp_path, data):
     x, y = data
-    settings = dict(epochs=3, batch_size=50, optimizer="sgd", lr=0.05, restarts=2, seed=0, progress=False)
+    settings = dict(epochs=3, batch=50, optimizer="sgd", lr=0.05, restarts=2, seed=0, progress=False)
     whole = build(MLP)
     h_whole = whole.fit(x, y, **settings)
 
@@ -874,7 +888,7 @@ def test_checkpoint_is_written_every_epoch(tmp_path, data):
             with np.load(ckpt) as z:
                 epochs_seen.append(json.loads(bytes(z["meta"]).decode())["epoch"])
 
-    model.fit(x, y, epochs=3, batch_size=100, checkpoint=ckpt, on_epoch=on_epoch, progress=False)
+    model.fit(x, y, epochs=3, batch=100, checkpoint=ckpt, on_epoch=on_epoch, progress=False)
     assert epochs_seen in ([1, 2], [1, 2, 3])  # each epoch's checkpoint, written around its on_epoch call
     with np.load(ckpt) as z:
         assert {f"param/{k}" for k in model.params} <= set(z.files)
@@ -885,18 +899,18 @@ def test_checkpoint_is_written_every_epoch(tmp_path, data):
 
 def test_resume_refuses_another_network_or_optimizer(tmp_path, data):
     x, y = data
-    build(MLP).fit(x, y, epochs=1, batch_size=100, optimizer="adam", checkpoint=tmp_path / "c", progress=False)
+    build(MLP).fit(x, y, epochs=1, batch=100, optimizer="adam", checkpoint=tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match="not tinydrop"):
-        build(MLP_DROPOUT).fit(x, y, epochs=2, batch_size=100, optimizer="adam", resume=tmp_path / "c",
+        build(MLP_DROPOUT).fit(x, y, epochs=2, batch=100, optimizer="adam", resume=tmp_path / "c",
                                progress=False)
     with pytest.raises(ValueError, match="adam|Adam"):
-        build(MLP).fit(x, y, epochs=2, batch_size=100, optimizer="sgd", resume=tmp_path / "c", progress=False)
+        build(MLP).fit(x, y, epochs=2, batch=100, optimizer="sgd", resume=tmp_path / "c", progress=False)
 
 
 # ---- damaged checkpoints: one clear ValueError, whatever the damage ----------------------------------------
 
 
-DAMAGE_SETTINGS = dict(epochs=2, batch_size=32, optimizer="adam", lr=0.01, restarts=2, seed=3, progress=False)
+DAMAGE_SETTINGS = dict(epochs=2, batch=32, optimizer="adam", lr=0.01, restarts=2, seed=3, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -1047,7 +1061,8 @@ def test_a_checkpoint_of_a_later_restart_needs_as_many_restarts(interrupted_chec
 _CHECKPOINT_WRITER = """
 import sys, types
 import numpy as np
-from cnnc_runtime.train import Settings, _Run, save_checkpoint
+from cnnc_runtime.settings import Settings
+from cnnc_runtime.train import _Run, save_checkpoint
 
 path, size = sys.argv[1], int(sys.argv[2])
 flat = np.zeros(size, np.float32)
@@ -1100,7 +1115,7 @@ def test_a_checkpoint_survives_a_kill_mid_write(tmp_path):
 
 def test_the_same_seed_gives_identical_training(data):
     x, y = data
-    settings = dict(epochs=3, batch_size=32, jitter=0.05, validation_split=0.1, optimizer="adam", lr=0.01,
+    settings = dict(epochs=3, batch=32, jitter=0.05, validation=0.1, optimizer="adam", lr=0.01,
                     progress=False)
     a, b, c = build(MLP_DROPOUT, seed=1), build(MLP_DROPOUT, seed=1), build(MLP_DROPOUT, seed=1)
     ha = a.fit(x, y, seed=5, **settings)
@@ -1125,7 +1140,7 @@ def test_validation_split_holds_out_the_right_count(n, fraction, held_out, monke
     monkeypatch.setattr(train_mod, "_evaluate", spy)
     model = build(MLP)
     calls = spy_steps(model)
-    model.fit(x, y, epochs=2, batch_size=16, validation_split=fraction, progress=False)
+    model.fit(x, y, epochs=2, batch=16, validation=fraction, progress=False)
     assert sizes == [held_out, held_out]
     trained = np.concatenate([c["x"] for c in calls])
     assert len(trained) == 2 * (n - held_out)
@@ -1139,14 +1154,14 @@ def test_validation_split_holds_out_the_right_count(n, fraction, held_out, monke
 def test_validation_split_that_leaves_nothing_is_refused():
     x, y = blobs(10)
     with pytest.raises(ValueError, match="leaves no images"):
-        build(MLP).fit(x, y, epochs=1, validation_split=0.01, progress=False)
+        build(MLP).fit(x, y, epochs=1, validation=0.01, progress=False)
 
 
 def test_validation_data_is_used_as_given(data):
     x, y = data
     xv, yv = blobs(50, seed=9)
     model = build(MLP)
-    h = model.fit(x, y, validation_data=(xv, yv), epochs=2, batch_size=64, progress=False)
+    h = model.fit(x, y, validation_data=(xv, yv), epochs=2, batch=64, progress=False)
     assert h.epochs[-1].val_loss == pytest.approx(model.evaluate(xv, yv)[0], rel=1e-12)
     assert h.epochs[-1].images_per_second * h.epochs[-1].seconds == pytest.approx(len(x))
 
@@ -1155,11 +1170,11 @@ def test_validation_data_is_used_as_given(data):
     (dict(epochs=0), "epochs must be a positive integer, got 0"),
     (dict(epochs=1.5), "epochs must be a positive integer, got 1.5"),
     (dict(epochs=True), "epochs must be a positive integer, got True"),
-    (dict(batch_size=0), "batch_size must be a positive integer"),
+    (dict(batch=0), "batch must be a positive integer"),
     (dict(restarts=0), "restarts must be a positive integer"),
     (dict(max_steps=0), "max_steps must be a positive integer, got 0"),
-    (dict(validation_split=-0.1), r"validation_split must be a fraction in \[0, 1\), got -0.1"),
-    (dict(validation_split=1.0), r"validation_split must be a fraction in \[0, 1\)"),
+    (dict(validation=-0.1), r"validation must be a fraction in \[0, 1\), got -0.1"),
+    (dict(validation=1.0), r"validation must be a fraction in \[0, 1\)"),
     (dict(jitter=-1.0), "jitter must be a non-negative number"),
     (dict(jitter=float("nan")), "jitter must be a non-negative number"),
     (dict(weight_decay=-1e-4), "weight_decay must be a non-negative number"),
@@ -1169,8 +1184,8 @@ def test_validation_data_is_used_as_given(data):
     (dict(seed=-1), "seed must be a non-negative integer"),
     (dict(min_improvement=-1.0), "min_improvement must be a non-negative number"),
     (dict(patience=0), "patience must be a positive integer"),
-    (dict(early_stopping=2.5), "patience must be a positive integer, got 2.5"),
-    (dict(early_stopping={"patience": 2, "min_delta": -1}), "min_delta must be a non-negative number"),
+    (dict(patience=2.5), "patience must be a positive integer, got 2.5"),
+    (dict(patience=2, min_delta=-1), "min_delta must be a non-negative number"),
     (dict(lr=0.0), "lr must be a positive number"),
     (dict(lr=-1e-3), "lr must be a positive number"),
     (dict(optimizer="adam", optimizer_args={"beta1": 1.5}), r"adam beta1 must be in \[0, 1\), got 1.5"),
@@ -1191,7 +1206,7 @@ def test_a_batch_larger_than_the_set_is_the_whole_set(data):
     x, y = data
     model = build(MLP)
     calls = spy_steps(model)
-    h = model.fit(x, y, epochs=2, batch_size=10**12, progress=False)  # buffers sized by min(batch, N)
+    h = model.fit(x, y, epochs=2, batch=10**12, progress=False)  # buffers sized by min(batch, N)
     assert [len(c["x"]) for c in calls] == [len(x), len(x)]
     assert h.epochs[-1].steps == 2
 
@@ -1205,7 +1220,7 @@ def test_unknown_settings_are_refused(data):
 def test_log_writes_one_json_line_per_epoch(tmp_path, data):
     x, y = data
     log = tmp_path / "m.jsonl"
-    build(MLP).fit(x, y, epochs=3, batch_size=100, log=log, progress=False)
+    build(MLP).fit(x, y, epochs=3, batch=100, log=log, progress=False)
     lines = log.read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
@@ -1215,7 +1230,7 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(data, tmp_path
     from cnnc_runtime import train as train_mod
 
     x, y = data
-    settings = dict(epochs=3, batch_size=16, optimizer="adam", lr=0.01, jitter=0.05, seed=4, progress=False)
+    settings = dict(epochs=3, batch=16, optimizer="adam", lr=0.01, jitter=0.05, seed=4, progress=False)
     unbroken = build(MLP)
     unbroken.fit(x, y, **settings)
 
@@ -1271,14 +1286,14 @@ def prepared(model, x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("settings", [
     dict(),
-    dict(validation_split=0.2, jitter=0.05, optimizer="momentum"),
+    dict(validation=0.2, jitter=0.05, optimizer="momentum"),
 ], ids=["plain", "validation-jitter"])
 def test_uint8_training_equals_float32_training(settings):
     x, y = stored_digits()
     results = []
     for make in (lambda m: prepared(m, x), lambda m: x):
         model = build(PADDED, seed=1)
-        h = model.fit(make(model), y, epochs=2, batch_size=32, seed=4, progress=False, **settings)
+        h = model.fit(make(model), y, epochs=2, batch=32, seed=4, progress=False, **settings)
         results.append((model.flat_params.copy(), [(e.loss, e.accuracy, e.val_loss, e.val_accuracy) for e in h.epochs],
                         evaluate(model, make(model), y)))
     (p_float, h_float, e_float), (p_u8, h_u8, e_u8) = results
@@ -1292,7 +1307,7 @@ def test_uint8_validation_data_and_forward_match_float32():
     x, y = stored_digits()
     xv, yv = stored_digits(40, seed=5)
     model = build(PADDED, seed=2)
-    model.fit(x, y, validation_data=(xv, yv), epochs=1, batch_size=50, progress=False)
+    model.fit(x, y, validation_data=(xv, yv), epochs=1, batch=50, progress=False)
     np.testing.assert_array_equal(model(xv), model(prepared(model, xv)))
     assert model.evaluate(xv, yv) == model.evaluate(prepared(model, xv), yv)
     np.testing.assert_array_equal(model.predict(xv[:3, None]), model.predict(prepared(model, xv[:3])))
@@ -1302,7 +1317,7 @@ def test_uint8_batches_reach_the_native_step_prepared():
     x, y = stored_digits(20)
     model = build(PADDED)
     calls = spy_steps(model)
-    model.fit(x, y, epochs=1, batch_size=8, progress=False, seed=3)
+    model.fit(x, y, epochs=1, batch=8, progress=False, seed=3)
     seen = np.concatenate([c["x"] for c in calls])
     assert seen.dtype == np.float32 and seen.shape == (20, 1, 8, 8)
     want = prepared(model, x)

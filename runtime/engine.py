@@ -1,0 +1,716 @@
+"""``Engine``: a compiled network in this process, with its parameters, and the public step API it is run by.
+
+The layers of the runtime: this module runs the native code (inference, one
+training step's gradients, input noise, the optimizer update); ``train`` is
+the training loop on top of it (``fit``, ``evaluate``); ``model`` joins both
+into the user-facing ``Model``. Nothing here imports ``train`` or ``model``.
+
+All parameters live in one flat, 64-byte-aligned float32 buffer; ``params``
+maps each parameter name to a writable view of it, so writing into a view
+changes the model. Gradients use a second buffer of the same layout.
+
+Inputs are checked before any native code sees them: ``x`` must be
+``(N, C, H, W)`` (or ``(N, F)`` for a vector input) with ``N >= 1``. Other
+real or integer dtypes (float64, int64 ...) and non-contiguous arrays are
+converted to contiguous float32; anything else raises ``ValueError`` naming
+the expected shape. uint8 arrays are images as stored (MNIST's (N, 28, 28)):
+they are prepared as ``cnnc train`` prepares a dataset (scaled to [0, 1],
+given a channel axis, zero-padded to the input size, normalized with the
+train section's mean and std), and ``fit`` / ``evaluate`` do that a batch at
+a time, so a dataset stays in memory at its stored size.
+
+Threads: an ``Engine`` (so a ``Model``) may be called from several Python threads at once.
+Inference takes no lock: each call runs on a scratch set of its own
+(activation arena and conv workspaces), taken from a small free list and
+given back after the call, so small batches run concurrently; batches of 8
+or more go through the process's shared thread pool one at a time. Whatever
+writes model-wide state (gradients, ``initialize``, ``load``, assigning into
+``params``) takes turns under the model's lock. Reading the parameters while
+another thread trains gives a mix of old and new weights, never a crash.
+A process forked while the pool runs gets fresh pools and locks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import threading
+import weakref
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from cnnc_runtime import __version__, artifact, fileio
+from cnnc_runtime.data import Inputs
+from cnnc_runtime.host import host_cpu, missing_features
+from cnnc_runtime.memory import check_fits
+from cnnc_runtime.native import NativeLibrary
+from cnnc_runtime.parallel import check_threads, default_threads, shared_pool, split
+
+CHUNK = 256  # images per native call when a large array is run: bounds the arena's size
+MIN_IMAGES_PER_THREAD = 4
+# A training step cuts each chunk into shards by its size alone (SHARD_IMAGES or more images each, but at least two
+# shards where there are 2 * MIN_IMAGES_PER_THREAD images, so two cores always share a step; at most MAX_SHARDS),
+# sums each shard's gradient into its own buffer and adds those in order: the same bits on any number of threads.
+# (Smaller shards cost more than they give: at 16 images LeNet-5's step took ~6% more CPU on 2 threads.)
+SHARD_IMAGES = 32
+MIN_SHARDS = 2
+MAX_SHARDS = 8
+SPARE_SCRATCH = 4  # idle per-call scratch sets a model keeps for later calls
+ALIGN_BYTES = 64
+P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+LOSSES = ("cross_entropy", "mse")
+
+
+def aligned_zeros(n: int) -> np.ndarray:
+    """A zeroed float32 array of n elements whose data starts on a 64-byte boundary."""
+    raw = np.zeros(n + ALIGN_BYTES // 4, dtype=np.float32)
+    skip = (-raw.ctypes.data % ALIGN_BYTES) // 4
+    return raw[skip:skip + n]
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def shards(n: int) -> list[tuple[int, int]]:
+    """A training chunk of `n` images cut into gradient shards: by `n` alone, never by the thread count."""
+    return split(n, min(MAX_SHARDS, max(MIN_SHARDS, n // SHARD_IMAGES)), MIN_IMAGES_PER_THREAD)
+
+
+class Scratch:
+    """One call's private buffers: a conv workspace per pool thread and activation arenas (grown, never shrunk).
+
+    A call holds its set for its whole duration, so no other call writes, grows or frees them meanwhile.
+    """
+
+    def __init__(self, ws_floats: int, threads: int, arena_floats: dict[str, int]) -> None:
+        self.ws = [aligned_zeros(ws_floats) for _ in range(threads)]
+        self.ws_ptrs = [w.ctypes.data for w in self.ws]
+        self._per_image = arena_floats
+        self._arenas: dict[str, tuple[np.ndarray, int]] = {}
+
+    def arena(self, kind: str, images: int) -> int:
+        """The address of an arena of at least `images` slots for `kind` ("infer" or "train")."""
+        need = self._per_image[kind] * images
+        got = self._arenas.get(kind)
+        if got is None or got[0].size < need:
+            check_fits(4 * need, f"the activations of {images} images")
+            buf = aligned_zeros(need)
+            got = self._arenas[kind] = (buf, buf.ctypes.data)
+        return got[1]
+
+
+class Params(Mapping):
+    """A model's parameters by name, each a writable view into the model's flat buffer.
+
+    ``params[name] = array`` copies into that view (same shape, real or
+    integer values, converted to float32); names cannot be added or removed.
+    """
+
+    def __init__(self, model: Engine, views: dict[str, np.ndarray]) -> None:
+        self._model = weakref.proxy(model)  # no cycle: a model's buffers go when the model does
+        self._views = views
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._views[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        if name not in self._views:
+            raise ValueError(f"network {self._model.name} has no parameter {name!r}; it has "
+                             f"{', '.join(self._views)}"[:500])
+        self._model._assign({name: value}, f"params[{name!r}]")
+
+    def __delitem__(self, name: str) -> None:
+        raise ValueError(f"parameters cannot be removed from network {self._model.name}")
+
+    def __repr__(self) -> str:
+        return "Params(" + ", ".join(f"{k}: {_fmt(v.shape)}" for k, v in self._views.items()) + ")"
+
+
+_MODELS: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _new_locks_after_fork() -> None:
+    """A lock held by another thread at a fork would stay held forever in the child: give every model a new one."""
+    for model in list(_MODELS):
+        model.lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks_after_fork)
+
+
+class NativeUpdate:
+    """An optimizer loop in a model's code; holds that code, so an optimizer may outlive the model."""
+
+    def __init__(self, fn, lib: NativeLibrary) -> None:
+        self._fn = fn
+        self._lib = lib
+
+    def __call__(self, *args: int) -> None:
+        self._fn(*args)
+
+
+def compatible_version(built: str, running: str) -> bool:
+    """Artifacts are compatible within a major.minor release of cnnc."""
+    return built.split(".")[:2] == running.split(".")[:2]
+
+
+class Engine:
+    """A compiled network: its parameters, inference, one training step's gradient, save and load.
+
+    The training loop (``cnnc_runtime.train``) drives it through its public
+    methods: ``gradients``, ``add_noise``, ``update``, ``infer_into`` and
+    ``lock``; users get it as a ``cnnc_runtime.model.Model``, which adds ``fit``.
+    """
+
+    def __init__(self, manifest: dict[str, Any], obj: bytes, weights: bytes = b"", seed: int | None = None,
+                 threads: int | None = None) -> None:
+        """`seed` draws the first weights (default: the train section's ``seed``, else 0)."""
+        artifact.validate(manifest)  # (the format version too)
+        artifact.verify_code(manifest, obj)
+        if not compatible_version(manifest.get("cnnc_version", "?"), __version__):
+            raise ValueError(f"artifact built by cnnc {manifest.get('cnnc_version')} cannot be run by cnnc "
+                             f"{__version__}; recompile the network")
+        t = manifest["target"]
+        triple, _, _ = host_cpu()
+        if t["triple"].split("-")[0] != triple.split("-")[0]:
+            raise ValueError(f"artifact built for {t['triple']}, but this machine is {triple}")
+        missing = missing_features(t["features"])
+        if missing:
+            raise ValueError(f"artifact built for a {t['cpu']} CPU; this CPU lacks {', '.join(missing)}. "
+                             f"Recompile here (or with CNNC_TARGET=generic for any x86-64)")
+        self.manifest = manifest
+        self.name: str = manifest["network"]
+        self.input_shape: tuple[int, ...] = tuple(manifest["input"]["shape"])
+        self.output_shape: tuple[int, ...] = tuple(manifest["output"]["shape"])
+        self._output_floats = int(np.prod(self.output_shape))
+        self.threads = default_threads() if threads is None else check_threads(threads)
+        size, ws_floats = int(manifest["param_floats"]), max(int(manifest["ws_floats"]), 16)
+        # flat_params, flat_grads, decay_mask (float32), trainable_mask (bool); the conv workspaces of the
+        # training set and of one inference set; and the activations of one image, inferring and training
+        check_fits(13 * size + 8 * ws_floats * self.threads
+                   + 4 * (int(manifest["arena_infer"]) + int(manifest["arena_train"])), f"network {self.name}")
+        self._lib = NativeLibrary(obj, t["triple"], t["cpu"], t["features"])
+        self._obj = obj
+        self._infer = self._lib.function("infer", [P, P, P, P, P, I64, I64])
+        self._steps = {loss: self._lib.function(f"step_{loss}", [P] * 8 + [I64, F32, I64, I64]) for loss in LOSSES}
+        self._jitter = self._lib.function("jitter", [P, I64, F32, P, I64, I64])
+        self._updates: dict[str, Any] = {}
+        self.flat_params = aligned_zeros(size)
+        self.flat_grads = aligned_zeros(size)
+        self._layout = manifest["params"]
+        self._by_name = {p["name"]: p for p in self._layout}
+        self.params = Params(self, {p["name"]: self._view(self.flat_params, p) for p in self._layout})
+        self.trainable_mask = np.zeros(size, dtype=bool)
+        self.decay_mask = np.zeros(size, dtype=np.float32)
+        for p in self._layout:
+            span = slice(p["offset"], p["offset"] + p["size"])
+            self.trainable_mask[span] = p["trainable"]
+            self.decay_mask[span] = 1.0 if (p["trainable"] and p["decay"]) else 0.0
+        # Model-wide writes (gradients, initialize, load, params[...] = ...) take turns under this lock;
+        # inference takes no lock: each call runs on a scratch set of its own from `_spare`.
+        self.lock = threading.RLock()
+        self._arena_floats = {"infer": int(manifest["arena_infer"]), "train": int(manifest["arena_train"])}
+        self._ws_floats = ws_floats
+        self._spare: list[Scratch] = []
+        self._train_scratch = Scratch(ws_floats, self.threads, self._arena_floats)  # used under the lock
+        self._shard_grads = [self.flat_grads]  # shard 0 sums into flat_grads; the others get their own buffers
+        # these buffers never move (updates write into them), so their addresses are read once
+        self._params_ptr = self.flat_params.ctypes.data
+        self._shard_ptrs = [self.flat_grads.ctypes.data]
+        _MODELS.add(self)
+        self.initialize(manifest["train"].get("seed", 0) if seed is None else seed)
+        self.carries_weights = bool(weights)  # an artifact's own weights were loaded (cnnc eval needs no --weights)
+        if weights:
+            self._load_file(io.BytesIO(weights), "the artifact's weights")
+
+    # ---- parameters ---------------------------------------------------------
+
+    @staticmethod
+    def _view(buf: np.ndarray, p: dict) -> np.ndarray:
+        return buf[p["offset"]:p["offset"] + p["size"]].reshape(p["shape"])
+
+    def initialize(self, seed: int = 0) -> None:
+        """Fresh weights, reproducible from `seed`.
+
+        Weights are drawn from a normal with standard deviation sqrt(g / fan_in),
+        fan_in = in_channels/groups * kh * kw (conv) or in_features (dense):
+        g = 2 for layers that feed a ReLU (He et al. 2015), g = 1 otherwise
+        (LeCun et al. 1998). With a ``connect`` table, fan_in counts only the
+        connected inputs and unconnected weights are zero. Biases start at 0;
+        weights written in the .cnn file are copied in.
+        """
+        rng = np.random.default_rng(seed)
+        with self.lock:
+            for p in self._layout:
+                self.params[p["name"]][...] = self._initial(p, rng)
+
+    def _initial(self, p: dict, rng: np.random.Generator) -> np.ndarray | float:
+        if p["fixed"] is not None:
+            return np.asarray(p["fixed"], dtype=np.float32)
+        if p["kind"] == "bias":
+            return 0.0
+        gain = 2.0 if p["init"]["scheme"] == "he" else 1.0
+        shape = p["shape"]
+        w = rng.standard_normal(shape, dtype=np.float32)
+        if p["connect"] is not None:
+            mask = self.connect_mask(p)
+            fan_in = mask.sum(axis=1, keepdims=True) * int(np.prod(shape[2:]))
+            w *= np.sqrt(gain / fan_in).reshape(-1, 1, 1, 1).astype(np.float32)
+            w *= mask[:, :, None, None]
+        else:
+            w *= np.float32(np.sqrt(gain / max(p["init"]["fan_in"], 1)))
+        return w
+
+    @staticmethod
+    def connect_mask(p: dict) -> np.ndarray:
+        """(out, in) of 0/1: which input channels each output channel of a tabled conv reads."""
+        mask = np.zeros(p["shape"][:2], dtype=np.float32)
+        for o, row in enumerate(p["connect"]):
+            mask[o, row] = 1.0
+        return mask
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Copies of all parameters by name (what ``save`` writes)."""
+        return {k: v.copy() for k, v in self.params.items()}
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the weights as .npz keyed by parameter name, atomically (temp file, fsync, rename)."""
+        fileio.atomic_save_npz(path, self.params)
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        """Read weights saved by ``save``: all or nothing.
+
+        ``ValueError`` (the model unchanged) for names or shapes that do not
+        match, values that are not finite real numbers, a file that is not an
+        .npz, and values that differ from weights fixed in the network's source.
+        """
+        self._load_file(path, str(path))
+
+    def _load_file(self, file: Any, source: str) -> None:
+        """Weights from an .npz file (a path or a binary file object); ``ValueError`` naming `source` if unusable."""
+        try:
+            data = np.load(file)
+            if not isinstance(data, Mapping):
+                raise ValueError(f"{source}: not a weights file written by save() (.npz): it holds one array "
+                                 f"(.npy), not one array per parameter")
+            with data:
+                self.load_arrays(data, source)
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{source}: cannot read weights ({e})") from None
+        except MemoryError:
+            raise ValueError(f"{source}: holds arrays too large for this machine's memory") from None
+        except (ValueError, TypeError) as e:
+            if str(e).startswith(source):
+                raise
+            raise ValueError(f"{source}: not a weights file written by save() (.npz): {e}") from None
+
+    def load_arrays(self, data: Mapping[str, np.ndarray], source: str) -> None:
+        """Every parameter from `data` (name -> array), all or nothing, as ``load`` does; errors name `source`."""
+        names = set(data.keys())
+        missing = sorted(set(self.params) - names)
+        extra = sorted(names - set(self.params))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {', '.join(missing)}")
+            if extra:
+                parts.append(f"unexpected {', '.join(extra)}")
+            raise ValueError(f"{source} does not match network {self.name}: {'; '.join(parts)}")
+        self._assign({name: data[name] for name in self.params}, source)
+
+    def _assign(self, values: Mapping[str, Any], source: str) -> None:
+        """Copy `values` into the named parameters, after checking them all: all or nothing."""
+        checked = {name: self._as_param(name, value, source) for name, value in values.items()}
+        with self.lock:
+            for name, arr in checked.items():
+                self.params[name][...] = arr
+
+    def _as_param(self, name: str, value: Any, source: str) -> np.ndarray:
+        """`value` as float32 for parameter `name`, or ``ValueError`` naming the parameter and what it needs."""
+        p = self._by_name[name]
+        try:
+            arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"{source}: {name} is not an array of numbers ({e})") from None
+        if arr.dtype.kind not in "fiu":
+            raise ValueError(f"{source}: {name} has dtype {arr.dtype}; parameters take real or integer values")
+        if arr.shape != tuple(p["shape"]):
+            raise ValueError(f"{source}: {name} has shape {_fmt(arr.shape)}, the network needs {_fmt(p['shape'])}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{source}: {name} holds values that are not finite in float32 (inf, NaN, or "
+                             f"beyond +-3.4e38)")
+        if p["fixed"] is not None and not np.array_equal(arr, np.asarray(p["fixed"], dtype=np.float32)):
+            raise ValueError(f"{source}: {name} differs from the weights fixed for it in network {self.name}'s "
+                             f"source (weights=[...]); they cannot be changed")
+        return arr
+
+    def summary(self) -> str:
+        """The `cnnc check` table of this network."""
+        return self.manifest["summary"]
+
+    # ---- checking inputs -----------------------------------------------------
+
+    def check_input(self, x: Any) -> np.ndarray:
+        """``x`` as contiguous float32 ``(N, *input_shape)``, or ``ValueError`` naming the expected shape."""
+        if (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.shape[1:] == self.input_shape
+                and x.ndim == len(self.input_shape) + 1 and x.shape[0] >= 1 and x.flags.c_contiguous):
+            return x  # the common case, checked without building any message
+        expected = "(N, " + ", ".join(str(d) for d in self.input_shape) + ")"
+        if not isinstance(x, np.ndarray):
+            try:
+                x = np.asarray(x)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"expected input of shape {expected} as a numeric array: {e}") from None
+        if x.dtype.kind not in "fiub":
+            raise ValueError(f"expected input of shape {expected} with a numeric dtype, got dtype {x.dtype}")
+        if x.dtype == np.uint8:
+            images = self.inputs(x)
+            return images.batch(slice(None), self.batch_buffer(len(images)))
+        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"expected input of shape {expected}, got {_fmt(x.shape)}")
+        if x.shape[0] < 1:
+            raise ValueError(f"expected input of shape {expected} with N >= 1, got an empty batch")
+        check_fits(4 * x.size, f"an input of {x.shape[0]} images")  # (a broadcast view may claim any size)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def inputs(self, x: Any) -> Inputs:
+        """``x`` as an ``Inputs`` set to take batches from: uint8 images kept as stored, anything else checked."""
+        if isinstance(x, Inputs):
+            if x.input_shape != self.input_shape or not (x.stored or x.prepared_float32):
+                raise ValueError(f"these Inputs are for {_fmt(x.input_shape)} images as float32 or uint8; this "
+                                 f"network takes {_fmt(self.input_shape)}")
+            return x
+        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8):
+            return Inputs(self.check_input(x), self.input_shape)
+        expected = "(N, " + ", ".join(str(d) for d in self.input_shape) + ")"
+        if x.ndim < 1:
+            raise ValueError(f"expected input of shape {expected}, or uint8 images (N, H, W), (N, C, H, W) or "
+                             f"(N, H, W, C), got a uint8 scalar")
+        if len(x) < 1:
+            raise ValueError(f"expected input of shape {expected} with N >= 1, got an empty batch")
+        try:
+            return Inputs(x, self.input_shape, self.manifest["train"].get("normalize"))
+        except ValueError as e:
+            raise ValueError(f"expected input of shape {expected}, or uint8 images (N, H, W), (N, C, H, W) "
+                             f"or (N, H, W, C) no larger than that, got {_fmt(x.shape)}: {e}") from None
+
+    def batch_buffer(self, n: int) -> np.ndarray:
+        """A 64-byte-aligned float32 ``(n, *input_shape)`` buffer for prepared inputs."""
+        check_fits(4 * n * int(np.prod(self.input_shape)), f"a buffer of {n} input images")
+        return aligned_zeros(n * int(np.prod(self.input_shape))).reshape(n, *self.input_shape)
+
+    def check_targets(self, y: Any, n: int, loss: str) -> np.ndarray:
+        """Labels (int32, one per image, in range) for cross-entropy; float32 targets for mse."""
+        k = self.manifest["loss_inputs"][loss]
+        try:
+            y = np.asarray(y)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"expected {n} labels or targets as a numeric array: {e}") from None
+        if loss == "cross_entropy" or y.dtype.kind in "iub":
+            if y.dtype.kind not in "iub" or y.shape != (n,):
+                raise ValueError(f"expected {n} integer labels of shape ({n},), got {y.dtype} {_fmt(y.shape)}")
+            if n and (y.min() < 0 or y.max() >= k):
+                bad = int(y.min()) if y.min() < 0 else int(y.max())
+                raise ValueError(f"label {bad} is out of range: the network has {k} outputs (labels 0..{k - 1})")
+            if loss == "cross_entropy":
+                return np.ascontiguousarray(y, dtype=np.int32)
+            onehot = np.zeros((n, k), dtype=np.float32)
+            onehot[np.arange(n), y.astype(np.intp)] = 1.0
+            return onehot
+        if y.dtype.kind != "f" or y.size != n * k or y.ndim < 1 or y.shape[0] != n:
+            raise ValueError(f"expected mse targets of shape {_fmt((n, *self.output_shape))}, got {_fmt(y.shape)}")
+        return np.ascontiguousarray(y.reshape(n, k), dtype=np.float32)
+
+    # ---- running: the public step API -----------------------------------------
+
+    def forward(self, x: Any) -> np.ndarray:
+        """The network's output for a batch: ``(N, *output_shape)``; dropout is off. Safe to call from any thread."""
+        x = self.check_input(x)
+        n = x.shape[0]
+        check_fits(4 * n * self._output_floats, f"the outputs of {n} images")
+        y = np.empty((n, *self.output_shape), dtype=np.float32)
+        self._infer_checked(x, y)
+        return y
+
+    __call__ = forward
+
+    def infer_into(self, x: Any, out: np.ndarray) -> np.ndarray:
+        """The network's outputs for the batch `x`, written into the caller's `out` (returned): no allocation.
+
+        `out` is a writable contiguous float32 ``(N, *output_shape)`` array for the N images of `x`, which is
+        checked as ``forward`` checks it; a loop over many batches reuses one buffer. Dropout is off; safe to
+        call from any thread. The outputs are those ``forward`` gives, bit for bit.
+        """
+        x = self.check_input(x)
+        shape = (x.shape[0], *self.output_shape)
+        if not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == shape
+                and out.flags.c_contiguous and out.flags.writeable):
+            got = f"{out.dtype} {_fmt(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
+            raise ValueError(f"infer_into needs a writable contiguous float32 output of shape {_fmt(shape)}, "
+                             f"got {got}")
+        self._infer_checked(x, out)
+        return out
+
+    def _infer_checked(self, x: np.ndarray, y: np.ndarray) -> None:
+        """y = the network on the checked x, on a scratch set of this call's own; small batches in one call."""
+        scratch = self._checkout()
+        try:
+            self._infer_on(scratch, x, y, single=x.shape[0] < 2 * MIN_IMAGES_PER_THREAD)
+        finally:
+            self._checkin(scratch)
+
+    def _checkout(self) -> Scratch:
+        """A scratch set no other call is using: a spare one, or a new one when every spare is busy."""
+        try:
+            return self._spare.pop()  # (list.pop and append are atomic: no lock)
+        except IndexError:
+            return Scratch(self._ws_floats, self.threads, self._arena_floats)
+
+    def _checkin(self, scratch: Scratch) -> None:
+        if len(self._spare) < SPARE_SCRATCH:
+            self._spare.append(scratch)
+
+    def _infer_on(self, scratch: Scratch, x: np.ndarray, y: np.ndarray, single: bool) -> None:
+        n = x.shape[0]
+        arena = scratch.arena("infer", min(n, CHUNK))
+        params, ws, xp, yp = self._params_ptr, scratch.ws_ptrs, x.ctypes.data, y.ctypes.data
+        if single:
+            self._infer(params, arena, xp, yp, ws[0], 0, n)
+            return
+        in_bytes, out_bytes = x[0].nbytes, y[0].nbytes
+        for start in range(0, n, CHUNK):
+            stop = min(n, start + CHUNK)
+            xs, ys = xp + start * in_bytes, yp + start * out_bytes
+
+            def task(t: int, a: int, b: int, xs=xs, ys=ys) -> None:
+                self._infer(params, arena, xs, ys, ws[t], a, b)
+
+            self._parallel(stop - start, task)
+
+    def _parallel(self, n: int, task, grain: int = MIN_IMAGES_PER_THREAD) -> list[tuple[int, int]]:
+        """Run ``task(thread, n0, n1)`` over [0, n) split across the shared pool's threads (one batch at a time)."""
+        ranges = split(n, self.threads, grain) if self.threads > 1 else [(0, n)]
+        if len(ranges) == 1:
+            task(0, 0, n)
+            return ranges
+        shared_pool(self.threads).run([lambda t=t, a=a, b=b: task(t, a, b) for t, (a, b) in enumerate(ranges)])
+        return ranges
+
+    def predict(self, x: Any) -> np.ndarray:
+        """The most likely class of each image."""
+        return self.forward(x).reshape(len(x), -1).argmax(axis=1)
+
+    def loss_name(self, loss: str | None) -> str:
+        loss = loss or self.manifest["train"].get("loss", "cross_entropy")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose {' or '.join(LOSSES)}")
+        return loss
+
+    def gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, *, seed: int = 0,
+                  out: np.ndarray | None = None, losses: np.ndarray | None = None,
+                  prepare: Callable[[int, int, int], None] | None = None) -> float:
+        """One training step's gradient on a batch: ``flat_grads`` = d(mean loss)/d(params); returns the mean loss.
+
+        The forward pass runs in training mode: dropout is on, its masks drawn
+        from `seed`. `x` is a contiguous float32 ``(N, *input_shape)`` batch
+        (``check_input`` makes one; ``batch_buffer`` makes one to fill) and
+        `targets` what ``check_targets`` gives for its N images. `out` ((N, K)
+        float32) and `losses` ((N,) float32), when given, receive the loss
+        layer's inputs and each image's loss. ``prepare(thread, a, b)``, when
+        given, first fills images [a, b) of `x`, on the pool thread that then
+        runs them: the batch is gathered, converted (and jittered, see
+        ``add_noise``) on every core, and stays in that core's cache.
+
+        The batch is cut into shards by its size alone (see ``shards``); each
+        shard's gradient sums into a buffer of its own and the buffers are added
+        in order, so the result is the same bits on any number of threads.
+        Calls take turns under ``lock``; hold ``lock`` around this call and the
+        update that uses ``flat_grads`` (``update``), or another thread's step
+        may overwrite the gradient in between.
+        """
+        n, k = self._check_step(x, targets, loss, prepare is not None)
+        out = self._step_buffer(out, (n, k), "out")
+        losses = self._step_buffer(losses, (n,), "losses")
+        scale = 1.0 / n if loss == "cross_entropy" else 1.0 / (n * k)  # the mean over images (mse: and outputs)
+        with self.lock:
+            self.flat_grads[...] = 0.0
+            for start in range(0, n, CHUNK):
+                self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, min(n, start + CHUNK))
+        return float(losses.sum(dtype=np.float64) * scale)
+
+    def _check_step(self, x: Any, targets: Any, loss: str, filled: bool) -> tuple[int, int]:
+        """(N, K) of a batch the native step may run on, or ValueError: the checks cost no pass over the data
+        but the labels' range (one reduction over N labels)."""
+        if loss not in self._steps:
+            raise ValueError(f"unknown loss {loss!r}; choose {' or '.join(LOSSES)}")
+        if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == len(self.input_shape) + 1
+                and x.shape[1:] == self.input_shape and x.shape[0] >= 1 and x.flags.c_contiguous
+                and (x.flags.writeable or not filled)):
+            got = f"{x.dtype} {_fmt(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
+            raise ValueError(f"gradients needs a contiguous float32 batch of shape {_fmt(('N', *self.input_shape))} "
+                             f"(see check_input), got {got}")
+        n, k = x.shape[0], self.manifest["loss_inputs"][loss]
+        want = ((n,), np.int32) if loss == "cross_entropy" else ((n, k), np.float32)
+        ok = (isinstance(targets, np.ndarray) and targets.shape == want[0] and targets.dtype == want[1]
+              and targets.flags.c_contiguous)
+        if ok and loss == "cross_entropy":
+            ok = int(targets.view(np.uint32).max()) < k  # (a negative label is a huge uint32)
+        if not ok:
+            need = f"int32 labels of shape ({n},) in 0..{k - 1}" if loss == "cross_entropy" else \
+                f"float32 targets of shape {_fmt((n, k))}"
+            raise ValueError(f"gradients needs {loss} targets as check_targets gives them: {need}")
+        return n, k
+
+    @staticmethod
+    def _step_buffer(buf: np.ndarray | None, shape: tuple[int, ...], what: str) -> np.ndarray:
+        if buf is None:
+            return np.empty(shape, dtype=np.float32)
+        if not (isinstance(buf, np.ndarray) and buf.dtype == np.float32 and buf.shape == shape
+                and buf.flags.c_contiguous and buf.flags.writeable):
+            raise ValueError(f"gradients needs `{what}` as a writable contiguous float32 array of shape {_fmt(shape)}")
+        return buf
+
+    def _chunk_gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, seed: int, scale: float,
+                         out: np.ndarray, losses: np.ndarray, prepare: Callable[[int, int, int], None] | None,
+                         start: int, stop: int) -> None:
+        """Images [start, stop) of one step's batch (at most a chunk): their shards on the pool, then the sum."""
+        scratch = self._train_scratch
+        arena = scratch.arena("train", stop - start)
+        step, params, ws = self._steps[loss], self._params_ptr, scratch.ws_ptrs
+        parts = shards(stop - start)
+        xs = x.ctypes.data + start * x[0].nbytes
+        os_ = out.ctypes.data + start * out[0].nbytes
+        ts = targets.ctypes.data + start * targets[0].nbytes
+        ls = losses.ctypes.data + start * 4
+        salt = (seed + start) % (1 << 63)  # the dropout hash counts images from `seed`: chunks draw different masks
+
+        def run(t: int, i: int, grads: int) -> None:
+            a, b = parts[i]
+            if prepare is not None:
+                prepare(t, start + a, start + b)
+            step(params, grads, arena, xs, os_, ts, ls, ws[t], salt, scale, a, b)
+
+        if self.threads == 1 or len(parts) == 1:  # in order on this thread: one spare buffer, each shard added at once
+            bufs, ptrs = self._shard_buffers(min(len(parts), 2))
+            for i in range(len(parts)):
+                if i:
+                    bufs[1].fill(0.0)
+                run(0, i, ptrs[min(i, 1)])
+                if i:
+                    np.add(self.flat_grads, bufs[1], out=self.flat_grads)
+            return
+        bufs, ptrs = self._shard_buffers(len(parts))
+
+        def task(t: int, first: int, last: int) -> None:
+            for i in range(first, last):
+                if i:
+                    bufs[i].fill(0.0)
+                run(t, i, ptrs[i])
+
+        self._parallel(len(parts), task, grain=1)
+        for g in bufs[1:len(parts)]:  # in shard order, as above
+            np.add(self.flat_grads, g, out=self.flat_grads)
+
+    def _shard_buffers(self, count: int) -> tuple[list[np.ndarray], list[int]]:
+        """Gradient buffers for `count` shards (the first is ``flat_grads``), made once and kept."""
+        while len(self._shard_grads) < count:
+            check_fits(4 * self.flat_grads.size, f"a gradient buffer of network {self.name}")
+            g = aligned_zeros(self.flat_grads.size)
+            self._shard_grads.append(g)
+            self._shard_ptrs.append(g.ctypes.data)
+        return self._shard_grads, self._shard_ptrs
+
+    def native_update(self, optimizer) -> NativeUpdate | None:
+        """This model's compiled loop for `optimizer`'s rule, for ``optimizer.use_native``; None if there is none.
+
+        None too for a subclass of a built-in optimizer (its rule may differ),
+        and when the code lists the rule's constants in another order.
+        """
+        kind = optimizer.native_kind
+        listed = self.manifest.get("updates", {}).get(kind)
+        if not kind or listed != list(optimizer.constant_names):
+            return None
+        if kind not in self._updates:
+            fn = self._lib.function(f"update_{kind}", [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2)
+            self._updates[kind] = NativeUpdate(fn, self._lib)
+        return self._updates[kind]
+
+    def add_noise(self, x: np.ndarray, sigma: float, seed: int, *, rows: tuple[int, int] | None = None,
+                  thread: int | None = None) -> None:
+        """x += N(0, sigma^2) noise, in place, drawn natively from `seed` (training's input jitter).
+
+        `x` must be a writable contiguous float32 ``(N, *input_shape)`` array.
+        Image i's noise depends on `seed` and i alone, so adding it a range at
+        a time gives what adding it at once gives. `rows` (a, b): only images
+        [a, b). `thread`: from a ``gradients`` ``prepare`` callback, the pool
+        thread it runs on (the noise is then drawn in that step's workspace).
+        """
+        if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous
+                and x.flags.writeable and x.shape[1:] == self.input_shape and x.ndim == len(self.input_shape) + 1):
+            raise ValueError(f"add_noise needs a writable contiguous float32 array of shape "
+                             f"(N, {', '.join(map(str, self.input_shape))})")
+        a, b = (0, x.shape[0]) if rows is None else rows
+        if not 0 <= a <= b <= x.shape[0]:
+            raise ValueError(f"add_noise rows {rows} are not a range of the {x.shape[0]} images")
+        if thread is not None:
+            if not 0 <= thread < self.threads:
+                raise ValueError(f"add_noise thread {thread} is not one of the model's {self.threads} pool threads")
+            self._jitter(x.ctypes.data, seed % (1 << 63), sigma, self._train_scratch.ws_ptrs[thread], a, b)
+            return
+        scratch = self._checkout()
+        try:
+            self._jitter(x.ctypes.data, seed % (1 << 63), sigma, scratch.ws_ptrs[0], a, b)
+        finally:
+            self._checkin(scratch)
+
+    def update(self, optimizer) -> None:
+        """One optimizer step on the parameters with the gradient in ``flat_grads``, under ``lock``.
+
+        The optimizer runs this model's compiled loop for its rule once bound to
+        it (``optimizer.use_native(model.native_update(optimizer))``).
+        """
+        with self.lock:
+            optimizer.step(self.flat_params, self.flat_grads)
+
+    def value_and_grad(self, x: Any, y: Any, loss: str | None = None, seed: int = 0) -> tuple[float, dict]:
+        """The mean loss over the batch and its gradient for every parameter (same keys as ``params``).
+
+        Cross-entropy is softmax followed by the negative log-likelihood of the
+        integer labels; mse is the mean of (o - y)^2 over all outputs, with
+        integer labels taken as one-hot targets. Dropout is on, its masks drawn
+        from `seed`. Frozen parameters get zero gradients.
+        """
+        loss = self.loss_name(loss)
+        x = self.check_input(x)
+        targets = self.check_targets(y, x.shape[0], loss)
+        with self.lock:
+            value = self.gradients(x, targets, loss, seed=seed)
+            grads = {p["name"]: self._view(self.flat_grads, p).copy() for p in self._layout}
+        return value, grads
+
+    def save_artifact(self, path: str | os.PathLike[str], with_weights: bool = True,
+                      key: bytes | str | os.PathLike[str] | None = None) -> None:
+        """Write this model (code, manifest and, by default, the current weights) as one artifact file.
+
+        With a `key` (bytes, or a key file's path) the artifact is signed: ``load(path, key=...)`` checks it.
+        """
+        weights = b""
+        if with_weights:
+            buf = io.BytesIO()
+            np.savez(buf, **self.params)
+            weights = buf.getvalue()
+        artifact.write(path, self.manifest, self._obj, weights, key)
