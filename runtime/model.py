@@ -29,6 +29,17 @@ class Model(Engine):
         value, acc, _ = train.evaluate(self, x, y, loss)
         return value, acc
 
+    def export_onnx(self, path: str | os.PathLike[str]) -> None:
+        """Write this network and its current weights as an ONNX file (``cnnc.onnx.export``; opset 17).
+
+        Needs the ``onnx`` extra (``pip install 'cnnc[onnx]'``); says so when it is missing.
+        """
+        # (optional dependency, and the one place the runtime reaches into the cnnc package: the exporter reads
+        # only the manifest and the weights, no front end or LLVM, so an embedded runtime without onnx never loads it)
+        from cnnc.onnx.export import export_model
+
+        export_model(self, path)
+
 
 def load(path: str | os.PathLike[str], key: bytes | str | os.PathLike[str] | None = None) -> Model:
     """Load an artifact written by ``cnnc compile -o``: needs only numpy and llvmlite.

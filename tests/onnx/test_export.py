@@ -69,6 +69,6 @@ def test_trained_weights_are_what_is_exported(tmp_path):
     model = build(EXAMPLE_TEXTS["lenet_modern"], seed=3)
     model.params["c1.bias"] = np.arange(6, dtype=np.float32)
     path = tmp_path / "m.onnx"
-    export_model(model, path)
+    model.export_onnx(path)
     bias = next(t for t in onnx.load(path).graph.initializer if t.name == "c1.bias")
     assert np.array_equal(onnx.numpy_helper.to_array(bias), np.arange(6, dtype=np.float32))

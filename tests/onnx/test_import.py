@@ -68,7 +68,7 @@ def test_one_training_step_equals_pytorchs(exported, exporter):
     opt.zero_grad()
     loss.backward()
     opt.step()
-    model.fit(x, y, epochs=1, batch_size=8, loss="cross_entropy", optimizer="sgd", lr=0.5, progress=False)
+    model.fit(x, y, epochs=1, batch=8, loss="cross_entropy", optimizer="sgd", lr=0.5, progress=False)
     after = {k: v.detach().numpy() for k, v in net.state_dict().items()}
     assert relative_error(model.params["conv1.weight"], after["conv1.weight"]) < 1e-5
     assert relative_error(model.params["conv2.bias"], after["conv2.bias"]) < 1e-5
