@@ -28,6 +28,10 @@ def test_export_then_import_gives_a_cnn_file_that_computes_the_same(tmp_path):
     again.load(tmp_path / "again.weights.npz")
     x = np.random.default_rng(0).standard_normal((4, 1, 32, 32), dtype=np.float32)
     assert np.array_equal(again(x), model(x))
+    np.save(tmp_path / "x.npy", x)  # the other commands take the ONNX file as it is
+    r = cnnc_cmd(tmp_path, "run", "lenet5.onnx", "--input", "x.npy", "-o", "y.npy")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.load(tmp_path / "y.npy"), model(x))
 
 
 def _resize_model(path):
