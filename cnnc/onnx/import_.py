@@ -522,9 +522,10 @@ def _batchnorm(im: Importer, node: Any) -> None:
             any(isinstance(p, Bound) for p in conv.params.values()):
         raise Refused(node, "a batch normalization that does not follow a convolution: not supported by cnnc "
                             "(it has no batchnorm layer yet; batch norm right after a conv is folded into it)")
+    scale, shift, mean, var = (np.asarray(v, dtype=np.float64) for v in (scale, shift, mean, var))
     s = scale / np.sqrt(var + a.get("epsilon", 1e-5))
     w = conv.params["weight"]
-    bias = conv.params["bias"].value if "bias" in conv.params else np.zeros(w.value.shape[0], np.float32)
+    bias = conv.params["bias"].value if "bias" in conv.params else np.zeros(w.value.shape[0])
     conv.params["weight"] = Named(w.name, (w.value * s.reshape(-1, 1, 1, 1)).astype(np.float32))
     bias_name = w.name[:-len("weight")] + "bias" if w.name.endswith(".weight") else ""  # (names the binding)
     conv.params["bias"] = Named(bias_name, ((bias - mean) * s + shift).astype(np.float32))
