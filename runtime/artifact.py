@@ -27,12 +27,13 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from cnnc_runtime import rules, signing
+from cnnc_runtime import rules, schedule, signing
 
 MAGIC = b"CNNCART1"
-FORMAT_VERSION = 2  # 2: the code records the layout it was compiled for (CONTRACT_SYMBOL)
+# 2: the code records the layout it was compiled for (CONTRACT_SYMBOL); 3: update loops take the decay mask
+FORMAT_VERSION = 3
 CONTRACT_SYMBOL = "cnnc_contract"
-ENTRY_POINTS = ("infer", "step_cross_entropy", "step_mse", "jitter")
+ENTRY_POINTS = ("infer", "step_cross_entropy", "step_mse", "jitter", "augment")
 LOSSES = ("cross_entropy", "mse")
 MAX_FLOATS = 1 << 40  # a buffer size past this is a damaged manifest, not a network
 MAX_RANK = 8
@@ -305,11 +306,22 @@ def _check_train(f: _Fields, train: dict) -> None:
     if stop is not None:
         for k in ("patience", "min_delta"):
             _ruled(f, rules.SETTINGS, k, f.get(stop, k, f"train.early_stop.{k}", (int, float)), f"train.early_stop.{k}")
+    sched = f.get(train, "schedule", "train.schedule", dict, optional=True)
+    if sched is not None:
+        name = f.get(sched, "name", "train.schedule.name", str)
+        try:
+            schedule.checked(name, {k: v for k, v in sched.items() if k != "name"})
+        except ValueError as e:
+            raise f.fail("train.schedule", str(e)) from None
     norm = f.get(train, "normalize", "train.normalize", dict, optional=True)
     if norm is not None:
-        f.number(norm, "mean", "train.normalize.mean", optional=False)
-        if f.number(norm, "std", "train.normalize.std", optional=False) <= 0:
-            raise f.fail("train.normalize.std", f"must be positive, got {norm['std']}")
+        for k in ("mean", "std"):
+            values = f.get(norm, k, f"train.normalize.{k}", (int, float, list))
+            values = values if isinstance(values, list) else [values]
+            if not values or not all(type(v) in (int, float) and math.isfinite(v) and (k == "mean" or v > 0)
+                                     for v in values):
+                need = "positive numbers" if k == "std" else "finite numbers"
+                raise f.fail(f"train.normalize.{k}", f"must be a number or a list of {need}, got {norm[k]!r}")
 
 
 def _check_weights(weights: bytes, source: str) -> None:

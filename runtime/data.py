@@ -1,7 +1,8 @@
-"""Training data: IDX and .npz readers, image preparation, splits and mini-batches.
+"""Training data: IDX, CIFAR-10 binary, image-folder and .npz readers, image preparation, splits and mini-batches.
 
 Images are kept as float32 (N, C, H, W) in [0, 1] (or (N, F) for flat inputs)
-and labels as int64 class indices (or float32 regression targets).
+and labels as int64 class indices (or float32 regression targets); with
+``raw=True`` they stay uint8 as stored and are prepared a batch at a time.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -38,6 +39,22 @@ IDX_FILES: dict[str, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+
+
+# CIFAR-10's binary version: records of 1 label byte and 3 x 32 x 32 pixel bytes (red, green, blue planes, rows).
+CIFAR_SHAPE = (3, 32, 32)
+CIFAR_RECORD = 1 + math.prod(CIFAR_SHAPE)
+CIFAR_CLASSES = 10
+CIFAR_FILES: dict[str, tuple[str, ...]] = {
+    "train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+    "test": ("test_batch.bin",),
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGES_EXTRA = "images"  # pyproject's optional extra that brings Pillow
+
+
+class MissingDependency(ImportError):
+    """An optional dependency a dataset needs is not installed; the message names the extra that brings it."""
 
 
 def check_fits_in_memory(shape: tuple[int, ...], dtype: np.dtype, what: str) -> int:
@@ -149,6 +166,7 @@ class Dataset:
     x: np.ndarray
     y: np.ndarray
     name: str | None = None
+    classes: tuple[str, ...] | None = None  # class names by label, when the dataset has them (image folders)
 
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
@@ -205,6 +223,148 @@ def _load_idx_dir(directory: str, raw: bool) -> dict[str, Dataset]:
         _check_pair(x, y, f"{images} and {labels}")
         out[split] = Dataset(x if raw else _as_inputs(x), _as_targets(y), f"{base}/{split}")
     return out
+
+
+def _load_cifar_dir(directory: str, raw: bool) -> dict[str, Dataset]:
+    """CIFAR-10's binary batches: the five training files (all of them) and, when present, the test file."""
+    base = os.path.basename(os.path.normpath(directory))
+    train = [os.path.join(directory, f) for f in CIFAR_FILES["train"]]
+    missing = [os.path.basename(p) for p in train if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{directory}: missing {', '.join(missing)} (a CIFAR-10 directory holds "
+                                f"{', '.join(CIFAR_FILES['train'])} and optionally {CIFAR_FILES['test'][0]})")
+    out = {}
+    for split, files in CIFAR_FILES.items():
+        paths = [os.path.join(directory, f) for f in files]
+        if not all(os.path.isfile(p) for p in paths):
+            continue
+        x, y = read_cifar(paths)
+        out[split] = Dataset(x if raw else _as_inputs(x), _as_targets(y), f"{base}/{split}")
+    return out
+
+
+def read_cifar(paths: Sequence[str | os.PathLike[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images (N, 3, 32, 32), uint8 labels (N,)) of CIFAR-10 binary files, read in order.
+
+    Every file must be whole records of 3,073 bytes with labels 0..9. Sizes are
+    checked, and the memory they need, before anything is allocated; the records
+    are read a block at a time straight into the two arrays (no copy of the file).
+    """
+    names = [os.fspath(p) for p in paths]
+    counts = []
+    for name in names:
+        size = os.path.getsize(name)
+        if size == 0 or size % CIFAR_RECORD:
+            raise ValueError(f"{name}: not a CIFAR-10 binary file: {size} bytes is not a whole number of "
+                             f"{CIFAR_RECORD}-byte records (1 label byte + 3,072 pixel bytes)")
+        counts.append(size // CIFAR_RECORD)
+    n = sum(counts)
+    check_fits_in_memory((n, CIFAR_RECORD), np.uint8, ", ".join(names))
+    x = np.empty((n, *CIFAR_SHAPE), dtype=np.uint8)
+    y = np.empty(n, dtype=np.uint8)
+    block = max(1, _READ_CHUNK // CIFAR_RECORD)
+    buf = np.empty((block, CIFAR_RECORD), dtype=np.uint8)
+    start = 0
+    for name, count in zip(names, counts):
+        with open(name, "rb") as f:
+            for first in range(0, count, block):
+                m = min(block, count - first)
+                got = _read_into(f, memoryview(buf[:m].reshape(-1)))
+                if got < m * CIFAR_RECORD:  # the file shrank while being read
+                    raise ValueError(f"{name}: truncated CIFAR-10 data at record {first + got // CIFAR_RECORD}")
+                labels = buf[:m, 0]
+                if labels.max() >= CIFAR_CLASSES:
+                    bad = int(np.argmax(labels >= CIFAR_CLASSES))
+                    raise ValueError(f"{name}: record {first + bad} has label {int(labels[bad])}; CIFAR-10 labels "
+                                     f"are 0..{CIFAR_CLASSES - 1} (is this a CIFAR-100 file, with 2 label bytes?)")
+                y[start + first:start + first + m] = labels
+                x[start + first:start + first + m] = buf[:m, 1:].reshape(m, *CIFAR_SHAPE)
+        start += count
+    return x, y
+
+
+def _class_folders(directory: str) -> list[str]:
+    """The sub-folders of `directory` (sorted: their order gives the labels, as torchvision's ImageFolder)."""
+    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+
+
+def _load_image_dir(directory: str, raw: bool) -> dict[str, Dataset]:
+    """A folder of images per class: ``CLASS/*.png`` (one split), or ``train/CLASS/*`` with optional ``test/``."""
+    base = os.path.basename(os.path.normpath(directory))
+    folders = _class_folders(directory)
+    splits = {"train": directory}
+    if "train" in folders:
+        splits = {s: os.path.join(directory, s) for s in ("train", "test") if s in folders}
+    classes = _class_folders(splits["train"])
+    if not classes:
+        raise FileNotFoundError(f"{splits['train']}: no class folders (an image dataset is a folder per class, "
+                                "each holding PNG or JPEG files)")
+    out = {}
+    for split, root in splits.items():
+        other = _class_folders(root)
+        if other != classes:
+            raise ValueError(f"{root}: class folders {other} differ from the training set's {classes}")
+        x, y = read_image_folder(root, classes)
+        out[split] = Dataset(x if raw else _as_inputs(x), _as_targets(y), f"{base}/{split}", tuple(classes))
+    return out
+
+
+def _pillow():
+    """Pillow's Image module; MissingDependency naming the extra when it is not installed."""
+    try:
+        from PIL import Image, UnidentifiedImageError  # optional: only image folders need it
+    except ImportError:
+        raise MissingDependency(f"reading PNG or JPEG images needs Pillow: pip install 'cnnc[{IMAGES_EXTRA}]'"
+                                ) from None
+    return Image, UnidentifiedImageError
+
+
+def read_image_folder(root: str | os.PathLike[str], classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images (N, C, H, W), int64 labels) of ``root/CLASS/*.png|jpg|jpeg``, label = position in `classes`.
+
+    All images must share one size; they keep one channel when every one is
+    grayscale, else all become RGB (3 channels). A file Pillow cannot read is a
+    ValueError naming it. Files are read in sorted order, class by class.
+    """
+    image_mod, unreadable = _pillow()
+    root = os.fspath(root)
+    files = []
+    for label, cls in enumerate(classes):
+        folder = os.path.join(root, cls)
+        names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+        files += [(os.path.join(folder, f), label) for f in names]
+    if not files:
+        raise ValueError(f"{root}: no .png, .jpg or .jpeg files in the class folders {list(classes)}")
+    modes, size = set(), None
+    for path, _ in files:  # headers only: sizes and modes are checked before the pixels are read
+        with _open_image(image_mod, unreadable, path) as im:
+            if size is None:
+                size, first = im.size, path
+            elif im.size != size:
+                raise ValueError(f"{path}: {im.size[0]}x{im.size[1]} pixels, but {first} has {size[0]}x{size[1]}; "
+                                 "all images of a dataset must have one size")
+            modes.add(im.mode)
+    gray = modes <= {"L", "1"}
+    channels = 1 if gray else 3
+    check_fits_in_memory((len(files), channels, size[1], size[0]), np.uint8, root)
+    x = np.empty((len(files), channels, size[1], size[0]), dtype=np.uint8)
+    y = np.empty(len(files), dtype=np.int64)
+    for i, (path, label) in enumerate(files):
+        with _open_image(image_mod, unreadable, path) as im:
+            try:
+                pixels = np.asarray(im.convert("L" if gray else "RGB"))
+            except (OSError, ValueError, SyntaxError) as e:  # a header that reads but data that does not
+                raise ValueError(f"{path}: cannot read the image ({e})") from None
+        x[i] = pixels[None] if gray else pixels.transpose(2, 0, 1)
+        y[i] = label
+    return x, y
+
+
+def _open_image(image_mod, unreadable, path: str):
+    try:
+        return image_mod.open(path)
+    except (unreadable, image_mod.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{path}: not a readable PNG or JPEG image ({e})") from None
 
 
 def _check_pair(x: np.ndarray, y: np.ndarray, where: str) -> None:
@@ -272,7 +432,12 @@ def _npz_member(z, key: str, path: str) -> np.ndarray:
 
 
 def load_dataset(path: str | os.PathLike[str], *, raw: bool = False) -> dict[str, Dataset]:
-    """Splits "train" and, when present, "test" from a directory of IDX files or a .npz archive.
+    """Splits "train" and, when present, "test" from a directory or a .npz archive.
+
+    A directory holds IDX files (MNIST), CIFAR-10's binary batches
+    (``data_batch_1.bin`` ... ``data_batch_5.bin``, ``test_batch.bin``) or a
+    folder of images per class (``CLASS/*.png``, or ``train/CLASS/*`` and
+    ``test/CLASS/*``; PNG or JPEG, read with Pillow: the ``images`` extra).
 
     Inputs come back float32 (uint8 scaled to [0, 1], (N, H, W) given a channel axis);
     call prepare_images to fit them to a network's input shape. With ``raw=True``
@@ -282,6 +447,10 @@ def load_dataset(path: str | os.PathLike[str], *, raw: bool = False) -> dict[str
     """
     name = os.fspath(path)
     if os.path.isdir(name):
+        if any(os.path.isfile(os.path.join(name, f)) for files in CIFAR_FILES.values() for f in files):
+            return _load_cifar_dir(name, raw)
+        if not any(_find(name, stem) for stems in IDX_FILES.values() for stem in stems) and _class_folders(name):
+            return _load_image_dir(name, raw)
         return _load_idx_dir(name, raw)
     if not os.path.exists(name):
         raise FileNotFoundError(f"no dataset at {name}: expected a directory of IDX files or a .npz file")
@@ -366,6 +535,30 @@ def _fill(out: np.ndarray, images: np.ndarray, pad: tuple[int, int] | None, scal
         inner /= 255
 
 
+def normalization(normalize: dict[str, Any] | None,
+                  input_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, std) as float32 arrays that broadcast over one input: one number for all channels, or one per channel.
+
+    ``normalize`` is the train section's ``{"mean": M, "std": S}``, each a number or a list of C numbers (the
+    input's channels). ValueError when a list has another length or a std is not positive.
+    """
+    if not normalize:
+        return None
+    shape = tuple(int(d) for d in input_shape)
+    channels = shape[0] if len(shape) == 3 else 1
+    out = []
+    for key in ("mean", "std"):
+        v = np.asarray(normalize[key], dtype=np.float64).reshape(-1)
+        if v.size not in (1, channels):
+            raise ValueError(f"normalize {key} has {v.size} values; the input has {channels} channel(s): give one "
+                             f"number, or one per channel")
+        if not np.isfinite(v).all() or (key == "std" and (v <= 0).any()):
+            raise ValueError(f"normalize {key} must be {'positive' if key == 'std' else 'finite'}, got {v.tolist()}")
+        a = v.astype(np.float32)
+        out.append(a.reshape(-1, 1, 1) if len(shape) == 3 and v.size > 1 else a.reshape(()))
+    return out[0], out[1]
+
+
 class Inputs:
     """A set of network inputs handed out a mini-batch at a time into a float32 buffer the caller reuses.
 
@@ -385,12 +578,18 @@ class Inputs:
             self._x, self._pad = image_view(x, self.input_shape)
         else:
             self._x, self._pad = x, None
-        self._norm = (None if not self.stored or not normalize
-                      else (np.float32(normalize["mean"]), np.float32(normalize["std"])))
+        self._norm = normalization(normalize, self.input_shape) if self.stored else None
         self._rows = rows
 
     def __len__(self) -> int:
         return len(self._x) if self._rows is None else len(self._rows)
+
+    def blank(self) -> np.ndarray:
+        """What a black (zero) pixel becomes once prepared, per channel: the crop's padding (``Model.augment``)."""
+        if self._norm is None:
+            return np.zeros(1, dtype=np.float32)
+        mean, std = self._norm
+        return ((np.float32(0) - mean) / std).astype(np.float32).reshape(-1)
 
     @property
     def prepared_float32(self) -> bool:

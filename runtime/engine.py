@@ -161,6 +161,25 @@ class NativeUpdate:
         self._fn(*args)
 
 
+MAX_CROP_PAD = 1 << 15  # the crop's draws take 16 bits
+
+
+def check_augment(pad: int, input_shape: tuple[int, ...], flip: bool = False) -> None:
+    """ValueError unless `pad` (the crop's padding) and `flip` suit inputs of `input_shape`."""
+    if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or not 0 <= pad < MAX_CROP_PAD:
+        raise ValueError(f"crop pad must be an integer in [0, {MAX_CROP_PAD}), got {pad!r}")
+    if (pad or flip) and len(input_shape) != 3:
+        raise ValueError(f"crop and flip need image inputs (C, H, W); this network takes vectors {input_shape}")
+
+
+def check_smoothing(smoothing: float, loss: str) -> None:
+    """ValueError unless `smoothing` is a label smoothing in [0, 1) that `loss` can take (cross-entropy only)."""
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+        raise ValueError(f"label_smoothing must be a fraction in [0, 1), got {smoothing!r}")
+    if smoothing and loss != "cross_entropy":
+        raise ValueError(f"label_smoothing applies to cross_entropy, not to {loss}")
+
+
 def compatible_version(built: str, running: str) -> bool:
     """Artifacts are compatible within a major.minor release of cnnc."""
     return built.split(".")[:2] == running.split(".")[:2]
@@ -204,8 +223,10 @@ class Engine:
         self._lib = NativeLibrary(obj, t["triple"], t["cpu"], t["features"])
         self._obj = obj
         self._infer = self._lib.function("infer", [P, P, P, P, P, I64, I64])
-        self._steps = {loss: self._lib.function(f"step_{loss}", [P] * 8 + [I64, F32, I64, I64]) for loss in LOSSES}
+        self._steps = {loss: self._lib.function(f"step_{loss}", [P] * 8 + [I64, F32, F32, I64, I64])
+                       for loss in LOSSES}
         self._jitter = self._lib.function("jitter", [P, I64, F32, P, I64, I64])
+        self._augment = self._lib.function("augment", [P, I64, I64, I64, P, P, I64, I64])
         self._updates: dict[str, Any] = {}
         self.flat_params = aligned_zeros(size)
         self.flat_grads = aligned_zeros(size)
@@ -522,7 +543,7 @@ class Engine:
 
     def gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, *, seed: int = 0,
                   out: np.ndarray | None = None, losses: np.ndarray | None = None,
-                  prepare: Callable[[int, int, int], None] | None = None) -> float:
+                  prepare: Callable[[int, int, int], None] | None = None, label_smoothing: float = 0.0) -> float:
         """One training step's gradient on a batch: ``flat_grads`` = d(mean loss)/d(params); returns the mean loss.
 
         The forward pass runs in training mode: dropout is on, its masks drawn
@@ -532,8 +553,10 @@ class Engine:
         float32) and `losses` ((N,) float32), when given, receive the loss
         layer's inputs and each image's loss. ``prepare(thread, a, b)``, when
         given, first fills images [a, b) of `x`, on the pool thread that then
-        runs them: the batch is gathered, converted (and jittered, see
-        ``add_noise``) on every core, and stays in that core's cache.
+        runs them: the batch is gathered, converted (and augmented and
+        jittered, see ``augment`` and ``add_noise``) on every core, and stays
+        in that core's cache. `label_smoothing` e: cross-entropy against
+        (1 - e) onehot + e / K, as PyTorch's ``cross_entropy(label_smoothing=e)``.
 
         The batch is cut into shards by its size alone (see ``shards``); each
         shard's gradient sums into a buffer of its own and the buffers are added
@@ -543,13 +566,15 @@ class Engine:
         may overwrite the gradient in between.
         """
         n, k = self._check_step(x, targets, loss, prepare is not None)
+        check_smoothing(label_smoothing, loss)
         out = self._step_buffer(out, (n, k), "out")
         losses = self._step_buffer(losses, (n,), "losses")
         scale = 1.0 / n if loss == "cross_entropy" else 1.0 / (n * k)  # the mean over images (mse: and outputs)
         with self.lock:
             self.flat_grads[...] = 0.0
             for start in range(0, n, CHUNK):
-                self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, min(n, start + CHUNK))
+                self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, min(n, start + CHUNK),
+                                      label_smoothing)
         return float(losses.sum(dtype=np.float64) * scale)
 
     def _check_step(self, x: Any, targets: Any, loss: str, filled: bool) -> tuple[int, int]:
@@ -586,7 +611,7 @@ class Engine:
 
     def _chunk_gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, seed: int, scale: float,
                          out: np.ndarray, losses: np.ndarray, prepare: Callable[[int, int, int], None] | None,
-                         start: int, stop: int) -> None:
+                         start: int, stop: int, smoothing: float) -> None:
         """Images [start, stop) of one step's batch (at most a chunk): their shards on the pool, then the sum."""
         scratch = self._train_scratch
         arena = scratch.arena("train", stop - start)
@@ -602,7 +627,7 @@ class Engine:
             a, b = parts[i]
             if prepare is not None:
                 prepare(t, start + a, start + b)
-            step(params, grads, arena, xs, os_, ts, ls, ws[t], salt, scale, a, b)
+            step(params, grads, arena, xs, os_, ts, ls, ws[t], salt, scale, smoothing, a, b)
 
         if self.threads == 1 or len(parts) == 1:  # in order on this thread: one spare buffer, each shard added at once
             bufs, ptrs = self._shard_buffers(min(len(parts), 2))
@@ -645,7 +670,7 @@ class Engine:
         if not kind or listed != list(optimizer.constant_names):
             return None
         if kind not in self._updates:
-            fn = self._lib.function(f"update_{kind}", [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2)
+            fn = self._lib.function(f"update_{kind}", [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2)
             self._updates[kind] = NativeUpdate(fn, self._lib)
         return self._updates[kind]
 
@@ -677,28 +702,72 @@ class Engine:
         finally:
             self._checkin(scratch)
 
+    def augment(self, x: np.ndarray, seed: int, pad: int = 0, flip: bool = False, fill: np.ndarray | float = 0.0, *,
+                rows: tuple[int, int] | None = None, thread: int | None = None) -> None:
+        """Crop each image after zero padding by `pad` and mirror it at random, in place, drawn natively from `seed`.
+
+        Training's crop and flip. Image i's draws depend on `seed` and i alone
+        (see ``cnnc.codegen.augment``), so augmenting a range at a time gives
+        what augmenting at once gives. `fill` is what the padding holds, one
+        value or one per channel (training pads with a black pixel after
+        normalization, ``Inputs.blank``). `x` must be a writable contiguous
+        float32 ``(N, C, H, W)`` array of the input's shape. `rows` and
+        `thread` as in ``add_noise``.
+        """
+        check_augment(pad, self.input_shape, bool(flip))
+        if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous
+                and x.flags.writeable and x.shape[1:] == self.input_shape):
+            raise ValueError(f"augment needs a writable contiguous float32 array of shape "
+                             f"(N, {', '.join(map(str, self.input_shape))})")
+        a, b = (0, x.shape[0]) if rows is None else rows
+        if not 0 <= a <= b <= x.shape[0]:
+            raise ValueError(f"augment rows {rows} are not a range of the {x.shape[0]} images")
+        fill = self.augment_fill(fill)
+        args = (x.ctypes.data, seed % (1 << 63), int(pad), int(bool(flip)), fill.ctypes.data)
+        if thread is not None:
+            if not 0 <= thread < self.threads:
+                raise ValueError(f"augment thread {thread} is not one of the model's {self.threads} pool threads")
+            self._augment(*args, self._train_scratch.ws_ptrs[thread], a, b)
+            return
+        scratch = self._checkout()
+        try:
+            self._augment(*args, scratch.ws_ptrs[0], a, b)
+        finally:
+            self._checkin(scratch)
+
+    def augment_fill(self, fill: np.ndarray | float) -> np.ndarray:
+        """`fill` as one float32 per input channel (what ``augment`` pads with); ValueError for another count."""
+        channels = self.input_shape[0] if len(self.input_shape) == 3 else 1
+        values = np.asarray(fill, dtype=np.float32).reshape(-1)
+        if values.size not in (1, channels):
+            raise ValueError(f"augment fill has {values.size} values; the input has {channels} channel(s)")
+        return np.ascontiguousarray(np.broadcast_to(values, (channels,)))
+
     def update(self, optimizer) -> None:
         """One optimizer step on the parameters with the gradient in ``flat_grads``, under ``lock``.
 
         The optimizer runs this model's compiled loop for its rule once bound to
-        it (``optimizer.use_native(model.native_update(optimizer))``).
+        it (``optimizer.use_native(model.native_update(optimizer))``). A
+        decoupled weight decay (AdamW's) applies where ``decay_mask`` is 1.
         """
         with self.lock:
-            optimizer.step(self.flat_params, self.flat_grads)
+            optimizer.step(self.flat_params, self.flat_grads, self.decay_mask)
 
-    def value_and_grad(self, x: Any, y: Any, loss: str | None = None, seed: int = 0) -> tuple[float, dict]:
+    def value_and_grad(self, x: Any, y: Any, loss: str | None = None, seed: int = 0,
+                       label_smoothing: float = 0.0) -> tuple[float, dict]:
         """The mean loss over the batch and its gradient for every parameter (same keys as ``params``).
 
         Cross-entropy is softmax followed by the negative log-likelihood of the
-        integer labels; mse is the mean of (o - y)^2 over all outputs, with
-        integer labels taken as one-hot targets. Dropout is on, its masks drawn
-        from `seed`. Frozen parameters get zero gradients.
+        integer labels (with `label_smoothing` e, of the target (1 - e) onehot + e / k,
+        as PyTorch's ``cross_entropy(label_smoothing=e)``); mse is the mean of
+        (o - y)^2 over all outputs, with integer labels taken as one-hot targets.
+        Dropout is on, its masks drawn from `seed`. Frozen parameters get zero gradients.
         """
         loss = self.loss_name(loss)
         x = self.check_input(x)
         targets = self.check_targets(y, x.shape[0], loss)
         with self.lock:
-            value = self.gradients(x, targets, loss, seed=seed)
+            value = self.gradients(x, targets, loss, seed=seed, label_smoothing=label_smoothing)
             grads = {p["name"]: self._view(self.flat_grads, p).copy() for p in self._layout}
         return value, grads
 

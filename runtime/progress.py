@@ -31,7 +31,7 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressBar:
-    """`done/total [####----] loss 0.1234  acc 97.1%  5,321 img/s  ETA 0:42` on one line.
+    """`done/total [####----] loss 0.1234  acc 97.1%  lr 0.001  5,321 img/s  ETA 0:42` on one line.
 
     enabled=None draws only when `stream` is a TTY. The time left is
     (total - done) batches at the average batch rate since the bar was created.
@@ -52,8 +52,9 @@ class ProgressBar:
         self._last_draw = -float("inf")
         self._width = 0
 
-    def line(self, done: int, loss: float, accuracy: float | None, images_per_second: float) -> str:
-        """The text of the bar (no carriage return); accuracy is a fraction in [0, 1]."""
+    def line(self, done: int, loss: float, accuracy: float | None, images_per_second: float,
+             lr: float | None = None) -> str:
+        """The text of the bar (no carriage return); accuracy is a fraction in [0, 1]; lr the current rate."""
         total = self.total
         frac = min(done / total, 1.0) if total else 1.0
         filled = int(frac * BAR_WIDTH)
@@ -62,10 +63,12 @@ class ProgressBar:
         acc = "   -  " if accuracy is None else f"{100 * accuracy:5.1f}%"
         return (
             f"{done:>{len(str(total))}}/{total} [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] "
-            f"loss {loss:.4f}  acc {acc}  {images_per_second:,.0f} img/s  ETA {format_duration(remaining)}"
+            f"loss {loss:.4f}  acc {acc}  {'' if lr is None else f'lr {lr:.3g}  '}"
+            f"{images_per_second:,.0f} img/s  ETA {format_duration(remaining)}"
         )
 
-    def update(self, n_batches_done: int, loss: float, accuracy: float | None, images_per_second: float) -> None:
+    def update(self, n_batches_done: int, loss: float, accuracy: float | None, images_per_second: float,
+               lr: float | None = None) -> None:
         """Redraw after `n_batches_done` batches, unless the last redraw was under min_interval ago.
 
         The final batch (done == total) is always drawn.
@@ -76,7 +79,7 @@ class ProgressBar:
         if now - self._last_draw < self.min_interval and n_batches_done < self.total:
             return
         self._last_draw = now
-        text = self.line(n_batches_done, loss, accuracy, images_per_second)
+        text = self.line(n_batches_done, loss, accuracy, images_per_second, lr)
         # Pad with spaces to wipe the tail of a longer previous line.
         self.stream.write("\r" + text.ljust(self._width))
         self.stream.flush()

@@ -56,6 +56,11 @@ SETTINGS: dict[str, Rule] = {
     "max_steps": (is_count, "a positive integer"),
     "min_improvement": (is_nonneg, "a non-negative number"),
     "lr_decay": (lambda v: is_number(v) and 0 < v <= 1, "a factor in (0, 1]"),
+    "warmup": (is_natural, "a non-negative integer (epochs)"),
+    "crop": (lambda v: is_natural(v) and v < 1 << 15, "a padding in pixels, a non-negative integer below 32768"),
+    "flip": (lambda v: isinstance(v, bool), "true or false"),
+    "label_smoothing": (is_fraction, "a fraction in [0, 1)"),
+    "clip_norm": (is_positive, "a positive number (the largest global gradient norm)"),
     "patience": (is_count, "a positive integer"),
     "min_delta": (is_nonneg, "a non-negative number"),
 }
@@ -67,6 +72,7 @@ HYPERPARAMETERS: dict[str, Rule] = {
     "beta1": (is_fraction, "in [0, 1)"),
     "beta2": (is_fraction, "in [0, 1)"),
     "eps": (is_positive, "a positive number"),
+    "weight_decay": (is_nonneg, "a non-negative number"),  # AdamW's decoupled decay
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from cnnc_runtime import rules
 from cnnc_runtime.optimizers import OPTIMIZERS, Optimizer, make_optimizer, optimizer_class
+from cnnc_runtime.schedule import make_schedule
 
 DEFAULT_PATIENCE = 5  # epochs, when early stopping is asked for without a patience (``early_stop(min_delta=...)``)
 
@@ -41,6 +42,12 @@ class Settings:
     max_steps: int | None = None
     min_improvement: float | None = None
     lr_decay: float = 1.0
+    schedule: str | dict[str, Any] | None = None  # "cosine", "step(every=30, gamma=0.1)"; None: the constant one
+    warmup: int = 0  # epochs
+    crop: int = 0  # padding in pixels; 0: no crop
+    flip: bool = False
+    label_smoothing: float = 0.0
+    clip_norm: float | None = None  # None: no clipping
 
     def check(self) -> None:
         """ValueError naming the first setting that breaks its rule (the train section's, ``cnnc_runtime.rules``)."""
@@ -50,15 +57,18 @@ class Settings:
                 rules.check(rules.SETTINGS, name, value, name)
         if self.lr is not None:
             rules.check(rules.HYPERPARAMETERS, "lr", self.lr, "lr")
+        make_schedule(self.schedule, self.warmup, self.lr_decay)  # (a ValueError for a schedule it cannot read)
 
 
 NAMES = tuple(f.name for f in fields(Settings))
 # settings whose rule is in rules.SETTINGS, and those of them that may be None (switched off)
 RULED = tuple(name for name in NAMES if name in rules.SETTINGS)
-OPTIONAL = ("patience", "max_steps", "min_improvement")
+OPTIONAL = ("patience", "max_steps", "min_improvement", "clip_norm")
 # the train section's keys that hold one number, each the name of its setting
 SECTION_SCALARS = ("batch", "epochs", "seed", "weight_decay", "jitter", "validation", "restarts", "max_steps",
-                   "min_improvement", "lr_decay")
+                   "min_improvement", "lr_decay", "warmup", "label_smoothing", "clip_norm")
+# the train section's keys that its own lines fill (``schedule step(...)``, ``augment crop(pad=4), flip``)
+SECTION_RECIPE = ("schedule", "crop", "flip")
 # fit's keywords from before the names were one; the README documented them, so they still work, with a warning
 RENAMED = {"batch_size": "batch", "validation_split": "validation"}
 
@@ -91,7 +101,7 @@ def settings_from(train: dict[str, Any], **overrides: Any) -> Settings:
         s.lr = opt.pop("lr", None)
         s.optimizer_args = opt
     s.loss = train.get("loss")
-    for key in SECTION_SCALARS:
+    for key in SECTION_SCALARS + SECTION_RECIPE:
         if key in train:
             setattr(s, key, train[key])
     if "early_stop" in train:
@@ -129,12 +139,12 @@ def _choose_optimizer(s: Settings, file_kind: str, file_args: dict[str, float], 
     optimizer_class(s.optimizer)  # a known name
     kind = s.optimizer.lower()
     if s.momentum is not None:
-        if named and kind not in ("sgd", "momentum"):
+        if named and kind not in ("sgd", "momentum", "nesterov"):
             raise ValueError(f"momentum {s.momentum} is the beta of sgd with momentum, but the optimizer is {kind}; "
-                             f"drop momentum or choose the momentum optimizer")
-        kind = "momentum"
+                             f"drop momentum or choose the momentum or nesterov optimizer")
+        kind = kind if kind == "nesterov" else "momentum"
         explicit.setdefault("beta", s.momentum)
-    takes = OPTIMIZERS[kind].hyperparameters
+    takes = OPTIMIZERS[kind].hyperparameter_names()
     unknown = sorted(set(explicit) - set(takes))
     if unknown:
         raise ValueError(f"optimizer {kind} takes {', '.join(takes)}; optimizer_args has {', '.join(unknown)}")
@@ -151,5 +161,4 @@ def new_optimizer(s: Settings) -> Optimizer:
     kwargs = dict(s.optimizer_args)
     if s.lr is not None:
         kwargs["lr"] = s.lr
-    kwargs.setdefault("lr", 0.001 if s.optimizer in ("adam", "rmsprop") else 0.01)
-    return make_optimizer(s.optimizer, **kwargs)
+    return make_optimizer(s.optimizer, **kwargs)  # (an lr not given: the optimizer's default, from its table)

@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 
 from cnnc_runtime.data import Inputs, first_non_finite_row
-from cnnc_runtime.engine import CHUNK, Engine
+from cnnc_runtime.engine import CHUNK, Engine, check_augment, check_smoothing
 from cnnc_runtime.fileio import atomic_save_npz
-from cnnc_runtime.optimizers import add_weight_decay
+from cnnc_runtime.optimizers import add_weight_decay, clip_grad_norm
 from cnnc_runtime.progress import ProgressBar
+from cnnc_runtime.schedule import make_schedule
 from cnnc_runtime.settings import OPTIONAL, Settings, new_optimizer, renamed, settings_from
 
 EVAL_BATCH = CHUNK
@@ -54,6 +55,7 @@ class Epoch:
     images_per_second: float
     steps: int
     restart: int = 0
+    lr: float | None = None  # the learning rate of the epoch's last step
 
 
 @dataclass
@@ -301,12 +303,12 @@ def _epochs_of(items: list, path: str, what: str) -> list[Epoch]:
     out = []
     for i, e in enumerate(items):
         m = _Meta(e, path, f"{what}[{i}].")
-        if set(e) != set(Epoch.__dataclass_fields__):
+        if not set(Epoch.__dataclass_fields__) - {"lr"} <= set(e) <= set(Epoch.__dataclass_fields__):
             raise ValueError(f"{path}: damaged checkpoint: '{what}[{i}]' has fields {sorted(e)}")
         out.append(Epoch(m.int("epoch", 1), m.number("loss", infinite=True), m.number("accuracy", optional=True),
                          m.number("val_loss", optional=True, infinite=True), m.number("val_accuracy", optional=True),
                          m.number("seconds"), m.number("images_per_second", infinite=True), m.int("steps"),
-                         m.int("restart")))
+                         m.int("restart"), m.number("lr", optional=True) if "lr" in e else None))
     return out
 
 
@@ -424,7 +426,15 @@ def fit(model: Engine, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[n
     ``model.initialize(seed + k)``), seed (shuffling, jitter, dropout, and the
     restarts' weights), max_steps, min_improvement (stop once an epoch
     improves the training loss by less), lr_decay (the learning rate of epoch
-    e is lr * lr_decay**e). Every setting obeys the train section's rules
+    e is lr * lr_decay**e), schedule (``"cosine"``, ``"step(every=30,
+    gamma=0.1)"`` or None: constant; see ``cnnc_runtime.schedule``), warmup
+    (epochs of linear warmup in front of the schedule), crop (pad every
+    training image by this many zero pixels and crop it back at a random
+    place, every step) and flip (mirror half of them at random), both drawn
+    per image from the seed, label_smoothing (cross-entropy against
+    (1 - e) onehot + e / k, as PyTorch's), clip_norm (scale the gradient of
+    the data loss to this global L2 norm when it is larger, before the
+    weight decay's term is added). Every setting obeys the train section's rules
     (``cnnc_runtime.rules``); one that does not is a ValueError naming it.
     A setting given as None keeps the train section's value, except patience,
     max_steps and min_improvement, which None switches off. An optimizer
@@ -447,6 +457,8 @@ def fit(model: Engine, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[n
             setattr(s, name, None)
     s.check()
     loss = model.loss_name(s.loss)
+    check_smoothing(s.label_smoothing, loss)
+    check_augment(s.crop, model.input_shape, s.flip)
     inputs = model.inputs(x)
     n = len(inputs)
     targets = model.check_targets(y, n, loss)
@@ -580,8 +592,12 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
     good = model.flat_params.copy()
     decay_scratch = np.empty_like(good) if s.weight_decay > 0 else None
     prev_loss = run.history[-1].loss if run.history else math.inf
+    schedule = make_schedule(s.schedule, s.warmup, s.lr_decay)
+    steps_per_epoch = -(-n // s.batch)
+    total_steps = s.epochs * steps_per_epoch  # (max_steps is a stop, not the schedule's length: resume stays exact)
+    augmenting = s.crop > 0 or s.flip
+    fill = model.augment_fill(inputs.blank()) if augmenting else None
     while run.epoch < s.epochs and not run.stopped:
-        optimizer.lr = run.base_lr * s.lr_decay ** run.epoch
         t0 = time.perf_counter()
         if run.partial is not None:  # resuming inside an epoch
             p = run.partial
@@ -598,14 +614,23 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
                 # native Gaussian noise: a seed from the run's generator, so resume stays exact
                 noise = int(run.rng.integers(0, 2**63 - 1)) if s.jitter > 0 else None
                 seed = int(run.rng.integers(0, 2**63 - 1)) if model.manifest["has_dropout"] else 0
+                # crop and flip: drawn natively per image from this seed (drawn only when asked for: runs without
+                # augmentation keep the random stream they had)
+                shift = int(run.rng.integers(0, 2**63 - 1)) if augmenting else None
+                optimizer.lr = run.base_lr * schedule.factor(run.step, steps_per_epoch, total_steps)
 
-                def prepare(t: int, a: int, b: int, idx=idx, noise=noise) -> None:
+                def prepare(t: int, a: int, b: int, idx=idx, noise=noise, shift=shift) -> None:
                     inputs.batch(idx[a:b], batch[a:b])
+                    if shift is not None:
+                        model.augment(batch, shift, s.crop, s.flip, fill, rows=(a, b), thread=t)
                     if noise is not None:
                         model.add_noise(batch, s.jitter, noise, rows=(a, b), thread=t)
 
                 with model.lock:  # value_and_grad on another thread must not mix its gradients into this step's
-                    value = model.gradients(xb, tb, loss, seed=seed, out=out[:m], losses=losses[:m], prepare=prepare)
+                    value = model.gradients(xb, tb, loss, seed=seed, out=out[:m], losses=losses[:m], prepare=prepare,
+                                            label_smoothing=s.label_smoothing)
+                    if s.clip_norm is not None:  # the data loss's gradient, before the L2 term (as torch's decay)
+                        clip_grad_norm(model.flat_grads, s.clip_norm)
                     if s.weight_decay > 0:
                         value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay,
                                                   decay_scratch)
@@ -620,7 +645,7 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
                     correct += int((out[:m].argmax(axis=1) == labels[idx]).sum())
                 elapsed = time.perf_counter() - t0
                 bar.update(b + 1, total / seen, correct / seen if labels is not None else None,
-                           seen / max(elapsed, 1e-9))
+                           seen / max(elapsed, 1e-9), optimizer.lr)
                 if job.interrupted.is_set():
                     _check_update(model, good, run, bar)
                     bar.close()
@@ -641,7 +666,7 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
             val_loss, val_acc, _ = _evaluate(model, *job.validation, loss)
         run.epoch += 1
         record = Epoch(run.epoch, total / seen, correct / seen if labels is not None else None, val_loss, val_acc,
-                       seconds, seen / seconds, run.step, run.restart)
+                       seconds, seen / seconds, run.step, run.restart, optimizer.lr)
         run.history.append(record)
         monitored = val_loss if val_loss is not None else record.loss
         if monitored < run.best_loss - s.min_delta:

@@ -23,7 +23,7 @@ from cnnc.errors import Diagnostics
 from cnnc.pipeline import compile_source
 from cnnc.sources import read_source
 from cnnc_runtime import artifact
-from cnnc_runtime.data import IDX_FILES, load_dataset, prepare_images
+from cnnc_runtime.data import CIFAR_FILES, IDX_FILES, MissingDependency, load_dataset, normalization, prepare_images
 from cnnc_runtime.model import Model, load
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -267,12 +267,14 @@ def data_path(args: argparse.Namespace, model: Model) -> Path:
 
 
 def data_inputs(path: str | Path | None, label: str = "--data") -> dict[str, str | None]:
-    """The files a dataset path stands for (a directory: its IDX files), labelled for `check_outputs`."""
+    """The files a dataset path stands for (a directory: its IDX or CIFAR-10 files), labelled for `check_outputs`."""
     files: dict[str, str | None] = {label: None if path is None else str(path)}
     if path is not None and Path(path).is_dir():
         for stem in (s for pair in IDX_FILES.values() for s in pair):
             for name in (stem, stem + ".gz"):
                 files[f"{label} file {name}"] = str(Path(path) / name)
+        for name in (f for names in CIFAR_FILES.values() for f in names):
+            files[f"{label} file {name}"] = str(Path(path) / name)
     return files
 
 
@@ -287,7 +289,7 @@ def dataset(args: argparse.Namespace, model: Model, subset: int = 0) -> tuple[di
             train = splits["train"]
             splits["train"] = dataclasses.replace(train, x=train.x[:subset], y=train.y[:subset])
         return {name: (_inputs(model, d.x), d.y) for name, d in splits.items()}, path
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, MissingDependency) as e:
         raise UsageError(f"cnnc {args.command}: {e}") from None
     except MemoryError:  # sizes in a file's headers are the file's word, not cnnc's
         raise UsageError(f"cnnc {args.command}: {path}: too large to load into memory") from None
@@ -299,9 +301,9 @@ def _inputs(model: Model, x: np.ndarray):
     if x.dtype == np.uint8:
         return model.inputs(x)
     x = prepare_images(x, model.input_shape)
-    norm = model.manifest.get("train", {}).get("normalize")
-    if norm:
-        x = (x - np.float32(norm["mean"])) / np.float32(norm["std"])
+    norm = normalization(model.manifest.get("train", {}).get("normalize"), model.input_shape)
+    if norm is not None:
+        x = (x - norm[0]) / norm[1]
     return x
 
 

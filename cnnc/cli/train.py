@@ -24,18 +24,23 @@ from cnnc.cli.common import (
 )
 from cnnc.errors import Diagnostics
 from cnnc_runtime.fileio import atomic_write
+from cnnc_runtime.optimizers import OPTIMIZERS
+from cnnc_runtime.schedule import parse as parse_schedule
 from cnnc_runtime.settings import settings_from
 from cnnc_runtime.train import Epoch, History, TrainingStopped, evaluate, read_checkpoint
 
 # the flags that set a training setting (``cnnc_runtime.settings.Settings``), each by that setting's name
 SETTING_FLAGS = ("epochs", "batch", "optimizer", "lr", "momentum", "weight_decay", "jitter", "validation", "patience",
-                 "restarts", "seed", "max_steps")
+                 "restarts", "seed", "max_steps", "lr_decay", "schedule", "warmup", "crop", "flip", "label_smoothing",
+                 "clip_norm")
 
 
 def _epoch_line(e: Epoch, epochs: int) -> str:
     parts = [f"epoch {e.epoch:>{len(str(epochs))}}/{epochs}", f"loss {e.loss:.4f}", f"acc {percent(e.accuracy)}"]
     if e.val_loss is not None:
         parts += [f"val_loss {e.val_loss:.4f}", f"val_acc {percent(e.val_accuracy)}"]
+    if e.lr is not None:
+        parts.append(f"lr {e.lr:.3g}")
     parts += [f"{e.seconds:.1f} s", f"{e.images_per_second:,.0f} img/s"]
     return "  ".join(parts)
 
@@ -101,8 +106,10 @@ def run(args: argparse.Namespace, diag: Diagnostics) -> int:
     check_outputs("train", inputs, outputs, **rules)
     # each flag is the training setting of its name (fit's keyword, the train section's key); unset: the file's
     settings = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name) is not None}
-    try:  # fit's rules (settings_from): checked here too, before the data is loaded
-        epochs = settings_from(model.manifest.get("train", {}), **settings).epochs
+    try:  # fit's rules (settings_from, Settings.check): checked here too, before the data is loaded
+        chosen = settings_from(model.manifest.get("train", {}), **settings)
+        chosen.check()
+        epochs = chosen.epochs
     except ValueError as e:
         raise UsageError(f"cnnc train: {e}") from None
     data, path = dataset(args, model, args.subset)
@@ -147,6 +154,15 @@ def run(args: argparse.Namespace, diag: Diagnostics) -> int:
     return 0
 
 
+def _schedule(text: str) -> str:
+    """An argparse type: a schedule as ``cnnc_runtime.schedule.parse`` reads it."""
+    try:
+        parse_schedule(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _check_checkpoint(path: str) -> None:
     """--resume must be an intact checkpoint, found before the compile and the data load (fit reads it again to
     check what its metadata says against the model)."""
@@ -168,17 +184,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "from may be written again).")
     tr.add_argument("file", type=path, help="the .cnn file")
     tr.add_argument("--data", type=path, metavar="DIR|FILE.npz",
-                    help="a directory of IDX files (train-images-idx3-ubyte.gz ...) or an .npz with x, y "
-                         "(and x_test, y_test); default: the train section's data, relative to FILE")
+                    help="a directory of IDX files (train-images-idx3-ubyte.gz ...), of CIFAR-10 binary batches "
+                         "(data_batch_1.bin ...) or of image folders per class (CLASS/*.png, needs Pillow), or an "
+                         ".npz with x, y (and x_test, y_test); default: the train section's data, relative to FILE")
     tr.add_argument("--epochs", type=count, help="number of epochs (a positive integer)")
     tr.add_argument("--batch", type=count,
                     help="mini-batch size; one larger than the training set means the whole set")
-    tr.add_argument("--optimizer", choices=["sgd", "momentum", "rmsprop", "adam"],
+    tr.add_argument("--optimizer", choices=list(OPTIMIZERS),
                     help="replaces the train section's optimizer; of its arguments only lr (and eps) carry over")
     tr.add_argument("--lr", type=real(0, above=True, what="a positive number"), help="learning rate")
     tr.add_argument("--momentum", type=fraction, metavar="BETA",
-                    help="momentum beta in [0, 1): trains with momentum (sgd becomes momentum); refused when the "
-                         "optimizer is adam or rmsprop")
+                    help="momentum beta in [0, 1): trains with momentum (sgd becomes momentum; nesterov takes it as "
+                         "its beta); refused when the optimizer is adam, adamw or rmsprop")
     tr.add_argument("--weight-decay", type=nonneg, metavar="LAMBDA",
                     help="L2: adds lambda * sum(w^2) to the loss")
     tr.add_argument("--jitter", type=nonneg, metavar="SIGMA", help="Gaussian noise added to every training input")
@@ -188,6 +205,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--restarts", type=count, help="train K times from different initialisations, keep the best")
     tr.add_argument("--seed", type=integer(0), help="a non-negative integer")
     tr.add_argument("--max-steps", type=count, help="stop after this many optimizer steps")
+    tr.add_argument("--lr-decay", type=real(0, 1, above=True, what="a factor in (0, 1]"), metavar="FACTOR",
+                    help="exponential schedule: the learning rate of epoch e is lr * FACTOR^e")
+    tr.add_argument("--schedule", type=_schedule, metavar="SCHEDULE",
+                    help="learning-rate schedule, updated every step: constant, cosine (to 0 over the run) or "
+                         "'step(every=EPOCHS, gamma=0.1)'")
+    tr.add_argument("--warmup", type=integer(0), metavar="EPOCHS",
+                    help="linear learning-rate warmup over this many epochs, in front of the schedule")
+    tr.add_argument("--crop", type=integer(0, (1 << 15) - 1), metavar="PAD",
+                    help="augmentation: pad each training image by PAD zero pixels and crop it back at a random "
+                         "place, every step (0: off)")
+    tr.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                    help="augmentation: mirror each training image left-right with probability 1/2, every step")
+    tr.add_argument("--label-smoothing", type=fraction, metavar="EPS",
+                    help="cross-entropy against (1 - EPS) one-hot + EPS / classes, as PyTorch's")
+    tr.add_argument("--clip-norm", type=real(0, above=True, what="a positive number"), metavar="NORM",
+                    help="scale each step's gradient to this global L2 norm when it is larger")
     tr.add_argument("--subset", type=integer(0), default=0, metavar="N",
                     help="train on the first N training images only (0, the default: all)")
     tr.add_argument("-o", "--output", type=path, metavar="W.npz",

@@ -283,6 +283,12 @@ def mix64(b: ir.IRBuilder, z: ir.Value) -> ir.Value:
     return b.xor(z, b.lshr(z, c(31)))
 
 
+def counter_hash(b: ir.IRBuilder, counter: ir.Value, key: ir.Value) -> ir.Value:
+    """splitmix64's output for `counter` under `key` (both i64, or vectors of i64): random bits per element or
+    image that depend on nothing but the seed and the counter (not on how a batch is split across threads)."""
+    return mix64(b, b.add(b.mul(counter, _int_const(counter.type, _GOLDEN)), key))
+
+
 def _splat_int(b: ir.IRBuilder, value: ir.Value, width: int) -> ir.Value:
     """An i64 broadcast to `width` lanes (width 1: the value itself)."""
     if width == 1:
@@ -326,8 +332,8 @@ def emit_dropout_forward(module: ir.Module, name: str, spec: DropoutSpec, vw: in
             if width > 1:
                 lanes = ir.VectorType(I64, width)
                 counter = b.add(_splat_int(b, counter, width), ir.Constant(lanes, list(range(width))))
-            state = b.add(b.mul(counter, _int_const(counter.type, _GOLDEN)), _splat_int(b, key, width))
-            bits = b.lshr(mix64(b, state), _int_const(state.type, 64 - _U_BITS))
+            h = counter_hash(b, counter, _splat_int(b, key, width))
+            bits = b.lshr(h, _int_const(h.type, 64 - _U_BITS))
             keep = b.icmp_unsigned(">=", bits, _int_const(bits.type, threshold))
             mask = b.select(keep, emit.splat(b, keep_value, width), emit.splat(b, 0.0, width), name="mask")
             emit.store(b, mask, mb, i)
@@ -378,7 +384,7 @@ def emit_gaussian_noise(module: ir.Module, name: str, spec: NoiseSpec, vw: int) 
             if width > 1:
                 lanes = ir.VectorType(I64, width)
                 counter = b.add(_splat_int(b, counter, width), ir.Constant(lanes, list(range(width))))
-            h = mix64(b, b.add(b.mul(counter, _int_const(counter.type, _GOLDEN)), _splat_int(b, key, width)))
+            h = counter_hash(b, counter, _splat_int(b, key, width))
             top = b.lshr(h, _int_const(h.type, 64 - _U_BITS))
             low = b.and_(b.lshr(h, _int_const(h.type, 16)), _int_const(h.type, (1 << _U_BITS) - 1))
             fty = emit.vec_type(width) if width > 1 else emit.F32

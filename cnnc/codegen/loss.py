@@ -1,13 +1,16 @@
 """Loss kernels: per-image loss value and the scaled gradient with respect to the network output.
 
-``(x, target, dx, loss, scale_f32, n0, n1)``: loss[n] is one float per image,
-dx[n * dx_stride + j] = scale * dLoss_n / dx_j. The runtime passes scale
-(1/N for cross entropy, 1/(N*k) for mse) and averages loss[] itself.
+``(x, target, dx, loss, scale_f32, smooth_f32, n0, n1)``: loss[n] is one float
+per image, dx[n * dx_stride + j] = scale * dLoss_n / dx_j. The runtime passes
+scale (1/N for cross entropy, 1/(N*k) for mse) and averages loss[] itself.
 
 - cross_entropy: target holds one int32 label per image (validated by the
-  runtime). loss = logsumexp(x) - x[label] with the maximum subtracted first;
-  dx = scale * (softmax(x) - onehot(label)). exp(x - max) is stored into dx on
-  the way and rescaled afterwards, so exp runs once per element.
+  runtime). With label smoothing e (PyTorch's ``label_smoothing``) the target
+  distribution is q = (1 - e) onehot(label) + e / k, so
+  loss = logsumexp(x) - (1 - e) x[label] - (e / k) sum(x), with the maximum
+  subtracted first, and dx = scale * (softmax(x) - q). exp(x - max) is stored
+  into dx on the way and rescaled afterwards, so exp runs once per element.
+  With e = 0 the operations give the same bits as the plain formulas.
 - mse: target is float32, k contiguous floats per image. loss = sum (x - t)^2,
   dx = 2 * scale * (x - t).
 
@@ -26,16 +29,16 @@ from cnnc.codegen.specs import LossSpec
 
 
 def emit_loss(module: ir.Module, name: str, spec: LossSpec, vw: int) -> ir.Function:
-    """``(x, target, dx, loss, scale_f32, n0, n1)``: loss[n] and dx = scale * dLoss_n/dx."""
+    """``(x, target, dx, loss, scale_f32, smooth_f32, n0, n1)``: loss[n] and dx = scale * dLoss_n/dx."""
     if spec.kind not in ("cross_entropy", "mse") or spec.k < 1:
         raise ValueError(f"unsupported loss {spec}")
-    fn, b, a = emit.kernel(module, name, ["x", "target", "dx", "loss", "scale_f32", "n0", "n1"])
+    fn, b, a = emit.kernel(module, name, ["x", "target", "dx", "loss", "scale_f32", "smooth_f32", "n0", "n1"])
     x_stride, dx_stride = stride_or(spec.x_stride, spec.k), stride_or(spec.dx_stride, spec.k)
     with for_range(b, a["n0"], a["n1"], name="n") as n:
         xb = image_base(b, a["x"], n, x_stride, "xb")
         dxb = image_base(b, a["dx"], n, dx_stride, "dxb")
         if spec.kind == "cross_entropy":
-            value = _cross_entropy(b, spec.k, vw, xb, dxb, a["target"], a["scale_f32"], n)
+            value = _cross_entropy(b, spec.k, vw, xb, dxb, a["target"], a["scale_f32"], a["smooth_f32"], n)
         else:
             tb = image_base(b, a["target"], n, spec.k, "tb")
             value = _mse(b, spec.k, vw, xb, tb, dxb, a["scale_f32"])
@@ -45,11 +48,13 @@ def emit_loss(module: ir.Module, name: str, spec: LossSpec, vw: int) -> ir.Funct
 
 
 def _cross_entropy(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, dxb: ir.Value, labels: ir.Value,
-                   scale: ir.Value, n: ir.Value) -> ir.Value:
+                   scale: ir.Value, smooth: ir.Value, n: ir.Value) -> ir.Value:
     label_ptr = b.gep(labels, [n], source_etype=I32, inbounds=True)
     label = b.sext(b.load(label_ptr, typ=I32, align=4), emit.I64, name="label")
     x_label = emit.load(b, xb, label)
     top = reduce_run(b, k, vw, lambda i, w: emit.load(b, xb, i, w), fmax_of(b), float("-inf"), "max")
+    spread = b.fmul(smooth, emit.f32(1.0 / k), name="spread")  # e / k: every class's share of the target
+    hit = b.fsub(emit.f32(1.0), smooth, name="hit")  # 1 - e: the label's extra share
 
     def exp_term(i: ir.Value, width: int) -> ir.Value:
         e = emit.exp(b, b.fsub(emit.load(b, xb, i, width), emit.splat(b, top, width)))
@@ -57,10 +62,18 @@ def _cross_entropy(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, dxb: ir.Value
         return e
 
     total = reduce_run(b, k, vw, exp_term, fadd_of(b), 0.0, "sum")  # >= 1: the max term is exp(0)
+    logits = reduce_run(b, k, vw, lambda i, w: emit.load(b, xb, i, w), fadd_of(b), 0.0, "logits")
     ratio = b.fdiv(scale, total, name="ratio")
-    strips(b, k, vw, lambda i, w: emit.store(b, b.fmul(emit.load(b, dxb, i, w), emit.splat(b, ratio, w)), dxb, i))
-    emit.store(b, b.fsub(emit.load(b, dxb, label), scale), dxb, label)
-    return b.fadd(b.fsub(top, x_label), emit.log(b, total), name="ce")
+    floor = b.fmul(scale, spread, name="floor")
+
+    def gradient(i: ir.Value, w: int) -> None:
+        p = b.fmul(emit.load(b, dxb, i, w), emit.splat(b, ratio, w))
+        emit.store(b, b.fsub(p, emit.splat(b, floor, w)), dxb, i)
+
+    strips(b, k, vw, gradient)
+    emit.store(b, b.fsub(emit.load(b, dxb, label), b.fmul(scale, hit)), dxb, label)
+    target_term = b.fsub(b.fsub(top, b.fmul(x_label, hit)), b.fmul(logits, spread))
+    return b.fadd(target_term, emit.log(b, total), name="ce")
 
 
 def _mse(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, tb: ir.Value, dxb: ir.Value, scale: ir.Value) -> ir.Value:

@@ -4,7 +4,8 @@ Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
 
 ``infer(params, arena, x, y, ws, n0, n1)``
     the inference forward pass: ``y = net(x)`` (dropout is the identity).
-``step_cross_entropy`` / ``step_mse`` ``(params, grads, arena, x, y, target, losses, ws, seed_i64, scale_f32, n0, n1)``
+``step_cross_entropy`` / ``step_mse``
+``(params, grads, arena, x, y, target, losses, ws, seed_i64, scale_f32, smooth_f32, n0, n1)``
     one training step's native work: the forward pass in training mode (dropout
     masks drawn from ``seed``), ``y`` = the output, ``losses[n]`` = each image's
     loss, and ``grads += scale * d(sum of losses)/d(params)``. With
@@ -12,7 +13,9 @@ Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
 
 ``jitter(x, seed_i64, sigma_f32, ws, n0, n1)``
     adds N(0, sigma^2) noise to a batch of inputs in place (training's input jitter).
-``update_sgd`` / ``update_momentum`` / ``update_rmsprop`` / ``update_adam`` ``(params, grads, s1, s2, hyper, n0, n1)``
+``augment(x, seed_i64, pad_i64, flip_i64, fill, ws, n0, n1)``
+    crops (after zero padding) and flips a batch of inputs in place (``cnnc.codegen.augment``).
+``update_KIND`` ``(params, grads, mask, s1, s2, hyper, n0, n1)``, one per optimizer of the table
     one optimizer step over parameters ``[n0, n1)`` (``cnnc.codegen.optim``).
 
 ``params``/``grads`` are the flat parameter and gradient buffers (layout in the
@@ -28,6 +31,7 @@ import llvmlite.ir as ir
 import networkx as nx
 
 from cnnc.codegen import emit, optim
+from cnnc.codegen.augment import AugmentSpec, emit_augment
 from cnnc.codegen.conv import conv_workspace_floats
 from cnnc.codegen.elementwise import emit_copy, emit_gaussian_noise
 from cnnc.codegen.emit import I64, PTR
@@ -39,8 +43,10 @@ from cnnc.codegen.target import TILED
 from cnnc.ir import execution_order
 
 LOSSES = ("cross_entropy", "mse")
-STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "seed_i64", "scale_f32", "n0", "n1"]
+STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "seed_i64", "scale_f32", "smooth_f32",
+             "n0", "n1"]
 INFER_ARGS = ["params", "arena", "x", "y", "ws", "n0", "n1"]
+AUGMENT_ARGS = ["x", "seed_i64", "pad_i64", "flip_i64", "fill", "ws", "n0", "n1"]
 SMALL_OUTPUT = 4096  # floats per image: an inference output this small is copied out (see _like_training)
 SHARE_MAX_FLOATS = 16384  # per image (64 KiB: 16 MiB per 256-image chunk) that sharing kernels may add
 
@@ -183,7 +189,15 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
                 jitter.args["seed_i64"], jitter.args["sigma_f32"])
     jitter.b.ret_void()
 
-    for kind in optim.RULES:
+    shape = tuple(g.nodes[g.graph["input"]]["shape"])  # augment: crop and flip a batch of images in place
+    c, h, w = shape if len(shape) == 3 else (1, 1, shape[0])
+    augment = Entry(builder, infer_plan, "augment", AUGMENT_ARGS)
+    augment.call(builder.kernel(emit_augment, AugmentSpec(c, h, w, x_stride=size)),
+                 *(augment.args[k] for k in AUGMENT_ARGS[:-2]))
+    augment.b.ret_void()
+    builder.ws_floats = max(builder.ws_floats, aligned(size))  # (augment keeps one image there)
+
+    for kind in optim.constants():
         fn, b, _ = emit.kernel(builder.module, f"update_{kind}", optim.ARGS)
         b.call(builder.kernel(optim.emit_update, kind), list(fn.args))
         b.ret_void()
@@ -194,7 +208,7 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
         "arena_infer": infer_plan.arena_floats,
         "arena_train": train_plan.arena_floats,
         "ws_floats": builder.ws_floats,
-        "updates": {kind: list(optim.HYPER[kind]) for kind in optim.RULES},  # each loop's constants, in order
+        "updates": optim.constants(),  # each loop's constants, in order
     }
     return [builder.module, *builder.kernel_modules], facts
 
@@ -245,7 +259,7 @@ def _emit_step(builder: Builder, plan: Plan, order: list[str], loss: str) -> Non
     entry.accumulate(start)
     spec = LossSpec(kind=loss, k=out.size, x_stride=out.stride, dx_stride=dx.stride)
     entry.call(builder.kernel(emit_loss, spec), out, entry.args["target"], dx, entry.args["losses"],
-               entry.args["scale_f32"])
+               entry.args["scale_f32"], entry.args["smooth_f32"])
     for step in g.graph["backward"][loss]:
         entry.step = step
         BACKWARD[g.nodes[step.node]["op"]](entry, step.node)

@@ -96,7 +96,7 @@ class Block:
 @dataclass
 class Setting:
     key: str
-    value: Expr | Call | None
+    value: Expr | Call | list[Expr | Call] | None  # a list: `augment crop(pad=4), flip`
     loc: Loc
 
 

@@ -96,7 +96,8 @@ class Lowering:
         self.g.graph["output"] = out
         if len(self.file.trains) > 1:
             raise CnnError("a file holds one train section", self.file.trains[1].loc)
-        self.g.graph["train"] = lower_train(self.file.trains[0]) if self.file.trains else {}
+        shape = self.g.nodes[self.g.graph["input"]]["args"]["shape"]
+        self.g.graph["train"] = lower_train(self.file.trains[0], shape) if self.file.trains else {}
         for name, t in self.tables.items():
             if name not in self.used_tables:
                 self.diag.warn(f"table '{name}' is never used", t.loc)

@@ -300,6 +300,9 @@ class _ToAst(Transformer):
     def setting_call(self, items):
         return ast.Setting(str(items[0]), items[1], self.loc(items[0]))
 
+    def setting_list(self, items):
+        return ast.Setting(str(items[0]), list(items[1:]), self.loc(items[0]))
+
     def setting_flag(self, items):
         call = items[0]
         return ast.Setting(call.name, call, call.loc)

@@ -10,12 +10,14 @@ from typing import Any
 from cnnc.errors import CnnError, did_you_mean
 from cnnc.frontend import ast
 from cnnc.frontend.values import describe, evaluate
-from cnnc_runtime import optimizers, rules, settings
+from cnnc_runtime import optimizers, rules, schedule, settings
 
-OPTIMIZERS = {name: cls.hyperparameters for name, cls in optimizers.OPTIMIZERS.items()}
+OPTIMIZERS = {name: cls.hyperparameter_names() for name, cls in optimizers.OPTIMIZERS.items()}
 LOSSES = ("cross_entropy", "mse")
 SCALARS = settings.SECTION_SCALARS  # each the name of its setting in the runtime's Settings
-KEYS = ("loss", "optimizer", "data", "early_stop", "normalize", *SCALARS)
+KEYS = ("loss", "optimizer", "data", "early_stop", "normalize", "schedule", "augment", *SCALARS)
+AUGMENTS = ("crop", "flip")  # augment's items, each the name of its setting
+DEFAULT_CROP_PAD = 4
 
 
 def _call_args(call: ast.Call, names: tuple[str, ...], table: dict[str, rules.Rule]) -> dict[str, Any]:
@@ -39,36 +41,102 @@ def _call_args(call: ast.Call, names: tuple[str, ...], table: dict[str, rules.Ru
     return out
 
 
-def _normalize(value: Any, s: ast.Setting) -> dict[str, float]:
-    """normalize(mean=M, std=S): inputs become (x - M) / S after scaling to [0, 1] and padding."""
+def _normalize(value: Any, s: ast.Setting, channels: int) -> dict[str, float | list[float]]:
+    """normalize(mean=M, std=S): inputs become (x - M) / S after scaling to [0, 1] and padding.
+
+    M and S are numbers, or lists with one number per input channel (``normalize(mean=[0.49, 0.48, 0.45], ...)``).
+    """
     if not isinstance(value, ast.Call):
         raise CnnError("normalize takes a mean and a standard deviation, like normalize(mean=0.1307, std=0.3081)",
                        s.loc)
-    out: dict[str, float] = {}
+    out: dict[str, float | list[float]] = {}
     for i, a in enumerate(value.args):
         key = a.name or ("mean", "std")[min(i, 1)]
         v = evaluate(a.value, {})
         if key not in ("mean", "std") or key in out or i > 1:
             raise CnnError("normalize takes mean and std, once each", a.loc)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (key == "std" and v <= 0):
+        items = v if isinstance(v, list) and v else [v]
+        if not all(_is_number(x) and (key == "mean" or x > 0) for x in items):
             need = "a positive number" if key == "std" else "a number"
+            if isinstance(v, list):
+                need = ("positive numbers" if key == "std" else "numbers") + ", one per channel"
             raise CnnError(f"normalize {key} must be {need}, got {describe(v)}", a.value.loc)
-        out[key] = float(v)
+        if isinstance(v, list) and len(v) not in (1, channels):
+            raise CnnError(f"normalize {key} has {len(v)} values, but the input has {channels} channel(s)",
+                           a.value.loc)
+        out[key] = [float(x) for x in v] if isinstance(v, list) else float(v)
     if set(out) != {"mean", "std"}:
         raise CnnError("normalize needs both mean and std", s.loc)
     return out
 
 
-def lower_train(section: ast.Train) -> dict[str, Any]:
-    """Check each setting of a train section and return them as a dict."""
+def _is_number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float))
+
+
+def _schedule(value: Any, s: ast.Setting) -> dict[str, Any]:
+    """schedule cosine | step(every=E, gamma=G) | constant: {"name": ..., its arguments}."""
+    call = value if isinstance(value, ast.Call) else None
+    name = call.name if call else (evaluate(value, {}) if isinstance(value, ast.Expr) else None)
+    if name not in schedule.SCHEDULES:
+        hint = did_you_mean(str(name), schedule.SCHEDULES) or f"; choose {', '.join(schedule.SCHEDULES)}"
+        raise CnnError(f"unknown schedule {describe(name)}{hint}", (call or value or s).loc)
+    takes = tuple(schedule.SCHEDULES[name])
+    if call and not takes and call.args:
+        raise CnnError(f"schedule {name} takes no arguments", call.loc)
+    args = _call_args(call, takes, schedule.ARGUMENTS) if call else {}
+    missing = [k for k, d in schedule.SCHEDULES[name].items() if d is None and k not in args]
+    if missing:
+        raise CnnError(f"schedule {name} needs {', '.join(missing)}, like {name}(every=30, gamma=0.1)",
+                       (call or value).loc)
+    return {"name": name, **dict(schedule.checked(name, args))}
+
+
+def _augment(value: Any, s: ast.Setting, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """augment crop(pad=4), flip: the settings {"crop": pad, "flip": true} of those given; image inputs only."""
     out: dict[str, Any] = {}
+    seen: set[str] = set()
+    for item in value if isinstance(value, list) else [value]:
+        call = item if isinstance(item, ast.Call) else None
+        name = call.name if call else (evaluate(item, {}) if isinstance(item, ast.Expr) else None)
+        where = (item or s).loc
+        if name not in AUGMENTS:
+            hint = did_you_mean(str(name), AUGMENTS) or f"; choose {' or '.join(AUGMENTS)}"
+            raise CnnError(f"unknown augmentation {describe(name)}{hint}", where)
+        if name in seen:
+            raise CnnError(f"augmentation '{name}' is given twice", where)
+        seen.add(name)
+        if len(input_shape) != 3:
+            raise CnnError(f"{name} needs image inputs (CxHxW); this network takes vectors of "
+                           f"{input_shape[0]}", where)
+        if name == "flip":
+            if call is not None and call.args:
+                raise CnnError("flip takes no arguments", call.loc)
+            out["flip"] = True
+            continue
+        args = _call_args(call, ("pad",), {"pad": (rules.is_count, "a positive integer")}) if call else {}
+        out["crop"] = args.get("pad", DEFAULT_CROP_PAD)
+    return out
+
+
+def lower_train(section: ast.Train, input_shape: tuple[int, ...] = (1,)) -> dict[str, Any]:
+    """Check each setting of a train section (for a network of `input_shape`) and return them as a dict."""
+    out: dict[str, Any] = {}
+    where: dict[str, ast.Setting] = {}
     for s in section.settings:
         if s.key not in KEYS:
             raise CnnError(f"unknown training setting '{s.key}'{did_you_mean(s.key, KEYS)}", s.loc)
-        if s.key in out:
+        if s.key in out or s.key in where:
             raise CnnError(f"training setting '{s.key}' is given twice", s.loc)
+        where[s.key] = s
         value = s.value
-        if s.key == "optimizer":
+        if isinstance(value, list) and s.key != "augment":
+            raise CnnError(f"'{s.key}' takes one value, not a list", s.loc)
+        if s.key == "augment":
+            out.update(_augment(value, s, input_shape))
+        elif s.key == "schedule":
+            out["schedule"] = _schedule(value, s)
+        elif s.key == "optimizer":
             call = value if isinstance(value, ast.Call) else None
             name = call.name if call else evaluate(value, {})
             if name not in OPTIMIZERS:
@@ -87,7 +155,7 @@ def lower_train(section: ast.Train) -> dict[str, Any]:
             out["early_stop"] = {"patience": args.get("patience", settings.DEFAULT_PATIENCE),
                                  "min_delta": float(args.get("min_delta", settings.Settings.min_delta))}
         elif s.key == "normalize":
-            out["normalize"] = _normalize(value, s)
+            out["normalize"] = _normalize(value, s, input_shape[0] if len(input_shape) == 3 else 1)
         elif isinstance(value, ast.Call) or value is None:
             raise CnnError(f"'{s.key}' takes a value, like '{s.key} 10'", s.loc)
         elif s.key == "loss":
@@ -106,4 +174,9 @@ def lower_train(section: ast.Train) -> dict[str, Any]:
             if need is not None:
                 raise CnnError(f"'{s.key}' must be {need}, got {describe(v)}", value.loc)
             out[s.key] = v
+    if out.get("schedule", {"name": "constant"})["name"] != "constant" and out.get("lr_decay", 1) != 1:
+        raise CnnError(f"lr_decay is the exponential schedule; it cannot go with schedule {out['schedule']['name']}: "
+                       "choose one", where["lr_decay"].loc)
+    if out.get("label_smoothing") and out.get("loss") == "mse":
+        raise CnnError("label_smoothing applies to cross_entropy, not to mse", where["label_smoothing"].loc)
     return out

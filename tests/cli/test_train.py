@@ -45,7 +45,7 @@ network small {
 """
 
 EPOCH_LINE = re.compile(r"^epoch +(\d+)/(\d+)  loss \d+\.\d{4}  acc \d+\.\d\d%(  val_loss \d+\.\d{4}  val_acc "
-                        r"\d+\.\d\d%)?  \d+\.\d s  [\d,]+ img/s$")
+                        r"\d+\.\d\d%)?  lr ([\d.e+-]+)  \d+\.\d s  [\d,]+ img/s$")
 TEST_LINE = re.compile(r"^test: loss (\d+\.\d{4}), accuracy (\d+\.\d\d)% \(error (\d+\.\d\d)%\) on ([\d,]+) images$")
 
 
@@ -202,6 +202,76 @@ def test_every_override_is_accepted_and_used(work):
             np.testing.assert_array_equal(w[k], v, err_msg=k)
 
 
+RECIPE_NET = """
+network tinycifar {
+    input image: 3x32x32
+    c = image -> conv(2, 3x3, stride=4) -> relu
+    y = c -> flatten -> dense(10)
+}
+train {
+    normalize(mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26])
+}
+"""
+
+
+def test_the_recipe_flags_on_cifar_batches_equal_fit(work):
+    """CIFAR-10 binary batches written here, every recipe flag, and the same weights as fit with those settings."""
+    from cnnc_runtime.data import CIFAR_FILES, load_dataset
+
+    (work / "cifar").mkdir()
+    rng = np.random.default_rng(0)
+    for name in CIFAR_FILES["train"] + CIFAR_FILES["test"]:
+        labels = rng.integers(0, 10, (6, 1), dtype=np.uint8)
+        pixels = rng.integers(0, 256, (6, 3072), dtype=np.uint8)
+        (work / "cifar" / name).write_bytes(np.concatenate([labels, pixels], axis=1).tobytes())
+    (work / "cifar.cnn").write_text(RECIPE_NET)
+    flags = ["--epochs", "3", "--batch", "8", "--optimizer", "nesterov", "--lr", "0.05", "--schedule", "cosine",
+             "--warmup", "1", "--crop", "4", "--flip", "--label-smoothing", "0.1", "--clip-norm", "5"]
+    r = cnnc_cmd(work, "train", "cifar.cnn", "--data", "cifar", *flags, "-o", "c.npz", "--checkpoint", "c.ckpt",
+                 "--log", "c.jsonl")
+    assert r.returncode == 0, r.stderr
+    lrs = [float(m.group(4)) for m in epoch_lines(r.stdout)]
+    # 4 steps an epoch (24 images): the warmup's last step, then steps 3 and 7 of the cosine over the 8 left
+    cosine = [0.05 * (1 + np.cos(np.pi * t / 8)) / 2 for t in (3, 7)]
+    assert lrs == pytest.approx([0.05, *cosine], rel=1e-2)
+    assert [json.loads(line)["lr"] for line in (work / "c.jsonl").read_text().splitlines()] == pytest.approx(lrs,
+                                                                                                           rel=1e-2)
+    assert re.search(r"^test: .* on 6 images$", r.stdout, re.MULTILINE)
+    model = build(RECIPE_NET)
+    train = load_dataset(work / "cifar", raw=True)["train"]
+    model.fit(train.x, train.y, epochs=3, batch=8, optimizer="nesterov", lr=0.05, schedule="cosine", warmup=1,
+              crop=4, flip=True, label_smoothing=0.1, clip_norm=5, progress=False)
+    with np.load(work / "c.npz") as w:
+        for k, v in model.params.items():
+            np.testing.assert_array_equal(w[k], v, err_msg=k)
+
+
+GRAY_NET = """
+network grayfolders {
+    input image: 1x4x4
+    y = image -> flatten -> dense(2)
+}
+"""
+
+
+def test_a_folder_of_images_per_class_trains_and_without_pillow_the_error_names_the_extra(work, monkeypatch):
+    image = pytest.importorskip("PIL.Image")
+    for split, count in (("train", 6), ("test", 2)):
+        for label, cls in enumerate(("dark", "light")):
+            folder = work / "folders" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image.fromarray(np.full((4, 4), 40 + 150 * label + i, np.uint8), "L").save(folder / f"{i}.png")
+    (work / "gray.cnn").write_text(GRAY_NET)
+    out = ["-o", "g.npz", "--checkpoint", "g.ckpt"]
+    r = cnnc_cmd(work, "train", "gray.cnn", "--data", "folders", "--epochs", "2", "--flip", *out)
+    assert r.returncode == 0, r.stderr
+    assert "(12 images)" in r.stdout and re.search(r"^test: .* on 4 images$", r.stdout, re.MULTILINE)
+    monkeypatch.setitem(sys.modules, "PIL", None)  # as without Pillow
+    line = one_line_error(cnnc_cmd(work, "train", "gray.cnn", "--data", "folders", *out))
+    assert line == "cnnc train: reading PNG or JPEG images needs Pillow: pip install 'cnnc[images]'"
+
+
 def test_momentum_flag_turns_sgd_into_momentum(work):
     r = cnnc_cmd(work, "train", "net.cnn", "--data", "d.npz", "--epochs", "1", "--optimizer", "sgd", "--lr", "0.1",
                  "--momentum", "0.5", "-o", "s.npz", "--checkpoint", "s.ckpt")
@@ -240,6 +310,12 @@ def test_train_with_data_of_the_wrong_shape_is_one_line(work):
 def test_train_with_bad_flags(work):
     assert "--optimizer" in one_line_error(cnnc_cmd(work, "train", "net.cnn", "--optimizer", "lbfgs"))
     assert "--epochs" in one_line_error(cnnc_cmd(work, "train", "net.cnn", "--epochs", "many"))
+    assert "unknown schedule 'cosin'" in one_line_error(cnnc_cmd(work, "train", "net.cnn", "--schedule", "cosin"))
+    line = one_line_error(cnnc_cmd(work, "train", "net.cnn", "--data", "d.npz", "--crop", "2"))
+    assert line == "cnnc train: crop and flip need image inputs (C, H, W); this network takes vectors (8,)"
+    line = one_line_error(cnnc_cmd(work, "train", "net.cnn", "--data", "d.npz", "--lr-decay", "0.5",
+                                   "--schedule", "cosine"))
+    assert "cannot go with schedule cosine" in line
     assert one_line_error(cnnc_cmd(work, "train", "nope.cnn", "--data", "d.npz")) == "cnnc: nope.cnn: no such file"
 
 

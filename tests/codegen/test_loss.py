@@ -25,16 +25,14 @@ RTOL, ATOL = 1e-5, 1e-6
 # --- references (float64) -----------------------------------------------------------------------
 
 
-def cross_entropy_ref(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image loss logsumexp(x) - x[label] and its gradient softmax(x) - onehot(label)."""
+def cross_entropy_ref(x: np.ndarray, labels: np.ndarray, smoothing: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image loss -sum(q log softmax(x)) and its gradient softmax(x) - q, q = (1 - e) onehot(label) + e / k."""
     x = x.astype(np.float64)
     m = x.max(axis=1, keepdims=True)
-    e = np.exp(x - m)
-    rows = np.arange(len(x))
-    loss = np.log(e.sum(axis=1)) + m[:, 0] - x[rows, labels]
-    grad = e / e.sum(axis=1, keepdims=True)
-    grad[rows, labels] -= 1.0
-    return loss, grad
+    logp = x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+    q = np.full(x.shape, smoothing / x.shape[1])
+    q[np.arange(len(x)), labels] += 1.0 - smoothing
+    return -(q * logp).sum(axis=1), np.exp(logp) - q
 
 
 def mse_ref(x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -47,8 +45,10 @@ def mse_ref(x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def test_loss_grad_references_match_finite_differences():
     rng = np.random.default_rng(0)
     x, t, labels = rng.standard_normal((3, 6)), rng.standard_normal((3, 6)), np.array([0, 5, 2])
-    np.testing.assert_allclose(cross_entropy_ref(x, labels)[1],
-                               numeric_grad(lambda v: cross_entropy_ref(v, labels)[0].sum(), x), rtol=1e-6, atol=1e-8)
+    for e in (0.0, 0.2):
+        np.testing.assert_allclose(cross_entropy_ref(x, labels, e)[1],
+                                   numeric_grad(lambda v, e=e: cross_entropy_ref(v, labels, e)[0].sum(), x),
+                                   rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(mse_ref(x, t)[1], numeric_grad(lambda v: mse_ref(v, t)[0].sum(), x),
                                rtol=1e-6, atol=1e-8)
 
@@ -59,7 +59,7 @@ def test_loss_grad_references_match_finite_differences():
 SHAPES = [(1, 0, 0), (3, 5, 3), (10, 10, 13), (17, 20, 0), (37, 0, 41), (100, 103, 100)]
 
 
-def _run(jit, kind: str, k: int, x_stride: int, dx_stride: int, seed: int):
+def _run(jit, kind: str, k: int, x_stride: int, dx_stride: int, seed: int, smoothing: float = 0.0):
     emit_loss(jit.module, "loss", LossSpec(kind, k, x_stride=x_stride, dx_stride=dx_stride), jit.vw)
     xs, dxs = x_stride or k, dx_stride or k
     rng = np.random.default_rng(seed)
@@ -74,12 +74,12 @@ def _run(jit, kind: str, k: int, x_stride: int, dx_stride: int, seed: int):
         scale = 1.0 / (N * k)
     dx, loss = garbage(dxs), np.full(N + 2, GARBAGE, np.float32)
     x_before = x.copy()
-    jit("loss", x, target, dx, loss, scale, N0, N1)
+    jit("loss", x, target, dx, loss, scale, smoothing, N0, N1)
     assert_untouched(x, x_before, np.zeros(x.shape, bool))
     assert_untouched(dx, garbage(dxs), written(dx, dxs, k))
     assert_untouched(loss, np.full(loss.size, GARBAGE, np.float32), np.isin(np.arange(loss.size), np.arange(N0, N1)))
     xv = slots(x, xs, k)[N0:N1]
-    want_loss, want_grad = cross_entropy_ref(xv, target[N0:N1]) if kind == "cross_entropy" else \
+    want_loss, want_grad = cross_entropy_ref(xv, target[N0:N1], smoothing) if kind == "cross_entropy" else \
         mse_ref(xv, target[N0:N1])
     np.testing.assert_allclose(loss[N0:N1], want_loss, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(slots(dx, dxs, k)[N0:N1], scale * want_grad, rtol=RTOL, atol=ATOL * scale)
@@ -88,6 +88,28 @@ def _run(jit, kind: str, k: int, x_stride: int, dx_stride: int, seed: int):
 @pytest.mark.parametrize("k,x_stride,dx_stride", SHAPES)
 def test_cross_entropy(jit, k, x_stride, dx_stride):
     _run(jit, "cross_entropy", k, x_stride, dx_stride, seed=k)
+
+
+@pytest.mark.parametrize("k,x_stride,dx_stride", SHAPES)
+def test_cross_entropy_with_label_smoothing(jit, k, x_stride, dx_stride):
+    _run(jit, "cross_entropy", k, x_stride, dx_stride, seed=k + 2, smoothing=0.1)
+
+
+def test_label_smoothing_matches_torch(jit):
+    """Against torch.nn.functional.cross_entropy(label_smoothing=0.15): loss and gradient, rel. 1e-5."""
+    torch = pytest.importorskip("torch")
+    k, n = 10, 6
+    emit_loss(jit.module, "loss", LossSpec("cross_entropy", k), jit.vw)
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((n, k)) * 3).astype(np.float32)
+    labels = rng.integers(0, k, n).astype(np.int32)
+    dx, loss = np.zeros_like(x), np.zeros(n, np.float32)
+    jit("loss", x, labels, dx, loss, 1.0 / n, 0.15, 0, n)
+    t = torch.tensor(x, requires_grad=True)
+    want = torch.nn.functional.cross_entropy(t, torch.tensor(labels, dtype=torch.long), label_smoothing=0.15)
+    want.backward()
+    assert loss.mean() == pytest.approx(want.item(), rel=1e-5)
+    np.testing.assert_allclose(dx, t.grad.numpy(), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("k,x_stride,dx_stride", SHAPES)
@@ -103,7 +125,7 @@ def test_cross_entropy_gradient_in_place_of_logits(jit):
     logits = slots(x, k, k).copy()
     labels = rng.integers(0, k, N).astype(np.int32)
     loss = np.full(N, GARBAGE, np.float32)
-    jit("loss", x, labels, x, loss, 0.5, 0, N)
+    jit("loss", x, labels, x, loss, 0.5, 0.0, 0, N)
     want_loss, want_grad = cross_entropy_ref(logits, labels)
     np.testing.assert_allclose(loss, want_loss, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(slots(x, k, k), 0.5 * want_grad, rtol=RTOL, atol=ATOL)
@@ -124,6 +146,6 @@ def test_log_is_accurate_over_the_range_logsumexp_needs(jit, k, lowest_gap):
     x = np.repeat(gaps[:, None], k, axis=1)
     x[:, 0] = 0.0
     labels, dx, loss = np.zeros(n, np.int32), np.zeros_like(x), np.zeros(n, np.float32)
-    jit("loss", x, labels, dx, loss, 1.0, 0, n)
+    jit("loss", x, labels, dx, loss, 1.0, 0.0, 0, n)
     want = np.log1p((k - 1) * np.exp(gaps.astype(np.float64)))
     np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-7)

@@ -499,8 +499,9 @@ def trained(settings: str) -> str:
 @pytest.mark.parametrize("settings, where, message", [
     ("    lr 0.1\n", "6:5", "unknown training setting 'lr'"),
     ("    epoch 3\n", "6:5", "unknown training setting 'epoch'; did you mean 'epochs'?"),
-    ("    optimizer adamw(lr=0.1)\n", "6:15", "unknown optimizer 'adamw'; did you mean 'adam'?"),
-    ("    optimizer lbfgs\n", "6:15", "unknown optimizer 'lbfgs'; choose sgd, momentum, rmsprop, adam"),
+    ("    optimizer adamz(lr=0.1)\n", "6:15", "unknown optimizer 'adamz'; did you mean 'adam'?"),
+    ("    optimizer lbfgs\n", "6:15",
+     "unknown optimizer 'lbfgs'; choose sgd, momentum, nesterov, rmsprop, adam, adamw"),
     ("    loss crossentropy\n", "6:10", "unknown loss 'crossentropy'; did you mean 'cross_entropy'?"),
     ("    loss hinge\n", "6:10", "unknown loss 'hinge'; choose cross_entropy or mse"),
     ("    optimizer adam(lr=0)\n", "6:20", "adam argument 'lr' must be a positive number, got 0"),
@@ -526,7 +527,8 @@ def test_two_train_sections():
 
 
 def test_optimizer_that_is_a_number():
-    expect(trained("    optimizer 3\n"), "6:15", "unknown optimizer 3; choose sgd, momentum, rmsprop, adam")
+    expect(trained("    optimizer 3\n"), "6:15",
+           "unknown optimizer 3; choose sgd, momentum, nesterov, rmsprop, adam, adamw")
 
 
 # ---- the file's structure ---------------------------------------------------

@@ -94,11 +94,12 @@ def test_an_empty_section_gives_the_defaults():
     ("normalize(std=2, mean=-1)", {"mean": -1.0, "std": 2.0}),
     ("normalize(mean=0, std=1)", {"mean": 0.0, "std": 1.0}),
     ("normalize(0.5, std=3)", {"mean": 0.5, "std": 3.0}),
+    ("normalize(mean=[0.5], std=[3])", {"mean": [0.5], "std": [3.0]}),  # one per channel (the input has 1 here)
 ])
 def test_normalize_forms(setting, value):
     got = train_of(f"    {setting}\n")["normalize"]
     assert got == value
-    assert all(type(v) is float for v in got.values())
+    assert all(type(x) is float for v in got.values() for x in (v if isinstance(v, list) else [v]))
 
 
 @pytest.mark.parametrize("setting, value", [
@@ -171,6 +172,9 @@ def test_the_train_section_travels_in_the_manifest():
     ("    normalize(0.1, 0)\n", "6:20", "normalize std must be a positive number, got 0"),
     ('    normalize(mean="a", std=1)\n', "6:20", "normalize mean must be a number, got 'a'"),
     ("    normalize(mean=0.1)\n", "6:5", "normalize needs both mean and std"),
+    ("    normalize(mean=[0.1, 0.2], std=1)\n", "6:20", "normalize mean has 2 values, but the input has 1 channel(s)"),
+    ("    normalize(mean=[0.1], std=[0])\n", "6:31",
+     "normalize std must be positive numbers, one per channel, got a list"),
     ("    normalize()\n", "6:5", "normalize needs both mean and std"),
     ("    normalize 0.5\n", "6:5",
      "normalize takes a mean and a standard deviation, like normalize(mean=0.1307, std=0.3081)"),
@@ -210,7 +214,7 @@ def test_the_train_section_travels_in_the_manifest():
     ("    min_improvment 0.1\n", "6:5",
      "unknown training setting 'min_improvment'; did you mean 'min_improvement'?"),
     ("    earlystop 3\n", "6:5", "unknown training setting 'earlystop'; did you mean 'early_stop'?"),
-    ("    batch 8\n    schedule 3\n", "7:5", "unknown training setting 'schedule'"),
+    ("    batch 8\n    scheduel 3\n", "7:5", "unknown training setting 'scheduel'; did you mean 'schedule'?"),
 ])
 def test_mistakes_are_located(settings, where, message):
     expect(settings, where, message)

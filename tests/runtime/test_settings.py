@@ -61,4 +61,7 @@ def test_an_unknown_setting_is_a_type_error():
 def test_every_field_is_checked_by_a_rule_or_as_an_optimizer_setting():
     by_rule = set(settings.RULED)
     optimizer_side = {"loss", "optimizer", "lr", "optimizer_args", "momentum"}
-    assert {f.name for f in dataclasses.fields(Settings)} == by_rule | optimizer_side
+    schedule_side = {"schedule"}  # Settings.check reads it as cnnc_runtime.schedule does
+    assert {f.name for f in dataclasses.fields(Settings)} == by_rule | optimizer_side | schedule_side
+    with pytest.raises(ValueError, match="unknown schedule"):
+        Settings(schedule="cosin").check()

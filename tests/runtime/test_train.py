@@ -82,7 +82,7 @@ def spy_steps(model, call_native: bool = True) -> list[dict]:
     calls: list[dict] = []
     original = model.gradients
 
-    def spy(x, targets, loss, *, seed=0, out=None, losses=None, prepare=None):
+    def spy(x, targets, loss, *, seed=0, out=None, losses=None, prepare=None, label_smoothing=0.0):
         params = model.flat_params.copy()
         threads: set[int] = set()
 
@@ -92,7 +92,7 @@ def spy_steps(model, call_native: bool = True) -> list[dict]:
 
         if call_native:
             value = original(x, targets, loss, seed=seed, out=out, losses=losses,
-                             prepare=prepared if prepare else None)
+                             prepare=prepared if prepare else None, label_smoothing=label_smoothing)
         else:
             if prepare is not None:
                 prepared(0, 0, len(x))
@@ -740,9 +740,9 @@ def test_lr_decay_multiplies_the_learning_rate_every_epoch(data, monkeypatch):
     seen: list[float] = []
     original = optimizers.SGD.step
 
-    def step(self, params, grads):
+    def step(self, params, grads, mask=None):
         seen.append(self.lr)
-        original(self, params, grads)
+        original(self, params, grads, mask)
 
     monkeypatch.setattr(optimizers.SGD, "step", step)
     build(MLP).fit(x, y, epochs=3, batch=100, optimizer="sgd", lr=0.2, lr_decay=0.5, progress=False)
@@ -759,9 +759,9 @@ def test_lr_decay_from_the_train_section(data, monkeypatch):
     seen: list[float] = []
     original = optimizers.SGD.step
 
-    def step(self, params, grads):
+    def step(self, params, grads, mask=None):
         seen.append(self.lr)
-        original(self, params, grads)
+        original(self, params, grads, mask)
 
     monkeypatch.setattr(optimizers.SGD, "step", step)
     build(text).fit(x, y, epochs=3, batch=300, progress=False)
@@ -773,9 +773,9 @@ def test_lr_decay_restarts_from_the_full_rate_with_an_optimizer_object(data, mon
     seen: list[float] = []
     original = optimizers.SGD.step
 
-    def step(self, params, grads):
+    def step(self, params, grads, mask=None):
         seen.append(self.lr)
-        original(self, params, grads)
+        original(self, params, grads, mask)
 
     monkeypatch.setattr(optimizers.SGD, "step", step)
     opt = optimizers.SGD(lr=0.2)
@@ -788,9 +788,9 @@ def test_lr_decay_restarts_from_the_full_rate_by_name(data, monkeypatch):
     seen: list[float] = []
     original = optimizers.SGD.step
 
-    def step(self, params, grads):
+    def step(self, params, grads, mask=None):
         seen.append(self.lr)
-        original(self, params, grads)
+        original(self, params, grads, mask)
 
     monkeypatch.setattr(optimizers.SGD, "step", step)
     build(MLP).fit(x, y, epochs=2, batch=300, optimizer="sgd", lr=0.2, lr_decay=0.5, restarts=2, progress=False)
