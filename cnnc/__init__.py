@@ -47,8 +47,7 @@ def compile(path: str | os.PathLike[str], **options: Any) -> Model:  # noqa: A00
 
         imported = import_file(path)
         model = _build(imported.text, f"{path} (as .cnn)", options)
-        for name, value in imported.weights.items():
-            model.params[name] = value
+        model.load_arrays(imported.weights, str(path))
         return model
     from cnnc.sources import read_source
 

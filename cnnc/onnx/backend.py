@@ -89,8 +89,7 @@ class CnncBackend(Backend):
         model, shape = as_vectors(model)
         imported = import_model(model, model.graph.name or "model", weight_inputs=True)
         compiled = cnnc.compile_string(imported.text, f"{model.graph.name or 'model'}.cnn", **kwargs)
-        for name, value in imported.weights.items():
-            compiled.params[name] = value
+        compiled.load_arrays(imported.weights, "the model's initializers")
         initializers = {t.name for t in model.graph.initializer}
         return CnncRep(compiled, imported, [i.name for i in model.graph.input if i.name not in initializers], shape)
 

@@ -31,8 +31,7 @@ def signature(proto, names: bool) -> list:
 def round_trip(path, out):
     imported = import_file(path)
     model = cnnc.compile_string(imported.text, "imported.cnn")
-    for k, v in imported.weights.items():
-        model.params[k] = v
+    model.load_arrays(imported.weights, str(path))
     export_model(model, out)
     return model, onnx.load(out)
 
