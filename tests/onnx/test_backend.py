@@ -37,6 +37,13 @@ PASS = """
     dropout_default dropout_default_old dropout_random_old
 """.split()
 
+# one or two of each op in the quick suite (each test compiles a network: ~0.5 s); all of them with -m slow
+QUICK = """
+    conv_with_strides_padding conv_with_autopad_same averagepool_2d_precomputed_pads_count_include_pad
+    maxpool_2d_precomputed_same_upper globalaveragepool gemm_alpha gemm_default_vector_bias relu leakyrelu elu
+    gelu_default_2 sigmoid tanh softmax_example flatten_axis1 dropout_default
+""".split()
+
 ONE_INPUT = "two data inputs; a cnnc network has one input"
 NOT_2D = "1-D or 3-D windows; cnnc's conv and pooling are 2-D"
 EXCLUDED = {
@@ -77,13 +84,17 @@ with warnings.catch_warnings():
 wanted = {f"test_{name}_cpu" for name in PASS}
 backend_test._test_items = {category: {n: item for n, item in items.items() if n in wanted}
                             for category, items in backend_test._test_items.items()}
+for items in backend_test._test_items.values():
+    for n, item in items.items():
+        if n[5:-4] not in QUICK:
+            item.func = pytest.mark.slow(item.func)
 globals().update({k: v for k, v in backend_test.test_cases.items() if any(n.startswith("test_") for n in vars(v))})
 
 
 def test_every_node_test_of_these_ops_passes_or_is_excluded_with_a_reason():
     names = set(NODE_TESTS)
     excluded = {n for n in names if any(re.fullmatch(p, n) for p in EXCLUDED)}
-    assert set(PASS) <= names
+    assert set(QUICK) <= set(PASS) <= names
     assert not set(PASS) & excluded
     assert names - set(PASS) - excluded == set()
 
