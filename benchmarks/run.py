@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnc_runtime.inputs import Inputs
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LENET = REPO / "examples" / "lenet5.cnn"
@@ -296,9 +298,10 @@ def block_median(fn: Callable[[], object], calls: int, budget: float = 2.0) -> f
     return float(np.median(ts))
 
 
-def run_child(ctx: Ctx, code: str, params: dict, timeout: float = 600) -> dict:
-    """Run `code` in a fresh interpreter (argv[1] = JSON params); it prints one JSON object as its last line."""
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(params)], capture_output=True, text=True,
+def run_child(ctx: Ctx, script: str, params: dict, timeout: float = 600) -> dict:
+    """Run benchmarks/`script` in a fresh interpreter (argv[1] = JSON params); it prints one JSON object as its
+    last line."""
+    proc = subprocess.run([sys.executable, str(HERE / script), json.dumps(params)], capture_output=True, text=True,
                           env=ctx.env(), cwd=str(REPO), timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"child failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
@@ -392,8 +395,9 @@ def train_row(ctx: Ctx, row: Row, model, x: np.ndarray, y: np.ndarray, make_torc
         return n / dt
 
     def cnnc_epoch(n: int) -> None:
-        model.fit(x[:n], y[:n], epochs=1, batch=64, optimizer="adam", lr=1e-3, progress=False, jitter=0.0,
-                  validation=0.0, weight_decay=0.0, restarts=1, seed=next(seeds))
+        # the network's input as it is (no normalize: the PyTorch side gets the same images)
+        model.fit(Inputs(x[:n], model.input_shape), y[:n], epochs=1, batch=64, optimizer="adam", lr=1e-3,
+                  progress=False, jitter=0.0, validation=0.0, weight_decay=0.0, restarts=1, seed=next(seeds))
 
     torch_sample = None
     if ctx.torch is not None:
@@ -403,7 +407,7 @@ def train_row(ctx: Ctx, row: Row, model, x: np.ndarray, y: np.ndarray, make_torc
         tx, ty = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
         with torch.no_grad():
             ref = float(torch.nn.functional.cross_entropy(net(tx[:64]), ty[:64]))
-        mine, _ = model.value_and_grad(x[:64], y[:64], loss="cross_entropy")
+        mine = model.gradients(x[:64], model.check_targets(y[:64], 64, "cross_entropy"), "cross_entropy")
         row.extra["same_weights_loss_cnnc_vs_torch"] = [mine, ref]
         if abs(mine - ref) > 1e-3 * max(1.0, abs(ref)):
             row.note = f"WARNING: the PyTorch model disagrees with cnnc (loss {ref:.5f} vs {mine:.5f})"
@@ -434,8 +438,8 @@ def step_breakdown(model, x: np.ndarray, y: np.ndarray, rounds: int = 3) -> dict
         model.gradients(xb, tb, "cross_entropy", out=out, losses=losses)
 
     def fit_step() -> None:
-        model.fit(x[:64 * steps], y[:64 * steps], epochs=1, batch=64, optimizer="adam", lr=1e-3,
-                  progress=False, jitter=0.0, validation=0.0, weight_decay=0.0, restarts=1)
+        model.fit(Inputs(x[:64 * steps], model.input_shape), y[:64 * steps], epochs=1, batch=64, optimizer="adam",
+                  lr=1e-3, progress=False, jitter=0.0, validation=0.0, weight_decay=0.0, restarts=1)
 
     native()
     grads = np.zeros_like(model.flat_grads)  # a zero gradient: Adam does all its work but the weights stay put
@@ -505,7 +509,9 @@ def infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
         ort_sample = lambda: sample(lambda: session.run(None, feed))  # noqa: E731
     else:
         row.note = (row.note + "; " if row.note else "") + f"onnxruntime unavailable ({ctx.ort_error})"
-    alternate(ctx, row, ctx.rep(7, 4), lambda: sample(lambda: model(xb)), torch_sample, ort_sample=ort_sample)
+    out_shape = (batch, *model.output_shape)
+    alternate(ctx, row, ctx.rep(7, 4), lambda: sample(lambda: model.infer_into(xb, np.empty(out_shape, np.float32))),
+              torch_sample, ort_sample=ort_sample)
     row.extra["calls_per_sample"] = calls
     return row
 
@@ -672,47 +678,21 @@ def row_conv(ctx: Ctx) -> list[Row]:
     return rows
 
 
-COMPILE_CHILD = r"""
-import json, sys, time
-p = json.loads(sys.argv[1])
-if p.get("numpy_first"):
-    import numpy  # as a script that makes its inputs has done before it compiles
-t0 = time.perf_counter()
-import cnnc
-t1 = time.perf_counter()
-m = cnnc.compile(p["path"], cache=p["cache"])
-t2 = time.perf_counter()
-m = cnnc.compile(p["path"], cache=p["cache"])
-t3 = time.perf_counter()
-print(json.dumps({"import": t1 - t0, "compile": t2 - t1, "again": t3 - t2}))
-"""
-
-IMPORTS_CHILD = r"""
-import json, time
-t0 = time.perf_counter()
-import numpy
-t1 = time.perf_counter()
-import llvmlite.binding
-t2 = time.perf_counter()
-print(json.dumps({"numpy": t1 - t0, "llvmlite": t2 - t1}))
-"""
-
-
 def row_compile(ctx: Ctx) -> list[Row]:
     cold = Row("compile_cold", "compile LeNet-5, cold (cache=False)", "s", "lower")
     numpy_first = Row("compile_numpy", "compile LeNet-5, warm (from the cache), fresh process with numpy imported",
                       "s", "lower")
     warm = Row("compile_warm", "  warm, fresh process, numpy's import included", "s", "lower")
     again = Row("compile_again", "  warm, in a process that has compiled before", "s", "lower")
-    run_child(ctx, COMPILE_CHILD, {"path": str(LENET), "cache": True})  # fills this run's cache dir
-    cold.cnnc = [run_child(ctx, COMPILE_CHILD, {"path": str(LENET), "cache": False})["compile"]
+    run_child(ctx, "child_compile.py", {"path": str(LENET), "cache": True})  # fills this run's cache dir
+    cold.cnnc = [run_child(ctx, "child_compile.py", {"path": str(LENET), "cache": False})["compile"]
                  for _ in range(ctx.rep(3, 1))]
-    samples = [run_child(ctx, COMPILE_CHILD, {"path": str(LENET), "cache": True}) for _ in range(ctx.rep(5, 3))]
+    samples = [run_child(ctx, "child_compile.py", {"path": str(LENET), "cache": True}) for _ in range(ctx.rep(5, 3))]
     warm.cnnc = [r["compile"] for r in samples]
     again.cnnc = [r["again"] for r in samples]
-    numpy_first.cnnc = [run_child(ctx, COMPILE_CHILD, {"path": str(LENET), "cache": True, "numpy_first": True})
+    numpy_first.cnnc = [run_child(ctx, "child_compile.py", {"path": str(LENET), "cache": True, "numpy_first": True})
                         ["compile"] for _ in range(ctx.rep(5, 3))]
-    imports = [run_child(ctx, IMPORTS_CHILD, {}) for _ in range(ctx.rep(5, 3))]
+    imports = [run_child(ctx, "child_imports.py", {}) for _ in range(ctx.rep(5, 3))]
     cold.note = "whole cnnc.compile (parse, passes, LLVM, object code, load) in a fresh process; " \
                 "eager PyTorch has no compile step"
     numpy_first.note = ("cnnc.compile of a file compiled before, to a model ready to run, in a fresh process that has "
@@ -724,70 +704,17 @@ def row_compile(ctx: Ctx) -> list[Row]:
     return [cold, numpy_first, warm, again]
 
 
-IMPORT_CHILD = r"""
-import json, sys, time
-p = json.loads(sys.argv[1])
-t0 = time.perf_counter()
-__import__(p["module"])
-print(json.dumps({"seconds": time.perf_counter() - t0}))
-"""
-
-
 def row_import(ctx: Ctx) -> list[Row]:
     row = Row("import", "import time (fresh process)", "s", "lower")
-    cnnc_sample = lambda: run_child(ctx, IMPORT_CHILD, {"module": "cnnc"})["seconds"]  # noqa: E731
-    torch_sample = lambda: run_child(ctx, IMPORT_CHILD, {"module": "torch"})["seconds"]  # noqa: E731
+    cnnc_sample = lambda: run_child(ctx, "child_import.py", {"module": "cnnc"})["seconds"]  # noqa: E731
+    torch_sample = lambda: run_child(ctx, "child_import.py", {"module": "torch"})["seconds"]  # noqa: E731
     alternate(ctx, row, ctx.rep(5, 3), cnnc_sample, torch_sample)
     return [row]
 
 
-FIRST_STEP_CNNC = r"""
-import json, sys, time
-p = json.loads(sys.argv[1])
-t0 = time.perf_counter()
-import cnnc
-from cnnc_runtime.data import load_dataset, prepare_images
-t1 = time.perf_counter()
-model = cnnc.compile(p["lenet"])
-t2 = time.perf_counter()
-train = load_dataset(p["mnist"])["train"]
-x, y = prepare_images(train.x, model.input_shape), train.y
-t3 = time.perf_counter()
-model.fit(x, y, epochs=1, batch=64, max_steps=1, progress=False)
-t4 = time.perf_counter()
-print(json.dumps({"end": time.time(), "import": t1 - t0, "build": t2 - t1, "data": t3 - t2, "step": t4 - t3}))
-"""
-
-FIRST_STEP_TORCH = r"""
-import json, sys, time
-p = json.loads(sys.argv[1])
-t0 = time.perf_counter()
-import torch
-from cnnc_runtime.data import load_dataset, prepare_images
-from run import torch_lenet
-t1 = time.perf_counter()
-torch.set_num_threads(p["threads"])
-mask = torch.tensor(p["mask"]).numpy()
-net = torch_lenet(torch, mask)
-opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-t2 = time.perf_counter()
-train = load_dataset(p["mnist"])["train"]
-x, y = torch.from_numpy(prepare_images(train.x, (1, 32, 32))), torch.from_numpy(train.y)
-t3 = time.perf_counter()
-idx = torch.randperm(len(x))[:64]
-opt.zero_grad()
-loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
-loss.backward()
-opt.step()
-loss.item()
-t4 = time.perf_counter()
-print(json.dumps({"end": time.time(), "import": t1 - t0, "build": t2 - t1, "data": t3 - t2, "step": t4 - t3}))
-"""
-
-
 def row_first_step(ctx: Ctx) -> list[Row]:
     row = Row("first_step", "time to first training step (process start)", "s", "lower")
-    run_child(ctx, COMPILE_CHILD, {"path": str(LENET), "cache": True})  # warm the cache
+    run_child(ctx, "child_compile.py", {"path": str(LENET), "cache": True})  # warm the cache
     parts: dict[str, list[dict]] = {"cnnc": [], "torch": []}
     params = {"lenet": str(LENET), "mnist": str(MNIST), "threads": ctx.threads,
               "mask": c3_mask_of(ctx.model("lenet5", LENET)).tolist()}
@@ -798,8 +725,8 @@ def row_first_step(ctx: Ctx) -> list[Row]:
         parts[side].append(r)
         return r["end"] - start
 
-    alternate(ctx, row, ctx.rep(3, 1), lambda: sample("cnnc", FIRST_STEP_CNNC),
-              lambda: sample("torch", FIRST_STEP_TORCH), warmup=0)
+    alternate(ctx, row, ctx.rep(3, 1), lambda: sample("cnnc", "child_first_step_cnnc.py"),
+              lambda: sample("torch", "child_first_step_torch.py"), warmup=0)
     desc = []
     for side, rs in parts.items():
         if rs:
@@ -811,88 +738,6 @@ def row_first_step(ctx: Ctx) -> list[Row]:
     return [row]
 
 
-RSS_HELPERS = r"""
-import json, resource, sys, time
-p = json.loads(sys.argv[1])
-
-def status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return None
-
-def reset_peak():
-    # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM, and so ru_maxrss) to the current RSS
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-def peak():
-    # VmHWM, not ru_maxrss: after a vfork/exec, ru_maxrss starts at the *parent's* peak (Linux keeps it in the
-    # process's signal struct across exec), which would report the benchmark driver's memory
-    hwm = status("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-"""
-
-RSS_CNNC = RSS_HELPERS + r"""
-import cnnc
-from cnnc_runtime.data import load_dataset
-model = cnnc.compile(p["lenet"])
-train = load_dataset(p["mnist"], raw=True)["train"]  # uint8 (60000, 28, 28), as stored
-x, y = train.x, train.y  # fit scales, pads and normalizes each batch
-load_peak, before = peak(), status("VmRSS")
-reset = reset_peak()
-t0 = time.perf_counter()
-h = model.fit(x, y, epochs=1, batch=64, max_steps=p["steps"], progress=False)
-train_peak = peak()
-print(json.dumps({"load_peak": load_peak, "before": before, "train_peak": train_peak if reset else None,
-                  "peak": max(load_peak, train_peak), "steps": h.epochs[-1].steps,
-                  "seconds": time.perf_counter() - t0}))
-"""
-
-RSS_TORCH = RSS_HELPERS + r"""
-import numpy as np
-import torch
-from cnnc_runtime.data import load_dataset
-from run import torch_lenet
-torch.set_num_threads(p["threads"])
-net = torch_lenet(torch, np.asarray(p["mask"], np.float32))
-opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-train = load_dataset(p["mnist"], raw=True)["train"]
-# uint8 (60000, 28, 28) as torchvision's MNIST keeps it; each batch: ToTensor (/255), Pad(2), Normalize
-x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
-mean, std = p["normalize"]["mean"], p["normalize"]["std"]
-
-def batch(idx):
-    xb = torch.nn.functional.pad(x[idx].unsqueeze(1).float().div_(255), (2, 2, 2, 2))
-    return xb.sub_(mean).div_(std)
-
-load_peak, before = peak(), status("VmRSS")
-reset = reset_peak()
-order = torch.randperm(len(x))
-t0, done = time.perf_counter(), 0
-for s in range(p["steps"]):
-    if time.perf_counter() - t0 > p["max_seconds"]:
-        break
-    done += 1
-    idx = order[s * 64:(s + 1) * 64]
-    opt.zero_grad(set_to_none=True)
-    out = net(batch(idx))
-    loss = torch.nn.functional.cross_entropy(out, y[idx])
-    loss.backward()
-    opt.step()
-    loss.item()
-    int((out.argmax(1) == y[idx]).sum())
-train_peak = peak()
-print(json.dumps({"load_peak": load_peak, "before": before, "train_peak": train_peak if reset else None,
-                  "peak": max(load_peak, train_peak), "steps": done, "seconds": time.perf_counter() - t0}))
-"""
-
-
 def row_rss(ctx: Ctx) -> list[Row]:
     steps = ctx.rep(300, 100)
     total = Row("rss", f"peak RSS, LeNet-5 {steps} training steps on MNIST", "MiB", "lower")
@@ -902,14 +747,15 @@ def row_rss(ctx: Ctx) -> list[Row]:
     params = {"lenet": str(LENET), "mnist": str(MNIST), "steps": steps, "threads": ctx.threads,
               "mask": c3_mask_of(model).tolist(), "max_seconds": ctx.rep(40, 15),
               "normalize": model.manifest["train"]["normalize"]}
-    run_child(ctx, COMPILE_CHILD, {"path": str(LENET), "cache": True})  # warm the cache
+    run_child(ctx, "child_compile.py", {"path": str(LENET), "cache": True})  # warm the cache
     results: dict[str, dict] = {}
 
     def sample(side: str, code: str) -> float:
         results[side] = run_child(ctx, code, params)
         return results[side]["peak"]
 
-    alternate(ctx, total, 1, lambda: sample("cnnc", RSS_CNNC), lambda: sample("torch", RSS_TORCH), warmup=0)
+    alternate(ctx, total, 1, lambda: sample("cnnc", "child_rss_cnnc.py"), lambda: sample("torch", "child_rss_torch.py"),
+              warmup=0)
     total.extra.update(results)
     for side in ("cnnc", "torch"):
         r = results.get(side)

@@ -86,11 +86,6 @@ def reference_forward(g, params: Mapping[str, np.ndarray], x, masks=None) -> np.
     return forward_values(g, params, x, masks)[g.graph["output"]]
 
 
-def loss_node(g, loss: str) -> str:
-    """The tensor a loss reads: cross-entropy skips a final softmax."""
-    return loss_input(g, loss)
-
-
 def targets_for(y, n: int, k: int) -> np.ndarray:
     """mse targets: integer labels one-hot, real targets as (n, k)."""
     y = np.asarray(y)
@@ -103,7 +98,7 @@ def targets_for(y, n: int, k: int) -> np.ndarray:
 
 def reference_loss(g, params, x, y, loss: str = "cross_entropy", masks=None) -> float:
     """The mean loss ``Model.value_and_grad`` reports, in float64."""
-    z = forward_values(g, params, x, masks)[loss_node(g, loss)]
+    z = forward_values(g, params, x, masks)[loss_input(g, loss)]
     n = z.shape[0]
     zf = z.reshape(n, -1)
     if loss == "cross_entropy":

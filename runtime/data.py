@@ -1,24 +1,25 @@
-"""Training data: IDX, CIFAR-10 binary, image-folder and .npz readers, image preparation, splits and mini-batches.
+"""Training data: the IDX, CIFAR-10 binary, image-folder and .npz readers.
 
-Images are kept as float32 (N, C, H, W) in [0, 1] (or (N, F) for flat inputs)
-and labels as int64 class indices (or float32 regression targets); with
-``raw=True`` they stay uint8 as stored and are prepared a batch at a time.
+Images come back float32 (N, C, H, W) in [0, 1] (or (N, F) for flat inputs),
+or with ``raw=True`` uint8 as stored (``fit`` prepares them a batch at a
+time); labels as int64 class indices (or float32 regression targets).
+Fitting images to a network is ``cnnc_runtime.inputs``'.
 """
 
 from __future__ import annotations
 
-import copy
 import gzip
 import math
 import os
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 
+from cnnc_runtime.inputs import prepare_images
 from cnnc_runtime.memory import check_fits
 
 # IDX type codes -> big-endian numpy dtypes (http://yann.lecun.com/exdb/mnist/).
@@ -177,14 +178,9 @@ class Dataset:
 
 
 def _as_inputs(x: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 / 255; (N, H, W) -> (N, 1, H, W); other dtypes -> float32 unscaled."""
-    if x.ndim == 3:
-        x = x[:, None, :, :]
-    if x.dtype == np.uint8:
-        out = x.astype(np.float32)
-        out /= 255
-        return out
-    return x.astype(np.float32, copy=False)
+    """uint8 -> float32 / 255; (N, H, W) -> (N, 1, H, W); other dtypes -> float32 unscaled (the input rule's
+    layout and scale, at the images' own size)."""
+    return prepare_images(x, (1, *x.shape[1:]) if x.ndim == 3 else x.shape[1:])
 
 
 def _as_targets(y: np.ndarray) -> np.ndarray:
@@ -459,252 +455,3 @@ def load_dataset(path: str | os.PathLike[str], *, raw: bool = False) -> dict[str
     if magic != _ZIP_MAGIC:
         raise ValueError(f"{name} is not a .npz archive; a dataset is a directory of IDX files or a .npz file")
     return _load_npz(name, raw)
-
-
-def prepare_images(x: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:
-    """Fit images to a network input of per-sample shape (C, H, W) or (F,), as float32.
-
-    uint8 is scaled by 1/255; (N, H, W) gains a channel axis; channels-last
-    (N, H, W, C) arrays are transposed to (N, C, H, W); smaller images are
-    zero-padded, centred (28x28 MNIST into 32x32 LeNet-5: 2 pixels each side).
-    For a flat (F,) input the images are flattened to (N, C*H*W), which must equal F.
-    """
-    view, pad = image_view(x, input_shape)
-    scale = view.dtype == np.uint8
-    if pad is None:
-        return _as_inputs(view) if scale else view.astype(np.float32, copy=False)
-    out = np.zeros((len(view), *(int(d) for d in input_shape)), dtype=np.float32)
-    _fill(out, view, pad, scale)
-    return out
-
-
-def image_view(x: np.ndarray, input_shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, int] | None]:
-    """(x as (N, C, h, w) or (N, F) without copying where numpy can, (top, left) padding or None).
-
-    Shapes that cannot fit the network input raise ValueError naming it.
-    """
-    shape = tuple(int(d) for d in input_shape)
-    x = np.asarray(x)
-    given = x.shape
-    if x.ndim == 3:
-        x = x[:, None, :, :]
-    if len(shape) == 1:
-        flat = x.reshape(len(x), -1)
-        if flat.shape[1] != shape[0]:
-            raise ValueError(
-                f"images of shape {x.shape[1:]} have {flat.shape[1]} values; the network expects "
-                f"flat inputs of shape {shape}"
-            )
-        return flat, None
-    if len(shape) != 3:
-        raise ValueError(f"network input shape {shape} is neither (C, H, W) nor (F,)")
-    c, h, w = shape
-    if x.ndim == 2:
-        if x.shape[1] != c * h * w:
-            raise ValueError(f"flat inputs of {x.shape[1]} values do not fit the network input shape {shape}")
-        x = x.reshape(len(x), c, h, w)
-    if x.ndim != 4:
-        raise ValueError(f"expected images (N, H, W) or (N, C, H, W) for network input {shape}, got {x.shape}")
-    if x.shape[1] != c and x.shape[3] == c:  # channels last (N, H, W, C), as Keras and image files store them
-        x = x.transpose(0, 3, 1, 2)
-    _, xc, xh, xw = x.shape
-    if xc != c:
-        if len(given) == 3:
-            got = "1 channel, as (N, H, W)"
-        else:
-            got = f"{xc} channel(s) read as (N, C, H, W), or {x.shape[3]} read as channels-last (N, H, W, C)"
-        raise ValueError(f"images of shape {given[1:]} have {got}; the network expects {c} channel(s): "
-                         f"input shape {shape}")
-    if xh > h or xw > w:
-        raise ValueError(f"images of {xh}x{xw} are larger than the network input shape {shape}")
-    if (xh, xw) == (h, w):
-        return x, None
-    return x, ((h - xh) // 2, (w - xw) // 2)
-
-
-def _fill(out: np.ndarray, images: np.ndarray, pad: tuple[int, int] | None, scale: bool) -> None:
-    """Write `images` into the float32 `out` (same length): zero border, then optionally /255, in place."""
-    if pad is None:
-        inner = out
-    else:
-        out.fill(0)
-        top, left = pad
-        inner = out[:, :, top:top + images.shape[2], left:left + images.shape[3]]
-    inner[...] = images
-    if scale:
-        inner /= 255
-
-
-def normalization(normalize: dict[str, Any] | None,
-                  input_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
-    """(mean, std) as float32 arrays that broadcast over one input: one number for all channels, or one per channel.
-
-    ``normalize`` is the train section's ``{"mean": M, "std": S}``, each a number or a list of C numbers (the
-    input's channels). ValueError when a list has another length or a std is not positive.
-    """
-    if not normalize:
-        return None
-    shape = tuple(int(d) for d in input_shape)
-    channels = shape[0] if len(shape) == 3 else 1
-    out = []
-    for key in ("mean", "std"):
-        v = np.asarray(normalize[key], dtype=np.float64).reshape(-1)
-        if v.size not in (1, channels):
-            raise ValueError(f"normalize {key} has {v.size} values; the input has {channels} channel(s): give one "
-                             f"number, or one per channel")
-        if not np.isfinite(v).all() or (key == "std" and (v <= 0).any()):
-            raise ValueError(f"normalize {key} must be {'positive' if key == 'std' else 'finite'}, got {v.tolist()}")
-        a = v.astype(np.float32)
-        out.append(a.reshape(-1, 1, 1) if len(shape) == 3 and v.size > 1 else a.reshape(()))
-    return out[0], out[1]
-
-
-class Inputs:
-    """A set of network inputs handed out a mini-batch at a time into a float32 buffer the caller reuses.
-
-    Float inputs must already have the network's input shape; a batch is a
-    gather of their rows. Stored images (uint8, (N, H, W), (N, C, H, W) or
-    (N, H, W, C), smaller than the input or not) stay uint8, a quarter or less
-    of their float32 size, and each batch is scaled by 1/255, zero-padded and
-    normalized on its way into the buffer: bit for bit what ``prepare_images``
-    followed by ``(x - mean) / std`` in float32 gives for the whole set.
-    """
-
-    def __init__(self, x: np.ndarray, input_shape: Sequence[int],
-                 normalize: dict[str, float] | None = None, rows: np.ndarray | None = None) -> None:
-        self.input_shape = tuple(int(d) for d in input_shape)
-        self.stored = x.dtype == np.uint8
-        if self.stored:
-            self._x, self._pad = image_view(x, self.input_shape)
-        else:
-            self._x, self._pad = x, None
-        self._norm = normalization(normalize, self.input_shape) if self.stored else None
-        self._rows = rows
-
-    def __len__(self) -> int:
-        return len(self._x) if self._rows is None else len(self._rows)
-
-    def blank(self) -> np.ndarray:
-        """What a black (zero) pixel becomes once prepared, per channel: the crop's padding (``Model.augment``)."""
-        if self._norm is None:
-            return np.zeros(1, dtype=np.float32)
-        mean, std = self._norm
-        return ((np.float32(0) - mean) / std).astype(np.float32).reshape(-1)
-
-    @property
-    def prepared_float32(self) -> bool:
-        """Whether these are float32 inputs already of the input shape and contiguous (what native code takes)."""
-        x = self._x
-        return (not self.stored and x.dtype == np.float32 and x.flags.c_contiguous
-                and tuple(x.shape[1:]) == self.input_shape)
-
-    def first_non_finite(self) -> int | None:
-        """The position of the first input holding a NaN or an infinity, None if there is none (uint8: never).
-
-        One vectorised pass over the set, a block of rows at a time (no temporary the size of the set).
-        """
-        if self.stored:
-            return None
-        if self._rows is None:
-            return first_non_finite_row(self._x)
-        hits = np.flatnonzero(non_finite_rows(self._x)[self._rows])
-        return int(hits[0]) if len(hits) else None
-
-    def subset(self, rows: np.ndarray) -> Inputs:
-        """The inputs at positions `rows` of this set, sharing its storage (no copy of the images)."""
-        rows = np.asarray(rows, dtype=np.intp)
-        sub = copy.copy(self)
-        sub._rows = rows if self._rows is None else self._rows[rows]
-        return sub
-
-    def batch(self, idx: np.ndarray | slice, out: np.ndarray) -> np.ndarray:
-        """The prepared inputs at positions `idx`, written to the front of `out`; returns that part of `out`."""
-        m = len(range(len(self))[idx]) if isinstance(idx, slice) else len(idx)
-        rows = idx if self._rows is None else self._rows[idx]
-        dst = out[:m]
-        if not self.stored:
-            if isinstance(rows, slice):
-                dst[...] = self._x[rows]
-            else:
-                np.take(self._x, rows, axis=0, out=dst)
-            return dst
-        _fill(dst, self._x[rows], self._pad, scale=True)
-        if self._norm is not None:
-            dst -= self._norm[0]
-            dst /= self._norm[1]
-        return dst
-
-    def chunks(self, size: int, out: np.ndarray) -> Iterator[np.ndarray]:
-        """The whole set in order, `size` inputs at a time, in `out` (overwritten by the next) or a view."""
-        for start in range(0, len(self), size):
-            if self.stored or self._rows is not None:
-                yield self.batch(slice(start, start + size), out)
-            else:  # already float32 and in order: a view does, no copy
-                yield self._x[start:start + size]
-
-
-_FINITE_BLOCK = 1 << 20  # values checked at a time
-
-
-def non_finite_rows(x: np.ndarray) -> np.ndarray:
-    """A bool per row of `x` (its first axis): whether that row holds a NaN or an infinity."""
-    x = np.asarray(x)
-    out = np.zeros(len(x), dtype=bool)
-    if x.dtype.kind not in "fc" or len(x) == 0:
-        return out
-    rows = max(1, _FINITE_BLOCK // max(1, x[0].size))
-    for start in range(0, len(x), rows):
-        block = x[start:start + rows].reshape(min(rows, len(x) - start), -1)
-        out[start:start + len(block)] = ~np.isfinite(block).all(axis=1)
-    return out
-
-
-def first_non_finite_row(x: np.ndarray) -> int | None:
-    """The index of the first row of `x` that holds a NaN or an infinity; None if all are finite.
-
-    Stops at the first block that has one: a clean set costs one pass, a bad one less.
-    """
-    x = np.asarray(x)
-    if x.dtype.kind not in "fc" or len(x) == 0:
-        return None
-    rows = max(1, _FINITE_BLOCK // max(1, x[0].size))
-    for start in range(0, len(x), rows):
-        bad = non_finite_rows(x[start:start + rows])
-        if bad.any():
-            return start + int(np.argmax(bad))
-    return None
-
-
-def _rng(rng: np.random.Generator | int | None) -> np.random.Generator:
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-
-
-def train_validation_split(
-    n: int, fraction: float, rng: np.random.Generator | int | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Random disjoint (train_idx, val_idx) covering range(n), with round(n * fraction) held out.
-
-    Both come back sorted: the order within a split is the batcher's business.
-    """
-    if not 0 <= fraction < 1:
-        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
-    n_val = int(round(n * fraction))
-    order = _rng(rng).permutation(n)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-def num_batches(n: int, batch_size: int) -> int:
-    """How many batches `batches` yields: ceil(n / batch_size)."""
-    return -(-n // batch_size)
-
-
-def batches(
-    n: int, batch_size: int, rng: np.random.Generator | int | None = None, shuffle: bool = True
-) -> Iterator[np.ndarray]:
-    """Index arrays of `batch_size` (the last may be smaller) covering range(n) once, shuffled by `rng`."""
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    if n < 0:
-        raise ValueError(f"number of samples must be non-negative, got {n}")
-    order = _rng(rng).permutation(n) if shuffle else np.arange(n)
-    return (order[i : i + batch_size] for i in range(0, n, batch_size))

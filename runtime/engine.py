@@ -9,15 +9,13 @@ All parameters live in one flat, 64-byte-aligned float32 buffer; ``params``
 maps each parameter name to a writable view of it, so writing into a view
 changes the model. Gradients use a second buffer of the same layout.
 
-Inputs are checked before any native code sees them: ``x`` must be
-``(N, C, H, W)`` (or ``(N, F)`` for a vector input) with ``N >= 1``. Other
-real or integer dtypes (float64, int64 ...) and non-contiguous arrays are
-converted to contiguous float32; anything else raises ``ValueError`` naming
-the expected shape. uint8 arrays are images as stored (MNIST's (N, 28, 28)):
-they are prepared as ``cnnc train`` prepares a dataset (scaled to [0, 1],
-given a channel axis, zero-padded to the input size, normalized with the
-train section's mean and std), and ``fit`` / ``evaluate`` do that a batch at
-a time, so a dataset stays in memory at its stored size.
+Inputs are prepared by one rule (``cnnc_runtime.inputs``) before any native
+code sees them: ``forward``, ``predict`` and ``value_and_grad`` take images
+as a caller holds them ((N, C, H, W), (N, H, W), channels-last or flat; uint8
+scaled by 1/255; smaller images zero-padded; then the train section's
+``normalize``), and anything that cannot be prepared is a ``ValueError``
+naming the expected shape. The step API (``gradients``, ``infer_into``) takes
+the network's input as ``prepare`` returns it, and checks that it is.
 
 Threads: an ``Engine`` (so a ``Model``) may be called from several Python threads at once.
 Inference takes no lock: each call runs on a scratch set of its own
@@ -44,8 +42,8 @@ from typing import Any
 import numpy as np
 
 from cnnc_runtime import __version__, artifact, fileio
-from cnnc_runtime.data import Inputs
 from cnnc_runtime.host import host_cpu, missing_features
+from cnnc_runtime.inputs import Inputs
 from cnnc_runtime.memory import check_fits
 from cnnc_runtime.native import NativeLibrary
 from cnnc_runtime.parallel import check_threads, default_threads, shared_pool, split
@@ -210,6 +208,7 @@ class Engine:
             raise ValueError(f"artifact built for a {t['cpu']} CPU; this CPU lacks {', '.join(missing)}. "
                              f"Recompile here (or with CNNC_TARGET=generic for any x86-64)")
         self.manifest = manifest
+        self._normalize = manifest["train"].get("normalize")  # (what ``prepare`` applies after scaling and padding)
         self.name: str = manifest["network"]
         self.input_shape: tuple[int, ...] = tuple(manifest["input"]["shape"])
         self.output_shape: tuple[int, ...] = tuple(manifest["output"]["shape"])
@@ -233,6 +232,8 @@ class Engine:
         self._layout = manifest["params"]
         self._by_name = {p["name"]: p for p in self._layout}
         self.params = Params(self, {p["name"]: self._view(self.flat_params, p) for p in self._layout})
+        # the last gradient (what ``gradients`` wrote) by parameter name: views of flat_grads, to read
+        self.grads: dict[str, np.ndarray] = {p["name"]: self._view(self.flat_grads, p) for p in self._layout}
         self.trainable_mask = np.zeros(size, dtype=bool)
         self.decay_mask = np.zeros(size, dtype=np.float32)
         for p in self._layout:
@@ -385,12 +386,34 @@ class Engine:
 
     # ---- checking inputs -----------------------------------------------------
 
-    def check_input(self, x: Any) -> np.ndarray:
-        """``x`` as contiguous float32 ``(N, *input_shape)``, or ``ValueError`` naming the expected shape."""
-        if (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.shape[1:] == self.input_shape
-                and x.ndim == len(self.input_shape) + 1 and x.shape[0] >= 1 and x.flags.c_contiguous):
+    def prepare(self, x: Any) -> np.ndarray:
+        """``x`` as the network's input, contiguous float32 ``(N, *input_shape)``, prepared by the one rule.
+
+        The rule (``cnnc_runtime.inputs``): (N, C, H, W), (N, H, W),
+        channels-last or flat layouts, smaller images zero-padded; uint8
+        scaled by 1/255, other dtypes taken as they are; then the train
+        section's ``normalize``. Float32 network inputs with nothing to
+        normalize come back as they are, uncopied. ``ValueError`` naming the
+        expected shape for anything that cannot be prepared.
+        """
+        if (self._normalize is None and isinstance(x, np.ndarray) and x.dtype == np.float32
+                and x.shape[1:] == self.input_shape and x.ndim == len(self.input_shape) + 1 and x.shape[0] >= 1
+                and x.flags.c_contiguous):
             return x  # the common case, checked without building any message
-        expected = "(N, " + ", ".join(str(d) for d in self.input_shape) + ")"
+        return self.inputs(x).all(self.batch_buffer)
+
+    def inputs(self, x: Any) -> Inputs:
+        """``x`` as an ``Inputs`` set to take prepared batches from (uint8 images stay as stored).
+
+        An ``Inputs`` given is taken as it is (it must be for this input
+        shape): one built without ``normalize`` hands out inputs unnormalized.
+        """
+        if isinstance(x, Inputs):
+            if x.input_shape != self.input_shape:
+                raise ValueError(f"these Inputs are for input shape {_fmt(x.input_shape)}; this network takes "
+                                 f"{_fmt(self.input_shape)}")
+            return x
+        expected = _fmt(("N", *self.input_shape))
         if not isinstance(x, np.ndarray):
             try:
                 x = np.asarray(x)
@@ -398,36 +421,14 @@ class Engine:
                 raise ValueError(f"expected input of shape {expected} as a numeric array: {e}") from None
         if x.dtype.kind not in "fiub":
             raise ValueError(f"expected input of shape {expected} with a numeric dtype, got dtype {x.dtype}")
-        if x.dtype == np.uint8:
-            images = self.inputs(x)
-            return images.batch(slice(None), self.batch_buffer(len(images)))
-        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+        if x.ndim < 2:
             raise ValueError(f"expected input of shape {expected}, got {_fmt(x.shape)}")
         if x.shape[0] < 1:
             raise ValueError(f"expected input of shape {expected} with N >= 1, got an empty batch")
-        check_fits(4 * x.size, f"an input of {x.shape[0]} images")  # (a broadcast view may claim any size)
-        return np.ascontiguousarray(x, dtype=np.float32)
-
-    def inputs(self, x: Any) -> Inputs:
-        """``x`` as an ``Inputs`` set to take batches from: uint8 images kept as stored, anything else checked."""
-        if isinstance(x, Inputs):
-            if x.input_shape != self.input_shape or not (x.stored or x.prepared_float32):
-                raise ValueError(f"these Inputs are for {_fmt(x.input_shape)} images as float32 or uint8; this "
-                                 f"network takes {_fmt(self.input_shape)}")
-            return x
-        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8):
-            return Inputs(self.check_input(x), self.input_shape)
-        expected = "(N, " + ", ".join(str(d) for d in self.input_shape) + ")"
-        if x.ndim < 1:
-            raise ValueError(f"expected input of shape {expected}, or uint8 images (N, H, W), (N, C, H, W) or "
-                             f"(N, H, W, C), got a uint8 scalar")
-        if len(x) < 1:
-            raise ValueError(f"expected input of shape {expected} with N >= 1, got an empty batch")
         try:
-            return Inputs(x, self.input_shape, self.manifest["train"].get("normalize"))
+            return Inputs(x, self.input_shape, self._normalize)
         except ValueError as e:
-            raise ValueError(f"expected input of shape {expected}, or uint8 images (N, H, W), (N, C, H, W) "
-                             f"or (N, H, W, C) no larger than that, got {_fmt(x.shape)}: {e}") from None
+            raise ValueError(f"expected input of shape {expected}, got {_fmt(x.shape)}: {e}") from None
 
     def batch_buffer(self, n: int) -> np.ndarray:
         """A 64-byte-aligned float32 ``(n, *input_shape)`` buffer for prepared inputs."""
@@ -459,8 +460,11 @@ class Engine:
     # ---- running: the public step API -----------------------------------------
 
     def forward(self, x: Any) -> np.ndarray:
-        """The network's output for a batch: ``(N, *output_shape)``; dropout is off. Safe to call from any thread."""
-        x = self.check_input(x)
+        """The network's output for a batch (prepared as ``prepare`` says): ``(N, *output_shape)``; dropout is off.
+
+        Safe to call from any thread.
+        """
+        x = self.prepare(x)
         n = x.shape[0]
         check_fits(4 * n * self._output_floats, f"the outputs of {n} images")
         y = np.empty((n, *self.output_shape), dtype=np.float32)
@@ -472,11 +476,13 @@ class Engine:
     def infer_into(self, x: Any, out: np.ndarray) -> np.ndarray:
         """The network's outputs for the batch `x`, written into the caller's `out` (returned): no allocation.
 
-        `out` is a writable contiguous float32 ``(N, *output_shape)`` array for the N images of `x`, which is
-        checked as ``forward`` checks it; a loop over many batches reuses one buffer. Dropout is off; safe to
-        call from any thread. The outputs are those ``forward`` gives, bit for bit.
+        `x` is the network's input as ``prepare`` returns it (contiguous float32
+        ``(N, *input_shape)``, taken as it is: nothing is scaled or normalized)
+        and `out` a writable contiguous float32 ``(N, *output_shape)`` array; a
+        loop over many batches reuses one buffer. Dropout is off; safe to call
+        from any thread. The outputs are those ``forward`` gives, bit for bit.
         """
-        x = self.check_input(x)
+        self._check_network_input(x, "infer_into")
         shape = (x.shape[0], *self.output_shape)
         if not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == shape
                 and out.flags.c_contiguous and out.flags.writeable):
@@ -548,7 +554,7 @@ class Engine:
 
         The forward pass runs in training mode: dropout is on, its masks drawn
         from `seed`. `x` is a contiguous float32 ``(N, *input_shape)`` batch
-        (``check_input`` makes one; ``batch_buffer`` makes one to fill) and
+        (the network's input: ``prepare`` makes one, ``batch_buffer`` one to fill) and
         `targets` what ``check_targets`` gives for its N images. `out` ((N, K)
         float32) and `losses` ((N,) float32), when given, receive the loss
         layer's inputs and each image's loss. ``prepare(thread, a, b)``, when
@@ -565,7 +571,8 @@ class Engine:
         update that uses ``flat_grads`` (``update``), or another thread's step
         may overwrite the gradient in between.
         """
-        n, k = self._check_step(x, targets, loss, prepare is not None)
+        self._check_network_input(x, "gradients", writable=prepare is not None)
+        n, k = self._check_step(x, targets, loss)
         check_smoothing(label_smoothing, loss)
         out = self._step_buffer(out, (n, k), "out")
         losses = self._step_buffer(losses, (n,), "losses")
@@ -577,17 +584,21 @@ class Engine:
                                       label_smoothing)
         return float(losses.sum(dtype=np.float64) * scale)
 
-    def _check_step(self, x: Any, targets: Any, loss: str, filled: bool) -> tuple[int, int]:
-        """(N, K) of a batch the native step may run on, or ValueError: the checks cost no pass over the data
-        but the labels' range (one reduction over N labels)."""
-        if loss not in self._steps:
-            raise ValueError(f"unknown loss {loss!r}; choose {' or '.join(LOSSES)}")
+    def _check_network_input(self, x: Any, what: str, writable: bool = False) -> None:
+        """ValueError unless `x` is the network's input as native code takes it (what ``prepare`` returns)."""
         if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == len(self.input_shape) + 1
                 and x.shape[1:] == self.input_shape and x.shape[0] >= 1 and x.flags.c_contiguous
-                and (x.flags.writeable or not filled)):
+                and (x.flags.writeable or not writable)):
             got = f"{x.dtype} {_fmt(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
-            raise ValueError(f"gradients needs a contiguous float32 batch of shape {_fmt(('N', *self.input_shape))} "
-                             f"(see check_input), got {got}")
+            need = "a writable" if writable else "a"
+            raise ValueError(f"{what} needs {need} contiguous float32 batch of shape {_fmt(('N', *self.input_shape))} "
+                             f"(the network's input: see prepare), got {got}")
+
+    def _check_step(self, x: np.ndarray, targets: Any, loss: str) -> tuple[int, int]:
+        """(N, K) of a step's batch, or ValueError: the checks cost no pass over the data but the labels' range
+        (one reduction over N labels)."""
+        if loss not in self._steps:
+            raise ValueError(f"unknown loss {loss!r}; choose {' or '.join(LOSSES)}")
         n, k = x.shape[0], self.manifest["loss_inputs"][loss]
         want = ((n,), np.int32) if loss == "cross_entropy" else ((n, k), np.float32)
         ok = (isinstance(targets, np.ndarray) and targets.shape == want[0] and targets.dtype == want[1]
@@ -764,11 +775,11 @@ class Engine:
         Dropout is on, its masks drawn from `seed`. Frozen parameters get zero gradients.
         """
         loss = self.loss_name(loss)
-        x = self.check_input(x)
+        x = self.prepare(x)
         targets = self.check_targets(y, x.shape[0], loss)
         with self.lock:
             value = self.gradients(x, targets, loss, seed=seed, label_smoothing=label_smoothing)
-            grads = {p["name"]: self._view(self.flat_grads, p).copy() for p in self._layout}
+            grads = {name: g.copy() for name, g in self.grads.items()}
         return value, grads
 
     def save_artifact(self, path: str | os.PathLike[str], with_weights: bool = True,

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from cnnc_runtime.data import Inputs, first_non_finite_row
 from cnnc_runtime.engine import CHUNK, Engine, check_augment, check_smoothing
 from cnnc_runtime.fileio import atomic_save_npz
+from cnnc_runtime.inputs import Inputs, first_non_finite_row
 from cnnc_runtime.optimizers import add_weight_decay, clip_grad_norm
 from cnnc_runtime.progress import ProgressBar
 from cnnc_runtime.schedule import make_schedule
@@ -84,7 +84,7 @@ def evaluate(model: Engine, x: np.ndarray | Inputs, y: np.ndarray,
              loss: str | None = None) -> tuple[float, float | None, np.ndarray]:
     """(mean loss, accuracy or None, predictions) of the inference network (dropout off) on a whole set.
 
-    uint8 images are prepared EVAL_BATCH at a time (see ``Model.inputs``), never all at once. Inputs or mse
+    Images are prepared EVAL_BATCH at a time (see ``Model.inputs``), never all at once. Inputs or mse
     targets holding NaN or infinity are refused (ValueError naming the first), as in ``fit``.
     """
     loss = model.loss_name(loss)
@@ -406,9 +406,10 @@ def fit(model: Engine, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[n
         on_epoch: Callable[[Epoch], None] | None = None, **settings: Any) -> History:
     """Train `model` in place on (x, y), starting from the weights it has; returns the History of the kept run.
 
-    x is float32 input of the network's shape, or uint8 images as stored
-    (see ``Model.inputs``), which stay uint8: each mini-batch is prepared into
-    one reused buffer, with the same result bit for bit.
+    x is images as ``Model.prepare`` takes them (the input rule of
+    ``cnnc_runtime.inputs``), or an ``Inputs``; uint8 images stay uint8: each
+    mini-batch is prepared into one reused buffer, with the same result bit
+    for bit as preparing the whole set first.
 
     Settings (``cnnc_runtime.settings.Settings``; each named as in the train
     section, whose values are the defaults): epochs, batch, loss, optimizer

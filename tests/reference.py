@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from cnnc.ir import execution_order
+from cnnc.passes.autodiff import loss_input
 from cnnc.reference import (  # the oracle's op rules live in the op table (cnnc gradcheck uses them)
     connect_mask,
     forward_values,
-    loss_node,
     reference_backward,
     softmax,
     targets_for,
@@ -185,6 +185,18 @@ network dilated {
 }
 """
 
+# 6x6 images (a dataset's) are padded into its 8x8 input and normalized: the input rule's test network
+PADDED = """
+network padnet {
+    input image: 1x8x8
+    c = image -> conv(2, 3x3) -> tanh -> avgpool(2x2)
+    y = c -> flatten -> dense(3)
+}
+train {
+    normalize(mean=0.2, std=0.7)
+}
+"""
+
 NETWORKS = {
     "lenet5": (EXAMPLES / "lenet5.cnn").read_text(),
     "lenet_modern": LENET_MODERN,
@@ -198,7 +210,6 @@ NETWORKS = {
     "smooth": SMOOTH,
     "dilated": DILATED,
 }
-
 
 
 # ---- compiling (memoised per process) -------------------------------------------------
@@ -258,16 +269,12 @@ def random_params(g, rng: np.random.Generator, scale: float = 0.5) -> dict[str, 
     return out
 
 
-
-
 # ---- the ops, forward and backward --------------------------------------------------
-
-
 
 
 def reference_value_and_grad(g, params, x, y, loss: str = "cross_entropy", masks=None):
     """(mean loss, {param name: gradient}) as ``Model.value_and_grad`` defines them, in float64."""
-    start = loss_node(g, loss)
+    start = loss_input(g, loss)
     vals = forward_values(g, params, x, masks)
     z = vals[start]
     n = z.shape[0]
@@ -319,7 +326,7 @@ def torch_forward(g, params: Mapping, x, loss: str | None = None):
     activations = _torch_activations()
     inp = g.graph["input"]
     vals = {inp: x.reshape(x.shape[0], *g.nodes[inp]["shape"])}
-    stop = loss_node(g, loss) if loss else g.graph["output"]
+    stop = loss_input(g, loss) if loss else g.graph["output"]
     for n in execution_order(g):
         node = g.nodes[n]
         op, a, geo = node["op"], node["args"], node.get("geometry", {})

@@ -16,14 +16,12 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
-
 import cnnc
 from cnnc.errors import Diagnostics
 from cnnc.pipeline import compile_source
 from cnnc.sources import read_source
 from cnnc_runtime import artifact
-from cnnc_runtime.data import CIFAR_FILES, IDX_FILES, MissingDependency, load_dataset, normalization, prepare_images
+from cnnc_runtime.data import CIFAR_FILES, IDX_FILES, MissingDependency, load_dataset
 from cnnc_runtime.model import Model, load
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -279,7 +277,8 @@ def data_inputs(path: str | Path | None, label: str = "--data") -> dict[str, str
 
 
 def dataset(args: argparse.Namespace, model: Model, subset: int = 0) -> tuple[dict[str, tuple], Path]:
-    """{split: (inputs, targets)}: uint8 images as stored (fit and evaluate prepare each batch), others prepared.
+    """{split: (inputs, targets)}: each split's images as an ``Inputs`` set (fit and evaluate prepare each batch
+    by the runtime's one input rule, as they do for Python callers; uint8 images stay as stored).
 
     `subset` > 0 keeps the first `subset` training images (a view, before anything is prepared)."""
     path = data_path(args, model)
@@ -288,23 +287,11 @@ def dataset(args: argparse.Namespace, model: Model, subset: int = 0) -> tuple[di
         if subset:
             train = splits["train"]
             splits["train"] = dataclasses.replace(train, x=train.x[:subset], y=train.y[:subset])
-        return {name: (_inputs(model, d.x), d.y) for name, d in splits.items()}, path
+        return {name: (model.inputs(d.x), d.y) for name, d in splits.items()}, path
     except (OSError, ValueError, MissingDependency) as e:
         raise UsageError(f"cnnc {args.command}: {e}") from None
     except MemoryError:  # sizes in a file's headers are the file's word, not cnnc's
         raise UsageError(f"cnnc {args.command}: {path}: too large to load into memory") from None
-
-
-def _inputs(model: Model, x: np.ndarray):
-    """uint8 images stay as stored (an ``Inputs`` set, its shape checked now, before any training); others are
-    prepared and normalized here once."""
-    if x.dtype == np.uint8:
-        return model.inputs(x)
-    x = prepare_images(x, model.input_shape)
-    norm = normalization(model.manifest.get("train", {}).get("normalize"), model.input_shape)
-    if norm is not None:
-        x = (x - norm[0]) / norm[1]
-    return x
 
 
 def percent(v: float | None) -> str:

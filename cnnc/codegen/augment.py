@@ -23,29 +23,14 @@ same computation in numpy, the reference the tests compare against.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import llvmlite.ir as ir
 
 from cnnc.codegen import emit
 from cnnc.codegen.elementwise import counter_hash, image_base, mix64, strips
 from cnnc.codegen.emit import for_range, i64
+from cnnc.codegen.specs import AugmentSpec
 
 ARGS = ["x", "seed_i64", "pad_i64", "flip_i64", "fill", "ws", "n0", "n1"]
-
-
-@dataclass(frozen=True)
-class AugmentSpec:
-    """Images of ``channels x height x width`` floats, ``x_stride`` apart (0: packed)."""
-
-    channels: int
-    height: int
-    width: int
-    x_stride: int = 0
-
-    @property
-    def size(self) -> int:
-        return self.channels * self.height * self.width
 
 
 def emit_augment(module: ir.Module, name: str, spec: AugmentSpec, vw: int) -> ir.Function:

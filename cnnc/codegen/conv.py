@@ -83,14 +83,14 @@ class _Geom:
         return self.spec.y_stride or self.spec.o * self.p
 
     @property
-    def direct(self) -> bool:
-        """A 1x1, stride-1, unpadded convolution: the image is its own column matrix."""
+    def pointwise(self) -> bool:
+        """A 1x1, stride-1, unpadded convolution: the image is its own column matrix (no im2col)."""
         s = self.spec
         return (s.kh, s.kw, s.sh, s.sw, s.pt, s.pl) == (1, 1, 1, 1, 0, 0) and (s.oh, s.ow) == (s.h, s.w)
 
     @property
     def col_floats(self) -> int:
-        return 0 if self.direct else self.spec.c * self.taps * self.p
+        return 0 if self.pointwise else self.spec.c * self.taps * self.p
 
     @property
     def table_floats(self) -> int:
@@ -124,7 +124,7 @@ class _Geom:
         """
         s = self.spec
         top, left, bottom, right = self.pads
-        return ((s.sh, s.sw, s.groups, s.dh, s.dw) == (1, 1, 1, 1, 1) and not self.direct
+        return ((s.sh, s.sw, s.groups, s.dh, s.dw) == (1, 1, 1, 1, 1) and not self.pointwise
                 and 0 <= min(self.pads) and max(top, bottom) < s.kh and max(left, right) < s.kw)
 
     def table_pairs(self) -> frozenset[tuple[int, int]] | None:
@@ -298,7 +298,7 @@ def _im2col(b: ir.IRBuilder, g: _Geom, x: ir.Value, col: ir.Value, vw: int) -> N
 
 def _column_matrix(b: ir.IRBuilder, g: _Geom, x_img: ir.Value, ws: ir.Value, vw: int) -> ir.Value:
     """The image's column matrix: the image itself for a 1x1 convolution, else im2col into the workspace."""
-    if g.direct:
+    if g.pointwise:
         return x_img
     _im2col(b, g, x_img, ws, vw)
     return ws
@@ -505,12 +505,12 @@ def emit_conv_backward_data(module: ir.Module, name: str, spec: ConvSpec, vw: in
     ws = args["ws"]
     weights = _dense_weights(b, module, name, g, args, vw)
     # the direct (1x1) form writes dx itself, so it follows `accumulate`; dcol is always overwritten
-    accumulate = spec.accumulate and g.direct
+    accumulate = spec.accumulate and g.pointwise
 
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
         dx_img = emit.gep(b, args["dx"], index(b, (n, g.x_stride)), name="dx.img")
-        dcol = dx_img if g.direct else ws
+        dcol = dx_img if g.pointwise else ws
         with for_range(b, 0, spec.groups, name="g") as gi:
             first_out = index(b, (gi, g.og))
             w_t = Mat(emit.gep(b, weights, index(b, (first_out, g.k))), rs=1, cs=g.k)
@@ -524,7 +524,7 @@ def emit_conv_backward_data(module: ir.Module, name: str, spec: ConvSpec, vw: in
                 emit.store(b, value, dcol_g, at)
 
             gemm_nn(b, g.k, g.p, g.og, w_t, dy_g, store, vw)
-        if not g.direct:
+        if not g.pointwise:
             if not spec.accumulate:
                 conv_direct.zero(b, dx_img, 0, spec.c * spec.h * spec.w, vw)
             _col2im(b, g, dcol, dx_img, vw)

@@ -24,7 +24,6 @@ import llvmlite.ir as ir
 F32 = ir.FloatType()
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)
-I1 = ir.IntType(1)
 PTR = ir.PointerType()
 VOID = ir.VoidType()
 

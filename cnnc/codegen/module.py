@@ -31,14 +31,14 @@ import llvmlite.ir as ir
 import networkx as nx
 
 from cnnc.codegen import emit, optim
-from cnnc.codegen.augment import AugmentSpec, emit_augment
+from cnnc.codegen.augment import emit_augment
 from cnnc.codegen.conv import conv_workspace_floats
 from cnnc.codegen.elementwise import emit_copy, emit_gaussian_noise
 from cnnc.codegen.emit import I64, PTR
 from cnnc.codegen.loss import emit_loss
 from cnnc.codegen.lowering import BACKWARD, FORWARD
 from cnnc.codegen.plan import ALIGN, Plan, Tensor, aligned, plan_memory
-from cnnc.codegen.specs import ConvSpec, CopySpec, DenseSpec, LossSpec, NoiseSpec
+from cnnc.codegen.specs import AugmentSpec, ConvSpec, CopySpec, DenseSpec, LossSpec, NoiseSpec
 from cnnc.codegen.target import TILED
 from cnnc.ir import execution_order
 

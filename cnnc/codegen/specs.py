@@ -146,6 +146,20 @@ class NoiseSpec:
 
 
 @dataclass(frozen=True)
+class AugmentSpec:
+    """Crop and flip (``cnnc.codegen.augment``): images of ``channels x height x width`` floats, ``x_stride`` apart."""
+
+    channels: int
+    height: int
+    width: int
+    x_stride: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.channels * self.height * self.width
+
+
+@dataclass(frozen=True)
 class CopySpec:
     """dst[n, dst_offset + i] (+)= src[n, src_offset + i] for i < count: add, concat and their gradients."""
 

@@ -34,12 +34,6 @@ def work(tmp_path_factory):
         yield d
 
 
-
-
-
-
-
-
 @pytest.fixture(scope="module")
 def reference(work):
     """What the Python API computes for the same file (initial weights, seed 0)."""
@@ -152,14 +146,15 @@ def test_unknown_pass_name(work):
 
 def test_wrong_shape_input(work, artifact):
     np.save(work / "bad.npy", np.zeros((2, 1, 7, 6), np.float32))
-    want = "cnnc run: bad.npy: expected input of shape (N, 1, 6, 6), got (2, 1, 7, 6)"
+    want = ("cnnc run: bad.npy: expected input of shape (N, 1, 6, 6), got (2, 1, 7, 6): images of 7x6 are larger "
+            "than the network input shape (1, 6, 6)")
     assert one_line_error(cnnc_process(work, "run", "out.cnnc", "--input", "bad.npy")) == want
     assert one_line_error(cnnc_cmd(work, "run", "tiny.cnn", "--input", "bad.npy")) == want
 
 
 def test_wrong_rank_and_dtype_inputs(work, artifact):
-    np.save(work / "flat.npy", np.zeros((2, 36), np.float32))
-    assert "expected input of shape (N, 1, 6, 6), got (2, 36)" in one_line_error(
+    np.save(work / "flat.npy", np.zeros((2, 35), np.float32))  # (36 values would be one 1x6x6 image each)
+    assert "expected input of shape (N, 1, 6, 6), got (2, 35)" in one_line_error(
         cnnc_cmd(work, "run", "out.cnnc", "--input", "flat.npy"))
     np.save(work / "strings.npy", np.full((2, 1, 6, 6), "a"))
     assert "expected input of shape (N, 1, 6, 6)" in one_line_error(

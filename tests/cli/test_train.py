@@ -69,12 +69,6 @@ def work(tmp_path_factory):
         yield d
 
 
-
-
-
-
-
-
 def epoch_lines(stdout: str) -> list[re.Match]:
     return [m for m in map(EPOCH_LINE.match, stdout.splitlines()) if m]
 
@@ -491,25 +485,28 @@ train {
 """
 
 
-def test_train_and_eval_on_uint8_images_equal_the_float32_path(work):
-    """A uint8 dataset stays uint8; each batch is padded 6x6 -> 8x8 and normalized: the same weights bit for bit."""
-    from cnnc_runtime.data import prepare_images
-
+def test_cli_and_python_prepare_uint8_and_float_images_alike(work):
+    """One input rule (cnnc_runtime.inputs) for `cnnc train`/`eval` and for fit/evaluate, uint8 or float: each
+    batch is padded 6x6 -> 8x8 (uint8 scaled by 1/255) and normalized; the same weights bit for bit."""
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 80)
     x = rng.integers(0, 256, (80, 6, 6)).astype(np.uint8)
+    xf = x.astype(np.float32) / np.float32(255)  # the same images, as float32 in [0, 1], 6x6 as stored
     (work / "digits.cnn").write_text(IMAGES_NET)
-    np.savez(work / "u8.npz", x=x, y=y, x_test=x[:30], y_test=y[:30])
-    r = cnnc_cmd(work, "train", "digits.cnn", "--data", "u8.npz", "--validation", "0.25", "-o", "u8.weights.npz",
-                 "--checkpoint", "u8.ckpt")
-    assert r.returncode == 0, r.stderr
-    model = build(IMAGES_NET)
-    xf = (prepare_images(x, (1, 8, 8)) - np.float32(0.2)) / np.float32(0.7)
-    model.fit(xf, y, validation=0.25, progress=False)
-    with np.load(work / "u8.weights.npz") as w:
-        for k, v in model.params.items():
-            np.testing.assert_array_equal(w[k], v, err_msg=k)
-    r = cnnc_cmd(work, "eval", "digits.cnn", "--data", "u8.npz", "--weights", "u8.weights.npz", "--json")
-    assert r.returncode == 0, r.stderr
-    loss, acc = model.evaluate(xf[:30], y[:30])
-    assert json.loads(r.stdout)["loss"] == loss and json.loads(r.stdout)["accuracy"] == acc
+    for name, images in (("u8", x), ("f32", xf)):
+        np.savez(work / f"{name}.npz", x=images, y=y, x_test=images[:30], y_test=y[:30])
+        r = cnnc_cmd(work, "train", "digits.cnn", "--data", f"{name}.npz", "--validation", "0.25", "-o",
+                     f"{name}.weights.npz", "--checkpoint", f"{name}.ckpt")
+        assert r.returncode == 0, r.stderr
+    for images in (x, xf):
+        model = build(IMAGES_NET)
+        model.fit(images, y, validation=0.25, progress=False)
+        for name in ("u8", "f32"):
+            with np.load(work / f"{name}.weights.npz") as w:
+                for k, v in model.params.items():
+                    np.testing.assert_array_equal(w[k], v, err_msg=f"{name}: {k}")
+            r = cnnc_cmd(work, "eval", "digits.cnn", "--data", f"{name}.npz", "--weights", f"{name}.weights.npz",
+                         "--json")
+            assert r.returncode == 0, r.stderr
+            loss, acc = model.evaluate(images[:30], y[:30])
+            assert json.loads(r.stdout)["loss"] == loss and json.loads(r.stdout)["accuracy"] == acc

@@ -101,8 +101,6 @@ CASES = {
 # --- numpy references (float64, images as (N, C, H, W)) ---------------------------------------------
 
 
-
-
 def connect_mask(s: ConvSpec) -> np.ndarray:
     """(o, c // groups) booleans: which weight blocks exist."""
     mask = np.ones((s.o, s.c // s.groups), dtype=bool)

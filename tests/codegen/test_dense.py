@@ -36,8 +36,6 @@ CASES = {
 }
 
 
-
-
 def arena(rows: np.ndarray, stride: int, gap_value: float, n0: int, n1: int, outside: float) -> np.ndarray:
     """float32 (N, stride): row n at the start of slot n; gaps get `gap_value`, rows outside [n0, n1) `outside`."""
     buf = np.full((rows.shape[0], stride), gap_value, dtype=np.float32)

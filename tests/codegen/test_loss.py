@@ -12,16 +12,6 @@ from tests.codegen.buffers import GARBAGE, N0, N1, N, arena, assert_untouched, g
 RTOL, ATOL = 1e-5, 1e-6
 
 
-
-
-
-
-
-
-
-
-
-
 # --- references (float64) -----------------------------------------------------------------------
 
 
@@ -38,8 +28,6 @@ def cross_entropy_ref(x: np.ndarray, labels: np.ndarray, smoothing: float = 0.0)
 def mse_ref(x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     d = x.astype(np.float64) - t.astype(np.float64)
     return (d * d).sum(axis=1), 2.0 * d
-
-
 
 
 def test_loss_grad_references_match_finite_differences():

@@ -12,18 +12,6 @@ from tests.codegen.buffers import N0, N1, N, arena, assert_untouched, garbage, n
 RTOL, ATOL = 1e-5, 1e-6
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 # --- references (float64, PyTorch semantics: max pads -inf, avg counts padded zeros) ------------
 
 
@@ -67,8 +55,6 @@ def pool_grad_ref(x: np.ndarray, dy: np.ndarray, s: PoolSpec) -> np.ndarray:
             ky, kx = np.divmod(first, s.kw)
             np.add.at(dxp, (bi, ci, oy * s.sh + ky, ox * s.sw + kx), g)
     return dxp[:, :, s.pt: s.pt + s.h, s.pl: s.pl + s.w]
-
-
 
 
 def spec_of(kind, c, h, w, kh, kw, sh, sw, pt=0, pl=0, oh=None, ow=None, **kw_) -> PoolSpec:

@@ -1,4 +1,4 @@
-"""IDX and .npz reading, image preparation, splits and batches."""
+"""IDX and .npz reading: the datasets `cnnc train --data` and ``load_dataset`` take."""
 
 from __future__ import annotations
 
@@ -11,18 +11,7 @@ import pytest
 
 from cnnc_runtime import data as data_mod
 from cnnc_runtime import memory
-from cnnc_runtime.data import (
-    Dataset,
-    Inputs,
-    batches,
-    decode_idx,
-    encode_idx,
-    load_dataset,
-    num_batches,
-    prepare_images,
-    read_idx,
-    train_validation_split,
-)
+from cnnc_runtime.data import Dataset, decode_idx, encode_idx, load_dataset, prepare_images, read_idx
 
 MNIST = Path(__file__).resolve().parents[2] / "examples" / "data" / "mnist"
 
@@ -188,147 +177,12 @@ def test_load_npz_errors(tmp_path):
         Dataset(np.zeros((3, 2), np.float32), np.zeros(2, np.int64))
 
 
-def test_prepare_images_scales_and_pads():
-    x = np.full((2, 28, 28), 255, np.uint8)
-    x[1, 0, 0] = 51
-    out = prepare_images(x, (1, 32, 32))
-    assert out.shape == (2, 1, 32, 32) and out.dtype == np.float32
-    assert out[0, 0, 2:30, 2:30].min() == 1.0 and out.sum() == pytest.approx(2 * 28 * 28 - 1 + 0.2, rel=1e-6)
-    assert out[1, 0, 2, 2] == np.float32(51) / np.float32(255)
-    # odd margins: 3 rows -> 1 above, 2 below
-    y = prepare_images(np.ones((1, 3, 2, 2), np.float32), (3, 5, 4))
-    assert y[0, :, 1:3, 1:3].min() == 1.0 and y.sum() == 12
-    # already the right size: float data passes unscaled
-    z = np.random.default_rng(0).random((4, 1, 8, 8)).astype(np.float64)
-    np.testing.assert_array_equal(prepare_images(z, (1, 8, 8)), z.astype(np.float32))
-
-
-def test_prepare_images_flat():
-    x = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    out = prepare_images(x, (9,))
-    assert out.shape == (2, 9) and out.dtype == np.float32
-    np.testing.assert_array_equal(out, x.reshape(2, 9) / np.float32(255))
-    np.testing.assert_array_equal(prepare_images(out, (1, 3, 3))[:, 0], x / np.float32(255))
-
-
-def test_prepare_images_errors():
-    x = np.zeros((2, 28, 28), np.uint8)
-    with pytest.raises(ValueError, match=r"larger .*\(1, 24, 24\)"):
-        prepare_images(x, (1, 24, 24))
-    with pytest.raises(ValueError, match=r"1 channel.*\(3, 32, 32\)"):
-        prepare_images(x, (3, 32, 32))
-    with pytest.raises(ValueError, match=r"784 values.*\(1024,\)"):
-        prepare_images(x, (1024,))
-    with pytest.raises(ValueError, match="neither"):
-        prepare_images(x, (28, 28))
-
-
-def test_train_validation_split():
-    train, val = train_validation_split(1000, 0.1, np.random.default_rng(3))
-    assert len(train) == 900 and len(val) == 100
-    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(1000))
-    again = train_validation_split(1000, 0.1, 3)
-    assert not np.array_equal(val, np.arange(900, 1000))
-    assert np.array_equal(train_validation_split(1000, 0.1, 3)[1], again[1])
-    assert len(train_validation_split(10, 0.0, 0)[1]) == 0
-    with pytest.raises(ValueError):
-        train_validation_split(10, 1.0, 0)
-
-
-def test_batches():
-    rng = np.random.default_rng(0)
-    parts = list(batches(10, 4, rng))
-    assert [len(p) for p in parts] == [4, 4, 2] == [4] * (num_batches(10, 4) - 1) + [2]
-    assert sorted(np.concatenate(parts).tolist()) == list(range(10))
-    assert np.concatenate(parts).tolist() != list(range(10))
-    assert [p.tolist() for p in batches(5, 2, shuffle=False)] == [[0, 1], [2, 3], [4]]
-    assert list(batches(0, 3, rng)) == []
-    with pytest.raises(ValueError):
-        batches(10, 0, rng)
-
-
-def test_prepare_images_accepts_channels_last():
-    x = np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)  # (N, H, W, C), as Keras stores images
-    out = prepare_images(x, (3, 4, 5))
-    assert out.shape == (2, 3, 4, 5)
-    np.testing.assert_array_equal(out, x.transpose(0, 3, 1, 2).astype(np.float32) / 255)
-
-
 def test_npz_with_keras_names(tmp_path):
     path = tmp_path / "k.npz"
     np.savez(path, x_train=np.zeros((4, 3, 3), np.uint8), y_train=np.arange(4), x_test=np.zeros((2, 3, 3), np.uint8),
              y_test=np.arange(2))
     splits = load_dataset(path)
     assert splits["train"].x.shape == (4, 1, 3, 3) and len(splits["test"]) == 2
-
-
-# ---- stored (uint8) images, prepared a batch at a time ------------------------------------------------------
-
-
-def _bits(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-
-
-def _prepared(x: np.ndarray, shape, norm) -> np.ndarray:
-    """The whole-set path that `cnnc train` took before: prepare_images, then (x - mean) / std in float32."""
-    out = prepare_images(x, shape)
-    return (out - np.float32(norm["mean"])) / np.float32(norm["std"]) if norm else out
-
-
-@pytest.mark.parametrize(("stored", "shape"), [
-    ((7, 5, 6), (1, 9, 8)),  # (N, H, W), padded (asymmetric margins)
-    ((7, 1, 5, 6), (1, 5, 6)),  # (N, C, H, W), no padding
-    ((7, 5, 6, 3), (3, 7, 6)),  # channels last, padded
-    ((7, 4, 4), (16,)),  # flat network input
-], ids=["hw-pad", "chw", "hwc-pad", "flat"])
-@pytest.mark.parametrize("norm", [None, {"mean": 0.1307, "std": 0.3081}], ids=["plain", "normalize"])
-def test_inputs_batches_equal_the_whole_set_prepared(stored, shape, norm):
-    x = np.random.default_rng(0).integers(0, 256, stored, dtype=np.uint8)
-    want = _prepared(x, shape, norm)
-    inputs = Inputs(x, shape, norm)
-    buf = np.full((4, *shape), np.nan, np.float32)  # stale values must not leak into a batch
-    for idx in (np.array([3, 0, 6]), np.array([5]), slice(2, 6)):
-        got = inputs.batch(idx, buf)
-        assert got.shape == want[idx].shape and np.shares_memory(got, buf)
-        np.testing.assert_array_equal(_bits(got), _bits(want[idx]))
-    chunks = np.concatenate([c.copy() for c in inputs.chunks(3, buf)])
-    np.testing.assert_array_equal(_bits(chunks), _bits(want))
-
-
-def test_inputs_subsets_are_index_views():
-    x = np.random.default_rng(1).integers(0, 256, (10, 3, 3), dtype=np.uint8)
-    want = prepare_images(x, (1, 3, 3))
-    rows = np.array([9, 2, 4, 7])
-    sub = Inputs(x, (1, 3, 3)).subset(rows)
-    assert len(sub) == 4
-    buf = np.empty((4, 1, 3, 3), np.float32)
-    np.testing.assert_array_equal(sub.batch(np.array([1, 3]), buf), want[[2, 7]])
-    np.testing.assert_array_equal(sub.subset(np.array([0, 2])).batch(slice(None), buf), want[[9, 4]])
-    f = Inputs(want, (1, 3, 3)).subset(rows)  # float inputs: gathered as they are
-    np.testing.assert_array_equal(f.batch(slice(0, 4), buf), want[rows])
-    np.testing.assert_array_equal(np.concatenate(list(Inputs(want, (1, 3, 3)).chunks(3, buf))), want)
-
-
-def test_inputs_reject_images_that_do_not_fit():
-    x = np.zeros((2, 28, 28), np.uint8)
-    with pytest.raises(ValueError, match=r"larger than the network input shape \(1, 24, 24\)"):
-        Inputs(x, (1, 24, 24))
-    with pytest.raises(ValueError, match=r"have 1 channel, as \(N, H, W\); the network expects 3 channel\(s\): "
-                                         r"input shape \(3, 32, 32\)"):
-        Inputs(x, (3, 32, 32))
-    with pytest.raises(ValueError, match=r"flat inputs of shape \(100,\)"):
-        Inputs(x, (100,))
-
-
-@pytest.mark.parametrize("shape, got", [
-    ((2, 28, 28, 3), r"images of shape \(28, 28, 3\) have 28 channel\(s\) read as \(N, C, H, W\), or 3 read as "
-                     r"channels-last \(N, H, W, C\); the network expects 1 channel\(s\): input shape \(1, 28, 28\)"),
-    ((2, 3, 28, 28), r"images of shape \(3, 28, 28\) have 3 channel\(s\) read as \(N, C, H, W\), or 28 read as "
-                     r"channels-last"),
-])
-def test_a_channel_mismatch_names_both_readings_of_the_shape(shape, got):
-    with pytest.raises(ValueError, match=got):
-        Inputs(np.zeros(shape, np.uint8), (1, 28, 28))
 
 
 def test_load_dataset_raw_keeps_images_as_stored(tmp_path):

@@ -1,5 +1,5 @@
 """CIFAR-10 binary batches and folders of images per class: read from small files the tests write, kept uint8,
-malformed files refused with a ValueError naming them; per-channel normalization."""
+malformed files refused with a ValueError naming them (per-channel normalization: test_inputs.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ import pytest
 from cnnc_runtime.data import (
     CIFAR_FILES,
     CIFAR_RECORD,
-    Inputs,
     MissingDependency,
     load_dataset,
-    normalization,
     read_cifar,
 )
 
@@ -170,25 +168,3 @@ def test_without_pillow_the_error_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL now fails, as without Pillow
     with pytest.raises(MissingDependency, match=r"pip install 'cnnc\[images\]'"):
         load_dataset(tmp_path, raw=True)
-
-
-# ---- per-channel normalization ------------------------------------------------------------------
-
-
-def test_per_channel_normalize_matches_numpy():
-    x = np.random.default_rng(0).integers(0, 256, (5, 3, 6, 6), dtype=np.uint8)
-    norm = {"mean": [0.5, 0.25, 0.125], "std": [0.5, 2.0, 0.25]}
-    out = np.empty((5, 3, 8, 8), np.float32)
-    got = Inputs(x, (3, 8, 8), norm).batch(np.arange(5), out)
-    ref = np.zeros((5, 3, 8, 8), np.float32)
-    ref[:, :, 1:7, 1:7] = x.astype(np.float32) / 255
-    ref = (ref - np.float32(norm["mean"]).reshape(3, 1, 1)) / np.float32(norm["std"]).reshape(3, 1, 1)
-    np.testing.assert_array_equal(got, ref)
-
-
-def test_normalization_errors():
-    with pytest.raises(ValueError, match="has 2 values; the input has 3 channel"):
-        normalization({"mean": [0.1, 0.2], "std": 1.0}, (3, 4, 4))
-    with pytest.raises(ValueError, match="std must be positive"):
-        normalization({"mean": 0.0, "std": [1.0, 0.0, 1.0]}, (3, 4, 4))
-    assert normalization(None, (3, 4, 4)) is None

@@ -40,7 +40,7 @@ def test_a_training_loop_of_ones_own_matches_fit():
     targets = mine.check_targets(y, len(x), "cross_entropy")
     for _ in range(3):
         with mine.lock:
-            value = mine.gradients(mine.check_input(x), targets, "cross_entropy")
+            value = mine.gradients(mine.prepare(x), targets, "cross_entropy")
             mine.update(opt)
         assert np.isfinite(value)
     theirs.fit(x, y, epochs=3, batch=48, optimizer="sgd", lr=0.1, progress=False)
@@ -141,8 +141,11 @@ def test_infer_into_writes_what_forward_returns():
     np.testing.assert_array_equal(out, model(x))
     with pytest.raises(ValueError, match=r"output of shape \(300, 10\), got float32 \(300, 9\)"):
         model.infer_into(x, np.empty((300, 9), np.float32))
-    with pytest.raises(ValueError, match=r"expected input of shape \(N, 1, 28, 28\)"):
+    with pytest.raises(ValueError, match=r"infer_into needs a contiguous float32 batch of shape \(N, 1, 28, 28\) "
+                                         r"\(the network's input: see prepare\), got float32 \(300, 1, 27, 28\)"):
         model.infer_into(x[:, :, :27], out)
+    with pytest.raises(ValueError, match="infer_into needs"):  # uint8 images are not the network's input
+        model.infer_into(np.zeros((300, 1, 28, 28), np.uint8), out)
 
 
 def test_update_applies_the_optimizer_to_the_gradient(mlp):

@@ -168,7 +168,7 @@ def test_value_and_grad_matches_reference(name: str, loss: str) -> None:
     k = model.manifest["loss_inputs"][loss]
     labels = np.array([0, k - 1, 1 % k, 2 % k])
     value, grads = model.value_and_grad(x, labels, loss=loss)
-    want_value, want = reference_value_and_grad(graph(text), model.params, x, labels, loss)
+    want_value, want = reference_value_and_grad(graph(text), model.params, model.prepare(x), labels, loss)
     assert value == pytest.approx(want_value, rel=1e-5, abs=1e-6)
     check_grads(grads, want)
 
@@ -324,7 +324,8 @@ def test_matches_torch_autograd(name: str, loss: str) -> None:
     value, grads = model.value_and_grad(x, labels, loss=loss)
 
     params = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in model.params.items()}
-    z = torch_forward(graph(text), params, torch.from_numpy(x.astype(np.float64)), loss=loss).reshape(3, -1)
+    xp = model.prepare(x)  # the network's input: lenet5's file normalizes it
+    z = torch_forward(graph(text), params, torch.from_numpy(xp.astype(np.float64)), loss=loss).reshape(3, -1)
     t = torch.from_numpy(labels)
     want = F.cross_entropy(z, t) if loss == "cross_entropy" else F.mse_loss(z, F.one_hot(t, z.shape[1]).double())
     want.backward()

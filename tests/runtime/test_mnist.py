@@ -32,12 +32,10 @@ def mnist():
     return d
 
 
-def split(d, input_shape, normalize=None):
+def split(d, input_shape):
+    """Float32 images in [0, 1], padded to the input (a network with normalize in its file normalizes them)."""
     x = prepare_images(d["train"].x[:N_TRAIN], input_shape)
     xt = prepare_images(d["test"].x[:N_TEST], input_shape)
-    if normalize:
-        mean, std = np.float32(normalize["mean"]), np.float32(normalize["std"])
-        x, xt = (x - mean) / std, (xt - mean) / std
     return x, d["train"].y[:N_TRAIN], xt, d["test"].y[:N_TEST]
 
 
@@ -69,7 +67,7 @@ def test_lenet5_with_its_train_section_learns_mnist_quickly(mnist):
     model = build((EXAMPLES / "lenet5.cnn").read_text())
     train = model.manifest["train"]
     assert train["normalize"] == {"mean": 0.1307, "std": 0.3081}
-    x, y, xt, yt = split(mnist, model.input_shape, train["normalize"])
+    x, y, xt, yt = split(mnist, model.input_shape)
     assert x.shape[1:] == (1, 32, 32)
     model.fit(x, y, epochs=2, batch=32, seed=0, progress=False)
     loss, acc = model.evaluate(xt, yt)

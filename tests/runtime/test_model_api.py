@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import cnnc
+from cnnc_runtime.inputs import Inputs
 from tests.reference import MLP, NETWORKS, build
 
 MODERN = NETWORKS["lenet_modern"]  # input 1x28x28
@@ -40,22 +41,35 @@ def images(n: int, seed: int = 0, shape=(1, 28, 28)) -> np.ndarray:
 # ---- inputs ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 3, 28, 28), (2, 1, 28, 27), (1, 28, 28), (28, 28),
-                                   (2, 1, 1, 28, 28), (784,), ()])
-def test_wrong_shape_names_the_expected_shape(modern, shape) -> None:
+@pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 3, 28, 28), (2, 1, 29, 27), (28, 28), (2, 1, 1, 28, 28),
+                                   (784,), ()])
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_wrong_shape_names_the_expected_shape(modern, shape, dtype) -> None:
     got = "(" + ", ".join(str(d) for d in shape) + ")"
     with pytest.raises(ValueError) as e:
-        modern(np.zeros(shape, np.float32))
-    assert str(e.value) == f"{EXPECTED}, got {got}"
+        modern(np.zeros(shape, dtype))
+    assert str(e.value).startswith(f"{EXPECTED}, got {got}")
 
 
 def test_exact_message_for_a_32x32_batch(modern) -> None:
-    with pytest.raises(ValueError, match=r"^expected input of shape \(N, 1, 28, 28\), got \(2, 1, 32, 32\)$"):
+    with pytest.raises(ValueError, match=r"^expected input of shape \(N, 1, 28, 28\), got \(2, 1, 32, 32\): images "
+                                         r"of 32x32 are larger than the network input shape \(1, 28, 28\)$"):
         modern(np.zeros((2, 1, 32, 32), np.float32))
 
 
+def test_smaller_images_and_other_layouts_are_prepared_whatever_the_dtype(modern) -> None:
+    """The input rule (cnnc_runtime.inputs): (N, H, W) gains a channel axis, smaller images are zero-padded."""
+    x = images(2, shape=(1, 28, 27))
+    padded = np.zeros((2, 1, 28, 28), np.float32)
+    padded[:, :, :, :27] = x  # 1 column to add: 0 on the left, 1 on the right
+    np.testing.assert_array_equal(modern(x), modern(padded))
+    np.testing.assert_array_equal(modern(x[:, 0]), modern(padded))
+    np.testing.assert_array_equal(modern(padded[0]), modern(padded[:1]))  # (1, 28, 28): one image (N, H, W)
+
+
 def test_vector_input_message(mlp) -> None:
-    with pytest.raises(ValueError, match=r"^expected input of shape \(N, 64\), got \(3, 65\)$"):
+    with pytest.raises(ValueError, match=r"^expected input of shape \(N, 64\), got \(3, 65\): images of shape "
+                                         r"\(65,\) have 65 values; the network expects flat inputs of shape \(64,\)$"):
         mlp(np.zeros((3, 65)))
 
 
@@ -81,24 +95,21 @@ def test_non_numeric_inputs_are_refused(modern, bad) -> None:
 
 
 def test_value_and_grad_checks_the_input_too(modern) -> None:
-    with pytest.raises(ValueError, match=r"^expected input of shape \(N, 1, 28, 28\), got \(2, 1, 32, 32\)$"):
+    with pytest.raises(ValueError, match=r"^expected input of shape \(N, 1, 28, 28\), got \(2, 1, 32, 32\): "):
         modern.value_and_grad(np.zeros((2, 1, 32, 32), np.float32), np.array([0, 1]))
     with pytest.raises(ValueError, match="N >= 1"):
         modern.value_and_grad(np.zeros((0, 1, 28, 28), np.float32), np.zeros(0, np.int64))
 
 
 def test_inputs_for_another_network_are_refused(modern) -> None:
-    """An Inputs set goes to native code as it is: it must be for this input shape, float32 or stored uint8."""
-    from cnnc_runtime.data import Inputs
-
+    """An Inputs set hands out batches prepared for its input shape: it must be this network's."""
     y = np.zeros(4, dtype=np.int64)
     assert modern.input_shape == (1, 28, 28)
-    for other in (Inputs(np.zeros((4, 1, 32, 32), np.float32), (1, 32, 32)),
-                  Inputs(np.zeros((4, 1, 28, 28), np.float64), (1, 28, 28))):
-        with pytest.raises(ValueError, match=r"this network takes \(1, 28, 28\)"):
-            modern.evaluate(other, y)
-    ok = Inputs(np.zeros((4, 1, 28, 28), np.float32), (1, 28, 28))
-    assert modern.inputs(ok) is ok
+    with pytest.raises(ValueError, match=r"this network takes \(1, 28, 28\)"):
+        modern.evaluate(Inputs(np.zeros((4, 1, 32, 32), np.float32), (1, 32, 32)), y)
+    for ok in (Inputs(np.zeros((4, 1, 28, 28), np.float32), (1, 28, 28)),
+               Inputs(np.zeros((4, 1, 28, 28), np.float64), (1, 28, 28))):
+        assert modern.inputs(ok) is ok
 
 
 def test_list_of_lists_is_accepted(modern, mlp) -> None:

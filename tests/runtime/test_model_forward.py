@@ -59,7 +59,7 @@ def test_initial_weights_match_reference(name: str) -> None:
     x = batch(model)
     y = model(x)
     assert y.dtype == np.float32 and y.shape == (3, *model.output_shape)
-    assert_matches(y, reference_forward(graph(NETWORKS[name]), model.params, x))
+    assert_matches(y, reference_forward(graph(NETWORKS[name]), model.params, model.prepare(x)))  # (normalize)
 
 
 @pytest.mark.parametrize("name", NETWORKS)
@@ -68,7 +68,7 @@ def test_random_weights_match_reference(name: str) -> None:
     g = graph(NETWORKS[name])
     write_params(model, random_params(g, np.random.default_rng(7)))
     x = batch(model, n=5, seed=2)
-    assert_matches(model(x), reference_forward(g, model.params, x))
+    assert_matches(model(x), reference_forward(g, model.params, model.prepare(x)))
 
 
 def test_softmax_outputs_are_distributions() -> None:
@@ -202,7 +202,7 @@ def test_matches_torch(name: str) -> None:
     x = batch(model, n=3, seed=4)
     params = {k: torch.from_numpy(v.astype(np.float64)) for k, v in model.params.items()}
     with torch.no_grad():
-        want = torch_forward(g, params, torch.from_numpy(x.astype(np.float64))).numpy()
+        want = torch_forward(g, params, torch.from_numpy(model.prepare(x).astype(np.float64))).numpy()
     assert_matches(model(x), want.reshape(3, *model.output_shape))
 
 

@@ -22,9 +22,10 @@ import pytest
 
 from cnnc_runtime import optimizers
 from cnnc_runtime import train as train_mod
+from cnnc_runtime.inputs import prepare_images
 from cnnc_runtime.model import Model
 from cnnc_runtime.train import Epoch, History, TrainingStopped, evaluate
-from tests.reference import build
+from tests.reference import PADDED, build
 
 MLP = """
 network tiny {
@@ -516,7 +517,7 @@ def test_a_batch_that_fails_leaves_no_partial_gradient_behind(data):
     if model.threads < 2:
         pytest.skip("one core: nothing runs beside the main thread")
     loss = model.loss_name(None)
-    xb, targets = model.check_input(x[:32]), model.check_targets(y[:32], 32, loss)
+    xb, targets = model.prepare(x[:32]), model.check_targets(y[:32], 32, loss)
 
     def prepare(t: int, a: int, b: int) -> None:
         if t == 0:
@@ -1254,17 +1255,6 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(data, tmp_path
 
 # ---- uint8 images as stored: prepared a batch at a time, the same training bit for bit ------------------------
 
-PADDED = """
-network padnet {
-    input image: 1x8x8
-    c = image -> conv(2, 3x3) -> tanh -> avgpool(2x2)
-    y = c -> flatten -> dense(3)
-}
-train {
-    normalize(mean=0.2, std=0.7)
-}
-"""
-
 
 def stored_digits(n: int = 150, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (n, 6, 6) images, as a dataset stores them: class k has its ink in column band k."""
@@ -1277,9 +1267,12 @@ def stored_digits(n: int = 150, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def prepared(model, x: np.ndarray) -> np.ndarray:
-    """What `cnnc train` used to hand fit: the whole set as float32, padded and normalized."""
-    from cnnc_runtime.data import prepare_images
+    """The same images as float32 in [0, 1], padded: what a Python caller holds; the model normalizes them."""
+    return prepare_images(x, model.input_shape)
 
+
+def normalized(model, x: np.ndarray) -> np.ndarray:
+    """The network's input for the images x: padded, scaled, then (x - mean) / std in float32."""
     norm = model.manifest["train"]["normalize"]
     return (prepare_images(x, model.input_shape) - np.float32(norm["mean"])) / np.float32(norm["std"])
 
@@ -1320,7 +1313,7 @@ def test_uint8_batches_reach_the_native_step_prepared():
     model.fit(x, y, epochs=1, batch=8, progress=False, seed=3)
     seen = np.concatenate([c["x"] for c in calls])
     assert seen.dtype == np.float32 and seen.shape == (20, 1, 8, 8)
-    want = prepared(model, x)
+    want = normalized(model, x)
     assert sorted(r.tobytes() for r in seen) == sorted(r.tobytes() for r in want)
 
 
@@ -1328,10 +1321,10 @@ def test_uint8_batches_reach_the_native_step_prepared():
     (np.zeros((4, 9, 9), np.uint8), r"expected input of shape \(N, 1, 8, 8\).*larger than"),
     (np.zeros((4, 2, 6, 6), np.uint8), r"expected input of shape \(N, 1, 8, 8\).*channel"),
     (np.zeros((4, 36), np.uint8), r"expected input of shape \(N, 1, 8, 8\).*flat inputs of 36"),
-    (np.zeros((4, 6, 6), np.float32), r"expected input of shape \(N, 1, 8, 8\), got \(4, 6, 6\)"),
+    (np.zeros((4, 9, 9), np.float32), r"expected input of shape \(N, 1, 8, 8\), got \(4, 9, 9\): .*larger than"),
     (np.zeros((0, 6, 6), np.uint8), r"expected input of shape \(N, 1, 8, 8\) with N >= 1"),
     (np.zeros((4, 6, 6), np.complex64), r"expected input of shape \(N, 1, 8, 8\) with a numeric dtype"),
-], ids=["too-large", "channels", "flat", "float-unpadded", "empty", "complex"])
+], ids=["too-large", "channels", "flat", "float-too-large", "empty", "complex"])
 def test_images_that_do_not_fit_are_refused_naming_the_shape(bad, message):
     model = build(PADDED)
     y = np.zeros(len(bad), np.int64)

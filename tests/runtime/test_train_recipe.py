@@ -135,8 +135,7 @@ def test_label_smoothing_steps_with_the_smoothed_gradient():
     x, y = uint8_images(12, seed=2)
     model = build(IMAGES)
     start = model.flat_params.copy()
-    _, grads = model.value_and_grad(model.inputs(x).batch(np.arange(12), model.batch_buffer(12)), y,
-                                    label_smoothing=0.2)
+    _, grads = model.value_and_grad(x, y, label_smoothing=0.2)  # (uint8 images, prepared as fit prepares them)
     history = model.fit(x, y, epochs=1, batch=12, optimizer="sgd", lr=1.0, label_smoothing=0.2, progress=False)
     for p in model.manifest["params"]:
         span = slice(p["offset"], p["offset"] + p["size"])
@@ -153,7 +152,8 @@ def test_value_and_grad_with_label_smoothing_matches_torch():
     y = np.array([0, 2, 1, 1, 0])
     value, grads = model.value_and_grad(x, y, label_smoothing=0.1)
     p = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
-    h = torch.relu(torch.nn.functional.conv2d(torch.tensor(x), p["h.weight"], p["h.bias"], padding=1))
+    xp = torch.tensor(model.prepare(x))  # the network's input: the file's per-channel normalize applied
+    h = torch.relu(torch.nn.functional.conv2d(xp, p["h.weight"], p["h.bias"], padding=1))
     out = torch.nn.functional.linear(h.flatten(1), p["y.weight"], p["y.bias"])
     want = torch.nn.functional.cross_entropy(out, torch.tensor(y), label_smoothing=0.1)
     want.backward()
@@ -167,7 +167,7 @@ def test_clip_norm_clips_the_step_to_the_norm():
     x, y = uint8_images(12, seed=6)
     model = build(IMAGES)
     start = model.flat_params.copy()
-    _, grads = model.value_and_grad(model.inputs(x).batch(np.arange(12), model.batch_buffer(12)), y)
+    _, grads = model.value_and_grad(x, y)
     flat = np.zeros_like(start)
     for p in model.manifest["params"]:
         flat[p["offset"]:p["offset"] + p["size"]] = grads[p["name"]].ravel()
