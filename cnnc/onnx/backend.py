@@ -42,11 +42,12 @@ class CnncRep(BackendRep):
             named = dict(zip(self.input_names, arrays))
         for param, bound in self.imported.bound.items():
             self.model.params[param] = bound.fn(np.asarray(named[bound.input]))
-        x = np.asarray(named[self.imported.input_name], dtype=np.float32)
+        x = np.ascontiguousarray(named[self.imported.input_name], dtype=np.float32)
         if self.shape is not None:
-            return (self.model(x.reshape(self.shape[0], -1)).reshape(self.shape),)
-        y = self.model(x)
-        return (y.reshape(y.shape[0], *self.imported.output_shape),)
+            x = x.reshape(self.shape[0], -1)
+        # (the graph's input is the network's: no input rule, whatever normalize the file's metadata names)
+        y = self.model.infer_into(x, np.empty((len(x), *self.model.output_shape), dtype=np.float32))
+        return (y.reshape(self.shape) if self.shape is not None else y.reshape(len(y), *self.imported.output_shape),)
 
 
 ELEMENTWISE = {"Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Gelu", "Dropout", "Identity", "Add", "Sum"}

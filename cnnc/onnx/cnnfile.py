@@ -72,8 +72,9 @@ class _Binding:
 
 
 def write(network: str, input_name: str, input_shape: tuple[int, ...], layers: list[Layer], output: int,
-          cnnc_names: bool, header: str) -> tuple[str, dict[str, Any]]:
-    """(.cnn text, parameter values keyed by cnnc's names) for the layers that the output depends on."""
+          cnnc_names: bool, header: str, normalize: dict | None = None) -> tuple[str, dict[str, Any]]:
+    """(.cnn text, parameter values keyed by cnnc's names) for the layers that the output depends on; `normalize`
+    (``{"mean": M, "std": S}``) becomes a train section's ``normalize``."""
     live = _live(layers, output)
     consumers = {i: 0 for i in live}
     for i in live:
@@ -103,7 +104,12 @@ def write(network: str, input_name: str, input_shape: tuple[int, ...], layers: l
             b = _Binding(name, [i])
             bindings.append(b)
         of[i] = b
-    return _text(network, input_name, input_shape, layers, bindings, of, output, header)
+    text, weights = _text(network, input_name, input_shape, layers, bindings, of, output, header)
+    if normalize:
+        value = lambda v: "[" + ", ".join(number(x) for x in v) + "]" if isinstance(v, list) else number(v)
+        text += (f"\ntrain {{\n    normalize(mean={value(normalize['mean'])}, std={value(normalize['std'])})"
+                 f"    # the inputs' normalization (cnnc.normalize in the ONNX file)\n}}\n")
+    return text, weights
 
 
 def _key(b: _Binding, layers: list[Layer], cnnc_names: bool) -> str:

@@ -6,7 +6,12 @@ ONNX spells with several nodes (gelu, silu) names its inner tensors
 ``c1/...`` and its last one ``c1``. What ONNX cannot say travels in the
 model's metadata (``cnnc.connect``: the connection tables, whose unconnected
 weights are exported as exact zeros; ``cnnc.fixed``: layers whose weights were
-written in the source), so that ``cnnc import`` restores them.
+written in the source; ``cnnc.normalize``: the train section's input
+normalization), so that ``cnnc import`` restores them.
+
+The graph is the network on its input as ``Model.infer_into`` takes it: the
+input rule's padding, uint8 scaling and ``normalize`` (``cnnc_runtime.inputs``)
+come before it, as torchvision's transforms come before a PyTorch export.
 
 ``EXPORT`` maps every cnnc op to the function that writes its nodes
 (``tests/onnx/test_export.py`` checks it covers the op table).
@@ -157,7 +162,7 @@ EXPORT: dict[str, Callable[[Builder, dict], None]] = {
 
 
 def to_onnx(graph: list[dict], params: Mapping[str, np.ndarray], layout: list[dict], network: str,
-            output: str) -> Any:
+            output: str, normalize: dict | None = None) -> Any:
     """The ``onnx.ModelProto`` of a network described as ``manifest["graph"]``, with these parameter values.
 
     It passes ``onnx.checker.check_model(full_check=True)`` and strict shape inference (checked here).
@@ -175,6 +180,8 @@ def to_onnx(graph: list[dict], params: Mapping[str, np.ndarray], layout: list[di
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
                               producer_name="cnnc", producer_version=__version__,
                               doc_string=f"network {network}, exported by cnnc {__version__}")
+    if normalize:
+        b.metadata["cnnc.normalize"] = normalize
     meta = {k: json.dumps(v, sort_keys=True) for k, v in b.metadata.items() if v}
     helper.set_model_props(model, {"cnnc.network": network, **meta})
     onnx.checker.check_model(model, full_check=True)
@@ -188,5 +195,6 @@ def export_model(model: Model, path: str | os.PathLike[str]) -> None:
     graph = m.get("graph")
     if graph is None:
         raise ValueError(f"network {model.name}: this artifact predates ONNX export; recompile it")
-    proto = to_onnx(graph, model.params, m["params"], m["network"], m["output"]["name"])
+    proto = to_onnx(graph, model.params, m["params"], m["network"], m["output"]["name"],
+                    m.get("train", {}).get("normalize"))
     atomic_write_bytes(path, proto.SerializeToString())

@@ -763,8 +763,9 @@ def import_model(model: Any, name: str = "model", weight_inputs: bool = False) -
     header = f"Imported by cnnc from {name} (written by {producer}, opset {im.opset})."
     network = im.meta.get("cnnc.network") or model.graph.name or Path(name).stem
     input_name = im.input_name
+    normalize = json.loads(im.meta.get("cnnc.normalize", "null"))
     text, params = write(network, identifier(input_name), im.values[input_name].shape, im.layers, out.layer,
-                         "cnnc.network" in im.meta, header)
+                         "cnnc.network" in im.meta, header, normalize)
     weights = {k: v for k, v in params.items() if not isinstance(v, Bound)}
     bound = {k: v for k, v in params.items() if isinstance(v, Bound)}
     for k, v in bound.items():
