@@ -91,7 +91,7 @@ def write(network: str, input_name: str, input_shape: tuple[int, ...], layers: l
         b = of.get(src) if src is not None and src >= 0 else None
         joins = (b is not None and b.layers[-1] == src and consumers[src] == 1 and src != output
                  and not OPS[layer.op].multi_input
-                 and (key == _key(b, layers, cnnc_names) if cnnc_names else not layer.params))
+                 and (key == _key(b, layers) if cnnc_names else not layer.params))
         if joins:
             b.layers.append(i)
         else:
@@ -112,7 +112,8 @@ def write(network: str, input_name: str, input_shape: tuple[int, ...], layers: l
     return text, weights
 
 
-def _key(b: _Binding, layers: list[Layer], cnnc_names: bool) -> str:
+def _key(b: _Binding, layers: list[Layer]) -> str:
+    """The cnnc binding a binding's first layer came from."""
     first = layers[b.layers[0]]
     return _cnnc_binding(first.hint, first.op)
 
