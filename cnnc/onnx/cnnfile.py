@@ -33,9 +33,14 @@ class Layer:
     table: tuple[str, list[list[int]]] | None = None  # (name, rows) of a connect table
 
 
-def identifier(text: str) -> str:
+def as_text(name: str | bytes) -> str:
+    """A name from the file as text (protobuf hands out a name that is not valid UTF-8 as bytes)."""
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+
+
+def identifier(text: str | bytes) -> str:
     """`text` made a .cnn name: other characters become '_', never a keyword or a layer's name."""
-    name = re.sub(r"[^A-Za-z0-9_]", "_", text).strip("_") or "x"
+    name = re.sub(r"[^A-Za-z0-9_]", "_", as_text(text)).strip("_") or "x"
     if name[0].isdigit():
         name = "n" + name
     return name + "_" if name in RESERVED else name
@@ -121,8 +126,8 @@ def _key(b: _Binding, layers: list[Layer]) -> str:
 def _foreign_name(layer: Layer) -> str:
     """A binding's name from another framework's names: the layer's parameter prefix, else its node name."""
     for p in layer.params.values():
-        if isinstance(p, Named) and p.name.endswith((".weight", ".bias")):
-            return p.name.rsplit(".", 1)[0]
+        if isinstance(p, Named) and as_text(p.name).endswith((".weight", ".bias")):
+            return as_text(p.name).rsplit(".", 1)[0]
     parts = [s for s in re.split(r"/", layer.hint) if s]
     if len(parts) > 1:  # TorchScript: /scope/scope/OpType
         return parts[-2]

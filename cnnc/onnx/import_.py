@@ -34,7 +34,7 @@ import numpy as np
 
 from cnnc.errors import CnnError
 from cnnc.onnx import require_onnx
-from cnnc.onnx.cnnfile import Layer, Named, identifier, nested, number, size, write
+from cnnc.onnx.cnnfile import Layer, Named, as_text, identifier, nested, number, size, write
 from cnnc.ops.activations import TABLE as ACTIVATIONS
 from cnnc.ops.activations import erf
 from cnnc.ops.common import resolve_padding
@@ -103,13 +103,35 @@ class Importer:
         self.values: dict[str, Any] = {}
         self.uses = Counter(i for n in self.graph.node for i in n.input if i)
         self.uses.update(o.name for o in self.graph.output)
-        self.meta = {p.key: p.value for p in model.metadata_props}
-        self.connect = json.loads(self.meta.get("cnnc.connect", "{}"))
-        self.fixed = json.loads(self.meta.get("cnnc.fixed", "{}"))
+        self.meta = {as_text(p.key): p.value for p in model.metadata_props}
+        self.connect = self.metadata("cnnc.connect", {}, lambda v: isinstance(v, dict) and all(
+            isinstance(t, dict) and isinstance(t.get("table"), str) and isinstance(t.get("rows"), list)
+            and all(isinstance(r, list) and all(isinstance(i, int) for i in r) for r in t["rows"])
+            for t in v.values()))
+        self.fixed = self.metadata("cnnc.fixed", {}, lambda v: isinstance(v, dict))
+        self.normalize = self.metadata("cnnc.normalize", None, lambda v: isinstance(v, dict) and all(
+            isinstance(v.get(k), (int, float)) or (isinstance(v.get(k), list) and v[k]
+                                                    and all(isinstance(x, (int, float)) for x in v[k]))
+            for k in ("mean", "std")))
         self.batch: int | None = None
         for t in self.graph.initializer:
-            self.values[t.name] = self.onnx.numpy_helper.to_array(t)
+            try:
+                self.values[t.name] = self.onnx.numpy_helper.to_array(t)
+            except (ValueError, TypeError, KeyError) as e:  # (data that does not fill its dims, an unknown type)
+                raise CnnError(f"initializer '{t.name}' cannot be read ({e})") from None
         self._inputs(weight_inputs)
+
+    def metadata(self, key: str, default: Any, valid: Callable[[Any], bool]) -> Any:
+        """cnnc's own metadata entry `key` (JSON written by ``cnnc export``), checked with `valid`."""
+        if key not in self.meta:
+            return default
+        try:
+            value = json.loads(self.meta[key])
+        except (ValueError, TypeError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            value = None
+        if value is None or not valid(value):
+            raise CnnError(f"metadata '{key}' is damaged: not what cnnc export writes")
+        return value
 
     # ---- values --------------------------------------------------------------------------------
 
@@ -136,9 +158,11 @@ class Importer:
             self.values[extra.name] = Bound(extra.name, tuple(d.dim_value for d in extra.type.tensor_type.shape.dim))
 
     def _describe(self, tt: Any) -> str:
-        dims = "x".join(d.dim_param or str(d.dim_value) if (d.dim_param or d.HasField("dim_value")) else "?"
-                        for d in tt.shape.dim)
-        return f"{self.onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)} {dims or 'of unknown shape'}"
+        dims = "x".join(as_text(d.dim_param) or str(d.dim_value) if (d.dim_param or d.HasField("dim_value"))
+                        else "?" for d in tt.shape.dim)
+        name = self.onnx.TensorProto.DataType.Name(tt.elem_type).lower() \
+            if tt.elem_type in self.onnx.TensorProto.DataType.values() else f"type {tt.elem_type}"
+        return f"{name} {dims or 'of unknown shape'}"
 
     def const(self, node: Any, i: int, what: str, default: Any = None, bound: bool = False) -> Any:
         """Input `i` of `node` as a numpy constant (or a ``Bound`` parameter when `bound`)."""
@@ -163,7 +187,8 @@ class Importer:
     def layer(self, node: Any, op: str, inputs: list[Tensor], shape: tuple[int, ...],
               onnx_shape: tuple[int, ...] | None = None, **kw: Any) -> Tensor:
         """Add a layer for `node` and record its output."""
-        self.layers.append(Layer(op, [t.layer for t in inputs], hint=node.name or node.output[0], **kw))
+        hint = as_text(node.name or node.output[0])
+        self.layers.append(Layer(op, [t.layer for t in inputs], hint=hint, **kw))
         t = Tensor(len(self.layers) - 1, shape, onnx_shape or shape)
         self.values[node.output[0]] = t
         return t
@@ -758,16 +783,21 @@ def import_model(model: Any, name: str = "model", weight_inputs: bool = False) -
     With `weight_inputs`, graph inputs after the first are parameters given at run time (``Imported.bound``).
     """
     im = Importer(model, weight_inputs)
-    out = im.run()
-    producer = " ".join(p for p in (model.producer_name, model.producer_version) if p) or "an unknown producer"
+    with np.errstate(all="ignore"):  # (what overflows is refused below, by name)
+        out = im.run()
+    producer = " ".join(as_text(p) for p in (model.producer_name, model.producer_version) if p) or "an unknown producer"
     header = f"Imported by cnnc from {name} (written by {producer}, opset {im.opset})."
     network = im.meta.get("cnnc.network") or model.graph.name or Path(name).stem
     input_name = im.input_name
-    normalize = json.loads(im.meta.get("cnnc.normalize", "null"))
     text, params = write(network, identifier(input_name), im.values[input_name].shape, im.layers, out.layer,
-                         "cnnc.network" in im.meta, header, normalize)
+                         "cnnc.network" in im.meta, header, im.normalize)
     weights = {k: v for k, v in params.items() if not isinstance(v, Bound)}
     bound = {k: v for k, v in params.items() if isinstance(v, Bound)}
+    for k, v in weights.items():
+        with np.errstate(all="ignore"):
+            if not np.isfinite(np.asarray(v, dtype=np.float32)).all():
+                raise CnnError(f"parameter {k} holds values that are not finite in float32 (NaN, infinity, or "
+                               f"beyond +-3.4e38)")
     for k, v in bound.items():
         weights[k] = np.zeros(v.shape, dtype=np.float32)
     return Imported(text, {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}, input_name,

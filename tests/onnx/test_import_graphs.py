@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cnnc.errors import CnnError
-from cnnc.onnx.import_ import import_model
+from cnnc.onnx.import_ import import_file, import_model
 
 onnx = pytest.importorskip("onnx")
 h = onnx.helper
@@ -79,3 +79,22 @@ def test_batch_norm_after_a_conv_is_folded_into_it():
     s = scale / np.sqrt(var)
     assert np.allclose(imported.weights["conv_.weight"], w * s.reshape(-1, 1, 1, 1))
     assert np.allclose(imported.weights["conv_.bias"], bias - mean * s)
+
+
+def test_damaged_files_are_refused_with_a_clear_error_never_a_traceback(tmp_path):
+    """Bytes of a real export flipped at random: each file either imports or raises CnnError."""
+    w = np.random.default_rng(1).standard_normal((4, 3, 3, 3))
+    good = model([("Conv", ["x", "w"], ["c"], "conv", {"pads": [1, 1, 1, 1]}), ("Relu", ["c"], ["r"], "relu"),
+                  ("MaxPool", ["r"], ["p"], "pool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
+                  ("Flatten", ["p"], ["y"], "flat")], {"w": w}, out_shape=(64,)).SerializeToString()
+    rng = np.random.default_rng(2)
+    for i in range(60):
+        data = bytearray(good)
+        for at in rng.integers(0, len(data), int(rng.integers(1, 4))):
+            data[at] = int(rng.integers(0, 256))
+        path = tmp_path / f"damaged{i}.onnx"
+        path.write_bytes(bytes(data))
+        try:
+            import_file(path)
+        except CnnError:
+            pass
