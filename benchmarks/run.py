@@ -7,7 +7,7 @@ Every number is a sample of ``repeats`` measurements taken after warm-up, cnnc a
 PyTorch alternating sample by sample (so a burst of background load hits both
 sides alike); the table shows the median and [min-max]. The last column is
 cnnc/PyTorch oriented so that > 1 always means cnnc is better (faster, or less
-time or memory). The inference rows also run LeNet-5 exported to ONNX (``cnnc.onnx.export``) in
+time or memory). The inference rows also run LeNet-5 exported to ONNX (``Model.export_onnx``) in
 onnxruntime, the deployment runtime people would pick, with the same threads (``intra_op_num_threads``);
 that column needs ``pip install 'cnnc[onnx,onnxruntime]'``. benchmarks/README.md says what each row measures.
 """
@@ -204,10 +204,8 @@ class Ctx:
 
     def ort_session(self, key: str, model):
         """An onnxruntime session on `model` exported to ONNX (its current weights), on this run's threads."""
-        from cnnc.onnx.export import export_model
-
         path = Path(self.cache_dir) / f"{key}.onnx"
-        export_model(model, path)
+        model.export_onnx(path)
         options = self.ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1

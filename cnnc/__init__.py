@@ -4,7 +4,9 @@
     y = model(x)                       # x: (N, 1, 32, 32) float32
     loss, grads = model.value_and_grad(x, labels)
 
-Heavy modules (the front end, LLVM) load on first use, so ``import cnnc`` is quick.
+Everything else (numpy, the runtime, the pipeline; the front end and LLVM only
+on a compile the cache does not have) is imported on first use, so ``import
+cnnc`` takes about 10 ms.
 """
 
 from __future__ import annotations
@@ -49,9 +51,7 @@ def compile(path: str | os.PathLike[str], **options: Any) -> Model:  # noqa: A00
         model = _build(imported.text, f"{path} (as .cnn)", options)
         model.load_arrays(imported.weights, str(path))
         return model
-    from cnnc.sources import read_source
-
-    return _build(read_source(path), str(path), options)
+    return _build(None, path, options)
 
 
 def load(path: str | os.PathLike[str], key: bytes | str | os.PathLike[str] | None = None) -> Model:
@@ -61,19 +61,19 @@ def load(path: str | os.PathLike[str], key: bytes | str | os.PathLike[str] | Non
     ones you built or whose signature you check with `key` (the bytes, or the
     path of the key file given to ``cnnc compile --sign``).
     """
-    from cnnc_runtime.model import load as load_artifact
+    from cnnc_runtime.model import load as load_artifact  # lazy: numpy and the runtime, not on `import cnnc`
 
     return load_artifact(path, key)
 
 
-def _build(source: str, name: str, options: dict) -> Model:
-    from cnnc.pipeline import compile_source
-    from cnnc_runtime.model import Model
+def _build(text: str | None, path: str | os.PathLike[str], options: dict) -> Model:
+    """`text` compiled, or the file at `path` when `text` is None."""
+    from cnnc import pipeline  # lazy: numpy, llvmlite and the runtime load on the first compile, not on `import cnnc`
 
     unknown = set(options) - {"cache", "seed", "generic", "fuse", "winograd"}
     if unknown:
         raise TypeError(f"unknown compile option(s): {', '.join(sorted(unknown))}")
-    manifest, obj = compile_source(source, name, generic=options.get("generic", False),
-                                   use_cache=options.get("cache", True), fuse=options.get("fuse", True),
-                                   winograd=options.get("winograd", True))
-    return Model(manifest, obj, seed=options.get("seed"))
+    source = pipeline.read_source(path) if text is None else text
+    return pipeline.compile_model(source, str(path), seed=options.get("seed"), generic=options.get("generic", False),
+                                  use_cache=options.get("cache", True), fuse=options.get("fuse", True),
+                                  winograd=options.get("winograd", True))

@@ -4,7 +4,7 @@ Two kinds of entries, both artifact files in ``cache_dir()``:
 
 - ``<IR key>.cnnc``: keyed by the optimised graph, the target CPU and its
   features, and the cnnc, llvmlite and compiler-source versions
-  (``cnnc.compiler.compile_graph``); two files that differ only in comments
+  (``cnnc.pipeline.Build.compiled``); two files that differ only in comments
   share it.
 - ``src-<source key>.cnnc``: keyed by the exact source text and name, the
   target and the same versions. A repeated compile of the same file reads it

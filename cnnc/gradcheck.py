@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
+from cnnc.pipeline import Build
 from cnnc.reference import reference_loss
+from cnnc_runtime.model import Model
 
 
 @dataclass
@@ -43,13 +45,10 @@ def gradcheck(checked: nx.DiGraph, *, batch: int = 4, seed: int = 0, loss: str |
     h = `step` * max(1, |w|); the relative error is |native - numeric| /
     max(|native|, |numeric|, `floor`).
     """
-    from cnnc.compiler import compile_graph
-    from cnnc_runtime.model import Model
-
     if batch < 1 or samples < 1:
         raise ValueError(f"gradcheck needs batch >= 1 and samples >= 1, got batch={batch}, samples={samples}")
     g = _without_dropout(checked)
-    compiled = compile_graph(g)
+    compiled = Build.of_checked(g).compiled()
     model = Model(compiled.manifest, compiled.obj, seed=seed)
     rng = np.random.default_rng(seed)
     for p in model.manifest["params"]:

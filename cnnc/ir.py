@@ -53,13 +53,18 @@ class Arg:
 class OpDef:
     """Everything cnnc knows about one operation, found from its name (the op table is ``cnnc.ops.OPS``).
 
-    ``check(args, loc)`` rejects argument combinations when the layer is read;
-    ``shape(node, input_shapes) -> shape`` checks the inputs and may record
-    derived sizes in ``node["geometry"]``; ``params(node, input_shapes)`` gives
-    parameter shapes; ``macs(node, input_shapes)`` counts multiply-accumulates
-    for one image; ``count_params(node)`` overrides the product of the
-    parameter shapes (a ``connect`` table). ``reference(node, inputs, layer)``
-    is the float64 forward on batches (``layer``: the ``weight``, ``bias`` and
+    ``args`` are its arguments in positional order, with their defaults;
+    ``doc`` says in one line what it computes (and its weight layout).
+    ``has_params``: the layer has parameters (the front end numbers such
+    layers for their default names); ``multi_input``: it joins named tensors
+    and so starts a chain (``add``, ``concat``). ``check(args, loc)`` rejects
+    argument combinations when the layer is read; ``shape(node,
+    input_shapes) -> shape`` checks the inputs and may record derived sizes in
+    ``node["geometry"]``; ``params(node, input_shapes)`` gives parameter
+    shapes; ``macs(node, input_shapes)`` counts multiply-accumulates for one
+    image; ``count_params(node)`` overrides the product of the parameter
+    shapes (a ``connect`` table). ``reference(node, inputs, layer)`` is the
+    float64 forward on batches (``layer``: the ``weight``, ``bias`` and
     dropout ``mask`` arrays, None when absent) and ``reference_grad(node,
     inputs, y, dy, layer) -> (input gradients, {"weight": ..., "bias": ...})``
     its gradient rule. ``lowering`` names the kernel family that emits its

@@ -20,10 +20,12 @@ import numpy as np
 
 from cnnc.ir import execution_order
 from cnnc.ops import ACTIVATIONS, OPS
-from cnnc.ops.common import connect_mask, pad, windows
+from cnnc.ops.common import pad, windows
 from cnnc.ops.conv import masked_weight as conv_weight
 from cnnc.ops.simple import softmax
 from cnnc.passes.autodiff import loss_input
+from cnnc_runtime.artifact import connect_mask
+from cnnc_runtime.losses import DEFAULT_LOSS
 
 __all__ = ["ACTIVATIONS", "connect_mask", "conv_weight", "forward_values", "layer_arrays", "pad", "param",
            "reference_backward", "reference_forward", "reference_loss", "softmax", "targets_for", "windows"]
@@ -96,13 +98,22 @@ def targets_for(y, n: int, k: int) -> np.ndarray:
     return np.asarray(y, dtype=np.float64).reshape(n, k)
 
 
-def reference_loss(g, params, x, y, loss: str = "cross_entropy", masks=None) -> float:
+def _cross_entropy(z: np.ndarray, y) -> float:
+    n = z.shape[0]
+    m = z.max(axis=1, keepdims=True)
+    lse = (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+    return float(np.mean(lse - z[np.arange(n), np.asarray(y)]))
+
+
+def _mse(z: np.ndarray, y) -> float:
+    return float(np.mean((z - targets_for(y, z.shape[0], z.shape[1])) ** 2))
+
+
+# The mean loss of (n, k) outputs, for each loss of ``cnnc_runtime.losses.LOSSES``.
+LOSS_REFERENCES = {"cross_entropy": _cross_entropy, "mse": _mse}
+
+
+def reference_loss(g, params, x, y, loss: str = DEFAULT_LOSS, masks=None) -> float:
     """The mean loss ``Model.value_and_grad`` reports, in float64."""
     z = forward_values(g, params, x, masks)[loss_input(g, loss)]
-    n = z.shape[0]
-    zf = z.reshape(n, -1)
-    if loss == "cross_entropy":
-        m = zf.max(axis=1, keepdims=True)
-        lse = (m + np.log(np.exp(zf - m).sum(axis=1, keepdims=True)))[:, 0]
-        return float(np.mean(lse - zf[np.arange(n), np.asarray(y)]))
-    return float(np.mean((zf - targets_for(y, n, zf.shape[1])) ** 2))
+    return LOSS_REFERENCES[loss](z.reshape(z.shape[0], -1), y)

@@ -27,14 +27,17 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from cnnc_runtime import rules, schedule, signing
+import numpy as np
+
+from cnnc_runtime import elfload, fileio, rules, schedule, signing
+from cnnc_runtime.losses import LOSSES, choices
+from cnnc_runtime.native import unbundle
 
 MAGIC = b"CNNCART1"
 # 2: the code records the layout it was compiled for (CONTRACT_SYMBOL); 3: update loops take the decay mask
 FORMAT_VERSION = 3
 CONTRACT_SYMBOL = "cnnc_contract"
-ENTRY_POINTS = ("infer", "step_cross_entropy", "step_mse", "jitter", "augment")
-LOSSES = ("cross_entropy", "mse")
+ENTRY_POINTS = ("infer", *(f"step_{loss}" for loss in LOSSES), "jitter", "augment")
 MAX_FLOATS = 1 << 40  # a buffer size past this is a damaged manifest, not a network
 MAX_RANK = 8
 
@@ -107,9 +110,7 @@ def unpack(data: bytes, source: str = "artifact",
 def write(path: str | Path, manifest: dict[str, Any], obj: bytes, weights: bytes = b"",
           key: signing.Key | None = None) -> None:
     """Write an artifact atomically; signed with `key` when one is given."""
-    from cnnc_runtime.fileio import atomic_write_bytes  # not needed to read: a cached compile skips it
-
-    atomic_write_bytes(path, pack(manifest, obj, weights, key))
+    fileio.atomic_write_bytes(path, pack(manifest, obj, weights, key))  # (looked up now: tests replace it)
 
 
 def read(path: str | Path, key: signing.Key | None = None) -> tuple[dict[str, Any], bytes, bytes]:
@@ -258,6 +259,16 @@ def _check_params(f: _Fields, params: list, total: int) -> None:
             raise f.fail("params", f"lays {a} and {b} over each other")
 
 
+def connect_mask(connect: list | tuple, shape: list | tuple) -> np.ndarray:
+    """(out, in) of 0/1, float32: which input channels each output channel of a tabled conv reads (row o of
+    `connect` lists those of output o). The weights, their initialisation, the kernels and the reference all
+    read a connect table through this."""
+    mask = np.zeros(tuple(shape[:2]), dtype=np.float32)
+    for o, row in enumerate(connect):
+        mask[o, list(row)] = 1.0
+    return mask
+
+
 def _check_connect(f: _Fields, connect: list | None, shape: list, where: str) -> None:
     if connect is None:
         return
@@ -270,8 +281,6 @@ def _check_connect(f: _Fields, connect: list | None, shape: list, where: str) ->
 def _check_fixed(f: _Fields, fixed: Any, shape: list, where: str) -> None:
     if fixed is None:
         return
-    import numpy as np
-
     try:
         arr = np.asarray(fixed, dtype=np.float64)
     except (ValueError, TypeError, OverflowError, RecursionError):
@@ -293,7 +302,7 @@ def _check_train(f: _Fields, train: dict) -> None:
             _ruled(f, rules.SETTINGS, k, train[k], f"train.{k}")
     loss = f.get(train, "loss", "train.loss", str, optional=True)
     if loss is not None and loss not in LOSSES:
-        raise f.fail("train.loss", f"must be {' or '.join(LOSSES)}, got {loss!r}")
+        raise f.fail("train.loss", f"must be {choices()}, got {loss!r}")
     f.get(train, "data", "train.data", str, optional=True)
     optimizer = f.get(train, "optimizer", "train.optimizer", dict, optional=True)
     if optimizer is not None:
@@ -328,8 +337,6 @@ def _check_weights(weights: bytes, source: str) -> None:
     """The weights section: empty, or an .npz of real-valued arrays (names and shapes are the model's to check)."""
     if not weights:
         return
-    import numpy as np
-
     try:
         with np.load(io.BytesIO(weights), allow_pickle=False) as data:
             for name in data.files:
@@ -378,9 +385,6 @@ def verify_code(manifest: dict[str, Any], obj: bytes, source: str | None = None)
     compiled for, equal to the manifest's: a manifest that promises a smaller
     arena than the code writes would let the code write past its buffers.
     """
-    from cnnc_runtime import elfload
-    from cnnc_runtime.native import unbundle
-
     prefix = f"{source}: " if source else ""
     if sys.platform != "linux":  # (objects there are not ELF: only the manifest's own checks apply)
         return

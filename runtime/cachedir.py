@@ -16,6 +16,8 @@ import os
 import stat
 from pathlib import Path
 
+from cnnc_runtime import fileio
+
 
 def cache_dir() -> Path:
     """``$CNNC_CACHE_DIR``, else ``$XDG_CACHE_HOME/cnnc``, else ``~/.cache/cnnc``."""
@@ -96,10 +98,8 @@ def write_private(path: Path, data: bytes) -> None:
     Nothing is written where the directory cannot be trusted; an unwritable
     cache only costs time.
     """
-    from cnnc_runtime.fileio import atomic_write_bytes  # not needed to read: a cached compile skips it
-
     if private_dir(*path.parent.relative_to(cache_dir()).parts, create=True) != path.parent:
         return
     with contextlib.suppress(OSError):
-        atomic_write_bytes(path, data)
+        fileio.atomic_write_bytes(path, data)
         os.chmod(path, 0o600, follow_symlinks=False)

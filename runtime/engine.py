@@ -44,6 +44,7 @@ import numpy as np
 from cnnc_runtime import __version__, artifact, fileio
 from cnnc_runtime.host import host_cpu, missing_features
 from cnnc_runtime.inputs import Inputs
+from cnnc_runtime.losses import DEFAULT_LOSS, LOSSES, choices
 from cnnc_runtime.memory import check_fits
 from cnnc_runtime.native import NativeLibrary
 from cnnc_runtime.parallel import check_threads, default_threads, shared_pool, split
@@ -60,7 +61,6 @@ MAX_SHARDS = 8
 SPARE_SCRATCH = 4  # idle per-call scratch sets a model keeps for later calls
 ALIGN_BYTES = 64
 P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-LOSSES = ("cross_entropy", "mse")
 
 
 def aligned_zeros(n: int) -> np.ndarray:
@@ -171,11 +171,13 @@ def check_augment(pad: int, input_shape: tuple[int, ...], flip: bool = False) ->
 
 
 def check_smoothing(smoothing: float, loss: str) -> None:
-    """ValueError unless `smoothing` is a label smoothing in [0, 1) that `loss` can take (cross-entropy only)."""
+    """ValueError unless `smoothing` is a label smoothing in [0, 1) that `loss` can take (a loss of class labels:
+    cross-entropy)."""
     if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
         raise ValueError(f"label_smoothing must be a fraction in [0, 1), got {smoothing!r}")
-    if smoothing and loss != "cross_entropy":
-        raise ValueError(f"label_smoothing applies to cross_entropy, not to {loss}")
+    if smoothing and not (loss in LOSSES and LOSSES[loss].labels):
+        labelled = " or ".join(name for name, entry in LOSSES.items() if entry.labels)
+        raise ValueError(f"label_smoothing applies to {labelled}, not to {loss}")
 
 
 def compatible_version(built: str, running: str) -> bool:
@@ -298,10 +300,7 @@ class Engine:
     @staticmethod
     def connect_mask(p: dict) -> np.ndarray:
         """(out, in) of 0/1: which input channels each output channel of a tabled conv reads."""
-        mask = np.zeros(p["shape"][:2], dtype=np.float32)
-        for o, row in enumerate(p["connect"]):
-            mask[o, row] = 1.0
-        return mask
+        return artifact.connect_mask(p["connect"], p["shape"])
 
     def state(self) -> dict[str, np.ndarray]:
         """Copies of all parameters by name (what ``save`` writes)."""
@@ -442,13 +441,13 @@ class Engine:
             y = np.asarray(y)
         except (TypeError, ValueError) as e:
             raise ValueError(f"expected {n} labels or targets as a numeric array: {e}") from None
-        if loss == "cross_entropy" or y.dtype.kind in "iub":
+        if LOSSES[loss].labels or y.dtype.kind in "iub":
             if y.dtype.kind not in "iub" or y.shape != (n,):
                 raise ValueError(f"expected {n} integer labels of shape ({n},), got {y.dtype} {_fmt(y.shape)}")
             if n and (y.min() < 0 or y.max() >= k):
                 bad = int(y.min()) if y.min() < 0 else int(y.max())
                 raise ValueError(f"label {bad} is out of range: the network has {k} outputs (labels 0..{k - 1})")
-            if loss == "cross_entropy":
+            if LOSSES[loss].labels:
                 return np.ascontiguousarray(y, dtype=np.int32)
             onehot = np.zeros((n, k), dtype=np.float32)
             onehot[np.arange(n), y.astype(np.intp)] = 1.0
@@ -542,9 +541,9 @@ class Engine:
         return self.forward(x).reshape(len(x), -1).argmax(axis=1)
 
     def loss_name(self, loss: str | None) -> str:
-        loss = loss or self.manifest["train"].get("loss", "cross_entropy")
+        loss = loss or self.manifest["train"].get("loss", DEFAULT_LOSS)
         if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; choose {' or '.join(LOSSES)}")
+            raise ValueError(f"unknown loss {loss!r}; choose {choices()}")
         return loss
 
     def gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, *, seed: int = 0,
@@ -576,7 +575,7 @@ class Engine:
         check_smoothing(label_smoothing, loss)
         out = self._step_buffer(out, (n, k), "out")
         losses = self._step_buffer(losses, (n,), "losses")
-        scale = 1.0 / n if loss == "cross_entropy" else 1.0 / (n * k)  # the mean over images (mse: and outputs)
+        scale = LOSSES[loss].scale(n, k)
         with self.lock:
             self.flat_grads[...] = 0.0
             for start in range(0, n, CHUNK):
@@ -598,15 +597,16 @@ class Engine:
         """(N, K) of a step's batch, or ValueError: the checks cost no pass over the data but the labels' range
         (one reduction over N labels)."""
         if loss not in self._steps:
-            raise ValueError(f"unknown loss {loss!r}; choose {' or '.join(LOSSES)}")
+            raise ValueError(f"unknown loss {loss!r}; choose {choices()}")
         n, k = x.shape[0], self.manifest["loss_inputs"][loss]
-        want = ((n,), np.int32) if loss == "cross_entropy" else ((n, k), np.float32)
+        labels = LOSSES[loss].labels
+        want = ((n,), np.int32) if labels else ((n, k), np.float32)
         ok = (isinstance(targets, np.ndarray) and targets.shape == want[0] and targets.dtype == want[1]
               and targets.flags.c_contiguous)
-        if ok and loss == "cross_entropy":
+        if ok and labels:
             ok = int(targets.view(np.uint32).max()) < k  # (a negative label is a huge uint32)
         if not ok:
-            need = f"int32 labels of shape ({n},) in 0..{k - 1}" if loss == "cross_entropy" else \
+            need = f"int32 labels of shape ({n},) in 0..{k - 1}" if labels else \
                 f"float32 targets of shape {_fmt((n, k))}"
             raise ValueError(f"gradients needs {loss} targets as check_targets gives them: {need}")
         return n, k

@@ -19,6 +19,8 @@ from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 
+import llvmlite  # the package only (its version); LLVM itself is loaded by llvm(), on first use
+
 from cnnc_runtime.cachedir import cache_dir, read_private, write_private
 
 VOLATILE = ("cpu MHz", "bogomips", "BogoMIPS")  # lines of /proc/cpuinfo that change while the CPU does not
@@ -61,7 +63,7 @@ def _digest(answer: tuple[str, str, str]) -> str:
 @lru_cache(maxsize=1)
 def llvm() -> ModuleType:
     """``llvmlite.binding``, initialised for this machine: imported on first use, as only compiling needs it."""
-    import llvmlite.binding as binding
+    import llvmlite.binding as binding  # lazy: loading LLVM costs 20-30 ms, and only compiling needs it
 
     binding.initialize_native_target()
     binding.initialize_native_asmprinter()
@@ -93,8 +95,6 @@ def fingerprint(cpuinfo: str | None) -> str | None:
     lines = [line for line in (cpuinfo or "").split("\n\n", 1)[0].splitlines() if not line.startswith(VOLATILE)]
     if not lines:
         return None
-    import llvmlite  # the package only (its version); LLVM itself is not loaded
-
     blob = "\n".join([f"record {RECORD}", f"machine {platform.machine()}", f"llvmlite {llvmlite.__version__}", *lines])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cnnc_runtime import artifact, train
+from cnnc_runtime import artifact, onnx_export, train
 from cnnc_runtime.engine import Engine
 from cnnc_runtime.train import History
 
@@ -30,15 +30,11 @@ class Model(Engine):
         return value, acc
 
     def export_onnx(self, path: str | os.PathLike[str]) -> None:
-        """Write this network and its current weights as an ONNX file (``cnnc.onnx.export``; opset 17).
+        """Write this network and its current weights as an ONNX file (``cnnc_runtime.onnx_export``; opset 17).
 
         Needs the ``onnx`` extra (``pip install 'cnnc[onnx]'``); says so when it is missing.
         """
-        # (optional dependency, and the one place the runtime reaches into the cnnc package: the exporter reads
-        # only the manifest and the weights, no front end or LLVM, so an embedded runtime without onnx never loads it)
-        from cnnc.onnx.export import export_model
-
-        export_model(self, path)
+        onnx_export.export_model(self, path)
 
 
 def load(path: str | os.PathLike[str], key: bytes | str | os.PathLike[str] | None = None) -> Model:

@@ -30,6 +30,7 @@ import numpy as np
 from cnnc_runtime.engine import CHUNK, Engine, check_augment, check_smoothing
 from cnnc_runtime.fileio import atomic_save_npz
 from cnnc_runtime.inputs import Inputs, first_non_finite_row
+from cnnc_runtime.losses import LOSSES
 from cnnc_runtime.optimizers import add_weight_decay, clip_grad_norm
 from cnnc_runtime.progress import ProgressBar
 from cnnc_runtime.schedule import make_schedule
@@ -77,7 +78,7 @@ class History:
 
 
 def _labels_like(model: Engine, y: np.ndarray, loss: str) -> bool:
-    return loss == "cross_entropy" or np.asarray(y).dtype.kind in "iub"
+    return LOSSES[loss].labels or np.asarray(y).dtype.kind in "iub"
 
 
 def evaluate(model: Engine, x: np.ndarray | Inputs, y: np.ndarray,

@@ -1,6 +1,6 @@
 """A plain numpy (float64) reference for whole cnnc networks: forward, backward and the two losses.
 
-The network is described by the checked graph of ``cnnc.driver.check_source``
+The network is described by the checked graph of ``cnnc.pipeline.check_source``
 (before fusion): nodes in ``cnnc.ir.execution_order(g)``, each with ``op``,
 ``inputs``, ``args``, ``geometry`` and ``shape``. Parameters are a mapping
 ``"NAME.weight" -> array`` (``model.params`` works as is).
@@ -217,11 +217,10 @@ NETWORKS = {
 
 def _compile_job(text: str, generic: bool, fuse: bool) -> tuple[dict, bytes]:
     from cnnc.codegen.target import generic_target, host_target
-    from cnnc.compiler import compile_graph
-    from cnnc.driver import check_source
+    from cnnc.pipeline import Build
 
     target = generic_target() if generic else host_target()
-    c = compile_graph(check_source(text), target, use_cache=False, fuse=fuse)
+    c = Build(text, fuse=fuse).compiled(target, use_cache=False)
     return c.manifest, c.obj
 
 
@@ -246,7 +245,7 @@ def build(text: str, *, seed: int = 0, generic: bool = False, fuse: bool = True)
 @functools.cache
 def graph(text: str):
     """The checked graph of a network's source text."""
-    from cnnc.driver import check_source
+    from cnnc.pipeline import check_source
 
     return check_source(text)
 

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnnc import compiler
-from cnnc.driver import check_source
-from cnnc.pipeline import compile_source
+from cnnc import generate
+from cnnc.pipeline import check_source, compile_source
 from cnnc_runtime import artifact, host
 from cnnc_runtime.model import Model
 
@@ -24,8 +23,8 @@ NET = "network tiny { input x: 4\n y = x -> dense(3) -> relu }"
 @pytest.mark.parametrize("enabled", [True, False])
 def test_a_compile_pauses_the_garbage_collector_and_restores_it(enabled, monkeypatch):
     seen = []
-    build = compiler.build_module
-    monkeypatch.setattr(compiler, "build_module", lambda *a: seen.append(gc.isenabled()) or build(*a))
+    build = generate.build_module
+    monkeypatch.setattr(generate, "build_module", lambda *a: seen.append(gc.isenabled()) or build(*a))
     (gc.enable if enabled else gc.disable)()
     try:
         compile_source(NET, "tiny.cnn", use_cache=False)

@@ -7,6 +7,7 @@ import json
 
 from cnnc.cli.common import path, source_of
 from cnnc.errors import Diagnostics
+from cnnc.pipeline import Build
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,12 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, diag: Diagnostics) -> int:
-    from cnnc import summary  # (networkx and the front end: loaded only by the commands that check a source)
-    from cnnc.driver import check_source, optimize
-
-    g = check_source(source_of(args.file, "check"), args.file, diag)
+    summary = Build(source_of(args.file, "check"), args.file, diag).description()  # as the compile's manifest has it
     if args.json:
-        print(json.dumps(summary.as_json(g), indent=2))
+        print(json.dumps(summary["summary_json"], indent=2))
     else:
-        print(summary.as_text(g, summary.fused_groups(optimize(g))))
+        print(summary["summary"])
     return 0

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import cnnc
 from cnnc.errors import Diagnostics
-from cnnc.pipeline import compile_source
-from cnnc.sources import read_source
+from cnnc.pipeline import compile_model, read_source
 from cnnc_runtime import artifact
 from cnnc_runtime.data import CIFAR_FILES, IDX_FILES, MissingDependency, load_dataset
 from cnnc_runtime.model import Model, load
@@ -229,9 +228,8 @@ def load_model(path: str, args: argparse.Namespace, diag: Diagnostics, **options
     else:
         with reading(args.command, p):
             source = read_source(p)
-        manifest, obj = compile_source(source, str(path), generic=getattr(args, "generic", False),
-                                       use_cache=not getattr(args, "no_cache", False), diag=diag)
-        model = Model(manifest, obj, **options)
+        model = compile_model(source, str(path), generic=getattr(args, "generic", False),
+                              use_cache=not getattr(args, "no_cache", False), diag=diag, **options)
     weights = getattr(args, "weights", None)
     if weights:
         load_weights(model, weights, args.command)

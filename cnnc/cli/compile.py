@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cnnc.cli.common import TRUST, UsageError, check_outputs, load_weights, path, source_of, writing
+from cnnc.codegen.target import emit_assembly_all, generic_target, host_target
 from cnnc.errors import Diagnostics
+from cnnc.pipeline import Build, listing, pass_names
 from cnnc_runtime.model import Model
 from cnnc_runtime.signing import read_key
 
@@ -37,13 +39,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, diag: Diagnostics) -> int:
-    # (the front end, the passes and LLVM: loaded only by the commands that compile)
-    from cnnc import summary
-    from cnnc.codegen.target import emit_assembly_all, generic_target, host_target
-    from cnnc.compiler import compile_graph
-    from cnnc.driver import check_source, optimize
-    from cnnc.passes import PASS_NAMES
-
     writes = not args.dump_after and args.emit is None
     printed = [flag for flag, v in (("--emit", args.emit), ("--dump-after", args.dump_after)) if v]
     ignored = [flag for flag, v in (("-o", args.output), ("--weights", args.weights)) if v]
@@ -54,25 +49,25 @@ def run(args: argparse.Namespace, diag: Diagnostics) -> int:
     if writes:
         check_outputs("compile", {"FILE": args.file, "--weights": args.weights},
                       {"-o" if args.output else "the default output (FILE.cnnc)": out})
-    source = source_of(args.file, "compile")
 
     def show(name: str, graph: nx.DiGraph) -> None:
         if name == args.dump_after:
             print(f"; graph after pass '{name}'")
-            print(summary.as_listing(graph))
+            print(listing(graph))
 
-    g = check_source(source, args.file, diag, show if args.dump_after else None)
+    build = Build(source_of(args.file, "compile"), args.file, diag, after=show if args.dump_after else None)
+    build.checked()  # a mistake in the file is reported before a mistake in the flags
     if args.dump_after:
-        if args.dump_after not in PASS_NAMES:
-            raise UsageError(f"cnnc compile: unknown pass '{args.dump_after}'; passes: {', '.join(PASS_NAMES)}")
-        optimize(g, show)
+        if args.dump_after not in pass_names():
+            raise UsageError(f"cnnc compile: unknown pass '{args.dump_after}'; passes: {', '.join(pass_names())}")
+        build.optimized()  # (each pass prints through `show` as it runs)
         return 0
     if args.emit == "dot":
-        sys.stdout.write(summary.as_dot(optimize(g)))
+        sys.stdout.write(build.dot(optimized=True))
         return 0
     key = _signing_key(args.sign) if args.sign else None
     target = generic_target() if args.generic else host_target()
-    compiled = compile_graph(g, target, use_cache=not args.no_cache, keep_module=args.emit is not None)
+    compiled = build.compiled(target, use_cache=not args.no_cache, keep_module=args.emit is not None)
     if args.emit == "llvm":
         sys.stdout.write("\n".join(str(m) for m in compiled.modules))
         return 0

@@ -7,7 +7,7 @@ import argparse
 from cnnc.cli.common import TRUST, check_outputs, load_model, path, writing
 from cnnc.errors import Diagnostics
 from cnnc.onnx import require_onnx
-from cnnc.onnx.export import export_model
+from cnnc_runtime.onnx_export import OPSET
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +32,6 @@ def run(args: argparse.Namespace, diag: Diagnostics) -> int:
     check_outputs("export", {"FILE": args.file, "--weights": args.weights}, {"-o": args.output})
     model = load_model(args.file, args, diag)
     with writing("export", args.output):
-        export_model(model, args.output)
-    print(f"wrote {args.output}: network {model.name}, {len(model.params)} parameter arrays, ONNX opset 17")
+        model.export_onnx(args.output)
+    print(f"wrote {args.output}: network {model.name}, {len(model.params)} parameter arrays, ONNX opset {OPSET}")
     return 0

@@ -7,6 +7,8 @@ import sys
 
 from cnnc.cli.common import integer, path, real, source_of
 from cnnc.errors import Diagnostics
+from cnnc.pipeline import Build
+from cnnc_runtime.losses import LOSSES
 
 MAX_GRADCHECK_BATCH = 1024  # a random batch to check gradients on; its float64 reference runs per sample
 
@@ -20,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     gc.add_argument("--batch", type=integer(1, MAX_GRADCHECK_BATCH), default=4,
                     help=f"images in the random batch, 1 to {MAX_GRADCHECK_BATCH} (default 4)")
     gc.add_argument("--samples", type=integer(1), default=12, help="entries checked per parameter (default 12)")
-    gc.add_argument("--loss", choices=["cross_entropy", "mse"], help="default: the train section's loss")
+    gc.add_argument("--loss", choices=list(LOSSES), help="default: the train section's loss")
     gc.add_argument("--seed", type=integer(0), default=0)
     gc.add_argument("--tolerance", type=real(0, what="a non-negative number"), default=1e-2,
                     help="exit 1 above this relative error (1e-2)")
@@ -28,11 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, diag: Diagnostics) -> int:
-    # (the front end, the passes and LLVM: loaded only by the commands that compile)
-    from cnnc.driver import check_source
-    from cnnc.gradcheck import gradcheck
+    from cnnc.gradcheck import gradcheck  # lazy: the float64 reference and networkx, for this command only
 
-    checked = check_source(source_of(args.file, "gradcheck"), args.file, diag)
+    checked = Build(source_of(args.file, "gradcheck"), args.file, diag).checked()
     native, ref, rows = gradcheck(checked, batch=args.batch, seed=args.seed, loss=args.loss, samples=args.samples)
     print(f"loss: native (float32) {native:.8f}, reference (float64) {ref:.8f}, "
           f"relative difference {abs(native - ref) / max(abs(ref), 1e-12):.2e}")

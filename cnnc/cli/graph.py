@@ -7,6 +7,7 @@ import sys
 
 from cnnc.cli.common import check_outputs, path, source_of, writing
 from cnnc.errors import Diagnostics
+from cnnc.pipeline import Build
 from cnnc_runtime.fileio import atomic_write_bytes
 
 
@@ -21,14 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, diag: Diagnostics) -> int:
-    from cnnc import summary  # (networkx and the front end: loaded only by the commands that check a source)
-    from cnnc.driver import check_source, optimize
-
     check_outputs("graph", {"FILE": args.file}, {"-o": args.output})
-    g = check_source(source_of(args.file, "graph"), args.file, diag)
-    if args.fused:
-        g = optimize(g)
-    dot = summary.as_dot(g)
+    dot = Build(source_of(args.file, "graph"), args.file, diag).dot(optimized=args.fused)
     if args.output:
         with writing("graph", args.output):
             atomic_write_bytes(args.output, dot.encode())

@@ -8,6 +8,7 @@ from pathlib import Path
 from cnnc.cli.common import check_outputs, existing, path, reading, writing
 from cnnc.errors import Diagnostics
 from cnnc.onnx import require_onnx
+from cnnc.pipeline import check_source
 from cnnc_runtime.fileio import atomic_save_npz, atomic_write_bytes
 
 
@@ -29,8 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, diag: Diagnostics) -> int:
-    from cnnc.driver import check_source  # (the front end and the op table: loaded only by the commands using them)
-    from cnnc.onnx.import_ import import_file
+    from cnnc.onnx.import_ import import_file  # (the op table, networkx: `import cnnc.cli` stays without them)
 
     require_onnx()  # (before any work: onnx is an optional extra)
     weights = weights_path(args.output)

@@ -49,7 +49,7 @@ def _plot(history: History, path: str) -> None:
     import matplotlib  # (an optional dependency, the plot extra: imported only when asked for a plot)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # (after choosing the backend, which must come first)
 
     epochs = [e.epoch for e in history.epochs]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -85,7 +85,7 @@ def _written(e: OSError, outputs: dict[str, str | None]) -> str:
 def run(args: argparse.Namespace, diag: Diagnostics) -> int:
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
+            import matplotlib  # noqa: F401 (an optional dependency: its absence is found before any training)
         except ImportError:
             raise UsageError("cnnc train: --plot needs matplotlib: pip install 'cnnc[plot]'") from None
     outputs = {"-o": args.output, "--checkpoint": args.checkpoint, "--log": args.log, "--plot": args.plot}

@@ -43,6 +43,7 @@ from cnnc.codegen.emit import for_range, i64, kernel
 from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, vector_loop
 from cnnc.codegen.specs import ConvSpec
 from cnnc.ops import activations
+from cnnc_runtime.artifact import connect_mask
 
 I8 = ir.IntType(8)
 
@@ -209,11 +210,10 @@ def _valid_range(
 def _mask_table(module: ir.Module, name: str, spec: ConvSpec) -> ir.GlobalVariable:
     """A constant ``o x c`` byte array: 1 where output channel o reads input channel c."""
     ty = ir.ArrayType(I8, spec.o * spec.c)
-    rows = [set(r) for r in spec.connect]
     mask = ir.GlobalVariable(module, ty, name=f"{name}.connect")
     mask.global_constant = True
     mask.linkage = "internal"
-    mask.initializer = ir.Constant(ty, [1 if ci in rows[oi] else 0 for oi in range(spec.o) for ci in range(spec.c)])
+    mask.initializer = ir.Constant(ty, connect_mask(spec.connect, (spec.o, spec.c)).astype(int).ravel().tolist())
     return mask
 
 

@@ -30,25 +30,22 @@ from cnnc.codegen.specs import LossSpec
 
 def emit_loss(module: ir.Module, name: str, spec: LossSpec, vw: int) -> ir.Function:
     """``(x, target, dx, loss, scale_f32, smooth_f32, n0, n1)``: loss[n] and dx = scale * dLoss_n/dx."""
-    if spec.kind not in ("cross_entropy", "mse") or spec.k < 1:
+    if spec.kind not in KERNELS or spec.k < 1:
         raise ValueError(f"unsupported loss {spec}")
     fn, b, a = emit.kernel(module, name, ["x", "target", "dx", "loss", "scale_f32", "smooth_f32", "n0", "n1"])
     x_stride, dx_stride = stride_or(spec.x_stride, spec.k), stride_or(spec.dx_stride, spec.k)
     with for_range(b, a["n0"], a["n1"], name="n") as n:
         xb = image_base(b, a["x"], n, x_stride, "xb")
         dxb = image_base(b, a["dx"], n, dx_stride, "dxb")
-        if spec.kind == "cross_entropy":
-            value = _cross_entropy(b, spec.k, vw, xb, dxb, a["target"], a["scale_f32"], a["smooth_f32"], n)
-        else:
-            tb = image_base(b, a["target"], n, spec.k, "tb")
-            value = _mse(b, spec.k, vw, xb, tb, dxb, a["scale_f32"])
+        value = KERNELS[spec.kind](b, spec.k, vw, xb, dxb, a, n)
         emit.store(b, value, a["loss"], n)
     b.ret_void()
     return fn
 
 
-def _cross_entropy(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, dxb: ir.Value, labels: ir.Value,
-                   scale: ir.Value, smooth: ir.Value, n: ir.Value) -> ir.Value:
+def _cross_entropy(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, dxb: ir.Value, a: dict[str, ir.Value],
+                   n: ir.Value) -> ir.Value:
+    labels, scale, smooth = a["target"], a["scale_f32"], a["smooth_f32"]
     label_ptr = b.gep(labels, [n], source_etype=I32, inbounds=True)
     label = b.sext(b.load(label_ptr, typ=I32, align=4), emit.I64, name="label")
     x_label = emit.load(b, xb, label)
@@ -76,8 +73,10 @@ def _cross_entropy(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, dxb: ir.Value
     return b.fadd(target_term, emit.log(b, total), name="ce")
 
 
-def _mse(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, tb: ir.Value, dxb: ir.Value, scale: ir.Value) -> ir.Value:
-    two_scale = b.fmul(scale, emit.f32(2.0), name="two_scale")
+def _mse(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, dxb: ir.Value, a: dict[str, ir.Value],
+         n: ir.Value) -> ir.Value:
+    tb = image_base(b, a["target"], n, k, "tb")
+    two_scale = b.fmul(a["scale_f32"], emit.f32(2.0), name="two_scale")
 
     def term(i: ir.Value, width: int) -> ir.Value:
         d = b.fsub(emit.load(b, xb, i, width), emit.load(b, tb, i, width), name="d")
@@ -86,3 +85,7 @@ def _mse(b: ir.IRBuilder, k: int, vw: int, xb: ir.Value, tb: ir.Value, dxb: ir.V
 
     return reduce_run(b, k, vw, term, fadd_of(b), 0.0, "sq")
 
+
+# One kernel body per loss of ``cnnc_runtime.losses.LOSSES``: (builder, k, vector width, x, dx, the kernel's
+# arguments by name, image index) -> that image's loss, dx written.
+KERNELS = {"cross_entropy": _cross_entropy, "mse": _mse}

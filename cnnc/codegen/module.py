@@ -41,8 +41,8 @@ from cnnc.codegen.plan import ALIGN, Plan, Tensor, aligned, plan_memory
 from cnnc.codegen.specs import AugmentSpec, ConvSpec, CopySpec, DenseSpec, LossSpec, NoiseSpec
 from cnnc.codegen.target import TILED
 from cnnc.ir import execution_order
+from cnnc_runtime.losses import LOSSES
 
-LOSSES = ("cross_entropy", "mse")
 STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "seed_i64", "scale_f32", "smooth_f32",
              "n0", "n1"]
 INFER_ARGS = ["params", "arena", "x", "y", "ws", "n0", "n1"]

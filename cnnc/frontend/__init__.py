@@ -7,7 +7,6 @@ import networkx as nx
 from cnnc.errors import Diagnostics
 from cnnc.frontend.lower import lower
 from cnnc.frontend.parse import parse
-from cnnc.sources import read_source
 
 
 def load_graph(source: str, path: str = "<string>", diag: Diagnostics | None = None) -> nx.DiGraph:
@@ -15,4 +14,4 @@ def load_graph(source: str, path: str = "<string>", diag: Diagnostics | None = N
     return lower(parse(source, path), diag)
 
 
-__all__ = ["load_graph", "read_source"]
+__all__ = ["load_graph"]

@@ -11,9 +11,9 @@ from cnnc.errors import CnnError, did_you_mean
 from cnnc.frontend import ast
 from cnnc.frontend.values import describe, evaluate
 from cnnc_runtime import optimizers, rules, schedule, settings
+from cnnc_runtime.losses import LOSSES, choices
 
 OPTIMIZERS = {name: cls.hyperparameter_names() for name, cls in optimizers.OPTIMIZERS.items()}
-LOSSES = ("cross_entropy", "mse")
 SCALARS = settings.SECTION_SCALARS  # each the name of its setting in the runtime's Settings
 KEYS = ("loss", "optimizer", "data", "early_stop", "normalize", "schedule", "augment", *SCALARS)
 AUGMENTS = ("crop", "flip")  # augment's items, each the name of its setting
@@ -161,7 +161,7 @@ def lower_train(section: ast.Train, input_shape: tuple[int, ...] = (1,)) -> dict
         elif s.key == "loss":
             v = evaluate(value, {})
             if v not in LOSSES:
-                hint = did_you_mean(str(v), LOSSES) or f"; choose {' or '.join(LOSSES)}"
+                hint = did_you_mean(str(v), list(LOSSES)) or f"; choose {choices()}"
                 raise CnnError(f"unknown loss {describe(v)}{hint}", value.loc)
             out["loss"] = v
         elif s.key == "data":

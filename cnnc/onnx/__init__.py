@@ -1,6 +1,7 @@
 """ONNX in and out: export a compiled network, import other frameworks' CNNs, and ONNX's backend interface.
 
-``export.export_model`` writes a ``Model`` as an ONNX file; ``import_.import_file``
+``Model.export_onnx`` (``cnnc_runtime.onnx_export``, in the runtime: it needs only the manifest
+and the weights) writes a network as an ONNX file; ``import_.import_file``
 turns an ONNX file into readable .cnn text and its weights; ``backend`` runs
 ONNX's own backend tests through cnnc. The ``onnx`` package is an optional
 extra (``pip install 'cnnc[onnx]'``): ``require_onnx`` says so when it is missing.
@@ -12,14 +13,11 @@ from types import ModuleType
 
 from cnnc.errors import CnnError
 
-OPSET = 17  # the floor every current runtime reads (onnxruntime, TensorRT, OpenVINO); Gelu is spelled with Erf
-IR_VERSION = 8  # the IR version of opset 17 (onnx 1.12): loadable by every onnxruntime since 1.12
-
 
 def require_onnx() -> ModuleType:
     """The ``onnx`` module, or a ``CnnError`` naming the extra to install."""
     try:
-        import onnx  # (optional dependency: only ONNX commands need it)
+        import onnx  # (optional dependency, the onnx extra: only ONNX commands need it)
     except ImportError:
         raise CnnError("this needs the 'onnx' package: pip install 'cnnc[onnx]'") from None
     return onnx

@@ -63,14 +63,6 @@ def window_output(node: dict, shape: Shape, kernel, stride, pads, what: str) -> 
 # ---- float64 reference helpers (numpy, on batches N x C x H x W) ----
 
 
-def connect_mask(connect, shape) -> np.ndarray:
-    """(out, in) of 0/1 from a table's rows."""
-    mask = np.zeros(tuple(shape[:2]))
-    for o, row in enumerate(connect):
-        mask[o, list(row)] = 1.0
-    return mask
-
-
 def pad(x: np.ndarray, pads, value: float = 0.0) -> np.ndarray:
     pt, pb, pl, pr = pads
     return np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=value)

@@ -9,7 +9,6 @@ import numpy as np
 from cnnc.errors import CnnError
 from cnnc.ir import Arg, OpDef
 from cnnc.ops.common import (
-    connect_mask,
     fail,
     fmt,
     layer,
@@ -20,6 +19,7 @@ from cnnc.ops.common import (
     window_output,
     windows,
 )
+from cnnc_runtime.artifact import connect_mask
 
 
 def _check(args: dict, loc) -> None:

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from cnnc.ir import execution_order
-
-LOSSES = ("cross_entropy", "mse")
+from cnnc_runtime.losses import LOSSES
 
 
 @dataclass(frozen=True)
@@ -36,9 +35,9 @@ class Step:
 
 
 def loss_input(g: nx.DiGraph, loss: str) -> str:
-    """The tensor a loss reads: cross-entropy skips a final softmax (it applies its own)."""
+    """The tensor a loss reads: one that applies softmax itself (cross-entropy) skips a final softmax."""
     out = g.graph["output"]
-    if loss == "cross_entropy" and g.nodes[out]["op"] == "softmax":
+    if LOSSES[loss].applies_softmax and g.nodes[out]["op"] == "softmax":
         return g.nodes[out]["inputs"][0]
     return out
 

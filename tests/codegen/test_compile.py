@@ -17,8 +17,8 @@ import pytest
 from cnnc.codegen import target
 from cnnc.codegen.module import build_module
 from cnnc.codegen.target import emit_objects, host_target
-from cnnc.driver import check_source, optimize
 from cnnc.errors import Diagnostics
+from cnnc.pipeline import check_source, optimize
 from cnnc_runtime.native import NativeLibrary, bundle
 
 LENET = Path(__file__).resolve().parents[2] / "examples" / "lenet5.cnn"

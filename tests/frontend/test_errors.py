@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cnnc.driver import check_source
 from cnnc.errors import CnnError, Diagnostics
-from cnnc.sources import read_source
+from cnnc.pipeline import check_source, read_source
 
 MISTAKES = importlib.import_module("cnnc.frontend.parse").MISTAKES
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

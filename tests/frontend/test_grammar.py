@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnnc.driver import check_source
 from cnnc.errors import Diagnostics
+from cnnc.pipeline import check_source
 from cnnc.summary import as_json, layer_order
 
 parse = importlib.import_module("cnnc.frontend.parse").parse

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from cnnc.driver import check_source
 from cnnc.errors import CnnError
+from cnnc.pipeline import check_source
 
 
 def trained(settings: str, input_shape: str = "3x8x8") -> str:

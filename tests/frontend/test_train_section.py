@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from cnnc.driver import check_source
 from cnnc.errors import CnnError
+from cnnc.pipeline import check_source
 from cnnc_runtime.settings import Settings, settings_from
 
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from cnnc.onnx.export import EXPORT, export_model
 from cnnc.ops import OPS
+from cnnc_runtime.onnx_export import EXPORT, export_model
 from tests.onnx.ortsession import run
 from tests.reference import EXAMPLES, NETWORKS, build
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import cnnc
-from cnnc.onnx.export import export_model
 from cnnc.onnx.import_ import import_file
+from cnnc_runtime.onnx_export import export_model
 from tests.onnx.test_export import ALL
 from tests.reference import build
 

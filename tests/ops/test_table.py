@@ -71,8 +71,8 @@ def test_reference_derivative_matches_central_differences(name):
 @pytest.mark.parametrize("act", ["elu", "leaky_relu"])
 def test_an_activation_checks_its_arguments(act):
     """A negative alpha would need the input for the gradient (it is computed from the output): refused."""
-    from cnnc.driver import check_source
     from cnnc.errors import CnnError
+    from cnnc.pipeline import check_source
 
     with pytest.raises(CnnError, match=f"error: {act}: alpha must be >= 0"):
         check_source(f"network n {{\n    input x: 4\n    y = x -> dense(3) -> {act}(alpha=-1.0)\n}}\n")
@@ -80,8 +80,8 @@ def test_an_activation_checks_its_arguments(act):
 
 def test_the_max_pool_reference_routes_a_nan_windows_gradient_to_its_last_nan():
     """As the kernels and PyTorch do (np.argmax alone would pick the first NaN)."""
-    from cnnc.driver import check_source
     from cnnc.ops.pool import max_reference_grad
+    from cnnc.pipeline import check_source
 
     node = check_source("network n { input x: 1x2x4 y = x -> maxpool(2x2) }", "t.cnn").nodes["y"]
     x = np.array([[[[np.nan, 1.0, 2.0, 7.0], [3.0, np.nan, 7.0, 5.0]]]])

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cnnc.driver import check_source
 from cnnc.errors import Diagnostics
 from cnnc.passes import counts, shapes
+from cnnc.pipeline import check_source
 from cnnc.summary import as_json
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

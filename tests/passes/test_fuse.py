@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from cnnc import cli
-from cnnc.driver import check_source, optimize
 from cnnc.errors import Diagnostics
 from cnnc.ops import ACTIVATIONS
+from cnnc.pipeline import check_source, optimize
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from cnnc.driver import check_source
 from cnnc.errors import CnnError, Diagnostics
 from cnnc.passes import counts, shapes
+from cnnc.pipeline import check_source
 
 
 def chain(input_shape: str, layers: str):

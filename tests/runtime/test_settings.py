@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from cnnc.driver import check_source
+from cnnc.pipeline import check_source
 from cnnc_runtime import rules, settings
 from cnnc_runtime.settings import Settings, renamed, settings_from
 

@@ -1,4 +1,9 @@
-"""A compiled network -> an ONNX model: one node per cnnc layer, cnnc's names kept.
+"""A compiled network -> an ONNX model: one node per cnnc layer, cnnc's names kept (``Model.export_onnx``).
+
+It reads only the manifest (``manifest["graph"]``: the checked layers, which the
+compiler records) and the weights, so a network loaded from an artifact with
+the runtime alone exports as well as a freshly compiled one; the ``onnx``
+package is the one thing it needs besides (the ``onnx`` extra).
 
 Layer ``c1`` becomes node ``c1`` whose output tensor is ``c1``; its
 parameters are the initializers ``c1.weight`` and ``c1.bias``. A layer that
@@ -27,14 +32,24 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cnnc.onnx import IR_VERSION, OPSET, require_onnx
 from cnnc_runtime import __version__
 from cnnc_runtime.fileio import atomic_write_bytes
 
 if TYPE_CHECKING:
     from cnnc_runtime.model import Model
 
+OPSET = 17  # the floor every current runtime reads (onnxruntime, TensorRT, OpenVINO); Gelu is spelled with Erf
+IR_VERSION = 8  # the IR version of opset 17 (onnx 1.12): loadable by every onnxruntime since 1.12
 BATCH = "N"  # the batch dimension's symbolic name in the exported input and output
+
+
+def require_onnx() -> Any:
+    """The ``onnx`` module, or an ImportError naming the extra to install."""
+    try:
+        import onnx  # (optional dependency, the onnx extra: only exporting needs it)
+    except ImportError:
+        raise ImportError("ONNX export needs the 'onnx' package: pip install 'cnnc[onnx]'") from None
+    return onnx
 
 
 class Builder:

@@ -1,0 +1,83 @@
+"""The last stage: optimized graph -> LLVM modules -> object code and its manifest (``cnnc.pipeline`` drives it).
+
+Imports the code generator (llvmlite.ir, every kernel emitter), so the
+pipeline loads it only to generate code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import llvmlite.ir as ir
+import networkx as nx
+import numpy as np
+
+from cnnc.codegen.module import build_module
+from cnnc.codegen.target import Target, emit_objects
+from cnnc.compiler import describe
+from cnnc.ops.activations import he_init
+from cnnc_runtime import __version__, artifact
+from cnnc_runtime.native import bundle
+
+
+def _init_scheme(fused: nx.DiGraph, layer: str) -> str:
+    """He for layers feeding a ReLU-like activation (its op table entry), LeCun otherwise (fan-in scaled normals)."""
+    node = fused.nodes[layer]
+    act = node.get("act", "none")
+    if act == "none":
+        succ = list(fused.successors(layer))
+        act = fused.nodes[succ[0]]["op"] if len(succ) == 1 else "none"
+    return "he" if he_init(act) else "lecun"
+
+
+def manifest_for(checked: nx.DiGraph, fused: nx.DiGraph, facts: dict, target: Target) -> dict[str, Any]:
+    params = []
+    for s in facts["params"]:
+        node = fused.nodes[s.layer]
+        args = node.get("args", {})
+        fixed = node.get("fixed", {}).get(s.kind)
+        entry = {
+            "name": s.name, "layer": s.layer, "kind": s.kind, "shape": list(s.shape), "offset": s.offset,
+            "size": s.size, "trainable": "fixed" not in node, "decay": s.kind == "weight",
+            "init": {"scheme": _init_scheme(fused, s.layer),
+                     "fan_in": int(np.prod(s.shape[1:])) if s.kind == "weight" else 0},
+            "connect": [list(r) for r in args["connect"]] if args.get("connect") and s.kind == "weight" else None,
+            "fixed": fixed.reshape(s.shape).tolist() if fixed is not None else None,
+        }
+        params.append(entry)
+    out = fused.graph["output"]
+    inp = fused.graph["input"]
+    return {
+        "format": artifact.FORMAT_VERSION,
+        "cnnc_version": __version__,
+        "network": fused.graph["network"],
+        "input": {"name": inp, "shape": list(fused.nodes[inp]["shape"])},
+        "output": {"name": out, "op": fused.nodes[out]["op"], "shape": list(fused.nodes[out]["shape"])},
+        "loss_inputs": {loss: int(np.prod(fused.nodes[start]["shape"]))
+                        for loss, start in fused.graph["loss_input"].items()},
+        "params": params,
+        "param_floats": facts["param_floats"],
+        "arena_infer": facts["arena_infer"],
+        "arena_train": facts["arena_train"],
+        "ws_floats": facts["ws_floats"],
+        "updates": facts["updates"],
+        "has_dropout": any(fused.nodes[n]["op"] == "dropout" for n in fused.nodes),
+        "target": {"triple": target.triple, "cpu": target.cpu, "features": target.features},
+        **describe(checked, fused),
+    }
+
+
+def _record_contract(module: ir.Module, manifest: dict[str, Any]) -> None:
+    """Store in the code the manifest fields it was compiled for, so a manifest that lies about them is refused."""
+    data = artifact.contract_bytes(manifest)
+    record = ir.GlobalVariable(module, ir.ArrayType(ir.IntType(8), len(data)), artifact.CONTRACT_SYMBOL)
+    record.initializer = ir.Constant(record.value_type, bytearray(data))
+    record.global_constant = True
+
+
+def generate(checked: nx.DiGraph, fused: nx.DiGraph, target: Target) -> tuple[dict[str, Any], bytes, list[ir.Module]]:
+    """(manifest, object code, LLVM modules) of an optimized graph for `target`."""
+    modules, facts = build_module(fused, target.vector_width)
+    manifest = manifest_for(checked, fused, facts, target)
+    _record_contract(modules[0], manifest)
+    return manifest, bundle(emit_objects(modules, target)), modules
