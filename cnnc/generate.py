@@ -12,9 +12,10 @@ import llvmlite.ir as ir
 import networkx as nx
 import numpy as np
 
-from cnnc.codegen.module import build_module
+from cnnc.codegen.module import BN_COEFS, build_module
 from cnnc.codegen.target import Target, emit_objects
 from cnnc.compiler import describe
+from cnnc.ops import OPS
 from cnnc.ops.activations import he_init
 from cnnc_runtime import __version__, artifact
 from cnnc_runtime.native import bundle
@@ -30,16 +31,41 @@ def _init_scheme(fused: nx.DiGraph, layer: str) -> str:
     return "he" if he_init(act) else "lecun"
 
 
+def _slot(s: Any) -> dict[str, Any]:
+    return {"name": s.name, "layer": s.layer, "kind": s.kind, "shape": list(s.shape), "offset": s.offset,
+            "size": s.size}
+
+
+def _batchnorm_manifest(fused: nx.DiGraph, facts: dict) -> dict[str, Any] | None:
+    """The layouts a network with batchnorm adds: state, inference parameters, partial sums, the phases."""
+    if not facts["batchnorm"]:
+        return None
+    return {
+        "state_floats": facts["state_floats"],
+        "inference_floats": facts["inference_floats"],
+        "stats_doubles": facts["stats_doubles"],
+        "bn_floats": facts["bn_floats"],
+        "state": [_slot(s) | {"init": OPS["batchnorm"].init[s.kind]} for s in facts["state"]],
+        "inference_params": [_slot(s) for s in facts["inference_params"]],
+        "layers": [{"layer": b.layer, "channels": b.channels, "count": b.count, "stats": b.stats,
+                    "coefs": {k: b.coef(k) for k in BN_COEFS},
+                    "eps": float(fused.nodes[b.layer]["args"]["eps"]),
+                    "momentum": float(fused.nodes[b.layer]["args"]["momentum"])} for b in facts["batchnorm"]],
+        "phases": facts["phases"],
+    }
+
+
 def manifest_for(checked: nx.DiGraph, fused: nx.DiGraph, facts: dict, target: Target) -> dict[str, Any]:
     params = []
     for s in facts["params"]:
         node = fused.nodes[s.layer]
         args = node.get("args", {})
         fixed = node.get("fixed", {}).get(s.kind)
+        op = OPS[node["op"]]
         entry = {
             "name": s.name, "layer": s.layer, "kind": s.kind, "shape": list(s.shape), "offset": s.offset,
-            "size": s.size, "trainable": "fixed" not in node, "decay": s.kind == "weight",
-            "init": {"scheme": _init_scheme(fused, s.layer),
+            "size": s.size, "trainable": "fixed" not in node, "decay": s.kind in op.decay,
+            "init": {"scheme": op.init[s.kind] if op.init else _init_scheme(fused, s.layer),
                      "fan_in": int(np.prod(s.shape[1:])) if s.kind == "weight" else 0},
             "connect": [list(r) for r in args["connect"]] if args.get("connect") and s.kind == "weight" else None,
             "fixed": fixed.reshape(s.shape).tolist() if fixed is not None else None,
@@ -62,6 +88,7 @@ def manifest_for(checked: nx.DiGraph, fused: nx.DiGraph, facts: dict, target: Ta
         "ws_floats": facts["ws_floats"],
         "updates": facts["updates"],
         "has_dropout": any(fused.nodes[n]["op"] == "dropout" for n in fused.nodes),
+        "batchnorm": _batchnorm_manifest(fused, facts),
         "target": {"triple": target.triple, "cpu": target.cpu, "features": target.features},
         **describe(checked, fused),
     }

@@ -18,6 +18,8 @@ from cnnc.pipeline import Build
 from cnnc.reference import reference_loss
 from cnnc_runtime.model import Model
 
+NOISE = 1e-4  # of the largest gradient: what float32 rounding leaves in a gradient that is zero in theory
+
 
 @dataclass
 class Row:
@@ -43,7 +45,10 @@ def gradcheck(checked: nx.DiGraph, *, batch: int = 4, seed: int = 0, loss: str |
     For up to `samples` entries of each trainable parameter, the numeric
     derivative is (L(w + h) - L(w - h)) / 2h of the float64 reference loss,
     h = `step` * max(1, |w|); the relative error is |native - numeric| /
-    max(|native|, |numeric|, `floor`).
+    max(|native|, |numeric|, `floor`, 1e-4 * the largest native gradient of the
+    network): float32 rounding is relative to the gradients' scale, and some
+    entries are zero in theory (a bias before a batchnorm, which subtracts it
+    again) and come out as rounding noise of that scale.
     """
     if batch < 1 or samples < 1:
         raise ValueError(f"gradcheck needs batch >= 1 and samples >= 1, got batch={batch}, samples={samples}")
@@ -64,6 +69,7 @@ def gradcheck(checked: nx.DiGraph, *, batch: int = 4, seed: int = 0, loss: str |
     params = {name: v.astype(np.float64) for name, v in model.params.items()}
     ref_loss = reference_loss(g, params, x, y, loss)
     rows = []
+    floor = max(floor, NOISE * max((float(np.abs(v).max()) for v in grads.values() if v.size), default=0.0))
     for p in model.manifest["params"]:
         if not p["trainable"]:
             continue

@@ -13,6 +13,7 @@ binding    the ``NAME =`` binding the layer belongs to (for the summary)
 shape      output shape without the batch, e.g. ``(6, 28, 28)`` or ``(10,)`` (shape inference)
 geometry   op-specific derived sizes, e.g. resolved padding (shape inference)
 params     ``{"weight": shape, "bias": shape}`` (shape inference; empty for ops without)
+state      ``{"running_mean": shape, ...}``: saved, never trained (shape inference; batchnorm)
 fixed      ``{"weight": ndarray}`` for weights written in the file; such layers are frozen
 macs       multiply-accumulates for one image (counting pass)
 act        activation fused into a conv/dense node (fusion pass), default ``"none"``
@@ -61,11 +62,15 @@ class OpDef:
     argument combinations when the layer is read; ``shape(node,
     input_shapes) -> shape`` checks the inputs and may record derived sizes in
     ``node["geometry"]``; ``params(node, input_shapes)`` gives parameter
-    shapes; ``macs(node, input_shapes)`` counts multiply-accumulates for one
-    image; ``count_params(node)`` overrides the product of the parameter
+    shapes; ``state(node, input_shapes)`` the shapes of state that is saved
+    with the weights but never trained (batchnorm's running statistics);
+    ``init`` maps parameter and state kinds to ``"ones"`` or ``"zeros"``
+    (None: fan-in scaled normal weights, zero biases); ``decay`` the parameter
+    kinds weight decay applies to; ``macs(node, input_shapes)`` counts
+    multiply-accumulates for one image; ``count_params(node)`` overrides the product of the parameter
     shapes (a ``connect`` table). ``reference(node, inputs, layer)`` is the
-    float64 forward on batches (``layer``: the ``weight``, ``bias`` and
-    dropout ``mask`` arrays, None when absent) and ``reference_grad(node,
+    float64 forward on batches (``layer``: the ``weight``, ``bias``, state and
+    dropout ``mask`` arrays, None when absent, and ``training``) and ``reference_grad(node,
     inputs, y, dy, layer) -> (input gradients, {"weight": ..., "bias": ...})``
     its gradient rule. ``lowering`` names the kernel family that emits its
     forward and backward code (``cnnc.codegen.lowering.FAMILIES``); ``act`` is
@@ -82,6 +87,9 @@ class OpDef:
     count_params: Callable[[dict], int] | None = None
     has_params: bool = False
     multi_input: bool = False
+    state: Callable[[dict, list[Shape]], dict[str, Shape]] = lambda node, ins: {}
+    init: dict[str, str] | None = None
+    decay: tuple[str, ...] = ("weight",)
     lowering: str = ""
     reference: Callable[..., Any] | None = None
     reference_grad: Callable[..., Any] | None = None

@@ -35,15 +35,23 @@ def param(params: Mapping[str, np.ndarray], name: str):
     return np.asarray(params[name], dtype=np.float64) if name in params else None
 
 
-def layer_arrays(name: str, params: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray] | None) -> dict:
-    """What an op's reference reads besides its inputs: its weight, bias and dropout mask (None when absent)."""
-    return {"weight": param(params, f"{name}.weight"), "bias": param(params, f"{name}.bias"),
-            "mask": masks.get(name) if masks else None}
+STATE = ("running_mean", "running_var")
+
+
+def layer_arrays(name: str, params: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray] | None,
+                 training: bool = False) -> dict:
+    """What an op's reference reads besides its inputs: its weight, bias, state (``params`` may hold
+    ``NAME.running_mean`` ...) and dropout mask (None when absent), and whether it is training."""
+    arrays = {"weight": param(params, f"{name}.weight"), "bias": param(params, f"{name}.bias"),
+              "mask": masks.get(name) if masks else None, "training": training}
+    arrays.update({kind: param(params, f"{name}.{kind}") for kind in STATE})
+    return arrays
 
 
 def forward_values(g, params: Mapping[str, np.ndarray], x, masks: Mapping[str, np.ndarray] | None = None,
-                   stop: str | None = None) -> dict[str, np.ndarray]:
-    """Every node's value (N, *shape), float64. ``masks[dropout node]`` turns dropout on (y = x * mask)."""
+                   stop: str | None = None, training: bool = False) -> dict[str, np.ndarray]:
+    """Every node's value (N, *shape), float64. ``masks[dropout node]`` turns dropout on (y = x * mask);
+    `training` normalizes batchnorm with the batch's statistics (else its running ones, from `params`)."""
     x = np.asarray(x, dtype=np.float64)
     inp = g.graph["input"]
     vals: dict[str, np.ndarray] = {inp: x.reshape(x.shape[0], *g.nodes[inp]["shape"])}
@@ -51,7 +59,7 @@ def forward_values(g, params: Mapping[str, np.ndarray], x, masks: Mapping[str, n
         node = g.nodes[n]
         if node["op"] == "input":
             continue
-        y = OPS[node["op"]].reference(node, [vals[i] for i in node["inputs"]], layer_arrays(n, params, masks))
+        y = OPS[node["op"]].reference(node, [vals[i] for i in node["inputs"]], layer_arrays(n, params, masks, training))
         assert y.shape[1:] == tuple(node["shape"]), (n, y.shape, node["shape"])
         vals[n] = y
         if n == stop:
@@ -59,7 +67,7 @@ def forward_values(g, params: Mapping[str, np.ndarray], x, masks: Mapping[str, n
     return vals
 
 
-def reference_backward(g, params, vals: dict, start: str, dstart: np.ndarray, masks=None):
+def reference_backward(g, params, vals: dict, start: str, dstart: np.ndarray, masks=None, training: bool = False):
     """Gradients of all parameters (zeros for frozen ones) and of the input, given d(loss)/d(`start`).
 
     Reverse execution order from `start`; each op's ``reference_grad`` gives the gradients of its
@@ -75,7 +83,7 @@ def reference_backward(g, params, vals: dict, start: str, dstart: np.ndarray, ma
             continue
         ins = node["inputs"]
         dxs, dparams = OPS[node["op"]].reference_grad(node, [vals[i] for i in ins], vals[n], d[n],
-                                                      layer_arrays(n, params, masks))
+                                                      layer_arrays(n, params, masks, training))
         if "fixed" not in node:
             grads.update({f"{n}.{k}": v for k, v in dparams.items() if f"{n}.{k}" in grads})
         for i, dx in zip(ins, dxs):
@@ -83,9 +91,9 @@ def reference_backward(g, params, vals: dict, start: str, dstart: np.ndarray, ma
     return grads, d.get(g.graph["input"])
 
 
-def reference_forward(g, params: Mapping[str, np.ndarray], x, masks=None) -> np.ndarray:
+def reference_forward(g, params: Mapping[str, np.ndarray], x, masks=None, training: bool = False) -> np.ndarray:
     """The network's output for a batch, float64 (dropout is the identity unless `masks` are given)."""
-    return forward_values(g, params, x, masks)[g.graph["output"]]
+    return forward_values(g, params, x, masks, training=training)[g.graph["output"]]
 
 
 def targets_for(y, n: int, k: int) -> np.ndarray:
@@ -113,7 +121,7 @@ def _mse(z: np.ndarray, y) -> float:
 LOSS_REFERENCES = {"cross_entropy": _cross_entropy, "mse": _mse}
 
 
-def reference_loss(g, params, x, y, loss: str = DEFAULT_LOSS, masks=None) -> float:
-    """The mean loss ``Model.value_and_grad`` reports, in float64."""
-    z = forward_values(g, params, x, masks)[loss_input(g, loss)]
+def reference_loss(g, params, x, y, loss: str = DEFAULT_LOSS, masks=None, training: bool = True) -> float:
+    """The mean loss ``Model.value_and_grad`` reports, in float64 (batchnorm in training mode)."""
+    z = forward_values(g, params, x, masks, training=training)[loss_input(g, loss)]
     return LOSS_REFERENCES[loss](z.reshape(z.shape[0], -1), y)

@@ -37,6 +37,7 @@ def as_json(g: nx.DiGraph) -> dict[str, Any]:
                 "op": g.nodes[n]["op"],
                 "output_shape": list(g.nodes[n]["shape"]),
                 "params": g.nodes[n]["param_count"],
+                "state": g.nodes[n]["state_count"],
                 "trainable": g.nodes[n]["trainable"],
                 "macs": g.nodes[n]["macs"],
             }
@@ -46,6 +47,7 @@ def as_json(g: nx.DiGraph) -> dict[str, Any]:
         "total_params": t["total_params"],
         "trainable_params": t["trainable_params"],
         "non_trainable_params": t["non_trainable_params"],
+        "state": t["state_floats"],
         "total_macs": t["total_macs"],
         "param_bytes": t["param_bytes"],
         "activation_bytes_per_image": t["activation_bytes"],
@@ -92,6 +94,7 @@ def as_text(g: nx.DiGraph, groups: dict[str, str] | None = None) -> str:
         f"total params:         {t['total_params']:,}",
         f"  trainable:          {t['trainable_params']:,}",
         f"  non-trainable:      {t['non_trainable_params']:,}",
+        *([f"state (not trained): {t['state_floats']:,}  (batchnorm running statistics)"] if t["state_floats"] else []),
         f"MACs per image:       {t['total_macs']:,}",
         f"parameter memory:     {_bytes(t['param_bytes'])}",
         f"activations / image:  {_bytes(t['activation_bytes'])}",

@@ -34,8 +34,9 @@ from cnnc_runtime.losses import LOSSES, choices
 from cnnc_runtime.native import unbundle
 
 MAGIC = b"CNNCART1"
-# 2: the code records the layout it was compiled for (CONTRACT_SYMBOL); 3: update loops take the decay mask
-FORMAT_VERSION = 3
+# 2: the code records the layout it was compiled for (CONTRACT_SYMBOL); 3: update loops take the decay mask;
+# 4: step, jitter and augment take image0 (draws by each image's index in the whole batch)
+FORMAT_VERSION = 5
 CONTRACT_SYMBOL = "cnnc_contract"
 ENTRY_POINTS = ("infer", *(f"step_{loss}" for loss in LOSSES), "jitter", "augment")
 MAX_FLOATS = 1 << 40  # a buffer size past this is a damaged manifest, not a network
@@ -210,6 +211,7 @@ def validate(manifest: Any, source: str | None = None) -> None:
         f.count(manifest, k, k)
     total = f.count(manifest, "param_floats", "param_floats", least=1)
     _check_params(f, f.get(manifest, "params", "params", list), total)
+    _check_batchnorm(f, f.get(manifest, "batchnorm", "batchnorm", dict, optional=True))
     updates = f.get(manifest, "updates", "updates", dict)
     for kind, names in updates.items():
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -222,41 +224,98 @@ def validate(manifest: Any, source: str | None = None) -> None:
     _check_train(f, f.get(manifest, "train", "train", dict))
 
 
-def _check_params(f: _Fields, params: list, total: int) -> None:
-    """Each parameter: a unique name, a shape whose product is its size, inside param_floats, overlapping no other."""
+def _check_layout(f: _Fields, slots: list, total: int, field: str, kinds: tuple[str, ...], total_name: str) -> None:
+    """Each slot: a unique name, a kind of `kinds`, a shape whose product is its size, inside `total` floats,
+    overlapping no other."""
     names: set[str] = set()
     spans = []
-    for i, p in enumerate(params):
-        where = f"params[{i}]"
+    for i, p in enumerate(slots):
+        where = f"{field}[{i}]"
         if not isinstance(p, dict):
             raise f.fail(where, f"must be an object, got {_describe(p)}")
         name = f.get(p, "name", f"{where}.name", str)
         if name in names:
-            raise f.fail(f"{where}.name", f"repeats parameter name {name!r}")
+            raise f.fail(f"{where}.name", f"repeats name {name!r}")
         names.add(name)
         f.get(p, "layer", f"{where}.layer", str)
-        if f.get(p, "kind", f"{where}.kind", str) not in ("weight", "bias"):
-            raise f.fail(f"{where}.kind", f"must be \"weight\" or \"bias\", got {p['kind']!r}")
+        if f.get(p, "kind", f"{where}.kind", str) not in kinds:
+            raise f.fail(f"{where}.kind", f"must be one of {', '.join(kinds)}, got {p['kind']!r}")
         shape = f.shape(p, "shape", f"{where}.shape")
         size = f.count(p, "size", f"{where}.size", least=1)
         if math.prod(shape) != size:
             raise f.fail(f"{where}.size", f"is {size}, but shape {shape} holds {math.prod(shape)}")
         offset = f.count(p, "offset", f"{where}.offset")
         if offset + size > total:
-            raise f.fail(f"{where}.offset", f"puts {name} at [{offset}, {offset + size}), past param_floats ({total})")
+            raise f.fail(f"{where}.offset", f"puts {name} at [{offset}, {offset + size}), past {total_name} ({total})")
         spans.append((offset, offset + size, name))
-        for k in ("trainable", "decay"):
-            f.get(p, k, f"{where}.{k}", bool)
-        init = f.get(p, "init", f"{where}.init", dict)
-        if f.get(init, "scheme", f"{where}.init.scheme", str) not in ("he", "lecun"):
-            raise f.fail(f"{where}.init.scheme", f"must be \"he\" or \"lecun\", got {init['scheme']!r}")
-        f.count(init, "fan_in", f"{where}.init.fan_in")
-        _check_connect(f, f.get(p, "connect", f"{where}.connect", list, optional=True), shape, where)
-        _check_fixed(f, p.get("fixed"), shape, where)
     spans.sort()
     for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
         if start < end:
-            raise f.fail("params", f"lays {a} and {b} over each other")
+            raise f.fail(field, f"lays {a} and {b} over each other")
+
+
+INIT_SCHEMES = ("he", "lecun", "ones", "zeros")
+
+
+def _check_params(f: _Fields, params: list, total: int) -> None:
+    """The parameter layout, and each parameter's training facts."""
+    _check_layout(f, params, total, "params", ("weight", "bias"), "param_floats")
+    for i, p in enumerate(params):
+        where = f"params[{i}]"
+        for k in ("trainable", "decay"):
+            f.get(p, k, f"{where}.{k}", bool)
+        init = f.get(p, "init", f"{where}.init", dict)
+        if f.get(init, "scheme", f"{where}.init.scheme", str) not in INIT_SCHEMES:
+            raise f.fail(f"{where}.init.scheme", f"must be one of {', '.join(INIT_SCHEMES)}, got {init['scheme']!r}")
+        f.count(init, "fan_in", f"{where}.init.fan_in")
+        _check_connect(f, f.get(p, "connect", f"{where}.connect", list, optional=True), p["shape"], where)
+        _check_fixed(f, p.get("fixed"), p["shape"], where)
+
+
+STATE_KINDS = ("running_mean", "running_var")
+# a batchnorm's per-channel coefficients between a training step's phases (cnnc_runtime.batchnorm)
+BN_COEFS = ("scale", "shift", "mean", "k", "cx", "cc")
+PHASE_KINDS = ("forward", "backward")
+
+
+def _check_batchnorm(f: _Fields, bn: dict | None) -> None:
+    """The layouts a network with batchnorm adds (``cnnc.compiler._batchnorm_manifest``)."""
+    if bn is None:
+        return
+    totals = {k: f.count(bn, k, f"batchnorm.{k}", least=1)
+              for k in ("state_floats", "inference_floats", "stats_doubles", "bn_floats")}
+    state = f.get(bn, "state", "batchnorm.state", list)
+    _check_layout(f, state, totals["state_floats"], "batchnorm.state", STATE_KINDS, "batchnorm.state_floats")
+    for i, p in enumerate(state):
+        if f.get(p, "init", f"batchnorm.state[{i}].init", str) not in ("ones", "zeros"):
+            raise f.fail(f"batchnorm.state[{i}].init", f"must be \"ones\" or \"zeros\", got {p['init']!r}")
+    _check_layout(f, f.get(bn, "inference_params", "batchnorm.inference_params", list), totals["inference_floats"],
+                  "batchnorm.inference_params", ("weight", "bias"), "batchnorm.inference_floats")
+    layers = f.get(bn, "layers", "batchnorm.layers", list)
+    names = set()
+    for i, layer in enumerate(layers):
+        where = f"batchnorm.layers[{i}]"
+        if not isinstance(layer, dict):
+            raise f.fail(where, f"must be an object, got {_describe(layer)}")
+        names.add(f.get(layer, "layer", f"{where}.layer", str))
+        c = f.count(layer, "channels", f"{where}.channels", least=1)
+        f.count(layer, "count", f"{where}.count", least=1)
+        if f.count(layer, "stats", f"{where}.stats") + 2 * c > totals["stats_doubles"]:
+            raise f.fail(f"{where}.stats", "puts its partial sums past batchnorm.stats_doubles")
+        coefs = f.get(layer, "coefs", f"{where}.coefs", dict)
+        for k in BN_COEFS:
+            if f.count(coefs, k, f"{where}.coefs.{k}") + c > totals["bn_floats"]:
+                raise f.fail(f"{where}.coefs.{k}", "puts its coefficients past batchnorm.bn_floats")
+        if not f.number(layer, "eps", f"{where}.eps", optional=False) > 0:
+            raise f.fail(f"{where}.eps", "must be > 0")
+        if not 0 <= f.number(layer, "momentum", f"{where}.momentum", optional=False) <= 1:
+            raise f.fail(f"{where}.momentum", "must be in [0, 1]")
+    phases = f.get(bn, "phases", "batchnorm.phases", dict)
+    for loss in LOSSES:
+        for i, sync in enumerate(f.get(phases, loss, f"batchnorm.phases.{loss}", list)):
+            where = f"batchnorm.phases.{loss}[{i}]"
+            if not isinstance(sync, dict) or sync.get("kind") not in PHASE_KINDS or sync.get("layer") not in names:
+                raise f.fail(where, f"must name a phase kind and a batchnorm layer, got {_describe(sync)}")
 
 
 def connect_mask(connect: list | tuple, shape: list | tuple) -> np.ndarray:
@@ -364,6 +423,7 @@ def contract(manifest: dict[str, Any]) -> dict[str, Any]:
         "params": [[p["name"], p["offset"], p["size"], p["shape"]] for p in manifest["params"]],
         "updates": manifest["updates"],
         "has_dropout": manifest["has_dropout"],
+        "batchnorm": manifest.get("batchnorm"),
     }
 
 
@@ -374,7 +434,10 @@ def contract_bytes(manifest: dict[str, Any]) -> bytes:
 
 def entry_points(manifest: dict[str, Any]) -> list[str]:
     """The functions the runtime calls: the passes, and an update loop for each rule the manifest lists."""
-    return [*ENTRY_POINTS, *(f"update_{kind}" for kind in manifest["updates"])]
+    bn = manifest.get("batchnorm")
+    phases = [] if bn is None else ["fold", *(f"step_{loss}_{k}" for loss, syncs in bn["phases"].items()
+                                              for k in range(1, len(syncs) + 1))]
+    return [*ENTRY_POINTS, *phases, *(f"update_{kind}" for kind in manifest["updates"])]
 
 
 def verify_code(manifest: dict[str, Any], obj: bytes, source: str | None = None) -> None:

@@ -8,6 +8,9 @@ into the user-facing ``Model``. Nothing here imports ``train`` or ``model``.
 All parameters live in one flat, 64-byte-aligned float32 buffer; ``params``
 maps each parameter name to a writable view of it, so writing into a view
 changes the model. Gradients use a second buffer of the same layout.
+Batchnorm's running statistics are state, not parameters: ``buffers`` maps
+``NAME.running_mean`` / ``NAME.running_var`` to views of a third buffer,
+``flat_state``, which no optimizer and no weight decay sees.
 
 Inputs are prepared by one rule (``cnnc_runtime.inputs``) before any native
 code sees them: ``forward``, ``predict`` and ``value_and_grad`` take images
@@ -42,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from cnnc_runtime import __version__, artifact, fileio
+from cnnc_runtime.batchnorm import Statistics
 from cnnc_runtime.host import host_cpu, missing_features
 from cnnc_runtime.inputs import Inputs
 from cnnc_runtime.losses import DEFAULT_LOSS, LOSSES, choices
@@ -85,9 +89,11 @@ class Scratch:
     A call holds its set for its whole duration, so no other call writes, grows or frees them meanwhile.
     """
 
-    def __init__(self, ws_floats: int, threads: int, arena_floats: dict[str, int]) -> None:
+    def __init__(self, ws_floats: int, threads: int, arena_floats: dict[str, int], folded_floats: int = 0) -> None:
         self.ws = [aligned_zeros(ws_floats) for _ in range(threads)]
         self.ws_ptrs = [w.ctypes.data for w in self.ws]
+        self.folded = aligned_zeros(folded_floats) if folded_floats else None  # batchnorm: inference parameters
+        self.folded_ptr = self.folded.ctypes.data if folded_floats else 0
         self._per_image = arena_floats
         self._arenas: dict[str, tuple[np.ndarray, int]] = {}
 
@@ -109,9 +115,10 @@ class Params(Mapping):
     integer values, converted to float32); names cannot be added or removed.
     """
 
-    def __init__(self, model: Engine, views: dict[str, np.ndarray]) -> None:
+    def __init__(self, model: Engine, views: dict[str, np.ndarray], what: str = "parameter") -> None:
         self._model = weakref.proxy(model)  # no cycle: a model's buffers go when the model does
         self._views = views
+        self._what = what
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._views[name]
@@ -124,15 +131,16 @@ class Params(Mapping):
 
     def __setitem__(self, name: str, value: Any) -> None:
         if name not in self._views:
-            raise ValueError(f"network {self._model.name} has no parameter {name!r}; it has "
-                             f"{', '.join(self._views)}"[:500])
-        self._model._assign({name: value}, f"params[{name!r}]")
+            raise ValueError(f"network {self._model.name} has no {self._what} {name!r}; it has "
+                             f"{', '.join(self._views) or 'none'}"[:500])
+        self._model._assign({name: value}, f"{'params' if self._what == 'parameter' else 'buffers'}[{name!r}]")
 
     def __delitem__(self, name: str) -> None:
-        raise ValueError(f"parameters cannot be removed from network {self._model.name}")
+        raise ValueError(f"{self._what}s cannot be removed from network {self._model.name}")
 
     def __repr__(self) -> str:
-        return "Params(" + ", ".join(f"{k}: {_fmt(v.shape)}" for k, v in self._views.items()) + ")"
+        kind = "Params(" if self._what == "parameter" else "Buffers("
+        return kind + ", ".join(f"{k}: {_fmt(v.shape)}" for k, v in self._views.items()) + ")"
 
 
 _MODELS: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -224,10 +232,14 @@ class Engine:
         self._lib = NativeLibrary(obj, t["triple"], t["cpu"], t["features"])
         self._obj = obj
         self._infer = self._lib.function("infer", [P, P, P, P, P, I64, I64])
-        self._steps = {loss: self._lib.function(f"step_{loss}", [P] * 8 + [I64, F32, F32, I64, I64])
-                       for loss in LOSSES}
-        self._jitter = self._lib.function("jitter", [P, I64, F32, P, I64, I64])
-        self._augment = self._lib.function("augment", [P, I64, I64, I64, P, P, I64, I64])
+        bn = manifest.get("batchnorm")
+        step_args = [P] * 10 + [I64, I64, F32, F32, I64, I64]
+        syncs = bn["phases"] if bn else {loss: [] for loss in LOSSES}
+        # each loss's step: one native function, or one per phase with batchnorm (cnnc_runtime.batchnorm)
+        self._steps = {loss: [self._lib.function(f"step_{loss}" + (f"_{k}" if k else ""), step_args)
+                              for k in range(len(syncs[loss]) + 1)] for loss in LOSSES}
+        self._jitter = self._lib.function("jitter", [P, I64, I64, F32, P, I64, I64])
+        self._augment = self._lib.function("augment", [P, I64, I64, I64, I64, P, P, I64, I64])
         self._updates: dict[str, Any] = {}
         self.flat_params = aligned_zeros(size)
         self.flat_grads = aligned_zeros(size)
@@ -236,6 +248,16 @@ class Engine:
         self.params = Params(self, {p["name"]: self._view(self.flat_params, p) for p in self._layout})
         # the last gradient (what ``gradients`` wrote) by parameter name: views of flat_grads, to read
         self.grads: dict[str, np.ndarray] = {p["name"]: self._view(self.flat_grads, p) for p in self._layout}
+        # batchnorm's running statistics: state in a buffer of their own, which no optimizer sees
+        self._state_layout = bn["state"] if bn else []
+        self.flat_state = aligned_zeros(bn["state_floats"] if bn else 0)
+        self.buffers = Params(self, {p["name"]: self._view(self.flat_state, p) for p in self._state_layout},
+                              "buffer")
+        self._by_name.update({p["name"]: p | {"fixed": None} for p in self._state_layout})
+        self.batches_tracked = 0  # training steps taken (saved as PyTorch's num_batches_tracked)
+        self.statistics = Statistics(bn, aligned_zeros) if bn else None
+        self._fold = self._lib.function("fold", [P, P, P, I64, I64]) if bn else None
+        self._folded_floats = int(bn["inference_floats"]) if bn else 0
         self.trainable_mask = np.zeros(size, dtype=bool)
         self.decay_mask = np.zeros(size, dtype=np.float32)
         for p in self._layout:
@@ -279,12 +301,17 @@ class Engine:
         with self.lock:
             for p in self._layout:
                 self.params[p["name"]][...] = self._initial(p, rng)
+            for p in self._state_layout:
+                self.buffers[p["name"]][...] = 1.0 if p["init"] == "ones" else 0.0
+            self.batches_tracked = 0
 
     def _initial(self, p: dict, rng: np.random.Generator) -> np.ndarray | float:
         if p["fixed"] is not None:
             return np.asarray(p["fixed"], dtype=np.float32)
-        if p["kind"] == "bias":
+        if p["kind"] == "bias" or p["init"]["scheme"] == "zeros":
             return 0.0
+        if p["init"]["scheme"] == "ones":
+            return 1.0
         gain = 2.0 if p["init"]["scheme"] == "he" else 1.0
         shape = p["shape"]
         w = rng.standard_normal(shape, dtype=np.float32)
@@ -303,12 +330,45 @@ class Engine:
         return artifact.connect_mask(p["connect"], p["shape"])
 
     def state(self) -> dict[str, np.ndarray]:
-        """Copies of all parameters by name (what ``save`` writes)."""
-        return {k: v.copy() for k, v in self.params.items()}
+        """Copies of all parameters and buffers by name (what ``save`` writes).
+
+        With batchnorm the names are PyTorch's ``state_dict`` names for the
+        same layer names, ``NAME.num_batches_tracked`` (the training steps taken,
+        int64) included; cnnc's momentum is always a number, so that count
+        changes nothing here (PyTorch reads it only with ``momentum=None``).
+        """
+        out = {k: v.copy() for k, v in self.params.items()}
+        out.update({k: v.copy() for k, v in self.buffers.items()})
+        for name in self._tracked_names():
+            out[name] = np.array(self.batches_tracked, dtype=np.int64)
+        return out
+
+    def snapshot(self, out: np.ndarray | None = None) -> np.ndarray:
+        """All trained values in one flat float32 array: the parameters, then batchnorm's running statistics.
+
+        What the training loop keeps (the best epoch's weights, a restart's, the last finite step's) and
+        ``restore`` puts back; `out` (from an earlier call) is filled instead of a new array.
+        """
+        size = self.flat_params.size
+        if out is None:
+            out = np.empty(size + self.flat_state.size, dtype=np.float32)
+        out[:size] = self.flat_params
+        out[size:] = self.flat_state
+        return out
+
+    def restore(self, snapshot: np.ndarray) -> None:
+        """Put back what ``snapshot`` took."""
+        size = self.flat_params.size
+        with self.lock:
+            self.flat_params[...] = snapshot[:size]
+            self.flat_state[...] = snapshot[size:]
+
+    def _tracked_names(self) -> list[str]:
+        return [f"{p['layer']}.num_batches_tracked" for p in self._state_layout if p["kind"] == "running_mean"]
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the weights as .npz keyed by parameter name, atomically (temp file, fsync, rename)."""
-        fileio.atomic_save_npz(path, self.params)
+        """Write the weights (and batchnorm's state) as .npz keyed by name, atomically (temp file, fsync, rename)."""
+        fileio.atomic_save_npz(path, self.state())
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Read weights saved by ``save``: all or nothing.
@@ -340,8 +400,10 @@ class Engine:
     def load_arrays(self, data: Mapping[str, np.ndarray], source: str) -> None:
         """Every parameter from `data` (name -> array), all or nothing, as ``load`` does; errors name `source`."""
         names = set(data.keys())
-        missing = sorted(set(self.params) - names)
-        extra = sorted(names - set(self.params))
+        tracked = set(self._tracked_names())  # optional: PyTorch's step count, or a file without it
+        wanted = set(self.params) | set(self.buffers)
+        missing = sorted(wanted - names)
+        extra = sorted(names - wanted - tracked)
         if missing or extra:
             parts = []
             if missing:
@@ -349,14 +411,21 @@ class Engine:
             if extra:
                 parts.append(f"unexpected {', '.join(extra)}")
             raise ValueError(f"{source} does not match network {self.name}: {'; '.join(parts)}")
-        self._assign({name: data[name] for name in self.params}, source)
+        counts = [data[name] for name in sorted(tracked & names)]
+        for name, count in zip(sorted(tracked & names), counts):
+            if count.shape != () or count.dtype.kind not in "iu" or count < 0:
+                raise ValueError(f"{source}: {name} must be a non-negative integer scalar, got {count.dtype} "
+                                 f"{_fmt(count.shape)}")
+        self._assign({name: data[name] for name in sorted(wanted)}, source)
+        if counts:
+            self.batches_tracked = int(counts[0])
 
     def _assign(self, values: Mapping[str, Any], source: str) -> None:
-        """Copy `values` into the named parameters, after checking them all: all or nothing."""
+        """Copy `values` into the named parameters and buffers, after checking them all: all or nothing."""
         checked = {name: self._as_param(name, value, source) for name, value in values.items()}
         with self.lock:
             for name, arr in checked.items():
-                self.params[name][...] = arr
+                (self.params if name in self.params else self.buffers)[name][...] = arr
 
     def _as_param(self, name: str, value: Any, source: str) -> np.ndarray:
         """`value` as float32 for parameter `name`, or ``ValueError`` naming the parameter and what it needs."""
@@ -374,6 +443,8 @@ class Engine:
         if not np.isfinite(arr).all():
             raise ValueError(f"{source}: {name} holds values that are not finite in float32 (inf, NaN, or "
                              f"beyond +-3.4e38)")
+        if p["kind"] == "running_var" and (arr < 0).any():
+            raise ValueError(f"{source}: {name} holds negative variances")
         if p["fixed"] is not None and not np.array_equal(arr, np.asarray(p["fixed"], dtype=np.float32)):
             raise ValueError(f"{source}: {name} differs from the weights fixed for it in network {self.name}'s "
                              f"source (weights=[...]); they cannot be changed")
@@ -504,16 +575,24 @@ class Engine:
         try:
             return self._spare.pop()  # (list.pop and append are atomic: no lock)
         except IndexError:
-            return Scratch(self._ws_floats, self.threads, self._arena_floats)
+            return Scratch(self._ws_floats, self.threads, self._arena_floats, self._folded_floats)
 
     def _checkin(self, scratch: Scratch) -> None:
         if len(self._spare) < SPARE_SCRATCH:
             self._spare.append(scratch)
 
+    def _inference_params(self, scratch: Scratch) -> int:
+        """The address of the parameters inference reads: the trained ones, or with batchnorm, those folded
+        from them and the running statistics now (a pass over the weights, cheaper than a forward pass)."""
+        if self._fold is None:
+            return self._params_ptr
+        self._fold(self._params_ptr, self.flat_state.ctypes.data, scratch.folded_ptr, 0, 1)
+        return scratch.folded_ptr
+
     def _infer_on(self, scratch: Scratch, x: np.ndarray, y: np.ndarray, single: bool) -> None:
         n = x.shape[0]
         arena = scratch.arena("infer", min(n, CHUNK))
-        params, ws, xp, yp = self._params_ptr, scratch.ws_ptrs, x.ctypes.data, y.ctypes.data
+        params, ws, xp, yp = self._inference_params(scratch), scratch.ws_ptrs, x.ctypes.data, y.ctypes.data
         if single:
             self._infer(params, arena, xp, yp, ws[0], 0, n)
             return
@@ -548,7 +627,8 @@ class Engine:
 
     def gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, *, seed: int = 0,
                   out: np.ndarray | None = None, losses: np.ndarray | None = None,
-                  prepare: Callable[[int, int, int], None] | None = None, label_smoothing: float = 0.0) -> float:
+                  prepare: Callable[[int, int, int], None] | None = None, label_smoothing: float = 0.0,
+                  image0: int = 0, whole: int | None = None) -> float:
         """One training step's gradient on a batch: ``flat_grads`` = d(mean loss)/d(params); returns the mean loss.
 
         The forward pass runs in training mode: dropout is on, its masks drawn
@@ -563,9 +643,19 @@ class Engine:
         in that core's cache. `label_smoothing` e: cross-entropy against
         (1 - e) onehot + e / K, as PyTorch's ``cross_entropy(label_smoothing=e)``.
 
+        A part of a larger batch (a process's share of a data-parallel step,
+        ``cnnc_runtime.distributed``): `image0` is the index of ``x[0]`` in the
+        whole batch, whose dropout masks follow each image's index there, and
+        `whole` the whole batch's image count, by which the sums are divided
+        instead of N, so that the parts' gradients and losses add up to the
+        whole batch's.
+
         The batch is cut into shards by its size alone (see ``shards``); each
         shard's gradient sums into a buffer of its own and the buffers are added
-        in order, so the result is the same bits on any number of threads.
+        in order, so the result is the same bits on any number of threads. With
+        batchnorm the step runs in phases, the batch statistics reduced across
+        the shards between them (``cnnc_runtime.batchnorm``), the running
+        statistics updated, and the batch is never cut into chunks.
         Calls take turns under ``lock``; hold ``lock`` around this call and the
         update that uses ``flat_grads`` (``update``), or another thread's step
         may overwrite the gradient in between.
@@ -575,12 +665,21 @@ class Engine:
         check_smoothing(label_smoothing, loss)
         out = self._step_buffer(out, (n, k), "out")
         losses = self._step_buffer(losses, (n,), "losses")
-        scale = LOSSES[loss].scale(n, k)
+        whole = n if whole is None else whole
+        if not (isinstance(image0, int) and isinstance(whole, int) and image0 >= 0 and whole >= n):
+            raise ValueError(f"gradients on a part of a batch needs image0 >= 0 and whole >= N = {n}, "
+                             f"got image0 {image0!r}, whole {whole!r}")
+        scale = LOSSES[loss].scale(whole, k)  # the mean over the whole batch's images (mse: and outputs)
         with self.lock:
             self.flat_grads[...] = 0.0
-            for start in range(0, n, CHUNK):
-                self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, min(n, start + CHUNK),
-                                      label_smoothing)
+            # batchnorm normalizes with the whole batch's statistics: one chunk, however large
+            chunk = CHUNK if self.statistics is None else n
+            if self.statistics is not None:
+                self.statistics.check_batch(n)
+                self.batches_tracked += 1
+            for start in range(0, n, chunk):
+                self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, min(n, start + chunk),
+                                      label_smoothing, image0)
         return float(losses.sum(dtype=np.float64) * scale)
 
     def _check_network_input(self, x: Any, what: str, writable: bool = False) -> None:
@@ -622,24 +721,31 @@ class Engine:
 
     def _chunk_gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, seed: int, scale: float,
                          out: np.ndarray, losses: np.ndarray, prepare: Callable[[int, int, int], None] | None,
-                         start: int, stop: int, smoothing: float) -> None:
+                         start: int, stop: int, smoothing: float, image0: int) -> None:
         """Images [start, stop) of one step's batch (at most a chunk): their shards on the pool, then the sum."""
         scratch = self._train_scratch
         arena = scratch.arena("train", stop - start)
-        step, params, ws = self._steps[loss], self._params_ptr, scratch.ws_ptrs
+        phases, params, ws = self._steps[loss], self._params_ptr, scratch.ws_ptrs
         parts = shards(stop - start)
+        stats = self.statistics
+        stat_ptrs = stats.shard_buffers(len(parts)) if stats is not None else [0] * len(parts)
+        coefs = stats.coefs_ptr if stats is not None else 0
         xs = x.ctypes.data + start * x[0].nbytes
         os_ = out.ctypes.data + start * out[0].nbytes
         ts = targets.ctypes.data + start * targets[0].nbytes
         ls = losses.ctypes.data + start * 4
-        salt = (seed + start) % (1 << 63)  # the dropout hash counts images from `seed`: chunks draw different masks
+        salt, first = seed % (1 << 63), image0 + start  # the dropout hash counts images of the whole batch
 
-        def run(t: int, i: int, grads: int) -> None:
+        def run(t: int, i: int, grads: int, phase: int = 0) -> None:
             a, b = parts[i]
-            if prepare is not None:
+            if prepare is not None and phase == 0:
                 prepare(t, start + a, start + b)
-            step(params, grads, arena, xs, os_, ts, ls, ws[t], salt, scale, smoothing, a, b)
+            phases[phase](params, grads, arena, xs, os_, ts, ls, ws[t], stat_ptrs[i], coefs, salt, first, scale,
+                          smoothing, a, b)
 
+        if len(phases) > 1:
+            self._phased(loss, parts, run)
+            return
         if self.threads == 1 or len(parts) == 1:  # in order on this thread: one spare buffer, each shard added at once
             bufs, ptrs = self._shard_buffers(min(len(parts), 2))
             for i in range(len(parts)):
@@ -660,6 +766,34 @@ class Engine:
         self._parallel(len(parts), task, grain=1)
         for g in bufs[1:len(parts)]:  # in shard order, as above
             np.add(self.flat_grads, g, out=self.flat_grads)
+
+    def _phased(self, loss: str, parts: list[tuple[int, int]], run: Callable[..., None]) -> None:
+        """A step with batchnorm: each phase on every shard (on the pool), then the reduction that ends it
+        (``cnnc_runtime.batchnorm``); every shard keeps its gradient buffer from the first phase to the last."""
+        bufs, ptrs = self._shard_buffers(len(parts))
+        for g in bufs[1:len(parts)]:
+            g.fill(0.0)
+        syncs = self.statistics.phases[loss]
+        for k in range(len(syncs) + 1):
+            def task(t: int, first: int, last: int, k: int = k) -> None:
+                for i in range(first, last):
+                    run(t, i, ptrs[i], k)
+
+            if self.threads == 1:
+                task(0, 0, len(parts))
+            else:
+                self._parallel(len(parts), task, grain=1)
+            if k < len(syncs):
+                self._reduce(syncs[k], parts)
+        for g in bufs[1:len(parts)]:  # in shard order
+            np.add(self.flat_grads, g, out=self.flat_grads)
+
+    def _reduce(self, sync: dict, parts: list[tuple[int, int]]) -> None:
+        """The reduction at the end of a phase: a batchnorm's forward statistics or backward sums."""
+        if sync["kind"] == "forward":
+            self.statistics.forward(sync["layer"], parts, self.params, self.buffers)
+        else:
+            self.statistics.backward(sync["layer"], parts, self.params, self.grads)
 
     def _shard_buffers(self, count: int) -> tuple[list[np.ndarray], list[int]]:
         """Gradient buffers for `count` shards (the first is ``flat_grads``), made once and kept."""
@@ -686,7 +820,7 @@ class Engine:
         return self._updates[kind]
 
     def add_noise(self, x: np.ndarray, sigma: float, seed: int, *, rows: tuple[int, int] | None = None,
-                  thread: int | None = None) -> None:
+                  thread: int | None = None, image0: int = 0) -> None:
         """x += N(0, sigma^2) noise, in place, drawn natively from `seed` (training's input jitter).
 
         `x` must be a writable contiguous float32 ``(N, *input_shape)`` array.
@@ -694,6 +828,8 @@ class Engine:
         a time gives what adding it at once gives. `rows` (a, b): only images
         [a, b). `thread`: from a ``gradients`` ``prepare`` callback, the pool
         thread it runs on (the noise is then drawn in that step's workspace).
+        `image0`: ``x`` is part of a larger batch, starting at its image
+        `image0`; each image gets the noise of its index in that batch.
         """
         if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous
                 and x.flags.writeable and x.shape[1:] == self.input_shape and x.ndim == len(self.input_shape) + 1):
@@ -702,19 +838,21 @@ class Engine:
         a, b = (0, x.shape[0]) if rows is None else rows
         if not 0 <= a <= b <= x.shape[0]:
             raise ValueError(f"add_noise rows {rows} are not a range of the {x.shape[0]} images")
+        if not (isinstance(image0, int) and image0 >= 0):
+            raise ValueError(f"add_noise image0 must be a non-negative index, got {image0!r}")
         if thread is not None:
             if not 0 <= thread < self.threads:
                 raise ValueError(f"add_noise thread {thread} is not one of the model's {self.threads} pool threads")
-            self._jitter(x.ctypes.data, seed % (1 << 63), sigma, self._train_scratch.ws_ptrs[thread], a, b)
+            self._jitter(x.ctypes.data, seed % (1 << 63), image0, sigma, self._train_scratch.ws_ptrs[thread], a, b)
             return
         scratch = self._checkout()
         try:
-            self._jitter(x.ctypes.data, seed % (1 << 63), sigma, scratch.ws_ptrs[0], a, b)
+            self._jitter(x.ctypes.data, seed % (1 << 63), image0, sigma, scratch.ws_ptrs[0], a, b)
         finally:
             self._checkin(scratch)
 
     def augment(self, x: np.ndarray, seed: int, pad: int = 0, flip: bool = False, fill: np.ndarray | float = 0.0, *,
-                rows: tuple[int, int] | None = None, thread: int | None = None) -> None:
+                rows: tuple[int, int] | None = None, thread: int | None = None, image0: int = 0) -> None:
         """Crop each image after zero padding by `pad` and mirror it at random, in place, drawn natively from `seed`.
 
         Training's crop and flip. Image i's draws depend on `seed` and i alone
@@ -722,8 +860,8 @@ class Engine:
         what augmenting at once gives. `fill` is what the padding holds, one
         value or one per channel (training pads with a black pixel after
         normalization, ``Inputs.blank``). `x` must be a writable contiguous
-        float32 ``(N, C, H, W)`` array of the input's shape. `rows` and
-        `thread` as in ``add_noise``.
+        float32 ``(N, C, H, W)`` array of the input's shape. `rows`, `thread`
+        and `image0` as in ``add_noise``.
         """
         check_augment(pad, self.input_shape, bool(flip))
         if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous
@@ -733,8 +871,10 @@ class Engine:
         a, b = (0, x.shape[0]) if rows is None else rows
         if not 0 <= a <= b <= x.shape[0]:
             raise ValueError(f"augment rows {rows} are not a range of the {x.shape[0]} images")
+        if not (isinstance(image0, int) and image0 >= 0):
+            raise ValueError(f"augment image0 must be a non-negative index, got {image0!r}")
         fill = self.augment_fill(fill)
-        args = (x.ctypes.data, seed % (1 << 63), int(pad), int(bool(flip)), fill.ctypes.data)
+        args = (x.ctypes.data, seed % (1 << 63), image0, int(pad), int(bool(flip)), fill.ctypes.data)
         if thread is not None:
             if not 0 <= thread < self.threads:
                 raise ValueError(f"augment thread {thread} is not one of the model's {self.threads} pool threads")
@@ -782,6 +922,11 @@ class Engine:
             grads = {name: g.copy() for name, g in self.grads.items()}
         return value, grads
 
+    @property
+    def code(self) -> bytes:
+        """The network's native object code, as an artifact stores it (ranks of an MPI job compare it)."""
+        return self._obj
+
     def save_artifact(self, path: str | os.PathLike[str], with_weights: bool = True,
                       key: bytes | str | os.PathLike[str] | None = None) -> None:
         """Write this model (code, manifest and, by default, the current weights) as one artifact file.
@@ -791,6 +936,6 @@ class Engine:
         weights = b""
         if with_weights:
             buf = io.BytesIO()
-            np.savez(buf, **self.params)
+            np.savez(buf, **self.state())
             weights = buf.getvalue()
         artifact.write(path, self.manifest, self._obj, weights, key)

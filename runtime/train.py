@@ -13,6 +13,7 @@ if it had never stopped.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnc_runtime.distributed import Local, abort_on_failure, check_same, fingerprint, share, world
 from cnnc_runtime.engine import CHUNK, Engine, check_augment, check_smoothing
 from cnnc_runtime.fileio import atomic_save_npz
 from cnnc_runtime.inputs import Inputs, first_non_finite_row
@@ -41,6 +43,10 @@ EVAL_BATCH = CHUNK
 
 class TrainingStopped(Exception):
     """Training cannot go on (a NaN or infinite loss, gradient or weight); the model keeps the last good weights."""
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C acted on between two steps, by every rank at the same step (the state saved is consistent)."""
 
 
 @dataclass
@@ -186,6 +192,7 @@ class _Job:
     progress: bool | None
     on_epoch: Callable[[Epoch], None] | None
     interrupted: _deferred_interrupt
+    comm: Local  # the ranks of a data-parallel run (``cnnc_runtime.distributed``); Local: this process alone
 
 
 class _Run:
@@ -206,7 +213,7 @@ class _Run:
         self.history: list[Epoch] = []
         self.best_loss = math.inf
         self.best_epoch: int | None = None
-        self.best_params = model.flat_params.copy()
+        self.best_params = model.snapshot()  # with batchnorm's running statistics
         self.bad_epochs = 0
         self.stopped = ""
         # an epoch interrupted by Ctrl-C: its permutation, the next batch, the sums so far, its seconds
@@ -214,7 +221,7 @@ class _Run:
 
 
 def _checkpoint_arrays(model: Engine, run: _Run, s: Settings) -> dict[str, np.ndarray]:
-    arrays = {f"param/{k}": v for k, v in model.params.items()}
+    arrays = {f"param/{k}": v for k, v in model.state().items()}  # (and batchnorm's state)
     arrays["best_params"] = run.best_params
     for k, v in run.optimizer.state_dict().items():
         arrays[f"opt/{k}"] = np.asarray(v)
@@ -239,12 +246,19 @@ def save_checkpoint(path: str | os.PathLike[str], model: Engine, run: _Run, s: S
     atomic_save_npz(path, _checkpoint_arrays(model, run, s))
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(meta, every array) of a checkpoint, read whole: any damage to the archive is one ValueError here."""
-    if not zipfile.is_zipfile(path):  # (np.load would give a .npy's array, not an archive)
+def read_checkpoint(path: str | os.PathLike[str],
+                    blob: bytes | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(meta, every array) of a checkpoint, read whole: any damage to the archive is one ValueError here.
+
+    `blob`: the file's bytes, already read (by rank 0 of an MPI job, sent to every rank).
+    """
+    source = path if blob is None else io.BytesIO(blob)
+    if not zipfile.is_zipfile(source):  # (np.load would give a .npy's array, not an archive)
         raise ValueError(f"{path}: not a cnnc checkpoint (not an .npz archive)")
+    if blob is not None:
+        source.seek(0)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(source, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         meta = json.loads(bytes(arrays.pop("meta")).decode())
     except (OSError, ValueError, KeyError, EOFError, RuntimeError, NotImplementedError, MemoryError,
@@ -345,9 +359,15 @@ def _flat(arrays: dict[str, np.ndarray], key: str, size: int, path: str) -> np.n
     return a.astype(np.float32)
 
 
-def _restore(path: str | os.PathLike[str], model: Engine, run: _Run, s: Settings, n: int) -> None:
-    """Load a checkpoint into `model` and `run`, every field checked first: nothing changes unless all is sound."""
-    meta, arrays = read_checkpoint(path)
+def _restore(path: str | os.PathLike[str], model: Engine, run: _Run, s: Settings, n: int, comm: Local) -> None:
+    """Load a checkpoint into `model` and `run`, every field checked first: nothing changes unless all is sound.
+
+    In an MPI job rank 0 reads the file and sends its bytes to every rank, which restores from them.
+    """
+    blob = None
+    if comm.size > 1:
+        blob = comm.broadcast_object(_read_bytes(path) if comm.is_root else None)
+    meta, arrays = read_checkpoint(path, blob)
     path = str(path)
     m = _Meta(meta, path)
     if m.str("network") != model.name:
@@ -355,7 +375,7 @@ def _restore(path: str | os.PathLike[str], model: Engine, run: _Run, s: Settings
     if m.str("optimizer") != type(run.optimizer).__name__:
         raise ValueError(f"{path} was written by the {meta['optimizer']} optimizer, "
                          f"not {type(run.optimizer).__name__}")
-    size = model.flat_params.size
+    size, weights = model.flat_params.size, model.snapshot().size
     m.int("seed")
     epoch, restart = m.int("epoch"), m.int("restart")
     if restart >= s.restarts:
@@ -372,14 +392,17 @@ def _restore(path: str | os.PathLike[str], model: Engine, run: _Run, s: Settings
     except (TypeError, ValueError, KeyError, OverflowError) as e:
         raise ValueError(f"{path}: damaged checkpoint: 'rng' is not a generator state ({e})") from None
     params = {k[6:]: v for k, v in arrays.items() if k.startswith("param/")}
+    expected = model.state()
     for name, v in params.items():
+        if name in expected and expected[name].dtype.kind == "i":
+            continue  # batchnorm's num_batches_tracked: load_arrays checks it
         if v.dtype.kind != "f" or not np.isfinite(v).all():
             raise ValueError(f"{path}: damaged checkpoint: parameter {name} must be finite floats, got {v.dtype}")
-    best_params = _flat(arrays, "best_params", size, path)
+    best_params = _flat(arrays, "best_params", weights, path)
     kept = None
     if meta.get("kept") is not None:
         k = m.sub("kept")
-        kept = _Kept(k.number("loss", infinite=True), _flat(arrays, "kept_params", size, path),
+        kept = _Kept(k.number("loss", infinite=True), _flat(arrays, "kept_params", weights, path),
                      _epochs_of(k.list("history"), path, "kept.history"), k.str("stopped"),
                      k.int("best_epoch", 1, optional=True))
     partial = None if meta.get("partial") is None else _partial_of(m.sub("partial"), arrays.get("partial_order"), n)
@@ -387,7 +410,7 @@ def _restore(path: str | os.PathLike[str], model: Engine, run: _Run, s: Settings
     for b in run.optimizer.buffers:
         if b in opt_state:
             _flat(opt_state, b, size, path)
-    if set(params) != set(model.params) or any(params[k].shape != v.shape for k, v in model.params.items()):
+    if set(params) != set(expected) or any(params[k].shape != v.shape for k, v in expected.items()):
         model.load_arrays(params, path)  # raises, naming what does not match
     try:
         run.optimizer.load_state_dict(opt_state)
@@ -399,6 +422,14 @@ def _restore(path: str | os.PathLike[str], model: Engine, run: _Run, s: Settings
     run.best_loss, run.best_epoch, run.bad_epochs = best_loss, best_epoch, bad_epochs
     run.rng.bit_generator.state = rng.bit_generator.state
     run.history, run.finished = history, finished
+
+
+def _read_bytes(path: str | os.PathLike[str]) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable cnnc checkpoint ({type(e).__name__}: {e})") from None
 
 
 def fit(model: Engine, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[np.ndarray, np.ndarray] | None = None,
@@ -451,8 +482,27 @@ def fit(model: Engine, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[n
     keeps the last good weights (for a bad loss or update, those from before
     it; for a bad gradient, those of that step, the optimizer's state
     untouched by it).
+
+    In every rank of an MPI job (``mpiexec -n N``; see ``cnnc_runtime.distributed``) `fit` trains one model
+    data-parallel: `batch` is the global batch, each rank computes its share of every batch and one
+    all-reduce of the gradient gives every rank the same step, with the result of one process (dropout and
+    jitter follow each image's index in the whole batch). Rank 0 alone shows progress, calls `on_epoch`,
+    writes the checkpoint and the log, evaluates the validation set and reads `resume`, whose contents it
+    sends to the others. A rank that fails ends the whole job (``MPI_Abort``) with its message.
     """
-    settings = renamed(settings, stacklevel=4)  # (the caller of Model.fit)
+    comm = world()
+    try:
+        return _fit(model, x, y, comm, validation_data, checkpoint, resume, log, progress, on_epoch, settings)
+    except (TrainingStopped, _Interrupted):
+        raise  # every rank raises it at the same step
+    except BaseException as e:
+        abort_on_failure(comm, e)  # in an MPI job: its peers would wait for this rank forever
+        raise
+
+
+def _fit(model: Engine, x, y, comm: Local, validation_data, checkpoint, resume, log, progress, on_epoch,
+         settings: dict[str, Any]) -> History:
+    settings = renamed(settings, stacklevel=5)  # (the caller of Model.fit)
     s = settings_from(model.manifest.get("train", {}), **settings)
     for name in OPTIONAL:
         if name in settings and settings[name] is None:
@@ -480,6 +530,13 @@ def fit(model: Engine, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[n
         val_targets = model.check_targets(val_y, len(val_inputs), loss)
         _refuse_non_finite(val_inputs, val_targets, "validation ")
         validation_data = (val_inputs, val_y, val_targets)
+    if comm.size > 1:
+        if model.statistics is not None:  # each rank would normalize with its own share's statistics
+            raise ValueError("batchnorm is not synchronized across MPI ranks yet: train this network in one process "
+                             "(CNNC_THREADS sets its threads)")
+        _check_ranks_agree(comm, model, s, inputs, targets, validation_data)
+        if not comm.is_root:  # rank 0 alone reports and writes
+            progress, on_epoch, checkpoint, log = False, None, None, None
 
     base_lr = new_optimizer(s).lr  # before any restart decays it
     interrupted = _deferred_interrupt()
@@ -487,13 +544,14 @@ def fit(model: Engine, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[n
     kept: _Kept | None = None
     log_file = open(log, "a", encoding="utf-8") if log else None  # noqa: SIM115 - closed in finally
     job = _Job(settings=s, loss=loss, inputs=inputs, targets=targets, labels=labels, validation=validation_data,
-               checkpoint=checkpoint, log_file=log_file, progress=progress, on_epoch=on_epoch, interrupted=interrupted)
+               checkpoint=checkpoint, log_file=log_file, progress=progress, on_epoch=on_epoch, interrupted=interrupted,
+               comm=comm)
     try:
         start_restart = 0
         resumed: _Run | None = None
         if resume is not None:
             resumed = _Run(model, s, 0, base_lr)
-            _restore(resume, model, resumed, s, n)
+            _restore(resume, model, resumed, s, n, comm)
             start_restart, finished, kept = resumed.restart, resumed.finished, resumed.kept
         for restart in range(start_restart, s.restarts):
             if resumed is not None and restart == resumed.restart:
@@ -502,18 +560,36 @@ def fit(model: Engine, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[n
                 if restart > 0:  # restart 0 trains the weights the model has
                     model.initialize(s.seed + restart)
                 run = _Run(model, s, restart, base_lr, finished, kept)
+            comm.broadcast(model.flat_params)  # every replica starts from rank 0's weights
             _train_run(model, run, job)
             final = run.history[run.best_epoch - 1] if run.best_epoch else run.history[-1]
             finished.append({"restart": restart, "seed": s.seed + restart, "loss": final.loss,
                              "epochs": len(run.history), "stopped": run.stopped})
             if kept is None or final.loss < kept.loss:
-                kept = _Kept(final.loss, model.flat_params.copy(), list(run.history), run.stopped, run.best_epoch)
+                kept = _Kept(final.loss, model.snapshot(), list(run.history), run.stopped, run.best_epoch)
     finally:
         interrupted.restore()
         if log_file:
             log_file.close()
-    model.flat_params[...] = kept.params
+    model.restore(kept.params)
     return History(kept.history, finished, kept.stopped, kept.best_epoch)
+
+
+def _check_ranks_agree(comm: Local, model: Engine, s: Settings, inputs: Inputs, targets: np.ndarray,
+                       validation_data) -> None:
+    """ValueError on every rank when the ranks of an MPI job were given different networks, data or settings.
+
+    The data is compared by its labels and a sample of its images, prepared: enough to tell files apart.
+    """
+    def data(inputs: Inputs, targets: np.ndarray) -> str:
+        sample = np.unique(np.linspace(0, len(inputs) - 1, min(len(inputs), 64)).astype(np.int64))
+        return fingerprint(len(inputs), targets, inputs.batch(sample, model.batch_buffer(len(sample))))
+
+    settings = {k: repr(v) for k, v in asdict(s).items()}
+    check_same(comm, **{"compiled network (same .cnn, cnnc and CPU target on every rank)":
+                        fingerprint(model.manifest, model.code),
+                        "settings": fingerprint(settings), "training data": data(inputs, targets),
+                        "validation data": data(*validation_data[::2]) if validation_data else ""})
 
 
 class _deferred_interrupt:  # noqa: N801 - used like a function
@@ -554,7 +630,7 @@ def _stop_step(model: Engine, good: np.ndarray, run: _Run, bar: ProgressBar, val
     _check_update(model, good, run, bar)  # weights the last update broke explain a bad loss: blame that update
     where = f"at epoch {run.epoch + 1}, step {b + 1}"
     if not math.isfinite(value):  # these weights have no finite loss: back to the last ones that had
-        model.flat_params[...] = good
+        model.restore(good)
         _stop(run, bar, f"the loss became {value} {where}", "kept the weights of the last step with a finite loss")
     _stop(run, bar, f"a gradient became NaN or infinite {where}", "kept the weights of that step")
 
@@ -568,7 +644,7 @@ def _check_update(model: Engine, good: np.ndarray, run: _Run, bar: ProgressBar) 
     with np.errstate(over="ignore", invalid="ignore"):
         finite = _finite(model.flat_params)
     if not finite:
-        model.flat_params[...] = good
+        model.restore(good)
         _stop(run, bar, f"an update made a weight NaN or infinite in epoch {run.epoch + 1}",
               "kept the weights from before that update")
 
@@ -583,16 +659,18 @@ def _train_run(model: Engine, run: _Run, job: _Job) -> None:
 
 
 def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
-    s, loss, inputs, targets, labels = job.settings, job.loss, job.inputs, job.targets, job.labels
+    s, loss, inputs, targets, labels, comm = job.settings, job.loss, job.inputs, job.targets, job.labels, job.comm
     n = len(inputs)
-    size = min(s.batch, n)  # a batch larger than the set is the whole set
+    lo, hi = share(min(s.batch, n), comm.rank, comm.size)  # a batch larger than the set is the whole set
+    size = max(hi - lo, 1)  # this rank's share of a full batch (the largest it gets)
     batch = model.batch_buffer(size)  # every step's inputs are prepared into this one buffer
     k = model.manifest["loss_inputs"][loss]
     out = np.empty((size, k), dtype=np.float32)
     losses = np.empty(size, dtype=np.float32)
     optimizer = run.optimizer
-    good = model.flat_params.copy()
-    decay_scratch = np.empty_like(good) if s.weight_decay > 0 else None
+    good = model.snapshot()  # the weights (and running statistics) from before the last update
+    decay_scratch = np.empty_like(model.flat_params) if s.weight_decay > 0 else None
+    sums = np.zeros(3)  # what the ranks add up after each step: the loss, the correct predictions, interrupts
     prev_loss = run.history[-1].loss if run.history else math.inf
     schedule = make_schedule(s.schedule, s.warmup, s.lr_decay)
     steps_per_epoch = -(-n // s.batch)
@@ -610,8 +688,9 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
         bar = ProgressBar(-(-n // s.batch), enabled=job.progress)
         with np.errstate(over="ignore", invalid="ignore"):  # a NaN or an overflow is found and reported below
             for b, start in enumerate(range(first, n, s.batch), start=first // s.batch):
-                idx = order[start:start + s.batch]
-                m = len(idx)
+                whole = order[start:start + s.batch]
+                lo, hi = share(len(whole), comm.rank, comm.size)  # this rank's images: [lo, hi) of the batch
+                idx, m = whole[lo:hi], hi - lo
                 xb, tb = batch[:m], targets[idx]
                 # native Gaussian noise: a seed from the run's generator, so resume stays exact
                 noise = int(run.rng.integers(0, 2**63 - 1)) if s.jitter > 0 else None
@@ -621,16 +700,25 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
                 shift = int(run.rng.integers(0, 2**63 - 1)) if augmenting else None
                 optimizer.lr = run.base_lr * schedule.factor(run.step, steps_per_epoch, total_steps)
 
-                def prepare(t: int, a: int, b: int, idx=idx, noise=noise, shift=shift) -> None:
+                def prepare(t: int, a: int, b: int, idx=idx, noise=noise, shift=shift, lo=lo) -> None:
                     inputs.batch(idx[a:b], batch[a:b])
                     if shift is not None:
-                        model.augment(batch, shift, s.crop, s.flip, fill, rows=(a, b), thread=t)
+                        model.augment(batch, shift, s.crop, s.flip, fill, rows=(a, b), thread=t, image0=lo)
                     if noise is not None:
-                        model.add_noise(batch, s.jitter, noise, rows=(a, b), thread=t)
+                        model.add_noise(batch, s.jitter, noise, rows=(a, b), thread=t, image0=lo)
 
                 with model.lock:  # value_and_grad on another thread must not mix its gradients into this step's
-                    value = model.gradients(xb, tb, loss, seed=seed, out=out[:m], losses=losses[:m], prepare=prepare,
-                                            label_smoothing=s.label_smoothing)
+                    sums[0] = model.gradients(xb, tb, loss, seed=seed, out=out[:m], losses=losses[:m],
+                                              prepare=prepare, label_smoothing=s.label_smoothing, image0=lo,
+                                              whole=len(whole)) if m else 0.0
+                    if not m:  # (a batch smaller than the ranks: this one has no image of it)
+                        model.flat_grads[...] = 0.0
+                    sums[1] = int((out[:m].argmax(axis=1) == labels[idx]).sum()) if labels is not None else 0
+                    sums[2] = job.interrupted.is_set()
+                    if comm.size > 1:  # the gradient of the whole batch, on every rank
+                        comm.sum_in_place(model.flat_grads)
+                        comm.sum_in_place(sums)
+                    value, m = float(sums[0]), len(whole)
                     if s.clip_norm is not None:  # the data loss's gradient, before the L2 term (as torch's decay)
                         clip_grad_norm(model.flat_grads, s.clip_norm)
                     if s.weight_decay > 0:
@@ -638,24 +726,23 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
                                                   decay_scratch)
                     if not (math.isfinite(value) and _finite(model.flat_grads, model.flat_params)):
                         _stop_step(model, good, run, bar, value, b)
-                    good[...] = model.flat_params
+                    model.snapshot(out=good)
                     model.update(optimizer)
                 run.step += 1
                 total += value * m
                 seen += m
-                if labels is not None:
-                    correct += int((out[:m].argmax(axis=1) == labels[idx]).sum())
+                correct += int(sums[1])
                 elapsed = time.perf_counter() - t0
                 bar.update(b + 1, total / seen, correct / seen if labels is not None else None,
                            seen / max(elapsed, 1e-9), optimizer.lr)
-                if job.interrupted.is_set():
+                if sums[2]:  # (every rank sees an interrupt on any rank at the same step)
                     _check_update(model, good, run, bar)
                     bar.close()
                     run.partial = {"order": order, "next": start + m, "total": total, "correct": correct, "seen": seen,
                                    "seconds": time.perf_counter() - t0}
                     if job.checkpoint is not None:
                         save_checkpoint(job.checkpoint, model, run, s)
-                    raise KeyboardInterrupt
+                    raise _Interrupted
                 if s.max_steps is not None and run.step >= s.max_steps:
                     run.stopped = f"reached the step limit of {s.max_steps}"
                     break
@@ -664,8 +751,10 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
         run.partial = None
         seconds = time.perf_counter() - t0
         val_loss = val_acc = None
-        if job.validation is not None:
-            val_loss, val_acc, _ = _evaluate(model, *job.validation, loss)
+        if job.validation is not None:  # by rank 0, while the others wait for its result
+            if comm.is_root:
+                val_loss, val_acc, _ = _evaluate(model, *job.validation, loss)
+            val_loss, val_acc = comm.broadcast_object((val_loss, val_acc))
         run.epoch += 1
         record = Epoch(run.epoch, total / seen, correct / seen if labels is not None else None, val_loss, val_acc,
                        seconds, seen / seconds, run.step, run.restart, optimizer.lr)
@@ -673,7 +762,7 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
         monitored = val_loss if val_loss is not None else record.loss
         if monitored < run.best_loss - s.min_delta:
             run.best_loss, run.best_epoch, run.bad_epochs = monitored, run.epoch, 0
-            run.best_params[...] = model.flat_params
+            model.snapshot(out=run.best_params)
         else:
             run.bad_epochs += 1
             if s.patience is not None and run.bad_epochs >= s.patience:
@@ -691,4 +780,4 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
     if not run.stopped:
         run.stopped = f"completed {run.epoch} epochs"
     if s.patience is not None and run.best_epoch is not None:
-        model.flat_params[...] = run.best_params
+        model.restore(run.best_params)

@@ -274,7 +274,7 @@ def random_params(g, rng: np.random.Generator, scale: float = 0.5) -> dict[str, 
 def reference_value_and_grad(g, params, x, y, loss: str = "cross_entropy", masks=None):
     """(mean loss, {param name: gradient}) as ``Model.value_and_grad`` defines them, in float64."""
     start = loss_input(g, loss)
-    vals = forward_values(g, params, x, masks)
+    vals = forward_values(g, params, x, masks, training=True)
     z = vals[start]
     n = z.shape[0]
     zf = z.reshape(n, -1)
@@ -291,7 +291,7 @@ def reference_value_and_grad(g, params, x, y, loss: str = "cross_entropy", masks
         t = targets_for(y, n, k)
         value = float(np.mean((zf - t) ** 2))
         dz = 2.0 * (zf - t) / (n * k)
-    grads, _ = reference_backward(g, params, vals, start, dz.reshape(z.shape), masks)
+    grads, _ = reference_backward(g, params, vals, start, dz.reshape(z.shape), masks, training=True)
     return value, grads
 
 
@@ -314,10 +314,11 @@ def _torch_activations() -> dict:
     }
 
 
-def torch_forward(g, params: Mapping, x, loss: str | None = None):
+def torch_forward(g, params: Mapping, x, loss: str | None = None, training: bool = False):
     """The network with torch.nn.functional; ``params`` values are torch tensors (may require grad).
 
     With ``loss`` given, returns the value of the loss's input (cross-entropy skips a final softmax).
+    Batchnorm reads ``NAME.running_mean`` / ``NAME.running_var`` from ``params`` and, `training`, updates them.
     """
     import torch
     import torch.nn.functional as F  # noqa: N812
@@ -364,6 +365,9 @@ def torch_forward(g, params: Mapping, x, loss: str | None = None):
                 y = y + other
         elif op == "concat":
             y = torch.cat(ins, dim=1)
+        elif op == "batchnorm":
+            y = F.batch_norm(ins[0], params[f"{n}.running_mean"], params[f"{n}.running_var"], params[f"{n}.weight"],
+                             params[f"{n}.bias"], training=training, momentum=a["momentum"], eps=a["eps"])
         else:
             raise NotImplementedError(op)
         vals[n] = y

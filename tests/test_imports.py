@@ -38,6 +38,8 @@ ALLOWED_IN_FUNCTIONS = {
     ("cnnc.cli.train", "matplotlib.pyplot"),
     # Pillow: an optional dependency (the images extra), for image folders only
     ("cnnc_runtime.data", "PIL"),
+    # mpi4py: an optional dependency (the mpi extra), imported only in a process an MPI launcher started
+    ("cnnc_runtime.distributed", "mpi4py"),
     # LLVM itself (20-30 ms): only compiling and asking LLVM about the CPU need it
     ("cnnc_runtime.host", "llvmlite.binding"),
     # onnx: an optional dependency (the onnx extra), for ONNX export and import only; the importer (the op table,

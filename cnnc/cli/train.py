@@ -22,7 +22,8 @@ from cnnc.cli.common import (
     real,
     writing,
 )
-from cnnc.errors import Diagnostics
+from cnnc.errors import CnnError, Diagnostics
+from cnnc_runtime.distributed import Local, abort_on_failure, world
 from cnnc_runtime.fileio import atomic_write
 from cnnc_runtime.optimizers import OPTIMIZERS
 from cnnc_runtime.schedule import parse as parse_schedule
@@ -83,6 +84,27 @@ def _written(e: OSError, outputs: dict[str, str | None]) -> str:
 
 
 def run(args: argparse.Namespace, diag: Diagnostics) -> int:
+    """`cnnc train`, also as every rank of an MPI job (``mpiexec -n N cnnc train ...``): rank 0 alone prints and
+    writes, the others wait for it at the end; a rank that fails ends the whole job."""
+    try:
+        comm = world()
+    except RuntimeError as e:  # an MPI launcher, but no mpi4py
+        raise UsageError(f"cnnc train: {e}") from None
+    try:
+        status = _train(args, diag, comm)
+        comm.barrier()
+    except BaseException as e:
+        abort_on_failure(comm, e, (UsageError, CnnError))  # its peers would wait for this rank forever
+        raise
+    return status
+
+
+def _silent(*args, **kwargs) -> None:
+    """`print` on the ranks of an MPI job other than rank 0."""
+
+
+def _train(args: argparse.Namespace, diag: Diagnostics, comm: Local) -> int:
+    say = print if comm.is_root else _silent
     if args.plot:
         try:
             import matplotlib  # noqa: F401 (an optional dependency: its absence is found before any training)
@@ -93,7 +115,7 @@ def run(args: argparse.Namespace, diag: Diagnostics) -> int:
     resumed = (("--checkpoint", "--resume"), ("the default --checkpoint", "--resume"))  # a run continued
     rules = dict(appended=("--log",), may_replace=resumed)
     check_outputs("train", inputs, outputs, **rules)
-    if args.resume:
+    if args.resume and comm.is_root:  # (rank 0 reads it and sends it to the others)
         _check_checkpoint(args.resume)
     model = load_model(args.file, args, diag, seed=args.seed)
     name = model.name
@@ -114,26 +136,30 @@ def run(args: argparse.Namespace, diag: Diagnostics) -> int:
         raise UsageError(f"cnnc train: {e}") from None
     data, path = dataset(args, model, args.subset)
     x, y = data["train"]
-    print(f"training {name} on {path} ({len(x):,} images), {model.manifest['target']['cpu']}", flush=True)
+    ranks = f", {comm.size} MPI ranks" if comm.size > 1 else ""
+    say(f"training {name} on {path} ({len(x):,} images), {model.manifest['target']['cpu']}{ranks}", flush=True)
     try:
         history = model.fit(x, y, checkpoint=ckpt, resume=args.resume, log=args.log,
                             on_epoch=lambda e: print(_epoch_line(e, epochs), flush=True), **settings)
     except KeyboardInterrupt:
         if Path(ckpt).is_file():
-            print(f"\ninterrupted: training state saved in {ckpt}; continue with --resume {ckpt}", file=sys.stderr)
+            say(f"\ninterrupted: training state saved in {ckpt}; continue with --resume {ckpt}", file=sys.stderr)
         else:
-            print("\ninterrupted: no checkpoint was written", file=sys.stderr)
+            say("\ninterrupted: no checkpoint was written", file=sys.stderr)
         return 130
     except TrainingStopped as e:
-        with writing("train", out):
-            model.save(out)
-        print(f"{e}; wrote {out}", file=sys.stderr)
+        if comm.is_root:
+            with writing("train", out):
+                model.save(out)
+        say(f"{e}; wrote {out}", file=sys.stderr)
         return 1
     except ValueError as e:
         raise UsageError(f"cnnc train: {e}") from None
     except OSError as e:  # the checkpoint or the log, mid-training: a full disk, a removed directory
         written = _written(e, {"--checkpoint": ckpt, "--log": args.log})
         raise UsageError(f"cnnc train: cannot write {written}: {e.strerror or e}") from None
+    if not comm.is_root:
+        return 0
     with writing("train", out):
         model.save(out)
     if len(history.restarts) > 1:

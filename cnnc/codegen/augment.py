@@ -1,12 +1,14 @@
 """Training augmentation in native code: a random crop after zero padding and a random horizontal flip.
 
-``augment(x, seed_i64, pad_i64, flip_i64, fill, ws, n0, n1)`` rewrites images
-``[n0, n1)`` of a prepared batch in place. Image ``n``'s draws come from one
-splitmix64 hash of ``(seed, n)``, its position in the batch, so they do not
-depend on how the batch is split across threads, and each thread augments
-the images it has just prepared:
+``augment(x, seed_i64, image0_i64, pad_i64, flip_i64, fill, ws, n0, n1)``
+rewrites images ``[n0, n1)`` of a prepared batch in place. Image ``n``'s
+draws come from one splitmix64 hash of ``(seed, image0 + n)``, its position
+in the whole batch (``image0``: where ``x`` starts in it; a process's share
+of a data-parallel step starts past 0), so they do not depend on how the
+batch is split across threads or processes, and each thread augments the
+images it has just prepared:
 
-    h  = mix64(n * GOLDEN + mix64(seed))
+    h  = mix64((image0 + n) * GOLDEN + mix64(seed))
     dy = (h >> 48) mod (2 pad + 1),  dx = ((h >> 32) & 0xffff) mod (2 pad + 1),  flip = (h >> 31) & 1 & flip_i64
 
 The image is padded by ``pad`` on every side, cropped back to its size at
@@ -30,7 +32,7 @@ from cnnc.codegen.elementwise import counter_hash, image_base, mix64, strips
 from cnnc.codegen.emit import for_range, i64
 from cnnc.codegen.specs import AugmentSpec
 
-ARGS = ["x", "seed_i64", "pad_i64", "flip_i64", "fill", "ws", "n0", "n1"]
+ARGS = ["x", "seed_i64", "image0_i64", "pad_i64", "flip_i64", "fill", "ws", "n0", "n1"]
 
 
 def emit_augment(module: ir.Module, name: str, spec: AugmentSpec, vw: int) -> ir.Function:
@@ -43,7 +45,7 @@ def emit_augment(module: ir.Module, name: str, spec: AugmentSpec, vw: int) -> ir
     span = b.add(b.shl(pad, i64(1)), i64(1), name="span")
     with for_range(b, a["n0"], a["n1"], name="n") as n:
         xb = image_base(b, a["x"], n, stride, "xb")
-        h = counter_hash(b, n, key)
+        h = counter_hash(b, b.add(a["image0_i64"], n), key)
         oy = b.sub(b.urem(b.lshr(h, i64(48)), span), pad, name="oy")
         ox = b.sub(b.urem(b.and_(b.lshr(h, i64(32)), i64(0xFFFF)), span), pad, name="ox")
         flip = b.icmp_signed("!=", b.and_(b.and_(b.lshr(h, i64(31)), i64(1)), a["flip_i64"]), i64(0), name="flip")

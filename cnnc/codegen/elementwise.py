@@ -305,16 +305,18 @@ def dropout_keep_threshold(p: float) -> int:
 
 
 def emit_dropout_forward(module: ir.Module, name: str, spec: DropoutSpec, vw: int) -> ir.Function:
-    """``(x, y, mask, seed_i64, n0, n1)``: mask = 1/(1-p) if u >= p else 0; y = x * mask.
+    """``(x, y, mask, seed_i64, image0_i64, n0, n1)``: mask = 1/(1-p) if u >= p else 0; y = x * mask.
 
-    u comes from element counter ``n * size + i`` alone (splitmix64 output
-    ``mix64(mix64(seed) + counter * golden)``, top 24 bits), so the mask does
-    not depend on how [n0, n1) is split across threads, nor on the strides.
+    u comes from element counter ``(image0 + n) * size + i`` alone (splitmix64
+    output ``mix64(mix64(seed) + counter * golden)``, top 24 bits), so the mask
+    does not depend on how [n0, n1) is split across threads, nor on the strides;
+    `image0` is image 0's index in the whole batch, so a batch cut into calls
+    (chunks, MPI ranks) gets each image the mask the whole batch would give it.
     p = 1 drops everything (mask 0). x may equal y.
     """
     if not 0.0 <= spec.p <= 1.0:
         raise ValueError(f"dropout probability must lie in [0, 1]: {spec.p}")
-    fn, b, a = emit.kernel(module, name, ["x", "y", "mask", "seed_i64", "n0", "n1"])
+    fn, b, a = emit.kernel(module, name, ["x", "y", "mask", "seed_i64", "image0_i64", "n0", "n1"])
     size = spec.size
     x_stride, y_stride = stride_or(spec.x_stride, size), stride_or(spec.y_stride, size)
     m_stride = stride_or(spec.mask_stride, size)
@@ -325,7 +327,7 @@ def emit_dropout_forward(module: ir.Module, name: str, spec: DropoutSpec, vw: in
         xb = image_base(b, a["x"], n, x_stride, "xb")
         yb = image_base(b, a["y"], n, y_stride, "yb")
         mb = image_base(b, a["mask"], n, m_stride, "mb")
-        first = b.mul(n, i64(size), name="first")  # counter of element 0 of this image
+        first = b.mul(b.add(a["image0_i64"], n), i64(size), name="first")  # counter of element 0 of this image
 
         def body(i: ir.Value, width: int) -> None:
             counter = b.add(first, i)
@@ -364,20 +366,21 @@ def emit_dropout_backward(module: ir.Module, name: str, spec: DropoutSpec, vw: i
 
 
 def emit_gaussian_noise(module: ir.Module, name: str, spec: NoiseSpec, vw: int) -> ir.Function:
-    """``(x, seed_i64, sigma_f32, n0, n1)``: x += sigma * z with z ~ N(0, 1), in place.
+    """``(x, seed_i64, image0_i64, sigma_f32, n0, n1)``: x += sigma * z with z ~ N(0, 1), in place.
 
     Box-Muller on two 24-bit uniforms from one splitmix64 hash of the element
-    counter ``n * size + i`` (like dropout, so the noise does not depend on how
-    the batch is split): z = sqrt(-2 ln u1) cos(2 pi u2), u1 in (0, 1).
+    counter ``(image0 + n) * size + i`` (like dropout, so the noise does not
+    depend on how the batch is split, across threads or processes):
+    z = sqrt(-2 ln u1) cos(2 pi u2), u1 in (0, 1).
     """
-    fn, b, a = emit.kernel(module, name, ["x", "seed_i64", "sigma_f32", "n0", "n1"])
+    fn, b, a = emit.kernel(module, name, ["x", "seed_i64", "image0_i64", "sigma_f32", "n0", "n1"])
     size = spec.size
     x_stride = stride_or(spec.x_stride, size)
     key = mix64(b, a["seed_i64"])
     scale = 1.0 / (1 << _U_BITS)
     with for_range(b, a["n0"], a["n1"], name="n") as n:
         xb = image_base(b, a["x"], n, x_stride, "xb")
-        first = b.mul(n, i64(size), name="first")
+        first = b.mul(b.add(a["image0_i64"], n), i64(size), name="first")
 
         def body(i: ir.Value, width: int) -> None:
             counter = b.add(first, i)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from cnnc.codegen.batchnorm import emit_bn_apply, emit_bn_backward, emit_bn_grad_sums, emit_bn_stats
 from cnnc.codegen.conv import emit_conv_backward_data, emit_conv_backward_weights, emit_conv_forward
 from cnnc.codegen.dense import emit_dense_backward_data, emit_dense_backward_weights, emit_dense_forward
 from cnnc.codegen.elementwise import (
@@ -25,7 +26,16 @@ from cnnc.codegen.elementwise import (
     emit_softmax_forward,
 )
 from cnnc.codegen.pool import emit_pool_backward, emit_pool_forward
-from cnnc.codegen.specs import ConvSpec, CopySpec, DenseSpec, DropoutSpec, ElementwiseSpec, PoolSpec, SoftmaxSpec
+from cnnc.codegen.specs import (
+    BatchNormSpec,
+    ConvSpec,
+    CopySpec,
+    DenseSpec,
+    DropoutSpec,
+    ElementwiseSpec,
+    PoolSpec,
+    SoftmaxSpec,
+)
 from cnnc.ops import OPS
 from cnnc.ops.activations import act_args
 
@@ -154,7 +164,8 @@ def forward_dropout(ctx, name: str) -> None:
     if not ctx.plan.training:
         return  # a view of its input
     fn = ctx.kernel(emit_dropout_forward, dropout_spec(ctx, name))
-    ctx.call(fn, ctx.value(ctx.node(name)["inputs"][0]), ctx.value(name), ctx.plan.mask[name], ctx.seed_for(name))
+    ctx.call(fn, ctx.value(ctx.node(name)["inputs"][0]), ctx.value(name), ctx.plan.mask[name], ctx.seed_for(name),
+             ctx.args["image0_i64"])
 
 
 def _copy(ctx, src, dst, count: int, src_offset: int = 0, dst_offset: int = 0, accumulate: bool = False) -> None:
@@ -182,6 +193,51 @@ def forward_concat(ctx, name: str) -> None:
     y = ctx.value(name)
     for src, at in zip(ctx.node(name)["inputs"], _channel_offsets(ctx, name)):
         _copy(ctx, ctx.value(src), y, _size(ctx, src), dst_offset=at)
+
+
+def batchnorm_spec(ctx, name: str, y, accumulate: bool = False, fused: bool = True) -> BatchNormSpec:
+    """The kernel spec of batchnorm `name` whose output (or its gradient) is tensor `y`."""
+    node = ctx.node(name)
+    src = node["inputs"][0]
+    shape = ctx.node(src)["shape"]
+    dx = ctx.grad(src) if ctx.plan.training and ctx.plan.root[src] in ctx.plan.grad else None
+    return BatchNormSpec(
+        c=shape[0], hw=math.prod(shape[1:]), x_stride=ctx.value(src).stride, y_stride=y.stride,
+        dx_stride=dx.stride if dx is not None else 0, act=node.get("act", "none") if fused else "none",
+        act_args=act_args(node.get("act_args", {})) if fused else (), accumulate=accumulate)
+
+
+def forward_batchnorm(ctx, name: str) -> None:
+    """Training: the shard's partial sums, the reduction (a phase boundary), then the affine map with the
+    batch's scale and shift. Inference (not folded): the affine map with the scale and shift that the
+    ``fold`` entry point wrote in place of the weight and bias."""
+    src = ctx.node(name)["inputs"][0]
+    pre = ctx.plan.pre.get(name)
+    y = pre or ctx.value(name)
+    spec = batchnorm_spec(ctx, name, y, fused=pre is None)
+    if ctx.plan.training:
+        ctx.call(ctx.kernel(emit_bn_stats, spec), ctx.value(src), ctx.bn_partial(name))
+        ctx.sync("forward", name)
+        scale, shift = ctx.bn_coef(name, "scale"), ctx.bn_coef(name, "shift")
+    else:
+        scale, shift = ctx.param(name, "weight"), ctx.param(name, "bias")
+    ctx.call(ctx.kernel(emit_bn_apply, spec), ctx.value(src), scale, shift, y)
+    _activate(ctx, name, pre)
+
+
+def backward_batchnorm(ctx, name: str) -> None:
+    """The shard's sum(dy) and sum(dy (x - mean)), the reduction (which also gives the weight and bias
+    gradients), then dx through the batch statistics."""
+    src = ctx.node(name)["inputs"][0]
+    _fused_activation_grad(ctx, name)
+    dy = ctx.grad(name)
+    ctx.call(ctx.kernel(emit_bn_grad_sums, batchnorm_spec(ctx, name, dy, fused=False)), ctx.value(src), dy,
+             ctx.bn_coef(name, "mean"), ctx.bn_partial(name))
+    ctx.sync("backward", name)
+    if ctx.wants_grad(src):
+        fn = ctx.kernel(emit_bn_backward, batchnorm_spec(ctx, name, dy, ctx.accumulate(src), fused=False))
+        ctx.call(fn, ctx.grad(name), ctx.value(src), *(ctx.bn_coef(name, k) for k in ("k", "cx", "cc")),
+                 ctx.grad(src))
 
 
 def nothing(ctx, name: str) -> None:
@@ -298,6 +354,7 @@ FAMILIES: dict[str, tuple[Rule, Rule]] = {
     "dropout": (forward_dropout, backward_dropout),
     "add": (forward_add, backward_add),
     "concat": (forward_concat, backward_concat),
+    "batchnorm": (forward_batchnorm, backward_batchnorm),
 }
 FORWARD: dict[str, Rule] = {name: FAMILIES[op.lowering][0] for name, op in OPS.items()}
 BACKWARD: dict[str, Rule] = {name: FAMILIES[op.lowering][1] for name, op in OPS.items()}

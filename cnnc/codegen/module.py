@@ -3,18 +3,32 @@
 Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
 
 ``infer(params, arena, x, y, ws, n0, n1)``
-    the inference forward pass: ``y = net(x)`` (dropout is the identity).
+    the inference forward pass: ``y = net(x)`` (dropout is the identity). With
+    batchnorm, ``params`` is the inference layout (``inference_params`` in the
+    manifest) that ``fold`` writes.
+``fold(params, state, folded, n0, n1)``
+    (networks with batchnorm) the inference parameters from the trained ones
+    and the running statistics: each batchnorm folded into the conv or dense
+    before it, the others turned into a per-channel scale and shift.
 ``step_cross_entropy`` / ``step_mse``
-``(params, grads, arena, x, y, target, losses, ws, seed_i64, scale_f32, smooth_f32, n0, n1)``
+``(params, grads, arena, x, y, target, losses, ws, stats, bn, seed_i64, image0_i64, scale_f32, smooth_f32, n0, n1)``
     one training step's native work: the forward pass in training mode (dropout
-    masks drawn from ``seed``), ``y`` = the output, ``losses[n]`` = each image's
+    masks drawn from ``seed`` and each image's index ``image0 + n`` in the whole
+    batch), ``y`` = the output, ``losses[n]`` = each image's
     loss, and ``grads += scale * d(sum of losses)/d(params)``. With
-    cross-entropy a final softmax is skipped: the loss has its own.
+    cross-entropy a final softmax is skipped: the loss has its own. With
+    batchnorm the step is split into phases ``step_LOSS``, ``step_LOSS_1``, ...
+    at each batchnorm's reduction (``phases`` in the manifest): every shard
+    runs a phase, writing its float64 partial sums to its own ``stats``, then the
+    runtime reduces them and writes the per-channel coefficients into ``bn``,
+    read by every shard's next phase.
 
-``jitter(x, seed_i64, sigma_f32, ws, n0, n1)``
-    adds N(0, sigma^2) noise to a batch of inputs in place (training's input jitter).
-``augment(x, seed_i64, pad_i64, flip_i64, fill, ws, n0, n1)``
-    crops (after zero padding) and flips a batch of inputs in place (``cnnc.codegen.augment``).
+``jitter(x, seed_i64, image0_i64, sigma_f32, ws, n0, n1)``
+    adds N(0, sigma^2) noise to a batch of inputs in place (training's input jitter), drawn
+    from ``seed`` and each image's index ``image0 + n`` in the whole batch.
+``augment(x, seed_i64, image0_i64, pad_i64, flip_i64, fill, ws, n0, n1)``
+    crops (after zero padding) and flips a batch of inputs in place (``cnnc.codegen.augment``), drawn
+    from ``seed`` and each image's index ``image0 + n`` in the whole batch.
 ``update_KIND`` ``(params, grads, mask, s1, s2, hyper, n0, n1)``, one per optimizer of the table
     one optimizer step over parameters ``[n0, n1)`` (``cnnc.codegen.optim``).
 
@@ -25,6 +39,7 @@ scratch space for the conv kernels.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import llvmlite.ir as ir
@@ -32,21 +47,24 @@ import networkx as nx
 
 from cnnc.codegen import emit, optim
 from cnnc.codegen.augment import emit_augment
+from cnnc.codegen.batchnorm import emit_bn_fold
 from cnnc.codegen.conv import conv_workspace_floats
 from cnnc.codegen.elementwise import emit_copy, emit_gaussian_noise
 from cnnc.codegen.emit import I64, PTR
 from cnnc.codegen.loss import emit_loss
 from cnnc.codegen.lowering import BACKWARD, FORWARD
 from cnnc.codegen.plan import ALIGN, Plan, Tensor, aligned, plan_memory
-from cnnc.codegen.specs import AugmentSpec, ConvSpec, CopySpec, DenseSpec, LossSpec, NoiseSpec
+from cnnc.codegen.specs import AugmentSpec, ConvSpec, CopySpec, DenseSpec, FoldSpec, LossSpec, NoiseSpec
 from cnnc.codegen.target import TILED
 from cnnc.ir import execution_order
+from cnnc_runtime.artifact import BN_COEFS  # a batchnorm's per-channel float32 arrays in ``bn``: part of the format
 from cnnc_runtime.losses import LOSSES
 
-STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "seed_i64", "scale_f32", "smooth_f32",
-             "n0", "n1"]
+STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "stats", "bn", "seed_i64", "image0_i64",
+             "scale_f32", "smooth_f32", "n0", "n1"]
+FOLD_ARGS = ["params", "state", "folded", "n0", "n1"]
 INFER_ARGS = ["params", "arena", "x", "y", "ws", "n0", "n1"]
-AUGMENT_ARGS = ["x", "seed_i64", "pad_i64", "flip_i64", "fill", "ws", "n0", "n1"]
+AUGMENT_ARGS = ["x", "seed_i64", "image0_i64", "pad_i64", "flip_i64", "fill", "ws", "n0", "n1"]
 SMALL_OUTPUT = 4096  # floats per image: an inference output this small is copied out (see _like_training)
 SHARE_MAX_FLOATS = 16384  # per image (64 KiB: 16 MiB per 256-image chunk) that sharing kernels may add
 
@@ -61,17 +79,46 @@ class ParamSlot:
     size: int
 
 
-def param_layout(g: nx.DiGraph) -> tuple[list[ParamSlot], int]:
-    """Every parameter's place in the flat buffer, 64-byte aligned, in execution order."""
+def param_layout(g: nx.DiGraph, what: str = "params") -> tuple[list[ParamSlot], int]:
+    """Every parameter's (``what="state"``: state's) place in its flat buffer, 64-byte aligned, in execution order."""
     slots, at = [], 0
     for n in execution_order(g):
-        for kind, shape in g.nodes[n].get("params", {}).items():
+        for kind, shape in g.nodes[n].get(what, {}).items():
             size = 1
             for d in shape:
                 size *= d
             slots.append(ParamSlot(f"{n}.{kind}", n, kind, tuple(shape), at, size))
             at += aligned(size)
     return slots, max(at, ALIGN)
+
+
+@dataclass(frozen=True)
+class BatchNormSlot:
+    """Where one batchnorm's partial sums (float64, in each shard's ``stats``) and coefficients (``bn``) live."""
+
+    layer: str
+    channels: int
+    count: int  # values per channel of one image (its positions)
+    stats: int  # offset in doubles: sum, then the second sum, `channels` each
+    coefs: int  # offset in floats of BN_COEFS, `aligned(channels)` apart
+
+    def coef(self, which: str) -> int:
+        """Offset in ``bn`` of per-channel coefficient `which` (one of BN_COEFS)."""
+        return self.coefs + BN_COEFS.index(which) * aligned(self.channels)
+
+
+def bn_layout(g: nx.DiGraph) -> tuple[list[BatchNormSlot], int, int]:
+    """The batchnorms' slots, the doubles of one shard's ``stats`` and the floats of ``bn``."""
+    slots, stats, coefs = [], 0, 0
+    for n in execution_order(g):
+        if g.nodes[n]["op"] != "batchnorm":
+            continue
+        shape = g.nodes[g.nodes[n]["inputs"][0]]["shape"]
+        c = shape[0]
+        slots.append(BatchNormSlot(n, c, int(math.prod(shape[1:])), stats, coefs))
+        stats += aligned(2 * c)
+        coefs += len(BN_COEFS) * aligned(c)
+    return slots, max(stats, ALIGN), max(coefs, ALIGN)
 
 
 class Builder:
@@ -90,6 +137,9 @@ class Builder:
         self.ws_floats = 0  # scratch one thread needs: the largest conv kernel's workspace
         self.slots, self.param_floats = param_layout(g)
         self.slot = {(s.layer, s.kind): s for s in self.slots}
+        self.state_slots, self.state_floats = param_layout(g, "state")
+        self.bn_slots, self.stats_doubles, self.bn_floats = bn_layout(g)
+        self.bn = {s.layer: s for s in self.bn_slots}
 
     def kernel(self, emitter, spec) -> ir.Function:
         key = (emitter.__name__, spec)
@@ -109,14 +159,35 @@ class Builder:
 class Entry:
     """One entry-point function being emitted: resolves tensors and parameters to pointers."""
 
-    def __init__(self, builder: Builder, plan: Plan, name: str, args: list[str]) -> None:
+    def __init__(self, builder: Builder, plan: Plan, name: str, args: list[str], g: nx.DiGraph | None = None,
+                 slots: dict | None = None) -> None:
         self.builder = builder
-        self.g = builder.g
+        self.g = builder.g if g is None else g
+        self.slots = builder.slot if slots is None else slots
         self.plan = plan
+        self.name, self.arg_names = name, args
         self.fn, self.b, self.args = emit.kernel(builder.module, name, args)
-        self.ws = self.args["ws"]
+        self.ws = self.args.get("ws")
         self._written: set[str] = set()
         self.step = None  # the autodiff Step being emitted
+        self.syncs: list[dict] = []  # the reductions that end each phase but the last
+
+    def sync(self, kind: str, layer: str) -> None:
+        """End this phase at `layer`'s reduction (``kind``: ``"forward"`` or ``"backward"``); go on in the next."""
+        self.b.ret_void()
+        self.syncs.append({"kind": kind, "layer": layer})
+        self.fn, self.b, self.args = emit.kernel(self.builder.module, f"{self.name}_{len(self.syncs)}",
+                                                 self.arg_names)
+        self.ws = self.args.get("ws")
+
+    def bn_partial(self, layer: str) -> ir.Value:
+        """This shard's float64 partial sums of batchnorm `layer`."""
+        at = emit.i64(self.builder.bn[layer].stats)
+        return self.b.gep(self.args["stats"], [at], source_etype=ir.DoubleType(), inbounds=True)
+
+    def bn_coef(self, layer: str, which: str) -> ir.Value:
+        """Batchnorm `layer`'s reduced per-channel coefficient `which` (one of BN_COEFS)."""
+        return emit.gep(self.b, self.args["bn"], self.builder.bn[layer].coef(which))
 
     def node(self, name: str) -> dict:
         return self.g.nodes[name]
@@ -143,7 +214,7 @@ class Entry:
         return False
 
     def param(self, layer: str, kind: str, grad: bool = False) -> ir.Value:
-        slot = self.builder.slot.get((layer, kind))
+        slot = self.slots.get((layer, kind))
         if slot is None:
             return ir.Constant(PTR, None)
         return emit.gep(self.b, self.args["grads" if grad else "params"], slot.offset, name=slot.name)
@@ -169,24 +240,27 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
     builder = Builder(g, vector_width)
     order = execution_order(g)
     train_plan = plan_memory(g, training=True)
-    infer_plan = _like_training(plan_memory(g, training=False), train_plan, g.graph["output"])
+    inf = g.graph.get("inference", g) if builder.bn_slots else g
+    infer_plan = _like_training(plan_memory(inf, training=False), train_plan, inf.graph["output"])
+    infer_slots, infer_floats = param_layout(inf) if builder.bn_slots else (builder.slots, builder.param_floats)
 
-    entry = Entry(builder, infer_plan, "infer", INFER_ARGS)
-    for n in order:
-        FORWARD[g.nodes[n]["op"]](entry, n)
-    out_value = entry.value(g.graph["output"])
+    entry = Entry(builder, infer_plan, "infer", INFER_ARGS, inf, {(s.layer, s.kind): s for s in infer_slots})
+    for n in execution_order(inf):
+        FORWARD[inf.nodes[n]["op"]](entry, n)
+    out_value = entry.value(inf.graph["output"])
     if out_value.base != "y":  # the output is a view of the input, or small (_like_training): copy it out
         y = Tensor("y", 0, out_value.size, out_value.size)
         entry.call(builder.kernel(emit_copy, _copy_spec(out_value, y)), out_value, y)
     entry.b.ret_void()
 
-    for loss in LOSSES:
-        _emit_step(builder, train_plan, order, loss)
+    if builder.bn_slots:
+        _emit_fold(builder, inf, infer_slots)
+    phases = {loss: _emit_step(builder, train_plan, order, loss) for loss in LOSSES}
 
     size = infer_plan.value[g.graph["input"]].size  # jitter: Gaussian noise on a batch of inputs, in place
-    jitter = Entry(builder, infer_plan, "jitter", ["x", "seed_i64", "sigma_f32", "ws", "n0", "n1"])
+    jitter = Entry(builder, infer_plan, "jitter", ["x", "seed_i64", "image0_i64", "sigma_f32", "ws", "n0", "n1"])
     jitter.call(builder.kernel(emit_gaussian_noise, NoiseSpec(size=size, x_stride=size)), jitter.args["x"],
-                jitter.args["seed_i64"], jitter.args["sigma_f32"])
+                jitter.args["seed_i64"], jitter.args["image0_i64"], jitter.args["sigma_f32"])
     jitter.b.ret_void()
 
     shape = tuple(g.nodes[g.graph["input"]]["shape"])  # augment: crop and flip a batch of images in place
@@ -209,6 +283,14 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
         "arena_train": train_plan.arena_floats,
         "ws_floats": builder.ws_floats,
         "updates": optim.constants(),  # each loop's constants, in order
+        "state": builder.state_slots,
+        "state_floats": builder.state_floats,
+        "inference_params": infer_slots if builder.bn_slots else None,
+        "inference_floats": infer_floats,
+        "batchnorm": builder.bn_slots,
+        "stats_doubles": builder.stats_doubles,
+        "bn_floats": builder.bn_floats,
+        "phases": phases,
     }
     return [builder.module, *builder.kernel_modules], facts
 
@@ -245,7 +327,38 @@ def _copy_spec(src: Tensor, dst: Tensor) -> CopySpec:
     return CopySpec(count=src.size, src_stride=src.stride, dst_stride=dst.stride)
 
 
-def _emit_step(builder: Builder, plan: Plan, order: list[str], loss: str) -> None:
+def _emit_fold(builder: Builder, inf: nx.DiGraph, infer_slots: list[ParamSlot]) -> None:
+    """fold: the inference parameters (`infer_slots`) from the trained ones and the running statistics."""
+    entry = Entry(builder, None, "fold", FOLD_ARGS)
+    out = {(s.layer, s.kind): s for s in infer_slots}
+    state = {(s.layer, s.kind): s for s in builder.state_slots}
+
+    def at(base: str, slot: ParamSlot | None) -> ir.Value:
+        return ir.Constant(PTR, None) if slot is None else emit.gep(entry.b, entry.args[base], slot.offset)
+
+    for n in execution_order(inf):
+        node = inf.nodes[n]
+        bn = n if node["op"] == "batchnorm" else node.get("bn")
+        if bn is None:  # as trained
+            for kind in node.get("params", {}):
+                src, dst = builder.slot[(n, kind)], out[(n, kind)]
+                spec = CopySpec(count=src.size, src_stride=src.size, dst_stride=dst.size)
+                entry.call(builder.kernel(emit_copy, spec), at("params", src), at("folded", dst))
+            continue
+        own = n != bn  # a conv or dense with `bn` folded in, else an unfolded batchnorm
+        o = node["shape"][0]
+        weight = builder.slot.get((n, "weight")) if own else None
+        spec = FoldSpec(o=o, per_out=weight.size // o if own else 0, eps=float(builder.g.nodes[bn]["args"]["eps"]),
+                        bias=bool(own and node["own_bias"]))
+        entry.call(builder.kernel(emit_bn_fold, spec), at("params", weight),
+                   at("params", builder.slot.get((n, "bias")) if own else None),
+                   at("params", builder.slot[(bn, "weight")]), at("params", builder.slot[(bn, "bias")]),
+                   at("state", state[(bn, "running_mean")]), at("state", state[(bn, "running_var")]),
+                   at("folded", out[(n, "weight")]), at("folded", out[(n, "bias")]))
+    entry.b.ret_void()
+
+
+def _emit_step(builder: Builder, plan: Plan, order: list[str], loss: str) -> list[dict]:
     """step_LOSS: forward in training mode, copy the loss's input to y, the loss, then the autodiff steps."""
     g = builder.g
     entry = Entry(builder, plan, f"step_{loss}", STEP_ARGS)
@@ -264,6 +377,7 @@ def _emit_step(builder: Builder, plan: Plan, order: list[str], loss: str) -> Non
         entry.step = step
         BACKWARD[g.nodes[step.node]["op"]](entry, step.node)
     entry.b.ret_void()
+    return entry.syncs
 
 
 __all__ = ["build_module", "param_layout"]

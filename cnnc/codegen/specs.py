@@ -179,3 +179,34 @@ class LossSpec:
     k: int
     x_stride: int = 0
     dx_stride: int = 0
+
+
+@dataclass(frozen=True)
+class BatchNormSpec:
+    """Batch normalization over ``c`` channels of ``hw`` positions each (hw = 1: a vector of c features).
+
+    ``x_stride`` is the normalized input's per-image stride, ``y_stride`` the
+    output's (and its gradient's), ``dx_stride`` the input gradient's. ``act``:
+    an activation fused after the per-channel affine map (forward only; its
+    gradient runs as the fused conv's does). Partial sums are float64.
+    """
+
+    c: int
+    hw: int
+    x_stride: int = 0
+    y_stride: int = 0
+    dx_stride: int = 0
+    act: str = "none"
+    act_args: tuple[tuple[str, float], ...] = ()
+    accumulate: bool = False
+
+
+@dataclass(frozen=True)
+class FoldSpec:
+    """A batchnorm folded into the ``o`` outputs of the layer before it (``per_out`` weights each), or, with
+    ``per_out == 0``, turned into its own per-channel scale and shift."""
+
+    o: int
+    per_out: int
+    eps: float
+    bias: bool = True

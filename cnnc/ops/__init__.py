@@ -34,7 +34,7 @@ one entry of ``cnnc_runtime.onnx_export.EXPORT`` (``tests/onnx/test_export.py`` 
 from __future__ import annotations
 
 from cnnc.ir import OpDef
-from cnnc.ops import conv, dense, pool, simple
+from cnnc.ops import batchnorm, conv, dense, pool, simple
 from cnnc.ops.activations import TABLE as ACTIVATIONS
 
 OPS: dict[str, OpDef] = {
@@ -47,6 +47,7 @@ OPS: dict[str, OpDef] = {
         pool.GLOBAL_AVGPOOL,
         dense.DENSE,
         simple.FLATTEN,
+        batchnorm.BATCHNORM,
         *simple.ACTIVATIONS,
         simple.SOFTMAX,
         simple.DROPOUT,

@@ -8,6 +8,7 @@ import networkx as nx
 
 from cnnc.passes.autodiff import autodiff
 from cnnc.passes.counts import count
+from cnnc.passes.fold import fold
 from cnnc.passes.fuse import fuse
 from cnnc.passes.prune import prune
 from cnnc.passes.shapes import infer_shapes
@@ -17,7 +18,7 @@ Pass = Callable[[nx.DiGraph], nx.DiGraph]
 # What `cnnc check` runs: the graph as written, with shapes and counts.
 CHECK: list[tuple[str, Pass]] = [("prune", prune), ("shapes", infer_shapes), ("counts", count)]
 # What code generation needs after that.
-OPTIMIZE: list[tuple[str, Pass]] = [("fuse", fuse), ("autodiff", autodiff)]
+OPTIMIZE: list[tuple[str, Pass]] = [("fuse", fuse), ("autodiff", autodiff), ("fold", fold)]
 PIPELINE = CHECK + OPTIMIZE
 PASS_NAMES = [name for name, _ in PIPELINE]
 

@@ -15,13 +15,15 @@ FLOAT_BYTES = 4
 
 
 def count(g: nx.DiGraph) -> nx.DiGraph:
-    """Fill ``param_count``, ``trainable`` and ``macs`` on nodes and the totals on the graph.
+    """Fill ``param_count``, ``trainable``, ``state_count`` and ``macs`` on nodes and the totals on the graph.
 
     MACs follow the common convention: the multiply-accumulates of conv and
-    dense layers for one image (bias additions and activations are not counted).
+    dense layers for one image (bias additions, activations and batchnorm, which
+    inference folds into the layer before it, are not counted). State (batchnorm's
+    running statistics) is counted apart from the parameters, as PyTorch's buffers are.
     A ``connect`` table counts only its connections; written weights are frozen.
     """
-    totals = {"total_params": 0, "trainable_params": 0, "total_macs": 0, "activation_floats": 0}
+    totals = {"total_params": 0, "trainable_params": 0, "state_floats": 0, "total_macs": 0, "activation_floats": 0}
     for name in g.nodes:
         node = g.nodes[name]
         op = OPS[node["op"]]
@@ -31,6 +33,8 @@ def count(g: nx.DiGraph) -> nx.DiGraph:
         else:
             node["param_count"] = sum(math.prod(s) for s in node["params"].values())
         node["trainable"] = "fixed" not in node
+        node["state_count"] = sum(math.prod(s) for s in node.get("state", {}).values())
+        totals["state_floats"] += node["state_count"]
         node["macs"] = op.macs(node, ins)
         totals["total_params"] += node["param_count"]
         totals["trainable_params"] += node["param_count"] if node["trainable"] else 0
@@ -38,7 +42,7 @@ def count(g: nx.DiGraph) -> nx.DiGraph:
         totals["activation_floats"] += math.prod(node["shape"])
         _check_memory(node, totals)
     totals["non_trainable_params"] = totals["total_params"] - totals["trainable_params"]
-    totals["param_bytes"] = totals["total_params"] * FLOAT_BYTES
+    totals["param_bytes"] = (totals["total_params"] + totals["state_floats"]) * FLOAT_BYTES
     totals["activation_bytes"] = totals["activation_floats"] * FLOAT_BYTES
     g.graph["totals"] = totals
     return g

@@ -1,4 +1,4 @@
-"""Fusion: conv or dense + bias + activation become one kernel.
+"""Fusion: conv or dense + bias + activation become one kernel (and batchnorm + activation).
 
 The activation is applied in registers before the store, so the
 pre-activation tensor is never written. A layer is fused with the activation
@@ -13,7 +13,7 @@ import networkx as nx
 from cnnc.ir import execution_order
 from cnnc.ops import OPS
 
-FUSABLE = ("conv", "dense")
+FUSABLE = ("conv", "dense", "batchnorm")
 
 
 def fuse(g: nx.DiGraph) -> nx.DiGraph:

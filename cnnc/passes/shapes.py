@@ -25,6 +25,7 @@ def infer_shapes(g: nx.DiGraph) -> nx.DiGraph:
         try:
             node["shape"] = tuple(op.shape(node, ins))
             node["params"] = op.params(node, ins)
+            node["state"] = op.state(node, ins)
             check_sizes(node)
         except CnnError as e:
             raise e.note_block_uses(node.get("uses", ())) from None

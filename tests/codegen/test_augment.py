@@ -94,3 +94,14 @@ def test_bad_arguments_are_value_errors(model):
     flat = cnnc.compile_string("network augflat { input x: 4\n y = x -> dense(2) }", cache=False)
     with pytest.raises(ValueError, match="image inputs"):
         flat.augment(np.zeros((2, 4), np.float32), seed=0, pad=1)
+
+
+def test_a_part_of_a_batch_gets_the_draws_of_its_images_in_the_whole_batch(model):
+    """A process's share of a data-parallel batch starts at image0: its images are augmented as in the whole."""
+    x = np.random.default_rng(3).standard_normal((12, 3, 6, 7)).astype(np.float32)
+    whole, part = x.copy(), x[5:].copy()
+    model.augment(whole, seed=77, pad=2, flip=True)
+    model.augment(part, seed=77, pad=2, flip=True, image0=5)
+    np.testing.assert_array_equal(part, whole[5:])
+    with pytest.raises(ValueError, match="image0"):
+        model.augment(part, seed=77, pad=2, image0=-1)

@@ -59,10 +59,10 @@ def mix64_ref(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def dropout_mask_ref(seed: int, size: int, p: float) -> np.ndarray:
-    """u = top 24 bits of splitmix64 at counter n*size + i, keyed by mix64(seed)."""
+def dropout_mask_ref(seed: int, size: int, p: float, image0: int = 0) -> np.ndarray:
+    """u = top 24 bits of splitmix64 at counter (image0 + n)*size + i, keyed by mix64(seed)."""
     key = mix64_ref(np.array([seed & 0xFFFFFFFFFFFFFFFF], np.uint64))[0]
-    counter = np.arange(N * size, dtype=np.uint64).reshape(N, size)
+    counter = np.arange(image0 * size, (image0 + N) * size, dtype=np.uint64).reshape(N, size)
     u = (mix64_ref(counter * np.uint64(0x9E3779B97F4A7C15) + key) >> np.uint64(40)).astype(np.float64) / 2.0**24
     return np.where(u >= p, np.float32(1.0 / (1.0 - p)), np.float32(0.0)).astype(np.float32)
 
@@ -256,7 +256,7 @@ def test_dropout_statistics_and_exact_mask(jit, p):
     _dropout_kernels(jit, DropoutSpec(size=size, p=p))
     rng = np.random.default_rng(11)
     x, y, mask = arena(rng, size, size), garbage(size), garbage(size)
-    jit("fwd", x, y, mask, 1234, 0, N)
+    jit("fwd", x, y, mask, 1234, 0, 0, N)
     m = slots(mask, size, size)
     assert set(np.unique(m)) <= {np.float32(0.0), np.float32(1.0 / (1.0 - p))}
     kept = np.count_nonzero(m) / m.size
@@ -271,10 +271,10 @@ def test_dropout_seeds_and_batch_splits(jit):
     rng = np.random.default_rng(12)
     x = arena(rng, stride, size)
 
-    def run(seed, ranges):
+    def run(seed, ranges, image0=0):
         y, mask = garbage(stride), garbage(stride)
         for n0, n1 in ranges:
-            jit("fwd", x, y, mask, seed, n0, n1)
+            jit("fwd", x, y, mask, seed, image0, n0, n1)
         return y, mask
 
     y_all, mask_all = run(7, [(0, N)])
@@ -289,6 +289,9 @@ def test_dropout_seeds_and_batch_splits(jit):
     assert not np.array_equal(slots(mask_other, stride, size), slots(mask_all, stride, size))
     _, mask_negative = run(-3, [(0, N)])  # any i64 seed is fine
     np.testing.assert_array_equal(slots(mask_negative, stride, size), dropout_mask_ref(-3, size, p))
+    # image n of a call at image0 = 70 is image 70 + n of the whole batch (a chunk, an MPI rank's share)
+    _, mask_shifted = run(7, [(0, N)], image0=70)
+    np.testing.assert_array_equal(slots(mask_shifted, stride, size), dropout_mask_ref(7, size, p, image0=70))
 
 
 @pytest.mark.parametrize("accumulate", [False, True])
@@ -298,7 +301,7 @@ def test_dropout_backward(jit, accumulate):
                                       accumulate=accumulate))
     rng = np.random.default_rng(13)
     x, y, mask = arena(rng, xs, size), garbage(ys), garbage(ms)
-    jit("fwd", x, y, mask, 99, N0, N1)
+    jit("fwd", x, y, mask, 99, 0, N0, N1)
     assert_untouched(mask, garbage(ms), written(mask, ms, size))
     assert_untouched(y, garbage(ys), written(y, ys, size))
     dy = arena(rng, ys, size)

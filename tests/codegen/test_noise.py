@@ -11,10 +11,10 @@ SIZE = 1000
 N = 300
 
 
-def noise(jit, seed: int, sigma: float, ranges=((0, N),), stride: int = SIZE) -> np.ndarray:
+def noise(jit, seed: int, sigma: float, ranges=((0, N),), stride: int = SIZE, image0: int = 0) -> np.ndarray:
     x = np.zeros(N * stride, np.float32)
     for n0, n1 in ranges:
-        jit("noise", x, seed, sigma, n0, n1)
+        jit("noise", x, seed, image0, sigma, n0, n1)
     return x.reshape(N, stride)
 
 
@@ -42,3 +42,11 @@ def test_noise_is_reproducible_and_split_invariant(jit):
     flat = whole[:, :SIZE].astype(np.float64)
     assert abs(np.corrcoef(flat[:, :-1].ravel(), flat[:, 1:].ravel())[0, 1]) < 0.01
     assert abs(np.corrcoef(flat[:-1].ravel(), flat[1:].ravel())[0, 1]) < 0.01
+
+
+def test_noise_follows_the_image_index_in_the_whole_batch(jit):
+    """A batch cut into pieces that start at image0 (chunks, MPI ranks) gets the noise of the whole batch."""
+    emit_gaussian_noise(jit.module, "noise", NoiseSpec(SIZE), jit.vw)
+    whole = noise(jit, 5, 1.0)
+    shifted = noise(jit, 5, 1.0, image0=100)  # image n of this call is image 100 + n of the whole batch
+    np.testing.assert_array_equal(shifted[:N - 100], whole[100:])

@@ -7,6 +7,7 @@ table counts only its connections; weights written in the file are frozen.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -303,3 +304,49 @@ def test_resnet_tiny_agrees_with_torch():
     assert g.graph["totals"]["total_params"] == sum(p.numel() for p in model.parameters())
     assert [s for n in g.nodes for s in g.nodes[n]["params"].values()] == [tuple(p.shape) for p in model.parameters()]
     assert g.nodes["stage2.1.y"]["shape"] == tuple(model[:5](torch.zeros(1, 3, 32, 32, device="meta")).shape[1:])
+
+
+def torch_resnet20():
+    """He et al.'s CIFAR ResNet-20 in PyTorch (option B shortcuts), on the meta device: for counting."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    def conv_bn(cin, cout, k, stride):
+        return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout)]
+
+    class Basic(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.y = nn.Sequential(*conv_bn(cin, cout, 3, stride), nn.ReLU(), *conv_bn(cout, cout, 3, 1))
+            self.short = nn.Sequential(*conv_bn(cin, cout, 1, stride)) if stride != 1 else nn.Identity()
+
+        def forward(self, x):
+            return torch.relu(self.short(x) + self.y(x))
+
+    with torch.device("meta"):
+        stages = [Basic(16, 16, 1) for _ in range(3)]
+        stages += [Basic(16, 32, 2), Basic(32, 32, 1), Basic(32, 32, 1)]
+        stages += [Basic(32, 64, 2), Basic(64, 64, 1), Basic(64, 64, 1)]
+        return torch, nn.Sequential(*conv_bn(3, 16, 3, 1), nn.ReLU(), *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                    nn.Linear(64, 10))
+
+
+def test_resnet20_counts_agree_with_torch():
+    """Parameters as PyTorch's parameters(), state as its BatchNorm buffers (without num_batches_tracked), MACs
+    as a count of conv and linear multiply-accumulates over PyTorch's own output shapes."""
+    torch, model = torch_resnet20()
+    macs = []
+
+    def count(module, inputs, out):
+        if isinstance(module, torch.nn.Conv2d):
+            macs.append(out[0].numel() * module.in_channels // module.groups * math.prod(module.kernel_size))
+        elif isinstance(module, torch.nn.Linear):
+            macs.append(module.in_features * module.out_features)
+
+    for module in model.modules():
+        module.register_forward_hook(count)
+    model(torch.zeros(1, 3, 32, 32, device="meta"))
+    totals = check((EXAMPLES / "resnet20.cnn").read_text()).graph["totals"]
+    assert totals["total_params"] == sum(p.numel() for p in model.parameters()) == 272_474
+    assert totals["state_floats"] == sum(b.numel() for name, b in model.named_buffers() if "running" in name)
+    assert totals["total_macs"] == sum(macs)

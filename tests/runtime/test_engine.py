@@ -182,3 +182,35 @@ def test_model_is_an_engine_with_fit():
     model = build(MLP_NO_DROPOUT)
     assert isinstance(model, Engine)
     assert not hasattr(Engine, "fit") and callable(model.fit) and callable(model.evaluate)
+
+
+def test_the_parts_of_a_batch_add_up_to_the_whole_batch():
+    """What each rank of a data-parallel step computes: images [lo, hi) of a batch of 64, with image0 = lo and
+    whole = 64, give gradients and losses that sum to the whole batch's, dropout masks and all (float32 sums
+    grouped differently: 1e-6)."""
+    model = build(MLP)
+    x, y = batch(64, seed=5)
+    t = model.check_targets(y, 64, "cross_entropy")
+    value = model.gradients(x, t, "cross_entropy", seed=9)
+    want = model.flat_grads.astype(np.float64)
+    total, parts = 0.0, []
+    for lo, hi in [(0, 21), (21, 43), (43, 64)]:
+        total += model.gradients(x[lo:hi], t[lo:hi], "cross_entropy", seed=9, image0=lo, whole=64)
+        parts.append(model.flat_grads.astype(np.float64))
+    assert total == pytest.approx(value, rel=1e-6)
+    np.testing.assert_allclose(sum(parts), want, rtol=0, atol=1e-6 * np.abs(want).max())
+    model.gradients(x[21:43], t[21:43], "cross_entropy", seed=9, whole=64)  # image0 0: the masks of images 0..21
+    assert not np.allclose(model.flat_grads, parts[1], rtol=0, atol=1e-3 * np.abs(want).max())
+    with pytest.raises(ValueError, match=r"image0 >= 0 and whole >= N = 22"):
+        model.gradients(x[21:43], t[21:43], "cross_entropy", image0=21, whole=20)
+    with pytest.raises(ValueError, match=r"image0 >= 0"):
+        model.gradients(x[21:43], t[21:43], "cross_entropy", image0=-1, whole=64)
+
+
+def test_noise_of_a_part_is_the_noise_of_its_images_in_the_whole_batch(mlp):
+    whole, part = np.zeros((20, 64), np.float32), np.zeros((13, 64), np.float32)
+    mlp.add_noise(whole, 0.5, seed=11)
+    mlp.add_noise(part, 0.5, seed=11, image0=7)
+    np.testing.assert_array_equal(part, whole[7:])
+    with pytest.raises(ValueError, match="image0"):
+        mlp.add_noise(part, 0.5, seed=11, image0=-7)

@@ -83,7 +83,8 @@ def spy_steps(model, call_native: bool = True) -> list[dict]:
     calls: list[dict] = []
     original = model.gradients
 
-    def spy(x, targets, loss, *, seed=0, out=None, losses=None, prepare=None, label_smoothing=0.0):
+    def spy(x, targets, loss, *, seed=0, out=None, losses=None, prepare=None, label_smoothing=0.0, image0=0,
+            whole=None):
         params = model.flat_params.copy()
         threads: set[int] = set()
 
@@ -93,7 +94,8 @@ def spy_steps(model, call_native: bool = True) -> list[dict]:
 
         if call_native:
             value = original(x, targets, loss, seed=seed, out=out, losses=losses,
-                             prepare=prepared if prepare else None, label_smoothing=label_smoothing)
+                             prepare=prepared if prepare else None, label_smoothing=label_smoothing,
+                             image0=image0, whole=whole)
         else:
             if prepare is not None:
                 prepared(0, 0, len(x))
@@ -1067,7 +1069,9 @@ from cnnc_runtime.train import _Run, save_checkpoint
 
 path, size = sys.argv[1], int(sys.argv[2])
 flat = np.zeros(size, np.float32)
-model = types.SimpleNamespace(name="big", flat_params=flat, params={"w": flat[: size // 2], "b": flat[size // 2:]})
+params = {"w": flat[: size // 2], "b": flat[size // 2:]}
+model = types.SimpleNamespace(name="big", flat_params=flat, params=params, state=lambda: params,
+                              snapshot=lambda out=None: flat.copy())
 s = Settings(optimizer="sgd", lr=0.1)
 run = _Run(model, s, 0, base_lr=0.01)
 k = 0

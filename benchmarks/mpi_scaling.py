@@ -1,0 +1,198 @@
+"""Data-parallel scaling over MPI: ``python benchmarks/mpi_scaling.py`` (needs ``pip install '.[mpi]'``).
+
+Trains LeNet-5 (the bundled MNIST) and the CIFAR-style net (synthetic images) at batch 64 in three set-ups:
+1 process x 1 thread, 1 process x 2 threads, and 2 MPI ranks x 1 thread (``mpiexec -n 2``). Each sample is a
+fresh process (or job) that compiles from a warm cache, takes a few untimed steps, then times ``fit`` over
+``--steps`` steps; the set-ups alternate sample by sample, so background load hits them alike.
+
+Per set-up it reports the median [min-max] of: images/s (the epoch's wall clock, as ``fit`` measures it); an
+estimate for otherwise idle cores from CPU time (compute CPU per image shared by the workers, plus the fastest
+all-reduce; for a loaded machine, where wall clocks mislead); CPU seconds per 1000 images summed over every
+process; the all-reduces' share of rank 0's epoch and the time of the gradient's fastest all-reduce; and the
+share of the machine other processes used meanwhile (``run.py``'s ``CpuMeter``).
+Options: ``--repeats N`` (default 5), ``--steps N`` (default: 300 LeNet-5, 30 CIFAR), ``--only lenet|cifar``,
+``--json PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from run import CpuMeter  # (benchmarks/run.py: this script's folder is on sys.path)
+
+import cnnc
+from cnnc_runtime.data import load_dataset
+from cnnc_runtime.distributed import mpiexec_path, world
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+NETS = {"lenet": REPO / "examples" / "lenet5.cnn", "cifar": REPO / "examples" / "cifar_small.cnn"}
+STEPS = {"lenet": 300, "cifar": 30}
+BATCH = 64
+WARMUP_STEPS = 5
+SETUPS = {"1 process x 1 thread": (1, 1), "1 process x 2 threads": (1, 2), "2 ranks x 1 thread": (2, 1)}
+
+
+# ---- one sample: runs in the child process (every rank of a job) ------------------------------------------
+
+
+def worker(net: str, steps: int) -> None:
+    """Time `steps` steps of fit; rank 0 prints one JSON line."""
+    comm = world()
+    model = cnnc.compile(NETS[net])
+    x, y = data(net, model, steps * BATCH)
+    settings = dict(epochs=1, batch=BATCH, progress=False, seed=0)
+    model.fit(x[:WARMUP_STEPS * BATCH], y[:WARMUP_STEPS * BATCH], **settings)
+    calls = time_reductions(comm)
+    cpu = time.process_time()
+    epoch = model.fit(x, y, **settings).epochs[0]
+    cpu = time.process_time() - cpu
+    grads = sorted(wall for wall, _, gradient in calls if gradient)
+    ranks = comm.gather_object({"cpu": cpu, "reduce_wall": sum(c[0] for c in calls),
+                                "reduce_cpu": sum(c[1] for c in calls),
+                                "fastest": grads[0] if grads else 0.0})
+    if comm.is_root:
+        print(json.dumps({"images_per_second": epoch.images_per_second, "images": len(x), "steps": steps,
+                          "cpu_seconds": sum(r["cpu"] for r in ranks),
+                          "compute_cpu_seconds": sum(r["cpu"] - r["reduce_cpu"] for r in ranks),
+                          "reduce_share": ranks[0]["reduce_wall"] / epoch.seconds,  # (both all-reduces)
+                          "reduce_fast_seconds": max(r["fastest"] for r in ranks)}))
+
+
+def time_reductions(comm) -> list[tuple[float, float, bool]]:
+    """(wall, this thread's CPU seconds, whether of the gradient) of every all-reduce from now on.
+
+    A rank that arrives first spins until its peer comes, so under load the wall time is mostly waiting; the
+    fastest of the gradient's calls comes closest to what the all-reduce itself costs.
+    """
+    calls: list[tuple[float, float, bool]] = []
+    plain = comm.sum_in_place
+
+    def timed(buf: np.ndarray) -> None:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        plain(buf)
+        calls.append((time.perf_counter() - wall, time.thread_time() - cpu, buf.size > 3))
+
+    comm.sum_in_place = timed
+    return calls
+
+
+def data(net: str, model, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """LeNet-5: the first n MNIST training images, uint8 as stored; CIFAR: n random float32 images."""
+    if net == "lenet":
+        train = load_dataset(REPO / "examples" / "data" / "mnist", raw=True)["train"]
+        return train.x[:n], train.y[:n]
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((n, *model.input_shape), dtype=np.float32), rng.integers(0, 10, n)
+
+
+# ---- the driver --------------------------------------------------------------------------------------------
+
+
+def sample(net: str, steps: int, ranks: int, threads: int, env: dict[str, str]) -> dict:
+    """One timed run of `net` as `ranks` processes of `threads` threads each, with the machine's load meanwhile."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", net, "--steps", str(steps)]
+    if ranks > 1:
+        command = [mpiexec(), "-n", str(ranks), *command]
+    meter = CpuMeter()
+    r = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**env, "CNNC_THREADS": str(threads)})
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{r.stdout}{r.stderr}")
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    result["others"] = meter.others()
+    return result
+
+
+def mpiexec() -> str:
+    found = mpiexec_path()
+    if found is None:
+        raise SystemExit("no mpiexec: pip install '.[mpi]' (mpi4py and an MPI wheel, into this Python's prefix)")
+    return found
+
+
+def spread(values: list[float], scale: float = 1.0, digits: int = 0) -> str:
+    v = sorted(x * scale for x in values)
+    return f"{v[len(v) // 2]:,.{digits}f} [{v[0]:,.{digits}f}-{v[-1]:,.{digits}f}]"
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def idle_estimate(name: str, s: dict) -> float:
+    """Images/s on otherwise idle cores, from CPU time: each worker (thread or rank) busy all the time on the
+    compute, plus (for ranks) the fastest all-reduce at every step. An upper bound: it assumes the work splits
+    evenly and no rank waits for another."""
+    ranks, threads = SETUPS[name]
+    per_image = s["compute_cpu_seconds"] / s["images"] / (ranks * threads)
+    return 1 / (per_image + s["reduce_fast_seconds"] * s["steps"] / s["images"])
+
+
+def report(net: str, results: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows for `net`: one per set-up, then the speed-ups of 2 ranks over 1 process x 1 thread."""
+    lines = []
+    for name, samples in results.items():
+        others = [s["others"] for s in samples if s["others"] is not None]
+        ranks = SETUPS[name][0] > 1
+        reduce = (f"{spread([s['reduce_share'] for s in samples], 100, 1)}% of the time; "
+                  f"{spread([s['reduce_fast_seconds'] for s in samples], 1e6)} us" if ranks else "-")
+        lines.append(f"| {net} | {name} | {spread([s['images_per_second'] for s in samples])} | "
+                     f"{spread([idle_estimate(name, s) for s in samples])} | "
+                     f"{spread([1000 * s['cpu_seconds'] / s['images'] for s in samples], digits=2)} | {reduce} | "
+                     f"{spread(others, 100) + '%' if others else '?'} |")
+    one, two = results["1 process x 1 thread"], results["2 ranks x 1 thread"]
+    wall = median([s["images_per_second"] for s in two]) / median([s["images_per_second"] for s in one])
+    idle = median([idle_estimate("2 ranks x 1 thread", s) for s in two]) / median(
+        [idle_estimate("1 process x 1 thread", s) for s in one])
+    lines.append(f"| {net} | speed-up of 2 ranks over 1 process x 1 thread | {wall:.2f}x | {idle:.2f}x | | | |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, help="timed steps per sample (default: 300 LeNet-5, 30 CIFAR)")
+    ap.add_argument("--only", choices=sorted(NETS), help="one network only")
+    ap.add_argument("--json", default="-", help="also write the samples here")
+    ap.add_argument("--worker", choices=sorted(NETS), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.steps or STEPS[args.worker])
+        return 0
+    cache = tempfile.mkdtemp(prefix="cnnc-mpi-bench-")
+    env = {**os.environ, "CNNC_CACHE_DIR": cache}
+    everything: dict[str, dict[str, list[dict]]] = {}
+    try:
+        for net in [args.only] if args.only else list(NETS):
+            steps = args.steps or STEPS[net]
+            sample(net, WARMUP_STEPS, 1, 1, env)  # compiles into the cache once
+            results: dict[str, list[dict]] = {name: [] for name in SETUPS}
+            names = list(SETUPS)
+            for r in range(args.repeats):
+                for name in names[r % 3:] + names[:r % 3]:  # a different set-up first each round
+                    results[name].append(sample(net, steps, *SETUPS[name], env))
+                    print(f"{net} round {r + 1}: {name}: {results[name][-1]}", file=sys.stderr, flush=True)
+            everything[net] = results
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    print("| network | set-up | images/s | idle-cores estimate from CPU time, images/s | CPU s per 1000 images (all "
+          "processes) | all-reduces' share of rank 0's epoch; the gradient's fastest call | others' CPU share |")
+    print("|---|---|---|---|---|---|---|")
+    for net, results in everything.items():
+        print("\n".join(report(net, results)))
+    if args.json != "-":
+        Path(args.json).write_text(json.dumps(everything, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Batchnorm kernels against float64 references, on the host, AVX2 and generic x86-64; the reduction between them
+against the op table's reference gradient, and that against finite differences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnnc.codegen.batchnorm import emit_bn_apply, emit_bn_backward, emit_bn_fold, emit_bn_grad_sums, emit_bn_stats
+from cnnc.codegen.module import BN_COEFS
+from cnnc.codegen.specs import BatchNormSpec, FoldSpec
+from cnnc.ops.batchnorm import reference, reference_grad, scale_shift
+from cnnc_runtime.batchnorm import Statistics
+from tests.codegen.buffers import (
+    N0,
+    N1,
+    N,
+    act_args_of,
+    act_ref,
+    arena,
+    assert_untouched,
+    garbage,
+    numeric_grad,
+    slots,
+    written,
+)
+
+SHAPES = [(3, 37), (4, 64), (13, 1)]  # (channels, positions): odd planes, whole vectors, a feature vector
+NODE = {"args": {"eps": 1e-5, "momentum": 0.1}}
+
+
+def _stride(c: int, hw: int) -> int:
+    return c * hw + 7  # room between images, filled with garbage the kernels must not read as data
+
+
+def _images(buf: np.ndarray, c: int, hw: int, n0: int = N0, n1: int = N1) -> np.ndarray:
+    return slots(buf, _stride(c, hw), c * hw)[n0:n1].reshape(n1 - n0, c, hw).astype(np.float64)
+
+
+@pytest.mark.parametrize("c,hw", SHAPES)
+def test_stats_are_the_shards_sum_and_squared_deviations(jit, c, hw):
+    spec = BatchNormSpec(c=c, hw=hw, x_stride=_stride(c, hw))
+    emit_bn_stats(jit.module, "stats", spec, jit.vw)
+    rng = np.random.default_rng(1)
+    x = arena(rng, spec.x_stride, c * hw, scale=3.0) + np.float32(100.0)  # an offset that naive sums would lose
+    partial = np.full(2 * c + 3, -1.0)
+    jit("stats", x, partial, N0, N1)
+    v = _images(x, c, hw)
+    np.testing.assert_allclose(partial[:c], v.sum(axis=(0, 2)), rtol=1e-6)
+    np.testing.assert_allclose(partial[c:2 * c], ((v - v.mean(axis=(0, 2), keepdims=True)) ** 2).sum(axis=(0, 2)),
+                               rtol=1e-4)
+    assert (partial[2 * c:] == -1.0).all()
+
+
+@pytest.mark.parametrize("c,hw", SHAPES)
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+def test_apply_is_a_per_channel_affine_map_then_the_activation(jit, c, hw, act):
+    spec = BatchNormSpec(c=c, hw=hw, x_stride=_stride(c, hw), y_stride=_stride(c, hw), act=act,
+                         act_args=act_args_of(act))
+    emit_bn_apply(jit.module, "apply", spec, jit.vw)
+    rng = np.random.default_rng(2)
+    x = arena(rng, spec.x_stride, c * hw)
+    scale, shift = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    y = garbage(spec.y_stride)
+    before = y.copy()
+    jit("apply", x, scale, shift, y, N0, N1)
+    want = act_ref(_images(x, c, hw) * scale[:, None] + shift[:, None], act)
+    np.testing.assert_allclose(_images(y, c, hw), want, rtol=1e-5, atol=1e-5)
+    assert_untouched(y, before, written(y, spec.y_stride, c * hw))
+
+
+@pytest.mark.parametrize("c,hw", SHAPES)
+def test_grad_sums_are_sum_dy_and_sum_dy_times_centred_x(jit, c, hw):
+    spec = BatchNormSpec(c=c, hw=hw, x_stride=_stride(c, hw), y_stride=_stride(c, hw))
+    emit_bn_grad_sums(jit.module, "sums", spec, jit.vw)
+    rng = np.random.default_rng(3)
+    x, dy = arena(rng, spec.x_stride, c * hw), arena(rng, spec.y_stride, c * hw)
+    mean = rng.standard_normal(c).astype(np.float32)
+    partial = np.full(2 * c, 5.0)
+    jit("sums", x, dy, mean, partial, N0, N1)
+    v, d = _images(x, c, hw), _images(dy, c, hw)
+    np.testing.assert_allclose(partial[:c], d.sum(axis=(0, 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(partial[c:], (d * (v - mean[:, None])).sum(axis=(0, 2)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("c,hw", SHAPES)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_backward_applies_the_three_coefficients(jit, c, hw, accumulate):
+    spec = BatchNormSpec(c=c, hw=hw, x_stride=_stride(c, hw), y_stride=_stride(c, hw), dx_stride=_stride(c, hw),
+                         accumulate=accumulate)
+    emit_bn_backward(jit.module, "backward", spec, jit.vw)
+    rng = np.random.default_rng(4)
+    x, dy, dx = (arena(rng, spec.x_stride, c * hw) for _ in range(3))
+    k, cx, cc = (rng.standard_normal(c).astype(np.float32) for _ in range(3))
+    before = dx.copy()
+    jit("backward", dy, x, k, cx, cc, dx, N0, N1)
+    want = k[:, None] * _images(dy, c, hw) + cx[:, None] * _images(x, c, hw) + cc[:, None]
+    if accumulate:
+        want += _images(before, c, hw)
+    np.testing.assert_allclose(_images(dx, c, hw), want, rtol=1e-5, atol=1e-5)
+    assert_untouched(dx, before, written(dx, spec.dx_stride, c * hw))
+
+
+@pytest.mark.parametrize("per_out,bias", [(27, True), (5, False), (0, False)])
+def test_fold_scales_the_weights_and_shifts_the_bias(jit, per_out, bias):
+    o = 6
+    emit_bn_fold(jit.module, "fold", FoldSpec(o=o, per_out=per_out, eps=1e-3, bias=bias), jit.vw)
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal(max(o * per_out, 1)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    gamma, beta, mean = (rng.standard_normal(o).astype(np.float32) for _ in range(3))
+    var = rng.random(o).astype(np.float32) + 0.1
+    w_out, b_out = np.zeros(max(o * per_out, o), np.float32), np.zeros(o, np.float32)
+    jit("fold", w if per_out else None, b if bias else None, gamma, beta, mean, var, w_out, b_out, 0, 1)
+    scale, shift = scale_shift(gamma.astype(np.float64), beta, mean, var, 1e-3)
+    if per_out:
+        np.testing.assert_allclose(w_out.reshape(o, per_out), w.reshape(o, per_out) * scale[:, None], rtol=1e-5)
+    else:
+        np.testing.assert_allclose(w_out, scale, rtol=1e-5)
+    np.testing.assert_allclose(b_out, shift + (b * scale if bias else 0), rtol=1e-5, atol=1e-6)
+
+
+def _layer(c: int, hw: int) -> dict:
+    return {"layer": "bn", "channels": c, "count": hw, "stats": 0, "eps": 1e-5, "momentum": 0.1,
+            "coefs": {k: i * c for i, k in enumerate(BN_COEFS)}}
+
+
+@pytest.mark.parametrize("c,hw", SHAPES)
+def test_shards_reduced_in_order_give_the_whole_batchs_forward_and_gradient(jit, c, hw):
+    """The kernels on three shards of a batch, with the runtime's reductions between them, equal the op
+    table's float64 reference of the whole batch: output, weight and bias gradients, input gradient."""
+    stride = _stride(c, hw)
+    spec = BatchNormSpec(c=c, hw=hw, x_stride=stride, y_stride=stride, dx_stride=stride)
+    for emitter, name in ((emit_bn_stats, "stats"), (emit_bn_apply, "apply"), (emit_bn_grad_sums, "sums"),
+                          (emit_bn_backward, "backward")):
+        emitter(jit.module, name, spec, jit.vw)
+    rng = np.random.default_rng(6)
+    x, dy = arena(rng, stride, c * hw, 2.0) + np.float32(1.5), arena(rng, stride, c * hw)
+    y, dx = garbage(stride), garbage(stride)
+    params = {f"bn.{k}": rng.standard_normal(c).astype(np.float32) for k in ("weight", "bias")}
+    state = {"bn.running_mean": np.zeros(c, np.float32), "bn.running_var": np.ones(c, np.float32)}
+    grads = {"bn.weight": np.zeros(c, np.float32), "bn.bias": np.zeros(c, np.float32)}
+    manifest = {"layers": [_layer(c, hw)], "phases": {}, "stats_doubles": 2 * c, "bn_floats": 6 * c}
+    st = Statistics(manifest, lambda n: np.zeros(n, np.float32))
+    shards = [(0, 2), (2, 3), (3, N)]
+    st.shard_buffers(len(shards))
+    coef = {k: st.coef("bn", k) for k in BN_COEFS}
+    for (a, b), p in zip(shards, st.partials):
+        jit("stats", x, p, a, b)
+    st.forward("bn", shards, params, state)
+    for a, b in shards:
+        jit("apply", x, coef["scale"], coef["shift"], y, a, b)
+    for (a, b), p in zip(shards, st.partials):
+        jit("sums", x, dy, coef["mean"], p, a, b)
+    st.backward("bn", shards, params, grads)
+    for a, b in shards:
+        jit("backward", dy, x, coef["k"], coef["cx"], coef["cc"], dx, a, b)
+
+    xs, dys = _images(x, c, hw, 0, N), _images(dy, c, hw, 0, N)
+    layer = {"weight": params["bn.weight"].astype(np.float64), "bias": params["bn.bias"].astype(np.float64),
+             "training": True}
+    np.testing.assert_allclose(_images(y, c, hw, 0, N), reference(NODE, [xs], layer), rtol=1e-4, atol=1e-5)
+    (want_dx,), want = reference_grad(NODE, [xs], None, dys, layer)
+    np.testing.assert_allclose(_images(dx, c, hw, 0, N), want_dx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads["bn.weight"], want["weight"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads["bn.bias"], want["bias"], rtol=1e-5, atol=1e-5)
+    m = N * hw
+    np.testing.assert_allclose(state["bn.running_mean"], 0.1 * xs.mean(axis=(0, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state["bn.running_var"], 0.9 + 0.1 * xs.var(axis=(0, 2)) * m / (m - 1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 2, 3), (6, 4)])
+@pytest.mark.parametrize("training", [True, False])
+def test_the_reference_gradient_matches_central_differences(shape, training):
+    rng = np.random.default_rng(7)
+    x, dy = rng.standard_normal(shape), rng.standard_normal(shape)
+    c = shape[1]
+    layer = {"weight": rng.standard_normal(c), "bias": rng.standard_normal(c), "training": training,
+             "running_mean": rng.standard_normal(c), "running_var": rng.random(c) + 0.5}
+    (dx,), grads = reference_grad(NODE, [x], None, dy, layer)
+    loss = lambda v: float((reference(NODE, [v], layer) * dy).sum())
+    np.testing.assert_allclose(dx, numeric_grad(loss, x), rtol=1e-5, atol=1e-7)
+    for kind in ("weight", "bias"):
+        def loss_of(v, kind=kind):
+            return float((reference(NODE, [x], {**layer, kind: v}) * dy).sum())
+        np.testing.assert_allclose(grads[kind], numeric_grad(loss_of, layer[kind]), rtol=1e-5, atol=1e-7)

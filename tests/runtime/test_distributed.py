@@ -1,0 +1,130 @@
+"""The MPI communicator: found only under a launcher, its collectives, and a failing rank ending the whole job."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from cnnc_runtime import distributed
+from cnnc_runtime.distributed import Local, check_same, fingerprint, launched_rank_size, share
+from tests.runtime.mpijob import needs_mpi, run_job
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 64, 65])
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_shares_cover_the_batch_in_order_and_differ_by_at_most_one(n, size):
+    parts = [share(n, r, size) for r in range(size)]
+    assert parts[0][0] == 0 and parts[-1][1] == n
+    assert all(parts[r][1] == parts[r + 1][0] for r in range(size - 1))
+    lengths = [hi - lo for lo, hi in parts]
+    assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True)
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, None),
+    ({"PMI_RANK": "1", "PMI_SIZE": "4"}, (1, 4)),  # MPICH, Intel MPI
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, (0, 2)),  # Open MPI
+    ({"MV2_COMM_WORLD_RANK": "3", "MV2_COMM_WORLD_SIZE": "8"}, (3, 8)),  # MVAPICH
+    ({"PMI_RANK": "0", "PMI_SIZE": "1"}, None),  # mpiexec -n 1: a plain single process
+    ({"PMI_RANK": "x", "PMI_SIZE": "2"}, None),
+])
+def test_an_mpi_job_is_recognised_by_its_launcher_environment(env, expected):
+    assert launched_rank_size(env) == expected
+
+
+def test_without_a_launcher_training_is_one_process_and_mpi4py_is_not_imported(monkeypatch):
+    for rank_var, size_var in distributed.LAUNCHER_ENV:
+        monkeypatch.delenv(rank_var, raising=False)
+        monkeypatch.delenv(size_var, raising=False)
+    monkeypatch.setattr(distributed, "_world", None)
+    monkeypatch.setattr(distributed, "_connect", lambda rank, size: pytest.fail("tried to join an MPI job"))
+    comm = distributed.world()
+    assert isinstance(comm, Local) and (comm.rank, comm.size, comm.is_root) == (0, 1, True)
+    buf = np.arange(4, dtype=np.float32)
+    comm.sum_in_place(buf)
+    comm.broadcast(buf)
+    np.testing.assert_array_equal(buf, np.arange(4))
+    assert comm.broadcast_object({"a": 1}) == {"a": 1} and comm.gather_object(3) == [3]
+
+
+def test_a_launcher_without_mpi4py_is_an_error_not_n_separate_runs(monkeypatch):
+    monkeypatch.setenv("PMI_RANK", "1")
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setattr(distributed, "_world", None)
+    monkeypatch.setitem(__import__("sys").modules, "mpi4py", None)  # import mpi4py raises ImportError
+    with pytest.raises(RuntimeError, match=r"rank 1 of 2.*pip install 'cnnc\[mpi\]'"):
+        distributed.world()
+
+
+def test_fingerprints_tell_arrays_values_and_bytes_apart():
+    a = np.arange(6, dtype=np.float32)
+    assert fingerprint(a) == fingerprint(a.copy())
+    assert fingerprint(a) != fingerprint(a.reshape(2, 3)) != fingerprint(a.astype(np.float64))
+    assert fingerprint({"lr": 0.1}, b"x") != fingerprint({"lr": 0.2}, b"x")
+    check_same(Local(), network=fingerprint(a))  # one rank always agrees with itself
+
+
+@needs_mpi
+def test_collectives_across_two_ranks(tmp_path):
+    r = run_job(tmp_path, """
+        import numpy as np
+        from cnnc_runtime.distributed import Mpi, world
+        comm = world()
+        assert isinstance(comm, Mpi) and comm.size == 2
+        grads = np.full(1000, comm.rank + 1.0, np.float32)
+        comm.sum_in_place(grads)
+        params = np.full(10, float(comm.rank), np.float32)
+        comm.broadcast(params)
+        seen = [float(grads.min()), float(grads.max()), float(params.max()), comm.broadcast_object(comm.rank),
+                comm.gather_object(comm.rank)]
+        open(f"rank{comm.rank}.txt", "w").write(repr(seen))
+    """)
+    assert r.returncode == 0, r.stderr
+    for rank in (0, 1):  # (ranks' prints may interleave: each writes a file)
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "[3.0, 3.0, 0.0, 0, [0, 1]]"
+
+
+@needs_mpi
+def test_ranks_that_differ_are_told_which_and_in_what(tmp_path):
+    r = run_job(tmp_path, """
+        from cnnc_runtime.distributed import check_same, world
+        comm = world()
+        try:
+            check_same(comm, network="same", data=f"file of rank {comm.rank}")
+        except ValueError as e:
+            open(f"rank{comm.rank}.txt", "w").write(str(e))
+    """)
+    assert r.returncode == 0, r.stderr
+    for rank in (0, 1):  # every rank raises the same error
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith(
+            "the ranks of this MPI job differ in their data: rank 1 disagrees with rank 0")
+
+
+@needs_mpi
+def test_a_failing_rank_ends_the_whole_job_with_its_message(tmp_path):
+    t0 = time.monotonic()
+    r = run_job(tmp_path, """
+        import numpy as np
+        from cnnc_runtime.distributed import abort_on_failure, world
+        comm = world()
+        buf = np.zeros(10, np.float32)
+        try:
+            if comm.rank == 1:
+                raise ValueError("rank 1 cannot read its data")
+            comm.sum_in_place(buf)  # rank 0 waits here for a peer that will never come
+        except BaseException as e:
+            abort_on_failure(comm, e)
+            raise
+    """, timeout=60)
+    assert r.returncode != 0
+    assert "rank 1 of 2: failed, ending the job: ValueError: rank 1 cannot read its data" in r.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def test_the_launcher_of_this_pythons_mpi_wheel_comes_first(tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "mpiexec").write_text("")
+    monkeypatch.setattr(distributed.sys, "executable", str(tmp_path / "bin" / "python"))
+    assert distributed.mpiexec_path() == str(tmp_path / "bin" / "mpiexec")

@@ -1,0 +1,253 @@
+"""``fit`` in every rank of an MPI job trains one model: the same weights as one process at the same global batch.
+
+Each test runs a small job (``mpiexec -n 2``, one thread per rank) on the first images of the bundled MNIST,
+with dropout, input jitter, crop and flip on, so that every random draw must follow the image's global index,
+and the gradient's norm clipped, which must happen to the whole batch's gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnc_runtime.data import load_dataset
+from tests.runtime.mpijob import mpiexec_path, needs_mpi, run_command, run_job
+
+pytestmark = needs_mpi
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGES = 615  # 9 batches of 64 and one of 39: the last is shared out unevenly (20 + 19)
+
+# Shared by the jobs and by the single-process runs they are compared with (exec'd here).
+PRELUDE = '''
+import os, sys
+import numpy as np
+import cnnc
+
+NET = """
+network small {
+    input image: 1x28x28
+    c = image -> conv(4, 5x5) -> relu -> maxpool(2x2)
+    h = c -> flatten -> dense(32) -> relu -> dropout(0.3)
+    logits = h -> dense(10)
+}
+"""
+SETTINGS = dict(batch=64, optimizer="adam", lr=0.001, jitter=0.2, crop=2, flip=True, clip_norm=0.5, seed=3,
+                progress=False)
+
+
+def data(path="data.npz"):
+    with np.load(path) as d:
+        return d["x"], d["y"]
+
+
+def model():
+    return cnnc.compile_string(NET)
+'''
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """A directory holding data.npz: the first IMAGES training images of the bundled MNIST, uint8 as stored."""
+    work = tmp_path_factory.mktemp("mpi")
+    mnist = load_dataset(REPO / "examples" / "data" / "mnist", raw=True)["train"]
+    np.savez(work / "data.npz", x=mnist.x[:IMAGES], y=mnist.y[:IMAGES])
+    return work
+
+
+def single_process(work: Path, **settings) -> np.ndarray:
+    """The flat weights one process gets with PRELUDE's model, data and settings (overridden by `settings`)."""
+    ns: dict = {}
+    exec(PRELUDE, ns)
+    model = ns["model"]()
+    x, y = ns["data"](work / "data.npz")
+    model.fit(x, y, **{**ns["SETTINGS"], **settings})
+    return model.flat_params.copy()
+
+
+def job(work: Path, body: str, timeout: float = 120):
+    r = run_job(work, PRELUDE + body, timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
+
+
+def test_two_ranks_train_the_weights_one_process_trains(work):
+    """20 Adam steps (2 epochs, a cosine schedule), dropout, jitter, crop and flip, the gradient's norm clipped:
+    the replicas stay identical and match one process."""
+    job(work, """
+from cnnc_runtime.distributed import world
+m = model()
+x, y = data()
+m.fit(x, y, epochs=2, schedule="cosine", **SETTINGS)
+np.save(f"weights{world().rank}.npy", m.flat_params)
+""")
+    rank0, rank1 = np.load(work / "weights0.npy"), np.load(work / "weights1.npy")
+    np.testing.assert_array_equal(rank0, rank1)
+    assert relative_difference(rank0, single_process(work, epochs=2, schedule="cosine")) < 1e-5
+
+
+@pytest.mark.slow
+def test_resuming_under_mpi_continues_exactly(work):
+    job(work, """
+from cnnc_runtime.distributed import world
+x, y = data()
+whole = model()
+whole.fit(x, y, epochs=2, **SETTINGS)
+first = model()
+first.fit(x, y, epochs=1, checkpoint="run.ckpt", **SETTINGS)
+resumed = model()
+resumed.fit(x, y, epochs=2, resume="run.ckpt", **SETTINGS)
+np.save(f"whole{world().rank}.npy", whole.flat_params)
+np.save(f"resumed{world().rank}.npy", resumed.flat_params)
+""")
+    for rank in (0, 1):
+        np.testing.assert_array_equal(np.load(work / f"resumed{rank}.npy"), np.load(work / f"whole{rank}.npy"))
+
+
+def test_only_rank_0_writes_files(work):
+    """Every file a rank opens for writing (or renames into place) is recorded by an audit hook."""
+    job(work, """
+import sys
+from cnnc_runtime.distributed import world
+written = []
+def audit(event, args):
+    if event == "open" and isinstance(args[0], str) and not args[0].endswith(".written"):
+        mode, flags = args[1] or "", args[2] or 0
+        if any(c in mode for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR):
+            written.append(os.path.basename(args[0]))
+    elif event in ("os.rename", "os.replace"):
+        written.append("rename " + os.path.basename(args[1]))
+sys.addaudithook(audit)
+m = model()
+x, y = data()
+m.fit(x, y, epochs=2, checkpoint="w.ckpt", log="w.jsonl", validation=0.1, **SETTINGS)
+open(f"rank{world().rank}.written", "w").write("\\n".join(written))
+""")
+    assert (work / "rank1.written").read_text() == ""
+    rank0 = (work / "rank0.written").read_text().splitlines()
+    assert "rename w.ckpt" in rank0 and "w.jsonl" in rank0
+    assert len(Path(work / "w.jsonl").read_text().splitlines()) == 2  # one line per epoch, not one per rank
+
+
+def failing_job(work: Path, body: str):
+    """A job one of whose ranks fails: it must end, all of it, non-zero and within 30 s."""
+    t0 = time.monotonic()
+    r = run_job(work, PRELUDE + body, timeout=60)
+    assert r.returncode != 0
+    assert time.monotonic() - t0 < 30
+    return r
+
+
+def test_a_rank_with_a_bad_file_ends_the_job_with_its_message(work):
+    """Rank 1's labels are out of range (its file only): it fails while rank 0 waits for it at the start."""
+    r = failing_job(work, """
+from cnnc_runtime.distributed import world
+m = model()
+x, y = data()
+if world().rank == 1:
+    y = y + 10
+m.fit(x, y, epochs=50, **SETTINGS)
+""")
+    assert "rank 1 of 2: failed, ending the job: ValueError: label" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_mid_training_ends_the_job(work):
+    r = failing_job(work, """
+from cnnc_runtime.distributed import world
+m = model()
+x, y = data()
+if world().rank == 1:
+    steps, plain = [], m.gradients
+    def failing(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 15:
+            raise RuntimeError("something broke in step 15")
+        return plain(*args, **kwargs)
+    m.gradients = failing
+m.fit(x, y, epochs=50, **SETTINGS)
+""")
+    assert "rank 1 of 2: failed, ending the job: Traceback" in r.stderr
+    assert "RuntimeError: something broke in step 15" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_training_ends_the_job(work):
+    failing_job(work, """
+import signal, threading
+from cnnc_runtime.distributed import world
+m = model()
+x, y = data()
+if world().rank == 1:
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGKILL)).start()
+m.fit(x, y, epochs=1000, **SETTINGS)
+""")
+
+
+@pytest.mark.slow
+def test_ranks_given_different_data_are_stopped_at_the_start(work):
+    r = failing_job(work, """
+from cnnc_runtime.distributed import world
+m = model()
+x, y = data()
+if world().rank == 1:
+    x, y = x[::-1].copy(), y[::-1].copy()
+m.fit(x, y, epochs=1, **SETTINGS)
+""")
+    assert "the ranks of this MPI job differ in their training data: rank 1 disagrees with rank 0" in r.stderr
+
+
+CLI_NET = """network small {
+    input image: 1x28x28
+    c = image -> conv(4, 5x5) -> relu -> maxpool(2x2)
+    logits = c -> flatten -> dense(10)
+}
+train {
+    loss cross_entropy
+    optimizer adam(lr=0.001)
+    batch 64
+    epochs 2
+}
+"""
+
+
+@pytest.mark.slow
+def test_cnnc_train_under_mpiexec_prints_and_writes_once(work):
+    """`mpiexec -n 2 cnnc train`: one progress report, one weights file, the test split evaluated once."""
+    with np.load(work / "data.npz") as d:
+        np.savez(work / "split.npz", x=d["x"][:500], y=d["y"][:500], x_test=d["x"][500:], y_test=d["y"][500:])
+    (work / "small.cnn").write_text(CLI_NET)
+    r = run_command(work, [sys.executable, "-m", "cnnc", "train", "small.cnn", "--data", "split.npz", "-o", "w.npz",
+                           "--log", "m.jsonl"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("training small on split.npz (500 images)") == 1 and ", 2 MPI ranks" in r.stdout
+    assert r.stdout.count("epoch 1/2") == r.stdout.count("epoch 2/2") == 1
+    assert r.stdout.count("test: loss") == 1
+    assert len((work / "m.jsonl").read_text().splitlines()) == 2
+    with np.load(work / "w.npz") as w:
+        assert set(w.files) == {"c.weight", "c.bias", "logits.weight", "logits.bias"}
+
+
+@pytest.mark.slow
+def test_cnnc_train_with_a_bad_file_on_one_rank_ends_the_job(work):
+    (work / "small.cnn").write_text(CLI_NET)
+    t0 = time.monotonic()
+    # rank 1 is told to read a file that is not there: it fails before training, rank 0 waits at the start-up check
+    r = subprocess.run([mpiexec_path(), "-n", "1", sys.executable, "-m", "cnnc", "train", "small.cnn", "--data",
+                        "data.npz", "--epochs", "1", ":", "-n", "1", sys.executable, "-m", "cnnc", "train",
+                        "small.cnn", "--data", "missing.npz", "--epochs", "1", "-o", "other.npz",
+                        "--checkpoint", "other.ckpt"], capture_output=True, text=True, cwd=work, timeout=60,
+                       env={**os.environ, "CNNC_THREADS": "1"})
+    assert r.returncode != 0
+    assert "rank 1 of 2: failed, ending the job: UsageError: cnnc train:" in r.stderr and "missing.npz" in r.stderr
+    assert time.monotonic() - t0 < 30
