@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LENET = REPO / "examples" / "lenet5.cnn"
 CIFAR = REPO / "examples" / "cifar_small.cnn"
+RESNET20 = REPO / "examples" / "resnet20.cnn"
 MNIST = REPO / "examples" / "data" / "mnist"
 MNIST_EPOCH = 60000
 SETTLE = 0.02  # seconds of pause between a cnnc and a PyTorch sample (lets spinning OpenMP threads go to sleep)
@@ -55,7 +56,8 @@ CONV_TWO = f"""network conv_two {{
     y = h -> conv({CONV_C}, 3x3, pad=1)
 }}"""
 
-ROW_NAMES = ("lenet_train", "lenet_infer1", "lenet_infer256", "cifar_train", "conv", "fma", "compile", "import",
+ROW_NAMES = ("lenet_train", "lenet_infer1", "lenet_infer256", "resnet20_infer1", "resnet20_infer256",
+             "cifar_train", "conv", "fma", "compile", "import",
              "first_step", "rss")
 
 
@@ -246,10 +248,10 @@ def import_onnxruntime():
 
 def alternate(ctx: Ctx, row: Row, repeats: int, cnnc_sample: Callable[[], float],
               torch_sample: Callable[[], float] | None, warmup: int = 1,
-              ort_sample: Callable[[], float] | None = None) -> None:
+              ort_sample: Callable[[], float] | None = None, torch_note: bool = True) -> None:
     """Warm the sides up, then take `repeats` samples of each, alternating; a failing torch or onnxruntime side is
-    noted (`ort_sample`: the onnxruntime side of an inference row)."""
-    if ctx.torch is None:
+    noted (`ort_sample`: the onnxruntime side of an inference row; `torch_note`: say when PyTorch is missing)."""
+    if ctx.torch is None and torch_note:
         torch_sample = None
         row.note = (row.note + "; " if row.note else "") + f"PyTorch unavailable ({ctx.torch_error})"
     row.cnnc = []
@@ -522,6 +524,43 @@ def row_lenet_infer256(ctx: Ctx) -> list[Row]:
     return [infer_row(ctx, "lenet_infer256", "LeNet-5 inference, batch 256", 256)]
 
 
+def resnet20_infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
+    """examples/resnet20.cnn on random 3x32x32 images: cnnc against onnxruntime (no PyTorch twin here)."""
+    model = ctx.model("resnet20", RESNET20)
+    xb = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
+    single = batch == 1
+    row = Row(key, label, "us" if single else "images/s", "lower" if single else "higher")
+    calls = ctx.rep(100, 40) if single else ctx.rep(3, 2)
+
+    def sample(fn) -> float:
+        if single:
+            return block_median(fn, calls) * 1e6
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return batch * calls / (time.perf_counter() - t0)
+
+    ort_sample = None
+    if ctx.ort is not None:
+        session = ctx.ort_session("resnet20", model)
+        feed = {session.get_inputs()[0].name: xb}
+        ort_sample = lambda: sample(lambda: session.run(None, feed))  # noqa: E731
+    row.note = "no PyTorch twin of ResNet-20 in this benchmark" + (
+        "" if ctx.ort is not None else f"; onnxruntime unavailable ({ctx.ort_error})")
+    alternate(ctx, row, ctx.rep(5, 3), lambda: sample(lambda: model(xb)), None, ort_sample=ort_sample,
+              torch_note=False)
+    row.extra["calls_per_sample"] = calls
+    return row
+
+
+def row_resnet20_infer1(ctx: Ctx) -> list[Row]:
+    return [resnet20_infer_row(ctx, "resnet20_infer1", "ResNet-20 inference, batch 1 (latency)", 1)]
+
+
+def row_resnet20_infer256(ctx: Ctx) -> list[Row]:
+    return [resnet20_infer_row(ctx, "resnet20_infer256", "ResNet-20 inference, batch 256", 256)]
+
+
 def row_cifar_train(ctx: Ctx) -> list[Row]:
     model = ctx.model("cifar_small", CIFAR)
     rng = np.random.default_rng(0)
@@ -776,6 +815,7 @@ def row_rss(ctx: Ctx) -> list[Row]:
 
 ROWS: dict[str, Callable[[Ctx], list[Row]]] = {
     "lenet_train": row_lenet_train, "lenet_infer1": row_lenet_infer1, "lenet_infer256": row_lenet_infer256,
+    "resnet20_infer1": row_resnet20_infer1, "resnet20_infer256": row_resnet20_infer256,
     "cifar_train": row_cifar_train, "fma": row_fma, "conv": row_conv, "compile": row_compile,
     "import": row_import, "first_step": row_first_step, "rss": row_rss,
 }

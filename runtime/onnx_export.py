@@ -150,6 +150,14 @@ def _dropout(b: Builder, layer: dict) -> None:
     b.node("Dropout", [layer["inputs"][0], ratio], layer["name"])
 
 
+def _batchnorm(b: Builder, layer: dict) -> None:
+    """The running statistics are inputs, as ONNX's BatchNormalization takes them; ONNX's momentum weighs the old
+    statistic, cnnc's (PyTorch's) the new one."""
+    name, a = layer["name"], layer["args"]
+    inputs = [layer["inputs"][0], *(b.param(f"{name}.{k}") for k in ("weight", "bias", "running_mean", "running_var"))]
+    b.node("BatchNormalization", inputs, name, epsilon=float(a["eps"]), momentum=1.0 - float(a["momentum"]))
+
+
 def _add(b: Builder, layer: dict) -> None:
     b.node("Add" if len(layer["inputs"]) == 2 else "Sum", layer["inputs"], layer["name"])
 
@@ -161,6 +169,7 @@ EXPORT: dict[str, Callable[[Builder, dict], None]] = {
     "avgpool": _pool("AveragePool", count_include_pad=1),  # cnnc's avgpool divides by the whole window
     "global_avgpool": _global_avgpool,
     "dense": _dense,
+    "batchnorm": _batchnorm,
     "flatten": lambda b, layer: b.node("Flatten", layer["inputs"], layer["name"], axis=1),
     "relu": _unary("Relu"),
     "sigmoid": _unary("Sigmoid"),
@@ -210,6 +219,7 @@ def export_model(model: Model, path: str | os.PathLike[str]) -> None:
     graph = m.get("graph")
     if graph is None:
         raise ValueError(f"network {model.name}: this artifact predates ONNX export; recompile it")
-    proto = to_onnx(graph, model.params, m["params"], m["network"], m["output"]["name"],
+    values = {**model.params, **model.buffers}  # (batchnorm's running statistics are buffers)
+    proto = to_onnx(graph, values, m["params"], m["network"], m["output"]["name"],
                     m.get("train", {}).get("normalize"))
     atomic_write_bytes(path, proto.SerializeToString())

@@ -41,7 +41,8 @@ class CnncRep(BackendRep):
             arrays = [inputs] if isinstance(inputs, np.ndarray) else list(inputs)
             named = dict(zip(self.input_names, arrays))
         for param, bound in self.imported.bound.items():
-            self.model.params[param] = bound.fn(np.asarray(named[bound.input]))
+            target = self.model.params if param in self.model.params else self.model.buffers  # (running statistics)
+            target[param] = bound.fn(np.asarray(named[bound.input]))
         x = np.ascontiguousarray(named[self.imported.input_name], dtype=np.float32)
         if self.shape is not None:
             x = x.reshape(self.shape[0], -1)

@@ -12,9 +12,9 @@ arithmetic) is evaluated on probe values and matched against the
 activations' own float64 references (``cnnc.ops.activations``), so no
 arrangement of the same formula is missed and no other formula is taken for it.
 
-PyTorch's patterns: batch normalization after a convolution (what both
-exporters leave in eval mode, when they have not folded it already) is
-folded into the convolution's weights; global average pooling may be
+PyTorch's patterns: batch normalization becomes a trainable batchnorm
+layer with its running statistics (the exporters often fold it into the
+convolution before it already); global average pooling may be
 ``GlobalAveragePool`` or ``ReduceMean`` over the spatial axes; flattening
 may be ``Flatten`` or a ``Reshape`` whose target is computed from ``Shape``.
 """
@@ -534,28 +534,36 @@ def _matmul(im: Importer, node: Any) -> None:
     _dense_from(im, node, x, b.shape[1], Named(node.input[1], np.asarray(b.T, dtype=np.float32)), None)
 
 
+def _pytorch_momentum(onnx_momentum: float) -> float:
+    """cnnc's (PyTorch's) momentum from ONNX's, 1 - m, as the shortest decimal that gives ONNX's float32 back."""
+    for digits in range(1, 10):
+        m = round(1.0 - onnx_momentum, digits)
+        if np.float32(1.0 - m) == np.float32(onnx_momentum):
+            return m
+    return 1.0 - onnx_momentum
+
+
 def _batchnorm(im: Importer, node: Any) -> None:
-    """Folded into the convolution before it (PyTorch's exporters in eval mode; cnnc has no batchnorm layer yet)."""
+    """A batchnorm layer, trainable, with the running statistics as its state (cnnc folds it into a conv or dense
+    before it for inference by itself)."""
     a = im.attrs(node)
     if a.get("training_mode", 0):
-        raise Refused(node, "training_mode=1: not supported by cnnc")
+        raise Refused(node, "training_mode=1 (batch statistics in the graph): not supported by cnnc, whose "
+                            "batchnorm uses them while training and the running statistics otherwise")
     im.unused(node, 1)
     x = im.tensor(node.input[0], node)
-    scale, shift, mean, var = (im.const(node, i, w) for i, w in enumerate(("scale", "bias", "mean", "var"), 1))
-    conv = im.layers[x.layer] if x.layer >= 0 else None
-    if conv is None or conv.op != "conv" or im.uses[node.input[0]] != 1 or \
-            any(isinstance(p, Bound) for p in conv.params.values()):
-        raise Refused(node, "a batch normalization that does not follow a convolution: not supported by cnnc "
-                            "(it has no batchnorm layer yet; batch norm right after a conv is folded into it)")
-    scale, shift, mean, var = (np.asarray(v, dtype=np.float64) for v in (scale, shift, mean, var))
-    s = scale / np.sqrt(var + a.get("epsilon", 1e-5))
-    w = conv.params["weight"]
-    bias = conv.params["bias"].value if "bias" in conv.params else np.zeros(w.value.shape[0])
-    conv.params["weight"] = Named(w.name, (w.value * s.reshape(-1, 1, 1, 1)).astype(np.float32))
-    bias_name = w.name[:-len("weight")] + "bias" if w.name.endswith(".weight") else ""  # (names the binding)
-    conv.params["bias"] = Named(bias_name, ((bias - mean) * s + shift).astype(np.float32))
-    conv.args.pop("bias", None)
-    im.values[node.output[0]] = x
+    if len(x.onnx_shape) != len(x.shape):
+        raise Refused(node, "a batch normalization of a pooled N x C x 1 x 1 map: not supported by cnnc")
+    args = {}
+    eps = float(a.get("epsilon", 1e-5))
+    if not math.isclose(eps, 1e-5, rel_tol=1e-6):
+        args["eps"] = number(eps)
+    momentum = _pytorch_momentum(float(a.get("momentum", 0.9)))
+    if momentum != 0.1:
+        args["momentum"] = number(momentum)
+    names = ("weight", "bias", "running_mean", "running_var")
+    params = {k: _param(im, node, i, im.const(node, i, k, bound=True)) for i, k in enumerate(names, 1)}
+    im.layer(node, "batchnorm", [x], x.shape, x.onnx_shape, args=args, params=params)
 
 
 # ---- layers without parameters -------------------------------------------------------------------

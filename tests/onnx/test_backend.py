@@ -35,13 +35,14 @@ PASS = """
     softmax_example softmax_large_number
     flatten_axis1 flatten_default_axis flatten_negative_axis3
     dropout_default dropout_default_old dropout_random_old
+    batchnorm_epsilon batchnorm_example
 """.split()
 
 # one or two of each op in the quick suite (each test compiles a network: ~0.5 s); all of them with -m slow
 QUICK = """
     conv_with_strides_padding conv_with_autopad_same averagepool_2d_precomputed_pads_count_include_pad
     maxpool_2d_precomputed_same_upper globalaveragepool gemm_alpha gemm_default_vector_bias relu leakyrelu elu
-    gelu_default_2 sigmoid tanh softmax_example flatten_axis1 dropout_default
+    gelu_default_2 sigmoid tanh softmax_example flatten_axis1 dropout_default batchnorm_example
 """.split()
 
 ONE_INPUT = "two data inputs; a cnnc network has one input"
@@ -57,8 +58,6 @@ EXCLUDED = {
     r"maxpool_with_argmax_.*": "the indices output of MaxPool",
     r"convtranspose.*": "ConvTranspose (no such layer in cnnc)",
     r"batchnorm_.*_training_mode": "training_mode=1",
-    r"batchnorm_(epsilon|example)": "batch norm given as graph inputs, not after a conv: needs cnnc's batchnorm "
-                                    "layer (not in cnnc yet)",
     r"gemm_all_attributes|gemm_transposeA": "transA=1",
     r"gemm_default_matrix_bias": "a bias per sample (a matrix C)",
     r"add|add_bcast|sum_.*|concat_2d_.*": ONE_INPUT,

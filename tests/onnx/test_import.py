@@ -34,7 +34,7 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("exporter", BOTH)
-@pytest.mark.parametrize("name", ["patterns", "trainable", "global_mean"])
+@pytest.mark.parametrize("name", ["patterns", "trainable", "global_mean", "normalized"])
 def test_pytorch_export_compiles_and_computes_what_pytorch_does(exported, name, exporter):
     model = cnnc.compile(exported(name, exporter))
     x = np.random.default_rng(1).standard_normal((5, *torchnets.NETS[name][1]), dtype=np.float32)
@@ -75,6 +75,29 @@ def test_one_training_step_equals_pytorchs(exported, exporter):
     dense = next(k for k in model.params if k.endswith(".weight") and model.params[k].shape == (8, 24))
     assert relative_error(model.params[dense], after["w"].T) < 1e-5
     assert relative_error(model.params["fc.weight"], after["fc.weight"]) < 1e-5
+
+
+@pytest.mark.parametrize("exporter", BOTH)
+def test_batch_norm_is_imported_trainable_and_trains_as_pytorchs(exported, exporter):
+    path = exported("normalized", exporter)
+    assert "-> batchnorm(momentum=0.2)" in import_file(path).text
+    model = cnnc.compile(path)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 1, 10, 10), dtype=np.float32)
+    y = rng.integers(0, 3, 8)
+    net, _ = torchnets.make("normalized")
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.3)
+    loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    model.fit(x, y, epochs=1, batch=8, loss="cross_entropy", optimizer="sgd", lr=0.3, progress=False)
+    after = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    state = model.state()
+    for torch_name, weights in (("conv", "conv_"), ("bn2d", "bn2d"), ("bn1d", "bn1d"), ("fc1", "fc1")):
+        for kind in ("weight", "bias") + (("running_mean", "running_var") if torch_name.startswith("bn") else ()):
+            assert relative_error(state[f"{weights}.{kind}"], after[f"{torch_name}.{kind}"]) < 1e-5, (weights, kind)
 
 
 @pytest.mark.parametrize("exporter", BOTH)

@@ -67,20 +67,19 @@ def test_a_second_data_input_and_a_reshape_that_is_no_flatten_are_refused():
         import_model(reshape)
 
 
-def test_batch_norm_after_a_conv_is_folded_into_it():
+def test_batch_norm_becomes_a_batchnorm_layer_with_its_statistics():
     rng = np.random.default_rng(0)
     w, scale, bias = rng.standard_normal((2, 3, 1, 1)), np.array([2.0, 0.5]), np.array([0.1, -0.2])
     mean, var = np.array([0.3, -0.1]), np.array([4.0, 0.25])
     bn = model([("Conv", ["x", "w"], ["c"], "conv"),
-                ("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"], "bn", {"epsilon": 0.0})],
+                ("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"], "bn",
+                 {"epsilon": 1e-3, "momentum": 0.8})],
                {"w": w, "scale": scale, "bias": bias, "mean": mean, "var": var}, out_shape=(2, 8, 8))
     imported = import_model(bn)
-    assert chain(imported.text) == "conv_ = x -> conv(2, 1)"  # (a layer's name cannot be a layer: conv_)
-    s = scale / np.sqrt(var)
-    assert np.allclose(imported.weights["conv_.weight"], w * s.reshape(-1, 1, 1, 1))
-    assert np.allclose(imported.weights["conv_.bias"], bias - mean * s)
-
-
+    assert chain(imported.text) == ("conv_ = x -> conv(2, 1, bias=false) "
+                                    "bn = conv_ -> batchnorm(eps=0.001, momentum=0.2)")
+    assert np.array_equal(imported.weights["bn.running_var"], var.astype(np.float32))
+    assert np.array_equal(imported.weights["bn.weight"], scale.astype(np.float32))
 def test_damaged_files_are_refused_with_a_clear_error_never_a_traceback(tmp_path):
     """Bytes of a real export flipped at random: each file either imports or raises CnnError."""
     w = np.random.default_rng(1).standard_normal((4, 3, 3, 3))

@@ -58,6 +58,23 @@ class Trainable(nn.Module):
         return self.fc(torch.sigmoid(x))
 
 
+class Normalized(nn.Module):
+    """Batch norm that no exporter folds away (after an activation; the dynamo exporter folds one right after a
+    linear layer): cnnc imports it as its own trainable batchnorm layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn2d = nn.BatchNorm2d(4, momentum=0.2)
+        self.fc1 = nn.Linear(4 * 5 * 5, 6)
+        self.bn1d = nn.BatchNorm1d(6, eps=1e-3)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.bn2d(F.relu(self.conv(x))), 2)
+        return self.fc2(self.bn1d(torch.tanh(self.fc1(torch.flatten(x, 1)))))
+
+
 class GlobalMean(nn.Module):
     """Global average pooling written as a mean over the spatial axes (ReduceMean), and a softmax output."""
 
@@ -82,7 +99,8 @@ class Upsample(nn.Module):
 
 
 NETS = {"patterns": (Patterns, (3, 16, 16)), "trainable": (Trainable, (1, 10, 10)),
-        "global_mean": (GlobalMean, (2, 6, 6)), "upsample": (Upsample, (1, 8, 8))}
+        "global_mean": (GlobalMean, (2, 6, 6)), "upsample": (Upsample, (1, 8, 8)),
+        "normalized": (Normalized, (1, 10, 10))}
 
 
 def make(name: str, seed: int = 0):
@@ -91,7 +109,7 @@ def make(name: str, seed: int = 0):
     cls, shape = NETS[name]
     net = cls()
     for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
