@@ -474,6 +474,16 @@ def row_lenet_train(ctx: Ctx) -> list[Row]:
     return [row, epoch]
 
 
+def inference_sample(fn: Callable[[], object], batch: int, calls: int) -> float:
+    """One sample of an inference row: the median latency in us of `calls` calls at batch 1, else images/s."""
+    if batch == 1:
+        return block_median(fn, calls) * 1e6
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return batch * calls / (time.perf_counter() - t0)
+
+
 def infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
     model = ctx.model("lenet5", LENET)
     x, _ = ctx.mnist()
@@ -482,13 +492,7 @@ def infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
     row = Row(key, label, "us" if single else "images/s", "lower" if single else "higher")
     calls = ctx.rep(400, 200) if single else ctx.rep(10, 5)
 
-    def sample(fn) -> float:
-        if single:
-            return block_median(fn, calls) * 1e6
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        return batch * calls / (time.perf_counter() - t0)
+    sample = lambda fn: inference_sample(fn, batch, calls)  # noqa: E731
 
     torch_sample = None
     if ctx.torch is not None:
@@ -532,13 +536,7 @@ def resnet20_infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
     row = Row(key, label, "us" if single else "images/s", "lower" if single else "higher")
     calls = ctx.rep(100, 40) if single else ctx.rep(3, 2)
 
-    def sample(fn) -> float:
-        if single:
-            return block_median(fn, calls) * 1e6
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        return batch * calls / (time.perf_counter() - t0)
+    sample = lambda fn: inference_sample(fn, batch, calls)  # noqa: E731
 
     ort_sample = None
     if ctx.ort is not None:
