@@ -2,8 +2,10 @@
 
 The default suite trains the modern LeNet and the classic LeNet-5 briefly on
 the first 10,000 training images and checks the accuracy on the first 2,000
-test images (a few seconds each). The ``slow`` test runs the README's main
-job end to end: ``cnnc train examples/lenet5.cnn`` to at most 1.00% test error.
+test images (a few seconds each). The ``slow`` tests run the README's jobs
+end to end: ``cnnc train examples/lenet5.cnn`` to at most 1.00% test error,
+and ``cnnc train examples/mnist_modern.cnn`` (batchnorm, AdamW, a schedule,
+crops) to at most 0.50%.
 """
 
 from __future__ import annotations
@@ -74,20 +76,34 @@ def test_lenet5_with_its_train_section_learns_mnist_quickly(mnist):
     assert acc >= 0.92, acc
 
 
-@pytest.mark.slow
-def test_the_readme_job_lenet5_reaches_one_percent_error(tmp_path):
-    """`cnnc train examples/lenet5.cnn`: the full 20 epochs of classic LeNet-5, test error <= 1.00%."""
+def cnnc_train(example: str, cwd: Path) -> tuple[str, float]:
+    """`cnnc train examples/EXAMPLE.cnn` with the file's own train section, run in cwd: its output and test error."""
     env = dict(os.environ)
     env.pop("CNNC_THREADS", None)
-    r = subprocess.run([sys.executable, "-m", "cnnc", "train", str(EXAMPLES / "lenet5.cnn")], cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-m", "cnnc", "train", str(EXAMPLES / f"{example}.cnn")], cwd=cwd,
                        capture_output=True, text=True, timeout=3600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    epochs = [line for line in r.stdout.splitlines() if line.startswith("epoch ")]
-    assert len(epochs) == 20
     m = re.search(r"^test: loss [0-9.]+, accuracy ([0-9.]+)% \(error ([0-9.]+)%\) on 10,000 images$", r.stdout,
                   re.MULTILINE)
     assert m, r.stdout
     error = float(m.group(2))
-    assert error <= 1.00, r.stdout
     assert float(m.group(1)) == pytest.approx(100 - error, abs=0.011)
-    assert (tmp_path / "lenet5.weights.npz").is_file() and (tmp_path / "lenet5.ckpt.npz").is_file()
+    assert (cwd / f"{example}.weights.npz").is_file() and (cwd / f"{example}.ckpt.npz").is_file()
+    return r.stdout, error
+
+
+@pytest.mark.slow
+def test_the_readme_job_lenet5_reaches_one_percent_error(tmp_path):
+    """`cnnc train examples/lenet5.cnn`: the full 20 epochs of classic LeNet-5, test error <= 1.00%."""
+    out, error = cnnc_train("lenet5", tmp_path)
+    assert len([line for line in out.splitlines() if line.startswith("epoch ")]) == 20
+    assert error <= 1.00, out
+
+
+@pytest.mark.slow
+def test_the_modern_example_reaches_half_a_percent_error(tmp_path):
+    """`cnnc train examples/mnist_modern.cnn`: 12 epochs of a small VGG-style net with batchnorm, AdamW, warmup and
+    a cosine schedule, 2-pixel random crops; test error <= 0.50% (measured: 0.42%). Needs batchnorm."""
+    out, error = cnnc_train("mnist_modern", tmp_path)
+    assert len([line for line in out.splitlines() if line.startswith("epoch ")]) == 12
+    assert error <= 0.50, out
