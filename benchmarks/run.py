@@ -1,4 +1,4 @@
-"""cnnc vs PyTorch, measured in one run on the same threads: ``python benchmarks/run.py``.
+"""cnnc vs PyTorch (and onnxruntime), measured in one run on the same threads: ``python benchmarks/run.py``.
 
 Options: ``--quick`` (fewer repeats and steps), ``--only NAME[,NAME]`` (see ``--list``),
 ``--threads N`` (default 2), ``--json PATH`` (default benchmarks/results.json; ``--json -`` to skip).
@@ -7,7 +7,9 @@ Every number is a sample of ``repeats`` measurements taken after warm-up, cnnc a
 PyTorch alternating sample by sample (so a burst of background load hits both
 sides alike); the table shows the median and [min-max]. The last column is
 cnnc/PyTorch oriented so that > 1 always means cnnc is better (faster, or less
-time or memory). benchmarks/README.md says what each row measures.
+time or memory). The inference rows also run LeNet-5 exported to ONNX (``Model.export_onnx``) in
+onnxruntime, the deployment runtime people would pick, with the same threads (``intra_op_num_threads``);
+that column needs ``pip install 'cnnc[onnx,onnxruntime]'``. benchmarks/README.md says what each row measures.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LENET = REPO / "examples" / "lenet5.cnn"
 CIFAR = REPO / "examples" / "cifar_small.cnn"
+RESNET20 = REPO / "examples" / "resnet20.cnn"
 MNIST = REPO / "examples" / "data" / "mnist"
 MNIST_EPOCH = 60000
 SETTLE = 0.02  # seconds of pause between a cnnc and a PyTorch sample (lets spinning OpenMP threads go to sleep)
@@ -53,7 +56,8 @@ CONV_TWO = f"""network conv_two {{
     y = h -> conv({CONV_C}, 3x3, pad=1)
 }}"""
 
-ROW_NAMES = ("lenet_train", "lenet_infer1", "lenet_infer256", "cifar_train", "conv", "fma", "compile", "import",
+ROW_NAMES = ("lenet_train", "lenet_infer1", "lenet_infer256", "resnet20_infer1", "resnet20_infer256",
+             "cifar_train", "conv", "fma", "compile", "import",
              "first_step", "rss")
 
 
@@ -68,15 +72,17 @@ class Row:
     better: str  # "higher" or "lower": what is better for this metric
     cnnc: list[float] | None = None
     torch: list[float] | None = None
+    ort: list[float] | None = None  # onnxruntime, on the inference rows
     note: str = ""
     extra: dict = field(default_factory=dict)
     others: float | None = None  # share of the machine's CPU other processes used while the row ran
 
-    def ratio(self) -> float | None:
-        """cnnc/PyTorch, oriented so that > 1 means cnnc is better."""
-        if not self.cnnc or not self.torch:
+    def ratio(self, other: str = "torch") -> float | None:
+        """cnnc/PyTorch (or cnnc/onnxruntime: `other` "ort"), oriented so that > 1 means cnnc is better."""
+        peer = getattr(self, other)
+        if not self.cnnc or not peer:
             return None
-        c, t = median(self.cnnc), median(self.torch)
+        c, t = median(self.cnnc), median(peer)
         if c <= 0 or t <= 0:
             return None
         return c / t if self.better == "higher" else t / c
@@ -87,6 +93,7 @@ class Row:
 
         return {"key": self.key, "label": self.label, "unit": self.unit, "better": self.better,
                 "cnnc": stats(self.cnnc), "torch": stats(self.torch), "ratio_cnnc_better_if_gt_1": self.ratio(),
+                "onnxruntime": stats(self.ort), "ratio_vs_onnxruntime_cnnc_better_if_gt_1": self.ratio("ort"),
                 "note": self.note, "extra": self.extra, "others_cpu_share": self.others}
 
 
@@ -122,11 +129,13 @@ def print_table(rows: list[Row], meta: dict) -> None:
     print(f"cnnc {meta['cnnc_version']} vs PyTorch {meta['torch_version'] or '(not installed)'}, "
           f"{meta['threads']} thread(s) each, {meta['cpu']}{' (--quick)' if meta['quick'] else ''}")
     print("values: median [min-max] over repeats.  RATIO = cnnc/PyTorch, oriented so that > 1 means cnnc is better "
-          "(higher throughput, or lower time / memory).\nothers: share of the machine's CPU used by other processes "
-          "while the row ran (should be ~0%)")
-    head = ("#", "benchmark", "unit", "better", "cnnc", "PyTorch", "ratio", "others")
-    body = [(str(i + 1), r.label, r.unit, r.better, cell(r.cnnc), cell(r.torch),
-             "-" if r.ratio() is None else f"{r.ratio():.2f}x", "?" if r.others is None else f"{100 * r.others:.0f}%")
+          "(higher throughput, or lower time / memory); RATIO ORT the same against onnxruntime "
+          f"{meta.get('onnxruntime_version') or '(not installed)'}.\nothers: share of the machine's CPU used by other "
+          "processes while the row ran (should be ~0%)")
+    ratio = lambda r, other: "-" if r.ratio(other) is None else f"{r.ratio(other):.2f}x"  # noqa: E731
+    head = ("#", "benchmark", "unit", "better", "cnnc", "PyTorch", "ratio", "onnxruntime", "ratio ort", "others")
+    body = [(str(i + 1), r.label, r.unit, r.better, cell(r.cnnc), cell(r.torch), ratio(r, "torch"), cell(r.ort),
+             ratio(r, "ort"), "?" if r.others is None else f"{100 * r.others:.0f}%")
             for i, r in enumerate(rows)]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     line = "  ".join("-" * w for w in widths)
@@ -165,6 +174,7 @@ class Ctx:
             self.torch = torch
         except Exception as e:  # noqa: BLE001 - any failure means "no torch column"
             self.torch_error = f"{type(e).__name__}: {e}"
+        self.ort, self.ort_error = import_onnxruntime()
         self.cache_dir = tempfile.mkdtemp(prefix="cnnc-bench-cache-")
         self._mnist = None
         self._models: dict[str, object] = {}
@@ -194,6 +204,15 @@ class Ctx:
             self._models[key] = m
         return self._models[key]
 
+    def ort_session(self, key: str, model):
+        """An onnxruntime session on `model` exported to ONNX (its current weights), on this run's threads."""
+        path = Path(self.cache_dir) / f"{key}.onnx"
+        model.export_onnx(path)
+        options = self.ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        return self.ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         # Python's default: modules load from cached bytecode, as after `pip install` (which compiles it); a
@@ -205,18 +224,53 @@ class Ctx:
         return env
 
 
+def import_onnxruntime():
+    """(the onnxruntime module or None, why not), imported with $HOME in a temporary directory: onnxruntime writes a
+    device id under ~/.cache when it is first imported, and a benchmark run should leave the user's home alone."""
+    saved = {k: os.environ.get(k) for k in ("HOME", "XDG_CACHE_HOME")}
+    home = tempfile.mkdtemp(prefix="cnnc-bench-ort-home-")
+    os.environ.update(HOME=home, XDG_CACHE_HOME=os.path.join(home, ".cache"))
+    try:
+        import onnx  # noqa: F401 - (the export needs it: no onnx, no column)
+        import onnxruntime
+
+        return onnxruntime, ""
+    except Exception as e:  # noqa: BLE001 - any failure means "no onnxruntime column"
+        return None, f"{type(e).__name__}: {e}"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def alternate(ctx: Ctx, row: Row, repeats: int, cnnc_sample: Callable[[], float],
-              torch_sample: Callable[[], float] | None, warmup: int = 1) -> None:
-    """Warm both sides up, then take `repeats` samples of each, alternating; a failing torch side is noted."""
-    if ctx.torch is None:
+              torch_sample: Callable[[], float] | None, warmup: int = 1,
+              ort_sample: Callable[[], float] | None = None, torch_note: bool = True) -> None:
+    """Warm the sides up, then take `repeats` samples of each, alternating; a failing torch or onnxruntime side is
+    noted (`ort_sample`: the onnxruntime side of an inference row; `torch_note`: say when PyTorch is missing)."""
+    if ctx.torch is None and torch_note:
         torch_sample = None
         row.note = (row.note + "; " if row.note else "") + f"PyTorch unavailable ({ctx.torch_error})"
     row.cnnc = []
     row.torch = [] if torch_sample is not None else None
+    row.ort = [] if ort_sample is not None else None
     for i in range(warmup + repeats):
         value = cnnc_sample()
         if i >= warmup:
             row.cnnc.append(value)
+        if ort_sample is not None:
+            time.sleep(SETTLE)
+            try:
+                value = ort_sample()
+            except Exception as e:  # noqa: BLE001 - keep the other columns
+                row.note = (row.note + "; " if row.note else "") + f"onnxruntime failed: {type(e).__name__}: {e}"
+                ort_sample, row.ort = None, None
+            else:
+                if i >= warmup:
+                    row.ort.append(value)
         if torch_sample is not None:
             time.sleep(SETTLE)
             try:
@@ -420,6 +474,16 @@ def row_lenet_train(ctx: Ctx) -> list[Row]:
     return [row, epoch]
 
 
+def inference_sample(fn: Callable[[], object], batch: int, calls: int) -> float:
+    """One sample of an inference row: the median latency in us of `calls` calls at batch 1, else images/s."""
+    if batch == 1:
+        return block_median(fn, calls) * 1e6
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return batch * calls / (time.perf_counter() - t0)
+
+
 def infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
     model = ctx.model("lenet5", LENET)
     x, _ = ctx.mnist()
@@ -428,13 +492,7 @@ def infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
     row = Row(key, label, "us" if single else "images/s", "lower" if single else "higher")
     calls = ctx.rep(400, 200) if single else ctx.rep(10, 5)
 
-    def sample(fn) -> float:
-        if single:
-            return block_median(fn, calls) * 1e6
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        return batch * calls / (time.perf_counter() - t0)
+    sample = lambda fn: inference_sample(fn, batch, calls)  # noqa: E731
 
     torch_sample = None
     if ctx.torch is not None:
@@ -448,9 +506,16 @@ def infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
                 return net(tx)
 
         torch_sample = lambda: sample(torch_call)  # noqa: E731
+    ort_sample = None
+    if ctx.ort is not None:
+        session = ctx.ort_session("lenet5", model)
+        feed = {session.get_inputs()[0].name: xb}
+        ort_sample = lambda: sample(lambda: session.run(None, feed))  # noqa: E731
+    else:
+        row.note = (row.note + "; " if row.note else "") + f"onnxruntime unavailable ({ctx.ort_error})"
     out_shape = (batch, *model.output_shape)
     alternate(ctx, row, ctx.rep(7, 4), lambda: sample(lambda: model.infer_into(xb, np.empty(out_shape, np.float32))),
-              torch_sample)
+              torch_sample, ort_sample=ort_sample)
     row.extra["calls_per_sample"] = calls
     return row
 
@@ -461,6 +526,37 @@ def row_lenet_infer1(ctx: Ctx) -> list[Row]:
 
 def row_lenet_infer256(ctx: Ctx) -> list[Row]:
     return [infer_row(ctx, "lenet_infer256", "LeNet-5 inference, batch 256", 256)]
+
+
+def resnet20_infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
+    """examples/resnet20.cnn on random 3x32x32 images: cnnc against onnxruntime (no PyTorch twin here)."""
+    model = ctx.model("resnet20", RESNET20)
+    xb = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
+    single = batch == 1
+    row = Row(key, label, "us" if single else "images/s", "lower" if single else "higher")
+    calls = ctx.rep(100, 40) if single else ctx.rep(3, 2)
+
+    sample = lambda fn: inference_sample(fn, batch, calls)  # noqa: E731
+
+    ort_sample = None
+    if ctx.ort is not None:
+        session = ctx.ort_session("resnet20", model)
+        feed = {session.get_inputs()[0].name: xb}
+        ort_sample = lambda: sample(lambda: session.run(None, feed))  # noqa: E731
+    row.note = "no PyTorch twin of ResNet-20 in this benchmark" + (
+        "" if ctx.ort is not None else f"; onnxruntime unavailable ({ctx.ort_error})")
+    alternate(ctx, row, ctx.rep(5, 3), lambda: sample(lambda: model(xb)), None, ort_sample=ort_sample,
+              torch_note=False)
+    row.extra["calls_per_sample"] = calls
+    return row
+
+
+def row_resnet20_infer1(ctx: Ctx) -> list[Row]:
+    return [resnet20_infer_row(ctx, "resnet20_infer1", "ResNet-20 inference, batch 1 (latency)", 1)]
+
+
+def row_resnet20_infer256(ctx: Ctx) -> list[Row]:
+    return [resnet20_infer_row(ctx, "resnet20_infer256", "ResNet-20 inference, batch 256", 256)]
 
 
 def row_cifar_train(ctx: Ctx) -> list[Row]:
@@ -717,6 +813,7 @@ def row_rss(ctx: Ctx) -> list[Row]:
 
 ROWS: dict[str, Callable[[Ctx], list[Row]]] = {
     "lenet_train": row_lenet_train, "lenet_infer1": row_lenet_infer1, "lenet_infer256": row_lenet_infer256,
+    "resnet20_infer1": row_resnet20_infer1, "resnet20_infer256": row_resnet20_infer256,
     "cifar_train": row_cifar_train, "fma": row_fma, "conv": row_conv, "compile": row_compile,
     "import": row_import, "first_step": row_first_step, "rss": row_rss,
 }
@@ -801,6 +898,7 @@ def run_rows(ctx: Ctx, only: list[str], started: float, run_meter: CpuMeter) -> 
     import cnnc
 
     meta = {"cnnc_version": cnnc.__version__, "torch_version": ctx.torch.__version__ if ctx.torch else None,
+            "onnxruntime_version": ctx.ort.__version__ if ctx.ort else None,
             "threads": args.threads, "cpu": cpu_name(), "cores": os.cpu_count(), "quick": args.quick,
             "python": platform.python_version(), "numpy": np.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_at_start": os.getloadavg()}

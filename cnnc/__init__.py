@@ -39,7 +39,18 @@ def compile_string(text: str, name: str = "<string>", **options: Any) -> Model:
 
 
 def compile(path: str | os.PathLike[str], **options: Any) -> Model:  # noqa: A001 - the API's name
-    """Compile a .cnn file to a ``Model`` (see ``compile_string`` for the options)."""
+    """Compile a .cnn file, or an ONNX file with its weights, to a ``Model`` (see ``compile_string`` for the options).
+
+    An ``.onnx`` file goes through ``cnnc import`` (``cnnc.onnx.import_``): the network as .cnn text, compiled,
+    then its weights copied in, ready to run or to train further. That needs the ``onnx`` extra.
+    """
+    if str(path).lower().endswith(".onnx"):
+        from cnnc.onnx.import_ import import_file  # (optional dependency: only ONNX files need it)
+
+        imported = import_file(path)
+        model = _build(imported.text, f"{path} (as .cnn)", options)
+        model.load_arrays(imported.weights, str(path))
+        return model
     return _build(None, path, options)
 
 

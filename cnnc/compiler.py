@@ -86,4 +86,18 @@ def describe(checked: nx.DiGraph, fused: nx.DiGraph) -> dict[str, Any]:
         "train": fused.graph.get("train", {}),
         "summary": as_text(checked, fused_groups(fused)),
         "summary_json": as_json(checked),
+        "graph": layer_graph(checked),
     }
+
+
+def layer_graph(checked: nx.DiGraph) -> list[dict[str, Any]]:
+    """The checked network as plain data, in execution order: what ``cnnc_runtime.onnx_export`` writes out from a Model.
+
+    Each layer: name, op, inputs, its arguments and resolved geometry (JSON values; fixed weights are in the
+    parameter table, source locations are left out) and its output shape.
+    """
+    skip = {"connect_locs", "weights"}
+    return [{"name": n, "op": node["op"], "inputs": list(node["inputs"]),
+             "args": {k: _jsonable(v) for k, v in sorted(node.get("args", {}).items()) if k not in skip},
+             "geometry": _jsonable(node.get("geometry", {})), "shape": list(node["shape"])}
+            for n in execution_order(checked) for node in [checked.nodes[n]]]

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cnnc_runtime import artifact, train
+from cnnc_runtime import artifact, onnx_export, train
 from cnnc_runtime.engine import Engine
 from cnnc_runtime.train import History
 
@@ -28,6 +28,13 @@ class Model(Engine):
         """(mean loss, accuracy) on a whole set, dropout off."""
         value, acc, _ = train.evaluate(self, x, y, loss)
         return value, acc
+
+    def export_onnx(self, path: str | os.PathLike[str]) -> None:
+        """Write this network and its current weights as an ONNX file (``cnnc_runtime.onnx_export``; opset 17).
+
+        Needs the ``onnx`` extra (``pip install 'cnnc[onnx]'``); says so when it is missing.
+        """
+        onnx_export.export_model(self, path)
 
 
 def load(path: str | os.PathLike[str], key: bytes | str | os.PathLike[str] | None = None) -> Model:

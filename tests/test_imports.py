@@ -42,6 +42,12 @@ ALLOWED_IN_FUNCTIONS = {
     ("cnnc_runtime.distributed", "mpi4py"),
     # LLVM itself (20-30 ms): only compiling and asking LLVM about the CPU need it
     ("cnnc_runtime.host", "llvmlite.binding"),
+    # onnx: an optional dependency (the onnx extra), for ONNX export and import only; the importer (the op table,
+    # networkx) for `cnnc.compile("x.onnx")` and `cnnc import` only
+    ("cnnc_runtime.onnx_export", "onnx"),
+    ("cnnc.onnx", "onnx"),
+    ("cnnc", "cnnc.onnx.import_"),
+    ("cnnc.cli.import_", "cnnc.onnx.import_"),
 }
 
 

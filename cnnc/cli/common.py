@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import cnnc
 from cnnc.errors import Diagnostics
 from cnnc.pipeline import compile_model, read_source
 from cnnc_runtime import artifact
@@ -212,7 +213,8 @@ def _load_artifact(path: Path, command: str, key: str | None = None) -> Model:
 
 
 def load_model(path: str, args: argparse.Namespace, diag: Diagnostics, **options) -> Model:
-    """A Model from a .cnn file (compiled here) or an artifact (``cnnc compile -o``)."""
+    """A Model from a .cnn file (compiled here), an ONNX file (imported with its weights, then compiled; the onnx
+    extra) or an artifact (``cnnc compile -o``)."""
     p = existing(path)
     key = getattr(args, "key", None)
     compiled_already = is_artifact(p, args.command)
@@ -220,6 +222,9 @@ def load_model(path: str, args: argparse.Namespace, diag: Diagnostics, **options
         raise UsageError(f"cnnc {args.command}: --key checks an artifact's signature, but {path} is not an artifact")
     if compiled_already:
         model = _load_artifact(p, args.command, key)
+    elif p.suffix.lower() == ".onnx":  # (cnnc import, then compile: the network with its weights)
+        model = cnnc.compile(p, generic=getattr(args, "generic", False),
+                             cache=not getattr(args, "no_cache", False), **options)
     else:
         with reading(args.command, p):
             source = read_source(p)

@@ -26,7 +26,9 @@ derivative here, its two kernel expressions (and ``erf``) in
 Adding another op is an ``OpDef`` in a module here (arguments, shape rule,
 parameters, MACs, reference and its gradient) plus, when no existing kernel
 family lowers it, a family in ``cnnc.codegen.lowering`` (its forward and
-backward emitters). ``tests/ops/test_table.py`` checks that every op has every part.
+backward emitters). ``tests/ops/test_table.py`` checks that every op has every part. Its ONNX spelling is
+one entry of ``cnnc_runtime.onnx_export.EXPORT`` (``tests/onnx/test_export.py`` checks every op has one), and an
+``IMPORT`` handler in ``cnnc.onnx.import_`` when ONNX has a node for it.
 """
 
 from __future__ import annotations
