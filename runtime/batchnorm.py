@@ -32,9 +32,12 @@ import numpy as np
 
 def combine_moments(counts: Sequence[float], means: Sequence[np.ndarray],
                     m2s: Sequence[np.ndarray]) -> tuple[float, np.ndarray, np.ndarray]:
-    """(count, mean, sum of squared deviations) of the union of parts, combined in order (Chan et al. 1979)."""
+    """(count, mean, sum of squared deviations) of the union of parts, combined in order (Chan et al. 1979);
+    empty parts are skipped."""
     n, mean, m2 = 0.0, np.zeros_like(means[0]), np.zeros_like(m2s[0])
     for c, mu, q in zip(counts, means, m2s):
+        if not c:
+            continue
         total = n + c
         delta = mu - mean
         mean = mean + delta * (c / total)
@@ -45,6 +48,9 @@ def combine_moments(counts: Sequence[float], means: Sequence[np.ndarray],
 
 class Reducer:
     """Partial sums of a step's shards -> the whole batch's: in shard order, in this process (see the module doc)."""
+
+    # True when the statistics cover more than this call's images (a step's `whole` batch, across processes)
+    spans_whole_batch = False
 
     def moments(self, counts: Sequence[float], sums: Sequence[np.ndarray],
                 m2s: Sequence[np.ndarray]) -> tuple[float, np.ndarray, np.ndarray]:

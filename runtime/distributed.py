@@ -26,10 +26,13 @@ import shutil
 import sys
 import sysconfig
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cnnc_runtime.batchnorm import Reducer, combine_moments
 
 # (rank, size) variables set by launchers: MPICH's and Intel MPI's hydra (PMI), Open MPI, MVAPICH
 LAUNCHER_ENV = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
@@ -193,3 +196,27 @@ def check_same(comm: Local, **digests: str) -> None:
             raise ValueError(f"the ranks of this MPI job differ in their {name}: rank{'s' * (len(odd) > 1)} "
                              f"{', '.join(map(str, odd))} disagree{'s' * (len(odd) == 1)} with rank 0 (give every "
                              f"rank the same files, settings and cnnc)")
+
+
+class RankReducer(Reducer):
+    """Batchnorm's reductions across the ranks of a job (``Statistics.reducer``): each rank's step sees the
+    statistics of the whole global batch, as one process would.
+
+    Each rank reduces its own shards, then every rank gathers the per-rank results and combines them in rank
+    order, so every rank computes identical bits.
+    """
+
+    spans_whole_batch = True
+
+    def __init__(self, comm: Local) -> None:
+        self.comm = comm
+
+    def moments(self, counts: Sequence[float], sums: Sequence[np.ndarray],
+                m2s: Sequence[np.ndarray]) -> tuple[float, np.ndarray, np.ndarray]:
+        mine = super().moments(counts, sums, m2s)
+        ranks = self.comm.gather_object(mine)
+        return combine_moments(*zip(*ranks))
+
+    def sums(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        ranks = self.comm.gather_object(super().sums(parts))
+        return Reducer.sums(self, ranks)
