@@ -15,12 +15,14 @@ sum(dy) and sum(dy * (x - mean)); their totals are the bias and weight
 gradients, and fix the input gradient's per-channel coefficients.
 
 **Data-parallel training** plugs in at ``Reducer``: ``moments`` and ``sums``
-receive the shards' partial results and return the whole batch's. A
-multi-process version reduces its own shards with the base class, then
-combines the per-rank results across ranks in rank order (an allgather of
-``(count, mean, m2)`` followed by ``combine_moments``; an all-reduce of the
-backward sums), and sets ``model.statistics.reducer``. The weight and bias gradients
-written from the backward sums are then the global batch's on every rank.
+receive the shards' partial results and return the whole batch's.
+``cnnc_runtime.distributed.RankReducer`` reduces its own shards with the
+base class, then gathers the per-rank results and combines them in rank
+order (``combine_moments``; the backward sums added in rank order);
+``fit`` sets it as ``model.statistics.reducer`` in an MPI job. The weight
+and bias gradients written from the backward sums are then the global
+batch's on every rank, so ``fit`` keeps them on rank 0 alone before the
+gradient all-reduce.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ Every rank holds the whole model. A step's batch is shared out between the
 ranks, each computes the gradient of its images scaled by the *global*
 image count, and one in-place all-reduce (a sum) of the flat gradient buffer
 gives every rank the mean over the whole batch; each then takes the same
-optimizer step, so the replicas never drift apart.
+optimizer step, so the replicas never drift apart. Batchnorm's batch
+statistics and backward sums are reduced across the ranks too
+(``RankReducer``), so every rank normalizes with the whole batch's.
 
 MPI has no recovery from a rank that stops taking part: its peers wait in
 their next collective forever. So a rank that fails calls ``abort``, which

@@ -486,7 +486,8 @@ def fit(model: Engine, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[n
     In every rank of an MPI job (``mpiexec -n N``; see ``cnnc_runtime.distributed``) `fit` trains one model
     data-parallel: `batch` is the global batch, each rank computes its share of every batch and one
     all-reduce of the gradient gives every rank the same step, with the result of one process (dropout and
-    jitter follow each image's index in the whole batch). Rank 0 alone shows progress, calls `on_epoch`,
+    jitter follow each image's index in the whole batch; batchnorm's statistics are the whole batch's, which
+    needs an image per rank in every batch). Rank 0 alone shows progress, calls `on_epoch`,
     writes the checkpoint and the log, evaluates the validation set and reads `resume`, whose contents it
     sends to the others. A rank that fails ends the whole job (``MPI_Abort``) with its message.
     """
