@@ -15,12 +15,14 @@ sum(dy) and sum(dy * (x - mean)); their totals are the bias and weight
 gradients, and fix the input gradient's per-channel coefficients.
 
 **Data-parallel training** plugs in at ``Reducer``: ``moments`` and ``sums``
-receive the shards' partial results and return the whole batch's. A
-multi-process version reduces its own shards with the base class, then
-combines the per-rank results across ranks in rank order (an allgather of
-``(count, mean, m2)`` followed by ``combine_moments``; an all-reduce of the
-backward sums), and sets ``model.statistics.reducer``. The weight and bias gradients
-written from the backward sums are then the global batch's on every rank.
+receive the shards' partial results and return the whole batch's.
+``cnnc_runtime.distributed.RankReducer`` reduces its own shards with the
+base class, then gathers the per-rank results and combines them in rank
+order (``combine_moments``; the backward sums added in rank order);
+``fit`` sets it as ``model.statistics.reducer`` in an MPI job. The weight
+and bias gradients written from the backward sums are then the global
+batch's on every rank, so ``fit`` keeps them on rank 0 alone before the
+gradient all-reduce.
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ import numpy as np
 
 def combine_moments(counts: Sequence[float], means: Sequence[np.ndarray],
                     m2s: Sequence[np.ndarray]) -> tuple[float, np.ndarray, np.ndarray]:
-    """(count, mean, sum of squared deviations) of the union of parts, combined in order (Chan et al. 1979)."""
+    """(count, mean, sum of squared deviations) of the union of parts, combined in order (Chan et al. 1979);
+    empty parts are skipped."""
     n, mean, m2 = 0.0, np.zeros_like(means[0]), np.zeros_like(m2s[0])
     for c, mu, q in zip(counts, means, m2s):
+        if not c:
+            continue
         total = n + c
         delta = mu - mean
         mean = mean + delta * (c / total)
@@ -45,6 +50,9 @@ def combine_moments(counts: Sequence[float], means: Sequence[np.ndarray],
 
 class Reducer:
     """Partial sums of a step's shards -> the whole batch's: in shard order, in this process (see the module doc)."""
+
+    # True when the statistics cover more than this call's images (a step's `whole` batch, across processes)
+    spans_whole_batch = False
 
     def moments(self, counts: Sequence[float], sums: Sequence[np.ndarray],
                 m2s: Sequence[np.ndarray]) -> tuple[float, np.ndarray, np.ndarray]:

@@ -10,7 +10,9 @@ Every rank holds the whole model. A step's batch is shared out between the
 ranks, each computes the gradient of its images scaled by the *global*
 image count, and one in-place all-reduce (a sum) of the flat gradient buffer
 gives every rank the mean over the whole batch; each then takes the same
-optimizer step, so the replicas never drift apart.
+optimizer step, so the replicas never drift apart. Batchnorm's batch
+statistics and backward sums are reduced across the ranks too
+(``RankReducer``), so every rank normalizes with the whole batch's.
 
 MPI has no recovery from a rank that stops taking part: its peers wait in
 their next collective forever. So a rank that fails calls ``abort``, which
@@ -26,10 +28,13 @@ import shutil
 import sys
 import sysconfig
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cnnc_runtime.batchnorm import Reducer, combine_moments
 
 # (rank, size) variables set by launchers: MPICH's and Intel MPI's hydra (PMI), Open MPI, MVAPICH
 LAUNCHER_ENV = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
@@ -193,3 +198,27 @@ def check_same(comm: Local, **digests: str) -> None:
             raise ValueError(f"the ranks of this MPI job differ in their {name}: rank{'s' * (len(odd) > 1)} "
                              f"{', '.join(map(str, odd))} disagree{'s' * (len(odd) == 1)} with rank 0 (give every "
                              f"rank the same files, settings and cnnc)")
+
+
+class RankReducer(Reducer):
+    """Batchnorm's reductions across the ranks of a job (``Statistics.reducer``): each rank's step sees the
+    statistics of the whole global batch, as one process would.
+
+    Each rank reduces its own shards, then every rank gathers the per-rank results and combines them in rank
+    order, so every rank computes identical bits.
+    """
+
+    spans_whole_batch = True
+
+    def __init__(self, comm: Local) -> None:
+        self.comm = comm
+
+    def moments(self, counts: Sequence[float], sums: Sequence[np.ndarray],
+                m2s: Sequence[np.ndarray]) -> tuple[float, np.ndarray, np.ndarray]:
+        mine = super().moments(counts, sums, m2s)
+        ranks = self.comm.gather_object(mine)
+        return combine_moments(*zip(*ranks))
+
+    def sums(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        ranks = self.comm.gather_object(super().sums(parts))
+        return Reducer.sums(self, ranks)

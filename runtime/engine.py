@@ -675,7 +675,7 @@ class Engine:
             # batchnorm normalizes with the whole batch's statistics: one chunk, however large
             chunk = CHUNK if self.statistics is None else n
             if self.statistics is not None:
-                self.statistics.check_batch(n)
+                self.statistics.check_batch(whole if self.statistics.reducer.spans_whole_batch else n)
                 self.batches_tracked += 1
             for start in range(0, n, chunk):
                 self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, min(n, start + chunk),

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnc_runtime.distributed import Local, abort_on_failure, check_same, fingerprint, share, world
+from cnnc_runtime.distributed import Local, RankReducer, abort_on_failure, check_same, fingerprint, share, world
 from cnnc_runtime.engine import CHUNK, Engine, check_augment, check_smoothing
 from cnnc_runtime.fileio import atomic_save_npz
 from cnnc_runtime.inputs import Inputs, first_non_finite_row
@@ -486,7 +486,8 @@ def fit(model: Engine, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[n
     In every rank of an MPI job (``mpiexec -n N``; see ``cnnc_runtime.distributed``) `fit` trains one model
     data-parallel: `batch` is the global batch, each rank computes its share of every batch and one
     all-reduce of the gradient gives every rank the same step, with the result of one process (dropout and
-    jitter follow each image's index in the whole batch). Rank 0 alone shows progress, calls `on_epoch`,
+    jitter follow each image's index in the whole batch; batchnorm's statistics are the whole batch's, which
+    needs an image per rank in every batch). Rank 0 alone shows progress, calls `on_epoch`,
     writes the checkpoint and the log, evaluates the validation set and reads `resume`, whose contents it
     sends to the others. A rank that fails ends the whole job (``MPI_Abort``) with its message.
     """
@@ -531,10 +532,9 @@ def _fit(model: Engine, x, y, comm: Local, validation_data, checkpoint, resume, 
         _refuse_non_finite(val_inputs, val_targets, "validation ")
         validation_data = (val_inputs, val_y, val_targets)
     if comm.size > 1:
-        if model.statistics is not None:  # each rank would normalize with its own share's statistics
-            raise ValueError("batchnorm is not synchronized across MPI ranks yet: train this network in one process "
-                             "(CNNC_THREADS sets its threads)")
         _check_ranks_agree(comm, model, s, inputs, targets, validation_data)
+        if model.statistics is not None:
+            _check_every_rank_has_images(s.batch, len(inputs), comm.size)
         if not comm.is_root:  # rank 0 alone reports and writes
             progress, on_epoch, checkpoint, log = False, None, None, None
 
@@ -546,6 +546,9 @@ def _fit(model: Engine, x, y, comm: Local, validation_data, checkpoint, resume, 
     job = _Job(settings=s, loss=loss, inputs=inputs, targets=targets, labels=labels, validation=validation_data,
                checkpoint=checkpoint, log_file=log_file, progress=progress, on_epoch=on_epoch, interrupted=interrupted,
                comm=comm)
+    synchronized = comm.size > 1 and model.statistics is not None
+    if synchronized:  # batchnorm's statistics of the whole global batch on every rank
+        reducer, model.statistics.reducer = model.statistics.reducer, RankReducer(comm)
     try:
         start_restart = 0
         resumed: _Run | None = None
@@ -561,6 +564,8 @@ def _fit(model: Engine, x, y, comm: Local, validation_data, checkpoint, resume, 
                     model.initialize(s.seed + restart)
                 run = _Run(model, s, restart, base_lr, finished, kept)
             comm.broadcast(model.flat_params)  # every replica starts from rank 0's weights
+            if synchronized:
+                comm.broadcast(model.flat_state)  # and its running statistics
             _train_run(model, run, job)
             final = run.history[run.best_epoch - 1] if run.best_epoch else run.history[-1]
             finished.append({"restart": restart, "seed": s.seed + restart, "loss": final.loss,
@@ -569,10 +574,22 @@ def _fit(model: Engine, x, y, comm: Local, validation_data, checkpoint, resume, 
                 kept = _Kept(final.loss, model.snapshot(), list(run.history), run.stopped, run.best_epoch)
     finally:
         interrupted.restore()
+        if synchronized:
+            model.statistics.reducer = reducer
         if log_file:
             log_file.close()
     model.restore(kept.params)
     return History(kept.history, finished, kept.stopped, kept.best_epoch)
+
+
+def _check_every_rank_has_images(batch: int, n: int, ranks: int) -> None:
+    """ValueError unless every batch of an epoch gives each rank an image: a rank without one would not join
+    batchnorm's reductions, and its peers would wait for it forever."""
+    sizes = {min(batch, n)} | ({n % batch} if n > batch and n % batch else set())
+    if min(sizes) < ranks:
+        which = "batch" if min(sizes) == min(batch, n) else f"last batch of each epoch ({n} images)"
+        raise ValueError(f"a network with batchnorm needs at least one image per rank in every batch: the {which} "
+                         f"has {min(sizes)} images for {ranks} ranks (use a larger batch or fewer ranks)")
 
 
 def _check_ranks_agree(comm: Local, model: Engine, s: Settings, inputs: Inputs, targets: np.ndarray,
@@ -669,6 +686,8 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
     losses = np.empty(size, dtype=np.float32)
     optimizer = run.optimizer
     good = model.snapshot()  # the weights (and running statistics) from before the last update
+    bn_grads = [model.grads[f"{name}.{kind}"] for name in (model.statistics.layers if model.statistics else ())
+                for kind in ("weight", "bias")]
     decay_scratch = np.empty_like(model.flat_params) if s.weight_decay > 0 else None
     sums = np.zeros(3)  # what the ranks add up after each step: the loss, the correct predictions, interrupts
     prev_loss = run.history[-1].loss if run.history else math.inf
@@ -713,6 +732,9 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
                                               whole=len(whole)) if m else 0.0
                     if not m:  # (a batch smaller than the ranks: this one has no image of it)
                         model.flat_grads[...] = 0.0
+                    if not comm.is_root:  # batchnorm's weight and bias gradients: the whole batch's on every rank
+                        for g in bn_grads:
+                            g[...] = 0.0
                     sums[1] = int((out[:m].argmax(axis=1) == labels[idx]).sum()) if labels is not None else 0
                     sums[2] = job.interrupted.is_set()
                     if comm.size > 1:  # the gradient of the whole batch, on every rank

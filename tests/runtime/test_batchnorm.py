@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cnnc.reference import reference_forward
+from cnnc_runtime.distributed import Local, RankReducer
 from cnnc_runtime.model import Model, load
 from cnnc_runtime.optimizers import add_weight_decay
 from tests.reference import _compiled, graph, reference_value_and_grad
@@ -187,6 +188,17 @@ def test_one_value_per_channel_cannot_train():
     x, y = batch(m, 1)
     with pytest.raises(ValueError, match="batchnorm bn0 needs more than one value per channel"):
         m.value_and_grad(x, y)
+
+
+def test_across_ranks_the_rule_counts_the_whole_batch_not_this_ranks_part():
+    """Under MPI (``RankReducer``) a rank's part of a batch of 3 may be one image: the statistics cover all 3."""
+    m = model(VECTORS)
+    x, y = batch(m, 1)
+    targets = m.check_targets(y, 1, "cross_entropy")
+    m.statistics.reducer = RankReducer(Local())
+    assert np.isfinite(m.gradients(x, targets, "cross_entropy", image0=2, whole=3))
+    with pytest.raises(ValueError, match="batchnorm bn0 needs more than one value per channel"):
+        m.gradients(x, targets, "cross_entropy")
 
 
 def test_gradcheck_passes_on_a_network_with_batchnorm():

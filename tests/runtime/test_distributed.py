@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from cnnc_runtime import distributed
-from cnnc_runtime.distributed import Local, check_same, fingerprint, launched_rank_size, share
+from cnnc_runtime.batchnorm import Reducer, combine_moments
+from cnnc_runtime.distributed import Local, RankReducer, check_same, fingerprint, launched_rank_size, share
 from tests.runtime.mpijob import needs_mpi, run_job
 
 
@@ -128,3 +129,48 @@ def test_the_launcher_of_this_pythons_mpi_wheel_comes_first(tmp_path, monkeypatc
     (tmp_path / "bin" / "mpiexec").write_text("")
     monkeypatch.setattr(distributed.sys, "executable", str(tmp_path / "bin" / "python"))
     assert distributed.mpiexec_path() == str(tmp_path / "bin" / "mpiexec")
+
+
+class Gathered(Local):
+    """Rank `rank` of a pretend job whose peers' contributions are known: an allgather returns them, this rank's
+    own in its place."""
+
+    def __init__(self, rank: int, peers: list) -> None:
+        self.rank, self.size, self.peers = rank, len(peers), peers
+
+    def gather_object(self, obj):
+        return [obj if r == self.rank else p for r, p in enumerate(self.peers)]
+
+
+def _shard_parts(values: np.ndarray, cuts: list[int]):
+    """(counts, sums, m2s) of the shards values[cuts[i]:cuts[i+1]], as a step's shards give them."""
+    shards = [values[a:b] for a, b in zip(cuts, cuts[1:])]
+    return ([float(len(s)) for s in shards], [s.sum(axis=0) for s in shards],
+            [((s - s.mean(axis=0)) ** 2).sum(axis=0) for s in shards])
+
+
+def test_rank_reducer_gives_every_rank_the_whole_batchs_statistics_in_identical_bits():
+    """Three ranks with 7, 13 and 10 values per channel (in 2, 3 and 1 shards), offset by 100: every rank gets
+    the mean and sum of squared deviations of all 30, and the same bits as every other rank."""
+    values = 100.0 + np.random.default_rng(0).standard_normal((30, 3))
+    ranks = [values[:7], values[7:20], values[20:]]
+    cuts = [[0, 3, 7], [0, 4, 9, 13], [0, 10]]
+    local = [_shard_parts(v, c) for v, c in zip(ranks, cuts)]
+    moments_peers = [Reducer().moments(*p) for p in local]
+    sums_peers = [Reducer().sums(p[1]) for p in local]
+    results = [(RankReducer(Gathered(r, moments_peers)).moments(*local[r]),
+                RankReducer(Gathered(r, sums_peers)).sums(local[r][1])) for r in range(3)]
+    for (n, mean, m2), total in results:
+        assert n == 30
+        np.testing.assert_allclose(mean, values.mean(axis=0), rtol=1e-14)
+        np.testing.assert_allclose(m2, ((values - values.mean(axis=0)) ** 2).sum(axis=0), rtol=1e-10)
+        np.testing.assert_allclose(total, values.sum(axis=0), rtol=1e-14)
+        for mine, rank0 in zip((mean, m2, total), (results[0][0][1], results[0][0][2], results[0][1])):
+            np.testing.assert_array_equal(mine, rank0)
+
+
+def test_combining_moments_skips_empty_parts():
+    mean, m2 = np.array([2.0]), np.array([8.0])
+    n, got_mean, got_m2 = combine_moments([0.0, 4.0, 0.0], [np.zeros(1), mean, np.zeros(1)],
+                                          [np.zeros(1), m2, np.zeros(1)])
+    assert (n, got_mean.tolist(), got_m2.tolist()) == (4.0, [2.0], [8.0])
