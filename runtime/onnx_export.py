@@ -36,7 +36,7 @@ from cnnc_runtime import __version__
 from cnnc_runtime.fileio import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from cnnc_runtime.model import Model
+    from cnnc_runtime.engine import Engine
 
 OPSET = 17  # the floor every current runtime reads (onnxruntime, TensorRT, OpenVINO); Gelu is spelled with Erf
 IR_VERSION = 8  # the IR version of opset 17 (onnx 1.12): loadable by every onnxruntime since 1.12
@@ -213,7 +213,7 @@ def to_onnx(graph: list[dict], params: Mapping[str, np.ndarray], layout: list[di
     return model
 
 
-def export_model(model: Model, path: str | os.PathLike[str]) -> None:
+def export_model(model: Engine, path: str | os.PathLike[str]) -> None:
     """Write `model` (its network and current weights) to `path` as ONNX, atomically."""
     m = model.manifest
     graph = m.get("graph")
