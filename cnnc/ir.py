@@ -121,6 +121,17 @@ def add_node(g: nx.DiGraph, name: str, op: str, inputs: list[str], **attrs: Any)
             g.add_edge(src, name, ports=[port])
 
 
+def absorb(g: nx.DiGraph, into: str, name: str) -> None:
+    """Remove node `name`, whose work `into` (its producer) now does: its readers read `into` instead."""
+    for succ in list(g.successors(name)):
+        snode = g.nodes[succ]
+        snode["inputs"] = [into if i == name else i for i in snode["inputs"]]
+        g.add_edge(into, succ, ports=g.edges[name, succ]["ports"])
+    if g.graph["output"] == name:
+        g.graph["output"] = into
+    g.remove_node(name)
+
+
 def execution_order(g: nx.DiGraph) -> list[str]:
     """Nodes in a topological order that keeps source order where it is free (stable, deterministic)."""
     index = {n: i for i, n in enumerate(g.nodes)}

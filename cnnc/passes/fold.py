@@ -19,7 +19,7 @@ import copy
 
 import networkx as nx
 
-from cnnc.ir import execution_order
+from cnnc.ir import absorb, execution_order
 
 FOLDS_INTO = ("conv", "dense")
 
@@ -50,12 +50,6 @@ def fold(g: nx.DiGraph) -> nx.DiGraph:
                 node[key] = bnode[key]
         node["fused"] = [*node.get("fused", []), bn, *bnode.get("fused", [])]
         node["shape"] = bnode["shape"]
-        for succ in list(inf.successors(bn)):
-            snode = inf.nodes[succ]
-            snode["inputs"] = [layer if i == bn else i for i in snode["inputs"]]
-            inf.add_edge(layer, succ, ports=inf.edges[bn, succ]["ports"])
-        if inf.graph["output"] == bn:
-            inf.graph["output"] = layer
-        inf.remove_node(bn)
+        absorb(inf, layer, bn)
     g.graph["inference"] = inf
     return g

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from cnnc.ir import execution_order
+from cnnc.ir import absorb, execution_order
 from cnnc.ops import OPS
 
 FUSABLE = ("conv", "dense", "batchnorm")
@@ -33,11 +33,5 @@ def fuse(g: nx.DiGraph) -> nx.DiGraph:
         node["act_args"] = dict(anode.get("args", {}))  # all of them: the kernel specs carry every one
         node["fused"] = [*node.get("fused", []), act]
         node["shape"] = anode["shape"]
-        for succ in list(g.successors(act)):
-            snode = g.nodes[succ]
-            snode["inputs"] = [name if i == act else i for i in snode["inputs"]]
-            g.add_edge(name, succ, ports=g.edges[act, succ]["ports"])
-        if g.graph["output"] == act:
-            g.graph["output"] = name
-        g.remove_node(act)
+        absorb(g, name, act)
     return g
