@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import sysconfig
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,6 +123,8 @@ class Mpi(Local):
         """Print `message` (tagged with this rank) and end every rank of the job with `status`: none is left
         waiting in a collective."""
         print(f"rank {self.rank} of {self.size}: {message}", file=sys.stderr, flush=True)
+        if self.rank:  # when every rank fails at once, let rank 0's message reach the launcher before any abort
+            time.sleep(0.2)
         self._comm.Abort(status)
 
 
