@@ -209,6 +209,7 @@ def validate(manifest: Any, source: str | None = None) -> None:
         f.count(losses, loss, f"loss_inputs.{loss}", least=1)
     for k in ("arena_infer", "arena_train", "ws_floats"):
         f.count(manifest, k, k)
+    f.count(manifest, "infer_parts", "infer_parts", optional=True)  # threads infer_split is compiled for (0: none)
     total = f.count(manifest, "param_floats", "param_floats", least=1)
     _check_params(f, f.get(manifest, "params", "params", list), total)
     _check_batchnorm(f, f.get(manifest, "batchnorm", "batchnorm", dict, optional=True))
@@ -414,6 +415,7 @@ def contract(manifest: dict[str, Any]) -> dict[str, Any]:
     return {
         "param_floats": manifest["param_floats"],
         "arena_infer": manifest["arena_infer"],
+        "infer_parts": manifest.get("infer_parts", 0),
         "arena_train": manifest["arena_train"],
         "ws_floats": manifest["ws_floats"],
         "input.shape": manifest["input"]["shape"],

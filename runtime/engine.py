@@ -51,7 +51,7 @@ from cnnc_runtime.inputs import Inputs
 from cnnc_runtime.losses import DEFAULT_LOSS, LOSSES, choices
 from cnnc_runtime.memory import check_fits
 from cnnc_runtime.native import NativeLibrary
-from cnnc_runtime.parallel import check_threads, default_threads, shared_pool, split
+from cnnc_runtime.parallel import available_cores, check_threads, default_threads, shared_pool, split
 
 CHUNK = 256  # images per native call when a large array is run: bounds the arena's size
 MIN_IMAGES_PER_THREAD = 4
@@ -63,6 +63,7 @@ SHARD_IMAGES = 32
 MIN_SHARDS = 2
 MAX_SHARDS = 8
 SPARE_SCRATCH = 4  # idle per-call scratch sets a model keeps for later calls
+BARRIER_INT64S = 16  # infer_split's barrier: a counter and a generation, a cache line apart
 ALIGN_BYTES = 64
 P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -94,6 +95,9 @@ class Scratch:
         self.ws_ptrs = [w.ctypes.data for w in self.ws]
         self.folded = aligned_zeros(folded_floats) if folded_floats else None  # batchnorm: inference parameters
         self.folded_ptr = self.folded.ctypes.data if folded_floats else 0
+        # infer_split's barrier (its count returns to 0 at every barrier, so a set can be reused)
+        self.barrier = np.zeros(BARRIER_INT64S, dtype=np.int64)
+        self.barrier_ptr = self.barrier.ctypes.data
         self._per_image = arena_floats
         self._arenas: dict[str, tuple[np.ndarray, int]] = {}
 
@@ -232,6 +236,11 @@ class Engine:
         self._lib = NativeLibrary(obj, t["triple"], t["cpu"], t["features"])
         self._obj = obj
         self._infer = self._lib.function("infer", [P, P, P, P, P, I64, I64])
+        # one image on several threads (cnnc.codegen.split): when this many pool threads have a core each
+        parts = int(manifest.get("infer_parts", 0))
+        self._split_parts = parts if 1 < parts <= min(self.threads, len(available_cores())) else 0
+        self._infer_split = (self._lib.function("infer_split", [P, P, P, P, P, P, I64, I64, I64])
+                             if self._split_parts else None)
         bn = manifest.get("batchnorm")
         step_args = [P] * 10 + [I64, I64, F32, F32, I64, I64]
         syncs = bn["phases"] if bn else {loss: [] for loss in LOSSES}
@@ -593,6 +602,11 @@ class Engine:
         n = x.shape[0]
         arena = scratch.arena("infer", min(n, CHUNK))
         params, ws, xp, yp = self._inference_params(scratch), scratch.ws_ptrs, x.ctypes.data, y.ctypes.data
+        if single and self._infer_split is not None:
+            bar, run = scratch.barrier_ptr, self._infer_split
+            shared_pool(self.threads).run([lambda t=t: run(params, arena, xp, yp, ws[t], bar, t, 0, n)
+                                           for t in range(self._split_parts)])
+            return
         if single:
             self._infer(params, arena, xp, yp, ws[0], 0, n)
             return

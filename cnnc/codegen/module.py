@@ -6,6 +6,11 @@ Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
     the inference forward pass: ``y = net(x)`` (dropout is the identity). With
     batchnorm, ``params`` is the inference layout (``inference_params`` in the
     manifest) that ``fold`` writes.
+``infer_split(params, arena, x, y, ws, bar, part_i64, n0, n1)``
+    (networks of at least ``split.MIN_MACS`` multiply-adds per image) the same
+    pass on images ``[n0, n1)`` run by ``split.PARTS`` threads at once, thread
+    ``part`` doing its share of every layer, meeting at barriers in ``bar``
+    (``cnnc.codegen.split``): small batches on every core.
 ``fold(params, state, folded, n0, n1)``
     (networks with batchnorm) the inference parameters from the trained ones
     and the running statistics: each batchnorm folded into the conv or dense
@@ -45,7 +50,7 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 import networkx as nx
 
-from cnnc.codegen import emit, optim
+from cnnc.codegen import emit, optim, split
 from cnnc.codegen.augment import emit_augment
 from cnnc.codegen.batchnorm import emit_bn_fold
 from cnnc.codegen.conv import conv_workspace_floats
@@ -64,6 +69,7 @@ STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "st
              "scale_f32", "smooth_f32", "n0", "n1"]
 FOLD_ARGS = ["params", "state", "folded", "n0", "n1"]
 INFER_ARGS = ["params", "arena", "x", "y", "ws", "n0", "n1"]
+INFER_SPLIT_ARGS = ["params", "arena", "x", "y", "ws", "bar", "part_i64", "n0", "n1"]
 AUGMENT_ARGS = ["x", "seed_i64", "image0_i64", "pad_i64", "flip_i64", "fill", "ws", "n0", "n1"]
 SMALL_OUTPUT = 4096  # floats per image: an inference output this small is copied out (see _like_training)
 SHARE_MAX_FLOATS = 16384  # per image (64 KiB: 16 MiB per 256-image chunk) that sharing kernels may add
@@ -248,10 +254,19 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
     for n in execution_order(inf):
         FORWARD[inf.nodes[n]["op"]](entry, n)
     out_value = entry.value(inf.graph["output"])
+    y = Tensor("y", 0, out_value.size, out_value.size)
+    copy_out = None
     if out_value.base != "y":  # the output is a view of the input, or small (_like_training): copy it out
-        y = Tensor("y", 0, out_value.size, out_value.size)
-        entry.call(builder.kernel(emit_copy, _copy_spec(out_value, y)), out_value, y)
+        def copy_out(entry: Entry) -> None:
+            entry.call(builder.kernel(emit_copy, _copy_spec(out_value, y)), out_value, y)
+
+        copy_out(entry)
     entry.b.ret_void()
+    parts = 0
+    if g.graph["totals"]["total_macs"] >= split.MIN_MACS:
+        shared = Entry(builder, infer_plan, "infer_split", INFER_SPLIT_ARGS, inf, entry.slots)
+        split.emit_split_entry(shared, execution_order(inf), copy_out, (split.span(out_value), split.span(y)))
+        parts = split.PARTS
 
     if builder.bn_slots:
         _emit_fold(builder, inf, infer_slots)
@@ -280,6 +295,7 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
         "param_floats": builder.param_floats,
         "params": builder.slots,
         "arena_infer": infer_plan.arena_floats,
+        "infer_parts": parts,
         "arena_train": train_plan.arena_floats,
         "ws_floats": builder.ws_floats,
         "updates": optim.constants(),  # each loop's constants, in order
