@@ -93,7 +93,7 @@ class Scratch:
     def __init__(self, ws_floats: int, threads: int, arena_floats: dict[str, int], folded_floats: int = 0) -> None:
         self.ws = [aligned_zeros(ws_floats) for _ in range(threads)]
         self.ws_ptrs = [w.ctypes.data for w in self.ws]
-        self.folded = aligned_zeros(folded_floats) if folded_floats else None  # batchnorm: inference parameters
+        self.folded = aligned_zeros(folded_floats) if folded_floats else None  # batchnorm: inference coefficients
         self.folded_ptr = self.folded.ctypes.data if folded_floats else 0
         # infer_split's barrier (its count returns to 0 at every barrier, so a set can be reused)
         self.barrier = np.zeros(BARRIER_INT64S, dtype=np.int64)
@@ -235,11 +235,11 @@ class Engine:
                    + 4 * (int(manifest["arena_infer"]) + int(manifest["arena_train"])), f"network {self.name}")
         self._lib = NativeLibrary(obj, t["triple"], t["cpu"], t["features"])
         self._obj = obj
-        self._infer = self._lib.function("infer", [P, P, P, P, P, I64, I64])
+        self._infer = self._lib.function("infer", [P, P, P, P, P, P, I64, I64])
         # one image on several threads (cnnc.codegen.split): when this many pool threads have a core each
         parts = int(manifest.get("infer_parts", 0))
         self._split_parts = parts if 1 < parts <= min(self.threads, len(available_cores())) else 0
-        self._infer_split = (self._lib.function("infer_split", [P, P, P, P, P, P, I64, I64, I64])
+        self._infer_split = (self._lib.function("infer_split", [P] * 7 + [I64, I64, I64])
                              if self._split_parts else None)
         bn = manifest.get("batchnorm")
         step_args = [P] * 10 + [I64, I64, F32, F32, I64, I64]
@@ -590,25 +590,27 @@ class Engine:
         if len(self._spare) < SPARE_SCRATCH:
             self._spare.append(scratch)
 
-    def _inference_params(self, scratch: Scratch) -> int:
-        """The address of the parameters inference reads: the trained ones, or with batchnorm, those folded
-        from them and the running statistics now (a pass over the weights, cheaper than a forward pass)."""
+    def _folded(self, scratch: Scratch) -> int:
+        """The address of the batchnorm coefficients inference reads besides the trained parameters (0 without
+        batchnorm), folded now from the parameters and running statistics as they are: whatever wrote them
+        (an update, a load, a write into a view), this call sees it. A few floats per channel, not the weights."""
         if self._fold is None:
-            return self._params_ptr
+            return 0
         self._fold(self._params_ptr, self.flat_state.ctypes.data, scratch.folded_ptr, 0, 1)
         return scratch.folded_ptr
 
     def _infer_on(self, scratch: Scratch, x: np.ndarray, y: np.ndarray, single: bool) -> None:
         n = x.shape[0]
         arena = scratch.arena("infer", min(n, CHUNK))
-        params, ws, xp, yp = self._inference_params(scratch), scratch.ws_ptrs, x.ctypes.data, y.ctypes.data
+        params, folded, ws = self._params_ptr, self._folded(scratch), scratch.ws_ptrs
+        xp, yp = x.ctypes.data, y.ctypes.data
         if single and self._infer_split is not None:
             bar, run = scratch.barrier_ptr, self._infer_split
-            shared_pool(self.threads).run([lambda t=t: run(params, arena, xp, yp, ws[t], bar, t, 0, n)
+            shared_pool(self.threads).run([lambda t=t: run(params, folded, arena, xp, yp, ws[t], bar, t, 0, n)
                                            for t in range(self._split_parts)])
             return
         if single:
-            self._infer(params, arena, xp, yp, ws[0], 0, n)
+            self._infer(params, folded, arena, xp, yp, ws[0], 0, n)
             return
         in_bytes, out_bytes = x[0].nbytes, y[0].nbytes
         for start in range(0, n, CHUNK):
@@ -616,7 +618,7 @@ class Engine:
             xs, ys = xp + start * in_bytes, yp + start * out_bytes
 
             def task(t: int, a: int, b: int, xs=xs, ys=ys) -> None:
-                self._infer(params, arena, xs, ys, ws[t], a, b)
+                self._infer(params, folded, arena, xs, ys, ws[t], a, b)
 
             self._parallel(stop - start, task)
 

@@ -187,6 +187,17 @@ def _winograd_weights(b: ir.IRBuilder, p: Plane, ws: ir.Value, weights: ir.Value
     return u, emit.gep(b, u, conv_winograd.Blocks(p).u_floats, name="wino.vm")
 
 
+def _affine(b: ir.IRBuilder, spec: ConvSpec, bias: ir.Value | None, r: ir.Value, value: ir.Value,
+            width: int) -> ir.Value:
+    """Output channel r's sums plus its bias, scaled first by a folded batchnorm's scale (``spec.scale_at``)."""
+    if bias is None:
+        return value
+    shift = emit.splat(b, emit.load(b, bias, r), width)
+    if not spec.scale_at:
+        return b.fadd(value, shift)
+    return emit.fma(b, value, emit.splat(b, emit.load(b, bias, b.add(r, i64(spec.scale_at))), width), shift)
+
+
 def _smax(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
     return b.select(b.icmp_signed(">", x, y), x, y)
 
@@ -361,8 +372,7 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad)
 
         def finish(b: ir.IRBuilder, r: ir.Value, at: ir.Value, value: ir.Value, width: int, y_img=y_img) -> None:
-            if bias is not None:
-                value = b.fadd(value, emit.splat(b, emit.load(b, bias, r), width))
+            value = _affine(b, spec, bias, r, value, width)
             emit.store(b, activations.emit(b, value, spec.act, spec.act_args), y_img, at)
 
         if winograd:
@@ -485,8 +495,7 @@ def emit_conv_forward(module: ir.Module, name: str, spec: ConvSpec, vw: int) -> 
 
             def store(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int,
                       first_out=first_out, y_g=y_g) -> None:
-                if bias is not None:
-                    value = b.fadd(value, emit.splat(b, emit.load(b, bias, b.add(first_out, r)), width))
+                value = _affine(b, spec, bias, b.add(first_out, r), value, width)
                 value = activations.emit(b, value, spec.act, spec.act_args)
                 emit.store(b, value, y_g, index(b, (r, g.p), j))
 

@@ -1,7 +1,7 @@
 """One image on several threads: the ``infer_split`` entry point, each layer's work cut into per-thread shares.
 
 ``infer(..., n0, n1)`` splits a batch by images, so a batch of one runs on one
-core. ``infer_split(params, arena, x, y, ws, bar, part_i64, n0, n1)`` is run by
+core. ``infer_split(params, folded, arena, x, y, ws, bar, part_i64, n0, n1)`` is run by
 ``PARTS`` threads at once on the same images (the same arena), thread ``part``
 doing its share of every layer: a conv, dense or pooling layer its share of the
 output channels (reading the whole input), an elementwise op (activation, add)
@@ -80,7 +80,7 @@ def _param(ctx, layer: str, kind: str, delta: int) -> ir.Value:
     slot = ctx.slots.get((layer, kind))
     if slot is None:
         return ir.Constant(emit.PTR, None)
-    return emit.gep(ctx.b, ctx.args["params"], slot.offset + delta)
+    return emit.gep(ctx.b, ctx.args[slot.buffer], slot.offset + delta)
 
 
 # ---- shares of each kernel family ------------------------------------------------------------------
