@@ -37,6 +37,7 @@ import ctypes
 import io
 import os
 import threading
+import time
 import weakref
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -64,6 +65,41 @@ MIN_SHARDS = 2
 MAX_SHARDS = 8
 SPARE_SCRATCH = 4  # idle per-call scratch sets a model keeps for later calls
 BARRIER_INT64S = 16  # infer_split's barrier: a counter and a generation, a cache line apart
+
+
+class SplitChoice:
+    """Whether a small batch runs on all threads at once (``infer_split``) or on one, by their recent speed.
+
+    Sharing an image pays only while both cores are free: on a busy machine
+    each barrier waits for a descheduled thread, and one thread is faster. So
+    both ways are timed (wall seconds per image, a moving average); the faster
+    runs, and every ``PROBE``-th call tries the other, so a change of load is
+    followed within a few calls. Calls from several threads may race on the
+    averages: the cost is a slightly worse choice, never a wrong result.
+    """
+
+    PROBE = 16
+    WEIGHT = 0.25  # of the newest sample in the average
+
+    def __init__(self, fixed: bool | None = None) -> None:
+        """`fixed`: always that way (True: shared), unmeasured; tests pin the path they check."""
+        self.fixed = fixed
+        self.seconds: dict[bool, float | None] = {True: None, False: None}
+        self.calls = 0
+
+    def shared(self) -> bool:
+        """Whether the next small batch should run on all threads."""
+        if self.fixed is not None:
+            return self.fixed
+        self.calls += 1
+        if self.seconds[True] is None or self.seconds[False] is None:  # each way once first
+            return self.seconds[True] is None
+        best = self.seconds[True] <= self.seconds[False]
+        return best if self.calls % self.PROBE else not best
+
+    def record(self, shared: bool, seconds: float) -> None:
+        old = self.seconds[shared]
+        self.seconds[shared] = seconds if old is None else old + self.WEIGHT * (seconds - old)
 ALIGN_BYTES = 64
 P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -243,6 +279,7 @@ class Engine:
         self._split_parts = parts if 1 < parts <= min(self.threads, len(available_cores())) else 0
         self._infer_split = (self._lib.function("infer_split", [P] * 7 + [I64, I64, I64])
                              if self._split_parts else None)
+        self.split_choice = SplitChoice()
         bn = manifest.get("batchnorm")
         step_args = [P] * 10 + [I64, I64, F32, F32, I64, I64]
         syncs = bn["phases"] if bn else {loss: [] for loss in LOSSES}
@@ -611,9 +648,14 @@ class Engine:
         params, folded, ws = self._params_ptr, self._folded(scratch), scratch.ws_ptrs
         xp, yp = x.ctypes.data, y.ctypes.data
         if single and self._infer_split is not None:
-            bar, run = scratch.barrier_ptr, self._infer_split
-            shared_pool(self.threads).run([lambda t=t: run(params, folded, arena, xp, yp, ws[t], bar, t, 0, n)
-                                           for t in range(self._split_parts)])
+            shared, start = self.split_choice.shared(), time.perf_counter()
+            if shared:
+                bar, run = scratch.barrier_ptr, self._infer_split
+                shared_pool(self.threads).run([lambda t=t: run(params, folded, arena, xp, yp, ws[t], bar, t, 0, n)
+                                               for t in range(self._split_parts)])
+            else:
+                self._infer(params, folded, arena, xp, yp, ws[0], 0, n)
+            self.split_choice.record(shared, (time.perf_counter() - start) / n)
             return
         if single:
             self._infer(params, folded, arena, xp, yp, ws[0], 0, n)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cnnc.reference import reference_forward
+from cnnc_runtime.engine import SplitChoice
 from tests.reference import EXAMPLES, graph
 from tests.runtime.test_batchnorm import assert_close, batch, everything, model, randomize
 
@@ -31,8 +32,10 @@ network splitnet {
 """
 
 
-def randomized(m):
-    """`m` with random weights and statistics of a trained net's size (outputs neither saturated nor tiny)."""
+def randomized(m, shared: bool = True):
+    """`m` with random weights and statistics of a trained net's size (outputs neither saturated nor tiny), small
+    batches pinned to infer_split (`shared`) or to one thread."""
+    m.split_choice = SplitChoice(fixed=shared)
     randomize(m)
     for k, v in m.params.items():
         if k.endswith(".weight") and v.ndim > 1:
@@ -52,15 +55,24 @@ def test_small_batches_on_two_threads_match_the_reference(n):
     x, _ = batch(m, n)
     want = reference_forward(graph(SPLITNET), everything(m), x)
     assert_close(m(x), want, 1e-5)
-    assert_close(m(x), model_on_one_thread(m)(x), 1e-6)
-
-
-def model_on_one_thread(m):
     one = model(SPLITNET, threads=1)
+    assert one._infer_split is None
     for name, v in everything(m).items():
         everything(one)[name][...] = v
-    assert one._infer_split is None
-    return one
+    assert_close(m(x), one(x), 1e-6)
+
+
+def test_the_faster_way_runs_and_the_other_is_tried_now_and_then():
+    choice = SplitChoice()
+    assert [choice.shared(), choice.shared()] == [True, True]  # unmeasured: shared first
+    choice.record(True, 2e-3)
+    assert choice.shared() is False  # then one thread, once
+    choice.record(False, 1e-3)
+    ways = []
+    for _ in range(2 * SplitChoice.PROBE):
+        ways.append(choice.shared())
+        choice.record(ways[-1], 1e-3 if not ways[-1] else 2e-3)
+    assert ways.count(True) == 2  # one thread is faster: shared only as a probe, every PROBE-th call
 
 
 def test_inference_sees_weights_and_statistics_written_into_views():
@@ -94,10 +106,11 @@ RESNET20 = (EXAMPLES / "resnet20.cnn").read_text()
 
 
 @pytest.mark.slow  # (compiling ResNet-20: ~7 s)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_resnet20_inference_matches_pytorch(threads):
-    """Batch 1 and 5 (two threads: one image shared), 12 (images split between threads)."""
-    m = randomized(model(RESNET20, threads=threads))
+@pytest.mark.parametrize("threads,shared", [(1, False), (2, False), (2, True)])
+def test_resnet20_inference_matches_pytorch(threads, shared):
+    """Batch 1 and 5 (on two threads: one image shared, or each small batch on one), 12 (images split between
+    threads)."""
+    m = randomized(model(RESNET20, threads=threads), shared)
     x, _ = batch(m, 12)
     want = torch_resnet20_outputs(m, x)
     for n in (1, 5, 12):
