@@ -76,7 +76,9 @@ def kernel_ir(width: int, chains: int = CHAINS) -> str:
 
 def _f32(v: float) -> str:
     """`v` rounded to float32, as LLVM writes float constants (the hex bits of that value as a double)."""
-    return "0x%016X" % struct.unpack("<Q", struct.pack("<d", struct.unpack("<f", struct.pack("<f", v))[0]))[0]
+    (rounded,) = struct.unpack("<f", struct.pack("<f", v))
+    (bits,) = struct.unpack("<Q", struct.pack("<d", rounded))
+    return f"0x{bits:016X}"
 
 
 class FmaKernel:

@@ -31,7 +31,7 @@ import llvmlite.ir as ir
 import networkx as nx
 
 from cnnc.codegen import emit
-from cnnc.codegen.emit import I64, PTR
+from cnnc.codegen.emit import I64
 
 COUNTERS = "cnnc_profile_counters"
 CLOCK, TAKE = "profile_clock", "profile_take"
