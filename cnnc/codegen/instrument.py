@@ -36,6 +36,7 @@ from cnnc.codegen.emit import I64
 COUNTERS = "cnnc_profile_counters"
 CLOCK, TAKE = "profile_clock", "profile_take"
 PRODUCT_OPS = ("conv", "dense")  # ops whose backward computes products as large as their forward, per gradient
+PHASE_OPS = {"output": "copy", "fold": "fold"}  # what a region that is not a layer's pass does (the loss: its name)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Region:
     entry: str  # "infer", "step_cross_entropy", "step_mse", "fold"
     phase: str
     layer: str
-    op: str  # the layer's op, with a fused activation as "conv+relu"
+    op: str  # the layer's op, with a fused activation as "conv+relu"; the loss's name, "copy", "fold"
     flops: int  # per image
 
 
@@ -81,9 +82,8 @@ class Stopwatch:
         key = (entry, phase, layer)
         if key not in self._index:
             node = g.nodes[layer] if layer in g.nodes else {}
-            op = node.get("op", phase)
-            if node.get("act", "none") != "none":
-                op = f"{op}+{node['act']}"
+            op = PHASE_OPS.get(phase) or entry.removeprefix("step_") if phase not in ("forward", "backward") \
+                else node["op"] + (f"+{node['act']}" if node.get("act", "none") != "none" else "")
             self._index[key] = len(self.regions)
             self.regions.append(Region(entry, phase, layer, op, region_flops(g, phase, layer, step)))
         return self._index[key]
