@@ -18,7 +18,7 @@ PEAK = Peak("test", 16, {1: 100.0, 2: 200.0})
 @pytest.fixture(autouse=True)
 def known_peak(monkeypatch):
     """The peak as if measured before (its measurement and cache: tests/runtime/test_peak.py)."""
-    monkeypatch.setattr(profile_command, "fma_peak", lambda threads: PEAK)
+    monkeypatch.setattr(profile_command, "fma_peak", lambda threads, fresh=False: PEAK)
 
 
 def test_the_table_of_a_training_step(tmp_path):

@@ -97,6 +97,15 @@ def test_a_record_others_could_write_is_not_trusted(cache, counted):
     assert counted == [1, 1, 1]
 
 
+def test_a_fresh_measurement_keeps_the_better_of_the_two(cache, counted, monkeypatch):
+    peak.fma_peak(1)
+    monkeypatch.setattr(peak, "measure", lambda threads, seconds, repeats, kernel: [5.0])  # a busy moment
+    assert peak.fma_peak(1, fresh=True).best == {1: 11.0}
+    monkeypatch.setattr(peak, "measure", lambda threads, seconds, repeats, kernel: [15.0])  # an idle one
+    assert peak.fma_peak(1, fresh=True).best == {1: 15.0}
+    assert peak.fma_peak(1).best == {1: 15.0}
+
+
 def test_without_the_cache_it_measures_every_time(cache, counted):
     peak.fma_peak(1, use_cache=False)
     peak.fma_peak(1, use_cache=False)
