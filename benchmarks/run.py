@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from torch_nets import torch_resnet20  # (benchmarks/: this script's folder)
 
-from cnnc_runtime.host import host_cpu
+from cnnc_runtime.host import cpu_model, host_cpu
 from cnnc_runtime.inputs import Inputs
 from cnnc_runtime.peak import FmaKernel, measure
 
@@ -929,17 +929,6 @@ class CpuMeter:
         return min(1.0, max(0.0, (busy - ours) / total))
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and steps (about a minute)")
@@ -974,7 +963,7 @@ def run_rows(ctx: Ctx, only: list[str], started: float, run_meter: CpuMeter) -> 
 
     meta = {"cnnc_version": cnnc.__version__, "torch_version": ctx.torch.__version__ if ctx.torch else None,
             "onnxruntime_version": ctx.ort.__version__ if ctx.ort else None,
-            "threads": args.threads, "cpu": cpu_name(), "cores": os.cpu_count(), "quick": args.quick,
+            "threads": args.threads, "cpu": cpu_model(), "cores": os.cpu_count(), "quick": args.quick,
             "python": platform.python_version(), "numpy": np.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_at_start": os.getloadavg()}
     print(f"[{time.perf_counter() - started:6.1f}s] FMA peak of {meta['cpu']} ...", file=sys.stderr, flush=True)

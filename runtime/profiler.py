@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnc_runtime.host import cpu_model
 from cnnc_runtime.model import Model
 
 PHASES = ("forward", "loss", "output", "backward", "fold")
@@ -73,7 +74,7 @@ class Profile:
     threads: int
     step_seconds: float
     peak_gflops: dict[int, float]  # per thread count
-    cpu: str
+    cpu: str  # its model name (LLVM's name for it)
     lines: list[Line]
     native: dict[str, float]  # "counted" (the regions' seconds) and "timed" (from Python), summed over calls
     notes: list[str] = field(default_factory=list)
@@ -310,7 +311,7 @@ def _finish(model: ProfiledModel, mode: str, batch: int, steps: int, step: float
     counted = sum(float(c) for r, c in zip(model.regions, counters) if r["entry"] in entries) / rate
     timed = model.timed_seconds(tuple(entries))
     return Profile(model.name, mode, batch, steps, model.threads, step,
-                   {t: peak.gflops(t) for t in sorted({1, model.threads})}, peak.cpu, lines,
+                   {t: peak.gflops(t) for t in sorted({1, model.threads})}, f"{cpu_model()} ({peak.cpu})", lines,
                    {"counted": counted, "timed": timed}, notes)
 
 

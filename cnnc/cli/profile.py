@@ -70,7 +70,7 @@ def as_table(p: Profile) -> str:
     peaks = ", ".join(f"{g:.0f} GFLOP/s on {t} thread{'s' if t > 1 else ''}" for t, g in p.peak_gflops.items())
     head = [f"{p.network}: {what}, {p.threads} thread{'s' if p.threads > 1 else ''}, mean of {p.steps}: "
             f"{_ms(p.step_seconds)} ms",
-            f"CPU {p.cpu}, measured FMA peak {peaks}"]
+            f"CPU {p.cpu}: measured FMA peak {peaks}"]
     cols = ("layer", "op", "pass", "ms", "share", "GFLOP/s", "% peak")
     rows = []
     for line in p.lines:
