@@ -97,6 +97,57 @@ def check_profile_manifest(manifest: dict) -> list[dict]:
     return regions
 
 
+class Timers:
+    """What a ``ProfiledModel`` times from Python since the last reset: each native call per (entry, thread), and
+    named parts (held apart from the model, so that the wrappers make no reference cycle through it)."""
+
+    def __init__(self) -> None:
+        self.native: dict[tuple[str, int], list[float]] = {}  # (entry, thread) -> [seconds, calls]
+        self.parts: dict[str, float] = {}
+        self._lock = threading.Lock()  # (parts timed on several pool threads at once add into one number)
+
+    def reset(self) -> None:
+        self.native.clear()
+        self.parts = {"optimizer": 0.0, "reductions": 0.0, "prepare": 0.0, "inputs": 0.0}
+
+    def add(self, part: str, seconds: float) -> None:
+        with self._lock:
+            self.parts[part] += seconds
+
+    def native_call(self, entry: str, fn: Callable) -> Callable:
+        """`fn` (a native entry point), timed per call on the thread that calls it."""
+        native = self.native
+
+        def call(*args: Any) -> None:
+            t = time.perf_counter()
+            fn(*args)
+            dt = time.perf_counter() - t
+            record = native.setdefault((entry, threading.get_ident()), [0.0, 0])  # (this thread's own record)
+            record[0] += dt
+            record[1] += 1
+
+        return call
+
+    def part(self, part: str, fn: Callable) -> Callable:
+        """`fn`, its time added to `part`."""
+        def call(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(part, time.perf_counter() - t)
+
+        return call
+
+    def threads_of(self, entry: str) -> int:
+        """How many threads ran `entry` (at least 1)."""
+        return max(1, len({t for e, t in self.native if e == entry}))
+
+    def seconds_in(self, entries: tuple[str, ...]) -> float:
+        """The native calls of `entries`, timed from Python, summed over calls and threads."""
+        return sum(v[0] for (e, _), v in self.native.items() if e in entries)
+
+
 class ProfiledModel(Model):
     """A ``Model`` of a profiling build that also times, from Python, what it does outside native code.
 
@@ -107,24 +158,25 @@ class ProfiledModel(Model):
     def __init__(self, manifest: dict[str, Any], obj: bytes, weights: bytes = b"", seed: int | None = None,
                  threads: int | None = None) -> None:
         self.regions = check_profile_manifest(manifest)
+        self.timers = Timers()
         super().__init__(manifest, obj, weights, seed, threads)
         self._clock = self._lib.function("profile_clock", [ctypes.c_void_p])
         self._take = self._lib.function("profile_take", [ctypes.c_void_p])
         self._tick = np.zeros(1, dtype=np.int64)
         self.reset()
-        self._infer = self._timed("infer", self._infer)
+        t = self.timers
+        self._infer = t.native_call("infer", self._infer)
         if self._fold is not None:
-            self._fold = self._timed("fold", self._fold)
-        self._steps = {loss: [self._timed(f"step_{loss}", fn) for fn in fns] for loss, fns in self._steps.items()}
+            self._fold = t.native_call("fold", self._fold)
+        self._steps = {loss: [t.native_call(f"step_{loss}", fn) for fn in fns] for loss, fns in self._steps.items()}
         if self.statistics is not None:  # batchnorm's reductions between phases, on the calling thread
-            self.statistics.forward = self._add_time("reductions", self.statistics.forward)
-            self.statistics.backward = self._add_time("reductions", self.statistics.backward)
+            self.statistics.forward = t.part("reductions", self.statistics.forward)
+            self.statistics.backward = t.part("reductions", self.statistics.backward)
 
     def reset(self) -> None:
         """Zero the counters and the timers."""
         self.take()
-        self.native_calls: dict[tuple[str, int], list[float]] = {}  # (entry, thread) -> [seconds, calls]
-        self.timers: dict[str, float] = {"optimizer": 0.0, "reductions": 0.0, "prepare": 0.0, "inputs": 0.0}
+        self.timers.reset()
 
     def clock(self) -> int:
         """The cycle counter now (what the regions count)."""
@@ -137,53 +189,23 @@ class ProfiledModel(Model):
         self._take(out.ctypes.data)
         return out[:len(self.regions)]
 
-    def _timed(self, entry: str, fn: Callable) -> Callable:
-        calls = self
-
-        def call(*args: Any) -> None:
-            t = time.perf_counter()
-            fn(*args)
-            dt = time.perf_counter() - t
-            record = calls.native_calls.setdefault((entry, threading.get_ident()), [0.0, 0])
-            record[0] += dt
-            record[1] += 1
-
-        return call
-
-    def _add_time(self, timer: str, fn: Callable) -> Callable:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.timers[timer] += time.perf_counter() - t
-
-        return call
-
     def update(self, optimizer) -> None:
         t = time.perf_counter()
         super().update(optimizer)
-        self.timers["optimizer"] += time.perf_counter() - t
+        self.timers.add("optimizer", time.perf_counter() - t)
 
     def prepare(self, x: Any) -> np.ndarray:
         t = time.perf_counter()
         try:
             return super().prepare(x)
         finally:
-            self.timers["inputs"] += time.perf_counter() - t
+            self.timers.add("inputs", time.perf_counter() - t)
 
     def gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, *,
                   prepare: Callable[[int, int, int], None] | None = None, **kwargs: Any) -> float:
         if prepare is not None:  # the batch's gathering and preparation, on the pool's threads (summed)
-            prepare = self._add_time("prepare", prepare)
+            prepare = self.timers.part("prepare", prepare)
         return super().gradients(x, targets, loss, prepare=prepare, **kwargs)
-
-    def threads_of(self, entry: str) -> int:
-        """How many threads ran `entry` since the last reset (at least 1)."""
-        return max(1, len({t for e, t in self.native_calls if e == entry}))
-
-    def timed_seconds(self, entries: tuple[str, ...]) -> float:
-        return sum(v[0] for (e, _), v in self.native_calls.items() if e in entries)
 
 
 def random_inputs(model: Model, n: int, seed: int = 0, dataset: bool = True) -> np.ndarray:
@@ -238,8 +260,8 @@ def profile_training(model: ProfiledModel, peak, batch: int | None = None, steps
     step = epoch.seconds / epoch.steps
     entry = f"step_{loss}"
     lines = _region_lines(model, counters, rate, [entry], epoch.steps, step, batch, peak)
-    t = model.threads_of(entry)
-    timers = model.timers
+    t = model.timers.threads_of(entry)
+    timers = model.timers.parts
     n = epoch.steps
     others = [("data preparation", timers["prepare"] / t / n),
               ("optimizer", timers["optimizer"] / n),
@@ -269,9 +291,9 @@ def profile_inference(model: ProfiledModel, peak, batch: int = 1, calls: int | N
     step = wall / calls
     entries = ["infer", "fold"]
     lines = _region_lines(model, counters, rate, entries, calls, step, batch, peak)
-    others = [("input preparation", model.timers["inputs"] / calls)]
+    others = [("input preparation", model.timers.parts["inputs"] / calls)]
     notes = ["random float32 inputs of shape " + str((batch, *model.input_shape)) + " (model(x): prepared by the "
-             "input rule, then the inference pass)", *_common_notes(model.threads_of("infer"))]
+             "input rule, then the inference pass)", *_common_notes(model.timers.threads_of("infer"))]
     return _finish(model, "infer", batch, calls, step, lines, others, counters, rate, entries, peak, notes)
 
 
@@ -290,7 +312,7 @@ def _region_lines(model: ProfiledModel, counters: np.ndarray, rate: float, entri
     for r, cycles in zip(model.regions, counters):
         if r["entry"] not in entries or r["op"] == "input":
             continue
-        threads = model.threads_of(r["entry"])
+        threads = model.timers.threads_of(r["entry"])
         seconds = float(cycles) / rate / threads / steps
         flops = float(r["flops"]) * images
         gflops = flops / seconds / 1e9 if seconds > 0 and flops else None
@@ -309,11 +331,11 @@ def _finish(model: ProfiledModel, mode: str, batch: int, steps: int, step: float
     rest = step - sum(line.seconds for line in lines)
     lines.append(Line("overhead (the rest)", "", "other", rest, rest / step))
     counted = sum(float(c) for r, c in zip(model.regions, counters) if r["entry"] in entries) / rate
-    timed = model.timed_seconds(tuple(entries))
+    timed = model.timers.seconds_in(tuple(entries))
     return Profile(model.name, mode, batch, steps, model.threads, step,
                    {t: peak.gflops(t) for t in sorted({1, model.threads})}, f"{cpu_model()} ({peak.cpu})", lines,
                    {"counted": counted, "timed": timed}, notes)
 
 
-__all__ = ["Line", "Profile", "ProfiledModel", "check_profile_manifest", "profile_inference", "profile_training",
-           "random_inputs", "random_targets"]
+__all__ = ["Line", "Profile", "ProfiledModel", "Timers", "check_profile_manifest", "profile_inference",
+           "profile_training", "random_inputs", "random_targets"]

@@ -67,9 +67,9 @@ def test_the_layers_cycle_counts_cover_each_native_call(lenet, batch):
 
     def calls() -> None:
         for _ in range(30):
-            lenet.native_calls.clear()
+            lenet.timers.native.clear()
             lenet(x)
-            pairs.append((lenet.take().sum(), lenet.timed_seconds(("infer",))))
+            pairs.append((lenet.take().sum(), lenet.timers.seconds_in(("infer",))))
 
     _, rate, _ = _run(lenet, calls)
     ratios = sorted(counted / rate / timed for counted, timed in pairs)
@@ -103,7 +103,7 @@ def test_batchnorm_phases_and_reductions_on_two_threads():
     p = profile_training(model, PEAK, batch=32, steps=3, warmup=1)
     check_sums(p)
     check_rates(p, model)
-    assert p.threads == 2 and model.threads_of("step_cross_entropy") == 2
+    assert p.threads == 2 and model.timers.threads_of("step_cross_entropy") == 2
     parts = {line.name: line for line in p.lines if line.phase == "other"}
     assert parts["batchnorm reductions"].seconds > 0
     bn = [line for line in p.lines if line.op.startswith("batchnorm")]
