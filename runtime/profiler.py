@@ -88,6 +88,9 @@ class Profile:
 def check_profile_manifest(manifest: dict) -> list[dict]:
     """The regions of a profiling build's manifest; ValueError for anything else."""
     prof = manifest.get("profile")
+    triple = manifest.get("target", {}).get("triple", "") if isinstance(manifest.get("target"), dict) else ""
+    if not str(triple).startswith(("x86_64", "i386", "i686")):  # (elsewhere LLVM's cycle counter may trap)
+        raise ValueError(f"profiling reads the x86 timestamp counter; this code is for {triple or 'another CPU'}")
     regions = prof.get("regions") if isinstance(prof, dict) else None
     ok = isinstance(regions, list) and all(
         isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("entry", "phase", "layer", "op"))

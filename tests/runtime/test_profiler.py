@@ -127,8 +127,11 @@ def test_the_profiler_needs_a_profiling_build():
     manifest, obj = compile_source(read_source(path), str(path))
     with pytest.raises(ValueError, match="not a profiling build"):
         ProfiledModel(manifest, obj)
+    target = manifest["target"]
     with pytest.raises(ValueError, match="not a profiling build"):
-        check_profile_manifest({"profile": {"regions": [{"entry": 1}], "clock": "readcyclecounter"}})
+        check_profile_manifest({"target": target, "profile": {"regions": [{"entry": 1}], "clock": "readcyclecounter"}})
+    with pytest.raises(ValueError, match="x86 timestamp counter"):
+        check_profile_manifest({"target": target | {"triple": "aarch64-unknown-linux-gnu"}, "profile": {}})
 
 
 def test_the_profile_as_json_data(lenet):
