@@ -99,5 +99,6 @@ def as_table(p: Profile) -> str:
         body.append(fmt(r))
     counted, timed = p.native["counted"], p.native["timed"]
     check = (f"check: the layers' cycle counts add up to {100 * counted / timed:.1f}% of the native calls' time "
-             f"measured around them" if timed > 0 else "")
+             "measured around them from Python (the rest: entering and leaving native code, and on several threads "
+             "taking the GIL back)" if timed > 0 else "")
     return "\n".join([*head, "", *body, "", *(f"note: {n}" for n in p.notes), check]).rstrip()

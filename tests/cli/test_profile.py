@@ -61,6 +61,15 @@ def test_every_example_profiles(tmp_path, stem, train):
                                                       else {"forward"})
 
 
+def test_measure_peak_measures_again(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(profile_command, "fma_peak", lambda threads, fresh=False: asked.append(fresh) or PEAK)
+    for flags in ([], ["--measure-peak"]):
+        r = cnnc_cmd(tmp_path, "profile", str(EXAMPLES / "mlp.cnn"), "--steps", "1", "--batch", "1", *flags)
+        assert r.returncode == 0, r.stderr
+    assert asked == [False, True]
+
+
 def test_a_mistake_in_the_file_is_located(tmp_path):
     bad = tmp_path / "bad.cnn"
     bad.write_text("network n {\n    input x: 4\n    y = x -> dense(3, bogus=1)\n}\n")
