@@ -57,6 +57,8 @@ def test_every_example_profiles(tmp_path, stem, train):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert sum(line["share"] for line in d["lines"]) == pytest.approx(1.0)
+    rest = d["lines"][-1]
+    assert rest["name"].startswith("overhead") and rest["share"] > -0.1  # (nothing measured twice)
     assert {line["phase"] for line in d["lines"]} >= ({"forward", "backward"} if train and stem != "filters"
                                                       else {"forward"})
 
