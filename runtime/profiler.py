@@ -2,7 +2,7 @@
 
 A profiling build of a network (``cnnc.codegen.instrument``) counts, in
 native code, the CPU's cycle counter over each region (a layer's forward or
-backward, the loss, batchnorm folding), summed over the threads. A
+backward, the loss), summed over the threads. A
 ``ProfiledModel`` runs that build as any ``Model`` and also times, with the
 wall clock, what happens outside native code: every native call (per
 thread), the optimizer update, the preparation of each batch (gathering,
@@ -20,7 +20,8 @@ its rate over the same run, read against the wall clock. In the result:
   product's multiply-adds (``Region.flops``), as a share of the FMA peak of
   those threads (``cnnc_runtime.peak``);
 - the data preparation is shared by the threads as the layers are; the
-  optimizer and batchnorm's reductions run on the calling thread alone;
+  optimizer, batchnorm's reductions (training) and batchnorm's folding
+  (inference: one native call, timed around it) run on the calling thread alone;
 - the overhead is what remains of the step's measured time (Python between
   native calls, summing the gradient shards, waiting for the slowest thread,
   the training loop's checks and bookkeeping).
@@ -45,7 +46,6 @@ import numpy as np
 from cnnc_runtime.host import cpu_model
 from cnnc_runtime.model import Model
 
-PHASES = ("forward", "loss", "output", "backward", "fold")
 MIN_CALIBRATION = 0.05  # seconds of wall clock the cycle counter's rate is read over, at least
 
 
@@ -55,7 +55,7 @@ class Line:
 
     name: str  # the layer, or the part ("optimizer", "data preparation", ...)
     op: str  # the layer's op ("conv+relu"); "" for the other parts
-    phase: str  # "forward", "backward", "loss", "output", "fold", or "other"
+    phase: str  # "forward", "backward", "loss", "output", or "other"
     seconds: float  # per step
     share: float  # of the step's measured time
     flops: float = 0.0  # per step
@@ -292,9 +292,10 @@ def profile_inference(model: ProfiledModel, peak, batch: int = 1, calls: int | N
 
     counters, rate, wall = _run(model, work)
     step = wall / calls
-    entries = ["infer", "fold"]
+    entries = ["infer"]
     lines = _region_lines(model, counters, rate, entries, calls, step, batch, peak)
-    others = [("input preparation", model.timers.parts["inputs"] / calls)]
+    others = [("input preparation", model.timers.parts["inputs"] / calls),
+              ("batchnorm folding", model.timers.seconds_in(("fold",)) / calls)]  # (one native call, timed around)
     notes = ["random float32 inputs of shape " + str((batch, *model.input_shape)) + " (model(x): prepared by the "
              "input rule, then the inference pass)", *_common_notes(model.timers.threads_of("infer"))]
     return _finish(model, "infer", batch, calls, step, lines, others, counters, rate, entries, peak, notes)

@@ -13,8 +13,7 @@ from cnnc.pipeline import compile_source
 from cnnc_runtime.peak import fma_peak
 from cnnc_runtime.profiler import Profile, ProfiledModel, profile_inference, profile_training
 
-PHASE_NAMES = {"forward": "forward", "backward": "backward", "loss": "loss", "output": "output copy",
-               "fold": "batchnorm fold", "other": ""}
+PHASE_NAMES = {"forward": "forward", "backward": "backward", "loss": "loss", "output": "output copy", "other": ""}
 
 
 def add_parser(sub) -> None:

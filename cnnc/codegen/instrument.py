@@ -5,7 +5,7 @@ normal build never creates one, so its code, manifest and cache keys are
 untouched. Each entry point reads the CPU's cycle counter
 (``llvm.readcyclecounter``: ``rdtsc`` on x86-64) when it starts and again at
 the end of each region (a layer's forward or backward, the loss, the output
-copy, batchnorm folding), and adds the difference to that region's counter
+copy), and adds the difference to that region's counter
 with an atomic add. The counters are one global array of the entry module:
 every thread adds into it, so a counter holds the region's cycles summed
 over threads and calls. A phase boundary (``Entry.sync``) closes the piece of
@@ -36,17 +36,17 @@ from cnnc.codegen.emit import I64
 COUNTERS = "cnnc_profile_counters"
 CLOCK, TAKE = "profile_clock", "profile_take"
 PRODUCT_OPS = ("conv", "dense")  # ops whose backward computes products as large as their forward, per gradient
-PHASE_OPS = {"output": "copy", "fold": "fold"}  # what a region that is not a layer's pass does (the loss: its name)
+PHASE_OPS = {"output": "copy"}  # what a region that is not a layer's pass does (the loss: its name)
 
 
 @dataclass(frozen=True)
 class Region:
-    """One counter: the code of `layer`'s `phase` ("forward", "backward", "loss", "output", "fold") in `entry`."""
+    """One counter: the code of `layer`'s `phase` ("forward", "backward", "loss", "output") in `entry`."""
 
-    entry: str  # "infer", "step_cross_entropy", "step_mse", "fold"
+    entry: str  # "infer", "step_cross_entropy", "step_mse"
     phase: str
     layer: str
-    op: str  # the layer's op, with a fused activation as "conv+relu"; the loss's name, "copy", "fold"
+    op: str  # the layer's op, with a fused activation as "conv+relu"; the loss's name, "copy"
     flops: int  # per image
 
 

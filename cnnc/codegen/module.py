@@ -358,26 +358,25 @@ def _emit_fold(builder: Builder, inf: nx.DiGraph, infer_slots: list[ParamSlot]) 
     def at(base: str, slot: ParamSlot | None) -> ir.Value:
         return ir.Constant(PTR, None) if slot is None else emit.gep(entry.b, entry.args[base], slot.offset)
 
-    with entry.timed("fold", "batchnorm"):
-        for n in execution_order(inf):
-            node = inf.nodes[n]
-            bn = n if node["op"] == "batchnorm" else node.get("bn")
-            if bn is None:  # as trained
-                for kind in node.get("params", {}):
-                    src, dst = builder.slot[(n, kind)], out[(n, kind)]
-                    spec = CopySpec(count=src.size, src_stride=src.size, dst_stride=dst.size)
-                    entry.call(builder.kernel(emit_copy, spec), at("params", src), at("folded", dst))
-                continue
-            own = n != bn  # a conv or dense with `bn` folded in, else an unfolded batchnorm
-            o = node["shape"][0]
-            weight = builder.slot.get((n, "weight")) if own else None
-            spec = FoldSpec(o=o, per_out=weight.size // o if own else 0,
-                            eps=float(builder.g.nodes[bn]["args"]["eps"]), bias=bool(own and node["own_bias"]))
-            entry.call(builder.kernel(emit_bn_fold, spec), at("params", weight),
-                       at("params", builder.slot.get((n, "bias")) if own else None),
-                       at("params", builder.slot[(bn, "weight")]), at("params", builder.slot[(bn, "bias")]),
-                       at("state", state[(bn, "running_mean")]), at("state", state[(bn, "running_var")]),
-                       at("folded", out[(n, "weight")]), at("folded", out[(n, "bias")]))
+    for n in execution_order(inf):
+        node = inf.nodes[n]
+        bn = n if node["op"] == "batchnorm" else node.get("bn")
+        if bn is None:  # as trained
+            for kind in node.get("params", {}):
+                src, dst = builder.slot[(n, kind)], out[(n, kind)]
+                spec = CopySpec(count=src.size, src_stride=src.size, dst_stride=dst.size)
+                entry.call(builder.kernel(emit_copy, spec), at("params", src), at("folded", dst))
+            continue
+        own = n != bn  # a conv or dense with `bn` folded in, else an unfolded batchnorm
+        o = node["shape"][0]
+        weight = builder.slot.get((n, "weight")) if own else None
+        spec = FoldSpec(o=o, per_out=weight.size // o if own else 0, eps=float(builder.g.nodes[bn]["args"]["eps"]),
+                        bias=bool(own and node["own_bias"]))
+        entry.call(builder.kernel(emit_bn_fold, spec), at("params", weight),
+                   at("params", builder.slot.get((n, "bias")) if own else None),
+                   at("params", builder.slot[(bn, "weight")]), at("params", builder.slot[(bn, "bias")]),
+                   at("state", state[(bn, "running_mean")]), at("state", state[(bn, "running_var")]),
+                   at("folded", out[(n, "weight")]), at("folded", out[(n, "bias")]))
     entry.b.ret_void()
 
 

@@ -111,7 +111,7 @@ def test_batchnorm_phases_and_reductions_on_two_threads():
     assert p.native["counted"] <= p.native["timed"] * 1.1  # (2 threads: the timed side also waits for the GIL)
     q = profile_inference(model, PEAK, batch=4, calls=5)  # batch 4: one thread; batchnorm folded each call
     check_sums(q)
-    assert [line.phase for line in q.lines].count("fold") == 1
+    assert [line.name for line in q.lines].count("batchnorm folding") == 1
 
 
 def test_a_network_with_nothing_to_train_still_profiles():
