@@ -96,10 +96,17 @@ def test_an_inference_profile_adds_up_to_the_call(lenet):
     assert [line.phase for line in p.lines if line.phase not in ("forward", "other")] == ["output"]
 
 
+BATCHNORM_NET = """network small_bn {
+    input image: 1x12x12
+    h = image -> conv(4, 3x3, pad=1, bias=false) -> batchnorm -> relu -> maxpool(2x2)
+    y = h -> flatten -> dense(16, bias=false) -> batchnorm -> relu -> dense(10)
+}"""
+
+
 def test_batchnorm_phases_and_reductions_on_two_threads():
-    """mnist_modern trains in phases (its batchnorms' reductions between them), here on 2 threads: each layer's
-    time is its cycles on both threads / 2, the reductions are timed on the calling thread."""
-    model = profiled("mnist_modern", threads=2)
+    """A network with batchnorm trains in phases (the batchnorms' reductions between them), here on 2 threads:
+    each layer's time is its cycles on both threads / 2, the reductions are timed on the calling thread."""
+    model = ProfiledModel(*compile_source(BATCHNORM_NET, "small_bn.cnn", profile=True), threads=2)
     p = profile_training(model, PEAK, batch=32, steps=3, warmup=1)
     check_sums(p)
     check_rates(p, model)
