@@ -84,6 +84,7 @@ def manifest_for(checked: nx.DiGraph, fused: nx.DiGraph, facts: dict, target: Ta
         "params": params,
         "param_floats": facts["param_floats"],
         "arena_infer": facts["arena_infer"],
+        "infer_parts": facts["infer_parts"],
         "arena_train": facts["arena_train"],
         "ws_floats": facts["ws_floats"],
         "updates": facts["updates"],
