@@ -103,9 +103,13 @@ def _record_contract(module: ir.Module, manifest: dict[str, Any]) -> None:
     record.global_constant = True
 
 
-def generate(checked: nx.DiGraph, fused: nx.DiGraph, target: Target) -> tuple[dict[str, Any], bytes, list[ir.Module]]:
-    """(manifest, object code, LLVM modules) of an optimized graph for `target`."""
-    modules, facts = build_module(fused, target.vector_width)
+def generate(checked: nx.DiGraph, fused: nx.DiGraph, target: Target,
+             profile: bool = False) -> tuple[dict[str, Any], bytes, list[ir.Module]]:
+    """(manifest, object code, LLVM modules) of an optimized graph for `target`; ``profile``: the profiling build
+    (``cnnc.codegen.instrument``), whose manifest lists its regions under ``profile``."""
+    modules, facts = build_module(fused, target.vector_width, profile)
     manifest = manifest_for(checked, fused, facts, target)
+    if profile:
+        manifest["profile"] = {"regions": facts["profile"], "clock": "readcyclecounter"}
     _record_contract(modules[0], manifest)
     return manifest, bundle(emit_objects(modules, target)), modules

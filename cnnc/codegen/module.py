@@ -50,6 +50,7 @@ scratch space for the conv kernels.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import llvmlite.ir as ir
@@ -61,6 +62,7 @@ from cnnc.codegen.batchnorm import emit_bn_fold
 from cnnc.codegen.conv import conv_workspace_floats
 from cnnc.codegen.elementwise import emit_copy, emit_gaussian_noise
 from cnnc.codegen.emit import I64, PTR
+from cnnc.codegen.instrument import Stopwatch, Timing
 from cnnc.codegen.loss import emit_loss
 from cnnc.codegen.lowering import BACKWARD, FORWARD
 from cnnc.codegen.plan import ALIGN, Plan, Tensor, aligned, plan_memory
@@ -140,10 +142,11 @@ class Builder:
     that LLVM can optimise and compile groups of them in parallel processes.
     """
 
-    def __init__(self, g: nx.DiGraph, vector_width: int) -> None:
+    def __init__(self, g: nx.DiGraph, vector_width: int, profile: bool = False) -> None:
         self.g = g
         self.vw = vector_width
         self.module = ir.Module(name=g.graph["network"])
+        self.stopwatch = Stopwatch(self.module) if profile else None  # the profiling build (cnnc.codegen.instrument)
         self.kernel_modules: list[ir.Module] = []
         self._kernels: dict[tuple, ir.Function] = {}
         self.ws_floats = 0  # scratch one thread needs: the largest conv kernel's workspace
@@ -183,14 +186,27 @@ class Entry:
         self._written: set[str] = set()
         self.step = None  # the autodiff Step being emitted
         self.syncs: list[dict] = []  # the reductions that end each phase but the last
+        self.timing = Timing(builder.stopwatch, name) if builder.stopwatch else None
+        if self.timing:
+            self.timing.start(self.b)
 
     def sync(self, kind: str, layer: str) -> None:
         """End this phase at `layer`'s reduction (``kind``: ``"forward"`` or ``"backward"``); go on in the next."""
+        if self.timing:
+            self.timing.pause(self.b)
         self.b.ret_void()
         self.syncs.append({"kind": kind, "layer": layer})
         self.fn, self.b, self.args = emit.kernel(self.builder.module, f"{self.name}_{len(self.syncs)}",
                                                  self.arg_names)
         self.ws = self.args.get("ws")
+        if self.timing:
+            self.timing.start(self.b)
+
+    def timed(self, phase: str, layer: str):
+        """A block whose code is `layer`'s `phase`: counted apart in the profiling build, nothing otherwise."""
+        if self.timing is None:
+            return nullcontext()
+        return self.timing.region(lambda: self.b, phase, layer, self.g, self.step)
 
     def bn_partial(self, layer: str) -> ir.Value:
         """This shard's float64 partial sums of batchnorm `layer`."""
@@ -247,9 +263,12 @@ class Entry:
         self.b.call(fn, [*values, self.args["n0"], self.args["n1"]])
 
 
-def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dict]:
-    """Emit the network's code: the entry-point module first, then one module per kernel, and the layout facts."""
-    builder = Builder(g, vector_width)
+def build_module(g: nx.DiGraph, vector_width: int, profile: bool = False) -> tuple[list[ir.Module], dict]:
+    """Emit the network's code: the entry-point module first, then one module per kernel, and the layout facts.
+
+    ``profile``: the profiling build (``cnnc.codegen.instrument``), whose regions ``facts["profile"]`` lists.
+    """
+    builder = Builder(g, vector_width, profile)
     order = execution_order(g)
     train_plan = plan_memory(g, training=True)
     inf = g.graph.get("inference", g) if builder.bn_slots else g
@@ -258,7 +277,8 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
 
     entry = Entry(builder, infer_plan, "infer", INFER_ARGS, inf, infer_where)
     for n in execution_order(inf):
-        FORWARD[inf.nodes[n]["op"]](entry, n)
+        with entry.timed("forward", n):
+            FORWARD[inf.nodes[n]["op"]](entry, n)
     out_value = entry.value(inf.graph["output"])
     y = Tensor("y", 0, out_value.size, out_value.size)
     copy_out = None
@@ -266,7 +286,8 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
         def copy_out(entry: Entry) -> None:
             entry.call(builder.kernel(emit_copy, _copy_spec(out_value, y)), out_value, y)
 
-        copy_out(entry)
+        with entry.timed("output", inf.graph["output"]):
+            copy_out(entry)
     entry.b.ret_void()
     parts = 0
     if g.graph["totals"]["total_macs"] >= split.MIN_MACS:
@@ -313,6 +334,7 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
         "stats_doubles": builder.stats_doubles,
         "bn_floats": builder.bn_floats,
         "phases": phases,
+        "profile": builder.stopwatch.finish() if builder.stopwatch else None,
     }
     return [builder.module, *builder.kernel_modules], facts
 
@@ -411,17 +433,20 @@ def _emit_step(builder: Builder, plan: Plan, order: list[str], loss: str) -> lis
     start = g.graph["loss_input"][loss]
     forward = order if start == g.graph["output"] else [n for n in order if n != g.graph["output"]]
     for n in forward:
-        FORWARD[g.nodes[n]["op"]](entry, n)
+        with entry.timed("forward", n):
+            FORWARD[g.nodes[n]["op"]](entry, n)
     out, dx = entry.value(start), entry.grad(start)
     y = Tensor("y", 0, out.size, out.size)
-    entry.call(builder.kernel(emit_copy, _copy_spec(out, y)), out, y)
-    entry.accumulate(start)
-    spec = LossSpec(kind=loss, k=out.size, x_stride=out.stride, dx_stride=dx.stride)
-    entry.call(builder.kernel(emit_loss, spec), out, entry.args["target"], dx, entry.args["losses"],
-               entry.args["scale_f32"], entry.args["smooth_f32"])
+    with entry.timed("loss", start):
+        entry.call(builder.kernel(emit_copy, _copy_spec(out, y)), out, y)
+        entry.accumulate(start)
+        spec = LossSpec(kind=loss, k=out.size, x_stride=out.stride, dx_stride=dx.stride)
+        entry.call(builder.kernel(emit_loss, spec), out, entry.args["target"], dx, entry.args["losses"],
+                   entry.args["scale_f32"], entry.args["smooth_f32"])
     for step in g.graph["backward"][loss]:
         entry.step = step
-        BACKWARD[g.nodes[step.node]["op"]](entry, step.node)
+        with entry.timed("backward", step.node):
+            BACKWARD[g.nodes[step.node]["op"]](entry, step.node)
     entry.b.ret_void()
     return entry.syncs
 
