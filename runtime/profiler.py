@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnc_runtime.data import check_fits_in_memory
 from cnnc_runtime.host import cpu_model
 from cnnc_runtime.model import Model
 from cnnc_runtime.optimizers import optimizer_class
@@ -222,6 +223,7 @@ def random_inputs(model: Model, n: int, seed: int = 0, dataset: bool = True) -> 
     """`n` random inputs of the network's shape: uint8 as a dataset keeps images (`dataset`), else float32."""
     rng = np.random.default_rng(seed)
     shape = (n, *model.input_shape)
+    check_fits_in_memory(shape, np.uint8 if dataset else np.float32, "random inputs")
     if dataset:
         return rng.integers(0, 256, shape, dtype=np.uint8)
     return rng.standard_normal(shape, dtype=np.float32)

@@ -171,3 +171,9 @@ def test_a_recipe_whose_loss_diverges_on_random_data_is_timed_at_a_smaller_learn
     check_sums(p)
     assert p.steps == 10
     assert any("learning rate 100 made the loss" in n and "timed at 0.1" in n for n in p.notes), p.notes
+
+
+def test_more_random_images_than_the_memory_holds_is_a_clear_error(lenet):
+    """(`cnnc profile --train --batch 65536 --steps 100000`: 6.5e9 images; was numpy's MemoryError)"""
+    with pytest.raises(ValueError, match="random inputs.*more than this machine's"):
+        profile_training(lenet, PEAK, batch=65536, steps=100_000)
