@@ -167,6 +167,26 @@ class NativeUpdate:
         self._fn(*args)
 
 
+class NativeGather:
+    """Gathers training batches from one ``Inputs`` set into one batch buffer, natively (``cnnc.codegen.gather``).
+
+    ``gather(rows, a, b)`` writes images [a, b) of the buffer from the stored
+    images ``rows[a:b]`` (the address of an int64 array, as ``Inputs.stored_rows``
+    fills it), bit for bit what ``Inputs.batch`` writes, without the GIL. It
+    holds the set, the buffer and the model's code while it lives.
+    """
+
+    def __init__(self, fns: dict[bool, Any], inputs: Inputs, out: np.ndarray, lib: NativeLibrary) -> None:
+        byte, stored, geometry, norm = inputs.layout()
+        self._keep = (inputs, stored, geometry, norm, out, lib)
+        self._fn = fns[byte]
+        self._args = (stored.ctypes.data, out.ctypes.data, geometry.ctypes.data, norm.ctypes.data)
+
+    def __call__(self, rows: int, a: int, b: int) -> None:
+        src, out, geometry, norm = self._args
+        self._fn(src, rows, out, geometry, norm, a, b)
+
+
 MAX_CROP_PAD = 1 << 15  # the crop's draws take 16 bits
 
 
@@ -240,6 +260,11 @@ class Engine:
                               for k in range(len(syncs[loss]) + 1)] for loss in LOSSES}
         self._jitter = self._lib.function("jitter", [P, I64, I64, F32, P, I64, I64])
         self._augment = self._lib.function("augment", [P, I64, I64, I64, I64, P, P, I64, I64])
+        try:  # (an artifact saved by an earlier 0.x release has no gather: batches are gathered by numpy)
+            self._gathers = {byte: self._lib.function(f"gather_{kind}", [P] * 5 + [I64, I64])
+                             for byte, kind in ((True, "u8"), (False, "f32"))}
+        except KeyError:
+            self._gathers = None
         self._updates: dict[str, Any] = {}
         self.flat_params = aligned_zeros(size)
         self.flat_grads = aligned_zeros(size)
@@ -885,6 +910,17 @@ class Engine:
             self._augment(*args, scratch.ws_ptrs[0], a, b)
         finally:
             self._checkin(scratch)
+
+    def gatherer(self, inputs: Inputs, out: np.ndarray) -> NativeGather | None:
+        """A native gatherer of batches of `inputs` into `out` (a ``batch_buffer``); None where the code has none."""
+        if self._gathers is None:
+            return None
+        inputs = self.inputs(inputs)
+        if not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.flags.c_contiguous
+                and out.flags.writeable and out.shape[1:] == self.input_shape):
+            raise ValueError(f"gatherer needs a writable contiguous float32 buffer of shape "
+                             f"(N, {', '.join(map(str, self.input_shape))})")
+        return NativeGather(self._gathers, inputs, out, self._lib)
 
     def augment_fill(self, fill: np.ndarray | float) -> np.ndarray:
         """`fill` as one float32 per input channel (what ``augment`` pads with); ValueError for another count."""

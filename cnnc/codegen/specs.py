@@ -160,6 +160,21 @@ class AugmentSpec:
 
 
 @dataclass(frozen=True)
+class GatherSpec:
+    """A batch gathered from a stored set (``cnnc.codegen.gather``): network inputs of ``channels x height x width``
+    floats, contiguous; ``byte``: the set holds uint8 (scaled by 1/255), else float32."""
+
+    channels: int
+    height: int
+    width: int
+    byte: bool
+
+    @property
+    def size(self) -> int:
+        return self.channels * self.height * self.width
+
+
+@dataclass(frozen=True)
 class CopySpec:
     """dst[n, dst_offset + i] (+)= src[n, src_offset + i] for i < count: add, concat and their gradients."""
 
