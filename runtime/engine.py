@@ -695,8 +695,7 @@ class Engine:
             raise ValueError(f"gradients on a part of a batch needs image0 >= 0 and whole >= N = {n}, "
                              f"got image0 {image0!r}, whole {whole!r}")
         scale = LOSSES[loss].scale(whole, k)  # the mean over the whole batch's images (mse: and outputs)
-        with self.lock:
-            self.flat_grads[...] = 0.0
+        with self.lock:  # (each shard's run zeroes its gradient buffer first, flat_grads in the first chunk)
             # batchnorm normalizes with the whole batch's statistics: one chunk, however large
             chunk = CHUNK if self.statistics is None else n
             if self.statistics is not None:
@@ -760,11 +759,15 @@ class Engine:
         ts = targets.ctypes.data + start * targets[0].nbytes
         ls = losses.ctypes.data + start * 4
         salt, first = seed % (1 << 63), image0 + start  # the dropout hash counts images of the whole batch
+        grad_bytes = self.flat_grads.nbytes
 
         def run(t: int, i: int, grads: int, phase: int = 0) -> None:
             a, b = parts[i]
-            if prepare is not None and phase == 0:
-                prepare(t, start + a, start + b)
+            if phase == 0:
+                if i or not start:  # on the thread that fills it, without the GIL
+                    ctypes.memset(grads, 0, grad_bytes)
+                if prepare is not None:
+                    prepare(t, start + a, start + b)
             phases[phase](params, grads, arena, xs, os_, ts, ls, ws[t], stat_ptrs[i], coefs, salt, first, scale,
                           smoothing, a, b)
 
@@ -774,8 +777,6 @@ class Engine:
         if self.threads == 1 or len(parts) == 1:  # in order on this thread: one spare buffer, each shard added at once
             bufs, ptrs = self._shard_buffers(min(len(parts), 2))
             for i in range(len(parts)):
-                if i:
-                    bufs[1].fill(0.0)
                 run(0, i, ptrs[min(i, 1)])
                 if i:
                     np.add(self.flat_grads, bufs[1], out=self.flat_grads)
@@ -784,8 +785,6 @@ class Engine:
 
         def task(t: int, first: int, last: int) -> None:
             for i in range(first, last):
-                if i:
-                    bufs[i].fill(0.0)
                 run(t, i, ptrs[i])
 
         self._parallel(len(parts), task, grain=1)
@@ -796,8 +795,6 @@ class Engine:
         """A step with batchnorm: each phase on every shard (on the pool), then the reduction that ends it
         (``cnnc_runtime.batchnorm``); every shard keeps its gradient buffer from the first phase to the last."""
         bufs, ptrs = self._shard_buffers(len(parts))
-        for g in bufs[1:len(parts)]:
-            g.fill(0.0)
         syncs = self.statistics.phases[loss]
         for k in range(len(syncs) + 1):
             def task(t: int, first: int, last: int, k: int = k) -> None:
