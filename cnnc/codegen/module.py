@@ -176,6 +176,7 @@ class Entry:
         self._written: set[str] = set()
         self.step = None  # the autodiff Step being emitted
         self.syncs: list[dict] = []  # the reductions that end each phase but the last
+        self.act_grads_done: set[str] = set()  # fused activations whose gradient a pool's backward applied
 
     def sync(self, kind: str, layer: str) -> None:
         """End this phase at `layer`'s reduction (``kind``: ``"forward"`` or ``"backward"``); go on in the next."""

@@ -95,6 +95,10 @@ class PoolSpec:
     x_stride: int = 0
     y_stride: int = 0
     accumulate: bool = False
+    # backward: the activation fused into the conv or dense before the pool; dx is multiplied by its gradient
+    # (from the pool's input, that activation's output) as it is stored (``pool.takes_activation_grad``)
+    act: str = "none"
+    act_args: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
