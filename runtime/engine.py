@@ -34,6 +34,7 @@ A process forked while the pool runs gets fresh pools and locks.
 from __future__ import annotations
 
 import ctypes
+import functools
 import io
 import os
 import threading
@@ -78,9 +79,16 @@ def _fmt(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
-def shards(n: int) -> list[tuple[int, int]]:
+@functools.lru_cache(maxsize=64)
+def shards(n: int) -> tuple[tuple[int, int], ...]:
     """A training chunk of `n` images cut into gradient shards: by `n` alone, never by the thread count."""
-    return split(n, min(MAX_SHARDS, max(MIN_SHARDS, n // SHARD_IMAGES)), MIN_IMAGES_PER_THREAD)
+    return tuple(split(n, min(MAX_SHARDS, max(MIN_SHARDS, n // SHARD_IMAGES)), MIN_IMAGES_PER_THREAD))
+
+
+@functools.lru_cache(maxsize=64)
+def _thread_ranges(n: int, threads: int, grain: int) -> tuple[tuple[int, int], ...]:
+    """[0, n) across `threads` threads (cached: a training loop asks the same every step)."""
+    return tuple(split(n, threads, grain)) if threads > 1 else ((0, n),)
 
 
 class Scratch:
@@ -631,9 +639,9 @@ class Engine:
 
             self._parallel(stop - start, task)
 
-    def _parallel(self, n: int, task, grain: int = MIN_IMAGES_PER_THREAD) -> list[tuple[int, int]]:
+    def _parallel(self, n: int, task, grain: int = MIN_IMAGES_PER_THREAD) -> tuple[tuple[int, int], ...]:
         """Run ``task(thread, n0, n1)`` over [0, n) split across the shared pool's threads (one batch at a time)."""
-        ranges = split(n, self.threads, grain) if self.threads > 1 else [(0, n)]
+        ranges = _thread_ranges(n, self.threads, grain)
         if len(ranges) == 1:
             task(0, 0, n)
             return ranges
