@@ -178,21 +178,35 @@ class NativeUpdate:
 class NativeGather:
     """Gathers training batches from one ``Inputs`` set into one batch buffer, natively (``cnnc.codegen.gather``).
 
-    ``gather(rows, a, b)`` writes images [a, b) of the buffer from the stored
-    images ``rows[a:b]`` (the address of an int64 array, as ``Inputs.stored_rows``
-    fills it), bit for bit what ``Inputs.batch`` writes, without the GIL. It
-    holds the set, the buffer and the model's code while it lives.
+    ``select(idx)`` names the next batch (positions in the set, checked);
+    then ``gather(a, b)``, on any thread, writes its images [a, b) into the
+    buffer: bit for bit what ``Inputs.batch`` writes, without the GIL, so
+    pool threads gather their shares at once. It holds the set, the buffer
+    and the model's code while it lives.
     """
 
     def __init__(self, fns: dict[bool, Any], inputs: Inputs, out: np.ndarray, lib: NativeLibrary) -> None:
         byte, stored, geometry, norm = inputs.layout()
-        self._keep = (inputs, stored, geometry, norm, out, lib)
+        self._inputs = inputs
+        self._rows = np.zeros(len(out), dtype=np.int64)  # the selected batch's stored images
+        self._count = 0
+        self._keep = (stored, geometry, norm, out, lib)
         self._fn = fns[byte]
-        self._args = (stored.ctypes.data, out.ctypes.data, geometry.ctypes.data, norm.ctypes.data)
+        self._args = (stored.ctypes.data, self._rows.ctypes.data, out.ctypes.data, geometry.ctypes.data,
+                      norm.ctypes.data)
 
-    def __call__(self, rows: int, a: int, b: int) -> None:
-        src, out, geometry, norm = self._args
-        self._fn(src, rows, out, geometry, norm, a, b)
+    def select(self, idx: np.ndarray) -> None:
+        """The batch to gather next: the inputs at positions `idx` of the set, at most the buffer's length."""
+        n, m = len(self._inputs), len(idx)
+        if m > len(self._rows) or (m and not (0 <= int(idx.min()) and int(idx.max()) < n)):
+            raise ValueError(f"gather needs at most {len(self._rows)} positions in [0, {n}), got {m}")
+        self._inputs.stored_rows(idx, self._rows)
+        self._count = m
+
+    def __call__(self, a: int, b: int) -> None:
+        if not 0 <= a <= b <= self._count:
+            raise ValueError(f"gather rows ({a}, {b}) are not a range of the {self._count} images selected")
+        self._fn(*self._args, a, b)
 
 
 MAX_CROP_PAD = 1 << 15  # the crop's draws take 16 bits

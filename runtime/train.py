@@ -696,8 +696,6 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
     total_steps = s.epochs * steps_per_epoch  # (max_steps is a stop, not the schedule's length: resume stays exact)
     augmenting = s.crop > 0 or s.flip
     gather = model.gatherer(inputs, batch)  # each pool thread gathers its own images, natively (None: by numpy)
-    rows = np.empty(size, dtype=np.int64)  # the step's stored images, for the native gather
-    rows_ptr = rows.ctypes.data
     fill = model.augment_fill(inputs.blank()) if augmenting else None
     while run.epoch < s.epochs and not run.stopped:
         t0 = time.perf_counter()
@@ -723,11 +721,11 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
                 optimizer.lr = run.base_lr * schedule.factor(run.step, steps_per_epoch, total_steps)
 
                 if gather is not None:
-                    inputs.stored_rows(idx, rows)
+                    gather.select(idx)
 
                 def prepare(t: int, a: int, b: int, idx=idx, noise=noise, shift=shift, lo=lo) -> None:
                     if gather is not None:
-                        gather(rows_ptr, a, b)
+                        gather(a, b)
                     else:
                         inputs.batch(idx[a:b], batch[a:b])
                     if shift is not None:
