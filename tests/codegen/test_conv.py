@@ -95,6 +95,11 @@ CASES = {
     "winograd_valid_accumulate": make_spec(17, 18, 18, 16, 3, 3, accumulate=True),
     "winograd_blocks": make_spec(16, 10, 34, 16, 3, 3, pad=(1, 1, 1, 1), bias=False),  # 5 rows of 17 tiles
     "winograd_wide_rows": make_spec(16, 4, 160, 18, 3, 3, pad=(1, 1, 1, 1), gap=2, accumulate=True),  # 80 a row
+    # rows narrower than a vector, whole vectors of outputs: the forward on kw shifted copies (product_shifted)
+    "shifted_6_wide": make_spec(9, 8, 6, 5, 3, 3, pad=(1, 1, 1, 1), gap=2),
+    "shifted_8x8": make_spec(16, 8, 8, 20, 3, 3, pad=(1, 1, 1, 1), accumulate=True),  # ResNet's stage 3
+    "shifted_5x5_valid": make_spec(8, 12, 10, 3, 5, 5, bias=False),  # more than 16 taps: a loop over rows
+    "shifted_uneven_pad": make_spec(8, 8, 6, 4, 3, 3, pad=(2, 1, 0, 1), gap=1),
 }
 
 
@@ -321,6 +326,18 @@ def test_which_input_gradients_run_as_rows_of_dx() -> None:
     # many channels (a CIFAR or ResNet layer) or Winograd's input gradient: on the padded plane
     assert not rows(make_spec(32, 32, 32, 32, 3, 3, pad=(1, 1, 1, 1)), 16)
     assert not rows(CASES["winograd_same"], 16)
+
+
+def test_which_forward_convolutions_run_on_shifted_copies() -> None:
+    from cnnc.codegen.conv import _forward_plane, _Geom
+
+    def shifted(spec: ConvSpec, vw: int = 16) -> bool:
+        return _forward_plane(spec, _Geom(spec).forward_plane(vw)).shifted
+
+    assert all(shifted(CASES[n]) for n in ("shifted_6_wide", "shifted_8x8", "shifted_5x5_valid", "shifted_uneven_pad"))
+    assert not shifted(CASES["shifted_8x8"], 8)  # rows of whole vectors: product_rows
+    # few channels (LeNet's, CIFAR's first layer), a table, Winograd, outputs not in whole vectors: not shifted
+    assert not any(shifted(CASES[n]) for n in ("3x3_same", "lenet_c3", "connect", "winograd_same", "one_output"))
 
 
 def test_which_convolutions_run_on_the_padded_image() -> None:
