@@ -436,11 +436,13 @@ def contract_bytes(manifest: dict[str, Any]) -> bytes:
 
 
 def entry_points(manifest: dict[str, Any]) -> list[str]:
-    """The functions the runtime calls: the passes, and an update loop for each rule the manifest lists."""
+    """The functions the runtime calls: the passes (``infer_split`` where the code shares an image between
+    threads), and an update loop for each rule the manifest lists."""
     bn = manifest.get("batchnorm")
     phases = [] if bn is None else ["fold", *(f"step_{loss}_{k}" for loss, syncs in bn["phases"].items()
                                               for k in range(1, len(syncs) + 1))]
-    return [*ENTRY_POINTS, *phases, *(f"update_{kind}" for kind in manifest["updates"])]
+    split = ["infer_split"] if manifest.get("infer_parts", 0) else []
+    return [*ENTRY_POINTS, *split, *phases, *(f"update_{kind}" for kind in manifest["updates"])]
 
 
 def verify_code(manifest: dict[str, Any], obj: bytes, source: str | None = None) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
-import math
 import struct
 import threading
 import time
@@ -36,6 +35,7 @@ from cnnc_runtime.cachedir import cache_dir, read_private, write_private
 CHAINS = 12
 RECORD = 1  # the version of what a record holds: a change makes every old record a miss
 MAX_GFLOPS = 1e7  # more than any CPU: a record claiming more is damaged
+MIN_GFLOPS = 0.5  # less than any CPU this kernel compiles for (4-wide FMA), even busy: a record claiming less is too
 
 
 def vector_width(features: str) -> int:
@@ -205,12 +205,13 @@ def _read(path: Path) -> Peak | None:
         record = json.loads(data)
         body = {k: record[k] for k in ("record", "cpu", "width", "best")}
         best = {int(t): float(g) for t, g in body["best"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return None  # damaged: measure again and write it anew
-    if (record.get("sha256") != _digest(body) or body["record"] != RECORD or not isinstance(body["cpu"], str)
-            or body["width"] not in (4, 8, 16) or not best
-            or not all(0 < t <= 4096 and math.isfinite(g) and 0 < g < MAX_GFLOPS for t, g in best.items())):
-        return None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
+        return None  # damaged (OverflowError: an integer past float's range): measure again and write it anew
+    _, cpu, features = host.host_cpu()
+    if (record.get("sha256") != _digest(body) or body["record"] != RECORD or body["cpu"] != cpu
+            or body["width"] != vector_width(features) or not best
+            or not all(0 < t <= 4096 and MIN_GFLOPS <= g < MAX_GFLOPS for t, g in best.items())):
+        return None  # (another CPU's or width's record is inconsistent with this one: not its peak)
     return Peak(body["cpu"], body["width"], best)
 
 

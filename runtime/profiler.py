@@ -43,10 +43,18 @@ from typing import Any
 
 import numpy as np
 
+from cnnc_runtime.data import check_fits_in_memory
 from cnnc_runtime.host import cpu_model
 from cnnc_runtime.model import Model
+from cnnc_runtime.optimizers import optimizer_class
+from cnnc_runtime.settings import settings_from
+from cnnc_runtime.train import TrainingStopped
 
 MIN_CALIBRATION = 0.05  # seconds of wall clock the cycle counter's rate is read over, at least
+# A recipe whose loss turns non-finite on random data (no batchnorm, a large step) is timed again from fresh
+# weights at its learning rate times CALMER, up to CALM_TRIES times: a step's work does not depend on the rate.
+CALMER = 1e-3
+CALM_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -217,6 +225,7 @@ def random_inputs(model: Model, n: int, seed: int = 0, dataset: bool = True) -> 
     """`n` random inputs of the network's shape: uint8 as a dataset keeps images (`dataset`), else float32."""
     rng = np.random.default_rng(seed)
     shape = (n, *model.input_shape)
+    check_fits_in_memory(shape, np.uint8 if dataset else np.float32, "random inputs")
     if dataset:
         return rng.integers(0, 256, shape, dtype=np.uint8)
     return rng.standard_normal(shape, dtype=np.float32)
@@ -254,13 +263,26 @@ def profile_training(model: ProfiledModel, peak, batch: int | None = None, steps
     loss = model.loss_name(None)
     x = random_inputs(model, batch * max(steps, warmup), seed)
     y = random_targets(model, len(x), loss, seed)
-    model.fit(x[:batch * warmup], y[:batch * warmup], seed=seed, **settings)  # warm-up: buffers, caches
+    recipe = settings_from(model.manifest["train"])
+    lr = recipe.lr if recipe.lr is not None else optimizer_class(recipe.optimizer).defaults["lr"]
+    calmed = []
     box: dict[str, Any] = {}
 
     def work() -> None:
         box["history"] = model.fit(x[:batch * steps], y[:batch * steps], seed=seed + 1, **settings)
 
-    counters, rate, _ = _run(model, work)
+    for tries in range(CALM_TRIES + 1):
+        try:
+            model.fit(x[:batch * warmup], y[:batch * warmup], seed=seed, **settings)  # warm-up: buffers, caches
+            counters, rate, _ = _run(model, work)
+            break
+        except TrainingStopped as e:
+            if tries == CALM_TRIES:
+                raise ValueError(f"cannot profile training: on random data the loss stays non-finite even at "
+                                 f"learning rate {settings['lr']:g} ({e})") from None
+            calmed.append(f"{settings.get('lr', lr):g}")
+            settings["lr"] = settings.get("lr", lr) * CALMER
+            model.initialize(int(model.manifest["train"].get("seed", 0)))
     epoch = box["history"].epochs[-1]
     step = epoch.seconds / epoch.steps
     entry = f"step_{loss}"
@@ -274,6 +296,10 @@ def profile_training(model: ProfiledModel, peak, batch: int | None = None, steps
     notes = [f"random uint8 inputs of shape {model.input_shape} prepared per batch as a dataset's (the train "
              f"section's normalize and augmentation), random labels; loss {loss}",
              *_common_notes(model, [entry])]
+    if calmed:
+        notes.append(f"the train section's learning rate {calmed[0]} made the loss of random data non-finite "
+                     f"(tried: {', '.join(calmed)}): timed at {settings['lr']:g}, from fresh weights (a step's "
+                     "work does not depend on the rate)")
     return _finish(model, "train", batch, epoch.steps, step, lines, others, counters, rate, [entry], peak, notes)
 
 

@@ -497,3 +497,22 @@ def test_cli_hand_edited_manifest_is_one_line(saved, tmp_path) -> None:
         bad = _tampered(saved, tmp_path, change)
         line = one_line_error(cnnc_cmd(tmp_path, "run", bad.name, "--input", "x.npy"))
         assert line.startswith(f"cnnc run: {bad.name}: manifest field '{named}'"), line
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the object code is checked as ELF on Linux")
+def test_code_that_promises_infer_split_but_lacks_it_is_refused(tmp_path, monkeypatch) -> None:
+    """The code records infer_parts 2 (one image shared by two threads), but its infer_split symbol was renamed:
+    refused when loaded, on any thread count (was a KeyError on two threads)."""
+    from tests.runtime.test_batchnorm import model
+    from tests.runtime.test_inference_split import SPLITNET
+
+    path = tmp_path / "split.cnnc"
+    model(SPLITNET, threads=2).save_artifact(path)
+    manifest, obj, weights = artifact.unpack(path.read_bytes())
+    assert manifest["infer_parts"] == 2 and obj.count(b"infer_split\x00") == 1
+    path.write_bytes(artifact.pack(manifest, obj.replace(b"infer_split\x00", b"infer_splix\x00"), weights))
+    for threads in ("1", "2"):
+        with monkeypatch.context() as m:
+            m.setenv("CNNC_THREADS", threads)
+            with pytest.raises(ValueError, match="the object code has no function infer_split"):
+                cnnc.load(path)

@@ -61,7 +61,7 @@ def test_n_threads_are_at_least_n_times_one_when_a_neighbour_held_a_core():
 
 @pytest.mark.parametrize("damage", [
     b"", b"\x80\x04not json", b"[1, 2]", b'{"record": 1}', b"[" * 100000,
-    "digest", "huge", "negative", "width",
+    "digest", "huge", "negative", "width", "bigint", "tiny", "other cpu", "other width",
 ])
 def test_a_damaged_or_forged_record_is_measured_again_and_rewritten(cache, counted, damage):
     peak.fma_peak(1)
@@ -74,9 +74,12 @@ def test_a_damaged_or_forged_record_is_measured_again_and_rewritten(cache, count
             record["best"]["1"] = 99.0  # changed without its digest
         else:
             body = {k: record[k] for k in ("record", "cpu", "width", "best")}
-            body["best"] = {"1": 1e300} if damage == "huge" else {"1": -5.0} if damage == "negative" else body["best"]
-            if damage == "width":
-                body["width"] = 7
+            forged = {"huge": 1e300, "negative": -5.0, "bigint": 10**400, "tiny": 1e-30}
+            body["best"] = {"1": forged[damage]} if damage in forged else body["best"]
+            if damage in ("width", "other width"):
+                body["width"] = 7 if damage == "width" else {4: 8, 8: 16, 16: 4}[body["width"]]
+            if damage == "other cpu":
+                body["cpu"] = "pentium4"  # this fingerprint's file, but not what LLVM calls this CPU
             record = body | {"sha256": peak._digest(body)}
         path.write_text(json.dumps(record))
     assert peak.fma_peak(1).best == {1: 11.0}

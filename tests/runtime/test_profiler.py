@@ -171,3 +171,33 @@ def test_the_profile_as_json_data(lenet):
     assert d["peak_gflops"] == {"1": 100.0}
     assert {"name", "op", "phase", "seconds", "share", "flops", "gflops", "peak_share"} <= set(d["lines"][0])
     assert np.isfinite([line["seconds"] for line in d["lines"]]).all()
+
+
+# Plain SGD at lr 100 on mse makes the loss of random data non-finite within a few steps (as lr 0.1 does for
+# examples/resnet_tiny.cnn, which has no batchnorm, on cross-entropy); at lr 0.1 it stays finite.
+DIVERGES = """
+network diverges {
+    input x: 1x8x8
+    out = x -> flatten -> dense(16) -> relu -> dense(4)
+}
+train {
+    loss mse
+    optimizer sgd(lr=100)
+    batch 16
+}
+"""
+
+
+def test_a_recipe_whose_loss_diverges_on_random_data_is_timed_at_a_smaller_learning_rate():
+    """A step's work does not depend on the learning rate; the note says which one was timed."""
+    model = ProfiledModel(*compile_source(DIVERGES, "diverges.cnn", profile=True))
+    p = profile_training(model, PEAK, steps=10)
+    check_sums(p)
+    assert p.steps == 10
+    assert any("learning rate 100 made the loss" in n and "timed at 0.1" in n for n in p.notes), p.notes
+
+
+def test_more_random_images_than_the_memory_holds_is_a_clear_error(lenet):
+    """(`cnnc profile --train --batch 65536 --steps 100000`: 6.5e9 images; was numpy's MemoryError)"""
+    with pytest.raises(ValueError, match="random inputs.*more than this machine's"):
+        profile_training(lenet, PEAK, batch=65536, steps=100_000)
