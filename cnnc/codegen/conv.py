@@ -37,10 +37,10 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from cnnc.codegen import conv_direct, conv_winograd, emit
+from cnnc.codegen import conv_direct, conv_winograd, conv_winograd_grad, emit
 from cnnc.codegen.conv_direct import GradSpace, Plane
 from cnnc.codegen.emit import for_range, i64, kernel
-from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, vector_loop
+from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, transpose, vector_loop
 from cnnc.codegen.specs import ConvSpec
 from cnnc.ops import activations
 from cnnc_runtime.artifact import connect_mask
@@ -169,6 +169,8 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     plane, back = g.forward_plane(vw), g.backward_plane(vw)
     weights = GradSpace(plane).floats
     wino = [conv_winograd.workspace_floats(q) for q in (plane, back) if _winograd(spec, q)]
+    if _winograd_grad(spec, plane):
+        wino.append(conv_winograd_grad.workspace_floats(plane))
     return max(plane.floats, back.floats, weights, *wino)
 
 
@@ -178,6 +180,11 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
 def _winograd(spec: ConvSpec, p: Plane) -> bool:
     """Whether the convolution on the padded plane `p` (forward or input gradient) runs by Winograd."""
     return spec.winograd and conv_winograd.applies(p, spec.connect)
+
+
+def _winograd_grad(spec: ConvSpec, p: Plane) -> bool:
+    """Whether the weight gradient on the padded forward plane `p` runs by Winograd."""
+    return spec.winograd and conv_winograd_grad.applies(p, spec.connect)
 
 
 def _winograd_weights(b: ir.IRBuilder, p: Plane, ws: ir.Value, weights: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -412,12 +419,24 @@ def _padded_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _
     """dW from the padded image: vectorised over output channels, or over positions when there are few."""
     spec = g.spec
     p = g.forward_plane(vw)
+    top, left, _, _ = g.pads
+    if _winograd_grad(spec, p):
+        def fill(b: ir.IRBuilder, n: ir.Value, pad: ir.Value, dyt: ir.Value) -> None:
+            x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
+            conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad)
+            transpose(b, emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img"), spec.o, g.p, dyt, vw)
+
+        def bias(b: ir.IRBuilder, n: ir.Value) -> None:
+            _bias_grad(b, g, emit.gep(b, args["dy"], index(b, (n, g.y_stride))), args["db"], vw)
+
+        conv_winograd_grad.weight_gradient(b, p, args["ws"], (args["n0"], args["n1"]), fill, bias, args["dw"])
+        b.ret_void()
+        return
     form = GradSpace(p)
     over_channels = form.over_channels  # else over positions (LeNet's C1, with 6 output channels)
     pad, dy_ws, sums = form.sections(b, args["ws"])
     # pad borders, the unused rows or columns of the dy copy, and the sums: zeroed once per call
     conv_direct.zero(b, args["ws"], 0, form.floats, vw)
-    top, left, _, _ = g.pads
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
         dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")

@@ -122,6 +122,31 @@ def _at(b: ir.IRBuilder, m: list[ir.Value]) -> list[ir.Value]:
     return [b.fadd(b.fadd(m[0], m[1]), m[2]), b.fsub(b.fsub(m[1], m[2]), m[3])]
 
 
+def transform_input(b: ir.IRBuilder, p: Plane, pad: ir.Value, ty0: ir.Value, rows: int, v: ir.Value, cols: int,
+                    col0: ir.Value | int) -> None:
+    """V[xi, ci, col0 + r * tw + tx] = (B^T d B)[xi] for the 4x4 patch d of tile (ty0 + r, tx) of the padded plane,
+    for the `rows` tile rows from `ty0`; V's rows are `cols` long (a block's tiles)."""
+    tw = p.ow // 2
+    with for_range(b, 0, p.c, name="vc") as ci:
+        with for_range(b, 0, rows, name="vr") as r:
+            top = index(b, (ci, p.hp * p.wp), (b.add(ty0, r), 2 * p.wp))  # the patch's first row in the plane
+            first = index(b, (ci, cols), (r, tw), col0)
+
+            def patch(b: ir.IRBuilder, tx: ir.Value, width: int, top=top, first=first) -> None:
+                d = []
+                for i in range(4):
+                    at = index(b, top, i * p.wp, (tx, 2))
+                    c0, c1 = emit.even_odd(b, pad, at, width)
+                    c2, c3 = emit.even_odd(b, pad, b.add(at, i64(2)), width)
+                    d.append(_bt(b, [c0, c1, c2, c3]))
+                for j in range(4):
+                    col = _bt(b, [d[0][j], d[1][j], d[2][j], d[3][j]])
+                    for i in range(4):
+                        emit.store(b, col[i], v, index(b, (4 * i + j) * p.c * cols, first, tx))
+
+            vector_loop(b, 0, tw, p.vw, patch, name="vx")
+
+
 def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, u: ir.Value, ws: ir.Value, finish: Finish) -> None:
     """Every output of the convolution of the padded plane `pad` with the transformed weights `u`, to `finish`.
 
@@ -145,25 +170,7 @@ def _block(b: ir.IRBuilder, p: Plane, blk: Blocks, pad: ir.Value, u: ir.Value, w
     v = ws
     m = emit.gep(b, ws, blk.v_floats, name="wino.m")
     tw, t = blk.tw, blk.tiles
-    # input transform: V[xi, ci, tile]
-    with for_range(b, 0, p.c, name="vc") as ci:
-        with for_range(b, 0, rows, name="vr") as r:
-            top = index(b, (ci, p.hp * p.wp), (b.add(ty0, r), 2 * p.wp))  # the patch's first row in the plane
-            first = index(b, (ci, t), (r, tw))
-
-            def patch(b: ir.IRBuilder, tx: ir.Value, width: int, top=top, first=first) -> None:
-                d = []
-                for i in range(4):
-                    at = index(b, top, i * p.wp, (tx, 2))
-                    c0, c1 = emit.even_odd(b, pad, at, width)
-                    c2, c3 = emit.even_odd(b, pad, b.add(at, i64(2)), width)
-                    d.append(_bt(b, [c0, c1, c2, c3]))
-                for j in range(4):
-                    col = _bt(b, [d[0][j], d[1][j], d[2][j], d[3][j]])
-                    for i in range(4):
-                        emit.store(b, col[i], v, index(b, (4 * i + j) * p.c * t, first, tx))
-
-            vector_loop(b, 0, tw, p.vw, patch, name="vx")
+    transform_input(b, p, pad, ty0, rows, v, t, 0)
     # the 16 products M_xi = U_xi @ V_xi
     with for_range(b, 0, 16, name="xi") as xi:
         u_xi = Mat(emit.gep(b, u, index(b, (xi, p.m * p.c))), rs=p.c)

@@ -95,6 +95,9 @@ CASES = {
     "winograd_valid_accumulate": make_spec(17, 18, 18, 16, 3, 3, accumulate=True),
     "winograd_blocks": make_spec(16, 10, 34, 16, 3, 3, pad=(1, 1, 1, 1), bias=False),  # 5 rows of 17 tiles
     "winograd_wide_rows": make_spec(16, 4, 160, 18, 3, 3, pad=(1, 1, 1, 1), gap=2, accumulate=True),  # 80 a row
+    # the weight gradient by Winograd takes blocks of whole images when an image has fewer tiles than a block:
+    # 12 tiles an image, 5 images a block (of which the batch range fills 2)
+    "winograd_images_per_block": make_spec(16, 6, 8, 17, 3, 3, pad=(1, 1, 1, 1), gap=3),
 }
 
 
@@ -293,19 +296,25 @@ def test_conv_forward_activations(jit, base: ConvSpec) -> None:
 
 def test_which_convolutions_run_by_winograd() -> None:
     from cnnc.codegen import conv_winograd
-    from cnnc.codegen.conv import _Geom
+    from cnnc.codegen.conv import _Geom, _winograd_grad
 
-    def runs(spec: ConvSpec) -> tuple[bool, bool]:
+    def runs(spec: ConvSpec) -> tuple[bool, bool, bool]:
+        """(forward, input gradient, weight gradient)"""
         g = _Geom(spec)
-        return tuple(g.padded and conv_winograd.applies(p, spec.connect)
-                     for p in (g.forward_plane(16), g.backward_plane(16)))
+        fwd, back = g.forward_plane(16), g.backward_plane(16)
+        return (g.padded and conv_winograd.applies(fwd, spec.connect),
+                g.padded and conv_winograd.applies(back, spec.connect),
+                g.padded and _winograd_grad(spec, fwd))
 
-    assert runs(CASES["winograd_same"]) == runs(CASES["winograd_valid_accumulate"]) == (True, True)
-    # CIFAR's first layer (3 input channels), LeNet's 5x5 and tabled convolutions, odd or small outputs: direct
-    assert runs(make_spec(3, 32, 32, 32, 3, 3, pad=(1, 1, 1, 1))) == (False, False)
+    assert runs(CASES["winograd_same"]) == runs(CASES["winograd_valid_accumulate"]) == (True, True, True)
+    # CIFAR's first layer (3 input channels), LeNet's 5x5 and tabled convolutions, odd outputs: direct
+    assert runs(make_spec(3, 32, 32, 32, 3, 3, pad=(1, 1, 1, 1))) == (False, False, False)
     assert not any(any(runs(CASES[n])) for n in ("lenet_c3", "3x3_same", "rows_32_wide_odd_height", "wide_out_19"))
-    assert runs(make_spec(32, 7, 32, 32, 3, 3, pad=(1, 1, 1, 1))) == (False, False)  # 7 output rows
-    assert runs(make_spec(64, 8, 8, 64, 3, 3, pad=(1, 1, 1, 1))) == (False, False)  # 16 tiles, a vector's worth
+    assert runs(make_spec(32, 7, 32, 32, 3, 3, pad=(1, 1, 1, 1))) == (False, False, False)  # 7 output rows
+    # 16 tiles an image, a vector's worth: too few for the products of one image, but the weight gradient's
+    # blocks hold several images
+    assert runs(make_spec(64, 8, 8, 64, 3, 3, pad=(1, 1, 1, 1))) == (False, False, True)
+    assert not runs(dataclasses.replace(CASES["winograd_same"], winograd=False))[2]
 
 
 def test_which_convolutions_run_on_the_padded_image() -> None:
@@ -326,11 +335,15 @@ def test_workspace_sizes() -> None:
     s = CASES["connect_1x1"]
     assert conv_workspace_floats(s, 16) == s.o * s.c + dyt(s)
     # stride 1, many channels on a small map: the padded planes need more than im2col
-    s = make_spec(64, 4, 4, 64, 3, 3, pad=(1, 1, 1, 1))
+    s = make_spec(64, 4, 4, 64, 3, 3, pad=(1, 1, 1, 1), winograd=False)
     padded = 64 * 6 * 6 + 2 + (32 - 24)  # 64 planes of 6 x 6, then what the last taps read past them: 2320
     out = 64 * 32  # 4 rows of 6 columns rounded up to two vectors, for each output channel
     weights = 64 * 64 * 9  # the flipped copy for the input gradient (as large as the weight gradient's sums)
     assert conv_workspace_floats(s, 16) == 2320 + out + weights == -(-padded // 16) * 16 + out + weights
+    # by Winograd, the weight gradient needs the most: the plane, dy^T, then V and Y for a block of 16 images
+    # of 4 tiles (rows a cache line longer) and the transformed gradient dU, 16 of each
+    dyt, v, y, du = 16 * 64, 16 * 64 * (64 + 16), 16 * (64 * 64 + 16), 16 * 64 * 64
+    assert conv_workspace_floats(dataclasses.replace(s, winograd=True), 16) == 2320 + dyt + v + y + du
     with pytest.raises(ValueError):
         conv_workspace_floats(dataclasses.replace(CASES["connect_1x1"], groups=2, o=4), 16)
 
