@@ -333,13 +333,6 @@ def _col2im(b: ir.IRBuilder, g: _Geom, col: ir.Value, dx: ir.Value, vw: int) -> 
                     vector_loop(b, ox_lo, ox_hi, vw if s.sw == 1 else 1, add, name="ox")
 
 
-def _transpose(b: ir.IRBuilder, src: ir.Value, rows: int, cols: int, dst: ir.Value) -> None:
-    """dst[c, r] = src[r, c] for a rows x cols matrix (dst is cols x rows)."""
-    with for_range(b, 0, cols, name="tc") as c:
-        with for_range(b, 0, rows, name="tr") as r:
-            emit.store(b, emit.load(b, src, index(b, (r, cols), c)), dst, index(b, (c, rows), r))
-
-
 def _row_sum(b: ir.IRBuilder, base: ir.Value, start: ir.Value, length: int, vw: int) -> ir.Value:
     """sum(base[start : start + length]) as a scalar: vector partial sums, reduced across lanes once per piece."""
     total = emit.f32(0.0)
@@ -575,7 +568,7 @@ def emit_conv_backward_weights(module: ir.Module, name: str, spec: ConvSpec, vw:
             dw_g = emit.gep(b, grad, index(b, (first_out, g.k)), name="dw.g")
             if g.transposed_dw(vw):
                 dyt = emit.gep(b, ws, g.col_floats + g.table_floats, name="dyt")
-                _transpose(b, dy_g.base, g.og, g.p, dyt)
+                transpose(b, dy_g.base, g.og, g.p, dyt, vw)
 
                 def add_t(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int,
                           dw_g=dw_g) -> None:

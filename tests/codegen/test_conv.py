@@ -98,6 +98,8 @@ CASES = {
     # the weight gradient by Winograd takes blocks of whole images when an image has fewer tiles than a block:
     # 12 tiles an image, 5 images a block (of which the batch range fills 2)
     "winograd_images_per_block": make_spec(16, 6, 8, 17, 3, 3, pad=(1, 1, 1, 1), gap=3),
+    # 16 tiles an image: the products of the forward and input gradient take a vector of tiles at a time
+    "winograd_8x8": make_spec(16, 8, 8, 24, 3, 3, pad=(1, 1, 1, 1), gap=1, accumulate=True),
 }
 
 
@@ -311,9 +313,9 @@ def test_which_convolutions_run_by_winograd() -> None:
     assert runs(make_spec(3, 32, 32, 32, 3, 3, pad=(1, 1, 1, 1))) == (False, False, False)
     assert not any(any(runs(CASES[n])) for n in ("lenet_c3", "3x3_same", "rows_32_wide_odd_height", "wide_out_19"))
     assert runs(make_spec(32, 7, 32, 32, 3, 3, pad=(1, 1, 1, 1))) == (False, False, False)  # 7 output rows
-    # 16 tiles an image, a vector's worth: too few for the products of one image, but the weight gradient's
-    # blocks hold several images
-    assert runs(make_spec(64, 8, 8, 64, 3, 3, pad=(1, 1, 1, 1))) == (False, False, True)
+    # 16 tiles an image, a vector's worth: enough, 12 are not (the weight gradient's blocks hold several images)
+    assert runs(make_spec(64, 8, 8, 64, 3, 3, pad=(1, 1, 1, 1))) == (True, True, True)
+    assert runs(CASES["winograd_images_per_block"]) == (False, False, True)
     assert not runs(dataclasses.replace(CASES["winograd_same"], winograd=False))[2]
 
 
