@@ -10,6 +10,7 @@ every tensor lives and dedupes kernels with identical specs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -226,13 +227,14 @@ def forward_batchnorm(ctx, name: str) -> None:
 
 
 def backward_batchnorm(ctx, name: str) -> None:
-    """The shard's sum(dy) and sum(dy (x - mean)), the reduction (which also gives the weight and bias
-    gradients), then dx through the batch statistics."""
+    """The shard's sum(dy) and sum(dy (x - mean)) (dy first taken through a fused activation, in place), the
+    reduction (which also gives the weight and bias gradients), then dx through the batch statistics."""
     src = ctx.node(name)["inputs"][0]
-    _fused_activation_grad(ctx, name)
     dy = ctx.grad(name)
-    ctx.call(ctx.kernel(emit_bn_grad_sums, batchnorm_spec(ctx, name, dy, fused=False)), ctx.value(src), dy,
-             ctx.bn_coef(name, "mean"), ctx.bn_partial(name))
+    saved = ctx.plan.pre.get(name) or ctx.value(name)  # what the fused activation's gradient reads
+    spec = dataclasses.replace(batchnorm_spec(ctx, name, dy), v_stride=saved.stride)
+    ctx.call(ctx.kernel(emit_bn_grad_sums, spec), ctx.value(src), dy, ctx.bn_coef(name, "mean"),
+             ctx.bn_partial(name), saved)
     ctx.sync("backward", name)
     if ctx.wants_grad(src):
         fn = ctx.kernel(emit_bn_backward, batchnorm_spec(ctx, name, dy, ctx.accumulate(src), fused=False))

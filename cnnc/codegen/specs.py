@@ -187,8 +187,9 @@ class BatchNormSpec:
 
     ``x_stride`` is the normalized input's per-image stride, ``y_stride`` the
     output's (and its gradient's), ``dx_stride`` the input gradient's. ``act``:
-    an activation fused after the per-channel affine map (forward only; its
-    gradient runs as the fused conv's does). Partial sums are float64.
+    an activation fused after the per-channel affine map (its gradient taken
+    in ``grad_sums``, from the tensor it saves, at ``v_stride``; 0: y_stride).
+    Partial sums are float64.
     """
 
     c: int
@@ -199,6 +200,7 @@ class BatchNormSpec:
     act: str = "none"
     act_args: tuple[tuple[str, float], ...] = ()
     accumulate: bool = False
+    v_stride: int = 0
 
 
 @dataclass(frozen=True)
