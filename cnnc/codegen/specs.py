@@ -172,6 +172,29 @@ class CopySpec:
 
 
 @dataclass(frozen=True)
+class SumSpec:
+    """y[n, i] = a[n, i] + b[n, i] for i < count: an add of two tensors in one pass (not a copy and an add)."""
+
+    count: int
+    a_stride: int
+    b_stride: int
+    y_stride: int
+
+
+@dataclass(frozen=True)
+class FanOutSpec:
+    """a[n, i] (+)= dy[n, i] and b[n, i] (+)= dy[n, i] for i < count: an add's gradient into two inputs,
+    reading dy once. a and b must not overlap."""
+
+    count: int
+    dy_stride: int
+    a_stride: int
+    b_stride: int
+    accumulate_a: bool = False
+    accumulate_b: bool = False
+
+
+@dataclass(frozen=True)
 class LossSpec:
     """A loss over ``k`` outputs per image: ``cross_entropy`` (integer labels) or ``mse`` (float targets)."""
 
