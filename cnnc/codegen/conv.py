@@ -292,13 +292,15 @@ def _im2col(b: ir.IRBuilder, g: _Geom, x: ir.Value, col: ir.Value, vw: int) -> N
                         emit.store(b, emit.load(b, x, index(b, src, ox), width), col, index(b, dst, ox))
 
                     def gather(b: ir.IRBuilder, ox: ir.Value, width: int, dst=dst, src=src) -> None:
-                        emit.store(b, emit.load(b, x, index(b, src, (ox, s.sw))), col, index(b, dst, ox))
+                        at = index(b, src, (ox, s.sw))
+                        value = emit.even_odd(b, x, at, width)[0] if width > 1 else emit.load(b, x, at)
+                        emit.store(b, value, col, index(b, dst, ox))
 
                     conv_direct.zero(b, col, dst, b.add(dst, ox_lo), vw)
                     if s.sw == 1:
                         vector_loop(b, ox_lo, ox_hi, vw, copy, name="ox")
                     else:
-                        vector_loop(b, ox_lo, ox_hi, 1, gather, name="ox")
+                        _strided_loop(b, g, kx, ox_lo, ox_hi, vw, gather)
                     conv_direct.zero(b, col, b.add(dst, ox_hi), index(b, dst, s.ow), vw)
                 conv_direct.zero(b, col, index(b, row, (oy_hi, s.ow)), index(b, row, g.p), vw)
 
@@ -309,6 +311,22 @@ def _column_matrix(b: ir.IRBuilder, g: _Geom, x_img: ir.Value, ws: ir.Value, vw:
         return x_img
     _im2col(b, g, x_img, ws, vw)
     return ws
+
+
+def _strided_loop(b: ir.IRBuilder, g: _Geom, kx: ir.Value, lo: ir.Value, hi: ir.Value, vw: int, body) -> None:
+    """``body(b, ox, width)`` over the outputs [lo, hi) of one row of kernel column `kx`, in vectors where the
+    stride is 2 (each vector then spans 2 * width input floats: only while the last of them, one past the last
+    tap, still lies in the row), one at a time otherwise."""
+    s = g.spec
+    if s.sw != 2 or s.ow < vw:  # (a row shorter than a vector: the loop of one float at a time alone is faster)
+        vector_loop(b, lo, hi, 1, body, name="ox")
+        return
+    # input column of output ox: 2 * ox - pl + kx * dw; vectors need 2 * ox - pl + kx * dw + 1 <= w - 1
+    room = b.sub(i64(s.w - 2 + s.pl), _tap(b, kx, s.dw))
+    last = b.select(b.icmp_signed("<", room, i64(0)), i64(-1), b.sdiv(room, i64(2)))
+    mid = _smax(b, _smin(b, b.add(last, i64(1)), hi), lo)
+    vector_loop(b, lo, mid, vw, body, name="ox")
+    vector_loop(b, mid, hi, 1, body, name="ox.rest")
 
 
 def _col2im(b: ir.IRBuilder, g: _Geom, col: ir.Value, dx: ir.Value, vw: int) -> None:
@@ -327,10 +345,19 @@ def _col2im(b: ir.IRBuilder, g: _Geom, col: ir.Value, dx: ir.Value, vw: int) -> 
 
                     def add(b: ir.IRBuilder, ox: ir.Value, width: int, dst=dst, src=src) -> None:
                         at = index(b, dst, (ox, s.sw))
-                        value = b.fadd(emit.load(b, dx, at, width), emit.load(b, col, index(b, src, ox), width))
-                        emit.store(b, value, dx, at)
+                        value = emit.load(b, col, index(b, src, ox), width)
+                        if s.sw == 1 or width == 1:
+                            emit.store(b, b.fadd(emit.load(b, dx, at, width), value), dx, at)
+                            return
+                        # stride 2: the values go to every other float of 2 * width; the others get + 0
+                        for half, part in enumerate(emit.interleave(b, value, emit.splat(b, 0.0, width), width)):
+                            there = b.add(at, i64(half * width))
+                            emit.store(b, b.fadd(emit.load(b, dx, there, width), part), dx, there)
 
-                    vector_loop(b, ox_lo, ox_hi, vw if s.sw == 1 else 1, add, name="ox")
+                    if s.sw == 1:
+                        vector_loop(b, ox_lo, ox_hi, vw, add, name="ox")
+                    else:
+                        _strided_loop(b, g, kx, ox_lo, ox_hi, vw, add)
 
 
 def _row_sum(b: ir.IRBuilder, base: ir.Value, start: ir.Value, length: int, vw: int) -> ir.Value:

@@ -98,6 +98,10 @@ CASES = {
     # the weight gradient by Winograd takes blocks of whole images when an image has fewer tiles than a block:
     # 12 tiles an image, 5 images a block (of which the batch range fills 2)
     "winograd_images_per_block": make_spec(16, 6, 8, 17, 3, 3, pad=(1, 1, 1, 1), gap=3),
+    # stride 2 on rows of whole vectors of outputs: im2col and col2im take every other float by shuffles, up to
+    # the vector whose span would pass the row's end; plain, and dilated with padding
+    "stride2_wide_rows": make_spec(3, 6, 40, 4, 3, 3, stride=(2, 2), pad=(1, 1, 1, 1), gap=3, accumulate=True),
+    "stride2_dilated_wide": make_spec(2, 5, 37, 3, 3, 3, stride=(2, 2), pad=(2, 2, 2, 2), dh=2, dw=2, bias=False),
     # 16 tiles an image: the products of the forward and input gradient take a vector of tiles at a time
     "winograd_8x8": make_spec(16, 8, 8, 24, 3, 3, pad=(1, 1, 1, 1), gap=1, accumulate=True),
 }
