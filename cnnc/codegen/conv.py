@@ -291,9 +291,12 @@ def _im2col(b: ir.IRBuilder, g: _Geom, x: ir.Value, col: ir.Value, vw: int) -> N
                     def copy(b: ir.IRBuilder, ox: ir.Value, width: int, dst=dst, src=src) -> None:
                         emit.store(b, emit.load(b, x, index(b, src, ox), width), col, index(b, dst, ox))
 
-                    def gather(b: ir.IRBuilder, ox: ir.Value, width: int, dst=dst, src=src) -> None:
+                    def gather(b: ir.IRBuilder, ox: ir.Value, width: int, shift: int = 0, dst=dst, src=src) -> None:
                         at = index(b, src, (ox, s.sw))
-                        value = emit.even_odd(b, x, at, width)[0] if width > 1 else emit.load(b, x, at)
+                        if width == 1:
+                            value = emit.load(b, x, at)
+                        else:  # shifted: the odd floats of the span from one float earlier
+                            value = emit.even_odd(b, x, b.sub(at, i64(shift)), width)[shift]
                         emit.store(b, value, col, index(b, dst, ox))
 
                     conv_direct.zero(b, col, dst, b.add(dst, ox_lo), vw)
@@ -314,19 +317,30 @@ def _column_matrix(b: ir.IRBuilder, g: _Geom, x_img: ir.Value, ws: ir.Value, vw:
 
 
 def _strided_loop(b: ir.IRBuilder, g: _Geom, kx: ir.Value, lo: ir.Value, hi: ir.Value, vw: int, body) -> None:
-    """``body(b, ox, width)`` over the outputs [lo, hi) of one row of kernel column `kx`, in vectors where the
-    stride is 2 (each vector then spans 2 * width input floats: only while the last of them, one past the last
-    tap, still lies in the row), one at a time otherwise."""
+    """``body(b, ox, width, shift)`` over the outputs [lo, hi) of one row of kernel column `kx`, in vectors
+    where the stride is 2, one at a time otherwise.
+
+    A vector of outputs spans 2 * width input floats: from its first tap (shift 0) while the float after its
+    last tap still lies in the row, then from the float before its first tap (shift 1) while that one does.
+    """
     s = g.spec
     if s.sw != 2 or s.ow < vw:  # (a row shorter than a vector: the loop of one float at a time alone is faster)
         vector_loop(b, lo, hi, 1, body, name="ox")
         return
-    # input column of output ox: 2 * ox - pl + kx * dw; vectors need 2 * ox - pl + kx * dw + 1 <= w - 1
-    room = b.sub(i64(s.w - 2 + s.pl), _tap(b, kx, s.dw))
+    tap = _tap(b, kx, s.dw)
+    # input column of output ox: 2 * ox - pl + tap; unshifted vectors need 2 * ox - pl + tap + 1 <= w - 1
+    room = b.sub(i64(s.w - 2 + s.pl), tap)
     last = b.select(b.icmp_signed("<", room, i64(0)), i64(-1), b.sdiv(room, i64(2)))
-    mid = _smax(b, _smin(b, b.add(last, i64(1)), hi), lo)
-    vector_loop(b, lo, mid, vw, body, name="ox")
-    vector_loop(b, mid, hi, 1, body, name="ox.rest")
+    fits = b.sub(_smax(b, _smin(b, b.add(last, i64(1)), hi), lo), lo)
+    mid = b.add(lo, b.sub(fits, b.srem(fits, i64(vw))), name="ox.mid")  # after the whole unshifted vectors
+    with for_range(b, lo, mid, vw, name="ox") as ox:
+        body(b, ox, vw, 0)
+    first = b.add(b.sub(b.mul(mid, i64(2)), i64(s.pl + 1)), tap)  # the float before mid's first tap
+    with b.if_else(b.icmp_signed(">=", first, i64(0))) as (shifted, single):
+        with shifted:
+            vector_loop(b, mid, hi, vw, lambda b, ox, width: body(b, ox, width, 1), name="ox.shift")
+        with single:
+            vector_loop(b, mid, hi, 1, body, name="ox.rest")
 
 
 def _col2im(b: ir.IRBuilder, g: _Geom, col: ir.Value, dx: ir.Value, vw: int) -> None:
@@ -343,15 +357,18 @@ def _col2im(b: ir.IRBuilder, g: _Geom, col: ir.Value, dx: ir.Value, vw: int) -> 
                     dst = index(b, (ci, s.h * s.w), (oy, s.sh * s.w), (ky, s.dh * s.w), (kx, s.dw),
                                 -s.pt * s.w - s.pl)
 
-                    def add(b: ir.IRBuilder, ox: ir.Value, width: int, dst=dst, src=src) -> None:
+                    def add(b: ir.IRBuilder, ox: ir.Value, width: int, shift: int = 0, dst=dst, src=src) -> None:
                         at = index(b, dst, (ox, s.sw))
                         value = emit.load(b, col, index(b, src, ox), width)
                         if s.sw == 1 or width == 1:
                             emit.store(b, b.fadd(emit.load(b, dx, at, width), value), dx, at)
                             return
-                        # stride 2: the values go to every other float of 2 * width; the others get + 0
-                        for half, part in enumerate(emit.interleave(b, value, emit.splat(b, 0.0, width), width)):
-                            there = b.add(at, i64(half * width))
+                        # stride 2: the values go to every other float of 2 * width (the odd ones of the span
+                        # from one float earlier when shifted); the others get + 0
+                        zero = emit.splat(b, 0.0, width)
+                        pair = (zero, value) if shift else (value, zero)
+                        for half, part in enumerate(emit.interleave(b, *pair, width)):
+                            there = b.add(at, i64(half * width - shift))
                             emit.store(b, b.fadd(emit.load(b, dx, there, width), part), dx, there)
 
                     if s.sw == 1:

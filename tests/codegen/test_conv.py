@@ -102,6 +102,8 @@ CASES = {
     # the vector whose span would pass the row's end; plain, and dilated with padding
     "stride2_wide_rows": make_spec(3, 6, 40, 4, 3, 3, stride=(2, 2), pad=(1, 1, 1, 1), gap=3, accumulate=True),
     "stride2_dilated_wide": make_spec(2, 5, 37, 3, 3, 3, stride=(2, 2), pad=(2, 2, 2, 2), dh=2, dw=2, bias=False),
+    # ResNet's 32 -> 16 rows: the last kernel column's vectors start a float early (their last tap ends the row)
+    "stride2_shifted": make_spec(3, 4, 32, 2, 3, 3, stride=(2, 2), pad=(1, 1, 1, 1), gap=1, accumulate=True),
     # 16 tiles an image: the products of the forward and input gradient take a vector of tiles at a time
     "winograd_8x8": make_spec(16, 8, 8, 24, 3, 3, pad=(1, 1, 1, 1), gap=1, accumulate=True),
 }
