@@ -10,6 +10,11 @@ cnnc/PyTorch oriented so that > 1 always means cnnc is better (faster, or less
 time or memory). The inference rows also run LeNet-5 exported to ONNX (``Model.export_onnx``) in
 onnxruntime, the deployment runtime people would pick, with the same threads (``intra_op_num_threads``);
 that column needs ``pip install 'cnnc[onnx,onnxruntime]'``. benchmarks/README.md says what each row measures.
+
+The run starts by measuring the machine's FMA peak (``cnnc_runtime.peak``, the kernel ``cnnc profile`` uses) and
+gives every training and inference row as a share of it: training counts 6 x the network's MACs per image (the
+forward, the input gradient and the weight gradient, each as many multiply-adds as the forward, 2 FLOP each),
+inference 2 x MACs.
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from torch_nets import torch_resnet20  # (benchmarks/: this script's folder)
 
+from cnnc_runtime.host import cpu_model, host_cpu
 from cnnc_runtime.inputs import Inputs
+from cnnc_runtime.peak import FmaKernel, measure
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -56,9 +64,11 @@ CONV_TWO = f"""network conv_two {{
     y = h -> conv({CONV_C}, 3x3, pad=1)
 }}"""
 
-ROW_NAMES = ("lenet_train", "lenet_infer1", "lenet_infer256", "resnet20_infer1", "resnet20_infer256",
-             "cifar_train", "conv", "fma", "compile", "import",
+ROW_NAMES = ("lenet_train", "lenet_infer1", "lenet_infer256", "resnet20_train", "resnet20_infer1",
+             "resnet20_infer256", "cifar_train", "conv", "fma", "compile", "import",
              "first_step", "rss")
+TRAIN_FLOPS_PER_MAC = 6  # forward, input gradient, weight gradient: 3 x the multiply-adds, 2 FLOP each
+INFER_FLOPS_PER_MAC = 2
 
 
 # ---- results ---------------------------------------------------------------------------------------------
@@ -76,6 +86,15 @@ class Row:
     note: str = ""
     extra: dict = field(default_factory=dict)
     others: float | None = None  # share of the machine's CPU other processes used while the row ran
+    flops: float | None = None  # FLOP per unit of the metric (per image for images/s, per call for us)
+
+    def peak_share(self, samples: list[float] | None, peak: float) -> float | None:
+        """The median of `samples` as a share of `peak` GFLOP/s (None for rows that do no counted FLOPs)."""
+        if not samples or not self.flops or not peak:
+            return None
+        v = median(samples)
+        rate = v * self.flops if self.unit == "images/s" else self.flops / (v * 1e-6) if self.unit == "us" else None
+        return None if rate is None else rate / (peak * 1e9)
 
     def ratio(self, other: str = "torch") -> float | None:
         """cnnc/PyTorch (or cnnc/onnxruntime: `other` "ort"), oriented so that > 1 means cnnc is better."""
@@ -94,7 +113,7 @@ class Row:
         return {"key": self.key, "label": self.label, "unit": self.unit, "better": self.better,
                 "cnnc": stats(self.cnnc), "torch": stats(self.torch), "ratio_cnnc_better_if_gt_1": self.ratio(),
                 "onnxruntime": stats(self.ort), "ratio_vs_onnxruntime_cnnc_better_if_gt_1": self.ratio("ort"),
-                "note": self.note, "extra": self.extra, "others_cpu_share": self.others}
+                "note": self.note, "extra": self.extra, "others_cpu_share": self.others, "flops_per_unit": self.flops}
 
 
 def median(s: list[float]) -> float:
@@ -128,15 +147,22 @@ def print_table(rows: list[Row], meta: dict) -> None:
     print()
     print(f"cnnc {meta['cnnc_version']} vs PyTorch {meta['torch_version'] or '(not installed)'}, "
           f"{meta['threads']} thread(s) each, {meta['cpu']}{' (--quick)' if meta['quick'] else ''}")
+    peak = meta["peak_gflops"]
+    print(f"CPU {meta['cpu']} ({meta['llvm_cpu']}): measured FMA peak {meta['fma_1']:.0f} GFLOP/s on 1 thread, "
+          f"{peak:.0f} on {meta['threads']} (the best sample, or {meta['threads']} x the 1-thread one if higher).\n"
+          "% PEAK = a row's FLOP rate / that peak: training counts 6 x the network's MACs per image (forward, "
+          "input gradient, weight gradient: 3 x the multiply-adds, 2 FLOP each), inference 2 x MACs")
     print("values: median [min-max] over repeats.  RATIO = cnnc/PyTorch, oriented so that > 1 means cnnc is better "
           "(higher throughput, or lower time / memory); RATIO ORT the same against onnxruntime "
           f"{meta.get('onnxruntime_version') or '(not installed)'}.\nothers: share of the machine's CPU used by other "
           "processes while the row ran (should be ~0%)")
     ratio = lambda r, other: "-" if r.ratio(other) is None else f"{r.ratio(other):.2f}x"  # noqa: E731
-    head = ("#", "benchmark", "unit", "better", "cnnc", "PyTorch", "ratio", "onnxruntime", "ratio ort", "others")
+    share = lambda r, s: "-" if r.peak_share(s, peak) is None else f"{100 * r.peak_share(s, peak):.0f}%"  # noqa: E731
+    head = ("#", "benchmark", "unit", "better", "cnnc", "PyTorch", "ratio", "onnxruntime", "ratio ort", "cnnc %peak",
+            "PyTorch %peak", "others")
     body = [(str(i + 1), r.label, r.unit, r.better, cell(r.cnnc), cell(r.torch), ratio(r, "torch"), cell(r.ort),
-             ratio(r, "ort"), "?" if r.others is None else f"{100 * r.others:.0f}%")
-            for i, r in enumerate(rows)]
+             ratio(r, "ort"), share(r, r.cnnc), share(r, r.torch),
+             "?" if r.others is None else f"{100 * r.others:.0f}%") for i, r in enumerate(rows)]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     line = "  ".join("-" * w for w in widths)
     print(line)
@@ -375,8 +401,18 @@ def torch_fit_epoch(torch, net, opt, x, y, batch: int, seed: int) -> None:
         correct += int((out.argmax(1) == yb).sum())
 
 
-def train_row(ctx: Ctx, row: Row, model, x: np.ndarray, y: np.ndarray, make_torch_net) -> None:
-    """images/s of one epoch of `fit` over the first n images of (x, y) at batch 64, vs the same loop in PyTorch.
+# the same update rule on both sides: (cnnc's fit settings, PyTorch's optimizer)
+RECIPES = {
+    "adam": ({"optimizer": "adam", "lr": 1e-3}, lambda torch, params: torch.optim.Adam(params, lr=1e-3)),
+    "momentum": ({"optimizer": "momentum", "lr": 0.01, "momentum": 0.9},
+                 lambda torch, params: torch.optim.SGD(params, lr=0.01, momentum=0.9)),
+}
+
+
+def train_row(ctx: Ctx, row: Row, model, x: np.ndarray, y: np.ndarray, make_torch_net, batch: int = 64,
+              recipe: str = "adam", breakdown: bool = True) -> None:
+    """images/s of one epoch of `fit` over the first n images of (x, y) at `batch`, vs the same loop in PyTorch,
+    with the optimizer of `recipe` (RECIPES), no augmentation, no weight decay.
 
     The warm-up epoch is 5 steps; from its speed each side picks n (whole batches, at least 5, at most
     len(x)) so that one sample takes about 1.5 s (0.6 s with --quick): slow sides do not blow the time budget.
@@ -384,20 +420,21 @@ def train_row(ctx: Ctx, row: Row, model, x: np.ndarray, y: np.ndarray, make_torc
     target = ctx.rep(1.5, 0.6)
     seeds = iter(range(10**6))
     sizes: dict[str, int] = {}
+    settings, make_optimizer = RECIPES[recipe]
 
     def sized(side: str, epoch: Callable[[int], None]) -> float:
-        n = sizes.get(side, 5 * 64)
+        n = sizes.get(side, 5 * batch)
         t0 = time.perf_counter()
         epoch(n)
         dt = time.perf_counter() - t0
         if side not in sizes:
-            sizes[side] = int(min(max(round(target * n / dt / 64), 5), len(x) // 64)) * 64
+            sizes[side] = int(min(max(round(target * n / dt / batch), 5), len(x) // batch)) * batch
         return n / dt
 
     def cnnc_epoch(n: int) -> None:
         # the network's input as it is (no normalize: the PyTorch side gets the same images)
-        model.fit(Inputs(x[:n], model.input_shape), y[:n], epochs=1, batch=64, optimizer="adam", lr=1e-3,
-                  progress=False, jitter=0.0, validation=0.0, weight_decay=0.0, restarts=1, seed=next(seeds))
+        model.fit(Inputs(x[:n], model.input_shape), y[:n], epochs=1, batch=batch, **settings, progress=False,
+                  jitter=0.0, crop=0, flip=False, validation=0.0, weight_decay=0.0, restarts=1, seed=next(seeds))
 
     torch_sample = None
     if ctx.torch is not None:
@@ -411,15 +448,23 @@ def train_row(ctx: Ctx, row: Row, model, x: np.ndarray, y: np.ndarray, make_torc
         row.extra["same_weights_loss_cnnc_vs_torch"] = [mine, ref]
         if abs(mine - ref) > 1e-3 * max(1.0, abs(ref)):
             row.note = f"WARNING: the PyTorch model disagrees with cnnc (loss {ref:.5f} vs {mine:.5f})"
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        opt = make_optimizer(torch, net.parameters())
 
         def torch_epoch(n: int) -> None:
-            torch_fit_epoch(torch, net, opt, tx[:n], ty[:n], 64, next(seeds))
+            torch_fit_epoch(torch, net, opt, tx[:n], ty[:n], batch, next(seeds))
 
         torch_sample = lambda: sized("torch", torch_epoch)  # noqa: E731
 
     alternate(ctx, row, ctx.rep(5, 3), lambda: sized("cnnc", cnnc_epoch), torch_sample)
-    row.extra.update(images_per_sample=sizes, cnnc_step_breakdown=step_breakdown(model, x, y))
+    row.extra["images_per_sample"] = sizes
+    if breakdown:
+        row.extra["cnnc_step_breakdown"] = step_breakdown(model, x, y)
+    row.flops = TRAIN_FLOPS_PER_MAC * macs(model)
+
+
+def macs(model) -> int:
+    """Multiply-adds of one image through the network (``cnnc check``'s count)."""
+    return int(model.manifest["summary_json"]["total_macs"])
 
 
 def step_breakdown(model, x: np.ndarray, y: np.ndarray, rounds: int = 3) -> dict:
@@ -517,6 +562,7 @@ def infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
     alternate(ctx, row, ctx.rep(7, 4), lambda: sample(lambda: model.infer_into(xb, np.empty(out_shape, np.float32))),
               torch_sample, ort_sample=ort_sample)
     row.extra["calls_per_sample"] = calls
+    row.flops = INFER_FLOPS_PER_MAC * macs(model)
     return row
 
 
@@ -529,7 +575,8 @@ def row_lenet_infer256(ctx: Ctx) -> list[Row]:
 
 
 def resnet20_infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
-    """examples/resnet20.cnn on random 3x32x32 images: cnnc against onnxruntime (no PyTorch twin here)."""
+    """examples/resnet20.cnn on random 3x32x32 images: cnnc against PyTorch (benchmarks/torch_nets.py, the same
+    weights, eval mode) and onnxruntime."""
     model = ctx.model("resnet20", RESNET20)
     xb = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
     single = batch == 1
@@ -538,17 +585,46 @@ def resnet20_infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
 
     sample = lambda fn: inference_sample(fn, batch, calls)  # noqa: E731
 
+    torch_sample = None
+    if ctx.torch is not None:
+        torch = ctx.torch
+        net = torch_resnet20(torch)
+        copy_weights_to_torch(torch, model, net)  # (the running statistics are fresh on both sides: 0 and 1)
+        net.eval()
+        tx = torch.from_numpy(xb)
+
+        def torch_call():
+            with torch.inference_mode():
+                return net(tx)
+
+        torch_sample = lambda: sample(torch_call)  # noqa: E731
     ort_sample = None
     if ctx.ort is not None:
         session = ctx.ort_session("resnet20", model)
         feed = {session.get_inputs()[0].name: xb}
         ort_sample = lambda: sample(lambda: session.run(None, feed))  # noqa: E731
-    row.note = "no PyTorch twin of ResNet-20 in this benchmark" + (
-        "" if ctx.ort is not None else f"; onnxruntime unavailable ({ctx.ort_error})")
-    alternate(ctx, row, ctx.rep(5, 3), lambda: sample(lambda: model(xb)), None, ort_sample=ort_sample,
-              torch_note=False)
+    else:
+        row.note = f"onnxruntime unavailable ({ctx.ort_error})"
+    alternate(ctx, row, ctx.rep(5, 3), lambda: sample(lambda: model(xb)), torch_sample, ort_sample=ort_sample)
     row.extra["calls_per_sample"] = calls
+    row.flops = INFER_FLOPS_PER_MAC * macs(model)
     return row
+
+
+def row_resnet20_train(ctx: Ctx) -> list[Row]:
+    """ResNet-20 training at batch 128, SGD with momentum on both sides, on synthetic CIFAR-sized images."""
+    model = ctx.model("resnet20_train", RESNET20)
+    rng = np.random.default_rng(0)
+    n = 128 * 8  # a sample uses the first 5-8 batches (see train_row)
+    x = rng.standard_normal((n, 3, 32, 32), dtype=np.float32)
+    y = rng.integers(0, 10, n)
+    row = Row("resnet20_train", "ResNet-20 training, batch 128 (fit + SGD momentum)", "images/s", "higher")
+    train_row(ctx, row, model, x, y, lambda: torch_resnet20(ctx.torch), batch=128, recipe="momentum",
+              breakdown=False)
+    row.note = (row.note + "; " if row.note else "") + ("batchnorm in training mode (batch statistics) on both "
+                                                         "sides; no augmentation; `cnnc profile --train "
+                                                         "examples/resnet20.cnn` splits cnnc's step by layer")
+    return [row]
 
 
 def row_resnet20_infer1(ctx: Ctx) -> list[Row]:
@@ -573,8 +649,6 @@ def row_cifar_train(ctx: Ctx) -> list[Row]:
 
 def fma_peak(ctx: Ctx) -> dict:
     if ctx.fma is None:
-        from fma_peak import FmaKernel, measure
-
         meter = CpuMeter()
         k = FmaKernel()
         reps = ctx.rep(5, 3)
@@ -593,7 +667,7 @@ def peak_reference(ctx: Ctx) -> float:
 
 def row_fma(ctx: Ctx) -> list[Row]:
     f = fma_peak(ctx)
-    note = f"<{f['width']} x float> x {f['chains']} independent llvm.fma chains (benchmarks/fma_peak.py)"
+    note = f"<{f['width']} x float> x {f['chains']} independent llvm.fma chains (cnnc_runtime.peak)"
     rows = [Row("fma_1", "FMA peak, 1 thread (machine)", "GFLOP/s", "higher", f["1"], note=note)]
     if ctx.threads != 1:
         rows.append(Row(f"fma_{ctx.threads}", f"FMA peak, {ctx.threads} threads (machine)", "GFLOP/s", "higher",
@@ -813,7 +887,8 @@ def row_rss(ctx: Ctx) -> list[Row]:
 
 ROWS: dict[str, Callable[[Ctx], list[Row]]] = {
     "lenet_train": row_lenet_train, "lenet_infer1": row_lenet_infer1, "lenet_infer256": row_lenet_infer256,
-    "resnet20_infer1": row_resnet20_infer1, "resnet20_infer256": row_resnet20_infer256,
+    "resnet20_train": row_resnet20_train, "resnet20_infer1": row_resnet20_infer1,
+    "resnet20_infer256": row_resnet20_infer256,
     "cifar_train": row_cifar_train, "fma": row_fma, "conv": row_conv, "compile": row_compile,
     "import": row_import, "first_step": row_first_step, "rss": row_rss,
 }
@@ -854,17 +929,6 @@ class CpuMeter:
         return min(1.0, max(0.0, (busy - ours) / total))
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and steps (about a minute)")
@@ -899,9 +963,15 @@ def run_rows(ctx: Ctx, only: list[str], started: float, run_meter: CpuMeter) -> 
 
     meta = {"cnnc_version": cnnc.__version__, "torch_version": ctx.torch.__version__ if ctx.torch else None,
             "onnxruntime_version": ctx.ort.__version__ if ctx.ort else None,
-            "threads": args.threads, "cpu": cpu_name(), "cores": os.cpu_count(), "quick": args.quick,
+            "threads": args.threads, "cpu": cpu_model(), "cores": os.cpu_count(), "quick": args.quick,
             "python": platform.python_version(), "numpy": np.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_at_start": os.getloadavg()}
+    print(f"[{time.perf_counter() - started:6.1f}s] FMA peak of {meta['cpu']} ...", file=sys.stderr, flush=True)
+    meta["peak_gflops"] = peak_reference(ctx)
+    meta["fma_1"] = max(ctx.fma["1"])
+    meta["llvm_cpu"] = host_cpu()[1]
+    print(f"          {meta['fma_1']:.0f} GFLOP/s on 1 thread, {meta['peak_gflops']:.0f} on {args.threads}",
+          file=sys.stderr, flush=True)
     rows: list[Row] = []
     for name in ROW_NAMES:
         if name not in only:

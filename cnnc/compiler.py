@@ -64,8 +64,9 @@ def _jsonable(v: Any) -> Any:
     return repr(v)
 
 
-def ir_key(fused: nx.DiGraph, target: Target) -> str:
-    """A hash of everything the object code depends on."""
+def ir_key(fused: nx.DiGraph, target: Target, variant: str = "") -> str:
+    """A hash of everything the object code depends on; `variant` names another build of the same graph
+    ("profile"), left out of the hash when empty so the normal build's keys stay as they were."""
     skip = {"loc", "binding", "connect_locs", "uses"}
     nodes = [
         {k: _jsonable(v) for k, v in sorted(fused.nodes[n].items()) if k not in skip}
@@ -74,8 +75,8 @@ def ir_key(fused: nx.DiGraph, target: Target) -> str:
     ]
     blob = json.dumps({"network": fused.graph["network"], "nodes": nodes, "output": fused.graph["output"],
                        "input": fused.graph["input"], "winograd": fused.graph.get("winograd", True),
-                       "target": target.key, "cnnc": __version__, "compiler": compiler_fingerprint()},
-                      sort_keys=True, default=repr)
+                       "target": target.key, "cnnc": __version__, "compiler": compiler_fingerprint()}
+                      | ({"variant": variant} if variant else {}), sort_keys=True, default=repr)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -84,6 +84,7 @@ def manifest_for(checked: nx.DiGraph, fused: nx.DiGraph, facts: dict, target: Ta
         "params": params,
         "param_floats": facts["param_floats"],
         "arena_infer": facts["arena_infer"],
+        "infer_parts": facts["infer_parts"],
         "arena_train": facts["arena_train"],
         "ws_floats": facts["ws_floats"],
         "updates": facts["updates"],
@@ -102,9 +103,13 @@ def _record_contract(module: ir.Module, manifest: dict[str, Any]) -> None:
     record.global_constant = True
 
 
-def generate(checked: nx.DiGraph, fused: nx.DiGraph, target: Target) -> tuple[dict[str, Any], bytes, list[ir.Module]]:
-    """(manifest, object code, LLVM modules) of an optimized graph for `target`."""
-    modules, facts = build_module(fused, target.vector_width)
+def generate(checked: nx.DiGraph, fused: nx.DiGraph, target: Target,
+             profile: bool = False) -> tuple[dict[str, Any], bytes, list[ir.Module]]:
+    """(manifest, object code, LLVM modules) of an optimized graph for `target`; ``profile``: the profiling build
+    (``cnnc.codegen.instrument``), whose manifest lists its regions under ``profile``."""
+    modules, facts = build_module(fused, target.vector_width, profile)
     manifest = manifest_for(checked, fused, facts, target)
+    if profile:
+        manifest["profile"] = {"regions": facts["profile"], "clock": "readcyclecounter"}
     _record_contract(modules[0], manifest)
     return manifest, bundle(emit_objects(modules, target)), modules

@@ -85,15 +85,16 @@ class Build:
     it. `checked` starts from a checked graph instead of the source text (a
     graph changed by hand: gradcheck switches dropout off). ``fuse=False``
     leaves activations unfused; ``winograd=False`` keeps every convolution
-    direct (Winograd's transforms round a little differently).
+    direct (Winograd's transforms round a little differently). ``profile=True`` builds the profiling code
+    (``cnnc.codegen.instrument``: a timestamp at each layer boundary), cached under keys of its own.
     """
 
     def __init__(self, source: str, name: str = "<string>", diag: Diagnostics | None = None, *,
                  fuse: bool = True, winograd: bool = True, after: AfterPass | None = None,
-                 checked: nx.DiGraph | None = None) -> None:
+                 checked: nx.DiGraph | None = None, profile: bool = False) -> None:
         self.source, self.name = source, name
         self.diag = diag if diag is not None else Diagnostics()
-        self.fuse, self.winograd, self.after = fuse, winograd, after
+        self.fuse, self.winograd, self.after, self.profile = fuse, winograd, after, profile
         self._checked, self._optimized = checked, None
 
     @classmethod
@@ -128,14 +129,14 @@ class Build:
         target = target or host_target()
         with collector_paused():
             compiler = _compiler()
-            key = compiler.ir_key(self.optimized(), target)
+            key = compiler.ir_key(self.optimized(), target, "profile" if self.profile else "")
             path = cache_dir() / f"{key}.cnnc"
             hit = read(path, key) if use_cache and not keep_module else None
             if hit is not None:  # (a corrupt entry reads as a miss and is rebuilt below)
                 manifest, obj = hit
                 manifest.update(self.description())  # comments and the train section are not code
                 return Compiled(manifest, obj)
-            manifest, obj, modules = _generator().generate(self.checked(), self.optimized(), target)
+            manifest, obj, modules = _generator().generate(self.checked(), self.optimized(), target, self.profile)
         manifest["cache_key"] = key
         if use_cache:
             write(path, manifest, obj)
@@ -153,22 +154,23 @@ def pass_names() -> list[str]:
 
 
 def compile_source(source: str, name: str = "<string>", *, generic: bool = False, use_cache: bool = True,
-                   fuse: bool = True, winograd: bool = True,
+                   fuse: bool = True, winograd: bool = True, profile: bool = False,
                    diag: Diagnostics | None = None) -> tuple[dict[str, Any], bytes]:
     """(manifest, object code) for .cnn source text, from the source-keyed cache when possible.
 
-    A hit replays the warnings the first compile gave into `diag`.
+    A hit replays the warnings the first compile gave into `diag`. ``profile``: the profiling build (see ``Build``).
     """
     target = generic_target() if generic else host_target()
     diag = diag if diag is not None else Diagnostics()
-    key = source_key(source, name, target.key, {"fuse": fuse, "winograd": winograd})
+    options = {"fuse": fuse, "winograd": winograd} | ({"profile": True} if profile else {})
+    key = source_key(source, name, target.key, options)
     path = cache_dir() / f"src-{key}.cnnc"
     if use_cache:
         hit = read(path, key)
         if hit is not None:
             diag.replayed.extend(hit[0].get("warnings", []))
             return hit
-    compiled = Build(source, name, diag, fuse=fuse, winograd=winograd).compiled(target, use_cache)
+    compiled = Build(source, name, diag, fuse=fuse, winograd=winograd, profile=profile).compiled(target, use_cache)
     manifest = {**compiled.manifest, "cache_key": key, "warnings": diag.render()}
     if use_cache:
         write(path, manifest, compiled.obj)

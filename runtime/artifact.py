@@ -35,8 +35,9 @@ from cnnc_runtime.native import unbundle
 
 MAGIC = b"CNNCART1"
 # 2: the code records the layout it was compiled for (CONTRACT_SYMBOL); 3: update loops take the decay mask;
-# 4: step, jitter and augment take image0 (draws by each image's index in the whole batch)
-FORMAT_VERSION = 5
+# 4: step, jitter and augment take image0 (draws by each image's index in the whole batch); 6: infer reads the
+# trained weights and the batchnorm coefficients fold writes (infer(params, folded, ...)), and infer_split
+FORMAT_VERSION = 6
 CONTRACT_SYMBOL = "cnnc_contract"
 ENTRY_POINTS = ("infer", *(f"step_{loss}" for loss in LOSSES), "jitter", "augment")
 MAX_FLOATS = 1 << 40  # a buffer size past this is a damaged manifest, not a network
@@ -209,6 +210,7 @@ def validate(manifest: Any, source: str | None = None) -> None:
         f.count(losses, loss, f"loss_inputs.{loss}", least=1)
     for k in ("arena_infer", "arena_train", "ws_floats"):
         f.count(manifest, k, k)
+    f.count(manifest, "infer_parts", "infer_parts", optional=True)  # threads infer_split is compiled for (0: none)
     total = f.count(manifest, "param_floats", "param_floats", least=1)
     _check_params(f, f.get(manifest, "params", "params", list), total)
     _check_batchnorm(f, f.get(manifest, "batchnorm", "batchnorm", dict, optional=True))
@@ -290,7 +292,7 @@ def _check_batchnorm(f: _Fields, bn: dict | None) -> None:
         if f.get(p, "init", f"batchnorm.state[{i}].init", str) not in ("ones", "zeros"):
             raise f.fail(f"batchnorm.state[{i}].init", f"must be \"ones\" or \"zeros\", got {p['init']!r}")
     _check_layout(f, f.get(bn, "inference_params", "batchnorm.inference_params", list), totals["inference_floats"],
-                  "batchnorm.inference_params", ("weight", "bias"), "batchnorm.inference_floats")
+                  "batchnorm.inference_params", ("weight", "bias", "scale"), "batchnorm.inference_floats")
     layers = f.get(bn, "layers", "batchnorm.layers", list)
     names = set()
     for i, layer in enumerate(layers):
@@ -414,6 +416,7 @@ def contract(manifest: dict[str, Any]) -> dict[str, Any]:
     return {
         "param_floats": manifest["param_floats"],
         "arena_infer": manifest["arena_infer"],
+        "infer_parts": manifest.get("infer_parts", 0),
         "arena_train": manifest["arena_train"],
         "ws_floats": manifest["ws_floats"],
         "input.shape": manifest["input"]["shape"],

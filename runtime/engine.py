@@ -37,6 +37,7 @@ import ctypes
 import io
 import os
 import threading
+import time
 import weakref
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -47,11 +48,11 @@ import numpy as np
 from cnnc_runtime import __version__, artifact, fileio
 from cnnc_runtime.batchnorm import Statistics
 from cnnc_runtime.host import host_cpu, missing_features
-from cnnc_runtime.inputs import Inputs
+from cnnc_runtime.inputs import Inputs, normalization
 from cnnc_runtime.losses import DEFAULT_LOSS, LOSSES, choices
 from cnnc_runtime.memory import check_fits
 from cnnc_runtime.native import NativeLibrary
-from cnnc_runtime.parallel import check_threads, default_threads, shared_pool, split
+from cnnc_runtime.parallel import available_cores, check_threads, default_threads, shared_pool, split
 
 CHUNK = 256  # images per native call when a large array is run: bounds the arena's size
 MIN_IMAGES_PER_THREAD = 4
@@ -63,6 +64,42 @@ SHARD_IMAGES = 32
 MIN_SHARDS = 2
 MAX_SHARDS = 8
 SPARE_SCRATCH = 4  # idle per-call scratch sets a model keeps for later calls
+BARRIER_INT64S = 16  # infer_split's barrier: a counter and a generation, a cache line apart
+
+
+class SplitChoice:
+    """Whether a small batch runs on all threads at once (``infer_split``) or on one, by their recent speed.
+
+    Sharing an image pays only while both cores are free: on a busy machine
+    each barrier waits for a descheduled thread, and one thread is faster. So
+    both ways are timed (wall seconds per image, a moving average); the faster
+    runs, and every ``PROBE``-th call tries the other, so a change of load is
+    followed within a few calls. Calls from several threads may race on the
+    averages: the cost is a slightly worse choice, never a wrong result.
+    """
+
+    PROBE = 16
+    WEIGHT = 0.25  # of the newest sample in the average
+
+    def __init__(self, fixed: bool | None = None) -> None:
+        """`fixed`: always that way (True: shared), unmeasured; tests pin the path they check."""
+        self.fixed = fixed
+        self.seconds: dict[bool, float | None] = {True: None, False: None}
+        self.calls = 0
+
+    def shared(self) -> bool:
+        """Whether the next small batch should run on all threads."""
+        if self.fixed is not None:
+            return self.fixed
+        self.calls += 1
+        if self.seconds[True] is None or self.seconds[False] is None:  # each way once first
+            return self.seconds[True] is None
+        best = self.seconds[True] <= self.seconds[False]
+        return best if self.calls % self.PROBE else not best
+
+    def record(self, shared: bool, seconds: float) -> None:
+        old = self.seconds[shared]
+        self.seconds[shared] = seconds if old is None else old + self.WEIGHT * (seconds - old)
 ALIGN_BYTES = 64
 P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -92,8 +129,11 @@ class Scratch:
     def __init__(self, ws_floats: int, threads: int, arena_floats: dict[str, int], folded_floats: int = 0) -> None:
         self.ws = [aligned_zeros(ws_floats) for _ in range(threads)]
         self.ws_ptrs = [w.ctypes.data for w in self.ws]
-        self.folded = aligned_zeros(folded_floats) if folded_floats else None  # batchnorm: inference parameters
+        self.folded = aligned_zeros(folded_floats) if folded_floats else None  # batchnorm: inference coefficients
         self.folded_ptr = self.folded.ctypes.data if folded_floats else 0
+        # infer_split's barrier (its count returns to 0 at every barrier, so a set can be reused)
+        self.barrier = np.zeros(BARRIER_INT64S, dtype=np.int64)
+        self.barrier_ptr = self.barrier.ctypes.data
         self._per_image = arena_floats
         self._arenas: dict[str, tuple[np.ndarray, int]] = {}
 
@@ -222,7 +262,9 @@ class Engine:
         self.name: str = manifest["network"]
         self.input_shape: tuple[int, ...] = tuple(manifest["input"]["shape"])
         self.output_shape: tuple[int, ...] = tuple(manifest["output"]["shape"])
+        self._norm = normalization(self._normalize, self.input_shape)  # (mean, std) float32 arrays, or None
         self._output_floats = int(np.prod(self.output_shape))
+        self._input_floats = int(np.prod(self.input_shape))
         self.threads = default_threads() if threads is None else check_threads(threads)
         size, ws_floats = int(manifest["param_floats"]), max(int(manifest["ws_floats"]), 16)
         # flat_params, flat_grads, decay_mask (float32), trainable_mask (bool); the conv workspaces of the
@@ -231,7 +273,13 @@ class Engine:
                    + 4 * (int(manifest["arena_infer"]) + int(manifest["arena_train"])), f"network {self.name}")
         self._lib = NativeLibrary(obj, t["triple"], t["cpu"], t["features"])
         self._obj = obj
-        self._infer = self._lib.function("infer", [P, P, P, P, P, I64, I64])
+        self._infer = self._lib.function("infer", [P, P, P, P, P, P, I64, I64])
+        # one image on several threads (cnnc.codegen.split): when this many pool threads have a core each
+        parts = int(manifest.get("infer_parts", 0))
+        self._split_parts = parts if 1 < parts <= min(self.threads, len(available_cores())) else 0
+        self._infer_split = (self._lib.function("infer_split", [P] * 7 + [I64, I64, I64])
+                             if self._split_parts else None)
+        self.split_choice = SplitChoice()
         bn = manifest.get("batchnorm")
         step_args = [P] * 10 + [I64, I64, F32, F32, I64, I64]
         syncs = bn["phases"] if bn else {loss: [] for loss in LOSSES}
@@ -466,10 +514,14 @@ class Engine:
         normalize come back as they are, uncopied. ``ValueError`` naming the
         expected shape for anything that cannot be prepared.
         """
-        if (self._normalize is None and isinstance(x, np.ndarray) and x.dtype == np.float32
-                and x.shape[1:] == self.input_shape and x.ndim == len(self.input_shape) + 1 and x.shape[0] >= 1
-                and x.flags.c_contiguous):
-            return x  # the common case, checked without building any message
+        if (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.shape[1:] == self.input_shape
+                and x.ndim == len(self.input_shape) + 1 and x.shape[0] >= 1 and x.flags.c_contiguous):
+            if self._norm is None:
+                return x  # the common case, checked without building any message
+            out = self.batch_buffer(x.shape[0])  # normalized as Inputs.batch does it, without building an Inputs
+            np.subtract(x, self._norm[0], out=out)
+            out /= self._norm[1]
+            return out
         return self.inputs(x).all(self.batch_buffer)
 
     def inputs(self, x: Any) -> Inputs:
@@ -502,8 +554,8 @@ class Engine:
 
     def batch_buffer(self, n: int) -> np.ndarray:
         """A 64-byte-aligned float32 ``(n, *input_shape)`` buffer for prepared inputs."""
-        check_fits(4 * n * int(np.prod(self.input_shape)), f"a buffer of {n} input images")
-        return aligned_zeros(n * int(np.prod(self.input_shape))).reshape(n, *self.input_shape)
+        check_fits(4 * n * self._input_floats, f"a buffer of {n} input images")
+        return aligned_zeros(n * self._input_floats).reshape(n, *self.input_shape)
 
     def check_targets(self, y: Any, n: int, loss: str) -> np.ndarray:
         """Labels (int32, one per image, in range) for cross-entropy; float32 targets for mse."""
@@ -581,20 +633,32 @@ class Engine:
         if len(self._spare) < SPARE_SCRATCH:
             self._spare.append(scratch)
 
-    def _inference_params(self, scratch: Scratch) -> int:
-        """The address of the parameters inference reads: the trained ones, or with batchnorm, those folded
-        from them and the running statistics now (a pass over the weights, cheaper than a forward pass)."""
+    def _folded(self, scratch: Scratch) -> int:
+        """The address of the batchnorm coefficients inference reads besides the trained parameters (0 without
+        batchnorm), folded now from the parameters and running statistics as they are: whatever wrote them
+        (an update, a load, a write into a view), this call sees it. A few floats per channel, not the weights."""
         if self._fold is None:
-            return self._params_ptr
+            return 0
         self._fold(self._params_ptr, self.flat_state.ctypes.data, scratch.folded_ptr, 0, 1)
         return scratch.folded_ptr
 
     def _infer_on(self, scratch: Scratch, x: np.ndarray, y: np.ndarray, single: bool) -> None:
         n = x.shape[0]
         arena = scratch.arena("infer", min(n, CHUNK))
-        params, ws, xp, yp = self._inference_params(scratch), scratch.ws_ptrs, x.ctypes.data, y.ctypes.data
+        params, folded, ws = self._params_ptr, self._folded(scratch), scratch.ws_ptrs
+        xp, yp = x.ctypes.data, y.ctypes.data
+        if single and self._infer_split is not None:
+            shared, start = self.split_choice.shared(), time.perf_counter()
+            if shared:
+                bar, run = scratch.barrier_ptr, self._infer_split
+                shared_pool(self.threads).run([lambda t=t: run(params, folded, arena, xp, yp, ws[t], bar, t, 0, n)
+                                               for t in range(self._split_parts)])
+            else:
+                self._infer(params, folded, arena, xp, yp, ws[0], 0, n)
+            self.split_choice.record(shared, (time.perf_counter() - start) / n)
+            return
         if single:
-            self._infer(params, arena, xp, yp, ws[0], 0, n)
+            self._infer(params, folded, arena, xp, yp, ws[0], 0, n)
             return
         in_bytes, out_bytes = x[0].nbytes, y[0].nbytes
         for start in range(0, n, CHUNK):
@@ -602,7 +666,7 @@ class Engine:
             xs, ys = xp + start * in_bytes, yp + start * out_bytes
 
             def task(t: int, a: int, b: int, xs=xs, ys=ys) -> None:
-                self._infer(params, arena, xs, ys, ws[t], a, b)
+                self._infer(params, folded, arena, xs, ys, ws[t], a, b)
 
             self._parallel(stop - start, task)
 

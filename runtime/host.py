@@ -90,6 +90,14 @@ def _cpuinfo() -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo``'s model name), else what the platform module says."""
+    for line in (_cpuinfo() or "").splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def fingerprint(cpuinfo: str | None) -> str | None:
     """A hash of the first processor's entry in `cpuinfo`, the machine and the llvmlite version; None without one."""
     lines = [line for line in (cpuinfo or "").split("\n\n", 1)[0].splitlines() if not line.startswith(VOLATILE)]

@@ -6,7 +6,7 @@ import argparse
 import sys
 import traceback
 
-from cnnc.cli import check, export, gradcheck, graph, import_, run, train
+from cnnc.cli import check, export, gradcheck, graph, import_, profile, run, train
 from cnnc.cli import compile as compile_command
 from cnnc.cli import eval as eval_command
 from cnnc.cli.common import Parser, UsageError, clip
@@ -17,7 +17,7 @@ from cnnc_runtime.parallel import default_threads
 
 BUG_STATUS = 70
 # in the order `cnnc --help` lists them
-COMMANDS = (check, graph, compile_command, run, train, eval_command, gradcheck, export, import_)
+COMMANDS = (check, graph, compile_command, run, train, eval_command, profile, gradcheck, export, import_)
 
 
 def build_parser() -> argparse.ArgumentParser:

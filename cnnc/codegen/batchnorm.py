@@ -194,22 +194,21 @@ def emit_bn_backward(module: ir.Module, name: str, spec: BatchNormSpec, vw: int)
 
 
 def emit_bn_fold(module: ir.Module, name: str, spec: FoldSpec, vw: int) -> ir.Function:
-    """``(w, b, gamma, beta, mean, var, w_out, b_out, n0, n1)``, the image range unused:
-    s = gamma / sqrt(var + eps); w_out[o, :] = w[o, :] * s[o] (w_out[o] = s[o] when per_out is 0) and
-    b_out[o] = (b[o] - mean[o]) * s[o] + beta[o] (b taken as 0 without a bias)."""
-    fn, b, a = emit.kernel(module, name, ["w", "b", "gamma", "beta", "mean", "var", "w_out", "b_out", "n0", "n1"])
-    with for_range(b, 0, spec.o, name="o") as o:
-        var = b.fadd(emit.load(b, a["var"], o), emit.f32(spec.eps))
-        s = b.fdiv(emit.load(b, a["gamma"], o), emit.intrinsic(b, "llvm.sqrt", F32, [var]), name="s")
-        if spec.per_out:
-            row = b.mul(o, i64(spec.per_out))
-            w, w_out = emit.gep(b, a["w"], row), emit.gep(b, a["w_out"], row)
-            strips(b, spec.per_out, vw, lambda i, width: emit.store(
-                b, b.fmul(emit.load(b, w, i, width), emit.splat(b, s, width)), w_out, i))
-        else:
-            emit.store(b, s, a["w_out"], o)
-        bias = emit.load(b, a["b"], o) if spec.bias else emit.f32(0.0)
-        shifted = b.fsub(bias, emit.load(b, a["mean"], o))
-        emit.store(b, emit.fma(b, shifted, s, emit.load(b, a["beta"], o)), a["b_out"], o)
+    """``(b, gamma, beta, mean, var, scale, shift, n0, n1)``, the image range unused: per channel o,
+    scale[o] = gamma[o] / sqrt(var[o] + eps) and shift[o] = (b[o] - mean[o]) * scale[o] + beta[o] (b taken
+    as 0 without a bias). Inference multiplies a conv's or dense layer's sums by the scale before adding
+    the shift as its bias (``ConvSpec.scale_at``), or applies both as an unfolded batchnorm."""
+    fn, b, a = emit.kernel(module, name, ["b", "gamma", "beta", "mean", "var", "scale", "shift", "n0", "n1"])
+
+    def channels(o: ir.Value, width: int) -> None:
+        ty = emit.vec_type(width) if width > 1 else F32
+        var = b.fadd(emit.load(b, a["var"], o, width), emit.splat(b, spec.eps, width))
+        s = b.fdiv(emit.load(b, a["gamma"], o, width), emit.intrinsic(b, "llvm.sqrt", ty, [var]), name="s")
+        emit.store(b, s, a["scale"], o)
+        bias = emit.load(b, a["b"], o, width) if spec.bias else emit.splat(b, 0.0, width)
+        shifted = b.fsub(bias, emit.load(b, a["mean"], o, width))
+        emit.store(b, emit.fma(b, shifted, s, emit.load(b, a["beta"], o, width)), a["shift"], o)
+
+    strips(b, spec.o, vw, channels)
     b.ret_void()
     return fn

@@ -33,6 +33,7 @@ Workspace (floats): ``[col or dcol: c*kh*kw*P unless 1x1] [connect only: o*K]``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import llvmlite.ir as ir
@@ -171,7 +172,8 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     wino = [conv_winograd.workspace_floats(q) for q in (plane, back) if _winograd(spec, q)]
     if _winograd_grad(spec, plane):
         wino.append(conv_winograd_grad.workspace_floats(plane))
-    return max(plane.floats, back.floats, weights, *wino)
+    shifted = [_forward_plane(spec, plane).pad_floats]  # (product_shifted needs no out section)
+    return max(plane.floats, back.floats, weights, *wino, *shifted)
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -187,11 +189,30 @@ def _winograd_grad(spec: ConvSpec, p: Plane) -> bool:
     return spec.winograd and conv_winograd_grad.applies(p, spec.connect)
 
 
+def _forward_plane(spec: ConvSpec, p: Plane) -> Plane:
+    """The plane the forward convolution runs on: `p` (the padded plane), or its shifted copies when the
+    rows are narrower than vectors (conv_direct.shifts_fit) and neither Winograd nor a table applies."""
+    if _winograd(spec, p) or conv_direct.rows_fit(p) or spec.connect is not None or not conv_direct.shifts_fit(p):
+        return p
+    return dataclasses.replace(p, shifted=True)
+
+
 def _winograd_weights(b: ir.IRBuilder, p: Plane, ws: ir.Value, weights: ir.Value) -> tuple[ir.Value, ir.Value]:
     """`weights` transformed once per call into the workspace after conv_direct's part: (U, the rest for V and M)."""
     u = emit.gep(b, ws, p.floats, name="wino.u")
     conv_winograd.transform_weights(b, p, weights, u)
     return u, emit.gep(b, u, conv_winograd.Blocks(p).u_floats, name="wino.vm")
+
+
+def _affine(b: ir.IRBuilder, spec: ConvSpec, bias: ir.Value | None, r: ir.Value, value: ir.Value,
+            width: int) -> ir.Value:
+    """Output channel r's sums plus its bias, scaled first by a folded batchnorm's scale (``spec.scale_at``)."""
+    if bias is None:
+        return value
+    shift = emit.splat(b, emit.load(b, bias, r), width)
+    if not spec.scale_at:
+        return b.fadd(value, shift)
+    return emit.fma(b, value, emit.splat(b, emit.load(b, bias, b.add(r, i64(spec.scale_at))), width), shift)
 
 
 def _smax(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
@@ -390,7 +411,7 @@ def _row_sum(b: ir.IRBuilder, base: ir.Value, start: ir.Value, length: int, vw: 
 
 def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args: dict, vw: int) -> None:
     spec = g.spec
-    p = g.forward_plane(vw)
+    p = _forward_plane(spec, g.forward_plane(vw))
     pad, out, _ = conv_direct.sections(b, p, args["ws"])
     conv_direct.zero(b, pad, 0, p.pad_floats, vw)  # the border; each image then fills the interior
     weights = args["w"]  # a connect table's tiles never read the weights outside it
@@ -402,15 +423,16 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
         y_img = emit.gep(b, args["y"], index(b, (n, g.y_stride)), name="y.img")
-        conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad)
+        (conv_direct.fill_shifted if p.shifted else conv_direct.fill)(b, p, x_img, spec.h, spec.w, top, left, pad)
 
         def finish(b: ir.IRBuilder, r: ir.Value, at: ir.Value, value: ir.Value, width: int, y_img=y_img) -> None:
-            if bias is not None:
-                value = b.fadd(value, emit.splat(b, emit.load(b, bias, r), width))
+            value = _affine(b, spec, bias, r, value, width)
             emit.store(b, activations.emit(b, value, spec.act, spec.act_args), y_img, at)
 
         if winograd:
             conv_winograd.product(b, p, pad, u, wino_ws, finish)
+        elif p.shifted:
+            conv_direct.product_shifted(b, p, pad, weights, finish)
         elif conv_direct.rows_fit(p):
             conv_direct.product_rows(b, p, pad, weights, finish, g.table_pairs())
         else:
@@ -541,8 +563,7 @@ def emit_conv_forward(module: ir.Module, name: str, spec: ConvSpec, vw: int) -> 
 
             def store(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int,
                       first_out=first_out, y_g=y_g) -> None:
-                if bias is not None:
-                    value = b.fadd(value, emit.splat(b, emit.load(b, bias, b.add(first_out, r)), width))
+                value = _affine(b, spec, bias, b.add(first_out, r), value, width)
                 value = activations.emit(b, value, spec.act, spec.act_args)
                 emit.store(b, value, y_g, index(b, (r, g.p), j))
 

@@ -97,25 +97,38 @@ def workspace_floats(p: Plane) -> int:
 
 
 def transform_weights(b: ir.IRBuilder, p: Plane, w: ir.Value, u: ir.Value) -> None:
-    """u[xi, oi, ci] = (G g G^T)[xi] for the 3x3 kernel g = w[oi, ci] (row-major (m, c, 3, 3))."""
+    """u[xi, oi, ci] = (G g G^T)[xi] for the 3x3 kernel g = w[oi, ci] (row-major (m, c, 3, 3)).
+
+    Vectorised over kernels: kernel k = oi * c + ci is element k of each of the
+    16 rows of u, and a vector of kernels is 9 vectors of w, split into the 9
+    taps by strided shuffles. Done on every call (the weights may have changed),
+    so at batch 1 it must cost little next to the products.
+    """
     half = emit.f32(0.5)
-    with for_range(b, 0, p.m, name="uo") as oi:
-        with for_range(b, 0, p.c, name="uc") as ci:
-            at = index(b, (oi, p.c * 9), (ci, 9))
-            g = [[emit.load(b, w, index(b, at, 3 * r + s)) for s in range(3)] for r in range(3)]
-            # G g: 4 rows of 3
-            gg = [g[0],
-                  [b.fmul(b.fadd(b.fadd(g[0][s], g[1][s]), g[2][s]), half) for s in range(3)],
-                  [b.fmul(b.fadd(b.fsub(g[0][s], g[1][s]), g[2][s]), half) for s in range(3)],
-                  g[2]]
-            for r in range(4):
-                row = gg[r]
-                out = [row[0],
-                       b.fmul(b.fadd(b.fadd(row[0], row[1]), row[2]), half),
-                       b.fmul(b.fadd(b.fsub(row[0], row[1]), row[2]), half),
-                       row[2]]
-                for s in range(4):
-                    emit.store(b, out[s], u, index(b, ((4 * r + s) * p.m * p.c, 1), (oi, p.c), ci))
+
+    def kernels(b: ir.IRBuilder, k: ir.Value, width: int) -> None:
+        if width == 1:
+            taps = [emit.load(b, w, index(b, (k, 9), t)) for t in range(9)]
+        else:
+            block = b.load(emit.gep(b, w, index(b, (k, 9))), typ=ir.VectorType(emit.F32, 9 * width), align=4)
+            lanes = lambda t: ir.Constant(ir.VectorType(ir.IntType(32), width), [t + 9 * i for i in range(width)])  # noqa: E731
+            taps = [b.shuffle_vector(block, ir.Constant(block.type, ir.Undefined), lanes(t)) for t in range(9)]
+        halve = emit.splat(b, half, width)
+        g = [taps[3 * r:3 * r + 3] for r in range(3)]
+        gg = [g[0],  # G g: 4 rows of 3
+              [b.fmul(b.fadd(b.fadd(g[0][s], g[1][s]), g[2][s]), halve) for s in range(3)],
+              [b.fmul(b.fadd(b.fsub(g[0][s], g[1][s]), g[2][s]), halve) for s in range(3)],
+              g[2]]
+        for r in range(4):
+            row = gg[r]
+            out = [row[0],
+                   b.fmul(b.fadd(b.fadd(row[0], row[1]), row[2]), halve),
+                   b.fmul(b.fadd(b.fsub(row[0], row[1]), row[2]), halve),
+                   row[2]]
+            for s in range(4):
+                emit.store(b, out[s], u, index(b, (4 * r + s) * p.m * p.c, k))
+
+    vector_loop(b, 0, p.m * p.c, p.vw, kernels, name="uk")
 
 
 def _bt(b: ir.IRBuilder, d: list[ir.Value]) -> list[ir.Value]:

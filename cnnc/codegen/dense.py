@@ -37,7 +37,10 @@ def emit_dense_forward(module: ir.Module, name: str, spec: DenseSpec, vw: int) -
     bias = args["b"] if spec.bias else None
 
     def store(b: ir.IRBuilder, i: ir.Value, j: ir.Value, value: ir.Value, width: int) -> None:
-        if bias is not None:
+        if bias is not None and spec.scale_at:  # a folded batchnorm's scale, then the bias
+            value = emit.fma(b, value, emit.load(b, bias, b.add(j, emit.i64(spec.scale_at)), width),
+                             emit.load(b, bias, j, width))
+        elif bias is not None:
             value = b.fadd(value, emit.load(b, bias, j, width))
         emit.store(b, activations.emit(b, value, spec.act, spec.act_args), y, index(b, (i, ys), j))
 

@@ -60,8 +60,14 @@ def conv_spec(ctx, name: str, accumulate: bool = False, fused: bool = True) -> C
         bias=a["bias"], act=node.get("act", "none") if fused else "none",
         act_args=act_args(node.get("act_args", {})) if fused else (),
         x_stride=ctx.value(node["inputs"][0]).stride, y_stride=ctx.value(name).stride, accumulate=accumulate,
-        winograd=ctx.g.graph.get("winograd", True),
+        winograd=ctx.g.graph.get("winograd", True), scale_at=_scale_at(ctx, name),
     )
+
+
+def _scale_at(ctx, name: str) -> int:
+    """How far after its bias a layer with a folded batchnorm finds that batchnorm's scale (0: no scale)."""
+    scale = ctx.slots.get((name, "scale"))
+    return scale.offset - ctx.slots[(name, "bias")].offset if scale is not None else 0
 
 
 def covers_input(ctx, name: str) -> bool:
@@ -85,6 +91,7 @@ def dense_spec(ctx, name: str, accumulate: bool = False, fused: bool = True) -> 
         act=node.get("act", "none") if fused else "none",
         act_args=act_args(node.get("act_args", {})) if fused else (),
         x_stride=ctx.value(node["inputs"][0]).stride, y_stride=ctx.value(name).stride, accumulate=accumulate,
+        scale_at=_scale_at(ctx, name),
     )
 
 

@@ -2,14 +2,24 @@
 
 Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
 
-``infer(params, arena, x, y, ws, n0, n1)``
-    the inference forward pass: ``y = net(x)`` (dropout is the identity). With
-    batchnorm, ``params`` is the inference layout (``inference_params`` in the
-    manifest) that ``fold`` writes.
+``infer(params, folded, arena, x, y, ws, n0, n1)``
+    the inference forward pass: ``y = net(x)`` (dropout is the identity). It
+    reads the trained parameters from ``params``; with batchnorm also the
+    per-channel coefficients that ``fold`` writes into ``folded`` (layout
+    ``inference_params`` in the manifest): a conv or dense with a batchnorm
+    folded in computes ``(W x) * scale + bias`` in registers, so the weights are
+    never copied, and a change to them (by any path) holds from the next call.
+``infer_split(params, folded, arena, x, y, ws, bar, part_i64, n0, n1)``
+    (networks of at least ``split.MIN_MACS`` multiply-adds per image) the same
+    pass on images ``[n0, n1)`` run by ``split.PARTS`` threads at once, thread
+    ``part`` doing its share of every layer, meeting at barriers in ``bar``
+    (``cnnc.codegen.split``): small batches on every core.
 ``fold(params, state, folded, n0, n1)``
-    (networks with batchnorm) the inference parameters from the trained ones
-    and the running statistics: each batchnorm folded into the conv or dense
-    before it, the others turned into a per-channel scale and shift.
+    (networks with batchnorm) the inference coefficients from the trained
+    parameters and the running statistics: for each batchnorm folded into the
+    conv or dense before it, that layer's scale and bias (``scale = gamma /
+    sqrt(var + eps)``, ``bias = (b - mean) * scale + beta``); the others, a
+    per-channel scale and shift. A few floats per channel: negligible per call.
 ``step_cross_entropy`` / ``step_mse``
 ``(params, grads, arena, x, y, target, losses, ws, stats, bn, seed_i64, image0_i64, scale_f32, smooth_f32, n0, n1)``
     one training step's native work: the forward pass in training mode (dropout
@@ -40,17 +50,19 @@ scratch space for the conv kernels.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import llvmlite.ir as ir
 import networkx as nx
 
-from cnnc.codegen import emit, optim
+from cnnc.codegen import emit, optim, split
 from cnnc.codegen.augment import emit_augment
 from cnnc.codegen.batchnorm import emit_bn_fold
 from cnnc.codegen.conv import conv_workspace_floats
 from cnnc.codegen.elementwise import emit_copy, emit_gaussian_noise
 from cnnc.codegen.emit import I64, PTR
+from cnnc.codegen.instrument import Stopwatch, Timing
 from cnnc.codegen.loss import emit_loss
 from cnnc.codegen.lowering import BACKWARD, FORWARD
 from cnnc.codegen.plan import ALIGN, Plan, Tensor, aligned, plan_memory
@@ -63,7 +75,8 @@ from cnnc_runtime.losses import LOSSES
 STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "stats", "bn", "seed_i64", "image0_i64",
              "scale_f32", "smooth_f32", "n0", "n1"]
 FOLD_ARGS = ["params", "state", "folded", "n0", "n1"]
-INFER_ARGS = ["params", "arena", "x", "y", "ws", "n0", "n1"]
+INFER_ARGS = ["params", "folded", "arena", "x", "y", "ws", "n0", "n1"]
+INFER_SPLIT_ARGS = ["params", "folded", "arena", "x", "y", "ws", "bar", "part_i64", "n0", "n1"]
 AUGMENT_ARGS = ["x", "seed_i64", "image0_i64", "pad_i64", "flip_i64", "fill", "ws", "n0", "n1"]
 SMALL_OUTPUT = 4096  # floats per image: an inference output this small is copied out (see _like_training)
 SHARE_MAX_FLOATS = 16384  # per image (64 KiB: 16 MiB per 256-image chunk) that sharing kernels may add
@@ -77,6 +90,7 @@ class ParamSlot:
     shape: tuple[int, ...]
     offset: int
     size: int
+    buffer: str = "params"  # the entry argument it lives in: "params", or (inference) "folded"
 
 
 def param_layout(g: nx.DiGraph, what: str = "params") -> tuple[list[ParamSlot], int]:
@@ -128,10 +142,11 @@ class Builder:
     that LLVM can optimise and compile groups of them in parallel processes.
     """
 
-    def __init__(self, g: nx.DiGraph, vector_width: int) -> None:
+    def __init__(self, g: nx.DiGraph, vector_width: int, profile: bool = False) -> None:
         self.g = g
         self.vw = vector_width
         self.module = ir.Module(name=g.graph["network"])
+        self.stopwatch = Stopwatch(self.module) if profile else None  # the profiling build (cnnc.codegen.instrument)
         self.kernel_modules: list[ir.Module] = []
         self._kernels: dict[tuple, ir.Function] = {}
         self.ws_floats = 0  # scratch one thread needs: the largest conv kernel's workspace
@@ -171,14 +186,27 @@ class Entry:
         self._written: set[str] = set()
         self.step = None  # the autodiff Step being emitted
         self.syncs: list[dict] = []  # the reductions that end each phase but the last
+        self.timing = Timing(builder.stopwatch, name) if builder.stopwatch else None
+        if self.timing:
+            self.timing.start(self.b)
 
     def sync(self, kind: str, layer: str) -> None:
         """End this phase at `layer`'s reduction (``kind``: ``"forward"`` or ``"backward"``); go on in the next."""
+        if self.timing:
+            self.timing.pause(self.b)
         self.b.ret_void()
         self.syncs.append({"kind": kind, "layer": layer})
         self.fn, self.b, self.args = emit.kernel(self.builder.module, f"{self.name}_{len(self.syncs)}",
                                                  self.arg_names)
         self.ws = self.args.get("ws")
+        if self.timing:
+            self.timing.start(self.b)
+
+    def timed(self, phase: str, layer: str):
+        """A block whose code is `layer`'s `phase`: counted apart in the profiling build, nothing otherwise."""
+        if self.timing is None:
+            return nullcontext()
+        return self.timing.region(lambda: self.b, phase, layer, self.g, self.step)
 
     def bn_partial(self, layer: str) -> ir.Value:
         """This shard's float64 partial sums of batchnorm `layer`."""
@@ -217,7 +245,7 @@ class Entry:
         slot = self.slots.get((layer, kind))
         if slot is None:
             return ir.Constant(PTR, None)
-        return emit.gep(self.b, self.args["grads" if grad else "params"], slot.offset, name=slot.name)
+        return emit.gep(self.b, self.args["grads" if grad else slot.buffer], slot.offset, name=slot.name)
 
     def seed_for(self, name: str) -> ir.Value:
         """A distinct 64-bit seed per dropout layer, derived from the step's seed."""
@@ -235,26 +263,40 @@ class Entry:
         self.b.call(fn, [*values, self.args["n0"], self.args["n1"]])
 
 
-def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dict]:
-    """Emit the network's code: the entry-point module first, then one module per kernel, and the layout facts."""
-    builder = Builder(g, vector_width)
+def build_module(g: nx.DiGraph, vector_width: int, profile: bool = False) -> tuple[list[ir.Module], dict]:
+    """Emit the network's code: the entry-point module first, then one module per kernel, and the layout facts.
+
+    ``profile``: the profiling build (``cnnc.codegen.instrument``), whose regions ``facts["profile"]`` lists.
+    """
+    builder = Builder(g, vector_width, profile)
     order = execution_order(g)
     train_plan = plan_memory(g, training=True)
     inf = g.graph.get("inference", g) if builder.bn_slots else g
     infer_plan = _like_training(plan_memory(inf, training=False), train_plan, inf.graph["output"])
-    infer_slots, infer_floats = param_layout(inf) if builder.bn_slots else (builder.slots, builder.param_floats)
+    infer_where, folded_slots, folded_floats = inference_layout(builder, inf)
 
-    entry = Entry(builder, infer_plan, "infer", INFER_ARGS, inf, {(s.layer, s.kind): s for s in infer_slots})
+    entry = Entry(builder, infer_plan, "infer", INFER_ARGS, inf, infer_where)
     for n in execution_order(inf):
-        FORWARD[inf.nodes[n]["op"]](entry, n)
+        with entry.timed("forward", n):
+            FORWARD[inf.nodes[n]["op"]](entry, n)
     out_value = entry.value(inf.graph["output"])
+    y = Tensor("y", 0, out_value.size, out_value.size)
+    copy_out = None
     if out_value.base != "y":  # the output is a view of the input, or small (_like_training): copy it out
-        y = Tensor("y", 0, out_value.size, out_value.size)
-        entry.call(builder.kernel(emit_copy, _copy_spec(out_value, y)), out_value, y)
+        def copy_out(entry: Entry) -> None:
+            entry.call(builder.kernel(emit_copy, _copy_spec(out_value, y)), out_value, y)
+
+        with entry.timed("output", inf.graph["output"]):
+            copy_out(entry)
     entry.b.ret_void()
+    parts = 0
+    if g.graph["totals"]["total_macs"] >= split.MIN_MACS:
+        shared = Entry(builder, infer_plan, "infer_split", INFER_SPLIT_ARGS, inf, entry.slots)
+        split.emit_split_entry(shared, execution_order(inf), copy_out, (split.span(out_value), split.span(y)))
+        parts = split.PARTS
 
     if builder.bn_slots:
-        _emit_fold(builder, inf, infer_slots)
+        _emit_fold(builder, inf, infer_where)
     phases = {loss: _emit_step(builder, train_plan, order, loss) for loss in LOSSES}
 
     size = infer_plan.value[g.graph["input"]].size  # jitter: Gaussian noise on a batch of inputs, in place
@@ -280,17 +322,19 @@ def build_module(g: nx.DiGraph, vector_width: int) -> tuple[list[ir.Module], dic
         "param_floats": builder.param_floats,
         "params": builder.slots,
         "arena_infer": infer_plan.arena_floats,
+        "infer_parts": parts,
         "arena_train": train_plan.arena_floats,
         "ws_floats": builder.ws_floats,
         "updates": optim.constants(),  # each loop's constants, in order
         "state": builder.state_slots,
         "state_floats": builder.state_floats,
-        "inference_params": infer_slots if builder.bn_slots else None,
-        "inference_floats": infer_floats,
+        "inference_params": folded_slots if builder.bn_slots else None,
+        "inference_floats": folded_floats,
         "batchnorm": builder.bn_slots,
         "stats_doubles": builder.stats_doubles,
         "bn_floats": builder.bn_floats,
         "phases": phases,
+        "profile": builder.stopwatch.finish() if builder.stopwatch else None,
     }
     return [builder.module, *builder.kernel_modules], facts
 
@@ -327,10 +371,41 @@ def _copy_spec(src: Tensor, dst: Tensor) -> CopySpec:
     return CopySpec(count=src.size, src_stride=src.stride, dst_stride=dst.stride)
 
 
-def _emit_fold(builder: Builder, inf: nx.DiGraph, infer_slots: list[ParamSlot]) -> None:
-    """fold: the inference parameters (`infer_slots`) from the trained ones and the running statistics."""
+def inference_layout(builder: Builder, inf: nx.DiGraph) -> tuple[dict[tuple[str, str], ParamSlot], list[ParamSlot],
+                                                                 int]:
+    """Where inference reads each parameter of the inference graph `inf`, the ``folded`` slots and their floats.
+
+    Weights and biases as trained are read from ``params`` where they are.
+    ``fold`` writes the rest into ``folded``: a layer with a batchnorm folded
+    in gets its ``bias`` and, right after it, its ``scale``; an unfolded
+    batchnorm its scale (``weight``) and shift (``bias``).
+    """
+    where: dict[tuple[str, str], ParamSlot] = {}
+    folded: list[ParamSlot] = []
+    at = 0
+    for n in execution_order(inf):
+        node = inf.nodes[n]
+        if node["op"] == "batchnorm":
+            kinds = ("weight", "bias")
+        elif node.get("bn") is not None:
+            kinds = ("bias", "scale")
+            where[(n, "weight")] = builder.slot[(n, "weight")]
+        else:
+            where.update({(n, kind): builder.slot[(n, kind)] for kind in node.get("params", {})})
+            continue
+        o = node["shape"][0]
+        for kind in kinds:
+            slot = ParamSlot(f"{n}.{kind}", n, kind, (o,), at, o, "folded")
+            folded.append(slot)
+            where[(n, kind)] = slot
+            at += aligned(o)
+    return where, folded, max(at, ALIGN)
+
+
+def _emit_fold(builder: Builder, inf: nx.DiGraph, where: dict[tuple[str, str], ParamSlot]) -> None:
+    """fold: each batchnorm's per-channel coefficients (`where`, in ``folded``) from the trained parameters and
+    the running statistics."""
     entry = Entry(builder, None, "fold", FOLD_ARGS)
-    out = {(s.layer, s.kind): s for s in infer_slots}
     state = {(s.layer, s.kind): s for s in builder.state_slots}
 
     def at(base: str, slot: ParamSlot | None) -> ir.Value:
@@ -339,22 +414,15 @@ def _emit_fold(builder: Builder, inf: nx.DiGraph, infer_slots: list[ParamSlot]) 
     for n in execution_order(inf):
         node = inf.nodes[n]
         bn = n if node["op"] == "batchnorm" else node.get("bn")
-        if bn is None:  # as trained
-            for kind in node.get("params", {}):
-                src, dst = builder.slot[(n, kind)], out[(n, kind)]
-                spec = CopySpec(count=src.size, src_stride=src.size, dst_stride=dst.size)
-                entry.call(builder.kernel(emit_copy, spec), at("params", src), at("folded", dst))
+        if bn is None:
             continue
         own = n != bn  # a conv or dense with `bn` folded in, else an unfolded batchnorm
-        o = node["shape"][0]
-        weight = builder.slot.get((n, "weight")) if own else None
-        spec = FoldSpec(o=o, per_out=weight.size // o if own else 0, eps=float(builder.g.nodes[bn]["args"]["eps"]),
+        spec = FoldSpec(o=node["shape"][0], eps=float(builder.g.nodes[bn]["args"]["eps"]),
                         bias=bool(own and node["own_bias"]))
-        entry.call(builder.kernel(emit_bn_fold, spec), at("params", weight),
-                   at("params", builder.slot.get((n, "bias")) if own else None),
+        entry.call(builder.kernel(emit_bn_fold, spec), at("params", builder.slot.get((n, "bias")) if own else None),
                    at("params", builder.slot[(bn, "weight")]), at("params", builder.slot[(bn, "bias")]),
                    at("state", state[(bn, "running_mean")]), at("state", state[(bn, "running_var")]),
-                   at("folded", out[(n, "weight")]), at("folded", out[(n, "bias")]))
+                   at("folded", where[(n, "scale" if own else "weight")]), at("folded", where[(n, "bias")]))
     entry.b.ret_void()
 
 
@@ -365,17 +433,20 @@ def _emit_step(builder: Builder, plan: Plan, order: list[str], loss: str) -> lis
     start = g.graph["loss_input"][loss]
     forward = order if start == g.graph["output"] else [n for n in order if n != g.graph["output"]]
     for n in forward:
-        FORWARD[g.nodes[n]["op"]](entry, n)
+        with entry.timed("forward", n):
+            FORWARD[g.nodes[n]["op"]](entry, n)
     out, dx = entry.value(start), entry.grad(start)
     y = Tensor("y", 0, out.size, out.size)
-    entry.call(builder.kernel(emit_copy, _copy_spec(out, y)), out, y)
-    entry.accumulate(start)
-    spec = LossSpec(kind=loss, k=out.size, x_stride=out.stride, dx_stride=dx.stride)
-    entry.call(builder.kernel(emit_loss, spec), out, entry.args["target"], dx, entry.args["losses"],
-               entry.args["scale_f32"], entry.args["smooth_f32"])
+    with entry.timed("loss", start):
+        entry.call(builder.kernel(emit_copy, _copy_spec(out, y)), out, y)
+        entry.accumulate(start)
+        spec = LossSpec(kind=loss, k=out.size, x_stride=out.stride, dx_stride=dx.stride)
+        entry.call(builder.kernel(emit_loss, spec), out, entry.args["target"], dx, entry.args["losses"],
+                   entry.args["scale_f32"], entry.args["smooth_f32"])
     for step in g.graph["backward"][loss]:
         entry.step = step
-        BACKWARD[g.nodes[step.node]["op"]](entry, step.node)
+        with entry.timed("backward", step.node):
+            BACKWARD[g.nodes[step.node]["op"]](entry, step.node)
     entry.b.ret_void()
     return entry.syncs
 

@@ -55,6 +55,7 @@ class ConvSpec:
     y_stride: int = 0
     accumulate: bool = False
     winograd: bool = True  # 3x3 stride-1 convolutions may use Winograd F(2x2, 3x3) (conv_winograd.applies)
+    scale_at: int = 0  # a folded batchnorm: y = conv * scale[o] + b[o], scale `scale_at` floats after b (0: none)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class DenseSpec:
     x_stride: int = 0
     y_stride: int = 0
     accumulate: bool = False
+    scale_at: int = 0  # a folded batchnorm: y = x W^T * scale + b, scale `scale_at` floats after b (0: none)
 
 
 @dataclass(frozen=True)
@@ -228,10 +230,9 @@ class BatchNormSpec:
 
 @dataclass(frozen=True)
 class FoldSpec:
-    """A batchnorm folded into the ``o`` outputs of the layer before it (``per_out`` weights each), or, with
-    ``per_out == 0``, turned into its own per-channel scale and shift."""
+    """A batchnorm of ``o`` channels as a per-channel scale and shift: folded into the layer before it (``bias``:
+    that layer's own bias, shifted too), or applied by itself."""
 
     o: int
-    per_out: int
     eps: float
     bias: bool = True

@@ -106,6 +106,12 @@ CASES = {
     "stride2_shifted": make_spec(3, 4, 32, 2, 3, 3, stride=(2, 2), pad=(1, 1, 1, 1), gap=1, accumulate=True),
     # 16 tiles an image: the products of the forward and input gradient take a vector of tiles at a time
     "winograd_8x8": make_spec(16, 8, 8, 24, 3, 3, pad=(1, 1, 1, 1), gap=1, accumulate=True),
+    # rows narrower than a vector, whole vectors of outputs: the forward on kw shifted copies (product_shifted)
+    "shifted_6_wide": make_spec(9, 8, 6, 5, 3, 3, pad=(1, 1, 1, 1), gap=2),
+    # ResNet's stage 3 shape (which runs by Winograd unless that is off)
+    "shifted_8x8": make_spec(16, 8, 8, 20, 3, 3, pad=(1, 1, 1, 1), accumulate=True, winograd=False),
+    "shifted_5x5_valid": make_spec(8, 12, 10, 3, 5, 5, bias=False),  # more than 16 taps: a loop over rows
+    "shifted_uneven_pad": make_spec(8, 8, 6, 4, 3, 3, pad=(2, 1, 0, 1), gap=1),
 }
 
 
@@ -323,6 +329,19 @@ def test_which_convolutions_run_by_winograd() -> None:
     assert runs(make_spec(64, 8, 8, 64, 3, 3, pad=(1, 1, 1, 1))) == (True, True, True)
     assert runs(CASES["winograd_images_per_block"]) == (False, False, True)
     assert not runs(dataclasses.replace(CASES["winograd_same"], winograd=False))[2]
+
+
+def test_which_forward_convolutions_run_on_shifted_copies() -> None:
+    from cnnc.codegen.conv import _forward_plane, _Geom
+
+    def shifted(spec: ConvSpec, vw: int = 16) -> bool:
+        return _forward_plane(spec, _Geom(spec).forward_plane(vw)).shifted
+
+    assert all(shifted(CASES[n]) for n in ("shifted_6_wide", "shifted_8x8", "shifted_5x5_valid", "shifted_uneven_pad"))
+    assert not shifted(CASES["shifted_8x8"], 8)  # rows of whole vectors: product_rows
+    # few channels (LeNet's, CIFAR's first layer), a table, Winograd, outputs not in whole vectors: not shifted
+    assert not any(shifted(CASES[n]) for n in ("3x3_same", "lenet_c3", "connect", "winograd_same", "one_output"))
+    assert not shifted(dataclasses.replace(CASES["shifted_8x8"], winograd=True))  # 16 tiles: Winograd
 
 
 def test_which_convolutions_run_on_the_padded_image() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.torch_nets import torch_resnet20 as resnet20_of
 from cnnc.errors import Diagnostics
 from cnnc.passes import counts, shapes
 from cnnc.pipeline import check_source
@@ -307,28 +308,11 @@ def test_resnet_tiny_agrees_with_torch():
 
 
 def torch_resnet20():
-    """He et al.'s CIFAR ResNet-20 in PyTorch (option B shortcuts), on the meta device: for counting."""
+    """He et al.'s CIFAR ResNet-20 in PyTorch (option B shortcuts; benchmarks/torch_nets.py), on the meta device:
+    for counting."""
     torch = pytest.importorskip("torch")
-    nn = torch.nn
-
-    def conv_bn(cin, cout, k, stride):
-        return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout)]
-
-    class Basic(nn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.y = nn.Sequential(*conv_bn(cin, cout, 3, stride), nn.ReLU(), *conv_bn(cout, cout, 3, 1))
-            self.short = nn.Sequential(*conv_bn(cin, cout, 1, stride)) if stride != 1 else nn.Identity()
-
-        def forward(self, x):
-            return torch.relu(self.short(x) + self.y(x))
-
     with torch.device("meta"):
-        stages = [Basic(16, 16, 1) for _ in range(3)]
-        stages += [Basic(16, 32, 2), Basic(32, 32, 1), Basic(32, 32, 1)]
-        stages += [Basic(32, 64, 2), Basic(64, 64, 1), Basic(64, 64, 1)]
-        return torch, nn.Sequential(*conv_bn(3, 16, 3, 1), nn.ReLU(), *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                    nn.Linear(64, 10))
+        return torch, resnet20_of(torch)
 
 
 def test_resnet20_counts_agree_with_torch():

@@ -54,3 +54,8 @@ def test_missing_features_are_named():
     have = host.host_cpu()[2]
     assert host.missing_features(have) == []
     assert host.missing_features("+sse2,+no-such-feature,-avx512f") == ["no-such-feature"]
+
+
+def test_the_cpu_has_a_model_name_to_print():
+    name = host.cpu_model()
+    assert isinstance(name, str) and name.strip() == name and name

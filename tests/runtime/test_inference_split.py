@@ -1,0 +1,117 @@
+"""Small batches on two threads at once (``infer_split``), and ResNet-20's inference against PyTorch.
+
+Tolerances are relative to the largest output magnitude: 1e-5 against the float64 references (cnnc's own,
+and PyTorch's functional ops in float64 for ResNet-20; measured there: 2e-7).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnnc.reference import reference_forward
+from cnnc_runtime.engine import SplitChoice
+from tests.reference import EXAMPLES, graph
+from tests.runtime.test_batchnorm import assert_close, batch, everything, model, randomize
+
+# Every kind of share: output channels split unevenly (33 = 17 + 16), a strided 1x1 conv (im2col), a pool and
+# an unfolded batchnorm by channels, add and gelu by floats, concat and softmax run whole by one thread, a
+# dense layer with a batchnorm folded in; 9.7M multiply-adds per image, enough for infer_split.
+SPLITNET = """
+network splitnet {
+    input image: 3x32x32
+    a   = image -> conv(30, 3x3, pad=1) as c1 -> batchnorm as bn1 -> relu
+    b   = a -> conv(33, 3x3, pad=1, bias=false) as c2 -> tanh
+    s   = b -> conv(33, 1x1, stride=2) as c3
+    p   = b -> maxpool(2x2) -> batchnorm as bn2
+    r   = add(s, p) -> gelu
+    k   = concat(r, p) -> avgpool(2x2)
+    f   = k -> flatten -> dropout(0.5) -> dense(7) as fc1 -> batchnorm as bn3 -> relu
+    out = f -> dense(5) as fc2 -> softmax
+}
+"""
+
+
+def randomized(m, shared: bool = True):
+    """`m` with random weights and statistics of a trained net's size (outputs neither saturated nor tiny), small
+    batches pinned to infer_split (`shared`) or to one thread."""
+    m.split_choice = SplitChoice(fixed=shared)
+    randomize(m)
+    for k, v in m.params.items():
+        if k.endswith(".weight") and v.ndim > 1:
+            v *= np.float32(np.sqrt(1.0 / np.prod(v.shape[1:])))
+    return m
+
+
+def test_a_network_of_every_share_kind_compiles_infer_split():
+    assert model(SPLITNET).manifest["infer_parts"] == 2
+    assert model((EXAMPLES / "lenet5.cnn").read_text()).manifest["infer_parts"] == 0  # too little work to share
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_small_batches_on_two_threads_match_the_reference(n):
+    m = randomized(model(SPLITNET, threads=2))
+    assert m._infer_split is not None
+    x, _ = batch(m, n)
+    want = reference_forward(graph(SPLITNET), everything(m), x)
+    assert_close(m(x), want, 1e-5)
+    one = model(SPLITNET, threads=1)
+    assert one._infer_split is None
+    for name, v in everything(m).items():
+        everything(one)[name][...] = v
+    assert_close(m(x), one(x), 1e-6)
+
+
+def test_the_faster_way_runs_and_the_other_is_tried_now_and_then():
+    choice = SplitChoice()
+    assert [choice.shared(), choice.shared()] == [True, True]  # unmeasured: shared first
+    choice.record(True, 2e-3)
+    assert choice.shared() is False  # then one thread, once
+    choice.record(False, 1e-3)
+    ways = []
+    for _ in range(2 * SplitChoice.PROBE):
+        ways.append(choice.shared())
+        choice.record(ways[-1], 1e-3 if not ways[-1] else 2e-3)
+    assert ways.count(True) == 2  # one thread is faster: shared only as a probe, every PROBE-th call
+
+
+def test_inference_sees_weights_and_statistics_written_into_views():
+    """The batchnorm coefficients are folded at every call: an in-place write to a view counts at once."""
+    m = randomized(model(SPLITNET, threads=2))
+    x, _ = batch(m, 3)
+    before = m(x)
+    m.params["c1.weight"][0] *= -1.5
+    m.buffers["bn1.running_var"][...] += 2.0
+    m.params["bn3.bias"][2] += 1.0
+    want = reference_forward(graph(SPLITNET), everything(m), x)
+    got = m(x)
+    assert np.abs(got - before).max() > 1e-2
+    assert_close(got, want, 1e-5)
+
+
+torch = pytest.importorskip("torch")
+
+
+def torch_resnet20_outputs(m, x: np.ndarray) -> np.ndarray:
+    """examples/resnet20.cnn in float64 PyTorch (functional ops, batchnorm in eval mode) with `m`'s weights."""
+    from tests.reference import torch_forward
+
+    state = {k: torch.tensor(v, dtype=torch.float64) for k, v in everything(m).items()}
+    x = m.prepare(x)  # (the train section's per-channel normalize)
+    with torch.no_grad():
+        return torch_forward(graph(RESNET20), state, torch.from_numpy(x.astype(np.float64))).numpy()
+
+
+RESNET20 = (EXAMPLES / "resnet20.cnn").read_text()
+
+
+@pytest.mark.slow  # (compiling ResNet-20: ~7 s)
+@pytest.mark.parametrize("threads,shared", [(1, False), (2, False), (2, True)])
+def test_resnet20_inference_matches_pytorch(threads, shared):
+    """Batch 1 and 5 (on two threads: one image shared, or each small batch on one), 12 (images split between
+    threads)."""
+    m = randomized(model(RESNET20, threads=threads), shared)
+    x, _ = batch(m, 12)
+    want = torch_resnet20_outputs(m, x)
+    for n in (1, 5, 12):
+        assert_close(m(x[:n]), want[:n], 1e-5)
