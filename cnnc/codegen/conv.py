@@ -28,7 +28,12 @@ into the workspace and every pair outside the table replaced by zeros. Either
 way the weights outside the table are never read, and backward weights adds
 only table entries to ``dw`` (its table is a constant ``o x c`` byte mask).
 
-Workspace (floats): ``[col or dcol: c*kh*kw*P unless 1x1] [connect only: o*K]``.
+Columns two apart (stride-2 convolutions without dilation, ResNet's down
+blocks) are gathered from a zero-padded copy of the image, a row's run of a
+tap at a time, as the even lanes of pairs of vector loads (``_im2col_pairs``).
+
+Workspace (floats): ``[col or dcol: c*kh*kw*P unless 1x1] [connect only: o*K] [backward weights: dy^T of one
+group] [stride 2: the padded image]``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from cnnc.codegen import conv_direct, conv_winograd, conv_winograd_grad, emit
 from cnnc.codegen.conv_direct import GradSpace, Plane
 from cnnc.codegen.emit import for_range, i64, kernel
 from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, transpose, vector_loop
+from cnnc.codegen.plan import aligned
 from cnnc.codegen.specs import ConvSpec
 from cnnc.ops import activations
 from cnnc_runtime.artifact import connect_mask
@@ -93,6 +99,25 @@ class _Geom:
     @property
     def col_floats(self) -> int:
         return 0 if self.pointwise else self.spec.c * self.taps * self.p
+
+    @property
+    def pairs(self) -> bool:
+        """Whether im2col reads a row's columns as the even lanes of vector pairs (stride 2, no dilation)."""
+        return self.spec.sw == 2 and self.spec.dw == 1 and not self.pointwise
+
+    def paired_plane(self, vw: int) -> Plane:
+        """The zero-padded copy `_im2col_pairs` reads: every tap's rows in it (and a float past each row's last
+        pair, which the odd lanes read and drop)."""
+        s = self.spec
+        hp = max(s.h + s.pt, (s.oh - 1) * s.sh + (s.kh - 1) * s.dh + 1)
+        wp = max(s.w + s.pl, (s.ow - 1) * s.sw + s.kw) + 1
+        return Plane(s.c, hp, wp, s.kh, s.kw, 1, vw)
+
+    def paired_floats(self, vw: int) -> int:
+        if not self.pairs:
+            return 0
+        p = self.paired_plane(vw)
+        return aligned(self.spec.c * p.hp * p.wp + 2 * vw)
 
     @property
     def table_floats(self) -> int:
@@ -164,7 +189,7 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     [backward weights: dy^T of one group]; conv_direct has its own.
     """
     g = _check(spec)
-    im2col = g.col_floats + g.table_floats + g.dyt_floats()
+    im2col = g.col_floats + g.table_floats + g.dyt_floats() + g.paired_floats(vw)
     if not g.padded:
         return im2col
     plane, back = g.forward_plane(vw), g.backward_plane(vw)
@@ -329,11 +354,35 @@ def _im2col(b: ir.IRBuilder, g: _Geom, x: ir.Value, col: ir.Value, vw: int) -> N
                 conv_direct.zero(b, col, index(b, row, (oy_hi, s.ow)), index(b, row, g.p), vw)
 
 
+def _im2col_pairs(b: ir.IRBuilder, g: _Geom, x: ir.Value, col: ir.Value, pad: ir.Value, vw: int) -> None:
+    """im2col of a stride-2 convolution: the image into the zero-padded plane `pad` (whose border was zeroed
+    once per call), then each tap's run of a row, the even lanes of pairs of vector loads."""
+    s = g.spec
+    p = g.paired_plane(vw)
+    conv_direct.fill(b, p, x, s.h, s.w, s.pt, s.pl, pad)
+    with for_range(b, 0, s.c, name="ci") as ci:
+        with for_range(b, 0, s.oh, name="oy") as oy:
+            for ky in range(s.kh):
+                for kx in range(s.kw):
+                    src = index(b, (ci, p.hp * p.wp), (oy, s.sh * p.wp), ky * s.dh * p.wp + kx)
+                    dst = index(b, (ci, g.taps * g.p), (ky * s.kw + kx) * g.p, (oy, s.ow))
+
+                    def copy(b: ir.IRBuilder, ox: ir.Value, width: int, src=src, dst=dst) -> None:
+                        at = index(b, src, (ox, 2))
+                        even = emit.even_odd(b, pad, at, width)[0] if width > 1 else emit.load(b, pad, at)
+                        emit.store(b, even, col, index(b, dst, ox))
+
+                    vector_loop(b, 0, s.ow, vw, copy, name="ox")
+
+
 def _column_matrix(b: ir.IRBuilder, g: _Geom, x_img: ir.Value, ws: ir.Value, vw: int) -> ir.Value:
     """The image's column matrix: the image itself for a 1x1 convolution, else im2col into the workspace."""
     if g.pointwise:
         return x_img
-    _im2col(b, g, x_img, ws, vw)
+    if g.pairs:
+        _im2col_pairs(b, g, x_img, ws, _paired_pad(b, g, ws, vw), vw)
+    else:
+        _im2col(b, g, x_img, ws, vw)
     return ws
 
 
@@ -362,6 +411,17 @@ def _strided_loop(b: ir.IRBuilder, g: _Geom, kx: ir.Value, lo: ir.Value, hi: ir.
             vector_loop(b, mid, hi, vw, lambda b, ox, width: body(b, ox, width, 1), name="ox.shift")
         with single:
             vector_loop(b, mid, hi, 1, body, name="ox.rest")
+
+
+def _paired_pad(b: ir.IRBuilder, g: _Geom, ws: ir.Value, vw: int) -> ir.Value:
+    """Where `_im2col_pairs`' padded image lives: after the rest of the im2col workspace."""
+    return emit.gep(b, ws, g.col_floats + g.table_floats + g.dyt_floats(), name="paired")
+
+
+def _zero_paired(b: ir.IRBuilder, g: _Geom, ws: ir.Value, vw: int) -> None:
+    """The padded image's border (and the floats past it) zeroed, once per call: the images fill the rest."""
+    if g.pairs:
+        conv_direct.zero(b, _paired_pad(b, g, ws, vw), 0, g.paired_floats(vw), vw)
 
 
 def _col2im(b: ir.IRBuilder, g: _Geom, col: ir.Value, dx: ir.Value, vw: int) -> None:
@@ -548,6 +608,7 @@ def emit_conv_forward(module: ir.Module, name: str, spec: ConvSpec, vw: int) -> 
         _direct_forward(b, module, name, g, args, vw)
         return fn
     ws = args["ws"]
+    _zero_paired(b, g, ws, vw)
     weights = _dense_weights(b, module, name, g, args, vw)
     bias = args["b"] if spec.bias else None
 
@@ -617,6 +678,7 @@ def emit_conv_backward_weights(module: ir.Module, name: str, spec: ConvSpec, vw:
         _padded_backward_weights(b, module, name, g, args, vw)
         return fn
     ws = args["ws"]
+    _zero_paired(b, g, ws, vw)
     grad = args["dw"]
     if spec.connect is not None:
         grad = emit.gep(b, ws, g.col_floats, name="dw.full")

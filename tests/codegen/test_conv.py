@@ -112,6 +112,10 @@ CASES = {
     "shifted_8x8": make_spec(16, 8, 8, 20, 3, 3, pad=(1, 1, 1, 1), accumulate=True, winograd=False),
     "shifted_5x5_valid": make_spec(8, 12, 10, 3, 5, 5, bias=False),  # more than 16 taps: a loop over rows
     "shifted_uneven_pad": make_spec(8, 8, 6, 4, 3, 3, pad=(2, 1, 0, 1), gap=1),
+    # stride 2 across: im2col reads the even lanes of vector pairs from a padded copy (ResNet's down blocks)
+    "stride2_down": make_spec(5, 16, 16, 6, 3, 3, stride=(2, 2), pad=(1, 1, 0, 0), gap=3),
+    "stride2_floor_groups": make_spec(4, 9, 10, 4, 3, 3, stride=(2, 2), groups=2, accumulate=True),
+    "stride2_rows_of_32": make_spec(3, 8, 64, 4, 3, 3, stride=(2, 2), pad=(1, 1, 1, 1), bias=False),
 }
 
 
@@ -357,8 +361,9 @@ def test_workspace_sizes() -> None:
     dyt = lambda s: s.oh * s.ow * (s.o // s.groups)  # dy of one group, transposed, for backward weights
     s = CASES["1x1"]
     assert conv_workspace_floats(s, 16) == dyt(s)
-    s = CASES["3x5_stride2_odd"]
-    assert conv_workspace_floats(s, 16) == s.c * s.kh * s.kw * s.oh * s.ow + dyt(s)
+    s = CASES["3x5_stride2_odd"]  # stride 2: and the padded image the pairs are read from, 9 x 14 a channel
+    paired = -(-(s.c * 9 * 14 + 2 * 16) // 16) * 16  # (rows of the last tap, and a float past each row's last pair)
+    assert conv_workspace_floats(s, 16) == s.c * s.kh * s.kw * s.oh * s.ow + dyt(s) + paired
     s = CASES["connect_1x1"]
     assert conv_workspace_floats(s, 16) == s.o * s.c + dyt(s)
     # stride 1, many channels on a small map: the padded planes need more than im2col
