@@ -36,12 +36,10 @@ import llvmlite.ir as ir
 
 from cnnc.codegen import conv_direct, emit
 from cnnc.codegen.conv_direct import Plane
-from cnnc.codegen.conv_winograd import MIN_CHANNELS, transform_input
+from cnnc.codegen.conv_winograd import BLOCK_TILES, MIN_CHANNELS, Blocks, transform_input
 from cnnc.codegen.emit import for_range, i64
 from cnnc.codegen.gemm import Mat, gemm_nn, index, vector_loop
 from cnnc.codegen.plan import ALIGN, aligned
-
-BLOCK_TILES = 64  # tiles per block (V and Y of a 64-channel layer: 256 KiB each)
 
 
 def applies(p: Plane, table: object) -> bool:
@@ -52,22 +50,10 @@ def applies(p: Plane, table: object) -> bool:
 
 
 @dataclass(frozen=True)
-class GradBlocks:
-    """How the tiles of a call are cut into blocks: `rows` tile rows of one image, or `images` whole images."""
-
-    p: Plane
-
-    @property
-    def tw(self) -> int:
-        return self.p.ow // 2
-
-    @property
-    def th(self) -> int:
-        return self.p.oh // 2
-
-    @property
-    def rows(self) -> int:
-        return max(1, min(self.th, BLOCK_TILES // self.tw))
+class GradBlocks(Blocks):
+    """The forward's cut of an image's tiles into blocks of tile rows (``Blocks``; its ``cols`` and
+    ``v_floats`` serve here too), except that a block holds several whole images when an image has fewer
+    tiles than a block."""
 
     @property
     def images(self) -> int:
@@ -80,11 +66,6 @@ class GradBlocks:
         return self.images * self.rows * self.tw
 
     @property
-    def v_cols(self) -> int:
-        """The length of a row of V: a block's tiles and a cache line."""
-        return aligned(self.tiles) + ALIGN
-
-    @property
     def y_stride(self) -> int:
         """Floats from one xi's part of Y to the next."""
         return aligned(self.tiles * self.p.m) + ALIGN
@@ -92,10 +73,6 @@ class GradBlocks:
     @property
     def dyt_floats(self) -> int:
         return aligned(self.p.oh * self.p.ow * self.p.m)
-
-    @property
-    def v_floats(self) -> int:
-        return 16 * self.p.c * self.v_cols
 
     @property
     def y_floats(self) -> int:
@@ -144,7 +121,7 @@ def weight_gradient(b: ir.IRBuilder, p: Plane, ws: ir.Value, images: tuple[ir.Va
             with for_range(b, 0, count, name="wg.i") as i:
                 take(b, b.add(n, i))
                 col0 = index(b, (i, tiles))
-                transform_input(b, p, pad, i64(0), blk.th, v, blk.v_cols, col0)
+                transform_input(b, p, pad, i64(0), blk.th, v, blk.cols, col0)
                 _transform_dy(b, p, blk, dyt, i64(0), blk.th, y, col0)
             _products(b, p, blk, v, y, du, index(b, (count, tiles)))
     else:  # blocks of tile rows of one image
@@ -154,12 +131,12 @@ def weight_gradient(b: ir.IRBuilder, p: Plane, ws: ir.Value, images: tuple[ir.Va
             if full:
                 with for_range(b, 0, full, name="wg.b") as block:
                     ty0 = index(b, (block, blk.rows))
-                    transform_input(b, p, pad, ty0, blk.rows, v, blk.v_cols, 0)
+                    transform_input(b, p, pad, ty0, blk.rows, v, blk.cols, 0)
                     _transform_dy(b, p, blk, dyt, ty0, blk.rows, y, 0)
                     _products(b, p, blk, v, y, du, blk.rows * blk.tw)
             if rest:
                 ty0 = i64(full * blk.rows)
-                transform_input(b, p, pad, ty0, rest, v, blk.v_cols, 0)
+                transform_input(b, p, pad, ty0, rest, v, blk.cols, 0)
                 _transform_dy(b, p, blk, dyt, ty0, rest, y, 0)
                 _products(b, p, blk, v, y, du, rest * blk.tw)
     _add_gradient(b, p, du, dw)
@@ -200,7 +177,7 @@ def _products(b: ir.IRBuilder, p: Plane, blk: GradBlocks, v: ir.Value, y: ir.Val
     nrv = max(1, min(4 if wide else 3, p.m // p.vw))
     mr = {1: 8, 2: 6}.get(nrv, 4) if wide else 4
     with for_range(b, 0, 16, name="gxi") as xi:
-        v_xi = Mat(emit.gep(b, v, index(b, (xi, p.c * blk.v_cols))), rs=blk.v_cols)
+        v_xi = Mat(emit.gep(b, v, index(b, (xi, p.c * blk.cols))), rs=blk.cols)
         y_xi = Mat(emit.gep(b, y, index(b, (xi, blk.y_stride))), rs=p.m)
         du_xi = emit.gep(b, du, index(b, (xi, p.c * p.m)), name="du.xi")
 
