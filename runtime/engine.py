@@ -34,6 +34,7 @@ A process forked while the pool runs gets fresh pools and locks.
 from __future__ import annotations
 
 import ctypes
+import functools
 import io
 import os
 import threading
@@ -115,9 +116,16 @@ def _fmt(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
-def shards(n: int) -> list[tuple[int, int]]:
+@functools.lru_cache(maxsize=64)
+def shards(n: int) -> tuple[tuple[int, int], ...]:
     """A training chunk of `n` images cut into gradient shards: by `n` alone, never by the thread count."""
-    return split(n, min(MAX_SHARDS, max(MIN_SHARDS, n // SHARD_IMAGES)), MIN_IMAGES_PER_THREAD)
+    return tuple(split(n, min(MAX_SHARDS, max(MIN_SHARDS, n // SHARD_IMAGES)), MIN_IMAGES_PER_THREAD))
+
+
+@functools.lru_cache(maxsize=64)
+def _thread_ranges(n: int, threads: int, grain: int) -> tuple[tuple[int, int], ...]:
+    """[0, n) across `threads` threads (cached: a training loop asks the same every step)."""
+    return tuple(split(n, threads, grain)) if threads > 1 else ((0, n),)
 
 
 class Scratch:
@@ -207,6 +215,40 @@ class NativeUpdate:
         self._fn(*args)
 
 
+class NativeGather:
+    """Gathers training batches from one ``Inputs`` set into one batch buffer, natively (``cnnc.codegen.gather``).
+
+    ``select(idx)`` names the next batch (positions in the set, checked);
+    then ``gather(a, b)``, on any thread, writes its images [a, b) into the
+    buffer: bit for bit what ``Inputs.batch`` writes, without the GIL, so
+    pool threads gather their shares at once. It holds the set, the buffer
+    and the model's code while it lives.
+    """
+
+    def __init__(self, fns: dict[bool, Any], inputs: Inputs, out: np.ndarray, lib: NativeLibrary) -> None:
+        byte, stored, geometry, norm = inputs.layout()
+        self._inputs = inputs
+        self._rows = np.zeros(len(out), dtype=np.int64)  # the selected batch's stored images
+        self._count = 0
+        self._keep = (stored, geometry, norm, out, lib)
+        self._fn = fns[byte]
+        self._args = (stored.ctypes.data, self._rows.ctypes.data, out.ctypes.data, geometry.ctypes.data,
+                      norm.ctypes.data)
+
+    def select(self, idx: np.ndarray) -> None:
+        """The batch to gather next: the inputs at positions `idx` of the set, at most the buffer's length."""
+        n, m = len(self._inputs), len(idx)
+        if m > len(self._rows) or (m and not (0 <= int(idx.min()) and int(idx.max()) < n)):
+            raise ValueError(f"gather needs at most {len(self._rows)} positions in [0, {n}), got {m}")
+        self._inputs.stored_rows(idx, self._rows)
+        self._count = m
+
+    def __call__(self, a: int, b: int) -> None:
+        if not 0 <= a <= b <= self._count:
+            raise ValueError(f"gather rows ({a}, {b}) are not a range of the {self._count} images selected")
+        self._fn(*self._args, a, b)
+
+
 MAX_CROP_PAD = 1 << 15  # the crop's draws take 16 bits
 
 
@@ -288,6 +330,11 @@ class Engine:
                               for k in range(len(syncs[loss]) + 1)] for loss in LOSSES}
         self._jitter = self._lib.function("jitter", [P, I64, I64, F32, P, I64, I64])
         self._augment = self._lib.function("augment", [P, I64, I64, I64, I64, P, P, I64, I64])
+        try:  # (an artifact saved by an earlier 0.x release has no gather: batches are gathered by numpy)
+            self._gathers = {byte: self._lib.function(f"gather_{kind}", [P] * 5 + [I64, I64])
+                             for byte, kind in ((True, "u8"), (False, "f32"))}
+        except KeyError:
+            self._gathers = None
         self._updates: dict[str, Any] = {}
         self.flat_params = aligned_zeros(size)
         self.flat_grads = aligned_zeros(size)
@@ -670,9 +717,9 @@ class Engine:
 
             self._parallel(stop - start, task)
 
-    def _parallel(self, n: int, task, grain: int = MIN_IMAGES_PER_THREAD) -> list[tuple[int, int]]:
+    def _parallel(self, n: int, task, grain: int = MIN_IMAGES_PER_THREAD) -> tuple[tuple[int, int], ...]:
         """Run ``task(thread, n0, n1)`` over [0, n) split across the shared pool's threads (one batch at a time)."""
-        ranges = split(n, self.threads, grain) if self.threads > 1 else [(0, n)]
+        ranges = _thread_ranges(n, self.threads, grain)
         if len(ranges) == 1:
             task(0, 0, n)
             return ranges
@@ -734,8 +781,7 @@ class Engine:
             raise ValueError(f"gradients on a part of a batch needs image0 >= 0 and whole >= N = {n}, "
                              f"got image0 {image0!r}, whole {whole!r}")
         scale = LOSSES[loss].scale(whole, k)  # the mean over the whole batch's images (mse: and outputs)
-        with self.lock:
-            self.flat_grads[...] = 0.0
+        with self.lock:  # (each shard's run zeroes its gradient buffer first, flat_grads in the first chunk)
             # batchnorm normalizes with the whole batch's statistics: one chunk, however large
             chunk = CHUNK if self.statistics is None else n
             if self.statistics is not None:
@@ -799,11 +845,15 @@ class Engine:
         ts = targets.ctypes.data + start * targets[0].nbytes
         ls = losses.ctypes.data + start * 4
         salt, first = seed % (1 << 63), image0 + start  # the dropout hash counts images of the whole batch
+        grad_bytes = self.flat_grads.nbytes
 
         def run(t: int, i: int, grads: int, phase: int = 0) -> None:
             a, b = parts[i]
-            if prepare is not None and phase == 0:
-                prepare(t, start + a, start + b)
+            if phase == 0:
+                if i or not start:  # on the thread that fills it, without the GIL
+                    ctypes.memset(grads, 0, grad_bytes)
+                if prepare is not None:
+                    prepare(t, start + a, start + b)
             phases[phase](params, grads, arena, xs, os_, ts, ls, ws[t], stat_ptrs[i], coefs, salt, first, scale,
                           smoothing, a, b)
 
@@ -813,8 +863,6 @@ class Engine:
         if self.threads == 1 or len(parts) == 1:  # in order on this thread: one spare buffer, each shard added at once
             bufs, ptrs = self._shard_buffers(min(len(parts), 2))
             for i in range(len(parts)):
-                if i:
-                    bufs[1].fill(0.0)
                 run(0, i, ptrs[min(i, 1)])
                 if i:
                     np.add(self.flat_grads, bufs[1], out=self.flat_grads)
@@ -823,8 +871,6 @@ class Engine:
 
         def task(t: int, first: int, last: int) -> None:
             for i in range(first, last):
-                if i:
-                    bufs[i].fill(0.0)
                 run(t, i, ptrs[i])
 
         self._parallel(len(parts), task, grain=1)
@@ -835,8 +881,6 @@ class Engine:
         """A step with batchnorm: each phase on every shard (on the pool), then the reduction that ends it
         (``cnnc_runtime.batchnorm``); every shard keeps its gradient buffer from the first phase to the last."""
         bufs, ptrs = self._shard_buffers(len(parts))
-        for g in bufs[1:len(parts)]:
-            g.fill(0.0)
         syncs = self.statistics.phases[loss]
         for k in range(len(syncs) + 1):
             def task(t: int, first: int, last: int, k: int = k) -> None:
@@ -949,6 +993,17 @@ class Engine:
             self._augment(*args, scratch.ws_ptrs[0], a, b)
         finally:
             self._checkin(scratch)
+
+    def gatherer(self, inputs: Inputs, out: np.ndarray) -> NativeGather | None:
+        """A native gatherer of batches of `inputs` into `out` (a ``batch_buffer``); None where the code has none."""
+        if self._gathers is None:
+            return None
+        inputs = self.inputs(inputs)
+        if not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.flags.c_contiguous
+                and out.flags.writeable and out.shape[1:] == self.input_shape):
+            raise ValueError(f"gatherer needs a writable contiguous float32 buffer of shape "
+                             f"(N, {', '.join(map(str, self.input_shape))})")
+        return NativeGather(self._gathers, inputs, out, self._lib)
 
     def augment_fill(self, fill: np.ndarray | float) -> np.ndarray:
         """`fill` as one float32 per input channel (what ``augment`` pads with); ValueError for another count."""

@@ -202,6 +202,35 @@ class Inputs:
             dst /= self._norm[1]
         return dst
 
+    def stored_rows(self, idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The stored images' indices of positions `idx`, as int64 in the front of `out` (what ``layout`` reads)."""
+        dst = out[:len(idx)]
+        if self._rows is None:
+            dst[...] = idx
+        else:
+            np.take(self._rows, idx, out=dst)
+        return dst
+
+    def layout(self) -> tuple[bool, np.ndarray, np.ndarray, np.ndarray]:
+        """How native code reads the set (``cnnc.codegen.gather``): (uint8?, the stored array, geometry, norm).
+
+        geometry (int64): the stored image's height and width, its (top, left) in the input and its element
+        strides (image, channel, row, column); norm (float32): the mean of each input channel, then the std
+        (0 and 1 without ``normalize``).
+        """
+        x = self._x
+        steps = [s // x.itemsize for s in x.strides]
+        if len(self.input_shape) == 3:
+            _, _, h, w = x.shape
+            top, left = self._pad or (0, 0)
+            geometry = [h, w, top, left, *steps]
+        else:  # flat inputs: one row of F values
+            geometry = [1, x.shape[1], 0, 0, steps[0], 0, 0, steps[1]]
+        channels = self.input_shape[0] if len(self.input_shape) == 3 else 1
+        mean, std = self._norm or (np.float32(0), np.float32(1))
+        norm = [np.broadcast_to(np.asarray(v, np.float32).reshape(-1), (channels,)) for v in (mean, std)]
+        return self.stored, x, np.array(geometry, dtype=np.int64), np.concatenate(norm).astype(np.float32)
+
     def chunks(self, size: int, out: np.ndarray) -> Iterator[np.ndarray]:
         """The whole set in order, `size` inputs at a time, in `out` (overwritten by the next) or a view."""
         for start in range(0, len(self), size):

@@ -695,6 +695,7 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
     steps_per_epoch = -(-n // s.batch)
     total_steps = s.epochs * steps_per_epoch  # (max_steps is a stop, not the schedule's length: resume stays exact)
     augmenting = s.crop > 0 or s.flip
+    gather = model.gatherer(inputs, batch)  # each pool thread gathers its own images, natively (None: by numpy)
     fill = model.augment_fill(inputs.blank()) if augmenting else None
     while run.epoch < s.epochs and not run.stopped:
         t0 = time.perf_counter()
@@ -719,8 +720,14 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
                 shift = int(run.rng.integers(0, 2**63 - 1)) if augmenting else None
                 optimizer.lr = run.base_lr * schedule.factor(run.step, steps_per_epoch, total_steps)
 
+                if gather is not None:
+                    gather.select(idx)
+
                 def prepare(t: int, a: int, b: int, idx=idx, noise=noise, shift=shift, lo=lo) -> None:
-                    inputs.batch(idx[a:b], batch[a:b])
+                    if gather is not None:
+                        gather(a, b)
+                    else:
+                        inputs.batch(idx[a:b], batch[a:b])
                     if shift is not None:
                         model.augment(batch, shift, s.crop, s.flip, fill, rows=(a, b), thread=t, image0=lo)
                     if noise is not None:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from cnnc.codegen import conv_direct, conv_winograd, conv_winograd_grad, emit
+from cnnc.codegen import conv_direct, conv_rows, conv_winograd, conv_winograd_grad, emit
 from cnnc.codegen.conv_direct import GradSpace, Plane
 from cnnc.codegen.emit import for_range, i64, kernel
 from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, transpose, vector_loop
@@ -197,8 +197,9 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     wino = [conv_winograd.workspace_floats(q) for q in (plane, back) if _winograd(spec, q)]
     if _winograd_grad(spec, plane):
         wino.append(conv_winograd_grad.workspace_floats(plane))
+    rows = [conv_rows.Rows(spec, vw).floats] if _rows_backward(spec, back) else []
     shifted = [_forward_plane(spec, plane).pad_floats]  # (product_shifted needs no out section)
-    return max(plane.floats, back.floats, weights, *wino, *shifted)
+    return max(plane.floats, back.floats, weights, *wino, *rows, *shifted)
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -212,6 +213,11 @@ def _winograd(spec: ConvSpec, p: Plane) -> bool:
 def _winograd_grad(spec: ConvSpec, p: Plane) -> bool:
     """Whether the weight gradient on the padded forward plane `p` runs by Winograd."""
     return spec.winograd and conv_winograd_grad.applies(p, spec.connect)
+
+
+def _rows_backward(spec: ConvSpec, p: Plane) -> bool:
+    """Whether the input gradient runs as rows of dx (``conv_rows``) rather than on the padded plane `p`."""
+    return not _winograd(spec, p) and conv_rows.applies(spec, p.n, p.vw)
 
 
 def _forward_plane(spec: ConvSpec, p: Plane) -> Plane:
@@ -504,6 +510,10 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
 def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args: dict, vw: int) -> None:
     spec = g.spec
     p = g.backward_plane(vw)
+    if _rows_backward(spec, p):
+        conv_rows.backward_data(b, spec, args, vw, g.x_stride, g.y_stride)
+        b.ret_void()
+        return
     pad, out, wt = conv_direct.sections(b, p, args["ws"])
     conv_direct.zero(b, pad, 0, p.pad_floats, vw)
     # flipped as they are: a connect table's tiles never read the weights outside it

@@ -28,7 +28,7 @@ from cnnc.codegen.elementwise import (
     emit_softmax_forward,
     emit_sum,
 )
-from cnnc.codegen.pool import emit_pool_backward, emit_pool_forward
+from cnnc.codegen.pool import emit_pool_backward, emit_pool_forward, takes_activation_grad
 from cnnc.codegen.specs import (
     BatchNormSpec,
     ConvSpec,
@@ -269,7 +269,7 @@ def _fused_activation_grad(ctx, name: str) -> None:
     """dz = dy * act'(y), in place over dy, for a conv/dense with a fused activation (act'(z) from the
     pre-activation z when the activation's gradient reads its input)."""
     node = ctx.node(name)
-    if node.get("act", "none") == "none":
+    if node.get("act", "none") == "none" or name in ctx.act_grads_done:
         return
     saved, dy = ctx.plan.pre.get(name) or ctx.value(name), ctx.grad(name)
     spec = ElementwiseSpec(size=_size(ctx, name), act=node["act"], act_args=act_args(node["act_args"]),
@@ -305,10 +305,17 @@ def backward_dense(ctx, name: str) -> None:
 
 
 def backward_pool(ctx, name: str) -> None:
+    """dx of the pool; where each dx is stored once and the input is the only use of an activation fused into
+    the layer before, dx leaves already multiplied by that activation's gradient (one pass over dx, not two)."""
     src = ctx.node(name)["inputs"][0]
     if ctx.wants_grad(src):
-        fn = ctx.kernel(emit_pool_backward, pool_spec(ctx, name, ctx.accumulate(src)))
-        ctx.call(fn, ctx.value(src), ctx.value(name), ctx.grad(name), ctx.grad(src))
+        spec = pool_spec(ctx, name, ctx.accumulate(src))
+        act = ctx.node(src).get("act", "none")
+        if (act != "none" and OPS[act].act.grad_from == "output" and src not in ctx.plan.pre
+                and ctx.g.out_degree(src) == 1 and takes_activation_grad(spec)):
+            spec = dataclasses.replace(spec, act=act, act_args=act_args(ctx.node(src)["act_args"]))
+            ctx.act_grads_done.add(src)
+        ctx.call(ctx.kernel(emit_pool_backward, spec), ctx.value(src), ctx.value(name), ctx.grad(name), ctx.grad(src))
 
 
 def backward_activation(ctx, name: str) -> None:

@@ -39,6 +39,9 @@ Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
 ``augment(x, seed_i64, image0_i64, pad_i64, flip_i64, fill, ws, n0, n1)``
     crops (after zero padding) and flips a batch of inputs in place (``cnnc.codegen.augment``), drawn
     from ``seed`` and each image's index ``image0 + n`` in the whole batch.
+``gather_u8`` / ``gather_f32`` ``(src, rows, x, geometry, norm, n0, n1)``
+    gathers images ``[n0, n1)`` of a training batch from a stored uint8 or float32 set, prepared by the
+    input rule (``cnnc.codegen.gather``).
 ``update_KIND`` ``(params, grads, mask, s1, s2, hyper, n0, n1)``, one per optimizer of the table
     one optimizer step over parameters ``[n0, n1)`` (``cnnc.codegen.optim``).
 
@@ -62,11 +65,13 @@ from cnnc.codegen.batchnorm import emit_bn_fold
 from cnnc.codegen.conv import conv_workspace_floats
 from cnnc.codegen.elementwise import emit_copy, emit_gaussian_noise
 from cnnc.codegen.emit import I64, PTR
+from cnnc.codegen.gather import ARGS as GATHER_ARGS
+from cnnc.codegen.gather import emit_gather
 from cnnc.codegen.instrument import Stopwatch, Timing
 from cnnc.codegen.loss import emit_loss
 from cnnc.codegen.lowering import BACKWARD, FORWARD
 from cnnc.codegen.plan import ALIGN, Plan, Tensor, aligned, plan_memory
-from cnnc.codegen.specs import AugmentSpec, ConvSpec, CopySpec, DenseSpec, FoldSpec, LossSpec, NoiseSpec
+from cnnc.codegen.specs import AugmentSpec, ConvSpec, CopySpec, DenseSpec, FoldSpec, GatherSpec, LossSpec, NoiseSpec
 from cnnc.codegen.target import TILED
 from cnnc.ir import execution_order
 from cnnc_runtime.artifact import BN_COEFS  # a batchnorm's per-channel float32 arrays in ``bn``: part of the format
@@ -186,6 +191,7 @@ class Entry:
         self._written: set[str] = set()
         self.step = None  # the autodiff Step being emitted
         self.syncs: list[dict] = []  # the reductions that end each phase but the last
+        self.act_grads_done: set[str] = set()  # fused activations whose gradient a pool's backward applied
         self.timing = Timing(builder.stopwatch, name) if builder.stopwatch else None
         if self.timing:
             self.timing.start(self.b)
@@ -312,6 +318,11 @@ def build_module(g: nx.DiGraph, vector_width: int, profile: bool = False) -> tup
                  *(augment.args[k] for k in AUGMENT_ARGS[:-2]))
     augment.b.ret_void()
     builder.ws_floats = max(builder.ws_floats, aligned(size))  # (augment keeps one image there)
+
+    for kind, byte in (("u8", True), ("f32", False)):  # a training batch from the stored set, by the input rule
+        gather = Entry(builder, infer_plan, f"gather_{kind}", GATHER_ARGS)
+        gather.call(builder.kernel(emit_gather, GatherSpec(c, h, w, byte)), *(gather.args[k] for k in GATHER_ARGS[:-2]))
+        gather.b.ret_void()
 
     for kind in optim.constants():
         fn, b, _ = emit.kernel(builder.module, f"update_{kind}", optim.ARGS)

@@ -34,6 +34,7 @@ from cnnc.codegen.elementwise import (
 from cnnc.codegen.emit import F32, I64, for_range, i64
 from cnnc.codegen.gemm import vector_loop
 from cnnc.codegen.specs import PoolSpec
+from cnnc.ops import activations
 
 NEG_INF = float("-inf")
 
@@ -210,6 +211,8 @@ def _window_forward(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, yb: ir.Value)
 def emit_pool_backward(module: ir.Module, name: str, spec: PoolSpec, vw: int) -> ir.Function:
     """``(x, y, dy, dx, n0, n1)``: dx (+)= the pooling's gradient; y is not needed (max is recomputed from x)."""
     _check(spec)
+    if spec.act != "none" and not takes_activation_grad(spec):
+        raise ValueError("a pool's backward applies an activation's gradient only where it stores each dx once")
     fn, b, a = emit.kernel(module, name, ["x", "y", "dy", "dx", "n0", "n1"], noalias=True)
     x_stride, y_stride = _strides(spec)
     inv_area = 1.0 / (spec.kh * spec.kw)
@@ -225,7 +228,7 @@ def emit_pool_backward(module: ir.Module, name: str, spec: PoolSpec, vw: int) ->
                 plane = emit.gep(b, dxb, b.mul(ch, i64(plane_size)), name="plane")
                 strips(b, plane_size, vw, lambda i, w: put(b, emit.splat(b, g, w), plane, i, spec.accumulate))  # noqa: B023
         elif _tiles_exactly(spec) and not spec.accumulate and spec.kind == "avg":
-            _avg_spread(b, spec, dyb, dxb, inv_area, vw)
+            _avg_spread(b, spec, xb, dyb, dxb, inv_area, vw)
         elif _tiles_exactly(spec) and not spec.accumulate:
             _max_route(b, spec, xb, dyb, dxb, vw)
         else:
@@ -239,13 +242,28 @@ def emit_pool_backward(module: ir.Module, name: str, spec: PoolSpec, vw: int) ->
     return fn
 
 
+def takes_activation_grad(spec: PoolSpec) -> bool:
+    """Whether the backward pass can apply the gradient of the activation before the pool as it stores dx:
+    each element of dx is stored once (windows that tile the input, nothing to add to)."""
+    return _tiles_exactly(spec) and not spec.accumulate and not (spec.kind == "avg" and _is_global(spec))
+
+
+def _store_dx(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, dxb: ir.Value, at: ir.Value, value: ir.Value,
+              width: int) -> None:
+    """dx[at:at + width] = value, times the gradient of the fused activation whose output is x (if any)."""
+    if spec.act != "none":
+        value = activations.emit_grad(b, emit.load(b, xb, at, width), value, spec.act, spec.act_args)
+    emit.store(b, value, dxb, at)
+
+
 def _tiles_exactly(spec: PoolSpec) -> bool:
     """Windows that do not overlap, need no padding and cover the whole input (LeNet's 2x2 / 2 pooling)."""
     return ((spec.kh, spec.kw) == (spec.sh, spec.sw) and (spec.pt, spec.pl) == (0, 0)
             and (spec.h, spec.w) == (spec.oh * spec.kh, spec.ow * spec.kw))
 
 
-def _avg_spread(b: ir.IRBuilder, spec: PoolSpec, dyb: ir.Value, dxb: ir.Value, inv_area: float, vw: int) -> None:
+def _avg_spread(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, dyb: ir.Value, dxb: ir.Value, inv_area: float,
+                vw: int) -> None:
     """Each input element belongs to exactly one window: dx = dy / (kh*kw), stored once, no zeroing, no adds.
 
     Windows two columns wide take a vector of dy at a time, each lane stored twice per window row.
@@ -261,11 +279,11 @@ def _avg_spread(b: ir.IRBuilder, spec: PoolSpec, dyb: ir.Value, dxb: ir.Value, i
                 at = b.add(first, i64(i * spec.w))
                 if width > 1:
                     lo, hi = emit.interleave(b, g, g, width)
-                    emit.store(b, lo, dxb, at)
-                    emit.store(b, hi, dxb, b.add(at, i64(width)))
+                    _store_dx(b, spec, xb, dxb, at, lo, width)
+                    _store_dx(b, spec, xb, dxb, b.add(at, i64(width)), hi, width)
                 else:
                     for j in range(spec.kw):
-                        emit.store(b, g, dxb, b.add(at, i64(j)))
+                        _store_dx(b, spec, xb, dxb, b.add(at, i64(j)), g, 1)
 
         vector_loop(b, 0, spec.ow, vw if spec.kw == 2 else 1, window, name="ox")
 
@@ -301,11 +319,11 @@ def _max_route(b: ir.IRBuilder, spec: PoolSpec, xb: ir.Value, dyb: ir.Value, dxb
             for i, at in enumerate(rows):
                 if width > 1:
                     lo, hi = emit.interleave(b, routed[2 * i], routed[2 * i + 1], width)
-                    emit.store(b, lo, dxb, at)
-                    emit.store(b, hi, dxb, b.add(at, i64(width)))
+                    _store_dx(b, spec, xb, dxb, at, lo, width)
+                    _store_dx(b, spec, xb, dxb, b.add(at, i64(width)), hi, width)
                 else:
                     for j in range(spec.kw):
-                        emit.store(b, routed[i * spec.kw + j], dxb, b.add(at, i64(j)))
+                        _store_dx(b, spec, xb, dxb, b.add(at, i64(j)), routed[i * spec.kw + j], 1)
 
         vector_loop(b, 0, spec.ow, vw if spec.kw == 2 else 1, window, name="ox")
 

@@ -97,6 +97,10 @@ class PoolSpec:
     x_stride: int = 0
     y_stride: int = 0
     accumulate: bool = False
+    # backward: the activation fused into the conv or dense before the pool; dx is multiplied by its gradient
+    # (from the pool's input, that activation's output) as it is stored (``pool.takes_activation_grad``)
+    act: str = "none"
+    act_args: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,21 @@ class AugmentSpec:
     height: int
     width: int
     x_stride: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.channels * self.height * self.width
+
+
+@dataclass(frozen=True)
+class GatherSpec:
+    """A batch gathered from a stored set (``cnnc.codegen.gather``): network inputs of ``channels x height x width``
+    floats, contiguous; ``byte``: the set holds uint8 (scaled by 1/255), else float32."""
+
+    channels: int
+    height: int
+    width: int
+    byte: bool
 
     @property
     def size(self) -> int:

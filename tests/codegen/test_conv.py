@@ -335,6 +335,21 @@ def test_which_convolutions_run_by_winograd() -> None:
     assert not runs(dataclasses.replace(CASES["winograd_same"], winograd=False))[2]
 
 
+def test_which_input_gradients_run_as_rows_of_dx() -> None:
+    """Small maps whose padded dy is mostly zeros (LeNet's C3: 14x14 from 10x10 by 5x5) skip its zero rows."""
+    from cnnc.codegen.conv import _Geom, _rows_backward
+
+    def rows(spec: ConvSpec, vw: int) -> bool:
+        g = _Geom(spec)
+        return g.padded and _rows_backward(spec, g.backward_plane(vw))
+
+    assert rows(CASES["lenet_c3"], 16) and rows(CASES["lenet_c3"], 8)
+    assert not rows(CASES["lenet_c3"], 4)  # 6 channels of 4 vectors a row: more sums than SSE's registers hold
+    # many channels (a CIFAR or ResNet layer) or Winograd's input gradient: on the padded plane
+    assert not rows(make_spec(32, 32, 32, 32, 3, 3, pad=(1, 1, 1, 1)), 16)
+    assert not rows(CASES["winograd_same"], 16)
+
+
 def test_which_forward_convolutions_run_on_shifted_copies() -> None:
     from cnnc.codegen.conv import _forward_plane, _Geom
 

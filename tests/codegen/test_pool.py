@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from cnnc.codegen.pool import emit_pool_backward, emit_pool_forward
+from cnnc.codegen.pool import emit_pool_backward, emit_pool_forward, takes_activation_grad
 from cnnc.codegen.specs import PoolSpec
-from tests.codegen.buffers import N0, N1, N, arena, assert_untouched, garbage, numeric_grad, slots, written
+from cnnc.ops import ACTIVATIONS
+from tests.codegen.buffers import (
+    ACT_ARGS,
+    N0,
+    N1,
+    N,
+    act_args_of,
+    arena,
+    assert_untouched,
+    garbage,
+    numeric_grad,
+    slots,
+    written,
+)
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -225,3 +240,39 @@ def test_pool_grad_reference_matches_finite_differences(case):
 def test_pool_rejects_windows_in_padding():
     with pytest.raises(ValueError):
         emit_pool_forward(None, "bad", PoolSpec("max", 1, 4, 4, 3, 3, 2, 2, 1, 1, pt=2, pl=0), 4)
+
+
+FUSED_ACTS = [name for name, a in ACTIVATIONS.items() if a.grad_from == "output"]
+
+
+@pytest.mark.parametrize("case", ["avg2x2s2_tiles_exactly", "max2x2s2_tiles_exactly_wide", "avg3x2s3x2_tiles_exactly"])
+@pytest.mark.parametrize("act", FUSED_ACTS)
+def test_pool_backward_applies_the_gradient_of_the_activation_before_it(jit, case, act):
+    """dx = the pool's gradient times act'(z), read from the pool's input x = act(z): what the separate
+    activation gradient would give, in the pass that stores dx."""
+    spec, xs, ys = make_spec(case)
+    spec = dataclasses.replace(spec, act=act, act_args=act_args_of(act))
+    assert takes_activation_grad(spec)
+    emit_pool_backward(jit.module, "bwd", spec, jit.vw)
+    xsize, ysize = spec.c * spec.h * spec.w, spec.c * spec.oh * spec.ow
+    rng = np.random.default_rng(5)
+    z = rng.uniform(-2, 2, (N1 - N0, xsize))
+    a = ACT_ARGS.get(act, {})
+    x = garbage(xs)
+    slots(x, xs, xsize)[N0:N1] = ACTIVATIONS[act].reference(z, a)
+    dy, dx = arena(rng, ys, ysize), garbage(xs)
+    jit("bwd", x, None, dy, dx, N0, N1)
+    assert_untouched(dx, garbage(xs), written(dx, xs, xsize))
+    y64 = slots(x, xs, xsize)[N0:N1].astype(np.float64)  # act(z) as float32 holds it: what the kernel reads
+    x4 = y64.reshape(-1, spec.c, spec.h, spec.w)
+    dy4 = slots(dy, ys, ysize)[N0:N1].reshape(-1, spec.c, spec.oh, spec.ow)
+    want = pool_grad_ref(x4, dy4, spec).reshape(N1 - N0, -1) * ACTIVATIONS[act].derivative(z, y64, a)
+    np.testing.assert_allclose(slots(dx, xs, xsize)[N0:N1], want, rtol=1e-4, atol=1e-5)
+
+
+def test_pool_backward_takes_an_activation_only_where_it_stores_each_dx_once(jit):
+    spec, _, _ = make_spec("max3x3s2p1_overlap_odd")
+    assert not takes_activation_grad(spec)
+    with pytest.raises(ValueError, match="once"):
+        emit_pool_backward(jit.module, "bwd", dataclasses.replace(spec, act="tanh"), jit.vw)
+    assert not takes_activation_grad(make_spec("avg2x2s2_tiles_exactly", accumulate=True)[0])

@@ -114,7 +114,7 @@ def test_prepare_fills_the_batch_where_it_runs(mlp):
 
     assert mlp.gradients(buf, t, "cross_entropy", prepare=prepare) == want
     np.testing.assert_array_equal(mlp.flat_grads, grads)
-    assert sorted(filled) == engine.shards(64)
+    assert sorted(filled) == list(engine.shards(64))
 
 
 def test_noise_added_a_range_at_a_time_is_the_noise_added_at_once(mlp):
@@ -214,3 +214,23 @@ def test_noise_of_a_part_is_the_noise_of_its_images_in_the_whole_batch(mlp):
     np.testing.assert_array_equal(part, whole[7:])
     with pytest.raises(ValueError, match="image0"):
         mlp.add_noise(part, 0.5, seed=11, image0=-7)
+
+
+def test_the_native_gatherer_gives_the_batches_of_the_numpy_rule(mlp):
+    """fit's gather, a thread's share at a time, writes what Inputs.batch writes (8x8 uint8 images into the
+    64 flat inputs, normalized); positions and ranges outside what was selected are refused."""
+    images = np.random.default_rng(2).integers(0, 256, (20, 8, 8), dtype=np.uint8)
+    inputs = engine.Inputs(images, mlp.input_shape, {"mean": 0.5, "std": 0.2}).subset(np.arange(19, 1, -1))
+    buf = mlp.batch_buffer(8)
+    gather = mlp.gatherer(inputs, buf)
+    idx = np.array([0, 17, 3, 3, 9, 12], np.int64)
+    gather.select(idx)
+    gather(3, 6)
+    gather(0, 3)
+    want = inputs.batch(idx, np.empty((6, *mlp.input_shape), np.float32))
+    np.testing.assert_array_equal(buf[:6], want)
+    for bad in (np.array([18]), np.array([-1]), np.arange(9)):
+        with pytest.raises(ValueError, match="gather needs"):
+            gather.select(bad)
+    with pytest.raises(ValueError, match="not a range"):
+        gather(4, 7)
