@@ -155,7 +155,7 @@ class ProfiledModel(Model):
     """A ``Model`` of a profiling build that also times, from Python, what it does outside native code.
 
     It wraps the Engine's native entry points (its private ``_infer``,
-    ``_fold`` and ``_steps``) with timers; a change there fails the profiler's tests.
+    ``_infer_split``, ``_fold`` and ``_steps``) with timers; a change there fails the profiler's tests.
     """
 
     def __init__(self, manifest: dict[str, Any], obj: bytes, weights: bytes = b"", seed: int | None = None,
@@ -169,6 +169,8 @@ class ProfiledModel(Model):
         self.reset()
         t = self.timers
         self._infer = t.native_call("infer", self._infer)
+        if self._infer_split is not None:  # (one image on several threads: cnnc.codegen.split)
+            self._infer_split = t.native_call("infer_split", self._infer_split)
         if self._fold is not None:
             self._fold = t.native_call("fold", self._fold)
         self._steps = {loss: [t.native_call(f"step_{loss}", fn) for fn in fns] for loss, fns in self._steps.items()}
@@ -271,7 +273,7 @@ def profile_training(model: ProfiledModel, peak, batch: int | None = None, steps
               ("batchnorm reductions", timers["reductions"] / n)]
     notes = [f"random uint8 inputs of shape {model.input_shape} prepared per batch as a dataset's (the train "
              f"section's normalize and augmentation), random labels; loss {loss}",
-             *_common_notes(t)]
+             *_common_notes(model, [entry])]
     return _finish(model, "train", batch, epoch.steps, step, lines, others, counters, rate, [entry], peak, notes)
 
 
@@ -292,32 +294,40 @@ def profile_inference(model: ProfiledModel, peak, batch: int = 1, calls: int | N
 
     counters, rate, wall = _run(model, work)
     step = wall / calls
-    entries = ["infer"]
+    entries = ["infer", "infer_split"]  # (a small batch runs on one thread or, split, on all: whichever is faster)
     lines = _region_lines(model, counters, rate, entries, calls, step, batch, peak)
     others = [("input preparation", model.timers.parts["inputs"] / calls),
               ("batchnorm folding", model.timers.seconds_in(("fold",)) / calls)]  # (one native call, timed around)
     notes = ["random float32 inputs of shape " + str((batch, *model.input_shape)) + " (model(x): prepared by the "
-             "input rule, then the inference pass)", *_common_notes(model.timers.threads_of("infer"))]
+             "input rule, then the inference pass)", *_common_notes(model, entries)]
     return _finish(model, "infer", batch, calls, step, lines, others, counters, rate, entries, peak, notes)
 
 
-def _common_notes(threads: int) -> list[str]:
-    return [f"layer times: the cycles of each layer's code on all threads / the {threads} thread(s) that share "
-            "it; GFLOP/s: 2 x the direct convolution's or dense product's multiply-adds per second (a backward "
-            "counts one product per gradient it computes: the weights', the input's), so a Winograd layer can "
-            "pass the peak"]
+def _common_notes(model: ProfiledModel, entries: list[str]) -> list[str]:
+    ran = sorted({model.timers.threads_of(e) for e in entries if model.timers.seconds_in((e,)) > 0}) or [1]
+    threads = " or ".join(map(str, ran))
+    return [f"layer times: the cycles of each layer's code on all threads / the threads that ran it ({threads}); "
+            "GFLOP/s: 2 x the direct convolution's or dense product's multiply-adds per second (a backward counts "
+            "one product per gradient it computes: the weights', the input's), so a Winograd layer can pass the "
+            "peak"]
 
 
 def _region_lines(model: ProfiledModel, counters: np.ndarray, rate: float, entries: list[str], steps: int,
                   step: float, images: int, peak) -> list[Line]:
     """The regions of `entries` as lines per step of `images` images, in the order the code runs them; the input
-    layer (no code) left out."""
-    lines = []
+    layer (no code) left out. A layer in several entries (``infer`` and ``infer_split``) is one line: the sum of
+    its times there, each its cycles / the threads that ran that entry; its peak, that of the most threads."""
+    merged: dict[tuple[str, str], list] = {}  # (phase, layer) -> [region, seconds, threads]
     for r, cycles in zip(model.regions, counters):
         if r["entry"] not in entries or r["op"] == "input":
             continue
         threads = model.timers.threads_of(r["entry"])
-        seconds = float(cycles) / rate / threads / steps
+        line = merged.setdefault((r["phase"], r["layer"]), [r, 0.0, 1])
+        line[1] += float(cycles) / rate / threads / steps
+        if cycles:
+            line[2] = max(line[2], threads)
+    lines = []
+    for r, seconds, threads in merged.values():
         flops = float(r["flops"]) * images
         gflops = flops / seconds / 1e9 if seconds > 0 and flops else None
         lines.append(Line(r["layer"], r["op"], r["phase"], seconds, seconds / step, flops, gflops,

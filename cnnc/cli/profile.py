@@ -13,7 +13,8 @@ from cnnc.pipeline import compile_source
 from cnnc_runtime.peak import fma_peak
 from cnnc_runtime.profiler import Profile, ProfiledModel, profile_inference, profile_training
 
-PHASE_NAMES = {"forward": "forward", "backward": "backward", "loss": "loss", "output": "output copy", "other": ""}
+PHASE_NAMES = {"forward": "forward", "backward": "backward", "loss": "loss", "output": "output copy",
+               "wait": "threads meet", "other": ""}
 
 
 def add_parser(sub) -> None:

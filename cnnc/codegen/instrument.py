@@ -36,17 +36,19 @@ from cnnc.codegen.emit import I64
 COUNTERS = "cnnc_profile_counters"
 CLOCK, TAKE = "profile_clock", "profile_take"
 PRODUCT_OPS = ("conv", "dense")  # ops whose backward computes products as large as their forward, per gradient
-PHASE_OPS = {"output": "copy"}  # what a region that is not a layer's pass does (the loss: its name)
+# what a region that is not a layer's pass does (the loss: its name); "wait": the threads of ``infer_split``
+# meeting between layers (``cnnc.codegen.split``)
+PHASE_OPS = {"output": "copy", "wait": "barrier"}
 
 
 @dataclass(frozen=True)
 class Region:
-    """One counter: the code of `layer`'s `phase` ("forward", "backward", "loss", "output") in `entry`."""
+    """One counter: the code of `layer`'s `phase` ("forward", "backward", "loss", "output", "wait") in `entry`."""
 
-    entry: str  # "infer", "step_cross_entropy", "step_mse"
+    entry: str  # "infer", "infer_split", "step_cross_entropy", "step_mse"
     phase: str
     layer: str
-    op: str  # the layer's op, with a fused activation as "conv+relu"; the loss's name, "copy"
+    op: str  # the layer's op, with a fused activation as "conv+relu"; the loss's name, "copy", "barrier"
     flops: int  # per image
 
 

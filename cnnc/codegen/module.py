@@ -296,7 +296,7 @@ def build_module(g: nx.DiGraph, vector_width: int, profile: bool = False) -> tup
             copy_out(entry)
     entry.b.ret_void()
     parts = 0
-    if g.graph["totals"]["total_macs"] >= split.MIN_MACS and not profile:  # (the profiler times `infer`)
+    if g.graph["totals"]["total_macs"] >= split.MIN_MACS:  # (in the profiling build too: its layers are timed)
         shared = Entry(builder, infer_plan, "infer_split", INFER_SPLIT_ARGS, inf, entry.slots)
         split.emit_split_entry(shared, execution_order(inf), copy_out, (split.span(out_value), split.span(y)))
         parts = split.PARTS

@@ -269,26 +269,29 @@ def emit_split_entry(entry, order: list[str], output_copy: Callable[[object], No
     seen = Barriers()
     count = 0
 
-    def run(shares: list[Share]) -> None:
+    def run(shares: list[Share], phase: str, name: str) -> None:
         nonlocal count
         if seen.needed(shares):
-            b.call(barrier, [entry.args["bar"], entry.args["part_i64"]])
+            with entry.timed("wait", "barriers"):  # (the profiling build counts waits apart from the layers)
+                b.call(barrier, [entry.args["bar"], entry.args["part_i64"]])
             seen.clear()
             count += 1
-        for p, share in enumerate(shares):
-            if not share.calls:
-                continue
-            with b.if_then(b.icmp_signed("==", entry.args["part_i64"], i64(p))):
-                for call in share.calls:
-                    call(entry)
+        with entry.timed(phase, name):
+            for p, share in enumerate(shares):
+                if not share.calls:
+                    continue
+                with b.if_then(b.icmp_signed("==", entry.args["part_i64"], i64(p))):
+                    for call in share.calls:
+                        call(entry)
         seen.add(shares)
 
     for n in order:
         rule = SPLITS.get(OPS[entry.node(n)["op"]].lowering)
         shares = rule(entry, n) if rule is not None else None
-        run(shares if shares is not None else _whole(entry, n))
+        run(shares if shares is not None else _whole(entry, n), "forward", n)
     if output_copy is not None:
-        run([Share([output_copy], [output_span[0]], [output_span[1]])] + [Share() for _ in range(PARTS - 1)])
+        run([Share([output_copy], [output_span[0]], [output_span[1]])] + [Share() for _ in range(PARTS - 1)],
+            "output", entry.g.graph["output"])
     b.ret_void()
     return count
 

@@ -40,7 +40,7 @@ def test_the_profiling_build_counts_every_layer_of_every_entry_point():
     backward = [r["layer"] for r in regions if r["entry"] == "step_cross_entropy" and r["phase"] == "backward"]
     assert forward[:3] == ["image", "c1", "s2"]
     assert backward[-1] == "c1"  # last: the first layer's weight gradient
-    assert {r["entry"] for r in regions} == {"infer", "step_cross_entropy", "step_mse"}
+    assert {r["entry"] for r in regions} == {"infer", "step_cross_entropy", "step_mse"}  # (too small to split)
     assert [r["op"] for r in regions if r["phase"] == "loss"] == ["cross_entropy", "mse"]
 
 
@@ -78,3 +78,14 @@ def test_a_batchnorm_phase_boundary_reopens_the_same_region():
         body = text[text.index(line):]
         body = body[:body.index("\n}")]
         assert "llvm.readcyclecounter" in body
+
+
+def test_one_image_on_two_threads_counts_each_layer_and_the_waits():
+    """A network large enough for ``infer_split`` (cnnc.codegen.split): its layers are regions of that entry too,
+    and the barriers where its threads meet are a region of their own."""
+    g = optimized("cifar_small")
+    _, facts = build_module(g, 8, profile=True)
+    split = [(r["phase"], r["layer"]) for r in facts["profile"] if r["entry"] == "infer_split"]
+    whole = [(r["phase"], r["layer"]) for r in facts["profile"] if r["entry"] == "infer"]
+    assert [k for k in split if k[0] != "wait"] == whole
+    assert ("wait", "barriers") in split
