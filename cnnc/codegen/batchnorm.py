@@ -5,11 +5,12 @@ adds the float64 partial sums of each shard in a fixed order, see
 ``cnnc_runtime.batchnorm``), so the kernels split at the reduction:
 
 - ``stats``: a shard's per-channel sum and sum of squared deviations from
-  the shard's own mean (two passes: Chan's combination is then exact and
-  safe from cancellation);
+  the shard's own mean (each plane's from its own mean, combined by Chan's
+  update: safe from cancellation, and one pass over the shard);
 - ``apply``: y = x * scale + shift per channel (training, and inference when
   the batchnorm follows no conv or dense), with a fused activation;
-- ``grad_sums``: a shard's per-channel sum(dy) and sum(dy * (x - mean));
+- ``grad_sums``: a shard's per-channel sum(dy) and sum(dy * (x - mean)), in one pass, after taking dy
+  through a fused activation (in place);
 - ``backward``: dx (+)= k * dy + cx * x + cc per channel (the full gradient
   through the batch statistics, its coefficients from the reduced sums);
 - ``fold``: a batchnorm folded into the weight and bias of the conv or dense before it.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import llvmlite.ir as ir
 
 from cnnc.codegen import emit
-from cnnc.codegen.elementwise import image_base, put, reduce_run, stride_or, strips
+from cnnc.codegen.elementwise import entry_alloca, image_base, put, reduce_run, stride_or, strips
 from cnnc.codegen.emit import F32, for_range, i64
 from cnnc.codegen.specs import BatchNormSpec, FoldSpec
 from cnnc.ops import activations
@@ -48,35 +49,51 @@ def _add_double(b: ir.IRBuilder, partial: ir.Value, index: ir.Value, value: ir.V
 
 
 def _planes(b: ir.IRBuilder, a: dict, spec: BatchNormSpec, names: dict[str, int], body) -> None:
-    """``body(c, {name: plane base})`` for every image of [n0, n1) and channel c, images outermost (streaming)."""
+    """``body(c, {name: plane base}, n)`` for every image n of [n0, n1) and channel c, images outermost
+    (streaming)."""
     with for_range(b, a["n0"], a["n1"], name="n") as n:
         bases = {k: image_base(b, a[k], n, stride, f"{k}b") for k, stride in names.items()}
         with for_range(b, 0, spec.c, name="c") as c:
             at = b.mul(c, i64(spec.hw))
-            body(c, {k: emit.gep(b, v, at) for k, v in bases.items()})
+            body(c, {k: emit.gep(b, v, at) for k, v in bases.items()}, n)
 
 
 def emit_bn_stats(module: ir.Module, name: str, spec: BatchNormSpec, vw: int) -> ir.Function:
     """``(x, partial, n0, n1)``: partial[c] = sum of channel c over images [n0, n1) and positions,
-    partial[C + c] = sum of (x - shard mean)^2; float64."""
+    partial[C + c] = sum of (x - shard mean)^2; float64.
+
+    One pass over the shard: each plane's sum, then (from the L1 cache) its squared deviations from its
+    own mean, combined into the channel's running sums by Chan's update in float64.
+    """
     fn, b, a = emit.kernel(module, name, ["x", "partial", "n0", "n1"])
     c, hw = spec.c, spec.hw
     x_stride = stride_or(spec.x_stride, c * hw)
     _zero(b, a["partial"], 2 * c)
-    total = lambda p: reduce_run(b, hw, vw, lambda i, w: emit.load(b, p["x"], i, w), lambda s, v: b.fadd(s, v), 0.0)
-    _planes(b, a, spec, {"x": x_stride}, lambda ch, p: _add_double(b, a["partial"], ch, total(p)))
-    count = b.sitofp(b.mul(b.sub(a["n1"], a["n0"]), i64(hw)), F64)
+    fadd = lambda s, v: b.fadd(s, v)  # noqa: E731
+    size = ir.Constant(F64, float(hw))
 
-    def squares(ch: ir.Value, p: dict) -> None:
-        mean = b.fptrunc(b.fdiv(b.load(_dslot(b, a["partial"], ch), typ=F64, align=8), count), F32)
+    def plane(ch: ir.Value, p: dict, n: ir.Value) -> None:
+        total = reduce_run(b, hw, vw, lambda i, w: emit.load(b, p["x"], i, w), fadd, 0.0)
+        mean32 = b.fdiv(total, emit.f32(float(hw)))
 
         def term(i: ir.Value, w: int) -> ir.Value:
-            d = b.fsub(emit.load(b, p["x"], i, w), emit.splat(b, mean, w))
+            d = b.fsub(emit.load(b, p["x"], i, w), emit.splat(b, mean32, w))
             return b.fmul(d, d)
 
-        _add_double(b, a["partial"], b.add(ch, i64(c)), reduce_run(b, hw, vw, term, lambda s, v: b.fadd(s, v), 0.0))
+        m2 = b.fpext(reduce_run(b, hw, vw, term, fadd, 0.0), F64)
+        total = b.fpext(total, F64)
+        # Chan et al.: (count, sum, m2) of the planes so far and this plane's (hw, total, m2)
+        count = b.sitofp(b.mul(b.sub(n, a["n0"]), i64(hw)), F64)
+        sum_slot, m2_slot = _dslot(b, a["partial"], ch), _dslot(b, a["partial"], b.add(ch, i64(c)))
+        before = b.load(sum_slot, typ=F64, align=8)
+        seen = b.select(b.fcmp_ordered(">", count, ir.Constant(F64, 0.0)), count, ir.Constant(F64, 1.0))
+        delta = b.fsub(b.fdiv(total, size), b.fdiv(before, seen))
+        weight = b.fdiv(b.fmul(count, size), b.fadd(count, size))
+        grown = b.fadd(b.load(m2_slot, typ=F64, align=8), b.fadd(m2, b.fmul(b.fmul(delta, delta), weight)))
+        b.store(grown, m2_slot, align=8)
+        b.store(b.fadd(before, total), sum_slot, align=8)
 
-    _planes(b, a, spec, {"x": x_stride}, squares)
+    _planes(b, a, spec, {"x": x_stride}, plane)
     b.ret_void()
     return fn
 
@@ -87,7 +104,7 @@ def emit_bn_apply(module: ir.Module, name: str, spec: BatchNormSpec, vw: int) ->
     c, hw = spec.c, spec.hw
     strides = {"x": stride_or(spec.x_stride, c * hw), "y": stride_or(spec.y_stride, c * hw)}
 
-    def plane(ch: ir.Value, p: dict) -> None:
+    def plane(ch: ir.Value, p: dict, _: ir.Value) -> None:
         s, t = emit.load(b, a["scale"], ch), emit.load(b, a["shift"], ch)
 
         def body(i: ir.Value, w: int) -> None:
@@ -102,25 +119,57 @@ def emit_bn_apply(module: ir.Module, name: str, spec: BatchNormSpec, vw: int) ->
 
 
 def emit_bn_grad_sums(module: ir.Module, name: str, spec: BatchNormSpec, vw: int) -> ir.Function:
-    """``(x, dy, mean, partial, n0, n1)``: partial[c] = sum(dy), partial[C + c] = sum(dy * (x - mean[c])); float64."""
-    fn, b, a = emit.kernel(module, name, ["x", "dy", "mean", "partial", "n0", "n1"])
+    """``(x, dy, mean, partial, saved, n0, n1)``: partial[c] = sum(dy), partial[C + c] = sum(dy * (x - mean[c]));
+    float64. With a fused activation, dy is first taken through it in place (dy = dy * act'(saved), `saved`
+    the activation's output, or its input when its gradient reads that, at ``v_stride``)."""
+    fn, b, a = emit.kernel(module, name, ["x", "dy", "mean", "partial", "saved", "n0", "n1"])
     c, hw = spec.c, spec.hw
     strides = {"x": stride_or(spec.x_stride, c * hw), "dy": stride_or(spec.y_stride, c * hw)}
+    if spec.act != "none":
+        strides["saved"] = stride_or(spec.v_stride or spec.y_stride, c * hw)
     _zero(b, a["partial"], 2 * c)
-    fadd = lambda s, v: b.fadd(s, v)
 
-    def plane(ch: ir.Value, p: dict) -> None:
+    def plane(ch: ir.Value, p: dict, _: ir.Value) -> None:
         mean = emit.load(b, a["mean"], ch)
-        _add_double(b, a["partial"], ch, reduce_run(b, hw, vw, lambda i, w: emit.load(b, p["dy"], i, w), fadd, 0.0))
 
-        def term(i: ir.Value, w: int) -> ir.Value:
-            return b.fmul(emit.load(b, p["dy"], i, w), b.fsub(emit.load(b, p["x"], i, w), emit.splat(b, mean, w)))
+        def terms(i: ir.Value, w: int) -> tuple[ir.Value, ir.Value]:
+            dy = emit.load(b, p["dy"], i, w)
+            if spec.act != "none":
+                dy = activations.emit_grad(b, emit.load(b, p["saved"], i, w), dy, spec.act, spec.act_args)
+                emit.store(b, dy, p["dy"], i)
+            return dy, b.fmul(dy, b.fsub(emit.load(b, p["x"], i, w), emit.splat(b, mean, w)))
 
-        _add_double(b, a["partial"], b.add(ch, i64(c)), reduce_run(b, hw, vw, term, fadd, 0.0))
+        first, second = _two_sums(b, hw, vw, terms)
+        _add_double(b, a["partial"], ch, first)
+        _add_double(b, a["partial"], b.add(ch, i64(c)), second)
 
     _planes(b, a, spec, strides, plane)
     b.ret_void()
     return fn
+
+
+def _two_sums(b: ir.IRBuilder, count: int, vw: int, terms) -> tuple[ir.Value, ir.Value]:
+    """The sums of both of ``terms(offset, width)`` over a run of `count` floats, in one pass: vector partial
+    sums, one reduction across lanes each, then the scalar remainder."""
+    main = count - count % vw
+    totals = [emit.f32(0.0), emit.f32(0.0)]
+    if main:
+        slots = [entry_alloca(b, emit.vec_type(vw), name="sum2") for _ in totals]
+        for slot in slots:
+            b.store(emit.splat(b, 0.0, vw), slot)
+        with for_range(b, 0, main, vw, name="s2.v") as i:
+            for slot, value in zip(slots, terms(i, vw)):
+                b.store(b.fadd(b.load(slot), value), slot)
+        totals = [emit.hsum(b, b.load(slot)) for slot in slots]
+    if main < count:
+        slots = [entry_alloca(b, F32, name="sum2.s") for _ in totals]
+        for slot, total in zip(slots, totals):
+            b.store(total, slot)
+        with for_range(b, main, count, name="s2.s") as i:
+            for slot, value in zip(slots, terms(i, 1)):
+                b.store(b.fadd(b.load(slot), value), slot)
+        totals = [b.load(slot) for slot in slots]
+    return totals[0], totals[1]
 
 
 def emit_bn_backward(module: ir.Module, name: str, spec: BatchNormSpec, vw: int) -> ir.Function:
@@ -130,7 +179,7 @@ def emit_bn_backward(module: ir.Module, name: str, spec: BatchNormSpec, vw: int)
     strides = {"dy": stride_or(spec.y_stride, c * hw), "x": stride_or(spec.x_stride, c * hw),
                "dx": stride_or(spec.dx_stride, c * hw)}
 
-    def plane(ch: ir.Value, p: dict) -> None:
+    def plane(ch: ir.Value, p: dict, _: ir.Value) -> None:
         k, cx, cc = (emit.load(b, a[n], ch) for n in ("k", "cx", "cc"))
 
         def body(i: ir.Value, w: int) -> None:

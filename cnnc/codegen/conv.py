@@ -43,10 +43,10 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from cnnc.codegen import conv_direct, conv_rows, conv_winograd, emit
+from cnnc.codegen import conv_direct, conv_rows, conv_winograd, conv_winograd_grad, emit
 from cnnc.codegen.conv_direct import GradSpace, Plane
 from cnnc.codegen.emit import for_range, i64, kernel
-from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, vector_loop
+from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, transpose, vector_loop
 from cnnc.codegen.plan import aligned
 from cnnc.codegen.specs import ConvSpec
 from cnnc.ops import activations
@@ -195,6 +195,8 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     plane, back = g.forward_plane(vw), g.backward_plane(vw)
     weights = GradSpace(plane).floats
     wino = [conv_winograd.workspace_floats(q) for q in (plane, back) if _winograd(spec, q)]
+    if _winograd_grad(spec, plane):
+        wino.append(conv_winograd_grad.workspace_floats(plane))
     rows = [conv_rows.Rows(spec, vw).floats] if _rows_backward(spec, back) else []
     shifted = [_forward_plane(spec, plane).pad_floats]  # (product_shifted needs no out section)
     return max(plane.floats, back.floats, weights, *wino, *rows, *shifted)
@@ -206,6 +208,11 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
 def _winograd(spec: ConvSpec, p: Plane) -> bool:
     """Whether the convolution on the padded plane `p` (forward or input gradient) runs by Winograd."""
     return spec.winograd and conv_winograd.applies(p, spec.connect)
+
+
+def _winograd_grad(spec: ConvSpec, p: Plane) -> bool:
+    """Whether the weight gradient on the padded forward plane `p` runs by Winograd."""
+    return spec.winograd and conv_winograd_grad.applies(p, spec.connect)
 
 
 def _rows_backward(spec: ConvSpec, p: Plane) -> bool:
@@ -336,14 +343,19 @@ def _im2col(b: ir.IRBuilder, g: _Geom, x: ir.Value, col: ir.Value, vw: int) -> N
                     def copy(b: ir.IRBuilder, ox: ir.Value, width: int, dst=dst, src=src) -> None:
                         emit.store(b, emit.load(b, x, index(b, src, ox), width), col, index(b, dst, ox))
 
-                    def gather(b: ir.IRBuilder, ox: ir.Value, width: int, dst=dst, src=src) -> None:
-                        emit.store(b, emit.load(b, x, index(b, src, (ox, s.sw))), col, index(b, dst, ox))
+                    def gather(b: ir.IRBuilder, ox: ir.Value, width: int, shift: int = 0, dst=dst, src=src) -> None:
+                        at = index(b, src, (ox, s.sw))
+                        if width == 1:
+                            value = emit.load(b, x, at)
+                        else:  # shifted: the odd floats of the span from one float earlier
+                            value = emit.even_odd(b, x, b.sub(at, i64(shift)), width)[shift]
+                        emit.store(b, value, col, index(b, dst, ox))
 
                     conv_direct.zero(b, col, dst, b.add(dst, ox_lo), vw)
                     if s.sw == 1:
                         vector_loop(b, ox_lo, ox_hi, vw, copy, name="ox")
                     else:
-                        vector_loop(b, ox_lo, ox_hi, 1, gather, name="ox")
+                        _strided_loop(b, g, kx, ox_lo, ox_hi, vw, gather)
                     conv_direct.zero(b, col, b.add(dst, ox_hi), index(b, dst, s.ow), vw)
                 conv_direct.zero(b, col, index(b, row, (oy_hi, s.ow)), index(b, row, g.p), vw)
 
@@ -380,6 +392,33 @@ def _column_matrix(b: ir.IRBuilder, g: _Geom, x_img: ir.Value, ws: ir.Value, vw:
     return ws
 
 
+def _strided_loop(b: ir.IRBuilder, g: _Geom, kx: ir.Value, lo: ir.Value, hi: ir.Value, vw: int, body) -> None:
+    """``body(b, ox, width, shift)`` over the outputs [lo, hi) of one row of kernel column `kx`, in vectors
+    where the stride is 2, one at a time otherwise.
+
+    A vector of outputs spans 2 * width input floats: from its first tap (shift 0) while the float after its
+    last tap still lies in the row, then from the float before its first tap (shift 1) while that one does.
+    """
+    s = g.spec
+    if s.sw != 2 or s.ow < vw:  # (a row shorter than a vector: the loop of one float at a time alone is faster)
+        vector_loop(b, lo, hi, 1, body, name="ox")
+        return
+    tap = _tap(b, kx, s.dw)
+    # input column of output ox: 2 * ox - pl + tap; unshifted vectors need 2 * ox - pl + tap + 1 <= w - 1
+    room = b.sub(i64(s.w - 2 + s.pl), tap)
+    last = b.select(b.icmp_signed("<", room, i64(0)), i64(-1), b.sdiv(room, i64(2)))
+    fits = b.sub(_smax(b, _smin(b, b.add(last, i64(1)), hi), lo), lo)
+    mid = b.add(lo, b.sub(fits, b.srem(fits, i64(vw))), name="ox.mid")  # after the whole unshifted vectors
+    with for_range(b, lo, mid, vw, name="ox") as ox:
+        body(b, ox, vw, 0)
+    first = b.add(b.sub(b.mul(mid, i64(2)), i64(s.pl + 1)), tap)  # the float before mid's first tap
+    with b.if_else(b.icmp_signed(">=", first, i64(0))) as (shifted, single):
+        with shifted:
+            vector_loop(b, mid, hi, vw, lambda b, ox, width: body(b, ox, width, 1), name="ox.shift")
+        with single:
+            vector_loop(b, mid, hi, 1, body, name="ox.rest")
+
+
 def _paired_pad(b: ir.IRBuilder, g: _Geom, ws: ir.Value, vw: int) -> ir.Value:
     """Where `_im2col_pairs`' padded image lives: after the rest of the im2col workspace."""
     return emit.gep(b, ws, g.col_floats + g.table_floats + g.dyt_floats(), name="paired")
@@ -405,19 +444,24 @@ def _col2im(b: ir.IRBuilder, g: _Geom, col: ir.Value, dx: ir.Value, vw: int) -> 
                     dst = index(b, (ci, s.h * s.w), (oy, s.sh * s.w), (ky, s.dh * s.w), (kx, s.dw),
                                 -s.pt * s.w - s.pl)
 
-                    def add(b: ir.IRBuilder, ox: ir.Value, width: int, dst=dst, src=src) -> None:
+                    def add(b: ir.IRBuilder, ox: ir.Value, width: int, shift: int = 0, dst=dst, src=src) -> None:
                         at = index(b, dst, (ox, s.sw))
-                        value = b.fadd(emit.load(b, dx, at, width), emit.load(b, col, index(b, src, ox), width))
-                        emit.store(b, value, dx, at)
+                        value = emit.load(b, col, index(b, src, ox), width)
+                        if s.sw == 1 or width == 1:
+                            emit.store(b, b.fadd(emit.load(b, dx, at, width), value), dx, at)
+                            return
+                        # stride 2: the values go to every other float of 2 * width (the odd ones of the span
+                        # from one float earlier when shifted); the others get + 0
+                        zero = emit.splat(b, 0.0, width)
+                        pair = (zero, value) if shift else (value, zero)
+                        for half, part in enumerate(emit.interleave(b, *pair, width)):
+                            there = b.add(at, i64(half * width - shift))
+                            emit.store(b, b.fadd(emit.load(b, dx, there, width), part), dx, there)
 
-                    vector_loop(b, ox_lo, ox_hi, vw if s.sw == 1 else 1, add, name="ox")
-
-
-def _transpose(b: ir.IRBuilder, src: ir.Value, rows: int, cols: int, dst: ir.Value) -> None:
-    """dst[c, r] = src[r, c] for a rows x cols matrix (dst is cols x rows)."""
-    with for_range(b, 0, cols, name="tc") as c:
-        with for_range(b, 0, rows, name="tr") as r:
-            emit.store(b, emit.load(b, src, index(b, (r, cols), c)), dst, index(b, (c, rows), r))
+                    if s.sw == 1:
+                        vector_loop(b, ox_lo, ox_hi, vw, add, name="ox")
+                    else:
+                        _strided_loop(b, g, kx, ox_lo, ox_hi, vw, add)
 
 
 def _row_sum(b: ir.IRBuilder, base: ir.Value, start: ir.Value, length: int, vw: int) -> ir.Value:
@@ -504,12 +548,24 @@ def _padded_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _
     """dW from the padded image: vectorised over output channels, or over positions when there are few."""
     spec = g.spec
     p = g.forward_plane(vw)
+    top, left, _, _ = g.pads
+    if _winograd_grad(spec, p):
+        def fill(b: ir.IRBuilder, n: ir.Value, pad: ir.Value, dyt: ir.Value) -> None:
+            x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
+            conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad)
+            transpose(b, emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img"), spec.o, g.p, dyt, vw)
+
+        def bias(b: ir.IRBuilder, n: ir.Value) -> None:
+            _bias_grad(b, g, emit.gep(b, args["dy"], index(b, (n, g.y_stride))), args["db"], vw)
+
+        conv_winograd_grad.weight_gradient(b, p, args["ws"], (args["n0"], args["n1"]), fill, bias, args["dw"])
+        b.ret_void()
+        return
     form = GradSpace(p)
     over_channels = form.over_channels  # else over positions (LeNet's C1, with 6 output channels)
     pad, dy_ws, sums = form.sections(b, args["ws"])
     # pad borders, the unused rows or columns of the dy copy, and the sums: zeroed once per call
     conv_direct.zero(b, args["ws"], 0, form.floats, vw)
-    top, left, _, _ = g.pads
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
         dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
@@ -649,7 +705,7 @@ def emit_conv_backward_weights(module: ir.Module, name: str, spec: ConvSpec, vw:
             dw_g = emit.gep(b, grad, index(b, (first_out, g.k)), name="dw.g")
             if g.transposed_dw(vw):
                 dyt = emit.gep(b, ws, g.col_floats + g.table_floats, name="dyt")
-                _transpose(b, dy_g.base, g.og, g.p, dyt)
+                transpose(b, dy_g.base, g.og, g.p, dyt, vw)
 
                 def add_t(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int,
                           dw_g=dw_g) -> None:

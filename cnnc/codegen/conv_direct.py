@@ -44,8 +44,8 @@ import llvmlite.ir as ir
 
 from cnnc.codegen import emit
 from cnnc.codegen.emit import for_range
-from cnnc.codegen.gemm import Index, column_pieces, index, local, vector_loop
-from cnnc.codegen.plan import ALIGN, aligned
+from cnnc.codegen.gemm import Index, column_pieces, index, local, transpose, vector_loop
+from cnnc.codegen.plan import aligned
 
 
 @dataclass(frozen=True)
@@ -400,18 +400,12 @@ class GradSpace:
 
 
 def transpose_dy(b: ir.IRBuilder, p: Plane, dy: ir.Value, dyt: ir.Value) -> None:
-    """dyt[oy * wp + ox, r] = dy[r, oy, ox] for the valid outputs (weight_product reads no other rows).
-
-    Sixteen channels at a time: their planes' current cache lines stay in L1
-    (all of them at once conflict when a plane is a multiple of 1 KiB).
-    """
-    for r0 in range(0, p.m, ALIGN):
-        with for_range(b, 0, p.oh, name="ty") as oy:
-            with for_range(b, 0, p.ow, name="tx") as ox:
-                src = index(b, (oy, p.ow), ox)
-                dst = index(b, (oy, p.wp * p.m), (ox, p.m))
-                for r in range(r0, min(p.m, r0 + ALIGN)):
-                    emit.store(b, emit.load(b, dy, index(b, src, r * p.oh * p.ow)), dyt, index(b, dst, r))
+    """dyt[oy * wp + ox, r] = dy[r, oy, ox] for the valid outputs (weight_product reads no other rows): each
+    output row's m x ow block transposed through registers (``gemm.transpose``)."""
+    with for_range(b, 0, p.oh, name="ty") as oy:
+        src = emit.gep(b, dy, index(b, (oy, p.ow)))
+        dst = emit.gep(b, dyt, index(b, (oy, p.wp * p.m)))
+        transpose(b, src, p.m, p.ow, dst, p.vw, src_rs=p.oh * p.ow, dst_rs=p.m)
 
 
 def weight_product(b: ir.IRBuilder, p: Plane, pad: ir.Value, dyt: ir.Value, dwt: ir.Value) -> None:

@@ -30,7 +30,7 @@ from cnnc.codegen import emit
 from cnnc.codegen.conv_direct import Finish, Plane
 from cnnc.codegen.emit import for_range, i64
 from cnnc.codegen.gemm import Mat, gemm_nn, index, vector_loop
-from cnnc.codegen.plan import aligned
+from cnnc.codegen.plan import ALIGN, aligned
 
 MIN_CHANNELS = 16  # below this the products are too small to beat the direct convolution (CIFAR's first layer)
 BLOCK_TILES = 64  # tiles per block: V and M of a 64-channel layer are 256 KiB each (32 and 128: slower)
@@ -38,10 +38,10 @@ BLOCK_TILES = 64  # tiles per block: V and M of a 64-channel layer are 256 KiB e
 
 def applies(p: Plane, table: object) -> bool:
     """Whether `p` (a valid convolution on the padded plane) runs here: 3x3, even output sizes, enough channels
-    and tiles (the products' columns: fewer than four vectors of them and the direct convolution is as fast),
+    and tiles (the products' columns: with less than a vector of them the direct convolution is as fast),
     and rows of at least four tiles (the transforms' vectors)."""
     return ((p.kh, p.kw) == (3, 3) and p.oh % 2 == 0 and p.ow % 2 == 0 and table is None
-            and min(p.c, p.m) >= MIN_CHANNELS and (p.oh // 2) * (p.ow // 2) >= 4 * p.vw and p.ow >= 8)
+            and min(p.c, p.m) >= MIN_CHANNELS and (p.oh // 2) * (p.ow // 2) >= p.vw and p.ow >= 8)
 
 
 @dataclass(frozen=True)
@@ -68,16 +68,22 @@ class Blocks:
         return self.rows * self.tw
 
     @property
+    def cols(self) -> int:
+        """The length of a row of V and M: the tiles and a cache line, so that the 16 streams the transforms
+        write or read are not all 4 KiB apart (which would put them in one set of the L1 cache)."""
+        return aligned(self.tiles) + ALIGN
+
+    @property
     def u_floats(self) -> int:
         return aligned(16 * self.p.m * self.p.c)
 
     @property
     def v_floats(self) -> int:
-        return aligned(16 * self.p.c * self.tiles)
+        return 16 * self.p.c * self.cols
 
     @property
     def m_floats(self) -> int:
-        return aligned(16 * self.p.m * self.tiles)
+        return 16 * self.p.m * self.cols
 
     @property
     def floats(self) -> int:
@@ -135,6 +141,31 @@ def _at(b: ir.IRBuilder, m: list[ir.Value]) -> list[ir.Value]:
     return [b.fadd(b.fadd(m[0], m[1]), m[2]), b.fsub(b.fsub(m[1], m[2]), m[3])]
 
 
+def transform_input(b: ir.IRBuilder, p: Plane, pad: ir.Value, ty0: ir.Value, rows: int, v: ir.Value, cols: int,
+                    col0: ir.Value | int) -> None:
+    """V[xi, ci, col0 + r * tw + tx] = (B^T d B)[xi] for the 4x4 patch d of tile (ty0 + r, tx) of the padded plane,
+    for the `rows` tile rows from `ty0`; V's rows are `cols` long (a block's tiles)."""
+    tw = p.ow // 2
+    with for_range(b, 0, p.c, name="vc") as ci:
+        with for_range(b, 0, rows, name="vr") as r:
+            top = index(b, (ci, p.hp * p.wp), (b.add(ty0, r), 2 * p.wp))  # the patch's first row in the plane
+            first = index(b, (ci, cols), (r, tw), col0)
+
+            def patch(b: ir.IRBuilder, tx: ir.Value, width: int, top=top, first=first) -> None:
+                d = []
+                for i in range(4):
+                    at = index(b, top, i * p.wp, (tx, 2))
+                    c0, c1 = emit.even_odd(b, pad, at, width)
+                    c2, c3 = emit.even_odd(b, pad, b.add(at, i64(2)), width)
+                    d.append(_bt(b, [c0, c1, c2, c3]))
+                for j in range(4):
+                    col = _bt(b, [d[0][j], d[1][j], d[2][j], d[3][j]])
+                    for i in range(4):
+                        emit.store(b, col[i], v, index(b, (4 * i + j) * p.c * cols, first, tx))
+
+            vector_loop(b, 0, tw, p.vw, patch, name="vx")
+
+
 def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, u: ir.Value, ws: ir.Value, finish: Finish) -> None:
     """Every output of the convolution of the padded plane `pad` with the transformed weights `u`, to `finish`.
 
@@ -157,27 +188,11 @@ def _block(b: ir.IRBuilder, p: Plane, blk: Blocks, pad: ir.Value, u: ir.Value, w
     """The `rows` tile rows from `ty0`: input transform, the 16 products, output transform."""
     v = ws
     m = emit.gep(b, ws, blk.v_floats, name="wino.m")
-    tw, t = blk.tw, blk.tiles
-    # input transform: V[xi, ci, tile]
-    with for_range(b, 0, p.c, name="vc") as ci:
-        with for_range(b, 0, rows, name="vr") as r:
-            top = index(b, (ci, p.hp * p.wp), (b.add(ty0, r), 2 * p.wp))  # the patch's first row in the plane
-            first = index(b, (ci, t), (r, tw))
-
-            def patch(b: ir.IRBuilder, tx: ir.Value, width: int, top=top, first=first) -> None:
-                d = []
-                for i in range(4):
-                    at = index(b, top, i * p.wp, (tx, 2))
-                    c0, c1 = emit.even_odd(b, pad, at, width)
-                    c2, c3 = emit.even_odd(b, pad, b.add(at, i64(2)), width)
-                    d.append(_bt(b, [c0, c1, c2, c3]))
-                for j in range(4):
-                    col = _bt(b, [d[0][j], d[1][j], d[2][j], d[3][j]])
-                    for i in range(4):
-                        emit.store(b, col[i], v, index(b, (4 * i + j) * p.c * t, first, tx))
-
-            vector_loop(b, 0, tw, p.vw, patch, name="vx")
-    # the 16 products M_xi = U_xi @ V_xi
+    tw, t = blk.tw, blk.cols
+    transform_input(b, p, pad, ty0, rows, v, t, 0)
+    # the 16 products M_xi = U_xi @ V_xi: tiles of 4 rows by up to 4 vectors of tiles (2 on narrower
+    # targets: 16 registers), or 8 rows by one vector where a block has fewer (an 8x8 map's 16 tiles)
+    vectors = max(1, min(4 if p.vw >= 16 else 2, rows * tw // p.vw))
     with for_range(b, 0, 16, name="xi") as xi:
         u_xi = Mat(emit.gep(b, u, index(b, (xi, p.m * p.c))), rs=p.c)
         v_xi = Mat(emit.gep(b, v, index(b, (xi, p.c * t))), rs=t)
@@ -186,7 +201,7 @@ def _block(b: ir.IRBuilder, p: Plane, blk: Blocks, pad: ir.Value, u: ir.Value, w
         def keep(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int, m_xi=m_xi) -> None:
             emit.store(b, value, m_xi, index(b, (r, t), j))
 
-        gemm_nn(b, p.m, rows * tw, p.c, u_xi, v_xi, keep, p.vw, mr=4, nrv=4 if p.vw >= 16 else 2)
+        gemm_nn(b, p.m, rows * tw, p.c, u_xi, v_xi, keep, p.vw, mr=8 if vectors == 1 else 4, nrv=vectors)
     # output transform: each 2x2 block of outputs
     with for_range(b, 0, p.m, name="yo") as oi:
         with for_range(b, 0, rows, name="yr") as r:

@@ -1,4 +1,4 @@
-"""Elementwise kernels: activations, softmax, dropout and strided copies (add, concat, their gradients).
+"""Elementwise kernels: activations, softmax, dropout, strided copies (add, concat, their gradients), sums.
 
 Also the loop shapes that pool.py and loss.py share with these kernels:
 
@@ -19,7 +19,7 @@ import llvmlite.ir as ir
 
 from cnnc.codegen import emit
 from cnnc.codegen.emit import I64, for_range, i64
-from cnnc.codegen.specs import CopySpec, DropoutSpec, ElementwiseSpec, NoiseSpec, SoftmaxSpec
+from cnnc.codegen.specs import CopySpec, DropoutSpec, ElementwiseSpec, FanOutSpec, NoiseSpec, SoftmaxSpec, SumSpec
 from cnnc.ops import activations
 
 # ---------------------------------------------------------------------------
@@ -404,7 +404,7 @@ def emit_gaussian_noise(module: ir.Module, name: str, spec: NoiseSpec, vw: int) 
 
 
 # ---------------------------------------------------------------------------
-# Copy (add, concat)
+# Copy (add, concat), sum and fan-out (add of two tensors, its gradient)
 # ---------------------------------------------------------------------------
 
 
@@ -420,3 +420,32 @@ def emit_copy(module: ir.Module, name: str, spec: CopySpec, vw: int) -> ir.Funct
     b.ret_void()
     return fn
 
+
+
+def emit_sum(module: ir.Module, name: str, spec: SumSpec, vw: int) -> ir.Function:
+    """``(a, b, y, n0, n1)``: y = a + b over `count` floats per image."""
+    fn, bld, args = emit.kernel(module, name, ["a", "b", "y", "n0", "n1"])
+    with for_range(bld, args["n0"], args["n1"], name="n") as n:
+        a, b, y = (image_base(bld, args[k], n, stride, k) for k, stride in
+                   (("a", spec.a_stride), ("b", spec.b_stride), ("y", spec.y_stride)))
+        strips(bld, spec.count, vw, lambda i, w: emit.store(
+            bld, bld.fadd(emit.load(bld, a, i, w), emit.load(bld, b, i, w)), y, i))
+    bld.ret_void()
+    return fn
+
+
+def emit_fan_out(module: ir.Module, name: str, spec: FanOutSpec, vw: int) -> ir.Function:
+    """``(dy, a, b, n0, n1)``: a (+)= dy and b (+)= dy over `count` floats per image (each by its flag)."""
+    fn, bld, args = emit.kernel(module, name, ["dy", "a", "b", "n0", "n1"])
+    with for_range(bld, args["n0"], args["n1"], name="n") as n:
+        dy, a, b = (image_base(bld, args[k], n, stride, k) for k, stride in
+                    (("dy", spec.dy_stride), ("a", spec.a_stride), ("b", spec.b_stride)))
+
+        def body(i: ir.Value, w: int) -> None:
+            value = emit.load(bld, dy, i, w)
+            put(bld, value, a, i, spec.accumulate_a)
+            put(bld, value, b, i, spec.accumulate_b)
+
+        strips(bld, spec.count, vw, body)
+    bld.ret_void()
+    return fn

@@ -219,3 +219,37 @@ def vector_loop(
     with for_range(b, mid, hi_v, 1, name=f"{name}.tail") as t:
         body(b, t, 1)
 
+
+
+def transpose(b: ir.IRBuilder, src: ir.Value, rows: int, cols: int, dst: ir.Value, vw: int,
+              src_rs: int | None = None, dst_rs: int | None = None) -> None:
+    """``dst[j * dst_rs + i] = src[i * src_rs + j]`` for i < rows, j < cols (row strides default to cols, rows).
+
+    Square blocks of a vector's width go through registers: `w` row loads, ``log2(w)`` rounds of `w`
+    interleaving shuffles (round after round, rows i and i + w/2 interleaved into rows 2i and 2i + 1 give
+    the transpose), `w` column stores; the ragged edges are copied one float at a time.
+    """
+    src_rs, dst_rs = src_rs or cols, dst_rs or rows
+    w = vw
+    while w > 1 and w > min(rows, cols):
+        w //= 2
+    full_r, full_c = (rows - rows % w, cols - cols % w) if w > 1 else (0, 0)
+
+    def scalar(i_lo: int, i_hi: int, j_lo: int, j_hi: int) -> None:
+        if i_hi > i_lo and j_hi > j_lo:
+            with for_range(b, i_lo, i_hi, name="ti") as i:
+                with for_range(b, j_lo, j_hi, name="tj") as j:
+                    emit.store(b, emit.load(b, src, index(b, (i, src_rs), j)), dst, index(b, (j, dst_rs), i))
+
+    if full_r and full_c:
+        with for_range(b, 0, full_r, w, name="tbi") as i0:
+            with for_range(b, 0, full_c, w, name="tbj") as j0:
+                vecs = [emit.load(b, src, index(b, (i0, src_rs), r * src_rs, j0), w) for r in range(w)]
+                for _ in range(w.bit_length() - 1):
+                    half = w // 2
+                    pairs = [emit.interleave(b, vecs[i], vecs[i + half], w) for i in range(half)]
+                    vecs = [v for pair in pairs for v in pair]
+                for c, v in enumerate(vecs):
+                    emit.store(b, v, dst, index(b, (j0, dst_rs), c * dst_rs, i0))
+    scalar(0, rows, full_c, cols)
+    scalar(full_r, rows, 0, full_c)

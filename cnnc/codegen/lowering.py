@@ -23,8 +23,10 @@ from cnnc.codegen.elementwise import (
     emit_copy,
     emit_dropout_backward,
     emit_dropout_forward,
+    emit_fan_out,
     emit_softmax_backward,
     emit_softmax_forward,
+    emit_sum,
 )
 from cnnc.codegen.pool import emit_pool_backward, emit_pool_forward, takes_activation_grad
 from cnnc.codegen.specs import (
@@ -34,8 +36,10 @@ from cnnc.codegen.specs import (
     DenseSpec,
     DropoutSpec,
     ElementwiseSpec,
+    FanOutSpec,
     PoolSpec,
     SoftmaxSpec,
+    SumSpec,
 )
 from cnnc.ops import OPS
 from cnnc.ops.activations import act_args
@@ -183,9 +187,14 @@ def _copy(ctx, src, dst, count: int, src_offset: int = 0, dst_offset: int = 0, a
 
 
 def forward_add(ctx, name: str) -> None:
+    """The first two inputs summed in one pass, any others added on."""
     y = ctx.value(name)
-    for port, src in enumerate(ctx.node(name)["inputs"]):
-        _copy(ctx, ctx.value(src), y, y.size, accumulate=port > 0)
+    inputs = [ctx.value(src) for src in ctx.node(name)["inputs"]]
+    a, b = inputs[:2]
+    ctx.call(ctx.kernel(emit_sum, SumSpec(count=y.size, a_stride=a.stride, b_stride=b.stride, y_stride=y.stride)),
+             a, b, y)
+    for src in inputs[2:]:
+        _copy(ctx, src, y, y.size, accumulate=True)
 
 
 def _channel_offsets(ctx, name: str) -> list[int]:
@@ -234,13 +243,14 @@ def forward_batchnorm(ctx, name: str) -> None:
 
 
 def backward_batchnorm(ctx, name: str) -> None:
-    """The shard's sum(dy) and sum(dy (x - mean)), the reduction (which also gives the weight and bias
-    gradients), then dx through the batch statistics."""
+    """The shard's sum(dy) and sum(dy (x - mean)) (dy first taken through a fused activation, in place), the
+    reduction (which also gives the weight and bias gradients), then dx through the batch statistics."""
     src = ctx.node(name)["inputs"][0]
-    _fused_activation_grad(ctx, name)
     dy = ctx.grad(name)
-    ctx.call(ctx.kernel(emit_bn_grad_sums, batchnorm_spec(ctx, name, dy, fused=False)), ctx.value(src), dy,
-             ctx.bn_coef(name, "mean"), ctx.bn_partial(name))
+    saved = ctx.plan.pre.get(name) or ctx.value(name)  # what the fused activation's gradient reads
+    spec = dataclasses.replace(batchnorm_spec(ctx, name, dy), v_stride=saved.stride)
+    ctx.call(ctx.kernel(emit_bn_grad_sums, spec), ctx.value(src), dy, ctx.bn_coef(name, "mean"),
+             ctx.bn_partial(name), saved)
     ctx.sync("backward", name)
     if ctx.wants_grad(src):
         fn = ctx.kernel(emit_bn_backward, batchnorm_spec(ctx, name, dy, ctx.accumulate(src), fused=False))
@@ -338,10 +348,17 @@ def backward_dropout(ctx, name: str) -> None:
 
 
 def backward_add(ctx, name: str) -> None:
+    """dy into each input's gradient: two inputs of distinct tensors in one pass over dy."""
     dy = ctx.grad(name)
-    for src in ctx.node(name)["inputs"]:
-        if ctx.wants_grad(src):
-            _copy(ctx, dy, ctx.grad(src), dy.size, accumulate=ctx.accumulate(src))
+    wanting = [src for src in ctx.node(name)["inputs"] if ctx.wants_grad(src)]
+    if len(wanting) == 2 and ctx.plan.root[wanting[0]] != ctx.plan.root[wanting[1]]:
+        (a, b), (acc_a, acc_b) = (ctx.grad(s) for s in wanting), (ctx.accumulate(s) for s in wanting)
+        spec = FanOutSpec(count=dy.size, dy_stride=dy.stride, a_stride=a.stride, b_stride=b.stride,
+                          accumulate_a=acc_a, accumulate_b=acc_b)
+        ctx.call(ctx.kernel(emit_fan_out, spec), dy, a, b)
+        return
+    for src in wanting:
+        _copy(ctx, dy, ctx.grad(src), dy.size, accumulate=ctx.accumulate(src))
 
 
 def backward_concat(ctx, name: str) -> None:

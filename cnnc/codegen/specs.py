@@ -193,6 +193,29 @@ class CopySpec:
 
 
 @dataclass(frozen=True)
+class SumSpec:
+    """y[n, i] = a[n, i] + b[n, i] for i < count: an add of two tensors in one pass (not a copy and an add)."""
+
+    count: int
+    a_stride: int
+    b_stride: int
+    y_stride: int
+
+
+@dataclass(frozen=True)
+class FanOutSpec:
+    """a[n, i] (+)= dy[n, i] and b[n, i] (+)= dy[n, i] for i < count: an add's gradient into two inputs,
+    reading dy once. a and b must not overlap."""
+
+    count: int
+    dy_stride: int
+    a_stride: int
+    b_stride: int
+    accumulate_a: bool = False
+    accumulate_b: bool = False
+
+
+@dataclass(frozen=True)
 class LossSpec:
     """A loss over ``k`` outputs per image: ``cross_entropy`` (integer labels) or ``mse`` (float targets)."""
 
@@ -208,8 +231,9 @@ class BatchNormSpec:
 
     ``x_stride`` is the normalized input's per-image stride, ``y_stride`` the
     output's (and its gradient's), ``dx_stride`` the input gradient's. ``act``:
-    an activation fused after the per-channel affine map (forward only; its
-    gradient runs as the fused conv's does). Partial sums are float64.
+    an activation fused after the per-channel affine map (its gradient taken
+    in ``grad_sums``, from the tensor it saves, at ``v_stride``; 0: y_stride).
+    Partial sums are float64.
     """
 
     c: int
@@ -220,6 +244,7 @@ class BatchNormSpec:
     act: str = "none"
     act_args: tuple[tuple[str, float], ...] = ()
     accumulate: bool = False
+    v_stride: int = 0
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,12 @@ from tests.codegen.buffers import (
     N1,
     N,
     act_args_of,
+    act_grad_ref,
     act_ref,
     arena,
     assert_untouched,
     garbage,
+    grad_reads_input,
     numeric_grad,
     slots,
     written,
@@ -70,15 +72,28 @@ def test_apply_is_a_per_channel_affine_map_then_the_activation(jit, c, hw, act):
 
 
 @pytest.mark.parametrize("c,hw", SHAPES)
-def test_grad_sums_are_sum_dy_and_sum_dy_times_centred_x(jit, c, hw):
-    spec = BatchNormSpec(c=c, hw=hw, x_stride=_stride(c, hw), y_stride=_stride(c, hw))
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+def test_grad_sums_are_sum_dy_and_sum_dy_times_centred_x(jit, c, hw, act):
+    """After taking dy through a fused activation in place: from its output (relu) or input (gelu), which
+    lives at a stride of its own."""
+    saved_stride = _stride(c, hw) + 5
+    spec = BatchNormSpec(c=c, hw=hw, x_stride=_stride(c, hw), y_stride=_stride(c, hw), act=act,
+                         act_args=act_args_of(act), v_stride=saved_stride)
     emit_bn_grad_sums(jit.module, "sums", spec, jit.vw)
     rng = np.random.default_rng(3)
     x, dy = arena(rng, spec.x_stride, c * hw), arena(rng, spec.y_stride, c * hw)
+    z = arena(rng, saved_stride, c * hw)  # the activation's input; saved: what its gradient reads
+    saved = z if grad_reads_input(act) else act_ref(z, act).astype(np.float32)
     mean = rng.standard_normal(c).astype(np.float32)
     partial = np.full(2 * c, 5.0)
-    jit("sums", x, dy, mean, partial, N0, N1)
-    v, d = _images(x, c, hw), _images(dy, c, hw)
+    before = dy.copy()
+    jit("sums", x, dy, mean, partial, saved if act != "none" else None, N0, N1)
+    v, d = _images(x, c, hw), _images(before, c, hw)
+    if act != "none":
+        zs = slots(z, saved_stride, c * hw)[N0:N1].reshape(d.shape)
+        d = act_grad_ref(zs, act_ref(zs, act), d, act)
+        np.testing.assert_allclose(_images(dy, c, hw), d, rtol=1e-5, atol=1e-6)
+    assert_untouched(dy, before, written(dy, spec.y_stride, c * hw))
     np.testing.assert_allclose(partial[:c], d.sum(axis=(0, 2)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(partial[c:], (d * (v - mean[:, None])).sum(axis=(0, 2)), rtol=1e-5, atol=1e-5)
 
@@ -147,7 +162,7 @@ def test_shards_reduced_in_order_give_the_whole_batchs_forward_and_gradient(jit,
     for a, b in shards:
         jit("apply", x, coef["scale"], coef["shift"], y, a, b)
     for (a, b), p in zip(shards, st.partials):
-        jit("sums", x, dy, coef["mean"], p, a, b)
+        jit("sums", x, dy, coef["mean"], p, None, a, b)
     st.backward("bn", shards, params, grads)
     for a, b in shards:
         jit("backward", dy, x, coef["k"], coef["cx"], coef["cc"], dx, a, b)

@@ -95,9 +95,21 @@ CASES = {
     "winograd_valid_accumulate": make_spec(17, 18, 18, 16, 3, 3, accumulate=True),
     "winograd_blocks": make_spec(16, 10, 34, 16, 3, 3, pad=(1, 1, 1, 1), bias=False),  # 5 rows of 17 tiles
     "winograd_wide_rows": make_spec(16, 4, 160, 18, 3, 3, pad=(1, 1, 1, 1), gap=2, accumulate=True),  # 80 a row
+    # the weight gradient by Winograd takes blocks of whole images when an image has fewer tiles than a block:
+    # 12 tiles an image, 5 images a block (of which the batch range fills 2)
+    "winograd_images_per_block": make_spec(16, 6, 8, 17, 3, 3, pad=(1, 1, 1, 1), gap=3),
+    # stride 2 on rows of whole vectors of outputs: im2col and col2im take every other float by shuffles, up to
+    # the vector whose span would pass the row's end; plain, and dilated with padding
+    "stride2_wide_rows": make_spec(3, 6, 40, 4, 3, 3, stride=(2, 2), pad=(1, 1, 1, 1), gap=3, accumulate=True),
+    "stride2_dilated_wide": make_spec(2, 5, 37, 3, 3, 3, stride=(2, 2), pad=(2, 2, 2, 2), dh=2, dw=2, bias=False),
+    # ResNet's 32 -> 16 rows: the last kernel column's vectors start a float early (their last tap ends the row)
+    "stride2_shifted": make_spec(3, 4, 32, 2, 3, 3, stride=(2, 2), pad=(1, 1, 1, 1), gap=1, accumulate=True),
+    # 16 tiles an image: the products of the forward and input gradient take a vector of tiles at a time
+    "winograd_8x8": make_spec(16, 8, 8, 24, 3, 3, pad=(1, 1, 1, 1), gap=1, accumulate=True),
     # rows narrower than a vector, whole vectors of outputs: the forward on kw shifted copies (product_shifted)
     "shifted_6_wide": make_spec(9, 8, 6, 5, 3, 3, pad=(1, 1, 1, 1), gap=2),
-    "shifted_8x8": make_spec(16, 8, 8, 20, 3, 3, pad=(1, 1, 1, 1), accumulate=True),  # ResNet's stage 3
+    # ResNet's stage 3 shape (which runs by Winograd unless that is off)
+    "shifted_8x8": make_spec(16, 8, 8, 20, 3, 3, pad=(1, 1, 1, 1), accumulate=True, winograd=False),
     "shifted_5x5_valid": make_spec(8, 12, 10, 3, 5, 5, bias=False),  # more than 16 taps: a loop over rows
     "shifted_uneven_pad": make_spec(8, 8, 6, 4, 3, 3, pad=(2, 1, 0, 1), gap=1),
     # stride 2 across: im2col reads the even lanes of vector pairs from a padded copy (ResNet's down blocks)
@@ -302,19 +314,25 @@ def test_conv_forward_activations(jit, base: ConvSpec) -> None:
 
 def test_which_convolutions_run_by_winograd() -> None:
     from cnnc.codegen import conv_winograd
-    from cnnc.codegen.conv import _Geom
+    from cnnc.codegen.conv import _Geom, _winograd_grad
 
-    def runs(spec: ConvSpec) -> tuple[bool, bool]:
+    def runs(spec: ConvSpec) -> tuple[bool, bool, bool]:
+        """(forward, input gradient, weight gradient)"""
         g = _Geom(spec)
-        return tuple(g.padded and conv_winograd.applies(p, spec.connect)
-                     for p in (g.forward_plane(16), g.backward_plane(16)))
+        fwd, back = g.forward_plane(16), g.backward_plane(16)
+        return (g.padded and conv_winograd.applies(fwd, spec.connect),
+                g.padded and conv_winograd.applies(back, spec.connect),
+                g.padded and _winograd_grad(spec, fwd))
 
-    assert runs(CASES["winograd_same"]) == runs(CASES["winograd_valid_accumulate"]) == (True, True)
-    # CIFAR's first layer (3 input channels), LeNet's 5x5 and tabled convolutions, odd or small outputs: direct
-    assert runs(make_spec(3, 32, 32, 32, 3, 3, pad=(1, 1, 1, 1))) == (False, False)
+    assert runs(CASES["winograd_same"]) == runs(CASES["winograd_valid_accumulate"]) == (True, True, True)
+    # CIFAR's first layer (3 input channels), LeNet's 5x5 and tabled convolutions, odd outputs: direct
+    assert runs(make_spec(3, 32, 32, 32, 3, 3, pad=(1, 1, 1, 1))) == (False, False, False)
     assert not any(any(runs(CASES[n])) for n in ("lenet_c3", "3x3_same", "rows_32_wide_odd_height", "wide_out_19"))
-    assert runs(make_spec(32, 7, 32, 32, 3, 3, pad=(1, 1, 1, 1))) == (False, False)  # 7 output rows
-    assert runs(make_spec(64, 8, 8, 64, 3, 3, pad=(1, 1, 1, 1))) == (False, False)  # 16 tiles, a vector's worth
+    assert runs(make_spec(32, 7, 32, 32, 3, 3, pad=(1, 1, 1, 1))) == (False, False, False)  # 7 output rows
+    # 16 tiles an image, a vector's worth: enough, 12 are not (the weight gradient's blocks hold several images)
+    assert runs(make_spec(64, 8, 8, 64, 3, 3, pad=(1, 1, 1, 1))) == (True, True, True)
+    assert runs(CASES["winograd_images_per_block"]) == (False, False, True)
+    assert not runs(dataclasses.replace(CASES["winograd_same"], winograd=False))[2]
 
 
 def test_which_input_gradients_run_as_rows_of_dx() -> None:
@@ -342,6 +360,7 @@ def test_which_forward_convolutions_run_on_shifted_copies() -> None:
     assert not shifted(CASES["shifted_8x8"], 8)  # rows of whole vectors: product_rows
     # few channels (LeNet's, CIFAR's first layer), a table, Winograd, outputs not in whole vectors: not shifted
     assert not any(shifted(CASES[n]) for n in ("3x3_same", "lenet_c3", "connect", "winograd_same", "one_output"))
+    assert not shifted(dataclasses.replace(CASES["shifted_8x8"], winograd=True))  # 16 tiles: Winograd
 
 
 def test_which_convolutions_run_on_the_padded_image() -> None:
@@ -363,11 +382,15 @@ def test_workspace_sizes() -> None:
     s = CASES["connect_1x1"]
     assert conv_workspace_floats(s, 16) == s.o * s.c + dyt(s)
     # stride 1, many channels on a small map: the padded planes need more than im2col
-    s = make_spec(64, 4, 4, 64, 3, 3, pad=(1, 1, 1, 1))
+    s = make_spec(64, 4, 4, 64, 3, 3, pad=(1, 1, 1, 1), winograd=False)
     padded = 64 * 6 * 6 + 2 + (32 - 24)  # 64 planes of 6 x 6, then what the last taps read past them: 2320
     out = 64 * 32  # 4 rows of 6 columns rounded up to two vectors, for each output channel
     weights = 64 * 64 * 9  # the flipped copy for the input gradient (as large as the weight gradient's sums)
     assert conv_workspace_floats(s, 16) == 2320 + out + weights == -(-padded // 16) * 16 + out + weights
+    # by Winograd, the weight gradient needs the most: the plane, dy^T, then V and Y for a block of 16 images
+    # of 4 tiles (rows a cache line longer) and the transformed gradient dU, 16 of each
+    dyt, v, y, du = 16 * 64, 16 * 64 * (64 + 16), 16 * (64 * 64 + 16), 16 * 64 * 64
+    assert conv_workspace_floats(dataclasses.replace(s, winograd=True), 16) == 2320 + dyt + v + y + du
     with pytest.raises(ValueError):
         conv_workspace_floats(dataclasses.replace(CASES["connect_1x1"], groups=2, o=4), 16)
 

@@ -13,10 +13,12 @@ from cnnc.codegen.elementwise import (
     emit_copy,
     emit_dropout_backward,
     emit_dropout_forward,
+    emit_fan_out,
     emit_softmax_backward,
     emit_softmax_forward,
+    emit_sum,
 )
-from cnnc.codegen.specs import CopySpec, DropoutSpec, ElementwiseSpec, SoftmaxSpec
+from cnnc.codegen.specs import CopySpec, DropoutSpec, ElementwiseSpec, FanOutSpec, SoftmaxSpec, SumSpec
 from tests.codegen.buffers import (
     ACTS,
     N0,
@@ -338,6 +340,37 @@ def test_copy(jit, count, src_stride, dst_stride, src_offset, dst_offset, accumu
     if accumulate:
         want = want + slots(before, dst_stride, dst_offset + count)[N0:N1, dst_offset:]
     np.testing.assert_array_equal(slots(dst, dst_stride, dst_offset + count)[N0:N1, dst_offset:], want)
+
+
+# (count, three per-image strides): short and odd runs, whole vectors, each tensor with its own stride
+SUM_SHAPES = [(1, 1, 3, 2), (37, 37, 40, 45), (64, 64, 64, 64), (130, 131, 150, 130)]
+
+
+@pytest.mark.parametrize("count,a_stride,b_stride,y_stride", SUM_SHAPES)
+def test_sum_adds_two_tensors(jit, count, a_stride, b_stride, y_stride):
+    emit_sum(jit.module, "sum", SumSpec(count, a_stride, b_stride, y_stride), jit.vw)
+    rng = np.random.default_rng(count)
+    a, b, y = arena(rng, a_stride, count), arena(rng, b_stride, count), arena(rng, y_stride, count)
+    before = y.copy()
+    jit("sum", a, b, y, N0, N1)
+    assert_untouched(y, before, written(y, y_stride, count))
+    want = slots(a, a_stride, count)[N0:N1] + slots(b, b_stride, count)[N0:N1]
+    np.testing.assert_array_equal(slots(y, y_stride, count)[N0:N1], want)
+
+
+@pytest.mark.parametrize("count,dy_stride,a_stride,b_stride", SUM_SHAPES)
+@pytest.mark.parametrize("acc_a,acc_b", [(False, False), (False, True), (True, True)])
+def test_fan_out_gives_dy_to_both_inputs(jit, count, dy_stride, a_stride, b_stride, acc_a, acc_b):
+    emit_fan_out(jit.module, "fan", FanOutSpec(count, dy_stride, a_stride, b_stride, acc_a, acc_b), jit.vw)
+    rng = np.random.default_rng(count + 1)
+    dy, a, b = arena(rng, dy_stride, count), arena(rng, a_stride, count), arena(rng, b_stride, count)
+    before_a, before_b = a.copy(), b.copy()
+    jit("fan", dy, a, b, N0, N1)
+    d = slots(dy, dy_stride, count)[N0:N1]
+    for got, before, stride, acc in ((a, before_a, a_stride, acc_a), (b, before_b, b_stride, acc_b)):
+        assert_untouched(got, before, written(got, stride, count))
+        want = d + slots(before, stride, count)[N0:N1] if acc else d
+        np.testing.assert_array_equal(slots(got, stride, count)[N0:N1], want)
 
 
 @pytest.mark.parametrize("act", ["tanh", "sigmoid"])
