@@ -421,7 +421,6 @@ def emit_copy(module: ir.Module, name: str, spec: CopySpec, vw: int) -> ir.Funct
     return fn
 
 
-
 def emit_sum(module: ir.Module, name: str, spec: SumSpec, vw: int) -> ir.Function:
     """``(a, b, y, n0, n1)``: y = a + b over `count` floats per image."""
     fn, bld, args = emit.kernel(module, name, ["a", "b", "y", "n0", "n1"])
