@@ -18,7 +18,7 @@ PEAK = Peak("test", 16, {1: 100.0, 2: 200.0})
 @pytest.fixture(autouse=True)
 def known_peak(monkeypatch):
     """The peak as if measured before (its measurement and cache: tests/runtime/test_peak.py)."""
-    monkeypatch.setattr(profile_command, "fma_peak", lambda threads, fresh=False: PEAK)
+    monkeypatch.setattr(profile_command, "fma_peak", lambda threads, **how: PEAK)
 
 
 def test_the_table_of_a_training_step(tmp_path):
@@ -63,13 +63,13 @@ def test_every_example_profiles(tmp_path, stem, train):
                                                       else {"forward"})
 
 
-def test_measure_peak_measures_again(tmp_path, monkeypatch):
+def test_each_run_adds_a_sample_to_the_peak_and_measure_peak_a_long_one(tmp_path, monkeypatch):
     asked = []
-    monkeypatch.setattr(profile_command, "fma_peak", lambda threads, fresh=False: asked.append(fresh) or PEAK)
+    monkeypatch.setattr(profile_command, "fma_peak", lambda threads, **how: asked.append(how) or PEAK)
     for flags in ([], ["--measure-peak"]):
         r = cnnc_cmd(tmp_path, "profile", str(EXAMPLES / "mlp.cnn"), "--steps", "1", "--batch", "1", *flags)
         assert r.returncode == 0, r.stderr
-    assert asked == [False, True]
+    assert asked == [{"fresh": True, **profile_command.QUICK}, {"fresh": True, **profile_command.FULL}]
 
 
 def test_a_mistake_in_the_file_is_located(tmp_path):
