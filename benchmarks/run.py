@@ -529,67 +529,20 @@ def inference_sample(fn: Callable[[], object], batch: int, calls: int) -> float:
     return batch * calls / (time.perf_counter() - t0)
 
 
-def infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
-    model = ctx.model("lenet5", LENET)
-    x, _ = ctx.mnist()
-    xb = np.ascontiguousarray(x[:batch])
+def infer_row(ctx: Ctx, key: str, label: str, batch: int, model, xb: np.ndarray, make_torch_net: Callable,
+              calls: int, repeats: int) -> Row:
+    """Latency (batch 1) or images/s of `model` on `xb` against PyTorch (the same weights, eval mode) and
+    onnxruntime (the model exported by cnnc), in alternating samples of `calls` calls."""
     single = batch == 1
     row = Row(key, label, "us" if single else "images/s", "lower" if single else "higher")
-    calls = ctx.rep(400, 200) if single else ctx.rep(10, 5)
 
     sample = lambda fn: inference_sample(fn, batch, calls)  # noqa: E731
 
     torch_sample = None
     if ctx.torch is not None:
         torch = ctx.torch
-        net = torch_lenet(torch, c3_mask_of(model)).eval()
+        net = make_torch_net(torch)
         copy_weights_to_torch(torch, model, net)
-        tx = torch.from_numpy(xb)
-
-        def torch_call():
-            with torch.inference_mode():
-                return net(tx)
-
-        torch_sample = lambda: sample(torch_call)  # noqa: E731
-    ort_sample = None
-    if ctx.ort is not None:
-        session = ctx.ort_session("lenet5", model)
-        feed = {session.get_inputs()[0].name: xb}
-        ort_sample = lambda: sample(lambda: session.run(None, feed))  # noqa: E731
-    else:
-        row.note = (row.note + "; " if row.note else "") + f"onnxruntime unavailable ({ctx.ort_error})"
-    out_shape = (batch, *model.output_shape)
-    alternate(ctx, row, ctx.rep(7, 4), lambda: sample(lambda: model.infer_into(xb, np.empty(out_shape, np.float32))),
-              torch_sample, ort_sample=ort_sample)
-    row.extra["calls_per_sample"] = calls
-    row.flops = INFER_FLOPS_PER_MAC * macs(model)
-    return row
-
-
-def row_lenet_infer1(ctx: Ctx) -> list[Row]:
-    return [infer_row(ctx, "lenet_infer1", "LeNet-5 inference, batch 1 (latency)", 1)]
-
-
-def row_lenet_infer256(ctx: Ctx) -> list[Row]:
-    return [infer_row(ctx, "lenet_infer256", "LeNet-5 inference, batch 256", 256)]
-
-
-def resnet20_infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
-    """examples/resnet20.cnn on random 3x32x32 images: cnnc against PyTorch (benchmarks/torch_nets.py, the same
-    weights, eval mode) and onnxruntime."""
-    model = ctx.model("resnet20", RESNET20)
-    xb = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
-    single = batch == 1
-    row = Row(key, label, "us" if single else "images/s", "lower" if single else "higher")
-    calls = ctx.rep(100, 40) if single else ctx.rep(3, 2)
-
-    sample = lambda fn: inference_sample(fn, batch, calls)  # noqa: E731
-
-    torch_sample = None
-    if ctx.torch is not None:
-        torch = ctx.torch
-        net = torch_resnet20(torch)
-        copy_weights_to_torch(torch, model, net)  # (the running statistics are fresh on both sides: 0 and 1)
         net.eval()
         tx = torch.from_numpy(xb)
 
@@ -600,15 +553,42 @@ def resnet20_infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
         torch_sample = lambda: sample(torch_call)  # noqa: E731
     ort_sample = None
     if ctx.ort is not None:
-        session = ctx.ort_session("resnet20", model)
+        session = ctx.ort_session(key, model)
         feed = {session.get_inputs()[0].name: xb}
         ort_sample = lambda: sample(lambda: session.run(None, feed))  # noqa: E731
     else:
         row.note = f"onnxruntime unavailable ({ctx.ort_error})"
-    alternate(ctx, row, ctx.rep(5, 3), lambda: sample(lambda: model(xb)), torch_sample, ort_sample=ort_sample)
+    out = np.empty((batch, *model.output_shape), np.float32)
+    alternate(ctx, row, repeats, lambda: sample(lambda: model.infer_into(xb, out)), torch_sample,
+              ort_sample=ort_sample)
     row.extra["calls_per_sample"] = calls
     row.flops = INFER_FLOPS_PER_MAC * macs(model)
     return row
+
+
+def lenet_infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
+    model = ctx.model("lenet5", LENET)
+    x, _ = ctx.mnist()
+    return infer_row(ctx, key, label, batch, model, np.ascontiguousarray(x[:batch]),
+                     lambda torch: torch_lenet(torch, c3_mask_of(model)),
+                     ctx.rep(400, 200) if batch == 1 else ctx.rep(10, 5), ctx.rep(7, 4))
+
+
+def row_lenet_infer1(ctx: Ctx) -> list[Row]:
+    return [lenet_infer_row(ctx, "lenet_infer1", "LeNet-5 inference, batch 1 (latency)", 1)]
+
+
+def row_lenet_infer256(ctx: Ctx) -> list[Row]:
+    return [lenet_infer_row(ctx, "lenet_infer256", "LeNet-5 inference, batch 256", 256)]
+
+
+def resnet20_infer_row(ctx: Ctx, key: str, label: str, batch: int) -> Row:
+    """examples/resnet20.cnn on random 3x32x32 images (benchmarks/torch_nets.py on PyTorch's side; the running
+    statistics are fresh on both sides: 0 and 1)."""
+    model = ctx.model("resnet20", RESNET20)
+    xb = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
+    return infer_row(ctx, key, label, batch, model, xb, torch_resnet20,
+                     ctx.rep(100, 40) if batch == 1 else ctx.rep(3, 2), ctx.rep(5, 3))
 
 
 def row_resnet20_train(ctx: Ctx) -> list[Row]:
