@@ -54,6 +54,7 @@ from cnnc_runtime.losses import DEFAULT_LOSS, LOSSES, choices
 from cnnc_runtime.memory import check_fits
 from cnnc_runtime.native import NativeLibrary
 from cnnc_runtime.parallel import available_cores, check_threads, default_threads, shared_pool, split
+from cnnc_runtime.steploop import PARAM_GRAIN, call_threads
 
 CHUNK = 256  # images per native call when a large array is run: bounds the arena's size
 MIN_IMAGES_PER_THREAD = 4
@@ -228,6 +229,8 @@ class NativeGather:
     def __init__(self, fns: dict[bool, Any], inputs: Inputs, out: np.ndarray, lib: NativeLibrary) -> None:
         byte, stored, geometry, norm = inputs.layout()
         self._inputs = inputs
+        self._byte = byte
+        self.out = out
         self._rows = np.zeros(len(out), dtype=np.int64)  # the selected batch's stored images
         self._count = 0
         self._keep = (stored, geometry, norm, out, lib)
@@ -242,6 +245,19 @@ class NativeGather:
             raise ValueError(f"gather needs at most {len(self._rows)} positions in [0, {n}), got {m}")
         self._inputs.stored_rows(idx, self._rows)
         self._count = m
+
+    def source(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """(the stored images, their geometry, the normalization, whether they are uint8): what the gather
+        kernels read besides the rows (``cnnc_runtime.steploop`` passes them to a run of steps)."""
+        stored, geometry, norm = self._keep[:3]
+        return stored, geometry, norm, self._byte
+
+    def rows_of(self, idx: np.ndarray, out: np.ndarray) -> None:
+        """The stored images at positions `idx` of the set, into the int64 array `out` (checked as ``select``)."""
+        n = len(self._inputs)
+        if len(idx) and not (0 <= int(idx.min()) and int(idx.max()) < n):
+            raise ValueError(f"gather needs positions in [0, {n}), got {int(idx.min())}..{int(idx.max())}")
+        self._inputs.stored_rows(idx, out)
 
     def __call__(self, a: int, b: int) -> None:
         if not 0 <= a <= b <= self._count:
@@ -335,6 +351,10 @@ class Engine:
                              for byte, kind in ((True, "u8"), (False, "f32"))}
         except KeyError:
             self._gathers = None
+        try:  # runs of steps in one native call per thread (cnnc_runtime.steploop); none with batchnorm
+            self._runs = {loss: self._lib.function(f"run_{loss}", [P, I64]) for loss in LOSSES}
+        except KeyError:
+            self._runs = {}
         self._updates: dict[str, Any] = {}
         self.flat_params = aligned_zeros(size)
         self.flat_grads = aligned_zeros(size)
@@ -1004,6 +1024,45 @@ class Engine:
             raise ValueError(f"gatherer needs a writable contiguous float32 buffer of shape "
                              f"(N, {', '.join(map(str, self.input_shape))})")
         return NativeGather(self._gathers, inputs, out, self._lib)
+
+    @property
+    def has_runs(self) -> bool:
+        """Whether this model's code runs whole runs of training steps natively (``cnnc_runtime.steploop``)."""
+        return bool(self._runs)
+
+    def loss_scale(self, loss: str, n: int) -> float:
+        """What a step of `n` images multiplies its summed loss by (the mean's divisor)."""
+        return LOSSES[loss].scale(n, self.manifest["loss_inputs"][loss])
+
+    def run_layout(self, m: int) -> tuple:
+        """A run's arrays for steps of `m` images (at most CHUNK): (shards, their ranges, each thread's shards,
+        each thread's slice of the parameters, the shards' gradient buffers, the workspaces, the arena) as ``steploop.NativeRun`` passes them; the shards as ``gradients`` cuts a batch, so the sums are
+        the same bits."""
+        if not 1 <= m <= CHUNK:
+            raise ValueError(f"a native run takes steps of 1 to {CHUNK} images, got {m}")
+        parts = shards(m)
+        per_thread = _thread_ranges(len(parts), self.threads, 1)
+        slices = split(self.flat_params.size, len(per_thread), PARAM_GRAIN)
+        slices += [(self.flat_params.size,) * 2] * (len(per_thread) - len(slices))
+        _, ptrs = self._shard_buffers(len(parts))
+        scratch = self._train_scratch
+        return (len(parts), np.array(parts, dtype=np.int64), np.array(per_thread, dtype=np.int64).reshape(-1),
+                np.array(slices, dtype=np.int64).reshape(-1), np.array(ptrs[:len(parts)], dtype=np.int64),
+                np.array(scratch.ws_ptrs, dtype=np.int64), scratch.arena("train", m))
+
+    def run_update(self, optimizer) -> tuple[int, tuple[int, ...]]:
+        """(the index of `optimizer`'s native update in the code's table, the six pointers it is called with)."""
+        kinds = sorted(self.manifest["updates"])  # (the run entry switches over them in this order)
+        pointers = optimizer.native_buffers(self.flat_params, self.flat_grads, self.decay_mask)
+        if self.native_update(optimizer) is None or pointers is None:
+            raise ValueError(f"{type(optimizer).__name__} has no native update in network {self.name}'s code")
+        return kinds.index(optimizer.native_kind), pointers
+
+    def run_steps(self, loss: str, ctx: np.ndarray, threads: int) -> None:
+        """Every one of `threads` pool threads runs ``run_LOSS(ctx, thread)`` (``cnnc_runtime.steploop``), under
+        ``lock``."""
+        with self.lock:
+            call_threads(self._runs[loss], ctx, threads, self.threads)
 
     def augment_fill(self, fill: np.ndarray | float) -> np.ndarray:
         """`fill` as one float32 per input channel (what ``augment`` pads with); ValueError for another count."""

@@ -141,6 +141,13 @@ class Optimizer:
         self._hyper[:len(constants)] = constants  # each rounded to float32, as numpy rounds a Python float
         self._native(*pointers, 0, params.size)
 
+    def native_buffers(self, params: np.ndarray, grads: np.ndarray,
+                       mask: np.ndarray | None = None) -> tuple[int, ...] | None:
+        """The six pointers a native update of these buffers takes (the state allocated on first use, as by
+        ``step``), for a caller that runs the update itself (``cnnc_runtime.steploop``); None when native code
+        cannot take them."""
+        return self._native_pointers(params, grads, self._prepare(params, grads, mask))
+
     def _update(self, params: np.ndarray, grads: np.ndarray, mask: np.ndarray) -> None:
         """The rule in numpy: change `params` and the state in place."""
         constants = dict(zip(self.constant_names, (np.float32(c) for c in self.constants())))

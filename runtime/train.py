@@ -37,6 +37,7 @@ from cnnc_runtime.optimizers import add_weight_decay, clip_grad_norm
 from cnnc_runtime.progress import ProgressBar
 from cnnc_runtime.schedule import make_schedule
 from cnnc_runtime.settings import OPTIONAL, Settings, new_optimizer, renamed, settings_from
+from cnnc_runtime.steploop import SEEDS, NativeRun, run_length, unsupported
 
 EVAL_BATCH = CHUNK
 
@@ -675,6 +676,30 @@ def _train_run(model: Engine, run: _Run, job: _Job) -> None:
         run.optimizer.use_native(None)
 
 
+def _native_steps(native: NativeRun, run: _Run, s: Settings, idx: np.ndarray, size: int,
+                  lr_of: Callable[[int], float], labels: np.ndarray | None) -> tuple[list[float], int, int]:
+    """A run of steps of `size` images on the images `idx`, natively (``cnnc_runtime.steploop``): (the loss of
+    each step done and of the one that failed, if any; the steps done; the right predictions of those).
+
+    The seeds are drawn from the run's generator in the per-step path's order (jitter, dropout, crop and flip,
+    each only when used), the learning rates by the schedule: the same numbers, so the same weights.
+    """
+    steps = len(idx) // size
+    model = native.model
+    used = [(SEEDS.index("noise"), s.jitter > 0), (SEEDS.index("dropout"), model.manifest["has_dropout"]),
+            (SEEDS.index("shift"), s.crop > 0 or s.flip)]
+    columns = [column for column, on in used if on]
+    seeds = np.zeros((steps, len(SEEDS)), dtype=np.int64)
+    if columns:  # (one call draws what as many calls, one number each, would: the same stream)
+        seeds[:, columns] = run.rng.integers(0, 2**63 - 1, size=steps * len(columns)).reshape(steps, len(columns))
+    lrs = [lr_of(run.step + i) for i in range(steps)]
+    done, sums, out, penalties = native.run(idx, size, seeds, lrs)
+    scale = model.loss_scale(native.loss, size)
+    values = [float(sums[i] * scale) + float(penalties[i]) for i in range(min(done + 1, steps))]
+    right = int((out[:done * size].argmax(axis=1) == labels[idx[:done * size]]).sum()) if labels is not None else 0
+    return values, done, right
+
+
 def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
     s, loss, inputs, targets, labels, comm = job.settings, job.loss, job.inputs, job.targets, job.labels, job.comm
     n = len(inputs)
@@ -697,6 +722,69 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
     augmenting = s.crop > 0 or s.flip
     gather = model.gatherer(inputs, batch)  # each pool thread gathers its own images, natively (None: by numpy)
     fill = model.augment_fill(inputs.blank()) if augmenting else None
+
+    def one_step(order: np.ndarray, index: int, start: int, bar: ProgressBar) -> tuple[float, int, int, bool]:
+        """Batch `index` of the epoch (its images from `start` in `order`), one native call per thread and Python
+        between them: (its loss, its images, the right predictions, whether any rank was interrupted)."""
+        whole = order[start:start + s.batch]
+        lo, hi = share(len(whole), comm.rank, comm.size)  # this rank's images: [lo, hi) of the batch
+        idx, m = whole[lo:hi], hi - lo
+        xb, tb = batch[:m], targets[idx]
+        # native Gaussian noise: a seed from the run's generator, so resume stays exact
+        noise = int(run.rng.integers(0, 2**63 - 1)) if s.jitter > 0 else None
+        seed = int(run.rng.integers(0, 2**63 - 1)) if model.manifest["has_dropout"] else 0
+        # crop and flip: drawn natively per image from this seed (drawn only when asked for: runs without
+        # augmentation keep the random stream they had)
+        shift = int(run.rng.integers(0, 2**63 - 1)) if augmenting else None
+        optimizer.lr = run.base_lr * schedule.factor(run.step, steps_per_epoch, total_steps)
+
+        if gather is not None:
+            gather.select(idx)
+
+        def prepare(t: int, a: int, b: int, idx=idx, noise=noise, shift=shift, lo=lo) -> None:
+            if gather is not None:
+                gather(a, b)
+            else:
+                inputs.batch(idx[a:b], batch[a:b])
+            if shift is not None:
+                model.augment(batch, shift, s.crop, s.flip, fill, rows=(a, b), thread=t, image0=lo)
+            if noise is not None:
+                model.add_noise(batch, s.jitter, noise, rows=(a, b), thread=t, image0=lo)
+
+        with model.lock:  # value_and_grad on another thread must not mix its gradients into this step's
+            sums[0] = model.gradients(xb, tb, loss, seed=seed, out=out[:m], losses=losses[:m],
+                                      prepare=prepare, label_smoothing=s.label_smoothing, image0=lo,
+                                      whole=len(whole)) if m else 0.0
+            if not m:  # (a batch smaller than the ranks: this one has no image of it)
+                model.flat_grads[...] = 0.0
+            if not comm.is_root:  # batchnorm's weight and bias gradients: the whole batch's on every rank
+                for g in bn_grads:
+                    g[...] = 0.0
+            sums[1] = int((out[:m].argmax(axis=1) == labels[idx]).sum()) if labels is not None else 0
+            sums[2] = job.interrupted.is_set()
+            if comm.size > 1:  # the gradient of the whole batch, on every rank
+                comm.sum_in_place(model.flat_grads)
+                comm.sum_in_place(sums)
+            value, m = float(sums[0]), len(whole)
+            if s.clip_norm is not None:  # the data loss's gradient, before the L2 term (as torch's decay)
+                clip_grad_norm(model.flat_grads, s.clip_norm)
+            if s.weight_decay > 0:
+                value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay,
+                                          decay_scratch)
+            if not (math.isfinite(value) and _finite(model.flat_grads, model.flat_params)):
+                _stop_step(model, good, run, bar, value, index)
+            model.snapshot(out=good)
+            model.update(optimizer)
+        return value, m, int(sums[1]), bool(sums[2])
+
+    native = None
+    if unsupported(model, s, comm.size, gather, optimizer) is None:
+        native = NativeRun(model, loss, gather, targets, optimizer, s, fill, good)
+    step_seconds = 0.0  # (measured by each run: the next run takes about RUN_SECONDS)
+
+    def lr_of(step: int) -> float:
+        return run.base_lr * schedule.factor(step, steps_per_epoch, total_steps)
+
     while run.epoch < s.epochs and not run.stopped:
         t0 = time.perf_counter()
         if run.partial is not None:  # resuming inside an epoch
@@ -706,68 +794,40 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
         else:
             order, first, total, correct, seen = run.rng.permutation(n), 0, 0.0, 0, 0
         bar = ProgressBar(-(-n // s.batch), enabled=job.progress)
+        b, start = first // s.batch, first  # the next batch's index in the epoch and its first image
         with np.errstate(over="ignore", invalid="ignore"):  # a NaN or an overflow is found and reported below
-            for b, start in enumerate(range(first, n, s.batch), start=first // s.batch):
-                whole = order[start:start + s.batch]
-                lo, hi = share(len(whole), comm.rank, comm.size)  # this rank's images: [lo, hi) of the batch
-                idx, m = whole[lo:hi], hi - lo
-                xb, tb = batch[:m], targets[idx]
-                # native Gaussian noise: a seed from the run's generator, so resume stays exact
-                noise = int(run.rng.integers(0, 2**63 - 1)) if s.jitter > 0 else None
-                seed = int(run.rng.integers(0, 2**63 - 1)) if model.manifest["has_dropout"] else 0
-                # crop and flip: drawn natively per image from this seed (drawn only when asked for: runs without
-                # augmentation keep the random stream they had)
-                shift = int(run.rng.integers(0, 2**63 - 1)) if augmenting else None
-                optimizer.lr = run.base_lr * schedule.factor(run.step, steps_per_epoch, total_steps)
-
-                if gather is not None:
-                    gather.select(idx)
-
-                def prepare(t: int, a: int, b: int, idx=idx, noise=noise, shift=shift, lo=lo) -> None:
-                    if gather is not None:
-                        gather(a, b)
-                    else:
-                        inputs.batch(idx[a:b], batch[a:b])
-                    if shift is not None:
-                        model.augment(batch, shift, s.crop, s.flip, fill, rows=(a, b), thread=t, image0=lo)
-                    if noise is not None:
-                        model.add_noise(batch, s.jitter, noise, rows=(a, b), thread=t, image0=lo)
-
-                with model.lock:  # value_and_grad on another thread must not mix its gradients into this step's
-                    sums[0] = model.gradients(xb, tb, loss, seed=seed, out=out[:m], losses=losses[:m],
-                                              prepare=prepare, label_smoothing=s.label_smoothing, image0=lo,
-                                              whole=len(whole)) if m else 0.0
-                    if not m:  # (a batch smaller than the ranks: this one has no image of it)
-                        model.flat_grads[...] = 0.0
-                    if not comm.is_root:  # batchnorm's weight and bias gradients: the whole batch's on every rank
-                        for g in bn_grads:
-                            g[...] = 0.0
-                    sums[1] = int((out[:m].argmax(axis=1) == labels[idx]).sum()) if labels is not None else 0
-                    sums[2] = job.interrupted.is_set()
-                    if comm.size > 1:  # the gradient of the whole batch, on every rank
-                        comm.sum_in_place(model.flat_grads)
-                        comm.sum_in_place(sums)
-                    value, m = float(sums[0]), len(whole)
-                    if s.clip_norm is not None:  # the data loss's gradient, before the L2 term (as torch's decay)
-                        clip_grad_norm(model.flat_grads, s.clip_norm)
-                    if s.weight_decay > 0:
-                        value += add_weight_decay(model.flat_params, model.flat_grads, model.decay_mask, s.weight_decay,
-                                                  decay_scratch)
-                    if not (math.isfinite(value) and _finite(model.flat_grads, model.flat_params)):
-                        _stop_step(model, good, run, bar, value, b)
-                    model.snapshot(out=good)
-                    model.update(optimizer)
-                run.step += 1
-                total += value * m
-                seen += m
-                correct += int(sums[1])
+            while start < n:
+                size = min(s.batch, n - start)
+                if native is not None and size <= CHUNK:  # a run of steps, in one native call per thread
+                    limit = s.max_steps - run.step if s.max_steps is not None else native.max_steps
+                    steps = min(run_length(step_seconds, native.max_steps), (n - start) // size, limit)
+                    clock = time.perf_counter()
+                    values, done, right = _native_steps(native, run, s, order[start:start + steps * size], size,
+                                                        lr_of, labels)
+                    step_seconds = (time.perf_counter() - clock) / max(done, 1)
+                    for value in values[:done]:  # (in order: the epoch's sum as the per-step path adds it)
+                        total += value * size
+                    run.step += done
+                    seen += done * size
+                    correct += right
+                    if done < steps:
+                        _stop_step(model, good, run, bar, values[done], b + done)
+                    b, start = b + steps, start + steps * size
+                    interrupted = job.interrupted.is_set()
+                else:
+                    value, m, right, interrupted = one_step(order, b, start, bar)
+                    run.step += 1
+                    total += value * m
+                    seen += m
+                    correct += right
+                    b, start = b + 1, start + m
                 elapsed = time.perf_counter() - t0
-                bar.update(b + 1, total / seen, correct / seen if labels is not None else None,
+                bar.update(b, total / seen, correct / seen if labels is not None else None,
                            seen / max(elapsed, 1e-9), optimizer.lr)
-                if sums[2]:  # (every rank sees an interrupt on any rank at the same step)
+                if interrupted:  # (every rank sees an interrupt on any rank at the same step)
                     _check_update(model, good, run, bar)
                     bar.close()
-                    run.partial = {"order": order, "next": start + m, "total": total, "correct": correct, "seen": seen,
+                    run.partial = {"order": order, "next": start, "total": total, "correct": correct, "seen": seen,
                                    "seconds": time.perf_counter() - t0}
                     if job.checkpoint is not None:
                         save_checkpoint(job.checkpoint, model, run, s)

@@ -44,6 +44,10 @@ Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
     input rule (``cnnc.codegen.gather``).
 ``update_KIND`` ``(params, grads, mask, s1, s2, hyper, n0, n1)``, one per optimizer of the table
     one optimizer step over parameters ``[n0, n1)`` (``cnnc.codegen.optim``).
+``run_cross_entropy`` / ``run_mse`` ``(ctx, thread_i64)``
+    (networks without batchnorm) a run of training steps, called once by every pool thread: the gathers,
+    ``augment``, ``jitter``, ``step_LOSS``, the gradient's sum, the L2 decay and ``update_KIND`` of each step,
+    with barriers between the threads (``cnnc.codegen.runloop``; ``ctx``: ``cnnc_runtime.steploop``).
 
 ``params``/``grads`` are the flat parameter and gradient buffers (layout in the
 manifest), ``arena`` the per-image activation slots, ``ws`` one thread's
@@ -71,6 +75,7 @@ from cnnc.codegen.instrument import Stopwatch, Timing
 from cnnc.codegen.loss import emit_loss
 from cnnc.codegen.lowering import BACKWARD, FORWARD
 from cnnc.codegen.plan import ALIGN, Plan, Tensor, aligned, plan_memory
+from cnnc.codegen.runloop import emit_run
 from cnnc.codegen.specs import AugmentSpec, ConvSpec, CopySpec, DenseSpec, FoldSpec, GatherSpec, LossSpec, NoiseSpec
 from cnnc.codegen.target import TILED
 from cnnc.ir import execution_order
@@ -328,6 +333,10 @@ def build_module(g: nx.DiGraph, vector_width: int, profile: bool = False) -> tup
         fn, b, _ = emit.kernel(builder.module, f"update_{kind}", optim.ARGS)
         b.call(builder.kernel(optim.emit_update, kind), list(fn.args))
         b.ret_void()
+
+    if not builder.bn_slots:  # (batchnorm's steps are phases, with reductions in Python between them)
+        for loss in LOSSES:
+            emit_run(builder.module, loss, sorted(optim.constants()), builder.vw)
 
     facts = {
         "param_floats": builder.param_floats,

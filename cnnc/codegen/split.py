@@ -297,28 +297,36 @@ def emit_split_entry(entry, order: list[str], output_copy: Callable[[object], No
 
 
 def emit_barrier(module: ir.Module, name: str, parts: int, vw: int) -> ir.Function:
-    """``(bar, part_i64)``: wait until all `parts` threads have arrived.
+    """``(bar, part_i64)``: wait until all `parts` threads have arrived (``wait_at_barrier``)."""
+    fn = ir.Function(module, ir.FunctionType(emit.VOID, [emit.PTR, I64]), name=name)
+    fn.attributes.add("nounwind")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    wait_at_barrier(b, fn.args[0], i64(parts))
+    b.ret_void()
+    return fn
+
+
+def wait_at_barrier(b: ir.IRBuilder, bar: ir.Value, parts: ir.Value) -> None:
+    """Emit: wait until `parts` threads have arrived at the barrier in ``bar``.
 
     ``bar`` holds two i64s a cache line apart: the number arrived, and the
     generation. The last to arrive resets the count and bumps the generation;
     the others spin on the generation (acquire), then yield the core between
     polls once they have spun ``SPIN`` times (a thread of theirs was descheduled).
     """
-    fn = ir.Function(module, ir.FunctionType(emit.VOID, [emit.PTR, I64]), name=name)
-    fn.attributes.add("nounwind")
-    bar = fn.args[0]
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    module = b.module
     count = bar
     gen = b.gep(bar, [i64(8)], source_etype=I64, inbounds=True)
     now = b.load_atomic(gen, "acquire", 8, typ=I64)
     arrived = b.atomic_rmw("add", count, i64(1), "acq_rel")
-    with b.if_else(b.icmp_signed("==", arrived, i64(parts - 1))) as (last, wait):
+    with b.if_else(b.icmp_signed("==", arrived, b.sub(parts, i64(1)))) as (last, wait):
         with last:
             # (exchanges: llvmlite's store_atomic wants typed pointers)
             b.atomic_rmw("xchg", count, i64(0), "monotonic")
             b.atomic_rmw("xchg", gen, b.add(now, i64(1)), "release")
         with wait:
-            yield_fn = ir.Function(module, ir.FunctionType(ir.IntType(32), []), name="sched_yield")
+            yield_fn = module.globals.get("sched_yield") or ir.Function(
+                module, ir.FunctionType(ir.IntType(32), []), name="sched_yield")
             head = b.append_basic_block("spin")
             done = b.append_basic_block("arrived")
             pre = b.block
@@ -335,7 +343,3 @@ def emit_barrier(module: ir.Module, name: str, parts: int, vw: int) -> ir.Functi
             polls.add_incoming(b.add(polls, i64(1)), b.block)
             b.branch(head)
             b.position_at_end(done)
-    b.ret_void()
-    return fn
-
-

@@ -1,0 +1,215 @@
+"""``run_LOSS(ctx, thread_i64)``: a run of training steps, the whole run in one native call per thread.
+
+Every thread of the pool calls it with the same ``ctx`` (an int64 array,
+fields in ``cnnc_runtime.steploop.FIELDS`` order) and its own index. For each
+step ``s`` of the run, thread ``t``:
+
+1. for each of its shards ``[a, b)`` of the batch: zeroes the shard's gradient
+   buffer, gathers images ``[a, b)`` from the stored set by the run's rows
+   (``gather_u8``/``gather_f32``), crops and flips them (``augment``), jitters
+   them (``jitter``), and runs ``step_LOSS`` on them, each with step ``s``'s seeds;
+2. at a barrier, then over its slice of the parameters: adds the other
+   shards' gradients into the first one's in shard order, adds the L2 decay's
+   gradient ``(w * mask) * 2 lam`` (its penalty summed in float64 into
+   ``penalty[s, t]``), and checks the slice's gradient and weights, and its
+   shards' losses, for NaN and infinity;
+3. at a barrier: if any thread found one, every thread returns (thread 0 writes
+   ``s`` into ``failed``); else it copies its slice of the weights into ``good``
+   and runs ``update_KIND`` on it with step ``s``'s constants, and a barrier
+   ends the step.
+
+The same kernels as the per-step path, and the reduction and the decay in
+numpy's elementwise float32 order (nothing contracted into an FMA), so the
+weights are the same bits. Each value in a slice is written by one thread
+only, and the barriers order every read of another thread's writes.
+"""
+
+from __future__ import annotations
+
+import llvmlite.ir as ir
+
+from cnnc.codegen import emit
+from cnnc.codegen.emit import F32, I32, I64, PTR, for_range, i64
+from cnnc.codegen.gemm import vector_loop
+from cnnc.codegen.split import wait_at_barrier
+from cnnc_runtime.steploop import FIELD, HYPER_FLOATS, SEEDS
+
+F64 = ir.DoubleType()
+I8 = ir.IntType(8)
+
+
+class _Ctx:
+    """Reads of ``ctx``'s fields, each loaded once at the top of the entry."""
+
+    def __init__(self, b: ir.IRBuilder, ctx: ir.Value) -> None:
+        self.b, self.ctx = b, ctx
+        self._cache: dict[str, ir.Value] = {}
+
+    def int(self, name: str) -> ir.Value:
+        if name not in self._cache:
+            at = self.b.gep(self.ctx, [i64(FIELD[name])], source_etype=I64, inbounds=True)
+            self._cache[name] = self.b.load(at, typ=I64, name=name)
+        return self._cache[name]
+
+    def ptr(self, name: str) -> ir.Value:
+        return self.b.inttoptr(self.int(name), PTR, name=f"{name}.p")
+
+    def float(self, name: str) -> ir.Value:
+        return self.b.bitcast(self.b.trunc(self.int(name), I32), F32, name=f"{name}.f")
+
+
+def _i64_at(b: ir.IRBuilder, base: ir.Value, index: ir.Value | int) -> ir.Value:
+    index = i64(index) if isinstance(index, int) else index
+    return b.load(b.gep(base, [index], source_etype=I64, inbounds=True), typ=I64)
+
+
+def _store_i64(b: ir.IRBuilder, value: ir.Value, base: ir.Value, index: ir.Value) -> None:
+    b.store(value, b.gep(base, [index], source_etype=I64, inbounds=True))
+
+
+def _bytes_at(b: ir.IRBuilder, base: ir.Value, offset: ir.Value) -> ir.Value:
+    return b.gep(base, [offset], source_etype=I8, inbounds=True)
+
+
+def _not_finite_sum(b: ir.IRBuilder, values: list[ir.Value]) -> ir.Value:
+    """0 for finite values, NaN for an infinity or a NaN among them: the sum of each (v - v)."""
+    total = None
+    for v in values:
+        d = b.fsub(v, v)
+        total = d if total is None else b.fadd(total, d)
+    return total
+
+
+def emit_run(module: ir.Module, loss: str, kinds: list[str], vw: int) -> ir.Function:
+    """``run_LOSS`` in `module`, calling its entry points (``step_LOSS``, the gathers, ``augment``, ``jitter`` and
+    the ``update_KIND`` of `kinds`, chosen by ctx's ``update``: an index into `kinds`, sorted)."""
+    fn, b, args = emit.kernel(module, f"run_{loss}", ["ctx", "thread_i64"])
+    f = _Ctx(b, args["ctx"])
+    t = args["thread_i64"]
+    entry = {name: module.get_global(name) for name in
+             (f"step_{loss}", "gather_u8", "gather_f32", "augment", "jitter", *(f"update_{k}" for k in kinds))}
+    memset = module.declare_intrinsic("llvm.memset", [PTR, I64])
+    threads, m = f.int("threads"), f.int("batch")
+    shard_lo, shard_hi = _i64_at(b, f.ptr("thread_shards"), b.mul(t, i64(2))), \
+        _i64_at(b, f.ptr("thread_shards"), b.add(b.mul(t, i64(2)), i64(1)))
+    p_lo = _i64_at(b, f.ptr("thread_params"), b.mul(t, i64(2)))
+    p_hi = _i64_at(b, f.ptr("thread_params"), b.add(b.mul(t, i64(2)), i64(1)))
+    ws = b.inttoptr(_i64_at(b, f.ptr("ws"), t), PTR, name="ws")
+    params, x, arena, grads = f.ptr("params"), f.ptr("x"), f.ptr("arena"), f.ptr("grads")
+    g0 = b.inttoptr(_i64_at(b, grads, 0), PTR, name="g0")
+    bar, bad = f.ptr("barrier"), f.ptr("bad")
+    null = ir.Constant(PTR, None)
+    flags = {k: b.icmp_signed("!=", f.int(k), i64(0)) for k in ("byte", "jitter", "decay")}
+    augmenting = b.or_(b.icmp_signed("!=", f.int("pad"), i64(0)), b.icmp_signed("!=", f.int("flip"), i64(0)))
+    # (in the entry block, where LLVM turns them into registers)
+    loss_check, check, any_bad = b.alloca(F32, name="loss_check"), b.alloca(F32, name="check"), \
+        b.alloca(I64, name="any_bad")
+    penalty = b.alloca(F64, name="penalty")
+
+    pre = b.block
+    head, body, fail, done = (b.append_basic_block(n) for n in ("s.head", "s.body", "s.fail", "s.done"))
+    b.branch(head)
+    b.position_at_end(head)
+    s = b.phi(I64, name="s")
+    s.add_incoming(i64(0), pre)
+    b.cbranch(b.icmp_signed("<", s, f.int("steps")), body, done)
+    b.position_at_end(body)
+
+    first = b.mul(s, m, name="first")  # the step's first image in the run's rows, targets, outputs, losses
+    rows = b.gep(f.ptr("rows"), [first], source_etype=I64, inbounds=True)
+    target = _bytes_at(b, f.ptr("targets"), b.mul(first, f.int("target_bytes")))
+    out = emit.gep(b, f.ptr("out"), b.mul(first, f.int("outputs")))
+    losses = emit.gep(b, f.ptr("losses"), first)
+    seed = {k: _i64_at(b, f.ptr("seeds"), b.add(b.mul(s, i64(len(SEEDS))), i64(i))) for i, k in enumerate(SEEDS)}
+    b.store(emit.f32(0.0), loss_check)
+
+    # 1. this thread's shards: gather, augment, jitter, the step
+    with for_range(b, shard_lo, shard_hi, name="shard") as i:
+        a0 = _i64_at(b, f.ptr("shard_ranges"), b.mul(i, i64(2)))
+        b0 = _i64_at(b, f.ptr("shard_ranges"), b.add(b.mul(i, i64(2)), i64(1)))
+        g = b.inttoptr(_i64_at(b, grads, i), PTR, name="g")
+        b.call(memset, [g, ir.Constant(I8, 0), f.int("grad_bytes"), ir.Constant(ir.IntType(1), 0)])
+        source = [f.ptr("src"), rows, x, f.ptr("geometry"), f.ptr("norm"), a0, b0]
+        with b.if_else(flags["byte"]) as (u8, f32):
+            with u8:
+                b.call(entry["gather_u8"], source)
+            with f32:
+                b.call(entry["gather_f32"], source)
+        with b.if_then(augmenting):
+            b.call(entry["augment"], [x, seed["shift"], i64(0), f.int("pad"), f.int("flip"), f.ptr("fill"), ws, a0,
+                                      b0])
+        with b.if_then(flags["jitter"]):
+            b.call(entry["jitter"], [x, seed["noise"], i64(0), f.float("sigma"), ws, a0, b0])
+        b.call(entry[f"step_{loss}"], [params, g, arena, x, out, target, losses, ws, null, null, seed["dropout"],
+                                       i64(0), f.float("scale"), f.float("smooth"), a0, b0])
+        with for_range(b, a0, b0, name="l") as n:
+            b.store(b.fadd(b.load(loss_check, typ=F32), _not_finite_sum(b, [emit.load(b, losses, n)])), loss_check)
+    wait_at_barrier(b, bar, threads)
+
+    # 2. this thread's slice of the parameters: the shards' sum, the decay, the check
+    with for_range(b, 1, f.int("shards"), name="other") as i:
+        gi = b.inttoptr(_i64_at(b, grads, i), PTR, name="gi")
+
+        def add(b: ir.IRBuilder, j: ir.Value, w: int, gi=gi) -> None:
+            emit.store(b, b.fadd(emit.load(b, g0, j, w), emit.load(b, gi, j, w)), g0, j)
+
+        vector_loop(b, p_lo, p_hi, vw, add, name="sum")
+    b.store(ir.Constant(F64, 0.0), penalty)
+    b.store(b.load(loss_check, typ=F32), check)
+    decay2, mask = f.float("decay2"), f.ptr("decay_mask")
+
+    def decay_and_check(b: ir.IRBuilder, j: ir.Value, w: int, decaying: bool) -> None:
+        p, g = emit.load(b, params, j, w), emit.load(b, g0, j, w)
+        if decaying:
+            tmp = b.fmul(p, emit.load(b, mask, j, w))
+            wide = b.fpext(tmp, F64 if w == 1 else ir.VectorType(F64, w))
+            b.store(b.fadd(b.load(penalty, typ=F64), emit.hsum(b, b.fmul(wide, wide))), penalty)
+            g = b.fadd(g, b.fmul(tmp, emit.splat(b, decay2, w)))
+            emit.store(b, g, g0, j)
+        b.store(b.fadd(b.load(check, typ=F32), emit.hsum(b, _not_finite_sum(b, [g, p]))), check)
+
+    with b.if_else(flags["decay"]) as (decaying, plain):
+        with decaying:
+            vector_loop(b, p_lo, p_hi, vw, lambda b, j, w: decay_and_check(b, j, w, True), name="decay")
+        with plain:
+            vector_loop(b, p_lo, p_hi, vw, lambda b, j, w: decay_and_check(b, j, w, False), name="check")
+    slot = b.add(b.mul(s, threads), t)
+    b.store(b.load(penalty, typ=F64), b.gep(f.ptr("penalty"), [slot], source_etype=F64, inbounds=True))
+    c = b.load(check, typ=F32)
+    _store_i64(b, b.zext(b.fcmp_unordered("uno", c, c), I64), bad, t)
+    wait_at_barrier(b, bar, threads)
+
+    # 3. any thread's check failed: stop before the update; else keep the weights and update the slice
+    b.store(i64(0), any_bad)
+    with for_range(b, 0, threads, name="peer") as k:
+        b.store(b.or_(b.load(any_bad, typ=I64), _i64_at(b, bad, k)), any_bad)
+    go = b.append_basic_block("s.update")
+    b.cbranch(b.icmp_signed("!=", b.load(any_bad, typ=I64), i64(0)), fail, go)
+    b.position_at_end(go)
+    good = f.ptr("good")
+    vector_loop(b, p_lo, p_hi, vw, lambda b, j, w: emit.store(b, emit.load(b, params, j, w), good, j), name="keep")
+    hyper = emit.gep(b, f.ptr("hyper"), b.mul(s, i64(HYPER_FLOATS)))
+    update_args = [params, g0, f.ptr("opt_mask"), f.ptr("s1"), f.ptr("s2"), hyper, p_lo, p_hi]
+    after = b.append_basic_block("s.updated")
+    switch = b.switch(f.int("update"), after)
+    for index, kind in enumerate(kinds):
+        case = b.append_basic_block(f"update.{kind}")
+        switch.add_case(i64(index), case)
+        b.position_at_end(case)
+        b.call(entry[f"update_{kind}"], update_args)
+        b.branch(after)
+    b.position_at_end(after)
+    wait_at_barrier(b, bar, threads)
+    s.add_incoming(b.add(s, i64(1)), b.block)
+    b.branch(head)
+
+    b.position_at_end(fail)
+    with b.if_then(b.icmp_signed("==", t, i64(0))):
+        b.store(s, b.gep(args["ctx"], [i64(FIELD["failed"])], source_etype=I64, inbounds=True))
+    b.ret_void()
+    b.position_at_end(done)
+    b.ret_void()
+    return fn
+
+
+__all__ = ["emit_run"]

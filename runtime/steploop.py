@@ -1,0 +1,193 @@
+"""A run of training steps in one native call per thread: no Python between the steps of a run.
+
+``fit`` hands a run of steps (up to the next point where Python must act: the
+end of an epoch, a progress-bar update, the step limit, a possible Ctrl-C) to
+the network's ``run_LOSS(ctx, thread)`` entry (``cnnc.codegen.runloop``),
+which every pool thread calls once. For each step it gathers the batch from
+the stored set by the permutation, crops, flips and jitters it, runs the
+training step on each thread's shards, then, after a barrier, each thread
+sums its slice of the shards' gradients in shard order, adds the L2 decay's
+gradient, checks that slice for NaN and infinity, keeps the weights before
+the update and runs the optimizer's native update on that slice; barriers
+keep the threads in step. Each operation is the per-step path's own kernel
+(or its elementwise numpy form, in the same float32 order), so the weights
+are the same bits either way, on any number of threads.
+
+``ctx`` is one int64 array, fields in ``FIELDS`` order (addresses, counts,
+float32 values as their bits); the compiler reads this layout, so it is part
+of the artifact format. ``unsupported`` is the one place that says which
+training setups keep the per-step path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from cnnc_runtime.parallel import shared_pool
+
+FIELDS = (
+    "steps", "batch", "threads", "shards", "shard_ranges", "thread_shards", "thread_params",
+    "params", "grads", "grad_bytes", "arena", "x", "ws",
+    "byte", "src", "rows", "geometry", "norm",
+    "targets", "target_bytes", "out", "outputs", "losses", "seeds",
+    "pad", "flip", "fill", "jitter", "sigma", "scale", "smooth",
+    "decay", "decay2", "decay_mask", "penalty",
+    "update", "opt_mask", "s1", "s2", "hyper",
+    "good", "barrier", "bad", "failed",
+)
+FIELD = {name: i for i, name in enumerate(FIELDS)}
+SEEDS = ("dropout", "noise", "shift")  # each step's three seeds, in this order (int64)
+HYPER_FLOATS = 16  # floats of one step's optimizer constants (``Optimizer.constants``, zero-padded)
+BARRIER_INT64S = 32  # the barrier: a counter and a generation, a cache line apart, and room
+PARAM_GRAIN = 16  # a thread's slice of the parameters starts on a 64-byte boundary
+MAX_RUN_STEPS = 256
+RUN_FLOATS = 1 << 22  # a run's outputs kept for Python (the accuracy): at most this many floats
+RUN_SECONDS = 0.05  # a run's length in steps is chosen to take about this long: Ctrl-C acts within it
+
+
+def f32_bits(value: float) -> int:
+    """A float32's bit pattern, as a field of ``ctx`` holds it."""
+    return int(np.array(value, dtype=np.float32).view(np.int32))
+
+
+def unsupported(model: Any, settings: Any, ranks: int, gather: Any, optimizer: Any) -> str | None:
+    """Why `fit` cannot run steps natively in runs with these settings (None: it can).
+
+    The per-step path stays for: an artifact built before runs existed; batchnorm (its steps are phases with
+    reductions in Python between them); a data-parallel job over MPI (the ranks sum gradients between steps);
+    gradient clipping (a global norm); an optimizer without a native update (a subclass of a built-in one); a
+    stored set that the native gather cannot read.
+    """
+    if model.statistics is not None:
+        return "batchnorm"
+    if ranks > 1:
+        return "data-parallel over MPI"
+    if settings.clip_norm is not None:
+        return "gradient clipping"
+    if gather is None or not model.has_runs:
+        return "an artifact built before native runs"
+    if model.native_update(optimizer) is None:
+        return f"{type(optimizer).__name__} has no native update"
+    return None
+
+
+class NativeRun:
+    """The ``ctx`` of one ``fit`` run and its buffers: ``run`` takes a run of steps of `batch` images each.
+
+    Built once per training run; each ``run`` call fills in the run's rows,
+    targets, seeds and optimizer constants, then every thread of the model's
+    pool calls the run entry. `good` is the training loop's snapshot buffer
+    (the weights before the last update), written natively.
+    """
+
+    def __init__(self, model: Any, loss: str, gather: Any, targets: np.ndarray, optimizer: Any, settings: Any,
+                 fill: np.ndarray | None, good: np.ndarray) -> None:
+        self.model, self.loss, self.optimizer, self.gather = model, loss, optimizer, gather
+        self.targets = targets
+        k = model.manifest["loss_inputs"][loss]
+        batch = len(gather.out)
+        self.max_steps = max(1, min(MAX_RUN_STEPS, RUN_FLOATS // (batch * max(k, 1))))
+        max_steps = self.max_steps
+        src, geometry, norm, byte = gather.source()
+        self.rows = np.zeros(max_steps * batch, dtype=np.int64)
+        self.run_targets = np.zeros((max_steps * batch, *targets.shape[1:]), dtype=targets.dtype)
+        self.out = np.zeros((max_steps * batch, k), dtype=np.float32)
+        self.losses = np.zeros(max_steps * batch, dtype=np.float32)
+        self.seeds = np.zeros((max_steps, len(SEEDS)), dtype=np.int64)
+        self.hyper = np.zeros((max_steps, HYPER_FLOATS), dtype=np.float32)
+        self.threads = model.threads
+        self.penalty = np.zeros((max_steps, self.threads), dtype=np.float64)
+        self.bad = np.zeros(self.threads, dtype=np.int64)
+        self.barrier = np.zeros(BARRIER_INT64S, dtype=np.int64)
+        self.fill = fill if fill is not None else np.zeros(1, dtype=np.float32)
+        self.ctx = np.zeros(len(FIELDS), dtype=np.int64)
+        params = model.flat_params
+        update, opt_pointers = model.run_update(optimizer)
+        self.update = update
+        self._keep = (src, geometry, norm, gather, good)
+        lam = settings.weight_decay
+        self._set(byte=int(byte), src=src.ctypes.data, rows=self.rows.ctypes.data, geometry=geometry.ctypes.data,
+                  norm=norm.ctypes.data, targets=self.run_targets.ctypes.data,
+                  target_bytes=self.run_targets[0].nbytes if len(self.run_targets) else 0,
+                  out=self.out.ctypes.data, outputs=k, losses=self.losses.ctypes.data, seeds=self.seeds.ctypes.data,
+                  pad=int(settings.crop), flip=int(bool(settings.flip)), fill=self.fill.ctypes.data,
+                  jitter=int(settings.jitter > 0), sigma=f32_bits(settings.jitter),
+                  smooth=f32_bits(settings.label_smoothing), decay=int(lam > 0), decay2=f32_bits(2 * lam),
+                  decay_mask=model.decay_mask.ctypes.data, penalty=self.penalty.ctypes.data,
+                  update=update, opt_mask=opt_pointers[2], s1=opt_pointers[3], s2=opt_pointers[4],
+                  hyper=self.hyper.ctypes.data, good=good.ctypes.data, barrier=self.barrier.ctypes.data,
+                  bad=self.bad.ctypes.data, params=params.ctypes.data, x=gather.out.ctypes.data, grad_bytes=params.nbytes)
+        self.lam = lam
+        self._layouts: dict[int, tuple] = {}
+
+    def _set(self, **fields: int) -> None:
+        for name, value in fields.items():
+            self.ctx[FIELD[name]] = value
+
+    def _layout(self, m: int) -> tuple:
+        """The shards of a step of `m` images, the threads that run them and each thread's slice of the
+        parameters (kept per batch size: an epoch's last batch may be smaller)."""
+        got = self._layouts.get(m)
+        if got is None:
+            got = self._layouts[m] = self.model.run_layout(m)
+        return got
+
+    def run(self, idx: np.ndarray, m: int, seeds: np.ndarray,
+            lrs: list[float]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """``len(idx) // m`` steps of `m` images: step s trains on images ``idx[s m:(s + 1) m]`` of the set, with
+        ``seeds[s]`` (``SEEDS``) and learning rate ``lrs[s]``.
+
+        Returns (steps done, each step's summed loss (float64, before the scale), the outputs, the penalties
+        per step); a step short of `steps` done is one whose loss, gradient or weights were not finite: its
+        gradient is in ``flat_grads`` and it made no update. Call under the model's lock.
+        """
+        steps = len(idx) // m
+        n = steps * m
+        if not (1 <= steps <= self.max_steps and n == len(idx) and len(seeds) == len(lrs) == steps):
+            raise ValueError(f"a native run takes 1 to {self.max_steps} whole steps of {m} images, a seed triple "
+                             f"and a rate each; got {len(idx)} images, {len(seeds)} seeds, {len(lrs)} rates")
+        self.gather.rows_of(idx, self.rows[:n])
+        np.take(self.targets, idx, axis=0, out=self.run_targets[:n])
+        self.seeds[:steps] = seeds
+        optimizer = self.optimizer
+        t0 = optimizer.t
+        for s in range(steps):  # (the constants of step s: its rate, its step count)
+            optimizer.lr = lrs[s]
+            optimizer.t += 1
+            constants = optimizer.constants()
+            self.hyper[s, :len(constants)] = constants
+        shards, ranges, thread_shards, thread_params, grads, ws, arena = self._layout(m)
+        self._set(steps=steps, batch=m, threads=len(thread_shards) // 2, shards=shards,
+                  shard_ranges=ranges.ctypes.data, thread_shards=thread_shards.ctypes.data,
+                  thread_params=thread_params.ctypes.data, grads=grads.ctypes.data, ws=ws.ctypes.data,
+                  arena=arena, failed=-1, scale=f32_bits(self.model.loss_scale(self.loss, m)))
+        self.model.run_steps(self.loss, self.ctx, len(thread_shards) // 2)
+        failed = int(self.ctx[FIELD["failed"]])
+        done = steps if failed < 0 else failed
+        optimizer.t = t0 + done  # a failed step made no update
+        optimizer.lr = lrs[min(done, steps - 1)]
+        sums = self.losses[:n].reshape(steps, m).sum(axis=1, dtype=np.float64)
+        penalties = self.lam * self.penalty[:steps, :len(thread_shards) // 2].sum(axis=1)
+        return done, sums, self.out[:n], penalties
+
+
+def run_length(step_seconds: float, limit: int) -> int:
+    """Steps per run: about RUN_SECONDS of work (Ctrl-C and the progress bar act between runs), at most `limit`."""
+    if not step_seconds > 0 or not math.isfinite(step_seconds):
+        return 1
+    return max(1, min(limit, int(RUN_SECONDS / step_seconds)))
+
+
+def call_threads(fn: Any, ctx: np.ndarray, threads: int, pool_threads: int) -> None:
+    """``fn(ctx, t)`` on `threads` threads of the shared pool at once (they meet at barriers: all must run)."""
+    address = ctx.ctypes.data
+    if threads == 1:
+        fn(address, 0)
+        return
+    shared_pool(pool_threads).run([lambda t=t: fn(address, t) for t in range(threads)])
+
+
+__all__ = ["FIELDS", "HYPER_FLOATS", "NativeRun", "SEEDS", "call_threads", "f32_bits", "run_length", "unsupported"]
