@@ -356,6 +356,9 @@ class Engine:
         except KeyError:
             self._runs = {}
         self._updates: dict[str, Any] = {}
+        # fit runs steps in native runs where it can (cnnc_runtime.steploop); False: every step through
+        # ``gradients`` and ``update``, which a caller may wrap to observe each step
+        self.native_runs = True
         self.flat_params = aligned_zeros(size)
         self.flat_grads = aligned_zeros(size)
         self._layout = manifest["params"]
@@ -1035,9 +1038,12 @@ class Engine:
         return LOSSES[loss].scale(n, self.manifest["loss_inputs"][loss])
 
     def run_layout(self, m: int) -> tuple:
-        """A run's arrays for steps of `m` images (at most CHUNK): (shards, their ranges, each thread's shards,
-        each thread's slice of the parameters, the shards' gradient buffers, the workspaces, the arena) as ``steploop.NativeRun`` passes them; the shards as ``gradients`` cuts a batch, so the sums are
-        the same bits."""
+        """A run's arrays for steps of `m` images (at most CHUNK), as ``steploop.NativeRun`` passes them.
+
+        (shards, their ranges, each thread's shards, each thread's slice of the parameters, the shards'
+        gradient buffers, the workspaces, the arena address): the shards as ``gradients`` cuts a batch, so the
+        sums are the same bits.
+        """
         if not 1 <= m <= CHUNK:
             raise ValueError(f"a native run takes steps of 1 to {CHUNK} images, got {m}")
         parts = shards(m)

@@ -22,6 +22,9 @@ its rate over the same run, read against the wall clock. In the result:
 - the data preparation is shared by the threads as the layers are; the
   optimizer, batchnorm's reductions (training) and batchnorm's folding
   (inference: one native call, timed around it) run on the calling thread alone;
+  in a native run of steps (``cnnc_runtime.steploop``) the data preparation,
+  the optimizer and the threads' waits at its barriers are regions of the
+  step's entry, shared by the threads as the layers are;
 - the overhead is what remains of the step's measured time (Python between
   native calls, summing the gradient shards, waiting for the slowest thread,
   the training loop's checks and bookkeeping).
@@ -55,6 +58,7 @@ MIN_CALIBRATION = 0.05  # seconds of wall clock the cycle counter's rate is read
 # weights at its learning rate times CALMER, up to CALM_TRIES times: a step's work does not depend on the rate.
 CALMER = 1e-3
 CALM_TRIES = 3
+RUN_PARTS = ("prepare", "update")  # regions of a native run of steps shown as the step's other parts
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,9 @@ class ProfiledModel(Model):
         if self._fold is not None:
             self._fold = t.native_call("fold", self._fold)
         self._steps = {loss: [t.native_call(f"step_{loss}", fn) for fn in fns] for loss, fns in self._steps.items()}
+        # a native run of steps counts as the step's entry: its threads run the step, and its own work is
+        # regions of that entry (the data's preparation, the optimizer, the barriers: cnnc.codegen.runloop)
+        self._runs = {loss: t.native_call(f"step_{loss}", fn) for loss, fn in self._runs.items()}
         if self.statistics is not None:  # batchnorm's reductions between phases, on the calling thread
             self.statistics.forward = t.part("reductions", self.statistics.forward)
             self.statistics.backward = t.part("reductions", self.statistics.backward)
@@ -287,11 +294,13 @@ def profile_training(model: ProfiledModel, peak, batch: int | None = None, steps
     step = epoch.seconds / epoch.steps
     entry = f"step_{loss}"
     lines = _region_lines(model, counters, rate, [entry], epoch.steps, step, batch, peak)
+    native = {line.phase: line.seconds for line in lines if line.phase in RUN_PARTS}  # (a native run's own work)
+    lines = [line for line in lines if line.phase not in RUN_PARTS]
     t = model.timers.threads_of(entry)
     timers = model.timers.parts
     n = epoch.steps
-    others = [("data preparation", timers["prepare"] / t / n),
-              ("optimizer", timers["optimizer"] / n),
+    others = [("data preparation", timers["prepare"] / t / n + native.get("prepare", 0.0)),
+              ("optimizer", timers["optimizer"] / n + native.get("update", 0.0)),
               ("batchnorm reductions", timers["reductions"] / n)]
     notes = [f"random uint8 inputs of shape {model.input_shape} prepared per batch as a dataset's (the train "
              f"section's normalize and augmentation), random labels; loss {loss}",

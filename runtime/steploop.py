@@ -56,11 +56,14 @@ def f32_bits(value: float) -> int:
 def unsupported(model: Any, settings: Any, ranks: int, gather: Any, optimizer: Any) -> str | None:
     """Why `fit` cannot run steps natively in runs with these settings (None: it can).
 
-    The per-step path stays for: an artifact built before runs existed; batchnorm (its steps are phases with
+    The per-step path stays for: a model with ``native_runs = False``; an artifact built before runs existed;
+    batchnorm (its steps are phases with
     reductions in Python between them); a data-parallel job over MPI (the ranks sum gradients between steps);
     gradient clipping (a global norm); an optimizer without a native update (a subclass of a built-in one); a
     stored set that the native gather cannot read.
     """
+    if not model.native_runs:
+        return "switched off (native_runs = False)"
     if model.statistics is not None:
         return "batchnorm"
     if ranks > 1:
@@ -119,7 +122,8 @@ class NativeRun:
                   decay_mask=model.decay_mask.ctypes.data, penalty=self.penalty.ctypes.data,
                   update=update, opt_mask=opt_pointers[2], s1=opt_pointers[3], s2=opt_pointers[4],
                   hyper=self.hyper.ctypes.data, good=good.ctypes.data, barrier=self.barrier.ctypes.data,
-                  bad=self.bad.ctypes.data, params=params.ctypes.data, x=gather.out.ctypes.data, grad_bytes=params.nbytes)
+                  bad=self.bad.ctypes.data, params=params.ctypes.data, x=gather.out.ctypes.data,
+                  grad_bytes=params.nbytes)
         self.lam = lam
         self._layouts: dict[int, tuple] = {}
 

@@ -37,8 +37,10 @@ COUNTERS = "cnnc_profile_counters"
 CLOCK, TAKE = "profile_clock", "profile_take"
 PRODUCT_OPS = ("conv", "dense")  # ops whose backward computes products as large as their forward, per gradient
 # what a region that is not a layer's pass does (the loss: its name); "wait": the threads of ``infer_split``
-# meeting between layers (``cnnc.codegen.split``)
-PHASE_OPS = {"output": "copy", "wait": "barrier"}
+# meeting between layers (``cnnc.codegen.split``), or of a run of training steps between its parts;
+# "prepare" and "update": a native run of training steps (``cnnc.codegen.runloop``) gathering its batches and
+# running the optimizer
+PHASE_OPS = {"output": "copy", "wait": "barrier", "prepare": "gather", "update": "optimizer"}
 
 
 @dataclass(frozen=True)

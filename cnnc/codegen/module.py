@@ -336,7 +336,7 @@ def build_module(g: nx.DiGraph, vector_width: int, profile: bool = False) -> tup
 
     if not builder.bn_slots:  # (batchnorm's steps are phases, with reductions in Python between them)
         for loss in LOSSES:
-            emit_run(builder.module, loss, sorted(optim.constants()), builder.vw)
+            emit_run(builder.module, loss, sorted(optim.constants()), builder.vw, g, builder.stopwatch)
 
     facts = {
         "param_floats": builder.param_floats,

@@ -26,11 +26,16 @@ only, and the barriers order every read of another thread's writes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import llvmlite.ir as ir
+import networkx as nx
 
 from cnnc.codegen import emit
 from cnnc.codegen.emit import F32, I32, I64, PTR, for_range, i64
 from cnnc.codegen.gemm import vector_loop
+from cnnc.codegen.instrument import Stopwatch, Timing
 from cnnc.codegen.split import wait_at_barrier
 from cnnc_runtime.steploop import FIELD, HYPER_FLOATS, SEEDS
 
@@ -80,10 +85,30 @@ def _not_finite_sum(b: ir.IRBuilder, values: list[ir.Value]) -> ir.Value:
     return total
 
 
-def emit_run(module: ir.Module, loss: str, kinds: list[str], vw: int) -> ir.Function:
+def emit_run(module: ir.Module, loss: str, kinds: list[str], vw: int, graph: nx.DiGraph,
+             stopwatch: Stopwatch | None = None) -> ir.Function:
     """``run_LOSS`` in `module`, calling its entry points (``step_LOSS``, the gathers, ``augment``, ``jitter`` and
-    the ``update_KIND`` of `kinds`, chosen by ctx's ``update``: an index into `kinds`, sorted)."""
+    the ``update_KIND`` of `kinds`, chosen by ctx's ``update``: an index into `kinds`, sorted).
+
+    In the profiling build (a `stopwatch`) its own work counts as three regions of ``step_LOSS`` (whose layers
+    the step counts): the data's preparation, the optimizer (the sum, the decay, the checks, the update) and
+    the waits at barriers.
+    """
     fn, b, args = emit.kernel(module, f"run_{loss}", ["ctx", "thread_i64"])
+    timing = Timing(stopwatch, f"step_{loss}") if stopwatch else None
+
+    @contextmanager
+    def timed(phase: str, layer: str) -> Iterator[None]:
+        if timing is None:
+            yield
+            return
+        timing.start(b)  # (from here: the time since the last region, in the step, is not this region's)
+        with timing.region(lambda: b, phase, layer, graph):
+            yield
+
+    def barrier() -> None:
+        with timed("wait", "barriers"):
+            wait_at_barrier(b, bar, threads)
     f = _Ctx(b, args["ctx"])
     t = args["thread_i64"]
     entry = {name: module.get_global(name) for name in
@@ -130,23 +155,27 @@ def emit_run(module: ir.Module, loss: str, kinds: list[str], vw: int) -> ir.Func
         g = b.inttoptr(_i64_at(b, grads, i), PTR, name="g")
         b.call(memset, [g, ir.Constant(I8, 0), f.int("grad_bytes"), ir.Constant(ir.IntType(1), 0)])
         source = [f.ptr("src"), rows, x, f.ptr("geometry"), f.ptr("norm"), a0, b0]
-        with b.if_else(flags["byte"]) as (u8, f32):
-            with u8:
-                b.call(entry["gather_u8"], source)
-            with f32:
-                b.call(entry["gather_f32"], source)
-        with b.if_then(augmenting):
-            b.call(entry["augment"], [x, seed["shift"], i64(0), f.int("pad"), f.int("flip"), f.ptr("fill"), ws, a0,
-                                      b0])
-        with b.if_then(flags["jitter"]):
-            b.call(entry["jitter"], [x, seed["noise"], i64(0), f.float("sigma"), ws, a0, b0])
+        with timed("prepare", "data"):
+            with b.if_else(flags["byte"]) as (u8, f32):
+                with u8:
+                    b.call(entry["gather_u8"], source)
+                with f32:
+                    b.call(entry["gather_f32"], source)
+            with b.if_then(augmenting):
+                b.call(entry["augment"], [x, seed["shift"], i64(0), f.int("pad"), f.int("flip"), f.ptr("fill"), ws,
+                                          a0, b0])
+            with b.if_then(flags["jitter"]):
+                b.call(entry["jitter"], [x, seed["noise"], i64(0), f.float("sigma"), ws, a0, b0])
         b.call(entry[f"step_{loss}"], [params, g, arena, x, out, target, losses, ws, null, null, seed["dropout"],
                                        i64(0), f.float("scale"), f.float("smooth"), a0, b0])
         with for_range(b, a0, b0, name="l") as n:
             b.store(b.fadd(b.load(loss_check, typ=F32), _not_finite_sum(b, [emit.load(b, losses, n)])), loss_check)
-    wait_at_barrier(b, bar, threads)
+    barrier()
 
     # 2. this thread's slice of the parameters: the shards' sum, the decay, the check
+    if timing:
+        timing.start(b)
+        timing.open = stopwatch.region(timing.entry, "update", "optimizer", graph)
     with for_range(b, 1, f.int("shards"), name="other") as i:
         gi = b.inttoptr(_i64_at(b, grads, i), PTR, name="gi")
 
@@ -177,7 +206,9 @@ def emit_run(module: ir.Module, loss: str, kinds: list[str], vw: int) -> ir.Func
     b.store(b.load(penalty, typ=F64), b.gep(f.ptr("penalty"), [slot], source_etype=F64, inbounds=True))
     c = b.load(check, typ=F32)
     _store_i64(b, b.zext(b.fcmp_unordered("uno", c, c), I64), bad, t)
-    wait_at_barrier(b, bar, threads)
+    if timing:
+        timing.pause(b)
+    barrier()
 
     # 3. any thread's check failed: stop before the update; else keep the weights and update the slice
     b.store(i64(0), any_bad)
@@ -186,6 +217,8 @@ def emit_run(module: ir.Module, loss: str, kinds: list[str], vw: int) -> ir.Func
     go = b.append_basic_block("s.update")
     b.cbranch(b.icmp_signed("!=", b.load(any_bad, typ=I64), i64(0)), fail, go)
     b.position_at_end(go)
+    if timing:
+        timing.start(b)
     good = f.ptr("good")
     vector_loop(b, p_lo, p_hi, vw, lambda b, j, w: emit.store(b, emit.load(b, params, j, w), good, j), name="keep")
     hyper = emit.gep(b, f.ptr("hyper"), b.mul(s, i64(HYPER_FLOATS)))
@@ -199,7 +232,10 @@ def emit_run(module: ir.Module, loss: str, kinds: list[str], vw: int) -> ir.Func
         b.call(entry[f"update_{kind}"], update_args)
         b.branch(after)
     b.position_at_end(after)
-    wait_at_barrier(b, bar, threads)
+    if timing:
+        timing.pause(b)
+        timing.open = None
+    barrier()
     s.add_incoming(b.add(s, i64(1)), b.block)
     b.branch(head)
 

@@ -79,7 +79,9 @@ def stripes(n: int = 200, seed: int = 0):
 
 
 def spy_steps(model, call_native: bool = True) -> list[dict]:
-    """Record every training step's inputs (and outputs) by wrapping ``model.gradients``."""
+    """Record every training step's inputs (and outputs) by wrapping ``model.gradients`` (so on the per-step path:
+    a native run of steps would not call it)."""
+    model.native_runs = False
     calls: list[dict] = []
     original = model.gradients
 
@@ -657,6 +659,7 @@ def test_a_bad_row_is_found_behind_a_validation_split():
 def test_a_non_finite_gradient_stops_with_the_weights_and_optimizer_state_of_that_step(data, monkeypatch):
     x, y = data
     model = build(MLP)
+    model.native_runs = False  # (each step observed through gradients)
     opt = optimizers.Adam(lr=0.01)
     original = model.gradients
     steps = []
@@ -702,6 +705,7 @@ def test_an_update_that_makes_a_weight_non_finite_is_undone(data, bad_step, mess
 
 def test_a_huge_but_finite_gradient_is_not_a_stop(data):
     model = build(MLP)
+    model.native_runs = False  # (each step observed through gradients)
     x, y = data
     original = model.gradients
 
@@ -748,6 +752,7 @@ def test_lr_decay_multiplies_the_learning_rate_every_epoch(data, monkeypatch):
         original(self, params, grads, mask)
 
     monkeypatch.setattr(optimizers.SGD, "step", step)
+    monkeypatch.setattr(train_mod, "unsupported", lambda *args: "observed")  # (each update through step)
     build(MLP).fit(x, y, epochs=3, batch=100, optimizer="sgd", lr=0.2, lr_decay=0.5, progress=False)
     assert seen == pytest.approx([0.2] * 3 + [0.1] * 3 + [0.05] * 3, rel=1e-12)
     seen.clear()
@@ -767,6 +772,7 @@ def test_lr_decay_from_the_train_section(data, monkeypatch):
         original(self, params, grads, mask)
 
     monkeypatch.setattr(optimizers.SGD, "step", step)
+    monkeypatch.setattr(train_mod, "unsupported", lambda *args: "observed")  # (each update through step)
     build(text).fit(x, y, epochs=3, batch=300, progress=False)
     assert seen == pytest.approx([0.1, 0.09, 0.081], rel=1e-12)
 
@@ -781,6 +787,7 @@ def test_lr_decay_restarts_from_the_full_rate_with_an_optimizer_object(data, mon
         original(self, params, grads, mask)
 
     monkeypatch.setattr(optimizers.SGD, "step", step)
+    monkeypatch.setattr(train_mod, "unsupported", lambda *args: "observed")  # (each update through step)
     opt = optimizers.SGD(lr=0.2)
     build(MLP).fit(x, y, epochs=2, batch=300, optimizer=opt, lr_decay=0.5, restarts=2, progress=False)
     assert seen == pytest.approx([0.2, 0.1, 0.2, 0.1], rel=1e-12)
@@ -796,6 +803,7 @@ def test_lr_decay_restarts_from_the_full_rate_by_name(data, monkeypatch):
         original(self, params, grads, mask)
 
     monkeypatch.setattr(optimizers.SGD, "step", step)
+    monkeypatch.setattr(train_mod, "unsupported", lambda *args: "observed")  # (each update through step)
     build(MLP).fit(x, y, epochs=2, batch=300, optimizer="sgd", lr=0.2, lr_decay=0.5, restarts=2, progress=False)
     assert seen == pytest.approx([0.2, 0.1, 0.2, 0.1], rel=1e-12)
 
@@ -930,11 +938,13 @@ def interrupted_checkpoint(tmp_path_factory, data):
         return steps["n"] == 25  # restart 1 takes 2 * 10 steps
 
     train_mod._deferred_interrupt.is_set = ctrl_c_at_step_25
+    train_mod.run_length, run_length = (lambda seconds, limit: 1), train_mod.run_length  # (checked every step)
     try:
         with pytest.raises(KeyboardInterrupt):
             build(MLP).fit(x, y, checkpoint=path, **DAMAGE_SETTINGS)
     finally:
         train_mod._deferred_interrupt.is_set = original
+        train_mod.run_length = run_length
     with np.load(path) as z:
         meta = json.loads(bytes(z["meta"]).decode())
     assert meta["partial"] and meta["kept"] and meta["finished"]
@@ -1230,22 +1240,24 @@ def test_log_writes_one_json_line_per_epoch(tmp_path, data):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
-def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(data, tmp_path, monkeypatch):
-    """Ctrl-C is acted on between two steps: the checkpoint then holds the half-done epoch."""
-    from cnnc_runtime import train as train_mod
-
+@pytest.mark.parametrize("run", [1, 3])
+def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(data, tmp_path, monkeypatch, run):
+    """Ctrl-C is acted on between two steps (in native runs of `run` steps: between two runs): the checkpoint
+    then holds the half-done epoch."""
     x, y = data
     settings = dict(epochs=3, batch=16, optimizer="adam", lr=0.01, jitter=0.05, seed=4, progress=False)
     unbroken = build(MLP)
     unbroken.fit(x, y, **settings)
 
     steps = {"n": 0}
+    per_epoch = -(-(-(-len(x) // 16) // run))  # the checks an epoch makes: one per run
 
-    def fake_is_set(self) -> bool:  # a Ctrl-C arrives during the 7th step of the second epoch
+    def fake_is_set(self) -> bool:  # a Ctrl-C arrives during the 3rd run of the second epoch
         steps["n"] += 1
-        return steps["n"] == -(-len(x) // 16) + 7
+        return steps["n"] == per_epoch + 3
 
     monkeypatch.setattr(train_mod._deferred_interrupt, "is_set", fake_is_set)
+    monkeypatch.setattr(train_mod, "run_length", lambda seconds, limit: run)
     stopped = build(MLP)
     ckpt = tmp_path / "c.npz"
     with pytest.raises(KeyboardInterrupt):

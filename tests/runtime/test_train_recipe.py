@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cnnc_runtime import optimizers
+from cnnc_runtime import train as train_mod
 from cnnc_runtime.model import Model
 from cnnc_runtime.schedule import make_schedule
 from tests.codegen.test_augment import reference
@@ -34,6 +35,9 @@ def uint8_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rates_seen(monkeypatch) -> list[float]:
+    """The rate of every SGD step, seen by wrapping ``SGD.step`` (so on the per-step path: a native run of steps
+    calls the update natively; tests/runtime/test_steploop.py shows both give the same weights)."""
+    monkeypatch.setattr(train_mod, "unsupported", lambda *args: "observed")
     seen: list[float] = []
     original = optimizers.SGD.step
 
@@ -73,6 +77,7 @@ def test_each_step_sees_the_crop_and_flip_of_its_prepared_batch(monkeypatch):
     padding a black pixel after normalization (torchvision's RandomCrop(padding) before Normalize)."""
     x, y = uint8_images(16, seed=3)
     model = build(IMAGES)
+    model.native_runs = False  # (each step observed through gradients)
     seen = []
     original = model.gradients
 
