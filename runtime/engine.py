@@ -54,6 +54,7 @@ from cnnc_runtime.losses import DEFAULT_LOSS, LOSSES, choices
 from cnnc_runtime.memory import check_fits
 from cnnc_runtime.native import NativeLibrary
 from cnnc_runtime.parallel import available_cores, check_threads, default_threads, shared_pool, split
+from cnnc_runtime.steploop import FIELD as RUN_FIELD
 from cnnc_runtime.steploop import PARAM_GRAIN, call_threads
 
 CHUNK = 256  # images per native call when a large array is run: bounds the arena's size
@@ -1041,8 +1042,8 @@ class Engine:
         """A run's arrays for steps of `m` images (at most CHUNK), as ``steploop.NativeRun`` passes them.
 
         (shards, their ranges, each thread's shards, each thread's slice of the parameters, the shards'
-        gradient buffers, the workspaces, the arena address): the shards as ``gradients`` cuts a batch, so the
-        sums are the same bits.
+        gradient buffers, the workspaces): the shards as ``gradients`` cuts a batch, so the sums are the same
+        bits. (The arena is not here: a step on another thread may grow it; ``run_steps`` reads it.)
         """
         if not 1 <= m <= CHUNK:
             raise ValueError(f"a native run takes steps of 1 to {CHUNK} images, got {m}")
@@ -1050,11 +1051,10 @@ class Engine:
         per_thread = _thread_ranges(len(parts), self.threads, 1)
         slices = split(self.flat_params.size, len(per_thread), PARAM_GRAIN)
         slices += [(self.flat_params.size,) * 2] * (len(per_thread) - len(slices))
-        _, ptrs = self._shard_buffers(len(parts))
-        scratch = self._train_scratch
+        _, ptrs = self._shard_buffers(len(parts))  # (buffers are added, never moved)
         return (len(parts), np.array(parts, dtype=np.int64), np.array(per_thread, dtype=np.int64).reshape(-1),
                 np.array(slices, dtype=np.int64).reshape(-1), np.array(ptrs[:len(parts)], dtype=np.int64),
-                np.array(scratch.ws_ptrs, dtype=np.int64), scratch.arena("train", m))
+                np.array(self._train_scratch.ws_ptrs, dtype=np.int64))
 
     def run_update(self, optimizer) -> tuple[int, tuple[int, ...]]:
         """(the index of `optimizer`'s native update in the code's table, the six pointers it is called with)."""
@@ -1064,10 +1064,11 @@ class Engine:
             raise ValueError(f"{type(optimizer).__name__} has no native update in network {self.name}'s code")
         return kinds.index(optimizer.native_kind), pointers
 
-    def run_steps(self, loss: str, ctx: np.ndarray, threads: int) -> None:
-        """Every one of `threads` pool threads runs ``run_LOSS(ctx, thread)`` (``cnnc_runtime.steploop``), under
-        ``lock``."""
-        with self.lock:
+    def run_steps(self, loss: str, ctx: np.ndarray, threads: int, images: int) -> None:
+        """Every one of `threads` pool threads runs ``run_LOSS(ctx, thread)`` (``cnnc_runtime.steploop``) on
+        steps of `images` images, under ``lock``."""
+        with self.lock:  # (the arena's address is read under it: a step on another thread may grow the arena)
+            ctx[RUN_FIELD["arena"]] = self._train_scratch.arena("train", images)
             call_threads(self._runs[loss], ctx, threads, self.threads)
 
     def augment_fill(self, fill: np.ndarray | float) -> np.ndarray:

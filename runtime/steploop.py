@@ -108,8 +108,6 @@ class NativeRun:
         self.fill = fill if fill is not None else np.zeros(1, dtype=np.float32)
         self.ctx = np.zeros(len(FIELDS), dtype=np.int64)
         params = model.flat_params
-        update, opt_pointers = model.run_update(optimizer)
-        self.update = update
         self._keep = (src, geometry, norm, gather, good)
         lam = settings.weight_decay
         self._set(byte=int(byte), src=src.ctypes.data, rows=self.rows.ctypes.data, geometry=geometry.ctypes.data,
@@ -120,7 +118,6 @@ class NativeRun:
                   jitter=int(settings.jitter > 0), sigma=f32_bits(settings.jitter),
                   smooth=f32_bits(settings.label_smoothing), decay=int(lam > 0), decay2=f32_bits(2 * lam),
                   decay_mask=model.decay_mask.ctypes.data, penalty=self.penalty.ctypes.data,
-                  update=update, opt_mask=opt_pointers[2], s1=opt_pointers[3], s2=opt_pointers[4],
                   hyper=self.hyper.ctypes.data, good=good.ctypes.data, barrier=self.barrier.ctypes.data,
                   bad=self.bad.ctypes.data, params=params.ctypes.data, x=gather.out.ctypes.data,
                   grad_bytes=params.nbytes)
@@ -146,7 +143,7 @@ class NativeRun:
 
         Returns (steps done, each step's summed loss (float64, before the scale), the outputs, the penalties
         per step); a step short of `steps` done is one whose loss, gradient or weights were not finite: its
-        gradient is in ``flat_grads`` and it made no update. Call under the model's lock.
+        gradient is in ``flat_grads`` and it made no update. The native call holds the model's lock.
         """
         steps = len(idx) // m
         n = steps * m
@@ -163,12 +160,15 @@ class NativeRun:
             optimizer.t += 1
             constants = optimizer.constants()
             self.hyper[s, :len(constants)] = constants
-        shards, ranges, thread_shards, thread_params, grads, ws, arena = self._layout(m)
+        shards, ranges, thread_shards, thread_params, grads, ws = self._layout(m)
+        # (read every run: a callback between runs may have reset the optimizer, which then makes new state)
+        update, pointers = self.model.run_update(optimizer)
+        self._set(update=update, opt_mask=pointers[2], s1=pointers[3], s2=pointers[4])
         self._set(steps=steps, batch=m, threads=len(thread_shards) // 2, shards=shards,
                   shard_ranges=ranges.ctypes.data, thread_shards=thread_shards.ctypes.data,
                   thread_params=thread_params.ctypes.data, grads=grads.ctypes.data, ws=ws.ctypes.data,
-                  arena=arena, failed=-1, scale=f32_bits(self.model.loss_scale(self.loss, m)))
-        self.model.run_steps(self.loss, self.ctx, len(thread_shards) // 2)
+                  failed=-1, scale=f32_bits(self.model.loss_scale(self.loss, m)))
+        self.model.run_steps(self.loss, self.ctx, len(thread_shards) // 2, m)
         failed = int(self.ctx[FIELD["failed"]])
         done = steps if failed < 0 else failed
         optimizer.t = t0 + done  # a failed step made no update

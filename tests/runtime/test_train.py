@@ -1250,7 +1250,7 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_that_resumes_exactly(data, tmp_path
     unbroken.fit(x, y, **settings)
 
     steps = {"n": 0}
-    per_epoch = -(-(-(-len(x) // 16) // run))  # the checks an epoch makes: one per run
+    per_epoch = math.ceil(len(x) // 16 / run) + (len(x) % 16 > 0)  # the checks an epoch makes: one per run
 
     def fake_is_set(self) -> bool:  # a Ctrl-C arrives during the 3rd run of the second epoch
         steps["n"] += 1

@@ -1,0 +1,234 @@
+"""Runs of training steps in native code (``cnnc_runtime.steploop``): the same training as the per-step path.
+
+The oracle is the per-step path itself (``native_runs = False``: one native
+step per thread, the sum, the decay and the update from Python), which the
+rest of the suite checks against numpy and PyTorch. A native run must give
+its weights bit for bit, on 1 and 2 threads, for every optimizer and every
+part of a step it runs (the gather from uint8 or float32 sets, crop and flip,
+jitter, dropout, L2, label smoothing, mse, a smaller last batch, a schedule),
+stop at a NaN as it does, and leave what it does not cover to it.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import numpy as np
+import pytest
+
+from cnnc_runtime import train as train_mod
+from cnnc_runtime.model import Model
+from cnnc_runtime.optimizers import OPTIMIZERS, SGD
+from cnnc_runtime.settings import Settings
+from cnnc_runtime.steploop import run_length, unsupported
+from cnnc_runtime.train import TrainingStopped
+from tests.reference import build
+
+IMAGES = """
+network runimg {
+    input image: 3x8x8
+    c = image -> conv(4, 3x3) -> relu -> maxpool(2x2)
+    d = c -> flatten -> dropout(0.25)
+    y = d -> dense(3)
+}
+"""
+
+BATCHNORM = """
+network runbn {
+    input x: 8
+    h = x -> dense(6) -> batchnorm -> relu
+    y = h -> dense(3)
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    m = build(IMAGES)
+    return m.manifest, m.code
+
+
+def model_with(compiled, threads: int, native: bool) -> Model:
+    manifest, obj = compiled
+    model = Model(copy.deepcopy(manifest), obj, threads=threads)
+    model.native_runs = native
+    return model
+
+
+def images(n: int = 90, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images as a dataset stores them, channels first; class k is bright in channel k."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 80, (n, 3, 8, 8))
+    x[np.arange(n), y] += 150
+    return x.astype(np.uint8), y
+
+
+def trained(compiled, threads: int, native: bool, x, y, **settings) -> tuple[Model, list[int]]:
+    """A model fitted by the native runs or the per-step path, and the steps each native run took."""
+    model = model_with(compiled, threads, native)
+    runs: list[int] = []
+    original = model.run_steps
+
+    def counted(loss, ctx, used, images):
+        runs.append(int(ctx[0]))  # (FIELDS[0]: the run's steps)
+        original(loss, ctx, used, images)
+
+    model.run_steps = counted
+    model.fit(x, y, progress=False, **{"epochs": 2, "batch": 16, "seed": 3, **settings})
+    return model, runs
+
+
+def assert_same_training(compiled, threads: int, x, y, **settings) -> list[int]:
+    native, runs = trained(compiled, threads, True, x, y, **settings)
+    per_step, none = trained(compiled, threads, False, x, y, **settings)
+    assert runs and not none
+    np.testing.assert_array_equal(native.flat_params, per_step.flat_params)
+    return runs
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_every_optimizer_gives_the_per_step_weights_bit_for_bit(compiled, threads, optimizer):
+    x, y = images()
+    lr = 0.003 if optimizer.startswith("adam") or optimizer == "rmsprop" else 0.03
+    assert_same_training(compiled, threads, x, y, optimizer=optimizer, lr=lr)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("settings", [
+    dict(crop=2, flip=True),
+    dict(jitter=0.3),
+    dict(weight_decay=0.01),
+    dict(label_smoothing=0.1, schedule="cosine", warmup=3),
+    dict(crop=1, flip=True, jitter=0.2, weight_decay=0.003, optimizer="adamw", lr=0.01, batch=40),
+])
+def test_every_part_of_a_step_gives_the_per_step_weights_bit_for_bit(compiled, threads, settings):
+    x, y = images()
+    settings = {"optimizer": "momentum", "lr": 0.02, **settings}
+    assert_same_training(compiled, threads, x, y, **settings)
+    plain = trained(compiled, threads, True, x, y, optimizer=settings["optimizer"], lr=settings["lr"])[0]
+    changed = trained(compiled, threads, True, x, y, **settings)[0]
+    assert not np.array_equal(plain.flat_params, changed.flat_params)  # (the setting did act)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float_inputs_and_mse_targets_give_the_per_step_weights(compiled, threads):
+    x, y = images()
+    xf = (x.astype(np.float32) / 255.0).astype(np.float32)
+    targets = np.eye(3, dtype=np.float32)[y] * 0.8
+    assert_same_training(compiled, threads, xf, targets, loss="mse", optimizer="adam", lr=0.003)
+
+
+def test_a_run_has_many_steps_and_the_history_is_the_per_step_one(compiled):
+    x, y = images(200)
+    native, runs = trained(compiled, 2, True, x, y, optimizer="sgd", lr=0.05, epochs=3)
+    assert max(runs) > 1 and sum(runs) == 3 * 13  # (12 full batches and a smaller last one an epoch)
+    per_step = model_with(compiled, 2, False)
+    per_step.restore(native.snapshot())
+    native_history = native.fit(x, y, epochs=2, batch=16, seed=9, progress=False)
+    per_step_history = per_step.fit(x, y, epochs=2, batch=16, seed=9, progress=False)
+    for a, b in zip(native_history.epochs, per_step_history.epochs, strict=True):
+        assert (a.loss, a.accuracy, a.steps, a.lr) == (b.loss, b.accuracy, b.steps, b.lr)
+
+
+def test_the_step_limit_ends_a_run_where_the_per_step_path_stops(compiled):
+    x, y = images()
+    runs = assert_same_training(compiled, 2, x, y, optimizer="sgd", lr=0.05, max_steps=7)
+    assert sum(runs) == 7
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_nan_loss_stops_as_the_per_step_path_does(compiled, threads):
+    x, y = images()
+    stops = []
+    for native in (True, False):
+        model = model_with(compiled, threads, native)
+        with pytest.raises(TrainingStopped) as e:
+            model.fit(x, y, epochs=3, batch=16, optimizer="sgd", lr=1e30, seed=3, progress=False)
+        stops.append((str(e.value), model.flat_params.copy()))
+    assert "the loss became" in stops[0][0] or "NaN or infinite" in stops[0][0]
+    assert stops[0][0] == stops[1][0]
+    np.testing.assert_array_equal(stops[0][1], stops[1][1])
+    assert np.isfinite(stops[0][1]).all()
+
+
+def test_a_nan_weight_stops_the_first_step_as_the_per_step_path_does(compiled):
+    x, y = images()
+    stops = []
+    for native in (True, False):
+        model = model_with(compiled, 2, native)
+        model.flat_params[5] = np.nan  # (as a write through a view may leave it)
+        with pytest.raises(TrainingStopped) as e:
+            model.fit(x, y, epochs=1, batch=16, optimizer="adam", lr=0.01, progress=False)
+        stops.append((str(e.value), model.flat_params.copy()))
+    assert "NaN" in stops[0][0] and stops[0][0] == stops[1][0]
+    np.testing.assert_array_equal(stops[0][1], stops[1][1])
+
+
+def test_a_step_on_another_thread_waits_for_the_run_and_changes_nothing_in_it(compiled):
+    """The model's lock: value_and_grad from another thread while fit runs leaves fit's training as it is alone."""
+    x, y = images(300)
+    alone, _ = trained(compiled, 2, True, x, y, optimizer="adam", lr=0.003, epochs=3)
+    model = model_with(compiled, 2, True)
+    done = threading.Event()
+    values = []
+
+    def meddle() -> None:
+        while not done.is_set():
+            values.append(model.value_and_grad(x[:20], y[:20])[0])
+
+    other = threading.Thread(target=meddle)
+    other.start()
+    try:
+        model.fit(x, y, epochs=3, batch=16, seed=3, optimizer="adam", lr=0.003, progress=False)
+    finally:
+        done.set()
+        other.join()
+    assert values and np.isfinite(values).all()
+    np.testing.assert_array_equal(model.flat_params, alone.flat_params)
+
+
+def settings(**changes) -> Settings:
+    return Settings(**changes)
+
+
+def test_what_the_native_runs_do_not_cover_keeps_the_per_step_path(compiled):
+    model = model_with(compiled, 2, True)
+    gather = model.gatherer(model.inputs(images(4)[0]), model.batch_buffer(4))
+    sgd = SGD(lr=0.1)
+    assert unsupported(model, settings(), 1, gather, sgd) is None
+    assert unsupported(model, settings(clip_norm=1.0), 1, gather, sgd) == "gradient clipping"
+    assert unsupported(model, settings(), 2, gather, sgd) == "data-parallel over MPI"
+    assert unsupported(model, settings(), 1, None, sgd) == "an artifact built before native runs"
+
+    class Custom(SGD):
+        pass
+
+    assert unsupported(model, settings(), 1, gather, Custom(lr=0.1)) == "Custom has no native update"
+    model.native_runs = False
+    assert unsupported(model, settings(), 1, gather, sgd) == "switched off (native_runs = False)"
+    bn = build(BATCHNORM)
+    assert not bn.has_runs
+    assert unsupported(bn, settings(), 1, gather, sgd) == "batchnorm"
+
+
+def test_clipping_trains_on_the_per_step_path(compiled):
+    x, y = images()
+    _, runs = trained(compiled, 2, True, x, y, optimizer="sgd", lr=0.05, clip_norm=0.5)
+    assert runs == []
+
+
+def test_a_run_lasts_about_run_seconds_within_its_limit():
+    assert run_length(0.0, 100) == 1  # (the first run: nothing measured yet)
+    assert run_length(0.001, 100) == 50
+    assert run_length(0.001, 20) == 20
+    assert run_length(1.0, 100) == 1
+
+
+def test_runs_of_one_step_are_the_per_step_training(compiled, monkeypatch):
+    monkeypatch.setattr(train_mod, "run_length", lambda seconds, limit: 1)
+    x, y = images()
+    runs = assert_same_training(compiled, 2, x, y, optimizer="nesterov", lr=0.02, crop=1, flip=True)
+    assert set(runs) == {1}
