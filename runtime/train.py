@@ -3,9 +3,14 @@
 It sits on the engine's public step API (``cnnc_runtime.engine``) and is
 imported by ``cnnc_runtime.model``, never the other way round.
 
-One step is one native call (forward in training mode, the loss and the
-backward pass, all in ``step_LOSS``) and a handful of numpy expressions over
-the flat buffers (weight decay, the optimizer). Everything random (weight
+Steps run natively in runs (``cnnc_runtime.steploop``): one native call per
+pool thread does a run of steps (gather, augment, forward, loss, backward,
+the gradient's sum, L2, the checks and the optimizer), and Python takes over
+between runs (an epoch's end, the progress bar, a possible Ctrl-C, the step
+limit). Where runs do not apply (``steploop.unsupported``: batchnorm, MPI,
+gradient clipping, an optimizer without a native update) one step is one
+native call per thread (``step_LOSS``) and a handful of numpy expressions over
+the flat buffers; both give the same weights bit for bit. Everything random (weight
 initialisation, shuffling, jitter, dropout masks) comes from the seed, so a
 run is reproducible, and a run resumed from a checkpoint continues exactly as
 if it had never stopped.
