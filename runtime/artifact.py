@@ -218,6 +218,9 @@ def validate(manifest: Any, source: str | None = None) -> None:
     for kind, names in updates.items():
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise f.fail(f"updates.{kind}", f"must be a list of strings, got {_describe(names)}")
+    fields = f.get(manifest, "run_fields", "run_fields", list, optional=True)  # (a run's ctx: steploop.FIELDS)
+    if fields is not None and not all(isinstance(n, str) for n in fields):
+        raise f.fail("run_fields", "must be a list of strings")
     f.get(manifest, "has_dropout", "has_dropout", bool)
     f.get(manifest, "summary", "summary", str)
     warnings = f.get(manifest, "warnings", "warnings", list, optional=True)
@@ -427,6 +430,8 @@ def contract(manifest: dict[str, Any]) -> dict[str, Any]:
         "updates": manifest["updates"],
         "has_dropout": manifest["has_dropout"],
         "batchnorm": manifest.get("batchnorm"),
+        # the layout of a run's ctx that run_LOSS reads (None: no runs; code built before runs records none)
+        "run_fields": manifest.get("run_fields"),
     }
 
 
@@ -437,12 +442,13 @@ def contract_bytes(manifest: dict[str, Any]) -> bytes:
 
 def entry_points(manifest: dict[str, Any]) -> list[str]:
     """The functions the runtime calls: the passes (``infer_split`` where the code shares an image between
-    threads), and an update loop for each rule the manifest lists."""
+    threads, ``run_LOSS`` where it runs steps in runs), and an update loop for each rule the manifest lists."""
     bn = manifest.get("batchnorm")
     phases = [] if bn is None else ["fold", *(f"step_{loss}_{k}" for loss, syncs in bn["phases"].items()
                                               for k in range(1, len(syncs) + 1))]
     split = ["infer_split"] if manifest.get("infer_parts", 0) else []
-    return [*ENTRY_POINTS, *split, *phases, *(f"update_{kind}" for kind in manifest["updates"])]
+    runs = [f"run_{loss}" for loss in LOSSES] if manifest.get("run_fields") else []
+    return [*ENTRY_POINTS, *split, *phases, *runs, *(f"update_{kind}" for kind in manifest["updates"])]
 
 
 def verify_code(manifest: dict[str, Any], obj: bytes, source: str | None = None) -> None:

@@ -352,10 +352,10 @@ class Engine:
                              for byte, kind in ((True, "u8"), (False, "f32"))}
         except KeyError:
             self._gathers = None
-        try:  # runs of steps in one native call per thread (cnnc_runtime.steploop); none with batchnorm
-            self._runs = {loss: self._lib.function(f"run_{loss}", [P, I64]) for loss in LOSSES}
-        except KeyError:
-            self._runs = {}
+        # runs of steps in one native call per thread (cnnc_runtime.steploop), where the code reads a run's ctx
+        # as this runtime lays it out (none with batchnorm, nor in code built before runs existed)
+        self._runs = {loss: self._lib.function(f"run_{loss}", [P, I64]) for loss in LOSSES} \
+            if manifest.get("run_fields") == list(RUN_FIELD) else {}
         self._updates: dict[str, Any] = {}
         # fit runs steps in native runs where it can (cnnc_runtime.steploop); False: every step through
         # ``gradients`` and ``update``, which a caller may wrap to observe each step

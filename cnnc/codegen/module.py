@@ -81,6 +81,7 @@ from cnnc.codegen.target import TILED
 from cnnc.ir import execution_order
 from cnnc_runtime.artifact import BN_COEFS  # a batchnorm's per-channel float32 arrays in ``bn``: part of the format
 from cnnc_runtime.losses import LOSSES
+from cnnc_runtime.steploop import FIELDS as RUN_FIELDS
 
 STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "stats", "bn", "seed_i64", "image0_i64",
              "scale_f32", "smooth_f32", "n0", "n1"]
@@ -354,6 +355,7 @@ def build_module(g: nx.DiGraph, vector_width: int, profile: bool = False) -> tup
         "stats_doubles": builder.stats_doubles,
         "bn_floats": builder.bn_floats,
         "phases": phases,
+        "run_fields": [] if builder.bn_slots else list(RUN_FIELDS),  # (the ctx layout run_LOSS reads)
         "profile": builder.stopwatch.finish() if builder.stopwatch else None,
     }
     return [builder.module, *builder.kernel_modules], facts

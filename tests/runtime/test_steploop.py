@@ -21,7 +21,7 @@ from cnnc_runtime import train as train_mod
 from cnnc_runtime.model import Model
 from cnnc_runtime.optimizers import OPTIMIZERS, SGD
 from cnnc_runtime.settings import Settings
-from cnnc_runtime.steploop import run_length, unsupported
+from cnnc_runtime.steploop import FIELDS, run_length, unsupported
 from cnnc_runtime.train import TrainingStopped
 from tests.reference import build
 
@@ -232,3 +232,14 @@ def test_runs_of_one_step_are_the_per_step_training(compiled, monkeypatch):
     x, y = images()
     runs = assert_same_training(compiled, 2, x, y, optimizer="nesterov", lr=0.02, crop=1, flip=True)
     assert set(runs) == {1}
+
+
+@pytest.mark.parametrize("change", [lambda m: m.pop("run_fields"), lambda m: m["run_fields"].reverse()])
+def test_a_manifest_that_lies_about_the_run_layout_is_refused(compiled, change):
+    """The code records the ctx layout its run entries read: a manifest that claims another (or none) is refused
+    before any code runs, never misread."""
+    manifest, obj = copy.deepcopy(compiled[0]), compiled[1]
+    assert manifest["run_fields"] == list(FIELDS)
+    change(manifest)
+    with pytest.raises(ValueError, match="compiled for"):
+        Model(manifest, obj)
