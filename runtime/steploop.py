@@ -174,7 +174,8 @@ class NativeRun:
         optimizer.t = t0 + done  # a failed step made no update
         optimizer.lr = lrs[min(done, steps - 1)]
         sums = self.losses[:n].reshape(steps, m).sum(axis=1, dtype=np.float64)
-        penalties = self.lam * self.penalty[:steps, :len(thread_shards) // 2].sum(axis=1)
+        used = len(thread_shards) // 2  # (the threads that ran: the code wrote penalty[s * used + t])
+        penalties = self.lam * self.penalty.reshape(-1)[:steps * used].reshape(steps, used).sum(axis=1)
         return done, sums, self.out[:n], penalties
 
 

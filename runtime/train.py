@@ -728,6 +728,9 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
     gather = model.gatherer(inputs, batch)  # each pool thread gathers its own images, natively (None: by numpy)
     fill = model.augment_fill(inputs.blank()) if augmenting else None
 
+    def lr_of(step: int) -> float:
+        return run.base_lr * schedule.factor(step, steps_per_epoch, total_steps)
+
     def one_step(order: np.ndarray, index: int, start: int, bar: ProgressBar) -> tuple[float, int, int, bool]:
         """Batch `index` of the epoch (its images from `start` in `order`), one native call per thread and Python
         between them: (its loss, its images, the right predictions, whether any rank was interrupted)."""
@@ -741,7 +744,7 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
         # crop and flip: drawn natively per image from this seed (drawn only when asked for: runs without
         # augmentation keep the random stream they had)
         shift = int(run.rng.integers(0, 2**63 - 1)) if augmenting else None
-        optimizer.lr = run.base_lr * schedule.factor(run.step, steps_per_epoch, total_steps)
+        optimizer.lr = lr_of(run.step)
 
         if gather is not None:
             gather.select(idx)
@@ -786,9 +789,6 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
     if unsupported(model, s, comm.size, gather, optimizer) is None:
         native = NativeRun(model, loss, gather, targets, optimizer, s, fill, good)
     step_seconds = 0.0  # (measured by each run: the next run takes about RUN_SECONDS)
-
-    def lr_of(step: int) -> float:
-        return run.base_lr * schedule.factor(step, steps_per_epoch, total_steps)
 
     while run.epoch < s.epochs and not run.stopped:
         t0 = time.perf_counter()

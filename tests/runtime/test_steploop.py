@@ -243,3 +243,18 @@ def test_a_manifest_that_lies_about_the_run_layout_is_refused(compiled, change):
     change(manifest)
     with pytest.raises(ValueError, match="compiled for"):
         Model(manifest, obj)
+
+
+def test_more_pool_threads_than_shards_and_the_l2_loss(compiled):
+    """Batches of 16 are 2 shards: a pool of 4 runs them on 2 threads; the L2 penalty (summed in float64 per thread
+    here, by numpy's float32 dot on the per-step path) is the same loss within rounding, the weights the same bits."""
+    x, y = images()
+    histories, weights = [], []
+    for native in (True, False):
+        model = model_with(compiled, 4, native)
+        histories.append(model.fit(x, y, epochs=2, batch=16, seed=3, optimizer="sgd", lr=0.05, weight_decay=0.01,
+                                   progress=False))
+        weights.append(model.flat_params.copy())
+    np.testing.assert_array_equal(weights[0], weights[1])
+    for a, b in zip(histories[0].epochs, histories[1].epochs, strict=True):
+        assert a.loss == pytest.approx(b.loss, rel=1e-6) and a.accuracy == b.accuracy
