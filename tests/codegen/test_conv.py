@@ -106,6 +106,10 @@ CASES = {
     "stride2_shifted": make_spec(3, 4, 32, 2, 3, 3, stride=(2, 2), pad=(1, 1, 1, 1), gap=1, accumulate=True),
     # 16 tiles an image: the products of the forward and input gradient take a vector of tiles at a time
     "winograd_8x8": make_spec(16, 8, 8, 24, 3, 3, pad=(1, 1, 1, 1), gap=1, accumulate=True),
+    # 8 to 15 output channels (half of ResNet's 16 when two threads share an image): the forward by Winograd;
+    # 12 input channels: the input gradient (12 outputs from 16) by Winograd
+    "winograd_8_outputs": make_spec(16, 12, 16, 8, 3, 3, pad=(1, 1, 1, 1), gap=2),
+    "winograd_12_inputs": make_spec(12, 12, 16, 16, 3, 3, pad=(1, 1, 1, 1), bias=False),
     # rows narrower than a vector, whole vectors of outputs: the forward on kw shifted copies (product_shifted)
     "shifted_6_wide": make_spec(9, 8, 6, 5, 3, 3, pad=(1, 1, 1, 1), gap=2),
     # ResNet's stage 3 shape (which runs by Winograd unless that is off)
@@ -370,6 +374,8 @@ def test_which_convolutions_run_by_winograd() -> None:
     # 16 tiles an image, a vector's worth: enough, 12 are not (the weight gradient's blocks hold several images)
     assert runs(make_spec(64, 8, 8, 64, 3, 3, pad=(1, 1, 1, 1))) == (True, True, True)
     assert runs(CASES["winograd_images_per_block"]) == (False, False, True)
+    assert runs(CASES["winograd_8_outputs"]) == (True, False, False)
+    assert runs(CASES["winograd_12_inputs"]) == (False, True, False)
     assert not runs(dataclasses.replace(CASES["winograd_same"], winograd=False))[2]
 
 
