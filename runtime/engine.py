@@ -128,9 +128,10 @@ def part_shards(start: int, stop: int, image0: int, whole: int, chunk: int) -> t
     again at the part's edges.
 
     The part's first image is image `image0` of a batch of `whole` images, which one process runs in chunks of
-    `chunk`. So the ranks of a data-parallel step compute the very shards one process would, and no rank cuts its
-    share smaller than that (two ranks at batch 64: one shard of 32 each, not two of 16; their all-reduce is then
-    the one addition one process makes). Shards are relative to `start`; for a whole batch this is ``shards``.
+    `chunk`. So the ranks of a data-parallel step compute the very shards one process would, and a rank of one
+    thread cuts its share no smaller than that (two ranks at batch 64: one shard of 32 each, not two of 16; their
+    all-reduce is then the one addition one process makes). Shards are relative to `start`; for a whole batch this
+    is ``shards``.
     """
     lo, hi = image0 + start, image0 + stop
     pieces = []
@@ -781,14 +782,17 @@ class Engine:
         instead of N, so that the parts' gradients and losses add up to the
         whole batch's.
 
-        The batch is cut into shards by its size alone (see ``shards``; a part
-        as its whole batch is, ``part_shards``); each shard's gradient sums into
-        a buffer of its own and the buffers are added in order, so the result is
-        the same bits on any number of threads. With batchnorm the step runs in
-        phases, the batch statistics reduced across the shards between them
+        The batch is cut into shards by its size alone (see ``shards``); each
+        shard's gradient sums into a buffer of its own and the buffers are added
+        in order, so the result is the same bits on any number of threads. A part
+        is cut as its whole batch is (``part_shards``), so that N ranks compute
+        what one process would; but a part that this cuts into one piece only is
+        cut by its own size when the model has several threads, so they share
+        it (a rank's bits then differ between one thread and several, within
+        float32 rounding). With batchnorm the step runs in phases, the batch
+        statistics reduced across the shards between them
         (``cnnc_runtime.batchnorm``), the running statistics updated, and the
-        batch is never cut into chunks.
-        Calls take turns under ``lock``; hold ``lock`` around this call and the
+        batch is never cut into chunks. Calls take turns under ``lock``; hold ``lock`` around this call and the
         update that uses ``flat_grads`` (``update``), or another thread's step
         may overwrite the gradient in between.
         """
@@ -811,8 +815,11 @@ class Engine:
             whole_chunk = CHUNK if self.statistics is None else whole  # as one process runs the whole batch
             for start in range(0, n, chunk):
                 stop = min(n, start + chunk)
+                parts = part_shards(start, stop, image0, whole, whole_chunk)
+                if len(parts) < MIN_SHARDS and self.threads > 1:  # a part in one piece would leave threads idle
+                    parts = shards(stop - start)
                 self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, stop,
-                                      label_smoothing, image0, part_shards(start, stop, image0, whole, whole_chunk))
+                                      label_smoothing, image0, parts)
         return float(losses.sum(dtype=np.float64) * scale)
 
     def _check_network_input(self, x: Any, what: str, writable: bool = False) -> None:
