@@ -792,7 +792,8 @@ class Engine:
         float32 rounding). With batchnorm the step runs in phases, the batch
         statistics reduced across the shards between them
         (``cnnc_runtime.batchnorm``), the running statistics updated, and the
-        batch is never cut into chunks. Calls take turns under ``lock``; hold ``lock`` around this call and the
+        batch is never cut into chunks.
+        Calls take turns under ``lock``; hold ``lock`` around this call and the
         update that uses ``flat_grads`` (``update``), or another thread's step
         may overwrite the gradient in between.
         """
