@@ -9,7 +9,9 @@ batch operand being ``x_stride``/``y_stride`` apart:
   of an output group before the next group);
 - backward data: ``dx (+)= dy @ W`` (``gemm_nn``, vectorised over f);
 - backward weights: ``dW += dy^T @ x`` (``gemm_nn`` with the batch as the
-  reduction, vectorised over f) and ``db += sum over images of dy``.
+  reduction, vectorised over f; weights larger than the cache row tile by
+  row tile, so that dW streams through in order) and ``db += sum over images
+  of dy``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from cnnc.codegen.specs import DenseSpec
 from cnnc.ops import activations
 
 # floats (512 KB): larger weights are read once per call (gemm_nt's b_outside), in tiles of 4 images by 4
-# outputs where there are 32 registers: CIFAR's 4096 -> 256 layer 50 -> 64 GFLOP/s on one Zen 4 core
+# outputs where there are 32 registers; their gradient row tile by row tile. CIFAR's 4096 -> 256 layer on one
+# Zen 4 core: forward 50 -> 64 GFLOP/s, weight gradient 33 -> ~48
 WEIGHTS_IN_CACHE = 1 << 17
 
 
@@ -91,7 +94,8 @@ def emit_dense_backward_weights(module: ir.Module, name: str, spec: DenseSpec, v
         emit.store(b, b.fadd(emit.load(b, dw, at, width), value), dw, at)
 
     # A[o, n] = dy[n, o]: the batch is the reduction
-    gemm_nn(b, spec.o, spec.f, images, Mat(dy_first, rs=1, cs=ys), x, add, vw)
+    gemm_nn(b, spec.o, spec.f, images, Mat(dy_first, rs=1, cs=ys), x, add, vw,
+            rows_outside=spec.o * spec.f > WEIGHTS_IN_CACHE)
 
     if spec.bias:
         db = args["db"]
