@@ -14,8 +14,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -79,38 +78,12 @@ def optimize(module: ir.Module, target: Target) -> llvm.ModuleRef:
 def emit_object(module: ir.Module, target: Target) -> bytes:
     """Compile `module` to a relocatable object file for `target`."""
     ref = optimize(module, target)
-    with _codegen_options():
-        return target.machine().emit_object(ref)
+    return target.machine().emit_object(ref)
 
 
 def emit_assembly(module: ir.Module, target: Target) -> str:
     ref = optimize(module, target)
-    with _codegen_options():
-        return target.machine().emit_assembly(ref)
-
-
-@contextmanager
-def _codegen_options() -> Iterator[None]:
-    """LLVM's code generator without loop strength reduction, for cnnc's modules only.
-
-    Strength reduction (rewriting a loop's addresses as pointers stepped by
-    the loop) and its analysis took ~30% of the code generator's time on
-    LeNet-5, the most of any pass after instruction selection. cnnc's loops
-    gain nothing from it: their addresses are a base pointer plus constant
-    offsets already, and the register tiles are bound by the FMA units, not by
-    the few integer instructions left; measured without it (CPU time,
-    alternating runs): the 64-channel direct conv kernels, LeNet-5's and the
-    CIFAR net's training steps, all within noise (+-2%). The option belongs to
-    the process (LLVM's command line), so it is set under llvmlite's lock and
-    put back for any other user of LLVM in the process.
-    """
-    llvm = _llvm()
-    with _llvm_lock():
-        llvm.set_option("cnnc", "-disable-lsr")
-        try:
-            yield
-        finally:
-            llvm.set_option("cnnc", "-disable-lsr=false")
+    return target.machine().emit_assembly(ref)
 
 
 def _link(texts: list[str], target: Target) -> llvm.ModuleRef:
@@ -206,9 +179,7 @@ def _groups(modules: list[ir.Module], parts: int) -> list[list[ir.Module]]:
 
 
 def _compile_group(modules: list[ir.Module], target: Target) -> bytes:
-    ref = _link([str(m) for m in modules], target)
-    with _codegen_options():
-        return target.machine().emit_object(ref)
+    return target.machine().emit_object(_link([str(m) for m in modules], target))
 
 
 PARALLEL_MIN_COST = 200  # estimated ms of LLVM work below which a second process does not pay

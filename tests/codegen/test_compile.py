@@ -19,7 +19,6 @@ from cnnc.codegen.module import build_module
 from cnnc.codegen.target import emit_objects, host_target
 from cnnc.errors import Diagnostics
 from cnnc.pipeline import check_source, optimize
-from cnnc_runtime.host import llvm
 from cnnc_runtime.native import NativeLibrary, bundle
 
 LENET = Path(__file__).resolve().parents[2] / "examples" / "lenet5.cnn"
@@ -200,39 +199,3 @@ def test_a_stuck_child_is_killed_and_its_group_compiled_here(monkeypatch):
         lib.function(f"set{i}", [ctypes.c_void_p])(out.ctypes.data)
         assert out[0] == i
     assert no_children_left()
-
-
-LOOP_IR = """
-define void @scale(ptr %x, i64 %n) {
-entry:
-  br label %loop
-loop:
-  %i = phi i64 [ 0, %entry ], [ %next, %loop ]
-  %at = mul i64 %i, 3
-  %p = getelementptr inbounds float, ptr %x, i64 %at
-  %v = load float, ptr %p
-  %w = fmul float %v, 2.0
-  store float %w, ptr %p
-  %next = add i64 %i, 1
-  %more = icmp slt i64 %next, %n
-  br i1 %more, label %loop, label %done
-done:
-  ret void
-}
-"""
-
-
-def loop_assembly() -> str:
-    """A strided loop compiled by llvmlite directly, as another user of LLVM in the process would."""
-    ref = llvm().parse_assembly(LOOP_IR)
-    return host_target().machine().emit_assembly(ref)
-
-
-def test_codegen_options_are_cnnc_s_alone():
-    # cnnc compiles without loop strength reduction, which changes this loop's code, and puts LLVM's
-    # (process-wide) option back: another user of llvmlite in the process compiles as before
-    before = loop_assembly()
-    with target._codegen_options():
-        assert loop_assembly() != before
-    target.emit_object(lenet_modules()[1], host_target())
-    assert loop_assembly() == before
