@@ -804,7 +804,8 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
             while start < n:
                 size = min(s.batch, n - start)
                 if native is not None and size <= CHUNK:  # a run of steps, in one native call per thread
-                    limit = s.max_steps - run.step if s.max_steps is not None else native.max_steps
+                    # (a resume past the limit still takes the one step the per-step path takes)
+                    limit = max(1, s.max_steps - run.step) if s.max_steps is not None else native.max_steps
                     steps = min(run_length(step_seconds, native.max_steps), (n - start) // size, limit)
                     clock = time.perf_counter()
                     values, done, right = _native_steps(native, run, s, order[start:start + steps * size], size,

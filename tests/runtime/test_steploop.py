@@ -258,3 +258,19 @@ def test_more_pool_threads_than_shards_and_the_l2_loss(compiled):
     np.testing.assert_array_equal(weights[0], weights[1])
     for a, b in zip(histories[0].epochs, histories[1].epochs, strict=True):
         assert a.loss == pytest.approx(b.loss, rel=1e-6) and a.accuracy == b.accuracy
+
+
+def test_a_resume_past_the_step_limit_stops_as_the_per_step_path_does(compiled, tmp_path):
+    """A checkpoint with more steps than the limit it is resumed with: the native path must not ask for a run of
+    no steps (it raised a ValueError about its own buffers); both paths take the same one step and stop."""
+    x, y = images()
+    results = []
+    for native in (True, False):
+        checkpoint = tmp_path / f"{native}.ckpt.npz"
+        model_with(compiled, 2, native).fit(x, y, epochs=1, batch=16, seed=3, max_steps=4, checkpoint=checkpoint,
+                                            progress=False)
+        model = model_with(compiled, 2, native)
+        history = model.fit(x, y, epochs=2, batch=16, seed=3, max_steps=2, resume=checkpoint, progress=False)
+        results.append((history.stopped, model.flat_params.copy()))
+    assert results[0][0] == results[1][0] == "reached the step limit of 2"
+    np.testing.assert_array_equal(results[0][1], results[1][1])
