@@ -510,6 +510,9 @@ def fit(model: Engine, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[n
 def _fit(model: Engine, x, y, comm: Local, validation_data, checkpoint, resume, log, progress, on_epoch,
          settings: dict[str, Any]) -> History:
     settings = renamed(settings, stacklevel=5)  # (the caller of Model.fit)
+    for name, path in (("checkpoint", checkpoint), ("resume", resume), ("log", log)):
+        if path is not None and not isinstance(path, (str, os.PathLike)):  # (open(1) would be stdout)
+            raise ValueError(f"{name} must be a path (str or os.PathLike), got {type(path).__name__}")
     s = settings_from(model.manifest.get("train", {}), **settings)
     for name in OPTIONAL:
         if name in settings and settings[name] is None:
