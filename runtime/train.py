@@ -806,7 +806,7 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
         with np.errstate(over="ignore", invalid="ignore"):  # a NaN or an overflow is found and reported below
             while start < n:
                 size = min(s.batch, n - start)
-                if native is not None and size <= CHUNK:  # a run of steps, in one native call per thread
+                if native is not None and size <= CHUNK and native.takes_optimizer():  # a run of steps, natively
                     # (a resume past the limit still takes the one step the per-step path takes)
                     limit = max(1, s.max_steps - run.step) if s.max_steps is not None else native.max_steps
                     steps = min(run_length(step_seconds, native.max_steps), (n - start) // size, limit)

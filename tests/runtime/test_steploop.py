@@ -274,3 +274,22 @@ def test_a_resume_past_the_step_limit_stops_as_the_per_step_path_does(compiled, 
         results.append((history.stopped, model.flat_params.copy()))
     assert results[0][0] == results[1][0] == "reached the step limit of 2"
     np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+def test_optimizer_state_the_native_update_cannot_take_trains_on_the_per_step_path(compiled):
+    """State loaded between epochs as float64 (a callback's `load_state_dict`): the per-step path updates it in
+    numpy; a native run refused it mid-fit ("Adam has no native update"). Now those steps take the per-step path."""
+    x, y = images()
+    weights = []
+    for native in (True, False):
+        model = model_with(compiled, 2, native)
+        adam = OPTIMIZERS["adam"](lr=0.01)
+
+        def reload(epoch, adam=adam) -> None:
+            state = adam.state_dict()
+            adam.load_state_dict({k: v.astype(np.float64) if isinstance(v, np.ndarray) else v
+                                  for k, v in state.items()})
+
+        model.fit(x, y, epochs=3, batch=16, seed=3, optimizer=adam, on_epoch=reload, progress=False)
+        weights.append(model.flat_params.copy())
+    np.testing.assert_array_equal(weights[0], weights[1])
