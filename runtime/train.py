@@ -791,7 +791,7 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
     native = None
     if unsupported(model, s, comm.size, gather, optimizer) is None:
         native = NativeRun(model, loss, gather, targets, optimizer, s, fill, good)
-    step_seconds = 0.0  # (measured by each run: the next run takes about RUN_SECONDS)
+    image_seconds = 0.0  # (measured by each run, per image: an epoch's short last batch says little of a step)
 
     while run.epoch < s.epochs and not run.stopped:
         t0 = time.perf_counter()
@@ -809,11 +809,11 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
                 if native is not None and size <= CHUNK and native.takes_optimizer():  # a run of steps, natively
                     # (a resume past the limit still takes the one step the per-step path takes)
                     limit = max(1, s.max_steps - run.step) if s.max_steps is not None else native.max_steps
-                    steps = min(run_length(step_seconds, native.max_steps), (n - start) // size, limit)
+                    steps = min(run_length(image_seconds * size, native.max_steps), (n - start) // size, limit)
                     clock = time.perf_counter()
                     values, done, right = _native_steps(native, run, s, order[start:start + steps * size], size,
                                                         lr_of, labels)
-                    step_seconds = (time.perf_counter() - clock) / max(done, 1)
+                    image_seconds = (time.perf_counter() - clock) / max(done * size, 1)
                     for value in values[:done]:  # (in order: the epoch's sum as the per-step path adds it)
                         total += value * size
                     run.step += done

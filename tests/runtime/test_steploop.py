@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -293,3 +294,24 @@ def test_optimizer_state_the_native_update_cannot_take_trains_on_the_per_step_pa
         model.fit(x, y, epochs=3, batch=16, seed=3, optimizer=adam, on_epoch=reload, progress=False)
         weights.append(model.flat_params.copy())
     np.testing.assert_array_equal(weights[0], weights[1])
+
+
+def test_a_run_after_a_short_last_batch_is_sized_by_the_images_it_does(compiled, monkeypatch):
+    """A run's length comes from the time of the last one. After an epoch's last batch of one image, it was sized
+    as if each step of a full batch cost what that one image did: a run 16 times too long (Ctrl-C acts between
+    runs). On a clock where each image costs 1 ms, steps of 16 images must run in runs of RUN_SECONDS / 16 ms."""
+    clock = [0.0]
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    model = model_with(compiled, 1, True)
+    runs = []
+    original = model.run_steps
+
+    def timed(loss, ctx, used, images):
+        runs.append((int(ctx[0]), int(ctx[1])))  # (FIELDS: the run's steps, its images per step)
+        clock[0] += 0.001 * ctx[0] * ctx[1]
+        original(loss, ctx, used, images)
+
+    model.run_steps = timed
+    x, y = images(16 * 10 + 1)
+    model.fit(x, y, epochs=2, batch=16, seed=3, progress=False)
+    assert (1, 1) in runs and max(steps for steps, _ in runs) == 3  # (0.05 s / 0.016 s)
