@@ -315,3 +315,24 @@ def test_a_run_after_a_short_last_batch_is_sized_by_the_images_it_does(compiled,
     x, y = images(16 * 10 + 1)
     model.fit(x, y, epochs=2, batch=16, seed=3, progress=False)
     assert (1, 1) in runs and max(steps for steps, _ in runs) == 3  # (0.05 s / 0.016 s)
+
+
+def test_a_checkpoint_with_float64_optimizer_state_resumes_as_the_per_step_path_does(compiled, tmp_path):
+    """A checkpoint written by hand (or by another tool) with the moments as float64: resumable on both paths,
+    to the same weights (the native run refused it with "Adam has no native update")."""
+    x, y = images()
+    written = tmp_path / "written.ckpt.npz"
+    model_with(compiled, 2, True).fit(x, y, epochs=1, batch=16, seed=3, optimizer="adam", checkpoint=written,
+                                      progress=False)
+    with np.load(written) as z:
+        arrays = {k: z[k].astype(np.float64) if k.startswith("opt/") and z[k].dtype == np.float32 else z[k]
+                  for k in z.files}
+    assert arrays["opt/m"].dtype == np.float64
+    forged = tmp_path / "float64.ckpt.npz"
+    np.savez(forged, **arrays)
+    weights = []
+    for native in (True, False):
+        model = model_with(compiled, 2, native)
+        model.fit(x, y, epochs=2, batch=16, seed=3, optimizer="adam", resume=forged, progress=False)
+        weights.append(model.flat_params.copy())
+    np.testing.assert_array_equal(weights[0], weights[1])
