@@ -349,7 +349,7 @@ class Engine:
         self._norm = normalization(self._normalize, self.input_shape)  # (mean, std) float32 arrays, or None
         self._output_floats = int(np.prod(self.output_shape))
         self._input_floats = int(np.prod(self.input_shape))
-        self.threads = default_threads() if threads is None else check_threads(threads)
+        self._threads = default_threads() if threads is None else check_threads(threads)
         size, ws_floats = int(manifest["param_floats"]), max(int(manifest["ws_floats"]), 16)
         # flat_params, flat_grads, decay_mask (float32), trainable_mask (bool); the conv workspaces of the
         # training set and of one inference set; and the activations of one image, inferring and training
@@ -1065,6 +1065,11 @@ class Engine:
             raise ValueError(f"gatherer needs a writable contiguous float32 buffer of shape "
                              f"(N, {', '.join(map(str, self.input_shape))})")
         return NativeGather(self._gathers, inputs, out, self._lib)
+
+    @property
+    def threads(self) -> int:
+        """The pool threads this model runs on: fixed when it is made (its per-thread buffers are sized by it)."""
+        return self._threads
 
     @property
     def has_runs(self) -> bool:

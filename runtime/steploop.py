@@ -136,6 +136,12 @@ class NativeRun:
             got = self._layouts[m] = self.model.run_layout(m)
         return got
 
+    def takes_optimizer(self) -> bool:
+        """Whether the native update takes the optimizer's state as it is now: a callback between runs may have
+        loaded state it cannot take (float64, say), which the per-step path updates in numpy."""
+        model = self.model
+        return self.optimizer.native_buffers(model.flat_params, model.flat_grads, model.decay_mask) is not None
+
     def run(self, idx: np.ndarray, m: int, seeds: np.ndarray,
             lrs: list[float]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         """``len(idx) // m`` steps of `m` images: step s trains on images ``idx[s m:(s + 1) m]`` of the set, with

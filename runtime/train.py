@@ -510,6 +510,9 @@ def fit(model: Engine, x: np.ndarray, y: np.ndarray, *, validation_data: tuple[n
 def _fit(model: Engine, x, y, comm: Local, validation_data, checkpoint, resume, log, progress, on_epoch,
          settings: dict[str, Any]) -> History:
     settings = renamed(settings, stacklevel=5)  # (the caller of Model.fit)
+    for name, path in (("checkpoint", checkpoint), ("resume", resume), ("log", log)):
+        if path is not None and not isinstance(path, (str, os.PathLike)):  # (open(1) would be stdout)
+            raise ValueError(f"{name} must be a path (str or os.PathLike), got {type(path).__name__}")
     s = settings_from(model.manifest.get("train", {}), **settings)
     for name in OPTIONAL:
         if name in settings and settings[name] is None:
@@ -788,7 +791,7 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
     native = None
     if unsupported(model, s, comm.size, gather, optimizer) is None:
         native = NativeRun(model, loss, gather, targets, optimizer, s, fill, good)
-    step_seconds = 0.0  # (measured by each run: the next run takes about RUN_SECONDS)
+    image_seconds = 0.0  # (measured by each run, per image: an epoch's short last batch says little of a step)
 
     while run.epoch < s.epochs and not run.stopped:
         t0 = time.perf_counter()
@@ -803,13 +806,14 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
         with np.errstate(over="ignore", invalid="ignore"):  # a NaN or an overflow is found and reported below
             while start < n:
                 size = min(s.batch, n - start)
-                if native is not None and size <= CHUNK:  # a run of steps, in one native call per thread
-                    limit = s.max_steps - run.step if s.max_steps is not None else native.max_steps
-                    steps = min(run_length(step_seconds, native.max_steps), (n - start) // size, limit)
+                if native is not None and size <= CHUNK and native.takes_optimizer():  # a run of steps, natively
+                    # (a resume past the limit still takes the one step the per-step path takes)
+                    limit = max(1, s.max_steps - run.step) if s.max_steps is not None else native.max_steps
+                    steps = min(run_length(image_seconds * size, native.max_steps), (n - start) // size, limit)
                     clock = time.perf_counter()
                     values, done, right = _native_steps(native, run, s, order[start:start + steps * size], size,
                                                         lr_of, labels)
-                    step_seconds = (time.perf_counter() - clock) / max(done, 1)
+                    image_seconds = (time.perf_counter() - clock) / max(done * size, 1)
                     for value in values[:done]:  # (in order: the epoch's sum as the per-step path adds it)
                         total += value * size
                     run.step += done

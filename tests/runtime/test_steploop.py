@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -258,3 +259,80 @@ def test_more_pool_threads_than_shards_and_the_l2_loss(compiled):
     np.testing.assert_array_equal(weights[0], weights[1])
     for a, b in zip(histories[0].epochs, histories[1].epochs, strict=True):
         assert a.loss == pytest.approx(b.loss, rel=1e-6) and a.accuracy == b.accuracy
+
+
+def test_a_resume_past_the_step_limit_stops_as_the_per_step_path_does(compiled, tmp_path):
+    """A checkpoint with more steps than the limit it is resumed with: the native path must not ask for a run of
+    no steps (it raised a ValueError about its own buffers); both paths take the same one step and stop."""
+    x, y = images()
+    results = []
+    for native in (True, False):
+        checkpoint = tmp_path / f"{native}.ckpt.npz"
+        model_with(compiled, 2, native).fit(x, y, epochs=1, batch=16, seed=3, max_steps=4, checkpoint=checkpoint,
+                                            progress=False)
+        model = model_with(compiled, 2, native)
+        history = model.fit(x, y, epochs=2, batch=16, seed=3, max_steps=2, resume=checkpoint, progress=False)
+        results.append((history.stopped, model.flat_params.copy()))
+    assert results[0][0] == results[1][0] == "reached the step limit of 2"
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+def test_optimizer_state_the_native_update_cannot_take_trains_on_the_per_step_path(compiled):
+    """State loaded between epochs as float64 (a callback's `load_state_dict`): the per-step path updates it in
+    numpy; a native run refused it mid-fit ("Adam has no native update"). Now those steps take the per-step path."""
+    x, y = images()
+    weights = []
+    for native in (True, False):
+        model = model_with(compiled, 2, native)
+        adam = OPTIMIZERS["adam"](lr=0.01)
+
+        def reload(epoch, adam=adam) -> None:
+            state = adam.state_dict()
+            adam.load_state_dict({k: v.astype(np.float64) if isinstance(v, np.ndarray) else v
+                                  for k, v in state.items()})
+
+        model.fit(x, y, epochs=3, batch=16, seed=3, optimizer=adam, on_epoch=reload, progress=False)
+        weights.append(model.flat_params.copy())
+    np.testing.assert_array_equal(weights[0], weights[1])
+
+
+def test_a_run_after_a_short_last_batch_is_sized_by_the_images_it_does(compiled, monkeypatch):
+    """A run's length comes from the time of the last one. After an epoch's last batch of one image, it was sized
+    as if each step of a full batch cost what that one image did: a run 16 times too long (Ctrl-C acts between
+    runs). On a clock where each image costs 1 ms, steps of 16 images must run in runs of RUN_SECONDS / 16 ms."""
+    clock = [0.0]
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    model = model_with(compiled, 1, True)
+    runs = []
+    original = model.run_steps
+
+    def timed(loss, ctx, used, images):
+        runs.append((int(ctx[0]), int(ctx[1])))  # (FIELDS: the run's steps, its images per step)
+        clock[0] += 0.001 * ctx[0] * ctx[1]
+        original(loss, ctx, used, images)
+
+    model.run_steps = timed
+    x, y = images(16 * 10 + 1)
+    model.fit(x, y, epochs=2, batch=16, seed=3, progress=False)
+    assert (1, 1) in runs and max(steps for steps, _ in runs) == 3  # (0.05 s / 0.016 s)
+
+
+def test_a_checkpoint_with_float64_optimizer_state_resumes_as_the_per_step_path_does(compiled, tmp_path):
+    """A checkpoint written by hand (or by another tool) with the moments as float64: resumable on both paths,
+    to the same weights (the native run refused it with "Adam has no native update")."""
+    x, y = images()
+    written = tmp_path / "written.ckpt.npz"
+    model_with(compiled, 2, True).fit(x, y, epochs=1, batch=16, seed=3, optimizer="adam", checkpoint=written,
+                                      progress=False)
+    with np.load(written) as z:
+        arrays = {k: z[k].astype(np.float64) if k.startswith("opt/") and z[k].dtype == np.float32 else z[k]
+                  for k in z.files}
+    assert arrays["opt/m"].dtype == np.float64
+    forged = tmp_path / "float64.ckpt.npz"
+    np.savez(forged, **arrays)
+    weights = []
+    for native in (True, False):
+        model = model_with(compiled, 2, native)
+        model.fit(x, y, epochs=2, batch=16, seed=3, optimizer="adam", resume=forged, progress=False)
+        weights.append(model.flat_params.copy())
+    np.testing.assert_array_equal(weights[0], weights[1])

@@ -194,3 +194,12 @@ def test_training_is_the_same_bits_on_any_number_of_threads(compiled):
     for loss, params in trained[1:]:
         assert loss == trained[0][0]
         np.testing.assert_array_equal(params, trained[0][1])
+
+
+def test_a_models_thread_count_is_fixed_when_it_is_made(compiled):
+    """Its per-thread buffers are sized by it: a count changed later (say in fit's on_epoch) made the per-step
+    path fail with an IndexError and a native run read and write past its per-thread arrays."""
+    model = model_with(compiled, 1)
+    with pytest.raises(AttributeError):
+        model.threads = 4
+    assert model.threads == 1

@@ -1350,3 +1350,15 @@ def test_images_that_do_not_fit_are_refused_naming_the_shape(bad, message):
         model.evaluate(bad, y)
     with pytest.raises(ValueError, match=message):
         model.fit(stored_digits(8)[0], np.zeros(8, np.int64), validation_data=(bad, y), epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("argument", ["checkpoint", "resume", "log"])
+def test_a_file_argument_that_is_not_a_path_is_refused(data, argument):
+    """`True` or `1` is a file descriptor to ``open``: fit(resume=True) read stdout as a checkpoint and closed it."""
+    x, y = data
+    model = build(MLP)
+    before = model.flat_params.copy()
+    with pytest.raises(ValueError, match=f"{argument} must be a path"):
+        model.fit(x, y, epochs=1, progress=False, **{argument: True})
+    np.testing.assert_array_equal(model.flat_params, before)
+    os.fstat(1)  # (still open)
