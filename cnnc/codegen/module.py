@@ -192,6 +192,9 @@ class Entry:
         self.step = None  # the autodiff Step being emitted
         self.syncs: list[dict] = []  # the reductions that end each phase but the last
         self.act_grads_done: set[str] = set()  # fused activations whose gradient a pool's backward applied
+        self.residual: dict[str, str] = {}  # training: add -> the batchnorm it applies (lowering.residual_tail)
+        self.fused_acts: set[str] = set()  # activations applied by the residual add before them
+        self.bn_sums_done: set[str] = set()  # batchnorms whose gradient sums a residual add's backward took
         self.timing = Timing(builder.stopwatch, name) if builder.stopwatch else None
         if self.timing:
             self.timing.start(self.b)
