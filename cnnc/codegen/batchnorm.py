@@ -63,16 +63,19 @@ def _planes(b: ir.IRBuilder, a: dict, channels: int, hw: int, names: dict[str, i
 
 
 def emit_bn_stats(module: ir.Module, name: str, spec: BatchNormSpec, vw: int) -> ir.Function:
-    """``(x, partial, n0, n1)``: partial[c] = sum of channel c over images [n0, n1) and positions,
+    """``(x, partial, first_i64, n0, n1)``: partial[c] = sum of channel c over images [first, n1) and positions,
     partial[C + c] = sum of (x - shard mean)^2; float64.
 
     One pass over the shard: each plane's sum, then (from the L1 cache) its squared deviations from its
-    own mean, combined into the channel's running sums by Chan's update in float64.
+    own mean, combined into the channel's running sums by Chan's update in float64. A shard may come in
+    several calls, in order (``first``: its first image): the call from ``first`` starts the sums, the
+    others add to them, with the same bits as one call.
     """
-    fn, b, a = emit.kernel(module, name, ["x", "partial", "n0", "n1"])
+    fn, b, a = emit.kernel(module, name, ["x", "partial", "first_i64", "n0", "n1"])
     c, hw = spec.c, spec.hw
     x_stride = stride_or(spec.x_stride, c * hw)
-    _zero(b, a["partial"], 2 * c)
+    with b.if_then(b.icmp_signed("==", a["n0"], a["first_i64"])):
+        _zero(b, a["partial"], 2 * c)
     fadd = lambda s, v: b.fadd(s, v)  # noqa: E731
     size = ir.Constant(F64, float(hw))
 
@@ -87,7 +90,7 @@ def emit_bn_stats(module: ir.Module, name: str, spec: BatchNormSpec, vw: int) ->
         m2 = b.fpext(reduce_run(b, hw, vw, term, fadd, 0.0), F64)
         total = b.fpext(total, F64)
         # Chan et al.: (count, sum, m2) of the planes so far and this plane's (hw, total, m2)
-        count = b.sitofp(b.mul(b.sub(n, a["n0"]), i64(hw)), F64)
+        count = b.sitofp(b.mul(b.sub(n, a["first_i64"]), i64(hw)), F64)
         sum_slot, m2_slot = _dslot(b, a["partial"], ch), _dslot(b, a["partial"], b.add(ch, i64(c)))
         before = b.load(sum_slot, typ=F64, align=8)
         seen = b.select(b.fcmp_ordered(">", count, ir.Constant(F64, 0.0)), count, ir.Constant(F64, 1.0))
@@ -139,10 +142,11 @@ def _apply(b: ir.IRBuilder, a: dict, c: int, hw: int, vw: int, strides: dict[str
 
 
 def emit_bn_grad_sums(module: ir.Module, name: str, spec: BatchNormSpec, vw: int) -> ir.Function:
-    """``(x, dy, mean, partial, saved, n0, n1)``: partial[c] = sum(dy), partial[C + c] = sum(dy * (x - mean[c]));
-    float64. With a fused activation, dy is first taken through it in place (dy = dy * act'(saved), `saved`
-    the activation's output, or its input when its gradient reads that, at ``v_stride``)."""
-    fn, b, a = emit.kernel(module, name, ["x", "dy", "mean", "partial", "saved", "n0", "n1"])
+    """``(x, dy, mean, partial, saved, first_i64, n0, n1)``: partial[c] = sum(dy), partial[C + c] = sum(dy * (x -
+    mean[c])) over images [first, n1); float64 (a shard may come in several calls, as in ``stats``). With a
+    fused activation, dy is first taken through it in place (dy = dy * act'(saved), `saved` the activation's
+    output, or its input when its gradient reads that, at ``v_stride``)."""
+    fn, b, a = emit.kernel(module, name, ["x", "dy", "mean", "partial", "saved", "first_i64", "n0", "n1"])
     c, hw = spec.c, spec.hw
     strides = {"x": stride_or(spec.x_stride, c * hw), "dy": stride_or(spec.y_stride, c * hw)}
     if spec.act != "none":
@@ -161,9 +165,9 @@ def emit_bn_grad_sums(module: ir.Module, name: str, spec: BatchNormSpec, vw: int
 
 
 def emit_bn_grad_sums_fan_out(module: ir.Module, name: str, spec: ResidualSpec, vw: int) -> ir.Function:
-    """``(x, dy, mean, partial, saved, a, b, n0, n1)``: g = dy * act'(saved); a (+)= g, b (+)= g (each by its flag);
-    partial[c] = sum(g), partial[C + c] = sum(g * (x - mean[c])), float64, as ``grad_sums`` of b."""
-    fn, b, a = emit.kernel(module, name, ["x", "dy", "mean", "partial", "saved", "a", "b", "n0", "n1"])
+    """``(x, dy, mean, partial, saved, a, b, first_i64, n0, n1)``: g = dy * act'(saved); a (+)= g, b (+)= g (each
+    by its flag); partial[c] = sum(g), partial[C + c] = sum(g * (x - mean[c])), float64, as ``grad_sums`` of b."""
+    fn, b, a = emit.kernel(module, name, ["x", "dy", "mean", "partial", "saved", "a", "b", "first_i64", "n0", "n1"])
     size = spec.c * spec.hw
     strides = {k: stride_or(getattr(spec, f"{k}_stride"), size) for k in ("x", "a", "b")}
     strides["dy"] = stride_or(spec.y_stride, size)
@@ -185,8 +189,9 @@ def emit_bn_grad_sums_fan_out(module: ir.Module, name: str, spec: ResidualSpec, 
 
 def _grad_sums(b: ir.IRBuilder, a: dict, c: int, hw: int, vw: int, strides: dict[str, int], gradient) -> None:
     """partial[c] = sum of ``gradient(planes, offset, width)`` (which may store it), partial[C + c] = sum of it
-    times (x - mean[c]): each plane's float32 sums added to float64 ones."""
-    _zero(b, a["partial"], 2 * c)
+    times (x - mean[c]): each plane's float32 sums added to float64 ones, from zero in the call from ``first``."""
+    with b.if_then(b.icmp_signed("==", a["n0"], a["first_i64"])):
+        _zero(b, a["partial"], 2 * c)
 
     def plane(ch: ir.Value, p: dict, _: ir.Value) -> None:
         mean = emit.load(b, a["mean"], ch)

@@ -296,7 +296,7 @@ def forward_batchnorm(ctx, name: str) -> None:
     y = pre or ctx.value(name)
     spec = batchnorm_spec(ctx, name, y, fused=pre is None)
     if ctx.plan.training:
-        ctx.call(ctx.kernel(emit_bn_stats, spec), ctx.value(src), ctx.bn_partial(name))
+        ctx.call(ctx.kernel(emit_bn_stats, spec), ctx.value(src), ctx.bn_partial(name), ctx.args["n0"])
         ctx.sync("forward", name)
         add = residual_tail(ctx, name)
         if add is not None:
@@ -318,7 +318,7 @@ def backward_batchnorm(ctx, name: str) -> None:
     spec = dataclasses.replace(batchnorm_spec(ctx, name, dy), v_stride=saved.stride)
     if name not in ctx.bn_sums_done:  # (else the residual add's backward took them)
         ctx.call(ctx.kernel(emit_bn_grad_sums, spec), ctx.value(src), dy, ctx.bn_coef(name, "mean"),
-                 ctx.bn_partial(name), saved)
+                 ctx.bn_partial(name), saved, ctx.args["n0"])
     ctx.sync("backward", name)
     if ctx.wants_grad(src):
         fn = ctx.kernel(emit_bn_backward, batchnorm_spec(ctx, name, dy, ctx.accumulate(src), fused=False))
@@ -447,7 +447,7 @@ def _residual_backward(ctx, name: str) -> bool:
                               a_stride=a.stride, b_stride=b.stride, accumulate_a=ctx.accumulate(other),
                               accumulate_b=ctx.accumulate(bn))
         ctx.call(ctx.kernel(emit_bn_grad_sums_fan_out, spec), x, dy, ctx.bn_coef(bn, "mean"), ctx.bn_partial(bn),
-                 saved, a, b)
+                 saved, a, b, ctx.args["n0"])
         ctx.bn_sums_done.add(bn)
         return True
     if act:

@@ -54,12 +54,16 @@ def test_stats_are_the_shards_sum_and_squared_deviations(jit, c, hw):
     rng = np.random.default_rng(1)
     x = arena(rng, spec.x_stride, c * hw, scale=3.0) + np.float32(100.0)  # an offset that naive sums would lose
     partial = np.full(2 * c + 3, -1.0)
-    jit("stats", x, partial, N0, N1)
+    jit("stats", x, partial, N0, N0, N1)
     v = _images(x, c, hw)
     np.testing.assert_allclose(partial[:c], v.sum(axis=(0, 2)), rtol=1e-6)
     np.testing.assert_allclose(partial[c:2 * c], ((v - v.mean(axis=(0, 2), keepdims=True)) ** 2).sum(axis=(0, 2)),
                                rtol=1e-4)
     assert (partial[2 * c:] == -1.0).all()
+    in_parts = np.full_like(partial, -1.0)  # the shard in calls of one image (the step's chunks), in order
+    for n in range(N0, N1):
+        jit("stats", x, in_parts, N0, n, n + 1)
+    np.testing.assert_array_equal(in_parts, partial)
 
 
 @pytest.mark.parametrize("c,hw", SHAPES)
@@ -95,7 +99,7 @@ def test_grad_sums_are_sum_dy_and_sum_dy_times_centred_x(jit, c, hw, act):
     mean = rng.standard_normal(c).astype(np.float32)
     partial = np.full(2 * c, 5.0)
     before = dy.copy()
-    jit("sums", x, dy, mean, partial, saved if act != "none" else None, N0, N1)
+    jit("sums", x, dy, mean, partial, saved if act != "none" else None, N0, N0, N1)
     v, d = _images(x, c, hw), _images(before, c, hw)
     if act != "none":
         zs = slots(z, saved_stride, c * hw)[N0:N1].reshape(d.shape)
@@ -104,6 +108,11 @@ def test_grad_sums_are_sum_dy_and_sum_dy_times_centred_x(jit, c, hw, act):
     assert_untouched(dy, before, written(dy, spec.y_stride, c * hw))
     np.testing.assert_allclose(partial[:c], d.sum(axis=(0, 2)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(partial[c:], (d * (v - mean[:, None])).sum(axis=(0, 2)), rtol=1e-5, atol=1e-5)
+    in_parts, dy_again = np.full_like(partial, 5.0), before.copy()  # the shard in calls of one image, in order
+    for n in range(N0, N1):
+        jit("sums", x, dy_again, mean, in_parts, saved if act != "none" else None, N0, n, n + 1)
+    np.testing.assert_array_equal(in_parts, partial)
+    np.testing.assert_array_equal(dy_again, dy)
 
 
 @pytest.mark.parametrize("c,hw", SHAPES)
@@ -146,7 +155,7 @@ def test_grad_sums_fan_out_sends_the_activations_gradient_to_both_inputs_and_sum
     partial = np.full(2 * c, 5.0)
     before = {k: v.copy() for k, v in t.items()}
     jit("sums_fan_out", t["x"], t["dy"], mean, partial, t["saved"] if act != "none" else None, t["a"], t["b"],
-        N0, N1)
+        N0, N0, N1)
 
     def images(k: str, buf: np.ndarray) -> np.ndarray:
         return slots(buf, strides[k], c * hw)[N0:N1].reshape(N1 - N0, c, hw).astype(np.float64)
@@ -224,12 +233,12 @@ def test_shards_reduced_in_order_give_the_whole_batchs_forward_and_gradient(jit,
     st.shard_buffers(len(shards))
     coef = {k: st.coef("bn", k) for k in BN_COEFS}
     for (a, b), p in zip(shards, st.partials):
-        jit("stats", x, p, a, b)
+        jit("stats", x, p, a, a, b)
     st.forward("bn", shards, params, state)
     for a, b in shards:
         jit("apply", x, coef["scale"], coef["shift"], y, a, b)
     for (a, b), p in zip(shards, st.partials):
-        jit("sums", x, dy, coef["mean"], p, None, a, b)
+        jit("sums", x, dy, coef["mean"], p, None, a, a, b)
     st.backward("bn", shards, params, grads)
     for a, b in shards:
         jit("backward", dy, x, coef["k"], coef["cx"], coef["cc"], dx, a, b)
