@@ -223,9 +223,9 @@ def forward_add(ctx, name: str) -> None:
 
 def residual_tail(ctx, name: str) -> str | None:
     """The add that batchnorm `name` can be applied in, in training: the bn's only consumer, an add of two
-    distinct tensors whose other input is computed before the bn; neither's output read by anything else
-    (nor an output of the network or a loss input), so that the bn's and (with an activation fused into
-    it, ``residual_act``) the add's outputs are never written."""
+    distinct tensors whose other input is computed before the bn, neither of them an output of the network
+    or a loss's input. The bn's output is then never written, nor the add's when the activation after it
+    runs in the same pass (``residual_act``)."""
     g, node = ctx.g, ctx.node(name)
     if not ctx.plan.training or node.get("act", "none") != "none" or name in ctx.plan.pre:
         return None
