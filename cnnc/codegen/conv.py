@@ -478,22 +478,35 @@ def _row_sum(b: ir.IRBuilder, base: ir.Value, start: ir.Value, length: int, vw: 
 def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args: dict, vw: int) -> None:
     spec = g.spec
     p = _forward_plane(spec, g.forward_plane(vw))
+    top, left, _, _ = g.pads
+    bias = args["b"] if spec.bias else None
+
+    def finish_of(b: ir.IRBuilder, n: ir.Value):
+        """Image n's outputs: bias, a folded batchnorm's scale, the activation, stored."""
+        y_img = emit.gep(b, args["y"], index(b, (n, g.y_stride)), name="y.img")
+
+        def finish(b: ir.IRBuilder, r: ir.Value, at: ir.Value, value: ir.Value, width: int) -> None:
+            value = _affine(b, spec, bias, r, value, width)
+            emit.store(b, activations.emit(b, value, spec.act, spec.act_args), y_img, at)
+
+        return finish
+
+    if _winograd(spec, p) and conv_winograd.whole_images(p, spec.h, spec.w):
+        u, wino_ws = _winograd_weights(b, p, args["ws"], args["w"])
+        conv_winograd.product_images(b, p, (spec.h, spec.w, top, left), args["x"], g.x_stride, u, wino_ws, finish_of,
+                                     args["n0"], args["n1"])
+        b.ret_void()
+        return
     pad, out, _ = conv_direct.sections(b, p, args["ws"])
     conv_direct.zero(b, pad, 0, p.pad_floats, vw)  # the border; each image then fills the interior
     weights = args["w"]  # a connect table's tiles never read the weights outside it
-    bias = args["b"] if spec.bias else None
-    top, left, _, _ = g.pads
     winograd = _winograd(spec, p)
     if winograd:
         u, wino_ws = _winograd_weights(b, p, args["ws"], weights)
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
-        y_img = emit.gep(b, args["y"], index(b, (n, g.y_stride)), name="y.img")
         (conv_direct.fill_shifted if p.shifted else conv_direct.fill)(b, p, x_img, spec.h, spec.w, top, left, pad)
-
-        def finish(b: ir.IRBuilder, r: ir.Value, at: ir.Value, value: ir.Value, width: int, y_img=y_img) -> None:
-            value = _affine(b, spec, bias, r, value, width)
-            emit.store(b, activations.emit(b, value, spec.act, spec.act_args), y_img, at)
+        finish = finish_of(b, n)
 
         if winograd:
             conv_winograd.product(b, p, pad, u, wino_ws, finish)

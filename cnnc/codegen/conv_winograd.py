@@ -16,6 +16,15 @@ cache between the transforms and the products. The same routine gives the
 input gradient (the flipped, channel-swapped weights on dy padded by 2), as
 ``conv_direct.product`` does.
 
+Maps whose tiles make exactly one vector (ResNet's 8x8 maps at 16 lanes:
+``whole_images``) would run these transforms on vectors of a tile row (4 of
+16 lanes) and the products on one vector of columns. There
+(``product_images``) each channel of the unpadded image is loaded whole and
+split by shuffles into the 16 vectors of its tiles' patches (zero outside
+the image), the output transform gathers the 2x2 blocks back into rows the
+same way, and the products take several images at once (``ImageBlocks``):
+the same arithmetic in the same order, so the same bits.
+
 Workspace (floats, after all of ``Plane.floats``): ``[U: 16 x o x c][V: 16 x
 c x block][M: 16 x o x block]``.
 """
@@ -33,15 +42,18 @@ from cnnc.codegen.gemm import Mat, gemm_nn, index, vector_loop
 from cnnc.codegen.plan import ALIGN, aligned
 
 MIN_CHANNELS = 16  # below this the products are too small to beat the direct convolution (CIFAR's first layer)
+# ... except for output channels: 16 -> 8 on 32x32 (one thread's half of ResNet's 16 -> 16 when two threads share
+# an image): 23.3 us direct, 18.8 by Winograd (batch 1, one thread, CPU time)
+MIN_OUTPUTS = 8
 BLOCK_TILES = 64  # tiles per block: V and M of a 64-channel layer are 256 KiB each (32 and 128: slower)
 
 
 def applies(p: Plane, table: object) -> bool:
-    """Whether `p` (a valid convolution on the padded plane) runs here: 3x3, even output sizes, enough channels
-    and tiles (the products' columns: with less than a vector of them the direct convolution is as fast),
-    and rows of at least four tiles (the transforms' vectors)."""
+    """Whether `p` (a valid convolution on the padded plane) runs here: 3x3, even output sizes, enough input and
+    output channels and tiles (the products' columns: with less than a vector of them the direct convolution is
+    as fast), and rows of at least four tiles (the transforms' vectors)."""
     return ((p.kh, p.kw) == (3, 3) and p.oh % 2 == 0 and p.ow % 2 == 0 and table is None
-            and min(p.c, p.m) >= MIN_CHANNELS and (p.oh // 2) * (p.ow // 2) >= p.vw and p.ow >= 8)
+            and p.c >= MIN_CHANNELS and p.m >= MIN_OUTPUTS and (p.oh // 2) * (p.ow // 2) >= p.vw and p.ow >= 8)
 
 
 @dataclass(frozen=True)
@@ -91,9 +103,34 @@ class Blocks:
         return self.u_floats + self.v_floats + self.m_floats
 
 
+@dataclass(frozen=True)
+class ImageBlocks(Blocks):
+    """Blocks of several whole images when an image has fewer tiles than a block (else as ``Blocks``)."""
+
+    @property
+    def images(self) -> int:
+        """Images a block holds: more than one when an image has fewer tiles than a block."""
+        return max(1, BLOCK_TILES // (self.th * self.tw)) if self.rows == self.th else 1
+
+    @property
+    def tiles(self) -> int:
+        """Columns of V (and of M) a block can hold."""
+        return self.images * self.rows * self.tw
+
+
 def workspace_floats(p: Plane) -> int:
     """All of conv_direct's workspace for `p` (the padded plane and the flipped weights in it), then this one's."""
-    return p.floats + Blocks(p).floats
+    return p.floats + (ImageBlocks(p) if _one_vector(p) else Blocks(p)).floats
+
+
+def _one_vector(p: Plane) -> bool:
+    return p.vw > 1 and (p.oh // 2) * (p.ow // 2) == p.vw
+
+
+def whole_images(p: Plane, h: int, w: int) -> bool:
+    """Whether `p`'s forward runs by ``product_images``: an image's tiles are one vector and its unpadded
+    `h` x `w` channel at most four (loaded whole, then split by shuffles)."""
+    return _one_vector(p) and h * w <= 4 * p.vw
 
 
 def transform_weights(b: ir.IRBuilder, p: Plane, w: ir.Value, u: ir.Value) -> None:
@@ -183,6 +220,22 @@ def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, u: ir.Value, ws: ir.Value,
         _block(b, p, blk, pad, u, ws, i64(full * blk.rows), rest, finish)
 
 
+def _products(b: ir.IRBuilder, p: Plane, u: ir.Value, v: ir.Value, m: ir.Value, cols: int, tiles: int) -> None:
+    """The 16 products M_xi = U_xi @ V_xi over `tiles` columns (rows of V and M `cols` long): tiles of 4 rows by
+    up to 4 vectors of columns (2 on narrower targets: 16 registers), or 8 rows by one vector where there are
+    fewer (an 8x8 map's 16 tiles)."""
+    vectors = max(1, min(4 if p.vw >= 16 else 2, tiles // p.vw))
+    with for_range(b, 0, 16, name="xi") as xi:
+        u_xi = Mat(emit.gep(b, u, index(b, (xi, p.m * p.c))), rs=p.c)
+        v_xi = Mat(emit.gep(b, v, index(b, (xi, p.c * cols))), rs=cols)
+        m_xi = emit.gep(b, m, index(b, (xi, p.m * cols)), name="m.xi")
+
+        def keep(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int, m_xi=m_xi) -> None:
+            emit.store(b, value, m_xi, index(b, (r, cols), j))
+
+        gemm_nn(b, p.m, tiles, p.c, u_xi, v_xi, keep, p.vw, mr=8 if vectors == 1 else 4, nrv=vectors)
+
+
 def _block(b: ir.IRBuilder, p: Plane, blk: Blocks, pad: ir.Value, u: ir.Value, ws: ir.Value, ty0: ir.Value,
            rows: int, finish: Finish) -> None:
     """The `rows` tile rows from `ty0`: input transform, the 16 products, output transform."""
@@ -190,18 +243,7 @@ def _block(b: ir.IRBuilder, p: Plane, blk: Blocks, pad: ir.Value, u: ir.Value, w
     m = emit.gep(b, ws, blk.v_floats, name="wino.m")
     tw, t = blk.tw, blk.cols
     transform_input(b, p, pad, ty0, rows, v, t, 0)
-    # the 16 products M_xi = U_xi @ V_xi: tiles of 4 rows by up to 4 vectors of tiles (2 on narrower
-    # targets: 16 registers), or 8 rows by one vector where a block has fewer (an 8x8 map's 16 tiles)
-    vectors = max(1, min(4 if p.vw >= 16 else 2, rows * tw // p.vw))
-    with for_range(b, 0, 16, name="xi") as xi:
-        u_xi = Mat(emit.gep(b, u, index(b, (xi, p.m * p.c))), rs=p.c)
-        v_xi = Mat(emit.gep(b, v, index(b, (xi, p.c * t))), rs=t)
-        m_xi = emit.gep(b, m, index(b, (xi, p.m * t)), name="m.xi")
-
-        def keep(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int, m_xi=m_xi) -> None:
-            emit.store(b, value, m_xi, index(b, (r, t), j))
-
-        gemm_nn(b, p.m, rows * tw, p.c, u_xi, v_xi, keep, p.vw, mr=8 if vectors == 1 else 4, nrv=vectors)
+    _products(b, p, u, v, m, t, rows * tw)
     # output transform: each 2x2 block of outputs
     with for_range(b, 0, p.m, name="yo") as oi:
         with for_range(b, 0, rows, name="yr") as r:
@@ -225,3 +267,91 @@ def _block(b: ir.IRBuilder, p: Plane, blk: Blocks, pad: ir.Value, u: ir.Value, w
                         finish(b, oi, b.add(out, i64(width)), hi, width)
 
             vector_loop(b, 0, tw, p.vw, block, name="yx")
+
+
+Image = tuple[int, int, int, int]  # the unpadded input: h, w, and the padding at its top and left
+
+
+def product_images(b: ir.IRBuilder, p: Plane, image: Image, x: ir.Value, x_stride: int, u: ir.Value, ws: ir.Value,
+                   finish_of, n0: ir.Value, n1: ir.Value) -> None:
+    """Every output of images [n0, n1) of the unpadded input `x` (`x_stride` floats an image), where
+    ``whole_images``: blocks of ``ImageBlocks.images`` images, then single images for the rest.
+
+    ``finish_of(b, n)`` gives image n's ``finish`` (as ``product``'s).
+    """
+    blk = ImageBlocks(p)
+    per = blk.images
+    if per > 1:
+        count = b.sub(n1, n0)
+        full = b.add(n0, b.sub(count, b.srem(count, i64(per))), name="wi.full")
+        with for_range(b, n0, full, per, name="wi.n") as n:
+            _image_block(b, p, blk, image, x, x_stride, u, ws, finish_of, n, per)
+        n0 = full
+    with for_range(b, n0, n1, name="wi.one") as n:
+        _image_block(b, p, blk, image, x, x_stride, u, ws, finish_of, n, 1)
+
+
+def _image_block(b: ir.IRBuilder, p: Plane, blk: ImageBlocks, image: Image, x: ir.Value, x_stride: int,
+                 u: ir.Value, ws: ir.Value, finish_of, n: ir.Value, images: int) -> None:
+    """Images [n, n + images): their input transforms side by side in V, the 16 products, the output transforms."""
+    v = ws
+    m = emit.gep(b, ws, blk.v_floats, name="wi.m")
+    t, per_image = blk.cols, p.vw
+    with for_range(b, 0, images, name="wi.in") as g:
+        x_img = emit.gep(b, x, index(b, (b.add(n, g), x_stride)), name="wi.x")
+        _image_input(b, p, image, x_img, v, t, index(b, (g, per_image)))
+    _products(b, p, u, v, m, t, images * per_image)
+    with for_range(b, 0, images, name="wi.out") as g:
+        _image_output(b, p, m, t, index(b, (g, per_image)), finish_of(b, b.add(n, g)))
+
+
+def _shuffle(b: ir.IRBuilder, value: ir.Value, other: ir.Value, lanes: list[int]) -> ir.Value:
+    return b.shuffle_vector(value, other, ir.Constant(ir.VectorType(ir.IntType(32), len(lanes)), lanes))
+
+
+def _image_input(b: ir.IRBuilder, p: Plane, image: Image, x_img: ir.Value, v: ir.Value, cols: int,
+                 col0: ir.Value) -> None:
+    """V[xi, ci, col0 + tile] = (B^T d B)[xi] for the 4x4 patch d of each tile of one image, as ``transform_input``
+    computes it, with the patches taken from each whole channel by shuffles (zero lanes where they leave it)."""
+    h, w, top, left = image
+    tw = p.ow // 2
+    zero = ir.Constant(ir.VectorType(emit.F32, h * w), None)
+
+    def lanes(i: int, j: int) -> list[int]:
+        out = []
+        for tile in range(p.vw):
+            y, x = 2 * (tile // tw) + i - top, 2 * (tile % tw) + j - left
+            out.append(y * w + x if 0 <= y < h and 0 <= x < w else h * w)  # (h * w: the first lane of `zero`)
+        return out
+
+    with for_range(b, 0, p.c, name="wi.c") as ci:
+        whole = b.load(emit.gep(b, x_img, index(b, (ci, h * w))), typ=zero.type, align=4)
+        d = [_bt(b, [_shuffle(b, whole, zero, lanes(i, j)) for j in range(4)]) for i in range(4)]
+        for j in range(4):
+            col = _bt(b, [d[0][j], d[1][j], d[2][j], d[3][j]])
+            for i in range(4):
+                emit.store(b, col[i], v, index(b, (4 * i + j) * p.c * cols, (ci, cols), col0))
+
+
+def _image_output(b: ir.IRBuilder, p: Plane, m: ir.Value, cols: int, col0: ir.Value, finish: Finish) -> None:
+    """Each output channel of one image from M (columns col0 on), as ``_block``'s output transform computes it,
+    the 2x2 blocks put back into rows by shuffles and handed to `finish` a vector at a time."""
+    tw, vw = p.ow // 2, p.vw
+
+    def source(o: int) -> int:
+        """Where output o of the channel is in the tiles' four (y, x) output vectors joined ((y, x): part 2y + x)."""
+        (ty, y), (tx, xx) = divmod(o // p.ow, 2), divmod(o % p.ow, 2)
+        return (2 * y + xx) * vw + ty * tw + tx
+
+    with for_range(b, 0, p.m, name="wi.o") as oi:
+        at = index(b, (oi, cols), col0)
+        s = [_at(b, [emit.load(b, m, index(b, (4 * i + j) * p.m * cols, at), vw) for j in range(4)])
+             for i in range(4)]
+        cols2 = [_at(b, [s[0][c], s[1][c], s[2][c], s[3][c]]) for c in range(2)]  # cols2[x][y]
+        low = _shuffle(b, cols2[0][0], cols2[1][0], list(range(2 * vw)))  # parts 0, 1
+        high = _shuffle(b, cols2[0][1], cols2[1][1], list(range(2 * vw)))  # parts 2, 3
+        whole = _shuffle(b, low, high, list(range(4 * vw)))
+        undef = ir.Constant(whole.type, ir.Undefined)
+        for k in range(4):
+            row = _shuffle(b, whole, undef, [source(k * vw + lane) for lane in range(vw)])
+            finish(b, oi, index(b, (oi, p.oh * p.ow), k * vw), row, vw)

@@ -36,7 +36,7 @@ import llvmlite.ir as ir
 
 from cnnc.codegen import conv_direct, emit
 from cnnc.codegen.conv_direct import Plane
-from cnnc.codegen.conv_winograd import BLOCK_TILES, MIN_CHANNELS, Blocks, transform_input
+from cnnc.codegen.conv_winograd import MIN_CHANNELS, ImageBlocks, transform_input
 from cnnc.codegen.emit import for_range, i64
 from cnnc.codegen.gemm import Mat, gemm_nn, index, vector_loop
 from cnnc.codegen.plan import ALIGN, aligned
@@ -50,20 +50,9 @@ def applies(p: Plane, table: object) -> bool:
 
 
 @dataclass(frozen=True)
-class GradBlocks(Blocks):
-    """The forward's cut of an image's tiles into blocks of tile rows (``Blocks``; its ``cols`` and
-    ``v_floats`` serve here too), except that a block holds several whole images when an image has fewer
-    tiles than a block."""
-
-    @property
-    def images(self) -> int:
-        """Images a block holds: more than one when an image has fewer tiles than a block."""
-        return max(1, BLOCK_TILES // (self.th * self.tw)) if self.rows == self.th else 1
-
-    @property
-    def tiles(self) -> int:
-        """Columns of V (rows of Y) a block can hold."""
-        return self.images * self.rows * self.tw
+class GradBlocks(ImageBlocks):
+    """The forward's cut of the tiles into blocks (``ImageBlocks``: tile rows of one image, or several whole
+    images when an image has fewer tiles than a block; its ``cols`` and ``v_floats`` serve here too), and Y."""
 
     @property
     def y_stride(self) -> int:

@@ -422,13 +422,17 @@ def emit_copy(module: ir.Module, name: str, spec: CopySpec, vw: int) -> ir.Funct
 
 
 def emit_sum(module: ir.Module, name: str, spec: SumSpec, vw: int) -> ir.Function:
-    """``(a, b, y, n0, n1)``: y = a + b over `count` floats per image."""
+    """``(a, b, y, n0, n1)``: y = act(a + b) over `count` floats per image."""
     fn, bld, args = emit.kernel(module, name, ["a", "b", "y", "n0", "n1"])
     with for_range(bld, args["n0"], args["n1"], name="n") as n:
         a, b, y = (image_base(bld, args[k], n, stride, k) for k, stride in
                    (("a", spec.a_stride), ("b", spec.b_stride), ("y", spec.y_stride)))
-        strips(bld, spec.count, vw, lambda i, w: emit.store(
-            bld, bld.fadd(emit.load(bld, a, i, w), emit.load(bld, b, i, w)), y, i))
+
+        def body(i: ir.Value, w: int) -> None:
+            total = bld.fadd(emit.load(bld, a, i, w), emit.load(bld, b, i, w))
+            emit.store(bld, activations.emit(bld, total, spec.act, spec.act_args), y, i)
+
+        strips(bld, spec.count, vw, body)
     bld.ret_void()
     return fn
 

@@ -197,6 +197,14 @@ def _copy(ctx, src, dst, count: int, src_offset: int = 0, dst_offset: int = 0, a
     ctx.call(ctx.kernel(emit_copy, spec), src, dst)
 
 
+def sum_spec(ctx, name: str, count: int) -> SumSpec:
+    """The first two inputs' add, with the activation an inference graph fused into it (then it has only two)."""
+    node = ctx.node(name)
+    a, b, y = ctx.value(node["inputs"][0]), ctx.value(node["inputs"][1]), ctx.value(name)
+    return SumSpec(count=count, a_stride=a.stride, b_stride=b.stride, y_stride=y.stride,
+                   act=node.get("act", "none"), act_args=act_args(node.get("act_args", {})))
+
+
 def forward_add(ctx, name: str) -> None:
     """The first two inputs summed in one pass, any others added on; in training, a residual block's last
     batchnorm, the add and the activation after it in one pass (``residual_tail``)."""
@@ -215,8 +223,7 @@ def forward_add(ctx, name: str) -> None:
         return
     inputs = [ctx.value(src) for src in ctx.node(name)["inputs"]]
     a, b = inputs[:2]
-    ctx.call(ctx.kernel(emit_sum, SumSpec(count=y.size, a_stride=a.stride, b_stride=b.stride, y_stride=y.stride)),
-             a, b, y)
+    ctx.call(ctx.kernel(emit_sum, sum_spec(ctx, name, y.size)), a, b, y)
     for src in inputs[2:]:
         _copy(ctx, src, y, y.size, accumulate=True)
 

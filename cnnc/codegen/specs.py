@@ -194,12 +194,15 @@ class CopySpec:
 
 @dataclass(frozen=True)
 class SumSpec:
-    """y[n, i] = a[n, i] + b[n, i] for i < count: an add of two tensors in one pass (not a copy and an add)."""
+    """y[n, i] = act(a[n, i] + b[n, i]) for i < count: an add of two tensors in one pass (not a copy and an add),
+    with the activation an inference graph fused into it (``cnnc.passes.fuse``)."""
 
     count: int
     a_stride: int
     b_stride: int
     y_stride: int
+    act: str = "none"
+    act_args: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)

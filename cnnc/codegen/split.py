@@ -32,9 +32,9 @@ from cnnc.codegen import emit
 from cnnc.codegen.batchnorm import emit_bn_apply
 from cnnc.codegen.conv import emit_conv_forward
 from cnnc.codegen.dense import emit_dense_forward
-from cnnc.codegen.elementwise import emit_activation_forward, emit_copy
+from cnnc.codegen.elementwise import emit_activation_forward, emit_copy, emit_sum
 from cnnc.codegen.emit import I64, i64
-from cnnc.codegen.lowering import FORWARD, batchnorm_spec, conv_spec, covers_input, dense_spec, pool_spec
+from cnnc.codegen.lowering import FORWARD, batchnorm_spec, conv_spec, covers_input, dense_spec, pool_spec, sum_spec
 from cnnc.codegen.plan import ALIGN, Tensor
 from cnnc.codegen.pool import emit_pool_forward
 from cnnc.codegen.specs import CopySpec, ElementwiseSpec
@@ -152,6 +152,13 @@ def split_activation(ctx, name: str) -> list[Share]:
 
 def split_add(ctx, name: str) -> list[Share]:
     y = ctx.value(name)
+    inputs = ctx.node(name)["inputs"]
+    if len(inputs) == 2:  # in one pass (with a fused activation)
+        a, b = (ctx.value(src) for src in inputs)
+        return [_one_call(ctx.kernel(emit_sum, sum_spec(ctx, name, hi - lo)) if hi > lo else None,
+                          [part(a, lo, hi), part(b, lo, hi), part(y, lo, hi)], [part(a, lo, hi), part(b, lo, hi)],
+                          [part(y, lo, hi)])
+                for lo, hi in cuts(y.size, ALIGN)]
     shares = []
     for lo, hi in cuts(y.size, ALIGN):
         share = Share()

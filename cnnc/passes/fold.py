@@ -10,7 +10,9 @@ at run time (the ``fold`` entry point, ``cnnc.codegen.module``); this pass only
 decides the inference graph's shape: ``g.graph["inference"]``, a copy where
 each folded batchnorm is gone and its layer carries ``bn`` (the batchnorm's
 name), ``bias`` set, and the batchnorm's fused activation. Batchnorms after
-anything else stay and run unfolded (scale and shift per channel).
+anything else stay and run unfolded (scale and shift per channel). Where the
+training graph's activations were fused, the inference graph's adds are too
+(``cnnc.passes.fuse``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import copy
 import networkx as nx
 
 from cnnc.ir import absorb, execution_order
+from cnnc.passes.fuse import INFERENCE_FUSABLE, fuse
 
 FOLDS_INTO = ("conv", "dense")
 
@@ -51,5 +54,7 @@ def fold(g: nx.DiGraph) -> nx.DiGraph:
         node["fused"] = [*node.get("fused", []), bn, *bnode.get("fused", [])]
         node["shape"] = bnode["shape"]
         absorb(inf, layer, bn)
+    if g.graph.get("fused"):
+        fuse(inf, INFERENCE_FUSABLE)
     g.graph["inference"] = inf
     return g

@@ -3,7 +3,10 @@
 The activation is applied in registers before the store, so the
 pre-activation tensor is never written. A layer is fused with the activation
 that is its only consumer; its pre-activation output must not be used
-anywhere else (nor be the network's output).
+anywhere else (nor be the network's output). The inference graph (``fold``)
+also fuses an add of two tensors with its activation (a residual block's
+``add -> relu``: one pass over the floats instead of two); training keeps
+them apart, since the add's gradient has no activation to go through.
 """
 
 from __future__ import annotations
@@ -14,12 +17,20 @@ from cnnc.ir import absorb, execution_order
 from cnnc.ops import OPS
 
 FUSABLE = ("conv", "dense", "batchnorm")
+INFERENCE_FUSABLE = ("add",)  # (two inputs: see ``fusable``)
 
 
-def fuse(g: nx.DiGraph) -> nx.DiGraph:
-    """Fold each fusable activation into its producer; the fused node takes over the activation's consumers."""
+def fusable(g: nx.DiGraph, name: str, ops: tuple[str, ...]) -> bool:
+    node = g.nodes[name]
+    return node["op"] in ops and g.graph["output"] != name and (node["op"] != "add" or len(node["inputs"]) == 2)
+
+
+def fuse(g: nx.DiGraph, ops: tuple[str, ...] = FUSABLE) -> nx.DiGraph:
+    """Fold each fusable activation into its producer (one of `ops`); the fused node takes over the activation's
+    consumers. Marks `g` (``graph["fused"]``) so that ``fold`` fuses the inference graph's adds too."""
+    g.graph["fused"] = True
     for name in execution_order(g):
-        if name not in g or g.nodes[name]["op"] not in FUSABLE or g.graph["output"] == name:
+        if name not in g or not fusable(g, name, ops):
             continue
         consumers = list(g.successors(name))
         if len(consumers) != 1:

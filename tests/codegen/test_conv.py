@@ -106,6 +106,10 @@ CASES = {
     "stride2_shifted": make_spec(3, 4, 32, 2, 3, 3, stride=(2, 2), pad=(1, 1, 1, 1), gap=1, accumulate=True),
     # 16 tiles an image: the products of the forward and input gradient take a vector of tiles at a time
     "winograd_8x8": make_spec(16, 8, 8, 24, 3, 3, pad=(1, 1, 1, 1), gap=1, accumulate=True),
+    # 8 to 15 output channels (half of ResNet's 16 when two threads share an image): the forward by Winograd;
+    # 12 input channels: the input gradient (12 outputs from 16) by Winograd
+    "winograd_8_outputs": make_spec(16, 12, 16, 8, 3, 3, pad=(1, 1, 1, 1), gap=2),
+    "winograd_12_inputs": make_spec(12, 12, 16, 16, 3, 3, pad=(1, 1, 1, 1), bias=False),
     # rows narrower than a vector, whole vectors of outputs: the forward on kw shifted copies (product_shifted)
     "shifted_6_wide": make_spec(9, 8, 6, 5, 3, 3, pad=(1, 1, 1, 1), gap=2),
     # ResNet's stage 3 shape (which runs by Winograd unless that is off)
@@ -312,6 +316,44 @@ def test_conv_forward_activations(jit, base: ConvSpec) -> None:
         check_arena(y, np.full_like(y, SENTINEL), act_ref(pre, act), s.o * s.oh * s.ow)
 
 
+# Maps whose tiles make one vector at each width (16 lanes: ResNet's 8x8; 8: 4x8; 4: 4x4): the forward gathers
+# each tile's patch from the unpadded image (same padding, and uneven padding) and takes several images a block
+WHOLE_IMAGES = {16: [(8, 8, (1, 1, 1, 1)), (8, 8, (2, 0, 0, 2))], 8: [(4, 8, (1, 1, 1, 1)), (4, 8, (0, 2, 2, 0))],
+                4: [(4, 4, (1, 1, 1, 1)), (4, 4, (2, 1, 0, 1))]}
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_winograd_forward_on_whole_images(jit, case: int) -> None:
+    from cnnc.codegen import conv_winograd
+    from cnnc.codegen.conv import _Geom
+
+    h, w, pad = WHOLE_IMAGES[jit.vw][case]
+    s = dataclasses.replace(make_spec(16, h, w, 18, 3, 3, pad=pad, gap=3), act="relu")
+    g = _Geom(s)
+    assert conv_winograd.whole_images(g.forward_plane(jit.vw), h, w)
+    emit_conv_forward(jit.module, "fwd", s, jit.vw)
+    per_block = conv_winograd.ImageBlocks(g.forward_plane(jit.vw)).images
+    n = 2 * per_block + 3  # two blocks of images, then three one at a time
+    rng = np.random.default_rng(5)
+    x, wt, bias = rng.uniform(-1, 1, (n + 2, s.c, h, w)), random_weights(rng, s), rng.uniform(-1, 1, s.o)
+    x[0] = x[-1] = np.nan
+    x_buf = arena(x, s.x_stride, np.nan)
+    y = np.full((n + 2, s.y_stride), SENTINEL, dtype=np.float32)
+    ws = workspace(s, jit.vw)
+    jit("fwd", x_buf, wt.astype(np.float32), bias.astype(np.float32), y, ws, 1, n + 1)
+    check_guard(ws, s, jit.vw)
+    xr = x_buf[1:n + 1, :s.c * h * w].reshape(n, s.c, h, w).astype(np.float64)
+    want = act_ref(conv_ref(xr, wt, bias.astype(np.float32).astype(np.float64), s), "relu")
+    size = s.o * s.oh * s.ow
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(y[1:n + 1, :size], want.reshape(n, size), rtol=1e-5, atol=1e-5 * scale)
+    assert np.all(y[[0, -1]] == SENTINEL) and np.all(y[:, size:] == SENTINEL)
+    one = np.full_like(y, SENTINEL)  # the same bits one image at a time (the products' tiles change, not the sums)
+    for k in range(1, n + 1):
+        jit("fwd", x_buf, wt.astype(np.float32), bias.astype(np.float32), one, ws, k, k + 1)
+    np.testing.assert_array_equal(one, y)
+
+
 def test_which_convolutions_run_by_winograd() -> None:
     from cnnc.codegen import conv_winograd
     from cnnc.codegen.conv import _Geom, _winograd_grad
@@ -332,6 +374,8 @@ def test_which_convolutions_run_by_winograd() -> None:
     # 16 tiles an image, a vector's worth: enough, 12 are not (the weight gradient's blocks hold several images)
     assert runs(make_spec(64, 8, 8, 64, 3, 3, pad=(1, 1, 1, 1))) == (True, True, True)
     assert runs(CASES["winograd_images_per_block"]) == (False, False, True)
+    assert runs(CASES["winograd_8_outputs"]) == (True, False, False)
+    assert runs(CASES["winograd_12_inputs"]) == (False, True, False)
     assert not runs(dataclasses.replace(CASES["winograd_same"], winograd=False))[2]
 
 

@@ -358,6 +358,19 @@ def test_sum_adds_two_tensors(jit, count, a_stride, b_stride, y_stride):
     np.testing.assert_array_equal(slots(y, y_stride, count)[N0:N1], want)
 
 
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_sum_with_a_fused_activation(jit, act):
+    count, a_stride, b_stride, y_stride = SUM_SHAPES[3]
+    emit_sum(jit.module, "sum", SumSpec(count, a_stride, b_stride, y_stride, act, act_args_of(act)), jit.vw)
+    rng = np.random.default_rng(5)
+    a, b, y = arena(rng, a_stride, count), arena(rng, b_stride, count), arena(rng, y_stride, count)
+    before = y.copy()
+    jit("sum", a, b, y, N0, N1)
+    assert_untouched(y, before, written(y, y_stride, count))
+    total = slots(a, a_stride, count)[N0:N1] + slots(b, b_stride, count)[N0:N1]
+    np.testing.assert_allclose(slots(y, y_stride, count)[N0:N1], act_ref(total.astype(np.float64), act), rtol=1e-6)
+
+
 @pytest.mark.parametrize("count,dy_stride,a_stride,b_stride", SUM_SHAPES)
 @pytest.mark.parametrize("acc_a,acc_b", [(False, False), (False, True), (True, True)])
 def test_fan_out_gives_dy_to_both_inputs(jit, count, dy_stride, a_stride, b_stride, acc_a, acc_b):

@@ -68,6 +68,22 @@ def test_residual_second_conv_does_not_fuse_but_first_does():
     assert "stage1.1.out.relu" in f  # after add: nothing to fuse into
 
 
+def test_inference_graph_fuses_the_residual_add_with_its_relu():
+    g, f = fused((EXAMPLES / "resnet_tiny.cnn").read_text())
+    inf = f.graph["inference"]
+    assert "stage1.1.out.relu" not in inf and "stage1.1.out.relu" in f  # training keeps them apart
+    node = inf.nodes["stage1.1.out.add"]
+    assert (node["op"], node["act"], node["fused"]) == ("add", "relu", ["stage1.1.out.relu"])
+    unfused = optimize(g, skip=("fuse",)).graph["inference"]
+    assert unfused.nodes["stage1.1.out.add"].get("act", "none") == "none" and "stage1.1.out.relu" in unfused
+
+
+def test_an_add_of_three_tensors_keeps_its_activation_apart():
+    _, f = fused(net("    a = x -> conv(2, 3, pad=1)\n    b = x -> conv(2, 1)\n    s = add(a, b, x) -> relu"))
+    inf = f.graph["inference"]
+    assert inf.nodes["s.add"].get("act", "none") == "none" and "s.relu" in inf
+
+
 def test_network_output_conv_is_not_fused_into_nothing():
     _, f = fused(net("    y = x -> flatten -> dense(3)"))
     assert f.graph["output"] == "y"
