@@ -1,7 +1,8 @@
 """Data-parallel scaling over MPI: ``python benchmarks/mpi_scaling.py`` (needs ``pip install '.[mpi]'``).
 
 Trains LeNet-5 (the bundled MNIST) and the CIFAR-style net (synthetic images) at batch 64 in three set-ups:
-1 process x 1 thread, 1 process x 2 threads, and 2 MPI ranks x 1 thread (``mpiexec -n 2``). Each sample is a
+1 process x 1 thread, 1 process x 2 threads, and 2 MPI ranks x 1 thread (``mpiexec -n 2``); with a hydra
+launcher (MPICH's, Intel MPI's) a fourth, the 2 ranks each bound to a core (``-bind-to core``). Each sample is a
 fresh process (or job) that compiles from a warm cache, takes a few untimed steps, then times ``fit`` over
 ``--steps`` steps; the set-ups alternate sample by sample, so background load hits them alike.
 
@@ -39,7 +40,10 @@ NETS = {"lenet": REPO / "examples" / "lenet5.cnn", "cifar": REPO / "examples" / 
 STEPS = {"lenet": 300, "cifar": 30}
 BATCH = 64
 WARMUP_STEPS = 5
-SETUPS = {"1 process x 1 thread": (1, 1), "1 process x 2 threads": (1, 2), "2 ranks x 1 thread": (2, 1)}
+# name -> (ranks, threads per rank, the launcher's options)
+SETUPS = {"1 process x 1 thread": (1, 1, ()), "1 process x 2 threads": (1, 2, ()), "2 ranks x 1 thread": (2, 1, ()),
+          "2 ranks x 1 thread, -bind-to core": (2, 1, ("-bind-to", "core"))}
+BOUND = "2 ranks x 1 thread, -bind-to core"  # (hydra's option: a set-up only where the launcher is hydra)
 
 
 # ---- one sample: runs in the child process (every rank of a job) ------------------------------------------
@@ -98,11 +102,12 @@ def data(net: str, model, n: int) -> tuple[np.ndarray, np.ndarray]:
 # ---- the driver --------------------------------------------------------------------------------------------
 
 
-def sample(net: str, steps: int, ranks: int, threads: int, env: dict[str, str]) -> dict:
-    """One timed run of `net` as `ranks` processes of `threads` threads each, with the machine's load meanwhile."""
+def sample(net: str, steps: int, ranks: int, threads: int, launch: tuple[str, ...], env: dict[str, str]) -> dict:
+    """One timed run of `net` as `ranks` processes of `threads` threads each (`launch`: mpiexec's options), with
+    the machine's load meanwhile."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", net, "--steps", str(steps)]
     if ranks > 1:
-        command = [mpiexec(), "-n", str(ranks), *command]
+        command = [mpiexec(), *launch, "-n", str(ranks), *command]
     meter = CpuMeter()
     r = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**env, "CNNC_THREADS": str(threads)})
     if r.returncode != 0:
@@ -119,6 +124,12 @@ def mpiexec() -> str:
     return found
 
 
+def hydra() -> bool:
+    """Whether mpiexec is hydra (MPICH's or Intel MPI's launcher), which binds ranks with ``-bind-to core``."""
+    r = subprocess.run([mpiexec(), "--version"], capture_output=True, text=True, timeout=60)
+    return "HYDRA" in r.stdout.upper()
+
+
 def spread(values: list[float], scale: float = 1.0, digits: int = 0) -> str:
     v = sorted(x * scale for x in values)
     return f"{v[len(v) // 2]:,.{digits}f} [{v[0]:,.{digits}f}-{v[-1]:,.{digits}f}]"
@@ -132,13 +143,14 @@ def idle_estimate(name: str, s: dict) -> float:
     """Images/s on otherwise idle cores, from CPU time: each worker (thread or rank) busy all the time on the
     compute, plus (for ranks) the fastest all-reduce at every step. An upper bound: it assumes the work splits
     evenly and no rank waits for another."""
-    ranks, threads = SETUPS[name]
+    ranks, threads, _ = SETUPS[name]
     per_image = s["compute_cpu_seconds"] / s["images"] / (ranks * threads)
     return 1 / (per_image + s["reduce_fast_seconds"] * s["steps"] / s["images"])
 
 
 def report(net: str, results: dict[str, list[dict]]) -> list[str]:
-    """Markdown rows for `net`: one per set-up, then the speed-ups of 2 ranks over 1 process x 1 thread."""
+    """Markdown rows for `net`: one per set-up, then the speed-ups of 2 ranks (bound or not) over 1 process x 1
+    thread."""
     lines = []
     for name, samples in results.items():
         others = [s["others"] for s in samples if s["others"] is not None]
@@ -149,11 +161,13 @@ def report(net: str, results: dict[str, list[dict]]) -> list[str]:
                      f"{spread([idle_estimate(name, s) for s in samples])} | "
                      f"{spread([1000 * s['cpu_seconds'] / s['images'] for s in samples], digits=2)} | {reduce} | "
                      f"{spread(others, 100) + '%' if others else '?'} |")
-    one, two = results["1 process x 1 thread"], results["2 ranks x 1 thread"]
-    wall = median([s["images_per_second"] for s in two]) / median([s["images_per_second"] for s in one])
-    idle = median([idle_estimate("2 ranks x 1 thread", s) for s in two]) / median(
-        [idle_estimate("1 process x 1 thread", s) for s in one])
-    lines.append(f"| {net} | speed-up of 2 ranks over 1 process x 1 thread | {wall:.2f}x | {idle:.2f}x | | | |")
+    one = results["1 process x 1 thread"]
+    for name in [n for n in results if SETUPS[n][0] > 1]:
+        two = results[name]
+        wall = median([s["images_per_second"] for s in two]) / median([s["images_per_second"] for s in one])
+        idle = median([idle_estimate(name, s) for s in two]) / median(
+            [idle_estimate("1 process x 1 thread", s) for s in one])
+        lines.append(f"| {net} | speed-up of {name} over 1 process x 1 thread | {wall:.2f}x | {idle:.2f}x | | | |")
     return lines
 
 
@@ -172,13 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "CNNC_CACHE_DIR": cache}
     everything: dict[str, dict[str, list[dict]]] = {}
     try:
+        names = [name for name in SETUPS if name != BOUND or hydra()]
         for net in [args.only] if args.only else list(NETS):
             steps = args.steps or STEPS[net]
-            sample(net, WARMUP_STEPS, 1, 1, env)  # compiles into the cache once
-            results: dict[str, list[dict]] = {name: [] for name in SETUPS}
-            names = list(SETUPS)
+            sample(net, WARMUP_STEPS, 1, 1, (), env)  # compiles into the cache once
+            results: dict[str, list[dict]] = {name: [] for name in names}
             for r in range(args.repeats):
-                for name in names[r % 3:] + names[:r % 3]:  # a different set-up first each round
+                first = r % len(names)
+                for name in names[first:] + names[:first]:  # a different set-up first each round
                     results[name].append(sample(net, steps, *SETUPS[name], env))
                     print(f"{net} round {r + 1}: {name}: {results[name][-1]}", file=sys.stderr, flush=True)
             everything[net] = results

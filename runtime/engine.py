@@ -127,6 +127,27 @@ def shards(n: int) -> tuple[tuple[int, int], ...]:
 
 
 @functools.lru_cache(maxsize=64)
+def part_shards(start: int, stop: int, image0: int, whole: int, chunk: int) -> tuple[tuple[int, int], ...]:
+    """The shards of images [start, stop) of a part of a batch: those one process cuts the whole batch into, cut
+    again at the part's edges.
+
+    The part's first image is image `image0` of a batch of `whole` images, which one process runs in chunks of
+    `chunk`. So the ranks of a data-parallel step compute the very shards one process would, and a rank of one
+    thread cuts its share no smaller than that (two ranks at batch 64: one shard of 32 each, not two of 16; their
+    all-reduce is then the one addition one process makes). Shards are relative to `start`; for a whole batch this
+    is ``shards``.
+    """
+    lo, hi = image0 + start, image0 + stop
+    pieces = []
+    for c in range(lo - lo % chunk, hi, chunk):
+        for a, b in shards(min(whole, c + chunk) - c):
+            a, b = max(c + a, lo), min(c + b, hi)
+            if a < b:
+                pieces.append((a - lo, b - lo))
+    return tuple(pieces)
+
+
+@functools.lru_cache(maxsize=64)
 def _thread_ranges(n: int, threads: int, grain: int) -> tuple[tuple[int, int], ...]:
     """[0, n) across `threads` threads (cached: a training loop asks the same every step)."""
     return tuple(split(n, threads, grain)) if threads > 1 else ((0, n),)
@@ -768,10 +789,15 @@ class Engine:
 
         The batch is cut into shards by its size alone (see ``shards``); each
         shard's gradient sums into a buffer of its own and the buffers are added
-        in order, so the result is the same bits on any number of threads. With
-        batchnorm the step runs in phases, the batch statistics reduced across
-        the shards between them (``cnnc_runtime.batchnorm``), the running
-        statistics updated, and the batch is never cut into chunks.
+        in order, so the result is the same bits on any number of threads. A part
+        is cut as its whole batch is (``part_shards``), so that N ranks compute
+        what one process would; but a part that this cuts into one piece only is
+        cut by its own size when the model has several threads, so they share
+        it (a rank's bits then differ between one thread and several, within
+        float32 rounding). With batchnorm the step runs in phases, the batch
+        statistics reduced across the shards between them
+        (``cnnc_runtime.batchnorm``), the running statistics updated, and the
+        batch is never cut into chunks.
         Calls take turns under ``lock``; hold ``lock`` around this call and the
         update that uses ``flat_grads`` (``update``), or another thread's step
         may overwrite the gradient in between.
@@ -782,8 +808,8 @@ class Engine:
         out = self._step_buffer(out, (n, k), "out")
         losses = self._step_buffer(losses, (n,), "losses")
         whole = n if whole is None else whole
-        if not (isinstance(image0, int) and isinstance(whole, int) and image0 >= 0 and whole >= n):
-            raise ValueError(f"gradients on a part of a batch needs image0 >= 0 and whole >= N = {n}, "
+        if not (isinstance(image0, int) and isinstance(whole, int) and image0 >= 0 and image0 + n <= whole):
+            raise ValueError(f"gradients on a part of a batch needs image0 >= 0 and image0 + N <= whole (N = {n}), "
                              f"got image0 {image0!r}, whole {whole!r}")
         scale = LOSSES[loss].scale(whole, k)  # the mean over the whole batch's images (mse: and outputs)
         with self.lock:  # (each shard's run zeroes its gradient buffer first, flat_grads in the first chunk)
@@ -792,9 +818,14 @@ class Engine:
             if self.statistics is not None:
                 self.statistics.check_batch(whole if self.statistics.reducer.spans_whole_batch else n)
                 self.batches_tracked += 1
+            whole_chunk = CHUNK if self.statistics is None else whole  # as one process runs the whole batch
             for start in range(0, n, chunk):
-                self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, min(n, start + chunk),
-                                      label_smoothing, image0)
+                stop = min(n, start + chunk)
+                parts = part_shards(start, stop, image0, whole, whole_chunk)
+                if len(parts) < MIN_SHARDS and self.threads > 1:  # a part in one piece would leave threads idle
+                    parts = shards(stop - start)
+                self._chunk_gradients(x, targets, loss, seed, scale, out, losses, prepare, start, stop,
+                                      label_smoothing, image0, parts)
         return float(losses.sum(dtype=np.float64) * scale)
 
     def _check_network_input(self, x: Any, what: str, writable: bool = False) -> None:
@@ -836,12 +867,13 @@ class Engine:
 
     def _chunk_gradients(self, x: np.ndarray, targets: np.ndarray, loss: str, seed: int, scale: float,
                          out: np.ndarray, losses: np.ndarray, prepare: Callable[[int, int, int], None] | None,
-                         start: int, stop: int, smoothing: float, image0: int) -> None:
-        """Images [start, stop) of one step's batch (at most a chunk): their shards on the pool, then the sum."""
+                         start: int, stop: int, smoothing: float, image0: int,
+                         parts: tuple[tuple[int, int], ...]) -> None:
+        """Images [start, stop) of one step's batch (at most a chunk): their shards `parts` (from `start`) on the
+        pool, then the sum."""
         scratch = self._train_scratch
         arena = scratch.arena("train", stop - start)
         phases, params, ws = self._steps[loss], self._params_ptr, scratch.ws_ptrs
-        parts = shards(stop - start)
         stats = self.statistics
         stat_ptrs = stats.shard_buffers(len(parts)) if stats is not None else [0] * len(parts)
         coefs = stats.coefs_ptr if stats is not None else 0

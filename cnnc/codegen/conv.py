@@ -585,7 +585,7 @@ def _padded_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _
         conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad)
         if over_channels:
             conv_direct.transpose_dy(b, p, dy_img, dy_ws)
-            conv_direct.weight_product(b, p, pad, dy_ws, sums)
+            conv_direct.weight_product(b, p, pad, dy_ws, sums, _next_images(b, g, args, n, ("x", "dy")))
         else:
             conv_direct.spread_dy(b, p, dy_img, dy_ws)
             conv_direct.dot_weight_product(b, p, pad, dy_ws, sums)
@@ -609,6 +609,15 @@ def _padded_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _
             with for_range(b, 0, spec.c, name="ac") as ci:
                 add_block(b, index(b, (oi, spec.c * g.taps), (ci, g.taps)), oi, ci)
     b.ret_void()
+
+
+def _next_images(b: ir.IRBuilder, g: _Geom, args: dict, n: ir.Value, names: tuple[str, ...]) -> list:
+    """The next image's regions of arrays `names` (``x`` and/or ``dy``), to prefetch (``conv_direct.prefetching``):
+    image n + 1, or n itself when it is the last of the range."""
+    following = b.add(n, i64(1))
+    nxt = b.select(b.icmp_signed("<", following, args["n1"]), following, n)
+    sizes = {"x": (g.x_stride, g.spec.c * g.spec.h * g.spec.w), "dy": (g.y_stride, g.spec.o * g.p)}
+    return [(emit.gep(b, args[a], index(b, (nxt, sizes[a][0]))), sizes[a][1]) for a in names]
 
 
 def _bias_grad(b: ir.IRBuilder, g: _Geom, dy_img: ir.Value, db: ir.Value, vw: int) -> None:

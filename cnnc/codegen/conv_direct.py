@@ -360,6 +360,30 @@ def sections(b: ir.IRBuilder, p: Plane, ws: ir.Value) -> tuple[ir.Value, ir.Valu
     return (ws, emit.gep(b, ws, p.pad_floats, name="out"), emit.gep(b, ws, p.pad_floats + p.out_floats, name="wt"))
 
 
+Ahead = tuple[tuple[ir.Value, int], ...] | list[tuple[ir.Value, int]]
+LINE = 16  # floats in a cache line
+
+
+def prefetching(ahead: Ahead, steps: int) -> Callable[[ir.IRBuilder, ir.Value], None]:
+    """``fetch(b, step)``: prefetch step `step`'s share (of `steps`) of each ``(base, floats)`` region of `ahead`.
+
+    Called once per iteration of a loop nest that computes one image, it
+    spreads the next image's data over that work, so that it is in the cache
+    when the next image is copied in rather than waited for then (the weight
+    gradient's copy of x and transpose of dy, from memory, were ~5% of it on
+    a 64-channel 32x32 layer, ~2% with this).
+    """
+    def fetch(b: ir.IRBuilder, step: ir.Value) -> None:
+        for base, floats in ahead:
+            total = -(-floats // LINE)
+            lines = -(-total // steps)
+            first = b.mul(step, emit.i64(lines * LINE))
+            for k in range(lines):
+                emit.prefetch(b, base, b.add(first, emit.i64(k * LINE)) if k else first)
+
+    return fetch
+
+
 # --- gradient wrt the weights ------------------------------------------------------------------------
 
 
@@ -408,32 +432,38 @@ def transpose_dy(b: ir.IRBuilder, p: Plane, dy: ir.Value, dyt: ir.Value) -> None
         transpose(b, src, p.m, p.ow, dst, p.vw, src_rs=p.oh * p.ow, dst_rs=p.m)
 
 
-def weight_product(b: ir.IRBuilder, p: Plane, pad: ir.Value, dyt: ir.Value, dwt: ir.Value) -> None:
+def weight_product(b: ir.IRBuilder, p: Plane, pad: ir.Value, dyt: ir.Value, dwt: ir.Value,
+                   ahead: Ahead = ()) -> None:
     """``dwt[(ci, ky, kx), r] += sum over j of pad[ci, ky * wp + kx + j] * dyt[j, r]``.
 
     Vectorised over output channels r: a tile is up to two vectors of r by a
     channel's taps (as many kernel rows of them as the registers hold), and the
     reduction runs over the valid outputs j (not the thrown-away columns).
+    `ahead`: memory the next image reads (``prefetching``), brought into the cache a little per output row.
     """
     regs = (32 if p.vw >= 16 else 16) - 4  # accumulators; the rest hold loads
     nv = min(2, -(-p.m // p.vw))
     taps_per_tile = p.taps if p.taps * nv <= regs else max(1, regs // (nv * p.kw)) * p.kw
     rows = [(ky, kx) for ky in range(p.kh) for kx in range(p.kw)]
     groups = [rows[i:i + taps_per_tile] for i in range(0, p.taps, taps_per_tile)]
+    fetch = prefetching(ahead, p.c * p.oh) if ahead else None  # step ci * oh + oy: in the first tile's rows
     with for_range(b, 0, p.c, name="wc") as ci:
         for jlo, jhi, vecs, width in column_pieces(p.m, p.vw, nv):
             with for_range(b, jlo, jhi, vecs * width, name="wr") as r0:
-                for group in groups:
-                    _weight_tile(b, p, pad, dyt, dwt, ci, r0, group, vecs, width)
+                for i, group in enumerate(groups):
+                    _weight_tile(b, p, pad, dyt, dwt, ci, r0, group, vecs, width, fetch if i == 0 else None)
 
 
 def _weight_tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, dyt: ir.Value, dwt: ir.Value, ci: ir.Value,
-                 r0: ir.Value, taps: list[tuple[int, int]], vecs: int, width: int) -> None:
+                 r0: ir.Value, taps: list[tuple[int, int]], vecs: int, width: int,
+                 fetch: Callable[[ir.IRBuilder, ir.Value], None] | None = None) -> None:
     ty = emit.vec_type(width) if width > 1 else emit.F32
     zero_v = emit.splat(b, 0.0, width)
     accs = [[local(b, ty, zero_v) for _ in range(vecs)] for _ in taps]
     plane = index(b, (ci, p.hp * p.wp))
     with for_range(b, 0, p.oh, name="wy") as oy:
+        if fetch is not None:
+            fetch(b, index(b, (ci, p.oh), oy))
         with for_range(b, 0, p.ow, name="wx") as ox:
             j = index(b, (oy, p.wp), ox)
             dy0 = emit.gep(b, dyt, index(b, (j, p.m), r0))

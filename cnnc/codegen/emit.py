@@ -159,6 +159,17 @@ def intrinsic(b: ir.IRBuilder, name: str, ty: ir.Type, args: list[ir.Value], nar
     return b.call(fn, args)
 
 
+def prefetch(b: ir.IRBuilder, base: ir.Value, offset: ir.Value | int) -> None:
+    """Ask the cache for the line holding float `offset` of `base`, for reading soon (no fault, no effect on
+    the results: the address may lie past the data)."""
+    module = b.module
+    fn = module.globals.get("llvm.prefetch.p0")
+    if fn is None:
+        fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I32, I32, I32]), name="llvm.prefetch.p0")
+    b.call(fn, [b.gep(base, [i64(offset) if isinstance(offset, int) else offset], source_etype=F32),
+                ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+
+
 def fma(b: ir.IRBuilder, x: ir.Value, y: ir.Value, acc: ir.Value) -> ir.Value:
     """x * y + acc: one fused instruction where the CPU has FMA, a multiply and an add where it has not.
 

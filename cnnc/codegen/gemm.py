@@ -116,15 +116,25 @@ def _splat_load(b: ir.IRBuilder, base: ir.Value, off: ir.Value, width: int) -> i
 
 def gemm_nn(
     b: ir.IRBuilder, m: Index, n: int, k: Index, a: Mat, bmat: Mat, epilogue: Epilogue, vw: int,
-    mr: int = 4, nrv: int | None = None,
+    mr: int = 4, nrv: int | None = None, rows_outside: bool = False,
 ) -> None:
     """``C = A @ B`` (A: m x k, B: k x n with unit column stride), handed to `epilogue` in vector pieces.
 
     The default tile is 4 x 3 vectors (12 accumulators); 4 x 2 at width 4 (SSE:
-    16 registers and no FMA, so a multiply needs a temporary).
+    16 registers and no FMA, so a multiply needs a temporary). ``rows_outside``:
+    each tile of rows across all the columns before the next, for an epilogue
+    that reads and writes a C larger than the cache (a wide dense layer's
+    weight gradient): C's rows then stream in order, prefetched.
     """
     assert bmat.cs == 1
     nrv = nrv or (3 if vw > 4 else 2)
+    if rows_outside:
+        for ilo, ihi, rows in row_pieces(b, m, mr):
+            with for_range(b, ilo, ihi, rows, name="i") as i:
+                for jlo, jhi, nvec, width in column_pieces(n, vw, nrv):
+                    with for_range(b, jlo, jhi, nvec * width, name="j") as j:
+                        _nn_tile(b, i, j, rows, nvec, width, k, a, bmat, epilogue)
+        return
     # columns outside, rows inside: one k x (nvec*width) panel of B stays in cache while every row tile uses it
     for jlo, jhi, nvec, width in column_pieces(n, vw, nrv):
         with for_range(b, jlo, jhi, nvec * width, name="j") as j:
@@ -155,14 +165,23 @@ def _nn_tile(
 
 def gemm_nt(
     b: ir.IRBuilder, m: Index, n: int, k: int, a: Mat, bmat: Mat, epilogue: Epilogue, vw: int,
-    mr: int | None = None, nr: int = 4,
+    mr: int | None = None, nr: int = 4, b_outside: bool = False,
 ) -> None:
     """``C = A @ B.T`` (A: m x k, B: n x k, both with unit column stride), handed to `epilogue` as scalars.
 
-    The default tile is 3 x 4 dot products (2 x 4 at width 4, for SSE's 16 registers).
+    The default tile is 3 x 4 dot products (2 x 4 at width 4, for SSE's 16 registers). Rows of A outside:
+    B is read once per tile of A's rows; ``b_outside``: the other way round, for a B much larger than the
+    cache that A fits in (a wide dense layer's weights: read once per call, not once per few images).
     """
     assert a.cs == 1 and bmat.cs == 1
     mr = mr or (3 if vw > 4 else 2)
+    if b_outside:
+        for jlo, jhi, cols in row_pieces(b, n, nr):
+            with for_range(b, jlo, jhi, cols, name="j") as j:
+                for ilo, ihi, rows in row_pieces(b, m, mr):
+                    with for_range(b, ilo, ihi, rows, name="i") as i:
+                        _nt_tile(b, i, j, rows, cols, k, a, bmat, epilogue, vw)
+        return
     for ilo, ihi, rows in row_pieces(b, m, mr):
         with for_range(b, ilo, ihi, rows, name="i") as i:
             for jlo, jhi, cols in row_pieces(b, n, nr):

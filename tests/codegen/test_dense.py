@@ -12,7 +12,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-from cnnc.codegen.dense import emit_dense_backward_data, emit_dense_backward_weights, emit_dense_forward
+from cnnc.codegen.dense import (
+    WEIGHTS_IN_CACHE,
+    emit_dense_backward_data,
+    emit_dense_backward_weights,
+    emit_dense_forward,
+)
 from cnnc.codegen.specs import DenseSpec
 from tests.codegen.buffers import ACTS, act_args_of, act_ref
 
@@ -33,6 +38,8 @@ CASES = {
     "16_to_16": (make_spec(16, 16, gap=16), 3, 4),
     "50_to_3": (make_spec(50, 3, gap=5), 1, 3),
     "3_to_50": (make_spec(3, 50, gap=4, accumulate=True), 1, 5),
+    # weights past WEIGHTS_IN_CACHE: the forward reads them once per call (4 x 4 tiles, 5 images: a remainder)
+    "wide_701_to_190": (make_spec(701, 190, gap=3), 1, 6),
 }
 
 
@@ -101,6 +108,11 @@ def test_dense_kernels(jit, spec: DenseSpec, n0: int, n1: int) -> None:
     if db is not None:
         db_ref = dy.sum(axis=0)
         np.testing.assert_allclose(db, db0 + db_ref, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(db_ref).max()))
+
+
+def test_wide_weights_take_the_other_loop_order() -> None:
+    spec = CASES["wide_701_to_190"][0]
+    assert spec.o * spec.f > WEIGHTS_IN_CACHE >= max(s.o * s.f for s, _, _ in CASES.values() if s is not spec)
 
 
 def test_dense_forward_activations(jit) -> None:

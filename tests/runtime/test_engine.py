@@ -8,6 +8,7 @@ inference into a caller's buffer; each checks what it is given.
 from __future__ import annotations
 
 import ast
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 from cnnc_runtime import engine
 from cnnc_runtime.engine import Engine
 from cnnc_runtime.optimizers import SGD
-from tests.reference import MLP, MLP_NO_DROPOUT, NETWORKS, build
+from tests.reference import MLP, MLP_NO_DROPOUT, NETWORKS, _compiled, build
 
 RUNTIME = Path(engine.__file__).resolve().parent
 
@@ -29,6 +30,11 @@ def mlp():
 def batch(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.standard_normal((n, 64)).astype(np.float32), rng.integers(0, 10, n)
+
+
+def with_threads(text: str, threads: int) -> Engine:
+    manifest, obj = _compiled(text, False, True)
+    return Engine(copy.deepcopy(manifest), obj, threads=threads)
 
 
 def test_a_training_loop_of_ones_own_matches_fit():
@@ -201,10 +207,56 @@ def test_the_parts_of_a_batch_add_up_to_the_whole_batch():
     np.testing.assert_allclose(sum(parts), want, rtol=0, atol=1e-6 * np.abs(want).max())
     model.gradients(x[21:43], t[21:43], "cross_entropy", seed=9, whole=64)  # image0 0: the masks of images 0..21
     assert not np.allclose(model.flat_grads, parts[1], rtol=0, atol=1e-3 * np.abs(want).max())
-    with pytest.raises(ValueError, match=r"image0 >= 0 and whole >= N = 22"):
-        model.gradients(x[21:43], t[21:43], "cross_entropy", image0=21, whole=20)
+    with pytest.raises(ValueError, match=r"image0 >= 0 and image0 \+ N <= whole \(N = 22\)"):
+        model.gradients(x[21:43], t[21:43], "cross_entropy", image0=21, whole=42)
     with pytest.raises(ValueError, match=r"image0 >= 0"):
         model.gradients(x[21:43], t[21:43], "cross_entropy", image0=-1, whole=64)
+
+
+def test_a_part_of_a_batch_is_cut_into_the_whole_batchs_shards():
+    """A rank's share of a step runs the shards one process cuts the whole batch into, cut at the share's edges
+    (never smaller shards of its own); a whole batch runs ``shards``, chunk by chunk."""
+    assert engine.shards(64) == ((0, 32), (32, 64))
+    assert engine.part_shards(0, 32, 32, 64, 256) == ((0, 32),)  # not shards(32), two of 16
+    assert engine.part_shards(0, 22, 21, 64, 256) == ((0, 11), (11, 22))  # images 21..43: cut at 32
+    assert engine.part_shards(0, 100, 0, 100, 256) == engine.shards(100)
+    assert engine.part_shards(256, 300, 0, 300, 256) == engine.shards(44)  # a whole batch's second chunk
+    assert engine.part_shards(0, 50, 250, 300, 256) == ((0, 6), (6, 30), (30, 50))  # across a chunk's end
+
+
+def test_two_halves_of_a_batch_add_up_to_the_whole_batch_bit_for_bit():
+    """Two ranks of one thread at batch 64 each compute one of the whole batch's two shards: their sum (what the
+    all-reduce computes) is the one addition one process makes, dropout masks and all."""
+    model = with_threads(MLP, 1)
+    x, y = batch(64, seed=6)
+    t = model.check_targets(y, 64, "cross_entropy")
+    model.gradients(x, t, "cross_entropy", seed=9)
+    want = model.flat_grads.copy()
+    model.gradients(x[:32], t[:32], "cross_entropy", seed=9, whole=64)
+    first = model.flat_grads.copy()
+    model.gradients(x[32:], t[32:], "cross_entropy", seed=9, image0=32, whole=64)
+    np.testing.assert_array_equal(first + model.flat_grads, want)
+
+
+def test_a_part_in_one_piece_is_cut_in_two_for_a_model_of_two_threads():
+    """A rank's share that is one of the whole batch's shards runs as that shard on one thread, and as two shards
+    on two threads, so both threads work on it."""
+    x, y = batch(64, seed=7)
+
+    def shards_run(threads: int) -> list[tuple[int, int]]:
+        model = with_threads(MLP, threads)
+        buf, filled = model.batch_buffer(32), []
+
+        def prepare(thread: int, a: int, b: int) -> None:
+            buf[a:b] = x[32 + a:32 + b]
+            filled.append((a, b))
+
+        t = model.check_targets(y[32:], 32, "cross_entropy")
+        model.gradients(buf, t, "cross_entropy", prepare=prepare, image0=32, whole=64)
+        return sorted(filled)
+
+    assert shards_run(1) == [(0, 32)]
+    assert shards_run(2) == list(engine.shards(32))
 
 
 def test_noise_of_a_part_is_the_noise_of_its_images_in_the_whole_batch(mlp):
