@@ -13,6 +13,10 @@ adds the float64 partial sums of each shard in a fixed order, see
   through a fused activation (in place);
 - ``backward``: dx (+)= k * dy + cx * x + cc per channel (the full gradient
   through the batch statistics, its coefficients from the reduced sums);
+- ``apply_add`` and ``grad_sums_fan_out``: a residual block's last batchnorm
+  with the add after it (and the add's activation), ``apply``, the add and the
+  activation in one pass forward, and the activation's gradient, the add's fan-out
+  and ``grad_sums`` in one pass backward (``ResidualSpec``);
 - ``fold``: a batchnorm folded into the weight and bias of the conv or dense before it.
 
 Each plane of ``hw`` floats is summed in float32 vector lanes, then added to
@@ -26,7 +30,7 @@ import llvmlite.ir as ir
 from cnnc.codegen import emit
 from cnnc.codegen.elementwise import entry_alloca, image_base, put, reduce_run, stride_or, strips
 from cnnc.codegen.emit import F32, for_range, i64
-from cnnc.codegen.specs import BatchNormSpec, FoldSpec
+from cnnc.codegen.specs import BatchNormSpec, FoldSpec, ResidualSpec
 from cnnc.ops import activations
 
 F64 = ir.DoubleType()
@@ -48,27 +52,30 @@ def _add_double(b: ir.IRBuilder, partial: ir.Value, index: ir.Value, value: ir.V
     b.store(b.fadd(b.load(slot, typ=F64, align=8), b.fpext(value, F64)), slot, align=8)
 
 
-def _planes(b: ir.IRBuilder, a: dict, spec: BatchNormSpec, names: dict[str, int], body) -> None:
-    """``body(c, {name: plane base}, n)`` for every image n of [n0, n1) and channel c, images outermost
-    (streaming)."""
+def _planes(b: ir.IRBuilder, a: dict, channels: int, hw: int, names: dict[str, int], body) -> None:
+    """``body(c, {name: plane base}, n)`` for every image n of [n0, n1) and channel c (planes of `hw` floats),
+    images outermost (streaming)."""
     with for_range(b, a["n0"], a["n1"], name="n") as n:
         bases = {k: image_base(b, a[k], n, stride, f"{k}b") for k, stride in names.items()}
-        with for_range(b, 0, spec.c, name="c") as c:
-            at = b.mul(c, i64(spec.hw))
+        with for_range(b, 0, channels, name="c") as c:
+            at = b.mul(c, i64(hw))
             body(c, {k: emit.gep(b, v, at) for k, v in bases.items()}, n)
 
 
 def emit_bn_stats(module: ir.Module, name: str, spec: BatchNormSpec, vw: int) -> ir.Function:
-    """``(x, partial, n0, n1)``: partial[c] = sum of channel c over images [n0, n1) and positions,
+    """``(x, partial, first_i64, n0, n1)``: partial[c] = sum of channel c over images [first, n1) and positions,
     partial[C + c] = sum of (x - shard mean)^2; float64.
 
     One pass over the shard: each plane's sum, then (from the L1 cache) its squared deviations from its
-    own mean, combined into the channel's running sums by Chan's update in float64.
+    own mean, combined into the channel's running sums by Chan's update in float64. A shard may come in
+    several calls, in order (``first``: its first image): the call from ``first`` starts the sums, the
+    others add to them, with the same bits as one call.
     """
-    fn, b, a = emit.kernel(module, name, ["x", "partial", "n0", "n1"])
+    fn, b, a = emit.kernel(module, name, ["x", "partial", "first_i64", "n0", "n1"])
     c, hw = spec.c, spec.hw
     x_stride = stride_or(spec.x_stride, c * hw)
-    _zero(b, a["partial"], 2 * c)
+    with b.if_then(b.icmp_signed("==", a["n0"], a["first_i64"])):
+        _zero(b, a["partial"], 2 * c)
     fadd = lambda s, v: b.fadd(s, v)  # noqa: E731
     size = ir.Constant(F64, float(hw))
 
@@ -83,7 +90,7 @@ def emit_bn_stats(module: ir.Module, name: str, spec: BatchNormSpec, vw: int) ->
         m2 = b.fpext(reduce_run(b, hw, vw, term, fadd, 0.0), F64)
         total = b.fpext(total, F64)
         # Chan et al.: (count, sum, m2) of the planes so far and this plane's (hw, total, m2)
-        count = b.sitofp(b.mul(b.sub(n, a["n0"]), i64(hw)), F64)
+        count = b.sitofp(b.mul(b.sub(n, a["first_i64"]), i64(hw)), F64)
         sum_slot, m2_slot = _dslot(b, a["partial"], ch), _dslot(b, a["partial"], b.add(ch, i64(c)))
         before = b.load(sum_slot, typ=F64, align=8)
         seen = b.select(b.fcmp_ordered(">", count, ir.Constant(F64, 0.0)), count, ir.Constant(F64, 1.0))
@@ -93,7 +100,7 @@ def emit_bn_stats(module: ir.Module, name: str, spec: BatchNormSpec, vw: int) ->
         b.store(grown, m2_slot, align=8)
         b.store(b.fadd(before, total), sum_slot, align=8)
 
-    _planes(b, a, spec, {"x": x_stride}, plane)
+    _planes(b, a, spec.c, spec.hw, {"x": x_stride}, plane)
     b.ret_void()
     return fn
 
@@ -101,51 +108,103 @@ def emit_bn_stats(module: ir.Module, name: str, spec: BatchNormSpec, vw: int) ->
 def emit_bn_apply(module: ir.Module, name: str, spec: BatchNormSpec, vw: int) -> ir.Function:
     """``(x, scale, shift, y, n0, n1)``: y = act(x * scale[c] + shift[c]); y may equal x."""
     fn, b, a = emit.kernel(module, name, ["x", "scale", "shift", "y", "n0", "n1"])
-    c, hw = spec.c, spec.hw
-    strides = {"x": stride_or(spec.x_stride, c * hw), "y": stride_or(spec.y_stride, c * hw)}
+    strides = {"x": stride_or(spec.x_stride, spec.c * spec.hw), "y": stride_or(spec.y_stride, spec.c * spec.hw)}
+    _apply(b, a, spec.c, spec.hw, vw, strides, spec.act, spec.act_args)
+    b.ret_void()
+    return fn
+
+
+def emit_bn_apply_add(module: ir.Module, name: str, spec: ResidualSpec, vw: int) -> ir.Function:
+    """``(x, scale, shift, r, y, n0, n1)``: y = act(x * scale[c] + shift[c] + r)."""
+    fn, b, a = emit.kernel(module, name, ["x", "scale", "shift", "r", "y", "n0", "n1"])
+    strides = {k: stride_or(getattr(spec, f"{k}_stride"), spec.c * spec.hw) for k in ("x", "r", "y")}
+    _apply(b, a, spec.c, spec.hw, vw, strides, spec.act, spec.act_args)
+    b.ret_void()
+    return fn
+
+
+def _apply(b: ir.IRBuilder, a: dict, c: int, hw: int, vw: int, strides: dict[str, int], act: str,
+           args: tuple) -> None:
+    """y = act(x * scale + shift (+ r, when `strides` has it)) over the planes."""
 
     def plane(ch: ir.Value, p: dict, _: ir.Value) -> None:
         s, t = emit.load(b, a["scale"], ch), emit.load(b, a["shift"], ch)
 
         def body(i: ir.Value, w: int) -> None:
             v = emit.fma(b, emit.load(b, p["x"], i, w), emit.splat(b, s, w), emit.splat(b, t, w))
-            emit.store(b, activations.emit(b, v, spec.act, spec.act_args), p["y"], i)
+            if "r" in p:
+                v = b.fadd(v, emit.load(b, p["r"], i, w))
+            emit.store(b, activations.emit(b, v, act, args), p["y"], i)
 
         strips(b, hw, vw, body)
 
-    _planes(b, a, spec, strides, plane)
-    b.ret_void()
-    return fn
+    _planes(b, a, c, hw, strides, plane)
 
 
 def emit_bn_grad_sums(module: ir.Module, name: str, spec: BatchNormSpec, vw: int) -> ir.Function:
-    """``(x, dy, mean, partial, saved, n0, n1)``: partial[c] = sum(dy), partial[C + c] = sum(dy * (x - mean[c]));
-    float64. With a fused activation, dy is first taken through it in place (dy = dy * act'(saved), `saved`
-    the activation's output, or its input when its gradient reads that, at ``v_stride``)."""
-    fn, b, a = emit.kernel(module, name, ["x", "dy", "mean", "partial", "saved", "n0", "n1"])
+    """``(x, dy, mean, partial, saved, first_i64, n0, n1)``: partial[c] = sum(dy), partial[C + c] = sum(dy * (x -
+    mean[c])) over images [first, n1); float64 (a shard may come in several calls, as in ``stats``). With a
+    fused activation, dy is first taken through it in place (dy = dy * act'(saved), `saved` the activation's
+    output, or its input when its gradient reads that, at ``v_stride``)."""
+    fn, b, a = emit.kernel(module, name, ["x", "dy", "mean", "partial", "saved", "first_i64", "n0", "n1"])
     c, hw = spec.c, spec.hw
     strides = {"x": stride_or(spec.x_stride, c * hw), "dy": stride_or(spec.y_stride, c * hw)}
     if spec.act != "none":
         strides["saved"] = stride_or(spec.v_stride or spec.y_stride, c * hw)
-    _zero(b, a["partial"], 2 * c)
+
+    def gradient(p: dict, i: ir.Value, w: int) -> ir.Value:
+        dy = emit.load(b, p["dy"], i, w)
+        if spec.act != "none":
+            dy = activations.emit_grad(b, emit.load(b, p["saved"], i, w), dy, spec.act, spec.act_args)
+            emit.store(b, dy, p["dy"], i)
+        return dy
+
+    _grad_sums(b, a, spec.c, spec.hw, vw, strides, gradient)
+    b.ret_void()
+    return fn
+
+
+def emit_bn_grad_sums_fan_out(module: ir.Module, name: str, spec: ResidualSpec, vw: int) -> ir.Function:
+    """``(x, dy, mean, partial, saved, a, b, first_i64, n0, n1)``: g = dy * act'(saved); a (+)= g, b (+)= g (each
+    by its flag); partial[c] = sum(g), partial[C + c] = sum(g * (x - mean[c])), float64, as ``grad_sums`` of b."""
+    fn, b, a = emit.kernel(module, name, ["x", "dy", "mean", "partial", "saved", "a", "b", "first_i64", "n0", "n1"])
+    size = spec.c * spec.hw
+    strides = {k: stride_or(getattr(spec, f"{k}_stride"), size) for k in ("x", "a", "b")}
+    strides["dy"] = stride_or(spec.y_stride, size)
+    if spec.act != "none":
+        strides["saved"] = stride_or(spec.v_stride, size)
+
+    def gradient(p: dict, i: ir.Value, w: int) -> ir.Value:
+        g = emit.load(b, p["dy"], i, w)
+        if spec.act != "none":
+            g = activations.emit_grad(b, emit.load(b, p["saved"], i, w), g, spec.act, spec.act_args)
+        put(b, g, p["a"], i, spec.accumulate_a)
+        put(b, g, p["b"], i, spec.accumulate_b)
+        return g
+
+    _grad_sums(b, a, spec.c, spec.hw, vw, strides, gradient)
+    b.ret_void()
+    return fn
+
+
+def _grad_sums(b: ir.IRBuilder, a: dict, c: int, hw: int, vw: int, strides: dict[str, int], gradient) -> None:
+    """partial[c] = sum of ``gradient(planes, offset, width)`` (which may store it), partial[C + c] = sum of it
+    times (x - mean[c]): each plane's float32 sums added to float64 ones, from zero in the call from ``first``."""
+    with b.if_then(b.icmp_signed("==", a["n0"], a["first_i64"])):
+        _zero(b, a["partial"], 2 * c)
 
     def plane(ch: ir.Value, p: dict, _: ir.Value) -> None:
         mean = emit.load(b, a["mean"], ch)
 
         def terms(i: ir.Value, w: int) -> tuple[ir.Value, ir.Value]:
-            dy = emit.load(b, p["dy"], i, w)
-            if spec.act != "none":
-                dy = activations.emit_grad(b, emit.load(b, p["saved"], i, w), dy, spec.act, spec.act_args)
-                emit.store(b, dy, p["dy"], i)
-            return dy, b.fmul(dy, b.fsub(emit.load(b, p["x"], i, w), emit.splat(b, mean, w)))
+            g = gradient(p, i, w)
+            return g, b.fmul(g, b.fsub(emit.load(b, p["x"], i, w), emit.splat(b, mean, w)))
 
         first, second = _two_sums(b, hw, vw, terms)
         _add_double(b, a["partial"], ch, first)
         _add_double(b, a["partial"], b.add(ch, i64(c)), second)
 
-    _planes(b, a, spec, strides, plane)
-    b.ret_void()
-    return fn
+    _planes(b, a, c, hw, strides, plane)
 
 
 def _two_sums(b: ir.IRBuilder, count: int, vw: int, terms) -> tuple[ir.Value, ir.Value]:
@@ -188,7 +247,7 @@ def emit_bn_backward(module: ir.Module, name: str, spec: BatchNormSpec, vw: int)
 
         strips(b, hw, vw, body)
 
-    _planes(b, a, spec, strides, plane)
+    _planes(b, a, spec.c, spec.hw, strides, plane)
     b.ret_void()
     return fn
 

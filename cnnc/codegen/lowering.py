@@ -14,7 +14,14 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-from cnnc.codegen.batchnorm import emit_bn_apply, emit_bn_backward, emit_bn_grad_sums, emit_bn_stats
+from cnnc.codegen.batchnorm import (
+    emit_bn_apply,
+    emit_bn_apply_add,
+    emit_bn_backward,
+    emit_bn_grad_sums,
+    emit_bn_grad_sums_fan_out,
+    emit_bn_stats,
+)
 from cnnc.codegen.conv import emit_conv_backward_data, emit_conv_backward_weights, emit_conv_forward
 from cnnc.codegen.dense import emit_dense_backward_data, emit_dense_backward_weights, emit_dense_forward
 from cnnc.codegen.elementwise import (
@@ -38,9 +45,11 @@ from cnnc.codegen.specs import (
     ElementwiseSpec,
     FanOutSpec,
     PoolSpec,
+    ResidualSpec,
     SoftmaxSpec,
     SumSpec,
 )
+from cnnc.ir import execution_order
 from cnnc.ops import OPS
 from cnnc.ops.activations import act_args
 
@@ -152,6 +161,8 @@ def forward_pool(ctx, name: str) -> None:
 
 
 def forward_activation(ctx, name: str) -> None:
+    if name in ctx.fused_acts:
+        return  # applied by the residual add before it (forward_add)
     node = ctx.node(name)
     x, y = ctx.value(node["inputs"][0]), ctx.value(name)
     spec = ElementwiseSpec(size=_size(ctx, name), act=node["op"], act_args=act_args(node["args"]),
@@ -195,13 +206,65 @@ def sum_spec(ctx, name: str, count: int) -> SumSpec:
 
 
 def forward_add(ctx, name: str) -> None:
-    """The first two inputs summed in one pass, any others added on."""
+    """The first two inputs summed in one pass, any others added on; in training, a residual block's last
+    batchnorm, the add and the activation after it in one pass (``residual_tail``)."""
     y = ctx.value(name)
+    bn = ctx.residual.get(name)
+    if bn is not None:
+        other = next(src for src in ctx.node(name)["inputs"] if src != bn)
+        act = residual_act(ctx, name)
+        out = ctx.value(act) if act else y
+        spec = _residual_spec(ctx, bn, act, x_stride=ctx.value(ctx.node(bn)["inputs"][0]).stride,
+                              r_stride=ctx.value(other).stride, y_stride=out.stride)
+        ctx.call(ctx.kernel(emit_bn_apply_add, spec), ctx.value(ctx.node(bn)["inputs"][0]),
+                 ctx.bn_coef(bn, "scale"), ctx.bn_coef(bn, "shift"), ctx.value(other), out)
+        if act:
+            ctx.fused_acts.add(act)
+        return
     inputs = [ctx.value(src) for src in ctx.node(name)["inputs"]]
     a, b = inputs[:2]
     ctx.call(ctx.kernel(emit_sum, sum_spec(ctx, name, y.size)), a, b, y)
     for src in inputs[2:]:
         _copy(ctx, src, y, y.size, accumulate=True)
+
+
+def residual_tail(ctx, name: str) -> str | None:
+    """The add that batchnorm `name` can be applied in, in training: the bn's only consumer, an add of two
+    distinct tensors whose other input is computed before the bn, neither of them an output of the network
+    or a loss's input. The bn's output is then never written, nor the add's when the activation after it
+    runs in the same pass (``residual_act``)."""
+    g, node = ctx.g, ctx.node(name)
+    if not ctx.plan.training or node.get("act", "none") != "none" or name in ctx.plan.pre:
+        return None
+    outputs = {g.graph["output"], *g.graph.get("loss_input", {}).values()}
+    consumers = list(g.successors(name))
+    if len(consumers) != 1 or name in outputs:
+        return None
+    add = consumers[0]
+    inputs = ctx.node(add)["inputs"]
+    if ctx.node(add)["op"] != "add" or len(inputs) != 2 or add in outputs:
+        return None
+    other = inputs[0] if inputs[1] == name else inputs[1]
+    order = execution_order(g)
+    if ctx.plan.root[other] == ctx.plan.root[name] or order.index(other) > order.index(name):
+        return None
+    return add
+
+
+def residual_act(ctx, add: str) -> str | None:
+    """The activation applied within a residual add (``residual_tail``): its only consumer, when that
+    activation's gradient reads its output (so the add's own output is needed by nothing)."""
+    consumers = list(ctx.g.successors(add))
+    if len(consumers) != 1:
+        return None
+    op = ctx.node(consumers[0])["op"]
+    return consumers[0] if OPS[op].activation and OPS[op].act.grad_from == "output" else None
+
+
+def _residual_spec(ctx, bn: str, act: str | None, **strides: int) -> ResidualSpec:
+    shape = ctx.node(ctx.node(bn)["inputs"][0])["shape"]
+    return ResidualSpec(c=shape[0], hw=math.prod(shape[1:]), act=ctx.node(act)["op"] if act else "none",
+                        act_args=act_args(ctx.node(act)["args"]) if act else (), **strides)
 
 
 def _channel_offsets(ctx, name: str) -> list[int]:
@@ -240,8 +303,12 @@ def forward_batchnorm(ctx, name: str) -> None:
     y = pre or ctx.value(name)
     spec = batchnorm_spec(ctx, name, y, fused=pre is None)
     if ctx.plan.training:
-        ctx.call(ctx.kernel(emit_bn_stats, spec), ctx.value(src), ctx.bn_partial(name))
+        ctx.call(ctx.kernel(emit_bn_stats, spec), ctx.value(src), ctx.bn_partial(name), ctx.args["n0"])
         ctx.sync("forward", name)
+        add = residual_tail(ctx, name)
+        if add is not None:
+            ctx.residual[add] = name  # applied by the add (forward_add)
+            return
         scale, shift = ctx.bn_coef(name, "scale"), ctx.bn_coef(name, "shift")
     else:
         scale, shift = ctx.param(name, "weight"), ctx.param(name, "bias")
@@ -256,8 +323,9 @@ def backward_batchnorm(ctx, name: str) -> None:
     dy = ctx.grad(name)
     saved = ctx.plan.pre.get(name) or ctx.value(name)  # what the fused activation's gradient reads
     spec = dataclasses.replace(batchnorm_spec(ctx, name, dy), v_stride=saved.stride)
-    ctx.call(ctx.kernel(emit_bn_grad_sums, spec), ctx.value(src), dy, ctx.bn_coef(name, "mean"),
-             ctx.bn_partial(name), saved)
+    if name not in ctx.bn_sums_done:  # (else the residual add's backward took them)
+        ctx.call(ctx.kernel(emit_bn_grad_sums, spec), ctx.value(src), dy, ctx.bn_coef(name, "mean"),
+                 ctx.bn_partial(name), saved, ctx.args["n0"])
     ctx.sync("backward", name)
     if ctx.wants_grad(src):
         fn = ctx.kernel(emit_bn_backward, batchnorm_spec(ctx, name, dy, ctx.accumulate(src), fused=False))
@@ -326,6 +394,8 @@ def backward_pool(ctx, name: str) -> None:
 
 
 def backward_activation(ctx, name: str) -> None:
+    if name in ctx.fused_acts:
+        return  # taken by the residual add's backward (backward_add)
     node = ctx.node(name)
     src = node["inputs"][0]
     if ctx.wants_grad(src):
@@ -355,7 +425,10 @@ def backward_dropout(ctx, name: str) -> None:
 
 
 def backward_add(ctx, name: str) -> None:
-    """dy into each input's gradient: two inputs of distinct tensors in one pass over dy."""
+    """dy into each input's gradient: two inputs of distinct tensors in one pass over dy; a residual add
+    (``residual_tail``) also takes dy through its activation and gives its batchnorm's gradient sums."""
+    if name in ctx.residual and _residual_backward(ctx, name):
+        return
     dy = ctx.grad(name)
     wanting = [src for src in ctx.node(name)["inputs"] if ctx.wants_grad(src)]
     if len(wanting) == 2 and ctx.plan.root[wanting[0]] != ctx.plan.root[wanting[1]]:
@@ -366,6 +439,31 @@ def backward_add(ctx, name: str) -> None:
         return
     for src in wanting:
         _copy(ctx, dy, ctx.grad(src), dy.size, accumulate=ctx.accumulate(src))
+
+
+def _residual_backward(ctx, name: str) -> bool:
+    """A residual add's backward in one pass (``ResidualSpec``) when both inputs want a gradient; else the
+    activation's gradient alone into the add's (for the plain path after it), and False."""
+    bn, act = ctx.residual[name], residual_act(ctx, name)
+    other = next(src for src in ctx.node(name)["inputs"] if src != bn)
+    dy = ctx.grad(act) if act else ctx.grad(name)
+    saved = ctx.value(act) if act else dy
+    if ctx.wants_grad(bn) and ctx.wants_grad(other):
+        x, a, b = ctx.value(ctx.node(bn)["inputs"][0]), ctx.grad(other), ctx.grad(bn)
+        spec = _residual_spec(ctx, bn, act, x_stride=x.stride, y_stride=dy.stride, v_stride=saved.stride,
+                              a_stride=a.stride, b_stride=b.stride, accumulate_a=ctx.accumulate(other),
+                              accumulate_b=ctx.accumulate(bn))
+        ctx.call(ctx.kernel(emit_bn_grad_sums_fan_out, spec), x, dy, ctx.bn_coef(bn, "mean"), ctx.bn_partial(bn),
+                 saved, a, b, ctx.args["n0"])
+        ctx.bn_sums_done.add(bn)
+        return True
+    if act:
+        node = ctx.node(act)
+        spec = ElementwiseSpec(size=_size(ctx, act), act=node["op"], act_args=act_args(node["args"]),
+                               x_stride=ctx.grad(name).stride, y_stride=dy.stride, accumulate=ctx.accumulate(name),
+                               v_stride=0 if saved.stride == dy.stride else saved.stride)
+        ctx.call(ctx.kernel(emit_activation_backward, spec), saved, dy, ctx.grad(name))
+    return False
 
 
 def backward_concat(ctx, name: str) -> None:

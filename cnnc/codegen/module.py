@@ -91,6 +91,13 @@ INFER_SPLIT_ARGS = ["params", "folded", "arena", "x", "y", "ws", "bar", "part_i6
 AUGMENT_ARGS = ["x", "seed_i64", "image0_i64", "pad_i64", "flip_i64", "fill", "ws", "n0", "n1"]
 SMALL_OUTPUT = 4096  # floats per image: an inference output this small is copied out (see _like_training)
 SHARE_MAX_FLOATS = 16384  # per image (64 KiB: 16 MiB per 256-image chunk) that sharing kernels may add
+CHUNK_FLOATS = 65536  # a training step's image chunk: its largest tensor's floats (256 KiB; best of 64 KiB-1 MiB)
+# how a training step runs each kernel (``Entry.flush``): per-image kernels a chunk of images at a time,
+# the weight gradient (which sums over the images of its call) on the whole range after them
+CHUNKED = {name: "chunk" for name in (
+    "conv_forward", "bn_stats", "bn_apply", "bn_apply_add", "sum", "activation_forward",
+    "conv_backward_data", "bn_backward", "bn_grad_sums", "bn_grad_sums_fan_out", "activation_backward", "fan_out")}
+CHUNKED["conv_backward_weights"] = "after"
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,7 @@ class Builder:
         self.stopwatch = Stopwatch(self.module) if profile else None  # the profiling build (cnnc.codegen.instrument)
         self.kernel_modules: list[ir.Module] = []
         self._kernels: dict[tuple, ir.Function] = {}
+        self.chunked: dict[str, str] = {}  # kernel name -> how a training step runs it (CHUNKED)
         self.ws_floats = 0  # scratch one thread needs: the largest conv kernel's workspace
         self.slots, self.param_floats = param_layout(g)
         self.slot = {(s.layer, s.kind): s for s in self.slots}
@@ -176,6 +184,8 @@ class Builder:
             if isinstance(spec, (ConvSpec, DenseSpec)):
                 own.add_named_metadata(TILED)
             self.kernel_modules.append(own)
+            if emitter.__name__.removeprefix("emit_") in CHUNKED:
+                self.chunked[name] = CHUNKED[emitter.__name__.removeprefix("emit_")]
             self._kernels[key] = ir.Function(self.module, fn.ftype, name=name)
             if isinstance(spec, ConvSpec):
                 self.ws_floats = max(self.ws_floats, aligned(conv_workspace_floats(spec, self.vw)))
@@ -198,12 +208,18 @@ class Entry:
         self.step = None  # the autodiff Step being emitted
         self.syncs: list[dict] = []  # the reductions that end each phase but the last
         self.act_grads_done: set[str] = set()  # fused activations whose gradient a pool's backward applied
+        self.residual: dict[str, str] = {}  # training: add -> the batchnorm it applies (lowering.residual_tail)
+        self.fused_acts: set[str] = set()  # activations applied by the residual add before them
+        self.bn_sums_done: set[str] = set()  # batchnorms whose gradient sums a residual add's backward took
         self.timing = Timing(builder.stopwatch, name) if builder.stopwatch else None
+        self._pending: list[tuple[ir.Function, list[ir.Value], int]] = []  # calls of the chunk loop to come
+        self._after: list[tuple[ir.Function, list[ir.Value]]] = []  # whole-range calls to follow that loop
         if self.timing:
             self.timing.start(self.b)
 
     def sync(self, kind: str, layer: str) -> None:
         """End this phase at `layer`'s reduction (``kind``: ``"forward"`` or ``"backward"``); go on in the next."""
+        self.flush()
         if self.timing:
             self.timing.pause(self.b)
         self.b.ret_void()
@@ -271,8 +287,37 @@ class Entry:
         return emit.gep(self.b, self.args[t.base], t.offset) if t.offset else self.args[t.base]
 
     def call(self, fn: ir.Function, *args) -> None:
+        """Call kernel `fn` on the images [n0, n1) of this entry; in a training step (not profiled), a run of
+        per-image kernels is gathered and run a chunk of images at a time, and a weight gradient after them
+        (``flush``)."""
         values = [self.pointer(a) if isinstance(a, Tensor) else a for a in args]
+        how = self.builder.chunked.get(fn.name)
+        if how and self.plan is not None and self.plan.training and self.timing is None:
+            if how == "chunk":
+                self._pending.append((fn, values, max([a.size for a in args if isinstance(a, Tensor)], default=1)))
+            else:
+                self._after.append((fn, values))
+            return
+        self.flush()
         self.b.call(fn, [*values, self.args["n0"], self.args["n1"]])
+
+    def flush(self) -> None:
+        """Emit the gathered calls: each chunk of images through all of the per-image kernels in turn, so that
+        what one writes the next reads from the L2 cache, not memory (a shard of ResNet-20's first stage is
+        2 MiB a tensor), then the weight gradients on the whole range (their sums over the images of a call
+        set their bits; nothing in a step's pass writes their inputs after their layer's turn). Each image's
+        values do not depend on the range of its call: the results are those of calls in program order."""
+        pending, after, self._pending, self._after = self._pending, self._after, [], []
+        b, n0, n1 = self.b, self.args["n0"], self.args["n1"]
+        if pending:
+            step = max(1, CHUNK_FLOATS // max(size for _, _, size in pending))
+            with emit.for_range(b, n0, n1, step, name="chunk") as c0:
+                c1 = b.add(c0, emit.i64(step))
+                c1 = b.select(b.icmp_signed("<", c1, n1), c1, n1, name="chunk.end")
+                for fn, values, _ in pending:
+                    b.call(fn, [*values, c0, c1])
+        for fn, values in after:
+            b.call(fn, [*values, n0, n1])
 
 
 def build_module(g: nx.DiGraph, vector_width: int, profile: bool = False) -> tuple[list[ir.Module], dict]:
@@ -469,6 +514,7 @@ def _emit_step(builder: Builder, plan: Plan, order: list[str], loss: str) -> lis
         entry.step = step
         with entry.timed("backward", step.node):
             BACKWARD[g.nodes[step.node]["op"]](entry, step.node)
+    entry.flush()
     entry.b.ret_void()
     return entry.syncs
 

@@ -251,6 +251,34 @@ class BatchNormSpec:
 
 
 @dataclass(frozen=True)
+class ResidualSpec:
+    """A batchnorm whose only consumer is a two-input add (a residual block's last batchnorm), in training.
+
+    Forward, after the batch statistics: y = act(x * scale + shift + r), the
+    batchnorm, the add of r (the add's other input) and the activation after
+    the add in one pass (``y_stride``: the activation's output, or the add's).
+    Backward: g = dy * act'(saved) (``y_stride``: dy, ``v_stride``: the
+    activation's output), written (+)= into the add's two input gradients (``a``:
+    r's, ``b``: the batchnorm's), and the batchnorm's float64 partial sums of g
+    and g * (x - mean), in one pass. The values are those of the separate
+    kernels, operation for operation.
+    """
+
+    c: int
+    hw: int
+    x_stride: int = 0
+    r_stride: int = 0
+    y_stride: int = 0
+    v_stride: int = 0
+    a_stride: int = 0
+    b_stride: int = 0
+    act: str = "none"
+    act_args: tuple[tuple[str, float], ...] = ()
+    accumulate_a: bool = False
+    accumulate_b: bool = False
+
+
+@dataclass(frozen=True)
 class FoldSpec:
     """A batchnorm of ``o`` channels as a per-channel scale and shift: folded into the layer before it (``bias``:
     that layer's own bias, shifted too), or applied by itself."""

@@ -6,9 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cnnc.codegen.batchnorm import emit_bn_apply, emit_bn_backward, emit_bn_fold, emit_bn_grad_sums, emit_bn_stats
+from cnnc.codegen.batchnorm import (
+    emit_bn_apply,
+    emit_bn_apply_add,
+    emit_bn_backward,
+    emit_bn_fold,
+    emit_bn_grad_sums,
+    emit_bn_grad_sums_fan_out,
+    emit_bn_stats,
+)
 from cnnc.codegen.module import BN_COEFS
-from cnnc.codegen.specs import BatchNormSpec, FoldSpec
+from cnnc.codegen.specs import BatchNormSpec, FoldSpec, ResidualSpec
 from cnnc.ops.batchnorm import reference, reference_grad, scale_shift
 from cnnc_runtime.batchnorm import Statistics
 from tests.codegen.buffers import (
@@ -46,12 +54,16 @@ def test_stats_are_the_shards_sum_and_squared_deviations(jit, c, hw):
     rng = np.random.default_rng(1)
     x = arena(rng, spec.x_stride, c * hw, scale=3.0) + np.float32(100.0)  # an offset that naive sums would lose
     partial = np.full(2 * c + 3, -1.0)
-    jit("stats", x, partial, N0, N1)
+    jit("stats", x, partial, N0, N0, N1)
     v = _images(x, c, hw)
     np.testing.assert_allclose(partial[:c], v.sum(axis=(0, 2)), rtol=1e-6)
     np.testing.assert_allclose(partial[c:2 * c], ((v - v.mean(axis=(0, 2), keepdims=True)) ** 2).sum(axis=(0, 2)),
                                rtol=1e-4)
     assert (partial[2 * c:] == -1.0).all()
+    in_parts = np.full_like(partial, -1.0)  # the shard in calls of one image (the step's chunks), in order
+    for n in range(N0, N1):
+        jit("stats", x, in_parts, N0, n, n + 1)
+    np.testing.assert_array_equal(in_parts, partial)
 
 
 @pytest.mark.parametrize("c,hw", SHAPES)
@@ -87,7 +99,7 @@ def test_grad_sums_are_sum_dy_and_sum_dy_times_centred_x(jit, c, hw, act):
     mean = rng.standard_normal(c).astype(np.float32)
     partial = np.full(2 * c, 5.0)
     before = dy.copy()
-    jit("sums", x, dy, mean, partial, saved if act != "none" else None, N0, N1)
+    jit("sums", x, dy, mean, partial, saved if act != "none" else None, N0, N0, N1)
     v, d = _images(x, c, hw), _images(before, c, hw)
     if act != "none":
         zs = slots(z, saved_stride, c * hw)[N0:N1].reshape(d.shape)
@@ -96,6 +108,70 @@ def test_grad_sums_are_sum_dy_and_sum_dy_times_centred_x(jit, c, hw, act):
     assert_untouched(dy, before, written(dy, spec.y_stride, c * hw))
     np.testing.assert_allclose(partial[:c], d.sum(axis=(0, 2)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(partial[c:], (d * (v - mean[:, None])).sum(axis=(0, 2)), rtol=1e-5, atol=1e-5)
+    in_parts, dy_again = np.full_like(partial, 5.0), before.copy()  # the shard in calls of one image, in order
+    for n in range(N0, N1):
+        jit("sums", x, dy_again, mean, in_parts, saved if act != "none" else None, N0, n, n + 1)
+    np.testing.assert_array_equal(in_parts, partial)
+    np.testing.assert_array_equal(dy_again, dy)
+
+
+@pytest.mark.parametrize("c,hw", SHAPES)
+@pytest.mark.parametrize("act", ["none", "relu"])
+def test_apply_add_is_the_affine_map_plus_the_residual_then_the_activation(jit, c, hw, act):
+    """Each tensor at a stride of its own: the add's other input and the activation's output live elsewhere."""
+    stride = _stride(c, hw)
+    spec = ResidualSpec(c=c, hw=hw, x_stride=stride, r_stride=stride + 3, y_stride=stride + 6, act=act,
+                        act_args=act_args_of(act))
+    emit_bn_apply_add(jit.module, "apply_add", spec, jit.vw)
+    rng = np.random.default_rng(8)
+    x, r = arena(rng, spec.x_stride, c * hw), arena(rng, spec.r_stride, c * hw)
+    scale, shift = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    y = garbage(spec.y_stride)
+    before = y.copy()
+    jit("apply_add", x, scale, shift, r, y, N0, N1)
+    rs = slots(r, spec.r_stride, c * hw)[N0:N1].reshape(N1 - N0, c, hw)
+    want = act_ref(_images(x, c, hw) * scale[:, None] + shift[:, None] + rs, act)
+    got = slots(y, spec.y_stride, c * hw)[N0:N1].reshape(want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert_untouched(y, before, written(y, spec.y_stride, c * hw))
+
+
+@pytest.mark.parametrize("c,hw", SHAPES)
+@pytest.mark.parametrize("act", ["none", "relu"])
+@pytest.mark.parametrize("accumulate", [(False, False), (True, False), (False, True)])
+def test_grad_sums_fan_out_sends_the_activations_gradient_to_both_inputs_and_sums_it(jit, c, hw, act, accumulate):
+    """g = dy * act'(saved) into the add's two input gradients (each written or added to by its flag), and
+    the batchnorm's sums of g and of g times centred x; dy and saved are left as they were."""
+    stride = _stride(c, hw)
+    strides = {"x": stride, "dy": stride + 2, "saved": stride + 4, "a": stride + 6, "b": stride + 8}
+    spec = ResidualSpec(c=c, hw=hw, x_stride=strides["x"], y_stride=strides["dy"], v_stride=strides["saved"],
+                        a_stride=strides["a"], b_stride=strides["b"], act=act, act_args=act_args_of(act),
+                        accumulate_a=accumulate[0], accumulate_b=accumulate[1])
+    emit_bn_grad_sums_fan_out(jit.module, "sums_fan_out", spec, jit.vw)
+    rng = np.random.default_rng(9)
+    t = {k: arena(rng, s, c * hw) for k, s in strides.items()}
+    t["saved"] = np.maximum(t["saved"], 0) if act == "relu" else t["saved"]  # an activation's output
+    mean = rng.standard_normal(c).astype(np.float32)
+    partial = np.full(2 * c, 5.0)
+    before = {k: v.copy() for k, v in t.items()}
+    jit("sums_fan_out", t["x"], t["dy"], mean, partial, t["saved"] if act != "none" else None, t["a"], t["b"],
+        N0, N0, N1)
+
+    def images(k: str, buf: np.ndarray) -> np.ndarray:
+        return slots(buf, strides[k], c * hw)[N0:N1].reshape(N1 - N0, c, hw).astype(np.float64)
+
+    g = images("dy", before["dy"])
+    if act != "none":
+        saved = images("saved", before["saved"])  # relu's output: positive exactly where its input is
+        g = act_grad_ref(saved, saved, g, act)
+    for k, acc in zip("ab", accumulate):
+        np.testing.assert_allclose(images(k, t[k]), g + (images(k, before[k]) if acc else 0), rtol=1e-5, atol=1e-6)
+        assert_untouched(t[k], before[k], written(t[k], strides[k], c * hw))
+    for k in ("x", "dy", "saved"):
+        np.testing.assert_array_equal(t[k], before[k])
+    np.testing.assert_allclose(partial[:c], g.sum(axis=(0, 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(partial[c:], (g * (images("x", t["x"]) - mean[:, None])).sum(axis=(0, 2)),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("c,hw", SHAPES)
@@ -157,12 +233,12 @@ def test_shards_reduced_in_order_give_the_whole_batchs_forward_and_gradient(jit,
     st.shard_buffers(len(shards))
     coef = {k: st.coef("bn", k) for k in BN_COEFS}
     for (a, b), p in zip(shards, st.partials):
-        jit("stats", x, p, a, b)
+        jit("stats", x, p, a, a, b)
     st.forward("bn", shards, params, state)
     for a, b in shards:
         jit("apply", x, coef["scale"], coef["shift"], y, a, b)
     for (a, b), p in zip(shards, st.partials):
-        jit("sums", x, dy, coef["mean"], p, None, a, b)
+        jit("sums", x, dy, coef["mean"], p, None, a, a, b)
     st.backward("bn", shards, params, grads)
     for a, b in shards:
         jit("backward", dy, x, coef["k"], coef["cx"], coef["cc"], dx, a, b)

@@ -37,6 +37,25 @@ network bnvec {
     out = h -> dense(4) as fc2
 }
 """
+# residual adds after a batchnorm (run as one kernel with the add, and the add's relu, in training): the
+# image as the other input (no gradient), two batchnorms into one add, an add without an activation whose
+# output has two readers, and one followed by gelu (whose gradient reads the add's output)
+RESIDUAL = """
+network bnres {
+    input image: 3x8x8
+    a  = image -> conv(3, 3x3, pad=same, bias=false) as conv1 -> batchnorm as bn1
+    r0 = add(image, a) -> relu
+    b  = r0 -> conv(4, 3x3, pad=same, bias=false) as conv2 -> batchnorm as bn2 -> relu
+              -> conv(4, 3x3, pad=same, bias=false) as conv3 -> batchnorm as bn3
+    sc = r0 -> conv(4, 1x1, bias=false) as conv4 -> batchnorm as bn4
+    r1 = add(sc, b) -> relu
+    c  = r1 -> conv(4, 3x3, pad=same, bias=false) as conv5 -> batchnorm as bn5
+    r2 = add(r1, c)
+    d  = r2 -> conv(4, 3x3, pad=same, bias=false) as conv6 -> batchnorm as bn6
+    r3 = add(r2, d) -> gelu
+    logits = r3 -> flatten -> dense(3) as fc
+}
+"""
 STATE = ("running_mean", "running_var")
 
 
@@ -80,7 +99,7 @@ def test_inference_uses_the_running_statistics_folded_or_not(text, fuse):
     assert_close(m(x[:1]), want[:1], 1e-5)  # one image: the same folded weights
 
 
-@pytest.mark.parametrize("text", [MAPS, VECTORS])
+@pytest.mark.parametrize("text", [MAPS, VECTORS, RESIDUAL])
 @pytest.mark.parametrize("n,fuse", [(3, True), (9, True), (70, True), (9, False)])
 def test_training_gradients_go_through_the_batch_statistics(text, n, fuse):
     m = model(text, fuse=fuse)
@@ -93,7 +112,7 @@ def test_training_gradients_go_through_the_batch_statistics(text, n, fuse):
         assert_close(grads[name], want[name], 1e-4)
 
 
-@pytest.mark.parametrize("text", [MAPS, VECTORS])
+@pytest.mark.parametrize("text", [MAPS, VECTORS, RESIDUAL])
 def test_a_step_gives_the_same_bits_on_one_and_two_threads(text):
     results = []
     for threads in (1, 2):
@@ -201,11 +220,12 @@ def test_across_ranks_the_rule_counts_the_whole_batch_not_this_ranks_part():
         m.gradients(x, targets, "cross_entropy")
 
 
-def test_gradcheck_passes_on_a_network_with_batchnorm():
+@pytest.mark.parametrize("text", [MAPS, RESIDUAL], ids=["maps", "residual"])
+def test_gradcheck_passes_on_a_network_with_batchnorm(text):
     """Biases before a batchnorm have a zero gradient in theory: float32 noise of the network's gradient scale."""
     from cnnc.gradcheck import gradcheck
 
-    native, ref, rows = gradcheck(graph(MAPS), batch=6, samples=4)
+    native, ref, rows = gradcheck(graph(text), batch=6, samples=4)
     assert native == pytest.approx(ref, rel=1e-5)
     assert max(r.max_rel for r in rows) < 1e-2
 

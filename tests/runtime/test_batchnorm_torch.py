@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.reference import graph, torch_forward
-from tests.runtime.test_batchnorm import MAPS, VECTORS, assert_close, batch, model, randomize
+from tests.runtime.test_batchnorm import MAPS, RESIDUAL, VECTORS, assert_close, batch, model, randomize
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -36,7 +36,7 @@ def torch_step(g, state: dict, x: np.ndarray, y: np.ndarray, names) -> tuple[flo
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("text", [MAPS, VECTORS], ids=["maps", "vectors"])
+@pytest.mark.parametrize("text", [MAPS, VECTORS, RESIDUAL], ids=["maps", "vectors", "residual"])
 def test_training_steps_and_inference_match_pytorch(text, threads):
     g = graph(text)
     m = model(text, threads=threads)
