@@ -123,8 +123,9 @@ class Mpi(Local):
         """Print `message` (tagged with this rank) and end every rank of the job with `status`: none is left
         waiting in a collective."""
         print(f"rank {self.rank} of {self.size}: {message}", file=sys.stderr, flush=True)
-        if self.rank:  # when every rank fails at once, let rank 0's message reach the launcher before any abort
-            time.sleep(0.2)
+        # the launcher forwards output asynchronously and stops forwarding at the abort: give the message time to
+        # leave (seen lost under load), and when every rank fails at once let rank 0's arrive first
+        time.sleep(0.3 if self.rank else 0.1)
         self._comm.Abort(status)
 
 
