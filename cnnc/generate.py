@@ -87,6 +87,7 @@ def manifest_for(checked: nx.DiGraph, fused: nx.DiGraph, facts: dict, target: Ta
         "infer_parts": facts["infer_parts"],
         "arena_train": facts["arena_train"],
         "ws_floats": facts["ws_floats"],
+        "ws_cache_floats": facts["ws_cache_floats"],
         "updates": facts["updates"],
         "has_dropout": any(fused.nodes[n]["op"] == "dropout" for n in fused.nodes),
         **({"run_fields": facts["run_fields"]} if facts["run_fields"] else {}),

@@ -211,6 +211,7 @@ def validate(manifest: Any, source: str | None = None) -> None:
     for k in ("arena_infer", "arena_train", "ws_floats"):
         f.count(manifest, k, k)
     f.count(manifest, "infer_parts", "infer_parts", optional=True)  # threads infer_split is compiled for (0: none)
+    f.count(manifest, "ws_cache_floats", "ws_cache_floats", optional=True)  # kept Winograd weights, before ws
     total = f.count(manifest, "param_floats", "param_floats", least=1)
     _check_params(f, f.get(manifest, "params", "params", list), total)
     _check_batchnorm(f, f.get(manifest, "batchnorm", "batchnorm", dict, optional=True))
@@ -422,6 +423,7 @@ def contract(manifest: dict[str, Any]) -> dict[str, Any]:
         "infer_parts": manifest.get("infer_parts", 0),
         "arena_train": manifest["arena_train"],
         "ws_floats": manifest["ws_floats"],
+        "ws_cache_floats": manifest.get("ws_cache_floats", 0),
         "input.shape": manifest["input"]["shape"],
         "output.shape": manifest["output"]["shape"],
         "output.op": manifest["output"]["op"],

@@ -228,11 +228,25 @@ def _forward_plane(spec: ConvSpec, p: Plane) -> Plane:
     return dataclasses.replace(p, shifted=True)
 
 
-def _winograd_weights(b: ir.IRBuilder, p: Plane, ws: ir.Value, weights: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """`weights` transformed once per call into the workspace after conv_direct's part: (U, the rest for V and M)."""
+def _winograd_weights(b: ir.IRBuilder, p: Plane, ws: ir.Value, weights: ir.Value,
+                      cache: ir.Value | None = None) -> tuple[ir.Value, ir.Value]:
+    """`weights` transformed into the workspace after conv_direct's part, once per call (or kept between calls in
+    `cache`: ``conv_winograd.cached_weights``): (U, the rest for V and M)."""
     u = emit.gep(b, ws, p.floats, name="wino.u")
+    if cache is not None:
+        return conv_winograd.cached_weights(b, p, weights, cache), emit.gep(b, u, conv_winograd.Blocks(p).u_floats)
     conv_winograd.transform_weights(b, p, weights, u)
     return u, emit.gep(b, u, conv_winograd.Blocks(p).u_floats, name="wino.vm")
+
+
+def weight_cache_floats(spec: ConvSpec, vw: int) -> int:
+    """The floats of the `cache` region a cached forward (``spec.cached``) keeps its Winograd weights in (0: it
+    runs no Winograd, the region is not read)."""
+    g = _check(spec)
+    if not (spec.cached and g.padded):
+        return 0
+    p = _forward_plane(spec, g.forward_plane(vw))
+    return conv_winograd.cache_floats(p) if _winograd(spec, p) else 0
 
 
 def _affine(b: ir.IRBuilder, spec: ConvSpec, bias: ir.Value | None, r: ir.Value, value: ir.Value,
@@ -491,8 +505,9 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
 
         return finish
 
+    cache = args.get("cache")
     if _winograd(spec, p) and conv_winograd.whole_images(p, spec.h, spec.w):
-        u, wino_ws = _winograd_weights(b, p, args["ws"], args["w"])
+        u, wino_ws = _winograd_weights(b, p, args["ws"], args["w"], cache)
         conv_winograd.product_images(b, p, (spec.h, spec.w, top, left), args["x"], g.x_stride, u, wino_ws, finish_of,
                                      args["n0"], args["n1"])
         b.ret_void()
@@ -502,7 +517,7 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
     weights = args["w"]  # a connect table's tiles never read the weights outside it
     winograd = _winograd(spec, p)
     if winograd:
-        u, wino_ws = _winograd_weights(b, p, args["ws"], weights)
+        u, wino_ws = _winograd_weights(b, p, args["ws"], weights, cache)
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
         (conv_direct.fill_shifted if p.shifted else conv_direct.fill)(b, p, x_img, spec.h, spec.w, top, left, pad)
@@ -633,9 +648,10 @@ def _bias_grad(b: ir.IRBuilder, g: _Geom, dy_img: ir.Value, db: ir.Value, vw: in
 
 
 def emit_conv_forward(module: ir.Module, name: str, spec: ConvSpec, vw: int) -> ir.Function:
-    """``(x, w, b, y, ws, n0, n1)``: y[n] = act(conv(x[n], w) + b) for n0 <= n < n1."""
+    """``(x, w, b, y, ws, n0, n1)``: y[n] = act(conv(x[n], w) + b) for n0 <= n < n1; ``spec.cached``: ``(x, w, b,
+    y, ws, cache, n0, n1)``, `cache` a zeroed region of ``weight_cache_floats`` floats (kept for the next call)."""
     g = _check(spec)
-    fn, b, args = kernel(module, name, ["x", "w", "b", "y", "ws", "n0", "n1"])
+    fn, b, args = kernel(module, name, ["x", "w", "b", "y", "ws", *(["cache"] if spec.cached else []), "n0", "n1"])
     if g.padded:
         _direct_forward(b, module, name, g, args, vw)
         return fn

@@ -27,6 +27,14 @@ the same arithmetic in the same order, so the same bits.
 
 Workspace (floats, after all of ``Plane.floats``): ``[U: 16 x o x c][V: 16 x
 c x block][M: 16 x o x block]``.
+
+At inference U can be kept between calls instead (``cached_weights``), in a
+region of its own with a copy of the weights it was made from: a call compares
+the weights' bits with the copy (reading 18 floats a kernel, against the 9
+read and 16 written by a transform, with the shuffles) and transforms again
+only what changed, so a write into the weights by any path (an update, a load,
+a view) holds from the next call. Zeroed memory is a valid region (the
+transform of zero weights is zero).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import llvmlite.ir as ir
 from cnnc.codegen import emit
 from cnnc.codegen.conv_direct import Finish, Plane
 from cnnc.codegen.emit import for_range, i64
-from cnnc.codegen.gemm import Mat, gemm_nn, index, vector_loop
+from cnnc.codegen.gemm import Mat, gemm_nn, index, local, vector_loop, widths
 from cnnc.codegen.plan import ALIGN, aligned
 
 MIN_CHANNELS = 16  # below this the products are too small to beat the direct convolution (CIFAR's first layer)
@@ -166,6 +174,47 @@ def transform_weights(b: ir.IRBuilder, p: Plane, w: ir.Value, u: ir.Value) -> No
                 emit.store(b, out[s], u, index(b, (4 * r + s) * p.m * p.c, k))
 
     vector_loop(b, 0, p.m * p.c, p.vw, kernels, name="uk")
+
+
+def cache_floats(p: Plane) -> int:
+    """The floats of a region ``cached_weights`` keeps: U, then the copy of the weights it was made from."""
+    return aligned(16 * p.m * p.c) + aligned(9 * p.m * p.c)
+
+
+def cached_weights(b: ir.IRBuilder, p: Plane, w: ir.Value, cache: ir.Value) -> ir.Value:
+    """U of the weights `w` from the region `cache` (``cache_floats``), transformed again first unless every
+    weight has the bits of the copy kept there; returns U."""
+    u, copy = cache, emit.gep(b, cache, aligned(16 * p.m * p.c), name="wino.copy")
+    count = 9 * p.m * p.c
+    with b.if_then(b.not_(_same_bits(b, w, copy, count, p.vw))):
+        transform_weights(b, p, w, u)
+
+        def keep(b: ir.IRBuilder, k: ir.Value, width: int) -> None:
+            emit.store(b, emit.load(b, w, k, width), copy, k)
+
+        vector_loop(b, 0, count, p.vw, keep, name="wk")
+    return u
+
+
+def _same_bits(b: ir.IRBuilder, x: ir.Value, y: ir.Value, count: int, vw: int) -> ir.Value:
+    """Whether floats [0, count) of `x` and `y` have the same bits (an i1): the OR of their XORs is zero (an
+    accumulator per width ``vector_loop`` runs at, so that the loop does no reduction)."""
+    i32 = ir.IntType(32)
+    words = {width: ir.VectorType(i32, width) if width > 1 else i32 for width in widths(vw)}
+    acc = {width: local(b, ty, ir.Constant(ty, None), name=f"diff{width}") for width, ty in words.items()}
+
+    def differ(b: ir.IRBuilder, k: ir.Value, width: int) -> None:
+        bits = [b.bitcast(emit.load(b, v, k, width), words[width]) for v in (x, y)]
+        b.store(b.or_(b.load(acc[width]), b.xor(*bits)), acc[width])
+
+    vector_loop(b, 0, count, vw, differ, name="wcmp")
+    same = ir.Constant(ir.IntType(1), 1)
+    for width, ty in words.items():
+        lanes = b.icmp_unsigned("==", b.load(acc[width]), ir.Constant(ty, None))
+        if width > 1:  # every lane zero: the lanes' bits as one integer are all ones
+            lanes = b.icmp_unsigned("==", b.bitcast(lanes, ir.IntType(width)), ir.Constant(ir.IntType(width), -1))
+        same = b.and_(same, lanes)
+    return same
 
 
 def _bt(b: ir.IRBuilder, d: list[ir.Value]) -> list[ir.Value]:

@@ -75,18 +75,28 @@ def test_the_faster_way_runs_and_the_other_is_tried_now_and_then():
     assert ways.count(True) == 2  # one thread is faster: shared only as a probe, every PROBE-th call
 
 
-def test_inference_sees_weights_and_statistics_written_into_views():
-    """The batchnorm coefficients are folded at every call: an in-place write to a view counts at once."""
-    m = randomized(model(SPLITNET, threads=2))
-    x, _ = batch(m, 3)
+@pytest.mark.parametrize("n,shared", [(3, True), (3, False), (40, False)])
+def test_inference_sees_weights_and_statistics_written_into_views(n, shared):
+    """The batchnorm coefficients are folded at every call and the Winograd weights kept between calls are
+    checked against the weights' bits (c2 runs by Winograd: its whole layer, and each thread's share): an
+    in-place write to a view counts at once, on every path (one image shared, a small batch on one thread, a
+    batch split between threads)."""
+    m = randomized(model(SPLITNET, threads=2), shared)
+    assert m.manifest["ws_cache_floats"] > 0
+    x, _ = batch(m, n)
     before = m(x)
+    assert_close(before, reference_forward(graph(SPLITNET), everything(m), x), 1e-5)
     m.params["c1.weight"][0] *= -1.5
+    m.params["c2.weight"][4, 7] *= -2.0  # (a row of the second thread's share too)
+    m.params["c2.weight"][30, 0, 1, 1] += 0.5
     m.buffers["bn1.running_var"][...] += 2.0
     m.params["bn3.bias"][2] += 1.0
     want = reference_forward(graph(SPLITNET), everything(m), x)
     got = m(x)
     assert np.abs(got - before).max() > 1e-2
     assert_close(got, want, 1e-5)
+    m.params["c2.weight"][4, 7] *= -0.5  # only c2, and back to where it was but for a factor
+    assert_close(m(x), reference_forward(graph(SPLITNET), everything(m), x), 1e-5)
 
 
 torch = pytest.importorskip("torch")
