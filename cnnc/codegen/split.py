@@ -30,7 +30,7 @@ import llvmlite.ir as ir
 
 from cnnc.codegen import emit
 from cnnc.codegen.batchnorm import emit_bn_apply
-from cnnc.codegen.conv import emit_conv_forward
+from cnnc.codegen.conv import emit_conv_forward, row_tile
 from cnnc.codegen.dense import emit_dense_forward
 from cnnc.codegen.elementwise import emit_activation_forward, emit_copy, emit_sum
 from cnnc.codegen.emit import I64, i64
@@ -125,12 +125,37 @@ def split_conv(ctx, name: str) -> list[Share] | None:
     if spec.groups != 1 or spec.connect is not None:
         return None
     x, y = ctx.value(node["inputs"][0]), ctx.value(name)
+    tile = row_tile(spec, ctx.builder.vw)
+    if tile and spec.oh // tile >= PARTS:
+        return _by_rows(ctx, name, spec, x, y, tile)
 
     def kernel(o: int, lo: int) -> tuple[ir.Function, list[ir.Value]]:
         share = cached(ctx, dataclasses.replace(spec, o=o))
         return ctx.kernel(emit_conv_forward, share), ctx.weight_cache(share, (name, lo, lo + o))
 
     return _by_outputs(ctx, name, x, y, spec.o, spec.oh * spec.ow, spec.c * spec.kh * spec.kw, kernel, True)
+
+
+def _by_rows(ctx, name: str, spec, x: Tensor, y: Tensor, tile: int) -> list[Share]:
+    """A Winograd conv cut by whole tile rows: each share computes every output channel's rows [r0, r1) (the input
+    transform is not done twice, as a cut by channels does; the shares keep the same Winograd weights as the
+    whole layer, ``Entry.weight_cache``)."""
+    shares = []
+    plane = spec.oh * spec.ow
+    for lo, hi in cuts(spec.oh // tile):
+        if lo == hi:
+            shares.append(Share())
+            continue
+        share = dataclasses.replace(spec, rows=(lo * tile, hi * tile))
+
+        def call(ctx, share=share) -> None:
+            fn = ctx.kernel(emit_conv_forward, share)
+            ctx.call(fn, x, _param(ctx, name, "weight", 0), _param(ctx, name, "bias", 0), y, ctx.ws,
+                     *ctx.weight_cache(share, (name, 0, spec.o)))
+
+        writes = [span(y, r * plane + lo * tile * spec.ow, r * plane + hi * tile * spec.ow) for r in range(spec.o)]
+        shares.append(Share([call], [span(x)], writes))
+    return shares
 
 
 def split_dense(ctx, name: str) -> list[Share]:

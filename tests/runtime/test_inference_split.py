@@ -14,9 +14,10 @@ from cnnc_runtime.engine import SplitChoice
 from tests.reference import EXAMPLES, graph
 from tests.runtime.test_batchnorm import assert_close, batch, everything, model, randomize
 
-# Every kind of share: output channels split unevenly (33 = 17 + 16), a strided 1x1 conv (im2col), a pool and
+# Every kind of share: output channels split unevenly (33 = 17 + 16), Winograd convs split by tile rows (c2 by
+# F(4x4) on 32x32, c4 by F(2x2) on 16x16: 8 + 8 rows of every channel), a strided 1x1 conv (im2col), a pool and
 # an unfolded batchnorm by channels, add and gelu by floats, concat and softmax run whole by one thread, a
-# dense layer with a batchnorm folded in; 9.7M multiply-adds per image, enough for infer_split.
+# dense layer with a batchnorm folded in; 12M multiply-adds per image, enough for infer_split.
 SPLITNET = """
 network splitnet {
     input image: 3x32x32
@@ -24,7 +25,7 @@ network splitnet {
     b   = a -> conv(33, 3x3, pad=1, bias=false) as c2 -> tanh
     s   = b -> conv(33, 1x1, stride=2) as c3
     p   = b -> maxpool(2x2) -> batchnorm as bn2
-    r   = add(s, p) -> gelu
+    r   = add(s, p) -> gelu -> conv(33, 3x3, pad=1) as c4
     k   = concat(r, p) -> avgpool(2x2)
     f   = k -> flatten -> dropout(0.5) -> dense(7) as fc1 -> batchnorm as bn3 -> relu
     out = f -> dense(5) as fc2 -> softmax
