@@ -85,6 +85,7 @@ def manifest_for(checked: nx.DiGraph, fused: nx.DiGraph, facts: dict, target: Ta
         "param_floats": facts["param_floats"],
         "arena_infer": facts["arena_infer"],
         "infer_parts": facts["infer_parts"],
+        "infer_handoff": facts["infer_handoff"],
         "arena_train": facts["arena_train"],
         "ws_floats": facts["ws_floats"],
         "ws_cache_floats": facts["ws_cache_floats"],

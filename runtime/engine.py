@@ -368,6 +368,12 @@ class Engine:
         self._infer_split = (self._lib.function("infer_split", [P] * 7 + [I64, I64, I64])
                              if self._split_parts else None)
         self.split_choice = SplitChoice()
+        # its second share handed to a pool thread waiting in native code (cnnc.codegen.handoff), where compiled
+        self._split_handoff = None
+        if self._split_parts == 2 and manifest.get("infer_handoff", False):
+            self._split_handoff = (self._lib.function("split_post", [P, I64] + [P] * 7 + [I64, I64], I64),
+                                   self._lib.function("split_serve", [P]),
+                                   self._lib.function("split_wait", [P, I64]))
         bn = manifest.get("batchnorm")
         step_args = [P] * 10 + [I64, I64, F32, F32, I64, I64]
         syncs = bn["phases"] if bn else {loss: [] for loss in LOSSES}
@@ -750,9 +756,15 @@ class Engine:
         if single and self._infer_split is not None:
             shared, start = self.split_choice.shared(), time.perf_counter()
             if shared:
-                bar, run = scratch.barrier_ptr, self._infer_split
-                shared_pool(self.threads).run([lambda t=t: run(params, folded, arena, xp, yp, ws[t], bar, t, 0, n)
-                                               for t in range(self._split_parts)])
+                bar, run, pool = scratch.barrier_ptr, self._infer_split, shared_pool(self.threads)
+                if self._split_handoff is not None:
+                    post, serve, wait = self._split_handoff
+                    pool.run_served(self._lib, lambda blk, seq: post(blk, seq, params, folded, arena, xp, yp, ws[1],
+                                                                     bar, 0, n),
+                                    serve, lambda: run(params, folded, arena, xp, yp, ws[0], bar, 0, 0, n), wait)
+                else:
+                    pool.run([lambda t=t: run(params, folded, arena, xp, yp, ws[t], bar, t, 0, n)
+                              for t in range(self._split_parts)])
             else:
                 self._infer(params, folded, arena, xp, yp, ws[0], 0, n)
             self.split_choice.record(shared, (time.perf_counter() - start) / n)

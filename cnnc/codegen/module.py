@@ -63,7 +63,7 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 import networkx as nx
 
-from cnnc.codegen import emit, optim, split
+from cnnc.codegen import emit, handoff, optim, split
 from cnnc.codegen.augment import emit_augment
 from cnnc.codegen.batchnorm import emit_bn_fold
 from cnnc.codegen.conv import conv_workspace_floats, weight_cache_floats
@@ -369,6 +369,7 @@ def build_module(g: nx.DiGraph, vector_width: int, profile: bool = False) -> tup
     if g.graph["totals"]["total_macs"] >= split.MIN_MACS:  # (in the profiling build too: its layers are timed)
         shared = Entry(builder, infer_plan, "infer_split", INFER_SPLIT_ARGS, inf, entry.slots, caches_weights=True)
         split.emit_split_entry(shared, execution_order(inf), copy_out, (split.span(out_value), split.span(y)))
+        handoff.emit_handoff(builder.module, shared.fn)
         parts = split.PARTS
 
     if builder.bn_slots:
@@ -408,6 +409,7 @@ def build_module(g: nx.DiGraph, vector_width: int, profile: bool = False) -> tup
         "params": builder.slots,
         "arena_infer": infer_plan.arena_floats,
         "infer_parts": parts,
+        "infer_handoff": parts == 2,
         "arena_train": train_plan.arena_floats,
         "ws_floats": builder.ws_floats,
         "ws_cache_floats": builder.cache_floats,
