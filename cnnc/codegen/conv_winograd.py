@@ -69,14 +69,16 @@ class Blocks:
     """How the tiles of one image are cut into blocks of whole tile rows."""
 
     p: Plane
+    TILE = 2  # outputs a tile is wide and high
+    XI = 16  # elements of a transform
 
     @property
     def tw(self) -> int:
-        return self.p.ow // 2
+        return self.p.ow // self.TILE
 
     @property
     def th(self) -> int:
-        return self.p.oh // 2
+        return self.p.oh // self.TILE
 
     @property
     def rows(self) -> int:
@@ -95,15 +97,15 @@ class Blocks:
 
     @property
     def u_floats(self) -> int:
-        return aligned(16 * self.p.m * self.p.c)
+        return aligned(self.XI * self.p.m * self.p.c)
 
     @property
     def v_floats(self) -> int:
-        return 16 * self.p.c * self.cols
+        return self.XI * self.p.c * self.cols
 
     @property
     def m_floats(self) -> int:
-        return 16 * self.p.m * self.cols
+        return self.XI * self.p.m * self.cols
 
     @property
     def floats(self) -> int:

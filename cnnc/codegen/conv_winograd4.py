@@ -29,16 +29,14 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from cnnc.codegen import emit
+from cnnc.codegen import conv_winograd, emit
 from cnnc.codegen.conv_direct import Finish, Plane
 from cnnc.codegen.conv_winograd import MIN_CHANNELS, by_blocks, kernel_taps
 from cnnc.codegen.emit import for_range, i64
 from cnnc.codegen.gemm import Mat, gemm_nn, index, vector_loop
-from cnnc.codegen.plan import ALIGN, aligned
 
 MIN_TILE_COLS = 4  # tiles a row (16 outputs): narrower maps keep F(2x2)
 MIN_OUTPUTS = 8
-BLOCK_TILES = 64  # tiles a block: V and M of a 32-channel layer at 64 tiles are 288 KiB each
 XI = 36  # elements of a 6x6 transform
 
 G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
@@ -54,31 +52,15 @@ def applies(p: Plane, table: object) -> bool:
 
 
 @dataclass(frozen=True)
-class Blocks:
-    """How the 4x4 tiles of one image are cut into blocks of whole tile rows."""
+class Blocks(conv_winograd.Blocks):
+    """How the 4x4 tiles of one image are cut into blocks of whole tile rows (U is not in the workspace)."""
 
-    p: Plane
-
-    @property
-    def tw(self) -> int:
-        return self.p.ow // 4
-
-    @property
-    def th(self) -> int:
-        return self.p.oh // 4
-
-    @property
-    def rows(self) -> int:
-        return max(1, min(self.th, BLOCK_TILES // self.tw))
-
-    @property
-    def cols(self) -> int:
-        """A row of V and M: the block's tiles and a cache line (the 36 streams not all 4 KiB apart)."""
-        return aligned(self.rows * self.tw) + ALIGN
+    TILE = 4
+    XI = XI
 
     @property
     def floats(self) -> int:
-        return XI * self.p.c * self.cols + XI * self.p.m * self.cols
+        return self.v_floats + self.m_floats
 
 
 def workspace_floats(p: Plane) -> int:
