@@ -33,7 +33,7 @@ from cnnc.codegen import conv_winograd, emit
 from cnnc.codegen.conv_direct import Finish, Plane
 from cnnc.codegen.conv_winograd import MIN_CHANNELS, by_blocks, kernel_taps
 from cnnc.codegen.emit import for_range, i64
-from cnnc.codegen.gemm import Mat, gemm_nn, index, vector_loop
+from cnnc.codegen.gemm import index, vector_loop
 
 MIN_TILE_COLS = 4  # tiles a row (16 outputs): narrower maps keep F(2x2)
 MIN_OUTPUTS = 8
@@ -157,17 +157,7 @@ def _block(b: ir.IRBuilder, p: Plane, blk: Blocks, pad: ir.Value, u: ir.Value, w
                 _store_v(b, p, v, t, index(b, first, tx), d, width)
 
             vector_loop(b, 0, tw, p.vw, patch, name="v4x")
-    tiles = rows * tw
-    vectors = max(1, min(4 if p.vw >= 16 else 2, tiles // p.vw))
-    with for_range(b, 0, XI, name="xi4") as xi:
-        u_xi = Mat(emit.gep(b, u, index(b, (xi, p.m * p.c))), rs=p.c)
-        v_xi = Mat(emit.gep(b, v, index(b, (xi, p.c * t))), rs=t)
-        m_xi = emit.gep(b, m, index(b, (xi, p.m * t)), name="m4.xi")
-
-        def keep(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int, m_xi=m_xi) -> None:
-            emit.store(b, value, m_xi, index(b, (r, t), j))
-
-        gemm_nn(b, p.m, tiles, p.c, u_xi, v_xi, keep, p.vw, mr=8 if vectors == 1 else 4, nrv=vectors)
+    conv_winograd.products(b, p, u, v, m, t, rows * tw, XI)
     with for_range(b, 0, p.m, name="y4o") as oi:
         if g > 1:
             with for_range(b, 0, rows - rows % g, g, name="y4g") as r:
