@@ -371,9 +371,8 @@ class Engine:
         # its second share handed to a pool thread waiting in native code (cnnc.codegen.handoff), where compiled
         self._split_handoff = None
         if self._split_parts == 2 and manifest.get("infer_handoff", False):
-            self._split_handoff = (self._lib.function("split_post", [P, I64] + [P] * 7 + [I64, I64], I64),
-                                   self._lib.function("split_serve", [P]),
-                                   self._lib.function("split_wait", [P, I64]))
+            self._split_handoff = (self._lib.function("split_call", [P, I64] + [P] * 8 + [I64, I64], I64),
+                                   self._lib.function("split_serve", [P]))
         bn = manifest.get("batchnorm")
         step_args = [P] * 10 + [I64, I64, F32, F32, I64, I64]
         syncs = bn["phases"] if bn else {loss: [] for loss in LOSSES}
@@ -758,10 +757,9 @@ class Engine:
             if shared:
                 bar, run, pool = scratch.barrier_ptr, self._infer_split, shared_pool(self.threads)
                 if self._split_handoff is not None:
-                    post, serve, wait = self._split_handoff
-                    pool.run_served(self._lib, lambda blk, seq: post(blk, seq, params, folded, arena, xp, yp, ws[1],
-                                                                     bar, 0, n),
-                                    serve, lambda: run(params, folded, arena, xp, yp, ws[0], bar, 0, 0, n), wait)
+                    call, serve = self._split_handoff
+                    pool.run_served(self._lib, lambda blk, seq: call(blk, seq, params, folded, arena, xp, yp, ws[0],
+                                                                     ws[1], bar, 0, n), serve)
                 else:
                     pool.run([lambda t=t: run(params, folded, arena, xp, yp, ws[t], bar, t, 0, n)
                               for t in range(self._split_parts)])

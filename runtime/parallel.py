@@ -12,6 +12,7 @@ from __future__ import annotations
 import operator
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -120,27 +121,28 @@ class Pool:
             self._stop_server()
             self._run(tasks)
 
-    def run_served(self, key: object, post: Callable[[int, int], int], serve: Callable[[int], None],
-                   first: Callable[[], None], wait: Callable[[int, int], None]) -> None:
-        """A call shared with worker 1 through native code (``cnnc.codegen.handoff``): ``post(block, seq)``
-        posts call `seq` (1: a server of `key`'s code took it), ``serve(block)`` is the server worker 1 runs when
-        none waits, ``first()`` the caller's share, ``wait(block, seq)`` waits for worker 1's."""
+    def run_served(self, key: object, call: Callable[[int, int], int], serve: Callable[[int], None]) -> None:
+        """A call shared with worker 1 through native code (``cnnc.codegen.handoff``): ``call(block, seq)`` posts
+        call `seq` to a waiting server, runs the caller's share and waits for the server's (1), or does nothing
+        when no server waits (0); ``serve(block)`` is the server worker 1 runs, started here when none waits.
+
+        Between ``call``'s attempts nothing is posted, so an interrupt anywhere here leaves no server waiting at a
+        barrier for a share that will not come."""
         block = self.handoff.ctypes.data
         with self._lock:
             if self._server_key is not key:  # (a server of other code: it would run the wrong function)
                 self._stop_server()
             self._seq += 1
-            if not post(block, self._seq):
-                if self._served:  # the last server left: its task may still be returning through Python
-                    self._done[1].wait()
-                self._tasks[1], self._errors[1] = (lambda: serve(block)), None
-                self._server_key, self._served = key, True
-                self._done[1].clear()
-                self._start[1].set()
-            try:
-                first()
-            finally:
-                wait(block, self._seq)
+            while not call(block, self._seq):
+                if not self._served or self._done[1].is_set():  # no server, or the last left (idle): start one
+                    self._tasks[1], self._errors[1] = (lambda: serve(block)), None
+                    self._server_key, self._served = key, True
+                    try:
+                        self._done[1].clear()
+                    finally:  # (set even when interrupted: a cleared `done` with no task behind it never comes)
+                        self._start[1].set()
+                else:  # (a server starting, or leaving through Python)
+                    time.sleep(0)
 
     def _stop_server(self) -> None:
         """Worker 1 back from its native server (told to stop), before it takes another task."""

@@ -1,21 +1,25 @@
-"""Handing one image's second share to a pool thread that waits in native code: ``split_post``, ``split_serve``,
-``split_wait``.
+"""Handing one image's second share to a pool thread that waits in native code: ``split_call`` and
+``split_serve``.
 
 Waking a pool thread through Python (an event, the GIL, a ctypes call) costs
 tens of microseconds a call: a tenth of a ResNet-20 image. Instead the thread
 runs ``split_serve(ctl)``, which spins (yielding its core after a while) on a
 control block and runs each posted call of ``infer_split`` as part 1, and
 returns only after ``IDLE_CYCLES`` without one (or when told to stop), so a
-loop of small calls finds it waiting. The caller posts with ``split_post``,
-runs part 0 itself, then ``split_wait``\\ s for part 1.
+loop of small calls finds it waiting. The caller's ``split_call`` posts the
+call, runs part 0 and waits for part 1, all in one native call: no Python runs
+between the post and the end of both parts, so an interrupt (Ctrl-C is raised
+as a native call returns) finds either nothing posted or the whole call done,
+never a server waiting at a barrier for a part 0 that will not come.
 
 The block (int64s, each field on a cache line of its own, ``cnnc_runtime.parallel``
 owns it): ``state`` (0: no server; 1: a server waits; 2: a call is posted or
 being posted), ``seq`` (the number of the last call posted), ``done`` (of the
-last call run), ``stop``, then the call's arguments. A server leaves only by
-moving ``state`` from 1 to 0, and a caller posts to a live server only by moving
-it from 1 to 2, so a call is never posted to a server on its way out: when the
-caller's move fails, it starts a server itself (which finds the call posted).
+last call run), ``stop``, then the call's arguments. A server starting moves
+``state`` from 0 to 1 and leaves only by moving it from 1 to 0; a caller posts
+only by moving it from 1 to 2, so a call is never posted to a server on its way
+out: when the move fails, ``split_call`` returns 0 having posted and run
+nothing, and the caller starts a server and calls again.
 """
 
 from __future__ import annotations
@@ -36,31 +40,33 @@ NAP_US = 50
 
 
 def emit_handoff(module: ir.Module, infer_split: ir.Function) -> None:
-    """Emit ``split_post``, ``split_serve`` and ``split_wait`` for `infer_split` into `module`."""
-    _emit_post(module)
+    """Emit ``split_call`` and ``split_serve`` for `infer_split` into `module`."""
+    _emit_call(module, infer_split)
     _emit_serve(module, infer_split)
-    _emit_wait(module)
 
 
 def _field(b: ir.IRBuilder, ctl: ir.Value, at: int) -> ir.Value:
     return b.gep(ctl, [i64(at)], source_etype=I64, inbounds=True)
 
 
-def _emit_post(module: ir.Module) -> None:
-    """``split_post(ctl, seq, params, folded, arena, x, y, ws, bar, n0, n1) -> live``: post call `seq`; 1 when a
-    waiting server took it, 0 when the caller must start one."""
-    fn = ir.Function(module, ir.FunctionType(I64, [PTR, I64] + [PTR] * 7 + [I64, I64]), name="split_post")
+def _emit_call(module: ir.Module, infer_split: ir.Function) -> None:
+    """``split_call(ctl, seq, params, folded, arena, x, y, ws0, ws1, bar, n0, n1) -> ran``: when a server waits,
+    post call `seq` (part 1, on `ws1`), run part 0 (on `ws0`), wait for part 1 and return 1; else return 0 having
+    done nothing."""
+    fn = ir.Function(module, ir.FunctionType(I64, [PTR, I64] + [PTR] * 8 + [I64, I64]), name="split_call")
     fn.attributes.add("nounwind")
+    ctl, seq = fn.args[0], fn.args[1]
+    params, folded, arena, x, y, ws0, ws1, bar, n0, n1 = fn.args[2:]
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    ctl, seq, args = fn.args[0], fn.args[1], fn.args[2:]
     taken = b.cmpxchg(_field(b, ctl, STATE), i64(1), i64(2), "acq_rel", "acquire")
-    live = b.extract_value(taken, 1)
-    with b.if_then(b.not_(live)):  # (state 0: no server; the caller starts one)
-        b.atomic_rmw("xchg", _field(b, ctl, STATE), i64(2), "monotonic")
-    for k, value in enumerate(args):
+    with b.if_then(b.not_(b.extract_value(taken, 1))):  # (no server waits)
+        b.ret(i64(0))
+    for k, value in enumerate([params, folded, arena, x, y, ws1, bar, n0, n1]):
         b.store(b.ptrtoint(value, I64) if value.type == PTR else value, _field(b, ctl, ARGS + k))
     b.atomic_rmw("xchg", _field(b, ctl, SEQ), seq, "release")
-    b.ret(b.zext(live, I64))
+    b.call(infer_split, [params, folded, arena, x, y, ws0, bar, i64(0), n0, n1])
+    _wait_done(b, ctl, seq)
+    b.ret(i64(1))
 
 
 def _libc(module: ir.Module, name: str, args: list[ir.Type]) -> ir.Function:
@@ -87,6 +93,7 @@ def _emit_serve(module: ir.Module, infer_split: ir.Function) -> None:
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     clock = module.globals.get("llvm.readcyclecounter") or ir.Function(module, ir.FunctionType(I64, []),
                                                                          "llvm.readcyclecounter")
+    b.cmpxchg(_field(b, ctl, STATE), i64(0), i64(1), "acq_rel", "acquire")  # (waiting: calls may be posted)
     first = b.load_atomic(_field(b, ctl, DONE), "acquire", 8, typ=I64)
     start = b.call(clock, [])
     entry = b.block
@@ -131,24 +138,20 @@ def _emit_serve(module: ir.Module, infer_split: ir.Function) -> None:
     b.ret_void()
 
 
-def _emit_wait(module: ir.Module) -> None:
-    """``split_wait(ctl, seq)``: wait until the server has run call `seq`."""
-    fn = ir.Function(module, ir.FunctionType(emit.VOID, [PTR, I64]), name="split_wait")
-    fn.attributes.add("nounwind")
-    ctl, seq = fn.args
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
+def _wait_done(b: ir.IRBuilder, ctl: ir.Value, seq: ir.Value) -> None:
+    """Wait (spinning, then yielding) until the server has run call `seq`."""
     entry = b.block
-    head, done = fn.append_basic_block("head"), fn.append_basic_block("done")
+    fn = entry.function
+    head, done = fn.append_basic_block("wait.head"), fn.append_basic_block("wait.done")
     b.branch(head)
     b.position_at_end(head)
     polls = b.phi(I64, "polls")
     polls.add_incoming(i64(0), entry)
     ran = b.icmp_signed("==", b.load_atomic(_field(b, ctl, DONE), "acquire", 8, typ=I64), seq)
-    body = fn.append_basic_block("poll")
+    body = fn.append_basic_block("wait.poll")
     b.cbranch(ran, done, body)
     b.position_at_end(body)
     _spin(b, polls)
     polls.add_incoming(b.add(polls, i64(1)), b.block)
     b.branch(head)
     b.position_at_end(done)
-    b.ret_void()
