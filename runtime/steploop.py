@@ -137,6 +137,10 @@ class NativeRun:
         self._flag = np.zeros(1, dtype=np.float64)
         # (kept alive as long as the code may call it)
         self._reduce = REDUCE(self._sum_ranks) if self.comm is not None else None
+        # the gradient the ranks sum: flat_grads, or (ranks on one machine) this rank's shared memory, which
+        # they sum without copies; the run writes it in place of flat_grads
+        self._summed = self.comm.sum_buffer(params.size) if self.comm is not None else None
+        self._grads = model.flat_grads if self._summed is None else self._summed
         self._set(reduce=ctypes.cast(self._reduce, ctypes.c_void_p).value if self._reduce else 0)
         self.lam = lam
         self._layouts: dict[int, tuple] = {}
@@ -152,7 +156,10 @@ class NativeRun:
         key = (m, image0, whole)
         got = self._layouts.get(key)
         if got is None:
-            got = self._layouts[key] = self.model.run_layout(m, image0, whole)
+            got = self.model.run_layout(m, image0, whole)
+            if self._summed is not None:
+                got[4][0] = self._summed.ctypes.data  # (the first shard's gradient: the one the ranks sum)
+            self._layouts[key] = got
         return got
 
     def _sum_ranks(self, step: int) -> int:
@@ -160,7 +167,7 @@ class NativeRun:
         barrier): 0; 1 when any rank's losses were not finite; 2 when the sum failed (the exception is kept)."""
         try:
             self._flag[0] = float(self.bad[:self._used].any())
-            self.comm.sum_in_place(self.model.flat_grads)
+            self.comm.sum_in_place(self._grads)
             self.comm.sum_in_place(self._flag)
             return int(self._flag[0] != 0)
         except BaseException as e:  # (a callback cannot raise through native code: kept, raised by run)
@@ -215,6 +222,8 @@ class NativeRun:
             raise error
         failed = int(self.ctx[FIELD["failed"]])
         done = steps if failed < 0 else failed
+        if done < steps and self._summed is not None:
+            np.copyto(self.model.flat_grads, self._summed)  # (the failed step's gradient, where run promises)
         optimizer.t = t0 + done  # a failed step made no update
         optimizer.lr = lrs[min(done, steps - 1)]
         sums = self.losses[:n].reshape(steps, m).sum(axis=1, dtype=np.float64)
