@@ -10,7 +10,8 @@ Every rank holds the whole model. A step's batch is shared out between the
 ranks, each computes the gradient of its images scaled by the *global*
 image count, and one in-place all-reduce (a sum) of the flat gradient buffer
 gives every rank the mean over the whole batch; each then takes the same
-optimizer step, so the replicas never drift apart. Batchnorm's batch
+optimizer step, so the replicas never drift apart. Ranks that share a
+machine sum large buffers through shared memory (``cnnc_runtime.nodesum``). Batchnorm's batch
 statistics and backward sums are reduced across the ranks too
 (``RankReducer``), so every rank normalizes with the whole batch's.
 
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from cnnc_runtime.batchnorm import Reducer, combine_moments
+from cnnc_runtime.nodesum import MIN_BYTES, NodeSum
 
 # (rank, size) variables set by launchers: MPICH's and Intel MPI's hydra (PMI), Open MPI, MVAPICH
 LAUNCHER_ENV = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
@@ -88,6 +90,11 @@ class Local:
     def sum_in_place(self, buf: np.ndarray) -> None:
         """`buf` becomes the sum of every rank's `buf` (in place)."""
 
+    def sum_buffer(self, count: int) -> np.ndarray | None:
+        """`count` float32 values that ``sum_in_place`` sums fastest (without copies), or None: any buffer will
+        do. (A collective call.)"""
+        return None
+
     def gather_object(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank."""
         return [obj]
@@ -103,6 +110,9 @@ class Mpi(Local):
         self._comm, self._mpi = comm, mpi
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.is_root = self.rank == 0
+        # ranks all on one machine sum large buffers through shared memory (None: by MPI's all-reduce)
+        node = NodeSum(comm, mpi)
+        self.node_sum: NodeSum | None = node if node.usable else None
 
     def broadcast(self, buf: np.ndarray) -> None:
         self._comm.Bcast(buf, root=0)
@@ -111,7 +121,14 @@ class Mpi(Local):
         return self._comm.bcast(obj, root=0)
 
     def sum_in_place(self, buf: np.ndarray) -> None:
-        self._comm.Allreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM)
+        if (self.node_sum is not None and buf.nbytes >= MIN_BYTES and buf.dtype in (np.float32, np.float64)
+                and buf.flags.c_contiguous):
+            self.node_sum.sum_in_place(buf)
+        else:
+            self._comm.Allreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM)
+
+    def sum_buffer(self, count: int) -> np.ndarray | None:
+        return self.node_sum.segment(count, np.float32) if self.node_sum is not None else None
 
     def gather_object(self, obj: Any) -> list[Any]:
         return self._comm.allgather(obj)

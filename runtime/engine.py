@@ -1094,16 +1094,21 @@ class Engine:
         """What a step of `n` images multiplies its summed loss by (the mean's divisor)."""
         return LOSSES[loss].scale(n, self.manifest["loss_inputs"][loss])
 
-    def run_layout(self, m: int) -> tuple:
-        """A run's arrays for steps of `m` images (at most CHUNK), as ``steploop.NativeRun`` passes them.
+    def run_layout(self, m: int, image0: int = 0, whole: int | None = None) -> tuple:
+        """A run's arrays for steps of `m` images (at most CHUNK), as ``steploop.NativeRun`` passes them; in a
+        rank of a data-parallel job, images [image0, image0 + m) of a batch of `whole`.
 
         (shards, their ranges, each thread's shards, each thread's slice of the parameters, the shards'
         gradient buffers, the workspaces): the shards as ``gradients`` cuts a batch, so the sums are the same
         bits. (The arena is not here: a step on another thread may grow it; ``run_steps`` reads it.)
         """
-        if not 1 <= m <= CHUNK:
-            raise ValueError(f"a native run takes steps of 1 to {CHUNK} images, got {m}")
-        parts = shards(m)
+        whole = m if whole is None else whole
+        if not (1 <= m <= CHUNK and 0 <= image0 and image0 + m <= whole):
+            raise ValueError(f"a native run takes steps of 1 to {CHUNK} images (images [image0, image0 + m) of a "
+                             f"batch of `whole`), got {m} images from {image0} of {whole}")
+        parts = part_shards(0, m, image0, whole, CHUNK)
+        if len(parts) < MIN_SHARDS and self.threads > 1:  # (as ``gradients`` cuts it)
+            parts = shards(m)
         per_thread = _thread_ranges(len(parts), self.threads, 1)
         slices = split(self.flat_params.size, len(per_thread), PARAM_GRAIN)
         slices += [(self.flat_params.size,) * 2] * (len(per_thread) - len(slices))

@@ -21,6 +21,7 @@ training setups keep the per-step path.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Any
 
@@ -36,7 +37,7 @@ FIELDS = (
     "pad", "flip", "fill", "jitter", "sigma", "scale", "smooth",
     "decay", "decay2", "decay_mask", "penalty",
     "update", "opt_mask", "s1", "s2", "hyper",
-    "good", "barrier", "bad", "failed",
+    "good", "barrier", "bad", "failed", "image0", "reduce",
 )
 FIELD = {name: i for i, name in enumerate(FIELDS)}
 SEEDS = ("dropout", "noise", "shift")  # each step's three seeds, in this order (int64)
@@ -44,6 +45,7 @@ HYPER_FLOATS = 16  # floats of one step's optimizer constants (``Optimizer.const
 BARRIER_INT64S = 32  # the barrier: a counter and a generation, a cache line apart, and room
 PARAM_GRAIN = 16  # a thread's slice of the parameters starts on a 64-byte boundary
 MAX_RUN_STEPS = 256
+REDUCE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)  # ``reduce(step)``: see NativeRun
 RUN_FLOATS = 1 << 22  # a run's outputs kept for Python (the accuracy): at most this many floats
 RUN_SECONDS = 0.05  # a run's length in steps is chosen to take about this long: Ctrl-C acts within it
 
@@ -53,21 +55,19 @@ def f32_bits(value: float) -> int:
     return int(np.array(value, dtype=np.float32).view(np.int32))
 
 
-def unsupported(model: Any, settings: Any, ranks: int, gather: Any, optimizer: Any) -> str | None:
+def unsupported(model: Any, settings: Any, gather: Any, optimizer: Any) -> str | None:
     """Why `fit` cannot run steps natively in runs with these settings (None: it can).
 
     The per-step path stays for: a model with ``native_runs = False``; an artifact built before runs existed;
-    batchnorm (its steps are phases with
-    reductions in Python between them); a data-parallel job over MPI (the ranks sum gradients between steps);
-    gradient clipping (a global norm); an optimizer without a native update (a subclass of a built-in one); a
-    stored set that the native gather cannot read.
+    batchnorm (its steps are phases with reductions in Python between them, across the ranks of an MPI job
+    too); gradient clipping (a global norm); an optimizer without a native update (a subclass of a built-in
+    one); a stored set that the native gather cannot read. (A data-parallel job runs natively too: the run
+    calls back into Python once a step for the ranks' sum, see ``NativeRun``.)
     """
     if not model.native_runs:
         return "switched off (native_runs = False)"
     if model.statistics is not None:
         return "batchnorm"
-    if ranks > 1:
-        return "data-parallel over MPI"
     if settings.clip_norm is not None:
         return "gradient clipping"
     if gather is None or not model.has_runs:
@@ -84,11 +84,22 @@ class NativeRun:
     targets, seeds and optimizer constants, then every thread of the model's
     pool calls the run entry. `good` is the training loop's snapshot buffer
     (the weights before the last update), written natively.
+
+    In a rank of a data-parallel job (`comm` of more than one rank, see
+    ``cnnc_runtime.distributed``) each step's images are the rank's part of
+    the global batch, and the run calls ``reduce`` (a ctypes callback) once
+    a step, on one thread, between the backward pass and the update: it sums
+    the gradient across the ranks (``comm.sum_in_place``, as the per-step path
+    does, so the weights are the same bits) and tells every rank whether any
+    rank's losses were not finite, so all stop at the same step. An exception
+    in it (a failed collective, a second Ctrl-C) ends the run and is raised
+    by ``run``.
     """
 
     def __init__(self, model: Any, loss: str, gather: Any, targets: np.ndarray, optimizer: Any, settings: Any,
-                 fill: np.ndarray | None, good: np.ndarray) -> None:
+                 fill: np.ndarray | None, good: np.ndarray, comm: Any = None) -> None:
         self.model, self.loss, self.optimizer, self.gather = model, loss, optimizer, gather
+        self.comm = comm if comm is not None and comm.size > 1 else None
         self.targets = targets
         k = model.manifest["loss_inputs"][loss]
         batch = len(gather.out)
@@ -103,7 +114,7 @@ class NativeRun:
         self.hyper = np.zeros((max_steps, HYPER_FLOATS), dtype=np.float32)
         self.threads = model.threads
         self.penalty = np.zeros((max_steps, self.threads), dtype=np.float64)
-        self.bad = np.zeros(self.threads, dtype=np.int64)
+        self.bad = np.zeros(self.threads + 1, dtype=np.int64)  # each thread's check; then the reduction's
         self.barrier = np.zeros(BARRIER_INT64S, dtype=np.int64)
         self.fill = fill if fill is not None else np.zeros(1, dtype=np.float32)
         self.ctx = np.zeros(len(FIELDS), dtype=np.int64)
@@ -121,6 +132,16 @@ class NativeRun:
                   hyper=self.hyper.ctypes.data, good=good.ctypes.data, barrier=self.barrier.ctypes.data,
                   bad=self.bad.ctypes.data, params=params.ctypes.data, x=gather.out.ctypes.data,
                   grad_bytes=params.nbytes)
+        self.error: BaseException | None = None
+        self._used = 1
+        self._flag = np.zeros(1, dtype=np.float64)
+        # (kept alive as long as the code may call it)
+        self._reduce = REDUCE(self._sum_ranks) if self.comm is not None else None
+        # the gradient the ranks sum: flat_grads, or (ranks on one machine) this rank's shared memory, which
+        # they sum without copies; the run writes it in place of flat_grads
+        self._summed = self.comm.sum_buffer(params.size) if self.comm is not None else None
+        self._grads = model.flat_grads if self._summed is None else self._summed
+        self._set(reduce=ctypes.cast(self._reduce, ctypes.c_void_p).value if self._reduce else 0)
         self.lam = lam
         self._layouts: dict[int, tuple] = {}
 
@@ -128,13 +149,30 @@ class NativeRun:
         for name, value in fields.items():
             self.ctx[FIELD[name]] = value
 
-    def _layout(self, m: int) -> tuple:
-        """The shards of a step of `m` images, the threads that run them and each thread's slice of the
-        parameters (kept per batch size: an epoch's last batch may be smaller)."""
-        got = self._layouts.get(m)
+    def _layout(self, m: int, image0: int, whole: int) -> tuple:
+        """The shards of a step of `m` images (images [image0, image0 + m) of a batch of `whole`), the threads
+        that run them and each thread's slice of the parameters (kept per batch size: an epoch's last batch may
+        be smaller)."""
+        key = (m, image0, whole)
+        got = self._layouts.get(key)
         if got is None:
-            got = self._layouts[m] = self.model.run_layout(m)
+            got = self.model.run_layout(m, image0, whole)
+            if self._summed is not None:
+                got[4][0] = self._summed.ctypes.data  # (the first shard's gradient: the one the ranks sum)
+            self._layouts[key] = got
         return got
+
+    def _sum_ranks(self, step: int) -> int:
+        """The ranks' sum of the gradient (``reduce``, called by the run's thread 0 with the other threads at a
+        barrier): 0; 1 when any rank's losses were not finite; 2 when the sum failed (the exception is kept)."""
+        try:
+            self._flag[0] = float(self.bad[:self._used].any())
+            self.comm.sum_in_place(self._grads)
+            self.comm.sum_in_place(self._flag)
+            return int(self._flag[0] != 0)
+        except BaseException as e:  # (a callback cannot raise through native code: kept, raised by run)
+            self.error = e
+            return 2
 
     def takes_optimizer(self) -> bool:
         """Whether the native update takes the optimizer's state as it is now: a callback between runs may have
@@ -142,10 +180,11 @@ class NativeRun:
         model = self.model
         return self.optimizer.native_buffers(model.flat_params, model.flat_grads, model.decay_mask) is not None
 
-    def run(self, idx: np.ndarray, m: int, seeds: np.ndarray,
-            lrs: list[float]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    def run(self, idx: np.ndarray, m: int, seeds: np.ndarray, lrs: list[float], image0: int = 0,
+            whole: int | None = None) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         """``len(idx) // m`` steps of `m` images: step s trains on images ``idx[s m:(s + 1) m]`` of the set, with
-        ``seeds[s]`` (``SEEDS``) and learning rate ``lrs[s]``.
+        ``seeds[s]`` (``SEEDS``) and learning rate ``lrs[s]``. In a rank of a data-parallel job they are images
+        [image0, image0 + m) of each step's global batch of `whole` images.
 
         Returns (steps done, each step's summed loss (float64, before the scale), the outputs, the penalties
         per step); a step short of `steps` done is one whose loss, gradient or weights were not finite: its
@@ -166,17 +205,25 @@ class NativeRun:
             optimizer.t += 1
             constants = optimizer.constants()
             self.hyper[s, :len(constants)] = constants
-        shards, ranges, thread_shards, thread_params, grads, ws = self._layout(m)
+        whole = m if whole is None else whole
+        shards, ranges, thread_shards, thread_params, grads, ws = self._layout(m, image0, whole)
+        self._used = len(thread_shards) // 2
+        self.bad[self._used] = 0  # (the reduction's verdict: written by it only)
         # (read every run: a callback between runs may have reset the optimizer, which then makes new state)
         update, pointers = self.model.run_update(optimizer)
         self._set(update=update, opt_mask=pointers[2], s1=pointers[3], s2=pointers[4])
         self._set(steps=steps, batch=m, threads=len(thread_shards) // 2, shards=shards,
                   shard_ranges=ranges.ctypes.data, thread_shards=thread_shards.ctypes.data,
                   thread_params=thread_params.ctypes.data, grads=grads.ctypes.data, ws=ws.ctypes.data,
-                  failed=-1, scale=f32_bits(self.model.loss_scale(self.loss, m)))
+                  failed=-1, scale=f32_bits(self.model.loss_scale(self.loss, whole)), image0=image0)
         self.model.run_steps(self.loss, self.ctx, len(thread_shards) // 2, m)
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
         failed = int(self.ctx[FIELD["failed"]])
         done = steps if failed < 0 else failed
+        if done < steps and self._summed is not None:
+            np.copyto(self.model.flat_grads, self._summed)  # (the failed step's gradient, where run promises)
         optimizer.t = t0 + done  # a failed step made no update
         optimizer.lr = lrs[min(done, steps - 1)]
         sums = self.losses[:n].reshape(steps, m).sum(axis=1, dtype=np.float64)

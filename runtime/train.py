@@ -7,7 +7,7 @@ Steps run natively in runs (``cnnc_runtime.steploop``): one native call per
 pool thread does a run of steps (gather, augment, forward, loss, backward,
 the gradient's sum, L2, the checks and the optimizer), and Python takes over
 between runs (an epoch's end, the progress bar, a possible Ctrl-C, the step
-limit). Where runs do not apply (``steploop.unsupported``: batchnorm, MPI,
+limit). Where runs do not apply (``steploop.unsupported``: batchnorm,
 gradient clipping, an optimizer without a native update) one step is one
 native call per thread (``step_LOSS``) and a handful of numpy expressions over
 the flat buffers; both give the same weights bit for bit. Everything random (weight
@@ -685,14 +685,23 @@ def _train_run(model: Engine, run: _Run, job: _Job) -> None:
 
 
 def _native_steps(native: NativeRun, run: _Run, s: Settings, idx: np.ndarray, size: int,
-                  lr_of: Callable[[int], float], labels: np.ndarray | None) -> tuple[list[float], int, int]:
+                  lr_of: Callable[[int], float], labels: np.ndarray | None,
+                  job: _Job) -> tuple[list[float], int, int, bool, float]:
     """A run of steps of `size` images on the images `idx`, natively (``cnnc_runtime.steploop``): (the loss of
-    each step done and of the one that failed, if any; the steps done; the right predictions of those).
+    each step done and of the one that failed, if any; the steps done; the right predictions of those; whether
+    any rank was interrupted; the seconds per image, rank 0's, to size the next run).
 
     The seeds are drawn from the run's generator in the per-step path's order (jitter, dropout, crop and flip,
-    each only when used), the learning rates by the schedule: the same numbers, so the same weights.
+    each only when used), the learning rates by the schedule: the same numbers, so the same weights. In an MPI
+    job each rank runs its part of every step's batch (as the per-step path shares it out), and the ranks then
+    add up the losses, the right predictions and the interrupts in one collective, so all take the same
+    decisions.
     """
+    clock = time.perf_counter()
     steps = len(idx) // size
+    comm = job.comm
+    lo, hi = share(size, comm.rank, comm.size)  # this rank's images of every step's batch
+    idx = idx.reshape(steps, size)[:, lo:hi].reshape(-1)
     model = native.model
     used = [(SEEDS.index("noise"), s.jitter > 0), (SEEDS.index("dropout"), model.manifest["has_dropout"]),
             (SEEDS.index("shift"), s.crop > 0 or s.flip)]
@@ -701,11 +710,19 @@ def _native_steps(native: NativeRun, run: _Run, s: Settings, idx: np.ndarray, si
     if columns:  # (one call draws what as many calls, one number each, would: the same stream)
         seeds[:, columns] = run.rng.integers(0, 2**63 - 1, size=steps * len(columns)).reshape(steps, len(columns))
     lrs = [lr_of(run.step + i) for i in range(steps)]
-    done, sums, out, penalties = native.run(idx, size, seeds, lrs)
+    done, sums, out, penalties = native.run(idx, hi - lo, seeds, lrs, image0=lo, whole=size)
     scale = model.loss_scale(native.loss, size)
-    values = [float(sums[i] * scale) + float(penalties[i]) for i in range(min(done + 1, steps))]
-    right = int((out[:done * size].argmax(axis=1) == labels[idx[:done * size]]).sum()) if labels is not None else 0
-    return values, done, right
+    counted = min(done + 1, steps)
+    n = done * (hi - lo)
+    right = int((out[:n].argmax(axis=1) == labels[idx[:n]]).sum()) if labels is not None else 0
+    interrupted = job.interrupted.is_set()
+    seconds = (time.perf_counter() - clock) / max(done * size, 1)
+    # (as the per-step path adds them: each rank's loss times the scale, then the ranks' sum)
+    totals = np.array([*(float(sums[i] * scale) for i in range(counted)), right, interrupted,
+                       seconds if comm.is_root else 0.0])
+    comm.sum_in_place(totals)  # (exact but for the losses: each other term is one rank's or whole numbers)
+    values = [float(totals[i]) + float(penalties[i]) for i in range(counted)]
+    return values, done, int(totals[-3]), bool(totals[-2]), float(totals[-1])
 
 
 def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
@@ -789,8 +806,8 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
         return value, m, int(sums[1]), bool(sums[2])
 
     native = None
-    if unsupported(model, s, comm.size, gather, optimizer) is None:
-        native = NativeRun(model, loss, gather, targets, optimizer, s, fill, good)
+    if unsupported(model, s, gather, optimizer) is None:
+        native = NativeRun(model, loss, gather, targets, optimizer, s, fill, good, comm)
     image_seconds = 0.0  # (measured by each run, per image: an epoch's short last batch says little of a step)
 
     while run.epoch < s.epochs and not run.stopped:
@@ -806,14 +823,13 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
         with np.errstate(over="ignore", invalid="ignore"):  # a NaN or an overflow is found and reported below
             while start < n:
                 size = min(s.batch, n - start)
-                if native is not None and size <= CHUNK and native.takes_optimizer():  # a run of steps, natively
+                if (native is not None and comm.size <= size and -(-size // comm.size) <= CHUNK
+                        and native.takes_optimizer()):  # a run of steps, natively (every rank has images)
                     # (a resume past the limit still takes the one step the per-step path takes)
                     limit = max(1, s.max_steps - run.step) if s.max_steps is not None else native.max_steps
                     steps = min(run_length(image_seconds * size, native.max_steps), (n - start) // size, limit)
-                    clock = time.perf_counter()
-                    values, done, right = _native_steps(native, run, s, order[start:start + steps * size], size,
-                                                        lr_of, labels)
-                    image_seconds = (time.perf_counter() - clock) / max(done * size, 1)
+                    values, done, right, interrupted, image_seconds = _native_steps(
+                        native, run, s, order[start:start + steps * size], size, lr_of, labels, job)
                     for value in values[:done]:  # (in order: the epoch's sum as the per-step path adds it)
                         total += value * size
                     run.step += done
@@ -822,7 +838,6 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
                     if done < steps:
                         _stop_step(model, good, run, bar, values[done], b + done)
                     b, start = b + steps, start + steps * size
-                    interrupted = job.interrupted.is_set()
                 else:
                     value, m, right, interrupted = one_step(order, b, start, bar)
                     run.step += 1

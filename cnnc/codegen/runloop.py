@@ -9,11 +9,16 @@ step ``s`` of the run, thread ``t``:
    (``gather_u8``/``gather_f32``), crops and flips them (``augment``), jitters
    them (``jitter``), and runs ``step_LOSS`` on them, each with step ``s``'s seeds;
 2. at a barrier, then over its slice of the parameters: adds the other
-   shards' gradients into the first one's in shard order, adds the L2 decay's
-   gradient ``(w * mask) * 2 lam`` (its penalty summed in float64 into
-   ``penalty[s, t]``), and checks the slice's gradient and weights, and its
-   shards' losses, for NaN and infinity;
-3. at a barrier: if any thread found one, every thread returns (thread 0 writes
+   shards' gradients into the first one's in shard order; in a rank of a
+   data-parallel job (ctx's ``reduce``: a function ``int64 reduce(int64 s)``),
+   each thread notes whether its shards' losses are all finite in ``bad[t]``,
+   and after a barrier thread 0 calls ``reduce(s)``, which sums the whole
+   gradient across the ranks and returns non-zero when any rank's losses were
+   not finite (or the sum failed), into ``bad[threads]``; then, after a
+   barrier, each thread adds the L2 decay's gradient ``(w * mask) * 2 lam``
+   (its penalty summed in float64 into ``penalty[s, t]``), and checks the
+   slice's gradient and weights, and its shards' losses, for NaN and infinity;
+3. at a barrier: if any thread (or the reduction) found one, every thread returns (thread 0 writes
    ``s`` into ``failed``); else it copies its slice of the weights into ``good``
    and runs ``update_KIND`` on it with step ``s``'s constants, and a barrier
    ends the step.
@@ -124,7 +129,9 @@ def emit_run(module: ir.Module, loss: str, kinds: list[str], vw: int, graph: nx.
     g0 = b.inttoptr(_i64_at(b, grads, 0), PTR, name="g0")
     bar, bad = f.ptr("barrier"), f.ptr("bad")
     null = ir.Constant(PTR, None)
-    flags = {k: b.icmp_signed("!=", f.int(k), i64(0)) for k in ("byte", "jitter", "decay")}
+    image0 = f.int("image0")
+    flags = {k: b.icmp_signed("!=", f.int(k), i64(0)) for k in ("byte", "jitter", "decay", "reduce")}
+    reduce = b.inttoptr(f.int("reduce"), ir.FunctionType(I64, [I64]).as_pointer(), name="reduce.fn")
     augmenting = b.or_(b.icmp_signed("!=", f.int("pad"), i64(0)), b.icmp_signed("!=", f.int("flip"), i64(0)))
     # (in the entry block, where LLVM turns them into registers)
     loss_check, check, any_bad = b.alloca(F32, name="loss_check"), b.alloca(F32, name="check"), \
@@ -162,12 +169,12 @@ def emit_run(module: ir.Module, loss: str, kinds: list[str], vw: int, graph: nx.
                 with f32:
                     b.call(entry["gather_f32"], source)
             with b.if_then(augmenting):
-                b.call(entry["augment"], [x, seed["shift"], i64(0), f.int("pad"), f.int("flip"), f.ptr("fill"), ws,
+                b.call(entry["augment"], [x, seed["shift"], image0, f.int("pad"), f.int("flip"), f.ptr("fill"), ws,
                                           a0, b0])
             with b.if_then(flags["jitter"]):
-                b.call(entry["jitter"], [x, seed["noise"], i64(0), f.float("sigma"), ws, a0, b0])
+                b.call(entry["jitter"], [x, seed["noise"], image0, f.float("sigma"), ws, a0, b0])
         b.call(entry[f"step_{loss}"], [params, g, arena, x, out, target, losses, ws, null, null, seed["dropout"],
-                                       i64(0), f.float("scale"), f.float("smooth"), a0, b0])
+                                       image0, f.float("scale"), f.float("smooth"), a0, b0])
         with for_range(b, a0, b0, name="l") as n:
             b.store(b.fadd(b.load(loss_check, typ=F32), _not_finite_sum(b, [emit.load(b, losses, n)])), loss_check)
     barrier()
@@ -183,8 +190,23 @@ def emit_run(module: ir.Module, loss: str, kinds: list[str], vw: int, graph: nx.
             emit.store(b, b.fadd(emit.load(b, g0, j, w), emit.load(b, gi, j, w)), g0, j)
 
         vector_loop(b, p_lo, p_hi, vw, add, name="sum")
-    b.store(ir.Constant(F64, 0.0), penalty)
     b.store(b.load(loss_check, typ=F32), check)
+    if timing:
+        timing.pause(b)
+        optimizer = timing.open
+    with b.if_then(flags["reduce"]):  # the ranks' sum: thread 0 calls ``reduce(s)`` (see below)
+        c = b.load(check, typ=F32)
+        _store_i64(b, b.zext(b.fcmp_unordered("uno", c, c), I64), bad, t)
+        barrier()
+        with b.if_then(b.icmp_signed("==", t, i64(0))):
+            with timed("wait", "all-reduce"):
+                _store_i64(b, b.call(reduce, [s]), bad, threads)
+        barrier()
+        b.store(emit.f32(0.0), check)  # (the losses' check went into the reduction)
+    if timing:
+        timing.open = optimizer
+        timing.start(b)
+    b.store(ir.Constant(F64, 0.0), penalty)
     decay2, mask = f.float("decay2"), f.ptr("decay_mask")
 
     def decay_and_check(b: ir.IRBuilder, j: ir.Value, w: int, decaying: bool) -> None:
@@ -212,7 +234,7 @@ def emit_run(module: ir.Module, loss: str, kinds: list[str], vw: int, graph: nx.
 
     # 3. any thread's check failed: stop before the update; else keep the weights and update the slice
     b.store(i64(0), any_bad)
-    with for_range(b, 0, threads, name="peer") as k:
+    with for_range(b, 0, b.add(threads, i64(1)), name="peer") as k:  # (and the reduction's verdict)
         b.store(b.or_(b.load(any_bad, typ=I64), _i64_at(b, bad, k)), any_bad)
     go = b.append_basic_block("s.update")
     b.cbranch(b.icmp_signed("!=", b.load(any_bad, typ=I64), i64(0)), fail, go)

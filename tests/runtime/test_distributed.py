@@ -88,6 +88,39 @@ def test_collectives_across_two_ranks(tmp_path):
 
 
 @needs_mpi
+def test_ranks_on_one_machine_sum_large_buffers_through_shared_memory_in_rank_order(tmp_path):
+    """Three ranks: float32 and float64 buffers of 40,000 values (``nodesum``, shared memory) are summed in rank
+    order, ((r0 + r1) + r2), the same bits on every rank; ``sum_buffer``'s own memory is summed in place (no copy
+    in or out); a small buffer goes through MPI's all-reduce."""
+    r = run_job(tmp_path, """
+        import numpy as np
+        from cnnc_runtime.distributed import world
+        comm = world()
+        assert comm.node_sum is not None  # (the ranks share this machine)
+        def values(rank, n, dtype):
+            return np.random.default_rng(rank).standard_normal(n).astype(dtype) * 10.0 ** (3 * rank)
+        seen = []
+        for dtype in (np.float32, np.float64):
+            buf = values(comm.rank, 40_000, dtype)
+            comm.sum_in_place(buf)
+            want = (values(0, 40_000, dtype) + values(1, 40_000, dtype)) + values(2, 40_000, dtype)
+            seen.append(bool(np.array_equal(buf, want)))
+        own = comm.sum_buffer(40_000)
+        own[...] = values(comm.rank, 40_000, np.float32)
+        comm.sum_in_place(own)
+        seen.append(bool(np.array_equal(own, (values(0, 40_000, np.float32) + values(1, 40_000, np.float32))
+                                             + values(2, 40_000, np.float32))))
+        small = np.full(5, comm.rank + 1.0)
+        comm.sum_in_place(small)
+        seen.append(small.tolist())
+        open(f"rank{comm.rank}.txt", "w").write(repr(seen))
+    """, ranks=3)
+    assert r.returncode == 0, r.stderr
+    for rank in (0, 1, 2):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "[True, True, True, [6.0, 6.0, 6.0, 6.0, 6.0]]"
+
+
+@needs_mpi
 def test_ranks_that_differ_are_told_which_and_in_what(tmp_path):
     r = run_job(tmp_path, """
         from cnnc_runtime.distributed import check_same, world

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from cnnc_runtime import train as train_mod
+from cnnc_runtime.distributed import Local
 from cnnc_runtime.model import Model
 from cnnc_runtime.optimizers import OPTIMIZERS, SGD
 from cnnc_runtime.settings import Settings
@@ -199,20 +200,19 @@ def test_what_the_native_runs_do_not_cover_keeps_the_per_step_path(compiled):
     model = model_with(compiled, 2, True)
     gather = model.gatherer(model.inputs(images(4)[0]), model.batch_buffer(4))
     sgd = SGD(lr=0.1)
-    assert unsupported(model, settings(), 1, gather, sgd) is None
-    assert unsupported(model, settings(clip_norm=1.0), 1, gather, sgd) == "gradient clipping"
-    assert unsupported(model, settings(), 2, gather, sgd) == "data-parallel over MPI"
-    assert unsupported(model, settings(), 1, None, sgd) == "an artifact built before native runs"
+    assert unsupported(model, settings(), gather, sgd) is None
+    assert unsupported(model, settings(clip_norm=1.0), gather, sgd) == "gradient clipping"
+    assert unsupported(model, settings(), None, sgd) == "an artifact built before native runs"
 
     class Custom(SGD):
         pass
 
-    assert unsupported(model, settings(), 1, gather, Custom(lr=0.1)) == "Custom has no native update"
+    assert unsupported(model, settings(), gather, Custom(lr=0.1)) == "Custom has no native update"
     model.native_runs = False
-    assert unsupported(model, settings(), 1, gather, sgd) == "switched off (native_runs = False)"
+    assert unsupported(model, settings(), gather, sgd) == "switched off (native_runs = False)"
     bn = build(BATCHNORM)
     assert not bn.has_runs
-    assert unsupported(bn, settings(), 1, gather, sgd) == "batchnorm"
+    assert unsupported(bn, settings(), gather, sgd) == "batchnorm"
 
 
 def test_clipping_trains_on_the_per_step_path(compiled):
@@ -336,3 +336,71 @@ def test_a_checkpoint_with_float64_optimizer_state_resumes_as_the_per_step_path_
         model.fit(x, y, epochs=2, batch=16, seed=3, optimizer="adam", resume=forged, progress=False)
         weights.append(model.flat_params.copy())
     np.testing.assert_array_equal(weights[0], weights[1])
+
+
+class Twin(Local):
+    """Rank 0 of two whose peer holds exactly what it holds: every sum doubles (what a job's ranks add up, for
+    the wiring of the ranks' sum into a run without an MPI job)."""
+
+    size = 2
+
+    def __init__(self, fail_at: int | None = None, shared: bool = False) -> None:
+        self.gradients, self.fail_at, self.shared = 0, fail_at, shared
+
+    def sum_buffer(self, count: int) -> np.ndarray | None:
+        """With `shared`: memory of its own, as ranks on one machine get (the run writes its gradient there)."""
+        return np.zeros(count, dtype=np.float32) if self.shared else None
+
+    def sum_in_place(self, buf: np.ndarray) -> None:
+        self.gradients += buf.dtype == np.float32  # (the others are float64: a flag, the losses)
+        if self.gradients == self.fail_at:
+            raise RuntimeError(f"the ranks' sum of gradient {self.gradients} failed")
+        np.add(buf, buf, out=buf)
+
+    def gather_object(self, obj):
+        return [obj, obj]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_rank_of_a_data_parallel_job_runs_natively_as_on_the_per_step_path(compiled, threads, shared,
+                                                                             monkeypatch):
+    """Rank 0's part of each global batch (its images' dropout and crop by their index in the whole batch, the
+    loss scaled by the whole batch), the gradient summed with the peer's between the backward pass and the
+    update (in flat_grads, or in the comm's own buffer): the per-step path's weights bit for bit."""
+    x, y = images()
+    monkeypatch.setattr(train_mod, "world", lambda: Twin(shared=shared))
+    runs = assert_same_training(compiled, threads, x, y, optimizer="adam", lr=0.003, crop=1, flip=True, jitter=0.2,
+                                weight_decay=0.003, batch=24)
+    assert max(runs) > 1
+    monkeypatch.setattr(train_mod, "world", Local)
+    alone = trained(compiled, threads, True, x, y, optimizer="adam", lr=0.003, batch=24)[0]
+    monkeypatch.setattr(train_mod, "world", lambda: Twin(shared=shared))
+    twin = trained(compiled, threads, True, x, y, optimizer="adam", lr=0.003, batch=24)[0]
+    assert not np.array_equal(alone.flat_params, twin.flat_params)  # (the sum did act)
+
+
+def test_a_failing_sum_of_the_ranks_ends_the_run_and_is_raised(compiled, monkeypatch):
+    x, y = images()
+    twin = Twin(fail_at=3)
+    monkeypatch.setattr(train_mod, "world", lambda: twin)
+    model = model_with(compiled, 2, True)
+    with pytest.raises(RuntimeError, match="the ranks' sum of gradient 3 failed") as e:
+        model.fit(x, y, epochs=1, batch=16, seed=3, optimizer="sgd", lr=0.05, progress=False)
+    assert any(entry.name == "_sum_ranks" for entry in e.traceback)  # (raised in the run's callback)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_rank_stops_at_a_nan_as_on_the_per_step_path(compiled, shared, monkeypatch):
+    """The same step, message, weights and gradient (copied back from the comm's buffer) as the per-step path."""
+    x, y = images()
+    monkeypatch.setattr(train_mod, "world", lambda: Twin(shared=shared))
+    stops = []
+    for native in (True, False):
+        model = model_with(compiled, 2, native)
+        with pytest.raises(TrainingStopped) as e:
+            model.fit(x, y, epochs=3, batch=16, optimizer="sgd", lr=1e30, seed=3, progress=False)
+        stops.append((str(e.value), model.flat_params.copy(), model.flat_grads.copy()))
+    assert stops[0][0] == stops[1][0]
+    np.testing.assert_array_equal(stops[0][1], stops[1][1])
+    np.testing.assert_array_equal(stops[0][2], stops[1][2])

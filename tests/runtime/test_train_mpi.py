@@ -98,9 +98,32 @@ np.save(f"weights{world().rank}.npy", m.flat_params)
     np.testing.assert_array_equal(rank0, single_process(work, epochs=2, schedule="cosine"))
 
 
-@pytest.mark.slow
-def test_resuming_under_mpi_continues_exactly(work):
+def test_two_ranks_run_their_steps_natively_and_train_the_weights_one_process_trains(work):
+    """Without clipping (a global norm, which keeps the per-step path) each rank runs its steps natively in runs,
+    the run calling back for the ranks' sum between the backward pass and the update; L2 decay on top: still one
+    process's weights bit for bit."""
     job(work, """
+from cnnc_runtime.distributed import world
+m = model()
+runs = []
+plain = m.run_steps
+m.run_steps = lambda *args: (runs.append(1), plain(*args))
+x, y = data()
+m.fit(x, y, epochs=2, schedule="cosine", **{**SETTINGS, "clip_norm": None, "weight_decay": 1e-3})
+assert runs, "no native run"
+np.save(f"native{world().rank}.npy", m.flat_params)
+""")
+    rank0, rank1 = np.load(work / "native0.npy"), np.load(work / "native1.npy")
+    np.testing.assert_array_equal(rank0, rank1)
+    np.testing.assert_array_equal(rank0, single_process(work, epochs=2, schedule="cosine", clip_norm=None,
+                                                        weight_decay=1e-3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clip_norm", [0.5, None])  # (the per-step path; native runs)
+def test_resuming_under_mpi_continues_exactly(work, clip_norm):
+    job(work, f"""
+SETTINGS["clip_norm"] = {clip_norm}
 from cnnc_runtime.distributed import world
 x, y = data()
 whole = model()
@@ -109,8 +132,8 @@ first = model()
 first.fit(x, y, epochs=1, checkpoint="run.ckpt", **SETTINGS)
 resumed = model()
 resumed.fit(x, y, epochs=2, resume="run.ckpt", **SETTINGS)
-np.save(f"whole{world().rank}.npy", whole.flat_params)
-np.save(f"resumed{world().rank}.npy", resumed.flat_params)
+np.save(f"whole{{world().rank}}.npy", whole.flat_params)
+np.save(f"resumed{{world().rank}}.npy", resumed.flat_params)
 """)
     for rank in (0, 1):
         np.testing.assert_array_equal(np.load(work / f"resumed{rank}.npy"), np.load(work / f"whole{rank}.npy"))
@@ -184,15 +207,18 @@ m.fit(x, y, epochs=50, **SETTINGS)
 
 
 @pytest.mark.slow
-def test_a_rank_killed_mid_training_ends_the_job(work):
-    failing_job(work, """
+@pytest.mark.parametrize("clip_norm", [0.5, None])
+def test_a_rank_killed_mid_training_ends_the_job(work, clip_norm):
+    """On the per-step path (clipping), or inside a native run (without), where its peer waits in the ranks' sum
+    the run called back for: the launcher ends that one too."""
+    failing_job(work, f"""
 import signal, threading
 from cnnc_runtime.distributed import world
 m = model()
 x, y = data()
 if world().rank == 1:
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGKILL)).start()
-m.fit(x, y, epochs=1000, **SETTINGS)
+m.fit(x, y, epochs=1000, **{{**SETTINGS, "clip_norm": {clip_norm}}})
 """)
 
 

@@ -1,0 +1,94 @@
+"""The all-reduce (a sum) of ranks on one machine, through memory they share: no message copies.
+
+MPI's own all-reduce between processes of one node sends the buffer through
+small shared cells, piece by piece: for the 4.5 MB gradient of the CIFAR-style
+net between two ranks it took 1.1-1.5 ms, three times what the arithmetic
+needs. Here every rank gets a segment of one MPI-3 shared window
+(``Win.Allocate_shared`` on the node's communicator) and a sum is:
+
+1. each rank copies its buffer into its own segment; a barrier;
+2. each rank sums its slice of the segments, in rank order (the same bits on
+   every rank, for any number of ranks), and writes the sum into that slice of
+   every segment; a barrier;
+3. each rank copies its segment back.
+
+A caller whose buffer already lives in its segment (``segment``: a native
+run's gradient, see ``cnnc_runtime.steploop``) skips the copies: measured
+between two ranks under load, the sum of the CIFAR-style net's gradient then
+took 150-200 us against 0.9 ms for MPI's all-reduce. The window's memory is made visible across ranks by ``Win.Sync``
+around each barrier (the unified memory model of shared windows).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+MIN_BYTES = 1 << 16  # below this MPI's all-reduce is as fast (its cost is latency, not copies)
+LINE = 64  # bytes of a cache line
+
+
+class NodeSum:
+    """Sums of float32 or float64 buffers across the ranks of `comm`, all on one node (``usable`` says so)."""
+
+    def __init__(self, comm: Any, mpi: Any) -> None:
+        self._mpi = mpi
+        self._node = comm.Split_type(mpi.COMM_TYPE_SHARED)
+        self.usable = self._node.Get_size() == comm.Get_size()
+        self.rank, self.size = self._node.Get_rank(), self._node.Get_size()
+        self._windows: dict[tuple[int, str], tuple[Any, list[np.ndarray]]] = {}
+
+    def segments(self, count: int, dtype: np.dtype) -> list[np.ndarray]:
+        """Every rank's segment of `count` values of `dtype`, in rank order (a collective call: made once per
+        size and kept)."""
+        key = (count, np.dtype(dtype).str)
+        if key not in self._windows:
+            item = np.dtype(dtype).itemsize
+            # (each segment a whole number of cache lines: every one starts aligned, as flat_grads does)
+            size = -(-count * item // LINE) * LINE
+            win = self._mpi.Win.Allocate_shared(size, item, comm=self._node)
+            win.Lock_all(self._mpi.MODE_NOCHECK)  # (one passive epoch for the window's life: Sync needs one)
+            segs = []
+            for r in range(self.size):
+                memory, _ = win.Shared_query(r)
+                segs.append(np.frombuffer(memory, dtype=dtype, count=count))
+            self._windows[key] = (win, segs)
+        return self._windows[key][1]
+
+    def segment(self, count: int, dtype: np.dtype) -> np.ndarray:
+        """This rank's segment: a buffer that ``sum_in_place`` sums without copies."""
+        return self.segments(count, dtype)[self.rank]
+
+    def sum_in_place(self, buf: np.ndarray) -> None:
+        """`buf` (contiguous, float32 or float64) becomes the sum of every rank's `buf`; without copies when it
+        is this rank's segment."""
+        mine = self.segment(buf.size, buf.dtype)
+        if buf.ctypes.data == mine.ctypes.data:
+            self._sum(buf.size, buf.dtype)
+            return
+        np.copyto(mine, buf.reshape(-1))
+        self._sum(buf.size, buf.dtype)
+        np.copyto(buf.reshape(-1), mine)
+
+    def _sum(self, count: int, dtype: np.dtype) -> None:
+        """Every rank's segment of `count` values of `dtype` becomes the sum of all of them."""
+        segs = self.segments(count, dtype)
+        win = self._windows[(count, np.dtype(dtype).str)][0]
+        per_line = LINE // np.dtype(dtype).itemsize  # (slices cut at cache lines: no line written by two ranks)
+        lo, hi = ((min(count, r * count // self.size // per_line * per_line) if r < self.size else count)
+                  for r in (self.rank, self.rank + 1))
+        win.Sync()
+        self._node.Barrier()  # every segment is written
+        win.Sync()
+        first = segs[0][lo:hi]
+        for seg in segs[1:]:
+            np.add(first, seg[lo:hi], out=first)
+        for seg in segs[1:]:
+            np.copyto(seg[lo:hi], first)
+        win.Sync()
+        self._node.Barrier()  # every slice is summed into every segment
+        win.Sync()
+
+
+__all__ = ["MIN_BYTES", "NodeSum"]
