@@ -16,8 +16,10 @@ the code.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 import llvmlite.ir as ir
 
@@ -102,8 +104,37 @@ def kernel(
         if noalias and arg.type == PTR:
             arg.add_attribute("noalias")
     fn.attributes.add("nounwind")
+    if _declaring.get() is module:
+        raise _Declared(fn.ftype)
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     return fn, b, {a: arg for arg, a in zip(fn.args, args)}
+
+
+class _Declared(Exception):  # noqa: N818 - not an error: how `signature` stops an emitter at its declaration
+    def __init__(self, ftype: ir.FunctionType) -> None:
+        self.ftype = ftype
+
+
+_declaring: ContextVar[ir.Module | None] = ContextVar("_declaring", default=None)
+
+
+def signature(emitter: Callable[..., Any], name: str, spec: Any, width: int) -> ir.FunctionType:
+    """The type of kernel `name` as `emitter` declares it, without its body.
+
+    The entry points need only the kernels' declarations; each body is built
+    by the process that compiles it (``cnnc.codegen.target``), so two processes
+    share the work of building them. The emitter runs up to its ``kernel``
+    call, which stops it.
+    """
+    module = ir.Module(name=name)
+    token = _declaring.set(module)
+    try:
+        emitter(module, name, spec, width)
+    except _Declared as declared:
+        return declared.ftype
+    finally:
+        _declaring.reset(token)
+    return module.get_global(name).ftype  # (an emitter that declares its function without ``kernel``)
 
 
 @contextmanager
