@@ -76,7 +76,7 @@ from cnnc.codegen.instrument import Stopwatch, Timing
 from cnnc.codegen.loss import emit_loss
 from cnnc.codegen.lowering import BACKWARD, FORWARD
 from cnnc.codegen.plan import ALIGN, Plan, Tensor, aligned, plan_memory
-from cnnc.codegen.runloop import emit_run
+from cnnc.codegen.runloop import emit_runs
 from cnnc.codegen.specs import AugmentSpec, ConvSpec, CopySpec, DenseSpec, FoldSpec, GatherSpec, LossSpec, NoiseSpec
 from cnnc.codegen.target import TILED
 from cnnc.ir import execution_order
@@ -403,8 +403,7 @@ def build_module(g: nx.DiGraph, vector_width: int,
         b.ret_void()
 
     if not builder.bn_slots:  # (batchnorm's steps are phases, with reductions in Python between them)
-        for loss in LOSSES:
-            emit_run(builder.module, loss, sorted(optim.constants()), builder.vw, g, builder.stopwatch)
+        emit_runs(builder.module, sorted(optim.constants()), builder.vw, g, builder.stopwatch)
 
     facts = {
         "param_floats": builder.param_floats,
