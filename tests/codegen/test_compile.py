@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -232,3 +233,46 @@ def test_a_stuck_child_is_killed_and_its_modules_compiled_here(monkeypatch):
         lib.function(f"set{i}", [ctypes.c_void_p])(out.ctypes.data)
         assert out[0] == i
     assert no_children_left()
+
+
+INTERRUPTED = """
+import os, sys, time
+from pathlib import Path
+from cnnc.codegen import target
+import cnnc
+
+target.PARALLEL_MIN_COST = 0
+prepared = target._prepared
+
+def slow(module, t, tm):  # each process says who it is, then takes its time
+    print(os.getpid(), flush=True)
+    time.sleep(0.5)
+    return prepared(module, t, tm)
+
+target._prepared = slow
+try:
+    cnnc.compile(sys.argv[1], cache=False)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_an_interrupt_during_a_parallel_compile_leaves_no_process_behind(tmp_path):
+    """Ctrl-C (SIGINT to this process only: the child is not told) while both processes compile: the interrupt
+    comes through, and the child is killed and reaped."""
+    env = {**os.environ, "CNNC_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED, str(LENET)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    pids = set()
+    while len(pids) < 2:  # this process's pid and its child's, each before its first module
+        line = proc.stdout.readline()
+        assert line, "the compile ended before both processes started on their modules"
+        pids.add(int(line))
+    assert proc.pid in pids
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert "interrupted" in out
+    for pid in pids - {proc.pid}:
+        with pytest.raises(ProcessLookupError):  # (reaped by the parent: not even a zombie left)
+            os.kill(pid, 0)
