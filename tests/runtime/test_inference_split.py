@@ -115,15 +115,15 @@ def test_a_weight_written_while_another_thread_infers_counts_once_the_write_retu
     w[4, 7, 1, 1] = new
     want = m(x)
     stale = 0
+
+    def flip(stop: threading.Event) -> None:
+        while not stop.is_set():
+            w[4, 7, 1, 1] = old
+            w[4, 7, 1, 1] = new
+
     for _ in range(150):
         stop = threading.Event()
-
-        def flip() -> None:
-            while not stop.is_set():
-                w[4, 7, 1, 1] = old
-                w[4, 7, 1, 1] = new
-
-        writer = threading.Thread(target=flip)
+        writer = threading.Thread(target=flip, args=(stop,))
         writer.start()
         for _ in range(3):
             m(x)
