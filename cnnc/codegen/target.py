@@ -244,7 +244,10 @@ def emit_objects(modules: list[Source], target: Target, processes: int | None = 
 
 def _emit_parallel(modules: list[Source], target: Target, processes: int) -> list[bytes]:
     order = sorted(range(len(modules)), key=lambda i: -estimate(modules[i]))  # (stable: ties in program order)
-    work, fill = os.pipe()
+    try:
+        work, fill = os.pipe()
+    except OSError:  # (no descriptor left): compiled here, as when no child can be started
+        return [_compile_group(modules, target)]
     try:
         os.write(fill, b"".join(_INDEX.pack(i) for i in order))
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import re
 import signal
@@ -105,6 +106,26 @@ def test_parallel_compile_errors_surface_here(monkeypatch, bad):
     modules[bad] = broken()
     with pytest.raises(RuntimeError, match="parsing error"):
         emit_objects(modules, host_target(), processes=3)
+    assert no_children_left()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_parallel_compile_without_a_descriptor_for_its_work_pipe_compiles_here(monkeypatch):
+    """No file descriptor left (EMFILE) for the pipe of tokens: the modules are compiled in this process, as when
+    no child can be started, rather than the compile failing."""
+    monkeypatch.setattr(target, "PARALLEL_MIN_COST", 0)
+
+    def no_descriptors():
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(target.os, "pipe", no_descriptors)
+    t = host_target()
+    objects = emit_objects([adder(i) for i in range(3)], t, processes=2)
+    lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
+    out = np.zeros(1, dtype=np.float32)
+    for i in range(3):
+        lib.function(f"set{i}", [ctypes.c_void_p])(out.ctypes.data)
+        assert out[0] == i
     assert no_children_left()
 
 
