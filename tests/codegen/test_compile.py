@@ -88,7 +88,7 @@ def test_parallel_compile_gives_every_function(monkeypatch):
     monkeypatch.setattr(target, "PARALLEL_MIN_COST", 0)
     t = host_target()
     objects = emit_objects([adder(i) for i in range(7)], t, processes=3)
-    assert len(objects) == 3
+    assert 1 <= len(objects) <= 3  # (a child that starts after the pipe ran dry writes none: the machine's load)
     lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
     out = np.zeros(1, dtype=np.float32)
     for i in range(7):
