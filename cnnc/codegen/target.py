@@ -148,7 +148,8 @@ def _tuning() -> llvm.PipelineTuningOptions:
 
 
 def kernel_cost(module: ir.Module) -> float:
-    """A rough estimate of LLVM's milliseconds on `module` (optimiser and codegen), to balance the processes.
+    """A rough estimate of LLVM's milliseconds on `module` (optimiser and codegen): the order in which the
+    processes of a parallel compile take the modules, costliest first, and the size of their object files.
 
     Fitted by least squares on the kernels of LeNet-5, CIFAR, resnet_tiny and
     a strided, grouped net, for each of the two pipelines of `passes`: the

@@ -84,10 +84,11 @@ def no_children_left() -> bool:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_parallel_compile_gives_every_function(monkeypatch):
+    """Each function once, in whichever object file of whichever process took it (a late child may take none)."""
     monkeypatch.setattr(target, "PARALLEL_MIN_COST", 0)
     t = host_target()
     objects = emit_objects([adder(i) for i in range(7)], t, processes=3)
-    assert len(objects) == 3
+    assert 1 <= len(objects) <= 3  # (tiny modules: one object file per process at most)
     lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
     out = np.zeros(1, dtype=np.float32)
     for i in range(7):
