@@ -416,6 +416,10 @@ def _check_weights(weights: bytes, source: str) -> None:
 # ---- the manifest against the code ---------------------------------------------------------------
 
 
+# contract fields that code compiled before them does not record, and the value such code was compiled for
+UNRECORDED = {"ws_cache_floats": 0}
+
+
 def contract(manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest fields whose values the code was compiled for (buffer sizes and strides, the parameter layout)."""
     return {
@@ -484,7 +488,7 @@ def verify_code(manifest: dict[str, Any], obj: bytes, source: str | None = None)
     if not isinstance(recorded, dict):
         raise ValueError(f"{prefix}the object code's layout record is damaged")
     for field, value in contract(manifest).items():
-        code = recorded.get(field)
+        code = recorded.get(field, UNRECORDED.get(field))
         if code != value and field == "params" and isinstance(code, list) and len(code) == len(value):
             field, value, code = next((f"params[{i}]", v, c) for i, (v, c) in enumerate(zip(value, code)) if v != c)
         if code != value:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 MIN_BYTES = 1 << 16  # below this MPI's all-reduce is as fast (its cost is latency, not copies)
+LINE = 64  # bytes of a cache line
 
 
 class NodeSum:
@@ -44,7 +45,9 @@ class NodeSum:
         key = (count, np.dtype(dtype).str)
         if key not in self._windows:
             item = np.dtype(dtype).itemsize
-            win = self._mpi.Win.Allocate_shared(count * item, item, comm=self._node)
+            # (each segment a whole number of cache lines: every one starts aligned, as flat_grads does)
+            size = -(-count * item // LINE) * LINE
+            win = self._mpi.Win.Allocate_shared(size, item, comm=self._node)
             win.Lock_all(self._mpi.MODE_NOCHECK)  # (one passive epoch for the window's life: Sync needs one)
             segs = []
             for r in range(self.size):
@@ -72,7 +75,9 @@ class NodeSum:
         """Every rank's segment of `count` values of `dtype` becomes the sum of all of them."""
         segs = self.segments(count, dtype)
         win = self._windows[(count, np.dtype(dtype).str)][0]
-        lo, hi = self.rank * count // self.size, (self.rank + 1) * count // self.size
+        per_line = LINE // np.dtype(dtype).itemsize  # (slices cut at cache lines: no line written by two ranks)
+        lo, hi = ((min(count, r * count // self.size // per_line * per_line) if r < self.size else count)
+                  for r in (self.rank, self.rank + 1))
         win.Sync()
         self._node.Barrier()  # every segment is written
         win.Sync()
@@ -84,7 +89,6 @@ class NodeSum:
         win.Sync()
         self._node.Barrier()  # every slice is summed into every segment
         win.Sync()
-
 
 
 __all__ = ["MIN_BYTES", "NodeSum"]

@@ -69,14 +69,16 @@ class Blocks:
     """How the tiles of one image are cut into blocks of whole tile rows."""
 
     p: Plane
+    TILE = 2  # outputs a tile is wide and high
+    XI = 16  # elements of a transform
 
     @property
     def tw(self) -> int:
-        return self.p.ow // 2
+        return self.p.ow // self.TILE
 
     @property
     def th(self) -> int:
-        return self.p.oh // 2
+        return self.p.oh // self.TILE
 
     @property
     def rows(self) -> int:
@@ -95,15 +97,15 @@ class Blocks:
 
     @property
     def u_floats(self) -> int:
-        return aligned(16 * self.p.m * self.p.c)
+        return aligned(self.XI * self.p.m * self.p.c)
 
     @property
     def v_floats(self) -> int:
-        return 16 * self.p.c * self.cols
+        return self.XI * self.p.c * self.cols
 
     @property
     def m_floats(self) -> int:
-        return 16 * self.p.m * self.cols
+        return self.XI * self.p.m * self.cols
 
     @property
     def floats(self) -> int:
@@ -287,12 +289,13 @@ def by_blocks(b: ir.IRBuilder, blk: Blocks, tile_rows: tuple[int, int] | None, b
         body(b, i64(t0 + full * blk.rows), rest)
 
 
-def _products(b: ir.IRBuilder, p: Plane, u: ir.Value, v: ir.Value, m: ir.Value, cols: int, tiles: int) -> None:
-    """The 16 products M_xi = U_xi @ V_xi over `tiles` columns (rows of V and M `cols` long): tiles of 4 rows by
-    up to 4 vectors of columns (2 on narrower targets: 16 registers), or 8 rows by one vector where there are
-    fewer (an 8x8 map's 16 tiles)."""
+def products(b: ir.IRBuilder, p: Plane, u: ir.Value, v: ir.Value, m: ir.Value, cols: int, tiles: int,
+             xi_count: int = 16) -> None:
+    """The `xi_count` products M_xi = U_xi @ V_xi over `tiles` columns (rows of V and M `cols` long): tiles of
+    4 rows by up to 4 vectors of columns (2 on narrower targets: 16 registers), or 8 rows by one vector where
+    there are fewer (an 8x8 map's 16 tiles)."""
     vectors = max(1, min(4 if p.vw >= 16 else 2, tiles // p.vw))
-    with for_range(b, 0, 16, name="xi") as xi:
+    with for_range(b, 0, xi_count, name="xi") as xi:
         u_xi = Mat(emit.gep(b, u, index(b, (xi, p.m * p.c))), rs=p.c)
         v_xi = Mat(emit.gep(b, v, index(b, (xi, p.c * cols))), rs=cols)
         m_xi = emit.gep(b, m, index(b, (xi, p.m * cols)), name="m.xi")
@@ -310,7 +313,7 @@ def _block(b: ir.IRBuilder, p: Plane, blk: Blocks, pad: ir.Value, u: ir.Value, w
     m = emit.gep(b, ws, blk.v_floats, name="wino.m")
     tw, t = blk.tw, blk.cols
     transform_input(b, p, pad, ty0, rows, v, t, 0)
-    _products(b, p, u, v, m, t, rows * tw)
+    products(b, p, u, v, m, t, rows * tw)
     # output transform: each 2x2 block of outputs
     with for_range(b, 0, p.m, name="yo") as oi:
         with for_range(b, 0, rows, name="yr") as r:
@@ -367,7 +370,7 @@ def _image_block(b: ir.IRBuilder, p: Plane, blk: ImageBlocks, image: Image, x: i
     with for_range(b, 0, images, name="wi.in") as g:
         x_img = emit.gep(b, x, index(b, (b.add(n, g), x_stride)), name="wi.x")
         _image_input(b, p, image, x_img, v, t, index(b, (g, per_image)))
-    _products(b, p, u, v, m, t, images * per_image)
+    products(b, p, u, v, m, t, images * per_image)
     with for_range(b, 0, images, name="wi.out") as g:
         _image_output(b, p, m, t, index(b, (g, per_image)), finish_of(b, b.add(n, g)))
 

@@ -13,7 +13,11 @@ and gradients keep F(2x2)), on maps of whole tiles with rows of at least
 ``MIN_TILE_COLS`` tiles.
 
 The input transform takes a vector of tiles of a tile row: each patch column
-``4 * tx + j`` is a strided pick from two loads of four vectors' floats.
+``4 * tx + j`` is a strided pick from two loads of four vectors' floats. Rows
+of fewer tiles than a vector (16x16 maps: 4) go ``group`` rows a vector, their
+picks joined, and the output transform splits them back into rows the same
+way (ResNet's 32->32 on 16x16, 16 images, one thread: 24 us an image, 35 a row
+at a time, 27 by F(2x2)).
 Workspace (floats, after all of ``Plane.floats``): ``[V: 36 x c x block][M:
 36 x o x block]``; U is always kept between calls, in the caller's region
 (``conv_winograd.cached_weights`` with ``xi=36``).
@@ -25,16 +29,14 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from cnnc.codegen import emit
+from cnnc.codegen import conv_winograd, emit
 from cnnc.codegen.conv_direct import Finish, Plane
 from cnnc.codegen.conv_winograd import MIN_CHANNELS, by_blocks, kernel_taps
 from cnnc.codegen.emit import for_range, i64
-from cnnc.codegen.gemm import Mat, gemm_nn, index, vector_loop
-from cnnc.codegen.plan import ALIGN, aligned
+from cnnc.codegen.gemm import index, vector_loop
 
-MIN_TILE_COLS = 8  # tiles a row (32 outputs): narrower maps keep F(2x2) (16x16 at 16 lanes: 30% slower by F(4x4))
+MIN_TILE_COLS = 4  # tiles a row (16 outputs): narrower maps keep F(2x2)
 MIN_OUTPUTS = 8
-BLOCK_TILES = 64  # tiles a block: V and M of a 32-channel layer at 64 tiles are 288 KiB each
 XI = 36  # elements of a 6x6 transform
 
 G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
@@ -50,31 +52,15 @@ def applies(p: Plane, table: object) -> bool:
 
 
 @dataclass(frozen=True)
-class Blocks:
-    """How the 4x4 tiles of one image are cut into blocks of whole tile rows."""
+class Blocks(conv_winograd.Blocks):
+    """How the 4x4 tiles of one image are cut into blocks of whole tile rows (U is not in the workspace)."""
 
-    p: Plane
-
-    @property
-    def tw(self) -> int:
-        return self.p.ow // 4
-
-    @property
-    def th(self) -> int:
-        return self.p.oh // 4
-
-    @property
-    def rows(self) -> int:
-        return max(1, min(self.th, BLOCK_TILES // self.tw))
-
-    @property
-    def cols(self) -> int:
-        """A row of V and M: the block's tiles and a cache line (the 36 streams not all 4 KiB apart)."""
-        return aligned(self.rows * self.tw) + ALIGN
+    TILE = 4
+    XI = XI
 
     @property
     def floats(self) -> int:
-        return XI * self.p.c * self.cols + XI * self.p.m * self.cols
+        return self.v_floats + self.m_floats
 
 
 def workspace_floats(p: Plane) -> int:
@@ -156,40 +142,33 @@ def _block(b: ir.IRBuilder, p: Plane, blk: Blocks, pad: ir.Value, u: ir.Value, w
     tw, t = blk.tw, blk.cols
     v = ws
     m = emit.gep(b, ws, XI * p.c * t, name="wino4.m")
+    g = group(p, rows)
     with for_range(b, 0, p.c, name="v4c") as ci:
-        with for_range(b, 0, rows, name="v4r") as r:
+        if g > 1:  # g tile rows a vector
+            with for_range(b, 0, rows - rows % g, g, name="v4g") as r:
+                _input_group(b, p, pad, v, t, ci, b.add(ty0, r), index(b, (ci, t), (r, tw)), g)
+        for_rows = (i64(rows - rows % g), i64(rows)) if g > 1 else (i64(0), i64(rows))
+        with for_range(b, *for_rows, name="v4r") as r:
             top = index(b, (ci, p.hp * p.wp), (b.add(ty0, r), 4 * p.wp))
             first = index(b, (ci, t), (r, tw))
 
             def patch(b: ir.IRBuilder, tx: ir.Value, width: int, top=top, first=first) -> None:
                 d = [_bt(b, _patch_row(b, pad, index(b, top, i * p.wp, (tx, 4)), width), width) for i in range(6)]
-                for j in range(6):
-                    col = _bt(b, [d[i][j] for i in range(6)], width)
-                    for i in range(6):
-                        emit.store(b, col[i], v, index(b, (6 * i + j) * p.c * t, first, tx))
+                _store_v(b, p, v, t, index(b, first, tx), d, width)
 
             vector_loop(b, 0, tw, p.vw, patch, name="v4x")
-    tiles = rows * tw
-    vectors = max(1, min(4 if p.vw >= 16 else 2, tiles // p.vw))
-    with for_range(b, 0, XI, name="xi4") as xi:
-        u_xi = Mat(emit.gep(b, u, index(b, (xi, p.m * p.c))), rs=p.c)
-        v_xi = Mat(emit.gep(b, v, index(b, (xi, p.c * t))), rs=t)
-        m_xi = emit.gep(b, m, index(b, (xi, p.m * t)), name="m4.xi")
-
-        def keep(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int, m_xi=m_xi) -> None:
-            emit.store(b, value, m_xi, index(b, (r, t), j))
-
-        gemm_nn(b, p.m, tiles, p.c, u_xi, v_xi, keep, p.vw, mr=8 if vectors == 1 else 4, nrv=vectors)
+    conv_winograd.products(b, p, u, v, m, t, rows * tw, XI)
     with for_range(b, 0, p.m, name="y4o") as oi:
-        with for_range(b, 0, rows, name="y4r") as r:
+        if g > 1:
+            with for_range(b, 0, rows - rows % g, g, name="y4g") as r:
+                _output_group(b, p, m, t, oi, b.add(ty0, r), index(b, (oi, t), (r, tw)), g, finish)
+        for_rows = (i64(rows - rows % g), i64(rows)) if g > 1 else (i64(0), i64(rows))
+        with for_range(b, *for_rows, name="y4r") as r:
             first = index(b, (oi, t), (r, tw))
             out_row = index(b, (oi, p.oh * p.ow), (b.add(ty0, r), 4 * p.ow))
 
             def block(b: ir.IRBuilder, tx: ir.Value, width: int, oi=oi, first=first, out_row=out_row) -> None:
-                at = index(b, first, tx)
-                s = [_at(b, [emit.load(b, m, index(b, (6 * i + j) * p.m * t, at), width) for j in range(6)], width)
-                     for i in range(6)]
-                cols = [_at(b, [s[i][c] for i in range(6)], width) for c in range(4)]  # cols[x][y]
+                cols = _output_tiles(b, p, m, t, index(b, first, tx), width)
                 for y in range(4):
                     out = index(b, out_row, y * p.ow, (tx, 4))
                     if width == 1:
@@ -200,6 +179,75 @@ def _block(b: ir.IRBuilder, p: Plane, blk: Blocks, pad: ir.Value, u: ir.Value, w
                         finish(b, oi, b.add(out, i64(part * width)), value, width)
 
             vector_loop(b, 0, tw, p.vw, block, name="y4x")
+
+
+def group(p: Plane, rows: int) -> int:
+    """Tile rows the transforms take as one vector: a vector's worth of rows narrower than it (a 16x16 map's
+    rows of 4 tiles, 4 at 16 lanes), halved until at most `rows`; 1 where a row's tiles do not divide a vector."""
+    tw = p.ow // 4
+    if tw >= p.vw or p.vw % tw or (4 * tw) % p.vw:
+        return 1
+    g = p.vw // tw  # (a power of two, as the lanes of a row, 4 tw, are whole vectors: _output_group)
+    while g > rows:
+        g //= 2
+    return g
+
+
+def _store_v(b: ir.IRBuilder, p: Plane, v: ir.Value, t: int, at: ir.Value, d: list[list[ir.Value]],
+             width: int) -> None:
+    """V[xi, at ..] from the patches' rows transformed along x (`d`, 6 by 6): the transform along y, stored."""
+    for j in range(6):
+        col = _bt(b, [d[i][j] for i in range(6)], width)
+        for i in range(6):
+            emit.store(b, col[i], v, index(b, (6 * i + j) * p.c * t, at))
+
+
+def _concat(b: ir.IRBuilder, parts: list[ir.Value]) -> ir.Value:
+    """Vectors of one width joined end to end (a power-of-two count of them)."""
+    i32 = ir.IntType(32)
+    while len(parts) > 1:
+        n = parts[0].type.count
+        lanes = ir.Constant(ir.VectorType(i32, 2 * n), list(range(2 * n)))
+        parts = [b.shuffle_vector(parts[k], parts[k + 1], lanes) for k in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def _input_group(b: ir.IRBuilder, p: Plane, pad: ir.Value, v: ir.Value, t: int, ci: ir.Value, ty: ir.Value,
+                 first: ir.Value, g: int) -> None:
+    """V of the tiles of `g` tile rows from `ty` (all of their tiles: one vector), channel `ci`."""
+    tw = p.ow // 4
+    width = g * tw
+    d = []
+    for i in range(6):
+        rows = [_patch_row(b, pad, index(b, (ci, p.hp * p.wp), (b.add(ty, i64(k)), 4 * p.wp), i * p.wp), tw)
+                for k in range(g)]
+        d.append(_bt(b, [_concat(b, [row[j] for row in rows]) for j in range(6)], width))
+    _store_v(b, p, v, t, first, d, width)
+
+
+def _output_tiles(b: ir.IRBuilder, p: Plane, m: ir.Value, t: int, at: ir.Value, width: int) -> list[list[ir.Value]]:
+    """The 4x4 outputs of the tiles at columns at .. at + width - 1 of M: cols[x][y], each a vector of tiles."""
+    s = [_at(b, [emit.load(b, m, index(b, (6 * i + j) * p.m * t, at), width) for j in range(6)], width)
+         for i in range(6)]
+    return [_at(b, [s[i][c] for i in range(6)], width) for c in range(4)]
+
+
+def _output_group(b: ir.IRBuilder, p: Plane, m: ir.Value, t: int, oi: ir.Value, ty: ir.Value, first: ir.Value,
+                  g: int, finish: Finish) -> None:
+    """Channel `oi`'s outputs of the tiles of `g` tile rows from `ty`, handed to `finish` a vector at a time."""
+    tw = p.ow // 4
+    width = g * tw
+    cols = _output_tiles(b, p, m, t, first, width)
+    i32 = ir.IntType(32)
+    for y in range(4):
+        low = _concat(b, [cols[0][y], cols[1][y]])
+        high = _concat(b, [cols[2][y], cols[3][y]])
+        for k in range(g):  # output row 4 (ty + k) + y: lane 4 tx + x is tile (k, tx)'s column x
+            source = [x * width + k * tw + tx for tx in range(tw) for x in range(4)]
+            out = index(b, (oi, p.oh * p.ow), (b.add(ty, i64(k)), 4 * p.ow), y * p.ow)
+            for piece in range(0, 4 * tw, p.vw):
+                lanes = ir.Constant(ir.VectorType(i32, p.vw), source[piece:piece + p.vw])
+                finish(b, oi, b.add(out, i64(piece)), b.shuffle_vector(low, high, lanes), p.vw)
 
 
 def _interleave4(b: ir.IRBuilder, parts: list[ir.Value], width: int) -> list[ir.Value]:

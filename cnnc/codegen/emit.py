@@ -116,7 +116,7 @@ def kernel(
         if noalias and arg.type == PTR:
             arg.add_attribute("noalias")
     fn.attributes.add("nounwind")
-    if _declaring.get() is module:
+    if _declaring.get() == (id(module), name):
         raise _Declared(fn.ftype)
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     return fn, b, {a: arg for arg, a in zip(fn.args, args)}
@@ -127,7 +127,7 @@ class _Declared(Exception):  # noqa: N818 - not an error: how `signature` stops 
         self.ftype = ftype
 
 
-_declaring: ContextVar[ir.Module | None] = ContextVar("_declaring", default=None)
+_declaring: ContextVar[tuple[int, str] | None] = ContextVar("_declaring", default=None)  # (id(module), kernel name)
 
 
 def signature(emitter: Callable[..., Any], name: str, spec: Any, width: int) -> ir.FunctionType:
@@ -136,10 +136,10 @@ def signature(emitter: Callable[..., Any], name: str, spec: Any, width: int) -> 
     The entry points need only the kernels' declarations; each body is built
     by the process that compiles it (``cnnc.codegen.target``), so two processes
     share the work of building them. The emitter runs up to its ``kernel``
-    call, which stops it.
+    call for `name` (not a helper's it declares first), which stops it.
     """
     module = ir.Module(name=name)
-    token = _declaring.set(module)
+    token = _declaring.set((id(module), name))
     try:
         emitter(module, name, spec, width)
     except _Declared as declared:

@@ -29,7 +29,10 @@ STATE, SEQ, DONE, STOP, ARGS = 0, 8, 16, 24, 32  # int64 offsets in the block
 ARG_NAMES = ["params", "folded", "arena", "x", "y", "ws", "bar", "n0", "n1"]  # infer_split's, but the part
 INT64S = ARGS + len(ARG_NAMES)
 IDLE_CYCLES = 1_000_000  # time-stamp counter ticks (~0.3 ms) without a call before a server returns
+SPIN_CYCLES = 100_000  # ticks (~30 us: a loop's Python between two calls) it spins before sleeping between polls
 SPIN = 4000  # polls before a waiting thread starts yielding its core
+YIELDS = 200  # yields before it sleeps between polls
+NAP_US = 50
 
 
 def emit_handoff(module: ir.Module, infer_split: ir.Function) -> None:
@@ -60,13 +63,20 @@ def _emit_post(module: ir.Module) -> None:
     b.ret(b.zext(live, I64))
 
 
+def _libc(module: ir.Module, name: str, args: list[ir.Type]) -> ir.Function:
+    return module.globals.get(name) or ir.Function(module, ir.FunctionType(ir.IntType(32), args), name=name)
+
+
 def _spin(b: ir.IRBuilder, polls: ir.Value) -> None:
-    """After ``SPIN`` polls, yield the core at each poll (a thread of the other side may be descheduled)."""
-    module = b.module
-    yield_fn = module.globals.get("sched_yield") or ir.Function(module, ir.FunctionType(ir.IntType(32), []),
-                                                                   name="sched_yield")
+    """After ``SPIN`` polls, yield the core at each poll (the other side's thread may be descheduled), and after
+    ``YIELDS`` more, sleep ``NAP_US`` at each: on a machine with more threads than cores, a yield may hand the
+    core straight back, and the other side waits for it."""
     with b.if_then(b.icmp_signed(">", polls, i64(SPIN))):
-        b.call(yield_fn, [])
+        with b.if_else(b.icmp_signed(">", polls, i64(SPIN + YIELDS))) as (late, soon):
+            with late:
+                b.call(_libc(b.module, "usleep", [ir.IntType(32)]), [ir.Constant(ir.IntType(32), NAP_US)])
+            with soon:
+                b.call(_libc(b.module, "sched_yield", []), [])
 
 
 def _emit_serve(module: ir.Module, infer_split: ir.Function) -> None:
@@ -103,13 +113,16 @@ def _emit_serve(module: ir.Module, infer_split: ir.Function) -> None:
 
     b.position_at_end(idle)
     stop = b.icmp_signed("!=", b.load_atomic(_field(b, ctl, STOP), "acquire", 8, typ=I64), i64(0))
-    late = b.icmp_unsigned(">", b.sub(b.call(clock, []), since), i64(IDLE_CYCLES))
-    with b.if_then(b.or_(stop, late)):
+    elapsed = b.sub(b.call(clock, []), since)
+    with b.if_then(b.or_(stop, b.icmp_unsigned(">", elapsed, i64(IDLE_CYCLES)))):
         # leave only from "waiting" (1 -> 0); a caller that moved it to 2 is posting a call: run it first
         gone = b.cmpxchg(_field(b, ctl, STATE), i64(1), i64(0), "acq_rel", "acquire")
         b.cbranch(b.extract_value(gone, 1), leave, again)
         b.position_at_end(again)
-    _spin(b, polls)
+    # spinning only briefly: on a machine with more threads than cores, a thread that spins for long loses its
+    # turns to the scheduler's fairness, and the barriers of the next call wait for it
+    with b.if_then(b.icmp_unsigned(">", elapsed, i64(SPIN_CYCLES))):
+        b.call(_libc(b.module, "usleep", [ir.IntType(32)]), [ir.Constant(ir.IntType(32), NAP_US)])
     for phi, value in ((last, last), (since, since), (polls, b.add(polls, i64(1)))):
         phi.add_incoming(value, b.block)
     b.branch(head)

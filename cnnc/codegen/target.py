@@ -94,7 +94,7 @@ def optimize(module: ir.Module, target: Target) -> llvm.ModuleRef:
 
 def emit_object(module: ir.Module, target: Target) -> bytes:
     """Compile `module` to a relocatable object file for `target`."""
-    return _compile_group([module], target)
+    return _compile_each([module], target)[0]
 
 
 def emit_assembly(module: ir.Module, target: Target) -> str:
@@ -148,7 +148,8 @@ def _tuning() -> llvm.PipelineTuningOptions:
 
 
 def kernel_cost(module: ir.Module) -> float:
-    """A rough estimate of LLVM's milliseconds on `module` (optimiser and codegen), to balance the processes.
+    """A rough estimate of LLVM's milliseconds on `module` (optimiser and codegen): the order in which the
+    processes of a parallel compile take the modules, costliest first, and the size of their object files.
 
     Fitted by least squares on the kernels of LeNet-5, CIFAR, resnet_tiny and
     a strided, grouped net, for each of the two pipelines of `passes`: the
@@ -187,43 +188,36 @@ def _prepared(source: Source, target: Target, tm: llvm.TargetMachine) -> llvm.Mo
     return ref
 
 
-def _compile_group(sources: Iterable[Source], target: Target) -> bytes:
-    """One object file of the modules, each optimised on its own as it comes, then linked (b"" for none)."""
+def _compile_each(sources: Iterable[Source], target: Target) -> list[bytes]:
+    """An object file for each module: the same bytes whichever process compiles it, and in whatever company."""
     tm = target.machine()
-    linked = None
-    for source in sources:
-        ref = _prepared(source, target, tm)
-        if linked is None:
-            linked = ref
-        else:
-            linked.link_in(ref)
-    return tm.emit_object(linked) if linked is not None else b""
+    return [tm.emit_object(_prepared(source, target, tm)) for source in sources]
 
 
 PARALLEL_MIN_COST = 200  # estimated ms of LLVM work below which a second process does not pay
 CHILD_WAIT_MIN = 20.0  # seconds a child may take beyond this process's own share before it counts as stuck
 CHILD_WAIT_FACTOR = 5.0  # ... or this many times what this process took for its share, whichever is longer
 _INDEX = struct.Struct("<I")  # a module's index: a token of the work pipe
-_HEADER = struct.Struct("<IQ")  # before each object a child writes: its modules (their indices follow), its length
-EMIT_BATCH = 100.0  # estimated ms (kernel_cost) of modules linked into one object file of a parallel compile
+_HEADER = struct.Struct("<IQ")  # before each object a child writes: its module's index, its length
 MAX_TOKENS = 4096  # modules whose tokens fit a pipe written before any reader starts (16 KiB: macOS's least)
 
 _emitting = threading.Lock()  # one parallel compile at a time in a process
 
 
 def emit_objects(modules: list[Source], target: Target, processes: int | None = None) -> list[bytes]:
-    """Compile modules (kernels not built yet are built where they are compiled) to object files.
+    """Compile modules (kernels not built yet are built where they are compiled) to object files, one each, in
+    the modules' order: the same bytes however many processes compiled them (MPI ranks compare them).
 
     llvmlite serialises every LLVM call behind one lock, so threads cannot
     overlap; forked processes can, and two cores then take about half the
     time. The modules' indices, costliest first by estimate, are tokens in a
-    pipe; this process and forked children each take the next one while any
-    is left, build that kernel's body, print it and optimise it, then link
-    what they took into one object file. Whoever is free takes the next, so
-    the shares balance without knowing the costs, and the kernel bodies are
-    built in parallel too. A child's modules are compiled here when it cannot
-    be started, fails or makes no progress in time, so errors surface in this
-    process and nothing waits forever.
+    pipe; this process and forked children each take the next one when done
+    with the last, build that kernel's body, print it, optimise it and
+    generate its code. Whoever is free takes the next, so the shares balance
+    without knowing the costs, and the kernel bodies are built in parallel
+    too. A child's modules are compiled here when it cannot be started,
+    fails or makes no progress in time, so errors surface in this process
+    and nothing waits forever.
 
     A fork copies only the forking thread: a lock another thread held at that
     moment stays held in the child for ever. The fork is made holding
@@ -237,7 +231,7 @@ def emit_objects(modules: list[Source], target: Target, processes: int | None = 
     processes = min(processes, len(modules))
     if (processes < 2 or not hasattr(os, "fork") or sum(map(estimate, modules)) < PARALLEL_MIN_COST
             or len(modules) > MAX_TOKENS):
-        return [_compile_group(modules, target)]
+        return _compile_each(modules, target)
     with _emitting:
         return _emit_parallel(modules, target, processes)
 
@@ -247,7 +241,7 @@ def _emit_parallel(modules: list[Source], target: Target, processes: int) -> lis
     try:
         work, fill = os.pipe()
     except OSError:  # (no descriptor left): compiled here, as when no child can be started
-        return [_compile_group(modules, target)]
+        return _compile_each(modules, target)
     try:
         os.write(fill, b"".join(_INDEX.pack(i) for i in order))
     finally:
@@ -259,7 +253,7 @@ def _emit_parallel(modules: list[Source], target: Target, processes: int) -> lis
         children = [_start(work, modules, target) for _ in range(processes - 1)]
         try:
             began = time.monotonic()
-            objects = list(_compile_claims(work, modules, target))
+            done = dict(_compile_claims(work, modules, target))
             deadline = _deadline(time.monotonic() - began)
         except BaseException:
             for child in children:
@@ -272,42 +266,27 @@ def _emit_parallel(modules: list[Source], target: Target, processes: int) -> lis
     collected = 0  # every child reaped before any of its modules is redone here
     try:
         for child in children:
-            objects += _collect(child, deadline)
+            done.update(_collect(child, deadline))
             collected += 1
     except BaseException:  # (an interrupt): no child left behind
         for child in children[collected + 1:]:
             _abandon(child)
         raise
-    done = {i for indices, _ in objects for i in indices}
-    rest = [modules[i] for i in order if i not in done]  # a failed or stuck child's share
-    return [obj for _, obj in objects] + ([_compile_group(rest, target)] if rest else [])
+    rest = [i for i in range(len(modules)) if i not in done]  # a failed or stuck child's share
+    done.update(zip(rest, _compile_each([modules[i] for i in rest], target)))
+    return [done[i] for i in range(len(modules))]
 
 
-def _compile_claims(work: int, modules: list[Source], target: Target) -> Iterator[tuple[list[int], bytes]]:
-    """(indices, object code) of the modules this process takes from the work pipe, one when the last is
-    optimised, until the pipe is empty; an object file each time those taken add up to EMIT_BATCH (estimated
-    ms), so that whoever is free takes the next, code generation included, without many small objects to load.
+def _compile_claims(work: int, modules: list[Source], target: Target) -> Iterator[tuple[int, bytes]]:
+    """(index, object code) of each module this process takes from the work pipe, one when the last is compiled,
+    until the pipe is empty: whoever is free takes the next, code generation included.
 
     (A pipe read of a token's 4 bytes is atomic: every token was written before any reader started.)
     """
     tm = target.machine()
-    linked, taken, load = None, [], 0.0
     while token := os.read(work, _INDEX.size):
         i = _INDEX.unpack(token)[0]
-        source = modules[i]
-        module = source.build() if isinstance(source, Deferred) else source
-        ref = _prepared(module, target, tm)
-        if linked is None:
-            linked = ref
-        else:
-            linked.link_in(ref)
-        taken.append(i)
-        load += kernel_cost(module)
-        if load >= EMIT_BATCH:
-            yield taken, tm.emit_object(linked)
-            linked, taken, load = None, [], 0.0
-    if taken:
-        yield taken, tm.emit_object(linked)
+        yield i, tm.emit_object(_prepared(modules[i], target, tm))
 
 
 def _deadline(own_seconds: float) -> float:
@@ -341,8 +320,7 @@ def _start(work: int, modules: list[Source], target: Target) -> tuple[int, int] 
         try:
             os.close(r)
             # (written at the end: a full pipe would stop this child until the parent is done with its own share)
-            records = b"".join(_HEADER.pack(len(taken), len(data)) + b"".join(map(_INDEX.pack, taken)) + data
-                               for taken, data in _compile_claims(work, modules, target))
+            records = b"".join(_HEADER.pack(i, len(data)) + data for i, data in _compile_claims(work, modules, target))
             with os.fdopen(w, "wb") as out:
                 out.write(records)
             code = 0
@@ -352,11 +330,11 @@ def _start(work: int, modules: list[Source], target: Target) -> tuple[int, int] 
     return pid, r
 
 
-def _collect(child: tuple[int, int] | None, deadline: float) -> list[tuple[list[int], bytes]]:
-    """The (indices, object code) records of the modules a child compiled, after reaping it; none when there was
-    no child, it failed or it was stuck."""
+def _collect(child: tuple[int, int] | None, deadline: float) -> dict[int, bytes]:
+    """The object code of each module a child compiled, by index, after reaping it; none when there was no child,
+    it failed or it was stuck."""
     if child is None:
-        return []
+        return {}
     pid, r = child
     chunks = []
     poll = select.poll()  # (not select.select: it fails on descriptors past 1024)
@@ -366,7 +344,7 @@ def _collect(child: tuple[int, int] | None, deadline: float) -> list[tuple[list[
             if not poll.poll(max(0, round((deadline - time.monotonic()) * 1000))):
                 # stuck (a lock another thread held at the fork?): killed, its modules redone here
                 _abandon(child)
-                return []
+                return {}
             chunk = os.read(r, 1 << 20)
             if not chunk:
                 break
@@ -376,18 +354,16 @@ def _collect(child: tuple[int, int] | None, deadline: float) -> list[tuple[list[
         raise
     os.close(r)
     _, status = os.waitpid(pid, 0)
-    return _objects(b"".join(chunks)) if os.waitstatus_to_exitcode(status) == 0 else []
+    return _objects(b"".join(chunks)) if os.waitstatus_to_exitcode(status) == 0 else {}
 
 
-def _objects(data: bytes) -> list[tuple[list[int], bytes]]:
-    """The (indices, object code) records a child wrote."""
-    objects, at = [], 0
+def _objects(data: bytes) -> dict[int, bytes]:
+    """The (index, object code) records a child wrote, by index."""
+    objects, at = {}, 0
     while at < len(data):
-        count, size = _HEADER.unpack_from(data, at)
+        i, size = _HEADER.unpack_from(data, at)
         at += _HEADER.size
-        indices = [i for (i,) in _INDEX.iter_unpack(data[at:at + _INDEX.size * count])]
-        at += _INDEX.size * count
-        objects.append((indices, data[at:at + size]))
+        objects[i] = data[at:at + size]
         at += size
     return objects
 

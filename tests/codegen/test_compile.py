@@ -16,7 +16,7 @@ import llvmlite.ir as ir
 import numpy as np
 import pytest
 
-from cnnc.codegen import target
+from cnnc.codegen import emit, target
 from cnnc.codegen.module import build_module
 from cnnc.codegen.target import emit_objects, host_target
 from cnnc.errors import Diagnostics
@@ -49,14 +49,29 @@ def test_kernel_specs_are_all_distinct():
     assert len(names) == len(set(names))
 
 
-def test_each_kernel_is_declared_as_its_body_defines_it():
+@pytest.mark.parametrize("stem", ["lenet5", "mnist_modern", "resnet_tiny"])
+def test_each_kernel_is_declared_as_its_body_defines_it(stem):
     """The entry module declares each kernel from its emitter stopped at its signature; the body built later
     (in whichever process compiles it) defines the same function type."""
-    entry, *kernels = lenet_modules()
+    path = LENET.parent / f"{stem}.cnn"
+    fused = optimize(check_source(path.read_text(), str(path), Diagnostics()))
+    entry, *kernels = build_module(fused, host_target().vector_width)[0]
     for source in kernels:
         module = source.build()
         assert not module.get_global(source.name).is_declaration
         assert module.get_global(source.name).ftype == entry.get_global(source.name).ftype, source.name
+
+
+def test_a_kernels_signature_is_its_own_not_a_helpers_declared_first():
+    def emit_with_helper(module, name, spec, width):
+        _, hb, _ = emit.kernel(module, f"{name}.helper", ["x"])
+        hb.ret_void()
+        fn, b, _ = emit.kernel(module, name, ["x", "y", "scale_f32", "n0", "n1"])
+        b.ret_void()
+        return fn
+
+    ftype = emit.signature(emit_with_helper, "k", None, 8)
+    assert [str(t) for t in ftype.args] == ["ptr", "ptr", "float", "i64", "i64"]
 
 
 def adder(i: int) -> ir.Module:
@@ -85,10 +100,12 @@ def no_children_left() -> bool:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_parallel_compile_gives_every_function(monkeypatch):
+    """An object file per module, in the modules' order, whichever process compiled it: the same bytes as one
+    process alone gives (ranks of an MPI job compare them)."""
     monkeypatch.setattr(target, "PARALLEL_MIN_COST", 0)
     t = host_target()
     objects = emit_objects([adder(i) for i in range(7)], t, processes=3)
-    assert 1 <= len(objects) <= 3  # (a child that starts after the pipe ran dry writes none: the machine's load)
+    assert objects == emit_objects([adder(i) for i in range(7)], t, processes=1)
     lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
     out = np.zeros(1, dtype=np.float32)
     for i in range(7):
@@ -121,6 +138,8 @@ def test_a_parallel_compile_without_a_descriptor_for_its_work_pipe_compiles_here
     monkeypatch.setattr(target.os, "pipe", no_descriptors)
     t = host_target()
     objects = emit_objects([adder(i) for i in range(3)], t, processes=2)
+    monkeypatch.undo()
+    assert objects == emit_objects([adder(i) for i in range(3)], t, processes=1)  # (the same bytes)
     lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
     out = np.zeros(1, dtype=np.float32)
     for i in range(3):
@@ -186,7 +205,7 @@ import threading, sys
 import llvmlite.binding as llvm
 import numpy as np
 import cnnc
-from cnnc.codegen import target
+from cnnc.codegen import emit, target
 
 target.PARALLEL_MIN_COST = 0  # every compile forks, however small
 nets = [f"network n{i} {{ input x: 1x{8 + i}x{8 + i}  c = x"
@@ -259,14 +278,14 @@ def test_a_stuck_child_is_killed_and_its_modules_compiled_here(monkeypatch):
 INTERRUPTED = """
 import os, sys, time
 from pathlib import Path
-from cnnc.codegen import target
+from cnnc.codegen import emit, target
 import cnnc
 
 target.PARALLEL_MIN_COST = 0
 prepared = target._prepared
 
 def slow(module, t, tm):  # each process says who it is, then takes its time
-    print(os.getpid(), flush=True)
+    os.write(1, f"{os.getpid()}\\n".encode())  # (one write: the two processes' lines do not interleave)
     time.sleep(0.5)
     return prepared(module, t, tm)
 

@@ -396,9 +396,11 @@ def test_winograd_weights_kept_between_calls_follow_every_change(jit, whole: boo
     assert np.all(cache[floats:] == SENTINEL), "kernel wrote past its cache region"
 
 
-# Inference's F(4x4, 3x3) (conv_winograd4): ResNet's 32x32 stage; rows of 9 tiles (vector tails) in blocks of 7
-# tile rows and a rest of 2; a valid convolution; the fewest outputs (8) and an odd channel count
-WINOGRAD4 = {"resnet_32": (16, 32, 32, 16, (1, 1, 1, 1)), "blocks_and_tails": (17, 36, 36, 8, (1, 1, 1, 1)),
+# Inference's F(4x4, 3x3) (conv_winograd4): ResNet's 32x32 and 16x16 stages (rows of 8 and 4 tiles: 2 and 4 rows
+# a vector at 16 lanes); rows of 9 tiles (vector tails) in blocks of 7 tile rows and a rest of 2;
+# 5 tile rows of 4 (a vector of 4 rows, then one); a valid convolution; the fewest outputs (8) and an odd channel count
+WINOGRAD4 = {"resnet_32": (16, 32, 32, 16, (1, 1, 1, 1)), "resnet_16": (32, 16, 16, 16, (1, 1, 1, 1)),
+             "blocks_and_tails": (17, 36, 36, 8, (1, 1, 1, 1)), "rows_rest": (16, 20, 16, 8, (1, 1, 1, 1)),
              "valid": (16, 34, 34, 9, (0, 0, 0, 0))}
 
 
@@ -426,6 +428,38 @@ def test_winograd_4x4_forward_at_inference(jit, case: str) -> None:
     xr = x_buf[N0:N1, :c * h * w].reshape(-1, c, h, w).astype(np.float64)
     want = act_ref(conv_ref(xr, wt, bias.astype(np.float32).astype(np.float64), s), "relu")
     check_arena(y, np.full_like(y, SENTINEL), want, s.o * s.oh * s.ow)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["f2x2", "f4x4"])
+def test_a_share_of_tile_rows_computes_exactly_those_rows(jit, cached: bool) -> None:
+    """``ConvSpec.rows`` (infer_split's cut of a Winograd conv): every channel's rows [r0, r1), the bits of the whole
+    layer's there, nothing written elsewhere; the shares together give the whole output."""
+    from cnnc.codegen.conv import row_tile
+
+    s = dataclasses.replace(make_spec(16, 16, 32, 12, 3, 3, pad=(1, 1, 1, 1), gap=3), act="relu", cached=cached)
+    tile = row_tile(s, jit.vw)
+    assert tile == (4 if cached else 2)
+    cuts = [(0, 8), (8, 12), (12, 16)]
+    emit_conv_forward(jit.module, "whole", s, jit.vw)
+    for k, rows in enumerate(cuts):
+        emit_conv_forward(jit.module, f"share{k}", dataclasses.replace(s, rows=rows), jit.vw)
+    rng = np.random.default_rng(12)
+    x_buf = arena(rng.uniform(-1, 1, (N_IMAGES, s.c, s.h, s.w)), s.x_stride, np.nan)
+    wt, bias = random_weights(rng, s).astype(np.float32), rng.uniform(-1, 1, s.o).astype(np.float32)
+    region = [np.zeros(weight_cache_floats(s, jit.vw), np.float32)] if cached else []
+    whole = np.full((N_IMAGES, s.y_stride), SENTINEL, dtype=np.float32)
+    jit("whole", x_buf, wt, bias, whole, workspace(s, jit.vw), *region, N0, N1)
+    together = np.full_like(whole, SENTINEL)
+    for k, (r0, r1) in enumerate(cuts):
+        alone = np.full_like(whole, SENTINEL)
+        jit(f"share{k}", x_buf, wt, bias, alone, workspace(s, jit.vw), *region, N0, N1)
+        jit(f"share{k}", x_buf, wt, bias, together, workspace(s, jit.vw), *region, N0, N1)
+        mine = np.zeros((N_IMAGES, s.y_stride), bool)
+        mine[N0:N1, :s.o * s.oh * s.ow] = np.broadcast_to(
+            (np.arange(s.oh)[:, None] >= r0) & (np.arange(s.oh)[:, None] < r1), (s.o, s.oh, s.ow)).reshape(-1)
+        np.testing.assert_array_equal(alone[mine], whole[mine])
+        assert np.all(alone[~mine] == SENTINEL)
+    np.testing.assert_array_equal(together, whole)
 
 
 def test_which_convolutions_run_by_winograd() -> None:

@@ -18,8 +18,8 @@ from cnnc_runtime.engine import SplitChoice
 from tests.reference import EXAMPLES, graph
 from tests.runtime.test_batchnorm import assert_close, batch, everything, model, randomize
 
-# Every kind of share: output channels split unevenly (33 = 17 + 16), Winograd convs split by tile rows (c2 by
-# F(4x4) on 32x32, c4 by F(2x2) on 16x16: 8 + 8 rows of every channel), a strided 1x1 conv (im2col), a pool and
+# Every kind of share: output channels split unevenly (33 = 17 + 16), Winograd convs split by tile rows (c2, c4 by
+# F(4x4) on 32x32 and 16x16: 16 + 16 and 8 + 8 rows of every channel), a strided 1x1 conv (im2col), a pool and
 # an unfolded batchnorm by channels, add and gelu by floats, concat and softmax run whole by one thread, a
 # dense layer with a batchnorm folded in; 12M multiply-adds per image, enough for infer_split.
 SPLITNET = """

@@ -207,29 +207,18 @@ m.fit(x, y, epochs=50, **SETTINGS)
 
 
 @pytest.mark.slow
-def test_a_rank_killed_mid_training_ends_the_job(work):
-    failing_job(work, """
+@pytest.mark.parametrize("clip_norm", [0.5, None])
+def test_a_rank_killed_mid_training_ends_the_job(work, clip_norm):
+    """On the per-step path (clipping), or inside a native run (without), where its peer waits in the ranks' sum
+    the run called back for: the launcher ends that one too."""
+    failing_job(work, f"""
 import signal, threading
 from cnnc_runtime.distributed import world
 m = model()
 x, y = data()
 if world().rank == 1:
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGKILL)).start()
-m.fit(x, y, epochs=1000, **SETTINGS)
-""")
-
-
-@pytest.mark.slow
-def test_a_rank_killed_inside_a_native_run_ends_the_job(work):
-    """Its peer waits inside the run, in the ranks' sum the run called back for: the launcher ends it too."""
-    failing_job(work, """
-import signal, threading
-from cnnc_runtime.distributed import world
-m = model()
-x, y = data()
-if world().rank == 1:
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGKILL)).start()
-m.fit(x, y, epochs=1000, **{**SETTINGS, "clip_norm": None})
+m.fit(x, y, epochs=1000, **{{**SETTINGS, "clip_norm": {clip_norm}}})
 """)
 
 
