@@ -106,13 +106,15 @@ def _record_contract(module: ir.Module, manifest: dict[str, Any]) -> None:
     record.global_constant = True
 
 
-def generate(checked: nx.DiGraph, fused: nx.DiGraph, target: Target,
-             profile: bool = False) -> tuple[dict[str, Any], bytes, list[ir.Module]]:
-    """(manifest, object code, LLVM modules) of an optimized graph for `target`; ``profile``: the profiling build
-    (``cnnc.codegen.instrument``), whose manifest lists its regions under ``profile``."""
+def generate(checked: nx.DiGraph, fused: nx.DiGraph, target: Target, profile: bool = False,
+             keep_modules: bool = False) -> tuple[dict[str, Any], bytes, list[ir.Module] | None]:
+    """(manifest, object code, LLVM modules or None) of an optimized graph for `target`; ``profile``: the profiling
+    build (``cnnc.codegen.instrument``), whose manifest lists its regions under ``profile``; ``keep_modules``: the
+    modules too (every kernel's built again here: the compile builds each where it is compiled)."""
     modules, facts = build_module(fused, target.vector_width, profile)
     manifest = manifest_for(checked, fused, facts, target)
     if profile:
         manifest["profile"] = {"regions": facts["profile"], "clock": "readcyclecounter"}
     _record_contract(modules[0], manifest)
-    return manifest, bundle(emit_objects(modules, target)), modules
+    obj = bundle(emit_objects(modules, target))
+    return manifest, obj, [modules[0], *(k.build() for k in modules[1:])] if keep_modules else None

@@ -136,11 +136,12 @@ class Build:
                 manifest, obj = hit
                 manifest.update(self.description())  # comments and the train section are not code
                 return Compiled(manifest, obj)
-            manifest, obj, modules = _generator().generate(self.checked(), self.optimized(), target, self.profile)
+            manifest, obj, modules = _generator().generate(self.checked(), self.optimized(), target, self.profile,
+                                                           keep_module)
         manifest["cache_key"] = key
         if use_cache:
             write(path, manifest, obj)
-        return Compiled(manifest, obj, modules if keep_module else None)
+        return Compiled(manifest, obj, modules)
 
 
 def listing(graph: nx.DiGraph) -> str:

@@ -191,16 +191,21 @@ def cache_floats(p: Plane, xi: int = 16) -> int:
 def cached_weights(b: ir.IRBuilder, p: Plane, w: ir.Value, cache: ir.Value, transform=transform_weights,
                    xi: int = 16) -> ir.Value:
     """U (`transform` of the weights `w`, `xi` elements a kernel) from the region `cache` (``cache_floats``),
-    transformed again first unless every weight has the bits of the copy kept there; returns U."""
+    transformed again first unless every weight has the bits of the copy kept there; returns U.
+
+    The weights are copied first and U made from the copy: another thread may write `w` meanwhile (inference
+    takes no lock), and U made from `w` itself could then belong to other bits than the copy kept beside it,
+    a stale U that no later call would notice.
+    """
     u, copy = cache, emit.gep(b, cache, aligned(xi * p.m * p.c), name="wino.copy")
     count = 9 * p.m * p.c
     with b.if_then(b.not_(_same_bits(b, w, copy, count, p.vw))):
-        transform(b, p, w, u)
 
         def keep(b: ir.IRBuilder, k: ir.Value, width: int) -> None:
             emit.store(b, emit.load(b, w, k, width), copy, k)
 
         vector_loop(b, 0, count, p.vw, keep, name="wk")
+        transform(b, p, copy, u)
     return u
 
 

@@ -295,8 +295,7 @@ def _splat_int(b: ir.IRBuilder, value: ir.Value, width: int) -> ir.Value:
         return value
     lanes = ir.VectorType(I64, width)
     v = b.insert_element(ir.Constant(lanes, ir.Undefined), value, ir.Constant(emit.I32, 0))
-    zeros = ir.Constant(ir.VectorType(emit.I32, width), [0] * width)
-    return b.shuffle_vector(v, ir.Constant(lanes, ir.Undefined), zeros)
+    return b.shuffle_vector(v, ir.Constant(lanes, ir.Undefined), emit.lane0_mask(width))
 
 
 def dropout_keep_threshold(p: float) -> int:

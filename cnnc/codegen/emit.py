@@ -16,8 +16,10 @@ the code.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 import llvmlite.ir as ir
 
@@ -39,6 +41,19 @@ def vec_type(width: int) -> ir.VectorType:
     return ir.VectorType(F32, width)
 
 
+class _Zeros(ir.Constant):
+    """An all-zero vector constant written ``zeroinitializer`` (llvmlite writes out every lane)."""
+
+    def _get_reference(self) -> str:
+        return "zeroinitializer"
+
+
+def lane0_mask(width: int) -> ir.Constant:
+    """The shuffle mask that copies lane 0 to all `width` lanes: broadcasts are a seventh of a conv kernel's
+    IR text when each of its 16 lanes is written out, and the text is what LLVM parses."""
+    return _Zeros(ir.VectorType(I32, width), None)
+
+
 def splat(b: ir.IRBuilder, value: ir.Value | float, width: int) -> ir.Value:
     """A vector with `value` in every lane (constant-folded for Python floats)."""
     if width == 1:
@@ -47,7 +62,7 @@ def splat(b: ir.IRBuilder, value: ir.Value | float, width: int) -> ir.Value:
         # zeroinitializer: the IR text stays short (LLVM parses less)
         return ir.Constant(vec_type(width), None if value == 0 else [float(value)] * width)
     v = b.insert_element(ir.Constant(vec_type(width), ir.Undefined), value, ir.Constant(I32, 0))
-    return b.shuffle_vector(v, ir.Constant(vec_type(width), ir.Undefined), ir.Constant(ir.VectorType(I32, width), None))
+    return b.shuffle_vector(v, ir.Constant(vec_type(width), ir.Undefined), lane0_mask(width))
 
 
 def broadcast(b: ir.IRBuilder, base: ir.Value, offset: ir.Value | int, width: int) -> ir.Value:
@@ -55,8 +70,7 @@ def broadcast(b: ir.IRBuilder, base: ir.Value, offset: ir.Value | int, width: in
     if width == 1:
         return load(b, base, offset)
     one = b.load(gep(b, base, offset), typ=ir.VectorType(F32, 1), align=4)
-    return b.shuffle_vector(one, ir.Constant(ir.VectorType(F32, 1), ir.Undefined),
-                            ir.Constant(ir.VectorType(I32, width), None))
+    return b.shuffle_vector(one, ir.Constant(ir.VectorType(F32, 1), ir.Undefined), lane0_mask(width))
 
 
 def even_odd(b: ir.IRBuilder, base: ir.Value, at: ir.Value, width: int) -> tuple[ir.Value, ir.Value]:
@@ -102,8 +116,37 @@ def kernel(
         if noalias and arg.type == PTR:
             arg.add_attribute("noalias")
     fn.attributes.add("nounwind")
+    if _declaring.get() == (id(module), name):
+        raise _Declared(fn.ftype)
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     return fn, b, {a: arg for arg, a in zip(fn.args, args)}
+
+
+class _Declared(Exception):  # noqa: N818 - not an error: how `signature` stops an emitter at its declaration
+    def __init__(self, ftype: ir.FunctionType) -> None:
+        self.ftype = ftype
+
+
+_declaring: ContextVar[tuple[int, str] | None] = ContextVar("_declaring", default=None)  # (id(module), kernel name)
+
+
+def signature(emitter: Callable[..., Any], name: str, spec: Any, width: int) -> ir.FunctionType:
+    """The type of kernel `name` as `emitter` declares it, without its body.
+
+    The entry points need only the kernels' declarations; each body is built
+    by the process that compiles it (``cnnc.codegen.target``), so two processes
+    share the work of building them. The emitter runs up to its ``kernel``
+    call for `name` (not a helper's it declares first), which stops it.
+    """
+    module = ir.Module(name=name)
+    token = _declaring.set((id(module), name))
+    try:
+        emitter(module, name, spec, width)
+    except _Declared as declared:
+        return declared.ftype
+    finally:
+        _declaring.reset(token)
+    return module.get_global(name).ftype  # (an emitter that declares its function without ``kernel``)
 
 
 @contextmanager

@@ -57,6 +57,7 @@ scratch space for the conv kernels.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -75,7 +76,7 @@ from cnnc.codegen.instrument import Stopwatch, Timing
 from cnnc.codegen.loss import emit_loss
 from cnnc.codegen.lowering import BACKWARD, FORWARD
 from cnnc.codegen.plan import ALIGN, Plan, Tensor, aligned, plan_memory
-from cnnc.codegen.runloop import emit_run
+from cnnc.codegen.runloop import emit_runs
 from cnnc.codegen.specs import AugmentSpec, ConvSpec, CopySpec, DenseSpec, FoldSpec, GatherSpec, LossSpec, NoiseSpec
 from cnnc.codegen.target import TILED
 from cnnc.ir import execution_order
@@ -153,11 +154,34 @@ def bn_layout(g: nx.DiGraph) -> tuple[list[BatchNormSlot], int, int]:
     return slots, max(stats, ALIGN), max(coefs, ALIGN)
 
 
-class Builder:
-    """Holds the entry-point module and the kernels emitted so far (one function per distinct spec).
+@dataclass(frozen=True)
+class KernelSource:
+    """One kernel's module, built when asked for: by whichever process compiles it (``cnnc.codegen.target``)."""
 
-    Each kernel gets a module of its own, declared in the entry module, so
-    that LLVM can optimise and compile groups of them in parallel processes.
+    name: str
+    emitter: Callable[..., ir.Function]
+    spec: object
+    vector_width: int
+
+    @property
+    def tiled(self) -> bool:
+        """Register-blocked and vectorised by its emitter (the conv and dense kernels): LLVM's short pipeline."""
+        return isinstance(self.spec, (ConvSpec, DenseSpec))
+
+    def build(self) -> ir.Module:
+        own = ir.Module(name=self.name)
+        self.emitter(own, self.name, self.spec, self.vector_width)
+        if self.tiled:
+            own.add_named_metadata(TILED)
+        return own
+
+
+class Builder:
+    """Holds the entry-point module and the kernels declared so far (one function per distinct spec).
+
+    Each kernel gets a module of its own, declared in the entry module and
+    built later (``KernelSource``), so that processes compiling in parallel
+    each build and optimise their share of them.
     """
 
     def __init__(self, g: nx.DiGraph, vector_width: int, profile: bool = False) -> None:
@@ -165,7 +189,7 @@ class Builder:
         self.vw = vector_width
         self.module = ir.Module(name=g.graph["network"])
         self.stopwatch = Stopwatch(self.module) if profile else None  # the profiling build (cnnc.codegen.instrument)
-        self.kernel_modules: list[ir.Module] = []
+        self.kernel_sources: list[KernelSource] = []
         self._kernels: dict[tuple, ir.Function] = {}
         self.chunked: dict[str, str] = {}  # kernel name -> how a training step runs it (CHUNKED)
         self.ws_floats = 0  # scratch one thread needs: the largest conv kernel's workspace
@@ -183,14 +207,10 @@ class Builder:
         key = (emitter.__name__, spec)
         if key not in self._kernels:
             name = f"{self.g.graph['network']}.{emitter.__name__.removeprefix('emit_')}_{len(self._kernels)}"
-            own = ir.Module(name=name)
-            fn = emitter(own, name, spec, self.vw)
-            if isinstance(spec, (ConvSpec, DenseSpec)):
-                own.add_named_metadata(TILED)
-            self.kernel_modules.append(own)
+            self.kernel_sources.append(KernelSource(name, emitter, spec, self.vw))
             if emitter.__name__.removeprefix("emit_") in CHUNKED:
                 self.chunked[name] = CHUNKED[emitter.__name__.removeprefix("emit_")]
-            self._kernels[key] = ir.Function(self.module, fn.ftype, name=name)
+            self._kernels[key] = ir.Function(self.module, emit.signature(emitter, name, spec, self.vw), name=name)
             if isinstance(spec, ConvSpec):
                 self.ws_floats = max(self.ws_floats, aligned(conv_workspace_floats(spec, self.vw)))
         return self._kernels[key]
@@ -339,8 +359,10 @@ class Entry:
             b.call(fn, [*values, n0, n1])
 
 
-def build_module(g: nx.DiGraph, vector_width: int, profile: bool = False) -> tuple[list[ir.Module], dict]:
-    """Emit the network's code: the entry-point module first, then one module per kernel, and the layout facts.
+def build_module(g: nx.DiGraph, vector_width: int,
+                 profile: bool = False) -> tuple[list[ir.Module | KernelSource], dict]:
+    """Emit the network's code: the entry-point module first, then one source per kernel (``KernelSource``: its
+    module is built when asked for), and the layout facts.
 
     ``profile``: the profiling build (``cnnc.codegen.instrument``), whose regions ``facts["profile"]`` lists.
     """
@@ -401,8 +423,7 @@ def build_module(g: nx.DiGraph, vector_width: int, profile: bool = False) -> tup
         b.ret_void()
 
     if not builder.bn_slots:  # (batchnorm's steps are phases, with reductions in Python between them)
-        for loss in LOSSES:
-            emit_run(builder.module, loss, sorted(optim.constants()), builder.vw, g, builder.stopwatch)
+        emit_runs(builder.module, sorted(optim.constants()), builder.vw, g, builder.stopwatch)
 
     facts = {
         "param_floats": builder.param_floats,
@@ -425,7 +446,7 @@ def build_module(g: nx.DiGraph, vector_width: int, profile: bool = False) -> tup
         "run_fields": [] if builder.bn_slots else list(RUN_FIELDS),  # (the ctx layout run_LOSS reads)
         "profile": builder.stopwatch.finish() if builder.stopwatch else None,
     }
-    return [builder.module, *builder.kernel_modules], facts
+    return [builder.module, *builder.kernel_sources], facts
 
 
 def _like_training(plan: Plan, train: Plan, output: str) -> Plan:
@@ -541,4 +562,4 @@ def _emit_step(builder: Builder, plan: Plan, order: list[str], loss: str) -> lis
     return entry.syncs
 
 
-__all__ = ["build_module", "param_layout"]
+__all__ = ["KernelSource", "build_module", "param_layout"]

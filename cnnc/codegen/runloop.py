@@ -42,6 +42,7 @@ from cnnc.codegen.emit import F32, I32, I64, PTR, for_range, i64
 from cnnc.codegen.gemm import vector_loop
 from cnnc.codegen.instrument import Stopwatch, Timing
 from cnnc.codegen.split import wait_at_barrier
+from cnnc_runtime.losses import LOSSES
 from cnnc_runtime.steploop import FIELD, HYPER_FLOATS, SEEDS
 
 F64 = ir.DoubleType()
@@ -90,16 +91,40 @@ def _not_finite_sum(b: ir.IRBuilder, values: list[ir.Value]) -> ir.Value:
     return total
 
 
-def emit_run(module: ir.Module, loss: str, kinds: list[str], vw: int, graph: nx.DiGraph,
+def emit_runs(module: ir.Module, kinds: list[str], vw: int, graph: nx.DiGraph,
+              stopwatch: Stopwatch | None = None) -> None:
+    """``run_LOSS`` in `module` for every loss of the table (see `emit_run`).
+
+    The loops differ only in the step they call, so the loop is emitted once,
+    as ``run_steps(ctx, thread_i64, loss_i64)`` calling the step of the loss
+    with that index in ``LOSSES``, and each ``run_LOSS`` calls it: a third
+    less LLVM work on LeNet-5's entry points. The profiling build keeps a
+    loop per loss: its regions are counted per step entry point.
+    """
+    if stopwatch is not None:
+        for loss in LOSSES:
+            emit_run(module, loss, kinds, vw, graph, stopwatch)
+        return
+    shared = emit_run(module, None, kinds, vw, graph)
+    shared.attributes.add("noinline")  # (one copy of the loop: the point)
+    for index, loss in enumerate(LOSSES):
+        _, b, args = emit.kernel(module, f"run_{loss}", ["ctx", "thread_i64"])
+        b.call(shared, [args["ctx"], args["thread_i64"], i64(index)])
+        b.ret_void()
+
+
+def emit_run(module: ir.Module, loss: str | None, kinds: list[str], vw: int, graph: nx.DiGraph,
              stopwatch: Stopwatch | None = None) -> ir.Function:
     """``run_LOSS`` in `module`, calling its entry points (``step_LOSS``, the gathers, ``augment``, ``jitter`` and
-    the ``update_KIND`` of `kinds`, chosen by ctx's ``update``: an index into `kinds`, sorted).
+    the ``update_KIND`` of `kinds`, chosen by ctx's ``update``: an index into `kinds`, sorted); for no `loss`,
+    ``run_steps``, whose third argument picks the step: an index into ``LOSSES``.
 
     In the profiling build (a `stopwatch`) its own work counts as three regions of ``step_LOSS`` (whose layers
     the step counts): the data's preparation, the optimizer (the sum, the decay, the checks, the update) and
     the waits at barriers.
     """
-    fn, b, args = emit.kernel(module, f"run_{loss}", ["ctx", "thread_i64"])
+    fn, b, args = emit.kernel(module, f"run_{loss}" if loss else "run_steps",
+                              ["ctx", "thread_i64"] + ([] if loss else ["loss_i64"]))
     timing = Timing(stopwatch, f"step_{loss}") if stopwatch else None
 
     @contextmanager
@@ -116,8 +141,10 @@ def emit_run(module: ir.Module, loss: str, kinds: list[str], vw: int, graph: nx.
             wait_at_barrier(b, bar, threads)
     f = _Ctx(b, args["ctx"])
     t = args["thread_i64"]
+    steps = [loss] if loss else list(LOSSES)
     entry = {name: module.get_global(name) for name in
-             (f"step_{loss}", "gather_u8", "gather_f32", "augment", "jitter", *(f"update_{k}" for k in kinds))}
+             (*(f"step_{k}" for k in steps), "gather_u8", "gather_f32", "augment", "jitter",
+              *(f"update_{k}" for k in kinds))}
     memset = module.declare_intrinsic("llvm.memset", [PTR, I64])
     threads, m = f.int("threads"), f.int("batch")
     shard_lo, shard_hi = _i64_at(b, f.ptr("thread_shards"), b.mul(t, i64(2))), \
@@ -173,8 +200,20 @@ def emit_run(module: ir.Module, loss: str, kinds: list[str], vw: int, graph: nx.
                                           a0, b0])
             with b.if_then(flags["jitter"]):
                 b.call(entry["jitter"], [x, seed["noise"], image0, f.float("sigma"), ws, a0, b0])
-        b.call(entry[f"step_{loss}"], [params, g, arena, x, out, target, losses, ws, null, null, seed["dropout"],
-                                       image0, f.float("scale"), f.float("smooth"), a0, b0])
+        step_args = [params, g, arena, x, out, target, losses, ws, null, null, seed["dropout"], image0,
+                     f.float("scale"), f.float("smooth"), a0, b0]
+        if loss:
+            b.call(entry[f"step_{loss}"], step_args)
+        else:
+            stepped = b.append_basic_block("stepped")
+            switch = b.switch(args["loss_i64"], stepped)
+            for index, k in enumerate(steps):
+                case = b.append_basic_block(f"step.{k}")
+                switch.add_case(i64(index), case)
+                b.position_at_end(case)
+                b.call(entry[f"step_{k}"], step_args)
+                b.branch(stepped)
+            b.position_at_end(stepped)
         with for_range(b, a0, b0, name="l") as n:
             b.store(b.fadd(b.load(loss_check, typ=F32), _not_finite_sum(b, [emit.load(b, losses, n)])), loss_check)
     barrier()
@@ -270,4 +309,4 @@ def emit_run(module: ir.Module, loss: str, kinds: list[str], vw: int, graph: nx.
     return fn
 
 
-__all__ = ["emit_run"]
+__all__ = ["emit_run", "emit_runs"]

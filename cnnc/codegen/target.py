@@ -12,11 +12,13 @@ import gc
 import os
 import select
 import signal
+import struct
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
 
 import llvmlite
 
@@ -26,6 +28,21 @@ from cnnc_runtime.host import llvm as _llvm
 if TYPE_CHECKING:
     import llvmlite.binding as llvm
     import llvmlite.ir as ir
+
+
+@runtime_checkable
+class Deferred(Protocol):
+    """A module built when asked for (``cnnc.codegen.module.KernelSource``): in the process that compiles it."""
+
+    name: str
+
+    @property
+    def tiled(self) -> bool: ...
+
+    def build(self) -> ir.Module: ...
+
+
+Source = Union["ir.Module", Deferred]  # what emit_objects compiles
 
 
 @dataclass(frozen=True)
@@ -72,36 +89,17 @@ def generic_target() -> Target:
 
 def optimize(module: ir.Module, target: Target) -> llvm.ModuleRef:
     """Parse, verify and optimise `module` for `target` (see `passes`)."""
-    return _link([str(module)], target)
+    return _prepared(module, target, target.machine())
 
 
 def emit_object(module: ir.Module, target: Target) -> bytes:
     """Compile `module` to a relocatable object file for `target`."""
-    ref = optimize(module, target)
-    return target.machine().emit_object(ref)
+    return _compile_each([module], target)[0]
 
 
 def emit_assembly(module: ir.Module, target: Target) -> str:
     ref = optimize(module, target)
     return target.machine().emit_assembly(ref)
-
-
-def _link(texts: list[str], target: Target) -> llvm.ModuleRef:
-    """Parse the modules' IR, optimise each for `target` (see `passes`) and link them into one."""
-    llvm = _llvm()
-    tm = target.machine()
-    first = None
-    for text in texts:
-        ref = llvm.parse_assembly(text)
-        ref.verify()
-        ref.triple = target.triple
-        ref.data_layout = str(tm.target_data)
-        passes(ref, tm, tiled=f"!{TILED} =" in text)
-        if first is None:
-            first = ref
-        else:
-            first.link_in(ref)
-    return first
 
 
 TILED = "cnnc.tiled"  # named metadata on kernels that block registers and vectorise themselves
@@ -150,7 +148,8 @@ def _tuning() -> llvm.PipelineTuningOptions:
 
 
 def kernel_cost(module: ir.Module) -> float:
-    """A rough estimate of LLVM's milliseconds on `module` (optimiser and codegen), to balance the processes.
+    """A rough estimate of LLVM's milliseconds on `module` (optimiser and codegen): the order in which the
+    processes of a parallel compile take the modules, costliest first, and the size of their object files.
 
     Fitted by least squares on the kernels of LeNet-5, CIFAR, resnet_tiny and
     a strided, grouped net, for each of the two pipelines of `passes`: the
@@ -166,38 +165,59 @@ def kernel_cost(module: ir.Module) -> float:
     return 6 + 0.3 * blocks + 0.045 * instructions
 
 
-def _groups(modules: list[ir.Module], parts: int) -> list[list[ir.Module]]:
-    """The modules dealt into `parts` groups of similar estimated cost (costliest first)."""
-    costed = sorted(((kernel_cost(m), i) for i, m in enumerate(modules)), reverse=True)
-    groups: list[list[ir.Module]] = [[] for _ in range(max(1, min(parts, len(modules))))]
-    loads = [0.0] * len(groups)
-    for cost, i in costed:
-        k = loads.index(min(loads))
-        groups[k].append(modules[i])
-        loads[k] += cost
-    return groups
+TILED_GUESS = 40.0  # kernel_cost of a kernel not built yet: LeNet-5's average tiled kernel ...
+PLAIN_GUESS = 14.0  # ... and other kernel
 
 
-def _compile_group(modules: list[ir.Module], target: Target) -> bytes:
-    return target.machine().emit_object(_link([str(m) for m in modules], target))
+def estimate(source: Source) -> float:
+    """`kernel_cost` of a module, or a guess for a kernel whose module is not built yet."""
+    if isinstance(source, Deferred):
+        return TILED_GUESS if source.tiled else PLAIN_GUESS
+    return kernel_cost(source)
+
+
+def _prepared(source: Source, target: Target, tm: llvm.TargetMachine) -> llvm.ModuleRef:
+    """One module (built first if deferred) parsed, verified and optimised for `target` (see `passes`)."""
+    module = source.build() if isinstance(source, Deferred) else source
+    text = str(module)
+    ref = _llvm().parse_assembly(text)
+    ref.verify()
+    ref.triple = target.triple
+    ref.data_layout = str(tm.target_data)
+    passes(ref, tm, tiled=f"!{TILED} =" in text)
+    return ref
+
+
+def _compile_each(sources: Iterable[Source], target: Target) -> list[bytes]:
+    """An object file for each module: the same bytes whichever process compiles it, and in whatever company."""
+    tm = target.machine()
+    return [tm.emit_object(_prepared(source, target, tm)) for source in sources]
 
 
 PARALLEL_MIN_COST = 200  # estimated ms of LLVM work below which a second process does not pay
-CHILD_WAIT_MIN = 20.0  # seconds a child may take beyond this process's own group before it counts as stuck
-CHILD_WAIT_FACTOR = 5.0  # ... or this many times what this process took for its group, whichever is longer
+CHILD_WAIT_MIN = 20.0  # seconds a child may take beyond this process's own share before it counts as stuck
+CHILD_WAIT_FACTOR = 5.0  # ... or this many times what this process took for its share, whichever is longer
+_INDEX = struct.Struct("<I")  # a module's index: a token of the work pipe
+_HEADER = struct.Struct("<IQ")  # before each object a child writes: its module's index, its length
+MAX_TOKENS = 4096  # modules whose tokens fit a pipe written before any reader starts (16 KiB: macOS's least)
 
 _emitting = threading.Lock()  # one parallel compile at a time in a process
 
 
-def emit_objects(modules: list[ir.Module], target: Target, processes: int | None = None) -> list[bytes]:
-    """Compile modules to object files, one per group, the groups in parallel processes.
+def emit_objects(modules: list[Source], target: Target, processes: int | None = None) -> list[bytes]:
+    """Compile modules (kernels not built yet are built where they are compiled) to object files, one each, in
+    the modules' order: the same bytes however many processes compiled them (MPI ranks compare them).
 
     llvmlite serialises every LLVM call behind one lock, so threads cannot
     overlap; forked processes can, and two cores then take about half the
-    time. This process compiles the first group itself while forked children
-    compile (and print to IR text) the others; a group whose child cannot be
-    started, fails or makes no progress in time is compiled here, so errors
-    surface in this process and nothing waits forever.
+    time. The modules' indices, costliest first by estimate, are tokens in a
+    pipe; this process and forked children each take the next one when done
+    with the last, build that kernel's body, print it, optimise it and
+    generate its code. Whoever is free takes the next, so the shares balance
+    without knowing the costs, and the kernel bodies are built in parallel
+    too. A child's modules are compiled here when it cannot be started,
+    fails or makes no progress in time, so errors surface in this process
+    and nothing waits forever.
 
     A fork copies only the forking thread: a lock another thread held at that
     moment stays held in the child for ever. The fork is made holding
@@ -208,39 +228,65 @@ def emit_objects(modules: list[ir.Module], target: Target, processes: int | None
     """
     if processes is None:
         processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    groups = _groups(modules, processes)
-    if len(groups) == 1 or not hasattr(os, "fork") or sum(map(kernel_cost, modules)) < PARALLEL_MIN_COST:
-        return [_compile_group(group, target) for group in groups]
+    processes = min(processes, len(modules))
+    if (processes < 2 or not hasattr(os, "fork") or sum(map(estimate, modules)) < PARALLEL_MIN_COST
+            or len(modules) > MAX_TOKENS):
+        return _compile_each(modules, target)
     with _emitting:
-        return _emit_parallel(groups, target)
+        return _emit_parallel(modules, target, processes)
 
 
-def _emit_parallel(groups: list[list[ir.Module]], target: Target) -> list[bytes]:
+def _emit_parallel(modules: list[Source], target: Target, processes: int) -> list[bytes]:
+    order = sorted(range(len(modules)), key=lambda i: -estimate(modules[i]))  # (stable: ties in program order)
+    try:
+        work, fill = os.pipe()
+    except OSError:  # (no descriptor left): compiled here, as when no child can be started
+        return _compile_each(modules, target)
+    try:
+        os.write(fill, b"".join(_INDEX.pack(i) for i in order))
+    finally:
+        os.close(fill)  # closed before the fork: an empty pipe then reads as the end, in every process
     freeze = gc.get_freeze_count() == 0  # (a caller's own frozen objects are left as they are)
     if freeze:
         gc.freeze()  # neither process's collector walks (and so copies) the heap they share
     try:
-        children = [_start(group, target) for group in groups[1:]]
+        children = [_start(work, modules, target) for _ in range(processes - 1)]
         try:
             began = time.monotonic()
-            first = _compile_group(groups[0], target)
+            done = dict(_compile_claims(work, modules, target))
             deadline = _deadline(time.monotonic() - began)
         except BaseException:
             for child in children:
                 _abandon(child)
             raise
     finally:
+        os.close(work)
         if freeze:
             gc.unfreeze()
-    done: list[bytes | None] = []  # every child reaped before any group is redone here
+    collected = 0  # every child reaped before any of its modules is redone here
     try:
         for child in children:
-            done.append(_collect(child, deadline))
+            done.update(_collect(child, deadline))
+            collected += 1
     except BaseException:  # (an interrupt): no child left behind
-        for child in children[len(done) + 1:]:
+        for child in children[collected + 1:]:
             _abandon(child)
         raise
-    return [first, *(obj if obj is not None else _compile_group(group, target) for obj, group in zip(done, groups[1:]))]
+    rest = [i for i in range(len(modules)) if i not in done]  # a failed or stuck child's share
+    done.update(zip(rest, _compile_each([modules[i] for i in rest], target)))
+    return [done[i] for i in range(len(modules))]
+
+
+def _compile_claims(work: int, modules: list[Source], target: Target) -> Iterator[tuple[int, bytes]]:
+    """(index, object code) of each module this process takes from the work pipe, one when the last is compiled,
+    until the pipe is empty: whoever is free takes the next, code generation included.
+
+    (A pipe read of a token's 4 bytes is atomic: every token was written before any reader started.)
+    """
+    tm = target.machine()
+    while token := os.read(work, _INDEX.size):
+        i = _INDEX.unpack(token)[0]
+        yield i, tm.emit_object(_prepared(modules[i], target, tm))
 
 
 def _deadline(own_seconds: float) -> float:
@@ -254,8 +300,9 @@ def _llvm_lock() -> AbstractContextManager:
     return lock if lock is not None and hasattr(lock, "__enter__") else nullcontext()
 
 
-def _start(group: list[ir.Module], target: Target) -> tuple[int, int] | None:
-    """Fork a process that compiles `group` and writes the object code to a pipe: (pid, read end), or None."""
+def _start(work: int, modules: list[Source], target: Target) -> tuple[int, int] | None:
+    """Fork a process that compiles modules it takes from the work pipe and writes each one's index and object code
+    to a pipe of its own: (pid, read end), or None."""
     try:
         r, w = os.pipe()
     except OSError:
@@ -272,9 +319,10 @@ def _start(group: list[ir.Module], target: Target) -> tuple[int, int] | None:
         gc.disable()  # a collection would touch, and so copy, every page of the parent's heap
         try:
             os.close(r)
-            data = _compile_group(group, target)
+            # (written at the end: a full pipe would stop this child until the parent is done with its own share)
+            records = b"".join(_HEADER.pack(i, len(data)) + data for i, data in _compile_claims(work, modules, target))
             with os.fdopen(w, "wb") as out:
-                out.write(data)
+                out.write(records)
             code = 0
         finally:
             os._exit(code)
@@ -282,10 +330,11 @@ def _start(group: list[ir.Module], target: Target) -> tuple[int, int] | None:
     return pid, r
 
 
-def _collect(child: tuple[int, int] | None, deadline: float) -> bytes | None:
-    """The object code a child wrote, after reaping it; None when there was no child, it failed or it was stuck."""
+def _collect(child: tuple[int, int] | None, deadline: float) -> dict[int, bytes]:
+    """The object code of each module a child compiled, by index, after reaping it; none when there was no child,
+    it failed or it was stuck."""
     if child is None:
-        return None
+        return {}
     pid, r = child
     chunks = []
     poll = select.poll()  # (not select.select: it fails on descriptors past 1024)
@@ -293,9 +342,9 @@ def _collect(child: tuple[int, int] | None, deadline: float) -> bytes | None:
     try:
         while True:
             if not poll.poll(max(0, round((deadline - time.monotonic()) * 1000))):
-                # stuck (a lock another thread held at the fork?): killed, its group redone here
+                # stuck (a lock another thread held at the fork?): killed, its modules redone here
                 _abandon(child)
-                return None
+                return {}
             chunk = os.read(r, 1 << 20)
             if not chunk:
                 break
@@ -305,7 +354,18 @@ def _collect(child: tuple[int, int] | None, deadline: float) -> bytes | None:
         raise
     os.close(r)
     _, status = os.waitpid(pid, 0)
-    return b"".join(chunks) if os.waitstatus_to_exitcode(status) == 0 else None
+    return _objects(b"".join(chunks)) if os.waitstatus_to_exitcode(status) == 0 else {}
+
+
+def _objects(data: bytes) -> dict[int, bytes]:
+    """The (index, object code) records a child wrote, by index."""
+    objects, at = {}, 0
+    while at < len(data):
+        i, size = _HEADER.unpack_from(data, at)
+        at += _HEADER.size
+        objects[i] = data[at:at + size]
+        at += size
+    return objects
 
 
 def _abandon(child: tuple[int, int] | None) -> None:

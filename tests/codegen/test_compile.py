@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ import llvmlite.ir as ir
 import numpy as np
 import pytest
 
-from cnnc.codegen import target
+from cnnc.codegen import emit, target
 from cnnc.codegen.module import build_module
 from cnnc.codegen.target import emit_objects, host_target
 from cnnc.errors import Diagnostics
@@ -24,7 +26,8 @@ from cnnc_runtime.native import NativeLibrary, bundle
 LENET = Path(__file__).resolve().parents[2] / "examples" / "lenet5.cnn"
 
 
-def lenet_modules() -> list[ir.Module]:
+def lenet_modules() -> list:
+    """LeNet-5's entry module, then its kernels' sources (``KernelSource``: built when asked for)."""
     fused = optimize(check_source(LENET.read_text(), str(LENET), Diagnostics()))
     modules, _ = build_module(fused, host_target().vector_width)
     return modules
@@ -44,6 +47,31 @@ def test_inference_calls_only_kernels_the_training_step_calls():
 def test_kernel_specs_are_all_distinct():
     names = [m.name for m in lenet_modules()[1:]]
     assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("stem", ["lenet5", "mnist_modern", "resnet_tiny"])
+def test_each_kernel_is_declared_as_its_body_defines_it(stem):
+    """The entry module declares each kernel from its emitter stopped at its signature; the body built later
+    (in whichever process compiles it) defines the same function type."""
+    path = LENET.parent / f"{stem}.cnn"
+    fused = optimize(check_source(path.read_text(), str(path), Diagnostics()))
+    entry, *kernels = build_module(fused, host_target().vector_width)[0]
+    for source in kernels:
+        module = source.build()
+        assert not module.get_global(source.name).is_declaration
+        assert module.get_global(source.name).ftype == entry.get_global(source.name).ftype, source.name
+
+
+def test_a_kernels_signature_is_its_own_not_a_helpers_declared_first():
+    def emit_with_helper(module, name, spec, width):
+        _, hb, _ = emit.kernel(module, f"{name}.helper", ["x"])
+        hb.ret_void()
+        fn, b, _ = emit.kernel(module, name, ["x", "y", "scale_f32", "n0", "n1"])
+        b.ret_void()
+        return fn
+
+    ftype = emit.signature(emit_with_helper, "k", None, 8)
+    assert [str(t) for t in ftype.args] == ["ptr", "ptr", "float", "i64", "i64"]
 
 
 def adder(i: int) -> ir.Module:
@@ -72,10 +100,12 @@ def no_children_left() -> bool:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_parallel_compile_gives_every_function(monkeypatch):
+    """An object file per module, in the modules' order, whichever process compiled it: the same bytes as one
+    process alone gives (ranks of an MPI job compare them)."""
     monkeypatch.setattr(target, "PARALLEL_MIN_COST", 0)
     t = host_target()
     objects = emit_objects([adder(i) for i in range(7)], t, processes=3)
-    assert len(objects) == 3
+    assert objects == emit_objects([adder(i) for i in range(7)], t, processes=1)
     lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
     out = np.zeros(1, dtype=np.float32)
     for i in range(7):
@@ -85,24 +115,68 @@ def test_parallel_compile_gives_every_function(monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
-@pytest.mark.parametrize("bad_group", [0, 1, 2])
-def test_parallel_compile_errors_surface_here(monkeypatch, bad_group):
-    """Whether the bad module is in this process's group or a child's, the error is raised here, no child left."""
+@pytest.mark.parametrize("bad", [0, 2, 4])
+def test_parallel_compile_errors_surface_here(monkeypatch, bad):
+    """Whichever process takes the bad module, the error is raised here, and no child is left."""
     monkeypatch.setattr(target, "PARALLEL_MIN_COST", 0)
-    groups = [[adder(0), adder(1)], [adder(2)], [adder(3)]]
-    groups[bad_group].append(broken())
-    monkeypatch.setattr(target, "_groups", lambda modules, parts: groups)
+    modules = [adder(i) for i in range(5)]
+    modules[bad] = broken()
     with pytest.raises(RuntimeError, match="parsing error"):
-        emit_objects([m for g in groups for m in g], host_target(), processes=3)
+        emit_objects(modules, host_target(), processes=3)
     assert no_children_left()
 
 
-def test_groups_balance_by_estimated_cost():
-    modules = lenet_modules()
-    groups = target._groups(modules, 2)
-    assert sorted(m.name for g in groups for m in g) == sorted(m.name for m in modules)
-    loads = [sum(map(target.kernel_cost, g)) for g in groups]
-    assert max(loads) - min(loads) <= max(map(target.kernel_cost, modules))
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_parallel_compile_without_a_descriptor_for_its_work_pipe_compiles_here(monkeypatch):
+    """No file descriptor left (EMFILE) for the pipe of tokens: the modules are compiled in this process, as when
+    no child can be started, rather than the compile failing."""
+    monkeypatch.setattr(target, "PARALLEL_MIN_COST", 0)
+
+    def no_descriptors():
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(target.os, "pipe", no_descriptors)
+    t = host_target()
+    objects = emit_objects([adder(i) for i in range(3)], t, processes=2)
+    monkeypatch.undo()
+    assert objects == emit_objects([adder(i) for i in range(3)], t, processes=1)  # (the same bytes)
+    lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
+    out = np.zeros(1, dtype=np.float32)
+    for i in range(3):
+        lib.function(f"set{i}", [ctypes.c_void_p])(out.ctypes.data)
+        assert out[0] == i
+    assert no_children_left()
+
+
+class SlowKernel:
+    """A kernel source whose body takes a while to build, counting the builds made in the process that asks."""
+
+    tiled = False
+    built_here: list[str] = []
+
+    def __init__(self, i: int) -> None:
+        self.i, self.name = i, f"set{i}"
+
+    def build(self) -> ir.Module:
+        time.sleep(0.05)
+        SlowKernel.built_here.append(self.name)  # (a child's list is its own copy)
+        m = adder(self.i)
+        return m
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_kernel_bodies_are_built_by_the_processes_sharing_the_compile(monkeypatch):
+    monkeypatch.setattr(target, "PARALLEL_MIN_COST", 0)
+    monkeypatch.setattr(SlowKernel, "built_here", [])
+    t = host_target()
+    objects = emit_objects([SlowKernel(i) for i in range(12)], t, processes=2)
+    assert 0 < len(SlowKernel.built_here) < 12  # this process built some, the child the others
+    lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
+    out = np.zeros(1, dtype=np.float32)
+    for i in range(12):
+        lib.function(f"set{i}", [ctypes.c_void_p])(out.ctypes.data)
+        assert out[0] == i
+    assert no_children_left()
 
 
 def test_only_conv_and_dense_kernels_take_the_short_pipeline(monkeypatch):
@@ -131,7 +205,7 @@ import threading, sys
 import llvmlite.binding as llvm
 import numpy as np
 import cnnc
-from cnnc.codegen import target
+from cnnc.codegen import emit, target
 
 target.PARALLEL_MIN_COST = 0  # every compile forks, however small
 nets = [f"network n{i} {{ input x: 1x{8 + i}x{8 + i}  c = x"
@@ -180,17 +254,17 @@ def test_compiles_on_several_threads_while_llvmlite_is_busy_never_hang(tmp_path,
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
-def test_a_stuck_child_is_killed_and_its_group_compiled_here(monkeypatch):
+def test_a_stuck_child_is_killed_and_its_modules_compiled_here(monkeypatch):
     monkeypatch.setattr(target, "PARALLEL_MIN_COST", 0)
     monkeypatch.setattr(target, "CHILD_WAIT_MIN", 0.2)
-    parent, compile_group = os.getpid(), target._compile_group
+    parent, prepared = os.getpid(), target._prepared
 
-    def stuck_in_children(group, t):
+    def stuck_in_children(module, t, tm):
         while os.getpid() != parent:
             time.sleep(1)
-        return compile_group(group, t)
+        return prepared(module, t, tm)
 
-    monkeypatch.setattr(target, "_compile_group", stuck_in_children)
+    monkeypatch.setattr(target, "_prepared", stuck_in_children)
     t = host_target()
     objects = emit_objects([adder(i) for i in range(4)], t, processes=2)
     lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
@@ -199,3 +273,46 @@ def test_a_stuck_child_is_killed_and_its_group_compiled_here(monkeypatch):
         lib.function(f"set{i}", [ctypes.c_void_p])(out.ctypes.data)
         assert out[0] == i
     assert no_children_left()
+
+
+INTERRUPTED = """
+import os, sys, time
+from pathlib import Path
+from cnnc.codegen import emit, target
+import cnnc
+
+target.PARALLEL_MIN_COST = 0
+prepared = target._prepared
+
+def slow(module, t, tm):  # each process says who it is, then takes its time
+    os.write(1, f"{os.getpid()}\\n".encode())  # (one write: the two processes' lines do not interleave)
+    time.sleep(0.5)
+    return prepared(module, t, tm)
+
+target._prepared = slow
+try:
+    cnnc.compile(sys.argv[1], cache=False)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_an_interrupt_during_a_parallel_compile_leaves_no_process_behind(tmp_path):
+    """Ctrl-C (SIGINT to this process only: the child is not told) while both processes compile: the interrupt
+    comes through, and the child is killed and reaped."""
+    env = {**os.environ, "CNNC_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED, str(LENET)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    pids = set()
+    while len(pids) < 2:  # this process's pid and its child's, each before its first module
+        line = proc.stdout.readline()
+        assert line, "the compile ended before both processes started on their modules"
+        pids.add(int(line))
+    assert proc.pid in pids
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert "interrupted" in out
+    for pid in pids - {proc.pid}:
+        with pytest.raises(ProcessLookupError):  # (reaped by the parent: not even a zombie left)
+            os.kill(pid, 0)

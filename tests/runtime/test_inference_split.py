@@ -109,6 +109,35 @@ def test_inference_sees_weights_and_statistics_written_into_views(n, shared):
     assert_close(m(x), reference_forward(graph(SPLITNET), everything(m), x), 1e-5)
 
 
+def test_a_weight_written_while_another_thread_infers_counts_once_the_write_returns():
+    """Inference takes no lock, so a call may run while another thread writes a weight: that call's output may mix
+    old and new weights, but the Winograd weights it keeps must be the transform of the copy it keeps, so every call
+    after the write returns sees the new weight (not U of the old weight kept beside a copy of the new)."""
+    m = randomized(model(SPLITNET, threads=2), shared=False)  # (one thread: no pool between the two threads)
+    x, _ = batch(m, 1)
+    w = m.params["c2.weight"]
+    old, new = np.float32(w[4, 7, 1, 1]), np.float32(1.0 - 3.0 * w[4, 7, 1, 1])
+    w[4, 7, 1, 1] = new
+    want = m(x)
+    stale = 0
+
+    def flip(stop: threading.Event) -> None:
+        while not stop.is_set():
+            w[4, 7, 1, 1] = old
+            w[4, 7, 1, 1] = new
+
+    for _ in range(150):
+        stop = threading.Event()
+        writer = threading.Thread(target=flip, args=(stop,))
+        writer.start()
+        for _ in range(3):
+            m(x)
+        stop.set()
+        writer.join()
+        stale += not np.array_equal(m(x), want)
+    assert stale == 0, f"{stale} of 150 calls after the write returned used the Winograd weights of the old weight"
+
+
 def test_the_second_share_goes_to_a_pool_thread_waiting_in_native_code():
     """infer_split's part 1 is handed to a server on pool worker 1 (cnnc.codegen.handoff): the same outputs on
     every turn of its life (started, waiting, stopped by a batch through the pool, gone after its idle time,

@@ -1362,3 +1362,19 @@ def test_a_file_argument_that_is_not_a_path_is_refused(data, argument):
         model.fit(x, y, epochs=1, progress=False, **{argument: True})
     np.testing.assert_array_equal(model.flat_params, before)
     os.fstat(1)  # (still open)
+
+
+def test_ranks_that_each_compiled_the_same_network_agree_on_it(monkeypatch):
+    """The ranks of a job that each compiled the network (no cache yet) agree it is the same network, by its
+    manifest (whose cache_key hashes what the code is made from), whatever the layout of the code's bytes (a
+    parallel compile's once depended on which process took which kernel). Here one compile runs in one process,
+    the other in parallel."""
+    import cnnc
+    from cnnc.codegen import target
+
+    text = (Path(__file__).resolve().parents[2] / "examples" / "cifar_small.cnn").read_text()
+    parallel = cnnc.compile_string(text, cache=False)
+    monkeypatch.setattr(target, "PARALLEL_MIN_COST", math.inf)
+    alone = cnnc.compile_string(text, cache=False)
+    assert train_mod.network_digest(parallel) == train_mod.network_digest(alone)
+    assert train_mod.network_digest(cnnc.compile_string(MLP, cache=False)) != train_mod.network_digest(alone)
