@@ -222,8 +222,8 @@ def _rows_backward(spec: ConvSpec, p: Plane) -> bool:
 
 def _forward_plane(spec: ConvSpec, p: Plane) -> Plane:
     """The plane the forward convolution runs on: `p` (the padded plane), or its shifted copies when the
-    rows are narrower than vectors (conv_direct.shifts_fit) and neither Winograd nor a table applies."""
-    if _winograd(spec, p) or conv_direct.rows_fit(p) or spec.connect is not None or not conv_direct.shifts_fit(p):
+    rows are not whole vectors (conv_direct.shifts_fit) and Winograd does not apply."""
+    if _winograd(spec, p) or conv_direct.rows_fit(p) or not conv_direct.shifts_fit(p):
         return p
     return dataclasses.replace(p, shifted=True)
 
@@ -511,7 +511,7 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         if winograd:
             conv_winograd.product(b, p, pad, u, wino_ws, finish)
         elif p.shifted:
-            conv_direct.product_shifted(b, p, pad, weights, finish)
+            conv_direct.product_shifted(b, p, pad, weights, finish, g.table_pairs())
         elif conv_direct.rows_fit(p):
             conv_direct.product_rows(b, p, pad, weights, finish, g.table_pairs())
         else:

@@ -44,7 +44,7 @@ import llvmlite.ir as ir
 
 from cnnc.codegen import emit
 from cnnc.codegen.emit import for_range
-from cnnc.codegen.gemm import Index, column_pieces, index, local, transpose, vector_loop
+from cnnc.codegen.gemm import Index, column_pieces, index, local, transpose, vector_loop, widths
 from cnnc.codegen.plan import aligned
 
 
@@ -149,9 +149,10 @@ def fill(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, lef
 
 
 def shifts_fit(p: Plane) -> bool:
-    """Whether `p` (rows narrower than whole vectors) runs faster on shifted copies: every output a whole
-    vector's lane, enough channels that the copies are small next to the products (not LeNet's few)."""
-    return p.kw > 1 and (p.oh * p.ow) % p.vw == 0 and p.ow % p.vw != 0 and p.c >= 8
+    """Whether `p` (rows not in whole vectors) runs faster on shifted copies: no thrown-away columns and no copy
+    of the output, for kw copies of the input (LeNet's C1 and C3 too: their products are 150 and 60 x 25
+    multiply-adds an output for 5 copies of an input)."""
+    return p.kw > 1 and p.ow % p.vw != 0
 
 
 def fill_shifted(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, left: int,
@@ -173,23 +174,59 @@ def fill_shifted(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: 
                 vector_loop(b, lo, hi, p.vw, copy, name="sx")
 
 
-def product_shifted(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, finish: Finish) -> None:
+def shifted_tile(m: int, vecs: int, vw: int) -> tuple[int, int]:
+    """(output rows, vectors) of ``product_shifted``'s tile: the most accumulators that, with a register per
+    vector of input, fit the vector registers, the vectors dividing `vecs` (every tile alike), rows at most 6."""
+    regs = (32 if vw >= 16 else 16) - 4
+    options = [(mr, nv) for nv in range(1, min(vecs, 8) + 1) if vecs % nv == 0
+               for mr in range(1, min(m, 6) + 1) if nv * (mr + 1) <= regs]
+    return max(options, key=lambda t: (t[0] * t[1], m % t[0] == 0, t[1]))
+
+
+def product_shifted(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, finish: Finish,
+                    connected: frozenset[tuple[int, int]] | None = None) -> None:
     """The sums of ``product`` on a shifted plane, each output once, handed to ``finish(b, r, at, value, width)``
-    (``at = r * oh * ow + j``: the outputs are numbered as stored)."""
+    (``at = r * oh * ow + j``: the outputs are numbered as stored).
+
+    The last vector of a row may pass its ``oh * ow`` outputs (LeNet's C3: 100 = 6 x 16 + 4): its lanes
+    beyond them are left out of the store, in pieces of narrower vectors. With `connected` (a connect table)
+    the row tiles and channels are unrolled and the pairs outside the table left out, as in ``product``.
+    """
     vw = p.vw
-    mr = tile_rows(p.m, vw)
-    most = tile_vectors(mr, vw)
-    nv = next(v for v in range(most, 0, -1) if (p.n // vw) % v == 0)
-    with for_range(b, 0, p.n, nv * vw, name="j") as j:
-        def tile(r, rows, live, j=j) -> None:
+    total = p.oh * p.ow
+    vecs = p.n // vw
+    mr, nv = shifted_tile(p.m, vecs, vw)
+    step = nv * vw
+    tail = total % vw != 0  # the last tile column ends in a partial vector: unrolled after the loop
+
+    def column(j: ir.Value | int, last: bool) -> None:
+        def tile(r, rows, live) -> None:
             offsets = [v * vw for v in range(nv)]
-            accs = _tile(b, p, pad, weights, r, j, rows, offsets, live)
+            accs = _tile(b, p, pad, weights, r, emit.i64(j) if isinstance(j, int) else j, rows, offsets, live)
             for row in range(rows):
                 for v, off in enumerate(offsets):
-                    at = index(b, (r, p.oh * p.ow), row * p.oh * p.ow, j, off)
-                    finish(b, index(b, r, row), at, accs[row][v], vw)
+                    at = index(b, (r, total), row * total, j, off)
+                    value, first = accs[row][v], (vecs - nv + v) * vw if last else None
+                    if first is None or first + vw <= total:
+                        finish(b, index(b, r, row), at, value, vw)
+                        continue
+                    lo = 0
+                    for width in widths(vw)[1:]:
+                        if lo + width <= total - first:
+                            part = b.shuffle_vector(value, value, ir.Constant(ir.VectorType(ir.IntType(32), width),
+                                                                              list(range(lo, lo + width))))
+                            finish(b, index(b, r, row), index(b, at, lo), part if width > 1 else
+                                   b.extract_element(part, emit.i64(0)), width)
+                            lo += width
 
-        _each_row_tile(b, p, mr, None, tile)
+        _each_row_tile(b, p, mr, connected, tile)
+
+    loop_end = p.n - step if tail else p.n
+    if loop_end > 0:
+        with for_range(b, 0, loop_end, step, name="j") as j:
+            column(j, False)
+    if tail:
+        column(loop_end, True)
 
 
 def _row_pieces(m: int, mr: int) -> list[tuple[int, int]]:
