@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from cnnc.codegen import conv_direct, conv_rows, conv_winograd, conv_winograd_grad, emit
+from cnnc.codegen import conv_direct, conv_dot, conv_rows, conv_winograd, conv_winograd_grad, emit
 from cnnc.codegen.conv_direct import GradSpace, Plane
 from cnnc.codegen.emit import for_range, i64, kernel
 from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, transpose, vector_loop
@@ -198,6 +198,8 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     if _winograd_grad(spec, plane):
         wino.append(conv_winograd_grad.workspace_floats(plane))
     rows = [conv_rows.Rows(spec, vw).floats] if _rows_backward(spec, back) else []
+    dot = _dot_shifted(spec, plane)
+    rows += [conv_dot.Space(dot).floats] if dot is not None else []
     shifted = [_forward_plane(spec, plane).pad_floats]  # (product_shifted needs no out section)
     return max(plane.floats, back.floats, weights, *wino, *rows, *shifted)
 
@@ -218,6 +220,27 @@ def _winograd_grad(spec: ConvSpec, p: Plane) -> bool:
 def _rows_backward(spec: ConvSpec, p: Plane) -> bool:
     """Whether the input gradient runs as rows of dx (``conv_rows``) rather than on the padded plane `p`."""
     return not _winograd(spec, p) and conv_rows.applies(spec, p.n, p.vw)
+
+
+def _dot_shifted(spec: ConvSpec, p: Plane) -> Plane | None:
+    """The shifted plane the weight gradient runs on as dot products over positions (``conv_dot``), else None.
+
+    That takes few output channels, or a connect table, and at most conv_dot.GAIN of the vector
+    multiply-adds of conv_direct's form for `p` (LeNet's C1: 0.875, C3: 0.7).
+    """
+    over_channels = GradSpace(p).over_channels
+    if _winograd_grad(spec, p) or not conv_direct.shifts_fit(p) or (over_channels and spec.connect is None):
+        return None  # (a dense layer with a vector of output channels keeps them in the vector: no table to skip)
+    shifted = dataclasses.replace(p, shifted=True)
+    if conv_dot.Space(shifted).sum_floats > conv_dot.MAX_SUMS:
+        return None
+    table = _Geom(spec).table_pairs()
+    pairs = spec.o * spec.c if table is None else len(table)
+    if over_channels:
+        theirs = spec.c * p.taps * spec.oh * spec.ow * -(-spec.o // p.vw)
+    else:
+        theirs = spec.o * spec.c * p.taps * (p.n // p.vw)
+    return shifted if conv_dot.vector_fmas(shifted, pairs) <= conv_dot.GAIN * theirs else None
 
 
 def _forward_plane(spec: ConvSpec, p: Plane) -> Plane:
@@ -574,22 +597,37 @@ def _padded_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _
         conv_winograd_grad.weight_gradient(b, p, args["ws"], (args["n0"], args["n1"]), fill, bias, args["dw"])
         b.ret_void()
         return
-    form = GradSpace(p)
-    over_channels = form.over_channels  # else over positions (LeNet's C1, with 6 output channels)
-    pad, dy_ws, sums = form.sections(b, args["ws"])
-    # pad borders, the unused rows or columns of the dy copy, and the sums: zeroed once per call
-    conv_direct.zero(b, args["ws"], 0, form.floats, vw)
-    with for_range(b, args["n0"], args["n1"], name="n") as n:
-        x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
-        dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
-        conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad)
-        if over_channels:
-            conv_direct.transpose_dy(b, p, dy_img, dy_ws)
-            conv_direct.weight_product(b, p, pad, dy_ws, sums, _next_images(b, g, args, n, ("x", "dy")))
-        else:
-            conv_direct.spread_dy(b, p, dy_img, dy_ws)
-            conv_direct.dot_weight_product(b, p, pad, dy_ws, sums)
-        _bias_grad(b, g, dy_img, args["db"], vw)
+    dot = _dot_shifted(spec, p)
+    if dot is not None:
+        over_channels = False  # the sums: a vector of partial sums per weight, as conv_direct's dot products
+        space = conv_dot.Space(dot)
+        conv_dot.clear(b, space, args["ws"])
+        table = g.table_pairs()
+        live = None if table is None else conv_direct.channel_rows(table, spec.c, 0, spec.o)
+        with for_range(b, args["n0"], args["n1"], name="n") as n:
+            x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
+            dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
+            dy_rows = conv_dot.fill(b, space, args["ws"], x_img, dy_img, (spec.h, spec.w, top, left))
+            conv_dot.product(b, space, args["ws"], dy_rows, live)
+            _bias_grad(b, g, dy_img, args["db"], vw)
+        sums = space.sums(b, args["ws"])
+    else:
+        form = GradSpace(p)
+        over_channels = form.over_channels  # else over positions (few output channels)
+        pad, dy_ws, sums = form.sections(b, args["ws"])
+        # pad borders, the unused rows or columns of the dy copy, and the sums: zeroed once per call
+        conv_direct.zero(b, args["ws"], 0, form.floats, vw)
+        with for_range(b, args["n0"], args["n1"], name="n") as n:
+            x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
+            dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
+            conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad)
+            if over_channels:
+                conv_direct.transpose_dy(b, p, dy_img, dy_ws)
+                conv_direct.weight_product(b, p, pad, dy_ws, sums, _next_images(b, g, args, n, ("x", "dy")))
+            else:
+                conv_direct.spread_dy(b, p, dy_img, dy_ws)
+                conv_direct.dot_weight_product(b, p, pad, dy_ws, sums)
+            _bias_grad(b, g, dy_img, args["db"], vw)
 
     dw = args["dw"]
 

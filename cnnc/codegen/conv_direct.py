@@ -234,7 +234,7 @@ def _row_pieces(m: int, mr: int) -> list[tuple[int, int]]:
     return [(lo, lo + mr) for lo in range(0, full, mr)] + [(lo, lo + 1) for lo in range(full, m)]
 
 
-def _live(connected: frozenset[tuple[int, int]], c: int, lo: int, hi: int) -> list[tuple[int, list[int]]]:
+def channel_rows(connected: frozenset[tuple[int, int]], c: int, lo: int, hi: int) -> list[tuple[int, list[int]]]:
     """For the rows [lo, hi) of a tile: each channel with a nonzero weight in it, and those rows (from 0)."""
     live = [(ci, [r - lo for r in range(lo, hi) if (r, ci) in connected]) for ci in range(c)]
     return [(ci, rows) for ci, rows in live if rows]
@@ -244,7 +244,7 @@ def _each_row_tile(b: ir.IRBuilder, p: Plane, mr: int, connected, body) -> None:
     """Call ``body(r, rows, live)`` for every tile of output rows: a runtime loop, or unrolled with a table."""
     if connected is not None:
         for lo, hi in _row_pieces(p.m, mr):
-            body(lo, hi - lo, _live(connected, p.c, lo, hi))
+            body(lo, hi - lo, channel_rows(connected, p.c, lo, hi))
         return
     full = p.m - p.m % mr
     for rlo, rhi, rows in ((0, full, mr), (full, p.m, 1)):
