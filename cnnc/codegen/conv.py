@@ -225,21 +225,19 @@ def _rows_backward(spec: ConvSpec, p: Plane) -> bool:
 def _dot_shifted(spec: ConvSpec, p: Plane) -> Plane | None:
     """The shifted plane the weight gradient runs on as dot products over positions (``conv_dot``), else None.
 
-    That takes few output channels, or a connect table, and at most conv_dot.GAIN of the vector
-    multiply-adds of conv_direct's form for `p` (LeNet's C1: 0.875, C3: 0.7).
+    That takes fewer output channels than half a vector (else conv_direct vectorises over them) and at most
+    conv_dot.GAIN of the vector multiply-adds of conv_direct's dot products for `p` (LeNet's C1: 0.875).
+    A table's unrolled pairs made LeNet's C3 only 3-9% faster this way than over its 16 output channels
+    (which computes the 36 pairs outside the table too) for 2.5 times the compile time: not taken.
     """
-    over_channels = GradSpace(p).over_channels
-    if _winograd_grad(spec, p) or not conv_direct.shifts_fit(p) or (over_channels and spec.connect is None):
-        return None  # (a dense layer with a vector of output channels keeps them in the vector: no table to skip)
+    if _winograd_grad(spec, p) or not conv_direct.shifts_fit(p) or GradSpace(p).over_channels:
+        return None
     shifted = dataclasses.replace(p, shifted=True)
     if conv_dot.Space(shifted).sum_floats > conv_dot.MAX_SUMS:
         return None
     table = _Geom(spec).table_pairs()
     pairs = spec.o * spec.c if table is None else len(table)
-    if over_channels:
-        theirs = spec.c * p.taps * spec.oh * spec.ow * -(-spec.o // p.vw)
-    else:
-        theirs = spec.o * spec.c * p.taps * (p.n // p.vw)
+    theirs = spec.o * spec.c * p.taps * (p.n // p.vw)
     return shifted if conv_dot.vector_fmas(shifted, pairs) <= conv_dot.GAIN * theirs else None
 
 
@@ -534,7 +532,23 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         if winograd:
             conv_winograd.product(b, p, pad, u, wino_ws, finish)
         elif p.shifted:
-            conv_direct.product_shifted(b, p, pad, weights, finish, g.table_pairs())
+            # the sums stored as they are, then bias and activation in a pass over the image's outputs: one
+            # copy of the activation's code rather than one per accumulator (a tanh tripled LeNet's compile)
+            y_img = emit.gep(b, args["y"], index(b, (n, g.y_stride)), name="y.raw")
+
+            def raw(b: ir.IRBuilder, r: ir.Value, at: ir.Value, value: ir.Value, width: int, y_img=y_img) -> None:
+                emit.store(b, value, y_img, at)
+
+            conv_direct.product_shifted(b, p, pad, weights, raw, g.table_pairs())
+            with for_range(b, 0, spec.o, name="fr") as r:
+                first = index(b, (r, g.p))
+
+                def out(b: ir.IRBuilder, t: ir.Value, width: int, r=r, first=first, y_img=y_img,
+                        finish=finish) -> None:
+                    at = index(b, first, t)
+                    finish(b, r, at, emit.load(b, y_img, at, width), width)
+
+                vector_loop(b, 0, g.p, vw, out, name="fx")
         elif conv_direct.rows_fit(p):
             conv_direct.product_rows(b, p, pad, weights, finish, g.table_pairs())
         else:

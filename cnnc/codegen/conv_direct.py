@@ -202,7 +202,8 @@ def product_shifted(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value,
     def column(j: ir.Value | int, last: bool) -> None:
         def tile(r, rows, live) -> None:
             offsets = [v * vw for v in range(nv)]
-            accs = _tile(b, p, pad, weights, r, emit.i64(j) if isinstance(j, int) else j, rows, offsets, live)
+            accs = _tile(b, p, pad, weights, r, emit.i64(j) if isinstance(j, int) else j, rows, offsets, live,
+                         tap_loop=connected is not None)
             for row in range(rows):
                 for v, off in enumerate(offsets):
                     at = index(b, (r, total), row * total, j, off)
@@ -321,22 +322,31 @@ def product_rows(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, fi
 
 
 def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, r: ir.Value | int, j: ir.Value, rows: int,
-          offsets: list[int], live: list[tuple[int, list[int]]] | None) -> list[list[ir.Value]]:
+          offsets: list[int], live: list[tuple[int, list[int]]] | None, tap_loop: bool = False
+          ) -> list[list[ir.Value]]:
     """The sums of one tile: `rows` output rows by vectors at ``j + offsets`` of the plane.
 
     `live`: the channels to reduce over and each one's nonzero rows (None: all of them, in a runtime loop).
+    `tap_loop`: one tap per iteration of loops over kernel rows and columns, rather than whole kernels or rows
+    unrolled (a table's unrolled channels times wide tiles would be thousands of FMAs of code to compile).
     """
     vw = p.vw
     k = p.c * p.taps
     zero_v = emit.splat(b, 0.0, vw)
     accs = [[local(b, emit.vec_type(vw), zero_v) for _ in offsets] for _ in range(rows)]
     # unroll whole kernels up to 16 taps, else one kernel row per iteration (more steps spill registers)
-    inner = [(ky, kx) for ky in range(p.kh) for kx in range(p.kw)] if p.taps <= 16 else [(0, kx) for kx in range(p.kw)]
+    if tap_loop:
+        inner = [(0, 0)]
+    elif p.taps <= 16:
+        inner = [(ky, kx) for ky in range(p.kh) for kx in range(p.kw)]
+    else:
+        inner = [(0, kx) for kx in range(p.kw)]
 
-    def steps(b: ir.IRBuilder, ci: ir.Value | int, ky0: ir.Value | int, tile_rows: list[int]) -> None:
+    def steps(b: ir.IRBuilder, ci: ir.Value | int, ky0: ir.Value | int, tile_rows: list[int],
+              kx0: ir.Value | int = 0) -> None:
         # base pointers, then constant offsets: no address arithmetic per load (less for LLVM to clean up)
-        x0 = emit.gep(b, pad, index(b, (ci, p.ch_stride), (ky0, p.ky_stride), j))
-        w0 = emit.gep(b, weights, index(b, (r, k), (ci, p.taps), (ky0, p.kw)))
+        x0 = emit.gep(b, pad, index(b, (ci, p.ch_stride), (ky0, p.ky_stride), (kx0, p.kx_stride), j))
+        w0 = emit.gep(b, weights, index(b, (r, k), (ci, p.taps), (ky0, p.kw), kx0))
         # the sums stay SSA values through the unrolled steps: one load and one store each per loop body
         sums = {row: [b.load(acc) for acc in accs[row]] for row in tile_rows}
         for ky, kx in inner:
@@ -349,7 +359,10 @@ def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, r: ir.Val
                 b.store(value, acc)
 
     def over_taps(ci: ir.Value | int, tile_rows: list[int]) -> None:
-        if p.taps > 16:
+        if tap_loop:
+            with for_range(b, 0, p.kh, name="ky") as ky, for_range(b, 0, p.kw, name="kx") as kx:
+                steps(b, ci, ky, tile_rows, kx)
+        elif p.taps > 16:
             with for_range(b, 0, p.kh, name="ky") as ky:
                 steps(b, ci, ky, tile_rows)
         else:

@@ -11,12 +11,10 @@ laid out like dW) across the images and are reduced across lanes once per
 call. Positions past ``oh * ow`` in the last vector read zeros of a copy of dy
 (rows of whole vectors).
 
-Against the two forms of ``conv_direct`` this wastes only the last vector's
-lanes: the dot products there run over whole padded rows (LeNet's C1: 896
-positions for 784 outputs), and the form vectorised over output channels
-computes every (o, c) pair, a connect table's too (LeNet's C3: 16 output
-channels a vector for 6 inputs, 96 pairs where the table has 60, and 7
-vectors of positions instead of 100 / 16).
+Against ``conv_direct``'s dot products for few output channels this wastes
+only the last vector's lanes where those run over whole padded rows (LeNet's
+C1: 784 outputs as 49 vectors rather than 896 columns as 56). With a connect
+table the pairs outside it are left out (the channels unrolled).
 
 Workspace (floats): ``[shifted copies][dy: m rows of n, only if oh * ow is not whole vectors][sums: m * c * taps
 * vw]``.

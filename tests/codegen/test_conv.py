@@ -417,11 +417,11 @@ def test_which_weight_gradients_run_as_dot_products_on_shifted_copies() -> None:
     def dot(spec: ConvSpec, vw: int = 16) -> bool:
         return _dot_shifted(spec, _Geom(spec).forward_plane(vw)) is not None
 
-    # a table (C3: 60 of 96 pairs, 7 vectors of positions for 100) at every width; few outputs (C1, 6 of them)
-    assert all(dot(CASES["lenet_c3"], vw) for vw in (16, 8, 4))
-    assert all(dot(CASES[n]) for n in ("lenet_c1", "connect", "one_output", "shifted_5x5_valid"))
-    # a vector of output channels and no table: over channels; Winograd; rows of whole vectors
-    assert not any(dot(CASES[n]) for n in ("wide_out_19", "winograd_same", "5x5_rows_32_wide"))
+    # fewer output channels than half a vector (C1: 6), with or without a table, at every width that leaves it so
+    assert all(dot(CASES[n]) for n in ("lenet_c1", "connect", "connect_few_outputs", "one_output", "shifted_5x5_valid"))
+    assert all(dot(CASES["one_output"], vw) for vw in (16, 8, 4))
+    # a vector of output channels (C3's 16, with its table), Winograd, rows of whole vectors: not
+    assert not any(dot(CASES[n]) for n in ("lenet_c3", "wide_out_19", "winograd_same", "5x5_rows_32_wide"))
     assert not dot(CASES["lenet_c1"], 8)  # 6 outputs fill most of a vector of 8: over channels
 
 
