@@ -135,10 +135,13 @@ def zero(b: ir.IRBuilder, base: ir.Value, lo: Index, hi: Index, vw: int) -> None
     vector_loop(b, lo, hi, vw, body, name="z")
 
 
-def fill(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, left: int, pad: ir.Value) -> None:
-    """Copy ``c`` planes of ``h x w`` from `src` into the padded planes at (top, left); the border stays zero."""
+def fill(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, left: int, pad: ir.Value,
+         rows: tuple[int, int] | None = None) -> None:
+    """Copy ``c`` planes of ``h x w`` from `src` into the padded planes at (top, left); the border stays zero.
+    `rows`: only the source rows [y0, y1) of each plane (what a share of the output rows reads)."""
+    y0, y1 = rows or (0, h)
     with for_range(b, 0, p.c, name="pc") as ci:
-        with for_range(b, 0, h, name="py") as y:
+        with for_range(b, y0, y1, name="py") as y:
             s = index(b, (ci, h * w), (y, w))
             d = index(b, (ci, p.hp * p.wp), (y, p.wp), top * p.wp + left)
 
