@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from cnnc.codegen import conv_direct, conv_rows, conv_winograd, conv_winograd4, conv_winograd_grad, emit
+from cnnc.codegen import conv_direct, conv_dot, conv_rows, conv_winograd, conv_winograd4, conv_winograd_grad, emit
 from cnnc.codegen.conv_direct import GradSpace, Plane
 from cnnc.codegen.emit import for_range, i64, kernel
 from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, transpose, vector_loop
@@ -200,6 +200,8 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     if _winograd_grad(spec, plane):
         wino.append(conv_winograd_grad.workspace_floats(plane))
     rows = [conv_rows.Rows(spec, vw).floats] if _rows_backward(spec, back) else []
+    dot = _dot_shifted(spec, plane)
+    rows += [conv_dot.Space(dot).floats] if dot is not None else []
     shifted = [_forward_plane(spec, plane).pad_floats]  # (product_shifted needs no out section)
     return max(plane.floats, back.floats, weights, *wino, *rows, *shifted)
 
@@ -240,10 +242,29 @@ def _rows_backward(spec: ConvSpec, p: Plane) -> bool:
     return not _winograd(spec, p) and conv_rows.applies(spec, p.n, p.vw)
 
 
+def _dot_shifted(spec: ConvSpec, p: Plane) -> Plane | None:
+    """The shifted plane the weight gradient runs on as dot products over positions (``conv_dot``), else None.
+
+    That takes fewer output channels than half a vector (else conv_direct vectorises over them) and at most
+    conv_dot.GAIN of the vector multiply-adds of conv_direct's dot products for `p` (LeNet's C1: 0.875).
+    A table's unrolled pairs made LeNet's C3 only 3-9% faster this way than over its 16 output channels
+    (which computes the 36 pairs outside the table too) for 2.5 times the compile time: not taken.
+    """
+    if _winograd_grad(spec, p) or not conv_direct.shifts_fit(p) or GradSpace(p).over_channels:
+        return None
+    shifted = dataclasses.replace(p, shifted=True)
+    if conv_dot.Space(shifted).sum_floats > conv_dot.MAX_SUMS:
+        return None
+    table = _Geom(spec).table_pairs()
+    pairs = spec.o * spec.c if table is None else len(table)
+    theirs = spec.o * spec.c * p.taps * (p.n // p.vw)
+    return shifted if conv_dot.vector_fmas(shifted, pairs) <= conv_dot.GAIN * theirs else None
+
+
 def _forward_plane(spec: ConvSpec, p: Plane) -> Plane:
     """The plane the forward convolution runs on: `p` (the padded plane), or its shifted copies when the
-    rows are narrower than vectors (conv_direct.shifts_fit) and neither Winograd nor a table applies."""
-    if _winograd(spec, p) or conv_direct.rows_fit(p) or spec.connect is not None or not conv_direct.shifts_fit(p):
+    rows are not whole vectors (conv_direct.shifts_fit) and Winograd does not apply."""
+    if _winograd(spec, p) or _winograd4(spec, p) or conv_direct.rows_fit(p) or not conv_direct.shifts_fit(p):
         return p
     return dataclasses.replace(p, shifted=True)
 
@@ -565,7 +586,23 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         if winograd:
             conv_winograd.product(b, p, pad, u, wino_ws, finish, tile_rows)
         elif p.shifted:
-            conv_direct.product_shifted(b, p, pad, weights, finish)
+            # the sums stored as they are, then bias and activation in a pass over the image's outputs: one
+            # copy of the activation's code rather than one per accumulator (a tanh tripled LeNet's compile)
+            y_img = emit.gep(b, args["y"], index(b, (n, g.y_stride)), name="y.raw")
+
+            def raw(b: ir.IRBuilder, r: ir.Value, at: ir.Value, value: ir.Value, width: int, y_img=y_img) -> None:
+                emit.store(b, value, y_img, at)
+
+            conv_direct.product_shifted(b, p, pad, weights, raw, g.table_pairs())
+            with for_range(b, 0, spec.o, name="fr") as r:
+                first = index(b, (r, g.p))
+
+                def out(b: ir.IRBuilder, t: ir.Value, width: int, r=r, first=first, y_img=y_img,
+                        finish=finish) -> None:
+                    at = index(b, first, t)
+                    finish(b, r, at, emit.load(b, y_img, at, width), width)
+
+                vector_loop(b, 0, g.p, vw, out, name="fx")
         elif conv_direct.rows_fit(p):
             conv_direct.product_rows(b, p, pad, weights, finish, g.table_pairs())
         else:
@@ -628,22 +665,37 @@ def _padded_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _
         conv_winograd_grad.weight_gradient(b, p, args["ws"], (args["n0"], args["n1"]), fill, bias, args["dw"])
         b.ret_void()
         return
-    form = GradSpace(p)
-    over_channels = form.over_channels  # else over positions (LeNet's C1, with 6 output channels)
-    pad, dy_ws, sums = form.sections(b, args["ws"])
-    # pad borders, the unused rows or columns of the dy copy, and the sums: zeroed once per call
-    conv_direct.zero(b, args["ws"], 0, form.floats, vw)
-    with for_range(b, args["n0"], args["n1"], name="n") as n:
-        x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
-        dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
-        conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad)
-        if over_channels:
-            conv_direct.transpose_dy(b, p, dy_img, dy_ws)
-            conv_direct.weight_product(b, p, pad, dy_ws, sums, _next_images(b, g, args, n, ("x", "dy")))
-        else:
-            conv_direct.spread_dy(b, p, dy_img, dy_ws)
-            conv_direct.dot_weight_product(b, p, pad, dy_ws, sums)
-        _bias_grad(b, g, dy_img, args["db"], vw)
+    dot = _dot_shifted(spec, p)
+    if dot is not None:
+        over_channels = False  # the sums: a vector of partial sums per weight, as conv_direct's dot products
+        space = conv_dot.Space(dot)
+        conv_dot.clear(b, space, args["ws"])
+        table = g.table_pairs()
+        live = None if table is None else conv_direct.channel_rows(table, spec.c, 0, spec.o)
+        with for_range(b, args["n0"], args["n1"], name="n") as n:
+            x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
+            dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
+            dy_rows = conv_dot.fill(b, space, args["ws"], x_img, dy_img, (spec.h, spec.w, top, left))
+            conv_dot.product(b, space, args["ws"], dy_rows, live)
+            _bias_grad(b, g, dy_img, args["db"], vw)
+        sums = space.sums(b, args["ws"])
+    else:
+        form = GradSpace(p)
+        over_channels = form.over_channels  # else over positions (few output channels)
+        pad, dy_ws, sums = form.sections(b, args["ws"])
+        # pad borders, the unused rows or columns of the dy copy, and the sums: zeroed once per call
+        conv_direct.zero(b, args["ws"], 0, form.floats, vw)
+        with for_range(b, args["n0"], args["n1"], name="n") as n:
+            x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
+            dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
+            conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad)
+            if over_channels:
+                conv_direct.transpose_dy(b, p, dy_img, dy_ws)
+                conv_direct.weight_product(b, p, pad, dy_ws, sums, _next_images(b, g, args, n, ("x", "dy")))
+            else:
+                conv_direct.spread_dy(b, p, dy_img, dy_ws)
+                conv_direct.dot_weight_product(b, p, pad, dy_ws, sums)
+            _bias_grad(b, g, dy_img, args["db"], vw)
 
     dw = args["dw"]
 

@@ -44,7 +44,7 @@ import llvmlite.ir as ir
 
 from cnnc.codegen import emit
 from cnnc.codegen.emit import for_range
-from cnnc.codegen.gemm import Index, column_pieces, index, local, transpose, vector_loop
+from cnnc.codegen.gemm import Index, column_pieces, index, local, transpose, vector_loop, widths
 from cnnc.codegen.plan import aligned
 
 
@@ -152,9 +152,10 @@ def fill(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, lef
 
 
 def shifts_fit(p: Plane) -> bool:
-    """Whether `p` (rows narrower than whole vectors) runs faster on shifted copies: every output a whole
-    vector's lane, enough channels that the copies are small next to the products (not LeNet's few)."""
-    return p.kw > 1 and (p.oh * p.ow) % p.vw == 0 and p.ow % p.vw != 0 and p.c >= 8
+    """Whether `p` (rows not in whole vectors) runs faster on shifted copies: no thrown-away columns and no copy
+    of the output, for kw copies of the input (LeNet's C1 and C3 too: their products are 150 and 60 x 25
+    multiply-adds an output for 5 copies of an input)."""
+    return p.kw > 1 and p.ow % p.vw != 0
 
 
 def fill_shifted(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, left: int,
@@ -176,23 +177,60 @@ def fill_shifted(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: 
                 vector_loop(b, lo, hi, p.vw, copy, name="sx")
 
 
-def product_shifted(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, finish: Finish) -> None:
+def shifted_tile(m: int, vecs: int, vw: int) -> tuple[int, int]:
+    """(output rows, vectors) of ``product_shifted``'s tile: the most accumulators that, with a register per
+    vector of input, fit the vector registers, the vectors dividing `vecs` (every tile alike), rows at most 6."""
+    regs = (32 if vw >= 16 else 16) - 4
+    options = [(mr, nv) for nv in range(1, min(vecs, 8) + 1) if vecs % nv == 0
+               for mr in range(1, min(m, 6) + 1) if nv * (mr + 1) <= regs]
+    return max(options, key=lambda t: (t[0] * t[1], m % t[0] == 0, t[1]))
+
+
+def product_shifted(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, finish: Finish,
+                    connected: frozenset[tuple[int, int]] | None = None) -> None:
     """The sums of ``product`` on a shifted plane, each output once, handed to ``finish(b, r, at, value, width)``
-    (``at = r * oh * ow + j``: the outputs are numbered as stored)."""
+    (``at = r * oh * ow + j``: the outputs are numbered as stored).
+
+    The last vector of a row may pass its ``oh * ow`` outputs (LeNet's C3: 100 = 6 x 16 + 4): its lanes
+    beyond them are left out of the store, in pieces of narrower vectors. With `connected` (a connect table)
+    the row tiles and channels are unrolled and the pairs outside the table left out, as in ``product``.
+    """
     vw = p.vw
-    mr = tile_rows(p.m, vw)
-    most = tile_vectors(mr, vw)
-    nv = next(v for v in range(most, 0, -1) if (p.n // vw) % v == 0)
-    with for_range(b, 0, p.n, nv * vw, name="j") as j:
-        def tile(r, rows, live, j=j) -> None:
+    total = p.oh * p.ow
+    vecs = p.n // vw
+    mr, nv = shifted_tile(p.m, vecs, vw)
+    step = nv * vw
+    tail = total % vw != 0  # the last tile column ends in a partial vector: unrolled after the loop
+
+    def column(j: ir.Value | int, last: bool) -> None:
+        def tile(r, rows, live) -> None:
             offsets = [v * vw for v in range(nv)]
-            accs = _tile(b, p, pad, weights, r, j, rows, offsets, live)
+            accs = _tile(b, p, pad, weights, r, emit.i64(j) if isinstance(j, int) else j, rows, offsets, live,
+                         tap_loop=connected is not None)
             for row in range(rows):
                 for v, off in enumerate(offsets):
-                    at = index(b, (r, p.oh * p.ow), row * p.oh * p.ow, j, off)
-                    finish(b, index(b, r, row), at, accs[row][v], vw)
+                    at = index(b, (r, total), row * total, j, off)
+                    value, first = accs[row][v], (vecs - nv + v) * vw if last else None
+                    if first is None or first + vw <= total:
+                        finish(b, index(b, r, row), at, value, vw)
+                        continue
+                    lo = 0
+                    for width in widths(vw)[1:]:
+                        if lo + width <= total - first:
+                            part = b.shuffle_vector(value, value, ir.Constant(ir.VectorType(ir.IntType(32), width),
+                                                                              list(range(lo, lo + width))))
+                            finish(b, index(b, r, row), index(b, at, lo), part if width > 1 else
+                                   b.extract_element(part, emit.i64(0)), width)
+                            lo += width
 
-        _each_row_tile(b, p, mr, None, tile)
+        _each_row_tile(b, p, mr, connected, tile)
+
+    loop_end = p.n - step if tail else p.n
+    if loop_end > 0:
+        with for_range(b, 0, loop_end, step, name="j") as j:
+            column(j, False)
+    if tail:
+        column(loop_end, True)
 
 
 def _row_pieces(m: int, mr: int) -> list[tuple[int, int]]:
@@ -200,7 +238,7 @@ def _row_pieces(m: int, mr: int) -> list[tuple[int, int]]:
     return [(lo, lo + mr) for lo in range(0, full, mr)] + [(lo, lo + 1) for lo in range(full, m)]
 
 
-def _live(connected: frozenset[tuple[int, int]], c: int, lo: int, hi: int) -> list[tuple[int, list[int]]]:
+def channel_rows(connected: frozenset[tuple[int, int]], c: int, lo: int, hi: int) -> list[tuple[int, list[int]]]:
     """For the rows [lo, hi) of a tile: each channel with a nonzero weight in it, and those rows (from 0)."""
     live = [(ci, [r - lo for r in range(lo, hi) if (r, ci) in connected]) for ci in range(c)]
     return [(ci, rows) for ci, rows in live if rows]
@@ -210,7 +248,7 @@ def _each_row_tile(b: ir.IRBuilder, p: Plane, mr: int, connected, body) -> None:
     """Call ``body(r, rows, live)`` for every tile of output rows: a runtime loop, or unrolled with a table."""
     if connected is not None:
         for lo, hi in _row_pieces(p.m, mr):
-            body(lo, hi - lo, _live(connected, p.c, lo, hi))
+            body(lo, hi - lo, channel_rows(connected, p.c, lo, hi))
         return
     full = p.m - p.m % mr
     for rlo, rhi, rows in ((0, full, mr), (full, p.m, 1)):
@@ -287,22 +325,31 @@ def product_rows(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, fi
 
 
 def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, r: ir.Value | int, j: ir.Value, rows: int,
-          offsets: list[int], live: list[tuple[int, list[int]]] | None) -> list[list[ir.Value]]:
+          offsets: list[int], live: list[tuple[int, list[int]]] | None, tap_loop: bool = False
+          ) -> list[list[ir.Value]]:
     """The sums of one tile: `rows` output rows by vectors at ``j + offsets`` of the plane.
 
     `live`: the channels to reduce over and each one's nonzero rows (None: all of them, in a runtime loop).
+    `tap_loop`: one tap per iteration of loops over kernel rows and columns, rather than whole kernels or rows
+    unrolled (a table's unrolled channels times wide tiles would be thousands of FMAs of code to compile).
     """
     vw = p.vw
     k = p.c * p.taps
     zero_v = emit.splat(b, 0.0, vw)
     accs = [[local(b, emit.vec_type(vw), zero_v) for _ in offsets] for _ in range(rows)]
     # unroll whole kernels up to 16 taps, else one kernel row per iteration (more steps spill registers)
-    inner = [(ky, kx) for ky in range(p.kh) for kx in range(p.kw)] if p.taps <= 16 else [(0, kx) for kx in range(p.kw)]
+    if tap_loop:
+        inner = [(0, 0)]
+    elif p.taps <= 16:
+        inner = [(ky, kx) for ky in range(p.kh) for kx in range(p.kw)]
+    else:
+        inner = [(0, kx) for kx in range(p.kw)]
 
-    def steps(b: ir.IRBuilder, ci: ir.Value | int, ky0: ir.Value | int, tile_rows: list[int]) -> None:
+    def steps(b: ir.IRBuilder, ci: ir.Value | int, ky0: ir.Value | int, tile_rows: list[int],
+              kx0: ir.Value | int = 0) -> None:
         # base pointers, then constant offsets: no address arithmetic per load (less for LLVM to clean up)
-        x0 = emit.gep(b, pad, index(b, (ci, p.ch_stride), (ky0, p.ky_stride), j))
-        w0 = emit.gep(b, weights, index(b, (r, k), (ci, p.taps), (ky0, p.kw)))
+        x0 = emit.gep(b, pad, index(b, (ci, p.ch_stride), (ky0, p.ky_stride), (kx0, p.kx_stride), j))
+        w0 = emit.gep(b, weights, index(b, (r, k), (ci, p.taps), (ky0, p.kw), kx0))
         # the sums stay SSA values through the unrolled steps: one load and one store each per loop body
         sums = {row: [b.load(acc) for acc in accs[row]] for row in tile_rows}
         for ky, kx in inner:
@@ -315,7 +362,10 @@ def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, r: ir.Val
                 b.store(value, acc)
 
     def over_taps(ci: ir.Value | int, tile_rows: list[int]) -> None:
-        if p.taps > 16:
+        if tap_loop:
+            with for_range(b, 0, p.kh, name="ky") as ky, for_range(b, 0, p.kw, name="kx") as kx:
+                steps(b, ci, ky, tile_rows, kx)
+        elif p.taps > 16:
             with for_range(b, 0, p.kh, name="ky") as ky:
                 steps(b, ci, ky, tile_rows)
         else:

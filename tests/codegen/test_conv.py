@@ -117,6 +117,9 @@ CASES = {
     "shifted_8x8": make_spec(16, 8, 8, 20, 3, 3, pad=(1, 1, 1, 1), accumulate=True, winograd=False),
     "shifted_5x5_valid": make_spec(8, 12, 10, 3, 5, 5, bias=False),  # more than 16 taps: a loop over rows
     "shifted_uneven_pad": make_spec(8, 8, 6, 4, 3, 3, pad=(2, 1, 0, 1), gap=1),
+    # outputs not in whole vectors (49): the last vector's store in narrower pieces; LeNet's C1 (one channel)
+    "shifted_partial_vector": make_spec(2, 9, 9, 5, 3, 3, gap=1, accumulate=True),
+    "lenet_c1": make_spec(1, 32, 32, 6, 5, 5),
     # stride 2 across: im2col reads the even lanes of vector pairs from a padded copy (ResNet's down blocks)
     "stride2_down": make_spec(5, 16, 16, 6, 3, 3, stride=(2, 2), pad=(1, 1, 0, 0), gap=3),
     "stride2_floor_groups": make_spec(4, 9, 10, 4, 3, 3, stride=(2, 2), groups=2, accumulate=True),
@@ -508,11 +511,26 @@ def test_which_forward_convolutions_run_on_shifted_copies() -> None:
     def shifted(spec: ConvSpec, vw: int = 16) -> bool:
         return _forward_plane(spec, _Geom(spec).forward_plane(vw)).shifted
 
-    assert all(shifted(CASES[n]) for n in ("shifted_6_wide", "shifted_8x8", "shifted_5x5_valid", "shifted_uneven_pad"))
+    assert all(shifted(CASES[n]) for n in ("shifted_6_wide", "shifted_8x8", "shifted_5x5_valid", "shifted_uneven_pad",
+                                           "shifted_partial_vector", "lenet_c1", "lenet_c3", "connect", "one_output"))
     assert not shifted(CASES["shifted_8x8"], 8)  # rows of whole vectors: product_rows
-    # few channels (LeNet's, CIFAR's first layer), a table, Winograd, outputs not in whole vectors: not shifted
-    assert not any(shifted(CASES[n]) for n in ("3x3_same", "lenet_c3", "connect", "winograd_same", "one_output"))
+    assert not any(shifted(CASES[n]) for n in ("rows_16_wide_connect", "winograd_same"))  # whole vectors, Winograd
+    assert not shifted(dataclasses.replace(CASES["lenet_c3"], kw=1, ow=14))  # one kernel column: nothing to shift
     assert not shifted(dataclasses.replace(CASES["shifted_8x8"], winograd=True))  # 16 tiles: Winograd
+
+
+def test_which_weight_gradients_run_as_dot_products_on_shifted_copies() -> None:
+    from cnnc.codegen.conv import _dot_shifted, _Geom
+
+    def dot(spec: ConvSpec, vw: int = 16) -> bool:
+        return _dot_shifted(spec, _Geom(spec).forward_plane(vw)) is not None
+
+    # fewer output channels than half a vector (C1: 6), with or without a table, at every width that leaves it so
+    assert all(dot(CASES[n]) for n in ("lenet_c1", "connect", "connect_few_outputs", "one_output", "shifted_5x5_valid"))
+    assert all(dot(CASES["one_output"], vw) for vw in (16, 8, 4))
+    # a vector of output channels (C3's 16, with its table), Winograd, rows of whole vectors: not
+    assert not any(dot(CASES[n]) for n in ("lenet_c3", "wide_out_19", "winograd_same", "5x5_rows_32_wide"))
+    assert not dot(CASES["lenet_c1"], 8)  # 6 outputs fill most of a vector of 8: over channels
 
 
 def test_which_convolutions_run_on_the_padded_image() -> None:
