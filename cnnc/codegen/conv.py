@@ -529,12 +529,12 @@ def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geo
         return
     pad, out, wt = conv_direct.sections(b, p, args["ws"])
     conv_direct.zero(b, pad, 0, p.pad_floats, vw)
-    # flipped as they are: a connect table's tiles never read the weights outside it
-    conv_direct.flipped(b, spec.o, spec.c, spec.kh, spec.kw, args["w"], wt)
     top, left, _, _ = g.pads
     winograd = _winograd(spec, p)
-    if winograd:
+    if winograd:  # (the direct tiles read the weights in place: conv_direct.Weights.transposed)
+        conv_direct.flipped(b, spec.o, spec.c, spec.kh, spec.kw, args["w"], wt)
         u, wino_ws = _winograd_weights(b, p, args["ws"], wt)
+    layout = conv_direct.Weights.transposed(p)
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
         dx_img = emit.gep(b, args["dx"], index(b, (n, g.x_stride)), name="dx.img")
@@ -549,10 +549,10 @@ def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geo
 
         if winograd:
             conv_winograd.product(b, p, pad, u, wino_ws, finish)
-        elif conv_direct.rows_fit(p):
-            conv_direct.product_rows(b, p, pad, wt, finish, table)
+        elif conv_direct.rows_fit(p):  # (a connect table's tiles never read the weights outside it)
+            conv_direct.product_rows(b, p, pad, args["w"], finish, table, layout)
         else:
-            conv_direct.product(b, p, pad, wt, out, table)
+            conv_direct.product(b, p, pad, args["w"], out, table, layout)
             conv_direct.each_output(b, p, out, finish)
     b.ret_void()
 

@@ -18,7 +18,9 @@ the wasted columns and store straight to the output (``product_rows``).
 The same routine gives the gradient wrt the input: ``dx`` is the stride-1
 convolution of ``dy`` padded by ``kh - 1 - pt`` (top) and ``kw - 1 - pl``
 (left) with the weights flipped in both spatial axes and their channel axes
-swapped. The gradient wrt the weights is a product over the outputs instead:
+swapped, which the tiles read from the forward weights in place (``Weights``):
+a training step calls it an image at a time, and a flipped copy per call was
+2% of its time on a 64-channel 32x32 layer. The gradient wrt the weights is a product over the outputs instead:
 ``weight_product`` vectorised over output channels, ``dot_weight_product``
 over output positions when there are few output channels.
 
@@ -31,7 +33,7 @@ for output ``j = oy * ow + ox``, every output once (``product_shifted``), for
 ``kw`` times the copying.
 
 Workspace (floats), each section rounded to a cache line: forward and input
-gradient ``[pad][out: m x n][flipped weights: o * c * kh * kw]`` (``Plane``);
+gradient ``[pad][out: m x n][flipped weights, for Winograd: o * c * kh * kw]`` (``Plane``);
 weight gradient ``GradSpace``.
 """
 
@@ -112,6 +114,37 @@ class Plane:
         return self.pad_floats + self.out_floats + self.weight_floats
 
 
+@dataclass(frozen=True)
+class Weights:
+    """Where a product reads the weight of output row r, channel ci, tap t = ky * kw + kx: float
+    ``r * row + ci * channel + t`` of the weights, or ``... + taps - 1 - t`` when `flipped`."""
+
+    row: int
+    channel: int
+    flipped: bool = False
+
+    @staticmethod
+    def forward(p: Plane) -> Weights:
+        """``w[r, ci, ky, kx]`` as stored: the forward convolution's."""
+        return Weights(p.c * p.taps, p.taps)
+
+    @staticmethod
+    def transposed(p: Plane) -> Weights:
+        """The forward weights ``w[ci, r, kh - 1 - ky, kw - 1 - kx]``: the input gradient's on its plane `p`
+        (``p.m`` rows: the forward's input channels; ``p.c`` channels: its output channels)."""
+        return Weights(p.taps, p.m * p.taps, flipped=True)
+
+    def first(self, b: ir.IRBuilder, p: Plane, r: Index, ci: Index, ky0: Index) -> ir.Value:
+        """The offset of tap (ky0, 0) of row r, channel ci."""
+        if self.flipped:
+            return index(b, (r, self.row), (ci, self.channel), (ky0, -p.kw), p.taps - 1)
+        return index(b, (r, self.row), (ci, self.channel), (ky0, p.kw))
+
+    def step(self, p: Plane, row: int, ky: int, kx: int) -> int:
+        """The offset of tap (ky0 + ky, kx) of row r + `row` from ``first(r, ci, ky0)``."""
+        return row * self.row + (-1 if self.flipped else 1) * (ky * p.kw + kx)
+
+
 def tile_rows(m: int, vw: int) -> int:
     """Output rows per register tile: the largest that divides `m` among those that fit the registers."""
     choices = (6, 4, 3, 2) if vw >= 16 else (4, 3, 2) if vw > 4 else (2,)
@@ -183,7 +216,7 @@ def product_shifted(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value,
     with for_range(b, 0, p.n, nv * vw, name="j") as j:
         def tile(r, rows, live, j=j) -> None:
             offsets = [v * vw for v in range(nv)]
-            accs = _tile(b, p, pad, weights, r, j, rows, offsets, live)
+            accs = _tile(b, p, pad, weights, Weights.forward(p), r, j, rows, offsets, live)
             for row in range(rows):
                 for v, off in enumerate(offsets):
                     at = index(b, (r, p.oh * p.ow), row * p.oh * p.ow, j, off)
@@ -217,14 +250,16 @@ def _each_row_tile(b: ir.IRBuilder, p: Plane, mr: int, connected, body) -> None:
 
 
 def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, out: ir.Value,
-            connected: frozenset[tuple[int, int]] | None = None) -> None:
+            connected: frozenset[tuple[int, int]] | None = None, layout: Weights | None = None) -> None:
     """``out[r, j] = sum over (ci, ky, kx) of weights[r, ci, ky, kx] * pad[ci, ky * wp + kx + j]`` for r < m, j < n.
 
     With `connected` (the (r, ci) pairs whose weights may be nonzero: a connect
     table) the row tiles and channels are unrolled, and the multiply-adds of
     the other pairs are left out; LeNet's C3 table spares 37.5% of them.
+    `layout`: where the weights lie (default ``Weights.forward``).
     """
     vw = p.vw
+    layout = layout or Weights.forward(p)
     mr = tile_rows(p.m, vw)
     most = tile_vectors(mr, vw)
     # a tile width that divides the columns, if one is not much narrower: one variant of the tile to compile
@@ -236,7 +271,7 @@ def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, out: ir
         with for_range(b, jlo, jhi, vecs * vw, name="j") as j:
             def tile(r, rows, live, j=j, vecs=vecs) -> None:
                 offsets = [v * vw for v in range(vecs)]
-                accs = _tile(b, p, pad, weights, r, j, rows, offsets, live)
+                accs = _tile(b, p, pad, weights, layout, r, j, rows, offsets, live)
                 for row in range(rows):
                     for v, off in enumerate(offsets):
                         emit.store(b, accs[row][v], out, index(b, (r, p.n), row * p.n, j, off))
@@ -253,7 +288,7 @@ def rows_fit(p: Plane) -> bool:
 
 
 def product_rows(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, finish: Finish,
-                 connected: frozenset[tuple[int, int]] | None = None) -> None:
+                 connected: frozenset[tuple[int, int]] | None = None, layout: Weights | None = None) -> None:
     """The same sums as ``product`` for the valid outputs only, handed to ``finish(b, r, at, value, width)``.
 
     Needs ``rows_fit``: a tile is a few output rows by vectors of whole rows
@@ -261,6 +296,7 @@ def product_rows(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, fi
     and no copy of the output is needed.
     """
     vw = p.vw
+    layout = layout or Weights.forward(p)
     mr = tile_rows(p.m, vw)
     want = tile_vectors(mr, vw)
     per_row = p.ow // vw
@@ -274,7 +310,7 @@ def product_rows(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, fi
             with for_range(b, 0, p.ow, across * vw, name="ox") as ox:
                 def tile(r, rows, live, oy=oy, ox=ox, ys=ys) -> None:
                     offsets = [dy * p.wp + v * vw for dy in range(ys) for v in range(across)]
-                    accs = _tile(b, p, pad, weights, r, index(b, (oy, p.wp), ox), rows, offsets, live)
+                    accs = _tile(b, p, pad, weights, layout, r, index(b, (oy, p.wp), ox), rows, offsets, live)
                     for row in range(rows):
                         for i, (dy, v) in enumerate((dy, v) for dy in range(ys) for v in range(across)):
                             at = index(b, (r, p.oh * p.ow), row * p.oh * p.ow, (oy, p.ow), dy * p.ow, ox, v * vw)
@@ -283,14 +319,13 @@ def product_rows(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, fi
                 _each_row_tile(b, p, mr, connected, tile)
 
 
-def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, r: ir.Value | int, j: ir.Value, rows: int,
-          offsets: list[int], live: list[tuple[int, list[int]]] | None) -> list[list[ir.Value]]:
-    """The sums of one tile: `rows` output rows by vectors at ``j + offsets`` of the plane.
+def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, layout: Weights, r: ir.Value | int,
+          j: ir.Value, rows: int, offsets: list[int], live: list[tuple[int, list[int]]] | None) -> list[list[ir.Value]]:
+    """The sums of one tile: `rows` output rows by vectors at ``j + offsets`` of the plane, weights at `layout`.
 
     `live`: the channels to reduce over and each one's nonzero rows (None: all of them, in a runtime loop).
     """
     vw = p.vw
-    k = p.c * p.taps
     zero_v = emit.splat(b, 0.0, vw)
     accs = [[local(b, emit.vec_type(vw), zero_v) for _ in offsets] for _ in range(rows)]
     # unroll whole kernels up to 16 taps, else one kernel row per iteration (more steps spill registers)
@@ -299,13 +334,13 @@ def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, r: ir.Val
     def steps(b: ir.IRBuilder, ci: ir.Value | int, ky0: ir.Value | int, tile_rows: list[int]) -> None:
         # base pointers, then constant offsets: no address arithmetic per load (less for LLVM to clean up)
         x0 = emit.gep(b, pad, index(b, (ci, p.ch_stride), (ky0, p.ky_stride), j))
-        w0 = emit.gep(b, weights, index(b, (r, k), (ci, p.taps), (ky0, p.kw)))
+        w0 = emit.gep(b, weights, layout.first(b, p, r, ci, ky0))
         # the sums stay SSA values through the unrolled steps: one load and one store each per loop body
         sums = {row: [b.load(acc) for acc in accs[row]] for row in tile_rows}
         for ky, kx in inner:
             xs = [emit.load(b, x0, ky * p.ky_stride + kx * p.kx_stride + off, vw) for off in offsets]
             for row in tile_rows:
-                a = emit.broadcast(b, w0, row * k + ky * p.kw + kx, vw)
+                a = emit.broadcast(b, w0, layout.step(p, row, ky, kx), vw)
                 sums[row] = [emit.fma(b, a, x, acc) for x, acc in zip(xs, sums[row])]
         for row in tile_rows:
             for acc, value in zip(accs[row], sums[row]):
