@@ -498,14 +498,20 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         b.ret_void()
         return
     pad, out, _ = conv_direct.sections(b, p, args["ws"])
-    conv_direct.zero(b, pad, 0, p.pad_floats, vw)  # the border; each image then fills the interior
+    if p.shifted:
+        conv_direct.zero(b, pad, 0, p.pad_floats, vw)  # the border; each image then fills the interior
+    else:
+        conv_direct.zero_tail(b, p, pad)  # each image writes the planes, border and all
     weights = args["w"]  # a connect table's tiles never read the weights outside it
     winograd = _winograd(spec, p)
     if winograd:
         u, wino_ws = _winograd_weights(b, p, args["ws"], weights)
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
-        (conv_direct.fill_shifted if p.shifted else conv_direct.fill)(b, p, x_img, spec.h, spec.w, top, left, pad)
+        if p.shifted:
+            conv_direct.fill_shifted(b, p, x_img, spec.h, spec.w, top, left, pad)
+        else:
+            conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad, borders=True)
         finish = finish_of(b, n)
 
         if winograd:
@@ -528,7 +534,7 @@ def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geo
         b.ret_void()
         return
     pad, out, wt = conv_direct.sections(b, p, args["ws"])
-    conv_direct.zero(b, pad, 0, p.pad_floats, vw)
+    conv_direct.zero_tail(b, p, pad)  # each image writes the planes, border and all
     top, left, _, _ = g.pads
     winograd = _winograd(spec, p)
     if winograd:  # (the direct tiles read the weights in place: conv_direct.Weights.transposed)
@@ -538,7 +544,7 @@ def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geo
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
         dx_img = emit.gep(b, args["dx"], index(b, (n, g.x_stride)), name="dx.img")
-        conv_direct.fill(b, p, dy_img, spec.oh, spec.ow, spec.kh - 1 - top, spec.kw - 1 - left, pad)
+        conv_direct.fill(b, p, dy_img, spec.oh, spec.ow, spec.kh - 1 - top, spec.kw - 1 - left, pad, borders=True)
         table = g.table_pairs()
         table = None if table is None else frozenset((c, o) for o, c in table)
 
