@@ -211,6 +211,8 @@ def validate(manifest: Any, source: str | None = None) -> None:
     for k in ("arena_infer", "arena_train", "ws_floats"):
         f.count(manifest, k, k)
     f.count(manifest, "infer_parts", "infer_parts", optional=True)  # threads infer_split is compiled for (0: none)
+    f.count(manifest, "ws_cache_floats", "ws_cache_floats", optional=True)  # kept Winograd weights, before ws
+    f.get(manifest, "infer_handoff", "infer_handoff", bool, optional=True)  # split_post/serve/wait compiled
     total = f.count(manifest, "param_floats", "param_floats", least=1)
     _check_params(f, f.get(manifest, "params", "params", list), total)
     _check_batchnorm(f, f.get(manifest, "batchnorm", "batchnorm", dict, optional=True))
@@ -414,6 +416,10 @@ def _check_weights(weights: bytes, source: str) -> None:
 # ---- the manifest against the code ---------------------------------------------------------------
 
 
+# contract fields that code compiled before them does not record, and the value such code was compiled for
+UNRECORDED = {"ws_cache_floats": 0}
+
+
 def contract(manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest fields whose values the code was compiled for (buffer sizes and strides, the parameter layout)."""
     return {
@@ -422,6 +428,7 @@ def contract(manifest: dict[str, Any]) -> dict[str, Any]:
         "infer_parts": manifest.get("infer_parts", 0),
         "arena_train": manifest["arena_train"],
         "ws_floats": manifest["ws_floats"],
+        "ws_cache_floats": manifest.get("ws_cache_floats", 0),
         "input.shape": manifest["input"]["shape"],
         "output.shape": manifest["output"]["shape"],
         "output.op": manifest["output"]["op"],
@@ -447,6 +454,8 @@ def entry_points(manifest: dict[str, Any]) -> list[str]:
     phases = [] if bn is None else ["fold", *(f"step_{loss}_{k}" for loss, syncs in bn["phases"].items()
                                               for k in range(1, len(syncs) + 1))]
     split = ["infer_split"] if manifest.get("infer_parts", 0) else []
+    if split and manifest.get("infer_handoff", False):  # (cnnc.codegen.handoff; artifacts before it lack them)
+        split += ["split_post", "split_serve", "split_wait"]
     runs = [f"run_{loss}" for loss in LOSSES] if manifest.get("run_fields") else []
     return [*ENTRY_POINTS, *split, *phases, *runs, *(f"update_{kind}" for kind in manifest["updates"])]
 
@@ -479,7 +488,7 @@ def verify_code(manifest: dict[str, Any], obj: bytes, source: str | None = None)
     if not isinstance(recorded, dict):
         raise ValueError(f"{prefix}the object code's layout record is damaged")
     for field, value in contract(manifest).items():
-        code = recorded.get(field)
+        code = recorded.get(field, UNRECORDED.get(field))
         if code != value and field == "params" and isinstance(code, list) and len(code) == len(value):
             field, value, code = next((f"params[{i}]", v, c) for i, (v, c) in enumerate(zip(value, code)) if v != c)
         if code != value:

@@ -161,9 +161,11 @@ class Scratch:
     A call holds its set for its whole duration, so no other call writes, grows or frees them meanwhile.
     """
 
-    def __init__(self, ws_floats: int, threads: int, arena_floats: dict[str, int], folded_floats: int = 0) -> None:
-        self.ws = [aligned_zeros(ws_floats) for _ in range(threads)]
-        self.ws_ptrs = [w.ctypes.data for w in self.ws]
+    def __init__(self, ws_floats: int, threads: int, arena_floats: dict[str, int], folded_floats: int = 0,
+                 cache_floats: int = 0) -> None:
+        # inference's kept Winograd weights (``cache_floats``, zeroed: valid) lie in front of each thread's `ws`
+        self.ws = [aligned_zeros(cache_floats + ws_floats) for _ in range(threads)]
+        self.ws_ptrs = [w.ctypes.data + 4 * cache_floats for w in self.ws]
         self.folded = aligned_zeros(folded_floats) if folded_floats else None  # batchnorm: inference coefficients
         self.folded_ptr = self.folded.ctypes.data if folded_floats else 0
         # infer_split's barrier (its count returns to 0 at every barrier, so a set can be reused)
@@ -351,9 +353,11 @@ class Engine:
         self._input_floats = int(np.prod(self.input_shape))
         self._threads = default_threads() if threads is None else check_threads(threads)
         size, ws_floats = int(manifest["param_floats"]), max(int(manifest["ws_floats"]), 16)
+        cache_floats = int(manifest.get("ws_cache_floats", 0))
         # flat_params, flat_grads, decay_mask (float32), trainable_mask (bool); the conv workspaces of the
-        # training set and of one inference set; and the activations of one image, inferring and training
-        check_fits(13 * size + 8 * ws_floats * self.threads
+        # training set and of one inference set (with its kept Winograd weights); and the activations of one
+        # image, inferring and training
+        check_fits(13 * size + 4 * (2 * ws_floats + cache_floats) * self.threads
                    + 4 * (int(manifest["arena_infer"]) + int(manifest["arena_train"])), f"network {self.name}")
         self._lib = NativeLibrary(obj, t["triple"], t["cpu"], t["features"])
         self._obj = obj
@@ -364,6 +368,12 @@ class Engine:
         self._infer_split = (self._lib.function("infer_split", [P] * 7 + [I64, I64, I64])
                              if self._split_parts else None)
         self.split_choice = SplitChoice()
+        # its second share handed to a pool thread waiting in native code (cnnc.codegen.handoff), where compiled
+        self._split_handoff = None
+        if self._split_parts == 2 and manifest.get("infer_handoff", False):
+            self._split_handoff = (self._lib.function("split_post", [P, I64] + [P] * 7 + [I64, I64], I64),
+                                   self._lib.function("split_serve", [P]),
+                                   self._lib.function("split_wait", [P, I64]))
         bn = manifest.get("batchnorm")
         step_args = [P] * 10 + [I64, I64, F32, F32, I64, I64]
         syncs = bn["phases"] if bn else {loss: [] for loss in LOSSES}
@@ -412,7 +422,7 @@ class Engine:
         # inference takes no lock: each call runs on a scratch set of its own from `_spare`.
         self.lock = threading.RLock()
         self._arena_floats = {"infer": int(manifest["arena_infer"]), "train": int(manifest["arena_train"])}
-        self._ws_floats = ws_floats
+        self._ws_floats, self._cache_floats = ws_floats, cache_floats
         self._spare: list[Scratch] = []
         self._train_scratch = Scratch(ws_floats, self.threads, self._arena_floats)  # used under the lock
         self._shard_grads = [self.flat_grads]  # shard 0 sums into flat_grads; the others get their own buffers
@@ -723,7 +733,7 @@ class Engine:
         try:
             return self._spare.pop()  # (list.pop and append are atomic: no lock)
         except IndexError:
-            return Scratch(self._ws_floats, self.threads, self._arena_floats, self._folded_floats)
+            return Scratch(self._ws_floats, self.threads, self._arena_floats, self._folded_floats, self._cache_floats)
 
     def _checkin(self, scratch: Scratch) -> None:
         if len(self._spare) < SPARE_SCRATCH:
@@ -746,9 +756,15 @@ class Engine:
         if single and self._infer_split is not None:
             shared, start = self.split_choice.shared(), time.perf_counter()
             if shared:
-                bar, run = scratch.barrier_ptr, self._infer_split
-                shared_pool(self.threads).run([lambda t=t: run(params, folded, arena, xp, yp, ws[t], bar, t, 0, n)
-                                               for t in range(self._split_parts)])
+                bar, run, pool = scratch.barrier_ptr, self._infer_split, shared_pool(self.threads)
+                if self._split_handoff is not None:
+                    post, serve, wait = self._split_handoff
+                    pool.run_served(self._lib, lambda blk, seq: post(blk, seq, params, folded, arena, xp, yp, ws[1],
+                                                                     bar, 0, n),
+                                    serve, lambda: run(params, folded, arena, xp, yp, ws[0], bar, 0, 0, n), wait)
+                else:
+                    pool.run([lambda t=t: run(params, folded, arena, xp, yp, ws[t], bar, t, 0, n)
+                              for t in range(self._split_parts)])
             else:
                 self._infer(params, folded, arena, xp, yp, ws[0], 0, n)
             self.split_choice.record(shared, (time.perf_counter() - start) / n)

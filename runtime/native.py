@@ -69,12 +69,12 @@ class NativeLibrary:
         """Which loader holds the code: "elf" (``cnnc_runtime.elfload``) or "mcjit" (llvmlite's)."""
         return "elf" if self._code is not None else "mcjit"
 
-    def function(self, name: str, argtypes: list) -> ctypes._CFuncPtr:
+    def function(self, name: str, argtypes: list, restype=None) -> ctypes._CFuncPtr:
         """A callable for symbol `name`; ctypes releases the GIL while it runs."""
         addr = self._code.address(name) if self._code is not None else self._engine.get_function_address(name)
         if not addr:
             raise KeyError(f"no native function {name!r} in this artifact")
-        return ctypes.CFUNCTYPE(None, *argtypes)(addr)
+        return ctypes.CFUNCTYPE(restype, *argtypes)(addr)
 
 
 def _mcjit(parts: list[bytes], triple: str, cpu: str, features: str) -> llvm.ExecutionEngine:

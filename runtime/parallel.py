@@ -14,6 +14,10 @@ import os
 import threading
 from collections.abc import Callable
 
+import numpy as np
+
+HANDOFF_INT64S, HANDOFF_STOP = 48, 24  # the native server's control block (cnnc.codegen.handoff: INT64S, STOP)
+
 
 def available_cores() -> list[int]:
     try:
@@ -79,6 +83,13 @@ class Pool:
         self._done = [threading.Event() for _ in range(self.size)]
         self._closed = False
         self._lock = threading.Lock()  # one batch at a time: callers on several threads take turns
+        # a native server on worker 1 (``run_served``): its control block, the code it runs, whether it was started
+        # since worker 1 last finished a task, and the number of the last call posted to it
+        raw = np.zeros(HANDOFF_INT64S + 8, dtype=np.int64)
+        self.handoff = raw[(-raw.ctypes.data % 64) // 8:][:HANDOFF_INT64S]
+        self._server_key: object = None
+        self._served = False
+        self._seq = 0
         self._threads = []
         for i in range(1, self.size):
             t = threading.Thread(target=self._worker, args=(i,), daemon=True, name=f"cnnc-worker-{i}")
@@ -106,7 +117,41 @@ class Pool:
         if len(tasks) > self.size:
             raise ValueError(f"{len(tasks)} tasks for a pool of {self.size} threads")
         with self._lock:
+            self._stop_server()
             self._run(tasks)
+
+    def run_served(self, key: object, post: Callable[[int, int], int], serve: Callable[[int], None],
+                   first: Callable[[], None], wait: Callable[[int, int], None]) -> None:
+        """A call shared with worker 1 through native code (``cnnc.codegen.handoff``): ``post(block, seq)``
+        posts call `seq` (1: a server of `key`'s code took it), ``serve(block)`` is the server worker 1 runs when
+        none waits, ``first()`` the caller's share, ``wait(block, seq)`` waits for worker 1's."""
+        block = self.handoff.ctypes.data
+        with self._lock:
+            if self._server_key is not key:  # (a server of other code: it would run the wrong function)
+                self._stop_server()
+            self._seq += 1
+            if not post(block, self._seq):
+                if self._served:  # the last server left: its task may still be returning through Python
+                    self._done[1].wait()
+                self._tasks[1], self._errors[1] = (lambda: serve(block)), None
+                self._server_key, self._served = key, True
+                self._done[1].clear()
+                self._start[1].set()
+            try:
+                first()
+            finally:
+                wait(block, self._seq)
+
+    def _stop_server(self) -> None:
+        """Worker 1 back from its native server (told to stop), before it takes another task."""
+        if not self._served:
+            return
+        self.handoff[HANDOFF_STOP] = 1
+        self._done[1].wait()
+        self.handoff[HANDOFF_STOP] = 0
+        self._served, self._server_key = False, None
+        if self._errors[1] is not None:
+            raise self._errors[1]
 
     def _run(self, tasks: list[Callable[[], None]]) -> None:
         for i, task in enumerate(tasks[1:], start=1):
@@ -126,6 +171,7 @@ class Pool:
 
     def close(self) -> None:
         self._closed = True
+        self.handoff[HANDOFF_STOP] = 1
         for e in self._start[1:]:
             e.set()
 

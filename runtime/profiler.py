@@ -183,6 +183,7 @@ class ProfiledModel(Model):
         self._infer = t.native_call("infer", self._infer)
         if self._infer_split is not None:  # (one image on several threads: cnnc.codegen.split)
             self._infer_split = t.native_call("infer_split", self._infer_split)
+            self._split_handoff = None  # (each share a call through the pool, timed from Python as above)
         if self._fold is not None:
             self._fold = t.native_call("fold", self._fold)
         self._steps = {loss: [t.native_call(f"step_{loss}", fn) for fn in fns] for loss, fns in self._steps.items()}

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from cnnc.codegen import conv_direct, conv_rows, conv_winograd, conv_winograd_grad, emit
+from cnnc.codegen import conv_direct, conv_rows, conv_winograd, conv_winograd4, conv_winograd_grad, emit
 from cnnc.codegen.conv_direct import GradSpace, Plane
 from cnnc.codegen.emit import for_range, i64, kernel
 from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, transpose, vector_loop
@@ -195,6 +195,8 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     plane, back = g.forward_plane(vw), g.backward_plane(vw)
     weights = GradSpace(plane).floats
     wino = [conv_winograd.workspace_floats(q) for q in (plane, back) if _winograd(spec, q)]
+    if _winograd4(spec, plane):
+        wino.append(conv_winograd4.workspace_floats(plane))
     if _winograd_grad(spec, plane):
         wino.append(conv_winograd_grad.workspace_floats(plane))
     rows = [conv_rows.Rows(spec, vw).floats] if _rows_backward(spec, back) else []
@@ -208,6 +210,24 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
 def _winograd(spec: ConvSpec, p: Plane) -> bool:
     """Whether the convolution on the padded plane `p` (forward or input gradient) runs by Winograd."""
     return spec.winograd and conv_winograd.applies(p, spec.connect)
+
+
+def _winograd4(spec: ConvSpec, p: Plane) -> bool:
+    """Whether the forward on the padded plane `p` runs by Winograd F(4x4, 3x3): at inference (its U kept
+    between calls, ``spec.cached``) where ``conv_winograd4.applies``."""
+    return spec.winograd and spec.cached and conv_winograd4.applies(p, spec.connect)
+
+
+def row_tile(spec: ConvSpec, vw: int) -> int:
+    """The output rows of a Winograd tile (4 or 2) where the forward of `spec` runs by Winograd on blocks of
+    tile rows, so that a share of whole tile rows (``spec.rows``) can run alone; 0 where it does not."""
+    g = _check(spec)
+    if not g.padded:
+        return 0
+    p = _forward_plane(spec, g.forward_plane(vw))
+    if _winograd4(spec, p):
+        return 4
+    return 2 if _winograd(spec, p) and not conv_winograd.whole_images(p, spec.h, spec.w) else 0
 
 
 def _winograd_grad(spec: ConvSpec, p: Plane) -> bool:
@@ -228,11 +248,27 @@ def _forward_plane(spec: ConvSpec, p: Plane) -> Plane:
     return dataclasses.replace(p, shifted=True)
 
 
-def _winograd_weights(b: ir.IRBuilder, p: Plane, ws: ir.Value, weights: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """`weights` transformed once per call into the workspace after conv_direct's part: (U, the rest for V and M)."""
+def _winograd_weights(b: ir.IRBuilder, p: Plane, ws: ir.Value, weights: ir.Value,
+                      cache: ir.Value | None = None) -> tuple[ir.Value, ir.Value]:
+    """`weights` transformed into the workspace after conv_direct's part, once per call (or kept between calls in
+    `cache`: ``conv_winograd.cached_weights``): (U, the rest for V and M)."""
     u = emit.gep(b, ws, p.floats, name="wino.u")
+    if cache is not None:
+        return conv_winograd.cached_weights(b, p, weights, cache), emit.gep(b, u, conv_winograd.Blocks(p).u_floats)
     conv_winograd.transform_weights(b, p, weights, u)
     return u, emit.gep(b, u, conv_winograd.Blocks(p).u_floats, name="wino.vm")
+
+
+def weight_cache_floats(spec: ConvSpec, vw: int) -> int:
+    """The floats of the `cache` region a cached forward (``spec.cached``) keeps its Winograd weights in (0: it
+    runs no Winograd, the region is not read)."""
+    g = _check(spec)
+    if not (spec.cached and g.padded):
+        return 0
+    p = _forward_plane(spec, g.forward_plane(vw))
+    if _winograd4(spec, p):
+        return conv_winograd.cache_floats(p, conv_winograd4.XI)
+    return conv_winograd.cache_floats(p) if _winograd(spec, p) else 0
 
 
 def _affine(b: ir.IRBuilder, spec: ConvSpec, bias: ir.Value | None, r: ir.Value, value: ir.Value,
@@ -491,31 +527,48 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
 
         return finish
 
+    cache = args.get("cache")
     if _winograd(spec, p) and conv_winograd.whole_images(p, spec.h, spec.w):
-        u, wino_ws = _winograd_weights(b, p, args["ws"], args["w"])
+        u, wino_ws = _winograd_weights(b, p, args["ws"], args["w"], cache)
         conv_winograd.product_images(b, p, (spec.h, spec.w, top, left), args["x"], g.x_stride, u, wino_ws, finish_of,
                                      args["n0"], args["n1"])
         b.ret_void()
         return
     pad, out, _ = conv_direct.sections(b, p, args["ws"])
-    if p.shifted:
-        conv_direct.zero(b, pad, 0, p.pad_floats, vw)  # the border; each image then fills the interior
+    # whole planes: each image writes them, border and all; else the border is zeroed once, the interior filled
+    borders = not p.shifted and spec.rows is None and not _winograd4(spec, p)
+    if borders:
+        conv_direct.zero_tail(b, p, pad)
     else:
-        conv_direct.zero_tail(b, p, pad)  # each image writes the planes, border and all
+        conv_direct.zero(b, pad, 0, p.pad_floats, vw)
     weights = args["w"]  # a connect table's tiles never read the weights outside it
+    tile = row_tile(spec, vw)
+    assert spec.rows is None or (tile and spec.rows[0] % tile == 0 and spec.rows[1] % tile == 0), spec.rows
+    reads = tile_rows = None
+    if spec.rows is not None:  # (stride 1: output rows [r0, r1) read padded rows [r0, r1 + kh - 1))
+        r0, r1 = spec.rows
+        reads, tile_rows = (max(0, r0 - top), min(spec.h, r1 + spec.kh - 1 - top)), (r0 // tile, r1 // tile)
+    if _winograd4(spec, p):
+        u = conv_winograd.cached_weights(b, p, weights, cache, conv_winograd4.transform_weights, conv_winograd4.XI)
+        with for_range(b, args["n0"], args["n1"], name="n") as n:
+            x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
+            conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad, reads)
+            conv_winograd4.product(b, p, pad, u, emit.gep(b, args["ws"], p.floats), finish_of(b, n), tile_rows)
+        b.ret_void()
+        return
     winograd = _winograd(spec, p)
     if winograd:
-        u, wino_ws = _winograd_weights(b, p, args["ws"], weights)
+        u, wino_ws = _winograd_weights(b, p, args["ws"], weights, cache)
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
         if p.shifted:
             conv_direct.fill_shifted(b, p, x_img, spec.h, spec.w, top, left, pad)
         else:
-            conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad, borders=True)
+            conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad, reads, borders)
         finish = finish_of(b, n)
 
         if winograd:
-            conv_winograd.product(b, p, pad, u, wino_ws, finish)
+            conv_winograd.product(b, p, pad, u, wino_ws, finish, tile_rows)
         elif p.shifted:
             conv_direct.product_shifted(b, p, pad, weights, finish)
         elif conv_direct.rows_fit(p):
@@ -639,9 +692,10 @@ def _bias_grad(b: ir.IRBuilder, g: _Geom, dy_img: ir.Value, db: ir.Value, vw: in
 
 
 def emit_conv_forward(module: ir.Module, name: str, spec: ConvSpec, vw: int) -> ir.Function:
-    """``(x, w, b, y, ws, n0, n1)``: y[n] = act(conv(x[n], w) + b) for n0 <= n < n1."""
+    """``(x, w, b, y, ws, n0, n1)``: y[n] = act(conv(x[n], w) + b) for n0 <= n < n1; ``spec.cached``: ``(x, w, b,
+    y, ws, cache, n0, n1)``, `cache` a zeroed region of ``weight_cache_floats`` floats (kept for the next call)."""
     g = _check(spec)
-    fn, b, args = kernel(module, name, ["x", "w", "b", "y", "ws", "n0", "n1"])
+    fn, b, args = kernel(module, name, ["x", "w", "b", "y", "ws", *(["cache"] if spec.cached else []), "n0", "n1"])
     if g.padded:
         _direct_forward(b, module, name, g, args, vw)
         return fn

@@ -170,14 +170,18 @@ def zero(b: ir.IRBuilder, base: ir.Value, lo: Index, hi: Index, vw: int, runs: b
 
 
 def fill(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, left: int, pad: ir.Value,
-         borders: bool = False) -> None:
+         rows: tuple[int, int] | None = None, borders: bool = False) -> None:
     """Copy ``c`` planes of ``h x w`` from `src` into the padded planes at (top, left); the border stays zero.
+    `rows`: only the source rows [y0, y1) of each plane (what a share of the output rows reads).
 
-    With `borders` the copy also writes the border's zeros, so that every float of the ``c`` planes is written
-    (``zero_tail`` does the rest of the pad once per call): the zeros go to cache lines the copy writes anyway,
-    where zeroing the whole pad first wrote it twice (~4 us of a 64-channel 32x32 image's ~700, paid per image
-    when a training step calls a kernel an image at a time).
+    With `borders` (whole planes only) the copy also writes the border's zeros, so that every float of the ``c``
+    planes is written (``zero_tail`` does the rest of the pad once per call): the zeros go to cache lines the copy
+    writes anyway, where zeroing the whole pad first wrote it twice (~4 us of a 64-channel 32x32 image's ~700, paid
+    per image when a training step calls a kernel an image at a time).
     """
+    assert rows is None or not borders, "borders are written for whole planes only"
+    y0, y1 = rows or (0, h)
+
     def zeros(at: ir.Value, count: int) -> None:
         if count > 0:
             zero(b, pad, at, count, p.vw, runs=True)
@@ -186,7 +190,7 @@ def fill(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, lef
     with for_range(b, 0, p.c, name="pc") as ci:
         if borders:  # the rows above and the first row's left border
             zeros(index(b, (ci, plane)), top * p.wp + left)
-        with for_range(b, 0, h, name="py") as y:
+        with for_range(b, y0, y1, name="py") as y:
             s = index(b, (ci, h * w), (y, w))
             d = index(b, (ci, plane), (y, p.wp), top * p.wp + left)
 

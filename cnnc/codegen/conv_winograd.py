@@ -27,6 +27,14 @@ the same arithmetic in the same order, so the same bits.
 
 Workspace (floats, after all of ``Plane.floats``): ``[U: 16 x o x c][V: 16 x
 c x block][M: 16 x o x block]``.
+
+At inference U can be kept between calls instead (``cached_weights``), in a
+region of its own with a copy of the weights it was made from: a call compares
+the weights' bits with the copy (reading 18 floats a kernel, against the 9
+read and 16 written by a transform, with the shuffles) and transforms again
+only what changed, so a write into the weights by any path (an update, a load,
+a view) holds from the next call. Zeroed memory is a valid region (the
+transform of zero weights is zero).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import llvmlite.ir as ir
 from cnnc.codegen import emit
 from cnnc.codegen.conv_direct import Finish, Plane
 from cnnc.codegen.emit import for_range, i64
-from cnnc.codegen.gemm import Mat, gemm_nn, index, vector_loop
+from cnnc.codegen.gemm import Mat, gemm_nn, index, local, vector_loop, widths
 from cnnc.codegen.plan import ALIGN, aligned
 
 MIN_CHANNELS = 16  # below this the products are too small to beat the direct convolution (CIFAR's first layer)
@@ -61,14 +69,16 @@ class Blocks:
     """How the tiles of one image are cut into blocks of whole tile rows."""
 
     p: Plane
+    TILE = 2  # outputs a tile is wide and high
+    XI = 16  # elements of a transform
 
     @property
     def tw(self) -> int:
-        return self.p.ow // 2
+        return self.p.ow // self.TILE
 
     @property
     def th(self) -> int:
-        return self.p.oh // 2
+        return self.p.oh // self.TILE
 
     @property
     def rows(self) -> int:
@@ -87,15 +97,15 @@ class Blocks:
 
     @property
     def u_floats(self) -> int:
-        return aligned(16 * self.p.m * self.p.c)
+        return aligned(self.XI * self.p.m * self.p.c)
 
     @property
     def v_floats(self) -> int:
-        return 16 * self.p.c * self.cols
+        return self.XI * self.p.c * self.cols
 
     @property
     def m_floats(self) -> int:
-        return 16 * self.p.m * self.cols
+        return self.XI * self.p.m * self.cols
 
     @property
     def floats(self) -> int:
@@ -133,23 +143,27 @@ def whole_images(p: Plane, h: int, w: int) -> bool:
     return _one_vector(p) and h * w <= 4 * p.vw
 
 
+def kernel_taps(b: ir.IRBuilder, w: ir.Value, k: ir.Value, width: int) -> list[ir.Value]:
+    """The 9 taps of kernels k .. k + width - 1 of the row-major (m, c, 3, 3) weights `w`: 9 vectors of
+    `width` (one load of 9 vectors, split by strided shuffles)."""
+    if width == 1:
+        return [emit.load(b, w, index(b, (k, 9), t)) for t in range(9)]
+    block = b.load(emit.gep(b, w, index(b, (k, 9))), typ=ir.VectorType(emit.F32, 9 * width), align=4)
+    lanes = lambda t: ir.Constant(ir.VectorType(ir.IntType(32), width), [t + 9 * i for i in range(width)])  # noqa: E731
+    return [b.shuffle_vector(block, ir.Constant(block.type, ir.Undefined), lanes(t)) for t in range(9)]
+
+
 def transform_weights(b: ir.IRBuilder, p: Plane, w: ir.Value, u: ir.Value) -> None:
     """u[xi, oi, ci] = (G g G^T)[xi] for the 3x3 kernel g = w[oi, ci] (row-major (m, c, 3, 3)).
 
     Vectorised over kernels: kernel k = oi * c + ci is element k of each of the
-    16 rows of u, and a vector of kernels is 9 vectors of w, split into the 9
-    taps by strided shuffles. Done on every call (the weights may have changed),
-    so at batch 1 it must cost little next to the products.
+    16 rows of u (``kernel_taps``). Done on every call unless kept
+    (``cached_weights``), so at batch 1 it must cost little next to the products.
     """
     half = emit.f32(0.5)
 
     def kernels(b: ir.IRBuilder, k: ir.Value, width: int) -> None:
-        if width == 1:
-            taps = [emit.load(b, w, index(b, (k, 9), t)) for t in range(9)]
-        else:
-            block = b.load(emit.gep(b, w, index(b, (k, 9))), typ=ir.VectorType(emit.F32, 9 * width), align=4)
-            lanes = lambda t: ir.Constant(ir.VectorType(ir.IntType(32), width), [t + 9 * i for i in range(width)])  # noqa: E731
-            taps = [b.shuffle_vector(block, ir.Constant(block.type, ir.Undefined), lanes(t)) for t in range(9)]
+        taps = kernel_taps(b, w, k, width)
         halve = emit.splat(b, half, width)
         g = [taps[3 * r:3 * r + 3] for r in range(3)]
         gg = [g[0],  # G g: 4 rows of 3
@@ -166,6 +180,49 @@ def transform_weights(b: ir.IRBuilder, p: Plane, w: ir.Value, u: ir.Value) -> No
                 emit.store(b, out[s], u, index(b, (4 * r + s) * p.m * p.c, k))
 
     vector_loop(b, 0, p.m * p.c, p.vw, kernels, name="uk")
+
+
+def cache_floats(p: Plane, xi: int = 16) -> int:
+    """The floats of a region ``cached_weights`` keeps: U (`xi` transforms of o x c), then the copy of the
+    weights it was made from."""
+    return aligned(xi * p.m * p.c) + aligned(9 * p.m * p.c)
+
+
+def cached_weights(b: ir.IRBuilder, p: Plane, w: ir.Value, cache: ir.Value, transform=transform_weights,
+                   xi: int = 16) -> ir.Value:
+    """U (`transform` of the weights `w`, `xi` elements a kernel) from the region `cache` (``cache_floats``),
+    transformed again first unless every weight has the bits of the copy kept there; returns U."""
+    u, copy = cache, emit.gep(b, cache, aligned(xi * p.m * p.c), name="wino.copy")
+    count = 9 * p.m * p.c
+    with b.if_then(b.not_(_same_bits(b, w, copy, count, p.vw))):
+        transform(b, p, w, u)
+
+        def keep(b: ir.IRBuilder, k: ir.Value, width: int) -> None:
+            emit.store(b, emit.load(b, w, k, width), copy, k)
+
+        vector_loop(b, 0, count, p.vw, keep, name="wk")
+    return u
+
+
+def _same_bits(b: ir.IRBuilder, x: ir.Value, y: ir.Value, count: int, vw: int) -> ir.Value:
+    """Whether floats [0, count) of `x` and `y` have the same bits (an i1): the OR of their XORs is zero (an
+    accumulator per width ``vector_loop`` runs at, so that the loop does no reduction)."""
+    i32 = ir.IntType(32)
+    words = {width: ir.VectorType(i32, width) if width > 1 else i32 for width in widths(vw)}
+    acc = {width: local(b, ty, ir.Constant(ty, None), name=f"diff{width}") for width, ty in words.items()}
+
+    def differ(b: ir.IRBuilder, k: ir.Value, width: int) -> None:
+        bits = [b.bitcast(emit.load(b, v, k, width), words[width]) for v in (x, y)]
+        b.store(b.or_(b.load(acc[width]), b.xor(*bits)), acc[width])
+
+    vector_loop(b, 0, count, vw, differ, name="wcmp")
+    same = ir.Constant(ir.IntType(1), 1)
+    for width, ty in words.items():
+        lanes = b.icmp_unsigned("==", b.load(acc[width]), ir.Constant(ty, None))
+        if width > 1:  # every lane zero: the lanes' bits as one integer are all ones
+            lanes = b.icmp_unsigned("==", b.bitcast(lanes, ir.IntType(width)), ir.Constant(ir.IntType(width), -1))
+        same = b.and_(same, lanes)
+    return same
 
 
 def _bt(b: ir.IRBuilder, d: list[ir.Value]) -> list[ir.Value]:
@@ -203,29 +260,37 @@ def transform_input(b: ir.IRBuilder, p: Plane, pad: ir.Value, ty0: ir.Value, row
             vector_loop(b, 0, tw, p.vw, patch, name="vx")
 
 
-def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, u: ir.Value, ws: ir.Value, finish: Finish) -> None:
-    """Every output of the convolution of the padded plane `pad` with the transformed weights `u`, to `finish`.
+def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, u: ir.Value, ws: ir.Value, finish: Finish,
+            tile_rows: tuple[int, int] | None = None) -> None:
+    """Every output of the convolution of the padded plane `pad` with the transformed weights `u`, to `finish`
+    (or those of tile rows [t0, t1): `tile_rows`, a thread's share of an image in ``infer_split``).
 
     ``finish(b, r, at, value, width)`` gets output channel r's values at the
     dense offsets ``at .. at + width - 1`` (``(r * oh + oy) * ow + ox``), as from
     ``conv_direct.each_output``. Blocks and tile rows are run-time loops, so the
     code does not grow with the map.
     """
-    blk = Blocks(p)
-    full, rest = divmod(blk.th, blk.rows)
+    by_blocks(b, Blocks(p), tile_rows, lambda b, ty0, rows: _block(b, p, Blocks(p), pad, u, ws, ty0, rows, finish))
+
+
+def by_blocks(b: ir.IRBuilder, blk: Blocks, tile_rows: tuple[int, int] | None, body) -> None:
+    """``body(b, ty0, rows)`` over tile rows [t0, t1) (default: all) in blocks of ``blk.rows`` and a rest."""
+    t0, t1 = tile_rows or (0, blk.th)
+    full, rest = divmod(t1 - t0, blk.rows)
     if full:
         with for_range(b, 0, full, name="wb") as block:
-            _block(b, p, blk, pad, u, ws, index(b, (block, blk.rows)), blk.rows, finish)
+            body(b, index(b, (block, blk.rows), t0), blk.rows)
     if rest:
-        _block(b, p, blk, pad, u, ws, i64(full * blk.rows), rest, finish)
+        body(b, i64(t0 + full * blk.rows), rest)
 
 
-def _products(b: ir.IRBuilder, p: Plane, u: ir.Value, v: ir.Value, m: ir.Value, cols: int, tiles: int) -> None:
-    """The 16 products M_xi = U_xi @ V_xi over `tiles` columns (rows of V and M `cols` long): tiles of 4 rows by
-    up to 4 vectors of columns (2 on narrower targets: 16 registers), or 8 rows by one vector where there are
-    fewer (an 8x8 map's 16 tiles)."""
+def products(b: ir.IRBuilder, p: Plane, u: ir.Value, v: ir.Value, m: ir.Value, cols: int, tiles: int,
+             xi_count: int = 16) -> None:
+    """The `xi_count` products M_xi = U_xi @ V_xi over `tiles` columns (rows of V and M `cols` long): tiles of
+    4 rows by up to 4 vectors of columns (2 on narrower targets: 16 registers), or 8 rows by one vector where
+    there are fewer (an 8x8 map's 16 tiles)."""
     vectors = max(1, min(4 if p.vw >= 16 else 2, tiles // p.vw))
-    with for_range(b, 0, 16, name="xi") as xi:
+    with for_range(b, 0, xi_count, name="xi") as xi:
         u_xi = Mat(emit.gep(b, u, index(b, (xi, p.m * p.c))), rs=p.c)
         v_xi = Mat(emit.gep(b, v, index(b, (xi, p.c * cols))), rs=cols)
         m_xi = emit.gep(b, m, index(b, (xi, p.m * cols)), name="m.xi")
@@ -243,7 +308,7 @@ def _block(b: ir.IRBuilder, p: Plane, blk: Blocks, pad: ir.Value, u: ir.Value, w
     m = emit.gep(b, ws, blk.v_floats, name="wino.m")
     tw, t = blk.tw, blk.cols
     transform_input(b, p, pad, ty0, rows, v, t, 0)
-    _products(b, p, u, v, m, t, rows * tw)
+    products(b, p, u, v, m, t, rows * tw)
     # output transform: each 2x2 block of outputs
     with for_range(b, 0, p.m, name="yo") as oi:
         with for_range(b, 0, rows, name="yr") as r:
@@ -300,7 +365,7 @@ def _image_block(b: ir.IRBuilder, p: Plane, blk: ImageBlocks, image: Image, x: i
     with for_range(b, 0, images, name="wi.in") as g:
         x_img = emit.gep(b, x, index(b, (b.add(n, g), x_stride)), name="wi.x")
         _image_input(b, p, image, x_img, v, t, index(b, (g, per_image)))
-    _products(b, p, u, v, m, t, images * per_image)
+    products(b, p, u, v, m, t, images * per_image)
     with for_range(b, 0, images, name="wi.out") as g:
         _image_output(b, p, m, t, index(b, (g, per_image)), finish_of(b, b.add(n, g)))
 

@@ -22,7 +22,12 @@ from cnnc.codegen.batchnorm import (
     emit_bn_grad_sums_fan_out,
     emit_bn_stats,
 )
-from cnnc.codegen.conv import emit_conv_backward_data, emit_conv_backward_weights, emit_conv_forward
+from cnnc.codegen.conv import (
+    emit_conv_backward_data,
+    emit_conv_backward_weights,
+    emit_conv_forward,
+    weight_cache_floats,
+)
 from cnnc.codegen.dense import emit_dense_backward_data, emit_dense_backward_weights, emit_dense_forward
 from cnnc.codegen.elementwise import (
     emit_activation_backward,
@@ -62,7 +67,7 @@ def conv_spec(ctx, name: str, accumulate: bool = False, fused: bool = True) -> C
     c, h, w = ctx.node(node["inputs"][0])["shape"]
     geo, a = node["geometry"], node["args"]
     pt, _, pl, _ = geo["pads"]
-    return ConvSpec(
+    spec = ConvSpec(
         c=c, h=h, w=w, o=geo["out"], oh=geo["oh"], ow=geo["ow"], kh=geo["k"][0], kw=geo["k"][1],
         sh=a["stride"][0], sw=a["stride"][1], pt=pt, pl=pl, groups=a["groups"], connect=a["connect"],
         dh=a["dilation"][0], dw=a["dilation"][1],
@@ -71,6 +76,14 @@ def conv_spec(ctx, name: str, accumulate: bool = False, fused: bool = True) -> C
         x_stride=ctx.value(node["inputs"][0]).stride, y_stride=ctx.value(name).stride, accumulate=accumulate,
         winograd=ctx.g.graph.get("winograd", True), scale_at=_scale_at(ctx, name),
     )
+    return cached(ctx, spec)
+
+
+def cached(ctx, spec: ConvSpec) -> ConvSpec:
+    """`spec` marked ``cached`` where the entry keeps Winograd weights between calls (inference) and its forward
+    runs by Winograd."""
+    keep = ctx.caches_weights and weight_cache_floats(dataclasses.replace(spec, cached=True), ctx.builder.vw) > 0
+    return dataclasses.replace(spec, cached=keep)
 
 
 def _scale_at(ctx, name: str) -> int:
@@ -129,9 +142,9 @@ def forward_conv(ctx, name: str) -> None:
         return forward_dense(ctx, name)
     node = ctx.node(name)
     pre = ctx.plan.pre.get(name)
-    fn = ctx.kernel(emit_conv_forward, conv_spec(ctx, name, fused=pre is None))
-    ctx.call(fn, ctx.value(node["inputs"][0]), ctx.param(name, "weight"), ctx.param(name, "bias"),
-             pre or ctx.value(name), ctx.ws)
+    spec = conv_spec(ctx, name, fused=pre is None)
+    ctx.call(ctx.kernel(emit_conv_forward, spec), ctx.value(node["inputs"][0]), ctx.param(name, "weight"),
+             ctx.param(name, "bias"), pre or ctx.value(name), ctx.ws, *ctx.weight_cache(spec, (name, 0, spec.o)))
     _activate(ctx, name, pre)
 
 

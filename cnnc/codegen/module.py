@@ -63,10 +63,10 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 import networkx as nx
 
-from cnnc.codegen import emit, optim, split
+from cnnc.codegen import emit, handoff, optim, split
 from cnnc.codegen.augment import emit_augment
 from cnnc.codegen.batchnorm import emit_bn_fold
-from cnnc.codegen.conv import conv_workspace_floats
+from cnnc.codegen.conv import conv_workspace_floats, weight_cache_floats
 from cnnc.codegen.elementwise import emit_copy, emit_gaussian_noise
 from cnnc.codegen.emit import I64, PTR
 from cnnc.codegen.gather import ARGS as GATHER_ARGS
@@ -172,6 +172,10 @@ class Builder:
         self._kernels: dict[tuple, ir.Function] = {}
         self.chunked: dict[str, str] = {}  # kernel name -> how a training step runs it (CHUNKED)
         self.ws_floats = 0  # scratch one thread needs: the largest conv kernel's workspace
+        # inference keeps each layer's Winograd weights between calls in a region of its own, in front of `ws`
+        # (the runtime allocates ``ws_cache_floats`` floats before the pointer it passes): key -> (start, floats)
+        self.cache_regions: dict[tuple, tuple[int, int]] = {}
+        self.cache_floats = 0
         self.slots, self.param_floats = param_layout(g)
         self.slot = {(s.layer, s.kind): s for s in self.slots}
         self.state_slots, self.state_floats = param_layout(g, "state")
@@ -199,8 +203,9 @@ class Entry:
     """One entry-point function being emitted: resolves tensors and parameters to pointers."""
 
     def __init__(self, builder: Builder, plan: Plan, name: str, args: list[str], g: nx.DiGraph | None = None,
-                 slots: dict | None = None) -> None:
+                 slots: dict | None = None, caches_weights: bool = False) -> None:
         self.builder = builder
+        self.caches_weights = caches_weights  # inference: conv kernels keep their Winograd weights (ConvSpec.cached)
         self.g = builder.g if g is None else g
         self.slots = builder.slot if slots is None else slots
         self.plan = plan
@@ -286,6 +291,20 @@ class Entry:
     def kernel(self, emitter, spec) -> ir.Function:
         return self.builder.kernel(emitter, spec)
 
+    def weight_cache(self, spec: ConvSpec, key: tuple) -> list[ir.Value]:
+        """The `cache` argument of a conv forward of `spec` (none unless ``spec.cached``): the region kept for
+        `key` (a layer and the rows of its output channels a kernel computes), in front of this thread's `ws`."""
+        if not spec.cached:
+            return []
+        floats = weight_cache_floats(spec, self.builder.vw)
+        regions = self.builder.cache_regions
+        if key not in regions:
+            regions[key] = (self.builder.cache_floats, floats)
+            self.builder.cache_floats += aligned(floats)
+        start, size = regions[key]
+        assert size == floats, f"cache region {key} taken by kernels of different sizes"
+        return [self.b.gep(self.args["ws"], [emit.i64(-(start + aligned(size)))], source_etype=emit.F32)]
+
     def pointer(self, t: Tensor) -> ir.Value:
         return emit.gep(self.b, self.args[t.base], t.offset) if t.offset else self.args[t.base]
 
@@ -335,7 +354,7 @@ def build_module(g: nx.DiGraph, vector_width: int, profile: bool = False) -> tup
     infer_plan = _like_training(plan_memory(inf, training=False), train_plan, inf.graph["output"])
     infer_where, folded_slots, folded_floats = inference_layout(builder, inf)
 
-    entry = Entry(builder, infer_plan, "infer", INFER_ARGS, inf, infer_where)
+    entry = Entry(builder, infer_plan, "infer", INFER_ARGS, inf, infer_where, caches_weights=True)
     for n in execution_order(inf):
         with entry.timed("forward", n):
             FORWARD[inf.nodes[n]["op"]](entry, n)
@@ -351,8 +370,9 @@ def build_module(g: nx.DiGraph, vector_width: int, profile: bool = False) -> tup
     entry.b.ret_void()
     parts = 0
     if g.graph["totals"]["total_macs"] >= split.MIN_MACS:  # (in the profiling build too: its layers are timed)
-        shared = Entry(builder, infer_plan, "infer_split", INFER_SPLIT_ARGS, inf, entry.slots)
+        shared = Entry(builder, infer_plan, "infer_split", INFER_SPLIT_ARGS, inf, entry.slots, caches_weights=True)
         split.emit_split_entry(shared, execution_order(inf), copy_out, (split.span(out_value), split.span(y)))
+        handoff.emit_handoff(builder.module, shared.fn)
         parts = split.PARTS
 
     if builder.bn_slots:
@@ -392,8 +412,10 @@ def build_module(g: nx.DiGraph, vector_width: int, profile: bool = False) -> tup
         "params": builder.slots,
         "arena_infer": infer_plan.arena_floats,
         "infer_parts": parts,
+        "infer_handoff": parts == 2,
         "arena_train": train_plan.arena_floats,
         "ws_floats": builder.ws_floats,
+        "ws_cache_floats": builder.cache_floats,
         "updates": optim.constants(),  # each loop's constants, in order
         "state": builder.state_slots,
         "state_floats": builder.state_floats,

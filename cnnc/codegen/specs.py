@@ -56,6 +56,8 @@ class ConvSpec:
     accumulate: bool = False
     winograd: bool = True  # 3x3 stride-1 convolutions may use Winograd F(2x2, 3x3) (conv_winograd.applies)
     scale_at: int = 0  # a folded batchnorm: y = conv * scale[o] + b[o], scale `scale_at` floats after b (0: none)
+    cached: bool = False  # inference: the forward takes a `cache` region to keep its Winograd weights between calls
+    rows: tuple[int, int] | None = None  # infer_split: the forward computes output rows [r0, r1) only (conv.row_tile)
 
 
 @dataclass(frozen=True)

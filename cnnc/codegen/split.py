@@ -30,11 +30,20 @@ import llvmlite.ir as ir
 
 from cnnc.codegen import emit
 from cnnc.codegen.batchnorm import emit_bn_apply
-from cnnc.codegen.conv import emit_conv_forward
+from cnnc.codegen.conv import emit_conv_forward, row_tile
 from cnnc.codegen.dense import emit_dense_forward
 from cnnc.codegen.elementwise import emit_activation_forward, emit_copy, emit_sum
 from cnnc.codegen.emit import I64, i64
-from cnnc.codegen.lowering import FORWARD, batchnorm_spec, conv_spec, covers_input, dense_spec, pool_spec, sum_spec
+from cnnc.codegen.lowering import (
+    FORWARD,
+    batchnorm_spec,
+    cached,
+    conv_spec,
+    covers_input,
+    dense_spec,
+    pool_spec,
+    sum_spec,
+)
 from cnnc.codegen.plan import ALIGN, Tensor
 from cnnc.codegen.pool import emit_pool_forward
 from cnnc.codegen.specs import CopySpec, ElementwiseSpec
@@ -89,8 +98,9 @@ def _param(ctx, layer: str, kind: str, delta: int) -> ir.Value:
 def _by_outputs(ctx, name: str, x: Tensor, y: Tensor, o: int, per_out: int, per_w: int, kernel,
                 workspace: bool) -> list[Share]:
     """A layer cut by output channels: each share reads all of `x`, writes its channels of `y`
-    (``per_out`` floats each) and reads its rows of the weight (``per_w`` floats each); `workspace`: the
-    kernel takes the thread's ``ws``."""
+    (``per_out`` floats each) and reads its rows of the weight (``per_w`` floats each); ``kernel(o, lo)``: the
+    kernel of the `o` channels from `lo` and its arguments after the output (and ``ws``, `workspace`: the kernel
+    takes the thread's)."""
     shares = []
     for lo, hi in cuts(o):
         if lo == hi:
@@ -99,9 +109,9 @@ def _by_outputs(ctx, name: str, x: Tensor, y: Tensor, o: int, per_out: int, per_
         out = part(y, lo * per_out, hi * per_out)
 
         def call(ctx, lo=lo, hi=hi, out=out) -> None:
-            fn = kernel(hi - lo)
+            fn, extra = kernel(hi - lo, lo)
             args = [x, _param(ctx, name, "weight", lo * per_w), _param(ctx, name, "bias", lo), out]
-            ctx.call(fn, *args, *([ctx.ws] if workspace else []))
+            ctx.call(fn, *args, *([ctx.ws] if workspace else []), *extra)
 
         shares.append(Share([call], [span(x)], [span(out)]))
     return shares
@@ -115,15 +125,44 @@ def split_conv(ctx, name: str) -> list[Share] | None:
     if spec.groups != 1 or spec.connect is not None:
         return None
     x, y = ctx.value(node["inputs"][0]), ctx.value(name)
-    return _by_outputs(ctx, name, x, y, spec.o, spec.oh * spec.ow, spec.c * spec.kh * spec.kw,
-                       lambda o: ctx.kernel(emit_conv_forward, dataclasses.replace(spec, o=o)), True)
+    tile = row_tile(spec, ctx.builder.vw)
+    if tile and spec.oh // tile >= PARTS:
+        return _by_rows(ctx, name, spec, x, y, tile)
+
+    def kernel(o: int, lo: int) -> tuple[ir.Function, list[ir.Value]]:
+        share = cached(ctx, dataclasses.replace(spec, o=o))
+        return ctx.kernel(emit_conv_forward, share), ctx.weight_cache(share, (name, lo, lo + o))
+
+    return _by_outputs(ctx, name, x, y, spec.o, spec.oh * spec.ow, spec.c * spec.kh * spec.kw, kernel, True)
+
+
+def _by_rows(ctx, name: str, spec, x: Tensor, y: Tensor, tile: int) -> list[Share]:
+    """A Winograd conv cut by whole tile rows: each share computes every output channel's rows [r0, r1) (the input
+    transform is not done twice, as a cut by channels does; the shares keep the same Winograd weights as the
+    whole layer, ``Entry.weight_cache``)."""
+    shares = []
+    plane = spec.oh * spec.ow
+    for lo, hi in cuts(spec.oh // tile):
+        if lo == hi:
+            shares.append(Share())
+            continue
+        share = dataclasses.replace(spec, rows=(lo * tile, hi * tile))
+
+        def call(ctx, share=share) -> None:
+            fn = ctx.kernel(emit_conv_forward, share)
+            ctx.call(fn, x, _param(ctx, name, "weight", 0), _param(ctx, name, "bias", 0), y, ctx.ws,
+                     *ctx.weight_cache(share, (name, 0, spec.o)))
+
+        writes = [span(y, r * plane + lo * tile * spec.ow, r * plane + hi * tile * spec.ow) for r in range(spec.o)]
+        shares.append(Share([call], [span(x)], writes))
+    return shares
 
 
 def split_dense(ctx, name: str) -> list[Share]:
     spec = dense_spec(ctx, name)
     x, y = ctx.value(ctx.node(name)["inputs"][0]), ctx.value(name)
     return _by_outputs(ctx, name, x, y, spec.o, 1, spec.f,
-                       lambda o: ctx.kernel(emit_dense_forward, dataclasses.replace(spec, o=o)), False)
+                       lambda o, lo: (ctx.kernel(emit_dense_forward, dataclasses.replace(spec, o=o)), []), False)
 
 
 def split_pool(ctx, name: str) -> list[Share]:

@@ -21,6 +21,7 @@ from cnnc.codegen.conv import (
     emit_conv_backward_data,
     emit_conv_backward_weights,
     emit_conv_forward,
+    weight_cache_floats,
 )
 from cnnc.codegen.specs import ConvSpec
 from tests.codegen.buffers import ACTS, act_args_of, act_ref
@@ -352,6 +353,113 @@ def test_winograd_forward_on_whole_images(jit, case: int) -> None:
     for k in range(1, n + 1):
         jit("fwd", x_buf, wt.astype(np.float32), bias.astype(np.float32), one, ws, k, k + 1)
     np.testing.assert_array_equal(one, y)
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["blocks", "whole_images"])
+def test_winograd_weights_kept_between_calls_follow_every_change(jit, whole: bool) -> None:
+    """A cached forward (inference) keeps U in its region: the same bits as the uncached kernel, and a call after
+    the weights changed in place (one weight, or a sign bit only) sees the change."""
+    h, w, pad = WHOLE_IMAGES[jit.vw][0] if whole else (16, 16, (1, 1, 1, 1))
+    s = dataclasses.replace(make_spec(16, h, w, 18, 3, 3, pad=pad, gap=3), act="relu")
+    cached = dataclasses.replace(s, cached=True)
+    emit_conv_forward(jit.module, "plain", s, jit.vw)
+    emit_conv_forward(jit.module, "cached", cached, jit.vw)
+    floats = weight_cache_floats(cached, jit.vw)
+    if whole and not floats:
+        pytest.skip("at 4 lanes a map of one vector of tiles (4x4) is too narrow for Winograd")
+    assert floats > 0 and weight_cache_floats(s, jit.vw) == 0
+    rng = np.random.default_rng(8)
+    x_buf = arena(rng.uniform(-1, 1, (N_IMAGES, s.c, h, w)), s.x_stride, np.nan)
+    wt, bias = random_weights(rng, s).astype(np.float32), rng.uniform(-1, 1, s.o).astype(np.float32)
+    cache = np.zeros(floats + WS_GUARD, np.float32)  # zeroed: a valid region (U of zero weights)
+    cache[floats:] = SENTINEL
+    xr = x_buf[N0:N1, :s.c * h * w].reshape(-1, s.c, h, w).astype(np.float64)
+
+    def run(name: str, *region) -> np.ndarray:
+        y = np.full((N_IMAGES, s.y_stride), SENTINEL, dtype=np.float32)
+        jit(name, x_buf, wt, bias, y, workspace(s, jit.vw), *region, N0, N1)
+        return y
+
+    for change in (None, "one", "sign", "back"):
+        if change == "one":
+            wt[5, 3, 1, 2] += 0.25
+        elif change == "sign":
+            wt[0, 0, 0, 0] = -wt[0, 0, 0, 0]
+        elif change == "back":
+            wt[5, 3, 1, 2] -= 0.25
+        got = run("cached", cache)
+        want = act_ref(conv_ref(xr, wt.astype(np.float64), bias.astype(np.float64), s), "relu")
+        check_arena(got, np.full_like(got, SENTINEL), want, s.o * s.oh * s.ow)
+        np.testing.assert_array_equal(run("cached", cache), got)  # (kept: the same again)
+        if whole:  # (F(2x2) both: the same arithmetic; the blocks run by F(4x4) when cached, conv_winograd4)
+            np.testing.assert_array_equal(got, run("plain"))
+    assert np.all(cache[floats:] == SENTINEL), "kernel wrote past its cache region"
+
+
+# Inference's F(4x4, 3x3) (conv_winograd4): ResNet's 32x32 and 16x16 stages (rows of 8 and 4 tiles: 2 and 4 rows
+# a vector at 16 lanes); rows of 9 tiles (vector tails) in blocks of 7 tile rows and a rest of 2;
+# 5 tile rows of 4 (a vector of 4 rows, then one); a valid convolution; the fewest outputs (8) and an odd channel count
+WINOGRAD4 = {"resnet_32": (16, 32, 32, 16, (1, 1, 1, 1)), "resnet_16": (32, 16, 16, 16, (1, 1, 1, 1)),
+             "blocks_and_tails": (17, 36, 36, 8, (1, 1, 1, 1)), "rows_rest": (16, 20, 16, 8, (1, 1, 1, 1)),
+             "valid": (16, 34, 34, 9, (0, 0, 0, 0))}
+
+
+@pytest.mark.parametrize("case", list(WINOGRAD4))
+def test_winograd_4x4_forward_at_inference(jit, case: str) -> None:
+    """F(4x4) against the float64 reference: its transforms multiply by up to 8, so its rounding is larger than
+    F(2x2)'s; the bound (1e-5 of the largest output, as the other kernels) holds (measured on 64 channels at 32x32:
+    5e-6, against 4e-7 by F(2x2))."""
+    from cnnc.codegen import conv_winograd4
+    from cnnc.codegen.conv import _Geom
+
+    c, h, w, o, pad = WINOGRAD4[case]
+    s = dataclasses.replace(make_spec(c, h, w, o, 3, 3, pad=pad, gap=3), act="relu", cached=True)
+    assert conv_winograd4.applies(_Geom(s).forward_plane(jit.vw), None)
+    floats = weight_cache_floats(s, jit.vw)
+    assert floats >= 36 * s.o * s.c
+    emit_conv_forward(jit.module, "fwd", s, jit.vw)
+    rng = np.random.default_rng(11)
+    x_buf = arena(rng.uniform(-1, 1, (N_IMAGES, c, h, w)), s.x_stride, np.nan)
+    wt, bias = random_weights(rng, s), rng.uniform(-1, 1, s.o)
+    y = np.full((N_IMAGES, s.y_stride), SENTINEL, dtype=np.float32)
+    ws, cache = workspace(s, jit.vw), np.zeros(floats, np.float32)
+    jit("fwd", x_buf, wt.astype(np.float32), bias.astype(np.float32), y, ws, cache, N0, N1)
+    check_guard(ws, s, jit.vw)
+    xr = x_buf[N0:N1, :c * h * w].reshape(-1, c, h, w).astype(np.float64)
+    want = act_ref(conv_ref(xr, wt, bias.astype(np.float32).astype(np.float64), s), "relu")
+    check_arena(y, np.full_like(y, SENTINEL), want, s.o * s.oh * s.ow)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["f2x2", "f4x4"])
+def test_a_share_of_tile_rows_computes_exactly_those_rows(jit, cached: bool) -> None:
+    """``ConvSpec.rows`` (infer_split's cut of a Winograd conv): every channel's rows [r0, r1), the bits of the whole
+    layer's there, nothing written elsewhere; the shares together give the whole output."""
+    from cnnc.codegen.conv import row_tile
+
+    s = dataclasses.replace(make_spec(16, 16, 32, 12, 3, 3, pad=(1, 1, 1, 1), gap=3), act="relu", cached=cached)
+    tile = row_tile(s, jit.vw)
+    assert tile == (4 if cached else 2)
+    cuts = [(0, 8), (8, 12), (12, 16)]
+    emit_conv_forward(jit.module, "whole", s, jit.vw)
+    for k, rows in enumerate(cuts):
+        emit_conv_forward(jit.module, f"share{k}", dataclasses.replace(s, rows=rows), jit.vw)
+    rng = np.random.default_rng(12)
+    x_buf = arena(rng.uniform(-1, 1, (N_IMAGES, s.c, s.h, s.w)), s.x_stride, np.nan)
+    wt, bias = random_weights(rng, s).astype(np.float32), rng.uniform(-1, 1, s.o).astype(np.float32)
+    region = [np.zeros(weight_cache_floats(s, jit.vw), np.float32)] if cached else []
+    whole = np.full((N_IMAGES, s.y_stride), SENTINEL, dtype=np.float32)
+    jit("whole", x_buf, wt, bias, whole, workspace(s, jit.vw), *region, N0, N1)
+    together = np.full_like(whole, SENTINEL)
+    for k, (r0, r1) in enumerate(cuts):
+        alone = np.full_like(whole, SENTINEL)
+        jit(f"share{k}", x_buf, wt, bias, alone, workspace(s, jit.vw), *region, N0, N1)
+        jit(f"share{k}", x_buf, wt, bias, together, workspace(s, jit.vw), *region, N0, N1)
+        mine = np.zeros((N_IMAGES, s.y_stride), bool)
+        mine[N0:N1, :s.o * s.oh * s.ow] = np.broadcast_to(
+            (np.arange(s.oh)[:, None] >= r0) & (np.arange(s.oh)[:, None] < r1), (s.o, s.oh, s.ow)).reshape(-1)
+        np.testing.assert_array_equal(alone[mine], whole[mine])
+        assert np.all(alone[~mine] == SENTINEL)
+    np.testing.assert_array_equal(together, whole)
 
 
 def test_which_convolutions_run_by_winograd() -> None:

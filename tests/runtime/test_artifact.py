@@ -338,6 +338,7 @@ LIES = [  # consistent manifests that describe other code than theirs: (change, 
     ("param_floats", 2 * 61760, "param_floats"), ("input.shape", [1, 28, 28], "input.shape"),
     ("output.shape", [100], "output.shape"), ("loss_inputs.cross_entropy", 2, "loss_inputs"),
     ("has_dropout", True, "has_dropout"), ("params.1.offset", 168, "params[1]"),
+    ("ws_cache_floats", 16, "ws_cache_floats"),
 ]
 
 
@@ -516,3 +517,23 @@ def test_code_that_promises_infer_split_but_lacks_it_is_refused(tmp_path, monkey
             m.setenv("CNNC_THREADS", threads)
             with pytest.raises(ValueError, match="the object code has no function infer_split"):
                 cnnc.load(path)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the object code is checked as ELF on Linux")
+def test_the_kept_winograd_weights_region_is_part_of_the_layout(tmp_path) -> None:
+    """Inference's kernels write their kept Winograd weights in front of each thread's workspace: a manifest that
+    promises less room there than the code uses is refused; code compiled before the field (none recorded, no
+    region) loads as it did."""
+    from tests.runtime.test_batchnorm import model
+    from tests.runtime.test_inference_split import SPLITNET
+
+    path = tmp_path / "split.cnnc"
+    model(SPLITNET, threads=2).save_artifact(path)
+    manifest, obj, weights = artifact.unpack(path.read_bytes())
+    assert manifest["ws_cache_floats"] > 0 and manifest["infer_handoff"] is True
+    for lie in (0, manifest["ws_cache_floats"] - 16):
+        path.write_bytes(artifact.pack({**manifest, "ws_cache_floats": lie}, obj, weights))
+        with pytest.raises(ValueError, match="manifest field 'ws_cache_floats'"):
+            cnnc.load(path)
+    saved = {k: v for k, v in manifest.items() if k != "ws_cache_floats"}
+    assert artifact.contract(saved)["ws_cache_floats"] == artifact.UNRECORDED["ws_cache_floats"] == 0

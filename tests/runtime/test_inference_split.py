@@ -6,6 +6,10 @@ and PyTorch's functional ops in float64 for ResNet-20; measured there: 2e-7).
 
 from __future__ import annotations
 
+import multiprocessing
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -14,9 +18,10 @@ from cnnc_runtime.engine import SplitChoice
 from tests.reference import EXAMPLES, graph
 from tests.runtime.test_batchnorm import assert_close, batch, everything, model, randomize
 
-# Every kind of share: output channels split unevenly (33 = 17 + 16), a strided 1x1 conv (im2col), a pool and
+# Every kind of share: output channels split unevenly (33 = 17 + 16), Winograd convs split by tile rows (c2, c4 by
+# F(4x4) on 32x32 and 16x16: 16 + 16 and 8 + 8 rows of every channel), a strided 1x1 conv (im2col), a pool and
 # an unfolded batchnorm by channels, add and gelu by floats, concat and softmax run whole by one thread, a
-# dense layer with a batchnorm folded in; 9.7M multiply-adds per image, enough for infer_split.
+# dense layer with a batchnorm folded in; 12M multiply-adds per image, enough for infer_split.
 SPLITNET = """
 network splitnet {
     input image: 3x32x32
@@ -24,7 +29,7 @@ network splitnet {
     b   = a -> conv(33, 3x3, pad=1, bias=false) as c2 -> tanh
     s   = b -> conv(33, 1x1, stride=2) as c3
     p   = b -> maxpool(2x2) -> batchnorm as bn2
-    r   = add(s, p) -> gelu
+    r   = add(s, p) -> gelu -> conv(33, 3x3, pad=1) as c4
     k   = concat(r, p) -> avgpool(2x2)
     f   = k -> flatten -> dropout(0.5) -> dense(7) as fc1 -> batchnorm as bn3 -> relu
     out = f -> dense(5) as fc2 -> softmax
@@ -75,18 +80,97 @@ def test_the_faster_way_runs_and_the_other_is_tried_now_and_then():
     assert ways.count(True) == 2  # one thread is faster: shared only as a probe, every PROBE-th call
 
 
-def test_inference_sees_weights_and_statistics_written_into_views():
-    """The batchnorm coefficients are folded at every call: an in-place write to a view counts at once."""
-    m = randomized(model(SPLITNET, threads=2))
-    x, _ = batch(m, 3)
+@pytest.mark.parametrize("n,shared", [(3, True), (3, False), (40, False)])
+def test_inference_sees_weights_and_statistics_written_into_views(n, shared):
+    """The batchnorm coefficients are folded at every call and the Winograd weights kept between calls are
+    checked against the weights' bits (c2 runs by Winograd: its whole layer, and each thread's share): an
+    in-place write to a view counts at once, on every path (one image shared, a small batch on one thread, a
+    batch split between threads)."""
+    m = randomized(model(SPLITNET, threads=2), shared)
+    assert m.manifest["ws_cache_floats"] > 0
+    x, _ = batch(m, n)
     before = m(x)
+    assert_close(before, reference_forward(graph(SPLITNET), everything(m), x), 1e-5)
     m.params["c1.weight"][0] *= -1.5
+    m.params["c2.weight"][4, 7] *= -2.0  # (a row of the second thread's share too)
+    m.params["c2.weight"][30, 0, 1, 1] += 0.5
     m.buffers["bn1.running_var"][...] += 2.0
     m.params["bn3.bias"][2] += 1.0
     want = reference_forward(graph(SPLITNET), everything(m), x)
     got = m(x)
     assert np.abs(got - before).max() > 1e-2
     assert_close(got, want, 1e-5)
+    m.params["c2.weight"][4, 7] *= -0.5  # only c2, and back to where it was but for a factor
+    assert_close(m(x), reference_forward(graph(SPLITNET), everything(m), x), 1e-5)
+
+
+def test_the_second_share_goes_to_a_pool_thread_waiting_in_native_code():
+    """infer_split's part 1 is handed to a server on pool worker 1 (cnnc.codegen.handoff): the same outputs on
+    every turn of its life (started, waiting, stopped by a batch through the pool, gone after its idle time,
+    replaced by another model's), and from two Python threads at once."""
+    from cnnc.codegen import handoff
+    from cnnc_runtime.parallel import HANDOFF_INT64S, HANDOFF_STOP, shared_pool
+
+    assert HANDOFF_INT64S >= handoff.INT64S and HANDOFF_STOP == handoff.STOP  # (the runtime's copy of the layout)
+    m, other = randomized(model(SPLITNET, threads=2)), randomized(model(SPLITNET, threads=2))
+    assert m.manifest["infer_handoff"] and m._split_handoff is not None
+    pool = shared_pool(2)
+    x1, _ = batch(m, 1)
+    x9, _ = batch(m, 9)
+    want1, want9 = (reference_forward(graph(SPLITNET), everything(m), x) for x in (x1, x9))
+    first = m(x1)
+    assert_close(first, want1, 1e-5)
+    assert pool._served and pool._server_key is m._lib
+    for _ in range(5):
+        assert np.array_equal(m(x1), first)
+    assert_close(m(x9), want9, 1e-5)  # a batch through pool.run: the server is told to stop first
+    assert not pool._served
+    assert np.array_equal(m(x1), first)
+    deadline = time.monotonic() + 5
+    while pool.handoff[handoff.STATE] != 0 and time.monotonic() < deadline:  # it leaves after its idle time
+        time.sleep(0.01)
+    assert pool.handoff[handoff.STATE] == 0
+    assert np.array_equal(m(x1), first)  # (a new server)
+    other_first = other(x1)
+    assert pool._server_key is other._lib
+    assert_close(other_first, reference_forward(graph(SPLITNET), everything(other), x1), 1e-5)
+    assert np.array_equal(m(x1), first)
+    results = [[], []]
+
+    def calls(k: int) -> None:
+        for _ in range(20):
+            results[k].append(m(x1) if k == 0 else other(x1))
+
+    threads = [threading.Thread(target=calls, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(np.array_equal(y, first) for y in results[0]) and len(results[0]) == 20
+    assert all(np.array_equal(y, other_first) for y in results[1]) and len(results[1]) == 20
+
+
+def _outputs_in_child(m, x: np.ndarray, results) -> None:
+    results.put([m(x) for _ in range(3)])
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork here")
+def test_a_process_forked_while_the_server_waits_shares_images_in_its_own_pool():
+    """The server thread does not exist in a forked child: the child's pool (made anew) starts its own."""
+    m = randomized(model(SPLITNET, threads=2))
+    x1, _ = batch(m, 1)
+    out = m(x1)  # the server waits now
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    child = ctx.Process(target=_outputs_in_child, args=(m, x1, results))
+    child.start()
+    try:
+        got = results.get(timeout=30)  # (fails, never hangs, if the child waits for a server it does not have)
+    finally:
+        child.join(timeout=5)
+        if child.is_alive():
+            child.kill()
+    assert all(np.array_equal(y, out) for y in got)
 
 
 torch = pytest.importorskip("torch")
