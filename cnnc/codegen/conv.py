@@ -556,7 +556,12 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         b.ret_void()
         return
     pad, out, _ = conv_direct.sections(b, p, args["ws"])
-    conv_direct.zero(b, pad, 0, p.pad_floats, vw)  # the border; each image then fills the interior
+    # whole planes: each image writes them, border and all; else the border is zeroed once, the interior filled
+    borders = not p.shifted and spec.rows is None and not _winograd4(spec, p)
+    if borders:
+        conv_direct.zero_tail(b, p, pad)
+    else:
+        conv_direct.zero(b, pad, 0, p.pad_floats, vw)
     weights = args["w"]  # a connect table's tiles never read the weights outside it
     tile = row_tile(spec, vw)
     assert spec.rows is None or (tile and spec.rows[0] % tile == 0 and spec.rows[1] % tile == 0), spec.rows
@@ -580,7 +585,7 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         if p.shifted:
             conv_direct.fill_shifted(b, p, x_img, spec.h, spec.w, top, left, pad)
         else:
-            conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad, reads)
+            conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad, reads, borders)
         finish = finish_of(b, n)
 
         if winograd:
@@ -619,17 +624,17 @@ def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geo
         b.ret_void()
         return
     pad, out, wt = conv_direct.sections(b, p, args["ws"])
-    conv_direct.zero(b, pad, 0, p.pad_floats, vw)
-    # flipped as they are: a connect table's tiles never read the weights outside it
-    conv_direct.flipped(b, spec.o, spec.c, spec.kh, spec.kw, args["w"], wt)
+    conv_direct.zero_tail(b, p, pad)  # each image writes the planes, border and all
     top, left, _, _ = g.pads
     winograd = _winograd(spec, p)
-    if winograd:
+    if winograd:  # (the direct tiles read the weights in place: conv_direct.Weights.transposed)
+        conv_direct.flipped(b, spec.o, spec.c, spec.kh, spec.kw, args["w"], wt)
         u, wino_ws = _winograd_weights(b, p, args["ws"], wt)
+    layout = conv_direct.Weights.transposed(p)
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         dy_img = emit.gep(b, args["dy"], index(b, (n, g.y_stride)), name="dy.img")
         dx_img = emit.gep(b, args["dx"], index(b, (n, g.x_stride)), name="dx.img")
-        conv_direct.fill(b, p, dy_img, spec.oh, spec.ow, spec.kh - 1 - top, spec.kw - 1 - left, pad)
+        conv_direct.fill(b, p, dy_img, spec.oh, spec.ow, spec.kh - 1 - top, spec.kw - 1 - left, pad, borders=True)
         table = g.table_pairs()
         table = None if table is None else frozenset((c, o) for o, c in table)
 
@@ -640,10 +645,10 @@ def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geo
 
         if winograd:
             conv_winograd.product(b, p, pad, u, wino_ws, finish)
-        elif conv_direct.rows_fit(p):
-            conv_direct.product_rows(b, p, pad, wt, finish, table)
+        elif conv_direct.rows_fit(p):  # (a connect table's tiles never read the weights outside it)
+            conv_direct.product_rows(b, p, pad, args["w"], finish, table, layout)
         else:
-            conv_direct.product(b, p, pad, wt, out, table)
+            conv_direct.product(b, p, pad, args["w"], out, table, layout)
             conv_direct.each_output(b, p, out, finish)
     b.ret_void()
 

@@ -18,7 +18,9 @@ the wasted columns and store straight to the output (``product_rows``).
 The same routine gives the gradient wrt the input: ``dx`` is the stride-1
 convolution of ``dy`` padded by ``kh - 1 - pt`` (top) and ``kw - 1 - pl``
 (left) with the weights flipped in both spatial axes and their channel axes
-swapped. The gradient wrt the weights is a product over the outputs instead:
+swapped, which the tiles read from the forward weights in place (``Weights``):
+a training step calls it an image at a time, and a flipped copy per call was
+2% of its time on a 64-channel 32x32 layer. The gradient wrt the weights is a product over the outputs instead:
 ``weight_product`` vectorised over output channels, ``dot_weight_product``
 over output positions when there are few output channels.
 
@@ -31,7 +33,7 @@ for output ``j = oy * ow + ox``, every output once (``product_shifted``), for
 ``kw`` times the copying.
 
 Workspace (floats), each section rounded to a cache line: forward and input
-gradient ``[pad][out: m x n][flipped weights: o * c * kh * kw]`` (``Plane``);
+gradient ``[pad][out: m x n][flipped weights, for Winograd: o * c * kh * kw]`` (``Plane``);
 weight gradient ``GradSpace``.
 """
 
@@ -112,6 +114,37 @@ class Plane:
         return self.pad_floats + self.out_floats + self.weight_floats
 
 
+@dataclass(frozen=True)
+class Weights:
+    """Where a product reads the weight of output row r, channel ci, tap t = ky * kw + kx: float
+    ``r * row + ci * channel + t`` of the weights, or ``... + taps - 1 - t`` when `flipped`."""
+
+    row: int
+    channel: int
+    flipped: bool = False
+
+    @staticmethod
+    def forward(p: Plane) -> Weights:
+        """``w[r, ci, ky, kx]`` as stored: the forward convolution's."""
+        return Weights(p.c * p.taps, p.taps)
+
+    @staticmethod
+    def transposed(p: Plane) -> Weights:
+        """The forward weights ``w[ci, r, kh - 1 - ky, kw - 1 - kx]``: the input gradient's on its plane `p`
+        (``p.m`` rows: the forward's input channels; ``p.c`` channels: its output channels)."""
+        return Weights(p.taps, p.m * p.taps, flipped=True)
+
+    def first(self, b: ir.IRBuilder, p: Plane, r: Index, ci: Index, ky0: Index, kx0: Index = 0) -> ir.Value:
+        """The offset of tap (ky0, kx0) of row r, channel ci."""
+        if self.flipped:
+            return index(b, (r, self.row), (ci, self.channel), (ky0, -p.kw), (kx0, -1), p.taps - 1)
+        return index(b, (r, self.row), (ci, self.channel), (ky0, p.kw), kx0)
+
+    def step(self, p: Plane, row: int, ky: int, kx: int) -> int:
+        """The offset of tap (ky0 + ky, kx0 + kx) of row r + `row` from ``first(r, ci, ky0, kx0)``."""
+        return row * self.row + (-1 if self.flipped else 1) * (ky * p.kw + kx)
+
+
 def tile_rows(m: int, vw: int) -> int:
     """Output rows per register tile: the largest that divides `m` among those that fit the registers."""
     choices = (6, 4, 3, 2) if vw >= 16 else (4, 3, 2) if vw > 4 else (2,)
@@ -127,28 +160,54 @@ def tile_vectors(mr: int, vw: int) -> int:
     return max(1, min(4, (regs - 4) // (mr + 1)))
 
 
-def zero(b: ir.IRBuilder, base: ir.Value, lo: Index, hi: Index, vw: int) -> None:
-    """base[lo:hi] = 0 (bounds may be run-time values)."""
+def zero(b: ir.IRBuilder, base: ir.Value, lo: Index, hi: Index, vw: int, runs: bool = False) -> None:
+    """base[lo:hi] = 0 (bounds may be run-time values); with `runs`, `hi` is a constant count of floats from `lo`
+    (unrolled into vectors and narrower pieces)."""
     def body(b: ir.IRBuilder, t: ir.Value, width: int) -> None:
-        emit.store(b, emit.splat(b, 0.0, width), base, t)
+        emit.store(b, emit.splat(b, 0.0, width), base, index(b, lo, t) if runs else t)
 
-    vector_loop(b, lo, hi, vw, body, name="z")
+    vector_loop(b, 0 if runs else lo, hi, vw, body, name="z")
 
 
 def fill(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, left: int, pad: ir.Value,
-         rows: tuple[int, int] | None = None) -> None:
+         rows: tuple[int, int] | None = None, borders: bool = False) -> None:
     """Copy ``c`` planes of ``h x w`` from `src` into the padded planes at (top, left); the border stays zero.
-    `rows`: only the source rows [y0, y1) of each plane (what a share of the output rows reads)."""
+    `rows`: only the source rows [y0, y1) of each plane (what a share of the output rows reads).
+
+    With `borders` (whole planes only) the copy also writes the border's zeros, so that every float of the ``c``
+    planes is written (``zero_tail`` does the rest of the pad once per call): the zeros go to cache lines the copy
+    writes anyway, where zeroing the whole pad first wrote it twice (~4 us of a 64-channel 32x32 image's ~700, paid
+    per image when a training step calls a kernel an image at a time).
+    """
+    assert rows is None or not borders, "borders are written for whole planes only"
     y0, y1 = rows or (0, h)
+
+    def zeros(at: ir.Value, count: int) -> None:
+        if count > 0:
+            zero(b, pad, at, count, p.vw, runs=True)
+
+    plane = p.hp * p.wp
     with for_range(b, 0, p.c, name="pc") as ci:
+        if borders:  # the rows above and the first row's left border
+            zeros(index(b, (ci, plane)), top * p.wp + left)
         with for_range(b, y0, y1, name="py") as y:
             s = index(b, (ci, h * w), (y, w))
-            d = index(b, (ci, p.hp * p.wp), (y, p.wp), top * p.wp + left)
+            d = index(b, (ci, plane), (y, p.wp), top * p.wp + left)
 
             def copy(b: ir.IRBuilder, t: ir.Value, width: int, s=s, d=d) -> None:
                 emit.store(b, emit.load(b, src, index(b, s, t), width), pad, index(b, d, t))
 
             vector_loop(b, 0, w, p.vw, copy, name="px")
+            if borders:  # this row's right border and the next row's left one (past the plane: zero_tail's)
+                zeros(index(b, d, w), p.wp - w)
+        if borders:  # the rows below, but the left border of the first (written with the last row's right one)
+            zeros(index(b, (ci, plane), (top + h) * p.wp + left), plane - (top + h) * p.wp - left)
+
+
+def zero_tail(b: ir.IRBuilder, p: Plane, pad: ir.Value) -> None:
+    """Zero what the tiles read past the ``c`` planes (``pad_floats``): with ``fill(..., borders=True)`` the whole
+    pad is then written."""
+    zero(b, pad, p.c * p.hp * p.wp, p.pad_floats, p.vw)
 
 
 def shifts_fit(p: Plane) -> bool:
@@ -205,8 +264,8 @@ def product_shifted(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value,
     def column(j: ir.Value | int, last: bool) -> None:
         def tile(r, rows, live) -> None:
             offsets = [v * vw for v in range(nv)]
-            accs = _tile(b, p, pad, weights, r, emit.i64(j) if isinstance(j, int) else j, rows, offsets, live,
-                         tap_loop=connected is not None)
+            accs = _tile(b, p, pad, weights, Weights.forward(p), r, emit.i64(j) if isinstance(j, int) else j, rows,
+                         offsets, live, tap_loop=connected is not None)
             for row in range(rows):
                 for v, off in enumerate(offsets):
                     at = index(b, (r, total), row * total, j, off)
@@ -258,14 +317,16 @@ def _each_row_tile(b: ir.IRBuilder, p: Plane, mr: int, connected, body) -> None:
 
 
 def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, out: ir.Value,
-            connected: frozenset[tuple[int, int]] | None = None) -> None:
+            connected: frozenset[tuple[int, int]] | None = None, layout: Weights | None = None) -> None:
     """``out[r, j] = sum over (ci, ky, kx) of weights[r, ci, ky, kx] * pad[ci, ky * wp + kx + j]`` for r < m, j < n.
 
     With `connected` (the (r, ci) pairs whose weights may be nonzero: a connect
     table) the row tiles and channels are unrolled, and the multiply-adds of
     the other pairs are left out; LeNet's C3 table spares 37.5% of them.
+    `layout`: where the weights lie (default ``Weights.forward``).
     """
     vw = p.vw
+    layout = layout or Weights.forward(p)
     mr = tile_rows(p.m, vw)
     most = tile_vectors(mr, vw)
     # a tile width that divides the columns, if one is not much narrower: one variant of the tile to compile
@@ -277,7 +338,7 @@ def product(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, out: ir
         with for_range(b, jlo, jhi, vecs * vw, name="j") as j:
             def tile(r, rows, live, j=j, vecs=vecs) -> None:
                 offsets = [v * vw for v in range(vecs)]
-                accs = _tile(b, p, pad, weights, r, j, rows, offsets, live)
+                accs = _tile(b, p, pad, weights, layout, r, j, rows, offsets, live)
                 for row in range(rows):
                     for v, off in enumerate(offsets):
                         emit.store(b, accs[row][v], out, index(b, (r, p.n), row * p.n, j, off))
@@ -294,7 +355,7 @@ def rows_fit(p: Plane) -> bool:
 
 
 def product_rows(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, finish: Finish,
-                 connected: frozenset[tuple[int, int]] | None = None) -> None:
+                 connected: frozenset[tuple[int, int]] | None = None, layout: Weights | None = None) -> None:
     """The same sums as ``product`` for the valid outputs only, handed to ``finish(b, r, at, value, width)``.
 
     Needs ``rows_fit``: a tile is a few output rows by vectors of whole rows
@@ -302,6 +363,7 @@ def product_rows(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, fi
     and no copy of the output is needed.
     """
     vw = p.vw
+    layout = layout or Weights.forward(p)
     mr = tile_rows(p.m, vw)
     want = tile_vectors(mr, vw)
     per_row = p.ow // vw
@@ -315,7 +377,7 @@ def product_rows(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, fi
             with for_range(b, 0, p.ow, across * vw, name="ox") as ox:
                 def tile(r, rows, live, oy=oy, ox=ox, ys=ys) -> None:
                     offsets = [dy * p.wp + v * vw for dy in range(ys) for v in range(across)]
-                    accs = _tile(b, p, pad, weights, r, index(b, (oy, p.wp), ox), rows, offsets, live)
+                    accs = _tile(b, p, pad, weights, layout, r, index(b, (oy, p.wp), ox), rows, offsets, live)
                     for row in range(rows):
                         for i, (dy, v) in enumerate((dy, v) for dy in range(ys) for v in range(across)):
                             at = index(b, (r, p.oh * p.ow), row * p.oh * p.ow, (oy, p.ow), dy * p.ow, ox, v * vw)
@@ -324,17 +386,16 @@ def product_rows(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, fi
                 _each_row_tile(b, p, mr, connected, tile)
 
 
-def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, r: ir.Value | int, j: ir.Value, rows: int,
-          offsets: list[int], live: list[tuple[int, list[int]]] | None, tap_loop: bool = False
-          ) -> list[list[ir.Value]]:
-    """The sums of one tile: `rows` output rows by vectors at ``j + offsets`` of the plane.
+def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, layout: Weights, r: ir.Value | int,
+          j: ir.Value, rows: int, offsets: list[int], live: list[tuple[int, list[int]]] | None,
+          tap_loop: bool = False) -> list[list[ir.Value]]:
+    """The sums of one tile: `rows` output rows by vectors at ``j + offsets`` of the plane, weights at `layout`.
 
     `live`: the channels to reduce over and each one's nonzero rows (None: all of them, in a runtime loop).
     `tap_loop`: one tap per iteration of loops over kernel rows and columns, rather than whole kernels or rows
     unrolled (a table's unrolled channels times wide tiles would be thousands of FMAs of code to compile).
     """
     vw = p.vw
-    k = p.c * p.taps
     zero_v = emit.splat(b, 0.0, vw)
     accs = [[local(b, emit.vec_type(vw), zero_v) for _ in offsets] for _ in range(rows)]
     # unroll whole kernels up to 16 taps, else one kernel row per iteration (more steps spill registers)
@@ -349,13 +410,13 @@ def _tile(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, r: ir.Val
               kx0: ir.Value | int = 0) -> None:
         # base pointers, then constant offsets: no address arithmetic per load (less for LLVM to clean up)
         x0 = emit.gep(b, pad, index(b, (ci, p.ch_stride), (ky0, p.ky_stride), (kx0, p.kx_stride), j))
-        w0 = emit.gep(b, weights, index(b, (r, k), (ci, p.taps), (ky0, p.kw), kx0))
+        w0 = emit.gep(b, weights, layout.first(b, p, r, ci, ky0, kx0))
         # the sums stay SSA values through the unrolled steps: one load and one store each per loop body
         sums = {row: [b.load(acc) for acc in accs[row]] for row in tile_rows}
         for ky, kx in inner:
             xs = [emit.load(b, x0, ky * p.ky_stride + kx * p.kx_stride + off, vw) for off in offsets]
             for row in tile_rows:
-                a = emit.broadcast(b, w0, row * k + ky * p.kw + kx, vw)
+                a = emit.broadcast(b, w0, layout.step(p, row, ky, kx), vw)
                 sums[row] = [emit.fma(b, a, x, acc) for x, acc in zip(xs, sums[row])]
         for row in tile_rows:
             for acc, value in zip(accs[row], sums[row]):
@@ -477,12 +538,25 @@ class GradSpace:
 
 
 def transpose_dy(b: ir.IRBuilder, p: Plane, dy: ir.Value, dyt: ir.Value) -> None:
-    """dyt[oy * wp + ox, r] = dy[r, oy, ox] for the valid outputs (weight_product reads no other rows): each
-    output row's m x ow block transposed through registers (``gemm.transpose``)."""
-    with for_range(b, 0, p.oh, name="ty") as oy:
-        src = emit.gep(b, dy, index(b, (oy, p.ow)))
-        dst = emit.gep(b, dyt, index(b, (oy, p.wp * p.m)))
-        transpose(b, src, p.m, p.ow, dst, p.vw, src_rs=p.oh * p.ow, dst_rs=p.m)
+    """dyt[oy * wp + ox, r] = dy[r, oy, ox] for the valid outputs (weight_product reads no other rows): blocks of
+    a vector's width of channels by an output row transposed through registers (``gemm.transpose``).
+
+    A block of channels runs down the whole map before the next: its rows are read as that many sequential
+    streams (all channels at once, 64 streams a plane apart, took a third longer, from the cache or memory).
+    """
+    full = p.m - p.m % p.vw
+
+    def rows(r0: Index, count: int) -> None:
+        with for_range(b, 0, p.oh, name="ty") as oy:
+            src = emit.gep(b, dy, index(b, (r0, p.oh * p.ow), (oy, p.ow)))
+            dst = emit.gep(b, dyt, index(b, (oy, p.wp * p.m), r0))
+            transpose(b, src, count, p.ow, dst, p.vw, src_rs=p.oh * p.ow, dst_rs=p.m)
+
+    if full:
+        with for_range(b, 0, full, p.vw, name="tr") as r0:
+            rows(r0, p.vw)
+    if p.m > full:
+        rows(full, p.m - full)
 
 
 def weight_product(b: ir.IRBuilder, p: Plane, pad: ir.Value, dyt: ir.Value, dwt: ir.Value,
