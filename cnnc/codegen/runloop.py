@@ -82,6 +82,20 @@ def _bytes_at(b: ir.IRBuilder, base: ir.Value, offset: ir.Value) -> ir.Value:
     return b.gep(base, [offset], source_etype=I8, inbounds=True)
 
 
+
+def _dispatch(b: ir.IRBuilder, selector: ir.Value, functions: list[ir.Function], call_args: list[ir.Value],
+              label: str) -> None:
+    """Call ``functions[selector]`` with `call_args` (none when `selector` is out of range)."""
+    after = b.append_basic_block(f"{label}.done")
+    switch = b.switch(selector, after)
+    for index, fn in enumerate(functions):
+        case = b.append_basic_block(f"{label}.{fn.name}")
+        switch.add_case(i64(index), case)
+        b.position_at_end(case)
+        b.call(fn, call_args)
+        b.branch(after)
+    b.position_at_end(after)
+
 def _not_finite_sum(b: ir.IRBuilder, values: list[ir.Value]) -> ir.Value:
     """0 for finite values, NaN for an infinity or a NaN among them: the sum of each (v - v)."""
     total = None
@@ -205,15 +219,7 @@ def emit_run(module: ir.Module, loss: str | None, kinds: list[str], vw: int, gra
         if loss:
             b.call(entry[f"step_{loss}"], step_args)
         else:
-            stepped = b.append_basic_block("stepped")
-            switch = b.switch(args["loss_i64"], stepped)
-            for index, k in enumerate(steps):
-                case = b.append_basic_block(f"step.{k}")
-                switch.add_case(i64(index), case)
-                b.position_at_end(case)
-                b.call(entry[f"step_{k}"], step_args)
-                b.branch(stepped)
-            b.position_at_end(stepped)
+            _dispatch(b, args["loss_i64"], [entry[f"step_{k}"] for k in steps], step_args, "step")
         with for_range(b, a0, b0, name="l") as n:
             b.store(b.fadd(b.load(loss_check, typ=F32), _not_finite_sum(b, [emit.load(b, losses, n)])), loss_check)
     barrier()
@@ -284,15 +290,7 @@ def emit_run(module: ir.Module, loss: str | None, kinds: list[str], vw: int, gra
     vector_loop(b, p_lo, p_hi, vw, lambda b, j, w: emit.store(b, emit.load(b, params, j, w), good, j), name="keep")
     hyper = emit.gep(b, f.ptr("hyper"), b.mul(s, i64(HYPER_FLOATS)))
     update_args = [params, g0, f.ptr("opt_mask"), f.ptr("s1"), f.ptr("s2"), hyper, p_lo, p_hi]
-    after = b.append_basic_block("s.updated")
-    switch = b.switch(f.int("update"), after)
-    for index, kind in enumerate(kinds):
-        case = b.append_basic_block(f"update.{kind}")
-        switch.add_case(i64(index), case)
-        b.position_at_end(case)
-        b.call(entry[f"update_{kind}"], update_args)
-        b.branch(after)
-    b.position_at_end(after)
+    _dispatch(b, f.int("update"), [entry[f"update_{kind}"] for kind in kinds], update_args, "update")
     if timing:
         timing.pause(b)
         timing.open = None
