@@ -368,8 +368,9 @@ def test_winograd_weights_kept_between_calls_follow_every_change(jit, whole: boo
     emit_conv_forward(jit.module, "plain", s, jit.vw)
     emit_conv_forward(jit.module, "cached", cached, jit.vw)
     floats = weight_cache_floats(cached, jit.vw)
-    if whole and not floats:
-        pytest.skip("at 4 lanes a map of one vector of tiles (4x4) is too narrow for Winograd")
+    if whole and not floats:  # only at 4 lanes: a map of one vector of tiles (4x4) is too narrow for Winograd
+        assert jit.vw == 4
+        return
     assert floats > 0 and weight_cache_floats(s, jit.vw) == 0
     rng = np.random.default_rng(8)
     x_buf = arena(rng.uniform(-1, 1, (N_IMAGES, s.c, h, w)), s.x_stride, np.nan)
