@@ -98,6 +98,15 @@ def no_children_left() -> bool:
         return True
 
 
+def assert_each_sets_its_number(objects, t, n: int) -> None:
+    """The bundled objects load, and function ``set{i}`` of each of the `n` adders writes i."""
+    lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
+    out = np.zeros(1, dtype=np.float32)
+    for i in range(n):
+        lib.function(f"set{i}", [ctypes.c_void_p])(out.ctypes.data)
+        assert out[0] == i
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_parallel_compile_gives_every_function(monkeypatch):
     """An object file per module, in the modules' order, whichever process compiled it: the same bytes as one
@@ -106,11 +115,7 @@ def test_parallel_compile_gives_every_function(monkeypatch):
     t = host_target()
     objects = emit_objects([adder(i) for i in range(7)], t, processes=3)
     assert objects == emit_objects([adder(i) for i in range(7)], t, processes=1)
-    lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
-    out = np.zeros(1, dtype=np.float32)
-    for i in range(7):
-        lib.function(f"set{i}", [ctypes.c_void_p])(out.ctypes.data)
-        assert out[0] == i
+    assert_each_sets_its_number(objects, t, 7)
     assert no_children_left()
 
 
@@ -140,11 +145,7 @@ def test_a_parallel_compile_without_a_descriptor_for_its_work_pipe_compiles_here
     objects = emit_objects([adder(i) for i in range(3)], t, processes=2)
     monkeypatch.undo()
     assert objects == emit_objects([adder(i) for i in range(3)], t, processes=1)  # (the same bytes)
-    lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
-    out = np.zeros(1, dtype=np.float32)
-    for i in range(3):
-        lib.function(f"set{i}", [ctypes.c_void_p])(out.ctypes.data)
-        assert out[0] == i
+    assert_each_sets_its_number(objects, t, 3)
     assert no_children_left()
 
 
