@@ -172,11 +172,7 @@ def test_kernel_bodies_are_built_by_the_processes_sharing_the_compile(monkeypatc
     t = host_target()
     objects = emit_objects([SlowKernel(i) for i in range(12)], t, processes=2)
     assert 0 < len(SlowKernel.built_here) < 12  # this process built some, the child the others
-    lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
-    out = np.zeros(1, dtype=np.float32)
-    for i in range(12):
-        lib.function(f"set{i}", [ctypes.c_void_p])(out.ctypes.data)
-        assert out[0] == i
+    assert_each_sets_its_number(objects, t, 12)
     assert no_children_left()
 
 
@@ -268,11 +264,7 @@ def test_a_stuck_child_is_killed_and_its_modules_compiled_here(monkeypatch):
     monkeypatch.setattr(target, "_prepared", stuck_in_children)
     t = host_target()
     objects = emit_objects([adder(i) for i in range(4)], t, processes=2)
-    lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
-    out = np.zeros(1, dtype=np.float32)
-    for i in range(4):
-        lib.function(f"set{i}", [ctypes.c_void_p])(out.ctypes.data)
-        assert out[0] == i
+    assert_each_sets_its_number(objects, t, 4)
     assert no_children_left()
 
 
