@@ -195,8 +195,10 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     plane, back = g.forward_plane(vw), g.backward_plane(vw)
     weights = GradSpace(plane).floats
     wino = [conv_winograd.workspace_floats(q) for q in (plane, back) if _winograd(spec, q)]
-    if _winograd4(spec, plane):
-        wino.append(conv_winograd4.workspace_floats(plane))
+    if _winograd4(spec, plane):  # (uncached: U in the workspace too)
+        wino.append(conv_winograd4.workspace_floats(plane) + (0 if spec.cached else _u4_floats(plane)))
+    if _winograd4(spec, back):
+        wino.append(conv_winograd4.workspace_floats(back) + _u4_floats(back))
     if _winograd_grad(spec, plane):
         wino.append(conv_winograd_grad.workspace_floats(plane))
     rows = [conv_rows.Rows(spec, vw).floats] if _rows_backward(spec, back) else []
@@ -215,9 +217,15 @@ def _winograd(spec: ConvSpec, p: Plane) -> bool:
 
 
 def _winograd4(spec: ConvSpec, p: Plane) -> bool:
-    """Whether the forward on the padded plane `p` runs by Winograd F(4x4, 3x3): at inference (its U kept
-    between calls, ``spec.cached``) where ``conv_winograd4.applies``."""
-    return spec.winograd and spec.cached and conv_winograd4.applies(p, spec.connect)
+    """Whether the forward or the input gradient on the padded plane `p` runs by Winograd F(4x4, 3x3): where
+    ``conv_winograd4.applies`` (a cached forward keeps its U between calls, ``spec.cached``; the others
+    transform the weights on every call, as F(2x2) does)."""
+    return spec.winograd and conv_winograd4.applies(p, spec.connect)
+
+
+def _u4_floats(p: Plane) -> int:
+    """F(4x4)'s transformed weights U of the convolution on `p`, when kept in the workspace (uncached)."""
+    return aligned(conv_winograd4.XI * p.m * p.c)
 
 
 def row_tile(spec: ConvSpec, vw: int) -> int:
@@ -239,7 +247,7 @@ def _winograd_grad(spec: ConvSpec, p: Plane) -> bool:
 
 def _rows_backward(spec: ConvSpec, p: Plane) -> bool:
     """Whether the input gradient runs as rows of dx (``conv_rows``) rather than on the padded plane `p`."""
-    return not _winograd(spec, p) and conv_rows.applies(spec, p.n, p.vw)
+    return not _winograd(spec, p) and not _winograd4(spec, p) and conv_rows.applies(spec, p.n, p.vw)
 
 
 def _dot_shifted(spec: ConvSpec, p: Plane) -> Plane | None:
@@ -549,7 +557,7 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         return finish
 
     cache = args.get("cache")
-    if _winograd(spec, p) and conv_winograd.whole_images(p, spec.h, spec.w):
+    if _winograd(spec, p) and not _winograd4(spec, p) and conv_winograd.whole_images(p, spec.h, spec.w):
         u, wino_ws = _winograd_weights(b, p, args["ws"], args["w"], cache)
         conv_winograd.product_images(b, p, (spec.h, spec.w, top, left), args["x"], g.x_stride, u, wino_ws, finish_of,
                                      args["n0"], args["n1"])
@@ -570,11 +578,16 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         r0, r1 = spec.rows
         reads, tile_rows = (max(0, r0 - top), min(spec.h, r1 + spec.kh - 1 - top)), (r0 // tile, r1 // tile)
     if _winograd4(spec, p):
-        u = conv_winograd.cached_weights(b, p, weights, cache, conv_winograd4.transform_weights, conv_winograd4.XI)
+        wino_ws = emit.gep(b, args["ws"], p.floats)
+        if cache is not None:
+            u = conv_winograd.cached_weights(b, p, weights, cache, conv_winograd4.transform_weights, conv_winograd4.XI)
+        else:
+            u, wino_ws = wino_ws, emit.gep(b, args["ws"], p.floats + _u4_floats(p))
+            conv_winograd4.transform_weights(b, p, weights, u)
         with for_range(b, args["n0"], args["n1"], name="n") as n:
             x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
             conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad, reads)
-            conv_winograd4.product(b, p, pad, u, emit.gep(b, args["ws"], p.floats), finish_of(b, n), tile_rows)
+            conv_winograd4.product(b, p, pad, u, wino_ws, finish_of(b, n), tile_rows)
         b.ret_void()
         return
     winograd = _winograd(spec, p)
@@ -626,8 +639,12 @@ def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geo
     pad, out, wt = conv_direct.sections(b, p, args["ws"])
     conv_direct.zero_tail(b, p, pad)  # each image writes the planes, border and all
     top, left, _, _ = g.pads
-    winograd = _winograd(spec, p)
-    if winograd:  # (the direct tiles read the weights in place: conv_direct.Weights.transposed)
+    winograd, winograd4 = _winograd(spec, p), _winograd4(spec, p)
+    if winograd4:
+        conv_direct.flipped(b, spec.o, spec.c, spec.kh, spec.kw, args["w"], wt)
+        u, wino_ws = emit.gep(b, args["ws"], p.floats), emit.gep(b, args["ws"], p.floats + _u4_floats(p))
+        conv_winograd4.transform_weights(b, p, wt, u)
+    elif winograd:  # (the direct tiles read the weights in place: conv_direct.Weights.transposed)
         conv_direct.flipped(b, spec.o, spec.c, spec.kh, spec.kw, args["w"], wt)
         u, wino_ws = _winograd_weights(b, p, args["ws"], wt)
     layout = conv_direct.Weights.transposed(p)
@@ -643,7 +660,9 @@ def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geo
                 value = b.fadd(emit.load(b, dx_img, at, width), value)
             emit.store(b, value, dx_img, at)
 
-        if winograd:
+        if winograd4:
+            conv_winograd4.product(b, p, pad, u, wino_ws, finish)
+        elif winograd:
             conv_winograd.product(b, p, pad, u, wino_ws, finish)
         elif conv_direct.rows_fit(p):  # (a connect table's tiles never read the weights outside it)
             conv_direct.product_rows(b, p, pad, args["w"], finish, table, layout)
