@@ -27,8 +27,9 @@ import networkx as nx
 import numpy as np
 
 from cnnc.codegen import emit
-from cnnc.codegen.emit import F32, I64, PTR, for_range, i64
+from cnnc.codegen.emit import F32, PTR, for_range, i64
 from cnnc.codegen.instrument import Stopwatch, Timing
+from cnnc.codegen.runloop import CtxFields, i64_at
 from cnnc.codegen.split import wait_at_barrier
 from cnnc_runtime.batchnorm import PHASED_FIELD, PHASED_FIELDS
 
@@ -52,33 +53,8 @@ class Reduction:
     momentum: float
 
 
-class _Ctx:
-    """Reads of ``ctx``'s fields, each loaded once at the top of the entry."""
-
-    def __init__(self, b: ir.IRBuilder, ctx: ir.Value) -> None:
-        self.b, self.ctx = b, ctx
-        self._cache: dict[str, ir.Value] = {}
-
-    def int(self, name: str) -> ir.Value:
-        if name not in self._cache:
-            at = self.b.gep(self.ctx, [i64(PHASED_FIELD[name])], source_etype=I64, inbounds=True)
-            self._cache[name] = self.b.load(at, typ=I64, name=name)
-        return self._cache[name]
-
-    def ptr(self, name: str) -> ir.Value:
-        return self.b.inttoptr(self.int(name), PTR, name=f"{name}.p")
-
-    def float(self, name: str) -> ir.Value:
-        return self.b.bitcast(self.b.trunc(self.int(name), ir.IntType(32)), F32, name=f"{name}.f")
-
-
-def _i64_at(b: ir.IRBuilder, base: ir.Value, index: ir.Value | int) -> ir.Value:
-    index = i64(index) if isinstance(index, int) else index
-    return b.load(b.gep(base, [index], source_etype=I64, inbounds=True), typ=I64)
-
-
 def _ptr_at(b: ir.IRBuilder, base: ir.Value, index: ir.Value | int) -> ir.Value:
-    return b.inttoptr(_i64_at(b, base, index), PTR)
+    return b.inttoptr(i64_at(b, base, index), PTR)
 
 
 def _f64_gep(b: ir.IRBuilder, base: ir.Value, offset: ir.Value) -> ir.Value:
@@ -93,14 +69,14 @@ def _widen(b: ir.IRBuilder, base: ir.Value, offset: ir.Value) -> ir.Value:
     return b.fpext(emit.load(b, base, offset), F64)
 
 
-def _shard_count(b: ir.IRBuilder, f: _Ctx, i: ir.Value, count: int) -> ir.Value:
+def _shard_count(b: ir.IRBuilder, f: CtxFields, i: ir.Value, count: int) -> ir.Value:
     """Values per channel in shard `i`: its images times `count`, as a double."""
     ranges = f.ptr("shard_ranges")
-    a0, b0 = _i64_at(b, ranges, b.mul(i, i64(2))), _i64_at(b, ranges, b.add(b.mul(i, i64(2)), i64(1)))
+    a0, b0 = i64_at(b, ranges, b.mul(i, i64(2))), i64_at(b, ranges, b.add(b.mul(i, i64(2)), i64(1)))
     return b.sitofp(b.mul(b.sub(b0, a0), i64(count)), F64)
 
 
-def _forward(b: ir.IRBuilder, f: _Ctx, r: Reduction) -> None:
+def _forward(b: ir.IRBuilder, f: CtxFields, r: Reduction) -> None:
     """``Statistics.forward``: the shards' moments combined in order -> scale, shift, mean; the running
     statistics moved; the mean used and 1/std kept in ``saved`` for the backward reduction."""
     params, state, coefs, saved, stats = f.ptr("params"), f.ptr("state"), f.ptr("coefs"), f.ptr("saved"), \
@@ -146,7 +122,7 @@ def _forward(b: ir.IRBuilder, f: _Ctx, r: Reduction) -> None:
             emit.store(b, b.fptrunc(new, F32), state, b.add(ch, i64(at)))
 
 
-def _backward(b: ir.IRBuilder, f: _Ctx, r: Reduction) -> None:
+def _backward(b: ir.IRBuilder, f: CtxFields, r: Reduction) -> None:
     """``Statistics.backward``: sum(dy) and sum(dy (x - mean)) over the shards in order -> the bias and weight
     gradients (added to shard 0's gradient) and the input gradient's coefficients k, cx, cc."""
     params, coefs, saved, stats = f.ptr("params"), f.ptr("coefs"), f.ptr("saved"), f.ptr("stats")
@@ -187,7 +163,7 @@ def emit_phased(module: ir.Module, loss: str, phases: list[ir.Function], reducti
     `stopwatch`) the waits and the reductions are regions of ``step_LOSS``."""
     fn, b, args = emit.kernel(module, f"phased_{loss}", ["ctx", "thread_i64"])
     timing = Timing(stopwatch, f"step_{loss}") if stopwatch else None
-    f = _Ctx(b, args["ctx"])
+    f = CtxFields(b, args["ctx"], PHASED_FIELD)
     for name in PHASED_FIELDS:  # (loaded in the entry block, which dominates every use; "failed" after a barrier)
         if name != "failed":
             f.int(name)
@@ -206,8 +182,8 @@ def emit_phased(module: ir.Module, loss: str, phases: list[ir.Function], reducti
         region("wait", "barriers", lambda: wait_at_barrier(b, bar, threads))
 
     thread_shards = f.ptr("thread_shards")
-    lo = _i64_at(b, thread_shards, b.mul(t, i64(2)))
-    hi = _i64_at(b, thread_shards, b.add(b.mul(t, i64(2)), i64(1)))
+    lo = i64_at(b, thread_shards, b.mul(t, i64(2)))
+    hi = i64_at(b, thread_shards, b.add(b.mul(t, i64(2)), i64(1)))
     ranges, grads, stats, ws = f.ptr("shard_ranges"), f.ptr("grads"), f.ptr("stats"), f.ptr("ws")
     fixed = [f.ptr("params"), None, f.ptr("arena"), f.ptr("x"), f.ptr("out"), f.ptr("targets"), f.ptr("losses"),
              _ptr_at(b, ws, t), None, f.ptr("coefs"), f.int("seed"), f.int("image0"), f.float("scale"),
@@ -220,8 +196,8 @@ def emit_phased(module: ir.Module, loss: str, phases: list[ir.Function], reducti
     b.position_at_end(go)
     for k, phase in enumerate(phases):
         with for_range(b, lo, hi, name=f"shard{k}") as i:
-            a0 = _i64_at(b, ranges, b.mul(i, i64(2)))
-            b0 = _i64_at(b, ranges, b.add(b.mul(i, i64(2)), i64(1)))
+            a0 = i64_at(b, ranges, b.mul(i, i64(2)))
+            b0 = i64_at(b, ranges, b.add(b.mul(i, i64(2)), i64(1)))
             call = list(fixed)
             call[1], call[8] = _ptr_at(b, grads, i), _ptr_at(b, stats, i)
             b.call(phase, [*call, a0, b0])
