@@ -351,11 +351,13 @@ class Twin(Local):
         """With `shared`: memory of its own, as ranks on one machine get (the run writes its gradient there)."""
         return np.zeros(count, dtype=np.float32) if self.shared else None
 
-    def sum_in_place(self, buf: np.ndarray) -> None:
-        self.gradients += buf.dtype == np.float32  # (the others are float64: a flag, the losses)
+    def sum_in_place(self, buf: np.ndarray, extra: np.ndarray | None = None) -> None:
+        self.gradients += buf.dtype == np.float32  # (the others are float64: a run's losses)
         if self.gradients == self.fail_at:
             raise RuntimeError(f"the ranks' sum of gradient {self.gradients} failed")
         np.add(buf, buf, out=buf)
+        if extra is not None:
+            np.add(extra, extra, out=extra)
 
     def gather_object(self, obj):
         return [obj, obj]
