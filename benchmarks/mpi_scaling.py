@@ -40,7 +40,7 @@ NETS = {"lenet": REPO / "examples" / "lenet5.cnn", "cifar": REPO / "examples" / 
 STEPS = {"lenet": 300, "cifar": 30}
 BATCH = 64
 WARMUP_STEPS = 5
-GRADIENT_MIN = 1000  # a sum of more values is the gradient's (the others: a flag, a run's losses and counts)
+GRADIENT_MIN = 1000  # a sum of more values is the gradient's (with a step's verdict and counts riding along)
 # name -> (ranks, threads per rank, the launcher's options)
 SETUPS = {"1 process x 1 thread": (1, 1, ()), "1 process x 2 threads": (1, 2, ()), "2 ranks x 1 thread": (2, 1, ()),
           "2 ranks x 1 thread, -bind-to core": (2, 1, ("-bind-to", "core"))}
@@ -82,9 +82,9 @@ def time_reductions(comm) -> list[tuple[float, float, bool]]:
     calls: list[tuple[float, float, bool]] = []
     plain = comm.sum_in_place
 
-    def timed(buf: np.ndarray) -> None:
+    def timed(buf: np.ndarray, extra: np.ndarray | None = None) -> None:
         wall, cpu = time.perf_counter(), time.thread_time()
-        plain(buf)
+        plain(buf, extra)
         calls.append((time.perf_counter() - wall, time.thread_time() - cpu, buf.size > GRADIENT_MIN))
 
     comm.sum_in_place = timed
