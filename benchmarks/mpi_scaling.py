@@ -70,7 +70,7 @@ def worker(net: str, steps: int) -> None:
         print(json.dumps({"images_per_second": epoch.images_per_second, "images": len(x), "steps": steps,
                           "cpu_seconds": sum(r["cpu"] for r in ranks),
                           "compute_cpu_seconds": sum(r["cpu"] - r["reduce_cpu"] for r in ranks),
-                          "reduce_share": ranks[0]["reduce_wall"] / epoch.seconds,  # (both all-reduces)
+                          "reduce_share": ranks[0]["reduce_wall"] / epoch.seconds,  # (every sum of the ranks)
                           "reduce_fast_seconds": max(r["fastest"] for r in ranks)}))
 
 
