@@ -5,7 +5,9 @@ core. ``infer_split(params, folded, arena, x, y, ws, bar, part_i64, n0, n1)`` is
 ``PARTS`` threads at once on the same images (the same arena), thread ``part``
 doing its share of every layer: a conv, dense or pooling layer its share of the
 output channels (reading the whole input), an elementwise op (activation, add)
-its share of the floats, a batchnorm its share of the channels. An op without a
+its share of the floats (an add of two inputs the floats its thread wrote of
+the input written last: a Winograd conv's rows of every channel), a batchnorm
+its share of the channels. An op without a
 rule here (softmax, concat) runs whole on part 0. Every share is a call to the
 ordinary kernels with a smaller spec and offset pointers: no kernel knows it is
 shared.
@@ -194,10 +196,17 @@ def split_add(ctx, name: str) -> list[Share]:
     inputs = ctx.node(name)["inputs"]
     if len(inputs) == 2:  # in one pass (with a fused activation)
         a, b = (ctx.value(src) for src in inputs)
-        return [_one_call(ctx.kernel(emit_sum, sum_spec(ctx, name, hi - lo)) if hi > lo else None,
-                          [part(a, lo, hi), part(b, lo, hi), part(y, lo, hi)], [part(a, lo, hi), part(b, lo, hi)],
-                          [part(y, lo, hi)])
-                for lo, hi in cuts(y.size, ALIGN)]
+        ranges = _cut_like_input(ctx, name) or [[(lo, hi)] for lo, hi in cuts(y.size, ALIGN)]
+        shares = []
+        for spans in ranges:
+            share = Share()
+            for lo, hi in spans:
+                args = [part(a, lo, hi), part(b, lo, hi), part(y, lo, hi)]
+                share.calls.append(_call(ctx.kernel(emit_sum, sum_spec(ctx, name, hi - lo)), *args))
+                share.reads += [span(t) for t in args[:2]]
+                share.writes.append(span(args[2]))
+            shares.append(share)
+        return shares
     shares = []
     for lo, hi in cuts(y.size, ALIGN):
         share = Share()
@@ -212,6 +221,22 @@ def split_add(ctx, name: str) -> list[Share]:
         share.writes.append(span(y, lo, hi))
         shares.append(share)
     return shares
+
+
+def _cut_like_input(ctx, name: str) -> list[list[tuple[int, int]]] | None:
+    """Each part's float ranges of `name`'s input written last (per image, from the tensor's start) where every
+    input has that input's shape: an elementwise op cut as its input was written reads only what its own thread
+    wrote (a Winograd conv's rows of every channel), so it needs no barrier after that layer. None: no input
+    written by shares of this entry (``emit_split_entry`` records them), or shapes differ."""
+    inputs = ctx.node(name)["inputs"]
+    written = getattr(ctx, "written", {})
+    if any(src not in written or ctx.value(src).size != ctx.value(name).size for src in inputs):
+        return None
+    src = max(inputs, key=lambda s: written[s][0])
+    t = ctx.value(src)
+    if not any(written[src][1]):
+        return None
+    return [[(lo - t.offset, hi - t.offset) for _, lo, hi in spans] for spans in written[src][1]]
 
 
 def split_batchnorm(ctx, name: str) -> list[Share]:
@@ -331,10 +356,13 @@ def emit_split_entry(entry, order: list[str], output_copy: Callable[[object], No
                         call(entry)
         seen.add(shares)
 
-    for n in order:
+    entry.written = {}  # node -> (its place in `order`, each part's spans of its output)
+    for i, n in enumerate(order):
         rule = SPLITS.get(OPS[entry.node(n)["op"]].lowering)
         shares = rule(entry, n) if rule is not None else None
-        run(shares if shares is not None else _whole(entry, n), "forward", n)
+        shares = shares if shares is not None else _whole(entry, n)
+        run(shares, "forward", n)
+        entry.written[n] = (i, [share.writes for share in shares])
     if output_copy is not None:
         run([Share([output_copy], [output_span[0]], [output_span[1]])] + [Share() for _ in range(PARTS - 1)],
             "output", entry.g.graph["output"])
