@@ -4,7 +4,8 @@
 core. ``infer_split(params, folded, arena, x, y, ws, bar, part_i64, n0, n1)`` is run by
 ``PARTS`` threads at once on the same images (the same arena), thread ``part``
 doing its share of every layer: a conv, dense or pooling layer its share of the
-output channels (reading the whole input), an elementwise op (activation, add)
+output channels (reading the whole input; a tiny one, ``WHOLE_WORK``, whole on
+part 0), an elementwise op (activation, add)
 its share of the floats (an add of two inputs the floats its thread wrote of
 the input written last: a Winograd conv's rows of every channel), a batchnorm
 its share of the channels. An op without a
@@ -55,6 +56,10 @@ from cnnc.ops.activations import act_args
 PARTS = 2  # threads sharing one image (the entry point is compiled for this count)
 MIN_MACS = 4_000_000  # multiply-adds per image below which one image is too little work to share (LeNet-5: 0.4M)
 SPIN = 4000  # barrier polls before the waiting thread starts yielding its core (a busy machine)
+# multiply-adds (dense) or floats read (pool) below which a layer runs whole on part 0: halving a microsecond
+# saves less than the barrier costs that a split puts in front of the next layer (ResNet-20's global pool and
+# dense: one barrier, in front of the pool, instead of two)
+WHOLE_WORK = 16_384
 BAR_BYTES = 128  # the barrier's memory: the counter and the generation, a cache line each
 
 Span = tuple[str, int, int]  # (buffer, first float, end) within one image's part of that buffer
@@ -160,15 +165,19 @@ def _by_rows(ctx, name: str, spec, x: Tensor, y: Tensor, tile: int) -> list[Shar
     return shares
 
 
-def split_dense(ctx, name: str) -> list[Share]:
+def split_dense(ctx, name: str) -> list[Share] | None:
     spec = dense_spec(ctx, name)
+    if spec.o * spec.f < WHOLE_WORK:
+        return None
     x, y = ctx.value(ctx.node(name)["inputs"][0]), ctx.value(name)
     return _by_outputs(ctx, name, x, y, spec.o, 1, spec.f,
                        lambda o, lo: (ctx.kernel(emit_dense_forward, dataclasses.replace(spec, o=o)), []), False)
 
 
-def split_pool(ctx, name: str) -> list[Share]:
+def split_pool(ctx, name: str) -> list[Share] | None:
     spec = pool_spec(ctx, name)
+    if spec.c * spec.h * spec.w < WHOLE_WORK:
+        return None
     x, y = ctx.value(ctx.node(name)["inputs"][0]), ctx.value(name)
     shares = []
     for lo, hi in cuts(spec.c):
