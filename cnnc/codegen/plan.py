@@ -9,7 +9,7 @@ the output live in the caller's arrays instead.
   after it have run (first fit over offsets, in execution order): when two
   threads share an image (``infer_split``), a layer's share writing where the
   other thread's share of the layer before still reads would need a barrier
-  between them (ResNet-20: 10 of 31).
+  between them (ResNet-20's adds, and the 1x1 shortcuts of its down blocks).
 - Training keeps every forward tensor for the backward pass, plus a gradient
   slot for each tensor a gradient must flow through, the dropout masks, and
   the pre-activation of a fused layer whose activation's gradient reads its

@@ -5,11 +5,10 @@ core. ``infer_split(params, folded, arena, x, y, ws, bar, part_i64, n0, n1)`` is
 ``PARTS`` threads at once on the same images (the same arena), thread ``part``
 doing its share of every layer: a conv, dense or pooling layer its share of the
 output channels (reading the whole input; a tiny one, ``WHOLE_WORK``, whole on
-part 0), an elementwise op (activation, add)
-its share of the floats (an add of two inputs the floats its thread wrote of
-the input written last: a Winograd conv's rows of every channel), a batchnorm
-its share of the channels. An op without a
-rule here (softmax, concat) runs whole on part 0. Every share is a call to the
+part 0), an elementwise op (activation, add) its share of the floats (an add of
+two inputs: the floats its thread wrote of the input written last, such as a
+Winograd conv's rows of every channel), a batchnorm its share of the channels.
+An op without a rule here (softmax, concat) runs whole on part 0. Every share is a call to the
 ordinary kernels with a smaller spec and offset pointers: no kernel knows it is
 shared.
 
@@ -234,18 +233,28 @@ def split_add(ctx, name: str) -> list[Share]:
 
 def _cut_like_input(ctx, name: str) -> list[list[tuple[int, int]]] | None:
     """Each part's float ranges of `name`'s input written last (per image, from the tensor's start) where every
-    input has that input's shape: an elementwise op cut as its input was written reads only what its own thread
-    wrote (a Winograd conv's rows of every channel), so it needs no barrier after that layer. None: no input
-    written by shares of this entry (``emit_split_entry`` records them), or shapes differ."""
-    inputs = ctx.node(name)["inputs"]
-    written = getattr(ctx, "written", {})
-    if any(src not in written or ctx.value(src).size != ctx.value(name).size for src in inputs):
+    input has the output's size and those ranges cover it exactly: an elementwise op cut as its input was written
+    reads only what its own thread wrote (a Winograd conv's rows of every channel), so it needs no barrier after
+    that layer. None: an input not written by this entry's shares (``emit_split_entry`` records them), or
+    another size."""
+    inputs, size = ctx.node(name)["inputs"], ctx.value(name).size
+    if any(src not in ctx.written or ctx.value(src).size != size for src in inputs):
         return None
-    src = max(inputs, key=lambda s: written[s][0])
+    src = max(inputs, key=lambda s: ctx.written[s][0])
     t = ctx.value(src)
-    if not any(written[src][1]):
-        return None
-    return [[(lo - t.offset, hi - t.offset) for _, lo, hi in spans] for spans in written[src][1]]
+    ranges = [[(lo - t.offset, hi - t.offset) for base, lo, hi in spans if base == t.base]
+              for spans in ctx.written[src][1]]
+    return ranges if _tile(sorted(r for spans in ranges for r in spans), size) else None
+
+
+def _tile(ranges: list[tuple[int, int]], size: int) -> bool:
+    """Whether the sorted `ranges` cover [0, size) without a gap or an overlap."""
+    at = 0
+    for lo, hi in ranges:
+        if lo != at or hi <= lo:
+            return False
+        at = hi
+    return at == size
 
 
 def split_batchnorm(ctx, name: str) -> list[Share]:
@@ -365,7 +374,6 @@ def emit_split_entry(entry, order: list[str], output_copy: Callable[[object], No
                         call(entry)
         seen.add(shares)
 
-    entry.written = {}  # node -> (its place in `order`, each part's spans of its output)
     for i, n in enumerate(order):
         rule = SPLITS.get(OPS[entry.node(n)["op"]].lowering)
         shares = rule(entry, n) if rule is not None else None
