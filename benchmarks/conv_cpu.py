@@ -17,10 +17,10 @@ from collections.abc import Callable
 from statistics import median
 
 import numpy as np
+from run import CONV_C, CONV_HW, CONV_MACS, CONV_N, CONV_ONE
 
 import cnnc
 from cnnc_runtime.peak import FmaKernel
-from run import CONV_C, CONV_HW, CONV_MACS, CONV_N, CONV_ONE
 
 
 def cpu_rate(fn: Callable[[], object], flop: float) -> float:
