@@ -171,6 +171,28 @@ def test_a_fork_while_another_thread_trains_leaves_the_child_a_usable_model(comp
     assert_same_results(got, model, x, y)
 
 
+_loader_model: Model | None = None  # (what a DataLoader's forked workers see: the parent's globals)
+
+
+def _scores_of_batch(seed: int) -> np.ndarray:
+    return _loader_model(images(5, seed))
+
+
+@needs_fork
+def test_a_forked_pool_of_workers_uses_the_parents_model(compiled):
+    """multiprocessing's 'fork' workers, as a data loader makes them, each run the model their parent made."""
+    global _loader_model
+    _loader_model = model_with(compiled, 2)
+    _loader_model(images(37))  # the parent's pool threads run; the workers have none
+    try:
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            got = pool.map_async(_scores_of_batch, range(6)).get(timeout=60)
+    finally:
+        model, _loader_model = _loader_model, None
+    for seed, scores in enumerate(got):
+        assert np.array_equal(scores, model(images(5, seed)))
+
+
 # ---- gradients do not depend on the number of threads ------------------------------------------------
 
 
