@@ -78,7 +78,7 @@ from cnnc.codegen.lowering import BACKWARD, FORWARD
 from cnnc.codegen.plan import ALIGN, Plan, Tensor, aligned, plan_memory
 from cnnc.codegen.runloop import emit_runs
 from cnnc.codegen.specs import AugmentSpec, ConvSpec, CopySpec, DenseSpec, FoldSpec, GatherSpec, LossSpec, NoiseSpec
-from cnnc.codegen.target import TILED
+from cnnc.codegen.target import GLUE, TILED
 from cnnc.ir import execution_order
 from cnnc_runtime.artifact import BN_COEFS  # a batchnorm's per-channel float32 arrays in ``bn``: part of the format
 from cnnc_runtime.losses import LOSSES
@@ -449,6 +449,7 @@ def build_module(g: nx.DiGraph, vector_width: int,
         "run_fields": [] if builder.bn_slots else list(RUN_FIELDS),  # (the ctx layout run_LOSS reads)
         "profile": builder.stopwatch.finish() if builder.stopwatch else None,
     }
+    builder.module.add_named_metadata(GLUE)
     return [builder.module, *builder.kernel_sources], facts
 
 
