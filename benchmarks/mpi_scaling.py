@@ -9,8 +9,9 @@ fresh process (or job) that compiles from a warm cache, takes a few untimed step
 Per set-up it reports the median [min-max] of: images/s (the epoch's wall clock, as ``fit`` measures it); an
 estimate for otherwise idle cores from CPU time (compute CPU per image shared by the workers, plus the fastest
 all-reduce; for a loaded machine, where wall clocks mislead); CPU seconds per 1000 images summed over every
-process; the all-reduces' share of rank 0's epoch and the time of the gradient's fastest all-reduce; and the
-share of the machine other processes used meanwhile (``run.py``'s ``CpuMeter``).
+process; the all-reduces' share of rank 0's epoch, the time of the gradient's fastest all-reduce and the CPU
+seconds per 1000 images spent in all-reduces (a rank waiting there for its peer included); and the share of the
+machine other processes used meanwhile (``run.py``'s ``CpuMeter``).
 Options: ``--repeats N`` (default 5), ``--steps N`` (default: 300 LeNet-5, 30 CIFAR), ``--only lenet|cifar``,
 ``--json PATH``.
 """
@@ -40,7 +41,7 @@ NETS = {"lenet": REPO / "examples" / "lenet5.cnn", "cifar": REPO / "examples" / 
 STEPS = {"lenet": 300, "cifar": 30}
 BATCH = 64
 WARMUP_STEPS = 5
-GRADIENT_MIN = 1000  # a sum of more values is the gradient's (the others: a flag, a run's losses and counts)
+GRADIENT_MIN = 1000  # a sum of more values is the gradient's (with a step's verdict and counts riding along)
 # name -> (ranks, threads per rank, the launcher's options)
 SETUPS = {"1 process x 1 thread": (1, 1, ()), "1 process x 2 threads": (1, 2, ()), "2 ranks x 1 thread": (2, 1, ()),
           "2 ranks x 1 thread, -bind-to core": (2, 1, ("-bind-to", "core"))}
@@ -69,7 +70,7 @@ def worker(net: str, steps: int) -> None:
         print(json.dumps({"images_per_second": epoch.images_per_second, "images": len(x), "steps": steps,
                           "cpu_seconds": sum(r["cpu"] for r in ranks),
                           "compute_cpu_seconds": sum(r["cpu"] - r["reduce_cpu"] for r in ranks),
-                          "reduce_share": ranks[0]["reduce_wall"] / epoch.seconds,  # (both all-reduces)
+                          "reduce_share": ranks[0]["reduce_wall"] / epoch.seconds,  # (every sum of the ranks)
                           "reduce_fast_seconds": max(r["fastest"] for r in ranks)}))
 
 
@@ -82,9 +83,9 @@ def time_reductions(comm) -> list[tuple[float, float, bool]]:
     calls: list[tuple[float, float, bool]] = []
     plain = comm.sum_in_place
 
-    def timed(buf: np.ndarray) -> None:
+    def timed(buf: np.ndarray, extra: np.ndarray | None = None) -> None:
         wall, cpu = time.perf_counter(), time.thread_time()
-        plain(buf)
+        plain(buf, extra)
         calls.append((time.perf_counter() - wall, time.thread_time() - cpu, buf.size > GRADIENT_MIN))
 
     comm.sum_in_place = timed
@@ -156,8 +157,10 @@ def report(net: str, results: dict[str, list[dict]]) -> list[str]:
     for name, samples in results.items():
         others = [s["others"] for s in samples if s["others"] is not None]
         ranks = SETUPS[name][0] > 1
+        in_sums = [1000 * (s["cpu_seconds"] - s["compute_cpu_seconds"]) / s["images"] for s in samples]
         reduce = (f"{spread([s['reduce_share'] for s in samples], 100, 1)}% of the time; "
-                  f"{spread([s['reduce_fast_seconds'] for s in samples], 1e6)} us" if ranks else "-")
+                  f"{spread([s['reduce_fast_seconds'] for s in samples], 1e6)} us; {spread(in_sums, digits=3)}"
+                  if ranks else "-")
         lines.append(f"| {net} | {name} | {spread([s['images_per_second'] for s in samples])} | "
                      f"{spread([idle_estimate(name, s) for s in samples])} | "
                      f"{spread([1000 * s['cpu_seconds'] / s['images'] for s in samples], digits=2)} | {reduce} | "
@@ -201,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     print("| network | set-up | images/s | idle-cores estimate from CPU time, images/s | CPU s per 1000 images (all "
-          "processes) | all-reduces' share of rank 0's epoch; the gradient's fastest call | others' CPU share |")
+          "processes) | all-reduces' share of rank 0's epoch; the gradient's fastest call; CPU s per 1000 images in "
+          "them (waits included) | others' CPU share |")
     print("|---|---|---|---|---|---|---|")
     for net, results in everything.items():
         print("\n".join(report(net, results)))

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from cnnc_runtime.batchnorm import Reducer, combine_moments
-from cnnc_runtime.nodesum import MIN_BYTES, NodeSum
+from cnnc_runtime.nodesum import EXTRA, MIN_BYTES, NodeSum
 
 # (rank, size) variables set by launchers: MPICH's and Intel MPI's hydra (PMI), Open MPI, MVAPICH
 LAUNCHER_ENV = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
@@ -87,8 +87,9 @@ class Local:
         """Rank 0's `obj` (any picklable value) on every rank."""
         return obj
 
-    def sum_in_place(self, buf: np.ndarray) -> None:
-        """`buf` becomes the sum of every rank's `buf` (in place)."""
+    def sum_in_place(self, buf: np.ndarray, extra: np.ndarray | None = None) -> None:
+        """`buf` becomes the sum of every rank's `buf` (in place), and so does `extra` (a few float64 values: a
+        step's verdict and counts), in the same collective where the ranks share a machine."""
 
     def sum_buffer(self, count: int) -> np.ndarray | None:
         """`count` float32 values that ``sum_in_place`` sums fastest (without copies), or None: any buffer will
@@ -120,12 +121,16 @@ class Mpi(Local):
     def broadcast_object(self, obj: Any) -> Any:
         return self._comm.bcast(obj, root=0)
 
-    def sum_in_place(self, buf: np.ndarray) -> None:
+    def sum_in_place(self, buf: np.ndarray, extra: np.ndarray | None = None) -> None:
+        riding = extra is not None and extra.size <= EXTRA and extra.dtype == np.float64 and extra.flags.c_contiguous
         if (self.node_sum is not None and buf.nbytes >= MIN_BYTES and buf.dtype in (np.float32, np.float64)
                 and buf.flags.c_contiguous):
-            self.node_sum.sum_in_place(buf)
+            self.node_sum.sum_in_place(buf, extra if riding else None)
         else:
             self._comm.Allreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM)
+            riding = False
+        if extra is not None and not riding:
+            self._comm.Allreduce(self._mpi.IN_PLACE, extra, op=self._mpi.SUM)
 
     def sum_buffer(self, count: int) -> np.ndarray | None:
         return self.node_sum.segment(count, np.float32) if self.node_sum is not None else None

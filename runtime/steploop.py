@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import ctypes
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,6 +50,9 @@ MAX_RUN_STEPS = 256
 REDUCE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)  # ``reduce(step)``: see NativeRun
 RUN_FLOATS = 1 << 22  # a run's outputs kept for Python (the accuracy): at most this many floats
 RUN_SECONDS = 0.05  # a run's length in steps is chosen to take about this long: Ctrl-C acts within it
+# what the ranks add up with each step's gradient: the losses' verdict (non-zero: some rank's were not finite), the
+# step's loss (times the loss's scale) and right predictions, the interrupts, rank 0's seconds since the run began
+TALLY = ("bad", "loss", "right", "interrupted", "seconds")
 
 
 def f32_bits(value: float) -> int:
@@ -90,14 +95,17 @@ class NativeRun:
     the global batch, and the run calls ``reduce`` (a ctypes callback) once
     a step, on one thread, between the backward pass and the update: it sums
     the gradient across the ranks (``comm.sum_in_place``, as the per-step path
-    does, so the weights are the same bits) and tells every rank whether any
-    rank's losses were not finite, so all stop at the same step. An exception
-    in it (a failed collective, a second Ctrl-C) ends the run and is raised
-    by ``run``.
+    does, so the weights are the same bits) and, in the same collective, the
+    step's ``TALLY``: whether any rank's losses were not finite (so all stop
+    at the same step), the step's loss and right predictions (``tallies``)
+    and whether any rank was interrupted. One synchronization a step, none
+    between runs. An exception in it (a failed collective, a second Ctrl-C)
+    ends the run and is raised by ``run``.
     """
 
     def __init__(self, model: Any, loss: str, gather: Any, targets: np.ndarray, optimizer: Any, settings: Any,
-                 fill: np.ndarray | None, good: np.ndarray, comm: Any = None) -> None:
+                 fill: np.ndarray | None, good: np.ndarray, comm: Any = None,
+                 interrupted: Callable[[], bool] = lambda: False) -> None:
         self.model, self.loss, self.optimizer, self.gather = model, loss, optimizer, gather
         self.comm = comm if comm is not None and comm.size > 1 else None
         self.targets = targets
@@ -134,7 +142,10 @@ class NativeRun:
                   grad_bytes=params.nbytes)
         self.error: BaseException | None = None
         self._used = 1
-        self._flag = np.zeros(1, dtype=np.float64)
+        self._tally = np.zeros(len(TALLY), dtype=np.float64)
+        self.tallies = np.zeros((max_steps, len(TALLY)), dtype=np.float64)  # each step's, summed over the ranks
+        self._interrupted = interrupted
+        self._step: dict[str, Any] = {}  # what the callback needs of the current run: see ``run``
         # (kept alive as long as the code may call it)
         self._reduce = REDUCE(self._sum_ranks) if self.comm is not None else None
         # the gradient the ranks sum: flat_grads, or (ranks on one machine) this rank's shared memory, which
@@ -166,10 +177,20 @@ class NativeRun:
         """The ranks' sum of the gradient (``reduce``, called by the run's thread 0 with the other threads at a
         barrier): 0; 1 when any rank's losses were not finite; 2 when the sum failed (the exception is kept)."""
         try:
-            self._flag[0] = float(self.bad[:self._used].any())
-            self.comm.sum_in_place(self._grads)
-            self.comm.sum_in_place(self._flag)
-            return int(self._flag[0] != 0)
+            tally, run = self._tally, self._step
+            m = run["m"]
+            first = step * m
+            tally[0] = float(self.bad[:self._used].any())
+            # (as the per-step path adds them: each rank's loss sum in float64 times the scale, then the ranks' sum)
+            tally[1] = float(self.losses[first:first + m].sum(dtype=np.float64) * run["scale"])
+            labels = run["labels"]
+            tally[2] = 0 if labels is None else int(
+                (self.out[first:first + m].argmax(axis=1) == labels[first:first + m]).sum())
+            tally[3] = float(self._interrupted())
+            tally[4] = time.perf_counter() - run["clock"] if self.comm.is_root else 0.0
+            self.comm.sum_in_place(self._grads, tally)
+            self.tallies[step] = tally
+            return int(tally[0] != 0)
         except BaseException as e:  # (a callback cannot raise through native code: kept, raised by run)
             self.error = e
             return 2
@@ -181,10 +202,13 @@ class NativeRun:
         return self.optimizer.native_buffers(model.flat_params, model.flat_grads, model.decay_mask) is not None
 
     def run(self, idx: np.ndarray, m: int, seeds: np.ndarray, lrs: list[float], image0: int = 0,
-            whole: int | None = None) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+            whole: int | None = None,
+            labels: np.ndarray | None = None) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         """``len(idx) // m`` steps of `m` images: step s trains on images ``idx[s m:(s + 1) m]`` of the set, with
         ``seeds[s]`` (``SEEDS``) and learning rate ``lrs[s]``. In a rank of a data-parallel job they are images
-        [image0, image0 + m) of each step's global batch of `whole` images.
+        [image0, image0 + m) of each step's global batch of `whole` images, and ``tallies[s]`` holds step s's
+        ``TALLY`` summed over the ranks (right predictions counted against `labels`, the labels of `idx`) for
+        every step the ranks summed: those done and the one that failed.
 
         Returns (steps done, each step's summed loss (float64, before the scale), the outputs, the penalties
         per step); a step short of `steps` done is one whose loss, gradient or weights were not finite: its
@@ -216,6 +240,8 @@ class NativeRun:
                   shard_ranges=ranges.ctypes.data, thread_shards=thread_shards.ctypes.data,
                   thread_params=thread_params.ctypes.data, grads=grads.ctypes.data, ws=ws.ctypes.data,
                   failed=-1, scale=f32_bits(self.model.loss_scale(self.loss, whole)), image0=image0)
+        self._step = {"m": m, "scale": self.model.loss_scale(self.loss, whole), "labels": labels,
+                      "clock": time.perf_counter()}
         self.model.run_steps(self.loss, self.ctx, len(thread_shards) // 2, m)
         if self.error is not None:
             error, self.error = self.error, None
@@ -248,4 +274,5 @@ def call_threads(fn: Any, ctx: np.ndarray, threads: int, pool_threads: int) -> N
     shared_pool(pool_threads).run([lambda t=t: fn(address, t) for t in range(threads)])
 
 
-__all__ = ["FIELDS", "HYPER_FLOATS", "NativeRun", "SEEDS", "call_threads", "f32_bits", "run_length", "unsupported"]
+__all__ = ["FIELDS", "HYPER_FLOATS", "NativeRun", "SEEDS", "TALLY", "call_threads", "f32_bits", "run_length",
+           "unsupported"]

@@ -42,7 +42,7 @@ from cnnc_runtime.optimizers import add_weight_decay, clip_grad_norm
 from cnnc_runtime.progress import ProgressBar
 from cnnc_runtime.schedule import make_schedule
 from cnnc_runtime.settings import OPTIONAL, Settings, new_optimizer, renamed, settings_from
-from cnnc_runtime.steploop import SEEDS, NativeRun, run_length, unsupported
+from cnnc_runtime.steploop import SEEDS, TALLY, NativeRun, run_length, unsupported
 
 EVAL_BATCH = CHUNK
 
@@ -699,9 +699,9 @@ def _native_steps(native: NativeRun, run: _Run, s: Settings, idx: np.ndarray, si
 
     The seeds are drawn from the run's generator in the per-step path's order (jitter, dropout, crop and flip,
     each only when used), the learning rates by the schedule: the same numbers, so the same weights. In an MPI
-    job each rank runs its part of every step's batch (as the per-step path shares it out), and the ranks then
-    add up the losses, the right predictions and the interrupts in one collective, so all take the same
-    decisions.
+    job each rank runs its part of every step's batch (as the per-step path shares it out), and the ranks add up
+    the losses, the right predictions and the interrupts with each step's gradient (``NativeRun.tallies``), so
+    all take the same decisions.
     """
     clock = time.perf_counter()
     steps = len(idx) // size
@@ -716,19 +716,21 @@ def _native_steps(native: NativeRun, run: _Run, s: Settings, idx: np.ndarray, si
     if columns:  # (one call draws what as many calls, one number each, would: the same stream)
         seeds[:, columns] = run.rng.integers(0, 2**63 - 1, size=steps * len(columns)).reshape(steps, len(columns))
     lrs = [lr_of(run.step + i) for i in range(steps)]
-    done, sums, out, penalties = native.run(idx, hi - lo, seeds, lrs, image0=lo, whole=size)
-    scale = model.loss_scale(native.loss, size)
+    done, sums, out, penalties = native.run(idx, hi - lo, seeds, lrs, image0=lo, whole=size,
+                                            labels=labels[idx] if labels is not None and native.comm else None)
     counted = min(done + 1, steps)
+    if native.comm is not None:  # (the ranks' sums, made with each step's gradient)
+        tallies = native.tallies[:counted]
+        last = tallies[-1]
+        seconds = last[TALLY.index("seconds")] / (counted * size)
+        values = [float(tallies[i, TALLY.index("loss")]) + float(penalties[i]) for i in range(counted)]
+        return (values, done, int(tallies[:done, TALLY.index("right")].sum()),
+                bool(last[TALLY.index("interrupted")]), seconds)
+    scale = model.loss_scale(native.loss, size)
     n = done * (hi - lo)
     right = int((out[:n].argmax(axis=1) == labels[idx[:n]]).sum()) if labels is not None else 0
-    interrupted = job.interrupted.is_set()
-    seconds = (time.perf_counter() - clock) / max(done * size, 1)
-    # (as the per-step path adds them: each rank's loss times the scale, then the ranks' sum)
-    totals = np.array([*(float(sums[i] * scale) for i in range(counted)), right, interrupted,
-                       seconds if comm.is_root else 0.0])
-    comm.sum_in_place(totals)  # (exact but for the losses: each other term is one rank's or whole numbers)
-    values = [float(totals[i]) + float(penalties[i]) for i in range(counted)]
-    return values, done, int(totals[-3]), bool(totals[-2]), float(totals[-1])
+    values = [float(sums[i] * scale) + float(penalties[i]) for i in range(counted)]
+    return values, done, right, job.interrupted.is_set(), (time.perf_counter() - clock) / max(done * size, 1)
 
 
 def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
@@ -796,9 +798,8 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
                     g[...] = 0.0
             sums[1] = int((out[:m].argmax(axis=1) == labels[idx]).sum()) if labels is not None else 0
             sums[2] = job.interrupted.is_set()
-            if comm.size > 1:  # the gradient of the whole batch, on every rank
-                comm.sum_in_place(model.flat_grads)
-                comm.sum_in_place(sums)
+            if comm.size > 1:  # the gradient of the whole batch, on every rank (and the sums, in one collective)
+                comm.sum_in_place(model.flat_grads, sums)
             value, m = float(sums[0]), len(whole)
             if s.clip_norm is not None:  # the data loss's gradient, before the L2 term (as torch's decay)
                 clip_grad_norm(model.flat_grads, s.clip_norm)
@@ -813,7 +814,7 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
 
     native = None
     if unsupported(model, s, gather, optimizer) is None:
-        native = NativeRun(model, loss, gather, targets, optimizer, s, fill, good, comm)
+        native = NativeRun(model, loss, gather, targets, optimizer, s, fill, good, comm, job.interrupted.is_set)
     image_seconds = 0.0  # (measured by each run, per image: an epoch's short last batch says little of a step)
 
     while run.epoch < s.epochs and not run.stopped:

@@ -121,6 +121,52 @@ def test_ranks_on_one_machine_sum_large_buffers_through_shared_memory_in_rank_or
 
 
 @needs_mpi
+def test_a_few_float64_values_ride_along_with_a_sum_in_the_same_collective(tmp_path):
+    """``extra`` (a step's verdict, loss and counts) is summed with the buffer, in rank order on every rank: with a
+    large buffer in shared memory (no second collective: the values sit in a cache line after each segment), and
+    with a small one, or more values than that line holds, through MPI's all-reduce."""
+    r = run_job(tmp_path, """
+        import numpy as np
+        from cnnc_runtime.distributed import world
+        from cnnc_runtime.nodesum import EXTRA
+        comm = world()
+        shared = comm.sum_buffer(40_000)  # (the window is made before its communicator is wrapped below)
+        calls = []
+
+        class Counted:  # (a communicator whose collectives are counted: mpi4py's methods cannot be patched)
+            def __init__(self, comm):
+                self.comm = comm
+
+            def __getattr__(self, name):
+                calls.append(name)
+                return getattr(self.comm, name)
+
+        comm.node_sum._node, comm._comm = Counted(comm.node_sum._node), Counted(comm._comm)
+        barrier = comm.node_sum._barrier
+        comm.node_sum._barrier = lambda win: (calls.append("own barrier"), barrier(win))
+        def extra(rank, k):
+            return np.arange(k) + 0.1 * 10.0 ** rank
+        seen = []
+        for n, k in ((40_000, 5), (40_000, EXTRA), (10, 3), (40_000, EXTRA + 1)):
+            own = shared if n >= 40_000 else np.zeros(n, np.float32)
+            own[...] = comm.rank + 1.0
+            values = extra(comm.rank, k)
+            before = len(calls)
+            comm.sum_in_place(own, values)
+            want = (extra(0, k) + extra(1, k)) + extra(2, k)
+            seen.append((bool(np.array_equal(values, want)), float(own.min()), float(own.max()), calls[before:]))
+        open(f"rank{comm.rank}.txt", "w").write(repr(seen))
+    """, ranks=3)
+    assert r.returncode == 0, r.stderr
+    shared, small = "'own barrier', 'own barrier'", "'Allreduce', 'Allreduce'"
+    more = f"{shared}, 'Allreduce'"
+    for rank in (0, 1, 2):  # (the shared-memory sum: its own two barriers, no MPI call; else an all-reduce each)
+        assert (tmp_path / f"rank{rank}.txt").read_text() == \
+            f"[(True, 6.0, 6.0, [{shared}]), (True, 6.0, 6.0, [{shared}]), (True, 6.0, 6.0, [{small}]), " \
+            f"(True, 6.0, 6.0, [{more}])]"
+
+
+@needs_mpi
 def test_ranks_that_differ_are_told_which_and_in_what(tmp_path):
     r = run_job(tmp_path, """
         from cnnc_runtime.distributed import check_same, world

@@ -7,6 +7,7 @@ and the gradient's norm clipped, which must happen to the whole batch's gradient
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -117,6 +118,34 @@ np.save(f"native{world().rank}.npy", m.flat_params)
     np.testing.assert_array_equal(rank0, rank1)
     np.testing.assert_array_equal(rank0, single_process(work, epochs=2, schedule="cosine", clip_norm=None,
                                                         weight_decay=1e-3))
+
+
+def test_native_runs_report_the_losses_and_accuracies_the_per_step_path_reports(work):
+    """A run's losses, right predictions and interrupts ride along with each step's gradient sum (one collective
+    a step, none between runs): each epoch's loss and accuracy are the per-step path's bits on every rank (which
+    adds them up after each step), and one process's up to the grouping of the float64 loss sums (< 1e-12)."""
+    job(work, """
+import json
+from cnnc_runtime.distributed import world
+x, y = data()
+seen = {}
+for native in (True, False):
+    m = model()
+    m.native_runs = native
+    history = m.fit(x, y, epochs=2, **{**SETTINGS, "clip_norm": None})
+    seen[native] = [(e.loss, e.accuracy, e.steps) for e in history.epochs]
+open(f"history{world().rank}.json", "w").write(json.dumps(seen))
+""")
+    histories = [json.loads((work / f"history{rank}.json").read_text()) for rank in (0, 1)]
+    assert histories[0] == histories[1] and histories[0]["true"] == histories[0]["false"]
+    ns: dict = {}
+    exec(PRELUDE, ns)
+    alone = ns["model"]()
+    x, y = ns["data"](work / "data.npz")
+    epochs = alone.fit(x, y, epochs=2, **{**ns["SETTINGS"], "clip_norm": None}).epochs
+    for (loss, accuracy, steps), e in zip(histories[0]["true"], epochs, strict=True):
+        assert (accuracy, steps) == (e.accuracy, e.steps)
+        assert loss == pytest.approx(e.loss, rel=1e-12)
 
 
 @pytest.mark.slow
