@@ -556,8 +556,8 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         b.ret_void()
         return
     pad, out, _ = conv_direct.sections(b, p, args["ws"])
-    # whole planes: each image writes them, border and all; else the border is zeroed once, the interior filled
-    borders = not p.shifted and spec.rows is None and not _winograd4(spec, p)
+    # each image writes the planes' rows it reads, border and all; shifted copies: the border is zeroed once
+    borders = not p.shifted
     if borders:
         conv_direct.zero_tail(b, p, pad)
     else:
@@ -573,7 +573,7 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         u = conv_winograd.cached_weights(b, p, weights, cache, conv_winograd4.transform_weights, conv_winograd4.XI)
         with for_range(b, args["n0"], args["n1"], name="n") as n:
             x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
-            conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad, reads)
+            conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad, reads, borders)
             conv_winograd4.product(b, p, pad, u, emit.gep(b, args["ws"], p.floats), finish_of(b, n), tile_rows)
         b.ret_void()
         return

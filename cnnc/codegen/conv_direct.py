@@ -174,12 +174,12 @@ def fill(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, lef
     """Copy ``c`` planes of ``h x w`` from `src` into the padded planes at (top, left); the border stays zero.
     `rows`: only the source rows [y0, y1) of each plane (what a share of the output rows reads).
 
-    With `borders` (whole planes only) the copy also writes the border's zeros, so that every float of the ``c``
-    planes is written (``zero_tail`` does the rest of the pad once per call): the zeros go to cache lines the copy
-    writes anyway, where zeroing the whole pad first wrote it twice (~4 us of a 64-channel 32x32 image's ~700, paid
-    per image when a training step calls a kernel an image at a time).
+    With `borders` the copy also writes the border's zeros, so that every float of the ``c`` planes is written
+    (``zero_tail`` does the rest of the pad once per call): the zeros go to cache lines the copy writes anyway,
+    where zeroing the whole pad first wrote it twice (~4 us of a 64-channel 32x32 image's ~700, paid per image when
+    a training step calls a kernel an image at a time). With `rows` too, only the padded rows they fill, and the
+    pad rows above or below where they reach the plane's edge: a share of the output rows reads no others.
     """
-    assert rows is None or not borders, "borders are written for whole planes only"
     y0, y1 = rows or (0, h)
 
     def zeros(at: ir.Value, count: int) -> None:
@@ -188,8 +188,10 @@ def fill(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, lef
 
     plane = p.hp * p.wp
     with for_range(b, 0, p.c, name="pc") as ci:
-        if borders:  # the rows above and the first row's left border
+        if borders and y0 == 0:  # the rows above and the first row's left border
             zeros(index(b, (ci, plane)), top * p.wp + left)
+        elif borders:  # the first row's left border
+            zeros(index(b, (ci, plane), (y0 + top) * p.wp), left)
         with for_range(b, y0, y1, name="py") as y:
             s = index(b, (ci, h * w), (y, w))
             d = index(b, (ci, plane), (y, p.wp), top * p.wp + left)
@@ -200,7 +202,7 @@ def fill(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, lef
             vector_loop(b, 0, w, p.vw, copy, name="px")
             if borders:  # this row's right border and the next row's left one (past the plane: zero_tail's)
                 zeros(index(b, d, w), p.wp - w)
-        if borders:  # the rows below, but the left border of the first (written with the last row's right one)
+        if borders and y1 == h:  # the rows below, but the left border of the first (with the last row's right one)
             zeros(index(b, (ci, plane), (top + h) * p.wp + left), plane - (top + h) * p.wp - left)
 
 

@@ -234,6 +234,7 @@ class Entry:
         self.ws = self.args.get("ws")
         self._written: set[str] = set()
         self.step = None  # the autodiff Step being emitted
+        self.written: dict[str, tuple[int, list]] = {}  # infer_split: node -> (its place, each part's spans written)
         self.syncs: list[dict] = []  # the reductions that end each phase but the last
         self.act_grads_done: set[str] = set()  # fused activations whose gradient a pool's backward applied
         self.residual: dict[str, str] = {}  # training: add -> the batchnorm it applies (lowering.residual_tail)

@@ -5,8 +5,11 @@ Each image owns one slot of the activation arena (``arena_floats`` floats,
 ``arena + n * arena_floats + offset``. The network input and, for inference,
 the output live in the caller's arrays instead.
 
-- Inference reuses the slot of a tensor once its last reader has run
-  (first fit over offsets, in execution order).
+- Inference reuses the slot of a tensor once its last reader and the node
+  after it have run (first fit over offsets, in execution order): when two
+  threads share an image (``infer_split``), a layer's share writing where the
+  other thread's share of the layer before still reads would need a barrier
+  between them (ResNet-20's adds, and the 1x1 shortcuts of its down blocks).
 - Training keeps every forward tensor for the backward pass, plus a gradient
   slot for each tensor a gradient must flow through, the dropout masks, and
   the pre-activation of a fused layer whose activation's gradient reads its
@@ -127,7 +130,7 @@ def plan_memory(g: nx.DiGraph, training: bool) -> Plan:
                 live[n] = (at, need)
                 high = max(high, at + need)
                 plan.value[n] = Tensor("arena", at, 0, size[n])
-            for r in [r for r in live if last_use.get(r, -1) <= i and r != n]:
+            for r in [r for r in live if last_use.get(r, -1) < i and r != n]:
                 del live[r]
         plan.arena_floats = max(aligned(high), ALIGN)
     stride = plan.arena_floats

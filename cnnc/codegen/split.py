@@ -4,9 +4,11 @@
 core. ``infer_split(params, folded, arena, x, y, ws, bar, part_i64, n0, n1)`` is run by
 ``PARTS`` threads at once on the same images (the same arena), thread ``part``
 doing its share of every layer: a conv, dense or pooling layer its share of the
-output channels (reading the whole input), an elementwise op (activation, add)
-its share of the floats, a batchnorm its share of the channels. An op without a
-rule here (softmax, concat) runs whole on part 0. Every share is a call to the
+output channels (reading the whole input; a tiny one, ``WHOLE_WORK``, whole on
+part 0), an elementwise op (activation, add) its share of the floats (an add of
+two inputs: the floats its thread wrote of the input written last, such as a
+Winograd conv's rows of every channel), a batchnorm its share of the channels.
+An op without a rule here (softmax, concat) runs whole on part 0. Every share is a call to the
 ordinary kernels with a smaller spec and offset pointers: no kernel knows it is
 shared.
 
@@ -53,6 +55,10 @@ from cnnc.ops.activations import act_args
 PARTS = 2  # threads sharing one image (the entry point is compiled for this count)
 MIN_MACS = 4_000_000  # multiply-adds per image below which one image is too little work to share (LeNet-5: 0.4M)
 SPIN = 4000  # barrier polls before the waiting thread starts yielding its core (a busy machine)
+# multiply-adds (dense) or floats read (pool) below which a layer runs whole on part 0: halving a microsecond
+# saves less than the barrier costs that a split puts in front of the next layer (ResNet-20's global pool and
+# dense: one barrier, in front of the pool, instead of two)
+WHOLE_WORK = 16_384
 BAR_BYTES = 128  # the barrier's memory: the counter and the generation, a cache line each
 
 Span = tuple[str, int, int]  # (buffer, first float, end) within one image's part of that buffer
@@ -158,15 +164,19 @@ def _by_rows(ctx, name: str, spec, x: Tensor, y: Tensor, tile: int) -> list[Shar
     return shares
 
 
-def split_dense(ctx, name: str) -> list[Share]:
+def split_dense(ctx, name: str) -> list[Share] | None:
     spec = dense_spec(ctx, name)
+    if spec.o * spec.f < WHOLE_WORK:
+        return None
     x, y = ctx.value(ctx.node(name)["inputs"][0]), ctx.value(name)
     return _by_outputs(ctx, name, x, y, spec.o, 1, spec.f,
                        lambda o, lo: (ctx.kernel(emit_dense_forward, dataclasses.replace(spec, o=o)), []), False)
 
 
-def split_pool(ctx, name: str) -> list[Share]:
+def split_pool(ctx, name: str) -> list[Share] | None:
     spec = pool_spec(ctx, name)
+    if spec.c * spec.h * spec.w < WHOLE_WORK:
+        return None
     x, y = ctx.value(ctx.node(name)["inputs"][0]), ctx.value(name)
     shares = []
     for lo, hi in cuts(spec.c):
@@ -194,10 +204,17 @@ def split_add(ctx, name: str) -> list[Share]:
     inputs = ctx.node(name)["inputs"]
     if len(inputs) == 2:  # in one pass (with a fused activation)
         a, b = (ctx.value(src) for src in inputs)
-        return [_one_call(ctx.kernel(emit_sum, sum_spec(ctx, name, hi - lo)) if hi > lo else None,
-                          [part(a, lo, hi), part(b, lo, hi), part(y, lo, hi)], [part(a, lo, hi), part(b, lo, hi)],
-                          [part(y, lo, hi)])
-                for lo, hi in cuts(y.size, ALIGN)]
+        ranges = _cut_like_input(ctx, name) or [[(lo, hi)] for lo, hi in cuts(y.size, ALIGN)]
+        shares = []
+        for spans in ranges:
+            share = Share()
+            for lo, hi in spans:
+                args = [part(a, lo, hi), part(b, lo, hi), part(y, lo, hi)]
+                share.calls.append(_call(ctx.kernel(emit_sum, sum_spec(ctx, name, hi - lo)), *args))
+                share.reads += [span(t) for t in args[:2]]
+                share.writes.append(span(args[2]))
+            shares.append(share)
+        return shares
     shares = []
     for lo, hi in cuts(y.size, ALIGN):
         share = Share()
@@ -212,6 +229,32 @@ def split_add(ctx, name: str) -> list[Share]:
         share.writes.append(span(y, lo, hi))
         shares.append(share)
     return shares
+
+
+def _cut_like_input(ctx, name: str) -> list[list[tuple[int, int]]] | None:
+    """Each part's float ranges of `name`'s input written last (per image, from the tensor's start) where every
+    input has the output's size and those ranges cover it exactly: an elementwise op cut as its input was written
+    reads only what its own thread wrote (a Winograd conv's rows of every channel), so it needs no barrier after
+    that layer. None: an input not written by this entry's shares (``emit_split_entry`` records them), or
+    another size."""
+    inputs, size = ctx.node(name)["inputs"], ctx.value(name).size
+    if any(src not in ctx.written or ctx.value(src).size != size for src in inputs):
+        return None
+    src = max(inputs, key=lambda s: ctx.written[s][0])
+    t = ctx.value(src)
+    ranges = [[(lo - t.offset, hi - t.offset) for base, lo, hi in spans if base == t.base]
+              for spans in ctx.written[src][1]]
+    return ranges if _tile(sorted(r for spans in ranges for r in spans), size) else None
+
+
+def _tile(ranges: list[tuple[int, int]], size: int) -> bool:
+    """Whether the sorted `ranges` cover [0, size) without a gap or an overlap."""
+    at = 0
+    for lo, hi in ranges:
+        if lo != at or hi <= lo:
+            return False
+        at = hi
+    return at == size
 
 
 def split_batchnorm(ctx, name: str) -> list[Share]:
@@ -331,10 +374,12 @@ def emit_split_entry(entry, order: list[str], output_copy: Callable[[object], No
                         call(entry)
         seen.add(shares)
 
-    for n in order:
+    for i, n in enumerate(order):
         rule = SPLITS.get(OPS[entry.node(n)["op"]].lowering)
         shares = rule(entry, n) if rule is not None else None
-        run(shares if shares is not None else _whole(entry, n), "forward", n)
+        shares = shares if shares is not None else _whole(entry, n)
+        run(shares, "forward", n)
+        entry.written[n] = (i, [share.writes for share in shares])
     if output_copy is not None:
         run([Share([output_copy], [output_span[0]], [output_span[1]])] + [Share() for _ in range(PARTS - 1)],
             "output", entry.g.graph["output"])
