@@ -65,18 +65,6 @@ def main() -> None:
                 net(tx[:n])
         return run
 
-    reductions = [0.0, 0]  # CPU seconds and count of the reductions between phases (model.statistics)
-    stats = model.statistics
-
-    def timed(reduce):
-        def run(*args) -> None:
-            c = time.process_time()
-            reduce(*args)
-            reductions[0] += time.process_time() - c
-            reductions[1] += 1
-        return run
-
-    stats.forward, stats.backward = timed(stats.forward), timed(stats.backward)
     rows = [("train b128 (images/s)", lambda: model.value_and_grad(x[:128], y[:128]), torch_train, 2, 128),
             ("infer b1 (ms)", lambda: model(x[:1]), torch_infer(1), 50, 1),
             ("infer b256 (images/s)", lambda: model(x), torch_infer(256), 2, 256)]
@@ -95,11 +83,6 @@ def main() -> None:
                 print(f"  {name:24} {side:6} {wall * 1e3:8.3f} ms   | CPU {cpu * 1e3:8.3f} ms")
             else:
                 print(f"  {name:24} {side:6} {n / wall:8.1f} img/s | {n / cpu:8.1f} img per CPU-s")
-    reductions[:] = [0.0, 0]
-    w, c = sample(lambda: model.value_and_grad(x[:128], y[:128]), 3)
-    print(f"  batchnorm reductions: {reductions[1] / 3:.0f} per step, {reductions[0] / 3 * 1e3:.2f} ms CPU per step "
-          f"of {c * 1e3:.0f} ms CPU ({reductions[0] / 3 / c:.1%})")
-
 
 if __name__ == "__main__":
     main()

@@ -92,6 +92,7 @@ def manifest_for(checked: nx.DiGraph, fused: nx.DiGraph, facts: dict, target: Ta
         "updates": facts["updates"],
         "has_dropout": any(fused.nodes[n]["op"] == "dropout" for n in fused.nodes),
         **({"run_fields": facts["run_fields"]} if facts["run_fields"] else {}),
+        **({"phased_fields": facts["phased_fields"]} if facts["phased_fields"] else {}),
         "batchnorm": _batchnorm_manifest(fused, facts),
         "target": {"triple": target.triple, "cpu": target.cpu, "features": target.features},
         **describe(checked, fused),

@@ -220,9 +220,10 @@ def validate(manifest: Any, source: str | None = None) -> None:
     for kind, names in updates.items():
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise f.fail(f"updates.{kind}", f"must be a list of strings, got {_describe(names)}")
-    fields = f.get(manifest, "run_fields", "run_fields", list, optional=True)  # (a run's ctx: steploop.FIELDS)
-    if fields is not None and not all(isinstance(n, str) for n in fields):
-        raise f.fail("run_fields", "must be a list of strings")
+    for key in ("run_fields", "phased_fields"):  # (a run's ctx: steploop.FIELDS; phased_LOSS's: batchnorm's)
+        fields = f.get(manifest, key, key, list, optional=True)
+        if fields is not None and not all(isinstance(n, str) for n in fields):
+            raise f.fail(key, "must be a list of strings")
     f.get(manifest, "has_dropout", "has_dropout", bool)
     f.get(manifest, "summary", "summary", str)
     warnings = f.get(manifest, "warnings", "warnings", list, optional=True)
@@ -439,6 +440,8 @@ def contract(manifest: dict[str, Any]) -> dict[str, Any]:
         "batchnorm": manifest.get("batchnorm"),
         # the layout of a run's ctx that run_LOSS reads (None: no runs; code built before runs records none)
         "run_fields": manifest.get("run_fields"),
+        # the layout of phased_LOSS's ctx (None: the phases are called one by one; code built before records none)
+        **({"phased_fields": manifest["phased_fields"]} if manifest.get("phased_fields") else {}),
     }
 
 
@@ -457,6 +460,7 @@ def entry_points(manifest: dict[str, Any]) -> list[str]:
     if split and manifest.get("infer_handoff", False):  # (cnnc.codegen.handoff; artifacts before it lack them)
         split += ["split_call", "split_serve"]
     runs = [f"run_{loss}" for loss in LOSSES] if manifest.get("run_fields") else []
+    runs += [f"phased_{loss}" for loss in LOSSES] if manifest.get("phased_fields") else []
     return [*ENTRY_POINTS, *split, *phases, *runs, *(f"update_{kind}" for kind in manifest["updates"])]
 
 

@@ -7,6 +7,11 @@ shard's own ``stats`` buffer; then ``Statistics.forward`` or
 ``Statistics.backward`` reduces them, shard by shard in a fixed order, and
 writes the per-channel coefficients the next phase reads. Shards are cut by
 the batch size alone, so the result does not depend on the number of threads.
+In one process the whole step is one native call per thread
+(``phased_LOSS``, ``cnnc.codegen.bnphases``), whose thread 0 does the same
+reductions in native code, the same bits; the phases are called one by one
+from Python, with the reductions here, when a ``Reducer`` subclass (a
+data-parallel rank's) must see the partial sums.
 
 Forward, each shard gives its sum and the sum of squared deviations from its
 own mean; Chan et al.'s pairwise update combines them (no cancellation, as
@@ -30,6 +35,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+# ``phased_LOSS(ctx, thread)`` (``cnnc.codegen.bnphases``): a whole step with batchnorm in one native call per
+# thread, the reductions in native code; ``ctx`` is an int64 array of these fields (addresses, counts, float32
+# values as their bits). The compiler reads this layout, so it is part of the artifact format.
+PHASED_FIELDS = (
+    "params", "grads", "arena", "x", "out", "targets", "losses", "ws", "stats", "coefs", "seed", "image0",
+    "scale", "smooth", "shards", "shard_ranges", "thread_shards", "threads", "barrier", "state", "saved", "failed",
+)
+PHASED_FIELD = {name: i for i, name in enumerate(PHASED_FIELDS)}
 
 
 def combine_moments(counts: Sequence[float], means: Sequence[np.ndarray],
@@ -78,6 +92,8 @@ class Statistics:
         self.partial_ptrs: list[int] = []
         self.reducer = Reducer()
         self._saved: dict[str, tuple[float, np.ndarray, np.ndarray]] = {}  # layer -> (count, mean used, 1/std)
+        # the native reductions' (phased_LOSS) mean used and 1/std of each layer, laid out as a shard's partial sums
+        self.saved = np.zeros(self._doubles, dtype=np.float64)
 
     def shard_buffers(self, count: int) -> list[int]:
         """Addresses of `count` shards' partial-sum buffers (made once and kept)."""

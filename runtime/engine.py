@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from cnnc_runtime import __version__, artifact, fileio
-from cnnc_runtime.batchnorm import Statistics
+from cnnc_runtime.batchnorm import PHASED_FIELD, PHASED_FIELDS, Reducer, Statistics
 from cnnc_runtime.host import host_cpu, missing_features
 from cnnc_runtime.inputs import Inputs, normalization
 from cnnc_runtime.losses import DEFAULT_LOSS, LOSSES, choices
@@ -55,7 +55,7 @@ from cnnc_runtime.memory import check_fits
 from cnnc_runtime.native import NativeLibrary
 from cnnc_runtime.parallel import available_cores, check_threads, default_threads, shared_pool, split
 from cnnc_runtime.steploop import FIELD as RUN_FIELD
-from cnnc_runtime.steploop import PARAM_GRAIN, call_threads
+from cnnc_runtime.steploop import PARAM_GRAIN, call_threads, f32_bits
 
 CHUNK = 256  # images per native call when a large array is run: bounds the arena's size
 # A thread runs its share of a chunk INFER_RUN images at a time, each run through every layer, so that one layer's
@@ -390,6 +390,11 @@ class Engine:
         # as this runtime lays it out (none with batchnorm, nor in code built before runs existed)
         self._runs = {loss: self._lib.function(f"run_{loss}", [P, I64]) for loss in LOSSES} \
             if manifest.get("run_fields") == list(RUN_FIELD) else {}
+        # a step with batchnorm in one native call per thread, the reductions in native code (cnnc.codegen.bnphases),
+        # where the code reads its ctx as this runtime lays it out (else the phases one by one from Python)
+        self._phased_steps = {loss: self._lib.function(f"phased_{loss}", [P, I64]) for loss in LOSSES} \
+            if manifest.get("phased_fields") == list(PHASED_FIELDS) else {}
+        self._phased_barrier = np.zeros(BARRIER_INT64S, dtype=np.int64)
         self._updates: dict[str, Any] = {}
         # fit runs steps in native runs where it can (cnnc_runtime.steploop); False: every step through
         # ``gradients`` and ``update``, which a caller may wrap to observe each step
@@ -933,7 +938,14 @@ class Engine:
                           smoothing, a, b)
 
         if len(phases) > 1:
-            self._phased(loss, parts, run)
+            native = self._phased_steps.get(loss)
+            if native is not None and type(stats.reducer) is Reducer:  # (a rank's reducer is Python's)
+                values = {"params": params, "arena": arena, "x": xs, "out": os_, "targets": ts, "losses": ls,
+                          "coefs": coefs, "seed": salt, "image0": first, "scale": f32_bits(scale),
+                          "smooth": f32_bits(smoothing)}
+                self._phased_native(native, parts, prepare, start, values)
+            else:
+                self._phased(loss, parts, run)
             return
         if self.threads == 1 or len(parts) == 1:  # in order on this thread: one spare buffer, each shard added at once
             bufs, ptrs = self._shard_buffers(min(len(parts), 2))
@@ -950,6 +962,50 @@ class Engine:
 
         self._parallel(len(parts), task, grain=1)
         for g in bufs[1:len(parts)]:  # in shard order, as above
+            np.add(self.flat_grads, g, out=self.flat_grads)
+
+    def _phased_native(self, fn: Any, parts: tuple[tuple[int, int], ...],
+                       prepare: Callable[[int, int, int], None] | None, start: int, values: dict[str, int]) -> None:
+        """A step with batchnorm in one native call per thread (``cnnc.codegen.bnphases``): each pool thread zeroes
+        its shards' gradient buffers and prepares their images, then runs every phase on them, thread 0 the
+        reductions between phases, all meeting at barriers. Same bits as ``_phased``."""
+        stats = self.statistics
+        _, ptrs = self._shard_buffers(len(parts))
+        per_thread = _thread_ranges(len(parts), self.threads, 1)
+        keep = {"grads": np.array(ptrs[:len(parts)], dtype=np.int64),
+                "stats": np.array(stats.shard_buffers(len(parts))[:len(parts)], dtype=np.int64),
+                "ws": np.array(self._train_scratch.ws_ptrs, dtype=np.int64),
+                "shard_ranges": np.array(parts, dtype=np.int64).reshape(-1),
+                "thread_shards": np.array(per_thread, dtype=np.int64).reshape(-1)}
+        ctx = np.zeros(len(PHASED_FIELDS), dtype=np.int64)
+        for name, value in values.items():
+            ctx[PHASED_FIELD[name]] = value
+        for name, array in keep.items():
+            ctx[PHASED_FIELD[name]] = array.ctypes.data
+        self._phased_barrier[:] = 0
+        ctx[PHASED_FIELD["shards"]], ctx[PHASED_FIELD["threads"]] = len(parts), len(per_thread)
+        ctx[PHASED_FIELD["barrier"]] = self._phased_barrier.ctypes.data
+        ctx[PHASED_FIELD["state"]] = self.flat_state.ctypes.data
+        ctx[PHASED_FIELD["saved"]] = stats.saved.ctypes.data
+        address, grad_bytes = ctx.ctypes.data, self.flat_grads.nbytes
+
+        def task(t: int) -> None:
+            try:
+                for i in range(*per_thread[t]):
+                    ctypes.memset(ptrs[i], 0, grad_bytes)
+                    if prepare is not None:
+                        prepare(t, start + parts[i][0], start + parts[i][1])
+            except BaseException:
+                ctx[PHASED_FIELD["failed"]] = 1  # (read after the first barrier: every thread returns there)
+                fn(address, t)
+                raise
+            fn(address, t)
+
+        if len(per_thread) == 1:
+            task(0)
+        else:
+            shared_pool(self.threads).run([lambda t=t: task(t) for t in range(len(per_thread))])
+        for g in self._shard_grads[1:len(parts)]:  # in shard order, as ``_phased``
             np.add(self.flat_grads, g, out=self.flat_grads)
 
     def _phased(self, loss: str, parts: list[tuple[int, int]], run: Callable[..., None]) -> None:

@@ -24,7 +24,9 @@ its rate over the same run, read against the wall clock. In the result:
   (inference: one native call, timed around it) run on the calling thread alone;
   in a native run of steps (``cnnc_runtime.steploop``) the data preparation,
   the optimizer and the threads' waits at its barriers are regions of the
-  step's entry, shared by the threads as the layers are;
+  step's entry, shared by the threads as the layers are; so are, in a step
+  with batchnorm run in one native call per thread (``cnnc.codegen.bnphases``),
+  the waits and the reductions (thread 0's, while the others wait);
 - the overhead is what remains of the step's measured time (Python between
   native calls, summing the gradient shards, waiting for the slowest thread,
   the training loop's checks and bookkeeping).
@@ -58,7 +60,7 @@ MIN_CALIBRATION = 0.05  # seconds of wall clock the cycle counter's rate is read
 # weights at its learning rate times CALMER, up to CALM_TRIES times: a step's work does not depend on the rate.
 CALMER = 1e-3
 CALM_TRIES = 3
-RUN_PARTS = ("prepare", "update")  # regions of a native run of steps shown as the step's other parts
+RUN_PARTS = ("prepare", "update", "reduce")  # regions of a native call's own work shown as the step's other parts
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,8 @@ class ProfiledModel(Model):
         # a native run of steps counts as the step's entry: its threads run the step, and its own work is
         # regions of that entry (the data's preparation, the optimizer, the barriers: cnnc.codegen.runloop)
         self._runs = {loss: t.native_call(f"step_{loss}", fn) for loss, fn in self._runs.items()}
+        # so is a step with batchnorm in one call per thread (cnnc.codegen.bnphases), its reductions a region
+        self._phased_steps = {loss: t.native_call(f"step_{loss}", fn) for loss, fn in self._phased_steps.items()}
         if self.statistics is not None:  # batchnorm's reductions between phases, on the calling thread
             self.statistics.forward = t.part("reductions", self.statistics.forward)
             self.statistics.backward = t.part("reductions", self.statistics.backward)
@@ -302,7 +306,7 @@ def profile_training(model: ProfiledModel, peak, batch: int | None = None, steps
     n = epoch.steps
     others = [("data preparation", timers["prepare"] / t / n + native.get("prepare", 0.0)),
               ("optimizer", timers["optimizer"] / n + native.get("update", 0.0)),
-              ("batchnorm reductions", timers["reductions"] / n)]
+              ("batchnorm reductions", timers["reductions"] / n + native.get("reduce", 0.0))]
     notes = [f"random uint8 inputs of shape {model.input_shape} prepared per batch as a dataset's (the train "
              f"section's normalize and augmentation), random labels; loss {loss}",
              *_common_notes(model, [entry])]

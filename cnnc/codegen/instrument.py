@@ -40,7 +40,7 @@ PRODUCT_OPS = ("conv", "dense")  # ops whose backward computes products as large
 # meeting between layers (``cnnc.codegen.split``), or of a run of training steps between its parts;
 # "prepare" and "update": a native run of training steps (``cnnc.codegen.runloop``) gathering its batches and
 # running the optimizer
-PHASE_OPS = {"output": "copy", "wait": "barrier", "prepare": "gather", "update": "optimizer"}
+PHASE_OPS = {"output": "copy", "wait": "barrier", "prepare": "gather", "update": "optimizer", "reduce": "batchnorm"}
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,12 @@ Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
     batchnorm the step is split into phases ``step_LOSS``, ``step_LOSS_1``, ...
     at each batchnorm's reduction (``phases`` in the manifest): every shard
     runs a phase, writing its float64 partial sums to its own ``stats``, then the
-    runtime reduces them and writes the per-channel coefficients into ``bn``,
-    read by every shard's next phase.
+    reduction writes the per-channel coefficients into ``bn``, read by every
+    shard's next phase.
+``phased_cross_entropy`` / ``phased_mse`` ``(ctx, thread_i64)``
+    (networks with batchnorm) the phases of ``step_LOSS`` on one thread's shards and the reductions between
+    them, called once by every pool thread, meeting at barriers (``cnnc.codegen.bnphases``; ``ctx``:
+    ``cnnc_runtime.batchnorm.PHASED_FIELDS``); a data-parallel rank's runtime calls the phases one by one.
 
 ``jitter(x, seed_i64, image0_i64, sigma_f32, ws, n0, n1)``
     adds N(0, sigma^2) noise to a batch of inputs in place (training's input jitter), drawn
@@ -67,6 +71,7 @@ import networkx as nx
 from cnnc.codegen import emit, handoff, optim, split
 from cnnc.codegen.augment import emit_augment
 from cnnc.codegen.batchnorm import emit_bn_fold
+from cnnc.codegen.bnphases import Reduction, emit_phased
 from cnnc.codegen.conv import conv_workspace_floats, weight_cache_floats
 from cnnc.codegen.elementwise import emit_copy, emit_gaussian_noise
 from cnnc.codegen.emit import I64, PTR
@@ -81,6 +86,7 @@ from cnnc.codegen.specs import AugmentSpec, ConvSpec, CopySpec, DenseSpec, FoldS
 from cnnc.codegen.target import TILED
 from cnnc.ir import execution_order
 from cnnc_runtime.artifact import BN_COEFS  # a batchnorm's per-channel float32 arrays in ``bn``: part of the format
+from cnnc_runtime.batchnorm import PHASED_FIELDS
 from cnnc_runtime.losses import LOSSES
 from cnnc_runtime.steploop import FIELDS as RUN_FIELDS
 
@@ -426,8 +432,11 @@ def build_module(g: nx.DiGraph, vector_width: int,
         b.call(builder.kernel(optim.emit_update, kind), list(fn.args))
         b.ret_void()
 
-    if not builder.bn_slots:  # (batchnorm's steps are phases, with reductions in Python between them)
+    if not builder.bn_slots:  # (batchnorm's steps are phases, with reductions between them)
         emit_runs(builder.module, sorted(optim.constants()), builder.vw, g, builder.stopwatch)
+    else:
+        for loss, syncs in phases.items():
+            _emit_phased(builder, loss, syncs)
 
     facts = {
         "param_floats": builder.param_floats,
@@ -448,6 +457,7 @@ def build_module(g: nx.DiGraph, vector_width: int,
         "bn_floats": builder.bn_floats,
         "phases": phases,
         "run_fields": [] if builder.bn_slots else list(RUN_FIELDS),  # (the ctx layout run_LOSS reads)
+        "phased_fields": list(PHASED_FIELDS) if builder.bn_slots else [],  # (and phased_LOSS)
         "profile": builder.stopwatch.finish() if builder.stopwatch else None,
     }
     return [builder.module, *builder.kernel_sources], facts
@@ -538,6 +548,23 @@ def _emit_fold(builder: Builder, inf: nx.DiGraph, where: dict[tuple[str, str], P
                    at("state", state[(bn, "running_mean")]), at("state", state[(bn, "running_var")]),
                    at("folded", where[(n, "scale" if own else "weight")]), at("folded", where[(n, "bias")]))
     entry.b.ret_void()
+
+
+def _emit_phased(builder: Builder, loss: str, syncs: list[dict]) -> None:
+    """phased_LOSS: the phases of step_LOSS and the batchnorm reductions between them, one call per thread."""
+    module, g = builder.module, builder.g
+    state = {(s.layer, s.kind): s.offset for s in builder.state_slots}
+    reductions = []
+    for sync in syncs:
+        layer, slot = sync["layer"], builder.bn[sync["layer"]]
+        args = g.nodes[layer]["args"]
+        reductions.append(Reduction(
+            kind=sync["kind"], channels=slot.channels, count=slot.count, stats=slot.stats,
+            coefs={k: slot.coef(k) for k in BN_COEFS}, weight=builder.slot[(layer, "weight")].offset,
+            bias=builder.slot[(layer, "bias")].offset, running_mean=state[(layer, "running_mean")],
+            running_var=state[(layer, "running_var")], eps=float(args["eps"]), momentum=float(args["momentum"])))
+    phases = [module.get_global(f"step_{loss}" + (f"_{k}" if k else "")) for k in range(len(syncs) + 1)]
+    emit_phased(module, loss, phases, reductions, g, builder.stopwatch)
 
 
 def _emit_step(builder: Builder, plan: Plan, order: list[str], loss: str) -> list[dict]:

@@ -49,16 +49,17 @@ F64 = ir.DoubleType()
 I8 = ir.IntType(8)
 
 
-class _Ctx:
-    """Reads of ``ctx``'s fields, each loaded once at the top of the entry."""
+class CtxFields:
+    """Reads of ``ctx``'s fields (at their index in `fields`: a run's by default), each loaded once, where first
+    read: read every field once in the entry block when later reads may be in blocks it does not dominate."""
 
-    def __init__(self, b: ir.IRBuilder, ctx: ir.Value) -> None:
-        self.b, self.ctx = b, ctx
+    def __init__(self, b: ir.IRBuilder, ctx: ir.Value, fields: dict[str, int] = FIELD) -> None:
+        self.b, self.ctx, self.fields = b, ctx, fields
         self._cache: dict[str, ir.Value] = {}
 
     def int(self, name: str) -> ir.Value:
         if name not in self._cache:
-            at = self.b.gep(self.ctx, [i64(FIELD[name])], source_etype=I64, inbounds=True)
+            at = self.b.gep(self.ctx, [i64(self.fields[name])], source_etype=I64, inbounds=True)
             self._cache[name] = self.b.load(at, typ=I64, name=name)
         return self._cache[name]
 
@@ -69,7 +70,8 @@ class _Ctx:
         return self.b.bitcast(self.b.trunc(self.int(name), I32), F32, name=f"{name}.f")
 
 
-def _i64_at(b: ir.IRBuilder, base: ir.Value, index: ir.Value | int) -> ir.Value:
+def i64_at(b: ir.IRBuilder, base: ir.Value, index: ir.Value | int) -> ir.Value:
+    """The int64 at `index` of `base`."""
     index = i64(index) if isinstance(index, int) else index
     return b.load(b.gep(base, [index], source_etype=I64, inbounds=True), typ=I64)
 
@@ -153,7 +155,7 @@ def emit_run(module: ir.Module, loss: str | None, kinds: list[str], vw: int, gra
     def barrier() -> None:
         with timed("wait", "barriers"):
             wait_at_barrier(b, bar, threads)
-    f = _Ctx(b, args["ctx"])
+    f = CtxFields(b, args["ctx"])
     t = args["thread_i64"]
     steps = [loss] if loss else list(LOSSES)
     entry = {name: module.get_global(name) for name in
@@ -161,13 +163,13 @@ def emit_run(module: ir.Module, loss: str | None, kinds: list[str], vw: int, gra
               *(f"update_{k}" for k in kinds))}
     memset = module.declare_intrinsic("llvm.memset", [PTR, I64])
     threads, m = f.int("threads"), f.int("batch")
-    shard_lo, shard_hi = _i64_at(b, f.ptr("thread_shards"), b.mul(t, i64(2))), \
-        _i64_at(b, f.ptr("thread_shards"), b.add(b.mul(t, i64(2)), i64(1)))
-    p_lo = _i64_at(b, f.ptr("thread_params"), b.mul(t, i64(2)))
-    p_hi = _i64_at(b, f.ptr("thread_params"), b.add(b.mul(t, i64(2)), i64(1)))
-    ws = b.inttoptr(_i64_at(b, f.ptr("ws"), t), PTR, name="ws")
+    shard_lo, shard_hi = i64_at(b, f.ptr("thread_shards"), b.mul(t, i64(2))), \
+        i64_at(b, f.ptr("thread_shards"), b.add(b.mul(t, i64(2)), i64(1)))
+    p_lo = i64_at(b, f.ptr("thread_params"), b.mul(t, i64(2)))
+    p_hi = i64_at(b, f.ptr("thread_params"), b.add(b.mul(t, i64(2)), i64(1)))
+    ws = b.inttoptr(i64_at(b, f.ptr("ws"), t), PTR, name="ws")
     params, x, arena, grads = f.ptr("params"), f.ptr("x"), f.ptr("arena"), f.ptr("grads")
-    g0 = b.inttoptr(_i64_at(b, grads, 0), PTR, name="g0")
+    g0 = b.inttoptr(i64_at(b, grads, 0), PTR, name="g0")
     bar, bad = f.ptr("barrier"), f.ptr("bad")
     null = ir.Constant(PTR, None)
     image0 = f.int("image0")
@@ -193,14 +195,14 @@ def emit_run(module: ir.Module, loss: str | None, kinds: list[str], vw: int, gra
     target = _bytes_at(b, f.ptr("targets"), b.mul(first, f.int("target_bytes")))
     out = emit.gep(b, f.ptr("out"), b.mul(first, f.int("outputs")))
     losses = emit.gep(b, f.ptr("losses"), first)
-    seed = {k: _i64_at(b, f.ptr("seeds"), b.add(b.mul(s, i64(len(SEEDS))), i64(i))) for i, k in enumerate(SEEDS)}
+    seed = {k: i64_at(b, f.ptr("seeds"), b.add(b.mul(s, i64(len(SEEDS))), i64(i))) for i, k in enumerate(SEEDS)}
     b.store(emit.f32(0.0), loss_check)
 
     # 1. this thread's shards: gather, augment, jitter, the step
     with for_range(b, shard_lo, shard_hi, name="shard") as i:
-        a0 = _i64_at(b, f.ptr("shard_ranges"), b.mul(i, i64(2)))
-        b0 = _i64_at(b, f.ptr("shard_ranges"), b.add(b.mul(i, i64(2)), i64(1)))
-        g = b.inttoptr(_i64_at(b, grads, i), PTR, name="g")
+        a0 = i64_at(b, f.ptr("shard_ranges"), b.mul(i, i64(2)))
+        b0 = i64_at(b, f.ptr("shard_ranges"), b.add(b.mul(i, i64(2)), i64(1)))
+        g = b.inttoptr(i64_at(b, grads, i), PTR, name="g")
         b.call(memset, [g, ir.Constant(I8, 0), f.int("grad_bytes"), ir.Constant(ir.IntType(1), 0)])
         source = [f.ptr("src"), rows, x, f.ptr("geometry"), f.ptr("norm"), a0, b0]
         with timed("prepare", "data"):
@@ -229,7 +231,7 @@ def emit_run(module: ir.Module, loss: str | None, kinds: list[str], vw: int, gra
         timing.start(b)
         timing.open = stopwatch.region(timing.entry, "update", "optimizer", graph)
     with for_range(b, 1, f.int("shards"), name="other") as i:
-        gi = b.inttoptr(_i64_at(b, grads, i), PTR, name="gi")
+        gi = b.inttoptr(i64_at(b, grads, i), PTR, name="gi")
 
         def add(b: ir.IRBuilder, j: ir.Value, w: int, gi=gi) -> None:
             emit.store(b, b.fadd(emit.load(b, g0, j, w), emit.load(b, gi, j, w)), g0, j)
@@ -280,7 +282,7 @@ def emit_run(module: ir.Module, loss: str | None, kinds: list[str], vw: int, gra
     # 3. any thread's check failed: stop before the update; else keep the weights and update the slice
     b.store(i64(0), any_bad)
     with for_range(b, 0, b.add(threads, i64(1)), name="peer") as k:  # (and the reduction's verdict)
-        b.store(b.or_(b.load(any_bad, typ=I64), _i64_at(b, bad, k)), any_bad)
+        b.store(b.or_(b.load(any_bad, typ=I64), i64_at(b, bad, k)), any_bad)
     go = b.append_basic_block("s.update")
     b.cbranch(b.icmp_signed("!=", b.load(any_bad, typ=I64), i64(0)), fail, go)
     b.position_at_end(go)

@@ -434,6 +434,37 @@ def test_winograd_4x4_forward_at_inference(jit, case: str) -> None:
     check_arena(y, np.full_like(y, SENTINEL), want, s.o * s.oh * s.ow)
 
 
+@pytest.mark.parametrize("case", list(WINOGRAD4))
+def test_winograd_4x4_input_gradient(jit, case: str) -> None:
+    """The input gradient by F(4x4) (the flipped weights transformed on every call, the padded dy as its input)
+    against the float64 reference, within the bound of the other kernels (1e-5 of the largest output); the
+    workspace's guard untouched. Training's forward keeps F(2x2) (``conv._winograd4``)."""
+    from cnnc.codegen import conv_winograd4
+    from cnnc.codegen.conv import _Geom, _winograd4_data
+
+    c, h, w, o, pad = WINOGRAD4[case]
+    s = make_spec(c, h, w, o, 3, 3, pad=pad, gap=3, bias=False, accumulate=case == "resnet_16")
+    g = _Geom(s)
+    # the products take dy's o channels as their inputs: 8 are too few (F(2x2) or the direct kernels then), and
+    # a valid convolution's dx (34x34 here) is not whole 4x4 tiles
+    assert _winograd4_data(s, g.backward_plane(jit.vw)) == (case in ("resnet_32", "resnet_16"))
+    assert conv_winograd4.applies(g.forward_plane(jit.vw), None)
+    emit_conv_backward_data(jit.module, "bwd_data", s, jit.vw)
+    rng = np.random.default_rng(13)
+    dy_buf = arena(rng.uniform(-1, 1, (N_IMAGES, o, s.oh, s.ow)), s.y_stride, np.nan)
+    wt = random_weights(rng, s)
+    dx0 = arena(rng.uniform(-1, 1, (N_IMAGES, c * h * w)), s.x_stride, SENTINEL)
+    dx = dx0.copy()
+    ws = workspace(s, jit.vw)
+    jit("bwd_data", dy_buf, wt.astype(np.float32), dx, ws, N0, N1)
+    check_guard(ws, s, jit.vw)
+    dyr = dy_buf[N0:N1, :o * s.oh * s.ow].reshape(-1, o, s.oh, s.ow).astype(np.float64)
+    expected = conv_data_ref(dyr, wt, s).reshape(N1 - N0, c * h * w)
+    if s.accumulate:
+        expected = expected + dx0[N0:N1, :c * h * w]
+    check_arena(dx, dx0, expected, c * h * w)
+
+
 @pytest.mark.parametrize("cached", [False, True], ids=["f2x2", "f4x4"])
 def test_a_share_of_tile_rows_computes_exactly_those_rows(jit, cached: bool) -> None:
     """``ConvSpec.rows`` (infer_split's cut of a Winograd conv): every channel's rows [r0, r1), the bits of the whole

@@ -130,6 +130,53 @@ def test_a_step_gives_the_same_bits_on_one_and_two_threads(text):
     np.testing.assert_array_equal(y1, y2)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("text", [MAPS, VECTORS, RESIDUAL])
+def test_native_reductions_give_the_bits_of_the_reductions_in_python(text, threads):
+    """A step in one native call per thread (cnnc.codegen.bnphases) against the phases called one by one with
+    ``Statistics`` reducing in numpy between them: the same loss, gradients and running statistics, bit for bit."""
+    results = []
+    for native in (True, False):
+        m = model(text, threads=threads)
+        assert m._phased_steps  # (the code has the native step)
+        if not native:
+            m._phased_steps = {}
+        randomize(m)
+        x, y = batch(m, 100)
+        steps = [m.value_and_grad(x, y) for _ in range(2)]  # (the second normalizes with moved statistics too)
+        results.append((steps, {k: v.copy() for k, v in m.buffers.items()}, m.statistics.coefs.copy()))
+    (s1, b1, c1), (s2, b2, c2) = results
+    for (l1, g1), (l2, g2) in zip(s1, s2):
+        assert l1 == l2
+        for name in g1:
+            np.testing.assert_array_equal(g1[name], g2[name])
+    for name in b1:
+        np.testing.assert_array_equal(b1[name], b2[name])
+    np.testing.assert_array_equal(c1, c2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_preparation_that_raises_leaves_the_state_alone_and_no_thread_waiting(threads):
+    """The native step's threads meet at a barrier before their first phase: when one thread's preparation
+    raises, every thread returns there, the running statistics are untouched, and the error reaches the caller."""
+    m = model(MAPS, threads=threads)
+    randomize(m)
+    x, y = batch(m, 64)
+    targets = m.check_targets(y, len(x), "cross_entropy")
+    before = {k: v.copy() for k, v in m.buffers.items()}
+
+    def prepare(t: int, a: int, b: int) -> None:
+        if t == threads - 1:
+            raise RuntimeError("no batch today")
+
+    with pytest.raises(RuntimeError, match="no batch today"):
+        m.gradients(x.copy(), targets, "cross_entropy", prepare=prepare)
+    for name, value in before.items():
+        np.testing.assert_array_equal(m.buffers[name], value)
+    loss, _ = m.value_and_grad(x, y)  # (and the next step runs)
+    assert np.isfinite(loss)
+
+
 def test_the_running_statistics_move_by_momentum_with_the_unbiased_variance():
     m = model(MAPS)
     randomize(m)
