@@ -83,7 +83,7 @@ from cnnc.codegen.lowering import BACKWARD, FORWARD
 from cnnc.codegen.plan import ALIGN, Plan, Tensor, aligned, plan_memory
 from cnnc.codegen.runloop import emit_runs
 from cnnc.codegen.specs import AugmentSpec, ConvSpec, CopySpec, DenseSpec, FoldSpec, GatherSpec, LossSpec, NoiseSpec
-from cnnc.codegen.target import TILED
+from cnnc.codegen.target import GLUE, TILED
 from cnnc.ir import execution_order
 from cnnc_runtime.artifact import BN_COEFS  # a batchnorm's per-channel float32 arrays in ``bn``: part of the format
 from cnnc_runtime.batchnorm import PHASED_FIELDS
@@ -460,6 +460,7 @@ def build_module(g: nx.DiGraph, vector_width: int,
         "phased_fields": list(PHASED_FIELDS) if builder.bn_slots else [],  # (and phased_LOSS)
         "profile": builder.stopwatch.finish() if builder.stopwatch else None,
     }
+    builder.module.add_named_metadata(GLUE)
     return [builder.module, *builder.kernel_sources], facts
 
 

@@ -176,8 +176,9 @@ def test_kernel_bodies_are_built_by_the_processes_sharing_the_compile(monkeypatc
     assert no_children_left()
 
 
-def test_only_conv_and_dense_kernels_take_the_short_pipeline(monkeypatch):
-    """They block and vectorise themselves; pooling's and the elementwise kernels' scalar loops still need O2."""
+def test_conv_and_dense_kernels_and_the_entry_points_take_the_short_pipeline(monkeypatch):
+    """The kernels block and vectorise themselves, the entry points are calls and hand-vectorised loops; pooling's
+    and the elementwise kernels' scalar loops still need O2."""
     chosen = {}
     passes = target.passes
 
@@ -190,11 +191,13 @@ def test_only_conv_and_dense_kernels_take_the_short_pipeline(monkeypatch):
     monkeypatch.setattr(target, "passes", spy)
     modules = lenet_modules()
     emit_objects(modules, host_target(), processes=1)
-    kind = lambda name: name.split(".")[1].rsplit("_", 1)[0] if "." in name else name  # noqa: E731
-    assert {kind(name) for name, tiled in chosen.items() if tiled} == {
+    kernel = {name.split(".")[1].rsplit("_", 1)[0]: tiled for name, tiled in chosen.items() if "." in name}
+    assert {k for k, tiled in kernel.items() if tiled} == {
         "conv_forward", "conv_backward_data", "conv_backward_weights",
         "dense_forward", "dense_backward_data", "dense_backward_weights"}
-    assert {kind(name) for name, tiled in chosen.items() if not tiled} >= {"pool_forward", "step_cross_entropy"}
+    assert {k for k, tiled in kernel.items() if not tiled} >= {"pool_forward", "gather", "update"}
+    entry = {name: tiled for name, tiled in chosen.items() if "." not in name}
+    assert {"infer", "step_cross_entropy", "run_steps"} <= set(entry) and all(entry.values())
 
 
 THREADED_COMPILES = """
