@@ -15,6 +15,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from cnnc.errors import CnnError
+from cnnc.forkgate import compiling
 from cnnc_runtime import __version__
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ def compile_string(text: str, name: str = "<string>", **options: Any) -> Model:
     F(2x2, 3x3), 2.25x fewer multiply-adds; False keeps every convolution a
     plain sum of products, which rounds a little differently).
     """
-    return _build(text, name, options)
+    with compiling():
+        return _build(text, name, options)
 
 
 def compile(path: str | os.PathLike[str], **options: Any) -> Model:  # noqa: A001 - the API's name
@@ -44,14 +46,15 @@ def compile(path: str | os.PathLike[str], **options: Any) -> Model:  # noqa: A00
     An ``.onnx`` file goes through ``cnnc import`` (``cnnc.onnx.import_``): the network as .cnn text, compiled,
     then its weights copied in, ready to run or to train further. That needs the ``onnx`` extra.
     """
-    if str(path).lower().endswith(".onnx"):
-        from cnnc.onnx.import_ import import_file  # (optional dependency: only ONNX files need it)
+    with compiling():
+        if str(path).lower().endswith(".onnx"):
+            from cnnc.onnx.import_ import import_file  # (optional dependency: only ONNX files need it)
 
-        imported = import_file(path)
-        model = _build(imported.text, f"{path} (as .cnn)", options)
-        model.load_arrays(imported.weights, str(path))
-        return model
-    return _build(None, path, options)
+            imported = import_file(path)
+            model = _build(imported.text, f"{path} (as .cnn)", options)
+            model.load_arrays(imported.weights, str(path))
+            return model
+        return _build(None, path, options)
 
 
 def load(path: str | os.PathLike[str], key: bytes | str | os.PathLike[str] | None = None) -> Model:
@@ -61,9 +64,10 @@ def load(path: str | os.PathLike[str], key: bytes | str | os.PathLike[str] | Non
     ones you built or whose signature you check with `key` (the bytes, or the
     path of the key file given to ``cnnc compile --sign``).
     """
-    from cnnc_runtime.model import load as load_artifact  # lazy: numpy and the runtime, not on `import cnnc`
+    with compiling():  # (not a compile, but its lazy imports must not be half done at a fork either)
+        from cnnc_runtime.model import load as load_artifact  # lazy: numpy and the runtime, not on `import cnnc`
 
-    return load_artifact(path, key)
+        return load_artifact(path, key)
 
 
 def _build(text: str | None, path: str | os.PathLike[str], options: dict) -> Model:

@@ -23,12 +23,14 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from cnnc.forkgate import on_internal_fork
 from cnnc_runtime import __version__, artifact
 from cnnc_runtime.cachedir import cache_dir, read_private, write_private
 
@@ -79,12 +81,29 @@ def collector_paused() -> Iterator[None]:
     threads compiling at once may see it back on before both are done.
     """
     enabled = gc.isenabled()
+    me = threading.get_ident()
+    _pausing.setdefault(me, enabled)
     try:
         gc.disable()
         yield
     finally:
+        if _pausing.get(me) is enabled:
+            del _pausing[me]
         if enabled:
             gc.enable()
+
+
+_pausing: dict[int, bool] = {}  # thread -> whether the collector was on when its (outermost) compile paused it
+
+
+def _collector_back_after_fork() -> None:
+    """In a child forked while another thread's compile had paused the collector: that compile never ends here."""
+    if any(on for thread, on in _pausing.items() if thread != threading.get_ident()):
+        gc.enable()
+    _pausing.clear()
+
+
+on_internal_fork(_collector_back_after_fork)
 
 
 def source_key(source: str, name: str, target_key: str, options: dict[str, Any]) -> str:

@@ -163,11 +163,28 @@ def world() -> Local:
     global _world
     if _world is None:
         launched = launched_rank_size()
+        if launched is not None and _forked_from != os.getpid():
+            raise RuntimeError(f"this process was forked from rank {launched[0]} of an MPI job of {launched[1]}: "
+                               f"only the launched ranks take part in the job (train in the rank itself, or run "
+                               f"the child without the launcher's environment)")
         if launched is None:
             _world = Local()
         else:
             _world = _connect(*launched)
     return _world
+
+
+_forked_from = os.getpid()  # the process this module was loaded in: its forked children are no MPI ranks
+
+
+def _forget_world_after_fork() -> None:
+    """MPI does not survive a fork (the child would join its parent's collectives): the child has no world."""
+    global _world
+    _world = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_world_after_fork)
 
 
 def _connect(rank: int, size: int) -> Mpi:

@@ -7,6 +7,7 @@ import importlib
 import os
 import pickle
 import stat
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from cnnc import generate
 from cnnc.pipeline import check_source, compile_source
 from cnnc_runtime import artifact, host
 from cnnc_runtime.model import Model
+from tests.runtime.test_fileio import tmpfs
 
 NET = "network tiny { input x: 4\n y = x -> dense(3) -> relu }"
 
@@ -149,3 +151,39 @@ def test_damaged_entries_are_rebuilt(cache, damage):
     rebuilt = fill_cache(cache)
     assert all(p.stat().st_size > 0 for p in rebuilt)
     assert artifact.read(next(p for p in rebuilt if p.name.startswith("src-")))[0]["network"] == "tiny"
+
+
+def flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def another_networks_entry(path: Path, other: dict[str, Path]) -> None:
+    """The entry of the same kind (source- or graph-keyed) compiled for another network: valid, but not ours."""
+    path.write_bytes(other["src" if path.name.startswith("src-") else "ir"].read_bytes())
+
+
+def a_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+@pytest.mark.parametrize("damage", [flip_a_bit, another_networks_entry, a_directory])
+def test_entries_flipped_swapped_or_made_directories_give_the_right_network(cache, damage):
+    entries = [p for p in fill_cache(cache) if p.suffix == ".cnnc"]
+    compile_source(NET.replace("tiny", "other").replace("dense(3)", "dense(5)"), "other.cnn")
+    others = [p for p in cache.glob("*.cnnc") if p not in entries]
+    other = {"src" if p.name.startswith("src-") else "ir": p for p in others}
+    for path in entries:
+        damage(path) if damage is not another_networks_entry else damage(path, other)
+    compiles_correctly()  # (the network named tiny, 3 outputs)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0, reason="mounts a tmpfs (Linux, root)")
+@pytest.mark.parametrize("options", ["size=8k,mode=0700", "size=1m,mode=0700,ro"], ids=["full", "read-only"])
+def test_a_cache_on_a_full_or_read_only_disk_is_no_error(cache, options):
+    with tmpfs(cache, options):
+        compiles_correctly()
+        compiles_correctly()  # (again: whatever the first left there is read or ignored)
+        assert all(p.stat().st_size > 0 for p in cache.rglob("*") if p.is_file())  # no torn entry left

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cnnc.cli.common import (
@@ -90,13 +94,42 @@ def run(args: argparse.Namespace, diag: Diagnostics) -> int:
         comm = world()
     except RuntimeError as e:  # an MPI launcher, but no mpi4py
         raise UsageError(f"cnnc train: {e}") from None
+    with _sigterm_as_ctrl_c() as terminated:
+        try:
+            status = _train(args, diag, comm)
+            comm.barrier()
+        except BaseException as e:
+            abort_on_failure(comm, e, (UsageError, CnnError))  # its peers would wait for this rank forever
+            if terminated and isinstance(e, KeyboardInterrupt):  # (before training: nothing to save)
+                print("cnnc: terminated", file=sys.stderr)
+                return 128 + signal.SIGTERM
+            raise
+    return 128 + signal.SIGTERM if terminated and status == 130 else status
+
+
+@contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[list[int]]:
+    """SIGTERM (``kill``, a batch system's time limit) taken as a Ctrl-C: training stops between two steps with
+    its checkpoint written, instead of dying mid-epoch; the list yielded gets the signal, for the exit status
+    (128 + 15, as a shell reports a process SIGTERM ended)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread may set handlers)
+        yield received
+        return
+
+    def note(signum: int, frame: object) -> None:
+        received.append(signum)
+        on_ctrl_c = signal.getsignal(signal.SIGINT)  # training's (see cnnc_runtime.train), else Python's
+        if callable(on_ctrl_c):
+            on_ctrl_c(signal.SIGINT, frame)
+        else:  # (Ctrl-C ignored, as in a background job of a script: SIGTERM still stops the run)
+            raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, note)
     try:
-        status = _train(args, diag, comm)
-        comm.barrier()
-    except BaseException as e:
-        abort_on_failure(comm, e, (UsageError, CnnError))  # its peers would wait for this rank forever
-        raise
-    return status
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _silent(*args, **kwargs) -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
 
 import llvmlite
 
+from cnnc.forkgate import internal_fork, llvm_lock, on_internal_fork
 from cnnc_runtime.host import host_cpu
 from cnnc_runtime.host import llvm as _llvm
 
@@ -309,8 +310,17 @@ def _deadline(own_seconds: float) -> float:
 
 def _llvm_lock() -> AbstractContextManager:
     """llvmlite's lock around every LLVM call (a private attribute: without it, the watchdog alone guards)."""
-    lock = getattr(getattr(_llvm().ffi, "lib", None), "_lock", None)
-    return lock if lock is not None and hasattr(lock, "__enter__") else nullcontext()
+    _llvm()
+    return llvm_lock() or nullcontext()
+
+
+def _new_lock_after_fork() -> None:
+    """In a child forked while this process's parallel compile forked: that compile never ends here."""
+    global _emitting
+    _emitting = threading.Lock()
+
+
+on_internal_fork(_new_lock_after_fork)
 
 
 def _start(work: int, modules: list[Source], target: Target) -> tuple[int, int] | None:
@@ -321,7 +331,7 @@ def _start(work: int, modules: list[Source], target: Target) -> tuple[int, int] 
     except OSError:
         return None
     try:
-        with _llvm_lock():
+        with _llvm_lock(), internal_fork():
             pid = os.fork()
     except OSError:
         os.close(r)

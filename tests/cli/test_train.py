@@ -433,6 +433,33 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(work):
     assert (work / "big.npz.w").exists()
 
 
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM to a child process is POSIX")
+def test_sigterm_stops_at_a_step_with_the_checkpoint_written_and_status_143(work):
+    """A batch system's stop (SIGTERM) acts as Ctrl-C does: the run ends between two steps, resumable."""
+    x, y = blobs(60_000, 2)
+    np.savez(work / "big.npz", x=x, y=y)
+    proc = subprocess.Popen([sys.executable, "-m", "cnnc", "train", "net.cnn", "--data", "big.npz", "--epochs",
+                             "200", "--batch", "16", "-o", "term.npz", "--checkpoint", "term.ckpt"], cwd=work,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        while first and not first.startswith("epoch"):  # the first epoch's checkpoint is on disk
+            first = proc.stdout.readline()
+        assert first.startswith("epoch"), proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
+    assert "Traceback" not in err and "--resume term.ckpt" in err
+    assert not (work / "term.npz").exists()
+    with np.load(work / "term.ckpt") as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+    assert meta["epoch"] >= 1 and meta.get("partial") is not None  # stopped mid-epoch, at a step
+
+
 def test_ctrl_c_during_the_first_checkpoint_does_not_point_to_a_missing_file(work, monkeypatch):
     from cnnc_runtime import train as train_mod
 

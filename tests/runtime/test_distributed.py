@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -57,6 +58,23 @@ def test_a_launcher_without_mpi4py_is_an_error_not_n_separate_runs(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "mpi4py", None)  # import mpi4py raises ImportError
     with pytest.raises(RuntimeError, match=r"rank 1 of 2.*pip install 'cnnc\[mpi\]'"):
         distributed.world()
+
+
+def test_a_process_forked_from_a_rank_is_told_it_is_no_rank_not_left_in_its_parents_collectives(monkeypatch):
+    monkeypatch.setenv("PMI_RANK", "1")
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setattr(distributed, "_world", None)
+    monkeypatch.setattr(distributed, "_connect", lambda rank, size: pytest.fail("tried to join an MPI job"))
+    pid = os.fork()
+    if pid == 0:  # (the parent's world, if it had one, is forgotten by the fork hook)
+        try:
+            distributed.world()
+            os._exit(1)
+        except RuntimeError as e:
+            os._exit(0 if "forked from rank 1 of an MPI job of 2" in str(e) else 2)
+        except BaseException:
+            os._exit(3)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
 
 def test_fingerprints_tell_arrays_values_and_bytes_apart():

@@ -171,6 +171,53 @@ def test_a_fork_while_another_thread_trains_leaves_the_child_a_usable_model(comp
     assert_same_results(got, model, x, y)
 
 
+def test_two_models_fitted_on_two_threads_end_as_each_does_alone(compiled):
+    """fit on two threads at once, on two models that share nothing: the same bits as one after the other."""
+    x, y = images(96, 5), labels(96, 5)
+    alone = [model_with(compiled, 2) for _ in range(2)]
+    together = [model_with(compiled, 2) for _ in range(2)]
+    for m, seed in zip(alone + together, (1, 2, 1, 2)):
+        m.initialize(seed)
+    for m in alone:
+        m.fit(x, y, epochs=2, batch=16, validation=0, progress=False)
+    run_together([lambda m=m: m.fit(x, y, epochs=2, batch=16, validation=0, progress=False) for m in together])
+    for a, b in zip(alone, together):
+        assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+
+
+def test_one_model_fitted_and_called_on_several_threads_stays_usable(compiled):
+    """Two fits and inference on one model at once: the steps take turns (a mix of both runs), never a crash, a
+    hang or a weight that is not finite."""
+    model = model_with(compiled, 2)
+    x, y = images(96, 6), labels(96, 6)
+    fit = lambda: model.fit(x, y, epochs=2, batch=16, validation=0, progress=False)  # noqa: E731
+    run_together([fit, fit, lambda: [model(x[:7]) for _ in range(20)]])
+    assert all(np.isfinite(v).all() for v in model.params.values())
+    assert model.evaluate(x, y)[0] < model_with(compiled, 2).evaluate(x, y)[0]  # it did learn
+
+
+_loader_model: Model | None = None  # (what a DataLoader's forked workers see: the parent's globals)
+
+
+def _scores_of_batch(seed: int) -> np.ndarray:
+    return _loader_model(images(5, seed))
+
+
+@needs_fork
+def test_a_forked_pool_of_workers_uses_the_parents_model(compiled):
+    """multiprocessing's 'fork' workers, as a data loader makes them, each run the model their parent made."""
+    global _loader_model
+    _loader_model = model_with(compiled, 2)
+    _loader_model(images(37))  # the parent's pool threads run; the workers have none
+    try:
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            got = pool.map_async(_scores_of_batch, range(6)).get(timeout=60)
+    finally:
+        model, _loader_model = _loader_model, None
+    for seed, scores in enumerate(got):
+        assert np.array_equal(scores, model(images(5, seed)))
+
+
 # ---- gradients do not depend on the number of threads ------------------------------------------------
 
 

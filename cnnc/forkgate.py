@@ -1,0 +1,136 @@
+"""Compiles and forks take turns, so a forked child never inherits a compile half done on another thread.
+
+A fork copies only the forking thread. Whatever lock another thread held at
+that moment stays held in the child for ever: the import lock of a module it
+was importing (the compiler's libraries load on the first compile), the
+parallel compile's ``_emitting``, llvmlite's lock around every LLVM call; and
+the collector a compile paused stays off. A child that then compiled hung.
+
+So, as numpy and PyTorch do for their own locks, ``os.register_at_fork``
+hooks make a fork wait until no other thread is inside a compile (new ones
+wait for the fork), and take llvmlite's lock across it (for LLVM work outside
+cnnc's compiles). A fork from another thread while a compile runs is delayed
+by the rest of that compile, at most; the child starts with no compile in
+flight. The parallel compile's own forks (``cnnc.codegen.target``) are made
+inside a compile, holding ``_emitting``: they go through as ``internal_fork``,
+their children only compile and exit, and the parent's watchdog guards them.
+A compile that took or paused anything else a child needs registers how to
+set it right with ``on_internal_fork``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+_cond = threading.Condition(threading.Lock())
+_active: dict[int, int] = {}  # thread ident -> how many compiles it is inside (a compile may start another)
+_internal: set[int] = set()  # threads making one of cnnc's own forks right now
+_forking = 0  # ident of the thread waiting to fork (0: none): compiles of other threads wait to start
+_held: list[Any] = []  # what the before-fork hook took, released after the fork in the parent
+_repairs: list[Callable[[], None]] = []  # run in a child forked while another thread made one of cnnc's own forks
+
+
+@contextmanager
+def compiling() -> Iterator[None]:
+    """The block is a compile: a fork from another thread waits until it is done."""
+    me = threading.get_ident()
+    with _cond:
+        while _forking not in (0, me) and me not in _active:  # (a compile in a compile never waits: the fork
+            _cond.wait()                                          # waits for its outer one)
+        _active[me] = _active.get(me, 0) + 1
+    try:
+        yield
+    finally:
+        with _cond:
+            depth = _active.pop(me) - 1
+            if depth:
+                _active[me] = depth
+            _cond.notify_all()
+
+
+@contextmanager
+def internal_fork() -> Iterator[None]:
+    """The block forks a child that only compiles and exits (the parallel compile): the hooks let it through.
+
+    Its ``os.fork`` runs every other library's hooks too, and a fork waiting in its hook for this compile may
+    hold their locks (logging's): so that fork stops waiting and goes ahead, and its child, where this thread
+    held ``_emitting`` and llvmlite's lock but ran no LLVM code, starts them anew (``on_internal_fork``).
+    """
+    me = threading.get_ident()
+    with _cond:
+        _internal.add(me)
+        _cond.notify_all()
+    try:
+        yield
+    finally:
+        with _cond:
+            _internal.discard(me)
+
+
+def on_internal_fork(repair: Callable[[], None]) -> None:
+    """Run `repair` in a child forked while another thread was in ``internal_fork`` (see there)."""
+    _repairs.append(repair)
+
+
+def llvm_lock() -> Any:
+    """llvmlite's lock around every LLVM call, if llvmlite is loaded (a private attribute: without it, None)."""
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    lock = getattr(getattr(ffi, "lib", None), "_lock", None)
+    return lock if hasattr(lock, "__enter__") and hasattr(lock, "__exit__") else None
+
+
+def _before() -> None:
+    global _forking
+    me = threading.get_ident()
+    if me in _internal:
+        return
+    _cond.acquire()
+    _forking = me
+    while not _internal and any(t != me for t in _active):
+        _cond.wait()
+    lock = llvm_lock()  # (held by no compile now, but LLVM may have other users; an internal fork holds it)
+    if lock is not None and not _internal:
+        lock.__enter__()
+        _held.append(lock)
+
+
+def _release() -> None:
+    global _forking
+    while _held:
+        _held.pop().__exit__(None, None, None)
+    _forking = 0
+    _cond.notify_all()
+    _cond.release()
+
+
+def _after_in_parent() -> None:
+    if threading.get_ident() not in _internal:
+        _release()
+
+
+def _after_in_child() -> None:
+    """Only this thread exists now: the gate keeps its compiles (none, unless it forked inside one) and no other's."""
+    global _cond, _active, _internal
+    me = threading.get_ident()
+    if me in _internal:
+        return
+    interrupted = bool(_internal)
+    _release()
+    _cond = threading.Condition(threading.Lock())
+    _active = {me: _active[me]} if me in _active else {}
+    _internal = set()
+    if interrupted:
+        lock = llvm_lock()
+        if lock is not None:
+            lock._lock = threading.RLock()  # (the same object: llvmlite's wrappers each keep it)
+        for repair in _repairs:
+            repair()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child)

@@ -1,0 +1,133 @@
+"""A fork while another thread compiles: the fork waits for that compile, and the child compiles and runs.
+
+The scenarios that register fork hooks or may hang run in a child interpreter with a timeout, so a
+regression fails the test instead of hanging the suite or leaving hooks behind in it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from cnnc.forkgate import compiling
+from tests.reference import EXAMPLES
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+
+
+def run_script(code: str, timeout: float) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter; a hang past `timeout` fails the test with what the script printed."""
+    try:
+        return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                              timeout=timeout, env=os.environ | {"PYTHONFAULTHANDLER": "1"})
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"hung for {timeout} s:\n{e.stdout}\n{e.stderr}")
+
+
+def test_a_fork_waits_until_another_threads_compile_is_done():
+    inside, ended = threading.Event(), []
+
+    def compile_for_a_while() -> None:
+        with compiling():
+            inside.set()
+            time.sleep(0.3)
+            ended.append(time.monotonic())
+
+    t = threading.Thread(target=compile_for_a_while)
+    t.start()
+    assert inside.wait(10)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    forked = time.monotonic()
+    os.waitpid(pid, 0)
+    t.join()
+    assert ended and forked >= ended[0]
+
+
+def test_a_compile_inside_a_compile_and_a_fork_from_inside_one_do_not_wait_for_themselves():
+    with compiling(), compiling():
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def test_cnncs_own_fork_goes_through_while_a_fork_waits_for_its_compile_holding_another_librarys_lock():
+    """The waiting fork holds the locks of hooks that ran before cnnc's (logging's, here a lock of our own); the
+    compile's own fork must take them too: the waiting fork stops waiting, and its child gets the compiler's locks
+    and collector back, free."""
+    r = run_script("""
+        import gc, os, threading, time
+        from cnnc import forkgate
+        from cnnc.cache import collector_paused
+        from cnnc.codegen import target
+
+        other = threading.Lock()  # registered after cnnc's hooks: runs first, as logging's does
+        os.register_at_fork(before=other.acquire, after_in_parent=other.release,
+                            after_in_child=lambda: other.release())
+
+        def compile_and_fork():
+            with forkgate.compiling(), collector_paused():
+                while not forkgate._forking:  # until the main thread waits in the hook, holding `other`
+                    time.sleep(0.001)
+                with target._emitting, target._llvm_lock(), forkgate.internal_fork():
+                    pid = os.fork()
+                    if pid == 0:
+                        os._exit(0)
+                assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+        t = threading.Thread(target=compile_and_fork)
+        t.start()
+        time.sleep(0.1)
+        pid = os.fork()
+        if pid == 0:
+            lock = forkgate.llvm_lock()
+            free = gc.isenabled() and target._emitting.acquire(blocking=False) and lock._lock.acquire(blocking=False)
+            os._exit(0 if free else 3)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, "the child's compiler state is held"
+        t.join()
+        print("ok")
+    """, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@pytest.mark.slow  # (compiles LeNet-5 a dozen times: ~30 s on two cores)
+def test_children_forked_while_another_thread_compiles_compile_and_run():
+    """The known hang: a fork while a thread compiled (importing the compiler, or in the parallel compile) left
+    the child stuck in its own compile."""
+    r = run_script(f"""
+        import faulthandler, os, threading, time
+        import numpy as np
+        import cnnc
+
+        source = open({str(EXAMPLES / "lenet5.cnn")!r}).read()
+        stop = threading.Event()
+
+        def compile_in_a_loop():
+            while not stop.is_set():
+                cnnc.compile_string(source, cache=False)
+
+        t = threading.Thread(target=compile_in_a_loop)
+        t.start()
+        for delay in (0.0, 0.3, 1.0):  # importing, generating code, in the parallel compile
+            time.sleep(delay)
+            pid = os.fork()
+            if pid == 0:
+                faulthandler.dump_traceback_later(90, exit=True)
+                model = cnnc.compile_string(source, cache=False)
+                out = model(np.zeros((2, 1, 32, 32), np.float32))
+                os._exit(0 if out.shape == (2, 10) else 3)
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            assert code == 0, f"child forked after {{delay}} s: exit {{code}}"
+        stop.set()
+        t.join()
+        print("ok")
+    """, timeout=400)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
