@@ -18,6 +18,7 @@ import types
 import numpy as np
 import pytest
 
+from cnnc_runtime import steploop
 from cnnc_runtime import train as train_mod
 from cnnc_runtime.distributed import Local
 from cnnc_runtime.model import Model
@@ -123,8 +124,9 @@ def test_float_inputs_and_mse_targets_give_the_per_step_weights(compiled, thread
     assert_same_training(compiled, threads, xf, targets, loss="mse", optimizer="adam", lr=0.003)
 
 
-def test_a_run_has_many_steps_and_the_history_is_the_per_step_one(compiled):
+def test_a_run_has_many_steps_and_the_history_is_the_per_step_one(compiled, monkeypatch):
     x, y = images(200)
+    monkeypatch.setattr(steploop, "RUN_SECONDS", 60.0)  # (runs as long as an epoch allows, on a loaded machine too)
     native, runs = trained(compiled, 2, True, x, y, optimizer="sgd", lr=0.05, epochs=3)
     assert max(runs) > 1 and sum(runs) == 3 * 13  # (12 full batches and a smaller last one an epoch)
     per_step = model_with(compiled, 2, False)
@@ -371,6 +373,7 @@ def test_a_rank_of_a_data_parallel_job_runs_natively_as_on_the_per_step_path(com
     loss scaled by the whole batch), the gradient summed with the peer's between the backward pass and the
     update (in flat_grads, or in the comm's own buffer): the per-step path's weights bit for bit."""
     x, y = images()
+    monkeypatch.setattr(steploop, "RUN_SECONDS", 60.0)  # (runs of many steps, on a loaded machine too)
     monkeypatch.setattr(train_mod, "world", lambda: Twin(shared=shared))
     runs = assert_same_training(compiled, threads, x, y, optimizer="adam", lr=0.003, crop=1, flip=True, jitter=0.2,
                                 weight_decay=0.003, batch=24)
