@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import operator
 import os
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -70,6 +72,36 @@ def split(n: int, parts: int, grain: int = 1) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i] < bounds[i + 1]]
 
 
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Python's handlers of SIGINT and SIGTERM run after the block rather than inside it (on the main thread).
+
+    The pool's tasks may be native code whose threads meet at barriers (a run of steps, a step with batchnorm):
+    an exception raised by a handler on the calling thread before its share's native call, or while it waits for
+    the workers, leaves a worker spinning at a barrier for ever, and the next call's barrier with it (a second
+    Ctrl-C during ``fit`` hung ResNet-20's training). A signal's exception is raised when every thread is back."""
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread runs handlers)
+        yield
+        return
+    caught: list[tuple[int, object]] = []
+    old: dict[int, Callable[..., object]] = {}
+    try:
+        for number in DEFERRED_SIGNALS:
+            handler = signal.getsignal(number)
+            if callable(handler):  # (SIG_DFL, SIG_IGN and C handlers run no Python code)
+                old[number] = handler
+                signal.signal(number, lambda n, frame: caught.append((n, frame)))
+        yield
+    finally:
+        for number, handler in old.items():
+            signal.signal(number, handler)
+        for number, frame in caught:
+            old[number](number, frame)
+
+
 class Pool:
     """``run(tasks)`` calls each task (a no-argument callable) on its own thread and waits for all."""
 
@@ -117,7 +149,7 @@ class Pool:
     def run(self, tasks: list[Callable[[], None]]) -> None:
         if len(tasks) > self.size:
             raise ValueError(f"{len(tasks)} tasks for a pool of {self.size} threads")
-        with self._lock:
+        with self._lock, signals_deferred():
             self._stop_server()
             self._run(tasks)
 

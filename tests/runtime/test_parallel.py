@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -52,3 +53,21 @@ def test_the_callers_error_waits_for_the_workers():
     with pytest.raises(ValueError):
         pool.run([fail, slow])
     assert finished == [True]
+
+
+def test_ctrl_c_during_a_run_is_raised_once_every_share_is_done():
+    """A share may be native code meeting the others at barriers: Ctrl-C (or SIGTERM's handler) must not cut the
+    calling thread's share short, or the workers wait at a barrier for ever. The handler runs after the run."""
+    pool = Pool(2)
+    done = []
+
+    def first() -> None:
+        signal.raise_signal(signal.SIGINT)
+        done.append(0)  # (still reached: the handler has not run)
+
+    with pytest.raises(KeyboardInterrupt):
+        pool.run([first, lambda: done.append(1)])
+    assert sorted(done) == [0, 1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    pool.run([lambda: done.append(2), lambda: done.append(3)])  # (and the pool runs on)
+    assert sorted(done) == [0, 1, 2, 3]
