@@ -395,13 +395,18 @@ def test_gradcheck_with_mse_and_options(work):
 # ---- Ctrl-C --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(os.name != "posix", reason="SIGINT to a child process is POSIX")
-def test_ctrl_c_stops_cleanly_and_the_run_resumes(work):
+def long_training(work, weights: str, checkpoint: str) -> subprocess.Popen:
+    """`cnnc train` on 60,000 images for 200 epochs, in the background: a run to interrupt."""
     x, y = blobs(60_000, 2)
     np.savez(work / "big.npz", x=x, y=y)
-    proc = subprocess.Popen([sys.executable, "-m", "cnnc", "train", "net.cnn", "--data", "big.npz", "--epochs",
-                             "200", "--batch", "16", "-o", "big.npz.w", "--checkpoint", "big.ckpt"], cwd=work,
+    return subprocess.Popen([sys.executable, "-m", "cnnc", "train", "net.cnn", "--data", "big.npz", "--epochs",
+                             "200", "--batch", "16", "-o", weights, "--checkpoint", checkpoint], cwd=work,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT to a child process is POSIX")
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(work):
+    proc = long_training(work, "big.npz.w", "big.ckpt")
     out_lines = []
     try:
         deadline = time.monotonic() + 120
@@ -436,11 +441,7 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(work):
 @pytest.mark.skipif(os.name != "posix", reason="SIGTERM to a child process is POSIX")
 def test_sigterm_stops_at_a_step_with_the_checkpoint_written_and_status_143(work):
     """A batch system's stop (SIGTERM) acts as Ctrl-C does: the run ends between two steps, resumable."""
-    x, y = blobs(60_000, 2)
-    np.savez(work / "big.npz", x=x, y=y)
-    proc = subprocess.Popen([sys.executable, "-m", "cnnc", "train", "net.cnn", "--data", "big.npz", "--epochs",
-                             "200", "--batch", "16", "-o", "term.npz", "--checkpoint", "term.ckpt"], cwd=work,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = long_training(work, "term.npz", "term.ckpt")
     try:
         first = proc.stdout.readline()
         while first and not first.startswith("epoch"):  # the first epoch's checkpoint is on disk

@@ -85,6 +85,15 @@ def everything(m: Model) -> dict[str, np.ndarray]:
     return {**m.params, **m.buffers}
 
 
+def assert_same_step(one: tuple, two: tuple, buffers1: dict, buffers2: dict) -> None:
+    """Two (loss, gradients) and the running statistics after them: equal bit for bit."""
+    assert one[0] == two[0]
+    for name in one[1]:
+        np.testing.assert_array_equal(one[1][name], two[1][name])
+    for name in buffers1:
+        np.testing.assert_array_equal(buffers1[name], buffers2[name])
+
+
 def assert_close(got: np.ndarray, want: np.ndarray, rtol: float) -> None:
     """Relative to the largest magnitude of `want`: a batchnorm's input bias has a gradient of exactly 0."""
     scale = max(np.abs(want).max(), 1e-3)
@@ -125,11 +134,7 @@ def test_a_step_gives_the_same_bits_on_one_and_two_threads(text):
         loss, grads = m.value_and_grad(x, y)
         results.append((loss, grads, {k: v.copy() for k, v in m.buffers.items()}, m(x)))
     (l1, g1, b1, y1), (l2, g2, b2, y2) = results
-    assert l1 == l2
-    for name in g1:
-        np.testing.assert_array_equal(g1[name], g2[name])
-    for name in b1:
-        np.testing.assert_array_equal(b1[name], b2[name])
+    assert_same_step((l1, g1), (l2, g2), b1, b2)
     np.testing.assert_array_equal(y1, y2)
 
 
@@ -149,12 +154,8 @@ def test_native_reductions_give_the_bits_of_the_reductions_in_python(text, threa
         steps = [m.value_and_grad(x, y) for _ in range(2)]  # (the second normalizes with moved statistics too)
         results.append((steps, {k: v.copy() for k, v in m.buffers.items()}, m.statistics.coefs.copy()))
     (s1, b1, c1), (s2, b2, c2) = results
-    for (l1, g1), (l2, g2) in zip(s1, s2):
-        assert l1 == l2
-        for name in g1:
-            np.testing.assert_array_equal(g1[name], g2[name])
-    for name in b1:
-        np.testing.assert_array_equal(b1[name], b2[name])
+    for one, two in zip(s1, s2):
+        assert_same_step(one, two, b1, b2)
     np.testing.assert_array_equal(c1, c2)
 
 
