@@ -153,10 +153,11 @@ class Pool:
             self._stop_server()
             self._run(tasks)
 
-    def run_served(self, key: object, call: Callable[[int, int], int], serve: Callable[[int], None]) -> None:
+    def run_served(self, key: object, call: Callable[[int, int], int], serve: Callable[[int], None]) -> float:
         """A call shared with worker 1 through native code (``cnnc.codegen.handoff``): ``call(block, seq)`` posts
         call `seq` to a waiting server, runs the caller's share and waits for the server's (1), or does nothing
         when no server waits (0); ``serve(block)`` is the server worker 1 runs, started here when none waits.
+        Returns the seconds spent waiting for a server to start (0.0 when one was waiting).
 
         Between ``call``'s attempts nothing is posted, so an interrupt anywhere here leaves no server waiting at a
         barrier for a share that will not come."""
@@ -165,7 +166,9 @@ class Pool:
             if self._server_key is not key:  # (a server of other code: it would run the wrong function)
                 self._stop_server()
             self._seq += 1
+            begin = tried = 0.0
             while not call(block, self._seq):
+                begin = begin or time.perf_counter()
                 if not self._served or self._done[1].is_set():  # no server, or the last left (idle): start one
                     self._tasks[1], self._errors[1] = (lambda: serve(block)), None
                     self._server_key, self._served = key, True
@@ -175,6 +178,8 @@ class Pool:
                         self._start[1].set()
                 else:  # (a server starting, or leaving through Python)
                     time.sleep(0)
+                tried = time.perf_counter()  # (the attempt that succeeds follows)
+            return tried - begin
 
     def _stop_server(self) -> None:
         """Worker 1 back from its native server (told to stop), before it takes another task."""
