@@ -20,7 +20,9 @@ set it right with ``on_internal_fork``.
 
 from __future__ import annotations
 
+import _thread
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -32,6 +34,9 @@ _active: dict[int, int] = {}  # thread ident -> how many compiles it is inside (
 _internal: set[int] = set()  # threads making one of cnnc's own forks right now
 _forking = 0  # ident of the thread waiting to fork (0: none): compiles of other threads wait to start
 _held: list[Any] = []  # what the before-fork hook took, released after the fork in the parent
+DELIVERY_DELAY = 0.005  # s after a fork that waited for a compile: the signals that came in the wait are raised
+_handlers: dict[int, Any] = {}  # Python's signal handlers, set aside while a fork waits
+_caught: list[int] = []  # the signals that came while it waited
 _repairs: list[Callable[[], None]] = []  # run in a child forked while another thread made one of cnnc's own forks
 
 
@@ -91,12 +96,38 @@ def _before() -> None:
         return
     _cond.acquire()
     _forking = me
-    while not _internal and any(t != me for t in _active):
-        _cond.wait()
+    if not _internal and any(t != me for t in _active):
+        _defer_signals()
+        while not _internal and any(t != me for t in _active):
+            _cond.wait()
     lock = llvm_lock()  # (held by no compile now, but LLVM may have other users; an internal fork holds it)
     if lock is not None and not _internal:
         lock.__enter__()
         _held.append(lock)
+
+
+def _defer_signals() -> None:
+    """A handler that raised in the fork's wait (Ctrl-C) would end the wait, not the fork: the hook's exception
+    is only printed, the fork goes ahead mid-compile and the interrupt is lost. Its signal is kept instead."""
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread runs handlers)
+        return
+    for number in signal.valid_signals():
+        handler = signal.getsignal(number)
+        if callable(handler):
+            _handlers[number] = handler
+            signal.signal(number, lambda n, frame: _caught.append(n))
+
+
+def _restore_signals(deliver: bool) -> None:
+    """The handlers back; in the parent, the signals kept are raised again, to run once the fork has returned."""
+    while _handlers:
+        signal.signal(*_handlers.popitem())
+    caught = list(dict.fromkeys(_caught))
+    _caught.clear()
+    if deliver and caught:
+        # raise_signal or interrupt_main here would run the handler before the hook returns, so inside it:
+        # they come from another thread a moment later, once the fork has returned
+        threading.Timer(DELIVERY_DELAY, lambda: [_thread.interrupt_main(n) for n in caught]).start()
 
 
 def _release() -> None:
@@ -111,6 +142,7 @@ def _release() -> None:
 def _after_in_parent() -> None:
     if threading.get_ident() not in _internal:
         _release()
+        _restore_signals(deliver=True)
 
 
 def _after_in_child() -> None:
@@ -121,6 +153,7 @@ def _after_in_child() -> None:
         return
     interrupted = bool(_internal)
     _release()
+    _restore_signals(deliver=False)  # (they came to the parent)
     _cond = threading.Condition(threading.Lock())
     _active = {me: _active[me]} if me in _active else {}
     _internal = set()

@@ -131,3 +131,34 @@ def test_children_forked_while_another_thread_compiles_compile_and_run():
         print("ok")
     """, timeout=400)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_ctrl_c_while_a_fork_waits_for_a_compile_is_raised_after_the_fork_not_instead_of_the_wait():
+    got = run_script("""
+        import os, signal, threading, time
+        from cnnc.forkgate import compiling
+        inside, ended = threading.Event(), []
+        def compile_for_a_while():
+            with compiling():
+                inside.set()
+                time.sleep(0.6)
+                ended.append(time.monotonic())
+        t = threading.Thread(target=compile_for_a_while)
+        t.start()
+        inside.wait(10)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        signal.signal(signal.SIGALRM, signal.default_int_handler)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            time.sleep(5)  # (the interrupt comes here)
+            print("no interrupt")
+        except KeyboardInterrupt:
+            print("interrupted after the fork" if ended else "interrupted before the compile ended")
+        forked = time.monotonic()
+        t.join()
+        print("fork waited" if forked >= ended[0] else "fork did not wait")
+        """, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split("\n")[:2] == ["interrupted after the fork", "fork waited"], got.stdout + got.stderr
