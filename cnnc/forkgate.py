@@ -20,11 +20,11 @@ set it right with ``on_internal_fork``.
 
 from __future__ import annotations
 
-import _thread
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -34,9 +34,9 @@ _active: dict[int, int] = {}  # thread ident -> how many compiles it is inside (
 _internal: set[int] = set()  # threads making one of cnnc's own forks right now
 _forking = 0  # ident of the thread waiting to fork (0: none): compiles of other threads wait to start
 _held: list[Any] = []  # what the before-fork hook took, released after the fork in the parent
-DELIVERY_DELAY = 0.005  # s after a fork that waited for a compile: the signals that came in the wait are raised
 _handlers: dict[int, Any] = {}  # Python's signal handlers, set aside while a fork waits
 _caught: list[int] = []  # the signals that came while it waited
+_in_hook = False  # the main thread is in the after-fork hook (the signals kept are raised once it is out)
 _repairs: list[Callable[[], None]] = []  # run in a child forked while another thread made one of cnnc's own forks
 
 
@@ -125,9 +125,16 @@ def _restore_signals(deliver: bool) -> None:
     caught = list(dict.fromkeys(_caught))
     _caught.clear()
     if deliver and caught:
-        # raise_signal or interrupt_main here would run the handler before the hook returns, so inside it:
-        # they come from another thread a moment later, once the fork has returned
-        threading.Timer(DELIVERY_DELAY, lambda: [_thread.interrupt_main(n) for n in caught]).start()
+        threading.Thread(target=_deliver, args=(caught,), daemon=True).start()
+
+
+def _deliver(caught: list[int]) -> None:
+    """Send `caught` to the main thread once it is out of the hook: raised inside it (``raise_signal`` there), the
+    handler's exception would be printed and lost again."""
+    while _in_hook:
+        time.sleep(0.0005)
+    for number in caught:
+        signal.pthread_kill(threading.main_thread().ident, number)  # (a real signal wakes a sleep)
 
 
 def _release() -> None:
@@ -140,9 +147,12 @@ def _release() -> None:
 
 
 def _after_in_parent() -> None:
+    global _in_hook
     if threading.get_ident() not in _internal:
+        _in_hook = True
         _release()
         _restore_signals(deliver=True)
+        _in_hook = False  # (the last statement: no call after it, where a handler could run)
 
 
 def _after_in_child() -> None:
