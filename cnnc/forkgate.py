@@ -43,6 +43,10 @@ _repairs: list[Callable[[], None]] = []  # run in a child forked while another t
 @contextmanager
 def compiling() -> Iterator[None]:
     """The block is a compile: a fork from another thread waits until it is done."""
+    # A library a compile imports that registers fork hooks as it loads (logging) would, if loaded while a fork
+    # waits for this compile, have its after-fork hook run without its before-fork one ("cannot release
+    # un-acquired lock"): it is loaded before the compile counts as one (here, not at import: 9 ms).
+    import logging  # noqa: F401
     me = threading.get_ident()
     with _cond:
         while _forking not in (0, me) and me not in _active:  # (a compile in a compile never waits: the fork
