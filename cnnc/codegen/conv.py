@@ -726,7 +726,7 @@ def _padded_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _
             left = b.sub(n1, n)
             count = b.select(b.icmp_signed("<", left, i64(vw)), left, i64(vw), name="group")
             conv_lanes.fill(b, space, args["ws"], args["x"], args["dy"], n, count, g.x_stride, g.y_stride)
-            conv_lanes.product(b, space, args["ws"], live)
+            conv_lanes.product(b, module, name, space, args["ws"], live)
         with for_range(b, n0, n1, name="n") as n:
             _bias_grad(b, g, emit.gep(b, args["dy"], index(b, (n, g.y_stride))), args["db"], vw)
         sums = space.sections(b, args["ws"])[2]
