@@ -247,8 +247,8 @@ class Entry:
         self.fused_acts: set[str] = set()  # activations applied by the residual add before them
         self.bn_sums_done: set[str] = set()  # batchnorms whose gradient sums a residual add's backward took
         self.timing = Timing(builder.stopwatch, name) if builder.stopwatch else None
-        self._pending: list[tuple[ir.Function, list[ir.Value], int]] = []  # calls of the chunk loop to come
-        self._after: list[tuple[ir.Function, list[ir.Value]]] = []  # whole-range calls to follow that loop
+        self._pending: list[tuple[ir.Function, tuple, int]] = []  # calls of the chunk loop to come
+        self._after: list[tuple[ir.Function, tuple]] = []  # whole-range calls to follow that loop
         if self.timing:
             self.timing.start(self.b)
 
@@ -339,16 +339,19 @@ class Entry:
         """Call kernel `fn` on the images [n0, n1) of this entry; in a training step (not profiled), a run of
         per-image kernels is gathered and run a chunk of images at a time, and a weight gradient after them
         (``flush``)."""
-        values = [self.pointer(a) if isinstance(a, Tensor) else a for a in args]
         how = self.builder.chunked.get(fn.name)
         if how and self.plan is not None and self.plan.training and self.timing is None:
             if how == "chunk":
-                self._pending.append((fn, values, max([a.size for a in args if isinstance(a, Tensor)], default=1)))
+                self._pending.append((fn, args, max([a.size for a in args if isinstance(a, Tensor)], default=1)))
             else:
-                self._after.append((fn, values))
+                self._after.append((fn, args))
             return
         self.flush()
-        self.b.call(fn, [*values, self.args["n0"], self.args["n1"]])
+        self.b.call(fn, [*self._values(args), self.args["n0"], self.args["n1"]])
+
+    def _values(self, args: tuple) -> list[ir.Value]:
+        """A call's arguments, each tensor's pointer computed here, just before the call that takes it."""
+        return [self.pointer(a) if isinstance(a, Tensor) else a for a in args]
 
     def flush(self) -> None:
         """Emit the gathered calls: each chunk of images through all of the per-image kernels in turn, so that
@@ -363,10 +366,10 @@ class Entry:
             with emit.for_range(b, n0, n1, step, name="chunk") as c0:
                 c1 = b.add(c0, emit.i64(step))
                 c1 = b.select(b.icmp_signed("<", c1, n1), c1, n1, name="chunk.end")
-                for fn, values, _ in pending:
-                    b.call(fn, [*values, c0, c1])
-        for fn, values in after:
-            b.call(fn, [*values, n0, n1])
+                for fn, args, _ in pending:
+                    b.call(fn, [*self._values(args), c0, c1])
+        for fn, args in after:
+            b.call(fn, [*self._values(args), n0, n1])
 
 
 def build_module(g: nx.DiGraph, vector_width: int,
