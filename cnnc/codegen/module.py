@@ -240,9 +240,11 @@ class Pointer(Late):
     base: str
     offset: int
     etype: ir.Type = emit.F32
+    name: str = ""  # (the value's name in the IR: "c1.weight")
 
     def at(self, b: ir.IRBuilder, args: dict[str, ir.Value]) -> ir.Value:
-        return b.gep(args[self.base], [emit.i64(self.offset)], source_etype=self.etype, inbounds=True)
+        return b.gep(args[self.base], [emit.i64(self.offset)], source_etype=self.etype, inbounds=True,
+                     name=self.name)
 
 
 @dataclass(frozen=True)
@@ -337,7 +339,7 @@ class Entry:
         slot = self.slots.get((layer, kind))
         if slot is None:
             return ir.Constant(PTR, None)
-        return Pointer("grads" if grad else slot.buffer, slot.offset)
+        return Pointer("grads" if grad else slot.buffer, slot.offset, name=slot.name)
 
     def seed_for(self, name: str) -> Seed:
         """A distinct 64-bit seed per dropout layer, derived from the step's seed."""
