@@ -71,3 +71,26 @@ def test_ctrl_c_during_a_run_is_raised_once_every_share_is_done():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     pool.run([lambda: done.append(2), lambda: done.append(3)])  # (and the pool runs on)
     assert sorted(done) == [0, 1, 2, 3]
+
+
+def test_a_python_handler_of_sigterm_runs_once_after_the_run_and_is_put_back():
+    """The handler swapped in during a run is the pool's own: the user's handler gets the signal afterwards, with
+    its number, and is the installed handler again."""
+    pool = Pool(2)
+    got, events = [], []
+
+    def handler(number, frame) -> None:
+        got.append(number)
+        events.append("handler")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        def first() -> None:
+            signal.raise_signal(signal.SIGTERM)
+            events.append("share")
+
+        pool.run([first, lambda: None])
+        assert got == [signal.SIGTERM] and events == ["share", "handler"]
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, old)
