@@ -21,8 +21,10 @@ set it right with ``on_internal_fork``.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,12 +34,19 @@ _active: dict[int, int] = {}  # thread ident -> how many compiles it is inside (
 _internal: set[int] = set()  # threads making one of cnnc's own forks right now
 _forking = 0  # ident of the thread waiting to fork (0: none): compiles of other threads wait to start
 _held: list[Any] = []  # what the before-fork hook took, released after the fork in the parent
+_handlers: dict[int, Any] = {}  # Python's signal handlers, set aside while a fork waits
+_caught: list[int] = []  # the signals that came while it waited
+_in_hook = False  # the main thread is in the after-fork hook (the signals kept are raised once it is out)
 _repairs: list[Callable[[], None]] = []  # run in a child forked while another thread made one of cnnc's own forks
 
 
 @contextmanager
 def compiling() -> Iterator[None]:
     """The block is a compile: a fork from another thread waits until it is done."""
+    # A library a compile imports that registers fork hooks as it loads (logging) would, if loaded while a fork
+    # waits for this compile, have its after-fork hook run without its before-fork one ("cannot release
+    # un-acquired lock"): it is loaded before the compile counts as one (here, not at import: 9 ms).
+    import logging  # noqa: F401
     me = threading.get_ident()
     with _cond:
         while _forking not in (0, me) and me not in _active:  # (a compile in a compile never waits: the fork
@@ -91,12 +100,45 @@ def _before() -> None:
         return
     _cond.acquire()
     _forking = me
-    while not _internal and any(t != me for t in _active):
-        _cond.wait()
+    if not _internal and any(t != me for t in _active):
+        _defer_signals()
+        while not _internal and any(t != me for t in _active):
+            _cond.wait()
     lock = llvm_lock()  # (held by no compile now, but LLVM may have other users; an internal fork holds it)
     if lock is not None and not _internal:
         lock.__enter__()
         _held.append(lock)
+
+
+def _defer_signals() -> None:
+    """A handler that raised in the fork's wait (Ctrl-C) would end the wait, not the fork: the hook's exception
+    is only printed, the fork goes ahead mid-compile and the interrupt is lost. Its signal is kept instead."""
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread runs handlers)
+        return
+    for number in signal.valid_signals():
+        handler = signal.getsignal(number)
+        if callable(handler):
+            _handlers[number] = handler
+            signal.signal(number, lambda n, frame: _caught.append(n))
+
+
+def _restore_signals(deliver: bool) -> None:
+    """The handlers back; in the parent, the signals kept are raised again, to run once the fork has returned."""
+    while _handlers:
+        signal.signal(*_handlers.popitem())
+    caught = list(dict.fromkeys(_caught))
+    _caught.clear()
+    if deliver and caught:
+        threading.Thread(target=_deliver, args=(caught,), daemon=True).start()
+
+
+def _deliver(caught: list[int]) -> None:
+    """Send `caught` to the main thread once it is out of the hook: raised inside it (``raise_signal`` there), the
+    handler's exception would be printed and lost again."""
+    while _in_hook:
+        time.sleep(0.0005)
+    for number in caught:
+        signal.pthread_kill(threading.main_thread().ident, number)  # (a real signal wakes a sleep)
 
 
 def _release() -> None:
@@ -109,8 +151,12 @@ def _release() -> None:
 
 
 def _after_in_parent() -> None:
+    global _in_hook
     if threading.get_ident() not in _internal:
+        _in_hook = True
         _release()
+        _restore_signals(deliver=True)
+        _in_hook = False  # (the last statement: no call after it, where a handler could run)
 
 
 def _after_in_child() -> None:
@@ -121,6 +167,7 @@ def _after_in_child() -> None:
         return
     interrupted = bool(_internal)
     _release()
+    _restore_signals(deliver=False)  # (they came to the parent)
     _cond = threading.Condition(threading.Lock())
     _active = {me: _active[me]} if me in _active else {}
     _internal = set()

@@ -131,3 +131,57 @@ def test_children_forked_while_another_thread_compiles_compile_and_run():
         print("ok")
     """, timeout=400)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_ctrl_c_while_a_fork_waits_for_a_compile_is_raised_after_the_fork_not_instead_of_the_wait():
+    got = run_script("""
+        import os, signal, threading, time
+        from cnnc import forkgate
+        inside, ended = threading.Event(), []
+        def compile_then_ctrl_c_while_the_fork_waits():
+            with forkgate.compiling():
+                inside.set()
+                while not forkgate._forking:
+                    time.sleep(0.001)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.3)
+                ended.append(time.monotonic())
+        t = threading.Thread(target=compile_then_ctrl_c_while_the_fork_waits)
+        t.start()
+        inside.wait(10)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            forked = time.monotonic()
+            time.sleep(5)  # (the interrupt comes here)
+            print("no interrupt")
+        except KeyboardInterrupt:
+            print("interrupted after the fork" if ended else "interrupted before the compile ended")
+        t.join()
+        print("fork waited" if forked >= ended[0] else "fork did not wait")
+        """, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split("\n")[:2] == ["interrupted after the fork", "fork waited"], got.stdout + got.stderr
+
+
+def test_a_fork_that_waits_for_the_first_compile_leaves_every_librarys_fork_hooks_balanced():
+    # the first compile imports libraries; one that registers fork hooks while the fork waits (logging) had its
+    # after-fork hook run without its before-fork hook: "Exception ignored ... cannot release un-acquired lock"
+    got = run_script(f"""
+        import os, threading, time
+        import cnnc
+        from cnnc import forkgate
+        t = threading.Thread(target=lambda: cnnc.compile({str(EXAMPLES / "lenet5.cnn")!r}, cache=False))
+        t.start()
+        while not forkgate._active:
+            time.sleep(0.0005)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        t.join()
+        print("done")
+        """, timeout=120)
+    assert got.returncode == 0 and got.stdout == "done\n", got.stderr
+    assert "Exception ignored" not in got.stderr, got.stderr
