@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cnnc_runtime.parallel import Pool, split
+from cnnc_runtime.parallel import Flag, Pool, split
 
 
 def test_split_covers_the_range_in_whole_grains():
@@ -94,3 +94,30 @@ def test_a_python_handler_of_sigterm_runs_once_after_the_run_and_is_put_back():
         assert signal.getsignal(signal.SIGTERM) is handler
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_a_flag_behaves_as_an_event_for_one_waiter():
+    flag = Flag()
+    assert not flag.is_set()
+    flag.set()
+    flag.set()  # (setting a set flag changes nothing)
+    assert flag.is_set()
+    flag.wait()  # (returns at once and leaves it set)
+    assert flag.is_set()
+    flag.clear()
+    flag.clear()
+    assert not flag.is_set()
+
+    woke = []
+
+    def waiter() -> None:
+        flag.take()
+        woke.append(flag.is_set())
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.05)
+    assert woke == [] and t.is_alive()  # (take blocks while the flag is clear)
+    flag.set()
+    t.join(5)
+    assert woke == [False]  # (take clears what it waited for)
