@@ -121,7 +121,13 @@ def _defer_signals() -> None:
 
 
 def _restore_signals(deliver: bool) -> None:
-    """The handlers back; in the parent, the signals kept are raised again, to run once the fork has returned."""
+    """The handlers back; in the parent, the signals kept are raised again, to run once the fork has returned.
+
+    In the parent only the main thread's own fork does it: another thread's fork may go first while the main
+    thread's still waits (its handlers must stay set aside), and could not set a handler anyway (a ValueError,
+    the recorder left as SIGINT's handler for good). In a child the forking thread is the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return
     while _handlers:
         signal.signal(*_handlers.popitem())
     caught = list(dict.fromkeys(_caught))

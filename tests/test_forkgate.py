@@ -185,3 +185,45 @@ def test_a_fork_that_waits_for_the_first_compile_leaves_every_librarys_fork_hook
         """, timeout=120)
     assert got.returncode == 0 and got.stdout == "done\n", got.stderr
     assert "Exception ignored" not in got.stderr, got.stderr
+
+
+def test_ctrl_c_still_works_after_forks_from_the_main_and_another_thread_waited_for_the_same_compile():
+    # the other thread's fork went first and put back the main thread's handlers from its own thread: a ValueError
+    # in the hook, and SIGINT's handler stayed the recorder of the wait (every later Ctrl-C swallowed)
+    got = run_script("""
+        import os, signal, threading, time
+        from cnnc import forkgate
+        main = threading.get_ident()
+        def fork() -> None:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+        def compile_until_both_forks_wait() -> None:
+            with forkgate.compiling():
+                inside.set()
+                while forkgate._forking != main:
+                    time.sleep(0.001)
+                time.sleep(0.05)
+        for _ in range(3):
+            inside = threading.Event()
+            compiler = threading.Thread(target=compile_until_both_forks_wait)
+            compiler.start()
+            inside.wait(10)
+            other = threading.Thread(target=fork)
+            other.start()
+            while forkgate._forking != other.ident:
+                time.sleep(0.001)
+            fork()
+            other.join()
+            compiler.join()
+            try:
+                signal.raise_signal(signal.SIGINT)
+                time.sleep(1)
+                print("Ctrl-C lost")
+            except KeyboardInterrupt:
+                print("interrupted")
+        """, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split() == ["interrupted"] * 3, got.stdout + got.stderr
+    assert "Exception ignored" not in got.stderr, got.stderr
