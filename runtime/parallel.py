@@ -206,6 +206,7 @@ class Pool:
                 if not self._served or self._done[1].is_set():  # no server, or the last left (idle): start one
                     self._tasks[1], self._errors[1] = (lambda: serve(block)), None
                     self._server_key, self._served = key, True
+                    self.handoff[HANDOFF_STOP] = 0  # (none runs now; a stop cut short by Ctrl-C left it set)
                     try:
                         self._done[1].clear()
                     finally:  # (set even when interrupted: a cleared `done` with no task behind it never comes)

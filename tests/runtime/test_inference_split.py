@@ -210,6 +210,40 @@ def test_the_second_share_goes_to_a_pool_thread_waiting_in_native_code():
     assert all(np.array_equal(y, other_first) for y in results[1]) and len(results[1]) == 20
 
 
+
+def test_ctrl_c_while_a_server_is_told_to_stop_leaves_no_stop_for_the_next_server():
+    """Another model's shared call stops the server first (``Pool._stop_server``, not deferring signals); a
+    Ctrl-C during its wait left ``stop`` set, and every later server of the first model left at once: its next
+    call hung (20 calls took no time before, none returned in 15 s)."""
+    from cnnc_runtime.parallel import HANDOFF_STOP
+
+    m, other = randomized(model(SPLITNET, threads=2)), randomized(model(SPLITNET, threads=2))
+    pool = shared_pool(2)
+    x1, _ = batch(m, 1)
+    first = m(x1)
+    done = pool._done[1]
+
+    class CtrlCInWait:  # the flag, but Ctrl-C comes as the stop starts to wait for the server
+        def __getattr__(self, name: str):
+            return getattr(done, name)
+
+        def wait(self) -> None:
+            pool._done[1] = done
+            raise KeyboardInterrupt
+
+    pool._done[1] = CtrlCInWait()
+    with pytest.raises(KeyboardInterrupt):
+        other(x1)
+    pool._done[1] = done
+    outputs = []
+    caller = threading.Thread(target=lambda: outputs.extend(m(x1) for _ in range(20)), daemon=True)
+    caller.start()
+    caller.join(timeout=60)
+    assert not caller.is_alive(), "batch-1 calls hung after an interrupted stop"
+    assert len(outputs) == 20 and all(np.array_equal(y, first) for y in outputs)
+    assert pool.handoff[HANDOFF_STOP] == 0
+
+
 def _outputs_in_child(m, x: np.ndarray, results) -> None:
     results.put([m(x) for _ in range(3)])
 
