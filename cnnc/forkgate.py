@@ -20,6 +20,7 @@ set it right with ``on_internal_fork``.
 
 from __future__ import annotations
 
+import logging  # noqa: F401  (loaded with cnnc, not by the first compile: see _install)
 import os
 import signal
 import sys
@@ -189,11 +190,13 @@ def _install() -> None:
     A library that registers fork hooks of its own as it is first loaded by a compile is loaded first: were
     its hooks registered after the gate's, its before-fork hook would run first (they run in reverse order) and
     hold its lock while the fork waits for a compile that needs it (logging: a hang); were it loaded while a
-    fork waits, its after-fork hook would run without its before-fork one ("cannot release un-acquired lock")."""
+    fork waits, its after-fork hook would run without its before-fork one ("cannot release un-acquired lock").
+    That library (logging) is loaded with this module, not here: a fork from another thread while the first
+    compile imported it, before any hook existed, left the child its import lock held by no thread (the child's
+    first compile hung importing it)."""
     global _installed
     if _installed or not hasattr(os, "register_at_fork"):
         return
-    import logging  # noqa: F401  (the library that does: loaded here, not with cnnc, for 9 ms of import time)
     with _cond:
         if not _installed:
             os.register_at_fork(before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child)

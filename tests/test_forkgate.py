@@ -227,3 +227,45 @@ def test_ctrl_c_still_works_after_forks_from_the_main_and_another_thread_waited_
     assert got.returncode == 0, got.stderr
     assert got.stdout.split() == ["interrupted"] * 3, got.stdout + got.stderr
     assert "Exception ignored" not in got.stderr, got.stderr
+
+
+def test_a_fork_while_the_first_compile_loads_logging_gives_a_child_that_compiles():
+    # the first compile imported logging before the hooks existed: a fork from another thread meanwhile left the
+    # child with logging's import lock held by no thread, and its first compile (importing logging) hung
+    got = run_script("""
+        import importlib.abc, os, signal, sys, threading, time
+
+        loading = threading.Event()
+
+        class SlowLogging(importlib.abc.MetaPathFinder):  # logging's import takes a while, as on a busy machine
+            def find_spec(self, name, path, target=None):
+                if name != "logging":
+                    return None
+                sys.meta_path.remove(self)
+                spec = importlib.util.find_spec(name)
+                real = spec.loader.exec_module
+                def exec_module(module):
+                    loading.set()
+                    time.sleep(0.5)
+                    real(module)
+                spec.loader.exec_module = exec_module
+                return spec
+
+        import importlib.util
+        sys.meta_path.insert(0, SlowLogging())
+        import cnnc
+        from cnnc import forkgate
+        first = threading.Thread(target=lambda: cnnc.compile_string("network t { input x: 4  y = x -> dense(3) }"))
+        first.start()
+        while not loading.is_set() and not forkgate._installed:
+            time.sleep(0.001)
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(30)  # (a hung child ends as SIGALRM's default)
+            cnnc.compile_string("network u { input x: 4  y = x -> dense(2) }")
+            os._exit(0)
+        print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        first.join()
+        """, timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split() == ["child", "0"], got.stdout + got.stderr
