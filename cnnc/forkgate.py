@@ -37,16 +37,14 @@ _held: list[Any] = []  # what the before-fork hook took, released after the fork
 _handlers: dict[int, Any] = {}  # Python's signal handlers, set aside while a fork waits
 _caught: list[int] = []  # the signals that came while it waited
 _in_hook = False  # the main thread is in the after-fork hook (the signals kept are raised once it is out)
+_installed = False  # the fork hooks are registered
 _repairs: list[Callable[[], None]] = []  # run in a child forked while another thread made one of cnnc's own forks
 
 
 @contextmanager
 def compiling() -> Iterator[None]:
     """The block is a compile: a fork from another thread waits until it is done."""
-    # A library a compile imports that registers fork hooks as it loads (logging) would, if loaded while a fork
-    # waits for this compile, have its after-fork hook run without its before-fork one ("cannot release
-    # un-acquired lock"): it is loaded before the compile counts as one (here, not at import: 9 ms).
-    import logging  # noqa: F401
+    _install()
     me = threading.get_ident()
     with _cond:
         while _forking not in (0, me) and me not in _active:  # (a compile in a compile never waits: the fork
@@ -179,5 +177,18 @@ def _after_in_child() -> None:
             repair()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child)
+def _install() -> None:
+    """The hooks, from the first compile on (none runs before it, so a fork has none to wait for).
+
+    A library that registers fork hooks of its own as it is first loaded by a compile is loaded first: were
+    its hooks registered after the gate's, its before-fork hook would run first (they run in reverse order) and
+    hold its lock while the fork waits for a compile that needs it (logging: a hang); were it loaded while a
+    fork waits, its after-fork hook would run without its before-fork one ("cannot release un-acquired lock")."""
+    global _installed
+    if _installed or not hasattr(os, "register_at_fork"):
+        return
+    import logging  # noqa: F401  (the library that does: loaded here, not with cnnc, for 9 ms of import time)
+    with _cond:
+        if not _installed:
+            os.register_at_fork(before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child)
+            _installed = True

@@ -33,6 +33,8 @@ ALLOWED_IN_FUNCTIONS = {
     ("cnnc.pipeline", "cnnc.generate"),
     # the float64 reference (networkx) behind `cnnc gradcheck`: the other commands start without it
     ("cnnc.cli.gradcheck", "cnnc.gradcheck"),
+    # logging (9 ms): loaded by a compile, before the fork hooks that wait for compiles are registered
+    ("cnnc.forkgate", "logging"),
     # matplotlib: an optional dependency (the plot extra), for `cnnc train --plot` only
     ("cnnc.cli.train", "matplotlib"),
     ("cnnc.cli.train", "matplotlib.pyplot"),
