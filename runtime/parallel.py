@@ -9,6 +9,8 @@ unpinned (it is the user's thread); worker ``i`` is pinned to the ``i``-th core.
 
 from __future__ import annotations
 
+import _signal  # signal's C module: getsignal/signal without signal's enum conversions (3-5 us a call each)
+import _thread
 import operator
 import os
 import signal
@@ -90,16 +92,49 @@ def signals_deferred() -> Iterator[None]:
     old: dict[int, Callable[..., object]] = {}
     try:
         for number in DEFERRED_SIGNALS:
-            handler = signal.getsignal(number)
+            handler = _signal.getsignal(number)
             if callable(handler):  # (SIG_DFL, SIG_IGN and C handlers run no Python code)
                 old[number] = handler
-                signal.signal(number, lambda n, frame: caught.append((n, frame)))
+                _signal.signal(number, lambda n, frame: caught.append((n, frame)))
         yield
     finally:
         for number, handler in old.items():
-            signal.signal(number, handler)
+            _signal.signal(number, handler)
         for number, frame in caught:
             old[number](number, frame)
+
+
+class Flag:
+    """``threading.Event``'s set/clear/is_set/wait on one raw lock, which is held while the flag is clear.
+
+    A pool call sets and waits two flags per worker right after long native shares, when the interpreter's code is
+    out of the caches and each Python step costs 5-20x its warm price: an Event's Condition makes each set or wait
+    some ten Python calls and a second lock; here each is one or two lock operations. For the pool's protocol:
+    one thread waits, and a flag is set only while clear (no two sets race)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+
+    def is_set(self) -> bool:
+        return not self._lock.locked()
+
+    def set(self) -> None:
+        if self._lock.locked():
+            self._lock.release()
+
+    def clear(self) -> None:
+        self._lock.acquire(False)
+
+    def wait(self) -> None:
+        with self._lock:  # (given back at once: the flag stays set)
+            pass
+
+    def take(self) -> None:
+        """Wait until set, and clear."""
+        self._lock.acquire()
 
 
 class Pool:
@@ -112,8 +147,8 @@ class Pool:
         self._cores = cores
         self._tasks: list[Callable[[], None] | None] = [None] * self.size
         self._errors: list[BaseException | None] = [None] * self.size
-        self._start = [threading.Event() for _ in range(self.size)]
-        self._done = [threading.Event() for _ in range(self.size)]
+        self._start = [Flag() for _ in range(self.size)]
+        self._done = [Flag() for _ in range(self.size)]
         self._closed = False
         self._lock = threading.Lock()  # one batch at a time: callers on several threads take turns
         # a native server on worker 1 (``run_served``): its control block, the code it runs, whether it was started
@@ -136,8 +171,7 @@ class Pool:
             except OSError:
                 pass
         while True:
-            self._start[i].wait()
-            self._start[i].clear()
+            self._start[i].take()
             if self._closed:
                 return
             try:
