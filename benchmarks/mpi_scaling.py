@@ -11,7 +11,10 @@ estimate for otherwise idle cores from CPU time (compute CPU per image shared by
 all-reduce; for a loaded machine, where wall clocks mislead); CPU seconds per 1000 images summed over every
 process; the all-reduces' share of rank 0's epoch, the time of the gradient's fastest all-reduce and the CPU
 seconds per 1000 images spent in all-reduces (a rank waiting there for its peer included); and the share of the
-machine other processes used meanwhile (``run.py``'s ``CpuMeter``).
+machine other processes used meanwhile (``run.py``'s ``CpuMeter``). Each sample's line on stderr also gives
+``arrival_spread_ms``: the median over the steps of how much later the last rank reached the gradient's sum
+than the first (the ranks' clocks are the machine's monotonic clock: one machine only), i.e. how long the
+first rank waited there.
 Options: ``--repeats N`` (default 5), ``--steps N`` (default: 300 LeNet-5, 30 CIFAR), ``--only lenet|cifar``,
 ``--json PATH``.
 """
@@ -62,31 +65,41 @@ def worker(net: str, steps: int) -> None:
     cpu = time.process_time()
     epoch = model.fit(x, y, **settings).epochs[0]
     cpu = time.process_time() - cpu
-    grads = sorted(wall for wall, _, gradient in calls if gradient)
+    grads = sorted(wall for wall, _, gradient, _ in calls if gradient)
     ranks = comm.gather_object({"cpu": cpu, "reduce_wall": sum(c[0] for c in calls),
                                 "reduce_cpu": sum(c[1] for c in calls),
-                                "fastest": grads[0] if grads else 0.0})
+                                "fastest": grads[0] if grads else 0.0,
+                                "arrivals": [start for _, _, gradient, start in calls if gradient]})
     if comm.is_root:
         print(json.dumps({"images_per_second": epoch.images_per_second, "images": len(x), "steps": steps,
                           "cpu_seconds": sum(r["cpu"] for r in ranks),
                           "compute_cpu_seconds": sum(r["cpu"] - r["reduce_cpu"] for r in ranks),
                           "reduce_share": ranks[0]["reduce_wall"] / epoch.seconds,  # (every sum of the ranks)
-                          "reduce_fast_seconds": max(r["fastest"] for r in ranks)}))
+                          "reduce_fast_seconds": max(r["fastest"] for r in ranks),
+                          "arrival_spread_ms": arrival_spread(r["arrivals"] for r in ranks)}))
 
 
-def time_reductions(comm) -> list[tuple[float, float, bool]]:
-    """(wall, this thread's CPU seconds, whether of the gradient) of every all-reduce from now on.
+def arrival_spread(arrivals) -> float:
+    """The median over the steps of the last rank's arrival at the gradient's sum minus the first's, in ms."""
+    per_step = np.array(list(zip(*arrivals)))  # (steps, ranks); zip: as many steps as every rank summed
+    if per_step.size == 0 or per_step.shape[1] < 2:
+        return 0.0
+    return float(np.median(per_step.max(axis=1) - per_step.min(axis=1)) * 1000)
+
+
+def time_reductions(comm) -> list[tuple[float, float, bool, float]]:
+    """(wall, this thread's CPU seconds, whether of the gradient, when it began) of every all-reduce from now on.
 
     A rank that arrives first spins until its peer comes, so under load the wall time is mostly waiting; the
     fastest of the gradient's calls comes closest to what the all-reduce itself costs.
     """
-    calls: list[tuple[float, float, bool]] = []
+    calls: list[tuple[float, float, bool, float]] = []
     plain = comm.sum_in_place
 
     def timed(buf: np.ndarray, extra: np.ndarray | None = None) -> None:
         wall, cpu = time.perf_counter(), time.thread_time()
         plain(buf, extra)
-        calls.append((time.perf_counter() - wall, time.thread_time() - cpu, buf.size > GRADIENT_MIN))
+        calls.append((time.perf_counter() - wall, time.thread_time() - cpu, buf.size > GRADIENT_MIN, wall))
 
     comm.sum_in_place = timed
     return calls
@@ -159,7 +172,8 @@ def report(net: str, results: dict[str, list[dict]]) -> list[str]:
         ranks = SETUPS[name][0] > 1
         in_sums = [1000 * (s["cpu_seconds"] - s["compute_cpu_seconds"]) / s["images"] for s in samples]
         reduce = (f"{spread([s['reduce_share'] for s in samples], 100, 1)}% of the time; "
-                  f"{spread([s['reduce_fast_seconds'] for s in samples], 1e6)} us; {spread(in_sums, digits=3)}"
+                  f"{spread([s['reduce_fast_seconds'] for s in samples], 1e6)} us; {spread(in_sums, digits=3)}; "
+                  f"{spread([s.get('arrival_spread_ms', 0.0) for s in samples], digits=2)} ms"
                   if ranks else "-")
         lines.append(f"| {net} | {name} | {spread([s['images_per_second'] for s in samples])} | "
                      f"{spread([idle_estimate(name, s) for s in samples])} | "
@@ -205,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(cache, ignore_errors=True)
     print("| network | set-up | images/s | idle-cores estimate from CPU time, images/s | CPU s per 1000 images (all "
           "processes) | all-reduces' share of rank 0's epoch; the gradient's fastest call; CPU s per 1000 images in "
-          "them (waits included) | others' CPU share |")
+          "them (waits included); the ranks' arrival spread at a step's sum | others' CPU share |")
     print("|---|---|---|---|---|---|---|")
     for net, results in everything.items():
         print("\n".join(report(net, results)))
