@@ -559,9 +559,15 @@ def infer_row(ctx: Ctx, key: str, label: str, batch: int, model, xb: np.ndarray,
     else:
         row.note = f"onnxruntime unavailable ({ctx.ort_error})"
     out = np.empty((batch, *model.output_shape), np.float32)
+    ran = dict(model.split_choice.ran)
     alternate(ctx, row, repeats, lambda: sample(lambda: model.infer_into(xb, out)), torch_sample,
               ort_sample=ort_sample)
     row.extra["calls_per_sample"] = calls
+    if single:  # how often the image was shared between the threads (SplitChoice: else one thread ran it)
+        shared, alone = (model.split_choice.ran[way] - ran[way] for way in (True, False))
+        row.extra["shared_calls"] = f"{shared} of {shared + alone}"
+        row.note = (row.note + "; " if row.note else "") + f"cnnc shared {shared} of {shared + alone} calls' image " \
+                                                           "between its threads (the rest: one thread)"
     row.flops = INFER_FLOPS_PER_MAC * macs(model)
     return row
 

@@ -81,7 +81,13 @@ class SplitChoice:
     each barrier waits for a descheduled thread, and one thread is faster. So
     both ways are timed (wall seconds per image, a moving average); the faster
     runs, and every ``PROBE``-th call tries the other, so a change of load is
-    followed within a few calls. Calls from several threads may race on the
+    followed within a few calls. A shared call that had to start the pool's
+    server first (``Pool.run_served``: it leaves when idle, so a probe after a
+    run of one-thread calls usually finds it gone) is timed from the moment
+    the server took it: the start is paid once by a run of shared calls, and
+    timing it made every probe lose (measured on a loaded machine: a probe
+    took 1.5x a shared call in a run, at the 5th percentile), so one thread
+    kept running once chosen. Calls from several threads may race on the
     averages: the cost is a slightly worse choice, never a wrong result.
     """
 
@@ -93,6 +99,7 @@ class SplitChoice:
         self.fixed = fixed
         self.seconds: dict[bool, float | None] = {True: None, False: None}
         self.calls = 0
+        self.ran = {True: 0, False: 0}  # calls timed each way (benchmarks report the share)
 
     def shared(self) -> bool:
         """Whether the next small batch should run on all threads."""
@@ -105,8 +112,12 @@ class SplitChoice:
         return best if self.calls % self.PROBE else not best
 
     def record(self, shared: bool, seconds: float) -> None:
+        """A call's wall seconds per image (a shared call's without its wait for a server to start)."""
+        self.ran[shared] += 1
         old = self.seconds[shared]
         self.seconds[shared] = seconds if old is None else old + self.WEIGHT * (seconds - old)
+
+
 ALIGN_BYTES = 64
 P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -763,8 +774,8 @@ class Engine:
                 bar, run, pool = scratch.barrier_ptr, self._infer_split, shared_pool(self.threads)
                 if self._split_handoff is not None:
                     call, serve = self._split_handoff
-                    pool.run_served(self._lib, lambda blk, seq: call(blk, seq, params, folded, arena, xp, yp, ws[0],
-                                                                     ws[1], bar, 0, n), serve)
+                    start += pool.run_served(self._lib, lambda blk, seq: call(blk, seq, params, folded, arena, xp,
+                                                                              yp, ws[0], ws[1], bar, 0, n), serve)
                 else:
                     pool.run([lambda t=t: run(params, folded, arena, xp, yp, ws[t], bar, t, 0, n)
                               for t in range(self._split_parts)])

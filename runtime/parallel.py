@@ -9,6 +9,8 @@ unpinned (it is the user's thread); worker ``i`` is pinned to the ``i``-th core.
 
 from __future__ import annotations
 
+import _signal  # signal's C module: getsignal/signal without signal's enum conversions (3-5 us a call each)
+import _thread
 import operator
 import os
 import signal
@@ -90,16 +92,49 @@ def signals_deferred() -> Iterator[None]:
     old: dict[int, Callable[..., object]] = {}
     try:
         for number in DEFERRED_SIGNALS:
-            handler = signal.getsignal(number)
+            handler = _signal.getsignal(number)
             if callable(handler):  # (SIG_DFL, SIG_IGN and C handlers run no Python code)
                 old[number] = handler
-                signal.signal(number, lambda n, frame: caught.append((n, frame)))
+                _signal.signal(number, lambda n, frame: caught.append((n, frame)))
         yield
     finally:
         for number, handler in old.items():
-            signal.signal(number, handler)
+            _signal.signal(number, handler)
         for number, frame in caught:
             old[number](number, frame)
+
+
+class Flag:
+    """``threading.Event``'s set/clear/is_set/wait on one raw lock, which is held while the flag is clear.
+
+    A pool call sets and waits two flags per worker right after long native shares, when the interpreter's code is
+    out of the caches and each Python step costs 5-20x its warm price: an Event's Condition makes each set or wait
+    some ten Python calls and a second lock; here each is one or two lock operations. For the pool's protocol:
+    one thread waits, and a flag is set only while clear (no two sets race)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+
+    def is_set(self) -> bool:
+        return not self._lock.locked()
+
+    def set(self) -> None:
+        if self._lock.locked():
+            self._lock.release()
+
+    def clear(self) -> None:
+        self._lock.acquire(False)
+
+    def wait(self) -> None:
+        with self._lock:  # (given back at once: the flag stays set)
+            pass
+
+    def take(self) -> None:
+        """Wait until set, and clear."""
+        self._lock.acquire()
 
 
 class Pool:
@@ -112,8 +147,8 @@ class Pool:
         self._cores = cores
         self._tasks: list[Callable[[], None] | None] = [None] * self.size
         self._errors: list[BaseException | None] = [None] * self.size
-        self._start = [threading.Event() for _ in range(self.size)]
-        self._done = [threading.Event() for _ in range(self.size)]
+        self._start = [Flag() for _ in range(self.size)]
+        self._done = [Flag() for _ in range(self.size)]
         self._closed = False
         self._lock = threading.Lock()  # one batch at a time: callers on several threads take turns
         # a native server on worker 1 (``run_served``): its control block, the code it runs, whether it was started
@@ -136,8 +171,7 @@ class Pool:
             except OSError:
                 pass
         while True:
-            self._start[i].wait()
-            self._start[i].clear()
+            self._start[i].take()
             if self._closed:
                 return
             try:
@@ -153,10 +187,11 @@ class Pool:
             self._stop_server()
             self._run(tasks)
 
-    def run_served(self, key: object, call: Callable[[int, int], int], serve: Callable[[int], None]) -> None:
+    def run_served(self, key: object, call: Callable[[int, int], int], serve: Callable[[int], None]) -> float:
         """A call shared with worker 1 through native code (``cnnc.codegen.handoff``): ``call(block, seq)`` posts
         call `seq` to a waiting server, runs the caller's share and waits for the server's (1), or does nothing
         when no server waits (0); ``serve(block)`` is the server worker 1 runs, started here when none waits.
+        Returns the seconds spent waiting for a server to start (0.0 when one was waiting).
 
         Between ``call``'s attempts nothing is posted, so an interrupt anywhere here leaves no server waiting at a
         barrier for a share that will not come."""
@@ -165,7 +200,9 @@ class Pool:
             if self._server_key is not key:  # (a server of other code: it would run the wrong function)
                 self._stop_server()
             self._seq += 1
+            begin = tried = 0.0
             while not call(block, self._seq):
+                begin = begin or time.perf_counter()
                 if not self._served or self._done[1].is_set():  # no server, or the last left (idle): start one
                     self._tasks[1], self._errors[1] = (lambda: serve(block)), None
                     self._server_key, self._served = key, True
@@ -175,6 +212,8 @@ class Pool:
                         self._start[1].set()
                 else:  # (a server starting, or leaving through Python)
                     time.sleep(0)
+                tried = time.perf_counter()  # (the attempt that succeeds follows)
+            return tried - begin
 
     def _stop_server(self) -> None:
         """Worker 1 back from its native server (told to stop), before it takes another task."""

@@ -23,7 +23,9 @@ grouped convolutions, and for dilated ones (tap ``(ky, kx)`` reads input row
 
 Connect tables: on the padded path, forward and backward data leave out the
 multiply-adds of (o, c) pairs outside the table (the tiles are unrolled per
-table entry); on the im2col path the GEMM stays dense, with the weights copied
+table entry), and an unpadded convolution's weight gradient runs with images
+in the vector lanes (``cnnc.codegen.conv_lanes``), every lane of its
+multiply-adds a pair in the table; on the im2col path the GEMM stays dense, with the weights copied
 into the workspace and every pair outside the table replaced by zeros. Either
 way the weights outside the table are never read, and backward weights adds
 only table entries to ``dw`` (its table is a constant ``o x c`` byte mask).
@@ -43,7 +45,16 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from cnnc.codegen import conv_direct, conv_dot, conv_rows, conv_winograd, conv_winograd4, conv_winograd_grad, emit
+from cnnc.codegen import (
+    conv_direct,
+    conv_dot,
+    conv_lanes,
+    conv_rows,
+    conv_winograd,
+    conv_winograd4,
+    conv_winograd_grad,
+    emit,
+)
 from cnnc.codegen.conv_direct import GradSpace, Plane
 from cnnc.codegen.emit import for_range, i64, kernel
 from cnnc.codegen.gemm import Mat, column_pieces, gemm_nn, gemm_nt, index, local, transpose, vector_loop
@@ -204,6 +215,7 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     rows = [conv_rows.Rows(spec, vw).floats] if _rows_backward(spec, back) else []
     dot = _dot_shifted(spec, plane)
     rows += [conv_dot.Space(dot).floats] if dot is not None else []
+    rows += [conv_lanes.Space(spec, vw).floats] if _lanes(spec, plane) else []
     shifted = [_forward_plane(spec, plane).pad_floats]  # (product_shifted needs no out section)
     return max(plane.floats, back.floats, weights, *wino, *rows, *shifted)
 
@@ -275,6 +287,19 @@ def _dot_shifted(spec: ConvSpec, p: Plane) -> Plane | None:
     pairs = spec.o * spec.c if table is None else len(table)
     theirs = spec.o * spec.c * p.taps * (p.n // p.vw)
     return shifted if conv_dot.vector_fmas(shifted, pairs) <= conv_dot.GAIN * theirs else None
+
+
+def _lanes(spec: ConvSpec, p: Plane) -> bool:
+    """Whether the weight gradient runs with images in the vector lanes (``conv_lanes``): in place of the form
+    vectorised over output channels, where that needs more than conv_lanes.GAIN of its vector multiply-adds (a
+    connect table, whose pairs outside it waste lanes: LeNet's C3 needs 0.625 of them; output channels that
+    leave a vector part empty)."""
+    if _winograd_grad(spec, p) or not GradSpace(p).over_channels or not conv_lanes.fits(spec, p.vw):
+        return False
+    table = _Geom(spec).table_pairs()
+    pairs = spec.o * spec.c if table is None else len(table)
+    theirs = spec.c * p.taps * spec.oh * spec.ow * -(-spec.o // p.vw)
+    return conv_lanes.vector_fmas(spec, pairs, p.vw) <= conv_lanes.GAIN * theirs
 
 
 def _forward_plane(spec: ConvSpec, p: Plane) -> Plane:
@@ -693,7 +718,21 @@ def _padded_backward_weights(b: ir.IRBuilder, module: ir.Module, name: str, g: _
         b.ret_void()
         return
     dot = _dot_shifted(spec, p)
-    if dot is not None:
+    if _lanes(spec, p):
+        over_channels = False  # the sums: a vector of partial sums per weight, laid out like dW
+        space = conv_lanes.Space(spec, vw)
+        conv_lanes.clear(b, space, args["ws"])
+        live = conv_lanes.live_pairs(g.table_pairs(), spec.c, spec.o)
+        n0, n1 = args["n0"], args["n1"]
+        with for_range(b, n0, n1, vw, name="lg") as n:
+            left = b.sub(n1, n)
+            count = b.select(b.icmp_signed("<", left, i64(vw)), left, i64(vw), name="group")
+            conv_lanes.fill(b, space, args["ws"], args["x"], args["dy"], n, count, g.x_stride, g.y_stride)
+            conv_lanes.product(b, module, name, space, args["ws"], live)
+        with for_range(b, n0, n1, name="n") as n:
+            _bias_grad(b, g, emit.gep(b, args["dy"], index(b, (n, g.y_stride))), args["db"], vw)
+        sums = space.sections(b, args["ws"])[2]
+    elif dot is not None:
         over_channels = False  # the sums: a vector of partial sums per weight, as conv_direct's dot products
         space = conv_dot.Space(dot)
         conv_dot.clear(b, space, args["ws"])

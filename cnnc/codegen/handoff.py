@@ -32,7 +32,8 @@ from cnnc.codegen.emit import I64, PTR, i64
 STATE, SEQ, DONE, STOP, ARGS = 0, 8, 16, 24, 32  # int64 offsets in the block
 ARG_NAMES = ["params", "folded", "arena", "x", "y", "ws", "bar", "n0", "n1"]  # infer_split's, but the part
 INT64S = ARGS + len(ARG_NAMES)
-IDLE_CYCLES = 1_000_000  # time-stamp counter ticks (~0.3 ms) without a call before a server returns
+IDLE_CYCLES = 6_000_000  # time-stamp counter ticks (~2 ms) without a call before a server returns: longer
+# than a one-thread call of a small network, so that SplitChoice's probes of one thread do not send it away
 SPIN_CYCLES = 100_000  # ticks (~30 us: a loop's Python between two calls) it spins before sleeping between polls
 SPIN = 4000  # polls before a waiting thread starts yielding its core
 YIELDS = 200  # yields before it sleeps between polls

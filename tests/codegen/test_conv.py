@@ -296,6 +296,35 @@ def test_conv_kernels(jit, spec: ConvSpec) -> None:
         np.testing.assert_allclose(db, db0 + db_ref, rtol=1e-5, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("case", ["lenet_c3", "wide_connect_17"])
+def test_weight_gradient_with_images_in_lanes(jit, case: str) -> None:
+    """Two whole groups of a vector's width of images (transposed through registers), then three (copied a float
+    at a time into zeroed lanes): dW and db against the float64 reference, weights outside the table untouched."""
+    s = CASES[case]
+    emit_conv_backward_weights(jit.module, "bwd_weights", s, jit.vw)
+    rng = np.random.default_rng(11)
+    n = 2 * jit.vw + 3
+    x = rng.uniform(-1, 1, (n + 1, s.c, s.h, s.w))
+    dy = rng.uniform(-1, 1, (n + 1, s.o, s.oh, s.ow))
+    x[0], dy[0] = np.nan, np.nan  # an image before the range, never read
+    x_buf, dy_buf = arena(x, s.x_stride, np.nan), arena(dy, s.y_stride, np.nan)
+    xr = x_buf[1:, :s.c * s.h * s.w].reshape(-1, s.c, s.h, s.w).astype(np.float64)
+    dyr = dy_buf[1:, :s.o * s.oh * s.ow].reshape(-1, s.o, s.oh, s.ow).astype(np.float64)
+    dw0 = random_weights(rng, s).astype(np.float32)
+    dw0[~connect_mask(s)] = SENTINEL
+    dw, db0 = dw0.copy(), rng.uniform(-1, 1, s.o).astype(np.float32)
+    db = db0.copy()
+    ws = workspace(s, jit.vw)
+    jit("bwd_weights", x_buf, dy_buf, dw, db, ws, 1, n + 1)
+    check_guard(ws, s, jit.vw)
+    dw_ref, db_ref = conv_weights_ref(xr, dyr, s)
+    mask = np.broadcast_to(connect_mask(s)[:, :, None, None], dw.shape)
+    scale = max(1.0, float(np.abs(dw_ref).max()))
+    np.testing.assert_allclose(dw[mask], (dw0 + dw_ref)[mask], rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_array_equal(dw[~mask], dw0[~mask])
+    np.testing.assert_allclose(db, db0 + db_ref, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(db_ref).max())))
+
+
 # 27 output positions: every vector width down to scalars goes through the activation
 ACT_SPEC = make_spec(2, 7, 9, 4, 3, 3, stride=(2, 1), pad=(1, 1, 0, 1), gap=5)
 
@@ -563,6 +592,20 @@ def test_which_weight_gradients_run_as_dot_products_on_shifted_copies() -> None:
     # a vector of output channels (C3's 16, with its table), Winograd, rows of whole vectors: not
     assert not any(dot(CASES[n]) for n in ("lenet_c3", "wide_out_19", "winograd_same", "5x5_rows_32_wide"))
     assert not dot(CASES["lenet_c1"], 8)  # 6 outputs fill most of a vector of 8: over channels
+
+
+def test_which_weight_gradients_run_with_images_in_lanes() -> None:
+    from cnnc.codegen.conv import _Geom, _lanes
+
+    def lanes(spec: ConvSpec, vw: int = 16) -> bool:
+        return _lanes(spec, _Geom(spec).forward_plane(vw))
+
+    # a connect table that wastes lanes over output channels (C3: 60 of 96 pairs), at every width
+    assert all(lanes(CASES[n], vw) for n in ("lenet_c3", "wide_connect_17") for vw in (16, 8, 4))
+    # C1's 6 outputs in vectors of 8 (over channels, 75% of the lanes): in lanes; at 16 it runs as dot products
+    assert lanes(CASES["lenet_c1"], 8) and not lanes(CASES["lenet_c1"])
+    # full vectors of output channels, padding (no border in the lanes), Winograd: not
+    assert not any(lanes(CASES[n]) for n in ("wide_out_19", "3x3_same", "winograd_same", "5x5_rows_32_wide"))
 
 
 def test_which_convolutions_run_on_the_padded_image() -> None:

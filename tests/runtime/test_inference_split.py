@@ -20,6 +20,7 @@ import pytest
 
 from cnnc.reference import reference_forward
 from cnnc_runtime.engine import SplitChoice
+from cnnc_runtime.parallel import shared_pool
 from tests.reference import EXAMPLES, graph
 from tests.runtime.test_batchnorm import assert_close, batch, everything, model, randomize
 
@@ -85,6 +86,31 @@ def test_the_faster_way_runs_and_the_other_is_tried_now_and_then():
     assert ways.count(True) == 2  # one thread is faster: shared only as a probe, every PROBE-th call
 
 
+def test_a_probe_of_sharing_is_timed_without_its_wait_for_the_server_to_start():
+    """The server leaves when idle, so a probe of sharing after a run of one-thread calls starts it: that wait is
+    not part of sharing's time (timing it made one thread win for good once chosen)."""
+    m = randomized(model(SPLITNET, threads=2))
+    x, _ = batch(m, 1)
+    want = m(x)
+    pool = shared_pool(2)
+    pool.run([lambda: None, lambda: None])  # (sends any server away)
+    recorded = []
+    m.split_choice = SplitChoice()
+    m.split_choice.record = lambda shared, seconds: recorded.append((shared, seconds))
+    waits = []
+    run_served = pool.run_served
+    pool.run_served = lambda *a: waits.append(run_served(*a)) or waits[-1]
+    try:
+        start = time.perf_counter()
+        assert np.array_equal(m(x), want)  # the first call: shared, and a server had to start
+        took = time.perf_counter() - start
+    finally:
+        del pool.run_served
+    assert len(waits) == 1 and 0 < waits[0] < took
+    assert recorded[0][0] is True and recorded[0][1] <= took - waits[0]
+    assert pool.run_served(m._lib, lambda blk, seq: 1, None) == 0.0  # a server waited: no wait
+
+
 @pytest.mark.parametrize("n,shared", [(3, True), (3, False), (40, False)])
 def test_inference_sees_weights_and_statistics_written_into_views(n, shared):
     """The batchnorm coefficients are folded at every call and the Winograd weights kept between calls are
@@ -143,7 +169,7 @@ def test_the_second_share_goes_to_a_pool_thread_waiting_in_native_code():
     every turn of its life (started, waiting, stopped by a batch through the pool, gone after its idle time,
     replaced by another model's), and from two Python threads at once."""
     from cnnc.codegen import handoff
-    from cnnc_runtime.parallel import HANDOFF_INT64S, HANDOFF_STOP, shared_pool
+    from cnnc_runtime.parallel import HANDOFF_INT64S, HANDOFF_STOP
 
     assert HANDOFF_INT64S >= handoff.INT64S and HANDOFF_STOP == handoff.STOP  # (the runtime's copy of the layout)
     m, other = randomized(model(SPLITNET, threads=2)), randomized(model(SPLITNET, threads=2))

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cnnc_runtime.parallel import Pool, split
+from cnnc_runtime.parallel import Flag, Pool, split
 
 
 def test_split_covers_the_range_in_whole_grains():
@@ -71,3 +71,53 @@ def test_ctrl_c_during_a_run_is_raised_once_every_share_is_done():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     pool.run([lambda: done.append(2), lambda: done.append(3)])  # (and the pool runs on)
     assert sorted(done) == [0, 1, 2, 3]
+
+
+def test_a_python_handler_of_sigterm_runs_once_after_the_run_and_is_put_back():
+    """The handler swapped in during a run is the pool's own: the user's handler gets the signal afterwards, with
+    its number, and is the installed handler again."""
+    pool = Pool(2)
+    got, events = [], []
+
+    def handler(number, frame) -> None:
+        got.append(number)
+        events.append("handler")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        def first() -> None:
+            signal.raise_signal(signal.SIGTERM)
+            events.append("share")
+
+        pool.run([first, lambda: None])
+        assert got == [signal.SIGTERM] and events == ["share", "handler"]
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_a_flag_behaves_as_an_event_for_one_waiter():
+    flag = Flag()
+    assert not flag.is_set()
+    flag.set()
+    flag.set()  # (setting a set flag changes nothing)
+    assert flag.is_set()
+    flag.wait()  # (returns at once and leaves it set)
+    assert flag.is_set()
+    flag.clear()
+    flag.clear()
+    assert not flag.is_set()
+
+    woke = []
+
+    def waiter() -> None:
+        flag.take()
+        woke.append(flag.is_set())
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.05)
+    assert woke == [] and t.is_alive()  # (take blocks while the flag is clear)
+    flag.set()
+    t.join(5)
+    assert woke == [False]  # (take clears what it waited for)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cnnc.pipeline import compile_source, read_source
+from cnnc_runtime.model import Model
 from cnnc_runtime.parallel import available_cores
 from cnnc_runtime.peak import Peak
 from cnnc_runtime.profiler import ProfiledModel, _run, check_profile_manifest, profile_inference, profile_training
@@ -201,3 +202,21 @@ def test_more_random_images_than_the_memory_holds_is_a_clear_error(lenet):
     """(`cnnc profile --train --batch 65536 --steps 100000`: 6.5e9 images; was numpy's MemoryError)"""
     with pytest.raises(ValueError, match="random inputs.*more than this machine's"):
         profile_training(lenet, PEAK, batch=65536, steps=100_000)
+
+
+@pytest.mark.parametrize("stem", ["lenet5", "mnist_modern"])
+def test_a_step_in_chunks_has_the_bits_of_one_call_per_kernel(stem):
+    """The normal build runs a training step's per-image kernels (convolutions, pools, activations, batchnorm's
+    applications) a chunk of images at a time through each phase; the profiling build calls each kernel once on
+    the whole shard. Each image's values do not depend on its call, so the gradients are the same bits."""
+    path = EXAMPLES / f"{stem}.cnn"
+    normal = Model(*compile_source(read_source(path), str(path)), threads=1)
+    chunks_of_one = profiled(stem)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, *normal.input_shape), dtype=np.float32)
+    labels = rng.integers(0, 10, size=64)
+    value, grads = normal.value_and_grad(x, labels, "cross_entropy")
+    want_value, want = chunks_of_one.value_and_grad(x, labels, "cross_entropy")
+    assert value == want_value
+    for name, g in want.items():
+        np.testing.assert_array_equal(grads[name], g, err_msg=name)
