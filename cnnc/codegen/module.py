@@ -225,6 +225,38 @@ class Builder:
         return self._kernels[key]
 
 
+class Late:
+    """An argument of ``Entry.call`` computed from the entry's arguments where the call is emitted
+    (``Entry._values``)."""
+
+    def at(self, b: ir.IRBuilder, args: dict[str, ir.Value]) -> ir.Value:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Pointer(Late):
+    """Element `offset` of the entry's argument `base` (parameters, their gradients, batchnorm's sums)."""
+
+    base: str
+    offset: int
+    etype: ir.Type = emit.F32
+    name: str = ""  # (the value's name in the IR: "c1.weight")
+
+    def at(self, b: ir.IRBuilder, args: dict[str, ir.Value]) -> ir.Value:
+        return b.gep(args[self.base], [emit.i64(self.offset)], source_etype=self.etype, inbounds=True,
+                     name=self.name)
+
+
+@dataclass(frozen=True)
+class Seed(Late):
+    """A dropout layer's 64-bit seed: the step's seed xor a constant of the layer's own."""
+
+    mix: int
+
+    def at(self, b: ir.IRBuilder, args: dict[str, ir.Value]) -> ir.Value:
+        return b.xor(args["seed_i64"], ir.Constant(I64, self.mix))
+
+
 class Entry:
     """One entry-point function being emitted: resolves tensors and parameters to pointers."""
 
@@ -247,8 +279,8 @@ class Entry:
         self.fused_acts: set[str] = set()  # activations applied by the residual add before them
         self.bn_sums_done: set[str] = set()  # batchnorms whose gradient sums a residual add's backward took
         self.timing = Timing(builder.stopwatch, name) if builder.stopwatch else None
-        self._pending: list[tuple[ir.Function, list[ir.Value], int]] = []  # calls of the chunk loop to come
-        self._after: list[tuple[ir.Function, list[ir.Value]]] = []  # whole-range calls to follow that loop
+        self._pending: list[tuple[ir.Function, tuple, int]] = []  # calls of the chunk loop to come
+        self._after: list[tuple[ir.Function, tuple]] = []  # whole-range calls to follow that loop
         if self.timing:
             self.timing.start(self.b)
 
@@ -271,14 +303,13 @@ class Entry:
             return nullcontext()
         return self.timing.region(lambda: self.b, phase, layer, self.g, self.step)
 
-    def bn_partial(self, layer: str) -> ir.Value:
+    def bn_partial(self, layer: str) -> Pointer:
         """This shard's float64 partial sums of batchnorm `layer`."""
-        at = emit.i64(self.builder.bn[layer].stats)
-        return self.b.gep(self.args["stats"], [at], source_etype=ir.DoubleType(), inbounds=True)
+        return Pointer("stats", self.builder.bn[layer].stats, ir.DoubleType())
 
-    def bn_coef(self, layer: str, which: str) -> ir.Value:
+    def bn_coef(self, layer: str, which: str) -> Pointer:
         """Batchnorm `layer`'s reduced per-channel coefficient `which` (one of BN_COEFS)."""
-        return emit.gep(self.b, self.args["bn"], self.builder.bn[layer].coef(which))
+        return Pointer("bn", self.builder.bn[layer].coef(which))
 
     def node(self, name: str) -> dict:
         return self.g.nodes[name]
@@ -304,16 +335,16 @@ class Entry:
         self._written.add(root)
         return False
 
-    def param(self, layer: str, kind: str, grad: bool = False) -> ir.Value:
+    def param(self, layer: str, kind: str, grad: bool = False) -> Pointer | ir.Value:
         slot = self.slots.get((layer, kind))
         if slot is None:
             return ir.Constant(PTR, None)
-        return emit.gep(self.b, self.args["grads" if grad else slot.buffer], slot.offset, name=slot.name)
+        return Pointer("grads" if grad else slot.buffer, slot.offset, name=slot.name)
 
-    def seed_for(self, name: str) -> ir.Value:
+    def seed_for(self, name: str) -> Seed:
         """A distinct 64-bit seed per dropout layer, derived from the step's seed."""
         index = list(self.g.nodes).index(name) + 1
-        return self.b.xor(self.args["seed_i64"], ir.Constant(I64, (index * 0x9E3779B97F4A7C15) % (1 << 63)))
+        return Seed((index * 0x9E3779B97F4A7C15) % (1 << 63))
 
     def kernel(self, emitter, spec) -> ir.Function:
         return self.builder.kernel(emitter, spec)
@@ -339,16 +370,22 @@ class Entry:
         """Call kernel `fn` on the images [n0, n1) of this entry; in a training step (not profiled), a run of
         per-image kernels is gathered and run a chunk of images at a time, and a weight gradient after them
         (``flush``)."""
-        values = [self.pointer(a) if isinstance(a, Tensor) else a for a in args]
         how = self.builder.chunked.get(fn.name)
         if how and self.plan is not None and self.plan.training and self.timing is None:
             if how == "chunk":
-                self._pending.append((fn, values, max([a.size for a in args if isinstance(a, Tensor)], default=1)))
+                self._pending.append((fn, args, max([a.size for a in args if isinstance(a, Tensor)], default=1)))
             else:
-                self._after.append((fn, values))
+                self._after.append((fn, args))
             return
         self.flush()
-        self.b.call(fn, [*values, self.args["n0"], self.args["n1"]])
+        self.b.call(fn, [*self._values(args), self.args["n0"], self.args["n1"]])
+
+    def _values(self, args: tuple) -> list[ir.Value]:
+        """A call's arguments, each pointer computed here, just before the call that takes it: one computed before
+        a chunk loop would be live across every call in it (the register allocator's work then grew with the
+        square of a long chain's length)."""
+        return [self.pointer(a) if isinstance(a, Tensor) else a.at(self.b, self.args) if isinstance(a, Late) else a
+                for a in args]
 
     def flush(self) -> None:
         """Emit the gathered calls: each chunk of images through all of the per-image kernels in turn, so that
@@ -363,10 +400,10 @@ class Entry:
             with emit.for_range(b, n0, n1, step, name="chunk") as c0:
                 c1 = b.add(c0, emit.i64(step))
                 c1 = b.select(b.icmp_signed("<", c1, n1), c1, n1, name="chunk.end")
-                for fn, values, _ in pending:
-                    b.call(fn, [*values, c0, c1])
-        for fn, values in after:
-            b.call(fn, [*values, n0, n1])
+                for fn, args, _ in pending:
+                    b.call(fn, [*self._values(args), c0, c1])
+        for fn, args in after:
+            b.call(fn, [*self._values(args), n0, n1])
 
 
 def build_module(g: nx.DiGraph, vector_width: int,

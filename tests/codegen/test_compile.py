@@ -62,6 +62,23 @@ def test_each_kernel_is_declared_as_its_body_defines_it(stem):
         assert module.get_global(source.name).ftype == entry.get_global(source.name).ftype, source.name
 
 
+@pytest.mark.parametrize("stem", ["lenet5", "mnist_modern", "resnet_tiny"])
+def test_a_training_steps_calls_take_pointers_computed_beside_them(stem):
+    """Every pointer a kernel call of a training step takes (activations, parameters, their gradients, batchnorm's
+    sums) is computed in the call's own block: one computed before a chunk loop would be live across every call
+    in it, and the register allocator's work grew with the square of a chain's length (2000 relus: 1.4 s of it)."""
+    path = LENET.parent / f"{stem}.cnn"
+    entry = build_module(optimize(check_source(path.read_text(), str(path), Diagnostics())),
+                         host_target().vector_width)[0][0]
+    steps = [fn for fn in entry.functions if fn.name.startswith("step_") and fn.blocks]
+    calls = [(ins, block) for fn in steps for block in fn.blocks for ins in block.instructions
+             if isinstance(ins, ir.CallInstr)]
+    assert len(calls) > 10
+    far = [(ins.callee.name, op) for ins, block in calls for op in ins.args
+           if isinstance(op, ir.Instruction) and not isinstance(op, ir.PhiInstr) and op.parent is not block]
+    assert not far  # (the chunk loops' counters, phis, are the only values from other blocks)
+
+
 def test_a_kernels_signature_is_its_own_not_a_helpers_declared_first():
     def emit_with_helper(module, name, spec, width):
         _, hb, _ = emit.kernel(module, f"{name}.helper", ["x"])
