@@ -112,13 +112,15 @@ def _before() -> None:
 def _defer_signals() -> None:
     """A handler that raised in the fork's wait (Ctrl-C) would end the wait, not the fork: the hook's exception
     is only printed, the fork goes ahead mid-compile and the interrupt is lost. Its signal is kept instead."""
+    global _caught
     if threading.current_thread() is not threading.main_thread():  # (only the main thread runs handlers)
         return
+    caught = _caught = []  # (a list of this wait's own: the last wait's deliverer may still be reading its list)
     for number in signal.valid_signals():
         handler = signal.getsignal(number)
         if callable(handler):
             _handlers[number] = handler
-            signal.signal(number, lambda n, frame: _caught.append(n))
+            signal.signal(number, lambda n, frame: caught.append(n))
 
 
 def _restore_signals(deliver: bool) -> None:
@@ -129,12 +131,10 @@ def _restore_signals(deliver: bool) -> None:
     the recorder left as SIGINT's handler for good). In a child the forking thread is the main thread."""
     if threading.current_thread() is not threading.main_thread():
         return
+    if deliver and _handlers:  # (started while the recorders are still set: a Ctrl-C during the start is kept
+        threading.Thread(target=_deliver, args=(_caught,), daemon=True).start()  # too, not raised in the hook)
     while _handlers:
         signal.signal(*_handlers.popitem())
-    caught = list(dict.fromkeys(_caught))
-    _caught.clear()
-    if deliver and caught:
-        threading.Thread(target=_deliver, args=(caught,), daemon=True).start()
 
 
 def _deliver(caught: list[int]) -> None:
@@ -142,7 +142,7 @@ def _deliver(caught: list[int]) -> None:
     handler's exception would be printed and lost again."""
     while _in_hook:
         time.sleep(0.0005)
-    for number in caught:
+    for number in dict.fromkeys(caught):
         signal.pthread_kill(threading.main_thread().ident, number)  # (a real signal wakes a sleep)
 
 
@@ -159,9 +159,11 @@ def _after_in_parent() -> None:
     global _in_hook
     if threading.get_ident() not in _internal:
         _in_hook = True
-        _release()
-        _restore_signals(deliver=True)
-        _in_hook = False  # (the last statement: no call after it, where a handler could run)
+        try:
+            _release()
+            _restore_signals(deliver=True)
+        finally:  # (a signal just after the handlers are back may raise in here: the deliverer must not wait on)
+            _in_hook = False
 
 
 def _after_in_child() -> None:

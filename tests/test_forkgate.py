@@ -269,3 +269,41 @@ def test_a_fork_while_the_first_compile_loads_logging_gives_a_child_that_compile
         """, timeout=120)
     assert got.returncode == 0, got.stderr
     assert got.stdout.split() == ["child", "0"], got.stdout + got.stderr
+
+
+def test_ctrl_c_again_as_the_fork_returns_loses_neither_interrupt():
+    # the kept Ctrl-C's deliverer was started after the handlers were back: a second Ctrl-C during its start
+    # raised inside the after-fork hook (printed, lost) and left the deliverer waiting on for ever (the first lost)
+    got = run_script("""
+        import os, signal, threading, time
+        from cnnc import forkgate
+        start = threading.Thread.start
+        def start_with_ctrl_c(self):
+            if getattr(self, "_target", None) is forkgate._deliver:
+                signal.raise_signal(signal.SIGINT)  # (a second Ctrl-C, as the deliverer starts)
+            start(self)
+        threading.Thread.start = start_with_ctrl_c
+        inside = threading.Event()
+        def compile_then_ctrl_c_while_the_fork_waits():
+            with forkgate.compiling():
+                inside.set()
+                while not forkgate._forking:
+                    time.sleep(0.001)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+        t = threading.Thread(target=compile_then_ctrl_c_while_the_fork_waits)
+        t.start()
+        inside.wait(10)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            time.sleep(5)
+            print("no interrupt")
+        except KeyboardInterrupt:
+            print("interrupted")
+        t.join()
+        """, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split() == ["interrupted"], got.stdout + got.stderr
+    assert "Exception ignored" not in got.stderr, got.stderr
