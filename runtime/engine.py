@@ -79,7 +79,8 @@ class SplitChoice:
 
     Sharing an image pays only while both cores are free: on a busy machine
     each barrier waits for a descheduled thread, and one thread is faster. So
-    both ways are timed (wall seconds per image, a moving average); the faster
+    both ways are timed (wall seconds per image, the median of the last
+    ``KEEP`` calls each way: one preempted call does not flip it); the faster
     runs, and every ``PROBE``-th call tries the other, so a change of load is
     followed within a few calls. A shared call that had to start the pool's
     server first (``Pool.run_served``: it leaves when idle, so a probe after a
@@ -87,19 +88,27 @@ class SplitChoice:
     the server took it: the start is paid once by a run of shared calls, and
     timing it made every probe lose (measured on a loaded machine: a probe
     took 1.5x a shared call in a run, at the 5th percentile), so one thread
-    kept running once chosen. Calls from several threads may race on the
-    averages: the cost is a slightly worse choice, never a wrong result.
+    kept running once chosen. A probe is ``BURST`` calls the other way, of
+    which only the last is timed: a core that has idled meanwhile finds its
+    cache cold (on a VM, another guest may have had its core), and on an idle
+    machine single probes of sharing lost to one thread (ResNet-20 at batch
+    1: 38 of 600 calls shared, median 501 us, where shared calls in a row took
+    305-346 us and one thread 428-476). Calls from several threads may race
+    on the averages: the cost is a slightly worse choice, never a wrong result.
     """
 
     PROBE = 16
-    WEIGHT = 0.25  # of the newest sample in the average
+    BURST = 2  # calls a probe makes the other way: the first warms the other core and is not timed
+    KEEP = 5  # calls timed each way whose median is that way's time
 
     def __init__(self, fixed: bool | None = None) -> None:
         """`fixed`: always that way (True: shared), unmeasured; tests pin the path they check."""
         self.fixed = fixed
-        self.seconds: dict[bool, float | None] = {True: None, False: None}
+        self.times: dict[bool, list[float]] = {True: [], False: []}  # the last KEEP calls' seconds each way
+        self.seconds: dict[bool, float | None] = {True: None, False: None}  # their medians
         self.calls = 0
         self.ran = {True: 0, False: 0}  # calls timed each way (benchmarks report the share)
+        self.warming = False  # the call running now warms a probe up: not timed
 
     def shared(self) -> bool:
         """Whether the next small batch should run on all threads."""
@@ -109,13 +118,19 @@ class SplitChoice:
         if self.seconds[True] is None or self.seconds[False] is None:  # each way once first
             return self.seconds[True] is None
         best = self.seconds[True] <= self.seconds[False]
-        return best if self.calls % self.PROBE else not best
+        left = -self.calls % self.PROBE  # calls to the end of this probe period (0: the probe's timed call)
+        self.warming = 0 < left < self.BURST
+        return not best if left < self.BURST else best
 
     def record(self, shared: bool, seconds: float) -> None:
         """A call's wall seconds per image (a shared call's without its wait for a server to start)."""
         self.ran[shared] += 1
-        old = self.seconds[shared]
-        self.seconds[shared] = seconds if old is None else old + self.WEIGHT * (seconds - old)
+        if self.warming:
+            return
+        times = self.times[shared]
+        times.append(seconds)
+        del times[:-self.KEEP]
+        self.seconds[shared] = float(np.median(times))
 
 
 ALIGN_BYTES = 64
