@@ -130,7 +130,8 @@ class SplitChoice:
         times = self.times[shared]
         times.append(seconds)
         del times[:-self.KEEP]
-        self.seconds[shared] = float(np.median(times))
+        ordered, half = sorted(times), len(times) // 2  # (np.median costs ~10 us a call; this, under 1)
+        self.seconds[shared] = ordered[half] if len(times) % 2 else (ordered[half - 1] + ordered[half]) / 2
 
 
 ALIGN_BYTES = 64
