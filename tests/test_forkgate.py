@@ -133,8 +133,9 @@ def test_children_forked_while_another_thread_compiles_compile_and_run():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
-def test_ctrl_c_while_a_fork_waits_for_a_compile_is_raised_after_the_fork_not_instead_of_the_wait():
-    got = run_script("""
+# A script's start: a thread in a compile presses Ctrl-C once the main thread's fork waits for it, and ends the
+# compile 0.3 s later (`ended` holds when); the script forks next.
+CTRL_C_WHILE_THE_FORK_WAITS = """
         import os, signal, threading, time
         from cnnc import forkgate
         inside, ended = threading.Event(), []
@@ -149,6 +150,10 @@ def test_ctrl_c_while_a_fork_waits_for_a_compile_is_raised_after_the_fork_not_in
         t = threading.Thread(target=compile_then_ctrl_c_while_the_fork_waits)
         t.start()
         inside.wait(10)
+"""
+
+def test_ctrl_c_while_a_fork_waits_for_a_compile_is_raised_after_the_fork_not_instead_of_the_wait():
+    got = run_script(CTRL_C_WHILE_THE_FORK_WAITS + """
         try:
             pid = os.fork()
             if pid == 0:
@@ -275,7 +280,7 @@ def test_ctrl_c_again_as_the_fork_returns_loses_neither_interrupt():
     # the kept Ctrl-C's deliverer was started after the handlers were back: a second Ctrl-C during its start
     # raised inside the after-fork hook (printed, lost) and left the deliverer waiting on for ever (the first lost)
     got = run_script("""
-        import os, signal, threading, time
+        import threading
         from cnnc import forkgate
         start = threading.Thread.start
         def start_with_ctrl_c(self):
@@ -283,17 +288,7 @@ def test_ctrl_c_again_as_the_fork_returns_loses_neither_interrupt():
                 signal.raise_signal(signal.SIGINT)  # (a second Ctrl-C, as the deliverer starts)
             start(self)
         threading.Thread.start = start_with_ctrl_c
-        inside = threading.Event()
-        def compile_then_ctrl_c_while_the_fork_waits():
-            with forkgate.compiling():
-                inside.set()
-                while not forkgate._forking:
-                    time.sleep(0.001)
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.2)
-        t = threading.Thread(target=compile_then_ctrl_c_while_the_fork_waits)
-        t.start()
-        inside.wait(10)
+        """ + CTRL_C_WHILE_THE_FORK_WAITS + """
         try:
             pid = os.fork()
             if pid == 0:

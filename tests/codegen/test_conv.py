@@ -286,14 +286,7 @@ def test_conv_kernels(jit, spec: ConvSpec) -> None:
     ws = workspace(s, jit.vw)
     jit("bwd_weights", x_buf, dy_buf, dw, db, ws, N0, N1)
     check_guard(ws, s, jit.vw)
-    dw_ref, db_ref = conv_weights_ref(xr, dyr, s)
-    mask = np.broadcast_to(connect_mask(s)[:, :, None, None], dw.shape)
-    scale = max(1.0, float(np.abs(dw_ref).max()))
-    np.testing.assert_allclose(dw[mask], (dw0 + dw_ref)[mask], rtol=1e-5, atol=1e-5 * scale)
-    np.testing.assert_array_equal(dw[~mask], dw0[~mask])
-    if db is not None:
-        scale = max(1.0, float(np.abs(db_ref).max()))
-        np.testing.assert_allclose(db, db0 + db_ref, rtol=1e-5, atol=1e-5 * scale)
+    assert_weight_gradient_added(dw, db, dw0, db0, xr, dyr, s)
 
 
 @pytest.mark.parametrize("case", ["lenet_c3", "wide_connect_17"])
@@ -317,12 +310,7 @@ def test_weight_gradient_with_images_in_lanes(jit, case: str) -> None:
     ws = workspace(s, jit.vw)
     jit("bwd_weights", x_buf, dy_buf, dw, db, ws, 1, n + 1)
     check_guard(ws, s, jit.vw)
-    dw_ref, db_ref = conv_weights_ref(xr, dyr, s)
-    mask = np.broadcast_to(connect_mask(s)[:, :, None, None], dw.shape)
-    scale = max(1.0, float(np.abs(dw_ref).max()))
-    np.testing.assert_allclose(dw[mask], (dw0 + dw_ref)[mask], rtol=1e-5, atol=1e-5 * scale)
-    np.testing.assert_array_equal(dw[~mask], dw0[~mask])
-    np.testing.assert_allclose(db, db0 + db_ref, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(db_ref).max())))
+    assert_weight_gradient_added(dw, db, dw0, db0, xr, dyr, s)
 
 
 # 27 output positions: every vector width down to scalars goes through the activation
@@ -677,3 +665,16 @@ def test_reference_gradients_finite_difference(spec: ConvSpec) -> None:
     np.testing.assert_allclose(dw_ref, numeric(lambda: loss(x, w, b), w) * connect_mask(s)[:, :, None, None],
                                rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(db_ref, numeric(lambda: loss(x, w, b), b), rtol=1e-6, atol=1e-8)
+
+
+def assert_weight_gradient_added(dw, db, dw0, db0, xr, dyr, s) -> None:
+    """dW and db (None: no bias) hold their start values plus the float64 reference's gradients (tolerance 1e-5
+    relative to the largest), and the weights outside a connect table are untouched."""
+    dw_ref, db_ref = conv_weights_ref(xr, dyr, s)
+    mask = np.broadcast_to(connect_mask(s)[:, :, None, None], dw.shape)
+    scale = max(1.0, float(np.abs(dw_ref).max()))
+    np.testing.assert_allclose(dw[mask], (dw0 + dw_ref)[mask], rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_array_equal(dw[~mask], dw0[~mask])
+    if db is not None:
+        scale = max(1.0, float(np.abs(db_ref).max()))
+        np.testing.assert_allclose(db, db0 + db_ref, rtol=1e-5, atol=1e-5 * scale)
