@@ -61,6 +61,7 @@ scratch space for the conv kernels.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -225,12 +226,13 @@ class Builder:
         return self._kernels[key]
 
 
-class Late:
+class Late(ABC):
     """An argument of ``Entry.call`` computed from the entry's arguments where the call is emitted
     (``Entry._values``)."""
 
+    @abstractmethod
     def at(self, b: ir.IRBuilder, args: dict[str, ir.Value]) -> ir.Value:
-        raise NotImplementedError
+        """The value, emitted by `b` at the call."""
 
 
 @dataclass(frozen=True)
