@@ -96,9 +96,9 @@ def time_reductions(comm) -> list[tuple[float, float, bool, float]]:
     calls: list[tuple[float, float, bool, float]] = []
     plain = comm.sum_in_place
 
-    def timed(buf: np.ndarray, extra: np.ndarray | None = None) -> None:
+    def timed(buf: np.ndarray, extra: np.ndarray | None = None, **how) -> None:
         wall, cpu = time.perf_counter(), time.thread_time()
-        plain(buf, extra)
+        plain(buf, extra, **how)
         calls.append((time.perf_counter() - wall, time.thread_time() - cpu, buf.size > GRADIENT_MIN, wall))
 
     comm.sum_in_place = timed

@@ -87,14 +87,34 @@ class Local:
         """Rank 0's `obj` (any picklable value) on every rank."""
         return obj
 
-    def sum_in_place(self, buf: np.ndarray, extra: np.ndarray | None = None) -> None:
+    def sum_in_place(self, buf: np.ndarray, extra: np.ndarray | None = None, shard: bool = False) -> None:
         """`buf` becomes the sum of every rank's `buf` (in place), and so does `extra` (a few float64 values: a
-        step's verdict and counts), in the same collective where the ranks share a machine."""
+        step's verdict and counts), in the same collective where the ranks share a machine. With `shard`, only
+        this rank's ``update_slice`` of `buf` must be summed."""
 
     def sum_buffer(self, count: int) -> np.ndarray | None:
         """`count` float32 values that ``sum_in_place`` sums fastest (without copies), or None: any buffer will
         do. (A collective call.)"""
         return None
+
+    def update_slice(self, count: int) -> tuple[int, int] | None:
+        """This rank's part [lo, hi) of `count` float32 weights when the ranks can update the weights sharded
+        (each its part, of one copy in memory they share: ``shared_buffer``), else None. Then ``sum_in_place(buf,
+        extra, shard=True)`` of the ``sum_buffer`` sums only that part, ``meet`` orders the rest of a step, and
+        ``gather_sum`` collects the whole sum."""
+        return None
+
+    def shared_buffer(self, name: str, count: int) -> np.ndarray:
+        """`count` float32 values that every rank maps, one copy (where ``update_slice`` is not None), by `name`.
+        (A collective call, once per name and size.)"""
+        raise RuntimeError("no memory shared between ranks here (update_slice is None)")
+
+    def meet(self, values: np.ndarray | None = None) -> None:
+        """Wait until every rank has come here; `values` (a few float64) become the sum of every rank's."""
+
+    def gather_sum(self, buf: np.ndarray) -> None:
+        """After a sharded ``sum_in_place`` into the ``sum_buffer``: the whole sum into `buf`. (A collective
+        call.)"""
 
     def gather_object(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank."""
@@ -121,11 +141,16 @@ class Mpi(Local):
     def broadcast_object(self, obj: Any) -> Any:
         return self._comm.bcast(obj, root=0)
 
-    def sum_in_place(self, buf: np.ndarray, extra: np.ndarray | None = None) -> None:
+    def sum_in_place(self, buf: np.ndarray, extra: np.ndarray | None = None, shard: bool = False) -> None:
         riding = extra is not None and extra.size <= EXTRA and extra.dtype == np.float64 and extra.flags.c_contiguous
+        if shard and not riding:
+            raise ValueError(f"a sharded sum takes at most {EXTRA} contiguous float64 values along")
         if (self.node_sum is not None and buf.nbytes >= MIN_BYTES and buf.dtype in (np.float32, np.float64)
                 and buf.flags.c_contiguous):
-            self.node_sum.sum_in_place(buf, extra if riding else None)
+            self.node_sum.sum_in_place(buf, extra if riding else None, shard)
+        elif shard:
+            raise ValueError("a sharded sum needs the ranks on one machine and a buffer of at least "
+                             f"{MIN_BYTES} bytes (update_slice says when)")
         else:
             self._comm.Allreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM)
             riding = False
@@ -134,6 +159,30 @@ class Mpi(Local):
 
     def sum_buffer(self, count: int) -> np.ndarray | None:
         return self.node_sum.segment(count, np.float32) if self.node_sum is not None else None
+
+    def update_slice(self, count: int) -> tuple[int, int] | None:
+        if self.node_sum is None or 4 * count < MIN_BYTES:
+            return None
+        return self.node_sum.slice(count, np.float32)
+
+    def shared_buffer(self, name: str, count: int) -> np.ndarray:
+        if self.node_sum is None:
+            return super().shared_buffer(name, count)
+        return self.node_sum.shared(name, count, np.float32)
+
+    def meet(self, values: np.ndarray | None = None) -> None:
+        if self.node_sum is not None:
+            self.node_sum.meet(values)
+            return
+        if values is None:
+            self._comm.Barrier()
+        else:
+            self._comm.Allreduce(self._mpi.IN_PLACE, values, op=self._mpi.SUM)
+
+    def gather_sum(self, buf: np.ndarray) -> None:
+        if self.node_sum is None:
+            raise RuntimeError("no sharded sum here (update_slice is None)")
+        self.node_sum.gather_sum(buf)
 
     def gather_object(self, obj: Any) -> list[Any]:
         return self._comm.allgather(obj)

@@ -28,6 +28,11 @@ step synchronizes the ranks once, not once per buffer. Measured
 between two ranks under load, the sum of the CIFAR-style net's gradient then
 took 150-200 us against 0.9 ms for MPI's all-reduce. The window's memory is made visible across ranks by ``Win.Sync``
 around each barrier (the unified memory model of shared windows).
+
+A sharded update (``cnnc_runtime.steploop``: each rank updates its slice of the weights, which live in one
+copy that the ranks share, ``shared``) needs only the rank's own slice of the sum: ``sum_in_place(...,
+shard=True)`` skips the copies into the other segments and the second barrier, and ``meet`` is the bare
+barrier (with values riding along) that orders the rest of such a step.
 """
 
 from __future__ import annotations
@@ -53,11 +58,17 @@ class NodeSum:
         self.rank, self.size = self._node.Get_rank(), self._node.Get_size()
         self._windows: dict[tuple[int, str], tuple[Any, list[np.ndarray], list[np.ndarray]]] = {}
         self._counts: list[np.ndarray] = []  # each rank's arrivals at a barrier (``_barrier``), a line each
+        # each rank's values riding with a ``meet``: two lines, used by turns (a peer past one meet may write its
+        # next values before this rank has read the last ones)
+        self._meets: list[np.ndarray] = []
+        self._shared: dict[tuple[str, int, str], tuple[Any, np.ndarray]] = {}
         if self.usable and self.size > 1:
-            self._count_win = mpi.Win.Allocate_shared(LINE, 8, comm=self._node)
+            self._count_win = mpi.Win.Allocate_shared(3 * LINE, 8, comm=self._node)
             self._count_win.Lock_all(mpi.MODE_NOCHECK)
-            self._counts = [np.frombuffer(self._count_win.Shared_query(r)[0], dtype=np.int64, count=1)
-                            for r in range(self.size)]
+            lines = [self._count_win.Shared_query(r)[0] for r in range(self.size)]
+            self._counts = [np.frombuffer(memory, dtype=np.int64, count=1) for memory in lines]
+            self._meets = [np.frombuffer(memory, dtype=np.float64, count=2 * EXTRA, offset=LINE).reshape(2, EXTRA)
+                           for memory in lines]
             self._counts[self.rank][0] = 0
             self._node.Barrier()  # (every count is zero before any rank counts)
 
@@ -83,40 +94,96 @@ class NodeSum:
         """This rank's segment: a buffer that ``sum_in_place`` sums without copies."""
         return self.segments(count, dtype)[self.rank]
 
-    def sum_in_place(self, buf: np.ndarray, extra: np.ndarray | None = None) -> None:
+    def sum_in_place(self, buf: np.ndarray, extra: np.ndarray | None = None, shard: bool = False) -> None:
         """`buf` (contiguous, float32 or float64) becomes the sum of every rank's `buf`, without copies when it
-        is this rank's segment; so does `extra` (at most ``EXTRA`` float64 values), in the same two barriers."""
+        is this rank's segment; so does `extra` (at most ``EXTRA`` float64 values), in the same two barriers.
+
+        With `shard` (`buf` must be this rank's segment) only this rank's ``slice`` of `buf` becomes the sum, after
+        one barrier: the rest keeps this rank's values, and its peers read them until this rank's next ``meet``
+        (``gather_sum`` then collects the whole sum).
+        """
         mine = self.segment(buf.size, buf.dtype)
         if buf.ctypes.data == mine.ctypes.data:
-            self._sum(buf.size, buf.dtype, extra)
+            self._sum(buf.size, buf.dtype, extra, shard)
             return
+        if shard:
+            raise ValueError("a sharded sum sums this rank's segment in place (``segment``)")
         np.copyto(mine, buf.reshape(-1))
         self._sum(buf.size, buf.dtype, extra)
         np.copyto(buf.reshape(-1), mine)
 
-    def _sum(self, count: int, dtype: np.dtype, extra: np.ndarray | None) -> None:
-        """Every rank's segment of `count` values of `dtype` becomes the sum of all of them, and `extra` the sum
-        of every rank's `extra` (in rank order: the same bits on every rank)."""
+    def slice(self, count: int, dtype: np.dtype, rank: int | None = None) -> tuple[int, int]:
+        """Rank `rank`'s (default: this rank's) part [lo, hi) of a sum of `count` values of `dtype`: the parts
+        are cut at cache lines, so no line is written by two ranks."""
+        rank = self.rank if rank is None else rank
+        per_line = LINE // np.dtype(dtype).itemsize
+        lo, hi = ((min(count, r * count // self.size // per_line * per_line) if r < self.size else count)
+                  for r in (rank, rank + 1))
+        return lo, hi
+
+    def _sum(self, count: int, dtype: np.dtype, extra: np.ndarray | None, shard: bool = False) -> None:
+        """Every rank's segment of `count` values of `dtype` becomes the sum of all of them (with `shard`: only
+        this rank's slice of its own), and `extra` the sum of every rank's `extra` (in rank order: the same bits
+        on every rank)."""
         self.segments(count, dtype)
         win, segs, tails = self._windows[(count, np.dtype(dtype).str)]
         k = 0 if extra is None else extra.size
         if k:
             tails[self.rank][:k] = extra
-        per_line = LINE // np.dtype(dtype).itemsize  # (slices cut at cache lines: no line written by two ranks)
-        lo, hi = ((min(count, r * count // self.size // per_line * per_line) if r < self.size else count)
-                  for r in (self.rank, self.rank + 1))
+        lo, hi = self.slice(count, dtype)
         self._barrier(win)  # every segment is written
-        if k:  # (read before the second barrier: after it a peer may write its next values)
+        if k:  # (read before the second barrier, or the next meet: after it a peer may write its next values)
             total = tails[0][:k].copy()
             for tail in tails[1:]:
                 total += tail[:k]
             extra[...] = total
-        first = segs[0][lo:hi]
+        out = segs[self.rank if shard else 0][lo:hi]  # (the sum in rank order, whichever segment holds it)
+        np.add(segs[0][lo:hi], segs[1][lo:hi], out=out)
+        for seg in segs[2:]:
+            np.add(out, seg[lo:hi], out=out)
+        if shard:
+            return
         for seg in segs[1:]:
-            np.add(first, seg[lo:hi], out=first)
-        for seg in segs[1:]:
-            np.copyto(seg[lo:hi], first)
+            np.copyto(seg[lo:hi], out)
         self._barrier(win)  # every slice is summed into every segment
+
+    def gather_sum(self, buf: np.ndarray) -> None:
+        """After a sharded ``sum_in_place`` and before this rank's next ``meet``: the whole sum into `buf` (each
+        rank's slice from its segment), then a barrier (no peer writes its segment before every rank has read it)."""
+        segs = self.segments(buf.size, buf.dtype)
+        for r, seg in enumerate(segs):
+            lo, hi = self.slice(buf.size, buf.dtype, r)
+            np.copyto(buf.reshape(-1)[lo:hi], seg[lo:hi])
+        self.meet()
+
+    def meet(self, values: np.ndarray | None = None) -> None:
+        """Wait until every rank has come here (every rank's writes to shared memory before it are seen after it);
+        `values` (at most ``EXTRA`` float64 values) become the sum of every rank's, in rank order."""
+        if not self._counts:  # (one rank)
+            return
+        turn = int(self._counts[self.rank][0]) % 2  # (this barrier's line of values: see ``__init__``)
+        k = 0 if values is None else values.size
+        if k:
+            self._meets[self.rank][turn, :k] = values
+        self._barrier(self._count_win)
+        if k:
+            total = self._meets[0][turn, :k].copy()
+            for line in self._meets[1:]:
+                total += line[turn, :k]
+            values[...] = total
+
+    def shared(self, name: str, count: int, dtype: np.dtype) -> np.ndarray:
+        """One buffer of `count` values of `dtype` that every rank of the node maps (a single copy: what a rank
+        writes, the others read after a barrier), by `name` (a collective call: made once per name and size, and
+        kept). Its contents start undefined."""
+        key = (name, count, np.dtype(dtype).str)
+        if key not in self._shared:
+            item = np.dtype(dtype).itemsize
+            size = -(-count * item // LINE) * LINE if self.rank == 0 else 0
+            win = self._mpi.Win.Allocate_shared(size, item, comm=self._node)
+            memory, _ = win.Shared_query(0)
+            self._shared[key] = (win, np.frombuffer(memory, dtype=dtype, count=count))
+        return self._shared[key][1]
 
     def _barrier(self, win: Any) -> None:
         """Wait until every rank has come here; every rank's writes to `win` before it are seen after it.

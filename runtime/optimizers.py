@@ -148,6 +148,10 @@ class Optimizer:
         cannot take them."""
         return self._native_pointers(params, grads, self._prepare(params, grads, mask))
 
+    def state_buffers(self) -> list[np.ndarray]:
+        """The state a native update changes, in ``buffers`` order (what ``native_buffers`` points to)."""
+        return [self._state[b] for b in self.buffers]
+
     def _update(self, params: np.ndarray, grads: np.ndarray, mask: np.ndarray) -> None:
         """The rule in numpy: change `params` and the state in place."""
         constants = dict(zip(self.constant_names, (np.float32(c) for c in self.constants())))

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from cnnc_runtime.parallel import shared_pool
+from cnnc_runtime.parallel import shared_pool, split
+from cnnc_runtime.sharded import SharedWeights
 
 FIELDS = (
     "steps", "batch", "threads", "shards", "shard_ranges", "thread_shards", "thread_params",
@@ -39,7 +40,7 @@ FIELDS = (
     "pad", "flip", "fill", "jitter", "sigma", "scale", "smooth",
     "decay", "decay2", "decay_mask", "penalty",
     "update", "opt_mask", "s1", "s2", "hyper",
-    "good", "barrier", "bad", "failed", "image0", "reduce",
+    "good", "barrier", "bad", "failed", "image0", "reduce", "thread_update", "meet",
 )
 FIELD = {name: i for i, name in enumerate(FIELDS)}
 SEEDS = ("dropout", "noise", "shift")  # each step's three seeds, in this order (int64)
@@ -101,6 +102,14 @@ class NativeRun:
     and whether any rank was interrupted. One synchronization a step, none
     between runs. An exception in it (a failed collective, a second Ctrl-C)
     ends the run and is raised by ``run``.
+
+    Where the ranks share a machine (``comm.update_slice``), the update is
+    sharded (``cnnc_runtime.sharded``): the run works on one shared copy of the
+    weights, of ``good`` and of the optimizer's state, each rank summing,
+    checking and updating only its part, and ``meet`` (a second callback)
+    joins the ranks' verdicts before the update and orders the update before
+    the next step. Python must call ``settle`` before it uses the model's
+    weights, ``good`` or the optimizer's state after a run.
     """
 
     def __init__(self, model: Any, loss: str, gather: Any, targets: np.ndarray, optimizer: Any, settings: Any,
@@ -153,6 +162,13 @@ class NativeRun:
         self._summed = self.comm.sum_buffer(params.size) if self.comm is not None else None
         self._grads = model.flat_grads if self._summed is None else self._summed
         self._set(reduce=ctypes.cast(self._reduce, ctypes.c_void_p).value if self._reduce else 0)
+        part = self.comm.update_slice(params.size) if self._summed is not None else None
+        self.shared = SharedWeights(self.comm, params.size, *part) if part is not None else None
+        self._meet = REDUCE(self._meet_ranks) if self.shared is not None else None
+        self._set(meet=ctypes.cast(self._meet, ctypes.c_void_p).value if self._meet else 0)
+        self._verdict = np.zeros(2, dtype=np.float64)  # what a sharded step's ranks add up before the update
+        self._penalties = np.zeros(max_steps, dtype=np.float64)  # (their penalties, summed over the ranks)
+        self.good = good.reshape(-1)[:params.size]
         self.lam = lam
         self._layouts: dict[int, tuple] = {}
 
@@ -170,6 +186,12 @@ class NativeRun:
             got = self.model.run_layout(m, image0, whole)
             if self._summed is not None:
                 got[4][0] = self._summed.ctypes.data  # (the first shard's gradient: the one the ranks sum)
+            update = got[3].copy()  # each thread's slice of the weights it checks and updates
+            if self.shared is not None:  # (of this rank's part, in a sharded update)
+                lo, hi = self.shared.lo, self.shared.hi
+                parts = [(lo + a, lo + b) for a, b in split(hi - lo, len(update) // 2, PARAM_GRAIN)]
+                update = np.array(parts + [(hi, hi)] * (len(update) // 2 - len(parts)), dtype=np.int64).reshape(-1)
+            got = (*got, update)
             self._layouts[key] = got
         return got
 
@@ -177,6 +199,8 @@ class NativeRun:
         """The ranks' sum of the gradient (``reduce``, called by the run's thread 0 with the other threads at a
         barrier): 0; 1 when any rank's losses were not finite; 2 when the sum failed (the exception is kept)."""
         try:
+            if self.error is not None:  # (a callback failed: the run is ending, no more collectives)
+                return 2
             tally, run = self._tally, self._step
             m = run["m"]
             first = step * m
@@ -188,12 +212,39 @@ class NativeRun:
                 (self.out[first:first + m].argmax(axis=1) == labels[first:first + m]).sum())
             tally[3] = float(self._interrupted())
             tally[4] = time.perf_counter() - run["clock"] if self.comm.is_root else 0.0
-            self.comm.sum_in_place(self._grads, tally)
+            self.comm.sum_in_place(self._grads, tally, **({"shard": True} if self.shared is not None else {}))
             self.tallies[step] = tally
             return int(tally[0] != 0)
         except BaseException as e:  # (a callback cannot raise through native code: kept, raised by run)
             self.error = e
             return 2
+
+    def _meet_ranks(self, code: int) -> int:
+        """A sharded step's meetings (``meet``, by the run's thread 0 with the others at a barrier): for code 2 s,
+        after step s's checks, every rank's verdict and penalty summed (returns 0, or 1 when any rank's checks
+        failed; 2 when the meeting failed); for 2 s + 1, after its update, a barrier."""
+        try:
+            if self.error is not None:
+                return 2
+            step, after_update = divmod(code, 2)
+            if after_update:
+                self.comm.meet()
+                return 0
+            used, verdict = self._used, self._verdict
+            verdict[0] = float(self.bad[:used + 1].any())  # (the threads' checks and the reduction's verdict)
+            verdict[1] = self.penalty.reshape(-1)[step * used:(step + 1) * used].sum()
+            self.comm.meet(verdict)
+            self._penalties[step] = verdict[1]
+            return int(verdict[0] != 0)
+        except BaseException as e:
+            self.error = e
+            return 2
+
+    def settle(self) -> None:
+        """After a sharded run, the shared weights, ``good`` and optimizer state back into the model's and the
+        optimizer's own arrays (a collective call: every rank at the same point; nothing when there is none)."""
+        if self.shared is not None:
+            self.shared.detach()
 
     def takes_optimizer(self) -> bool:
         """Whether the native update takes the optimizer's state as it is now: a callback between runs may have
@@ -230,15 +281,20 @@ class NativeRun:
             constants = optimizer.constants()
             self.hyper[s, :len(constants)] = constants
         whole = m if whole is None else whole
-        shards, ranges, thread_shards, thread_params, grads, ws = self._layout(m, image0, whole)
+        shards, ranges, thread_shards, thread_params, grads, ws, thread_update = self._layout(m, image0, whole)
         self._used = len(thread_shards) // 2
         self.bad[self._used] = 0  # (the reduction's verdict: written by it only)
         # (read every run: a callback between runs may have reset the optimizer, which then makes new state)
         update, pointers = self.model.run_update(optimizer)
         self._set(update=update, opt_mask=pointers[2], s1=pointers[3], s2=pointers[4])
+        if self.shared is not None:  # (the run's weights, good and state: the ranks' shared copies)
+            private = {"params": self.model.flat_params, "good": self.good}
+            private.update(zip(("s1", "s2"), optimizer.state_buffers()))
+            self._set(**self.shared.attach(private))
         self._set(steps=steps, batch=m, threads=len(thread_shards) // 2, shards=shards,
                   shard_ranges=ranges.ctypes.data, thread_shards=thread_shards.ctypes.data,
                   thread_params=thread_params.ctypes.data, grads=grads.ctypes.data, ws=ws.ctypes.data,
+                  thread_update=thread_update.ctypes.data,
                   failed=-1, scale=f32_bits(self.model.loss_scale(self.loss, whole)), image0=image0)
         self._step = {"m": m, "scale": self.model.loss_scale(self.loss, whole), "labels": labels,
                       "clock": time.perf_counter()}
@@ -248,13 +304,18 @@ class NativeRun:
             raise error
         failed = int(self.ctx[FIELD["failed"]])
         done = steps if failed < 0 else failed
-        if done < steps and self._summed is not None:
-            np.copyto(self.model.flat_grads, self._summed)  # (the failed step's gradient, where run promises)
+        if done < steps and self.shared is not None:  # (the failed step's gradient, where run promises)
+            self.comm.gather_sum(self.model.flat_grads)
+        elif done < steps and self._summed is not None:
+            np.copyto(self.model.flat_grads, self._summed)
         optimizer.t = t0 + done  # a failed step made no update
         optimizer.lr = lrs[min(done, steps - 1)]
         sums = self.losses[:n].reshape(steps, m).sum(axis=1, dtype=np.float64)
         used = len(thread_shards) // 2  # (the threads that ran: the code wrote penalty[s * used + t])
-        penalties = self.lam * self.penalty.reshape(-1)[:steps * used].reshape(steps, used).sum(axis=1)
+        if self.shared is not None:  # (each rank's penalty is of its part: summed over the ranks by meet)
+            penalties = self.lam * self._penalties[:steps].copy()
+        else:
+            penalties = self.lam * self.penalty.reshape(-1)[:steps * used].reshape(steps, used).sum(axis=1)
         return done, sums, self.out[:n], penalties
 
 

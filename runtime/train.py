@@ -837,6 +837,8 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
                     steps = min(run_length(image_seconds * size, native.max_steps), (n - start) // size, limit)
                     values, done, right, interrupted, image_seconds = _native_steps(
                         native, run, s, order[start:start + steps * size], size, lr_of, labels, job)
+                    if done < steps or interrupted:  # (Python reads the weights next)
+                        native.settle()
                     for value in values[:done]:  # (in order: the epoch's sum as the per-step path adds it)
                         total += value * size
                     run.step += done
@@ -846,6 +848,8 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
                         _stop_step(model, good, run, bar, values[done], b + done)
                     b, start = b + steps, start + steps * size
                 else:
+                    if native is not None:  # (the weights a sharded run left in shared memory)
+                        native.settle()
                     value, m, right, interrupted = one_step(order, b, start, bar)
                     run.step += 1
                     total += value * m
@@ -866,6 +870,8 @@ def _train_epochs(model: Engine, run: _Run, job: _Job) -> None:
                 if s.max_steps is not None and run.step >= s.max_steps:
                     run.stopped = f"reached the step limit of {s.max_steps}"
                     break
+        if native is not None:  # (every rank at the same point: the weights back from a sharded run)
+            native.settle()
         _check_update(model, good, run, bar)  # the epoch's last update, which no later step checks
         bar.close()
         run.partial = None

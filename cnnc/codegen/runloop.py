@@ -18,10 +18,19 @@ step ``s`` of the run, thread ``t``:
    barrier, each thread adds the L2 decay's gradient ``(w * mask) * 2 lam``
    (its penalty summed in float64 into ``penalty[s, t]``), and checks the
    slice's gradient and weights, and its shards' losses, for NaN and infinity;
+   these run over the thread's slice of ``thread_update`` (its slice of the
+   parameters, or of the rank's part of them in a sharded update, below);
 3. at a barrier: if any thread (or the reduction) found one, every thread returns (thread 0 writes
    ``s`` into ``failed``); else it copies its slice of the weights into ``good``
    and runs ``update_KIND`` on it with step ``s``'s constants, and a barrier
    ends the step.
+
+A sharded update (ctx's ``meet``: a function ``int64 meet(int64 code)``, called by
+thread 0 between barriers) has each rank of a data-parallel job update only its part
+of weights the ranks share: ``reduce`` sums only that part, and thread 0 calls
+``meet(2 s)`` after the checks, which returns non-zero when any rank's checks failed
+(into ``bad[threads]``), and ``meet(2 s + 1)`` after the update, so that no rank's
+next step reads weights a peer is still writing.
 
 The same kernels as the per-step path, and the reduction and the decay in
 numpy's elementwise float32 order (nothing contracted into an FMA), so the
@@ -173,8 +182,11 @@ def emit_run(module: ir.Module, loss: str | None, kinds: list[str], vw: int, gra
     bar, bad = f.ptr("barrier"), f.ptr("bad")
     null = ir.Constant(PTR, None)
     image0 = f.int("image0")
-    flags = {k: b.icmp_signed("!=", f.int(k), i64(0)) for k in ("byte", "jitter", "decay", "reduce")}
+    flags = {k: b.icmp_signed("!=", f.int(k), i64(0)) for k in ("byte", "jitter", "decay", "reduce", "meet")}
     reduce = b.inttoptr(f.int("reduce"), ir.FunctionType(I64, [I64]).as_pointer(), name="reduce.fn")
+    meet = b.inttoptr(f.int("meet"), ir.FunctionType(I64, [I64]).as_pointer(), name="meet.fn")
+    u_lo = i64_at(b, f.ptr("thread_update"), b.mul(t, i64(2)))
+    u_hi = i64_at(b, f.ptr("thread_update"), b.add(b.mul(t, i64(2)), i64(1)))
     augmenting = b.or_(b.icmp_signed("!=", f.int("pad"), i64(0)), b.icmp_signed("!=", f.int("flip"), i64(0)))
     # (in the entry block, where LLVM turns them into registers)
     loss_check, check, any_bad = b.alloca(F32, name="loss_check"), b.alloca(F32, name="check"), \
@@ -268,9 +280,9 @@ def emit_run(module: ir.Module, loss: str | None, kinds: list[str], vw: int, gra
 
     with b.if_else(flags["decay"]) as (decaying, plain):
         with decaying:
-            vector_loop(b, p_lo, p_hi, vw, lambda b, j, w: decay_and_check(b, j, w, True), name="decay")
+            vector_loop(b, u_lo, u_hi, vw, lambda b, j, w: decay_and_check(b, j, w, True), name="decay")
         with plain:
-            vector_loop(b, p_lo, p_hi, vw, lambda b, j, w: decay_and_check(b, j, w, False), name="check")
+            vector_loop(b, u_lo, u_hi, vw, lambda b, j, w: decay_and_check(b, j, w, False), name="check")
     slot = b.add(b.mul(s, threads), t)
     b.store(b.load(penalty, typ=F64), b.gep(f.ptr("penalty"), [slot], source_etype=F64, inbounds=True))
     c = b.load(check, typ=F32)
@@ -278,6 +290,11 @@ def emit_run(module: ir.Module, loss: str | None, kinds: list[str], vw: int, gra
     if timing:
         timing.pause(b)
     barrier()
+    with b.if_then(flags["meet"]):  # (a sharded update: every rank's verdict, from thread 0)
+        with b.if_then(b.icmp_signed("==", t, i64(0))):
+            with timed("wait", "all-reduce"):
+                _store_i64(b, b.call(meet, [b.mul(s, i64(2))]), bad, threads)
+        barrier()
 
     # 3. any thread's check failed: stop before the update; else keep the weights and update the slice
     b.store(i64(0), any_bad)
@@ -289,14 +306,19 @@ def emit_run(module: ir.Module, loss: str | None, kinds: list[str], vw: int, gra
     if timing:
         timing.start(b)
     good = f.ptr("good")
-    vector_loop(b, p_lo, p_hi, vw, lambda b, j, w: emit.store(b, emit.load(b, params, j, w), good, j), name="keep")
+    vector_loop(b, u_lo, u_hi, vw, lambda b, j, w: emit.store(b, emit.load(b, params, j, w), good, j), name="keep")
     hyper = emit.gep(b, f.ptr("hyper"), b.mul(s, i64(HYPER_FLOATS)))
-    update_args = [params, g0, f.ptr("opt_mask"), f.ptr("s1"), f.ptr("s2"), hyper, p_lo, p_hi]
+    update_args = [params, g0, f.ptr("opt_mask"), f.ptr("s1"), f.ptr("s2"), hyper, u_lo, u_hi]
     _dispatch(b, f.int("update"), [entry[f"update_{kind}"] for kind in kinds], update_args, "update")
     if timing:
         timing.pause(b)
         timing.open = None
     barrier()
+    with b.if_then(flags["meet"]):  # (a sharded update: every rank's part is written before any reads it)
+        with b.if_then(b.icmp_signed("==", t, i64(0))):
+            with timed("wait", "all-reduce"):
+                b.call(meet, [b.add(b.mul(s, i64(2)), i64(1))])
+        barrier()
     s.add_incoming(b.add(s, i64(1)), b.block)
     b.branch(head)
 

@@ -342,18 +342,42 @@ def test_a_checkpoint_with_float64_optimizer_state_resumes_as_the_per_step_path_
 
 class Twin(Local):
     """Rank 0 of two whose peer holds exactly what it holds: every sum doubles (what a job's ranks add up, for
-    the wiring of the ranks' sum into a run without an MPI job)."""
+    the wiring of the ranks' sum into a run without an MPI job).
+
+    `shared`: the run writes its gradient into the comm's own memory, as ranks on one machine do; "sharded": and
+    the update is sharded (``cnnc_runtime.sharded``), this rank's part being all of the weights (the peer's is
+    empty: a meet adds nothing to this rank's values).
+    """
 
     size = 2
 
-    def __init__(self, fail_at: int | None = None, shared: bool = False) -> None:
+    def __init__(self, fail_at: int | None = None, shared: bool | str = False) -> None:
         self.gradients, self.fail_at, self.shared = 0, fail_at, shared
+        self.buffers: dict[str, np.ndarray] = {}
+        self.meets = 0
 
     def sum_buffer(self, count: int) -> np.ndarray | None:
         """With `shared`: memory of its own, as ranks on one machine get (the run writes its gradient there)."""
-        return np.zeros(count, dtype=np.float32) if self.shared else None
+        if not self.shared:
+            return None
+        self.summed = np.zeros(count, dtype=np.float32)
+        return self.summed
 
-    def sum_in_place(self, buf: np.ndarray, extra: np.ndarray | None = None) -> None:
+    def update_slice(self, count: int) -> tuple[int, int] | None:
+        return (0, count) if self.shared == "sharded" else None
+
+    def shared_buffer(self, name: str, count: int) -> np.ndarray:
+        self.buffers[name] = np.full(count, np.nan, dtype=np.float32)  # (undefined until a rank writes its part)
+        return self.buffers[name]
+
+    def meet(self, values: np.ndarray | None = None) -> None:
+        self.meets += 1
+
+    def gather_sum(self, buf: np.ndarray) -> None:
+        np.copyto(buf, self.summed)
+
+    def sum_in_place(self, buf: np.ndarray, extra: np.ndarray | None = None, shard: bool = False) -> None:
+        assert not shard or self.shared == "sharded"  # (the per-step path sums it all)
         self.gradients += buf.dtype == np.float32  # (the others are float64: a run's losses)
         if self.gradients == self.fail_at:
             raise RuntimeError(f"the ranks' sum of gradient {self.gradients} failed")
@@ -365,19 +389,23 @@ class Twin(Local):
         return [obj, obj]
 
 
-@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("shared", [False, True, "sharded"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_rank_of_a_data_parallel_job_runs_natively_as_on_the_per_step_path(compiled, threads, shared,
                                                                              monkeypatch):
     """Rank 0's part of each global batch (its images' dropout and crop by their index in the whole batch, the
     loss scaled by the whole batch), the gradient summed with the peer's between the backward pass and the
-    update (in flat_grads, or in the comm's own buffer): the per-step path's weights bit for bit."""
+    update (in flat_grads, or in the comm's own buffer; or sharded, the weights, the snapshot and the optimizer's
+    state in the comm's shared buffers): the per-step path's weights bit for bit."""
     x, y = images()
     monkeypatch.setattr(steploop, "RUN_SECONDS", 60.0)  # (runs of many steps, on a loaded machine too)
-    monkeypatch.setattr(train_mod, "world", lambda: Twin(shared=shared))
+    twins: list[Twin] = []
+    monkeypatch.setattr(train_mod, "world", lambda: twins.append(Twin(shared=shared)) or twins[-1])
     runs = assert_same_training(compiled, threads, x, y, optimizer="adam", lr=0.003, crop=1, flip=True, jitter=0.2,
                                 weight_decay=0.003, batch=24)
     assert max(runs) > 1
+    # (sharded: the native runs met twice a step, and trained on the comm's shared buffers, which start NaN)
+    assert (twins[0].meets > 2 * len(runs)) == (shared == "sharded")
     monkeypatch.setattr(train_mod, "world", Local)
     alone = trained(compiled, threads, True, x, y, optimizer="adam", lr=0.003, batch=24)[0]
     monkeypatch.setattr(train_mod, "world", lambda: Twin(shared=shared))
@@ -395,7 +423,7 @@ def test_a_failing_sum_of_the_ranks_ends_the_run_and_is_raised(compiled, monkeyp
     assert any(entry.name == "_sum_ranks" for entry in e.traceback)  # (raised in the run's callback)
 
 
-@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("shared", [False, True, "sharded"])
 def test_a_rank_stops_at_a_nan_as_on_the_per_step_path(compiled, shared, monkeypatch):
     """The same step, message, weights and gradient (copied back from the comm's buffer) as the per-step path."""
     x, y = images()

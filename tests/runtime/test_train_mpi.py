@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from cnnc_runtime.data import load_dataset
+from cnnc_runtime.train import TrainingStopped
 from tests.runtime.mpijob import mpiexec_path, needs_mpi, run_command, run_job
 
 pytestmark = needs_mpi
@@ -101,23 +102,62 @@ np.save(f"weights{world().rank}.npy", m.flat_params)
 
 def test_two_ranks_run_their_steps_natively_and_train_the_weights_one_process_trains(work):
     """Without clipping (a global norm, which keeps the per-step path) each rank runs its steps natively in runs,
-    the run calling back for the ranks' sum between the backward pass and the update; L2 decay on top: still one
+    the run calling back for the ranks' sum between the backward pass and the update, and the update sharded (the
+    ranks share a machine: each updates its part of one copy of the weights); L2 decay on top: still one
     process's weights bit for bit."""
     job(work, """
+from cnnc_runtime import steploop
 from cnnc_runtime.distributed import world
 m = model()
-runs = []
+runs, sharded = [], []
 plain = m.run_steps
 m.run_steps = lambda *args: (runs.append(1), plain(*args))
+made = steploop.NativeRun.__init__
+def noted(self, *args, **kwargs):
+    made(self, *args, **kwargs)
+    sharded.append(self.shared is not None)
+steploop.NativeRun.__init__ = noted
 x, y = data()
 m.fit(x, y, epochs=2, schedule="cosine", **{**SETTINGS, "clip_norm": None, "weight_decay": 1e-3})
 assert runs, "no native run"
+assert sharded == [True], sharded
 np.save(f"native{world().rank}.npy", m.flat_params)
 """)
     rank0, rank1 = np.load(work / "native0.npy"), np.load(work / "native1.npy")
     np.testing.assert_array_equal(rank0, rank1)
     np.testing.assert_array_equal(rank0, single_process(work, epochs=2, schedule="cosine", clip_norm=None,
                                                         weight_decay=1e-3))
+
+
+def test_a_nan_stops_every_rank_where_one_process_stops(work):
+    """An update that overflows (SGD at lr 1e30) in the sharded native runs: every rank stops at the step one
+    process stops at, with its message, its weights (the snapshot from before the update, kept in the ranks'
+    shared memory) and the whole batch's gradient (gathered from the ranks' parts of the sum)."""
+    settings = {"clip_norm": None, "optimizer": "sgd", "lr": 1e30}
+    job(work, f"""
+from cnnc_runtime.distributed import world
+from cnnc_runtime.train import TrainingStopped
+m = model()
+x, y = data()
+try:
+    m.fit(x, y, epochs=2, **{{**SETTINGS, **{settings!r}}})
+    raise SystemExit("training did not stop")
+except TrainingStopped as e:
+    open(f"stop{{world().rank}}.txt", "w").write(str(e))
+np.save(f"stop_weights{{world().rank}}.npy", m.flat_params)
+np.save(f"stop_grads{{world().rank}}.npy", m.flat_grads)
+""")
+    ns: dict = {}
+    exec(PRELUDE, ns)
+    alone = ns["model"]()
+    x, y = ns["data"](work / "data.npz")
+    with pytest.raises(TrainingStopped) as stopped:
+        alone.fit(x, y, epochs=2, **{**ns["SETTINGS"], **settings})
+    assert "became" in str(stopped.value)
+    for rank in (0, 1):
+        assert (work / f"stop{rank}.txt").read_text() == str(stopped.value)
+        np.testing.assert_array_equal(np.load(work / f"stop_weights{rank}.npy"), alone.flat_params)
+        np.testing.assert_array_equal(np.load(work / f"stop_grads{rank}.npy"), alone.flat_grads)
 
 
 def test_native_runs_report_the_losses_and_accuracies_the_per_step_path_reports(work):
