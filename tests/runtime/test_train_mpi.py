@@ -100,27 +100,34 @@ np.save(f"weights{world().rank}.npy", m.flat_params)
     np.testing.assert_array_equal(rank0, single_process(work, epochs=2, schedule="cosine"))
 
 
-def test_two_ranks_run_their_steps_natively_and_train_the_weights_one_process_trains(work):
-    """Without clipping (a global norm, which keeps the per-step path) each rank runs its steps natively in runs,
-    the run calling back for the ranks' sum between the backward pass and the update, and the update sharded (the
-    ranks share a machine: each updates its part of one copy of the weights); L2 decay on top: still one
-    process's weights bit for bit."""
-    job(work, """
-from cnnc_runtime import steploop
-from cnnc_runtime.distributed import world
-m = model()
-runs, sharded = [], []
-plain = m.run_steps
-m.run_steps = lambda *args: (runs.append(1), plain(*args))
+SHARDED = """
+from cnnc_runtime import distributed, steploop
+distributed.SHARDED_MIN_BYTES = {min_bytes}  # (0: this small network's update sharded too)
+sharded = []
 made = steploop.NativeRun.__init__
 def noted(self, *args, **kwargs):
     made(self, *args, **kwargs)
     sharded.append(self.shared is not None)
 steploop.NativeRun.__init__ = noted
+"""
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_two_ranks_run_their_steps_natively_and_train_the_weights_one_process_trains(work, sharded):
+    """Without clipping (a global norm, which keeps the per-step path) each rank runs its steps natively in runs,
+    the run calling back for the ranks' sum between the backward pass and the update; with the update sharded
+    (the ranks share a machine: each updates its part of one copy of the weights) or not; L2 decay on top:
+    still one process's weights bit for bit."""
+    job(work, SHARDED.format(min_bytes=0 if sharded else "1 << 40") + """
+from cnnc_runtime.distributed import world
+m = model()
+runs = []
+plain = m.run_steps
+m.run_steps = lambda *args: (runs.append(1), plain(*args))
 x, y = data()
 m.fit(x, y, epochs=2, schedule="cosine", **{**SETTINGS, "clip_norm": None, "weight_decay": 1e-3})
 assert runs, "no native run"
-assert sharded == [True], sharded
+assert sharded == [""" + str(sharded) + """], sharded
 np.save(f"native{world().rank}.npy", m.flat_params)
 """)
     rank0, rank1 = np.load(work / "native0.npy"), np.load(work / "native1.npy")
@@ -134,7 +141,7 @@ def test_a_nan_stops_every_rank_where_one_process_stops(work):
     process stops at, with its message, its weights (the snapshot from before the update, kept in the ranks'
     shared memory) and the whole batch's gradient (gathered from the ranks' parts of the sum)."""
     settings = {"clip_norm": None, "optimizer": "sgd", "lr": 1e30}
-    job(work, f"""
+    job(work, SHARDED.format(min_bytes=0) + f"""
 from cnnc_runtime.distributed import world
 from cnnc_runtime.train import TrainingStopped
 m = model()
@@ -144,6 +151,7 @@ try:
     raise SystemExit("training did not stop")
 except TrainingStopped as e:
     open(f"stop{{world().rank}}.txt", "w").write(str(e))
+assert sharded == [True], sharded
 np.save(f"stop_weights{{world().rank}}.npy", m.flat_params)
 np.save(f"stop_grads{{world().rank}}.npy", m.flat_grads)
 """)
@@ -189,9 +197,10 @@ open(f"history{world().rank}.json", "w").write(json.dumps(seen))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("clip_norm", [0.5, None])  # (the per-step path; native runs)
-def test_resuming_under_mpi_continues_exactly(work, clip_norm):
-    job(work, f"""
+# (the per-step path; native runs; native runs with the update sharded)
+@pytest.mark.parametrize("clip_norm,sharded", [(0.5, False), (None, False), (None, True)])
+def test_resuming_under_mpi_continues_exactly(work, clip_norm, sharded):
+    job(work, SHARDED.format(min_bytes=0 if sharded else "1 << 40") + f"""
 SETTINGS["clip_norm"] = {clip_norm}
 from cnnc_runtime.distributed import world
 x, y = data()
@@ -203,6 +212,7 @@ resumed = model()
 resumed.fit(x, y, epochs=2, resume="run.ckpt", **SETTINGS)
 np.save(f"whole{{world().rank}}.npy", whole.flat_params)
 np.save(f"resumed{{world().rank}}.npy", resumed.flat_params)
+assert (sharded and all(sharded)) if {sharded} else not any(sharded), sharded
 """)
     for rank in (0, 1):
         np.testing.assert_array_equal(np.load(work / f"resumed{rank}.npy"), np.load(work / f"whole{rank}.npy"))
