@@ -118,8 +118,8 @@ class Local:
         """Wait until every rank has come here; `values` (a few float64) become the sum of every rank's."""
 
     def gather_sum(self, buf: np.ndarray) -> None:
-        """After a sharded ``sum_in_place`` into the ``sum_buffer``: the whole sum into `buf`. (A collective
-        call.)"""
+        """After a sharded ``sum_in_place`` into the ``sum_buffer`` (before any rank writes it again): the whole
+        sum into `buf`. (A collective call.)"""
 
     def gather_object(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank."""

@@ -31,8 +31,9 @@ around each barrier (the unified memory model of shared windows).
 
 A sharded update (``cnnc_runtime.steploop``: each rank updates its slice of the weights, which live in one
 copy that the ranks share, ``shared``) needs only the rank's own slice of the sum: ``sum_in_place(...,
-shard=True)`` skips the copies into the other segments and the second barrier, and ``meet`` is the bare
-barrier (with values riding along) that orders the rest of such a step.
+shard=True)`` skips the copies into the other segments and the second barrier, ``meet`` is the bare
+barrier (with values riding along) that orders the rest of such a step, and ``gather_sum`` collects the whole
+sum where a step fails.
 """
 
 from __future__ import annotations
@@ -137,6 +138,9 @@ class NodeSum:
             for tail in tails[1:]:
                 total += tail[:k]
             extra[...] = total
+        if shard and self.rank >= 2:  # (its segment is read after the first addition: summed by blocks)
+            _sum_by_blocks([seg[lo:hi] for seg in segs], segs[self.rank][lo:hi])
+            return
         out = segs[self.rank if shard else 0][lo:hi]  # (the sum in rank order, whichever segment holds it)
         np.add(segs[0][lo:hi], segs[1][lo:hi], out=out)
         for seg in segs[2:]:
@@ -148,9 +152,11 @@ class NodeSum:
         self._barrier(win)  # every slice is summed into every segment
 
     def gather_sum(self, buf: np.ndarray) -> None:
-        """After a sharded ``sum_in_place`` and before this rank's next ``meet``: the whole sum into `buf` (each
-        rank's slice from its segment), then a barrier (no peer writes its segment before every rank has read it)."""
+        """After a sharded ``sum_in_place`` (and before any rank writes its segment again): the whole sum into
+        `buf`, each rank's slice from its segment, between two barriers (every slice is summed before any rank
+        reads; every rank has read before any writes again)."""
         segs = self.segments(buf.size, buf.dtype)
+        self.meet()
         for r, seg in enumerate(segs):
             lo, hi = self.slice(buf.size, buf.dtype, r)
             np.copyto(buf.reshape(-1)[lo:hi], seg[lo:hi])
@@ -204,6 +210,19 @@ class NodeSum:
                 if polls > SPINS:
                     os.sched_yield()
         win.Sync()
+
+
+def _sum_by_blocks(parts: list[np.ndarray], out: np.ndarray, block: int = 1 << 14) -> None:
+    """`out` = ((parts[0] + parts[1]) + parts[2]) + ..., elementwise, where `out` may be one of the parts: each
+    block is summed in a scratch buffer, then written."""
+    scratch = np.empty(min(block, out.size), dtype=out.dtype)
+    for a in range(0, out.size, block):
+        b = min(a + block, out.size)
+        tmp = scratch[:b - a]
+        np.add(parts[0][a:b], parts[1][a:b], out=tmp)
+        for part in parts[2:]:
+            np.add(tmp, part[a:b], out=tmp)
+        out[a:b] = tmp
 
 
 __all__ = ["EXTRA", "MIN_BYTES", "NodeSum"]

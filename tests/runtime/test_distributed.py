@@ -139,6 +139,54 @@ def test_ranks_on_one_machine_sum_large_buffers_through_shared_memory_in_rank_or
 
 
 @needs_mpi
+def test_ranks_on_one_machine_sum_their_parts_for_a_sharded_update_and_share_one_copy(tmp_path):
+    """Three ranks, the pieces of a sharded update (``update_slice``): a sharded sum leaves the rank-order sum in
+    this rank's part of its own segment (one barrier), ``gather_sum`` collects the whole sum from the ranks'
+    parts, ``meet`` adds a few values in rank order (many meets in a row: their values never mix), and a
+    ``shared_buffer`` is one copy that every rank sees after a meet. Parts are cut at cache lines and cover the
+    buffer; small weights are not sharded."""
+    r = run_job(tmp_path, """
+        import numpy as np
+        from cnnc_runtime import distributed
+        from cnnc_runtime.distributed import world
+        comm = world()
+        n = 300_001
+        def values(rank):
+            return np.random.default_rng(rank).standard_normal(n).astype(np.float32) * 10.0 ** (3 * rank)
+        parts = [comm.node_sum.slice(n, np.float32, r) for r in range(3)]
+        assert comm.update_slice(n) == parts[comm.rank] and comm.update_slice(1000) is None
+        assert parts[0][0] == 0 and parts[-1][1] == n and all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+        assert all(lo % 16 == 0 for lo, _ in parts)
+        want = (values(0) + values(1)) + values(2)
+        own = comm.sum_buffer(n)
+        own[...] = values(comm.rank)
+        extra = np.array([comm.rank + 1.0, 0.5])
+        comm.sum_in_place(own, extra, shard=True)
+        lo, hi = parts[comm.rank]
+        seen = [bool(np.array_equal(own[lo:hi], want[lo:hi])), extra.tolist()]
+        whole = np.zeros(n, np.float32)
+        comm.gather_sum(whole)
+        seen.append(bool(np.array_equal(whole, want)))
+        meets = []
+        for i in range(50):
+            v = np.array([float(comm.rank + i), 1.0])
+            comm.meet(v)
+            meets.append(v.tolist() == [3.0 * i + 3.0, 3.0])
+        seen.append(all(meets))
+        one = comm.shared_buffer("test", n)
+        one[lo:hi] = comm.rank
+        comm.meet()
+        seen.append(one[::1000].tolist() == [float(r) for r in np.searchsorted([p[1] for p in parts],
+                                                                                 np.arange(0, n, 1000), "right")])
+        comm.meet()  # (no rank leaves, unmapping, while a peer reads)
+        open(f"rank{comm.rank}.txt", "w").write(repr(seen))
+    """, ranks=3)
+    assert r.returncode == 0, r.stderr
+    for rank in (0, 1, 2):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "[True, [6.0, 1.5], True, True, True]"
+
+
+@needs_mpi
 def test_a_few_float64_values_ride_along_with_a_sum_in_the_same_collective(tmp_path):
     """``extra`` (a step's verdict, loss and counts) is summed with the buffer, in rank order on every rank: with a
     large buffer in shared memory (no second collective: the values sit in a cache line after each segment), and
