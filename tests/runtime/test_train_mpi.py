@@ -286,11 +286,11 @@ m.fit(x, y, epochs=50, **SETTINGS)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("clip_norm", [0.5, None])
-def test_a_rank_killed_mid_training_ends_the_job(work, clip_norm):
+@pytest.mark.parametrize("clip_norm,sharded", [(0.5, False), (None, False), (None, True)])
+def test_a_rank_killed_mid_training_ends_the_job(work, clip_norm, sharded):
     """On the per-step path (clipping), or inside a native run (without), where its peer waits in the ranks' sum
-    the run called back for: the launcher ends that one too."""
-    failing_job(work, f"""
+    the run called back for (or, the update sharded, in a meeting): the launcher ends that one too."""
+    failing_job(work, SHARDED.format(min_bytes=0 if sharded else "1 << 40") + f"""
 import signal, threading
 from cnnc_runtime.distributed import world
 m = model()
