@@ -10,7 +10,8 @@ Per set-up it reports the median [min-max] of: images/s (the epoch's wall clock,
 estimate for otherwise idle cores from CPU time (compute CPU per image shared by the workers, plus the fastest
 all-reduce; for a loaded machine, where wall clocks mislead); CPU seconds per 1000 images summed over every
 process; the all-reduces' share of rank 0's epoch, the time of the gradient's fastest all-reduce and the CPU
-seconds per 1000 images spent in all-reduces (a rank waiting there for its peer included); and the share of the
+seconds per 1000 images spent in all-reduces (a rank waiting there for its peer included; with a sharded update,
+``cnnc_runtime.sharded``, its two meetings a step count with the sum: the fastest of each); and the share of the
 machine other processes used meanwhile (``run.py``'s ``CpuMeter``). Each sample's line on stderr also gives
 ``arrival_spread_ms``: the median over the steps of how much later the last rank reached the gradient's sum
 than the first (the ranks' clocks are the machine's monotonic clock: one machine only), i.e. how long the
@@ -65,11 +66,14 @@ def worker(net: str, steps: int) -> None:
     cpu = time.process_time()
     epoch = model.fit(x, y, **settings).epochs[0]
     cpu = time.process_time() - cpu
-    grads = sorted(wall for wall, _, gradient, _ in calls if gradient)
+    grads = sorted(wall for wall, _, kind, _ in calls if kind == "gradient")
+    meets = sorted(wall for wall, _, kind, _ in calls if kind == "meet")
     ranks = comm.gather_object({"cpu": cpu, "reduce_wall": sum(c[0] for c in calls),
                                 "reduce_cpu": sum(c[1] for c in calls),
-                                "fastest": grads[0] if grads else 0.0,
-                                "arrivals": [start for _, _, gradient, start in calls if gradient]})
+                                # (a step's sum and meetings at their fastest: what they cost on idle cores)
+                                "fastest": (grads[0] if grads else 0.0) + (meets[0] * len(meets) / steps if meets
+                                                                          else 0.0),
+                                "arrivals": [start for _, _, kind, start in calls if kind == "gradient"]})
     if comm.is_root:
         print(json.dumps({"images_per_second": epoch.images_per_second, "images": len(x), "steps": steps,
                           "cpu_seconds": sum(r["cpu"] for r in ranks),
@@ -87,21 +91,28 @@ def arrival_spread(arrivals) -> float:
     return float(np.median(per_step.max(axis=1) - per_step.min(axis=1)) * 1000)
 
 
-def time_reductions(comm) -> list[tuple[float, float, bool, float]]:
-    """(wall, this thread's CPU seconds, whether of the gradient, when it began) of every all-reduce from now on.
+def time_reductions(comm) -> list[tuple[float, float, str, float]]:
+    """(wall, this thread's CPU seconds, what: "gradient", "small" or "meet", when it began) of every all-reduce
+    and every meeting of a sharded update (``comm.meet``) from now on.
 
     A rank that arrives first spins until its peer comes, so under load the wall time is mostly waiting; the
-    fastest of the gradient's calls comes closest to what the all-reduce itself costs.
+    fastest of the gradient's calls (and of the meetings) comes closest to what they cost themselves.
     """
-    calls: list[tuple[float, float, bool, float]] = []
-    plain = comm.sum_in_place
+    calls: list[tuple[float, float, str, float]] = []
+    plain, meet = comm.sum_in_place, comm.meet
 
     def timed(buf: np.ndarray, extra: np.ndarray | None = None, **how) -> None:
         wall, cpu = time.perf_counter(), time.thread_time()
         plain(buf, extra, **how)
-        calls.append((time.perf_counter() - wall, time.thread_time() - cpu, buf.size > GRADIENT_MIN, wall))
+        kind = "gradient" if buf.size > GRADIENT_MIN else "small"
+        calls.append((time.perf_counter() - wall, time.thread_time() - cpu, kind, wall))
 
-    comm.sum_in_place = timed
+    def timed_meet(values: np.ndarray | None = None) -> None:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        meet(values)
+        calls.append((time.perf_counter() - wall, time.thread_time() - cpu, "meet", wall))
+
+    comm.sum_in_place, comm.meet = timed, timed_meet
     return calls
 
 
