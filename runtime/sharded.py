@@ -3,8 +3,9 @@
 Every rank of a data-parallel job holds the whole model, and without this
 each would repeat the same optimizer step over all the weights after the
 gradient's sum (the decay, the finite checks, the copy kept to undo a step,
-the update: reading and writing every weight and the optimizer's state,
-~5% of a step of the CIFAR-style net). With the ranks on one machine
+the update: reading and writing every weight and the optimizer's state:
+1.5 ms of CPU of a rank's ~34 ms step of the CIFAR-style net, measured on a
+loaded machine). With the ranks on one machine
 (``Local.update_slice``), a native run (``cnnc_runtime.steploop``) instead
 runs on weights, a snapshot and optimizer state in shared memory, and each
 rank checks and updates only its part, after summing only that part of the
