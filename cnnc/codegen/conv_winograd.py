@@ -290,15 +290,15 @@ def by_blocks(b: ir.IRBuilder, blk: Blocks, tile_rows: tuple[int, int] | None, b
 
 
 def products(b: ir.IRBuilder, p: Plane, u: ir.Value, v: ir.Value, m: ir.Value, cols: int, tiles: int,
-             xi_count: int = 16) -> None:
+             xi_count: int = 16, v_stride: int | None = None, m_stride: int | None = None) -> None:
     """The `xi_count` products M_xi = U_xi @ V_xi over `tiles` columns (rows of V and M `cols` long): tiles of
     4 rows by up to 4 vectors of columns (2 on narrower targets: 16 registers), or 8 rows by one vector where
     there are fewer (an 8x8 map's 16 tiles)."""
     vectors = max(1, min(4 if p.vw >= 16 else 2, tiles // p.vw))
     with for_range(b, 0, xi_count, name="xi") as xi:
         u_xi = Mat(emit.gep(b, u, index(b, (xi, p.m * p.c))), rs=p.c)
-        v_xi = Mat(emit.gep(b, v, index(b, (xi, p.c * cols))), rs=cols)
-        m_xi = emit.gep(b, m, index(b, (xi, p.m * cols)), name="m.xi")
+        v_xi = Mat(emit.gep(b, v, index(b, (xi, v_stride or p.c * cols))), rs=cols)
+        m_xi = emit.gep(b, m, index(b, (xi, m_stride or p.m * cols)), name="m.xi")
 
         def keep(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int, m_xi=m_xi) -> None:
             emit.store(b, value, m_xi, index(b, (r, cols), j))
