@@ -19,7 +19,7 @@ picks joined, and the output transform splits them back into rows the same
 way (ResNet's 32->32 on 16x16, 16 images, one thread: 24 us an image, 35 a row
 at a time, 27 by F(2x2)).
 Workspace (floats, after all of ``Plane.floats``): ``[V: 36 x (c x block +
-XI_PAD)][M: 36 x (o x block + XI_PAD)]``; U is always kept between calls, in
+XI_PAD)][M: 36 x (o x block + XI_PAD)]`` (``conv_winograd.xi_stride``); U is always kept between calls, in
 the caller's region (``conv_winograd.cached_weights`` with ``xi=36``).
 """
 
@@ -38,10 +38,6 @@ from cnnc.codegen.gemm import index, vector_loop
 MIN_TILE_COLS = 4  # tiles a row (16 outputs): narrower maps keep F(2x2)
 MIN_OUTPUTS = 8
 XI = 36  # elements of a 6x6 transform
-# floats between one element's rows of V (or M) and the next's beyond the rows themselves: a cache line, so that
-# the 36 streams the transforms write and read are not 4 KiB apart (c x cols floats often are a multiple of 1024:
-# 32 channels of a 16x16 map's 16 tiles and a line), which made every access wait on the stores to the others
-XI_PAD = 16
 
 G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
      (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
@@ -61,22 +57,6 @@ class Blocks(conv_winograd.Blocks):
 
     TILE = 4
     XI = XI
-
-    @property
-    def v_stride(self) -> int:
-        return self.p.c * self.cols + XI_PAD
-
-    @property
-    def m_stride(self) -> int:
-        return self.p.m * self.cols + XI_PAD
-
-    @property
-    def v_floats(self) -> int:
-        return self.XI * self.v_stride
-
-    @property
-    def m_floats(self) -> int:
-        return self.XI * self.m_stride
 
     @property
     def floats(self) -> int:
@@ -177,7 +157,7 @@ def _block(b: ir.IRBuilder, p: Plane, blk: Blocks, pad: ir.Value, u: ir.Value, w
                 _store_v(b, p, v, blk, index(b, first, tx), d, width)
 
             vector_loop(b, 0, tw, p.vw, patch, name="v4x")
-    conv_winograd.products(b, p, u, v, m, t, rows * tw, XI, blk.v_stride, blk.m_stride)
+    conv_winograd.products(b, p, u, v, m, t, rows * tw, XI)
     with for_range(b, 0, p.m, name="y4o") as oi:
         if g > 1:
             with for_range(b, 0, rows - rows % g, g, name="y4g") as r:
