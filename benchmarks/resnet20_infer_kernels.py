@@ -5,7 +5,7 @@ For each layer shape: training's forward (Winograd F(2x2) with the weights
 transformed on every call), inference's (``ConvSpec.cached``: the transformed
 weights kept between calls, F(4x4) where ``conv_winograd4.applies``), and
 inference's share of one image on two threads (``infer_split``: half the tile
-rows of a Winograd layer, else half the output channels). A row gives the best
+rows of a Winograd layer of more tiles than output channels, else half the output channels). A row gives the best
 CPU time of `repeats` samples per image; the last line sums them weighted by
 how often ResNet-20 runs each shape.
 """
@@ -27,9 +27,10 @@ from cnnc_runtime.native import NativeLibrary
 
 
 def share(spec, vw: int):
-    """Part 0 of `spec` in infer_split: half the tile rows of a Winograd layer, else half the output channels."""
+    """Part 0 of `spec` in infer_split: half the tile rows of a Winograd layer of more tiles than output channels,
+    else half the output channels."""
     tile = row_tile(spec, vw)
-    if tile and spec.oh // tile >= 2:
+    if tile and spec.oh // tile >= 2 and (spec.oh // tile) * (spec.ow // tile) > spec.o:
         return dataclasses.replace(spec, rows=(0, spec.oh // tile // 2 * tile))
     return dataclasses.replace(spec, o=spec.o // 2)
 

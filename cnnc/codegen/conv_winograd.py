@@ -53,6 +53,10 @@ MIN_CHANNELS = 16  # below this the products are too small to beat the direct co
 # ... except for output channels: 16 -> 8 on 32x32 (one thread's half of ResNet's 16 -> 16 when two threads share
 # an image): 23.3 us direct, 18.8 by Winograd (batch 1, one thread, CPU time)
 MIN_OUTPUTS = 8
+# floats from one transform element's rows of V (or M) to the next's beyond the rows themselves: a cache line, so
+# that the 16 (36) streams the transforms write and read are not 4 KiB apart (c x cols floats is a multiple of 1024
+# for 64 channels, or 32 of a 16x16 map by F(4x4)), which made every access wait on the stores to the others
+XI_PAD = 16
 BLOCK_TILES = 64  # tiles per block: V and M of a 64-channel layer are 256 KiB each (32 and 128: slower)
 
 
@@ -100,17 +104,31 @@ class Blocks:
         return aligned(self.XI * self.p.m * self.p.c)
 
     @property
+    def v_stride(self) -> int:
+        return xi_stride(self.p.c, self.cols)
+
+    @property
+    def m_stride(self) -> int:
+        return xi_stride(self.p.m, self.cols)
+
+    @property
     def v_floats(self) -> int:
-        return self.XI * self.p.c * self.cols
+        return self.XI * self.v_stride
 
     @property
     def m_floats(self) -> int:
-        return self.XI * self.p.m * self.cols
+        return self.XI * self.m_stride
 
     @property
     def floats(self) -> int:
         """Workspace after the padded plane."""
         return self.u_floats + self.v_floats + self.m_floats
+
+
+def xi_stride(rows: int, cols: int) -> int:
+    """The floats from one transform element's part of V (`rows` input channels) or M (output channels) to the
+    next's: its rows of `cols`, and ``XI_PAD``."""
+    return rows * cols + XI_PAD
 
 
 @dataclass(frozen=True)
@@ -260,7 +278,7 @@ def transform_input(b: ir.IRBuilder, p: Plane, pad: ir.Value, ty0: ir.Value, row
                 for j in range(4):
                     col = _bt(b, [d[0][j], d[1][j], d[2][j], d[3][j]])
                     for i in range(4):
-                        emit.store(b, col[i], v, index(b, (4 * i + j) * p.c * cols, first, tx))
+                        emit.store(b, col[i], v, index(b, (4 * i + j) * xi_stride(p.c, cols), first, tx))
 
             vector_loop(b, 0, tw, p.vw, patch, name="vx")
 
@@ -297,8 +315,8 @@ def products(b: ir.IRBuilder, p: Plane, u: ir.Value, v: ir.Value, m: ir.Value, c
     vectors = max(1, min(4 if p.vw >= 16 else 2, tiles // p.vw))
     with for_range(b, 0, xi_count, name="xi") as xi:
         u_xi = Mat(emit.gep(b, u, index(b, (xi, p.m * p.c))), rs=p.c)
-        v_xi = Mat(emit.gep(b, v, index(b, (xi, p.c * cols))), rs=cols)
-        m_xi = emit.gep(b, m, index(b, (xi, p.m * cols)), name="m.xi")
+        v_xi = Mat(emit.gep(b, v, index(b, (xi, xi_stride(p.c, cols)))), rs=cols)
+        m_xi = emit.gep(b, m, index(b, (xi, xi_stride(p.m, cols))), name="m.xi")
 
         def keep(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int, m_xi=m_xi) -> None:
             emit.store(b, value, m_xi, index(b, (r, cols), j))
@@ -324,7 +342,8 @@ def _block(b: ir.IRBuilder, p: Plane, blk: Blocks, pad: ir.Value, u: ir.Value, w
                 at = index(b, first, tx)
                 s = []
                 for i in range(4):
-                    s.append(_at(b, [emit.load(b, m, index(b, (4 * i + j) * p.m * t, at), width) for j in range(4)]))
+                    s.append(_at(b, [emit.load(b, m, index(b, (4 * i + j) * blk.m_stride, at), width)
+                                     for j in range(4)]))
                 cols = [_at(b, [s[0][c], s[1][c], s[2][c], s[3][c]]) for c in range(2)]  # cols[c][row]
                 for y in range(2):
                     out = index(b, out_row, y * p.ow, (tx, 2))
@@ -400,7 +419,7 @@ def _image_input(b: ir.IRBuilder, p: Plane, image: Image, x_img: ir.Value, v: ir
         for j in range(4):
             col = _bt(b, [d[0][j], d[1][j], d[2][j], d[3][j]])
             for i in range(4):
-                emit.store(b, col[i], v, index(b, (4 * i + j) * p.c * cols, (ci, cols), col0))
+                emit.store(b, col[i], v, index(b, (4 * i + j) * xi_stride(p.c, cols), (ci, cols), col0))
 
 
 def _image_output(b: ir.IRBuilder, p: Plane, m: ir.Value, cols: int, col0: ir.Value, finish: Finish) -> None:
@@ -415,7 +434,7 @@ def _image_output(b: ir.IRBuilder, p: Plane, m: ir.Value, cols: int, col0: ir.Va
 
     with for_range(b, 0, p.m, name="wi.o") as oi:
         at = index(b, (oi, cols), col0)
-        s = [_at(b, [emit.load(b, m, index(b, (4 * i + j) * p.m * cols, at), vw) for j in range(4)])
+        s = [_at(b, [emit.load(b, m, index(b, (4 * i + j) * xi_stride(p.m, cols), at), vw) for j in range(4)])
              for i in range(4)]
         cols2 = [_at(b, [s[0][c], s[1][c], s[2][c], s[3][c]]) for c in range(2)]  # cols2[x][y]
         low = _shuffle(b, cols2[0][0], cols2[1][0], list(range(2 * vw)))  # parts 0, 1

@@ -18,9 +18,9 @@ of fewer tiles than a vector (16x16 maps: 4) go ``group`` rows a vector, their
 picks joined, and the output transform splits them back into rows the same
 way (ResNet's 32->32 on 16x16, 16 images, one thread: 24 us an image, 35 a row
 at a time, 27 by F(2x2)).
-Workspace (floats, after all of ``Plane.floats``): ``[V: 36 x c x block][M:
-36 x o x block]``; U is always kept between calls, in the caller's region
-(``conv_winograd.cached_weights`` with ``xi=36``).
+Workspace (floats, after all of ``Plane.floats``): ``[V: 36 x (c x block +
+XI_PAD)][M: 36 x (o x block + XI_PAD)]`` (``conv_winograd.xi_stride``); U is always kept between calls, in
+the caller's region (``conv_winograd.cached_weights`` with ``xi=36``).
 """
 
 from __future__ import annotations
@@ -141,12 +141,12 @@ def _block(b: ir.IRBuilder, p: Plane, blk: Blocks, pad: ir.Value, u: ir.Value, w
     """The `rows` tile rows from `ty0`: input transform, the 36 products, output transform."""
     tw, t = blk.tw, blk.cols
     v = ws
-    m = emit.gep(b, ws, XI * p.c * t, name="wino4.m")
+    m = emit.gep(b, ws, blk.v_floats, name="wino4.m")
     g = group(p, rows)
     with for_range(b, 0, p.c, name="v4c") as ci:
         if g > 1:  # g tile rows a vector
             with for_range(b, 0, rows - rows % g, g, name="v4g") as r:
-                _input_group(b, p, pad, v, t, ci, b.add(ty0, r), index(b, (ci, t), (r, tw)), g)
+                _input_group(b, p, pad, v, blk, ci, b.add(ty0, r), index(b, (ci, t), (r, tw)), g)
         for_rows = (i64(rows - rows % g), i64(rows)) if g > 1 else (i64(0), i64(rows))
         with for_range(b, *for_rows, name="v4r") as r:
             top = index(b, (ci, p.hp * p.wp), (b.add(ty0, r), 4 * p.wp))
@@ -154,21 +154,21 @@ def _block(b: ir.IRBuilder, p: Plane, blk: Blocks, pad: ir.Value, u: ir.Value, w
 
             def patch(b: ir.IRBuilder, tx: ir.Value, width: int, top=top, first=first) -> None:
                 d = [_bt(b, _patch_row(b, pad, index(b, top, i * p.wp, (tx, 4)), width), width) for i in range(6)]
-                _store_v(b, p, v, t, index(b, first, tx), d, width)
+                _store_v(b, p, v, blk, index(b, first, tx), d, width)
 
             vector_loop(b, 0, tw, p.vw, patch, name="v4x")
     conv_winograd.products(b, p, u, v, m, t, rows * tw, XI)
     with for_range(b, 0, p.m, name="y4o") as oi:
         if g > 1:
             with for_range(b, 0, rows - rows % g, g, name="y4g") as r:
-                _output_group(b, p, m, t, oi, b.add(ty0, r), index(b, (oi, t), (r, tw)), g, finish)
+                _output_group(b, p, m, blk, oi, b.add(ty0, r), index(b, (oi, t), (r, tw)), g, finish)
         for_rows = (i64(rows - rows % g), i64(rows)) if g > 1 else (i64(0), i64(rows))
         with for_range(b, *for_rows, name="y4r") as r:
             first = index(b, (oi, t), (r, tw))
             out_row = index(b, (oi, p.oh * p.ow), (b.add(ty0, r), 4 * p.ow))
 
             def block(b: ir.IRBuilder, tx: ir.Value, width: int, oi=oi, first=first, out_row=out_row) -> None:
-                cols = _output_tiles(b, p, m, t, index(b, first, tx), width)
+                cols = _output_tiles(b, p, m, blk, index(b, first, tx), width)
                 for y in range(4):
                     out = index(b, out_row, y * p.ow, (tx, 4))
                     if width == 1:
@@ -193,13 +193,13 @@ def group(p: Plane, rows: int) -> int:
     return g
 
 
-def _store_v(b: ir.IRBuilder, p: Plane, v: ir.Value, t: int, at: ir.Value, d: list[list[ir.Value]],
+def _store_v(b: ir.IRBuilder, p: Plane, v: ir.Value, blk: Blocks, at: ir.Value, d: list[list[ir.Value]],
              width: int) -> None:
     """V[xi, at ..] from the patches' rows transformed along x (`d`, 6 by 6): the transform along y, stored."""
     for j in range(6):
         col = _bt(b, [d[i][j] for i in range(6)], width)
         for i in range(6):
-            emit.store(b, col[i], v, index(b, (6 * i + j) * p.c * t, at))
+            emit.store(b, col[i], v, index(b, (6 * i + j) * blk.v_stride, at))
 
 
 def _concat(b: ir.IRBuilder, parts: list[ir.Value]) -> ir.Value:
@@ -212,7 +212,7 @@ def _concat(b: ir.IRBuilder, parts: list[ir.Value]) -> ir.Value:
     return parts[0]
 
 
-def _input_group(b: ir.IRBuilder, p: Plane, pad: ir.Value, v: ir.Value, t: int, ci: ir.Value, ty: ir.Value,
+def _input_group(b: ir.IRBuilder, p: Plane, pad: ir.Value, v: ir.Value, blk: Blocks, ci: ir.Value, ty: ir.Value,
                  first: ir.Value, g: int) -> None:
     """V of the tiles of `g` tile rows from `ty` (all of their tiles: one vector), channel `ci`."""
     tw = p.ow // 4
@@ -222,22 +222,23 @@ def _input_group(b: ir.IRBuilder, p: Plane, pad: ir.Value, v: ir.Value, t: int, 
         rows = [_patch_row(b, pad, index(b, (ci, p.hp * p.wp), (b.add(ty, i64(k)), 4 * p.wp), i * p.wp), tw)
                 for k in range(g)]
         d.append(_bt(b, [_concat(b, [row[j] for row in rows]) for j in range(6)], width))
-    _store_v(b, p, v, t, first, d, width)
+    _store_v(b, p, v, blk, first, d, width)
 
 
-def _output_tiles(b: ir.IRBuilder, p: Plane, m: ir.Value, t: int, at: ir.Value, width: int) -> list[list[ir.Value]]:
+def _output_tiles(b: ir.IRBuilder, p: Plane, m: ir.Value, blk: Blocks, at: ir.Value,
+                  width: int) -> list[list[ir.Value]]:
     """The 4x4 outputs of the tiles at columns at .. at + width - 1 of M: cols[x][y], each a vector of tiles."""
-    s = [_at(b, [emit.load(b, m, index(b, (6 * i + j) * p.m * t, at), width) for j in range(6)], width)
+    s = [_at(b, [emit.load(b, m, index(b, (6 * i + j) * blk.m_stride, at), width) for j in range(6)], width)
          for i in range(6)]
     return [_at(b, [s[i][c] for i in range(6)], width) for c in range(4)]
 
 
-def _output_group(b: ir.IRBuilder, p: Plane, m: ir.Value, t: int, oi: ir.Value, ty: ir.Value, first: ir.Value,
+def _output_group(b: ir.IRBuilder, p: Plane, m: ir.Value, blk: Blocks, oi: ir.Value, ty: ir.Value, first: ir.Value,
                   g: int, finish: Finish) -> None:
     """Channel `oi`'s outputs of the tiles of `g` tile rows from `ty`, handed to `finish` a vector at a time."""
     tw = p.ow // 4
     width = g * tw
-    cols = _output_tiles(b, p, m, t, first, width)
+    cols = _output_tiles(b, p, m, blk, first, width)
     i32 = ir.IntType(32)
     for y in range(4):
         low = _concat(b, [cols[0][y], cols[1][y]])

@@ -166,7 +166,7 @@ def _products(b: ir.IRBuilder, p: Plane, blk: GradBlocks, v: ir.Value, y: ir.Val
     nrv = max(1, min(4 if wide else 3, p.m // p.vw))
     mr = {1: 8, 2: 6}.get(nrv, 4) if wide else 4
     with for_range(b, 0, 16, name="gxi") as xi:
-        v_xi = Mat(emit.gep(b, v, index(b, (xi, p.c * blk.cols))), rs=blk.cols)
+        v_xi = Mat(emit.gep(b, v, index(b, (xi, blk.v_stride))), rs=blk.cols)
         y_xi = Mat(emit.gep(b, y, index(b, (xi, blk.y_stride))), rs=p.m)
         du_xi = emit.gep(b, du, index(b, (xi, p.c * p.m)), name="du.xi")
 

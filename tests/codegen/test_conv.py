@@ -621,8 +621,9 @@ def test_workspace_sizes() -> None:
     weights = 64 * 64 * 9  # the flipped copy for the input gradient (as large as the weight gradient's sums)
     assert conv_workspace_floats(s, 16) == 2320 + out + weights == -(-padded // 16) * 16 + out + weights
     # by Winograd, the weight gradient needs the most: the plane, dy^T, then V and Y for a block of 16 images
-    # of 4 tiles (rows a cache line longer) and the transformed gradient dU, 16 of each
-    dyt, v, y, du = 16 * 64, 16 * 64 * (64 + 16), 16 * (64 * 64 + 16), 16 * 64 * 64
+    # of 4 tiles (rows a cache line longer, and a line between the 16 elements' parts) and the transformed
+    # gradient dU, 16 of each
+    dyt, v, y, du = 16 * 64, 16 * (64 * (64 + 16) + 16), 16 * (64 * 64 + 16), 16 * 64 * 64
     assert conv_workspace_floats(dataclasses.replace(s, winograd=True), 16) == 2320 + dyt + v + y + du
     with pytest.raises(ValueError):
         conv_workspace_floats(dataclasses.replace(CASES["connect_1x1"], groups=2, o=4), 16)

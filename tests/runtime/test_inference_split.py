@@ -24,8 +24,10 @@ from cnnc_runtime.parallel import shared_pool
 from tests.reference import EXAMPLES, graph
 from tests.runtime.test_batchnorm import assert_close, batch, everything, model, randomize
 
-# Every kind of share: output channels split unevenly (33 = 17 + 16), Winograd convs split by tile rows (c2, c4 by
-# F(4x4) on 32x32 and 16x16: 16 + 16 and 8 + 8 rows of every channel), a strided 1x1 conv (im2col), a pool and
+# Every kind of share: output channels split unevenly (33 = 17 + 16), a Winograd conv split by tile rows (c2 by
+# F(4x4) on 32x32: 16 + 16 rows of every channel) and one by output channels (c4 by F(4x4) on 16x16: 16 tiles,
+# fewer than its 33 channels, so that each thread transforms the input whole and reads half the Winograd
+# weights), a strided 1x1 conv (im2col), a pool and
 # an unfolded batchnorm by channels, add and gelu by floats, concat and softmax run whole by one thread, a
 # dense layer with a batchnorm folded in; 12M multiply-adds per image, enough for infer_split.
 SPLITNET = """
