@@ -49,6 +49,7 @@ from cnnc.codegen import (
     conv_direct,
     conv_dot,
     conv_lanes,
+    conv_lanes_data,
     conv_rows,
     conv_winograd,
     conv_winograd4,
@@ -216,6 +217,7 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     dot = _dot_shifted(spec, plane)
     rows += [conv_dot.Space(dot).floats] if dot is not None else []
     rows += [conv_lanes.Space(spec, vw).floats] if _lanes(spec, plane) else []
+    rows += [conv_lanes_data.Space(spec, vw).floats] if _lanes_data(spec, back) else []
     shifted = [_forward_plane(spec, plane).pad_floats]  # (product_shifted needs no out section)
     return max(plane.floats, back.floats, weights, *wino, *rows, *shifted)
 
@@ -268,6 +270,26 @@ def _winograd_grad(spec: ConvSpec, p: Plane) -> bool:
 def _rows_backward(spec: ConvSpec, p: Plane) -> bool:
     """Whether the input gradient runs as rows of dx (``conv_rows``) rather than on the padded plane `p`."""
     return not _winograd(spec, p) and not _winograd4_data(spec, p) and conv_rows.applies(spec, p.n, p.vw)
+
+
+def _lanes_data(spec: ConvSpec, p: Plane) -> bool:
+    """Whether the input gradient runs with images in the vector lanes (``conv_lanes_data``): where it would run as
+    rows of dx (``conv_rows``) and needs at most conv_lanes_data.GAIN of that form's vector multiply-adds (LeNet's
+    C3: 0.625, its 14-column rows in vectors of 16 and every dx row stepping over whole rows of taps)."""
+    if not _rows_backward(spec, p):
+        return False
+    rows = conv_rows.Rows(spec, p.vw)
+    pairs = sum(len(cs) for _, cs in rows.pairs())
+    theirs = rows.valid_rows() * spec.kw * pairs * rows.vectors
+    return conv_lanes_data.applies(spec, p.vw, pairs, theirs)
+
+
+def images_in_lanes(emitter: str, spec: ConvSpec, vw: int) -> bool:
+    """Whether kernel `emitter` (its name) of `spec` runs `vw` images at a time: a training step then gives it
+    chunks of a multiple of `vw` images, where a smaller last group would leave lanes empty."""
+    if emitter != "emit_conv_backward_data" or spec.groups != 1 or not _Geom(spec).padded:
+        return False
+    return _lanes_data(spec, _Geom(spec).backward_plane(vw))
 
 
 def _dot_shifted(spec: ConvSpec, p: Plane) -> Plane | None:
@@ -660,6 +682,11 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
 def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args: dict, vw: int) -> None:
     spec = g.spec
     p = g.backward_plane(vw)
+    if _lanes_data(spec, p):
+        live = conv_lanes.live_pairs(g.table_pairs(), spec.c, spec.o)
+        conv_lanes_data.backward_data(b, module, name, spec, args, vw, live, g.x_stride, g.y_stride)
+        b.ret_void()
+        return
     if _rows_backward(spec, p):
         conv_rows.backward_data(b, spec, args, vw, g.x_stride, g.y_stride)
         b.ret_void()

@@ -313,6 +313,35 @@ def test_weight_gradient_with_images_in_lanes(jit, case: str) -> None:
     assert_weight_gradient_added(dw, db, dw0, db0, xr, dyr, s)
 
 
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "add"])
+@pytest.mark.parametrize("case", ["lenet_c3", "wide_connect_17", "shifted_5x5_valid"])
+def test_input_gradient_with_images_in_lanes(jit, case: str, accumulate: bool) -> None:
+    """Two whole groups of a vector's width of images (transposed through registers both ways), then three (a float
+    at a time): dx against the float64 reference, written or added, the gaps between images and the image before
+    the range untouched (which cases run in lanes at which width: test_which_input_gradients_run_in_lanes)."""
+    base = CASES[case]
+    s = dataclasses.replace(base, accumulate=accumulate, x_stride=base.c * base.h * base.w + 3)
+    emit_conv_backward_data(jit.module, "bwd_data", s, jit.vw)
+    rng = np.random.default_rng(13)
+    n = 2 * jit.vw + 3
+    x_size, y_size = s.c * s.h * s.w, s.o * s.oh * s.ow
+    dy = rng.uniform(-1, 1, (n + 1, s.o, s.oh, s.ow))
+    dy[0] = np.nan  # an image before the range, never read
+    dy_buf = arena(dy, s.y_stride, np.nan)
+    dyr = dy_buf[1:, :y_size].reshape(-1, s.o, s.oh, s.ow).astype(np.float64)
+    w = random_weights(rng, s)
+    dx0 = arena(rng.uniform(-1, 1, (n + 1, x_size)), s.x_stride, SENTINEL)
+    dx = dx0.copy()
+    ws = workspace(s, jit.vw)
+    jit("bwd_data", dy_buf, with_nan_outside_table(w, s), dx, ws, 1, n + 1)
+    check_guard(ws, s, jit.vw)
+    expected = conv_data_ref(dyr, w, s).reshape(n, x_size) + (dx0[1:, :x_size] if accumulate else 0)
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(dx[1:, :x_size], expected, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_array_equal(dx[0], dx0[0])
+    np.testing.assert_array_equal(dx[1:, x_size:], dx0[1:, x_size:])
+
+
 # 27 output positions: every vector width down to scalars goes through the activation
 ACT_SPEC = make_spec(2, 7, 9, 4, 3, 3, stride=(2, 1), pad=(1, 1, 0, 1), gap=5)
 
@@ -594,6 +623,23 @@ def test_which_weight_gradients_run_with_images_in_lanes() -> None:
     assert lanes(CASES["lenet_c1"], 8) and not lanes(CASES["lenet_c1"])
     # full vectors of output channels, padding (no border in the lanes), Winograd: not
     assert not any(lanes(CASES[n]) for n in ("wide_out_19", "3x3_same", "winograd_same", "5x5_rows_32_wide"))
+
+
+def test_which_input_gradients_run_in_lanes() -> None:
+    from cnnc.codegen.conv import _Geom, _lanes_data, images_in_lanes
+
+    def lanes(spec: ConvSpec, vw: int = 16) -> bool:
+        return _lanes_data(spec, _Geom(spec).backward_plane(vw))
+
+    # each width has a case in lanes (LeNet's C3 at 16 and 8 lanes: 9,375 vector FMAs an image where rows need 15,000)
+    assert lanes(CASES["lenet_c3"]) and lanes(CASES["lenet_c3"], 8) and lanes(CASES["shifted_5x5_valid"])
+    assert lanes(CASES["wide_connect_17"], 8) and lanes(CASES["wide_connect_17"], 4)
+    # padding (no border in the lanes), whole vectors of dx columns, Winograd: not
+    assert not any(lanes(CASES[n]) for n in ("3x3_same", "connect", "5x5_rows_32_wide", "winograd_same"))
+    # a training step gives the kernel whole groups of images; only the input gradient runs in lanes this way
+    assert images_in_lanes("emit_conv_backward_data", CASES["lenet_c3"], 16)
+    assert not images_in_lanes("emit_conv_forward", CASES["lenet_c3"], 16)
+    assert not images_in_lanes("emit_conv_backward_data", CASES["3x3_same"], 16)
 
 
 def test_which_convolutions_run_on_the_padded_image() -> None:

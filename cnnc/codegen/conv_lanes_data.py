@@ -1,0 +1,213 @@
+"""The input gradient of a small convolution with images in the vector lanes.
+
+    dx[ci, iy, ix] = sum over the o that read ci, ky, kx of w[o, ci, ky, kx] * dy[o, iy - ky, ix - kx]
+
+with ``0 <= iy - ky < oh`` and ``0 <= ix - kx < ow`` (an unpadded stride-1
+convolution). As rows of dx (``conv_rows``) LeNet-5's C3 puts its 14 columns
+in a vector of 16 and steps over every (dx row, dy row) pair for each of the
+``kw`` taps: 15,000 vector multiply-adds an image for 9,375 useful. Here a
+vector holds one value of ``vw`` images (as ``conv_lanes`` for the weight
+gradient): dy is transposed to ``dyT[o, oy, ox, lane]``, and a dx row of one
+input channel is ``w`` accumulators (in pieces of columns where the registers
+are fewer). For each output channel that reads the channel and each dy row
+that reaches the dx row (a run-time range), the row's ``kw`` weights are
+broadcast once and each dy value, loaded once, is multiplied into the ``kw``
+accumulators it reaches: only the multiply-adds that exist, each lane one
+image. The rows go to ``dxT[ci, iy, ix, lane]`` and are transposed back into
+dx. A last group of fewer than ``vw`` images is copied one float at a time.
+
+The pairs are a constant table (each input channel's run of output channels:
+where each reads dy and the weights), run by a loop, so the code holds one
+row body per column piece however large the table.
+
+Workspace (floats): ``[dyT: o x oh x ow x vw][dxT: c x h x w x vw][dx staging when dx accumulates: vw x c x h x w]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import llvmlite.ir as ir
+
+from cnnc.codegen import emit
+from cnnc.codegen.conv_direct import zero
+from cnnc.codegen.conv_lanes import MAX_FLOATS, fits
+from cnnc.codegen.emit import for_range, i64
+from cnnc.codegen.gemm import index, local, transpose, vector_loop
+from cnnc.codegen.plan import aligned
+from cnnc.codegen.specs import ConvSpec
+
+GAIN = 0.8  # used only where it needs at most this share of the vector multiply-adds of conv_rows
+
+
+@dataclass(frozen=True)
+class Space:
+    """The workspace of the input gradient of `spec` with `vw` images in the lanes."""
+
+    spec: ConvSpec
+    vw: int
+
+    @property
+    def dy_floats(self) -> int:
+        s = self.spec
+        return aligned(s.o * s.oh * s.ow * self.vw)
+
+    @property
+    def dx_floats(self) -> int:
+        s = self.spec
+        return aligned(s.c * s.h * s.w * self.vw)
+
+    @property
+    def floats(self) -> int:
+        return self.dy_floats + self.dx_floats * (2 if self.spec.accumulate else 1)
+
+    def sections(self, b: ir.IRBuilder, ws: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """(dyT, dxT, staging) in `ws`."""
+        return (ws, emit.gep(b, ws, self.dy_floats, name="dxt"),
+                emit.gep(b, ws, self.dy_floats + self.dx_floats, name="dx.stage"))
+
+
+def pieces(spec: ConvSpec, vw: int) -> list[tuple[int, int]]:
+    """dx columns [a0, a1) a pass each: accumulators, the kw broadcast weights and a dy value fit the registers."""
+    most = max(1, (32 if vw >= 16 else 16) - spec.kw - 2)
+    count = -(-spec.w // most)
+    size = -(-spec.w // count)
+    return [(a0, min(spec.w, a0 + size)) for a0 in range(0, spec.w, size)]
+
+
+def vector_fmas(spec: ConvSpec, pairs: int, vw: int) -> float:
+    """Vector multiply-adds per image for `pairs` (o, c) pairs: every lane useful."""
+    return pairs * spec.kh * spec.kw * spec.oh * spec.ow / vw
+
+
+def applies(spec: ConvSpec, vw: int, pairs: int, theirs: float) -> bool:
+    """Whether dx runs with images in the lanes: the form fits (conv_lanes.fits: unpadded, stride 1, a workspace
+    in the cache) and needs at most GAIN of `theirs` vector multiply-adds an image (conv_rows')."""
+    return (fits(spec, vw) and Space(spec, vw).floats <= MAX_FLOATS
+            and vector_fmas(spec, pairs, vw) <= GAIN * theirs)
+
+
+def _pair_table(module: ir.Module, name: str, s: Space, live: list[tuple[int, list[int]]]) -> tuple[ir.Value, ...]:
+    """Two constant i64 arrays: each input channel's first entry (and the end), and the entries, two numbers
+    each: where output channel o's dyT starts, where w[o, ci] starts."""
+    spec, vw = s.spec, s.vw
+    starts, entries = [], []
+    by_channel = dict(live)
+    for ci in range(spec.c):
+        starts.append(len(entries))
+        for o in by_channel.get(ci, []):
+            entries += [o * spec.oh * spec.ow * vw, (o * spec.c + ci) * spec.kh * spec.kw]
+    starts.append(len(entries))
+
+    def constant(suffix: str, values: list[int]) -> ir.Value:
+        ty = ir.ArrayType(emit.I64, max(1, len(values)))
+        table = ir.GlobalVariable(module, ty, name=f"{name}.{suffix}")
+        table.global_constant = True
+        table.linkage = "internal"
+        table.initializer = ir.Constant(ty, values or [0])
+        return table
+
+    return constant("starts", starts), constant("pairs", entries)
+
+
+def _at(b: ir.IRBuilder, table: ir.Value, i: ir.Value) -> ir.Value:
+    return b.load(b.gep(table, [i64(0), i], inbounds=True), typ=emit.I64)
+
+
+def fill(b: ir.IRBuilder, s: Space, ws: ir.Value, dy: ir.Value, n: ir.Value, count: ir.Value, y_stride: int) -> None:
+    """dyT of images [n, n + count) (count <= vw): a whole group through registers, a smaller one a float at a
+    time into zeroed lanes."""
+    spec, vw = s.spec, s.vw
+    dyt = s.sections(b, ws)[0]
+    cols = spec.o * spec.oh * spec.ow
+    dy0 = emit.gep(b, dy, index(b, (n, y_stride)), name="dy.group")
+    with b.if_else(b.icmp_signed("==", count, i64(vw))) as (whole, partial):
+        with whole:
+            transpose(b, dy0, vw, cols, dyt, vw, src_rs=y_stride, dst_rs=vw)
+        with partial:
+            zero(b, dyt, 0, cols * vw, vw)
+            with for_range(b, 0, count, name="di") as lane:
+                with for_range(b, 0, cols, name="dj") as j:
+                    emit.store(b, emit.load(b, dy0, index(b, (lane, y_stride), j)), dyt, index(b, (j, vw), lane))
+
+
+def product(b: ir.IRBuilder, module: ir.Module, name: str, s: Space, ws: ir.Value, w: ir.Value,
+            live: list[tuple[int, list[int]]]) -> None:
+    """``dxT[ci, iy, ix] = sum of w[o, ci, ky, kx] * dyT[o, iy - ky, ix - kx]`` over the pairs in `live` (each
+    input channel and the output channels that read it) and the taps that reach dy."""
+    spec, vw = s.spec, s.vw
+    dyt, dxt, _ = s.sections(b, ws)
+    starts, pairs = _pair_table(module, name, s, live)
+    zero_v = emit.splat(b, 0.0, vw)
+    row_floats = spec.ow * vw
+    with for_range(b, 0, spec.c, name="dc") as ci:
+        first, end = _at(b, starts, ci), _at(b, starts, b.add(ci, i64(1)))
+        with for_range(b, 0, spec.h, name="dy") as iy:
+            lo = b.select(b.icmp_signed(">", iy, i64(spec.oh - 1)), b.sub(iy, i64(spec.oh - 1)), i64(0), name="ky.lo")
+            hi = b.select(b.icmp_signed("<", iy, i64(spec.kh - 1)), b.add(iy, i64(1)), i64(spec.kh), name="ky.hi")
+            out = emit.gep(b, dxt, index(b, (ci, spec.h * spec.w * vw), (iy, spec.w * vw)))
+            for a0, a1 in pieces(spec, vw):
+                accs = [local(b, emit.vec_type(vw), zero_v) for _ in range(a0, a1)]
+                with for_range(b, first, end, 2, name="dp") as t:
+                    dy0 = emit.gep(b, dyt, _at(b, pairs, t))
+                    w0 = emit.gep(b, w, _at(b, pairs, b.add(t, i64(1))))
+                    with for_range(b, lo, hi, name="dk") as ky:
+                        row = emit.gep(b, dy0, index(b, (b.sub(iy, ky), row_floats)))
+                        taps = emit.gep(b, w0, index(b, (ky, spec.kw)))
+                        weights = [emit.broadcast(b, taps, kx, vw) for kx in range(spec.kw)]
+                        sums = [b.load(a) for a in accs]
+                        for ox in range(max(0, a0 - spec.kw + 1), min(spec.ow, a1)):
+                            value = emit.load(b, row, ox * vw, vw)
+                            for kx in range(spec.kw):
+                                if a0 <= ox + kx < a1:
+                                    sums[ox + kx - a0] = emit.fma(b, weights[kx], value, sums[ox + kx - a0])
+                        for a, v in zip(accs, sums):
+                            b.store(v, a)
+                for ix in range(a0, a1):
+                    emit.store(b, b.load(accs[ix - a0]), out, ix * vw)
+
+
+def store(b: ir.IRBuilder, s: Space, ws: ir.Value, dx: ir.Value, n: ir.Value, count: ir.Value,
+          x_stride: int) -> None:
+    """dx of images [n, n + count) (+)= dxT's lanes: a whole group transposed through registers (into the staging
+    rows first when dx accumulates), a smaller one a float at a time."""
+    spec, vw = s.spec, s.vw
+    _, dxt, stage = s.sections(b, ws)
+    cols = spec.c * spec.h * spec.w
+    dx0 = emit.gep(b, dx, index(b, (n, x_stride)), name="dx.group")
+    with b.if_else(b.icmp_signed("==", count, i64(vw))) as (whole, partial):
+        with whole:
+            if not spec.accumulate:
+                transpose(b, dxt, cols, vw, dx0, vw, src_rs=vw, dst_rs=x_stride)
+            else:
+                transpose(b, dxt, cols, vw, stage, vw, src_rs=vw, dst_rs=cols)
+                with for_range(b, 0, vw, name="da") as lane:
+                    src, dst = index(b, (lane, cols)), index(b, (lane, x_stride))
+
+                    def add(b: ir.IRBuilder, t: ir.Value, width: int, src=src, dst=dst) -> None:
+                        at = index(b, dst, t)
+                        value = b.fadd(emit.load(b, dx0, at, width), emit.load(b, stage, index(b, src, t), width))
+                        emit.store(b, value, dx0, at)
+
+                    vector_loop(b, 0, cols, vw, add, name="dv")
+        with partial:
+            with for_range(b, 0, count, name="ei") as lane:
+                with for_range(b, 0, cols, name="ej") as j:
+                    at = index(b, (lane, x_stride), j)
+                    value = emit.load(b, dxt, index(b, (j, vw), lane))
+                    if spec.accumulate:
+                        value = b.fadd(emit.load(b, dx0, at), value)
+                    emit.store(b, value, dx0, at)
+
+
+def backward_data(b: ir.IRBuilder, module: ir.Module, name: str, spec: ConvSpec, args: dict, vw: int,
+                  live: list[tuple[int, list[int]]], x_stride: int, y_stride: int) -> None:
+    """dx[n] (+)= the input gradient of dy[n] for images [n0, n1), vw images at a time (the module docstring)."""
+    s = Space(spec, vw)
+    n0, n1 = args["n0"], args["n1"]
+    with for_range(b, n0, n1, vw, name="dg") as n:
+        left = b.sub(n1, n)
+        count = b.select(b.icmp_signed("<", left, i64(vw)), left, i64(vw), name="group")
+        fill(b, s, args["ws"], args["dy"], n, count, y_stride)
+        product(b, module, name, s, args["ws"], args["w"], live)
+        store(b, s, args["ws"], args["dx"], n, count, x_stride)
