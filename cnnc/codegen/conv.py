@@ -50,6 +50,7 @@ from cnnc.codegen import (
     conv_dot,
     conv_lanes,
     conv_lanes_data,
+    conv_lanes_fwd,
     conv_rows,
     conv_winograd,
     conv_winograd4,
@@ -218,6 +219,7 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     rows += [conv_dot.Space(dot).floats] if dot is not None else []
     rows += [conv_lanes.Space(spec, vw).floats] if _lanes(spec, plane) else []
     rows += [conv_lanes_data.Space(spec, vw).floats] if _lanes_data(spec, back) else []
+    rows += [conv_lanes_fwd.Space(spec, vw).floats] if _lanes_forward(spec, _forward_plane(spec, plane)) else []
     shifted = [_forward_plane(spec, plane).pad_floats]  # (product_shifted needs no out section)
     return max(plane.floats, back.floats, weights, *wino, *rows, *shifted)
 
@@ -284,11 +286,23 @@ def _lanes_data(spec: ConvSpec, p: Plane) -> bool:
     return conv_lanes_data.applies(spec, p.vw, pairs, theirs)
 
 
+def _lanes_forward(spec: ConvSpec, p: Plane) -> bool:
+    """Whether the forward runs whole groups of images in the vector lanes (``conv_lanes_fwd``) in place of
+    product_shifted on `p` (LeNet's C3: 9,375 vector multiply-adds an image for 10,500, and no tap loop)."""
+    if not p.shifted:
+        return False
+    table = _Geom(spec).table_pairs()
+    pairs = spec.o * spec.c if table is None else len(table)
+    return conv_lanes_fwd.applies(spec, p.vw, pairs, pairs * p.taps * (p.n // p.vw))
+
+
 def images_in_lanes(emitter: str, spec: ConvSpec, vw: int) -> bool:
     """Whether kernel `emitter` (its name) of `spec` runs `vw` images at a time: a training step then gives it
     chunks of a multiple of `vw` images, where a smaller last group would leave lanes empty."""
-    if emitter != "emit_conv_backward_data" or spec.groups != 1 or not _Geom(spec).padded:
+    if emitter not in ("emit_conv_forward", "emit_conv_backward_data") or spec.groups != 1 or not _Geom(spec).padded:
         return False
+    if emitter == "emit_conv_forward":
+        return _lanes_forward(spec, _forward_plane(spec, _Geom(spec).forward_plane(vw)))
     return _lanes_data(spec, _Geom(spec).backward_plane(vw))
 
 
@@ -643,7 +657,17 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
     winograd = _winograd(spec, p)
     if winograd:
         u, wino_ws = _winograd_weights(b, p, args["ws"], weights, cache)
-    with for_range(b, args["n0"], args["n1"], name="n") as n:
+    start = args["n0"]
+    if _lanes_forward(spec, p):  # whole groups of vw images in the lanes, the rest one at a time below
+        def lanes_finish(b: ir.IRBuilder, r: ir.Value, value: ir.Value, width: int) -> ir.Value:
+            return activations.emit(b, _affine(b, spec, bias, r, value, width), spec.act, spec.act_args)
+
+        start = b.sub(args["n1"], b.srem(b.sub(args["n1"], args["n0"]), i64(vw)), name="lanes.end")
+        live = [(o, sorted(set(spec.connect[o])) if spec.connect else list(range(spec.c))) for o in range(spec.o)]
+        with for_range(b, args["n0"], start, vw, name="lg") as n:
+            conv_lanes_fwd.group(b, module, name, spec, args, n, vw, live, lanes_finish, g.x_stride, g.y_stride)
+        conv_direct.zero(b, pad, 0, p.pad_floats, vw)  # (the shifted copies' border, over the lanes' workspace)
+    with for_range(b, start, args["n1"], name="n") as n:
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
         if p.shifted:
             conv_direct.fill_shifted(b, p, x_img, spec.h, spec.w, top, left, pad)

@@ -67,12 +67,13 @@ class Space:
                 emit.gep(b, ws, self.dy_floats + self.dx_floats, name="dx.stage"))
 
 
-def pieces(spec: ConvSpec, vw: int) -> list[tuple[int, int]]:
-    """dx columns [a0, a1) a pass each: accumulators, the kw broadcast weights and a dy value fit the registers."""
-    most = max(1, (32 if vw >= 16 else 16) - spec.kw - 2)
-    count = -(-spec.w // most)
-    size = -(-spec.w // count)
-    return [(a0, min(spec.w, a0 + size)) for a0 in range(0, spec.w, size)]
+def pieces(width: int, kw: int, vw: int) -> list[tuple[int, int]]:
+    """Columns [a0, a1) of a row of `width` a pass each: accumulators, the kw broadcast weights and a loaded value
+    fit the registers."""
+    most = max(1, (32 if vw >= 16 else 16) - kw - 2)
+    count = -(-width // most)
+    size = -(-width // count)
+    return [(a0, min(width, a0 + size)) for a0 in range(0, width, size)]
 
 
 def vector_fmas(spec: ConvSpec, pairs: int, vw: int) -> float:
@@ -87,16 +88,14 @@ def applies(spec: ConvSpec, vw: int, pairs: int, theirs: float) -> bool:
             and vector_fmas(spec, pairs, vw) <= GAIN * theirs)
 
 
-def _pair_table(module: ir.Module, name: str, s: Space, live: list[tuple[int, list[int]]]) -> tuple[ir.Value, ...]:
-    """Two constant i64 arrays: each input channel's first entry (and the end), and the entries, two numbers
-    each: where output channel o's dyT starts, where w[o, ci] starts."""
-    spec, vw = s.spec, s.vw
+def pair_table(module: ir.Module, name: str, groups: list[list[tuple[int, int]]]) -> tuple[ir.Value, ir.Value]:
+    """Two constant i64 arrays: where each group's entries start (and the end), and the entries, two numbers each
+    (here: for an input channel, where an output channel's dyT and its weights w[o, ci] start)."""
     starts, entries = [], []
-    by_channel = dict(live)
-    for ci in range(spec.c):
+    for group in groups:
         starts.append(len(entries))
-        for o in by_channel.get(ci, []):
-            entries += [o * spec.oh * spec.ow * vw, (o * spec.c + ci) * spec.kh * spec.kw]
+        for first, second in group:
+            entries += [first, second]
     starts.append(len(entries))
 
     def constant(suffix: str, values: list[int]) -> ir.Value:
@@ -110,8 +109,27 @@ def _pair_table(module: ir.Module, name: str, s: Space, live: list[tuple[int, li
     return constant("starts", starts), constant("pairs", entries)
 
 
-def _at(b: ir.IRBuilder, table: ir.Value, i: ir.Value) -> ir.Value:
+def at(b: ir.IRBuilder, table: ir.Value, i: ir.Value) -> ir.Value:
+    """Entry `i` of a constant i64 array."""
     return b.load(b.gep(table, [i64(0), i], inbounds=True), typ=emit.I64)
+
+
+def row_fmas(b: ir.IRBuilder, accs: list[ir.Value], a0: int, a1: int, row: ir.Value, length: int, taps: ir.Value,
+             kw: int, vw: int, reach: int) -> None:
+    """accs[j - a0] += taps[kx] * row[i] (vectors of lanes) for each i < `length` and kx with j = i + reach * kx in
+    [a0, a1): the kw taps broadcast once, each row value loaded once (`reach`: +1 for an input gradient, -1 for a
+    forward)."""
+    weights = [emit.broadcast(b, taps, kx, vw) for kx in range(kw)]
+    sums = [b.load(a) for a in accs]
+    for i in range(length):
+        reached = [kx for kx in range(kw) if a0 <= i + reach * kx < a1]
+        if reached:
+            value = emit.load(b, row, i * vw, vw)
+            for kx in reached:
+                j = i + reach * kx - a0
+                sums[j] = emit.fma(b, weights[kx], value, sums[j])
+    for a, v in zip(accs, sums):
+        b.store(v, a)
 
 
 def fill(b: ir.IRBuilder, s: Space, ws: ir.Value, dy: ir.Value, n: ir.Value, count: ir.Value, y_stride: int) -> None:
@@ -137,32 +155,25 @@ def product(b: ir.IRBuilder, module: ir.Module, name: str, s: Space, ws: ir.Valu
     input channel and the output channels that read it) and the taps that reach dy."""
     spec, vw = s.spec, s.vw
     dyt, dxt, _ = s.sections(b, ws)
-    starts, pairs = _pair_table(module, name, s, live)
+    by_channel = dict(live)
+    starts, pairs = pair_table(module, name, [[(o * spec.oh * spec.ow * vw, (o * spec.c + ci) * spec.kh * spec.kw)
+                                               for o in by_channel.get(ci, [])] for ci in range(spec.c)])
     zero_v = emit.splat(b, 0.0, vw)
-    row_floats = spec.ow * vw
     with for_range(b, 0, spec.c, name="dc") as ci:
-        first, end = _at(b, starts, ci), _at(b, starts, b.add(ci, i64(1)))
+        first, end = at(b, starts, ci), at(b, starts, b.add(ci, i64(1)))
         with for_range(b, 0, spec.h, name="dy") as iy:
             lo = b.select(b.icmp_signed(">", iy, i64(spec.oh - 1)), b.sub(iy, i64(spec.oh - 1)), i64(0), name="ky.lo")
             hi = b.select(b.icmp_signed("<", iy, i64(spec.kh - 1)), b.add(iy, i64(1)), i64(spec.kh), name="ky.hi")
             out = emit.gep(b, dxt, index(b, (ci, spec.h * spec.w * vw), (iy, spec.w * vw)))
-            for a0, a1 in pieces(spec, vw):
+            for a0, a1 in pieces(spec.w, spec.kw, vw):
                 accs = [local(b, emit.vec_type(vw), zero_v) for _ in range(a0, a1)]
                 with for_range(b, first, end, 2, name="dp") as t:
-                    dy0 = emit.gep(b, dyt, _at(b, pairs, t))
-                    w0 = emit.gep(b, w, _at(b, pairs, b.add(t, i64(1))))
+                    dy0 = emit.gep(b, dyt, at(b, pairs, t))
+                    w0 = emit.gep(b, w, at(b, pairs, b.add(t, i64(1))))
                     with for_range(b, lo, hi, name="dk") as ky:
-                        row = emit.gep(b, dy0, index(b, (b.sub(iy, ky), row_floats)))
-                        taps = emit.gep(b, w0, index(b, (ky, spec.kw)))
-                        weights = [emit.broadcast(b, taps, kx, vw) for kx in range(spec.kw)]
-                        sums = [b.load(a) for a in accs]
-                        for ox in range(max(0, a0 - spec.kw + 1), min(spec.ow, a1)):
-                            value = emit.load(b, row, ox * vw, vw)
-                            for kx in range(spec.kw):
-                                if a0 <= ox + kx < a1:
-                                    sums[ox + kx - a0] = emit.fma(b, weights[kx], value, sums[ox + kx - a0])
-                        for a, v in zip(accs, sums):
-                            b.store(v, a)
+                        row = emit.gep(b, dy0, index(b, (b.sub(iy, ky), spec.ow * vw)))
+                        row_fmas(b, accs, a0, a1, row, spec.ow, emit.gep(b, w0, index(b, (ky, spec.kw))), spec.kw,
+                                 vw, 1)
                 for ix in range(a0, a1):
                     emit.store(b, b.load(accs[ix - a0]), out, ix * vw)
 
