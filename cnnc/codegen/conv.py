@@ -219,7 +219,7 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     rows += [conv_dot.Space(dot).floats] if dot is not None else []
     rows += [conv_lanes.Space(spec, vw).floats] if _lanes(spec, plane) else []
     rows += [conv_lanes_data.Space(spec, vw).floats] if _lanes_data(spec, back) else []
-    rows += [conv_lanes_fwd.Space(spec, vw).floats] if _lanes_forward(spec, _forward_plane(spec, plane)) else []
+    rows += [conv_lanes_fwd.floats(spec, vw)] if _lanes_forward(spec, _forward_plane(spec, plane)) else []
     shifted = [_forward_plane(spec, plane).pad_floats]  # (product_shifted needs no out section)
     return max(plane.floats, back.floats, weights, *wino, *rows, *shifted)
 

@@ -25,6 +25,7 @@ Workspace (floats): ``[dyT: o x oh x ow x vw][dxT: c x h x w x vw][dx staging wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import llvmlite.ir as ir
@@ -132,6 +133,25 @@ def row_fmas(b: ir.IRBuilder, accs: list[ir.Value], a0: int, a1: int, row: ir.Va
         b.store(v, a)
 
 
+def sweep(b: ir.IRBuilder, out: ir.Value, width: int, length: int, kw: int, vw: int, pairs: ir.Value,
+          span: tuple[ir.Value, ir.Value], src: ir.Value, w: ir.Value, kys: tuple[ir.Value | int, ir.Value | int],
+          row_of: Callable[[ir.Value, ir.Value], ir.Value], reach: int) -> None:
+    """out[j] (j < `width`, a vector each) = the sums of ``row_fmas`` over the `pairs` entries in `span` (where the
+    source plane starts in `src`, where its kernel starts in `w`) and the kernel rows ky in `kys`, whose source row
+    of `length` values is ``row_of(plane, ky)``; in column pieces that fit the registers."""
+    zero_v = emit.splat(b, 0.0, vw)
+    for a0, a1 in pieces(width, kw, vw):
+        accs = [local(b, emit.vec_type(vw), zero_v) for _ in range(a0, a1)]
+        with for_range(b, span[0], span[1], 2, name="sp") as t:
+            plane = emit.gep(b, src, at(b, pairs, t))
+            w0 = emit.gep(b, w, at(b, pairs, b.add(t, i64(1))))
+            with for_range(b, kys[0], kys[1], name="sk") as ky:
+                row_fmas(b, accs, a0, a1, row_of(plane, ky), length, emit.gep(b, w0, index(b, (ky, kw))), kw, vw,
+                         reach)
+        for j in range(a0, a1):
+            emit.store(b, b.load(accs[j - a0]), out, j * vw)
+
+
 def fill(b: ir.IRBuilder, s: Space, ws: ir.Value, dy: ir.Value, n: ir.Value, count: ir.Value, y_stride: int) -> None:
     """dyT of images [n, n + count) (count <= vw): a whole group through registers, a smaller one a float at a
     time into zeroed lanes."""
@@ -158,24 +178,17 @@ def product(b: ir.IRBuilder, module: ir.Module, name: str, s: Space, ws: ir.Valu
     by_channel = dict(live)
     starts, pairs = pair_table(module, name, [[(o * spec.oh * spec.ow * vw, (o * spec.c + ci) * spec.kh * spec.kw)
                                                for o in by_channel.get(ci, [])] for ci in range(spec.c)])
-    zero_v = emit.splat(b, 0.0, vw)
     with for_range(b, 0, spec.c, name="dc") as ci:
-        first, end = at(b, starts, ci), at(b, starts, b.add(ci, i64(1)))
+        span = at(b, starts, ci), at(b, starts, b.add(ci, i64(1)))
         with for_range(b, 0, spec.h, name="dy") as iy:
             lo = b.select(b.icmp_signed(">", iy, i64(spec.oh - 1)), b.sub(iy, i64(spec.oh - 1)), i64(0), name="ky.lo")
             hi = b.select(b.icmp_signed("<", iy, i64(spec.kh - 1)), b.add(iy, i64(1)), i64(spec.kh), name="ky.hi")
             out = emit.gep(b, dxt, index(b, (ci, spec.h * spec.w * vw), (iy, spec.w * vw)))
-            for a0, a1 in pieces(spec.w, spec.kw, vw):
-                accs = [local(b, emit.vec_type(vw), zero_v) for _ in range(a0, a1)]
-                with for_range(b, first, end, 2, name="dp") as t:
-                    dy0 = emit.gep(b, dyt, at(b, pairs, t))
-                    w0 = emit.gep(b, w, at(b, pairs, b.add(t, i64(1))))
-                    with for_range(b, lo, hi, name="dk") as ky:
-                        row = emit.gep(b, dy0, index(b, (b.sub(iy, ky), spec.ow * vw)))
-                        row_fmas(b, accs, a0, a1, row, spec.ow, emit.gep(b, w0, index(b, (ky, spec.kw))), spec.kw,
-                                 vw, 1)
-                for ix in range(a0, a1):
-                    emit.store(b, b.load(accs[ix - a0]), out, ix * vw)
+
+            def row_of(plane: ir.Value, ky: ir.Value, iy=iy) -> ir.Value:
+                return emit.gep(b, plane, index(b, (b.sub(iy, ky), spec.ow * vw)))
+
+            sweep(b, out, spec.w, spec.ow, spec.kw, vw, pairs, span, dyt, w, (lo, hi), row_of, 1)
 
 
 def store(b: ir.IRBuilder, s: Space, ws: ir.Value, dx: ir.Value, n: ir.Value, count: ir.Value,

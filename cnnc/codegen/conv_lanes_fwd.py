@@ -22,15 +22,14 @@ Workspace (floats): ``[xT: c x h x w x vw][yT: o x oh x ow x vw]``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
 from cnnc.codegen import emit
-from cnnc.codegen.conv_lanes import MAX_FLOATS, fits
-from cnnc.codegen.conv_lanes_data import at, pair_table, pieces, row_fmas
+from cnnc.codegen.conv_lanes import MAX_FLOATS, Space, fits
+from cnnc.codegen.conv_lanes_data import at, pair_table, sweep
 from cnnc.codegen.emit import for_range, i64
-from cnnc.codegen.gemm import index, local, transpose, vector_loop
+from cnnc.codegen.gemm import index, transpose, vector_loop
 from cnnc.codegen.plan import aligned
 from cnnc.codegen.specs import ConvSpec
 
@@ -39,33 +38,16 @@ GAIN = 0.9  # used only where it needs at most this share of product_shifted's v
 Finish = Callable[[ir.IRBuilder, ir.Value, ir.Value, int], ir.Value]  # (b, output channel, sums, width) -> y
 
 
-@dataclass(frozen=True)
-class Space:
-    """The workspace of the forward of `spec` with `vw` images in the lanes."""
-
-    spec: ConvSpec
-    vw: int
-
-    @property
-    def x_floats(self) -> int:
-        s = self.spec
-        return aligned(s.c * s.h * s.w * self.vw)
-
-    @property
-    def y_floats(self) -> int:
-        s = self.spec
-        return aligned(s.o * s.oh * s.ow * self.vw)
-
-    @property
-    def floats(self) -> int:
-        return self.x_floats + self.y_floats
+def floats(spec: ConvSpec, vw: int) -> int:
+    """The workspace: xT as the weight gradient's (``conv_lanes.Space``), then yT."""
+    return Space(spec, vw).x_floats + aligned(spec.o * spec.oh * spec.ow * vw)
 
 
 def applies(spec: ConvSpec, vw: int, pairs: int, theirs: float) -> bool:
     """Whether whole groups of images run in the lanes: the form fits (unpadded, stride 1, the workspace in the
     cache), whole output rows (not a share of them) and at most GAIN of `theirs` vector multiply-adds an image."""
     mine = pairs * spec.kh * spec.kw * spec.oh * spec.ow / vw
-    return (fits(spec, vw) and spec.rows is None and Space(spec, vw).floats <= MAX_FLOATS
+    return (fits(spec, vw) and spec.rows is None and floats(spec, vw) <= MAX_FLOATS
             and mine <= GAIN * theirs)
 
 
@@ -73,30 +55,22 @@ def group(b: ir.IRBuilder, module: ir.Module, name: str, spec: ConvSpec, args: d
           live: list[tuple[int, list[int]]], finish: Finish, x_stride: int, y_stride: int) -> None:
     """y of the vw images from `n` (see the module docstring); `live`: each output channel and the input channels
     it reads; `finish`: bias and activation of one output channel's vector of sums."""
-    s = Space(spec, vw)
     ws = args["ws"]
-    xt, yt = ws, emit.gep(b, ws, s.x_floats, name="yt")
+    xt, yt = ws, emit.gep(b, ws, Space(spec, vw).x_floats, name="yt")
     transpose(b, emit.gep(b, args["x"], index(b, (n, x_stride))), vw, spec.c * spec.h * spec.w, xt, vw,
               src_rs=x_stride, dst_rs=vw)
     by_output = dict(live)
     starts, pairs = pair_table(module, name, [[(ci * spec.h * spec.w * vw, (o * spec.c + ci) * spec.kh * spec.kw)
                                                for ci in by_output.get(o, [])] for o in range(spec.o)])
-    zero_v = emit.splat(b, 0.0, vw)
     with for_range(b, 0, spec.o, name="fo") as o:
-        first, end = at(b, starts, o), at(b, starts, b.add(o, i64(1)))
+        span = at(b, starts, o), at(b, starts, b.add(o, i64(1)))
         with for_range(b, 0, spec.oh, name="fy") as oy:
             out = emit.gep(b, yt, index(b, (o, spec.oh * spec.ow * vw), (oy, spec.ow * vw)))
-            for a0, a1 in pieces(spec.ow, spec.kw, vw):
-                accs = [local(b, emit.vec_type(vw), zero_v) for _ in range(a0, a1)]
-                with for_range(b, first, end, 2, name="fp") as t:
-                    x0 = emit.gep(b, xt, index(b, at(b, pairs, t), (oy, spec.w * vw)))
-                    w0 = emit.gep(b, args["w"], at(b, pairs, b.add(t, i64(1))))
-                    with for_range(b, 0, spec.kh, name="fk") as ky:
-                        row = emit.gep(b, x0, index(b, (ky, spec.w * vw)))
-                        row_fmas(b, accs, a0, a1, row, spec.w, emit.gep(b, w0, index(b, (ky, spec.kw))), spec.kw,
-                                 vw, -1)
-                for ox in range(a0, a1):
-                    emit.store(b, b.load(accs[ox - a0]), out, ox * vw)
+
+            def row_of(plane: ir.Value, ky: ir.Value, oy=oy) -> ir.Value:
+                return emit.gep(b, plane, index(b, (b.add(oy, ky), spec.w * vw)))
+
+            sweep(b, out, spec.ow, spec.w, spec.kw, vw, pairs, span, xt, args["w"], (0, spec.kh), row_of, -1)
         plane = emit.gep(b, yt, index(b, (o, spec.oh * spec.ow * vw)))
 
         def apply(b: ir.IRBuilder, t: ir.Value, width: int, o=o, plane=plane) -> None:
