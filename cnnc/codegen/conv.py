@@ -25,7 +25,10 @@ Connect tables: on the padded path, forward and backward data leave out the
 multiply-adds of (o, c) pairs outside the table (the tiles are unrolled per
 table entry), and an unpadded convolution's weight gradient runs with images
 in the vector lanes (``cnnc.codegen.conv_lanes``), every lane of its
-multiply-adds a pair in the table; on the im2col path the GEMM stays dense, with the weights copied
+multiply-adds a pair in the table, as do its input gradient
+(``conv_lanes_data``) and whole groups of images of its forward
+(``conv_lanes_fwd``) where rows of dx and shifted copies would waste lanes;
+on the im2col path the GEMM stays dense, with the weights copied
 into the workspace and every pair outside the table replaced by zeros. Either
 way the weights outside the table are never read, and backward weights adds
 only table entries to ``dw`` (its table is a constant ``o x c`` byte mask).
