@@ -25,7 +25,10 @@ Connect tables: on the padded path, forward and backward data leave out the
 multiply-adds of (o, c) pairs outside the table (the tiles are unrolled per
 table entry), and an unpadded convolution's weight gradient runs with images
 in the vector lanes (``cnnc.codegen.conv_lanes``), every lane of its
-multiply-adds a pair in the table; on the im2col path the GEMM stays dense, with the weights copied
+multiply-adds a pair in the table, as do its input gradient
+(``conv_lanes_data``) and whole groups of images of its forward
+(``conv_lanes_fwd``) where rows of dx and shifted copies would waste lanes;
+on the im2col path the GEMM stays dense, with the weights copied
 into the workspace and every pair outside the table replaced by zeros. Either
 way the weights outside the table are never read, and backward weights adds
 only table entries to ``dw`` (its table is a constant ``o x c`` byte mask).
@@ -49,6 +52,8 @@ from cnnc.codegen import (
     conv_direct,
     conv_dot,
     conv_lanes,
+    conv_lanes_data,
+    conv_lanes_fwd,
     conv_rows,
     conv_winograd,
     conv_winograd4,
@@ -216,6 +221,8 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     dot = _dot_shifted(spec, plane)
     rows += [conv_dot.Space(dot).floats] if dot is not None else []
     rows += [conv_lanes.Space(spec, vw).floats] if _lanes(spec, plane) else []
+    rows += [conv_lanes_data.Space(spec, vw).floats] if _lanes_data(spec, back) else []
+    rows += [conv_lanes_fwd.floats(spec, vw)] if _lanes_forward(spec, _forward_plane(spec, plane)) else []
     shifted = [_forward_plane(spec, plane).pad_floats]  # (product_shifted needs no out section)
     return max(plane.floats, back.floats, weights, *wino, *rows, *shifted)
 
@@ -268,6 +275,38 @@ def _winograd_grad(spec: ConvSpec, p: Plane) -> bool:
 def _rows_backward(spec: ConvSpec, p: Plane) -> bool:
     """Whether the input gradient runs as rows of dx (``conv_rows``) rather than on the padded plane `p`."""
     return not _winograd(spec, p) and not _winograd4_data(spec, p) and conv_rows.applies(spec, p.n, p.vw)
+
+
+def _lanes_data(spec: ConvSpec, p: Plane) -> bool:
+    """Whether the input gradient runs with images in the vector lanes (``conv_lanes_data``): where it would run as
+    rows of dx (``conv_rows``) and needs at most conv_lanes_data.GAIN of that form's vector multiply-adds (LeNet's
+    C3: 0.625, its 14-column rows in vectors of 16 and every dx row stepping over whole rows of taps)."""
+    if not _rows_backward(spec, p):
+        return False
+    rows = conv_rows.Rows(spec, p.vw)
+    pairs = sum(len(cs) for _, cs in rows.pairs())
+    theirs = rows.valid_rows() * spec.kw * pairs * rows.vectors
+    return conv_lanes_data.applies(spec, p.vw, pairs, theirs)
+
+
+def _lanes_forward(spec: ConvSpec, p: Plane) -> bool:
+    """Whether the forward runs whole groups of images in the vector lanes (``conv_lanes_fwd``) in place of
+    product_shifted on `p` (LeNet's C3: 9,375 vector multiply-adds an image for 10,500, and no tap loop)."""
+    if not p.shifted:
+        return False
+    table = _Geom(spec).table_pairs()
+    pairs = spec.o * spec.c if table is None else len(table)
+    return conv_lanes_fwd.applies(spec, p.vw, pairs, pairs * p.taps * (p.n // p.vw))
+
+
+def images_in_lanes(emitter: str, spec: ConvSpec, vw: int) -> bool:
+    """Whether kernel `emitter` (its name) of `spec` runs `vw` images at a time: a training step then gives it
+    chunks of a multiple of `vw` images, where a smaller last group would leave lanes empty."""
+    if emitter not in ("emit_conv_forward", "emit_conv_backward_data") or spec.groups != 1 or not _Geom(spec).padded:
+        return False
+    if emitter == "emit_conv_forward":
+        return _lanes_forward(spec, _forward_plane(spec, _Geom(spec).forward_plane(vw)))
+    return _lanes_data(spec, _Geom(spec).backward_plane(vw))
 
 
 def _dot_shifted(spec: ConvSpec, p: Plane) -> Plane | None:
@@ -621,7 +660,17 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
     winograd = _winograd(spec, p)
     if winograd:
         u, wino_ws = _winograd_weights(b, p, args["ws"], weights, cache)
-    with for_range(b, args["n0"], args["n1"], name="n") as n:
+    start = args["n0"]
+    if _lanes_forward(spec, p):  # whole groups of vw images in the lanes, the rest one at a time below
+        def lanes_finish(b: ir.IRBuilder, r: ir.Value, value: ir.Value, width: int) -> ir.Value:
+            return activations.emit(b, _affine(b, spec, bias, r, value, width), spec.act, spec.act_args)
+
+        start = b.sub(args["n1"], b.srem(b.sub(args["n1"], args["n0"]), i64(vw)), name="lanes.end")
+        live = [(o, sorted(set(spec.connect[o])) if spec.connect else list(range(spec.c))) for o in range(spec.o)]
+        with for_range(b, args["n0"], start, vw, name="lg") as n:
+            conv_lanes_fwd.group(b, module, name, spec, args, n, vw, live, lanes_finish, g.x_stride, g.y_stride)
+        conv_direct.zero(b, pad, 0, p.pad_floats, vw)  # (the shifted copies' border, over the lanes' workspace)
+    with for_range(b, start, args["n1"], name="n") as n:
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
         if p.shifted:
             conv_direct.fill_shifted(b, p, x_img, spec.h, spec.w, top, left, pad)
@@ -660,6 +709,11 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
 def _direct_backward_data(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args: dict, vw: int) -> None:
     spec = g.spec
     p = g.backward_plane(vw)
+    if _lanes_data(spec, p):
+        live = conv_lanes.live_pairs(g.table_pairs(), spec.c, spec.o)
+        conv_lanes_data.backward_data(b, module, name, spec, args, vw, live, g.x_stride, g.y_stride)
+        b.ret_void()
+        return
     if _rows_backward(spec, p):
         conv_rows.backward_data(b, spec, args, vw, g.x_stride, g.y_stride)
         b.ret_void()

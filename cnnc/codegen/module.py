@@ -73,7 +73,7 @@ from cnnc.codegen import emit, handoff, optim, split
 from cnnc.codegen.augment import emit_augment
 from cnnc.codegen.batchnorm import emit_bn_fold
 from cnnc.codegen.bnphases import Reduction, emit_phased
-from cnnc.codegen.conv import conv_workspace_floats, weight_cache_floats
+from cnnc.codegen.conv import conv_workspace_floats, images_in_lanes, weight_cache_floats
 from cnnc.codegen.elementwise import emit_copy, emit_gaussian_noise
 from cnnc.codegen.emit import I64, PTR
 from cnnc.codegen.gather import ARGS as GATHER_ARGS
@@ -202,6 +202,7 @@ class Builder:
         self.kernel_sources: list[KernelSource] = []
         self._kernels: dict[tuple, ir.Function] = {}
         self.chunked: dict[str, str] = {}  # kernel name -> how a training step runs it (CHUNKED)
+        self.in_lanes: set[str] = set()  # chunked kernels that run vw images at a time (conv.images_in_lanes)
         self.ws_floats = 0  # scratch one thread needs: the largest conv kernel's workspace
         # inference keeps each layer's Winograd weights between calls in a region of its own, in front of `ws`
         # (the runtime allocates ``ws_cache_floats`` floats before the pointer it passes): key -> (start, floats)
@@ -220,6 +221,8 @@ class Builder:
             self.kernel_sources.append(KernelSource(name, emitter, spec, self.vw))
             if emitter.__name__.removeprefix("emit_") in CHUNKED:
                 self.chunked[name] = CHUNKED[emitter.__name__.removeprefix("emit_")]
+            if isinstance(spec, ConvSpec) and images_in_lanes(emitter.__name__, spec, self.vw):
+                self.in_lanes.add(name)
             self._kernels[key] = ir.Function(self.module, emit.signature(emitter, name, spec, self.vw), name=name)
             if isinstance(spec, ConvSpec):
                 self.ws_floats = max(self.ws_floats, aligned(conv_workspace_floats(spec, self.vw)))
@@ -399,6 +402,8 @@ class Entry:
         b, n0, n1 = self.b, self.args["n0"], self.args["n1"]
         if pending:
             step = max(1, CHUNK_FLOATS // max(size for _, _, size in pending))
+            if any(fn.name in self.builder.in_lanes for fn, _, _ in pending):  # whole groups of vw images
+                step = -(-step // self.builder.vw) * self.builder.vw
             with emit.for_range(b, n0, n1, step, name="chunk") as c0:
                 c1 = b.add(c0, emit.i64(step))
                 c1 = b.select(b.icmp_signed("<", c1, n1), c1, n1, name="chunk.end")

@@ -119,6 +119,8 @@ CASES = {
     "shifted_uneven_pad": make_spec(8, 8, 6, 4, 3, 3, pad=(2, 1, 0, 1), gap=1),
     # outputs not in whole vectors (49): the last vector's store in narrower pieces; LeNet's C1 (one channel)
     "shifted_partial_vector": make_spec(2, 9, 9, 5, 3, 3, gap=1, accumulate=True),
+    # 25 outputs a channel in 2, 4 or 7 vectors: the forward runs whole groups of images in lanes at every width
+    "lanes_5x5_outputs": make_spec(3, 7, 7, 4, 3, 3, gap=2, connect=((0,), (0, 1), (1, 2), (0, 1, 2))),
     "lenet_c1": make_spec(1, 32, 32, 6, 5, 5),
     # stride 2 across: im2col reads the even lanes of vector pairs from a padded copy (ResNet's down blocks)
     "stride2_down": make_spec(5, 16, 16, 6, 3, 3, stride=(2, 2), pad=(1, 1, 0, 0), gap=3),
@@ -311,6 +313,61 @@ def test_weight_gradient_with_images_in_lanes(jit, case: str) -> None:
     jit("bwd_weights", x_buf, dy_buf, dw, db, ws, 1, n + 1)
     check_guard(ws, s, jit.vw)
     assert_weight_gradient_added(dw, db, dw0, db0, xr, dyr, s)
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "add"])
+@pytest.mark.parametrize("case", ["lenet_c3", "wide_connect_17", "shifted_5x5_valid"])
+def test_input_gradient_with_images_in_lanes(jit, case: str, accumulate: bool) -> None:
+    """Two whole groups of a vector's width of images (transposed through registers both ways), then three (a float
+    at a time): dx against the float64 reference, written or added, the gaps between images and the image before
+    the range untouched (which cases run in lanes at which width: test_which_input_gradients_run_in_lanes)."""
+    base = CASES[case]
+    s = dataclasses.replace(base, accumulate=accumulate, x_stride=base.c * base.h * base.w + 3)
+    emit_conv_backward_data(jit.module, "bwd_data", s, jit.vw)
+    rng = np.random.default_rng(13)
+    n = 2 * jit.vw + 3
+    x_size, y_size = s.c * s.h * s.w, s.o * s.oh * s.ow
+    dy = rng.uniform(-1, 1, (n + 1, s.o, s.oh, s.ow))
+    dy[0] = np.nan  # an image before the range, never read
+    dy_buf = arena(dy, s.y_stride, np.nan)
+    dyr = dy_buf[1:, :y_size].reshape(-1, s.o, s.oh, s.ow).astype(np.float64)
+    w = random_weights(rng, s)
+    dx0 = arena(rng.uniform(-1, 1, (n + 1, x_size)), s.x_stride, SENTINEL)
+    dx = dx0.copy()
+    ws = workspace(s, jit.vw)
+    jit("bwd_data", dy_buf, with_nan_outside_table(w, s), dx, ws, 1, n + 1)
+    check_guard(ws, s, jit.vw)
+    expected = conv_data_ref(dyr, w, s).reshape(n, x_size) + (dx0[1:, :x_size] if accumulate else 0)
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(dx[1:, :x_size], expected, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_array_equal(dx[0], dx0[0])
+    np.testing.assert_array_equal(dx[1:, x_size:], dx0[1:, x_size:])
+
+
+@pytest.mark.parametrize("act", ["none", "tanh", "relu"])
+@pytest.mark.parametrize("case", ["lenet_c3", "shifted_partial_vector", "lanes_5x5_outputs"])
+def test_forward_with_images_in_lanes(jit, case: str, act: str) -> None:
+    """Two whole groups of a vector's width of images (in lanes where the form applies:
+    test_which_forwards_run_in_lanes), then three one at a time: y against the float64 reference with the bias and
+    the activation, the gaps between images and the image before the range untouched."""
+    s = dataclasses.replace(CASES[case], act=act, act_args=act_args_of(act))
+    emit_conv_forward(jit.module, "fwd", s, jit.vw)
+    rng = np.random.default_rng(17)
+    n = 2 * jit.vw + 3
+    x = rng.uniform(-3, 3, (n + 1, s.c, s.h, s.w))
+    x[0] = np.nan  # an image before the range, never read
+    x_buf = arena(x, s.x_stride, np.nan)
+    xr = x_buf[1:, :s.c * s.h * s.w].reshape(-1, s.c, s.h, s.w).astype(np.float64)
+    w = random_weights(rng, s)
+    bias = rng.uniform(-1, 1, s.o).astype(np.float32) if s.bias else None
+    y = np.full((n + 1, s.y_stride), SENTINEL, dtype=np.float32)
+    ws = workspace(s, jit.vw)
+    jit("fwd", x_buf, with_nan_outside_table(w, s), bias, y, ws, 1, n + 1)
+    check_guard(ws, s, jit.vw)
+    size = s.o * s.oh * s.ow
+    expected = act_ref(conv_ref(xr, w, None if bias is None else bias.astype(np.float64), s), act).reshape(n, size)
+    np.testing.assert_allclose(y[1:, :size], expected, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(expected).max())))
+    assert np.all(y[0] == SENTINEL) and np.all(y[1:, size:] == SENTINEL)
 
 
 # 27 output positions: every vector width down to scalars goes through the activation
@@ -594,6 +651,39 @@ def test_which_weight_gradients_run_with_images_in_lanes() -> None:
     assert lanes(CASES["lenet_c1"], 8) and not lanes(CASES["lenet_c1"])
     # full vectors of output channels, padding (no border in the lanes), Winograd: not
     assert not any(lanes(CASES[n]) for n in ("wide_out_19", "3x3_same", "winograd_same", "5x5_rows_32_wide"))
+
+
+def test_which_forwards_run_in_lanes() -> None:
+    from cnnc.codegen.conv import _forward_plane, _Geom, _lanes_forward, images_in_lanes
+
+    def lanes(spec: ConvSpec, vw: int = 16) -> bool:
+        return _lanes_forward(spec, _forward_plane(spec, _Geom(spec).forward_plane(vw)))
+
+    # at most 0.9 of the shifted copies' vector FMAs: C3 at 16 lanes (100 outputs in 112 lanes), not at 8 (104)
+    assert lanes(CASES["lenet_c3"]) and not lanes(CASES["lenet_c3"], 8)
+    assert all(lanes(CASES["lanes_5x5_outputs"], vw) for vw in (16, 8, 4))
+    assert lanes(CASES["shifted_partial_vector"], 8)
+    # whole vectors of outputs (C1's 784), padding, Winograd, a share of the output rows: not
+    assert not any(lanes(CASES[n]) for n in ("lenet_c1", "shifted_6_wide", "winograd_same", "3x3_same"))
+    assert not lanes(dataclasses.replace(CASES["lenet_c3"], rows=(0, 5)))
+    assert images_in_lanes("emit_conv_forward", CASES["lenet_c3"], 16)
+
+
+def test_which_input_gradients_run_in_lanes() -> None:
+    from cnnc.codegen.conv import _Geom, _lanes_data, images_in_lanes
+
+    def lanes(spec: ConvSpec, vw: int = 16) -> bool:
+        return _lanes_data(spec, _Geom(spec).backward_plane(vw))
+
+    # each width has a case in lanes (LeNet's C3 at 16 and 8 lanes: 9,375 vector FMAs an image where rows need 15,000)
+    assert lanes(CASES["lenet_c3"]) and lanes(CASES["lenet_c3"], 8) and lanes(CASES["shifted_5x5_valid"])
+    assert lanes(CASES["wide_connect_17"], 8) and lanes(CASES["wide_connect_17"], 4)
+    # padding (no border in the lanes), whole vectors of dx columns, Winograd: not
+    assert not any(lanes(CASES[n]) for n in ("3x3_same", "connect", "5x5_rows_32_wide", "winograd_same"))
+    # a training step gives these kernels whole groups of images; a weight gradient takes its whole range anyway
+    assert images_in_lanes("emit_conv_backward_data", CASES["lenet_c3"], 16)
+    assert not images_in_lanes("emit_conv_backward_weights", CASES["lenet_c3"], 16)
+    assert not images_in_lanes("emit_conv_backward_data", CASES["3x3_same"], 16)
 
 
 def test_which_convolutions_run_on_the_padded_image() -> None:
