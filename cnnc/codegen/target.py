@@ -178,22 +178,59 @@ TILED_GUESS = 40.0  # kernel_cost of a kernel not built yet: LeNet-5's average t
 PLAIN_GUESS = 14.0  # ... and other kernel
 
 
-def estimate(source: Source) -> float:
-    """`kernel_cost` of a module, or a guess for a kernel whose module is not built yet."""
+def estimate(source: Unit) -> float:
+    """`kernel_cost` of a module, or a guess for a kernel whose module is not built yet (of a group: the sum)."""
+    if isinstance(source, Group):
+        return sum(map(estimate, source))
     if isinstance(source, Deferred):
         return TILED_GUESS if source.tiled else PLAIN_GUESS
     return kernel_cost(source)
 
 
-def _prepared(source: Source, target: Target, tm: llvm.TargetMachine) -> llvm.ModuleRef:
-    """One module (built first if deferred) parsed, verified and optimised for `target` (see `passes`)."""
-    module = source.build() if isinstance(source, Deferred) else source
-    text = str(module)
-    ref = _llvm().parse_assembly(text)
-    ref.verify()
+GROUP = 4  # small kernels (O2's, not built yet) compiled as one module, this many at most
+
+
+class Group(tuple):
+    """Kernels compiled as one module (`units`)."""
+
+
+Unit = Source | Group  # what one process compiles at a time, to one object file
+
+
+def units(modules: list[Source]) -> list[Unit]:
+    """The modules in their order, each kernel for O2 not built yet grouped with the next ones, up to GROUP.
+
+    LLVM's work on a module has a fixed part (setting up and running O2's
+    hundred-odd passes, then the code generator's), ~3 ms, whatever its
+    size: LeNet-5's 19 small kernels (pooling, optimizer steps, the inputs'
+    preparation, losses) took 340 ms of CPU one module each and 283 ms
+    linked into one. Each function's code is the same either way (they do
+    not call each other); groups of a few keep the shares of a parallel
+    compile small enough to balance.
+    """
+    plain = [i for i, source in enumerate(modules) if isinstance(source, Deferred) and not source.tiled]
+    chunks = [plain[k:k + GROUP] for k in range(0, len(plain), GROUP)]
+    grouped = {chunk[0]: Group(modules[i] for i in chunk) for chunk in chunks if len(chunk) > 1}
+    later = {i for chunk in chunks if len(chunk) > 1 for i in chunk[1:]}
+    return [grouped.get(i, source) for i, source in enumerate(modules) if i not in later]
+
+
+def _prepared(unit: Unit, target: Target, tm: llvm.TargetMachine) -> llvm.ModuleRef:
+    """A module, or a group's modules linked into one (each built first if deferred), parsed, verified and
+    optimised for `target` (see `passes`)."""
+    llvm = _llvm()
+    ref = text = None
+    for source in unit if isinstance(unit, Group) else (unit,):
+        text = str(source.build() if isinstance(source, Deferred) else source)
+        own = llvm.parse_assembly(text)
+        own.verify()
+        if ref is None:
+            ref = own
+        else:
+            ref.link_in(own)
     ref.triple = target.triple
     ref.data_layout = str(tm.target_data)
-    passes(ref, tm, tiled=short_pipeline(text))
+    passes(ref, tm, tiled=short_pipeline(text))  # (a group's kernels all take O2)
     return ref
 
 
@@ -202,8 +239,8 @@ def short_pipeline(text: str) -> bool:
     return f"!{TILED} =" in text or f"!{GLUE} =" in text
 
 
-def _compile_each(sources: Iterable[Source], target: Target) -> list[bytes]:
-    """An object file for each module: the same bytes whichever process compiles it, and in whatever company."""
+def _compile_each(sources: Iterable[Unit], target: Target) -> list[bytes]:
+    """An object file for each unit: the same bytes whichever process compiles it, and in whatever company."""
     tm = target.machine()
     return [tm.emit_object(_prepared(source, target, tm)) for source in sources]
 
@@ -219,8 +256,9 @@ _emitting = threading.Lock()  # one parallel compile at a time in a process
 
 
 def emit_objects(modules: list[Source], target: Target, processes: int | None = None) -> list[bytes]:
-    """Compile modules (kernels not built yet are built where they are compiled) to object files, one each, in
-    the modules' order: the same bytes however many processes compiled them (MPI ranks compare them).
+    """Compile modules (kernels not built yet are built where they are compiled) to object files, one per module
+    or group of small kernels (`units`), in the modules' order: the same bytes however many processes compiled
+    them (MPI ranks compare them).
 
     llvmlite serialises every LLVM call behind one lock, so threads cannot
     overlap; forked processes can, and two cores then take about half the
@@ -242,6 +280,7 @@ def emit_objects(modules: list[Source], target: Target, processes: int | None = 
     """
     if processes is None:
         processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    modules = units(modules)
     processes = min(processes, len(modules))
     if (processes < 2 or not hasattr(os, "fork") or sum(map(estimate, modules)) < PARALLEL_MIN_COST
             or len(modules) > MAX_TOKENS):
@@ -250,8 +289,9 @@ def emit_objects(modules: list[Source], target: Target, processes: int | None = 
         return _emit_parallel(modules, target, processes)
 
 
-def _emit_parallel(modules: list[Source], target: Target, processes: int) -> list[bytes]:
-    order = sorted(range(len(modules)), key=lambda i: -estimate(modules[i]))  # (stable: ties in program order)
+def _emit_parallel(modules: list[Unit], target: Target, processes: int) -> list[bytes]:
+    # costliest first (stable: ties in program order), the groups of small kernels last: the shares' ends balance
+    order = sorted(range(len(modules)), key=lambda i: (isinstance(modules[i], Group), -estimate(modules[i])))
     try:
         work, fill = os.pipe()
     except OSError:  # (no descriptor left): compiled here, as when no child can be started
@@ -291,7 +331,7 @@ def _emit_parallel(modules: list[Source], target: Target, processes: int) -> lis
     return [done[i] for i in range(len(modules))]
 
 
-def _compile_claims(work: int, modules: list[Source], target: Target) -> Iterator[tuple[int, bytes]]:
+def _compile_claims(work: int, modules: list[Unit], target: Target) -> Iterator[tuple[int, bytes]]:
     """(index, object code) of each module this process takes from the work pipe, one when the last is compiled,
     until the pipe is empty: whoever is free takes the next, code generation included.
 
@@ -323,7 +363,7 @@ def _new_lock_after_fork() -> None:
 on_internal_fork(_new_lock_after_fork)
 
 
-def _start(work: int, modules: list[Source], target: Target) -> tuple[int, int] | None:
+def _start(work: int, modules: list[Unit], target: Target) -> tuple[int, int] | None:
     """Fork a process that compiles modules it takes from the work pipe and writes each one's index and object code
     to a pipe of its own: (pid, read end), or None."""
     try:

@@ -217,6 +217,42 @@ def test_conv_and_dense_kernels_and_the_entry_points_take_the_short_pipeline(mon
     assert {"infer", "step_cross_entropy", "run_steps"} <= set(entry) and all(entry.values())
 
 
+def function_assembly(asm: str) -> dict[str, list[str]]:
+    """Each function's instructions in LLVM's assembly, local labels and constant-pool names made alike."""
+    out, name = {}, None
+    for line in asm.splitlines():
+        if m := re.match(r'^"?([\w.]+)"?:', line):
+            name = m.group(1)
+            out[name] = []
+        elif line.startswith(".Lfunc_end"):
+            name = None
+        elif name and line.startswith("\t") and not line.startswith("\t."):
+            out[name].append(re.sub(r"\.L\w+", "L", line.split("#")[0].strip()))
+    return out
+
+
+def test_small_kernels_are_compiled_in_groups_with_the_same_code():
+    """LLVM's fixed cost per module is paid once for a few small O2 kernels: each group is one object file, and
+    every function in it is the code its kernel compiles to alone."""
+    modules = lenet_modules()
+    units = target.units(modules)
+    groups = [u for u in units if isinstance(u, target.Group)]
+    assert groups and len(units) < len(modules)
+    assert all(1 < len(g) <= target.GROUP and not any(k.tiled for k in g) for g in groups)
+    assert sum(len(g) for g in groups) + len(units) - len(groups) == len(modules)  # each module in one unit
+    t = host_target()
+    tm = t.machine()
+    together = function_assembly(tm.emit_assembly(target._prepared(groups[-1], t, tm)))
+    for kernel in groups[-1]:
+        alone = function_assembly(tm.emit_assembly(target._prepared(kernel, t, tm)))
+        assert len(together[kernel.name]) > 5 and together[kernel.name] == alone[kernel.name], kernel.name
+    objects = emit_objects(modules, t, processes=1)
+    assert len(objects) == len(units)
+    lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
+    for kernel in (k for g in groups for k in g):
+        lib.function(kernel.name, [])  # (found: KeyError otherwise)
+
+
 THREADED_COMPILES = """
 import threading, sys
 import llvmlite.binding as llvm
