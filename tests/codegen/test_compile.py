@@ -217,6 +217,15 @@ def test_conv_and_dense_kernels_and_the_entry_points_take_the_short_pipeline(mon
     assert {"infer", "step_cross_entropy", "run_steps"} <= set(entry) and all(entry.values())
 
 
+def test_zero_and_undefined_vectors_are_written_short():
+    """llvmlite writes a vector constant lane by lane; zeros and undef are written ``zeroinitializer`` and
+    ``undef`` instead (a sixth of LeNet-5's IR text, formatted by Python and parsed by LLVM)."""
+    modules = lenet_modules()
+    text = "".join(str(m if isinstance(m, ir.Module) else m.build()) for m in modules)
+    assert "zeroinitializer" in text and "undef" in text
+    assert "float 0.0, float 0.0" not in text and "float undef, float undef" not in text
+
+
 def function_assembly(asm: str) -> dict[str, list[str]]:
     """Each function's instructions in LLVM's assembly, local labels and constant-pool names made alike."""
     out, name = {}, None
