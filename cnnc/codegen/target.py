@@ -15,7 +15,7 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
@@ -255,7 +255,8 @@ MAX_TOKENS = 4096  # modules whose tokens fit a pipe written before any reader s
 _emitting = threading.Lock()  # one parallel compile at a time in a process
 
 
-def emit_objects(modules: list[Source], target: Target, processes: int | None = None) -> list[bytes]:
+def emit_objects(modules: list[Source], target: Target, processes: int | None = None,
+                 meanwhile: Callable[[], object] | None = None) -> list[bytes]:
     """Compile modules (kernels not built yet are built where they are compiled) to object files, one per module
     or group of small kernels (`units`), in the modules' order: the same bytes however many processes compiled
     them (MPI ranks compare them).
@@ -277,6 +278,10 @@ def emit_objects(modules: list[Source], target: Target, processes: int | None = 
     taken under it), and parallel compiles in one process take turns; for
     whatever other lock a child might still meet, the parent's wait is
     bounded (`_deadline`) and a stuck child is killed.
+
+    `meanwhile` is work of the caller's own that this process does once the
+    children are started, before it takes modules (in a compile in one
+    process: first).
     """
     if processes is None:
         processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -284,12 +289,15 @@ def emit_objects(modules: list[Source], target: Target, processes: int | None = 
     processes = min(processes, len(modules))
     if (processes < 2 or not hasattr(os, "fork") or sum(map(estimate, modules)) < PARALLEL_MIN_COST
             or len(modules) > MAX_TOKENS):
+        if meanwhile is not None:
+            meanwhile()
         return _compile_each(modules, target)
     with _emitting:
-        return _emit_parallel(modules, target, processes)
+        return _emit_parallel(modules, target, processes, meanwhile)
 
 
-def _emit_parallel(modules: list[Unit], target: Target, processes: int) -> list[bytes]:
+def _emit_parallel(modules: list[Unit], target: Target, processes: int,
+                   meanwhile: Callable[[], object] | None) -> list[bytes]:
     # costliest first (stable: ties in program order), the groups of small kernels last: the shares' ends balance
     order = sorted(range(len(modules)), key=lambda i: (isinstance(modules[i], Group), -estimate(modules[i])))
     try:
@@ -306,6 +314,8 @@ def _emit_parallel(modules: list[Unit], target: Target, processes: int) -> list[
     try:
         children = [_start(work, modules, target) for _ in range(processes - 1)]
         try:
+            if meanwhile is not None:
+                meanwhile()
             began = time.monotonic()
             done = dict(_compile_claims(work, modules, target))
             deadline = _deadline(time.monotonic() - began)

@@ -137,6 +137,27 @@ def test_parallel_compile_gives_every_function(monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+@pytest.mark.parametrize("processes", [1, 3])
+def test_the_callers_own_work_runs_once_here_while_the_children_compile(monkeypatch, processes):
+    """`meanwhile` (the compile imports the runtime there) runs once, in this process, whether or not children
+    compile beside it; an error in it stops the compile and leaves no child behind."""
+    monkeypatch.setattr(target, "PARALLEL_MIN_COST", 0)
+    calls = []
+    t = host_target()
+    objects = emit_objects([adder(i) for i in range(5)], t, processes=processes,
+                           meanwhile=lambda: calls.append(os.getpid()))
+    assert calls == [os.getpid()]
+    assert_each_sets_its_number(objects, t, 5)
+
+    def fails():
+        raise ValueError("meanwhile failed")
+
+    with pytest.raises(ValueError, match="meanwhile failed"):
+        emit_objects([adder(i) for i in range(5)], t, processes=processes, meanwhile=fails)
+    assert no_children_left()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 @pytest.mark.parametrize("bad", [0, 2, 4])
 def test_parallel_compile_errors_surface_here(monkeypatch, bad):
     """Whichever process takes the bad module, the error is raised here, and no child is left."""
