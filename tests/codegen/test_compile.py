@@ -251,11 +251,13 @@ def function_assembly(asm: str) -> dict[str, list[str]]:
     """Each function's instructions in LLVM's assembly, local labels and constant-pool names made alike."""
     out, name = {}, None
     for line in asm.splitlines():
-        if m := re.match(r'^"?([\w.]+)"?:', line):
+        if line.startswith(".Lfunc_end"):
+            name = None
+        elif line.startswith(".L"):  # (a block or a constant within the function)
+            continue
+        elif m := re.match(r'^"?([\w.]+)"?:', line):
             name = m.group(1)
             out[name] = []
-        elif line.startswith(".Lfunc_end"):
-            name = None
         elif name and line.startswith("\t") and not line.startswith("\t."):
             out[name].append(re.sub(r"\.L\w+", "L", line.split("#")[0].strip()))
     return out
