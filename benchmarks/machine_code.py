@@ -11,35 +11,18 @@ loaded as this project's can give exactly. ``dump`` compiles each network
 (default: every example; the host target, Winograd on) as ``cnnc.compile``
 does and writes LLVM's assembly of each function, local labels and
 constant-pool names made alike (their numbers follow a function's place in
-its module); ``compare`` names the functions whose instructions differ.
+its module: ``cnnc.codegen.target.function_assembly``, so both builds need it);
+``compare`` names the functions whose instructions differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def function_assembly(asm: str) -> dict[str, list[str]]:
-    """Each function's instructions in LLVM's assembly text, local labels and constants' names made alike."""
-    out: dict[str, list[str]] = {}
-    name = None
-    for line in asm.splitlines():
-        if line.startswith(".Lfunc_end"):
-            name = None
-        elif line.startswith(".L"):  # (a block or a constant within the function)
-            continue
-        elif m := re.match(r'^"?([\w.]+)"?:', line):
-            name = m.group(1)
-            out[name] = []
-        elif name and line.startswith("\t") and not line.startswith("\t."):
-            out[name].append(re.sub(r"\.L\w+", "L", line.split("#")[0].strip()))
-    return out
 
 
 def dump(files: list[str]) -> dict[str, dict[str, list[str]]]:
@@ -56,7 +39,7 @@ def dump(files: list[str]) -> dict[str, dict[str, list[str]]]:
         units = tg.units(modules) if hasattr(tg, "units") else modules  # (before the grouping: one per module)
         functions: dict[str, list[str]] = {}
         for unit in units:
-            functions.update(function_assembly(tm.emit_assembly(tg._prepared(unit, t, tm))))
+            functions.update(tg.function_assembly(tm.emit_assembly(tg._prepared(unit, t, tm))))
         networks[Path(f).stem] = functions
         print(f"{f}: {len(functions)} functions, {sum(map(len, functions.values()))} instructions", file=sys.stderr)
     return networks

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import select
 import signal
 import struct
@@ -461,6 +462,24 @@ def _abandon(child: tuple[int, int] | None) -> None:
     except OSError:
         pass
     os.waitpid(pid, 0)
+
+
+def function_assembly(asm: str) -> dict[str, list[str]]:
+    """Each function's instructions in an assembly text of LLVM's, local labels and constant-pool names made alike
+    (their numbers follow a function's place in its module): two builds' code compared function by function."""
+    out: dict[str, list[str]] = {}
+    name = None
+    for line in asm.splitlines():
+        if line.startswith(".Lfunc_end"):
+            name = None
+        elif line.startswith(".L"):  # (a block or a constant within the function)
+            continue
+        elif m := re.match(r'^"?([\w.]+)"?:', line):
+            name = m.group(1)
+            out[name] = []
+        elif name and line.startswith("\t") and not line.startswith("\t."):
+            out[name].append(re.sub(r"\.L\w+", "L", line.split("#")[0].strip()))
+    return out
 
 
 def emit_assembly_all(modules: list[ir.Module], target: Target) -> str:

@@ -247,22 +247,6 @@ def test_zero_and_undefined_vectors_are_written_short():
     assert "float 0.0, float 0.0" not in text and "float undef, float undef" not in text
 
 
-def function_assembly(asm: str) -> dict[str, list[str]]:
-    """Each function's instructions in LLVM's assembly, local labels and constant-pool names made alike."""
-    out, name = {}, None
-    for line in asm.splitlines():
-        if line.startswith(".Lfunc_end"):
-            name = None
-        elif line.startswith(".L"):  # (a block or a constant within the function)
-            continue
-        elif m := re.match(r'^"?([\w.]+)"?:', line):
-            name = m.group(1)
-            out[name] = []
-        elif name and line.startswith("\t") and not line.startswith("\t."):
-            out[name].append(re.sub(r"\.L\w+", "L", line.split("#")[0].strip()))
-    return out
-
-
 def test_small_kernels_are_compiled_in_groups_with_the_same_code():
     """LLVM's fixed cost per module is paid once for a few small O2 kernels: each group is one object file, and
     every function in it is the code its kernel compiles to alone."""
@@ -274,9 +258,9 @@ def test_small_kernels_are_compiled_in_groups_with_the_same_code():
     assert sum(len(g) for g in groups) + len(units) - len(groups) == len(modules)  # each module in one unit
     t = host_target()
     tm = t.machine()
-    together = function_assembly(tm.emit_assembly(target._prepared(groups[-1], t, tm)))
+    together = target.function_assembly(tm.emit_assembly(target._prepared(groups[-1], t, tm)))
     for kernel in groups[-1]:
-        alone = function_assembly(tm.emit_assembly(target._prepared(kernel, t, tm)))
+        alone = target.function_assembly(tm.emit_assembly(target._prepared(kernel, t, tm)))
         assert len(together[kernel.name]) > 5 and together[kernel.name] == alone[kernel.name], kernel.name
     objects = emit_objects(modules, t, processes=1)
     assert len(objects) == len(units)
