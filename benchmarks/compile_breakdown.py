@@ -7,7 +7,8 @@ no PYTHONDONTWRITEBYTECODE). Part 1 imports the compiler's libraries one by
 one and runs the stages up to the LLVM modules, timing each with
 ``time.process_time()`` (the serial part of ``cnnc.compile``, before the
 processes that share the modules fork). Part 2 compiles every module in this
-process, one after the other (no fork), splitting each one's CPU time into
+process, one after the other (no fork; the small kernels four to a module, as
+the compile groups them: ``cnnc.codegen.target.units``), splitting each one's CPU time into
 Python building its IR, printing it, LLVM parsing and verifying it, the
 optimiser and code generation: their sum is the work the processes of a
 parallel compile share, so about half of it lies on a 2-core critical path.
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("IR built and printed (Python)", "parsed (LLVM)", "verified", "optimised", "code generated")
+STAGES = ("IR built and printed (Python)", "parsed (LLVM)", "verified (a group: linked)", "optimised", "code generated")
 
 
 class Clock:
@@ -81,7 +82,7 @@ def main() -> None:
     generate.manifest_for(b.checked(), b.optimized(), facts, t)
     clock.mark("emit the entry points, declare the kernels")
     serial = sum(clock.marks.values())
-    print(f"{args.file}: {len(modules)} modules\n\nserial part (CPU ms)")
+    print(f"{args.file}: {len(modules)} modules, {len(tg.units(modules))} compiled apart\n\nserial part (CPU ms)")
     for name, ms in clock.marks.items():
         print(f"  {name:45s} {ms:7.1f}")
     print(f"  {'total':45s} {serial:7.1f}")
@@ -89,15 +90,20 @@ def main() -> None:
     tm = t.machine()
     totals = dict.fromkeys(STAGES, 0.0)
     rows = []
-    for source in modules:
+    for source in tg.units(modules):  # (small kernels four to a module, as the compile takes them)
         ms = []
         c = time.process_time()
-        module = source.build() if isinstance(source, tg.Deferred) else source
-        text = str(module)
+        members = source if isinstance(source, tg.Group) else (source,)
+        texts = [str(m.build() if isinstance(m, tg.Deferred) else m) for m in members]
+        text = "".join(texts)
         ms.append(time.process_time())
-        ref = binding.parse_assembly(text)
+        refs = [binding.parse_assembly(t) for t in texts]
         ms.append(time.process_time())
-        ref.verify()
+        for r in refs:
+            r.verify()
+        ref = refs[0]
+        for r in refs[1:]:
+            ref.link_in(r)
         ms.append(time.process_time())
         ref.triple, ref.data_layout = t.triple, str(tm.target_data)
         short = tg.short_pipeline(text)
@@ -108,8 +114,11 @@ def main() -> None:
         ms = dict(zip(STAGES, ((b - a) * 1e3 for a, b in zip([c, *ms], ms))))
         for k in STAGES:
             totals[k] += ms[k]
-        rows.append((sum(ms.values()), source.name if isinstance(source, tg.Deferred) else "(entry points)", short,
-                     len(text)))
+        if isinstance(source, tg.Group):
+            name = f"{len(source)} kernels: {', '.join(m.name.split('.')[-1] for m in source)}"
+        else:
+            name = source.name if isinstance(source, tg.Deferred) else "(entry points)"
+        rows.append((sum(ms.values()), name, short, len(text)))
     work = sum(totals.values())
     print("\nLLVM phase, all modules in this process (CPU ms)")
     for k in STAGES:

@@ -26,13 +26,14 @@ from typing import TYPE_CHECKING, Any
 from cnnc.cache import cache_dir, collector_paused, read, source_key, write
 from cnnc.codegen.target import Target, generic_target, host_target
 from cnnc.errors import CnnError, Diagnostics
-from cnnc_runtime.model import Model
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import llvmlite.ir as ir
     import networkx as nx
+
+    from cnnc_runtime.model import Model
 
     AfterPass = Callable[[str, nx.DiGraph], None]
 
@@ -180,7 +181,10 @@ def compile_source(source: str, name: str = "<string>", *, generic: bool = False
 
 def compile_model(source: str, name: str = "<string>", *, seed: int | None = None, **options: Any) -> Model:
     """A ``Model`` for .cnn source text: the last stage (options as for ``compile_source``)."""
-    return Model(*compile_source(source, name, **options), seed=seed)
+    compiled = compile_source(source, name, **options)
+    from cnnc_runtime.model import Model  # lazy: a compile imports it while its other processes compile (generate)
+
+    return Model(*compiled, seed=seed)
 
 
 def check_source(source: str, name: str = "<string>", diag: Diagnostics | None = None) -> nx.DiGraph:

@@ -15,6 +15,7 @@ the code.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,17 +42,36 @@ def vec_type(width: int) -> ir.VectorType:
     return ir.VectorType(F32, width)
 
 
-class _Zeros(ir.Constant):
-    """An all-zero vector constant written ``zeroinitializer`` (llvmlite writes out every lane)."""
+class _Written(ir.Constant):
+    """A constant whose value llvmlite keeps (its shuffle masks are checked) but that is written as `text`:
+    llvmlite writes out every lane of a vector (``<float 0.0, float 0.0, ...>``), text that Python formats and
+    LLVM parses again at each use."""
+
+    def __init__(self, ty: ir.Type, value: Any, text: str) -> None:
+        super().__init__(ty, value)
+        self._text = text
 
     def _get_reference(self) -> str:
-        return "zeroinitializer"
+        return self._text
+
+
+@functools.cache
+def zeros(ty: ir.Type) -> ir.Constant:
+    """The all-zero constant of `ty`, written ``zeroinitializer``."""
+    return _Written(ty, None, "zeroinitializer")
+
+
+@functools.cache
+def undef(ty: ir.Type) -> ir.Constant:
+    """The undefined constant of `ty`, written ``undef`` (with ``zeros``: a sixth of LeNet-5's IR text when
+    written out lane by lane)."""
+    return _Written(ty, ir.Undefined, "undef")
 
 
 def lane0_mask(width: int) -> ir.Constant:
     """The shuffle mask that copies lane 0 to all `width` lanes: broadcasts are a seventh of a conv kernel's
     IR text when each of its 16 lanes is written out, and the text is what LLVM parses."""
-    return _Zeros(ir.VectorType(I32, width), None)
+    return zeros(ir.VectorType(I32, width))
 
 
 def splat(b: ir.IRBuilder, value: ir.Value | float, width: int) -> ir.Value:
@@ -59,10 +79,9 @@ def splat(b: ir.IRBuilder, value: ir.Value | float, width: int) -> ir.Value:
     if width == 1:
         return f32(value) if isinstance(value, (int, float)) else value
     if isinstance(value, (int, float)):
-        # zeroinitializer: the IR text stays short (LLVM parses less)
-        return ir.Constant(vec_type(width), None if value == 0 else [float(value)] * width)
-    v = b.insert_element(ir.Constant(vec_type(width), ir.Undefined), value, ir.Constant(I32, 0))
-    return b.shuffle_vector(v, ir.Constant(vec_type(width), ir.Undefined), lane0_mask(width))
+        return zeros(vec_type(width)) if value == 0 else ir.Constant(vec_type(width), [float(value)] * width)
+    v = b.insert_element(undef(vec_type(width)), value, ir.Constant(I32, 0))
+    return b.shuffle_vector(v, undef(vec_type(width)), lane0_mask(width))
 
 
 def broadcast(b: ir.IRBuilder, base: ir.Value, offset: ir.Value | int, width: int) -> ir.Value:
@@ -70,7 +89,7 @@ def broadcast(b: ir.IRBuilder, base: ir.Value, offset: ir.Value | int, width: in
     if width == 1:
         return load(b, base, offset)
     one = b.load(gep(b, base, offset), typ=ir.VectorType(F32, 1), align=4)
-    return b.shuffle_vector(one, ir.Constant(ir.VectorType(F32, 1), ir.Undefined), lane0_mask(width))
+    return b.shuffle_vector(one, undef(ir.VectorType(F32, 1)), lane0_mask(width))
 
 
 def even_odd(b: ir.IRBuilder, base: ir.Value, at: ir.Value, width: int) -> tuple[ir.Value, ir.Value]:
@@ -263,9 +282,8 @@ def hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
     width = v.type.count
     while width > 1:
         half = width // 2
-        undef = ir.Constant(v.type, ir.Undefined)
         lanes = [ir.Constant(ir.VectorType(I32, half), list(range(start, start + half))) for start in (0, half)]
-        v = b.fadd(b.shuffle_vector(v, undef, lanes[0]), b.shuffle_vector(v, undef, lanes[1]))
+        v = b.fadd(b.shuffle_vector(v, undef(v.type), lanes[0]), b.shuffle_vector(v, undef(v.type), lanes[1]))
         width = half
     return b.extract_element(v, ir.Constant(I32, 0))
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import select
 import signal
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
@@ -108,17 +109,24 @@ GLUE = "cnnc.glue"  # ... and on the entry-point module: calls between kernels, 
 
 
 def passes(ref: llvm.ModuleRef, tm: llvm.TargetMachine, tiled: bool) -> None:
-    """Optimise one module in place: SROA, instcombine and simplifycfg for tiled kernels and the entry points
+    """Optimise one module in place: SROA and simplifycfg for tiled kernels and the entry points
     (`short_pipeline`), else O2.
 
     The conv and dense kernels come out of cnnc already register-blocked,
-    vectorised and unrolled, their sums in SSA values: the three passes that
-    turn their few stack slots into registers and fold their address
-    arithmetic made them as fast as O2 did (LeNet-5, CIFAR, a 64-channel conv
-    and a strided, grouped net, kernel by kernel, within noise), in a seventh
-    of the optimiser's time. The scalar loops of pooling and the elementwise
-    kernels still gain from O2's loop-invariant code motion and value
-    numbering (a 3x3 max pool: 1.5x), and are cheap to optimise.
+    vectorised and unrolled, their sums in SSA values: the passes that turn
+    their few stack slots into registers made them as fast as O2 did
+    (LeNet-5, CIFAR, a 64-channel conv and a strided, grouped net, kernel by
+    kernel, within noise), in a seventh of the optimiser's time. InstCombine,
+    the third pass once, folded their address arithmetic before the code
+    generator, which folds it as well: without it the optimiser's time on
+    LeNet-5 went from 203 to 138 ms of CPU, C3's forward compiles to the same
+    instructions and the others to a few different ones, and a call measured
+    as fast (CPU time, one thread, alternating: LeNet-5 training and
+    inference on AVX-512, AVX2 and SSE, the 64-channel conv's direct and
+    Winograd kernels, the CIFAR net: -3.9% to +1.5%, no sign either way;
+    the same outputs bit for bit). The scalar loops of pooling and the
+    elementwise kernels still gain from O2's loop-invariant code motion and
+    value numbering (a 3x3 max pool: 1.5x), and are cheap to optimise.
 
     The entry points (a module of calls, barriers, and the run loop's
     gradient sums, vectorised by hand like the tiled kernels) took O2 a
@@ -133,7 +141,6 @@ def passes(ref: llvm.ModuleRef, tm: llvm.TargetMachine, tiled: bool) -> None:
         return
     pm = llvm.create_new_module_pass_manager()
     pm.add_sroa_pass()
-    pm.add_instruction_combine_pass()
     pm.add_simplify_cfg_pass()
     pm.run(ref, pb)
 
@@ -178,22 +185,59 @@ TILED_GUESS = 40.0  # kernel_cost of a kernel not built yet: LeNet-5's average t
 PLAIN_GUESS = 14.0  # ... and other kernel
 
 
-def estimate(source: Source) -> float:
-    """`kernel_cost` of a module, or a guess for a kernel whose module is not built yet."""
+def estimate(source: Unit) -> float:
+    """`kernel_cost` of a module, or a guess for a kernel whose module is not built yet (of a group: the sum)."""
+    if isinstance(source, Group):
+        return sum(map(estimate, source))
     if isinstance(source, Deferred):
         return TILED_GUESS if source.tiled else PLAIN_GUESS
     return kernel_cost(source)
 
 
-def _prepared(source: Source, target: Target, tm: llvm.TargetMachine) -> llvm.ModuleRef:
-    """One module (built first if deferred) parsed, verified and optimised for `target` (see `passes`)."""
-    module = source.build() if isinstance(source, Deferred) else source
-    text = str(module)
-    ref = _llvm().parse_assembly(text)
-    ref.verify()
+GROUP = 4  # small kernels (O2's, not built yet) compiled as one module, this many at most
+
+
+class Group(tuple):
+    """Kernels compiled as one module (`units`)."""
+
+
+Unit = Source | Group  # what one process compiles at a time, to one object file
+
+
+def units(modules: list[Source]) -> list[Unit]:
+    """The modules in their order, each kernel for O2 not built yet grouped with the next ones, up to GROUP.
+
+    LLVM's work on a module has a fixed part (setting up and running O2's
+    hundred-odd passes, then the code generator's), ~3 ms, whatever its
+    size: LeNet-5's 19 small kernels (pooling, optimizer steps, the inputs'
+    preparation, losses) took 340 ms of CPU one module each and 283 ms
+    linked into one. Each function's code is the same either way (they do
+    not call each other); groups of a few keep the shares of a parallel
+    compile small enough to balance.
+    """
+    plain = [i for i, source in enumerate(modules) if isinstance(source, Deferred) and not source.tiled]
+    chunks = [plain[k:k + GROUP] for k in range(0, len(plain), GROUP)]
+    grouped = {chunk[0]: Group(modules[i] for i in chunk) for chunk in chunks if len(chunk) > 1}
+    later = {i for chunk in chunks if len(chunk) > 1 for i in chunk[1:]}
+    return [grouped.get(i, source) for i, source in enumerate(modules) if i not in later]
+
+
+def _prepared(unit: Unit, target: Target, tm: llvm.TargetMachine) -> llvm.ModuleRef:
+    """A module, or a group's modules linked into one (each built first if deferred), parsed, verified and
+    optimised for `target` (see `passes`)."""
+    llvm = _llvm()
+    ref = text = None
+    for source in unit if isinstance(unit, Group) else (unit,):
+        text = str(source.build() if isinstance(source, Deferred) else source)
+        own = llvm.parse_assembly(text)
+        own.verify()
+        if ref is None:
+            ref = own
+        else:
+            ref.link_in(own)
     ref.triple = target.triple
     ref.data_layout = str(tm.target_data)
-    passes(ref, tm, tiled=short_pipeline(text))
+    passes(ref, tm, tiled=short_pipeline(text))  # (a group's kernels all take O2)
     return ref
 
 
@@ -202,8 +246,8 @@ def short_pipeline(text: str) -> bool:
     return f"!{TILED} =" in text or f"!{GLUE} =" in text
 
 
-def _compile_each(sources: Iterable[Source], target: Target) -> list[bytes]:
-    """An object file for each module: the same bytes whichever process compiles it, and in whatever company."""
+def _compile_each(sources: Iterable[Unit], target: Target) -> list[bytes]:
+    """An object file for each unit: the same bytes whichever process compiles it, and in whatever company."""
     tm = target.machine()
     return [tm.emit_object(_prepared(source, target, tm)) for source in sources]
 
@@ -218,9 +262,11 @@ MAX_TOKENS = 4096  # modules whose tokens fit a pipe written before any reader s
 _emitting = threading.Lock()  # one parallel compile at a time in a process
 
 
-def emit_objects(modules: list[Source], target: Target, processes: int | None = None) -> list[bytes]:
-    """Compile modules (kernels not built yet are built where they are compiled) to object files, one each, in
-    the modules' order: the same bytes however many processes compiled them (MPI ranks compare them).
+def emit_objects(modules: list[Source], target: Target, processes: int | None = None,
+                 meanwhile: Callable[[], object] | None = None) -> list[bytes]:
+    """Compile modules (kernels not built yet are built where they are compiled) to object files, one per module
+    or group of small kernels (`units`), in the modules' order: the same bytes however many processes compiled
+    them (MPI ranks compare them).
 
     llvmlite serialises every LLVM call behind one lock, so threads cannot
     overlap; forked processes can, and two cores then take about half the
@@ -239,19 +285,28 @@ def emit_objects(modules: list[Source], target: Target, processes: int | None = 
     taken under it), and parallel compiles in one process take turns; for
     whatever other lock a child might still meet, the parent's wait is
     bounded (`_deadline`) and a stuck child is killed.
+
+    `meanwhile` is work of the caller's own that this process does once the
+    children are started, before it takes modules (in a compile in one
+    process: first).
     """
     if processes is None:
         processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    modules = units(modules)
     processes = min(processes, len(modules))
     if (processes < 2 or not hasattr(os, "fork") or sum(map(estimate, modules)) < PARALLEL_MIN_COST
             or len(modules) > MAX_TOKENS):
+        if meanwhile is not None:
+            meanwhile()
         return _compile_each(modules, target)
     with _emitting:
-        return _emit_parallel(modules, target, processes)
+        return _emit_parallel(modules, target, processes, meanwhile)
 
 
-def _emit_parallel(modules: list[Source], target: Target, processes: int) -> list[bytes]:
-    order = sorted(range(len(modules)), key=lambda i: -estimate(modules[i]))  # (stable: ties in program order)
+def _emit_parallel(modules: list[Unit], target: Target, processes: int,
+                   meanwhile: Callable[[], object] | None) -> list[bytes]:
+    # costliest first (stable: ties in program order), the groups of small kernels last: the shares' ends balance
+    order = sorted(range(len(modules)), key=lambda i: (isinstance(modules[i], Group), -estimate(modules[i])))
     try:
         work, fill = os.pipe()
     except OSError:  # (no descriptor left): compiled here, as when no child can be started
@@ -266,6 +321,8 @@ def _emit_parallel(modules: list[Source], target: Target, processes: int) -> lis
     try:
         children = [_start(work, modules, target) for _ in range(processes - 1)]
         try:
+            if meanwhile is not None:
+                meanwhile()
             began = time.monotonic()
             done = dict(_compile_claims(work, modules, target))
             deadline = _deadline(time.monotonic() - began)
@@ -291,7 +348,7 @@ def _emit_parallel(modules: list[Source], target: Target, processes: int) -> lis
     return [done[i] for i in range(len(modules))]
 
 
-def _compile_claims(work: int, modules: list[Source], target: Target) -> Iterator[tuple[int, bytes]]:
+def _compile_claims(work: int, modules: list[Unit], target: Target) -> Iterator[tuple[int, bytes]]:
     """(index, object code) of each module this process takes from the work pipe, one when the last is compiled,
     until the pipe is empty: whoever is free takes the next, code generation included.
 
@@ -323,7 +380,7 @@ def _new_lock_after_fork() -> None:
 on_internal_fork(_new_lock_after_fork)
 
 
-def _start(work: int, modules: list[Source], target: Target) -> tuple[int, int] | None:
+def _start(work: int, modules: list[Unit], target: Target) -> tuple[int, int] | None:
     """Fork a process that compiles modules it takes from the work pipe and writes each one's index and object code
     to a pipe of its own: (pid, read end), or None."""
     try:
@@ -405,6 +462,24 @@ def _abandon(child: tuple[int, int] | None) -> None:
     except OSError:
         pass
     os.waitpid(pid, 0)
+
+
+def function_assembly(asm: str) -> dict[str, list[str]]:
+    """Each function's instructions in an assembly text of LLVM's, local labels and constant-pool names made alike
+    (their numbers follow a function's place in its module): two builds' code compared function by function."""
+    out: dict[str, list[str]] = {}
+    name = None
+    for line in asm.splitlines():
+        if line.startswith(".Lfunc_end"):
+            name = None
+        elif line.startswith(".L"):  # (a block or a constant within the function)
+            continue
+        elif m := re.match(r'^"?([\w.]+)"?:', line):
+            name = m.group(1)
+            out[name] = []
+        elif name and line.startswith("\t") and not line.startswith("\t."):
+            out[name].append(re.sub(r"\.L\w+", "L", line.split("#")[0].strip()))
+    return out
 
 
 def emit_assembly_all(modules: list[ir.Module], target: Target) -> str:

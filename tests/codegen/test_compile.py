@@ -137,6 +137,27 @@ def test_parallel_compile_gives_every_function(monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+@pytest.mark.parametrize("processes", [1, 3])
+def test_the_callers_own_work_runs_once_here_while_the_children_compile(monkeypatch, processes):
+    """`meanwhile` (the compile imports the runtime there) runs once, in this process, whether or not children
+    compile beside it; an error in it stops the compile and leaves no child behind."""
+    monkeypatch.setattr(target, "PARALLEL_MIN_COST", 0)
+    calls = []
+    t = host_target()
+    objects = emit_objects([adder(i) for i in range(5)], t, processes=processes,
+                           meanwhile=lambda: calls.append(os.getpid()))
+    assert calls == [os.getpid()]
+    assert_each_sets_its_number(objects, t, 5)
+
+    def fails():
+        raise ValueError("meanwhile failed")
+
+    with pytest.raises(ValueError, match="meanwhile failed"):
+        emit_objects([adder(i) for i in range(5)], t, processes=processes, meanwhile=fails)
+    assert no_children_left()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 @pytest.mark.parametrize("bad", [0, 2, 4])
 def test_parallel_compile_errors_surface_here(monkeypatch, bad):
     """Whichever process takes the bad module, the error is raised here, and no child is left."""
@@ -215,6 +236,37 @@ def test_conv_and_dense_kernels_and_the_entry_points_take_the_short_pipeline(mon
     assert {k for k, tiled in kernel.items() if not tiled} >= {"pool_forward", "gather", "update"}
     entry = {name: tiled for name, tiled in chosen.items() if "." not in name}
     assert {"infer", "step_cross_entropy", "run_steps"} <= set(entry) and all(entry.values())
+
+
+def test_zero_and_undefined_vectors_are_written_short():
+    """llvmlite writes a vector constant lane by lane; zeros and undef are written ``zeroinitializer`` and
+    ``undef`` instead (a sixth of LeNet-5's IR text, formatted by Python and parsed by LLVM)."""
+    modules = lenet_modules()
+    text = "".join(str(m if isinstance(m, ir.Module) else m.build()) for m in modules)
+    assert "zeroinitializer" in text and "undef" in text
+    assert "float 0.0, float 0.0" not in text and "float undef, float undef" not in text
+
+
+def test_small_kernels_are_compiled_in_groups_with_the_same_code():
+    """LLVM's fixed cost per module is paid once for a few small O2 kernels: each group is one object file, and
+    every function in it is the code its kernel compiles to alone."""
+    modules = lenet_modules()
+    units = target.units(modules)
+    groups = [u for u in units if isinstance(u, target.Group)]
+    assert groups and len(units) < len(modules)
+    assert all(1 < len(g) <= target.GROUP and not any(k.tiled for k in g) for g in groups)
+    assert sum(len(g) for g in groups) + len(units) - len(groups) == len(modules)  # each module in one unit
+    t = host_target()
+    tm = t.machine()
+    together = target.function_assembly(tm.emit_assembly(target._prepared(groups[-1], t, tm)))
+    for kernel in groups[-1]:
+        alone = target.function_assembly(tm.emit_assembly(target._prepared(kernel, t, tm)))
+        assert len(together[kernel.name]) > 5 and together[kernel.name] == alone[kernel.name], kernel.name
+    objects = emit_objects(modules, t, processes=1)
+    assert len(objects) == len(units)
+    lib = NativeLibrary(bundle(objects), t.triple, t.cpu, t.features)
+    for kernel in (k for g in groups for k in g):
+        lib.function(kernel.name, [])  # (found: KeyError otherwise)
 
 
 THREADED_COMPILES = """
