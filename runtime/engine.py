@@ -809,10 +809,10 @@ class Engine:
         if single:
             self._infer(params, folded, arena, xp, yp, ws[0], 0, n)
             return
-        in_bytes, out_bytes = x[0].nbytes, y[0].nbytes
         if self._infer_claim is not None and self.threads > 1:
             self._claimed(scratch, folded, arena, x, y)
             return
+        in_bytes, out_bytes = x[0].nbytes, y[0].nbytes
         for start in range(0, n, CHUNK):
             stop = min(n, start + CHUNK)
             xs, ys = xp + start * in_bytes, yp + start * out_bytes
