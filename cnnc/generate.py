@@ -86,6 +86,7 @@ def manifest_for(checked: nx.DiGraph, fused: nx.DiGraph, facts: dict, target: Ta
         "arena_infer": facts["arena_infer"],
         "infer_parts": facts["infer_parts"],
         "infer_handoff": facts["infer_handoff"],
+        "infer_claim": facts["infer_claim"],
         "arena_train": facts["arena_train"],
         "ws_floats": facts["ws_floats"],
         "ws_cache_floats": facts["ws_cache_floats"],

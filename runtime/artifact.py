@@ -213,6 +213,7 @@ def validate(manifest: Any, source: str | None = None) -> None:
     f.count(manifest, "infer_parts", "infer_parts", optional=True)  # threads infer_split is compiled for (0: none)
     f.count(manifest, "ws_cache_floats", "ws_cache_floats", optional=True)  # kept Winograd weights, before ws
     f.get(manifest, "infer_handoff", "infer_handoff", bool, optional=True)  # split_call/serve compiled
+    f.get(manifest, "infer_claim", "infer_claim", bool, optional=True)  # infer_claim compiled
     total = f.count(manifest, "param_floats", "param_floats", least=1)
     _check_params(f, f.get(manifest, "params", "params", list), total)
     _check_batchnorm(f, f.get(manifest, "batchnorm", "batchnorm", dict, optional=True))
@@ -459,6 +460,7 @@ def entry_points(manifest: dict[str, Any]) -> list[str]:
     split = ["infer_split"] if manifest.get("infer_parts", 0) else []
     if split and manifest.get("infer_handoff", False):  # (cnnc.codegen.handoff; artifacts before it lack them)
         split += ["split_call", "split_serve"]
+    split += ["infer_claim"] if manifest.get("infer_claim", False) else []  # (cnnc.codegen.module._emit_claim)
     runs = [f"run_{loss}" for loss in LOSSES] if manifest.get("run_fields") else []
     runs += [f"phased_{loss}" for loss in LOSSES] if manifest.get("phased_fields") else []
     return [*ENTRY_POINTS, *split, *phases, *runs, *(f"update_{kind}" for kind in manifest["updates"])]

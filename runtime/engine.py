@@ -72,6 +72,7 @@ MIN_SHARDS = 2
 MAX_SHARDS = 8
 SPARE_SCRATCH = 4  # idle per-call scratch sets a model keeps for later calls
 BARRIER_INT64S = 16  # infer_split's barrier: a counter and a generation, a cache line apart
+CLAIM_INT64S = 8  # infer_claim's counter: a cache line
 
 
 class SplitChoice:
@@ -195,9 +196,12 @@ class Scratch:
         self.ws_ptrs = [w.ctypes.data + 4 * cache_floats for w in self.ws]
         self.folded = aligned_zeros(folded_floats) if folded_floats else None  # batchnorm: inference coefficients
         self.folded_ptr = self.folded.ctypes.data if folded_floats else 0
-        # infer_split's barrier (its count returns to 0 at every barrier, so a set can be reused)
-        self.barrier = np.zeros(BARRIER_INT64S, dtype=np.int64)
+        # infer_split's barrier (its count returns to 0 at every barrier, so a set can be reused); after it, in a
+        # cache line of its own, infer_claim's counter
+        self.barrier = np.zeros(BARRIER_INT64S + CLAIM_INT64S, dtype=np.int64)
         self.barrier_ptr = self.barrier.ctypes.data
+        self.counter = self.barrier[BARRIER_INT64S:]
+        self.counter_ptr = self.counter.ctypes.data
         self._per_image = arena_floats
         self._arenas: dict[str, tuple[np.ndarray, int]] = {}
 
@@ -395,6 +399,9 @@ class Engine:
         self._infer_split = (self._lib.function("infer_split", [P] * 7 + [I64, I64, I64])
                              if self._split_parts else None)
         self.split_choice = SplitChoice()
+        # a batch whose threads take its images (and bands of the last ones) from a counter, where compiled
+        self._infer_claim = (self._lib.function("infer_claim", [P] * 7 + [I64, I64])
+                             if manifest.get("infer_claim", False) else None)
         # its second share handed to a pool thread waiting in native code (cnnc.codegen.handoff), where compiled
         self._split_handoff = None
         if self._split_parts == 2 and manifest.get("infer_handoff", False):
@@ -802,6 +809,9 @@ class Engine:
         if single:
             self._infer(params, folded, arena, xp, yp, ws[0], 0, n)
             return
+        if self._infer_claim is not None and self.threads > 1:
+            self._claimed(scratch, folded, arena, x, y)
+            return
         in_bytes, out_bytes = x[0].nbytes, y[0].nbytes
         for start in range(0, n, CHUNK):
             stop = min(n, start + CHUNK)
@@ -812,6 +822,15 @@ class Engine:
                     self._infer(params, folded, arena, xs, ys, ws[t], lo, min(b, lo + INFER_RUN))
 
             self._parallel(stop - start, task)
+
+    def _claimed(self, scratch: Scratch, folded: int, arena: int, x: np.ndarray, y: np.ndarray) -> None:
+        """y = the network on x by ``infer_claim``: every pool thread on the whole batch, each taking the next
+        image (near the end, the next band of an image's rows) from the scratch's counter until none is left."""
+        params, ws, counter, claim = self._params_ptr, scratch.ws_ptrs, scratch.counter, self._infer_claim
+        xp, yp, n, at = x.ctypes.data, y.ctypes.data, x.shape[0], scratch.counter_ptr
+        counter[0] = 0
+        shared_pool(self.threads).run([lambda t=t: claim(params, folded, arena, xp, yp, ws[t], at, 0, n)
+                                       for t in range(self.threads)])
 
     def _parallel(self, n: int, task, grain: int = MIN_IMAGES_PER_THREAD) -> tuple[tuple[int, int], ...]:
         """Run ``task(thread, n0, n1)`` over [0, n) split across the shared pool's threads (one batch at a time)."""

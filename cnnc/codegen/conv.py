@@ -612,6 +612,85 @@ def _row_sum(b: ir.IRBuilder, base: ir.Value, start: ir.Value, length: int, vw: 
     return total
 
 
+CLAIM_TAIL = 2  # images at the end of a claimed range cut into bands of output rows
+CLAIM_BANDS = 8  # bands of a tail image (at most)
+
+
+def claim_bands(spec: ConvSpec, vw: int) -> tuple[int, int] | None:
+    """(bands per tail image, output rows per band) where the forward of `spec` can take its work from a counter
+    shared by the threads of a call (``ConvSpec.claim``), else None.
+
+    The direct product over whole output rows (``product_rows``) only: its
+    tiles are bands of output rows, each output the same sum whichever band
+    holds it, so a thread that claims a unit (a whole image, or near the end
+    of the range a band of an image) computes it bit for bit as any other
+    would. The middle bands must read no padded row outside the image (their
+    copy takes rows known only at run time, and writes no zeros above or below)."""
+    g = _check(spec)
+    if not g.padded or spec.rows is not None or spec.connect is not None:
+        return None
+    p = _forward_plane(spec, g.forward_plane(vw))
+    if _winograd(spec, p) or _winograd4(spec, p) or p.shifted or not conv_direct.rows_fit(p):
+        return None
+    down = conv_direct.row_tile_shape(p)[2]
+    if p.oh % down or p.oh // down < 2:
+        return None
+    rows = down * -(-(p.oh // down) // CLAIM_BANDS)
+    bands = -(-p.oh // rows)
+    top = g.pads[0]
+    if any(k * rows < top or (k + 1) * rows + spec.kh - 1 - top > spec.h for k in range(1, bands - 1)):
+        return None
+    return bands, rows
+
+
+def _claimed(b: ir.IRBuilder, g: _Geom, p: Plane, args: dict, pad: ir.Value, finish_of) -> None:
+    """The claim form of the direct forward (``claim_bands``): until the counter passes the range's units, take
+    the next one; units are the range's images but the last ``CLAIM_TAIL``, then each of those in bands."""
+    spec, (top, _, _, _) = g.spec, g.pads
+    bands, rows = claim_bands(spec, p.vw)
+    n0, n1, weights = args["n0"], args["n1"], args["w"]
+    count = b.sub(n1, n0)
+    tail = b.select(b.icmp_signed("<", count, i64(CLAIM_TAIL)), count, i64(CLAIM_TAIL))
+    whole = b.sub(count, tail)
+    units = b.add(whole, b.mul(tail, i64(bands)))
+    loop, work, done = (b.append_basic_block(f"claim.{k}") for k in ("next", "work", "done"))
+    b.branch(loop)
+    b.position_at_end(loop)
+    u = b.atomic_rmw("add", args["counter"], i64(1), "monotonic")
+    b.cbranch(b.icmp_signed("<", u, units), work, done)
+    b.position_at_end(work)
+    is_whole = b.icmp_signed("<", u, whole)
+    k = b.sub(u, whole)
+    n = b.select(is_whole, b.add(n0, u), b.add(b.add(n0, whole), b.sdiv(k, i64(bands))))
+    band = b.srem(k, i64(bands))
+    oy0 = b.select(is_whole, i64(0), b.mul(band, i64(rows)))
+    oy1 = b.select(is_whole, i64(p.oh), b.select(b.icmp_signed("<", b.add(oy0, i64(rows)), i64(p.oh)),
+                                                 b.add(oy0, i64(rows)), i64(p.oh)))
+    x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
+
+    def fill(rows_read=None) -> None:
+        conv_direct.fill(b, p, x_img, spec.h, spec.w, top, g.pads[1], pad, rows_read, borders=True)
+
+    last = (bands - 1) * rows
+    with b.if_else(is_whole) as (then, otherwise):
+        with then:
+            fill()
+        with otherwise:
+            first_band, last_band = b.icmp_signed("==", band, i64(0)), b.icmp_signed("==", band, i64(bands - 1))
+            with b.if_else(first_band) as (top_band, rest):
+                with top_band:
+                    fill((0, min(spec.h, rows + spec.kh - 1 - top)))
+                with rest:
+                    with b.if_else(last_band) as (bottom_band, middle):
+                        with bottom_band:
+                            fill((max(0, last - top), min(spec.h, p.oh + spec.kh - 1 - top)))
+                        with middle:
+                            fill((b.sub(oy0, i64(top)), b.add(oy1, i64(spec.kh - 1 - top))))
+    conv_direct.product_rows(b, p, pad, weights, finish_of(b, n), oy_range=(oy0, oy1))
+    b.branch(loop)
+    b.position_at_end(done)
+
+
 def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, args: dict, vw: int) -> None:
     spec = g.spec
     p = _forward_plane(spec, g.forward_plane(vw))
@@ -642,6 +721,10 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         conv_direct.zero_tail(b, p, pad)
     else:
         conv_direct.zero(b, pad, 0, p.pad_floats, vw)
+    if spec.claim:
+        _claimed(b, g, p, args, pad, finish_of)
+        b.ret_void()
+        return
     weights = args["w"]  # a connect table's tiles never read the weights outside it
     tile = row_tile(spec, vw)
     assert spec.rows is None or (tile and spec.rows[0] % tile == 0 and spec.rows[1] % tile == 0), spec.rows
@@ -860,9 +943,12 @@ def _bias_grad(b: ir.IRBuilder, g: _Geom, dy_img: ir.Value, db: ir.Value, vw: in
 
 def emit_conv_forward(module: ir.Module, name: str, spec: ConvSpec, vw: int) -> ir.Function:
     """``(x, w, b, y, ws, n0, n1)``: y[n] = act(conv(x[n], w) + b) for n0 <= n < n1; ``spec.cached``: ``(x, w, b,
-    y, ws, cache, n0, n1)``, `cache` a zeroed region of ``weight_cache_floats`` floats (kept for the next call)."""
+    y, ws, cache, n0, n1)``, `cache` a zeroed region of ``weight_cache_floats`` floats (kept for the next call);
+    ``spec.claim``: ``(x, w, b, y, ws, counter, n0, n1)``, run by every thread of a call at once on the same range,
+    each taking units of it from the int64 at `counter` (zero before the call) until none is left (``_claimed``)."""
     g = _check(spec)
-    fn, b, args = kernel(module, name, ["x", "w", "b", "y", "ws", *(["cache"] if spec.cached else []), "n0", "n1"])
+    fn, b, args = kernel(module, name, ["x", "w", "b", "y", "ws", *(["cache"] if spec.cached else []),
+                                        *(["counter"] if spec.claim else []), "n0", "n1"])
     if g.padded:
         _direct_forward(b, module, name, g, args, vw)
         return fn

@@ -170,9 +170,10 @@ def zero(b: ir.IRBuilder, base: ir.Value, lo: Index, hi: Index, vw: int, runs: b
 
 
 def fill(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, left: int, pad: ir.Value,
-         rows: tuple[int, int] | None = None, borders: bool = False) -> None:
+         rows: tuple[Index, Index] | None = None, borders: bool = False) -> None:
     """Copy ``c`` planes of ``h x w`` from `src` into the padded planes at (top, left); the border stays zero.
-    `rows`: only the source rows [y0, y1) of each plane (what a share of the output rows reads).
+    `rows`: only the source rows [y0, y1) of each plane (what a share of the output rows reads); run-time values
+    only where the share reads no padded row above or below the image (no zeros written there).
 
     With `borders` the copy also writes the border's zeros, so that every float of the ``c`` planes is written
     (``zero_tail`` does the rest of the pad once per call): the zeros go to cache lines the copy writes anyway,
@@ -188,10 +189,10 @@ def fill(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, lef
 
     plane = p.hp * p.wp
     with for_range(b, 0, p.c, name="pc") as ci:
-        if borders and y0 == 0:  # the rows above and the first row's left border
+        if borders and isinstance(y0, int) and y0 == 0:  # the rows above and the first row's left border
             zeros(index(b, (ci, plane)), top * p.wp + left)
         elif borders:  # the first row's left border
-            zeros(index(b, (ci, plane), (y0 + top) * p.wp), left)
+            zeros(index(b, (ci, plane), (y0, p.wp), top * p.wp), left)
         with for_range(b, y0, y1, name="py") as y:
             s = index(b, (ci, h * w), (y, w))
             d = index(b, (ci, plane), (y, p.wp), top * p.wp + left)
@@ -202,7 +203,8 @@ def fill(b: ir.IRBuilder, p: Plane, src: ir.Value, h: int, w: int, top: int, lef
             vector_loop(b, 0, w, p.vw, copy, name="px")
             if borders:  # this row's right border and the next row's left one (past the plane: zero_tail's)
                 zeros(index(b, d, w), p.wp - w)
-        if borders and y1 == h:  # the rows below, but the left border of the first (with the last row's right one)
+        # the rows below, but the left border of the first (with the last row's right one)
+        if borders and isinstance(y1, int) and y1 == h:
             zeros(index(b, (ci, plane), (top + h) * p.wp + left), plane - (top + h) * p.wp - left)
 
 
@@ -356,24 +358,37 @@ def rows_fit(p: Plane) -> bool:
     return p.ow % p.vw == 0
 
 
+def row_tile_shape(p: Plane) -> tuple[int, int, int]:
+    """``product_rows``' tile: (output channels, vectors along an output row, output rows)."""
+    mr = tile_rows(p.m, p.vw)
+    want = tile_vectors(mr, p.vw)
+    per_row = p.ow // p.vw
+    across = next(v for v in (4, 3, 2, 1) if v <= want and per_row % v == 0)  # vectors along a row
+    down = max(1, want // across) if across == per_row else 1  # output rows per tile
+    return mr, across, down
+
+
 def product_rows(b: ir.IRBuilder, p: Plane, pad: ir.Value, weights: ir.Value, finish: Finish,
-                 connected: frozenset[tuple[int, int]] | None = None, layout: Weights | None = None) -> None:
+                 connected: frozenset[tuple[int, int]] | None = None, layout: Weights | None = None,
+                 oy_range: tuple[Index, Index] | None = None) -> None:
     """The same sums as ``product`` for the valid outputs only, handed to ``finish(b, r, at, value, width)``.
 
     Needs ``rows_fit``: a tile is a few output rows by vectors of whole rows
     (CIFAR's 32 and 16 wide maps), so no column is computed to be thrown away
-    and no copy of the output is needed.
+    and no copy of the output is needed. `oy_range`: only the output rows
+    [oy0, oy1), both multiples of the tile's rows (``row_tile_shape``), which
+    must divide ``oh``; each output is the same sum as in a whole image's call.
     """
     vw = p.vw
     layout = layout or Weights.forward(p)
-    mr = tile_rows(p.m, vw)
-    want = tile_vectors(mr, vw)
-    per_row = p.ow // vw
-    across = next(v for v in (4, 3, 2, 1) if v <= want and per_row % v == 0)  # vectors along a row
-    down = max(1, want // across) if across == per_row else 1  # output rows per tile
+    mr, across, down = row_tile_shape(p)
     full = p.oh - p.oh % down
-    for ylo, yhi, ys in ((0, full, down), (full, p.oh, 1)):
-        if yhi <= ylo:
+    bands = ((0, full, down), (full, p.oh, 1))
+    if oy_range is not None:
+        assert full == p.oh, (p, down)
+        bands = ((*oy_range, down),)
+    for ylo, yhi, ys in bands:
+        if isinstance(yhi, int) and isinstance(ylo, int) and yhi <= ylo:
             continue
         with for_range(b, ylo, yhi, ys, name="oy") as oy:
             with for_range(b, 0, p.ow, across * vw, name="ox") as ox:

@@ -14,6 +14,10 @@ Entry points (all sizes are baked in; the batch range ``[n0, n1)`` is not):
     pass on images ``[n0, n1)`` run by ``split.PARTS`` threads at once, thread
     ``part`` doing its share of every layer, meeting at barriers in ``bar``
     (``cnnc.codegen.split``): small batches on every core.
+``infer_claim(params, folded, arena, x, y, ws, counter, n0, n1)``
+    (a network that is one direct convolution over whole output rows, ``conv.claim_bands``) the same pass
+    run by every pool thread of a call at once on the same range, each taking the next image, and in the
+    last images the next band of output rows, from the int64 at ``counter`` (zeroed before the call).
 ``fold(params, state, folded, n0, n1)``
     (networks with batchnorm) the inference coefficients from the trained
     parameters and the running statistics: for each batchnorm folded into the
@@ -60,6 +64,7 @@ scratch space for the conv kernels.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -73,14 +78,20 @@ from cnnc.codegen import emit, handoff, optim, split
 from cnnc.codegen.augment import emit_augment
 from cnnc.codegen.batchnorm import emit_bn_fold
 from cnnc.codegen.bnphases import Reduction, emit_phased
-from cnnc.codegen.conv import conv_workspace_floats, images_in_lanes, weight_cache_floats
+from cnnc.codegen.conv import (
+    claim_bands,
+    conv_workspace_floats,
+    emit_conv_forward,
+    images_in_lanes,
+    weight_cache_floats,
+)
 from cnnc.codegen.elementwise import emit_copy, emit_gaussian_noise
 from cnnc.codegen.emit import I64, PTR
 from cnnc.codegen.gather import ARGS as GATHER_ARGS
 from cnnc.codegen.gather import emit_gather
 from cnnc.codegen.instrument import Stopwatch, Timing
 from cnnc.codegen.loss import emit_loss
-from cnnc.codegen.lowering import BACKWARD, FORWARD
+from cnnc.codegen.lowering import BACKWARD, FORWARD, conv_spec, covers_input
 from cnnc.codegen.plan import ALIGN, Plan, Tensor, aligned, plan_memory
 from cnnc.codegen.runloop import emit_runs
 from cnnc.codegen.specs import AugmentSpec, ConvSpec, CopySpec, DenseSpec, FoldSpec, GatherSpec, LossSpec, NoiseSpec
@@ -96,6 +107,7 @@ STEP_ARGS = ["params", "grads", "arena", "x", "y", "target", "losses", "ws", "st
 FOLD_ARGS = ["params", "state", "folded", "n0", "n1"]
 INFER_ARGS = ["params", "folded", "arena", "x", "y", "ws", "n0", "n1"]
 INFER_SPLIT_ARGS = ["params", "folded", "arena", "x", "y", "ws", "bar", "part_i64", "n0", "n1"]
+INFER_CLAIM_ARGS = ["params", "folded", "arena", "x", "y", "ws", "counter", "n0", "n1"]
 AUGMENT_ARGS = ["x", "seed_i64", "image0_i64", "pad_i64", "flip_i64", "fill", "ws", "n0", "n1"]
 SMALL_OUTPUT = 4096  # floats per image: an inference output this small is copied out (see _like_training)
 SHARE_MAX_FLOATS = 16384  # per image (64 KiB: 16 MiB per 256-image chunk) that sharing kernels may add
@@ -448,6 +460,8 @@ def build_module(g: nx.DiGraph, vector_width: int,
         handoff.emit_handoff(builder.module, shared.fn)
         parts = split.PARTS
 
+    claims = _emit_claim(builder, entry, infer_plan, inf)
+
     if builder.bn_slots:
         _emit_fold(builder, inf, infer_where)
     phases = {loss: _emit_step(builder, train_plan, order, loss) for loss in LOSSES}
@@ -488,6 +502,7 @@ def build_module(g: nx.DiGraph, vector_width: int,
         "arena_infer": infer_plan.arena_floats,
         "infer_parts": parts,
         "infer_handoff": parts == 2,
+        "infer_claim": claims,
         "arena_train": train_plan.arena_floats,
         "ws_floats": builder.ws_floats,
         "ws_cache_floats": builder.cache_floats,
@@ -506,6 +521,33 @@ def build_module(g: nx.DiGraph, vector_width: int,
     }
     builder.module.add_named_metadata(GLUE)
     return [builder.module, *builder.kernel_sources], facts
+
+
+def _emit_claim(builder: Builder, entry: Entry, plan: Plan, inf: nx.DiGraph) -> bool:
+    """``infer_claim`` where the network is one convolution that ``conv.claim_bands`` allows; whether it was.
+
+    A batch split by images between threads ends when the slower share
+    does, and two equal shares end some 50-300 us apart on this VM (a 64->64
+    conv on 32x32 images takes ~700 us an image); here every thread takes
+    the next image, and near the end the next band of an image's rows, until
+    none is left, so they end within a band of each other.
+    """
+    order = [n for n in execution_order(inf) if inf.nodes[n]["op"] != "input"]
+    if builder.stopwatch or len(order) != 1 or inf.nodes[order[0]]["op"] != "conv":
+        return False
+    name = order[0]
+    if covers_input(entry, name) or entry.plan.pre.get(name) is not None or entry.value(name).base != "y":
+        return False
+    spec = dataclasses.replace(conv_spec(entry, name), claim=True)
+    if spec.cached or claim_bands(spec, builder.vw) is None:
+        return False
+    claim = Entry(builder, plan, "infer_claim", INFER_CLAIM_ARGS, inf, entry.slots)
+    args = (claim.value(inf.nodes[name]["inputs"][0]), claim.param(name, "weight"), claim.param(name, "bias"),
+            claim.value(name), claim.ws)
+    claim.b.call(builder.kernel(emit_conv_forward, spec),
+                 [*claim._values(args), claim.args["counter"], claim.args["n0"], claim.args["n1"]])
+    claim.b.ret_void()
+    return True
 
 
 def _like_training(plan: Plan, train: Plan, output: str) -> Plan:

@@ -58,6 +58,7 @@ class ConvSpec:
     scale_at: int = 0  # a folded batchnorm: y = conv * scale[o] + b[o], scale `scale_at` floats after b (0: none)
     cached: bool = False  # inference: the forward takes a `cache` region to keep its Winograd weights between calls
     rows: tuple[int, int] | None = None  # infer_split: the forward computes output rows [r0, r1) only (conv.row_tile)
+    claim: bool = False  # the forward takes its images and bands of rows from a shared counter (conv.claim_bands)
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,14 @@ Tolerance: rtol=1e-5, atol=1e-5 * max(1, max|reference|).
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
 
 from cnnc.codegen.conv import (
+    CLAIM_TAIL,
+    claim_bands,
     conv_workspace_floats,
     emit_conv_backward_data,
     emit_conv_backward_weights,
@@ -769,3 +772,58 @@ def assert_weight_gradient_added(dw, db, dw0, db0, xr, dyr, s) -> None:
     if db is not None:
         scale = max(1.0, float(np.abs(db_ref).max()))
         np.testing.assert_allclose(db, db0 + db_ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+# output rows of whole vectors at every width, so the forward can claim bands of rows (conv.claim_bands):
+# 'same' padding, and uneven padding with the rows below the image read by the last band
+CLAIMS = {
+    "same_12_rows": make_spec(5, 12, 32, 6, 3, 3, pad=(1, 1, 1, 1), gap=3),
+    "uneven_pad_5x5": make_spec(3, 17, 16, 4, 5, 5, pad=(2, 2, 1, 2), bias=False),
+}
+
+
+@pytest.mark.parametrize("case", list(CLAIMS))
+def test_claimed_forward_gives_the_same_bits_on_any_number_of_threads(jit, case: str) -> None:
+    """Threads calling the claim form on one range with one counter compute each image (whole, or in bands near
+    the end of the range) as the plain forward does, bit for bit, each unit once; nothing outside the range."""
+    s = CLAIMS[case]
+    claimed = dataclasses.replace(s, claim=True)
+    assert claim_bands(claimed, jit.vw) is not None
+    emit_conv_forward(jit.module, "plain", s, jit.vw)
+    emit_conv_forward(jit.module, "claim", claimed, jit.vw)
+    rng = np.random.default_rng(3)
+    n_images, n0, n1 = 9, 1, 8
+    x = rng.uniform(-1, 1, (n_images, s.c, s.h, s.w))
+    x[:n0] = x[n1:] = np.nan
+    x_buf = arena(x, s.x_stride, np.nan)
+    w, bias = random_weights(rng, s), rng.uniform(-1, 1, s.o).astype(np.float32) if s.bias else None
+    plain = np.full((n_images, s.y_stride), SENTINEL, dtype=np.float32)
+    jit("plain", x_buf, w.astype(np.float32), bias, plain, workspace(s, jit.vw), n0, n1)
+    xr = x_buf[n0:n1, :s.c * s.h * s.w].reshape(-1, s.c, s.h, s.w).astype(np.float64)
+    expected = conv_ref(xr, w, None if bias is None else bias.astype(np.float64), s)
+    size = s.o * s.oh * s.ow
+    np.testing.assert_allclose(plain[n0:n1, :size], expected.reshape(n1 - n0, size), rtol=1e-5,
+                               atol=1e-5 * max(1.0, float(np.abs(expected).max())))
+    bands = claim_bands(claimed, jit.vw)[0]
+    for count in (1, 2, n1 - n0):  # the range ends at image n0 + count: all of it in bands, or the tail only
+        units = max(0, count - CLAIM_TAIL) + min(count, CLAIM_TAIL) * bands
+        for callers in (1, 2, 3):
+            y = np.full((n_images, s.y_stride), SENTINEL, dtype=np.float32)
+            counter = np.zeros(8, dtype=np.int64)
+            spaces = [workspace(s, jit.vw) for _ in range(callers)]
+            jit("claim", x_buf, w.astype(np.float32), bias, y, spaces[0], counter, 0, 0)  # (compiled; no units)
+            counter[0] = 0
+            threads = [threading.Thread(target=jit, args=("claim", x_buf, w.astype(np.float32), bias, y, ws, counter,
+                                                          n0, n0 + count)) for ws in spaces]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert counter[0] == units + callers  # every unit claimed once, then one failed claim per caller
+            for ws in spaces:
+                check_guard(ws, s, jit.vw)
+            done = slice(n0, n0 + count)
+            np.testing.assert_array_equal(y[done], plain[done])
+            untouched = np.ones(y.shape, dtype=bool)
+            untouched[done] = False
+            assert np.all(y[untouched] == SENTINEL)
