@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from cnnc.errors import CnnError
 from cnnc.forkgate import compiling
 from cnnc_runtime import __version__
+from cnnc_runtime.signals import signals_deferred
 
 if TYPE_CHECKING:
     from cnnc_runtime.model import Model
@@ -65,14 +66,16 @@ def load(path: str | os.PathLike[str], key: bytes | str | os.PathLike[str] | Non
     path of the key file given to ``cnnc compile --sign``).
     """
     with compiling():  # (not a compile, but its lazy imports must not be half done at a fork either)
-        from cnnc_runtime.model import load as load_artifact  # lazy: numpy and the runtime, not on `import cnnc`
+        with signals_deferred():  # (nor by a Ctrl-C: a package half imported stays broken in the process)
+            from cnnc_runtime.model import load as load_artifact  # lazy: numpy and the runtime, not on `import cnnc`
 
         return load_artifact(path, key)
 
 
 def _build(text: str | None, path: str | os.PathLike[str], options: dict) -> Model:
     """`text` compiled, or the file at `path` when `text` is None."""
-    from cnnc import pipeline  # lazy: numpy, llvmlite and the runtime load on the first compile, not on `import cnnc`
+    with signals_deferred():  # (a Ctrl-C is raised once the import is whole: see cnnc_runtime.signals)
+        from cnnc import pipeline  # lazy: numpy, llvmlite and the runtime on the first compile, not on `import cnnc`
 
     unknown = set(options) - {"cache", "seed", "generic", "fuse", "winograd"}
     if unknown:

@@ -19,6 +19,7 @@ from cnnc.ops import OPS
 from cnnc.ops.activations import he_init
 from cnnc_runtime import __version__, artifact
 from cnnc_runtime.native import bundle
+from cnnc_runtime.signals import signals_deferred
 
 
 def _init_scheme(fused: nx.DiGraph, layer: str) -> str:
@@ -112,9 +113,10 @@ def _load_runtime() -> None:
     """What loading the compiled model takes next (the runtime's Model, numpy's random generators for its
     initial weights: 30-50 ms), imported while the other processes of a parallel compile start on the modules
     instead of after the compile."""
-    import numpy.random  # noqa: F401 - lazy: imported here, in the compile's parallel part
+    with signals_deferred():  # (a Ctrl-C is raised once the imports are whole: see cnnc_runtime.signals)
+        import numpy.random  # noqa: F401 - lazy: imported here, in the compile's parallel part
 
-    import cnnc_runtime.model  # noqa: F401 - lazy: imported here, in the compile's parallel part
+        import cnnc_runtime.model  # noqa: F401 - lazy: imported here, in the compile's parallel part
 
 
 def generate(checked: nx.DiGraph, fused: nx.DiGraph, target: Target, profile: bool = False,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from cnnc.cache import cache_dir, collector_paused, read, source_key, write
 from cnnc.codegen.target import Target, generic_target, host_target
 from cnnc.errors import CnnError, Diagnostics
+from cnnc_runtime.signals import signals_deferred
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -60,14 +61,16 @@ def read_source(path: str | os.PathLike[str]) -> str:
 def _compiler() -> ModuleType:
     """``cnnc.compiler``: the front end (lark) and the passes (networkx), about 0.3 s to import, imported on the
     first compile that misses the cache or needs a graph."""
-    from cnnc import compiler  # lazy: a cached compile, `cnnc run` of an artifact and `import cnnc` never need it
+    with signals_deferred():  # (a Ctrl-C is raised once the import is whole: see cnnc_runtime.signals)
+        from cnnc import compiler  # lazy: a cached compile, `cnnc run` of an artifact and `import cnnc` never need it
 
     return compiler
 
 
 def _generator() -> ModuleType:
     """``cnnc.generate``: the code generator (llvmlite.ir and the kernel emitters), imported to generate code."""
-    from cnnc import generate  # lazy: `cnnc check` and a cached compile never need it
+    with signals_deferred():  # (a Ctrl-C is raised once the import is whole: see cnnc_runtime.signals)
+        from cnnc import generate  # lazy: `cnnc check` and a cached compile never need it
 
     return generate
 
@@ -182,7 +185,8 @@ def compile_source(source: str, name: str = "<string>", *, generic: bool = False
 def compile_model(source: str, name: str = "<string>", *, seed: int | None = None, **options: Any) -> Model:
     """A ``Model`` for .cnn source text: the last stage (options as for ``compile_source``)."""
     compiled = compile_source(source, name, **options)
-    from cnnc_runtime.model import Model  # lazy: a compile imports it while its other processes compile (generate)
+    with signals_deferred():  # (a Ctrl-C is raised once the import is whole: see cnnc_runtime.signals)
+        from cnnc_runtime.model import Model  # lazy: a compile imports it while its other processes compile (generate)
 
     return Model(*compiled, seed=seed)
 

@@ -9,17 +9,16 @@ unpinned (it is the user's thread); worker ``i`` is pinned to the ``i``-th core.
 
 from __future__ import annotations
 
-import _signal  # signal's C module: getsignal/signal without signal's enum conversions (3-5 us a call each)
 import _thread
 import operator
 import os
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numpy as np
+
+from cnnc_runtime.signals import signals_deferred
 
 HANDOFF_INT64S, HANDOFF_STOP = 48, 24  # the native server's control block (cnnc.codegen.handoff: INT64S, STOP)
 
@@ -72,36 +71,6 @@ def split(n: int, parts: int, grain: int = 1) -> list[tuple[int, int]]:
     parts = max(1, min(parts, -(-n // grain)))
     bounds = [round(i * n / parts / grain) * grain for i in range(parts)] + [n]
     return [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i] < bounds[i + 1]]
-
-
-DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Python's handlers of SIGINT and SIGTERM run after the block rather than inside it (on the main thread).
-
-    The pool's tasks may be native code whose threads meet at barriers (a run of steps, a step with batchnorm):
-    an exception raised by a handler on the calling thread before its share's native call, or while it waits for
-    the workers, leaves a worker spinning at a barrier for ever, and the next call's barrier with it (a second
-    Ctrl-C during ``fit`` hung ResNet-20's training). A signal's exception is raised when every thread is back."""
-    if threading.current_thread() is not threading.main_thread():  # (only the main thread runs handlers)
-        yield
-        return
-    caught: list[tuple[int, object]] = []
-    old: dict[int, Callable[..., object]] = {}
-    try:
-        for number in DEFERRED_SIGNALS:
-            handler = _signal.getsignal(number)
-            if callable(handler):  # (SIG_DFL, SIG_IGN and C handlers run no Python code)
-                old[number] = handler
-                _signal.signal(number, lambda n, frame: caught.append((n, frame)))
-        yield
-    finally:
-        for number, handler in old.items():
-            _signal.signal(number, handler)
-        for number, frame in caught:
-            old[number](number, frame)
 
 
 class Flag:

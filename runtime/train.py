@@ -258,11 +258,11 @@ def read_checkpoint(path: str | os.PathLike[str],
 
     `blob`: the file's bytes, already read (by rank 0 of an MPI job, sent to every rank).
     """
-    source = path if blob is None else io.BytesIO(blob)
+    # (read first: zipfile.is_zipfile of a missing or unreadable file is False, "not an .npz archive")
+    source = io.BytesIO(_read_bytes(path) if blob is None else blob)
     if not zipfile.is_zipfile(source):  # (np.load would give a .npy's array, not an archive)
         raise ValueError(f"{path}: not a cnnc checkpoint (not an .npz archive)")
-    if blob is not None:
-        source.seek(0)
+    source.seek(0)
     try:
         with np.load(source, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}

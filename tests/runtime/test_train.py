@@ -1060,6 +1060,14 @@ def test_a_single_array_is_not_a_checkpoint(data, tmp_path):
         resume_from(tmp_path / "w.npy", data)
 
 
+def test_a_missing_or_unreadable_checkpoint_says_so(data, tmp_path):
+    """(was "not a cnnc checkpoint (not an .npz archive)": zipfile.is_zipfile of a missing file is False)"""
+    with pytest.raises(ValueError, match="missing.ckpt: not a readable cnnc checkpoint .FileNotFoundError"):
+        resume_from(tmp_path / "missing.ckpt", data)
+    with pytest.raises(ValueError, match="not a readable cnnc checkpoint .IsADirectoryError"):
+        resume_from(tmp_path, data)
+
+
 def test_a_mid_epoch_checkpoint_on_a_smaller_dataset_is_refused(interrupted_checkpoint, data):
     x, y = data
     with pytest.raises(ValueError, match=r"its interrupted epoch is over another set of images than these 200"):
