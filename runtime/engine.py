@@ -82,24 +82,27 @@ class SplitChoice:
     each barrier waits for a descheduled thread, and one thread is faster. So
     both ways are timed (wall seconds per image, the median of the last
     ``KEEP`` calls each way: one preempted call does not flip it); the faster
-    runs, and every ``PROBE``-th call tries the other, so a change of load is
-    followed within a few calls. A shared call that had to start the pool's
+    runs, and after every ``PROBE`` calls a probe tries the other, so a change
+    of load is followed within some tens of calls. A shared call that had to start the pool's
     server first (``Pool.run_served``: it leaves when idle, so a probe after a
     run of one-thread calls usually finds it gone) is timed from the moment
     the server took it: the start is paid once by a run of shared calls, and
     timing it made every probe lose (measured on a loaded machine: a probe
     took 1.5x a shared call in a run, at the 5th percentile), so one thread
-    kept running once chosen. A probe is ``BURST`` calls the other way, of
-    which only the last is timed: a core that has idled meanwhile finds its
-    cache cold (on a VM, another guest may have had its core), and on an idle
-    machine single probes of sharing lost to one thread (ResNet-20 at batch
-    1: 38 of 600 calls shared, median 501 us, where shared calls in a row took
-    305-346 us and one thread 428-476). Calls from several threads may race
-    on the averages: the cost is a slightly worse choice, never a wrong result.
+    kept running once chosen. A probe of sharing is ``BURST`` calls, of which
+    only the last ``TIMED`` are timed, and their times replace the older ones
+    of sharing: a core that has idled meanwhile is slow for some calls (on this
+    VM shared calls after a run of one-thread calls took 700-1,000 us for
+    several calls, then 245-250 us, where one thread took 390-420), and
+    probes of two calls, timed against older probes' times, kept ResNet-20 at
+    batch 1 on one thread most of the time. Calls from several threads may
+    race on the averages: the cost is a slightly worse choice, never a wrong
+    result.
     """
 
-    PROBE = 16
-    BURST = 2  # calls a probe makes the other way: the first warms the other core and is not timed
+    PROBE = 64  # calls the faster way runs between two probes of the other
+    BURST = 8  # calls a probe of sharing makes: the first ones wake and warm the other core and are not timed
+    TIMED = 2  # the last calls of a probe of sharing, timed (a probe of one thread is one call, timed)
     KEEP = 5  # calls timed each way whose median is that way's time
 
     def __init__(self, fixed: bool | None = None) -> None:
@@ -107,7 +110,9 @@ class SplitChoice:
         self.fixed = fixed
         self.times: dict[bool, list[float]] = {True: [], False: []}  # the last KEEP calls' seconds each way
         self.seconds: dict[bool, float | None] = {True: None, False: None}  # their medians
-        self.calls = 0
+        self.calls = 0  # calls outside probes
+        self.left = 0  # calls left in the probe running now
+        self.way = False  # the way that probe tries
         self.ran = {True: 0, False: 0}  # calls timed each way (benchmarks report the share)
         self.warming = False  # the call running now warms a probe up: not timed
 
@@ -115,13 +120,22 @@ class SplitChoice:
         """Whether the next small batch should run on all threads."""
         if self.fixed is not None:
             return self.fixed
-        self.calls += 1
-        if self.seconds[True] is None or self.seconds[False] is None:  # each way once first
-            return self.seconds[True] is None
-        best = self.seconds[True] <= self.seconds[False]
-        left = -self.calls % self.PROBE  # calls to the end of this probe period (0: the probe's timed call)
-        self.warming = 0 < left < self.BURST
-        return not best if left < self.BURST else best
+        if self.left <= 0:  # (racing calls may take it below 0: a new choice then)
+            self.calls += 1
+            unknown = [way for way in (True, False) if self.seconds[way] is None]  # each way measured first
+            if not unknown and self.calls % self.PROBE:
+                self.warming = False
+                return self.best()
+            self.way = unknown[0] if unknown else not self.best()
+            self.left = self.BURST if self.way else 1
+            self.times[self.way].clear()  # (its older times are from before the load changed, if it did)
+        self.left -= 1
+        self.warming = self.left >= self.TIMED
+        return self.way
+
+    def best(self) -> bool:
+        """The way that measured faster (both measured)."""
+        return self.seconds[True] <= self.seconds[False]
 
     def record(self, shared: bool, seconds: float) -> None:
         """A call's wall seconds per image (a shared call's without its wait for a server to start)."""
