@@ -212,7 +212,7 @@ class NativeRun:
                 (self.out[first:first + m].argmax(axis=1) == labels[first:first + m]).sum())
             tally[3] = float(self._interrupted())
             tally[4] = time.perf_counter() - run["clock"] if self.comm.is_root else 0.0
-            self.comm.sum_in_place(self._grads, tally, **({"shard": True} if self.shared is not None else {}))
+            self.comm.sum_in_place(self._grads, tally, shard=self.shared is not None)
             self.tallies[step] = tally
             return int(tally[0] != 0)
         except BaseException as e:  # (a callback cannot raise through native code: kept, raised by run)
