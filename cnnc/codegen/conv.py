@@ -715,11 +715,12 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         b.ret_void()
         return
     pad, out, _ = conv_direct.sections(b, p, args["ws"])
+    lanes = _lanes_forward(spec, p)  # (its groups write over the pad: zeroed after them, below)
     # each image writes the planes' rows it reads, border and all; shifted copies: the border is zeroed once
     borders = not p.shifted
     if borders:
         conv_direct.zero_tail(b, p, pad)
-    else:
+    elif not lanes:
         conv_direct.zero(b, pad, 0, p.pad_floats, vw)
     if spec.claim:
         _claimed(b, g, p, args, pad, finish_of)
@@ -744,7 +745,7 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
     if winograd:
         u, wino_ws = _winograd_weights(b, p, args["ws"], weights, cache)
     start = args["n0"]
-    if _lanes_forward(spec, p):  # whole groups of vw images in the lanes, the rest one at a time below
+    if lanes:  # whole groups of vw images in the lanes, the rest one at a time below
         def lanes_finish(b: ir.IRBuilder, r: ir.Value, value: ir.Value, width: int) -> ir.Value:
             return activations.emit(b, _affine(b, spec, bias, r, value, width), spec.act, spec.act_args)
 
