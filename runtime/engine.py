@@ -90,12 +90,13 @@ class SplitChoice:
     timing it made every probe lose (measured on a loaded machine: a probe
     took 1.5x a shared call in a run, at the 5th percentile), so one thread
     kept running once chosen. A probe of sharing is ``BURST`` calls, of which
-    only the last ``TIMED`` are timed, and their times replace the older ones
-    of sharing: a core that has idled meanwhile is slow for some calls (on this
-    VM shared calls after a run of one-thread calls took 700-1,000 us for
-    several calls, then 245-250 us, where one thread took 390-420), and
-    probes of two calls, timed against older probes' times, kept ResNet-20 at
-    batch 1 on one thread most of the time. Calls from several threads may
+    only the last ``TIMED`` are timed (a probe of one thread is one call),
+    and a probe's times replace that way's older ones: a core that has idled
+    meanwhile is slow for some calls (on this VM shared calls after a run of
+    one-thread calls took 700-1,000 us for several calls, then 245-250 us,
+    where one thread took 390-420), and probes of two calls, timed against
+    older probes' times, kept ResNet-20 at batch 1 on one thread most of the
+    time. Calls from several threads may
     race on the averages: the cost is a slightly worse choice, never a wrong
     result.
     """
