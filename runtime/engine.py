@@ -129,7 +129,8 @@ class SplitChoice:
                 return self.best()
             self.way = unknown[0] if unknown else not self.best()
             self.left = self.BURST if self.way else 1
-            self.times[self.way].clear()  # (its older times are from before the load changed, if it did)
+            self.times[self.way] = []  # (older times: before the load changed, if it did; a new list, as another
+            # thread's record may hold the old one)
         self.left -= 1
         self.warming = self.left >= self.TIMED
         return self.way
@@ -146,8 +147,9 @@ class SplitChoice:
         times = self.times[shared]
         times.append(seconds)
         del times[:-self.KEEP]
-        ordered, half = sorted(times), len(times) // 2  # (np.median costs ~10 us a call; this, under 1)
-        self.seconds[shared] = ordered[half] if len(times) % 2 else (ordered[half - 1] + ordered[half]) / 2
+        ordered = sorted(times)  # (np.median costs ~10 us a call; this, under 1; a copy: other threads append)
+        half = len(ordered) // 2
+        self.seconds[shared] = ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
 
 
 ALIGN_BYTES = 64

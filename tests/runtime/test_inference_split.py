@@ -133,6 +133,33 @@ def test_a_probe_forgets_the_way_s_older_times_so_a_change_of_load_is_followed()
     assert ways[SplitChoice.KEEP // 2 + 1:].startswith("1" * (SplitChoice.PROBE // 2))  # give it up: load is back
 
 
+def test_calls_from_several_threads_race_on_the_choice_without_failing():
+    """A model is used from several threads at once: a probe forgetting a way's times while another thread
+    records one must not leave that thread a list to take a median of that is empty."""
+    choice, errors = SplitChoice(), []
+
+    def calls():
+        try:
+            for i in range(20_000):
+                way = choice.shared()
+                choice.record(way, (i % 7 + 1) * 1e-4)
+        except Exception as e:  # noqa: BLE001 - the test's subject
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # (the threads switch between any two bytecodes: the race shows in seconds)
+    try:
+        threads = [threading.Thread(target=calls) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert 0 < choice.seconds[True] < 1e-3 and 0 < choice.seconds[False] < 1e-3  # (medians of times recorded)
+
+
 def test_a_probe_of_sharing_is_timed_without_its_wait_for_the_server_to_start():
     """The server leaves when idle, so a probe of sharing after a run of one-thread calls starts it: that wait is
     not part of sharing's time (timing it made one thread win for good once chosen)."""
