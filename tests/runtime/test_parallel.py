@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
 
 import pytest
 
-from cnnc_runtime.parallel import Flag, Pool, split
+from cnnc_runtime.parallel import Flag, Pool, available_cores, current_cpu, split
 
 
 def test_split_covers_the_range_in_whole_grains():
@@ -121,3 +122,22 @@ def test_a_flag_behaves_as_an_event_for_one_waiter():
     flag.set()
     t.join(5)
     assert woke == [False]  # (take clears what it waited for)
+
+
+@pytest.mark.skipif(len(available_cores()) < 2 or current_cpu() < 0, reason="needs two cores and sched_getcpu")
+def test_a_worker_on_the_callers_core_moves_to_a_free_one():
+    pool = Pool(2)
+    worker_core = pool._core_of[1]
+    before = os.sched_getaffinity(0)
+    where = []
+    try:
+        os.sched_setaffinity(0, {worker_core})  # the OS put the caller on worker 1's core
+        for _ in range(3):
+            pool.run([lambda: where.append(("caller", current_cpu())), lambda: where.append(("worker", current_cpu()))])
+        assert pool._core_of[1] != worker_core
+        assert os.sched_getaffinity(pool._tid[1]) == {pool._core_of[1]}
+        assert all(cpu == worker_core for who, cpu in where if who == "caller")
+        assert all(cpu != worker_core for who, cpu in where if who == "worker")
+    finally:
+        os.sched_setaffinity(0, before)
+        pool.close()
