@@ -132,6 +132,19 @@ def absorb(g: nx.DiGraph, into: str, name: str) -> None:
     g.remove_node(name)
 
 
+def covers_input(g: nx.DiGraph, name: str) -> bool:
+    """A conv whose kernel covers its whole unpadded input (LeNet's C5) is a dense layer on the flattened input.
+
+    The weight (out, c, h, w) flattened row by row is the dense weight (out, c*h*w),
+    and the batched dense kernels beat a per-image convolution with one output pixel.
+    """
+    node = g.nodes[name]
+    c, h, w = g.nodes[node["inputs"][0]]["shape"]
+    geo, a = node["geometry"], node["args"]
+    return (geo["k"] == (h, w) and geo["pads"] == (0, 0, 0, 0) and a["groups"] == 1 and a["connect"] is None
+            and a["dilation"] == (1, 1))
+
+
 def execution_order(g: nx.DiGraph) -> list[str]:
     """Nodes in a topological order that keeps source order where it is free (stable, deterministic)."""
     index = {n: i for i, n in enumerate(g.nodes)}

@@ -116,6 +116,8 @@ class Build:
         if self._optimized is None:
             g = _compiler().optimize(self.checked(), self.after, skip=() if self.fuse else ("fuse",))
             g.graph["winograd"] = self.winograd
+            if "inference" in g.graph:  # (fold's copy, which inference compiles)
+                g.graph["inference"].graph["winograd"] = self.winograd
             self._optimized = g
         return self._optimized
 

@@ -383,6 +383,11 @@ def _affine(b: ir.IRBuilder, spec: ConvSpec, bias: ir.Value | None, r: ir.Value,
     return emit.fma(b, value, emit.splat(b, emit.load(b, bias, b.add(r, i64(spec.scale_at))), width), shift)
 
 
+def _residual_image(b: ir.IRBuilder, spec: ConvSpec, args: dict, n: ir.Value) -> ir.Value | None:
+    """Image n's residual (``spec.residual``: floats laid out as its outputs), else None."""
+    return emit.gep(b, args["r"], index(b, (n, spec.r_stride)), name="r.img") if spec.residual else None
+
+
 def _smax(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
     return b.select(b.icmp_signed(">", x, y), x, y)
 
@@ -698,11 +703,14 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
     bias = args["b"] if spec.bias else None
 
     def finish_of(b: ir.IRBuilder, n: ir.Value):
-        """Image n's outputs: bias, a folded batchnorm's scale, the activation, stored."""
+        """Image n's outputs: bias, a folded batchnorm's scale, the residual, the activation, stored."""
         y_img = emit.gep(b, args["y"], index(b, (n, g.y_stride)), name="y.img")
+        r_img = _residual_image(b, spec, args, n)
 
         def finish(b: ir.IRBuilder, r: ir.Value, at: ir.Value, value: ir.Value, width: int) -> None:
             value = _affine(b, spec, bias, r, value, width)
+            if r_img is not None:
+                value = b.fadd(value, emit.load(b, r_img, at, width))
             emit.store(b, activations.emit(b, value, spec.act, spec.act_args), y_img, at)
 
         return finish
@@ -715,7 +723,7 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         b.ret_void()
         return
     pad, out, _ = conv_direct.sections(b, p, args["ws"])
-    lanes = _lanes_forward(spec, p)  # (its groups write over the pad: zeroed after them, below)
+    lanes = _lanes_forward(spec, p) and not spec.residual  # (its groups write over the pad: zeroed after them)
     # each image writes the planes' rows it reads, border and all; shifted copies: the border is zeroed once
     borders = not p.shifted
     if borders:
@@ -943,12 +951,14 @@ def _bias_grad(b: ir.IRBuilder, g: _Geom, dy_img: ir.Value, db: ir.Value, vw: in
 
 
 def emit_conv_forward(module: ir.Module, name: str, spec: ConvSpec, vw: int) -> ir.Function:
-    """``(x, w, b, y, ws, n0, n1)``: y[n] = act(conv(x[n], w) + b) for n0 <= n < n1; ``spec.cached``: ``(x, w, b,
-    y, ws, cache, n0, n1)``, `cache` a zeroed region of ``weight_cache_floats`` floats (kept for the next call);
+    """``(x, w, b, y, ws, n0, n1)``: y[n] = act(conv(x[n], w) + b) for n0 <= n < n1; ``spec.residual``: ``(x, w, b,
+    y, r, ws, ...)``, y[n] = act(conv(x[n], w) + b + r[n]); ``spec.cached``: ``(x, w, b, y, ws, cache, n0, n1)``,
+    `cache` a zeroed region of ``weight_cache_floats`` floats (kept for the next call);
     ``spec.claim``: ``(x, w, b, y, ws, counter, n0, n1)``, run by every thread of a call at once on the same range,
     each taking units of it from the int64 at `counter` (zero before the call) until none is left (``_claimed``)."""
     g = _check(spec)
-    fn, b, args = kernel(module, name, ["x", "w", "b", "y", "ws", *(["cache"] if spec.cached else []),
+    fn, b, args = kernel(module, name, ["x", "w", "b", "y", *(["r"] if spec.residual else []), "ws",
+                                        *(["cache"] if spec.cached else []),
                                         *(["counter"] if spec.claim else []), "n0", "n1"])
     if g.padded:
         _direct_forward(b, module, name, g, args, vw)
@@ -961,16 +971,20 @@ def emit_conv_forward(module: ir.Module, name: str, spec: ConvSpec, vw: int) -> 
     with for_range(b, args["n0"], args["n1"], name="n") as n:
         x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
         y_img = emit.gep(b, args["y"], index(b, (n, g.y_stride)), name="y.img")
+        r_img = _residual_image(b, spec, args, n)
         col = _column_matrix(b, g, x_img, ws, vw)
         with for_range(b, 0, spec.groups, name="g") as gi:
             first_out = index(b, (gi, g.og))
             w_g = Mat(emit.gep(b, weights, index(b, (first_out, g.k))), rs=g.k)
             col_g = Mat(emit.gep(b, col, index(b, (gi, g.k * g.p))), rs=g.p)
             y_g = emit.gep(b, y_img, index(b, (first_out, g.p)), name="y.g")
+            r_g = emit.gep(b, r_img, index(b, (first_out, g.p)), name="r.g") if r_img is not None else None
 
             def store(b: ir.IRBuilder, r: ir.Value, j: ir.Value, value: ir.Value, width: int,
-                      first_out=first_out, y_g=y_g) -> None:
+                      first_out=first_out, y_g=y_g, r_g=r_g) -> None:
                 value = _affine(b, spec, bias, b.add(first_out, r), value, width)
+                if r_g is not None:
+                    value = b.fadd(value, emit.load(b, r_g, index(b, (r, g.p), j), width))
                 value = activations.emit(b, value, spec.act, spec.act_args)
                 emit.store(b, value, y_g, index(b, (r, g.p), j))
 

@@ -87,7 +87,8 @@ class Stopwatch:
         if key not in self._index:
             node = g.nodes[layer] if layer in g.nodes else {}
             op = PHASE_OPS.get(phase) or entry.removeprefix("step_") if phase not in ("forward", "backward") \
-                else node["op"] + (f"+{node['act']}" if node.get("act", "none") != "none" else "")
+                else node["op"] + ("+add" if node.get("residual") is not None else "") \
+                + (f"+{node['act']}" if node.get("act", "none") != "none" else "")
             self._index[key] = len(self.regions)
             self.regions.append(Region(entry, phase, layer, op, region_flops(g, phase, layer, step)))
         return self._index[key]

@@ -54,6 +54,7 @@ from cnnc.codegen.specs import (
     SoftmaxSpec,
     SumSpec,
 )
+from cnnc.ir import covers_input as ir_covers_input
 from cnnc.ir import execution_order
 from cnnc.ops import OPS
 from cnnc.ops.activations import act_args
@@ -76,6 +77,8 @@ def conv_spec(ctx, name: str, accumulate: bool = False, fused: bool = True) -> C
         x_stride=ctx.value(node["inputs"][0]).stride, y_stride=ctx.value(name).stride, accumulate=accumulate,
         winograd=ctx.g.graph.get("winograd", True), scale_at=_scale_at(ctx, name),
     )
+    if node.get("residual") is not None:  # (the inference graph's, cnnc.passes.fold.fuse_residuals)
+        spec = dataclasses.replace(spec, residual=True, r_stride=ctx.value(node["residual"]).stride)
     return cached(ctx, spec)
 
 
@@ -93,16 +96,8 @@ def _scale_at(ctx, name: str) -> int:
 
 
 def covers_input(ctx, name: str) -> bool:
-    """A conv whose kernel covers its whole unpadded input (LeNet's C5) is a dense layer on the flattened input.
-
-    The weight (out, c, h, w) flattened row by row is the dense weight (out, c*h*w),
-    and the batched dense kernels beat a per-image convolution with one output pixel.
-    """
-    node = ctx.node(name)
-    c, h, w = ctx.node(node["inputs"][0])["shape"]
-    geo, a = node["geometry"], node["args"]
-    return (geo["k"] == (h, w) and geo["pads"] == (0, 0, 0, 0) and a["groups"] == 1 and a["connect"] is None
-            and a["dilation"] == (1, 1))
+    """``cnnc.ir.covers_input`` of conv node `name` in `ctx`'s graph."""
+    return ir_covers_input(ctx.g, name)
 
 
 def dense_spec(ctx, name: str, accumulate: bool = False, fused: bool = True) -> DenseSpec:
@@ -143,8 +138,10 @@ def forward_conv(ctx, name: str) -> None:
     node = ctx.node(name)
     pre = ctx.plan.pre.get(name)
     spec = conv_spec(ctx, name, fused=pre is None)
+    residual = [ctx.value(node["residual"])] if spec.residual else []
     ctx.call(ctx.kernel(emit_conv_forward, spec), ctx.value(node["inputs"][0]), ctx.param(name, "weight"),
-             ctx.param(name, "bias"), pre or ctx.value(name), ctx.ws, *ctx.weight_cache(spec, (name, 0, spec.o)))
+             ctx.param(name, "bias"), pre or ctx.value(name), *residual, ctx.ws,
+             *ctx.weight_cache(spec, (name, 0, spec.o)))
     _activate(ctx, name, pre)
 
 

@@ -435,7 +435,7 @@ def build_module(g: nx.DiGraph, vector_width: int,
     builder = Builder(g, vector_width, profile)
     order = execution_order(g)
     train_plan = plan_memory(g, training=True)
-    inf = g.graph.get("inference", g) if builder.bn_slots else g
+    inf = g.graph.get("inference", g)  # (folded batchnorms, fused adds: cnnc.passes.fold)
     infer_plan = _like_training(plan_memory(inf, training=False), train_plan, inf.graph["output"])
     infer_where, folded_slots, folded_floats = inference_layout(builder, inf)
 
@@ -536,7 +536,8 @@ def _emit_claim(builder: Builder, entry: Entry, plan: Plan, inf: nx.DiGraph) -> 
     if builder.stopwatch or len(order) != 1 or inf.nodes[order[0]]["op"] != "conv":
         return False
     name = order[0]
-    if covers_input(entry, name) or entry.plan.pre.get(name) is not None or entry.value(name).base != "y":
+    if (covers_input(entry, name) or entry.plan.pre.get(name) is not None or entry.value(name).base != "y"
+            or inf.nodes[name].get("residual") is not None):
         return False
     spec = dataclasses.replace(conv_spec(entry, name), claim=True)
     if spec.cached or claim_bands(spec, builder.vw) is None:

@@ -59,6 +59,8 @@ class ConvSpec:
     cached: bool = False  # inference: the forward takes a `cache` region to keep its Winograd weights between calls
     rows: tuple[int, int] | None = None  # infer_split: the forward computes output rows [r0, r1) only (conv.row_tile)
     claim: bool = False  # the forward takes its images and bands of rows from a shared counter (conv.claim_bands)
+    residual: bool = False  # inference: the forward takes an `r` of y's layout, added before the activation
+    r_stride: int = 0  # r's floats per image
 
 
 @dataclass(frozen=True)

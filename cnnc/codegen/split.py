@@ -102,24 +102,25 @@ def _param(ctx, layer: str, kind: str, delta: int) -> ir.Value:
 
 
 def _by_outputs(ctx, name: str, x: Tensor, y: Tensor, o: int, per_out: int, per_w: int, kernel,
-                workspace: bool) -> list[Share]:
+                workspace: bool, residual: Tensor | None = None) -> list[Share]:
     """A layer cut by output channels: each share reads all of `x`, writes its channels of `y`
-    (``per_out`` floats each) and reads its rows of the weight (``per_w`` floats each); ``kernel(o, lo)``: the
-    kernel of the `o` channels from `lo` and its arguments after the output (and ``ws``, `workspace`: the kernel
-    takes the thread's)."""
+    (``per_out`` floats each), reads the same channels of `residual` (a conv's, added to its outputs) and its
+    rows of the weight (``per_w`` floats each); ``kernel(o, lo)``: the kernel of the `o` channels from `lo` and
+    its arguments after the output (and ``ws``, `workspace`: the kernel takes the thread's)."""
     shares = []
     for lo, hi in cuts(o):
         if lo == hi:
             shares.append(Share())
             continue
         out = part(y, lo * per_out, hi * per_out)
+        res = [part(residual, lo * per_out, hi * per_out)] if residual is not None else []
 
-        def call(ctx, lo=lo, hi=hi, out=out) -> None:
+        def call(ctx, lo=lo, hi=hi, out=out, res=res) -> None:
             fn, extra = kernel(hi - lo, lo)
-            args = [x, _param(ctx, name, "weight", lo * per_w), _param(ctx, name, "bias", lo), out]
+            args = [x, _param(ctx, name, "weight", lo * per_w), _param(ctx, name, "bias", lo), out, *res]
             ctx.call(fn, *args, *([ctx.ws] if workspace else []), *extra)
 
-        shares.append(Share([call], [span(x)], [span(out)]))
+        shares.append(Share([call], [span(x), *map(span, res)], [span(out)]))
     return shares
 
 
@@ -131,22 +132,24 @@ def split_conv(ctx, name: str) -> list[Share] | None:
     if spec.groups != 1 or spec.connect is not None:
         return None
     x, y = ctx.value(node["inputs"][0]), ctx.value(name)
+    residual = ctx.value(node["residual"]) if spec.residual else None
     tile = row_tile(spec, ctx.builder.vw)
     # By tile rows where the image has more tiles than output channels: a cut by channels transforms the input
     # (c x tiles) on both threads, a cut by rows reads the Winograd weights (o x c) and checks them on both.
     # (ResNet-20, one share's CPU: 32->32 on 16x16 by F(4x4), 16 tiles: 15.3 us by channels, 18.7 by rows, whose
     # 2 tile rows fill half a vector; 64->64 on 8x8, 16 tiles: 14.4 and 16.6; 16->16 on 32x32: 15.9 and 13.4.)
     if tile and spec.oh // tile >= PARTS and (spec.oh // tile) * (spec.ow // tile) > spec.o:
-        return _by_rows(ctx, name, spec, x, y, tile)
+        return _by_rows(ctx, name, spec, x, y, tile, residual)
 
     def kernel(o: int, lo: int) -> tuple[ir.Function, list[ir.Value]]:
         share = cached(ctx, dataclasses.replace(spec, o=o))
         return ctx.kernel(emit_conv_forward, share), ctx.weight_cache(share, (name, lo, lo + o))
 
-    return _by_outputs(ctx, name, x, y, spec.o, spec.oh * spec.ow, spec.c * spec.kh * spec.kw, kernel, True)
+    return _by_outputs(ctx, name, x, y, spec.o, spec.oh * spec.ow, spec.c * spec.kh * spec.kw, kernel, True,
+                       residual)
 
 
-def _by_rows(ctx, name: str, spec, x: Tensor, y: Tensor, tile: int) -> list[Share]:
+def _by_rows(ctx, name: str, spec, x: Tensor, y: Tensor, tile: int, residual: Tensor | None) -> list[Share]:
     """A Winograd conv cut by whole tile rows: each share computes every output channel's rows [r0, r1) (the input
     transform is not done twice, as a cut by channels does; the shares keep the same Winograd weights as the
     whole layer, ``Entry.weight_cache``)."""
@@ -160,11 +163,12 @@ def _by_rows(ctx, name: str, spec, x: Tensor, y: Tensor, tile: int) -> list[Shar
 
         def call(ctx, share=share) -> None:
             fn = ctx.kernel(emit_conv_forward, share)
-            ctx.call(fn, x, _param(ctx, name, "weight", 0), _param(ctx, name, "bias", 0), y, ctx.ws,
-                     *ctx.weight_cache(share, (name, 0, spec.o)))
+            ctx.call(fn, x, _param(ctx, name, "weight", 0), _param(ctx, name, "bias", 0), y,
+                     *([residual] if residual is not None else []), ctx.ws, *ctx.weight_cache(share, (name, 0, spec.o)))
 
-        writes = [span(y, r * plane + lo * tile * spec.ow, r * plane + hi * tile * spec.ow) for r in range(spec.o)]
-        shares.append(Share([call], [span(x)], writes))
+        rows = [(r * plane + lo * tile * spec.ow, r * plane + hi * tile * spec.ow) for r in range(spec.o)]
+        reads = [span(residual, a, z) for a, z in rows] if residual is not None else []
+        shares.append(Share([call], [span(x), *reads], [span(y, a, z) for a, z in rows]))
     return shares
 
 

@@ -31,17 +31,16 @@ def kernels_between_barriers(body: str) -> list[list[str]]:
     return stretches
 
 
-def test_resnet20_threads_meet_in_front_of_each_convolution_and_not_in_front_of_a_blocks_add():
-    """Each thread's share of an identity block's add is the rows of every channel its own share of the
-    convolution before wrote (and of the block's input, which its share of the last add wrote), and the add writes
-    no slot that the other thread's convolution still reads: the threads meet in front of the convolutions, in front
-    of the first down block's add (its strided shortcut is cut by channels, the main path by rows) and once more in
-    front of the global pool, which runs with the dense layer on one thread."""
+def test_resnet20_threads_meet_in_front_of_each_convolution_and_nowhere_else():
+    """Each block's add (and its relu) is done by the block's last convolution (``fuse_residuals``), on the rows
+    or channels of the shortcut its own share reads: the threads meet in front of each convolution that reads
+    what the other thread wrote, and once more in front of the global pool, which runs with the dense layer on one
+    thread. A down block's strided 1x1 shortcut does the add of the main path's last convolution, cut by the same
+    output channels, so the two share a stretch."""
     stretches = kernels_between_barriers(split_entry("resnet20"))
     kinds = [[re.sub(r"_\d+$", "", k) for k in s] for s in stretches]
-    assert len(stretches) - 1 == 20  # (was 31: every add, both down blocks' shortcuts and the dense layer waited)
+    assert len(stretches) - 1 == 19  # (31 with every add waiting; 20 with the adds after their convolutions)
     assert kinds[0] == ["conv_forward"] * 2  # the stem, by output channels
-    adds = [s for s in kinds if "sum" in s]
-    assert len(adds) == 9
-    assert sum(s[0] == "conv_forward" for s in adds) == 8  # each in the stretch of the conv it follows
+    assert all(set(s) == {"conv_forward"} for s in kinds[:-1]) and not any("sum" in s for s in kinds)
+    assert sorted(len(s) for s in kinds[:-1]) == [2] * 17 + [4] * 2  # (the down blocks: 3x3 and 1x1 together)
     assert kinds[-1] == ["pool_forward", "dense_forward"]  # part 0's, after the last barrier

@@ -68,14 +68,34 @@ def test_residual_second_conv_does_not_fuse_but_first_does():
     assert "stage1.1.out.relu" in f  # after add: nothing to fuse into
 
 
-def test_inference_graph_fuses_the_residual_add_with_its_relu():
+def test_inference_graph_lets_a_blocks_last_conv_do_the_residual_add_and_its_relu():
     g, f = fused((EXAMPLES / "resnet_tiny.cnn").read_text())
     inf = f.graph["inference"]
-    assert "stage1.1.out.relu" not in inf and "stage1.1.out.relu" in f  # training keeps them apart
-    node = inf.nodes["stage1.1.out.add"]
-    assert (node["op"], node["act"], node["fused"]) == ("add", "relu", ["stage1.1.out.relu"])
+    for gone in ("stage1.1.out.add", "stage1.1.out.relu"):
+        assert gone not in inf and gone in f  # training keeps them apart
+    node = inf.nodes["stage1.1.y.2"]
+    assert node["inputs"] == ["stage1.1.y.1", "stem"] and node["residual"] == "stem"
+    assert (node["act"], node["fused"]) == ("relu", ["stage1.1.out.add", "stage1.1.out.relu"])
+    assert inf.edges["stem", "stage1.1.y.2"]["ports"] == [1]
+    assert list(inf.successors("stage1.1.y.2")) == ["stage1.2.y.1", "stage1.2.y.2"]
     unfused = optimize(g, skip=("fuse",)).graph["inference"]
     assert unfused.nodes["stage1.1.out.add"].get("act", "none") == "none" and "stage1.1.out.relu" in unfused
+    assert unfused.nodes["stage1.1.y.2"].get("residual") is None
+
+
+def test_an_add_whose_conv_is_read_elsewhere_stays_an_add():
+    _, f = fused(net("    a = x -> conv(2, 3, pad=1)\n    b = a -> relu\n    s = add(a, x) -> relu\n"
+                     "    y = concat(b, s)"))
+    inf = f.graph["inference"]
+    assert inf.nodes["s.add"]["act"] == "relu" and inf.nodes["a"].get("residual") is None
+
+
+def test_a_conv_on_the_blocks_input_takes_the_input_as_its_residual_too():
+    _, f = fused(net("    c = x -> conv(2, 3, pad=1)\n    y = add(c, x) -> relu"))
+    inf = f.graph["inference"]
+    (conv,) = [n for n in inf if inf.nodes[n]["op"] == "conv"]
+    assert inf.nodes[conv]["inputs"] == ["x", "x"] and inf.edges["x", conv]["ports"] == [0, 1]
+    assert inf.graph["output"] == conv and inf.nodes[conv]["act"] == "relu"
 
 
 def test_an_add_of_three_tensors_keeps_its_activation_apart():

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cnnc.pipeline import optimize
 from cnnc.reference import reference_forward
 from cnnc_runtime.engine import SplitChoice
 from cnnc_runtime.parallel import shared_pool
@@ -74,6 +75,39 @@ def test_small_batches_on_two_threads_match_the_reference(n):
     for name, v in everything(m).items():
         everything(one)[name][...] = v
     assert_close(m(x), one(x), 1e-6)
+
+
+# Residual blocks whose last conv does the add and its activation at inference (cnnc.passes.fold.fuse_residuals),
+# one by each forward path: F(4x4) split by tile rows (32x32), F(2x2) split by output channels (8x8), a direct
+# 5x5, a 1x1 on the im2col path, and one with no batchnorm.
+RESIDUALS = """
+network residuals {
+    input image: 3x32x32
+    x  = image -> conv(16, 3x3, pad=1) -> batchnorm -> relu
+    a  = x -> conv(16, 3x3, pad=1) -> batchnorm -> relu -> conv(16, 3x3, pad=1) -> batchnorm
+    b  = add(a, x) -> relu
+    c  = b -> conv(16, 5x5, pad=2) -> batchnorm
+    d  = add(c, b) -> tanh -> maxpool(4x4)
+    e  = d -> conv(64, 1x1) -> batchnorm -> relu
+    f  = e -> conv(64, 3x3, pad=1) -> batchnorm -> relu -> conv(64, 3x3, pad=1)
+    g  = add(e, f) -> relu
+    h  = g -> conv(64, 1x1)
+    i  = add(h, g) -> global_avgpool -> flatten -> dense(5)
+}
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_convs_that_do_their_blocks_add_match_the_reference(threads):
+    g = graph(RESIDUALS)
+    inf = optimize(graph(RESIDUALS)).graph["inference"]
+    residual = {n: inf.nodes[n]["residual"] for n in inf if inf.nodes[n].get("residual") is not None}
+    assert len(residual) == 4 and not any(inf.nodes[n]["op"] == "add" for n in inf)
+    for shared in (True, False):
+        m = randomized(model(RESIDUALS, threads=threads), shared)
+        for n in (1, 2, 5):
+            x, _ = batch(m, n)
+            assert_close(m(x), reference_forward(g, everything(m), x), 1e-5)
 
 
 def drive(choice: SplitChoice, calls: int, seconds) -> str:
