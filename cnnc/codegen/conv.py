@@ -57,6 +57,7 @@ from cnnc.codegen import (
     conv_rows,
     conv_winograd,
     conv_winograd4,
+    conv_winograd4o,
     conv_winograd_grad,
     emit,
 )
@@ -213,6 +214,8 @@ def conv_workspace_floats(spec: ConvSpec, vw: int) -> int:
     wino = [conv_winograd.workspace_floats(q) for q in (plane, back) if _winograd(spec, q)]
     if _winograd4(spec, plane):
         wino.append(conv_winograd4.workspace_floats(plane))
+    if _winograd4o(spec, plane):
+        wino.append(conv_winograd4o.workspace_floats(plane))
     if _winograd4_data(spec, back):  # (U in the workspace too)
         wino.append(conv_winograd4.workspace_floats(back) + _u4_floats(back))
     if _winograd_grad(spec, plane):
@@ -243,6 +246,12 @@ def _winograd4(spec: ConvSpec, p: Plane) -> bool:
     return spec.winograd and spec.cached and conv_winograd4.applies(p, spec.connect)
 
 
+def _winograd4o(spec: ConvSpec, p: Plane) -> bool:
+    """Whether the forward on the padded plane `p` runs by F(4x4, 3x3) with output channels in the lanes (small
+    maps, at inference: ``conv_winograd4o.applies``)."""
+    return spec.winograd and spec.cached and conv_winograd4o.applies(p, spec.connect)
+
+
 def _winograd4_data(spec: ConvSpec, p: Plane) -> bool:
     """Whether the input gradient on the padded plane `p` (of dy) runs by Winograd F(4x4, 3x3), its U transformed
     from the flipped weights on every call: where ``conv_winograd4.applies``. Its rounding leaves ResNet-20's
@@ -262,6 +271,8 @@ def row_tile(spec: ConvSpec, vw: int) -> int:
     if not g.padded:
         return 0
     p = _forward_plane(spec, g.forward_plane(vw))
+    if _winograd4o(spec, p):
+        return 0
     if _winograd4(spec, p):
         return 4
     return 2 if _winograd(spec, p) and not conv_winograd.whole_images(p, spec.h, spec.w) else 0
@@ -344,7 +355,8 @@ def _lanes(spec: ConvSpec, p: Plane) -> bool:
 def _forward_plane(spec: ConvSpec, p: Plane) -> Plane:
     """The plane the forward convolution runs on: `p` (the padded plane), or its shifted copies when the
     rows are not whole vectors (conv_direct.shifts_fit) and Winograd does not apply."""
-    if _winograd(spec, p) or _winograd4(spec, p) or conv_direct.rows_fit(p) or not conv_direct.shifts_fit(p):
+    if (_winograd(spec, p) or _winograd4(spec, p) or _winograd4o(spec, p) or conv_direct.rows_fit(p)
+            or not conv_direct.shifts_fit(p)):
         return p
     return dataclasses.replace(p, shifted=True)
 
@@ -367,7 +379,7 @@ def weight_cache_floats(spec: ConvSpec, vw: int) -> int:
     if not (spec.cached and g.padded):
         return 0
     p = _forward_plane(spec, g.forward_plane(vw))
-    if _winograd4(spec, p):
+    if _winograd4(spec, p) or _winograd4o(spec, p):
         return conv_winograd.cache_floats(p, conv_winograd4.XI)
     return conv_winograd.cache_floats(p) if _winograd(spec, p) else 0
 
@@ -635,7 +647,7 @@ def claim_bands(spec: ConvSpec, vw: int) -> tuple[int, int] | None:
     if not g.padded or spec.rows is not None or spec.connect is not None:
         return None
     p = _forward_plane(spec, g.forward_plane(vw))
-    if _winograd(spec, p) or _winograd4(spec, p) or p.shifted or not conv_direct.rows_fit(p):
+    if _winograd(spec, p) or _winograd4(spec, p) or _winograd4o(spec, p) or p.shifted or not conv_direct.rows_fit(p):
         return None
     down = conv_direct.row_tile_shape(p)[2]
     if p.oh % down or p.oh // down < 2:
@@ -716,7 +728,7 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         return finish
 
     cache = args.get("cache")
-    if _winograd(spec, p) and conv_winograd.whole_images(p, spec.h, spec.w):
+    if _winograd(spec, p) and conv_winograd.whole_images(p, spec.h, spec.w) and not _winograd4o(spec, p):
         u, wino_ws = _winograd_weights(b, p, args["ws"], args["w"], cache)
         conv_winograd.product_images(b, p, (spec.h, spec.w, top, left), args["x"], g.x_stride, u, wino_ws, finish_of,
                                      args["n0"], args["n1"])
@@ -741,6 +753,14 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
     if spec.rows is not None:  # (stride 1: output rows [r0, r1) read padded rows [r0, r1 + kh - 1))
         r0, r1 = spec.rows
         reads, tile_rows = (max(0, r0 - top), min(spec.h, r1 + spec.kh - 1 - top)), (r0 // tile, r1 // tile)
+    if _winograd4o(spec, p):
+        u = conv_winograd.cached_weights(b, p, weights, cache, conv_winograd4o.transform_weights, conv_winograd4.XI)
+        with for_range(b, args["n0"], args["n1"], name="n") as n:
+            x_img = emit.gep(b, args["x"], index(b, (n, g.x_stride)), name="x.img")
+            conv_direct.fill(b, p, x_img, spec.h, spec.w, top, left, pad, None, borders)
+            conv_winograd4o.product(b, p, pad, u, emit.gep(b, args["ws"], p.floats), finish_of(b, n))
+        b.ret_void()
+        return
     if _winograd4(spec, p):
         u = conv_winograd.cached_weights(b, p, weights, cache, conv_winograd4.transform_weights, conv_winograd4.XI)
         with for_range(b, args["n0"], args["n1"], name="n") as n:

@@ -24,6 +24,7 @@ from cnnc.codegen.conv import (
     emit_conv_backward_data,
     emit_conv_backward_weights,
     emit_conv_forward,
+    row_tile,
     weight_cache_floats,
 )
 from cnnc.codegen.specs import ConvSpec
@@ -509,6 +510,44 @@ def test_winograd_4x4_forward_at_inference(jit, case: str) -> None:
     xr = x_buf[N0:N1, :c * h * w].reshape(-1, c, h, w).astype(np.float64)
     want = act_ref(conv_ref(xr, wt, bias.astype(np.float32).astype(np.float64), s), "relu")
     check_arena(y, np.full_like(y, SENTINEL), want, s.o * s.oh * s.ow)
+
+
+# F(4x4) with output channels in the lanes (conv_winograd4o): ResNet's 64->64 on 8x8 (4 tiles), maps of 8 tiles
+# both ways, a valid convolution and an odd input channel count, a share of half the output channels
+WINOGRAD4O = {"resnet_8": (64, 8, 8, 64, (1, 1, 1, 1)), "wide": (16, 8, 16, 32, (1, 1, 1, 1)),
+              "tall": (24, 16, 8, 16, (1, 1, 1, 1)), "valid_odd": (17, 10, 10, 48, (0, 0, 0, 0)),
+              "half_share": (64, 8, 8, 32, (1, 1, 1, 1))}
+
+
+@pytest.mark.parametrize("act", ["none", "relu"])
+@pytest.mark.parametrize("case", list(WINOGRAD4O))
+def test_winograd_4x4_with_channels_in_the_lanes(jit, case: str, act: str) -> None:
+    """Small maps by F(4x4) with output channels in the lanes, against the float64 reference (1e-5 of the largest
+    output, as the other kernels), the images outside [n0, n1) and the workspace's guard untouched; a second call
+    after the weights change uses the new weights (U kept between calls, [xi][c][o])."""
+    from cnnc.codegen import conv_winograd4, conv_winograd4o
+    from cnnc.codegen.conv import _Geom
+
+    c, h, w, o, pad = WINOGRAD4O[case]
+    s = dataclasses.replace(make_spec(c, h, w, o, 3, 3, pad=pad, gap=3), act=act, cached=True)
+    plane = _Geom(s).forward_plane(jit.vw)
+    if conv_winograd4.applies(plane, None):
+        pytest.skip(f"a vector of {jit.vw} tiles: conv_winograd4 runs it")
+    assert conv_winograd4o.applies(plane, None)
+    assert row_tile(s, jit.vw) == 0  # (never cut by rows: infer_split cuts it by output channels)
+    emit_conv_forward(jit.module, "fwd", s, jit.vw)
+    rng = np.random.default_rng(17)
+    x_buf = arena(rng.uniform(-1, 1, (N_IMAGES, c, h, w)), s.x_stride, np.nan)
+    bias = rng.uniform(-1, 1, s.o).astype(np.float32)
+    ws, cache = workspace(s, jit.vw), np.zeros(weight_cache_floats(s, jit.vw), np.float32)
+    xr = x_buf[N0:N1, :c * h * w].reshape(-1, c, h, w).astype(np.float64)
+    for _ in range(2):
+        wt = random_weights(rng, s).astype(np.float32)
+        y = np.full((N_IMAGES, s.y_stride), SENTINEL, dtype=np.float32)
+        jit("fwd", x_buf, wt, bias, y, ws, cache, N0, N1)
+        check_guard(ws, s, jit.vw)
+        want = act_ref(conv_ref(xr, wt, bias.astype(np.float64), s), act)
+        check_arena(y, np.full_like(y, SENTINEL), want, s.o * s.oh * s.ow)
 
 
 @pytest.mark.parametrize("case", list(WINOGRAD4))
