@@ -3,7 +3,8 @@
 ``python benchmarks/resnet20_infer_kernels.py [--images 1] [--repeats 9]``.
 For each layer shape: training's forward (Winograd F(2x2) with the weights
 transformed on every call), inference's (``ConvSpec.cached``: the transformed
-weights kept between calls, F(4x4) where ``conv_winograd4.applies``), and
+weights kept between calls, F(4x4) where ``conv_winograd4.applies`` or, with output channels in the lanes,
+``conv_winograd4o.applies``), and
 inference's share of one image on two threads (``infer_split``: half the tile
 rows of a Winograd layer of more tiles than output channels, else half the output channels). A row gives the best
 CPU time of `repeats` samples per image; the last line sums them weighted by

@@ -531,10 +531,11 @@ def test_winograd_4x4_with_channels_in_the_lanes(jit, case: str, act: str) -> No
     c, h, w, o, pad = WINOGRAD4O[case]
     s = dataclasses.replace(make_spec(c, h, w, o, 3, 3, pad=pad, gap=3), act=act, cached=True)
     plane = _Geom(s).forward_plane(jit.vw)
-    if conv_winograd4.applies(plane, None):
-        pytest.skip(f"a vector of {jit.vw} tiles: conv_winograd4 runs it")
-    assert conv_winograd4o.applies(plane, None)
-    assert row_tile(s, jit.vw) == 0  # (never cut by rows: infer_split cuts it by output channels)
+    # (exactly one F(4x4) kernel runs it: an 8x16 map has a vector of 8 tiles at 8 lanes, tiles in the lanes then)
+    assert conv_winograd4o.applies(plane, None) == (not conv_winograd4.applies(plane, None))
+    assert conv_winograd4o.applies(plane, None) == (case != "wide" or jit.vw > 8)
+    if conv_winograd4o.applies(plane, None):
+        assert row_tile(s, jit.vw) == 0  # (never cut by rows: infer_split cuts it by output channels)
     emit_conv_forward(jit.module, "fwd", s, jit.vw)
     rng = np.random.default_rng(17)
     x_buf = arena(rng.uniform(-1, 1, (N_IMAGES, c, h, w)), s.x_stride, np.nan)
