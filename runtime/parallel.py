@@ -154,7 +154,7 @@ class Pool:
             if self._pin:  # (from here, not by the worker itself: a keep_apart may move it before it runs)
                 try:
                     os.sched_setaffinity(t.native_id, {cores[i]})
-                except OSError:
+                except (OSError, AttributeError, TypeError):  # (not Linux: no affinity, or no thread id)
                     self._core_of.pop(i)
 
     def _worker(self, i: int) -> None:
@@ -186,7 +186,7 @@ class Pool:
                     try:
                         os.sched_setaffinity(self._tid[i], {free[0]})
                         self._core_of[i] = free[0]
-                    except OSError:  # (the thread's affinity is no longer ours to set: leave it)
+                    except (OSError, AttributeError, TypeError):  # (no longer ours to set: leave it)
                         self._core_of.pop(i)
                 return
 
