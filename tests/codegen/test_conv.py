@@ -551,6 +551,60 @@ def test_winograd_4x4_with_channels_in_the_lanes(jit, case: str, act: str) -> No
         check_arena(y, np.full_like(y, SENTINEL), want, s.o * s.oh * s.ow)
 
 
+# A residual conv at inference (cnnc.passes.fold.fuse_residuals) on each forward path: im2col (groups, a table,
+# strides, dilation), the direct rows and shifted copies, the forward whose images would run in lanes, F(2x2) on
+# rows and on whole images, F(4x4) with tiles or with output channels in the lanes, and a share of rows
+RESIDUAL_PATHS = {k: CASES[k] for k in ("groups2", "1x1_stride2", "connect", "dilated_2_same", "stride2_down",
+                                        "rows_32_wide_odd_height", "shifted_6_wide", "shifted_partial_vector",
+                                        "lanes_5x5_outputs", "winograd_same", "winograd_8x8")}
+RESIDUAL_PATHS.update(f4_32=make_spec(16, 32, 32, 16, 3, 3, pad=(1, 1, 1, 1), gap=1),
+                      f4o_8=make_spec(64, 8, 8, 64, 3, 3, pad=(1, 1, 1, 1), gap=3),
+                      f4o_16x8=make_spec(24, 16, 8, 16, 3, 3, pad=(1, 1, 1, 1)))
+
+
+@pytest.mark.parametrize("rows", [False, True], ids=["whole", "rows"])
+def test_forward_adds_the_residual_before_the_activation(jit, rows: bool) -> None:
+    """y = relu(conv(x) + b + r) with r in its own arena (another stride, NaN outside the batch range and in its
+    gaps), on every forward path at every width; `rows`: the Winograd forwards' shares of whole tile rows
+    (infer_split), which write and read only their rows."""
+    specs = {}
+    for case, base in RESIDUAL_PATHS.items():
+        s = dataclasses.replace(base, accumulate=False, act="relu", cached=True, residual=True,
+                                r_stride=base.o * base.oh * base.ow + 5)
+        tile = row_tile(s, jit.vw)
+        if rows:
+            if not tile or s.oh // tile < 2:
+                continue
+            s = dataclasses.replace(s, rows=(tile, s.oh // tile * tile))
+        specs[case] = s
+        emit_conv_forward(jit.module, case, s, jit.vw)
+    assert specs
+    for case, s in specs.items():
+        rng = np.random.default_rng(23)
+        size = s.o * s.oh * s.ow
+        x_buf = arena(rng.uniform(-1, 1, (N_IMAGES, s.c, s.h, s.w)), s.x_stride, np.nan)
+        w = random_weights(rng, s)
+        bias = rng.uniform(-1, 1, s.o).astype(np.float32) if s.bias else None
+        r = rng.uniform(-2, 2, (N_IMAGES, size)).astype(np.float32)
+        r[:N0] = r[N1:] = np.nan
+        r_buf = arena(r, s.r_stride, np.nan)
+        y = np.full((N_IMAGES, s.y_stride), SENTINEL, dtype=np.float32)
+        ws, cache = workspace(s, jit.vw), np.zeros(weight_cache_floats(s, jit.vw), np.float32)
+        jit(case, x_buf, with_nan_outside_table(w, s), bias, y, r_buf, ws, cache, N0, N1)
+        check_guard(ws, s, jit.vw)
+        xr = x_buf[N0:N1, :s.c * s.h * s.w].reshape(-1, s.c, s.h, s.w).astype(np.float64)
+        pre = conv_ref(xr, w, None if bias is None else bias.astype(np.float64), s)
+        want = act_ref(pre + r[N0:N1].reshape(pre.shape), "relu")
+        if s.rows is None:
+            check_arena(y, np.full_like(y, SENTINEL), want, size)
+            continue
+        r0, r1 = s.rows
+        got = y[N0:N1, :size].reshape(pre.shape)
+        np.testing.assert_allclose(got[:, :, r0:r1], want[:, :, r0:r1], rtol=1e-5,
+                                   atol=1e-5 * max(1.0, float(np.abs(want).max())), err_msg=case)
+        assert np.all(got[:, :, :r0] == SENTINEL) and np.all(got[:, :, r1:] == SENTINEL), case
+
+
 @pytest.mark.parametrize("case", list(WINOGRAD4))
 def test_winograd_4x4_input_gradient(jit, case: str) -> None:
     """The input gradient by F(4x4) (the flipped weights transformed on every call, the padded dy as its input)
