@@ -302,8 +302,9 @@ def _lanes_data(spec: ConvSpec, p: Plane) -> bool:
 
 def _lanes_forward(spec: ConvSpec, p: Plane) -> bool:
     """Whether the forward runs whole groups of images in the vector lanes (``conv_lanes_fwd``) in place of
-    product_shifted on `p` (LeNet's C3: 9,375 vector multiply-adds an image for 10,500, and no tap loop)."""
-    if not p.shifted:
+    product_shifted on `p` (LeNet's C3: 9,375 vector multiply-adds an image for 10,500, and no tap loop); not
+    with a residual (its groups store images in the lanes, where the residual's layout has none)."""
+    if not p.shifted or spec.residual:
         return False
     table = _Geom(spec).table_pairs()
     pairs = spec.o * spec.c if table is None else len(table)
@@ -735,7 +736,7 @@ def _direct_forward(b: ir.IRBuilder, module: ir.Module, name: str, g: _Geom, arg
         b.ret_void()
         return
     pad, out, _ = conv_direct.sections(b, p, args["ws"])
-    lanes = _lanes_forward(spec, p) and not spec.residual  # (its groups write over the pad: zeroed after them)
+    lanes = _lanes_forward(spec, p)  # (its groups write over the pad: zeroed after them, below)
     # each image writes the planes' rows it reads, border and all; shifted copies: the border is zeroed once
     borders = not p.shifted
     if borders:
