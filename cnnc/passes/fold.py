@@ -65,14 +65,14 @@ def fold(g: nx.DiGraph) -> nx.DiGraph:
     return g
 
 
-def _residual_conv(g: nx.DiGraph, add: str) -> str | None:
+def _residual_conv(g: nx.DiGraph, add: str, order: dict[str, int]) -> str | None:
     """The input of `add` (two distinct inputs of its shape) that can take it over: a conv with no activation of
-    its own, read by `add` alone, not the output, not run as a dense layer; the later one when both can."""
+    its own, read by `add` alone, not the output, not run as a dense layer; the later one (in `order`) when both
+    can."""
     inputs = g.nodes[add]["inputs"]
     if len(inputs) != 2 or inputs[0] == inputs[1]:
         return None
     shape = g.nodes[add]["shape"]
-    order = {n: i for i, n in enumerate(execution_order(g))}
     ok = [src for src in inputs
           if g.nodes[src]["op"] == "conv" and g.nodes[src].get("act", "none") == "none"
           and list(g.successors(src)) == [add] and g.graph["output"] != src and not covers_input(g, src)
@@ -83,10 +83,12 @@ def _residual_conv(g: nx.DiGraph, add: str) -> str | None:
 def fuse_residuals(g: nx.DiGraph) -> nx.DiGraph:
     """Let each conv that only feeds an add of two tensors do that add (and its fused activation): the conv's
     second input is the other addend (``residual``), added to its outputs before the activation."""
-    for add in execution_order(g):
+    order = execution_order(g)
+    position = {n: i for i, n in enumerate(order)}
+    for add in order:
         if add not in g or g.nodes[add]["op"] != "add":
             continue
-        conv = _residual_conv(g, add)
+        conv = _residual_conv(g, add, position)
         if conv is None:
             continue
         anode, node = g.nodes[add], g.nodes[conv]
